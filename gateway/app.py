@@ -1,0 +1,56 @@
+"""The composition root: a validated config becomes the Serve deployment graph.
+
+``serve run gateway.app:app_builder config=configs/default.yaml``, ``serve
+deploy`` of a Serve config and ``llm-gateway serve`` all come through here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from gateway.config import ConfigError, GatewayConfig, ModelConfig, load_config, parse_config
+from gateway.http.ingress import GatewayIngress
+from models.llm.server import LLMServer
+
+INGRESS_NAME = "GatewayIngress"
+
+
+def deployment_name(model: ModelConfig) -> str:
+    """The Serve deployment serving ``model`` (Serve forbids '#' in names)."""
+    return "LLMServer:" + re.sub(r"[^A-Za-z0-9._:/-]", "_", model.name)
+
+
+def build_app(config: GatewayConfig) -> Application:
+    """The ingress bound to one LLM deployment per configured model."""
+    handles = {}
+    for model in config.models:
+        deployment = serve.deployment(LLMServer).options(
+            name=deployment_name(model),
+            num_replicas=model.num_replicas,
+            max_ongoing_requests=model.max_ongoing_requests,
+            max_queued_requests=model.max_queued_requests,
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+            health_check_period_s=10,
+            health_check_timeout_s=30,
+        )
+        handles[model.name] = deployment.bind(model)
+    ingress = serve.deployment(GatewayIngress).options(
+        name=INGRESS_NAME,
+        num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    )
+    return ingress.bind(config, handles)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve's application builder: ``args`` holds ``config`` (a path or a mapping)."""
+    source = args.get("config")
+    if source is None:
+        raise ConfigError("app_builder needs `config`: a YAML path or a config mapping")
+    config = parse_config(source) if isinstance(source, dict) else load_config(source)
+    return build_app(config)

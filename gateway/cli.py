@@ -1,0 +1,114 @@
+"""The ``llm-gateway`` command.
+
+``llm-gateway serve``        run the gateway in the foreground until SIGINT/SIGTERM
+``llm-gateway build-model``  build the local tiny chat models (no hub needed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="run the gateway in the foreground")
+    serve_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="gateway YAML config")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument(
+        "--address", default=None, help="join this Ray cluster instead of starting a local one"
+    )
+
+    build_cmd = commands.add_parser("build-model", help="build the local tiny chat models")
+    build_cmd.add_argument("--out", default=".models", help="directory to build into")
+    build_cmd.add_argument("--force", action="store_true", help="rebuild existing models")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "build-model":
+            return build_model(Path(args.out), force=args.force)
+        return serve_forever(load_config(args.config), args.host, args.port, args.address)
+    except ConfigError as exc:
+        print(f"llm-gateway: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_model(out: Path, *, force: bool) -> int:
+    from models.llm.tiny import TINY_CHAT_MODELS, build_all, is_built
+
+    if not force and all(is_built(out / spec.name) for spec in TINY_CHAT_MODELS):
+        print(f"==> local models present in {out}")
+        return 0
+    started = time.monotonic()
+    for path in build_all(out, force=force):
+        print(f"==> local model ready: {path}")
+    print(f"==> models built in {time.monotonic() - started:.0f}s")
+    return 0
+
+
+class _Stop(Exception):
+    """Raised from a signal handler to leave the serving loop cleanly."""
+
+
+def _raise_stop(signum: int, _: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def serve_forever(config: GatewayConfig, host: str, port: int, address: str | None) -> int:
+    """Starts Ray (or joins ``address``), deploys the app, serves until signalled.
+
+    On SIGINT or SIGTERM the app is deleted and, when this process started Ray,
+    the whole local cluster (every replica and engine process) is shut down.
+    """
+    import ray
+    from ray import serve
+
+    from gateway.app import build_app
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        print(f"==> starting Ray {'at ' + address if address else '(local)'}", flush=True)
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        # After ray.init: Ray's core installs its own SIGTERM handler there.
+        signal.signal(signal.SIGTERM, _raise_stop)
+        signal.signal(signal.SIGINT, _raise_stop)
+        serve.start(http_options={"host": host, "port": port})
+        names = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
+        print(f"==> deploying {config.app_name}: {names}; first start compiles the engines", flush=True)
+        started = time.monotonic()
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        print(
+            f"==> ready in {time.monotonic() - started:.0f}s: http://{host}:{port}/v1 "
+            "(Ctrl-C stops it)",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except _Stop as stop:
+        print(f"==> {stop}: shutting down", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        print("==> stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

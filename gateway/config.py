@@ -1,0 +1,173 @@
+"""The gateway's configuration: a YAML file validated once, when the app is built.
+
+Every field has a description; an invalid file fails start-up with
+:class:`ConfigError` naming the field and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ModelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="Name clients use in the request's `model` field.",
+    ),
+]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """One served model: a deployment of LLM replicas."""
+
+    name: ModelName
+    engine: Literal["vllm", "echo"] = Field(
+        "vllm",
+        description="`vllm` runs a real vLLM engine; `echo` answers deterministically "
+        "at near-zero cost (tests, overhead measurement).",
+    )
+    model: str | None = Field(
+        None,
+        description="Hugging Face model directory or hub id (vllm engine). Relative "
+        "directories resolve against the working directory at start-up.",
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context window in tokens; the model's own when unset."
+    )
+    dtype: str = Field("auto", description="Weights and activations dtype passed to vLLM.")
+    seed: int = Field(0, description="Engine seed for requests that set none.")
+    kv_cache_space_gib: float | None = Field(
+        None,
+        gt=0,
+        description="KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel workers per replica.")
+    engine_args: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Further vLLM engine arguments by their CLI name without `--` "
+        "(e.g. `enable-prefix-caching: true`); checked by vLLM's parser at start-up.",
+    )
+    num_replicas: int = Field(1, ge=1, description="Replicas of this model's deployment.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved for each replica actor.")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved for each replica actor.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests one replica works on at once (the engine batches them)."
+    )
+    max_queued_requests: int = Field(
+        -1,
+        ge=-1,
+        description="Requests waiting for a replica before new ones get 503; -1 is unbounded.",
+    )
+    stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        description="Streams: after the first chunk, chunks produced within this window "
+        "travel together. The first chunk is never held back.",
+    )
+
+    @model_validator(mode="after")
+    def _engine_needs_model(self) -> ModelConfig:
+        if self.engine == "vllm" and not self.model:
+            raise ValueError("`model` is required when engine is `vllm`")
+        return self
+
+    def resolved(self) -> ModelConfig:
+        """Returns a copy whose local model path is absolute (hub ids stay as given)."""
+        if self.model is None:
+            return self
+        path = Path(self.model).expanduser()
+        if path.exists():
+            return self.model_copy(update={"model": str(path.resolve())})
+        if self.model.startswith((".", "/", "~")):
+            raise ConfigError(
+                f"models[{self.name}].model: directory {self.model!r} does not exist "
+                "(run `llm-gateway build-model` for the local models)"
+            )
+        return self
+
+
+class IngressConfig(_Strict):
+    """The HTTP front door (FastAPI under @serve.ingress)."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved for each ingress replica.")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Requests one ingress replica handles at once."
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="`Retry-After` seconds sent with 503 when a model is busy or down."
+    )
+
+
+class GatewayConfig(_Strict):
+    """The whole gateway: the models it serves and its front door."""
+
+    app_name: str = Field("llm-gateway", min_length=1, description="Ray Serve application name.")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the app.")
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    models: list[ModelConfig] = Field(min_length=1, description="Served models.")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        seen: set[str] = set()
+        for model in models:
+            if model.name in seen:
+                raise ValueError(f"duplicate model name {model.name!r}")
+            seen.add(model.name)
+        return models
+
+    def model(self, name: str) -> ModelConfig:
+        """Returns the model called ``name``; raises KeyError when there is none."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+
+def parse_config(data: object, *, source: str = "config") -> GatewayConfig:
+    """Validates a decoded config; raises ConfigError naming field and reason."""
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    return config.model_copy(update={"models": [m.resolved() for m in config.models]})
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Reads and validates a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path))
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid gateway config ({source}):"]
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {where}: {error['msg']}")
+    return "\n".join(lines)

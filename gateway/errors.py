@@ -1,0 +1,167 @@
+"""The gateway's exception tree; each class knows its HTTP status and OpenAI shape.
+
+::
+
+    GatewayError                      500 server_error
+    ├── InvalidRequestError           400 invalid_request_error
+    │   └── ContextLengthExceededError    400 code=context_length_exceeded
+    ├── NotFoundError                 404 invalid_request_error  code=not_found
+    │   └── ModelNotFoundError            404 code=model_not_found
+    ├── MethodNotAllowedError         405 invalid_request_error  code=method_not_allowed
+    ├── NotImplementedFeatureError    501 invalid_request_error  code=not_implemented
+    ├── ServiceUnavailableError       503 service_unavailable    (Retry-After)
+    │   └── OverloadedError               503 or 429 code=overloaded
+    └── InternalServerError           500 server_error
+
+Raised anywhere (ingress or model replica: they pickle across Ray handles),
+turned into ``{"error": {"message", "type", "param", "code"}}`` in one place.
+Messages never contain tracebacks or file paths.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+
+class GatewayError(Exception):
+    """Base class: an error a client receives in the OpenAI error envelope."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.status_code = status if status is not None else self.status
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments do not survive the default pickling.
+        return (
+            _rebuild,
+            (type(self), self.message, self.param, self.code, self.status_code, self.retry_after_s),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI error envelope."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (``Retry-After`` for retryable errors)."""
+        if self.retry_after_s is None:
+            return {}
+        return {"retry-after": str(self.retry_after_s)}
+
+
+def _rebuild(
+    cls: type[GatewayError],
+    message: str,
+    param: str | None,
+    code: str | None,
+    status: int,
+    retry_after_s: int | None,
+) -> GatewayError:
+    return cls(message, param=param, code=code, status=status, retry_after_s=retry_after_s)
+
+
+class InvalidRequestError(GatewayError):
+    """The client sent something we cannot serve (400)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> InvalidRequestError:
+        """The first problem pydantic found, naming the offending field."""
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"]) or None
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "missing":
+            return cls(f"Missing required parameter: '{param}'.", param=param)
+        return cls(f"Invalid value for '{param}': {message}" if param else message, param=param)
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """Prompt plus requested output tokens do not fit the model's context (400)."""
+
+    default_code = "context_length_exceeded"
+
+
+class NotFoundError(GatewayError):
+    """No such route or resource (404)."""
+
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    """The requested model is not served here (404)."""
+
+    default_code = "model_not_found"
+
+    @classmethod
+    def for_model(cls, name: str) -> ModelNotFoundError:
+        return cls(f"The model `{name}` does not exist.", param="model")
+
+
+class MethodNotAllowedError(GatewayError):
+    """The route exists but not for this HTTP method (405)."""
+
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class NotImplementedFeatureError(GatewayError):
+    """The request asks for something this model or engine does not support (501)."""
+
+    status = 501
+    type = "invalid_request_error"
+    default_code = "not_implemented"
+
+
+class ServiceUnavailableError(GatewayError):
+    """A model deployment cannot take the request now; retry later (503)."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = 1, **kwargs: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **kwargs)
+
+
+class OverloadedError(ServiceUnavailableError):
+    """The model's queue is full (503, or 429 when the deployment says so)."""
+
+    default_code = "overloaded"
+
+
+class InternalServerError(GatewayError):
+    """A bug or an engine failure; details go to the logs, not the client (500)."""
+
+    status = 500
+    type = "server_error"
+    default_code = "internal_error"

@@ -1,0 +1,1 @@
+"""The HTTP front door: FastAPI routes, error envelopes, forwarding over Ray handles."""

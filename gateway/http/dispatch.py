@@ -1,0 +1,109 @@
+"""Forwards OpenAI requests to model replicas and shapes the HTTP response."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from gateway import sse
+from gateway.errors import InvalidRequestError, ModelNotFoundError
+from gateway.http.handlers import as_gateway_error
+from gateway.protocol.engine import Endpoint, EngineRequest
+from gateway.protocol.envelope import RequestEnvelope
+from gateway.routing.table import RouteTable
+
+logger = logging.getLogger(__name__)
+
+
+class _ModelHandles:
+    """Per model, the two handle methods the hot path calls, made once.
+
+    ``handle.options(...)`` builds a new handle each call: doing it per request
+    costs measurable time, so both variants are cached here.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self.unary = handle.options(method_name="generate")
+        self.stream = handle.options(method_name="generate_stream", stream=True)
+
+
+class ModelDispatcher:
+    """Parses just what routing needs, picks the model, forwards over Ray.
+
+    Raises ``gateway.errors.GatewayError`` for anything known before the first
+    byte; an error after it ends the stream with an SSE error frame.
+    """
+
+    def __init__(self, routes: RouteTable, handles: Mapping[str, Any], retry_after_s: int) -> None:
+        self._routes = routes
+        self._handles = {name: _ModelHandles(h) for name, h in handles.items()}
+        self._retry_after_s = retry_after_s
+
+    async def dispatch(self, endpoint: Endpoint, request: Request) -> Response:
+        body = parse_json_object(await request.body())
+        try:
+            envelope = RequestEnvelope.of(body)
+        except ValidationError as exc:
+            raise InvalidRequestError.from_validation(exc) from None
+        route = self._routes.resolve(envelope.model)
+        if route is None:
+            raise ModelNotFoundError.for_model(envelope.model)
+        if route.target != envelope.model:
+            body = {**body, "model": route.target}
+        handles = self._handles[route.target]
+        call = EngineRequest(endpoint=endpoint, body=body, request_id=request.state.request_id)
+        if not envelope.stream:
+            try:
+                payload = await handles.unary.remote(call)
+            except Exception as exc:
+                raise self._error(exc) from None
+            return Response(payload, media_type="application/json")
+        return await self._stream(handles, call)
+
+    async def _stream(self, handles: _ModelHandles, call: EngineRequest) -> Response:
+        stream = handles.stream.remote(call)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = sse.DONE
+        except Exception as exc:
+            # Known before any byte left: a plain HTTP error, not a 200 stream.
+            raise self._error(exc) from None
+        return StreamingResponse(self._relay(first, stream), media_type=sse.MEDIA_TYPE)
+
+    async def _relay(self, first: bytes, stream: Any) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            yield first
+            async for chunk in stream:
+                yield chunk
+            finished = True
+        except Exception as exc:
+            finished = True
+            yield sse.error_frames(self._error(exc).to_dict())
+        finally:
+            if not finished:
+                # The client went away: stop the replica, which aborts the engine request.
+                stream.cancel()
+
+    def _error(self, exc: BaseException) -> Exception:
+        return as_gateway_error(exc, retry_after_s=self._retry_after_s)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; raises InvalidRequestError otherwise."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request. The body must be valid JSON."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    return body

@@ -1,0 +1,96 @@
+"""One place that turns every failure into the OpenAI error envelope."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from gateway.errors import (
+    GatewayError,
+    InternalServerError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(error: GatewayError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
+
+
+def as_gateway_error(exc: BaseException, *, retry_after_s: int = 1) -> GatewayError:
+    """Maps an exception raised by a handle call (or our own code) to a client error.
+
+    A replica's ``GatewayError`` arrives wrapped in Ray's ``RayTaskError``; Serve's
+    backpressure and unavailability errors become 503 (or the 429 Serve asks for)
+    with ``Retry-After``. Anything else is a bug: logged, and a 500 without details.
+    """
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import (
+        BackPressureError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
+
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, BaseException) and cause is not exc:
+            return as_gateway_error(cause, retry_after_s=retry_after_s)
+    if isinstance(exc, BackPressureError):
+        retry = int(exc.retry_after_s) if exc.retry_after_s is not None else retry_after_s
+        return OverloadedError(
+            "The model is receiving too many requests; please retry shortly.",
+            status=exc.status_code,
+            retry_after_s=retry,
+        )
+    if isinstance(
+        exc,
+        (DeploymentUnavailableError, ReplicaUnavailableError, ActorDiedError, ActorUnavailableError),
+    ):
+        return ServiceUnavailableError(
+            "The model is temporarily unavailable; please retry shortly.",
+            retry_after_s=retry_after_s,
+        )
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    return InternalServerError("The server had an error while processing your request.")
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Registers the handlers; FastAPI's 422 ``detail`` bodies never reach a client."""
+
+    async def on_gateway_error(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(as_gateway_error(exc))
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        return error_response(InvalidRequestError(f"Invalid request: {first['msg']}", param=param))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        error: GatewayError
+        if exc.status_code == 404:
+            error = NotFoundError(f"Unknown route: {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            error = MethodNotAllowedError(f"Method {request.method} is not allowed here.")
+        elif exc.status_code < 500:
+            error = InvalidRequestError(str(exc.detail), status=exc.status_code)
+        else:
+            error = InternalServerError("The server had an error while processing your request.")
+        return error_response(error)
+
+    app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http)
+    app.add_exception_handler(Exception, on_gateway_error)

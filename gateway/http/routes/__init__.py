@@ -1,0 +1,1 @@
+"""Thin routes: one module per endpoint, no business logic."""

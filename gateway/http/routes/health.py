@@ -1,0 +1,26 @@
+"""GET /health (liveness) and GET /ready (every deployment healthy)"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from gateway.http.routes.deps import gateway_state
+from gateway.http.state import GatewayState
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(state: GatewayState = Depends(gateway_state)) -> JSONResponse:
+    deployments = await state.deployment_statuses()
+    healthy = all(status == "HEALTHY" for status in deployments.values())
+    return JSONResponse(
+        {"status": "ready" if healthy else "not_ready", "deployments": deployments},
+        status_code=200 if healthy else 503,
+    )

@@ -1,0 +1,63 @@
+"""What one ingress replica knows: the config, the dispatcher, model metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.config import GatewayConfig
+from gateway.http.dispatch import ModelDispatcher
+from gateway.protocol.models import ModelCard
+from gateway.routing.table import RouteTable
+
+logger = logging.getLogger(__name__)
+
+INFO_TIMEOUT_S = 2.0
+
+
+class GatewayState:
+    """Bound to the FastAPI app as ``app.state.gateway`` by the ingress replica."""
+
+    def __init__(self, config: GatewayConfig, handles: Mapping[str, Any]) -> None:
+        self.config = config
+        self.routes = RouteTable(m.name for m in config.models)
+        self.dispatcher = ModelDispatcher(self.routes, handles, config.ingress.retry_after_s)
+        self._handles = dict(handles)
+        self._created = int(time.time())
+        self._context: dict[str, int | None] = {m.name: m.max_model_len for m in config.models}
+
+    def model_cards(self) -> list[ModelCard]:
+        return [
+            ModelCard(
+                id=m.name,
+                created=self._created,
+                root=m.model,
+                max_model_len=self._context.get(m.name),
+            )
+            for m in self.config.models
+        ]
+
+    async def refresh_model_info(self) -> None:
+        """Learns context windows the config left to the model (best effort)."""
+        unknown = [name for name, value in self._context.items() if value is None]
+        for name in unknown:
+            try:
+                info = await asyncio.wait_for(
+                    self._handles[name].options(method_name="info").remote(), INFO_TIMEOUT_S
+                )
+            except Exception:  # noqa: BLE001 - metadata only: the config's value stays
+                continue
+            self._context[name] = info.max_model_len
+
+    async def deployment_statuses(self) -> dict[str, str]:
+        """Serve's status of every deployment of this app, by deployment name."""
+        from ray import serve
+
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(self.config.app_name)
+        if app is None:
+            return {}
+        return {name: str(d.status.value) for name, d in app.deployments.items()}

@@ -1,0 +1,1 @@
+"""Wire types: pydantic and the standard library only, no engine imports."""

@@ -1,0 +1,1 @@
+"""Pure routing decisions: no Ray, no HTTP."""

@@ -1,0 +1,277 @@
+"""A deterministic engine that echoes the prompt back, in OpenAI's shapes.
+
+Tokens are whitespace-separated words. Chat answers with the text of the last
+user message, completions with the prompt. It honours ``max_tokens`` /
+``max_completion_tokens``, ``n``, ``stop``, ``stream``, ``stream_options``,
+``logprobs`` (every token is certain: logprob 0) and the context window, at
+near-zero cost: it serves fast tests and measures the gateway's own overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from gateway import sse
+from gateway.errors import ContextLengthExceededError, InvalidRequestError
+from gateway.protocol.chat import ChatCompletionRequest
+from gateway.protocol.completions import CompletionRequest
+from models.llm.engine import EngineInfo
+
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig
+    from gateway.protocol.engine import EngineRequest
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(slots=True)
+class _Answer:
+    """One choice's tokens and why it stopped."""
+
+    tokens: list[str]
+    finish_reason: str
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Everything needed to render a response, computed once per request."""
+
+    kind: str  # "chat" or "completion"
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+    answers: list[_Answer]
+    logprobs: int | None  # top-k alternatives requested, None when not asked
+    include_usage: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(a.tokens) for a in self.answers)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+class EchoEngine:
+    """See module docstring. Implements ``models.llm.engine.LLMEngine``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self._name = config.name
+        self._max_model_len = config.max_model_len or DEFAULT_CONTEXT
+        self._in_flight = 0
+
+    async def start(self) -> None:
+        return None
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(root=None, max_model_len=self._max_model_len)
+
+    def num_unfinished_requests(self) -> int:
+        return self._in_flight
+
+    async def check_health(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def generate(self, request: EngineRequest) -> bytes | AsyncIterator[bytes]:
+        plan = self._plan(request)
+        if not request.stream:
+            return json.dumps(_render(plan), separators=(",", ":")).encode()
+        return self._stream(plan)
+
+    async def _stream(self, plan: _Plan) -> AsyncIterator[bytes]:
+        self._in_flight += 1
+        try:
+            for chunk in _chunks(plan):
+                yield sse.frame(chunk)
+            yield sse.DONE
+        finally:
+            self._in_flight -= 1
+
+    def _plan(self, request: EngineRequest) -> _Plan:
+        try:
+            if request.endpoint == "chat":
+                chat = ChatCompletionRequest.model_validate(request.body)
+                return self._plan_chat(chat, request.request_id)
+            completion = CompletionRequest.model_validate(request.body)
+            return self._plan_completion(completion, request.request_id)
+        except ValidationError as exc:
+            raise InvalidRequestError.from_validation(exc) from None
+
+    def _plan_chat(self, req: ChatCompletionRequest, request_id: str) -> _Plan:
+        texts = [_text(m.content) for m in req.messages]
+        prompt = sum(len(t.split()) for t in texts)
+        user_texts = [_text(m.content) for m in req.messages if m.role == "user"]
+        reply = user_texts[-1] if user_texts else ""
+        budget = self._budget(prompt, req.output_budget, "messages")
+        answer = _answer(reply, budget, req.stop)
+        return _Plan(
+            kind="chat",
+            id=f"chatcmpl-{request_id}",
+            created=int(time.time()),
+            model=self._name,
+            prompt_tokens=prompt,
+            answers=[answer] * req.n,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+
+    def _plan_completion(self, req: CompletionRequest, request_id: str) -> _Plan:
+        prompts = req.prompts()
+        answers: list[_Answer] = []
+        prompt_tokens = 0
+        for text in prompts:
+            prompt = len(text.split())
+            prompt_tokens += prompt
+            answer = _answer(text, self._budget(prompt, req.max_tokens, "prompt"), req.stop)
+            answers.extend([answer] * req.n)
+        return _Plan(
+            kind="completion",
+            id=f"cmpl-{request_id}",
+            created=int(time.time()),
+            model=self._name,
+            prompt_tokens=prompt_tokens,
+            answers=answers,
+            logprobs=req.logprobs,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+
+    def _budget(self, prompt_tokens: int, requested: int | None, param: str) -> int:
+        if requested is None:
+            return max(0, self._max_model_len - prompt_tokens)
+        if prompt_tokens + requested > self._max_model_len:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self._max_model_len} tokens. "
+                f"However, you requested {prompt_tokens + requested} tokens "
+                f"({prompt_tokens} in the {param}, {requested} in the completion). "
+                f"Please reduce the length of the {param} or completion.",
+                param=param,
+            )
+        return requested
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+
+
+def _answer(text: str, budget: int, stop: str | list[str] | None) -> _Answer:
+    words = text.split()
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    tokens: list[str] = []
+    for i, word in enumerate(words):
+        if len(tokens) == budget:
+            return _Answer(tokens, "length")
+        token = word if i == 0 else " " + word
+        if any(s and s in "".join(tokens) + token for s in stops):
+            return _Answer(tokens, "stop")
+        tokens.append(token)
+    return _Answer(tokens, "stop")
+
+
+def _chat_logprobs(tokens: list[str], top: int) -> dict[str, Any]:
+    def entry(token: str) -> dict[str, Any]:
+        return {"token": token, "logprob": 0.0, "bytes": list(token.encode())}
+
+    return {
+        "content": [{**entry(t), "top_logprobs": [entry(t)] * min(top, 1)} for t in tokens]
+    }
+
+
+def _completion_logprobs(tokens: list[str], top: int, offset: int = 0) -> dict[str, Any]:
+    offsets, position = [], offset
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [0.0] * len(tokens),
+        "tokens": list(tokens),
+        "top_logprobs": [{t: 0.0} if top else {} for t in tokens],
+    }
+
+
+def _logprobs(plan: _Plan, tokens: list[str], offset: int = 0) -> dict[str, Any] | None:
+    if plan.logprobs is None:
+        return None
+    if plan.kind == "chat":
+        return _chat_logprobs(tokens, plan.logprobs)
+    return _completion_logprobs(tokens, plan.logprobs, offset)
+
+
+def _render(plan: _Plan) -> dict[str, Any]:
+    """The non-streaming response body."""
+    choices = []
+    for index, answer in enumerate(plan.answers):
+        text = "".join(answer.tokens)
+        choice: dict[str, Any] = {"index": index}
+        if plan.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = _logprobs(plan, answer.tokens)
+        choice["finish_reason"] = answer.finish_reason
+        choices.append(choice)
+    return {
+        "id": plan.id,
+        "object": "chat.completion" if plan.kind == "chat" else "text_completion",
+        "created": plan.created,
+        "model": plan.model,
+        "choices": choices,
+        "usage": plan.usage(),
+    }
+
+
+def _chunks(plan: _Plan) -> list[dict[str, Any]]:
+    """The streaming chunks, in the order OpenAI sends them."""
+    obj = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": plan.id,
+            "object": obj,
+            "created": plan.created,
+            "model": plan.model,
+            "choices": choices,
+            **extra,
+        }
+
+    out: list[dict[str, Any]] = []
+    if plan.kind == "chat":
+        for index in range(len(plan.answers)):
+            delta = {"role": "assistant", "content": ""}
+            out.append(chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]))
+    for index, answer in enumerate(plan.answers):
+        offset = 0
+        tokens = answer.tokens or [""]
+        for position, token in enumerate(tokens):
+            last = position == len(tokens) - 1
+            choice: dict[str, Any] = {"index": index}
+            if plan.kind == "chat":
+                choice["delta"] = {"content": token}
+            else:
+                choice["text"] = token
+            choice["logprobs"] = _logprobs(plan, [token] if answer.tokens else [], offset)
+            choice["finish_reason"] = answer.finish_reason if last else None
+            out.append(chunk([choice]))
+            offset += len(token)
+    if plan.include_usage:
+        out.append(chunk([], usage=plan.usage()))
+    return out

@@ -1,0 +1,53 @@
+"""The seam between an LLM replica and the engine that answers it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig
+    from gateway.protocol.engine import EngineRequest
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What the gateway reports about a served model."""
+
+    root: str | None
+    max_model_len: int | None
+
+
+class LLMEngine(Protocol):
+    """An OpenAI-speaking engine inside one replica.
+
+    ``generate`` returns the JSON body (bytes) of a non-streaming response, or
+    an async iterator of SSE frames (bytes, ``data: [DONE]`` last) for a
+    streaming one. Errors known before the first frame are raised as
+    ``gateway.errors.GatewayError``; later ones arrive as an error frame.
+    Cancelling the iterator (or the awaiting task) aborts the engine request.
+    """
+
+    async def start(self) -> None: ...
+
+    async def generate(self, request: EngineRequest) -> bytes | AsyncIterator[bytes]: ...
+
+    def info(self) -> EngineInfo: ...
+
+    def num_unfinished_requests(self) -> int: ...
+
+    async def check_health(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+def make_engine(config: ModelConfig) -> LLMEngine:
+    """The engine ``config.engine`` names (vLLM is imported only when used)."""
+    if config.engine == "echo":
+        from models.llm.echo import EchoEngine
+
+        return EchoEngine(config)
+    from models.llm.vllm_engine import VLLMEngine
+
+    return VLLMEngine(config)

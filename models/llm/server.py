@@ -1,0 +1,72 @@
+"""The LLM replica: one engine, answering the ingress over Ray handles."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from gateway.errors import GatewayError
+from models.llm.coalesce import coalesce
+from models.llm.engine import EngineInfo, LLMEngine, make_engine
+
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig
+    from gateway.protocol.engine import EngineRequest
+
+logger = logging.getLogger(__name__)
+
+
+class _ClientErrorFilter(logging.Filter):
+    """Drops Serve's traceback records for requests that failed by the client's fault.
+
+    A 400 is an answer, not an incident; 5xx and bugs are still logged in full.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, GatewayError) and error.status_code < 500)
+
+
+class LLMServer:
+    """A Serve deployment class (made a deployment in ``gateway.app``).
+
+    ``generate`` answers non-streaming requests with the response's JSON bytes;
+    ``generate_stream`` yields SSE bytes, coalesced after the first frame.
+    Both raise ``gateway.errors.GatewayError`` for errors known up front.
+    """
+
+    async def __init__(self, config: ModelConfig, engine: LLMEngine | None = None) -> None:
+        logging.getLogger("ray.serve").addFilter(_ClientErrorFilter())
+        self._config = config
+        self._engine = engine if engine is not None else make_engine(config)
+        logger.info("starting %s engine for %s", config.engine, config.name)
+        await self._engine.start()
+        logger.info("%s ready", config.name)
+
+    async def generate(self, request: EngineRequest) -> bytes:
+        result = await self._engine.generate(request)
+        if not isinstance(result, bytes):
+            raise TypeError("engine returned a stream for a non-streaming request")
+        return result
+
+    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[bytes]:
+        result = await self._engine.generate(request)
+        if isinstance(result, bytes):
+            raise TypeError("engine returned a body for a streaming request")
+        async for batch in coalesce(result, self._config.stream_interval_ms / 1000):
+            yield batch
+
+    def info(self) -> EngineInfo:
+        return self._engine.info()
+
+    def num_unfinished_requests(self) -> int:
+        """Requests the engine is still working on (running or waiting)."""
+        return self._engine.num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        """Called by Serve's health checks; raising marks the replica unhealthy."""
+        await self._engine.check_health()
+
+    async def __del__(self) -> None:
+        await self._engine.shutdown()

@@ -1,0 +1,217 @@
+"""vLLM behind the gateway: AsyncLLM plus vLLM's own OpenAI serving layer.
+
+The serving objects are built the way vLLM's ``api_server`` builds them
+(``init_app_state``), so chat templates, tools, structured outputs, logprobs,
+``n``, usage and stop handling behave exactly as under ``vllm serve``. This
+module only adapts: request dicts in, bytes out, vLLM's errors into the
+gateway's exception tree.
+
+One deliberate difference from ``vllm serve``: a request whose prompt plus
+``max_tokens`` exceeds the context window is refused (400
+``context_length_exceeded``, as OpenAI does) instead of having its
+``max_tokens`` quietly lowered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from gateway import sse
+from gateway.errors import (
+    ContextLengthExceededError,
+    GatewayError,
+    InternalServerError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotImplementedFeatureError,
+    ServiceUnavailableError,
+)
+from models.llm.engine import EngineInfo
+
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig
+    from gateway.protocol.engine import EngineRequest
+
+logger = logging.getLogger(__name__)
+
+_ERROR_PREFIX = b'data: {"error"'
+
+
+class VLLMEngine:
+    """Implements ``models.llm.engine.LLMEngine`` with vLLM's AsyncLLM."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self._config = config
+        self._engine: Any = None
+        self._chat: Any = None
+        self._completion: Any = None
+        self._max_model_len: int | None = None
+
+    def cli_args(self) -> list[str]:
+        """The ``vllm serve`` command line this engine is equivalent to."""
+        c = self._config
+        assert c.model is not None
+        args = ["--model", c.model, "--served-model-name", c.name]
+        args += ["--dtype", c.dtype, "--seed", str(c.seed)]
+        args += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
+        if c.max_model_len is not None:
+            args += ["--max-model-len", str(c.max_model_len)]
+        if c.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
+        for key, value in c.engine_args.items():
+            if value is True:
+                args.append(f"--{key}")
+            elif value is not False:
+                args += [f"--{key}", str(value)]
+        return args
+
+    async def start(self) -> None:
+        if self._config.kv_cache_space_gib is not None:
+            # vLLM's CPU backend reads its KV-cache size only from here.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self._config.kv_cache_space_gib:g}"
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(self.cli_args())
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        state = State()
+        await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
+        self._chat = state.openai_serving_chat
+        self._completion = state.openai_serving_completion
+        self._max_model_len = self._engine.model_config.max_model_len
+        self._guard_context_length()
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(root=self._config.model, max_model_len=self._max_model_len)
+
+    def num_unfinished_requests(self) -> int:
+        return int(self._engine.get_num_unfinished_requests())
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+
+    async def generate(self, request: EngineRequest) -> bytes | AsyncIterator[bytes]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        schema, create = (
+            (ChatCompletionRequest, self._chat.create_chat_completion)
+            if request.endpoint == "chat"
+            else (CompletionRequest, self._completion.create_completion)
+        )
+        if create is None:
+            raise NotImplementedFeatureError(f"{self._config.name} does not serve this endpoint.")
+        try:
+            parsed = schema.model_validate({"request_id": request.request_id, **request.body})
+            result = await create(parsed, None)
+        except GatewayError:
+            raise
+        except ValidationError as exc:
+            raise InvalidRequestError.from_validation(exc) from None
+        except Exception as exc:  # vLLM signals client mistakes with exceptions too
+            raise translate_exception(exc) from None
+        if isinstance(result, ErrorResponse):
+            raise translate_error(result.model_dump())
+        if hasattr(result, "model_dump_json"):
+            return result.model_dump_json().encode()
+        return _frames(result)
+
+    def _guard_context_length(self) -> None:
+        """Refuses prompt + max_tokens beyond the context before anything is generated.
+
+        The check wraps vLLM's render step, where the prompt's token count is
+        first known, so streams fail before their first byte.
+        """
+        assert self._max_model_len is not None
+        limit = self._max_model_len
+        for serving, param in ((self._chat, "messages"), (self._completion, "prompt")):
+            if serving is None:
+                continue
+            attr = "render_chat_request" if param == "messages" else "render_completion_request"
+            setattr(serving, attr, _guarded(getattr(serving, attr), serving, limit, param))
+
+
+def _guarded(
+    render: Callable[[Any], Awaitable[Any]], serving: Any, limit: int, param: str
+) -> Callable[[Any], Awaitable[Any]]:
+    async def render_and_check(request: Any) -> Any:
+        result = await render(request)
+        if not isinstance(result, (tuple, list)):
+            return result  # an ErrorResponse: vLLM reports it
+        inputs = result[1] if param == "messages" else result
+        budget = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        if budget is None:
+            return result
+        for engine_input in inputs:
+            prompt = serving._extract_prompt_len(engine_input)
+            if prompt + budget > limit:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {limit} tokens. However, you "
+                    f"requested {prompt + budget} tokens ({prompt} in the {param}, {budget} "
+                    f"in the completion). Please reduce the length of the {param} or completion.",
+                    param=param,
+                )
+        return result
+
+    return render_and_check
+
+
+async def _frames(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    """vLLM's SSE strings as bytes, its error frames put in the gateway's shape."""
+    async for text in stream:
+        frame = text.encode()
+        if frame.startswith(_ERROR_PREFIX):
+            envelope = json.loads(frame[len(b"data: ") :])
+            yield sse.frame(translate_error(envelope).to_dict())
+            continue
+        yield frame
+
+
+def translate_error(envelope: dict[str, Any]) -> GatewayError:
+    """vLLM's ``{"error": {..., "code": <http status>}}`` as a gateway error."""
+    error = envelope.get("error", envelope)
+    status = int(error.get("code") or 500)
+    message = str(error.get("message") or "")
+    param = error.get("param")
+    if status == 404 and "model" in message.lower():
+        return ModelNotFoundError(message, param="model")
+    if status == 400 and _is_context_length(message):
+        return ContextLengthExceededError(message, param=param)
+    if 400 <= status < 500:
+        return InvalidRequestError(message, param=param, status=status)
+    if status == 501:
+        return NotImplementedFeatureError(message)
+    if status == 503:
+        return ServiceUnavailableError(message)
+    logger.error("engine error: %s", message)
+    return InternalServerError("The model failed while serving the request.")
+
+
+def translate_exception(exc: Exception) -> GatewayError:
+    """An exception from vLLM's serving layer, mapped the way vLLM's server maps it."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    response = create_error_response(exc)
+    if response.error.code >= 500:
+        logger.exception("engine failure", exc_info=exc)
+    return translate_error(response.model_dump())
+
+
+def _is_context_length(message: str) -> bool:
+    text = message.lower()
+    return "context length" in text or "max_model_len" in text
