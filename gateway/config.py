@@ -50,15 +50,20 @@ class ModelConfig(_Strict):
     )
     dtype: str = Field("auto", description="Weights and activations dtype passed to vLLM.")
     seed: int = Field(0, description="Engine seed for requests that set none.")
-    kv_cache_space_gib: float | None = Field(
+    kv_cache_space_gib: int | None = Field(
         None,
-        gt=0,
-        description="KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.",
+        ge=1,
+        description="KV-cache size in whole GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.",
     )
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only)."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel workers per replica.")
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM tool-call parser (e.g. `hermes`); enables `tool_choice` "
+        "`auto` and named tools for models whose template renders tools.",
+    )
     engine_args: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
         description="Further vLLM engine arguments by their CLI name without `--` "
@@ -74,6 +79,12 @@ class ModelConfig(_Strict):
         -1,
         ge=-1,
         description="Requests waiting for a replica before new ones get 503; -1 is unbounded.",
+    )
+    echo_token_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Echo engine only: pause between streamed tokens, to stand in for "
+        "decode time in tests and overhead measurements.",
     )
     stream_interval_ms: float = Field(
         20.0,
@@ -158,6 +169,8 @@ def load_config(path: str | Path) -> GatewayConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -84,6 +84,9 @@ def install_handlers(app: FastAPI) -> None:
             error = NotFoundError(f"Unknown route: {request.method} {request.url.path}")
         elif exc.status_code == 405:
             error = MethodNotAllowedError(f"Method {request.method} is not allowed here.")
+            response = error_response(error)
+            response.headers.update(exc.headers or {})  # keeps `Allow`
+            return response
         elif exc.status_code < 500:
             error = InvalidRequestError(str(exc.detail), status=exc.status_code)
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -26,13 +26,17 @@ class RequestEnvelope(BaseModel):
     model: str = Field(min_length=1, description="Model or alias that should serve the request.")
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=128, description="Choices to generate.")
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> RequestEnvelope:
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
             raise ValueError("`stream_options` can only be set when `stream` is true")
-        return self
+        return value
 
     @classmethod
     def of(cls, body: dict[str, Any]) -> RequestEnvelope:

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 
 async def coalesce(frames: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
     """Yields ``frames`` joined into batches; the first frame alone and at once.
 
-    Closing this generator cancels the reader of ``frames`` (which aborts the
-    engine request behind it) and closes ``frames``.
+    Closing this generator early stops the reading of ``frames`` and closes
+    it, which aborts the engine request behind it.
     """
+    batches = _batches(frames, interval_s)
+    try:
+        async for batch in batches:
+            yield batch
+    finally:
+        # Inner first: it cancels the task that may be iterating ``frames``.
+        await batches.aclose()
+        if isinstance(frames, AsyncGenerator):
+            await frames.aclose()
+
+
+async def _batches(frames: AsyncIterator[bytes], interval_s: float) -> AsyncGenerator[bytes, None]:
     iterator = aiter(frames)
     try:
         first = await anext(iterator)

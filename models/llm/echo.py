@@ -9,6 +9,7 @@ near-zero cost: it serves fast tests and measures the gateway's own overhead.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -70,6 +71,7 @@ class EchoEngine:
     def __init__(self, config: ModelConfig) -> None:
         self._name = config.name
         self._max_model_len = config.max_model_len or DEFAULT_CONTEXT
+        self._token_delay_s = config.echo_token_delay_ms / 1000
         self._in_flight = 0
 
     async def start(self) -> None:
@@ -97,6 +99,8 @@ class EchoEngine:
         self._in_flight += 1
         try:
             for chunk in _chunks(plan):
+                if self._token_delay_s:
+                    await asyncio.sleep(self._token_delay_s)
                 yield sse.frame(chunk)
             yield sse.DONE
         finally:
@@ -152,7 +156,14 @@ class EchoEngine:
 
     def _budget(self, prompt_tokens: int, requested: int | None, param: str) -> int:
         if requested is None:
-            return max(0, self._max_model_len - prompt_tokens)
+            if prompt_tokens >= self._max_model_len:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {self._max_model_len} tokens. "
+                    f"However, your {param} contain {prompt_tokens} tokens. "
+                    f"Please reduce the length of the {param}.",
+                    param=param,
+                )
+            return self._max_model_len - prompt_tokens
         if prompt_tokens + requested > self._max_model_len:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {self._max_model_len} tokens. "

@@ -29,6 +29,10 @@ SPECIAL_TOKENS = ("<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 # rendered back, so vLLM's tool_choice (named or "required") has a prompt to
 # work with. Content may be a string or a list of OpenAI text parts.
 CHAT_TEMPLATE = (
+    # Every tag strips whitespace and newlines are written as {{ nl }}, so the
+    # output is the same under any whitespace settings (transformers renders
+    # with trim_blocks and lstrip_blocks).
+    "{%- set nl = '\\n' -%}"
     "{%- macro text(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- elif content -%}{%- for part in content -%}"
@@ -36,17 +40,18 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
     "{%- if tools -%}"
-    "<|im_start|>system\nYou can call these functions:\n"
-    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n<|im_end|>\n"
+    "<|im_start|>system{{ nl }}You can call these functions:"
+    "{%- for tool in tools -%}{{ nl }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ nl }}<|im_end|>{{ nl }}"
     "{%- endif -%}"
     "{%- for message in messages -%}"
-    "<|im_start|>{{ message.role }}\n{{ text(message.content) }}"
+    "<|im_start|>{{ message.role }}{{ nl }}{{ text(message.content) }}"
     "{%- if message.tool_calls -%}{%- for call in message.tool_calls -%}"
     "<tool_call>{{ call.function | tojson }}</tool_call>"
     "{%- endfor -%}{%- endif -%}"
-    "<|im_end|>\n"
+    "<|im_end|>{{ nl }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant{{ nl }}{%- endif -%}"
 )
 
 

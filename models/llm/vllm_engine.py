@@ -64,6 +64,8 @@ class VLLMEngine:
             args += ["--max-model-len", str(c.max_model_len)]
         if c.gpu_memory_utilization is not None:
             args += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
+        if c.tool_call_parser is not None:
+            args += ["--enable-auto-tool-choice", "--tool-call-parser", c.tool_call_parser]
         for key, value in c.engine_args.items():
             if value is True:
                 args.append(f"--{key}")
@@ -74,7 +76,7 @@ class VLLMEngine:
     async def start(self) -> None:
         if self._config.kv_cache_space_gib is not None:
             # vLLM's CPU backend reads its KV-cache size only from here.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self._config.kv_cache_space_gib:g}"
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._config.kv_cache_space_gib)
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -109,10 +111,10 @@ class VLLMEngine:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-        schema, create = (
-            (ChatCompletionRequest, self._chat.create_chat_completion)
+        schema, create, prompt_param = (
+            (ChatCompletionRequest, self._chat.create_chat_completion, "messages")
             if request.endpoint == "chat"
-            else (CompletionRequest, self._completion.create_completion)
+            else (CompletionRequest, self._completion.create_completion, "prompt")
         )
         if create is None:
             raise NotImplementedFeatureError(f"{self._config.name} does not serve this endpoint.")
@@ -124,9 +126,9 @@ class VLLMEngine:
         except ValidationError as exc:
             raise InvalidRequestError.from_validation(exc) from None
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
-            raise translate_exception(exc) from None
+            raise translate_exception(exc, prompt_param) from None
         if isinstance(result, ErrorResponse):
-            raise translate_error(result.model_dump())
+            raise translate_error(result.model_dump(), prompt_param)
         if hasattr(result, "model_dump_json"):
             return result.model_dump_json().encode()
         return _frames(result)
@@ -182,8 +184,12 @@ async def _frames(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:
         yield frame
 
 
-def translate_error(envelope: dict[str, Any]) -> GatewayError:
-    """vLLM's ``{"error": {..., "code": <http status>}}`` as a gateway error."""
+def translate_error(envelope: dict[str, Any], prompt_param: str | None = None) -> GatewayError:
+    """vLLM's ``{"error": {..., "code": <http status>}}`` as a gateway error.
+
+    Context-length errors name ``prompt_param`` (``messages`` or ``prompt``), as
+    OpenAI's do, rather than vLLM's internal parameter names.
+    """
     error = envelope.get("error", envelope)
     status = int(error.get("code") or 500)
     message = str(error.get("message") or "")
@@ -191,7 +197,7 @@ def translate_error(envelope: dict[str, Any]) -> GatewayError:
     if status == 404 and "model" in message.lower():
         return ModelNotFoundError(message, param="model")
     if status == 400 and _is_context_length(message):
-        return ContextLengthExceededError(message, param=param)
+        return ContextLengthExceededError(message, param=prompt_param or param)
     if 400 <= status < 500:
         return InvalidRequestError(message, param=param, status=status)
     if status == 501:
@@ -202,14 +208,14 @@ def translate_error(envelope: dict[str, Any]) -> GatewayError:
     return InternalServerError("The model failed while serving the request.")
 
 
-def translate_exception(exc: Exception) -> GatewayError:
+def translate_exception(exc: Exception, prompt_param: str | None = None) -> GatewayError:
     """An exception from vLLM's serving layer, mapped the way vLLM's server maps it."""
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
     response = create_error_response(exc)
     if response.error.code >= 500:
         logger.exception("engine failure", exc_info=exc)
-    return translate_error(response.model_dump())
+    return translate_error(response.model_dump(), prompt_param)
 
 
 def _is_context_length(message: str) -> bool:
