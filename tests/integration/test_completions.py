@@ -1,0 +1,62 @@
+"""Legacy completions through the gateway with the official OpenAI SDK."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.integration.conftest import VLLM_MODEL
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_single_prompt(client: openai.OpenAI, stream: bool) -> None:
+    kwargs = dict(model=VLLM_MODEL, prompt="Once upon a time", max_tokens=6, temperature=0)
+    if stream:
+        chunks = list(client.completions.create(stream=True, **kwargs))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert len(finishes) == 1
+    else:
+        response = client.completions.create(**kwargs)
+        assert response.object == "text_completion"
+        assert response.model == VLLM_MODEL
+        text = response.choices[0].text
+    whole = client.completions.create(**kwargs).choices[0].text
+    assert text == whole
+    assert text
+
+
+@pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
+def test_batched_prompts_answer_each_in_order(client: openai.OpenAI, model: str) -> None:
+    prompts = ["The market opened", "Water boils at", "The library was"]
+    response = client.completions.create(model=model, prompt=prompts, max_tokens=4, temperature=0)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    singles = [
+        client.completions.create(model=model, prompt=p, max_tokens=4, temperature=0).choices[0].text
+        for p in prompts
+    ]
+    assert [c.text for c in response.choices] == singles
+
+
+def test_logprobs_and_echo(client: openai.OpenAI) -> None:
+    response = client.completions.create(
+        model=VLLM_MODEL, prompt="The gateway", max_tokens=3, logprobs=2, echo=True,
+        extra_body={"ignore_eos": True},
+    )
+    choice = response.choices[0]
+    assert choice.text.startswith("The gateway")
+    assert choice.logprobs is not None
+    generated = choice.logprobs.tokens[-3:]
+    assert len(generated) == 3
+    assert all(len(top) >= 2 for top in choice.logprobs.top_logprobs[-3:])
+
+
+def test_stream_include_usage(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.completions.create(
+            model=VLLM_MODEL, prompt="Hello", max_tokens=5, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 5

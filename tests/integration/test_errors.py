@@ -1,0 +1,154 @@
+"""Every failure is an OpenAI error envelope with the right status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import ECHO_CONTEXT, VLLM_CONTEXT, VLLM_MODEL, Gateway
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None, param: str | None = None):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in error["message"] and "/work/" not in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"', b"null"])
+def test_body_that_is_not_a_json_object_is_400(http: httpx.Client, path: str, raw: bytes) -> None:
+    error = assert_error(http.post(path, content=raw), 400, None)
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": HELLO}, "model"),
+        ({"model": "{model}", "messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"model": "{model}", "messages": HELLO, "n": 0}, "n"),
+        ({"model": "{model}", "messages": HELLO, "stream": "yes"}, "stream"),
+        ({"model": "{model}", "messages": "hi"}, "messages"),
+        ({"model": "{model}", "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_invalid_fields_are_400_naming_the_field(
+    http: httpx.Client, model: str, body: dict, param: str
+) -> None:
+    body = {k: (model if v == "{model}" else v) for k, v in body.items()}
+    error = assert_error(http.post(CHAT, json=body), 400, None)
+    assert param in (error["param"] or "")
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_unknown_model_is_404(http: httpx.Client, path: str) -> None:
+    body = {"model": "gpt-17", "messages": HELLO, "prompt": "x"}
+    assert_error(http.post(path, json=body), 404, "model_not_found", "model")
+
+
+@pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_plus_max_tokens_over_context_is_400_before_any_sse_byte(
+    http: httpx.Client, model: str, stream: bool
+) -> None:
+    context = VLLM_CONTEXT if model == VLLM_MODEL else ECHO_CONTEXT
+    # The prompt holds at least one token, so asking for the whole window overflows.
+    body = {"model": model, "messages": HELLO, "max_tokens": context, "stream": stream}
+    error = assert_error(http.post(CHAT, json=body), 400, "context_length_exceeded")
+    assert str(context) in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_over_context_is_400(http: httpx.Client, stream: bool) -> None:
+    body = {"model": VLLM_MODEL, "prompt": "word " * 300, "max_tokens": 300, "stream": stream}
+    assert_error(http.post(COMPLETIONS, json=body), 400, "context_length_exceeded", "prompt")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "word " * 2000}], "max_tokens": 1},
+        {"messages": HELLO, "max_tokens": VLLM_CONTEXT + 10},
+    ],
+    ids=["prompt-alone-too-long", "max-tokens-over-context"],
+)
+def test_vllm_context_refusals_are_context_length_exceeded(http: httpx.Client, body: dict) -> None:
+    for stream in (False, True):
+        response = http.post(CHAT, json={"model": VLLM_MODEL, "stream": stream, **body})
+        assert_error(response, 400, "context_length_exceeded")
+
+
+def test_sdk_raises_bad_request_without_retrying(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT * 2)
+    assert caught.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT * 2, stream=True)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_unknown_route_and_wrong_method(http: httpx.Client) -> None:
+    assert_error(http.get("/v2/nothing"), 404, "not_found")
+    assert_error(http.get(CHAT), 405, "method_not_allowed")
+
+
+async def test_full_queue_is_503_with_retry_after(gateway: Gateway) -> None:
+    body = {"model": "echo-narrow", "messages": [{"role": "user", "content": "a b c d e"}], "stream": True}
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as session:
+
+        async def one() -> tuple[int, dict, str]:
+            response = await session.post(CHAT, json=body)
+            return response.status_code, dict(response.headers), response.text
+
+        results = await asyncio.gather(*(one() for _ in range(6)))
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(200) >= 1
+    rejected = [(h, text) for status, h, text in results if status == 503]
+    assert rejected, f"no request was refused: {statuses}"
+    for headers, text in rejected:
+        assert int(headers["retry-after"]) >= 1
+        assert json.loads(text)["error"]["code"] == "overloaded"
+    for status, _, text in results:
+        if status == 200:
+            assert text.endswith("data: [DONE]\n\n")
+
+
+async def test_bad_requests_do_not_disturb_streams_in_flight(
+    gateway: Gateway, async_client: openai.AsyncOpenAI
+) -> None:
+    async def good() -> int:
+        stream = await async_client.chat.completions.create(
+            model=VLLM_MODEL, messages=HELLO, max_tokens=40, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        return chunks[-1].usage.completion_tokens
+
+    async def bad(session: httpx.AsyncClient, i: int) -> int:
+        bodies = [b"{oops", json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": -1}).encode(),
+                  json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 10_000, "stream": True}).encode()]
+        response = await session.post(CHAT, content=bodies[i % len(bodies)])
+        return response.status_code
+
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        results = await asyncio.gather(*[good() for _ in range(4)], *[bad(session, i) for i in range(12)])
+    assert results[:4] == [40] * 4
+    assert set(results[4:]) == {400}

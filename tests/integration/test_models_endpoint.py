@@ -1,0 +1,35 @@
+"""GET /v1/models, /v1/models/{id}, /health and /ready."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import VLLM_CONTEXT, VLLM_MODEL
+
+
+def test_list_models_names_every_served_model(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {VLLM_MODEL, "echo", "echo-narrow"}
+    assert models[VLLM_MODEL].model_extra["max_model_len"] == VLLM_CONTEXT
+    assert all(m.object == "model" for m in models.values())
+
+
+def test_retrieve_model(client: openai.OpenAI) -> None:
+    model = client.models.retrieve(VLLM_MODEL)
+    assert model.id == VLLM_MODEL
+    assert model.owned_by == "llm-gateway"
+
+
+def test_retrieve_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.body["code"] == "model_not_found"
+
+
+def test_health_and_ready(http: httpx.Client) -> None:
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready")
+    assert ready.status_code == 200
+    assert set(ready.json()["deployments"].values()) == {"HEALTHY"}

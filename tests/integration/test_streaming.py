@@ -1,0 +1,120 @@
+"""SSE on the wire: framing, concurrency, and clients that hang up."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from gateway import sse
+from tests.integration.conftest import VLLM_MODEL, Gateway
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "Hello there, tell me about the harbour"}]
+
+
+@pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_sse_framing_matches_openai(http: httpx.Client, model: str, n: int) -> None:
+    body = {
+        "model": model, "messages": HELLO, "max_tokens": 6, "n": n, "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with http.stream("POST", CHAT, json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(response.iter_raw())
+    assert raw.endswith(b"\n\n" + sse.DONE)
+    payloads = sse.parse(raw)  # raises on anything that is not a `data:` frame
+    assert payloads[-1] is None and None not in payloads[:-1]
+    chunks = payloads[:-1]
+    assert len({c["id"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == model for c in chunks)
+    first_per_choice = {}
+    finishes: dict[int, int] = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk["choices"]:
+            first_per_choice.setdefault(choice["index"], choice)
+            if choice["finish_reason"] is not None:
+                finishes[choice["index"]] = finishes.get(choice["index"], 0) + 1
+    assert set(first_per_choice) == set(range(n))
+    assert all(c["delta"].get("role") == "assistant" for c in first_per_choice.values())
+    assert finishes == {i: 1 for i in range(n)}
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] > 0
+
+
+def test_curl_no_buffer_stream(gateway: Gateway) -> None:
+    out = subprocess.run(
+        ["curl", "-sN", gateway.base_url + CHAT, "-H", "content-type: application/json", "-d",
+         '{"model":"echo","stream":true,"messages":[{"role":"user","content":"one two three"}]}'],
+        capture_output=True, timeout=30, check=True,
+    ).stdout
+    texts = [c["choices"][0]["delta"].get("content", "") for c in sse.parse(out)[:-1] if c["choices"]]
+    assert "".join(texts) == "one two three"
+
+
+async def test_32_concurrent_streams_all_complete(async_client: openai.AsyncOpenAI) -> None:
+    async def one(i: int) -> tuple[int, str]:
+        stream = await async_client.chat.completions.create(
+            model=VLLM_MODEL, messages=[{"role": "user", "content": f"Story number {i}"}],
+            max_tokens=32, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        return chunks[-1].usage.completion_tokens, finish[0]
+
+    results = await asyncio.gather(*(one(i) for i in range(32)))
+    assert results == [(32, "length")] * 32
+
+
+# Enough work that the engine would stay busy for seconds if aborts did not
+# happen, so "idle within ABORT_DEADLINE_S" can only pass through aborts.
+HANG_UPS = 16
+LONG = 480
+ABORT_DEADLINE_S = 2.0
+
+
+async def wait_idle(gateway: Gateway, deadline_s: float) -> int:
+    deadline = time.monotonic() + deadline_s
+    while (busy := await gateway.unfinished_requests(VLLM_MODEL)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return busy
+
+
+async def test_hang_ups_abort_engine_requests(gateway: Gateway, client: openai.OpenAI) -> None:
+    body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": LONG, "stream": True, "ignore_eos": True}
+
+    async def hang_up(session: httpx.AsyncClient) -> None:
+        async with session.stream("POST", CHAT, json=body) as response:
+            assert response.status_code == 200
+            async for _ in response.aiter_raw():
+                break  # first bytes arrived: leave mid-stream
+
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as session:
+        await asyncio.gather(*(hang_up(session) for _ in range(HANG_UPS)))
+    busy = await wait_idle(gateway, ABORT_DEADLINE_S)
+    assert busy == 0, f"{busy} engine requests still running after every client left"
+
+    started = time.monotonic()
+    answer = client.chat.completions.create(model=VLLM_MODEL, messages=HELLO, max_tokens=8)
+    assert answer.choices[0].message.content
+    assert time.monotonic() - started < 5
+
+
+async def test_non_streaming_hang_ups_abort_engine_requests(gateway: Gateway) -> None:
+    body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": LONG, "ignore_eos": True}
+
+    async def hang_up(session: httpx.AsyncClient) -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            await session.post(CHAT, json=body)
+
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=0.5) as session:
+        await asyncio.gather(*(hang_up(session) for _ in range(HANG_UPS // 2)))
+    assert await wait_idle(gateway, ABORT_DEADLINE_S) == 0

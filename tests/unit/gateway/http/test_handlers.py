@@ -1,0 +1,210 @@
+"""gateway/http/handlers.py: every failure leaves as the OpenAI error envelope."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+
+from gateway.errors import (
+    ContextLengthExceededError,
+    GatewayError,
+    InternalServerError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotImplementedFeatureError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
+from gateway.http.handlers import as_gateway_error, install_handlers
+
+ENVELOPE_KEYS = {"message", "type", "param", "code"}
+
+
+class _Body(BaseModel):
+    model: str
+    n: int = Field(1, ge=1)
+
+
+def _app(raised: dict[str, BaseException]) -> FastAPI:
+    app = FastAPI()
+    install_handlers(app)
+
+    @app.get("/raise")
+    async def raise_() -> None:
+        raise raised["error"]
+
+    @app.post("/typed")
+    async def typed(body: _Body) -> dict[str, Any]:
+        return body.model_dump()
+
+    return app
+
+
+@pytest.fixture
+def raised() -> dict[str, BaseException]:
+    return {}
+
+
+@pytest.fixture
+async def client(raised: dict[str, BaseException]) -> AsyncIterator[httpx.AsyncClient]:
+    # A handler for Exception runs in Starlette's ServerErrorMiddleware, which
+    # re-raises after responding (so the server logs it); the client sees the 500.
+    transport = httpx.ASGITransport(app=_app(raised), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == ENVELOPE_KEYS
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "retry_after"),
+    [
+        (InvalidRequestError("bad n", param="n"), 400, None),
+        (ContextLengthExceededError("too long", param="messages"), 400, None),
+        (ModelNotFoundError.for_model("gpt-9"), 404, None),
+        (NotImplementedFeatureError("no beams"), 501, None),
+        (ServiceUnavailableError("down", retry_after_s=2), 503, "2"),
+        (OverloadedError("busy", status=429, retry_after_s=5), 429, "5"),
+        (InternalServerError("oops"), 500, None),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, GatewayError) else None,
+)
+async def test_gateway_errors_become_envelopes(
+    client: httpx.AsyncClient,
+    raised: dict[str, BaseException],
+    error: GatewayError,
+    status: int,
+    retry_after: str | None,
+) -> None:
+    raised["error"] = error
+
+    response = await client.get("/raise")
+
+    assert response.status_code == status
+    assert _error(response) == error.to_dict()["error"]
+    assert response.headers.get("retry-after") == retry_after
+
+
+async def test_validation_error_is_400_envelope(client: httpx.AsyncClient) -> None:
+    response = await client.post("/typed", json={"model": "echo", "n": 0})
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "n"
+    assert "greater than or equal to 1" in error["message"]
+    assert "detail" not in response.json()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"json": {"n": 2}}, {"content": b"{not json", "headers": {"content-type": "application/json"}}, {}],
+    ids=["missing-field", "broken-json", "no-body"],
+)
+async def test_bad_bodies_are_400_never_422(client: httpx.AsyncClient, kwargs: dict[str, Any]) -> None:
+    response = await client.post("/typed", **kwargs)
+
+    assert response.status_code == 400
+    assert _error(response)["type"] == "invalid_request_error"
+    assert "detail" not in response.json()
+
+
+async def test_good_body_passes(client: httpx.AsyncClient) -> None:
+    response = await client.post("/typed", json={"model": "echo", "n": 2})
+
+    assert response.status_code == 200
+    assert response.json() == {"model": "echo", "n": 2}
+
+
+async def test_unknown_route_is_404_envelope(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/nothing")
+
+    assert response.status_code == 404
+    error = _error(response)
+    assert error["code"] == "not_found"
+    assert error["type"] == "invalid_request_error"
+    assert "/v1/nothing" in error["message"]
+
+
+async def test_wrong_method_is_405_envelope(client: httpx.AsyncClient) -> None:
+    response = await client.delete("/typed")
+
+    assert response.status_code == 405
+    error = _error(response)
+    assert error["code"] == "method_not_allowed"
+    assert "DELETE" in error["message"]
+
+
+async def test_unexpected_exception_is_500_without_details(
+    client: httpx.AsyncClient, raised: dict[str, BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    raised["error"] = RuntimeError("secret at /srv/app/engine.py line 12")
+
+    with caplog.at_level(logging.ERROR, logger="gateway.http.handlers"):
+        response = await client.get("/raise")
+
+    assert response.status_code == 500
+    error = _error(response)
+    assert error["type"] == "server_error"
+    assert error["code"] == "internal_error"
+    for leak in ("secret", "Traceback", ".py", "/srv", "RuntimeError"):
+        assert leak not in error["message"]
+    # The details go to the logs instead.
+    assert any(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in caplog.records)
+
+
+def test_backpressure_becomes_overloaded_with_retry_after() -> None:
+    error = as_gateway_error(BackPressureError(num_queued_requests=5, max_queued_requests=5))
+
+    assert isinstance(error, OverloadedError)
+    assert error.status_code == 503
+    assert error.code == "overloaded"
+    assert error.headers() == {"retry-after": "1"}
+
+
+def test_backpressure_keeps_serve_status_and_retry() -> None:
+    exc = BackPressureError(num_queued_requests=5, max_queued_requests=5, status_code=429, retry_after_s=3.0)
+
+    error = as_gateway_error(exc, retry_after_s=9)
+
+    assert isinstance(error, OverloadedError)
+    assert error.status_code == 429
+    assert error.headers() == {"retry-after": "3"}
+
+
+def test_replica_error_is_unwrapped_from_ray_task_error() -> None:
+    cause = ContextLengthExceededError("too long", param="messages")
+    wrapped = RayTaskError(function_name="f", traceback_str="tb", cause=cause)
+
+    error = as_gateway_error(wrapped)
+
+    assert error is cause
+    assert error.code == "context_length_exceeded"
+    assert error.status_code == 400
+
+
+def test_gateway_error_passes_through() -> None:
+    error = InvalidRequestError("bad")
+
+    assert as_gateway_error(error) is error
+
+
+def test_unknown_exception_becomes_internal_error(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="gateway.http.handlers"):
+        error = as_gateway_error(ValueError("/home/x/secret.py"))
+
+    assert isinstance(error, InternalServerError)
+    assert "secret" not in error.message

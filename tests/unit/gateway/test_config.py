@@ -1,0 +1,183 @@
+"""gateway/config.py: a config is valid once, or start-up fails naming field and reason."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import ConfigError, GatewayConfig, load_config, parse_config
+
+
+def _config(**model: Any) -> dict[str, Any]:
+    return {"models": [{"name": "echo", "engine": "echo", **model}]}
+
+
+def test_minimal_config_parses_with_defaults() -> None:
+    config = parse_config({"models": [{"name": "echo", "engine": "echo"}]})
+
+    assert isinstance(config, GatewayConfig)
+    assert config.app_name == "llm-gateway"
+    assert config.route_prefix == "/"
+    assert config.ingress.num_replicas == 1
+    assert [m.name for m in config.models] == ["echo"]
+    assert config.model("echo").engine == "echo"
+    assert config.model("echo").model is None
+
+
+def test_model_lookup_of_unknown_name_raises_key_error() -> None:
+    config = parse_config(_config())
+
+    with pytest.raises(KeyError):
+        config.model("missing")
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "reason"),
+    [
+        pytest.param(
+            _config(colour="blue"), "models.0.colour", "Extra inputs are not permitted", id="unknown-model-field"
+        ),
+        pytest.param(
+            {**_config(), "debug": True}, "debug", "Extra inputs are not permitted", id="unknown-top-level-field"
+        ),
+        pytest.param(_config(num_cpus=-1), "models.0.num_cpus", "greater than 0", id="negative-num-cpus"),
+        pytest.param(
+            {"models": [{"name": "a", "engine": "echo"}, {"name": "a", "engine": "echo"}]},
+            "models",
+            "duplicate model name 'a'",
+            id="duplicate-names",
+        ),
+        pytest.param(
+            {"models": [{"name": "llm", "engine": "vllm"}]},
+            "models.0",
+            "`model` is required when engine is `vllm`",
+            id="vllm-without-model",
+        ),
+        pytest.param({"models": []}, "models", "at least 1 item", id="empty-models"),
+        pytest.param({}, "models", "Field required", id="missing-models"),
+        pytest.param(_config(engine="tgi"), "models.0.engine", "'vllm' or 'echo'", id="unknown-engine"),
+        pytest.param(_config(name="bad name"), "models.0.name", "should match pattern", id="bad-model-name"),
+    ],
+)
+def test_invalid_config_names_field_and_reason(data: dict[str, Any], field: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="test.yaml")
+
+    message = str(info.value)
+    assert "test.yaml" in message
+    assert f"  {field}: " in message
+    assert reason in message
+
+
+def test_missing_relative_model_directory_is_rejected() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"models": [{"name": "llm", "model": "./nope"}]})
+
+    message = str(info.value)
+    assert "models[llm].model" in message
+    assert "'./nope' does not exist" in message
+
+
+def test_existing_relative_model_directory_resolves_to_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "weights" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    config = parse_config({"models": [{"name": "llm", "model": "./weights/tiny"}]})
+
+    resolved = config.model("llm").model
+    assert resolved is not None
+    assert Path(resolved).is_absolute()
+    assert Path(resolved) == (tmp_path / "weights" / "tiny").resolve()
+
+
+def test_hub_id_stays_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    config = parse_config({"models": [{"name": "llm", "model": "org/model"}]})
+
+    assert config.model("llm").model == "org/model"
+
+
+def test_app_builder_mapping_source_parses() -> None:
+    # `serve run gateway.app:app_builder` or a Serve config passes the mapping as decoded.
+    mapping = {
+        "app_name": "gw",
+        "route_prefix": "/api",
+        "ingress": {"num_replicas": 2, "retry_after_s": 3},
+        "models": [
+            {"name": "echo", "engine": "echo", "max_model_len": 64, "stream_interval_ms": 0},
+            {"name": "org/model", "model": "org/model", "engine_args": {"enable-prefix-caching": True}},
+        ],
+    }
+
+    config = parse_config(mapping)
+
+    assert config.app_name == "gw"
+    assert config.route_prefix == "/api"
+    assert config.ingress.num_replicas == 2
+    assert config.ingress.retry_after_s == 3
+    assert config.model("echo").max_model_len == 64
+    assert config.model("echo").stream_interval_ms == 0
+    assert config.model("org/model").engine == "vllm"
+    assert config.model("org/model").engine_args == {"enable-prefix-caching": True}
+
+
+def test_load_config_reads_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("models:\n  - name: echo\n    engine: echo\n    max_model_len: 64\n", encoding="utf-8")
+
+    config = load_config(path)
+
+    assert config.model("echo").max_model_len == 64
+
+
+def test_load_config_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("models:\n  - name: echo\n    engine: echo\n    num_cpus: 0\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(path) in str(info.value)
+    assert "models.0.num_cpus" in str(info.value)
+
+
+def test_syntactically_broken_yaml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("models: [\n  {name: echo\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_yaml_that_is_not_a_mapping_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("just some words\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError, match=r"\(top level\): Input should be a valid dictionary"):
+        load_config(path)
+
+
+def test_binary_file_is_a_config_error(tmp_path: Path) -> None:
+    # e.g. a weights file passed by mistake: start-up must fail with ConfigError
+    # (which the CLI prints), not a UnicodeDecodeError traceback.
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x89\xff\xfe\x00binary\x80\x81")
+
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        load_config(path)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_unreadable_path_is_a_config_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "absent.yaml" if kind == "missing" else tmp_path
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value).startswith(f"cannot read config {path}: ")

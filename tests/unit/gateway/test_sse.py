@@ -1,0 +1,62 @@
+"""gateway/sse.py: the exact bytes OpenAI clients parse."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import sse
+from gateway.errors import OverloadedError
+
+
+def test_frame_is_compact_json_data_line() -> None:
+    payload = {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "h\u00e9"}}]}
+
+    assert sse.frame(payload) == (
+        b'data: {"id":"chatcmpl-1","choices":[{"index":0,"delta":{"content":"h\\u00e9"}}]}\n\n'
+    )
+
+
+def test_frame_bytes_exactly() -> None:
+    assert sse.frame({"a": 1, "b": [None, True, "x y"]}) == b'data: {"a":1,"b":[null,true,"x y"]}\n\n'
+
+
+def test_done_frame_bytes() -> None:
+    assert sse.DONE == b"data: [DONE]\n\n"
+    assert sse.MEDIA_TYPE == "text/event-stream"
+
+
+def test_error_frames_are_error_then_done() -> None:
+    envelope = OverloadedError("busy").to_dict()
+
+    assert sse.error_frames(envelope) == sse.frame(envelope) + b"data: [DONE]\n\n"
+
+
+def test_parse_round_trips_frames_and_done() -> None:
+    chunks = [{"id": "1", "choices": []}, {"text": "line\n\nbreak"}, {"usage": {"total_tokens": 3}}]
+    stream = b"".join(sse.frame(c) for c in chunks) + sse.DONE
+
+    assert sse.parse(stream) == [*chunks, None]
+
+
+def test_parse_of_error_frames() -> None:
+    envelope = OverloadedError("busy").to_dict()
+
+    assert sse.parse(sse.error_frames(envelope)) == [envelope, None]
+
+
+def test_parse_of_empty_stream() -> None:
+    assert sse.parse(b"") == []
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"event: ping\n\n",
+        b": keep-alive comment\n\n",
+        b'data:{"a":1}\n\n',
+        sse.frame({"a": 1}) + b"garbage\n\n",
+    ],
+)
+def test_parse_rejects_non_data_blocks(stream: bytes) -> None:
+    with pytest.raises(ValueError, match="not an SSE data frame"):
+        sse.parse(stream)
