@@ -36,6 +36,9 @@ def build_app(config: GatewayConfig) -> Application:
             ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
             health_check_period_s=10,
             health_check_timeout_s=30,
+            # The ingress logs each request once; a second line per model
+            # call costs CPU on the hot path and says nothing new.
+            logging_config={"enable_access_log": False},
         )
         handles[model.name] = deployment.bind(model)
     ingress = serve.deployment(GatewayIngress).options(

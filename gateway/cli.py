@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -73,6 +74,9 @@ def serve_forever(config: GatewayConfig, host: str, port: int, address: str | No
     On SIGINT or SIGTERM the app is deleted and, when this process started Ray,
     the whole local cluster (every replica and engine process) is shut down.
     """
+    if address is None:
+        # Read by Ray and Ray Serve at import and cluster start: set them first.
+        os.environ.update(config.runtime.environment())
     import ray
     from ray import serve
 

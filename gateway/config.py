@@ -86,11 +86,19 @@ class ModelConfig(_Strict):
         description="Echo engine only: pause between streamed tokens, to stand in for "
         "decode time in tests and overhead measurements.",
     )
-    stream_interval_ms: float = Field(
-        20.0,
+    stream_messages_per_s: float = Field(
+        400.0,
+        gt=0,
+        description="Streams: the replica's budget of stream messages per second. After "
+        "the first chunk (never held), chunks wait up to active streams / budget for "
+        "company, so a lone stream flows token by token and a busy replica sends "
+        "fewer, larger messages.",
+    )
+    stream_max_hold_ms: float = Field(
+        100.0,
         ge=0,
-        description="Streams: after the first chunk, chunks produced within this window "
-        "travel together. The first chunk is never held back.",
+        description="Streams: the longest a chunk waits for company; 0 sends every "
+        "chunk as it comes.",
     )
 
     @model_validator(mode="after")
@@ -127,11 +135,44 @@ class IngressConfig(_Strict):
     )
 
 
+class RuntimeConfig(_Strict):
+    """How `llm-gateway serve` starts a local Ray cluster (no effect on an existing one)."""
+
+    http_proxy: Literal["haproxy", "serve"] = Field(
+        "haproxy",
+        description="`haproxy`: Ray's HAProxy ingress forwards HTTP straight to the "
+        "ingress replicas; `serve`: Ray Serve's Python proxy actor.",
+    )
+    throughput_optimized: bool = Field(
+        True,
+        description="Ray Serve's throughput mode: user code and routing on the "
+        "replica's own event loop, gRPC between deployments.",
+    )
+    worker_niceness: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of Ray workers. Ray's default (15) yields "
+        "the CPU to anything else on the machine; the gateway's workers are the server.",
+    )
+
+    def environment(self) -> dict[str, str]:
+        """Variables Ray and Ray Serve read when the local cluster starts."""
+        return {
+            "RAY_worker_niceness": str(self.worker_niceness),
+            # Engine processes die with their replica, even when it is killed.
+            "RAY_process_group_cleanup_enabled": "1",
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
+            "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.http_proxy == "haproxy" else "0",
+        }
+
+
 class GatewayConfig(_Strict):
     """The whole gateway: the models it serves and its front door."""
 
     app_name: str = Field("llm-gateway", min_length=1, description="Ray Serve application name.")
     route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the app.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     models: list[ModelConfig] = Field(min_length=1, description="Served models.")
 

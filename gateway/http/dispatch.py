@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -59,12 +60,27 @@ class ModelDispatcher:
         handles = self._handles[route.target]
         call = EngineRequest(endpoint=endpoint, body=body, request_id=request.state.request_id)
         if not envelope.stream:
-            try:
-                payload = await handles.unary.remote(call)
-            except Exception as exc:
-                raise self._error(exc) from None
-            return Response(payload, media_type="application/json")
+            return await self._unary(handles, call, request)
         return await self._stream(handles, call)
+
+    async def _unary(self, handles: _ModelHandles, call: EngineRequest, request: Request) -> Response:
+        response = handles.unary.remote(call)
+        answer = asyncio.ensure_future(_result(response))
+        hang_up = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answer, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hang_up.cancel()
+        if not answer.done():
+            # The client left: cancelling the call aborts the engine request.
+            response.cancel()
+            answer.cancel()
+            return Response(status_code=499)
+        try:
+            payload = answer.result()
+        except Exception as exc:
+            raise self._error(exc) from None
+        return Response(payload, media_type="application/json")
 
     async def _stream(self, handles: _ModelHandles, call: EngineRequest) -> Response:
         stream = handles.stream.remote(call)
@@ -94,6 +110,16 @@ class ModelDispatcher:
 
     def _error(self, exc: BaseException) -> Exception:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
+
+
+async def _result(response: Any) -> bytes:
+    return await response  # type: ignore[no-any-return]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

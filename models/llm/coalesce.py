@@ -1,24 +1,27 @@
 """Groups stream frames so that fewer, larger messages cross Ray.
 
 Every message between replicas costs CPU on both ends, and a token stream has
-hundreds of them. The first frame goes out the moment it exists; later frames
-that arrive within ``interval_s`` of the last send travel together.
+hundreds of them. The first batch (everything the engine's first step
+produced) goes out the moment it exists; later frames wait up to ``hold()``
+seconds, asked afresh for each batch, for others to travel with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 
-async def coalesce(frames: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
-    """Yields ``frames`` joined into batches; the first frame alone and at once.
+async def coalesce(
+    frames: AsyncIterator[bytes], hold: Callable[[], float]
+) -> AsyncIterator[bytes]:
+    """Yields ``frames`` joined into batches; the first batch at once.
 
     Closing this generator early stops the reading of ``frames`` and closes
     it, which aborts the engine request behind it.
     """
-    batches = _batches(frames, interval_s)
+    batches = _batches(frames, hold)
     try:
         async for batch in batches:
             yield batch
@@ -29,37 +32,34 @@ async def coalesce(frames: AsyncIterator[bytes], interval_s: float) -> AsyncIter
             await frames.aclose()
 
 
-async def _batches(frames: AsyncIterator[bytes], interval_s: float) -> AsyncGenerator[bytes, None]:
-    iterator = aiter(frames)
-    try:
-        first = await anext(iterator)
-    except StopAsyncIteration:
-        return
-    yield first
-    if interval_s <= 0:
-        async for frame in iterator:
-            yield frame
-        return
-
+async def _batches(
+    frames: AsyncIterator[bytes], hold: Callable[[], float]
+) -> AsyncGenerator[bytes, None]:
     buffer: list[bytes] = []
     arrived = asyncio.Event()
 
     async def read() -> None:
         try:
-            async for frame in iterator:
+            async for frame in frames:
                 buffer.append(frame)
                 arrived.set()
         finally:
             arrived.set()
 
+    # The reader runs until the engine stream blocks before this loop wakes up,
+    # so the first flush carries every frame the first step produced (vLLM
+    # sends a role-only chunk and the first token back to back).
     reader = asyncio.create_task(read())
+    first = True
     try:
         while True:
             await arrived.wait()
-            if not reader.done():
+            wait_s = 0.0 if first else hold()
+            if wait_s > 0 and not reader.done():
                 # Hold briefly so frames produced meanwhile share one message;
                 # the end of the stream releases the hold at once.
-                await asyncio.wait({reader}, timeout=interval_s)
+                await asyncio.wait({reader}, timeout=wait_s)
+            first = False
             arrived.clear()
             if buffer:
                 batch = b"".join(buffer)

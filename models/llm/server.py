@@ -39,6 +39,7 @@ class LLMServer:
     async def __init__(self, config: ModelConfig, engine: LLMEngine | None = None) -> None:
         logging.getLogger("ray.serve").addFilter(_ClientErrorFilter())
         self._config = config
+        self._active_streams = 0
         self._engine = engine if engine is not None else make_engine(config)
         logger.info("starting %s engine for %s", config.engine, config.name)
         await self._engine.start()
@@ -54,8 +55,17 @@ class LLMServer:
         result = await self._engine.generate(request)
         if isinstance(result, bytes):
             raise TypeError("engine returned a body for a streaming request")
-        async for batch in coalesce(result, self._config.stream_interval_ms / 1000):
-            yield batch
+        self._active_streams += 1
+        try:
+            async for batch in coalesce(result, self._hold_s):
+                yield batch
+        finally:
+            self._active_streams -= 1
+
+    def _hold_s(self) -> float:
+        """How long a chunk may wait: streams share the replica's message budget."""
+        wanted = self._active_streams / self._config.stream_messages_per_s
+        return min(wanted, self._config.stream_max_hold_ms / 1000)
 
     def info(self) -> EngineInfo:
         return self._engine.info()

@@ -83,12 +83,16 @@ def _free_port() -> int:
 def gateway() -> Iterator[Gateway]:
     if not (MODEL_DIR / "model.safetensors").is_file():
         pytest.fail(f"{MODEL_DIR} is missing: run `make models` (make test does it)")
+    from gateway.config import parse_config
+
+    # The same Ray runtime `llm-gateway serve` starts (HAProxy ingress,
+    # throughput mode), set before Ray is imported: it reads them at import.
+    os.environ.update(parse_config(TEST_CONFIG).runtime.environment())
     import ray
     from ray import serve
 
     from gateway.app import app_builder
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -108,13 +108,31 @@ async def test_hang_ups_abort_engine_requests(gateway: Gateway, client: openai.O
     assert time.monotonic() - started < 5
 
 
+def ingress_replica_url() -> str:
+    """The ingress replica's own HTTP address, behind the HAProxy front door."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if "GatewayIngress" not in " ".join(proc.info["cmdline"] or []):
+            continue
+        for conn in proc.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.ip == "127.0.0.1":
+                return f"http://127.0.0.1:{conn.laddr.port}"
+    raise AssertionError("no listening ingress replica found")
+
+
 async def test_non_streaming_hang_ups_abort_engine_requests(gateway: Gateway) -> None:
+    """A client that leaves before its answer stops the engine work for it.
+
+    Sent to the ingress replica itself: Ray's HAProxy front door does not pass a
+    client's hang-up on before the response starts (README: HTTP front door).
+    """
     body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": LONG, "ignore_eos": True}
 
     async def hang_up(session: httpx.AsyncClient) -> None:
         with pytest.raises(httpx.ReadTimeout):
             await session.post(CHAT, json=body)
 
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=0.5) as session:
+    async with httpx.AsyncClient(base_url=ingress_replica_url(), timeout=0.5) as session:
         await asyncio.gather(*(hang_up(session) for _ in range(HANG_UPS // 2)))
     assert await wait_idle(gateway, ABORT_DEADLINE_S) == 0

@@ -10,6 +10,6 @@ if TYPE_CHECKING:
     from gateway.http.state import GatewayState
 
 
-def gateway_state(request: Request) -> GatewayState:
+async def gateway_state(request: Request) -> GatewayState:
     """The state the ingress replica bound to its app."""
     return request.app.state.gateway  # type: ignore[no-any-return]

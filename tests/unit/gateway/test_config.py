@@ -110,7 +110,7 @@ def test_app_builder_mapping_source_parses() -> None:
         "route_prefix": "/api",
         "ingress": {"num_replicas": 2, "retry_after_s": 3},
         "models": [
-            {"name": "echo", "engine": "echo", "max_model_len": 64, "stream_interval_ms": 0},
+            {"name": "echo", "engine": "echo", "max_model_len": 64, "stream_max_hold_ms": 0},
             {"name": "org/model", "model": "org/model", "engine_args": {"enable-prefix-caching": True}},
         ],
     }
@@ -122,7 +122,7 @@ def test_app_builder_mapping_source_parses() -> None:
     assert config.ingress.num_replicas == 2
     assert config.ingress.retry_after_s == 3
     assert config.model("echo").max_model_len == 64
-    assert config.model("echo").stream_interval_ms == 0
+    assert config.model("echo").stream_max_hold_ms == 0
     assert config.model("org/model").engine == "vllm"
     assert config.model("org/model").engine_args == {"enable-prefix-caching": True}
 

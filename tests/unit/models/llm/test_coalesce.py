@@ -50,7 +50,7 @@ async def test_first_frame_comes_alone_and_at_once() -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
 
-    batches = coalesce(source.run(), INTERVAL)
+    batches = coalesce(source.run(), lambda: INTERVAL)
     first = await anext(batches)
     elapsed = loop.time() - started
     rest = [batch async for batch in batches]
@@ -64,7 +64,7 @@ async def test_frames_within_the_interval_are_joined() -> None:
     # a at 0; b, c, d within the window opened by b; e long after it.
     source = Source([b"a", b"b", b"c", b"d", b"e"], [0, 0.01, 0.01, 0.01, 3 * INTERVAL])
 
-    timed = await _collect(coalesce(source.run(), INTERVAL))
+    timed = await _collect(coalesce(source.run(), lambda: INTERVAL))
 
     assert [batch for _, batch in timed] == [b"a", b"bcd", b"e"]
 
@@ -82,7 +82,7 @@ async def test_batches_concatenate_to_the_source(delays: list[float]) -> None:
     frames = [f"data: {i}\n\n".encode() for i in range(len(delays))]
     source = Source(frames, delays)
 
-    batches = [batch async for batch in coalesce(source.run(), INTERVAL)]
+    batches = [batch async for batch in coalesce(source.run(), lambda: INTERVAL)]
 
     assert b"".join(batches) == b"".join(frames)
     assert batches[0] == frames[0]
@@ -95,13 +95,13 @@ async def test_no_interval_passes_frames_one_by_one(interval: float) -> None:
     frames = [b"a", b"b", b"c", b"d"]
     source = Source(frames, [0, 0, 0, 0])
 
-    assert [batch async for batch in coalesce(source.run(), interval)] == frames
+    assert [batch async for batch in coalesce(source.run(), lambda: interval)] == frames
 
 
 async def test_empty_source_yields_nothing() -> None:
     source = Source([], [])
 
-    assert [batch async for batch in coalesce(source.run(), INTERVAL)] == []
+    assert [batch async for batch in coalesce(source.run(), lambda: INTERVAL)] == []
 
 
 @pytest.mark.parametrize("interval", [INTERVAL, 0])
@@ -110,7 +110,7 @@ async def test_source_error_after_first_frame_reaches_consumer(interval: float) 
     received: list[bytes] = []
 
     with pytest.raises(RuntimeError, match="engine died"):
-        async for batch in coalesce(source.run(), interval):
+        async for batch in coalesce(source.run(), lambda: interval):
             received.append(batch)
 
     assert received[0] == b"a"
@@ -122,12 +122,12 @@ async def test_source_error_before_first_frame_reaches_consumer() -> None:
     source = Source([b"a"], [0], fail_after=0)
 
     with pytest.raises(RuntimeError, match="engine died"):
-        await anext(coalesce(source.run(), INTERVAL))
+        await anext(coalesce(source.run(), lambda: INTERVAL))
 
 
 async def test_closing_consumer_mid_stream_cancels_source() -> None:
     source = Source([b"a", b"b", b"c", b"d"], [0, 0.01, 10, 10])
-    batches = coalesce(source.run(), INTERVAL)
+    batches = coalesce(source.run(), lambda: INTERVAL)
 
     assert await anext(batches) == b"a"
     assert await anext(batches) == b"b"
@@ -150,10 +150,38 @@ async def test_closing_consumer_outside_batching_closes_source(interval: float, 
     # collection cannot be what closes it.
     source = Source([b"a", b"b", b"c"], [0, 0, 10])
     frames = source.run()
-    batches = coalesce(frames, interval)
+    batches = coalesce(frames, lambda: interval)
 
     for _ in range(taken):
         await anext(batches)
     await batches.aclose()  # type: ignore[attr-defined]
 
     assert source.finished
+
+
+async def test_frames_ready_together_with_the_first_leave_with_it() -> None:
+    # vLLM yields a role-only chunk and the first token back to back: holding the
+    # token for the next batch would add the whole hold to time-to-first-token.
+    async def burst() -> AsyncIterator[bytes]:
+        yield b"role"
+        yield b"token1"
+        await asyncio.sleep(0.05)
+        yield b"token2"
+
+    batches = coalesce(burst(), lambda: INTERVAL)
+    assert await anext(batches) == b"roletoken1"
+    assert [b async for b in batches] == [b"token2"]
+
+
+async def test_hold_is_asked_afresh_for_each_batch() -> None:
+    holds = iter([0.0, INTERVAL, 0.0, 0.0])
+    asked: list[float] = []
+
+    def hold() -> float:
+        asked.append(next(holds))
+        return asked[-1]
+
+    source = Source([b"a", b"b", b"c", b"d"], [0, 0.01, 0.01, 0.2])
+    batches = [batch async for batch in coalesce(source.run(), hold)]
+    assert b"".join(batches) == b"abcd"
+    assert len(asked) >= 2  # once per batch after the first

@@ -1,0 +1,177 @@
+"""gateway/http/dispatch.py: forwarding, hang-ups and errors, with fake handles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from httpx import ASGITransport, AsyncClient
+
+from gateway import sse
+from gateway.errors import InternalServerError
+from gateway.http.dispatch import ModelDispatcher
+from gateway.http.handlers import install_handlers
+from gateway.http.request_id import RequestIdMiddleware
+from gateway.routing.table import RouteTable
+
+
+class FakeResponse:
+    """Stands in for a DeploymentResponse: awaitable, cancellable."""
+
+    def __init__(self, result: Any, delay: float) -> None:
+        self._result, self._delay = result, delay
+        self.cancelled = False
+
+    def __await__(self) -> Any:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        await asyncio.sleep(self._delay)
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeStream:
+    """Stands in for a DeploymentResponseGenerator."""
+
+    def __init__(self, chunks: list[Any]) -> None:
+        self._chunks = iter(chunks)
+        self.cancelled = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
+        if isinstance(chunk, BaseException):
+            raise chunk
+        return chunk
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    def __init__(self, unary: Any = b"{}", stream: list[Any] | None = None, delay: float = 0) -> None:
+        self.unary, self.stream, self.delay = unary, stream or [], delay
+        self.calls: list[Any] = []
+        self.responses: list[Any] = []
+
+    def options(self, **kwargs: Any) -> FakeMethod:
+        return FakeMethod(self, kwargs.get("stream", False))
+
+
+class FakeMethod:
+    def __init__(self, handle: FakeHandle, stream: bool) -> None:
+        self._handle, self._stream = handle, stream
+
+    def remote(self, call: Any) -> Any:
+        self._handle.calls.append(call)
+        h = self._handle
+        response = FakeStream(h.stream) if self._stream else FakeResponse(h.unary, h.delay)
+        h.responses.append(response)
+        return response
+
+
+def make_app(handle: FakeHandle) -> FastAPI:
+    dispatcher = ModelDispatcher(RouteTable(["m"]), {"m": handle}, retry_after_s=1)
+    app = FastAPI()
+
+    @app.post("/chat")
+    async def chat(request: Request) -> Response:
+        return await dispatcher.dispatch("chat", request)
+
+    install_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+async def post(app: FastAPI, body: dict[str, Any]) -> Any:
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.post("/chat", json=body)
+
+
+async def test_body_goes_to_the_model_untouched_with_the_request_id() -> None:
+    handle = FakeHandle(unary=b'{"ok":true}')
+    body = {"model": "m", "messages": [], "vendor_extra": {"x": 1}}
+    response = await post(make_app(handle), body)
+    assert response.status_code == 200
+    assert response.json() == {"ok": True}
+    call = handle.calls[0]
+    assert call.body == body
+    assert call.endpoint == "chat"
+    assert call.request_id == response.headers["x-request-id"]
+
+
+async def test_stream_relays_chunks_in_order() -> None:
+    chunks = [sse.frame({"n": 1}), sse.frame({"n": 2}) + sse.DONE]
+    response = await post(make_app(FakeHandle(stream=chunks)), {"model": "m", "stream": True})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.content == b"".join(chunks)
+
+
+async def test_error_after_first_byte_ends_stream_with_error_frame_and_done() -> None:
+    chunks = [sse.frame({"n": 1}), InternalServerError("engine died")]
+    response = await post(make_app(FakeHandle(stream=chunks)), {"model": "m", "stream": True})
+    assert response.status_code == 200
+    payloads = sse.parse(response.content)
+    assert payloads[0] == {"n": 1}
+    assert payloads[1]["error"]["code"] == "internal_error"
+    assert payloads[2] is None
+
+
+async def test_error_before_first_byte_is_a_plain_http_error() -> None:
+    chunks = [InternalServerError("no engine")]
+    response = await post(make_app(FakeHandle(stream=chunks)), {"model": "m", "stream": True})
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith("application/json")
+
+
+async def test_client_hang_up_cancels_the_model_call() -> None:
+    handle = FakeHandle(unary=b"{}", delay=5)
+    app = make_app(handle)
+    messages = [
+        {"type": "http.request", "body": json.dumps({"model": "m"}).encode(), "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        if len(messages) == 1:
+            await asyncio.sleep(0.05)  # the client leaves a moment after sending
+        return messages.pop(0)
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/chat", "raw_path": b"/chat",
+        "headers": [(b"content-type", b"application/json")], "query_string": b"",
+        "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("c", 1),
+        "root_path": "",
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=2)
+    assert handle.responses[0].cancelled
+    assert sent[0]["status"] == 499
+
+
+@pytest.mark.parametrize("body", [{"model": "other"}, {"model": "m", "n": 0}])
+async def test_bad_routing_fields_never_reach_a_model(body: dict[str, Any]) -> None:
+    handle = FakeHandle()
+    response = await post(make_app(handle), body)
+    assert response.status_code in {400, 404}
+    assert handle.calls == []
