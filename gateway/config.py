@@ -172,8 +172,13 @@ class GatewayConfig(_Strict):
 
     app_name: str = Field("llm-gateway", min_length=1, description="Ray Serve application name.")
     route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the app.")
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig,
+        description="How `llm-gateway serve` starts a local Ray cluster.",
+    )
+    ingress: IngressConfig = Field(
+        default_factory=IngressConfig, description="The HTTP front door."
+    )
     models: list[ModelConfig] = Field(min_length=1, description="Served models.")
 
     @field_validator("models")
