@@ -39,5 +39,8 @@ test: models
 	@echo "==> running the test suite"
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
+lint: install
+	@$(PY) -m mypy gateway models
+
 bench: models
 	@$(PY) -m benchmarks.streaming --model-dir $(MODELS_DIR)/tiny-chat-v1

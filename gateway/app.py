@@ -7,16 +7,22 @@ deploy`` of a Serve config and ``llm-gateway serve`` all come through here.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from gateway.config import ConfigError, GatewayConfig, ModelConfig, load_config, parse_config
 from gateway.http.ingress import GatewayIngress
 from models.llm.server import LLMServer
 
 INGRESS_NAME = "GatewayIngress"
+
+
+def _deployment(cls: type) -> Deployment:
+    # serve.deployment's overloads type a bare class as a decorator factory.
+    return cast(Deployment, serve.deployment(cls))
 
 
 def deployment_name(model: ModelConfig) -> str:
@@ -28,7 +34,7 @@ def build_app(config: GatewayConfig) -> Application:
     """The ingress bound to one LLM deployment per configured model."""
     handles = {}
     for model in config.models:
-        deployment = serve.deployment(LLMServer).options(
+        deployment = _deployment(LLMServer).options(
             name=deployment_name(model),
             num_replicas=model.num_replicas,
             max_ongoing_requests=model.max_ongoing_requests,
@@ -41,7 +47,7 @@ def build_app(config: GatewayConfig) -> Application:
             logging_config={"enable_access_log": False},
         )
         handles[model.name] = deployment.bind(model)
-    ingress = serve.deployment(GatewayIngress).options(
+    ingress = _deployment(GatewayIngress).options(
         name=INGRESS_NAME,
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,

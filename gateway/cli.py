@@ -86,7 +86,7 @@ def serve_forever(config: GatewayConfig, host: str, port: int, address: str | No
     signal.signal(signal.SIGINT, _raise_stop)
     try:
         print(f"==> starting Ray {'at ' + address if address else '(local)'}", flush=True)
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         # After ray.init: Ray's core installs its own SIGTERM handler there.
         signal.signal(signal.SIGTERM, _raise_stop)
         signal.signal(signal.SIGINT, _raise_stop)

@@ -36,7 +36,10 @@ class LLMServer:
     Both raise ``gateway.errors.GatewayError`` for errors known up front.
     """
 
-    async def __init__(self, config: ModelConfig, engine: LLMEngine | None = None) -> None:
+    # Ray actors (and so Serve replicas) may construct asynchronously.
+    async def __init__(  # type: ignore[misc]
+        self, config: ModelConfig, engine: LLMEngine | None = None
+    ) -> None:
         logging.getLogger("ray.serve").addFilter(_ClientErrorFilter())
         self._config = config
         self._active_streams = 0

@@ -161,7 +161,7 @@ def _init_model(spec: TinyModelSpec, tokenizer):  # noqa: ANN001, ANN202
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
-        torch_dtype="float32",
+        dtype="float32",
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
