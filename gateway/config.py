@@ -135,6 +135,41 @@ class IngressConfig(_Strict):
     )
 
 
+class RouteConfig(_Strict):
+    """An alias clients may use in `model`, spread over concrete models by weight."""
+
+    name: ModelName
+    variants: dict[str, float] = Field(
+        min_length=1,
+        description="Concrete model name -> weight (>= 0; 0 takes no traffic). "
+        "Weights are relative: 80/20 and 4/1 split alike.",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _weights(cls, variants: dict[str, float]) -> dict[str, float]:
+        for name, weight in variants.items():
+            if weight < 0:
+                raise ValueError(f"variant {name!r} has a negative weight ({weight:g})")
+        if not any(weight > 0 for weight in variants.values()):
+            raise ValueError("every variant has weight 0: the route could serve nothing")
+        return variants
+
+
+class RoutingConfig(_Strict):
+    """How requests pick a variant of a route."""
+
+    cohort_header: str = Field(
+        "x-session-id",
+        min_length=1,
+        description="Request header whose value keeps a client on one variant "
+        "(OpenAI's `user` field does the same and wins when both are sent).",
+    )
+    routes: list[RouteConfig] = Field(
+        default_factory=list, description="Aliases over weighted variants."
+    )
+
+
 class RuntimeConfig(_Strict):
     """How `llm-gateway serve` starts a local Ray cluster (no effect on an existing one)."""
 
@@ -180,6 +215,9 @@ class GatewayConfig(_Strict):
         default_factory=IngressConfig, description="The HTTP front door."
     )
     models: list[ModelConfig] = Field(min_length=1, description="Served models.")
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="Aliases and how variants are chosen."
+    )
 
     @field_validator("models")
     @classmethod
@@ -190,6 +228,22 @@ class GatewayConfig(_Strict):
                 raise ValueError(f"duplicate model name {model.name!r}")
             seen.add(model.name)
         return models
+
+    @model_validator(mode="after")
+    def _routes_name_served_models(self) -> GatewayConfig:
+        models = {m.name for m in self.models}
+        seen: set[str] = set()
+        for index, route in enumerate(self.routing.routes):
+            where = f"routing.routes[{index}] ({route.name!r})"
+            if route.name in models:
+                raise ValueError(f"{where}: the alias collides with a model of the same name")
+            if route.name in seen:
+                raise ValueError(f"{where}: duplicate route name")
+            seen.add(route.name)
+            unknown = sorted(set(route.variants) - models)
+            if unknown:
+                raise ValueError(f"{where}: unknown variant(s) {', '.join(map(repr, unknown))}")
+        return self
 
     def model(self, name: str) -> ModelConfig:
         """Returns the model called ``name``; raises KeyError when there is none."""
@@ -227,6 +281,7 @@ def load_config(path: str | Path) -> GatewayConfig:
 def _describe(exc: ValidationError, source: str) -> str:
     lines = [f"invalid gateway config ({source}):"]
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        lines.append(f"  {where}: {error['msg']}")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        where = ".".join(str(part) for part in error["loc"])
+        lines.append(f"  {where}: {message}" if where else f"  {message}")
     return "\n".join(lines)

@@ -48,6 +48,8 @@ class GatewayError(Exception):
         self.code = code if code is not None else self.default_code
         self.status_code = status if status is not None else self.status
         self.retry_after_s = retry_after_s
+        # Set where the error is answered (e.g. the variant that was chosen).
+        self.extra_headers: dict[str, str] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments do not survive the default pickling.
@@ -70,8 +72,8 @@ class GatewayError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers (``Retry-After`` for retryable errors)."""
         if self.retry_after_s is None:
-            return {}
-        return {"retry-after": str(self.retry_after_s)}
+            return dict(self.extra_headers)
+        return {**self.extra_headers, "retry-after": str(self.retry_after_s)}
 
 
 def _rebuild(

@@ -13,13 +13,15 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from gateway import sse
-from gateway.errors import InvalidRequestError, ModelNotFoundError
+from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
 from gateway.http.handlers import as_gateway_error
 from gateway.protocol.engine import Endpoint, EngineRequest
 from gateway.protocol.envelope import RequestEnvelope
 from gateway.routing.table import RouteTable
 
 logger = logging.getLogger(__name__)
+
+VARIANT_HEADER = "x-gateway-variant"
 
 
 class _ModelHandles:
@@ -41,10 +43,17 @@ class ModelDispatcher:
     byte; an error after it ends the stream with an SSE error frame.
     """
 
-    def __init__(self, routes: RouteTable, handles: Mapping[str, Any], retry_after_s: int) -> None:
+    def __init__(
+        self,
+        routes: RouteTable,
+        handles: Mapping[str, Any],
+        retry_after_s: int,
+        cohort_header: str = "x-session-id",
+    ) -> None:
         self._routes = routes
         self._handles = {name: _ModelHandles(h) for name, h in handles.items()}
         self._retry_after_s = retry_after_s
+        self._cohort_header = cohort_header
 
     async def dispatch(self, endpoint: Endpoint, request: Request) -> Response:
         body = parse_json_object(await request.body())
@@ -52,18 +61,26 @@ class ModelDispatcher:
             envelope = RequestEnvelope.of(body)
         except ValidationError as exc:
             raise InvalidRequestError.from_validation(exc) from None
-        route = self._routes.resolve(envelope.model)
+        key = envelope.user or request.headers.get(self._cohort_header)
+        route = self._routes.resolve(envelope.model, key)
         if route is None:
             raise ModelNotFoundError.for_model(envelope.model)
         if route.target != envelope.model:
             body = {**body, "model": route.target}
         handles = self._handles[route.target]
         call = EngineRequest(endpoint=endpoint, body=body, request_id=request.state.request_id)
-        if not envelope.stream:
-            return await self._unary(handles, call, request)
-        return await self._stream(handles, call)
+        headers = {VARIANT_HEADER: route.target}
+        try:
+            if not envelope.stream:
+                return await self._unary(handles, call, request, headers)
+            return await self._stream(handles, call, headers)
+        except GatewayError as error:
+            error.extra_headers.update(headers)
+            raise
 
-    async def _unary(self, handles: _ModelHandles, call: EngineRequest, request: Request) -> Response:
+    async def _unary(
+        self, handles: _ModelHandles, call: EngineRequest, request: Request, headers: dict[str, str]
+    ) -> Response:
         response = handles.unary.remote(call)
         answer = asyncio.ensure_future(_result(response))
         hang_up = asyncio.ensure_future(_disconnected(request))
@@ -80,9 +97,11 @@ class ModelDispatcher:
             payload = answer.result()
         except Exception as exc:
             raise self._error(exc) from None
-        return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/json", headers=headers)
 
-    async def _stream(self, handles: _ModelHandles, call: EngineRequest) -> Response:
+    async def _stream(
+        self, handles: _ModelHandles, call: EngineRequest, headers: dict[str, str]
+    ) -> Response:
         stream = handles.stream.remote(call)
         try:
             first = await stream.__anext__()
@@ -91,7 +110,9 @@ class ModelDispatcher:
         except Exception as exc:
             # Known before any byte left: a plain HTTP error, not a 200 stream.
             raise self._error(exc) from None
-        return StreamingResponse(self._relay(first, stream), media_type=sse.MEDIA_TYPE)
+        return StreamingResponse(
+            self._relay(first, stream), media_type=sse.MEDIA_TYPE, headers=headers
+        )
 
     async def _relay(self, first: bytes, stream: Any) -> AsyncIterator[bytes]:
         finished = False
@@ -108,7 +129,7 @@ class ModelDispatcher:
                 # The client went away: stop the replica, which aborts the engine request.
                 stream.cancel()
 
-    def _error(self, exc: BaseException) -> Exception:
+    def _error(self, exc: BaseException) -> GatewayError:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
 
 

@@ -10,8 +10,9 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.http.dispatch import ModelDispatcher
-from gateway.protocol.models import ModelCard
+from gateway.protocol.models import AliasVariant, ModelCard
 from gateway.routing.table import RouteTable
+from gateway.routing.weighted import Variant
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +24,21 @@ class GatewayState:
 
     def __init__(self, config: GatewayConfig, handles: Mapping[str, Any]) -> None:
         self.config = config
-        self.routes = RouteTable(m.name for m in config.models)
-        self.dispatcher = ModelDispatcher(self.routes, handles, config.ingress.retry_after_s)
+        aliases = {
+            route.name: [Variant(name, weight) for name, weight in route.variants.items()]
+            for route in config.routing.routes
+        }
+        self.routes = RouteTable((m.name for m in config.models), aliases)
+        self.dispatcher = ModelDispatcher(
+            self.routes, handles, config.ingress.retry_after_s, config.routing.cohort_header
+        )
         self._handles = dict(handles)
         self._created = int(time.time())
         self._context: dict[str, int | None] = {m.name: m.max_model_len for m in config.models}
 
     def model_cards(self) -> list[ModelCard]:
-        return [
+        """Concrete models, then aliases with their variants and weights."""
+        models = [
             ModelCard(
                 id=m.name,
                 created=self._created,
@@ -39,6 +47,15 @@ class GatewayState:
             )
             for m in self.config.models
         ]
+        aliases = [
+            ModelCard(
+                id=name,
+                created=self._created,
+                variants=[AliasVariant(id=v.name, weight=v.weight) for v in variants],
+            )
+            for name, variants in self.routes.aliases().items()
+        ]
+        return models + aliases
 
     async def refresh_model_info(self) -> None:
         """Learns context windows the config left to the model (best effort)."""

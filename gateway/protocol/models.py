@@ -7,14 +7,20 @@ from typing import Literal
 from pydantic import BaseModel
 
 
+class AliasVariant(BaseModel):
+    id: str
+    weight: float
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llm-gateway"
-    # Extensions (as vLLM reports them).
+    # Extensions: vLLM's `root` and `max_model_len`; for an alias, its variants.
     root: str | None = None
     max_model_len: int | None = None
+    variants: list[AliasVariant] | None = None
 
 
 class ModelList(BaseModel):

@@ -39,6 +39,7 @@ TEST_CONFIG: dict[str, Any] = {
             "num_cpus": 0.1,
         },
         {"name": "echo", "engine": "echo", "max_model_len": ECHO_CONTEXT, "num_cpus": 0.1},
+        {"name": "echo-b", "engine": "echo", "max_model_len": ECHO_CONTEXT, "num_cpus": 0.1},
         {
             "name": "echo-narrow",
             "engine": "echo",
@@ -48,6 +49,12 @@ TEST_CONFIG: dict[str, Any] = {
             "echo_token_delay_ms": 100,
         },
     ],
+    "routing": {
+        "routes": [
+            {"name": "chat", "variants": {"echo": 80, "echo-b": 20}},
+            {"name": "vllm-alias", "variants": {VLLM_MODEL: 1, "echo": 0}},
+        ]
+    },
 }
 
 

@@ -11,9 +11,17 @@ from tests.integration.conftest import VLLM_CONTEXT, VLLM_MODEL
 
 def test_list_models_names_every_served_model(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {VLLM_MODEL, "echo", "echo-narrow"}
+    assert set(models) == {VLLM_MODEL, "echo", "echo-b", "echo-narrow", "chat", "vllm-alias"}
     assert models[VLLM_MODEL].model_extra["max_model_len"] == VLLM_CONTEXT
     assert all(m.object == "model" for m in models.values())
+
+
+def test_alias_entry_lists_its_variants_and_weights(client: openai.OpenAI) -> None:
+    alias = client.models.retrieve("chat")
+    assert alias.model_extra["variants"] == [
+        {"id": "echo", "weight": 80.0},
+        {"id": "echo-b", "weight": 20.0},
+    ]
 
 
 def test_retrieve_model(client: openai.OpenAI) -> None:

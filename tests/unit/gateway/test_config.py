@@ -159,7 +159,7 @@ def test_yaml_that_is_not_a_mapping_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text("just some words\n", encoding="utf-8")
 
-    with pytest.raises(ConfigError, match=r"\(top level\): Input should be a valid dictionary"):
+    with pytest.raises(ConfigError, match=r"Input should be a valid dictionary"):
         load_config(path)
 
 
@@ -181,3 +181,37 @@ def test_unreadable_path_is_a_config_error(tmp_path: Path, kind: str) -> None:
         load_config(path)
 
     assert str(info.value).startswith(f"cannot read config {path}: ")
+
+
+ROUTED_MODELS = [{"name": "a", "engine": "echo"}, {"name": "b", "engine": "echo"}]
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        ([{"name": "chat", "variants": {"a": 80, "zz": 20}}], r"routes\[0\] \('chat'\): unknown variant\(s\) 'zz'"),
+        ([{"name": "a", "variants": {"b": 1}}], r"routes\[0\] \('a'\): the alias collides with a model"),
+        ([{"name": "c", "variants": {"a": -1, "b": 2}}], r"routes\.0\.variants: variant 'a' has a negative weight"),
+        ([{"name": "c", "variants": {"a": 0, "b": 0}}], r"routes\.0\.variants: every variant has weight 0"),
+        ([{"name": "c", "variants": {}}], r"routes\.0\.variants"),
+        (
+            [{"name": "c", "variants": {"a": 1}}, {"name": "c", "variants": {"b": 1}}],
+            r"routes\[1\] \('c'\): duplicate route name",
+        ),
+    ],
+    ids=["unknown-target", "collides-with-model", "negative", "all-zero", "empty", "duplicate"],
+)
+def test_invalid_routes_are_refused_naming_the_entry(routes: list, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"models": ROUTED_MODELS, "routing": {"routes": routes}})
+
+
+def test_valid_route_and_cohort_header() -> None:
+    config = parse_config(
+        {
+            "models": ROUTED_MODELS,
+            "routing": {"cohort_header": "x-user", "routes": [{"name": "chat", "variants": {"a": 4, "b": 1}}]},
+        }
+    )
+    assert config.routing.cohort_header == "x-user"
+    assert config.routing.routes[0].variants == {"a": 4.0, "b": 1.0}

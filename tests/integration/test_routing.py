@@ -1,0 +1,88 @@
+"""Aliases over weighted variants, end to end with the OpenAI SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import httpx
+import openai
+from scipy.stats import chisquare
+
+from tests.integration.conftest import ECHO_CONTEXT, VLLM_MODEL, Gateway
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+VARIANT = "x-gateway-variant"
+
+
+async def test_unkeyed_requests_split_by_weight(async_client: openai.AsyncOpenAI) -> None:
+    n = 400
+    semaphore = asyncio.Semaphore(16)
+
+    async def one() -> str:
+        async with semaphore:
+            response = await async_client.chat.completions.create(
+                model="chat", messages=HELLO, max_tokens=2
+            )
+            return response.model
+
+    counts = Counter(await asyncio.gather(*(one() for _ in range(n))))
+    assert set(counts) == {"echo", "echo-b"}
+    assert chisquare([counts["echo"], counts["echo-b"]], [0.8 * n, 0.2 * n]).pvalue > 0.001
+
+
+def test_user_field_keeps_a_user_on_one_variant(client: openai.OpenAI) -> None:
+    seen: dict[str, set[str]] = {}
+    for user in (f"user-{i}" for i in range(20)):
+        seen[user] = {
+            client.chat.completions.create(model="chat", messages=HELLO, max_tokens=2, user=user).model
+            for _ in range(5)
+        }
+    assert all(len(models) == 1 for models in seen.values())
+    assert {m for models in seen.values() for m in models} == {"echo", "echo-b"}
+
+
+def test_session_header_keeps_a_session_on_one_variant(http: httpx.Client) -> None:
+    body = {"model": "chat", "messages": HELLO, "max_tokens": 2}
+    for session in (f"s-{i}" for i in range(10)):
+        models = {
+            http.post("/v1/chat/completions", json=body, headers={"x-session-id": session}).json()["model"]
+            for _ in range(5)
+        }
+        assert len(models) == 1
+
+
+def test_variant_header_on_answers_streams_and_errors(http: httpx.Client) -> None:
+    body = {"model": "chat", "messages": HELLO, "max_tokens": 2, "user": "u-7"}
+    answer = http.post("/v1/chat/completions", json=body)
+    assert answer.headers[VARIANT] == answer.json()["model"]
+
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+        raw = b"".join(stream.iter_raw())
+        assert stream.headers[VARIANT] == answer.json()["model"]
+    assert f'"model":"{answer.json()["model"]}"'.encode() in raw
+
+    too_long = http.post("/v1/chat/completions", json={**body, "max_tokens": ECHO_CONTEXT + 1})
+    assert too_long.status_code == 400
+    assert too_long.headers[VARIANT] == answer.json()["model"]
+
+
+def test_concrete_model_names_still_work_and_say_so(http: httpx.Client) -> None:
+    response = http.post("/v1/completions", json={"model": "echo-b", "prompt": "a b", "max_tokens": 1})
+    assert response.headers[VARIANT] == "echo-b"
+
+
+def test_alias_reaches_the_vllm_engine(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(model="vllm-alias", messages=HELLO, max_tokens=3)
+    assert response.model == VLLM_MODEL
+    streamed = client.chat.completions.create(
+        model="vllm-alias", messages=HELLO, max_tokens=3, stream=True
+    )
+    assert {chunk.model for chunk in streamed} == {VLLM_MODEL}
+
+
+async def test_unknown_alias_is_404(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url) as session:
+        response = await session.post("/v1/chat/completions", json={"model": "chat2", "messages": HELLO})
+    assert response.status_code == 404
+    assert VARIANT not in response.headers
