@@ -1,1 +1,3 @@
 """llm-gateway: an OpenAI-compatible LLM gateway on Ray Serve."""
+
+__version__ = "0.1.0"

@@ -13,7 +13,14 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from gateway.config import ConfigError, GatewayConfig, ModelConfig, load_config, parse_config
+from gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    ModelConfig,
+    RoutingConfig,
+    load_config,
+    parse_config,
+)
 from gateway.http.ingress import GatewayIngress
 from models.llm.server import LLMServer
 
@@ -31,7 +38,13 @@ def deployment_name(model: ModelConfig) -> str:
 
 
 def build_app(config: GatewayConfig) -> Application:
-    """The ingress bound to one LLM deployment per configured model."""
+    """The ingress bound to one LLM deployment per configured model.
+
+    Routing travels as the ingress's ``user_config`` and stays out of its init
+    arguments: changing weights or routes and redeploying reconfigures the
+    ingress in place, and deployments whose arguments did not change keep
+    running.
+    """
     handles = {}
     for model in config.models:
         deployment = _deployment(LLMServer).options(
@@ -47,13 +60,15 @@ def build_app(config: GatewayConfig) -> Application:
             logging_config={"enable_access_log": False},
         )
         handles[model.name] = deployment.bind(model)
+    static = config.model_copy(update={"routing": RoutingConfig()})
     ingress = _deployment(GatewayIngress).options(
         name=INGRESS_NAME,
+        user_config={"routing": config.routing.model_dump(mode="json")},
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(config, handles)
+    return ingress.bind(static, handles)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

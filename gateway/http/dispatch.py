@@ -55,6 +55,11 @@ class ModelDispatcher:
         self._retry_after_s = retry_after_s
         self._cohort_header = cohort_header
 
+    def use_routes(self, routes: RouteTable, cohort_header: str) -> None:
+        """Routes requests that arrive from now on with ``routes``."""
+        self._routes = routes
+        self._cohort_header = cohort_header
+
     async def dispatch(self, endpoint: Endpoint, request: Request) -> Response:
         body = parse_json_object(await request.body())
         try:

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, RoutingConfig
 from gateway.http.api import build_api
 from gateway.http.state import GatewayState
 
@@ -21,6 +21,14 @@ from gateway.http.state import GatewayState
 class GatewayIngress:
     def __init__(self, config: GatewayConfig, handles: Mapping[str, Any]) -> None:
         self._state = GatewayState(config, handles)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with the routing table, at start and on every redeploy.
+
+        Routing changes apply to requests that arrive afterwards; requests in
+        flight keep the variant they were given. The replica is not restarted.
+        """
+        self._state.apply_routing(RoutingConfig.model_validate(user_config["routing"]))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built in the replica, after __init__, so the app holds this replica's state.

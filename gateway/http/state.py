@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, RoutingConfig
 from gateway.http.dispatch import ModelDispatcher
 from gateway.protocol.models import AliasVariant, ModelCard
 from gateway.routing.table import RouteTable
@@ -19,22 +19,33 @@ logger = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 2.0
 
 
+def _route_table(config: GatewayConfig, routing: RoutingConfig) -> RouteTable:
+    aliases = {
+        route.name: [Variant(name, weight) for name, weight in route.variants.items()]
+        for route in routing.routes
+    }
+    return RouteTable((m.name for m in config.models), aliases)
+
+
 class GatewayState:
     """Bound to the FastAPI app as ``app.state.gateway`` by the ingress replica."""
 
     def __init__(self, config: GatewayConfig, handles: Mapping[str, Any]) -> None:
         self.config = config
-        aliases = {
-            route.name: [Variant(name, weight) for name, weight in route.variants.items()]
-            for route in config.routing.routes
-        }
-        self.routes = RouteTable((m.name for m in config.models), aliases)
+        self.routes = _route_table(config, config.routing)
         self.dispatcher = ModelDispatcher(
             self.routes, handles, config.ingress.retry_after_s, config.routing.cohort_header
         )
         self._handles = dict(handles)
         self._created = int(time.time())
         self._context: dict[str, int | None] = {m.name: m.max_model_len for m in config.models}
+
+    def apply_routing(self, routing: RoutingConfig) -> None:
+        """Swaps in a new routing table (validated against this replica's models)."""
+        config = GatewayConfig.model_validate({**self.config.model_dump(), "routing": routing})
+        self.config = config
+        self.routes = _route_table(config, routing)
+        self.dispatcher.use_routes(self.routes, routing.cohort_header)
 
     def model_cards(self) -> list[ModelCard]:
         """Concrete models, then aliases with their variants and weights."""

@@ -86,3 +86,4 @@ async def test_unknown_alias_is_404(gateway: Gateway) -> None:
         response = await session.post("/v1/chat/completions", json={"model": "chat2", "messages": HELLO})
     assert response.status_code == 404
     assert VARIANT not in response.headers
+
