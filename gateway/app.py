@@ -7,6 +7,7 @@ deploy`` of a Serve config and ``llm-gateway serve`` all come through here.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, cast
 
 from ray import serve
@@ -21,10 +22,9 @@ from gateway.config import (
     load_config,
     parse_config,
 )
+from gateway.deploy import INGRESS_NAME
 from gateway.http.ingress import GatewayIngress
 from models.llm.server import LLMServer
-
-INGRESS_NAME = "GatewayIngress"
 
 
 def _deployment(cls: type) -> Deployment:
@@ -72,9 +72,17 @@ def build_app(config: GatewayConfig) -> Application:
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Serve's application builder: ``args`` holds ``config`` (a path or a mapping)."""
+    """Serve's application builder.
+
+    ``args``: ``config``, a YAML path or a config mapping; optional
+    ``base_dir``, the directory relative model paths start from (default: the
+    working directory). Other keys (such as the digest ``gateway.deploy`` adds
+    to mark a changed config) are ignored.
+    """
     source = args.get("config")
     if source is None:
         raise ConfigError("app_builder needs `config`: a YAML path or a config mapping")
-    config = parse_config(source) if isinstance(source, dict) else load_config(source)
-    return build_app(config)
+    base_dir = Path(args["base_dir"]) if "base_dir" in args else None
+    if isinstance(source, dict):
+        return build_app(parse_config(source, base_dir=base_dir))
+    return build_app(load_config(source, base_dir=base_dir))

@@ -1,6 +1,7 @@
 """The ``llm-gateway`` command.
 
 ``llm-gateway serve``        run the gateway in the foreground until SIGINT/SIGTERM
+``llm-gateway deploy``       apply a changed config to a running gateway
 ``llm-gateway build-model``  build the local tiny chat models (no hub needed)
 """
 
@@ -32,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         "--address", default=None, help="join this Ray cluster instead of starting a local one"
     )
 
+    deploy_cmd = commands.add_parser(
+        "deploy", help="apply a changed config to a running gateway (routing changes are live)"
+    )
+    deploy_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="gateway YAML config")
+    deploy_cmd.add_argument("--address", default="auto", help="Ray cluster address")
+
     build_cmd = commands.add_parser("build-model", help="build the local tiny chat models")
     build_cmd.add_argument("--out", default=".models", help="directory to build into")
     build_cmd.add_argument("--force", action="store_true", help="rebuild existing models")
@@ -41,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build-model":
             return build_model(Path(args.out), force=args.force)
-        return serve_forever(load_config(args.config), args.host, args.port, args.address)
+        config_path = Path(args.config)
+        config = load_config(config_path)
+        if args.command == "deploy":
+            return redeploy(config, config_path, args.address)
+        return serve_forever(config, config_path, args.host, args.port, args.address)
     except ConfigError as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
@@ -60,6 +71,25 @@ def build_model(out: Path, *, force: bool) -> int:
     return 0
 
 
+def redeploy(config: GatewayConfig, config_path: Path, address: str) -> int:
+    """Applies a changed config to a running gateway.
+
+    Weight and route changes reconfigure the ingress in place: no replica
+    restarts and no request in flight fails. Other changes rebuild the app.
+    Run it from the directory the gateway was started in (relative model
+    paths resolve against it).
+    """
+    import ray
+
+    from gateway.deploy import deploy
+
+    ray.init(address=address, logging_level=logging.WARNING)
+    started = time.monotonic()
+    deploy(config, config_path, Path.cwd())
+    print(f"==> {config.app_name} updated in {time.monotonic() - started:.1f}s")
+    return 0
+
+
 class _Stop(Exception):
     """Raised from a signal handler to leave the serving loop cleanly."""
 
@@ -68,7 +98,9 @@ def _raise_stop(signum: int, _: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def serve_forever(config: GatewayConfig, host: str, port: int, address: str | None) -> int:
+def serve_forever(
+    config: GatewayConfig, config_path: Path, host: str, port: int, address: str | None
+) -> int:
     """Starts Ray (or joins ``address``), deploys the app, serves until signalled.
 
     On SIGINT or SIGTERM the app is deleted and, when this process started Ray,
@@ -80,7 +112,7 @@ def serve_forever(config: GatewayConfig, host: str, port: int, address: str | No
     import ray
     from ray import serve
 
-    from gateway.app import build_app
+    from gateway.deploy import deploy
 
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
@@ -94,7 +126,7 @@ def serve_forever(config: GatewayConfig, host: str, port: int, address: str | No
         names = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
         print(f"==> deploying {config.app_name}: {names}; first start compiles the engines", flush=True)
         started = time.monotonic()
-        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        deploy(config, config_path, Path.cwd())
         print(
             f"==> ready in {time.monotonic() - started:.0f}s: http://{host}:{port}/v1 "
             "(Ctrl-C stops it)",

@@ -107,11 +107,12 @@ class ModelConfig(_Strict):
             raise ValueError("`model` is required when engine is `vllm`")
         return self
 
-    def resolved(self) -> ModelConfig:
-        """Returns a copy whose local model path is absolute (hub ids stay as given)."""
+    def resolved(self, base_dir: Path) -> ModelConfig:
+        """A copy whose local model path is absolute, relative ones taken from
+        ``base_dir`` (hub ids stay as given)."""
         if self.model is None:
             return self
-        path = Path(self.model).expanduser()
+        path = base_dir / Path(self.model).expanduser()
         if path.exists():
             return self.model_copy(update={"model": str(path.resolve())})
         if self.model.startswith((".", "/", "~")):
@@ -253,17 +254,24 @@ class GatewayConfig(_Strict):
         raise KeyError(name)
 
 
-def parse_config(data: object, *, source: str = "config") -> GatewayConfig:
-    """Validates a decoded config; raises ConfigError naming field and reason."""
+def parse_config(
+    data: object, *, source: str = "config", base_dir: Path | None = None
+) -> GatewayConfig:
+    """Validates a decoded config; raises ConfigError naming field and reason.
+
+    Relative model directories resolve against ``base_dir`` (default: the
+    working directory).
+    """
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
-    return config.model_copy(update={"models": [m.resolved() for m in config.models]})
+    base = base_dir if base_dir is not None else Path.cwd()
+    return config.model_copy(update={"models": [m.resolved(base) for m in config.models]})
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Reads and validates a YAML config file."""
+def load_config(path: str | Path, *, base_dir: Path | None = None) -> GatewayConfig:
+    """Reads and validates a YAML config file (``base_dir`` as for parse_config)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -275,7 +283,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(data, source=str(path), base_dir=base_dir)
 
 
 def _describe(exc: ValidationError, source: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 import openai
 import pytest
 
@@ -61,6 +62,15 @@ TEST_CONFIG: dict[str, Any] = {
 @dataclass(frozen=True)
 class Gateway:
     base_url: str  # http://127.0.0.1:PORT
+    config_path: Path
+
+    def redeploy(self, config: dict[str, Any]) -> None:
+        """Rewrites the config file in place and applies it, as an operator would."""
+        from gateway.config import parse_config
+        from gateway.deploy import deploy
+
+        self.config_path.write_text(yaml.safe_dump(config))
+        deploy(parse_config(config), self.config_path, ROOT)
 
     @property
     def v1(self) -> str:
@@ -87,7 +97,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def gateway() -> Iterator[Gateway]:
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     if not (MODEL_DIR / "model.safetensors").is_file():
         pytest.fail(f"{MODEL_DIR} is missing: run `make models` (make test does it)")
     from gateway.config import parse_config
@@ -98,16 +108,15 @@ def gateway() -> Iterator[Gateway]:
     import ray
     from ray import serve
 
-    from gateway.app import app_builder
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder({"config": TEST_CONFIG}), name=APP, route_prefix="/")
-    base_url = f"http://127.0.0.1:{port}"
-    _wait_ready(base_url)
+    gateway = Gateway(f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("config") / "gateway.yaml")
+    gateway.redeploy(TEST_CONFIG)
+    _wait_ready(gateway.base_url)
     try:
-        yield Gateway(base_url)
+        yield gateway
     finally:
         serve.shutdown()
         ray.shutdown()

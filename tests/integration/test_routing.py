@@ -87,3 +87,60 @@ async def test_unknown_alias_is_404(gateway: Gateway) -> None:
     assert response.status_code == 404
     assert VARIANT not in response.headers
 
+
+
+def replica_process(model: str) -> tuple[int, float]:
+    """(pid, start time) of the model's replica: a restart changes both."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        if f"LLMServer:{model}" in " ".join(proc.info["cmdline"] or []):
+            return proc.info["pid"], proc.info["create_time"]
+    raise AssertionError(f"no replica process for {model}")
+
+
+async def test_weight_change_applies_live_without_failures_or_restarts(
+    gateway: Gateway, async_client: openai.AsyncOpenAI
+) -> None:
+    import copy
+
+    from tests.integration.conftest import TEST_CONFIG
+
+    changed = copy.deepcopy(TEST_CONFIG)
+    changed["routing"]["routes"][0]["variants"] = {"echo": 20, "echo-b": 80}
+    replicas_before = {m: replica_process(m) for m in (VLLM_MODEL, "echo", "echo-b")}
+
+    async def long_stream() -> int:
+        stream = await async_client.chat.completions.create(
+            model="vllm-alias", messages=HELLO, max_tokens=200, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+        return [chunk async for chunk in stream][-1].usage.completion_tokens
+
+    async def steady_traffic() -> int:
+        served = 0
+        for _ in range(60):
+            await async_client.chat.completions.create(model="chat", messages=HELLO, max_tokens=2)
+            served += 1
+        return served
+
+    try:
+        streams = [asyncio.ensure_future(long_stream()) for _ in range(6)]
+        traffic = asyncio.ensure_future(steady_traffic())
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(gateway.redeploy, changed)
+        # Nothing in flight failed: every stream and request completed.
+        assert await asyncio.gather(*streams) == [200] * 6
+        assert await traffic == 60
+
+        n = 400
+        counts: Counter[str] = Counter()
+        for _ in range(n):
+            response = await async_client.chat.completions.create(model="chat", messages=HELLO, max_tokens=2)
+            counts[response.model] += 1
+        assert chisquare([counts["echo"], counts["echo-b"]], [0.2 * n, 0.8 * n]).pvalue > 0.001
+        alias = await async_client.models.retrieve("chat")
+        assert alias.model_extra["variants"] == [{"id": "echo", "weight": 20.0}, {"id": "echo-b", "weight": 80.0}]
+        assert {m: replica_process(m) for m in replicas_before} == replicas_before, "a replica restarted"
+    finally:
+        await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
