@@ -136,6 +136,13 @@ class IngressConfig(_Strict):
     )
 
 
+class ShadowConfig(_Strict):
+    """Mirrors part of a route's traffic to a model whose answers are discarded."""
+
+    variant: str = Field(description="Concrete model that receives the copies.")
+    percent: float = Field(ge=0, le=100, description="Share of the route's requests copied.")
+
+
 class RouteConfig(_Strict):
     """An alias clients may use in `model`, spread over concrete models by weight."""
 
@@ -144,6 +151,14 @@ class RouteConfig(_Strict):
         min_length=1,
         description="Concrete model name -> weight (>= 0; 0 takes no traffic). "
         "Weights are relative: 80/20 and 4/1 split alike.",
+    )
+    fallback: bool = Field(
+        False,
+        description="When the chosen variant is unavailable or fails before the first "
+        "byte (5xx), try the next variant by weight; never after the first byte.",
+    )
+    shadow: ShadowConfig | None = Field(
+        None, description="Copies of requests sent in the background; answers discarded."
     )
 
     @field_validator("variants")
@@ -242,6 +257,8 @@ class GatewayConfig(_Strict):
                 raise ValueError(f"{where}: duplicate route name")
             seen.add(route.name)
             unknown = sorted(set(route.variants) - models)
+            if route.shadow is not None and route.shadow.variant not in models:
+                unknown.append(route.shadow.variant)
             if unknown:
                 raise ValueError(f"{where}: unknown variant(s) {', '.join(map(repr, unknown))}")
         return self

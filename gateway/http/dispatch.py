@@ -54,6 +54,7 @@ class ModelDispatcher:
         self._handles = {name: _ModelHandles(h) for name, h in handles.items()}
         self._retry_after_s = retry_after_s
         self._cohort_header = cohort_header
+        self._shadow_calls: set[asyncio.Task[None]] = set()
 
     def use_routes(self, routes: RouteTable, cohort_header: str) -> None:
         """Routes requests that arrive from now on with ``routes``."""
@@ -70,18 +71,46 @@ class ModelDispatcher:
         route = self._routes.resolve(envelope.model, key)
         if route is None:
             raise ModelNotFoundError.for_model(envelope.model)
-        if route.target != envelope.model:
-            body = {**body, "model": route.target}
-        handles = self._handles[route.target]
-        call = EngineRequest(endpoint=endpoint, body=body, request_id=request.state.request_id)
-        headers = {VARIANT_HEADER: route.target}
+        request_id: str = request.state.request_id
+        if route.shadow is not None:
+            self._mirror(EngineRequest(endpoint, {**body, "model": route.shadow}, request_id + "-shadow"))
+        candidates = (route.target, *route.fallbacks)
+        for target in candidates:
+            routed = body if target == envelope.model else {**body, "model": target}
+            call = EngineRequest(endpoint, routed, request_id)
+            headers = {VARIANT_HEADER: target}
+            try:
+                if not envelope.stream:
+                    return await self._unary(self._handles[target], call, request, headers)
+                return await self._stream(self._handles[target], call, headers)
+            except GatewayError as error:
+                error.extra_headers.update(headers)
+                # Fallback only for failures of ours, before any byte was sent.
+                if error.status_code < 500 or target == candidates[-1]:
+                    raise
+                logger.warning(
+                    "%s failed before its first byte (%s): trying the next variant",
+                    target,
+                    error.code,
+                )
+        raise AssertionError("unreachable: the last candidate raises or returns")
+
+    def _mirror(self, call: EngineRequest) -> None:
+        """Sends a copy in the background and discards the answer."""
+        task = asyncio.create_task(self._shadow_call(call))
+        self._shadow_calls.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._shadow_calls.discard)
+
+    async def _shadow_call(self, call: EngineRequest) -> None:
+        handles = self._handles[call.body["model"]]
         try:
-            if not envelope.stream:
-                return await self._unary(handles, call, request, headers)
-            return await self._stream(handles, call, headers)
-        except GatewayError as error:
-            error.extra_headers.update(headers)
-            raise
+            if call.stream:
+                async for _ in handles.stream.remote(call):
+                    pass
+            else:
+                await handles.unary.remote(call)
+        except Exception as exc:  # noqa: BLE001 - a shadow's failure is only worth a log line
+            logger.info("shadow request to %s failed: %s", call.body["model"], exc)
 
     async def _unary(
         self, handles: _ModelHandles, call: EngineRequest, request: Request, headers: dict[str, str]

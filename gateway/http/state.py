@@ -11,7 +11,7 @@ from typing import Any
 from gateway.config import GatewayConfig, RoutingConfig
 from gateway.http.dispatch import ModelDispatcher
 from gateway.protocol.models import AliasVariant, ModelCard
-from gateway.routing.table import RouteTable
+from gateway.routing.table import Alias, RouteTable
 from gateway.routing.weighted import Variant
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,12 @@ INFO_TIMEOUT_S = 2.0
 
 def _route_table(config: GatewayConfig, routing: RoutingConfig) -> RouteTable:
     aliases = {
-        route.name: [Variant(name, weight) for name, weight in route.variants.items()]
+        route.name: Alias(
+            variants=[Variant(name, weight) for name, weight in route.variants.items()],
+            fallback=route.fallback,
+            shadow=route.shadow.variant if route.shadow else None,
+            shadow_percent=route.shadow.percent if route.shadow else 0.0,
+        )
         for route in routing.routes
     }
     return RouteTable((m.name for m in config.models), aliases)

@@ -6,16 +6,32 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.routing.weighted import Variant, choose
+from gateway.routing.weighted import Variant, ranked
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    """A route: weighted variants, optional fallback, optional shadow copies."""
+
+    variants: Sequence[Variant]
+    fallback: bool = False
+    shadow: str | None = None
+    shadow_percent: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """The name a client used and the concrete model chosen to serve it."""
+    """The name a client used and where its request goes.
+
+    ``fallbacks`` are the variants to try, in order, when ``target`` fails
+    before its first byte; ``shadow`` is a model to copy the request to.
+    """
 
     name: str
     target: str
     alias: bool
+    fallbacks: tuple[str, ...] = ()
+    shadow: str | None = None
 
 
 class RouteTable:
@@ -28,20 +44,28 @@ class RouteTable:
     def __init__(
         self,
         models: Iterable[str],
-        aliases: Mapping[str, Sequence[Variant]] | None = None,
+        aliases: Mapping[str, Alias] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._models = list(models)
-        self._aliases = {name: list(variants) for name, variants in (aliases or {}).items()}
+        self._aliases = dict(aliases or {})
         self._rng = rng if rng is not None else random.Random()
 
     def resolve(self, name: str, key: str | None = None) -> Route | None:
-        variants = self._aliases.get(name)
-        if variants is not None:
-            return Route(name=name, target=choose(variants, key, self._rng).name, alias=True)
+        alias = self._aliases.get(name)
+        if alias is not None:
+            order = ranked(alias.variants, key, self._rng)
+            copy = alias.shadow is not None and self._rng.random() * 100 < alias.shadow_percent
+            return Route(
+                name=name,
+                target=order[0].name,
+                alias=True,
+                fallbacks=tuple(v.name for v in order[1:]) if alias.fallback else (),
+                shadow=alias.shadow if copy else None,
+            )
         if name in self._models:
             return Route(name=name, target=name, alias=False)
         return None
 
     def aliases(self) -> dict[str, list[Variant]]:
-        return {name: list(variants) for name, variants in self._aliases.items()}
+        return {name: list(alias.variants) for name, alias in self._aliases.items()}

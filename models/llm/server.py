@@ -43,18 +43,21 @@ class LLMServer:
         logging.getLogger("ray.serve").addFilter(_ClientErrorFilter())
         self._config = config
         self._active_streams = 0
+        self._requests = 0
         self._engine = engine if engine is not None else make_engine(config)
         logger.info("starting %s engine for %s", config.engine, config.name)
         await self._engine.start()
         logger.info("%s ready", config.name)
 
     async def generate(self, request: EngineRequest) -> bytes:
+        self._requests += 1
         result = await self._engine.generate(request)
         if not isinstance(result, bytes):
             raise TypeError("engine returned a stream for a non-streaming request")
         return result
 
     async def generate_stream(self, request: EngineRequest) -> AsyncIterator[bytes]:
+        self._requests += 1
         result = await self._engine.generate(request)
         if isinstance(result, bytes):
             raise TypeError("engine returned a body for a streaming request")
@@ -72,6 +75,10 @@ class LLMServer:
 
     def info(self) -> EngineInfo:
         return self._engine.info()
+
+    def stats(self) -> dict[str, int]:
+        """Requests this replica has received, and streams open now."""
+        return {"requests": self._requests, "active_streams": self._active_streams}
 
     def num_unfinished_requests(self) -> int:
         """Requests the engine is still working on (running or waiting)."""

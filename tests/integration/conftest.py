@@ -54,6 +54,8 @@ TEST_CONFIG: dict[str, Any] = {
         "routes": [
             {"name": "chat", "variants": {"echo": 80, "echo-b": 20}},
             {"name": "vllm-alias", "variants": {VLLM_MODEL: 1, "echo": 0}},
+            {"name": "fb", "variants": {"echo-narrow": 9, "echo": 1}, "fallback": True},
+            {"name": "mirrored", "variants": {"echo": 1}, "shadow": {"variant": "echo-b", "percent": 100}},
         ]
     },
 }

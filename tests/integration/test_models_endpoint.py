@@ -11,7 +11,9 @@ from tests.integration.conftest import VLLM_CONTEXT, VLLM_MODEL
 
 def test_list_models_names_every_served_model(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {VLLM_MODEL, "echo", "echo-b", "echo-narrow", "chat", "vllm-alias"}
+    assert set(models) == {
+        VLLM_MODEL, "echo", "echo-b", "echo-narrow", "chat", "vllm-alias", "fb", "mirrored"
+    }
     assert models[VLLM_MODEL].model_extra["max_model_len"] == VLLM_CONTEXT
     assert all(m.object == "model" for m in models.values())
 

@@ -144,3 +144,41 @@ async def test_weight_change_applies_live_without_failures_or_restarts(
         assert {m: replica_process(m) for m in replicas_before} == replicas_before, "a replica restarted"
     finally:
         await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
+
+
+async def test_fallback_serves_what_the_full_variant_cannot(gateway: Gateway) -> None:
+    # echo-narrow takes one request and queues one; the rest would be 503 without fallback.
+    body = {"model": "fb", "messages": [{"role": "user", "content": "a b c d e"}], "stream": True}
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as session:
+
+        async def one() -> tuple[int, str, str]:
+            response = await session.post("/v1/chat/completions", json=body)
+            return response.status_code, response.headers.get(VARIANT, ""), response.text
+
+        results = await asyncio.gather(*(one() for _ in range(6)))
+    assert [status for status, _, _ in results] == [200] * 6
+    served_by = Counter(variant for _, variant, _ in results)
+    assert served_by["echo"] >= 1, served_by  # the overflow went to the next variant
+    for _, variant, text in results:
+        assert f'"model":"{variant}"' in text and text.endswith("data: [DONE]\n\n")
+
+
+async def test_shadow_copies_requests_without_touching_answers(
+    gateway: Gateway, async_client: openai.AsyncOpenAI
+) -> None:
+    stats = gateway.handle("echo-b").options(method_name="stats")
+    before = (await stats.remote())["requests"]
+    answers = [
+        await async_client.chat.completions.create(model="mirrored", messages=HELLO, max_tokens=2)
+        for _ in range(10)
+    ]
+    stream = await async_client.chat.completions.create(
+        model="mirrored", messages=HELLO, max_tokens=2, stream=True
+    )
+    streamed = [chunk.model async for chunk in stream]
+    assert {a.model for a in answers} == {"echo"} and set(streamed) == {"echo"}
+    deadline = asyncio.get_running_loop().time() + 10
+    while (copies := (await stats.remote())["requests"] - before) < 11:
+        assert asyncio.get_running_loop().time() < deadline, f"only {copies} shadow copies arrived"
+        await asyncio.sleep(0.1)
+    assert copies == 11

@@ -175,3 +175,78 @@ async def test_bad_routing_fields_never_reach_a_model(body: dict[str, Any]) -> N
     response = await post(make_app(handle), body)
     assert response.status_code in {400, 404}
     assert handle.calls == []
+
+
+def make_routed_app(handles: dict[str, FakeHandle], alias: Any) -> FastAPI:
+    from gateway.routing.table import RouteTable as Table
+
+    dispatcher = ModelDispatcher(Table(list(handles), {"r": alias}), handles, retry_after_s=1)
+    app = FastAPI()
+
+    @app.post("/chat")
+    async def chat(request: Request) -> Response:
+        return await dispatcher.dispatch("chat", request)
+
+    install_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_fallback_serves_from_the_next_variant_when_the_first_is_down(stream: bool) -> None:
+    from gateway.errors import OverloadedError
+    from gateway.routing.table import Alias
+    from gateway.routing.weighted import Variant
+
+    down = OverloadedError("full")
+    first = FakeHandle(unary=down, stream=[down])
+    second = FakeHandle(unary=b'{"served":"b"}', stream=[sse.frame({"served": "b"}) + sse.DONE])
+    alias = Alias([Variant("a", 100), Variant("b", 1)], fallback=True)
+    app = make_routed_app({"a": first, "b": second}, alias)
+    response = await post(app, {"model": "r", "stream": stream})
+    assert response.status_code == 200
+    assert response.headers["x-gateway-variant"] == "b"
+    assert second.calls[0].body["model"] == "b"
+
+
+async def test_fallback_never_retries_a_client_mistake() -> None:
+    from gateway.errors import InvalidRequestError
+    from gateway.routing.table import Alias
+    from gateway.routing.weighted import Variant
+
+    first = FakeHandle(unary=InvalidRequestError("bad field", param="x"))
+    second = FakeHandle()
+    app = make_routed_app({"a": first, "b": second}, Alias([Variant("a", 100), Variant("b", 1)], fallback=True))
+    response = await post(app, {"model": "r"})
+    assert response.status_code == 400
+    assert response.headers["x-gateway-variant"] == "a"
+    assert second.calls == []
+
+
+async def test_without_fallback_the_failure_reaches_the_client() -> None:
+    from gateway.errors import OverloadedError
+    from gateway.routing.table import Alias
+    from gateway.routing.weighted import Variant
+
+    first = FakeHandle(unary=OverloadedError("full"))
+    second = FakeHandle()
+    app = make_routed_app({"a": first, "b": second}, Alias([Variant("a", 100), Variant("b", 1)]))
+    response = await post(app, {"model": "r"})
+    assert response.status_code == 503
+    assert second.calls == []
+
+
+async def test_shadow_gets_a_copy_and_the_client_gets_the_primary_answer() -> None:
+    from gateway.routing.table import Alias
+    from gateway.routing.weighted import Variant
+
+    primary = FakeHandle(unary=b'{"from":"primary"}')
+    shadow = FakeHandle(unary=b'{"from":"shadow"}', delay=0.2)
+    alias = Alias([Variant("a", 1)], shadow="s", shadow_percent=100)
+    app = make_routed_app({"a": primary, "s": shadow}, alias)
+    started = asyncio.get_running_loop().time()
+    response = await post(app, {"model": "r", "messages": []})
+    assert asyncio.get_running_loop().time() - started < 0.15  # not held up by the shadow
+    assert response.json() == {"from": "primary"}
+    assert shadow.calls[0].body == {"model": "s", "messages": []}
+    assert shadow.calls[0].request_id.endswith("-shadow")
