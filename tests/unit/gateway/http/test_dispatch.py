@@ -85,8 +85,12 @@ class FakeMethod:
         return response
 
 
-def make_app(handle: FakeHandle) -> FastAPI:
-    dispatcher = ModelDispatcher(RouteTable(["m"]), {"m": handle}, retry_after_s=1)
+def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
+    """An app whose dispatcher serves model "m" (``handle``) or, given
+    ``handles`` and ``alias``, alias "r" over those handles."""
+    handles: dict[str, FakeHandle] = routing.get("handles") or {"m": handle or FakeHandle()}
+    aliases = {"r": routing["alias"]} if "alias" in routing else None
+    dispatcher = ModelDispatcher(RouteTable(list(handles), aliases), handles, retry_after_s=1)
     app = FastAPI()
 
     @app.post("/chat")
@@ -178,18 +182,7 @@ async def test_bad_routing_fields_never_reach_a_model(body: dict[str, Any]) -> N
 
 
 def make_routed_app(handles: dict[str, FakeHandle], alias: Any) -> FastAPI:
-    from gateway.routing.table import RouteTable as Table
-
-    dispatcher = ModelDispatcher(Table(list(handles), {"r": alias}), handles, retry_after_s=1)
-    app = FastAPI()
-
-    @app.post("/chat")
-    async def chat(request: Request) -> Response:
-        return await dispatcher.dispatch("chat", request)
-
-    install_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
-    return app
+    return make_app(handles=handles, alias=alias)
 
 
 @pytest.mark.parametrize("stream", [False, True])
