@@ -18,7 +18,6 @@ from gateway.config import (
     ConfigError,
     GatewayConfig,
     ModelConfig,
-    RoutingConfig,
     load_config,
     parse_config,
 )
@@ -60,7 +59,7 @@ def build_app(config: GatewayConfig) -> Application:
             logging_config={"enable_access_log": False},
         )
         handles[model.name] = deployment.bind(model)
-    static = config.model_copy(update={"routing": RoutingConfig()})
+    static = config.without_routing()
     ingress = _deployment(GatewayIngress).options(
         name=INGRESS_NAME,
         user_config={"routing": config.routing.model_dump(mode="json")},

@@ -263,6 +263,10 @@ class GatewayConfig(_Strict):
                 raise ValueError(f"{where}: unknown variant(s) {', '.join(map(repr, unknown))}")
         return self
 
+    def without_routing(self) -> GatewayConfig:
+        """This config with an empty routing table: what routing changes leave alone."""
+        return self.model_copy(update={"routing": RoutingConfig()})
+
     def model(self, name: str) -> ModelConfig:
         """Returns the model called ``name``; raises KeyError when there is none."""
         for model in self.models:

@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from gateway.config import GatewayConfig, RoutingConfig
+from gateway.config import GatewayConfig
 
 IMPORT_PATH = "gateway.app:app_builder"
 INGRESS_NAME = "GatewayIngress"
@@ -23,8 +23,8 @@ INGRESS_NAME = "GatewayIngress"
 
 def serve_config(config: GatewayConfig, config_path: Path, base_dir: Path) -> dict[str, Any]:
     """The Serve deploy config (``serve deploy`` format) for ``config``."""
-    static = config.model_copy(update={"routing": RoutingConfig()})
-    digest = hashlib.sha256(static.model_dump_json().encode()).hexdigest()[:16]
+    static = config.without_routing().model_dump_json()
+    digest = hashlib.sha256(static.encode()).hexdigest()[:16]
     return {
         "applications": [
             {

@@ -56,6 +56,10 @@ class ModelDispatcher:
         self._cohort_header = cohort_header
         self._shadow_calls: set[asyncio.Task[None]] = set()
 
+    @property
+    def routes(self) -> RouteTable:
+        return self._routes
+
     def use_routes(self, routes: RouteTable, cohort_header: str) -> None:
         """Routes requests that arrive from now on with ``routes``."""
         self._routes = routes

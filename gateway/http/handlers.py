@@ -84,13 +84,11 @@ def install_handlers(app: FastAPI) -> None:
             error = NotFoundError(f"Unknown route: {request.method} {request.url.path}")
         elif exc.status_code == 405:
             error = MethodNotAllowedError(f"Method {request.method} is not allowed here.")
-            response = error_response(error)
-            response.headers.update(exc.headers or {})  # keeps `Allow`
-            return response
         elif exc.status_code < 500:
             error = InvalidRequestError(str(exc.detail), status=exc.status_code)
         else:
             error = InternalServerError("The server had an error while processing your request.")
+        error.extra_headers.update(exc.headers or {})  # e.g. 405's `Allow`
         return error_response(error)
 
     app.add_exception_handler(GatewayError, on_gateway_error)

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 2.0
 
 
-def _route_table(config: GatewayConfig, routing: RoutingConfig) -> RouteTable:
+def _route_table(config: GatewayConfig) -> RouteTable:
     aliases = {
         route.name: Alias(
             variants=[Variant(name, weight) for name, weight in route.variants.items()],
@@ -27,7 +27,7 @@ def _route_table(config: GatewayConfig, routing: RoutingConfig) -> RouteTable:
             shadow=route.shadow.variant if route.shadow else None,
             shadow_percent=route.shadow.percent if route.shadow else 0.0,
         )
-        for route in routing.routes
+        for route in config.routing.routes
     }
     return RouteTable((m.name for m in config.models), aliases)
 
@@ -37,9 +37,8 @@ class GatewayState:
 
     def __init__(self, config: GatewayConfig, handles: Mapping[str, Any]) -> None:
         self.config = config
-        self.routes = _route_table(config, config.routing)
         self.dispatcher = ModelDispatcher(
-            self.routes, handles, config.ingress.retry_after_s, config.routing.cohort_header
+            _route_table(config), handles, config.ingress.retry_after_s, config.routing.cohort_header
         )
         self._handles = dict(handles)
         self._created = int(time.time())
@@ -49,8 +48,12 @@ class GatewayState:
         """Swaps in a new routing table (validated against this replica's models)."""
         config = GatewayConfig.model_validate({**self.config.model_dump(), "routing": routing})
         self.config = config
-        self.routes = _route_table(config, routing)
-        self.dispatcher.use_routes(self.routes, routing.cohort_header)
+        self.dispatcher.use_routes(_route_table(config), routing.cohort_header)
+
+    @property
+    def routes(self) -> RouteTable:
+        """The table requests are routed with now."""
+        return self.dispatcher.routes
 
     def model_cards(self) -> list[ModelCard]:
         """Concrete models, then aliases with their variants and weights."""

@@ -52,6 +52,10 @@ class VLLMEngine:
         self._chat: Any = None
         self._completion: Any = None
         self._max_model_len: int | None = None
+        # Per endpoint: vLLM's request schema, its serving call, the prompt's
+        # param name for errors. Resolved once at start, not per request.
+        self._endpoints: dict[str, tuple[Any, Any, str]] = {}
+        self._error_response: Any = type(None)
 
     def cli_args(self) -> list[str]:
         """The ``vllm serve`` command line this engine is equivalent to."""
@@ -92,6 +96,19 @@ class VLLMEngine:
         self._completion = state.openai_serving_completion
         self._max_model_len = self._engine.model_config.max_model_len
         self._guard_context_length()
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        self._error_response = ErrorResponse
+        if self._chat is not None:
+            self._endpoints["chat"] = (ChatCompletionRequest, self._chat.create_chat_completion, "messages")
+        if self._completion is not None:
+            self._endpoints["completion"] = (
+                CompletionRequest,
+                self._completion.create_completion,
+                "prompt",
+            )
 
     def info(self) -> EngineInfo:
         return EngineInfo(root=self._config.model, max_model_len=self._max_model_len)
@@ -107,17 +124,10 @@ class VLLMEngine:
             self._engine.shutdown()
 
     async def generate(self, request: EngineRequest) -> bytes | AsyncIterator[bytes]:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
-        schema, create, prompt_param = (
-            (ChatCompletionRequest, self._chat.create_chat_completion, "messages")
-            if request.endpoint == "chat"
-            else (CompletionRequest, self._completion.create_completion, "prompt")
-        )
-        if create is None:
+        endpoint = self._endpoints.get(request.endpoint)
+        if endpoint is None:
             raise NotImplementedFeatureError(f"{self._config.name} does not serve this endpoint.")
+        schema, create, prompt_param = endpoint
         try:
             parsed = schema.model_validate({"request_id": request.request_id, **request.body})
             result = await create(parsed, None)
@@ -127,7 +137,7 @@ class VLLMEngine:
             raise InvalidRequestError.from_validation(exc) from None
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
             raise translate_exception(exc, prompt_param) from None
-        if isinstance(result, ErrorResponse):
+        if isinstance(result, self._error_response):
             raise translate_error(result.model_dump(), prompt_param)
         if hasattr(result, "model_dump_json"):
             return result.model_dump_json().encode()
