@@ -1,12 +1,16 @@
-"""The composition root: a validated config becomes the Serve deployment graph.
+"""The composition root: a validated config becomes Serve applications.
 
-``serve run gateway.app:app_builder config=configs/default.yaml``, ``serve
-deploy`` of a Serve config and ``llm-gateway serve`` all come through here.
+- ``llm-gateway serve`` / ``llm-gateway deploy`` (``gateway.deploy``) run one
+  application per model (``model_app_builder``) and one for the ingress
+  (``ingress_app_builder``), so models can come and go without restarting the
+  others.
+- ``serve run gateway.app:app_builder config=configs/default.yaml`` (and a
+  KubeRay ``serveConfigV2`` naming ``app_builder``) run the whole gateway as a
+  single application: simpler, but adding or removing a model rebuilds it.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,13 +20,15 @@ from ray.serve.deployment import Deployment
 
 from gateway.config import (
     ConfigError,
+    FrontDoorConfig,
     GatewayConfig,
     ModelConfig,
     load_config,
     parse_config,
 )
-from gateway.deploy import INGRESS_NAME
+from gateway.deploy import INGRESS_NAME, deployment_name, ingress_user_config
 from gateway.http.ingress import GatewayIngress
+from models.classical.server import ClassicalServer
 from models.llm.server import LLMServer
 
 
@@ -31,52 +37,70 @@ def _deployment(cls: type) -> Deployment:
     return cast(Deployment, serve.deployment(cls))
 
 
-def deployment_name(model: ModelConfig) -> str:
-    """The Serve deployment serving ``model`` (Serve forbids '#' in names)."""
-    return "LLMServer:" + re.sub(r"[^A-Za-z0-9._:/-]", "_", model.name)
+def model_deployment(model: ModelConfig) -> Application:
+    """The deployment serving ``model``, bound to its config."""
+    options: dict[str, Any] = {}
+    if model.kind != "llm":
+        options["user_config"] = model.batching()
+    deployment = _deployment(LLMServer if model.kind == "llm" else ClassicalServer).options(
+        name=deployment_name(model),
+        num_replicas=model.num_replicas,
+        max_ongoing_requests=model.max_ongoing_requests,
+        max_queued_requests=model.max_queued_requests,
+        ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+        # The ingress logs each request once; a second line per model
+        # call costs CPU on the hot path and says nothing new.
+        logging_config={"enable_access_log": False},
+        **options,
+    )
+    return deployment.bind(model)
 
 
-def build_app(config: GatewayConfig) -> Application:
-    """The ingress bound to one LLM deployment per configured model.
-
-    Routing travels as the ingress's ``user_config`` and stays out of its init
-    arguments: changing weights or routes and redeploying reconfigures the
-    ingress in place, and deployments whose arguments did not change keep
-    running.
-    """
-    handles = {}
-    for model in config.models:
-        deployment = _deployment(LLMServer).options(
-            name=deployment_name(model),
-            num_replicas=model.num_replicas,
-            max_ongoing_requests=model.max_ongoing_requests,
-            max_queued_requests=model.max_queued_requests,
-            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
-            health_check_period_s=10,
-            health_check_timeout_s=30,
-            # The ingress logs each request once; a second line per model
-            # call costs CPU on the hot path and says nothing new.
-            logging_config={"enable_access_log": False},
-        )
-        handles[model.name] = deployment.bind(model)
-    static = config.without_routing()
-    ingress = _deployment(GatewayIngress).options(
+def _ingress(config: GatewayConfig) -> Deployment:
+    return _deployment(GatewayIngress).options(
         name=INGRESS_NAME,
-        user_config={"routing": config.routing.model_dump(mode="json")},
+        user_config=ingress_user_config(config),
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(static, handles)
+
+
+def build_app(config: GatewayConfig) -> Application:
+    """The whole gateway as one application: the ingress bound to every model."""
+    handles = {model.name: model_deployment(model) for model in config.models}
+    return _ingress(config).bind(config.front_door(), handles)
+
+
+def model_app_builder(args: dict[str, Any]) -> Application:
+    """One model's application; ``args["model"]`` is its config (``gateway.deploy``)."""
+    return model_deployment(ModelConfig.model_validate(args["model"]))
+
+
+def ingress_app_builder(args: dict[str, Any]) -> Application:
+    """The ingress alone; it finds each model's application by name.
+
+    ``args["gateway"]`` holds the front door's settings; the models and routes
+    arrive as the ingress's ``user_config`` (``gateway.deploy``).
+    """
+    front_door = FrontDoorConfig.model_validate(args["gateway"])
+    deployment = _deployment(GatewayIngress).options(
+        name=INGRESS_NAME,
+        num_replicas=front_door.ingress.num_replicas,
+        max_ongoing_requests=front_door.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": front_door.ingress.num_cpus},
+    )
+    return deployment.bind(front_door, None)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Serve's application builder.
+    """Serve's application builder for the single-application form.
 
     ``args``: ``config``, a YAML path or a config mapping; optional
     ``base_dir``, the directory relative model paths start from (default: the
-    working directory). Other keys (such as the digest ``gateway.deploy`` adds
-    to mark a changed config) are ignored.
+    working directory).
     """
     source = args.get("config")
     if source is None:

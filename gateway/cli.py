@@ -2,7 +2,7 @@
 
 ``llm-gateway serve``        run the gateway in the foreground until SIGINT/SIGTERM
 ``llm-gateway deploy``       apply a changed config to a running gateway
-``llm-gateway build-model``  build the local tiny chat models (no hub needed)
+``llm-gateway build-model``  build the local models (no hub needed)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     deploy_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="gateway YAML config")
     deploy_cmd.add_argument("--address", default="auto", help="Ray cluster address")
 
-    build_cmd = commands.add_parser("build-model", help="build the local tiny chat models")
+    build_cmd = commands.add_parser("build-model", help="build the local models (tiny chat, iris, MiniLM)")
     build_cmd.add_argument("--out", default=".models", help="directory to build into")
     build_cmd.add_argument("--force", action="store_true", help="rebuild existing models")
 
@@ -48,35 +48,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build-model":
             return build_model(Path(args.out), force=args.force)
-        config_path = Path(args.config)
-        config = load_config(config_path)
+        config = load_config(Path(args.config))
         if args.command == "deploy":
-            return redeploy(config, config_path, args.address)
-        return serve_forever(config, config_path, args.host, args.port, args.address)
+            return redeploy(config, args.address)
+        return serve_forever(config, args.host, args.port, args.address)
     except ConfigError as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
 
 
 def build_model(out: Path, *, force: bool) -> int:
-    from models.llm.tiny import TINY_CHAT_MODELS, build_all, is_built
+    from models.classical import build as classical
+    from models.llm import tiny
 
-    if not force and all(is_built(out / spec.name) for spec in TINY_CHAT_MODELS):
-        print(f"==> local models present in {out}")
-        return 0
     started = time.monotonic()
-    for path in build_all(out, force=force):
+    for path in tiny.build_all(out, force=force) + classical.build_all(out, force=force):
         print(f"==> local model ready: {path}")
-    print(f"==> models built in {time.monotonic() - started:.0f}s")
+    print(f"==> models ready in {time.monotonic() - started:.0f}s")
     return 0
 
 
-def redeploy(config: GatewayConfig, config_path: Path, address: str) -> int:
+def redeploy(config: GatewayConfig, address: str) -> int:
     """Applies a changed config to a running gateway.
 
-    Weight and route changes reconfigure the ingress in place: no replica
-    restarts and no request in flight fails. Other changes rebuild the app.
-    Run it from the directory the gateway was started in (relative model
+    Weight and route changes reconfigure the ingress in place; a model added
+    or removed starts or stops only that model; a model whose settings changed
+    restarts alone (replica counts and batching apply without a restart). No
+    request in flight fails. Run it from the directory the gateway was started in (relative model
     paths resolve against it).
     """
     import ray
@@ -85,7 +83,7 @@ def redeploy(config: GatewayConfig, config_path: Path, address: str) -> int:
 
     ray.init(address=address, logging_level=logging.WARNING)
     started = time.monotonic()
-    deploy(config, config_path, Path.cwd())
+    deploy(config)
     print(f"==> {config.app_name} updated in {time.monotonic() - started:.1f}s")
     return 0
 
@@ -99,7 +97,7 @@ def _raise_stop(signum: int, _: FrameType | None) -> None:
 
 
 def serve_forever(
-    config: GatewayConfig, config_path: Path, host: str, port: int, address: str | None
+    config: GatewayConfig, host: str, port: int, address: str | None
 ) -> int:
     """Starts Ray (or joins ``address``), deploys the app, serves until signalled.
 
@@ -126,7 +124,7 @@ def serve_forever(
         names = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
         print(f"==> deploying {config.app_name}: {names}; first start compiles the engines", flush=True)
         started = time.monotonic()
-        deploy(config, config_path, Path.cwd())
+        deploy(config)
         print(
             f"==> ready in {time.monotonic() - started:.0f}s: http://{host}:{port}/v1 "
             "(Ctrl-C stops it)",

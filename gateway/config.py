@@ -31,19 +31,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Engine = Literal["vllm", "echo", "sklearn", "sentence-transformers"]
+ModelKind = Literal["llm", "classifier", "embedding"]
+
+# What each engine serves: routes never mix kinds, and each endpoint accepts
+# only the kinds that can answer it.
+ENGINE_KINDS: dict[str, ModelKind] = {
+    "vllm": "llm",
+    "echo": "llm",
+    "sklearn": "classifier",
+    "sentence-transformers": "embedding",
+}
+
+# Fields a redeploy applies to running replicas (replica count, batching):
+# they stay out of a model's deployment arguments, so changing them restarts
+# nothing.
+LIVE_MODEL_FIELDS = frozenset({"num_replicas", "max_batch_size", "batch_wait_timeout_s"})
+
+
 class ModelConfig(_Strict):
-    """One served model: a deployment of LLM replicas."""
+    """One served model: a deployment of LLM or classical-model replicas."""
 
     name: ModelName
-    engine: Literal["vllm", "echo"] = Field(
+    engine: Engine = Field(
         "vllm",
         description="`vllm` runs a real vLLM engine; `echo` answers deterministically "
-        "at near-zero cost (tests, overhead measurement).",
+        "at near-zero cost (tests, overhead measurement); `sklearn` serves a "
+        "scikit-learn estimator file (joblib); `sentence-transformers` serves a "
+        "sentence-embedding model directory.",
     )
     model: str | None = Field(
         None,
-        description="Hugging Face model directory or hub id (vllm engine). Relative "
-        "directories resolve against the working directory at start-up.",
+        description="Hugging Face model directory or hub id (vllm, sentence-transformers), "
+        "or a joblib estimator file or a directory holding `model.joblib` (sklearn). "
+        "Relative paths resolve against the working directory at start-up.",
     )
     max_model_len: int | None = Field(
         None, ge=16, description="Context window in tokens; the model's own when unset."
@@ -100,12 +121,46 @@ class ModelConfig(_Strict):
         description="Streams: the longest a chunk waits for company; 0 sends every "
         "chunk as it comes.",
     )
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Classical models: requests one batch may hold (1 turns batching "
+        "off). Changed live by a redeploy.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005,
+        ge=0,
+        description="Classical models: how long a batch that is not full waits for "
+        "more requests. Changed live by a redeploy.",
+    )
+    max_instances_per_request: int = Field(
+        256,
+        ge=1,
+        description="Classical models: instances (or embedding inputs) one request "
+        "may carry; more is a 400.",
+    )
 
     @model_validator(mode="after")
     def _engine_needs_model(self) -> ModelConfig:
-        if self.engine == "vllm" and not self.model:
-            raise ValueError("`model` is required when engine is `vllm`")
+        if self.engine != "echo" and not self.model:
+            raise ValueError(f"`model` is required when engine is `{self.engine}`")
         return self
+
+    @property
+    def kind(self) -> ModelKind:
+        """What the model answers: `llm` (chat, completions), `classifier`, `embedding`."""
+        return ENGINE_KINDS[self.engine]
+
+    def deployment_args(self) -> dict[str, object]:
+        """The fields that shape a replica: a change to any of them restarts it."""
+        return self.model_dump(mode="json", exclude=set(LIVE_MODEL_FIELDS))
+
+    def batching(self) -> dict[str, float]:
+        """The live batching settings a classical replica receives as `user_config`."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+        }
 
     def resolved(self, base_dir: Path) -> ModelConfig:
         """A copy whose local model path is absolute, relative ones taken from
@@ -115,9 +170,9 @@ class ModelConfig(_Strict):
         path = base_dir / Path(self.model).expanduser()
         if path.exists():
             return self.model_copy(update={"model": str(path.resolve())})
-        if self.model.startswith((".", "/", "~")):
+        if self.engine == "sklearn" or self.model.startswith((".", "/", "~")):
             raise ConfigError(
-                f"models[{self.name}].model: directory {self.model!r} does not exist "
+                f"models[{self.name}].model: {self.model!r} does not exist "
                 "(run `llm-gateway build-model` for the local models)"
             )
         return self
@@ -218,6 +273,16 @@ class RuntimeConfig(_Strict):
         }
 
 
+class FrontDoorConfig(_Strict):
+    """The ingress application's own settings (what its replicas are built from)."""
+
+    app_name: str = Field("llm-gateway", min_length=1, description="Ray Serve application name.")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the app.")
+    ingress: IngressConfig = Field(
+        default_factory=IngressConfig, description="The HTTP front door."
+    )
+
+
 class GatewayConfig(_Strict):
     """The whole gateway: the models it serves and its front door."""
 
@@ -247,7 +312,7 @@ class GatewayConfig(_Strict):
 
     @model_validator(mode="after")
     def _routes_name_served_models(self) -> GatewayConfig:
-        models = {m.name for m in self.models}
+        models = {m.name: m for m in self.models}
         seen: set[str] = set()
         for index, route in enumerate(self.routing.routes):
             where = f"routing.routes[{index}] ({route.name!r})"
@@ -256,16 +321,34 @@ class GatewayConfig(_Strict):
             if route.name in seen:
                 raise ValueError(f"{where}: duplicate route name")
             seen.add(route.name)
-            unknown = sorted(set(route.variants) - models)
+            unknown = sorted(set(route.variants) - set(models))
             if route.shadow is not None and route.shadow.variant not in models:
                 unknown.append(route.shadow.variant)
             if unknown:
                 raise ValueError(f"{where}: unknown variant(s) {', '.join(map(repr, unknown))}")
+            targets = [*route.variants, *([route.shadow.variant] if route.shadow else [])]
+            kinds = {name: models[name].kind for name in targets}
+            if len(set(kinds.values())) > 1:
+                found = ", ".join(f"{name!r} is {kind}" for name, kind in kinds.items())
+                raise ValueError(f"{where}: variants mix model kinds ({found})")
         return self
 
-    def without_routing(self) -> GatewayConfig:
-        """This config with an empty routing table: what routing changes leave alone."""
-        return self.model_copy(update={"routing": RoutingConfig()})
+    def front_door(self) -> FrontDoorConfig:
+        """The ingress's own settings; models and routing reach it as user_config."""
+        return FrontDoorConfig(
+            app_name=self.app_name, route_prefix=self.route_prefix, ingress=self.ingress
+        )
+
+    @classmethod
+    def assemble(
+        cls, front_door: FrontDoorConfig, models: object, routing: object
+    ) -> GatewayConfig:
+        """The config an ingress replica routes with; raises ConfigError when invalid."""
+        data = {**front_door.model_dump(), "models": models, "routing": routing}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, "ingress user_config")) from None
 
     def model(self, name: str) -> ModelConfig:
         """Returns the model called ``name``; raises KeyError when there is none."""

@@ -1,63 +1,142 @@
-"""Deploys the gateway the way ``serve deploy`` does, so routing changes are live.
+"""Deploys the gateway the way ``serve deploy`` does, one Serve application per model.
 
-Serve rebuilds an application (and restarts its replicas) when its import
-path or arguments change; otherwise it only applies the deployment overrides
-of the new Serve config. The gateway's Serve config therefore keeps the routing
-table out of the arguments and passes it as the ingress's ``user_config``
-override: a change of weights or routes reconfigures the running ingress and
-leaves every model replica running. Any other change (a model added, removed
-or altered) changes the arguments' digest and rebuilds the application.
+Serve restarts an application's replicas when its import path or arguments
+change, and otherwise applies only the deployment overrides of the new
+config. So the gateway deploys:
+
+- one application per model (``<app>:<model>``), whose arguments are just the
+  fields that shape its replicas: adding or removing a model touches no other
+  model, and live fields (replica count, batching) travel as overrides;
+- the ingress application (``<app>``), whose arguments are the front door's
+  own settings; the model list and the routing table travel as its
+  ``user_config``, so changing them reconfigures the running ingress.
+
+``deploy`` applies a new config in three steps so no request fails: new or
+changed models first, then the ingress's new table, then the removal of models
+no longer listed (Serve lets their requests in flight finish).
 """
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
+import re
+import time
 from typing import Any
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, ModelConfig
 
-IMPORT_PATH = "gateway.app:app_builder"
 INGRESS_NAME = "GatewayIngress"
+INGRESS_IMPORT_PATH = "gateway.app:ingress_app_builder"
+MODEL_IMPORT_PATH = "gateway.app:model_app_builder"
 
 
-def serve_config(config: GatewayConfig, config_path: Path, base_dir: Path) -> dict[str, Any]:
-    """The Serve deploy config (``serve deploy`` format) for ``config``."""
-    static = config.without_routing().model_dump_json()
-    digest = hashlib.sha256(static.encode()).hexdigest()[:16]
+def deployment_name(model: ModelConfig) -> str:
+    """The Serve deployment serving ``model`` (Serve forbids '#' in names)."""
+    server = "LLMServer" if model.kind == "llm" else "ClassicalServer"
+    return f"{server}:" + re.sub(r"[^A-Za-z0-9._:/-]", "_", model.name)
+
+
+def model_app_name(gateway_app: str, model: str) -> str:
+    """The Serve application that holds one model's deployment."""
+    return f"{gateway_app}:{model}"
+
+
+def ingress_user_config(config: GatewayConfig) -> dict[str, Any]:
+    """What the ingress reconfigures itself from: every model and the routes."""
     return {
-        "applications": [
-            {
-                "name": config.app_name,
-                "route_prefix": config.route_prefix,
-                "import_path": IMPORT_PATH,
-                "args": {
-                    "config": str(config_path.resolve()),
-                    "base_dir": str(base_dir.resolve()),
-                    "digest": digest,
-                },
-                "deployments": [
-                    {
-                        "name": INGRESS_NAME,
-                        "user_config": {"routing": config.routing.model_dump(mode="json")},
-                    }
-                ],
-            }
-        ]
+        "models": [m.model_dump(mode="json") for m in config.models],
+        "routing": config.routing.model_dump(mode="json"),
     }
 
 
-def deploy(
-    config: GatewayConfig, config_path: Path, base_dir: Path, timeout_s: float = 900
-) -> None:
+def model_deployment_overrides(model: ModelConfig) -> dict[str, Any]:
+    """The live fields of a model's deployment, applied without a restart."""
+    overrides: dict[str, Any] = {"name": deployment_name(model), "num_replicas": model.num_replicas}
+    if model.kind != "llm":
+        overrides["user_config"] = model.batching()
+    return overrides
+
+
+def serve_config(config: GatewayConfig) -> dict[str, Any]:
+    """The Serve deploy config (``serve deploy`` format) for ``config``.
+
+    Model paths must already be absolute (``parse_config`` resolves them).
+    """
+    apps: list[dict[str, Any]] = [
+        {
+            "name": model_app_name(config.app_name, model.name),
+            "route_prefix": None,
+            "import_path": MODEL_IMPORT_PATH,
+            "args": {"gateway": config.app_name, "model": model.deployment_args()},
+            "deployments": [model_deployment_overrides(model)],
+        }
+        for model in config.models
+    ]
+    apps.append(
+        {
+            "name": config.app_name,
+            "route_prefix": config.route_prefix,
+            "import_path": INGRESS_IMPORT_PATH,
+            "args": {"gateway": config.front_door().model_dump(mode="json")},
+            "deployments": [{"name": INGRESS_NAME, "user_config": ingress_user_config(config)}],
+        }
+    )
+    return {"applications": apps}
+
+
+def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     """Applies ``config`` to the Serve instance of the connected Ray cluster.
 
-    Returns when the application is running; raises RuntimeError when it
-    fails to deploy and TimeoutError after ``timeout_s``.
+    Returns when every application is running; raises RuntimeError when one
+    fails to deploy and TimeoutError after ``timeout_s``. Applications of the
+    cluster that are not this gateway's are kept.
     """
     from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
 
     client = serve_start()  # the running Serve instance (started if absent)
-    client.deploy_apps(ServeDeploySchema.model_validate(serve_config(config, config_path, base_dir)))
-    client._wait_for_application_running(config.app_name, timeout_s=int(timeout_s))
+    current = _deployed_apps(client)
+    target = {app["name"]: app for app in serve_config(config)["applications"]}
+    models = [name for name in target if name != config.app_name]
+    ours = {
+        name
+        for name, app in current.items()
+        if name == config.app_name
+        or (app.get("import_path") == MODEL_IMPORT_PATH and app.get("args", {}).get("gateway") == config.app_name)
+    }
+    others = {name: app for name, app in current.items() if name not in ours}
+    # 1. New and changed models start beside the running ones.
+    step = {**current, **{name: target[name] for name in models}}
+    if config.app_name not in current:
+        step[config.app_name] = target[config.app_name]
+    _apply(client, step, models, timeout_s)
+    # 2. The ingress routes with the new table.
+    step[config.app_name] = target[config.app_name]
+    _apply(client, step, [config.app_name], timeout_s)
+    # 3. Models no longer listed go (their requests in flight finish first).
+    _apply(client, {**others, **target}, list(target), timeout_s)
+    _wait_until_gone(client, set(current) - set(others) - set(target), timeout_s)
+
+
+def _deployed_apps(client: Any) -> dict[str, dict[str, Any]]:
+    details = client.get_serve_details()
+    apps: dict[str, dict[str, Any]] = {}
+    for name, app in (details.get("applications") or {}).items():
+        deployed = app.get("deployed_app_config")
+        if deployed is not None:
+            apps[name] = deployed
+    return apps
+
+
+def _wait_until_gone(client: Any, names: set[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while names & set(client.get_serve_details().get("applications") or {}):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"applications {sorted(names)} were not removed in {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def _apply(client: Any, apps: dict[str, dict[str, Any]], wait_for: list[str], timeout_s: float) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
+    for name in wait_for:
+        client._wait_for_application_running(name, timeout_s=int(timeout_s))

@@ -6,7 +6,8 @@
     ├── InvalidRequestError           400 invalid_request_error
     │   └── ContextLengthExceededError    400 code=context_length_exceeded
     ├── NotFoundError                 404 invalid_request_error  code=not_found
-    │   └── ModelNotFoundError            404 code=model_not_found
+    │   ├── ModelNotFoundError            404 code=model_not_found
+    │   └── ModelNotSupportedError        404 code=model_not_supported
     ├── MethodNotAllowedError         405 invalid_request_error  code=method_not_allowed
     ├── NotImplementedFeatureError    501 invalid_request_error  code=not_implemented
     ├── ServiceUnavailableError       503 service_unavailable    (Retry-After)
@@ -101,6 +102,8 @@ class InvalidRequestError(GatewayError):
         message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "missing":
             return cls(f"Missing required parameter: '{param}'.", param=param)
+        if error["type"] == "extra_forbidden":
+            return cls(f"Unrecognized request argument supplied: {param}", param=param)
         return cls(f"Invalid value for '{param}': {message}" if param else message, param=param)
 
 
@@ -126,6 +129,12 @@ class ModelNotFoundError(NotFoundError):
     @classmethod
     def for_model(cls, name: str) -> ModelNotFoundError:
         return cls(f"The model `{name}` does not exist.", param="model")
+
+
+class ModelNotSupportedError(NotFoundError):
+    """The model exists but does not answer this endpoint (404), e.g. chat to a classifier."""
+
+    default_code = "model_not_supported"
 
 
 class MethodNotAllowedError(GatewayError):

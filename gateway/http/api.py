@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from gateway.http.handlers import install_handlers
 from gateway.http.request_id import RequestIdMiddleware
-from gateway.http.routes import chat, completions, health, models
+from gateway.http.routes import chat, completions, embeddings, health, models, predict
 from gateway.http.state import GatewayState
 
 
@@ -18,7 +18,7 @@ def build_api(state: GatewayState) -> FastAPI:
         redoc_url=None,
     )
     app.state.gateway = state
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, embeddings, predict, models, health):
         app.include_router(module.router)
     install_handlers(app)
     app.add_middleware(RequestIdMiddleware)

@@ -13,15 +13,36 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from gateway import sse
-from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelNotSupportedError,
+)
 from gateway.http.handlers import as_gateway_error
 from gateway.protocol.engine import Endpoint, EngineRequest
-from gateway.protocol.envelope import RequestEnvelope
-from gateway.routing.table import RouteTable
+from gateway.protocol.envelope import ModelEnvelope, RequestEnvelope
+from gateway.routing.table import Route, RouteTable
 
 logger = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-gateway-variant"
+
+# The model kinds (gateway.config.ENGINE_KINDS) each endpoint can be answered by.
+ENDPOINT_KINDS: dict[str, frozenset[str]] = {
+    "chat": frozenset({"llm"}),
+    "completion": frozenset({"llm"}),
+    "embedding": frozenset({"embedding"}),
+    "predict": frozenset({"classifier", "embedding"}),
+    "infer": frozenset({"classifier", "embedding"}),
+}
+ENDPOINT_PATHS = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+    "predict": "/v1/models/{model}:predict",
+    "infer": "/v2/models/{model}/infer",
+}
 
 
 class _ModelHandles:
@@ -32,6 +53,7 @@ class _ModelHandles:
     """
 
     def __init__(self, handle: Any) -> None:
+        self.source = handle
         self.unary = handle.options(method_name="generate")
         self.stream = handle.options(method_name="generate_stream", stream=True)
 
@@ -49,42 +71,63 @@ class ModelDispatcher:
         handles: Mapping[str, Any],
         retry_after_s: int,
         cohort_header: str = "x-session-id",
+        kinds: Mapping[str, str] | None = None,
     ) -> None:
-        self._routes = routes
-        self._handles = {name: _ModelHandles(h) for name, h in handles.items()}
         self._retry_after_s = retry_after_s
-        self._cohort_header = cohort_header
         self._shadow_calls: set[asyncio.Task[None]] = set()
+        self._handles: dict[str, _ModelHandles] = {}
+        self.use_routes(routes, cohort_header, handles, kinds)
 
     @property
     def routes(self) -> RouteTable:
         return self._routes
 
-    def use_routes(self, routes: RouteTable, cohort_header: str) -> None:
-        """Routes requests that arrive from now on with ``routes``."""
+    def use_routes(
+        self,
+        routes: RouteTable,
+        cohort_header: str,
+        handles: Mapping[str, Any] | None = None,
+        kinds: Mapping[str, str] | None = None,
+    ) -> None:
+        """Routes requests that arrive from now on with ``routes``.
+
+        ``handles`` (when given) replace the model handles; ``kinds`` name each
+        model's kind (all `llm` when not given).
+        """
+        if handles is not None:
+            known = {name: h for name, h in self._handles.items() if h.source is handles.get(name)}
+            self._handles = {name: known.get(name) or _ModelHandles(h) for name, h in handles.items()}
+        self._kinds = dict(kinds) if kinds is not None else dict.fromkeys(self._handles, "llm")
         self._routes = routes
         self._cohort_header = cohort_header
 
-    async def dispatch(self, endpoint: Endpoint, request: Request) -> Response:
+    async def dispatch(
+        self, endpoint: Endpoint, request: Request, model: str | None = None
+    ) -> Response:
+        """Answers ``request`` at ``endpoint``; ``model`` is the path's model name
+        for endpoints that carry it there (predict, infer) instead of in the body."""
         body = parse_json_object(await request.body())
-        try:
-            envelope = RequestEnvelope.of(body)
-        except ValidationError as exc:
-            raise InvalidRequestError.from_validation(exc) from None
-        key = envelope.user or request.headers.get(self._cohort_header)
-        route = self._routes.resolve(envelope.model, key)
+        envelope = _envelope(endpoint, body) if model is None else None
+        name = envelope.model if envelope is not None else str(model)
+        user = envelope.user if envelope is not None else None
+        stream = isinstance(envelope, RequestEnvelope) and bool(envelope.stream)
+        key = user or request.headers.get(self._cohort_header)
+        route = self._routes.resolve(name, key)
         if route is None:
-            raise ModelNotFoundError.for_model(envelope.model)
+            raise ModelNotFoundError.for_model(name)
+        self._check_kind(endpoint, name, route)
         request_id: str = request.state.request_id
+        in_body = envelope is not None  # OpenAI bodies name their model
         if route.shadow is not None:
-            self._mirror(EngineRequest(endpoint, {**body, "model": route.shadow}, request_id + "-shadow"))
+            shadow_body = {**body, "model": route.shadow} if in_body else body
+            self._mirror(EngineRequest(endpoint, shadow_body, request_id + "-shadow", route.shadow))
         candidates = (route.target, *route.fallbacks)
         for target in candidates:
-            routed = body if target == envelope.model else {**body, "model": target}
-            call = EngineRequest(endpoint, routed, request_id)
+            routed = {**body, "model": target} if in_body and target != name else body
+            call = EngineRequest(endpoint, routed, request_id, target)
             headers = {VARIANT_HEADER: target}
             try:
-                if not envelope.stream:
+                if not stream:
                     return await self._unary(self._handles[target], call, request, headers)
                 return await self._stream(self._handles[target], call, headers)
             except GatewayError as error:
@@ -99,6 +142,15 @@ class ModelDispatcher:
                 )
         raise AssertionError("unreachable: the last candidate raises or returns")
 
+    def _check_kind(self, endpoint: Endpoint, name: str, route: Route) -> None:
+        kind = self._kinds.get(route.target, "llm")
+        if kind not in ENDPOINT_KINDS[endpoint]:
+            path = ENDPOINT_PATHS[endpoint].format(model=name)
+            raise ModelNotSupportedError(
+                f"The model `{name}` ({kind}) does not serve {path}.",
+                param="model",
+            )
+
     def _mirror(self, call: EngineRequest) -> None:
         """Sends a copy in the background and discards the answer."""
         task = asyncio.create_task(self._shadow_call(call))
@@ -106,7 +158,7 @@ class ModelDispatcher:
         task.add_done_callback(self._shadow_calls.discard)
 
     async def _shadow_call(self, call: EngineRequest) -> None:
-        handles = self._handles[call.body["model"]]
+        handles = self._handles[call.model]
         try:
             if call.stream:
                 async for _ in handles.stream.remote(call):
@@ -114,7 +166,7 @@ class ModelDispatcher:
             else:
                 await handles.unary.remote(call)
         except Exception as exc:  # noqa: BLE001 - a shadow's failure is only worth a log line
-            logger.info("shadow request to %s failed: %s", call.body["model"], exc)
+            logger.info("shadow request to %s failed: %s", call.model, exc)
 
     async def _unary(
         self, handles: _ModelHandles, call: EngineRequest, request: Request, headers: dict[str, str]
@@ -169,6 +221,15 @@ class ModelDispatcher:
 
     def _error(self, exc: BaseException) -> GatewayError:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
+
+
+def _envelope(endpoint: Endpoint, body: dict[str, Any]) -> ModelEnvelope:
+    """The routing fields of an OpenAI body; only chat and completions stream."""
+    schema = RequestEnvelope if endpoint in ("chat", "completion") else ModelEnvelope
+    try:
+        return schema.of(body)
+    except ValidationError as exc:
+        raise InvalidRequestError.from_validation(exc) from None
 
 
 async def _result(response: Any) -> bytes:

@@ -1,7 +1,8 @@
 """The ingress deployment: FastAPI under @serve.ingress, CPU only.
 
-It never imports vllm or torch; model replicas are reached only through the
-DeploymentHandles it is given.
+It never imports vllm or torch; model replicas are reached only through
+DeploymentHandles: the ones it is bound to (single-application form) or, when
+each model runs as its own application, handles it looks up by name.
 """
 
 from __future__ import annotations
@@ -12,23 +13,41 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from gateway.config import GatewayConfig, RoutingConfig
+from gateway.config import FrontDoorConfig, ModelConfig
+from gateway.deploy import deployment_name, model_app_name
 from gateway.http.api import build_api
 from gateway.http.state import GatewayState
 
 
 @serve.ingress()
 class GatewayIngress:
-    def __init__(self, config: GatewayConfig, handles: Mapping[str, Any]) -> None:
-        self._state = GatewayState(config, handles)
+    def __init__(self, front_door: FrontDoorConfig, handles: Mapping[str, Any] | None) -> None:
+        self._bound = dict(handles) if handles is not None else None
+        self._app = front_door.app_name
+        self._state = GatewayState(front_door, self._handle_for, self._app_for)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this with the routing table, at start and on every redeploy.
+    def _handle_for(self, model: ModelConfig) -> Any:
+        if self._bound is not None:
+            return self._bound[model.name]
+        # Not checked against the controller: deploy starts a model's
+        # application before the ingress learns of it.
+        return serve.get_deployment_handle(
+            deployment_name(model), model_app_name(self._app, model.name), _check_exists=False
+        )
 
-        Routing changes apply to requests that arrive afterwards; requests in
-        flight keep the variant they were given. The replica is not restarted.
+    def _app_for(self, model: ModelConfig) -> str:
+        if self._bound is not None:
+            return serve.get_replica_context().app_name
+        return model_app_name(self._app, model.name)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with the models and routes, at start and on every redeploy.
+
+        Async so that it runs on the replica's event loop, where the handles it
+        makes will route. Changes apply to requests that arrive afterwards; requests in flight
+        keep the variant they were given. The replica is not restarted.
         """
-        self._state.apply_routing(RoutingConfig.model_validate(user_config["routing"]))
+        self._state.apply(user_config["models"], user_config["routing"])
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built in the replica, after __init__, so the app holds this replica's state.

@@ -1,14 +1,14 @@
-"""What one ingress replica knows: the config, the dispatcher, model metadata."""
+"""What one ingress replica knows: the models, the routes, the dispatcher."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
-from gateway.config import GatewayConfig, RoutingConfig
+from gateway.config import FrontDoorConfig, GatewayConfig, ModelConfig
 from gateway.http.dispatch import ModelDispatcher
 from gateway.protocol.models import AliasVariant, ModelCard
 from gateway.routing.table import Alias, RouteTable
@@ -33,22 +33,54 @@ def _route_table(config: GatewayConfig) -> RouteTable:
 
 
 class GatewayState:
-    """Bound to the FastAPI app as ``app.state.gateway`` by the ingress replica."""
+    """Bound to the FastAPI app as ``app.state.gateway`` by the ingress replica.
 
-    def __init__(self, config: GatewayConfig, handles: Mapping[str, Any]) -> None:
-        self.config = config
-        self.dispatcher = ModelDispatcher(
-            _route_table(config), handles, config.ingress.retry_after_s, config.routing.cohort_header
-        )
-        self._handles = dict(handles)
+    ``handle_for`` gives the DeploymentHandle of a model; ``app_for`` names
+    the Serve application that holds it (for readiness). Until ``apply`` is
+    first called the gateway serves no model.
+    """
+
+    def __init__(
+        self,
+        front_door: FrontDoorConfig,
+        handle_for: Callable[[ModelConfig], Any],
+        app_for: Callable[[ModelConfig], str],
+    ) -> None:
+        self.front_door = front_door
+        self._handle_for = handle_for
+        self._app_for = app_for
+        self.config: GatewayConfig | None = None
+        self.dispatcher = ModelDispatcher(RouteTable([]), {}, front_door.ingress.retry_after_s)
+        self._handles: dict[str, tuple[ModelConfig, Any]] = {}
         self._created = int(time.time())
-        self._context: dict[str, int | None] = {m.name: m.max_model_len for m in config.models}
+        self._context: dict[str, int | None] = {}
 
-    def apply_routing(self, routing: RoutingConfig) -> None:
-        """Swaps in a new routing table (validated against this replica's models)."""
-        config = GatewayConfig.model_validate({**self.config.model_dump(), "routing": routing})
+    def apply(self, models: object, routing: object) -> None:
+        """Serves ``models`` with ``routing`` from the next request on.
+
+        Raises ConfigError (keeping the current table) when they do not
+        validate together.
+        """
+        config = GatewayConfig.assemble(self.front_door, models, routing)
+        handles: dict[str, tuple[ModelConfig, Any]] = {}
+        for model in config.models:
+            old = self._handles.get(model.name)
+            same = old is not None and old[0].kind == model.kind
+            handles[model.name] = (model, old[1] if same and old else self._handle_for(model))
         self.config = config
-        self.dispatcher.use_routes(_route_table(config), routing.cohort_header)
+        self._handles = handles
+        self._context = {
+            m.name: m.max_model_len or self._context.get(m.name) for m in config.models
+        }
+        self.dispatcher.use_routes(
+            _route_table(config),
+            config.routing.cohort_header,
+            {name: handle for name, (_, handle) in handles.items()},
+            {m.name: m.kind for m in config.models},
+        )
+        logger.info(
+            "serving %d models, %d routes", len(config.models), len(config.routing.routes)
+        )
 
     @property
     def routes(self) -> RouteTable:
@@ -57,19 +89,24 @@ class GatewayState:
 
     def model_cards(self) -> list[ModelCard]:
         """Concrete models, then aliases with their variants and weights."""
+        if self.config is None:
+            return []
         models = [
             ModelCard(
                 id=m.name,
                 created=self._created,
                 root=m.model,
-                max_model_len=self._context.get(m.name),
+                max_model_len=self._context.get(m.name) if m.kind == "llm" else None,
+                kind=m.kind,
             )
             for m in self.config.models
         ]
+        kinds = {m.name: m.kind for m in self.config.models}
         aliases = [
             ModelCard(
                 id=name,
                 created=self._created,
+                kind=kinds[variants[0].name],
                 variants=[AliasVariant(id=v.name, weight=v.weight) for v in variants],
             )
             for name, variants in self.routes.aliases().items()
@@ -78,22 +115,29 @@ class GatewayState:
 
     async def refresh_model_info(self) -> None:
         """Learns context windows the config left to the model (best effort)."""
-        unknown = [name for name, value in self._context.items() if value is None]
-        for name in unknown:
+        for name, value in list(self._context.items()):
+            model, handle = self._handles[name]
+            if value is not None or model.kind != "llm":
+                continue
             try:
                 info = await asyncio.wait_for(
-                    self._handles[name].options(method_name="info").remote(), INFO_TIMEOUT_S
+                    handle.options(method_name="info").remote(), INFO_TIMEOUT_S
                 )
             except Exception:  # noqa: BLE001 - metadata only: the config's value stays
                 continue
             self._context[name] = info.max_model_len
 
     async def deployment_statuses(self) -> dict[str, str]:
-        """Serve's status of every deployment of this app, by deployment name."""
+        """Serve's status of the ingress and every model deployment, by deployment name."""
         from ray import serve
 
         status = await asyncio.to_thread(serve.status)
-        app = status.applications.get(self.config.app_name)
-        if app is None:
-            return {}
-        return {name: str(d.status.value) for name, d in app.deployments.items()}
+        apps = {self.front_door.app_name} | {self._app_for(m) for m, _ in self._handles.values()}
+        statuses: dict[str, str] = {}
+        for name in sorted(apps):
+            app = status.applications.get(name)
+            if app is None:
+                statuses[name] = "NOT_STARTED"
+                continue
+            statuses.update({d: str(s.status.value) for d, s in app.deployments.items()})
+        return statuses

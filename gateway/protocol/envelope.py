@@ -6,7 +6,7 @@ validated there by the engine's own schema.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
@@ -18,16 +18,26 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool | None = None
 
 
-class RequestEnvelope(BaseModel):
-    """Routing fields of a chat or completions request."""
+class ModelEnvelope(BaseModel):
+    """Routing fields every OpenAI request has (embeddings have no more)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, description="Model or alias that should serve the request.")
+    user: str | None = None
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> Self:
+        """Validates the routing fields of ``body``; raises pydantic.ValidationError."""
+        return cls.model_validate(body)
+
+
+class RequestEnvelope(ModelEnvelope):
+    """Routing fields of a chat or completions request."""
+
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=128, description="Choices to generate.")
-    user: str | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -37,8 +47,3 @@ class RequestEnvelope(BaseModel):
         if value is not None and not info.data.get("stream"):
             raise ValueError("`stream_options` can only be set when `stream` is true")
         return value
-
-    @classmethod
-    def of(cls, body: dict[str, Any]) -> RequestEnvelope:
-        """Validates the routing fields of ``body``; raises pydantic.ValidationError."""
-        return cls.model_validate(body)

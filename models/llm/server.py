@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class _ClientErrorFilter(logging.Filter):
+class ClientErrorFilter(logging.Filter):
     """Drops Serve's traceback records for requests that failed by the client's fault.
 
     A 400 is an answer, not an incident; 5xx and bugs are still logged in full.
@@ -40,7 +40,7 @@ class LLMServer:
     async def __init__(  # type: ignore[misc]
         self, config: ModelConfig, engine: LLMEngine | None = None
     ) -> None:
-        logging.getLogger("ray.serve").addFilter(_ClientErrorFilter())
+        logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
         self._config = config
         self._active_streams = 0
         self._requests = 0

@@ -1,11 +1,13 @@
 """One Ray cluster and one deployed gateway for the whole test session.
 
-The app serves the real vLLM engine on the locally built tiny model, the echo
-engine, and a deliberately narrow echo deployment for backpressure tests.
+The gateway serves the real vLLM engine on the locally built tiny model, the
+echo engine, a deliberately narrow echo deployment for backpressure tests, two
+iris classifiers and the real MiniLM embedding model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -15,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL_DIR = ROOT / ".models" / "tiny-chat-v1"
+MODELS = ROOT / ".models"
+MODEL_DIR = MODELS / "tiny-chat-v1"
 APP = "llm-gateway-test"
 VLLM_MODEL = "tiny-chat-v1"
 VLLM_CONTEXT = 512
@@ -49,6 +51,11 @@ TEST_CONFIG: dict[str, Any] = {
             "max_queued_requests": 1,
             "echo_token_delay_ms": 100,
         },
+        {"name": "iris", "engine": "sklearn", "model": str(MODELS / "iris"), "num_cpus": 0.1,
+         "batch_wait_timeout_s": 0.02, "max_instances_per_request": 200},
+        {"name": "iris-tree", "engine": "sklearn", "model": str(MODELS / "iris-tree"), "num_cpus": 0.1},
+        {"name": "minilm", "engine": "sentence-transformers", "model": str(MODELS / "all-minilm-l6-v2"),
+         "num_cpus": 0.1, "batch_wait_timeout_s": 0.02, "max_instances_per_request": 64},
     ],
     "routing": {
         "routes": [
@@ -56,40 +63,50 @@ TEST_CONFIG: dict[str, Any] = {
             {"name": "vllm-alias", "variants": {VLLM_MODEL: 1, "echo": 0}},
             {"name": "fb", "variants": {"echo-narrow": 9, "echo": 1}, "fallback": True},
             {"name": "mirrored", "variants": {"echo": 1}, "shadow": {"variant": "echo-b", "percent": 100}},
+            {"name": "iris-ab", "variants": {"iris": 50, "iris-tree": 50}},
+            {"name": "embed", "variants": {"minilm": 1}},
         ]
     },
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class Gateway:
     base_url: str  # http://127.0.0.1:PORT
-    config_path: Path
+    config: dict[str, Any]
 
     def redeploy(self, config: dict[str, Any]) -> None:
-        """Rewrites the config file in place and applies it, as an operator would."""
+        """Applies a changed config, as `llm-gateway deploy` does."""
         from gateway.config import parse_config
         from gateway.deploy import deploy
 
-        self.config_path.write_text(yaml.safe_dump(config))
-        deploy(parse_config(config), self.config_path, ROOT)
+        deploy(parse_config(config, base_dir=ROOT))
+        self.config = config
 
     @property
     def v1(self) -> str:
         return self.base_url + "/v1"
 
-    def handle(self, model: str) -> Any:
-        from ray import serve
+    def call(self, model: str, method: str) -> Any:
+        """Calls ``method`` on ``model``'s replica, as the ingress would.
 
-        from gateway.app import deployment_name
+        Synchronous on purpose (run it with asyncio.to_thread from async
+        tests): the handle routes on a loop of its own, not on a test's event
+        loop that closes before the session ends.
+        """
+        from ray.serve.handle import DeploymentHandle
+
         from gateway.config import ModelConfig
+        from gateway.deploy import deployment_name, model_app_name
 
-        name = deployment_name(ModelConfig(name=model, engine="echo"))
-        return serve.get_deployment_handle(name, app_name=APP)
+        entry = next(m for m in self.config["models"] if m["name"] == model)
+        name = deployment_name(ModelConfig.model_validate(entry))
+        handle = DeploymentHandle(name, model_app_name(APP, model))
+        handle._init(_run_router_in_separate_loop=True)
+        return handle.options(method_name=method).remote().result()
 
     async def unfinished_requests(self, model: str) -> int:
-        handle = self.handle(model).options(method_name="num_unfinished_requests")
-        return int(await handle.remote())
+        return int(await asyncio.to_thread(self.call, model, "num_unfinished_requests"))
 
 
 def _free_port() -> int:
@@ -99,7 +116,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway() -> Iterator[Gateway]:
     if not (MODEL_DIR / "model.safetensors").is_file():
         pytest.fail(f"{MODEL_DIR} is missing: run `make models` (make test does it)")
     from gateway.config import parse_config
@@ -114,7 +131,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    gateway = Gateway(f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("config") / "gateway.yaml")
+    gateway = Gateway(f"http://127.0.0.1:{port}", TEST_CONFIG)
     gateway.redeploy(TEST_CONFIG)
     _wait_ready(gateway.base_url)
     try:

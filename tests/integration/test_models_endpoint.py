@@ -12,9 +12,14 @@ from tests.integration.conftest import VLLM_CONTEXT, VLLM_MODEL
 def test_list_models_names_every_served_model(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
     assert set(models) == {
-        VLLM_MODEL, "echo", "echo-b", "echo-narrow", "chat", "vllm-alias", "fb", "mirrored"
+        VLLM_MODEL, "echo", "echo-b", "echo-narrow", "iris", "iris-tree", "minilm",
+        "chat", "vllm-alias", "fb", "mirrored", "iris-ab", "embed",
     }
     assert models[VLLM_MODEL].model_extra["max_model_len"] == VLLM_CONTEXT
+    kinds = {name: m.model_extra["kind"] for name, m in models.items()}
+    assert (kinds["echo"], kinds["iris"], kinds["minilm"], kinds["iris-ab"], kinds["embed"]) == (
+        "llm", "classifier", "embedding", "classifier", "embedding"
+    )
     assert all(m.object == "model" for m in models.values())
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import re
 from collections import Counter
 
 import httpx
 import openai
 from scipy.stats import chisquare
 
-from tests.integration.conftest import ECHO_CONTEXT, VLLM_MODEL, Gateway
+from tests.integration.conftest import ECHO_CONTEXT, TEST_CONFIG, VLLM_MODEL, Gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 VARIANT = "x-gateway-variant"
@@ -93,8 +95,9 @@ def replica_process(model: str) -> tuple[int, float]:
     """(pid, start time) of the model's replica: a restart changes both."""
     import psutil
 
+    title = re.compile(rf"Server:{re.escape(model)}(\s|$)")
     for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
-        if f"LLMServer:{model}" in " ".join(proc.info["cmdline"] or []):
+        if title.search(" ".join(proc.info["cmdline"] or [])):
             return proc.info["pid"], proc.info["create_time"]
     raise AssertionError(f"no replica process for {model}")
 
@@ -102,9 +105,6 @@ def replica_process(model: str) -> tuple[int, float]:
 async def test_weight_change_applies_live_without_failures_or_restarts(
     gateway: Gateway, async_client: openai.AsyncOpenAI
 ) -> None:
-    import copy
-
-    from tests.integration.conftest import TEST_CONFIG
 
     changed = copy.deepcopy(TEST_CONFIG)
     changed["routing"]["routes"][0]["variants"] = {"echo": 20, "echo-b": 80}
@@ -146,6 +146,60 @@ async def test_weight_change_applies_live_without_failures_or_restarts(
         await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
 
 
+async def test_adding_and_removing_a_variant_restarts_no_other_replica(
+    gateway: Gateway, async_client: openai.AsyncOpenAI
+) -> None:
+    added = copy.deepcopy(TEST_CONFIG)
+    added["models"].append({"name": "echo-c", "engine": "echo", "num_cpus": 0.1})
+    added["routing"]["routes"][0]["variants"] = {"echo": 1, "echo-b": 0, "echo-c": 1}
+    others = (VLLM_MODEL, "echo", "echo-b", "iris", "minilm")
+    replicas_before = {m: replica_process(m) for m in others}
+    stop = asyncio.Event()
+
+    async def steady_traffic() -> Counter[str]:
+        served: Counter[str] = Counter()
+        while not stop.is_set():
+            response = await async_client.chat.completions.create(model="chat", messages=HELLO, max_tokens=2)
+            served[response.model] += 1
+        return served
+
+    try:
+        traffic = asyncio.ensure_future(steady_traffic())
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(gateway.redeploy, added)
+        await asyncio.sleep(0.5)
+        stop.set()
+        before_removal = await traffic  # raises if any request failed
+        assert before_removal["echo-c"] > 0, before_removal
+        counts = Counter(
+            [
+                (await async_client.chat.completions.create(model="chat", messages=HELLO, max_tokens=2)).model
+                for _ in range(100)
+            ]
+        )
+        assert set(counts) == {"echo", "echo-c"}, counts
+
+        stop.clear()
+        traffic = asyncio.ensure_future(steady_traffic())
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
+        stop.set()
+        assert sum((await traffic).values()) > 0
+        assert "llm-gateway-test:echo-c" not in await asyncio.to_thread(serve_apps)
+        listed = {m.id async for m in async_client.models.list()}
+        assert "echo-c" not in listed and {"echo", "echo-b"} <= listed
+        assert {m: replica_process(m) for m in others} == replicas_before, "a replica restarted"
+    finally:
+        stop.set()
+        await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
+
+
+def serve_apps() -> set[str]:
+    from ray import serve
+
+    return set(serve.status().applications)
+
+
 async def test_fallback_serves_what_the_full_variant_cannot(gateway: Gateway) -> None:
     # echo-narrow takes one request and queues one; the rest would be 503 without fallback.
     body = {"model": "fb", "messages": [{"role": "user", "content": "a b c d e"}], "stream": True}
@@ -166,8 +220,10 @@ async def test_fallback_serves_what_the_full_variant_cannot(gateway: Gateway) ->
 async def test_shadow_copies_requests_without_touching_answers(
     gateway: Gateway, async_client: openai.AsyncOpenAI
 ) -> None:
-    stats = gateway.handle("echo-b").options(method_name="stats")
-    before = (await stats.remote())["requests"]
+    def requests() -> int:
+        return int(gateway.call("echo-b", "stats")["requests"])
+
+    before = await asyncio.to_thread(requests)
     answers = [
         await async_client.chat.completions.create(model="mirrored", messages=HELLO, max_tokens=2)
         for _ in range(10)
@@ -178,7 +234,7 @@ async def test_shadow_copies_requests_without_touching_answers(
     streamed = [chunk.model async for chunk in stream]
     assert {a.model for a in answers} == {"echo"} and set(streamed) == {"echo"}
     deadline = asyncio.get_running_loop().time() + 10
-    while (copies := (await stats.remote())["requests"] - before) < 11:
+    while (copies := await asyncio.to_thread(requests) - before) < 11:
         assert asyncio.get_running_loop().time() < deadline, f"only {copies} shadow copies arrived"
         await asyncio.sleep(0.1)
     assert copies == 11

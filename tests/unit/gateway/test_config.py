@@ -58,7 +58,7 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
         ),
         pytest.param({"models": []}, "models", "at least 1 item", id="empty-models"),
         pytest.param({}, "models", "Field required", id="missing-models"),
-        pytest.param(_config(engine="tgi"), "models.0.engine", "'vllm' or 'echo'", id="unknown-engine"),
+        pytest.param(_config(engine="tgi"), "models.0.engine", "'sklearn' or 'sentence-transformers'", id="unknown-engine"),
         pytest.param(_config(name="bad name"), "models.0.name", "should match pattern", id="bad-model-name"),
     ],
 )
@@ -183,7 +183,11 @@ def test_unreadable_path_is_a_config_error(tmp_path: Path, kind: str) -> None:
     assert str(info.value).startswith(f"cannot read config {path}: ")
 
 
-ROUTED_MODELS = [{"name": "a", "engine": "echo"}, {"name": "b", "engine": "echo"}]
+ROUTED_MODELS = [
+    {"name": "a", "engine": "echo"},
+    {"name": "b", "engine": "echo"},
+    {"name": "e", "engine": "sentence-transformers", "model": "org/minilm"},
+]
 
 
 @pytest.mark.parametrize(
@@ -198,8 +202,25 @@ ROUTED_MODELS = [{"name": "a", "engine": "echo"}, {"name": "b", "engine": "echo"
             [{"name": "c", "variants": {"a": 1}}, {"name": "c", "variants": {"b": 1}}],
             r"routes\[1\] \('c'\): duplicate route name",
         ),
+        (
+            [{"name": "c", "variants": {"a": 1, "e": 1}}],
+            r"routes\[0\] \('c'\): variants mix model kinds \('a' is llm, 'e' is embedding\)",
+        ),
+        (
+            [{"name": "c", "variants": {"a": 1}, "shadow": {"variant": "e", "percent": 5}}],
+            r"routes\[0\] \('c'\): variants mix model kinds",
+        ),
     ],
-    ids=["unknown-target", "collides-with-model", "negative", "all-zero", "empty", "duplicate"],
+    ids=[
+        "unknown-target",
+        "collides-with-model",
+        "negative",
+        "all-zero",
+        "empty",
+        "duplicate",
+        "mixed-kinds",
+        "shadow-of-another-kind",
+    ],
 )
 def test_invalid_routes_are_refused_naming_the_entry(routes: list, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -215,3 +236,34 @@ def test_valid_route_and_cohort_header() -> None:
     )
     assert config.routing.cohort_header == "x-user"
     assert config.routing.routes[0].variants == {"a": 4.0, "b": 1.0}
+
+
+def test_engines_name_their_kind() -> None:
+    config = parse_config({"models": ROUTED_MODELS})
+    assert [m.kind for m in config.models] == ["llm", "llm", "embedding"]
+
+
+def test_sklearn_model_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"models\[iris\]\.model: 'iris.joblib' does not exist"):
+        parse_config({"models": [{"name": "iris", "engine": "sklearn", "model": "iris.joblib"}]}, base_dir=tmp_path)
+    (tmp_path / "iris.joblib").write_bytes(b"")
+    config = parse_config({"models": [{"name": "iris", "engine": "sklearn", "model": "iris.joblib"}]}, base_dir=tmp_path)
+    assert config.models[0].model == str(tmp_path / "iris.joblib")
+
+
+def test_live_fields_stay_out_of_deployment_arguments() -> None:
+    model = parse_config(
+        {"models": [{**ROUTED_MODELS[2], "num_replicas": 3, "max_batch_size": 8, "batch_wait_timeout_s": 0.1}]}
+    ).models[0]
+    args = model.deployment_args()
+    assert "num_replicas" not in args and "max_batch_size" not in args and "batch_wait_timeout_s" not in args
+    assert args["model"] == "org/minilm" and args["max_instances_per_request"] == 256
+    assert model.batching() == {"max_batch_size": 8, "batch_wait_timeout_s": 0.1}
+
+
+def test_assemble_validates_models_and_routes_together() -> None:
+    config = parse_config({"app_name": "gw", "models": ROUTED_MODELS})
+    again = GatewayConfig.assemble(config.front_door(), [m.model_dump() for m in config.models], {})
+    assert again.app_name == "gw" and again.models == config.models
+    with pytest.raises(ConfigError, match="ingress user_config"):
+        GatewayConfig.assemble(config.front_door(), [], {})

@@ -1,48 +1,88 @@
-"""gateway/http/state.py: routing swaps in place; model cards list aliases."""
+"""gateway/http/state.py: models and routes swap in place; model cards list aliases."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
 
-from gateway.config import RoutingConfig, parse_config
+from gateway.config import ConfigError, FrontDoorConfig, ModelConfig
+
 from gateway.http.state import GatewayState
 
-CONFIG = parse_config(
-    {
-        "models": [{"name": "a", "engine": "echo"}, {"name": "b", "engine": "echo"}],
-        "routing": {"routes": [{"name": "chat", "variants": {"a": 1, "b": 0}}]},
-    }
-)
+MODELS = [
+    {"name": "a", "engine": "echo"},
+    {"name": "b", "engine": "echo"},
+    {"name": "iris", "engine": "sklearn", "model": "/m/iris"},
+]
+ROUTING = {"routes": [{"name": "chat", "variants": {"a": 1, "b": 0}}]}
 
 
 class NoHandle:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
     def options(self, **_: Any) -> NoHandle:
         return self
 
 
-def make_state() -> GatewayState:
-    return GatewayState(CONFIG, {"a": NoHandle(), "b": NoHandle()})
+def make_state() -> tuple[GatewayState, list[str]]:
+    looked_up: list[str] = []
+
+    def handle_for(model: ModelConfig) -> NoHandle:
+        looked_up.append(model.name)
+        return NoHandle(model.name)
+
+    state = GatewayState(FrontDoorConfig(), handle_for, lambda m: f"app:{m.name}")
+    state.apply(MODELS, ROUTING)
+    return state, looked_up
 
 
-def test_apply_routing_changes_where_new_requests_go() -> None:
-    state = make_state()
-    assert {state.routes.resolve("chat", f"k{i}").target for i in range(50)} == {"a"}  # type: ignore[union-attr]
-    state.apply_routing(RoutingConfig.model_validate({"routes": [{"name": "chat", "variants": {"a": 0, "b": 1}}]}))
-    assert {state.routes.resolve("chat", f"k{i}").target for i in range(50)} == {"b"}  # type: ignore[union-attr]
+def targets(state: GatewayState, name: str) -> set[str]:
+    return {state.routes.resolve(name, f"k{i}").target for i in range(50)}  # type: ignore[union-attr]
+
+
+def test_apply_changes_where_new_requests_go() -> None:
+    state, _ = make_state()
+    assert targets(state, "chat") == {"a"}
+    state.apply(MODELS, {"routes": [{"name": "chat", "variants": {"a": 0, "b": 1}}]})
+    assert targets(state, "chat") == {"b"}
     card = next(c for c in state.model_cards() if c.id == "chat")
     assert [(v.id, v.weight) for v in card.variants or []] == [("a", 0.0), ("b", 1.0)]
 
 
-def test_apply_routing_refuses_unknown_variants_and_keeps_the_old_table() -> None:
-    state = make_state()
+def test_apply_adds_and_removes_models_and_keeps_handles_of_the_others() -> None:
+    state, looked_up = make_state()
+    assert looked_up == ["a", "b", "iris"]
+    models = [MODELS[0], MODELS[2], {"name": "c", "engine": "echo"}]
+    state.apply(models, {"routes": [{"name": "chat", "variants": {"a": 1, "c": 1}}]})
+    assert looked_up == ["a", "b", "iris", "c"]  # only the new model is looked up
+    assert targets(state, "chat") == {"a", "c"}
+    assert state.routes.resolve("b") is None
+
+
+def test_apply_refuses_an_invalid_table_and_keeps_the_old_one() -> None:
+    state, _ = make_state()
     before = state.routes
-    with pytest.raises(ValidationError, match="unknown variant"):
-        state.apply_routing(RoutingConfig.model_validate({"routes": [{"name": "chat", "variants": {"zz": 1}}]}))
+    with pytest.raises(ConfigError, match="unknown variant"):
+        state.apply(MODELS, {"routes": [{"name": "chat", "variants": {"zz": 1}}]})
+    with pytest.raises(ConfigError, match="mix model kinds"):
+        state.apply(MODELS, {"routes": [{"name": "chat", "variants": {"a": 1, "iris": 1}}]})
     assert state.routes is before
 
 
-def test_model_cards_list_models_then_aliases() -> None:
-    assert [card.id for card in make_state().model_cards()] == ["a", "b", "chat"]
+def test_model_cards_list_models_then_aliases_with_their_kind() -> None:
+    state, _ = make_state()
+    cards = state.model_cards()
+    assert [(card.id, card.kind) for card in cards] == [
+        ("a", "llm"),
+        ("b", "llm"),
+        ("iris", "classifier"),
+        ("chat", "llm"),
+    ]
+
+
+def test_before_the_first_apply_no_model_is_served() -> None:
+    state = GatewayState(FrontDoorConfig(), NoHandle, lambda m: "x")
+    assert state.model_cards() == []
+    assert state.routes.resolve("a") is None

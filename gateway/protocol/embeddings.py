@@ -1,0 +1,64 @@
+"""`POST /v1/embeddings` shapes (OpenAI's)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request; unknown fields are refused, not dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | list[Any] = Field(description="Text, or a list of texts, to embed.")
+    model: str = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _refuse_empty(cls, value: object) -> object:
+        if isinstance(value, list) and not value:
+            raise ValueError("'input' must not be an empty list")
+        return value
+
+    def texts(self) -> list[str]:
+        """The inputs as a list of texts.
+
+        Raises ValueError naming the first bad entry: an empty text, token-id
+        input (this gateway's embedding models take text), or a non-string.
+        """
+        items = [self.input] if isinstance(self.input, str) else self.input
+        for index, item in enumerate(items):
+            where = "'input'" if isinstance(self.input, str) else f"'input[{index}]'"
+            if isinstance(item, str):
+                if not item:
+                    raise ValueError(f"{where} is an empty string")
+            elif isinstance(item, int) or (
+                isinstance(item, list) and all(isinstance(t, int) for t in item)
+            ):
+                raise ValueError(f"{where}: token-id input is not supported; send text")
+            else:
+                raise ValueError(f"{where} must be a string, not {type(item).__name__}")
+        return list(items)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 when asked for
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

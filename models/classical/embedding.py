@@ -1,0 +1,68 @@
+"""Sentence-embedding models (a sentence-transformers model directory).
+
+Instances are texts. Inputs longer than the model's window are refused, not
+truncated: the client learns which one, rather than getting the embedding of
+a text it did not send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import ContextLengthExceededError, InvalidRequestError
+
+
+class EmbeddingPredictor:
+    kind = "embedding"
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self._tokenizer = model.tokenizer
+        self.dimensions = int(model.get_embedding_dimension())
+        self.max_tokens = int(model.max_seq_length)
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu") -> EmbeddingPredictor:
+        from sentence_transformers import SentenceTransformer
+
+        return cls(SentenceTransformer(path, device=device, local_files_only=True))
+
+    def inputs(self, instances: Sequence[Any], param: str) -> tuple[list[str], list[int]]:
+        """The texts and each one's token count (special tokens included)."""
+        for index, text in enumerate(instances):
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"{param}[{index}] must be a string", param=param)
+            if not text:
+                raise InvalidRequestError(f"{param}[{index}] is an empty string", param=param)
+        texts = list(instances)
+        counts = [len(ids) for ids in self._tokenizer(texts)["input_ids"]]
+        for index, count in enumerate(counts):
+            if count > self.max_tokens:
+                raise ContextLengthExceededError(
+                    f"{param}[{index}] has {count} tokens; this model's maximum context "
+                    f"length is {self.max_tokens} tokens. Please shorten the input.",
+                    param=param,
+                )
+        return texts, counts
+
+    def size(self, inputs: tuple[list[str], list[int]]) -> int:
+        return len(inputs[0])
+
+    def predict(self, batch: Sequence[tuple[list[str], list[int]]]) -> list[list[Any]]:
+        texts = [text for inputs in batch for text in inputs[0]]
+        vectors = self.embed(texts)
+        out, start = [], 0
+        for inputs in batch:
+            out.append(list(vectors[start : start + len(inputs[0])]))
+            start += len(inputs[0])
+        return out
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """float32 embeddings, one row per text, as the model's pipeline makes them."""
+        return np.asarray(
+            self._model.encode(texts, batch_size=len(texts), convert_to_numpy=True),
+            dtype=np.float32,
+        )

@@ -1,0 +1,194 @@
+"""Each classical endpoint's request checking and answer rendering.
+
+``parse`` turns one request into a :class:`Job` (raising
+``gateway.errors.InvalidRequestError`` for a bad one); ``render`` turns the
+job's predictions into the response body.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from gateway.errors import InvalidRequestError
+from gateway.protocol.embeddings import (
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+)
+from gateway.protocol.engine import EngineRequest
+from gateway.protocol.predict import InferRequest, InferResponse, InferTensor, PredictRequest
+from models.classical.predictor import Predictor
+
+NUMERIC = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
+
+
+@dataclass
+class Job:
+    """One request's checked inputs and what its answer needs."""
+
+    request: EngineRequest
+    inputs: Any
+    render: Callable[[Job, list[Any]], bytes]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
+    """Checks ``request`` against its endpoint's schema and the model's inputs."""
+    if request.endpoint == "predict":
+        predict = _validate(PredictRequest, request.body)
+        _check_cap(len(predict.instances), cap, "instances")
+        return Job(request, predictor.inputs(predict.instances, "instances"), _render_predict)
+    if request.endpoint == "embedding":
+        return _parse_embedding(request, predictor, cap)
+    if request.endpoint == "infer":
+        return _parse_infer(request, predictor, cap)
+    raise InvalidRequestError(f"{request.model} does not serve {request.endpoint} requests")
+
+
+def _validate(schema: type[BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequestError.from_validation(exc) from None
+
+
+def _check_cap(count: int, cap: int, param: str) -> None:
+    if count > cap:
+        raise InvalidRequestError(
+            f"'{param}' holds {count} entries; this model accepts at most {cap} per request.",
+            param=param,
+        )
+
+
+def _json(payload: BaseModel | dict[str, Any]) -> bytes:
+    if isinstance(payload, BaseModel):
+        return payload.model_dump_json(exclude_none=True).encode()
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _plain(prediction: Any) -> Any:
+    return prediction.tolist() if isinstance(prediction, np.ndarray) else prediction
+
+
+def _render_predict(job: Job, predictions: list[Any]) -> bytes:
+    return _json({"predictions": [_plain(p) for p in predictions]})
+
+
+# --- OpenAI embeddings ---------------------------------------------------------
+
+
+def _parse_embedding(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
+    embedding = _validate(EmbeddingRequest, request.body)
+    try:
+        texts = embedding.texts()
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="input") from None
+    _check_cap(len(texts), cap, "input")
+    dimensions = getattr(predictor, "dimensions", None)
+    if embedding.dimensions is not None and embedding.dimensions != dimensions:
+        raise InvalidRequestError(
+            f"This model makes {dimensions}-dimensional embeddings and cannot shorten "
+            f"them: leave out 'dimensions' or set it to {dimensions}.",
+            param="dimensions",
+        )
+    inputs = predictor.inputs(texts, "input")
+    return Job(request, inputs, _render_embedding, {"format": embedding.encoding_format})
+
+
+def _render_embedding(job: Job, vectors: list[Any]) -> bytes:
+    base64_out = job.options["format"] == "base64"
+    data = [
+        Embedding(
+            index=index,
+            embedding=(
+                base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+                if base64_out
+                else np.asarray(v, dtype=np.float32).tolist()
+            ),
+        )
+        for index, v in enumerate(vectors)
+    ]
+    tokens = sum(job.inputs[1])
+    usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    return _json(EmbeddingResponse(data=data, model=job.request.model, usage=usage))
+
+
+# --- Open Inference Protocol V2 ------------------------------------------------
+
+
+def _parse_infer(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
+    infer = _validate(InferRequest, request.body)
+    tensor = infer.inputs[0]
+    param = "inputs[0]"
+    size = 1
+    for dim in tensor.shape:
+        size *= dim
+    data = tensor.data
+    if data and all(isinstance(row, list) for row in data):
+        data = [value for row in data for value in row]  # nested rows are accepted too
+    if any(dim < 0 for dim in tensor.shape) or size != len(data):
+        raise InvalidRequestError(
+            f"{param}: shape {tensor.shape} holds {size} values but 'data' has {len(data)}",
+            param=param,
+        )
+    if predictor.kind == "embedding":
+        if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
+            raise InvalidRequestError(
+                f"{param}: this model takes texts: datatype BYTES with shape [N]", param=param
+            )
+        instances: list[Any] = list(data)
+    else:
+        if tensor.datatype not in NUMERIC or len(tensor.shape) != 2:
+            raise InvalidRequestError(
+                f"{param}: this model takes numbers: a numeric datatype with shape "
+                "[N, features]",
+                param=param,
+            )
+        width = tensor.shape[1]
+        instances = [data[i * width : (i + 1) * width] for i in range(tensor.shape[0])]
+    if not instances:
+        raise InvalidRequestError(f"{param}: the tensor holds no instances", param=param)
+    _check_cap(len(instances), cap, param)
+    inputs = predictor.inputs(instances, param)
+    return Job(request, inputs, _render_infer, {"id": infer.id, "kind": predictor.kind})
+
+
+def _render_infer(job: Job, predictions: list[Any]) -> bytes:
+    rows = len(predictions)
+    if job.options["kind"] == "embedding":
+        matrix = np.asarray(predictions, dtype=np.float32)
+        outputs = [_tensor("embedding", "FP32", matrix)]
+    elif predictions and isinstance(predictions[0], dict):
+        labels = [p["label"] for p in predictions]
+        probabilities = np.asarray([list(p["probabilities"].values()) for p in predictions])
+        outputs = [
+            InferTensor(name="label", shape=[rows], datatype=_datatype(labels), data=labels),
+            _tensor("probabilities", "FP64", probabilities),
+        ]
+    else:
+        outputs = [InferTensor(name="predict", shape=[rows], datatype=_datatype(predictions), data=predictions)]
+    return _json(InferResponse(model_name=job.request.model, id=job.options["id"], outputs=outputs))
+
+
+def _tensor(name: str, datatype: str, matrix: np.ndarray) -> InferTensor:
+    return InferTensor(
+        name=name, shape=list(matrix.shape), datatype=datatype, data=matrix.reshape(-1).tolist()  # type: ignore[arg-type]
+    )
+
+
+def _datatype(values: list[Any]) -> str:
+    if all(isinstance(v, bool) for v in values):
+        return "BOOL"
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return "INT64"
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return "FP64"
+    return "BYTES"

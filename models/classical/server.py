@@ -1,0 +1,100 @@
+"""The classical-model replica: requests batched by ``@serve.batch``.
+
+Each request is checked on its own inside the batch, so a bad one fails alone;
+the good ones share one model call. Should that call fail anyway, each request
+is retried alone, so a failure still reaches only the request that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from ray import serve
+
+from gateway.errors import GatewayError, InternalServerError
+from models.classical.endpoints import Job, parse
+from models.classical.predictor import Predictor, load_predictor
+from models.llm.server import ClientErrorFilter
+
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig
+    from gateway.protocol.engine import EngineRequest
+
+logger = logging.getLogger(__name__)
+
+
+class ClassicalServer:
+    """A Serve deployment class (made a deployment in ``gateway.app``).
+
+    ``generate`` answers one request with the response's JSON bytes, or
+    raises ``gateway.errors.GatewayError``. Batching settings arrive through
+    ``reconfigure`` (the deployment's ``user_config``), so they change live.
+    """
+
+    async def __init__(  # type: ignore[misc]
+        self, config: ModelConfig, predictor: Predictor | None = None
+    ) -> None:
+        logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
+        self._config = config
+        self._predictor = (
+            predictor
+            if predictor is not None
+            else await asyncio.to_thread(load_predictor, config)
+        )
+        self._batch_sizes: Counter[int] = Counter()
+        self._batching = config.batching()
+        # Decorated per instance: each server owns its batch queue.
+        self._run_batch: Any = serve.batch(
+            max_batch_size=config.max_batch_size,
+            batch_wait_timeout_s=config.batch_wait_timeout_s,
+        )(self._batch)
+        logger.info("%s ready (%s)", config.name, self._predictor.kind)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Applies ``max_batch_size`` and ``batch_wait_timeout_s`` to the running queue."""
+        self._batching = {
+            "max_batch_size": int(user_config["max_batch_size"]),
+            "batch_wait_timeout_s": float(user_config["batch_wait_timeout_s"]),
+        }
+        self._run_batch.set_max_batch_size(self._batching["max_batch_size"])
+        self._run_batch.set_batch_wait_timeout_s(self._batching["batch_wait_timeout_s"])
+
+    async def generate(self, request: EngineRequest) -> bytes:
+        result = await self._run_batch(request)
+        if isinstance(result, GatewayError):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    async def _batch(self, requests: list[EngineRequest]) -> list[bytes | GatewayError]:
+        self._batch_sizes[len(requests)] += 1
+        jobs: list[Job | GatewayError] = []
+        for request in requests:
+            try:
+                jobs.append(parse(request, self._predictor, self._config.max_instances_per_request))
+            except GatewayError as error:
+                jobs.append(error)
+        valid = [job for job in jobs if isinstance(job, Job)]
+        # The model call holds the CPU: off the event loop, so the replica keeps
+        # taking requests (and health checks) while a batch runs.
+        answers = iter(await asyncio.to_thread(self._answer, valid) if valid else [])
+        return [job if isinstance(job, GatewayError) else next(answers) for job in jobs]
+
+    def _answer(self, jobs: list[Job]) -> list[bytes | GatewayError]:
+        try:
+            predictions = self._predictor.predict([job.inputs for job in jobs])
+        except Exception:  # noqa: BLE001 - retried one by one below
+            if len(jobs) == 1:
+                logger.exception("%s failed to predict", self._config.name)
+                return [InternalServerError("The model failed to answer this request.")]
+            return [answer for job in jobs for answer in self._answer([job])]
+        return [job.render(job, p) for job, p in zip(jobs, predictions)]
+
+    def stats(self) -> dict[str, Any]:
+        """How many batches of each size this replica has run, and its batch settings."""
+        return {"batch_sizes": dict(self._batch_sizes), **self._batching}
+
+    async def check_health(self) -> None:
+        """Called by Serve's health checks: the model is loaded in-process."""

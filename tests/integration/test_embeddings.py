@@ -1,0 +1,143 @@
+"""POST /v1/embeddings with the real MiniLM model, through the OpenAI SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections import Counter
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.integration.conftest import MODELS, VLLM_MODEL, Gateway
+
+SENTENCES = [
+    "The cat sits on the mat.",
+    "A kitten is resting on a rug.",
+    "Quarterly revenue grew by eight percent.",
+    "How do I reset my password?",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Any:
+    """The same model, run in this process."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(MODELS / "all-minilm-l6-v2"), device="cpu", local_files_only=True)
+
+
+def cosine(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64"])
+def test_embeddings_equal_the_model_run_in_process(
+    http: httpx.Client, minilm: Any, encoding_format: str
+) -> None:
+    response = http.post(
+        "/v1/embeddings", json={"model": "minilm", "input": SENTENCES, "encoding_format": encoding_format}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list" and body["model"] == "minilm"
+    vectors = [
+        np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") if encoding_format == "base64" else item["embedding"]
+        for item in body["data"]
+    ]
+    assert [item["index"] for item in body["data"]] == [0, 1, 2, 3]
+    expected = minilm.encode(SENTENCES)
+    for got, want in zip(vectors, expected):
+        assert len(got) == 384
+        assert cosine(got, want) >= 0.999
+    tokens = sum(len(ids) for ids in minilm.tokenizer(SENTENCES)["input_ids"])
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_openai_sdk_default_base64_decodes_to_the_same_vectors(client: openai.OpenAI, minilm: Any) -> None:
+    response = client.embeddings.create(model="embed", input=SENTENCES[0])  # the SDK asks for base64
+    assert response.model == "minilm"
+    assert len(response.data) == 1 and len(response.data[0].embedding) == 384
+    assert cosine(response.data[0].embedding, minilm.encode(SENTENCES[0])) >= 0.999
+
+
+def test_related_sentences_score_closer_than_unrelated(client: openai.OpenAI) -> None:
+    vectors = [d.embedding for d in client.embeddings.create(model="minilm", input=SENTENCES).data]
+    related = cosine(vectors[0], vectors[1])
+    assert related > cosine(vectors[0], vectors[2]) + 0.3
+    assert related > cosine(vectors[0], vectors[3]) + 0.3
+
+
+async def test_concurrent_requests_share_batches(gateway: Gateway) -> None:
+    before = await asyncio.to_thread(gateway.call, "minilm", "stats")
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        responses = await asyncio.gather(
+            *(session.post("/v1/embeddings", json={"model": "minilm", "input": f"sentence {i}"}) for i in range(32))
+        )
+    assert [r.status_code for r in responses] == [200] * 32
+    after = await asyncio.to_thread(gateway.call, "minilm", "stats")
+    new_batches = Counter(after["batch_sizes"]) - Counter(before["batch_sizes"])
+    assert max(new_batches) > 1, new_batches
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "param", "code"),
+    [
+        ({"input": ""}, "'input' is an empty string", "input", None),
+        ({"input": ["ok", ""]}, "'input[1]' is an empty string", "input", None),
+        ({"input": []}, "Invalid value for 'input': 'input' must not be an empty list", "input", None),
+        ({"input": [[101, 2023]]}, "'input[0]': token-id input is not supported; send text", "input", None),
+        ({"input": ["ok", 3.5]}, "'input[1]' must be a string, not float", "input", None),
+        ({"input": ["x"] * 65}, "'input' holds 65 entries; this model accepts at most 64 per request.", "input", None),
+        (
+            {"input": ["short", "word " * 300]},
+            "input[1] has 302 tokens; this model's maximum context length is 256 tokens. Please shorten the input.",
+            "input",
+            "context_length_exceeded",
+        ),
+        (
+            {"input": "hi", "dimensions": 128},
+            "This model makes 384-dimensional embeddings and cannot shorten them: leave out 'dimensions' or set it to 384.",
+            "dimensions",
+            None,
+        ),
+        (
+            {"input": "hi", "encoding_format": "int8"},
+            "Invalid value for 'encoding_format': Input should be 'float' or 'base64'",
+            "encoding_format",
+            None,
+        ),
+        ({"input": "hi", "stream": True}, "Unrecognized request argument supplied: stream", "stream", None),
+        ({}, "Missing required parameter: 'input'.", "input", None),
+    ],
+    ids=[
+        "empty-string", "empty-in-list", "empty-list", "token-ids", "non-string",
+        "over-cap", "too-long", "dimensions", "encoding-format", "unknown-field", "missing-input",
+    ],
+)
+def test_bad_embedding_input_is_an_openai_shaped_400(
+    http: httpx.Client, body: dict[str, Any], message: str, param: str, code: str | None
+) -> None:
+    response = http.post("/v1/embeddings", json={"model": "minilm", **body})
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    }
+
+
+def test_embeddings_from_an_llm_is_a_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.embeddings.create(model=VLLM_MODEL, input="hi")
+    assert caught.value.body["code"] == "model_not_supported"
+
+
+def test_embedding_model_answers_kserve_predict_too(http: httpx.Client, minilm: Any) -> None:
+    response = http.post("/v1/models/minilm:predict", json={"instances": SENTENCES[:2]})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    for got, want in zip(predictions, minilm.encode(SENTENCES[:2])):
+        assert cosine(got, want) >= 0.999

@@ -1,0 +1,88 @@
+"""gateway/deploy.py: one Serve application per model, applied in three steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.deploy import deploy, serve_config
+
+BASE = {
+    "app_name": "gw",
+    "models": [
+        {"name": "a", "engine": "echo"},
+        {"name": "e", "engine": "sentence-transformers", "model": "org/e", "max_batch_size": 8},
+    ],
+    "routing": {"routes": [{"name": "r", "variants": {"a": 1}}]},
+}
+
+
+def apps(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {app["name"]: app for app in serve_config(parse_config(config))["applications"]}
+
+
+def test_each_model_is_an_application_of_its_own_without_http_route() -> None:
+    built = apps(BASE)
+    assert list(built) == ["gw:a", "gw:e", "gw"]
+    assert built["gw:a"]["route_prefix"] is None
+    assert built["gw:e"]["deployments"] == [
+        {"name": "ClassicalServer:e", "num_replicas": 1, "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005}}
+    ]
+    ingress = built["gw"]["deployments"][0]
+    assert [m["name"] for m in ingress["user_config"]["models"]] == ["a", "e"]
+    assert ingress["user_config"]["routing"]["routes"][0]["variants"] == {"a": 1.0}
+
+
+def test_live_changes_leave_every_applications_arguments_alone() -> None:
+    changed = {
+        **BASE,
+        "models": [{**BASE["models"][0], "num_replicas": 2}, {**BASE["models"][1], "max_batch_size": 1}],
+        "routing": {"routes": [{"name": "r", "variants": {"a": 3}}]},
+    }
+    before, after = apps(BASE), apps(changed)
+    assert {n: a["args"] for n, a in before.items()} == {n: a["args"] for n, a in after.items()}
+    assert before["gw:e"]["deployments"] != after["gw:e"]["deployments"]
+
+
+def test_adding_a_model_changes_no_other_application() -> None:
+    added = {**BASE, "models": [*BASE["models"], {"name": "b", "engine": "echo"}]}
+    before, after = apps(BASE), apps(added)
+    assert set(after) - set(before) == {"gw:b"}
+    assert all(before[name]["args"] == after[name]["args"] for name in before)
+
+
+class FakeClient:
+    """Records what each deploy step asked Serve for."""
+
+    def __init__(self, deployed: dict[str, dict[str, Any]]) -> None:
+        self.deployed = deployed
+        self.steps: list[tuple[list[str], str]] = []
+
+    def get_serve_details(self) -> dict[str, Any]:
+        return {"applications": {n: {"deployed_app_config": a} for n, a in self.deployed.items()}}
+
+    def deploy_apps(self, schema: Any) -> None:
+        applications = schema.model_dump(exclude_unset=True)["applications"]
+        self.deployed = {app["name"]: app for app in applications}
+        ingress = self.deployed.get("gw", {}).get("deployments", [{}])[0].get("user_config", {})
+        self.steps.append((sorted(self.deployed), ",".join(m["name"] for m in ingress.get("models", []))))
+
+    def _wait_for_application_running(self, name: str, timeout_s: int) -> None:
+        assert name in self.deployed
+
+
+def test_deploy_starts_new_models_before_routing_to_them_and_removes_old_ones_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other = {"name": "someone-else", "import_path": "x:y", "route_prefix": "/other"}
+    client = FakeClient({**apps(BASE), "someone-else": other})
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    swapped = {**BASE, "models": [BASE["models"][0], {"name": "b", "engine": "echo"}], "routing": {}}
+    deploy(parse_config(swapped))
+    assert client.steps == [
+        (["gw", "gw:a", "gw:b", "gw:e", "someone-else"], "a,e"),  # b starts; ingress unchanged
+        (["gw", "gw:a", "gw:b", "gw:e", "someone-else"], "a,b"),  # ingress routes to b, not e
+        (["gw", "gw:a", "gw:b", "someone-else"], "a,b"),  # e goes; other apps stay
+    ]

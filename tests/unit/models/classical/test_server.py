@@ -1,0 +1,123 @@
+"""models/classical/server.py: batching, isolation of bad requests, live settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import ModelConfig
+from gateway.errors import InternalServerError, InvalidRequestError
+from gateway.protocol.engine import EngineRequest
+from models.classical.build import build_iris
+from models.classical.server import ClassicalServer
+from models.classical.sklearn import SklearnPredictor
+
+
+@pytest.fixture(autouse=True)
+def replica_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve's batch queue reads its replica's settings; outside Serve, give it some."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+
+
+@pytest.fixture(scope="module")
+def iris_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_iris("iris", tmp_path_factory.mktemp("iris"))
+
+
+def predict(rows: list[Any]) -> EngineRequest:
+    return EngineRequest("predict", {"instances": rows}, "r", "iris")
+
+
+class CountingPredictor(SklearnPredictor):
+    """The real estimator, recording each model call; optionally failing on a value."""
+
+    def __init__(self, estimator: Any, poison: float | None = None) -> None:
+        super().__init__(estimator)
+        self.calls: list[int] = []
+        self.poison = poison
+
+    def predict(self, batch: Sequence[Any]) -> list[list[Any]]:
+        self.calls.append(len(batch))
+        if self.poison is not None and any((inputs == self.poison).any() for inputs in batch):
+            raise ValueError("the model cannot take this value")
+        return super().predict(batch)
+
+
+async def make_server(iris_dir: Path, poison: float | None = None, **settings: Any) -> tuple[ClassicalServer, CountingPredictor]:
+    config = ModelConfig(name="iris", engine="sklearn", model=str(iris_dir), **settings)
+    predictor = CountingPredictor(SklearnPredictor.load(str(iris_dir))._estimator, poison)
+    server = ClassicalServer.__new__(ClassicalServer)
+    await server.__init__(config, predictor)  # type: ignore[misc]  # Ray actors construct asynchronously
+    return server, predictor
+
+
+async def test_concurrent_requests_share_one_model_call(iris_dir: Path) -> None:
+    server, predictor = await make_server(iris_dir, max_batch_size=8, batch_wait_timeout_s=0.5)
+    answers = await asyncio.gather(*(server.generate(predict([[5.1, 3.5, 1.4, 0.2]])) for _ in range(8)))
+    assert predictor.calls == [8]
+    assert server.stats()["batch_sizes"] == {8: 1}
+    assert {json.loads(a)["predictions"][0]["label"] for a in answers} == {"setosa"}
+
+
+async def test_a_bad_request_fails_alone_and_its_batch_mates_are_answered(iris_dir: Path) -> None:
+    server, predictor = await make_server(iris_dir, max_batch_size=3, batch_wait_timeout_s=0.5)
+    results = await asyncio.gather(
+        server.generate(predict([[5.1, 3.5, 1.4, 0.2]])),
+        server.generate(predict([[1, 2, 3]])),
+        server.generate(predict([[6.7, 3.0, 5.2, 2.3]])),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], InvalidRequestError)
+    assert results[1].message == "instances[0]: expected 4 features, got 3"
+    assert [json.loads(r)["predictions"][0]["label"] for r in (results[0], results[2])] == ["setosa", "virginica"]  # type: ignore[arg-type]
+    assert predictor.calls == [2] and server.stats()["batch_sizes"] == {3: 1}
+
+
+async def test_a_model_failure_is_retried_alone_so_only_its_request_fails(iris_dir: Path) -> None:
+    server, predictor = await make_server(iris_dir, poison=9.5, max_batch_size=3, batch_wait_timeout_s=0.5)
+    results = await asyncio.gather(
+        server.generate(predict([[5.1, 3.5, 1.4, 0.2]])),
+        server.generate(predict([[9.5, 3.5, 1.4, 0.2]])),
+        server.generate(predict([[6.7, 3.0, 5.2, 2.3]])),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], InternalServerError)
+    assert "Traceback" not in results[1].message
+    assert all(isinstance(results[i], bytes) for i in (0, 2))
+    assert predictor.calls == [3, 1, 1, 1]  # the batch, then each request alone
+
+
+async def test_answers_return_to_their_callers_in_order(iris_dir: Path) -> None:
+    server, _ = await make_server(iris_dir, max_batch_size=16, batch_wait_timeout_s=0.05)
+    from models.classical.build import iris_data
+
+    features, labels = iris_data()
+    rows = features.tolist()[::10]
+    answers = await asyncio.gather(*(server.generate(predict([row, row])) for row in rows))
+    predicted = [[p["label"] for p in json.loads(a)["predictions"]] for a in answers]
+    expected = SklearnPredictor.load(str(iris_dir))._estimator.predict(features[::10])
+    assert predicted == [[label, label] for label in expected]
+
+
+async def test_reconfigure_changes_batching_live(iris_dir: Path) -> None:
+    server, predictor = await make_server(iris_dir, max_batch_size=8, batch_wait_timeout_s=0.5)
+    server.reconfigure({"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+    assert server.stats()["max_batch_size"] == 1
+    await asyncio.gather(*(server.generate(predict([[5.1, 3.5, 1.4, 0.2]])) for _ in range(4)))
+    assert predictor.calls == [1, 1, 1, 1]
+
+
+async def test_more_instances_than_the_cap_is_a_400(iris_dir: Path) -> None:
+    server, _ = await make_server(iris_dir, max_instances_per_request=2)
+    with pytest.raises(InvalidRequestError, match="'instances' holds 3 entries; this model accepts at most 2"):
+        await server.generate(predict([[1, 2, 3, 4]] * 3))
