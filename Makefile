@@ -44,3 +44,4 @@ lint: install
 
 bench: models
 	@$(PY) -m benchmarks.streaming --model-dir $(MODELS_DIR)/tiny-chat-v1
+	@$(PY) -m benchmarks.classical --models-dir $(MODELS_DIR)

@@ -133,6 +133,13 @@ class ModelConfig(_Strict):
         description="Classical models: how long a batch that is not full waits for "
         "more requests. Changed live by a redeploy.",
     )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="sentence-transformers only: torch's intra-op threads in the replica. "
+        "Unset: Ray's choice (the replica's whole CPUs, at least 1). Large batches "
+        "gain from more threads; single requests do not.",
+    )
     max_instances_per_request: int = Field(
         256,
         ge=1,

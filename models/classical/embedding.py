@@ -25,9 +25,13 @@ class EmbeddingPredictor:
         self.max_tokens = int(model.max_seq_length)
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu") -> EmbeddingPredictor:
+    def load(cls, path: str, device: str = "cpu", threads: int | None = None) -> EmbeddingPredictor:
+        """Loads the model directory; ``threads`` sets torch's intra-op threads."""
+        import torch
         from sentence_transformers import SentenceTransformer
 
+        if threads is not None:
+            torch.set_num_threads(threads)
         return cls(SentenceTransformer(path, device=device, local_files_only=True))
 
     def inputs(self, instances: Sequence[Any], param: str) -> tuple[list[str], list[int]]:
