@@ -26,8 +26,9 @@ from gateway.config import (
     load_config,
     parse_config,
 )
-from gateway.deploy import INGRESS_NAME, deployment_name, ingress_user_config
+from gateway.deploy import INGRESS_NAME, check_cluster_fits, deployment_name, ingress_user_config
 from gateway.http.ingress import GatewayIngress
+from gateway.placement import deployment_options
 from models.classical.server import ClassicalServer
 from models.llm.server import LLMServer
 
@@ -44,10 +45,7 @@ def model_deployment(model: ModelConfig) -> Application:
         options["user_config"] = model.batching()
     deployment = _deployment(LLMServer if model.kind == "llm" else ClassicalServer).options(
         name=deployment_name(model),
-        num_replicas=model.num_replicas,
-        max_ongoing_requests=model.max_ongoing_requests,
-        max_queued_requests=model.max_queued_requests,
-        ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+        **deployment_options(model),
         health_check_period_s=10,
         health_check_timeout_s=30,
         # The ingress logs each request once; a second line per model
@@ -69,14 +67,20 @@ def _ingress(config: GatewayConfig) -> Deployment:
 
 
 def build_app(config: GatewayConfig) -> Application:
-    """The whole gateway as one application: the ingress bound to every model."""
+    """The whole gateway as one application: the ingress bound to every model.
+
+    Raises ConfigError when a model's replica fits no node of the cluster.
+    """
+    check_cluster_fits(config.models)
     handles = {model.name: model_deployment(model) for model in config.models}
     return _ingress(config).bind(config.front_door(), handles)
 
 
 def model_app_builder(args: dict[str, Any]) -> Application:
     """One model's application; ``args["model"]`` is its config (``gateway.deploy``)."""
-    return model_deployment(ModelConfig.model_validate(args["model"]))
+    model = ModelConfig.model_validate(args["model"])
+    check_cluster_fits([model])
+    return model_deployment(model)
 
 
 def ingress_app_builder(args: dict[str, Any]) -> Application:

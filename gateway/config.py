@@ -46,7 +46,40 @@ ENGINE_KINDS: dict[str, ModelKind] = {
 # Fields a redeploy applies to running replicas (replica count, batching):
 # they stay out of a model's deployment arguments, so changing them restarts
 # nothing.
-LIVE_MODEL_FIELDS = frozenset({"num_replicas", "max_batch_size", "batch_wait_timeout_s"})
+LIVE_MODEL_FIELDS = frozenset(
+    {"num_replicas", "autoscaling", "max_batch_size", "batch_wait_timeout_s"}
+)
+
+
+class AutoscalingConfig(_Strict):
+    """Replica autoscaling of one model (Ray Serve's autoscaling_config)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 scales to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas at start-up; `min_replicas` when unset."
+    )
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="How long load must stay high before adding replicas."
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="How long load must stay low before removing replicas."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is larger than max_replicas")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 
 
 class ModelConfig(_Strict):
@@ -80,6 +113,25 @@ class ModelConfig(_Strict):
         None, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only)."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel workers per replica.")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Pipeline stages per replica; workers = tensor x pipeline."
+    )
+    gpus_per_worker: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Replicas with more than one worker: GPUs of each worker's bundle "
+        "(vLLM takes at most one per worker; 0 on CPU-only clusters).",
+    )
+    cpus_per_worker: float = Field(
+        1.0, ge=0, description="Replicas with more than one worker: CPUs of each worker's bundle."
+    )
+    placement_strategy: PlacementStrategy | None = Field(
+        None,
+        description="How a multi-worker replica's bundles are placed. Unset: STRICT_PACK "
+        "(every worker of a replica on one node). PACK, SPREAD or STRICT_SPREAD only "
+        "when asked.",
+    )
     tool_call_parser: str | None = Field(
         None,
         description="vLLM tool-call parser (e.g. `hermes`); enables `tool_choice` "
@@ -90,9 +142,19 @@ class ModelConfig(_Strict):
         description="Further vLLM engine arguments by their CLI name without `--` "
         "(e.g. `enable-prefix-caching: true`); checked by vLLM's parser at start-up.",
     )
-    num_replicas: int = Field(1, ge=1, description="Replicas of this model's deployment.")
+    num_replicas: int = Field(
+        1, ge=1, description="Replicas of this model's deployment (without `autoscaling`)."
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Scale replicas with load instead of a fixed `num_replicas`."
+    )
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved for each replica actor.")
-    num_gpus: float = Field(0, ge=0, description="GPUs reserved for each replica actor.")
+    num_gpus: float = Field(
+        0,
+        ge=0,
+        description="GPUs reserved for each single-worker replica; fractions (e.g. 0.5) "
+        "let small models share a GPU. Multi-worker replicas use `gpus_per_worker`.",
+    )
     max_ongoing_requests: int = Field(
         256, ge=1, description="Requests one replica works on at once (the engine batches them)."
     )
@@ -152,6 +214,24 @@ class ModelConfig(_Strict):
         if self.engine != "echo" and not self.model:
             raise ValueError(f"`model` is required when engine is `{self.engine}`")
         return self
+
+    @model_validator(mode="after")
+    def _placement(self) -> ModelConfig:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set either `num_replicas` or `autoscaling`, not both")
+        if self.workers > 1 and self.num_gpus > 0:
+            raise ValueError(
+                "`num_gpus` is for single-worker replicas; a replica with "
+                f"{self.workers} workers takes `gpus_per_worker` in each worker's bundle"
+            )
+        if self.workers > 1 and self.kind != "llm":
+            raise ValueError("tensor and pipeline parallelism are for LLM engines")
+        return self
+
+    @property
+    def workers(self) -> int:
+        """Engine workers per replica: tensor x pipeline parallel size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def kind(self) -> ModelKind:

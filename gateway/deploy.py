@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from gateway.config import GatewayConfig, ModelConfig
+from gateway.placement import check_fits, replica_count
 
 INGRESS_NAME = "GatewayIngress"
 INGRESS_IMPORT_PATH = "gateway.app:ingress_app_builder"
@@ -50,7 +51,7 @@ def ingress_user_config(config: GatewayConfig) -> dict[str, Any]:
 
 def model_deployment_overrides(model: ModelConfig) -> dict[str, Any]:
     """The live fields of a model's deployment, applied without a restart."""
-    overrides: dict[str, Any] = {"name": deployment_name(model), "num_replicas": model.num_replicas}
+    overrides: dict[str, Any] = {"name": deployment_name(model), **replica_count(model)}
     if model.kind != "llm":
         overrides["user_config"] = model.batching()
     return overrides
@@ -83,15 +84,27 @@ def serve_config(config: GatewayConfig) -> dict[str, Any]:
     return {"applications": apps}
 
 
+def check_cluster_fits(models: list[ModelConfig]) -> None:
+    """Raises ConfigError when a replica of one of ``models`` fits no node of the
+    connected Ray cluster (it would wait for resources forever)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    for model in models:
+        check_fits(model, nodes)
+
+
 def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     """Applies ``config`` to the Serve instance of the connected Ray cluster.
 
-    Returns when every application is running; raises RuntimeError when one
+    Returns when every application is running; raises ConfigError at once
+    when a model's replica fits no node, RuntimeError when an application
     fails to deploy and TimeoutError after ``timeout_s``. Applications of the
     cluster that are not this gateway's are kept.
     """
     from ray.serve._private.api import serve_start
 
+    check_cluster_fits(config.models)
     client = serve_start()  # the running Serve instance (started if absent)
     current = _deployed_apps(client)
     target = {app["name"]: app for app in serve_config(config)["applications"]}

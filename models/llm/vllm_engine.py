@@ -64,6 +64,10 @@ class VLLMEngine:
         args = ["--model", c.model, "--served-model-name", c.name]
         args += ["--dtype", c.dtype, "--seed", str(c.seed)]
         args += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
+        args += ["--pipeline-parallel-size", str(c.pipeline_parallel_size)]
+        if c.workers > 1:
+            # Workers go on the bundles of the replica's own placement group.
+            args += ["--distributed-executor-backend", "ray"]
         if c.max_model_len is not None:
             args += ["--max-model-len", str(c.max_model_len)]
         if c.gpu_memory_utilization is not None:

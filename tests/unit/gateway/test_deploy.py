@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import parse_config
+from gateway.config import ConfigError, parse_config
 from gateway.deploy import deploy, serve_config
 
 BASE = {
@@ -79,6 +79,7 @@ def test_deploy_starts_new_models_before_routing_to_them_and_removes_old_ones_la
     other = {"name": "someone-else", "import_path": "x:y", "route_prefix": "/other"}
     client = FakeClient({**apps(BASE), "someone-else": other})
     monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     swapped = {**BASE, "models": [BASE["models"][0], {"name": "b", "engine": "echo"}], "routing": {}}
     deploy(parse_config(swapped))
     assert client.steps == [
@@ -86,3 +87,15 @@ def test_deploy_starts_new_models_before_routing_to_them_and_removes_old_ones_la
         (["gw", "gw:a", "gw:b", "gw:e", "someone-else"], "a,b"),  # ingress routes to b, not e
         (["gw", "gw:a", "gw:b", "someone-else"], "a,b"),  # e goes; other apps stay
     ]
+
+
+def test_deploy_fails_before_submitting_anything_when_a_replica_fits_no_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = FakeClient({})
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    big = {**BASE, "models": [{"name": "a", "engine": "echo", "tensor_parallel_size": 4, "gpus_per_worker": 0}]}
+    with pytest.raises(ConfigError, match=r"models\[a\]: a replica needs bundles"):
+        deploy(parse_config({**big, "routing": {}}))
+    assert client.steps == []

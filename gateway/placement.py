@@ -1,0 +1,147 @@
+"""Where a model's replicas run: Serve deployment options from a model's config.
+
+Pure functions (no Ray calls), so every field's effect is unit-tested.
+
+A replica with more than one engine worker (tensor x pipeline parallel) gets a
+placement group with one bundle per worker; the replica actor's own CPUs are
+folded into the first bundle, where Serve places it. vLLM, started inside the
+replica, finds that group (``ray.util.get_current_placement_group``) and puts
+one worker on each bundle. The strategy is STRICT_PACK unless the config asks
+otherwise: all workers of a replica on one node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gateway.config import ConfigError, ModelConfig
+
+Bundle = dict[str, float]
+
+
+def replica_bundles(model: ModelConfig) -> list[Bundle] | None:
+    """One bundle per worker, the replica actor's CPUs in the first; None for one worker."""
+    if model.workers == 1:
+        return None
+    worker: Bundle = {"CPU": model.cpus_per_worker}
+    if model.gpus_per_worker > 0:
+        worker["GPU"] = model.gpus_per_worker
+    first = {**worker, "CPU": model.cpus_per_worker + model.num_cpus}
+    return [first] + [dict(worker) for _ in range(model.workers - 1)]
+
+
+def placement_strategy(model: ModelConfig) -> str | None:
+    """The bundles' strategy: the config's, else STRICT_PACK; None for one worker."""
+    if model.workers == 1:
+        return None
+    return model.placement_strategy or "STRICT_PACK"
+
+
+def autoscaling_config(model: ModelConfig) -> dict[str, Any] | None:
+    """Ray Serve's ``autoscaling_config`` for the model, or None for a fixed count."""
+    scaling = model.autoscaling
+    if scaling is None:
+        return None
+    return {
+        "min_replicas": scaling.min_replicas,
+        "max_replicas": scaling.max_replicas,
+        "initial_replicas": scaling.initial_replicas,
+        "target_ongoing_requests": scaling.target_ongoing_requests,
+        "upscale_delay_s": scaling.upscale_delay_s,
+        "downscale_delay_s": scaling.downscale_delay_s,
+    }
+
+
+def replica_count(model: ModelConfig) -> dict[str, Any]:
+    """``num_replicas`` or ``autoscaling_config``: the options a redeploy applies live."""
+    scaling = autoscaling_config(model)
+    return {"autoscaling_config": scaling} if scaling else {"num_replicas": model.num_replicas}
+
+
+def deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """The Serve deployment options for ``model``'s replicas."""
+    bundles = replica_bundles(model)
+    options: dict[str, Any] = {
+        **replica_count(model),
+        "max_ongoing_requests": model.max_ongoing_requests,
+        "max_queued_requests": model.max_queued_requests,
+        # With bundles, the actor's GPUs are its workers': the actor takes none.
+        "ray_actor_options": {
+            "num_cpus": model.num_cpus,
+            "num_gpus": model.num_gpus if bundles is None else 0,
+        },
+    }
+    if bundles is not None:
+        options["placement_group_bundles"] = bundles
+        options["placement_group_strategy"] = placement_strategy(model)
+    return options
+
+
+def check_fits(model: ModelConfig, nodes: Sequence[Mapping[str, float]]) -> None:
+    """Raises ConfigError when one replica of ``model`` could never be placed.
+
+    ``nodes`` are the cluster's nodes' total resources. A replica that cannot
+    fit would leave its deployment pending forever; this says so at once,
+    naming the model, its bundles and the largest node.
+    """
+    bundles = replica_bundles(model) or [_actor_bundle(model)]
+    strategy = placement_strategy(model) or "STRICT_PACK"
+    if not nodes:
+        raise ConfigError(f"models[{model.name}]: the cluster has no alive node")
+    if strategy == "STRICT_PACK":
+        fits = any(_covers(node, _total(bundles)) for node in nodes)
+    elif strategy == "STRICT_SPREAD":
+        fits = _spreads(bundles, nodes)
+    else:
+        fits = all(any(_covers(node, b) for node in nodes) for b in bundles) and _covers(
+            _total(nodes), _total(bundles)
+        )
+    if not fits:
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
+        raise ConfigError(
+            f"models[{model.name}]: a replica needs bundles {_show(bundles)} placed "
+            f"{strategy} ({_show([_total(bundles)])} in all), but no node can hold them; "
+            f"the largest node has {_show([_useful(largest)])}"
+        )
+
+
+def _actor_bundle(model: ModelConfig) -> Bundle:
+    bundle: Bundle = {"CPU": model.num_cpus}
+    if model.num_gpus > 0:
+        bundle["GPU"] = model.num_gpus
+    return bundle
+
+
+def _total(bundles: Sequence[Mapping[str, float]]) -> Bundle:
+    total: Bundle = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _covers(node: Mapping[str, float], need: Mapping[str, float]) -> bool:
+    return all(node.get(key, 0) + 1e-9 >= value for key, value in need.items())
+
+
+def _spreads(bundles: Sequence[Bundle], nodes: Sequence[Mapping[str, float]]) -> bool:
+    """Each bundle on a different node (greedy: bundles are alike)."""
+    free = [dict(node) for node in nodes]
+    for bundle in bundles:
+        spot = next((node for node in free if _covers(node, bundle)), None)
+        if spot is None:
+            return False
+        free.remove(spot)
+    return True
+
+
+def _useful(node: Mapping[str, float]) -> Bundle:
+    return {key: node[key] for key in ("CPU", "GPU") if key in node}
+
+
+def _show(bundles: Sequence[Mapping[str, float]]) -> str:
+    def one(bundle: Mapping[str, float]) -> str:
+        return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
+
+    return "[" + ", ".join(one(b) for b in bundles) + "]" if len(bundles) != 1 else one(bundles[0])

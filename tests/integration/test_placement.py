@@ -1,0 +1,58 @@
+"""Placement on the session's (single-node, CPU-only) cluster: a multi-worker
+replica gets its STRICT_PACK placement group; one that fits no node fails fast."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import httpx
+import pytest
+
+from tests.integration.conftest import TEST_CONFIG, Gateway
+
+TP_ECHO = {
+    "name": "echo-tp",
+    "engine": "echo",
+    "tensor_parallel_size": 2,
+    "gpus_per_worker": 0,
+    "cpus_per_worker": 0.05,
+    "num_cpus": 0.05,
+}
+
+
+def test_multi_worker_replica_runs_in_its_strict_pack_placement_group(gateway: Gateway, http: httpx.Client) -> None:
+    import ray
+
+    config = copy.deepcopy(TEST_CONFIG)
+    config["models"].append(TP_ECHO)
+    gateway.redeploy(config)
+    try:
+        answer = http.post("/v1/completions", json={"model": "echo-tp", "prompt": "a b", "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+        groups = [
+            g for g in ray.util.placement_group_table().values()
+            if g["state"] == "CREATED" and "echo-tp" in g["name"]
+        ]
+        assert len(groups) == 1, groups
+        assert groups[0]["strategy"] == "STRICT_PACK"
+        assert list(groups[0]["bundles"].values()) == [{"CPU": 0.1}, {"CPU": 0.05}]
+    finally:
+        gateway.redeploy(TEST_CONFIG)
+
+
+def test_a_replica_that_fits_no_node_fails_within_seconds(gateway: Gateway, http: httpx.Client) -> None:
+    from gateway.config import ConfigError
+
+    config = copy.deepcopy(TEST_CONFIG)
+    config["models"].append({"name": "huge", "engine": "echo", "tensor_parallel_size": 8})
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        gateway.redeploy(config)
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert message.startswith("models[huge]: a replica needs bundles [{CPU: 1.5, GPU: 1}")
+    assert "placed STRICT_PACK ({CPU: 8.5, GPU: 8} in all)" in message
+    assert "the largest node has {CPU: 4}" in message
+    # Nothing was submitted: the gateway serves as before.
+    assert http.post("/v1/completions", json={"model": "echo", "prompt": "a", "max_tokens": 1}).status_code == 200

@@ -1,0 +1,114 @@
+"""gateway/placement.py: deployment options from every placement field, and fail-fast."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.config import ConfigError, ModelConfig, parse_config
+from gateway.placement import check_fits, deployment_options
+
+GPU_NODE = {"CPU": 16.0, "GPU": 4.0, "memory": 1e11}
+
+
+def model(**fields: Any) -> ModelConfig:
+    return parse_config({"models": [{"name": "m", "engine": "echo", **fields}]}).models[0]
+
+
+def test_single_worker_replica_has_no_placement_group() -> None:
+    options = deployment_options(model(num_cpus=0.5, num_gpus=0.5, max_ongoing_requests=8, max_queued_requests=4))
+    assert options == {
+        "num_replicas": 1,
+        "max_ongoing_requests": 8,
+        "max_queued_requests": 4,
+        "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.5},  # a fractional GPU is shared
+    }
+
+
+def test_tensor_parallel_replica_gets_one_bundle_per_worker_strict_pack() -> None:
+    options = deployment_options(model(tensor_parallel_size=4, num_cpus=1, cpus_per_worker=2))
+    assert options["placement_group_bundles"] == [
+        {"CPU": 3.0, "GPU": 1.0},  # the replica actor's CPU folded into the first
+        {"CPU": 2.0, "GPU": 1.0},
+        {"CPU": 2.0, "GPU": 1.0},
+        {"CPU": 2.0, "GPU": 1.0},
+    ]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+
+
+def test_pipeline_stages_multiply_workers_and_strategy_is_honoured() -> None:
+    options = deployment_options(
+        model(tensor_parallel_size=2, pipeline_parallel_size=2, placement_strategy="SPREAD", gpus_per_worker=0)
+    )
+    assert len(options["placement_group_bundles"]) == 4
+    assert all("GPU" not in bundle for bundle in options["placement_group_bundles"])
+    assert options["placement_group_strategy"] == "SPREAD"
+
+
+def test_autoscaling_replaces_the_replica_count() -> None:
+    options = deployment_options(
+        model(autoscaling={"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8, "upscale_delay_s": 5})
+    )
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 4,
+        "initial_replicas": None,
+        "target_ongoing_requests": 8.0,
+        "upscale_delay_s": 5.0,
+        "downscale_delay_s": 600.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"autoscaling": {"max_replicas": 2}, "num_replicas": 2}, "set either `num_replicas` or `autoscaling`"),
+        ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas is larger than max_replicas"),
+        ({"autoscaling": {"max_replicas": 2, "initial_replicas": 5}}, "initial_replicas must lie between"),
+        ({"tensor_parallel_size": 2, "num_gpus": 1}, "takes `gpus_per_worker`"),
+        ({"gpus_per_worker": 2}, "less than or equal to 1"),
+        ({"placement_strategy": "ANYWHERE"}, "STRICT_PACK"),
+    ],
+    ids=["both-counts", "min-over-max", "initial-outside", "num-gpus-with-workers", "two-gpus-per-worker", "strategy"],
+)
+def test_invalid_placement_fields_are_refused(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        model(**fields)
+
+
+def test_tensor_parallel_classical_model_is_refused(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match="tensor and pipeline parallelism are for LLM engines"):
+        parse_config({"models": [{"name": "e", "engine": "sentence-transformers", "model": "org/e", "tensor_parallel_size": 2}]})
+
+
+def test_replica_that_fits_one_node_passes() -> None:
+    check_fits(model(tensor_parallel_size=4, num_cpus=1), [GPU_NODE, GPU_NODE])
+
+
+def test_tp8_on_four_gpu_nodes_fails_naming_model_bundles_and_largest_node() -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_fits(model(tensor_parallel_size=8, num_cpus=1), [GPU_NODE, {"CPU": 8.0, "GPU": 2.0}])
+    message = str(caught.value)
+    assert message.startswith("models[m]: a replica needs bundles [{CPU: 2, GPU: 1}, {CPU: 1, GPU: 1}")
+    assert "placed STRICT_PACK ({CPU: 9, GPU: 8} in all)" in message
+    assert message.endswith("the largest node has {CPU: 16, GPU: 4}")
+
+
+def test_spread_may_use_several_nodes_but_each_bundle_must_fit_one() -> None:
+    spread = model(tensor_parallel_size=8, placement_strategy="PACK")
+    check_fits(spread, [GPU_NODE, GPU_NODE])  # 8 GPUs over two nodes
+    with pytest.raises(ConfigError, match="placed PACK"):
+        check_fits(spread, [GPU_NODE])
+    strict = model(tensor_parallel_size=3, placement_strategy="STRICT_SPREAD")
+    with pytest.raises(ConfigError, match="placed STRICT_SPREAD"):
+        check_fits(strict, [GPU_NODE, GPU_NODE])
+    check_fits(strict, [GPU_NODE, GPU_NODE, GPU_NODE])
+
+
+def test_single_worker_replica_must_fit_a_node_too() -> None:
+    with pytest.raises(ConfigError, match=r"needs bundles \{CPU: 0.5, GPU: 2\}"):
+        check_fits(model(num_gpus=2), [GPU_NODE | {"GPU": 1.0}])
+    check_fits(model(num_gpus=0.5), [GPU_NODE])
