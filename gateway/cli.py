@@ -2,6 +2,7 @@
 
 ``llm-gateway serve``        run the gateway in the foreground until SIGINT/SIGTERM
 ``llm-gateway deploy``       apply a changed config to a running gateway
+``llm-gateway status``       each deployment's replicas, nodes and placement
 ``llm-gateway build-model``  build the local models (no hub needed)
 """
 
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     deploy_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="gateway YAML config")
     deploy_cmd.add_argument("--address", default="auto", help="Ray cluster address")
 
+    status_cmd = commands.add_parser(
+        "status", help="each deployment's replicas with their node and placement"
+    )
+    status_cmd.add_argument("--app", default="llm-gateway", help="the gateway's app_name")
+    status_cmd.add_argument("--address", default="auto", help="Ray cluster address")
+    status_cmd.add_argument("--json", action="store_true", help="print JSON")
+
     build_cmd = commands.add_parser("build-model", help="build the local models (tiny chat, iris, MiniLM)")
     build_cmd.add_argument("--out", default=".models", help="directory to build into")
     build_cmd.add_argument("--force", action="store_true", help="rebuild existing models")
@@ -48,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build-model":
             return build_model(Path(args.out), force=args.force)
+        if args.command == "status":
+            return show_status(args.app, args.address, as_json=args.json)
         config = load_config(Path(args.config))
         if args.command == "deploy":
             return redeploy(config, args.address)
@@ -66,6 +76,19 @@ def build_model(out: Path, *, force: bool) -> int:
         print(f"==> local model ready: {path}")
     print(f"==> models ready in {time.monotonic() - started:.0f}s")
     return 0
+
+
+def show_status(app: str, address: str, *, as_json: bool) -> int:
+    import json
+
+    import ray
+
+    from gateway import status
+
+    ray.init(address=address, logging_level=logging.WARNING)
+    found = status.collect(app)
+    print(json.dumps(found, indent=2) if as_json else status.render(found))
+    return 0 if found["applications"] else 1
 
 
 def redeploy(config: GatewayConfig, address: str) -> int:

@@ -13,7 +13,10 @@ config. So the gateway deploys:
 
 ``deploy`` applies a new config in three steps so no request fails: new or
 changed models first, then the ingress's new table, then the removal of models
-no longer listed (Serve lets their requests in flight finish).
+no longer listed (Serve lets their requests in flight finish). When the new
+models need resources that only the leaving ones free, it applies everything
+in one step instead: Serve drains the old replicas and starts the new ones as
+room frees up, and requests for a new model wait for its first replica.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from typing import Any
 
 from gateway.config import GatewayConfig, ModelConfig
-from gateway.placement import check_fits, replica_count
+from gateway.placement import check_fits, fits_free, replica_count
 
 INGRESS_NAME = "GatewayIngress"
 INGRESS_IMPORT_PATH = "gateway.app:ingress_app_builder"
@@ -116,6 +119,19 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
         or (app.get("import_path") == MODEL_IMPORT_PATH and app.get("args", {}).get("gateway") == config.app_name)
     }
     others = {name: app for name, app in current.items() if name not in ours}
+    starting = [  # models whose replicas this deploy starts (new, or new arguments)
+        m for m in config.models
+        if current.get(model_app_name(config.app_name, m.name), {}).get("args")
+        != target[model_app_name(config.app_name, m.name)]["args"]
+    ]
+    leaving = set(current) & ours - set(target)
+    if leaving and not _fits_now(starting):
+        # The new models need room the leaving ones hold: one step, so Serve
+        # drains the old replicas and starts the new ones as room frees up.
+        # Requests for a new model wait for its first replica; none fails.
+        _apply(client, {**others, **target}, list(target), timeout_s)
+        _wait_until_gone(client, leaving, timeout_s)
+        return
     # 1. New and changed models start beside the running ones.
     step = {**current, **{name: target[name] for name in models}}
     if config.app_name not in current:
@@ -126,7 +142,14 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     _apply(client, step, [config.app_name], timeout_s)
     # 3. Models no longer listed go (their requests in flight finish first).
     _apply(client, {**others, **target}, list(target), timeout_s)
-    _wait_until_gone(client, set(current) - set(others) - set(target), timeout_s)
+    _wait_until_gone(client, leaving, timeout_s)
+
+
+def _fits_now(models: list[ModelConfig]) -> bool:
+    """Whether the replicas ``models`` start fit the resources free right now."""
+    from ray._private.state import available_resources_per_node
+
+    return fits_free(models, list(available_resources_per_node().values()))
 
 
 def _deployed_apps(client: Any) -> dict[str, dict[str, Any]]:

@@ -145,3 +145,28 @@ def _show(bundles: Sequence[Mapping[str, float]]) -> str:
         return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
 
     return "[" + ", ".join(one(b) for b in bundles) + "]" if len(bundles) != 1 else one(bundles[0])
+
+
+def fits_free(models: Sequence[ModelConfig], free: Sequence[Mapping[str, float]]) -> bool:
+    """Whether every starting replica of ``models`` fits the ``free`` resources
+    per node together (greedy, first fit), as the scheduler would place them."""
+    left = [dict(node) for node in free]
+    for model in models:
+        bundles = replica_bundles(model) or [_actor_bundle(model)]
+        strict = (placement_strategy(model) or "STRICT_PACK") == "STRICT_PACK"
+        groups = [_total(bundles)] if strict else [dict(b) for b in bundles]
+        for _ in range(_starting_replicas(model)):
+            for need in groups:
+                spot = next((node for node in left if _covers(node, need)), None)
+                if spot is None:
+                    return False
+                for key, value in need.items():
+                    spot[key] = spot.get(key, 0) - value
+    return True
+
+
+def _starting_replicas(model: ModelConfig) -> int:
+    scaling = model.autoscaling
+    if scaling is None:
+        return model.num_replicas
+    return scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import TEST_CONFIG, Gateway
+from tests.integration.conftest import APP, TEST_CONFIG, Gateway
 
 TP_ECHO = {
     "name": "echo-tp",
@@ -37,6 +37,19 @@ def test_multi_worker_replica_runs_in_its_strict_pack_placement_group(gateway: G
         assert len(groups) == 1, groups
         assert groups[0]["strategy"] == "STRICT_PACK"
         assert list(groups[0]["bundles"].values()) == [{"CPU": 0.1}, {"CPU": 0.05}]
+
+        from gateway import status
+
+        found = status.collect(APP)
+        deployment = found["applications"][f"{APP}:echo-tp"]["deployments"]["LLMServer:echo-tp"]
+        assert deployment["placement_strategy"] == "STRICT_PACK"
+        assert deployment["bundles"] == [{"CPU": 0.1}, {"CPU": 0.05}]
+        (replica,) = deployment["replicas"]
+        assert replica["state"] == "RUNNING"
+        assert replica["bundle_nodes"] == [replica["node_id"]] * 2  # both bundles on the replica's node
+        assert set(found["applications"]) >= {APP, f"{APP}:echo", f"{APP}:iris"}
+        text = status.render(found)
+        assert "LLMServer:echo-tp  [HEALTHY]  STRICT_PACK [{CPU: 0.1}, {CPU: 0.05}]" in text
     finally:
         gateway.redeploy(TEST_CONFIG)
 

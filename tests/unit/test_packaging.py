@@ -55,3 +55,40 @@ def test_shipped_configs_validate(path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.chdir(ROOT)  # local model paths resolve against the repo root
     config = load_config(path)
     assert config.models
+
+
+def test_kuberay_manifest_parses_and_its_serve_config_runs_our_schema() -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from gateway.config import parse_config
+    from gateway.placement import deployment_options
+
+    manifest = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == pins(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    )["ray"]
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    assert app.import_path == "gateway.app:app_builder"
+    config = parse_config(app.args["config"])
+    assert config.app_name == app.name
+    options = {m.name: deployment_options(m) for m in config.models}
+    assert options["qwen2.5-7b-instruct"]["placement_group_strategy"] == "STRICT_PACK"
+    assert options["all-minilm-l6-v2"]["ray_actor_options"]["num_gpus"] == 0.5
+
+
+def test_example_gpu_configs_place_as_documented(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.placement import check_fits, deployment_options
+
+    monkeypatch.chdir(ROOT)
+    config = load_config(ROOT / "configs" / "examples" / "multi-gpu.yaml")
+    big = config.model("llama-3.1-70b-instruct")
+    assert deployment_options(big)["placement_group_bundles"] == [
+        {"CPU": 4.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}
+    ]
+    check_fits(big, [{"CPU": 32.0, "GPU": 4.0}])
+    echo = load_config(ROOT / "configs" / "examples" / "echo-tp4.yaml").model("echo-tp4")
+    assert deployment_options(echo)["placement_group_strategy"] == "STRICT_PACK"
+    assert len(deployment_options(echo)["placement_group_bundles"]) == 4

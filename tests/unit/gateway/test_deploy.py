@@ -80,6 +80,7 @@ def test_deploy_starts_new_models_before_routing_to_them_and_removes_old_ones_la
     client = FakeClient({**apps(BASE), "someone-else": other})
     monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
     monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 1.0}})
     swapped = {**BASE, "models": [BASE["models"][0], {"name": "b", "engine": "echo"}], "routing": {}}
     deploy(parse_config(swapped))
     assert client.steps == [
@@ -99,3 +100,16 @@ def test_deploy_fails_before_submitting_anything_when_a_replica_fits_no_node(
     with pytest.raises(ConfigError, match=r"models\[a\]: a replica needs bundles"):
         deploy(parse_config({**big, "routing": {}}))
     assert client.steps == []
+
+
+def test_deploy_swaps_in_one_step_when_the_new_models_need_the_room_of_the_old(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = FakeClient(apps(BASE))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 0.1}})
+    swapped = {**BASE, "models": [BASE["models"][0], {"name": "b", "engine": "echo"}], "routing": {}}
+    deploy(parse_config(swapped))
+    # b (0.5 CPU) cannot start beside e: e goes as b comes, in a single step.
+    assert client.steps == [(["gw", "gw:a", "gw:b"], "a,b")]

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError, ModelConfig, parse_config
-from gateway.placement import check_fits, deployment_options
+from gateway.placement import check_fits, deployment_options, fits_free
 
 GPU_NODE = {"CPU": 16.0, "GPU": 4.0, "memory": 1e11}
 
@@ -112,3 +112,13 @@ def test_single_worker_replica_must_fit_a_node_too() -> None:
     with pytest.raises(ConfigError, match=r"needs bundles \{CPU: 0.5, GPU: 2\}"):
         check_fits(model(num_gpus=2), [GPU_NODE | {"GPU": 1.0}])
     check_fits(model(num_gpus=0.5), [GPU_NODE])
+
+
+def test_fits_free_places_every_starting_replica_together() -> None:
+    one_node_free = [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 0.0}]
+    assert fits_free([model(tensor_parallel_size=4)], one_node_free)
+    assert not fits_free([model(tensor_parallel_size=4, num_replicas=2)], one_node_free)
+    assert not fits_free([model(tensor_parallel_size=2), model(tensor_parallel_size=4)], one_node_free)
+    assert fits_free([model(tensor_parallel_size=4, num_replicas=2)], [GPU_NODE, GPU_NODE])
+    scaled = model(tensor_parallel_size=4, autoscaling={"min_replicas": 1, "max_replicas": 3})
+    assert fits_free([scaled], one_node_free)  # starts with min_replicas
