@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 MODEL = "tiny-chat-v1"
@@ -66,7 +67,7 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, max_tokens: int, i: int) -> Sample:
+async def one_stream(client: aiohttp.ClientSession, url: str, max_tokens: int, i: int) -> Sample:
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": f"Tell story number {i} about the harbour."}],
@@ -78,9 +79,9 @@ async def one_stream(client: httpx.AsyncClient, url: str, max_tokens: int, i: in
     started = time.perf_counter()
     arrivals: list[float] = []
     buffer = b""
-    async with client.stream("POST", url, json=body) as response:
+    async with client.post(url, json=body) as response:
         response.raise_for_status()
-        async for raw in response.aiter_raw():
+        async for raw in response.content.iter_any():
             now = time.perf_counter()
             buffer += raw
             *frames, buffer = buffer.split(b"\n\n")
@@ -99,8 +100,10 @@ async def one_stream(client: httpx.AsyncClient, url: str, max_tokens: int, i: in
 
 async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) -> Result:
     url = base_url + "/v1/chat/completions"
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    # aiohttp, not httpx: httpx's pool, not the server, limits load at high
+    # concurrency on this machine (see benchmarks/classical.py).
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency + 4)) as client:
         # Warm-up at the measured concurrency (not measured): the engine meets
         # its batch shapes here, not in the timed part.
         await asyncio.gather(*(one_stream(client, url, 16, i) for i in range(concurrency)))
