@@ -40,9 +40,6 @@ def _deployment(cls: type) -> Deployment:
 
 def model_deployment(model: ModelConfig) -> Application:
     """The deployment serving ``model``, bound to its config."""
-    options: dict[str, Any] = {}
-    if model.kind != "llm":
-        options["user_config"] = model.batching()
     deployment = _deployment(LLMServer if model.kind == "llm" else ClassicalServer).options(
         name=deployment_name(model),
         **deployment_options(model),
@@ -51,18 +48,17 @@ def model_deployment(model: ModelConfig) -> Application:
         # The ingress logs each request once; a second line per model
         # call costs CPU on the hot path and says nothing new.
         logging_config={"enable_access_log": False},
-        **options,
     )
     return deployment.bind(model)
 
 
-def _ingress(config: GatewayConfig) -> Deployment:
+def _ingress(front_door: FrontDoorConfig, **options: Any) -> Deployment:
     return _deployment(GatewayIngress).options(
         name=INGRESS_NAME,
-        user_config=ingress_user_config(config),
-        num_replicas=config.ingress.num_replicas,
-        max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        num_replicas=front_door.ingress.num_replicas,
+        max_ongoing_requests=front_door.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": front_door.ingress.num_cpus},
+        **options,
     )
 
 
@@ -73,7 +69,8 @@ def build_app(config: GatewayConfig) -> Application:
     """
     check_cluster_fits(config.models)
     handles = {model.name: model_deployment(model) for model in config.models}
-    return _ingress(config).bind(config.front_door(), handles)
+    front_door = config.front_door()
+    return _ingress(front_door, user_config=ingress_user_config(config)).bind(front_door, handles)
 
 
 def model_app_builder(args: dict[str, Any]) -> Application:
@@ -90,13 +87,7 @@ def ingress_app_builder(args: dict[str, Any]) -> Application:
     arrive as the ingress's ``user_config`` (``gateway.deploy``).
     """
     front_door = FrontDoorConfig.model_validate(args["gateway"])
-    deployment = _deployment(GatewayIngress).options(
-        name=INGRESS_NAME,
-        num_replicas=front_door.ingress.num_replicas,
-        max_ongoing_requests=front_door.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": front_door.ingress.num_cpus},
-    )
-    return deployment.bind(front_door, None)
+    return _ingress(front_door).bind(front_door, None)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from gateway.config import GatewayConfig, ModelConfig
-from gateway.placement import check_fits, fits_free, replica_count
+from gateway.placement import check_fits, fits_free, live_options
 
 INGRESS_NAME = "GatewayIngress"
 INGRESS_IMPORT_PATH = "gateway.app:ingress_app_builder"
@@ -54,10 +54,7 @@ def ingress_user_config(config: GatewayConfig) -> dict[str, Any]:
 
 def model_deployment_overrides(model: ModelConfig) -> dict[str, Any]:
     """The live fields of a model's deployment, applied without a restart."""
-    overrides: dict[str, Any] = {"name": deployment_name(model), **replica_count(model)}
-    if model.kind != "llm":
-        overrides["user_config"] = model.batching()
-    return overrides
+    return {"name": deployment_name(model), **live_options(model)}
 
 
 def serve_config(config: GatewayConfig) -> dict[str, Any]:
@@ -111,7 +108,8 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     client = serve_start()  # the running Serve instance (started if absent)
     current = _deployed_apps(client)
     target = {app["name"]: app for app in serve_config(config)["applications"]}
-    models = [name for name in target if name != config.app_name]
+    app_of = {m.name: model_app_name(config.app_name, m.name) for m in config.models}
+    models = list(app_of.values())
     ours = {
         name
         for name, app in current.items()
@@ -121,25 +119,21 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     others = {name: app for name, app in current.items() if name not in ours}
     starting = [  # models whose replicas this deploy starts (new, or new arguments)
         m for m in config.models
-        if current.get(model_app_name(config.app_name, m.name), {}).get("args")
-        != target[model_app_name(config.app_name, m.name)]["args"]
+        if current.get(app_of[m.name], {}).get("args") != target[app_of[m.name]]["args"]
     ]
     leaving = set(current) & ours - set(target)
-    if leaving and not _fits_now(starting):
-        # The new models need room the leaving ones hold: one step, so Serve
-        # drains the old replicas and starts the new ones as room frees up.
-        # Requests for a new model wait for its first replica; none fails.
-        _apply(client, {**others, **target}, list(target), timeout_s)
-        _wait_until_gone(client, leaving, timeout_s)
-        return
-    # 1. New and changed models start beside the running ones.
-    step = {**current, **{name: target[name] for name in models}}
-    if config.app_name not in current:
+    # When the new models need room the leaving ones hold, steps 1 and 2 are
+    # skipped: step 3 alone drains the old replicas while Serve starts the new
+    # ones as room frees up (requests for a new model wait for its first replica).
+    if not leaving or _fits_now(starting):
+        # 1. New and changed models start beside the running ones.
+        step = {**current, **{name: target[name] for name in models}}
+        if config.app_name not in current:
+            step[config.app_name] = target[config.app_name]
+        _apply(client, step, models, timeout_s)
+        # 2. The ingress routes with the new table.
         step[config.app_name] = target[config.app_name]
-    _apply(client, step, models, timeout_s)
-    # 2. The ingress routes with the new table.
-    step[config.app_name] = target[config.app_name]
-    _apply(client, step, [config.app_name], timeout_s)
+        _apply(client, step, [config.app_name], timeout_s)
     # 3. Models no longer listed go (their requests in flight finish first).
     _apply(client, {**others, **target}, list(target), timeout_s)
     _wait_until_gone(client, leaving, timeout_s)

@@ -53,17 +53,23 @@ def autoscaling_config(model: ModelConfig) -> dict[str, Any] | None:
     }
 
 
-def replica_count(model: ModelConfig) -> dict[str, Any]:
-    """``num_replicas`` or ``autoscaling_config``: the options a redeploy applies live."""
+def live_options(model: ModelConfig) -> dict[str, Any]:
+    """The options a redeploy applies without a restart: ``num_replicas`` or
+    ``autoscaling_config``, and a classical model's batching as ``user_config``."""
     scaling = autoscaling_config(model)
-    return {"autoscaling_config": scaling} if scaling else {"num_replicas": model.num_replicas}
+    options: dict[str, Any] = (
+        {"autoscaling_config": scaling} if scaling else {"num_replicas": model.num_replicas}
+    )
+    if model.kind != "llm":
+        options["user_config"] = model.batching()
+    return options
 
 
 def deployment_options(model: ModelConfig) -> dict[str, Any]:
     """The Serve deployment options for ``model``'s replicas."""
     bundles = replica_bundles(model)
     options: dict[str, Any] = {
-        **replica_count(model),
+        **live_options(model),
         "max_ongoing_requests": model.max_ongoing_requests,
         "max_queued_requests": model.max_queued_requests,
         # With bundles, the actor's GPUs are its workers': the actor takes none.
@@ -140,11 +146,17 @@ def _useful(node: Mapping[str, float]) -> Bundle:
     return {key: node[key] for key in ("CPU", "GPU") if key in node}
 
 
-def _show(bundles: Sequence[Mapping[str, float]]) -> str:
-    def one(bundle: Mapping[str, float]) -> str:
-        return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
+def format_bundles(bundles: Sequence[Mapping[str, float]]) -> str:
+    """``[{CPU: 2, GPU: 1}, ...]``: bundles as error messages and `status` show them."""
+    return "[" + ", ".join(_format_bundle(b) for b in bundles) + "]"
 
-    return "[" + ", ".join(one(b) for b in bundles) + "]" if len(bundles) != 1 else one(bundles[0])
+
+def _format_bundle(bundle: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
+
+
+def _show(bundles: Sequence[Mapping[str, float]]) -> str:
+    return format_bundles(bundles) if len(bundles) != 1 else _format_bundle(bundles[0])
 
 
 def fits_free(models: Sequence[ModelConfig], free: Sequence[Mapping[str, float]]) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.placement import format_bundles
+
 
 def collect(app_name: str) -> dict[str, Any]:
     """The gateway's deployments as Serve and Ray report them (needs ``ray.init``).
@@ -67,7 +69,7 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"{app_name}  [{app['status']}]")
         for name, dep in app["deployments"].items():
             placement = (
-                f"  {dep['placement_strategy']} {_bundles(dep['bundles'])}" if dep["bundles"] else ""
+                f"  {dep['placement_strategy']} {format_bundles(dep['bundles'])}" if dep["bundles"] else ""
             )
             lines.append(f"  {name}  [{dep['status']}]{placement}")
             for r in dep["replicas"]:
@@ -82,6 +84,3 @@ def render(status: dict[str, Any]) -> str:
 def _short(node_id: str | None) -> str:
     return (node_id or "?")[:8]
 
-
-def _bundles(bundles: list[dict[str, float]]) -> str:
-    return "[" + ", ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in b.items()) + "}" for b in bundles) + "]"

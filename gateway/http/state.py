@@ -65,8 +65,9 @@ class GatewayState:
         handles: dict[str, tuple[ModelConfig, Any]] = {}
         for model in config.models:
             old = self._handles.get(model.name)
-            same = old is not None and old[0].kind == model.kind
-            handles[model.name] = (model, old[1] if same and old else self._handle_for(model))
+            # Same name and kind: same deployment, so the handle stays.
+            keep = old is not None and old[0].kind == model.kind
+            handles[model.name] = (model, old[1] if keep and old else self._handle_for(model))
         self.config = config
         self._handles = handles
         self._context = {
