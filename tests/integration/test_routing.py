@@ -92,10 +92,14 @@ async def test_unknown_alias_is_404(gateway: Gateway) -> None:
 
 
 def replica_process(model: str) -> tuple[int, float]:
-    """(pid, start time) of the model's replica: a restart changes both."""
+    """(pid, start time) of the model's replica: a restart changes both.
+
+    Ray retitles an actor process while it runs a task (`...:iris.check_health`),
+    so the method suffix is optional.
+    """
     import psutil
 
-    title = re.compile(rf"Server:{re.escape(model)}(\s|$)")
+    title = re.compile(rf"Server:{re.escape(model)}(\.\w+)?(\s|$)")
     for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
         if title.search(" ".join(proc.info["cmdline"] or [])):
             return proc.info["pid"], proc.info["create_time"]
