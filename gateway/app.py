@@ -28,6 +28,7 @@ from gateway.config import (
 )
 from gateway.deploy import INGRESS_NAME, check_cluster_fits, deployment_name, ingress_user_config
 from gateway.http.ingress import GatewayIngress
+from gateway.metrics.hub import HUB_NAME, MetricsHub
 from gateway.placement import deployment_options
 from models.classical.server import ClassicalServer
 from models.llm.server import LLMServer
@@ -38,8 +39,12 @@ def _deployment(cls: type) -> Deployment:
     return cast(Deployment, serve.deployment(cls))
 
 
-def model_deployment(model: ModelConfig) -> Application:
-    """The deployment serving ``model``, bound to its config."""
+def model_deployment(model: ModelConfig, gateway_app: str | None = None) -> Application:
+    """The deployment serving ``model``, bound to its config.
+
+    ``gateway_app`` names the application holding the metrics hub (None: the
+    model's own application, as in the single-application form).
+    """
     deployment = _deployment(LLMServer if model.kind == "llm" else ClassicalServer).options(
         name=deployment_name(model),
         **deployment_options(model),
@@ -49,7 +54,20 @@ def model_deployment(model: ModelConfig) -> Application:
         # call costs CPU on the hot path and says nothing new.
         logging_config={"enable_access_log": False},
     )
+    if model.kind == "llm":
+        return deployment.bind(model, hub_app=gateway_app)
     return deployment.bind(model)
+
+
+def _hub() -> Application:
+    # One small replica: it only sums snapshots and writes the page.
+    hub = _deployment(MetricsHub).options(
+        name=HUB_NAME,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        logging_config={"enable_access_log": False},
+    )
+    return hub.bind()
 
 
 def _ingress(front_door: FrontDoorConfig, **options: Any) -> Deployment:
@@ -70,14 +88,15 @@ def build_app(config: GatewayConfig) -> Application:
     check_cluster_fits(config.models)
     handles = {model.name: model_deployment(model) for model in config.models}
     front_door = config.front_door()
-    return _ingress(front_door, user_config=ingress_user_config(config)).bind(front_door, handles)
+    ingress = _ingress(front_door, user_config=ingress_user_config(config))
+    return ingress.bind(front_door, handles, _hub())
 
 
 def model_app_builder(args: dict[str, Any]) -> Application:
     """One model's application; ``args["model"]`` is its config (``gateway.deploy``)."""
     model = ModelConfig.model_validate(args["model"])
     check_cluster_fits([model])
-    return model_deployment(model)
+    return model_deployment(model, gateway_app=args.get("gateway"))
 
 
 def ingress_app_builder(args: dict[str, Any]) -> Application:
@@ -87,7 +106,7 @@ def ingress_app_builder(args: dict[str, Any]) -> Application:
     arrive as the ingress's ``user_config`` (``gateway.deploy``).
     """
     front_door = FrontDoorConfig.model_validate(args["gateway"])
-    return _ingress(front_door).bind(front_door, None)
+    return _ingress(front_door).bind(front_door, None, _hub())
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -276,6 +276,12 @@ class IngressConfig(_Strict):
     retry_after_s: int = Field(
         1, ge=0, description="`Retry-After` seconds sent with 503 when a model is busy or down."
     )
+    access_log: str = Field(
+        "stderr",
+        min_length=1,
+        description="Where each ingress replica writes its JSON access log: `stderr`, `off`, "
+        "or a file path that every replica appends to.",
+    )
 
 
 class ShadowConfig(_Strict):

@@ -5,12 +5,17 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from gateway.http.handlers import install_handlers
-from gateway.http.request_id import RequestIdMiddleware
-from gateway.http.routes import chat, completions, embeddings, health, models, predict
+from gateway.http.observe import ObservabilityMiddleware, route_matcher
+from gateway.http.routes import chat, completions, embeddings, health, metrics, models, predict
 from gateway.http.state import GatewayState
 
+# Scrapes are not requests to measure: each would show in the next.
+UNMEASURED = frozenset({"/metrics"})
 
-def build_api(state: GatewayState) -> FastAPI:
+
+def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
+    """The app; ``server_echoes_id`` when Serve echoes each request's
+    ``x-request-id`` itself (see ``gateway.http.observe``)."""
     app = FastAPI(
         title="llm-gateway",
         summary="OpenAI-compatible gateway",
@@ -18,8 +23,14 @@ def build_api(state: GatewayState) -> FastAPI:
         redoc_url=None,
     )
     app.state.gateway = state
-    for module in (chat, completions, embeddings, predict, models, health):
+    for module in (chat, completions, embeddings, predict, models, health, metrics):
         app.include_router(module.router)
     install_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(
+        ObservabilityMiddleware,
+        metrics=state.metrics,
+        access_log=state.access_log,
+        route_of=route_matcher(app.router.routes, UNMEASURED),
+        server_echoes_id=server_echoes_id,
+    )
     return app

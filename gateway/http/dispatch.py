@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -20,7 +21,8 @@ from gateway.errors import (
     ModelNotSupportedError,
 )
 from gateway.http.handlers import as_gateway_error
-from gateway.protocol.engine import Endpoint, EngineRequest
+from gateway.metrics.recorder import GatewayMetrics, RequestRecord
+from gateway.protocol.engine import Endpoint, EngineRequest, Reply
 from gateway.protocol.envelope import ModelEnvelope, RequestEnvelope
 from gateway.routing.table import Route, RouteTable
 
@@ -72,8 +74,10 @@ class ModelDispatcher:
         retry_after_s: int,
         cohort_header: str = "x-session-id",
         kinds: Mapping[str, str] | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._retry_after_s = retry_after_s
+        self._metrics = metrics if metrics is not None else GatewayMetrics()
         self._shadow_calls: set[asyncio.Task[None]] = set()
         self._handles: dict[str, _ModelHandles] = {}
         self.use_routes(routes, cohort_header, handles, kinds)
@@ -115,8 +119,12 @@ class ModelDispatcher:
         route = self._routes.resolve(name, key)
         if route is None:
             raise ModelNotFoundError.for_model(name)
+        record = _record_of(request)
+        record.model, record.stream = name, stream
         self._check_kind(endpoint, name, route)
-        request_id: str = request.state.request_id
+        if route.alias:
+            self._metrics.assigned(name, route.target)
+        request_id = record.request_id
         in_body = envelope is not None  # OpenAI bodies name their model
         if route.shadow is not None:
             shadow_body = {**body, "model": route.shadow} if in_body else body
@@ -126,17 +134,19 @@ class ModelDispatcher:
             routed = {**body, "model": target} if in_body and target != name else body
             call = EngineRequest(endpoint, routed, request_id, target)
             headers = {VARIANT_HEADER: target}
+            record.variant = target
             try:
                 if not stream:
-                    return await self._unary(self._handles[target], call, request, headers)
-                return await self._stream(self._handles[target], call, headers)
+                    return await self._unary(self._handles[target], call, request, headers, record)
+                return await self._stream(self._handles[target], call, headers, record)
             except GatewayError as error:
                 error.extra_headers.update(headers)
                 # Fallback only for failures of ours, before any byte was sent.
                 if error.status_code < 500 or target == candidates[-1]:
                     raise
                 logger.warning(
-                    "%s failed before its first byte (%s): trying the next variant",
+                    "request %s: %s failed before its first byte (%s): trying the next variant",
+                    request_id,
                     target,
                     error.code,
                 )
@@ -169,8 +179,14 @@ class ModelDispatcher:
             logger.info("shadow request to %s failed: %s", call.model, exc)
 
     async def _unary(
-        self, handles: _ModelHandles, call: EngineRequest, request: Request, headers: dict[str, str]
+        self,
+        handles: _ModelHandles,
+        call: EngineRequest,
+        request: Request,
+        headers: dict[str, str],
+        record: RequestRecord,
     ) -> Response:
+        waited = time.perf_counter()
         response = handles.unary.remote(call)
         answer = asyncio.ensure_future(_result(response))
         hang_up = asyncio.ensure_future(_disconnected(request))
@@ -178,20 +194,27 @@ class ModelDispatcher:
             await asyncio.wait({answer, hang_up}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             hang_up.cancel()
+            record.model_wait_s += time.perf_counter() - waited
         if not answer.done():
             # The client left: cancelling the call aborts the engine request.
             response.cancel()
             answer.cancel()
             return Response(status_code=499)
         try:
-            payload = answer.result()
+            reply: Reply = answer.result()
         except Exception as exc:
             raise self._error(exc) from None
-        return Response(payload, media_type="application/json", headers=headers)
+        self._answered(record, reply)
+        return Response(reply.body, media_type="application/json", headers=headers)
 
     async def _stream(
-        self, handles: _ModelHandles, call: EngineRequest, headers: dict[str, str]
+        self,
+        handles: _ModelHandles,
+        call: EngineRequest,
+        headers: dict[str, str],
+        record: RequestRecord,
     ) -> Response:
+        waited = time.perf_counter()
         stream = handles.stream.remote(call)
         try:
             first = await stream.__anext__()
@@ -200,16 +223,35 @@ class ModelDispatcher:
         except Exception as exc:
             # Known before any byte left: a plain HTTP error, not a 200 stream.
             raise self._error(exc) from None
+        finally:
+            record.model_wait_s += time.perf_counter() - waited
         return StreamingResponse(
-            self._relay(first, stream), media_type=sse.MEDIA_TYPE, headers=headers
+            self._relay(first, stream, record), media_type=sse.MEDIA_TYPE, headers=headers
         )
 
-    async def _relay(self, first: bytes, stream: Any) -> AsyncIterator[bytes]:
+    def _answered(self, record: RequestRecord, reply: Reply) -> None:
+        record.outcome = reply.outcome
+        self._metrics.answered(record.model, record.variant, reply.outcome)
+
+    async def _relay(
+        self, first: bytes | Reply, stream: Any, record: RequestRecord
+    ) -> AsyncIterator[bytes]:
+        """Yields the stream's bytes; its last item (a ``Reply``) also carries the outcome,
+        counted once that last item has been handed to the client."""
         finished = False
         try:
-            yield first
-            async for chunk in stream:
-                yield chunk
+            chunk = first
+            while True:
+                if isinstance(chunk, Reply):
+                    if chunk.body:
+                        yield chunk.body
+                    self._answered(record, chunk)
+                else:
+                    yield chunk
+                try:
+                    chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
             finished = True
         except Exception as exc:
             finished = True
@@ -223,6 +265,15 @@ class ModelDispatcher:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
 
 
+def _record_of(request: Request) -> RequestRecord:
+    """The record the observability middleware made (a fresh one where it is absent)."""
+    record = getattr(request.state, "record", None)
+    if record is None:
+        record = RequestRecord(getattr(request.state, "request_id", ""), "", time.perf_counter())
+        request.state.record = record
+    return record
+
+
 def _envelope(endpoint: Endpoint, body: dict[str, Any]) -> ModelEnvelope:
     """The routing fields of an OpenAI body; only chat and completions stream."""
     schema = RequestEnvelope if endpoint in ("chat", "completion") else ModelEnvelope
@@ -232,7 +283,7 @@ def _envelope(endpoint: Endpoint, body: dict[str, Any]) -> ModelEnvelope:
         raise InvalidRequestError.from_validation(exc) from None
 
 
-async def _result(response: Any) -> bytes:
+async def _result(response: Any) -> Reply:
     return await response  # type: ignore[no-any-return]
 
 

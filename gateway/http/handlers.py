@@ -18,12 +18,28 @@ from gateway.errors import (
     OverloadedError,
     ServiceUnavailableError,
 )
+from gateway.http.observe import current_request_id
 
 logger = logging.getLogger(__name__)
 
 
-def error_response(error: GatewayError) -> JSONResponse:
+def error_response(error: GatewayError, request: Request | None = None) -> JSONResponse:
+    """The error's envelope; with ``request``, also noted in its access-log line
+    and, for 5xx, written to the error log under the request's id."""
+    if request is not None:
+        _note(request, error)
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
+
+
+def _note(request: Request, error: GatewayError) -> None:
+    record = getattr(request.state, "record", None)
+    if record is None:
+        return
+    record.error = error.code or error.type
+    if error.status_code >= 500:
+        state = getattr(request.app.state, "gateway", None)
+        if state is not None:
+            state.access_log.error(record.request_id, error.status_code, record.error, error.message)
 
 
 def as_gateway_error(exc: BaseException, *, retry_after_s: int = 1) -> GatewayError:
@@ -61,21 +77,24 @@ def as_gateway_error(exc: BaseException, *, retry_after_s: int = 1) -> GatewayEr
             "The model is temporarily unavailable; please retry shortly.",
             retry_after_s=retry_after_s,
         )
-    logger.error("unexpected error while serving a request", exc_info=exc)
+    logger.error(
+        "request %s: unexpected error while serving it", current_request_id.get(), exc_info=exc
+    )
     return InternalServerError("The server had an error while processing your request.")
 
 
 def install_handlers(app: FastAPI) -> None:
     """Registers the handlers; FastAPI's 422 ``detail`` bodies never reach a client."""
 
-    async def on_gateway_error(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(as_gateway_error(exc))
+    async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(as_gateway_error(exc), request)
 
-    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first["loc"][1:]) or None
-        return error_response(InvalidRequestError(f"Invalid request: {first['msg']}", param=param))
+        error = InvalidRequestError(f"Invalid request: {first['msg']}", param=param)
+        return error_response(error, request)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -89,7 +108,7 @@ def install_handlers(app: FastAPI) -> None:
         else:
             error = InternalServerError("The server had an error while processing your request.")
         error.extra_headers.update(exc.headers or {})  # e.g. 405's `Allow`
-        return error_response(error)
+        return error_response(error, request)
 
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -17,14 +17,36 @@ from gateway.config import FrontDoorConfig, ModelConfig
 from gateway.deploy import deployment_name, model_app_name
 from gateway.http.api import build_api
 from gateway.http.state import GatewayState
+from gateway.metrics.hub import MetricsReporter
+
+
+def replica_source() -> str:
+    """This replica's id, as it reports to the metrics hub."""
+    return str(serve.get_replica_context().replica_id.unique_id)
 
 
 @serve.ingress()
 class GatewayIngress:
-    def __init__(self, front_door: FrontDoorConfig, handles: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self, front_door: FrontDoorConfig, handles: Mapping[str, Any] | None, hub: Any = None
+    ) -> None:
         self._bound = dict(handles) if handles is not None else None
         self._app = front_door.app_name
-        self._state = GatewayState(front_door, self._handle_for, self._app_for)
+        source = replica_source()
+        state = self._state = GatewayState(
+            front_door, self._handle_for, self._app_for, hub=hub, source=source
+        )
+
+        async def send(snapshot: Any) -> None:
+            if hub is not None:
+                await hub.report.remote(source, snapshot)
+
+        self._reporter = MetricsReporter(
+            send=send,
+            collect=state.metrics.snapshot,
+            changed=lambda: state.metrics.version,
+            after_each=state.access_log.flush,
+        )
 
     def _handle_for(self, model: ModelConfig) -> Any:
         if self._bound is not None:
@@ -48,7 +70,9 @@ class GatewayIngress:
         keep the variant they were given. The replica is not restarted.
         """
         self._state.apply(user_config["models"], user_config["routing"])
+        self._reporter.start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built in the replica, after __init__, so the app holds this replica's state.
-        return build_api(self._state)
+        # Serve's own middleware echoes x-request-id on every response.
+        return build_api(self._state, server_echoes_id=True)

@@ -9,7 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import FrontDoorConfig, GatewayConfig, ModelConfig
+from gateway.http.access_log import AccessLog
 from gateway.http.dispatch import ModelDispatcher
+from gateway.metrics.families import FAMILIES
+from gateway.metrics.recorder import GatewayMetrics
+from gateway.metrics.registry import render
 from gateway.protocol.models import AliasVariant, ModelCard
 from gateway.routing.table import Alias, RouteTable
 from gateway.routing.weighted import Variant
@@ -36,8 +40,10 @@ class GatewayState:
     """Bound to the FastAPI app as ``app.state.gateway`` by the ingress replica.
 
     ``handle_for`` gives the DeploymentHandle of a model; ``app_for`` names
-    the Serve application that holds it (for readiness). Until ``apply`` is
-    first called the gateway serves no model.
+    the Serve application that holds it (for readiness); ``hub`` is the
+    ``MetricsHub`` handle (None: this replica's metrics alone), to which this
+    replica reports as ``source``. Until ``apply`` is first called the
+    gateway serves no model.
     """
 
     def __init__(
@@ -45,12 +51,20 @@ class GatewayState:
         front_door: FrontDoorConfig,
         handle_for: Callable[[ModelConfig], Any],
         app_for: Callable[[ModelConfig], str],
+        hub: Any = None,
+        source: str = "local",
     ) -> None:
         self.front_door = front_door
         self._handle_for = handle_for
         self._app_for = app_for
+        self._hub = hub
+        self.source = source
+        self.metrics = GatewayMetrics()
+        self.access_log = AccessLog(front_door.ingress.access_log, replica=source)
         self.config: GatewayConfig | None = None
-        self.dispatcher = ModelDispatcher(RouteTable([]), {}, front_door.ingress.retry_after_s)
+        self.dispatcher = ModelDispatcher(
+            RouteTable([]), {}, front_door.ingress.retry_after_s, metrics=self.metrics
+        )
         self._handles: dict[str, tuple[ModelConfig, Any]] = {}
         self._created = int(time.time())
         self._context: dict[str, int | None] = {}
@@ -82,6 +96,13 @@ class GatewayState:
         logger.info(
             "serving %d models, %d routes", len(config.models), len(config.routing.routes)
         )
+
+    async def metrics_page(self) -> str:
+        """The whole gateway's metrics (this replica's alone when there is no hub)."""
+        if self._hub is None:
+            return render(FAMILIES, self.metrics.snapshot())
+        page: str = await self._hub.render.remote(self.source, self.metrics.snapshot())
+        return page
 
     @property
     def routes(self) -> RouteTable:

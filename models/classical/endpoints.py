@@ -38,6 +38,7 @@ class Job:
     inputs: Any
     render: Callable[[Job, list[Any]], bytes]
     options: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: int = 0
 
 
 def parse(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
@@ -100,7 +101,13 @@ def _parse_embedding(request: EngineRequest, predictor: Predictor, cap: int) -> 
             param="dimensions",
         )
     inputs = predictor.inputs(texts, "input")
-    return Job(request, inputs, _render_embedding, {"format": embedding.encoding_format})
+    return Job(
+        request,
+        inputs,
+        _render_embedding,
+        {"format": embedding.encoding_format},
+        prompt_tokens=sum(inputs[1]),
+    )
 
 
 def _render_embedding(job: Job, vectors: list[Any]) -> bytes:
@@ -116,7 +123,7 @@ def _render_embedding(job: Job, vectors: list[Any]) -> bytes:
         )
         for index, v in enumerate(vectors)
     ]
-    tokens = sum(job.inputs[1])
+    tokens = job.prompt_tokens
     usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
     return _json(EmbeddingResponse(data=data, model=job.request.model, usage=usage))
 

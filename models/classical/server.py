@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 
 from gateway.errors import GatewayError, InternalServerError
+from gateway.protocol.engine import Outcome, Reply
 from models.classical.endpoints import Job, parse
 from models.classical.predictor import Predictor, load_predictor
 from models.llm.server import ClientErrorFilter
@@ -29,8 +30,9 @@ logger = logging.getLogger(__name__)
 class ClassicalServer:
     """A Serve deployment class (made a deployment in ``gateway.app``).
 
-    ``generate`` answers one request with the response's JSON bytes, or
-    raises ``gateway.errors.GatewayError``. Batching settings arrive through
+    ``generate`` answers one request with a ``Reply`` (the response's JSON
+    bytes and its outcome: tokens, and the batch's size on one request of
+    each batch), or raises ``gateway.errors.GatewayError``. Batching settings arrive through
     ``reconfigure`` (the deployment's ``user_config``), so they change live.
     """
 
@@ -62,13 +64,13 @@ class ClassicalServer:
         self._run_batch.set_max_batch_size(self._batching["max_batch_size"])
         self._run_batch.set_batch_wait_timeout_s(self._batching["batch_wait_timeout_s"])
 
-    async def generate(self, request: EngineRequest) -> bytes:
+    async def generate(self, request: EngineRequest) -> Reply:
         result = await self._run_batch(request)
         if isinstance(result, GatewayError):
             raise result
         return result  # type: ignore[no-any-return]
 
-    async def _batch(self, requests: list[EngineRequest]) -> list[bytes | GatewayError]:
+    async def _batch(self, requests: list[EngineRequest]) -> list[Reply | GatewayError]:
         self._batch_sizes[len(requests)] += 1
         jobs: list[Job | GatewayError] = []
         for request in requests:
@@ -82,7 +84,8 @@ class ClassicalServer:
         # a worker thread fought the loop for the GIL, took requests in one by
         # one and made batches a third as large (and throughput 30% lower).
         answers = iter(self._answer(valid) if valid else [])
-        return [job if isinstance(job, GatewayError) else next(answers) for job in jobs]
+        results = [job if isinstance(job, GatewayError) else next(answers) for job in jobs]
+        return _replies(jobs, results)
 
     def _answer(self, jobs: list[Job]) -> list[bytes | GatewayError]:
         try:
@@ -100,3 +103,20 @@ class ClassicalServer:
 
     async def check_health(self) -> None:
         """Called by Serve's health checks: the model is loaded in-process."""
+
+
+def _replies(
+    jobs: list[Job | GatewayError], results: list[bytes | GatewayError]
+) -> list[Reply | GatewayError]:
+    """Answers with their outcomes; the batch's size rides on its first answer
+    (a batch whose every request failed has none to ride on, and is not counted)."""
+    replies: list[Reply | GatewayError] = []
+    size: int | None = len(jobs)
+    for job, result in zip(jobs, results):
+        if isinstance(result, GatewayError):
+            replies.append(result)
+            continue
+        assert not isinstance(job, GatewayError)  # a failed job has its error as result
+        replies.append(Reply(result, Outcome(prompt_tokens=job.prompt_tokens, batch_size=size)))
+        size = None
+    return replies

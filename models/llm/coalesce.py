@@ -21,10 +21,25 @@ async def coalesce(
     Closing this generator early stops the reading of ``frames`` and closes
     it, which aborts the engine request behind it.
     """
+    marked = coalesce_marked(frames, hold)
+    try:
+        async for batch, _ in marked:
+            yield batch
+    finally:
+        await marked.aclose()
+
+
+async def coalesce_marked(
+    frames: AsyncIterator[bytes], hold: Callable[[], float]
+) -> AsyncGenerator[tuple[bytes, bool], None]:
+    """As ``coalesce``, yielding ``(batch, last)``: ``last`` is true when ``frames``
+    had ended as the batch was taken. (A stream that ends just after a batch
+    leaves the last batch unmarked: its end shows only as the generator's end.)
+    """
     batches = _batches(frames, hold)
     try:
-        async for batch in batches:
-            yield batch
+        async for marked in batches:
+            yield marked
     finally:
         # Inner first: it cancels the task that may be iterating ``frames``.
         await batches.aclose()
@@ -34,7 +49,7 @@ async def coalesce(
 
 async def _batches(
     frames: AsyncIterator[bytes], hold: Callable[[], float]
-) -> AsyncGenerator[bytes, None]:
+) -> AsyncGenerator[tuple[bytes, bool], None]:
     buffer: list[bytes] = []
     arrived = asyncio.Event()
 
@@ -64,7 +79,7 @@ async def _batches(
             if buffer:
                 batch = b"".join(buffer)
                 buffer.clear()
-                yield batch
+                yield batch, reader.done()
             if reader.done() and not buffer:
                 break
         reader.result()  # re-raise an error of the engine stream

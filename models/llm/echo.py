@@ -27,6 +27,7 @@ from models.llm.engine import EngineInfo
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
     from gateway.protocol.engine import EngineRequest
+    from models.llm.tally import GenerationTally
 
 DEFAULT_CONTEXT = 4096
 
@@ -83,25 +84,38 @@ class EchoEngine:
     def num_unfinished_requests(self) -> int:
         return self._in_flight
 
+    def metrics_text(self) -> str | None:
+        return None
+
     async def check_health(self) -> None:
         return None
 
     async def shutdown(self) -> None:
         return None
 
-    async def generate(self, request: EngineRequest) -> bytes | AsyncIterator[bytes]:
+    async def generate(
+        self, request: EngineRequest, tally: GenerationTally
+    ) -> bytes | AsyncIterator[bytes]:
         plan = self._plan(request)
+        tally.prompt_tokens = plan.prompt_tokens
         if not request.stream:
-            return json.dumps(_render(plan), separators=(",", ":")).encode()
-        return self._stream(plan)
+            body = json.dumps(_render(plan), separators=(",", ":")).encode()
+            _all_tokens_now(tally, plan.completion_tokens)
+            return body
+        return self._stream(plan, tally)
 
-    async def _stream(self, plan: _Plan) -> AsyncIterator[bytes]:
+    async def _stream(self, plan: _Plan, tally: GenerationTally) -> AsyncIterator[bytes]:
         self._in_flight += 1
         try:
             for chunk in _chunks(plan):
                 if self._token_delay_s:
                     await asyncio.sleep(self._token_delay_s)
                 yield sse.frame(chunk)
+                tally.first_token()
+            tokens = tally.completion_tokens = plan.completion_tokens
+            if tokens > 1 and tally.first_token_s is not None:
+                spread = time.time() - tally.started - tally.first_token_s
+                tally.gaps(spread / (tokens - 1), tokens - 1)
             yield sse.DONE
         finally:
             self._in_flight -= 1
@@ -173,6 +187,14 @@ class EchoEngine:
                 param=param,
             )
         return requested
+
+
+def _all_tokens_now(tally: GenerationTally, tokens: int) -> None:
+    """Echo's tokens exist all at once: the first now, the rest no later."""
+    tally.completion_tokens = tokens
+    if tokens:
+        tally.first_token()
+        tally.gaps(0.0, tokens - 1)
 
 
 def _text(content: str | list[dict[str, Any]] | None) -> str:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
     from gateway.protocol.engine import EngineRequest
+    from models.llm.tally import GenerationTally
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,15 +28,23 @@ class LLMEngine(Protocol):
     streaming one. Errors known before the first frame are raised as
     ``gateway.errors.GatewayError``; later ones arrive as an error frame.
     Cancelling the iterator (or the awaiting task) aborts the engine request.
+    The engine counts the request's tokens and times them in ``tally`` as it
+    answers: complete once the body is returned or the stream has ended.
     """
 
     async def start(self) -> None: ...
 
-    async def generate(self, request: EngineRequest) -> bytes | AsyncIterator[bytes]: ...
+    async def generate(
+        self, request: EngineRequest, tally: GenerationTally
+    ) -> bytes | AsyncIterator[bytes]: ...
 
     def info(self) -> EngineInfo: ...
 
     def num_unfinished_requests(self) -> int: ...
+
+    def metrics_text(self) -> str | None:
+        """The engine's own metrics in Prometheus text format; None if it keeps none."""
+        ...
 
     async def check_health(self) -> None: ...
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError
-from models.llm.coalesce import coalesce
+from gateway.metrics.hub import HUB_NAME, MetricsReporter
+from gateway.protocol.engine import Reply
+from models.llm.coalesce import coalesce_marked
 from models.llm.engine import EngineInfo, LLMEngine, make_engine
+from models.llm.tally import GenerationTally
 
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
@@ -31,14 +35,16 @@ class ClientErrorFilter(logging.Filter):
 class LLMServer:
     """A Serve deployment class (made a deployment in ``gateway.app``).
 
-    ``generate`` answers non-streaming requests with the response's JSON bytes;
-    ``generate_stream`` yields SSE bytes, coalesced after the first frame.
-    Both raise ``gateway.errors.GatewayError`` for errors known up front.
+    ``generate`` answers non-streaming requests with a ``Reply``: the
+    response's JSON bytes and the request's outcome (tokens, timings).
+    ``generate_stream`` yields SSE bytes, coalesced after the first frame; its
+    last item is a ``Reply`` holding the last bytes and the outcome. Both
+    raise ``gateway.errors.GatewayError`` for errors known up front.
     """
 
     # Ray actors (and so Serve replicas) may construct asynchronously.
     async def __init__(  # type: ignore[misc]
-        self, config: ModelConfig, engine: LLMEngine | None = None
+        self, config: ModelConfig, engine: LLMEngine | None = None, hub_app: str | None = None
     ) -> None:
         logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
         self._config = config
@@ -47,24 +53,32 @@ class LLMServer:
         self._engine = engine if engine is not None else make_engine(config)
         logger.info("starting %s engine for %s", config.engine, config.name)
         await self._engine.start()
+        self._reporter = _engine_metrics_reporter(self._engine, hub_app)
         logger.info("%s ready", config.name)
 
-    async def generate(self, request: EngineRequest) -> bytes:
+    async def generate(self, request: EngineRequest) -> Reply:
         self._requests += 1
-        result = await self._engine.generate(request)
+        tally = GenerationTally()
+        result = await self._engine.generate(request, tally)
         if not isinstance(result, bytes):
             raise TypeError("engine returned a stream for a non-streaming request")
-        return result
+        return Reply(result, tally.outcome())
 
-    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[bytes]:
+    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[bytes | Reply]:
         self._requests += 1
-        result = await self._engine.generate(request)
+        tally = GenerationTally()
+        result = await self._engine.generate(request, tally)
         if isinstance(result, bytes):
             raise TypeError("engine returned a body for a streaming request")
         self._active_streams += 1
         try:
-            async for batch in coalesce(result, self._hold_s):
-                yield batch
+            ended = False
+            async for batch, last in coalesce_marked(result, self._hold_s):
+                # The outcome rides on the last batch: no extra message.
+                ended = last
+                yield Reply(batch, tally.outcome()) if last else batch
+            if not ended:
+                yield Reply(b"", tally.outcome())
         finally:
             self._active_streams -= 1
 
@@ -89,4 +103,27 @@ class LLMServer:
         await self._engine.check_health()
 
     async def __del__(self) -> None:
+        if self._reporter is not None:
+            await self._reporter.stop()
         await self._engine.shutdown()
+
+
+def _engine_metrics_reporter(engine: LLMEngine, hub_app: str | None) -> MetricsReporter | None:
+    """Sends the engine's own metrics (vLLM's ``vllm:*``) to the gateway's hub each second,
+    so ``/metrics`` shows them per replica. None for engines that keep none."""
+    if engine.metrics_text() is None:
+        return None
+    from ray import serve
+
+    context = serve.get_replica_context()
+    source = str(context.replica_id.unique_id)
+    hub = serve.get_deployment_handle(
+        HUB_NAME, hub_app or context.app_name, _check_exists=False
+    )
+
+    async def send(text: str | None) -> None:
+        await hub.report_engine.remote(source, text or "")
+
+    reporter = MetricsReporter(send, engine.metrics_text, time.monotonic, interval_s=1.0)
+    reporter.start()
+    return reporter

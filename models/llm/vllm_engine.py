@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -37,8 +39,13 @@ from models.llm.engine import EngineInfo
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
     from gateway.protocol.engine import EngineRequest
+    from models.llm.tally import GenerationTally
 
 logger = logging.getLogger(__name__)
+
+# The tally of the request being handed to vLLM's serving layer: its calls to
+# the engine's ``generate`` happen while it is set (see ``_tallied``).
+_TALLY: ContextVar[GenerationTally | None] = ContextVar("tally", default=None)
 
 _ERROR_PREFIX = b'data: {"error"'
 
@@ -94,6 +101,8 @@ class VLLMEngine:
 
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(self.cli_args())
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        # The serving layer calls ``engine_client.generate`` per prompt.
+        self._engine.generate = _tallied(self._engine.generate)
         state = State()
         await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
         self._chat = state.openai_serving_chat
@@ -120,6 +129,12 @@ class VLLMEngine:
     def num_unfinished_requests(self) -> int:
         return int(self._engine.get_num_unfinished_requests())
 
+    def metrics_text(self) -> str | None:
+        """vLLM's Prometheus metrics (``vllm:*``), as ``vllm serve`` shows them at /metrics."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        return generate_latest(REGISTRY).decode()
+
     async def check_health(self) -> None:
         await self._engine.check_health()
 
@@ -127,11 +142,14 @@ class VLLMEngine:
         if self._engine is not None:
             self._engine.shutdown()
 
-    async def generate(self, request: EngineRequest) -> bytes | AsyncIterator[bytes]:
+    async def generate(
+        self, request: EngineRequest, tally: GenerationTally
+    ) -> bytes | AsyncIterator[bytes]:
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
             raise NotImplementedFeatureError(f"{self._config.name} does not serve this endpoint.")
         schema, create, prompt_param = endpoint
+        token = _TALLY.set(tally)
         try:
             parsed = schema.model_validate({"request_id": request.request_id, **request.body})
             result = await create(parsed, None)
@@ -141,6 +159,8 @@ class VLLMEngine:
             raise InvalidRequestError.from_validation(exc) from None
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
             raise translate_exception(exc, prompt_param) from None
+        finally:
+            _TALLY.reset(token)
         if isinstance(result, self._error_response):
             raise translate_error(result.model_dump(), prompt_param)
         if hasattr(result, "model_dump_json"):
@@ -185,6 +205,72 @@ def _guarded(
         return result
 
     return render_and_check
+
+
+def _tallied(generate: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """``AsyncLLM.generate``, counting into the tally of the request being served."""
+
+    def generate_and_count(prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+        outputs = generate(prompt, sampling_params, *args, **kwargs)
+        tally = _TALLY.get()
+        if tally is None:
+            return outputs
+        from vllm.sampling_params import RequestOutputKind
+
+        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        return _count(outputs, tally, delta)
+
+    return generate_and_count
+
+
+async def _count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool) -> AsyncIterator[Any]:
+    """Passes vLLM's ``RequestOutput``s through, adding their tokens and timings to ``tally``.
+
+    Token times come from vLLM's request stats (engine-core timestamps) when
+    it keeps them, else from arrival here. A final-only output spreads its
+    tokens evenly between the first and the last token's times.
+    """
+    tokens: dict[int, int] = {}
+    seen = 0
+    last_ts: float | None = None
+    first = True
+    try:
+        async for output in outputs:
+            if first:
+                tally.prompt_tokens += len(output.prompt_token_ids or ())
+                first = False
+            for seq in output.outputs:
+                n = len(seq.token_ids)
+                tokens[seq.index] = tokens.get(seq.index, 0) + n if delta else n
+            total = sum(tokens.values())
+            new, seen = total - seen, total
+            if new > 0:
+                last_ts = _time_tokens(tally, output.metrics, new, last_ts)
+            yield output
+    finally:
+        tally.completion_tokens += seen
+        if hasattr(outputs, "aclose"):
+            await outputs.aclose()  # aborts the engine request if we stopped early
+
+
+def _time_tokens(
+    tally: GenerationTally, stats: Any, new: int, last_ts: float | None
+) -> float:
+    """Records the timings of ``new`` tokens; returns the latest token's (monotonic) time."""
+    now = time.monotonic()
+    if last_ts is None:
+        first_at = time.time()
+        first_ts = now
+        if stats is not None and stats.first_token_ts:
+            first_at = stats.arrival_time + stats.first_token_latency
+            first_ts = stats.first_token_ts
+        tally.first_token(first_at)
+        latest = stats.last_token_ts if stats is not None and stats.last_token_ts else now
+        tally.gaps((latest - first_ts) / max(new - 1, 1), new - 1)
+        return float(latest)
+    latest = stats.last_token_ts if stats is not None and stats.last_token_ts else now
+    tally.gaps((latest - last_ts) / new, new)
+    return float(latest)
 
 
 async def _frames(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +28,15 @@ APP = "llm-gateway-test"
 VLLM_MODEL = "tiny-chat-v1"
 VLLM_CONTEXT = 512
 ECHO_CONTEXT = 256
+# Every ingress replica appends its JSON access and error lines here.
+ACCESS_LOG = Path(tempfile.mkdtemp(prefix="llm-gateway-test-")) / "access.log"
+INGRESS_REPLICAS = 2
 
 TEST_CONFIG: dict[str, Any] = {
     "app_name": APP,
-    "ingress": {"num_cpus": 0.1},
+    # Two ingress replicas: every test goes through either, and /metrics must
+    # show the sum of both.
+    "ingress": {"num_cpus": 0.1, "num_replicas": INGRESS_REPLICAS, "access_log": str(ACCESS_LOG)},
     "models": [
         {
             "name": VLLM_MODEL,

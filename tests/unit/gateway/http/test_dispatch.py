@@ -16,7 +16,10 @@ from gateway import sse
 from gateway.errors import InternalServerError
 from gateway.http.dispatch import ModelDispatcher
 from gateway.http.handlers import install_handlers
-from gateway.http.request_id import RequestIdMiddleware
+from gateway.http.access_log import AccessLog
+from gateway.http.observe import ObservabilityMiddleware, route_matcher
+from gateway.metrics.recorder import GatewayMetrics
+from gateway.protocol.engine import Outcome, Reply
 from gateway.routing.table import RouteTable
 
 
@@ -80,7 +83,8 @@ class FakeMethod:
     def remote(self, call: Any) -> Any:
         self._handle.calls.append(call)
         h = self._handle
-        response = FakeStream(h.stream) if self._stream else FakeResponse(h.unary, h.delay)
+        unary = Reply(h.unary, Outcome()) if isinstance(h.unary, bytes) else h.unary
+        response = FakeStream(h.stream) if self._stream else FakeResponse(unary, h.delay)
         h.responses.append(response)
         return response
 
@@ -98,7 +102,12 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
         return await dispatcher.dispatch("chat", request)
 
     install_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(
+        ObservabilityMiddleware,
+        metrics=GatewayMetrics(),
+        access_log=AccessLog("off"),
+        route_of=route_matcher(app.router.routes, frozenset()),
+    )
     return app
 
 

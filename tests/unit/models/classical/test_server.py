@@ -12,7 +12,7 @@ import pytest
 
 from gateway.config import ModelConfig
 from gateway.errors import InternalServerError, InvalidRequestError
-from gateway.protocol.engine import EngineRequest
+from gateway.protocol.engine import EngineRequest, Reply
 from models.classical.build import build_iris
 from models.classical.server import ClassicalServer
 from models.classical.sklearn import SklearnPredictor
@@ -66,7 +66,9 @@ async def test_concurrent_requests_share_one_model_call(iris_dir: Path) -> None:
     answers = await asyncio.gather(*(server.generate(predict([[5.1, 3.5, 1.4, 0.2]])) for _ in range(8)))
     assert predictor.calls == [8]
     assert server.stats()["batch_sizes"] == {8: 1}
-    assert {json.loads(a)["predictions"][0]["label"] for a in answers} == {"setosa"}
+    assert {json.loads(a.body)["predictions"][0]["label"] for a in answers} == {"setosa"}
+    # The batch's size rides on exactly one answer, so each batch is counted once.
+    assert [a.outcome.batch_size for a in answers] == [8] + [None] * 7
 
 
 async def test_a_bad_request_fails_alone_and_its_batch_mates_are_answered(iris_dir: Path) -> None:
@@ -79,7 +81,8 @@ async def test_a_bad_request_fails_alone_and_its_batch_mates_are_answered(iris_d
     )
     assert isinstance(results[1], InvalidRequestError)
     assert results[1].message == "instances[0]: expected 4 features, got 3"
-    assert [json.loads(r)["predictions"][0]["label"] for r in (results[0], results[2])] == ["setosa", "virginica"]  # type: ignore[arg-type]
+    assert [json.loads(r.body)["predictions"][0]["label"] for r in (results[0], results[2])] == ["setosa", "virginica"]  # type: ignore[union-attr]
+    assert [r.outcome.batch_size for r in (results[0], results[2])] == [3, None]  # type: ignore[union-attr]
     assert predictor.calls == [2] and server.stats()["batch_sizes"] == {3: 1}
 
 
@@ -93,7 +96,7 @@ async def test_a_model_failure_is_retried_alone_so_only_its_request_fails(iris_d
     )
     assert isinstance(results[1], InternalServerError)
     assert "Traceback" not in results[1].message
-    assert all(isinstance(results[i], bytes) for i in (0, 2))
+    assert all(isinstance(results[i], Reply) for i in (0, 2))
     assert predictor.calls == [3, 1, 1, 1]  # the batch, then each request alone
 
 
@@ -104,7 +107,7 @@ async def test_answers_return_to_their_callers_in_order(iris_dir: Path) -> None:
     features, labels = iris_data()
     rows = features.tolist()[::10]
     answers = await asyncio.gather(*(server.generate(predict([row, row])) for row in rows))
-    predicted = [[p["label"] for p in json.loads(a)["predictions"]] for a in answers]
+    predicted = [[p["label"] for p in json.loads(a.body)["predictions"]] for a in answers]
     expected = SklearnPredictor.load(str(iris_dir))._estimator.predict(features[::10])
     assert predicted == [[label, label] for label in expected]
 

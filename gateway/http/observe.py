@@ -1,0 +1,169 @@
+"""The ASGI middleware every request passes: id, metrics, overhead, access log.
+
+- **Request id.** A client's own ``x-request-id`` is kept when it is sane
+  (1-128 of ``A-Za-z0-9._:-``), otherwise one is made; either way the
+  response carries it, the model replica's chunk ids use it (``chatcmpl-<id>``)
+  and the access and error logs name it. Under Serve (``server_echoes_id``),
+  Serve itself echoes the id the request arrived with (HAProxy makes one when
+  the client sent none), so the header is added here only when ours differs:
+  a client's insane id comes back beside the one the gateway used.
+- **Metrics.** In-flight, requests, durations and the gateway's overhead,
+  labelled with the route template and what the dispatcher recorded.
+- **Overhead header.** Responses that are not streams carry
+  ``x-gateway-overhead-ms``: time in the gateway before the response
+  started, apart from waiting on the model.
+- **Status.** A response that never finished (the client hung up) counts as
+  499, as nginx logs it, even when a stream had already started with 200.
+
+Pure ASGI, so the per-request cost stays in microseconds.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.http.access_log import AccessLog
+from gateway.metrics.recorder import GatewayMetrics, RequestRecord
+
+REQUEST_ID = b"x-request-id"
+OVERHEAD = b"x-gateway-overhead-ms"
+UNMATCHED = "unmatched"
+CLIENT_CLOSED = 499
+_SANE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+_CONVERTER = re.compile(r"\{(\w+):\w+\}")
+
+# The id of the request being served, for log lines written deep in a call.
+current_request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def route_matcher(routes: list[BaseRoute], skip: frozenset[str]) -> Callable[[Scope], str | None]:
+    """The route template a request will be matched to (``{model}`` for path
+    parameters), ``unmatched``, or None for paths in ``skip`` (not measured)."""
+    exact: dict[str, str] = {}
+    templated: list[tuple[BaseRoute, str]] = []
+    for route in routes:
+        path = getattr(route, "path", None)
+        if path is None:
+            continue
+        if "{" in path:
+            templated.append((route, _CONVERTER.sub(r"{\1}", path)))
+        else:
+            exact.setdefault(path, path)
+
+    def route_of(scope: Scope) -> str | None:
+        path = scope["path"]
+        if path in skip:
+            return None
+        if path in exact:
+            return exact[path]
+        for route, template in templated:
+            if route.matches(scope)[0] is not Match.NONE:
+                return template
+        return UNMATCHED
+
+    return route_of
+
+
+class ObservabilityMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: GatewayMetrics,
+        access_log: AccessLog,
+        route_of: Callable[[Scope], str | None],
+        server_echoes_id: bool = False,
+    ) -> None:
+        self._app = app
+        self._metrics = metrics
+        self._log = access_log
+        self._route_of = route_of
+        self._echoed = server_echoes_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(REQUEST_ID)
+        sane = given is not None and _SANE.match(given) is not None
+        request_id = given.decode() if sane and given is not None else new_request_id()
+        id_header = None if sane and self._echoed else (REQUEST_ID, request_id.encode())
+        route = self._route_of(scope)
+        record = RequestRecord(request_id, route or "", time.perf_counter())
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["record"] = record
+        token = current_request_id.set(request_id)
+        try:
+            if route is None:
+                await self._app(scope, receive, _with_header(send, id_header))
+            else:
+                await self._measured(scope, receive, send, record, id_header)
+        finally:
+            current_request_id.reset(token)
+
+    async def _measured(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: RequestRecord,
+        id_header: tuple[bytes, bytes] | None,
+    ) -> None:
+        metrics = self._metrics
+        metrics.request_started(record.route)
+        status = 500  # unless a response starts
+        overhead_s: float | None = None
+        complete = False
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, overhead_s, complete
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                overhead_s = time.perf_counter() - record.started - record.model_wait_s
+                metrics.response_started(record.route, overhead_s)
+                headers = list(message.get("headers", ()))
+                if id_header is not None:
+                    headers.append(id_header)
+                if not _is_stream(headers):
+                    headers.append((OVERHEAD, f"{overhead_s * 1000:.3f}".encode()))
+                message["headers"] = headers
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+            await send(message)
+
+        try:
+            await self._app(scope, receive, observed_send)
+        finally:
+            if overhead_s is not None and not complete:
+                status = CLIENT_CLOSED
+            duration_s = time.perf_counter() - record.started
+            metrics.request_finished(record, status, duration_s)
+            self._log.request(record, scope["method"], status, duration_s, overhead_s)
+
+
+def _is_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+
+
+def _with_header(send: Send, header: tuple[bytes, bytes] | None) -> Send:
+    if header is None:
+        return send
+
+    async def send_with_header(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return send_with_header

@@ -1,0 +1,1 @@
+"""Prometheus metrics: families kept per process, merged over the gateway, rendered once."""

@@ -1,0 +1,123 @@
+"""Where the gateway's processes send their metrics, so one scrape sees them all.
+
+``MetricsHub`` is a one-replica Serve deployment in the ingress's
+application. Each ingress replica sends the cumulative snapshot of its
+families (``MetricsReporter``) at most every ``REPORT_S`` while it records,
+and at least every ``HEARTBEAT_S``; an LLM replica sends vLLM's own
+``vllm:*`` exposition the same way. A scrape of ``/metrics`` lands on one
+ingress replica, which sends its own snapshot with the request, so its
+counts are current to the request and the others' to their last report.
+
+A process silent for ``STALE_S`` has gone: its counters and histograms stay
+(counters must never go back), its gauges leave the sum, and its vLLM
+series leave the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.metrics.engine_text import relabel
+from gateway.metrics.families import FAMILIES
+from gateway.metrics.registry import Snapshot, merge, render, without_gauges
+
+logger = logging.getLogger(__name__)
+
+REPORT_S = 0.5
+HEARTBEAT_S = 2.0
+STALE_S = 10.0
+HUB_NAME = "MetricsHub"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class MetricsHub:
+    """A Serve deployment class (made a deployment in ``gateway.app``)."""
+
+    def __init__(self) -> None:
+        self._live: dict[str, tuple[Snapshot, float]] = {}
+        self._gone: dict[str, Snapshot] = {}
+        self._engines: dict[str, tuple[str, float]] = {}
+
+    def report(self, source: str, snapshot: Snapshot) -> None:
+        self._live[source] = (snapshot, time.monotonic())
+        self._gone.pop(source, None)
+
+    def report_engine(self, source: str, text: str) -> None:
+        """``text``: one LLM replica's ``vllm:*`` families, Prometheus text format."""
+        self._engines[source] = (text, time.monotonic())
+
+    def render(self, source: str, snapshot: Snapshot) -> str:
+        """The page for a scrape that arrived at ``source`` (whose snapshot is current)."""
+        self.report(source, snapshot)
+        self._expire()
+        merged = merge([*(s for s, _ in self._live.values()), *self._gone.values()])
+        page = render(FAMILIES, merged)
+        return page + relabel({source: text for source, (text, _) in self._engines.items()})
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for source, (snapshot, seen) in list(self._live.items()):
+            if now - seen > STALE_S:
+                del self._live[source]
+                self._gone[source] = without_gauges(snapshot, FAMILIES)
+        for source, (_, seen) in list(self._engines.items()):
+            if now - seen > STALE_S:
+                del self._engines[source]
+
+
+class MetricsReporter:
+    """Sends what ``collect`` returns to the hub through ``send``, while the replica lives.
+
+    ``changed`` returns a value that differs whenever there is news; unchanged
+    collections are sent only as heartbeats. ``after_each`` runs every cycle
+    (the ingress flushes its access log there).
+    """
+
+    def __init__(
+        self,
+        send: Callable[[Any], Any],
+        collect: Callable[[], Any],
+        changed: Callable[[], object],
+        after_each: Callable[[], None] | None = None,
+        interval_s: float = REPORT_S,
+    ) -> None:
+        self._send = send
+        self._collect = collect
+        self._changed = changed
+        self._after_each = after_each
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Starts the loop on the running event loop (once)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        last: object = None
+        sent_at = 0.0
+        while True:
+            await asyncio.sleep(self._interval_s)
+            if self._after_each is not None:
+                self._after_each()
+            version = self._changed()
+            now = time.monotonic()
+            if version == last and now - sent_at < HEARTBEAT_S:
+                continue
+            try:
+                await self._send(self._collect())
+            except Exception as exc:  # noqa: BLE001 - the hub may be starting or moving
+                logger.debug("metrics report failed: %s", exc)
+                continue
+            last, sent_at = version, now

@@ -1,0 +1,42 @@
+"""Counts an LLM request's tokens and times them while the engine answers it."""
+
+from __future__ import annotations
+
+import time
+
+from gateway.protocol.engine import Outcome
+
+
+class GenerationTally:
+    """Filled in by the engine as outputs arrive; read once the answer is complete.
+
+    Times are seconds; ``started`` is the wall clock (``time.time()``) when the
+    replica received the request, the origin of the time to first token.
+    """
+
+    __slots__ = ("started", "prompt_tokens", "completion_tokens", "first_token_s", "_runs")
+
+    def __init__(self, started: float | None = None) -> None:
+        self.started = time.time() if started is None else started
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.first_token_s: float | None = None
+        self._runs: list[tuple[float, int]] = []
+
+    def first_token(self, at: float | None = None) -> None:
+        """The first token exists (at wall-clock ``at``, default now); later calls are ignored."""
+        if self.first_token_s is None:
+            self.first_token_s = max(0.0, (time.time() if at is None else at) - self.started)
+
+    def gaps(self, seconds: float, tokens: int) -> None:
+        """``tokens`` tokens each came ``seconds`` after the one before."""
+        if tokens > 0:
+            self._runs.append((max(0.0, seconds), tokens))
+
+    def outcome(self) -> Outcome:
+        return Outcome(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            first_token_s=self.first_token_s,
+            inter_token_s=tuple(self._runs),
+        )
