@@ -20,7 +20,8 @@ from gateway.http.access_log import AccessLog
 from gateway.http.observe import ObservabilityMiddleware, route_matcher
 from gateway.metrics.recorder import GatewayMetrics
 from gateway.protocol.engine import Outcome, Reply
-from gateway.routing.table import RouteTable
+from gateway.routing.table import Alias, RouteTable
+from gateway.routing.weighted import Variant
 
 
 class FakeResponse:
@@ -94,8 +95,10 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
     ``handles`` and ``alias``, alias "r" over those handles."""
     handles: dict[str, FakeHandle] = routing.get("handles") or {"m": handle or FakeHandle()}
     aliases = {"r": routing["alias"]} if "alias" in routing else None
-    dispatcher = ModelDispatcher(RouteTable(list(handles), aliases), handles, retry_after_s=1)
+    metrics = GatewayMetrics()
+    dispatcher = ModelDispatcher(RouteTable(list(handles), aliases), handles, retry_after_s=1, metrics=metrics)
     app = FastAPI()
+    app.state.metrics = metrics
 
     @app.post("/chat")
     async def chat(request: Request) -> Response:
@@ -104,7 +107,7 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
     install_handlers(app)
     app.add_middleware(
         ObservabilityMiddleware,
-        metrics=GatewayMetrics(),
+        metrics=metrics,
         access_log=AccessLog("off"),
         route_of=route_matcher(app.router.routes, frozenset()),
     )
@@ -252,3 +255,20 @@ async def test_shadow_gets_a_copy_and_the_client_gets_the_primary_answer() -> No
     assert response.json() == {"from": "primary"}
     assert shadow.calls[0].body == {"model": "s", "messages": []}
     assert shadow.calls[0].request_id.endswith("-shadow")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(stream: bool) -> None:
+    outcome = Outcome(prompt_tokens=3, completion_tokens=2, first_token_s=0.01, inter_token_s=((0.002, 1),))
+    handle = FakeHandle(unary=Reply(b"{}", outcome), stream=[b"data: {}\n\n", Reply(sse.DONE, outcome)])
+    app = make_app(handles={"a": handle}, alias=Alias([Variant("a", 1)]))
+    response = await post(app, {"model": "r", "messages": [], "stream": stream})
+    assert response.status_code == 200
+    if stream:
+        assert response.content == b"data: {}\n\n" + sse.DONE
+    snapshot = app.state.metrics.snapshot()
+    assert snapshot["llm_gateway_ab_assignments_total"] == {("r", "a"): 1}
+    assert snapshot["llm_gateway_tokens_total"] == {("r", "a", "prompt"): 3, ("r", "a", "completion"): 2}
+    assert snapshot["llm_gateway_time_to_first_token_seconds"][("r", "a")][1] == pytest.approx(0.01)
+    assert sum(snapshot["llm_gateway_inter_token_latency_seconds"][("r", "a")][0]) == 1
+    assert snapshot["llm_gateway_requests_total"] == {("/chat", "r", "a", "200"): 1}

@@ -1,0 +1,147 @@
+"""gateway/http/observe.py: ids, route labels, statuses, overhead and the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from httpx import ASGITransport, AsyncClient
+
+from gateway.http.access_log import AccessLog
+from gateway.http.handlers import install_handlers
+from gateway.http.observe import ObservabilityMiddleware, route_matcher
+from gateway.metrics.recorder import GatewayMetrics
+
+GENERATED = re.compile(r"^[0-9a-f]{32}$")
+
+
+def make_app(tmp_path: Path, echoed: bool = False) -> tuple[FastAPI, GatewayMetrics, Path]:
+    app = FastAPI()
+    metrics = GatewayMetrics()
+    log = tmp_path / "access.log"
+    access_log = AccessLog(str(log), replica="r1")
+
+    @app.post("/v1/models/{model:path}:predict")
+    async def predict(model: str, request: Request) -> JSONResponse:
+        record = request.state.record
+        record.model = record.variant = model
+        record.model_wait_s = 0.05
+        await asyncio.sleep(0.06)  # "waiting on the model"
+        return JSONResponse({"request_id": request.state.request_id, "secret": "hunter2"})
+
+    @app.get("/stream")
+    async def stream(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: 1\n\n"
+            await asyncio.sleep(float(request.query_params.get("pause", 0)))
+            yield b"data: 2\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.get("/metrics")
+    async def scrape() -> JSONResponse:
+        return JSONResponse({})
+
+    install_handlers(app)
+    app.add_middleware(
+        ObservabilityMiddleware,
+        metrics=metrics,
+        access_log=access_log,
+        route_of=route_matcher(app.router.routes, frozenset({"/metrics"})),
+        server_echoes_id=echoed,
+    )
+    app.state.flush = access_log.flush
+    return app, metrics, log
+
+
+def client(app: FastAPI) -> AsyncClient:
+    return AsyncClient(transport=ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"), [("abc-123.x:y", True), ("has space", False), ("x" * 129, False), (None, False)]
+)
+async def test_a_sane_client_id_is_kept_and_anything_else_replaced(tmp_path: Path, sent: str | None, kept: bool) -> None:
+    app, _, _ = make_app(tmp_path)
+    headers = {"x-request-id": sent} if sent is not None else {}
+    async with client(app) as c:
+        response = await c.post("/v1/models/iris:predict", headers=headers)
+    used = response.json()["request_id"]
+    assert response.headers.get_list("x-request-id") == [used]
+    assert used == sent if kept else GENERATED.match(used)
+
+
+async def test_under_serve_a_sane_id_is_left_for_serve_to_echo(tmp_path: Path) -> None:
+    app, _, _ = make_app(tmp_path, echoed=True)
+    async with client(app) as c:
+        sane = await c.post("/v1/models/iris:predict", headers={"x-request-id": "abc"})
+        insane = await c.post("/v1/models/iris:predict", headers={"x-request-id": "a b"})
+    assert "x-request-id" not in sane.headers and sane.json()["request_id"] == "abc"
+    assert insane.headers["x-request-id"] == insane.json()["request_id"] != "a b"
+
+
+async def test_metrics_use_the_route_template_and_overhead_leaves_out_the_model(tmp_path: Path) -> None:
+    app, metrics, _ = make_app(tmp_path)
+    async with client(app) as c:
+        response = await c.post("/v1/models/iris:predict")
+        await c.get("/nowhere")
+        await c.get("/metrics")
+    snapshot = metrics.snapshot()
+    assert snapshot["llm_gateway_requests_total"] == {
+        ("/v1/models/{model}:predict", "iris", "iris", "200"): 1,
+        ("unmatched", "", "", "404"): 1,
+    }
+    overhead_ms = float(response.headers["x-gateway-overhead-ms"])
+    assert 0 < overhead_ms < 40  # the 50 ms spent on the model are not overhead
+    assert all(v == 0 for v in snapshot["llm_gateway_in_flight_requests"].values())
+
+
+async def test_streams_carry_no_overhead_header(tmp_path: Path) -> None:
+    app, metrics, _ = make_app(tmp_path)
+    async with client(app) as c:
+        response = await c.get("/stream")
+    assert "x-gateway-overhead-ms" not in response.headers
+    assert metrics.snapshot()["llm_gateway_requests_total"] == {("/stream", "", "", "200"): 1}
+
+
+async def test_a_stream_the_client_left_is_a_499(tmp_path: Path) -> None:
+    app, metrics, _ = make_app(tmp_path)
+    requested = asyncio.Event()
+
+    async def receive() -> dict[str, object]:
+        if not requested.is_set():
+            requested.set()
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def send(message: object) -> None:
+        return None
+
+    scope = {"type": "http", "method": "GET", "path": "/stream", "headers": [], "query_string": b"pause=5",
+             "http_version": "1.1", "scheme": "http", "server": ("t", 80), "root_path": "", "app": app}
+    await asyncio.wait_for(app(scope, receive, send), 2)
+    snapshot = metrics.snapshot()
+    assert snapshot["llm_gateway_requests_total"] == {("/stream", "", "", "499"): 1}
+    assert snapshot["llm_gateway_in_flight_requests"] == {("/stream",): 0}
+
+
+async def test_the_access_log_has_one_json_line_per_request_and_no_content(tmp_path: Path) -> None:
+    app, _, log = make_app(tmp_path)
+    async with client(app) as c:
+        response = await c.post("/v1/models/iris:predict?key=sk-123", json={"instances": [[1, 2]]})
+    app.state.flush()
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["request_id"] == response.json()["request_id"]
+    assert (line["log"], line["replica"], line["method"], line["route"], line["status"]) == (
+        "access", "r1", "POST", "/v1/models/{model}:predict", 200
+    )
+    assert line["duration_ms"] >= line["overhead_ms"] > 0
+    text = log.read_text()
+    assert "hunter2" not in text and "sk-123" not in text and "[1, 2]" not in text

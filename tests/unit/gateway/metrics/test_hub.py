@@ -1,0 +1,97 @@
+"""gateway/metrics/hub.py: the hub sums reporters; reporters send news and heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import hub as hub_module
+from gateway.metrics.hub import MetricsHub, MetricsReporter
+from gateway.metrics.recorder import GatewayMetrics, RequestRecord
+
+
+def served(metrics: GatewayMetrics, status: int, in_flight: int = 0) -> None:
+    for _ in range(in_flight):
+        metrics.request_started("/v1/chat/completions")
+    metrics.request_started("/v1/chat/completions")
+    metrics.request_finished(RequestRecord("id", "/v1/chat/completions", 0.0, "m", "m"), status, 0.01)
+
+
+def values(page: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    return {
+        frozenset(s.labels.items()): s.value
+        for f in text_string_to_metric_families(page)
+        for s in f.samples
+        if s.name == name
+    }
+
+
+def test_the_page_sums_every_replica_and_the_scraped_one_is_current() -> None:
+    hub, one, two = MetricsHub(), GatewayMetrics(), GatewayMetrics()
+    served(one, 200, in_flight=1)
+    served(two, 200)
+    hub.report("two", two.snapshot())
+    served(two, 500)  # not reported yet: the next report will carry it
+    page = hub.render("one", one.snapshot())
+    requests = values(page, "llm_gateway_requests_total")
+    labels = {("route", "/v1/chat/completions"), ("model", "m"), ("variant", "m")}
+    assert requests == {frozenset({*labels, ("status", "200")}): 2}
+    assert values(page, "llm_gateway_in_flight_requests") == {frozenset({("route", "/v1/chat/completions")}): 1}
+
+
+def test_a_silent_replica_keeps_its_counts_and_drops_its_gauges(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(hub_module.time, "monotonic", lambda: clock[0])
+    hub, gone, live = MetricsHub(), GatewayMetrics(), GatewayMetrics()
+    served(gone, 200, in_flight=2)
+    hub.report("gone", gone.snapshot())
+    hub.report_engine("gone", "# HELP vllm:x X.\n# TYPE vllm:x gauge\nvllm:x 1.0\n")
+    clock[0] += hub_module.STALE_S + 1
+    page = hub.render("live", live.snapshot())
+    assert sum(values(page, "llm_gateway_requests_total").values()) == 1
+    assert sum(values(page, "llm_gateway_in_flight_requests").values()) == 0
+    assert "vllm:x" not in page
+
+
+async def test_the_reporter_sends_news_at_once_and_otherwise_only_heartbeats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hub_module, "HEARTBEAT_S", 0.2)
+    sent: list[Any] = []
+    version = [0]
+
+    async def send(snapshot: Any) -> None:
+        sent.append(snapshot)
+
+    flushes = [0]
+    reporter = MetricsReporter(
+        send, lambda: version[0], lambda: version[0], lambda: flushes.__setitem__(0, flushes[0] + 1), interval_s=0.02
+    )
+    reporter.start()
+    await asyncio.sleep(0.1)
+    assert sent == [0]  # the first cycle always reports
+    version[0] = 1
+    await asyncio.sleep(0.05)
+    assert sent == [0, 1]
+    await asyncio.sleep(0.3)
+    await reporter.stop()
+    assert sent[:2] == [0, 1] and len(sent) in (3, 4)  # heartbeats only
+    assert flushes[0] >= 10
+
+
+async def test_a_failed_send_is_retried_next_cycle() -> None:
+    calls: list[int] = []
+
+    async def send(snapshot: Any) -> None:
+        calls.append(snapshot)
+        if len(calls) == 1:
+            raise RuntimeError("hub not up yet")
+
+    reporter = MetricsReporter(send, lambda: 7, lambda: 7, interval_s=0.01)
+    reporter.start()
+    await asyncio.sleep(0.08)
+    await reporter.stop()
+    assert calls[:2] == [7, 7]

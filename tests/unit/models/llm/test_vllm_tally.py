@@ -1,0 +1,77 @@
+"""models/llm/vllm_engine.py: vLLM's outputs counted and timed into the request's tally."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from models.llm.tally import GenerationTally
+from models.llm.vllm_engine import _count
+
+
+def output(token_counts: list[int], stats: Any = None, prompt: int = 7) -> Any:
+    seqs = [SimpleNamespace(index=i, token_ids=[0] * n) for i, n in enumerate(token_counts)]
+    return SimpleNamespace(prompt_token_ids=[0] * prompt, outputs=seqs, metrics=stats)
+
+
+def stats(first_ts: float, last_ts: float, arrival: float = 1000.0, latency: float = 0.25) -> Any:
+    return SimpleNamespace(
+        first_token_ts=first_ts, last_token_ts=last_ts, arrival_time=arrival, first_token_latency=latency
+    )
+
+
+async def source(items: list[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+async def drain(outputs: AsyncIterator[Any]) -> None:
+    async for _ in outputs:
+        pass
+
+
+async def test_a_delta_stream_counts_each_step() -> None:
+    tally = GenerationTally(started=1000.0)
+    steps = [output([1], stats(50.0, 50.0)), output([1], stats(50.0, 50.02)), output([2], stats(50.0, 50.06))]
+    await drain(_count(source(steps), tally, delta=True))
+    outcome = tally.outcome()
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 4)
+    assert outcome.first_token_s == pytest.approx(0.25)
+    assert [(round(s, 4), n) for s, n in outcome.inter_token_s] == [(0.02, 1), (0.02, 2)]
+
+
+async def test_a_final_only_answer_spreads_its_tokens_between_first_and_last() -> None:
+    tally = GenerationTally(started=999.9)
+    await drain(_count(source([output([5, 3], stats(10.0, 10.4))]), tally, delta=False))
+    outcome = tally.outcome()
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 8)
+    assert outcome.first_token_s == pytest.approx(0.35)
+    ((seconds, tokens),) = outcome.inter_token_s
+    assert (round(seconds, 4), tokens) == (round(0.4 / 7, 4), 7)
+
+
+async def test_two_prompts_of_one_request_add_up() -> None:
+    tally = GenerationTally()
+    await drain(_count(source([output([3])]), tally, delta=False))
+    await drain(_count(source([output([2], prompt=4)]), tally, delta=False))
+    assert (tally.prompt_tokens, tally.completion_tokens) == (11, 5)
+
+
+async def test_stopping_early_closes_the_engine_stream() -> None:
+    closed = []
+
+    async def engine() -> AsyncIterator[Any]:
+        try:
+            for _ in range(10):
+                yield output([1])
+        finally:
+            closed.append(True)
+
+    tally = GenerationTally()
+    counted = _count(engine(), tally, delta=True)
+    await anext(counted)
+    await counted.aclose()
+    assert closed == [True] and tally.completion_tokens == 1
