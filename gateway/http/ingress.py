@@ -72,6 +72,11 @@ class GatewayIngress:
         self._state.apply(user_config["models"], user_config["routing"])
         self._reporter.start()
 
+    async def __del__(self) -> None:
+        # Serve calls this on a graceful stop: lines still buffered go out.
+        await self._reporter.stop()
+        self._state.access_log.flush()
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built in the replica, after __init__, so the app holds this replica's state.
         # Serve's own middleware echoes x-request-id on every response.

@@ -182,6 +182,10 @@ def test_vllm_engine_metrics_are_on_the_same_page_per_replica(gateway: Gateway, 
     assert engine, "no vllm:* series on /metrics"
     assert all(dict(ls).get("replica") for ls in engine)
     assert total(samples, "vllm:generation_tokens_total", model_name=VLLM_MODEL) > 0
+    # Every series the Grafana dashboard reads is on the page.
+    from tests.unit.test_packaging import dashboard_metric_names
+
+    assert dashboard_metric_names() <= {name for name, _ in samples}
 
 
 @pytest.mark.parametrize("stream", [False, True])

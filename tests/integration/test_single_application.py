@@ -48,4 +48,4 @@ def test_routes_reach_bound_model_deployments(single: httpx.Client) -> None:
 def test_ready_covers_the_applications_own_deployments(single: httpx.Client) -> None:
     ready = single.get("/ready")
     assert ready.status_code == 200
-    assert set(ready.json()["deployments"]) == {"GatewayIngress", "LLMServer:s-echo", "ClassicalServer:s-iris"}
+    assert set(ready.json()["deployments"]) == {"GatewayIngress", "MetricsHub", "LLMServer:s-echo", "ClassicalServer:s-iris"}

@@ -92,3 +92,37 @@ def test_example_gpu_configs_place_as_documented(monkeypatch: pytest.MonkeyPatch
     echo = load_config(ROOT / "configs" / "examples" / "echo-tp4.yaml").model("echo-tp4")
     assert deployment_options(echo)["placement_group_strategy"] == "STRICT_PACK"
     assert len(deployment_options(echo)["placement_group_bundles"]) == 4
+
+
+def dashboard_metric_names() -> set[str]:
+    """Every metric name the Grafana dashboard's PromQL expressions read."""
+    import json
+    import re
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "llm-gateway.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert exprs
+    return {name for expr in exprs for name in re.findall(r"\b(llm_gateway_\w+|vllm:\w+)", expr)}
+
+
+def test_the_dashboard_reads_only_metrics_the_gateway_exports() -> None:
+    from gateway.metrics.families import FAMILIES
+
+    exported = set()
+    for family in FAMILIES:
+        suffixes = ("_bucket", "_sum", "_count") if family.kind == "histogram" else ("",)
+        exported |= {family.name + suffix for suffix in suffixes}
+    names = dashboard_metric_names()
+    assert {n for n in names if n.startswith("llm_gateway_")} <= exported
+    # Every family the issue names has a panel.
+    read = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in names}
+    assert read >= {f.name for f in FAMILIES}
+
+
+def test_the_prometheus_example_scrapes_the_gateway_port() -> None:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
