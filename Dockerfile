@@ -21,7 +21,7 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY models ./models
 COPY configs ./configs
-RUN pip install ".[gpu]"
+RUN pip install ".[gpu,mlflow]"
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \

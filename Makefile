@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing llm-gateway with the CPU vLLM engine (first time: several minutes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --progress-bar off -q -U pip
-	@$(PY) -m pip install --progress-bar off -e '.[cpu,test]'
+	@$(PY) -m pip install --progress-bar off -e '.[cpu,test,mlflow]'
 	@echo "==> removing torchvision/torchaudio/torchcodec (they break imports beside the CPU torch)"
 	@$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $(STAMP)

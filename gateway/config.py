@@ -32,6 +32,7 @@ class _Strict(BaseModel):
 
 
 Engine = Literal["vllm", "echo", "sklearn", "sentence-transformers"]
+MLFLOW_SCHEMES = ("models:/", "runs:/")
 ModelKind = Literal["llm", "classifier", "embedding"]
 
 # What each engine serves: routes never mix kinds, and each endpoint accepts
@@ -96,7 +97,9 @@ class ModelConfig(_Strict):
     model: str | None = Field(
         None,
         description="Hugging Face model directory or hub id (vllm, sentence-transformers), "
-        "or a joblib estimator file or a directory holding `model.joblib` (sklearn). "
+        "or a joblib estimator file or a directory holding `model.joblib` (sklearn), "
+        "or an MLflow model URI (sklearn: `models:/name/1`, `models:/name@alias`, "
+        "`runs:/<run id>/model`; needs the `mlflow` extra). "
         "Relative paths resolve against the working directory at start-up.",
     )
     max_model_len: int | None = Field(
@@ -208,12 +211,25 @@ class ModelConfig(_Strict):
         description="Classical models: instances (or embedding inputs) one request "
         "may carry; more is a 400.",
     )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking and registry URI that `models:/` and `runs:/` "
+        "model URIs are looked up in (e.g. `sqlite:///mlflow.db`, `http://mlflow:5000`). "
+        "Unset: MLflow's own default (`MLFLOW_TRACKING_URI`).",
+    )
 
     @model_validator(mode="after")
     def _engine_needs_model(self) -> ModelConfig:
         if self.engine != "echo" and not self.model:
             raise ValueError(f"`model` is required when engine is `{self.engine}`")
+        if self.mlflow_uri and self.engine != "sklearn":
+            raise ValueError("MLflow model URIs are served by the `sklearn` engine only")
         return self
+
+    @property
+    def mlflow_uri(self) -> bool:
+        """Whether ``model`` names a model in MLflow (``models:/...``, ``runs:/...``)."""
+        return self.model is not None and self.model.startswith(MLFLOW_SCHEMES)
 
     @model_validator(mode="after")
     def _placement(self) -> ModelConfig:
@@ -252,7 +268,7 @@ class ModelConfig(_Strict):
     def resolved(self, base_dir: Path) -> ModelConfig:
         """A copy whose local model path is absolute, relative ones taken from
         ``base_dir`` (hub ids stay as given)."""
-        if self.model is None:
+        if self.model is None or self.mlflow_uri:
             return self
         path = base_dir / Path(self.model).expanduser()
         if path.exists():

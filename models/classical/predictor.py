@@ -41,6 +41,8 @@ def load_predictor(config: ModelConfig) -> Predictor:
     if config.engine == "sklearn":
         from models.classical.sklearn import SklearnPredictor
 
+        if config.mlflow_uri:
+            return SklearnPredictor.from_mlflow(str(config.model), config.mlflow_tracking_uri)
         return SklearnPredictor.load(str(config.model))
     if config.engine == "sentence-transformers":
         from models.classical.embedding import EmbeddingPredictor

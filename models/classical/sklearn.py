@@ -41,6 +41,24 @@ class SklearnPredictor:
             file = file / MODEL_FILE
         return cls(joblib.load(file))
 
+    @classmethod
+    def from_mlflow(cls, uri: str, tracking_uri: str | None = None) -> SklearnPredictor:
+        """Loads a scikit-learn model logged to MLflow: ``models:/name/<version>``,
+        ``models:/name@<alias>`` or ``runs:/<run id>/<path>``, looked up in
+        ``tracking_uri`` (MLflow's default when None). Needs the ``mlflow`` extra."""
+        try:
+            import mlflow
+            import mlflow.sklearn
+        except ImportError:
+            raise RuntimeError(
+                f"{uri} is an MLflow model URI: install llm-gateway's `mlflow` extra"
+            ) from None
+        if tracking_uri is not None:
+            # One model per replica process, so the process-wide setting is ours.
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+        return cls(mlflow.sklearn.load_model(uri))
+
     def inputs(self, instances: Sequence[Any], param: str) -> np.ndarray:
         for index, row in enumerate(instances):
             problem = self._problem(row)
