@@ -58,7 +58,9 @@ class AccessLog:
             "duration_ms": round(duration_s * 1000, 3),
             "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3),
         }
-        if record.outcome is not None:
+        if record.outcome is not None and (
+            record.outcome.prompt_tokens or record.outcome.completion_tokens
+        ):  # classifiers count no tokens
             line["prompt_tokens"] = record.outcome.prompt_tokens
             line["completion_tokens"] = record.outcome.completion_tokens
         if record.error is not None:
