@@ -119,7 +119,7 @@ class ModelDispatcher:
         route = self._routes.resolve(name, key)
         if route is None:
             raise ModelNotFoundError.for_model(name)
-        record = _record_of(request)
+        record: RequestRecord = request.state.record  # made by the observability middleware
         record.model, record.stream = name, stream
         self._check_kind(endpoint, name, route)
         if route.alias:
@@ -263,15 +263,6 @@ class ModelDispatcher:
 
     def _error(self, exc: BaseException) -> GatewayError:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
-
-
-def _record_of(request: Request) -> RequestRecord:
-    """The record the observability middleware made (a fresh one where it is absent)."""
-    record = getattr(request.state, "record", None)
-    if record is None:
-        record = RequestRecord(getattr(request.state, "request_id", ""), "", time.perf_counter())
-        request.state.record = record
-    return record
 
 
 def _envelope(endpoint: Endpoint, body: dict[str, Any]) -> ModelEnvelope:

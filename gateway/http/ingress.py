@@ -17,18 +17,13 @@ from gateway.config import FrontDoorConfig, ModelConfig
 from gateway.deploy import deployment_name, model_app_name
 from gateway.http.api import build_api
 from gateway.http.state import GatewayState
-from gateway.metrics.hub import MetricsReporter
-
-
-def replica_source() -> str:
-    """This replica's id, as it reports to the metrics hub."""
-    return str(serve.get_replica_context().replica_id.unique_id)
+from gateway.metrics.hub import MetricsReporter, replica_source
 
 
 @serve.ingress()
 class GatewayIngress:
     def __init__(
-        self, front_door: FrontDoorConfig, handles: Mapping[str, Any] | None, hub: Any = None
+        self, front_door: FrontDoorConfig, handles: Mapping[str, Any] | None, hub: Any
     ) -> None:
         self._bound = dict(handles) if handles is not None else None
         self._app = front_door.app_name
@@ -36,13 +31,8 @@ class GatewayIngress:
         state = self._state = GatewayState(
             front_door, self._handle_for, self._app_for, hub=hub, source=source
         )
-
-        async def send(snapshot: Any) -> None:
-            if hub is not None:
-                await hub.report.remote(source, snapshot)
-
         self._reporter = MetricsReporter(
-            send=send,
+            send=lambda snapshot: hub.report.remote(source, snapshot),
             collect=state.metrics.snapshot,
             changed=lambda: state.metrics.version,
             after_each=state.access_log.flush,

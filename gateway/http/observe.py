@@ -95,7 +95,7 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(REQUEST_ID)
+        given = next((value for key, value in scope["headers"] if key == REQUEST_ID), None)
         sane = given is not None and _SANE.match(given) is not None
         request_id = given.decode() if sane and given is not None else new_request_id()
         id_header = None if sane and self._echoed else (REQUEST_ID, request_id.encode())

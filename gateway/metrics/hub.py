@@ -35,6 +35,13 @@ HUB_NAME = "MetricsHub"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+def replica_source() -> str:
+    """The calling Serve replica's id, as it reports to the hub."""
+    from ray import serve
+
+    return str(serve.get_replica_context().replica_id.unique_id)
+
+
 class MetricsHub:
     """A Serve deployment class (made a deployment in ``gateway.app``)."""
 

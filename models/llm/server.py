@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError
-from gateway.metrics.hub import HUB_NAME, MetricsReporter
+from gateway.metrics.hub import HUB_NAME, MetricsReporter, replica_source
 from gateway.protocol.engine import Reply
 from models.llm.coalesce import coalesce_marked
 from models.llm.engine import EngineInfo, LLMEngine, make_engine
@@ -115,10 +115,9 @@ def _engine_metrics_reporter(engine: LLMEngine, hub_app: str | None) -> MetricsR
         return None
     from ray import serve
 
-    context = serve.get_replica_context()
-    source = str(context.replica_id.unique_id)
+    source = replica_source()
     hub = serve.get_deployment_handle(
-        HUB_NAME, hub_app or context.app_name, _check_exists=False
+        HUB_NAME, hub_app or serve.get_replica_context().app_name, _check_exists=False
     )
 
     async def send(text: str | None) -> None:

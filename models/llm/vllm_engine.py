@@ -102,7 +102,9 @@ class VLLMEngine:
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(self.cli_args())
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
         # The serving layer calls ``engine_client.generate`` per prompt.
-        self._engine.generate = _tallied(self._engine.generate)
+        from vllm.sampling_params import RequestOutputKind
+
+        self._engine.generate = _tallied(self._engine.generate, RequestOutputKind.DELTA)
         state = State()
         await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
         self._chat = state.openai_serving_chat
@@ -207,17 +209,18 @@ def _guarded(
     return render_and_check
 
 
-def _tallied(generate: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    """``AsyncLLM.generate``, counting into the tally of the request being served."""
+def _tallied(
+    generate: Callable[..., AsyncIterator[Any]], delta_kind: Any
+) -> Callable[..., AsyncIterator[Any]]:
+    """``AsyncLLM.generate``, counting into the tally of the request being served;
+    ``delta_kind`` is vLLM's ``RequestOutputKind.DELTA``."""
 
     def generate_and_count(prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
         outputs = generate(prompt, sampling_params, *args, **kwargs)
         tally = _TALLY.get()
         if tally is None:
             return outputs
-        from vllm.sampling_params import RequestOutputKind
-
-        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        delta = getattr(sampling_params, "output_kind", None) == delta_kind
         return _count(outputs, tally, delta)
 
     return generate_and_count
@@ -230,7 +233,7 @@ async def _count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: boo
     it keeps them, else from arrival here. A final-only output spreads its
     tokens evenly between the first and the last token's times.
     """
-    tokens: dict[int, int] = {}
+    cumulative: dict[int, int] = {}  # per sequence, for outputs that repeat earlier tokens
     seen = 0
     last_ts: float | None = None
     first = True
@@ -239,12 +242,14 @@ async def _count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: boo
             if first:
                 tally.prompt_tokens += len(output.prompt_token_ids or ())
                 first = False
+            new = 0
             for seq in output.outputs:
                 n = len(seq.token_ids)
-                tokens[seq.index] = tokens.get(seq.index, 0) + n if delta else n
-            total = sum(tokens.values())
-            new, seen = total - seen, total
+                if not delta:
+                    n, cumulative[seq.index] = n - cumulative.get(seq.index, 0), n
+                new += n
             if new > 0:
+                seen += new
                 last_ts = _time_tokens(tally, output.metrics, new, last_ts)
             yield output
     finally:
@@ -258,19 +263,17 @@ def _time_tokens(
 ) -> float:
     """Records the timings of ``new`` tokens; returns the latest token's (monotonic) time."""
     now = time.monotonic()
-    if last_ts is None:
-        first_at = time.time()
-        first_ts = now
-        if stats is not None and stats.first_token_ts:
-            first_at = stats.arrival_time + stats.first_token_latency
-            first_ts = stats.first_token_ts
-        tally.first_token(first_at)
-        latest = stats.last_token_ts if stats is not None and stats.last_token_ts else now
-        tally.gaps((latest - first_ts) / max(new - 1, 1), new - 1)
-        return float(latest)
-    latest = stats.last_token_ts if stats is not None and stats.last_token_ts else now
-    tally.gaps((latest - last_ts) / new, new)
-    return float(latest)
+    latest = float(stats.last_token_ts if stats is not None and stats.last_token_ts else now)
+    if last_ts is not None:
+        tally.gaps((latest - last_ts) / new, new)
+        return latest
+    first_at, first_ts = time.time(), now
+    if stats is not None and stats.first_token_ts:
+        first_at = stats.arrival_time + stats.first_token_latency
+        first_ts = stats.first_token_ts
+    tally.first_token(first_at)
+    tally.gaps((latest - first_ts) / max(new - 1, 1), new - 1)
+    return latest
 
 
 async def _frames(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:
