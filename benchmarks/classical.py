@@ -2,9 +2,11 @@
 
 Starts one ``llm-gateway serve`` with each model twice, the same weights
 behind both: batched (``max_batch_size`` 64) and unbatched
-(``max_batch_size: 1``). Then, per model and concurrency level, it loads each
-version in turn (never both at once) and prints throughput, p50/p99 latency
-and the batched/unbatched throughput ratio.
+(``max_batch_size: 1``); MiniLM once more per dtype asked for (``float32``
+and ``auto``, which is bfloat16 on CPUs with bf16 instructions). Then, per
+model and concurrency level, it loads each version in turn (never two at
+once) and prints throughput, p50/p99 latency and the batched/unbatched
+throughput ratio.
 
 Each request carries one instance: one sentence for MiniLM
 (``/v1/embeddings``), one row of features for iris (KServe predict).
@@ -30,7 +32,7 @@ import aiohttp
 
 from benchmarks.streaming import stop, wait_ready
 
-BATCHED = {"max_batch_size": 64, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 256}
+BATCHED = {"max_batch_size": 64, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 256}
 UNBATCHED = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 256}
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly box".split()
 
@@ -97,16 +99,17 @@ async def load(
     return result
 
 
-def start_gateway(models_dir: Path, port: int, log: Path, threads: int | None) -> Any:
+def start_gateway(models_dir: Path, port: int, log: Path, threads: int | None, dtypes: list[str]) -> Any:
     import subprocess
 
     models = []
     for suffix, settings in (("batched", BATCHED), ("unbatched", UNBATCHED)):
-        models.append({
-            "name": f"minilm-{suffix}", "engine": "sentence-transformers",
-            "model": str((models_dir / "all-minilm-l6-v2").resolve()), "num_cpus": 0.25,
-            "num_threads": threads, **settings,
-        })
+        for dtype in dtypes:
+            models.append({
+                "name": f"minilm-{dtype}-{suffix}", "engine": "sentence-transformers",
+                "model": str((models_dir / "all-minilm-l6-v2").resolve()), "num_cpus": 0.25,
+                "num_threads": threads, "dtype": dtype, **settings,
+            })
         models.append({
             "name": f"iris-{suffix}", "engine": "sklearn",
             "model": str((models_dir / "iris").resolve()), "num_cpus": 0.25, **settings,
@@ -122,15 +125,20 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=Path(".models"))
     parser.add_argument("--requests", type=int, default=20, help="requests per unit of concurrency (at least 100)")
     parser.add_argument("--threads", type=int, default=None, help="MiniLM's torch threads (default: Ray's, 1 here)")
+    parser.add_argument("--dtypes", default="float32,auto", help="MiniLM dtypes, comma-separated")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args()
+    from models.classical.embedding import resolve_dtype
+
+    dtypes = args.dtypes.split(",")
     base_url = "http://127.0.0.1:8103"
-    proc = start_gateway(args.models_dir, 8103, args.log_dir / "bench-classical.log", args.threads)
+    proc = start_gateway(args.models_dir, 8103, args.log_dir / "bench-classical.log", args.threads, dtypes)
     rows = []
     try:
         print("==> waiting for the gateway", flush=True)
         wait_ready(base_url + "/ready", proc)
-        for model, make in (("minilm", embedding_request), ("iris", iris_request)):
+        loads = [(f"minilm-{dtype}", embedding_request) for dtype in dtypes] + [("iris", iris_request)]
+        for model, make in loads:
             for concurrency in (1, 16, 64):
                 requests = max(100, args.requests * concurrency)
                 pair = {}
@@ -145,10 +153,10 @@ def main() -> None:
     print()
     print(f"one instance per request; batched: max_batch_size {BATCHED['max_batch_size']}, "
           f"wait {BATCHED['batch_wait_timeout_s'] * 1000:g} ms; MiniLM threads {args.threads or 'Ray default'}; "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'':14}{'unbatched req/s':>16}{'p50':>8}{'p99':>8}{'batched req/s':>15}{'p50':>8}{'p99':>8}{'ratio':>8}")
+          f"MiniLM auto dtype here: {resolve_dtype('auto', 'cpu')}; {os.cpu_count()} CPUs")
+    print(f"{'':22}{'unbatched req/s':>16}{'p50':>8}{'p99':>8}{'batched req/s':>15}{'p50':>8}{'p99':>8}{'ratio':>8}")
     for model, concurrency, off, on in rows:
-        print(f"{model:<8}c={concurrency:<4}{off.per_s:16.0f}{off.ms(0.5):8.1f}{off.ms(0.99):8.1f}"
+        print(f"{model:<16}c={concurrency:<4}{off.per_s:16.0f}{off.ms(0.5):8.1f}{off.ms(0.99):8.1f}"
               f"{on.per_s:15.0f}{on.ms(0.5):8.1f}{on.ms(0.99):8.1f}{on.per_s / off.per_s:7.2f}x")
 
 

@@ -33,6 +33,7 @@ class _Strict(BaseModel):
 
 Engine = Literal["vllm", "echo", "sklearn", "sentence-transformers"]
 MLFLOW_SCHEMES = ("models:/", "runs:/")
+EMBEDDING_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ModelKind = Literal["llm", "classifier", "embedding"]
 
 # What each engine serves: routes never mix kinds, and each endpoint accepts
@@ -105,7 +106,13 @@ class ModelConfig(_Strict):
     max_model_len: int | None = Field(
         None, ge=16, description="Context window in tokens; the model's own when unset."
     )
-    dtype: str = Field("auto", description="Weights and activations dtype passed to vLLM.")
+    dtype: str = Field(
+        "auto",
+        description="Weights and activations dtype. vllm: passed to vLLM. "
+        "sentence-transformers: `float32`, `bfloat16`, `float16`, or `auto`: bfloat16 "
+        "on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), float16 on GPU, "
+        "float32 elsewhere. Not for sklearn.",
+    )
     seed: int = Field(0, description="Engine seed for requests that set none.")
     kv_cache_space_gib: int | None = Field(
         None,
@@ -224,6 +231,13 @@ class ModelConfig(_Strict):
             raise ValueError(f"`model` is required when engine is `{self.engine}`")
         if self.mlflow_uri and self.engine != "sklearn":
             raise ValueError("MLflow model URIs are served by the `sklearn` engine only")
+        if self.engine == "sentence-transformers" and self.dtype not in EMBEDDING_DTYPES:
+            raise ValueError(
+                f"dtype {self.dtype!r} is not one of {', '.join(EMBEDDING_DTYPES)} "
+                "(sentence-transformers)"
+            )
+        if self.engine == "sklearn" and self.dtype != "auto":
+            raise ValueError("`dtype` does not apply to sklearn models")
         return self
 
     @property
@@ -264,6 +278,19 @@ class ModelConfig(_Strict):
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
         }
+
+    def gathering(self) -> tuple[int, int, float | None] | None:
+        """How an ingress replica gathers requests to a batched classical model
+        (``gateway.http.gather``): the most requests one call carries
+        (``max_batch_size``), the calls it keeps in flight (two per replica it
+        may reach), and the longest a request is held: until a call returns
+        when batches do not wait, else half the batch wait (at most 5 ms), so a
+        waiting batch is never kept waiting by the ingress. None: call by call."""
+        if self.kind == "llm" or self.max_batch_size == 1:
+            return None
+        replicas = self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+        wait = self.batch_wait_timeout_s
+        return self.max_batch_size, 2 * replicas, min(wait / 2, 0.005) if wait > 0 else None
 
     def resolved(self, base_dir: Path) -> ModelConfig:
         """A copy whose local model path is absolute, relative ones taken from

@@ -20,6 +20,7 @@ from gateway.errors import (
     ModelNotFoundError,
     ModelNotSupportedError,
 )
+from gateway.http.gather import Gatherer
 from gateway.http.handlers import as_gateway_error
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol.engine import Endpoint, EngineRequest, Reply
@@ -47,6 +48,13 @@ ENDPOINT_PATHS = {
 }
 
 
+# Per batched model (gateway.config.ModelConfig.gathering): the most requests
+# one call carries, the calls one ingress replica keeps in flight before
+# requests wait to leave together, and the longest a request waits (None:
+# until a call returns).
+Gathering = tuple[int, int, float | None]
+
+
 class _ModelHandles:
     """Per model, the two handle methods the hot path calls, made once.
 
@@ -58,6 +66,17 @@ class _ModelHandles:
         self.source = handle
         self.unary = handle.options(method_name="generate")
         self.stream = handle.options(method_name="generate_stream", stream=True)
+        self.gather: Gatherer[EngineRequest] | None = None
+
+    def gather_by(self, group: Gathering | None) -> None:
+        """Sends unary calls in groups of up to ``group`` (None: one by one)."""
+        if group is None:
+            self.gather = None
+        elif self.gather is None:
+            many = self.source.options(method_name="generate_many")
+            self.gather = Gatherer(lambda calls: many.remote(calls), *group)
+        else:
+            self.gather.max_group, self.gather.max_in_flight, self.gather.max_hold_s = group
 
 
 class ModelDispatcher:
@@ -92,15 +111,19 @@ class ModelDispatcher:
         cohort_header: str,
         handles: Mapping[str, Any] | None = None,
         kinds: Mapping[str, str] | None = None,
+        gathering: Mapping[str, Gathering] | None = None,
     ) -> None:
         """Routes requests that arrive from now on with ``routes``.
 
         ``handles`` (when given) replace the model handles; ``kinds`` name each
-        model's kind (all `llm` when not given).
+        model's kind (all `llm` when not given); ``gathering`` names the
+        batched models whose concurrent requests share calls, and how.
         """
         if handles is not None:
             known = {name: h for name, h in self._handles.items() if h.source is handles.get(name)}
             self._handles = {name: known.get(name) or _ModelHandles(h) for name, h in handles.items()}
+        for name, handle in self._handles.items():
+            handle.gather_by((gathering or {}).get(name))
         self._kinds = dict(kinds) if kinds is not None else dict.fromkeys(self._handles, "llm")
         self._routes = routes
         self._cohort_header = cohort_header
@@ -187,8 +210,11 @@ class ModelDispatcher:
         record: RequestRecord,
     ) -> Response:
         waited = time.perf_counter()
-        response = handles.unary.remote(call)
-        answer = asyncio.ensure_future(_result(response))
+        if handles.gather is not None:
+            response = answer = handles.gather.submit(call)
+        else:
+            response = handles.unary.remote(call)
+            answer = asyncio.ensure_future(_result(response))
         hang_up = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({answer, hang_up}, return_when=asyncio.FIRST_COMPLETED)
@@ -196,7 +222,8 @@ class ModelDispatcher:
             hang_up.cancel()
             record.model_wait_s += time.perf_counter() - waited
         if not answer.done():
-            # The client left: cancelling the call aborts the engine request.
+            # The client left: cancelling the call aborts the engine request (a
+            # gathered request is dropped from its group, or its answer ignored).
             response.cancel()
             answer.cancel()
             return Response(status_code=499)

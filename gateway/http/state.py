@@ -92,6 +92,7 @@ class GatewayState:
             config.routing.cohort_header,
             {name: handle for name, (_, handle) in handles.items()},
             {m.name: m.kind for m in config.models},
+            {m.name: g for m in config.models if (g := m.gathering()) is not None},
         )
         logger.info(
             "serving %d models, %d routes", len(config.models), len(config.routing.routes)

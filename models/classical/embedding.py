@@ -3,6 +3,11 @@
 Instances are texts. Inputs longer than the model's window are refused, not
 truncated: the client learns which one, rather than getting the embedding of
 a text it did not send.
+
+Weights run in the configured dtype. ``auto`` follows vLLM's rule for float32
+embedding models (downcast to a 16-bit type the device computes natively):
+float16 on GPU, bfloat16 on CPUs with bf16 instructions, float32 elsewhere,
+where bf16 would only be emulated. Vectors always leave as float32.
 """
 
 from __future__ import annotations
@@ -15,24 +20,49 @@ import numpy as np
 from gateway.errors import ContextLengthExceededError, InvalidRequestError
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype ``auto`` stands for on ``device``; other names stand for themselves."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "float16"
+    return "bfloat16" if cpu_computes_bf16() else "float32"
+
+
 class EmbeddingPredictor:
     kind = "embedding"
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, dtype: str = "float32") -> None:
         self._model = model
+        self.dtype = dtype  # what the weights run in
         self._tokenizer = model.tokenizer
         self.dimensions = int(model.get_embedding_dimension())
         self.max_tokens = int(model.max_seq_length)
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu", threads: int | None = None) -> EmbeddingPredictor:
-        """Loads the model directory; ``threads`` sets torch's intra-op threads."""
+    def load(
+        cls, path: str, device: str = "cpu", threads: int | None = None, dtype: str = "auto"
+    ) -> EmbeddingPredictor:
+        """Loads the model directory in ``dtype`` (see ``resolve_dtype``);
+        ``threads`` sets torch's intra-op threads."""
         import torch
         from sentence_transformers import SentenceTransformer
 
         if threads is not None:
             torch.set_num_threads(threads)
-        return cls(SentenceTransformer(path, device=device, local_files_only=True))
+        name = resolve_dtype(dtype, device)
+        model = SentenceTransformer(
+            path, device=device, local_files_only=True, model_kwargs={"dtype": getattr(torch, name)}
+        )
+        return cls(model, name)
 
     def inputs(self, instances: Sequence[Any], param: str) -> tuple[list[str], list[int]]:
         """The texts and each one's token count (special tokens included)."""

@@ -48,5 +48,7 @@ def load_predictor(config: ModelConfig) -> Predictor:
         from models.classical.embedding import EmbeddingPredictor
 
         device = "cuda" if config.num_gpus > 0 else "cpu"
-        return EmbeddingPredictor.load(str(config.model), device=device, threads=config.num_threads)
+        return EmbeddingPredictor.load(
+            str(config.model), device=device, threads=config.num_threads, dtype=config.dtype
+        )
     raise ValueError(f"{config.engine!r} is not a classical-model engine")

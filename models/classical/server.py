@@ -47,13 +47,16 @@ class ClassicalServer:
             else await asyncio.to_thread(load_predictor, config)
         )
         self._batch_sizes: Counter[int] = Counter()
+        self._calls = {"calls": 0, "requests": 0}  # calls received, requests they carried
         self._batching = config.batching()
         # Decorated per instance: each server owns its batch queue.
         self._run_batch: Any = serve.batch(
             max_batch_size=config.max_batch_size,
             batch_wait_timeout_s=config.batch_wait_timeout_s,
         )(self._batch)
-        logger.info("%s ready (%s)", config.name, self._predictor.kind)
+        # Embedding models report the dtype their weights run in (``auto`` resolved).
+        self._dtype: str | None = getattr(self._predictor, "dtype", None)
+        logger.info("%s ready (%s, %s)", config.name, self._predictor.kind, self._dtype or "-")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Applies ``max_batch_size`` and ``batch_wait_timeout_s`` to the running queue."""
@@ -65,10 +68,22 @@ class ClassicalServer:
         self._run_batch.set_batch_wait_timeout_s(self._batching["batch_wait_timeout_s"])
 
     async def generate(self, request: EngineRequest) -> Reply:
+        self._count(1)
         result = await self._run_batch(request)
         if isinstance(result, GatewayError):
             raise result
         return result  # type: ignore[no-any-return]
+
+    async def generate_many(self, requests: list[EngineRequest]) -> list[Reply | GatewayError]:
+        """Answers a group of requests an ingress replica sent together, each on its
+        own: its ``Reply``, or its error (returned, not raised, so it reaches only
+        its own request). The group's requests join the batch queue one by one."""
+        self._count(len(requests))
+        return list(await asyncio.gather(*(self._run_batch(request) for request in requests)))
+
+    def _count(self, requests: int) -> None:
+        self._calls["calls"] += 1
+        self._calls["requests"] += requests
 
     async def _batch(self, requests: list[EngineRequest]) -> list[Reply | GatewayError]:
         self._batch_sizes[len(requests)] += 1
@@ -98,8 +113,13 @@ class ClassicalServer:
         return [job.render(job, p) for job, p in zip(jobs, predictions)]
 
     def stats(self) -> dict[str, Any]:
-        """How many batches of each size this replica has run, and its batch settings."""
-        return {"batch_sizes": dict(self._batch_sizes), **self._batching}
+        """How many batches of each size this replica has run, the calls it received
+        and the requests they carried, its batch settings and, for embedding
+        models, the dtype its weights run in."""
+        stats = {"batch_sizes": dict(self._batch_sizes), **self._calls, **self._batching}
+        if self._dtype is not None:
+            stats["dtype"] = self._dtype
+        return stats
 
     async def check_health(self) -> None:
         """Called by Serve's health checks: the model is loaded in-process."""

@@ -12,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 
+from models.classical.embedding import resolve_dtype
 from tests.integration.conftest import MODELS, VLLM_MODEL, Gateway
 
 SENTENCES = [
@@ -82,6 +83,10 @@ async def test_concurrent_requests_share_batches(gateway: Gateway) -> None:
     after = await asyncio.to_thread(gateway.call, "minilm", "stats")
     new_batches = Counter(after["batch_sizes"]) - Counter(before["batch_sizes"])
     assert max(new_batches) > 1, new_batches
+    # The ingress replicas gathered requests that arrived together into shared calls.
+    assert after["requests"] - before["requests"] == 32
+    assert after["calls"] - before["calls"] < 32, (before, after)
+    assert after["dtype"] == resolve_dtype("auto", "cpu")  # what `auto` means on this machine
 
 
 @pytest.mark.parametrize(

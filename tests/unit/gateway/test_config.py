@@ -60,6 +60,18 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
         pytest.param({}, "models", "Field required", id="missing-models"),
         pytest.param(_config(engine="tgi"), "models.0.engine", "'sklearn' or 'sentence-transformers'", id="unknown-engine"),
         pytest.param(_config(name="bad name"), "models.0.name", "should match pattern", id="bad-model-name"),
+        pytest.param(
+            {"models": [{"name": "e", "engine": "sentence-transformers", "model": "org/minilm", "dtype": "fp8"}]},
+            "models.0",
+            "dtype 'fp8' is not one of auto, float32, bfloat16, float16 (sentence-transformers)",
+            id="unknown-embedding-dtype",
+        ),
+        pytest.param(
+            {"models": [{"name": "c", "engine": "sklearn", "model": "models:/iris/1", "dtype": "float32"}]},
+            "models.0",
+            "`dtype` does not apply to sklearn models",
+            id="sklearn-dtype",
+        ),
     ],
 )
 def test_invalid_config_names_field_and_reason(data: dict[str, Any], field: str, reason: str) -> None:
@@ -267,3 +279,18 @@ def test_assemble_validates_models_and_routes_together() -> None:
     assert again.app_name == "gw" and again.models == config.models
     with pytest.raises(ConfigError, match="ingress user_config"):
         GatewayConfig.assemble(config.front_door(), [], {})
+
+
+def test_gathering_is_for_batched_classical_models_and_grows_with_replicas() -> None:
+    from gateway.config import ModelConfig
+
+    classical = {"name": "c", "engine": "sklearn", "model": "models:/iris/1"}
+    assert ModelConfig(**classical, max_batch_size=32, batch_wait_timeout_s=0).gathering() == (32, 2, None)
+    assert ModelConfig(**classical, num_replicas=3, batch_wait_timeout_s=0).gathering() == (32, 6, None)
+    scaled = ModelConfig(**classical, autoscaling={"min_replicas": 1, "max_replicas": 4}, batch_wait_timeout_s=0)
+    assert scaled.gathering() == (32, 8, None)
+    # Batches that wait for company never wait on requests the ingress holds.
+    assert ModelConfig(**classical, batch_wait_timeout_s=0.004).gathering() == (32, 2, 0.002)
+    assert ModelConfig(**classical, batch_wait_timeout_s=10).gathering() == (32, 2, 0.005)
+    assert ModelConfig(**classical, max_batch_size=1).gathering() is None  # batching off
+    assert ModelConfig(name="e", engine="echo").gathering() is None  # LLMs stream and batch in the engine

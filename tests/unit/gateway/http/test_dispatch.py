@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from httpx import ASGITransport, AsyncClient
 
 from gateway import sse
-from gateway.errors import InternalServerError
+from gateway.errors import InternalServerError, InvalidRequestError
 from gateway.http.dispatch import ModelDispatcher
 from gateway.http.handlers import install_handlers
 from gateway.http.access_log import AccessLog
@@ -74,16 +74,24 @@ class FakeHandle:
         self.responses: list[Any] = []
 
     def options(self, **kwargs: Any) -> FakeMethod:
-        return FakeMethod(self, kwargs.get("stream", False))
+        return FakeMethod(self, kwargs.get("stream", False), kwargs.get("method_name", ""))
 
 
 class FakeMethod:
-    def __init__(self, handle: FakeHandle, stream: bool) -> None:
-        self._handle, self._stream = handle, stream
+    def __init__(self, handle: FakeHandle, stream: bool, name: str) -> None:
+        self._handle, self._stream, self._name = handle, stream, name
 
     def remote(self, call: Any) -> Any:
         self._handle.calls.append(call)
         h = self._handle
+        if self._name == "generate_many":  # a group: one answer or error per request
+            answers = [
+                InvalidRequestError("bad input", param="input") if c.body.get("bad")
+                else Reply(json.dumps({"echo": c.body["k"]}).encode(), Outcome())
+                for c in call
+            ]
+            h.responses.append(FakeResponse(answers, h.delay))
+            return h.responses[-1]
         unary = Reply(h.unary, Outcome()) if isinstance(h.unary, bytes) else h.unary
         response = FakeStream(h.stream) if self._stream else FakeResponse(unary, h.delay)
         h.responses.append(response)
@@ -97,6 +105,8 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
     aliases = {"r": routing["alias"]} if "alias" in routing else None
     metrics = GatewayMetrics()
     dispatcher = ModelDispatcher(RouteTable(list(handles), aliases), handles, retry_after_s=1, metrics=metrics)
+    if "gathering" in routing:
+        dispatcher.use_routes(dispatcher.routes, "x-session-id", handles, gathering=routing["gathering"])
     app = FastAPI()
     app.state.metrics = metrics
 
@@ -183,6 +193,23 @@ async def test_client_hang_up_cancels_the_model_call() -> None:
     await asyncio.wait_for(app(scope, receive, send), timeout=2)
     assert handle.responses[0].cancelled
     assert sent[0]["status"] == 499
+
+
+async def test_concurrent_requests_to_a_gathering_model_share_calls_and_keep_their_answers() -> None:
+    handle = FakeHandle(delay=0.05)
+    app = make_app(handle, gathering={"m": (8, 1, None)})
+    bodies = [{"model": "m", "k": i, "bad": i == 3} for i in range(6)]
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        responses = await asyncio.gather(*(client.post("/chat", json=b) for b in bodies))
+    # The first leaves alone; the rest wait for it and leave together.
+    assert [len(group) for group in handle.calls] == [1, 5]
+    assert [c.body["k"] for group in handle.calls for c in group] == [0, 1, 2, 3, 4, 5]
+    assert [r.status_code for r in responses] == [200, 200, 200, 400, 200, 200]
+    assert [r.json()["echo"] for i, r in enumerate(responses) if i != 3] == [0, 1, 2, 4, 5]
+    assert responses[3].json()["error"]["message"] == "bad input"
+    ids = {c.request_id for group in handle.calls for c in group}
+    assert ids == {r.headers["x-request-id"] for r in responses}
 
 
 @pytest.mark.parametrize("body", [{"model": "other"}, {"model": "m", "n": 0}])

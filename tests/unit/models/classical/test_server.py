@@ -124,3 +124,28 @@ async def test_more_instances_than_the_cap_is_a_400(iris_dir: Path) -> None:
     server, _ = await make_server(iris_dir, max_instances_per_request=2)
     with pytest.raises(InvalidRequestError, match="'instances' holds 3 entries; this model accepts at most 2"):
         await server.generate(predict([[1, 2, 3, 4]] * 3))
+
+
+async def test_a_group_from_the_ingress_is_answered_request_by_request(iris_dir: Path) -> None:
+    server, predictor = await make_server(iris_dir, max_batch_size=8, batch_wait_timeout_s=0.0)
+    results = await server.generate_many(
+        [predict([[5.1, 3.5, 1.4, 0.2]]), predict([[1, 2, 3]]), predict([[6.7, 3.0, 5.2, 2.3]])]
+    )
+    # The bad request's error comes back as a value, for its caller alone.
+    assert isinstance(results[1], InvalidRequestError)
+    assert results[1].message == "instances[0]: expected 4 features, got 3"
+    assert [json.loads(r.body)["predictions"][0]["label"] for r in (results[0], results[2])] == ["setosa", "virginica"]  # type: ignore[union-attr]
+    # The group's requests joined one batch, without waiting for more.
+    assert predictor.calls == [2] and server.stats()["batch_sizes"] == {3: 1}
+    assert (server.stats()["calls"], server.stats()["requests"]) == (1, 3)
+
+
+async def test_groups_and_single_calls_share_batches(iris_dir: Path) -> None:
+    server, predictor = await make_server(iris_dir, max_batch_size=6, batch_wait_timeout_s=0.5)
+    row = [5.1, 3.5, 1.4, 0.2]
+    group, *singles = await asyncio.gather(
+        server.generate_many([predict([row])] * 4), server.generate(predict([row])), server.generate(predict([row]))
+    )
+    assert len(group) == 4 and all(isinstance(r, Reply) for r in [*group, *singles])
+    assert predictor.calls == [6]
+    assert (server.stats()["calls"], server.stats()["requests"]) == (3, 6)

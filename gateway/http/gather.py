@@ -1,0 +1,102 @@
+"""Gathers concurrent requests to one batched model into shared calls.
+
+A batched (classical) model replica forms its batches from the calls it
+receives, and every call costs the replica its transport: under load that
+per-call cost, not the model, bounds throughput. So each ingress replica keeps
+at most ``max_in_flight`` calls out per model; requests that arrive while that
+many are out wait and leave together in the next call (at most ``max_group``
+requests), which the replica splits again into its batch queue. A request
+that finds a free slot leaves at once, so light traffic pays no extra wait.
+
+A replica whose batches wait for company (``batch_wait_timeout_s`` > 0) must
+not wait for requests held here: with ``max_hold_s`` set, requests held that
+long leave regardless of the calls out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+Call = TypeVar("Call")
+
+Send = Callable[[list[Call]], Awaitable[list[Any]]]
+
+
+class Gatherer(Generic[Call]):
+    """Sends calls in groups; each caller gets its own answer or error.
+
+    ``send`` takes a group and returns one result per call, in order: an
+    answer, or an exception instance meant for that call alone. An exception
+    ``send`` raises reaches every call of the group.
+    """
+
+    def __init__(
+        self,
+        send: Send[Call],
+        max_group: int,
+        max_in_flight: int,
+        max_hold_s: float | None = None,
+    ) -> None:
+        self._send = send
+        self.max_group = max_group
+        self.max_in_flight = max_in_flight
+        self.max_hold_s = max_hold_s
+        self._pending: deque[tuple[Call, asyncio.Future[Any]]] = deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def submit(self, call: Call) -> asyncio.Future[Any]:
+        """The answer to ``call``; cancel the future to give it up."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((call, future))
+        if self._in_flight < self.max_in_flight:
+            self._next_group()
+        elif self.max_hold_s is not None and self._timer is None:
+            self._timer = loop.call_later(self.max_hold_s, self._release_held)
+        return future
+
+    def _release_held(self) -> None:
+        """Sends every held request now, past the cap on calls out."""
+        self._timer = None
+        while self._pending:
+            self._next_group()
+
+    def _next_group(self) -> None:
+        group: list[tuple[Call, asyncio.Future[Any]]] = []
+        while self._pending and len(group) < self.max_group:
+            call, future = self._pending.popleft()
+            if not future.cancelled():  # the client left while it waited
+                group.append((call, future))
+        if not group:
+            return
+        self._in_flight += 1
+        task = asyncio.create_task(self._run(group))
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, group: list[tuple[Call, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._send([call for call, _ in group])
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for (_, future), result in zip(group, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self._in_flight -= 1
+            if self._pending:
+                self._next_group()

@@ -1,0 +1,88 @@
+"""models/classical/embedding.py: the dtype MiniLM's weights run in, and what it changes.
+
+The model is the real MiniLM that ``build-model`` copies into ``.models``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models.classical import embedding
+from models.classical.embedding import EmbeddingPredictor, cpu_computes_bf16, resolve_dtype
+
+MINILM = Path(__file__).resolve().parents[4] / ".models" / "all-minilm-l6-v2"
+SENTENCES = [
+    "The cat sits on the mat.",
+    "A kitten is resting on a rug.",
+    "Quarterly revenue grew by eight percent, beating every analyst's forecast.",
+    "How do I reset my password?",
+]
+
+
+@pytest.fixture(scope="module")
+def reference() -> Any:
+    """MiniLM as sentence-transformers loads it by itself (float32)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(MINILM), device="cpu", local_files_only=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_named_dtype_stands_for_itself(dtype: str) -> None:
+    assert resolve_dtype(dtype, "cpu") == dtype
+    assert resolve_dtype(dtype, "cuda") == dtype
+
+
+def test_auto_is_float16_on_gpu() -> None:
+    assert resolve_dtype("auto", "cuda") == "float16"
+    assert resolve_dtype("auto", "cuda:1") == "float16"
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_on_cpu_is_bfloat16_only_where_the_cpu_computes_it(
+    monkeypatch: pytest.MonkeyPatch, native: bool, expected: str
+) -> None:
+    monkeypatch.setattr(embedding, "cpu_computes_bf16", lambda: native)
+    assert resolve_dtype("auto", "cpu") == expected
+
+
+def test_bf16_detection_agrees_with_the_cpu_flags() -> None:
+    # x86 lists its instruction sets under "flags"; other CPUs count as lacking bf16.
+    flags = {
+        flag
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[1].split()
+    }
+    assert cpu_computes_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_float32_gives_sentence_transformers_own_vectors(reference: Any) -> None:
+    predictor = EmbeddingPredictor.load(str(MINILM), dtype="float32")
+    assert predictor.dtype == "float32"
+    got = predictor.embed(SENTENCES)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, reference.encode(SENTENCES), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
+def test_reduced_precision_stays_within_cosine_0_999_and_leaves_as_float32(
+    reference: Any, dtype: str
+) -> None:
+    import torch
+
+    predictor = EmbeddingPredictor.load(str(MINILM), dtype=dtype)
+    assert predictor.dtype == resolve_dtype(dtype, "cpu")
+    assert next(predictor._model.parameters()).dtype == getattr(torch, predictor.dtype)
+    got = predictor.embed(SENTENCES)
+    assert got.dtype == np.float32 and got.shape == (4, 384)
+    want = reference.encode(SENTENCES)
+    cosines = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosines.min() >= 0.999, cosines
+    # One sentence alone gets the vector it gets inside a batch.
+    alone = predictor.embed(SENTENCES[2:3])[0]
+    assert float(alone @ got[2] / np.linalg.norm(alone) / np.linalg.norm(got[2])) >= 0.9999
