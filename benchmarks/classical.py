@@ -1,9 +1,11 @@
 """Classical models: batched vs. unbatched, embeddings and iris, one run.
 
 Starts one ``llm-gateway serve`` with each model twice, the same weights
-behind both: batched (``max_batch_size`` 64) and unbatched
-(``max_batch_size: 1``); MiniLM once more per dtype asked for (``float32``
-and ``auto``, which is bfloat16 on CPUs with bf16 instructions). Then, per
+behind both: batched (``max_batch_size`` 64, no batch wait: a batch is what
+queued while the last one ran, and the ingress gathers requests into shared
+calls) and unbatched (``max_batch_size: 1``, call by call); MiniLM once more
+per dtype asked for (``float32`` and ``auto``, which is bfloat16 on CPUs with
+bf16 instructions). Then, per
 model and concurrency level, it loads each version in turn (never two at
 once) and prints throughput, p50/p99 latency and the batched/unbatched
 throughput ratio.
