@@ -5,10 +5,9 @@ behind both: batched (``max_batch_size`` 64, no batch wait: a batch is what
 queued while the last one ran, and the ingress gathers requests into shared
 calls) and unbatched (``max_batch_size: 1``, call by call); MiniLM once more
 per dtype asked for (``float32`` and ``auto``, which is bfloat16 on CPUs with
-bf16 instructions). Then, per
-model and concurrency level, it loads each version in turn (never two at
-once) and prints throughput, p50/p99 latency and the batched/unbatched
-throughput ratio.
+bf16 instructions). Then, per model and concurrency level, it loads each
+version in turn (never two at once) and prints throughput, p50/p99 latency
+and the batched/unbatched throughput ratio.
 
 Each request carries one instance: one sentence for MiniLM
 (``/v1/embeddings``), one row of features for iris (KServe predict).

@@ -7,7 +7,7 @@ Every field has a description; an invalid file fails start-up with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,6 +51,14 @@ ENGINE_KINDS: dict[str, ModelKind] = {
 LIVE_MODEL_FIELDS = frozenset(
     {"num_replicas", "autoscaling", "max_batch_size", "batch_wait_timeout_s"}
 )
+
+
+class Gathering(NamedTuple):
+    """How an ingress replica gathers requests to a batched model (``gateway.http.gather``)."""
+
+    max_group: int  # the most requests one call carries
+    max_in_flight: int  # calls kept out before requests wait to leave together
+    max_hold_s: float | None  # the longest a request waits; None: until a call returns
 
 
 class AutoscalingConfig(_Strict):
@@ -279,7 +287,7 @@ class ModelConfig(_Strict):
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
         }
 
-    def gathering(self) -> tuple[int, int, float | None] | None:
+    def gathering(self) -> Gathering | None:
         """How an ingress replica gathers requests to a batched classical model
         (``gateway.http.gather``): the most requests one call carries
         (``max_batch_size``), the calls it keeps in flight (two per replica it
@@ -290,7 +298,8 @@ class ModelConfig(_Strict):
             return None
         replicas = self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
         wait = self.batch_wait_timeout_s
-        return self.max_batch_size, 2 * replicas, min(wait / 2, 0.005) if wait > 0 else None
+        hold = min(wait / 2, 0.005) if wait > 0 else None
+        return Gathering(self.max_batch_size, 2 * replicas, hold)
 
     def resolved(self, base_dir: Path) -> ModelConfig:
         """A copy whose local model path is absolute, relative ones taken from

@@ -14,6 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from gateway import sse
+from gateway.config import Gathering
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -48,13 +49,6 @@ ENDPOINT_PATHS = {
 }
 
 
-# Per batched model (gateway.config.ModelConfig.gathering): the most requests
-# one call carries, the calls one ingress replica keeps in flight before
-# requests wait to leave together, and the longest a request waits (None:
-# until a call returns).
-Gathering = tuple[int, int, float | None]
-
-
 class _ModelHandles:
     """Per model, the two handle methods the hot path calls, made once.
 
@@ -69,7 +63,7 @@ class _ModelHandles:
         self.gather: Gatherer[EngineRequest] | None = None
 
     def gather_by(self, group: Gathering | None) -> None:
-        """Sends unary calls in groups of up to ``group`` (None: one by one)."""
+        """Sends unary calls in groups as ``group`` says (None: one by one)."""
         if group is None:
             self.gather = None
         elif self.gather is None:

@@ -47,7 +47,7 @@ class ClassicalServer:
             else await asyncio.to_thread(load_predictor, config)
         )
         self._batch_sizes: Counter[int] = Counter()
-        self._calls = {"calls": 0, "requests": 0}  # calls received, requests they carried
+        self._calls = 0  # calls received; the requests they carried are the batches' sum
         self._batching = config.batching()
         # Decorated per instance: each server owns its batch queue.
         self._run_batch: Any = serve.batch(
@@ -68,7 +68,7 @@ class ClassicalServer:
         self._run_batch.set_batch_wait_timeout_s(self._batching["batch_wait_timeout_s"])
 
     async def generate(self, request: EngineRequest) -> Reply:
-        self._count(1)
+        self._calls += 1
         result = await self._run_batch(request)
         if isinstance(result, GatewayError):
             raise result
@@ -78,12 +78,8 @@ class ClassicalServer:
         """Answers a group of requests an ingress replica sent together, each on its
         own: its ``Reply``, or its error (returned, not raised, so it reaches only
         its own request). The group's requests join the batch queue one by one."""
-        self._count(len(requests))
+        self._calls += 1
         return list(await asyncio.gather(*(self._run_batch(request) for request in requests)))
-
-    def _count(self, requests: int) -> None:
-        self._calls["calls"] += 1
-        self._calls["requests"] += requests
 
     async def _batch(self, requests: list[EngineRequest]) -> list[Reply | GatewayError]:
         self._batch_sizes[len(requests)] += 1
@@ -116,7 +112,13 @@ class ClassicalServer:
         """How many batches of each size this replica has run, the calls it received
         and the requests they carried, its batch settings and, for embedding
         models, the dtype its weights run in."""
-        stats = {"batch_sizes": dict(self._batch_sizes), **self._calls, **self._batching}
+        requests = sum(size * count for size, count in self._batch_sizes.items())
+        stats = {
+            "batch_sizes": dict(self._batch_sizes),
+            "calls": self._calls,
+            "requests": requests,
+            **self._batching,
+        }
         if self._dtype is not None:
             stats["dtype"] = self._dtype
         return stats
