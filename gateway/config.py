@@ -45,6 +45,10 @@ ENGINE_KINDS: dict[str, ModelKind] = {
     "sentence-transformers": "embedding",
 }
 
+# vLLM's engine argument holding its structured-output settings (backend,
+# whitespace); given in `engine_args`, it replaces `json_whitespace`.
+STRUCTURED_OUTPUTS_ARG = "structured-outputs-config"
+
 # Fields a redeploy applies to running replicas (replica count, batching):
 # they stay out of a model's deployment arguments, so changing them restarts
 # nothing.
@@ -155,6 +159,15 @@ class ModelConfig(_Strict):
         description="vLLM tool-call parser (e.g. `hermes`); enables `tool_choice` "
         "`auto` and named tools for models whose template renders tools.",
     )
+    json_whitespace: Literal["compact", "any"] | None = Field(
+        None,
+        description="vllm: whitespace in constrained JSON (`response_format` "
+        "`json_schema`/`json_object`, and the arguments of tool calls forced by "
+        "`tool_choice`). `compact`: none between tokens, as OpenAI's structured outputs "
+        "look; vLLM's `xgrammar` backend enforces it. `any`: vLLM's own default, any "
+        "whitespace the grammar allows, which small models can emit until `max_tokens`. "
+        "Unset: `compact`, unless `engine_args` holds a `structured-outputs-config`.",
+    )
     engine_args: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
         description="Further vLLM engine arguments by their CLI name without `--` "
@@ -246,6 +259,14 @@ class ModelConfig(_Strict):
             )
         if self.engine == "sklearn" and self.dtype != "auto":
             raise ValueError("`dtype` does not apply to sklearn models")
+        if self.json_whitespace is not None:
+            if self.engine != "vllm":
+                raise ValueError("`json_whitespace` applies to vllm models only")
+            if STRUCTURED_OUTPUTS_ARG in self.engine_args:
+                raise ValueError(
+                    f"set either `json_whitespace` or `engine_args.{STRUCTURED_OUTPUTS_ARG}`, "
+                    "not both"
+                )
         return self
 
     @property

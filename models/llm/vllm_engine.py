@@ -34,6 +34,7 @@ from gateway.errors import (
     NotImplementedFeatureError,
     ServiceUnavailableError,
 )
+from models.llm import compact_json
 from models.llm.engine import EngineInfo
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ class VLLMEngine:
             args += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
         if c.tool_call_parser is not None:
             args += ["--enable-auto-tool-choice", "--tool-call-parser", c.tool_call_parser]
+        if compact_json.is_compact(c):
+            args += compact_json.engine_args()
         for key, value in c.engine_args.items():
             if value is True:
                 args.append(f"--{key}")
@@ -104,7 +107,8 @@ class VLLMEngine:
         # The serving layer calls ``engine_client.generate`` per prompt.
         from vllm.sampling_params import RequestOutputKind
 
-        self._engine.generate = _tallied(self._engine.generate, RequestOutputKind.DELTA)
+        prepare = compact_json.compact_structural_tag if compact_json.is_compact(self._config) else None
+        self._engine.generate = _tallied(self._engine.generate, RequestOutputKind.DELTA, prepare)
         state = State()
         await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
         self._chat = state.openai_serving_chat
@@ -210,12 +214,17 @@ def _guarded(
 
 
 def _tallied(
-    generate: Callable[..., AsyncIterator[Any]], delta_kind: Any
+    generate: Callable[..., AsyncIterator[Any]],
+    delta_kind: Any,
+    prepare: Callable[[Any], None] | None = None,
 ) -> Callable[..., AsyncIterator[Any]]:
     """``AsyncLLM.generate``, counting into the tally of the request being served;
-    ``delta_kind`` is vLLM's ``RequestOutputKind.DELTA``."""
+    ``delta_kind`` is vLLM's ``RequestOutputKind.DELTA``; ``prepare``, when given,
+    may adjust each request's sampling params before the engine sees them."""
 
     def generate_and_count(prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+        if prepare is not None:
+            prepare(sampling_params)
         outputs = generate(prompt, sampling_params, *args, **kwargs)
         tally = _TALLY.get()
         if tally is None:

@@ -72,6 +72,25 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
             "`dtype` does not apply to sklearn models",
             id="sklearn-dtype",
         ),
+        pytest.param(
+            _config(json_whitespace="compact"),
+            "models.0",
+            "`json_whitespace` applies to vllm models only",
+            id="json-whitespace-on-echo",
+        ),
+        pytest.param(
+            {"models": [{"name": "m", "model": "org/m", "json_whitespace": "any",
+                         "engine_args": {"structured-outputs-config": '{"backend": "guidance"}'}}]},
+            "models.0",
+            "set either `json_whitespace` or `engine_args.structured-outputs-config`, not both",
+            id="json-whitespace-twice",
+        ),
+        pytest.param(
+            {"models": [{"name": "m", "model": "org/m", "json_whitespace": "tabs"}]},
+            "models.0.json_whitespace",
+            "'compact' or 'any'",
+            id="json-whitespace-unknown",
+        ),
     ],
 )
 def test_invalid_config_names_field_and_reason(data: dict[str, Any], field: str, reason: str) -> None:
