@@ -134,8 +134,11 @@ def test_stop_sequence_ends_the_answer(client: openai.OpenAI, stream: bool) -> N
     base = dict(model=VLLM_MODEL, messages=MESSAGES, max_tokens=40, temperature=0, seed=5)
     full, _, _ = chat(client, stream, **base)
     text = full[0]
-    stop = text[len(text) // 2 : len(text) // 2 + 2]
-    assert stop.strip(), f"answer too short to pick a stop string: {text!r}"
+    # Two visible characters from the middle on: whatever text this host's
+    # numerics produce, the stop string is one the answer contains.
+    starts = [i for i in range(len(text) // 2, len(text) - 1) if text[i : i + 2].strip() == text[i : i + 2]]
+    assert starts, f"answer too short to pick a stop string: {text!r}"
+    stop = text[starts[0] : starts[0] + 2]
     cut, finish, _ = chat(client, stream, stop=[stop], **base)
     assert stop not in cut[0]
     assert text.startswith(cut[0])
@@ -229,7 +232,10 @@ def test_logit_bias_steers_the_first_token(client: openai.OpenAI) -> None:
 
 
 def test_penalties_are_accepted_and_change_sampling(client: openai.OpenAI) -> None:
-    base = dict(model=VLLM_MODEL, messages=MESSAGES, max_tokens=30, temperature=0)
+    # 30 tokens whatever the model prefers: a greedy tiny model repeats itself,
+    # which strong penalties must change.
+    base = dict(model=VLLM_MODEL, messages=MESSAGES, max_tokens=30, temperature=0,
+                extra_body={"ignore_eos": True})
     plain = client.chat.completions.create(**base).choices[0].message.content
     penalised = client.chat.completions.create(
         **base, frequency_penalty=2.0, presence_penalty=2.0

@@ -28,14 +28,17 @@ def test_single_prompt(client: openai.OpenAI, stream: bool) -> None:
 
 @pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
 def test_batched_prompts_answer_each_in_order(client: openai.OpenAI, model: str) -> None:
+    # Each choice shows which prompt it answered (vLLM echoes it; the echo
+    # engine answers with it). Comparing texts with single-prompt answers would
+    # assume batch-invariant floating point, which vLLM does not promise.
     prompts = ["The market opened", "Water boils at", "The library was"]
-    response = client.completions.create(model=model, prompt=prompts, max_tokens=4, temperature=0)
+    kwargs = dict(model=model, max_tokens=4, echo=True, extra_body={"ignore_eos": True})
+    response = client.completions.create(prompt=prompts, **kwargs)
     assert [c.index for c in response.choices] == [0, 1, 2]
-    singles = [
-        client.completions.create(model=model, prompt=p, max_tokens=4, temperature=0).choices[0].text
-        for p in prompts
-    ]
-    assert [c.text for c in response.choices] == singles
+    assert [c.text[: len(p)] for c, p in zip(response.choices, prompts)] == prompts
+    singles = [client.completions.create(prompt=p, **kwargs).usage for p in prompts]
+    assert response.usage.prompt_tokens == sum(u.prompt_tokens for u in singles)
+    assert response.usage.completion_tokens == sum(u.completion_tokens for u in singles)
 
 
 def test_logprobs_and_echo(client: openai.OpenAI) -> None:
