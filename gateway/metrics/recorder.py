@@ -87,7 +87,7 @@ class GatewayMetrics:
             self._tokens.inc((model, variant, "completion"), outcome.completion_tokens)
         if outcome.first_token_s is not None:
             self._ttft.observe(labels, outcome.first_token_s)
-        for seconds, tokens in outcome.inter_token_s:
-            self._itl.observe(labels, seconds, tokens)
+        if outcome.inter_token_counts:
+            self._itl.merge(labels, outcome.inter_token_counts, outcome.inter_token_sum_s)
         if outcome.batch_size is not None:
             self._batch.observe((variant,), outcome.batch_size)

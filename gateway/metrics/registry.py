@@ -55,11 +55,29 @@ class Histogram:
 
     def observe(self, labels: Labels, value: float, count: int = 1) -> None:
         """Adds ``count`` observations of ``value`` (``le`` bounds are inclusive)."""
+        entry = self._entry(labels)
+        entry[0][bisect_left(self.family.buckets, value)] += count
+        entry[1][0] += value * count
+
+    def merge(self, labels: Labels, counts: Sequence[int], total: float) -> None:
+        """Adds observations bucketed elsewhere: ``counts`` per bucket (``+Inf``
+        last, as this family's buckets) and their sum ``total``."""
+        if len(counts) != len(self.family.buckets) + 1:
+            raise ValueError(
+                f"{self.family.name}: {len(counts)} bucket counts for "
+                f"{len(self.family.buckets) + 1} buckets"
+            )
+        entry = self._entry(labels)
+        buckets = entry[0]
+        for index, count in enumerate(counts):
+            buckets[index] += count
+        entry[1][0] += total
+
+    def _entry(self, labels: Labels) -> tuple[list[float], list[float]]:
         entry = self.values.get(labels)
         if entry is None:
             entry = self.values[labels] = ([0.0] * (len(self.family.buckets) + 1), [0.0])
-        entry[0][bisect_left(self.family.buckets, value)] += count
-        entry[1][0] += value * count
+        return entry
 
 
 class MetricsRegistry:

@@ -32,16 +32,20 @@ class Outcome:
     """What a model replica reports about one answer, besides its bytes.
 
     Token counts equal the usage the answer carries (or would carry: a
-    stream reports them whether or not the client asked for usage).
-    ``inter_token_s`` holds runs of ``(seconds, tokens)``: each of those
-    tokens came that long after the one before it. ``batch_size`` is set on
-    exactly one request of each batch, so that each batch is counted once.
+    stream reports them whether or not the client asked for usage). The gaps
+    between tokens arrive already bucketed where they were counted:
+    ``inter_token_counts`` holds, per bucket of the inter-token histogram
+    (``llm_gateway_inter_token_latency_seconds``, ``+Inf`` last), the tokens
+    whose gap fell in it, and ``inter_token_sum_s`` the gaps' sum; empty when
+    no token followed another. ``batch_size`` is set on exactly one request
+    of each batch, so that each batch is counted once.
     """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_s: float | None = None
-    inter_token_s: tuple[tuple[float, int], ...] = ()
+    inter_token_counts: tuple[int, ...] = ()
+    inter_token_sum_s: float = 0.0
     batch_size: int | None = None
 
 

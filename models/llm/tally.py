@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 
+from gateway.metrics.families import ITL_BUCKETS
 from gateway.protocol.engine import Outcome
 
 
@@ -14,14 +16,15 @@ class GenerationTally:
     replica received the request, the origin of the time to first token.
     """
 
-    __slots__ = ("started", "prompt_tokens", "completion_tokens", "first_token_s", "_runs")
+    __slots__ = ("started", "prompt_tokens", "completion_tokens", "first_token_s", "_gaps", "_gap_sum")
 
     def __init__(self, started: float | None = None) -> None:
         self.started = time.time() if started is None else started
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.first_token_s: float | None = None
-        self._runs: list[tuple[float, int]] = []
+        self._gaps: list[int] | None = None  # tokens per inter-token bucket, once one came
+        self._gap_sum = 0.0
 
     def first_token(self, at: float | None = None) -> None:
         """The first token exists (at wall-clock ``at``, default now); later calls are ignored."""
@@ -29,14 +32,21 @@ class GenerationTally:
             self.first_token_s = max(0.0, (time.time() if at is None else at) - self.started)
 
     def gaps(self, seconds: float, tokens: int) -> None:
-        """``tokens`` tokens each came ``seconds`` after the one before."""
-        if tokens > 0:
-            self._runs.append((max(0.0, seconds), tokens))
+        """``tokens`` tokens each came ``seconds`` after the one before; counted
+        into the inter-token histogram's buckets here (``le`` bounds inclusive)."""
+        if tokens <= 0:
+            return
+        seconds = max(0.0, seconds)
+        if self._gaps is None:
+            self._gaps = [0] * (len(ITL_BUCKETS) + 1)
+        self._gaps[bisect_left(ITL_BUCKETS, seconds)] += tokens
+        self._gap_sum += seconds * tokens
 
     def outcome(self) -> Outcome:
         return Outcome(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             first_token_s=self.first_token_s,
-            inter_token_s=tuple(self._runs),
+            inter_token_counts=tuple(self._gaps or ()),
+            inter_token_sum_s=self._gap_sum,
         )

@@ -377,4 +377,4 @@ async def test_tally_equals_the_usage_the_answer_reports(engine: EchoEngine, kin
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
     assert outcome.first_token_s is not None and outcome.first_token_s >= 0
     # One inter-token observation for every token after the first.
-    assert sum(tokens for _, tokens in outcome.inter_token_s) == usage["completion_tokens"] - 1
+    assert sum(outcome.inter_token_counts) == usage["completion_tokens"] - 1

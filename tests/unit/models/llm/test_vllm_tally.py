@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gateway.metrics.families import ITL_BUCKETS
 from models.llm.tally import GenerationTally
 from models.llm.vllm_engine import _count
 
@@ -40,7 +41,9 @@ async def test_a_delta_stream_counts_each_step() -> None:
     outcome = tally.outcome()
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 4)
     assert outcome.first_token_s == pytest.approx(0.25)
-    assert [(round(s, 4), n) for s, n in outcome.inter_token_s] == [(0.02, 1), (0.02, 2)]
+    # Three gaps of 20 ms, bucketed here (0.01 < 0.02 <= 0.025: the second bucket).
+    assert outcome.inter_token_counts == (0, 3) + (0,) * (len(ITL_BUCKETS) - 1)
+    assert outcome.inter_token_sum_s == pytest.approx(0.06)
 
 
 async def test_a_final_only_answer_spreads_its_tokens_between_first_and_last() -> None:
@@ -49,8 +52,9 @@ async def test_a_final_only_answer_spreads_its_tokens_between_first_and_last() -
     outcome = tally.outcome()
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 8)
     assert outcome.first_token_s == pytest.approx(0.35)
-    ((seconds, tokens),) = outcome.inter_token_s
-    assert (round(seconds, 4), tokens) == (round(0.4 / 7, 4), 7)
+    # Seven gaps of 0.4 s / 7 = 57 ms: all in the (0.05, 0.075] bucket.
+    assert outcome.inter_token_counts[ITL_BUCKETS.index(0.075)] == 7 == sum(outcome.inter_token_counts)
+    assert outcome.inter_token_sum_s == pytest.approx(0.4)
 
 
 async def test_two_prompts_of_one_request_add_up() -> None:
