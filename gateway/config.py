@@ -49,6 +49,13 @@ ENGINE_KINDS: dict[str, ModelKind] = {
 # whitespace); given in `engine_args`, it replaces `json_whitespace`.
 STRUCTURED_OUTPUTS_ARG = "structured-outputs-config"
 
+# Fields of earlier releases, refused with the reason rather than ignored.
+REMOVED_MODEL_FIELDS = {
+    name: "streams no longer cross Serve handles, so nothing holds their tokens back "
+    "(each replica serves its streams on its own port)"
+    for name in ("stream_messages_per_s", "stream_max_hold_ms")
+}
+
 # Fields a redeploy applies to running replicas (replica count, batching):
 # they stay out of a model's deployment arguments, so changing them restarts
 # nothing.
@@ -200,20 +207,6 @@ class ModelConfig(_Strict):
         description="Echo engine only: pause between streamed tokens, to stand in for "
         "decode time in tests and overhead measurements.",
     )
-    stream_messages_per_s: float = Field(
-        400.0,
-        gt=0,
-        description="Streams: the replica's budget of stream messages per second. After "
-        "the first chunk (never held), chunks wait up to active streams / budget for "
-        "company, so a lone stream flows token by token and a busy replica sends "
-        "fewer, larger messages.",
-    )
-    stream_max_hold_ms: float = Field(
-        100.0,
-        ge=0,
-        description="Streams: the longest a chunk waits for company; 0 sends every "
-        "chunk as it comes.",
-    )
     max_batch_size: int = Field(
         32,
         ge=1,
@@ -245,6 +238,14 @@ class ModelConfig(_Strict):
         "model URIs are looked up in (e.g. `sqlite:///mlflow.db`, `http://mlflow:5000`). "
         "Unset: MLflow's own default (`MLFLOW_TRACKING_URI`).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for name in sorted(data.keys() & REMOVED_MODEL_FIELDS.keys()):
+                raise ValueError(f"`{name}` was removed: {REMOVED_MODEL_FIELDS[name]}")
+        return data
 
     @model_validator(mode="after")
     def _engine_needs_model(self) -> ModelConfig:

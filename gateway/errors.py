@@ -70,6 +70,29 @@ class GatewayError(Exception):
             }
         }
 
+    def to_wire(self) -> dict[str, Any]:
+        """Everything needed to raise this error again in another process
+        (``from_wire``), as JSON-ready data: the stream relay's error answers."""
+        return {
+            "class": type(self).__name__,
+            "message": self.message,
+            "param": self.param,
+            "code": self.code,
+            "status": self.status_code,
+            "retry_after_s": self.retry_after_s,
+        }
+
+    @staticmethod
+    def from_wire(data: dict[str, Any]) -> GatewayError:
+        """The error ``to_wire`` described; an unknown class arrives as a plain 500."""
+        cls = _CLASSES.get(str(data.get("class")))
+        if cls is None:
+            return InternalServerError("The model failed while serving the request.")
+        return _rebuild(
+            cls, str(data["message"]), data.get("param"), data.get("code"),
+            int(data["status"]), data.get("retry_after_s"),
+        )
+
     def headers(self) -> dict[str, str]:
         """Extra response headers (``Retry-After`` for retryable errors)."""
         if self.retry_after_s is None:
@@ -176,3 +199,11 @@ class InternalServerError(GatewayError):
     status = 500
     type = "server_error"
     default_code = "internal_error"
+
+
+def _subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _subclasses(child))]
+
+
+# The tree above by name, for errors that arrive as data.
+_CLASSES: dict[str, type[GatewayError]] = {cls.__name__: cls for cls in _subclasses(GatewayError)}

@@ -20,11 +20,13 @@ from gateway.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ModelNotSupportedError,
+    ServiceUnavailableError,
 )
 from gateway.http.gather import Gatherer
 from gateway.http.handlers import as_gateway_error
+from gateway.http.relay import RelayedStream, StreamCutError, StreamRelay
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
-from gateway.protocol.engine import Endpoint, EngineRequest, Reply
+from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
 from gateway.protocol.envelope import ModelEnvelope, RequestEnvelope
 from gateway.routing.table import Route, RouteTable
 
@@ -50,16 +52,17 @@ ENDPOINT_PATHS = {
 
 
 class _ModelHandles:
-    """Per model, the two handle methods the hot path calls, made once.
+    """Per model, what the hot path calls, made once: the unary handle method
+    and the stream relay.
 
     ``handle.options(...)`` builds a new handle each call: doing it per request
-    costs measurable time, so both variants are cached here.
+    costs measurable time, so it is cached here.
     """
 
     def __init__(self, handle: Any) -> None:
         self.source = handle
         self.unary = handle.options(method_name="generate")
-        self.stream = handle.options(method_name="generate_stream", stream=True)
+        self.relay = StreamRelay(handle)
         self.gather: Gatherer[EngineRequest] | None = None
 
     def gather_by(self, group: Gathering | None) -> None:
@@ -188,7 +191,8 @@ class ModelDispatcher:
         handles = self._handles[call.model]
         try:
             if call.stream:
-                async for _ in handles.stream.remote(call):
+                stream = await handles.relay.open(call)
+                async for _ in stream.chunks():
                     pass
             else:
                 await handles.unary.remote(call)
@@ -225,7 +229,7 @@ class ModelDispatcher:
             reply: Reply = answer.result()
         except Exception as exc:
             raise self._error(exc) from None
-        self._answered(record, reply)
+        self._answered(record, reply.outcome)
         return Response(reply.body, media_type="application/json", headers=headers)
 
     async def _stream(
@@ -236,51 +240,36 @@ class ModelDispatcher:
         record: RequestRecord,
     ) -> Response:
         waited = time.perf_counter()
-        stream = handles.stream.remote(call)
         try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            first = sse.DONE
+            stream = await handles.relay.open(call)
         except Exception as exc:
             # Known before any byte left: a plain HTTP error, not a 200 stream.
             raise self._error(exc) from None
         finally:
             record.model_wait_s += time.perf_counter() - waited
         return StreamingResponse(
-            self._relay(first, stream, record), media_type=sse.MEDIA_TYPE, headers=headers
+            self._relay(stream, record), media_type=sse.MEDIA_TYPE, headers=headers
         )
 
-    def _answered(self, record: RequestRecord, reply: Reply) -> None:
-        record.outcome = reply.outcome
-        self._metrics.answered(record.model, record.variant, reply.outcome)
+    def _answered(self, record: RequestRecord, outcome: Outcome) -> None:
+        record.outcome = outcome
+        self._metrics.answered(record.model, record.variant, outcome)
 
-    async def _relay(
-        self, first: bytes | Reply, stream: Any, record: RequestRecord
-    ) -> AsyncIterator[bytes]:
-        """Yields the stream's bytes; its last item (a ``Reply``) also carries the outcome,
-        counted once that last item has been handed to the client."""
-        finished = False
+    async def _relay(self, stream: RelayedStream, record: RequestRecord) -> AsyncIterator[bytes]:
+        """Yields the stream's bytes as they arrive; its outcome is counted once
+        the last of them has been handed to the client. A client that leaves
+        closes the relay, which aborts the engine request."""
         try:
-            chunk = first
-            while True:
-                if isinstance(chunk, Reply):
-                    if chunk.body:
-                        yield chunk.body
-                    self._answered(record, chunk)
-                else:
-                    yield chunk
-                try:
-                    chunk = await stream.__anext__()
-                except StopAsyncIteration:
-                    break
-            finished = True
-        except Exception as exc:
-            finished = True
-            yield sse.error_frames(self._error(exc).to_dict())
+            async for chunk in stream.chunks():
+                yield chunk
+        except StreamCutError:
+            error = ServiceUnavailableError("The model stopped while serving the request.")
+            yield sse.error_frames(error.to_dict())
+            return
         finally:
-            if not finished:
-                # The client went away: stop the replica, which aborts the engine request.
-                stream.cancel()
+            stream.close()  # at once, even where the client's hang-up left this unfinished
+        if stream.outcome is not None:
+            self._answered(record, stream.outcome)
 
     def _error(self, exc: BaseException) -> GatewayError:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)

@@ -1,17 +1,18 @@
-"""The LLM replica: one engine, answering the ingress over Ray handles."""
+"""The LLM replica: one engine, answering unary calls over Ray handles and
+streams over its own HTTP port (``models.llm.relay``)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError
 from gateway.metrics.hub import HUB_NAME, MetricsReporter, replica_source
-from gateway.protocol.engine import Reply
-from models.llm.coalesce import coalesce_marked
+from gateway.protocol.engine import Outcome, Reply
 from models.llm.engine import EngineInfo, LLMEngine, make_engine
+from models.llm.relay import StreamServer
 from models.llm.tally import GenerationTally
 
 if TYPE_CHECKING:
@@ -36,15 +37,21 @@ class LLMServer:
     """A Serve deployment class (made a deployment in ``gateway.app``).
 
     ``generate`` answers non-streaming requests with a ``Reply``: the
-    response's JSON bytes and the request's outcome (tokens, timings).
-    ``generate_stream`` yields SSE bytes, coalesced after the first frame; its
-    last item is a ``Reply`` holding the last bytes and the outcome. Both
-    raise ``gateway.errors.GatewayError`` for errors known up front.
+    response's JSON bytes and the request's outcome (tokens, timings); it
+    raises ``gateway.errors.GatewayError`` for errors known up front. Streams
+    arrive on the replica's own port (``relay_host``, ephemeral port), which
+    ``record_replica_metadata`` publishes to Serve's routers: the ingress
+    reserves a slot here through Serve, then reads the bytes straight from
+    the engine.
     """
 
     # Ray actors (and so Serve replicas) may construct asynchronously.
     async def __init__(  # type: ignore[misc]
-        self, config: ModelConfig, engine: LLMEngine | None = None, hub_app: str | None = None
+        self,
+        config: ModelConfig,
+        engine: LLMEngine | None = None,
+        hub_app: str | None = None,
+        relay_host: str | None = None,
     ) -> None:
         logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
         self._config = config
@@ -53,8 +60,10 @@ class LLMServer:
         self._engine = engine if engine is not None else make_engine(config)
         logger.info("starting %s engine for %s", config.engine, config.name)
         await self._engine.start()
+        self._relay = StreamServer(self.open_stream, relay_host or _node_address())
+        self._relay_address = await self._relay.start()
         self._reporter = _engine_metrics_reporter(self._engine, hub_app)
-        logger.info("%s ready", config.name)
+        logger.info("%s ready (streams on %s:%d)", config.name, *self._relay_address[:2])
 
     async def generate(self, request: EngineRequest) -> Reply:
         self._requests += 1
@@ -64,28 +73,36 @@ class LLMServer:
             raise TypeError("engine returned a stream for a non-streaming request")
         return Reply(result, tally.outcome())
 
-    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[bytes | Reply]:
+    async def open_stream(
+        self, request: EngineRequest
+    ) -> tuple[AsyncIterator[bytes], Callable[[], Outcome]]:
+        """A stream's SSE frames, and its outcome once they have ended.
+
+        Raises ``GatewayError`` for errors known before the first frame.
+        Closing the frames early aborts the engine request.
+        """
         self._requests += 1
         tally = GenerationTally()
         result = await self._engine.generate(request, tally)
         if isinstance(result, bytes):
             raise TypeError("engine returned a body for a streaming request")
+        return self._counted(result), tally.outcome
+
+    async def _counted(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         self._active_streams += 1
         try:
-            ended = False
-            async for batch, last in coalesce_marked(result, self._hold_s):
-                # The outcome rides on the last batch: no extra message.
-                ended = last
-                yield Reply(batch, tally.outcome()) if last else batch
-            if not ended:
-                yield Reply(b"", tally.outcome())
+            async for frame in frames:
+                yield frame
         finally:
             self._active_streams -= 1
+            aclose: Any = getattr(frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
-    def _hold_s(self) -> float:
-        """How long a chunk may wait: streams share the replica's message budget."""
-        wanted = self._active_streams / self._config.stream_messages_per_s
-        return min(wanted, self._config.stream_max_hold_ms / 1000)
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """Serve calls this once the replica is up; its routers hand it to the
+        ingress with each replica they choose."""
+        return self._relay_address.metadata()
 
     def info(self) -> EngineInfo:
         return self._engine.info()
@@ -105,7 +122,16 @@ class LLMServer:
     async def __del__(self) -> None:
         if self._reporter is not None:
             await self._reporter.stop()
+        await self._relay.stop()
         await self._engine.shutdown()
+
+
+def _node_address() -> str:
+    """The address Ray's own services on this node listen on: reachable by the
+    ingress wherever it runs, and no further than Ray itself."""
+    import ray
+
+    return str(ray.util.get_node_ip_address())
 
 
 def _engine_metrics_reporter(engine: LLMEngine, hub_app: str | None) -> MetricsReporter | None:

@@ -91,6 +91,12 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
             "'compact' or 'any'",
             id="json-whitespace-unknown",
         ),
+        pytest.param(
+            _config(stream_max_hold_ms=0),
+            "models.0",
+            "`stream_max_hold_ms` was removed: streams no longer cross Serve handles",
+            id="removed-stream-hold",
+        ),
     ],
 )
 def test_invalid_config_names_field_and_reason(data: dict[str, Any], field: str, reason: str) -> None:
@@ -141,7 +147,7 @@ def test_app_builder_mapping_source_parses() -> None:
         "route_prefix": "/api",
         "ingress": {"num_replicas": 2, "retry_after_s": 3},
         "models": [
-            {"name": "echo", "engine": "echo", "max_model_len": 64, "stream_max_hold_ms": 0},
+            {"name": "echo", "engine": "echo", "max_model_len": 64, "echo_token_delay_ms": 1},
             {"name": "org/model", "model": "org/model", "engine_args": {"enable-prefix-caching": True}},
         ],
     }
@@ -153,7 +159,7 @@ def test_app_builder_mapping_source_parses() -> None:
     assert config.ingress.num_replicas == 2
     assert config.ingress.retry_after_s == 3
     assert config.model("echo").max_model_len == 64
-    assert config.model("echo").stream_max_hold_ms == 0
+    assert config.model("echo").echo_token_delay_ms == 1
     assert config.model("org/model").engine == "vllm"
     assert config.model("org/model").engine_args == {"enable-prefix-caching": True}
 

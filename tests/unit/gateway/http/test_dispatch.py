@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,10 +20,13 @@ from gateway.http.dispatch import ModelDispatcher
 from gateway.http.handlers import install_handlers
 from gateway.http.access_log import AccessLog
 from gateway.http.observe import ObservabilityMiddleware, route_matcher
+from gateway.metrics.families import ITL_BUCKETS
 from gateway.metrics.recorder import GatewayMetrics
-from gateway.protocol.engine import Outcome, Reply
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
+from gateway.protocol.relay import RelayAddress
 from gateway.routing.table import Alias, RouteTable
 from gateway.routing.weighted import Variant
+from models.llm.relay import StreamServer
 
 
 class FakeResponse:
@@ -44,27 +49,31 @@ class FakeResponse:
         self.cancelled = True
 
 
-class FakeStream:
-    """Stands in for a DeploymentResponseGenerator."""
+class FakeReplica:
+    """A real relay port (models.llm.relay) that replays a scripted stream: bytes
+    are frames, an exception is raised where it stands (first: before any
+    byte), an Outcome is what the stream reports."""
 
-    def __init__(self, chunks: list[Any]) -> None:
-        self._chunks = iter(chunks)
-        self.cancelled = False
+    def __init__(self, handle: FakeHandle) -> None:
+        self._handle = handle
+        self.server = StreamServer(self.open_stream, "127.0.0.1")
+        self.address: RelayAddress | None = None
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
+    async def open_stream(self, request: EngineRequest) -> tuple[AsyncIterator[bytes], Any]:
+        self._handle.calls.append(request)
+        script = list(self._handle.stream)
+        if script and isinstance(script[0], BaseException):
+            raise script[0]
+        outcome = next((item for item in script if isinstance(item, Outcome)), Outcome())
 
-    async def __anext__(self) -> bytes:
-        try:
-            chunk = next(self._chunks)
-        except StopIteration:
-            raise StopAsyncIteration from None
-        if isinstance(chunk, BaseException):
-            raise chunk
-        return chunk
+        async def frames() -> AsyncIterator[bytes]:
+            for item in script:
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, bytes):
+                    yield item
 
-    def cancel(self) -> None:
-        self.cancelled = True
+        return frames(), lambda: outcome
 
 
 class FakeHandle:
@@ -72,9 +81,22 @@ class FakeHandle:
         self.unary, self.stream, self.delay = unary, stream or [], delay
         self.calls: list[Any] = []
         self.responses: list[Any] = []
+        self.replica = FakeReplica(self)
+        self.slots_held = 0
 
     def options(self, **kwargs: Any) -> FakeMethod:
         return FakeMethod(self, kwargs.get("stream", False), kwargs.get("method_name", ""))
+
+    @asynccontextmanager
+    async def choose_replica(self) -> AsyncIterator[Any]:
+        """As Serve's: a replica chosen and a slot held on it until the context exits."""
+        if self.replica.address is None:
+            self.replica.address = await self.replica.server.start()
+        self.slots_held += 1
+        try:
+            yield SimpleNamespace(replica_metadata=self.replica.address.metadata())
+        finally:
+            self.slots_held -= 1
 
 
 class FakeMethod:
@@ -93,7 +115,7 @@ class FakeMethod:
             h.responses.append(FakeResponse(answers, h.delay))
             return h.responses[-1]
         unary = Reply(h.unary, Outcome()) if isinstance(h.unary, bytes) else h.unary
-        response = FakeStream(h.stream) if self._stream else FakeResponse(unary, h.delay)
+        response = FakeResponse(unary, h.delay)
         h.responses.append(response)
         return response
 
@@ -286,8 +308,10 @@ async def test_shadow_gets_a_copy_and_the_client_gets_the_primary_answer() -> No
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(stream: bool) -> None:
-    outcome = Outcome(prompt_tokens=3, completion_tokens=2, first_token_s=0.01, inter_token_s=((0.002, 1),))
-    handle = FakeHandle(unary=Reply(b"{}", outcome), stream=[b"data: {}\n\n", Reply(sse.DONE, outcome)])
+    gaps = (1,) + (0,) * len(ITL_BUCKETS)  # one token 2 ms after the one before
+    outcome = Outcome(prompt_tokens=3, completion_tokens=2, first_token_s=0.01,
+                      inter_token_counts=gaps, inter_token_sum_s=0.002)
+    handle = FakeHandle(unary=Reply(b"{}", outcome), stream=[b"data: {}\n\n", sse.DONE, outcome])
     app = make_app(handles={"a": handle}, alias=Alias([Variant("a", 1)]))
     response = await post(app, {"model": "r", "messages": [], "stream": stream})
     assert response.status_code == 200

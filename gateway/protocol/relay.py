@@ -1,0 +1,143 @@
+"""The stream relay's wire: an ingress asks an LLM replica for a stream over
+the replica's own HTTP port, and passes the bytes on as they arrive.
+
+Tokens never cross a Serve handle: the handle only picks the replica and holds
+its slot (``choose_replica``); the replica publishes where it listens in its
+Serve replica metadata (``relay``: host, port, token).
+
+Request, one per connection::
+
+    POST /relay/<endpoint> HTTP/1.1
+    authorization: Bearer <token>
+    x-request-id: <request id>
+    x-gateway-model: <concrete model>
+    content-length: <n>
+
+    <the client's JSON body, `model` naming the concrete model>
+
+Response, after which the replica closes the connection:
+
+- ``200``, ``text/event-stream``: the SSE bytes exactly as the client gets
+  them, then ``END`` (one NUL byte, which JSON text never contains raw) and
+  the stream's ``Outcome`` as JSON. A stream whose connection closes without
+  ``END`` was cut short.
+- any other status: ``content-length`` and the error as JSON
+  (``GatewayError.to_wire``), known before the first byte of the stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any, NamedTuple
+
+from gateway.protocol.engine import Endpoint, EngineRequest, Outcome
+
+END = b"\x00"
+METADATA_KEY = "relay"
+PATH_PREFIX = "/relay/"
+MODEL_HEADER = "x-gateway-model"
+REQUEST_ID_HEADER = "x-request-id"
+MAX_HEAD_BYTES = 16 * 1024
+ENDPOINTS: frozenset[str] = frozenset({"chat", "completion"})
+
+
+class RelayAddress(NamedTuple):
+    """Where a replica takes relayed streams, and the token it asks for."""
+
+    host: str
+    port: int
+    token: str
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> RelayAddress | None:
+        """The address in a replica's Serve metadata; None for replicas without one."""
+        entry = metadata.get(METADATA_KEY)
+        if not isinstance(entry, dict):
+            return None
+        return cls(str(entry["host"]), int(entry["port"]), str(entry["token"]))
+
+    def metadata(self) -> dict[str, Any]:
+        return {METADATA_KEY: self._asdict()}
+
+
+def encode_request(call: EngineRequest, token: str) -> bytes:
+    """The HTTP request that asks a replica for ``call``'s stream."""
+    body = json.dumps(call.body, separators=(",", ":")).encode()
+    head = (
+        f"POST {PATH_PREFIX}{call.endpoint} HTTP/1.1\r\n"
+        f"host: relay\r\n"
+        f"authorization: Bearer {token}\r\n"
+        f"{REQUEST_ID_HEADER}: {call.request_id}\r\n"
+        f"{MODEL_HEADER}: {call.model}\r\n"
+        f"content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        f"connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class RequestHead(NamedTuple):
+    method: str
+    path: str
+    headers: dict[str, str]
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """The relay endpoint the path names; None for any other path."""
+        name = self.path.removeprefix(PATH_PREFIX)
+        if not self.path.startswith(PATH_PREFIX) or name not in ENDPOINTS:
+            return None
+        return name  # type: ignore[return-value]
+
+    def content_length(self) -> int:
+        """The body's length; raises ValueError when missing or malformed."""
+        length = int(self.headers["content-length"]) if "content-length" in self.headers else -1
+        if length < 0:
+            raise ValueError("content-length is required")
+        return length
+
+
+def parse_head(raw: bytes) -> RequestHead:
+    """The request line and headers (names lower-cased); raises ValueError when malformed."""
+    lines = raw.decode("latin-1").rstrip("\r\n").split("\r\n")
+    method, path, _version = lines[0].split(" ", 2)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError(f"malformed header line {line[:40]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return RequestHead(method, path, headers)
+
+
+def response_head(status: int, media_type: str, length: int | None = None) -> bytes:
+    """A response's status line and headers; without ``length`` the body ends when
+    the connection closes."""
+    lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", f"content-type: {media_type}"]
+    if length is not None:
+        lines.append(f"content-length: {length}")
+    lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def status_of(head: bytes) -> tuple[int, int | None]:
+    """A response head's status and content-length (None when absent)."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    return status, length
+
+
+def encode_outcome(outcome: Outcome) -> bytes:
+    return json.dumps(asdict(outcome), separators=(",", ":")).encode()
+
+
+def decode_outcome(raw: bytes) -> Outcome:
+    fields = json.loads(raw)
+    fields["inter_token_counts"] = tuple(fields.get("inter_token_counts") or ())
+    return Outcome(**fields)

@@ -1,0 +1,154 @@
+"""The replica's own HTTP port for streams (``gateway.protocol.relay``).
+
+An ingress connects, sends one request and reads the stream's bytes as the
+engine produces them: no Serve handle, no per-token message, no hold. The
+first frame is awaited before the response starts, so errors known before the
+first byte are plain HTTP errors (and a route's fallback can still try the
+next variant). The stream's outcome follows its last byte. A connection that
+closes early aborts the engine request at once, even between tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from gateway import sse
+from gateway.errors import GatewayError, InternalServerError, InvalidRequestError
+from gateway.protocol import relay
+from gateway.protocol.engine import EngineRequest, Outcome
+
+logger = logging.getLogger(__name__)
+
+# Opens a stream: its SSE frames, and what it will report once they have ended.
+# Raises GatewayError for errors known before the first frame.
+StreamOpener = Callable[[EngineRequest], Awaitable[tuple[AsyncIterator[bytes], Callable[[], Outcome]]]]
+
+# Past this many unsent bytes (a slow client), the engine stream waits.
+HIGH_WATER = 256 * 1024
+HEAD_TIMEOUT_S = 10.0
+
+
+class StreamServer:
+    """Serves ``open_stream`` on ``host`` (an ephemeral port) to callers that know the token."""
+
+    def __init__(self, open_stream: StreamOpener, host: str) -> None:
+        self._open = open_stream
+        self._host = host
+        self._token = secrets.token_urlsafe(32)
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> relay.RelayAddress:
+        """Listens; returns the address and token the replica publishes."""
+        self._server = await asyncio.start_server(self._connection, self._host, 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return relay.RelayAddress(self._host, int(port), self._token)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            request = await self._read_request(reader, writer)
+            if request is not None:
+                await self._answer(request, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the ingress went away; nothing is left to tell it
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> EngineRequest | None:
+        """The request, or None after answering a malformed or unauthorised one."""
+        try:
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+            head = relay.parse_head(raw)
+            length = head.content_length()
+        except (ValueError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+            await _error(writer, InvalidRequestError("Malformed relay request."))
+            return None
+        token = head.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(token.encode(), self._token.encode()):
+            await _error(writer, InvalidRequestError("Invalid relay token.", status=401))
+            return None
+        endpoint = head.endpoint
+        if head.method != "POST" or endpoint is None:
+            await _error(writer, InvalidRequestError(f"No relay route {head.path}.", status=404))
+            return None
+        body = json.loads(await reader.readexactly(length))
+        request_id = head.headers.get(relay.REQUEST_ID_HEADER, "")
+        return EngineRequest(endpoint, body, request_id, head.headers.get(relay.MODEL_HEADER, ""))
+
+    async def _answer(
+        self, request: EngineRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            frames, outcome = await self._open(request)
+            first = await anext(frames, sse.DONE)
+        except GatewayError as error:
+            await _error(writer, error)
+            return
+        except Exception:
+            logger.exception("request %s: stream failed before its first byte", request.request_id)
+            await _error(writer, InternalServerError("The model failed while serving the request."))
+            return
+        writer.write(relay.response_head(200, sse.MEDIA_TYPE) + first)
+        pump = asyncio.create_task(_pump(frames, writer, request.request_id))
+        hang_up = asyncio.create_task(reader.read(1))  # b"" when the ingress closes
+        try:
+            await asyncio.wait({pump, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hang_up.cancel()
+            if not pump.done():
+                # The ingress left (its client hung up): stop the engine now.
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+        if pump.cancelled() or pump.result() is False:
+            return
+        writer.write(relay.END + relay.encode_outcome(outcome()))
+        await writer.drain()
+
+
+async def _pump(frames: AsyncIterator[bytes], writer: asyncio.StreamWriter, request_id: str) -> bool:
+    """Writes the frames as they come; an error mid-stream becomes an error frame
+    and ``[DONE]``. False when the connection broke."""
+    transport = writer.transport
+    try:
+        async for frame in frames:
+            writer.write(frame)
+            if transport.get_write_buffer_size() > HIGH_WATER:
+                await writer.drain()
+    except GatewayError as error:
+        writer.write(sse.error_frames(error.to_dict()))
+    except ConnectionError:
+        return False
+    except Exception:
+        logger.exception("request %s: stream failed after its first byte", request_id)
+        writer.write(sse.error_frames(InternalServerError("The model failed while serving the request.").to_dict()))
+    finally:
+        aclose: Any = getattr(frames, "aclose", None)
+        if aclose is not None:
+            await aclose()  # aborts the engine request if it had not ended
+    return True
+
+
+async def _error(writer: asyncio.StreamWriter, error: GatewayError) -> None:
+    body = json.dumps(error.to_wire(), separators=(",", ":")).encode()
+    writer.write(relay.response_head(error.status_code, "application/json", len(body)) + body)
+    await writer.drain()

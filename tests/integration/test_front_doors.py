@@ -1,0 +1,107 @@
+"""Streams through Serve's Python proxy and over a model with two replicas, one of which dies.
+
+A second, small gateway (`llm-gateway serve`, its own Ray cluster) with
+`runtime.http_proxy: serve`: the session's gateway uses the HAProxy front door,
+and the front door is chosen when a cluster starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from gateway import sse
+from tests.integration.conftest import ROOT, _free_port, _wait_ready
+
+APP = "front-door-test"
+CONFIG = {
+    "app_name": APP,
+    "runtime": {"http_proxy": "serve"},
+    "ingress": {"num_cpus": 0.1},
+    "models": [{"name": "echo", "engine": "echo", "num_cpus": 0.1, "num_replicas": 2, "echo_token_delay_ms": 40}],
+}
+LONG = " ".join(f"w{i}" for i in range(40))  # 40 tokens, 40 ms apart
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    port = _free_port()
+    config = Path(tempfile.mkstemp(suffix=".yaml")[1])
+    config.write_text(json.dumps(CONFIG))
+    log = Path(tempfile.mkstemp(suffix=".log")[1])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", timeout_s=240)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def stream_body(content: str) -> dict[str, object]:
+    return {"model": "echo", "stream": True, "messages": [{"role": "user", "content": content}]}
+
+
+async def read_stream(session: httpx.AsyncClient, content: str) -> tuple[int, bytes]:
+    async with session.stream("POST", "/v1/chat/completions", json=stream_body(content)) as response:
+        return response.status_code, b"".join([chunk async for chunk in response.aiter_raw()])
+
+
+def echo_replicas() -> list[psutil.Process]:
+    title = f"ServeReplica:{APP}:echo:"
+    return [
+        p for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+async def test_streams_through_serves_own_proxy(base_url: str) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as session:
+        async with session.stream("POST", "/v1/chat/completions", json=stream_body("one two three")) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["x-gateway-variant"] == "echo"
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    payloads = sse.parse(raw)
+    assert payloads[-1] is None
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads[:-1] if p["choices"])
+    assert text == "one two three"
+    assert {p["model"] for p in payloads[:-1]} == {"echo"}
+
+
+async def test_streams_route_around_a_replica_that_dies(base_url: str) -> None:
+    replicas = echo_replicas()
+    assert len(replicas) == 2, "the echo model should run two replicas"
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as session:
+        in_flight = [asyncio.ensure_future(read_stream(session, LONG)) for _ in range(6)]
+        await asyncio.sleep(0.5)  # every stream has started, on either replica
+        replicas[0].send_signal(signal.SIGKILL)
+        for status, raw in await asyncio.gather(*in_flight):
+            # A stream on the dead replica ends with an error frame, never hangs.
+            assert status == 200 and raw.endswith(sse.DONE)
+            errors = [p["error"]["code"] for p in sse.parse(raw)[:-1] if "error" in p]
+            assert errors in ([], ["service_unavailable"])
+        started = time.monotonic()
+        after = await asyncio.gather(*(read_stream(session, "a b c") for _ in range(20)))
+    assert [status for status, _ in after] == [200] * 20
+    assert all(raw.endswith(sse.DONE) and b'"error"' not in raw for _, raw in after)
+    assert time.monotonic() - started < 30

@@ -1,0 +1,190 @@
+"""gateway/http/relay.py with models/llm/relay.py: streams over a replica's own port, for real."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway import sse
+from gateway.errors import GatewayError, InvalidRequestError, OverloadedError, ServiceUnavailableError
+from gateway.http.relay import StreamCutError, StreamRelay
+from gateway.protocol import relay
+from gateway.protocol.engine import EngineRequest, Outcome
+from models.llm.relay import StreamServer
+
+CALL = EngineRequest("chat", {"model": "m", "stream": True, "messages": []}, "req-1", "m")
+OUTCOME = Outcome(prompt_tokens=4, completion_tokens=3, first_token_s=0.02,
+                  inter_token_counts=(2,) + (0,) * 19, inter_token_sum_s=0.004)
+
+
+class Slots:
+    """Serve's choose_replica as the relay sees it: each call picks the next address
+    and holds a slot until its context exits."""
+
+    def __init__(self, *addresses: relay.RelayAddress) -> None:
+        self.addresses = list(addresses)
+        self.held = 0
+        self.chosen = 0
+
+    @asynccontextmanager
+    async def choose_replica(self) -> AsyncIterator[Any]:
+        address = self.addresses[min(self.chosen, len(self.addresses) - 1)]
+        self.chosen += 1
+        self.held += 1
+        try:
+            yield SimpleNamespace(replica_metadata=address.metadata())
+        finally:
+            self.held -= 1
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def serve(opener: Any) -> relay.RelayAddress:
+    return await StreamServer(opener, "127.0.0.1").start()
+
+
+async def test_bytes_arrive_unchanged_then_the_outcome_and_the_slot_goes_back() -> None:
+    frames = [sse.frame({"n": i}) for i in range(50)] + [sse.DONE]
+    seen: list[EngineRequest] = []
+
+    async def opener(request: EngineRequest) -> Any:
+        seen.append(request)
+
+        async def stream() -> AsyncIterator[bytes]:
+            for frame in frames:
+                yield frame
+
+        return stream(), lambda: OUTCOME
+
+    slots = Slots(await serve(opener))
+    stream = await StreamRelay(slots).open(CALL)
+    received = [chunk async for chunk in stream.chunks()]
+    await settle()
+    assert b"".join(received) == b"".join(frames)
+    assert len(received) <= len(frames)  # one chunk per socket read, never more
+    assert stream.outcome == OUTCOME
+    assert seen == [CALL]
+    assert slots.held == 0
+
+
+async def test_leaving_early_aborts_the_engine_stream_and_frees_the_slot() -> None:
+    aborted = asyncio.Event()
+
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                yield sse.frame({"n": 0})
+                await asyncio.sleep(30)  # an engine between tokens
+                yield sse.DONE
+            finally:
+                aborted.set()
+
+        return stream(), Outcome
+
+    slots = Slots(await serve(opener))
+    stream = await StreamRelay(slots).open(CALL)
+    chunks = stream.chunks()
+    assert await anext(chunks) == sse.frame({"n": 0})
+    await chunks.aclose()  # type: ignore[attr-defined]
+    await asyncio.wait_for(aborted.wait(), timeout=2)
+    await settle()
+    assert slots.held == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OverloadedError("full", status=429, retry_after_s=3), InvalidRequestError("bad", param="n")],
+    ids=["overloaded", "invalid"],
+)
+async def test_an_error_before_the_first_byte_arrives_as_raised(error: GatewayError) -> None:
+    async def opener(request: EngineRequest) -> Any:
+        raise error
+
+    slots = Slots(await serve(opener))
+    with pytest.raises(GatewayError) as caught:
+        await StreamRelay(slots).open(CALL)
+    assert type(caught.value) is type(error)
+    assert (caught.value.status_code, caught.value.headers()) == (error.status_code, error.headers())
+    assert caught.value.to_dict() == error.to_dict()
+    await settle()
+    assert slots.held == 0
+
+
+async def test_an_error_after_the_first_byte_is_an_error_frame_then_done() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.frame({"n": 0})
+            raise ServiceUnavailableError("engine died")
+
+        return stream(), Outcome
+
+    stream = await StreamRelay(Slots(await serve(opener))).open(CALL)
+    payloads = sse.parse(b"".join([chunk async for chunk in stream.chunks()]))
+    assert payloads[0] == {"n": 0}
+    assert payloads[1]["error"]["code"] == "service_unavailable"
+    assert payloads[2] is None
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_replica_that_is_gone_is_skipped_for_the_next() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+
+        return stream(), Outcome
+
+    gone = relay.RelayAddress("127.0.0.1", closed_port(), "t")
+    slots = Slots(gone, await serve(opener))
+    stream = await StreamRelay(slots).open(CALL)
+    assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+    await settle()
+    assert (slots.chosen, slots.held) == (2, 0)
+
+
+async def test_no_reachable_replica_is_a_503() -> None:
+    slots = Slots(relay.RelayAddress("127.0.0.1", closed_port(), "t"))
+    with pytest.raises(ServiceUnavailableError):
+        await StreamRelay(slots).open(CALL)
+    await settle()
+    assert (slots.chosen, slots.held) == (3, 0)
+
+
+async def test_a_stream_that_breaks_off_is_reported_cut() -> None:
+    async def fake_replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(relay.response_head(200, sse.MEDIA_TYPE) + sse.frame({"n": 0}))
+        await writer.drain()
+        writer.close()  # dies without the end mark
+
+    server = await asyncio.start_server(fake_replica, "127.0.0.1", 0)
+    address = relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t")
+    stream = await StreamRelay(Slots(address)).open(CALL)
+    chunks = stream.chunks()
+    assert await anext(chunks) == sse.frame({"n": 0})
+    with pytest.raises(StreamCutError):
+        await anext(chunks)
+    server.close()
+
+
+async def test_a_caller_without_the_token_is_refused() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        raise AssertionError("reached the engine without the token")
+
+    address = await serve(opener)
+    with pytest.raises(InvalidRequestError) as caught:
+        await StreamRelay(Slots(address._replace(token="guess"))).open(CALL)
+    assert caught.value.status_code == 401
