@@ -1,29 +1,39 @@
 """Streams from LLM replicas, relayed byte for byte (``gateway.protocol.relay``).
 
-Serve's router still decides which replica serves a stream and holds a slot on
-it for the stream's whole life (``choose_replica``), so ``max_ongoing_requests``,
-``max_queued_requests`` (BackPressureError), autoscaling and draining count
-relayed streams exactly as handle calls. The tokens then come straight from
-the replica's own port: one read, one write to the client, however many
-tokens a read holds; nothing is parsed per token.
+The ingress learns each model's replica addresses from Serve's router
+(``choose_replica`` without a reservation: no call to any replica), keeps its
+own count of the streams it has open on each, and opens each stream on the
+least busy. The tokens then come straight from the replica's own port: one
+read, one write to the client, however many tokens a read holds; nothing is
+parsed per token. The replica itself holds streams to its
+``max_ongoing_requests`` and ``max_queued_requests`` (``models.llm.relay``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
 
+logger = logging.getLogger(__name__)
+
 READ_BYTES = 64 * 1024
 # Replicas tried before a stream is answered 503: one that has just died may
-# still be chosen until Serve's routers learn it is gone.
+# still be listed until Serve's routers learn it is gone.
 ATTEMPTS = 3
+# Serve's router names one replica per sample (two random ones, ranked), so a
+# refresh samples several times per replica known; refreshes run in the
+# background while streams are opened, at most every REFRESH_S.
+SAMPLES_PER_REPLICA, SAMPLES_EXTRA = 4, 8
+REFRESH_S = 2.0
+MAX_MISSES = 3
 _UNAVAILABLE = "The model is temporarily unavailable; please retry shortly."
 
 
@@ -35,13 +45,9 @@ class RelayedStream:
     """One stream being relayed; ``chunks()`` once, then ``outcome`` is set."""
 
     def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        slot: AbstractAsyncContextManager[Any],
-        releases: set[asyncio.Task[Any]],
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, done: Callable[[], None]
     ) -> None:
-        self._reader, self._writer, self._slot, self._releases = reader, writer, slot, releases
+        self._reader, self._writer, self._done = reader, writer, done
         self.outcome: Outcome | None = None
         self._closed = False
 
@@ -67,20 +73,26 @@ class RelayedStream:
             self.close()
 
     def close(self) -> None:
-        """Closes the connection and gives the replica's slot back. Never awaits:
-        it runs where the client's hang-up cancels every await."""
+        """Closes the connection. Never awaits: it runs where the client's
+        hang-up cancels every await."""
         if self._closed:
             return
         self._closed = True
         self._writer.close()
-        _release(self._slot, self._releases)
+        self._done()
 
 
 class StreamRelay:
-    """Opens streams of one model on the replicas Serve's router picks."""
+    """Opens streams of one model on its replicas, balanced by this ingress's own counts."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self._handle = handle
+        self._clock = clock
+        self._open: dict[relay.RelayAddress, int] = {}  # known replicas: streams open from here
+        self._misses: dict[relay.RelayAddress, int] = {}
+        self._refreshed_at = -REFRESH_S
+        self._refresh: asyncio.Task[None] | None = None
+        self._turn = 0
         self._releases: set[asyncio.Task[Any]] = set()
 
     async def open(self, call: EngineRequest) -> RelayedStream:
@@ -88,25 +100,64 @@ class StreamRelay:
 
         Raises ``GatewayError`` for errors known before the first byte (the
         replica's own, or 503 when no replica could be reached) and Serve's
-        errors (BackPressureError, DeploymentUnavailableError) as they come.
+        errors when the model has no running replica (DeploymentUnavailableError).
         """
         for _ in range(ATTEMPTS):
-            slot = self._handle.choose_replica()
-            selection = await slot.__aenter__()
+            address = await self._pick()
+            self._open[address] = self._open.get(address, 0) + 1  # before awaiting: others see it
             try:
-                return await self._start(call, selection, slot)
+                return await self._start(call, address)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                continue  # that replica is gone: its slot went back in _start
+                self._forget(address)  # that replica is gone
         raise ServiceUnavailableError(_UNAVAILABLE)
 
-    async def _start(
-        self, call: EngineRequest, selection: Any, slot: AbstractAsyncContextManager[Any]
-    ) -> RelayedStream:
+    async def _pick(self) -> relay.RelayAddress:
+        if not self._open:
+            await self._discover()
+        elif self._clock() - self._refreshed_at > REFRESH_S and self._refresh is None:
+            self._refresh = asyncio.get_running_loop().create_task(self._discover())
+            self._refresh.add_done_callback(self._refreshed)
+        if not self._open:
+            raise ServiceUnavailableError(_UNAVAILABLE)
+        known = list(self._open)
+        self._turn = (self._turn + 1) % len(known)  # rotate, so ties spread
+        ordered = known[self._turn :] + known[: self._turn]
+        return min(ordered, key=self._open.__getitem__)
+
+    async def _discover(self) -> None:
+        """Samples Serve's router for the model's replicas; one missing from
+        ``MAX_MISSES`` samplings in a row (or unreachable) leaves the rotation."""
+        seen: set[relay.RelayAddress] = set()
+        for _ in range(SAMPLES_PER_REPLICA * max(len(self._open), 1) + SAMPLES_EXTRA):
+            async with self._handle.choose_replica(_reserve=False) as selection:
+                address = relay.RelayAddress.from_metadata(selection.replica_metadata)
+            if address is not None:
+                seen.add(address)
+        self._refreshed_at = self._clock()
+        for address in seen:
+            self._open.setdefault(address, 0)
+            self._misses[address] = 0
+        for address in set(self._open) - seen:
+            self._misses[address] = self._misses.get(address, 0) + 1
+            if self._misses[address] >= MAX_MISSES and not self._open[address]:
+                self._forget(address)
+
+    def _refreshed(self, task: asyncio.Task[None]) -> None:
+        self._refresh = None
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("could not refresh a model's replicas: %s", task.exception())
+
+    def _forget(self, address: relay.RelayAddress) -> None:
+        self._open.pop(address, None)
+        self._misses.pop(address, None)
+
+    def _done(self, address: relay.RelayAddress) -> None:
+        if address in self._open:
+            self._open[address] -= 1
+
+    async def _start(self, call: EngineRequest, address: relay.RelayAddress) -> RelayedStream:
         writer: asyncio.StreamWriter | None = None
         try:
-            address = relay.RelayAddress.from_metadata(selection.replica_metadata)
-            if address is None:
-                raise ServiceUnavailableError(_UNAVAILABLE)  # a replica of an older gateway
             reader, writer = await asyncio.open_connection(address.host, address.port)
             writer.write(relay.encode_request(call, address.token))
             status, length = relay.status_of(await reader.readuntil(b"\r\n\r\n"))
@@ -115,14 +166,6 @@ class StreamRelay:
         except BaseException:
             if writer is not None:
                 writer.close()
-            _release(slot, self._releases)
+            self._done(address)
             raise
-        return RelayedStream(reader, writer, slot, self._releases)
-
-
-def _release(slot: AbstractAsyncContextManager[Any], releases: set[asyncio.Task[Any]]) -> None:
-    """Gives a reserved slot back in a task of its own, so that a cancelled
-    caller cannot leave it held."""
-    task = asyncio.get_running_loop().create_task(slot.__aexit__(None, None, None))
-    releases.add(task)
-    task.add_done_callback(releases.discard)
+        return RelayedStream(reader, writer, lambda: self._done(address))

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gateway import sse
-from gateway.errors import GatewayError, InternalServerError, InvalidRequestError
+from gateway.errors import GatewayError, InternalServerError, InvalidRequestError, OverloadedError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
 
@@ -33,17 +33,29 @@ StreamOpener = Callable[[EngineRequest], Awaitable[tuple[AsyncIterator[bytes], C
 # Past this many unsent bytes (a slow client), the engine stream waits.
 HIGH_WATER = 256 * 1024
 HEAD_TIMEOUT_S = 10.0
+OVERLOADED = "The model is receiving too many requests; please retry shortly."
 
 
 class StreamServer:
-    """Serves ``open_stream`` on ``host`` (an ephemeral port) to callers that know the token."""
+    """Serves ``open_stream`` on ``host`` (an ephemeral port) to callers that know the token.
 
-    def __init__(self, open_stream: StreamOpener, host: str) -> None:
+    At most ``max_ongoing`` streams run at once; up to ``max_queued`` more
+    (-1: any number) wait for a place, and any beyond are refused at once
+    with 503 ``overloaded`` and ``Retry-After`` (as Serve refuses handle
+    calls beyond a deployment's limits).
+    """
+
+    def __init__(
+        self, open_stream: StreamOpener, host: str, max_ongoing: int = 256, max_queued: int = -1
+    ) -> None:
         self._open = open_stream
         self._host = host
         self._token = secrets.token_urlsafe(32)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._places = asyncio.Semaphore(max_ongoing)
+        self._max_queued = max_queued
+        self._queued = 0
 
     async def start(self) -> relay.RelayAddress:
         """Listens; returns the address and token the replica publishes."""
@@ -63,8 +75,20 @@ class StreamServer:
         self._connections.add(task)
         try:
             request = await self._read_request(reader, writer)
-            if request is not None:
+            if request is None:
+                return
+            if self._places.locked() and 0 <= self._max_queued <= self._queued:
+                await _error(writer, OverloadedError(OVERLOADED, retry_after_s=1))
+                return
+            self._queued += 1
+            try:
+                await self._places.acquire()
+            finally:
+                self._queued -= 1
+            try:
                 await self._answer(request, reader, writer)
+            finally:
+                self._places.release()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the ingress went away; nothing is left to tell it
         finally:

@@ -41,8 +41,9 @@ class LLMServer:
     raises ``gateway.errors.GatewayError`` for errors known up front. Streams
     arrive on the replica's own port (``relay_host``, ephemeral port), which
     ``record_replica_metadata`` publishes to Serve's routers: the ingress
-    reserves a slot here through Serve, then reads the bytes straight from
-    the engine.
+    reads their bytes straight from the engine. Streams and handle calls are
+    each held to the model's ``max_ongoing_requests`` and
+    ``max_queued_requests``.
     """
 
     # Ray actors (and so Serve replicas) may construct asynchronously.
@@ -60,7 +61,12 @@ class LLMServer:
         self._engine = engine if engine is not None else make_engine(config)
         logger.info("starting %s engine for %s", config.engine, config.name)
         await self._engine.start()
-        self._relay = StreamServer(self.open_stream, relay_host or _node_address())
+        self._relay = StreamServer(
+            self.open_stream,
+            relay_host or _node_address(),
+            max_ongoing=config.max_ongoing_requests,
+            max_queued=config.max_queued_requests,
+        )
         self._relay_address = await self._relay.start()
         self._reporter = _engine_metrics_reporter(self._engine, hub_app)
         logger.info("%s ready (streams on %s:%d)", config.name, *self._relay_address[:2])

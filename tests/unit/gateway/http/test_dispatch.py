@@ -82,21 +82,16 @@ class FakeHandle:
         self.calls: list[Any] = []
         self.responses: list[Any] = []
         self.replica = FakeReplica(self)
-        self.slots_held = 0
 
     def options(self, **kwargs: Any) -> FakeMethod:
         return FakeMethod(self, kwargs.get("stream", False), kwargs.get("method_name", ""))
 
     @asynccontextmanager
-    async def choose_replica(self) -> AsyncIterator[Any]:
-        """As Serve's: a replica chosen and a slot held on it until the context exits."""
+    async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+        """As Serve's router: names the (one) replica and its metadata."""
         if self.replica.address is None:
             self.replica.address = await self.replica.server.start()
-        self.slots_held += 1
-        try:
-            yield SimpleNamespace(replica_metadata=self.replica.address.metadata())
-        finally:
-            self.slots_held -= 1
+        yield SimpleNamespace(replica_metadata=self.replica.address.metadata())
 
 
 class FakeMethod:

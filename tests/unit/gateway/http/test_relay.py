@@ -23,33 +23,23 @@ OUTCOME = Outcome(prompt_tokens=4, completion_tokens=3, first_token_s=0.02,
                   inter_token_counts=(2,) + (0,) * 19, inter_token_sum_s=0.004)
 
 
-class Slots:
-    """Serve's choose_replica as the relay sees it: each call picks the next address
-    and holds a slot until its context exits."""
+class Router:
+    """Serve's router as the relay sees it: names the replicas in turn, with their metadata."""
 
     def __init__(self, *addresses: relay.RelayAddress) -> None:
         self.addresses = list(addresses)
-        self.held = 0
-        self.chosen = 0
+        self.samples = 0
 
     @asynccontextmanager
-    async def choose_replica(self) -> AsyncIterator[Any]:
-        address = self.addresses[min(self.chosen, len(self.addresses) - 1)]
-        self.chosen += 1
-        self.held += 1
-        try:
-            yield SimpleNamespace(replica_metadata=address.metadata())
-        finally:
-            self.held -= 1
+    async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+        assert _reserve is False, "the relay never holds Serve slots"
+        address = self.addresses[self.samples % len(self.addresses)]
+        self.samples += 1
+        yield SimpleNamespace(replica_metadata=address.metadata())
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
-async def serve(opener: Any) -> relay.RelayAddress:
-    return await StreamServer(opener, "127.0.0.1").start()
+async def serve(opener: Any, **limits: int) -> relay.RelayAddress:
+    return await StreamServer(opener, "127.0.0.1", **limits).start()
 
 
 async def test_bytes_arrive_unchanged_then_the_outcome_and_the_slot_goes_back() -> None:
@@ -65,15 +55,12 @@ async def test_bytes_arrive_unchanged_then_the_outcome_and_the_slot_goes_back() 
 
         return stream(), lambda: OUTCOME
 
-    slots = Slots(await serve(opener))
-    stream = await StreamRelay(slots).open(CALL)
+    stream = await StreamRelay(Router(await serve(opener))).open(CALL)
     received = [chunk async for chunk in stream.chunks()]
-    await settle()
     assert b"".join(received) == b"".join(frames)
     assert len(received) <= len(frames)  # one chunk per socket read, never more
     assert stream.outcome == OUTCOME
     assert seen == [CALL]
-    assert slots.held == 0
 
 
 async def test_leaving_early_aborts_the_engine_stream_and_frees_the_slot() -> None:
@@ -90,14 +77,11 @@ async def test_leaving_early_aborts_the_engine_stream_and_frees_the_slot() -> No
 
         return stream(), Outcome
 
-    slots = Slots(await serve(opener))
-    stream = await StreamRelay(slots).open(CALL)
+    stream = await StreamRelay(Router(await serve(opener))).open(CALL)
     chunks = stream.chunks()
     assert await anext(chunks) == sse.frame({"n": 0})
     await chunks.aclose()  # type: ignore[attr-defined]
     await asyncio.wait_for(aborted.wait(), timeout=2)
-    await settle()
-    assert slots.held == 0
 
 
 @pytest.mark.parametrize(
@@ -109,14 +93,11 @@ async def test_an_error_before_the_first_byte_arrives_as_raised(error: GatewayEr
     async def opener(request: EngineRequest) -> Any:
         raise error
 
-    slots = Slots(await serve(opener))
     with pytest.raises(GatewayError) as caught:
-        await StreamRelay(slots).open(CALL)
+        await StreamRelay(Router(await serve(opener))).open(CALL)
     assert type(caught.value) is type(error)
     assert (caught.value.status_code, caught.value.headers()) == (error.status_code, error.headers())
     assert caught.value.to_dict() == error.to_dict()
-    await settle()
-    assert slots.held == 0
 
 
 async def test_an_error_after_the_first_byte_is_an_error_frame_then_done() -> None:
@@ -127,7 +108,7 @@ async def test_an_error_after_the_first_byte_is_an_error_frame_then_done() -> No
 
         return stream(), Outcome
 
-    stream = await StreamRelay(Slots(await serve(opener))).open(CALL)
+    stream = await StreamRelay(Router(await serve(opener))).open(CALL)
     payloads = sse.parse(b"".join([chunk async for chunk in stream.chunks()]))
     assert payloads[0] == {"n": 0}
     assert payloads[1]["error"]["code"] == "service_unavailable"
@@ -148,19 +129,15 @@ async def test_a_replica_that_is_gone_is_skipped_for_the_next() -> None:
         return stream(), Outcome
 
     gone = relay.RelayAddress("127.0.0.1", closed_port(), "t")
-    slots = Slots(gone, await serve(opener))
-    stream = await StreamRelay(slots).open(CALL)
-    assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
-    await settle()
-    assert (slots.chosen, slots.held) == (2, 0)
+    streams = StreamRelay(Router(gone, await serve(opener)))
+    for _ in range(4):
+        stream = await streams.open(CALL)
+        assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
 
 
 async def test_no_reachable_replica_is_a_503() -> None:
-    slots = Slots(relay.RelayAddress("127.0.0.1", closed_port(), "t"))
     with pytest.raises(ServiceUnavailableError):
-        await StreamRelay(slots).open(CALL)
-    await settle()
-    assert (slots.chosen, slots.held) == (3, 0)
+        await StreamRelay(Router(relay.RelayAddress("127.0.0.1", closed_port(), "t"))).open(CALL)
 
 
 async def test_a_stream_that_breaks_off_is_reported_cut() -> None:
@@ -172,7 +149,7 @@ async def test_a_stream_that_breaks_off_is_reported_cut() -> None:
 
     server = await asyncio.start_server(fake_replica, "127.0.0.1", 0)
     address = relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t")
-    stream = await StreamRelay(Slots(address)).open(CALL)
+    stream = await StreamRelay(Router(address)).open(CALL)
     chunks = stream.chunks()
     assert await anext(chunks) == sse.frame({"n": 0})
     with pytest.raises(StreamCutError):
@@ -186,5 +163,49 @@ async def test_a_caller_without_the_token_is_refused() -> None:
 
     address = await serve(opener)
     with pytest.raises(InvalidRequestError) as caught:
-        await StreamRelay(Slots(address._replace(token="guess"))).open(CALL)
+        await StreamRelay(Router(address._replace(token="guess"))).open(CALL)
     assert caught.value.status_code == 401
+
+
+async def held_stream(release: asyncio.Event, served: list[int], tag: int) -> Any:
+    async def opener(request: EngineRequest) -> Any:
+        served.append(tag)
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.frame({"replica": tag})
+            await release.wait()
+            yield sse.DONE
+
+        return stream(), Outcome
+
+    return opener
+
+
+async def test_streams_go_to_the_replica_with_fewest_open() -> None:
+    release, served = asyncio.Event(), []
+    first = await serve(await held_stream(release, served, 1))
+    second = await serve(await held_stream(release, served, 2))
+    streams = StreamRelay(Router(first, second))
+    opened = [await streams.open(CALL) for _ in range(6)]
+    assert sorted(served) == [1, 1, 1, 2, 2, 2]
+    release.set()
+    for stream in opened:
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+
+
+async def test_a_replica_holds_streams_to_its_limits_and_refuses_beyond_its_queue() -> None:
+    release, served = asyncio.Event(), []
+    address = await serve(await held_stream(release, served, 1), max_ongoing=1, max_queued=1)
+    streams = StreamRelay(Router(address))
+    running = await streams.open(CALL)
+    queued = asyncio.ensure_future(streams.open(CALL))
+    await asyncio.sleep(0.05)
+    assert not queued.done() and served == [1]
+    with pytest.raises(OverloadedError) as caught:
+        await streams.open(CALL)
+    assert caught.value.status_code == 503 and caught.value.headers()["retry-after"] == "1"
+    release.set()
+    assert b"".join([chunk async for chunk in running.chunks()]).endswith(sse.DONE)
+    second = await asyncio.wait_for(queued, timeout=2)
+    assert b"".join([chunk async for chunk in second.chunks()]).endswith(sse.DONE)
+    assert served == [1, 1]
