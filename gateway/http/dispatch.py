@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from gateway import sse
@@ -24,7 +24,7 @@ from gateway.errors import (
 )
 from gateway.http.gather import Gatherer
 from gateway.http.handlers import as_gateway_error
-from gateway.http.relay import RelayedStream, StreamCutError, StreamRelay
+from gateway.http.relay import RelayedStream, RelayResponse, StreamCutError, StreamRelay
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
 from gateway.protocol.envelope import ModelEnvelope, RequestEnvelope
@@ -247,9 +247,7 @@ class ModelDispatcher:
             raise self._error(exc) from None
         finally:
             record.model_wait_s += time.perf_counter() - waited
-        return StreamingResponse(
-            self._relay(stream, record), media_type=sse.MEDIA_TYPE, headers=headers
-        )
+        return RelayResponse(self._relay(stream, record), headers)
 
     def _answered(self, record: RequestRecord, outcome: Outcome) -> None:
         record.outcome = outcome

@@ -15,9 +15,12 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from starlette.responses import Response
+
+from gateway import sse
 from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
@@ -169,3 +172,94 @@ class StreamRelay:
             self._done(address)
             raise
         return RelayedStream(reader, writer, lambda: self._done(address))
+
+
+# Past this many bytes unsent to a slow client, the relay stops reading from the replica.
+CLIENT_HIGH_WATER = 256 * 1024
+
+
+class RelayResponse(Response):
+    """An SSE response whose body goes from the replica's socket to the client's.
+
+    The head and the end travel through ASGI (so middleware sees the status,
+    headers and completion). In between, under uvicorn with chunked encoding
+    (Serve's HAProxy front door), each read is written to the client's socket
+    as one HTTP chunk, skipping the ASGI stack per token; elsewhere (Serve's
+    own proxy, tests) each read is one ASGI message. ``body`` yields the
+    stream's bytes (``RelayedStream.chunks`` and what the dispatcher adds).
+    """
+
+    media_type = sse.MEDIA_TYPE
+
+    def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        super().__init__(headers=headers, media_type=sse.MEDIA_TYPE)
+        self._body = body
+
+    def render(self, content: Any) -> bytes | memoryview:
+        return memoryview(b"")  # never sent: the body is relayed
+
+    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
+        # No content-length: the body's length is unknown until the stream ends.
+        self.raw_headers = [(b"content-type", sse.MEDIA_TYPE.encode())]
+        self.raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        cycle = _uvicorn_cycle(send)
+        relay_task = asyncio.ensure_future(
+            self._write_direct(cycle) if cycle is not None else self._write_asgi(send)
+        )
+        hang_up = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({relay_task, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hang_up.cancel()
+            if not relay_task.done():
+                relay_task.cancel()  # the client left: closing the body closes the relay
+                await asyncio.gather(relay_task, return_exceptions=True)
+            await self._body.aclose()  # type: ignore[attr-defined]
+        if relay_task.cancelled() or relay_task.exception() is not None or hang_up.done():
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _write_asgi(self, send: Any) -> None:
+        async for chunk in self._body:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def _write_direct(self, cycle: Any) -> None:
+        transport = cycle.transport
+        async for chunk in self._body:
+            if cycle.disconnected or transport.is_closing():
+                return
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            if transport.get_write_buffer_size() > CLIENT_HIGH_WATER:
+                await cycle.flow.drain()
+
+
+def _uvicorn_cycle(send: Any) -> Any:
+    """uvicorn's request-response cycle behind the ASGI ``send`` wrappers (Starlette's,
+    Serve's, ours), when it writes a chunked body; None otherwise."""
+    seen: set[int] = set()
+    stack = [send]
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        owner = getattr(fn, "__self__", None)
+        if type(owner).__name__ == "RequestResponseCycle" and type(owner).__module__.startswith("uvicorn."):
+            chunked = getattr(owner, "chunked_encoding", None) is True
+            return owner if chunked and hasattr(owner, "flow") else None
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                content = cell.cell_contents
+            except ValueError:
+                continue
+            if callable(content):
+                stack.append(content)
+    return None
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
