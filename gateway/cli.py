@@ -20,6 +20,8 @@ from types import FrameType
 from gateway.config import ConfigError, GatewayConfig, load_config
 
 DEFAULT_CONFIG = "configs/default.yaml"
+# How often processes started since (new Ray workers) are pinned too.
+PIN_EVERY_S = 10
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +135,7 @@ def serve_forever(
     import ray
     from ray import serve
 
+    from gateway.affinity import pin_gateway_processes, reserved_cpus
     from gateway.deploy import deploy
 
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -153,8 +156,14 @@ def serve_forever(
             "(Ctrl-C stops it)",
             flush=True,
         )
+        cpus = reserved_cpus(config.runtime.gateway_cpus) if address is None else None
+        if cpus:
+            pinned = pin_gateway_processes(os.getpid(), cpus)
+            print(f"==> {pinned} gateway processes pinned to CPUs {sorted(cpus)}", flush=True)
         while True:
-            time.sleep(3600)
+            time.sleep(PIN_EVERY_S if cpus else 3600)
+            if cpus:
+                pin_gateway_processes(os.getpid(), cpus)  # processes started since
     except _Stop as stop:
         print(f"==> {stop}: shutting down", flush=True)
     finally:

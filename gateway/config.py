@@ -429,6 +429,17 @@ class RuntimeConfig(_Strict):
         "the CPU to anything else on the machine; the gateway's workers are the server.",
     )
 
+    gateway_cpus: Literal["auto", "off"] | list[Annotated[int, Field(ge=0)]] = Field(
+        "off",
+        description="CPUs the gateway's own processes (Ray's daemons, Serve's controller "
+        "and proxy, HAProxy, the ingress and metrics replicas) are pinned to, away from "
+        "the cores vLLM's CPU engine computes on. `off` (default; on 2 vCPUs pinning "
+        "measured no gain: the one reserved core then also holds vLLM's scheduler and "
+        "serving layer); `auto`: on hosts without a GPU, the CPUs vLLM's CPU backend "
+        "reserves for other processes (the last `VLLM_CPU_NUM_OF_RESERVED_CPU`, one by "
+        "default); or a list of CPU ids.",
+    )
+
     def environment(self) -> dict[str, str]:
         """Variables Ray and Ray Serve read when the local cluster starts."""
         return {

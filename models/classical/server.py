@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
+from gateway.affinity import unpin_self
 from gateway.errors import GatewayError, InternalServerError
 from gateway.protocol.engine import Outcome, Reply
 from models.classical.endpoints import Job, parse
@@ -40,6 +41,7 @@ class ClassicalServer:
         self, config: ModelConfig, predictor: Predictor | None = None
     ) -> None:
         logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
+        unpin_self()  # see gateway.affinity: models compute on every CPU
         self._config = config
         self._predictor = (
             predictor

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from gateway.affinity import unpin_self
 from gateway.errors import GatewayError
 from gateway.metrics.hub import HUB_NAME, MetricsReporter, replica_source
 from gateway.protocol.engine import Outcome, Reply
@@ -55,6 +56,7 @@ class LLMServer:
         relay_host: str | None = None,
     ) -> None:
         logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
+        unpin_self()  # see gateway.affinity: the engine decides where it computes
         self._config = config
         self._active_streams = 0
         self._requests = 0
