@@ -1,14 +1,20 @@
 """Streaming chat load: vLLM's own OpenAI server vs. the gateway, one run.
 
-Starts ``python -m vllm.entrypoints.openai.api_server`` on the model
-directory, measures it, stops it; then starts ``llm-gateway serve`` on the same
-directory with the same engine settings, measures it, stops it; prints both and
-the gateway/direct ratios. Only one server runs at a time, so neither competes
+Starts ``python -m vllm.entrypoints.openai.api_server`` on the model directory
+with the engine arguments the gateway's replica uses (``VLLMEngine.cli_args``),
+measures it, stops it; then starts ``llm-gateway serve`` on the same directory
+and settings (plus an echo model), measures it, stops it; prints both and the
+gateway/direct ratios. Only one server runs at a time, so neither competes
 with the other for the machine's cores.
 
-Per concurrency level it reports output tokens/s (all tokens over wall time),
-time to first token (first non-empty content delta) and inter-token latency
-(gaps between successive content deltas as the client sees them), p50 and p99.
+Each concurrency level (1, 8 and 32 by default) is measured by two load
+generators, each after a warm-up round: this module's own (aiohttp), and vLLM's
+own benchmark client (``vllm bench serve``, run as a library on its random
+dataset). Both report output tokens/s, time to first token and inter-token
+latency, p50 and p99; ours takes TTFT at the first non-empty content delta
+and ITL as the gaps between content deltas as the client reads them. The
+gateway's own overhead is measured on its echo model: non-streaming chat
+latency at concurrency 1 and requests/s at concurrency 32.
 
     python -m benchmarks.streaming --model-dir .models/tiny-chat-v1
 """
@@ -17,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import platform
 import signal
 import statistics
 import subprocess
@@ -34,6 +42,7 @@ import httpx
 MODEL = "tiny-chat-v1"
 MAX_MODEL_LEN = 2048
 KV_CACHE_GIB = 1
+CLIENTS = ("aiohttp", "vllm-bench")
 
 
 @dataclass
@@ -44,20 +53,32 @@ class Sample:
 
 
 @dataclass
+class Figures:
+    """One load generator's figures at one concurrency."""
+
+    client: str
+    concurrency: int
+    tokens_per_s: float
+    ttft_ms: tuple[float, float]  # p50, p99
+    itl_ms: tuple[float, float]
+
+
+@dataclass
 class Result:
     concurrency: int
     wall_s: float
     samples: list[Sample] = field(default_factory=list)
 
-    @property
-    def tokens_per_s(self) -> float:
-        return sum(s.tokens for s in self.samples) / self.wall_s
-
-    def ttft_ms(self, q: float) -> float:
-        return _quantile([s.ttft_s for s in self.samples], q) * 1000
-
-    def itl_ms(self, q: float) -> float:
-        return _quantile([g for s in self.samples for g in s.gaps_s], q) * 1000
+    def figures(self) -> Figures:
+        ttft = [s.ttft_s for s in self.samples]
+        gaps = [g for s in self.samples for g in s.gaps_s]
+        return Figures(
+            "aiohttp",
+            self.concurrency,
+            sum(s.tokens for s in self.samples) / self.wall_s,
+            (_quantile(ttft, 0.5) * 1000, _quantile(ttft, 0.99) * 1000),
+            (_quantile(gaps, 0.5) * 1000, _quantile(gaps, 0.99) * 1000),
+        )
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -98,12 +119,16 @@ async def one_stream(client: aiohttp.ClientSession, url: str, max_tokens: int, i
     return Sample(ttft_s=arrivals[0] - started, gaps_s=gaps, tokens=len(arrivals))
 
 
-async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) -> Result:
-    url = base_url + "/v1/chat/completions"
+def _session(concurrency: int) -> aiohttp.ClientSession:
     # aiohttp, not httpx: httpx's pool, not the server, limits load at high
     # concurrency on this machine (see benchmarks/classical.py).
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency + 4)) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), connector=connector)
+
+
+async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) -> Figures:
+    url = base_url + "/v1/chat/completions"
+    async with _session(concurrency) as client:
         # Warm-up at the measured concurrency (not measured): the engine meets
         # its batch shapes here, not in the timed part.
         await asyncio.gather(*(one_stream(client, url, 16, i) for i in range(concurrency)))
@@ -119,7 +144,60 @@ async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         result.wall_s = time.perf_counter() - started
-    return result
+    return result.figures()
+
+
+def vllm_bench(base_url: str, concurrency: int, requests: int, args: argparse.Namespace) -> Figures:
+    """vLLM's own client (``vllm bench serve``) on its random dataset; its own
+    printout goes to the log directory."""
+    from vllm.benchmarks import serve as bench
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    bench.add_cli_args(parser)
+    options = parser.parse_args([
+        "--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
+        "--model", MODEL, "--tokenizer", str(args.model_dir), "--dataset-name", "random",
+        "--random-input-len", "16", "--random-output-len", str(args.max_tokens), "--ignore-eos",
+        "--num-prompts", str(requests), "--max-concurrency", str(concurrency),
+        "--num-warmups", str(concurrency), "--percentile-metrics", "ttft,itl",
+        "--metric-percentiles", "50,99", "--disable-tqdm", "--temperature", "0.8",
+    ])  # fmt: skip
+    with (args.log_dir / "bench-vllm-client.log").open("a") as log, contextlib.redirect_stdout(log):
+        result = bench.main(options)
+    return Figures(
+        "vllm-bench",
+        concurrency,
+        float(result["output_throughput"]),
+        (float(result["median_ttft_ms"]), float(result["p99_ttft_ms"])),
+        (float(result["median_itl_ms"]), float(result["p99_itl_ms"])),
+    )
+
+
+async def echo_overhead(base_url: str, concurrency: int, requests: int) -> tuple[float, float]:
+    """Non-streaming chat to the echo model: (p50 latency ms, requests/s)."""
+    url = base_url + "/v1/chat/completions"
+    body = {"model": "echo", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 3}
+    latencies: list[float] = []
+    async with _session(concurrency) as client:
+
+        async def one() -> None:
+            started = time.perf_counter()
+            async with client.post(url, json=body) as response:
+                response.raise_for_status()
+                await response.read()
+            latencies.append(time.perf_counter() - started)
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                await one()
+
+        await asyncio.gather(*(worker(5) for _ in range(concurrency)))  # warm-up
+        latencies.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return statistics.median(latencies) * 1000, len(latencies) / wall
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -145,25 +223,31 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def model_entry(model_dir: Path) -> dict[str, object]:
+    return {
+        "name": MODEL, "engine": "vllm", "model": str(model_dir.resolve()),
+        "max_model_len": MAX_MODEL_LEN, "kv_cache_space_gib": KV_CACHE_GIB,
+    }
+
+
 def start_direct(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    from gateway.config import ModelConfig
+    from models.llm.vllm_engine import VLLMEngine
+
+    engine_args = VLLMEngine(ModelConfig.model_validate(model_entry(model_dir))).cli_args()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", MODEL,
-        "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args,
+        "--host", "127.0.0.1", "--port", str(port),
     ]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def start_gateway(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def start_gateway(model_dir: Path, port: int, log: Path, gateway_cpus: str = "off") -> subprocess.Popen:
     config = {
         "app_name": "bench",
-        "models": [
-            {
-                "name": MODEL, "engine": "vllm", "model": str(model_dir.resolve()),
-                "max_model_len": MAX_MODEL_LEN, "kv_cache_space_gib": KV_CACHE_GIB,
-            }
-        ],
+        "runtime": {"gateway_cpus": gateway_cpus},
+        "models": [model_entry(model_dir), {"name": "echo", "engine": "echo", "num_cpus": 0.1}],
     }
     path = Path(tempfile.mkstemp(suffix=".yaml")[1])
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -174,59 +258,79 @@ def start_gateway(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def measure(name: str, proc: subprocess.Popen, base_url: str, ready_path: str, args: argparse.Namespace) -> list[Result]:
+def measure(
+    name: str, proc: subprocess.Popen, base_url: str, ready_path: str, args: argparse.Namespace
+) -> list[Figures]:
     try:
         print(f"==> {name}: waiting for the server", flush=True)
         wait_ready(base_url + ready_path, proc)
         results = []
-        for concurrency, requests in ((1, args.requests_c1), (32, args.requests_c32)):
-            result = asyncio.run(load(base_url, concurrency, requests, args.max_tokens))
-            print(f"    {name} c={concurrency}: {describe(result)}", flush=True)
-            results.append(result)
+        for concurrency in args.concurrency:
+            requests = max(args.requests_per_stream * concurrency, args.min_requests)
+            if "aiohttp" in args.clients:
+                results.append(asyncio.run(load(base_url, concurrency, requests, args.max_tokens)))
+                print(f"    {name} {describe(results[-1])}", flush=True)
+            if "vllm-bench" in args.clients:
+                results.append(vllm_bench(base_url, concurrency, requests, args))
+                print(f"    {name} {describe(results[-1])}", flush=True)
+        if name == "gateway":
+            p50, _ = asyncio.run(echo_overhead(base_url, 1, 400))
+            _, rate = asyncio.run(echo_overhead(base_url, 32, 3200))
+            print(f"    gateway echo route: c=1 p50 {p50:.2f} ms, c=32 {rate:.0f} req/s", flush=True)
         return results
     finally:
         stop(proc)
 
 
-def describe(r: Result) -> str:
+def describe(f: Figures) -> str:
     return (
-        f"{r.tokens_per_s:7.0f} tok/s  TTFT p50 {r.ttft_ms(0.5):6.1f} ms p99 {r.ttft_ms(0.99):6.1f} ms"
-        f"  ITL p50 {r.itl_ms(0.5):5.1f} ms p99 {r.itl_ms(0.99):5.1f} ms"
+        f"{f.client:<11} c={f.concurrency:<3}{f.tokens_per_s:7.0f} tok/s  TTFT p50 {f.ttft_ms[0]:6.1f} ms "
+        f"p99 {f.ttft_ms[1]:6.1f} ms  ITL p50 {f.itl_ms[0]:5.1f} ms p99 {f.itl_ms[1]:5.1f} ms"
     )
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path(".models/tiny-chat-v1"))
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests-c1", type=int, default=40)
-    parser.add_argument("--requests-c32", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests-per-stream", type=int, default=8,
+                        help="requests per concurrent stream at each level")
+    parser.add_argument("--min-requests", type=int, default=40)
+    parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--gateway-cpus", default="off", help="the gateway's runtime.gateway_cpus")
+    parser.add_argument("--skip-direct", action="store_true", help="measure the gateway only")
     args = parser.parse_args()
-    from gateway.config import ModelConfig
 
-    defaults = ModelConfig(name=MODEL, engine="echo")
-
-    direct = measure(
+    direct = [] if args.skip_direct else measure(
         "vllm-direct", start_direct(args.model_dir, 8101, args.log_dir / "bench-direct.log"),
         "http://127.0.0.1:8101", "/health", args,
     )
     gateway = measure(
         "gateway",
-        start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log"),
+        start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus),
         "http://127.0.0.1:8102", "/ready", args,
     )
     print()
     print(f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
-          f"gateway stream budget {defaults.stream_messages_per_s:g} msg/s, "
-          f"max hold {defaults.stream_max_hold_ms:g} ms, {os.cpu_count()} CPUs")
-    print(f"{'':14}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}")
+          f"{os.cpu_count()} CPUs ({cpu_model()})")
+    print(f"{'':25}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}")
     for d, g in zip(direct, gateway):
-        for name, r in (("direct", d), ("gateway", g)):
-            print(f"c={r.concurrency:<3}{name:<10}{r.tokens_per_s:8.0f}{r.ttft_ms(0.5):10.1f}"
-                  f"{r.ttft_ms(0.99):10.1f}{r.itl_ms(0.5):9.1f}{r.itl_ms(0.99):9.1f}")
-        print(f"c={d.concurrency:<3}{'ratio':<10}{g.tokens_per_s / d.tokens_per_s:8.2f}x"
-              f"  TTFT p50 {g.ttft_ms(0.5) - d.ttft_ms(0.5):+.1f} ms vs direct")
+        for name, f in (("direct", d), ("gateway", g)):
+            print(f"{f.client:<11}c={f.concurrency:<3}{name:<9}{f.tokens_per_s:8.0f}{f.ttft_ms[0]:10.1f}"
+                  f"{f.ttft_ms[1]:10.1f}{f.itl_ms[0]:9.1f}{f.itl_ms[1]:9.1f}")
+        print(f"{d.client:<11}c={d.concurrency:<3}{'ratio':<9}{g.tokens_per_s / d.tokens_per_s:7.2f}x"
+              f"  TTFT p50 {g.ttft_ms[0] - d.ttft_ms[0]:+.1f} ms, ITL p99 "
+              f"{g.itl_ms[1] / d.itl_ms[1]:.2f}x vs direct")
 
 
 if __name__ == "__main__":
