@@ -96,7 +96,6 @@ class StreamRelay:
         self._refreshed_at = -REFRESH_S
         self._refresh: asyncio.Task[None] | None = None
         self._turn = 0
-        self._releases: set[asyncio.Task[Any]] = set()
 
     async def open(self, call: EngineRequest) -> RelayedStream:
         """Connects to a replica and waits for its answer to start.
@@ -218,7 +217,11 @@ class RelayResponse(Response):
                 relay_task.cancel()  # the client left: closing the body closes the relay
                 await asyncio.gather(relay_task, return_exceptions=True)
             await self._body.aclose()  # type: ignore[attr-defined]
-        if relay_task.cancelled() or relay_task.exception() is not None or hang_up.done():
+        if not relay_task.cancelled() and relay_task.exception() is not None:
+            # A bug: the client gets a cut-off stream (no final chunk), the log the cause.
+            logger.error("relaying a stream failed", exc_info=relay_task.exception())
+            return
+        if relay_task.cancelled() or hang_up.done():
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
