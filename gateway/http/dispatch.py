@@ -24,7 +24,7 @@ from gateway.errors import (
 )
 from gateway.http.gather import Gatherer
 from gateway.http.handlers import as_gateway_error
-from gateway.http.relay import RelayedStream, RelayResponse, StreamCutError, StreamRelay
+from gateway.http.relay import RelayedStream, RelayResponse, StreamCutError, ReplicaRelay
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
 from gateway.protocol.envelope import ModelEnvelope, RequestEnvelope
@@ -53,7 +53,7 @@ ENDPOINT_PATHS = {
 
 class _ModelHandles:
     """Per model, what the hot path calls, made once: the unary handle method
-    and the stream relay.
+    (classical models) and the relay (LLMs: streams and whole answers).
 
     ``handle.options(...)`` builds a new handle each call: doing it per request
     costs measurable time, so it is cached here.
@@ -62,7 +62,7 @@ class _ModelHandles:
     def __init__(self, handle: Any) -> None:
         self.source = handle
         self.unary = handle.options(method_name="generate")
-        self.relay = StreamRelay(handle)
+        self.relay = ReplicaRelay(handle)
         self.gather: Gatherer[EngineRequest] | None = None
 
     def gather_by(self, group: Gathering | None) -> None:
@@ -194,6 +194,8 @@ class ModelDispatcher:
                 stream = await handles.relay.open(call)
                 async for _ in stream.chunks():
                     pass
+            elif self._kinds.get(call.model, "llm") == "llm":
+                await handles.relay.call(call)
             else:
                 await handles.unary.remote(call)
         except Exception as exc:  # noqa: BLE001 - a shadow's failure is only worth a log line
@@ -210,6 +212,8 @@ class ModelDispatcher:
         waited = time.perf_counter()
         if handles.gather is not None:
             response = answer = handles.gather.submit(call)
+        elif self._kinds.get(call.model, "llm") == "llm":
+            response = answer = asyncio.ensure_future(handles.relay.call(call))
         else:
             response = handles.unary.remote(call)
             answer = asyncio.ensure_future(_result(response))

@@ -1,4 +1,5 @@
-"""Streams from LLM replicas, relayed byte for byte (``gateway.protocol.relay``).
+"""Streams (and whole answers) from LLM replicas, relayed byte for byte
+(``gateway.protocol.relay``).
 
 The ingress learns each model's replica addresses from Serve's router
 (``choose_replica`` without a reservation: no call to any replica), keeps its
@@ -23,7 +24,7 @@ from starlette.responses import Response
 from gateway import sse
 from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.protocol import relay
-from gateway.protocol.engine import EngineRequest, Outcome
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ class RelayedStream:
         self._done()
 
 
-class StreamRelay:
-    """Opens streams of one model on its replicas, balanced by this ingress's own counts."""
+class ReplicaRelay:
+    """Opens streams of one LLM model on its replicas (and asks them for whole
+    answers), balanced by this ingress's own counts."""
 
     def __init__(self, handle: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self._handle = handle
@@ -111,6 +113,36 @@ class StreamRelay:
                 return await self._start(call, address)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._forget(address)  # that replica is gone
+        raise ServiceUnavailableError(_UNAVAILABLE)
+
+    async def call(self, call: EngineRequest) -> Reply:
+        """A non-streaming answer: the body and its outcome.
+
+        Raises as ``open`` does. Cancelling it closes the connection, which
+        aborts the engine request.
+        """
+        for _ in range(ATTEMPTS):
+            address = await self._pick()
+            self._open[address] = self._open.get(address, 0) + 1
+            writer: asyncio.StreamWriter | None = None
+            try:
+                reader, writer = await asyncio.open_connection(address.host, address.port)
+                writer.write(relay.encode_request(call, address.token))
+                status, length = relay.status_of(await reader.readuntil(b"\r\n\r\n"))
+                if status != 200:
+                    raise GatewayError.from_wire(json.loads(await reader.readexactly(length or 0)))
+                data = await reader.read()  # the replica closes after the outcome
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                self._forget(address)  # that replica is gone: another may answer
+                continue
+            finally:
+                if writer is not None:
+                    writer.close()
+                self._done(address)
+            end = data.find(relay.END)
+            if end < 0:
+                raise ServiceUnavailableError("The model stopped while serving the request.")
+            return Reply(data[:end], relay.decode_outcome(data[end + 1 :]))
         raise ServiceUnavailableError(_UNAVAILABLE)
 
     async def _pick(self) -> relay.RelayAddress:

@@ -1,7 +1,8 @@
-"""The replica's own HTTP port for streams (``gateway.protocol.relay``).
+"""The replica's own HTTP port for streams and bodies (``gateway.protocol.relay``).
 
 An ingress connects, sends one request and reads the stream's bytes as the
-engine produces them: no Serve handle, no per-token message, no hold. The
+engine produces them (or the whole body of a non-streaming answer): no Serve
+handle, no per-token message, no hold. The
 first frame is awaited before the response starts, so errors known before the
 first byte are plain HTTP errors (and a route's fallback can still try the
 next variant). The stream's outcome follows its last byte. A connection that
@@ -16,19 +17,22 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from gateway import sse
 from gateway.errors import GatewayError, InternalServerError, InvalidRequestError, OverloadedError
 from gateway.protocol import relay
-from gateway.protocol.engine import EngineRequest, Outcome
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
 
 logger = logging.getLogger(__name__)
 
 # Opens a stream: its SSE frames, and what it will report once they have ended.
 # Raises GatewayError for errors known before the first frame.
 StreamOpener = Callable[[EngineRequest], Awaitable[tuple[AsyncIterator[bytes], Callable[[], Outcome]]]]
+
+# Answers a non-streaming request; raises GatewayError as handle calls do.
+Answerer = Callable[[EngineRequest], Coroutine[Any, Any, Reply]]
 
 # Past this many unsent bytes (a slow client), the engine stream waits.
 HIGH_WATER = 256 * 1024
@@ -46,9 +50,15 @@ class StreamServer:
     """
 
     def __init__(
-        self, open_stream: StreamOpener, host: str, max_ongoing: int = 256, max_queued: int = -1
+        self,
+        open_stream: StreamOpener,
+        host: str,
+        max_ongoing: int = 256,
+        max_queued: int = -1,
+        answer: Answerer | None = None,
     ) -> None:
         self._open = open_stream
+        self._answer_body = answer
         self._host = host
         self._token = secrets.token_urlsafe(32)
         self._server: asyncio.base_events.Server | None = None
@@ -86,7 +96,10 @@ class StreamServer:
             finally:
                 self._queued -= 1
             try:
-                await self._answer(request, reader, writer)
+                if request.stream or self._answer_body is None:
+                    await self._answer(request, reader, writer)
+                else:
+                    await _answer_whole(self._answer_body, request, reader, writer)
             finally:
                 self._places.release()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -147,6 +160,36 @@ class StreamServer:
             return
         writer.write(relay.END + relay.encode_outcome(outcome()))
         await writer.drain()
+
+
+async def _answer_whole(
+    answer: Answerer, request: EngineRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A non-streaming request: the body, then ``END`` and the outcome; a connection
+    that closes first cancels the work (and so aborts the engine request)."""
+    work = asyncio.create_task(answer(request))
+    hang_up = asyncio.create_task(reader.read(1))
+    try:
+        await asyncio.wait({work, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hang_up.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        return
+    try:
+        reply = work.result()
+    except GatewayError as error:
+        await _error(writer, error)
+        return
+    except Exception:
+        logger.exception("request %s: failed", request.request_id)
+        await _error(writer, InternalServerError("The model failed while serving the request."))
+        return
+    head = relay.response_head(200, "application/json")
+    writer.write(head + reply.body + relay.END + relay.encode_outcome(reply.outcome))
+    await writer.drain()
 
 
 async def _pump(frames: AsyncIterator[bytes], writer: asyncio.StreamWriter, request_id: str) -> bool:

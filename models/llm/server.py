@@ -68,6 +68,7 @@ class LLMServer:
             relay_host or _node_address(),
             max_ongoing=config.max_ongoing_requests,
             max_queued=config.max_queued_requests,
+            answer=self.generate,
         )
         self._relay_address = await self._relay.start()
         self._reporter = _engine_metrics_reporter(self._engine, hub_app)

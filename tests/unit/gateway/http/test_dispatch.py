@@ -56,8 +56,24 @@ class FakeReplica:
 
     def __init__(self, handle: FakeHandle) -> None:
         self._handle = handle
-        self.server = StreamServer(self.open_stream, "127.0.0.1")
+        self.server = StreamServer(self.open_stream, "127.0.0.1", answer=self.answer)
         self.address: RelayAddress | None = None
+
+    async def answer(self, request: EngineRequest) -> Reply:
+        """A whole answer, as ``unary`` scripts it (bytes, a Reply or an error) after ``delay``;
+        a cancelled one (the client left) is marked so."""
+        h = self._handle
+        h.calls.append(request)
+        record = SimpleNamespace(cancelled=False)
+        h.responses.append(record)
+        try:
+            await asyncio.sleep(h.delay)
+        except asyncio.CancelledError:
+            record.cancelled = True
+            raise
+        if isinstance(h.unary, BaseException):
+            raise h.unary
+        return Reply(h.unary, Outcome()) if isinstance(h.unary, bytes) else h.unary
 
     async def open_stream(self, request: EngineRequest) -> tuple[AsyncIterator[bytes], Any]:
         self._handle.calls.append(request)
@@ -208,8 +224,12 @@ async def test_client_hang_up_cancels_the_model_call() -> None:
         "root_path": "",
     }
     await asyncio.wait_for(app(scope, receive, send), timeout=2)
-    assert handle.responses[0].cancelled
     assert sent[0]["status"] == 499
+    # The ingress closed its connection; the replica cancels the work it was doing.
+    deadline = asyncio.get_running_loop().time() + 2
+    while not handle.responses[0].cancelled:
+        assert asyncio.get_running_loop().time() < deadline, "the model's work went on"
+        await asyncio.sleep(0.01)
 
 
 async def test_concurrent_requests_to_a_gathering_model_share_calls_and_keep_their_answers() -> None:

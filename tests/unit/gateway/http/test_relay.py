@@ -14,9 +14,9 @@ import pytest
 
 from gateway import sse
 from gateway.errors import GatewayError, InvalidRequestError, OverloadedError, ServiceUnavailableError
-from gateway.http.relay import RelayResponse, StreamCutError, StreamRelay
+from gateway.http.relay import RelayResponse, StreamCutError, ReplicaRelay
 from gateway.protocol import relay
-from gateway.protocol.engine import EngineRequest, Outcome
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from models.llm.relay import StreamServer
 
 CALL = EngineRequest("chat", {"model": "m", "stream": True, "messages": []}, "req-1", "m")
@@ -56,7 +56,7 @@ async def test_bytes_arrive_unchanged_then_the_outcome_and_the_slot_goes_back() 
 
         return stream(), lambda: OUTCOME
 
-    stream = await StreamRelay(Router(await serve(opener))).open(CALL)
+    stream = await ReplicaRelay(Router(await serve(opener))).open(CALL)
     received = [chunk async for chunk in stream.chunks()]
     assert b"".join(received) == b"".join(frames)
     assert len(received) <= len(frames)  # one chunk per socket read, never more
@@ -78,7 +78,7 @@ async def test_leaving_early_aborts_the_engine_stream_and_frees_the_slot() -> No
 
         return stream(), Outcome
 
-    stream = await StreamRelay(Router(await serve(opener))).open(CALL)
+    stream = await ReplicaRelay(Router(await serve(opener))).open(CALL)
     chunks = stream.chunks()
     assert await anext(chunks) == sse.frame({"n": 0})
     await chunks.aclose()  # type: ignore[attr-defined]
@@ -95,7 +95,7 @@ async def test_an_error_before_the_first_byte_arrives_as_raised(error: GatewayEr
         raise error
 
     with pytest.raises(GatewayError) as caught:
-        await StreamRelay(Router(await serve(opener))).open(CALL)
+        await ReplicaRelay(Router(await serve(opener))).open(CALL)
     assert type(caught.value) is type(error)
     assert (caught.value.status_code, caught.value.headers()) == (error.status_code, error.headers())
     assert caught.value.to_dict() == error.to_dict()
@@ -109,7 +109,7 @@ async def test_an_error_after_the_first_byte_is_an_error_frame_then_done() -> No
 
         return stream(), Outcome
 
-    stream = await StreamRelay(Router(await serve(opener))).open(CALL)
+    stream = await ReplicaRelay(Router(await serve(opener))).open(CALL)
     payloads = sse.parse(b"".join([chunk async for chunk in stream.chunks()]))
     assert payloads[0] == {"n": 0}
     assert payloads[1]["error"]["code"] == "service_unavailable"
@@ -130,7 +130,7 @@ async def test_a_replica_that_is_gone_is_skipped_for_the_next() -> None:
         return stream(), Outcome
 
     gone = relay.RelayAddress("127.0.0.1", closed_port(), "t")
-    streams = StreamRelay(Router(gone, await serve(opener)))
+    streams = ReplicaRelay(Router(gone, await serve(opener)))
     for _ in range(4):
         stream = await streams.open(CALL)
         assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
@@ -138,7 +138,7 @@ async def test_a_replica_that_is_gone_is_skipped_for_the_next() -> None:
 
 async def test_no_reachable_replica_is_a_503() -> None:
     with pytest.raises(ServiceUnavailableError):
-        await StreamRelay(Router(relay.RelayAddress("127.0.0.1", closed_port(), "t"))).open(CALL)
+        await ReplicaRelay(Router(relay.RelayAddress("127.0.0.1", closed_port(), "t"))).open(CALL)
 
 
 async def test_a_stream_that_breaks_off_is_reported_cut() -> None:
@@ -150,7 +150,7 @@ async def test_a_stream_that_breaks_off_is_reported_cut() -> None:
 
     server = await asyncio.start_server(fake_replica, "127.0.0.1", 0)
     address = relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t")
-    stream = await StreamRelay(Router(address)).open(CALL)
+    stream = await ReplicaRelay(Router(address)).open(CALL)
     chunks = stream.chunks()
     assert await anext(chunks) == sse.frame({"n": 0})
     with pytest.raises(StreamCutError):
@@ -164,7 +164,7 @@ async def test_a_caller_without_the_token_is_refused() -> None:
 
     address = await serve(opener)
     with pytest.raises(InvalidRequestError) as caught:
-        await StreamRelay(Router(address._replace(token="guess"))).open(CALL)
+        await ReplicaRelay(Router(address._replace(token="guess"))).open(CALL)
     assert caught.value.status_code == 401
 
 
@@ -186,7 +186,7 @@ async def test_streams_go_to_the_replica_with_fewest_open() -> None:
     release, served = asyncio.Event(), []
     first = await serve(await held_stream(release, served, 1))
     second = await serve(await held_stream(release, served, 2))
-    streams = StreamRelay(Router(first, second))
+    streams = ReplicaRelay(Router(first, second))
     opened = [await streams.open(CALL) for _ in range(6)]
     assert sorted(served) == [1, 1, 1, 2, 2, 2]
     release.set()
@@ -197,7 +197,7 @@ async def test_streams_go_to_the_replica_with_fewest_open() -> None:
 async def test_a_replica_holds_streams_to_its_limits_and_refuses_beyond_its_queue() -> None:
     release, served = asyncio.Event(), []
     address = await serve(await held_stream(release, served, 1), max_ongoing=1, max_queued=1)
-    streams = StreamRelay(Router(address))
+    streams = ReplicaRelay(Router(address))
     running = await streams.open(CALL)
     queued = asyncio.ensure_future(streams.open(CALL))
     await asyncio.sleep(0.05)
@@ -272,3 +272,52 @@ async def test_under_uvicorn_a_hang_up_closes_the_body_at_once() -> None:
             async for _ in response.aiter_raw():
                 break  # first bytes arrived: leave
         await asyncio.wait_for(closed.wait(), timeout=2)
+
+
+async def whole(reply: Reply | BaseException, started: asyncio.Event, cancelled: asyncio.Event) -> Any:
+    async def answer(request: EngineRequest) -> Reply:
+        started.set()
+        try:
+            await asyncio.sleep(0.01 if not isinstance(reply, BaseException) else 0)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        if isinstance(reply, BaseException):
+            raise reply
+        if reply.body == b"slow":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return reply
+
+    async def no_streams(request: EngineRequest) -> Any:
+        raise AssertionError("a whole answer was asked for")
+
+    return await StreamServer(no_streams, "127.0.0.1", answer=answer).start()
+
+
+async def test_a_whole_answer_arrives_with_its_outcome() -> None:
+    body = b'{"choices":[{"text":"hi"}]}'
+    address = await whole(Reply(body, OUTCOME), asyncio.Event(), asyncio.Event())
+    reply = await ReplicaRelay(Router(address)).call(EngineRequest("chat", {"model": "m"}, "r", "m"))
+    assert reply == Reply(body, OUTCOME)
+
+
+async def test_a_whole_answers_error_arrives_as_raised() -> None:
+    error = InvalidRequestError("bad", param="max_tokens")
+    address = await whole(error, asyncio.Event(), asyncio.Event())
+    with pytest.raises(InvalidRequestError) as caught:
+        await ReplicaRelay(Router(address)).call(EngineRequest("chat", {"model": "m"}, "r", "m"))
+    assert caught.value.to_dict() == error.to_dict()
+
+
+async def test_cancelling_a_whole_answer_stops_the_replicas_work() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+    address = await whole(Reply(b"slow", OUTCOME), started, cancelled)
+    call = asyncio.ensure_future(ReplicaRelay(Router(address)).call(EngineRequest("chat", {}, "r", "m")))
+    await asyncio.wait_for(started.wait(), timeout=2)
+    await asyncio.sleep(0.05)
+    call.cancel()
+    await asyncio.wait_for(cancelled.wait(), timeout=2)
