@@ -124,20 +124,16 @@ class ReplicaRelay:
         for _ in range(ATTEMPTS):
             address = await self._pick()
             self._open[address] = self._open.get(address, 0) + 1
-            writer: asyncio.StreamWriter | None = None
             try:
-                reader, writer = await asyncio.open_connection(address.host, address.port)
-                writer.write(relay.encode_request(call, address.token))
-                status, length = relay.status_of(await reader.readuntil(b"\r\n\r\n"))
-                if status != 200:
-                    raise GatewayError.from_wire(json.loads(await reader.readexactly(length or 0)))
-                data = await reader.read()  # the replica closes after the outcome
+                reader, writer = await _request(call, address)
+                try:
+                    data = await reader.read()  # the replica closes after the outcome
+                finally:
+                    writer.close()
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._forget(address)  # that replica is gone: another may answer
                 continue
             finally:
-                if writer is not None:
-                    writer.close()
                 self._done(address)
             end = data.find(relay.END)
             if end < 0:
@@ -190,19 +186,34 @@ class ReplicaRelay:
             self._open[address] -= 1
 
     async def _start(self, call: EngineRequest, address: relay.RelayAddress) -> RelayedStream:
-        writer: asyncio.StreamWriter | None = None
         try:
-            reader, writer = await asyncio.open_connection(address.host, address.port)
-            writer.write(relay.encode_request(call, address.token))
-            status, length = relay.status_of(await reader.readuntil(b"\r\n\r\n"))
-            if status != 200:
-                raise GatewayError.from_wire(json.loads(await reader.readexactly(length or 0)))
+            reader, writer = await _request(call, address)
         except BaseException:
-            if writer is not None:
-                writer.close()
             self._done(address)
             raise
         return RelayedStream(reader, writer, lambda: self._done(address))
+
+
+async def _request(
+    call: EngineRequest, address: relay.RelayAddress
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Sends ``call`` to the replica at ``address`` and reads the response head.
+
+    Returns the connection, the body still to read, when the answer starts
+    (200); raises the replica's ``GatewayError`` otherwise, and OSError (or
+    an incomplete read) when the replica cannot be reached. The connection is
+    closed whenever this raises.
+    """
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        writer.write(relay.encode_request(call, address.token))
+        status, length = relay.status_of(await reader.readuntil(b"\r\n\r\n"))
+        if status != 200:
+            raise GatewayError.from_wire(json.loads(await reader.readexactly(length or 0)))
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
 
 
 # Past this many bytes unsent to a slow client, the relay stops reading from the replica.
