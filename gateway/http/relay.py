@@ -97,6 +97,7 @@ class ReplicaRelay:
         self._misses: dict[relay.RelayAddress, int] = {}
         self._refreshed_at = -REFRESH_S
         self._refresh: asyncio.Task[None] | None = None
+        self._first: asyncio.Future[None] | None = None
         self._turn = 0
 
     async def open(self, call: EngineRequest) -> RelayedStream:
@@ -143,8 +144,13 @@ class ReplicaRelay:
 
     async def _pick(self) -> relay.RelayAddress:
         if not self._open:
-            await self._discover()
-        elif self._clock() - self._refreshed_at > REFRESH_S and self._refresh is None:
+            # One replica is enough to start; concurrent requests share the
+            # look-up, and the rest of the replicas are found in the background.
+            if self._first is None or self._first.done():
+                self._first = asyncio.ensure_future(self._discover(samples=1))
+            await asyncio.shield(self._first)
+            self._refreshed_at = -REFRESH_S
+        if self._clock() - self._refreshed_at > REFRESH_S and self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._discover())
             self._refresh.add_done_callback(self._refreshed)
         if not self._open:
@@ -154,11 +160,15 @@ class ReplicaRelay:
         ordered = known[self._turn :] + known[: self._turn]
         return min(ordered, key=self._open.__getitem__)
 
-    async def _discover(self) -> None:
-        """Samples Serve's router for the model's replicas; one missing from
-        ``MAX_MISSES`` samplings in a row (or unreachable) leaves the rotation."""
+    async def _discover(self, samples: int | None = None) -> None:
+        """Samples Serve's router for the model's replicas (``samples`` times;
+        by default enough to see each known one several times); one missing
+        from ``MAX_MISSES`` samplings in a row (or unreachable) leaves the
+        rotation."""
         seen: set[relay.RelayAddress] = set()
-        for _ in range(SAMPLES_PER_REPLICA * max(len(self._open), 1) + SAMPLES_EXTRA):
+        if samples is None:
+            samples = SAMPLES_PER_REPLICA * max(len(self._open), 1) + SAMPLES_EXTRA
+        for _ in range(samples):
             async with self._handle.choose_replica(_reserve=False) as selection:
                 address = relay.RelayAddress.from_metadata(selection.replica_metadata)
             if address is not None:

@@ -321,3 +321,19 @@ async def test_cancelling_a_whole_answer_stops_the_replicas_work() -> None:
     await asyncio.sleep(0.05)
     call.cancel()
     await asyncio.wait_for(cancelled.wait(), timeout=2)
+
+
+async def test_first_requests_share_one_look_up_of_the_replicas() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+
+        return stream(), Outcome
+
+    router = Router(await serve(opener))
+    relay_ = ReplicaRelay(router)
+    streams = await asyncio.gather(*(relay_.open(CALL) for _ in range(8)))
+    # One sample to start (shared by all eight), then one background refresh.
+    assert router.samples <= 1 + 12
+    for stream in streams:
+        assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
