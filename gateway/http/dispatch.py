@@ -218,16 +218,21 @@ class ModelDispatcher:
             response = handles.unary.remote(call)
             answer = asyncio.ensure_future(_result(response))
         hang_up = asyncio.ensure_future(_disconnected(request))
+        left = False
         try:
             await asyncio.wait({answer, hang_up}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            # Reached unanswered when the client left: seen here, or by the
+            # server, which then cancels this request's task. Either way,
+            # cancelling the call aborts the engine request (a gathered request
+            # is dropped from its group, or its answer ignored).
             hang_up.cancel()
             record.model_wait_s += time.perf_counter() - waited
-        if not answer.done():
-            # The client left: cancelling the call aborts the engine request (a
-            # gathered request is dropped from its group, or its answer ignored).
-            response.cancel()
-            answer.cancel()
+            if not answer.done():
+                left = True
+                response.cancel()
+                answer.cancel()
+        if left:
             return Response(status_code=499)
         try:
             reply: Reply = answer.result()

@@ -232,6 +232,39 @@ async def test_client_hang_up_cancels_the_model_call() -> None:
         await asyncio.sleep(0.01)
 
 
+async def test_server_cancelling_a_left_request_cancels_the_model_call() -> None:
+    """Serve's HTTP servers cancel a request's task when its client leaves,
+    before the app sees ``http.disconnect``: the model's work must stop too."""
+    handle = FakeHandle(unary=b"{}", delay=5)
+    app = make_app(handle)
+    body = [{"type": "http.request", "body": json.dumps({"model": "m"}).encode(), "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if body:
+            return body.pop(0)
+        await asyncio.Event().wait()  # no disconnect message ever comes
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/chat", "raw_path": b"/chat",
+        "headers": [(b"content-type", b"application/json")], "query_string": b"",
+        "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("c", 1),
+        "root_path": "",
+    }
+    serving = asyncio.ensure_future(app(scope, receive, send))
+    while not handle.responses:
+        await asyncio.sleep(0.01)
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    deadline = asyncio.get_running_loop().time() + 2
+    while not handle.responses[0].cancelled:
+        assert asyncio.get_running_loop().time() < deadline, "the model's work went on"
+        await asyncio.sleep(0.01)
+
+
 async def test_concurrent_requests_to_a_gathering_model_share_calls_and_keep_their_answers() -> None:
     handle = FakeHandle(delay=0.05)
     app = make_app(handle, gathering={"m": (8, 1, None)})
