@@ -4,6 +4,7 @@
 ``llm-gateway deploy``       apply a changed config to a running gateway
 ``llm-gateway status``       each deployment's replicas, nodes and placement
 ``llm-gateway build-model``  build the local models (no hub needed)
+``llm-gateway keys new``     make an API key: the secret, then its config entry
 """
 
 from __future__ import annotations
@@ -53,11 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     build_cmd.add_argument("--out", default=".models", help="directory to build into")
     build_cmd.add_argument("--force", action="store_true", help="rebuild existing models")
 
+    keys_cmd = commands.add_parser("keys", help="API keys")
+    keys_new = keys_cmd.add_subparsers(dest="keys_command", required=True).add_parser(
+        "new",
+        help="make a key: prints the secret alone on the first line, then the YAML "
+        "entry to put under `keys:` (the secret is not stored anywhere)",
+    )
+    keys_new.add_argument("--id", required=True, help="the key's name (safe to log)")
+    keys_new.add_argument("--models", default=None, help="comma-separated names or globs (default: all)")
+    keys_new.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    keys_new.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    keys_new.add_argument("--max-concurrent", type=int, default=None, help="requests at once")
+    keys_new.add_argument("--expires", default=None, help="ISO 8601 time with a zone")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "build-model":
             return build_model(Path(args.out), force=args.force)
+        if args.command == "keys":
+            return new_key(args)
         if args.command == "status":
             return show_status(args.app, args.address, as_json=args.json)
         config = load_config(Path(args.config))
@@ -67,6 +83,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
+
+
+def new_key(args: argparse.Namespace) -> int:
+    """Prints a new secret, then its ``keys:`` entry (validated as the config would be)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from gateway.auth.keys import hash_secret, new_secret
+    from gateway.config import KeyConfig
+
+    secret = new_secret()
+    entry: dict[str, object] = {"id": args.id, "hash": hash_secret(secret)}
+    if args.models:
+        entry["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    for field in ("rpm", "tpm", "max_concurrent", "expires"):
+        if getattr(args, field) is not None:
+            entry[field] = getattr(args, field)
+    try:
+        KeyConfig.model_validate(entry)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid key: {problems}") from None
+    print(secret)
+    print(yaml.safe_dump([entry], sort_keys=False), end="")
+    return 0
 
 
 def build_model(out: Path, *, force: bool) -> int:

@@ -6,6 +6,7 @@ Every field has a description; an invalid file fails start-up with
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
@@ -451,6 +452,54 @@ class RuntimeConfig(_Strict):
         }
 
 
+KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+class KeyConfig(_Strict):
+    """An API key: its hash (never the secret), the models it may use and its limits.
+
+    ``llm-gateway keys new`` makes a secret and prints this entry for it.
+    """
+
+    id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="The key's name: safe to log; labels its metrics and access log lines.",
+    )
+    hash: str = Field(
+        pattern=KEY_HASH_PATTERN, description="`sha256:` and the hex SHA-256 of the secret."
+    )
+    models: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["*"],
+        description="Model and alias names (glob patterns allowed) the key may use. "
+        "An alias lets the key reach its variants through it.",
+    )
+    rpm: int | None = Field(None, ge=1, description="Requests per minute (none: unlimited).")
+    tpm: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per minute, prompt and completion together (none: unlimited).",
+    )
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Requests of this key in flight at once (none: unlimited)."
+    )
+    expires: datetime | None = Field(
+        None, description="When the key stops working (ISO 8601 with a time zone)."
+    )
+
+    @field_validator("expires")
+    @classmethod
+    def _aware(cls, expires: datetime | None) -> datetime | None:
+        if expires is not None and expires.tzinfo is None:
+            raise ValueError("give a time zone (e.g. 2027-01-31T00:00:00Z)")
+        return expires
+
+    @property
+    def limited(self) -> bool:
+        return any(v is not None for v in (self.rpm, self.tpm, self.max_concurrent))
+
+
 class FrontDoorConfig(_Strict):
     """The ingress application's own settings (what its replicas are built from)."""
 
@@ -477,6 +526,25 @@ class GatewayConfig(_Strict):
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="Aliases and how variants are chosen."
     )
+    keys: list[KeyConfig] = Field(
+        default_factory=list,
+        description="API keys clients must send as `Authorization: Bearer <key>` on /v1 "
+        "and /v2 routes (none: the gateway is open to whoever reaches it).",
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_keys(cls, keys: list[KeyConfig]) -> list[KeyConfig]:
+        ids: set[str] = set()
+        hashes: set[str] = set()
+        for key in keys:
+            if key.id in ids:
+                raise ValueError(f"duplicate key id {key.id!r}")
+            if key.hash in hashes:
+                raise ValueError(f"key {key.id!r} has the same hash as another key")
+            ids.add(key.id)
+            hashes.add(key.hash)
+        return keys
 
     @field_validator("models")
     @classmethod
@@ -519,10 +587,10 @@ class GatewayConfig(_Strict):
 
     @classmethod
     def assemble(
-        cls, front_door: FrontDoorConfig, models: object, routing: object
+        cls, front_door: FrontDoorConfig, models: object, routing: object, keys: object = ()
     ) -> GatewayConfig:
         """The config an ingress replica routes with; raises ConfigError when invalid."""
-        data = {**front_door.model_dump(), "models": models, "routing": routing}
+        data = {**front_door.model_dump(), "models": models, "routing": routing, "keys": keys}
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

@@ -8,8 +8,8 @@ config. So the gateway deploys:
   fields that shape its replicas: adding or removing a model touches no other
   model, and live fields (replica count, batching) travel as overrides;
 - the ingress application (``<app>``), whose arguments are the front door's
-  own settings; the model list and the routing table travel as its
-  ``user_config``, so changing them reconfigures the running ingress.
+  own settings; the model list, the routing table and the API keys travel as
+  its ``user_config``, so changing them reconfigures the running ingress.
 
 ``deploy`` applies a new config in three steps so no request fails: new or
 changed models first, then the ingress's new table, then the removal of models
@@ -45,10 +45,12 @@ def model_app_name(gateway_app: str, model: str) -> str:
 
 
 def ingress_user_config(config: GatewayConfig) -> dict[str, Any]:
-    """What the ingress reconfigures itself from: every model and the routes."""
+    """What the ingress reconfigures itself from: every model, the routes and
+    the API keys (their hashes)."""
     return {
         "models": [m.model_dump(mode="json") for m in config.models],
         "routing": config.routing.model_dump(mode="json"),
+        "keys": [k.model_dump(mode="json", exclude_none=True) for k in config.keys],
     }
 
 

@@ -5,10 +5,12 @@
     GatewayError                      500 server_error
     ├── InvalidRequestError           400 invalid_request_error
     │   └── ContextLengthExceededError    400 code=context_length_exceeded
+    ├── AuthenticationError           401 invalid_request_error  code=invalid_api_key
     ├── NotFoundError                 404 invalid_request_error  code=not_found
     │   ├── ModelNotFoundError            404 code=model_not_found
     │   └── ModelNotSupportedError        404 code=model_not_supported
     ├── MethodNotAllowedError         405 invalid_request_error  code=method_not_allowed
+    ├── RateLimitError                429 requests|tokens        code=rate_limit_exceeded
     ├── NotImplementedFeatureError    501 invalid_request_error  code=not_implemented
     ├── ServiceUnavailableError       503 service_unavailable    (Retry-After)
     │   └── OverloadedError               503 or 429 code=overloaded
@@ -136,6 +138,14 @@ class ContextLengthExceededError(InvalidRequestError):
     default_code = "context_length_exceeded"
 
 
+class AuthenticationError(GatewayError):
+    """A missing, unknown or expired API key (401)."""
+
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
 class NotFoundError(GatewayError):
     """No such route or resource (404)."""
 
@@ -166,6 +176,34 @@ class MethodNotAllowedError(GatewayError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RateLimitError(GatewayError):
+    """An API key is over one of its limits (429). ``type`` names the limit's
+    kind as OpenAI does (``requests`` or ``tokens``); ``retry_after_ms`` is
+    when the request would fit (None: it never will, as it stands)."""
+
+    status = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None, **kwargs: Any) -> None:
+        if retry_after_ms is not None:
+            kwargs.setdefault("retry_after_s", max(1, -(-retry_after_ms // 1000)))
+        super().__init__(message, **kwargs)
+        self.retry_after_ms = retry_after_ms
+
+    def headers(self) -> dict[str, str]:
+        headers = super().headers()
+        if self.retry_after_ms is not None:
+            headers["retry-after-ms"] = str(self.retry_after_ms)
+        return headers
+
+
+class TokenRateLimitError(RateLimitError):
+    """Over a key's tokens-per-minute limit (429, ``type: tokens``)."""
+
+    type = "tokens"
 
 
 class NotImplementedFeatureError(GatewayError):

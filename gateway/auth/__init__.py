@@ -1,0 +1,1 @@
+"""API keys and their limits: who may call, which models, how much."""

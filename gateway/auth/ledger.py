@@ -1,0 +1,199 @@
+"""Per-key request and token counts over a sliding minute: reserve, then settle.
+
+A request reserves one request and its most tokens (prompt plus the output
+it may produce) before it is sent; when it ends it settles with the tokens it
+really used and the rest is released. Admission is all or nothing and never
+lets a key's counts pass its limits, however many requests arrive at once:
+the ledger lives in one process and each reservation is one synchronous step.
+
+The minute slides in slots of ``SLOT_S``: what is counted in a slot leaves
+the window once the slot's end is a minute old, so a count leaves at most one
+slot late (never early: limits are never exceeded).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+WINDOW_S = 60.0
+SLOT_S = 0.1
+
+
+@dataclass(frozen=True)
+class Limits:
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a key has left now, for the ``x-ratelimit-*`` headers. ``reset``
+    times are seconds until the key is back to its full limit."""
+
+    limit_requests: int | None
+    remaining_requests: int
+    reset_requests_s: float
+    limit_tokens: int | None
+    remaining_tokens: int
+    reset_tokens_s: float
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request was not admitted: which limit (``requests``, ``tokens``
+    or ``concurrent``), its value, what was used and requested, and in how
+    many seconds it would fit (None: not as it stands)."""
+
+    limit: str
+    value: int
+    used: int
+    requested: int
+    retry_after_s: float | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    reservation: int | None  # None when refused
+    usage: Usage
+    refusal: Refusal | None = None
+
+
+@dataclass
+class _Slot:
+    index: int
+    requests: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Key:
+    slots: deque[_Slot] = field(default_factory=deque)
+    requests: int = 0
+    tokens: int = 0
+    in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    key: str
+    slot: int
+    tokens: int
+
+
+class Ledger:
+    """Counts of every key, in one place (the limiter replica)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._keys: dict[str, _Key] = {}
+        self._reservations: dict[int, _Reservation] = {}
+        self._ids = itertools.count(1)
+
+    def reserve(self, key: str, limits: Limits, tokens: int) -> Decision:
+        """Admits one request of ``key`` that may use ``tokens``, or refuses it
+        (counting nothing) when that would pass one of ``limits``."""
+        now = self._clock()
+        state = self._state(key, now)
+        refusal = self._check(state, limits, tokens, now)
+        if refusal is not None:
+            return Decision(None, self._usage(state, limits, now), refusal)
+        index = int(now / SLOT_S)
+        if not state.slots or state.slots[-1].index != index:
+            state.slots.append(_Slot(index))
+        slot = state.slots[-1]
+        slot.requests += 1
+        slot.tokens += tokens
+        state.requests += 1
+        state.tokens += tokens
+        state.in_flight += 1
+        reservation = next(self._ids)
+        self._reservations[reservation] = _Reservation(key, index, tokens)
+        return Decision(reservation, self._usage(state, limits, now))
+
+    def settle(self, reservation: int, used_tokens: int | None) -> None:
+        """Ends a reservation: the tokens really used replace those reserved
+        (while its slot is still in the window; None: the reserved tokens
+        stay counted). Unknown ids are ignored."""
+        held = self._reservations.pop(reservation, None)
+        if held is None:
+            return
+        state = self._keys.get(held.key)
+        if state is None:
+            return
+        state.in_flight -= 1
+        change = 0 if used_tokens is None else used_tokens - held.tokens
+        for slot in reversed(state.slots):
+            if slot.index == held.slot:
+                slot.tokens += change
+                state.tokens += change
+                break
+            if slot.index < held.slot:
+                break
+
+    def usage(self, key: str, limits: Limits) -> Usage:
+        now = self._clock()
+        return self._usage(self._state(key, now), limits, now)
+
+    def in_flight(self, key: str) -> int:
+        state = self._keys.get(key)
+        return state.in_flight if state is not None else 0
+
+    def _state(self, key: str, now: float) -> _Key:
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _Key()
+        slots = state.slots
+        while slots and _expiry(slots[0].index) <= now:
+            gone = slots.popleft()
+            state.requests -= gone.requests
+            state.tokens -= gone.tokens
+        return state
+
+    def _check(self, state: _Key, limits: Limits, tokens: int, now: float) -> Refusal | None:
+        if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
+            return Refusal("concurrent", limits.max_concurrent, state.in_flight, 1, None)
+        if limits.rpm is not None and state.requests + 1 > limits.rpm:
+            wait = self._wait(state, "requests", state.requests + 1 - limits.rpm, now)
+            return Refusal("requests", limits.rpm, state.requests, 1, wait)
+        if limits.tpm is not None and state.tokens + tokens > limits.tpm:
+            wait = None
+            if tokens <= limits.tpm:
+                wait = self._wait(state, "tokens", state.tokens + tokens - limits.tpm, now)
+            return Refusal("tokens", limits.tpm, state.tokens, tokens, wait)
+        return None
+
+    @staticmethod
+    def _wait(state: _Key, what: str, excess: int, now: float) -> float | None:
+        """Seconds until ``excess`` of ``what`` have left the window (None: the
+        counts in the window never free that much: tokens still in flight)."""
+        freed = 0
+        for slot in state.slots:
+            freed += getattr(slot, what)
+            if freed >= excess:
+                return max(0.0, _expiry(slot.index) - now)
+        return None
+
+    @staticmethod
+    def _usage(state: _Key, limits: Limits, now: float) -> Usage:
+        def reset(what: str) -> float:
+            last = next((s for s in reversed(state.slots) if getattr(s, what) > 0), None)
+            return max(0.0, _expiry(last.index) - now) if last is not None else 0.0
+
+        return Usage(
+            limit_requests=limits.rpm,
+            remaining_requests=max(0, limits.rpm - state.requests) if limits.rpm else 0,
+            reset_requests_s=reset("requests"),
+            limit_tokens=limits.tpm,
+            remaining_tokens=max(0, limits.tpm - state.tokens) if limits.tpm else 0,
+            reset_tokens_s=reset("tokens"),
+        )
+
+
+def _expiry(index: int) -> float:
+    """When what slot ``index`` counted leaves the window."""
+    return (index + 1) * SLOT_S + WINDOW_S

@@ -1,0 +1,76 @@
+"""gateway/auth/keys.py: keys are known by their hash, scoped to models, and expire."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from gateway.auth.keys import SECRET_PREFIX, KeyTable, hash_secret, new_secret
+from gateway.config import ConfigError, KeyConfig, parse_config
+from gateway.errors import AuthenticationError
+
+
+def _key(secret: str, **fields: object) -> KeyConfig:
+    return KeyConfig.model_validate({"id": "team-a", "hash": hash_secret(secret), **fields})
+
+
+def test_new_secrets_are_long_random_and_prefixed() -> None:
+    a, b = new_secret(), new_secret()
+    assert a != b and a.startswith(SECRET_PREFIX) and len(a) >= len(SECRET_PREFIX) + 43
+    assert hash_secret(a).startswith("sha256:") and a not in hash_secret(a)
+
+
+def test_the_right_secret_finds_its_key() -> None:
+    secret = new_secret()
+    key = KeyTable([_key(secret, rpm=5)]).authenticate(f"Bearer {secret}")
+    assert (key.id, key.rpm, key.limited) == ("team-a", 5, True)
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Basic abc", "sk-gw-x", "Bearer wrong"])
+def test_missing_or_unknown_keys_are_refused_with_invalid_api_key(header: str | None) -> None:
+    table = KeyTable([_key(new_secret())])
+    with pytest.raises(AuthenticationError) as caught:
+        table.authenticate(header)
+    body = caught.value.to_dict()["error"]
+    assert caught.value.status_code == 401
+    assert (body["type"], body["code"]) == ("invalid_request_error", "invalid_api_key")
+
+
+def test_an_expired_key_is_refused() -> None:
+    secret = new_secret()
+    expires = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    table = KeyTable([_key(secret, expires=expires)], clock=lambda: expires.timestamp() - 1)
+    assert table.authenticate(f"Bearer {secret}").id == "team-a"
+    table = KeyTable([_key(secret, expires=expires)], clock=lambda: expires.timestamp())
+    with pytest.raises(AuthenticationError, match="expired"):
+        table.authenticate(f"Bearer {secret}")
+
+
+def test_models_are_matched_by_name_or_glob() -> None:
+    secret = new_secret()
+    key = KeyTable([_key(secret, models=["chat", "tiny-*"])]).authenticate(f"bearer {secret}")
+    assert key.allows("chat") and key.allows("tiny-chat-v1")
+    assert not key.allows("echo") and not key.allows("chat2")
+    assert KeyTable([_key(secret)]).authenticate(f"Bearer {secret}").allows("anything")
+
+
+def test_an_empty_table_means_an_open_gateway() -> None:
+    assert not KeyTable([])
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ([{"id": "a", "hash": "sk-gw-plaintext"}], "keys.0.hash"),
+        ([{"id": "a b", "hash": hash_secret("x")}], "keys.0.id"),
+        ([{"id": "a", "hash": hash_secret("x")}, {"id": "a", "hash": hash_secret("y")}], "duplicate key id"),
+        ([{"id": "a", "hash": hash_secret("x")}, {"id": "b", "hash": hash_secret("x")}], "same hash"),
+        ([{"id": "a", "hash": hash_secret("x"), "rpm": 0}], "keys.0.rpm"),
+        ([{"id": "a", "hash": hash_secret("x"), "expires": "2030-01-01T00:00:00"}], "time zone"),
+        ([{"id": "a", "hash": hash_secret("x"), "secret": "x"}], "keys.0.secret"),
+    ],
+)
+def test_bad_key_entries_fail_start_up_naming_the_field(keys: list[dict[str, object]], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"models": [{"name": "echo", "engine": "echo"}], "keys": keys})

@@ -1,0 +1,133 @@
+"""gateway/auth/ledger.py: reservations never pass a limit, settlements release exactly."""
+
+from __future__ import annotations
+
+import random
+
+from gateway.auth.ledger import SLOT_S, WINDOW_S, Ledger, Limits
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_requests_past_the_rpm_are_refused_and_say_when_they_fit() -> None:
+    clock = Clock()
+    ledger = Ledger(clock)
+    limits = Limits(rpm=3)
+    assert all(ledger.reserve("k", limits, 0).reservation for _ in range(3))
+    clock.now += 10
+    refused = ledger.reserve("k", limits, 0)
+    assert refused.reservation is None and refused.refusal is not None
+    assert (refused.refusal.limit, refused.refusal.value, refused.refusal.used) == ("requests", 3, 3)
+    # The first three leave the window a minute after their slot: 50 s from now, at most a slot late.
+    assert WINDOW_S - 10 <= refused.refusal.retry_after_s <= WINDOW_S - 10 + SLOT_S
+    clock.now += refused.refusal.retry_after_s
+    assert ledger.reserve("k", limits, 0).reservation is not None
+
+
+def test_tokens_are_reserved_then_settled_to_what_was_used() -> None:
+    ledger = Ledger(Clock())
+    limits = Limits(tpm=1000)
+    first = ledger.reserve("k", limits, 600)
+    assert first.usage.remaining_tokens == 400
+    assert ledger.reserve("k", limits, 600).refusal is not None  # 1200 would pass 1000
+    assert first.reservation is not None
+    ledger.settle(first.reservation, 150)
+    assert ledger.usage("k", limits).remaining_tokens == 850
+    assert ledger.reserve("k", limits, 600).reservation is not None
+
+
+def test_a_request_larger_than_the_limit_never_fits() -> None:
+    refused = Ledger(Clock()).reserve("k", Limits(tpm=100), 101).refusal
+    assert refused is not None and refused.limit == "tokens" and refused.retry_after_s is None
+
+
+def test_concurrency_is_held_until_settled() -> None:
+    ledger = Ledger(Clock())
+    limits = Limits(max_concurrent=2)
+    held = [ledger.reserve("k", limits, 0).reservation for _ in range(2)]
+    assert ledger.reserve("k", limits, 0).refusal.limit == "concurrent"  # type: ignore[union-attr]
+    ledger.settle(held[0], 0)  # type: ignore[arg-type]
+    assert ledger.reserve("k", limits, 0).reservation is not None
+
+
+def test_keys_count_apart() -> None:
+    ledger = Ledger(Clock())
+    assert ledger.reserve("a", Limits(rpm=1), 0).reservation
+    assert ledger.reserve("b", Limits(rpm=1), 0).reservation
+    assert ledger.reserve("a", Limits(rpm=1), 0).refusal is not None
+
+
+def test_random_bursts_never_overshoot_and_leave_exactly_the_settled_usage() -> None:
+    clock = Clock()
+    ledger = Ledger(clock)
+    limits = Limits(rpm=50, tpm=5000, max_concurrent=8)
+    rng = random.Random(7)
+    open_: list[tuple[int, int]] = []
+    settled = 0
+    admitted = 0
+    for _ in range(2000):
+        clock.now += rng.random() * 0.01
+        if open_ and rng.random() < 0.5:
+            reservation, reserved = open_.pop(rng.randrange(len(open_)))
+            used = rng.randint(0, reserved)
+            ledger.settle(reservation, used)
+            settled += used
+            continue
+        want = rng.randint(1, 900)
+        decision = ledger.reserve("k", limits, want)
+        usage = ledger.usage("k", limits)
+        assert limits.rpm - usage.remaining_requests <= limits.rpm
+        assert usage.remaining_tokens >= 0
+        refusal = decision.refusal
+        if refusal is not None:  # refused only when admitting would pass a limit
+            used = {"requests": admitted, "concurrent": len(open_)}.get(refusal.limit, refusal.used)
+            assert used + refusal.requested > refusal.value
+            continue
+        if decision.reservation is not None:
+            admitted += 1
+            open_.append((decision.reservation, want))
+            assert len(open_) <= 8
+    for reservation, reserved in open_:
+        ledger.settle(reservation, reserved)
+        settled += reserved
+    assert admitted <= limits.rpm  # all within one minute
+    assert ledger.usage("k", limits).remaining_tokens == limits.tpm - settled
+    assert ledger.in_flight("k") == 0
+
+
+def test_counts_leave_the_window_and_the_usage_resets() -> None:
+    clock = Clock()
+    ledger = Ledger(clock)
+    limits = Limits(rpm=10, tpm=100)
+    decision = ledger.reserve("k", limits, 40)
+    assert decision.usage.remaining_requests == 9 and decision.usage.remaining_tokens == 60
+    assert 0 < decision.usage.reset_tokens_s <= WINDOW_S + SLOT_S
+    clock.now += WINDOW_S + SLOT_S
+    usage = ledger.usage("k", limits)
+    assert (usage.remaining_requests, usage.remaining_tokens, usage.reset_tokens_s) == (10, 100, 0.0)
+
+
+def test_settling_twice_or_unknown_changes_nothing() -> None:
+    ledger = Ledger(Clock())
+    limits = Limits(tpm=100)
+    r = ledger.reserve("k", limits, 50).reservation
+    assert r is not None
+    ledger.settle(r, 10)
+    ledger.settle(r, 0)
+    ledger.settle(12345, 0)
+    assert ledger.usage("k", limits).remaining_tokens == 90
+
+
+def test_an_abandoned_reservation_keeps_its_tokens() -> None:
+    ledger = Ledger(Clock())
+    limits = Limits(tpm=100, max_concurrent=1)
+    r = ledger.reserve("k", limits, 50).reservation
+    ledger.settle(r, None)  # type: ignore[arg-type]
+    assert ledger.usage("k", limits).remaining_tokens == 50
+    assert ledger.in_flight("k") == 0
