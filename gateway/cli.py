@@ -162,6 +162,24 @@ def _raise_stop(signum: int, _: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def access_note(config: GatewayConfig, host: str) -> str:
+    """Who may use the gateway, said at start-up (a warning when anyone on the network may)."""
+    import ipaddress
+
+    if config.keys:
+        return f"{len(config.keys)} API keys configured: /v1 and /v2 need one"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return "no API keys configured: the gateway is open to this machine's users"
+    return (
+        f"WARNING: no API keys configured and listening on {host}: anyone who reaches "
+        "it may use every model (add `keys:`, see README)"
+    )
+
+
 def serve_forever(
     config: GatewayConfig, host: str, port: int, address: str | None
 ) -> int:
@@ -179,6 +197,7 @@ def serve_forever(
     from gateway.affinity import pin_gateway_processes, reserved_cpus
     from gateway.deploy import deploy
 
+    print(f"==> {access_note(config, host)}", flush=True)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:

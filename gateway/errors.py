@@ -191,13 +191,8 @@ class RateLimitError(GatewayError):
         if retry_after_ms is not None:
             kwargs.setdefault("retry_after_s", max(1, -(-retry_after_ms // 1000)))
         super().__init__(message, **kwargs)
-        self.retry_after_ms = retry_after_ms
-
-    def headers(self) -> dict[str, str]:
-        headers = super().headers()
-        if self.retry_after_ms is not None:
-            headers["retry-after-ms"] = str(self.retry_after_ms)
-        return headers
+        if retry_after_ms is not None:
+            self.extra_headers["retry-after-ms"] = str(retry_after_ms)
 
 
 class TokenRateLimitError(RateLimitError):

@@ -127,6 +127,26 @@ class LimiterServer:
         return {"id": message.get("id"), "error": f"unknown op {op!r}"}
 
 
+class LocalLimiter:
+    """A ledger in this process, behind ``LimiterClient``'s methods: for a
+    gateway of one process (tests, tools)."""
+
+    def __init__(self, ledger: Ledger | None = None) -> None:
+        self.ledger = ledger if ledger is not None else Ledger()
+
+    async def reserve(self, key: str, limits: Limits, tokens: int) -> Decision:
+        return self.ledger.reserve(key, limits, tokens)
+
+    async def usage(self, key: str, limits: Limits) -> tuple[Usage, int]:
+        return self.ledger.usage(key, limits), self.ledger.in_flight(key)
+
+    def settle(self, reservation: int, used_tokens: int) -> None:
+        self.ledger.settle(reservation, used_tokens)
+
+    async def close(self) -> None:
+        pass
+
+
 class LimiterClient:
     """One ingress replica's connection to the shared ledger.
 

@@ -53,6 +53,7 @@ class AccessLog:
             "route": record.route,
             "model": record.model or None,
             "variant": record.variant or None,
+            "key": record.key or None,
             "stream": record.stream,
             "status": status,
             "duration_ms": round(duration_s * 1000, 3),

@@ -22,8 +22,11 @@ from gateway.errors import (
     ModelNotSupportedError,
     ServiceUnavailableError,
 )
+from gateway.auth.limiter import LocalLimiter
+from gateway.http.auth import api_key
 from gateway.http.gather import Gatherer
 from gateway.http.handlers import as_gateway_error
+from gateway.http.limits import Admission, admit, embedding_tokens
 from gateway.http.relay import RelayedStream, RelayResponse, StreamCutError, ReplicaRelay
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
@@ -91,8 +94,11 @@ class ModelDispatcher:
         cohort_header: str = "x-session-id",
         kinds: Mapping[str, str] | None = None,
         metrics: GatewayMetrics | None = None,
+        limiter: Any = None,
     ) -> None:
         self._retry_after_s = retry_after_s
+        # Where limited API keys reserve (``gateway.auth.limiter``).
+        self.limiter = limiter if limiter is not None else LocalLimiter()
         self._metrics = metrics if metrics is not None else GatewayMetrics()
         self._shadow_calls: set[asyncio.Task[None]] = set()
         self._handles: dict[str, _ModelHandles] = {}
@@ -135,8 +141,10 @@ class ModelDispatcher:
         name = envelope.model if envelope is not None else str(model)
         user = envelope.user if envelope is not None else None
         stream = isinstance(envelope, RequestEnvelope) and bool(envelope.stream)
-        key = user or request.headers.get(self._cohort_header)
-        route = self._routes.resolve(name, key)
+        cohort = user or request.headers.get(self._cohort_header)
+        api = api_key(request)
+        # A model the key may not use is answered as one that does not exist.
+        route = self._routes.resolve(name, cohort) if api is None or api.allows(name) else None
         if route is None:
             raise ModelNotFoundError.for_model(name)
         record: RequestRecord = request.state.record  # made by the observability middleware
@@ -146,19 +154,61 @@ class ModelDispatcher:
             self._metrics.assigned(name, route.target)
         request_id = record.request_id
         in_body = envelope is not None  # OpenAI bodies name their model
+        admission = None
+        if api is not None and api.limited:
+            first = EngineRequest(endpoint, _routed(body, name, route.target, in_body), request_id, route.target)
+            tokens = await self._most_tokens(first) if api.tpm is not None else 0
+            admission = await admit(self.limiter, api, tokens, name)
+        try:
+            response = await self._forward(
+                endpoint, body, name, in_body, route, request, record, stream, admission
+            )
+        except BaseException:
+            if admission is not None:
+                admission.settle(None if stream else Outcome())
+            raise
+        if admission is not None and not stream:
+            admission.settle(record.outcome)  # None (the client left): the reserved tokens stay
+        return response
+
+    async def _most_tokens(self, call: EngineRequest) -> int:
+        """What a token limit reserves for ``call``: the model's own count for
+        LLMs, a bound from the input for embeddings, none for predictions."""
+        kind = self._kinds.get(call.model, "llm")
+        if kind == "llm":
+            try:
+                return await self._handles[call.model].relay.most_tokens(call)
+            except Exception as exc:
+                raise self._error(exc) from None
+        return embedding_tokens(call.body) if call.endpoint == "embedding" else 0
+
+    async def _forward(
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        name: str,
+        in_body: bool,
+        route: Route,
+        request: Request,
+        record: RequestRecord,
+        stream: bool,
+        admission: Admission | None,
+    ) -> Response:
+        request_id = record.request_id
         if route.shadow is not None:
             shadow_body = {**body, "model": route.shadow} if in_body else body
             self._mirror(EngineRequest(endpoint, shadow_body, request_id + "-shadow", route.shadow))
         candidates = (route.target, *route.fallbacks)
         for target in candidates:
-            routed = {**body, "model": target} if in_body and target != name else body
-            call = EngineRequest(endpoint, routed, request_id, target)
+            call = EngineRequest(endpoint, _routed(body, name, target, in_body), request_id, target)
             headers = {VARIANT_HEADER: target}
+            if admission is not None:
+                headers.update(admission.headers)
             record.variant = target
             try:
                 if not stream:
                     return await self._unary(self._handles[target], call, request, headers, record)
-                return await self._stream(self._handles[target], call, headers, record)
+                return await self._stream(self._handles[target], call, headers, record, admission)
             except GatewayError as error:
                 error.extra_headers.update(headers)
                 # Fallback only for failures of ours, before any byte was sent.
@@ -247,6 +297,7 @@ class ModelDispatcher:
         call: EngineRequest,
         headers: dict[str, str],
         record: RequestRecord,
+        admission: Admission | None = None,
     ) -> Response:
         waited = time.perf_counter()
         try:
@@ -256,11 +307,17 @@ class ModelDispatcher:
             raise self._error(exc) from None
         finally:
             record.model_wait_s += time.perf_counter() - waited
-        return RelayResponse(self._relay(stream, record), headers)
+
+        def closed() -> None:
+            stream.close()
+            if admission is not None:
+                admission.settle(stream.outcome)
+
+        return RelayResponse(self._relay(stream, record), headers, closed=closed)
 
     def _answered(self, record: RequestRecord, outcome: Outcome) -> None:
         record.outcome = outcome
-        self._metrics.answered(record.model, record.variant, outcome)
+        self._metrics.answered(record.model, record.variant, outcome, record.key)
 
     async def _relay(self, stream: RelayedStream, record: RequestRecord) -> AsyncIterator[bytes]:
         """Yields the stream's bytes as they arrive; its outcome is counted once
@@ -280,6 +337,11 @@ class ModelDispatcher:
 
     def _error(self, exc: BaseException) -> GatewayError:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
+
+
+def _routed(body: dict[str, Any], name: str, target: str, in_body: bool) -> dict[str, Any]:
+    """The body a variant gets: an OpenAI body names the concrete model."""
+    return {**body, "model": target} if in_body and target != name else body
 
 
 def _envelope(endpoint: Endpoint, body: dict[str, Any]) -> ModelEnvelope:

@@ -53,13 +53,13 @@ class GatewayIngress:
         return model_app_name(self._app, model.name)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this with the models and routes, at start and on every redeploy.
+        """Serve calls this with the models, routes and keys, at start and on every redeploy.
 
         Async so that it runs on the replica's event loop, where the handles it
         makes will route. Changes apply to requests that arrive afterwards; requests in flight
         keep the variant they were given. The replica is not restarted.
         """
-        self._state.apply(user_config["models"], user_config["routing"])
+        self._state.apply(user_config["models"], user_config["routing"], user_config.get("keys", []))
         self._reporter.start()
 
     async def __del__(self) -> None:

@@ -142,6 +142,24 @@ class ReplicaRelay:
             return Reply(data[:end], relay.decode_outcome(data[end + 1 :]))
         raise ServiceUnavailableError(_UNAVAILABLE)
 
+    async def most_tokens(self, call: EngineRequest) -> int:
+        """The most tokens ``call`` may use (its prompt's, as the model counts
+        them, plus its output budget), from one of the model's replicas.
+        Raises as ``call`` does (the request's own error when it is invalid)."""
+        for _ in range(ATTEMPTS):
+            address = await self._pick()
+            try:
+                reader, writer = await _request(call, address, relay.COUNT)
+                try:
+                    data = await reader.read()
+                finally:
+                    writer.close()
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                self._forget(address)
+                continue
+            return int(json.loads(data)["tokens"])
+        raise ServiceUnavailableError(_UNAVAILABLE)
+
     async def _pick(self) -> relay.RelayAddress:
         if not self._open:
             # One replica is enough to start; concurrent requests share the
@@ -205,7 +223,7 @@ class ReplicaRelay:
 
 
 async def _request(
-    call: EngineRequest, address: relay.RelayAddress
+    call: EngineRequest, address: relay.RelayAddress, op: str | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Sends ``call`` to the replica at ``address`` and reads the response head.
 
@@ -216,7 +234,7 @@ async def _request(
     """
     reader, writer = await asyncio.open_connection(address.host, address.port)
     try:
-        writer.write(relay.encode_request(call, address.token))
+        writer.write(relay.encode_request(call, address.token, op))
         status, length = relay.status_of(await reader.readuntil(b"\r\n\r\n"))
         if status != 200:
             raise GatewayError.from_wire(json.loads(await reader.readexactly(length or 0)))
@@ -243,9 +261,15 @@ class RelayResponse(Response):
 
     media_type = sse.MEDIA_TYPE
 
-    def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        headers: dict[str, str],
+        closed: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(headers=headers, media_type=sse.MEDIA_TYPE)
         self._body = body
+        self._closed = closed  # runs once the response is over, even one never started
 
     def render(self, content: Any) -> bytes | memoryview:
         return memoryview(b"")  # never sent: the body is relayed
@@ -256,6 +280,13 @@ class RelayResponse(Response):
         self.raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self._respond(receive, send)
+        finally:
+            if self._closed is not None:
+                self._closed()
+
+    async def _respond(self, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         cycle = _uvicorn_cycle(send)
         relay_task = asyncio.ensure_future(

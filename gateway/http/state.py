@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway.auth.keys import ApiKey, KeyTable
+from gateway.auth.limiter import LimiterAddress, LimiterClient, LocalLimiter
 from gateway.config import FrontDoorConfig, GatewayConfig, ModelConfig
 from gateway.http.access_log import AccessLog
 from gateway.http.dispatch import ModelDispatcher
@@ -42,7 +44,8 @@ class GatewayState:
     ``handle_for`` gives the DeploymentHandle of a model; ``app_for`` names
     the Serve application that holds it (for readiness); ``hub`` is the
     ``MetricsHub`` handle (None: this replica's metrics alone), to which this
-    replica reports as ``source``. Until ``apply`` is first called the
+    replica reports as ``source`` and whose ledger holds the API keys' counts
+    (None: a ledger in this process). Until ``apply`` is first called the
     gateway serves no model.
     """
 
@@ -62,20 +65,34 @@ class GatewayState:
         self.metrics = GatewayMetrics()
         self.access_log = AccessLog(front_door.ingress.access_log, replica=source)
         self.config: GatewayConfig | None = None
+        self.keys = KeyTable()
+        self.limiter: LimiterClient | LocalLimiter = (
+            LimiterClient(self._find_limiter) if hub is not None else LocalLimiter()
+        )
         self.dispatcher = ModelDispatcher(
-            RouteTable([]), {}, front_door.ingress.retry_after_s, metrics=self.metrics
+            RouteTable([]), {}, front_door.ingress.retry_after_s, metrics=self.metrics,
+            limiter=self.limiter,
         )
         self._handles: dict[str, tuple[ModelConfig, Any]] = {}
         self._created = int(time.time())
         self._context: dict[str, int | None] = {}
 
-    def apply(self, models: object, routing: object) -> None:
-        """Serves ``models`` with ``routing`` from the next request on.
+    async def _find_limiter(self) -> LimiterAddress | None:
+        async with self._hub.choose_replica(_reserve=False) as selection:
+            return LimiterAddress.from_metadata(selection.replica_metadata)
+
+    def apply(self, models: object, routing: object, keys: object = ()) -> None:
+        """Serves ``models`` with ``routing`` to the holders of ``keys`` from
+        the next request on.
 
         Raises ConfigError (keeping the current table) when they do not
         validate together.
         """
-        config = GatewayConfig.assemble(self.front_door, models, routing)
+        config = GatewayConfig.assemble(self.front_door, models, routing, keys)
+        if not config.keys and (self.config is None or self.config.keys):
+            logger.warning(
+                "no API keys configured: whoever reaches the gateway may use every model"
+            )
         handles: dict[str, tuple[ModelConfig, Any]] = {}
         for model in config.models:
             old = self._handles.get(model.name)
@@ -83,6 +100,7 @@ class GatewayState:
             keep = old is not None and old[0].kind == model.kind
             handles[model.name] = (model, old[1] if keep and old else self._handle_for(model))
         self.config = config
+        self.keys = KeyTable(config.keys)
         self._handles = handles
         self._context = {
             m.name: m.max_model_len or self._context.get(m.name) for m in config.models
@@ -95,7 +113,8 @@ class GatewayState:
             {m.name: g for m in config.models if (g := m.gathering()) is not None},
         )
         logger.info(
-            "serving %d models, %d routes", len(config.models), len(config.routing.routes)
+            "serving %d models, %d routes, %d API keys",
+            len(config.models), len(config.routing.routes), len(config.keys),
         )
 
     async def metrics_page(self) -> str:
@@ -110,8 +129,13 @@ class GatewayState:
         """The table requests are routed with now."""
         return self.dispatcher.routes
 
-    def model_cards(self) -> list[ModelCard]:
-        """Concrete models, then aliases with their variants and weights."""
+    def model_cards(self, key: ApiKey | None = None) -> list[ModelCard]:
+        """Concrete models, then aliases with their variants and weights: those
+        ``key`` may use (all without a key)."""
+        cards = self._model_cards()
+        return cards if key is None else [card for card in cards if key.allows(card.id)]
+
+    def _model_cards(self) -> list[ModelCard]:
         if self.config is None:
             return []
         models = [

@@ -32,9 +32,9 @@ BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024
 REQUESTS = Family(
     "llm_gateway_requests_total",
     "counter",
-    "Requests answered, by route template, requested model, serving variant and HTTP "
-    "status (499: the client hung up first).",
-    ("route", "model", "variant", "status"),
+    "Requests answered, by route template, requested model, serving variant, HTTP "
+    "status (499: the client hung up first) and API key id (empty: no key).",
+    ("route", "model", "variant", "status", "key"),
 )
 REQUEST_DURATION = Family(
     "llm_gateway_request_duration_seconds",
@@ -60,8 +60,9 @@ INTER_TOKEN_LATENCY = Family(
 TOKENS = Family(
     "llm_gateway_tokens_total",
     "counter",
-    "Tokens in the usage of answered requests: kind `prompt` or `completion`.",
-    ("model", "variant", "kind"),
+    "Tokens in the usage of answered requests: kind `prompt` or `completion`, by API "
+    "key id (empty: no key).",
+    ("model", "variant", "kind", "key"),
 )
 IN_FLIGHT = Family(
     "llm_gateway_in_flight_requests",

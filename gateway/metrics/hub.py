@@ -11,6 +11,10 @@ counts are current to the request and the others' to their last report.
 A process silent for ``STALE_S`` has gone: its counters and histograms stay
 (counters must never go back), its gauges leave the sum, and its vLLM
 series leave the page.
+
+Being the gateway's one shared replica, the hub also holds the API keys'
+ledger (``gateway.auth.limiter``): it serves it on a port of its own, which
+it publishes as replica metadata when Serve asks for it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway.auth.limiter import LimiterAddress, LimiterServer
 from gateway.metrics.engine_text import relabel
 from gateway.metrics.families import FAMILIES
 from gateway.metrics.registry import Snapshot, merge, render, without_gauges
@@ -49,6 +54,17 @@ class MetricsHub:
         self._live: dict[str, tuple[Snapshot, float]] = {}
         self._gone: dict[str, Snapshot] = {}
         self._engines: dict[str, tuple[str, float]] = {}
+        self._limiter: LimiterServer | None = None
+        self._limiter_address: LimiterAddress | None = None
+
+    async def record_replica_metadata(self) -> dict[str, Any]:
+        """Serve asks once the replica is up: the ledger's address for the ingress."""
+        if self._limiter_address is None:
+            import ray
+
+            self._limiter = LimiterServer(str(ray.util.get_node_ip_address()))
+            self._limiter_address = await self._limiter.start()
+        return self._limiter_address.metadata()
 
     def report(self, source: str, snapshot: Snapshot) -> None:
         self._live[source] = (snapshot, time.monotonic())

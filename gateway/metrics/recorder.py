@@ -38,6 +38,7 @@ class RequestRecord:
     stream: bool = False
     outcome: Outcome | None = None
     error: str | None = None
+    key: str = ""  # the API key's id
 
 
 class GatewayMetrics:
@@ -70,21 +71,22 @@ class GatewayMetrics:
     def request_finished(self, record: RequestRecord, status: int, duration_s: float) -> None:
         self.version += 1
         self._in_flight.dec((record.route,))
-        self._requests.inc((record.route, record.model, record.variant, str(status)))
+        self._requests.inc((record.route, record.model, record.variant, str(status), record.key))
         self._duration.observe((record.route, record.model, record.variant), duration_s)
 
     def assigned(self, alias: str, variant: str) -> None:
         self.version += 1
         self._assignments.inc((alias, variant))
 
-    def answered(self, model: str, variant: str, outcome: Outcome) -> None:
-        """Counts what the model reported about an answer the client is given."""
+    def answered(self, model: str, variant: str, outcome: Outcome, key: str = "") -> None:
+        """Counts what the model reported about an answer the client is given
+        (``key``: the API key's id)."""
         self.version += 1
         labels = (model, variant)
         if outcome.prompt_tokens:
-            self._tokens.inc((model, variant, "prompt"), outcome.prompt_tokens)
+            self._tokens.inc((model, variant, "prompt", key), outcome.prompt_tokens)
         if outcome.completion_tokens:
-            self._tokens.inc((model, variant, "completion"), outcome.completion_tokens)
+            self._tokens.inc((model, variant, "completion", key), outcome.completion_tokens)
         if outcome.first_token_s is not None:
             self._ttft.observe(labels, outcome.first_token_s)
         if outcome.inter_token_counts:

@@ -23,6 +23,11 @@ Response, after which the replica closes the connection:
   ``END`` was cut short.
 - any other status: ``content-length`` and the error as JSON
   (``GatewayError.to_wire``), known before the first byte of the stream.
+
+With ``x-gateway-op: count`` the replica generates nothing: it answers
+``200`` with ``{"tokens": n}``, the prompt's tokens plus the most the request
+may generate (what an API key's token limit reserves), or the error the
+request would have met.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ END = b"\x00"
 METADATA_KEY = "relay"
 PATH_PREFIX = "/relay/"
 MODEL_HEADER = "x-gateway-model"
+OP_HEADER = "x-gateway-op"
+COUNT = "count"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_HEAD_BYTES = 16 * 1024
 ENDPOINTS: frozenset[str] = frozenset({"chat", "completion"})
@@ -61,8 +68,9 @@ class RelayAddress(NamedTuple):
         return {METADATA_KEY: self._asdict()}
 
 
-def encode_request(call: EngineRequest, token: str) -> bytes:
-    """The HTTP request that asks a replica for ``call``'s stream."""
+def encode_request(call: EngineRequest, token: str, op: str | None = None) -> bytes:
+    """The HTTP request that asks a replica for ``call``'s stream (or, with
+    ``op=COUNT``, for its token count)."""
     body = json.dumps(call.body, separators=(",", ":")).encode()
     head = (
         f"POST {PATH_PREFIX}{call.endpoint} HTTP/1.1\r\n"
@@ -70,7 +78,8 @@ def encode_request(call: EngineRequest, token: str) -> bytes:
         f"authorization: Bearer {token}\r\n"
         f"{REQUEST_ID_HEADER}: {call.request_id}\r\n"
         f"{MODEL_HEADER}: {call.model}\r\n"
-        f"content-type: application/json\r\n"
+        + (f"{OP_HEADER}: {op}\r\n" if op else "")
+        + "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"
         f"connection: close\r\n\r\n"
     )

@@ -120,6 +120,10 @@ class EchoEngine:
         finally:
             self._in_flight -= 1
 
+    async def most_tokens(self, request: EngineRequest) -> int:
+        plan = self._plan(request)  # the echo knows its answer, so this is exact
+        return plan.prompt_tokens + plan.completion_tokens
+
     def _plan(self, request: EngineRequest) -> _Plan:
         try:
             if request.endpoint == "chat":

@@ -34,6 +34,9 @@ StreamOpener = Callable[[EngineRequest], Awaitable[tuple[AsyncIterator[bytes], C
 # Answers a non-streaming request; raises GatewayError as handle calls do.
 Answerer = Callable[[EngineRequest], Coroutine[Any, Any, Reply]]
 
+# Counts a request's most tokens (``relay.COUNT``); raises GatewayError.
+Counter = Callable[[EngineRequest], Awaitable[int]]
+
 # Past this many unsent bytes (a slow client), the engine stream waits.
 HIGH_WATER = 256 * 1024
 HEAD_TIMEOUT_S = 10.0
@@ -56,9 +59,11 @@ class StreamServer:
         max_ongoing: int = 256,
         max_queued: int = -1,
         answer: Answerer | None = None,
+        count: Counter | None = None,
     ) -> None:
         self._open = open_stream
         self._answer_body = answer
+        self._count = count
         self._host = host
         self._token = secrets.token_urlsafe(32)
         self._server: asyncio.base_events.Server | None = None
@@ -84,8 +89,12 @@ class StreamServer:
         assert task is not None
         self._connections.add(task)
         try:
-            request = await self._read_request(reader, writer)
-            if request is None:
+            read = await self._read_request(reader, writer)
+            if read is None:
+                return
+            request, op = read
+            if op == relay.COUNT:
+                await _count(self._count, request, writer)
                 return
             if self._places.locked() and 0 <= self._max_queued <= self._queued:
                 await _error(writer, OverloadedError(OVERLOADED, retry_after_s=1))
@@ -110,8 +119,8 @@ class StreamServer:
 
     async def _read_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> EngineRequest | None:
-        """The request, or None after answering a malformed or unauthorised one."""
+    ) -> tuple[EngineRequest, str] | None:
+        """The request and its op, or None after answering a malformed or unauthorised one."""
         try:
             raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
             head = relay.parse_head(raw)
@@ -129,7 +138,8 @@ class StreamServer:
             return None
         body = json.loads(await reader.readexactly(length))
         request_id = head.headers.get(relay.REQUEST_ID_HEADER, "")
-        return EngineRequest(endpoint, body, request_id, head.headers.get(relay.MODEL_HEADER, ""))
+        model = head.headers.get(relay.MODEL_HEADER, "")
+        return EngineRequest(endpoint, body, request_id, model), head.headers.get(relay.OP_HEADER, "")
 
     async def _answer(
         self, request: EngineRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -189,6 +199,24 @@ async def _answer_whole(
         return
     head = relay.response_head(200, "application/json")
     writer.write(head + reply.body + relay.END + relay.encode_outcome(reply.outcome))
+    await writer.drain()
+
+
+async def _count(count: Counter | None, request: EngineRequest, writer: asyncio.StreamWriter) -> None:
+    if count is None:
+        await _error(writer, InvalidRequestError("This replica does not count tokens.", status=404))
+        return
+    try:
+        tokens = await count(request)
+    except GatewayError as error:
+        await _error(writer, error)
+        return
+    except Exception:
+        logger.exception("request %s: counting its tokens failed", request.request_id)
+        await _error(writer, InternalServerError("The model failed while serving the request."))
+        return
+    body = json.dumps({"tokens": tokens}).encode()
+    writer.write(relay.response_head(200, "application/json", len(body)) + body)
     await writer.drain()
 
 

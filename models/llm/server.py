@@ -69,6 +69,7 @@ class LLMServer:
             max_ongoing=config.max_ongoing_requests,
             max_queued=config.max_queued_requests,
             answer=self.generate,
+            count=self._engine.most_tokens,
         )
         self._relay_address = await self._relay.start()
         self._reporter = _engine_metrics_reporter(self._engine, hub_app)

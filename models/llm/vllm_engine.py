@@ -173,6 +173,39 @@ class VLLMEngine:
             return result.model_dump_json().encode()
         return _frames(result)
 
+    async def most_tokens(self, request: EngineRequest) -> int:
+        """Renders the request as vLLM will (chat template, tokenizer) without
+        generating: each prompt's tokens plus ``n`` times its output budget
+        (``max_completion_tokens`` / ``max_tokens``, else the rest of the window)."""
+        endpoint = self._endpoints.get(request.endpoint)
+        if endpoint is None:
+            raise NotImplementedFeatureError(f"{self._config.name} does not serve this endpoint.")
+        schema, _, prompt_param = endpoint
+        serving = self._chat if request.endpoint == "chat" else self._completion
+        try:
+            parsed = schema.model_validate({"request_id": request.request_id, **request.body})
+            if request.endpoint == "chat":
+                result = await serving.render_chat_request(parsed)
+            else:
+                result = await serving.render_completion_request(parsed)
+        except GatewayError:
+            raise
+        except ValidationError as exc:
+            raise InvalidRequestError.from_validation(exc) from None
+        except Exception as exc:  # vLLM signals client mistakes with exceptions too
+            raise translate_exception(exc, prompt_param) from None
+        if isinstance(result, self._error_response):
+            raise translate_error(result.model_dump(), prompt_param)
+        inputs = result[1] if request.endpoint == "chat" else result
+        budget = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+        choices = parsed.n or 1
+        assert self._max_model_len is not None
+        total = 0
+        for engine_input in inputs:
+            prompt = serving._extract_prompt_len(engine_input)
+            total += prompt + choices * (budget if budget is not None else self._max_model_len - prompt)
+        return int(total)
+
     def _guard_context_length(self) -> None:
         """Refuses prompt + max_tokens beyond the context before anything is generated.
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from gateway.errors import ModelNotFoundError
+from gateway.http.auth import api_key
 from gateway.http.routes.deps import gateway_state
 from gateway.http.state import GatewayState
 from gateway.protocol.models import ModelCard, ModelList
@@ -13,15 +14,18 @@ router = APIRouter()
 
 
 @router.get("/v1/models")
-async def list_models(state: GatewayState = Depends(gateway_state)) -> ModelList:
+async def list_models(request: Request, state: GatewayState = Depends(gateway_state)) -> ModelList:
+    """The models and aliases the caller's key may use (all on an open gateway)."""
     await state.refresh_model_info()
-    return ModelList(data=state.model_cards())
+    return ModelList(data=state.model_cards(api_key(request)))
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, state: GatewayState = Depends(gateway_state)) -> ModelCard:
+async def retrieve_model(
+    model_id: str, request: Request, state: GatewayState = Depends(gateway_state)
+) -> ModelCard:
     await state.refresh_model_info()
-    for card in state.model_cards():
+    for card in state.model_cards(api_key(request)):
         if card.id == model_id:
             return card
     raise ModelNotFoundError.for_model(model_id)

@@ -74,3 +74,20 @@ def test_an_empty_table_means_an_open_gateway() -> None:
 def test_bad_key_entries_fail_start_up_naming_the_field(keys: list[dict[str, object]], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({"models": [{"name": "echo", "engine": "echo"}], "keys": keys})
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "says"),
+    [
+        ("127.0.0.1", [], "open to this machine"),
+        ("::1", [], "open to this machine"),
+        ("0.0.0.0", [], "WARNING"),
+        ("10.0.0.5", [], "WARNING"),
+        ("0.0.0.0", [{"id": "a", "hash": hash_secret("x")}], "1 API keys configured"),
+    ],
+)
+def test_start_up_says_who_may_use_the_gateway(host: str, keys: list[dict[str, object]], says: str) -> None:
+    from gateway.cli import access_note
+
+    config = parse_config({"models": [{"name": "echo", "engine": "echo"}], "keys": keys})
+    assert says in access_note(config, host)

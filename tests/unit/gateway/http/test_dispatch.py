@@ -367,7 +367,7 @@ async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(
         assert response.content == b"data: {}\n\n" + sse.DONE
     snapshot = app.state.metrics.snapshot()
     assert snapshot["llm_gateway_ab_assignments_total"] == {("r", "a"): 1}
-    assert snapshot["llm_gateway_tokens_total"] == {("r", "a", "prompt"): 3, ("r", "a", "completion"): 2}
+    assert snapshot["llm_gateway_tokens_total"] == {("r", "a", "prompt", ""): 3, ("r", "a", "completion", ""): 2}
     assert snapshot["llm_gateway_time_to_first_token_seconds"][("r", "a")][1] == pytest.approx(0.01)
     assert sum(snapshot["llm_gateway_inter_token_latency_seconds"][("r", "a")][0]) == 1
-    assert snapshot["llm_gateway_requests_total"] == {("/chat", "r", "a", "200"): 1}
+    assert snapshot["llm_gateway_requests_total"] == {("/chat", "r", "a", "200", ""): 1}

@@ -94,8 +94,8 @@ async def test_metrics_use_the_route_template_and_overhead_leaves_out_the_model(
         await c.get("/metrics")
     snapshot = metrics.snapshot()
     assert snapshot["llm_gateway_requests_total"] == {
-        ("/v1/models/{model}:predict", "iris", "iris", "200"): 1,
-        ("unmatched", "", "", "404"): 1,
+        ("/v1/models/{model}:predict", "iris", "iris", "200", ""): 1,
+        ("unmatched", "", "", "404", ""): 1,
     }
     overhead_ms = float(response.headers["x-gateway-overhead-ms"])
     assert 0 < overhead_ms < 40  # the 50 ms spent on the model are not overhead
@@ -107,7 +107,7 @@ async def test_streams_carry_no_overhead_header(tmp_path: Path) -> None:
     async with client(app) as c:
         response = await c.get("/stream")
     assert "x-gateway-overhead-ms" not in response.headers
-    assert metrics.snapshot()["llm_gateway_requests_total"] == {("/stream", "", "", "200"): 1}
+    assert metrics.snapshot()["llm_gateway_requests_total"] == {("/stream", "", "", "200", ""): 1}
 
 
 async def test_a_stream_the_client_left_is_a_499(tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ async def test_a_stream_the_client_left_is_a_499(tmp_path: Path) -> None:
              "http_version": "1.1", "scheme": "http", "server": ("t", 80), "root_path": "", "app": app}
     await asyncio.wait_for(app(scope, receive, send), 2)
     snapshot = metrics.snapshot()
-    assert snapshot["llm_gateway_requests_total"] == {("/stream", "", "", "499"): 1}
+    assert snapshot["llm_gateway_requests_total"] == {("/stream", "", "", "499", ""): 1}
     assert snapshot["llm_gateway_in_flight_requests"] == {("/stream",): 0}
 
 

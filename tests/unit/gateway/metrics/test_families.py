@@ -14,11 +14,11 @@ def test_token_timings_use_vllms_own_bucket_boundaries() -> None:
 
 def test_families_and_their_labels() -> None:
     assert {f.name: f.labels for f in FAMILIES} == {
-        "llm_gateway_requests_total": ("route", "model", "variant", "status"),
+        "llm_gateway_requests_total": ("route", "model", "variant", "status", "key"),
         "llm_gateway_request_duration_seconds": ("route", "model", "variant"),
         "llm_gateway_time_to_first_token_seconds": ("model", "variant"),
         "llm_gateway_inter_token_latency_seconds": ("model", "variant"),
-        "llm_gateway_tokens_total": ("model", "variant", "kind"),
+        "llm_gateway_tokens_total": ("model", "variant", "kind", "key"),
         "llm_gateway_in_flight_requests": ("route",),
         "llm_gateway_overhead_seconds": ("route",),
         "llm_gateway_batch_size": ("model",),

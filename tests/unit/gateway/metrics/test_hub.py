@@ -37,7 +37,7 @@ def test_the_page_sums_every_replica_and_the_scraped_one_is_current() -> None:
     served(two, 500)  # not reported yet: the next report will carry it
     page = hub.render("one", one.snapshot())
     requests = values(page, "llm_gateway_requests_total")
-    labels = {("route", "/v1/chat/completions"), ("model", "m"), ("variant", "m")}
+    labels = {("route", "/v1/chat/completions"), ("model", "m"), ("variant", "m"), ("key", "")}
     assert requests == {frozenset({*labels, ("status", "200")}): 2}
     assert values(page, "llm_gateway_in_flight_requests") == {frozenset({("route", "/v1/chat/completions")}): 1}
 

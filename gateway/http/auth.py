@@ -1,0 +1,65 @@
+"""The API key check in front of every ``/v1`` and ``/v2`` route.
+
+With keys configured, a request to those routes must name one in
+``Authorization: Bearer <key>``; otherwise it is answered 401
+(``invalid_api_key``) before any route sees it. Health, readiness, metrics
+and the API docs stay open. The key found is kept in the request's state
+(``api_key(request)``) and its id in the request's record, so metrics and the
+access log name it (never the secret).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.auth.keys import ApiKey, KeyTable
+from gateway.errors import AuthenticationError
+
+PROTECTED = ("/v1/", "/v2/")
+
+
+def api_key(request: Request) -> ApiKey | None:
+    """The key the request was let in with (None: the gateway is open)."""
+    key: ApiKey | None = request.scope.get("state", {}).get("api_key")
+    return key
+
+
+class KeyGuard:
+    """``keys`` returns the key table now in force (it changes on redeploy)."""
+
+    def __init__(self, app: ASGIApp, keys: Any) -> None:
+        self._app = app
+        self._keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        table: KeyTable = self._keys()
+        if scope["type"] != "http" or not table:
+            await self._app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
+        if not path.startswith(PROTECTED):
+            await self._app(scope, receive, send)
+            return
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        try:
+            key = table.authenticate(header.decode("latin-1") if header is not None else None)
+        except AuthenticationError as error:
+            await _refuse(send, error)
+            return
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["api_key"] = key
+        record = state.get("record")
+        if record is not None:
+            record.key = key.id
+        await self._app(scope, receive, send)
+
+
+async def _refuse(send: Send, error: AuthenticationError) -> None:
+    body = json.dumps(error.to_dict()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,127 @@
+"""Admission of a limited API key's request: reserve, answer OpenAI's way, settle.
+
+A request of a key with ``rpm``, ``tpm`` or ``max_concurrent`` reserves one
+request and the most tokens it may use in the shared ledger before it is
+sent; over a limit it is answered 429 ``rate_limit_exceeded`` in OpenAI's
+words, with ``Retry-After`` and ``retry-after-ms``. Every answer to such a
+key carries OpenAI's ``x-ratelimit-*`` headers. When the request ends its
+reservation settles with the tokens the model reported (a request cut short
+before the model reported keeps what it reserved).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gateway.auth.keys import ApiKey
+from gateway.auth.ledger import Limits, Refusal, Usage
+from gateway.errors import RateLimitError, TokenRateLimitError
+from gateway.protocol.engine import Outcome
+
+_NAMES = {
+    "requests": "requests per min (RPM)",
+    "tokens": "tokens per min (TPM)",
+    "concurrent": "concurrent requests",
+}
+# A key at its concurrency limit has no known time to wait; clients are told this.
+CONCURRENT_RETRY_MS = 1000
+
+
+def limits_of(key: ApiKey) -> Limits:
+    return Limits(key.rpm, key.tpm, key.max_concurrent)
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's form of a reset time: ``12ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{math.ceil(seconds * 1000) / 1000:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def rate_headers(usage: Usage) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers for the limits the key has."""
+    headers: dict[str, str] = {}
+    if usage.limit_requests is not None:
+        headers["x-ratelimit-limit-requests"] = str(usage.limit_requests)
+        headers["x-ratelimit-remaining-requests"] = str(usage.remaining_requests)
+        headers["x-ratelimit-reset-requests"] = duration(usage.reset_requests_s)
+    if usage.limit_tokens is not None:
+        headers["x-ratelimit-limit-tokens"] = str(usage.limit_tokens)
+        headers["x-ratelimit-remaining-tokens"] = str(usage.remaining_tokens)
+        headers["x-ratelimit-reset-tokens"] = duration(usage.reset_tokens_s)
+    return headers
+
+
+def refused(refusal: Refusal, usage: Usage, key: ApiKey, model: str) -> RateLimitError:
+    """The 429 for ``refusal``, in OpenAI's words."""
+    name = _NAMES[refusal.limit]
+    cls = TokenRateLimitError if refusal.limit == "tokens" else RateLimitError
+    if refusal.limit == "tokens" and refusal.retry_after_s is None:
+        error = cls(
+            f"Request too large for {model} on API key {key.id} on {name}: Limit "
+            f"{refusal.value}, Requested {refusal.requested}. The input or output tokens "
+            "must be reduced in order to run successfully."
+        )
+    else:
+        if refusal.retry_after_s is None:
+            wait_ms, when = CONCURRENT_RETRY_MS, "once one of the key's requests has finished"
+        else:
+            wait_ms = max(1, math.ceil(refusal.retry_after_s * 1000))
+            when = f"in {duration(wait_ms / 1000)}"
+        error = cls(
+            f"Rate limit reached for {model} on API key {key.id} on {name}: Limit "
+            f"{refusal.value}, Used {refusal.used}, Requested {refusal.requested}. "
+            f"Please try again {when}.",
+            retry_after_ms=wait_ms,
+        )
+    error.extra_headers.update(rate_headers(usage))
+    return error
+
+
+class Admission:
+    """One admitted request; ``settle`` ends its reservation (once)."""
+
+    def __init__(self, limiter: Any, reservation: int, usage: Usage) -> None:
+        self._limiter = limiter
+        self._reservation: int | None = reservation
+        self.headers = rate_headers(usage)
+
+    def settle(self, outcome: Outcome | None) -> None:
+        """``outcome``: what the model reported (None: unknown, the reserved tokens stay)."""
+        if self._reservation is None:
+            return
+        reservation, self._reservation = self._reservation, None
+        used = None if outcome is None else outcome.prompt_tokens + outcome.completion_tokens
+        self._limiter.settle(reservation, used)
+
+
+async def admit(limiter: Any, key: ApiKey, tokens: int, model: str) -> Admission:
+    """Reserves one request of ``key`` using at most ``tokens``; raises
+    RateLimitError (429) over a limit, ServiceUnavailableError (503) when
+    the ledger cannot be reached."""
+    decision = await limiter.reserve(key.id, limits_of(key), tokens)
+    if decision.refusal is not None or decision.reservation is None:
+        assert decision.refusal is not None
+        raise refused(decision.refusal, decision.usage, key, model)
+    return Admission(limiter, decision.reservation, decision.usage)
+
+
+def embedding_tokens(body: dict[str, Any]) -> int:
+    """At most the tokens an embedding request's ``input`` holds: a WordPiece or
+    byte-level tokenizer makes no more tokens than characters (bytes), plus
+    two markers per input; token-id inputs are counted as they are."""
+    value = body.get("input")
+    items = value if isinstance(value, list) else [value]
+    if items and all(isinstance(i, int) for i in items):
+        return len(items)
+    total = 0
+    for item in items:
+        if isinstance(item, str):
+            total += len(item.encode()) + 2
+        elif isinstance(item, list):
+            total += len(item)
+    return total

@@ -1,0 +1,217 @@
+"""API keys and their limits, end to end: two ingress replicas, one shared ledger.
+
+The keys are deployed live onto the session's gateway (as `llm-gateway
+deploy` does) and removed again afterwards, so the other tests see the open
+gateway they expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.auth.keys import hash_secret, new_secret
+from tests.integration.conftest import ACCESS_LOG, TEST_CONFIG, VLLM_MODEL, Gateway
+
+CHAT = "/v1/chat/completions"
+WORDS = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens on the echo engine
+KEYS = ("full", "scoped", "rpm", "tpm", "cancel", "vllm", "revoked")
+
+
+@pytest.fixture(scope="module")
+def secrets(gateway: Gateway) -> Iterator[dict[str, str]]:
+    made = {name: new_secret() for name in KEYS}
+    entries: dict[str, dict[str, Any]] = {
+        "full": {},
+        "scoped": {"models": ["chat", "iris*"]},
+        "rpm": {"rpm": 40},
+        "tpm": {"tpm": 9 * 7},  # 9 requests of 4 + 3 tokens
+        "cancel": {"tpm": 100_000, "max_concurrent": 64},
+        "vllm": {"tpm": 2_000},
+        "revoked": {},
+    }
+    keyed = copy.deepcopy(TEST_CONFIG)
+    keyed["keys"] = [{"id": n, "hash": hash_secret(made[n]), **entries[n]} for n in KEYS]
+    gateway.redeploy(keyed)
+    try:
+        yield made
+    finally:
+        gateway.redeploy(TEST_CONFIG)
+
+
+class Leave(Exception):
+    """A client hanging up."""
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {secret}"}
+
+
+def chat(max_tokens: int = 3, **extra: Any) -> dict[str, Any]:
+    return {"model": "echo", "messages": WORDS, "max_tokens": max_tokens, **extra}
+
+
+def test_requests_without_a_valid_key_are_refused_and_probes_stay_open(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    with httpx.Client(base_url=gateway.base_url, timeout=30) as http:
+        for headers in ({}, bearer("sk-gw-wrong"), {"authorization": secrets["full"]}):
+            refused = http.post(CHAT, json=chat(), headers=headers)
+            assert refused.status_code == 401
+            error = refused.json()["error"]
+            assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+            assert secrets["full"] not in refused.text
+        assert http.get("/v1/models").status_code == 401
+        assert http.post("/v1/models/iris:predict", json={"instances": [[1, 2, 3, 4]]}).status_code == 401
+        assert http.get("/health").status_code == 200
+        assert http.get("/metrics").status_code == 200
+    sdk = openai.OpenAI(base_url=gateway.v1, api_key="sk-gw-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        sdk.chat.completions.create(model="echo", messages=WORDS, max_tokens=2)
+    good = openai.OpenAI(base_url=gateway.v1, api_key=secrets["full"], max_retries=0)
+    assert good.chat.completions.create(model="echo", messages=WORDS, max_tokens=2).choices
+
+
+def test_a_key_sees_and_reaches_only_its_models(gateway: Gateway, secrets: dict[str, str]) -> None:
+    sdk = openai.OpenAI(base_url=gateway.v1, api_key=secrets["scoped"], max_retries=0)
+    assert sorted(m.id for m in sdk.models.list().data) == ["chat", "iris", "iris-ab", "iris-tree"]
+    assert sdk.chat.completions.create(model="chat", messages=WORDS, max_tokens=2).model in ("echo", "echo-b")
+    with httpx.Client(base_url=gateway.base_url, timeout=30, headers=bearer(secrets["scoped"])) as http:
+        hidden = http.post(CHAT, json=chat())  # a variant of `chat`, named directly
+        missing = http.post(CHAT, json={**chat(), "model": "no-such-model"})
+        assert hidden.status_code == missing.status_code == 404
+        assert hidden.json()["error"] == {
+            **missing.json()["error"], "message": missing.json()["error"]["message"].replace("no-such-model", "echo")
+        }
+        assert http.get("/v1/models/echo").status_code == 404
+
+
+async def test_concurrent_requests_never_pass_the_request_limit(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secrets["rpm"])) as http:
+        answers = await asyncio.gather(*(http.post(CHAT, json=chat()) for _ in range(64)))
+    statuses = sorted(a.status_code for a in answers)
+    # Exactly the limit is admitted: no overshoot, and none under it refused.
+    assert statuses == [200] * 40 + [429] * 24
+    ok = next(a for a in answers if a.status_code == 200)
+    assert ok.headers["x-ratelimit-limit-requests"] == "40"
+    remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in answers if a.status_code == 200)
+    assert remaining == list(range(40))
+    refused = next(a for a in answers if a.status_code == 429)
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert "requests per min (RPM): Limit 40, Used 40, Requested 1" in error["message"]
+    assert "Please try again in " in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1 and int(refused.headers["retry-after-ms"]) > 0
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+async def test_concurrent_requests_never_pass_the_token_limit(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secrets["tpm"])) as http:
+        answers = await asyncio.gather(*(http.post(CHAT, json=chat(3)) for _ in range(64)))
+    admitted = [a.json()["usage"]["total_tokens"] for a in answers if a.status_code == 200]
+    assert admitted == [7] * 9  # 63 tokens: exactly what fits, nothing more
+    refused = next(a for a in answers if a.status_code == 429)
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded")
+    assert "tokens per min (TPM): Limit 63, Used 63, Requested 7" in error["message"]
+
+
+async def test_after_random_hang_ups_the_quota_is_exactly_what_was_used(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    rng = random.Random(11)
+    headers = bearer(secrets["cancel"])
+    used = 0
+
+    async def one(http: httpx.AsyncClient, i: int) -> None:
+        nonlocal used
+        body = chat(rng.randint(1, 40), stream=True, stream_options={"include_usage": True})
+        try:
+            async with http.stream("POST", CHAT, json=body) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if i % 2 and rng.random() < 0.5:
+                        raise Leave  # the client leaves mid-stream
+                    if line.startswith("data: {") and '"usage"' in line:
+                        usage = json.loads(line[6:]).get("usage")
+                        if usage:
+                            used += usage["total_tokens"]
+                            return
+        except Leave:
+            # The echo answers with the prompt's 4 words: its reservation is its exact use.
+            used += 4 + min(body["max_tokens"], 4)
+
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=headers) as http:
+        await asyncio.gather(*(one(http, i) for i in range(48)))
+        await asyncio.sleep(0.5)  # settlements are one-way messages
+        probe = await http.post(CHAT, json=chat(1))
+    assert probe.status_code == 200
+    # Nothing is left reserved: the remaining quota is the limit less what was used.
+    assert int(probe.headers["x-ratelimit-remaining-tokens"]) == 100_000 - used - 5
+
+
+async def test_vllm_token_limit_reserves_the_models_own_prompt_count(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0)
+    messages = [{"role": "user", "content": "Tell me something about the sea"}]
+    raw = await sdk.chat.completions.with_raw_response.create(model=VLLM_MODEL, messages=messages, max_tokens=5)
+    answer = raw.parse()
+    reserved = 2_000 - int(raw.headers["x-ratelimit-remaining-tokens"])
+    # The reservation was the prompt, as vLLM counts it, plus max_tokens.
+    assert reserved == answer.usage.prompt_tokens + 5
+    after = await sdk.chat.completions.with_raw_response.create(model=VLLM_MODEL, messages=messages, max_tokens=5)
+    settled = 2_000 - int(after.headers["x-ratelimit-remaining-tokens"]) - reserved
+    assert settled == answer.usage.total_tokens
+
+
+async def test_usage_is_labelled_with_the_key_id(gateway: Gateway, secrets: dict[str, str]) -> None:
+    with httpx.Client(base_url=gateway.base_url, timeout=30, headers=bearer(secrets["full"])) as http:
+        assert http.post(CHAT, json=chat(2)).status_code == 200
+        page = ""
+        for _ in range(40):  # replicas report to the hub every half second
+            page = http.get("/metrics").text
+            if 'key="full"' in page:
+                break
+            time.sleep(0.25)
+    assert any(line.startswith("llm_gateway_requests_total{") and 'key="full"' in line for line in page.splitlines())
+    assert any(line.startswith("llm_gateway_tokens_total{") and 'key="full"' in line for line in page.splitlines())
+    assert secrets["full"] not in page
+    for _ in range(40):
+        lines = [json.loads(line) for line in ACCESS_LOG.read_text().splitlines() if line.strip()]
+        if any(line.get("key") == "full" for line in lines):
+            break
+        time.sleep(0.25)
+    assert any(line.get("key") == "full" and line.get("status") == 200 for line in lines)
+    assert secrets["full"] not in ACCESS_LOG.read_text()
+
+
+def test_a_revoked_key_is_refused_on_every_replica_within_two_seconds(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    with httpx.Client(base_url=gateway.base_url, timeout=30, headers=bearer(secrets["revoked"])) as http:
+        assert http.post(CHAT, json=chat(1)).status_code == 200
+        revoked = copy.deepcopy(gateway.config)
+        revoked["keys"] = [k for k in revoked["keys"] if k["id"] != "revoked"]
+        gateway.redeploy(revoked)
+        deadline = time.monotonic() + 2
+        while True:
+            # Enough requests to reach both ingress replicas through the front door.
+            statuses = {http.post(CHAT, json=chat(1)).status_code for _ in range(8)}
+            if statuses == {401}:
+                break
+            assert time.monotonic() < deadline, f"still served: {statuses}"

@@ -1,0 +1,55 @@
+"""gateway/http/limits.py: OpenAI's words, headers and durations for limited keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.auth.keys import ApiKey
+from gateway.auth.ledger import Refusal, Usage
+from gateway.http.limits import duration, embedding_tokens, rate_headers, refused
+
+KEY = ApiKey(id="team-a", models=("*",), rpm=10, tpm=1000)
+USAGE = Usage(10, 0, 59.95, 1000, 120, 360.0)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.0, "0ms"), (0.0121, "13ms"), (1.5, "1.5s"), (59.9991, "60s"), (360, "6m0s"), (61.2, "1m2s")])
+def test_durations_read_as_openai_writes_them(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
+
+
+def test_headers_name_each_limit_the_key_has() -> None:
+    assert rate_headers(USAGE) == {
+        "x-ratelimit-limit-requests": "10",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "59.95s",
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "120",
+        "x-ratelimit-reset-tokens": "6m0s",
+    }
+    assert rate_headers(Usage(None, 0, 0, None, 0, 0)) == {}
+
+
+def test_a_refusal_says_which_limit_and_when_to_retry() -> None:
+    error = refused(Refusal("tokens", 1000, 880, 200, 0.6435), USAGE, KEY, "chat")
+    body = error.to_dict()["error"]
+    assert error.status_code == 429
+    assert (body["type"], body["code"]) == ("tokens", "rate_limit_exceeded")
+    assert body["message"] == (
+        "Rate limit reached for chat on API key team-a on tokens per min (TPM): "
+        "Limit 1000, Used 880, Requested 200. Please try again in 644ms."
+    )
+    headers = error.headers()
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("1", "644")
+    assert headers["x-ratelimit-remaining-tokens"] == "120"
+
+
+def test_a_request_that_can_never_fit_says_so_without_a_retry_time() -> None:
+    error = refused(Refusal("tokens", 1000, 0, 5000, None), USAGE, KEY, "chat")
+    assert "Request too large for chat" in error.message and "retry-after" not in error.headers()
+
+
+def test_embedding_bounds_count_every_input() -> None:
+    assert embedding_tokens({"input": "héllo"}) == 8  # 6 bytes + 2 markers
+    assert embedding_tokens({"input": ["a", "bb"]}) == 7
+    assert embedding_tokens({"input": [1, 2, 3]}) == 3
+    assert embedding_tokens({"input": [[1, 2], [3]]}) == 3
