@@ -1,0 +1,124 @@
+"""What API keys and their limits cost, on the echo model, in one gateway run.
+
+Starts ``llm-gateway serve`` with an echo model and no keys, then deploys
+keys live (``llm-gateway deploy``'s path) and back, alternating, so every
+variant is measured on the same running gateway, twice:
+
+- ``no keys``: the open gateway;
+- ``key``: a key without limits (the hash look-up alone);
+- ``key+rpm``: a key with ``rpm`` and ``max_concurrent`` (one reservation in
+  the shared ledger, one settlement);
+- ``key+tpm``: a key with a token limit too (the replica counts the prompt
+  before the reservation).
+
+Non-streaming chat, latency p50 at concurrency 1 and requests/s at 32, load
+generator on the same machine.
+
+    python -m benchmarks.keys
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks.streaming import cpu_model, stop, wait_ready
+from gateway.auth.keys import hash_secret, new_secret
+
+LIMIT = 10**9  # limits that never refuse: what is measured is their bookkeeping
+BODY = {"model": "echo", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 3}
+
+
+def config(keys: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "app_name": "bench-keys",
+        "models": [{"name": "echo", "engine": "echo", "num_cpus": 0.1}],
+        "keys": keys,
+    }
+
+
+def write(data: dict[str, Any]) -> Path:
+    path = Path(tempfile.mkstemp(suffix=".yaml")[1])
+    path.write_text(json.dumps(data))  # JSON is YAML
+    return path
+
+
+async def run(url: str, headers: dict[str, str], concurrency: int, requests: int) -> tuple[float, float]:
+    """(p50 latency ms, requests/s)."""
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as client:
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                started = time.perf_counter()
+                async with client.post(url, json=BODY) as response:
+                    response.raise_for_status()
+                    await response.read()
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(worker(5) for _ in range(concurrency)))  # warm-up
+        latencies.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return statistics.median(latencies) * 1000, len(latencies) / wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=600, help="per measurement at c=1")
+    args = parser.parse_args()
+
+    secrets = {name: new_secret() for name in ("key", "key+rpm", "key+tpm")}
+    limits = {"key": {}, "key+rpm": {"rpm": LIMIT, "max_concurrent": LIMIT},
+              "key+tpm": {"rpm": LIMIT, "tpm": LIMIT, "max_concurrent": LIMIT}}
+    keys = [{"id": name.replace("+", "-"), "hash": hash_secret(s), **limits[name]} for name, s in secrets.items()]
+    open_config, keyed_config = write(config([])), write(config(keys))
+    base = f"http://127.0.0.1:{args.port}"
+    log = Path(tempfile.mkstemp(suffix=".log")[1])
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(open_config),
+           "--host", "127.0.0.1", "--port", str(args.port)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    results: dict[str, list[tuple[float, float]]] = {}
+    try:
+        wait_ready(base + "/ready", proc)
+        url = base + "/v1/chat/completions"
+        for _ in range(args.rounds):
+            for name, path, headers in [("no keys", open_config, {})] + [
+                (name, keyed_config, {"authorization": f"Bearer {s}"}) for name, s in secrets.items()
+            ]:
+                if name in ("no keys", "key"):  # the config these variants need
+                    subprocess.run([sys.executable, "-m", "gateway.cli", "deploy", "--config", str(path)],
+                                   check=True, capture_output=True)
+                    time.sleep(2)
+                p50, _ = asyncio.run(run(url, headers, 1, args.requests))
+                _, rate = asyncio.run(run(url, headers, 32, args.requests * 6))
+                results.setdefault(name, []).append((p50, rate))
+                print(f"    {name:<8} c=1 p50 {p50:.3f} ms   c=32 {rate:.0f} req/s", flush=True)
+    finally:
+        stop(proc)
+    print(f"\nllm-gateway keys benchmark, {cpu_model()}, echo model, non-streaming chat")
+    base_p50 = statistics.median(p for p, _ in results["no keys"])
+    base_rate = statistics.median(r for _, r in results["no keys"])
+    for name, runs in results.items():
+        p50 = statistics.median(p for p, _ in runs)
+        rate = statistics.median(r for _, r in runs)
+        print(f"  {name:<8} c=1 p50 {p50:6.3f} ms ({p50 - base_p50:+.3f} ms)   "
+              f"c=32 {rate:6.0f} req/s ({rate / base_rate - 1:+.1%})")
+
+
+if __name__ == "__main__":
+    main()
