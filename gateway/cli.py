@@ -190,7 +190,9 @@ def serve_forever(
     """
     if address is None:
         # Read by Ray and Ray Serve at import and cluster start: set them first.
-        os.environ.update(config.runtime.environment())
+        from gateway.local_cluster import environment
+
+        os.environ.update(environment(config.runtime))
     import ray
     from ray import serve
 

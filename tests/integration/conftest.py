@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +21,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
+from gateway import local_cluster
+from gateway.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / ".models"
@@ -75,6 +79,13 @@ TEST_CONFIG: dict[str, Any] = {
     },
 }
 
+# The Ray runtime `llm-gateway serve` starts (HAProxy ingress, throughput
+# mode, a single-machine cluster on loopback). Ray reads these when it is
+# imported, in this process too, and test modules import Ray as they are
+# collected: so they are set here, when pytest loads this file, first.
+assert "ray" not in sys.modules, "Ray was imported before the test runtime was set"
+os.environ.update(local_cluster.environment(parse_config(TEST_CONFIG).runtime))
+
 
 @dataclass
 class Gateway:
@@ -125,14 +136,8 @@ def _free_port() -> int:
 def gateway() -> Iterator[Gateway]:
     if not (MODEL_DIR / "model.safetensors").is_file():
         pytest.fail(f"{MODEL_DIR} is missing: run `make models` (make test does it)")
-    from gateway.config import parse_config
-
-    # The same Ray runtime `llm-gateway serve` starts (HAProxy ingress,
-    # throughput mode), set before Ray is imported: it reads them at import.
-    os.environ.update(parse_config(TEST_CONFIG).runtime.environment())
     import ray
     from ray import serve
-
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()

