@@ -23,6 +23,7 @@ from gateway.errors import (
     ServiceUnavailableError,
 )
 from gateway.auth.limiter import LocalLimiter
+from gateway.auth.prompt_count import PromptCounter, counter_for, most_tokens
 from gateway.http.auth import api_key
 from gateway.http.gather import Gatherer
 from gateway.http.handlers import as_gateway_error
@@ -67,6 +68,26 @@ class _ModelHandles:
         self.unary = handle.options(method_name="generate")
         self.relay = ReplicaRelay(handle)
         self.gather: Gatherer[EngineRequest] | None = None
+        # How to count an LLM's prompts here (``gateway.auth.prompt_count``),
+        # learnt from one of its replicas when a token limit first needs it.
+        self.counter: PromptCounter | None = None
+        self.window: int | None = None
+        self._learning: asyncio.Task[None] | None = None
+
+    def learn_counter(self) -> None:
+        """Starts learning the model's tokenizer in the background (once)."""
+        if self._learning is None:
+            self._learning = asyncio.ensure_future(self._learn())
+
+    async def _learn(self) -> None:
+        try:
+            info = await self.source.options(method_name="info").remote()
+            self.window = info.max_model_len
+            # A large tokenizer takes a moment to build: not on the event loop.
+            self.counter = await asyncio.to_thread(counter_for, getattr(info, "tokenizer", None))
+        except Exception as exc:  # noqa: BLE001 - the replica keeps counting; try again later
+            logger.info("could not learn a model's tokenizer: %s", exc)
+            self._learning = None
 
     def gather_by(self, group: Gathering | None) -> None:
         """Sends unary calls in groups as ``group`` says (None: one by one)."""
@@ -176,8 +197,16 @@ class ModelDispatcher:
         LLMs, a bound from the input for embeddings, none for predictions."""
         kind = self._kinds.get(call.model, "llm")
         if kind == "llm":
-            try:
-                return await self._handles[call.model].relay.most_tokens(call)
+            handles = self._handles[call.model]
+            if handles.counter is None:
+                handles.learn_counter()
+            else:
+                counts = handles.counter.prompt_tokens(call.endpoint, call.body)
+                total = most_tokens(counts, call.body, handles.window) if counts is not None else None
+                if total is not None:
+                    return total
+            try:  # the model's replica counts what the ingress cannot
+                return await handles.relay.most_tokens(call)
             except Exception as exc:
                 raise self._error(exc) from None
         return embedding_tokens(call.body) if call.endpoint == "embedding" else 0

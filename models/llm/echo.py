@@ -79,7 +79,8 @@ class EchoEngine:
         return None
 
     def info(self) -> EngineInfo:
-        return EngineInfo(root=None, max_model_len=self._max_model_len)
+        # The echo counts whitespace-separated words (see _plan_chat).
+        return EngineInfo(root=None, max_model_len=self._max_model_len, tokenizer={"kind": "words"})
 
     def num_unfinished_requests(self) -> int:
         return self._in_flight

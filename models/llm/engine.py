@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
@@ -18,6 +18,9 @@ class EngineInfo:
 
     root: str | None
     max_model_len: int | None
+    # How the ingress may count prompt tokens as this engine does
+    # (``gateway.auth.prompt_count``); None: only the engine can.
+    tokenizer: dict[str, Any] | None = None
 
 
 class LLMEngine(Protocol):

@@ -60,6 +60,7 @@ class VLLMEngine:
         self._chat: Any = None
         self._completion: Any = None
         self._max_model_len: int | None = None
+        self._tokenizer_spec: dict[str, Any] | None = None
         # Per endpoint: vLLM's request schema, its serving call, the prompt's
         # param name for errors. Resolved once at start, not per request.
         self._endpoints: dict[str, tuple[Any, Any, str]] = {}
@@ -130,7 +131,15 @@ class VLLMEngine:
             )
 
     def info(self) -> EngineInfo:
-        return EngineInfo(root=self._config.model, max_model_len=self._max_model_len)
+        if self._tokenizer_spec is None and self._chat is not None:
+            try:
+                self._tokenizer_spec = _tokenizer_spec(self._chat, self._engine.model_config)
+            except Exception:  # noqa: BLE001 - the ingress then asks this replica to count
+                logger.warning("%s: no tokenizer description for the ingress", self._config.name, exc_info=True)
+                self._tokenizer_spec = {}
+        return EngineInfo(
+            root=self._config.model, max_model_len=self._max_model_len, tokenizer=self._tokenizer_spec or None
+        )
 
     def num_unfinished_requests(self) -> int:
         return int(self._engine.get_num_unfinished_requests())
@@ -219,6 +228,37 @@ class VLLMEngine:
                 continue
             attr = "render_chat_request" if param == "messages" else "render_completion_request"
             setattr(serving, attr, _guarded(getattr(serving, attr), serving, limit, param))
+
+
+def _tokenizer_spec(serving: Any, model_config: Any) -> dict[str, Any] | None:
+    """How the ingress counts prompts as this engine does (``gateway.auth.prompt_count``):
+    the tokenizer's ``tokenizer.json``, the chat templates vLLM resolves for
+    requests with and without tools, the content formats it detects for them,
+    and the special tokens transformers hands to the template."""
+    from vllm.renderers.hf import resolve_chat_template, resolve_chat_template_content_format
+
+    tokenizer = serving.renderer.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None  # not a fast (tokenizers) tokenizer
+    given = getattr(serving, "chat_template", None)
+    option: Any = getattr(serving, "chat_template_content_format", "auto")
+    templates: dict[str, str | None] = {}
+    formats: dict[str, Any] = {}
+    for key, tools in (("plain", None), ("tools", [])):
+        templates[key] = resolve_chat_template(tokenizer, given, tools, model_config=model_config)
+        formats[key] = resolve_chat_template_content_format(
+            given, tools, option, tokenizer, model_config=model_config
+        )
+    renderer = getattr(serving, "online_renderer", None)
+    formats["exclude_none"] = bool(getattr(renderer, "exclude_tools_when_tool_choice_none", False))
+    return {
+        "kind": "hf",
+        "tokenizer": backend.to_str(),
+        "chat_templates": templates,
+        "content_formats": formats,
+        "special_tokens": dict(tokenizer.special_tokens_map),
+    }
 
 
 def _guarded(

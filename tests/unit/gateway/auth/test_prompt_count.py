@@ -1,0 +1,60 @@
+"""gateway/auth/prompt_count.py: counts as the engines count, budgets as vLLM reserves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.auth.prompt_count import WordCounter, _tool, counter_for, most_tokens
+from gateway.config import ModelConfig
+from gateway.protocol.engine import EngineRequest
+from models.llm.echo import EchoEngine
+
+BODIES: list[tuple[str, dict[str, Any]]] = [
+    ("chat", {"messages": [{"role": "user", "content": "one two  three"}]}),
+    ("chat", {"messages": [{"role": "system", "content": "be  brief"}, {"role": "user", "content": [
+        {"type": "text", "text": "a b"}, {"type": "text", "text": " c"}]}]}),
+    ("completion", {"prompt": "x y z"}),
+    ("completion", {"prompt": ["x y", "z"]}),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body"), BODIES)
+async def test_the_word_counter_counts_as_the_echo_engine(endpoint: str, body: dict[str, Any]) -> None:
+    engine = EchoEngine(ModelConfig.model_validate({"name": "echo", "engine": "echo"}))
+    request = {"model": "echo", "max_tokens": 2, **body}
+    counted = WordCounter().prompt_tokens(endpoint, request)
+    assert counted is not None
+    plan = engine._plan(EngineRequest(endpoint, request, "r"))  # type: ignore[arg-type]
+    assert sum(counted) == plan.prompt_tokens
+    assert counter_for(engine.info().tokenizer) is not None
+
+
+def test_budgets_are_per_choice_and_per_prompt() -> None:
+    assert most_tokens([10], {"max_tokens": 5}, 100) == 15
+    assert most_tokens([10], {"max_tokens": 5, "n": 3}, 100) == 25
+    assert most_tokens([10, 20], {"max_completion_tokens": 4, "max_tokens": 9}, 100) == 38
+    assert most_tokens([10], {}, 100) == 100  # the rest of the window
+    assert most_tokens([10], {}, None) is None
+    assert most_tokens([10], {"n": "2"}, 100) is None
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"type": "function", "function": {"name": "f"}},
+        {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "f", "strict": True}},
+        {"type": "function", "function": {"name": "f", "strict": False, "parameters": {}}},
+    ],
+)
+def test_tools_reach_the_template_as_vllm_dumps_them(tool: dict[str, Any]) -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+
+    assert _tool(tool) == ChatCompletionToolsParam.model_validate(tool).model_dump()
+
+
+def test_deferred_tools_are_left_to_the_replica() -> None:
+    with pytest.raises(ValueError):
+        _tool({"type": "function", "function": {"name": "f"}, "defer_loading": True})
