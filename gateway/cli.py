@@ -124,6 +124,9 @@ def build_model(out: Path, *, force: bool) -> int:
 def show_status(app: str, address: str, *, as_json: bool) -> int:
     import json
 
+    from gateway.local_cluster import joining
+
+    os.environ.update(joining(address))  # before Ray is imported
     import ray
 
     from gateway import status
@@ -143,6 +146,9 @@ def redeploy(config: GatewayConfig, address: str) -> int:
     request in flight fails. Run it from the directory the gateway was started in (relative model
     paths resolve against it).
     """
+    from gateway.local_cluster import joining
+
+    os.environ.update(joining(address))  # before Ray is imported
     import ray
 
     from gateway.deploy import deploy

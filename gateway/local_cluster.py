@@ -74,6 +74,40 @@ def environment(runtime: RuntimeConfig) -> dict[str, str]:
     return env
 
 
+def joining(address: str) -> dict[str, str]:
+    """Variables to set before Ray is imported by a command that connects to
+    the cluster at ``address`` (``auto``: the one last started here). A
+    cluster that listens on loopback only must be joined as one too: Ray
+    would otherwise look for this machine's services on its network address."""
+    hosts = [address]
+    if address == "auto":
+        current = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray", "ray_current_cluster")
+        if os.environ.get("RAY_ADDRESS"):
+            hosts = [os.environ["RAY_ADDRESS"]]
+        elif current.is_file():
+            hosts = [current.read_text().strip()]
+        else:  # as Ray finds it: the GCS address its raylets here were started with
+            hosts = _raylet_gcs_addresses()
+    names = {h.removeprefix("ray://").rsplit(":", 1)[0].strip("[]") for h in hosts}
+    loopback = bool(names) and names <= {"127.0.0.1", "localhost"}
+    return dict(SINGLE_MACHINE) if loopback else {}
+
+
+def _raylet_gcs_addresses(proc: Path = Path("/proc")) -> list[str]:
+    found = []
+    for cmdline in proc.glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not args or not args[0].endswith(b"/raylet"):
+            continue
+        for arg in args:
+            if arg.startswith(b"--gcs-address="):
+                found.append(arg.split(b"=", 1)[1].decode(errors="replace"))
+    return found
+
+
 REPLICA_MODULE = "ray.serve._private.replica"
 ALL_INTERFACES = "[::]:0"
 

@@ -184,12 +184,20 @@ class ModelDispatcher:
             response = await self._forward(
                 endpoint, body, name, in_body, route, request, record, stream, admission
             )
+        except asyncio.CancelledError:
+            # The client left: a whole answer's call settles on its own (with
+            # what the replica generated); a stream not yet started keeps its
+            # reservation.
+            if admission is not None and stream:
+                admission.settle(None)
+            raise
         except BaseException:
             if admission is not None:
                 admission.settle(None if stream else Outcome())
             raise
-        if admission is not None and not stream:
-            admission.settle(record.outcome)  # None (the client left): the reserved tokens stay
+        if admission is not None and not stream and record.outcome is not None:
+            admission.settle(record.outcome)
+        # Otherwise the stream's end, or an abandoned call's replica, settles it.
         return response
 
     async def _most_tokens(self, call: EngineRequest) -> int:
@@ -236,7 +244,7 @@ class ModelDispatcher:
             record.variant = target
             try:
                 if not stream:
-                    return await self._unary(self._handles[target], call, request, headers, record)
+                    return await self._unary(self._handles[target], call, request, headers, record, admission)
                 return await self._stream(self._handles[target], call, headers, record, admission)
             except GatewayError as error:
                 error.extra_headers.update(headers)
@@ -287,12 +295,17 @@ class ModelDispatcher:
         request: Request,
         headers: dict[str, str],
         record: RequestRecord,
+        admission: Admission | None = None,
     ) -> Response:
         waited = time.perf_counter()
+        # Who settles the key's reservation if the client leaves: the relay,
+        # once the replica says what was generated; else at once, keeping it.
+        abandoned = admission.settle if admission is not None else None
         if handles.gather is not None:
             response = answer = handles.gather.submit(call)
         elif self._kinds.get(call.model, "llm") == "llm":
-            response = answer = asyncio.ensure_future(handles.relay.call(call))
+            response = answer = asyncio.ensure_future(handles.relay.call(call, abandoned))
+            abandoned = None
         else:
             response = handles.unary.remote(call)
             answer = asyncio.ensure_future(_result(response))
@@ -311,6 +324,8 @@ class ModelDispatcher:
                 left = True
                 response.cancel()
                 answer.cancel()
+                if abandoned is not None:
+                    abandoned(None)
         if left:
             return Response(status_code=499)
         try:
@@ -337,12 +352,9 @@ class ModelDispatcher:
         finally:
             record.model_wait_s += time.perf_counter() - waited
 
-        def closed() -> None:
-            stream.close()
-            if admission is not None:
-                admission.settle(stream.outcome)
-
-        return RelayResponse(self._relay(stream, record), headers, closed=closed)
+        if admission is not None:
+            stream.when_ended(admission.settle)  # also a stream the client left
+        return RelayResponse(self._relay(stream, record), headers, closed=stream.close)
 
     def _answered(self, record: RequestRecord, outcome: Outcome) -> None:
         record.outcome = outcome

@@ -45,8 +45,56 @@ class StreamCutError(ConnectionError):
     """The replica's stream ended without its end mark: the replica failed mid-stream."""
 
 
+# How long an abandoned request's replica gets to report what it generated.
+ABANDONED_OUTCOME_S = 5.0
+_background: set[asyncio.Task[None]] = set()
+
+
+def _in_background(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)  # keep a reference until it is done
+    task.add_done_callback(_background.discard)
+
+
+async def _outcome_after(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, then: Callable[[Outcome | None], None]
+) -> None:
+    """Reads what is left of an abandoned request's answer, up to its outcome;
+    ``then`` gets it (None: the replica did not say in time)."""
+    outcome = None
+    try:
+        data = await asyncio.wait_for(reader.read(), ABANDONED_OUTCOME_S)
+        end = data.find(relay.END)
+        if end >= 0:
+            outcome = relay.decode_outcome(data[end + 1 :])
+    except (OSError, asyncio.TimeoutError, ValueError):
+        pass
+    finally:
+        writer.close()
+        then(outcome)
+
+
+def _abandon(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, then: Callable[[Outcome | None], None]
+) -> None:
+    """Tells the replica the caller left (half-closing the connection: the
+    engine request is aborted) and hands ``then`` what it generated."""
+    try:
+        writer.write_eof()
+    except OSError:
+        writer.close()
+        then(None)
+        return
+    _in_background(_outcome_after(reader, writer, then))
+
+
 class RelayedStream:
-    """One stream being relayed; ``chunks()`` once, then ``outcome`` is set."""
+    """One stream being relayed; ``chunks()`` once, then ``outcome`` is set.
+
+    ``ended`` (set with ``when_ended``) gets the stream's outcome once it is
+    over: the outcome that followed its last byte, or, for a stream closed
+    before its end (the client left), what the replica generated until it
+    stopped; None when that cannot be known (the replica broke off)."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, done: Callable[[], None]
@@ -54,6 +102,11 @@ class RelayedStream:
         self._reader, self._writer, self._done = reader, writer, done
         self.outcome: Outcome | None = None
         self._closed = False
+        self._cut = False
+        self._ended: Callable[[Outcome | None], None] | None = None
+
+    def when_ended(self, ended: Callable[[Outcome | None], None]) -> None:
+        self._ended = ended
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Yields the stream's bytes as they arrive; raises ``StreamCutError``
@@ -70,20 +123,30 @@ class RelayedStream:
                     yield data[:end]
                 self.outcome = relay.decode_outcome(data[end + 1 :] + await reader.read())
                 return
+            self._cut = True
             raise StreamCutError("the replica closed the stream before its end")
         except OSError as exc:
+            self._cut = True
             raise StreamCutError(str(exc)) from exc
         finally:
             self.close()
 
     def close(self) -> None:
-        """Closes the connection. Never awaits: it runs where the client's
-        hang-up cancels every await."""
+        """Closes the connection, which aborts the engine request if the stream
+        had not ended. Never awaits: it runs where the client's hang-up
+        cancels every await."""
         if self._closed:
             return
         self._closed = True
-        self._writer.close()
         self._done()
+        ended, self._ended = self._ended, None
+        if ended is not None and self.outcome is None and not self._cut:
+            # Left early: half-close, so the replica still says what it generated.
+            _abandon(self._reader, self._writer, ended)
+            return
+        self._writer.close()
+        if ended is not None:
+            ended(self.outcome)
 
 
 class ReplicaRelay:
@@ -116,21 +179,30 @@ class ReplicaRelay:
                 self._forget(address)  # that replica is gone
         raise ServiceUnavailableError(_UNAVAILABLE)
 
-    async def call(self, call: EngineRequest) -> Reply:
+    async def call(
+        self, call: EngineRequest, abandoned: Callable[[Outcome | None], None] | None = None
+    ) -> Reply:
         """A non-streaming answer: the body and its outcome.
 
-        Raises as ``open`` does. Cancelling it closes the connection, which
-        aborts the engine request.
+        Raises as ``open`` does. Cancelling it aborts the engine request;
+        ``abandoned`` then gets what the request generated (None: unknown).
         """
         for _ in range(ATTEMPTS):
             address = await self._pick()
             self._open[address] = self._open.get(address, 0) + 1
             try:
-                reader, writer = await _request(call, address)
+                reader, writer = await _request(call, address, abandoned=abandoned)
+                handed_off = False
                 try:
                     data = await reader.read()  # the replica closes after the outcome
+                except asyncio.CancelledError:
+                    if abandoned is not None:
+                        _abandon(reader, writer, abandoned)  # it closes the connection
+                        handed_off = True
+                    raise
                 finally:
-                    writer.close()
+                    if not handed_off:
+                        writer.close()
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._forget(address)  # that replica is gone: another may answer
                 continue
@@ -223,14 +295,18 @@ class ReplicaRelay:
 
 
 async def _request(
-    call: EngineRequest, address: relay.RelayAddress, op: str | None = None
+    call: EngineRequest,
+    address: relay.RelayAddress,
+    op: str | None = None,
+    abandoned: Callable[[Outcome | None], None] | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Sends ``call`` to the replica at ``address`` and reads the response head.
 
     Returns the connection, the body still to read, when the answer starts
     (200); raises the replica's ``GatewayError`` otherwise, and OSError (or
     an incomplete read) when the replica cannot be reached. The connection is
-    closed whenever this raises.
+    closed whenever this raises; when the caller is cancelled while the
+    replica works, ``abandoned`` (if given) gets what it generated.
     """
     reader, writer = await asyncio.open_connection(address.host, address.port)
     try:
@@ -238,6 +314,12 @@ async def _request(
         status, length = relay.status_of(await reader.readuntil(b"\r\n\r\n"))
         if status != 200:
             raise GatewayError.from_wire(json.loads(await reader.readexactly(length or 0)))
+    except asyncio.CancelledError:
+        if abandoned is None:
+            writer.close()
+        else:
+            _abandon(reader, writer, abandoned)
+        raise
     except BaseException:
         writer.close()
         raise

@@ -24,6 +24,7 @@ from gateway import sse
 from gateway.errors import GatewayError, InternalServerError, InvalidRequestError, OverloadedError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
+from models.llm.tally import GenerationTally
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ logger = logging.getLogger(__name__)
 # Raises GatewayError for errors known before the first frame.
 StreamOpener = Callable[[EngineRequest], Awaitable[tuple[AsyncIterator[bytes], Callable[[], Outcome]]]]
 
-# Answers a non-streaming request; raises GatewayError as handle calls do.
-Answerer = Callable[[EngineRequest], Coroutine[Any, Any, Reply]]
+# Answers a non-streaming request, counting into the tally it is given;
+# raises GatewayError as handle calls do.
+Answerer = Callable[[EngineRequest, GenerationTally], Coroutine[Any, Any, Reply]]
 
 # Counts a request's most tokens (``relay.COUNT``); raises GatewayError.
 Counter = Callable[[EngineRequest], Awaitable[int]]
@@ -166,8 +168,10 @@ class StreamServer:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
-        if pump.cancelled() or pump.result() is False:
-            return
+        if not pump.cancelled() and pump.result() is False:
+            return  # the connection broke: nobody is left to tell
+        # Also after a hang-up: an ingress that only half-closed its side still
+        # reads what the aborted request generated (what its key is charged).
         writer.write(relay.END + relay.encode_outcome(outcome()))
         await writer.drain()
 
@@ -176,8 +180,10 @@ async def _answer_whole(
     answer: Answerer, request: EngineRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     """A non-streaming request: the body, then ``END`` and the outcome; a connection
-    that closes first cancels the work (and so aborts the engine request)."""
-    work = asyncio.create_task(answer(request))
+    that closes first cancels the work (and so aborts the engine request), and
+    gets ``END`` and what was generated until then, if it still reads."""
+    tally = GenerationTally()
+    work = asyncio.create_task(answer(request, tally))
     hang_up = asyncio.create_task(reader.read(1))
     try:
         await asyncio.wait({work, hang_up}, return_when=asyncio.FIRST_COMPLETED)
@@ -187,6 +193,8 @@ async def _answer_whole(
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
     if work.cancelled():
+        writer.write(relay.END + relay.encode_outcome(tally.outcome()))
+        await writer.drain()
         return
     try:
         reply = work.result()

@@ -75,9 +75,10 @@ class LLMServer:
         self._reporter = _engine_metrics_reporter(self._engine, hub_app)
         logger.info("%s ready (streams on %s:%d)", config.name, *self._relay_address[:2])
 
-    async def generate(self, request: EngineRequest) -> Reply:
+    async def generate(self, request: EngineRequest, tally: GenerationTally | None = None) -> Reply:
+        """A whole answer; counts into ``tally`` when given (what a cancelled one generated)."""
         self._requests += 1
-        tally = GenerationTally()
+        tally = tally if tally is not None else GenerationTally()
         result = await self._engine.generate(request, tally)
         if not isinstance(result, bytes):
             raise TypeError("engine returned a stream for a non-streaming request")

@@ -24,7 +24,7 @@ from tests.integration.conftest import ACCESS_LOG, TEST_CONFIG, VLLM_MODEL, Gate
 
 CHAT = "/v1/chat/completions"
 WORDS = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens on the echo engine
-KEYS = ("full", "scoped", "rpm", "tpm", "cancel", "vllm", "revoked")
+KEYS = ("full", "scoped", "rpm", "tpm", "cancel", "vllm", "vllm-left", "revoked")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def secrets(gateway: Gateway) -> Iterator[dict[str, str]]:
         "tpm": {"tpm": 9 * 7},  # 9 requests of 4 + 3 tokens
         "cancel": {"tpm": 100_000, "max_concurrent": 64},
         "vllm": {"tpm": 2_000},
+        "vllm-left": {"tpm": 10_000},
         "revoked": {},
     }
     keyed = copy.deepcopy(TEST_CONFIG)
@@ -177,6 +178,30 @@ async def test_vllm_token_limit_reserves_the_models_own_prompt_count(
     after = await sdk.chat.completions.with_raw_response.create(model=VLLM_MODEL, messages=messages, max_tokens=5)
     settled = 2_000 - int(after.headers["x-ratelimit-remaining-tokens"]) - reserved
     assert settled == answer.usage.total_tokens
+
+
+async def test_a_stream_left_early_is_charged_what_was_generated(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    messages = [{"role": "user", "content": "Tell me a long story about the sea"}]
+    probe = {"model": VLLM_MODEL, "messages": messages, "max_tokens": 1}
+    long = {**probe, "max_tokens": 450, "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secrets["vllm-left"])) as http:
+        first = await http.post(CHAT, json=probe)
+        usage = first.json()["usage"]
+        seen = 0
+        async with http.stream("POST", CHAT, json=long) as response:
+            async for line in response.aiter_lines():
+                seen += line.startswith("data: {")
+                if seen == 4:
+                    break  # the client leaves with 450 tokens reserved
+        await asyncio.sleep(1)  # the replica reports what it generated until it stopped
+        last = await http.post(CHAT, json=probe)
+    prompt = usage["prompt_tokens"]
+    spent = int(first.headers["x-ratelimit-remaining-tokens"]) - int(last.headers["x-ratelimit-remaining-tokens"])
+    generated = spent - usage["total_tokens"] - prompt  # the stream's charge, less its prompt
+    # Charged what the engine generated before it was stopped: not the 450 reserved.
+    assert 3 <= generated < 450
 
 
 async def test_usage_is_labelled_with_the_key_id(gateway: Gateway, secrets: dict[str, str]) -> None:

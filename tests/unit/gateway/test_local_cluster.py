@@ -66,3 +66,34 @@ def test_replica_grpc_is_bound_to_loopback_only_in_a_single_machine_replica(monk
     fake.add_port_to_grpc_server(None, "[::]:0")
     fake.add_port_to_grpc_server(None, "10.0.0.1:5")
     assert calls == ["127.0.0.1:0", "10.0.0.1:5"]
+
+
+@pytest.mark.parametrize(
+    ("address", "current", "single"),
+    [
+        ("auto", "127.0.0.1:6379", True),
+        ("auto", "10.0.0.7:6379", False),
+        ("auto", None, False),
+        ("127.0.0.1:6379", None, True),
+        ("ray://localhost:10001", None, True),
+        ("10.1.2.3:6379", "127.0.0.1:1", False),
+    ],
+)
+def test_commands_join_a_loopback_cluster_as_one(
+    address: str, current: str | None, single: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_cluster.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setattr(local_cluster, "_raylet_gcs_addresses", lambda: [])  # none running here
+    if current is not None:
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(current)
+    assert (local_cluster.joining(address) == local_cluster.SINGLE_MACHINE) is single
+
+
+def test_a_running_local_clusters_raylet_says_where_its_gcs_is(tmp_path: Path) -> None:
+    for pid, args in ((10, [b"/x/ray/raylet", b"--gcs-address=127.0.0.1:43547"]), (11, [b"python", b"--gcs-address=10.0.0.1:1"])):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(args))
+    assert local_cluster._raylet_gcs_addresses(tmp_path) == ["127.0.0.1:43547"]

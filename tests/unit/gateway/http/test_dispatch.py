@@ -59,7 +59,7 @@ class FakeReplica:
         self.server = StreamServer(self.open_stream, "127.0.0.1", answer=self.answer)
         self.address: RelayAddress | None = None
 
-    async def answer(self, request: EngineRequest) -> Reply:
+    async def answer(self, request: EngineRequest, tally: Any = None) -> Reply:
         """A whole answer, as ``unary`` scripts it (bytes, a Reply or an error) after ``delay``;
         a cancelled one (the client left) is marked so."""
         h = self._handle

@@ -275,7 +275,7 @@ async def test_under_uvicorn_a_hang_up_closes_the_body_at_once() -> None:
 
 
 async def whole(reply: Reply | BaseException, started: asyncio.Event, cancelled: asyncio.Event) -> Any:
-    async def answer(request: EngineRequest) -> Reply:
+    async def answer(request: EngineRequest, tally: Any = None) -> Reply:
         started.set()
         try:
             await asyncio.sleep(0.01 if not isinstance(reply, BaseException) else 0)
@@ -337,3 +337,57 @@ async def test_first_requests_share_one_look_up_of_the_replicas() -> None:
     assert router.samples <= 1 + 12
     for stream in streams:
         assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+
+
+async def test_an_abandoned_whole_answer_reports_what_was_generated() -> None:
+    started = asyncio.Event()
+
+    async def answer(request: EngineRequest, tally: Any) -> Reply:
+        tally.prompt_tokens, tally.completion_tokens = 5, 7  # generated before the client left
+        started.set()
+        await asyncio.sleep(30)
+        raise AssertionError("not cancelled")
+
+    async def no_streams(request: EngineRequest) -> Any:
+        raise AssertionError("a whole answer was asked for")
+
+    address = await StreamServer(no_streams, "127.0.0.1", answer=answer).start()
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(
+        ReplicaRelay(Router(address)).call(EngineRequest("chat", {}, "r", "m"), reported.set_result)
+    )
+    await asyncio.wait_for(started.wait(), timeout=2)
+    call.cancel()
+    outcome = await asyncio.wait_for(reported, timeout=3)
+    assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (5, 7)
+
+
+async def test_an_abandoned_stream_reports_what_was_generated() -> None:
+    aborted = asyncio.Event()
+
+    async def opener(request: EngineRequest) -> Any:
+        generated = Outcome(prompt_tokens=4, completion_tokens=0)
+
+        async def stream() -> AsyncIterator[bytes]:
+            nonlocal generated
+            try:
+                for n in range(1, 1000):
+                    generated = Outcome(prompt_tokens=4, completion_tokens=n)
+                    yield sse.frame({"n": n})
+                    await asyncio.sleep(0.01)
+            finally:
+                aborted.set()
+
+        return stream(), lambda: generated
+
+    address = await serve(opener)
+    stream = await ReplicaRelay(Router(address)).open(EngineRequest("chat", {"stream": True}, "r", "m"))
+    chunks = stream.chunks()
+    await anext(chunks)
+    await asyncio.sleep(0.05)
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    stream.when_ended(reported.set_result)
+    await chunks.aclose()  # the client leaves
+    outcome = await asyncio.wait_for(reported, timeout=3)
+    await asyncio.wait_for(aborted.wait(), timeout=2)  # the engine's stream was closed
+    assert outcome is not None and outcome.prompt_tokens == 4 and 1 <= outcome.completion_tokens < 999
