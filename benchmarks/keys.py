@@ -30,13 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 
-from benchmarks.streaming import cpu_model, stop, wait_ready
+from benchmarks.streaming import cpu_model, echo_overhead, stop, wait_ready
 from gateway.auth.keys import hash_secret, new_secret
 
 LIMIT = 10**9  # limits that never refuse: what is measured is their bookkeeping
-BODY = {"model": "echo", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 3}
 
 
 def config(keys: list[dict[str, Any]]) -> dict[str, Any]:
@@ -51,28 +49,6 @@ def write(data: dict[str, Any]) -> Path:
     path = Path(tempfile.mkstemp(suffix=".yaml")[1])
     path.write_text(json.dumps(data))  # JSON is YAML
     return path
-
-
-async def run(url: str, headers: dict[str, str], concurrency: int, requests: int) -> tuple[float, float]:
-    """(p50 latency ms, requests/s)."""
-    latencies: list[float] = []
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as client:
-
-        async def worker(count: int) -> None:
-            for _ in range(count):
-                started = time.perf_counter()
-                async with client.post(url, json=BODY) as response:
-                    response.raise_for_status()
-                    await response.read()
-                latencies.append(time.perf_counter() - started)
-
-        await asyncio.gather(*(worker(5) for _ in range(concurrency)))  # warm-up
-        latencies.clear()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    return statistics.median(latencies) * 1000, len(latencies) / wall
 
 
 def main() -> None:
@@ -95,7 +71,6 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {}
     try:
         wait_ready(base + "/ready", proc)
-        url = base + "/v1/chat/completions"
         for _ in range(args.rounds):
             for name, path, headers in [("no keys", open_config, {})] + [
                 (name, keyed_config, {"authorization": f"Bearer {s}"}) for name, s in secrets.items()
@@ -104,8 +79,8 @@ def main() -> None:
                     subprocess.run([sys.executable, "-m", "gateway.cli", "deploy", "--config", str(path)],
                                    check=True, capture_output=True)
                     time.sleep(2)
-                p50, _ = asyncio.run(run(url, headers, 1, args.requests))
-                _, rate = asyncio.run(run(url, headers, 32, args.requests * 6))
+                p50, _ = asyncio.run(echo_overhead(base, 1, args.requests, headers))
+                _, rate = asyncio.run(echo_overhead(base, 32, args.requests * 6, headers))
                 results.setdefault(name, []).append((p50, rate))
                 print(f"    {name:<8} c=1 p50 {p50:.3f} ms   c=32 {rate:.0f} req/s", flush=True)
     finally:

@@ -119,11 +119,13 @@ async def one_stream(client: aiohttp.ClientSession, url: str, max_tokens: int, i
     return Sample(ttft_s=arrivals[0] - started, gaps_s=gaps, tokens=len(arrivals))
 
 
-def _session(concurrency: int) -> aiohttp.ClientSession:
+def _session(concurrency: int, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
     # aiohttp, not httpx: httpx's pool, not the server, limits load at high
     # concurrency on this machine (see benchmarks/classical.py).
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), connector=connector)
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=120), connector=connector, headers=headers
+    )
 
 
 async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) -> Figures:
@@ -174,12 +176,14 @@ def vllm_bench(base_url: str, concurrency: int, requests: int, args: argparse.Na
     )
 
 
-async def echo_overhead(base_url: str, concurrency: int, requests: int) -> tuple[float, float]:
+async def echo_overhead(
+    base_url: str, concurrency: int, requests: int, headers: dict[str, str] | None = None
+) -> tuple[float, float]:
     """Non-streaming chat to the echo model: (p50 latency ms, requests/s)."""
     url = base_url + "/v1/chat/completions"
     body = {"model": "echo", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 3}
     latencies: list[float] = []
-    async with _session(concurrency) as client:
+    async with _session(concurrency, headers) as client:
 
         async def one() -> None:
             started = time.perf_counter()

@@ -22,10 +22,11 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from gateway.auth.ledger import Decision, Ledger, Limits, Refusal, Usage
 from gateway.errors import ServiceUnavailableError
+from gateway.protocol.relay import RelayAddress
 
 logger = logging.getLogger(__name__)
 
@@ -36,20 +37,12 @@ REPLY_TIMEOUT_S = 2.0
 UNAVAILABLE = "Rate limits cannot be checked right now; please retry shortly."
 
 
-class LimiterAddress(NamedTuple):
-    host: str
-    port: int
-    token: str
+class LimiterAddress(RelayAddress):
+    """Where the ledger listens, and the token it asks for."""
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, Any]) -> LimiterAddress | None:
-        entry = metadata.get(METADATA_KEY)
-        if not isinstance(entry, dict):
-            return None
-        return cls(str(entry["host"]), int(entry["port"]), str(entry["token"]))
-
-    def metadata(self) -> dict[str, Any]:
-        return {METADATA_KEY: self._asdict()}
+    def metadata_key(cls) -> str:
+        return METADATA_KEY
 
 
 def _limits(data: list[int | None]) -> Limits:

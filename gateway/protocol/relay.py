@@ -36,6 +36,8 @@ import json
 from dataclasses import asdict
 from typing import Any, NamedTuple
 
+from typing_extensions import Self
+
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome
 
 END = b"\x00"
@@ -50,22 +52,27 @@ ENDPOINTS: frozenset[str] = frozenset({"chat", "completion"})
 
 
 class RelayAddress(NamedTuple):
-    """Where a replica takes relayed streams, and the token it asks for."""
+    """Where a replica takes relayed streams, and the token it asks for.
+    (Subclasses name other token-guarded ports under another ``metadata_key``.)"""
 
     host: str
     port: int
     token: str
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, Any]) -> RelayAddress | None:
+    def metadata_key(cls) -> str:
+        return METADATA_KEY
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> Self | None:
         """The address in a replica's Serve metadata; None for replicas without one."""
-        entry = metadata.get(METADATA_KEY)
+        entry = metadata.get(cls.metadata_key())
         if not isinstance(entry, dict):
             return None
         return cls(str(entry["host"]), int(entry["port"]), str(entry["token"]))
 
     def metadata(self) -> dict[str, Any]:
-        return {METADATA_KEY: self._asdict()}
+        return {self.metadata_key(): self._asdict()}
 
 
 def encode_request(call: EngineRequest, token: str, op: str | None = None) -> bytes:

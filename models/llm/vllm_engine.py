@@ -160,52 +160,52 @@ class VLLMEngine:
     async def generate(
         self, request: EngineRequest, tally: GenerationTally
     ) -> bytes | AsyncIterator[bytes]:
+        token = _TALLY.set(tally)
+        try:
+            _, result = await self._served(request, lambda parsed, create: create(parsed, None))
+        finally:
+            _TALLY.reset(token)
+        if hasattr(result, "model_dump_json"):
+            return result.model_dump_json().encode()
+        return _frames(result)
+
+    async def _served(
+        self, request: EngineRequest, call: Callable[[Any, Any], Awaitable[Any]]
+    ) -> tuple[Any, Any]:
+        """Validates ``request`` with vLLM's schema and awaits ``call(parsed,
+        create)``; vLLM's errors come back as GatewayError. Returns the parsed
+        request and the result."""
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
             raise NotImplementedFeatureError(f"{self._config.name} does not serve this endpoint.")
         schema, create, prompt_param = endpoint
-        token = _TALLY.set(tally)
         try:
             parsed = schema.model_validate({"request_id": request.request_id, **request.body})
-            result = await create(parsed, None)
+            result = await call(parsed, create)
         except GatewayError:
             raise
         except ValidationError as exc:
             raise InvalidRequestError.from_validation(exc) from None
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
             raise translate_exception(exc, prompt_param) from None
-        finally:
-            _TALLY.reset(token)
         if isinstance(result, self._error_response):
             raise translate_error(result.model_dump(), prompt_param)
-        if hasattr(result, "model_dump_json"):
-            return result.model_dump_json().encode()
-        return _frames(result)
+        return parsed, result
 
     async def most_tokens(self, request: EngineRequest) -> int:
         """Renders the request as vLLM will (chat template, tokenizer) without
         generating: each prompt's tokens plus ``n`` times its output budget
         (``max_completion_tokens`` / ``max_tokens``, else the rest of the window)."""
-        endpoint = self._endpoints.get(request.endpoint)
-        if endpoint is None:
-            raise NotImplementedFeatureError(f"{self._config.name} does not serve this endpoint.")
-        schema, _, prompt_param = endpoint
-        serving = self._chat if request.endpoint == "chat" else self._completion
-        try:
-            parsed = schema.model_validate({"request_id": request.request_id, **request.body})
-            if request.endpoint == "chat":
-                result = await serving.render_chat_request(parsed)
-            else:
-                result = await serving.render_completion_request(parsed)
-        except GatewayError:
-            raise
-        except ValidationError as exc:
-            raise InvalidRequestError.from_validation(exc) from None
-        except Exception as exc:  # vLLM signals client mistakes with exceptions too
-            raise translate_exception(exc, prompt_param) from None
-        if isinstance(result, self._error_response):
-            raise translate_error(result.model_dump(), prompt_param)
-        inputs = result[1] if request.endpoint == "chat" else result
+        chat = request.endpoint == "chat"
+        serving = self._chat if chat else self._completion
+
+        async def render(parsed: Any, create: Any) -> Any:
+            if chat:
+                return await serving.render_chat_request(parsed)
+            return await serving.render_completion_request(parsed)
+
+        parsed, result = await self._served(request, render)
+        inputs = result[1] if chat else result
         budget = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
         choices = parsed.n or 1
         assert self._max_model_len is not None
