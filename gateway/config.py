@@ -351,6 +351,12 @@ class IngressConfig(_Strict):
     retry_after_s: int = Field(
         1, ge=0, description="`Retry-After` seconds sent with 503 when a model is busy or down."
     )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted; larger ones are answered 413 before "
+        "they are read whole.",
+    )
     access_log: str = Field(
         "stderr",
         min_length=1,

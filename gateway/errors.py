@@ -4,7 +4,8 @@
 
     GatewayError                      500 server_error
     ├── InvalidRequestError           400 invalid_request_error
-    │   └── ContextLengthExceededError    400 code=context_length_exceeded
+    │   ├── ContextLengthExceededError    400 code=context_length_exceeded
+    │   └── RequestTooLargeError          413 code=request_too_large
     ├── AuthenticationError           401 invalid_request_error  code=invalid_api_key
     ├── NotFoundError                 404 invalid_request_error  code=not_found
     │   ├── ModelNotFoundError            404 code=model_not_found
@@ -144,6 +145,13 @@ class AuthenticationError(GatewayError):
     status = 401
     type = "invalid_request_error"
     default_code = "invalid_api_key"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is over the gateway's limit (413); refused unread."""
+
+    status = 413
+    default_code = "request_too_large"
 
 
 class NotFoundError(GatewayError):

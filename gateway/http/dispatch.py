@@ -20,6 +20,7 @@ from gateway.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ModelNotSupportedError,
+    RequestTooLargeError,
     ServiceUnavailableError,
 )
 from gateway.auth.limiter import LocalLimiter
@@ -116,8 +117,10 @@ class ModelDispatcher:
         kinds: Mapping[str, str] | None = None,
         metrics: GatewayMetrics | None = None,
         limiter: Any = None,
+        max_body_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self._retry_after_s = retry_after_s
+        self._max_body_bytes = max_body_bytes
         # Where limited API keys reserve (``gateway.auth.limiter``).
         self.limiter = limiter if limiter is not None else LocalLimiter()
         self._metrics = metrics if metrics is not None else GatewayMetrics()
@@ -157,7 +160,7 @@ class ModelDispatcher:
     ) -> Response:
         """Answers ``request`` at ``endpoint``; ``model`` is the path's model name
         for endpoints that carry it there (predict, infer) instead of in the body."""
-        body = parse_json_object(await request.body())
+        body = parse_json_object(await read_body(request, self._max_body_bytes))
         envelope = _envelope(endpoint, body) if model is None else None
         name = envelope.model if envelope is not None else str(model)
         user = envelope.user if envelope is not None else None
@@ -404,6 +407,25 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body; raises RequestTooLargeError (413) past ``limit``
+    bytes, before reading more than that (at once when content-length says so)."""
+    too_large = RequestTooLargeError(
+        f"The request body is larger than this gateway accepts ({limit} bytes)."
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object; raises InvalidRequestError otherwise."""
     try:
@@ -412,6 +434,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequestError(
             "We could not parse the JSON body of your request. The body must be valid JSON."
         ) from None
+    except RecursionError:
+        raise InvalidRequestError("The JSON body of your request is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
     return body

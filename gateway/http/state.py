@@ -71,7 +71,7 @@ class GatewayState:
         )
         self.dispatcher = ModelDispatcher(
             RouteTable([]), {}, front_door.ingress.retry_after_s, metrics=self.metrics,
-            limiter=self.limiter,
+            limiter=self.limiter, max_body_bytes=front_door.ingress.max_body_bytes,
         )
         self._handles: dict[str, tuple[ModelConfig, Any]] = {}
         self._created = int(time.time())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -35,6 +36,25 @@ def assert_error(response: httpx.Response, status: int, code: str | None, param:
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"', b"null"])
 def test_body_that_is_not_a_json_object_is_400(http: httpx.Client, path: str, raw: bytes) -> None:
     error = assert_error(http.post(path, content=raw), 400, None)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_a_body_past_the_limit_is_413_before_it_is_read(http: httpx.Client) -> None:
+    huge = b'{"model": "echo", "messages": [{"role": "user", "content": "' + b"x" * (40 * 1024 * 1024) + b'"}]}'
+    error = assert_error(http.post(CHAT, content=huge), 413, "request_too_large")
+    assert error["type"] == "invalid_request_error" and "bytes" in error["message"]
+
+    def chunks() -> Iterator[bytes]:  # no content-length: refused as the bytes pass the limit
+        for _ in range(40):
+            yield b"x" * (1024 * 1024)
+
+    assert_error(http.post(CHAT, content=chunks()), 413, "request_too_large")
+    assert http.post(CHAT, json={"model": "echo", "messages": HELLO, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_json_nested_too_deeply_is_400(http: httpx.Client, depth: int) -> None:
+    error = assert_error(http.post(CHAT, content=b"[" * depth + b"]" * depth), 400, None)
     assert error["type"] == "invalid_request_error"
 
 
