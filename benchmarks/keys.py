@@ -2,14 +2,15 @@
 
 Starts ``llm-gateway serve`` with an echo model and no keys, then deploys
 keys live (``llm-gateway deploy``'s path) and back, alternating, so every
-variant is measured on the same running gateway, twice:
+variant is measured on the same running gateway, once per round (the keyed
+variants in a rotating order):
 
 - ``no keys``: the open gateway;
 - ``key``: a key without limits (the hash look-up alone);
-- ``key+rpm``: a key with ``rpm`` and ``max_concurrent`` (one reservation in
-  the shared ledger, one settlement);
-- ``key+tpm``: a key with a token limit too (the replica counts the prompt
-  before the reservation).
+- ``key+rpm``: a key with ``rpm`` and ``max_concurrent`` (admitted from
+  leases of the shared ledger, the first requests reserved there one by one);
+- ``key+tpm``: a key with a token limit too (the ingress counts the prompt
+  before admitting it).
 
 Non-streaming chat, latency p50 at concurrency 1 and requests/s at 32, load
 generator on the same machine.
@@ -54,7 +55,7 @@ def write(data: dict[str, Any]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=600, help="per measurement at c=1")
     args = parser.parse_args()
 
@@ -71,11 +72,11 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {}
     try:
         wait_ready(base + "/ready", proc)
-        for _ in range(args.rounds):
-            for name, path, headers in [("no keys", open_config, {})] + [
-                (name, keyed_config, {"authorization": f"Bearer {s}"}) for name, s in secrets.items()
-            ]:
-                if name in ("no keys", "key"):  # the config these variants need
+        keyed = [(name, keyed_config, {"authorization": f"Bearer {s}"}) for name, s in secrets.items()]
+        for round_ in range(args.rounds):
+            turn = round_ % len(keyed)  # each keyed variant takes each place in the order in turn
+            for name, path, headers in [("no keys", open_config, {})] + keyed[turn:] + keyed[:turn]:
+                if name == "no keys" or (name, path, headers) == keyed[turn]:  # the config they need
                     subprocess.run([sys.executable, "-m", "gateway.cli", "deploy", "--config", str(path)],
                                    check=True, capture_output=True)
                     time.sleep(2)

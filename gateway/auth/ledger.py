@@ -9,6 +9,13 @@ the ledger lives in one process and each reservation is one synchronous step.
 The minute slides in slots of ``SLOT_S``: what is counted in a slot leaves
 the window once the slot's end is a minute old, so a count leaves at most one
 slot late (never early: limits are never exceeded).
+
+A *lease* is a block of requests, tokens and places booked at once for one
+ingress replica to admit from on its own until the end of the current or
+next slot, and counted in that slot (so what it admits never leaves the
+window early); what it did not use it gives back with ``release``. A lease takes at most half of what is free,
+and none while a key is close to its limits, where every request is decided
+here one by one.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 WINDOW_S = 60.0
-SLOT_S = 0.1
+SLOT_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,21 @@ class Decision:
     refusal: Refusal | None = None
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A block booked for one ingress replica: ``requests`` requests,
+    ``tokens`` tokens and ``places`` places (each freed place is used again)
+    to admit from until ``valid_s`` from now; ``usage`` is the key's counts
+    with the block counted as used."""
+
+    reservation: int
+    requests: int
+    tokens: int
+    places: int
+    valid_s: float
+    usage: Usage
+
+
 @dataclass
 class _Slot:
     index: int
@@ -78,11 +100,13 @@ class _Key:
     in_flight: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Reservation:
     key: str
     slot: int
+    requests: int
     tokens: int
+    places: int
 
 
 class Ledger:
@@ -102,38 +126,95 @@ class Ledger:
         refusal = self._check(state, limits, tokens, now)
         if refusal is not None:
             return Decision(None, self._usage(state, limits, now), refusal)
-        index = int(now / SLOT_S)
-        if not state.slots or state.slots[-1].index != index:
-            state.slots.append(_Slot(index))
-        slot = state.slots[-1]
-        slot.requests += 1
-        slot.tokens += tokens
-        state.requests += 1
-        state.tokens += tokens
-        state.in_flight += 1
-        reservation = next(self._ids)
-        self._reservations[reservation] = _Reservation(key, index, tokens)
+        reservation = self._book(key, state, int(now / SLOT_S), 1, tokens, 1)
         return Decision(reservation, self._usage(state, limits, now))
 
-    def settle(self, reservation: int, used_tokens: int | None) -> None:
+    def lease(self, key: str, limits: Limits, requests: int, tokens: int) -> Lease | None:
+        """Books up to ``requests`` requests and ``tokens`` tokens of ``key``
+        for one ingress replica, at most half of what ``limits`` leave free;
+        None when that is not even one request (or one token under a token
+        limit), or when the current slot has too little time left."""
+        now = self._clock()
+        # It lasts to the end of this slot, or of the next when less than half of this one is left,
+        # and is counted in the slot it ends in: what it admits never leaves the window early.
+        index = int((now + SLOT_S / 2) / SLOT_S)
+        valid = (index + 1) * SLOT_S - now
+        state = self._state(key, now)
+        if limits.rpm is not None:
+            requests = min(requests, (limits.rpm - state.requests) // 2)
+        places = requests
+        if limits.max_concurrent is not None:
+            places = min(places, (limits.max_concurrent - state.in_flight) // 2)
+        if limits.tpm is not None:
+            tokens = max(0, min(tokens, (limits.tpm - state.tokens) // 2))
+        if requests < 1 or places < 1:
+            return None
+        reservation = self._book(key, state, index, requests, tokens, places)
+        return Lease(reservation, requests, tokens, places, valid, self._usage(state, limits, now))
+
+    def settle(self, reservation: int, used_tokens: int | None) -> str | None:
         """Ends a reservation: the tokens really used replace those reserved
         (while its slot is still in the window; None: the reserved tokens
-        stay counted). Unknown ids are ignored."""
-        held = self._reservations.pop(reservation, None)
+        stay counted), and its places are freed. Returns its key (None:
+        unknown, ignored)."""
+        held = self._reservations.get(reservation)
         if held is None:
-            return
+            return None
+        back = 0 if used_tokens is None else held.tokens - used_tokens
+        return self.release(reservation, tokens=back, end=True)
+
+    def release(
+        self, reservation: int, requests: int = 0, tokens: int = 0, places: int = 0, end: bool = False
+    ) -> str | None:
+        """Gives back part of a reservation: ``requests`` never admitted,
+        ``tokens`` not used (negative: used beyond it) and ``places`` freed;
+        ``end`` ends it, freeing every place it still holds. Returns its key
+        (None: unknown, ignored)."""
+        held = self._reservations.get(reservation)
+        if held is None:
+            return None
+        if end:
+            del self._reservations[reservation]
         state = self._keys.get(held.key)
         if state is None:
-            return
-        state.in_flight -= 1
-        change = 0 if used_tokens is None else used_tokens - held.tokens
+            return held.key
+        requests = min(requests, held.requests)
+        places = held.places if end else min(places, held.places)
+        held.requests -= requests
+        held.tokens -= tokens
+        held.places -= places
+        state.in_flight -= places
         for slot in reversed(state.slots):
             if slot.index == held.slot:
-                slot.tokens += change
-                state.tokens += change
+                slot.requests -= requests
+                slot.tokens -= tokens
+                state.requests -= requests
+                state.tokens -= tokens
                 break
             if slot.index < held.slot:
                 break
+        return held.key
+
+    def _book(self, key: str, state: _Key, index: int, requests: int, tokens: int, places: int) -> int:
+        """Counts ``requests`` requests and ``tokens`` in slot ``index`` (the
+        current one, or the next for a lease), and takes ``places``."""
+        slots = state.slots
+        at = len(slots)
+        while at and slots[at - 1].index > index:
+            at -= 1
+        if at and slots[at - 1].index == index:
+            slot = slots[at - 1]
+        else:
+            slot = _Slot(index)
+            slots.insert(at, slot)
+        slot.requests += requests
+        slot.tokens += tokens
+        state.requests += requests
+        state.tokens += tokens
+        state.in_flight += places
+        reservation = next(self._ids)
+        self._reservations[reservation] = _Reservation(key, index, requests, tokens, places)
+        return reservation
 
     def usage(self, key: str, limits: Limits) -> Usage:
         now = self._clock()

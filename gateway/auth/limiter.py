@@ -5,7 +5,9 @@ and serves a ``Ledger`` on a port guarded by a random token, published as
 Serve replica metadata (key ``limiter``). Each ingress replica keeps one
 connection to it (``LimiterClient``): a reservation is one JSON line each
 way, a settlement one line out, so admission costs a loopback round trip,
-not a Serve call.
+not a Serve call. A busy key costs less: its replica is leased blocks of the
+key's limits and admits from them alone (see ``LimiterClient``), and the
+ledger calls unused blocks back before it refuses anyone.
 
 Reservations belong to the connection that made them: when an ingress
 replica goes away unsettled reservations end there, keeping the tokens they
@@ -22,9 +24,10 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from gateway.auth.ledger import Decision, Ledger, Limits, Refusal, Usage
+from gateway.auth.ledger import SLOT_S, Decision, Ledger, Limits, Refusal, Usage
 from gateway.errors import ServiceUnavailableError
 from gateway.protocol.relay import RelayAddress
 
@@ -34,6 +37,9 @@ METADATA_KEY = "limiter"
 CONNECT_TIMEOUT_S = 2.0
 READ_BYTES = 256 * 1024
 REPLY_TIMEOUT_S = 2.0
+RECALL_WAIT_S = 0.5  # longest a request waits for other replicas' leases to come back
+LEASE_AFTER = 2  # a key admitted this often in one slot on a replica gets leases there
+MAX_LEASE = 1024  # requests in one lease, at most
 UNAVAILABLE = "Rate limits cannot be checked right now; please retry shortly."
 
 
@@ -65,14 +71,36 @@ def _decode_decision(data: dict[str, Any]) -> Decision:
     )
 
 
+class _Peer:
+    """One ingress replica's connection, and what it holds in the ledger."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.owned: set[int] = set()  # reservations and leases not yet ended
+        self.leases: dict[int, str] = {}  # leases it may still admit from, and their keys
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
 class LimiterServer:
-    """Serves ``ledger`` to callers that know the token."""
+    """Serves ``ledger`` to callers that know the token.
+
+    A request the ledger would refuse while other replicas hold leases of
+    its key waits (at most ``RECALL_WAIT_S``): the holders are asked to give
+    back what they have not used, and it is decided again on each return, so
+    a request that fits the key's real use is never refused.
+    """
 
     def __init__(self, host: str, ledger: Ledger | None = None) -> None:
         self.ledger = ledger if ledger is not None else Ledger()
         self._host = host
         self._token = secrets.token_urlsafe(32)
         self._server: asyncio.base_events.Server | None = None
+        self._leases: dict[str, dict[int, _Peer]] = {}  # key -> open leases and their holders
+        self._parked: dict[str, list[tuple[_Peer, dict[str, Any]]]] = {}
+        self._recalls: dict[str, asyncio.TimerHandle] = {}
 
     async def start(self) -> LimiterAddress:
         self._server = await asyncio.start_server(self._connection, self._host, 0)
@@ -84,7 +112,7 @@ class LimiterServer:
             self._server.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        owned: set[int] = set()
+        peer = _Peer(writer)
         try:
             hello = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT_S)
             token = str(json.loads(hello or b"{}").get("token", ""))
@@ -94,35 +122,128 @@ class LimiterServer:
             while data := await reader.read(READ_BYTES):
                 # Whatever arrived together is answered together: one write.
                 *lines, pending = (pending + data).split(b"\n")
-                replies = [self._serve(json.loads(line), owned) for line in lines if line]
+                replies = [self._serve(json.loads(line), peer) for line in lines if line]
                 out = [json.dumps(r, separators=(",", ":")).encode() for r in replies if r is not None]
                 if out:
                     writer.write(b"\n".join(out) + b"\n")
         except (ConnectionError, asyncio.TimeoutError, ValueError):
             pass
         finally:
-            for reservation in owned:  # the caller is gone: keep what was reserved
-                self.ledger.settle(reservation, None)
+            self._gone(peer)
             writer.close()
 
-    def _serve(self, message: dict[str, Any], owned: set[int]) -> dict[str, Any] | None:
+    def _gone(self, peer: _Peer) -> None:
+        """The caller is gone: its reservations and leases end, keeping what
+        they counted, and requests waiting on its leases are decided."""
+        for reservation in peer.owned:
+            self.ledger.settle(reservation, None)
+        for reservation, key in peer.leases.items():
+            self._leases.get(key, {}).pop(reservation, None)
+        for parked in self._parked.values():
+            parked[:] = [(p, m) for p, m in parked if p is not peer]
+        for key in set(peer.leases.values()):
+            self._retry(key)
+
+    def _serve(self, message: dict[str, Any], peer: _Peer) -> dict[str, Any] | None:
         op = message.get("op")
         if op == "settle":
-            owned.discard(message["r"])
-            self.ledger.settle(message["r"], int(message["used"]))
+            peer.owned.discard(message["r"])
+            used = message["used"]
+            self._returned(self.ledger.settle(message["r"], None if used is None else int(used)))
+            return None
+        if op == "release":
+            reservation = message["r"]
+            key = self.ledger.release(
+                reservation, int(message["requests"]), int(message["tokens"]),
+                int(message["places"]), bool(message["end"]),
+            )
+            if message["end"]:
+                peer.owned.discard(reservation)
+            if message.get("closed") or message["end"]:
+                peer.leases.pop(reservation, None)
+                if key is not None:
+                    self._leases.get(key, {}).pop(reservation, None)
+            self._returned(key)
             return None
         if op == "reserve":
-            decision = self.ledger.reserve(
-                str(message["key"]), _limits(message["limits"]), int(message["tokens"])
-            )
-            if decision.reservation is not None:
-                owned.add(decision.reservation)
-            return {"id": message["id"], **_encode_decision(decision)}
+            key = str(message["key"])
+            if not self._parked.get(key):
+                reply = self._decide(peer, message, final=not self._leases.get(key), lease=True)
+                if reply is not None:
+                    return reply
+            self._park(key, peer, message)
+            return None
+        if op == "lease":
+            key = str(message["key"])
+            reply = {"id": message["id"], "lease": None}
+            if not self._parked.get(key):
+                reply["lease"] = self._grant(peer, key, _limits(message["limits"]), message["lease"])
+            return reply
         if op == "usage":
             usage = self.ledger.usage(str(message["key"]), _limits(message["limits"]))
             return {"id": message["id"], "usage": list(usage.__dict__.values()),
                     "in_flight": self.ledger.in_flight(str(message["key"]))}
         return {"id": message.get("id"), "error": f"unknown op {op!r}"}
+
+    def _decide(self, peer: _Peer, message: dict[str, Any], final: bool, lease: bool) -> dict[str, Any] | None:
+        """Reserves for ``message``; None when refused and not ``final``
+        (others' leases may still give back enough). A lease is added to
+        an admitted request that asks for one, when ``lease``."""
+        key, limits = str(message["key"]), _limits(message["limits"])
+        decision = self.ledger.reserve(key, limits, int(message["tokens"]))
+        if decision.reservation is None and not final:
+            return None
+        reply = {"id": message["id"], **_encode_decision(decision)}
+        want = message.get("lease")
+        if decision.reservation is not None:
+            peer.owned.add(decision.reservation)
+            if want and lease:
+                reply["lease"] = self._grant(peer, key, limits, want)
+        return reply
+
+    def _grant(self, peer: _Peer, key: str, limits: Limits, want: list[int]) -> list[Any] | None:
+        """A lease for ``peer`` of up to ``want`` (requests, tokens), as sent on the wire."""
+        granted = self.ledger.lease(key, limits, int(want[0]), int(want[1]))
+        if granted is None:
+            return None
+        peer.owned.add(granted.reservation)
+        peer.leases[granted.reservation] = key
+        self._leases.setdefault(key, {})[granted.reservation] = peer
+        return [granted.reservation, granted.requests, granted.tokens, granted.places, granted.valid_s,
+                list(granted.usage.__dict__.values())]
+
+    def _park(self, key: str, peer: _Peer, message: dict[str, Any]) -> None:
+        """``message`` waits for the key's leases to come back: their holders
+        are asked for them, and it is decided at the latest after ``RECALL_WAIT_S``."""
+        self._parked.setdefault(key, []).append((peer, message))
+        if key not in self._recalls:
+            for holder in set(self._leases.get(key, {}).values()):
+                holder.send({"op": "recall", "key": key})
+            loop = asyncio.get_running_loop()
+            self._recalls[key] = loop.call_later(RECALL_WAIT_S, self._retry, key, True)
+
+    def _returned(self, key: str | None) -> None:
+        if key is not None and self._parked.get(key):
+            self._retry(key)
+
+    def _retry(self, key: str, force: bool = False) -> None:
+        """Decides what waits for ``key`` now that something came back (all
+        of it once no lease is left out, or when ``force``d)."""
+        waiting = self._parked.pop(key, [])
+        still = []
+        for peer, message in waiting:
+            final = force or not self._leases.get(key)
+            reply = self._decide(peer, message, final=final, lease=False)
+            if reply is None:
+                still.append((peer, message))
+            else:
+                peer.send(reply)
+        if still:
+            self._parked[key] = still
+            return
+        timer = self._recalls.pop(key, None)
+        if timer is not None:
+            timer.cancel()
 
 
 class LocalLimiter:
@@ -145,8 +266,74 @@ class LocalLimiter:
         pass
 
 
+@dataclass
+class _Lease:
+    """A block of the ledger this replica admits from on its own until ``deadline``."""
+
+    reservation: int
+    deadline: float  # loop time
+    requests: int
+    tokens: int
+    places: int
+    usage: Usage  # the key's counts when it was granted, the block counted as used
+    metered: bool = True  # whether the key has a token limit (else tokens are not counted here)
+    in_flight: int = 0
+    open: bool = True
+    timer: asyncio.TimerHandle | None = None
+    granted: int = 0
+
+    def fits(self, tokens: int, now: float) -> bool:
+        return self.open and now < self.deadline and self.requests >= 1 and self.places >= 1 and self.tokens >= tokens
+
+    def running_low(self, tokens: int, now: float) -> bool:
+        """A quarter or less left of its requests, tokens or time, or no place left."""
+        low = self.granted // 4
+        return (self.requests <= low or self.places < 1 or self.tokens < tokens * max(1, low)
+                or now > self.deadline - SLOT_S / 4)
+
+    def remaining(self) -> Usage:
+        """The key's counts as this replica knows them: what was left when
+        the block was granted, plus what is left of the block."""
+        usage = self.usage
+        return Usage(
+            usage.limit_requests, usage.remaining_requests + self.requests, usage.reset_requests_s,
+            usage.limit_tokens, usage.remaining_tokens + max(0, self.tokens), usage.reset_tokens_s,
+        )
+
+
+@dataclass
+class _Demand:
+    """How much one key asks of this replica: admissions in this slot and the last."""
+
+    lease: _Lease | None = None
+    asking: dict[str, Any] | None = None  # the reservation that asks for a lease
+    slot: int = -1
+    count: int = 0
+    last: int = 0
+    tokens: int = 0  # the most tokens one request reserved, this slot
+
+    def note(self, now: float, tokens: int) -> None:
+        slot = int(now / SLOT_S)
+        if slot != self.slot:
+            self.last = self.count if slot == self.slot + 1 else 0
+            self.slot, self.count, self.tokens = slot, 0, 0
+        self.count += 1
+        self.tokens = max(self.tokens, tokens)
+
+    def want(self) -> int:
+        """Requests to ask a lease for: twice the recent rate (none when low)."""
+        recent = max(self.count, self.last)
+        return min(MAX_LEASE, 2 * recent) if recent >= LEASE_AFTER else 0
+
+
 class LimiterClient:
     """One ingress replica's connection to the shared ledger.
+
+    A key that this replica admits often gets leases (blocks of requests,
+    tokens and places booked in the ledger for one slot), and admits from
+    them without a round trip; the rest of the block goes back when the
+    slot ends or the ledger recalls it. Otherwise each request is one
+    reservation (what one event-loop turn asks leaves in one write).
 
     ``find`` returns the server's address (Serve replica metadata). Calls
     raise ``ServiceUnavailableError`` (503) when the ledger cannot be
@@ -160,38 +347,168 @@ class LimiterClient:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._connecting = asyncio.Lock()
-        self._outbox: list[bytes] = []
+        self._outbox: list[dict[str, Any]] = []
+        self._demand: dict[str, _Demand] = {}
+        # Admitted requests: the ledger's reservation, or the lease and the tokens taken from it.
+        self._tickets: dict[int, int | tuple[_Lease, int]] = {}
+        self._tickets_ids = itertools.count(1)
+        self._renewing: set[asyncio.Task[None]] = set()
+        self._releases: dict[int, dict[str, Any]] = {}  # per lease, the release not yet sent
 
     async def reserve(self, key: str, limits: Limits, tokens: int) -> Decision:
-        reply = await self._ask({"op": "reserve", "key": key, "limits": list(limits.__dict__.values()),
-                                 "tokens": tokens})
-        return _decode_decision(reply)
+        demand = self._demand.get(key)
+        if demand is None:
+            demand = self._demand[key] = _Demand()
+        now = asyncio.get_running_loop().time()
+        demand.note(now, tokens)
+        lease = demand.lease
+        if lease is not None:
+            if lease.fits(tokens, now):
+                lease.requests -= 1
+                lease.places -= 1
+                lease.tokens -= tokens
+                lease.in_flight += 1
+                if demand.asking is None and lease.running_low(tokens, now):
+                    self._renew(key, limits, demand, now)
+                return Decision(self._ticket((lease, tokens)), lease.remaining())
+            self._close(key, lease)  # what is left of it goes back before this request is decided
+        message: dict[str, Any] = {"op": "reserve", "key": key, "limits": list(limits.__dict__.values()),
+                                   "tokens": tokens}
+        want = demand.want()
+        asking = demand.asking
+        if asking is not None and any(m is asking for m in self._outbox):
+            asking["lease"] = [want, want * demand.tokens]  # not sent yet: ask for this one's share too
+        elif want and asking is None:
+            message["lease"] = [want, want * demand.tokens]
+            demand.asking = message
+        try:
+            reply = await self._ask(message)
+        finally:
+            if demand.asking is message:
+                demand.asking = None
+        granted = reply.get("lease")
+        if granted is not None:
+            self._open(key, demand, granted, now, reply["_via"])
+        decision = _decode_decision(reply)
+        if decision.reservation is None:
+            return decision
+        return Decision(self._ticket(decision.reservation), decision.usage)
 
     async def usage(self, key: str, limits: Limits) -> tuple[Usage, int]:
-        """The key's counts now, and its requests in flight."""
+        """The key's counts in the ledger now (leases counted as used), and
+        its places taken."""
         reply = await self._ask({"op": "usage", "key": key, "limits": list(limits.__dict__.values())})
         return Usage(*reply["usage"]), int(reply["in_flight"])
 
-    def settle(self, reservation: int, used_tokens: int | None) -> None:
+    def settle(self, ticket: int, used_tokens: int | None) -> None:
         """Never waits; on a broken connection the server has already ended
         the reservation (keeping its tokens)."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        held = self._tickets.pop(ticket, None)
+        if held is None:
             return
-        self._send({"op": "settle", "r": reservation, "used": used_tokens})
+        if isinstance(held, int):
+            self._send({"op": "settle", "r": held, "used": used_tokens})
+            return
+        lease, reserved = held
+        lease.in_flight -= 1
+        back = 0 if used_tokens is None or not lease.metered else reserved - used_tokens
+        if lease.open:
+            lease.places += 1
+            lease.tokens += back
+        else:
+            self._release(lease, 0, back, 1, closed=False)
+
+    def _renew(self, key: str, limits: Limits, demand: _Demand, now: float) -> None:
+        """Asks for the next lease while the current one still admits, so a
+        busy key does not fall back to a round trip per request meanwhile."""
+        want = demand.want()
+        if not want:
+            return
+        message: dict[str, Any] = {"op": "lease", "key": key, "limits": list(limits.__dict__.values()),
+                                   "lease": [want, want * demand.tokens]}
+        demand.asking = message
+
+        async def renew() -> None:
+            try:
+                reply = await self._ask(message)
+            except ServiceUnavailableError:
+                return
+            finally:
+                if demand.asking is message:
+                    demand.asking = None
+            if reply.get("lease") is not None:
+                self._open(key, demand, reply["lease"], now, reply["_via"])
+
+        task = asyncio.get_running_loop().create_task(renew())
+        self._renewing.add(task)
+        task.add_done_callback(self._renewing.discard)
+
+    def _ticket(self, held: int | tuple[_Lease, int]) -> int:
+        ticket = next(self._tickets_ids)
+        self._tickets[ticket] = held
+        return ticket
+
+    def _open(self, key: str, demand: _Demand, granted: list[Any], sent: float, via: Any) -> None:
+        """Starts admitting from a granted lease: until its slot ends, as
+        measured from when it was asked for (never later than the ledger's)."""
+        reservation, requests, tokens, places, valid_s, usage = granted
+        writer = self._writer
+        if writer is None or via is not writer or writer.is_closing():
+            return  # its connection ended since: so did the lease
+        if demand.lease is not None:
+            self._close(key, demand.lease)
+        granted_usage = Usage(*usage)
+        lease = _Lease(reservation, sent + valid_s, requests, tokens, places, granted_usage,
+                       metered=granted_usage.limit_tokens is not None, granted=requests)
+        demand.lease = lease
+        lease.timer = asyncio.get_running_loop().call_at(lease.deadline, self._close, key, lease)
+
+    def _close(self, key: str, lease: _Lease, send: bool = True) -> None:
+        """Stops admitting from ``lease`` and gives back what it did not use."""
+        if not lease.open:
+            return
+        lease.open = False
+        if lease.timer is not None:
+            lease.timer.cancel()
+        demand = self._demand.get(key)
+        if demand is not None and demand.lease is lease:
+            demand.lease = None
+        if send:
+            self._release(lease, lease.requests, lease.tokens, lease.places, closed=True)
+        lease.requests = lease.tokens = lease.places = 0
+
+    def _release(self, lease: _Lease, requests: int, tokens: int, places: int, closed: bool) -> None:
+        """Gives back part of ``lease``; what one turn of the event loop gives
+        back of one lease leaves as one message."""
+        message = self._releases.get(lease.reservation)
+        if message is None or not any(m is message for m in self._outbox):
+            message = {"op": "release", "r": lease.reservation, "requests": 0, "tokens": 0, "places": 0}
+            self._releases[lease.reservation] = message
+            self._send(message)
+        message["requests"] += requests
+        message["tokens"] += tokens
+        message["places"] += places
+        message["end"] = lease.in_flight == 0
+        if closed:
+            message["closed"] = True
+        if message["end"]:
+            del self._releases[lease.reservation]
 
     def _send(self, message: dict[str, Any]) -> None:
         """Queues ``message``; what is queued in one turn of the event loop
         leaves in one write (under load, many requests share it)."""
-        self._outbox.append(json.dumps(message, separators=(",", ":")).encode())
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return
+        self._outbox.append(message)
         if len(self._outbox) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        lines, self._outbox = self._outbox, []
+        messages, self._outbox = self._outbox, []
         writer = self._writer
         if writer is not None and not writer.is_closing():
-            writer.write(b"\n".join(lines) + b"\n")
+            writer.write(b"".join(json.dumps(m, separators=(",", ":")).encode() + b"\n" for m in messages))
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -242,8 +559,14 @@ class LimiterClient:
                 *lines, pending = (pending + data).split(b"\n")
                 for line in lines:
                     reply = json.loads(line)
+                    if reply.get("op") == "recall":
+                        demand = self._demand.get(reply["key"])
+                        if demand is not None and demand.lease is not None:
+                            self._close(reply["key"], demand.lease)
+                        continue
                     waiting = self._pending.get(reply.get("id"))
                     if waiting is not None and not waiting.done():
+                        reply["_via"] = writer  # a lease is good only while this connection lasts
                         waiting.set_result(reply)
         except (ConnectionError, ValueError):
             pass
@@ -251,6 +574,10 @@ class LimiterClient:
             writer.close()
             if self._writer is writer:
                 self._writer = None
+            # The ledger ended this connection's leases: none may be admitted from.
+            for key, demand in self._demand.items():
+                if demand.lease is not None:
+                    self._close(key, demand.lease, send=False)
             for waiting in self._pending.values():
                 if not waiting.done():
                     waiting.set_exception(ConnectionError("the rate limiter went away"))

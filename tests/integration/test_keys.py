@@ -106,8 +106,9 @@ async def test_concurrent_requests_never_pass_the_request_limit(
     assert statuses == [200] * 40 + [429] * 24
     ok = next(a for a in answers if a.status_code == 200)
     assert ok.headers["x-ratelimit-limit-requests"] == "40"
-    remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in answers if a.status_code == 200)
-    assert remaining == list(range(40))
+    remaining = [int(a.headers["x-ratelimit-remaining-requests"]) for a in answers if a.status_code == 200]
+    # Each replica's count of what is left (a busy key's replicas admit from leases of it).
+    assert all(0 <= r < 40 for r in remaining)
     refused = next(a for a in answers if a.status_code == 429)
     error = refused.json()["error"]
     assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")

@@ -131,3 +131,41 @@ def test_an_abandoned_reservation_keeps_its_tokens() -> None:
     ledger.settle(r, None)  # type: ignore[arg-type]
     assert ledger.usage("k", limits).remaining_tokens == 50
     assert ledger.in_flight("k") == 0
+
+
+def test_a_lease_takes_at_most_half_of_what_is_free_and_gives_back_the_rest() -> None:
+    clock = Clock()
+    ledger = Ledger(clock)
+    limits = Limits(rpm=100, tpm=1000, max_concurrent=40)
+    lease = ledger.lease("k", limits, 500, 5000)
+    assert lease is not None
+    assert (lease.requests, lease.tokens, lease.places) == (50, 500, 20)  # half of what is free of each
+    assert (lease.usage.remaining_requests, lease.usage.remaining_tokens) == (50, 500)
+    assert ledger.in_flight("k") == 20
+    # 5 requests admitted from it, using 30 tokens; the rest comes back.
+    ledger.release(lease.reservation, requests=45, tokens=470, places=20, end=True)
+    usage = ledger.usage("k", limits)
+    assert (usage.remaining_requests, usage.remaining_tokens, ledger.in_flight("k")) == (95, 970, 0)
+
+
+def test_no_lease_near_a_limit() -> None:
+    ledger = Ledger(Clock())
+    limits = Limits(rpm=3)
+    assert ledger.reserve("k", limits, 0).reservation is not None
+    assert ledger.lease("k", limits, 10, 0) is not None  # one of the two free
+    assert ledger.lease("k", limits, 10, 0) is None  # half of one is none
+
+
+def test_a_lease_is_counted_in_the_slot_it_ends_in() -> None:
+    clock = Clock()
+    clock.now = 1000.0 + SLOT_S * 0.7  # less than half of this slot left
+    ledger = Ledger(clock)
+    limits = Limits(rpm=10)
+    lease = ledger.lease("k", limits, 2, 0)
+    assert lease is not None and SLOT_S < lease.valid_s <= 1.5 * SLOT_S
+    assert ledger.reserve("k", limits, 0).reservation is not None  # in this slot, before the lease's
+    # The exact request leaves the window first, the lease's block one slot later: never early.
+    clock.now = 1000.0 + SLOT_S + WINDOW_S + 0.01
+    assert ledger.usage("k", limits).remaining_requests == 10 - 2
+    clock.now += SLOT_S
+    assert ledger.usage("k", limits).remaining_requests == 10

@@ -8,13 +8,19 @@ import random
 
 import pytest
 
-from gateway.auth.ledger import Limits
+from gateway.auth.ledger import Ledger, Limits, Usage
 from gateway.auth.limiter import LimiterAddress, LimiterClient, LimiterServer
 from gateway.errors import ServiceUnavailableError
 
 
+def _frozen() -> Ledger:
+    """A ledger whose clock stays early in one slot: leases are always granted
+    (their holders still end them after one slot of their own time)."""
+    return Ledger(clock=lambda: 5000.01)
+
+
 async def _started() -> tuple[LimiterServer, LimiterAddress]:
-    server = LimiterServer("127.0.0.1")
+    server = LimiterServer("127.0.0.1", _frozen())
     return server, await server.start()
 
 
@@ -31,20 +37,124 @@ async def test_two_clients_share_one_ledger_without_overshoot() -> None:
     decisions = await asyncio.gather(
         *(clients[i % 2].reserve("k", limits, want) for i, want in enumerate(wants))
     )
-    admitted = [(d, want) for d, want in zip(decisions, wants) if d.reservation is not None]
+    admitted = [(i, d, want) for i, (d, want) in enumerate(zip(decisions, wants)) if d.reservation is not None]
     assert len(admitted) <= 20
-    assert sum(want for _, want in admitted) <= 1000
+    assert sum(want for _, _, want in admitted) <= 1000
     for decision, want in zip(decisions, wants):  # refused only when it would not fit
         if decision.refusal is not None:
             assert decision.refusal.used + decision.refusal.requested > decision.refusal.value
     used = 0
-    for i, (decision, want) in enumerate(admitted):
+    for i, decision, want in admitted:
         clients[i % 2].settle(decision.reservation, want // 2)  # type: ignore[arg-type]
         used += want // 2
-    await asyncio.sleep(0.05)
-    usage, in_flight = await clients[0].usage("k", limits)
+    usage, in_flight = await _settled(clients[0], "k", limits)
     assert usage.remaining_tokens == 1000 - used and in_flight == 0
     for client in clients:
+        await client.close()
+    await server.stop()
+
+
+async def _settled(client: LimiterClient, key: str, limits: Limits) -> tuple[Usage, int]:
+    """The key's counts once every lease has come back (each lasts one slot at most)."""
+    usage, in_flight = await client.usage(key, limits)
+    for _ in range(100):
+        if in_flight == 0:
+            break
+        await asyncio.sleep(0.01)
+        usage, in_flight = await client.usage(key, limits)
+    return usage, in_flight
+
+
+class CountingServer(LimiterServer):
+    """Counts the reservations decided in the ledger (not those made from leases)."""
+
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1", _frozen())
+        self.reserves = 0
+
+    def _serve(self, message, peer):  # type: ignore[no-untyped-def]
+        self.reserves += message.get("op") == "reserve"
+        return super()._serve(message, peer)
+
+
+async def test_a_busy_key_is_admitted_from_leases_without_a_round_trip_each() -> None:
+    server = CountingServer()
+    address = await server.start()
+    client = LimiterClient(lambda: _found(address))
+    limits = Limits(rpm=100_000, tpm=10_000_000, max_concurrent=1000)
+    for _ in range(10):  # ten waves of 32 concurrent requests, each ending before the next
+        decisions = await asyncio.gather(*(client.reserve("k", limits, 50) for _ in range(32)))
+        assert all(d.reservation is not None for d in decisions)
+        for decision in decisions:
+            client.settle(decision.reservation, 20)  # type: ignore[arg-type]
+    assert server.reserves < 320 / 3  # the first two waves, and one when a lease runs out of time
+    usage, in_flight = await _settled(client, "k", limits)
+    # What went unused in the leases came back; tokens are what was used.
+    assert in_flight == 0
+    assert usage.remaining_requests == 100_000 - 320
+    assert usage.remaining_tokens == 10_000_000 - 320 * 20
+    await client.close()
+    await server.stop()
+
+
+async def test_a_key_without_a_token_limit_keeps_its_lease_whatever_its_requests_used() -> None:
+    server = CountingServer()
+    address = await server.start()
+    client = LimiterClient(lambda: _found(address))
+    limits = Limits(rpm=100_000, max_concurrent=10)
+    for _ in range(200):  # one at a time, each reporting the tokens it used
+        decision = await client.reserve("k", limits, 0)
+        client.settle(decision.reservation, 9)  # type: ignore[arg-type]
+    assert server.reserves < 20  # the first, while leases grow to what the key asks
+    await client.close()
+    await server.stop()
+
+
+async def test_leases_never_let_two_replicas_pass_a_limit_or_refuse_under_it() -> None:
+    server, address = await _started()
+    clients = [LimiterClient(lambda: _found(address)) for _ in range(2)]
+    limits = Limits(rpm=300, tpm=30_000, max_concurrent=40)
+    rng = random.Random(5)
+    admitted, held = 0, []
+    for _ in range(20):  # waves from both replicas, some requests ending between them
+        wants = [rng.randint(1, 120) for _ in range(24)]
+        decisions = await asyncio.gather(*(clients[i % 2].reserve("k", limits, w) for i, w in enumerate(wants)))
+        for i, (decision, want) in enumerate(zip(decisions, wants)):
+            if decision.refusal is not None:
+                refusal = decision.refusal
+                # Refused only when it would not fit the key's real counts (leases called back first).
+                assert refusal.used + refusal.requested > refusal.value, refusal
+                continue
+            admitted += 1
+            held.append((clients[i % 2], decision.reservation, want))
+        assert len(held) <= 40
+        rng.shuffle(held)
+        for client, ticket, want in held[: len(held) // 2]:
+            client.settle(ticket, want)
+        del held[: len(held) // 2]
+    assert admitted <= 300
+    for client, ticket, want in held:
+        client.settle(ticket, want)
+    usage, in_flight = await _settled(clients[0], "k", limits)
+    assert in_flight == 0 and usage.remaining_requests == 300 - admitted
+    for client in clients:
+        await client.close()
+    await server.stop()
+
+
+async def test_a_request_waiting_on_anothers_lease_is_admitted_once_it_comes_back() -> None:
+    server, address = await _started()
+    busy, other = LimiterClient(lambda: _found(address)), LimiterClient(lambda: _found(address))
+    limits = Limits(rpm=20)
+    first = await asyncio.gather(*(busy.reserve("k", limits, 0) for _ in range(4)))
+    assert all(d.reservation is not None for d in first)
+    taken = 20 - (await busy.usage("k", limits))[0].remaining_requests
+    assert taken > 4  # busy holds a lease
+    more = await asyncio.gather(*(other.reserve("k", limits, 0) for _ in range(20 - 4)))
+    # The lease was called back: every request up to the limit was admitted.
+    assert all(d.reservation is not None for d in more)
+    assert (await other.reserve("k", limits, 0)).refusal is not None
+    for client in (busy, other):
         await client.close()
     await server.stop()
 
