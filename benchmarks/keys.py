@@ -12,7 +12,9 @@ variants in a rotating order):
 - ``key+tpm``: a key with a token limit too (the ingress counts the prompt
   before admitting it).
 
-Non-streaming chat, latency p50 at concurrency 1 and requests/s at 32, load
+Non-streaming chat, latency p50 at concurrency 1, and at 32 requests/s and
+the CPU the gateway's processes spent per request (all of its process tree:
+the cost itself, whatever share of the cores the load generator takes), load
 generator on the same machine.
 
     python -m benchmarks.keys
@@ -32,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 
+from benchmarks.idle_cpu import cpu_seconds
 from benchmarks.streaming import cpu_model, echo_overhead, stop, wait_ready
+from gateway.affinity import process_tree
 from gateway.auth.keys import hash_secret, new_secret
 
 LIMIT = 10**9  # limits that never refuse: what is measured is their bookkeeping
@@ -55,8 +59,8 @@ def write(data: dict[str, Any]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--requests", type=int, default=600, help="per measurement at c=1")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=400, help="per measurement at c=1 (six times that at 32)")
     args = parser.parse_args()
 
     secrets = {name: new_secret() for name in ("key", "key+rpm", "key+tpm")}
@@ -69,7 +73,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(open_config),
            "--host", "127.0.0.1", "--port", str(args.port)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    results: dict[str, list[tuple[float, float]]] = {}
+    results: dict[str, list[tuple[float, float, float]]] = {}
     try:
         wait_ready(base + "/ready", proc)
         keyed = [(name, keyed_config, {"authorization": f"Bearer {s}"}) for name, s in secrets.items()]
@@ -81,19 +85,37 @@ def main() -> None:
                                    check=True, capture_output=True)
                     time.sleep(2)
                 p50, _ = asyncio.run(echo_overhead(base, 1, args.requests, headers))
+                before = tree_cpu(proc.pid)
                 _, rate = asyncio.run(echo_overhead(base, 32, args.requests * 6, headers))
-                results.setdefault(name, []).append((p50, rate))
-                print(f"    {name:<8} c=1 p50 {p50:.3f} ms   c=32 {rate:.0f} req/s", flush=True)
+                cpu_ms = (tree_cpu(proc.pid) - before) * 1000 / (args.requests * 6 + 5 * 32)
+                results.setdefault(name, []).append((p50, rate, cpu_ms))
+                print(f"    {name:<8} c=1 p50 {p50:.3f} ms   c=32 {rate:.0f} req/s, "
+                      f"{cpu_ms:.3f} CPU ms per request", flush=True)
     finally:
         stop(proc)
     print(f"\nllm-gateway keys benchmark, {cpu_model()}, echo model, non-streaming chat")
-    base_p50 = statistics.median(p for p, _ in results["no keys"])
-    base_rate = statistics.median(r for _, r in results["no keys"])
+    print("  medians over the rounds; in brackets the median of each round's change against the")
+    print("  open gateway of the same round (this host's speed drifts between rounds)")
+    base = results["no keys"]
     for name, runs in results.items():
-        p50 = statistics.median(p for p, _ in runs)
-        rate = statistics.median(r for _, r in runs)
-        print(f"  {name:<8} c=1 p50 {p50:6.3f} ms ({p50 - base_p50:+.3f} ms)   "
-              f"c=32 {rate:6.0f} req/s ({rate / base_rate - 1:+.1%})")
+        p50, rate, cpu_ms = (statistics.median(r[i] for r in runs) for i in range(3))
+        added = statistics.median(r[0] - b[0] for r, b in zip(runs, base))
+        rate_change = statistics.median(r[1] / b[1] - 1 for r, b in zip(runs, base))
+        cpu_change = statistics.median(r[2] / b[2] - 1 for r, b in zip(runs, base))
+        print(f"  {name:<8} c=1 p50 {p50:6.3f} ms ({added:+.3f} ms)   "
+              f"c=32 {rate:6.0f} req/s ({rate_change:+.1%}), "
+              f"{cpu_ms:.3f} CPU ms per request ({cpu_change:+.1%})")
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds used so far by the gateway's processes (all of ``root``'s tree)."""
+    total = 0.0
+    for pid in process_tree(root):
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            continue
+    return total
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     keys_new.add_argument("--tpm", type=int, default=None, help="tokens per minute")
     keys_new.add_argument("--max-concurrent", type=int, default=None, help="requests at once")
     keys_new.add_argument("--expires", default=None, help="ISO 8601 time with a zone")
+    keys_new.add_argument(
+        "--ops", action="store_true",
+        help="an operations key: for /health, /ready and /metrics only (no models, no limits)",
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,6 +104,8 @@ def new_key(args: argparse.Namespace) -> int:
     for field in ("rpm", "tpm", "max_concurrent", "expires"):
         if getattr(args, field) is not None:
             entry[field] = getattr(args, field)
+    if args.ops:
+        entry["ops"] = True
     try:
         KeyConfig.model_validate(entry)
     except ValidationError as exc:
@@ -172,17 +178,20 @@ def access_note(config: GatewayConfig, host: str) -> str:
     """Who may use the gateway, said at start-up (a warning when anyone on the network may)."""
     import ipaddress
 
-    if config.keys:
-        return f"{len(config.keys)} API keys configured: /v1 and /v2 need one"
+    api = [k for k in config.keys if not k.ops]
+    ops = len(config.keys) - len(api)
+    guarded = f"; {ops} operations keys: /health, /ready and /metrics need one" if ops else ""
+    if api:
+        return f"{len(api)} API keys configured: /v1 and /v2 need one{guarded}"
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
     if loopback:
-        return "no API keys configured: the gateway is open to this machine's users"
+        return f"no API keys configured: the gateway is open to this machine's users{guarded}"
     return (
         f"WARNING: no API keys configured and listening on {host}: anyone who reaches "
-        "it may use every model (add `keys:`, see README)"
+        f"it may use every model (add `keys:`, see README){guarded}"
     )
 
 

@@ -493,6 +493,11 @@ class KeyConfig(_Strict):
     expires: datetime | None = Field(
         None, description="When the key stops working (ISO 8601 with a time zone)."
     )
+    ops: bool = Field(
+        False,
+        description="An operations key: it reaches /health, /ready and /metrics (which then "
+        "need one) and nothing under /v1 or /v2.",
+    )
 
     @field_validator("expires")
     @classmethod
@@ -500,6 +505,16 @@ class KeyConfig(_Strict):
         if expires is not None and expires.tzinfo is None:
             raise ValueError("give a time zone (e.g. 2027-01-31T00:00:00Z)")
         return expires
+
+    @model_validator(mode="after")
+    def _ops_key_has_no_models_or_limits(self) -> KeyConfig:
+        if self.ops:
+            for name in ("rpm", "tpm", "max_concurrent"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"ops key {self.id!r}: {name} applies to API keys only")
+            if self.models != ["*"]:
+                raise ValueError(f"ops key {self.id!r}: models applies to API keys only")
+        return self
 
     @property
     def limited(self) -> bool:

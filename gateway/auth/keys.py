@@ -71,10 +71,13 @@ class ApiKey:
 
 
 class KeyTable:
-    """The keys an ingress replica accepts; empty: the gateway is open."""
+    """The keys an ingress replica accepts: API keys (none: the API is open)
+    and operations keys (none: health, readiness and metrics are open)."""
 
     def __init__(self, keys: Iterable[KeyConfig] = (), clock: Callable[[], float] = time.time) -> None:
-        self._by_hash = {k.hash: ApiKey.of(k) for k in keys}
+        keys = list(keys)
+        self._by_hash = {k.hash: ApiKey.of(k) for k in keys if not k.ops}
+        self._ops_by_hash = {k.hash: ApiKey.of(k) for k in keys if k.ops}
         self._clock = clock
 
     def __bool__(self) -> bool:
@@ -83,14 +86,28 @@ class KeyTable:
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    @property
+    def guards_ops(self) -> bool:
+        """Whether health, readiness and metrics need an operations key."""
+        return bool(self._ops_by_hash)
+
     def authenticate(self, authorization: str | None) -> ApiKey:
-        """The key an ``Authorization`` header names; raises AuthenticationError
-        (401 ``invalid_api_key``) when it is missing, unknown or expired."""
+        """The API key an ``Authorization`` header names; raises
+        AuthenticationError (401 ``invalid_api_key``) when it is missing,
+        unknown or expired (an operations key is unknown here)."""
+        return self._find(self._by_hash, authorization)
+
+    def authenticate_ops(self, authorization: str | None) -> ApiKey:
+        """The operations key an ``Authorization`` header names (API keys are
+        unknown here); raises as ``authenticate`` does."""
+        return self._find(self._ops_by_hash, authorization)
+
+    def _find(self, table: dict[str, ApiKey], authorization: str | None) -> ApiKey:
         scheme, _, secret = (authorization or "").strip().partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
             raise AuthenticationError(MISSING)
-        key = self._by_hash.get(hash_secret(secret))
+        key = table.get(hash_secret(secret))
         if key is None:
             raise AuthenticationError(INCORRECT)
         if key.expires_at is not None and self._clock() >= key.expires_at:

@@ -1,9 +1,11 @@
-"""The API key check in front of every ``/v1`` and ``/v2`` route.
+"""The key check in front of every ``/v1`` and ``/v2`` route, and of the operations routes.
 
-With keys configured, a request to those routes must name one in
+With API keys configured, a request to those routes must name one in
 ``Authorization: Bearer <key>``; otherwise it is answered 401
-(``invalid_api_key``) before any route sees it. Health, readiness, metrics
-and the API docs stay open. The key found is kept in the request's state
+(``invalid_api_key``) before any route sees it. Health, readiness and
+metrics stay open unless operations keys are configured; then they want one
+of those (and API keys do not open them, nor do operations keys open the
+API). The API docs stay open. The key found is kept in the request's state
 (``api_key(request)``) and its id in the request's record, so metrics and the
 access log name it (never the secret).
 """
@@ -20,6 +22,7 @@ from gateway.auth.keys import ApiKey, KeyTable
 from gateway.errors import AuthenticationError
 
 PROTECTED = ("/v1/", "/v2/")
+OPERATIONS = frozenset({"/health", "/ready", "/metrics"})
 
 
 def api_key(request: Request) -> ApiKey | None:
@@ -37,16 +40,20 @@ class KeyGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         table: KeyTable = self._keys()
-        if scope["type"] != "http" or not table:
+        if scope["type"] != "http" or not (table or table.guards_ops):
             await self._app(scope, receive, send)
             return
         path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
-        if not path.startswith(PROTECTED):
+        if path.startswith(PROTECTED) and table:
+            check = table.authenticate
+        elif path in OPERATIONS and table.guards_ops:
+            check = table.authenticate_ops
+        else:
             await self._app(scope, receive, send)
             return
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
         try:
-            key = table.authenticate(header.decode("latin-1") if header is not None else None)
+            key = check(header.decode("latin-1") if header is not None else None)
         except AuthenticationError as error:
             await _refuse(send, error)
             return

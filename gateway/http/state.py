@@ -81,6 +81,10 @@ class GatewayState:
         async with self._hub.choose_replica(_reserve=False) as selection:
             return LimiterAddress.from_metadata(selection.replica_metadata)
 
+    @staticmethod
+    def _api_keys(config: GatewayConfig) -> bool:
+        return any(not k.ops for k in config.keys)
+
     def apply(self, models: object, routing: object, keys: object = ()) -> None:
         """Serves ``models`` with ``routing`` to the holders of ``keys`` from
         the next request on.
@@ -89,7 +93,7 @@ class GatewayState:
         validate together.
         """
         config = GatewayConfig.assemble(self.front_door, models, routing, keys)
-        if not config.keys and (self.config is None or self.config.keys):
+        if not self._api_keys(config) and (self.config is None or self._api_keys(self.config)):
             logger.warning(
                 "no API keys configured: whoever reaches the gateway may use every model"
             )

@@ -42,6 +42,8 @@ def secrets(gateway: Gateway) -> Iterator[dict[str, str]]:
     }
     keyed = copy.deepcopy(TEST_CONFIG)
     keyed["keys"] = [{"id": n, "hash": hash_secret(made[n]), **entries[n]} for n in KEYS]
+    made["ops"] = new_secret()  # for health, readiness and metrics
+    keyed["keys"].append({"id": "ops", "hash": hash_secret(made["ops"]), "ops": True})
     gateway.redeploy(keyed)
     try:
         yield made
@@ -61,7 +63,7 @@ def chat(max_tokens: int = 3, **extra: Any) -> dict[str, Any]:
     return {"model": "echo", "messages": WORDS, "max_tokens": max_tokens, **extra}
 
 
-def test_requests_without_a_valid_key_are_refused_and_probes_stay_open(
+def test_requests_without_a_valid_key_are_refused_and_probes_want_the_operations_key(
     gateway: Gateway, secrets: dict[str, str]
 ) -> None:
     with httpx.Client(base_url=gateway.base_url, timeout=30) as http:
@@ -73,8 +75,15 @@ def test_requests_without_a_valid_key_are_refused_and_probes_stay_open(
             assert secrets["full"] not in refused.text
         assert http.get("/v1/models").status_code == 401
         assert http.post("/v1/models/iris:predict", json={"instances": [[1, 2, 3, 4]]}).status_code == 401
-        assert http.get("/health").status_code == 200
-        assert http.get("/metrics").status_code == 200
+        assert http.get("/v1/models", headers=bearer(secrets["ops"])).status_code == 401
+        # Health, readiness and metrics want the operations key, and only that.
+        for path in ("/health", "/ready", "/metrics"):
+            for headers in ({}, bearer(secrets["full"])):
+                refused = http.get(path, headers=headers)
+                assert refused.status_code == 401, path
+                assert refused.json()["error"]["code"] == "invalid_api_key"
+            assert http.get(path, headers=bearer(secrets["ops"])).status_code == 200, path
+        assert http.get("/docs").status_code == 200
     sdk = openai.OpenAI(base_url=gateway.v1, api_key="sk-gw-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         sdk.chat.completions.create(model="echo", messages=WORDS, max_tokens=2)
@@ -210,7 +219,7 @@ async def test_usage_is_labelled_with_the_key_id(gateway: Gateway, secrets: dict
         assert http.post(CHAT, json=chat(2)).status_code == 200
         page = ""
         for _ in range(40):  # replicas report to the hub every half second
-            page = http.get("/metrics").text
+            page = http.get("/metrics", headers=bearer(secrets["ops"])).text
             if 'key="full"' in page:
                 break
             time.sleep(0.25)

@@ -57,6 +57,21 @@ def test_models_are_matched_by_name_or_glob() -> None:
 
 def test_an_empty_table_means_an_open_gateway() -> None:
     assert not KeyTable([])
+    assert not KeyTable([]).guards_ops
+
+
+def test_operations_keys_and_api_keys_open_only_their_own_routes() -> None:
+    api, ops = new_secret(), new_secret()
+    table = KeyTable([_key(api), KeyConfig(id="prometheus", hash=hash_secret(ops), ops=True)])
+    assert table and table.guards_ops and len(table) == 1
+    assert table.authenticate(f"Bearer {api}").id == "team-a"
+    assert table.authenticate_ops(f"Bearer {ops}").id == "prometheus"
+    with pytest.raises(AuthenticationError):
+        table.authenticate(f"Bearer {ops}")
+    with pytest.raises(AuthenticationError):
+        table.authenticate_ops(f"Bearer {api}")
+    only_ops = KeyTable([KeyConfig(id="prometheus", hash=hash_secret(ops), ops=True)])
+    assert not only_ops and only_ops.guards_ops  # the API stays open, the probes do not
 
 
 @pytest.mark.parametrize(
@@ -69,6 +84,8 @@ def test_an_empty_table_means_an_open_gateway() -> None:
         ([{"id": "a", "hash": hash_secret("x"), "rpm": 0}], "keys.0.rpm"),
         ([{"id": "a", "hash": hash_secret("x"), "expires": "2030-01-01T00:00:00"}], "time zone"),
         ([{"id": "a", "hash": hash_secret("x"), "secret": "x"}], "keys.0.secret"),
+        ([{"id": "a", "hash": hash_secret("x"), "ops": True, "rpm": 5}], "rpm applies to API keys only"),
+        ([{"id": "a", "hash": hash_secret("x"), "ops": True, "models": ["chat"]}], "models applies"),
     ],
 )
 def test_bad_key_entries_fail_start_up_naming_the_field(keys: list[dict[str, object]], message: str) -> None:
@@ -84,6 +101,8 @@ def test_bad_key_entries_fail_start_up_naming_the_field(keys: list[dict[str, obj
         ("0.0.0.0", [], "WARNING"),
         ("10.0.0.5", [], "WARNING"),
         ("0.0.0.0", [{"id": "a", "hash": hash_secret("x")}], "1 API keys configured"),
+        ("0.0.0.0", [{"id": "a", "hash": hash_secret("x"), "ops": True}], "WARNING"),
+        ("127.0.0.1", [{"id": "a", "hash": hash_secret("x"), "ops": True}], "1 operations keys"),
     ],
 )
 def test_start_up_says_who_may_use_the_gateway(host: str, keys: list[dict[str, object]], says: str) -> None:
@@ -91,3 +110,36 @@ def test_start_up_says_who_may_use_the_gateway(host: str, keys: list[dict[str, o
 
     config = parse_config({"models": [{"name": "echo", "engine": "echo"}], "keys": keys})
     assert says in access_note(config, host)
+
+
+@pytest.mark.parametrize(
+    ("flags", "entry"),
+    [
+        (["--id", "team-a", "--models", "chat,tiny-*", "--rpm", "600", "--max-concurrent", "4"],
+         {"id": "team-a", "models": ["chat", "tiny-*"], "rpm": 600, "max_concurrent": 4}),
+        (["--id", "prometheus", "--ops"], {"id": "prometheus", "ops": True}),
+    ],
+)
+def test_keys_new_prints_the_secret_alone_then_the_entry(flags: list[str], entry: dict[str, object]) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    made = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "new", *flags],
+                          capture_output=True, text=True, check=True)
+    secret, rest = made.stdout.split("\n", 1)
+    assert secret.startswith(SECRET_PREFIX) and " " not in secret
+    [printed] = yaml.safe_load(rest)
+    assert printed == {**entry, "hash": hash_secret(secret)}
+    assert secret not in rest and secret not in made.stderr
+    KeyConfig.model_validate(printed)
+
+
+def test_keys_new_refuses_limits_on_an_operations_key() -> None:
+    import subprocess
+    import sys
+
+    made = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "new", "--id", "p", "--ops", "--rpm", "5"],
+                          capture_output=True, text=True)
+    assert made.returncode != 0 and "API keys only" in made.stderr and not made.stdout
