@@ -25,6 +25,10 @@ class GatewayIngress:
     def __init__(
         self, front_door: FrontDoorConfig, handles: Mapping[str, Any] | None, hub: Any
     ) -> None:
+        # Serve calls a replica's ``__del__`` on a graceful stop and awaits it. It is
+        # set on the instance: the garbage collector looks for ``__del__`` on the
+        # class only, so it never makes a coroutine that no one awaits.
+        self.__del__ = self.stop
         self._bound = dict(handles) if handles is not None else None
         self._app = front_door.app_name
         source = replica_source()
@@ -62,8 +66,8 @@ class GatewayIngress:
         self._state.apply(user_config["models"], user_config["routing"], user_config.get("keys", []))
         self._reporter.start()
 
-    async def __del__(self) -> None:
-        # Serve calls this on a graceful stop: lines still buffered go out.
+    async def stop(self) -> None:
+        """A graceful stop (Serve's ``__del__``): lines still buffered go out."""
         await self._reporter.stop()
         self._state.access_log.flush()
 

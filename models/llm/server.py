@@ -55,6 +55,10 @@ class LLMServer:
         hub_app: str | None = None,
         relay_host: str | None = None,
     ) -> None:
+        # Serve calls ``__del__`` on a graceful stop and awaits it; set on the
+        # instance so that the garbage collector, which looks on the class,
+        # never makes a coroutine no one awaits.
+        self.__del__ = self.stop
         logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
         unpin_self()  # see gateway.affinity: the engine decides where it computes
         self._config = config
@@ -130,7 +134,8 @@ class LLMServer:
         """Called by Serve's health checks; raising marks the replica unhealthy."""
         await self._engine.check_health()
 
-    async def __del__(self) -> None:
+    async def stop(self) -> None:
+        """A graceful stop (Serve's ``__del__``): the relay port closes, the engine shuts down."""
         if self._reporter is not None:
             await self._reporter.stop()
         await self._relay.stop()

@@ -52,7 +52,7 @@ async def test_the_replica_publishes_where_it_takes_streams() -> None:
     address = RelayAddress.from_metadata(server.record_replica_metadata())
     assert address is not None and address.host == "127.0.0.1" and address.port > 0
     assert len(address.token) >= 32
-    await server.__del__()
+    await server.stop()
 
 
 async def test_a_body_comes_with_its_outcome() -> None:
