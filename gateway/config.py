@@ -413,6 +413,12 @@ class RoutingConfig(_Strict):
     routes: list[RouteConfig] = Field(
         default_factory=list, description="Aliases over weighted variants."
     )
+    seed: int | None = Field(
+        None,
+        description="Seeds the random choices (variants of requests without a cohort, shadow "
+        "copies) on each ingress replica, afresh on every deploy: the same sequence each time, "
+        "for tests and replays. None: fresh randomness.",
+    )
 
 
 class RuntimeConfig(_Strict):

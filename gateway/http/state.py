@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,8 @@ def _route_table(config: GatewayConfig) -> RouteTable:
         )
         for route in config.routing.routes
     }
-    return RouteTable((m.name for m in config.models), aliases)
+    seed = config.routing.seed
+    return RouteTable((m.name for m in config.models), aliases, random.Random(seed) if seed is not None else None)
 
 
 class GatewayState:

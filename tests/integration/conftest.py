@@ -68,6 +68,7 @@ TEST_CONFIG: dict[str, Any] = {
          "num_cpus": 0.1, "batch_wait_timeout_s": 0.02, "max_instances_per_request": 64},
     ],
     "routing": {
+        "seed": 20261130,  # the weighted splits the tests count are the same each run
         "routes": [
             {"name": "chat", "variants": {"echo": 80, "echo-b": 20}},
             {"name": "vllm-alias", "variants": {VLLM_MODEL: 1, "echo": 0}},

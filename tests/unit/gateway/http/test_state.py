@@ -86,3 +86,18 @@ def test_before_the_first_apply_no_model_is_served() -> None:
     state = GatewayState(FrontDoorConfig(), NoHandle, lambda m: "x")
     assert state.model_cards() == []
     assert state.routes.resolve("a") is None
+
+
+def test_a_seeded_routing_repeats_its_choices_after_each_deploy() -> None:
+    state, _ = make_state()
+    seeded = {"seed": 7, "routes": [{"name": "chat", "variants": {"a": 1, "b": 1}}]}
+
+    def picks() -> list[str]:
+        return [state.routes.resolve("chat").target for _ in range(40)]  # type: ignore[union-attr]
+
+    state.apply(MODELS, seeded)
+    first = picks()
+    state.apply(MODELS, seeded)
+    assert picks() == first and set(first) == {"a", "b"}
+    state.apply(MODELS, {**seeded, "seed": None})
+    assert picks() != first  # unseeded: fresh randomness (equal by chance with odds 2**-40)
