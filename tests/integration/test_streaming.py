@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import sse
 from tests.integration.conftest import VLLM_MODEL, Gateway
@@ -74,11 +75,12 @@ async def test_32_concurrent_streams_all_complete(async_client: openai.AsyncOpen
     assert results == [(32, "length")] * 32
 
 
-# Enough work that the engine would stay busy for seconds if aborts did not
-# happen, so "idle within ABORT_DEADLINE_S" can only pass through aborts.
+# Each hung-up request would generate LONG tokens without an abort; with one
+# it stops within a few. vLLM's own generation_tokens counter tells which.
 HANG_UPS = 16
 LONG = 480
-ABORT_DEADLINE_S = 2.0
+AFTER_HANG_UP = LONG // 4  # tokens one request may still make while its abort travels
+IDLE_WAIT_S = 30.0
 
 
 async def wait_idle(gateway: Gateway, deadline_s: float) -> int:
@@ -86,6 +88,30 @@ async def wait_idle(gateway: Gateway, deadline_s: float) -> int:
     while (busy := await gateway.unfinished_requests(VLLM_MODEL)) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return busy
+
+
+def generated_tokens(gateway: Gateway) -> float:
+    """vLLM's ``vllm:generation_tokens_total`` for the test model, from /metrics."""
+    page = httpx.get(gateway.base_url + "/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name == "vllm:generation_tokens_total" and sample.labels.get("model_name") == VLLM_MODEL
+    )
+
+
+async def settled_generated_tokens(gateway: Gateway) -> float:
+    """The counter once the engine is idle and its replica has reported since
+    (it reports each second): two readings 1.5 s apart that agree."""
+    await wait_idle(gateway, IDLE_WAIT_S)
+    before = await asyncio.to_thread(generated_tokens, gateway)
+    while True:
+        await asyncio.sleep(1.5)
+        now = await asyncio.to_thread(generated_tokens, gateway)
+        if now == before:
+            return now
+        before = now
 
 
 async def test_hang_ups_abort_engine_requests(gateway: Gateway, client: openai.OpenAI) -> None:
@@ -97,10 +123,12 @@ async def test_hang_ups_abort_engine_requests(gateway: Gateway, client: openai.O
             async for _ in response.aiter_raw():
                 break  # first bytes arrived: leave mid-stream
 
+    before = await settled_generated_tokens(gateway)
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as session:
         await asyncio.gather(*(hang_up(session) for _ in range(HANG_UPS)))
-    busy = await wait_idle(gateway, ABORT_DEADLINE_S)
-    assert busy == 0, f"{busy} engine requests still running after every client left"
+    generated = await settled_generated_tokens(gateway) - before
+    # Without aborts: HANG_UPS x LONG = 7,680 tokens.
+    assert generated <= HANG_UPS * AFTER_HANG_UP, f"{generated:.0f} tokens generated for clients that left"
 
     started = time.monotonic()
     answer = client.chat.completions.create(model=VLLM_MODEL, messages=HELLO, max_tokens=8)
@@ -133,6 +161,9 @@ async def test_non_streaming_hang_ups_abort_engine_requests(gateway: Gateway) ->
         with pytest.raises(httpx.ReadTimeout):
             await session.post(CHAT, json=body)
 
+    before = await settled_generated_tokens(gateway)
     async with httpx.AsyncClient(base_url=ingress_replica_url(), timeout=0.5) as session:
         await asyncio.gather(*(hang_up(session) for _ in range(HANG_UPS // 2)))
-    assert await wait_idle(gateway, ABORT_DEADLINE_S) == 0
+    generated = await settled_generated_tokens(gateway) - before
+    # Each client waited 0.5 s for its answer, then left; without aborts: 8 x LONG = 3,840 tokens.
+    assert generated < 0.75 * HANG_UPS // 2 * LONG, f"{generated:.0f} tokens generated for clients that left"
