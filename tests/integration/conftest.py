@@ -13,7 +13,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,8 +171,12 @@ def client(gateway: Gateway) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="session")
-def async_client(gateway: Gateway) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=60)
+async def async_client(gateway: Gateway) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=60)
+    try:
+        yield client
+    finally:
+        await client.close()  # its pooled connections end with the session's event loop
 
 
 @pytest.fixture(scope="session")

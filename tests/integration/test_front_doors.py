@@ -42,10 +42,11 @@ def base_url() -> Iterator[str]:
     config.write_text(json.dumps(CONFIG))
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
     try:
         _wait_ready(f"http://127.0.0.1:{port}", timeout_s=240)
         yield f"http://127.0.0.1:{port}"
@@ -62,9 +63,17 @@ def stream_body(content: str) -> dict[str, object]:
     return {"model": "echo", "stream": True, "messages": [{"role": "user", "content": content}]}
 
 
-async def read_stream(session: httpx.AsyncClient, content: str) -> tuple[int, bytes]:
+async def read_stream(
+    session: httpx.AsyncClient, content: str, started: asyncio.Semaphore | None = None
+) -> tuple[int, bytes]:
+    """The stream's status and bytes; ``started`` is released at its first bytes."""
     async with session.stream("POST", "/v1/chat/completions", json=stream_body(content)) as response:
-        return response.status_code, b"".join([chunk async for chunk in response.aiter_raw()])
+        chunks = []
+        async for chunk in response.aiter_raw():
+            if not chunks and started is not None:
+                started.release()
+            chunks.append(chunk)
+        return response.status_code, b"".join(chunks)
 
 
 def echo_replicas() -> list[psutil.Process]:
@@ -92,8 +101,10 @@ async def test_streams_route_around_a_replica_that_dies(base_url: str) -> None:
     replicas = echo_replicas()
     assert len(replicas) == 2, "the echo model should run two replicas"
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as session:
-        in_flight = [asyncio.ensure_future(read_stream(session, LONG)) for _ in range(6)]
-        await asyncio.sleep(0.5)  # every stream has started, on either replica
+        started = asyncio.Semaphore(0)
+        in_flight = [asyncio.ensure_future(read_stream(session, LONG, started)) for _ in range(6)]
+        for _ in in_flight:  # every stream has sent its first bytes, from either replica
+            await asyncio.wait_for(started.acquire(), 30)
         replicas[0].send_signal(signal.SIGKILL)
         for status, raw in await asyncio.gather(*in_flight):
             # A stream on the dead replica ends with an error frame, never hangs.

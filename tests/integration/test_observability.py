@@ -79,11 +79,23 @@ def wait_for_log(request_ids: set[str], kind: str = "access") -> list[dict[str, 
         time.sleep(0.2)
 
 
+async def quiet_page(base_url: str) -> Samples:
+    """A scrape once the request counters stand still: two scrapes 0.75 s
+    apart agree (each replica reports twice a second)."""
+    _, samples = await asyncio.to_thread(scrape, base_url)
+    for _ in range(40):
+        await asyncio.sleep(0.75)
+        _, again = await asyncio.to_thread(scrape, base_url)
+        if total(again, "llm_gateway_requests_total") == total(samples, "llm_gateway_requests_total"):
+            return again
+        samples = again
+    raise AssertionError("the request counters never stood still")
+
+
 async def test_one_scrape_shows_exactly_the_mix_sent_through_both_replicas(
     gateway: Gateway, async_client: openai.AsyncOpenAI
 ) -> None:
-    await asyncio.sleep(1.5)  # both replicas have reported everything earlier tests did
-    _, before = scrape(gateway.base_url)
+    before = await quiet_page(gateway.base_url)  # both replicas reported what earlier tests did
     usages: list[Any] = []
 
     for _ in range(3):

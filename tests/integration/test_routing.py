@@ -6,6 +6,7 @@ import asyncio
 import copy
 import re
 from collections import Counter
+from collections.abc import Callable
 
 import httpx
 import openai
@@ -114,24 +115,34 @@ async def test_weight_change_applies_live_without_failures_or_restarts(
     changed["routing"]["routes"][0]["variants"] = {"echo": 20, "echo-b": 80}
     replicas_before = {m: replica_process(m) for m in (VLLM_MODEL, "echo", "echo-b")}
 
+    started = asyncio.Semaphore(0)
+
     async def long_stream() -> int:
         stream = await async_client.chat.completions.create(
             model="vllm-alias", messages=HELLO, max_tokens=200, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
         )
-        return [chunk async for chunk in stream][-1].usage.completion_tokens
+        chunks = []
+        async for chunk in stream:
+            if not chunks:
+                started.release()
+            chunks.append(chunk)
+        return chunks[-1].usage.completion_tokens
 
     async def steady_traffic() -> int:
         served = 0
         for _ in range(60):
             await async_client.chat.completions.create(model="chat", messages=HELLO, max_tokens=2)
             served += 1
+            if served == 1:
+                started.release()
         return served
 
     try:
         streams = [asyncio.ensure_future(long_stream()) for _ in range(6)]
         traffic = asyncio.ensure_future(steady_traffic())
-        await asyncio.sleep(0.2)
+        for _ in range(len(streams) + 1):  # every stream under way, the traffic flowing
+            await asyncio.wait_for(started.acquire(), 60)
         await asyncio.to_thread(gateway.redeploy, changed)
         # Nothing in flight failed: every stream and request completed.
         assert await asyncio.gather(*streams) == [200] * 6
@@ -159,19 +170,25 @@ async def test_adding_and_removing_a_variant_restarts_no_other_replica(
     others = (VLLM_MODEL, "echo", "echo-b", "iris", "minilm")
     replicas_before = {m: replica_process(m) for m in others}
     stop = asyncio.Event()
+    served: Counter[str] = Counter()
 
     async def steady_traffic() -> Counter[str]:
-        served: Counter[str] = Counter()
         while not stop.is_set():
             response = await async_client.chat.completions.create(model="chat", messages=HELLO, max_tokens=2)
             served[response.model] += 1
-        return served
+        return Counter(served)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, dict(served)
+            await asyncio.sleep(0.02)
 
     try:
         traffic = asyncio.ensure_future(steady_traffic())
-        await asyncio.sleep(0.2)
+        await until(lambda: sum(served.values()) > 0)
         await asyncio.to_thread(gateway.redeploy, added)
-        await asyncio.sleep(0.5)
+        await until(lambda: served["echo-c"] > 0)  # the new variant takes traffic
         stop.set()
         before_removal = await traffic  # raises if any request failed
         assert before_removal["echo-c"] > 0, before_removal
@@ -184,8 +201,9 @@ async def test_adding_and_removing_a_variant_restarts_no_other_replica(
         assert set(counts) == {"echo", "echo-c"}, counts
 
         stop.clear()
+        served.clear()
         traffic = asyncio.ensure_future(steady_traffic())
-        await asyncio.sleep(0.2)
+        await until(lambda: sum(served.values()) > 0)
         await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
         stop.set()
         assert sum((await traffic).values()) > 0
