@@ -166,8 +166,9 @@ def _wait_ready(base_url: str, timeout_s: float = 120) -> None:
 
 
 @pytest.fixture(scope="session")
-def client(gateway: Gateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=60)
+def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=60) as sdk:
+        yield sdk
 
 
 @pytest.fixture(scope="session")

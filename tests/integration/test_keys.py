@@ -84,17 +84,17 @@ def test_requests_without_a_valid_key_are_refused_and_probes_want_the_operations
                 assert refused.json()["error"]["code"] == "invalid_api_key"
             assert http.get(path, headers=bearer(secrets["ops"])).status_code == 200, path
         assert http.get("/docs").status_code == 200
-    sdk = openai.OpenAI(base_url=gateway.v1, api_key="sk-gw-wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
-        sdk.chat.completions.create(model="echo", messages=WORDS, max_tokens=2)
-    good = openai.OpenAI(base_url=gateway.v1, api_key=secrets["full"], max_retries=0)
-    assert good.chat.completions.create(model="echo", messages=WORDS, max_tokens=2).choices
+    with openai.OpenAI(base_url=gateway.v1, api_key="sk-gw-wrong", max_retries=0) as sdk:
+        with pytest.raises(openai.AuthenticationError):
+            sdk.chat.completions.create(model="echo", messages=WORDS, max_tokens=2)
+    with openai.OpenAI(base_url=gateway.v1, api_key=secrets["full"], max_retries=0) as good:
+        assert good.chat.completions.create(model="echo", messages=WORDS, max_tokens=2).choices
 
 
 def test_a_key_sees_and_reaches_only_its_models(gateway: Gateway, secrets: dict[str, str]) -> None:
-    sdk = openai.OpenAI(base_url=gateway.v1, api_key=secrets["scoped"], max_retries=0)
-    assert sorted(m.id for m in sdk.models.list().data) == ["chat", "iris", "iris-ab", "iris-tree"]
-    assert sdk.chat.completions.create(model="chat", messages=WORDS, max_tokens=2).model in ("echo", "echo-b")
+    with openai.OpenAI(base_url=gateway.v1, api_key=secrets["scoped"], max_retries=0) as sdk:
+        assert sorted(m.id for m in sdk.models.list().data) == ["chat", "iris", "iris-ab", "iris-tree"]
+        assert sdk.chat.completions.create(model="chat", messages=WORDS, max_tokens=2).model in ("echo", "echo-b")
     with httpx.Client(base_url=gateway.base_url, timeout=30, headers=bearer(secrets["scoped"])) as http:
         hidden = http.post(CHAT, json=chat())  # a variant of `chat`, named directly
         missing = http.post(CHAT, json={**chat(), "model": "no-such-model"})
@@ -178,14 +178,14 @@ async def test_after_random_hang_ups_the_quota_is_exactly_what_was_used(
 async def test_vllm_token_limit_reserves_the_models_own_prompt_count(
     gateway: Gateway, secrets: dict[str, str]
 ) -> None:
-    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0)
     messages = [{"role": "user", "content": "Tell me something about the sea"}]
-    raw = await sdk.chat.completions.with_raw_response.create(model=VLLM_MODEL, messages=messages, max_tokens=5)
-    answer = raw.parse()
-    reserved = 2_000 - int(raw.headers["x-ratelimit-remaining-tokens"])
-    # The reservation was the prompt, as vLLM counts it, plus max_tokens.
-    assert reserved == answer.usage.prompt_tokens + 5
-    after = await sdk.chat.completions.with_raw_response.create(model=VLLM_MODEL, messages=messages, max_tokens=5)
+    async with openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0) as sdk:
+        raw = await sdk.chat.completions.with_raw_response.create(model=VLLM_MODEL, messages=messages, max_tokens=5)
+        answer = raw.parse()
+        reserved = 2_000 - int(raw.headers["x-ratelimit-remaining-tokens"])
+        # The reservation was the prompt, as vLLM counts it, plus max_tokens.
+        assert reserved == answer.usage.prompt_tokens + 5
+        after = await sdk.chat.completions.with_raw_response.create(model=VLLM_MODEL, messages=messages, max_tokens=5)
     settled = 2_000 - int(after.headers["x-ratelimit-remaining-tokens"]) - reserved
     assert settled == answer.usage.total_tokens
 
