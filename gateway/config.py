@@ -202,11 +202,20 @@ class ModelConfig(_Strict):
         ge=-1,
         description="Requests waiting for a replica before new ones get 503; -1 is unbounded.",
     )
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest a request to this model may take, from when the ingress sends it "
+        "to its last byte, streams included: past it the engine request is aborted and the "
+        "client gets 504 `request_timeout` (a stream that has started: an error frame, then "
+        "[DONE]). None: no limit.",
+    )
     echo_token_delay_ms: float = Field(
         0.0,
         ge=0,
-        description="Echo engine only: pause between streamed tokens, to stand in for "
-        "decode time in tests and overhead measurements.",
+        description="Echo engine only: time per generated token (between streamed tokens, or "
+        "all before a whole answer), to stand in for decode time in tests and overhead "
+        "measurements.",
     )
     max_batch_size: int = Field(
         32,

@@ -234,6 +234,15 @@ class OverloadedError(ServiceUnavailableError):
     default_code = "overloaded"
 
 
+class RequestTimeoutError(GatewayError):
+    """The model took longer than its ``request_timeout_s``; its engine request
+    was aborted (504). Not retried on another variant: the time is spent."""
+
+    status = 504
+    type = "server_error"
+    default_code = "request_timeout"
+
+
 class InternalServerError(GatewayError):
     """A bug or an engine failure; details go to the logs, not the client (500)."""
 

@@ -101,6 +101,7 @@ class LimiterServer:
         self._leases: dict[str, dict[int, _Peer]] = {}  # key -> open leases and their holders
         self._parked: dict[str, list[tuple[_Peer, dict[str, Any]]]] = {}
         self._recalls: dict[str, asyncio.TimerHandle] = {}
+        self._peers: set[_Peer] = set()
 
     async def start(self) -> LimiterAddress:
         self._server = await asyncio.start_server(self._connection, self._host, 0)
@@ -110,9 +111,12 @@ class LimiterServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        for peer in list(self._peers):
+            peer.writer.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _Peer(writer)
+        self._peers.add(peer)
         try:
             hello = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT_S)
             token = str(json.loads(hello or b"{}").get("token", ""))
@@ -129,6 +133,7 @@ class LimiterServer:
         except (ConnectionError, asyncio.TimeoutError, ValueError):
             pass
         finally:
+            self._peers.discard(peer)
             self._gone(peer)
             writer.close()
 

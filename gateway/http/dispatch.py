@@ -20,6 +20,7 @@ from gateway.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ModelNotSupportedError,
+    RequestTimeoutError,
     RequestTooLargeError,
     ServiceUnavailableError,
 )
@@ -139,13 +140,16 @@ class ModelDispatcher:
         handles: Mapping[str, Any] | None = None,
         kinds: Mapping[str, str] | None = None,
         gathering: Mapping[str, Gathering] | None = None,
+        timeouts: Mapping[str, float] | None = None,
     ) -> None:
         """Routes requests that arrive from now on with ``routes``.
 
         ``handles`` (when given) replace the model handles; ``kinds`` name each
         model's kind (all `llm` when not given); ``gathering`` names the
-        batched models whose concurrent requests share calls, and how.
+        batched models whose concurrent requests share calls, and how;
+        ``timeouts`` the models whose requests have a time limit (seconds).
         """
+        self._timeouts = dict(timeouts or {})
         if handles is not None:
             known = {name: h for name, h in self._handles.items() if h.source is handles.get(name)}
             self._handles = {name: known.get(name) or _ModelHandles(h) for name, h in handles.items()}
@@ -245,14 +249,17 @@ class ModelDispatcher:
             if admission is not None:
                 headers.update(admission.headers)
             record.variant = target
+            timeout = self._timeouts.get(target)
             try:
                 if not stream:
-                    return await self._unary(self._handles[target], call, request, headers, record, admission)
-                return await self._stream(self._handles[target], call, headers, record, admission)
+                    return await self._unary(
+                        self._handles[target], call, request, headers, record, admission, timeout
+                    )
+                return await self._stream(self._handles[target], call, headers, record, admission, timeout)
             except GatewayError as error:
                 error.extra_headers.update(headers)
-                # Fallback only for failures of ours, before any byte was sent.
-                if error.status_code < 500 or target == candidates[-1]:
+                # Fallback only for failures of ours, before any byte was sent, with time left.
+                if error.status_code < 500 or target == candidates[-1] or isinstance(error, RequestTimeoutError):
                     raise
                 logger.warning(
                     "request %s: %s failed before its first byte (%s): trying the next variant",
@@ -299,6 +306,7 @@ class ModelDispatcher:
         headers: dict[str, str],
         record: RequestRecord,
         admission: Admission | None = None,
+        timeout: float | None = None,
     ) -> Response:
         waited = time.perf_counter()
         # Who settles the key's reservation if the client leaves: the relay,
@@ -313,22 +321,25 @@ class ModelDispatcher:
             response = handles.unary.remote(call)
             answer = asyncio.ensure_future(_result(response))
         hang_up = asyncio.ensure_future(_disconnected(request))
-        left = False
+        left = expired = False
         try:
-            await asyncio.wait({answer, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({answer, hang_up}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            expired = not done
         finally:
-            # Reached unanswered when the client left: seen here, or by the
-            # server, which then cancels this request's task. Either way,
-            # cancelling the call aborts the engine request (a gathered request
-            # is dropped from its group, or its answer ignored).
+            # Reached unanswered when the client left (seen here, or by the
+            # server, which then cancels this request's task) or the time ran
+            # out. Either way, cancelling the call aborts the engine request (a
+            # gathered request is dropped from its group, or its answer ignored).
             hang_up.cancel()
             record.model_wait_s += time.perf_counter() - waited
             if not answer.done():
-                left = True
+                left = not expired
                 response.cancel()
                 answer.cancel()
                 if abandoned is not None:
                     abandoned(None)
+        if expired:
+            raise _timed_out(timeout)
         if left:
             return Response(status_code=499)
         try:
@@ -345,10 +356,15 @@ class ModelDispatcher:
         headers: dict[str, str],
         record: RequestRecord,
         admission: Admission | None = None,
+        timeout: float | None = None,
     ) -> Response:
         waited = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + timeout if timeout is not None else None
         try:
-            stream = await handles.relay.open(call)
+            async with asyncio.timeout_at(deadline):
+                stream = await handles.relay.open(call)
+        except TimeoutError:
+            raise _timed_out(timeout) from None
         except Exception as exc:
             # Known before any byte left: a plain HTTP error, not a 200 stream.
             raise self._error(exc) from None
@@ -357,30 +373,58 @@ class ModelDispatcher:
 
         if admission is not None:
             stream.when_ended(admission.settle)  # also a stream the client left
-        return RelayResponse(self._relay(stream, record), headers, closed=stream.close)
+        return RelayResponse(self._relay(stream, record, deadline, timeout), headers, closed=stream.close)
 
     def _answered(self, record: RequestRecord, outcome: Outcome) -> None:
         record.outcome = outcome
         self._metrics.answered(record.model, record.variant, outcome, record.key)
 
-    async def _relay(self, stream: RelayedStream, record: RequestRecord) -> AsyncIterator[bytes]:
+    async def _relay(
+        self,
+        stream: RelayedStream,
+        record: RequestRecord,
+        deadline: float | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[bytes]:
         """Yields the stream's bytes as they arrive; its outcome is counted once
         the last of them has been handed to the client. A client that leaves
-        closes the relay, which aborts the engine request."""
+        closes the relay, which aborts the engine request; so does the
+        ``deadline`` (loop time), and the client then gets an error frame."""
+        chunks = stream.chunks()
+        error: GatewayError | None = None
         try:
-            async for chunk in stream.chunks():
-                yield chunk
+            if deadline is None:
+                async for chunk in chunks:
+                    yield chunk
+            else:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):  # around the read, not the yield
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    yield chunk
         except StreamCutError:
             error = ServiceUnavailableError("The model stopped while serving the request.")
-            yield sse.error_frames(error.to_dict())
-            return
+        except TimeoutError:
+            error = _timed_out(timeout)
         finally:
             stream.close()  # at once, even where the client's hang-up left this unfinished
+        if error is not None:
+            record.error, record.late_status = error.code, error.status_code
+            yield sse.error_frames(error.to_dict())
+            return
         if stream.outcome is not None:
             self._answered(record, stream.outcome)
 
     def _error(self, exc: BaseException) -> GatewayError:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
+
+
+def _timed_out(timeout: float | None) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"The model did not finish within this gateway's limit of {timeout:g} s; the request was stopped."
+    )
 
 
 def _routed(body: dict[str, Any], name: str, target: str, in_body: bool) -> dict[str, Any]:

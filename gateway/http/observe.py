@@ -148,6 +148,8 @@ class ObservabilityMiddleware:
         finally:
             if overhead_s is not None and not complete:
                 status = CLIENT_CLOSED
+            elif record.late_status is not None:
+                status = record.late_status
             duration_s = time.perf_counter() - record.started
             metrics.request_finished(record, status, duration_s)
             self._log.request(record, scope["method"], status, duration_s, overhead_s)

@@ -117,6 +117,7 @@ class GatewayState:
             {name: handle for name, (_, handle) in handles.items()},
             {m.name: m.kind for m in config.models},
             {m.name: g for m in config.models if (g := m.gathering()) is not None},
+            {m.name: m.request_timeout_s for m in config.models if m.request_timeout_s is not None},
         )
         logger.info(
             "serving %d models, %d routes, %d API keys",

@@ -39,6 +39,9 @@ class RequestRecord:
     outcome: Outcome | None = None
     error: str | None = None
     key: str = ""  # the API key's id
+    # What an error after the response started (a stream's error frame) stands
+    # for: the status that went out was 200, the request's outcome is this.
+    late_status: int | None = None
 
 
 class GatewayMetrics:

@@ -100,6 +100,12 @@ class EchoEngine:
         plan = self._plan(request)
         tally.prompt_tokens = plan.prompt_tokens
         if not request.stream:
+            if self._token_delay_s and plan.completion_tokens:  # the whole answer's decode time
+                self._in_flight += 1
+                try:
+                    await asyncio.sleep(self._token_delay_s * plan.completion_tokens)
+                finally:
+                    self._in_flight -= 1
             body = json.dumps(_render(plan), separators=(",", ":")).encode()
             _all_tokens_now(tally, plan.completion_tokens)
             return body

@@ -60,6 +60,7 @@ TEST_CONFIG: dict[str, Any] = {
             "max_ongoing_requests": 1,
             "max_queued_requests": 1,
             "echo_token_delay_ms": 100,
+            "request_timeout_s": 3,  # test_timeouts
         },
         {"name": "iris", "engine": "sklearn", "model": str(MODELS / "iris"), "num_cpus": 0.1,
          "batch_wait_timeout_s": 0.02, "max_instances_per_request": 200},
