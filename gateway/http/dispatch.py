@@ -191,10 +191,10 @@ class ModelDispatcher:
             response = await self._forward(
                 endpoint, body, name, in_body, route, request, record, stream, admission
             )
-        except asyncio.CancelledError:
-            # The client left: a whole answer's call settles on its own (with
-            # what the replica generated); a stream not yet started keeps its
-            # reservation.
+        except (asyncio.CancelledError, RequestTimeoutError):
+            # The client left or the time ran out: a whole answer's call
+            # settles on its own (with what the replica generated); a stream
+            # not yet started keeps its reservation.
             if admission is not None and stream:
                 admission.settle(None)
             raise
