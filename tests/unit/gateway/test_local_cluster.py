@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,34 @@ def test_the_wrapper_moves_the_all_interface_listeners_to_loopback(tmp_path: Pat
     assert config.read_text() == (
         "frontend prometheus\n    bind 127.0.0.1:9101\nfrontend http\n    bind 0.0.0.0:8000\n"
         "frontend front\n    bind 127.0.0.1:8000\nlisten stats\n  bind 127.0.0.1:8404\n"
+        "\n# llm-gateway front door\n"
     )
+    subprocess.run([str(wrapper), "-f", str(config)], check=True, capture_output=True)
+    assert config.read_text().count("# llm-gateway front door") == 1  # a reload does not add twice
+
+
+def test_the_wrapper_makes_the_front_doors_own_answers_openai_shaped(tmp_path: Path) -> None:
+    """On a config shaped like Ray Serve's template, checked by the real HAProxy."""
+    wrapper = local_cluster.haproxy_wrapper(tmp_path, read_timeout_s=7.5)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
+        f"    errorfile 502 {tmp_path}/ray500.http\n    errorfile 503 {tmp_path}/ray500.http\n"
+        "frontend http_frontend\n    bind 127.0.0.1:18000\n    default_backend b\n"
+        "backend b\n    server s 127.0.0.1:1\n"
+    )
+    out = subprocess.run([str(wrapper), "-c", "-f", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = config.read_text()
+    assert "ray500" not in text and "timeout http-request 7500ms" in text
+    assert text.index("timeout http-request") < text.index("frontend http_frontend")
+    assert text.index("bad-header.json") > text.index("frontend http_frontend")
+    for name, status in (("503.http", 503), ("504.http", 504)):
+        head, _, body = (tmp_path / name).read_bytes().decode().partition("\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ") and f"Content-Length: {len(body)}" in head
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+    assert "Retry-After: 1" in (tmp_path / "503.http").read_text()
 
 
 def local_cluster_binary(wrapper: Path) -> str:

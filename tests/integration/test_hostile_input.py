@@ -1,0 +1,179 @@
+"""Hostile input is answered 4xx in OpenAI's shape, never 5xx, and costs others nothing.
+
+Invalid UTF-8 and unpaired surrogates in any field, request ids that are
+not UTF-8, and clients that send their body too slowly
+(``ingress.read_timeout_s``, 5 s in the test config) get the gateway's
+OpenAI-shaped 4xx; heads too large or too slow are refused by HAProxy
+itself, with a 400 or 408 of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.integration.conftest import VLLM_MODEL, Gateway
+from tests.integration.test_errors import assert_error
+
+CHAT = "/v1/chat/completions"
+HELLO = '[{"role": "user", "content": "Hello"}]'
+READ_TIMEOUT_S = 5
+
+
+def _chat(model: str, extra: str = "", messages: str = HELLO) -> bytes:
+    return f'{{"model": "{model}", "messages": {messages}, "max_tokens": 2{extra}}}'.encode()
+
+
+SURROGATES = [
+    (CHAT, _chat(VLLM_MODEL, messages='[{"role": "user", "content": "Hi \\ud800"}]'), "messages[0].content"),
+    (CHAT, _chat("echo", messages='[{"role": "user", "content": "Hi \\udfff there"}]'), "messages[0].content"),
+    (CHAT, _chat(VLLM_MODEL, ', "stream": true', '[{"role": "user", "content": "\\uDC00"}]'), "messages[0].content"),
+    (CHAT, _chat(VLLM_MODEL, messages='[{"role": "user\\ud800", "content": "Hi"}]'), "messages[0].role"),
+    (CHAT, _chat(VLLM_MODEL + "\\udc00"), "model"),
+    (CHAT, _chat("chat", ', "user": "\\ud800"'), "user"),
+    (CHAT, _chat(VLLM_MODEL, ', "stop": ["a", "\\ud800"]'), "stop[1]"),
+    (CHAT, _chat(VLLM_MODEL, ', "metadata": {"\\ud800": "x"}'), "metadata"),
+    (
+        CHAT,
+        _chat(VLLM_MODEL, ', "tools": [{"type": "function", "function": {"name": "f\\ud800", "parameters": {}}}]'),
+        "tools[0].function.name",
+    ),
+    ("/v1/completions", b'{"model": "tiny-chat-v1", "prompt": ["ok", "\\ud800"], "max_tokens": 2}', "prompt[1]"),
+    ("/v1/embeddings", b'{"model": "all-minilm-l6-v2", "input": "Hi \\ud800"}', "input"),
+    ("/v1/models/iris:predict", b'{"instances": [["\\ud800", 1, 2, 3]]}', "instances[0][0]"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), SURROGATES)
+def test_an_unpaired_surrogate_in_any_field_is_400_naming_it(
+    http: httpx.Client, path: str, raw: bytes, param: str
+) -> None:
+    error = assert_error(http.post(path, content=raw), 400, None, param)
+    assert "unpaired surrogate" in error["message"] and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        (CHAT, b'{"model": "tiny-chat-v1", "messages": [{"role": "user", "content": "Hi \xff"}], "max_tokens": 2}'),
+        (CHAT, b'{"model": "ec\xc3\x28ho", "messages": [{"role": "user", "content": "Hi"}]}'),
+        (CHAT, b'{"model": "chat", "user": "\xed\xa0\x80", "messages": [{"role": "user", "content": "Hi"}]}'),
+        ("/v1/embeddings", b'{"model": "all-minilm-l6-v2", "input": ["ok", "\xf8\x88\x80\x80\x80"]}'),
+        ("/v1/models/iris:predict", b'{"instances": [[1, 2, 3, 4]], "\xfe": 1}'),
+    ],
+)
+def test_invalid_utf8_in_any_field_is_400(http: httpx.Client, path: str, raw: bytes) -> None:
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode()
+    error = assert_error(http.post(path, content=raw), 400, None)
+    assert "valid JSON" in error["message"]
+
+
+def test_escaped_surrogate_pairs_are_ordinary_text(http: httpx.Client) -> None:
+    """JSON writers that escape all non-ASCII send emoji as a pair of escapes."""
+    raw = _chat("echo", messages='[{"role": "user", "content": "smile \\ud83d\\ude00"}]')
+    response = http.post(CHAT, content=raw)
+    assert response.status_code == 200, response.text
+    assert "\N{GRINNING FACE}" in response.json()["choices"][0]["message"]["content"]
+
+
+def _raw(gateway: Gateway, parts: list[bytes], pause_s: float = 0.0, timeout_s: float = 30) -> tuple[bytes, float]:
+    """Sends ``parts`` on one connection, pausing between them, while reading
+    the answer; returns it and the seconds from the first byte sent until it
+    was complete."""
+    address = urlsplit(gateway.base_url)
+    with socket.create_connection((address.hostname, address.port), timeout=timeout_s) as sock:
+        done = threading.Event()
+
+        def send() -> None:
+            for part in parts:
+                if done.is_set():
+                    return
+                try:
+                    sock.sendall(part)
+                except OSError:
+                    return  # answered and closed before the client finished
+                done.wait(pause_s)
+
+        sender = threading.Thread(target=send)
+        start = time.monotonic()
+        sender.start()
+        answer = b""
+        try:  # until the whole answer is in: the connection may stay open for a body still coming
+            while not _complete(answer) and (chunk := sock.recv(65536)):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+        took = time.monotonic() - start
+        done.set()
+        sender.join()
+        return answer, took
+
+
+def _complete(answer: bytes) -> bool:
+    head, found, body = answer.partition(b"\r\n\r\n")
+    lengths = [line.split(b":", 1)[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+    return bool(found) and bool(lengths) and len(body) >= int(lengths[0])
+
+
+def _error(answer: bytes, status: int, code: str | None) -> dict:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == str(status).encode(), answer[:300]
+    assert b"content-type: application/json" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+    return error
+
+
+def _head(extra: bytes = b"", length: int | None = None) -> bytes:
+    size = b"" if length is None else b"Content-Length: %d\r\n" % length
+    return b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n" + size + extra + b"Connection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b"X-Big: " + b"a" * 20_000 + b"\r\n", b"".join(b"X-Many-%d: %s\r\n" % (i, b"v" * 100) for i in range(200))],
+    ids=["one-big-header", "many-headers"],
+)
+def test_a_head_too_large_is_400_and_costs_others_nothing(gateway: Gateway, http: httpx.Client, extra: bytes) -> None:
+    """HAProxy refuses a head over its 16 KiB buffer itself (its own short HTML)."""
+    body = _chat("echo")
+    answer, _ = _raw(gateway, [_head(extra, len(body)) + body])
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert http.post(CHAT, content=body).status_code == 200
+
+
+def test_a_request_id_that_is_not_utf8_is_400_and_a_session_id_is_kept(gateway: Gateway) -> None:
+    body = _chat("chat")
+    answer, _ = _raw(gateway, [_head(b"X-Request-Id: \xff\xfe\r\n", len(body)) + body])
+    assert _error(answer, 400, None)["param"] == "x-request-id"
+    for session in (b"\xff\xfe", "caf\N{LATIN SMALL LETTER E WITH ACUTE}".encode()):
+        answer, _ = _raw(gateway, [_head(b"X-Session-Id: " + session + b"\r\n", len(body)) + body])
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    answer, _ = _raw(gateway, [_head("X-Request-Id: req-caf\N{LATIN SMALL LETTER E WITH ACUTE}\r\n".encode(), len(body)) + body])
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_a_body_that_stalls_is_408_after_the_read_timeout(gateway: Gateway, http: httpx.Client) -> None:
+    body = _chat("echo")
+    # Slow-loris: one byte a second, far too slow to finish within the limit.
+    answer, took = _raw(gateway, [_head(length=len(body))] + [body[i : i + 1] for i in range(len(body))], pause_s=1.0)
+    error = _error(answer, 408, "request_read_timeout")
+    assert error["type"] == "invalid_request_error" and f"{READ_TIMEOUT_S} seconds" in error["message"]
+    assert READ_TIMEOUT_S - 0.5 <= took <= READ_TIMEOUT_S + 3
+    assert http.post(CHAT, content=body).status_code == 200
+
+
+def test_a_head_that_stalls_is_408_after_the_read_timeout(gateway: Gateway, http: httpx.Client) -> None:
+    """Answered by HAProxy (``timeout http-request``), in its own short HTML."""
+    parts = [b"POST /v1/chat/completions HTTP/1.1\r\n", b"Host: gw\r\n"] + [b"X-Slow: 1\r\n"] * 30
+    answer, took = _raw(gateway, parts, pause_s=0.5)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert READ_TIMEOUT_S - 0.5 <= took <= READ_TIMEOUT_S + 3
+    assert http.post(CHAT, content=_chat("echo")).status_code == 200
