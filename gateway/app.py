@@ -48,7 +48,9 @@ def model_deployment(model: ModelConfig, gateway_app: str | None = None) -> Appl
     deployment = _deployment(LLMServer if model.kind == "llm" else ClassicalServer).options(
         name=deployment_name(model),
         **deployment_options(model),
-        health_check_period_s=10,
+        # An LLM replica whose engine died exits (``models.llm.server``);
+        # Serve notices on its next health check, so they come often.
+        health_check_period_s=2 if model.kind == "llm" else 10,
         health_check_timeout_s=30,
         # The ingress logs each request once; a second line per model
         # call costs CPU on the hot path and says nothing new.

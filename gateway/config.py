@@ -366,6 +366,14 @@ class IngressConfig(_Strict):
         description="Largest request body accepted; larger ones are answered 413 before "
         "they are read whole.",
     )
+    replica_wait_s: float = Field(
+        5,
+        ge=0,
+        le=600,
+        description="How long a request to an LLM waits for the model to have a running "
+        "replica (starting, or replacing one that died) before it is answered 503 with "
+        "`Retry-After`; while the model stays down, later requests are answered at once.",
+    )
     read_timeout_s: float = Field(
         30,
         gt=0,

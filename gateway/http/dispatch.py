@@ -67,10 +67,10 @@ class _ModelHandles:
     costs measurable time, so it is cached here.
     """
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, replica_wait_s: float = 5.0) -> None:
         self.source = handle
         self.unary = handle.options(method_name="generate")
-        self.relay = ReplicaRelay(handle)
+        self.relay = ReplicaRelay(handle, wait_s=replica_wait_s)
         self.gather: Gatherer[EngineRequest] | None = None
         # How to count an LLM's prompts here (``gateway.auth.prompt_count``),
         # learnt from one of its replicas when a token limit first needs it.
@@ -122,8 +122,10 @@ class ModelDispatcher:
         limiter: Any = None,
         max_body_bytes: int = 32 * 1024 * 1024,
         read_timeout_s: float | None = None,
+        replica_wait_s: float = 5.0,
     ) -> None:
         self._retry_after_s = retry_after_s
+        self._replica_wait_s = replica_wait_s
         self._max_body_bytes = max_body_bytes
         self._read_timeout_s = read_timeout_s
         # Where limited API keys reserve (``gateway.auth.limiter``).
@@ -156,7 +158,9 @@ class ModelDispatcher:
         self._timeouts = dict(timeouts or {})
         if handles is not None:
             known = {name: h for name, h in self._handles.items() if h.source is handles.get(name)}
-            self._handles = {name: known.get(name) or _ModelHandles(h) for name, h in handles.items()}
+            self._handles = {
+                name: known.get(name) or _ModelHandles(h, self._replica_wait_s) for name, h in handles.items()
+            }
         for name, handle in self._handles.items():
             handle.gather_by((gathering or {}).get(name))
         self._kinds = dict(kinds) if kinds is not None else dict.fromkeys(self._handles, "llm")

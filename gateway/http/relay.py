@@ -39,6 +39,13 @@ SAMPLES_PER_REPLICA, SAMPLES_EXTRA = 4, 8
 REFRESH_S = 2.0
 MAX_MISSES = 3
 _UNAVAILABLE = "The model is temporarily unavailable; please retry shortly."
+_NOT_RUNNING = "No replica of the model is running (it is starting or restarting); please retry shortly."
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Marks a shared look-up's exception as seen when no request is left to await it."""
+    if not task.cancelled():
+        task.exception()
 
 
 class StreamCutError(ConnectionError):
@@ -153,9 +160,14 @@ class ReplicaRelay:
     """Opens streams of one LLM model on its replicas (and asks them for whole
     answers), balanced by this ingress's own counts."""
 
-    def __init__(self, handle: Any, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, handle: Any, clock: Callable[[], float] = time.monotonic, wait_s: float = 5.0
+    ) -> None:
         self._handle = handle
         self._clock = clock
+        # How long a request waits for the model to have a running replica.
+        self.wait_s = wait_s
+        self._looking_since = 0.0
         self._open: dict[relay.RelayAddress, int] = {}  # known replicas: streams open from here
         self._misses: dict[relay.RelayAddress, int] = {}
         self._refreshed_at = -REFRESH_S
@@ -236,9 +248,19 @@ class ReplicaRelay:
         if not self._open:
             # One replica is enough to start; concurrent requests share the
             # look-up, and the rest of the replicas are found in the background.
+            # Serve's router waits for a running replica however long it takes:
+            # a request waits at most ``wait_s`` from when the look-up began, so
+            # while the model stays down (restarting, not yet up) the look-up
+            # goes on and later requests are answered 503 at once.
             if self._first is None or self._first.done():
                 self._first = asyncio.ensure_future(self._discover(samples=1))
-            await asyncio.shield(self._first)
+                self._first.add_done_callback(_retrieved)
+                self._looking_since = self._clock()
+            left = self.wait_s - (self._clock() - self._looking_since)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._first), max(left, 0.0))
+            except TimeoutError:
+                raise ServiceUnavailableError(_NOT_RUNNING) from None
             self._refreshed_at = -REFRESH_S
         if self._clock() - self._refreshed_at > REFRESH_S and self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._discover())

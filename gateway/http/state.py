@@ -75,6 +75,7 @@ class GatewayState:
             RouteTable([]), {}, front_door.ingress.retry_after_s, metrics=self.metrics,
             limiter=self.limiter, max_body_bytes=front_door.ingress.max_body_bytes,
             read_timeout_s=front_door.ingress.read_timeout_s,
+            replica_wait_s=front_door.ingress.replica_wait_s,
         )
         self._handles: dict[str, tuple[ModelConfig, Any]] = {}
         self._created = int(time.time())

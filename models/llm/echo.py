@@ -91,6 +91,9 @@ class EchoEngine:
     async def check_health(self) -> None:
         return None
 
+    def dead(self) -> bool:
+        return False
+
     async def shutdown(self) -> None:
         return None
 

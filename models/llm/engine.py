@@ -57,6 +57,10 @@ class LLMEngine(Protocol):
 
     async def check_health(self) -> None: ...
 
+    def dead(self) -> bool:
+        """True once the engine can serve nothing more (its process is gone)."""
+        ...
+
     async def shutdown(self) -> None: ...
 
 

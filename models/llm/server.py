@@ -3,13 +3,15 @@ streams over its own HTTP port (``models.llm.relay``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import unpin_self
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.metrics.hub import HUB_NAME, MetricsReporter, replica_source
 from gateway.protocol.engine import Outcome, Reply
 from models.llm.engine import EngineInfo, LLMEngine, make_engine
@@ -21,6 +23,13 @@ if TYPE_CHECKING:
     from gateway.protocol.engine import EngineRequest
 
 logger = logging.getLogger(__name__)
+
+# How often the replica looks at its engine, and how long a replica whose
+# engine died keeps answering 503 (its requests in flight get their error
+# frames) before it exits so that Serve starts a new one.
+WATCH_S = 0.2
+DEAD_GRACE_S = 0.5
+ENGINE_DEAD = "The model's engine stopped; a new replica is starting. Please retry shortly."
 
 
 class ClientErrorFilter(logging.Filter):
@@ -54,6 +63,7 @@ class LLMServer:
         engine: LLMEngine | None = None,
         hub_app: str | None = None,
         relay_host: str | None = None,
+        exit_process: Callable[[], None] | None = None,
     ) -> None:
         # Serve calls ``__del__`` on a graceful stop and awaits it; set on the
         # instance so that the garbage collector, which looks on the class,
@@ -62,6 +72,8 @@ class LLMServer:
         logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
         unpin_self()  # see gateway.affinity: the engine decides where it computes
         self._config = config
+        self._dead = False
+        self._watch: asyncio.Task[None] | None = None
         self._active_streams = 0
         self._requests = 0
         self._engine = engine if engine is not None else make_engine(config)
@@ -77,10 +89,28 @@ class LLMServer:
         )
         self._relay_address = await self._relay.start()
         self._reporter = _engine_metrics_reporter(self._engine, hub_app)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_engine(exit_process))
         logger.info("%s ready (streams on %s:%d)", config.name, *self._relay_address[:2])
+
+    async def _watch_engine(self, exit_process: Callable[[], None] | None) -> None:
+        """Notices at once an engine that died (vLLM's engine-core process gone):
+        new requests are answered 503 from then on, and after ``DEAD_GRACE_S``
+        the replica's process exits, so Serve replaces it on its next health
+        check instead of after three failed ones."""
+        while not self._engine.dead():
+            await asyncio.sleep(WATCH_S)
+        self._dead = True
+        logger.error("the engine of %s died; this replica exits so that a new one starts", self._config.name)
+        await asyncio.sleep(DEAD_GRACE_S)
+        (exit_process or _exit_now)()
+
+    def _alive(self) -> None:
+        if self._dead:
+            raise ServiceUnavailableError(ENGINE_DEAD)
 
     async def generate(self, request: EngineRequest, tally: GenerationTally | None = None) -> Reply:
         """A whole answer; counts into ``tally`` when given (what a cancelled one generated)."""
+        self._alive()
         self._requests += 1
         tally = tally if tally is not None else GenerationTally()
         result = await self._engine.generate(request, tally)
@@ -96,6 +126,7 @@ class LLMServer:
         Raises ``GatewayError`` for errors known before the first frame.
         Closing the frames early aborts the engine request.
         """
+        self._alive()
         self._requests += 1
         tally = GenerationTally()
         result = await self._engine.generate(request, tally)
@@ -132,14 +163,22 @@ class LLMServer:
 
     async def check_health(self) -> None:
         """Called by Serve's health checks; raising marks the replica unhealthy."""
+        self._alive()
         await self._engine.check_health()
 
     async def stop(self) -> None:
         """A graceful stop (Serve's ``__del__``): the relay port closes, the engine shuts down."""
+        if self._watch is not None:
+            self._watch.cancel()
         if self._reporter is not None:
             await self._reporter.stop()
         await self._relay.stop()
         await self._engine.shutdown()
+
+
+def _exit_now() -> None:
+    logging.shutdown()
+    os._exit(1)
 
 
 def _node_address() -> str:

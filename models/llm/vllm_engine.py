@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 _TALLY: ContextVar[GenerationTally | None] = ContextVar("tally", default=None)
 
 _ERROR_PREFIX = b'data: {"error"'
+ENGINE_DEAD = "The model's engine stopped; a new replica is starting. Please retry shortly."
 
 
 class VLLMEngine:
@@ -152,6 +153,10 @@ class VLLMEngine:
 
     async def check_health(self) -> None:
         await self._engine.check_health()
+
+    def dead(self) -> bool:
+        # AsyncLLM's monitor thread sets this the moment an engine-core process exits.
+        return self._engine is not None and bool(self._engine.errored)
 
     async def shutdown(self) -> None:
         if self._engine is not None:
@@ -394,8 +399,13 @@ def translate_error(envelope: dict[str, Any], prompt_param: str | None = None) -
 
 
 def translate_exception(exc: Exception, prompt_param: str | None = None) -> GatewayError:
-    """An exception from vLLM's serving layer, mapped the way vLLM's server maps it."""
+    """An exception from vLLM's serving layer, mapped the way vLLM's server maps
+    it, except that a dead engine is 503: the replica is about to be replaced."""
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailableError(ENGINE_DEAD)
 
     response = create_error_response(exc)
     if response.error.code >= 500:

@@ -45,6 +45,7 @@ TEST_CONFIG: dict[str, Any] = {
         "num_replicas": INGRESS_REPLICAS,
         "access_log": str(ACCESS_LOG),
         "read_timeout_s": 5,
+        "replica_wait_s": 2,  # test_faults
     },
     "models": [
         {
@@ -82,6 +83,7 @@ TEST_CONFIG: dict[str, Any] = {
             {"name": "mirrored", "variants": {"echo": 1}, "shadow": {"variant": "echo-b", "percent": 100}},
             {"name": "iris-ab", "variants": {"iris": 50, "iris-tree": 50}},
             {"name": "embed", "variants": {"minilm": 1}},
+            {"name": "vllm-fb", "variants": {VLLM_MODEL: 1000, "echo": 1}, "fallback": True},  # test_faults
         ]
     },
 }

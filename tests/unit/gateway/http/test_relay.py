@@ -391,3 +391,44 @@ async def test_an_abandoned_stream_reports_what_was_generated() -> None:
     outcome = await asyncio.wait_for(reported, timeout=3)
     await asyncio.wait_for(aborted.wait(), timeout=2)  # the engine's stream was closed
     assert outcome is not None and outcome.prompt_tokens == 4 and 1 <= outcome.completion_tokens < 999
+
+
+class Starting(Router):
+    """Serve's router for a model with no running replica: it waits until one is up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = asyncio.Event()
+
+    @asynccontextmanager
+    async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+        await self.up.wait()
+        async with super().choose_replica(_reserve) as selection:
+            yield selection
+
+
+async def test_with_no_running_replica_a_request_waits_at_most_wait_s_and_later_ones_not_at_all() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+
+        return stream(), lambda: OUTCOME
+
+    router = Starting()
+    replicas = ReplicaRelay(router, wait_s=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = [asyncio.ensure_future(replicas.open(CALL)) for _ in range(3)]  # one look-up, shared
+    for outcome in await asyncio.gather(*first, return_exceptions=True):
+        assert isinstance(outcome, ServiceUnavailableError) and outcome.retry_after_s
+    assert 0.25 <= loop.time() - started <= 0.6
+    started = loop.time()
+    with pytest.raises(ServiceUnavailableError, match="No replica of the model is running"):
+        await replicas.open(CALL)  # the model is still down: answered at once
+    assert loop.time() - started < 0.05
+
+    router.addresses.append(await serve(opener))  # the replica comes up
+    router.up.set()
+    await asyncio.sleep(0)
+    stream = await replicas.open(CALL)
+    assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -62,3 +63,30 @@ async def test_a_body_comes_with_its_outcome() -> None:
     usage = json.loads(reply.body)["usage"]
     assert reply.outcome.completion_tokens == usage["completion_tokens"] == 2
     assert reply.outcome.prompt_tokens == usage["prompt_tokens"]
+
+
+async def test_a_dead_engine_is_answered_503_then_the_replica_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.errors import ServiceUnavailableError
+    from models.llm import server as server_module
+    from models.llm.echo import EchoEngine
+
+    monkeypatch.setattr(server_module, "WATCH_S", 0.01)
+    monkeypatch.setattr(server_module, "DEAD_GRACE_S", 0.05)
+    engine = EchoEngine(ModelConfig(name="echo", engine="echo"))
+    exited = asyncio.Event()
+    server = LLMServer.__new__(LLMServer)
+    config = ModelConfig(name="echo", engine="echo")
+    await server.__init__(config, engine=engine, relay_host="127.0.0.1", exit_process=exited.set)  # type: ignore[misc]
+    body = {"model": "echo", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 2}
+    await server.generate(EngineRequest("chat", body, "r1"))
+    await server.check_health()
+
+    monkeypatch.setattr(engine, "dead", lambda: True)  # as vLLM's monitor marks it
+    await asyncio.sleep(0.03)
+    for call in (server.generate(EngineRequest("chat", body, "r2")), server.open_stream(EngineRequest("chat", body, "r3")), server.check_health()):
+        with pytest.raises(ServiceUnavailableError) as caught:
+            await call
+        assert caught.value.status_code == 503 and caught.value.retry_after_s
+    assert not exited.is_set()  # requests in flight get their errors first
+    await asyncio.wait_for(exited.wait(), 1.0)
+    await server.stop()

@@ -1,0 +1,90 @@
+"""A vLLM engine that dies: fast honest answers, fallback, and a new replica.
+
+The engine-core process of the real vLLM replica is killed mid-stream. The
+stream ends with an error frame; from then until a new replica serves, each
+request to the model is answered 503 ``service_unavailable`` with
+``Retry-After`` (at most ``ingress.replica_wait_s``, 2 s in the test config,
+and mostly at once), never 500 and never a hang; a route with ``fallback``
+answers from its next variant; ``/ready`` says the gateway is not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import time
+
+import httpx
+import psutil
+
+from tests.integration.conftest import VLLM_MODEL, Gateway
+from tests.integration.test_routing import replica_process
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "Hello"}]
+REPLICA_WAIT_S = 2
+RECOVERY_LIMIT_S = 240  # a new vLLM replica on a loaded 2-core CI machine
+
+
+def engine_core(replica_pid: int) -> psutil.Process:
+    """vLLM's engine-core process under the model's replica."""
+    for child in psutil.Process(replica_pid).children(recursive=True):
+        if "EngineCore" in " ".join([child.name(), *child.cmdline()]):
+            return child
+    raise AssertionError(f"no engine-core process under replica {replica_pid}")
+
+
+async def test_a_dead_engine_is_answered_503_at_once_falls_back_and_is_replaced(gateway: Gateway) -> None:
+    replica_pid, _ = replica_process(VLLM_MODEL)
+    core = engine_core(replica_pid)
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        # Sticky users whose cohort picks the vLLM variant of `vllm-fb`.
+        before = await session.post(CHAT, json={"model": "vllm-fb", "messages": HELLO, "max_tokens": 2, "user": "u1"})
+        assert before.status_code == 200 and before.headers["x-gateway-variant"] == VLLM_MODEL
+
+        body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 400, "stream": True, "ignore_eos": True}
+        async with session.stream("POST", CHAT, json=body) as stream:
+            assert stream.status_code == 200
+            lines = stream.aiter_lines()
+            while not (await anext(lines)).startswith("data: {"):
+                pass
+            os.kill(core.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            rest = [line async for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert "error" in json.loads(rest[-2].removeprefix("data: "))
+
+        waits: list[float] = []
+        fallback_variants: set[str] = set()
+        ready_statuses: set[int] = set()
+        while True:
+            assert time.monotonic() - killed_at < RECOVERY_LIMIT_S, "the model did not come back"
+            started = time.monotonic()
+            response = await session.post(CHAT, json={"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 2})
+            took = time.monotonic() - started
+            if response.status_code == 200:
+                break
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "service_unavailable"
+            assert int(response.headers["retry-after"]) >= 1
+            assert took < REPLICA_WAIT_S + 1.5
+            waits.append(took)
+            routed = await session.post(
+                CHAT, json={"model": "vllm-fb", "messages": HELLO, "max_tokens": 2, "user": "u1"}
+            )
+            assert routed.status_code == 200, routed.text  # the next variant answers
+            fallback_variants.add(routed.headers["x-gateway-variant"])
+            ready_statuses.add((await session.get("/ready")).status_code)
+            await asyncio.sleep(0.2)
+        recovered_s = time.monotonic() - killed_at
+
+    assert len(waits) >= 5 and statistics.median(waits) < 0.5, waits
+    assert "echo" in fallback_variants
+    assert 503 in ready_statuses
+    new_pid, _ = replica_process(VLLM_MODEL)
+    assert new_pid != replica_pid, "Serve started a new replica"
+    print(f"model answered again {recovered_s:.1f} s after its engine died; 503 waits p50 "
+          f"{statistics.median(waits) * 1000:.0f} ms, max {max(waits) * 1000:.0f} ms")
