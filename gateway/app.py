@@ -77,6 +77,9 @@ def _ingress(front_door: FrontDoorConfig, **options: Any) -> Deployment:
         name=INGRESS_NAME,
         num_replicas=front_door.ingress.num_replicas,
         max_ongoing_requests=front_door.ingress.max_ongoing_requests,
+        # A stopping ingress replica takes no new requests and lets its own
+        # (streams included) finish for this long.
+        graceful_shutdown_timeout_s=front_door.ingress.graceful_shutdown_s,
         ray_actor_options={"num_cpus": front_door.ingress.num_cpus},
         **options,
     )

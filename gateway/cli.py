@@ -200,8 +200,10 @@ def serve_forever(
 ) -> int:
     """Starts Ray (or joins ``address``), deploys the app, serves until signalled.
 
-    On SIGINT or SIGTERM the app is deleted and, when this process started Ray,
-    the whole local cluster (every replica and engine process) is shut down.
+    On SIGINT or SIGTERM the gateway's applications are removed, their
+    requests in flight (streams included) finishing first within their
+    ``graceful_shutdown_s``, and, when this process started Ray, the whole
+    local cluster (every replica and engine process) is shut down.
     """
     if address is None:
         # Read by Ray and Ray Serve at import and cluster start: set them first.
@@ -247,11 +249,25 @@ def serve_forever(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if ray.is_initialized():
+            _drain(config)
             serve.shutdown()
             ray.shutdown()
         print("==> stopped", flush=True)
     return 0
 
 
+def _drain(config: GatewayConfig) -> None:
+    """Removes the gateway's applications, letting requests in flight finish."""
+    from gateway.deploy import undeploy
+
+    grace = max([config.ingress.graceful_shutdown_s, *(m.graceful_shutdown_s for m in config.models)])
+    print(f"==> letting requests in flight finish (at most {grace:.0f}s)", flush=True)
+    try:
+        undeploy(config, timeout_s=grace + 30)
+    except Exception as exc:  # noqa: BLE001 - stopping goes on: Serve's shutdown cuts the rest
+        print(f"==> requests in flight could not all finish: {exc}", flush=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -210,6 +210,14 @@ class ModelConfig(_Strict):
         "client gets 504 `request_timeout` (a stream that has started: an error frame, then "
         "[DONE]). None: no limit.",
     )
+    graceful_shutdown_s: float = Field(
+        60,
+        ge=0,
+        le=3600,
+        description="When a replica stops (scaled down, replaced by a changed config, the "
+        "gateway stopped), how long its requests in flight, streams included, may run on "
+        "while it takes no new ones; those still running then are cut off.",
+    )
     echo_token_delay_ms: float = Field(
         0.0,
         ge=0,
@@ -366,6 +374,14 @@ class IngressConfig(_Strict):
         description="Largest request body accepted; larger ones are answered 413 before "
         "they are read whole.",
     )
+    graceful_shutdown_s: float = Field(
+        60,
+        ge=0,
+        le=3600,
+        description="When an ingress replica stops (scaled down, or the gateway stopped), how "
+        "long the requests it is serving, streams included, may run on; the models' own "
+        "`graceful_shutdown_s` bounds their side.",
+    )
     replica_wait_s: float = Field(
         5,
         ge=0,
@@ -491,6 +507,14 @@ class RuntimeConfig(_Strict):
             # the gateway sees the request; the gateway does not use Serve's
             # session routing, so Serve is pointed at a header nobody sends.
             "RAY_SERVE_SESSION_ID_HEADER_KEY": "x-llm-gateway-serve-session",
+            # Serve keeps a stopping replica of an application's ingress
+            # deployment reachable this long before it drains (30 s by default)
+            # so that load balancers deregister it. Each model is an application
+            # of its own, reached only through the gateway's relay, which moves to
+            # another replica when one refuses; HAProxy retries refused
+            # connections too. Without this every scale-down or replacement
+            # takes 30 s more than its requests need.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         }
 
 

@@ -112,12 +112,7 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     target = {app["name"]: app for app in serve_config(config)["applications"]}
     app_of = {m.name: model_app_name(config.app_name, m.name) for m in config.models}
     models = list(app_of.values())
-    ours = {
-        name
-        for name, app in current.items()
-        if name == config.app_name
-        or (app.get("import_path") == MODEL_IMPORT_PATH and app.get("args", {}).get("gateway") == config.app_name)
-    }
+    ours = _ours(current, config.app_name)
     others = {name: app for name, app in current.items() if name not in ours}
     starting = [  # models whose replicas this deploy starts (new, or new arguments)
         m for m in config.models
@@ -139,6 +134,31 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     # 3. Models no longer listed go (their requests in flight finish first).
     _apply(client, {**others, **target}, list(target), timeout_s)
     _wait_until_gone(client, leaving, timeout_s)
+
+
+def undeploy(config: GatewayConfig, timeout_s: float) -> None:
+    """Removes the gateway's applications (its ingress and models) and returns
+    when they are gone: each replica first lets its requests in flight finish,
+    within its ``graceful_shutdown_s``. Other applications are kept."""
+    from ray.serve._private.api import serve_start
+
+    client = serve_start()
+    current = _deployed_apps(client)
+    ours = _ours(current, config.app_name)
+    if not ours:
+        return
+    _apply(client, {name: app for name, app in current.items() if name not in ours}, [], timeout_s)
+    _wait_until_gone(client, ours, timeout_s)
+
+
+def _ours(apps: dict[str, dict[str, Any]], app_name: str) -> set[str]:
+    """The applications of the gateway ``app_name``: its ingress and its models."""
+    return {
+        name
+        for name, app in apps.items()
+        if name == app_name
+        or (app.get("import_path") == MODEL_IMPORT_PATH and app.get("args", {}).get("gateway") == app_name)
+    }
 
 
 def _fits_now(models: list[ModelConfig]) -> bool:

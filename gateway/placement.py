@@ -72,6 +72,10 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         **live_options(model),
         "max_ongoing_requests": model.max_ongoing_requests,
         "max_queued_requests": model.max_queued_requests,
+        # Serve waits for the requests it counts, then calls the replica's
+        # ``__del__``, which waits for its relayed streams with what is left;
+        # the controller kills the replica at this deadline.
+        "graceful_shutdown_timeout_s": model.graceful_shutdown_s,
         # With bundles, the actor's GPUs are its workers': the actor takes none.
         "ray_actor_options": {
             "num_cpus": model.num_cpus,

@@ -80,9 +80,13 @@ class StreamServer:
         port = self._server.sockets[0].getsockname()[1]
         return relay.RelayAddress(self._host, int(port), self._token)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Takes no new connections (an ingress then tries another replica);
+        requests in flight may finish for up to ``grace_s``, then are cut off."""
         if self._server is not None:
             self._server.close()
+        if self._connections and grace_s > 0:
+            await asyncio.wait(list(self._connections), timeout=grace_s)
         for task in list(self._connections):
             task.cancel()
 

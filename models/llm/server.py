@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 # frames) before it exits so that Serve starts a new one.
 WATCH_S = 0.2
 DEAD_GRACE_S = 0.5
+# Of a model's ``graceful_shutdown_s``: Serve's own drain loop (2 s) before
+# ``__del__``, and time for the engine to shut down before the controller kills.
+STOP_MARGIN_S = 5.0
 ENGINE_DEAD = "The model's engine stopped; a new replica is starting. Please retry shortly."
 
 
@@ -167,12 +170,15 @@ class LLMServer:
         await self._engine.check_health()
 
     async def stop(self) -> None:
-        """A graceful stop (Serve's ``__del__``): the relay port closes, the engine shuts down."""
+        """A graceful stop (Serve's ``__del__``, once Serve's routers have
+        stopped sending here): the relay port closes, its streams and bodies
+        in flight finish (within the model's ``graceful_shutdown_s``, less a
+        margin for the rest of the stop), then the engine shuts down."""
         if self._watch is not None:
             self._watch.cancel()
+        await self._relay.stop(max(0.0, self._config.graceful_shutdown_s - STOP_MARGIN_S))
         if self._reporter is not None:
             await self._reporter.stop()
-        await self._relay.stop()
         await self._engine.shutdown()
 
 

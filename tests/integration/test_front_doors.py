@@ -35,6 +35,9 @@ CONFIG = {
 LONG = " ".join(f"w{i}" for i in range(40))  # 40 tokens, 40 ms apart
 
 
+_PROCESS: dict[str, subprocess.Popen[bytes]] = {}
+
+
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
     port = _free_port()
@@ -47,6 +50,7 @@ def base_url() -> Iterator[str]:
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
+    _PROCESS["gateway"] = proc
     try:
         _wait_ready(f"http://127.0.0.1:{port}", timeout_s=240)
         yield f"http://127.0.0.1:{port}"
@@ -116,3 +120,20 @@ async def test_streams_route_around_a_replica_that_dies(base_url: str) -> None:
     assert [status for status, _ in after] == [200] * 20
     assert all(raw.endswith(sse.DONE) and b'"error"' not in raw for _, raw in after)
     assert time.monotonic() - started < 30
+
+
+async def test_stopping_the_gateway_lets_streams_in_flight_finish(base_url: str) -> None:
+    """Last in this module: it stops the gateway (SIGTERM, as a service manager does)."""
+    proc = _PROCESS["gateway"]
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as session:
+        started = asyncio.Semaphore(0)
+        in_flight = [asyncio.ensure_future(read_stream(session, LONG, started)) for _ in range(4)]
+        for _ in in_flight:
+            await asyncio.wait_for(started.acquire(), 30)
+        proc.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*in_flight)
+    for status, raw in results:
+        assert status == 200 and raw.endswith(sse.DONE) and b'"error"' not in raw, raw[-300:]
+        text = "".join(p["choices"][0]["delta"].get("content", "") for p in sse.parse(raw)[:-1] if p["choices"])
+        assert text == LONG  # every token, none cut off
+    assert proc.wait(timeout=90) == 0

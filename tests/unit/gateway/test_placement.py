@@ -22,6 +22,7 @@ def test_single_worker_replica_has_no_placement_group() -> None:
         "num_replicas": 1,
         "max_ongoing_requests": 8,
         "max_queued_requests": 4,
+        "graceful_shutdown_timeout_s": 60,  # in-flight streams may finish on a stop
         "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.5},  # a fractional GPU is shared
     }
 
