@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from gateway.http.auth import KeyGuard
 from gateway.http.handlers import install_handlers
 from gateway.http.observe import ObservabilityMiddleware, route_matcher
+from gateway.http.openapi import describe
 from gateway.http.routes import chat, completions, embeddings, health, metrics, models, predict
 from gateway.http.state import GatewayState
 
@@ -27,6 +28,7 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
     for module in (chat, completions, embeddings, predict, models, health, metrics):
         app.include_router(module.router)
     install_handlers(app)
+    describe(app)
     app.add_middleware(KeyGuard, keys=lambda: state.keys)  # inside: 401s are measured and logged
     app.add_middleware(
         ObservabilityMiddleware,

@@ -1,0 +1,110 @@
+"""The gateway's OpenAPI document: every endpoint's request and response bodies.
+
+The handlers read their bodies themselves (parsing only what routing needs)
+and relay the engines' answers unchanged, so FastAPI cannot see their
+shapes. They are described here from the protocol models instead, once,
+when ``/openapi.json`` is first asked for: nothing on the request path
+validates twice. Errors are described as they are sent: OpenAI's envelope.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from gateway.protocol.chat import ChatCompletionRequest
+from gateway.protocol.completions import CompletionRequest
+from gateway.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from gateway.protocol.models import ModelCard, ModelList
+from gateway.protocol.predict import InferRequest, InferResponse, PredictRequest, PredictResponse
+from gateway.protocol.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
+
+SSE = "text/event-stream"
+JSON = "application/json"
+_REF = "#/components/schemas/{model}"
+
+# (path, method): the request body's model (None: no body), and the 200
+# answer's model per media type, and the error statuses the endpoint answers.
+ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[BaseModel]], tuple[int, ...]]] = {
+    ("/v1/chat/completions", "post"): (
+        ChatCompletionRequest, {JSON: ChatCompletion, SSE: ChatCompletionChunk},
+        (400, 401, 404, 408, 413, 429, 503, 504),
+    ),
+    ("/v1/completions", "post"): (
+        CompletionRequest, {JSON: Completion, SSE: Completion}, (400, 401, 404, 408, 413, 429, 503, 504),
+    ),
+    ("/v1/embeddings", "post"): (EmbeddingRequest, {JSON: EmbeddingResponse}, (400, 401, 404, 408, 413, 429, 503)),
+    ("/v1/models/{model}:predict", "post"): (PredictRequest, {JSON: PredictResponse}, (400, 401, 404, 408, 413, 429, 503)),
+    ("/v2/models/{model}/infer", "post"): (InferRequest, {JSON: InferResponse}, (400, 401, 404, 408, 413, 429, 503)),
+    ("/v1/models", "get"): (None, {JSON: ModelList}, (401,)),
+    ("/v1/models/{model_id}", "get"): (None, {JSON: ModelCard}, (401, 404)),
+}
+_ERRORS = {
+    400: "Invalid request: not JSON, a field that is wrong (named in `param`), over the context window",
+    401: "Missing or unknown API key (when keys are configured)",
+    404: "Unknown model or alias, or one the key may not use, or one that does not serve this endpoint",
+    408: "The body did not arrive within `ingress.read_timeout_s`",
+    413: "The body is over `ingress.max_body_bytes`",
+    429: "The API key is over a limit, or the model's queue is full where it answers 429",
+    503: "The model is overloaded, starting or restarting; see `Retry-After`",
+    504: "The model took longer than its `request_timeout_s`",
+}
+_ANSWER = {
+    JSON: "The answer",
+    SSE: "With `stream: true`: server-sent events, one `data:` line per chunk (this schema), "
+    "then `data: [DONE]`; an error after the first event arrives as `data: {\"error\": ...}`",
+}
+
+
+def describe(app: FastAPI) -> None:
+    """Makes ``app.openapi()`` (``/openapi.json``, ``/docs``) describe the bodies."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document of ``app`` with the gateway's bodies filled in."""
+    schema = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, routes=app.routes
+    )
+    requests = [model for model, _, _ in ENDPOINTS.values() if model is not None]
+    answers = [model for _, media, _ in ENDPOINTS.values() for model in media.values()]
+    _, defs = models_json_schema(
+        [(m, "validation") for m in requests] + [(m, "serialization") for m in [*answers, ErrorResponse]],
+        ref_template=_REF,
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(defs.get("$defs", {}))
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)  # FastAPI's 422: the gateway answers 400 instead
+    for (path, method), (request, media, errors) in ENDPOINTS.items():
+        operation = schema["paths"][path][method]
+        if request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {JSON: {"schema": _ref(request)}},
+            }
+        operation["responses"] = {
+            "200": {
+                "description": "; ".join(_ANSWER[m] for m in media),
+                "content": {m: {"schema": _ref(model)} for m, model in media.items()},
+            },
+            **{
+                str(status): {"description": _ERRORS[status], "content": {JSON: {"schema": _ref(ErrorResponse)}}}
+                for status in errors
+            },
+        }
+    return schema
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}

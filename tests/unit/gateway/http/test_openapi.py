@@ -1,0 +1,51 @@
+"""gateway/http/openapi.py: /openapi.json describes every body the gateway takes and gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.config import FrontDoorConfig
+from gateway.http.api import build_api
+from gateway.http.openapi import ENDPOINTS
+from gateway.http.state import GatewayState
+
+
+def document() -> dict[str, Any]:
+    state = GatewayState(FrontDoorConfig.model_validate({}), lambda model: None, lambda model: "")
+    return build_api(state).openapi()
+
+
+def resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    return doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+
+
+def test_every_endpoint_names_its_request_and_response_bodies() -> None:
+    doc = document()
+    for (path, method), (request, media, errors) in ENDPOINTS.items():
+        operation = doc["paths"][path][method]
+        if request is not None:
+            body = operation["requestBody"]["content"]["application/json"]["schema"]
+            assert resolve(doc, body)["title"] == request.__name__
+        answer = operation["responses"]["200"]["content"]
+        assert set(answer) == set(media)
+        for status in errors:
+            error = resolve(doc, operation["responses"][str(status)]["content"]["application/json"]["schema"])
+            assert error["required"] == ["error"]
+        assert "422" not in operation["responses"]  # the gateway answers 400, in OpenAI's shape
+
+
+def test_the_chat_schema_carries_openai_fields_and_their_limits() -> None:
+    doc = document()
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert {"messages", "model"} <= set(chat["required"])
+    assert chat["properties"]["temperature"]["anyOf"][0]["maximum"] == 2
+    stream = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    chunk = resolve(doc, stream["schema"])
+    assert chunk["properties"]["object"]["const"] == "chat.completion.chunk"
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+def test_the_document_is_built_once() -> None:
+    state = GatewayState(FrontDoorConfig.model_validate({}), lambda model: None, lambda model: "")
+    app = build_api(state)
+    assert app.openapi() is app.openapi()
