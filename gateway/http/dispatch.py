@@ -147,13 +147,16 @@ class ModelDispatcher:
         kinds: Mapping[str, str] | None = None,
         gathering: Mapping[str, Gathering] | None = None,
         timeouts: Mapping[str, float] | None = None,
+        capacities: Mapping[str, int] | None = None,
     ) -> None:
         """Routes requests that arrive from now on with ``routes``.
 
         ``handles`` (when given) replace the model handles; ``kinds`` name each
         model's kind (all `llm` when not given); ``gathering`` names the
         batched models whose concurrent requests share calls, and how;
-        ``timeouts`` the models whose requests have a time limit (seconds).
+        ``timeouts`` the models whose requests have a time limit (seconds);
+        ``capacities`` the LLMs whose replicas take a bounded number of
+        requests at once (running and queued), refused here beyond it.
         """
         self._timeouts = dict(timeouts or {})
         if handles is not None:
@@ -163,6 +166,7 @@ class ModelDispatcher:
             }
         for name, handle in self._handles.items():
             handle.gather_by((gathering or {}).get(name))
+            handle.relay.capacity = (capacities or {}).get(name)
         self._kinds = dict(kinds) if kinds is not None else dict.fromkeys(self._handles, "llm")
         self._routes = routes
         self._cohort_header = cohort_header

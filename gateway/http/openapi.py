@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
@@ -76,12 +76,12 @@ def document(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(
         title=app.title, version=app.version, summary=app.summary, routes=app.routes
     )
-    requests = [model for model, _, _ in ENDPOINTS.values() if model is not None]
-    answers = [model for _, media, _ in ENDPOINTS.values() for model in media.values()]
-    _, defs = models_json_schema(
-        [(m, "validation") for m in requests] + [(m, "serialization") for m in [*answers, ErrorResponse]],
-        ref_template=_REF,
-    )
+    requests: list[type[BaseModel]] = [model for model, _, _ in ENDPOINTS.values() if model is not None]
+    answers: list[type[BaseModel]] = [m for _, media, _ in ENDPOINTS.values() for m in media.values()]
+    modes: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in requests]
+    answers.append(ErrorResponse)
+    modes += [(m, "serialization") for m in answers]
+    _, defs = models_json_schema(modes, ref_template=_REF)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(defs.get("$defs", {}))
     for name in ("HTTPValidationError", "ValidationError"):

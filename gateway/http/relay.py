@@ -22,7 +22,7 @@ from typing import Any
 from starlette.responses import Response
 
 from gateway import sse
-from gateway.errors import GatewayError, ServiceUnavailableError
+from gateway.errors import GatewayError, OverloadedError, ServiceUnavailableError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 
@@ -39,6 +39,7 @@ SAMPLES_PER_REPLICA, SAMPLES_EXTRA = 4, 8
 REFRESH_S = 2.0
 MAX_MISSES = 3
 _UNAVAILABLE = "The model is temporarily unavailable; please retry shortly."
+_OVERLOADED = "The model is receiving too many requests; please retry shortly."
 _NOT_RUNNING = "No replica of the model is running (it is starting or restarting); please retry shortly."
 
 
@@ -167,6 +168,11 @@ class ReplicaRelay:
         self._clock = clock
         # How long a request waits for the model to have a running replica.
         self.wait_s = wait_s
+        # Requests one replica takes at once, running and queued (None: no
+        # bound). When this ingress alone has that many open on every replica
+        # it refuses at once, sparing the replica's CPU, which on a CPU host
+        # is the engine's; below it, the replica's own count decides.
+        self.capacity: int | None = None
         self._looking_since = 0.0
         self._open: dict[relay.RelayAddress, int] = {}  # known replicas: streams open from here
         self._misses: dict[relay.RelayAddress, int] = {}
@@ -183,7 +189,7 @@ class ReplicaRelay:
         errors when the model has no running replica (DeploymentUnavailableError).
         """
         for _ in range(ATTEMPTS):
-            address = await self._pick()
+            address = self._admit(await self._pick())
             self._open[address] = self._open.get(address, 0) + 1  # before awaiting: others see it
             try:
                 return await self._start(call, address)
@@ -200,7 +206,7 @@ class ReplicaRelay:
         ``abandoned`` then gets what the request generated (None: unknown).
         """
         for _ in range(ATTEMPTS):
-            address = await self._pick()
+            address = self._admit(await self._pick())
             self._open[address] = self._open.get(address, 0) + 1
             try:
                 reader, writer = await _request(call, address, abandoned=abandoned)
@@ -271,6 +277,13 @@ class ReplicaRelay:
         self._turn = (self._turn + 1) % len(known)  # rotate, so ties spread
         ordered = known[self._turn :] + known[: self._turn]
         return min(ordered, key=self._open.__getitem__)
+
+    def _admit(self, address: relay.RelayAddress) -> relay.RelayAddress:
+        """``address`` (the least busy replica), unless this ingress already has
+        a full replica's worth of requests open on it: then 503 ``overloaded``."""
+        if self.capacity is not None and self._open.get(address, 0) >= self.capacity:
+            raise OverloadedError(_OVERLOADED, retry_after_s=1)
+        return address
 
     async def _discover(self, samples: int | None = None) -> None:
         """Samples Serve's router for the model's replicas (``samples`` times;

@@ -120,6 +120,11 @@ class GatewayState:
             {m.name: m.kind for m in config.models},
             {m.name: g for m in config.models if (g := m.gathering()) is not None},
             {m.name: m.request_timeout_s for m in config.models if m.request_timeout_s is not None},
+            {
+                m.name: m.max_ongoing_requests + m.max_queued_requests
+                for m in config.models
+                if m.kind == "llm" and m.max_queued_requests >= 0
+            },
         )
         logger.info(
             "serving %d models, %d routes, %d API keys",

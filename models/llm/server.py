@@ -14,7 +14,7 @@ from gateway.affinity import unpin_self
 from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.metrics.hub import HUB_NAME, MetricsReporter, replica_source
 from gateway.protocol.engine import Outcome, Reply
-from models.llm.engine import EngineInfo, LLMEngine, make_engine
+from models.llm.engine import ENGINE_DEAD, EngineInfo, LLMEngine, make_engine
 from models.llm.relay import StreamServer
 from models.llm.tally import GenerationTally
 
@@ -32,7 +32,6 @@ DEAD_GRACE_S = 0.5
 # Of a model's ``graceful_shutdown_s``: Serve's own drain loop (2 s) before
 # ``__del__``, and time for the engine to shut down before the controller kills.
 STOP_MARGIN_S = 5.0
-ENGINE_DEAD = "The model's engine stopped; a new replica is starting. Please retry shortly."
 
 
 class ClientErrorFilter(logging.Filter):

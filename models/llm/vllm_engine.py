@@ -35,7 +35,7 @@ from gateway.errors import (
     ServiceUnavailableError,
 )
 from models.llm import compact_json
-from models.llm.engine import EngineInfo
+from models.llm.engine import ENGINE_DEAD, EngineInfo
 
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 _TALLY: ContextVar[GenerationTally | None] = ContextVar("tally", default=None)
 
 _ERROR_PREFIX = b'data: {"error"'
-ENGINE_DEAD = "The model's engine stopped; a new replica is starting. Please retry shortly."
 
 
 class VLLMEngine:

@@ -432,3 +432,31 @@ async def test_with_no_running_replica_a_request_waits_at_most_wait_s_and_later_
     await asyncio.sleep(0)
     stream = await replicas.open(CALL)
     assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+
+
+async def test_past_a_replicas_capacity_the_ingress_refuses_without_calling_it() -> None:
+    opened: list[str] = []
+    release = asyncio.Event()
+
+    async def opener(request: EngineRequest) -> Any:
+        opened.append(request.request_id)
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.frame({"n": 0})
+            await release.wait()
+            yield sse.DONE
+
+        return stream(), lambda: OUTCOME
+
+    replicas = ReplicaRelay(Router(await serve(opener)))
+    replicas.capacity = 2
+    held = [await replicas.open(EngineRequest("chat", CALL.body, f"r{i}", "m")) for i in range(2)]
+    with pytest.raises(OverloadedError) as refused:
+        await replicas.open(EngineRequest("chat", CALL.body, "r3", "m"))
+    assert refused.value.status_code == 503 and refused.value.retry_after_s == 1
+    assert opened == ["r0", "r1"]  # the third never reached the replica
+    release.set()
+    for stream in held:
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+    stream = await replicas.open(EngineRequest("chat", CALL.body, "r4", "m"))  # room again
+    assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
