@@ -544,16 +544,3 @@ def _unpaired_surrogate(value: Any, path: str) -> tuple[str, int] | None:
             if found is not None:
                 return found
     return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _unpaired_surrogate(key, path) or _unpaired_surrogate(
-                item, f"{path}.{key}" if path else key
-            )
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _unpaired_surrogate(item, f"{path}[{index}]")
-            if found is not None:
-                return found
-    return None
