@@ -415,17 +415,17 @@ async def test_with_no_running_replica_a_request_waits_at_most_wait_s_and_later_
         return stream(), lambda: OUTCOME
 
     router = Starting()
-    replicas = ReplicaRelay(router, wait_s=0.3)
+    replicas = ReplicaRelay(router, wait_s=1.0)
     loop = asyncio.get_running_loop()
     started = loop.time()
     first = [asyncio.ensure_future(replicas.open(CALL)) for _ in range(3)]  # one look-up, shared
     for outcome in await asyncio.gather(*first, return_exceptions=True):
         assert isinstance(outcome, ServiceUnavailableError) and outcome.retry_after_s
-    assert 0.25 <= loop.time() - started <= 0.6
+    assert 0.95 <= loop.time() - started <= 3.0
     started = loop.time()
     with pytest.raises(ServiceUnavailableError, match="No replica of the model is running"):
         await replicas.open(CALL)  # the model is still down: answered at once
-    assert loop.time() - started < 0.05
+    assert loop.time() - started < 0.5
 
     router.addresses.append(await serve(opener))  # the replica comes up
     router.up.set()
