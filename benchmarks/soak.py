@@ -93,7 +93,11 @@ async def one(session: aiohttp.ClientSession, base: str, rng: random.Random, tal
         odd.append(f"{kind} {exc!r}")
 
 
-async def load(base: str, seconds: float, seed: int, tally: Counter[str], odd: list[str]) -> None:
+async def load(
+    base: str, seconds: float, seed: int, tally: Counter[str], odd: list[str],
+    sample: tuple[int, list[dict[str, int]]] | None = None,
+) -> None:
+    """``sample``: (root pid, list) to append the tree's resident memory to each minute."""
     rng = random.Random(seed)
     connector = aiohttp.TCPConnector(limit=CLIENTS + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -104,7 +108,12 @@ async def load(base: str, seconds: float, seed: int, tally: Counter[str], odd: l
             while time.monotonic() < until:
                 await one(session, base, own, tally, odd)
 
-        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+        async def sampler() -> None:
+            while sample is not None and time.monotonic() < until - 30:
+                await asyncio.sleep(60)
+                sample[1].append(await asyncio.to_thread(resident, sample[0]))
+
+        await asyncio.gather(*(client(i) for i in range(CLIENTS)), sampler())
 
 
 def gauges(base: str) -> dict[str, float]:
@@ -135,7 +144,8 @@ def main() -> None:
         started = time.monotonic()
         asyncio.run(load(base, WARM_UP_S, 1, Counter(), []))
         before = resident(proc.pid)
-        asyncio.run(load(base, args.minutes * 60 - WARM_UP_S, 2, tally, odd))
+        minutes: list[dict[str, int]] = []
+        asyncio.run(load(base, args.minutes * 60 - WARM_UP_S, 2, tally, odd, (proc.pid, minutes)))
         after = resident(proc.pid)
         took = time.monotonic() - started
         time.sleep(3)  # abandoned requests' engines stop; the metrics hub's next report
@@ -158,6 +168,9 @@ def main() -> None:
           f"{total_after / 2**20:.0f} MiB at the end ({total_after / total_before - 1:+.1%})")
     for change, name, rss, end in growth[:8]:
         print(f"    {change:+6.1%}  {rss / 2**20:7.1f} -> {end / 2**20:7.1f} MiB  {name}")
+    for _, name, _, _ in growth[:3]:  # the largest growths, minute by minute
+        curve = [before[name], *(m[name] for m in minutes if name in m), after[name]]
+        print(f"    each minute: {' '.join(f'{v / 2**20:.0f}' for v in curve)} MiB  {name[:60]}")
     gone = set(before) - set(after)
     if gone:
         print(f"  processes gone during the run: {sorted(gone)}")

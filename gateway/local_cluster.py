@@ -87,7 +87,7 @@ _FRONTEND = (
 
 
 def _answer(status: int, reason: str, error: dict[str, Any], headers: str = "") -> str:
-    body = json.dumps({"error": {"param": None, **error}}, separators=(",", ":"))
+    body = json.dumps({"error": {**error, "param": None}}, separators=(",", ":"))
     return (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nCache-Control: no-cache\r\n{headers}"
@@ -97,11 +97,10 @@ def _answer(status: int, reason: str, error: dict[str, Any], headers: str = "") 
 
 def _front_door_files(directory: Path, read_timeout_s: float) -> None:
     """The HAProxy snippets and answers the wrapper adds, written into ``directory``."""
-    seconds = f"{read_timeout_s:g}"
     files = {
         "503.http": _answer(503, "Service Unavailable", {
             "message": "The gateway cannot take requests right now; please retry.",
-            "type": "server_error", "code": "service_unavailable"}, "Retry-After: 1\r\n"),
+            "type": "service_unavailable", "code": "service_unavailable"}, "Retry-After: 1\r\n"),
         "504.http": _answer(504, "Gateway Timeout", {
             "message": "The gateway did not answer in time.",
             "type": "server_error", "code": "gateway_timeout"}),
