@@ -19,6 +19,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
 from gateway.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from gateway.protocol.keys import KeyInfo
 from gateway.protocol.models import ModelCard, ModelList
 from gateway.protocol.predict import InferRequest, InferResponse, PredictRequest, PredictResponse
 from gateway.protocol.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
@@ -42,15 +43,17 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
     ("/v2/models/{model}/infer", "post"): (InferRequest, {JSON: InferResponse}, (400, 401, 404, 408, 413, 429, 503)),
     ("/v1/models", "get"): (None, {JSON: ModelList}, (401,)),
     ("/v1/models/{model_id}", "get"): (None, {JSON: ModelCard}, (401, 404)),
+    ("/v1/key", "get"): (None, {JSON: KeyInfo}, (401, 404, 503)),
 }
 _ERRORS = {
     400: "Invalid request: not JSON, a field that is wrong (named in `param`), over the context window",
     401: "Missing or unknown API key (when keys are configured)",
-    404: "Unknown model or alias, or one the key may not use, or one that does not serve this endpoint",
+    404: "Unknown model or alias, or one the key may not use, or one that does not serve this endpoint "
+    "(`/v1/key`: the gateway has no API keys)",
     408: "The body did not arrive within `ingress.read_timeout_s`",
     413: "The body is over `ingress.max_body_bytes`",
     429: "The API key is over a limit, or the model's queue is full where it answers 429",
-    503: "The model is overloaded, starting or restarting; see `Retry-After`",
+    503: "The model is overloaded, starting or restarting, or the key ledger cannot be reached; see `Retry-After`",
     504: "The model took longer than its `request_timeout_s`",
 }
 _ANSWER = {

@@ -128,6 +128,8 @@ def test_sdk_raises_bad_request_without_retrying(client: openai.OpenAI) -> None:
 def test_unknown_route_and_wrong_method(http: httpx.Client) -> None:
     assert_error(http.get("/v2/nothing"), 404, "not_found")
     assert_error(http.get(CHAT), 405, "method_not_allowed")
+    # An open gateway has no key to describe.
+    assert_error(http.get("/v1/key"), 404, "keys_not_configured")
 
 
 async def test_full_queue_is_503_with_retry_after(gateway: Gateway) -> None:

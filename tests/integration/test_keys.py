@@ -24,7 +24,7 @@ from tests.integration.conftest import ACCESS_LOG, TEST_CONFIG, VLLM_MODEL, Gate
 
 CHAT = "/v1/chat/completions"
 WORDS = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens on the echo engine
-KEYS = ("full", "scoped", "rpm", "tpm", "cancel", "vllm", "vllm-left", "revoked")
+KEYS = ("full", "scoped", "rpm", "tpm", "quota", "cancel", "vllm", "vllm-left", "revoked")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def secrets(gateway: Gateway) -> Iterator[dict[str, str]]:
         "scoped": {"models": ["chat", "iris*"]},
         "rpm": {"rpm": 40},
         "tpm": {"tpm": 9 * 7},  # 9 requests of 4 + 3 tokens
+        "quota": {"rpm": 10, "tpm": 1_000},
         "cancel": {"tpm": 100_000, "max_concurrent": 64},
         "vllm": {"tpm": 2_000},
         "vllm-left": {"tpm": 10_000},
@@ -61,6 +62,21 @@ def bearer(secret: str) -> dict[str, str]:
 
 def chat(max_tokens: int = 3, **extra: Any) -> dict[str, Any]:
     return {"model": "echo", "messages": WORDS, "max_tokens": max_tokens, **extra}
+
+
+async def settled(http: httpx.AsyncClient, deadline_s: float = 15) -> dict[str, Any]:
+    """The key's ``GET /v1/key`` once nothing of it is in flight: every
+    request settled and every block booked ahead by an ingress replica given
+    back (settlements are one-way messages to the ledger)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        answer = await http.get("/v1/key")
+        assert answer.status_code == 200, answer.text
+        info: dict[str, Any] = answer.json()
+        if info["usage"]["in_flight"] == 0:
+            return info
+        assert time.monotonic() < deadline, info
+        await asyncio.sleep(0.05)
 
 
 def test_requests_without_a_valid_key_are_refused_and_probes_want_the_operations_key(
@@ -168,8 +184,9 @@ async def test_after_random_hang_ups_the_quota_is_exactly_what_was_used(
 
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=headers) as http:
         await asyncio.gather(*(one(http, i) for i in range(48)))
-        await asyncio.sleep(0.5)  # settlements are one-way messages
+        info = await settled(http)
         probe = await http.post(CHAT, json=chat(1))
+    assert info["usage"]["remaining_tokens"] == 100_000 - used
     assert probe.status_code == 200
     # Nothing is left reserved: the remaining quota is the limit less what was used.
     assert int(probe.headers["x-ratelimit-remaining-tokens"]) == 100_000 - used - 5
@@ -205,13 +222,39 @@ async def test_a_stream_left_early_is_charged_what_was_generated(
                 seen += line.startswith("data: {")
                 if seen == 4:
                     break  # the client leaves with 450 tokens reserved
-        await asyncio.sleep(1)  # the replica reports what it generated until it stopped
+        await settled(http)  # the replica has reported what it generated until it stopped
         last = await http.post(CHAT, json=probe)
     prompt = usage["prompt_tokens"]
     spent = int(first.headers["x-ratelimit-remaining-tokens"]) - int(last.headers["x-ratelimit-remaining-tokens"])
     generated = spent - usage["total_tokens"] - prompt  # the stream's charge, less its prompt
     # Charged what the engine generated before it was stopped: not the 450 reserved.
     assert 3 <= generated < 450
+
+
+async def test_a_key_reads_its_own_limits_and_what_is_left_without_spending_any(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secrets["quota"])) as http:
+        fresh = await settled(http)
+        assert fresh == {
+            "object": "api_key", "id": "quota", "models": ["*"], "expires_at": None,
+            "limits": {"requests_per_minute": 10, "tokens_per_minute": 1_000, "max_concurrent": None},
+            "usage": {"remaining_requests": 10, "reset_requests_s": 0.0, "remaining_tokens": 1_000,
+                      "reset_tokens_s": 0.0, "in_flight": 0},
+        }
+        answer = await http.post(CHAT, json=chat(3))
+        assert answer.status_code == 200
+        first = await settled(http)
+        again = [(await http.get("/v1/key")).json()["usage"] for _ in range(12)]  # more reads than the rpm
+    usage = first["usage"]
+    assert (usage["remaining_requests"], usage["remaining_tokens"]) == (9, 1_000 - answer.json()["usage"]["total_tokens"])
+    assert 0 < usage["reset_requests_s"] <= 60.5 and 0 < usage["reset_tokens_s"] <= 60.5
+    assert {(u["remaining_requests"], u["remaining_tokens"]) for u in again} == {(9, usage["remaining_tokens"])}
+    with httpx.Client(base_url=gateway.base_url, timeout=30) as http:
+        assert http.get("/v1/key").status_code == 401  # no key, no answer
+        scoped = http.get("/v1/key", headers=bearer(secrets["scoped"])).json()
+    assert (scoped["models"], scoped["usage"]) == (["chat", "iris*"], None)
+    assert secrets["scoped"] not in json.dumps(scoped)
 
 
 async def test_usage_is_labelled_with_the_key_id(gateway: Gateway, secrets: dict[str, str]) -> None:
