@@ -386,8 +386,8 @@ class IngressConfig(_Strict):
         5,
         ge=0,
         le=600,
-        description="How long a request to an LLM waits for the model to have a running "
-        "replica (starting, or replacing one that died) before it is answered 503 with "
+        description="How long a request waits for its model to have a running replica "
+        "(starting, or replacing one that died) before it is answered 503 with "
         "`Retry-After`; while the model stays down, later requests are answered at once.",
     )
     read_timeout_s: float = Field(

@@ -32,7 +32,7 @@ from gateway.http.auth import api_key
 from gateway.http.gather import Gatherer
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
-from gateway.http.relay import RelayedStream, RelayResponse, StreamCutError, ReplicaRelay
+from gateway.http.relay import RelayedStream, RelayResponse, ReplicaRelay, RunningReplica, StreamCutError
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
 from gateway.protocol.envelope import ModelEnvelope, RequestEnvelope
@@ -71,6 +71,7 @@ class _ModelHandles:
         self.source = handle
         self.unary = handle.options(method_name="generate")
         self.relay = ReplicaRelay(handle, wait_s=replica_wait_s)
+        self.running = RunningReplica(handle, wait_s=replica_wait_s)  # classical models' bounded wait
         self.gather: Gatherer[EngineRequest] | None = None
         # How to count an LLM's prompts here (``gateway.auth.prompt_count``),
         # learnt from one of its replicas when a token limit first needs it.
@@ -324,9 +325,16 @@ class ModelDispatcher:
         # Who settles the key's reservation if the client leaves: the relay,
         # once the replica says what was generated; else at once, keeping it.
         abandoned = admission.settle if admission is not None else None
+        llm = self._kinds.get(call.model, "llm") == "llm"
+        if not llm and not handles.running.fresh():
+            try:
+                await handles.running.ready()
+            finally:
+                record.model_wait_s += time.perf_counter() - waited
+            waited = time.perf_counter()
         if handles.gather is not None:
             response = answer = handles.gather.submit(call)
-        elif self._kinds.get(call.model, "llm") == "llm":
+        elif llm:
             response = answer = asyncio.ensure_future(handles.relay.call(call, abandoned))
             abandoned = None
         else:
@@ -357,7 +365,12 @@ class ModelDispatcher:
         try:
             reply: Reply = answer.result()
         except Exception as exc:
-            raise self._error(exc) from None
+            error = self._error(exc)
+            if not llm and type(error) is ServiceUnavailableError:
+                handles.running.lost()  # its replica may be gone: look before the next call
+            raise error from None
+        if not llm:
+            handles.running.seen()
         self._answered(record, reply.outcome)
         return Response(reply.body, media_type="application/json", headers=headers)
 

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.responses import Response
@@ -47,6 +47,82 @@ def _retrieved(task: asyncio.Future[None]) -> None:
     """Marks a shared look-up's exception as seen when no request is left to await it."""
     if not task.cancelled():
         task.exception()
+
+
+class BoundedLookUp:
+    """A look-up for a running replica of one model, shared by the requests
+    that need it, each waiting at most ``wait_s`` from when it began.
+
+    Serve's router waits for a running replica however long it takes. Past
+    ``wait_s`` a request is answered 503 ``service_unavailable`` with
+    ``Retry-After``; the look-up goes on in the background, so while the
+    model stays down (restarting, not yet up) later requests are answered
+    at once, and the first after it is back starts a fresh one.
+    """
+
+    def __init__(
+        self, look: Callable[[], Awaitable[None]], wait_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._look = look
+        self.wait_s = wait_s
+        self._clock = clock
+        self._since = 0.0
+        self._task: asyncio.Future[None] | None = None
+
+    async def wait(self) -> None:
+        """Returns once the look-up has ended (raising what it raised), or
+        raises ServiceUnavailableError (503) when it takes too long."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._look())
+            self._task.add_done_callback(_retrieved)
+            self._since = self._clock()
+        left = self.wait_s - (self._clock() - self._since)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), max(left, 0.0))
+        except TimeoutError:
+            raise ServiceUnavailableError(_NOT_RUNNING) from None
+
+
+class RunningReplica:
+    """Bounds the wait for a running replica of a model called through
+    Serve's handle (classical models): before a call, unless a replica was
+    seen running within ``FRESH_S`` (or a call was just answered), one is
+    looked for with Serve's router, without reserving it; see BoundedLookUp."""
+
+    FRESH_S = 2.0
+
+    def __init__(self, handle: Any, wait_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._handle = handle
+        self._clock = clock
+        self._seen_at = -self.FRESH_S
+        self._look_up = BoundedLookUp(self._look, wait_s, clock)
+
+    @property
+    def wait_s(self) -> float:
+        return self._look_up.wait_s
+
+    def fresh(self) -> bool:
+        """Whether a call may go now without a look-up (the hot path's check)."""
+        return self._clock() - self._seen_at < self.FRESH_S
+
+    async def ready(self) -> None:
+        """Returns when the model has a running replica; raises
+        ServiceUnavailableError (503) after at most ``wait_s``."""
+        if not self.fresh():
+            await self._look_up.wait()
+
+    def seen(self) -> None:
+        """A call was answered: a replica is running."""
+        self._seen_at = self._clock()
+
+    def lost(self) -> None:
+        """A call found its replica gone: look before the next one."""
+        self._seen_at = -self.FRESH_S
+
+    async def _look(self) -> None:
+        async with self._handle.choose_replica(_reserve=False):
+            pass
+        self._seen_at = self._clock()
 
 
 class StreamCutError(ConnectionError):
@@ -166,19 +242,17 @@ class ReplicaRelay:
     ) -> None:
         self._handle = handle
         self._clock = clock
-        # How long a request waits for the model to have a running replica.
-        self.wait_s = wait_s
+        # A request waits at most ``wait_s`` for the model to have a running replica.
+        self._look_up = BoundedLookUp(lambda: self._discover(samples=1), wait_s, clock)
         # Requests one replica takes at once, running and queued (None: no
         # bound). When this ingress alone has that many open on every replica
         # it refuses at once, sparing the replica's CPU, which on a CPU host
         # is the engine's; below it, the replica's own count decides.
         self.capacity: int | None = None
-        self._looking_since = 0.0
         self._open: dict[relay.RelayAddress, int] = {}  # known replicas: streams open from here
         self._misses: dict[relay.RelayAddress, int] = {}
         self._refreshed_at = -REFRESH_S
         self._refresh: asyncio.Task[None] | None = None
-        self._first: asyncio.Future[None] | None = None
         self._turn = 0
 
     async def open(self, call: EngineRequest) -> RelayedStream:
@@ -254,19 +328,7 @@ class ReplicaRelay:
         if not self._open:
             # One replica is enough to start; concurrent requests share the
             # look-up, and the rest of the replicas are found in the background.
-            # Serve's router waits for a running replica however long it takes:
-            # a request waits at most ``wait_s`` from when the look-up began, so
-            # while the model stays down (restarting, not yet up) the look-up
-            # goes on and later requests are answered 503 at once.
-            if self._first is None or self._first.done():
-                self._first = asyncio.ensure_future(self._discover(samples=1))
-                self._first.add_done_callback(_retrieved)
-                self._looking_since = self._clock()
-            left = self.wait_s - (self._clock() - self._looking_since)
-            try:
-                await asyncio.wait_for(asyncio.shield(self._first), max(left, 0.0))
-            except TimeoutError:
-                raise ServiceUnavailableError(_NOT_RUNNING) from None
+            await self._look_up.wait()
             self._refreshed_at = -REFRESH_S
         if self._clock() - self._refreshed_at > REFRESH_S and self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._discover())

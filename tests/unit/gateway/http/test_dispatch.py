@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from ray.exceptions import ActorDiedError
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from httpx import ASGITransport, AsyncClient
@@ -117,6 +118,9 @@ class FakeMethod:
     def remote(self, call: Any) -> Any:
         self._handle.calls.append(call)
         h = self._handle
+        if self._name == "generate_many" and isinstance(h.unary, BaseException):  # the whole call fails
+            h.responses.append(FakeResponse(h.unary, h.delay))
+            return h.responses[-1]
         if self._name == "generate_many":  # a group: one answer or error per request
             answers = [
                 InvalidRequestError("bad input", param="input") if c.body.get("bad")
@@ -137,15 +141,23 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
     handles: dict[str, FakeHandle] = routing.get("handles") or {"m": handle or FakeHandle()}
     aliases = {"r": routing["alias"]} if "alias" in routing else None
     metrics = GatewayMetrics()
-    dispatcher = ModelDispatcher(RouteTable(list(handles), aliases), handles, retry_after_s=1, metrics=metrics)
+    kinds = routing.get("kinds")
+    dispatcher = ModelDispatcher(
+        RouteTable(list(handles), aliases), handles, retry_after_s=1, metrics=metrics, kinds=kinds,
+        replica_wait_s=routing.get("replica_wait_s", 5.0),
+    )
     if "gathering" in routing:
-        dispatcher.use_routes(dispatcher.routes, "x-session-id", handles, gathering=routing["gathering"])
+        dispatcher.use_routes(dispatcher.routes, "x-session-id", handles, kinds, gathering=routing["gathering"])
     app = FastAPI()
     app.state.metrics = metrics
 
     @app.post("/chat")
     async def chat(request: Request) -> Response:
         return await dispatcher.dispatch("chat", request)
+
+    @app.post("/predict/{model}")
+    async def predict(model: str, request: Request) -> Response:
+        return await dispatcher.dispatch("predict", request, model)
 
     install_handlers(app)
     app.add_middleware(
@@ -280,6 +292,59 @@ async def test_concurrent_requests_to_a_gathering_model_share_calls_and_keep_the
     assert responses[3].json()["error"]["message"] == "bad input"
     ids = {c.request_id for group in handle.calls for c in group}
     assert ids == {r.headers["x-request-id"] for r in responses}
+
+
+class Restarting(FakeHandle):
+    """A classical model's handle whose replica is down while ``up`` is clear:
+    Serve's router then waits for one however long it takes."""
+
+    def __init__(self) -> None:
+        super().__init__(unary=b'{"predictions": [1]}')
+        self.up = asyncio.Event()
+        self.up.set()
+
+    @asynccontextmanager
+    async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+        assert _reserve is False, "looking for a running replica reserves none"
+        await self.up.wait()
+        yield SimpleNamespace(replica_metadata={})
+
+
+@pytest.mark.parametrize("gathering", [None, (8, 1, None)])
+async def test_a_classical_model_with_no_running_replica_waits_at_most_replica_wait_s(
+    gathering: tuple[int, int, None] | None,
+) -> None:
+    handle = Restarting()
+    routing: dict[str, Any] = {"kinds": {"m": "classifier"}, "replica_wait_s": 0.5}
+    if gathering is not None:
+        routing["gathering"] = {"m": gathering}
+    app = make_app(handle, **routing)
+    loop = asyncio.get_running_loop()
+    body = {"instances": [[1]], "k": 7}
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.post("/predict/m", json=body)).status_code == 200
+        handle.up.clear()  # the replica dies under a call; Serve has none running
+        handle.unary = ActorDiedError()
+        died = await client.post("/predict/m", json=body)
+        assert died.status_code == 503 and died.headers["retry-after"]
+        sent = len(handle.calls)
+        started = loop.time()
+        waiting = await asyncio.gather(*(client.post("/predict/m", json=body) for _ in range(3)))
+        assert 0.45 <= loop.time() - started <= 2.5  # one shared look-up, bounded
+        started = loop.time()
+        later = await client.post("/predict/m", json=body)
+        assert loop.time() - started < 0.3  # the model is still down: answered at once
+        for answer in [*waiting, later]:
+            assert answer.status_code == 503 and answer.headers["retry-after"]
+            assert answer.json()["error"]["code"] == "service_unavailable"
+            assert "No replica of the model is running" in answer.json()["error"]["message"]
+        assert len(handle.calls) == sent  # none was handed to Serve's router to wait there
+        handle.unary = b'{"predictions": [2]}'
+        handle.up.set()  # a new replica is running
+        await asyncio.sleep(0)  # one turn: the look-up still going on in the background sees it
+        back = await client.post("/predict/m", json=body)
+    assert back.status_code == 200 and back.json() == ({"echo": 7} if gathering else {"predictions": [2]})
 
 
 @pytest.mark.parametrize("body", [{"model": "other"}, {"model": "m", "n": 0}])
