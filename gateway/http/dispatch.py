@@ -341,23 +341,34 @@ class ModelDispatcher:
             response = handles.unary.remote(call)
             answer = asyncio.ensure_future(_result(response))
         hang_up = asyncio.ensure_future(_disconnected(request))
-        left = expired = False
+        # Serve's router holds a call while the model has no running replica:
+        # a classical call is given up when that lasts (the relay bounds LLMs').
+        stalled = None if llm else handles.running.stalled()
+        waiting = {answer, hang_up} if stalled is None else {answer, hang_up, stalled}
+        left = expired = gone = False
         try:
-            done, _ = await asyncio.wait({answer, hang_up}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             expired = not done
+            gone = stalled is not None and stalled.done() and not answer.done()
         finally:
             # Reached unanswered when the client left (seen here, or by the
-            # server, which then cancels this request's task) or the time ran
-            # out. Either way, cancelling the call aborts the engine request (a
-            # gathered request is dropped from its group, or its answer ignored).
+            # server, which then cancels this request's task), the time ran
+            # out or no replica is running. Either way, cancelling the call aborts
+            # the engine request (a gathered request is dropped from its group,
+            # or its answer ignored).
             hang_up.cancel()
+            if stalled is not None:
+                stalled.cancel()
             record.model_wait_s += time.perf_counter() - waited
             if not answer.done():
-                left = not expired
+                left = not expired and not gone
                 response.cancel()
                 answer.cancel()
                 if abandoned is not None:
                     abandoned(None)
+        if gone:
+            assert stalled is not None  # it only ever ends with the 503
+            raise stalled.exception()  # type: ignore[misc]
         if expired:
             raise _timed_out(timeout)
         if left:

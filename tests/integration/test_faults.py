@@ -1,4 +1,4 @@
-"""A vLLM engine that dies: fast honest answers, fallback, and a new replica.
+"""A vLLM engine (or a classical replica) that dies: fast honest answers, fallback, and a new replica.
 
 The engine-core process of the real vLLM replica is killed mid-stream. The
 stream ends with an error frame; from then until a new replica serves, each
@@ -88,3 +88,34 @@ async def test_a_dead_engine_is_answered_503_at_once_falls_back_and_is_replaced(
     assert new_pid != replica_pid, "Serve started a new replica"
     print(f"model answered again {recovered_s:.1f} s after its engine died; 503 waits p50 "
           f"{statistics.median(waits) * 1000:.0f} ms, max {max(waits) * 1000:.0f} ms")
+
+
+async def test_a_classical_replica_that_dies_is_answered_503_or_served_never_500_or_a_hang(
+    gateway: Gateway,
+) -> None:
+    # MiniLM: a new replica takes seconds to load, which Serve's router would wait out.
+    path, body = "/v1/embeddings", {"model": "minilm", "input": "the sea"}
+    replica_pid, _ = replica_process("minilm")
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        assert (await session.post(path, json=body)).status_code == 200
+        os.kill(replica_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        answers: list[tuple[int, float]] = []
+        while True:
+            assert time.monotonic() - killed_at < 120, "the model did not come back"
+            started = time.monotonic()
+            response = await session.post(path, json=body)
+            took = time.monotonic() - started
+            answers.append((response.status_code, took))
+            assert response.status_code in (200, 503), response.text
+            assert took < REPLICA_WAIT_S + 1.5, answers  # never Serve's unbounded wait
+            if response.status_code == 503:
+                assert response.json()["error"]["code"] == "service_unavailable"
+                assert int(response.headers["retry-after"]) >= 1
+            elif replica_process("minilm")[0] != replica_pid:
+                break  # a new replica answered
+            await asyncio.sleep(0.1)
+    recovered_s = time.monotonic() - killed_at
+    refused = [took for status, took in answers if status == 503]
+    print(f"classical model answered again {recovered_s:.1f} s after its replica died; "
+          f"{len(refused)} answers 503 (max {max(refused, default=0) * 1000:.0f} ms)")

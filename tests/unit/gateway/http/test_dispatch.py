@@ -347,6 +347,36 @@ async def test_a_classical_model_with_no_running_replica_waits_at_most_replica_w
     assert back.status_code == 200 and back.json() == ({"echo": 7} if gathering else {"predictions": [2]})
 
 
+@pytest.mark.parametrize("gathering", [None, (8, 1, None)])
+async def test_a_classical_call_held_while_no_replica_runs_is_given_up_but_a_slow_one_is_not(
+    gathering: tuple[int, int, None] | None,
+) -> None:
+    handle = Restarting()
+    routing: dict[str, Any] = {"kinds": {"m": "classifier"}, "replica_wait_s": 0.5}
+    if gathering is not None:
+        routing["gathering"] = {"m": gathering}
+    app = make_app(handle, **routing)
+    loop = asyncio.get_running_loop()
+    body = {"instances": [[1]], "k": 7}
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.post("/predict/m", json=body)).status_code == 200
+        # The replica dies silently; Serve's router holds the next call for a new one.
+        handle.up.clear()
+        handle.delay = 30
+        started = loop.time()
+        held = await client.post("/predict/m", json=body)
+        assert 0.45 <= loop.time() - started <= 2.5
+        assert held.status_code == 503 and held.headers["retry-after"]
+        assert "No replica of the model is running" in held.json()["error"]["message"]
+        assert handle.responses[-1].cancelled or gathering  # given up with Serve too (a group goes on for others)
+        handle.up.set()  # running again, but slower than replica_wait_s to answer
+        handle.delay = 1.2
+        await asyncio.sleep(0)  # one turn: the look-up still going on in the background sees it
+        slow = await client.post("/predict/m", json=body)
+    assert slow.status_code == 200
+
+
 @pytest.mark.parametrize("body", [{"model": "other"}, {"model": "m", "n": 0}])
 async def test_bad_routing_fields_never_reach_a_model(body: dict[str, Any]) -> None:
     handle = FakeHandle()
