@@ -2,6 +2,8 @@
 
 Each chunk is ``data: <json>\\n\\n``; the stream ends with ``data: [DONE]\\n\\n``.
 An error after the first byte is an error frame followed by the done frame.
+The Responses API names each event (``event: <type>``), sends no ``[DONE]``
+and ends a failed stream with an ``error`` event.
 """
 
 from __future__ import annotations
@@ -21,6 +23,25 @@ def frame(payload: dict[str, Any]) -> bytes:
 def error_frames(envelope: dict[str, Any]) -> bytes:
     """The frames that end a stream with an error: the error, then ``[DONE]``."""
     return frame(envelope) + DONE
+
+
+def responses_error_event(envelope: dict[str, Any], sequence_number: int | None = None) -> bytes:
+    """The Responses API's ``error`` event for the gateway's error ``envelope``
+    (``{"error": {...}}``); ``sequence_number`` where the sender knows it."""
+    error = envelope.get("error", envelope)
+    payload: dict[str, Any] = {
+        "type": "error", "code": error.get("code"), "message": error.get("message"), "param": error.get("param"),
+    }
+    if sequence_number is not None:
+        payload["sequence_number"] = sequence_number
+    return b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_error(endpoint: str, envelope: dict[str, Any]) -> bytes:
+    """What ends a stream of ``endpoint`` with the error ``envelope``."""
+    if endpoint == "responses":
+        return responses_error_event(envelope)
+    return error_frames(envelope)
 
 
 def parse(stream: bytes) -> list[Any]:

@@ -98,6 +98,8 @@ class WordCounter:
     """The echo engine's count: whitespace-separated words."""
 
     def prompt_tokens(self, endpoint: str, body: dict[str, Any]) -> list[int] | None:
+        if endpoint not in ("chat", "completion"):
+            return None  # the replica counts
         if endpoint == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list):
@@ -155,7 +157,10 @@ class TemplateCounter:
         try:
             if endpoint == "chat":
                 return self._chat(body)
-            return self._completion(body)
+            if endpoint == "completion":
+                return self._completion(body)
+            return None  # the replica counts
+
         except Exception:  # noqa: BLE001 - anything unexpected: the replica counts instead
             return None
 

@@ -35,7 +35,7 @@ from gateway.http.limits import Admission, admit, embedding_tokens
 from gateway.http.relay import RelayedStream, RelayResponse, ReplicaRelay, RunningReplica, StreamCutError
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
-from gateway.protocol.envelope import ModelEnvelope, RequestEnvelope
+from gateway.protocol.envelope import ModelEnvelope, RequestEnvelope, ResponsesEnvelope
 from gateway.routing.table import Route, RouteTable
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ VARIANT_HEADER = "x-gateway-variant"
 ENDPOINT_KINDS: dict[str, frozenset[str]] = {
     "chat": frozenset({"llm"}),
     "completion": frozenset({"llm"}),
+    "responses": frozenset({"llm"}),
     "embedding": frozenset({"embedding"}),
     "predict": frozenset({"classifier", "embedding"}),
     "infer": frozenset({"classifier", "embedding"}),
@@ -53,6 +54,7 @@ ENDPOINT_KINDS: dict[str, frozenset[str]] = {
 ENDPOINT_PATHS = {
     "chat": "/v1/chat/completions",
     "completion": "/v1/completions",
+    "responses": "/v1/responses",
     "embedding": "/v1/embeddings",
     "predict": "/v1/models/{model}:predict",
     "infer": "/v2/models/{model}/infer",
@@ -181,7 +183,7 @@ class ModelDispatcher:
         envelope = _envelope(endpoint, body) if model is None else None
         name = envelope.model if envelope is not None else str(model)
         user = envelope.user if envelope is not None else None
-        stream = isinstance(envelope, RequestEnvelope) and bool(envelope.stream)
+        stream = isinstance(envelope, (RequestEnvelope, ResponsesEnvelope)) and bool(envelope.stream)
         cohort = user or request.headers.get(self._cohort_header)
         api = api_key(request)
         # A model the key may not use is answered as one that does not exist.
@@ -409,7 +411,8 @@ class ModelDispatcher:
 
         if admission is not None:
             stream.when_ended(admission.settle)  # also a stream the client left
-        return RelayResponse(self._relay(stream, record, deadline, timeout), headers, closed=stream.close)
+        relayed = self._relay(stream, call.endpoint, record, deadline, timeout)
+        return RelayResponse(relayed, headers, closed=stream.close)
 
     def _answered(self, record: RequestRecord, outcome: Outcome) -> None:
         record.outcome = outcome
@@ -418,6 +421,7 @@ class ModelDispatcher:
     async def _relay(
         self,
         stream: RelayedStream,
+        endpoint: Endpoint,
         record: RequestRecord,
         deadline: float | None = None,
         timeout: float | None = None,
@@ -448,7 +452,7 @@ class ModelDispatcher:
             stream.close()  # at once, even where the client's hang-up left this unfinished
         if error is not None:
             record.error, record.late_status = error.code, error.status_code
-            yield sse.error_frames(error.to_dict())
+            yield sse.stream_error(endpoint, error.to_dict())
             return
         if stream.outcome is not None:
             self._answered(record, stream.outcome)
@@ -468,9 +472,14 @@ def _routed(body: dict[str, Any], name: str, target: str, in_body: bool) -> dict
     return {**body, "model": target} if in_body and target != name else body
 
 
+_ENVELOPES: dict[str, type[ModelEnvelope]] = {
+    "chat": RequestEnvelope, "completion": RequestEnvelope, "responses": ResponsesEnvelope,
+}
+
+
 def _envelope(endpoint: Endpoint, body: dict[str, Any]) -> ModelEnvelope:
     """The routing fields of an OpenAI body; only chat and completions stream."""
-    schema = RequestEnvelope if endpoint in ("chat", "completion") else ModelEnvelope
+    schema = _ENVELOPES.get(endpoint, ModelEnvelope)
     try:
         return schema.of(body)
     except ValidationError as exc:

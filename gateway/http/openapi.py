@@ -23,6 +23,7 @@ from gateway.protocol.keys import KeyInfo
 from gateway.protocol.models import ModelCard, ModelList
 from gateway.protocol.predict import InferRequest, InferResponse, PredictRequest, PredictResponse
 from gateway.protocol.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
+from gateway.protocol.responses_api import ResponseCreateRequest, ResponseObject, ResponseStreamEvent
 
 SSE = "text/event-stream"
 JSON = "application/json"
@@ -37,6 +38,10 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
     ),
     ("/v1/completions", "post"): (
         CompletionRequest, {JSON: Completion, SSE: Completion}, (400, 401, 404, 408, 413, 429, 503, 504),
+    ),
+    ("/v1/responses", "post"): (
+        ResponseCreateRequest, {JSON: ResponseObject, SSE: ResponseStreamEvent},
+        (400, 401, 404, 408, 413, 429, 503, 504),
     ),
     ("/v1/embeddings", "post"): (EmbeddingRequest, {JSON: EmbeddingResponse}, (400, 401, 404, 408, 413, 429, 503)),
     ("/v1/models/{model}:predict", "post"): (PredictRequest, {JSON: PredictResponse}, (400, 401, 404, 408, 413, 429, 503)),
@@ -61,6 +66,11 @@ _ANSWER = {
     SSE: "With `stream: true`: server-sent events, one `data:` line per chunk (this schema), "
     "then `data: [DONE]`; an error after the first event arrives as `data: {\"error\": ...}`",
 }
+_EVENTS = (
+    "With `stream: true`: server-sent events, each an `event:` line naming its type and a `data:` line "
+    "(this schema), from `response.created` to `response.completed`, no `[DONE]`; an error after the "
+    "first event arrives as an `error` event"
+)
 
 
 def describe(app: FastAPI) -> None:
@@ -98,7 +108,9 @@ def document(app: FastAPI) -> dict[str, Any]:
             }
         operation["responses"] = {
             "200": {
-                "description": "; ".join(_ANSWER[m] for m in media),
+                "description": "; ".join(
+                    _EVENTS if model is ResponseStreamEvent else _ANSWER[m] for m, model in media.items()
+                ),
                 "content": {m: {"schema": _ref(model)} for m, model in media.items()},
             },
             **{

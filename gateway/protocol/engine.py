@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Endpoint = Literal["chat", "completion", "embedding", "predict", "infer"]
+Endpoint = Literal["chat", "completion", "responses", "embedding", "predict", "infer"]
 
 
 @dataclass(frozen=True, slots=True)

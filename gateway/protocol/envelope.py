@@ -47,3 +47,9 @@ class RequestEnvelope(ModelEnvelope):
         if value is not None and not info.data.get("stream"):
             raise ValueError("`stream_options` can only be set when `stream` is true")
         return value
+
+
+class ResponsesEnvelope(ModelEnvelope):
+    """Routing fields of a Responses API request."""
+
+    stream: StrictBool | None = False

@@ -48,7 +48,7 @@ OP_HEADER = "x-gateway-op"
 COUNT = "count"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_HEAD_BYTES = 16 * 1024
-ENDPOINTS: frozenset[str] = frozenset({"chat", "completion"})
+ENDPOINTS: frozenset[str] = frozenset({"chat", "completion", "responses"})
 
 
 class RelayAddress(NamedTuple):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from gateway import sse
-from gateway.errors import ContextLengthExceededError, InvalidRequestError
+from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
 from models.llm.engine import EngineInfo
@@ -135,6 +135,10 @@ class EchoEngine:
         return plan.prompt_tokens + plan.completion_tokens
 
     def _plan(self, request: EngineRequest) -> _Plan:
+        if request.endpoint not in ("chat", "completion"):
+            raise ModelNotSupportedError(
+                f"The model `{self._name}` (an echo engine) does not serve /v1/{request.endpoint}.", param="model"
+            )
         try:
             if request.endpoint == "chat":
                 chat = ChatCompletionRequest.model_validate(request.body)

@@ -161,7 +161,7 @@ class StreamServer:
             await _error(writer, InternalServerError("The model failed while serving the request."))
             return
         writer.write(relay.response_head(200, sse.MEDIA_TYPE) + first)
-        pump = asyncio.create_task(_pump(frames, writer, request.request_id))
+        pump = asyncio.create_task(_pump(frames, writer, request))
         hang_up = asyncio.create_task(reader.read(1))  # b"" when the ingress closes
         try:
             await asyncio.wait({pump, hang_up}, return_when=asyncio.FIRST_COMPLETED)
@@ -232,9 +232,9 @@ async def _count(count: Counter | None, request: EngineRequest, writer: asyncio.
     await writer.drain()
 
 
-async def _pump(frames: AsyncIterator[bytes], writer: asyncio.StreamWriter, request_id: str) -> bool:
-    """Writes the frames as they come; an error mid-stream becomes an error frame
-    and ``[DONE]``. False when the connection broke."""
+async def _pump(frames: AsyncIterator[bytes], writer: asyncio.StreamWriter, request: EngineRequest) -> bool:
+    """Writes the frames as they come; an error mid-stream ends the stream the
+    endpoint's way (``gateway.sse.stream_error``). False when the connection broke."""
     transport = writer.transport
     try:
         async for frame in frames:
@@ -242,12 +242,13 @@ async def _pump(frames: AsyncIterator[bytes], writer: asyncio.StreamWriter, requ
             if transport.get_write_buffer_size() > HIGH_WATER:
                 await writer.drain()
     except GatewayError as error:
-        writer.write(sse.error_frames(error.to_dict()))
+        writer.write(sse.stream_error(request.endpoint, error.to_dict()))
     except ConnectionError:
         return False
     except Exception:
-        logger.exception("request %s: stream failed after its first byte", request_id)
-        writer.write(sse.error_frames(InternalServerError("The model failed while serving the request.").to_dict()))
+        logger.exception("request %s: stream failed after its first byte", request.request_id)
+        failed = InternalServerError("The model failed while serving the request.")
+        writer.write(sse.stream_error(request.endpoint, failed.to_dict()))
     finally:
         aclose: Any = getattr(frames, "aclose", None)
         if aclose is not None:

@@ -59,6 +59,7 @@ class VLLMEngine:
         self._engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
+        self._responses: Any = None
         self._max_model_len: int | None = None
         self._tokenizer_spec: dict[str, Any] | None = None
         # Per endpoint: vLLM's request schema, its serving call, the prompt's
@@ -114,10 +115,12 @@ class VLLMEngine:
         await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
+        self._responses = getattr(state, "openai_serving_responses", None)
         self._max_model_len = self._engine.model_config.max_model_len
         self._guard_context_length()
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         self._error_response = ErrorResponse
@@ -129,6 +132,8 @@ class VLLMEngine:
                 self._completion.create_completion,
                 "prompt",
             )
+        if self._responses is not None:
+            self._endpoints["responses"] = (ResponsesRequest, self._responses.create_responses, "input")
 
     def info(self) -> EngineInfo:
         if self._tokenizer_spec is None and self._chat is not None:
@@ -171,6 +176,8 @@ class VLLMEngine:
             _TALLY.reset(token)
         if hasattr(result, "model_dump_json"):
             return result.model_dump_json().encode()
+        if request.endpoint == "responses":
+            return _events(result, tally)
         return _frames(result)
 
     async def _served(
@@ -184,7 +191,7 @@ class VLLMEngine:
             raise NotImplementedFeatureError(f"{self._config.name} does not serve this endpoint.")
         schema, create, prompt_param = endpoint
         try:
-            parsed = schema.model_validate({"request_id": request.request_id, **request.body})
+            parsed = schema.model_validate(_with_request_id(request))
             result = await call(parsed, create)
         except GatewayError:
             raise
@@ -200,6 +207,8 @@ class VLLMEngine:
         """Renders the request as vLLM will (chat template, tokenizer) without
         generating: each prompt's tokens plus ``n`` times its output budget
         (``max_completion_tokens`` / ``max_tokens``, else the rest of the window)."""
+        if request.endpoint == "responses":
+            return await self._most_response_tokens(request)
         chat = request.endpoint == "chat"
         serving = self._chat if chat else self._completion
 
@@ -219,6 +228,20 @@ class VLLMEngine:
             total += prompt + choices * (budget if budget is not None else self._max_model_len - prompt)
         return int(total)
 
+    async def _most_response_tokens(self, request: EngineRequest) -> int:
+        """A Responses API request's prompt, rendered as vLLM will, plus its
+        ``max_output_tokens`` (else the rest of the window)."""
+        serving = self._responses
+
+        async def render(parsed: Any, create: Any) -> Any:
+            return await serving._render_resolved_response_inputs(parsed, None)
+
+        parsed, result = await self._served(request, render)
+        assert self._max_model_len is not None
+        prompt = int(serving._extract_prompt_len(result.engine_input))
+        budget = parsed.max_output_tokens
+        return prompt + (budget if budget is not None else self._max_model_len - prompt)
+
     def _guard_context_length(self) -> None:
         """Refuses prompt + max_tokens beyond the context before anything is generated.
 
@@ -232,6 +255,19 @@ class VLLMEngine:
                 continue
             attr = "render_chat_request" if param == "messages" else "render_completion_request"
             setattr(serving, attr, _guarded(getattr(serving, attr), serving, limit, param))
+        if self._responses is not None:
+            serving = self._responses
+            render = serving._render_resolved_response_inputs
+
+            async def render_and_check(request: Any, *args: Any, **kwargs: Any) -> Any:
+                result = await render(request, *args, **kwargs)
+                budget = request.max_output_tokens
+                if budget is None or not hasattr(result, "engine_input"):
+                    return result  # no budget asked for, or an ErrorResponse: vLLM reports it
+                _check_window(serving._extract_prompt_len(result.engine_input), budget, limit, "input")
+                return result
+
+            serving._render_resolved_response_inputs = render_and_check
 
 
 def _tokenizer_spec(serving: Any, model_config: Any) -> dict[str, Any] | None:
@@ -277,17 +313,21 @@ def _guarded(
         if budget is None:
             return result
         for engine_input in inputs:
-            prompt = serving._extract_prompt_len(engine_input)
-            if prompt + budget > limit:
-                raise ContextLengthExceededError(
-                    f"This model's maximum context length is {limit} tokens. However, you "
-                    f"requested {prompt + budget} tokens ({prompt} in the {param}, {budget} "
-                    f"in the completion). Please reduce the length of the {param} or completion.",
-                    param=param,
-                )
+            _check_window(serving._extract_prompt_len(engine_input), budget, limit, param)
         return result
 
     return render_and_check
+
+
+def _check_window(prompt: int, budget: int, limit: int, param: str) -> None:
+    if prompt + budget > limit:
+        output = "output" if param == "input" else "completion"
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {limit} tokens. However, you "
+            f"requested {prompt + budget} tokens ({prompt} in the {param}, {budget} "
+            f"in the {output}). Please reduce the length of the {param} or {output}.",
+            param=param,
+        )
 
 
 def _tallied(
@@ -360,6 +400,36 @@ def _time_tokens(
     tally.first_token(first_at)
     tally.gaps((latest - first_ts) / max(new - 1, 1), new - 1)
     return latest
+
+
+def _with_request_id(request: EngineRequest) -> dict[str, Any]:
+    """The body with vLLM's ``request_id`` (its engine request's id): the
+    gateway's request id; for the Responses API it is also the response's
+    ``id``, so it gets OpenAI's ``resp_`` prefix and the gateway's id wins."""
+    if request.endpoint == "responses":
+        return {**request.body, "request_id": f"resp_{request.request_id}"}
+    return {"request_id": request.request_id, **request.body}
+
+
+async def _events(stream: AsyncIterator[Any], tally: GenerationTally) -> AsyncIterator[bytes]:
+    """vLLM's Responses API events as OpenAI sends them (``event:`` and
+    ``data:`` lines, no ``[DONE]``). A failure after the first event ends the
+    stream with an ``error`` event numbered after the last one.
+
+    vLLM asks its engine for tokens only once the stream is read: the tally
+    is set here, in the context of the task that reads it (its own, per
+    stream), not only while the stream was being made."""
+    _TALLY.set(tally)
+    sequence = -1
+    try:
+        async for event in stream:
+            sequence = getattr(event, "sequence_number", sequence)
+            data = event.model_dump_json(indent=None, by_alias=True).encode()
+            yield b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n"
+    except GatewayError as error:
+        yield sse.responses_error_event(error.to_dict(), sequence + 1)
+    except Exception as exc:  # noqa: BLE001 - vLLM's failures mid-stream, as it reports them
+        yield sse.responses_error_event(translate_exception(exc, "input").to_dict(), sequence + 1)
 
 
 async def _frames(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:

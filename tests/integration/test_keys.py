@@ -207,6 +207,21 @@ async def test_vllm_token_limit_reserves_the_models_own_prompt_count(
     assert settled == answer.usage.total_tokens
 
 
+async def test_a_response_reserves_the_models_own_prompt_count_and_settles_its_usage(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    async with openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0) as sdk:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secrets["vllm"])) as http:
+            start = (await settled(http))["usage"]["remaining_tokens"]
+            raw = await sdk.responses.with_raw_response.create(model=VLLM_MODEL, input="Hello there", max_output_tokens=5)
+            answer = raw.parse()
+            assert answer.usage is not None
+            # The reservation was the input, as vLLM renders and counts it, plus max_output_tokens.
+            assert start - int(raw.headers["x-ratelimit-remaining-tokens"]) == answer.usage.input_tokens + 5
+            after = (await settled(http))["usage"]["remaining_tokens"]
+    assert start - after == answer.usage.total_tokens  # settled with what was used
+
+
 async def test_a_stream_left_early_is_charged_what_was_generated(
     gateway: Gateway, secrets: dict[str, str]
 ) -> None:

@@ -1,0 +1,63 @@
+"""OpenAI Responses API shapes (``POST /v1/responses``), for the OpenAPI document only.
+
+The ingress reads only ``model``, ``stream`` and ``user`` of a request (see
+``gateway.protocol.envelope``); the rest travels to the model's replica and
+is validated there by vLLM's own schema, and the answers are vLLM's bytes.
+These models describe both to ``/docs`` and to client generators.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ResponseCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # vLLM's sampling extensions travel too
+
+    model: str = Field(min_length=1, description="Model or alias that should serve the request.")
+    input: str | list[dict[str, Any]] = Field(description="Text, or a list of input items (messages, tool outputs).")
+    instructions: str | None = Field(None, description="A system message put before the input.")
+    max_output_tokens: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    tools: list[dict[str, Any]] | None = Field(None, description="Function tools, on models with a tool parser.")
+    tool_choice: str | dict[str, Any] | None = None
+    text: dict[str, Any] | None = Field(None, description='`{"format": {"type": "json_schema", ...}}` and the like.')
+    store: bool | None = None
+    previous_response_id: str | None = None
+    user: str | None = Field(None, description="Also the cohort key of sticky A/B routing.")
+    metadata: dict[str, str] | None = None
+
+
+class ResponseUsage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(description="`resp_` and the request's id")
+    object: Literal["response"] = "response"
+    created_at: float
+    model: str = Field(description="The model (variant) that answered")
+    status: str
+    output: list[dict[str, Any]]
+    usage: ResponseUsage | None = None
+
+
+class ResponseStreamEvent(BaseModel):
+    """One streamed event; its SSE ``event:`` line repeats ``type``
+    (``response.created``, ``response.output_text.delta``, ...,
+    ``response.completed``; ``error`` ends a failed stream)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    sequence_number: int | None = None
