@@ -37,6 +37,23 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if cpu_computes_bf16() else "float32"
 
 
+# A batch's texts are padded to the longest, and the longest to a multiple of
+# this. Every new (texts, tokens) shape makes the CPU's oneDNN kernels anew and
+# keeps them in its cache: measured with MiniLM under varied batches
+# (benchmarks/heap_trim.py), shapes in steps of 8 tokens made resident memory
+# grow a third as fast and batches 12 % faster (more of them found in the cache).
+PAD_TO_MULTIPLE_OF = 8
+
+
+def pad_batches(model: Any, multiple: int = PAD_TO_MULTIPLE_OF) -> None:
+    """Makes ``model``'s tokenizing modules pad each batch to a multiple of
+    ``multiple`` tokens (padding is masked: the embeddings do not change)."""
+    for module in model:
+        kwargs = getattr(module, "processing_kwargs", None)
+        if isinstance(kwargs, dict):
+            module.processing_kwargs = {**kwargs, "text": {**kwargs.get("text", {}), "pad_to_multiple_of": multiple}}
+
+
 class EmbeddingPredictor:
     kind = "embedding"
 
@@ -62,6 +79,7 @@ class EmbeddingPredictor:
         model = SentenceTransformer(
             path, device=device, local_files_only=True, model_kwargs={"dtype": getattr(torch, name)}
         )
+        pad_batches(model)
         return cls(model, name)
 
     def inputs(self, instances: Sequence[Any], param: str) -> tuple[list[str], list[int]]:

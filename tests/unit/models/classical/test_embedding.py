@@ -69,6 +69,15 @@ def test_float32_gives_sentence_transformers_own_vectors(reference: Any) -> None
     np.testing.assert_allclose(got, reference.encode(SENTENCES), rtol=0, atol=1e-5)
 
 
+def test_batches_are_padded_to_a_multiple_of_8_tokens_and_the_vectors_do_not_change(reference: Any) -> None:
+    predictor = EmbeddingPredictor.load(str(MINILM), dtype="float32")
+    texts = ["hello", "the sea is wide and deep tonight and the stars are out"]
+    shape = predictor._model.preprocess(texts)["input_ids"].shape
+    unpadded = reference.preprocess(texts)["input_ids"].shape
+    assert shape[1] % 8 == 0 and unpadded[1] % 8 != 0 and shape[1] - unpadded[1] < 8
+    np.testing.assert_allclose(predictor.embed(texts), reference.encode(texts), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
 def test_reduced_precision_stays_within_cosine_0_999_and_leaves_as_float32(
     reference: Any, dtype: str
