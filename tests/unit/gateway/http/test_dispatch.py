@@ -310,70 +310,69 @@ class Restarting(FakeHandle):
         yield SimpleNamespace(replica_metadata={})
 
 
-@pytest.mark.parametrize("gathering", [None, (8, 1, None)])
-async def test_a_classical_model_with_no_running_replica_waits_at_most_replica_wait_s(
-    gathering: tuple[int, int, None] | None,
-) -> None:
+PREDICT = {"instances": [[1]], "k": 7}
+
+
+@pytest.fixture(params=[None, (8, 1, None)], ids=["one-by-one", "gathered"])
+async def restarting(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Restarting, AsyncClient, bool]]:
+    """A classifier "m" served by a Restarting handle (its calls gathered or
+    not), with a 0.5 s replica wait; a client that has had one answer."""
     handle = Restarting()
     routing: dict[str, Any] = {"kinds": {"m": "classifier"}, "replica_wait_s": 0.5}
-    if gathering is not None:
-        routing["gathering"] = {"m": gathering}
-    app = make_app(handle, **routing)
-    loop = asyncio.get_running_loop()
-    body = {"instances": [[1]], "k": 7}
-    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    if request.param is not None:
+        routing["gathering"] = {"m": request.param}
+    transport = ASGITransport(app=make_app(handle, **routing), raise_app_exceptions=False)
     async with AsyncClient(transport=transport, base_url="http://test") as client:
-        assert (await client.post("/predict/m", json=body)).status_code == 200
-        handle.up.clear()  # the replica dies under a call; Serve has none running
-        handle.unary = ActorDiedError()
-        died = await client.post("/predict/m", json=body)
-        assert died.status_code == 503 and died.headers["retry-after"]
-        sent = len(handle.calls)
-        started = loop.time()
-        waiting = await asyncio.gather(*(client.post("/predict/m", json=body) for _ in range(3)))
-        assert 0.45 <= loop.time() - started <= 2.5  # one shared look-up, bounded
-        started = loop.time()
-        later = await client.post("/predict/m", json=body)
-        assert loop.time() - started < 0.3  # the model is still down: answered at once
-        for answer in [*waiting, later]:
-            assert answer.status_code == 503 and answer.headers["retry-after"]
-            assert answer.json()["error"]["code"] == "service_unavailable"
-            assert "No replica of the model is running" in answer.json()["error"]["message"]
-        assert len(handle.calls) == sent  # none was handed to Serve's router to wait there
-        handle.unary = b'{"predictions": [2]}'
-        handle.up.set()  # a new replica is running
-        await asyncio.sleep(0)  # one turn: the look-up still going on in the background sees it
-        back = await client.post("/predict/m", json=body)
+        assert (await client.post("/predict/m", json=PREDICT)).status_code == 200
+        yield handle, client, request.param is not None
+
+
+async def test_a_classical_model_with_no_running_replica_waits_at_most_replica_wait_s(
+    restarting: tuple[Restarting, AsyncClient, bool],
+) -> None:
+    handle, client, gathering = restarting
+    loop, body = asyncio.get_running_loop(), PREDICT
+    handle.up.clear()  # the replica dies under a call; Serve has none running
+    handle.unary = ActorDiedError()
+    died = await client.post("/predict/m", json=body)
+    assert died.status_code == 503 and died.headers["retry-after"]
+    sent = len(handle.calls)
+    started = loop.time()
+    waiting = await asyncio.gather(*(client.post("/predict/m", json=body) for _ in range(3)))
+    assert 0.45 <= loop.time() - started <= 2.5  # one shared look-up, bounded
+    started = loop.time()
+    later = await client.post("/predict/m", json=body)
+    assert loop.time() - started < 0.3  # the model is still down: answered at once
+    for answer in [*waiting, later]:
+        assert answer.status_code == 503 and answer.headers["retry-after"]
+        assert answer.json()["error"]["code"] == "service_unavailable"
+        assert "No replica of the model is running" in answer.json()["error"]["message"]
+    assert len(handle.calls) == sent  # none was handed to Serve's router to wait there
+    handle.unary = b'{"predictions": [2]}'
+    handle.up.set()  # a new replica is running
+    await asyncio.sleep(0)  # one turn: the look-up still going on in the background sees it
+    back = await client.post("/predict/m", json=body)
     assert back.status_code == 200 and back.json() == ({"echo": 7} if gathering else {"predictions": [2]})
 
 
-@pytest.mark.parametrize("gathering", [None, (8, 1, None)])
 async def test_a_classical_call_held_while_no_replica_runs_is_given_up_but_a_slow_one_is_not(
-    gathering: tuple[int, int, None] | None,
+    restarting: tuple[Restarting, AsyncClient, bool],
 ) -> None:
-    handle = Restarting()
-    routing: dict[str, Any] = {"kinds": {"m": "classifier"}, "replica_wait_s": 0.5}
-    if gathering is not None:
-        routing["gathering"] = {"m": gathering}
-    app = make_app(handle, **routing)
-    loop = asyncio.get_running_loop()
-    body = {"instances": [[1]], "k": 7}
-    transport = ASGITransport(app=app, raise_app_exceptions=False)
-    async with AsyncClient(transport=transport, base_url="http://test") as client:
-        assert (await client.post("/predict/m", json=body)).status_code == 200
-        # The replica dies silently; Serve's router holds the next call for a new one.
-        handle.up.clear()
-        handle.delay = 30
-        started = loop.time()
-        held = await client.post("/predict/m", json=body)
-        assert 0.45 <= loop.time() - started <= 2.5
-        assert held.status_code == 503 and held.headers["retry-after"]
-        assert "No replica of the model is running" in held.json()["error"]["message"]
-        assert handle.responses[-1].cancelled or gathering  # given up with Serve too (a group goes on for others)
-        handle.up.set()  # running again, but slower than replica_wait_s to answer
-        handle.delay = 1.2
-        await asyncio.sleep(0)  # one turn: the look-up still going on in the background sees it
-        slow = await client.post("/predict/m", json=body)
+    handle, client, gathering = restarting
+    loop, body = asyncio.get_running_loop(), PREDICT
+    # The replica dies silently; Serve's router holds the next call for a new one.
+    handle.up.clear()
+    handle.delay = 30
+    started = loop.time()
+    held = await client.post("/predict/m", json=body)
+    assert 0.45 <= loop.time() - started <= 2.5
+    assert held.status_code == 503 and held.headers["retry-after"]
+    assert "No replica of the model is running" in held.json()["error"]["message"]
+    assert handle.responses[-1].cancelled or gathering  # given up with Serve too (a group goes on for others)
+    handle.up.set()  # running again, but slower than replica_wait_s to answer
+    handle.delay = 1.2
+    await asyncio.sleep(0)  # one turn: the look-up still going on in the background sees it
+    slow = await client.post("/predict/m", json=body)
     assert slow.status_code == 200
 
 
