@@ -178,7 +178,7 @@ class VLLMEngine:
             return result.model_dump_json().encode()
         if request.endpoint == "responses":
             return _events(result, tally)
-        return _frames(result)
+        return _frames(result, self.dead)
 
     async def _served(
         self, request: EngineRequest, call: Callable[[Any, Any], Awaitable[Any]]
@@ -432,13 +432,15 @@ async def _events(stream: AsyncIterator[Any], tally: GenerationTally) -> AsyncIt
         yield sse.responses_error_event(translate_exception(exc, "input").to_dict(), sequence + 1)
 
 
-async def _frames(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:
-    """vLLM's SSE strings as bytes, its error frames put in the gateway's shape."""
+async def _frames(stream: AsyncIterator[str], dead: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
+    """vLLM's SSE strings as bytes, its error frames put in the gateway's shape;
+    one that comes as the engine dies (``dead``) says so: 503, retry shortly."""
     async for text in stream:
         frame = text.encode()
         if frame.startswith(_ERROR_PREFIX):
             envelope = json.loads(frame[len(b"data: ") :])
-            yield sse.frame(translate_error(envelope).to_dict())
+            error = ServiceUnavailableError(ENGINE_DEAD) if dead() else translate_error(envelope)
+            yield sse.frame(error.to_dict())
             continue
         yield frame
 
