@@ -78,11 +78,27 @@ class Gatherer(Generic[Call]):
         task = asyncio.create_task(self._run(group))
         self._tasks.add(task)  # keep a reference until it is done
         task.add_done_callback(self._tasks.discard)
+        # Once every request of the group is given up, so is the call (its
+        # replica stops working on it, and its slot here is free at once).
+        waiting = [len(group)]
+
+        def given_up(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():
+                waiting[0] -= 1
+                if not waiting[0] and not task.done():
+                    task.cancel()
+
+        for _, future in group:
+            future.add_done_callback(given_up)
 
     async def _run(self, group: list[tuple[Call, asyncio.Future[Any]]]) -> None:
+        sent: Any = None
         try:
-            results = await self._send([call for call, _ in group])
+            sent = self._send([call for call, _ in group])
+            results = await sent
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group
+            if isinstance(exc, asyncio.CancelledError) and hasattr(sent, "cancel"):
+                sent.cancel()  # every caller gave up: Serve's response stops the replica's work
             for _, future in group:
                 if not future.done():
                     future.set_exception(exc)

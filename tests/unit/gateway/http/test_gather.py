@@ -15,12 +15,17 @@ class Replica:
 
     def __init__(self) -> None:
         self.groups: list[list[str]] = []
+        self.cancelled: list[list[str]] = []
         self.release = asyncio.Event()
         self.fail_with: BaseException | None = None
 
     async def send(self, calls: list[str]) -> list[Any]:
         self.groups.append(list(calls))
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(list(calls))
+            raise
         if self.fail_with is not None:
             raise self.fail_with
         return [ValueError(f"bad {c}") if c.startswith("bad") else f"answer to {c}" for c in calls]
@@ -106,6 +111,22 @@ async def test_an_answer_to_a_request_given_up_in_flight_is_dropped() -> None:
     assert await gatherer.submit("b") == "answer to b"
     with pytest.raises(asyncio.CancelledError):
         await gone
+
+
+async def test_a_call_whose_requests_are_all_given_up_is_cancelled_and_frees_its_slot() -> None:
+    replica = Replica()
+    gatherer = Gatherer(replica.send, max_group=8, max_in_flight=1)
+    alone = gatherer.submit("a")
+    await settle()
+    pair = [gatherer.submit("b"), gatherer.submit("c")]  # wait for the slot
+    alone.cancel()  # its client hung up: the call goes, and the pair leaves at once
+    await settle()
+    assert replica.cancelled == [["a"]] and replica.groups == [["a"], ["b", "c"]]
+    pair[0].cancel()  # one of two gone: the call stays
+    await settle()
+    assert replica.cancelled == [["a"]]
+    replica.release.set()
+    assert await pair[1] == "answer to c"
 
 
 async def test_held_requests_leave_after_max_hold_even_with_every_call_out() -> None:
