@@ -104,6 +104,9 @@ class AutoscalingConfig(_Strict):
 PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 
 
+DEFAULT_STORED_RESPONSES = 1000
+
+
 class ModelConfig(_Strict):
     """One served model: a deployment of LLM or classical-model replicas."""
 
@@ -218,6 +221,14 @@ class ModelConfig(_Strict):
         "gateway stopped), how long its requests in flight, streams included, may run on "
         "while it takes no new ones; those still running then are cut off.",
     )
+    stored_responses: int | None = Field(
+        None,
+        ge=0,
+        description="LLMs: Responses API responses each replica keeps (those made with "
+        "`store`, OpenAI's default), for `GET /v1/responses/{id}` and `previous_response_id`; "
+        "past it the oldest is dropped. They live in the replica's memory: gone when it "
+        f"stops. 0 keeps none. Unset: {DEFAULT_STORED_RESPONSES}.",
+    )
     echo_token_delay_ms: float = Field(
         0.0,
         ge=0,
@@ -278,6 +289,8 @@ class ModelConfig(_Strict):
             )
         if self.engine == "sklearn" and self.dtype != "auto":
             raise ValueError("`dtype` does not apply to sklearn models")
+        if self.stored_responses is not None and self.engine not in ("vllm", "echo"):
+            raise ValueError("`stored_responses` applies to LLMs (vllm, echo) only")
         if self.json_whitespace is not None:
             if self.engine != "vllm":
                 raise ValueError("`json_whitespace` applies to vllm models only")
@@ -287,6 +300,11 @@ class ModelConfig(_Strict):
                     "not both"
                 )
         return self
+
+    @property
+    def kept_responses(self) -> int:
+        """Stored responses each replica keeps (``stored_responses``, or its default)."""
+        return DEFAULT_STORED_RESPONSES if self.stored_responses is None else self.stored_responses
 
     @property
     def mlflow_uri(self) -> bool:

@@ -10,7 +10,8 @@
     ├── AuthenticationError           401 invalid_request_error  code=invalid_api_key
     ├── NotFoundError                 404 invalid_request_error  code=not_found
     │   ├── ModelNotFoundError            404 code=model_not_found
-    │   └── ModelNotSupportedError        404 code=model_not_supported
+    │   ├── ModelNotSupportedError        404 code=model_not_supported
+    │   └── ResponseNotFoundError         404 code=response_not_found
     ├── MethodNotAllowedError         405 invalid_request_error  code=method_not_allowed
     ├── RateLimitError                429 requests|tokens        code=rate_limit_exceeded
     ├── NotImplementedFeatureError    501 invalid_request_error  code=not_implemented
@@ -19,7 +20,9 @@
     └── InternalServerError           500 server_error
 
 Raised anywhere (ingress or model replica: they pickle across Ray handles),
-turned into ``{"error": {"message", "type", "param", "code"}}`` in one place.
+turned into ``{"error": {"message", "type", "param", "code"}}`` in one place
+(on the Messages API's routes: Anthropic's ``{"type": "error", "error":
+{"type", "message"}}``, its types chosen by status).
 Messages never contain tracebacks or file paths.
 """
 
@@ -73,6 +76,16 @@ class GatewayError(Exception):
                 "code": self.code,
             }
         }
+
+    def to_anthropic(self) -> dict[str, Any]:
+        """Anthropic's error envelope (the Messages API's routes): its error
+        types by status, the same message."""
+        return {"type": "error", "error": {"type": self.anthropic_type(), "message": self.message}}
+
+    def anthropic_type(self) -> str:
+        if self.code == "overloaded":
+            return "overloaded_error"
+        return _ANTHROPIC_TYPES.get(self.status_code, "api_error" if self.status_code >= 500 else "invalid_request_error")
 
     def to_wire(self) -> dict[str, Any]:
         """Everything needed to raise this error again in another process
@@ -186,6 +199,23 @@ class ModelNotSupportedError(NotFoundError):
     default_code = "model_not_supported"
 
 
+class ResponseNotFoundError(NotFoundError):
+    """A stored response (Responses API) that does not exist, is not the
+    caller's, or is no longer kept (404)."""
+
+    default_code = "response_not_found"
+
+    @classmethod
+    def for_id(cls, response_id: str, param: str | None = None) -> ResponseNotFoundError:
+        previous = "Previous response" if param == "previous_response_id" else "Response"
+        return cls(
+            f"{previous} with id '{response_id}' not found. Responses are kept by the model "
+            "replica that made them, for as long as it runs and up to its model's "
+            "`stored_responses` most recent ones.",
+            param=param,
+        )
+
+
 class MethodNotAllowedError(GatewayError):
     """The route exists but not for this HTTP method (405)."""
 
@@ -257,6 +287,19 @@ class InternalServerError(GatewayError):
     status = 500
     type = "server_error"
     default_code = "internal_error"
+
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
 
 
 def _subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:

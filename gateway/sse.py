@@ -2,14 +2,15 @@
 
 Each chunk is ``data: <json>\\n\\n``; the stream ends with ``data: [DONE]\\n\\n``.
 An error after the first byte is an error frame followed by the done frame.
-The Responses API names each event (``event: <type>``), sends no ``[DONE]``
-and ends a failed stream with an ``error`` event.
+The Responses API and Anthropic's Messages API name each event
+(``event: <type>``), send no ``[DONE]`` and end a failed stream with an
+``error`` event.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 MEDIA_TYPE = "text/event-stream"
 DONE = b"data: [DONE]\n\n"
@@ -37,11 +38,43 @@ def responses_error_event(envelope: dict[str, Any], sequence_number: int | None 
     return b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-def stream_error(endpoint: str, envelope: dict[str, Any]) -> bytes:
-    """What ends a stream of ``endpoint`` with the error ``envelope``."""
+class Error(Protocol):
+    """An error that knows its envelopes (``gateway.errors.GatewayError``)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def to_anthropic(self) -> dict[str, Any]: ...
+
+
+def event(kind: str, payload: dict[str, Any]) -> bytes:
+    """One named event: an ``event:`` line, then ``payload`` as a ``data:`` line."""
+    return f"event: {kind}\ndata: ".encode() + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_error(endpoint: str, error: Error, sequence_number: int | None = None) -> bytes:
+    """What ends a stream of ``endpoint`` with ``error`` (a Responses API
+    stream's ``error`` event numbered ``sequence_number``, where known)."""
     if endpoint == "responses":
-        return responses_error_event(envelope)
-    return error_frames(envelope)
+        return responses_error_event(error.to_dict(), sequence_number)
+    if endpoint == "messages":
+        return event("error", error.to_anthropic())
+    return error_frames(error.to_dict())
+
+
+_SEQUENCE = b'"sequence_number":'
+
+
+def next_sequence_number(sent: bytes) -> int | None:
+    """The number after the last ``sequence_number`` in ``sent`` (the latest
+    bytes of a Responses API stream); None when they hold none."""
+    at = sent.rfind(_SEQUENCE)
+    if at < 0:
+        return None
+    digits = sent[at + len(_SEQUENCE) :].lstrip()
+    end = 0
+    while end < len(digits) and digits[end : end + 1].isdigit():
+        end += 1
+    return int(digits[:end]) + 1 if end else None
 
 
 def parse(stream: bytes) -> list[Any]:

@@ -8,7 +8,18 @@ from gateway.http.auth import KeyGuard
 from gateway.http.handlers import install_handlers
 from gateway.http.observe import ObservabilityMiddleware, route_matcher
 from gateway.http.openapi import describe
-from gateway.http.routes import chat, completions, embeddings, health, key, metrics, models, predict, responses
+from gateway.http.routes import (
+    chat,
+    completions,
+    embeddings,
+    health,
+    key,
+    messages,
+    metrics,
+    models,
+    predict,
+    responses,
+)
 from gateway.http.state import GatewayState
 
 # Scrapes are not requests to measure: each would show in the next.
@@ -25,7 +36,7 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
         redoc_url=None,
     )
     app.state.gateway = state
-    for module in (chat, completions, responses, embeddings, predict, models, key, health, metrics):
+    for module in (chat, completions, responses, messages, embeddings, predict, models, key, health, metrics):
         app.include_router(module.router)
     install_handlers(app)
     describe(app)

@@ -1,7 +1,8 @@
 """The key check in front of every ``/v1`` and ``/v2`` route, and of the operations routes.
 
 With API keys configured, a request to those routes must name one in
-``Authorization: Bearer <key>``; otherwise it is answered 401
+``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as Anthropic's
+clients send it); otherwise it is answered 401
 (``invalid_api_key``) before any route sees it. Health, readiness and
 metrics stay open unless operations keys are configured; then they want one
 of those (and API keys do not open them, nor do operations keys open the
@@ -20,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth.keys import ApiKey, KeyTable
 from gateway.errors import AuthenticationError
+from gateway.http.handlers import envelope
 
 PROTECTED = ("/v1/", "/v2/")
 OPERATIONS = frozenset({"/health", "/ready", "/metrics"})
@@ -52,10 +54,13 @@ class KeyGuard:
             await self._app(scope, receive, send)
             return
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if header is None:
+            secret = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
+            header = b"Bearer " + secret if secret is not None else None
         try:
             key = check(header.decode("latin-1") if header is not None else None)
         except AuthenticationError as error:
-            await _refuse(send, error)
+            await _refuse(send, error, path)
             return
         state: dict[str, Any] = scope.setdefault("state", {})
         state["api_key"] = key
@@ -65,8 +70,8 @@ class KeyGuard:
         await self._app(scope, receive, send)
 
 
-async def _refuse(send: Send, error: AuthenticationError) -> None:
-    body = json.dumps(error.to_dict()).encode()
+async def _refuse(send: Send, error: AuthenticationError, path: str) -> None:
+    body = json.dumps(envelope(error, path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})

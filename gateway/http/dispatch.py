@@ -24,6 +24,7 @@ from gateway.errors import (
     RequestReadTimeoutError,
     RequestTimeoutError,
     RequestTooLargeError,
+    ResponseNotFoundError,
     ServiceUnavailableError,
 )
 from gateway.auth.limiter import LocalLimiter
@@ -34,19 +35,30 @@ from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
 from gateway.http.relay import RelayedStream, RelayResponse, ReplicaRelay, RunningReplica, StreamCutError
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
+from gateway.protocol import relay
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
-from gateway.protocol.envelope import ModelEnvelope, RequestEnvelope, ResponsesEnvelope
+from gateway.protocol.envelope import MessagesEnvelope, ModelEnvelope, RequestEnvelope, ResponsesEnvelope
 from gateway.routing.table import Route, RouteTable
 
 logger = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-gateway-variant"
+# A background response would go on generating after its answer, unseen by
+# the key's token limits and the gateway's metrics.
+_NO_BACKGROUND = (
+    "Background responses are not served by this gateway: send the request without "
+    "`background` (with `stream` to see the output as it is made)."
+)
 
 # The model kinds (gateway.config.ENGINE_KINDS) each endpoint can be answered by.
 ENDPOINT_KINDS: dict[str, frozenset[str]] = {
     "chat": frozenset({"llm"}),
     "completion": frozenset({"llm"}),
     "responses": frozenset({"llm"}),
+    "responses_retrieve": frozenset({"llm"}),
+    "responses_cancel": frozenset({"llm"}),
+    "messages": frozenset({"llm"}),
+    "messages_count": frozenset({"llm"}),
     "embedding": frozenset({"embedding"}),
     "predict": frozenset({"classifier", "embedding"}),
     "infer": frozenset({"classifier", "embedding"}),
@@ -55,6 +67,10 @@ ENDPOINT_PATHS = {
     "chat": "/v1/chat/completions",
     "completion": "/v1/completions",
     "responses": "/v1/responses",
+    "responses_retrieve": "/v1/responses/{response_id}",
+    "responses_cancel": "/v1/responses/{response_id}/cancel",
+    "messages": "/v1/messages",
+    "messages_count": "/v1/messages/count_tokens",
     "embedding": "/v1/embeddings",
     "predict": "/v1/models/{model}:predict",
     "infer": "/v2/models/{model}/infer",
@@ -183,7 +199,7 @@ class ModelDispatcher:
         envelope = _envelope(endpoint, body) if model is None else None
         name = envelope.model if envelope is not None else str(model)
         user = envelope.user if envelope is not None else None
-        stream = isinstance(envelope, (RequestEnvelope, ResponsesEnvelope)) and bool(envelope.stream)
+        stream = isinstance(envelope, STREAMING) and bool(envelope.stream)
         cohort = user or request.headers.get(self._cohort_header)
         api = api_key(request)
         # A model the key may not use is answered as one that does not exist.
@@ -193,18 +209,27 @@ class ModelDispatcher:
         record: RequestRecord = request.state.record  # made by the observability middleware
         record.model, record.stream = name, stream
         self._check_kind(endpoint, name, route)
+        owner = api.id if api is not None else ""
+        replica = None
+        if isinstance(envelope, ResponsesEnvelope) and envelope.background:
+            raise InvalidRequestError(_NO_BACKGROUND, param="background")
+        if isinstance(envelope, ResponsesEnvelope) and envelope.previous_response_id is not None:
+            # Only the replica that stores the earlier response can continue it.
+            route, replica = await self._holder(name, envelope.previous_response_id, "previous_response_id")
         if route.alias:
             self._metrics.assigned(name, route.target)
         request_id = record.request_id
         in_body = envelope is not None  # OpenAI bodies name their model
         admission = None
         if api is not None and api.limited:
-            first = EngineRequest(endpoint, _routed(body, name, route.target, in_body), request_id, route.target)
+            first = EngineRequest(
+                endpoint, _routed(body, name, route.target, in_body), request_id, route.target, replica, owner
+            )
             tokens = await self._most_tokens(first) if api.tpm is not None else 0
             admission = await admit(self.limiter, api, tokens, name)
         try:
             response = await self._forward(
-                endpoint, body, name, in_body, route, request, record, stream, admission
+                endpoint, body, name, in_body, route, request, record, stream, admission, (replica, owner)
             )
         except (asyncio.CancelledError, RequestTimeoutError):
             # The client left or the time ran out: a whole answer's call
@@ -226,6 +251,8 @@ class ModelDispatcher:
         """What a token limit reserves for ``call``: the model's own count for
         LLMs, a bound from the input for embeddings, none for predictions."""
         kind = self._kinds.get(call.model, "llm")
+        if call.endpoint == "messages_count":
+            return 0  # counts tokens, generates none
         if kind == "llm":
             handles = self._handles[call.model]
             if handles.counter is None:
@@ -252,14 +279,16 @@ class ModelDispatcher:
         record: RequestRecord,
         stream: bool,
         admission: Admission | None,
+        pin: tuple[str | None, str] = (None, ""),
     ) -> Response:
+        """``pin``: the replica that must answer (None: any) and the caller's key id."""
         request_id = record.request_id
         if route.shadow is not None:
             shadow_body = {**body, "model": route.shadow} if in_body else body
             self._mirror(EngineRequest(endpoint, shadow_body, request_id + "-shadow", route.shadow))
         candidates = (route.target, *route.fallbacks)
         for target in candidates:
-            call = EngineRequest(endpoint, _routed(body, name, target, in_body), request_id, target)
+            call = EngineRequest(endpoint, _routed(body, name, target, in_body), request_id, target, *pin)
             headers = {VARIANT_HEADER: target}
             if admission is not None:
                 headers.update(admission.headers)
@@ -283,6 +312,68 @@ class ModelDispatcher:
                     error.code,
                 )
         raise AssertionError("unreachable: the last candidate raises or returns")
+
+    async def _holder(self, name: str, response_id: str, param: str) -> tuple[Route, str]:
+        """The route to the variant of ``name`` whose replica stores
+        ``response_id``, and that replica's id; 404 when none does (the id
+        was not made here, or its replica has stopped)."""
+        replica = relay.response_replica(response_id)
+        llms = [
+            model for model in self._routes.members(name)
+            if self._kinds.get(model, "llm") == "llm" and model in self._handles
+        ]
+        if replica is not None:
+            for model in llms:  # first among the replicas this ingress knows
+                if self._handles[model].relay.knows(replica):
+                    return self._routes.pinned(name, model), replica
+            for model in llms:
+                try:
+                    if await self._handles[model].relay.holds(replica):
+                        return self._routes.pinned(name, model), replica
+                except ServiceUnavailableError:
+                    continue  # no replica of it runs: none of them stores it
+        raise ResponseNotFoundError.for_id(response_id, param)
+
+    async def stored(self, endpoint: Endpoint, request: Request, response_id: str) -> Response:
+        """``GET /v1/responses/{id}`` (``responses_retrieve``) or
+        ``POST /v1/responses/{id}/cancel`` (``responses_cancel``): answered by
+        the replica that stores the response, for the key that made it."""
+        body: dict[str, Any] = {"response_id": response_id}
+        if endpoint == "responses_retrieve":
+            body.update(_retrieve_query(request))
+        else:
+            await read_body(request, self._max_body_bytes, self._read_timeout_s)  # none is expected
+        api = api_key(request)
+        models = [model for model in self._handles if api is None or api.allows(model)]
+        route, replica = None, None
+        for model in models:
+            try:
+                route, replica = await self._holder(model, response_id, "response_id")
+                break
+            except ResponseNotFoundError:
+                continue
+        if route is None:
+            raise ResponseNotFoundError.for_id(response_id, "response_id")
+        stream = bool(body.get("stream"))
+        record: RequestRecord = request.state.record
+        record.model = record.variant = route.target
+        record.stream = stream
+        admission = await admit(self.limiter, api, 0, route.target) if api is not None and api.limited else None
+        call = EngineRequest(endpoint, body, record.request_id, route.target, replica, api.id if api else "")
+        headers = {VARIANT_HEADER: route.target, **(admission.headers if admission is not None else {})}
+        handles = self._handles[route.target]
+        try:
+            if stream:
+                response = await self._stream(handles, call, headers, record, admission, None)
+            else:
+                response = await self._unary(handles, call, request, headers, record, admission, None)
+        except BaseException:
+            if admission is not None:
+                admission.settle(Outcome())
+            raise
+        if admission is not None and not stream:
+            admission.settle(record.outcome)
+        return response
 
     def _check_kind(self, endpoint: Endpoint, name: str, route: Route) -> None:
         kind = self._kinds.get(route.target, "llm")
@@ -432,9 +523,11 @@ class ModelDispatcher:
         ``deadline`` (loop time), and the client then gets an error frame."""
         chunks = stream.chunks()
         error: GatewayError | None = None
+        last = b""  # the latest read: a Responses error event is numbered after it
         try:
             if deadline is None:
                 async for chunk in chunks:
+                    last = chunk
                     yield chunk
             else:
                 while True:
@@ -443,6 +536,7 @@ class ModelDispatcher:
                             chunk = await anext(chunks)
                     except StopAsyncIteration:
                         break
+                    last = chunk
                     yield chunk
         except StreamCutError:
             error = ServiceUnavailableError("The model stopped while serving the request.")
@@ -452,13 +546,29 @@ class ModelDispatcher:
             stream.close()  # at once, even where the client's hang-up left this unfinished
         if error is not None:
             record.error, record.late_status = error.code, error.status_code
-            yield sse.stream_error(endpoint, error.to_dict())
+            yield sse.stream_error(endpoint, error, sse.next_sequence_number(last))
             return
         if stream.outcome is not None:
             self._answered(record, stream.outcome)
 
     def _error(self, exc: BaseException) -> GatewayError:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
+
+
+def _retrieve_query(request: Request) -> dict[str, Any]:
+    """``stream`` and ``starting_after`` of a ``GET /v1/responses/{id}``, checked."""
+    query: dict[str, Any] = {}
+    stream = request.query_params.get("stream")
+    if stream is not None:
+        if stream.lower() not in ("true", "false"):
+            raise InvalidRequestError("`stream` must be `true` or `false`.", param="stream")
+        query["stream"] = stream.lower() == "true"
+    after = request.query_params.get("starting_after")
+    if after is not None:
+        if not after.isdigit():
+            raise InvalidRequestError("`starting_after` must be a whole number.", param="starting_after")
+        query["starting_after"] = int(after)
+    return query
 
 
 def _timed_out(timeout: float | None) -> RequestTimeoutError:
@@ -474,7 +584,9 @@ def _routed(body: dict[str, Any], name: str, target: str, in_body: bool) -> dict
 
 _ENVELOPES: dict[str, type[ModelEnvelope]] = {
     "chat": RequestEnvelope, "completion": RequestEnvelope, "responses": ResponsesEnvelope,
+    "messages": MessagesEnvelope,
 }
+STREAMING = (RequestEnvelope, ResponsesEnvelope, MessagesEnvelope)
 
 
 def _envelope(endpoint: Endpoint, body: dict[str, Any]) -> ModelEnvelope:

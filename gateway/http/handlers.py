@@ -23,12 +23,29 @@ from gateway.http.observe import current_request_id
 logger = logging.getLogger(__name__)
 
 
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def anthropic_path(path: str) -> bool:
+    """Whether ``path`` is one of Anthropic's Messages API routes, whose errors
+    take Anthropic's envelope."""
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
+def envelope(error: GatewayError, path: str) -> dict[str, object]:
+    """``error`` in the envelope the route at ``path`` answers with."""
+    return error.to_anthropic() if anthropic_path(path) else error.to_dict()
+
+
 def error_response(error: GatewayError, request: Request | None = None) -> JSONResponse:
-    """The error's envelope; with ``request``, also noted in its access-log line
-    and, for 5xx, written to the error log under the request's id."""
-    if request is not None:
-        _note(request, error)
-    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
+    """The error's envelope (Anthropic's on its routes); with ``request``, also
+    noted in its access-log line and, for 5xx, written to the error log under
+    the request's id."""
+    if request is None:
+        return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
+    _note(request, error)
+    body = envelope(error, request.url.path)
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers())
 
 
 def _note(request: Request, error: GatewayError) -> None:

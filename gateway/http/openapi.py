@@ -20,6 +20,14 @@ from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
 from gateway.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from gateway.protocol.keys import KeyInfo
+from gateway.protocol.messages_api import (
+    AnthropicErrorResponse,
+    CountTokensRequest,
+    Message,
+    MessageCreateRequest,
+    MessageStreamEvent,
+    TokenCount,
+)
 from gateway.protocol.models import ModelCard, ModelList
 from gateway.protocol.predict import InferRequest, InferResponse, PredictRequest, PredictResponse
 from gateway.protocol.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
@@ -43,6 +51,14 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
         ResponseCreateRequest, {JSON: ResponseObject, SSE: ResponseStreamEvent},
         (400, 401, 404, 408, 413, 429, 503, 504),
     ),
+    ("/v1/responses/{response_id}", "get"): (
+        None, {JSON: ResponseObject, SSE: ResponseStreamEvent}, (400, 401, 404, 429, 503),
+    ),
+    ("/v1/responses/{response_id}/cancel", "post"): (None, {JSON: ResponseObject}, (400, 401, 404, 429, 503)),
+    ("/v1/messages", "post"): (
+        MessageCreateRequest, {JSON: Message, SSE: MessageStreamEvent}, (400, 401, 404, 408, 413, 429, 503, 504),
+    ),
+    ("/v1/messages/count_tokens", "post"): (CountTokensRequest, {JSON: TokenCount}, (400, 401, 404, 408, 413, 429, 503)),
     ("/v1/embeddings", "post"): (EmbeddingRequest, {JSON: EmbeddingResponse}, (400, 401, 404, 408, 413, 429, 503)),
     ("/v1/models/{model}:predict", "post"): (PredictRequest, {JSON: PredictResponse}, (400, 401, 404, 408, 413, 429, 503)),
     ("/v2/models/{model}/infer", "post"): (InferRequest, {JSON: InferResponse}, (400, 401, 404, 408, 413, 429, 503)),
@@ -54,12 +70,18 @@ _ERRORS = {
     400: "Invalid request: not JSON, a field that is wrong (named in `param`), over the context window",
     401: "Missing or unknown API key (when keys are configured)",
     404: "Unknown model or alias, or one the key may not use, or one that does not serve this endpoint "
-    "(`/v1/key`: the gateway has no API keys)",
+    "(`/v1/key`: the gateway has no API keys; stored responses: unknown, made with another key, "
+    "or no longer kept)",
     408: "The body did not arrive within `ingress.read_timeout_s`",
     413: "The body is over `ingress.max_body_bytes`",
     429: "The API key is over a limit, or the model's queue is full where it answers 429",
     503: "The model is overloaded, starting or restarting, or the key ledger cannot be reached; see `Retry-After`",
     504: "The model took longer than its `request_timeout_s`",
+}
+# Routes whose errors take another envelope than OpenAI's.
+_ERROR_MODELS: dict[str, type[BaseModel]] = {
+    "/v1/messages": AnthropicErrorResponse,
+    "/v1/messages/count_tokens": AnthropicErrorResponse,
 }
 _ANSWER = {
     JSON: "The answer",
@@ -92,7 +114,7 @@ def document(app: FastAPI) -> dict[str, Any]:
     requests: list[type[BaseModel]] = [model for model, _, _ in ENDPOINTS.values() if model is not None]
     answers: list[type[BaseModel]] = [m for _, media, _ in ENDPOINTS.values() for m in media.values()]
     modes: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in requests]
-    answers.append(ErrorResponse)
+    answers += [ErrorResponse, AnthropicErrorResponse]
     modes += [(m, "serialization") for m in answers]
     _, defs = models_json_schema(modes, ref_template=_REF)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -108,17 +130,26 @@ def document(app: FastAPI) -> dict[str, Any]:
             }
         operation["responses"] = {
             "200": {
-                "description": "; ".join(
-                    _EVENTS if model is ResponseStreamEvent else _ANSWER[m] for m, model in media.items()
-                ),
+                "description": "; ".join(_describe_answer(m, model) for m, model in media.items()),
                 "content": {m: {"schema": _ref(model)} for m, model in media.items()},
             },
             **{
-                str(status): {"description": _ERRORS[status], "content": {JSON: {"schema": _ref(ErrorResponse)}}}
+                str(status): {
+                    "description": _ERRORS[status],
+                    "content": {JSON: {"schema": _ref(_ERROR_MODELS.get(path, ErrorResponse))}},
+                }
                 for status in errors
             },
         }
     return schema
+
+
+def _describe_answer(media: str, model: type[BaseModel]) -> str:
+    if model is ResponseStreamEvent:
+        return _EVENTS
+    if model is MessageStreamEvent:
+        return _EVENTS.replace("`response.created` to `response.completed`", "`message_start` to `message_stop`")
+    return _ANSWER[media]
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import Any
 from starlette.responses import Response
 
 from gateway import sse
-from gateway.errors import GatewayError, OverloadedError, ServiceUnavailableError
+from gateway.errors import GatewayError, OverloadedError, ResponseNotFoundError, ServiceUnavailableError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 
@@ -38,8 +38,14 @@ ATTEMPTS = 3
 SAMPLES_PER_REPLICA, SAMPLES_EXTRA = 4, 8
 REFRESH_S = 2.0
 MAX_MISSES = 3
+# A replica not known here is looked for at most this often (a stored
+# response's id names it; ids of replicas long gone must not cost a look-up each).
+HOLDER_REFRESH_S = 0.5
 _UNAVAILABLE = "The model is temporarily unavailable; please retry shortly."
 _OVERLOADED = "The model is receiving too many requests; please retry shortly."
+_REPLICA_GONE = (
+    "The stored response this request names is gone: the model replica that kept it has stopped."
+)
 _NOT_RUNNING = "No replica of the model is running (it is starting or restarting); please retry shortly."
 
 
@@ -301,12 +307,12 @@ class ReplicaRelay:
         errors when the model has no running replica (DeploymentUnavailableError).
         """
         for _ in range(ATTEMPTS):
-            address = self._admit(await self._pick())
+            address = self._admit(await self._pick(call))
             self._open[address] = self._open.get(address, 0) + 1  # before awaiting: others see it
             try:
                 return await self._start(call, address)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                self._forget(address)  # that replica is gone
+                self._gone(call, address)
         raise ServiceUnavailableError(_UNAVAILABLE)
 
     async def call(
@@ -318,7 +324,7 @@ class ReplicaRelay:
         ``abandoned`` then gets what the request generated (None: unknown).
         """
         for _ in range(ATTEMPTS):
-            address = self._admit(await self._pick())
+            address = self._admit(await self._pick(call))
             self._open[address] = self._open.get(address, 0) + 1
             try:
                 reader, writer = await _request(call, address, abandoned=abandoned)
@@ -334,7 +340,7 @@ class ReplicaRelay:
                     if not handed_off:
                         writer.close()
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                self._forget(address)  # that replica is gone: another may answer
+                self._gone(call, address)  # another may answer
                 continue
             finally:
                 self._done(address)
@@ -349,7 +355,7 @@ class ReplicaRelay:
         them, plus its output budget), from one of the model's replicas.
         Raises as ``call`` does (the request's own error when it is invalid)."""
         for _ in range(ATTEMPTS):
-            address = await self._pick()
+            address = await self._pick(call)
             try:
                 reader, writer = await _request(call, address, relay.COUNT)
                 try:
@@ -357,12 +363,44 @@ class ReplicaRelay:
                 finally:
                     writer.close()
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                self._forget(address)
+                self._gone(call, address)
                 continue
             return int(json.loads(data)["tokens"])
         raise ServiceUnavailableError(_UNAVAILABLE)
 
-    async def _pick(self) -> relay.RelayAddress:
+    async def holds(self, replica: str) -> bool:
+        """Whether ``replica`` (a replica's id) is one of this model's
+        running replicas: looked up among those known, else asked of Serve's
+        router. Raises ServiceUnavailableError (503) when the model has no
+        running replica within the bounded wait."""
+        if self._holder(replica) is not None:
+            return True
+        if not self._open:
+            await self._look_up.wait()  # the model has a running replica (or 503)
+            self._refreshed_at = -REFRESH_S  # one is known, not all
+        if self._refresh is not None or self._clock() - self._refreshed_at > HOLDER_REFRESH_S:
+            if self._refresh is None:  # one look-up at a time, shared
+                self._refresh = asyncio.get_running_loop().create_task(self._discover())
+                self._refresh.add_done_callback(self._refreshed)
+            await asyncio.shield(self._refresh)
+        return self._holder(replica) is not None
+
+    def knows(self, replica: str) -> bool:
+        """Whether ``replica`` is among this model's replicas known here (no look-up)."""
+        return self._holder(replica) is not None
+
+    def _holder(self, replica: str) -> relay.RelayAddress | None:
+        return next((address for address in self._open if address.replica == replica), None)
+
+    async def _pick(self, call: EngineRequest) -> relay.RelayAddress:
+        """The replica for ``call``: the one it names (``call.replica``), else the least busy."""
+        if call.replica is not None:
+            address = self._holder(call.replica)
+            if address is None and await self.holds(call.replica):
+                address = self._holder(call.replica)
+            if address is None:  # it stopped, and with it what it stored
+                raise ResponseNotFoundError(_REPLICA_GONE)
+            return address
         if not self._open:
             # One replica is enough to start; concurrent requests share the
             # look-up, and the rest of the replicas are found in the background.
@@ -411,6 +449,13 @@ class ReplicaRelay:
         self._refresh = None
         if not task.cancelled() and task.exception() is not None:
             logger.warning("could not refresh a model's replicas: %s", task.exception())
+
+    def _gone(self, call: EngineRequest, address: relay.RelayAddress) -> None:
+        """``address`` could not be reached: that replica is gone. A call only
+        it could answer (``call.replica``) is answered 404."""
+        self._forget(address)
+        if call.replica is not None:
+            raise ResponseNotFoundError(_REPLICA_GONE)
 
     def _forget(self, address: relay.RelayAddress) -> None:
         self._open.pop(address, None)

@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Endpoint = Literal["chat", "completion", "responses", "embedding", "predict", "infer"]
+Endpoint = Literal[
+    "chat",
+    "completion",
+    "responses",
+    "responses_retrieve",  # GET /v1/responses/{id}: body {"response_id", "stream", "starting_after"}
+    "responses_cancel",  # POST /v1/responses/{id}/cancel: body {"response_id"}
+    "messages",  # Anthropic's POST /v1/messages
+    "messages_count",  # Anthropic's POST /v1/messages/count_tokens
+    "embedding",
+    "predict",
+    "infer",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,12 +26,19 @@ class EngineRequest:
     ``body`` is the client's JSON object as sent, except that an OpenAI body's
     ``model`` names the concrete model that serves it; ``model`` names it for
     every endpoint (predict bodies carry no model field).
+
+    ``replica`` names the one replica that may answer (the holder of a stored
+    response the request refers to; ``gateway.protocol.relay.response_replica``),
+    None for any. ``owner`` is the id of the API key the request came with
+    ("" on an open gateway): stored responses answer only their owner's requests.
     """
 
     endpoint: Endpoint
     body: dict[str, Any]
     request_id: str
     model: str = ""
+    replica: str | None = None
+    owner: str = ""
 
     @property
     def stream(self) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -50,6 +50,29 @@ class RequestEnvelope(ModelEnvelope):
 
 
 class ResponsesEnvelope(ModelEnvelope):
-    """Routing fields of a Responses API request."""
+    """Routing fields of a Responses API request: a follow-up goes to the
+    replica that stores the response it continues."""
 
     stream: StrictBool | None = False
+    previous_response_id: StrictStr | None = None
+    background: StrictBool | None = False
+
+
+class MessagesMetadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    user_id: StrictStr | None = None
+
+
+class MessagesEnvelope(ModelEnvelope):
+    """Routing fields of an Anthropic Messages API request: its cohort key
+    (``user``, for sticky A/B routing) is ``metadata.user_id``."""
+
+    stream: StrictBool | None = False
+    metadata: MessagesMetadata | None = None
+
+    @model_validator(mode="after")
+    def _user_from_metadata(self) -> Self:
+        if self.metadata is not None and self.metadata.user_id:
+            self.user = self.metadata.user_id
+        return self

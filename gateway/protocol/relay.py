@@ -3,7 +3,8 @@ the replica's own HTTP port, and passes the bytes on as they arrive.
 
 Tokens never cross a Serve handle: the handle only picks the replica and holds
 its slot (``choose_replica``); the replica publishes where it listens in its
-Serve replica metadata (``relay``: host, port, token).
+Serve replica metadata (``relay``: host, port, token, and ``replica``, its
+opaque id).
 
 Request, one per connection::
 
@@ -11,6 +12,7 @@ Request, one per connection::
     authorization: Bearer <token>
     x-request-id: <request id>
     x-gateway-model: <concrete model>
+    x-gateway-owner: <API key id>          (when the request came with a key)
     content-length: <n>
 
     <the client's JSON body, `model` naming the concrete model>
@@ -28,6 +30,11 @@ With ``x-gateway-op: count`` the replica generates nothing: it answers
 ``200`` with ``{"tokens": n}``, the prompt's tokens plus the most the request
 may generate (what an API key's token limit reserves), or the error the
 request would have met.
+
+Stored responses (OpenAI's Responses API) live on the replica that made
+them: a response's id is ``resp_`` + the replica's id (``REPLICA_CHARS`` hex
+digits) + the request's id, so any ingress can tell which replica to ask
+for it (``response_replica``), with no state of its own.
 """
 
 from __future__ import annotations
@@ -46,18 +53,40 @@ PATH_PREFIX = "/relay/"
 MODEL_HEADER = "x-gateway-model"
 OP_HEADER = "x-gateway-op"
 COUNT = "count"
+OWNER_HEADER = "x-gateway-owner"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_HEAD_BYTES = 16 * 1024
-ENDPOINTS: frozenset[str] = frozenset({"chat", "completion", "responses"})
+ENDPOINTS: frozenset[str] = frozenset(
+    {"chat", "completion", "responses", "responses_retrieve", "responses_cancel", "messages", "messages_count"}
+)
+RESPONSE_PREFIX = "resp_"
+REPLICA_CHARS = 12
+_HEX = frozenset("0123456789abcdef")
+
+
+def response_id(replica: str, request_id: str) -> str:
+    """The id of the response ``replica`` makes for request ``request_id``."""
+    return f"{RESPONSE_PREFIX}{replica}{request_id}"
+
+
+def response_replica(response_id: str) -> str | None:
+    """The id of the replica that made (and stores) the response
+    ``response_id``; None for an id this gateway did not make."""
+    replica = response_id[len(RESPONSE_PREFIX) : len(RESPONSE_PREFIX) + REPLICA_CHARS]
+    if not response_id.startswith(RESPONSE_PREFIX) or len(response_id) <= len(RESPONSE_PREFIX) + REPLICA_CHARS:
+        return None
+    return replica if _HEX.issuperset(replica) else None
 
 
 class RelayAddress(NamedTuple):
-    """Where a replica takes relayed streams, and the token it asks for.
+    """Where a replica takes relayed streams, the token it asks for, and its
+    id (``REPLICA_CHARS`` hex digits; "" for replicas that store nothing).
     (Subclasses name other token-guarded ports under another ``metadata_key``.)"""
 
     host: str
     port: int
     token: str
+    replica: str = ""
 
     @classmethod
     def metadata_key(cls) -> str:
@@ -69,7 +98,7 @@ class RelayAddress(NamedTuple):
         entry = metadata.get(cls.metadata_key())
         if not isinstance(entry, dict):
             return None
-        return cls(str(entry["host"]), int(entry["port"]), str(entry["token"]))
+        return cls(str(entry["host"]), int(entry["port"]), str(entry["token"]), str(entry.get("replica", "")))
 
     def metadata(self) -> dict[str, Any]:
         return {self.metadata_key(): self._asdict()}
@@ -85,6 +114,7 @@ def encode_request(call: EngineRequest, token: str, op: str | None = None) -> by
         f"authorization: Bearer {token}\r\n"
         f"{REQUEST_ID_HEADER}: {call.request_id}\r\n"
         f"{MODEL_HEADER}: {call.model}\r\n"
+        + (f"{OWNER_HEADER}: {call.owner}\r\n" if call.owner else "")
         + (f"{OP_HEADER}: {op}\r\n" if op else "")
         + "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"

@@ -26,8 +26,13 @@ class ResponseCreateRequest(BaseModel):
     tools: list[dict[str, Any]] | None = Field(None, description="Function tools, on models with a tool parser.")
     tool_choice: str | dict[str, Any] | None = None
     text: dict[str, Any] | None = Field(None, description='`{"format": {"type": "json_schema", ...}}` and the like.')
-    store: bool | None = None
-    previous_response_id: str | None = None
+    store: bool | None = Field(
+        None, description="Keep the response (the default) for `GET /v1/responses/{id}` and `previous_response_id`."
+    )
+    previous_response_id: str | None = Field(
+        None, description="Continue the conversation of a stored response: answered by the variant and replica that keep it."
+    )
+    background: bool | None = Field(None, description="Not served by this gateway: `true` is refused (400).")
     user: str | None = Field(None, description="Also the cohort key of sticky A/B routing.")
     metadata: dict[str, str] | None = None
 
@@ -43,7 +48,7 @@ class ResponseUsage(BaseModel):
 class ResponseObject(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    id: str = Field(description="`resp_` and the request's id")
+    id: str = Field(description="`resp_`, the id of the replica that stores it, and the request's id")
     object: Literal["response"] = "response"
     created_at: float
     model: str = Field(description="The model (variant) that answered")

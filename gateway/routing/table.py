@@ -67,5 +67,18 @@ class RouteTable:
             return Route(name=name, target=name, alias=False)
         return None
 
+    def members(self, name: str) -> list[str]:
+        """The concrete models ``name`` may route to (every variant of an
+        alias, zero weights included); [] for unknown names."""
+        alias = self._aliases.get(name)
+        if alias is not None:
+            return [variant.name for variant in alias.variants]
+        return [name] if name in self._models else []
+
+    def pinned(self, name: str, target: str) -> Route:
+        """The route of a request that only ``target`` (one of ``members(name)``)
+        can answer: it holds state the request refers to. No fallback, no shadow."""
+        return Route(name=name, target=target, alias=name in self._aliases)
+
     def aliases(self) -> dict[str, list[Variant]]:
         return {name: list(alias.variants) for name, alias in self._aliases.items()}

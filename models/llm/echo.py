@@ -1,7 +1,9 @@
 """A deterministic engine that echoes the prompt back, in OpenAI's shapes.
 
 Tokens are whitespace-separated words. Chat answers with the text of the last
-user message, completions with the prompt. It honours ``max_tokens`` /
+user message, completions with the prompt, the Responses API with the last
+user message of its input (``models.llm.echo_responses``), Anthropic's
+Messages API with the last user message (``models.llm.echo_messages``). It honours ``max_tokens`` /
 ``max_completion_tokens``, ``n``, ``stop``, ``stream``, ``stream_options``,
 ``logprobs`` (every token is certain: logprob 0) and the context window, at
 near-zero cost: it serves fast tests and measures the gateway's own overhead.
@@ -14,14 +16,21 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gateway import sse
-from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
+from gateway.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotSupportedError,
+    ResponseNotFoundError,
+)
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
+from models.llm import echo_messages as anthropic
+from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo
 
 if TYPE_CHECKING:
@@ -74,6 +83,7 @@ class EchoEngine:
         self._max_model_len = config.max_model_len or DEFAULT_CONTEXT
         self._token_delay_s = config.echo_token_delay_ms / 1000
         self._in_flight = 0
+        self._stored: dict[str, responses.Stored] = {}
 
     async def start(self) -> None:
         return None
@@ -97,9 +107,18 @@ class EchoEngine:
     async def shutdown(self) -> None:
         return None
 
+    def forget_response(self, response_id: str) -> None:
+        self._stored.pop(response_id, None)
+
     async def generate(
         self, request: EngineRequest, tally: GenerationTally
     ) -> bytes | AsyncIterator[bytes]:
+        if request.endpoint in ("responses_retrieve", "responses_cancel"):
+            return self._kept(request)
+        if request.endpoint == "responses":
+            return await self._respond(request, tally)
+        if request.endpoint in ("messages", "messages_count"):
+            return self._message(request, tally)
         plan = self._plan(request)
         tally.prompt_tokens = plan.prompt_tokens
         if not request.stream:
@@ -122,17 +141,107 @@ class EchoEngine:
                     await asyncio.sleep(self._token_delay_s)
                 yield sse.frame(chunk)
                 tally.first_token()
-            tokens = tally.completion_tokens = plan.completion_tokens
-            if tokens > 1 and tally.first_token_s is not None:
-                spread = time.time() - tally.started - tally.first_token_s
-                tally.gaps(spread / (tokens - 1), tokens - 1)
+            _streamed(tally, plan.completion_tokens)
             yield sse.DONE
         finally:
             self._in_flight -= 1
 
     async def most_tokens(self, request: EngineRequest) -> int:
+        if request.endpoint == "messages":
+            req = _validated(anthropic.EchoMessagesRequest, request.body)
+            prompt = anthropic.prompt_words(req)
+            budget = self._budget(prompt, req.max_tokens, "messages")
+            return prompt + len(_answer(anthropic.last_user_text(req), budget, req.stop_sequences).tokens)
+        if request.endpoint == "messages_count":
+            return 0
+        if request.endpoint == "responses":
+            _, turns, answer = self._response_plan(request)
+            return _words(turns) + len(answer.tokens)
         plan = self._plan(request)  # the echo knows its answer, so this is exact
         return plan.prompt_tokens + plan.completion_tokens
+
+    def _response_plan(
+        self, request: EngineRequest
+    ) -> tuple[responses.EchoResponsesRequest, list[responses.Turn], _Answer]:
+        req = _validated(responses.EchoResponsesRequest, request.body)
+        turns = responses.conversation(req, responses.previous_of(req, self._stored))
+        asked = [text for role, text in responses.turns_of(req.input) if role == "user"]
+        budget = self._budget(_words(turns), req.max_output_tokens, "input")
+        return req, turns, _answer(asked[-1] if asked else "", budget, None)
+
+    async def _respond(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
+        """``POST /v1/responses``: the response, or its events; kept when ``store``."""
+        req, turns, answer = self._response_plan(request)
+        tally.prompt_tokens = _words(turns)
+        text = "".join(answer.tokens)
+        status: Literal["completed", "incomplete"] = "incomplete" if answer.finish_reason == "length" else "completed"
+        usage = responses.usage(tally.prompt_tokens, len(answer.tokens))
+        response_id = f"resp_{request.request_id}"
+        final = responses.response_body(req, response_id, self._name, responses.now(), status, text, usage)
+        kept = responses.Stored(final, [*turns, ("assistant", text)]) if req.store else None
+        if not req.stream:
+            _all_tokens_now(tally, len(answer.tokens))
+            if kept is not None:
+                self._stored[response_id] = kept
+            return json.dumps(final, separators=(",", ":")).encode()
+        return self._response_events(final, answer.tokens, kept, tally)
+
+    async def _response_events(
+        self, final: dict[str, Any], tokens: list[str], kept: responses.Stored | None, tally: GenerationTally
+    ) -> AsyncIterator[bytes]:
+        delta = b"event: response.output_text.delta\n"
+        async for event in self._named_events(responses.events(final, tokens), delta, len(tokens), tally):
+            yield event
+        if kept is not None:
+            self._stored[final["id"]] = kept
+
+    def _message(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
+        """Anthropic's ``POST /v1/messages`` (the message, or its events) and its ``count_tokens``."""
+        if request.endpoint == "messages_count":
+            count = anthropic.prompt_words(_validated(anthropic.EchoCountRequest, request.body))
+            return json.dumps({"input_tokens": count}).encode()
+        req = _validated(anthropic.EchoMessagesRequest, request.body)
+        prompt = tally.prompt_tokens = anthropic.prompt_words(req)
+        answer = _answer(anthropic.last_user_text(req), self._budget(prompt, req.max_tokens, "messages"), req.stop_sequences)
+        stop = "max_tokens" if answer.finish_reason == "length" else "end_turn"
+        final = anthropic.message(f"msg_{request.request_id}", self._name, "".join(answer.tokens), stop, prompt, len(answer.tokens))
+        if not req.stream:
+            _all_tokens_now(tally, len(answer.tokens))
+            return json.dumps(final, separators=(",", ":")).encode()
+        return self._named_events(anthropic.events(final, answer.tokens), b"event: content_block_delta\n", len(answer.tokens), tally)
+
+    async def _named_events(
+        self, events: Any, token_event: bytes, tokens: int, tally: GenerationTally
+    ) -> AsyncIterator[bytes]:
+        """Sends ``events``, one token's delay before each that starts with ``token_event``."""
+        self._in_flight += 1
+        try:
+            for event in events:
+                token = event.startswith(token_event)
+                if token and self._token_delay_s:
+                    await asyncio.sleep(self._token_delay_s)
+                yield event
+                if token:
+                    tally.first_token()
+            _streamed(tally, tokens)
+        finally:
+            self._in_flight -= 1
+
+    def _kept(self, request: EngineRequest) -> bytes:
+        """A stored response (``responses_retrieve``), or its cancellation, which
+        only background responses allow: the echo runs none."""
+        response_id = str(request.body.get("response_id"))
+        kept = self._stored.get(response_id)
+        if kept is None:
+            raise ResponseNotFoundError.for_id(response_id, "response_id")
+        if request.endpoint == "responses_cancel":
+            raise InvalidRequestError("Cannot cancel a synchronous response.", param="response_id")
+        if request.body.get("stream"):
+            raise InvalidRequestError(
+                "Only a background response can be streamed again; this one was answered at once.",
+                param="stream",
+            )
+        return json.dumps(kept.body, separators=(",", ":")).encode()
 
     def _plan(self, request: EngineRequest) -> _Plan:
         if request.endpoint not in ("chat", "completion"):
@@ -205,6 +314,28 @@ class EchoEngine:
                 param=param,
             )
         return requested
+
+
+_Schema = TypeVar("_Schema", bound=BaseModel)
+
+
+def _validated(schema: type[_Schema], body: dict[str, Any]) -> _Schema:
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequestError.from_validation(exc) from None
+
+
+def _streamed(tally: GenerationTally, tokens: int) -> None:
+    """A stream's ``tokens`` have all been sent: the gaps spread evenly after the first."""
+    tally.completion_tokens = tokens
+    if tokens > 1 and tally.first_token_s is not None:
+        spread = time.time() - tally.started - tally.first_token_s
+        tally.gaps(spread / (tokens - 1), tokens - 1)
+
+
+def _words(turns: list[responses.Turn]) -> int:
+    return sum(len(text.split()) for _, text in turns)
 
 
 def _all_tokens_now(tally: GenerationTally, tokens: int) -> None:

@@ -52,6 +52,10 @@ class LLMEngine(Protocol):
 
     def info(self) -> EngineInfo: ...
 
+    def forget_response(self, response_id: str) -> None:
+        """Drops a stored response (Responses API), if kept; its id then is unknown."""
+        ...
+
     def num_unfinished_requests(self) -> int: ...
 
     def metrics_text(self) -> str | None:

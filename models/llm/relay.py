@@ -62,8 +62,10 @@ class StreamServer:
         max_queued: int = -1,
         answer: Answerer | None = None,
         count: Counter | None = None,
+        replica: str = "",
     ) -> None:
         self._open = open_stream
+        self._replica = replica
         self._answer_body = answer
         self._count = count
         self._host = host
@@ -78,7 +80,7 @@ class StreamServer:
         """Listens; returns the address and token the replica publishes."""
         self._server = await asyncio.start_server(self._connection, self._host, 0)
         port = self._server.sockets[0].getsockname()[1]
-        return relay.RelayAddress(self._host, int(port), self._token)
+        return relay.RelayAddress(self._host, int(port), self._token, self._replica)
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Takes no new connections (an ingress then tries another replica);
@@ -145,7 +147,9 @@ class StreamServer:
         body = json.loads(await reader.readexactly(length))
         request_id = head.headers.get(relay.REQUEST_ID_HEADER, "")
         model = head.headers.get(relay.MODEL_HEADER, "")
-        return EngineRequest(endpoint, body, request_id, model), head.headers.get(relay.OP_HEADER, "")
+        owner = head.headers.get(relay.OWNER_HEADER, "")
+        request = EngineRequest(endpoint, body, request_id, model, owner=owner)
+        return request, head.headers.get(relay.OP_HEADER, "")
 
     async def _answer(
         self, request: EngineRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -242,13 +246,13 @@ async def _pump(frames: AsyncIterator[bytes], writer: asyncio.StreamWriter, requ
             if transport.get_write_buffer_size() > HIGH_WATER:
                 await writer.drain()
     except GatewayError as error:
-        writer.write(sse.stream_error(request.endpoint, error.to_dict()))
+        writer.write(sse.stream_error(request.endpoint, error))
     except ConnectionError:
         return False
     except Exception:
         logger.exception("request %s: stream failed after its first byte", request.request_id)
         failed = InternalServerError("The model failed while serving the request.")
-        writer.write(sse.stream_error(request.endpoint, failed.to_dict()))
+        writer.write(sse.stream_error(request.endpoint, failed))
     finally:
         aclose: Any = getattr(frames, "aclose", None)
         if aclose is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -13,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 from gateway.affinity import unpin_self
 from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.metrics.hub import HUB_NAME, MetricsReporter, replica_source
+from gateway.protocol import relay
 from gateway.protocol.engine import Outcome, Reply
 from models.llm.engine import ENGINE_DEAD, EngineInfo, LLMEngine, make_engine
 from models.llm.relay import StreamServer
+from models.llm.stored import StoredResponses
 from models.llm.tally import GenerationTally
 
 if TYPE_CHECKING:
@@ -79,6 +82,9 @@ class LLMServer:
         self._active_streams = 0
         self._requests = 0
         self._engine = engine if engine is not None else make_engine(config)
+        # The replica's id, in the id of every response it stores (``gateway.protocol.relay``).
+        replica = secrets.token_hex(relay.REPLICA_CHARS // 2)
+        self._stored = StoredResponses(replica, config.kept_responses, self._engine.forget_response)
         logger.info("starting %s engine for %s", config.engine, config.name)
         await self._engine.start()
         self._relay = StreamServer(
@@ -87,7 +93,8 @@ class LLMServer:
             max_ongoing=config.max_ongoing_requests,
             max_queued=config.max_queued_requests,
             answer=self.generate,
-            count=self._engine.most_tokens,
+            count=self.most_tokens,
+            replica=replica,
         )
         self._relay_address = await self._relay.start()
         self._reporter = _engine_metrics_reporter(self._engine, hub_app)
@@ -114,6 +121,7 @@ class LLMServer:
         """A whole answer; counts into ``tally`` when given (what a cancelled one generated)."""
         self._alive()
         self._requests += 1
+        request = self._stored.admit(request)
         tally = tally if tally is not None else GenerationTally()
         result = await self._engine.generate(request, tally)
         if not isinstance(result, bytes):
@@ -130,6 +138,7 @@ class LLMServer:
         """
         self._alive()
         self._requests += 1
+        request = self._stored.admit(request)
         tally = GenerationTally()
         result = await self._engine.generate(request, tally)
         if isinstance(result, bytes):
@@ -147,6 +156,11 @@ class LLMServer:
             if aclose is not None:
                 await aclose()
 
+    async def most_tokens(self, request: EngineRequest) -> int:
+        """The prompt's tokens plus the most ``request`` may generate (``relay.COUNT``)."""
+        self._stored.check(request)
+        return await self._engine.most_tokens(request)
+
     def record_replica_metadata(self) -> dict[str, Any]:
         """Serve calls this once the replica is up; its routers hand it to the
         ingress with each replica they choose."""
@@ -156,8 +170,12 @@ class LLMServer:
         return self._engine.info()
 
     def stats(self) -> dict[str, int]:
-        """Requests this replica has received, and streams open now."""
-        return {"requests": self._requests, "active_streams": self._active_streams}
+        """Requests this replica has received, streams open now, and stored responses kept."""
+        return {
+            "requests": self._requests,
+            "active_streams": self._active_streams,
+            "stored_responses": len(self._stored),
+        }
 
     def num_unfinished_requests(self) -> int:
         """Requests the engine is still working on (running or waiting)."""

@@ -32,6 +32,7 @@ from gateway.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NotImplementedFeatureError,
+    ResponseNotFoundError,
     ServiceUnavailableError,
 )
 from models.llm import compact_json
@@ -60,6 +61,7 @@ class VLLMEngine:
         self._chat: Any = None
         self._completion: Any = None
         self._responses: Any = None
+        self._messages: Any = None
         self._max_model_len: int | None = None
         self._tokenizer_spec: dict[str, Any] | None = None
         # Per endpoint: vLLM's request schema, its serving call, the prompt's
@@ -97,6 +99,9 @@ class VLLMEngine:
         if self._config.kv_cache_space_gib is not None:
             # vLLM's CPU backend reads its KV-cache size only from here.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._config.kv_cache_space_gib)
+        # vLLM's Responses API keeps responses (``store``) only when asked here;
+        # the replica bounds how many (``models.llm.stored``).
+        os.environ["VLLM_ENABLE_RESPONSES_API_STORE"] = "1" if self._config.kept_responses > 0 else "0"
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -116,6 +121,7 @@ class VLLMEngine:
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
         self._responses = getattr(state, "openai_serving_responses", None)
+        self._messages = getattr(state, "anthropic_serving_messages", None)
         self._max_model_len = self._engine.model_config.max_model_len
         self._guard_context_length()
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -134,6 +140,12 @@ class VLLMEngine:
             )
         if self._responses is not None:
             self._endpoints["responses"] = (ResponsesRequest, self._responses.create_responses, "input")
+        if self._messages is not None:
+            from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+
+            messages = self._messages
+            self._endpoints["messages"] = (AnthropicMessagesRequest, messages.create_messages, "messages")
+            self._endpoints["messages_count"] = (AnthropicCountTokensRequest, messages.count_tokens, "messages")
 
     def info(self) -> EngineInfo:
         if self._tokenizer_spec is None and self._chat is not None:
@@ -166,19 +178,53 @@ class VLLMEngine:
         if self._engine is not None:
             self._engine.shutdown()
 
+    def forget_response(self, response_id: str) -> None:
+        serving = self._responses
+        if serving is not None:
+            for store in (serving.response_store, serving.msg_store, serving.event_store):
+                store.pop(response_id, None)
+
     async def generate(
         self, request: EngineRequest, tally: GenerationTally
     ) -> bytes | AsyncIterator[bytes]:
+        if request.endpoint in ("responses_retrieve", "responses_cancel"):
+            return await self._stored(request, tally)
         token = _TALLY.set(tally)
         try:
             _, result = await self._served(request, lambda parsed, create: create(parsed, None))
         finally:
             _TALLY.reset(token)
         if hasattr(result, "model_dump_json"):
-            return result.model_dump_json().encode()
+            # Anthropic's shapes leave out what is unset, as vLLM's own server sends them.
+            return result.model_dump_json(exclude_none=request.endpoint.startswith("messages")).encode()
         if request.endpoint == "responses":
             return _events(result, tally)
+        if request.endpoint == "messages":
+            return _named_events(result)
         return _frames(result, self.dead)
+
+    async def _stored(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
+        """A stored response (``GET /v1/responses/{id}``; with ``stream``, a
+        background response's events from ``starting_after`` on), or one cancelled."""
+        serving = self._responses
+        if serving is None:
+            raise NotImplementedFeatureError(f"{self._config.name} does not serve the Responses API.")
+        body = request.body
+        response_id = str(body["response_id"])
+        try:
+            if request.endpoint == "responses_cancel":
+                result = await serving.cancel_responses(response_id)
+            else:
+                result = await serving.retrieve_responses(
+                    response_id, body.get("starting_after"), bool(body.get("stream"))
+                )
+        except Exception as exc:  # noqa: BLE001 - vLLM's refusals, as it reports them
+            raise translate_exception(exc, "response_id") from None
+        if isinstance(result, self._error_response):
+            raise translate_error(result.model_dump(), "response_id")
+        if hasattr(result, "model_dump_json"):
+            return result.model_dump_json().encode()
+        return _events(result, tally)
 
     async def _served(
         self, request: EngineRequest, call: Callable[[Any, Any], Awaitable[Any]]
@@ -209,10 +255,14 @@ class VLLMEngine:
         (``max_completion_tokens`` / ``max_tokens``, else the rest of the window)."""
         if request.endpoint == "responses":
             return await self._most_response_tokens(request)
-        chat = request.endpoint == "chat"
-        serving = self._chat if chat else self._completion
+        if request.endpoint == "messages_count":
+            return 0
+        chat = request.endpoint in ("chat", "messages")
+        serving = {"chat": self._chat, "messages": self._messages}.get(request.endpoint, self._completion)
 
         async def render(parsed: Any, create: Any) -> Any:
+            if request.endpoint == "messages":  # rendered as the chat request vLLM makes of it
+                parsed = serving.to_chat_completion_request(parsed, merge_inline_system=serving._merge_inline_system)
             if chat:
                 return await serving.render_chat_request(parsed)
             return await serving.render_completion_request(parsed)
@@ -220,7 +270,7 @@ class VLLMEngine:
         parsed, result = await self._served(request, render)
         inputs = result[1] if chat else result
         budget = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
-        choices = parsed.n or 1
+        choices = getattr(parsed, "n", None) or 1
         assert self._max_model_len is not None
         total = 0
         for engine_input in inputs:
@@ -234,7 +284,12 @@ class VLLMEngine:
         serving = self._responses
 
         async def render(parsed: Any, create: Any) -> Any:
-            return await serving._render_resolved_response_inputs(parsed, None)
+            previous = None
+            if parsed.previous_response_id is not None:  # its conversation is part of the prompt
+                previous = serving.response_store.get(parsed.previous_response_id)
+                if previous is None:
+                    raise ResponseNotFoundError.for_id(parsed.previous_response_id, "previous_response_id")
+            return await serving._render_resolved_response_inputs(parsed, previous)
 
         parsed, result = await self._served(request, render)
         assert self._max_model_len is not None
@@ -250,7 +305,7 @@ class VLLMEngine:
         """
         assert self._max_model_len is not None
         limit = self._max_model_len
-        for serving, param in ((self._chat, "messages"), (self._completion, "prompt")):
+        for serving, param in ((self._chat, "messages"), (self._messages, "messages"), (self._completion, "prompt")):
             if serving is None:
                 continue
             attr = "render_chat_request" if param == "messages" else "render_completion_request"
@@ -432,6 +487,13 @@ async def _events(stream: AsyncIterator[Any], tally: GenerationTally) -> AsyncIt
         yield sse.responses_error_event(translate_exception(exc, "input").to_dict(), sequence + 1)
 
 
+async def _named_events(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    """vLLM's Anthropic Messages events (``event:`` and ``data:`` lines, ready
+    made, its own ``error`` event included), as bytes."""
+    async for text in stream:
+        yield text.encode()
+
+
 async def _frames(stream: AsyncIterator[str], dead: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
     """vLLM's SSE strings as bytes, its error frames put in the gateway's shape;
     one that comes as the engine dies (``dead``) says so: 503, retry shortly."""
@@ -455,6 +517,8 @@ def translate_error(envelope: dict[str, Any], prompt_param: str | None = None) -
     status = int(error.get("code") or 500)
     message = str(error.get("message") or "")
     param = error.get("param")
+    if status == 404 and param == "response_id":
+        return ResponseNotFoundError(message, param=param)
     if status == 404 and "model" in message.lower():
         return ModelNotFoundError(message, param="model")
     if status == 400 and _is_context_length(message):

@@ -57,8 +57,11 @@ TEST_CONFIG: dict[str, Any] = {
             "tool_call_parser": "hermes",
             "num_cpus": 0.1,
         },
-        {"name": "echo", "engine": "echo", "max_model_len": ECHO_CONTEXT, "num_cpus": 0.1},
-        {"name": "echo-b", "engine": "echo", "max_model_len": ECHO_CONTEXT, "num_cpus": 0.1},
+        # The `chat` alias's variants run two replicas each: a stored response's
+        # follow-ups must find the one replica that keeps it (test_responses).
+        {"name": "echo", "engine": "echo", "max_model_len": ECHO_CONTEXT, "num_cpus": 0.1, "num_replicas": 2},
+        {"name": "echo-b", "engine": "echo", "max_model_len": ECHO_CONTEXT, "num_cpus": 0.1, "num_replicas": 2},
+        {"name": "echo-copy", "engine": "echo", "num_cpus": 0.1},  # shadow copies, counted on its one replica
         {
             "name": "echo-narrow",
             "engine": "echo",
@@ -80,7 +83,7 @@ TEST_CONFIG: dict[str, Any] = {
             {"name": "chat", "variants": {"echo": 80, "echo-b": 20}},
             {"name": "vllm-alias", "variants": {VLLM_MODEL: 1, "echo": 0}},
             {"name": "fb", "variants": {"echo-narrow": 9, "echo": 1}, "fallback": True},
-            {"name": "mirrored", "variants": {"echo": 1}, "shadow": {"variant": "echo-b", "percent": 100}},
+            {"name": "mirrored", "variants": {"echo": 1}, "shadow": {"variant": "echo-copy", "percent": 100}},
             {"name": "iris-ab", "variants": {"iris": 50, "iris-tree": 50}},
             {"name": "embed", "variants": {"minilm": 1}},
             {"name": "vllm-fb", "variants": {VLLM_MODEL: 1000, "echo": 1}, "fallback": True},  # test_faults

@@ -3,7 +3,8 @@
 For each endpoint with a body, requests generated from the document (valid
 ones, and ones that break it) go to real models: the echo engine, the vLLM
 engine, MiniLM and the iris classifier, and names that are no model. Each
-must be answered below 500 and, when an error, in OpenAI's envelope. The
+must be answered below 500 and, when an error, in OpenAI's envelope
+(Anthropic's on the Messages API's routes). The
 model and the output budget are picked by the test (so the vLLM engine is
 reached and stays quick); every other field is the fuzzer's. Example counts
 are bounded and the examples derandomized, so a run is the same each time.
@@ -28,6 +29,9 @@ LLMS = ["echo", VLLM_MODEL, "chat", "no-such-model"]
 MODELS = {
     "/v1/chat/completions": LLMS,
     "/v1/completions": LLMS,
+    "/v1/responses": LLMS,
+    "/v1/messages": LLMS,
+    "/v1/messages/count_tokens": LLMS,
     "/v1/embeddings": ["minilm", "embed", "echo", "no-such-model"],
     "/v1/models/{model}:predict": ["iris", "iris-ab", "minilm", "no-such-model"],
     "/v2/models/{model}/infer": ["iris", "minilm", "no-such-model"],
@@ -42,7 +46,7 @@ def schema(gateway: Gateway) -> Any:
 def _quick(body: Any) -> Any:
     """Keeps a generation request cheap: a small output budget and few choices."""
     if isinstance(body, dict):
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(field), int) and not isinstance(body.get(field), bool):
                 body[field] = max(-1, min(body[field], 8))
         if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool):
@@ -71,7 +75,10 @@ def test_fuzzed_requests_are_never_answered_5xx(gateway: Gateway, schema: Any, p
         response = case.call(base_url=gateway.base_url, session=session, timeout=60)
         sent = json.dumps(case.body, default=repr)[:500]
         assert response.status_code < 500, f"{response.status_code} {response.text[:500]} for {sent}"
-        if response.status_code >= 400:
+        if response.status_code >= 400 and path.startswith("/v1/messages"):
+            assert response.json()["type"] == "error", sent  # Anthropic's envelope
+            assert set(response.json()["error"]) == {"type", "message"}, sent
+        elif response.status_code >= 400:
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}, sent
 

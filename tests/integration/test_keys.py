@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -220,6 +221,51 @@ async def test_a_response_reserves_the_models_own_prompt_count_and_settles_its_u
             assert start - int(raw.headers["x-ratelimit-remaining-tokens"]) == answer.usage.input_tokens + 5
             after = (await settled(http))["usage"]["remaining_tokens"]
     assert start - after == answer.usage.total_tokens  # settled with what was used
+
+
+async def test_a_follow_up_reserves_the_whole_conversation_on_the_replica_that_keeps_it(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    async with openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0) as sdk:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secrets["vllm"])) as http:
+            first = await sdk.responses.create(model=VLLM_MODEL, input="Hello there", max_output_tokens=3)
+            start = (await settled(http))["usage"]["remaining_tokens"]
+            raw = await sdk.responses.with_raw_response.create(
+                model=VLLM_MODEL, input="And then?", previous_response_id=first.id, max_output_tokens=3
+            )
+            follow_up = raw.parse()
+            after = (await settled(http))["usage"]["remaining_tokens"]
+    assert follow_up.usage is not None and first.usage is not None
+    assert follow_up.usage.input_tokens > first.usage.total_tokens  # the earlier turn is in the prompt
+    # Reserved: the prompt as the keeping replica renders it, earlier turn included, plus the budget.
+    assert start - int(raw.headers["x-ratelimit-remaining-tokens"]) == follow_up.usage.input_tokens + 3
+    assert start - after == follow_up.usage.total_tokens
+
+
+def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    with openai.OpenAI(base_url=gateway.v1, api_key=secrets["full"], max_retries=0) as mine, openai.OpenAI(
+        base_url=gateway.v1, api_key=secrets["scoped"], max_retries=0
+    ) as theirs:
+        made = mine.responses.create(model="chat", input="one two three")
+        assert mine.responses.retrieve(made.id).output_text == "one two three"
+        with pytest.raises(openai.NotFoundError):
+            theirs.responses.retrieve(made.id)  # `chat` is theirs too, the response is not
+        with pytest.raises(openai.NotFoundError):
+            theirs.responses.create(model="chat", input="four", previous_response_id=made.id)
+        assert mine.responses.create(model="chat", input="four", previous_response_id=made.id).output_text == "four"
+
+
+def test_anthropics_clients_send_their_key_as_x_api_key(gateway: Gateway, secrets: dict[str, str]) -> None:
+    with anthropic.Anthropic(base_url=gateway.base_url, api_key=secrets["full"], max_retries=0) as claude:
+        message = claude.messages.create(model="chat", messages=WORDS, max_tokens=2)
+        assert message.content[0].text == "one two"  # type: ignore[union-attr]
+    with anthropic.Anthropic(base_url=gateway.base_url, api_key="sk-gw-not-a-key", max_retries=0) as stranger:
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            stranger.messages.create(model="chat", messages=WORDS, max_tokens=2)
+    assert refused.value.body["type"] == "error"  # type: ignore[index]
+    assert refused.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
 
 
 async def test_a_stream_left_early_is_charged_what_was_generated(

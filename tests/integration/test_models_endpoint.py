@@ -12,7 +12,7 @@ from tests.integration.conftest import VLLM_CONTEXT, VLLM_MODEL
 def test_list_models_names_every_served_model(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
     assert set(models) == {
-        VLLM_MODEL, "echo", "echo-b", "echo-narrow", "iris", "iris-tree", "minilm",
+        VLLM_MODEL, "echo", "echo-b", "echo-copy", "echo-narrow", "iris", "iris-tree", "minilm",
         "chat", "vllm-alias", "fb", "mirrored", "iris-ab", "embed", "vllm-fb",
     }
     assert models[VLLM_MODEL].model_extra["max_model_len"] == VLLM_CONTEXT

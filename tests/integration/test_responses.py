@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
 
 import httpx
 import openai
+import pytest
 
 from tests.integration.conftest import ACCESS_LOG, VLLM_CONTEXT, VLLM_MODEL, Gateway
-from tests.integration.test_streaming import settled_generated_tokens, wait_idle
+from tests.integration.test_streaming import tokens_after_leaving
 
 PROMPT = "Tell me about the harbour"
 
@@ -27,7 +30,8 @@ def assert_finished(response: object, budget: int) -> None:
 def test_a_response_is_answered_in_openais_shape_with_usage(client: openai.OpenAI) -> None:
     raw = client.responses.with_raw_response.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=8)
     response = raw.parse()
-    assert response.id == "resp_" + raw.headers["x-request-id"]
+    # resp_, the id of the replica that keeps it (12 hex digits), the request's id.
+    assert re.fullmatch(r"resp_[0-9a-f]{12}" + re.escape(raw.headers["x-request-id"]), response.id)
     assert (response.object, response.model) == ("response", VLLM_MODEL)
     assert_finished(response, 8)
     assert raw.headers["x-gateway-variant"] == VLLM_MODEL
@@ -60,7 +64,7 @@ def test_sdk_stream_helper_and_the_access_log_count_the_tokens(client: openai.Op
         deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
         final = stream.get_final_response()
     assert "".join(deltas) == final.output_text
-    request_id = final.id.removeprefix("resp_")
+    request_id = final.id.removeprefix("resp_")[12:]
     assert final.usage is not None
     for _ in range(40):
         lines = [json.loads(line) for line in ACCESS_LOG.read_text().splitlines() if line.strip()]
@@ -88,8 +92,10 @@ def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:
     assert (status, body["code"], body["param"]) == (400, "context_length_exceeded", "input")
     status, body = error({"model": VLLM_MODEL, "input": PROMPT, "max_output_tokens": VLLM_CONTEXT * 2, "stream": True})
     assert (status, body["code"]) == (400, "context_length_exceeded")  # before the stream starts
-    status, body = error({"model": "echo", "input": PROMPT})
+    status, body = error({"model": "iris", "input": PROMPT})
     assert (status, body["code"], body["param"]) == (404, "model_not_supported", "model")
+    status, body = error({"model": VLLM_MODEL, "input": PROMPT, "background": True})
+    assert (status, body["param"]) == (400, "background")
     status, body = error({"model": "minilm", "input": PROMPT})
     assert (status, body["code"]) == (404, "model_not_supported")
     status, body = error({"model": "no-such-model", "input": PROMPT})
@@ -102,15 +108,99 @@ def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:
 
 async def test_leaving_a_streamed_response_aborts_its_engine_request(gateway: Gateway) -> None:
     body = {"model": VLLM_MODEL, "input": PROMPT, "max_output_tokens": 480, "ignore_eos": True, "stream": True}
-    before = await settled_generated_tokens(gateway)
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
-        async with http.stream("POST", "/v1/responses", json=body) as response:
-            assert response.status_code == 200
-            seen = 0
-            async for line in response.aiter_lines():
-                seen += line.startswith("event: response.output_text.delta")
-                if seen == 3:
-                    break  # the client leaves
-    assert await wait_idle(gateway, 30) == 0
-    generated = await settled_generated_tokens(gateway) - before
+    generated = await tokens_after_leaving(gateway, "/v1/responses", body, "event: response.output_text.delta")
     assert 3 <= generated < 480 // 4, generated
+
+
+def test_a_conversation_continues_on_the_replica_that_keeps_it(client: openai.OpenAI) -> None:
+    """Three turns with previous_response_id on vLLM: each turn is prompted with the
+    earlier ones (vLLM's own store, on the replica that made them), and each
+    response can be retrieved."""
+    first = client.responses.create(model=VLLM_MODEL, input="Name a harbour.", max_output_tokens=4)
+    second = client.responses.create(
+        model=VLLM_MODEL, input="And a ship?", previous_response_id=first.id, max_output_tokens=4, stream=True
+    )
+    final = [event for event in second if event.type in ("response.completed", "response.incomplete")][0].response
+    third = client.responses.create(model=VLLM_MODEL, input="Why?", previous_response_id=final.id, max_output_tokens=4)
+    assert first.usage is not None and final.usage is not None and third.usage is not None
+    # Each prompt holds the conversation so far: earlier inputs and answers.
+    assert final.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    assert third.usage.input_tokens > final.usage.input_tokens + final.usage.output_tokens
+    assert (final.previous_response_id, third.previous_response_id) == (first.id, final.id)
+    for response in (first, final, third):
+        kept = client.responses.retrieve(response.id)
+        assert (kept.id, kept.output_text, kept.usage) == (response.id, response.output_text, response.usage)
+
+
+def test_unknown_or_unstored_responses_are_a_clear_404(client: openai.OpenAI, http: httpx.Client) -> None:
+    unstored = client.responses.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=2, store=False)
+    replica = unstored.id[5:17]
+    for response_id in (unstored.id, f"resp_{replica}{'0' * 32}", "resp_ffffffffffff" + "0" * 32, "resp_nonsense"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.responses.retrieve(response_id)
+        assert caught.value.body["code"] == "response_not_found"  # type: ignore[index]
+        answer = http.post("/v1/responses", json={"model": VLLM_MODEL, "input": "and?", "previous_response_id": response_id})
+        assert answer.status_code == 404
+        assert (answer.json()["error"]["code"], answer.json()["error"]["param"]) == ("response_not_found", "previous_response_id")
+    # Only background responses can be cancelled; this gateway runs none.
+    kept = client.responses.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(kept.id)
+    assert http.get(f"/v1/responses/{kept.id}", params={"stream": "maybe"}).status_code == 400
+
+
+async def test_three_turn_conversations_through_an_alias_stay_on_their_variant_and_replica(
+    gateway: Gateway, async_client: openai.AsyncOpenAI
+) -> None:
+    """`chat` splits 80/20 over two echo variants of two replicas each, behind two
+    ingress replicas: every follow-up must reach the one replica (of the one
+    variant) that keeps the response it continues, or it would be a 404."""
+    turns = ["the harbour at dawn", "and the boats", "then the gulls came"]
+
+    async def conversation(n: int) -> tuple[str, set[tuple[str, str]], list[int]]:
+        previous, holders, prompts = None, set(), []
+        for turn in turns:
+            raw = await async_client.responses.with_raw_response.create(
+                model="chat", input=f"{turn} {n}", previous_response_id=previous,
+                extra_headers={"x-session-id": f"talk-{n}"} if n % 2 else None,
+            )
+            response = raw.parse()
+            assert response.output_text == f"{turn} {n}"  # the echo answers the last input
+            assert raw.headers["x-gateway-variant"] == response.model
+            assert response.usage is not None
+            previous = response.id
+            holders.add((response.model, response.id[5:17]))  # variant, replica id
+            prompts.append(response.usage.input_tokens)
+        return previous or "", holders, prompts
+
+    results = await asyncio.gather(*(conversation(n) for n in range(24)))
+    replicas: dict[str, set[str]] = {"echo": set(), "echo-b": set()}
+    for _, holders, prompts in results:
+        assert len(holders) == 1  # a conversation never changes variant or replica
+        ((variant, replica),) = holders
+        replicas[variant].add(replica)
+        # Every earlier input and answer is in the prompt: 5, then 5+5+4, then 14+4+5 words.
+        assert prompts == [5, 14, 23]
+    # Conversations spread over the replicas (~19 of 24 go to echo: both its replicas).
+    assert len(replicas["echo"]) == 2 and replicas["echo-b"], replicas
+    last = await async_client.responses.retrieve(results[0][0])
+    assert last.output_text == f"{turns[-1]} 0"
+
+
+def test_langchain_chat_openai_on_the_responses_api_invokes_and_streams(gateway: Gateway) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model="vllm-alias", base_url=gateway.v1, api_key="unused", use_responses_api=True,
+        max_tokens=8, max_retries=0, timeout=60,
+    )
+    answer = llm.invoke("Tell me about the harbour")
+    assert answer.text
+    assert answer.usage_metadata is not None and 1 <= answer.usage_metadata["output_tokens"] <= 8
+    assert answer.response_metadata["model_name"] == VLLM_MODEL
+    chunks = list(llm.stream("Tell me about the harbour"))
+    streamed = chunks[0]
+    for chunk in chunks[1:]:
+        streamed += chunk
+    assert streamed.text and len(chunks) > 2
+    assert streamed.usage_metadata is not None and 1 <= streamed.usage_metadata["output_tokens"] <= 8

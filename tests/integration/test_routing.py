@@ -92,8 +92,8 @@ async def test_unknown_alias_is_404(gateway: Gateway) -> None:
 
 
 
-def replica_process(model: str) -> tuple[int, float]:
-    """(pid, start time) of the model's replica: a restart changes both.
+def replica_processes(model: str) -> frozenset[tuple[int, float]]:
+    """(pid, start time) of each of the model's replicas: a restart changes both.
 
     Ray retitles an actor process while it runs a task (`...:iris.check_health`),
     so the method suffix is optional.
@@ -101,10 +101,19 @@ def replica_process(model: str) -> tuple[int, float]:
     import psutil
 
     title = re.compile(rf"Server:{re.escape(model)}(\.\w+)?(\s|$)")
-    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
-        if title.search(" ".join(proc.info["cmdline"] or [])):
-            return proc.info["pid"], proc.info["create_time"]
-    raise AssertionError(f"no replica process for {model}")
+    found = frozenset(
+        (proc.info["pid"], proc.info["create_time"])
+        for proc in psutil.process_iter(["pid", "cmdline", "create_time"])
+        if title.search(" ".join(proc.info["cmdline"] or []))
+    )
+    assert found, f"no replica process for {model}"
+    return found
+
+
+def replica_process(model: str) -> tuple[int, float]:
+    """(pid, start time) of the replica of a model that runs one."""
+    (only,) = replica_processes(model)
+    return only
 
 
 async def test_weight_change_applies_live_without_failures_or_restarts(
@@ -113,7 +122,7 @@ async def test_weight_change_applies_live_without_failures_or_restarts(
 
     changed = copy.deepcopy(TEST_CONFIG)
     changed["routing"]["routes"][0]["variants"] = {"echo": 20, "echo-b": 80}
-    replicas_before = {m: replica_process(m) for m in (VLLM_MODEL, "echo", "echo-b")}
+    replicas_before = {m: replica_processes(m) for m in (VLLM_MODEL, "echo", "echo-b")}
 
     started = asyncio.Semaphore(0)
 
@@ -156,7 +165,7 @@ async def test_weight_change_applies_live_without_failures_or_restarts(
         assert chisquare([counts["echo"], counts["echo-b"]], [0.2 * n, 0.8 * n]).pvalue > 0.001
         alias = await async_client.models.retrieve("chat")
         assert alias.model_extra["variants"] == [{"id": "echo", "weight": 20.0}, {"id": "echo-b", "weight": 80.0}]
-        assert {m: replica_process(m) for m in replicas_before} == replicas_before, "a replica restarted"
+        assert {m: replica_processes(m) for m in replicas_before} == replicas_before, "a replica restarted"
     finally:
         await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
 
@@ -168,7 +177,7 @@ async def test_adding_and_removing_a_variant_restarts_no_other_replica(
     added["models"].append({"name": "echo-c", "engine": "echo", "num_cpus": 0.1})
     added["routing"]["routes"][0]["variants"] = {"echo": 1, "echo-b": 0, "echo-c": 1}
     others = (VLLM_MODEL, "echo", "echo-b", "iris", "minilm")
-    replicas_before = {m: replica_process(m) for m in others}
+    replicas_before = {m: replica_processes(m) for m in others}
     stop = asyncio.Event()
     served: Counter[str] = Counter()
 
@@ -210,7 +219,7 @@ async def test_adding_and_removing_a_variant_restarts_no_other_replica(
         assert "llm-gateway-test:echo-c" not in await asyncio.to_thread(serve_apps)
         listed = {m.id async for m in async_client.models.list()}
         assert "echo-c" not in listed and {"echo", "echo-b"} <= listed
-        assert {m: replica_process(m) for m in others} == replicas_before, "a replica restarted"
+        assert {m: replica_processes(m) for m in others} == replicas_before, "a replica restarted"
     finally:
         stop.set()
         await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
@@ -243,7 +252,7 @@ async def test_shadow_copies_requests_without_touching_answers(
     gateway: Gateway, async_client: openai.AsyncOpenAI
 ) -> None:
     def requests() -> int:
-        return int(gateway.call("echo-b", "stats")["requests"])
+        return int(gateway.call("echo-copy", "stats")["requests"])
 
     before = await asyncio.to_thread(requests)
     answers = [

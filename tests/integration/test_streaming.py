@@ -101,6 +101,23 @@ def generated_tokens(gateway: Gateway) -> float:
     )
 
 
+async def tokens_after_leaving(gateway: Gateway, path: str, body: dict[str, object], marker: str, after: int = 3) -> float:
+    """Streams ``body`` to ``path`` and hangs up after ``after`` lines that
+    start with ``marker`` (each one token's event); returns how many tokens
+    the engine generated for it, once idle again."""
+    before = await settled_generated_tokens(gateway)
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
+        async with http.stream("POST", path, json=body) as response:
+            assert response.status_code == 200
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += line.startswith(marker)
+                if seen == after:
+                    break  # the client leaves
+    assert await wait_idle(gateway, 30) == 0
+    return await settled_generated_tokens(gateway) - before
+
+
 async def settled_generated_tokens(gateway: Gateway) -> float:
     """The counter once the engine is idle and its replica has reported since
     (it reports each second): two readings 1.5 s apart that agree."""

@@ -1,4 +1,6 @@
-"""POST /v1/responses: OpenAI's Responses API, served by the model's own vLLM serving layer."""
+"""OpenAI's Responses API, served by the model's own vLLM serving layer:
+``POST /v1/responses``, and the stored responses' ``GET /v1/responses/{id}``
+and ``POST /v1/responses/{id}/cancel``, answered by the replica that keeps them."""
 
 from __future__ import annotations
 
@@ -14,3 +16,17 @@ router = APIRouter()
 @router.post("/v1/responses")
 async def create_response(request: Request, state: GatewayState = Depends(gateway_state)) -> Response:
     return await state.dispatcher.dispatch("responses", request)
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(
+    response_id: str, request: Request, state: GatewayState = Depends(gateway_state)
+) -> Response:
+    return await state.dispatcher.stored("responses_retrieve", request, response_id)
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(
+    response_id: str, request: Request, state: GatewayState = Depends(gateway_state)
+) -> Response:
+    return await state.dispatcher.stored("responses_cancel", request, response_id)

@@ -60,3 +60,22 @@ def test_parse_of_empty_stream() -> None:
 def test_parse_rejects_non_data_blocks(stream: bytes) -> None:
     with pytest.raises(ValueError, match="not an SSE data frame"):
         sse.parse(stream)
+
+
+def test_each_api_ends_a_stream_with_its_own_error() -> None:
+    from gateway.errors import OverloadedError
+
+    error = OverloadedError("busy")
+    assert sse.stream_error("chat", error) == sse.error_frames(error.to_dict())
+    assert sse.stream_error("responses", error).startswith(b'event: error\ndata: {"type":"error","code":"overloaded"')
+    assert sse.stream_error("messages", error) == (
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"busy"}}\n\n'
+    )
+
+
+def test_an_ingress_error_event_is_numbered_after_the_last_event_sent() -> None:
+    sent = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":41,"delta":"a"}\n\n'
+    assert sse.next_sequence_number(sent) == 42
+    assert sse.next_sequence_number(b'{"sequence_number": 7}') == 8
+    assert sse.next_sequence_number(b"partial bytes") is None
+    assert sse.next_sequence_number(b'"sequence_number":') is None

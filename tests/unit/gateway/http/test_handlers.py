@@ -1,4 +1,4 @@
-"""gateway/http/handlers.py: every failure leaves as the OpenAI error envelope."""
+"""gateway/http/handlers.py: every failure leaves as the OpenAI error envelope (Anthropic's on its routes)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from gateway.errors import (
     ModelNotFoundError,
     NotImplementedFeatureError,
     OverloadedError,
+    RateLimitError,
+    RequestTimeoutError,
     ServiceUnavailableError,
 )
 from gateway.http.handlers import as_gateway_error, install_handlers
@@ -39,6 +41,10 @@ def _app(raised: dict[str, BaseException]) -> FastAPI:
 
     @app.get("/raise")
     async def raise_() -> None:
+        raise raised["error"]
+
+    @app.get("/v1/messages/raise")
+    async def raise_anthropic() -> None:
         raise raised["error"]
 
     @app.post("/typed")
@@ -208,3 +214,26 @@ def test_unknown_exception_becomes_internal_error(caplog: pytest.LogCaptureFixtu
 
     assert isinstance(error, InternalServerError)
     assert "secret" not in error.message
+
+
+@pytest.mark.parametrize(
+    ("error", "anthropic_type"),
+    [
+        (InvalidRequestError("bad", param="max_tokens"), "invalid_request_error"),
+        (ModelNotFoundError.for_model("claude-9"), "not_found_error"),
+        (OverloadedError("busy", status=429, retry_after_s=5), "overloaded_error"),
+        (RateLimitError("slow down", retry_after_s=2), "rate_limit_error"),
+        (ServiceUnavailableError("down"), "overloaded_error"),
+        (RequestTimeoutError("late"), "timeout_error"),
+        (InternalServerError("oops"), "api_error"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, GatewayError) else None,
+)
+async def test_errors_on_anthropics_routes_take_its_envelope(
+    client: httpx.AsyncClient, raised: dict[str, BaseException], error: GatewayError, anthropic_type: str
+) -> None:
+    raised["error"] = error
+    response = await client.get("/v1/messages/raise")
+    assert response.status_code == error.status_code
+    assert response.json() == {"type": "error", "error": {"type": anthropic_type, "message": error.message}}
+    assert response.headers.get("retry-after") == error.headers().get("retry-after")

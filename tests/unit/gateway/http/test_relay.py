@@ -13,7 +13,13 @@ import httpx
 import pytest
 
 from gateway import sse
-from gateway.errors import GatewayError, InvalidRequestError, OverloadedError, ServiceUnavailableError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    OverloadedError,
+    ResponseNotFoundError,
+    ServiceUnavailableError,
+)
 from gateway.http.relay import RelayResponse, StreamCutError, ReplicaRelay
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
@@ -460,3 +466,56 @@ async def test_past_a_replicas_capacity_the_ingress_refuses_without_calling_it()
         assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
     stream = await replicas.open(EngineRequest("chat", CALL.body, "r4", "m"))  # room again
     assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+
+
+async def test_a_call_naming_a_replica_reaches_that_one_and_no_other() -> None:
+    """A follow-up of a stored response goes where the response is kept, however busy."""
+    answered: dict[str, list[str]] = {"aaaaaaaaaaaa": [], "bbbbbbbbbbbb": []}
+
+    def opener_of(replica: str) -> Any:
+        async def opener(request: EngineRequest) -> Any:
+            answered[replica].append(request.request_id)
+
+            async def stream() -> AsyncIterator[bytes]:
+                yield sse.DONE
+
+            return stream(), Outcome
+
+        return opener
+
+    addresses = [await StreamServer(opener_of(r), "127.0.0.1", replica=r).start() for r in answered]
+    assert [a.replica for a in addresses] == list(answered)
+    streams = ReplicaRelay(Router(*addresses))
+    for n in range(4):
+        call = EngineRequest("chat", CALL.body, f"req-{n}", "m", replica="bbbbbbbbbbbb")
+        stream = await streams.open(call)
+        assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+    assert answered == {"aaaaaaaaaaaa": [], "bbbbbbbbbbbb": ["req-0", "req-1", "req-2", "req-3"]}
+    assert await streams.holds("aaaaaaaaaaaa") and not await streams.holds("cccccccccccc")
+
+
+async def test_a_call_naming_a_replica_that_is_gone_is_a_404() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        raise AssertionError("another replica must not answer")
+
+    running = await StreamServer(opener, "127.0.0.1", replica="aaaaaaaaaaaa").start()
+    gone = relay.RelayAddress("127.0.0.1", closed_port(), "t", "bbbbbbbbbbbb")
+    for replica in ("bbbbbbbbbbbb", "cccccccccccc"):  # gone, and never seen
+        with pytest.raises(ResponseNotFoundError):
+            await ReplicaRelay(Router(running, gone)).open(EngineRequest("chat", CALL.body, "r", "m", replica=replica))
+
+
+async def test_the_owner_travels_to_the_replica() -> None:
+    seen: list[EngineRequest] = []
+
+    async def opener(request: EngineRequest) -> Any:
+        seen.append(request)
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+
+        return stream(), Outcome
+
+    stream = await ReplicaRelay(Router(await serve(opener))).open(EngineRequest("chat", CALL.body, "r", "m", owner="team-a"))
+    [_ async for _ in stream.chunks()]
+    assert [(request.owner, request.replica) for request in seen] == [("team-a", None)]

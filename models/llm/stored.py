@@ -1,0 +1,70 @@
+"""The stored responses of one LLM replica (OpenAI's Responses API): whose
+each is, and how many are kept.
+
+The engine keeps the responses themselves (vLLM's serving layer, in its own
+memory); this keeps, per response, the API key that made it, oldest first,
+and tells the engine to drop a response once more than ``size`` are kept. A
+request that names a stored response (``previous_response_id``, retrieve,
+cancel) reaches the engine only when it comes with the key that made it:
+for any other key the response does not exist (404, as for an unknown id).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
+
+from gateway.errors import ResponseNotFoundError
+from gateway.protocol import relay
+from gateway.protocol.engine import EngineRequest
+
+STORED = ("responses_retrieve", "responses_cancel")
+
+
+class StoredResponses:
+    """See the module docstring. ``replica`` is the replica's id (in every
+    response id it makes); ``forget`` drops a response from the engine."""
+
+    def __init__(self, replica: str, size: int, forget: Callable[[str], None]) -> None:
+        self.replica = replica
+        self.size = size
+        self._forget = forget
+        self._owners: OrderedDict[str, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def check(self, request: EngineRequest) -> None:
+        """Raises ResponseNotFoundError (404) when ``request`` names a stored
+        response that is not kept here for its key."""
+        if request.endpoint == "responses":
+            previous = request.body.get("previous_response_id")
+            if isinstance(previous, str):
+                self._owned(previous, request.owner, "previous_response_id")
+        elif request.endpoint in STORED:
+            response_id = request.body.get("response_id")
+            self._owned(response_id if isinstance(response_id, str) else "", request.owner, "response_id")
+
+    def admit(self, request: EngineRequest) -> EngineRequest:
+        """``request`` as the engine gets it, once checked: a new response's
+        engine request id is this replica's id and the request's, so that
+        the response's id (``resp_`` + it) names this replica; one to be
+        stored is kept for its key from now on."""
+        self.check(request)
+        if request.endpoint != "responses":
+            return request
+        if self.size > 0 and request.body.get("store", True) is not False:
+            self._keep(relay.response_id(self.replica, request.request_id), request.owner)
+        return dataclasses.replace(request, request_id=self.replica + request.request_id)
+
+    def _owned(self, response_id: str, owner: str, param: str) -> None:
+        if self._owners.get(response_id) != owner:
+            raise ResponseNotFoundError.for_id(response_id, param)
+
+    def _keep(self, response_id: str, owner: str) -> None:
+        self._owners[response_id] = owner
+        self._owners.move_to_end(response_id)
+        while len(self._owners) > self.size:
+            oldest, _ = self._owners.popitem(last=False)
+            self._forget(oldest)

@@ -1,0 +1,110 @@
+"""Anthropic's Messages API (``POST /v1/messages``, ``/v1/messages/count_tokens``)
+on the real vLLM engine, with the official ``anthropic`` SDK pointed at the gateway."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import pytest
+
+from tests.integration.conftest import ACCESS_LOG, VLLM_CONTEXT, VLLM_MODEL, Gateway
+from tests.integration.test_streaming import tokens_after_leaving
+
+ASK = [{"role": "user", "content": "Tell me about the harbour"}]
+
+
+@pytest.fixture(scope="module")
+def claude(gateway: Gateway) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=60) as sdk:
+        yield sdk
+
+
+def access_line(request_id: str) -> dict[str, object]:
+    for _ in range(40):
+        lines = [json.loads(line) for line in ACCESS_LOG.read_text().splitlines() if line.strip()]
+        line = next((entry for entry in lines if entry.get("request_id") == request_id), None)
+        if line is not None:
+            return line
+        time.sleep(0.25)  # each ingress replica writes its line once the answer has ended
+    raise AssertionError(f"no access-log line for {request_id}")
+
+
+def test_a_message_is_answered_in_anthropics_shape_with_usage(claude: anthropic.Anthropic) -> None:
+    raw = claude.messages.with_raw_response.create(model=VLLM_MODEL, messages=ASK, max_tokens=8)
+    message = raw.parse()
+    assert (message.type, message.role, message.model) == ("message", "assistant", VLLM_MODEL)
+    assert raw.headers["x-gateway-variant"] == VLLM_MODEL
+    assert message.stop_reason in ("end_turn", "max_tokens")
+    assert 1 <= message.usage.output_tokens <= 8 and message.usage.input_tokens > 5
+    assert message.content[0].type == "text" and message.content[0].text
+    line = access_line(raw.headers["x-request-id"])
+    assert (line["status"], line["model"], line["completion_tokens"]) == (200, VLLM_MODEL, message.usage.output_tokens)
+    # A system prompt is part of the prompt.
+    instructed = claude.messages.create(model=VLLM_MODEL, system="Answer as a sailor would.", messages=ASK, max_tokens=2)
+    assert instructed.usage.input_tokens > message.usage.input_tokens
+
+
+def test_a_streamed_message_sends_anthropics_events_and_the_text_adds_up(claude: anthropic.Anthropic) -> None:
+    with claude.messages.stream(model=VLLM_MODEL, messages=ASK, max_tokens=12) as stream:
+        kinds = []
+        text = ""
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                text += event.delta.text
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and "message_stop" in kinds
+    assert "content_block_delta" in kinds and "message_delta" in kinds
+    assert final.content[0].type == "text" and final.content[0].text == text
+    assert final.model == VLLM_MODEL and 1 <= final.usage.output_tokens <= 12
+
+
+def test_count_tokens_is_the_prompt_a_message_is_charged(claude: anthropic.Anthropic) -> None:
+    counted = claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK, system="Be brief.")
+    message = claude.messages.create(model=VLLM_MODEL, messages=ASK, system="Be brief.", max_tokens=1)
+    assert counted.input_tokens == message.usage.input_tokens
+    assert claude.messages.count_tokens(model="echo", messages=ASK).input_tokens == 5  # the echo counts words
+
+
+def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: httpx.Client) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.messages.create(model="no-such-model", messages=ASK, max_tokens=4)
+    assert missing.value.body == {
+        "type": "error", "error": {"type": "not_found_error", "message": "The model `no-such-model` does not exist."}
+    }
+    with pytest.raises(anthropic.BadRequestError) as too_long:
+        claude.messages.create(model=VLLM_MODEL, messages=ASK, max_tokens=VLLM_CONTEXT - 2, stream=True)
+    assert too_long.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "maximum context length" in too_long.value.body["error"]["message"]  # type: ignore[index]
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(model="minilm", messages=ASK, max_tokens=4)
+    for body in ({"model": VLLM_MODEL, "messages": ASK}, {"model": VLLM_MODEL, "max_tokens": 4, "stream": "yes"}, [1]):
+        answer = http.post("/v1/messages", json=body)
+        assert answer.status_code == 400
+        assert answer.json()["type"] == "error" and answer.json()["error"]["type"] == "invalid_request_error"
+    unknown = http.post("/v1/messages/batches", json={})
+    assert (unknown.status_code, unknown.json()["error"]["type"]) == (404, "not_found_error")
+
+
+def test_an_alias_routes_by_metadata_user_id_and_sticks(claude: anthropic.Anthropic) -> None:
+    def variant(user: str) -> str:
+        raw = claude.messages.with_raw_response.create(
+            model="chat", messages=[{"role": "user", "content": "one two"}], max_tokens=4, metadata={"user_id": user}
+        )
+        assert raw.parse().model == raw.headers["x-gateway-variant"]
+        assert raw.parse().content[0].text == "one two"  # type: ignore[union-attr]
+        return raw.headers["x-gateway-variant"]
+
+    chosen = {user: variant(user) for user in (f"user-{n}" for n in range(24))}
+    assert set(chosen.values()) == {"echo", "echo-b"}
+    assert all(variant(user) == first for user, first in list(chosen.items())[:8])  # the same user, the same variant
+
+
+async def test_leaving_a_streamed_message_aborts_its_engine_request(gateway: Gateway) -> None:
+    body = {"model": VLLM_MODEL, "messages": ASK, "max_tokens": 480, "stream": True}
+    generated = await tokens_after_leaving(gateway, "/v1/messages", body, "event: content_block_delta")
+    assert 3 <= generated < 480 // 4, generated

@@ -1,0 +1,75 @@
+"""The echo engine's Anthropic Messages API, checked against the official SDK's own types."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
+from pydantic import TypeAdapter
+
+from gateway.config import ModelConfig
+from gateway.errors import ContextLengthExceededError, InvalidRequestError
+from gateway.protocol.engine import EngineRequest
+from models.llm.echo import EchoEngine
+from models.llm.tally import GenerationTally
+
+EVENTS: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
+CONVERSATION = [
+    {"role": "user", "content": "the harbour at dawn"},
+    {"role": "assistant", "content": "the harbour"},
+    {"role": "user", "content": [{"type": "text", "text": "and the boats"}]},
+]
+
+
+@pytest.fixture
+def engine() -> EchoEngine:
+    return EchoEngine(ModelConfig(name="echo", engine="echo", max_model_len=64))
+
+
+def ask(endpoint: str = "messages", **body: Any) -> EngineRequest:
+    fields = {"model": "echo", "messages": CONVERSATION, "max_tokens": 16, **body}
+    return EngineRequest(endpoint, fields, "r1", "echo")  # type: ignore[arg-type]
+
+
+async def test_a_message_answers_the_last_user_turn_with_usage(engine: EchoEngine) -> None:
+    tally = GenerationTally()
+    body = await engine.generate(ask(system="be brief"), tally)
+    assert isinstance(body, bytes)
+    message = Message.model_validate(json.loads(body))
+    assert (message.id, message.model, message.stop_reason) == ("msg_r1", "echo", "end_turn")
+    assert [block.text for block in message.content if block.type == "text"] == ["and the boats"]
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (2 + 4 + 2 + 3, 3)
+    assert (tally.prompt_tokens, tally.completion_tokens) == (11, 3)
+    short = Message.model_validate(json.loads(await engine.generate(ask(max_tokens=2), GenerationTally())))  # type: ignore[arg-type]
+    assert (short.stop_reason, short.usage.output_tokens) == ("max_tokens", 2)
+
+
+async def test_a_stream_sends_anthropics_events_in_order(engine: EchoEngine) -> None:
+    stream = await engine.generate(ask(stream=True), GenerationTally())
+    assert isinstance(stream, AsyncIterator)
+    events = []
+    for block in b"".join([event async for event in stream]).decode().strip().split("\n\n"):
+        kind_line, data_line = block.split("\n")
+        event = EVENTS.validate_python(json.loads(data_line.removeprefix("data: ")))
+        assert kind_line == f"event: {event.type}"
+        events.append(event)
+    kinds = [event.type for event in events]
+    assert kinds == ["message_start", "content_block_start"] + ["content_block_delta"] * 3 + [
+        "content_block_stop", "message_delta", "message_stop"
+    ]
+    assert "".join(event.delta.text for event in events if event.type == "content_block_delta") == "and the boats"
+    assert events[-2].usage.output_tokens == 3 and events[-2].delta.stop_reason == "end_turn"
+
+
+async def test_tokens_are_counted_and_mistakes_refused(engine: EchoEngine) -> None:
+    counted = await engine.generate(ask("messages_count", max_tokens=None), GenerationTally())
+    assert isinstance(counted, bytes) and MessageTokensCount.model_validate(json.loads(counted)).input_tokens == 9
+    assert await engine.most_tokens(ask()) == 9 + 3
+    with pytest.raises(InvalidRequestError) as caught:
+        await engine.generate(ask(max_tokens=None), GenerationTally())
+    assert caught.value.param == "max_tokens"
+    with pytest.raises(ContextLengthExceededError):
+        await engine.generate(ask(max_tokens=60), GenerationTally())

@@ -1,0 +1,95 @@
+"""The echo engine's Responses API, checked against the official SDK's own types."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from gateway.config import ModelConfig
+from gateway.errors import ContextLengthExceededError, InvalidRequestError, ResponseNotFoundError
+from gateway.protocol.engine import EngineRequest
+from models.llm.echo import EchoEngine
+from models.llm.tally import GenerationTally
+
+EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+
+
+@pytest.fixture
+def engine() -> EchoEngine:
+    return EchoEngine(ModelConfig(name="echo", engine="echo", max_model_len=64))
+
+
+def create(request_id: str = "r1", **body: Any) -> EngineRequest:
+    return EngineRequest("responses", {"model": "echo", "input": "the harbour at dawn", **body}, request_id, "echo")
+
+
+async def answer(engine: EchoEngine, request: EngineRequest, tally: GenerationTally | None = None) -> Response:
+    body = await engine.generate(request, tally or GenerationTally())
+    assert isinstance(body, bytes)
+    return Response.model_validate(json.loads(body))
+
+
+async def test_a_response_echoes_the_input_with_usage(engine: EchoEngine) -> None:
+    tally = GenerationTally()
+    response = await answer(engine, create(instructions="be brief"), tally)
+    assert (response.id, response.status, response.model) == ("resp_r1", "completed", "echo")
+    assert response.output_text == "the harbour at dawn"
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (6, 4)  # instructions count
+    assert (tally.prompt_tokens, tally.completion_tokens) == (6, 4)
+    short = await answer(engine, create("r2", max_output_tokens=2))
+    assert (short.status, short.output_text) == ("incomplete", "the harbour")
+    assert short.incomplete_details is not None and short.incomplete_details.reason == "max_output_tokens"
+
+
+async def test_a_stream_sends_openais_events_in_order(engine: EchoEngine) -> None:
+    tally = GenerationTally()
+    stream = await engine.generate(create(stream=True), tally)
+    assert isinstance(stream, AsyncIterator)
+    raw = b"".join([event async for event in stream])
+    events = []
+    for block in raw.decode().strip().split("\n\n"):
+        kind_line, data_line = block.split("\n")
+        event = EVENTS.validate_python(json.loads(data_line.removeprefix("data: ")))
+        assert kind_line == f"event: {event.type}"
+        events.append(event)
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert "".join(deltas) == events[-1].response.output_text == "the harbour at dawn"
+    assert (tally.prompt_tokens, tally.completion_tokens) == (4, 4) and tally.first_token_s is not None
+
+
+async def test_a_follow_up_is_prompted_with_the_earlier_turns_and_can_be_retrieved(engine: EchoEngine) -> None:
+    first = await answer(engine, create("r1"))
+    second = await answer(engine, create("r2", input="and the boats", previous_response_id=first.id))
+    assert second.output_text == "and the boats"
+    assert second.previous_response_id == "resp_r1"
+    assert second.usage is not None and second.usage.input_tokens == 4 + 4 + 3  # input, answer, new input
+    kept = await engine.generate(EngineRequest("responses_retrieve", {"response_id": second.id}, "r3", "echo"), GenerationTally())
+    assert isinstance(kept, bytes) and Response.model_validate(json.loads(kept)) == second
+    with pytest.raises(InvalidRequestError, match="synchronous"):
+        await engine.generate(EngineRequest("responses_cancel", {"response_id": second.id}, "r4", "echo"), GenerationTally())
+    engine.forget_response(first.id)
+    with pytest.raises(ResponseNotFoundError) as caught:
+        await answer(engine, create("r5", previous_response_id=first.id))
+    assert caught.value.param == "previous_response_id"
+
+
+async def test_an_unstored_response_is_not_kept_and_bad_requests_are_refused(engine: EchoEngine) -> None:
+    response = await answer(engine, create(store=False))
+    with pytest.raises(ResponseNotFoundError):
+        await engine.generate(EngineRequest("responses_retrieve", {"response_id": response.id}, "r2", "echo"), GenerationTally())
+    with pytest.raises(InvalidRequestError) as caught:
+        await engine.generate(create(max_output_tokens=0), GenerationTally())
+    assert caught.value.param == "max_output_tokens"
+    with pytest.raises(ContextLengthExceededError):
+        await engine.generate(create(input="word " * 70), GenerationTally())
+    assert await engine.most_tokens(create(max_output_tokens=3)) == 4 + 3

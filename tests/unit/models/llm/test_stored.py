@@ -1,0 +1,62 @@
+"""models/llm/stored.py: a replica's stored responses are its callers', and bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import ResponseNotFoundError
+from gateway.protocol.engine import EngineRequest
+from models.llm.stored import StoredResponses
+
+REPLICA = "0123456789ab"
+
+
+def create(request_id: str, owner: str = "", **body: object) -> EngineRequest:
+    return EngineRequest("responses", {"model": "m", "input": "hi", **body}, request_id, "m", owner=owner)
+
+
+def named(endpoint: str, response_id: str, owner: str = "") -> EngineRequest:
+    return EngineRequest(endpoint, {"response_id": response_id}, "r", "m", owner=owner)  # type: ignore[arg-type]
+
+
+def test_a_new_response_is_named_after_the_replica_and_kept_for_its_key() -> None:
+    stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
+    admitted = stored.admit(create("req1", owner="team-a"))
+    assert admitted.request_id == REPLICA + "req1"  # the engine's response id: resp_<replica><request>
+    for endpoint in ("responses_retrieve", "responses_cancel"):
+        stored.check(named(endpoint, f"resp_{REPLICA}req1", owner="team-a"))
+        with pytest.raises(ResponseNotFoundError) as caught:  # another key: as if it did not exist
+            stored.check(named(endpoint, f"resp_{REPLICA}req1", owner="team-b"))
+        assert (caught.value.status_code, caught.value.param) == (404, "response_id")
+    stored.admit(create("req2", owner="team-a", previous_response_id=f"resp_{REPLICA}req1"))
+    with pytest.raises(ResponseNotFoundError) as caught:
+        stored.admit(create("req3", owner="", previous_response_id=f"resp_{REPLICA}req1"))
+    assert caught.value.param == "previous_response_id"
+    assert len(stored) == 2  # req3 was refused before it was kept
+
+
+def test_the_oldest_response_is_dropped_past_the_bound_and_then_unknown() -> None:
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 2, forget=dropped.append)
+    for n in range(4):
+        stored.admit(create(f"req{n}"))
+    assert dropped == [f"resp_{REPLICA}req0", f"resp_{REPLICA}req1"]
+    assert len(stored) == 2
+    with pytest.raises(ResponseNotFoundError):
+        stored.check(named("responses_retrieve", f"resp_{REPLICA}req0"))
+    stored.check(named("responses_retrieve", f"resp_{REPLICA}req3"))
+
+
+@pytest.mark.parametrize("size, body", [(10, {"store": False}), (0, {})], ids=["store-false", "keeps-none"])
+def test_a_response_not_stored_is_not_kept(size: int, body: dict[str, object]) -> None:
+    stored = StoredResponses(REPLICA, size, forget=lambda _: None)
+    assert stored.admit(create("req1", **body)).request_id == REPLICA + "req1"
+    assert len(stored) == 0
+    with pytest.raises(ResponseNotFoundError):
+        stored.check(named("responses_retrieve", f"resp_{REPLICA}req1"))
+
+
+def test_other_endpoints_pass_unchanged() -> None:
+    stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
+    chat = EngineRequest("chat", {"model": "m", "messages": []}, "req1", "m")
+    assert stored.admit(chat) is chat
