@@ -204,3 +204,42 @@ def test_langchain_chat_openai_on_the_responses_api_invokes_and_streams(gateway:
         streamed += chunk
     assert streamed.text and len(chunks) > 2
     assert streamed.usage_metadata is not None and 1 <= streamed.usage_metadata["output_tokens"] <= 8
+
+
+CITY = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Lima"]},
+        "rank": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["city", "rank"],
+    "additionalProperties": False,
+}
+
+
+def test_text_format_json_schema_is_enforced(client: openai.OpenAI) -> None:
+    response = client.responses.create(
+        model=VLLM_MODEL, input="Give a city as JSON", max_output_tokens=200, temperature=0,
+        text={"format": {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}},
+    )
+    answer = json.loads(response.output_text)
+    assert set(answer) == {"city", "rank"} and answer["city"] in ("Paris", "Rome", "Lima")
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "name": "get_weather"}, "required"], ids=["named", "required"])
+def test_a_forced_tool_call_comes_back_as_a_function_call_item(client: openai.OpenAI, tool_choice: object) -> None:
+    weather = {
+        "type": "function", "name": "get_weather", "description": "Weather in a city", "strict": True,
+        "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+            "required": ["city"], "additionalProperties": False,
+        },
+    }
+    response = client.responses.create(
+        model=VLLM_MODEL, input="Weather in Paris?", tools=[weather],  # type: ignore[list-item]
+        tool_choice=tool_choice, max_output_tokens=200, temperature=0,  # type: ignore[arg-type]
+    )
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    arguments = json.loads(calls[0].arguments)
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
