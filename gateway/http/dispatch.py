@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import Request
@@ -33,7 +33,14 @@ from gateway.http.auth import api_key
 from gateway.http.gather import Gatherer
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
-from gateway.http.relay import RelayedStream, RelayResponse, ReplicaRelay, RunningReplica, StreamCutError
+from gateway.http.relay import (
+    BACKGROUND_OUTCOME_S,
+    RelayedStream,
+    RelayResponse,
+    ReplicaRelay,
+    RunningReplica,
+    StreamCutError,
+)
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
@@ -43,12 +50,6 @@ from gateway.routing.table import Route, RouteTable
 logger = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-gateway-variant"
-# A background response would go on generating after its answer, unseen by
-# the key's token limits and the gateway's metrics.
-_NO_BACKGROUND = (
-    "Background responses are not served by this gateway: send the request without "
-    "`background` (with `stream` to see the output as it is made)."
-)
 
 # The model kinds (gateway.config.ENGINE_KINDS) each endpoint can be answered by.
 ENDPOINT_KINDS: dict[str, frozenset[str]] = {
@@ -211,8 +212,6 @@ class ModelDispatcher:
         self._check_kind(endpoint, name, route)
         owner = api.id if api is not None else ""
         replica = None
-        if isinstance(envelope, ResponsesEnvelope) and envelope.background:
-            raise InvalidRequestError(_NO_BACKGROUND, param="background")
         if isinstance(envelope, ResponsesEnvelope) and envelope.previous_response_id is not None:
             # Only the replica that stores the earlier response can continue it.
             route, replica = await self._holder(name, envelope.previous_response_id, "previous_response_id")
@@ -242,9 +241,10 @@ class ModelDispatcher:
             if admission is not None:
                 admission.settle(None if stream else Outcome())
             raise
-        if admission is not None and not stream and record.outcome is not None:
+        if admission is not None and not stream and record.outcome is not None and not _background(endpoint, body):
             admission.settle(record.outcome)
-        # Otherwise the stream's end, or an abandoned call's replica, settles it.
+        # Otherwise the stream's end, an abandoned call's replica, or a
+        # background response's end settles it.
         return response
 
     async def _most_tokens(self, call: EngineRequest) -> int:
@@ -428,7 +428,8 @@ class ModelDispatcher:
         if handles.gather is not None:
             response = answer = handles.gather.submit(call)
         elif llm:
-            response = answer = asyncio.ensure_future(handles.relay.call(call, abandoned))
+            later = self._later(record, admission) if _background(call.endpoint, call.body) else None
+            response = answer = asyncio.ensure_future(handles.relay.call(call, abandoned, later))
             abandoned = None
         else:
             response = handles.unary.remote(call)
@@ -502,8 +503,21 @@ class ModelDispatcher:
 
         if admission is not None:
             stream.when_ended(admission.settle)  # also a stream the client left
+        if _background(call.endpoint, call.body):  # left early, it still generates to its end
+            stream.outcome_wait_s = BACKGROUND_OUTCOME_S
         relayed = self._relay(stream, call.endpoint, record, deadline, timeout)
         return RelayResponse(relayed, headers, closed=stream.close)
+
+    def _later(self, record: RequestRecord, admission: Admission | None) -> Callable[[Outcome | None], None]:
+        """What counts a background response's outcome, once its replica has finished it."""
+
+        def finished(outcome: Outcome | None) -> None:
+            if outcome is not None:
+                self._metrics.answered(record.model, record.variant, outcome, record.key)
+            if admission is not None:
+                admission.settle(outcome)
+
+        return finished
 
     def _answered(self, record: RequestRecord, outcome: Outcome) -> None:
         record.outcome = outcome
@@ -553,6 +567,12 @@ class ModelDispatcher:
 
     def _error(self, exc: BaseException) -> GatewayError:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
+
+
+def _background(endpoint: Endpoint, body: dict[str, Any]) -> bool:
+    """Whether ``body`` asks for a background response (Responses API): one
+    generated on after its answer, to be retrieved later."""
+    return endpoint == "responses" and body.get("background") is True
 
 
 def _retrieve_query(request: Request) -> dict[str, Any]:

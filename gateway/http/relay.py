@@ -173,8 +173,10 @@ class StreamCutError(ConnectionError):
     """The replica's stream ended without its end mark: the replica failed mid-stream."""
 
 
-# How long an abandoned request's replica gets to report what it generated.
+# How long an abandoned request's replica gets to report what it generated;
+# a background response's, what it generates until it ends.
 ABANDONED_OUTCOME_S = 5.0
+BACKGROUND_OUTCOME_S = 3600.0
 _background: set[asyncio.Task[None]] = set()
 
 
@@ -185,15 +187,21 @@ def _in_background(coro: Any) -> None:
 
 
 async def _outcome_after(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, then: Callable[[Outcome | None], None]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    then: Callable[[Outcome | None], None],
+    wait_s: float = ABANDONED_OUTCOME_S,
+    read: bytes | None = None,
 ) -> None:
-    """Reads what is left of an abandoned request's answer, up to its outcome;
-    ``then`` gets it (None: the replica did not say in time)."""
+    """Reads what is left of an answer, up to its outcome (after ``read``, the
+    bytes past its ``END`` already read, if it was); ``then`` gets it (None:
+    the replica did not say within ``wait_s``)."""
     outcome = None
     try:
-        data = await asyncio.wait_for(reader.read(), ABANDONED_OUTCOME_S)
-        end = data.find(relay.END)
-        if end >= 0:
+        data = await asyncio.wait_for(reader.read(), wait_s)
+        if read is not None:
+            outcome = relay.decode_outcome(read + data)
+        elif (end := data.find(relay.END)) >= 0:
             outcome = relay.decode_outcome(data[end + 1 :])
     except (OSError, asyncio.TimeoutError, ValueError):
         pass
@@ -203,17 +211,34 @@ async def _outcome_after(
 
 
 def _abandon(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, then: Callable[[Outcome | None], None]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    then: Callable[[Outcome | None], None],
+    wait_s: float = ABANDONED_OUTCOME_S,
 ) -> None:
     """Tells the replica the caller left (half-closing the connection: the
-    engine request is aborted) and hands ``then`` what it generated."""
+    engine request is aborted, unless it runs in the background) and hands
+    ``then`` what it generated."""
     try:
         writer.write_eof()
     except OSError:
         writer.close()
         then(None)
         return
-    _in_background(_outcome_after(reader, writer, then))
+    _in_background(_outcome_after(reader, writer, then, wait_s))
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes | None]:
+    """A whole answer's body, and what followed its ``END`` so far (None:
+    the connection closed before ``END``)."""
+    parts: list[bytes] = []
+    while data := await reader.read(READ_BYTES):
+        end = data.find(relay.END)
+        if end >= 0:
+            parts.append(data[:end])
+            return b"".join(parts), data[end + 1 :]
+        parts.append(data)
+    return b"".join(parts), None
 
 
 class RelayedStream:
@@ -232,6 +257,8 @@ class RelayedStream:
         self._closed = False
         self._cut = False
         self._ended: Callable[[Outcome | None], None] | None = None
+        # How long the outcome of a stream left early is waited for.
+        self.outcome_wait_s = ABANDONED_OUTCOME_S
 
     def when_ended(self, ended: Callable[[Outcome | None], None]) -> None:
         self._ended = ended
@@ -270,7 +297,7 @@ class RelayedStream:
         ended, self._ended = self._ended, None
         if ended is not None and self.outcome is None and not self._cut:
             # Left early: half-close, so the replica still says what it generated.
-            _abandon(self._reader, self._writer, ended)
+            _abandon(self._reader, self._writer, ended, self.outcome_wait_s)
             return
         self._writer.close()
         if ended is not None:
@@ -316,12 +343,18 @@ class ReplicaRelay:
         raise ServiceUnavailableError(_UNAVAILABLE)
 
     async def call(
-        self, call: EngineRequest, abandoned: Callable[[Outcome | None], None] | None = None
+        self,
+        call: EngineRequest,
+        abandoned: Callable[[Outcome | None], None] | None = None,
+        later: Callable[[Outcome | None], None] | None = None,
     ) -> Reply:
         """A non-streaming answer: the body and its outcome.
 
         Raises as ``open`` does. Cancelling it aborts the engine request;
         ``abandoned`` then gets what the request generated (None: unknown).
+        With ``later`` (a background response: generated after its answer),
+        the body comes back as soon as it is there, with an empty outcome, and
+        ``later`` gets the outcome once the replica has finished.
         """
         for _ in range(ATTEMPTS):
             address = self._admit(await self._pick(call))
@@ -330,7 +363,13 @@ class ReplicaRelay:
                 reader, writer = await _request(call, address, abandoned=abandoned)
                 handed_off = False
                 try:
-                    data = await reader.read()  # the replica closes after the outcome
+                    body, rest = await _read_answer(reader)
+                    if rest is not None and later is not None:
+                        _in_background(_outcome_after(reader, writer, later, BACKGROUND_OUTCOME_S, rest))
+                        handed_off = True
+                        return Reply(body, Outcome())
+                    if rest is not None:
+                        rest += await reader.read()  # the replica closes after the outcome
                 except asyncio.CancelledError:
                     if abandoned is not None:
                         _abandon(reader, writer, abandoned)  # it closes the connection
@@ -344,10 +383,9 @@ class ReplicaRelay:
                 continue
             finally:
                 self._done(address)
-            end = data.find(relay.END)
-            if end < 0:
+            if rest is None:
                 raise ServiceUnavailableError("The model stopped while serving the request.")
-            return Reply(data[:end], relay.decode_outcome(data[end + 1 :]))
+            return Reply(body, relay.decode_outcome(rest))
         raise ServiceUnavailableError(_UNAVAILABLE)
 
     async def most_tokens(self, call: EngineRequest) -> int:

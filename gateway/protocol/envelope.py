@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class StreamOptions(BaseModel):
@@ -55,7 +64,6 @@ class ResponsesEnvelope(ModelEnvelope):
 
     stream: StrictBool | None = False
     previous_response_id: StrictStr | None = None
-    background: StrictBool | None = False
 
 
 class MessagesMetadata(BaseModel):

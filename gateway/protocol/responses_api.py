@@ -30,9 +30,15 @@ class ResponseCreateRequest(BaseModel):
         None, description="Keep the response (the default) for `GET /v1/responses/{id}` and `previous_response_id`."
     )
     previous_response_id: str | None = Field(
-        None, description="Continue the conversation of a stored response: answered by the variant and replica that keep it."
+        None,
+        description="Continue the conversation of a stored response: answered by the variant and replica "
+        "that keep it.",
     )
-    background: bool | None = Field(None, description="Not served by this gateway: `true` is refused (400).")
+    background: bool | None = Field(
+        None,
+        description="Answer at once (`queued`) and generate on: `GET /v1/responses/{id}` retrieves it "
+        "(with `stream=true`, its events), `POST /v1/responses/{id}/cancel` stops it.",
+    )
     user: str | None = Field(None, description="Also the cohort key of sticky A/B routing.")
     metadata: dict[str, str] | None = None
 

@@ -214,7 +214,15 @@ async def _answer_whole(
         await _error(writer, InternalServerError("The model failed while serving the request."))
         return
     head = relay.response_head(200, "application/json")
-    writer.write(head + reply.body + relay.END + relay.encode_outcome(reply.outcome))
+    if tally.continues is None:
+        writer.write(head + reply.body + relay.END + relay.encode_outcome(reply.outcome))
+        await writer.drain()
+        return
+    # Answered, generating on (a background response): the outcome once done.
+    writer.write(head + reply.body + relay.END)
+    await writer.drain()
+    await asyncio.gather(asyncio.shield(tally.continues), return_exceptions=True)
+    writer.write(relay.encode_outcome(tally.outcome()))
     await writer.drain()
 
 

@@ -143,9 +143,11 @@ class LLMServer:
         result = await self._engine.generate(request, tally)
         if isinstance(result, bytes):
             raise TypeError("engine returned a body for a streaming request")
-        return self._counted(result), tally.outcome
+        return self._counted(result, tally), tally.outcome
 
-    async def _counted(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def _counted(self, frames: AsyncIterator[bytes], tally: GenerationTally) -> AsyncIterator[bytes]:
+        """The frames; once they end, or are left, also whatever generation goes
+        on after them (a background response's), so that the outcome is whole."""
         self._active_streams += 1
         try:
             async for frame in frames:
@@ -155,6 +157,8 @@ class LLMServer:
             aclose: Any = getattr(frames, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if tally.continues is not None:
+                await asyncio.gather(asyncio.shield(tally.continues), return_exceptions=True)
 
     async def most_tokens(self, request: EngineRequest) -> int:
         """The prompt's tokens plus the most ``request`` may generate (``relay.COUNT``)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_left
+from typing import Any
 
 from gateway.metrics.families import ITL_BUCKETS
 from gateway.protocol.engine import Outcome
@@ -16,13 +18,16 @@ class GenerationTally:
     replica received the request, the origin of the time to first token.
     """
 
-    __slots__ = ("started", "prompt_tokens", "completion_tokens", "first_token_s", "_gaps", "_gap_sum")
+    __slots__ = ("started", "prompt_tokens", "completion_tokens", "first_token_s", "continues", "_gaps", "_gap_sum")
 
     def __init__(self, started: float | None = None) -> None:
         self.started = time.time() if started is None else started
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.first_token_s: float | None = None
+        # Set by an engine whose generation goes on after it has answered (a
+        # background response): done when the tally is complete.
+        self.continues: asyncio.Future[Any] | None = None
         self._gaps: list[int] | None = None  # tokens per inter-token bucket, once one came
         self._gap_sum = 0.0
 

@@ -14,6 +14,7 @@ One deliberate difference from ``vllm serve``: a request whose prompt plus
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -191,9 +192,18 @@ class VLLMEngine:
             return await self._stored(request, tally)
         token = _TALLY.set(tally)
         try:
-            _, result = await self._served(request, lambda parsed, create: create(parsed, None))
+            parsed, result = await self._served(request, lambda parsed, create: create(parsed, None))
         finally:
             _TALLY.reset(token)
+        if request.endpoint == "responses" and parsed.background:
+            # vLLM generates in a task of its own, begun with this tally set:
+            # the tally is complete once that task is done.
+            task = tally.continues = self._responses.background_tasks.get(parsed.request_id)
+            # Its events are read from where that task puts them, once it has begun.
+            while parsed.stream and task is not None and not task.done():
+                if parsed.request_id in self._responses.event_store:
+                    break
+                await asyncio.sleep(0)
         if hasattr(result, "model_dump_json"):
             # Anthropic's shapes leave out what is unset, as vLLM's own server sends them.
             return result.model_dump_json(exclude_none=request.endpoint.startswith("messages")).encode()

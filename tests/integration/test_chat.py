@@ -145,17 +145,19 @@ def test_stop_sequence_ends_the_answer(client: openai.OpenAI, stream: bool) -> N
     assert finish[0] == "stop"
 
 
+CITY = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Lima"]},
+        "rank": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["city", "rank"],
+    "additionalProperties": False,
+}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_response_format_is_enforced(client: openai.OpenAI, stream: bool) -> None:
-    schema = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "enum": ["Paris", "Rome", "Lima"]},
-            "rank": {"type": "integer", "minimum": 0, "maximum": 9},
-        },
-        "required": ["city", "rank"],
-        "additionalProperties": False,
-    }
     texts, finish, _ = chat(
         client,
         stream,
@@ -163,7 +165,7 @@ def test_json_schema_response_format_is_enforced(client: openai.OpenAI, stream: 
         messages=[{"role": "user", "content": "Give a city as JSON"}],
         max_tokens=200,
         temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}},
     )
     assert finish[0] == "stop"
     answer = json.loads(texts[0])

@@ -12,8 +12,8 @@ import copy
 import json
 import random
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import anthropic
 import httpx
@@ -25,6 +25,7 @@ from tests.integration.conftest import ACCESS_LOG, TEST_CONFIG, VLLM_MODEL, Gate
 
 CHAT = "/v1/chat/completions"
 WORDS = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens on the echo engine
+T = TypeVar("T")
 KEYS = ("full", "scoped", "rpm", "tpm", "quota", "cancel", "vllm", "vllm-left", "revoked")
 
 
@@ -208,38 +209,68 @@ async def test_vllm_token_limit_reserves_the_models_own_prompt_count(
     assert settled == answer.usage.total_tokens
 
 
+async def charged(gateway: Gateway, secret: str, ask: Callable[[], Awaitable[tuple[T, Any]]]) -> tuple[int, int, T]:
+    """Sends a request with the key ``secret`` once none of its requests is in
+    flight (``ask``: the answer and its headers); returns the tokens reserved
+    for it, the tokens charged once it was settled, and the answer."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secret)) as http:
+        start = (await settled(http))["usage"]["remaining_tokens"]
+        answer, headers = await ask()
+        after = (await settled(http))["usage"]["remaining_tokens"]
+    return start - int(headers["x-ratelimit-remaining-tokens"]), start - after, answer
+
+
 async def test_a_response_reserves_the_models_own_prompt_count_and_settles_its_usage(
     gateway: Gateway, secrets: dict[str, str]
 ) -> None:
     async with openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0) as sdk:
-        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secrets["vllm"])) as http:
-            start = (await settled(http))["usage"]["remaining_tokens"]
+
+        async def ask() -> tuple[Any, Any]:
             raw = await sdk.responses.with_raw_response.create(model=VLLM_MODEL, input="Hello there", max_output_tokens=5)
-            answer = raw.parse()
-            assert answer.usage is not None
-            # The reservation was the input, as vLLM renders and counts it, plus max_output_tokens.
-            assert start - int(raw.headers["x-ratelimit-remaining-tokens"]) == answer.usage.input_tokens + 5
-            after = (await settled(http))["usage"]["remaining_tokens"]
-    assert start - after == answer.usage.total_tokens  # settled with what was used
+            return raw.parse(), raw.headers
+
+        reserved, spent, answer = await charged(gateway, secrets["vllm"], ask)
+    # The reservation was the input, as vLLM renders and counts it, plus
+    # max_output_tokens; the charge, what was used.
+    assert (reserved, spent) == (answer.usage.input_tokens + 5, answer.usage.total_tokens)
 
 
 async def test_a_follow_up_reserves_the_whole_conversation_on_the_replica_that_keeps_it(
     gateway: Gateway, secrets: dict[str, str]
 ) -> None:
     async with openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0) as sdk:
-        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secrets["vllm"])) as http:
-            first = await sdk.responses.create(model=VLLM_MODEL, input="Hello there", max_output_tokens=3)
-            start = (await settled(http))["usage"]["remaining_tokens"]
+        first = await sdk.responses.create(model=VLLM_MODEL, input="Hello there", max_output_tokens=3)
+
+        async def ask() -> tuple[Any, Any]:
             raw = await sdk.responses.with_raw_response.create(
                 model=VLLM_MODEL, input="And then?", previous_response_id=first.id, max_output_tokens=3
             )
-            follow_up = raw.parse()
-            after = (await settled(http))["usage"]["remaining_tokens"]
-    assert follow_up.usage is not None and first.usage is not None
+            return raw.parse(), raw.headers
+
+        reserved, spent, follow_up = await charged(gateway, secrets["vllm"], ask)
+    assert first.usage is not None
     assert follow_up.usage.input_tokens > first.usage.total_tokens  # the earlier turn is in the prompt
     # Reserved: the prompt as the keeping replica renders it, earlier turn included, plus the budget.
-    assert start - int(raw.headers["x-ratelimit-remaining-tokens"]) == follow_up.usage.input_tokens + 3
-    assert start - after == follow_up.usage.total_tokens
+    assert (reserved, spent) == (follow_up.usage.input_tokens + 3, follow_up.usage.total_tokens)
+
+
+async def test_a_background_response_is_charged_what_it_generated_after_its_answer(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    async with openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0) as sdk:
+
+        async def ask() -> tuple[Any, Any]:
+            raw = await sdk.responses.with_raw_response.create(
+                model=VLLM_MODEL, input="Hello there", background=True, max_output_tokens=20,
+                extra_body={"ignore_eos": True},
+            )
+            return raw.parse(), raw.headers
+
+        _, spent, queued = await charged(gateway, secrets["vllm"], ask)  # in flight until generated
+        done = await sdk.responses.retrieve(queued.id)
+    assert queued.status in ("queued", "in_progress")
+    assert done.status == "incomplete" and done.usage is not None and done.usage.output_tokens == 20
+    assert spent == done.usage.total_tokens
 
 
 def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
@@ -255,6 +286,22 @@ def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
         with pytest.raises(openai.NotFoundError):
             theirs.responses.create(model="chat", input="four", previous_response_id=made.id)
         assert mine.responses.create(model="chat", input="four", previous_response_id=made.id).output_text == "four"
+
+
+async def test_a_message_reserves_the_models_own_prompt_count_and_settles_its_usage(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    ask_for = [{"role": "user", "content": "Hello there"}]
+    async with anthropic.AsyncAnthropic(base_url=gateway.base_url, api_key=secrets["vllm"], max_retries=0) as claude:
+
+        async def ask() -> tuple[Any, Any]:
+            raw = await claude.messages.with_raw_response.create(model=VLLM_MODEL, messages=ask_for, max_tokens=5)
+            return await raw.parse(), raw.headers
+
+        reserved, spent, message = await charged(gateway, secrets["vllm"], ask)
+    # Reserved: the prompt as vLLM renders Anthropic's messages, plus max_tokens; charged: what was used.
+    usage = message.usage
+    assert (reserved, spent) == (usage.input_tokens + 5, usage.input_tokens + usage.output_tokens)
 
 
 def test_anthropics_clients_send_their_key_as_x_api_key(gateway: Gateway, secrets: dict[str, str]) -> None:

@@ -1,7 +1,7 @@
 """Metrics, request ids and access logs, through two ingress replicas.
 
-A known mix of requests (answers, errors, streams, a hang-up, batched
-predicts, alias assignments) goes through the gateway; one scrape of
+A known mix of requests (answers, errors, streams of each LLM API, a
+hang-up, batched predicts, alias assignments) goes through the gateway; one scrape of
 /metrics must then show exactly that mix, summed over both ingress replicas.
 """
 
@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -107,6 +108,14 @@ async def test_one_scrape_shows_exactly_the_mix_sent_through_both_replicas(
         )
         usages += [chunk.usage async for chunk in stream if chunk.usage is not None]
     assert len(usages) == 5
+    # A streamed response and a streamed message count the same way.
+    events = await async_client.responses.create(model=VLLM_MODEL, input="Hello there", max_output_tokens=5, stream=True)
+    finals = [e.response.usage async for e in events if e.type in ("response.completed", "response.incomplete")]
+    async with anthropic.AsyncAnthropic(base_url=gateway.base_url, api_key="unused", max_retries=0) as claude:
+        async with claude.messages.stream(model=VLLM_MODEL, messages=HELLO, max_tokens=5) as message_stream:
+            message = await message_stream.get_final_message()
+    other_prompt = finals[0].input_tokens + message.usage.input_tokens
+    other_completion = finals[0].output_tokens + message.usage.output_tokens
 
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
         too_long = {"model": "echo", "messages": HELLO, "max_tokens": 10_000}
@@ -127,8 +136,8 @@ async def test_one_scrape_shows_exactly_the_mix_sent_through_both_replicas(
         ]
     variants = Counter(r.json()["model"] for r in routed)
 
-    prompt = sum(u.prompt_tokens for u in usages)
-    completion = sum(u.completion_tokens for u in usages)
+    prompt = sum(u.prompt_tokens for u in usages) + other_prompt
+    completion = sum(u.completion_tokens for u in usages) + other_completion
     vllm = {"model": VLLM_MODEL, "variant": VLLM_MODEL}
 
     def expected(now: Samples) -> dict[str, tuple[float, float]]:
@@ -142,8 +151,13 @@ async def test_one_scrape_shows_exactly_the_mix_sent_through_both_replicas(
             "alias": (d("llm_gateway_requests_total", route=CHAT, model="chat", status="200"), 6),
             "prompt tokens": (d("llm_gateway_tokens_total", kind="prompt", **vllm), prompt),
             "completion tokens": (d("llm_gateway_tokens_total", kind="completion", **vllm), completion),
-            "ttft": (d("llm_gateway_time_to_first_token_seconds_count", **vllm), 5),
-            "itl": (d("llm_gateway_inter_token_latency_seconds_count", **vllm), completion - 5),
+            "other apis": (
+                d("llm_gateway_requests_total", route="/v1/responses", status="200", **vllm)
+                + d("llm_gateway_requests_total", route="/v1/messages", status="200", **vllm),
+                2,
+            ),
+            "ttft": (d("llm_gateway_time_to_first_token_seconds_count", **vllm), 7),
+            "itl": (d("llm_gateway_inter_token_latency_seconds_count", **vllm), completion - 7),
             "durations": (d("llm_gateway_request_duration_seconds_count", route=CHAT, **vllm), 5),
             "batched requests": (d("llm_gateway_batch_size_sum", model="iris"), 12),
             "in flight": (total(now, "llm_gateway_in_flight_requests"), 0),

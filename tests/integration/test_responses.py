@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from tests.integration.conftest import ACCESS_LOG, VLLM_CONTEXT, VLLM_MODEL, Gateway
-from tests.integration.test_streaming import tokens_after_leaving
+from tests.integration.test_chat import CITY
+from tests.integration.test_streaming import settled_generated_tokens, tokens_after_leaving, wait_idle
 
 PROMPT = "Tell me about the harbour"
 
@@ -94,8 +95,6 @@ def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:
     assert (status, body["code"]) == (400, "context_length_exceeded")  # before the stream starts
     status, body = error({"model": "iris", "input": PROMPT})
     assert (status, body["code"], body["param"]) == (404, "model_not_supported", "model")
-    status, body = error({"model": VLLM_MODEL, "input": PROMPT, "background": True})
-    assert (status, body["param"]) == (400, "background")
     status, body = error({"model": "minilm", "input": PROMPT})
     assert (status, body["code"]) == (404, "model_not_supported")
     status, body = error({"model": "no-such-model", "input": PROMPT})
@@ -139,10 +138,11 @@ def test_unknown_or_unstored_responses_are_a_clear_404(client: openai.OpenAI, ht
         with pytest.raises(openai.NotFoundError) as caught:
             client.responses.retrieve(response_id)
         assert caught.value.body["code"] == "response_not_found"  # type: ignore[index]
-        answer = http.post("/v1/responses", json={"model": VLLM_MODEL, "input": "and?", "previous_response_id": response_id})
-        assert answer.status_code == 404
-        assert (answer.json()["error"]["code"], answer.json()["error"]["param"]) == ("response_not_found", "previous_response_id")
-    # Only background responses can be cancelled; this gateway runs none.
+        follow_up = {"model": VLLM_MODEL, "input": "and?", "previous_response_id": response_id}
+        answer = http.post("/v1/responses", json=follow_up)
+        error = answer.json()["error"]
+        assert (answer.status_code, error["code"], error["param"]) == (404, "response_not_found", "previous_response_id")
+    # Only background responses can be cancelled, and only until they finish.
     kept = client.responses.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.responses.cancel(kept.id)
@@ -206,17 +206,6 @@ def test_langchain_chat_openai_on_the_responses_api_invokes_and_streams(gateway:
     assert streamed.usage_metadata is not None and 1 <= streamed.usage_metadata["output_tokens"] <= 8
 
 
-CITY = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "enum": ["Paris", "Rome", "Lima"]},
-        "rank": {"type": "integer", "minimum": 0, "maximum": 9},
-    },
-    "required": ["city", "rank"],
-    "additionalProperties": False,
-}
-
-
 def test_text_format_json_schema_is_enforced(client: openai.OpenAI) -> None:
     response = client.responses.create(
         model=VLLM_MODEL, input="Give a city as JSON", max_output_tokens=200, temperature=0,
@@ -226,7 +215,9 @@ def test_text_format_json_schema_is_enforced(client: openai.OpenAI) -> None:
     assert set(answer) == {"city", "rank"} and answer["city"] in ("Paris", "Rome", "Lima")
 
 
-@pytest.mark.parametrize("tool_choice", [{"type": "function", "name": "get_weather"}, "required"], ids=["named", "required"])
+@pytest.mark.parametrize(
+    "tool_choice", [{"type": "function", "name": "get_weather"}, "required"], ids=["named", "required"]
+)
 def test_a_forced_tool_call_comes_back_as_a_function_call_item(client: openai.OpenAI, tool_choice: object) -> None:
     weather = {
         "type": "function", "name": "get_weather", "description": "Weather in a city", "strict": True,
@@ -243,3 +234,58 @@ def test_a_forced_tool_call_comes_back_as_a_function_call_item(client: openai.Op
     assert len(calls) == 1 and calls[0].name == "get_weather"
     arguments = json.loads(calls[0].arguments)
     assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+
+
+def finished(client: openai.OpenAI, response_id: str, within_s: float = 60) -> openai.types.responses.Response:
+    deadline = time.monotonic() + within_s
+    while (kept := client.responses.retrieve(response_id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, f"{response_id} still {kept.status}"
+        time.sleep(0.1)
+    return kept
+
+
+def test_a_background_response_is_answered_at_once_and_generated_on(client: openai.OpenAI) -> None:
+    queued = client.responses.create(
+        model="vllm-alias", input=PROMPT, background=True, max_output_tokens=64, extra_body={"ignore_eos": True}
+    )
+    assert queued.status in ("queued", "in_progress") and queued.background
+    done = finished(client, queued.id)
+    assert (done.status, done.model) == ("incomplete", VLLM_MODEL)  # all 64 tokens: ignore_eos
+    assert done.usage is not None and done.usage.output_tokens == 64 and done.output_text
+    follow_up = client.responses.create(model="vllm-alias", input="And?", previous_response_id=done.id, max_output_tokens=2)
+    assert follow_up.usage is not None and follow_up.usage.input_tokens > done.usage.total_tokens
+
+
+async def test_cancelling_a_background_response_stops_its_engine_request(client: openai.OpenAI, gateway: Gateway) -> None:
+    before = await settled_generated_tokens(gateway)
+    queued = await asyncio.to_thread(
+        client.responses.create, model=VLLM_MODEL, input=PROMPT, background=True, max_output_tokens=480,
+        extra_body={"ignore_eos": True},
+    )
+    cancelled = await asyncio.to_thread(client.responses.cancel, queued.id)
+    assert cancelled.status == "cancelled"
+    assert await wait_idle(gateway, 30) == 0
+    assert (await asyncio.to_thread(client.responses.retrieve, queued.id)).status == "cancelled"
+    assert await settled_generated_tokens(gateway) - before < 480 // 2
+
+
+def test_a_background_stream_left_early_generates_to_its_end_and_can_be_read_again(client: openai.OpenAI) -> None:
+    stream = client.responses.create(
+        model=VLLM_MODEL, input=PROMPT, background=True, stream=True, max_output_tokens=40,
+        extra_body={"ignore_eos": True},
+    )
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break  # the client leaves; the response goes on
+    stream.close()
+    assert seen[0].type == "response.created", seen[0]
+    response_id = seen[0].response.id
+    done = finished(client, response_id)
+    assert done.usage is not None and done.usage.output_tokens == 40
+    again = list(client.responses.retrieve(response_id, stream=True, starting_after=len(seen) - 1))
+    assert again[0].sequence_number == len(seen) and again[-1].type in ("response.completed", "response.incomplete")
+    first_delta = [event.delta for event in seen if event.type == "response.output_text.delta"]
+    rest = [event.delta for event in again if event.type == "response.output_text.delta"]
+    assert "".join(first_delta + rest) == done.output_text

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import httpx
 import openai
+import pytest
 from scipy.stats import chisquare
 
 from tests.integration.conftest import ECHO_CONTEXT, TEST_CONFIG, VLLM_MODEL, Gateway
@@ -231,13 +232,25 @@ def serve_apps() -> set[str]:
     return set(serve.status().applications)
 
 
-async def test_fallback_serves_what_the_full_variant_cannot(gateway: Gateway) -> None:
+# Each API's streaming request and how the last event of its stream begins.
+STREAMS = {
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a b c d e"}]}, "data: [DONE]"),
+    "responses": ("/v1/responses", {"input": "a b c d e"}, "event: response.completed\n"),
+    "messages": (
+        "/v1/messages", {"messages": [{"role": "user", "content": "a b c d e"}], "max_tokens": 8}, "event: message_stop\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("api", list(STREAMS))
+async def test_fallback_serves_what_the_full_variant_cannot(gateway: Gateway, api: str) -> None:
     # echo-narrow takes one request and queues one; the rest would be 503 without fallback.
-    body = {"model": "fb", "messages": [{"role": "user", "content": "a b c d e"}], "stream": True}
+    path, fields, end = STREAMS[api]
+    body = {"model": "fb", "stream": True, **fields}
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as session:
 
         async def one() -> tuple[int, str, str]:
-            response = await session.post("/v1/chat/completions", json=body)
+            response = await session.post(path, json=body)
             return response.status_code, response.headers.get(VARIANT, ""), response.text
 
         results = await asyncio.gather(*(one() for _ in range(6)))
@@ -245,7 +258,7 @@ async def test_fallback_serves_what_the_full_variant_cannot(gateway: Gateway) ->
     served_by = Counter(variant for _, variant, _ in results)
     assert served_by["echo"] >= 1, served_by  # the overflow went to the next variant
     for _, variant, text in results:
-        assert f'"model":"{variant}"' in text and text.endswith("data: [DONE]\n\n")
+        assert f'"model":"{variant}"' in text and text.strip().split("\n\n")[-1].startswith(end)
 
 
 async def test_shadow_copies_requests_without_touching_answers(
@@ -264,8 +277,13 @@ async def test_shadow_copies_requests_without_touching_answers(
     )
     streamed = [chunk.model async for chunk in stream]
     assert {a.model for a in answers} == {"echo"} and set(streamed) == {"echo"}
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as session:
+        for path, fields, _ in (STREAMS["responses"], STREAMS["messages"]):  # whole and streamed
+            for stream_it in (False, True):
+                answer = await session.post(path, json={"model": "mirrored", "stream": stream_it, **fields})
+                assert answer.status_code == 200 and answer.headers[VARIANT] == "echo"
     deadline = asyncio.get_running_loop().time() + 10
-    while (copies := await asyncio.to_thread(requests) - before) < 11:
+    while (copies := await asyncio.to_thread(requests) - before) < 15:
         assert asyncio.get_running_loop().time() < deadline, f"only {copies} shadow copies arrived"
         await asyncio.sleep(0.1)
-    assert copies == 11
+    assert copies == 15

@@ -24,6 +24,7 @@ from gateway.http.relay import RelayResponse, StreamCutError, ReplicaRelay
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from models.llm.relay import StreamServer
+from models.llm.tally import GenerationTally
 
 CALL = EngineRequest("chat", {"model": "m", "stream": True, "messages": []}, "req-1", "m")
 OUTCOME = Outcome(prompt_tokens=4, completion_tokens=3, first_token_s=0.02,
@@ -519,3 +520,34 @@ async def test_the_owner_travels_to_the_replica() -> None:
     stream = await ReplicaRelay(Router(await serve(opener))).open(EngineRequest("chat", CALL.body, "r", "m", owner="team-a"))
     [_ async for _ in stream.chunks()]
     assert [(request.owner, request.replica) for request in seen] == [("team-a", None)]
+
+
+async def test_a_background_answer_comes_at_once_and_its_outcome_once_generated() -> None:
+    """A background response: the body before the generation ends, the outcome after."""
+    generating = asyncio.Event()
+
+    async def answer(request: EngineRequest, tally: GenerationTally) -> Reply:
+        async def generate() -> None:
+            await generating.wait()
+            tally.prompt_tokens, tally.completion_tokens = 4, 9
+
+        tally.continues = asyncio.ensure_future(generate())
+        return Reply(b'{"status":"queued"}', tally.outcome())
+
+    async def no_streams(request: EngineRequest) -> Any:
+        raise AssertionError("a whole answer was asked for")
+
+    address = await StreamServer(no_streams, "127.0.0.1", answer=answer).start()
+    outcomes: list[Outcome | None] = []
+    ended = asyncio.Event()
+
+    def later(outcome: Outcome | None) -> None:
+        outcomes.append(outcome)
+        ended.set()
+
+    call = EngineRequest("responses", {"model": "m", "background": True}, "r", "m")
+    reply = await asyncio.wait_for(ReplicaRelay(Router(address)).call(call, later=later), timeout=2)
+    assert reply == Reply(b'{"status":"queued"}', Outcome()) and outcomes == []
+    generating.set()
+    await asyncio.wait_for(ended.wait(), timeout=2)
+    assert outcomes == [Outcome(prompt_tokens=4, completion_tokens=9)]
