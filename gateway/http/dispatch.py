@@ -318,21 +318,25 @@ class ModelDispatcher:
         ``response_id``, and that replica's id; 404 when none does (the id
         was not made here, or its replica has stopped)."""
         replica = relay.response_replica(response_id)
-        llms = [
-            model for model in self._routes.members(name)
-            if self._kinds.get(model, "llm") == "llm" and model in self._handles
-        ]
-        if replica is not None:
-            for model in llms:  # first among the replicas this ingress knows
-                if self._handles[model].relay.knows(replica):
-                    return self._routes.pinned(name, model), replica
-            for model in llms:
-                try:
-                    if await self._handles[model].relay.holds(replica):
-                        return self._routes.pinned(name, model), replica
-                except ServiceUnavailableError:
-                    continue  # no replica of it runs: none of them stores it
-        raise ResponseNotFoundError.for_id(response_id, param)
+        model = await self._holding(self._routes.members(name), replica) if replica is not None else None
+        if model is None or replica is None:
+            raise ResponseNotFoundError.for_id(response_id, param)
+        return self._routes.pinned(name, model), replica
+
+    async def _holding(self, models: list[str], replica: str) -> str | None:
+        """Which of ``models`` (LLMs among them) has the replica ``replica``:
+        first among the replicas this ingress knows, then asking Serve."""
+        llms = [model for model in models if self._kinds.get(model, "llm") == "llm" and model in self._handles]
+        for model in llms:
+            if self._handles[model].relay.knows(replica):
+                return model
+        for model in llms:
+            try:
+                if await self._handles[model].relay.holds(replica):
+                    return model
+            except ServiceUnavailableError:
+                continue  # no replica of it runs: none of them stores it
+        return None
 
     async def stored(self, endpoint: Endpoint, request: Request, response_id: str) -> Response:
         """``GET /v1/responses/{id}`` (``responses_retrieve``) or
@@ -344,24 +348,19 @@ class ModelDispatcher:
         else:
             await read_body(request, self._max_body_bytes, self._read_timeout_s)  # none is expected
         api = api_key(request)
-        models = [model for model in self._handles if api is None or api.allows(model)]
-        route, replica = None, None
-        for model in models:
-            try:
-                route, replica = await self._holder(model, response_id, "response_id")
-                break
-            except ResponseNotFoundError:
-                continue
-        if route is None:
+        replica = relay.response_replica(response_id)
+        allowed = [model for model in self._handles if api is None or api.allows(model)]
+        target = await self._holding(allowed, replica) if replica is not None else None
+        if target is None:
             raise ResponseNotFoundError.for_id(response_id, "response_id")
         stream = bool(body.get("stream"))
         record: RequestRecord = request.state.record
-        record.model = record.variant = route.target
+        record.model = record.variant = target
         record.stream = stream
-        admission = await admit(self.limiter, api, 0, route.target) if api is not None and api.limited else None
-        call = EngineRequest(endpoint, body, record.request_id, route.target, replica, api.id if api else "")
-        headers = {VARIANT_HEADER: route.target, **(admission.headers if admission is not None else {})}
-        handles = self._handles[route.target]
+        admission = await admit(self.limiter, api, 0, target) if api is not None and api.limited else None
+        call = EngineRequest(endpoint, body, record.request_id, target, replica, api.id if api else "")
+        headers = {VARIANT_HEADER: target, **(admission.headers if admission is not None else {})}
+        handles = self._handles[target]
         try:
             if stream:
                 response = await self._stream(handles, call, headers, record, admission, None)
