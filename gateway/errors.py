@@ -14,7 +14,7 @@
     │   └── ResponseNotFoundError         404 code=response_not_found
     ├── MethodNotAllowedError         405 invalid_request_error  code=method_not_allowed
     ├── RateLimitError                429 requests|tokens        code=rate_limit_exceeded
-    ├── NotImplementedFeatureError    501 invalid_request_error  code=not_implemented
+    ├── NotImplementedFeatureError    400 invalid_request_error  code=not_implemented
     ├── ServiceUnavailableError       503 service_unavailable    (Retry-After)
     │   └── OverloadedError               503 or 429 code=overloaded
     └── InternalServerError           500 server_error
@@ -248,9 +248,11 @@ class TokenRateLimitError(RateLimitError):
 
 
 class NotImplementedFeatureError(GatewayError):
-    """The request asks for something this model or engine does not support (501)."""
+    """The request asks for something this model or engine does not support:
+    the client's to change (400), not a server failure that a retry or
+    another variant (``fallback``) could mend."""
 
-    status = 501
+    status = 400
     type = "invalid_request_error"
     default_code = "not_implemented"
 

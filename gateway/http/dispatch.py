@@ -562,6 +562,8 @@ class ModelDispatcher:
             yield sse.stream_error(endpoint, error, sse.next_sequence_number(last))
             return
         if stream.outcome is not None:
+            if stream.outcome.error is not None:  # the model ended the stream with an error frame
+                record.error, record.late_status = stream.outcome.error, stream.outcome.error_status
             self._answered(record, stream.outcome)
 
     def _error(self, exc: BaseException) -> GatewayError:

@@ -56,7 +56,9 @@ class Outcome:
     (``llm_gateway_inter_token_latency_seconds``, ``+Inf`` last), the tokens
     whose gap fell in it, and ``inter_token_sum_s`` the gaps' sum; empty when
     no token followed another. ``batch_size`` is set on exactly one request
-    of each batch, so that each batch is counted once.
+    of each batch, so that each batch is counted once. ``error`` and
+    ``error_status`` name the error that ended a stream after its first
+    byte (its code and HTTP status), None for one that ended well.
     """
 
     prompt_tokens: int = 0
@@ -65,6 +67,8 @@ class Outcome:
     inter_token_counts: tuple[int, ...] = ()
     inter_token_sum_s: float = 0.0
     batch_size: int | None = None
+    error: str | None = None
+    error_status: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

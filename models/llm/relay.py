@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -176,11 +177,15 @@ class StreamServer:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
-        if not pump.cancelled() and pump.result() is False:
+        ended = None if pump.cancelled() else pump.result()
+        if ended is False:
             return  # the connection broke: nobody is left to tell
         # Also after a hang-up: an ingress that only half-closed its side still
         # reads what the aborted request generated (what its key is charged).
-        writer.write(relay.END + relay.encode_outcome(outcome()))
+        final = outcome()
+        if isinstance(ended, GatewayError) and final.error is None:  # raised, not sent by the engine
+            final = dataclasses.replace(final, error=ended.code, error_status=ended.status_code)
+        writer.write(relay.END + relay.encode_outcome(final))
         await writer.drain()
 
 
@@ -244,28 +249,33 @@ async def _count(count: Counter | None, request: EngineRequest, writer: asyncio.
     await writer.drain()
 
 
-async def _pump(frames: AsyncIterator[bytes], writer: asyncio.StreamWriter, request: EngineRequest) -> bool:
+async def _pump(
+    frames: AsyncIterator[bytes], writer: asyncio.StreamWriter, request: EngineRequest
+) -> GatewayError | bool:
     """Writes the frames as they come; an error mid-stream ends the stream the
-    endpoint's way (``gateway.sse.stream_error``). False when the connection broke."""
+    endpoint's way (``gateway.sse.stream_error``) and is returned. False when
+    the connection broke, True when the stream ended well."""
     transport = writer.transport
+    failed: GatewayError
     try:
         async for frame in frames:
             writer.write(frame)
             if transport.get_write_buffer_size() > HIGH_WATER:
                 await writer.drain()
+        return True
     except GatewayError as error:
-        writer.write(sse.stream_error(request.endpoint, error))
+        failed = error
     except ConnectionError:
         return False
     except Exception:
         logger.exception("request %s: stream failed after its first byte", request.request_id)
         failed = InternalServerError("The model failed while serving the request.")
-        writer.write(sse.stream_error(request.endpoint, failed))
     finally:
         aclose: Any = getattr(frames, "aclose", None)
         if aclose is not None:
             await aclose()  # aborts the engine request if it had not ended
-    return True
+    writer.write(sse.stream_error(request.endpoint, failed))
+    return failed
 
 
 async def _error(writer: asyncio.StreamWriter, error: GatewayError) -> None:

@@ -18,7 +18,9 @@ class GenerationTally:
     replica received the request, the origin of the time to first token.
     """
 
-    __slots__ = ("started", "prompt_tokens", "completion_tokens", "first_token_s", "continues", "_gaps", "_gap_sum")
+    __slots__ = (
+        "started", "prompt_tokens", "completion_tokens", "first_token_s", "continues", "error", "_gaps", "_gap_sum"
+    )
 
     def __init__(self, started: float | None = None) -> None:
         self.started = time.time() if started is None else started
@@ -28,6 +30,8 @@ class GenerationTally:
         # Set by an engine whose generation goes on after it has answered (a
         # background response): done when the tally is complete.
         self.continues: asyncio.Future[Any] | None = None
+        # The error that ended the answer after its first byte: its code and status.
+        self.error: tuple[str, int] | None = None
         self._gaps: list[int] | None = None  # tokens per inter-token bucket, once one came
         self._gap_sum = 0.0
 
@@ -54,4 +58,11 @@ class GenerationTally:
             first_token_s=self.first_token_s,
             inter_token_counts=tuple(self._gaps or ()),
             inter_token_sum_s=self._gap_sum,
+            error=self.error[0] if self.error is not None else None,
+            error_status=self.error[1] if self.error is not None else None,
         )
+
+    def failed(self, code: str | None, status: int) -> None:
+        """The answer ended with an error after its first byte (the first one counts)."""
+        if self.error is None:
+            self.error = (code or "error", status)

@@ -32,6 +32,7 @@ from gateway.errors import (
     InternalServerError,
     InvalidRequestError,
     ModelNotFoundError,
+    ModelNotSupportedError,
     NotImplementedFeatureError,
     ResponseNotFoundError,
     ServiceUnavailableError,
@@ -210,15 +211,15 @@ class VLLMEngine:
         if request.endpoint == "responses":
             return _events(result, tally)
         if request.endpoint == "messages":
-            return _named_events(result)
-        return _frames(result, self.dead)
+            return _named_events(result, tally)
+        return _frames(result, self.dead, tally)
 
     async def _stored(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """A stored response (``GET /v1/responses/{id}``; with ``stream``, a
         background response's events from ``starting_after`` on), or one cancelled."""
         serving = self._responses
         if serving is None:
-            raise NotImplementedFeatureError(f"{self._config.name} does not serve the Responses API.")
+            raise ModelNotSupportedError(f"The model `{self._config.name}` does not serve the Responses API.", param="model")
         body = request.body
         response_id = str(body["response_id"])
         try:
@@ -244,7 +245,7 @@ class VLLMEngine:
         request and the result."""
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
-            raise NotImplementedFeatureError(f"{self._config.name} does not serve this endpoint.")
+            raise ModelNotSupportedError(f"The model `{self._config.name}` does not serve this endpoint.", param="model")
         schema, create, prompt_param = endpoint
         try:
             parsed = schema.model_validate(_with_request_id(request))
@@ -489,29 +490,39 @@ async def _events(stream: AsyncIterator[Any], tally: GenerationTally) -> AsyncIt
     try:
         async for event in stream:
             sequence = getattr(event, "sequence_number", sequence)
+            if event.type == "error":  # vLLM's own error event
+                tally.failed(getattr(event, "code", None), 500)
             data = event.model_dump_json(indent=None, by_alias=True).encode()
             yield b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n"
-    except GatewayError as error:
-        yield sse.responses_error_event(error.to_dict(), sequence + 1)
     except Exception as exc:  # noqa: BLE001 - vLLM's failures mid-stream, as it reports them
-        yield sse.responses_error_event(translate_exception(exc, "input").to_dict(), sequence + 1)
+        error = exc if isinstance(exc, GatewayError) else translate_exception(exc, "input")
+        tally.failed(error.code, error.status_code)
+        yield sse.responses_error_event(error.to_dict(), sequence + 1)
 
 
-async def _named_events(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:
+async def _named_events(stream: AsyncIterator[str], tally: GenerationTally) -> AsyncIterator[bytes]:
     """vLLM's Anthropic Messages events (``event:`` and ``data:`` lines, ready
-    made, its own ``error`` event included), as bytes."""
+    made, its own ``error`` event included, which ``tally`` records), as bytes."""
     async for text in stream:
+        if text.startswith("event: error\n"):
+            kind = str(json.loads(text.split("data: ", 1)[1]).get("error", {}).get("type", "api_error"))
+            tally.failed(kind, 400 if kind == "invalid_request_error" else 500)
         yield text.encode()
 
 
-async def _frames(stream: AsyncIterator[str], dead: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
-    """vLLM's SSE strings as bytes, its error frames put in the gateway's shape;
-    one that comes as the engine dies (``dead``) says so: 503, retry shortly."""
+async def _frames(
+    stream: AsyncIterator[str], dead: Callable[[], bool] = lambda: False, tally: GenerationTally | None = None
+) -> AsyncIterator[bytes]:
+    """vLLM's SSE strings as bytes, its error frames put in the gateway's shape
+    (and recorded in ``tally``); one that comes as the engine dies (``dead``)
+    says so: 503, retry shortly."""
     async for text in stream:
         frame = text.encode()
         if frame.startswith(_ERROR_PREFIX):
             envelope = json.loads(frame[len(b"data: ") :])
             error = ServiceUnavailableError(ENGINE_DEAD) if dead() else translate_error(envelope)
+            if tally is not None:
+                tally.failed(error.code, error.status_code)
             yield sse.frame(error.to_dict())
             continue
         yield frame

@@ -21,6 +21,7 @@ import httpx
 import psutil
 
 from tests.integration.conftest import VLLM_MODEL, Gateway
+from tests.integration.test_messages import access_line
 from tests.integration.test_routing import replica_process
 
 CHAT = "/v1/chat/completions"
@@ -48,6 +49,7 @@ async def test_a_dead_engine_is_answered_503_at_once_falls_back_and_is_replaced(
         body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 400, "stream": True, "ignore_eos": True}
         async with session.stream("POST", CHAT, json=body) as stream:
             assert stream.status_code == 200
+            request_id = stream.headers["x-request-id"]
             lines = stream.aiter_lines()
             while not (await anext(lines)).startswith("data: {"):
                 pass
@@ -57,6 +59,9 @@ async def test_a_dead_engine_is_answered_503_at_once_falls_back_and_is_replaced(
         assert rest[-1] == "data: [DONE]"
         frame = json.loads(rest[-2].removeprefix("data: "))["error"]
         assert (frame["type"], frame["code"]) == ("service_unavailable", "service_unavailable")  # retry shortly
+        # The access log (and the request counters) say how the stream ended, not 200.
+        line = await asyncio.to_thread(access_line, request_id)
+        assert (line["status"], line["error"]) == (503, "service_unavailable")
 
         waits: list[float] = []
         fallback_variants: set[str] = set()

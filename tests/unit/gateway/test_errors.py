@@ -27,7 +27,7 @@ ALL_ERRORS: list[tuple[type[GatewayError], int, str, str | None]] = [
     (NotFoundError, 404, "invalid_request_error", "not_found"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (MethodNotAllowedError, 405, "invalid_request_error", "method_not_allowed"),
-    (NotImplementedFeatureError, 501, "invalid_request_error", "not_implemented"),
+    (NotImplementedFeatureError, 400, "invalid_request_error", "not_implemented"),
     (ServiceUnavailableError, 503, "service_unavailable", "service_unavailable"),
     (OverloadedError, 503, "service_unavailable", "overloaded"),
     (InternalServerError, 500, "server_error", "internal_error"),

@@ -81,7 +81,7 @@ def _error(response: httpx.Response) -> dict[str, Any]:
         (InvalidRequestError("bad n", param="n"), 400, None),
         (ContextLengthExceededError("too long", param="messages"), 400, None),
         (ModelNotFoundError.for_model("gpt-9"), 404, None),
-        (NotImplementedFeatureError("no beams"), 501, None),
+        (NotImplementedFeatureError("no beams"), 400, None),
         (ServiceUnavailableError("down", retry_after_s=2), 503, "2"),
         (OverloadedError("busy", status=429, retry_after_s=5), 429, "5"),
         (InternalServerError("oops"), 500, None),

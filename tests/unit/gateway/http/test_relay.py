@@ -121,6 +121,9 @@ async def test_an_error_after_the_first_byte_is_an_error_frame_then_done() -> No
     assert payloads[0] == {"n": 0}
     assert payloads[1]["error"]["code"] == "service_unavailable"
     assert payloads[2] is None
+    # The outcome says how the stream ended, for the access log and the error counters.
+    assert stream.outcome is not None
+    assert (stream.outcome.error, stream.outcome.error_status) == ("service_unavailable", 503)
 
 
 def closed_port() -> int:
