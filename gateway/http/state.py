@@ -78,6 +78,7 @@ class GatewayState:
             replica_wait_s=front_door.ingress.replica_wait_s,
         )
         self._handles: dict[str, tuple[ModelConfig, Any]] = {}
+        self._info_calls: dict[str, tuple[Any, Any]] = {}  # per model: its handle, and for `info`
         self._created = int(time.time())
         self._context: dict[str, int | None] = {}
 
@@ -180,10 +181,11 @@ class GatewayState:
             model, handle = self._handles[name]
             if value is not None or model.kind != "llm":
                 continue
+            ask = self._info_calls.get(name)
+            if ask is None or ask[0] is not handle:  # ``options`` makes a new handle: once per model
+                ask = self._info_calls[name] = (handle, handle.options(method_name="info"))
             try:
-                info = await asyncio.wait_for(
-                    handle.options(method_name="info").remote(), INFO_TIMEOUT_S
-                )
+                info = await asyncio.wait_for(ask[1].remote(), INFO_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - metadata only: the config's value stays
                 continue
             self._context[name] = info.max_model_len

@@ -219,7 +219,9 @@ class VLLMEngine:
         background response's events from ``starting_after`` on), or one cancelled."""
         serving = self._responses
         if serving is None:
-            raise ModelNotSupportedError(f"The model `{self._config.name}` does not serve the Responses API.", param="model")
+            raise ModelNotSupportedError(
+                f"The model `{self._config.name}` does not serve the Responses API.", param="model"
+            )
         body = request.body
         response_id = str(body["response_id"])
         try:
@@ -245,7 +247,9 @@ class VLLMEngine:
         request and the result."""
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
-            raise ModelNotSupportedError(f"The model `{self._config.name}` does not serve this endpoint.", param="model")
+            raise ModelNotSupportedError(
+                f"The model `{self._config.name}` does not serve this endpoint.", param="model"
+            )
         schema, create, prompt_param = endpoint
         try:
             parsed = schema.model_validate(_with_request_id(request))

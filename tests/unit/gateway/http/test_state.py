@@ -101,3 +101,44 @@ def test_a_seeded_routing_repeats_its_choices_after_each_deploy() -> None:
     assert picks() == first and set(first) == {"a", "b"}
     state.apply(MODELS, {**seeded, "seed": None})
     assert picks() != first  # unseeded: fresh randomness (equal by chance with odds 2**-40)
+
+
+async def test_learning_context_windows_makes_one_info_handle_per_model() -> None:
+    """``options`` builds a new handle each call: /v1/models must not pay it per request."""
+    made: list[str] = []
+
+    class Replica:
+        def __init__(self, window: int | None) -> None:
+            self.window = window
+
+        async def info(self) -> Any:
+            from models.llm.engine import EngineInfo
+
+            return EngineInfo(root=None, max_model_len=self.window)
+
+    class Handle:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.replica = Replica(None)  # not known yet: asked again on the next refresh
+
+        def options(self, method_name: str) -> Any:
+            made.append(f"{self.name}.{method_name}")
+            replica = self.replica
+
+            class Call:
+                def remote(self) -> Any:
+                    return replica.info()
+
+            return Call()
+
+    handles: dict[str, Handle] = {}
+    state = GatewayState(
+        FrontDoorConfig(), lambda m: handles.setdefault(m.name, Handle(m.name)), lambda m: m.name
+    )
+    state.apply(MODELS, ROUTING)
+    for _ in range(3):
+        await state.refresh_model_info()
+    handles["a"].replica.window = 128
+    await state.refresh_model_info()
+    assert sorted(m for m in made if m.endswith(".info")) == ["a.info", "b.info"]
+    assert {card.id: card.max_model_len for card in state.model_cards()}["a"] == 128

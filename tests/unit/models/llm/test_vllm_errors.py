@@ -12,9 +12,17 @@ from models.llm.vllm_engine import translate_error
     ("error", "cls", "status"),
     [
         ({"code": 400, "message": "bad top_p", "param": "top_p"}, errors.InvalidRequestError, 400),
-        ({"code": 400, "message": "This model's maximum context length is 512"}, errors.ContextLengthExceededError, 400),
+        (
+            {"code": 400, "message": "This model's maximum context length is 512"},
+            errors.ContextLengthExceededError,
+            400,
+        ),
         ({"code": 404, "message": "The model `x` does not exist."}, errors.ModelNotFoundError, 404),
-        ({"code": 404, "message": "Response with id 'resp_1' not found.", "param": "response_id"}, errors.ResponseNotFoundError, 404),
+        (
+            {"code": 404, "message": "Response with id 'resp_1' not found.", "param": "response_id"},
+            errors.ResponseNotFoundError,
+            404,
+        ),
         # A feature the model lacks is the client's to change: 400, never retried or fallen back from.
         ({"code": 501, "message": "not supported"}, errors.NotImplementedFeatureError, 400),
         ({"code": 503, "message": "busy"}, errors.ServiceUnavailableError, 503),
