@@ -81,7 +81,8 @@ OVERHEAD = Family(
 BATCH_SIZE = Family(
     "llm_gateway_batch_size",
     "histogram",
-    "Requests per batch on batched (classical) models.",
+    "Requests per batch on batched (classical) models; `model` is the concrete model that ran "
+    "the batch (one batch may hold requests sent to it under several aliases).",
     ("model",),
     BATCH_BUCKETS,
 )
