@@ -41,6 +41,7 @@ def test_a_message_is_answered_in_anthropics_shape_with_usage(claude: anthropic.
     assert message.stop_reason in ("end_turn", "max_tokens")
     assert 1 <= message.usage.output_tokens <= 8 and message.usage.input_tokens > 5
     assert message.content[0].type == "text" and message.content[0].text
+    assert message._request_id == raw.headers["x-request-id"]  # Anthropic's `request-id` header
     line = access_line(raw.headers["x-request-id"])
     assert (line["status"], line["model"], line["completion_tokens"]) == (200, VLLM_MODEL, message.usage.output_tokens)
     # A system prompt is part of the prompt.
