@@ -210,6 +210,7 @@ class ModelDispatcher:
             raise ModelNotFoundError.for_model(name)
         record: RequestRecord = request.state.record  # made by the observability middleware
         record.model, record.stream = name, stream
+        _check_request_id(envelope, record.request_id)
         self._check_kind(endpoint, name, route)
         owner = api.id if api is not None else ""
         replica = None
@@ -713,3 +714,17 @@ def _unpaired_surrogate(value: Any, path: str) -> tuple[str, int] | None:
             if found is not None:
                 return found
     return None
+
+
+def _check_request_id(envelope: ModelEnvelope | None, request_id: str) -> None:
+    """Refuses a body ``request_id`` (vLLM's) other than the request's own id:
+    ids of answers, logs and metrics all use that one, so another would be
+    dropped without a word."""
+    given = getattr(envelope, "request_id", None)
+    if given is not None and given != request_id:
+        raise InvalidRequestError(
+            f"The body's `request_id` ({given!r}) is not this request's id ({request_id!r}). "
+            "Send your id as the `x-request-id` header: it then names the request "
+            "everywhere (response ids, logs, metrics).",
+            param="request_id",
+        )

@@ -41,7 +41,15 @@ class ModelEnvelope(BaseModel):
         return cls.model_validate(body)
 
 
-class RequestEnvelope(ModelEnvelope):
+class IdentifiedEnvelope(ModelEnvelope):
+    """A request vLLM lets name its own id in the body (``request_id``). The
+    gateway keeps one id per request (``x-request-id``: response ids, logs,
+    metrics), so a body's id must be that one."""
+
+    request_id: StrictStr | None = None
+
+
+class RequestEnvelope(IdentifiedEnvelope):
     """Routing fields of a chat or completions request."""
 
     stream: StrictBool | None = False
@@ -58,7 +66,7 @@ class RequestEnvelope(ModelEnvelope):
         return value
 
 
-class ResponsesEnvelope(ModelEnvelope):
+class ResponsesEnvelope(IdentifiedEnvelope):
     """Routing fields of a Responses API request: a follow-up goes to the
     replica that stores the response it continues."""
 

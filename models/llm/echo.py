@@ -31,7 +31,7 @@ from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
 from models.llm import echo_messages as anthropic
 from models.llm import echo_responses as responses
-from models.llm.engine import EngineInfo
+from models.llm.engine import EngineInfo, body_of, frames_of
 
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
@@ -110,9 +110,14 @@ class EchoEngine:
     def forget_response(self, response_id: str) -> None:
         self._stored.pop(response_id, None)
 
-    async def generate(
-        self, request: EngineRequest, tally: GenerationTally
-    ) -> bytes | AsyncIterator[bytes]:
+    async def complete(self, request: EngineRequest, tally: GenerationTally) -> bytes:
+        return body_of(await self._answer(request, tally))
+
+    async def stream(self, request: EngineRequest, tally: GenerationTally) -> AsyncIterator[bytes]:
+        return frames_of(await self._answer(request, tally))
+
+    async def _answer(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
+        """The body, or (``stream``) the events, that answer ``request``."""
         if request.endpoint in ("responses_retrieve", "responses_cancel"):
             return self._kept(request)
         if request.endpoint == "responses":

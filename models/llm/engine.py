@@ -29,10 +29,11 @@ class EngineInfo:
 class LLMEngine(Protocol):
     """An OpenAI-speaking engine inside one replica.
 
-    ``generate`` returns the JSON body (bytes) of a non-streaming response, or
-    an async iterator of SSE frames (bytes, ``data: [DONE]`` last) for a
-    streaming one. Errors known before the first frame are raised as
-    ``gateway.errors.GatewayError``; later ones arrive as an error frame.
+    ``complete`` returns the JSON body (bytes) of a request answered whole;
+    ``stream`` the SSE frames (bytes; chat and completions end with
+    ``data: [DONE]``) of a streaming one, which of the two being the
+    request's own ``stream``. Errors known before the first frame are raised
+    as ``gateway.errors.GatewayError``; later ones arrive as an error frame.
     Cancelling the iterator (or the awaiting task) aborts the engine request.
     The engine counts the request's tokens and times them in ``tally`` as it
     answers: complete once the body is returned or the stream has ended.
@@ -40,14 +41,14 @@ class LLMEngine(Protocol):
 
     async def start(self) -> None: ...
 
-    async def generate(
-        self, request: EngineRequest, tally: GenerationTally
-    ) -> bytes | AsyncIterator[bytes]: ...
+    async def complete(self, request: EngineRequest, tally: GenerationTally) -> bytes: ...
+
+    async def stream(self, request: EngineRequest, tally: GenerationTally) -> AsyncIterator[bytes]: ...
 
     async def most_tokens(self, request: EngineRequest) -> int:
         """The prompt's tokens plus the most the request may generate (every
-        choice of every prompt), counted as ``generate`` would count them;
-        raises GatewayError as ``generate`` does for a request it refuses."""
+        choice of every prompt), counted as ``complete`` would count them;
+        raises GatewayError as ``complete`` does for a request it refuses."""
         ...
 
     def info(self) -> EngineInfo: ...
@@ -80,3 +81,17 @@ def make_engine(config: ModelConfig) -> LLMEngine:
     from models.llm.vllm_engine import VLLMEngine
 
     return VLLMEngine(config)
+
+
+def body_of(answer: bytes | AsyncIterator[bytes]) -> bytes:
+    """``answer`` as a whole body; a stream here is the engine's bug, not the client's."""
+    if not isinstance(answer, bytes):
+        raise TypeError("the engine made a stream for a request to be answered whole")
+    return answer
+
+
+def frames_of(answer: bytes | AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``answer`` as a stream's frames; a whole body here is the engine's bug."""
+    if isinstance(answer, bytes):
+        raise TypeError("the engine made a whole body for a request to be streamed")
+    return answer

@@ -123,10 +123,7 @@ class LLMServer:
         self._requests += 1
         request = self._stored.admit(request)
         tally = tally if tally is not None else GenerationTally()
-        result = await self._engine.generate(request, tally)
-        if not isinstance(result, bytes):
-            raise TypeError("engine returned a stream for a non-streaming request")
-        return Reply(result, tally.outcome())
+        return Reply(await self._engine.complete(request, tally), tally.outcome())
 
     async def open_stream(
         self, request: EngineRequest
@@ -140,10 +137,8 @@ class LLMServer:
         self._requests += 1
         request = self._stored.admit(request)
         tally = GenerationTally()
-        result = await self._engine.generate(request, tally)
-        if isinstance(result, bytes):
-            raise TypeError("engine returned a body for a streaming request")
-        return self._counted(result, tally), tally.outcome
+        frames = await self._engine.stream(request, tally)
+        return self._counted(frames, tally), tally.outcome
 
     async def _counted(self, frames: AsyncIterator[bytes], tally: GenerationTally) -> AsyncIterator[bytes]:
         """The frames; once they end, or are left, also whatever generation goes

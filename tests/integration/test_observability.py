@@ -244,6 +244,23 @@ def test_request_ids_are_kept_or_made_and_logged(gateway: Gateway, http: httpx.C
     assert SECRET not in ACCESS_LOG.read_text()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_body_request_id_is_the_requests_own_or_refused(http: httpx.Client, stream: bool) -> None:
+    # vLLM lets a body's `request_id` name the request; the gateway keeps one
+    # id per request, so the body's must be the x-request-id, never replace it.
+    body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 2, "stream": stream}
+    client_id = f"mine-{stream}"
+    same = http.post(CHAT, json={**body, "request_id": client_id}, headers={"x-request-id": client_id})
+    assert same.status_code == 200
+    ids = {json.loads(line[6:])["id"] for line in same.text.splitlines() if line.startswith("data: {")} if stream else {same.json()["id"]}
+    assert ids == {f"chatcmpl-{client_id}"}
+    other = http.post(CHAT, json={**body, "request_id": "someone-else"}, headers={"x-request-id": client_id})
+    assert other.status_code == 400
+    error = other.json()["error"]
+    assert (error["param"], error["type"]) == ("request_id", "invalid_request_error")
+    assert "x-request-id" in error["message"]
+
+
 async def test_server_errors_are_logged_under_the_id_the_client_got(gateway: Gateway) -> None:
     body = {"model": "echo-narrow", "messages": [{"role": "user", "content": " ".join(["w"] * 8)}], "stream": True}
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:

@@ -36,15 +36,12 @@ def _request(kind: str, prompt: str = PROMPT, **fields: Any) -> EngineRequest:
 
 
 async def _json(engine: EchoEngine, request: EngineRequest) -> dict[str, Any]:
-    result = await engine.generate(request, GenerationTally())
-    assert isinstance(result, bytes)
-    return json.loads(result)
+    return json.loads(await engine.complete(request, GenerationTally()))
 
 
 async def _stream(engine: EchoEngine, request: EngineRequest) -> list[Any]:
-    result = await engine.generate(request, GenerationTally())
-    assert not isinstance(result, bytes)
-    return sse.parse(b"".join([frame async for frame in result]))
+    frames = await engine.stream(request, GenerationTally())
+    return sse.parse(b"".join([frame async for frame in frames]))
 
 
 def _text(kind: str, choice: dict[str, Any]) -> str:
@@ -259,7 +256,7 @@ async def test_context_overflow_raises_before_any_stream(engine: EchoEngine, kin
     request = _request(kind, max_tokens=CONTEXT - len(WORDS) + 1, stream=stream)
 
     with pytest.raises(ContextLengthExceededError) as info:
-        await engine.generate(request, GenerationTally())
+        await (engine.stream if stream else engine.complete)(request, GenerationTally())
 
     error = info.value
     assert error.code == "context_length_exceeded"
@@ -283,7 +280,7 @@ async def test_prompt_longer_than_context_without_max_tokens_raises(engine: Echo
     long_prompt = " ".join(["word"] * (CONTEXT + 1))
 
     with pytest.raises(ContextLengthExceededError):
-        await engine.generate(_request(kind, prompt=long_prompt, max_tokens=None), GenerationTally())
+        await engine.complete(_request(kind, prompt=long_prompt, max_tokens=None), GenerationTally())
 
 
 @pytest.mark.parametrize(
@@ -303,7 +300,7 @@ async def test_invalid_fields_name_the_param(
     engine: EchoEngine, kind: str, fields: dict[str, Any], param: str, message: str
 ) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        await engine.generate(_request(kind, **fields), GenerationTally())
+        await engine.complete(_request(kind, **fields), GenerationTally())
 
     assert info.value.param == param
     assert message in info.value.message
@@ -316,7 +313,7 @@ async def test_missing_field_is_named(engine: EchoEngine, kind: str, field: str)
     del request.body[field]
 
     with pytest.raises(InvalidRequestError) as info:
-        await engine.generate(request, GenerationTally())
+        await engine.complete(request, GenerationTally())
 
     assert info.value.param == field
     assert info.value.message == f"Missing required parameter: '{field}'."
@@ -326,9 +323,7 @@ async def test_missing_field_is_named(engine: EchoEngine, kind: str, field: str)
 
 
 async def _opened(engine: EchoEngine, kind: str) -> AsyncIterator[bytes]:
-    result = await engine.generate(_request(kind, stream=True), GenerationTally())
-    assert not isinstance(result, bytes)
-    return result
+    return await engine.stream(_request(kind, stream=True), GenerationTally())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -368,11 +363,11 @@ async def test_non_streaming_requests_leave_nothing_unfinished(engine: EchoEngin
 async def test_tally_equals_the_usage_the_answer_reports(engine: EchoEngine, kind: str, stream: bool) -> None:
     tally = GenerationTally()
     request = _request(kind, max_tokens=3, n=2, stream=stream, stream_options={"include_usage": True} if stream else None)
-    result = await engine.generate(request, tally)
-    if isinstance(result, bytes):
-        usage = json.loads(result)["usage"]
+    if not stream:
+        usage = json.loads(await engine.complete(request, tally))["usage"]
     else:
-        usage = next(c["usage"] for c in sse.parse(b"".join([f async for f in result])) if c.get("usage"))
+        frames = await engine.stream(request, tally)
+        usage = next(c["usage"] for c in sse.parse(b"".join([f async for f in frames])) if c.get("usage"))
     outcome = tally.outcome()
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
     assert outcome.first_token_s is not None and outcome.first_token_s >= 0

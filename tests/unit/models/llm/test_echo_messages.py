@@ -36,19 +36,19 @@ def ask(endpoint: str = "messages", **body: Any) -> EngineRequest:
 
 async def test_a_message_answers_the_last_user_turn_with_usage(engine: EchoEngine) -> None:
     tally = GenerationTally()
-    body = await engine.generate(ask(system="be brief"), tally)
+    body = await engine.complete(ask(system="be brief"), tally)
     assert isinstance(body, bytes)
     message = Message.model_validate(json.loads(body))
     assert (message.id, message.model, message.stop_reason) == ("msg_r1", "echo", "end_turn")
     assert [block.text for block in message.content if block.type == "text"] == ["and the boats"]
     assert (message.usage.input_tokens, message.usage.output_tokens) == (2 + 4 + 2 + 3, 3)
     assert (tally.prompt_tokens, tally.completion_tokens) == (11, 3)
-    short = Message.model_validate(json.loads(await engine.generate(ask(max_tokens=2), GenerationTally())))  # type: ignore[arg-type]
+    short = Message.model_validate(json.loads(await engine.complete(ask(max_tokens=2), GenerationTally())))  # type: ignore[arg-type]
     assert (short.stop_reason, short.usage.output_tokens) == ("max_tokens", 2)
 
 
 async def test_a_stream_sends_anthropics_events_in_order(engine: EchoEngine) -> None:
-    stream = await engine.generate(ask(stream=True), GenerationTally())
+    stream = await engine.stream(ask(stream=True), GenerationTally())
     assert isinstance(stream, AsyncIterator)
     events = []
     for block in b"".join([event async for event in stream]).decode().strip().split("\n\n"):
@@ -65,11 +65,11 @@ async def test_a_stream_sends_anthropics_events_in_order(engine: EchoEngine) -> 
 
 
 async def test_tokens_are_counted_and_mistakes_refused(engine: EchoEngine) -> None:
-    counted = await engine.generate(ask("messages_count", max_tokens=None), GenerationTally())
+    counted = await engine.complete(ask("messages_count", max_tokens=None), GenerationTally())
     assert isinstance(counted, bytes) and MessageTokensCount.model_validate(json.loads(counted)).input_tokens == 9
     assert await engine.most_tokens(ask()) == 9 + 3
     with pytest.raises(InvalidRequestError) as caught:
-        await engine.generate(ask(max_tokens=None), GenerationTally())
+        await engine.complete(ask(max_tokens=None), GenerationTally())
     assert caught.value.param == "max_tokens"
     with pytest.raises(ContextLengthExceededError):
-        await engine.generate(ask(max_tokens=60), GenerationTally())
+        await engine.complete(ask(max_tokens=60), GenerationTally())

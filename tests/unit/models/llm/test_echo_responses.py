@@ -29,7 +29,7 @@ def create(request_id: str = "r1", **body: Any) -> EngineRequest:
 
 
 async def answer(engine: EchoEngine, request: EngineRequest, tally: GenerationTally | None = None) -> Response:
-    body = await engine.generate(request, tally or GenerationTally())
+    body = await engine.complete(request, tally or GenerationTally())
     assert isinstance(body, bytes)
     return Response.model_validate(json.loads(body))
 
@@ -49,7 +49,7 @@ async def test_a_response_echoes_the_input_with_usage(engine: EchoEngine) -> Non
 
 async def test_a_stream_sends_openais_events_in_order(engine: EchoEngine) -> None:
     tally = GenerationTally()
-    stream = await engine.generate(create(stream=True), tally)
+    stream = await engine.stream(create(stream=True), tally)
     assert isinstance(stream, AsyncIterator)
     raw = b"".join([event async for event in stream])
     events = []
@@ -73,10 +73,10 @@ async def test_a_follow_up_is_prompted_with_the_earlier_turns_and_can_be_retriev
     assert second.output_text == "and the boats"
     assert second.previous_response_id == "resp_r1"
     assert second.usage is not None and second.usage.input_tokens == 4 + 4 + 3  # input, answer, new input
-    kept = await engine.generate(EngineRequest("responses_retrieve", {"response_id": second.id}, "r3", "echo"), GenerationTally())
+    kept = await engine.complete(EngineRequest("responses_retrieve", {"response_id": second.id}, "r3", "echo"), GenerationTally())
     assert isinstance(kept, bytes) and Response.model_validate(json.loads(kept)) == second
     with pytest.raises(InvalidRequestError, match="synchronous"):
-        await engine.generate(EngineRequest("responses_cancel", {"response_id": second.id}, "r4", "echo"), GenerationTally())
+        await engine.complete(EngineRequest("responses_cancel", {"response_id": second.id}, "r4", "echo"), GenerationTally())
     engine.forget_response(first.id)
     with pytest.raises(ResponseNotFoundError) as caught:
         await answer(engine, create("r5", previous_response_id=first.id))
@@ -86,10 +86,10 @@ async def test_a_follow_up_is_prompted_with_the_earlier_turns_and_can_be_retriev
 async def test_an_unstored_response_is_not_kept_and_bad_requests_are_refused(engine: EchoEngine) -> None:
     response = await answer(engine, create(store=False))
     with pytest.raises(ResponseNotFoundError):
-        await engine.generate(EngineRequest("responses_retrieve", {"response_id": response.id}, "r2", "echo"), GenerationTally())
+        await engine.complete(EngineRequest("responses_retrieve", {"response_id": response.id}, "r2", "echo"), GenerationTally())
     with pytest.raises(InvalidRequestError) as caught:
-        await engine.generate(create(max_output_tokens=0), GenerationTally())
+        await engine.complete(create(max_output_tokens=0), GenerationTally())
     assert caught.value.param == "max_output_tokens"
     with pytest.raises(ContextLengthExceededError):
-        await engine.generate(create(input="word " * 70), GenerationTally())
+        await engine.complete(create(input="word " * 70), GenerationTally())
     assert await engine.most_tokens(create(max_output_tokens=3)) == 4 + 3

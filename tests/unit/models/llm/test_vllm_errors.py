@@ -1,35 +1,98 @@
-"""models/llm/vllm_engine.py: vLLM's error envelopes as the gateway's errors."""
+"""models/llm/vllm_compat.py: vLLM's errors as the gateway's, by table."""
 
 from __future__ import annotations
 
 import pytest
+from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from gateway import errors
-from models.llm.vllm_engine import translate_error
+from models.llm import vllm_compat
 
 
 @pytest.mark.parametrize(
-    ("error", "cls", "status"),
+    ("error", "cls", "status", "param"),
     [
-        ({"code": 400, "message": "bad top_p", "param": "top_p"}, errors.InvalidRequestError, 400),
+        ({"code": 400, "message": "bad top_p", "param": "top_p"}, errors.InvalidRequestError, 400, "top_p"),
+        # vLLM's refusal of a prompt longer than the window names its own parameters.
         (
-            {"code": 400, "message": "This model's maximum context length is 512"},
+            {"code": 400, "message": "This model's maximum context length is 512", "param": "input_tokens"},
             errors.ContextLengthExceededError,
             400,
+            "messages",
         ),
-        ({"code": 404, "message": "The model `x` does not exist."}, errors.ModelNotFoundError, 404),
+        (
+            {"code": 400, "message": "The prompt has 9000 characters", "param": "input_text"},
+            errors.ContextLengthExceededError,
+            400,
+            "messages",
+        ),
+        # The words of a message decide nothing.
+        ({"code": 400, "message": "not a context length error", "param": None}, errors.InvalidRequestError, 400, None),
+        ({"code": 422, "message": "image not found", "param": "url"}, errors.InvalidRequestError, 422, "url"),
+        ({"code": 404, "message": "The model `x` does not exist.", "param": "model"}, errors.ModelNotFoundError, 404, "model"),
         (
             {"code": 404, "message": "Response with id 'resp_1' not found.", "param": "response_id"},
             errors.ResponseNotFoundError,
             404,
+            "response_id",
         ),
         # A feature the model lacks is the client's to change: 400, never retried or fallen back from.
-        ({"code": 501, "message": "not supported"}, errors.NotImplementedFeatureError, 400),
-        ({"code": 503, "message": "busy"}, errors.ServiceUnavailableError, 503),
-        ({"code": 500, "message": "Traceback ..."}, errors.InternalServerError, 500),
+        ({"code": 501, "message": "not supported"}, errors.NotImplementedFeatureError, 400, None),
+        ({"code": 503, "message": "busy"}, errors.ServiceUnavailableError, 503, None),
+        ({"code": 500, "message": "Traceback ..."}, errors.InternalServerError, 500, None),
     ],
 )
-def test_vllm_errors_map_by_status(error: dict[str, object], cls: type[errors.GatewayError], status: int) -> None:
-    translated = translate_error({"error": error}, "messages")
-    assert type(translated) is cls and translated.status_code == status
+def test_vllm_error_objects_map_by_table(
+    error: dict[str, object], cls: type[errors.GatewayError], status: int, param: str | None
+) -> None:
+    translated = vllm_compat.map_error({"error": error}, "messages")
+    assert type(translated) is cls and translated.status_code == status and translated.param == param
     assert "Traceback" not in translated.message
+
+
+@pytest.mark.parametrize(
+    ("exc", "cls", "status"),
+    [
+        (VLLMValidationError("too long", parameter="input_tokens", value=600), errors.ContextLengthExceededError, 400),
+        (VLLMValidationError("top_k must be an integer", parameter="top_k"), errors.InvalidRequestError, 400),
+        (VLLMNotFoundError("The model `x` does not exist."), errors.ModelNotFoundError, 404),
+        (NotImplementedError("no beam search here"), errors.NotImplementedFeatureError, 400),
+        (ValueError("bad value"), errors.InvalidRequestError, 400),
+        (EngineDeadError(), errors.ServiceUnavailableError, 503),
+        (RuntimeError("/secret/path.py line 3"), errors.InternalServerError, 500),
+    ],
+)
+def test_vllm_exceptions_map_by_type(exc: Exception, cls: type[errors.GatewayError], status: int) -> None:
+    translated = vllm_compat.map_exception(exc, "prompt")
+    assert type(translated) is cls and translated.status_code == status
+    assert "/secret" not in translated.message
+    if cls is errors.ContextLengthExceededError:
+        assert translated.param == "prompt"  # OpenAI's name for the prompt, not vLLM's
+
+
+def test_the_gateways_own_errors_pass_through() -> None:
+    own = errors.ContextLengthExceededError("too long", param="input")
+    assert vllm_compat.map_exception(own) is own
+
+
+def test_the_installed_vllm_has_everything_the_gateway_uses() -> None:
+    # Fails loudly on a vLLM upgrade that moves or renames what the compatibility module relies on.
+    assert vllm_compat.check_contract() == []
+
+
+def test_the_contract_check_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        vllm_compat,
+        "CONTRACT",
+        (
+            ("vllm.v1.engine.async_llm", "AsyncLLM.generate_everything", ()),
+            ("vllm.v1.engine.async_llm", "AsyncLLM.generate", ("prompt", "no_such_parameter")),
+            ("vllm.no_such_module", "anything", ()),
+        ),
+    )
+    problems = vllm_compat.check_contract()
+    assert len(problems) == 3
+    assert "AsyncLLM.generate_everything: no generate_everything" in problems[0]
+    assert "no parameter no_such_parameter" in problems[1]
+    assert "vllm.no_such_module: cannot be imported" in problems[2]

@@ -1,0 +1,463 @@
+"""Every use of vLLM beyond its command line and request schemas: the one
+place to read, and to change, on a vLLM upgrade.
+
+The gateway builds vLLM's serving layer as ``vllm serve`` does and reaches
+past its HTTP routes in a few places: it hands the serving layer its engine
+client through a wrapper (to count tokens and adjust sampling params), wraps
+the render steps (to refuse prompts whose budget overflows the window before
+anything is generated), reads prompt lengths and the Responses API's stores,
+converts Anthropic requests to chat requests, and resolves chat templates for
+the ingress's token counter. ``CONTRACT`` lists each of those names with the
+parameters the gateway passes; ``check_contract`` verifies them against the
+installed vLLM (at engine start, and in the unit tests), so an upgrade that
+moves one fails loudly, naming it, instead of misbehaving at the first request.
+
+vLLM's errors become the gateway's here too, by type and by vLLM's own error
+objects (``ERROR_TABLE``), never by the words of their messages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway.errors import (
+    ContextLengthExceededError,
+    GatewayError,
+    InternalServerError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotImplementedFeatureError,
+    ResponseNotFoundError,
+    ServiceUnavailableError,
+)
+from models.llm.engine import ENGINE_DEAD
+
+logger = logging.getLogger(__name__)
+
+_RESPONSES = "vllm.entrypoints.openai.responses.serving"
+_ANTHROPIC = "vllm.entrypoints.anthropic.serving"
+
+# (module, attribute path, parameters the gateway passes by name or relies on).
+CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("vllm.entrypoints.launchers.cli_args", "make_arg_parser", ()),
+    ("vllm.utils.argparse_utils", "FlexibleArgumentParser", ()),
+    ("vllm.engine.arg_utils", "AsyncEngineArgs.from_cli_args", ()),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.from_engine_args", ()),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.generate", ("prompt", "sampling_params")),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.get_supported_tasks", ()),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.get_num_unfinished_requests", ()),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.check_health", ()),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.errored", ()),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.shutdown", ()),
+    ("vllm.entrypoints.launchers.api_server.app_state", "init_app_state", ("engine_client", "state", "args")),
+    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat.render_chat_request", ("request",)),
+    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat.create_chat_completion", ("request",)),
+    (
+        "vllm.entrypoints.openai.completion.serving",
+        "OpenAIServingCompletion.render_completion_request",
+        ("request",),
+    ),
+    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion.create_completion", ("request",)),
+    (_RESPONSES, "OpenAIServingResponses.create_responses", ("request",)),
+    (_RESPONSES, "OpenAIServingResponses._render_resolved_response_inputs", ("request", "prev_response")),
+    (_RESPONSES, "OpenAIServingResponses.retrieve_responses", ("response_id", "starting_after", "stream")),
+    (_RESPONSES, "OpenAIServingResponses.cancel_responses", ("response_id",)),
+    (_ANTHROPIC, "AnthropicServingMessages.create_messages", ("request",)),
+    (_ANTHROPIC, "AnthropicServingMessages.count_tokens", ("request",)),
+    (
+        _ANTHROPIC,
+        "AnthropicServingMessages.to_chat_completion_request",
+        ("anthropic_request", "merge_inline_system"),
+    ),
+    ("vllm.renderers.inputs.preprocess", "extract_prompt_len", ("model_config", "prompt")),
+    ("vllm.renderers.hf", "resolve_chat_template", ("tokenizer", "chat_template", "tools", "model_config")),
+    (
+        "vllm.renderers.hf",
+        "resolve_chat_template_content_format",
+        ("chat_template", "tools", "given_format", "tokenizer", "model_config"),
+    ),
+    ("vllm.sampling_params", "RequestOutputKind.DELTA", ()),
+    ("vllm.v1.engine.exceptions", "EngineDeadError", ()),
+    ("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response", ("message",)),
+    ("vllm.entrypoints.serve.engine.protocol", "ErrorResponse", ()),
+    ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest", ()),
+    ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest", ()),
+    ("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest", ()),
+    ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest", ()),
+    ("vllm.entrypoints.anthropic.protocol", "AnthropicCountTokensRequest", ()),
+)
+
+# Request fields the gateway sets or reads, per vLLM request schema.
+SCHEMA_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "vllm.entrypoints.openai.chat_completion.protocol",
+        "ChatCompletionRequest",
+        ("request_id", "max_tokens", "max_completion_tokens", "n"),
+    ),
+    ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest", ("request_id", "max_tokens", "n")),
+    (
+        "vllm.entrypoints.openai.responses.protocol",
+        "ResponsesRequest",
+        ("request_id", "background", "stream", "previous_response_id", "max_output_tokens"),
+    ),
+    ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest", ("max_tokens",)),
+    ("vllm.v1.metrics.stats", "RequestStateStats", ("arrival_time", "first_token_ts", "last_token_ts", "first_token_latency")),
+)
+
+# Attributes set in a constructor (module, class, names), read from its source.
+INSTANCE_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (_RESPONSES, "OpenAIServingResponses", ("response_store", "msg_store", "event_store", "background_tasks")),
+    (_ANTHROPIC, "AnthropicServingMessages", ("_merge_inline_system",)),
+)
+
+# Where ``init_app_state`` leaves each serving object, by the gateway's endpoint.
+STATE_MODULE = "vllm.entrypoints.generate.api_router"  # sets them
+STATE_NAMES = {
+    "chat": "openai_serving_chat",
+    "completion": "openai_serving_completion",
+    "responses": "openai_serving_responses",
+    "messages": "anthropic_serving_messages",
+}
+
+
+def check_contract() -> list[str]:
+    """What the installed vLLM lacks of ``CONTRACT``, ``SCHEMA_FIELDS`` and
+    ``INSTANCE_FIELDS``, one line each; empty when everything is there."""
+    problems: list[str] = []
+    for module_name, path, params in CONTRACT:
+        target = _resolve(module_name, path, problems)
+        if target is None or not params:
+            continue
+        try:
+            accepted = inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            problems.append(f"{module_name}.{path}: no signature to check")
+            continue
+        missing = [name for name in params if name not in accepted]
+        if missing:
+            problems.append(f"{module_name}.{path}: no parameter {', '.join(missing)}")
+    for module_name, cls_name, names in SCHEMA_FIELDS:
+        cls = _resolve(module_name, cls_name, problems)
+        known = set(getattr(cls, "model_fields", None) or getattr(cls, "__dataclass_fields__", None) or ())
+        missing = [name for name in names if cls is not None and name not in known]
+        if missing:
+            problems.append(f"{module_name}.{cls_name}: no field {', '.join(missing)}")
+    for module_name, cls_name, names in INSTANCE_FIELDS:
+        cls = _resolve(module_name, cls_name, problems)
+        if cls is None:
+            continue
+        source = inspect.getsource(cls.__init__)
+        missing = [name for name in names if f"self.{name} " not in source and f"self.{name}:" not in source]
+        if missing:
+            problems.append(f"{module_name}.{cls_name}.__init__ sets no {', '.join(missing)}")
+    state_source = inspect.getsource(importlib.import_module(STATE_MODULE))
+    for name in STATE_NAMES.values():
+        if f"state.{name} =" not in state_source:
+            problems.append(f"vLLM's app state has no {name}")
+    return problems
+
+
+def _resolve(module_name: str, path: str, problems: list[str]) -> Any:
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        problems.append(f"{module_name}: cannot be imported ({exc})")
+        return None
+    for part in path.split("."):
+        if not hasattr(target, part):
+            problems.append(f"{module_name}.{path}: no {part}")
+            return None
+        target = getattr(target, part)
+    return target
+
+
+@dataclass
+class Serving:
+    """vLLM's engine and its OpenAI and Anthropic serving objects, built as
+    ``vllm serve`` builds them. ``endpoints`` maps each gateway endpoint the
+    model serves to vLLM's request schema, its serving call and the request's
+    prompt parameter (for errors)."""
+
+    engine: Any
+    model_config: Any
+    max_model_len: int
+    chat: Any = None
+    completion: Any = None
+    responses: Any = None
+    messages: Any = None
+    endpoints: dict[str, tuple[Any, Callable[..., Awaitable[Any]], str]] = field(default_factory=dict)
+    error_response: Any = type(None)  # vLLM's ErrorResponse, once started
+    delta_kind: Any = None
+
+
+class _EngineClient:
+    """The engine as vLLM's serving layer sees it (its ``EngineClient``):
+    everything passes through to AsyncLLM but ``generate``, which is
+    ``generate`` as given. No vLLM code sets attributes on its engine client."""
+
+    def __init__(self, engine: Any, generate: Callable[..., AsyncIterator[Any]]) -> None:
+        self._engine = engine
+        self.generate = generate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+async def build_serving(
+    cli_args: list[str],
+    wrap_generate: Callable[[Callable[..., AsyncIterator[Any]], Any], Callable[..., AsyncIterator[Any]]],
+) -> Serving:
+    """Starts vLLM's engine for the ``vllm serve`` command line ``cli_args``
+    and builds its serving layer, which calls ``wrap_generate(engine.generate,
+    RequestOutputKind.DELTA)`` instead of the engine's own ``generate``.
+    Raises RuntimeError naming what is missing when the installed vLLM does
+    not have what this module relies on."""
+    problems = check_contract()
+    if problems:
+        raise RuntimeError("the installed vLLM is not the one the gateway was built for: " + "; ".join(problems))
+    from starlette.datastructures import State
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cli_args)
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+    client: Any = _EngineClient(engine, wrap_generate(engine.generate, RequestOutputKind.DELTA))
+    state = State()
+    await init_app_state(client, state, args, await engine.get_supported_tasks())
+    serving = Serving(
+        engine=engine,
+        model_config=engine.model_config,
+        max_model_len=int(engine.model_config.max_model_len),
+        error_response=ErrorResponse,
+        delta_kind=RequestOutputKind.DELTA,
+    )
+    for endpoint, name in STATE_NAMES.items():
+        setattr(serving, endpoint, getattr(state, name, None))
+    _register_endpoints(serving)
+    return serving
+
+
+def _register_endpoints(serving: Serving) -> None:
+    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    if serving.chat is not None:
+        serving.endpoints["chat"] = (ChatCompletionRequest, serving.chat.create_chat_completion, "messages")
+    if serving.completion is not None:
+        serving.endpoints["completion"] = (CompletionRequest, serving.completion.create_completion, "prompt")
+    if serving.responses is not None:
+        serving.endpoints["responses"] = (ResponsesRequest, serving.responses.create_responses, "input")
+    if serving.messages is not None:
+        messages = serving.messages
+        serving.endpoints["messages"] = (AnthropicMessagesRequest, messages.create_messages, "messages")
+        serving.endpoints["messages_count"] = (AnthropicCountTokensRequest, messages.count_tokens, "messages")
+
+
+def prompt_len(serving: Serving, engine_input: Any) -> int:
+    """The token count of one rendered prompt (an engine input)."""
+    from vllm.renderers.inputs.preprocess import extract_prompt_len
+
+    return int(extract_prompt_len(serving.model_config, engine_input))
+
+
+async def render(serving: Serving, endpoint: str, parsed: Any) -> list[Any]:
+    """The engine inputs ``parsed`` (a request of ``endpoint``: chat, messages
+    or completion) renders to, as vLLM will render it to generate; raises
+    ``GatewayError`` where vLLM refuses it."""
+    if endpoint == "messages":  # rendered as the chat request vLLM makes of it
+        messages = serving.messages
+        parsed = messages.to_chat_completion_request(parsed, merge_inline_system=messages._merge_inline_system)
+        result = await messages.render_chat_request(parsed)
+    elif endpoint == "chat":
+        result = await serving.chat.render_chat_request(parsed)
+    else:
+        result = await serving.completion.render_completion_request(parsed)
+    if isinstance(result, serving.error_response):
+        raise map_error(result.model_dump())
+    return list(result[1] if endpoint in ("chat", "messages") else result)
+
+
+async def render_response(serving: Serving, parsed: Any) -> Any:
+    """The engine input of a Responses API request, with the conversation of
+    its ``previous_response_id``, as vLLM will render it."""
+    responses = serving.responses
+    previous = None
+    if parsed.previous_response_id is not None:
+        previous = responses.response_store.get(parsed.previous_response_id)
+        if previous is None:
+            raise ResponseNotFoundError.for_id(parsed.previous_response_id, "previous_response_id")
+    result = await responses._render_resolved_response_inputs(parsed, previous)
+    if isinstance(result, serving.error_response):
+        raise map_error(result.model_dump())
+    return result.engine_input
+
+
+def guard_renders(serving: Serving, check: Callable[[str, Any, list[Any]], None]) -> None:
+    """Has vLLM call ``check(endpoint, request, engine_inputs)`` each time it
+    renders a request to generate from, before anything is generated; what
+    ``check`` raises is what vLLM's serving call raises."""
+    for endpoint in ("chat", "messages", "completion"):
+        target = getattr(serving, endpoint)
+        if target is None:
+            continue
+        attr = "render_completion_request" if endpoint == "completion" else "render_chat_request"
+        setattr(target, attr, _checked(getattr(target, attr), endpoint, check))
+    if serving.responses is not None:
+        responses = serving.responses
+        render_inputs = responses._render_resolved_response_inputs
+
+        async def render_and_check(request: Any, *args: Any, **kwargs: Any) -> Any:
+            result = await render_inputs(request, *args, **kwargs)
+            if hasattr(result, "engine_input"):  # else an ErrorResponse: vLLM reports it
+                check("responses", request, [result.engine_input])
+            return result
+
+        responses._render_resolved_response_inputs = render_and_check
+
+
+def _checked(
+    render_request: Callable[[Any], Awaitable[Any]], endpoint: str, check: Callable[[str, Any, list[Any]], None]
+) -> Callable[[Any], Awaitable[Any]]:
+    async def render_and_check(request: Any) -> Any:
+        result = await render_request(request)
+        if isinstance(result, (tuple, list)):  # else an ErrorResponse: vLLM reports it
+            check(endpoint, request, list(result[1] if endpoint != "completion" else result))
+        return result
+
+    return render_and_check
+
+
+def background_task(serving: Serving, request_id: str) -> Any:
+    """The task vLLM generates a background response in (None if it runs none)."""
+    return serving.responses.background_tasks.get(request_id)
+
+
+def has_events(serving: Serving, request_id: str) -> bool:
+    """Whether a background response's events can be read yet."""
+    return request_id in serving.responses.event_store
+
+
+def forget_response(serving: Serving, response_id: str) -> None:
+    responses = serving.responses
+    if responses is not None:
+        for store in (responses.response_store, responses.msg_store, responses.event_store):
+            store.pop(response_id, None)
+
+
+def tokenizer_spec(serving: Serving) -> dict[str, Any] | None:
+    """How the ingress counts prompts as this engine does (``gateway.auth.prompt_count``):
+    the tokenizer's ``tokenizer.json``, the chat templates vLLM resolves for
+    requests with and without tools, the content formats it detects for them,
+    and the special tokens transformers hands to the template."""
+    from vllm.renderers.hf import resolve_chat_template, resolve_chat_template_content_format
+
+    chat, model_config = serving.chat, serving.model_config
+    tokenizer = chat.renderer.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None  # not a fast (tokenizers) tokenizer
+    given = getattr(chat, "chat_template", None)
+    option: Any = getattr(chat, "chat_template_content_format", "auto")
+    templates: dict[str, str | None] = {}
+    formats: dict[str, Any] = {}
+    for key, tools in (("plain", None), ("tools", [])):
+        templates[key] = resolve_chat_template(tokenizer, given, tools, model_config=model_config)
+        formats[key] = resolve_chat_template_content_format(given, tools, option, tokenizer, model_config=model_config)
+    renderer = getattr(chat, "online_renderer", None)
+    formats["exclude_none"] = bool(getattr(renderer, "exclude_tools_when_tool_choice_none", False))
+    return {
+        "kind": "hf",
+        "tokenizer": backend.to_str(),
+        "chat_templates": templates,
+        "content_formats": formats,
+        "special_tokens": dict(tokenizer.special_tokens_map),
+    }
+
+
+# vLLM's errors as the gateway's, by vLLM's own error objects (``ErrorResponse``:
+# its status as ``code``, ``param``): the first row that matches wins. vLLM
+# builds those objects from its exceptions by type (``create_error_response``:
+# VLLMValidationError 400 naming its parameter, VLLMNotFoundError 404, ...),
+# so a row never depends on a message's words.
+ANY = None  # a row's param matches any
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    """vLLM errors with a status in ``statuses`` and, unless ``params`` is
+    ANY, one of ``params`` become ``make(message, param, status)``."""
+
+    statuses: range
+    params: frozenset[str | None] | None
+    make: Callable[[str, str | None, int], GatewayError]
+    # The row's errors name the request's prompt parameter (``messages``,
+    # ``prompt``, ``input``), as OpenAI's do, not vLLM's internal name.
+    names_prompt: bool = False
+
+
+def _only(status: int) -> range:
+    return range(status, status + 1)
+
+
+# vLLM's parameters for a prompt longer than the window (renderers/params.py).
+CONTEXT_PARAMS = frozenset({"input_tokens", "input_text"})
+
+ERROR_TABLE: tuple[ErrorRow, ...] = (
+    ErrorRow(_only(404), frozenset({"response_id"}), lambda m, p, s: ResponseNotFoundError(m, param=p)),
+    ErrorRow(_only(404), ANY, lambda m, p, s: ModelNotFoundError(m, param="model")),
+    ErrorRow(_only(400), CONTEXT_PARAMS, lambda m, p, s: ContextLengthExceededError(m, param=p), names_prompt=True),
+    ErrorRow(range(400, 500), ANY, lambda m, p, s: InvalidRequestError(m, param=p, status=s)),
+    # A feature the model lacks is the client's to change, never retried.
+    ErrorRow(_only(501), ANY, lambda m, p, s: NotImplementedFeatureError(m)),
+    ErrorRow(_only(503), ANY, lambda m, p, s: ServiceUnavailableError(m)),
+)
+
+
+def map_error(envelope: dict[str, Any], prompt_param: str | None = None) -> GatewayError:
+    """vLLM's error object (``{"error": {"message", "type", "param", "code"}}``,
+    ``code`` its HTTP status, or the inner dict) as a gateway error, by
+    ``ERROR_TABLE``; anything else is a 500 whose details stay in the log."""
+    error = envelope.get("error", envelope)
+    status = int(error.get("code") or 500)
+    message = str(error.get("message") or "")
+    param = error.get("param")
+    for row in ERROR_TABLE:
+        if status in row.statuses and (row.params is ANY or param in row.params):
+            return row.make(message, (prompt_param or param) if row.names_prompt else param, status)
+    logger.error("engine error (%d): %s", status, message)
+    return InternalServerError("The model failed while serving the request.")
+
+
+def map_exception(exc: BaseException, prompt_param: str | None = None) -> GatewayError:
+    """An exception raised by vLLM's serving layer (or by the gateway's checks
+    inside it) as a gateway error: the gateway's own pass as they are,
+    pydantic's name the field, a dead engine is 503 (the replica is about to
+    be replaced), and the rest go through vLLM's own mapping, then
+    ``ERROR_TABLE``."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return InvalidRequestError.from_validation(exc)
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailableError(ENGINE_DEAD)
+    response = create_error_response(exc if isinstance(exc, Exception) else Exception(str(exc)))
+    if response.error.code >= 500:
+        logger.error("engine failure", exc_info=exc)
+    return map_error(response.model_dump(), prompt_param)
