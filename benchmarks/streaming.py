@@ -235,10 +235,10 @@ def model_entry(model_dir: Path) -> dict[str, object]:
 
 
 def start_direct(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    from gateway.config import ModelConfig
+    from gateway.config import VLLMModelConfig
     from models.llm.vllm_engine import VLLMEngine
 
-    engine_args = VLLMEngine(ModelConfig.model_validate(model_entry(model_dir))).cli_args()
+    engine_args = VLLMEngine(VLLMModelConfig.model_validate(model_entry(model_dir))).cli_args()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args,

@@ -25,6 +25,7 @@ from gateway.config import (
     ModelConfig,
     load_config,
     parse_config,
+    parse_model,
 )
 from gateway.deploy import INGRESS_NAME, check_cluster_fits, deployment_name, ingress_user_config
 from gateway.http.ingress import GatewayIngress
@@ -99,7 +100,7 @@ def build_app(config: GatewayConfig) -> Application:
 
 def model_app_builder(args: dict[str, Any]) -> Application:
     """One model's application; ``args["model"]`` is its config (``gateway.deploy``)."""
-    model = ModelConfig.model_validate(args["model"])
+    model = parse_model(args["model"])
     check_cluster_fits([model])
     return model_deployment(model, gateway_app=args.get("gateway"))
 

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ModelName = Annotated[
     str,
@@ -65,14 +75,6 @@ LIVE_MODEL_FIELDS = frozenset(
 )
 
 
-class Gathering(NamedTuple):
-    """How an ingress replica gathers requests to a batched model (``gateway.http.gather``)."""
-
-    max_group: int  # the most requests one call carries
-    max_in_flight: int  # calls kept out before requests wait to leave together
-    max_hold_s: float | None  # the longest a request waits; None: until a call returns
-
-
 class AutoscalingConfig(_Strict):
     """Replica autoscaling of one model (Ray Serve's autoscaling_config)."""
 
@@ -108,7 +110,11 @@ DEFAULT_STORED_RESPONSES = 1000
 
 
 class ModelConfig(_Strict):
-    """One served model: a deployment of LLM or classical-model replicas."""
+    """Settings every served model has, whatever its engine: its name, where
+    its weights are, and its deployment (replicas, resources, queueing,
+    timeouts). Each engine's config (``VLLMModelConfig``, ``EchoModelConfig``,
+    ``SklearnModelConfig``, ``EmbeddingModelConfig``) adds its own; a config
+    file's entry becomes the one its ``engine`` names (``parse_model``)."""
 
     name: ModelName
     engine: Engine = Field(
@@ -116,7 +122,8 @@ class ModelConfig(_Strict):
         description="`vllm` runs a real vLLM engine; `echo` answers deterministically "
         "at near-zero cost (tests, overhead measurement); `sklearn` serves a "
         "scikit-learn estimator file (joblib); `sentence-transformers` serves a "
-        "sentence-embedding model directory.",
+        "sentence-embedding model directory. Each engine takes its own settings "
+        "beside the shared ones; a setting of another engine is refused.",
     )
     model: str | None = Field(
         None,
@@ -125,64 +132,6 @@ class ModelConfig(_Strict):
         "or an MLflow model URI (sklearn: `models:/name/1`, `models:/name@alias`, "
         "`runs:/<run id>/model`; needs the `mlflow` extra). "
         "Relative paths resolve against the working directory at start-up.",
-    )
-    max_model_len: int | None = Field(
-        None, ge=16, description="Context window in tokens; the model's own when unset."
-    )
-    dtype: str = Field(
-        "auto",
-        description="Weights and activations dtype. vllm: passed to vLLM. "
-        "sentence-transformers: `float32`, `bfloat16`, `float16`, or `auto`: bfloat16 "
-        "on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), float16 on GPU, "
-        "float32 elsewhere. Not for sklearn.",
-    )
-    seed: int = Field(0, description="Engine seed for requests that set none.")
-    kv_cache_space_gib: int | None = Field(
-        None,
-        ge=1,
-        description="KV-cache size in whole GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.",
-    )
-    gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only)."
-    )
-    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel workers per replica.")
-    pipeline_parallel_size: int = Field(
-        1, ge=1, description="Pipeline stages per replica; workers = tensor x pipeline."
-    )
-    gpus_per_worker: float = Field(
-        1.0,
-        ge=0,
-        le=1,
-        description="Replicas with more than one worker: GPUs of each worker's bundle "
-        "(vLLM takes at most one per worker; 0 on CPU-only clusters).",
-    )
-    cpus_per_worker: float = Field(
-        1.0, ge=0, description="Replicas with more than one worker: CPUs of each worker's bundle."
-    )
-    placement_strategy: PlacementStrategy | None = Field(
-        None,
-        description="How a multi-worker replica's bundles are placed. Unset: STRICT_PACK "
-        "(every worker of a replica on one node). PACK, SPREAD or STRICT_SPREAD only "
-        "when asked.",
-    )
-    tool_call_parser: str | None = Field(
-        None,
-        description="vLLM tool-call parser (e.g. `hermes`); enables `tool_choice` "
-        "`auto` and named tools for models whose template renders tools.",
-    )
-    json_whitespace: Literal["compact", "any"] | None = Field(
-        None,
-        description="vllm: whitespace in constrained JSON (`response_format` "
-        "`json_schema`/`json_object`, and the arguments of tool calls forced by "
-        "`tool_choice`). `compact`: none between tokens, as OpenAI's structured outputs "
-        "look; vLLM's `xgrammar` backend enforces it. `any`: vLLM's own default, any "
-        "whitespace the grammar allows, which small models can emit until `max_tokens`. "
-        "Unset: `compact`, unless `engine_args` holds a `structured-outputs-config`.",
-    )
-    engine_args: dict[str, str | int | float | bool] = Field(
-        default_factory=dict,
-        description="Further vLLM engine arguments by their CLI name without `--` "
-        "(e.g. `enable-prefix-caching: true`); checked by vLLM's parser at start-up.",
     )
     num_replicas: int = Field(
         1, ge=1, description="Replicas of this model's deployment (without `autoscaling`)."
@@ -221,52 +170,6 @@ class ModelConfig(_Strict):
         "gateway stopped), how long its requests in flight, streams included, may run on "
         "while it takes no new ones; those still running then are cut off.",
     )
-    stored_responses: int | None = Field(
-        None,
-        ge=0,
-        description="LLMs: Responses API responses each replica keeps (those made with "
-        "`store`, OpenAI's default), for `GET /v1/responses/{id}` and `previous_response_id`; "
-        "past it the oldest is dropped. They live in the replica's memory: gone when it "
-        f"stops. 0 keeps none. Unset: {DEFAULT_STORED_RESPONSES}.",
-    )
-    echo_token_delay_ms: float = Field(
-        0.0,
-        ge=0,
-        description="Echo engine only: time per generated token (between streamed tokens, or "
-        "all before a whole answer), to stand in for decode time in tests and overhead "
-        "measurements.",
-    )
-    max_batch_size: int = Field(
-        32,
-        ge=1,
-        description="Classical models: requests one batch may hold (1 turns batching "
-        "off). Changed live by a redeploy.",
-    )
-    batch_wait_timeout_s: float = Field(
-        0.005,
-        ge=0,
-        description="Classical models: how long a batch that is not full waits for "
-        "more requests. Changed live by a redeploy.",
-    )
-    num_threads: int | None = Field(
-        None,
-        ge=1,
-        description="sentence-transformers only: torch's intra-op threads in the replica. "
-        "Unset: Ray's choice (the replica's whole CPUs, at least 1). Large batches "
-        "gain from more threads; single requests do not.",
-    )
-    max_instances_per_request: int = Field(
-        256,
-        ge=1,
-        description="Classical models: instances (or embedding inputs) one request "
-        "may carry; more is a 400.",
-    )
-    mlflow_tracking_uri: str | None = Field(
-        None,
-        description="MLflow tracking and registry URI that `models:/` and `runs:/` "
-        "model URIs are looked up in (e.g. `sqlite:///mlflow.db`, `http://mlflow:5000`). "
-        "Unset: MLflow's own default (`MLFLOW_TRACKING_URI`).",
-    )
 
     @model_validator(mode="before")
     @classmethod
@@ -277,87 +180,38 @@ class ModelConfig(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _engine_needs_model(self) -> ModelConfig:
+    def _shared_rules(self) -> ModelConfig:
         if self.engine != "echo" and not self.model:
             raise ValueError(f"`model` is required when engine is `{self.engine}`")
         if self.mlflow_uri and self.engine != "sklearn":
             raise ValueError("MLflow model URIs are served by the `sklearn` engine only")
-        if self.engine == "sentence-transformers" and self.dtype not in EMBEDDING_DTYPES:
-            raise ValueError(
-                f"dtype {self.dtype!r} is not one of {', '.join(EMBEDDING_DTYPES)} "
-                "(sentence-transformers)"
-            )
-        if self.engine == "sklearn" and self.dtype != "auto":
-            raise ValueError("`dtype` does not apply to sklearn models")
-        if self.stored_responses is not None and self.engine not in ("vllm", "echo"):
-            raise ValueError("`stored_responses` applies to LLMs (vllm, echo) only")
-        if self.json_whitespace is not None:
-            if self.engine != "vllm":
-                raise ValueError("`json_whitespace` applies to vllm models only")
-            if STRUCTURED_OUTPUTS_ARG in self.engine_args:
-                raise ValueError(
-                    f"set either `json_whitespace` or `engine_args.{STRUCTURED_OUTPUTS_ARG}`, "
-                    "not both"
-                )
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set either `num_replicas` or `autoscaling`, not both")
         return self
-
-    @property
-    def kept_responses(self) -> int:
-        """Stored responses each replica keeps (``stored_responses``, or its default)."""
-        return DEFAULT_STORED_RESPONSES if self.stored_responses is None else self.stored_responses
 
     @property
     def mlflow_uri(self) -> bool:
         """Whether ``model`` names a model in MLflow (``models:/...``, ``runs:/...``)."""
         return self.model is not None and self.model.startswith(MLFLOW_SCHEMES)
 
-    @model_validator(mode="after")
-    def _placement(self) -> ModelConfig:
-        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
-            raise ValueError("set either `num_replicas` or `autoscaling`, not both")
-        if self.workers > 1 and self.num_gpus > 0:
-            raise ValueError(
-                "`num_gpus` is for single-worker replicas; a replica with "
-                f"{self.workers} workers takes `gpus_per_worker` in each worker's bundle"
-            )
-        if self.workers > 1 and self.kind != "llm":
-            raise ValueError("tensor and pipeline parallelism are for LLM engines")
-        return self
-
     @property
     def workers(self) -> int:
-        """Engine workers per replica: tensor x pipeline parallel size."""
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        """Engine workers per replica (more than one only for parallel LLMs)."""
+        return 1
 
     @property
     def kind(self) -> ModelKind:
         """What the model answers: `llm` (chat, completions), `classifier`, `embedding`."""
         return ENGINE_KINDS[self.engine]
 
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas the model may run."""
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+
     def deployment_args(self) -> dict[str, object]:
         """The fields that shape a replica: a change to any of them restarts it."""
         return self.model_dump(mode="json", exclude=set(LIVE_MODEL_FIELDS))
-
-    def batching(self) -> dict[str, float]:
-        """The live batching settings a classical replica receives as `user_config`."""
-        return {
-            "max_batch_size": self.max_batch_size,
-            "batch_wait_timeout_s": self.batch_wait_timeout_s,
-        }
-
-    def gathering(self) -> Gathering | None:
-        """How an ingress replica gathers requests to a batched classical model
-        (``gateway.http.gather``): the most requests one call carries
-        (``max_batch_size``), the calls it keeps in flight (two per replica it
-        may reach), and the longest a request is held: until a call returns
-        when batches do not wait, else half the batch wait (at most 5 ms), so a
-        waiting batch is never kept waiting by the ingress. None: call by call."""
-        if self.kind == "llm" or self.max_batch_size == 1:
-            return None
-        replicas = self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
-        wait = self.batch_wait_timeout_s
-        hold = min(wait / 2, 0.005) if wait > 0 else None
-        return Gathering(self.max_batch_size, 2 * replicas, hold)
 
     def resolved(self, base_dir: Path) -> ModelConfig:
         """A copy whose local model path is absolute, relative ones taken from
@@ -373,6 +227,227 @@ class ModelConfig(_Strict):
                 "(run `llm-gateway build-model` for the local models)"
             )
         return self
+
+
+class LLMModelConfig(ModelConfig):
+    """What LLM engines (vllm, echo) share: the context window, parallel
+    workers and their placement, stored responses."""
+
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context window in tokens; the model's own when unset."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel workers per replica.")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Pipeline stages per replica; workers = tensor x pipeline."
+    )
+    gpus_per_worker: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Replicas with more than one worker: GPUs of each worker's bundle "
+        "(vLLM takes at most one per worker; 0 on CPU-only clusters).",
+    )
+    cpus_per_worker: float = Field(
+        1.0, ge=0, description="Replicas with more than one worker: CPUs of each worker's bundle."
+    )
+    placement_strategy: PlacementStrategy | None = Field(
+        None,
+        description="How a multi-worker replica's bundles are placed. Unset: STRICT_PACK "
+        "(every worker of a replica on one node). PACK, SPREAD or STRICT_SPREAD only "
+        "when asked.",
+    )
+    stored_responses: int | None = Field(
+        None,
+        ge=0,
+        description="LLMs: Responses API responses each replica keeps (those made with "
+        "`store`, OpenAI's default), for `GET /v1/responses/{id}` and `previous_response_id`; "
+        "past it the oldest is dropped. They live in the replica's memory: gone when it "
+        f"stops. 0 keeps none. Unset: {DEFAULT_STORED_RESPONSES}.",
+    )
+
+    @model_validator(mode="after")
+    def _workers_take_bundles(self) -> LLMModelConfig:
+        if self.workers > 1 and self.num_gpus > 0:
+            raise ValueError(
+                "`num_gpus` is for single-worker replicas; a replica with "
+                f"{self.workers} workers takes `gpus_per_worker` in each worker's bundle"
+            )
+        return self
+
+    @property
+    def workers(self) -> int:
+        """Engine workers per replica: tensor x pipeline parallel size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def kept_responses(self) -> int:
+        """Stored responses each replica keeps (``stored_responses``, or its default)."""
+        return DEFAULT_STORED_RESPONSES if self.stored_responses is None else self.stored_responses
+
+
+class VLLMModelConfig(LLMModelConfig):
+    """A model served by a real vLLM engine."""
+
+    engine: Literal["vllm"] = "vllm"
+    dtype: str = Field("auto", description="Weights and activations dtype, passed to vLLM.")
+    seed: int = Field(0, description="Engine seed for requests that set none.")
+    kv_cache_space_gib: int | None = Field(
+        None,
+        ge=1,
+        description="KV-cache size in whole GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only)."
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM tool-call parser (e.g. `hermes`); enables `tool_choice` "
+        "`auto` and named tools for models whose template renders tools.",
+    )
+    json_whitespace: Literal["compact", "any"] | None = Field(
+        None,
+        description="vllm: whitespace in constrained JSON (`response_format` "
+        "`json_schema`/`json_object`, and the arguments of tool calls forced by "
+        "`tool_choice`). `compact`: none between tokens, as OpenAI's structured outputs "
+        "look; vLLM's `xgrammar` backend enforces it. `any`: vLLM's own default, any "
+        "whitespace the grammar allows, which small models can emit until `max_tokens`. "
+        "Unset: `compact`, unless `engine_args` holds a `structured-outputs-config`.",
+    )
+    engine_args: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Further vLLM engine arguments by their CLI name without `--` "
+        "(e.g. `enable-prefix-caching: true`); checked by vLLM's parser at start-up.",
+    )
+
+    @model_validator(mode="after")
+    def _one_whitespace_setting(self) -> VLLMModelConfig:
+        if self.json_whitespace is not None and STRUCTURED_OUTPUTS_ARG in self.engine_args:
+            raise ValueError(
+                f"set either `json_whitespace` or `engine_args.{STRUCTURED_OUTPUTS_ARG}`, not both"
+            )
+        return self
+
+
+class EchoModelConfig(LLMModelConfig):
+    """The echo engine: deterministic answers at near-zero cost."""
+
+    engine: Literal["echo"] = "echo"
+    echo_token_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Echo engine only: time per generated token (between streamed tokens, or "
+        "all before a whole answer), to stand in for decode time in tests and overhead "
+        "measurements.",
+    )
+
+
+class ClassicalModelConfig(ModelConfig):
+    """What classical models (sklearn, sentence-transformers) share: batching
+    (changed live by a redeploy) and the most instances per request."""
+
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Classical models: requests one batch may hold (1 turns batching "
+        "off). Changed live by a redeploy.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005,
+        ge=0,
+        description="Classical models: how long a batch that is not full waits for "
+        "more requests. Changed live by a redeploy.",
+    )
+    max_instances_per_request: int = Field(
+        256,
+        ge=1,
+        description="Classical models: instances (or embedding inputs) one request "
+        "may carry; more is a 400.",
+    )
+
+    def batching(self) -> dict[str, float]:
+        """The live batching settings a classical replica receives as `user_config`."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+        }
+
+
+class SklearnModelConfig(ClassicalModelConfig):
+    """A scikit-learn estimator (joblib file, or a model in MLflow)."""
+
+    engine: Literal["sklearn"] = "sklearn"
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking and registry URI that `models:/` and `runs:/` "
+        "model URIs are looked up in (e.g. `sqlite:///mlflow.db`, `http://mlflow:5000`). "
+        "Unset: MLflow's own default (`MLFLOW_TRACKING_URI`).",
+    )
+
+
+class EmbeddingModelConfig(ClassicalModelConfig):
+    """A sentence-transformers embedding model."""
+
+    engine: Literal["sentence-transformers"] = "sentence-transformers"
+    dtype: str = Field(
+        "auto",
+        description="`float32`, `bfloat16`, `float16`, or `auto`: bfloat16 on CPUs with "
+        "native bf16 arithmetic (AVX512-BF16 or AMX), float16 on GPU, float32 elsewhere.",
+    )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="sentence-transformers only: torch's intra-op threads in the replica. "
+        "Unset: Ray's choice (the replica's whole CPUs, at least 1). Large batches "
+        "gain from more threads; single requests do not.",
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _embedding_dtype(cls, dtype: str) -> str:
+        if dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
+        return dtype
+
+
+ENGINE_CONFIGS: dict[str, type[ModelConfig]] = {
+    "vllm": VLLMModelConfig,
+    "echo": EchoModelConfig,
+    "sklearn": SklearnModelConfig,
+    "sentence-transformers": EmbeddingModelConfig,
+}
+
+
+def _engine_of(data: object) -> str:
+    """A model entry's engine: its ``engine`` (vllm when unset)."""
+    if isinstance(data, dict):
+        return str(data.get("engine", "vllm"))
+    return str(getattr(data, "engine", "vllm"))
+
+
+# A config file's model entry: the config of the engine it names.
+AnyModelConfig = Annotated[
+    Annotated[VLLMModelConfig, Tag("vllm")]
+    | Annotated[EchoModelConfig, Tag("echo")]
+    | Annotated[SklearnModelConfig, Tag("sklearn")]
+    | Annotated[EmbeddingModelConfig, Tag("sentence-transformers")],
+    Discriminator(
+        _engine_of,
+        custom_error_type="engine",
+        custom_error_message="`engine` must be one of " + ", ".join(ENGINE_KINDS),
+    ),
+]
+
+_MODEL = TypeAdapter(AnyModelConfig)
+
+
+def parse_model(data: object) -> ModelConfig:
+    """One model entry, as the config of its engine; raises pydantic's ValidationError."""
+    return _MODEL.validate_python(data)  # type: ignore[no-any-return]
+
+
+def engines_with(field: str) -> list[str]:
+    """The engines that have the setting ``field``."""
+    return [engine for engine, cls in ENGINE_CONFIGS.items() if field in cls.model_fields]
 
 
 class IngressConfig(_Strict):
@@ -621,7 +696,7 @@ class GatewayConfig(_Strict):
     ingress: IngressConfig = Field(
         default_factory=IngressConfig, description="The HTTP front door."
     )
-    models: list[ModelConfig] = Field(min_length=1, description="Served models.")
+    models: list[AnyModelConfig] = Field(min_length=1, description="Served models.")
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="Aliases and how variants are chosen."
     )
@@ -647,7 +722,7 @@ class GatewayConfig(_Strict):
 
     @field_validator("models")
     @classmethod
-    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+    def _unique_names(cls, models: list[AnyModelConfig]) -> list[AnyModelConfig]:
         seen: set[str] = set()
         for model in models:
             if model.name in seen:
@@ -738,7 +813,30 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> GatewayCon
 def _describe(exc: ValidationError, source: str) -> str:
     lines = [f"invalid gateway config ({source}):"]
     for error in exc.errors():
+        loc = list(error["loc"])
         message = str(error["msg"]).removeprefix("Value error, ")
-        where = ".".join(str(part) for part in error["loc"])
+        engine = _model_engine(loc)
+        if error["type"] == "engine":
+            loc.append("engine")
+        elif engine is not None:
+            del loc[2]  # the engine's tag, which the file does not spell
+            if error["type"] == "extra_forbidden":
+                message = _foreign_setting(str(loc[-1]), engine)
+        where = ".".join(str(part) for part in loc)
         lines.append(f"  {where}: {message}" if where else f"  {message}")
     return "\n".join(lines)
+
+
+def _model_engine(loc: list[str | int]) -> str | None:
+    """The engine whose config a ``models.<i>.<engine>...`` error is in, if it is one."""
+    if len(loc) > 2 and loc[0] == "models" and loc[2] in ENGINE_CONFIGS:
+        return str(loc[2])
+    return None
+
+
+def _foreign_setting(field: str, engine: str) -> str:
+    engines = engines_with(field)
+    if not engines:
+        return f"`{field}` is not a model setting"
+    having = engines[0] if len(engines) == 1 else ", ".join(engines[:-1]) + " and " + engines[-1]
+    return f"`{field}` is not a setting of {engine} models; only {having} models have it"

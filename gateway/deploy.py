@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.config import GatewayConfig, ModelConfig
@@ -86,7 +87,7 @@ def serve_config(config: GatewayConfig) -> dict[str, Any]:
     return {"applications": apps}
 
 
-def check_cluster_fits(models: list[ModelConfig]) -> None:
+def check_cluster_fits(models: Sequence[ModelConfig]) -> None:
     """Raises ConfigError when a replica of one of ``models`` fits no node of the
     connected Ray cluster (it would wait for resources forever)."""
     import ray
@@ -161,7 +162,7 @@ def _ours(apps: dict[str, dict[str, Any]], app_name: str) -> set[str]:
     }
 
 
-def _fits_now(models: list[ModelConfig]) -> bool:
+def _fits_now(models: Sequence[ModelConfig]) -> bool:
     """Whether the replicas ``models`` start fit the resources free right now."""
     from ray._private.state import available_resources_per_node
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gateway.config import ConfigError, ModelConfig
+from gateway.config import ClassicalModelConfig, ConfigError, LLMModelConfig, ModelConfig
 
 Bundle = dict[str, float]
 
 
 def replica_bundles(model: ModelConfig) -> list[Bundle] | None:
     """One bundle per worker, the replica actor's CPUs in the first; None for one worker."""
-    if model.workers == 1:
+    if not isinstance(model, LLMModelConfig) or model.workers == 1:
         return None
     worker: Bundle = {"CPU": model.cpus_per_worker}
     if model.gpus_per_worker > 0:
@@ -33,7 +33,7 @@ def replica_bundles(model: ModelConfig) -> list[Bundle] | None:
 
 def placement_strategy(model: ModelConfig) -> str | None:
     """The bundles' strategy: the config's, else STRICT_PACK; None for one worker."""
-    if model.workers == 1:
+    if not isinstance(model, LLMModelConfig) or model.workers == 1:
         return None
     return model.placement_strategy or "STRICT_PACK"
 
@@ -60,7 +60,7 @@ def live_options(model: ModelConfig) -> dict[str, Any]:
     options: dict[str, Any] = (
         {"autoscaling_config": scaling} if scaling else {"num_replicas": model.num_replicas}
     )
-    if model.kind != "llm":
+    if isinstance(model, ClassicalModelConfig):
         options["user_config"] = model.batching()
     return options
 

@@ -15,7 +15,6 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from gateway import sse
-from gateway.config import Gathering
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -30,7 +29,7 @@ from gateway.errors import (
 from gateway.auth.limiter import LocalLimiter
 from gateway.auth.prompt_count import PromptCounter, counter_for, most_tokens
 from gateway.http.auth import api_key
-from gateway.http.gather import Gatherer
+from gateway.http.gather import Gatherer, Gathering
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
 from gateway.http.relay import (

@@ -18,9 +18,42 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig
 
 Call = TypeVar("Call")
+
+# The longest a request is held for a batch that itself waits for company.
+MAX_HOLD_S = 0.005
+# Calls kept in flight per replica the ingress may reach.
+CALLS_PER_REPLICA = 2
+
+
+class Gathering(NamedTuple):
+    """How an ingress replica gathers requests to one batched model."""
+
+    max_group: int  # the most requests one call carries
+    max_in_flight: int  # calls kept out before requests wait to leave together
+    max_hold_s: float | None  # the longest a request waits; None: until a call returns
+
+    @classmethod
+    def for_model(cls, model: ModelConfig) -> Gathering | None:
+        """The gathering a batched classical model gets: calls of up to its
+        ``max_batch_size`` requests, ``CALLS_PER_REPLICA`` in flight per
+        replica it may reach, and requests held until a call returns when
+        its batches do not wait, else half its batch wait (at most
+        ``MAX_HOLD_S``), so a waiting batch is never kept waiting by the
+        ingress. None (call by call): LLMs, which batch in the engine, and
+        models with batching off."""
+        from gateway.config import ClassicalModelConfig
+
+        if not isinstance(model, ClassicalModelConfig) or model.max_batch_size == 1:
+            return None
+        wait = model.batch_wait_timeout_s
+        hold = min(wait / 2, MAX_HOLD_S) if wait > 0 else None
+        return cls(model.max_batch_size, CALLS_PER_REPLICA * model.max_replicas, hold)
 
 Send = Callable[[list[Call]], Awaitable[list[Any]]]
 

@@ -11,9 +11,10 @@ from typing import Any
 
 from gateway.auth.keys import ApiKey, KeyTable
 from gateway.auth.limiter import LimiterAddress, LimiterClient, LocalLimiter
-from gateway.config import FrontDoorConfig, GatewayConfig, ModelConfig
+from gateway.config import FrontDoorConfig, GatewayConfig, LLMModelConfig, ModelConfig
 from gateway.http.access_log import AccessLog
 from gateway.http.dispatch import ModelDispatcher
+from gateway.http.gather import Gathering
 from gateway.metrics.families import FAMILIES
 from gateway.metrics.recorder import GatewayMetrics
 from gateway.metrics.registry import render
@@ -112,14 +113,15 @@ class GatewayState:
         self.keys = KeyTable(config.keys)
         self._handles = handles
         self._context = {
-            m.name: m.max_model_len or self._context.get(m.name) for m in config.models
+            m.name: (m.max_model_len if isinstance(m, LLMModelConfig) else None) or self._context.get(m.name)
+            for m in config.models
         }
         self.dispatcher.use_routes(
             _route_table(config),
             config.routing.cohort_header,
             {name: handle for name, (_, handle) in handles.items()},
             {m.name: m.kind for m in config.models},
-            {m.name: g for m in config.models if (g := m.gathering()) is not None},
+            {m.name: g for m in config.models if (g := Gathering.for_model(m)) is not None},
             {m.name: m.request_timeout_s for m in config.models if m.request_timeout_s is not None},
             {
                 m.name: m.max_ongoing_requests + m.max_queued_requests

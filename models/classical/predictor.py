@@ -38,13 +38,15 @@ class Predictor(Protocol):
 
 def load_predictor(config: ModelConfig) -> Predictor:
     """Loads ``config.model`` with the library its engine names."""
-    if config.engine == "sklearn":
+    from gateway.config import EmbeddingModelConfig, SklearnModelConfig
+
+    if isinstance(config, SklearnModelConfig):
         from models.classical.sklearn import SklearnPredictor
 
         if config.mlflow_uri:
             return SklearnPredictor.from_mlflow(str(config.model), config.mlflow_tracking_uri)
         return SklearnPredictor.load(str(config.model))
-    if config.engine == "sentence-transformers":
+    if isinstance(config, EmbeddingModelConfig):
         from models.classical.embedding import EmbeddingPredictor
 
         device = "cuda" if config.num_gpus > 0 else "cpu"

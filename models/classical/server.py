@@ -23,7 +23,7 @@ from models.classical.predictor import Predictor, load_predictor
 from models.llm.server import ClientErrorFilter
 
 if TYPE_CHECKING:
-    from gateway.config import ModelConfig
+    from gateway.config import ClassicalModelConfig
     from gateway.protocol.engine import EngineRequest
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class ClassicalServer:
     """
 
     async def __init__(  # type: ignore[misc]
-        self, config: ModelConfig, predictor: Predictor | None = None
+        self, config: ClassicalModelConfig, predictor: Predictor | None = None
     ) -> None:
         logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
         unpin_self()  # see gateway.affinity: models compute on every CPU

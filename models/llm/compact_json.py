@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.config import STRUCTURED_OUTPUTS_ARG, ModelConfig
+from gateway.config import STRUCTURED_OUTPUTS_ARG, VLLMModelConfig
 
 # vLLM honours `disable_any_whitespace` only with a named backend: xgrammar, what
 # `auto` picks, and the one that compiles tool-call structural tags.
 ENGINE_SETTINGS = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
-def is_compact(config: ModelConfig) -> bool:
+def is_compact(config: VLLMModelConfig) -> bool:
     """Whether ``config`` asks for compact JSON (unset means compact, unless the
     model's ``engine_args`` bring their own structured-output settings)."""
     if config.json_whitespace is not None:

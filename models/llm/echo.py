@@ -34,7 +34,7 @@ from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of
 
 if TYPE_CHECKING:
-    from gateway.config import ModelConfig
+    from gateway.config import EchoModelConfig
     from gateway.protocol.engine import EngineRequest
     from models.llm.tally import GenerationTally
 
@@ -78,7 +78,7 @@ class _Plan:
 class EchoEngine:
     """See module docstring. Implements ``models.llm.engine.LLMEngine``."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: EchoModelConfig) -> None:
         self._name = config.name
         self._max_model_len = config.max_model_len or DEFAULT_CONTEXT
         self._token_delay_s = config.echo_token_delay_ms / 1000

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from gateway.config import ModelConfig
+    from gateway.config import LLMModelConfig
     from gateway.protocol.engine import EngineRequest
     from models.llm.tally import GenerationTally
 
@@ -72,15 +72,19 @@ class LLMEngine(Protocol):
     async def shutdown(self) -> None: ...
 
 
-def make_engine(config: ModelConfig) -> LLMEngine:
+def make_engine(config: LLMModelConfig) -> LLMEngine:
     """The engine ``config.engine`` names (vLLM is imported only when used)."""
-    if config.engine == "echo":
+    from gateway.config import EchoModelConfig, VLLMModelConfig
+
+    if isinstance(config, EchoModelConfig):
         from models.llm.echo import EchoEngine
 
         return EchoEngine(config)
-    from models.llm.vllm_engine import VLLMEngine
+    if isinstance(config, VLLMModelConfig):
+        from models.llm.vllm_engine import VLLMEngine
 
-    return VLLMEngine(config)
+        return VLLMEngine(config)
+    raise ValueError(f"{config.engine!r} is not an LLM engine")
 
 
 def body_of(answer: bytes | AsyncIterator[bytes]) -> bytes:

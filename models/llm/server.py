@@ -22,7 +22,7 @@ from models.llm.stored import StoredResponses
 from models.llm.tally import GenerationTally
 
 if TYPE_CHECKING:
-    from gateway.config import ModelConfig
+    from gateway.config import LLMModelConfig
     from gateway.protocol.engine import EngineRequest
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class LLMServer:
     # Ray actors (and so Serve replicas) may construct asynchronously.
     async def __init__(  # type: ignore[misc]
         self,
-        config: ModelConfig,
+        config: LLMModelConfig,
         engine: LLMEngine | None = None,
         hub_app: str | None = None,
         relay_host: str | None = None,

@@ -29,7 +29,7 @@ from models.llm import compact_json, vllm_compat
 from models.llm.engine import ENGINE_DEAD, EngineInfo, body_of, frames_of
 
 if TYPE_CHECKING:
-    from gateway.config import ModelConfig
+    from gateway.config import VLLMModelConfig
     from gateway.protocol.engine import EngineRequest
     from models.llm.tally import GenerationTally
 
@@ -46,7 +46,7 @@ class VLLMEngine:
     """Implements ``models.llm.engine.LLMEngine`` with vLLM's AsyncLLM; every
     use of vLLM's internals goes through ``models.llm.vllm_compat``."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: VLLMModelConfig) -> None:
         self._config = config
         self._serving: vllm_compat.Serving | None = None
         self._tokenizer_spec: dict[str, Any] | None = None

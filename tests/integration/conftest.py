@@ -126,11 +126,11 @@ class Gateway:
         """
         from ray.serve.handle import DeploymentHandle
 
-        from gateway.config import ModelConfig
+        from gateway.config import parse_model
         from gateway.deploy import deployment_name, model_app_name
 
         entry = next(m for m in self.config["models"] if m["name"] == model)
-        name = deployment_name(ModelConfig.model_validate(entry))
+        name = deployment_name(parse_model(entry))
         handle = DeploymentHandle(name, model_app_name(APP, model))
         handle._init(_run_router_in_separate_loop=True)
         return handle.options(method_name=method).remote().result()

@@ -38,7 +38,7 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
     ("data", "field", "reason"),
     [
         pytest.param(
-            _config(colour="blue"), "models.0.colour", "Extra inputs are not permitted", id="unknown-model-field"
+            _config(colour="blue"), "models.0.colour", "`colour` is not a model setting", id="unknown-model-field"
         ),
         pytest.param(
             {**_config(), "debug": True}, "debug", "Extra inputs are not permitted", id="unknown-top-level-field"
@@ -58,24 +58,26 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
         ),
         pytest.param({"models": []}, "models", "at least 1 item", id="empty-models"),
         pytest.param({}, "models", "Field required", id="missing-models"),
-        pytest.param(_config(engine="tgi"), "models.0.engine", "'sklearn' or 'sentence-transformers'", id="unknown-engine"),
+        pytest.param(
+            _config(engine="tgi"), "models.0.engine", "one of vllm, echo, sklearn, sentence-transformers", id="unknown-engine"
+        ),
         pytest.param(_config(name="bad name"), "models.0.name", "should match pattern", id="bad-model-name"),
         pytest.param(
             {"models": [{"name": "e", "engine": "sentence-transformers", "model": "org/minilm", "dtype": "fp8"}]},
-            "models.0",
-            "dtype 'fp8' is not one of auto, float32, bfloat16, float16 (sentence-transformers)",
+            "models.0.dtype",
+            "dtype 'fp8' is not one of auto, float32, bfloat16, float16",
             id="unknown-embedding-dtype",
         ),
         pytest.param(
             {"models": [{"name": "c", "engine": "sklearn", "model": "models:/iris/1", "dtype": "float32"}]},
-            "models.0",
-            "`dtype` does not apply to sklearn models",
+            "models.0.dtype",
+            "`dtype` is not a setting of sklearn models; only vllm and sentence-transformers models have it",
             id="sklearn-dtype",
         ),
         pytest.param(
             _config(json_whitespace="compact"),
-            "models.0",
-            "`json_whitespace` applies to vllm models only",
+            "models.0.json_whitespace",
+            "`json_whitespace` is not a setting of echo models; only vllm models have it",
             id="json-whitespace-on-echo",
         ),
         pytest.param(
@@ -96,6 +98,31 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
             "models.0",
             "`stream_max_hold_ms` was removed: streams no longer cross Serve handles",
             id="removed-stream-hold",
+        ),
+        # Each engine takes its own settings: another engine's is refused, not ignored.
+        pytest.param(
+            _config(max_batch_size=8),
+            "models.0.max_batch_size",
+            "`max_batch_size` is not a setting of echo models; only sklearn and sentence-transformers models have it",
+            id="batching-on-an-llm",
+        ),
+        pytest.param(
+            {"models": [{"name": "m", "model": "org/m", "echo_token_delay_ms": 5}]},
+            "models.0.echo_token_delay_ms",
+            "only echo models have it",
+            id="echo-setting-on-vllm",
+        ),
+        pytest.param(
+            {"models": [{"name": "c", "engine": "sklearn", "model": "models:/iris/1", "engine_args": {"x": 1}}]},
+            "models.0.engine_args",
+            "only vllm models have it",
+            id="engine-args-on-sklearn",
+        ),
+        pytest.param(
+            {"models": [{"name": "e", "engine": "sentence-transformers", "model": "org/e", "stored_responses": 5}]},
+            "models.0.stored_responses",
+            "only vllm and echo models have it",
+            id="stored-responses-on-embeddings",
         ),
     ],
 )
@@ -307,15 +334,17 @@ def test_assemble_validates_models_and_routes_together() -> None:
 
 
 def test_gathering_is_for_batched_classical_models_and_grows_with_replicas() -> None:
-    from gateway.config import ModelConfig
+    from gateway.config import EchoModelConfig, SklearnModelConfig
+    from gateway.http.gather import Gathering
 
-    classical = {"name": "c", "engine": "sklearn", "model": "models:/iris/1"}
-    assert ModelConfig(**classical, max_batch_size=32, batch_wait_timeout_s=0).gathering() == (32, 2, None)
-    assert ModelConfig(**classical, num_replicas=3, batch_wait_timeout_s=0).gathering() == (32, 6, None)
-    scaled = ModelConfig(**classical, autoscaling={"min_replicas": 1, "max_replicas": 4}, batch_wait_timeout_s=0)
-    assert scaled.gathering() == (32, 8, None)
+    def gathering(**fields: Any) -> Gathering | None:
+        return Gathering.for_model(SklearnModelConfig(name="c", model="models:/iris/1", **fields))
+
+    assert gathering(max_batch_size=32, batch_wait_timeout_s=0) == (32, 2, None)
+    assert gathering(num_replicas=3, batch_wait_timeout_s=0) == (32, 6, None)
+    assert gathering(autoscaling={"min_replicas": 1, "max_replicas": 4}, batch_wait_timeout_s=0) == (32, 8, None)
     # Batches that wait for company never wait on requests the ingress holds.
-    assert ModelConfig(**classical, batch_wait_timeout_s=0.004).gathering() == (32, 2, 0.002)
-    assert ModelConfig(**classical, batch_wait_timeout_s=10).gathering() == (32, 2, 0.005)
-    assert ModelConfig(**classical, max_batch_size=1).gathering() is None  # batching off
-    assert ModelConfig(name="e", engine="echo").gathering() is None  # LLMs stream and batch in the engine
+    assert gathering(batch_wait_timeout_s=0.004) == (32, 2, 0.002)
+    assert gathering(batch_wait_timeout_s=10) == (32, 2, 0.005)
+    assert gathering(max_batch_size=1) is None  # batching off
+    assert Gathering.for_model(EchoModelConfig(name="e")) is None  # LLMs stream and batch in the engine

@@ -81,7 +81,7 @@ def test_invalid_placement_fields_are_refused(fields: dict[str, Any], message: s
 
 
 def test_tensor_parallel_classical_model_is_refused(tmp_path: Any) -> None:
-    with pytest.raises(ConfigError, match="tensor and pipeline parallelism are for LLM engines"):
+    with pytest.raises(ConfigError, match="`tensor_parallel_size` is not a setting of sentence-transformers models"):
         parse_config({"models": [{"name": "e", "engine": "sentence-transformers", "model": "org/e", "tensor_parallel_size": 2}]})
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.auth.prompt_count import WordCounter, _tool, counter_for, most_tokens
-from gateway.config import ModelConfig
+from gateway.config import EchoModelConfig
 from gateway.protocol.engine import EngineRequest
 from models.llm.echo import EchoEngine
 
@@ -22,7 +22,7 @@ BODIES: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("endpoint", "body"), BODIES)
 async def test_the_word_counter_counts_as_the_echo_engine(endpoint: str, body: dict[str, Any]) -> None:
-    engine = EchoEngine(ModelConfig.model_validate({"name": "echo", "engine": "echo"}))
+    engine = EchoEngine(EchoModelConfig(name="echo"))
     request = {"model": "echo", "max_tokens": 2, **body}
     counted = WordCounter().prompt_tokens(endpoint, request)
     assert counted is not None

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.config import ConfigError, ModelConfig, parse_config
+from gateway.config import ConfigError, SklearnModelConfig, parse_config
 from models.classical.build import iris_data
 from models.classical.predictor import load_predictor
 
@@ -47,9 +47,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.parametrize("uri", ["models:/iris/1", "models:/iris@champion", "runs:/{run}/model"])
 def test_a_registered_model_answers_as_the_estimator_does(registry: dict[str, Any], uri: str) -> None:
-    config = ModelConfig(
+    config = SklearnModelConfig(
         name="iris-mlflow",
-        engine="sklearn",
         model=uri.format(run=registry["run"]),
         mlflow_tracking_uri=registry["tracking"],
     )
@@ -76,6 +75,6 @@ def test_mlflow_uris_are_for_the_sklearn_engine() -> None:
 
 
 def test_an_unknown_registered_model_fails_loading_clearly(registry: dict[str, Any]) -> None:
-    config = ModelConfig(name="x", engine="sklearn", model="models:/nope/1", mlflow_tracking_uri=registry["tracking"])
+    config = SklearnModelConfig(name="x", model="models:/nope/1", mlflow_tracking_uri=registry["tracking"])
     with pytest.raises(Exception, match="nope"):
         load_predictor(config)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ModelConfig
+from gateway.config import SklearnModelConfig
 from gateway.errors import InternalServerError, InvalidRequestError
 from gateway.protocol.engine import EngineRequest, Reply
 from models.classical.build import build_iris
@@ -54,7 +54,7 @@ class CountingPredictor(SklearnPredictor):
 
 
 async def make_server(iris_dir: Path, poison: float | None = None, **settings: Any) -> tuple[ClassicalServer, CountingPredictor]:
-    config = ModelConfig(name="iris", engine="sklearn", model=str(iris_dir), **settings)
+    config = SklearnModelConfig(name="iris", model=str(iris_dir), **settings)
     predictor = CountingPredictor(SklearnPredictor.load(str(iris_dir))._estimator, poison)
     server = ClassicalServer.__new__(ClassicalServer)
     await server.__init__(config, predictor)  # type: ignore[misc]  # Ray actors construct asynchronously

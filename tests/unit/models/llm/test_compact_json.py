@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ModelConfig
+from gateway.config import VLLMModelConfig
 from models.llm import compact_json
 from models.llm.vllm_engine import VLLMEngine
 
@@ -17,8 +17,8 @@ TOKENIZER = Path(__file__).resolve().parents[4] / ".models" / "tiny-chat-v1"
 USER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
-def vllm_model(**fields: Any) -> ModelConfig:
-    return ModelConfig(name="m", engine="vllm", model="org/m", **fields)
+def vllm_model(**fields: Any) -> VLLMModelConfig:
+    return VLLMModelConfig(name="m", model="org/m", **fields)
 
 
 @pytest.mark.parametrize(

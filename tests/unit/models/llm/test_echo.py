@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway import sse
-from gateway.config import ModelConfig
+from gateway.config import EchoModelConfig
 from gateway.errors import ContextLengthExceededError, InvalidRequestError
 from gateway.protocol.engine import EngineRequest
 from models.llm.echo import EchoEngine
@@ -23,7 +23,7 @@ KINDS = ["chat", "completion"]
 
 @pytest.fixture
 def engine() -> EchoEngine:
-    return EchoEngine(ModelConfig(name="echo", engine="echo", max_model_len=CONTEXT))
+    return EchoEngine(EchoModelConfig(name="echo", max_model_len=CONTEXT))
 
 
 def _request(kind: str, prompt: str = PROMPT, **fields: Any) -> EngineRequest:

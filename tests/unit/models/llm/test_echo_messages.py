@@ -10,7 +10,7 @@ import pytest
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from gateway.config import ModelConfig
+from gateway.config import EchoModelConfig
 from gateway.errors import ContextLengthExceededError, InvalidRequestError
 from gateway.protocol.engine import EngineRequest
 from models.llm.echo import EchoEngine
@@ -26,7 +26,7 @@ CONVERSATION = [
 
 @pytest.fixture
 def engine() -> EchoEngine:
-    return EchoEngine(ModelConfig(name="echo", engine="echo", max_model_len=64))
+    return EchoEngine(EchoModelConfig(name="echo", max_model_len=64))
 
 
 def ask(endpoint: str = "messages", **body: Any) -> EngineRequest:

@@ -10,7 +10,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from gateway.config import ModelConfig
+from gateway.config import EchoModelConfig
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, ResponseNotFoundError
 from gateway.protocol.engine import EngineRequest
 from models.llm.echo import EchoEngine
@@ -21,7 +21,7 @@ EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
 @pytest.fixture
 def engine() -> EchoEngine:
-    return EchoEngine(ModelConfig(name="echo", engine="echo", max_model_len=64))
+    return EchoEngine(EchoModelConfig(name="echo", max_model_len=64))
 
 
 def create(request_id: str = "r1", **body: Any) -> EngineRequest:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gateway import sse
-from gateway.config import ModelConfig
+from gateway.config import EchoModelConfig
 from gateway.protocol.engine import EngineRequest
 from gateway.protocol.relay import RelayAddress
 from models.llm.server import LLMServer
@@ -16,7 +16,7 @@ from models.llm.server import LLMServer
 
 async def make_server(**config: object) -> LLMServer:
     server = LLMServer.__new__(LLMServer)
-    config_ = ModelConfig(name="echo", engine="echo", **config)
+    config_ = EchoModelConfig(name="echo", **config)
     await server.__init__(config_, relay_host="127.0.0.1")  # type: ignore[misc]
     return server
 
@@ -72,10 +72,10 @@ async def test_a_dead_engine_is_answered_503_then_the_replica_exits(monkeypatch:
 
     monkeypatch.setattr(server_module, "WATCH_S", 0.01)
     monkeypatch.setattr(server_module, "DEAD_GRACE_S", 1.0)
-    engine = EchoEngine(ModelConfig(name="echo", engine="echo"))
+    engine = EchoEngine(EchoModelConfig(name="echo"))
     exited = asyncio.Event()
     server = LLMServer.__new__(LLMServer)
-    config = ModelConfig(name="echo", engine="echo")
+    config = EchoModelConfig(name="echo")
     await server.__init__(config, engine=engine, relay_host="127.0.0.1", exit_process=exited.set)  # type: ignore[misc]
     body = {"model": "echo", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 2}
     await server.generate(EngineRequest("chat", body, "r1"))
