@@ -8,13 +8,15 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import ValidationError
 
 from gateway import sse
+from gateway.auth.limiter import LocalLimiter
+from gateway.auth.prompt_count import most_tokens
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -26,196 +28,121 @@ from gateway.errors import (
     ResponseNotFoundError,
     ServiceUnavailableError,
 )
-from gateway.auth.limiter import LocalLimiter
-from gateway.auth.prompt_count import PromptCounter, counter_for, most_tokens
 from gateway.http.auth import api_key
-from gateway.http.gather import Gatherer, Gathering
+from gateway.http.endpoints import ENDPOINTS, EndpointSpec
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
-from gateway.http.relay import (
-    BACKGROUND_OUTCOME_S,
-    RelayedStream,
-    RelayResponse,
-    ReplicaRelay,
-    RunningReplica,
-    StreamCutError,
-)
+from gateway.http.relay import BACKGROUND_OUTCOME_S, RelayedStream, RelayResponse, StreamCutError
+from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
-from gateway.protocol.envelope import MessagesEnvelope, ModelEnvelope, RequestEnvelope, ResponsesEnvelope
+from gateway.protocol.envelope import ModelEnvelope, ResponsesEnvelope
 from gateway.routing.table import Route, RouteTable
+
+if TYPE_CHECKING:
+    from gateway.auth.keys import ApiKey
 
 logger = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-gateway-variant"
 ANTHROPIC_REQUEST_ID = "request-id"
 
-# The model kinds (gateway.config.ENGINE_KINDS) each endpoint can be answered by.
-ENDPOINT_KINDS: dict[str, frozenset[str]] = {
-    "chat": frozenset({"llm"}),
-    "completion": frozenset({"llm"}),
-    "responses": frozenset({"llm"}),
-    "responses_retrieve": frozenset({"llm"}),
-    "responses_cancel": frozenset({"llm"}),
-    "messages": frozenset({"llm"}),
-    "messages_count": frozenset({"llm"}),
-    "embedding": frozenset({"embedding"}),
-    "predict": frozenset({"classifier", "embedding"}),
-    "infer": frozenset({"classifier", "embedding"}),
-}
-ENDPOINT_PATHS = {
-    "chat": "/v1/chat/completions",
-    "completion": "/v1/completions",
-    "responses": "/v1/responses",
-    "responses_retrieve": "/v1/responses/{response_id}",
-    "responses_cancel": "/v1/responses/{response_id}/cancel",
-    "messages": "/v1/messages",
-    "messages_count": "/v1/messages/count_tokens",
-    "embedding": "/v1/embeddings",
-    "predict": "/v1/models/{model}:predict",
-    "infer": "/v2/models/{model}/infer",
-}
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where a request goes, decided from its body and headers alone:
+    ``name`` as the client gave it, the ``route`` to a variant, whether it
+    streams, and its routing fields (None when the path names the model)."""
+
+    name: str
+    route: Route
+    stream: bool
+    envelope: ModelEnvelope | None
 
 
-class _ModelHandles:
-    """Per model, what the hot path calls, made once: the unary handle method
-    (classical models) and the relay (LLMs: streams and whole answers).
-
-    ``handle.options(...)`` builds a new handle each call: doing it per request
-    costs measurable time, so it is cached here.
-    """
-
-    def __init__(self, handle: Any, replica_wait_s: float = 5.0) -> None:
-        self.source = handle
-        self.unary = handle.options(method_name="generate")
-        self.relay = ReplicaRelay(handle, wait_s=replica_wait_s)
-        self.running = RunningReplica(handle, wait_s=replica_wait_s)  # classical models' bounded wait
-        self.gather: Gatherer[EngineRequest] | None = None
-        # How to count an LLM's prompts here (``gateway.auth.prompt_count``),
-        # learnt from one of its replicas when a token limit first needs it.
-        self.counter: PromptCounter | None = None
-        self.window: int | None = None
-        self._learning: asyncio.Task[None] | None = None
-
-    def learn_counter(self) -> None:
-        """Starts learning the model's tokenizer in the background (once)."""
-        if self._learning is None:
-            self._learning = asyncio.ensure_future(self._learn())
-
-    async def _learn(self) -> None:
-        try:
-            info = await self.source.options(method_name="info").remote()
-            self.window = info.max_model_len
-            # A large tokenizer takes a moment to build: not on the event loop.
-            self.counter = await asyncio.to_thread(counter_for, getattr(info, "tokenizer", None))
-        except Exception as exc:  # noqa: BLE001 - the replica keeps counting; try again later
-            logger.info("could not learn a model's tokenizer: %s", exc)
-            self._learning = None
-
-    def gather_by(self, group: Gathering | None) -> None:
-        """Sends unary calls in groups as ``group`` says (None: one by one)."""
-        if group is None:
-            self.gather = None
-        elif self.gather is None:
-            many = self.source.options(method_name="generate_many")
-            self.gather = Gatherer(lambda calls: many.remote(calls), *group)
-        else:
-            self.gather.max_group, self.gather.max_in_flight, self.gather.max_hold_s = group
+def plan(
+    table: ServingTable,
+    spec: EndpointSpec,
+    body: dict[str, Any],
+    headers: Mapping[str, str],
+    key: ApiKey | None,
+    path_model: str | None = None,
+) -> Plan:
+    """The route of a request (no I/O): the model its body (or path) names,
+    the variant its cohort (``user``, else the cohort header) or chance
+    picks. A model the key may not use is answered as one that does not
+    exist (404); one of a kind that cannot answer here, 404
+    ``model_not_supported``."""
+    envelope = spec.routing_fields(body) if path_model is None else None
+    name = envelope.model if envelope is not None else str(path_model)
+    cohort = (envelope.user if envelope is not None else None) or headers.get(table.cohort_header)
+    route = table.routes.resolve(name, cohort) if key is None or key.allows(name) else None
+    if route is None:
+        raise ModelNotFoundError.for_model(name)
+    spec.check_kind(name, table.model(route.target).kind)
+    stream = spec.streams and bool(getattr(envelope, "stream", False))
+    return Plan(name, route, stream, envelope)
 
 
 class ModelDispatcher:
-    """Parses just what routing needs, picks the model, forwards over Ray.
+    """Parses just what routing needs, picks the model, forwards to it.
 
-    Raises ``gateway.errors.GatewayError`` for anything known before the first
+    Serves with one ``ServingTable`` at a time (``serve`` swaps it whole);
+    each request keeps the table it arrived under. Raises
+    ``gateway.errors.GatewayError`` for anything known before the first
     byte; an error after it ends the stream with an SSE error frame.
     """
 
     def __init__(
         self,
-        routes: RouteTable,
-        handles: Mapping[str, Any],
         retry_after_s: int,
-        cohort_header: str = "x-session-id",
-        kinds: Mapping[str, str] | None = None,
         metrics: GatewayMetrics | None = None,
         limiter: Any = None,
         max_body_bytes: int = 32 * 1024 * 1024,
         read_timeout_s: float | None = None,
-        replica_wait_s: float = 5.0,
+        table: ServingTable | None = None,
     ) -> None:
         self._retry_after_s = retry_after_s
-        self._replica_wait_s = replica_wait_s
         self._max_body_bytes = max_body_bytes
         self._read_timeout_s = read_timeout_s
         # Where limited API keys reserve (``gateway.auth.limiter``).
         self.limiter = limiter if limiter is not None else LocalLimiter()
         self._metrics = metrics if metrics is not None else GatewayMetrics()
         self._shadow_calls: set[asyncio.Task[None]] = set()
-        self._handles: dict[str, _ModelHandles] = {}
-        self.use_routes(routes, cohort_header, handles, kinds)
+        self._table = table if table is not None else ServingTable(RouteTable([]))
+
+    @property
+    def table(self) -> ServingTable:
+        """The table requests that arrive now are served with."""
+        return self._table
 
     @property
     def routes(self) -> RouteTable:
-        return self._routes
+        return self._table.routes
 
-    def use_routes(
-        self,
-        routes: RouteTable,
-        cohort_header: str,
-        handles: Mapping[str, Any] | None = None,
-        kinds: Mapping[str, str] | None = None,
-        gathering: Mapping[str, Gathering] | None = None,
-        timeouts: Mapping[str, float] | None = None,
-        capacities: Mapping[str, int] | None = None,
-    ) -> None:
-        """Routes requests that arrive from now on with ``routes``.
-
-        ``handles`` (when given) replace the model handles; ``kinds`` name each
-        model's kind (all `llm` when not given); ``gathering`` names the
-        batched models whose concurrent requests share calls, and how;
-        ``timeouts`` the models whose requests have a time limit (seconds);
-        ``capacities`` the LLMs whose replicas take a bounded number of
-        requests at once (running and queued), refused here beyond it.
-        """
-        self._timeouts = dict(timeouts or {})
-        if handles is not None:
-            known = {name: h for name, h in self._handles.items() if h.source is handles.get(name)}
-            self._handles = {
-                name: known.get(name) or _ModelHandles(h, self._replica_wait_s) for name, h in handles.items()
-            }
-        for name, handle in self._handles.items():
-            handle.gather_by((gathering or {}).get(name))
-            handle.relay.capacity = (capacities or {}).get(name)
-        self._kinds = dict(kinds) if kinds is not None else dict.fromkeys(self._handles, "llm")
-        self._routes = routes
-        self._cohort_header = cohort_header
+    def serve(self, table: ServingTable) -> None:
+        """Serves requests that arrive from now on with ``table``."""
+        self._table = table
 
     async def dispatch(
         self, endpoint: Endpoint, request: Request, model: str | None = None
     ) -> Response:
         """Answers ``request`` at ``endpoint``; ``model`` is the path's model name
         for endpoints that carry it there (predict, infer) instead of in the body."""
+        table = self._table  # this request's, to its end
+        spec = ENDPOINTS[endpoint]
         body = parse_json_object(await read_body(request, self._max_body_bytes, self._read_timeout_s))
-        envelope = _envelope(endpoint, body) if model is None else None
-        name = envelope.model if envelope is not None else str(model)
-        user = envelope.user if envelope is not None else None
-        stream = isinstance(envelope, STREAMING) and bool(envelope.stream)
-        cohort = user or request.headers.get(self._cohort_header)
         api = api_key(request)
-        # A model the key may not use is answered as one that does not exist.
-        route = self._routes.resolve(name, cohort) if api is None or api.allows(name) else None
-        if route is None:
-            raise ModelNotFoundError.for_model(name)
+        planned = plan(table, spec, body, request.headers, api, model)
+        name, route, stream, envelope = planned.name, planned.route, planned.stream, planned.envelope
         record: RequestRecord = request.state.record  # made by the observability middleware
         record.model, record.stream = name, stream
         _check_request_id(envelope, record.request_id)
-        self._check_kind(endpoint, name, route)
         owner = api.id if api is not None else ""
         replica = None
         if isinstance(envelope, ResponsesEnvelope) and envelope.previous_response_id is not None:
             # Only the replica that stores the earlier response can continue it.
-            route, replica = await self._holder(name, envelope.previous_response_id, "previous_response_id")
+            route, replica = await self._holder(table, name, envelope.previous_response_id, "previous_response_id")
         if route.alias:
             self._metrics.assigned(name, route.target)
         request_id = record.request_id
@@ -225,11 +152,11 @@ class ModelDispatcher:
             first = EngineRequest(
                 endpoint, _routed(body, name, route.target, in_body), request_id, route.target, replica, owner
             )
-            tokens = await self._most_tokens(first) if api.tpm is not None else 0
+            tokens = await self._most_tokens(table.model(route.target), first) if api.tpm is not None else 0
             admission = await admit(self.limiter, api, tokens, name)
         try:
             response = await self._forward(
-                endpoint, body, name, in_body, route, request, record, stream, admission, (replica, owner)
+                table, endpoint, body, name, in_body, route, request, record, stream, admission, (replica, owner)
             )
         except (asyncio.CancelledError, RequestTimeoutError):
             # The client left or the time ran out: a whole answer's call
@@ -248,29 +175,29 @@ class ModelDispatcher:
         # background response's end settles it.
         return response
 
-    async def _most_tokens(self, call: EngineRequest) -> int:
+    async def _most_tokens(self, model: ServedModel, call: EngineRequest) -> int:
         """What a token limit reserves for ``call``: the model's own count for
         LLMs, a bound from the input for embeddings, none for predictions."""
-        kind = self._kinds.get(call.model, "llm")
         if call.endpoint == "messages_count":
             return 0  # counts tokens, generates none
-        if kind == "llm":
-            handles = self._handles[call.model]
-            if handles.counter is None:
-                handles.learn_counter()
+        client = model.client
+        if isinstance(client, LLMClient):
+            if client.counter is None:
+                client.learn_counter()
             else:
-                counts = handles.counter.prompt_tokens(call.endpoint, call.body)
-                total = most_tokens(counts, call.body, handles.window) if counts is not None else None
+                counts = client.counter.prompt_tokens(call.endpoint, call.body)
+                total = most_tokens(counts, call.body, client.window) if counts is not None else None
                 if total is not None:
                     return total
             try:  # the model's replica counts what the ingress cannot
-                return await handles.relay.most_tokens(call)
+                return await client.relay.most_tokens(call)
             except Exception as exc:
                 raise self._error(exc) from None
         return embedding_tokens(call.body) if call.endpoint == "embedding" else 0
 
     async def _forward(
         self,
+        table: ServingTable,
         endpoint: Endpoint,
         body: dict[str, Any],
         name: str,
@@ -286,7 +213,7 @@ class ModelDispatcher:
         request_id = record.request_id
         if route.shadow is not None:
             shadow_body = {**body, "model": route.shadow} if in_body else body
-            self._mirror(EngineRequest(endpoint, shadow_body, request_id + "-shadow", route.shadow))
+            self._mirror(table.model(route.shadow), EngineRequest(endpoint, shadow_body, request_id + "-shadow", route.shadow))
         candidates = (route.target, *route.fallbacks)
         for target in candidates:
             call = EngineRequest(endpoint, _routed(body, name, target, in_body), request_id, target, *pin)
@@ -296,13 +223,11 @@ class ModelDispatcher:
             if admission is not None:
                 headers.update(admission.headers)
             record.variant = target
-            timeout = self._timeouts.get(target)
+            model = table.model(target)
             try:
                 if not stream:
-                    return await self._unary(
-                        self._handles[target], call, request, headers, record, admission, timeout
-                    )
-                return await self._stream(self._handles[target], call, headers, record, admission, timeout)
+                    return await self._unary(model, call, request, headers, record, admission, model.timeout_s)
+                return await self._stream(model, call, headers, record, admission, model.timeout_s)
             except GatewayError as error:
                 error.extra_headers.update(headers)
                 # Fallback only for failures of ours, before any byte was sent, with time left.
@@ -316,30 +241,15 @@ class ModelDispatcher:
                 )
         raise AssertionError("unreachable: the last candidate raises or returns")
 
-    async def _holder(self, name: str, response_id: str, param: str) -> tuple[Route, str]:
+    async def _holder(self, table: ServingTable, name: str, response_id: str, param: str) -> tuple[Route, str]:
         """The route to the variant of ``name`` whose replica stores
         ``response_id``, and that replica's id; 404 when none does (the id
         was not made here, or its replica has stopped)."""
         replica = relay.response_replica(response_id)
-        model = await self._holding(self._routes.members(name), replica) if replica is not None else None
+        model = await _holding(table.llms(table.routes.members(name)), replica) if replica is not None else None
         if model is None or replica is None:
             raise ResponseNotFoundError.for_id(response_id, param)
-        return self._routes.pinned(name, model), replica
-
-    async def _holding(self, models: list[str], replica: str) -> str | None:
-        """Which of ``models`` (LLMs among them) has the replica ``replica``:
-        first among the replicas this ingress knows, then asking Serve."""
-        llms = [model for model in models if self._kinds.get(model, "llm") == "llm" and model in self._handles]
-        for model in llms:
-            if self._handles[model].relay.knows(replica):
-                return model
-        for model in llms:
-            try:
-                if await self._handles[model].relay.holds(replica):
-                    return model
-            except ServiceUnavailableError:
-                continue  # no replica of it runs: none of them stores it
-        return None
+        return table.routes.pinned(name, model.name), replica
 
     async def stored(self, endpoint: Endpoint, request: Request, response_id: str) -> Response:
         """``GET /v1/responses/{id}`` (``responses_retrieve``) or
@@ -350,12 +260,14 @@ class ModelDispatcher:
             body.update(_retrieve_query(request))
         else:
             await read_body(request, self._max_body_bytes, self._read_timeout_s)  # none is expected
+        table = self._table
         api = api_key(request)
         replica = relay.response_replica(response_id)
-        allowed = [model for model in self._handles if api is None or api.allows(model)]
-        target = await self._holding(allowed, replica) if replica is not None else None
-        if target is None:
+        allowed = table.llms(name for name in table.models if api is None or api.allows(name))
+        model = await _holding(allowed, replica) if replica is not None else None
+        if model is None:
             raise ResponseNotFoundError.for_id(response_id, "response_id")
+        target = model.name
         stream = bool(body.get("stream"))
         record: RequestRecord = request.state.record
         record.model = record.variant = target
@@ -363,12 +275,11 @@ class ModelDispatcher:
         admission = await admit(self.limiter, api, 0, target) if api is not None and api.limited else None
         call = EngineRequest(endpoint, body, record.request_id, target, replica, api.id if api else "")
         headers = {VARIANT_HEADER: target, **(admission.headers if admission is not None else {})}
-        handles = self._handles[target]
-        try:
+        try:  # not bounded by the model's request_timeout_s: retrieving is not generating
             if stream:
-                response = await self._stream(handles, call, headers, record, admission, None)
+                response = await self._stream(model, call, headers, record, admission, None)
             else:
-                response = await self._unary(handles, call, request, headers, record, admission, None)
+                response = await self._unary(model, call, request, headers, record, admission, None)
         except BaseException:
             if admission is not None:
                 admission.settle(Outcome())
@@ -377,38 +288,27 @@ class ModelDispatcher:
             admission.settle(record.outcome)
         return response
 
-    def _check_kind(self, endpoint: Endpoint, name: str, route: Route) -> None:
-        kind = self._kinds.get(route.target, "llm")
-        if kind not in ENDPOINT_KINDS[endpoint]:
-            path = ENDPOINT_PATHS[endpoint].format(model=name)
-            raise ModelNotSupportedError(
-                f"The model `{name}` ({kind}) does not serve {path}.",
-                param="model",
-            )
-
-    def _mirror(self, call: EngineRequest) -> None:
+    def _mirror(self, model: ServedModel, call: EngineRequest) -> None:
         """Sends a copy in the background and discards the answer."""
-        task = asyncio.create_task(self._shadow_call(call))
+        task = asyncio.create_task(self._shadow_call(model, call))
         self._shadow_calls.add(task)  # keep a reference until it is done
         task.add_done_callback(self._shadow_calls.discard)
 
-    async def _shadow_call(self, call: EngineRequest) -> None:
-        handles = self._handles[call.model]
+    async def _shadow_call(self, model: ServedModel, call: EngineRequest) -> None:
+        client = model.client
         try:
-            if call.stream:
-                stream = await handles.relay.open(call)
+            if call.stream and isinstance(client, LLMClient):
+                stream = await client.relay.open(call)
                 async for _ in stream.chunks():
                     pass
-            elif self._kinds.get(call.model, "llm") == "llm":
-                await handles.relay.call(call)
             else:
-                await handles.unary.remote(call)
+                await client.unary(call)
         except Exception as exc:  # noqa: BLE001 - a shadow's failure is only worth a log line
             logger.info("shadow request to %s failed: %s", call.model, exc)
 
     async def _unary(
         self,
-        handles: _ModelHandles,
+        model: ServedModel,
         call: EngineRequest,
         request: Request,
         headers: dict[str, str],
@@ -416,31 +316,23 @@ class ModelDispatcher:
         admission: Admission | None = None,
         timeout: float | None = None,
     ) -> Response:
+        client = model.client
         waited = time.perf_counter()
-        # Who settles the key's reservation if the client leaves: the relay,
-        # once the replica says what was generated; else at once, keeping it.
+        try:
+            await client.ready()
+        finally:
+            record.model_wait_s += time.perf_counter() - waited
+        waited = time.perf_counter()
+        # Who settles the key's reservation if the client leaves: the model's
+        # client (an LLM's once its replica says what was generated).
         abandoned = admission.settle if admission is not None else None
-        llm = self._kinds.get(call.model, "llm") == "llm"
-        if not llm and not handles.running.fresh():
-            try:
-                await handles.running.ready()
-            finally:
-                record.model_wait_s += time.perf_counter() - waited
-            waited = time.perf_counter()
-        if handles.gather is not None:
-            response = answer = handles.gather.submit(call)
-        elif llm:
-            later = self._later(record, admission) if _background(call.endpoint, call.body) else None
-            response = answer = asyncio.ensure_future(handles.relay.call(call, abandoned, later))
-            abandoned = None
-        else:
-            response = handles.unary.remote(call)
-            answer = asyncio.ensure_future(_result(response))
+        later = self._later(record, admission) if _background(call.endpoint, call.body) else None
+        answer = client.unary(call, abandoned, later)
         hang_up = asyncio.ensure_future(_disconnected(request))
         # Serve's router holds a call while the model has no running replica:
         # a classical call is given up when that lasts (the relay bounds LLMs').
-        stalled = None if llm else handles.running.stalled()
-        waiting = {answer, hang_up} if stalled is None else {answer, hang_up, stalled}
+        stalled = client.stalled()
+        waiting: set[asyncio.Future[Any]] = {answer, hang_up} if stalled is None else {answer, hang_up, stalled}
         left = expired = gone = False
         try:
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -458,10 +350,7 @@ class ModelDispatcher:
             record.model_wait_s += time.perf_counter() - waited
             if not answer.done():
                 left = not expired and not gone
-                response.cancel()
                 answer.cancel()
-                if abandoned is not None:
-                    abandoned(None)
         if gone:
             assert stalled is not None  # it only ever ends with the 503
             raise stalled.exception()  # type: ignore[misc]
@@ -473,28 +362,30 @@ class ModelDispatcher:
             reply: Reply = answer.result()
         except Exception as exc:
             error = self._error(exc)
-            if not llm and type(error) is ServiceUnavailableError:
-                handles.running.lost()  # its replica may be gone: look before the next call
+            if type(error) is ServiceUnavailableError:
+                client.lost()
             raise error from None
-        if not llm:
-            handles.running.seen()
+        client.answered()
         self._answered(record, reply.outcome)
         return Response(reply.body, media_type="application/json", headers=headers)
 
     async def _stream(
         self,
-        handles: _ModelHandles,
+        model: ServedModel,
         call: EngineRequest,
         headers: dict[str, str],
         record: RequestRecord,
         admission: Admission | None = None,
         timeout: float | None = None,
     ) -> Response:
+        client = model.client
+        if not isinstance(client, LLMClient):  # only LLMs' endpoints stream (EndpointSpec.kinds)
+            raise ModelNotSupportedError(f"The model `{model.name}` does not stream.", param="model")
         waited = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + timeout if timeout is not None else None
         try:
             async with asyncio.timeout_at(deadline):
-                stream = await handles.relay.open(call)
+                stream = await client.stream(call)
         except TimeoutError:
             raise _timed_out(timeout) from None
         except Exception as exc:
@@ -573,6 +464,22 @@ class ModelDispatcher:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
 
 
+async def _holding(models: list[ServedModel], replica: str) -> ServedModel | None:
+    """Which of ``models`` (LLMs) has the replica ``replica``: first among
+    the replicas this ingress knows, then asking Serve."""
+    clients = [(model, model.client) for model in models if isinstance(model.client, LLMClient)]
+    for model, client in clients:
+        if client.relay.knows(replica):
+            return model
+    for model, client in clients:
+        try:
+            if await client.relay.holds(replica):
+                return model
+        except ServiceUnavailableError:
+            continue  # no replica of it runs: none of them stores it
+    return None
+
+
 def _background(endpoint: Endpoint, body: dict[str, Any]) -> bool:
     """Whether ``body`` asks for a background response (Responses API): one
     generated on after its answer, to be retrieved later."""
@@ -604,26 +511,6 @@ def _timed_out(timeout: float | None) -> RequestTimeoutError:
 def _routed(body: dict[str, Any], name: str, target: str, in_body: bool) -> dict[str, Any]:
     """The body a variant gets: an OpenAI body names the concrete model."""
     return {**body, "model": target} if in_body and target != name else body
-
-
-_ENVELOPES: dict[str, type[ModelEnvelope]] = {
-    "chat": RequestEnvelope, "completion": RequestEnvelope, "responses": ResponsesEnvelope,
-    "messages": MessagesEnvelope,
-}
-STREAMING = (RequestEnvelope, ResponsesEnvelope, MessagesEnvelope)
-
-
-def _envelope(endpoint: Endpoint, body: dict[str, Any]) -> ModelEnvelope:
-    """The routing fields of an OpenAI body; only chat and completions stream."""
-    schema = _ENVELOPES.get(endpoint, ModelEnvelope)
-    try:
-        return schema.of(body)
-    except ValidationError as exc:
-        raise InvalidRequestError.from_validation(exc) from None
-
-
-async def _result(response: Any) -> Reply:
-    return await response  # type: ignore[no-any-return]
 
 
 async def _disconnected(request: Request) -> None:

@@ -14,7 +14,7 @@ from gateway.auth.limiter import LimiterAddress, LimiterClient, LocalLimiter
 from gateway.config import FrontDoorConfig, GatewayConfig, LLMModelConfig, ModelConfig
 from gateway.http.access_log import AccessLog
 from gateway.http.dispatch import ModelDispatcher
-from gateway.http.gather import Gathering
+from gateway.http.serving import build_table
 from gateway.metrics.families import FAMILIES
 from gateway.metrics.recorder import GatewayMetrics
 from gateway.metrics.registry import render
@@ -73,12 +73,10 @@ class GatewayState:
             LimiterClient(self._find_limiter) if hub is not None else LocalLimiter()
         )
         self.dispatcher = ModelDispatcher(
-            RouteTable([]), {}, front_door.ingress.retry_after_s, metrics=self.metrics,
+            front_door.ingress.retry_after_s, metrics=self.metrics,
             limiter=self.limiter, max_body_bytes=front_door.ingress.max_body_bytes,
             read_timeout_s=front_door.ingress.read_timeout_s,
-            replica_wait_s=front_door.ingress.replica_wait_s,
         )
-        self._handles: dict[str, tuple[ModelConfig, Any]] = {}
         self._info_calls: dict[str, tuple[Any, Any]] = {}  # per model: its handle, and for `info`
         self._created = int(time.time())
         self._context: dict[str, int | None] = {}
@@ -103,32 +101,23 @@ class GatewayState:
             logger.warning(
                 "no API keys configured: whoever reaches the gateway may use every model"
             )
-        handles: dict[str, tuple[ModelConfig, Any]] = {}
+        served = self.dispatcher.table.models
+        handles: dict[str, Any] = {}
         for model in config.models:
-            old = self._handles.get(model.name)
-            # Same name and kind: same deployment, so the handle stays.
-            keep = old is not None and old[0].kind == model.kind
-            handles[model.name] = (model, old[1] if keep and old else self._handle_for(model))
+            old = served.get(model.name)
+            # Same name and kind: same deployment, so the handle (and its client) stays.
+            keep = old is not None and old.kind == model.kind
+            handles[model.name] = old.client.source if keep and old is not None else self._handle_for(model)
+        table = build_table(
+            config, _route_table(config), handles, self.dispatcher.table, self.front_door.ingress.replica_wait_s
+        )
         self.config = config
         self.keys = KeyTable(config.keys)
-        self._handles = handles
         self._context = {
             m.name: (m.max_model_len if isinstance(m, LLMModelConfig) else None) or self._context.get(m.name)
             for m in config.models
         }
-        self.dispatcher.use_routes(
-            _route_table(config),
-            config.routing.cohort_header,
-            {name: handle for name, (_, handle) in handles.items()},
-            {m.name: m.kind for m in config.models},
-            {m.name: g for m in config.models if (g := Gathering.for_model(m)) is not None},
-            {m.name: m.request_timeout_s for m in config.models if m.request_timeout_s is not None},
-            {
-                m.name: m.max_ongoing_requests + m.max_queued_requests
-                for m in config.models
-                if m.kind == "llm" and m.max_queued_requests >= 0
-            },
-        )
+        self.dispatcher.serve(table)
         logger.info(
             "serving %d models, %d routes, %d API keys",
             len(config.models), len(config.routing.routes), len(config.keys),
@@ -179,10 +168,11 @@ class GatewayState:
 
     async def refresh_model_info(self) -> None:
         """Learns context windows the config left to the model (best effort)."""
+        models = self.dispatcher.table.models
         for name, value in list(self._context.items()):
-            model, handle = self._handles[name]
-            if value is not None or model.kind != "llm":
+            if value is not None or name not in models or models[name].kind != "llm":
                 continue
+            handle = models[name].client.source
             ask = self._info_calls.get(name)
             if ask is None or ask[0] is not handle:  # ``options`` makes a new handle: once per model
                 ask = self._info_calls[name] = (handle, handle.options(method_name="info"))
@@ -197,7 +187,8 @@ class GatewayState:
         from ray import serve
 
         status = await asyncio.to_thread(serve.status)
-        apps = {self.front_door.app_name} | {self._app_for(m) for m, _ in self._handles.values()}
+        models = self.config.models if self.config is not None else []
+        apps = {self.front_door.app_name} | {self._app_for(m) for m in models}
         statuses: dict[str, str] = {}
         for name in sorted(apps):
             app = status.applications.get(name)

@@ -17,7 +17,10 @@ from httpx import ASGITransport, AsyncClient
 
 from gateway import sse
 from gateway.errors import InternalServerError, InvalidRequestError
+from gateway.config import ModelKind
 from gateway.http.dispatch import ModelDispatcher
+from gateway.http.gather import Gathering
+from gateway.http.serving import ClassicalClient, LLMClient, ServedModel, ServingTable
 from gateway.http.handlers import install_handlers
 from gateway.http.access_log import AccessLog
 from gateway.http.observe import ObservabilityMiddleware, route_matcher
@@ -141,15 +144,20 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
     handles: dict[str, FakeHandle] = routing.get("handles") or {"m": handle or FakeHandle()}
     aliases = {"r": routing["alias"]} if "alias" in routing else None
     metrics = GatewayMetrics()
-    kinds = routing.get("kinds")
-    dispatcher = ModelDispatcher(
-        RouteTable(list(handles), aliases), handles, retry_after_s=1, metrics=metrics, kinds=kinds,
-        replica_wait_s=routing.get("replica_wait_s", 5.0),
-    )
-    if "gathering" in routing:
-        dispatcher.use_routes(dispatcher.routes, "x-session-id", handles, kinds, gathering=routing["gathering"])
+    kinds: dict[str, ModelKind] = routing.get("kinds") or {}
+    wait_s = routing.get("replica_wait_s", 5.0)
+    models: dict[str, ServedModel] = {}
+    for name, h in handles.items():
+        kind = kinds.get(name, "llm")
+        client = LLMClient(h, wait_s) if kind == "llm" else ClassicalClient(h, kind, wait_s)
+        if "gathering" in routing and isinstance(client, ClassicalClient):
+            client.gather_by(Gathering(*routing["gathering"][name]))
+        models[name] = ServedModel(name, kind, client)
+    table = ServingTable(RouteTable(list(handles), aliases), "x-session-id", models)
+    dispatcher = ModelDispatcher(retry_after_s=1, metrics=metrics, table=table)
     app = FastAPI()
     app.state.metrics = metrics
+    app.state.dispatcher = dispatcher
 
     @app.post("/chat")
     async def chat(request: Request) -> Response:
@@ -279,11 +287,11 @@ async def test_server_cancelling_a_left_request_cancels_the_model_call() -> None
 
 async def test_concurrent_requests_to_a_gathering_model_share_calls_and_keep_their_answers() -> None:
     handle = FakeHandle(delay=0.05)
-    app = make_app(handle, gathering={"m": (8, 1, None)})
-    bodies = [{"model": "m", "k": i, "bad": i == 3} for i in range(6)]
+    app = make_app(handle, kinds={"m": "classifier"}, gathering={"m": (8, 1, None)})
+    bodies = [{"k": i, "bad": i == 3} for i in range(6)]
     transport = ASGITransport(app=app, raise_app_exceptions=False)
     async with AsyncClient(transport=transport, base_url="http://test") as client:
-        responses = await asyncio.gather(*(client.post("/chat", json=b) for b in bodies))
+        responses = await asyncio.gather(*(client.post("/predict/m", json=b) for b in bodies))
     # The first leaves alone; the rest wait for it and leave together.
     assert [len(group) for group in handle.calls] == [1, 5]
     assert [c.body["k"] for group in handle.calls for c in group] == [0, 1, 2, 3, 4, 5]
@@ -472,3 +480,19 @@ async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(
     assert snapshot["llm_gateway_time_to_first_token_seconds"][("r", "a")][1] == pytest.approx(0.01)
     assert sum(snapshot["llm_gateway_inter_token_latency_seconds"][("r", "a")][0]) == 1
     assert snapshot["llm_gateway_requests_total"] == {("/chat", "r", "a", "200", ""): 1}
+
+
+async def test_a_request_is_served_by_the_table_it_arrived_under() -> None:
+    old, new = FakeHandle(unary=b'{"from": "old"}', delay=0.2), FakeHandle(unary=b'{"from": "new"}')
+    app = make_app(old)
+    dispatcher: ModelDispatcher = app.state.dispatcher
+    swapped = ServingTable(dispatcher.routes, "x-session-id", {"m": ServedModel("m", "llm", LLMClient(new))})
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        first = asyncio.create_task(client.post("/chat", json={"model": "m"}))
+        while not old.calls:
+            await asyncio.sleep(0.01)
+        dispatcher.serve(swapped)  # a reconfiguration while the first is in flight
+        second = await client.post("/chat", json={"model": "m"})
+        assert (await first).json() == {"from": "old"}
+    assert second.json() == {"from": "new"} and dispatcher.table is swapped

@@ -1,0 +1,242 @@
+"""What an ingress replica serves with, per config: one immutable table.
+
+A ``ServingTable`` holds, for one validated config, every model's client
+(``LLMClient``: streams and whole answers over the replicas' own HTTP relay;
+``ClassicalClient``: Serve handle calls, gathered into shared calls for
+batched models), its kind and limits, the route table and the cohort header.
+A reconfiguration builds a new table and swaps it in whole; a request reads
+the table once, when it arrives, and is served by that one to its end.
+
+Clients outlive tables: a model whose deployment stays (same name and kind)
+keeps its client, and with it its connections, counts and learnt tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from gateway.auth.prompt_count import PromptCounter, counter_for
+from gateway.config import GatewayConfig, ModelConfig, ModelKind
+from gateway.http.gather import Gatherer, Gathering
+from gateway.http.relay import RelayedStream, ReplicaRelay, RunningReplica
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
+from gateway.routing.table import RouteTable
+
+logger = logging.getLogger(__name__)
+
+Settle = Callable[[Outcome | None], None]
+
+
+class ModelClient(Protocol):
+    """How the ingress calls one model's replicas for a whole answer.
+
+    ``unary`` starts the call and returns its answer as a future; cancelling
+    the future aborts the engine request (for an LLM, ``abandoned`` then
+    gets what was generated). ``ready`` returns when a call may be sent,
+    after a bounded wait for a running replica where the client needs one;
+    ``stalled`` (None: never) fails with 503 once an unanswered call's model
+    has no running replica. ``answered`` and ``lost`` tell the client how a
+    call ended (answered; or refused because its replica was gone)."""
+
+    kind: ModelKind
+    source: Any  # the Serve handle the client was made from
+
+    def unary(self, call: EngineRequest, abandoned: Settle | None = None, later: Settle | None = None) -> asyncio.Future[Reply]: ...
+
+    async def ready(self) -> None: ...
+
+    def stalled(self) -> asyncio.Future[None] | None: ...
+
+    def answered(self) -> None: ...
+
+    def lost(self) -> None: ...
+
+
+class LLMClient:
+    """An LLM's replicas: streams and whole answers over their own relay
+    (``ReplicaRelay``), and how to count its prompts here, learnt from one
+    of them when a token limit first needs it (``gateway.auth.prompt_count``)."""
+
+    kind: ModelKind = "llm"
+
+    def __init__(self, handle: Any, replica_wait_s: float = 5.0) -> None:
+        self.source = handle
+        self.relay = ReplicaRelay(handle, wait_s=replica_wait_s)
+        self.counter: PromptCounter | None = None
+        self.window: int | None = None
+        self._learning: asyncio.Task[None] | None = None
+
+    def unary(self, call: EngineRequest, abandoned: Settle | None = None, later: Settle | None = None) -> asyncio.Future[Reply]:
+        return asyncio.ensure_future(self.relay.call(call, abandoned, later))
+
+    async def stream(self, call: EngineRequest) -> RelayedStream:
+        """Opens ``call``'s stream on a replica (``ReplicaRelay.open``)."""
+        return await self.relay.open(call)
+
+    async def ready(self) -> None:
+        return None  # the relay bounds its own wait for a replica
+
+    def stalled(self) -> asyncio.Future[None] | None:
+        return None  # the relay's call ends when its replica does
+
+    def answered(self) -> None:
+        return None
+
+    def lost(self) -> None:
+        return None
+
+    def learn_counter(self) -> None:
+        """Starts learning the model's tokenizer in the background (once)."""
+        if self._learning is None:
+            self._learning = asyncio.ensure_future(self._learn())
+
+    async def _learn(self) -> None:
+        try:
+            info = await self.source.options(method_name="info").remote()
+            self.window = info.max_model_len
+            # A large tokenizer takes a moment to build: not on the event loop.
+            self.counter = await asyncio.to_thread(counter_for, getattr(info, "tokenizer", None))
+        except Exception as exc:  # noqa: BLE001 - the replica keeps counting; try again later
+            logger.info("could not learn a model's tokenizer: %s", exc)
+            self._learning = None
+
+
+class ClassicalClient:
+    """A classical model's replicas through Serve's handle: one call per
+    request, or, for a batched model (``gathering``), requests that arrive
+    together sent as one call (``generate_many``) that the replica splits
+    into its batch queue. Serve's router waits for a running replica as long
+    as it takes; this client bounds that wait (``RunningReplica``).
+
+    ``handle.options(...)`` builds a new handle each time: the methods are
+    made here once, not per request."""
+
+    def __init__(self, handle: Any, kind: ModelKind, replica_wait_s: float = 5.0) -> None:
+        self.source = handle
+        self.kind = kind
+        self._one = handle.options(method_name="generate")
+        self._many = handle.options(method_name="generate_many")
+        self.running = RunningReplica(handle, wait_s=replica_wait_s)
+        self.gather: Gatherer[EngineRequest] | None = None
+
+    def gather_by(self, group: Gathering | None) -> None:
+        """Sends calls in groups as ``group`` says (None: one by one). A
+        gatherer that exists keeps its calls in flight and takes the new
+        bounds."""
+        if group is None:
+            self.gather = None
+        elif self.gather is None:
+            many = self._many
+            self.gather = Gatherer(lambda calls: many.remote(calls), *group)
+        else:
+            self.gather.max_group, self.gather.max_in_flight, self.gather.max_hold_s = group
+
+    def unary(self, call: EngineRequest, abandoned: Settle | None = None, later: Settle | None = None) -> asyncio.Future[Reply]:
+        response: Any = None
+        if self.gather is not None:
+            answer: asyncio.Future[Reply] = self.gather.submit(call)  # cancelled: dropped from its group
+        else:
+            response = self._one.remote(call)
+            answer = asyncio.ensure_future(_result(response))
+
+        def ended(done: asyncio.Future[Reply]) -> None:
+            if not done.cancelled():
+                return
+            if response is not None:
+                response.cancel()  # Serve's call, which aborts it on the replica
+            if abandoned is not None:
+                abandoned(None)  # nothing counts what a classical model did
+
+        answer.add_done_callback(ended)
+        return answer
+
+    async def ready(self) -> None:
+        if not self.running.fresh():
+            await self.running.ready()
+
+    def stalled(self) -> asyncio.Future[None] | None:
+        return self.running.stalled()
+
+    def answered(self) -> None:
+        self.running.seen()
+
+    def lost(self) -> None:
+        self.running.lost()  # its replica may be gone: look before the next call
+
+
+async def _result(response: Any) -> Reply:
+    return await response  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """One model as requests reach it: its client, kind, and the limits the
+    ingress applies (``timeout_s``: its ``request_timeout_s``)."""
+
+    name: str
+    kind: ModelKind
+    client: LLMClient | ClassicalClient
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServingTable:
+    """Everything requests are routed and served by under one config."""
+
+    routes: RouteTable
+    cohort_header: str = "x-session-id"
+    models: Mapping[str, ServedModel] = field(default_factory=lambda: MappingProxyType({}))
+
+    def model(self, name: str) -> ServedModel:
+        """The concrete model ``name``; KeyError when it is not served."""
+        return self.models[name]
+
+    def llms(self, names: Iterable[str]) -> list[ServedModel]:
+        """Those of ``names`` that are LLMs served here, in order."""
+        return [self.models[n] for n in names if n in self.models and self.models[n].kind == "llm"]
+
+
+def client_for(model: ModelConfig, handle: Any, replica_wait_s: float) -> LLMClient | ClassicalClient:
+    """A new client of ``model``'s deployment through ``handle``."""
+    if model.kind == "llm":
+        return LLMClient(handle, replica_wait_s)
+    return ClassicalClient(handle, model.kind, replica_wait_s)
+
+
+def build_table(
+    config: GatewayConfig,
+    routes: RouteTable,
+    handles: Mapping[str, Any],
+    previous: ServingTable | None,
+    replica_wait_s: float,
+) -> ServingTable:
+    """The table for ``config``: each model reached through ``handles[name]``;
+    the clients of ``previous`` are kept where the handle and kind are the
+    same. Limits (capacity, gathering) are set on the clients here, before
+    the table is swapped in."""
+    known = previous.models if previous is not None else {}
+    models: dict[str, ServedModel] = {}
+    for model in config.models:
+        handle = handles[model.name]
+        old = known.get(model.name)
+        same = old is not None and old.client.source is handle and old.kind == model.kind
+        client = old.client if same and old is not None else client_for(model, handle, replica_wait_s)
+        if isinstance(client, ClassicalClient):
+            client.gather_by(Gathering.for_model(model))
+        else:
+            client.relay.capacity = _capacity(model)
+        models[model.name] = ServedModel(model.name, model.kind, client, model.request_timeout_s)
+    return ServingTable(routes, config.routing.cohort_header, MappingProxyType(models))
+
+
+def _capacity(model: ModelConfig) -> int | None:
+    """Requests one of an LLM's replicas takes at once, running and queued
+    (None: no bound): refused at the ingress beyond it."""
+    if model.max_queued_requests < 0:
+        return None
+    return model.max_ongoing_requests + model.max_queued_requests
