@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -153,7 +154,8 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
         if "gathering" in routing and isinstance(client, ClassicalClient):
             client.gather_by(Gathering(*routing["gathering"][name]))
         models[name] = ServedModel(name, kind, client)
-    table = ServingTable(RouteTable(list(handles), aliases), "x-session-id", models)
+    # Seeded: a request without a cohort goes to the same variant on every run.
+    table = ServingTable(RouteTable(list(handles), aliases, random.Random(7)), "x-session-id", models)
     dispatcher = ModelDispatcher(retry_after_s=1, metrics=metrics, table=table)
     app = FastAPI()
     app.state.metrics = metrics
