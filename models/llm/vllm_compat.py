@@ -27,16 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.errors import (
-    ContextLengthExceededError,
-    GatewayError,
-    InternalServerError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    NotImplementedFeatureError,
-    ResponseNotFoundError,
-    ServiceUnavailableError,
-)
+from gateway import errors
 from models.llm.engine import ENGINE_DEAD
 
 logger = logging.getLogger(__name__)
@@ -277,7 +268,7 @@ def prompt_len(serving: Serving, engine_input: Any) -> int:
 async def render(serving: Serving, endpoint: str, parsed: Any) -> list[Any]:
     """The engine inputs ``parsed`` (a request of ``endpoint``: chat, messages
     or completion) renders to, as vLLM will render it to generate; raises
-    ``GatewayError`` where vLLM refuses it."""
+    ``errors.GatewayError`` where vLLM refuses it."""
     if endpoint == "messages":  # rendered as the chat request vLLM makes of it
         messages = serving.messages
         parsed = messages.to_chat_completion_request(parsed, merge_inline_system=messages._merge_inline_system)
@@ -299,7 +290,7 @@ async def render_response(serving: Serving, parsed: Any) -> Any:
     if parsed.previous_response_id is not None:
         previous = responses.response_store.get(parsed.previous_response_id)
         if previous is None:
-            raise ResponseNotFoundError.for_id(parsed.previous_response_id, "previous_response_id")
+            raise errors.ResponseNotFoundError.for_id(parsed.previous_response_id, "previous_response_id")
     result = await responses._render_resolved_response_inputs(parsed, previous)
     if isinstance(result, serving.error_response):
         raise map_error(result.model_dump())
@@ -403,7 +394,7 @@ class ErrorRow:
 
     statuses: range
     params: frozenset[str | None] | None
-    make: Callable[[str, str | None, int], GatewayError]
+    make: Callable[[str, str | None, int], errors.GatewayError]
     # The row's errors name the request's prompt parameter (``messages``,
     # ``prompt``, ``input``), as OpenAI's do, not vLLM's internal name.
     names_prompt: bool = False
@@ -417,17 +408,17 @@ def _only(status: int) -> range:
 CONTEXT_PARAMS = frozenset({"input_tokens", "input_text"})
 
 ERROR_TABLE: tuple[ErrorRow, ...] = (
-    ErrorRow(_only(404), frozenset({"response_id"}), lambda m, p, s: ResponseNotFoundError(m, param=p)),
-    ErrorRow(_only(404), ANY, lambda m, p, s: ModelNotFoundError(m, param="model")),
-    ErrorRow(_only(400), CONTEXT_PARAMS, lambda m, p, s: ContextLengthExceededError(m, param=p), names_prompt=True),
-    ErrorRow(range(400, 500), ANY, lambda m, p, s: InvalidRequestError(m, param=p, status=s)),
+    ErrorRow(_only(404), frozenset({"response_id"}), lambda m, p, s: errors.ResponseNotFoundError(m, param=p)),
+    ErrorRow(_only(404), ANY, lambda m, p, s: errors.ModelNotFoundError(m, param="model")),
+    ErrorRow(_only(400), CONTEXT_PARAMS, lambda m, p, s: errors.ContextLengthExceededError(m, param=p), names_prompt=True),
+    ErrorRow(range(400, 500), ANY, lambda m, p, s: errors.InvalidRequestError(m, param=p, status=s)),
     # A feature the model lacks is the client's to change, never retried.
-    ErrorRow(_only(501), ANY, lambda m, p, s: NotImplementedFeatureError(m)),
-    ErrorRow(_only(503), ANY, lambda m, p, s: ServiceUnavailableError(m)),
+    ErrorRow(_only(501), ANY, lambda m, p, s: errors.NotImplementedFeatureError(m)),
+    ErrorRow(_only(503), ANY, lambda m, p, s: errors.ServiceUnavailableError(m)),
 )
 
 
-def map_error(envelope: dict[str, Any], prompt_param: str | None = None) -> GatewayError:
+def map_error(envelope: dict[str, Any], prompt_param: str | None = None) -> errors.GatewayError:
     """vLLM's error object (``{"error": {"message", "type", "param", "code"}}``,
     ``code`` its HTTP status, or the inner dict) as a gateway error, by
     ``ERROR_TABLE``; anything else is a 500 whose details stay in the log."""
@@ -439,24 +430,24 @@ def map_error(envelope: dict[str, Any], prompt_param: str | None = None) -> Gate
         if status in row.statuses and (row.params is ANY or param in row.params):
             return row.make(message, (prompt_param or param) if row.names_prompt else param, status)
     logger.error("engine error (%d): %s", status, message)
-    return InternalServerError("The model failed while serving the request.")
+    return errors.InternalServerError("The model failed while serving the request.")
 
 
-def map_exception(exc: BaseException, prompt_param: str | None = None) -> GatewayError:
+def map_exception(exc: BaseException, prompt_param: str | None = None) -> errors.GatewayError:
     """An exception raised by vLLM's serving layer (or by the gateway's checks
     inside it) as a gateway error: the gateway's own pass as they are,
     pydantic's name the field, a dead engine is 503 (the replica is about to
     be replaced), and the rest go through vLLM's own mapping, then
     ``ERROR_TABLE``."""
-    if isinstance(exc, GatewayError):
+    if isinstance(exc, errors.GatewayError):
         return exc
     if isinstance(exc, ValidationError):
-        return InvalidRequestError.from_validation(exc)
+        return errors.InvalidRequestError.from_validation(exc)
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
     from vllm.v1.engine.exceptions import EngineDeadError
 
     if isinstance(exc, EngineDeadError):
-        return ServiceUnavailableError(ENGINE_DEAD)
+        return errors.ServiceUnavailableError(ENGINE_DEAD)
     response = create_error_response(exc if isinstance(exc, Exception) else Exception(str(exc)))
     if response.error.code >= 500:
         logger.error("engine failure", exc_info=exc)

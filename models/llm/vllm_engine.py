@@ -93,7 +93,7 @@ class VLLMEngine:
         self._serving = await vllm_compat.build_serving(
             self.cli_args(), lambda generate, delta_kind: _tallied(generate, delta_kind, prepare)
         )
-        vllm_compat.guard_renders(self._serving, self._check_window)
+        vllm_compat.guard_renders(self._serving, self._check_rendered)
 
     def info(self) -> EngineInfo:
         serving = self._vllm
@@ -204,7 +204,7 @@ class VLLMEngine:
         try:
             parsed = schema.model_validate(_with_request_id(request))
             if request.endpoint in _GENERATING:
-                _check_budget(_budget(request.endpoint, parsed), serving.max_model_len, prompt_param)
+                _check_window(None, _budget(request.endpoint, parsed), serving.max_model_len, prompt_param)
             result = await call(parsed, create)
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
             raise vllm_compat.map_exception(exc, prompt_param) from None
@@ -235,7 +235,7 @@ class VLLMEngine:
             total += prompt + choices * (budget if budget is not None else serving.max_model_len - prompt)
         return total
 
-    def _check_window(self, endpoint: str, request: Any, inputs: list[Any]) -> None:
+    def _check_rendered(self, endpoint: str, request: Any, inputs: list[Any]) -> None:
         """Refuses prompt + budget beyond the context window, as vLLM renders
         each request to generate (so streams fail before their first byte)."""
         budget = _budget(endpoint, request)
@@ -257,28 +257,23 @@ def _budget(endpoint: str, request: Any) -> int | None:
 _GENERATING = frozenset({"chat", "completion", "responses", "messages"})
 
 
-def _check_budget(budget: int | None, limit: int, param: str) -> None:
-    """Refuses an output budget the window cannot hold even with no prompt
-    (vLLM refuses it too, but names only its own parameter)."""
-    if budget is not None and budget > limit:
-        output = "output" if param == "input" else "completion"
-        raise ContextLengthExceededError(
-            f"This model's maximum context length is {limit} tokens. However, you "
-            f"requested {budget} tokens in the {output} alone. Please reduce the "
-            f"length of the {output}.",
-            param=param,
-        )
-
-
-def _check_window(prompt: int, budget: int, limit: int, param: str) -> None:
-    if prompt + budget > limit:
-        output = "output" if param == "input" else "completion"
-        raise ContextLengthExceededError(
-            f"This model's maximum context length is {limit} tokens. However, you "
-            f"requested {prompt + budget} tokens ({prompt} in the {param}, {budget} "
-            f"in the {output}). Please reduce the length of the {param} or {output}.",
-            param=param,
-        )
+def _check_window(prompt: int | None, budget: int | None, limit: int, param: str) -> None:
+    """Refuses prompt + output budget beyond the context window (``prompt``
+    None: the budget alone, checked before the prompt is rendered; vLLM
+    refuses that too, but names only its own parameter)."""
+    if budget is None or (prompt or 0) + budget <= limit:
+        return
+    output = "output" if param == "input" else "completion"
+    if prompt is None:
+        asked, reduce = f"{budget} tokens in the {output} alone", output
+    else:
+        asked = f"{prompt + budget} tokens ({prompt} in the {param}, {budget} in the {output})"
+        reduce = f"{param} or {output}"
+    raise ContextLengthExceededError(
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{asked}. Please reduce the length of the {reduce}.",
+        param=param,
+    )
 
 
 def _tallied(
