@@ -1,18 +1,19 @@
-"""Forwards OpenAI requests to model replicas and shapes the HTTP response."""
+"""Forwards a request to the model its plan names (``plan``), with the
+fallback, shadow, timeout, key limits and hang-ups around the call;
+``gateway.http.answers`` shapes and counts what comes back."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from gateway import sse
 from gateway.auth.limiter import LocalLimiter
 from gateway.auth.prompt_count import most_tokens
 from gateway.errors import (
@@ -24,12 +25,13 @@ from gateway.errors import (
     ResponseNotFoundError,
     ServiceUnavailableError,
 )
+from gateway.http.answers import Answers, timed_out
 from gateway.http.auth import api_key
 from gateway.http.body import parse_json_object, read_body
 from gateway.http.endpoints import ENDPOINTS, EndpointSpec
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
-from gateway.http.relay import BACKGROUND_OUTCOME_S, RelayedStream, RelayResponse, StreamCutError
+from gateway.http.relay import BACKGROUND_OUTCOME_S
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
@@ -105,6 +107,7 @@ class ModelDispatcher:
         # Where limited API keys reserve (``gateway.auth.limiter``).
         self.limiter = limiter if limiter is not None else LocalLimiter()
         self._metrics = metrics if metrics is not None else GatewayMetrics()
+        self._answers = Answers(self._metrics)
         self._shadow_calls: set[asyncio.Task[None]] = set()
         self._table = table if table is not None else ServingTable(RouteTable([]))
 
@@ -323,7 +326,7 @@ class ModelDispatcher:
         # Who settles the key's reservation if the client leaves: the model's
         # client (an LLM's once its replica says what was generated).
         abandoned = admission.settle if admission is not None else None
-        later = self._later(record, admission) if _background(call.endpoint, call.body) else None
+        later = self._answers.later(record, admission) if _background(call.endpoint, call.body) else None
         answer = client.unary(call, abandoned, later)
         hang_up = asyncio.ensure_future(_disconnected(request))
         # Serve's router holds a call while the model has no running replica:
@@ -352,7 +355,7 @@ class ModelDispatcher:
             assert stalled is not None  # it only ever ends with the 503
             raise stalled.exception()  # type: ignore[misc]
         if expired:
-            raise _timed_out(timeout)
+            raise timed_out(timeout)
         if left:
             return Response(status_code=499)
         try:
@@ -363,8 +366,7 @@ class ModelDispatcher:
                 client.lost()
             raise error from None
         client.answered()
-        self._answered(record, reply.outcome)
-        return Response(reply.body, media_type="application/json", headers=headers)
+        return self._answers.whole(record, reply, headers)
 
     async def _stream(
         self,
@@ -384,7 +386,7 @@ class ModelDispatcher:
             async with asyncio.timeout_at(deadline):
                 stream = await client.stream(call)
         except TimeoutError:
-            raise _timed_out(timeout) from None
+            raise timed_out(timeout) from None
         except Exception as exc:
             # Known before any byte left: a plain HTTP error, not a 200 stream.
             raise self._error(exc) from None
@@ -395,67 +397,7 @@ class ModelDispatcher:
             stream.when_ended(admission.settle)  # also a stream the client left
         if _background(call.endpoint, call.body):  # left early, it still generates to its end
             stream.outcome_wait_s = BACKGROUND_OUTCOME_S
-        relayed = self._relay(stream, call.endpoint, record, deadline, timeout)
-        return RelayResponse(relayed, headers, closed=stream.close)
-
-    def _later(self, record: RequestRecord, admission: Admission | None) -> Callable[[Outcome | None], None]:
-        """What counts a background response's outcome, once its replica has finished it."""
-
-        def finished(outcome: Outcome | None) -> None:
-            if outcome is not None:
-                self._metrics.answered(record.model, record.variant, outcome, record.key)
-            if admission is not None:
-                admission.settle(outcome)
-
-        return finished
-
-    def _answered(self, record: RequestRecord, outcome: Outcome) -> None:
-        record.outcome = outcome
-        self._metrics.answered(record.model, record.variant, outcome, record.key)
-
-    async def _relay(
-        self,
-        stream: RelayedStream,
-        endpoint: Endpoint,
-        record: RequestRecord,
-        deadline: float | None = None,
-        timeout: float | None = None,
-    ) -> AsyncIterator[bytes]:
-        """Yields the stream's bytes as they arrive; its outcome is counted once
-        the last of them has been handed to the client. A client that leaves
-        closes the relay, which aborts the engine request; so does the
-        ``deadline`` (loop time), and the client then gets an error frame."""
-        chunks = stream.chunks()
-        error: GatewayError | None = None
-        last = b""  # the latest read: a Responses error event is numbered after it
-        try:
-            if deadline is None:
-                async for chunk in chunks:
-                    last = chunk
-                    yield chunk
-            else:
-                while True:
-                    try:
-                        async with asyncio.timeout_at(deadline):  # around the read, not the yield
-                            chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    last = chunk
-                    yield chunk
-        except StreamCutError:
-            error = ServiceUnavailableError("The model stopped while serving the request.")
-        except TimeoutError:
-            error = _timed_out(timeout)
-        finally:
-            stream.close()  # at once, even where the client's hang-up left this unfinished
-        if error is not None:
-            record.error, record.late_status = error.code, error.status_code
-            yield sse.stream_error(endpoint, error, sse.next_sequence_number(last))
-            return
-        if stream.outcome is not None:
-            if stream.outcome.error is not None:  # the model ended the stream with an error frame
-                record.error, record.late_status = stream.outcome.error, stream.outcome.error_status
-            self._answered(record, stream.outcome)
+        return self._answers.streamed(stream, call.endpoint, record, headers, deadline, timeout)
 
     def _error(self, exc: BaseException) -> GatewayError:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
@@ -497,12 +439,6 @@ def _retrieve_query(request: Request) -> dict[str, Any]:
             raise InvalidRequestError("`starting_after` must be a whole number.", param="starting_after")
         query["starting_after"] = int(after)
     return query
-
-
-def _timed_out(timeout: float | None) -> RequestTimeoutError:
-    return RequestTimeoutError(
-        f"The model did not finish within this gateway's limit of {timeout:g} s; the request was stopped."
-    )
 
 
 def _routed(body: dict[str, Any], name: str, target: str, in_body: bool) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""How the gateway shapes a model's answer for its client, and counts it:
+a whole JSON body, or a stream relayed byte for byte that ends, when the
+model fails or the time runs out after its first byte, with an error frame
+(or event) in its API's shape. Answers are counted in the metrics (and a
+request's record) once the client has them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+
+from fastapi.responses import Response
+
+from gateway import sse
+from gateway.errors import GatewayError, RequestTimeoutError, ServiceUnavailableError
+from gateway.http.limits import Admission
+from gateway.http.relay import RelayedStream, RelayResponse, StreamCutError
+from gateway.metrics.recorder import GatewayMetrics, RequestRecord
+from gateway.protocol.engine import Endpoint, Outcome, Reply
+
+
+def timed_out(timeout: float | None) -> RequestTimeoutError:
+    """The error of a request that ran past its model's ``request_timeout_s``."""
+    return RequestTimeoutError(
+        f"The model did not finish within this gateway's limit of {timeout:g} s; the request was stopped."
+    )
+
+
+class Answers:
+    """Shapes and counts answers into ``metrics``."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def whole(self, record: RequestRecord, reply: Reply, headers: Mapping[str, str]) -> Response:
+        """A whole answer's JSON response, counted."""
+        self.answered(record, reply.outcome)
+        return Response(reply.body, media_type="application/json", headers=dict(headers))
+
+    def streamed(
+        self,
+        stream: RelayedStream,
+        endpoint: Endpoint,
+        record: RequestRecord,
+        headers: Mapping[str, str],
+        deadline: float | None = None,
+        timeout: float | None = None,
+    ) -> Response:
+        """A stream's response: its bytes as they arrive (``_relay``); closing
+        it (the client left) closes the stream, aborting the engine request."""
+        return RelayResponse(self._relay(stream, endpoint, record, deadline, timeout), dict(headers), closed=stream.close)
+
+    def later(self, record: RequestRecord, admission: Admission | None) -> Callable[[Outcome | None], None]:
+        """What counts a background response's outcome, once its replica has finished it."""
+
+        def finished(outcome: Outcome | None) -> None:
+            if outcome is not None:
+                self._metrics.answered(record.model, record.variant, outcome, record.key)
+            if admission is not None:
+                admission.settle(outcome)
+
+        return finished
+
+    def answered(self, record: RequestRecord, outcome: Outcome) -> None:
+        """Counts an answer the client is given (and keeps its outcome on ``record``)."""
+        record.outcome = outcome
+        self._metrics.answered(record.model, record.variant, outcome, record.key)
+
+    async def _relay(
+        self,
+        stream: RelayedStream,
+        endpoint: Endpoint,
+        record: RequestRecord,
+        deadline: float | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[bytes]:
+        """Yields the stream's bytes as they arrive; its outcome is counted once
+        the last of them has been handed to the client. A client that leaves
+        closes the relay, which aborts the engine request; so does the
+        ``deadline`` (loop time), and the client then gets an error frame."""
+        chunks = stream.chunks()
+        error: GatewayError | None = None
+        last = b""  # the latest read: a Responses error event is numbered after it
+        try:
+            if deadline is None:
+                async for chunk in chunks:
+                    last = chunk
+                    yield chunk
+            else:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):  # around the read, not the yield
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    last = chunk
+                    yield chunk
+        except StreamCutError:
+            error = ServiceUnavailableError("The model stopped while serving the request.")
+        except TimeoutError:
+            error = timed_out(timeout)
+        finally:
+            stream.close()  # at once, even where the client's hang-up left this unfinished
+        if error is not None:
+            record.error, record.late_status = error.code, error.status_code
+            yield sse.stream_error(endpoint, error, sse.next_sequence_number(last))
+            return
+        if stream.outcome is not None:
+            if stream.outcome.error is not None:  # the model ended the stream with an error frame
+                record.error, record.late_status = stream.outcome.error, stream.outcome.error_status
+            self.answered(record, stream.outcome)
