@@ -82,6 +82,9 @@ def _ingress(front_door: FrontDoorConfig, **options: Any) -> Deployment:
         # (streams included) finish for this long.
         graceful_shutdown_timeout_s=front_door.ingress.graceful_shutdown_s,
         ray_actor_options={"num_cpus": front_door.ingress.num_cpus},
+        # The gateway writes its own access log (``gateway.http.access_log``);
+        # Serve's would be a second line per request, written on the hot path.
+        logging_config={"enable_access_log": False},
         **options,
     )
 
