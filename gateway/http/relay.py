@@ -41,6 +41,12 @@ MAX_MISSES = 3
 # A replica not known here is looked for at most this often (a stored
 # response's id names it; ids of replicas long gone must not cost a look-up each).
 HOLDER_REFRESH_S = 0.5
+# Connections to a replica are kept for its next request once an answer has
+# been read to its end: at most KEEP_PER_REPLICA idle ones, none used again
+# after KEEP_IDLE_S idle (the replica closes its own later:
+# models.llm.relay.IDLE_S).
+KEEP_PER_REPLICA = 64
+KEEP_IDLE_S = 20.0
 _UNAVAILABLE = "The model is temporarily unavailable; please retry shortly."
 _OVERLOADED = "The model is receiving too many requests; please retry shortly."
 _REPLICA_GONE = (
@@ -169,6 +175,78 @@ class RunningReplica:
         self._seen_at = self._clock()
 
 
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class _RelayProtocol(asyncio.StreamReaderProtocol):
+    """A relay connection's protocol: one kept idle that the replica closes is closed here too."""
+
+    idle = False
+
+    def eof_received(self) -> bool:
+        keep_open = super().eof_received()
+        return bool(keep_open) and not self.idle
+
+
+async def _connect(address: relay.RelayAddress) -> Connection:
+    """A new connection to the replica at ``address`` (``asyncio.open_connection``'s, with ``_RelayProtocol``)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    protocol = _RelayProtocol(reader, loop=loop)
+    transport, _ = await loop.create_connection(lambda: protocol, address.host, address.port)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+# A kept connection: since when it is idle, its reader, writer and protocol
+# (its transport forgets the protocol once closed).
+_Kept = tuple[float, asyncio.StreamReader, asyncio.StreamWriter, _RelayProtocol]
+
+
+class ConnectionPool:
+    """Idle connections to one model's replicas, the most recently used first."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._idle: dict[relay.RelayAddress, list[_Kept]] = {}
+
+    def take(self, address: relay.RelayAddress) -> Connection | None:
+        """A kept connection to ``address`` still open, if there is one."""
+        kept = self._idle.get(address)
+        now = self._clock()
+        while kept:
+            since, reader, writer, protocol = kept.pop()
+            protocol.idle = False
+            if now - since < KEEP_IDLE_S and not writer.transport.is_closing() and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return None
+
+    def give(self, address: relay.RelayAddress, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Keeps a connection whose answer has been read to its end (or closes it)."""
+        kept = self._idle.setdefault(address, [])
+        protocol = writer.transport.get_protocol()
+        if (
+            not isinstance(protocol, _RelayProtocol)
+            or len(kept) >= KEEP_PER_REPLICA
+            or writer.transport.is_closing()
+            or reader.at_eof()
+        ):
+            writer.close()
+            return
+        protocol.idle = True
+        kept.append((self._clock(), reader, writer, protocol))
+
+    def idle(self, address: relay.RelayAddress) -> int:
+        """How many connections to ``address`` are kept (open or not yet seen closed)."""
+        return len(self._idle.get(address, ()))
+
+    def drop(self, address: relay.RelayAddress | None = None) -> None:
+        """Closes the kept connections to ``address`` (None: to every replica)."""
+        for key in [address] if address is not None else list(self._idle):
+            for _, _, writer, _ in self._idle.pop(key, ()):
+                writer.close()
+
+
 class StreamCutError(ConnectionError):
     """The replica's stream ended without its end mark: the replica failed mid-stream."""
 
@@ -241,6 +319,18 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes | Non
     return b"".join(parts), None
 
 
+async def _outcome_line(reader: asyncio.StreamReader, read: bytes) -> tuple[bytes, bool]:
+    """The outcome that follows ``END`` (``read``: its bytes read so far), and
+    whether the connection may carry another request: the outcome's line
+    ended with its newline and nothing followed."""
+    while (newline := read.find(b"\n")) < 0:
+        data = await reader.read(READ_BYTES)
+        if not data:
+            return read, False  # the replica closed after it
+        read += data
+    return read[:newline], newline == len(read) - 1
+
+
 class RelayedStream:
     """One stream being relayed; ``chunks()`` once, then ``outcome`` is set.
 
@@ -250,9 +340,15 @@ class RelayedStream:
     stopped; None when that cannot be known (the replica broke off)."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, done: Callable[[], None]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        done: Callable[[], None],
+        keep: Callable[[asyncio.StreamReader, asyncio.StreamWriter], None] | None = None,
     ) -> None:
         self._reader, self._writer, self._done = reader, writer, done
+        self._keep = keep  # takes the connection back once the stream has ended cleanly
+        self._reusable = False
         self.outcome: Outcome | None = None
         self._closed = False
         self._cut = False
@@ -276,7 +372,8 @@ class RelayedStream:
                     continue
                 if end:
                     yield data[:end]
-                self.outcome = relay.decode_outcome(data[end + 1 :] + await reader.read())
+                line, self._reusable = await _outcome_line(reader, data[end + 1 :])
+                self.outcome = relay.decode_outcome(line)
                 return
             self._cut = True
             raise StreamCutError("the replica closed the stream before its end")
@@ -299,7 +396,10 @@ class RelayedStream:
             # Left early: half-close, so the replica still says what it generated.
             _abandon(self._reader, self._writer, ended, self.outcome_wait_s)
             return
-        self._writer.close()
+        if self._reusable and self._keep is not None:
+            self._keep(self._reader, self._writer)
+        else:
+            self._writer.close()
         if ended is not None:
             ended(self.outcome)
 
@@ -325,6 +425,7 @@ class ReplicaRelay:
         self._refreshed_at = -REFRESH_S
         self._refresh: asyncio.Task[None] | None = None
         self._turn = 0
+        self._pool = ConnectionPool(clock)
 
     async def open(self, call: EngineRequest) -> RelayedStream:
         """Connects to a replica and waits for its answer to start.
@@ -360,7 +461,7 @@ class ReplicaRelay:
             address = self._admit(await self._pick(call))
             self._open[address] = self._open.get(address, 0) + 1
             try:
-                reader, writer = await _request(call, address, abandoned=abandoned)
+                reader, writer, _ = await self._request(call, address, abandoned=abandoned)
                 handed_off = False
                 try:
                     body, rest = await _read_answer(reader)
@@ -369,7 +470,10 @@ class ReplicaRelay:
                         handed_off = True
                         return Reply(body, Outcome())
                     if rest is not None:
-                        rest += await reader.read()  # the replica closes after the outcome
+                        rest, reusable = await _outcome_line(reader, rest)
+                        if reusable:
+                            self._pool.give(address, reader, writer)
+                            handed_off = True
                 except asyncio.CancelledError:
                     if abandoned is not None:
                         _abandon(reader, writer, abandoned)  # it closes the connection
@@ -395,11 +499,13 @@ class ReplicaRelay:
         for _ in range(ATTEMPTS):
             address = await self._pick(call)
             try:
-                reader, writer = await _request(call, address, relay.COUNT)
+                reader, writer, length = await self._request(call, address, relay.COUNT)
                 try:
-                    data = await reader.read()
-                finally:
+                    data = await reader.read() if length is None else await reader.readexactly(length)
+                except BaseException:
                     writer.close()
+                    raise
+                self._pool.give(address, reader, writer)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._gone(call, address)
                 continue
@@ -496,6 +602,7 @@ class ReplicaRelay:
             raise ResponseNotFoundError(_REPLICA_GONE)
 
     def _forget(self, address: relay.RelayAddress) -> None:
+        self._pool.drop(address)
         self._open.pop(address, None)
         self._misses.pop(address, None)
 
@@ -505,43 +612,65 @@ class ReplicaRelay:
 
     async def _start(self, call: EngineRequest, address: relay.RelayAddress) -> RelayedStream:
         try:
-            reader, writer = await _request(call, address)
+            reader, writer, _ = await self._request(call, address)
         except BaseException:
             self._done(address)
             raise
-        return RelayedStream(reader, writer, lambda: self._done(address))
+        return RelayedStream(
+            reader, writer, lambda: self._done(address), lambda r, w: self._pool.give(address, r, w)
+        )
 
+    async def _request(
+        self,
+        call: EngineRequest,
+        address: relay.RelayAddress,
+        op: str | None = None,
+        abandoned: Callable[[Outcome | None], None] | None = None,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int | None]:
+        """Sends ``call`` to the replica at ``address`` (on a kept connection
+        if there is one) and reads the response head.
 
-async def _request(
-    call: EngineRequest,
-    address: relay.RelayAddress,
-    op: str | None = None,
-    abandoned: Callable[[Outcome | None], None] | None = None,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Sends ``call`` to the replica at ``address`` and reads the response head.
-
-    Returns the connection, the body still to read, when the answer starts
-    (200); raises the replica's ``GatewayError`` otherwise, and OSError (or
-    an incomplete read) when the replica cannot be reached. The connection is
-    closed whenever this raises; when the caller is cancelled while the
-    replica works, ``abandoned`` (if given) gets what it generated.
-    """
-    reader, writer = await asyncio.open_connection(address.host, address.port)
-    try:
-        writer.write(relay.encode_request(call, address.token, op))
-        status, length = relay.status_of(await reader.readuntil(b"\r\n\r\n"))
-        if status != 200:
-            raise GatewayError.from_wire(json.loads(await reader.readexactly(length or 0)))
-    except asyncio.CancelledError:
-        if abandoned is None:
+        Returns the connection, the body still to read, and the body's length
+        if the head gave it, when the answer starts (200); raises the
+        replica's ``GatewayError`` otherwise, and OSError (or an incomplete
+        read) when the replica cannot be reached. The connection is closed
+        (or kept, after a whole error body) whenever this raises; when the
+        caller is cancelled while the replica works, ``abandoned`` (if given)
+        gets what it generated.
+        """
+        kept = self._pool.take(address)
+        reader, writer = kept if kept is not None else await _connect(address)
+        try:
+            writer.write(relay.encode_request(call, address.token, op))
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                if kept is None or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                    raise
+                # The replica closed the kept connection before reading the
+                # request (it had been idle too long, or it is stopping): once
+                # more on a new one.
+                writer.close()
+                reader, writer = await _connect(address)
+                writer.write(relay.encode_request(call, address.token, op))
+                head = await reader.readuntil(b"\r\n\r\n")
+            status, length = relay.status_of(head)
+            if status != 200:
+                error = GatewayError.from_wire(json.loads(await reader.readexactly(length or 0)))
+                self._pool.give(address, reader, writer)
+                raise error
+        except GatewayError:
+            raise
+        except asyncio.CancelledError:
+            if abandoned is None:
+                writer.close()
+            else:
+                _abandon(reader, writer, abandoned)
+            raise
+        except BaseException:
             writer.close()
-        else:
-            _abandon(reader, writer, abandoned)
-        raise
-    except BaseException:
-        writer.close()
-        raise
-    return reader, writer
+            raise
+        return reader, writer, length
 
 
 # Past this many bytes unsent to a slow client, the relay stops reading from the replica.

@@ -6,7 +6,8 @@ its slot (``choose_replica``); the replica publishes where it listens in its
 Serve replica metadata (``relay``: host, port, token, and ``replica``, its
 opaque id).
 
-Request, one per connection::
+Requests, one at a time per connection, which stays open for the next
+once an answer has ended (unless either side says ``connection: close``)::
 
     POST /relay/<endpoint> HTTP/1.1
     authorization: Bearer <token>
@@ -17,14 +18,21 @@ Request, one per connection::
 
     <the client's JSON body, `model` naming the concrete model>
 
-Response, after which the replica closes the connection:
+Response:
 
 - ``200``, ``text/event-stream``: the SSE bytes exactly as the client gets
   them, then ``END`` (one NUL byte, which JSON text never contains raw) and
-  the stream's ``Outcome`` as JSON. A stream whose connection closes without
-  ``END`` was cut short.
+  the stream's ``Outcome`` as JSON on one line, ended by a newline. A stream
+  whose connection closes without ``END`` was cut short.
 - any other status: ``content-length`` and the error as JSON
   (``GatewayError.to_wire``), known before the first byte of the stream.
+
+Closing the connection (or only its sending side) while an answer runs
+aborts the engine request; after a half-close the replica still writes
+``END`` and the outcome (what was generated until then), then closes. A
+connection is never used for another request after such an abort, nor after
+a background response (its outcome follows when it has finished generating,
+and the replica closes after it).
 
 With ``x-gateway-op: count`` the replica generates nothing: it answers
 ``200`` with ``{"tokens": n}``, the prompt's tokens plus the most the request
@@ -40,7 +48,7 @@ for it (``response_replica``), with no state of its own.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any, NamedTuple
 
 from typing_extensions import Self
@@ -62,6 +70,7 @@ ENDPOINTS: frozenset[str] = frozenset(
 RESPONSE_PREFIX = "resp_"
 REPLICA_CHARS = 12
 _HEX = frozenset("0123456789abcdef")
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # compact JSON, one encoder for every call
 
 
 def response_id(replica: str, request_id: str) -> str:
@@ -107,7 +116,7 @@ class RelayAddress(NamedTuple):
 def encode_request(call: EngineRequest, token: str, op: str | None = None) -> bytes:
     """The HTTP request that asks a replica for ``call``'s stream (or, with
     ``op=COUNT``, for its token count)."""
-    body = json.dumps(call.body, separators=(",", ":")).encode()
+    body = _encode(call.body).encode()
     head = (
         f"POST {PATH_PREFIX}{call.endpoint} HTTP/1.1\r\n"
         f"host: relay\r\n"
@@ -118,7 +127,7 @@ def encode_request(call: EngineRequest, token: str, op: str | None = None) -> by
         + (f"{OP_HEADER}: {op}\r\n" if op else "")
         + "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"
-        f"connection: close\r\n\r\n"
+        f"connection: keep-alive\r\n\r\n"
     )
     return head.encode() + body
 
@@ -135,6 +144,11 @@ class RequestHead(NamedTuple):
         if not self.path.startswith(PATH_PREFIX) or name not in ENDPOINTS:
             return None
         return name  # type: ignore[return-value]
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the caller keeps the connection for another request (HTTP/1.1's default)."""
+        return self.headers.get("connection", "").lower() != "close"
 
     def content_length(self) -> int:
         """The body's length; raises ValueError when missing or malformed."""
@@ -157,13 +171,13 @@ def parse_head(raw: bytes) -> RequestHead:
     return RequestHead(method, path, headers)
 
 
-def response_head(status: int, media_type: str, length: int | None = None) -> bytes:
-    """A response's status line and headers; without ``length`` the body ends when
-    the connection closes."""
+def response_head(status: int, media_type: str, length: int | None = None, keep: bool = False) -> bytes:
+    """A response's status line and headers; without ``length`` the body ends at
+    ``END``. ``keep``: the connection stays open for another request."""
     lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", f"content-type: {media_type}"]
     if length is not None:
         lines.append(f"content-length: {length}")
-    lines.append("connection: close")
+    lines.append("connection: keep-alive" if keep else "connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -179,8 +193,13 @@ def status_of(head: bytes) -> tuple[int, int | None]:
     return status, length
 
 
+_OUTCOME_FIELDS = tuple(field.name for field in fields(Outcome))
+
+
 def encode_outcome(outcome: Outcome) -> bytes:
-    return json.dumps(asdict(outcome), separators=(",", ":")).encode()
+    """The outcome's line (JSON text holds no raw newline), newline included."""
+    # Field by field: ``dataclasses.asdict`` deep-copies, and this runs once per request.
+    return _encode({name: getattr(outcome, name) for name in _OUTCOME_FIELDS}).encode() + b"\n"
 
 
 def decode_outcome(raw: bytes) -> Outcome:
