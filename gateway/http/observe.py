@@ -48,6 +48,16 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def route_path(scope: Scope) -> str:
+    """The path below the app's mount point (``root_path``: the route prefix
+    Serve's proxy puts there), as Starlette's router matches it."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        return path[len(root) :]
+    return path
+
+
 def route_matcher(routes: list[BaseRoute], skip: frozenset[str]) -> Callable[[Scope], str | None]:
     """The route template a request will be matched to (``{model}`` for path
     parameters), ``unmatched``, or None for paths in ``skip`` (not measured)."""
@@ -63,7 +73,7 @@ def route_matcher(routes: list[BaseRoute], skip: frozenset[str]) -> Callable[[Sc
             exact.setdefault(path, path)
 
     def route_of(scope: Scope) -> str | None:
-        path = scope["path"]
+        path = route_path(scope)
         if path in skip:
             return None
         if path in exact:

@@ -102,6 +102,20 @@ async def test_metrics_use_the_route_template_and_overhead_leaves_out_the_model(
     assert all(v == 0 for v in snapshot["llm_gateway_in_flight_requests"].values())
 
 
+async def test_under_a_route_prefix_routes_are_labelled_by_the_path_below_it(tmp_path: Path) -> None:
+    # Serve's proxy puts an application's route prefix in ``root_path``, and leaves it in ``path``.
+    app, metrics, _ = make_app(tmp_path)
+    transport = ASGITransport(app=app, raise_app_exceptions=False, root_path="/api")
+    async with AsyncClient(transport=transport, base_url="http://t") as c:
+        assert (await c.post("/api/v1/models/iris:predict")).status_code == 200
+        assert (await c.get("/api/stream")).status_code == 200
+        await c.get("/api/metrics")
+    assert set(metrics.snapshot()["llm_gateway_requests_total"]) == {
+        ("/v1/models/{model}:predict", "iris", "iris", "200", ""),
+        ("/stream", "", "", "200", ""),
+    }
+
+
 async def test_streams_carry_no_overhead_header(tmp_path: Path) -> None:
     app, metrics, _ = make_app(tmp_path)
     async with client(app) as c:
