@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from gateway.http.auth import KeyGuard
 from gateway.http.handlers import install_handlers
+from gateway.http.model_routes import ModelRoutes
 from gateway.http.observe import ObservabilityMiddleware, route_matcher
 from gateway.http.openapi import describe
 from gateway.http.routes import (
@@ -40,6 +41,8 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
         app.include_router(module.router)
     install_handlers(app)
     describe(app)
+    # Innermost: model requests skip FastAPI's router once keys are checked.
+    app.add_middleware(ModelRoutes, handlers=dict(app.exception_handlers))
     app.add_middleware(KeyGuard, keys=lambda: state.keys)  # inside: 401s are measured and logged
     app.add_middleware(
         ObservabilityMiddleware,
