@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
@@ -560,6 +560,13 @@ async def test_a_background_answer_comes_at_once_and_its_outcome_once_generated(
 # Kept connections: one connection carries request after request.
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    """Returns once ``condition`` holds; fails the test after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
 def echo_server(**options: Any) -> StreamServer:
     """A replica whose streams say which request they answer and whose whole answers echo the body."""
 
@@ -620,7 +627,7 @@ async def test_a_stream_left_early_on_a_kept_connection_aborts_and_the_connectio
     assert server.accepted == 1  # the first stream's connection
     chunks = long.chunks()
     await anext(chunks)
-    await chunks.aclose()  # the client leaves
+    await chunks.aclose()  # type: ignore[attr-defined]  # the client leaves
     await asyncio.wait_for(aborted.wait(), timeout=2)
     again = await relay_.open(EngineRequest("chat", {"stream": True}, "short", "m"))
     [_ async for _ in again.chunks()]
@@ -658,17 +665,18 @@ async def test_an_idle_connection_the_replica_closes_is_closed_and_not_used_agai
     kept = relay_._pool.take(address)
     assert kept is not None
     relay_._pool.give(address, *kept)
-    await asyncio.sleep(0.3)  # the replica closes it; so does the ingress (no socket left open)
-    assert kept[1].transport.is_closing()
+    # The replica closes it after its idle time; so does the ingress (no socket left open).
+    await until(lambda: kept[1].transport.is_closing())
     assert await relay_.call(EngineRequest("chat", {"n": 1}, "r", "m")) == Reply(b'{"n": 1}', OUTCOME)
     assert server.accepted == 2
 
 
 async def test_stopping_closes_idle_connections_at_once_and_lets_running_requests_finish() -> None:
-    release = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
 
     async def answer(request: EngineRequest, tally: GenerationTally) -> Reply:
         if request.body.get("slow"):
+            started.set()
             await release.wait()
         return Reply(b"{}", OUTCOME)
 
@@ -680,10 +688,12 @@ async def test_stopping_closes_idle_connections_at_once_and_lets_running_request
     relay_ = ReplicaRelay(Router(address))
     await asyncio.gather(*(relay_.call(EngineRequest("chat", {}, "r", "m")) for _ in range(3)))
     slow = asyncio.ensure_future(relay_.call(EngineRequest("chat", {"slow": True}, "r", "m")))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(started.wait(), timeout=2)
+    assert len(server._idle) == 2 and len(server._connections) == 3
     stopping = asyncio.ensure_future(server.stop(grace_s=30))
-    await asyncio.sleep(0.05)
-    assert not server._idle and len(server._connections) == 1  # only the running one is left
+    # Well before the idle timeout (60 s), only the running request's connection is left.
+    await until(lambda: not server._idle and len(server._connections) == 1)
+    assert not stopping.done()
     release.set()
     assert await asyncio.wait_for(slow, timeout=2) == Reply(b"{}", OUTCOME)
     await asyncio.wait_for(stopping, timeout=2)  # not the grace period, nor the idle connections' timeout
