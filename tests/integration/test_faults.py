@@ -30,18 +30,44 @@ REPLICA_WAIT_S = 2
 RECOVERY_LIMIT_S = 240  # a new vLLM replica on a loaded 2-core CI machine
 
 
-def engine_core(replica_pid: int) -> psutil.Process:
-    """vLLM's engine-core process under the model's replica."""
+def engine_core(replica_pid: int) -> psutil.Process | None:
+    """vLLM's engine-core process under the model's replica, if it has one yet.
+
+    Matched on the command line: the process name is cut at 15 characters.
+    """
     for child in psutil.Process(replica_pid).children(recursive=True):
-        if "EngineCore" in " ".join([child.name(), *child.cmdline()]):
-            return child
-    raise AssertionError(f"no engine-core process under replica {replica_pid}")
+        try:
+            if "EngineCore" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+async def serving_engine_core(session: httpx.AsyncClient) -> tuple[int, psutil.Process]:
+    """The model's replica and its engine core, once the model answers.
+
+    A replica that Serve (re)started a moment ago is listed before its engine
+    has started: the model answering a request is what says it is up.
+    """
+    deadline = time.monotonic() + RECOVERY_LIMIT_S
+    while True:
+        response = await session.post(CHAT, json={"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 1})
+        replica_pid, started = replica_process(VLLM_MODEL)
+        core = engine_core(replica_pid)
+        if response.status_code == 200 and core is not None:
+            return replica_pid, core
+        children = [" ".join(c.cmdline())[:60] for c in psutil.Process(replica_pid).children(recursive=True)]
+        assert time.monotonic() < deadline, (
+            f"no engine-core process under replica {replica_pid} (started {time.time() - started:.0f} s ago, "
+            f"answer {response.status_code}): children {children}"
+        )
+        await asyncio.sleep(0.5)
 
 
 async def test_a_dead_engine_is_answered_503_at_once_falls_back_and_is_replaced(gateway: Gateway) -> None:
-    replica_pid, _ = replica_process(VLLM_MODEL)
-    core = engine_core(replica_pid)
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        replica_pid, core = await serving_engine_core(session)
         # Sticky users whose cohort picks the vLLM variant of `vllm-fb`.
         before = await session.post(CHAT, json={"model": "vllm-fb", "messages": HELLO, "max_tokens": 2, "user": "u1"})
         assert before.status_code == 200 and before.headers["x-gateway-variant"] == VLLM_MODEL
