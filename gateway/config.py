@@ -6,6 +6,7 @@ Every field has a description; an invalid file fails start-up with
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -595,6 +596,10 @@ class RuntimeConfig(_Strict):
             "RAY_process_group_cleanup_enabled": "1",
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
             "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.http_proxy == "haproxy" else "0",
+            # Serve's HTTP metrics from HAProxy cost a log line per request that
+            # HAProxy writes and Serve's HAProxy manager parses; the gateway
+            # counts every request itself (gateway_requests_total and the rest).
+            "RAY_SERVE_HAPROXY_METRICS_ENABLED": os.environ.get("RAY_SERVE_HAPROXY_METRICS_ENABLED", "0"),
             # Serve's replicas decode its session header (`x-session-id` by
             # default, also the gateway's cohort header) as strict UTF-8 before
             # the gateway sees the request; the gateway does not use Serve's

@@ -13,7 +13,11 @@ can run code. So the local cluster is started as a single-machine one:
 - HAProxy runs through a small wrapper that rewrites the two listeners its
   config template binds on every interface (``bind :PORT``, ``bind
   *:PORT``) to 127.0.0.1 before HAProxy reads the file. The front door itself
-  binds the address asked for (``--host``), untouched.
+  binds the address asked for (``--host``), untouched. Unless
+  ``RAY_SERVE_HAPROXY_LOG_TARGET`` names a log sink, the wrapper also drops
+  the template's syslog target (UDP 127.0.0.1:514): one datagram per request
+  with its path and client address to whatever listens there, beside the
+  gateway's own access log.
 
 - each Serve replica's gRPC server for calls between deployments, which
   Ray Serve 2.60 binds to ``[::]:0`` whatever the node's address, is bound to
@@ -36,6 +40,10 @@ from gateway.config import RuntimeConfig
 
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
+HAPROXY_LOG_TARGET = "RAY_SERVE_HAPROXY_LOG_TARGET"
+# Ray Serve's default syslog target for HAProxy's per-request log (see above).
+_DROP_SYSLOG = """
+      -e '/^[[:space:]]*log[[:space:]]+127[.]0[.]0[.]1:514[[:space:]]/d' \\"""
 
 _WRAPPER = """#!/bin/sh
 # llm-gateway: HAProxy with the listeners Ray Serve binds on every interface
@@ -45,7 +53,7 @@ prev=""
 for arg in "$@"; do
   if [ "$prev" = "-f" ] && [ -f "$arg" ] && ! grep -q '^# llm-gateway front door' "$arg"; then
     sed -i -E \\
-      -e 's/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\
+      -e 's/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\{drop_syslog}
       -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
       -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
       -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
@@ -124,7 +132,8 @@ def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0) -> Path:
         raise ValueError(f"unexpected HAProxy path {binary!r} or {directory!r}")
     _front_door_files(directory, read_timeout_s)
     path = directory / "haproxy"
-    path.write_text(_WRAPPER.format(binary=binary, directory=directory))
+    drop_syslog = "" if os.environ.get(HAPROXY_LOG_TARGET) else _DROP_SYSLOG
+    path.write_text(_WRAPPER.format(binary=binary, directory=directory, drop_syslog=drop_syslog))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 

@@ -61,6 +61,41 @@ def test_the_wrapper_makes_the_front_doors_own_answers_openai_shaped(tmp_path: P
     assert "Retry-After: 1" in (tmp_path / "503.http").read_text()
 
 
+@pytest.mark.parametrize("target", [None, "127.0.0.1:514", "/dev/log"])
+def test_haproxys_per_request_syslog_goes_only_where_the_operator_asked(
+    target: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's template sends every request's line (path, client address) to UDP
+    127.0.0.1:514; the gateway keeps its own access log and drops that target
+    unless RAY_SERVE_HAPROXY_LOG_TARGET names one. The real HAProxy accepts
+    the config either way."""
+    if target is None:
+        monkeypatch.delenv(local_cluster.HAPROXY_LOG_TARGET, raising=False)
+    else:
+        monkeypatch.setenv(local_cluster.HAPROXY_LOG_TARGET, target)
+    wrapper = local_cluster.haproxy_wrapper(tmp_path)
+    config = tmp_path / "haproxy.cfg"
+    line = f"    log {target or '127.0.0.1:514'} local0 info\n"
+    config.write_text(
+        f"global\n{line}    maxconn 4096\n"
+        "defaults\n    mode http\n    log global\n    option httplog\n    timeout connect 5s\n"
+        "    timeout client 60s\n    timeout server 60s\n"
+        "frontend http_frontend\n    bind 127.0.0.1:18000\n    log global\n    default_backend b\n"
+        "backend b\n    log global\n    server s 127.0.0.1:1\n"
+    )
+    out = subprocess.run([str(wrapper), "-c", "-f", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (line in config.read_text()) is (target is not None)
+    assert "maxconn 4096" in config.read_text()
+
+
+def test_serves_http_metrics_from_haproxy_are_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_ENABLED", raising=False)
+    assert RuntimeConfig().environment()["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_ENABLED", "1")
+    assert RuntimeConfig().environment()["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "1"
+
+
 def local_cluster_binary(wrapper: Path) -> str:
     line = next(line for line in wrapper.read_text().splitlines() if line.startswith("exec "))
     return line.split("'")[1]
