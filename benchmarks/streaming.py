@@ -313,20 +313,34 @@ def main() -> None:
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--gateway-cpus", default="off", help="the gateway's runtime.gateway_cpus")
     parser.add_argument("--skip-direct", action="store_true", help="measure the gateway only")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="direct then gateway, this many times in turn: a VM whose speed drifts "
+                        "shows up as ratios that differ between rounds")
     args = parser.parse_args()
 
-    direct = [] if args.skip_direct else measure(
-        "vllm-direct", start_direct(args.model_dir, 8101, args.log_dir / "bench-direct.log"),
-        "http://127.0.0.1:8101", "/health", args,
-    )
-    gateway = measure(
-        "gateway",
-        start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus),
-        "http://127.0.0.1:8102", "/ready", args,
-    )
-    print()
-    print(f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
-          f"{os.cpu_count()} CPUs ({cpu_model()})")
+    tables = []
+    for round_ in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"==> round {round_} of {args.rounds}", flush=True)
+        direct = [] if args.skip_direct else measure(
+            "vllm-direct", start_direct(args.model_dir, 8101, args.log_dir / "bench-direct.log"),
+            "http://127.0.0.1:8101", "/health", args,
+        )
+        gateway = measure(
+            "gateway",
+            start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus),
+            "http://127.0.0.1:8102", "/ready", args,
+        )
+        tables.append((direct, gateway))
+    for round_, (direct, gateway) in enumerate(tables, 1):
+        print()
+        title = f"round {round_}: " if args.rounds > 1 else ""
+        print(f"{title}model {args.model_dir}, {args.max_tokens} output tokens per request, "
+              f"{os.cpu_count()} CPUs ({cpu_model()})")
+        print_table(direct, gateway)
+
+
+def print_table(direct: list[Figures], gateway: list[Figures]) -> None:
     print(f"{'':25}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}")
     for d, g in zip(direct, gateway):
         for name, f in (("direct", d), ("gateway", g)):
@@ -335,7 +349,6 @@ def main() -> None:
         print(f"{d.client:<11}c={d.concurrency:<3}{'ratio':<9}{g.tokens_per_s / d.tokens_per_s:7.2f}x"
               f"  TTFT p50 {g.ttft_ms[0] - d.ttft_ms[0]:+.1f} ms, ITL p99 "
               f"{g.itl_ms[1] / d.itl_ms[1]:.2f}x vs direct")
-
 
 if __name__ == "__main__":
     main()
