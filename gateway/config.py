@@ -153,7 +153,8 @@ class ModelConfig(_Strict):
     max_queued_requests: int = Field(
         -1,
         ge=-1,
-        description="Requests waiting for a replica before new ones get 503; -1 is unbounded.",
+        description="Requests waiting for a replica before new ones get 503; -1 is unbounded "
+        "(0 is not accepted: Ray Serve holds no deployment without a queue; use 1).",
     )
     request_timeout_s: float | None = Field(
         None,
@@ -188,6 +189,9 @@ class ModelConfig(_Strict):
             raise ValueError("MLflow model URIs are served by the `sklearn` engine only")
         if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
             raise ValueError("set either `num_replicas` or `autoscaling`, not both")
+        if self.max_queued_requests == 0:
+            # Serve refuses it only when the model is deployed, after the gateway started.
+            raise ValueError("`max_queued_requests` must be -1 (no bound) or at least 1")
         return self
 
     @property

@@ -94,6 +94,12 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
             id="json-whitespace-unknown",
         ),
         pytest.param(
+            _config(max_queued_requests=0),
+            "models.0",
+            "`max_queued_requests` must be -1 (no bound) or at least 1",
+            id="no-queue",
+        ),
+        pytest.param(
             _config(stream_max_hold_ms=0),
             "models.0",
             "`stream_max_hold_ms` was removed: streams no longer cross Serve handles",

@@ -80,6 +80,31 @@ def test_invalid_placement_fields_are_refused(fields: dict[str, Any], message: s
         model(**fields)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_ongoing_requests": 1, "max_queued_requests": 1},
+        {"max_queued_requests": -1, "graceful_shutdown_s": 0},
+        {"num_cpus": 0.001, "num_gpus": 0.5},
+        {"autoscaling": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0}},
+        {"autoscaling": {"target_ongoing_requests": 0.01, "upscale_delay_s": 0, "downscale_delay_s": 0}},
+        {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "placement_strategy": "SPREAD"},
+        {"engine": "sklearn", "model": "models:/iris/1", "max_batch_size": 1, "batch_wait_timeout_s": 0},
+    ],
+    ids=["smallest-queue", "no-bound-no-grace", "small-resources", "scale-to-zero", "eager-scaling", "workers", "batching"],
+)
+def test_serve_takes_the_options_of_every_config_the_schema_accepts(fields: dict[str, Any]) -> None:
+    # Serve validates deployment options only when the model is deployed,
+    # after the gateway has started: a value the schema lets through and
+    # Serve refuses would fail there instead of at config load.
+    from ray import serve
+
+    class Replica:
+        pass
+
+    serve.deployment(Replica).options(name="m", **deployment_options(model(**fields)))
+
+
 def test_tensor_parallel_classical_model_is_refused(tmp_path: Any) -> None:
     with pytest.raises(ConfigError, match="`tensor_parallel_size` is not a setting of sentence-transformers models"):
         parse_config({"models": [{"name": "e", "engine": "sentence-transformers", "model": "org/e", "tensor_parallel_size": 2}]})
