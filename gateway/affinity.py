@@ -9,7 +9,11 @@ engine step. ``llm-gateway serve`` pins them to the reserved CPUs
 (``runtime.gateway_cpus``). The model replicas and vLLM's own processes are
 left where vLLM puts them, as under ``vllm serve``.
 
-Linux only (``/proc``, ``os.sched_setaffinity``); elsewhere nothing is pinned.
+The processes no request waits on (Serve's controller, the metrics hub, Ray's
+agents and monitors) also get a lower priority (``runtime.background_niceness``):
+their periodic work then runs when the engine leaves a core free.
+
+Linux only (``/proc``, ``os.sched_setaffinity``); elsewhere nothing is pinned or lowered.
 """
 
 from __future__ import annotations
@@ -63,6 +67,74 @@ def pin_gateway_processes(root: int, cpus: set[int]) -> int:
         except OSError:
             continue  # gone, or not ours
     return pinned
+
+
+# What no request waits on, by process title (Ray names an actor's process
+# after it) or script: Serve's controller, the gateway's metrics hub, Ray's
+# agents, log monitor, dashboard and autoscaler monitor; Serve's Python proxy
+# too where HAProxy is the front door (``PROXY_TITLE``). Not HAProxy's
+# manager: it starts HAProxy (on every reload), which would inherit its
+# niceness. Not Ray's GCS and raylets: actor calls and worker starts go
+# through them. Processes are matched by name, never by what they are not:
+# an idle Ray worker may become a model replica.
+BACKGROUND_TITLES = (
+    "ray::ServeController",
+    "ray::DashboardAgent",
+    "ray::RuntimeEnvAgent",
+)
+PROXY_TITLE = "ray::ProxyActor"
+BACKGROUND_REPLICAS = (":MetricsHub",)  # a Serve replica's title: ray::ServeReplica:<app>:<deployment>
+BACKGROUND_SCRIPTS = (
+    "ray/_private/log_monitor.py",
+    "ray/dashboard/dashboard.py",
+    "ray/autoscaler/_private/monitor.py",
+)
+
+
+def is_background(pid: int, proxy: bool = False) -> bool:
+    """Whether ``pid`` is one of the gateway's processes that no request waits
+    on (``proxy``: Serve's Python proxy is one: HAProxy is the front door)."""
+    try:
+        argv = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    title = argv[0].decode(errors="replace").strip()
+    if title.startswith(BACKGROUND_TITLES) or (proxy and title.startswith(PROXY_TITLE)):
+        return True
+    if title.startswith("ray::ServeReplica:"):
+        return title.split(".", 1)[0].endswith(BACKGROUND_REPLICAS)
+    return any(arg.decode(errors="replace").endswith(BACKGROUND_SCRIPTS) for arg in argv[1:3])
+
+
+def lower_background(root: int, niceness: int, proxy: bool = False) -> int:
+    """Gives every thread of ``root`` (``llm-gateway serve`` itself) and of
+    its background descendants (``is_background``) at least ``niceness``;
+    returns how many processes were lowered anew.
+
+    On a CPU host the engine computes on the same cores: their periodic work
+    then waits for the engine instead of stalling its steps. Linux keeps a
+    niceness per thread, and a thread starts with its creator's.
+    """
+    if not PROC.is_dir():
+        return 0  # not Linux: left alone
+    lowered = 0
+    for pid in process_tree(root):
+        if pid != root and not is_background(pid, proxy):
+            continue
+        changed = False
+        try:
+            threads = [int(task.name) for task in (PROC / str(pid) / "task").iterdir()]
+        except OSError:
+            continue  # gone
+        for tid in threads:
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                    os.setpriority(os.PRIO_PROCESS, tid, niceness)
+                    changed = True
+            except OSError:
+                continue  # the thread ended
+        lowered += changed
+    return lowered
 
 
 def _parents() -> dict[int, int]:

@@ -213,7 +213,7 @@ def serve_forever(
     import ray
     from ray import serve
 
-    from gateway.affinity import pin_gateway_processes, reserved_cpus
+    from gateway.affinity import lower_background, pin_gateway_processes, reserved_cpus
     from gateway.deploy import deploy
 
     print(f"==> {access_note(config, host)}", flush=True)
@@ -239,10 +239,19 @@ def serve_forever(
         if cpus:
             pinned = pin_gateway_processes(os.getpid(), cpus)
             print(f"==> {pinned} gateway processes pinned to CPUs {sorted(cpus)}", flush=True)
+        # Only the processes of a cluster this process started.
+        niceness = config.runtime.background_niceness if address is None else 0
+        proxy = config.runtime.http_proxy == "haproxy"  # Serve's proxy is off the request path
+        if niceness:
+            lowered = lower_background(os.getpid(), niceness, proxy)
+            print(f"==> {lowered} background processes at niceness {niceness}", flush=True)
         while True:
-            time.sleep(PIN_EVERY_S if cpus else 3600)
+            time.sleep(PIN_EVERY_S if cpus or niceness else 3600)
+            # Processes started since (a replaced controller, a new model's replicas).
             if cpus:
-                pin_gateway_processes(os.getpid(), cpus)  # processes started since
+                pin_gateway_processes(os.getpid(), cpus)
+            if niceness:
+                lower_background(os.getpid(), niceness, proxy)
     except _Stop as stop:
         print(f"==> {stop}: shutting down", flush=True)
     finally:

@@ -591,6 +591,17 @@ class RuntimeConfig(_Strict):
         "reserves for other processes (the last `VLLM_CPU_NUM_OF_RESERVED_CPU`, one by "
         "default); or a list of CPU ids.",
     )
+    background_niceness: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of the gateway's processes that no request waits "
+        "on: Serve's controller (and its Python proxy behind HAProxy), the metrics hub, "
+        "Ray's agents and monitors, `llm-gateway serve` itself. On a busy CPU host their "
+        "periodic work then waits for the engine instead of stalling its steps; the "
+        "request path (HAProxy, the ingress, model replicas and engines, Ray's GCS and "
+        "raylet) keeps `worker_niceness`. 0 leaves them alone.",
+    )
 
     def environment(self) -> dict[str, str]:
         """Variables Ray and Ray Serve read when the local cluster starts."""

@@ -122,6 +122,46 @@ async def test_streams_route_around_a_replica_that_dies(base_url: str) -> None:
     assert time.monotonic() - started < 30
 
 
+def gateway_processes() -> dict[str, list[psutil.Process]]:
+    """The gateway's processes by title (what Ray names an actor's process)."""
+    processes: dict[str, list[psutil.Process]] = {}
+    for process in psutil.Process(_PROCESS["gateway"].pid).children(recursive=True):
+        try:
+            title = (process.cmdline() or [""])[0].strip()
+        except psutil.Error:
+            continue
+        # An actor's process is named after the actor (and its task); Ray's daemons by path.
+        name = title.split(".", 1)[0] if title.startswith("ray::") else os.path.basename(title)
+        processes.setdefault(name, []).append(process)
+    return processes
+
+
+def thread_niceness(process: psutil.Process) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in process.threads()}
+
+
+def test_background_processes_yield_and_the_request_path_does_not(base_url: str) -> None:
+    """After the replica killed above was replaced: the new one, like the
+    rest of the request path, keeps the workers' niceness (0)."""
+    base = {os.getpriority(os.PRIO_PROCESS, 0)}  # what the gateway's workers inherit
+    deadline = time.monotonic() + 30  # lowered once the app is ready, then every 10 s
+    while thread_niceness(gateway_processes()["ray::ServeController"][0]) != {19}:
+        assert time.monotonic() < deadline, "Serve's controller was not lowered"
+        time.sleep(0.2)
+    processes = gateway_processes()
+    assert thread_niceness(psutil.Process(_PROCESS["gateway"].pid)) == {19}
+    assert [thread_niceness(p) for p in processes[f"ray::ServeReplica:{APP}:MetricsHub"]] == [{19}]
+    assert [thread_niceness(p) for p in processes["ray::DashboardAgent"]] == [{19}]
+    # With `http_proxy: serve` Serve's proxy carries every request.
+    on_path = ["ray::ProxyActor", f"ray::ServeReplica:{APP}:GatewayIngress", "raylet", "gcs_server"]
+    assert all(title in processes for title in on_path), sorted(processes)
+    while len(replicas := echo_replicas()) != 2:
+        assert time.monotonic() < deadline + 60, "the killed replica was not replaced"
+        time.sleep(0.2)
+    for process in replicas + [p for title in on_path for p in processes.get(title, [])]:
+        assert thread_niceness(process) == base, process.cmdline()[0]
+
+
 async def test_stopping_the_gateway_lets_streams_in_flight_finish(base_url: str) -> None:
     """Last in this module: it stops the gateway (SIGTERM, as a service manager does)."""
     proc = _PROCESS["gateway"]

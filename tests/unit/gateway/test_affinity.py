@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +82,60 @@ def test_a_model_replica_unpins_itself() -> None:
         assert os.sched_getaffinity(0) == ALL
     finally:
         os.sched_setaffinity(0, before)
+
+
+SLEEPER = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+TITLES = {
+    "controller": "ray::ServeController.listen_for_change",
+    "hub": "ray::ServeReplica:app:MetricsHub",
+    "proxy": "ray::ProxyActor",
+    "agent": "ray::DashboardAgent",
+    "ingress": "ray::ServeReplica:app:GatewayIngress",
+    "replica": "ray::ServeReplica:app:echo:LLMServer:echo",
+    "idle": "ray::IDLE",
+    "engine": "VLLM::EngineCore",
+    "haproxy_manager": "ray::HAProxyManager",
+}
+
+
+def niceness(pid: int) -> set[int]:
+    """The niceness of each of ``pid``'s threads."""
+    return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_background_processes_are_lowered_and_the_request_path_is_not(tmp_path: Path) -> None:
+    monitor = tmp_path / "ray" / "_private" / "log_monitor.py"
+    monitor.parent.mkdir(parents=True)
+    monitor.write_text(SLEEPER)
+    script = " ".join(f'(exec -a "{title}" "$PY" -c "$CODE") &' for title in TITLES.values())
+    tree = subprocess.Popen(
+        ["bash", "-c", f'{script} "$PY" -u "$MONITOR" & wait'],
+        env={**os.environ, "PY": sys.executable, "CODE": SLEEPER, "MONITOR": str(monitor)},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # every child runs its two threads
+            pids = {p: (Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode(), len(os.listdir(f"/proc/{p}/task")))
+                    for p in affinity.process_tree(tree.pid) if p != tree.pid}
+            if len(pids) == len(TITLES) + 1 and all(threads == 2 for _, threads in pids.values()):
+                break
+            assert time.monotonic() < deadline, pids
+            time.sleep(0.05)
+        by_name = {next((k for k, t in TITLES.items() if t == title), "monitor"): pid for pid, (title, _) in pids.items()}
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+
+        # Serve's Python proxy is on the request path unless HAProxy is the front door.
+        assert affinity.lower_background(tree.pid, 19) == 5  # bash, controller, hub, agent, monitor
+        lowered = {name for name, pid in by_name.items() if niceness(pid) == {19}}
+        assert lowered == {"controller", "hub", "agent", "monitor"}
+        assert all(niceness(pid) == {base} for name, pid in by_name.items() if name not in lowered)
+        assert niceness(tree.pid) == {19}
+        assert affinity.lower_background(tree.pid, 19, proxy=True) == 1  # only the proxy is new
+        assert niceness(by_name["proxy"]) == {19}
+        assert {name for name, pid in by_name.items() if niceness(pid) == {base}} == {
+            "ingress", "replica", "idle", "engine", "haproxy_manager"
+        }
+    finally:
+        os.killpg(tree.pid, 9)
+        tree.wait()
