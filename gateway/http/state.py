@@ -14,6 +14,7 @@ from gateway.auth.limiter import LimiterAddress, LimiterClient, LocalLimiter
 from gateway.config import FrontDoorConfig, GatewayConfig, LLMModelConfig, ModelConfig
 from gateway.http.access_log import AccessLog
 from gateway.http.dispatch import ModelDispatcher
+from gateway.http.readiness import ServeStatuses
 from gateway.http.serving import build_table
 from gateway.metrics.families import FAMILIES
 from gateway.metrics.recorder import GatewayMetrics
@@ -78,6 +79,7 @@ class GatewayState:
             read_timeout_s=front_door.ingress.read_timeout_s,
         )
         self._info_calls: dict[str, tuple[Any, Any]] = {}  # per model: its handle, and for `info`
+        self._serve_statuses = ServeStatuses()
         self._created = int(time.time())
         self._context: dict[str, int | None] = {}
 
@@ -184,16 +186,6 @@ class GatewayState:
 
     async def deployment_statuses(self) -> dict[str, str]:
         """Serve's status of the ingress and every model deployment, by deployment name."""
-        from ray import serve
-
-        status = await asyncio.to_thread(serve.status)
         models = self.config.models if self.config is not None else []
         apps = {self.front_door.app_name} | {self._app_for(m) for m in models}
-        statuses: dict[str, str] = {}
-        for name in sorted(apps):
-            app = status.applications.get(name)
-            if app is None:
-                statuses[name] = "NOT_STARTED"
-                continue
-            statuses.update({d: str(s.status.value) for d, s in app.deployments.items()})
-        return statuses
+        return await self._serve_statuses.of(sorted(apps))
