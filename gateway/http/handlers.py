@@ -18,7 +18,7 @@ from gateway.errors import (
     OverloadedError,
     ServiceUnavailableError,
 )
-from gateway.http.observe import current_request_id
+from gateway.http.observe import current_request_id, route_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def error_response(error: GatewayError, request: Request | None = None) -> JSONR
     if request is None:
         return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
     _note(request, error)
-    body = envelope(error, request.url.path)
+    body = envelope(error, route_path(request.scope))
     return JSONResponse(body, status_code=error.status_code, headers=error.headers())
 
 

@@ -237,3 +237,17 @@ async def test_errors_on_anthropics_routes_take_its_envelope(
     assert response.status_code == error.status_code
     assert response.json() == {"type": "error", "error": {"type": anthropic_type, "message": error.message}}
     assert response.headers.get("retry-after") == error.headers().get("retry-after")
+
+
+async def test_under_a_route_prefix_anthropics_routes_still_take_its_envelope(
+    raised: dict[str, BaseException],
+) -> None:
+    # Serve puts an application's route prefix in ``root_path`` and leaves it in ``path``.
+    transport = httpx.ASGITransport(app=_app(raised), raise_app_exceptions=False, root_path="/api")
+    raised["error"] = ServiceUnavailableError("down")
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        messages = await client.get("/api/v1/messages/raise")
+        chat = await client.get("/api/raise")
+    assert messages.status_code == chat.status_code == 503
+    assert messages.json() == {"type": "error", "error": {"type": "overloaded_error", "message": "down"}}
+    assert _error(chat)["code"] == "service_unavailable"
