@@ -7,6 +7,7 @@ Every field has a description; an invalid file fails start-up with
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -455,6 +456,54 @@ def engines_with(field: str) -> list[str]:
     return [engine for engine, cls in ENGINE_CONFIGS.items() if field in cls.model_fields]
 
 
+# An origin as browsers send it: scheme, host and an optional port; no path.
+_ORIGIN = re.compile(r"^https?://[^/\s?#]+/?$", re.IGNORECASE)
+
+
+class CorsConfig(_Strict):
+    """Cross-origin access for chat apps that call the gateway from a browser
+    page served elsewhere (the OpenAI and Anthropic JS SDKs in a browser)."""
+
+    allow_origins: list[str] = Field(
+        min_length=1,
+        description="Origins whose pages may call the gateway (`https://chat.example.com`), "
+        "or `*` for any page: with no API keys, any page a user of this host opens could "
+        "then use the models.",
+    )
+    allow_methods: list[str] = Field(
+        ["GET", "POST", "DELETE"], min_length=1, description="Methods a page may use (`*`: any)."
+    )
+    allow_headers: list[str] = Field(
+        ["*"],
+        description="Request headers a page may send (`*`: any it asks for in the preflight, "
+        "e.g. `authorization`, `content-type` and the SDKs' `x-stainless-*`).",
+    )
+    allow_credentials: bool = Field(
+        False,
+        description="Whether pages may send cookies or HTTP authentication (API keys in "
+        "`Authorization` or `x-api-key` need no credentials); not with `*` origins.",
+    )
+    max_age_s: int = Field(600, ge=0, le=86400, description="How long browsers keep a preflight's answer.")
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"`{origin}` is not an origin: `*`, or scheme and host with an optional port "
+                    "and no path (`https://chat.example.com:8443`)"
+                )
+        # As browsers send it: lower case, no trailing slash.
+        return [origin.rstrip("/").lower() for origin in origins]
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CorsConfig:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("`allow_credentials` needs the origins named: not with `*`")
+        return self
+
+
 class IngressConfig(_Strict):
     """The HTTP front door (FastAPI under @serve.ingress)."""
 
@@ -501,6 +550,11 @@ class IngressConfig(_Strict):
         min_length=1,
         description="Where each ingress replica writes its JSON access log: `stderr`, `off`, "
         "or a file path that every replica appends to.",
+    )
+    cors: CorsConfig | None = Field(
+        None,
+        description="Cross-origin access from browser pages (CORS); none by default: only "
+        "pages served by the gateway's own origin may call it from a browser.",
     )
 
 

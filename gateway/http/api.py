@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from gateway.http.auth import KeyGuard
 from gateway.http.handlers import install_handlers
@@ -25,6 +26,14 @@ from gateway.http.state import GatewayState
 
 # Scrapes are not requests to measure: each would show in the next.
 UNMEASURED = frozenset({"/metrics"})
+
+# Response headers a browser page may read: ids, the variant, limits, retries.
+EXPOSED_HEADERS = (
+    "x-request-id", "request-id", "x-gateway-variant", "x-gateway-overhead-ms",
+    "retry-after", "retry-after-ms",
+    "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+)
 
 
 def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
@@ -51,4 +60,17 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
         route_of=route_matcher(app.router.routes, UNMEASURED),
         server_echoes_id=server_echoes_id,
     )
+    cors = state.front_door.ingress.cors
+    if cors is not None:
+        # Outermost: a preflight (no API key) is answered before the key check, and
+        # every answer, 401 and 429 included, carries the headers a page needs to read it.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors.allow_origins,
+            allow_methods=cors.allow_methods,
+            allow_headers=cors.allow_headers,
+            allow_credentials=cors.allow_credentials,
+            expose_headers=EXPOSED_HEADERS,
+            max_age=cors.max_age_s,
+        )
     return app

@@ -35,6 +35,8 @@ ECHO_CONTEXT = 256
 # Every ingress replica appends its JSON access and error lines here.
 ACCESS_LOG = Path(tempfile.mkdtemp(prefix="llm-gateway-test-")) / "access.log"
 INGRESS_REPLICAS = 2
+# The one origin whose browser pages may call the test gateway.
+BROWSER_PAGE = "https://chat.example.com"
 
 TEST_CONFIG: dict[str, Any] = {
     "app_name": APP,
@@ -46,6 +48,7 @@ TEST_CONFIG: dict[str, Any] = {
         "access_log": str(ACCESS_LOG),
         "read_timeout_s": 5,
         "replica_wait_s": 2,  # test_faults
+        "cors": {"allow_origins": [BROWSER_PAGE]},  # test_streaming
     },
     "models": [
         {

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import sse
-from tests.integration.conftest import VLLM_MODEL, Gateway
+from tests.integration.conftest import BROWSER_PAGE, VLLM_MODEL, Gateway
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello there, tell me about the harbour"}]
@@ -48,6 +48,25 @@ def test_sse_framing_matches_openai(http: httpx.Client, model: str, n: int) -> N
     usage_chunk = chunks[-1]
     assert usage_chunk["choices"] == []
     assert usage_chunk["usage"]["completion_tokens"] > 0
+
+
+def test_a_browser_page_of_a_named_origin_streams_and_reads_the_answer(http: httpx.Client) -> None:
+    # The OpenAI JS SDK in a page: a preflight, then the stream, both through HAProxy and the relay.
+    asked = {"origin": BROWSER_PAGE, "access-control-request-method": "POST",
+             "access-control-request-headers": "authorization,content-type,x-stainless-os"}
+    preflight = http.options(CHAT, headers=asked)
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == BROWSER_PAGE
+    assert "x-stainless-os" in preflight.headers["access-control-allow-headers"]
+    body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 4, "stream": True}
+    with http.stream("POST", CHAT, json=body, headers={"origin": BROWSER_PAGE}) as response:
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == BROWSER_PAGE
+        assert "x-request-id" in response.headers["access-control-expose-headers"]
+        raw = b"".join(response.iter_raw())
+    assert raw.endswith(b"\n\n" + sse.DONE)
+    elsewhere = http.options(CHAT, headers={**asked, "origin": "https://other.example.net"})
+    assert elsewhere.status_code == 400 and "access-control-allow-origin" not in elsewhere.headers
 
 
 def test_curl_no_buffer_stream(gateway: Gateway) -> None:
