@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import sse
 from gateway.errors import ContextLengthExceededError, GatewayError, ModelNotSupportedError, ServiceUnavailableError
+from gateway.protocol.extras import check_fields
 from models.llm import compact_json, vllm_compat
 from models.llm.engine import ENGINE_DEAD, EngineInfo, body_of, frames_of
 
@@ -201,6 +202,8 @@ class VLLMEngine:
                 f"The model `{self._config.name}` does not serve this endpoint.", param="model"
             )
         schema, create, prompt_param = endpoint
+        # vLLM's schemas take fields they do not know and drop them.
+        check_fields(request.endpoint, request.body, _known_fields(schema))
         try:
             parsed = schema.model_validate(_with_request_id(request))
             if request.endpoint in _GENERATING:
@@ -346,6 +349,20 @@ def _time_tokens(
     tally.first_token(first_at)
     tally.gaps((latest - first_ts) / max(new - 1, 1), new - 1)
     return latest
+
+
+_KNOWN_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _known_fields(schema: type) -> frozenset[str]:
+    """The body fields a vLLM request schema reads: its fields' names and aliases."""
+    known = _KNOWN_FIELDS.get(schema)
+    if known is None:
+        fields = schema.model_fields  # type: ignore[attr-defined]
+        known = _KNOWN_FIELDS[schema] = frozenset(
+            {*fields, *(field.alias for field in fields.values() if field.alias)}
+        )
+    return known
 
 
 def _with_request_id(request: EngineRequest) -> dict[str, Any]:

@@ -116,6 +116,28 @@ def test_vllm_context_refusals_are_context_length_exceeded(http: httpx.Client, b
         assert_error(response, 400, "context_length_exceeded")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_field_vllm_would_drop_is_400_naming_it(client: openai.OpenAI, stream: bool) -> None:
+    # vLLM itself answers these 200 and ignores the field: 2,000 tokens for a misspelt `max_token`.
+    ask = {"model": VLLM_MODEL, "messages": HELLO, "stream": stream}
+    for extra, code in (({"max_token": 2}, None), ({"guided_json": {"type": "object"}}, "unsupported_parameter"),
+                        ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**ask, max_tokens=2, extra_body=extra)  # type: ignore[call-overload]
+        assert (caught.value.param, caught.value.code) == (next(iter(extra)), code)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=VLLM_MODEL, prompt="Hello", max_tokens=2, extra_body={"best_of": 2})
+    assert caught.value.param == "best_of"
+    # OpenAI's hints that cannot change the answer are taken.
+    answer = client.chat.completions.create(
+        **ask, max_tokens=2, metadata={"team": "a"}, prompt_cache_key="k", store=False,  # type: ignore[call-overload]
+    )
+    if stream:
+        assert [c.choices[0].finish_reason for c in answer if c.choices][-1] in ("length", "stop")
+    else:
+        assert answer.usage is not None and 1 <= answer.usage.completion_tokens <= 2
+
+
 def test_sdk_raises_bad_request_without_retrying(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT * 2)

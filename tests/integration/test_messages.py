@@ -87,6 +87,12 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
         answer = http.post("/v1/messages", json=body)
         assert answer.status_code == 400
         assert answer.json()["type"] == "error" and answer.json()["error"]["type"] == "invalid_request_error"
+    # A field vLLM's schema would drop (its answer unchanged, the client none the wiser) is refused.
+    with pytest.raises(anthropic.BadRequestError) as dropped:
+        claude.messages.create(model=VLLM_MODEL, messages=ASK, max_tokens=4, extra_body={"max_token": 2})
+    assert dropped.value.body == {
+        "type": "error", "error": {"type": "invalid_request_error", "message": "Unrecognized request argument supplied: max_token"}
+    }
     unknown = http.post("/v1/messages/batches", json={})
     assert (unknown.status_code, unknown.json()["error"]["type"]) == (404, "not_found_error")
 

@@ -1,0 +1,129 @@
+"""Request fields an engine's schema does not know: refused, or taken as hints.
+
+vLLM's request models accept any field they do not know and drop it (one
+debug log line): a misspelt ``max_token`` or ``temprature`` would change
+nothing, and ``guided_json`` (removed from vLLM) would leave the output
+unconstrained, all answered 200. The gateway answers as OpenAI and Anthropic
+do: 400 naming the field. Fields that OpenAI's or Anthropic's API defines and
+vLLM does not are refused when they ask for something the engine does not do
+(``audio``, ``functions``, ``conversation``...), and accepted where they do not
+change the answer (``metadata``, ``prompt_cache_key``, ``service_tier``...):
+the answer is then the one the client asked for. The README lists both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from gateway.errors import InvalidRequestError
+
+# A hint, and the values of it that ask for nothing more than the answer
+# (None: any value).
+Hint = Callable[[Any], bool] | None
+
+
+def _false(value: Any) -> bool:
+    return value is False or value is None
+
+
+def _text_only(value: Any) -> bool:
+    return value is None or value == ["text"]
+
+
+# OpenAI's and Anthropic's fields that do not change the answer, by endpoint.
+HINTS: Mapping[str, Mapping[str, Hint]] = {
+    "chat": {
+        "metadata": None,  # tags for OpenAI's dashboard
+        "service_tier": None,  # OpenAI's processing tier and price
+        "prompt_cache_key": None,  # vLLM caches prefixes by itself
+        "prompt_cache_retention": None,
+        "prompt_cache_options": None,
+        "safety_identifier": None,  # an id for OpenAI's abuse monitoring
+        "prediction": None,  # predicted output: a latency hint, the answer is the same
+        "store": _false,  # storing completions for later retrieval is not served
+        "modalities": _text_only,
+    },
+    "completion": {},
+    "responses": {
+        "prompt_cache_retention": None,
+        "prompt_cache_options": None,
+        "safety_identifier": None,
+        "stream_options": None,  # `include_obfuscation`: padding of stream events
+    },
+    "messages": {
+        "cache_control": None,  # vLLM caches prefixes by itself
+        "service_tier": None,
+        "inference_geo": None,
+        "speed": None,
+        "workspace_id": None,
+        "user_profile_id": None,
+        "diagnostics": None,
+    },
+    "messages_count": {
+        "cache_control": None,
+        "speed": None,
+        "workspace_id": None,
+        "user_profile_id": None,
+    },
+}
+
+# OpenAI's and Anthropic's fields that ask for what the engine does not do.
+UNSUPPORTED: Mapping[str, Mapping[str, str]] = {
+    "chat": {
+        "audio": "audio output",
+        "modalities": "output other than text",
+        "web_search_options": "web search",
+        "functions": "the deprecated function calling; use `tools`",
+        "function_call": "the deprecated function calling; use `tool_choice`",
+        "moderation": "moderation",
+        "verbosity": "verbosity",
+        "store": "stored chat completions",
+    },
+    "completion": {"best_of": "`best_of`; use `n`"},
+    "responses": {
+        "conversation": "conversations; use `previous_response_id`",
+        "context_management": "context management",
+        "background_options": "background options",
+        "access_programs": "access programs",
+        "image": "image generation",
+        "moderation": "moderation",
+    },
+    "messages": {"container": "containers"},
+}
+
+# Fields vLLM once had and now ignores.
+REMOVED: Mapping[str, str] = {
+    "guided_json": "`response_format` with a `json_schema`, or `structured_outputs.json`",
+    "guided_regex": "`structured_outputs.regex`",
+    "guided_choice": "`structured_outputs.choice`",
+    "guided_grammar": "`structured_outputs.grammar`",
+    "guided_decoding_backend": "the server's structured outputs backend",
+    "guided_whitespace_pattern": "`structured_outputs.whitespace_pattern`",
+}
+
+
+def check_fields(endpoint: str, body: Mapping[str, Any], known: Collection[str]) -> None:
+    """Refuses (400, naming it) a field of ``body`` that is neither ``known`` to
+    the engine's schema nor a hint the endpoint accepts."""
+    hints = HINTS.get(endpoint, {})
+    for name in sorted(body.keys() - known):
+        if name in hints:
+            accepts = hints[name]
+            if accepts is None or accepts(body[name]):
+                continue
+        if name in REMOVED:
+            raise InvalidRequestError(
+                f"'{name}' is no longer supported and would be ignored, leaving the output "
+                f"unconstrained; use {REMOVED[name]} instead.",
+                param=name,
+                code="unsupported_parameter",
+            )
+        unsupported = UNSUPPORTED.get(endpoint, {}).get(name)
+        if unsupported is not None:
+            raise InvalidRequestError(
+                f"Unsupported parameter: '{name}': this model does not serve {unsupported}.",
+                param=name,
+                code="unsupported_parameter",
+            )
+        raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name)

@@ -1,0 +1,106 @@
+"""gateway/protocol/extras.py: a field vLLM would drop is refused, naming it,
+unless it cannot change the answer; checked against vLLM's own schemas and the
+official SDKs' parameters, so an upgrade of either that adds one fails here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from anthropic.types import message_count_tokens_params, message_create_params
+from openai.types import completion_create_params
+from openai.types.chat import completion_create_params as chat_create_params
+from openai.types.responses import response_create_params
+
+from gateway.errors import InvalidRequestError
+from gateway.protocol.extras import HINTS, REMOVED, UNSUPPORTED, check_fields
+from models.llm.vllm_engine import _known_fields
+
+
+def vllm_schemas() -> dict[str, type]:
+    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    return {
+        "chat": ChatCompletionRequest, "completion": CompletionRequest, "responses": ResponsesRequest,
+        "messages": AnthropicMessagesRequest, "messages_count": AnthropicCountTokensRequest,
+    }
+
+
+SDK_PARAMS: dict[str, set[str]] = {
+    "chat": set(chat_create_params.CompletionCreateParamsBase.__annotations__),
+    "completion": set(completion_create_params.CompletionCreateParamsBase.__annotations__),
+    "responses": set(response_create_params.ResponseCreateParamsBase.__annotations__),
+    "messages": set(message_create_params.MessageCreateParamsBase.__annotations__),
+    "messages_count": set(message_count_tokens_params.MessageCountTokensParams.__annotations__),
+}
+
+
+@pytest.mark.parametrize("endpoint", sorted(SDK_PARAMS))
+def test_every_sdk_parameter_is_served_hinted_or_refused_by_name(endpoint: str) -> None:
+    known = _known_fields(vllm_schemas()[endpoint])
+    decided = set(HINTS[endpoint]) | set(UNSUPPORTED.get(endpoint, {}))
+    assert SDK_PARAMS[endpoint] - known - decided == set()  # a new one: decide what it means here
+    assert decided & known == set()  # vLLM learnt one: its schema serves it now
+    assert decided <= SDK_PARAMS[endpoint]
+    assert set(REMOVED) & known == set()
+
+
+CHAT_KNOWN = frozenset({"model", "messages", "max_tokens", "temperature", "top_k"})
+HELLO: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("typo", ["max_token", "temprature", "top-k"])
+def test_a_misspelt_field_is_refused_by_name(typo: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_fields("chat", {**HELLO, typo: 1}, CHAT_KNOWN)
+    error = refused.value
+    assert (error.status_code, error.param, error.code) == (400, typo, None)
+    assert error.message == f"Unrecognized request argument supplied: {typo}"
+
+
+def test_a_removed_vllm_field_says_what_replaces_it() -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_fields("chat", {**HELLO, "guided_json": {"type": "object"}}, CHAT_KNOWN)
+    assert (refused.value.param, refused.value.code) == ("guided_json", "unsupported_parameter")
+    assert "response_format" in refused.value.message and "unconstrained" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "value"),
+    [
+        ("chat", "audio", {"voice": "alloy", "format": "wav"}),
+        ("chat", "functions", [{"name": "f", "parameters": {}}]),
+        ("chat", "modalities", ["text", "audio"]),
+        ("chat", "store", True),
+        ("completion", "best_of", 2),
+        ("responses", "conversation", "conv_1"),
+        ("messages", "container", "c_1"),
+    ],
+)
+def test_what_the_engine_does_not_do_is_refused_not_dropped(endpoint: str, field: str, value: Any) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_fields(endpoint, {**HELLO, field: value}, CHAT_KNOWN)
+    assert (refused.value.param, refused.value.code) == (field, "unsupported_parameter")
+    assert refused.value.message.startswith(f"Unsupported parameter: '{field}'")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields"),
+    [
+        ("chat", {"metadata": {"team": "a"}, "prompt_cache_key": "k", "service_tier": "auto",
+                  "safety_identifier": "u1", "store": False, "modalities": ["text"],
+                  "prediction": {"type": "content", "content": "x"}}),
+        ("responses", {"safety_identifier": "u1", "stream_options": {"include_obfuscation": False}}),
+        ("messages", {"cache_control": {"type": "ephemeral"}, "service_tier": "auto"}),
+    ],
+)
+def test_hints_that_cannot_change_the_answer_are_taken(endpoint: str, fields: dict[str, Any]) -> None:
+    check_fields(endpoint, {**HELLO, **fields}, CHAT_KNOWN)
+
+
+def test_the_schemas_own_fields_and_aliases_pass() -> None:
+    check_fields("chat", {**HELLO, "max_tokens": 3, "top_k": 5}, CHAT_KNOWN)
+    assert "max_tokens" in _known_fields(vllm_schemas()["messages"])
