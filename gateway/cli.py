@@ -187,8 +187,15 @@ def access_note(config: GatewayConfig, host: str) -> str:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
+    cors = config.ingress.cors
+    if cors is not None and "*" in cors.allow_origins:
+        return (
+            f"WARNING: no API keys configured and `ingress.cors` allows any origin: any web page "
+            f"a user of this machine opens may use every model (add `keys:`, see README){guarded}"
+        )
+    pages = f", and to pages of {', '.join(cors.allow_origins)} in their browsers" if cors is not None else ""
     if loopback:
-        return f"no API keys configured: the gateway is open to this machine's users{guarded}"
+        return f"no API keys configured: the gateway is open to this machine's users{pages}{guarded}"
     return (
         f"WARNING: no API keys configured and listening on {host}: anyone who reaches "
         f"it may use every model (add `keys:`, see README){guarded}"

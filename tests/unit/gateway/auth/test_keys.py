@@ -113,6 +113,25 @@ def test_start_up_says_who_may_use_the_gateway(host: str, keys: list[dict[str, o
 
 
 @pytest.mark.parametrize(
+    ("origins", "keys", "says"),
+    [
+        (["*"], [], "WARNING: no API keys configured and `ingress.cors` allows any origin"),
+        (["https://chat.example.com"], [], "to pages of https://chat.example.com in their browsers"),
+        (["*"], [{"id": "a", "hash": hash_secret("x")}], "1 API keys configured"),
+    ],
+)
+def test_start_up_says_which_browser_pages_may_use_a_keyless_gateway(
+    origins: list[str], keys: list[dict[str, object]], says: str
+) -> None:
+    from gateway.cli import access_note
+
+    config = parse_config(
+        {"models": [{"name": "echo", "engine": "echo"}], "keys": keys, "ingress": {"cors": {"allow_origins": origins}}}
+    )
+    assert says in access_note(config, "127.0.0.1")
+
+
+@pytest.mark.parametrize(
     ("flags", "entry"),
     [
         (["--id", "team-a", "--models", "chat,tiny-*", "--rpm", "600", "--max-concurrent", "4"],
