@@ -1,11 +1,18 @@
 """Streaming chat load: vLLM's own OpenAI server vs. the gateway, one run.
 
 Starts ``python -m vllm.entrypoints.openai.api_server`` on the model directory
-with the engine arguments the gateway's replica uses (``VLLMEngine.cli_args``),
-measures it, stops it; then starts ``llm-gateway serve`` on the same directory
-and settings (plus an echo model), measures it, stops it; prints both and the
-gateway/direct ratios. Only one server runs at a time, so neither competes
-with the other for the machine's cores.
+with the engine arguments the gateway's replica uses (``VLLMEngine.cli_args``)
+and ``llm-gateway serve`` on the same directory and settings (plus an echo
+model), both at once, and measures them in turn: at each concurrency level and
+with each load generator, vLLM's server then the gateway, the other way round
+in the next round, ``--rounds`` times. A VM's speed drifts by tens of percent
+within minutes; measured seconds apart, the two see the same machine, and each
+round's gateway/direct ratio is a paired comparison. The server not being
+measured is frozen meanwhile (SIGSTOP to its whole process tree: Ray's
+daemons, replicas and engines under the gateway), so it takes no CPU from the
+other; it is thawed (SIGCONT) two seconds before its own turn, and each
+measurement starts with its warm-up round. ``--one-at-a-time`` runs one
+server alone, then the other, instead (the drift falls between them).
 
 Each concurrency level (1, 8 and 32 by default) is measured by two load
 generators, each after a warm-up round: this module's own (aiohttp), and vLLM's
@@ -38,11 +45,14 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+import psutil
 
 MODEL = "tiny-chat-v1"
 MAX_MODEL_LEN = 2048
 KV_CACHE_GIB = 1
 CLIENTS = ("aiohttp", "vllm-bench")
+# After a server is thawed, before it is measured: its timers catch up.
+THAW_S = 2.0
 
 
 @dataclass
@@ -262,28 +272,104 @@ def start_gateway(model_dir: Path, port: int, log: Path, gateway_cpus: str = "of
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+def _levels(args: argparse.Namespace) -> list[tuple[int, str, int]]:
+    """(concurrency, client, requests) in the order they are measured."""
+    return [
+        (concurrency, client, max(args.requests_per_stream * concurrency, args.min_requests))
+        for concurrency in args.concurrency
+        for client in CLIENTS
+        if client in args.clients
+    ]
+
+
+def _measure_once(base_url: str, concurrency: int, client: str, requests: int, args: argparse.Namespace) -> Figures:
+    if client == "aiohttp":
+        return asyncio.run(load(base_url, concurrency, requests, args.max_tokens))
+    return vllm_bench(base_url, concurrency, requests, args)
+
+
+def _echo(base_url: str) -> tuple[float, float]:
+    p50, _ = asyncio.run(echo_overhead(base_url, 1, 400))
+    _, rate = asyncio.run(echo_overhead(base_url, 32, 3200))
+    print(f"    gateway echo route: c=1 p50 {p50:.2f} ms, c=32 {rate:.0f} req/s", flush=True)
+    return p50, rate
+
+
 def measure(
     name: str, proc: subprocess.Popen, base_url: str, ready_path: str, args: argparse.Namespace
 ) -> list[Figures]:
+    """One server alone: started, measured at every level, stopped."""
     try:
         print(f"==> {name}: waiting for the server", flush=True)
         wait_ready(base_url + ready_path, proc)
         results = []
-        for concurrency in args.concurrency:
-            requests = max(args.requests_per_stream * concurrency, args.min_requests)
-            if "aiohttp" in args.clients:
-                results.append(asyncio.run(load(base_url, concurrency, requests, args.max_tokens)))
-                print(f"    {name} {describe(results[-1])}", flush=True)
-            if "vllm-bench" in args.clients:
-                results.append(vllm_bench(base_url, concurrency, requests, args))
-                print(f"    {name} {describe(results[-1])}", flush=True)
+        for concurrency, client, requests in _levels(args):
+            results.append(_measure_once(base_url, concurrency, client, requests, args))
+            print(f"    {name} {describe(results[-1])}", flush=True)
         if name == "gateway":
-            p50, _ = asyncio.run(echo_overhead(base_url, 1, 400))
-            _, rate = asyncio.run(echo_overhead(base_url, 32, 3200))
-            print(f"    gateway echo route: c=1 p50 {p50:.2f} ms, c=32 {rate:.0f} req/s", flush=True)
+            _echo(base_url)
         return results
     finally:
         stop(proc)
+
+
+def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """A server's processes: under ``llm-gateway serve`` Ray's daemons,
+    replicas and engine processes too."""
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _signal_tree(proc: subprocess.Popen, signum: int) -> None:
+    for process in _tree(proc):
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signum)
+
+
+@dataclass
+class Paired:
+    """One level and client, measured ``rounds`` times on both servers."""
+
+    direct: list[Figures] = field(default_factory=list)
+    gateway: list[Figures] = field(default_factory=list)
+
+
+def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, float]]:
+    """Both servers up at once, measured in turn at each level, the other one
+    frozen meanwhile (see the module's doc)."""
+    servers = {
+        "direct": (start_direct(args.model_dir, 8101, args.log_dir / "bench-direct.log"),
+                   "http://127.0.0.1:8101", "/health"),
+        "gateway": (start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus),
+                    "http://127.0.0.1:8102", "/ready"),
+    }  # fmt: skip
+    try:
+        for name, (proc, base_url, ready_path) in servers.items():
+            print(f"==> {name}: waiting for the server", flush=True)
+            wait_ready(base_url + ready_path, proc)
+        results = []
+        for concurrency, client, requests in _levels(args):
+            paired = Paired()
+            for round_ in range(args.rounds):
+                order = ["direct", "gateway"] if round_ % 2 == 0 else ["gateway", "direct"]
+                for name in order:
+                    other = servers["gateway" if name == "direct" else "direct"][0]
+                    _signal_tree(other, signal.SIGSTOP)
+                    _signal_tree(servers[name][0], signal.SIGCONT)
+                    time.sleep(THAW_S)
+                    figures = _measure_once(servers[name][1], concurrency, client, requests, args)
+                    getattr(paired, name).append(figures)
+                    print(f"    round {round_ + 1} {name:<8}{describe(figures)}", flush=True)
+            results.append(paired)
+        _signal_tree(servers["direct"][0], signal.SIGSTOP)
+        _signal_tree(servers["gateway"][0], signal.SIGCONT)
+        time.sleep(THAW_S)
+        echo = _echo(servers["gateway"][1])
+        return results, echo
+    finally:
+        for proc, _, _ in servers.values():
+            _signal_tree(proc, signal.SIGCONT)
+            stop(proc)
 
 
 def describe(f: Figures) -> str:
@@ -312,11 +398,23 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--gateway-cpus", default="off", help="the gateway's runtime.gateway_cpus")
-    parser.add_argument("--skip-direct", action="store_true", help="measure the gateway only")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="direct then gateway, this many times in turn: a VM whose speed drifts "
-                        "shows up as ratios that differ between rounds")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="both servers up, measured in turn this many times at each level")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="vLLM's server alone, then the gateway alone, --rounds times")
+    parser.add_argument("--skip-direct", action="store_true",
+                        help="measure the gateway only (implies --one-at-a-time)")
     args = parser.parse_args()
+    machine = (f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
+               f"{os.cpu_count()} CPUs ({cpu_model()})")
+
+    if not (args.one_at_a_time or args.skip_direct):
+        results, (echo_p50, echo_rate) = side_by_side(args)
+        print()
+        print(f"{machine}; both servers up, {args.rounds} rounds in turn at each level")
+        print_paired(results)
+        print(f"gateway echo route: c=1 p50 {echo_p50:.2f} ms, c=32 {echo_rate:.0f} req/s")
+        return
 
     tables = []
     for round_ in range(1, args.rounds + 1):
@@ -335,8 +433,7 @@ def main() -> None:
     for round_, (direct, gateway) in enumerate(tables, 1):
         print()
         title = f"round {round_}: " if args.rounds > 1 else ""
-        print(f"{title}model {args.model_dir}, {args.max_tokens} output tokens per request, "
-              f"{os.cpu_count()} CPUs ({cpu_model()})")
+        print(f"{title}{machine}")
         print_table(direct, gateway)
 
 
@@ -349,6 +446,40 @@ def print_table(direct: list[Figures], gateway: list[Figures]) -> None:
         print(f"{d.client:<11}c={d.concurrency:<3}{'ratio':<9}{g.tokens_per_s / d.tokens_per_s:7.2f}x"
               f"  TTFT p50 {g.ttft_ms[0] - d.ttft_ms[0]:+.1f} ms, ITL p99 "
               f"{g.itl_ms[1] / d.itl_ms[1]:.2f}x vs direct")
+
+def _median_figures(runs: list[Figures]) -> Figures:
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    return Figures(
+        runs[0].client,
+        runs[0].concurrency,
+        med([f.tokens_per_s for f in runs]),
+        (med([f.ttft_ms[0] for f in runs]), med([f.ttft_ms[1] for f in runs])),
+        (med([f.itl_ms[0] for f in runs]), med([f.itl_ms[1] for f in runs])),
+    )
+
+
+def print_paired(results: list[Paired]) -> None:
+    """Medians over the rounds; ratios are the median (and range) of each
+    round's gateway/direct ratio."""
+    print(f"{'medians':25}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}")
+    for paired in results:
+        for name in ("direct", "gateway"):
+            f = _median_figures(getattr(paired, name))
+            print(f"{f.client:<11}c={f.concurrency:<3}{name:<9}{f.tokens_per_s:8.0f}{f.ttft_ms[0]:10.1f}"
+                  f"{f.ttft_ms[1]:10.1f}{f.itl_ms[0]:9.1f}{f.itl_ms[1]:9.1f}")
+        pairs = list(zip(paired.direct, paired.gateway))
+
+        def spread(values: list[float], form: str) -> str:
+            return f"{form.format(statistics.median(values))} ({form.format(min(values))}..{form.format(max(values))})"
+
+        f = paired.direct[0]
+        print(f"{f.client:<11}c={f.concurrency:<3}{'ratio':<9}"
+              f"tok/s {spread([g.tokens_per_s / d.tokens_per_s for d, g in pairs], '{:.2f}x')}, "
+              f"TTFT p50 added {spread([g.ttft_ms[0] - d.ttft_ms[0] for d, g in pairs], '{:+.1f} ms')}, "
+              f"ITL p99 {spread([g.itl_ms[1] / d.itl_ms[1] for d, g in pairs], '{:.2f}x')}")
+
 
 if __name__ == "__main__":
     main()
