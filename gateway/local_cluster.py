@@ -13,7 +13,9 @@ can run code. So the local cluster is started as a single-machine one:
 - HAProxy runs through a small wrapper that rewrites the two listeners its
   config template binds on every interface (``bind :PORT``, ``bind
   *:PORT``) to 127.0.0.1 before HAProxy reads the file. The front door itself
-  binds the address asked for (``--host``), untouched. Unless
+  binds the address asked for (``--host``), untouched: for ``0.0.0.0`` Ray's
+  template writes ``bind *:PORT`` there too, which the wrapper leaves alone
+  (it once moved it to loopback: ``--host 0.0.0.0`` answered on loopback only). Unless
   ``RAY_SERVE_HAPROXY_LOG_TARGET`` names a log sink, the wrapper also drops
   the template's syslog target (UDP 127.0.0.1:514): one datagram per request
   with its path and client address to whatever listens there, beside the
@@ -21,9 +23,16 @@ can run code. So the local cluster is started as a single-machine one:
 
 - each Serve replica's gRPC server for calls between deployments, which
   Ray Serve 2.60 binds to ``[::]:0`` whatever the node's address, is bound to
-  127.0.0.1 instead (``loopback_replica_grpc``, applied as the gateway's code
-  loads in each replica of such a cluster; Ray's token authentication, on by
-  default for a local cluster in this Ray, guards it too).
+  127.0.0.1 instead (``loopback_replica_servers``, applied as the gateway's
+  code loads in each replica of such a cluster; Ray's token authentication, on
+  by default for a local cluster in this Ray, guards it too);
+- each application's ingress replica (the gateway's ingress, every model's
+  replica) serves HTTP on a port of its own, which HAProxy forwards to at the
+  node's address (127.0.0.1), but Ray Serve binds it to the front door's
+  address (``--host``): with ``--host 0.0.0.0`` those ports were open on
+  every interface, past HAProxy's limits, and with a single non-loopback
+  address HAProxy could not reach them at all (every request 503). They are
+  bound to 127.0.0.1 too (``loopback_replica_servers``).
 """
 
 from __future__ import annotations
@@ -47,13 +56,14 @@ _DROP_SYSLOG = """
 
 _WRAPPER = """#!/bin/sh
 # llm-gateway: HAProxy with the listeners Ray Serve binds on every interface
-# (stats, Prometheus) moved to loopback, and the front door's own answers
-# made OpenAI-shaped; see gateway/local_cluster.py.
+# (stats, Prometheus) moved to loopback, the front doors (http_frontend,
+# grpc_frontend) left on the address asked for, every interface included, and
+# the front door's own answers made OpenAI-shaped; see gateway/local_cluster.py.
 prev=""
 for arg in "$@"; do
   if [ "$prev" = "-f" ] && [ -f "$arg" ] && ! grep -q '^# llm-gateway front door' "$arg"; then
     sed -i -E \\
-      -e 's/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\{drop_syslog}
+      -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/!s/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\{drop_syslog}
       -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
       -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
       -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
@@ -185,22 +195,35 @@ def _raylet_gcs_addresses(proc: Path = Path("/proc")) -> list[str]:
 
 REPLICA_MODULE = "ray.serve._private.replica"
 ALL_INTERFACES = "[::]:0"
+LOOPBACK = "127.0.0.1"
 
 
-def loopback_replica_grpc() -> bool:
+def loopback_replica_servers() -> bool:
     """In a replica of a single-machine cluster, binds Serve's inter-deployment
-    gRPC server to loopback; True when it did. Does nothing elsewhere (and
-    never imports Ray: it only acts where Serve's replica code is loaded)."""
+    gRPC server and the replica's own HTTP server (direct ingress) to
+    loopback; True when it did. Does nothing elsewhere (and never imports Ray:
+    it only acts where Serve's replica code is loaded)."""
     replica: Any = sys.modules.get(REPLICA_MODULE)
     if replica is None or os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
         return False
     add_port = replica.add_port_to_grpc_server
-    if getattr(add_port, "loopback", False):
-        return True
+    if not getattr(add_port, "loopback", False):
 
-    def add_loopback_port(server: Any, address: str) -> Any:
-        return add_port(server, "127.0.0.1:0" if address == ALL_INTERFACES else address)
+        def add_loopback_port(server: Any, address: str) -> Any:
+            return add_port(server, "127.0.0.1:0" if address == ALL_INTERFACES else address)
 
-    add_loopback_port.loopback = True  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = add_loopback_port
+        add_loopback_port.loopback = True  # type: ignore[attr-defined]
+        replica.add_port_to_grpc_server = add_loopback_port
+    start_http = replica.start_asgi_http_server
+    if not getattr(start_http, "loopback", False):
+
+        async def start_loopback_http_server(app: Any, http_options: Any, **kwargs: Any) -> Any:
+            # HAProxy reaches ingress replicas at the node's address, which is
+            # loopback here, whatever address the front door binds.
+            if http_options.host != LOOPBACK:
+                http_options = http_options.model_copy(update={"host": LOOPBACK})
+            return await start_http(app, http_options, **kwargs)
+
+        start_loopback_http_server.loopback = True  # type: ignore[attr-defined]
+        replica.start_asgi_http_server = start_loopback_http_server
     return True

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -22,15 +25,22 @@ def test_the_wrapper_moves_the_all_interface_listeners_to_loopback(tmp_path: Pat
     fake.chmod(0o755)
     wrapper.write_text(wrapper.read_text().replace(local_cluster_binary(wrapper), str(fake)))
     config = tmp_path / "haproxy.cfg"
+    # Shaped like Ray Serve's template with ``--host 0.0.0.0``: the front doors
+    # bind every interface as asked (``*``); the rest moves to loopback.
     config.write_text(
-        "frontend prometheus\n    bind :9101\nfrontend http\n    bind 0.0.0.0:8000\n"
-        "frontend front\n    bind 127.0.0.1:8000\nlisten stats\n  bind *:8404\n"
+        "frontend prometheus\n    bind :9101\n    mode http\nfrontend http_frontend\n    bind *:8000\n"
+        "    mode http\n    # bind :1 (a comment stays)\nbackend b\n    bind :7000\n"
+        "frontend grpc_frontend\n    bind *:9000 proto h2\nfrontend http\n    bind 0.0.0.0:8001\n"
+        "frontend front\n    bind 127.0.0.1:8002\nlisten stats\n  bind *:8404\n"
     )
     out = subprocess.run([str(wrapper), "-db", "-f", str(config)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["-db", "-f", str(config)]  # the real binary gets the same arguments
-    assert config.read_text() == (
-        "frontend prometheus\n    bind 127.0.0.1:9101\nfrontend http\n    bind 0.0.0.0:8000\n"
-        "frontend front\n    bind 127.0.0.1:8000\nlisten stats\n  bind 127.0.0.1:8404\n"
+    rewritten = [line for line in config.read_text().split("\n") if "http-request return" not in line]
+    assert "\n".join(rewritten) == (
+        "frontend prometheus\n    bind 127.0.0.1:9101\n    mode http\nfrontend http_frontend\n    bind *:8000\n"
+        "    mode http\n    # bind :1 (a comment stays)\nbackend b\n    bind 127.0.0.1:7000\n"
+        "frontend grpc_frontend\n    bind *:9000 proto h2\nfrontend http\n    bind 0.0.0.0:8001\n"
+        "frontend front\n    bind 127.0.0.1:8002\nlisten stats\n  bind 127.0.0.1:8404\n"
         "\n# llm-gateway front door\n"
     )
     subprocess.run([str(wrapper), "-f", str(config)], check=True, capture_output=True)
@@ -116,19 +126,80 @@ def test_ray_still_reads_the_setting_and_binds_replica_grpc_as_assumed() -> None
 
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in inspect.getsource(ray_constants)
     assert f'add_port_to_grpc_server(self._server, "{local_cluster.ALL_INTERFACES}")' in inspect.getsource(replica)
+    # The direct-ingress HTTP server: started through the module's own name, with
+    # the HTTP options (the front door's host) as second argument.
+    assert "return await start_asgi_http_server(\n" in inspect.getsource(replica)
+    assert list(inspect.signature(replica.start_asgi_http_server).parameters)[:2] == ["app", "http_options"]
 
 
-def test_replica_grpc_is_bound_to_loopback_only_in_a_single_machine_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replica_servers_are_bound_to_loopback_only_in_a_single_machine_replica(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     calls: list[str] = []
-    fake = SimpleNamespace(add_port_to_grpc_server=lambda server, address: calls.append(address))
+    hosts: list[str] = []
+
+    async def start_asgi_http_server(app: object, http_options: object, **kwargs: object) -> None:
+        hosts.append(http_options.host)  # type: ignore[attr-defined]
+
+    fake = SimpleNamespace(
+        add_port_to_grpc_server=lambda server, address: calls.append(address),
+        start_asgi_http_server=start_asgi_http_server,
+    )
     monkeypatch.setitem(sys.modules, local_cluster.REPLICA_MODULE, fake)
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-    assert not local_cluster.loopback_replica_grpc()  # a real cluster: untouched
+    assert not local_cluster.loopback_replica_servers()  # a real cluster: untouched
+    assert fake.start_asgi_http_server is start_asgi_http_server
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    assert local_cluster.loopback_replica_grpc() and local_cluster.loopback_replica_grpc()
+    assert local_cluster.loopback_replica_servers() and local_cluster.loopback_replica_servers()
     fake.add_port_to_grpc_server(None, "[::]:0")
     fake.add_port_to_grpc_server(None, "10.0.0.1:5")
     assert calls == ["127.0.0.1:0", "10.0.0.1:5"]
+    from ray.serve.config import HTTPOptions
+
+    for host in ("0.0.0.0", "192.0.2.2", "127.0.0.1"):
+        asyncio.run(fake.start_asgi_http_server(None, HTTPOptions(host=host, port=8000)))
+    assert hosts == ["127.0.0.1"] * 3  # wrapped once, however often applied
+
+
+async def test_a_replica_s_own_http_server_listens_on_loopback_whatever_the_front_door_binds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray's own server start, as a replica of the local cluster runs it, asked
+    for every interface (``--host 0.0.0.0``): HAProxy reaches it at 127.0.0.1,
+    nothing else can."""
+    from ray.serve._private import replica
+    from ray.serve.config import HTTPOptions
+
+    monkeypatch.setattr(replica, "start_asgi_http_server", replica.start_asgi_http_server)
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", replica.add_port_to_grpc_server)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    assert local_cluster.loopback_replica_servers()
+
+    async def app(scope: dict, receive: object, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    task, server = await replica.start_asgi_http_server(
+        app, HTTPOptions(host="0.0.0.0", port=port), event_loop=asyncio.get_running_loop()
+    )
+    try:
+        for _ in range(200):  # uvicorn starts listening in the task
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        bound = {sock.getsockname()[0] for srv in server.servers for sock in srv.sockets}
+        assert bound == {"127.0.0.1"}
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 204")
+        writer.close()
+    finally:
+        server.should_exit = True
+        await task
 
 
 @pytest.mark.parametrize(
