@@ -132,7 +132,7 @@ def test_ray_still_reads_the_setting_and_binds_replica_grpc_as_assumed() -> None
     assert list(inspect.signature(replica.start_asgi_http_server).parameters)[:2] == ["app", "http_options"]
 
 
-def test_replica_servers_are_bound_to_loopback_only_in_a_single_machine_replica(
+async def test_replica_servers_are_bound_to_loopback_only_in_a_single_machine_replica(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[str] = []
@@ -157,7 +157,7 @@ def test_replica_servers_are_bound_to_loopback_only_in_a_single_machine_replica(
     from ray.serve.config import HTTPOptions
 
     for host in ("0.0.0.0", "192.0.2.2", "127.0.0.1"):
-        asyncio.run(fake.start_asgi_http_server(None, HTTPOptions(host=host, port=8000)))
+        await fake.start_asgi_http_server(None, HTTPOptions(host=host, port=8000))
     assert hosts == ["127.0.0.1"] * 3  # wrapped once, however often applied
 
 
