@@ -645,6 +645,14 @@ class RuntimeConfig(_Strict):
         "reserves for other processes (the last `VLLM_CPU_NUM_OF_RESERVED_CPU`, one by "
         "default); or a list of CPU ids.",
     )
+    haproxy_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
+        "auto",
+        description="Threads of HAProxy, the front door. `auto` (default): half this "
+        "machine's CPUs, at least 1 and at most 4 (Ray's own default), and no more than "
+        "`gateway_cpus` lists; or a count. Threads beyond the cores the host can spare "
+        "compete with the engine's: on 2 vCPUs one thread streamed 1.05-1.40x the tokens/s "
+        "of four at 8 concurrent streams.",
+    )
     background_niceness: int = Field(
         19,
         ge=0,
@@ -657,9 +665,20 @@ class RuntimeConfig(_Strict):
         "raylet) keeps `worker_niceness`. 0 leaves them alone.",
     )
 
+    def haproxy_thread_count(self) -> int:
+        """``haproxy_threads`` resolved on this machine."""
+        if self.haproxy_threads != "auto":
+            return self.haproxy_threads
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = min(4, max(1, cpus // 2))
+        if isinstance(self.gateway_cpus, list):
+            threads = min(threads, max(1, len(set(self.gateway_cpus))))
+        return threads
+
     def environment(self) -> dict[str, str]:
         """Variables Ray and Ray Serve read when the local cluster starts."""
         return {
+            "RAY_SERVE_HAPROXY_NBTHREAD": str(self.haproxy_thread_count()),
             "RAY_worker_niceness": str(self.worker_niceness),
             # Engine processes die with their replica, even when it is killed.
             "RAY_process_group_cleanup_enabled": "1",

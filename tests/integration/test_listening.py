@@ -7,6 +7,7 @@ import os
 
 import psutil
 
+from gateway.config import RuntimeConfig
 from tests.integration.conftest import Gateway
 
 
@@ -36,3 +37,13 @@ def test_every_socket_the_gateway_listens_on_is_loopback(gateway: Gateway) -> No
     assert any(name.startswith("ray::ServeRepli") for name in names), names
     exposed = [entry for entry in listening if not _loopback(entry[1])]
     assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
+def test_haproxy_runs_the_threads_its_setting_resolves_to(gateway: Gateway) -> None:
+    """More HAProxy threads than the host can spare compete with the engine's threads."""
+    me = psutil.Process(os.getpid())
+    haproxy = [p for p in me.children(recursive=True) if p.name() == "haproxy"]
+    assert haproxy, "no HAProxy under the test session's cluster"
+    expected = int(os.environ["RAY_SERVE_HAPROXY_NBTHREAD"])
+    assert expected == RuntimeConfig().haproxy_thread_count()
+    assert {p.num_threads() for p in haproxy} == {expected}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from gateway import local_cluster
 from gateway.config import RuntimeConfig
@@ -104,6 +106,30 @@ def test_serves_http_metrics_from_haproxy_are_off_unless_asked(monkeypatch: pyte
     assert RuntimeConfig().environment()["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
     monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_ENABLED", "1")
     assert RuntimeConfig().environment()["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "1"
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (3, 1), (4, 2), (6, 3), (8, 4), (64, 4)])
+def test_haproxy_threads_follow_the_machine_by_default(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, threads: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    runtime = RuntimeConfig()
+    assert runtime.haproxy_threads == "auto"
+    assert runtime.environment()["RAY_SERVE_HAPROXY_NBTHREAD"] == str(threads)
+
+
+def test_haproxy_threads_are_capped_by_the_cpus_it_is_pinned_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert RuntimeConfig(gateway_cpus=[14, 15]).haproxy_thread_count() == 2
+    assert RuntimeConfig(gateway_cpus="auto").haproxy_thread_count() == 4
+    assert RuntimeConfig(haproxy_threads=8, gateway_cpus=[15]).haproxy_thread_count() == 8  # as asked
+
+
+def test_haproxy_threads_must_be_a_positive_count() -> None:
+    with pytest.raises(ValidationError):
+        RuntimeConfig(haproxy_threads=0)
+    with pytest.raises(ValidationError):
+        RuntimeConfig(haproxy_threads="many")
 
 
 def local_cluster_binary(wrapper: Path) -> str:
