@@ -48,3 +48,12 @@ def test_health_and_ready(http: httpx.Client) -> None:
     ready = http.get("/ready")
     assert ready.status_code == 200
     assert set(ready.json()["deployments"].values()) == {"HEALTHY"}
+
+
+def test_probes_answer_head_with_the_status_and_no_body(http: httpx.Client) -> None:
+    # Load balancers' and uptime checkers' probes often send HEAD.
+    for path in ("/health", "/ready"):
+        head = http.head(path)
+        assert head.status_code == 200, (path, head.status_code)
+        assert head.content == b""
+        assert head.headers["content-type"] == "application/json"

@@ -1,4 +1,5 @@
-"""GET /health (liveness) and GET /ready (every deployment healthy)"""
+"""GET /health (liveness) and GET /ready (every deployment healthy); HEAD too,
+which load balancers' and uptime checkers' probes often send."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ router = APIRouter()
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/ready")
+@router.head("/ready", include_in_schema=False)
 async def ready(state: GatewayState = Depends(gateway_state)) -> JSONResponse:
     deployments = await state.deployment_statuses()
     healthy = all(status == "HEALTHY" for status in deployments.values())
