@@ -42,9 +42,10 @@ CAPACITY = ONGOING + QUEUED
 BACKOFF_S = 0.1
 
 
-def config() -> dict[str, object]:
+def config(haproxy_threads: str = "auto") -> dict[str, object]:
     return {
         "app_name": "bench-overload",
+        "runtime": {"haproxy_threads": haproxy_threads if haproxy_threads == "auto" else int(haproxy_threads)},
         "models": [{
             "name": MODEL, "engine": "vllm", "model": str(ROOT / ".models" / MODEL),
             "max_model_len": 512, "kv_cache_space_gib": 1,
@@ -109,9 +110,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8124)
     parser.add_argument("--seconds", type=float, default=30.0, help="per phase")
+    parser.add_argument("--haproxy-threads", default="auto", help="runtime.haproxy_threads (default: auto)")
     args = parser.parse_args()
     path = Path(tempfile.mkstemp(suffix=".yaml")[1])
-    path.write_text(json.dumps(config()))
+    path.write_text(json.dumps(config(args.haproxy_threads)))
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     base = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen(
@@ -135,7 +137,8 @@ def main() -> None:
     finally:
         stop(proc)
     print(f"\nllm-gateway overload benchmark, {cpu_model()}, {MODEL} (vLLM), non-streaming chat, "
-          f"32 tokens, max_ongoing {ONGOING} + max_queued {QUEUED}, {args.seconds:.0f} s per phase")
+          f"32 tokens, max_ongoing {ONGOING} + max_queued {QUEUED}, {args.seconds:.0f} s per phase, "
+          f"HAProxy threads {args.haproxy_threads}")
     print("  phase                      accepted/s  accepted p50    p99   refused p50    p99  "
           "gateway cores  client cores  statuses")
     for name, t in results.items():
