@@ -33,15 +33,23 @@ RECOVERY_LIMIT_S = 240  # a new vLLM replica on a loaded 2-core CI machine
 def engine_core(replica_pid: int) -> psutil.Process | None:
     """vLLM's engine-core process under the model's replica, if it has one yet.
 
-    Matched on the command line: the process name is cut at 15 characters.
+    vLLM titles it ``VLLM::EngineCore``: matched on the command line, or on
+    the process name, which is cut at 15 characters.
     """
     for child in psutil.Process(replica_pid).children(recursive=True):
         try:
-            if "EngineCore" in " ".join(child.cmdline()):
+            if "EngineCore" in " ".join(child.cmdline()) or child.name().startswith("VLLM::EngineCor"):
                 return child
         except psutil.NoSuchProcess:
             continue
     return None
+
+
+def _described(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {process.name()!r} {' '.join(process.cmdline())[:120]!r}"
+    except psutil.Error as error:
+        return f"{process.pid} ({type(error).__name__})"
 
 
 async def serving_engine_core(session: httpx.AsyncClient) -> tuple[int, psutil.Process]:
@@ -57,7 +65,7 @@ async def serving_engine_core(session: httpx.AsyncClient) -> tuple[int, psutil.P
         core = engine_core(replica_pid)
         if response.status_code == 200 and core is not None:
             return replica_pid, core
-        children = [" ".join(c.cmdline())[:60] for c in psutil.Process(replica_pid).children(recursive=True)]
+        children = [_described(c) for c in psutil.Process(replica_pid).children(recursive=True)]
         assert time.monotonic() < deadline, (
             f"no engine-core process under replica {replica_pid} (started {time.time() - started:.0f} s ago, "
             f"answer {response.status_code}): children {children}"
