@@ -7,14 +7,15 @@ request's record) once the client has them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from fastapi.responses import Response
 
 from gateway import sse
 from gateway.errors import GatewayError, RequestTimeoutError, ServiceUnavailableError
 from gateway.http.limits import Admission
-from gateway.http.relay import RelayedStream, RelayResponse, StreamCutError
+from gateway.http.relay import ClientSink, RelayedStream, StreamCutError
+from gateway.http.relay_response import RelayResponse
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol.engine import Endpoint, Outcome, Reply
 
@@ -46,9 +47,13 @@ class Answers:
         deadline: float | None = None,
         timeout: float | None = None,
     ) -> Response:
-        """A stream's response: its bytes as they arrive (``_relay``); closing
+        """A stream's response: its bytes as they arrive (``_deliver``); closing
         it (the client left) closes the stream, aborting the engine request."""
-        return RelayResponse(self._relay(stream, endpoint, record, deadline, timeout), dict(headers), closed=stream.close)
+
+        async def deliver(sink: ClientSink) -> None:
+            await self._deliver(stream, sink, endpoint, record, deadline, timeout)
+
+        return RelayResponse(deliver, dict(headers), closed=stream.close)
 
     def later(self, record: RequestRecord, admission: Admission | None) -> Callable[[Outcome | None], None]:
         """What counts a background response's outcome, once its replica has finished it."""
@@ -66,35 +71,24 @@ class Answers:
         record.outcome = outcome
         self._metrics.answered(record.model, record.variant, outcome, record.key)
 
-    async def _relay(
+    async def _deliver(
         self,
         stream: RelayedStream,
+        sink: ClientSink,
         endpoint: Endpoint,
         record: RequestRecord,
         deadline: float | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[bytes]:
-        """Yields the stream's bytes as they arrive; its outcome is counted once
-        the last of them has been handed to the client. A client that leaves
-        closes the relay, which aborts the engine request; so does the
-        ``deadline`` (loop time), and the client then gets an error frame."""
-        chunks = stream.chunks()
+    ) -> None:
+        """Sends the stream's bytes to ``sink`` as they arrive; its outcome is
+        counted once the last of them has been handed to the client. A client
+        that leaves closes the relay, which aborts the engine request; so does
+        the ``deadline`` (loop time), and the client then gets an error frame."""
         error: GatewayError | None = None
-        last = b""  # the latest read: a Responses error event is numbered after it
         try:
-            if deadline is None:
-                async for chunk in chunks:
-                    last = chunk
-                    yield chunk
-            else:
-                while True:
-                    try:
-                        async with asyncio.timeout_at(deadline):  # around the read, not the yield
-                            chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    last = chunk
-                    yield chunk
+            async with asyncio.timeout_at(deadline):
+                if not await stream.pipe(sink):
+                    return  # the client left
         except StreamCutError:
             error = ServiceUnavailableError("The model stopped while serving the request.")
         except TimeoutError:
@@ -103,7 +97,7 @@ class Answers:
             stream.close()  # at once, even where the client's hang-up left this unfinished
         if error is not None:
             record.error, record.late_status = error.code, error.status_code
-            yield sse.stream_error(endpoint, error, sse.next_sequence_number(last))
+            await sink.send(sse.stream_error(endpoint, error, sse.next_sequence_number(sink.last)))
             return
         if stream.outcome is not None:
             if stream.outcome.error is not None:  # the model ended the stream with an error frame

@@ -6,8 +6,11 @@ The ingress learns each model's replica addresses from Serve's router
 own count of the streams it has open on each, and opens each stream on the
 least busy. The tokens then come straight from the replica's own port: one
 read, one write to the client, however many tokens a read holds; nothing is
-parsed per token. The replica itself holds streams to its
-``max_ongoing_requests`` and ``max_queued_requests`` (``models.llm.relay``).
+parsed per token, and where the client's socket can be written at once
+(``ClientSink.immediate``) each read is written from the connection's own
+callback, with no task woken and nothing awaited per read. The replica itself
+holds streams to its ``max_ongoing_requests`` and ``max_queued_requests``
+(``models.llm.relay``).
 """
 
 from __future__ import annotations
@@ -16,12 +19,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
-from starlette.responses import Response
-
-from gateway import sse
 from gateway.errors import GatewayError, OverloadedError, ResponseNotFoundError, ServiceUnavailableError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
@@ -178,20 +178,128 @@ class RunningReplica:
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
+class ClientSink(Protocol):
+    """Where a relayed stream's bytes go: the client's response body."""
+
+    # Whether ``write`` may be called for each read (no wait); else ``send``.
+    immediate: bool
+    # The latest bytes written (a Responses error event is numbered after them).
+    last: bytes
+
+    def write(self, data: bytes) -> bool:
+        """Writes ``data`` to the client at once; False when the client is gone."""
+
+    def congested(self) -> bool:
+        """Whether the client is this far behind: reading from the replica waits for ``drain``."""
+
+    async def drain(self) -> None:
+        """Returns once the client has taken most of what was written."""
+
+    async def send(self, data: bytes) -> None:
+        """Writes ``data`` to the client, waiting as its server has it wait."""
+
+
+class _RelayReader(asyncio.StreamReader):
+    def take_held(self) -> bytes:
+        """The bytes read from the socket and not yet from this reader, taken
+        from it without waiting (which StreamReader has no public way to do)."""
+        held = bytes(self._buffer)  # type: ignore[attr-defined]
+        self._buffer.clear()  # type: ignore[attr-defined]
+        self._maybe_resume_transport()  # type: ignore[attr-defined]
+        return held
+
+
 class _RelayProtocol(asyncio.StreamReaderProtocol):
-    """A relay connection's protocol: one kept idle that the replica closes is closed here too."""
+    """A relay connection's protocol: one kept idle that the replica closes is
+    closed here too; while ``forward`` is set, what arrives goes to it instead
+    of the reader."""
 
     idle = False
+    forward: _Forward | None = None
+
+    def data_received(self, data: bytes) -> None:
+        forward = self.forward
+        if forward is None:
+            super().data_received(data)
+        else:
+            forward.feed(data)
 
     def eof_received(self) -> bool:
+        if self.forward is not None:
+            self.forward.cut("the replica closed the stream before its end")
         keep_open = super().eof_received()
         return bool(keep_open) and not self.idle
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.forward is not None:
+            self.forward.cut(str(exc) if exc is not None else "the replica's connection was lost")
+        super().connection_lost(exc)
+
+
+_ENDED, _STALLED, _GONE = "ended", "stalled", "gone"
+
+
+class _Forward:
+    """Writes each read of a relay connection to the client from the
+    connection's callback, up to the stream's ``END`` (what follows, the
+    outcome, goes to the reader again). Wakes its waiter only when the stream
+    ends, breaks off, the client falls behind (reading then pauses) or leaves."""
+
+    def __init__(self, sink: ClientSink, protocol: _RelayProtocol, transport: asyncio.BaseTransport) -> None:
+        self._sink = sink
+        self._protocol = protocol
+        self._transport: Any = transport
+        self._woken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.rest = b""  # what followed END in its read
+        self.stalled = False
+        self._cut: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        end = data.find(relay.END)
+        if end < 0:
+            if not self._sink.write(data):
+                self._wake(_GONE)
+            elif self._sink.congested():
+                self._transport.pause_reading()
+                self.stalled = True
+                self._wake(_STALLED)
+            return
+        if end and not self._sink.write(data[:end]):
+            self._wake(_GONE)
+            return
+        self.rest = data[end + 1 :]
+        self._wake(_ENDED)
+
+    def cut(self, why: str) -> None:
+        self._cut = why
+        self._protocol.forward = None
+        if not self._woken.done():
+            self._woken.set_exception(StreamCutError(why))
+
+    async def woken(self) -> str:
+        """How the forwarding stopped: ended, stalled or gone; raises
+        StreamCutError when the replica's stream broke off."""
+        return await self._woken
+
+    def resume(self) -> None:
+        """Reads again after a stall; raises StreamCutError when the stream broke off meanwhile."""
+        if self._cut is not None:
+            raise StreamCutError(self._cut)
+        self._woken = asyncio.get_running_loop().create_future()
+        self.stalled = False
+        self._transport.resume_reading()
+
+    def _wake(self, state: str) -> None:
+        if state != _STALLED:
+            self._protocol.forward = None  # anything further goes to the reader
+        if not self._woken.done():
+            self._woken.set_result(state)
 
 
 async def _connect(address: relay.RelayAddress) -> Connection:
     """A new connection to the replica at ``address`` (``asyncio.open_connection``'s, with ``_RelayProtocol``)."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(loop=loop)
+    reader = _RelayReader(loop=loop)
     protocol = _RelayProtocol(reader, loop=loop)
     transport, _ = await loop.create_connection(lambda: protocol, address.host, address.port)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -382,6 +490,51 @@ class RelayedStream:
             raise StreamCutError(str(exc)) from exc
         finally:
             self.close()
+
+    async def pipe(self, sink: ClientSink) -> bool:
+        """Sends the stream's bytes to ``sink`` as they arrive, up to its end
+        (``outcome`` is then set). Returns False when the client left first.
+        Raises ``StreamCutError`` when the replica's stream breaks off. Either
+        way the stream is closed when this returns or raises (leaving early
+        aborts the engine request)."""
+        try:
+            protocol = self._writer.transport.get_protocol()
+            if sink.immediate and isinstance(protocol, _RelayProtocol) and isinstance(self._reader, _RelayReader):
+                return await self._forward(sink, protocol, self._reader)
+            async for chunk in self.chunks():
+                await sink.send(chunk)
+            return True
+        finally:
+            self.close()
+
+    async def _forward(self, sink: ClientSink, protocol: _RelayProtocol, reader: _RelayReader) -> bool:
+        transport = self._writer.transport
+        forward = _Forward(sink, protocol, transport)
+        held = reader.take_held()
+        protocol.forward = forward  # from here, reads go to the client as they arrive
+        try:
+            if held:
+                forward.feed(held)
+            if protocol.forward is forward and (reader.exception() is not None or reader.at_eof()):
+                forward.cut("the replica closed the stream before its end")
+            while (state := await forward.woken()) == _STALLED:
+                await sink.drain()
+                forward.resume()
+            if state == _GONE:
+                return False
+            line, self._reusable = await _outcome_line(reader, forward.rest)
+        except StreamCutError:
+            self._cut = True
+            raise
+        except OSError as exc:
+            self._cut = True
+            raise StreamCutError(str(exc)) from exc
+        finally:
+            protocol.forward = None
+            if forward.stalled:
+                transport.resume_reading()  # type: ignore[attr-defined]
+        self.outcome = relay.decode_outcome(line)
+        return True
 
     def close(self) -> None:
         """Closes the connection, which aborts the engine request if the stream
@@ -671,111 +824,3 @@ class ReplicaRelay:
             writer.close()
             raise
         return reader, writer, length
-
-
-# Past this many bytes unsent to a slow client, the relay stops reading from the replica.
-CLIENT_HIGH_WATER = 256 * 1024
-
-
-class RelayResponse(Response):
-    """An SSE response whose body goes from the replica's socket to the client's.
-
-    The head and the end travel through ASGI (so middleware sees the status,
-    headers and completion). In between, under uvicorn with chunked encoding
-    (Serve's HAProxy front door), each read is written to the client's socket
-    as one HTTP chunk, skipping the ASGI stack per token; elsewhere (Serve's
-    own proxy, tests) each read is one ASGI message. ``body`` yields the
-    stream's bytes (``RelayedStream.chunks`` and what the dispatcher adds).
-    """
-
-    media_type = sse.MEDIA_TYPE
-
-    def __init__(
-        self,
-        body: AsyncIterator[bytes],
-        headers: dict[str, str],
-        closed: Callable[[], None] | None = None,
-    ) -> None:
-        super().__init__(headers=headers, media_type=sse.MEDIA_TYPE)
-        self._body = body
-        self._closed = closed  # runs once the response is over, even one never started
-
-    def render(self, content: Any) -> bytes | memoryview:
-        return memoryview(b"")  # never sent: the body is relayed
-
-    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
-        # No content-length: the body's length is unknown until the stream ends.
-        self.raw_headers = [(b"content-type", sse.MEDIA_TYPE.encode())]
-        self.raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await self._respond(receive, send)
-        finally:
-            if self._closed is not None:
-                self._closed()
-
-    async def _respond(self, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        cycle = _uvicorn_cycle(send)
-        relay_task = asyncio.ensure_future(
-            self._write_direct(cycle) if cycle is not None else self._write_asgi(send)
-        )
-        hang_up = asyncio.ensure_future(_disconnected(receive))
-        try:
-            await asyncio.wait({relay_task, hang_up}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            hang_up.cancel()
-            if not relay_task.done():
-                relay_task.cancel()  # the client left: closing the body closes the relay
-                await asyncio.gather(relay_task, return_exceptions=True)
-            await self._body.aclose()  # type: ignore[attr-defined]
-        if not relay_task.cancelled() and relay_task.exception() is not None:
-            # A bug: the client gets a cut-off stream (no final chunk), the log the cause.
-            logger.error("relaying a stream failed", exc_info=relay_task.exception())
-            return
-        if relay_task.cancelled() or hang_up.done():
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _write_asgi(self, send: Any) -> None:
-        async for chunk in self._body:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-    async def _write_direct(self, cycle: Any) -> None:
-        transport = cycle.transport
-        async for chunk in self._body:
-            if cycle.disconnected or transport.is_closing():
-                return
-            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            if transport.get_write_buffer_size() > CLIENT_HIGH_WATER:
-                await cycle.flow.drain()
-
-
-def _uvicorn_cycle(send: Any) -> Any:
-    """uvicorn's request-response cycle behind the ASGI ``send`` wrappers (Starlette's,
-    Serve's, ours), when it writes a chunked body; None otherwise."""
-    seen: set[int] = set()
-    stack = [send]
-    while stack:
-        fn = stack.pop()
-        if id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        owner = getattr(fn, "__self__", None)
-        if type(owner).__name__ == "RequestResponseCycle" and type(owner).__module__.startswith("uvicorn."):
-            chunked = getattr(owner, "chunked_encoding", None) is True
-            return owner if chunked and hasattr(owner, "flow") else None
-        for cell in getattr(fn, "__closure__", None) or ():
-            try:
-                content = cell.cell_contents
-            except ValueError:
-                continue
-            if callable(content):
-                stack.append(content)
-    return None
-
-
-async def _disconnected(receive: Any) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
 import pytest
 
 from gateway import sse
@@ -21,7 +20,7 @@ from gateway.errors import (
     ResponseNotFoundError,
     ServiceUnavailableError,
 )
-from gateway.http.relay import RelayResponse, StreamCutError, ReplicaRelay
+from gateway.http.relay import StreamCutError, ReplicaRelay
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from models.llm.relay import StreamServer
@@ -221,68 +220,6 @@ async def test_a_replica_holds_streams_to_its_limits_and_refuses_beyond_its_queu
     second = await asyncio.wait_for(queued, timeout=2)
     assert b"".join([chunk async for chunk in second.chunks()]).endswith(sse.DONE)
     assert served == [1, 1]
-
-
-@asynccontextmanager
-async def uvicorn_serving(body: Any) -> AsyncIterator[str]:
-    """``RelayResponse(body())`` served by a real uvicorn, as behind Serve's HAProxy front door."""
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.routing import Route
-
-    app = Starlette(routes=[Route("/s", lambda request: RelayResponse(body(), {"x-gateway-variant": "m"}))])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=closed_port(), log_level="error"))
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}/s"
-    finally:
-        server.should_exit = True
-        await task
-
-
-async def test_under_uvicorn_reads_go_straight_to_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
-    direct: list[Any] = []
-    write_direct = RelayResponse._write_direct
-
-    async def spy(self: RelayResponse, cycle: Any) -> None:
-        direct.append(cycle)
-        await write_direct(self, cycle)
-
-    monkeypatch.setattr(RelayResponse, "_write_direct", spy)
-    frames = [sse.frame({"n": i}) for i in range(20)] + [sse.DONE]
-
-    async def body() -> AsyncIterator[bytes]:
-        for frame in frames:
-            yield frame
-            await asyncio.sleep(0.001)
-
-    async with uvicorn_serving(body) as url, httpx.AsyncClient() as client:
-        response = await client.get(url)
-    assert len(direct) == 1, "the body went through ASGI, not the socket"
-    assert response.content == b"".join(frames)
-    assert response.headers["transfer-encoding"] == "chunked"
-    assert response.headers["content-type"] == sse.MEDIA_TYPE
-    assert response.headers["x-gateway-variant"] == "m"
-
-
-async def test_under_uvicorn_a_hang_up_closes_the_body_at_once() -> None:
-    closed = asyncio.Event()
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield sse.frame({"n": 0})
-            await asyncio.sleep(30)  # an engine between tokens
-            yield sse.DONE
-        finally:
-            closed.set()
-
-    async with uvicorn_serving(body) as url, httpx.AsyncClient() as client:
-        async with client.stream("GET", url) as response:
-            async for _ in response.aiter_raw():
-                break  # first bytes arrived: leave
-        await asyncio.wait_for(closed.wait(), timeout=2)
 
 
 async def whole(reply: Reply | BaseException, started: asyncio.Event, cancelled: asyncio.Event) -> Any:

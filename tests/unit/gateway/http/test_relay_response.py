@@ -1,0 +1,246 @@
+"""gateway/http/relay_response.py with gateway/http/relay.py: a replica's stream
+forwarded to the client's socket as it arrives, under a real uvicorn and a real
+replica port (models/llm/relay.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway import sse
+from gateway.http.relay import ClientSink, RelayedStream, ReplicaRelay, StreamCutError
+from gateway.http.relay_response import AsgiSink, RelayResponse, SocketSink
+from gateway.protocol import relay
+from gateway.protocol.engine import EngineRequest, Outcome
+from models.llm.relay import StreamServer
+from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, closed_port
+
+
+def frames_server(frames: list[bytes], gap_s: float = 0.0, aborted: asyncio.Event | None = None) -> StreamServer:
+    """A replica whose every stream is ``frames``, ``gap_s`` apart (an engine
+    between tokens); ``aborted`` is set when a stream is closed before its end."""
+
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            finished = False
+            try:
+                for frame in frames:
+                    yield frame
+                    if gap_s:
+                        await asyncio.sleep(gap_s)
+                finished = True
+            finally:
+                if not finished and aborted is not None:
+                    aborted.set()
+
+        return stream(), lambda: OUTCOME
+
+    return StreamServer(opener, "127.0.0.1")
+
+
+def delivering(stream: RelayedStream, piped: list[bool]) -> Callable[[ClientSink], Awaitable[None]]:
+    async def deliver(sink: ClientSink) -> None:
+        piped.append(await stream.pipe(sink))
+
+    return deliver
+
+
+@asynccontextmanager
+async def uvicorn_serving(streams: ReplicaRelay, opened: list[RelayedStream], piped: list[bool]) -> AsyncIterator[str]:
+    """A real uvicorn whose route relays a stream of ``streams``, as the
+    gateway's ingress does behind Serve's HAProxy front door."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    async def endpoint(request: Request) -> RelayResponse:
+        stream = await streams.open(CALL)
+        opened.append(stream)
+        return RelayResponse(delivering(stream, piped), {"x-gateway-variant": "m"}, closed=stream.close)
+
+    app = Starlette(routes=[Route("/s", endpoint)])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=closed_port(), log_level="error"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/s"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def no_chunks(self: RelayedStream) -> Any:
+    raise AssertionError("a read went through a task (chunks), not straight to the client's socket")
+
+
+async def test_under_uvicorn_each_read_goes_straight_to_the_clients_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(RelayedStream, "chunks", no_chunks)
+    frames = [sse.frame({"n": i}) for i in range(20)] + [sse.DONE]
+    server = frames_server(frames, gap_s=0.001)
+    opened: list[RelayedStream] = []
+    piped: list[bool] = []
+    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, piped) as url:
+        async with httpx.AsyncClient() as client:
+            for _ in range(2):
+                response = await client.get(url)
+                assert response.content == b"".join(frames)
+                assert response.headers["transfer-encoding"] == "chunked"
+                assert response.headers["content-type"] == sse.MEDIA_TYPE
+                assert response.headers["x-gateway-variant"] == "m"
+    assert piped == [True, True]
+    assert [stream.outcome for stream in opened] == [OUTCOME, OUTCOME]
+    assert server.accepted == 1  # the relay connection was kept for the second stream
+
+
+async def test_under_uvicorn_a_hang_up_aborts_the_engine_stream_at_once() -> None:
+    aborted = asyncio.Event()
+    server = frames_server([sse.frame({"n": 0}), sse.DONE], gap_s=30, aborted=aborted)
+    opened: list[RelayedStream] = []
+    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, []) as url:
+        async with httpx.AsyncClient() as client:
+            async with client.stream("GET", url) as response:
+                async for _ in response.aiter_raw():
+                    break  # first bytes arrived: leave
+        await asyncio.wait_for(aborted.wait(), timeout=2)
+    assert opened[0].outcome is None
+
+
+async def test_under_uvicorn_a_client_that_reads_slowly_gets_every_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    drained: list[int] = []
+    drain = SocketSink.drain
+
+    async def counted(self: SocketSink) -> None:
+        drained.append(1)
+        await drain(self)
+
+    monkeypatch.setattr(SocketSink, "drain", counted)
+    frames = [sse.frame({"n": i, "pad": "x" * 60_000}) for i in range(200)] + [sse.DONE]  # about 12 MB
+    server = frames_server(frames)
+    opened: list[RelayedStream] = []
+    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, []) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        await asyncio.sleep(0.5)  # not reading: the relay stops reading from the replica
+        assert drained, "the relay never waited for the client"
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert _unchunk(body) == b"".join(frames)
+    assert opened[0].outcome == OUTCOME
+
+
+def _unchunk(body: bytes) -> bytes:
+    out, at = [], 0
+    while True:
+        line_end = body.index(b"\r\n", at)
+        size = int(body[at:line_end], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[line_end + 2 : line_end + 2 + size])
+        at = line_end + 2 + size + 2
+
+
+class Written:
+    """A client socket that takes every write (``immediate``), or leaves after ``room`` writes."""
+
+    immediate = True
+
+    def __init__(self, room: int = 10**9) -> None:
+        self.data: list[bytes] = []
+        self.last = b""
+        self._room = room
+
+    def write(self, data: bytes) -> bool:
+        if len(self.data) >= self._room:
+            return False
+        self.data.append(data)
+        self.last = data
+        return True
+
+    def congested(self) -> bool:
+        return False
+
+    async def drain(self) -> None:
+        return None
+
+    async def send(self, data: bytes) -> None:
+        self.write(data)
+
+
+async def fake_replica(answer: bytes, then_close: bool = True) -> relay.RelayAddress:
+    """A replica port that answers every request with ``answer`` in one write (then closes)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        if then_close:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t")
+
+
+async def test_a_stream_read_whole_with_its_head_is_forwarded_with_its_outcome() -> None:
+    body = sse.frame({"n": 0}) + sse.DONE
+    answer = relay.response_head(200, sse.MEDIA_TYPE, keep=False) + body + relay.END + relay.encode_outcome(OUTCOME)
+    stream = await ReplicaRelay(Router(await fake_replica(answer))).open(CALL)
+    await asyncio.sleep(0.05)  # all of it has arrived, in the reader's buffer
+    sink = Written()
+    assert await stream.pipe(sink) is True
+    assert b"".join(sink.data) == body
+    assert stream.outcome == OUTCOME
+
+
+async def test_a_forwarded_stream_that_breaks_off_is_reported_cut() -> None:
+    answer = relay.response_head(200, sse.MEDIA_TYPE) + sse.frame({"n": 0})
+    stream = await ReplicaRelay(Router(await fake_replica(answer))).open(CALL)
+    sink = Written()
+    with pytest.raises(StreamCutError):
+        await stream.pipe(sink)
+    assert b"".join(sink.data) == sse.frame({"n": 0})
+    assert stream.outcome is None
+
+
+async def test_a_client_gone_mid_stream_aborts_the_engine_request_and_hears_what_was_generated() -> None:
+    aborted = asyncio.Event()
+    frames = [sse.frame({"n": i}) for i in range(100)] + [sse.DONE]
+    address = await frames_server(frames, gap_s=0.01, aborted=aborted).start()
+    stream = await ReplicaRelay(Router(address)).open(CALL)
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    stream.when_ended(reported.set_result)
+    sink = Written(room=3)
+    assert await stream.pipe(sink) is False
+    await asyncio.wait_for(aborted.wait(), timeout=2)
+    assert await asyncio.wait_for(reported, timeout=3) == OUTCOME
+    assert len(sink.data) == 3
+
+
+async def test_outside_uvicorn_each_read_is_one_asgi_message() -> None:
+    frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
+    address = await frames_server(frames, gap_s=0.001).start()
+    stream = await ReplicaRelay(Router(address)).open(CALL)
+    messages: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    sink = AsgiSink(send)
+    assert await stream.pipe(sink) is True
+    assert b"".join(message["body"] for message in messages) == b"".join(frames)
+    assert all(message["more_body"] for message in messages)
+    assert sink.last == messages[-1]["body"] and stream.outcome == OUTCOME
