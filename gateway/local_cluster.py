@@ -50,6 +50,7 @@ from gateway.config import RuntimeConfig
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
 HAPROXY_LOG_TARGET = "RAY_SERVE_HAPROXY_LOG_TARGET"
+HAPROXY_BUFSIZE = "RAY_SERVE_HAPROXY_TUNE_BUFSIZE"
 # Ray Serve's default syslog target for HAProxy's per-request log (see above).
 _DROP_SYSLOG = """
       -e '/^[[:space:]]*log[[:space:]]+127[.]0[.]0[.]1:514[[:space:]]/d' \\"""
@@ -65,6 +66,7 @@ for arg in "$@"; do
     sed -i -E \\
       -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/!s/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\{drop_syslog}
       -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
+      -e '/^global([[:space:]]|$)/r {directory}/global.cfg' \\
       -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
       -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
       "$arg"
@@ -79,9 +81,12 @@ exec '{binary}' "$@"
 # (a slow-loris client is cut off with a 408), and OpenAI-shaped bodies for the
 # answers HAProxy gives when no ingress replica can take a request (Ray's
 # template turns them into a plain-text 500). HAProxy 2.8 answers a head it
-# cannot parse, or one larger than its 16 KiB buffer (400), and a head that
-# came too slowly (408) with fixed HTML of its own, before any rule or
-# errorfile applies.
+# cannot parse or cannot hold (larger than its buffer, or with more headers
+# than `tune.http.maxhdr`), and a head that came too slowly (408), with fixed
+# HTML of its own, before any rule or errorfile applies (HAProxy 3.3 uses the
+# errorfiles there too). So its buffer and header count are raised well past
+# the gateway's own limits on a head (HEAD_BYTES, HEAD_FIELDS), which rules
+# answer in OpenAI's shape.
 _DEFAULTS = """\
     timeout http-request {read_timeout}
     errorfile 502 {directory}/503.http
@@ -97,10 +102,27 @@ _VALID_UTF8 = (
     "|\\xF0[\\x90-\\xBF][\\x80-\\xBF]{{2}}|[\\xF1-\\xF3][\\x80-\\xBF]{{3}}"
     "|\\xF4[\\x80-\\x8F][\\x80-\\xBF]{{2}})*$'"
 )
+# A request's head: its URL and headers together at most HEAD_BYTES, at most
+# HEAD_FIELDS headers (as with HAProxy's defaults: a 16 KiB buffer, 101 headers).
+HEAD_BYTES, HEAD_FIELDS = 16384, 100
+HAPROXY_BUFFER_BYTES = 65536
+_GLOBAL = "    tune.http.maxhdr 1000\n"
 _FRONTEND = (
     "    http-request return status 400 content-type application/json file "
     "{directory}/bad-header.json if {{ req.fhdr_cnt(x-request-id) gt 0 }} "
     "!{{ req.fhdr(x-request-id) -m reg " + _VALID_UTF8 + " }}\n"
+    "    http-request set-var(txn.llm_gateway_head) url,length\n"
+    "    http-request set-var(txn.llm_gateway_head) req.hdrs,length,add(txn.llm_gateway_head)\n"
+    "    http-request return status 414 content-type application/json file {directory}/uri-too-long.json "
+    "if {{ var(txn.llm_gateway_head) -m int gt {head_bytes} }} {{ url,length gt {half} }}\n"
+    "    http-request return status 431 content-type application/json file {directory}/head-too-large.json "
+    "if {{ var(txn.llm_gateway_head) -m int gt {head_bytes} }}\n"
+    "    http-request return status 431 content-type application/json file {directory}/head-too-large.json "
+    "if {{ req.hdr_cnt gt {head_fields} }}\n"
+)
+_HEAD_LIMITS = (
+    f"a request's URL and headers may take at most {HEAD_BYTES // 1024} KiB together, "
+    f"in at most {HEAD_FIELDS} headers."
 )
 
 
@@ -125,8 +147,17 @@ def _front_door_files(directory: Path, read_timeout_s: float) -> None:
         "bad-header.json": json.dumps({"error": {
             "message": "The x-request-id header is not valid UTF-8.",
             "type": "invalid_request_error", "param": "x-request-id", "code": None}}),
+        "uri-too-long.json": json.dumps({"error": {
+            "message": f"The request's URL is too long: {_HEAD_LIMITS}",
+            "type": "invalid_request_error", "param": None, "code": "uri_too_long"}}),
+        "head-too-large.json": json.dumps({"error": {
+            "message": f"The request's headers are too large: {_HEAD_LIMITS}",
+            "type": "invalid_request_error", "param": None, "code": "headers_too_large"}}),
+        "global.cfg": _GLOBAL,
         "defaults.cfg": _DEFAULTS.format(directory=directory, read_timeout=f"{read_timeout_s * 1000:.0f}ms"),
-        "frontend.cfg": _FRONTEND.format(directory=directory),
+        "frontend.cfg": _FRONTEND.format(
+            directory=directory, head_bytes=HEAD_BYTES, half=HEAD_BYTES // 2, head_fields=HEAD_FIELDS
+        ),
     }
     for name, text in files.items():
         (directory / name).write_text(text)
@@ -156,6 +187,8 @@ def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0) -> dict[st
     if runtime.http_proxy == "haproxy" and not os.environ.get(HAPROXY_BINARY):
         directory = Path(tempfile.mkdtemp(prefix="llm-gateway-haproxy-"))
         env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s))
+        # Room for heads past the gateway's limits, answered by its rules (see _DEFAULTS).
+        env[HAPROXY_BUFSIZE] = os.environ.get(HAPROXY_BUFSIZE, str(HAPROXY_BUFFER_BYTES))
     return env
 
 

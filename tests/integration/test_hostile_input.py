@@ -137,14 +137,39 @@ def _head(extra: bytes = b"", length: int | None = None) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "extra",
-    [b"X-Big: " + b"a" * 20_000 + b"\r\n", b"".join(b"X-Many-%d: %s\r\n" % (i, b"v" * 100) for i in range(200))],
-    ids=["one-big-header", "many-headers"],
+    ("extra", "path", "status", "code"),
+    [
+        (b"X-Big: " + b"a" * 20_000 + b"\r\n", b"/v1/chat/completions", 431, "headers_too_large"),
+        (b"".join(b"X-Many-%d: %s\r\n" % (i, b"v" * 10) for i in range(120)), b"/v1/chat/completions", 431,
+         "headers_too_large"),
+        (b"", b"/v1/chat/completions?q=" + b"u" * 17_000, 414, "uri_too_long"),
+    ],
+    ids=["one-big-header", "many-headers", "long-url"],
 )
-def test_a_head_too_large_is_400_and_costs_others_nothing(gateway: Gateway, http: httpx.Client, extra: bytes) -> None:
-    """HAProxy refuses a head over its 16 KiB buffer itself (its own short HTML)."""
+def test_a_head_past_the_limits_is_refused_in_openai_shape_and_costs_others_nothing(
+    gateway: Gateway, http: httpx.Client, extra: bytes, path: bytes, status: int, code: str
+) -> None:
+    """URL and headers at most 16 KiB together, at most 100 headers: HAProxy's rules answer beyond."""
     body = _chat("echo")
-    answer, _ = _raw(gateway, [_head(extra, len(body)) + body])
+    head = _head(extra, len(body)).replace(b"/v1/chat/completions", path, 1)
+    answer, _ = _raw(gateway, [head + body])
+    assert "16 KiB" in _error(answer, status, code)["message"]
+    assert http.post(CHAT, content=body).status_code == 200
+
+
+def test_a_head_just_within_the_limits_is_served(gateway: Gateway) -> None:
+    body = _chat("echo")
+    within = b"X-Big: " + b"a" * 14_500 + b"\r\n" + b"".join(b"X-Many-%d: v\r\n" % i for i in range(90))
+    answer, _ = _raw(gateway, [_head(within, len(body)) + body])
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_a_head_larger_than_haproxys_buffer_is_400_and_costs_others_nothing(
+    gateway: Gateway, http: httpx.Client
+) -> None:
+    """Past HAProxy's 64 KiB buffer it refuses the head itself (its own short HTML: HAProxy 2.8)."""
+    body = _chat("echo")
+    answer, _ = _raw(gateway, [_head(b"X-Big: " + b"a" * 70_000 + b"\r\n", len(body)) + body])
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert http.post(CHAT, content=body).status_code == 200
 

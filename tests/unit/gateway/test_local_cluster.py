@@ -37,7 +37,7 @@ def test_the_wrapper_moves_the_all_interface_listeners_to_loopback(tmp_path: Pat
     )
     out = subprocess.run([str(wrapper), "-db", "-f", str(config)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["-db", "-f", str(config)]  # the real binary gets the same arguments
-    rewritten = [line for line in config.read_text().split("\n") if "http-request return" not in line]
+    rewritten = [line for line in config.read_text().split("\n") if "http-request " not in line]
     assert "\n".join(rewritten) == (
         "frontend prometheus\n    bind 127.0.0.1:9101\n    mode http\nfrontend http_frontend\n    bind *:8000\n"
         "    mode http\n    # bind :1 (a comment stays)\nbackend b\n    bind 127.0.0.1:7000\n"
@@ -54,6 +54,7 @@ def test_the_wrapper_makes_the_front_doors_own_answers_openai_shaped(tmp_path: P
     wrapper = local_cluster.haproxy_wrapper(tmp_path, read_timeout_s=7.5)
     config = tmp_path / "haproxy.cfg"
     config.write_text(
+        "global\n    maxconn 100\n    tune.bufsize 65536\n"
         "defaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
         f"    errorfile 502 {tmp_path}/ray500.http\n    errorfile 503 {tmp_path}/ray500.http\n"
         "frontend http_frontend\n    bind 127.0.0.1:18000\n    default_backend b\n"
@@ -65,6 +66,11 @@ def test_the_wrapper_makes_the_front_doors_own_answers_openai_shaped(tmp_path: P
     assert "ray500" not in text and "timeout http-request 7500ms" in text
     assert text.index("timeout http-request") < text.index("frontend http_frontend")
     assert text.index("bad-header.json") > text.index("frontend http_frontend")
+    assert text.index("tune.http.maxhdr") < text.index("defaults")
+    for name, code in (("uri-too-long.json", "uri_too_long"), ("head-too-large.json", "headers_too_large")):
+        assert text.index(name) > text.index("frontend http_frontend")
+        error = json.loads((tmp_path / name).read_text())["error"]
+        assert error["code"] == code and error["type"] == "invalid_request_error" and "16 KiB" in error["message"]
     for name, status in (("503.http", 503), ("504.http", 504)):
         head, _, body = (tmp_path / name).read_bytes().decode().partition("\r\n\r\n")
         assert head.startswith(f"HTTP/1.1 {status} ") and f"Content-Length: {len(body)}" in head
@@ -142,6 +148,8 @@ def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.Monk
     env = local_cluster.environment(RuntimeConfig())
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).is_file()
+    # Room for heads past the gateway's limits, which its rules answer in OpenAI's shape.
+    assert int(env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]) > local_cluster.HEAD_BYTES
     assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in local_cluster.environment(RuntimeConfig(http_proxy="serve"))
 
 
