@@ -19,7 +19,7 @@ from gateway.http.relay_response import AsgiSink, RelayResponse, SocketSink
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from models.llm.relay import StreamServer
-from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, closed_port
+from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, closed_port, until
 
 
 def frames_server(frames: list[bytes], gap_s: float = 0.0, aborted: asyncio.Event | None = None) -> StreamServer:
@@ -133,8 +133,8 @@ async def test_under_uvicorn_a_client_that_reads_slowly_gets_every_byte(monkeypa
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(sock=sock)
         writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
-        await asyncio.sleep(0.5)  # not reading: the relay stops reading from the replica
-        assert drained, "the relay never waited for the client"
+        # Not reading: the relay waits for the client, reading nothing more from the replica.
+        await until(lambda: bool(drained), timeout_s=5)
         answer = await asyncio.wait_for(reader.read(), timeout=10)
         writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -199,7 +199,8 @@ async def test_a_stream_read_whole_with_its_head_is_forwarded_with_its_outcome()
     body = sse.frame({"n": 0}) + sse.DONE
     answer = relay.response_head(200, sse.MEDIA_TYPE, keep=False) + body + relay.END + relay.encode_outcome(OUTCOME)
     stream = await ReplicaRelay(Router(await fake_replica(answer))).open(CALL)
-    await asyncio.sleep(0.05)  # all of it has arrived, in the reader's buffer
+    # All of it has arrived, held by the connection's reader before the stream is piped.
+    await until(lambda: relay.END in bytes(stream._reader._buffer))  # type: ignore[attr-defined]
     sink = Written()
     assert await stream.pipe(sink) is True
     assert b"".join(sink.data) == body
