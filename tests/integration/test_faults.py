@@ -34,15 +34,23 @@ def engine_core(replica_pid: int) -> psutil.Process | None:
     """vLLM's engine-core process under the model's replica, if it has one yet.
 
     vLLM titles it ``VLLM::EngineCore``: matched on the command line, or on
-    the process name, which is cut at 15 characters.
+    the process name, which is cut at 15 characters. Some CI runs showed the
+    replica's processes untitled (``python -B -c from multiprocessing.spawn
+    import spawn_main...``, the model answering all along): the engine core is
+    then the replica's one direct child that multiprocessing spawned (its
+    worker is that child's own child; the resource tracker is no spawn).
     """
+    spawned = []
     for child in psutil.Process(replica_pid).children(recursive=True):
         try:
-            if "EngineCore" in " ".join(child.cmdline()) or child.name().startswith("VLLM::EngineCor"):
+            command = " ".join(child.cmdline())
+            if "EngineCore" in command or child.name().startswith("VLLM::EngineCor"):
                 return child
+            if child.ppid() == replica_pid and "multiprocessing.spawn import spawn_main" in command:
+                spawned.append(child)
         except psutil.NoSuchProcess:
             continue
-    return None
+    return spawned[0] if len(spawned) == 1 else None
 
 
 def _described(process: psutil.Process) -> str:
