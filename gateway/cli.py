@@ -212,11 +212,13 @@ def serve_forever(
     ``graceful_shutdown_s``, and, when this process started Ray, the whole
     local cluster (every replica and engine process) is shut down.
     """
+    local: dict[str, str] = {}
     if address is None:
         # Read by Ray and Ray Serve at import and cluster start: set them first.
         from gateway.local_cluster import environment
 
-        os.environ.update(environment(config.runtime, config.ingress.read_timeout_s))
+        local = environment(config.runtime, config.ingress.read_timeout_s)
+        os.environ.update(local)
     import ray
     from ray import serve
 
@@ -268,6 +270,10 @@ def serve_forever(
             _drain(config)
             serve.shutdown()
             ray.shutdown()
+        if local:
+            from gateway.local_cluster import remove_local_files
+
+            remove_local_files(local)
         print("==> stopped", flush=True)
     return 0
 

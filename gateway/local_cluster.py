@@ -20,6 +20,12 @@ can run code. So the local cluster is started as a single-machine one:
   the template's syslog target (UDP 127.0.0.1:514): one datagram per request
   with its path and client address to whatever listens there, beside the
   gateway's own access log.
+- Ray Serve keeps HAProxy's config, its admin socket (``level admin``,
+  ``mode 666``) and its server state in ``/tmp/haproxy-serve/``, a directory
+  every local user may enter, and leaves them behind: any local user could
+  command the front door (take the ingress out, point it at another
+  server). They go into the gateway's own directory instead (mode 700, with
+  the wrapper), which stopping removes (``remove_local_files``).
 
 - each Serve replica's gRPC server for calls between deployments, which
   Ray Serve 2.60 binds to ``[::]:0`` whatever the node's address, is bound to
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -51,6 +58,18 @@ SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
 HAPROXY_LOG_TARGET = "RAY_SERVE_HAPROXY_LOG_TARGET"
 HAPROXY_BUFSIZE = "RAY_SERVE_HAPROXY_TUNE_BUFSIZE"
+# Where Ray Serve keeps HAProxy's files, by name in the gateway's directory
+# ("": the directory itself). Ray puts each under a folder named by the node's
+# id (56 characters), and a Unix socket's path has at most 107: hence a short
+# directory name.
+HAPROXY_PATHS = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+}
+_SOCKET_PATH_MAX = 107
 # Ray Serve's default syslog target for HAProxy's per-request log (see above).
 _DROP_SYSLOG = """
       -e '/^[[:space:]]*log[[:space:]]+127[.]0[.]0[.]1:514[[:space:]]/d' \\"""
@@ -185,11 +204,31 @@ def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0) -> dict[st
     ``read_timeout_s`` bounds how long HAProxy waits for a request's head."""
     env = {**runtime.environment(), **SINGLE_MACHINE}
     if runtime.http_proxy == "haproxy" and not os.environ.get(HAPROXY_BINARY):
-        directory = Path(tempfile.mkdtemp(prefix="llm-gateway-haproxy-"))
+        directory = _private_directory()
         env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s))
+        for name, file in HAPROXY_PATHS.items():
+            env[name] = os.environ.get(name) or str(directory / file)
         # Room for heads past the gateway's limits, answered by its rules (see _DEFAULTS).
         env[HAPROXY_BUFSIZE] = os.environ.get(HAPROXY_BUFSIZE, str(HAPROXY_BUFFER_BYTES))
     return env
+
+
+def _private_directory() -> Path:
+    """A new directory only this user may enter, with a name short enough for
+    the sockets Ray Serve puts below it (see HAPROXY_PATHS)."""
+    base = tempfile.gettempdir()
+    # node id folder, "/metrics.sock", and HAProxy's ".<pid>.tmp" while it binds
+    if len(base) + len("/llmgw-12345678/") + 56 + len("/metrics.sock.4194304.tmp") > _SOCKET_PATH_MAX:
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="llmgw-", dir=base))  # mode 700
+
+
+def remove_local_files(env: dict[str, str]) -> None:
+    """Removes the files ``environment`` made for a cluster (HAProxy's wrapper,
+    config, sockets and state), once that cluster has stopped."""
+    binary = env.get(HAPROXY_BINARY)
+    if binary:
+        shutil.rmtree(Path(binary).parent, ignore_errors=True)
 
 
 def joining(address: str) -> dict[str, str]:

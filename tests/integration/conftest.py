@@ -100,7 +100,12 @@ TEST_CONFIG: dict[str, Any] = {
 # collected: so they are set here, when pytest loads this file, first.
 assert "ray" not in sys.modules, "Ray was imported before the test runtime was set"
 _parsed = parse_config(TEST_CONFIG)
-os.environ.update(local_cluster.environment(_parsed.runtime, _parsed.ingress.read_timeout_s))
+_LOCAL = local_cluster.environment(_parsed.runtime, _parsed.ingress.read_timeout_s)
+os.environ.update(_LOCAL)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    local_cluster.remove_local_files(_LOCAL)  # the cluster has stopped by now
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
+from pathlib import Path
 
 import psutil
 
@@ -47,3 +49,20 @@ def test_haproxy_runs_the_threads_its_setting_resolves_to(gateway: Gateway) -> N
     expected = int(os.environ["RAY_SERVE_HAPROXY_NBTHREAD"])
     assert expected == RuntimeConfig().haproxy_thread_count()
     assert {p.num_threads() for p in haproxy} == {expected}
+
+
+def test_haproxys_admin_socket_and_config_are_in_a_directory_only_this_user_enters(gateway: Gateway) -> None:
+    """Ray Serve's admin socket takes any command (mode 666, level admin): whoever
+    may reach it could take the ingress out of the front door or redirect it."""
+    me = psutil.Process(os.getpid())
+    haproxy = [p for p in me.children(recursive=True) if p.name() == "haproxy"]
+    assert haproxy, "no HAProxy under the test session's cluster"
+    private = Path(os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]).parent
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    for process in haproxy:
+        command = process.cmdline()
+        config = Path(command[command.index("-f") + 1])
+        assert private in config.parents, config
+        sockets = [line.split()[2] for line in config.read_text().splitlines() if line.strip().startswith("stats socket")]
+        assert sockets and all(private in Path(path).parents for path in sockets), sockets
+        assert all(Path(path).is_socket() for path in sockets)

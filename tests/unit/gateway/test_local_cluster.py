@@ -144,13 +144,44 @@ def local_cluster_binary(wrapper: Path) -> str:
 
 
 def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(local_cluster.HAPROXY_BINARY, raising=False)  # the test session's own
+    for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS]:
+        monkeypatch.delenv(name, raising=False)  # the test session's own
     env = local_cluster.environment(RuntimeConfig())
-    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
-    assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).is_file()
-    # Room for heads past the gateway's limits, which its rules answer in OpenAI's shape.
-    assert int(env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]) > local_cluster.HEAD_BYTES
+    try:
+        assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+        assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).is_file()
+        # Room for heads past the gateway's limits, which its rules answer in OpenAI's shape.
+        assert int(env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]) > local_cluster.HEAD_BYTES
+    finally:
+        local_cluster.remove_local_files(env)
+    assert not Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).parent.exists()
     assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in local_cluster.environment(RuntimeConfig(http_proxy="serve"))
+
+
+def test_haproxys_files_and_admin_socket_go_into_a_private_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(tmp_path / "state"))  # one set: kept
+    env = local_cluster.environment(RuntimeConfig())
+    try:
+        private = Path(env[local_cluster.HAPROXY_BINARY]).parent
+        assert private.stat().st_mode & 0o777 == 0o700
+        assert env["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] == str(tmp_path / "state")
+        for name in set(local_cluster.HAPROXY_PATHS) - {"RAY_SERVE_HAPROXY_SERVER_STATE_FILE"}:
+            assert env[name] == str(private) or Path(env[name]).parent == private, name
+        # Ray Serve puts each file in a folder named by the node's id; HAProxy binds
+        # a socket as <path>.<pid>.tmp first. A Unix socket's path holds 107 bytes.
+        for name in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"):
+            folder, file = os.path.split(env[name])
+            node = Path(folder) / ("f" * 56)
+            node.mkdir(exist_ok=True)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.bind(str(node / file) + ".4194304.tmp")
+    finally:
+        local_cluster.remove_local_files(env)
+    assert not private.exists()
 
 
 def test_ray_still_reads_the_setting_and_binds_replica_grpc_as_assumed() -> None:
