@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from gateway import sse
 from gateway.errors import GatewayError, RequestTimeoutError, ServiceUnavailableError
 from gateway.http.limits import Admission
-from gateway.http.relay import ClientSink, RelayedStream, StreamCutError
+from gateway.http.relay_stream import ClientSink, RelayedStream, StreamCutError
 from gateway.http.relay_response import RelayResponse
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol.engine import Endpoint, Outcome, Reply

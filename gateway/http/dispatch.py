@@ -31,7 +31,7 @@ from gateway.http.body import parse_json_object, read_body
 from gateway.http.endpoints import ENDPOINTS, EndpointSpec
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
-from gateway.http.relay import BACKGROUND_OUTCOME_S
+from gateway.http.relay_stream import BACKGROUND_OUTCOME_S
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay

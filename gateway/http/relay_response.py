@@ -1,6 +1,6 @@
 """The HTTP response of a relayed stream: its head and end through ASGI, its
 bytes straight to the client's socket where the server allows it
-(``gateway.http.relay``)."""
+(``gateway.http.relay_stream``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 from starlette.responses import Response
 
 from gateway import sse
-from gateway.http.relay import ClientSink
+from gateway.http.relay_stream import ClientSink
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,9 @@ from typing import Any, Protocol
 from gateway.auth.prompt_count import PromptCounter, counter_for
 from gateway.config import GatewayConfig, ModelConfig, ModelKind
 from gateway.http.gather import Gatherer, Gathering
-from gateway.http.relay import RelayedStream, ReplicaRelay, RunningReplica
+from gateway.http.relay import ReplicaRelay
+from gateway.http.relay_stream import RelayedStream
+from gateway.http.replica_lookup import RunningReplica
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from gateway.routing.table import RouteTable
 

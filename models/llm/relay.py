@@ -44,7 +44,7 @@ Counter = Callable[[EngineRequest], Awaitable[int]]
 HIGH_WATER = 256 * 1024
 HEAD_TIMEOUT_S = 10.0
 # A connection idle this long between requests is closed (an ingress stops
-# using its own sooner: gateway.http.relay.KEEP_IDLE_S).
+# using its own sooner: gateway.http.relay_stream.KEEP_IDLE_S).
 IDLE_S = 60.0
 OVERLOADED = "The model is receiving too many requests; please retry shortly."
 

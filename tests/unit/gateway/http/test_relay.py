@@ -1,4 +1,4 @@
-"""gateway/http/relay.py with models/llm/relay.py: streams over a replica's own port, for real."""
+"""gateway/http/relay.py and relay_stream.py with models/llm/relay.py: streams over a replica's own port, for real."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from gateway.errors import (
     ResponseNotFoundError,
     ServiceUnavailableError,
 )
-from gateway.http.relay import StreamCutError, ReplicaRelay
+from gateway.http.relay import ReplicaRelay
+from gateway.http.relay_stream import StreamCutError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from models.llm.relay import StreamServer

@@ -1,4 +1,4 @@
-"""gateway/http/relay_response.py with gateway/http/relay.py: a replica's stream
+"""gateway/http/relay_response.py with gateway/http/relay_stream.py: a replica's stream
 forwarded to the client's socket as it arrives, under a real uvicorn and a real
 replica port (models/llm/relay.py)."""
 
@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from gateway import sse
-from gateway.http.relay import ClientSink, RelayedStream, ReplicaRelay, StreamCutError
+from gateway.http.relay import ReplicaRelay
+from gateway.http.relay_stream import ClientSink, RelayedStream, StreamCutError
 from gateway.http.relay_response import AsgiSink, RelayResponse, SocketSink
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
