@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -410,18 +410,31 @@ async def _named_events(stream: AsyncIterator[str], tally: GenerationTally) -> A
 
 
 async def _frames(
-    stream: AsyncIterator[str], dead: Callable[[], bool] = lambda: False, tally: GenerationTally | None = None
+    stream: AsyncGenerator[str, None], dead: Callable[[], bool] = lambda: False, tally: GenerationTally | None = None
 ) -> AsyncIterator[bytes]:
     """vLLM's SSE strings as bytes, its error frames put in the gateway's shape
     (and recorded in ``tally``); one that comes as the engine dies (``dead``)
-    says so: 503, retry shortly."""
-    async for text in stream:
-        frame = text.encode()
-        if frame.startswith(_ERROR_PREFIX):
-            envelope = json.loads(frame[len(b"data: ") :])
-            error = ServiceUnavailableError(ENGINE_DEAD) if dead() else vllm_compat.map_error(envelope)
-            if tally is not None:
-                tally.failed(error.code, error.status_code)
-            yield sse.frame(error.to_dict())
-            continue
-        yield frame
+    says so: 503, retry shortly.
+
+    Raises the error, as GatewayError, when it is the first frame: the engine
+    refused the request before generating (top_logprobs past the engine's
+    most, a schema or regex that makes no grammar). vLLM's own server then
+    answers 200 and an error frame; the gateway answers as OpenAI does, an
+    HTTP error before the stream starts (which a route's fallback also sees)."""
+    first = True
+    try:
+        async for text in stream:
+            frame = text.encode()
+            if frame.startswith(_ERROR_PREFIX):
+                envelope = json.loads(frame[len(b"data: ") :])
+                error = ServiceUnavailableError(ENGINE_DEAD) if dead() else vllm_compat.map_error(envelope)
+                if first:
+                    raise error
+                if tally is not None:
+                    tally.failed(error.code, error.status_code)
+                yield sse.frame(error.to_dict())
+                continue
+            first = False
+            yield frame
+    finally:
+        await stream.aclose()  # vLLM's generator, when left early

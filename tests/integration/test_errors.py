@@ -138,6 +138,37 @@ def test_a_field_vllm_would_drop_is_400_naming_it(client: openai.OpenAI, stream:
         assert answer.usage is not None and 1 <= answer.usage.completion_tokens <= 2
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": 50}, "logprobs"),
+        (COMPLETIONS, {"prompt": "Hello", "logprobs": 50}, "logprobs"),
+        (CHAT, {"messages": HELLO, "structured_outputs": {"regex": "[a-"}}, None),
+        (CHAT, {"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "no-such-type"}}}}, None),
+    ],
+    ids=["top-logprobs-past-the-engines-most", "completion-logprobs", "regex-that-is-no-grammar",
+         "schema-that-is-no-grammar"],
+)
+def test_a_stream_the_engine_refuses_before_generating_is_an_http_400(
+    http: httpx.Client, client: openai.OpenAI, path: str, body: dict, param: str | None
+) -> None:
+    """vLLM's own server answers these 200 with an error frame; OpenAI, and
+    the gateway, with a 400 before the stream starts."""
+    request = {"model": VLLM_MODEL, "max_tokens": 3, "stream": True, **body}
+    error = assert_error(http.post(path, json=request), 400, None, param)
+    assert error["type"] == "invalid_request_error"
+    if path == CHAT:
+        with pytest.raises(openai.BadRequestError):  # at the call, not while iterating
+            extra = {"structured_outputs": request.pop("structured_outputs")} if "structured_outputs" in request else None
+            client.chat.completions.create(**request, extra_body=extra)
+    # The same model streams on.
+    fine = {"model": VLLM_MODEL, "max_tokens": 2, "stream": True, "messages": HELLO, "prompt": "Hello"}
+    fine.pop("prompt" if path == CHAT else "messages")
+    response = http.post(path, json=fine)
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n"), response.text
+
+
 def test_sdk_raises_bad_request_without_retrying(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT * 2)
