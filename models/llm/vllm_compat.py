@@ -342,6 +342,50 @@ def has_events(serving: Serving, request_id: str) -> bool:
     return request_id in serving.responses.event_store
 
 
+# A background response that is still being generated (vLLM's statuses).
+_UNFINISHED = ("queued", "in_progress")
+
+
+def mark_failure(serving: Serving, response_id: str, task: Any) -> None:
+    """Has the stored response say ``failed`` once ``task`` (its background
+    generation) ends in an exception: vLLM marks only an error it returns,
+    and a response refused by the engine (raised) stayed ``queued`` for good,
+    polled for ever by a client waiting for it to finish."""
+
+    def ended(done: Any) -> None:
+        if done.cancelled() or done.exception() is None:
+            return
+        stored = serving.responses.response_store.get(response_id)
+        if stored is not None and stored.status in _UNFINISHED:
+            stored.status = "failed"
+
+    task.add_done_callback(ended)
+
+
+async def background_events(serving: Serving, response_id: str, starting_after: int | None = None) -> AsyncIterator[Any]:
+    """A background response's events after ``starting_after``, as vLLM's own
+    reader yields them, but ending when its task has ended: vLLM's waits for
+    a ``response.completed`` that a failed or cancelled task never sends.
+    Raises the task's exception after its last event when it failed."""
+    responses = serving.responses
+    events, new_event = responses.event_store[response_id]
+    task = responses.background_tasks.get(response_id)  # None: it has ended
+    index = 0 if starting_after is None else starting_after + 1
+    while True:
+        new_event.clear()
+        while index < len(events):
+            event = events[index]
+            index += 1
+            yield event
+            if event.type == "response.completed":
+                return
+        if task is None or task.done():
+            if task is not None and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+            return
+        await new_event.wait()
+
+
 def forget_response(serving: Serving, response_id: str) -> None:
     responses = serving.responses
     if responses is not None:

@@ -15,19 +15,15 @@ One deliberate difference from ``vllm serve``: a request whose prompt plus
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway import sse
-from gateway.errors import ContextLengthExceededError, GatewayError, ModelNotSupportedError, ServiceUnavailableError
+from gateway.errors import ContextLengthExceededError, ModelNotSupportedError
 from gateway.protocol.extras import check_fields
-from models.llm import compact_json, vllm_compat
-from models.llm.engine import ENGINE_DEAD, EngineInfo, body_of, frames_of
+from models.llm import compact_json, vllm_compat, vllm_streams
+from models.llm.engine import EngineInfo, body_of, frames_of
 
 if TYPE_CHECKING:
     from gateway.config import VLLMModelConfig
@@ -35,12 +31,6 @@ if TYPE_CHECKING:
     from models.llm.tally import GenerationTally
 
 logger = logging.getLogger(__name__)
-
-# The tally of the request being handed to vLLM's serving layer: its calls to
-# the engine's ``generate`` happen while it is set (see ``_tallied``).
-_TALLY: ContextVar[GenerationTally | None] = ContextVar("tally", default=None)
-
-_ERROR_PREFIX = b'data: {"error"'
 
 
 class VLLMEngine:
@@ -141,28 +131,33 @@ class VLLMEngine:
         """What vLLM answers ``request`` with: a body, or (``stream``) events."""
         if request.endpoint in ("responses_retrieve", "responses_cancel"):
             return await self._stored(request, tally)
-        token = _TALLY.set(tally)
+        token = vllm_streams.TALLY.set(tally)
         try:
             parsed, result = await self._served(request, lambda parsed, create: create(parsed, None))
         finally:
-            _TALLY.reset(token)
+            vllm_streams.TALLY.reset(token)
         if request.endpoint == "responses" and parsed.background:
             # vLLM generates in a task of its own, begun with this tally set:
             # the tally is complete once that task is done.
             task = tally.continues = vllm_compat.background_task(self._vllm, parsed.request_id)
+            if task is not None:
+                vllm_compat.mark_failure(self._vllm, parsed.request_id, task)
             # Its events are read from where that task puts them, once it has begun.
             while parsed.stream and task is not None and not task.done():
                 if vllm_compat.has_events(self._vllm, parsed.request_id):
                     break
                 await asyncio.sleep(0)
+            if parsed.stream and vllm_compat.has_events(self._vllm, parsed.request_id):
+                result = vllm_compat.background_events(self._vllm, parsed.request_id)
         if hasattr(result, "model_dump_json"):
             # Anthropic's shapes leave out what is unset, as vLLM's own server sends them.
             return result.model_dump_json(exclude_none=request.endpoint.startswith("messages")).encode()
         if request.endpoint == "responses":
-            return _events(result, tally)
+            # A background response's id comes at once: the client may cancel it.
+            return vllm_streams.events(result, tally, hold=not parsed.background)
         if request.endpoint == "messages":
-            return _named_events(result, tally)
-        return _frames(result, self.dead, tally)
+            return vllm_streams.named_events(result, tally)
+        return vllm_streams.frames(result, self.dead, tally)
 
     async def _stored(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """A stored response (``GET /v1/responses/{id}``; with ``stream``, a
@@ -187,7 +182,9 @@ class VLLMEngine:
             raise vllm_compat.map_error(result.model_dump(), "response_id")
         if hasattr(result, "model_dump_json"):
             return result.model_dump_json().encode()
-        return _events(result, tally)
+        if vllm_compat.has_events(self._vllm, response_id):  # vLLM's own reader would wait past the task's end
+            result = vllm_compat.background_events(self._vllm, response_id, body.get("starting_after"))
+        return vllm_streams.events(result, tally)
 
     async def _served(
         self, request: EngineRequest, call: Callable[[Any, Any], Awaitable[Any]]
@@ -292,63 +289,13 @@ def _tallied(
         if prepare is not None:
             prepare(sampling_params)
         outputs = generate(prompt, sampling_params, *args, **kwargs)
-        tally = _TALLY.get()
+        tally = vllm_streams.TALLY.get()
         if tally is None:
             return outputs
         delta = getattr(sampling_params, "output_kind", None) == delta_kind
-        return _count(outputs, tally, delta)
+        return vllm_streams.count(outputs, tally, delta)
 
     return generate_and_count
-
-
-async def _count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool) -> AsyncIterator[Any]:
-    """Passes vLLM's ``RequestOutput``s through, adding their tokens and timings to ``tally``.
-
-    Token times come from vLLM's request stats (engine-core timestamps) when
-    it keeps them, else from arrival here. A final-only output spreads its
-    tokens evenly between the first and the last token's times.
-    """
-    cumulative: dict[int, int] = {}  # per sequence, for outputs that repeat earlier tokens
-    seen = 0
-    last_ts: float | None = None
-    first = True
-    try:
-        async for output in outputs:
-            if first:
-                tally.prompt_tokens += len(output.prompt_token_ids or ())
-                first = False
-            new = 0
-            for seq in output.outputs:
-                n = len(seq.token_ids)
-                if not delta:
-                    n, cumulative[seq.index] = n - cumulative.get(seq.index, 0), n
-                new += n
-            if new > 0:
-                seen += new
-                last_ts = _time_tokens(tally, output.metrics, new, last_ts)
-            yield output
-    finally:
-        tally.completion_tokens += seen
-        if hasattr(outputs, "aclose"):
-            await outputs.aclose()  # aborts the engine request if we stopped early
-
-
-def _time_tokens(
-    tally: GenerationTally, stats: Any, new: int, last_ts: float | None
-) -> float:
-    """Records the timings of ``new`` tokens; returns the latest token's (monotonic) time."""
-    now = time.monotonic()
-    latest = float(stats.last_token_ts if stats is not None and stats.last_token_ts else now)
-    if last_ts is not None:
-        tally.gaps((latest - last_ts) / new, new)
-        return latest
-    first_at, first_ts = time.time(), now
-    if stats is not None and stats.first_token_ts:
-        first_at = stats.arrival_time + stats.first_token_latency
-        first_ts = stats.first_token_ts
-    tally.first_token(first_at)
-    tally.gaps((latest - first_ts) / max(new - 1, 1), new - 1)
-    return latest
 
 
 _KNOWN_FIELDS: dict[type, frozenset[str]] = {}
@@ -374,67 +321,3 @@ def _with_request_id(request: EngineRequest) -> dict[str, Any]:
     if request.endpoint == "responses":
         return {**request.body, "request_id": f"resp_{request.request_id}"}
     return {**request.body, "request_id": request.request_id}
-
-
-async def _events(stream: AsyncIterator[Any], tally: GenerationTally) -> AsyncIterator[bytes]:
-    """vLLM's Responses API events as OpenAI sends them (``event:`` and
-    ``data:`` lines, no ``[DONE]``). A failure after the first event ends the
-    stream with an ``error`` event numbered after the last one.
-
-    vLLM asks its engine for tokens only once the stream is read: the tally
-    is set here, in the context of the task that reads it (its own, per
-    stream), not only while the stream was being made."""
-    _TALLY.set(tally)
-    sequence = -1
-    try:
-        async for event in stream:
-            sequence = getattr(event, "sequence_number", sequence)
-            if event.type == "error":  # vLLM's own error event
-                tally.failed(getattr(event, "code", None), 500)
-            data = event.model_dump_json(indent=None, by_alias=True).encode()
-            yield b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n"
-    except Exception as exc:  # noqa: BLE001 - vLLM's failures mid-stream, as it reports them
-        error = exc if isinstance(exc, GatewayError) else vllm_compat.map_exception(exc, "input")
-        tally.failed(error.code, error.status_code)
-        yield sse.responses_error_event(error.to_dict(), sequence + 1)
-
-
-async def _named_events(stream: AsyncIterator[str], tally: GenerationTally) -> AsyncIterator[bytes]:
-    """vLLM's Anthropic Messages events (``event:`` and ``data:`` lines, ready
-    made, its own ``error`` event included, which ``tally`` records), as bytes."""
-    async for text in stream:
-        if text.startswith("event: error\n"):
-            kind = str(json.loads(text.split("data: ", 1)[1]).get("error", {}).get("type", "api_error"))
-            tally.failed(kind, 400 if kind == "invalid_request_error" else 500)
-        yield text.encode()
-
-
-async def _frames(
-    stream: AsyncGenerator[str, None], dead: Callable[[], bool] = lambda: False, tally: GenerationTally | None = None
-) -> AsyncIterator[bytes]:
-    """vLLM's SSE strings as bytes, its error frames put in the gateway's shape
-    (and recorded in ``tally``); one that comes as the engine dies (``dead``)
-    says so: 503, retry shortly.
-
-    Raises the error, as GatewayError, when it is the first frame: the engine
-    refused the request before generating (top_logprobs past the engine's
-    most, a schema or regex that makes no grammar). vLLM's own server then
-    answers 200 and an error frame; the gateway answers as OpenAI does, an
-    HTTP error before the stream starts (which a route's fallback also sees)."""
-    first = True
-    try:
-        async for text in stream:
-            frame = text.encode()
-            if frame.startswith(_ERROR_PREFIX):
-                envelope = json.loads(frame[len(b"data: ") :])
-                error = ServiceUnavailableError(ENGINE_DEAD) if dead() else vllm_compat.map_error(envelope)
-                if first:
-                    raise error
-                if tally is not None:
-                    tally.failed(error.code, error.status_code)
-                yield sse.frame(error.to_dict())
-                continue
-            first = False
-            yield frame
-    finally:
-        await stream.aclose()  # vLLM's generator, when left early

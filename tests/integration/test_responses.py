@@ -103,6 +103,12 @@ def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:
     assert (status, body["param"]) == (400, "stream")
     status, body = error({"model": VLLM_MODEL})
     assert status == 400 and "input" in str(body["message"])
+    # Refused by the engine itself, before generating: vLLM's own server has
+    # already sent response.created and response.in_progress by then.
+    refused = {"model": VLLM_MODEL, "input": PROMPT, "top_logprobs": 50, "include": ["message.output_text.logprobs"]}
+    for stream in (False, True):
+        status, body = error({**refused, "stream": stream, "max_output_tokens": 4})
+        assert (status, body["type"], body["param"]) == (400, "invalid_request_error", "logprobs")
 
 
 async def test_leaving_a_streamed_response_aborts_its_engine_request(gateway: Gateway) -> None:
@@ -289,3 +295,43 @@ def test_a_background_stream_left_early_generates_to_its_end_and_can_be_read_aga
     first_delta = [event.delta for event in seen if event.type == "response.output_text.delta"]
     rest = [event.delta for event in again if event.type == "response.output_text.delta"]
     assert "".join(first_delta + rest) == done.output_text
+
+
+REFUSED = {"top_logprobs": 50, "include": ["message.output_text.logprobs"]}  # past the engine's most
+
+
+def test_a_background_response_the_engine_refuses_ends_failed_not_queued_for_ever(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
+    queued = client.responses.create(model=VLLM_MODEL, input=PROMPT, background=True, max_output_tokens=4, **REFUSED)  # type: ignore[arg-type]
+    assert finished(client, queued.id, within_s=30).status == "failed"
+    # Streamed: the refusal comes as an error event, and the stream ends.
+    with http.stream("POST", "/v1/responses", json={
+        "model": VLLM_MODEL, "input": PROMPT, "background": True, "stream": True, "max_output_tokens": 4, **REFUSED,
+    }, timeout=30) as answer:
+        events = [json.loads(line[len("data: "):]) for line in answer.iter_lines() if line.startswith("data: ")]
+    assert [event["type"] for event in events] == ["response.created", "response.in_progress", "error"]
+    assert events[-1]["param"] == "logprobs" and events[-1]["sequence_number"] == 2
+    response_id = events[0]["response"]["id"]
+    assert finished(client, response_id, within_s=30).status == "failed"
+    again = http.get(f"/v1/responses/{response_id}", params={"stream": "true"}, timeout=30)
+    assert again.status_code == 200 and again.text.count("event: ") == 2  # what was generated, then its end
+
+
+def test_cancelling_a_background_stream_ends_the_stream_being_read(client: openai.OpenAI, http: httpx.Client) -> None:
+    """vLLM's own reader of a background stream waits for a ``response.completed``
+    that a cancelled response never sends: the stream hung until the client gave up."""
+    body = {"model": VLLM_MODEL, "input": PROMPT, "background": True, "stream": True, "max_output_tokens": 480,
+            "ignore_eos": True}
+    events: list[dict] = []
+    with http.stream("POST", "/v1/responses", json=body, timeout=30) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+                if events[-1]["type"] == "response.output_text.delta" and "cancelled" not in events:
+                    assert client.responses.cancel(events[0]["response"]["id"]).status == "cancelled"
+                    events.append("cancelled")  # type: ignore[arg-type]
+    deltas = [event for event in events if event != "cancelled" and event["type"] == "response.output_text.delta"]
+    assert "cancelled" in events and len(deltas) < 480  # and the stream ended: the loop is left
+    assert not any(event != "cancelled" and event["type"] == "response.completed" for event in events)
+    assert client.responses.retrieve(events[0]["response"]["id"]).status == "cancelled"

@@ -1,4 +1,4 @@
-"""models/llm/vllm_engine.py: vLLM's outputs counted and timed into the request's tally."""
+"""models/llm/vllm_streams.py: vLLM's outputs counted and timed into the request's tally."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from gateway.metrics.families import ITL_BUCKETS
 from models.llm.tally import GenerationTally
-from models.llm.vllm_engine import _count
+from models.llm.vllm_streams import count
 
 
 def output(token_counts: list[int], stats: Any = None, prompt: int = 7) -> Any:
@@ -37,7 +37,7 @@ async def drain(outputs: AsyncIterator[Any]) -> None:
 async def test_a_delta_stream_counts_each_step() -> None:
     tally = GenerationTally(started=1000.0)
     steps = [output([1], stats(50.0, 50.0)), output([1], stats(50.0, 50.02)), output([2], stats(50.0, 50.06))]
-    await drain(_count(source(steps), tally, delta=True))
+    await drain(count(source(steps), tally, delta=True))
     outcome = tally.outcome()
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 4)
     assert outcome.first_token_s == pytest.approx(0.25)
@@ -48,7 +48,7 @@ async def test_a_delta_stream_counts_each_step() -> None:
 
 async def test_a_final_only_answer_spreads_its_tokens_between_first_and_last() -> None:
     tally = GenerationTally(started=999.9)
-    await drain(_count(source([output([5, 3], stats(10.0, 10.4))]), tally, delta=False))
+    await drain(count(source([output([5, 3], stats(10.0, 10.4))]), tally, delta=False))
     outcome = tally.outcome()
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 8)
     assert outcome.first_token_s == pytest.approx(0.35)
@@ -59,8 +59,8 @@ async def test_a_final_only_answer_spreads_its_tokens_between_first_and_last() -
 
 async def test_two_prompts_of_one_request_add_up() -> None:
     tally = GenerationTally()
-    await drain(_count(source([output([3])]), tally, delta=False))
-    await drain(_count(source([output([2], prompt=4)]), tally, delta=False))
+    await drain(count(source([output([3])]), tally, delta=False))
+    await drain(count(source([output([2], prompt=4)]), tally, delta=False))
     assert (tally.prompt_tokens, tally.completion_tokens) == (11, 5)
 
 
@@ -75,7 +75,7 @@ async def test_stopping_early_closes_the_engine_stream() -> None:
             closed.append(True)
 
     tally = GenerationTally()
-    counted = _count(engine(), tally, delta=True)
+    counted = count(engine(), tally, delta=True)
     await anext(counted)
     await counted.aclose()
     assert closed == [True] and tally.completion_tokens == 1

@@ -1,0 +1,160 @@
+"""What vLLM's serving layer streams, as the gateway sends and counts it:
+its engine outputs counted into a request's tally (``count``), its SSE
+strings and Responses and Messages events as bytes in the gateway's shapes
+(``frames``, ``events``, ``named_events``), and a background response's
+events read to the end of its task (``background_events``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from gateway import sse
+from gateway.errors import GatewayError, ServiceUnavailableError
+from models.llm import vllm_compat
+from models.llm.engine import ENGINE_DEAD
+
+if TYPE_CHECKING:
+    from models.llm.tally import GenerationTally
+
+# The tally of the request being handed to vLLM's serving layer: its calls to
+# the engine's ``generate`` happen while it is set (``models.llm.vllm_engine``).
+TALLY: ContextVar[GenerationTally | None] = ContextVar("tally", default=None)
+
+_ERROR_PREFIX = b'data: {"error"'
+
+
+async def count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool) -> AsyncIterator[Any]:
+    """Passes vLLM's ``RequestOutput``s through, adding their tokens and timings to ``tally``.
+
+    Token times come from vLLM's request stats (engine-core timestamps) when
+    it keeps them, else from arrival here. A final-only output spreads its
+    tokens evenly between the first and the last token's times.
+    """
+    cumulative: dict[int, int] = {}  # per sequence, for outputs that repeat earlier tokens
+    seen = 0
+    last_ts: float | None = None
+    first = True
+    try:
+        async for output in outputs:
+            if first:
+                tally.prompt_tokens += len(output.prompt_token_ids or ())
+                first = False
+            new = 0
+            for seq in output.outputs:
+                n = len(seq.token_ids)
+                if not delta:
+                    n, cumulative[seq.index] = n - cumulative.get(seq.index, 0), n
+                new += n
+            if new > 0:
+                seen += new
+                last_ts = _time_tokens(tally, output.metrics, new, last_ts)
+            yield output
+    finally:
+        tally.completion_tokens += seen
+        if hasattr(outputs, "aclose"):
+            await outputs.aclose()  # aborts the engine request if we stopped early
+
+
+def _time_tokens(
+    tally: GenerationTally, stats: Any, new: int, last_ts: float | None
+) -> float:
+    """Records the timings of ``new`` tokens; returns the latest token's (monotonic) time."""
+    now = time.monotonic()
+    latest = float(stats.last_token_ts if stats is not None and stats.last_token_ts else now)
+    if last_ts is not None:
+        tally.gaps((latest - last_ts) / new, new)
+        return latest
+    first_at, first_ts = time.time(), now
+    if stats is not None and stats.first_token_ts:
+        first_at = stats.arrival_time + stats.first_token_latency
+        first_ts = stats.first_token_ts
+    tally.first_token(first_at)
+    tally.gaps((latest - first_ts) / max(new - 1, 1), new - 1)
+    return latest
+
+
+# The events vLLM sends before it asks the engine for anything.
+_PREAMBLE = frozenset({"response.created", "response.in_progress"})
+
+
+async def events(stream: AsyncIterator[Any], tally: GenerationTally, hold: bool = False) -> AsyncIterator[bytes]:
+    """vLLM's Responses API events as OpenAI sends them (``event:`` and
+    ``data:`` lines, no ``[DONE]``). A failure after the first event ends the
+    stream with an ``error`` event numbered after the last one. With ``hold``
+    the first events (``_PREAMBLE``) wait for the next, and a failure before
+    it is raised (GatewayError): the engine refused the request before
+    generating, which the client gets as an HTTP error, as from OpenAI.
+
+    vLLM asks its engine for tokens only once the stream is read: the tally
+    is set here, in the context of the task that reads it (its own, per
+    stream), not only while the stream was being made."""
+    TALLY.set(tally)
+    sequence = -1
+    held: list[bytes] | None = [] if hold else None
+    try:
+        async for event in stream:
+            sequence = getattr(event, "sequence_number", sequence)
+            if event.type == "error":  # vLLM's own error event
+                tally.failed(getattr(event, "code", None), 500)
+            data = event.model_dump_json(indent=None, by_alias=True).encode()
+            frame = b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n"
+            if held is not None:
+                if event.type in _PREAMBLE:
+                    held.append(frame)
+                    continue
+                frame, held = b"".join(held) + frame, None
+            yield frame
+    except Exception as exc:  # noqa: BLE001 - vLLM's failures mid-stream, as it reports them
+        error = exc if isinstance(exc, GatewayError) else vllm_compat.map_exception(exc, "input")
+        if held is not None:
+            raise error from None  # refused before generating: an HTTP error, before the stream
+        tally.failed(error.code, error.status_code)
+        yield sse.responses_error_event(error.to_dict(), sequence + 1)
+    if held:
+        yield b"".join(held)
+
+
+async def named_events(stream: AsyncIterator[str], tally: GenerationTally) -> AsyncIterator[bytes]:
+    """vLLM's Anthropic Messages events (``event:`` and ``data:`` lines, ready
+    made, its own ``error`` event included, which ``tally`` records), as bytes."""
+    async for text in stream:
+        if text.startswith("event: error\n"):
+            kind = str(json.loads(text.split("data: ", 1)[1]).get("error", {}).get("type", "api_error"))
+            tally.failed(kind, 400 if kind == "invalid_request_error" else 500)
+        yield text.encode()
+
+
+async def frames(
+    stream: AsyncGenerator[str, None], dead: Callable[[], bool] = lambda: False, tally: GenerationTally | None = None
+) -> AsyncIterator[bytes]:
+    """vLLM's SSE strings as bytes, its error frames put in the gateway's shape
+    (and recorded in ``tally``); one that comes as the engine dies (``dead``)
+    says so: 503, retry shortly.
+
+    Raises the error, as GatewayError, when it is the first frame: the engine
+    refused the request before generating (top_logprobs past the engine's
+    most, a schema or regex that makes no grammar). vLLM's own server then
+    answers 200 and an error frame; the gateway answers as OpenAI does, an
+    HTTP error before the stream starts (which a route's fallback also sees)."""
+    first = True
+    try:
+        async for text in stream:
+            frame = text.encode()
+            if frame.startswith(_ERROR_PREFIX):
+                envelope = json.loads(frame[len(b"data: ") :])
+                error = ServiceUnavailableError(ENGINE_DEAD) if dead() else vllm_compat.map_error(envelope)
+                if first:
+                    raise error
+                if tally is not None:
+                    tally.failed(error.code, error.status_code)
+                yield sse.frame(error.to_dict())
+                continue
+            first = False
+            yield frame
+    finally:
+        await stream.aclose()  # vLLM's generator, when left early
