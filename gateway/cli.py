@@ -215,8 +215,15 @@ def serve_forever(
     local: dict[str, str] = {}
     if address is None:
         # Read by Ray and Ray Serve at import and cluster start: set them first.
-        from gateway.local_cluster import environment
+        from gateway.local_cluster import environment, front_door_taken
 
+        if (taken := front_door_taken(host, port)) is not None:
+            print(
+                f"==> cannot listen on {host}:{port}: {taken} (another gateway, or one "
+                "that did not stop cleanly? `ss -ltnp` names the process)",
+                file=sys.stderr, flush=True,
+            )
+            return 1
         local = environment(config.runtime, config.ingress.read_timeout_s)
         os.environ.update(local)
     import ray

@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -70,6 +71,11 @@ HAPROXY_PATHS = {
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
 }
 _SOCKET_PATH_MAX = 107
+# HAProxy's stats page and Prometheus frontend (on loopback): Ray Serve gives
+# every HAProxy the same two ports (8404, 9101), so a second gateway on the
+# machine (`make test` beside `make serve`) failed to start. Each local
+# cluster gets free ones instead, unless these are set.
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 # Ray Serve's default syslog target for HAProxy's per-request log (see above).
 _DROP_SYSLOG = """
       -e '/^[[:space:]]*log[[:space:]]+127[.]0[.]0[.]1:514[[:space:]]/d' \\"""
@@ -208,9 +214,30 @@ def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0) -> dict[st
         env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s))
         for name, file in HAPROXY_PATHS.items():
             env[name] = os.environ.get(name) or str(directory / file)
+        for name in HAPROXY_PORTS:
+            env[name] = os.environ.get(name) or str(free_port())
         # Room for heads past the gateway's limits, answered by its rules (see _DEFAULTS).
         env[HAPROXY_BUFSIZE] = os.environ.get(HAPROXY_BUFSIZE, str(HAPROXY_BUFFER_BYTES))
     return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at ``host`` now (the system's pick)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def front_door_taken(host: str, port: int) -> str | None:
+    """Why the front door cannot listen on ``host``:``port`` (something
+    already does), or None. Checked before a local cluster starts, which
+    otherwise fails seconds later with HAProxy's own account deep in a trace."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):  # SO_REUSEADDR, as HAProxy binds
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def _private_directory() -> Path:

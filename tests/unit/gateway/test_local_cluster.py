@@ -184,6 +184,28 @@ def test_haproxys_files_and_admin_socket_go_into_a_private_directory(
     assert not private.exists()
 
 
+def test_each_local_cluster_gets_haproxys_side_ports_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Serve gives every HAProxy ports 8404 and 9101: a second gateway on
+    the machine could not start its front door."""
+    for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS, *local_cluster.HAPROXY_PORTS]:
+        monkeypatch.delenv(name, raising=False)
+    first = local_cluster.environment(RuntimeConfig())
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # one set: kept
+    second = local_cluster.environment(RuntimeConfig())
+    try:
+        ports = [int(env[name]) for env in (first, second) for name in local_cluster.HAPROXY_PORTS]
+        assert ports[2] == 18404 and len(set(ports)) == 4
+        for port in (ports[0], ports[1], ports[3]):
+            assert local_cluster.front_door_taken("127.0.0.1", port) is None
+    finally:
+        local_cluster.remove_local_files(first)
+        local_cluster.remove_local_files(second)
+    from ray.serve._private import constants
+
+    for name in local_cluster.HAPROXY_PORTS:  # still read by Ray Serve
+        assert f'"{name}"' in inspect.getsource(constants)
+
+
 def test_ray_still_reads_the_setting_and_binds_replica_grpc_as_assumed() -> None:
     """Fails loudly on a Ray upgrade that moves what the local cluster relies on."""
     from ray._private import ray_constants
