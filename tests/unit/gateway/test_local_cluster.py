@@ -9,10 +9,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import pytest
 from pydantic import ValidationError
 
@@ -138,9 +140,37 @@ def test_haproxy_threads_must_be_a_positive_count() -> None:
         RuntimeConfig(haproxy_threads="many")
 
 
+def test_haproxy_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A stray HAProxy keeps the front door's port and answers 503 for ever."""
+    wrapper = local_cluster.haproxy_wrapper(tmp_path)
+    fake = tmp_path / "fake-haproxy"
+    fake.write_text("#!/bin/sh\nexec sleep 600\n")  # stays this process, as HAProxy would
+    fake.chmod(0o755)
+    wrapper.write_text(wrapper.read_text().replace(local_cluster_binary(wrapper), str(fake)))
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("global\n")
+    # A parent that starts the wrapper, prints its pid and is then killed.
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; "
+         f"p = subprocess.Popen([{str(wrapper)!r}, '-f', {str(config)!r}]); print(p.pid, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert parent.stdout is not None
+    with parent.stdout:
+        child = psutil.Process(int(parent.stdout.readline()))
+    deadline = time.monotonic() + 10
+    while "sleep" not in child.cmdline():  # the wrapper has become the (fake) HAProxy
+        assert time.monotonic() < deadline, child.cmdline()
+        time.sleep(0.05)
+    assert child.is_running()
+    parent.kill()
+    parent.wait()
+    child.wait(timeout=10)  # gone (psutil.TimeoutExpired otherwise); not our child: no exit status
+
+
 def local_cluster_binary(wrapper: Path) -> str:
     line = next(line for line in wrapper.read_text().splitlines() if line.startswith("exec "))
-    return line.split("'")[1]
+    return line.split("'")[-2]  # the last quoted word: HAProxy's path
 
 
 def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
