@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.auth.limiter import LimiterAddress, LimiterServer
+from gateway.auth.limiter import LimiterAddress
+from gateway.auth.limiter_server import LimiterServer
 from gateway.metrics.engine_text import relabel
 from gateway.metrics.families import FAMILIES
 from gateway.metrics.registry import Snapshot, merge, render, without_gauges

@@ -1,4 +1,4 @@
-"""gateway/auth/limiter.py: one ledger shared over a socket, exact under concurrency."""
+"""gateway/auth/limiter.py and limiter_server.py: one ledger shared over a socket, exact under concurrency."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import random
 import pytest
 
 from gateway.auth.ledger import Ledger, Limits, Usage
-from gateway.auth.limiter import LimiterAddress, LimiterClient, LimiterServer
+from gateway.auth.limiter import LimiterAddress, LimiterClient
+from gateway.auth.limiter_server import LimiterServer
 from gateway.errors import ServiceUnavailableError
 
 
