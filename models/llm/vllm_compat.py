@@ -350,7 +350,8 @@ def mark_failure(serving: Serving, response_id: str, task: Any) -> None:
     """Has the stored response say ``failed`` once ``task`` (its background
     generation) ends in an exception: vLLM marks only an error it returns,
     and a response refused by the engine (raised) stayed ``queued`` for good,
-    polled for ever by a client waiting for it to finish."""
+    polled for ever by a client waiting for it to finish. Its ``error`` says
+    why, as OpenAI's does (vLLM's response object has no such field)."""
 
     def ended(done: Any) -> None:
         if done.cancelled() or done.exception() is None:
@@ -358,8 +359,17 @@ def mark_failure(serving: Serving, response_id: str, task: Any) -> None:
         stored = serving.responses.response_store.get(response_id)
         if stored is not None and stored.status in _UNFINISHED:
             stored.status = "failed"
+            stored.error = response_error(map_exception(done.exception()))
 
     task.add_done_callback(ended)
+
+
+def response_error(error: errors.GatewayError) -> dict[str, str]:
+    """A failed response's ``error`` (OpenAI's ``{code, message}``): the
+    gateway's code when it has one, else ``server_error`` for a failure of
+    the server and ``invalid_prompt`` for a request the engine refused."""
+    code = error.code or ("server_error" if error.status_code >= 500 else "invalid_prompt")
+    return {"code": code, "message": error.message}
 
 
 async def background_events(serving: Serving, response_id: str, starting_after: int | None = None) -> AsyncIterator[Any]:

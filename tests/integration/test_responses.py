@@ -304,7 +304,11 @@ def test_a_background_response_the_engine_refuses_ends_failed_not_queued_for_eve
     client: openai.OpenAI, http: httpx.Client
 ) -> None:
     queued = client.responses.create(model=VLLM_MODEL, input=PROMPT, background=True, max_output_tokens=4, **REFUSED)  # type: ignore[arg-type]
-    assert finished(client, queued.id, within_s=30).status == "failed"
+    failed = finished(client, queued.id, within_s=30)
+    assert failed.status == "failed"
+    # It says why, as OpenAI's failed responses do.
+    assert failed.error is not None and failed.error.code == "invalid_prompt", failed.error
+    assert "logprobs" in failed.error.message
     # Streamed: the refusal comes as an error event, and the stream ends.
     with http.stream("POST", "/v1/responses", json={
         "model": VLLM_MODEL, "input": PROMPT, "background": True, "stream": True, "max_output_tokens": 4, **REFUSED,
