@@ -1,4 +1,4 @@
-"""gateway/config.py: a config is valid once, or start-up fails naming field and reason."""
+"""gateway/config/: a config is valid once, or start-up fails naming field and reason."""
 
 from __future__ import annotations
 

@@ -1,0 +1,232 @@
+"""The gateway's configuration: a YAML file validated once, when the app is built.
+
+Every field has a description; an invalid file fails start-up with
+:class:`ConfigError` naming the field and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from gateway.config.base import ConfigError, ModelName, StrictConfig
+from gateway.config.engines import (
+    ENGINE_CONFIGS,
+    AnyModelConfig,
+    ClassicalModelConfig,
+    EchoModelConfig,
+    EmbeddingModelConfig,
+    LLMModelConfig,
+    SklearnModelConfig,
+    VLLMModelConfig,
+    engines_with,
+    parse_model,
+)
+from gateway.config.front_door import CorsConfig, FrontDoorConfig, IngressConfig
+from gateway.config.keys import KEY_HASH_PATTERN, KeyConfig
+from gateway.config.models import (
+    DEFAULT_STORED_RESPONSES,
+    ENGINE_KINDS,
+    LIVE_MODEL_FIELDS,
+    STRUCTURED_OUTPUTS_ARG,
+    AutoscalingConfig,
+    Engine,
+    ModelConfig,
+    ModelKind,
+)
+from gateway.config.routing import RouteConfig, RoutingConfig, ShadowConfig
+from gateway.config.runtime import RuntimeConfig
+
+__all__ = [
+    "DEFAULT_STORED_RESPONSES",
+    "ENGINE_CONFIGS",
+    "ENGINE_KINDS",
+    "KEY_HASH_PATTERN",
+    "LIVE_MODEL_FIELDS",
+    "STRUCTURED_OUTPUTS_ARG",
+    "AnyModelConfig",
+    "AutoscalingConfig",
+    "ClassicalModelConfig",
+    "ConfigError",
+    "CorsConfig",
+    "EchoModelConfig",
+    "EmbeddingModelConfig",
+    "Engine",
+    "FrontDoorConfig",
+    "GatewayConfig",
+    "IngressConfig",
+    "KeyConfig",
+    "LLMModelConfig",
+    "ModelConfig",
+    "ModelKind",
+    "ModelName",
+    "RouteConfig",
+    "RoutingConfig",
+    "RuntimeConfig",
+    "ShadowConfig",
+    "SklearnModelConfig",
+    "VLLMModelConfig",
+    "engines_with",
+    "load_config",
+    "parse_config",
+    "parse_model",
+]
+
+class GatewayConfig(StrictConfig):
+    """The whole gateway: the models it serves and its front door."""
+
+    app_name: str = Field("llm-gateway", min_length=1, description="Ray Serve application name.")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the app.")
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig,
+        description="How `llm-gateway serve` starts a local Ray cluster.",
+    )
+    ingress: IngressConfig = Field(
+        default_factory=IngressConfig, description="The HTTP front door."
+    )
+    models: list[AnyModelConfig] = Field(min_length=1, description="Served models.")
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="Aliases and how variants are chosen."
+    )
+    keys: list[KeyConfig] = Field(
+        default_factory=list,
+        description="API keys clients must send as `Authorization: Bearer <key>` on /v1 "
+        "and /v2 routes (none: the gateway is open to whoever reaches it).",
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_keys(cls, keys: list[KeyConfig]) -> list[KeyConfig]:
+        ids: set[str] = set()
+        hashes: set[str] = set()
+        for key in keys:
+            if key.id in ids:
+                raise ValueError(f"duplicate key id {key.id!r}")
+            if key.hash in hashes:
+                raise ValueError(f"key {key.id!r} has the same hash as another key")
+            ids.add(key.id)
+            hashes.add(key.hash)
+        return keys
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[AnyModelConfig]) -> list[AnyModelConfig]:
+        seen: set[str] = set()
+        for model in models:
+            if model.name in seen:
+                raise ValueError(f"duplicate model name {model.name!r}")
+            seen.add(model.name)
+        return models
+
+    @model_validator(mode="after")
+    def _routes_name_served_models(self) -> GatewayConfig:
+        models = {m.name: m for m in self.models}
+        seen: set[str] = set()
+        for index, route in enumerate(self.routing.routes):
+            where = f"routing.routes[{index}] ({route.name!r})"
+            if route.name in models:
+                raise ValueError(f"{where}: the alias collides with a model of the same name")
+            if route.name in seen:
+                raise ValueError(f"{where}: duplicate route name")
+            seen.add(route.name)
+            unknown = sorted(set(route.variants) - set(models))
+            if route.shadow is not None and route.shadow.variant not in models:
+                unknown.append(route.shadow.variant)
+            if unknown:
+                raise ValueError(f"{where}: unknown variant(s) {', '.join(map(repr, unknown))}")
+            targets = [*route.variants, *([route.shadow.variant] if route.shadow else [])]
+            kinds = {name: models[name].kind for name in targets}
+            if len(set(kinds.values())) > 1:
+                found = ", ".join(f"{name!r} is {kind}" for name, kind in kinds.items())
+                raise ValueError(f"{where}: variants mix model kinds ({found})")
+        return self
+
+    def front_door(self) -> FrontDoorConfig:
+        """The ingress's own settings; models and routing reach it as user_config."""
+        return FrontDoorConfig(
+            app_name=self.app_name, route_prefix=self.route_prefix, ingress=self.ingress
+        )
+
+    @classmethod
+    def assemble(
+        cls, front_door: FrontDoorConfig, models: object, routing: object, keys: object = ()
+    ) -> GatewayConfig:
+        """The config an ingress replica routes with; raises ConfigError when invalid."""
+        data = {**front_door.model_dump(), "models": models, "routing": routing, "keys": keys}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, "ingress user_config")) from None
+
+    def model(self, name: str) -> ModelConfig:
+        """Returns the model called ``name``; raises KeyError when there is none."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+
+def parse_config(
+    data: object, *, source: str = "config", base_dir: Path | None = None
+) -> GatewayConfig:
+    """Validates a decoded config; raises ConfigError naming field and reason.
+
+    Relative model directories resolve against ``base_dir`` (default: the
+    working directory).
+    """
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    base = base_dir if base_dir is not None else Path.cwd()
+    return config.model_copy(update={"models": [m.resolved(base) for m in config.models]})
+
+
+def load_config(path: str | Path, *, base_dir: Path | None = None) -> GatewayConfig:
+    """Reads and validates a YAML config file (``base_dir`` as for parse_config)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path), base_dir=base_dir)
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid gateway config ({source}):"]
+    for error in exc.errors():
+        loc = list(error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        engine = _model_engine(loc)
+        if error["type"] == "engine":
+            loc.append("engine")
+        elif engine is not None:
+            del loc[2]  # the engine's tag, which the file does not spell
+            if error["type"] == "extra_forbidden":
+                message = _foreign_setting(str(loc[-1]), engine)
+        where = ".".join(str(part) for part in loc)
+        lines.append(f"  {where}: {message}" if where else f"  {message}")
+    return "\n".join(lines)
+
+
+def _model_engine(loc: list[str | int]) -> str | None:
+    """The engine whose config a ``models.<i>.<engine>...`` error is in, if it is one."""
+    if len(loc) > 2 and loc[0] == "models" and loc[2] in ENGINE_CONFIGS:
+        return str(loc[2])
+    return None
+
+
+def _foreign_setting(field: str, engine: str) -> str:
+    engines = engines_with(field)
+    if not engines:
+        return f"`{field}` is not a model setting"
+    having = engines[0] if len(engines) == 1 else ", ".join(engines[:-1]) + " and " + engines[-1]
+    return f"`{field}` is not a setting of {engine} models; only {having} models have it"

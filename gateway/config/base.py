@@ -1,0 +1,28 @@
+"""What every part of the configuration shares: the error start-up fails
+with, the strict model every section is, and the name of a model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="Name clients use in the request's `model` field.",
+    ),
+]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and the reason."""
+
+
+class StrictConfig(BaseModel):
+    """A config section: unknown fields are refused, and it never changes once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

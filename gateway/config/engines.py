@@ -1,0 +1,237 @@
+"""Each engine's model config (vLLM, echo, scikit-learn, sentence-transformers),
+and a config file's model entry read as the config of the engine it names."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
+
+from gateway.config.models import (
+    DEFAULT_STORED_RESPONSES,
+    ENGINE_KINDS,
+    STRUCTURED_OUTPUTS_ARG,
+    EMBEDDING_DTYPES,
+    ModelConfig,
+    PlacementStrategy,
+)
+
+class LLMModelConfig(ModelConfig):
+    """What LLM engines (vllm, echo) share: the context window, parallel
+    workers and their placement, stored responses."""
+
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context window in tokens; the model's own when unset."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel workers per replica.")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Pipeline stages per replica; workers = tensor x pipeline."
+    )
+    gpus_per_worker: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Replicas with more than one worker: GPUs of each worker's bundle "
+        "(vLLM takes at most one per worker; 0 on CPU-only clusters).",
+    )
+    cpus_per_worker: float = Field(
+        1.0, ge=0, description="Replicas with more than one worker: CPUs of each worker's bundle."
+    )
+    placement_strategy: PlacementStrategy | None = Field(
+        None,
+        description="How a multi-worker replica's bundles are placed. Unset: STRICT_PACK "
+        "(every worker of a replica on one node). PACK, SPREAD or STRICT_SPREAD only "
+        "when asked.",
+    )
+    stored_responses: int | None = Field(
+        None,
+        ge=0,
+        description="LLMs: Responses API responses each replica keeps (those made with "
+        "`store`, OpenAI's default), for `GET /v1/responses/{id}` and `previous_response_id`; "
+        "past it the oldest is dropped. They live in the replica's memory: gone when it "
+        f"stops. 0 keeps none. Unset: {DEFAULT_STORED_RESPONSES}.",
+    )
+
+    @model_validator(mode="after")
+    def _workers_take_bundles(self) -> LLMModelConfig:
+        if self.workers > 1 and self.num_gpus > 0:
+            raise ValueError(
+                "`num_gpus` is for single-worker replicas; a replica with "
+                f"{self.workers} workers takes `gpus_per_worker` in each worker's bundle"
+            )
+        return self
+
+    @property
+    def workers(self) -> int:
+        """Engine workers per replica: tensor x pipeline parallel size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def kept_responses(self) -> int:
+        """Stored responses each replica keeps (``stored_responses``, or its default)."""
+        return DEFAULT_STORED_RESPONSES if self.stored_responses is None else self.stored_responses
+
+
+class VLLMModelConfig(LLMModelConfig):
+    """A model served by a real vLLM engine."""
+
+    engine: Literal["vllm"] = "vllm"
+    dtype: str = Field("auto", description="Weights and activations dtype, passed to vLLM.")
+    seed: int = Field(0, description="Engine seed for requests that set none.")
+    kv_cache_space_gib: int | None = Field(
+        None,
+        ge=1,
+        description="KV-cache size in whole GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only)."
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM tool-call parser (e.g. `hermes`); enables `tool_choice` "
+        "`auto` and named tools for models whose template renders tools.",
+    )
+    json_whitespace: Literal["compact", "any"] | None = Field(
+        None,
+        description="vllm: whitespace in constrained JSON (`response_format` "
+        "`json_schema`/`json_object`, and the arguments of tool calls forced by "
+        "`tool_choice`). `compact`: none between tokens, as OpenAI's structured outputs "
+        "look; vLLM's `xgrammar` backend enforces it. `any`: vLLM's own default, any "
+        "whitespace the grammar allows, which small models can emit until `max_tokens`. "
+        "Unset: `compact`, unless `engine_args` holds a `structured-outputs-config`.",
+    )
+    engine_args: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Further vLLM engine arguments by their CLI name without `--` "
+        "(e.g. `enable-prefix-caching: true`); checked by vLLM's parser at start-up.",
+    )
+
+    @model_validator(mode="after")
+    def _one_whitespace_setting(self) -> VLLMModelConfig:
+        if self.json_whitespace is not None and STRUCTURED_OUTPUTS_ARG in self.engine_args:
+            raise ValueError(
+                f"set either `json_whitespace` or `engine_args.{STRUCTURED_OUTPUTS_ARG}`, not both"
+            )
+        return self
+
+
+class EchoModelConfig(LLMModelConfig):
+    """The echo engine: deterministic answers at near-zero cost."""
+
+    engine: Literal["echo"] = "echo"
+    echo_token_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Echo engine only: time per generated token (between streamed tokens, or "
+        "all before a whole answer), to stand in for decode time in tests and overhead "
+        "measurements.",
+    )
+
+
+class ClassicalModelConfig(ModelConfig):
+    """What classical models (sklearn, sentence-transformers) share: batching
+    (changed live by a redeploy) and the most instances per request."""
+
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Classical models: requests one batch may hold (1 turns batching "
+        "off). Changed live by a redeploy.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005,
+        ge=0,
+        description="Classical models: how long a batch that is not full waits for "
+        "more requests. Changed live by a redeploy.",
+    )
+    max_instances_per_request: int = Field(
+        256,
+        ge=1,
+        description="Classical models: instances (or embedding inputs) one request "
+        "may carry; more is a 400.",
+    )
+
+    def batching(self) -> dict[str, float]:
+        """The live batching settings a classical replica receives as `user_config`."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+        }
+
+
+class SklearnModelConfig(ClassicalModelConfig):
+    """A scikit-learn estimator (joblib file, or a model in MLflow)."""
+
+    engine: Literal["sklearn"] = "sklearn"
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking and registry URI that `models:/` and `runs:/` "
+        "model URIs are looked up in (e.g. `sqlite:///mlflow.db`, `http://mlflow:5000`). "
+        "Unset: MLflow's own default (`MLFLOW_TRACKING_URI`).",
+    )
+
+
+class EmbeddingModelConfig(ClassicalModelConfig):
+    """A sentence-transformers embedding model."""
+
+    engine: Literal["sentence-transformers"] = "sentence-transformers"
+    dtype: str = Field(
+        "auto",
+        description="`float32`, `bfloat16`, `float16`, or `auto`: bfloat16 on CPUs with "
+        "native bf16 arithmetic (AVX512-BF16 or AMX), float16 on GPU, float32 elsewhere.",
+    )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="sentence-transformers only: torch's intra-op threads in the replica. "
+        "Unset: Ray's choice (the replica's whole CPUs, at least 1). Large batches "
+        "gain from more threads; single requests do not.",
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _embedding_dtype(cls, dtype: str) -> str:
+        if dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
+        return dtype
+
+
+ENGINE_CONFIGS: dict[str, type[ModelConfig]] = {
+    "vllm": VLLMModelConfig,
+    "echo": EchoModelConfig,
+    "sklearn": SklearnModelConfig,
+    "sentence-transformers": EmbeddingModelConfig,
+}
+
+
+def _engine_of(data: object) -> str:
+    """A model entry's engine: its ``engine`` (vllm when unset)."""
+    if isinstance(data, dict):
+        return str(data.get("engine", "vllm"))
+    return str(getattr(data, "engine", "vllm"))
+
+
+# A config file's model entry: the config of the engine it names.
+AnyModelConfig = Annotated[
+    Annotated[VLLMModelConfig, Tag("vllm")]
+    | Annotated[EchoModelConfig, Tag("echo")]
+    | Annotated[SklearnModelConfig, Tag("sklearn")]
+    | Annotated[EmbeddingModelConfig, Tag("sentence-transformers")],
+    Discriminator(
+        _engine_of,
+        custom_error_type="engine",
+        custom_error_message="`engine` must be one of " + ", ".join(ENGINE_KINDS),
+    ),
+]
+
+_MODEL = TypeAdapter(AnyModelConfig)
+
+
+def parse_model(data: object) -> ModelConfig:
+    """One model entry, as the config of its engine; raises pydantic's ValidationError."""
+    return _MODEL.validate_python(data)  # type: ignore[no-any-return]
+
+
+def engines_with(field: str) -> list[str]:
+    """The engines that have the setting ``field``."""
+    return [engine for engine, cls in ENGINE_CONFIGS.items() if field in cls.model_fields]

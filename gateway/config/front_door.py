@@ -1,0 +1,121 @@
+"""The HTTP front door's settings: the ingress replicas, their limits and
+timeouts, the access log and cross-origin access."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config.base import StrictConfig
+
+# An origin as browsers send it: scheme, host and an optional port; no path.
+_ORIGIN = re.compile(r"^https?://[^/\s?#]+/?$", re.IGNORECASE)
+
+
+class CorsConfig(StrictConfig):
+    """Cross-origin access for chat apps that call the gateway from a browser
+    page served elsewhere (the OpenAI and Anthropic JS SDKs in a browser)."""
+
+    allow_origins: list[str] = Field(
+        min_length=1,
+        description="Origins whose pages may call the gateway (`https://chat.example.com`), "
+        "or `*` for any page: with no API keys, any page a user of this host opens could "
+        "then use the models.",
+    )
+    allow_methods: list[str] = Field(
+        ["GET", "POST", "DELETE"], min_length=1, description="Methods a page may use (`*`: any)."
+    )
+    allow_headers: list[str] = Field(
+        ["*"],
+        description="Request headers a page may send (`*`: any it asks for in the preflight, "
+        "e.g. `authorization`, `content-type` and the SDKs' `x-stainless-*`).",
+    )
+    allow_credentials: bool = Field(
+        False,
+        description="Whether pages may send cookies or HTTP authentication (API keys in "
+        "`Authorization` or `x-api-key` need no credentials); not with `*` origins.",
+    )
+    max_age_s: int = Field(600, ge=0, le=86400, description="How long browsers keep a preflight's answer.")
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"`{origin}` is not an origin: `*`, or scheme and host with an optional port "
+                    "and no path (`https://chat.example.com:8443`)"
+                )
+        # As browsers send it: lower case, no trailing slash.
+        return [origin.rstrip("/").lower() for origin in origins]
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CorsConfig:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("`allow_credentials` needs the origins named: not with `*`")
+        return self
+
+
+class IngressConfig(StrictConfig):
+    """The HTTP front door (FastAPI under @serve.ingress)."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved for each ingress replica.")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Requests one ingress replica handles at once."
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="`Retry-After` seconds sent with 503 when a model is busy or down."
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted; larger ones are answered 413 before "
+        "they are read whole.",
+    )
+    graceful_shutdown_s: float = Field(
+        60,
+        ge=0,
+        le=3600,
+        description="When an ingress replica stops (scaled down, or the gateway stopped), how "
+        "long the requests it is serving, streams included, may run on; the models' own "
+        "`graceful_shutdown_s` bounds their side.",
+    )
+    replica_wait_s: float = Field(
+        5,
+        ge=0,
+        le=600,
+        description="How long a request waits for its model to have a running replica "
+        "(starting, or replacing one that died) before it is answered 503 with "
+        "`Retry-After`; while the model stays down, later requests are answered at once.",
+    )
+    read_timeout_s: float = Field(
+        30,
+        gt=0,
+        le=3600,
+        description="A request's headers, and then its body, must each arrive within this "
+        "many seconds; slower ones (a stalled or slow-loris client) are answered 408. "
+        "HAProxy bounds the headers (`runtime.http_proxy: haproxy`), the ingress the body.",
+    )
+    access_log: str = Field(
+        "stderr",
+        min_length=1,
+        description="Where each ingress replica writes its JSON access log: `stderr`, `off`, "
+        "or a file path that every replica appends to.",
+    )
+    cors: CorsConfig | None = Field(
+        None,
+        description="Cross-origin access from browser pages (CORS); none by default: only "
+        "pages served by the gateway's own origin may call it from a browser.",
+    )
+
+
+class FrontDoorConfig(StrictConfig):
+    """The ingress application's own settings (what its replicas are built from)."""
+
+    app_name: str = Field("llm-gateway", min_length=1, description="Ray Serve application name.")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the app.")
+    ingress: IngressConfig = Field(
+        default_factory=IngressConfig, description="The HTTP front door."
+    )

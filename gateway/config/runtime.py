@@ -1,0 +1,100 @@
+"""How `llm-gateway serve` starts its local Ray cluster: the front door's
+proxy, Serve's mode, CPU placement and niceness of the gateway's processes."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from gateway.config.base import StrictConfig
+
+class RuntimeConfig(StrictConfig):
+    """How `llm-gateway serve` starts a local Ray cluster (no effect on an existing one)."""
+
+    http_proxy: Literal["haproxy", "serve"] = Field(
+        "haproxy",
+        description="`haproxy`: Ray's HAProxy ingress forwards HTTP straight to the "
+        "ingress replicas; `serve`: Ray Serve's Python proxy actor.",
+    )
+    throughput_optimized: bool = Field(
+        True,
+        description="Ray Serve's throughput mode: user code and routing on the "
+        "replica's own event loop, gRPC between deployments.",
+    )
+    worker_niceness: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of Ray workers. Ray's default (15) yields "
+        "the CPU to anything else on the machine; the gateway's workers are the server.",
+    )
+
+    gateway_cpus: Literal["auto", "off"] | list[Annotated[int, Field(ge=0)]] = Field(
+        "off",
+        description="CPUs the gateway's own processes (Ray's daemons, Serve's controller "
+        "and proxy, HAProxy, the ingress and metrics replicas) are pinned to, away from "
+        "the cores vLLM's CPU engine computes on. `off` (default; on 2 vCPUs pinning "
+        "measured no gain: the one reserved core then also holds vLLM's scheduler and "
+        "serving layer); `auto`: on hosts without a GPU, the CPUs vLLM's CPU backend "
+        "reserves for other processes (the last `VLLM_CPU_NUM_OF_RESERVED_CPU`, one by "
+        "default); or a list of CPU ids.",
+    )
+    haproxy_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
+        "auto",
+        description="Threads of HAProxy, the front door. `auto` (default): half this "
+        "machine's CPUs, at least 1 and at most 4 (Ray's own default), and no more than "
+        "`gateway_cpus` lists; or a count. Threads beyond the cores the host can spare "
+        "compete with the engine's: on 2 vCPUs one thread streamed 1.05-1.40x the tokens/s "
+        "of four at 8 concurrent streams.",
+    )
+    background_niceness: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of the gateway's processes that no request waits "
+        "on: Serve's controller (and its Python proxy behind HAProxy), the metrics hub, "
+        "Ray's agents and monitors, `llm-gateway serve` itself. On a busy CPU host their "
+        "periodic work then waits for the engine instead of stalling its steps; the "
+        "request path (HAProxy, the ingress, model replicas and engines, Ray's GCS and "
+        "raylet) keeps `worker_niceness`. 0 leaves them alone.",
+    )
+
+    def haproxy_thread_count(self) -> int:
+        """``haproxy_threads`` resolved on this machine."""
+        if self.haproxy_threads != "auto":
+            return self.haproxy_threads
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = min(4, max(1, cpus // 2))
+        if isinstance(self.gateway_cpus, list):
+            threads = min(threads, max(1, len(set(self.gateway_cpus))))
+        return threads
+
+    def environment(self) -> dict[str, str]:
+        """Variables Ray and Ray Serve read when the local cluster starts."""
+        return {
+            "RAY_SERVE_HAPROXY_NBTHREAD": str(self.haproxy_thread_count()),
+            "RAY_worker_niceness": str(self.worker_niceness),
+            # Engine processes die with their replica, even when it is killed.
+            "RAY_process_group_cleanup_enabled": "1",
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
+            "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.http_proxy == "haproxy" else "0",
+            # Serve's HTTP metrics from HAProxy cost a log line per request that
+            # HAProxy writes and Serve's HAProxy manager parses; the gateway
+            # counts every request itself (gateway_requests_total and the rest).
+            "RAY_SERVE_HAPROXY_METRICS_ENABLED": os.environ.get("RAY_SERVE_HAPROXY_METRICS_ENABLED", "0"),
+            # Serve's replicas decode its session header (`x-session-id` by
+            # default, also the gateway's cohort header) as strict UTF-8 before
+            # the gateway sees the request; the gateway does not use Serve's
+            # session routing, so Serve is pointed at a header nobody sends.
+            "RAY_SERVE_SESSION_ID_HEADER_KEY": "x-llm-gateway-serve-session",
+            # Serve keeps a stopping replica of an application's ingress
+            # deployment reachable this long before it drains (30 s by default)
+            # so that load balancers deregister it. Each model is an application
+            # of its own, reached only through the gateway's relay, which moves to
+            # another replica when one refuses; HAProxy retries refused
+            # connections too. Without this every scale-down or replacement
+            # takes 30 s more than its requests need.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        }
