@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ContextLengthExceededError, ModelNotSupportedError
 from gateway.protocol.extras import check_fields
-from models.llm import compact_json, vllm_compat, vllm_streams
+from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
 from models.llm.engine import EngineInfo, body_of, frames_of
 
 if TYPE_CHECKING:
@@ -177,9 +177,9 @@ class VLLMEngine:
                     response_id, body.get("starting_after"), bool(body.get("stream"))
                 )
         except Exception as exc:  # noqa: BLE001 - vLLM's refusals, as it reports them
-            raise vllm_compat.map_exception(exc, "response_id") from None
+            raise vllm_errors.map_exception(exc, "response_id") from None
         if isinstance(result, self._vllm.error_response):
-            raise vllm_compat.map_error(result.model_dump(), "response_id")
+            raise vllm_errors.map_error(result.model_dump(), "response_id")
         if hasattr(result, "model_dump_json"):
             return result.model_dump_json().encode()
         if vllm_compat.has_events(self._vllm, response_id):  # vLLM's own reader would wait past the task's end
@@ -207,9 +207,9 @@ class VLLMEngine:
                 _check_window(None, _budget(request.endpoint, parsed), serving.max_model_len, prompt_param)
             result = await call(parsed, create)
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
-            raise vllm_compat.map_exception(exc, prompt_param) from None
+            raise vllm_errors.map_exception(exc, prompt_param) from None
         if isinstance(result, serving.error_response):
-            raise vllm_compat.map_error(result.model_dump(), prompt_param)
+            raise vllm_errors.map_error(result.model_dump(), prompt_param)
         return parsed, result
 
     async def most_tokens(self, request: EngineRequest) -> int:

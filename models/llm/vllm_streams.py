@@ -6,7 +6,6 @@ events read to the end of its task (``background_events``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import sse
 from gateway.errors import GatewayError, ServiceUnavailableError
-from models.llm import vllm_compat
+from models.llm import vllm_errors
 from models.llm.engine import ENGINE_DEAD
 
 if TYPE_CHECKING:
@@ -110,7 +109,7 @@ async def events(stream: AsyncIterator[Any], tally: GenerationTally, hold: bool 
                 frame, held = b"".join(held) + frame, None
             yield frame
     except Exception as exc:  # noqa: BLE001 - vLLM's failures mid-stream, as it reports them
-        error = exc if isinstance(exc, GatewayError) else vllm_compat.map_exception(exc, "input")
+        error = exc if isinstance(exc, GatewayError) else vllm_errors.map_exception(exc, "input")
         if held is not None:
             raise error from None  # refused before generating: an HTTP error, before the stream
         tally.failed(error.code, error.status_code)
@@ -147,7 +146,7 @@ async def frames(
             frame = text.encode()
             if frame.startswith(_ERROR_PREFIX):
                 envelope = json.loads(frame[len(b"data: ") :])
-                error = ServiceUnavailableError(ENGINE_DEAD) if dead() else vllm_compat.map_error(envelope)
+                error = ServiceUnavailableError(ENGINE_DEAD) if dead() else vllm_errors.map_error(envelope)
                 if first:
                     raise error
                 if tally is not None:

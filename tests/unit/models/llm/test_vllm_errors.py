@@ -1,4 +1,4 @@
-"""models/llm/vllm_compat.py: vLLM's errors as the gateway's, by table."""
+"""models/llm/vllm_errors.py: vLLM's errors as the gateway's, by table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from gateway import errors
-from models.llm import vllm_compat
+from models.llm import vllm_errors
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ from models.llm import vllm_compat
 def test_vllm_error_objects_map_by_table(
     error: dict[str, object], cls: type[errors.GatewayError], status: int, param: str | None
 ) -> None:
-    translated = vllm_compat.map_error({"error": error}, "messages")
+    translated = vllm_errors.map_error({"error": error}, "messages")
     assert type(translated) is cls and translated.status_code == status and translated.param == param
     assert "Traceback" not in translated.message
 
@@ -64,7 +64,7 @@ def test_vllm_error_objects_map_by_table(
     ],
 )
 def test_vllm_exceptions_map_by_type(exc: Exception, cls: type[errors.GatewayError], status: int) -> None:
-    translated = vllm_compat.map_exception(exc, "prompt")
+    translated = vllm_errors.map_exception(exc, "prompt")
     assert type(translated) is cls and translated.status_code == status
     assert "/secret" not in translated.message
     if cls is errors.ContextLengthExceededError:
@@ -73,26 +73,17 @@ def test_vllm_exceptions_map_by_type(exc: Exception, cls: type[errors.GatewayErr
 
 def test_the_gateways_own_errors_pass_through() -> None:
     own = errors.ContextLengthExceededError("too long", param="input")
-    assert vllm_compat.map_exception(own) is own
+    assert vllm_errors.map_exception(own) is own
 
 
-def test_the_installed_vllm_has_everything_the_gateway_uses() -> None:
-    # Fails loudly on a vLLM upgrade that moves or renames what the compatibility module relies on.
-    assert vllm_compat.check_contract() == []
-
-
-def test_the_contract_check_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        vllm_compat,
-        "CONTRACT",
-        (
-            ("vllm.v1.engine.async_llm", "AsyncLLM.generate_everything", ()),
-            ("vllm.v1.engine.async_llm", "AsyncLLM.generate", ("prompt", "no_such_parameter")),
-            ("vllm.no_such_module", "anything", ()),
-        ),
-    )
-    problems = vllm_compat.check_contract()
-    assert len(problems) == 3
-    assert "AsyncLLM.generate_everything: no generate_everything" in problems[0]
-    assert "no parameter no_such_parameter" in problems[1]
-    assert "vllm.no_such_module: cannot be imported" in problems[2]
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.InvalidRequestError("top_logprobs must be at most 20", param="top_logprobs"), "invalid_prompt"),
+        (errors.ContextLengthExceededError("too long", param="input"), "context_length_exceeded"),
+        (errors.ServiceUnavailableError("The model's engine stopped."), "server_error"),
+        (errors.InternalServerError("The model failed while serving the request."), "server_error"),
+    ],
+)
+def test_a_failed_response_says_why_in_openais_shape(error: errors.GatewayError, code: str) -> None:
+    assert vllm_errors.response_error(error) == {"code": code, "message": error.message}

@@ -1,0 +1,102 @@
+"""vLLM's errors as the gateway's: by vLLM's own error objects (their status
+and parameter), never by a message's words; and a failed response's ``error``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway import errors
+from models.llm.engine import ENGINE_DEAD
+
+logger = logging.getLogger(__name__)
+
+
+# vLLM's errors as the gateway's, by vLLM's own error objects (``ErrorResponse``:
+# its status as ``code``, ``param``): the first row that matches wins. vLLM
+# builds those objects from its exceptions by type (``create_error_response``:
+# VLLMValidationError 400 naming its parameter, VLLMNotFoundError 404, ...),
+# so a row never depends on a message's words.
+ANY = None  # a row's param matches any
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    """vLLM errors with a status in ``statuses`` and, unless ``params`` is
+    ANY, one of ``params`` become ``make(message, param, status)``."""
+
+    statuses: range
+    params: frozenset[str | None] | None
+    make: Callable[[str, str | None, int], errors.GatewayError]
+    # The row's errors name the request's prompt parameter (``messages``,
+    # ``prompt``, ``input``), as OpenAI's do, not vLLM's internal name.
+    names_prompt: bool = False
+
+
+def _only(status: int) -> range:
+    return range(status, status + 1)
+
+
+# vLLM's parameters for a prompt longer than the window (renderers/params.py).
+CONTEXT_PARAMS = frozenset({"input_tokens", "input_text"})
+
+ERROR_TABLE: tuple[ErrorRow, ...] = (
+    ErrorRow(_only(404), frozenset({"response_id"}), lambda m, p, s: errors.ResponseNotFoundError(m, param=p)),
+    ErrorRow(_only(404), ANY, lambda m, p, s: errors.ModelNotFoundError(m, param="model")),
+    ErrorRow(_only(400), CONTEXT_PARAMS, lambda m, p, s: errors.ContextLengthExceededError(m, param=p), names_prompt=True),
+    ErrorRow(range(400, 500), ANY, lambda m, p, s: errors.InvalidRequestError(m, param=p, status=s)),
+    # A feature the model lacks is the client's to change, never retried.
+    ErrorRow(_only(501), ANY, lambda m, p, s: errors.NotImplementedFeatureError(m)),
+    ErrorRow(_only(503), ANY, lambda m, p, s: errors.ServiceUnavailableError(m)),
+)
+
+
+def map_error(envelope: dict[str, Any], prompt_param: str | None = None) -> errors.GatewayError:
+    """vLLM's error object (``{"error": {"message", "type", "param", "code"}}``,
+    ``code`` its HTTP status, or the inner dict) as a gateway error, by
+    ``ERROR_TABLE``; anything else is a 500 whose details stay in the log."""
+    error = envelope.get("error", envelope)
+    status = int(error.get("code") or 500)
+    message = str(error.get("message") or "")
+    param = error.get("param")
+    for row in ERROR_TABLE:
+        if status in row.statuses and (row.params is ANY or param in row.params):
+            return row.make(message, (prompt_param or param) if row.names_prompt else param, status)
+    logger.error("engine error (%d): %s", status, message)
+    return errors.InternalServerError("The model failed while serving the request.")
+
+
+def map_exception(exc: BaseException, prompt_param: str | None = None) -> errors.GatewayError:
+    """An exception raised by vLLM's serving layer (or by the gateway's checks
+    inside it) as a gateway error: the gateway's own pass as they are,
+    pydantic's name the field, a dead engine is 503 (the replica is about to
+    be replaced), and the rest go through vLLM's own mapping, then
+    ``ERROR_TABLE``."""
+    if isinstance(exc, errors.GatewayError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return errors.InvalidRequestError.from_validation(exc)
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, EngineDeadError):
+        return errors.ServiceUnavailableError(ENGINE_DEAD)
+    response = create_error_response(exc if isinstance(exc, Exception) else Exception(str(exc)))
+    if response.error.code >= 500:
+        logger.error("engine failure", exc_info=exc)
+    return map_error(response.model_dump(), prompt_param)
+
+
+def response_error(error: errors.GatewayError) -> dict[str, str]:
+    """A failed response's ``error`` (OpenAI's ``{code, message}``): a failure
+    of the server is OpenAI's ``server_error``; a request the engine refused
+    keeps the gateway's code for it (``invalid_prompt`` when it has none)."""
+    if error.status_code >= 500:
+        code = "server_error"
+    else:
+        code = error.code or "invalid_prompt"
+    return {"code": code, "message": error.message}
