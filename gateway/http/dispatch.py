@@ -1,4 +1,4 @@
-"""Forwards a request to the model its plan names (``plan``), with the
+"""Forwards a request to the model its plan names (``gateway.http.plan``), with the
 fallback, shadow, timeout, key limits and hang-ups around the call;
 ``gateway.http.answers`` shapes and counts what comes back."""
 
@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -19,7 +17,6 @@ from gateway.auth.prompt_count import most_tokens
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
-    ModelNotFoundError,
     ModelNotSupportedError,
     RequestTimeoutError,
     ResponseNotFoundError,
@@ -28,59 +25,23 @@ from gateway.errors import (
 from gateway.http.answers import Answers, timed_out
 from gateway.http.auth import api_key
 from gateway.http.body import parse_json_object, read_body
-from gateway.http.endpoints import ENDPOINTS, EndpointSpec
+from gateway.http.endpoints import ENDPOINTS
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
+from gateway.http.plan import plan
 from gateway.http.relay_stream import BACKGROUND_OUTCOME_S
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
+from gateway.http.stored import holding, retrieve_query
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
 from gateway.protocol.envelope import ModelEnvelope, ResponsesEnvelope
 from gateway.routing.table import Route, RouteTable
 
-if TYPE_CHECKING:
-    from gateway.auth.keys import ApiKey
-
 logger = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-gateway-variant"
 ANTHROPIC_REQUEST_ID = "request-id"
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Where a request goes, decided from its body and headers alone:
-    ``name`` as the client gave it, the ``route`` to a variant, whether it
-    streams, and its routing fields (None when the path names the model)."""
-
-    name: str
-    route: Route
-    stream: bool
-    envelope: ModelEnvelope | None
-
-
-def plan(
-    table: ServingTable,
-    spec: EndpointSpec,
-    body: dict[str, Any],
-    headers: Mapping[str, str],
-    key: ApiKey | None,
-    path_model: str | None = None,
-) -> Plan:
-    """The route of a request (no I/O): the model its body (or path) names,
-    the variant its cohort (``user``, else the cohort header) or chance
-    picks. A model the key may not use is answered as one that does not
-    exist (404); one of a kind that cannot answer here, 404
-    ``model_not_supported``."""
-    envelope = spec.routing_fields(body) if path_model is None else None
-    name = envelope.model if envelope is not None else str(path_model)
-    cohort = (envelope.user if envelope is not None else None) or headers.get(table.cohort_header)
-    route = table.routes.resolve(name, cohort) if key is None or key.allows(name) else None
-    if route is None:
-        raise ModelNotFoundError.for_model(name)
-    spec.check_kind(name, table.model(route.target).kind)
-    stream = spec.streams and bool(getattr(envelope, "stream", False))
-    return Plan(name, route, stream, envelope)
 
 
 class ModelDispatcher:
@@ -246,7 +207,7 @@ class ModelDispatcher:
         ``response_id``, and that replica's id; 404 when none does (the id
         was not made here, or its replica has stopped)."""
         replica = relay.response_replica(response_id)
-        model = await _holding(table.llms(table.routes.members(name)), replica) if replica is not None else None
+        model = await holding(table.llms(table.routes.members(name)), replica) if replica is not None else None
         if model is None or replica is None:
             raise ResponseNotFoundError.for_id(response_id, param)
         return table.routes.pinned(name, model.name), replica
@@ -257,14 +218,14 @@ class ModelDispatcher:
         the replica that stores the response, for the key that made it."""
         body: dict[str, Any] = {"response_id": response_id}
         if endpoint == "responses_retrieve":
-            body.update(_retrieve_query(request))
+            body.update(retrieve_query(request))
         else:
             await read_body(request, self._max_body_bytes, self._read_timeout_s)  # none is expected
         table = self._table
         api = api_key(request)
         replica = relay.response_replica(response_id)
         allowed = table.llms(name for name in table.models if api is None or api.allows(name))
-        model = await _holding(allowed, replica) if replica is not None else None
+        model = await holding(allowed, replica) if replica is not None else None
         if model is None:
             raise ResponseNotFoundError.for_id(response_id, "response_id")
         target = model.name
@@ -403,42 +364,10 @@ class ModelDispatcher:
         return as_gateway_error(exc, retry_after_s=self._retry_after_s)
 
 
-async def _holding(models: list[ServedModel], replica: str) -> ServedModel | None:
-    """Which of ``models`` (LLMs) has the replica ``replica``: first among
-    the replicas this ingress knows, then asking Serve."""
-    clients = [(model, model.client) for model in models if isinstance(model.client, LLMClient)]
-    for model, client in clients:
-        if client.relay.knows(replica):
-            return model
-    for model, client in clients:
-        try:
-            if await client.relay.holds(replica):
-                return model
-        except ServiceUnavailableError:
-            continue  # no replica of it runs: none of them stores it
-    return None
-
-
 def _background(endpoint: Endpoint, body: dict[str, Any]) -> bool:
     """Whether ``body`` asks for a background response (Responses API): one
     generated on after its answer, to be retrieved later."""
     return endpoint == "responses" and body.get("background") is True
-
-
-def _retrieve_query(request: Request) -> dict[str, Any]:
-    """``stream`` and ``starting_after`` of a ``GET /v1/responses/{id}``, checked."""
-    query: dict[str, Any] = {}
-    stream = request.query_params.get("stream")
-    if stream is not None:
-        if stream.lower() not in ("true", "false"):
-            raise InvalidRequestError("`stream` must be `true` or `false`.", param="stream")
-        query["stream"] = stream.lower() == "true"
-    after = request.query_params.get("starting_after")
-    if after is not None:
-        if not after.isdigit():
-            raise InvalidRequestError("`starting_after` must be a whole number.", param="starting_after")
-        query["starting_after"] = int(after)
-    return query
 
 
 def _routed(body: dict[str, Any], name: str, target: str, in_body: bool) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -30,6 +29,7 @@ from gateway.errors import (
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
 from models.llm import echo_messages as anthropic
+from models.llm import echo_render as render
 from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of
 
@@ -39,40 +39,6 @@ if TYPE_CHECKING:
     from models.llm.tally import GenerationTally
 
 DEFAULT_CONTEXT = 4096
-
-
-@dataclass(slots=True)
-class _Answer:
-    """One choice's tokens and why it stopped."""
-
-    tokens: list[str]
-    finish_reason: str
-
-
-@dataclass(slots=True)
-class _Plan:
-    """Everything needed to render a response, computed once per request."""
-
-    kind: str  # "chat" or "completion"
-    id: str
-    created: int
-    model: str
-    prompt_tokens: int
-    answers: list[_Answer]
-    logprobs: int | None  # top-k alternatives requested, None when not asked
-    include_usage: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(a.tokens) for a in self.answers)
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "completion_tokens": self.completion_tokens,
-        }
 
 
 class EchoEngine:
@@ -133,15 +99,15 @@ class EchoEngine:
                     await asyncio.sleep(self._token_delay_s * plan.completion_tokens)
                 finally:
                     self._in_flight -= 1
-            body = json.dumps(_render(plan), separators=(",", ":")).encode()
+            body = json.dumps(render.render(plan), separators=(",", ":")).encode()
             _all_tokens_now(tally, plan.completion_tokens)
             return body
         return self._stream(plan, tally)
 
-    async def _stream(self, plan: _Plan, tally: GenerationTally) -> AsyncIterator[bytes]:
+    async def _stream(self, plan: render.EchoPlan, tally: GenerationTally) -> AsyncIterator[bytes]:
         self._in_flight += 1
         try:
-            for chunk in _chunks(plan):
+            for chunk in render.chunks(plan):
                 if self._token_delay_s:
                     await asyncio.sleep(self._token_delay_s)
                 yield sse.frame(chunk)
@@ -156,7 +122,7 @@ class EchoEngine:
             req = _validated(anthropic.EchoMessagesRequest, request.body)
             prompt = anthropic.prompt_words(req)
             budget = self._budget(prompt, req.max_tokens, "messages")
-            return prompt + len(_answer(anthropic.last_user_text(req), budget, req.stop_sequences).tokens)
+            return prompt + len(render.answer(anthropic.last_user_text(req), budget, req.stop_sequences).tokens)
         if request.endpoint == "messages_count":
             return 0
         if request.endpoint == "responses":
@@ -167,12 +133,12 @@ class EchoEngine:
 
     def _response_plan(
         self, request: EngineRequest
-    ) -> tuple[responses.EchoResponsesRequest, list[responses.Turn], _Answer]:
+    ) -> tuple[responses.EchoResponsesRequest, list[responses.Turn], render.Answer]:
         req = _validated(responses.EchoResponsesRequest, request.body)
         turns = responses.conversation(req, responses.previous_of(req, self._stored))
         asked = [text for role, text in responses.turns_of(req.input) if role == "user"]
         budget = self._budget(_words(turns), req.max_output_tokens, "input")
-        return req, turns, _answer(asked[-1] if asked else "", budget, None)
+        return req, turns, render.answer(asked[-1] if asked else "", budget, None)
 
     async def _respond(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """``POST /v1/responses``: the response, or its events; kept when ``store``."""
@@ -207,7 +173,7 @@ class EchoEngine:
             return json.dumps({"input_tokens": count}).encode()
         req = _validated(anthropic.EchoMessagesRequest, request.body)
         prompt = tally.prompt_tokens = anthropic.prompt_words(req)
-        answer = _answer(anthropic.last_user_text(req), self._budget(prompt, req.max_tokens, "messages"), req.stop_sequences)
+        answer = render.answer(anthropic.last_user_text(req), self._budget(prompt, req.max_tokens, "messages"), req.stop_sequences)
         stop = "max_tokens" if answer.finish_reason == "length" else "end_turn"
         final = anthropic.message(f"msg_{request.request_id}", self._name, "".join(answer.tokens), stop, prompt, len(answer.tokens))
         if not req.stream:
@@ -248,7 +214,7 @@ class EchoEngine:
             )
         return json.dumps(kept.body, separators=(",", ":")).encode()
 
-    def _plan(self, request: EngineRequest) -> _Plan:
+    def _plan(self, request: EngineRequest) -> render.EchoPlan:
         if request.endpoint not in ("chat", "completion"):
             raise ModelNotSupportedError(
                 f"The model `{self._name}` (an echo engine) does not serve /v1/{request.endpoint}.", param="model"
@@ -262,14 +228,14 @@ class EchoEngine:
         except ValidationError as exc:
             raise InvalidRequestError.from_validation(exc) from None
 
-    def _plan_chat(self, req: ChatCompletionRequest, request_id: str) -> _Plan:
-        texts = [_text(m.content) for m in req.messages]
+    def _plan_chat(self, req: ChatCompletionRequest, request_id: str) -> render.EchoPlan:
+        texts = [render.text_of(m.content) for m in req.messages]
         prompt = sum(len(t.split()) for t in texts)
-        user_texts = [_text(m.content) for m in req.messages if m.role == "user"]
+        user_texts = [render.text_of(m.content) for m in req.messages if m.role == "user"]
         reply = user_texts[-1] if user_texts else ""
         budget = self._budget(prompt, req.output_budget, "messages")
-        answer = _answer(reply, budget, req.stop)
-        return _Plan(
+        answer = render.answer(reply, budget, req.stop)
+        return render.EchoPlan(
             kind="chat",
             id=f"chatcmpl-{request_id}",
             created=int(time.time()),
@@ -280,16 +246,16 @@ class EchoEngine:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
 
-    def _plan_completion(self, req: CompletionRequest, request_id: str) -> _Plan:
+    def _plan_completion(self, req: CompletionRequest, request_id: str) -> render.EchoPlan:
         prompts = req.prompts()
-        answers: list[_Answer] = []
+        answers: list[render.Answer] = []
         prompt_tokens = 0
         for text in prompts:
             prompt = len(text.split())
             prompt_tokens += prompt
-            answer = _answer(text, self._budget(prompt, req.max_tokens, "prompt"), req.stop)
+            answer = render.answer(text, self._budget(prompt, req.max_tokens, "prompt"), req.stop)
             answers.extend([answer] * req.n)
-        return _Plan(
+        return render.EchoPlan(
             kind="completion",
             id=f"cmpl-{request_id}",
             created=int(time.time()),
@@ -349,116 +315,3 @@ def _all_tokens_now(tally: GenerationTally, tokens: int) -> None:
     if tokens:
         tally.first_token()
         tally.gaps(0.0, tokens - 1)
-
-
-def _text(content: str | list[dict[str, Any]] | None) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
-
-
-def _answer(text: str, budget: int, stop: str | list[str] | None) -> _Answer:
-    words = text.split()
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    tokens: list[str] = []
-    for i, word in enumerate(words):
-        if len(tokens) == budget:
-            return _Answer(tokens, "length")
-        token = word if i == 0 else " " + word
-        if any(s and s in "".join(tokens) + token for s in stops):
-            return _Answer(tokens, "stop")
-        tokens.append(token)
-    return _Answer(tokens, "stop")
-
-
-def _chat_logprobs(tokens: list[str], top: int) -> dict[str, Any]:
-    def entry(token: str) -> dict[str, Any]:
-        return {"token": token, "logprob": 0.0, "bytes": list(token.encode())}
-
-    return {
-        "content": [{**entry(t), "top_logprobs": [entry(t)] * min(top, 1)} for t in tokens]
-    }
-
-
-def _completion_logprobs(tokens: list[str], top: int, offset: int = 0) -> dict[str, Any]:
-    offsets, position = [], offset
-    for token in tokens:
-        offsets.append(position)
-        position += len(token)
-    return {
-        "text_offset": offsets,
-        "token_logprobs": [0.0] * len(tokens),
-        "tokens": list(tokens),
-        "top_logprobs": [{t: 0.0} if top else {} for t in tokens],
-    }
-
-
-def _logprobs(plan: _Plan, tokens: list[str], offset: int = 0) -> dict[str, Any] | None:
-    if plan.logprobs is None:
-        return None
-    if plan.kind == "chat":
-        return _chat_logprobs(tokens, plan.logprobs)
-    return _completion_logprobs(tokens, plan.logprobs, offset)
-
-
-def _render(plan: _Plan) -> dict[str, Any]:
-    """The non-streaming response body."""
-    choices = []
-    for index, answer in enumerate(plan.answers):
-        text = "".join(answer.tokens)
-        choice: dict[str, Any] = {"index": index}
-        if plan.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
-        else:
-            choice["text"] = text
-        choice["logprobs"] = _logprobs(plan, answer.tokens)
-        choice["finish_reason"] = answer.finish_reason
-        choices.append(choice)
-    return {
-        "id": plan.id,
-        "object": "chat.completion" if plan.kind == "chat" else "text_completion",
-        "created": plan.created,
-        "model": plan.model,
-        "choices": choices,
-        "usage": plan.usage(),
-    }
-
-
-def _chunks(plan: _Plan) -> list[dict[str, Any]]:
-    """The streaming chunks, in the order OpenAI sends them."""
-    obj = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {
-            "id": plan.id,
-            "object": obj,
-            "created": plan.created,
-            "model": plan.model,
-            "choices": choices,
-            **extra,
-        }
-
-    out: list[dict[str, Any]] = []
-    if plan.kind == "chat":
-        for index in range(len(plan.answers)):
-            delta = {"role": "assistant", "content": ""}
-            out.append(chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]))
-    for index, answer in enumerate(plan.answers):
-        offset = 0
-        tokens = answer.tokens or [""]
-        for position, token in enumerate(tokens):
-            last = position == len(tokens) - 1
-            choice: dict[str, Any] = {"index": index}
-            if plan.kind == "chat":
-                choice["delta"] = {"content": token}
-            else:
-                choice["text"] = token
-            choice["logprobs"] = _logprobs(plan, [token] if answer.tokens else [], offset)
-            choice["finish_reason"] = answer.finish_reason if last else None
-            out.append(chunk([choice]))
-            offset += len(token)
-    if plan.include_usage:
-        out.append(chunk([], usage=plan.usage()))
-    return out

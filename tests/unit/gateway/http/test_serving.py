@@ -9,7 +9,7 @@ import pytest
 from gateway.auth.keys import ApiKey
 from gateway.config import KeyConfig, parse_config
 from gateway.errors import InvalidRequestError, ModelNotFoundError, ModelNotSupportedError
-from gateway.http.dispatch import plan
+from gateway.http.plan import plan
 from gateway.http.endpoints import ENDPOINTS
 from gateway.http.serving import ClassicalClient, LLMClient, ServingTable, build_table
 from gateway.routing.table import Alias, RouteTable

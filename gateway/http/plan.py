@@ -1,0 +1,52 @@
+"""Where a request goes, decided from its body and headers alone (no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import ModelNotFoundError
+from gateway.http.endpoints import EndpointSpec
+from gateway.http.serving import ServingTable
+from gateway.protocol.envelope import ModelEnvelope
+from gateway.routing.table import Route
+
+if TYPE_CHECKING:
+    from gateway.auth.keys import ApiKey
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where a request goes, decided from its body and headers alone:
+    ``name`` as the client gave it, the ``route`` to a variant, whether it
+    streams, and its routing fields (None when the path names the model)."""
+
+    name: str
+    route: Route
+    stream: bool
+    envelope: ModelEnvelope | None
+
+
+def plan(
+    table: ServingTable,
+    spec: EndpointSpec,
+    body: dict[str, Any],
+    headers: Mapping[str, str],
+    key: ApiKey | None,
+    path_model: str | None = None,
+) -> Plan:
+    """The route of a request (no I/O): the model its body (or path) names,
+    the variant its cohort (``user``, else the cohort header) or chance
+    picks. A model the key may not use is answered as one that does not
+    exist (404); one of a kind that cannot answer here, 404
+    ``model_not_supported``."""
+    envelope = spec.routing_fields(body) if path_model is None else None
+    name = envelope.model if envelope is not None else str(path_model)
+    cohort = (envelope.user if envelope is not None else None) or headers.get(table.cohort_header)
+    route = table.routes.resolve(name, cohort) if key is None or key.allows(name) else None
+    if route is None:
+        raise ModelNotFoundError.for_model(name)
+    spec.check_kind(name, table.model(route.target).kind)
+    stream = spec.streams and bool(getattr(envelope, "stream", False))
+    return Plan(name, route, stream, envelope)
