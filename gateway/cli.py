@@ -214,22 +214,12 @@ def serve_forever(
     """
     local: dict[str, str] = {}
     if address is None:
-        # Read by Ray and Ray Serve at import and cluster start: set them first.
-        from gateway.local_cluster import environment, front_door_taken
-
-        if (taken := front_door_taken(host, port)) is not None:
-            print(
-                f"==> cannot listen on {host}:{port}: {taken} (another gateway, or one "
-                "that did not stop cleanly? `ss -ltnp` names the process)",
-                file=sys.stderr, flush=True,
-            )
+        if (prepared := _local_environment(config, host, port)) is None:
             return 1
-        local = environment(config.runtime, config.ingress.read_timeout_s)
-        os.environ.update(local)
+        local = prepared
     import ray
     from ray import serve
 
-    from gateway.affinity import lower_background, pin_gateway_processes, reserved_cpus
     from gateway.deploy import deploy
 
     print(f"==> {access_note(config, host)}", flush=True)
@@ -251,23 +241,7 @@ def serve_forever(
             "(Ctrl-C stops it)",
             flush=True,
         )
-        cpus = reserved_cpus(config.runtime.gateway_cpus) if address is None else None
-        if cpus:
-            pinned = pin_gateway_processes(os.getpid(), cpus)
-            print(f"==> {pinned} gateway processes pinned to CPUs {sorted(cpus)}", flush=True)
-        # Only the processes of a cluster this process started.
-        niceness = config.runtime.background_niceness if address is None else 0
-        proxy = config.runtime.http_proxy == "haproxy"  # Serve's proxy is off the request path
-        if niceness:
-            lowered = lower_background(os.getpid(), niceness, proxy)
-            print(f"==> {lowered} background processes at niceness {niceness}", flush=True)
-        while True:
-            time.sleep(PIN_EVERY_S if cpus or niceness else 3600)
-            # Processes started since (a replaced controller, a new model's replicas).
-            if cpus:
-                pin_gateway_processes(os.getpid(), cpus)
-            if niceness:
-                lower_background(os.getpid(), niceness, proxy)
+        _tend_processes(config, address)
     except _Stop as stop:
         print(f"==> {stop}: shutting down", flush=True)
     finally:
@@ -283,6 +257,49 @@ def serve_forever(
             remove_local_files(local)
         print("==> stopped", flush=True)
     return 0
+
+
+def _local_environment(config: GatewayConfig, host: str, port: int) -> dict[str, str] | None:
+    """Sets what Ray and Ray Serve read at import and cluster start for a
+    local cluster, and returns it; None (said on stderr) when the front
+    door's port is taken, before anything starts."""
+    from gateway.local_cluster import environment, front_door_taken
+
+    if (taken := front_door_taken(host, port)) is not None:
+        print(
+            f"==> cannot listen on {host}:{port}: {taken} (another gateway, or one "
+            "that did not stop cleanly? `ss -ltnp` names the process)",
+            file=sys.stderr, flush=True,
+        )
+        return None
+    local = environment(config.runtime, config.ingress.read_timeout_s)
+    os.environ.update(local)
+    return local
+
+
+def _tend_processes(config: GatewayConfig, address: str | None) -> None:
+    """Pins the gateway's processes of a cluster this process started and
+    lowers its background ones, then keeps doing so for processes started
+    since (a replaced controller, a new model's replicas); returns only by
+    raising (``_Stop`` when signalled)."""
+    from gateway.affinity import lower_background, pin_gateway_processes, reserved_cpus
+
+    cpus = reserved_cpus(config.runtime.gateway_cpus) if address is None else None
+    if cpus:
+        pinned = pin_gateway_processes(os.getpid(), cpus)
+        print(f"==> {pinned} gateway processes pinned to CPUs {sorted(cpus)}", flush=True)
+    # Only the processes of a cluster this process started.
+    niceness = config.runtime.background_niceness if address is None else 0
+    proxy = config.runtime.http_proxy == "haproxy"  # Serve's proxy is off the request path
+    if niceness:
+        lowered = lower_background(os.getpid(), niceness, proxy)
+        print(f"==> {lowered} background processes at niceness {niceness}", flush=True)
+    while True:
+        time.sleep(PIN_EVERY_S if cpus or niceness else 3600)
+        if cpus:
+            pin_gateway_processes(os.getpid(), cpus)
+        if niceness:
+            lower_background(os.getpid(), niceness, proxy)
 
 
 def _drain(config: GatewayConfig) -> None:
