@@ -25,7 +25,8 @@ DEFAULT_CONFIG = "configs/default.yaml"
 PIN_EVERY_S = 10
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_line() -> argparse.ArgumentParser:
+    """The ``llm-gateway`` command line: its subcommands and their options."""
     parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -71,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         help="an operations key: for /health, /ready and /metrics only (no models, no limits)",
     )
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_line().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "build-model":

@@ -1,14 +1,17 @@
-"""The GPU image, pyproject and the shipped configs agree with each other."""
+"""The GPU image, pyproject, the shipped configs and deployment files agree with each other."""
 
 from __future__ import annotations
 
+import configparser
 import re
+import shlex
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
+from gateway.cli import command_line
+from gateway.config import IngressConfig, ModelConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,3 +129,23 @@ def test_the_prometheus_example_scrapes_the_gateway_port() -> None:
     (job,) = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
+
+
+def test_the_systemd_unit_lets_the_gateway_drain_on_stop() -> None:
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]  # systemd's keys are case-sensitive
+    unit.read(ROOT / "deploy" / "systemd" / "llm-gateway.service")
+    service = unit["Service"]
+    # SIGTERM to llm-gateway alone: with systemd's default every Ray process
+    # gets it too, and the drain has nothing left to drain through.
+    assert service["KillMode"] == "mixed"
+    drain_s = max(
+        ModelConfig.model_fields["graceful_shutdown_s"].default,
+        IngressConfig.model_fields["graceful_shutdown_s"].default,
+    )
+    assert int(service["TimeoutStopSec"]) >= drain_s + 20  # the drain, then Ray's shutdown
+    binary, *argv = shlex.split(service["ExecStart"])
+    assert Path(binary).name == "llm-gateway"
+    args = command_line().parse_args(argv)
+    assert args.command == "serve" and args.address is None
+    assert args.host == "127.0.0.1"  # nothing listens beyond loopback unless asked
