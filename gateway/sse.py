@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-MEDIA_TYPE = "text/event-stream"
+# As OpenAI and vLLM's own server send it.
+MEDIA_TYPE = "text/event-stream; charset=utf-8"
 DONE = b"data: [DONE]\n\n"
 
 

@@ -27,7 +27,7 @@ def test_sse_framing_matches_openai(http: httpx.Client, model: str, n: int) -> N
     }
     with http.stream("POST", CHAT, json=body) as response:
         assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
         raw = b"".join(response.iter_raw())
     assert raw.endswith(b"\n\n" + sse.DONE)
     payloads = sse.parse(raw)  # raises on anything that is not a `data:` frame

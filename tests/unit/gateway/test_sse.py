@@ -22,7 +22,7 @@ def test_frame_bytes_exactly() -> None:
 
 def test_done_frame_bytes() -> None:
     assert sse.DONE == b"data: [DONE]\n\n"
-    assert sse.MEDIA_TYPE == "text/event-stream"
+    assert sse.MEDIA_TYPE == "text/event-stream; charset=utf-8"  # as OpenAI sends it
 
 
 def test_error_frames_are_error_then_done() -> None:
