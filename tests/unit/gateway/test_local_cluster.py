@@ -215,25 +215,78 @@ def test_haproxys_files_and_admin_socket_go_into_a_private_directory(
 
 
 def test_each_local_cluster_gets_haproxys_side_ports_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray Serve gives every HAProxy ports 8404 and 9101: a second gateway on
-    the machine could not start its front door."""
-    for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS, *local_cluster.HAPROXY_PORTS]:
+    """Ray Serve gives every HAProxy ports 8404 and 9101, and every fallback
+    proxy 8500 and 9500: a second gateway on the machine could not start its
+    front door, or its fallback."""
+    side = [*local_cluster.HAPROXY_PORTS, *local_cluster.FALLBACK_PORTS]
+    for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS, *side]:
         monkeypatch.delenv(name, raising=False)
     first = local_cluster.environment(RuntimeConfig())
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # one set: kept
     second = local_cluster.environment(RuntimeConfig())
     try:
-        ports = [int(env[name]) for env in (first, second) for name in local_cluster.HAPROXY_PORTS]
-        assert ports[2] == 18404 and len(set(ports)) == 4
-        for port in (ports[0], ports[1], ports[3]):
+        ports = [int(env[name]) for env in (first, second) for name in side]
+        assert ports[len(side)] == 18404 and len(set(ports)) == 2 * len(side)
+        for port in ports[:len(side)] + ports[len(side) + 1:]:
             assert local_cluster.front_door_taken("127.0.0.1", port) is None
     finally:
         local_cluster.remove_local_files(first)
         local_cluster.remove_local_files(second)
     from ray.serve._private import constants
 
-    for name in local_cluster.HAPROXY_PORTS:  # still read by Ray Serve
+    for name in side:  # still read by Ray Serve
         assert f'"{name}"' in inspect.getsource(constants)
+
+
+@pytest.mark.parametrize(("host", "bind"), [("0.0.0.0", "*"), ("::", "*"), ("192.0.2.2", "192.0.2.2"), ("127.0.0.1", "127.0.0.1")])
+def test_the_wrapper_puts_the_front_door_on_the_address_asked_for(tmp_path: Path, host: str, bind: str) -> None:
+    """Serve is given loopback, where it binds its fallback proxy: the front
+    doors Ray's template then writes on 127.0.0.1 move to ``--host``, as Ray
+    writes an address there (``*`` for every interface); the rest stays.
+    Sections in the order of Ray's template."""
+    wrapper = local_cluster.haproxy_wrapper(tmp_path, front_door=host)
+    fake = tmp_path / "fake-haproxy"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    wrapper.write_text(wrapper.read_text().replace(local_cluster_binary(wrapper), str(fake)))
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "frontend http_frontend\n    bind 127.0.0.1:8000\n    mode http\n"
+        "backend b\n    server s 127.0.0.1:30000 check\n    server f 127.0.0.1:8500 check backup\n"
+        "frontend grpc_frontend\n    bind 127.0.0.1:9000 proto h2\n"
+        "listen stats\n  bind *:8404\n"
+    )
+    subprocess.run([str(wrapper), "-db", "-f", str(config)], capture_output=True, check=True)
+    rewritten = [line for line in config.read_text().split("\n") if "http-request " not in line]
+    assert "\n".join(rewritten) == (
+        f"frontend http_frontend\n    bind {bind}:8000\n    mode http\n"
+        "backend b\n    server s 127.0.0.1:30000 check\n    server f 127.0.0.1:8500 check backup\n"
+        f"frontend grpc_frontend\n    bind {bind}:9000 proto h2\n"
+        "listen stats\n  bind 127.0.0.1:8404\n"
+        "\n# llm-gateway front door\n"
+    )
+
+
+@pytest.mark.parametrize("host", ["", "1.2.3.4'; touch x; '", "a b", "h/1", "x&y"])
+def test_a_front_door_address_that_is_not_one_is_refused_before_the_wrapper_is_written(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ValueError, match="front door address"):
+        local_cluster.haproxy_wrapper(tmp_path, front_door=host)
+    assert not (tmp_path / "haproxy").exists()
+
+
+def test_serve_is_given_loopback_where_the_wrapper_moves_the_front_door(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(local_cluster.HAPROXY_BINARY, raising=False)
+    env = local_cluster.environment(RuntimeConfig(), front_door="0.0.0.0")
+    try:
+        assert local_cluster.serve_host(env, "0.0.0.0") == "127.0.0.1"
+        assert "bind[[:space:]]+)127[.]0[.]0[.]1" in Path(env[local_cluster.HAPROXY_BINARY]).read_text()
+    finally:
+        local_cluster.remove_local_files(env)
+    # Serve's own proxy is the front door: it binds the address asked for.
+    assert local_cluster.serve_host(local_cluster.environment(RuntimeConfig(http_proxy="serve")), "0.0.0.0") == "0.0.0.0"
+    # A HAProxy of the user's own reads Ray's template as it is.
+    monkeypatch.setenv(local_cluster.HAPROXY_BINARY, "/usr/sbin/haproxy")
+    assert local_cluster.serve_host(local_cluster.environment(RuntimeConfig()), "0.0.0.0") == "0.0.0.0"
 
 
 def test_ray_still_reads_the_setting_and_binds_replica_grpc_as_assumed() -> None:
