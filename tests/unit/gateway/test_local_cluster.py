@@ -22,12 +22,18 @@ from gateway import local_cluster
 from gateway.config import RuntimeConfig
 
 
-def test_the_wrapper_moves_the_all_interface_listeners_to_loopback(tmp_path: Path) -> None:
-    wrapper = local_cluster.haproxy_wrapper(tmp_path)
+def wrapper_before_echo(tmp_path: Path, front_door: str = local_cluster.LOOPBACK) -> Path:
+    """The wrapper, execing a stand-in that prints its arguments instead of HAProxy."""
+    wrapper = local_cluster.haproxy_wrapper(tmp_path, front_door=front_door)
     fake = tmp_path / "fake-haproxy"
     fake.write_text("#!/bin/sh\necho \"$@\"\n")
     fake.chmod(0o755)
     wrapper.write_text(wrapper.read_text().replace(local_cluster_binary(wrapper), str(fake)))
+    return wrapper
+
+
+def test_the_wrapper_moves_the_all_interface_listeners_to_loopback(tmp_path: Path) -> None:
+    wrapper = wrapper_before_echo(tmp_path)
     config = tmp_path / "haproxy.cfg"
     # Shaped like Ray Serve's template with ``--host 0.0.0.0``: the front doors
     # bind every interface as asked (``*``); the rest moves to loopback.
@@ -244,11 +250,7 @@ def test_the_wrapper_puts_the_front_door_on_the_address_asked_for(tmp_path: Path
     doors Ray's template then writes on 127.0.0.1 move to ``--host``, as Ray
     writes an address there (``*`` for every interface); the rest stays.
     Sections in the order of Ray's template."""
-    wrapper = local_cluster.haproxy_wrapper(tmp_path, front_door=host)
-    fake = tmp_path / "fake-haproxy"
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
-    wrapper.write_text(wrapper.read_text().replace(local_cluster_binary(wrapper), str(fake)))
+    wrapper = wrapper_before_echo(tmp_path, front_door=host)
     config = tmp_path / "haproxy.cfg"
     config.write_text(
         "frontend http_frontend\n    bind 127.0.0.1:8000\n    mode http\n"
