@@ -258,7 +258,7 @@ def serve_host(env: dict[str, str], host: str) -> str:
 def _bind_address(host: str) -> str:
     """``host`` as Ray Serve's HAProxy template writes it in a ``bind`` line
     (``*`` for every interface), checked to be safe in the wrapper's script."""
-    if not host or any(not (c.isalnum() or c in ".:-_") for c in host):
+    if not host or any(not (c.isascii() and c.isalnum() or c in ".:-_") for c in host):
         raise ValueError(f"unexpected front door address {host!r}")
     return "*" if host in ("0.0.0.0", "::") else host
 

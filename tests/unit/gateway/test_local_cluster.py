@@ -269,7 +269,7 @@ def test_the_wrapper_puts_the_front_door_on_the_address_asked_for(tmp_path: Path
     )
 
 
-@pytest.mark.parametrize("host", ["", "1.2.3.4'; touch x; '", "a b", "h/1", "x&y"])
+@pytest.mark.parametrize("host", ["", "1.2.3.4'; touch x; '", "a b", "h/1", "x&y", "h\u00e9"])
 def test_a_front_door_address_that_is_not_one_is_refused_before_the_wrapper_is_written(tmp_path: Path, host: str) -> None:
     with pytest.raises(ValueError, match="front door address"):
         local_cluster.haproxy_wrapper(tmp_path, front_door=host)
