@@ -237,7 +237,7 @@ def serve_forever(
         # After ray.init: Ray's core installs its own SIGTERM handler there.
         signal.signal(signal.SIGTERM, _raise_stop)
         signal.signal(signal.SIGINT, _raise_stop)
-        serve.start(http_options={"host": serve_host(local, host) if local else host, "port": port})
+        serve.start(http_options={"host": serve_host(local, host), "port": port})
         names = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
         print(f"==> deploying {config.app_name}: {names}; first start compiles the engines", flush=True)
         started = time.monotonic()
