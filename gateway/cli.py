@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 DEFAULT_CONFIG = "configs/default.yaml"
 # How often processes started since (new Ray workers) are pinned too.
 PIN_EVERY_S = 10
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def command_line() -> argparse.ArgumentParser:
@@ -222,6 +224,8 @@ def serve_forever(
         if (prepared := _local_environment(config, host, port)) is None:
             return 1
         local = prepared
+        if (status := _serve_in_own_session(local)) is not None:
+            return status
     import ray
     from ray import serve
 
@@ -263,6 +267,37 @@ def serve_forever(
             remove_local_files(local)
         print("==> stopped", flush=True)
     return 0
+
+
+def _serve_in_own_session(local: dict[str, str]) -> int | None:
+    """Forks: the child returns None and goes on to serve, in a session of its
+    own, so that a stop signal sent to this process's group (``timeout(1)``,
+    a shell's ``kill %1``, ``kill -TERM -PGID``) reaches ``llm-gateway
+    serve`` alone and not the Ray daemons it starts, which the drain needs.
+    This process forwards SIGINT and SIGTERM to the child and returns its
+    exit status once it has stopped (128 + the signal that ended it), having
+    removed the local cluster's files where a child cut short left them."""
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        # Stops (and drains) when this process's parent goes, even by SIGKILL.
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+    def forward(signum: int, _: FrameType | None) -> None:
+        os.kill(child, signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    _, status = os.waitpid(child, 0)
+    from gateway.local_cluster import remove_local_files
+
+    remove_local_files(local)  # gone already, unless the child was cut short
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
 
 
 def _local_environment(config: GatewayConfig, host: str, port: int) -> dict[str, str] | None:

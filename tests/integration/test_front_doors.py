@@ -48,7 +48,7 @@ def base_url() -> Iterator[str]:
     with log.open("w") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     _PROCESS["gateway"] = proc
     try:
@@ -156,7 +156,7 @@ def test_background_processes_yield_and_the_request_path_does_not(base_url: str)
     while True:
         processes = gateway_processes()
         lowered = {title: [thread_niceness(p) for p in processes.get(title, [])] for title in background}
-        lowered["llm-gateway serve"] = [thread_niceness(psutil.Process(_PROCESS["gateway"].pid))]
+        lowered["llm-gateway serve"] = [thread_niceness(serving_process())]
         if all(niceness == [{19}] for niceness in lowered.values()):
             break
         assert time.monotonic() < deadline, f"not lowered: {lowered}"
@@ -171,15 +171,24 @@ def test_background_processes_yield_and_the_request_path_does_not(base_url: str)
         assert thread_niceness(process) == base, process.cmdline()[0]
 
 
+def serving_process() -> psutil.Process:
+    """The process that serves: ``llm-gateway serve`` runs the gateway in a
+    child of its own session (and only waits for it)."""
+    (child,) = psutil.Process(_PROCESS["gateway"].pid).children()
+    return child
+
+
 async def test_stopping_the_gateway_lets_streams_in_flight_finish(base_url: str) -> None:
-    """Last in this module: it stops the gateway (SIGTERM, as a service manager does)."""
+    """Last in this module: it stops the gateway with SIGTERM to its whole
+    process group, as ``timeout(1)`` or a shell's ``kill %1`` do. Ray's
+    daemons it started must not get it too: they are needed for the drain."""
     proc = _PROCESS["gateway"]
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as session:
         started = asyncio.Semaphore(0)
         in_flight = [asyncio.ensure_future(read_stream(session, LONG, started)) for _ in range(4)]
         for _ in in_flight:
             await asyncio.wait_for(started.acquire(), 30)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         results = await asyncio.gather(*in_flight)
     for status, raw in results:
         assert status == 200 and raw.endswith(sse.DONE) and b'"error"' not in raw, raw[-300:]
