@@ -99,6 +99,7 @@ for arg in "$@"; do
       -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/!s/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\
       -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/s/^([[:space:]]*bind[[:space:]]+)127[.]0[.]0[.]1:([0-9]+)([[:space:]]|$)/\\1{front_door}:\\2\\3/' \\{drop_syslog}
       -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
+      -e '/^[[:space:]]*timeout[[:space:]]+client[[:space:]]/d' \\
       -e '/^global([[:space:]]|$)/r {directory}/global.cfg' \\
       -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
       -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
@@ -122,7 +123,12 @@ _DIE_WITH_PARENT = (
 )
 
 # Added to HAProxy's `defaults`: how long a request's head may take to arrive
-# (a slow-loris client is cut off with a 408), and OpenAI-shaped bodies for the
+# (a slow-loris client is cut off with a 408); how long a client may neither
+# send nor take anything (`timeout client`: Ray's template gives an hour, which
+# kept a client that stalled in its body connected for an hour after the
+# ingress answered it 408; twice the read timeout, so that the ingress's 408
+# comes first; it does not count while a client waits for an answer or between
+# a stream's events); and OpenAI-shaped bodies for the
 # answers HAProxy gives when no ingress replica can take a request (Ray's
 # template turns them into a plain-text 500). HAProxy 2.8 answers a head it
 # cannot parse or cannot hold (larger than its buffer, or with more headers
@@ -133,6 +139,7 @@ _DIE_WITH_PARENT = (
 # answer in OpenAI's shape.
 _DEFAULTS = """\
     timeout http-request {read_timeout}
+    timeout client {client_timeout}
     errorfile 502 {directory}/503.http
     errorfile 503 {directory}/503.http
     errorfile 504 {directory}/504.http
@@ -151,6 +158,10 @@ _VALID_UTF8 = (
 HEAD_BYTES, HEAD_FIELDS = 16384, 100
 HAPROXY_BUFFER_BYTES = 65536
 _GLOBAL = "    tune.http.maxhdr 1000\n"
+# The last rule: after a 408 (a body too slow) the ingress closes its
+# connection with `Connection: close`, which HAProxy takes as hop-by-hop and
+# drops; the client is told again so that it does not send its next request on
+# a connection about to close.
 _FRONTEND = (
     "    http-request return status 400 content-type application/json file "
     "{directory}/bad-header.json if {{ req.fhdr_cnt(x-request-id) gt 0 }} "
@@ -163,6 +174,7 @@ _FRONTEND = (
     "if {{ var(txn.llm_gateway_head) -m int gt {head_bytes} }}\n"
     "    http-request return status 431 content-type application/json file {directory}/head-too-large.json "
     "if {{ req.hdr_cnt gt {head_fields} }}\n"
+    "    http-response set-header connection close if {{ status 408 }}\n"
 )
 _HEAD_LIMITS = (
     f"a request's URL and headers may take at most {HEAD_BYTES // 1024} KiB together, "
@@ -198,7 +210,10 @@ def _front_door_files(directory: Path, read_timeout_s: float) -> None:
             "message": f"The request's headers are too large: {_HEAD_LIMITS}",
             "type": "invalid_request_error", "param": None, "code": "headers_too_large"}}),
         "global.cfg": _GLOBAL,
-        "defaults.cfg": _DEFAULTS.format(directory=directory, read_timeout=f"{read_timeout_s * 1000:.0f}ms"),
+        "defaults.cfg": _DEFAULTS.format(
+            directory=directory, read_timeout=f"{read_timeout_s * 1000:.0f}ms",
+            client_timeout=f"{2 * read_timeout_s * 1000:.0f}ms",
+        ),
         "frontend.cfg": _FRONTEND.format(
             directory=directory, head_bytes=HEAD_BYTES, half=HEAD_BYTES // 2, head_fields=HEAD_FIELDS
         ),

@@ -95,8 +95,10 @@ class IngressConfig(StrictConfig):
         gt=0,
         le=3600,
         description="A request's headers, and then its body, must each arrive within this "
-        "many seconds; slower ones (a stalled or slow-loris client) are answered 408. "
-        "HAProxy bounds the headers (`runtime.http_proxy: haproxy`), the ingress the body.",
+        "many seconds; slower ones (a stalled or slow-loris client) are answered 408 and "
+        "disconnected. HAProxy bounds the headers (`runtime.http_proxy: haproxy`), the ingress "
+        "the body; behind HAProxy a client that neither sends nor reads anything for twice "
+        "this long is disconnected too (waiting for an answer does not count).",
     )
     access_log: str = Field(
         "stderr",

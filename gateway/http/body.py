@@ -35,9 +35,13 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
                     raise too_large
                 parts.append(chunk)
     except TimeoutError:
-        raise RequestReadTimeoutError(
-            f"The request body did not arrive within {timeout_s:g} seconds."
-        ) from None
+        # Answered with `Connection: close` (as RFC 9110 asks of a 408): the
+        # connection ends with the answer, so a client still trickling its
+        # body cannot hold it. (A 413 keeps it: the rest of the body is read
+        # and dropped, so that a client still sending reliably gets its answer.)
+        error = RequestReadTimeoutError(f"The request body did not arrive within {timeout_s:g} seconds.")
+        error.extra_headers["connection"] = "close"
+        raise error from None
     return b"".join(parts)
 
 

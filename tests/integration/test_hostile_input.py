@@ -185,13 +185,68 @@ def test_a_request_id_that_is_not_utf8_is_400_and_a_session_id_is_kept(gateway: 
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
-def test_a_body_that_stalls_is_408_after_the_read_timeout(gateway: Gateway, http: httpx.Client) -> None:
+def _until_closed(gateway: Gateway, parts: list[bytes], pause_s: float, wait_s: float) -> tuple[bytes, float, float]:
+    """Sends ``parts`` on one keep-alive connection, pausing between them,
+    and goes on sending after the answer; returns the answer, the seconds
+    until it was complete and until the gateway closed the connection
+    (``inf``: still open after ``wait_s``)."""
+    address = urlsplit(gateway.base_url)
+    with socket.create_connection((address.hostname, address.port), timeout=wait_s) as sock:
+        done = threading.Event()
+
+        def send() -> None:
+            for part in parts:
+                try:
+                    sock.sendall(part)
+                except OSError:
+                    return
+                if done.wait(pause_s):
+                    return
+
+        sender = threading.Thread(target=send)
+        start = time.monotonic()
+        sender.start()
+        answer, answered, closed = b"", float("inf"), float("inf")
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+                if _complete(answer) and answered == float("inf"):
+                    answered = time.monotonic() - start
+            closed = time.monotonic() - start
+        except ConnectionResetError:
+            closed = time.monotonic() - start
+        except TimeoutError:
+            pass
+        done.set()
+        sender.join()
+        return answer, answered, closed
+
+
+def test_a_body_that_stalls_is_408_after_the_read_timeout_and_its_connection_closed(
+    gateway: Gateway, http: httpx.Client
+) -> None:
+    """Slow-loris: a client trickling its body one byte a second, and one that
+    stops after its first byte, on keep-alive connections. Both are answered
+    408 with `Connection: close`; the trickling one's connection closes with
+    the answer (it used to stay open as long as bytes kept coming), the silent
+    one's once it has neither sent nor read for twice the read timeout (it
+    used to stay open for an hour)."""
     body = _chat("echo")
-    # Slow-loris: one byte a second, far too slow to finish within the limit.
-    answer, took = _raw(gateway, [_head(length=len(body))] + [body[i : i + 1] for i in range(len(body))], pause_s=1.0)
-    error = _error(answer, 408, "request_read_timeout")
-    assert error["type"] == "invalid_request_error" and f"{READ_TIMEOUT_S} seconds" in error["message"]
-    assert READ_TIMEOUT_S - 0.5 <= took <= READ_TIMEOUT_S + 3
+    head = _head(length=len(body)).replace(b"Connection: close\r\n", b"")
+    wait_s = 4 * READ_TIMEOUT_S
+    results: dict[str, tuple[bytes, float, float]] = {}
+    trickle = threading.Thread(target=lambda: results.setdefault("trickle", _until_closed(
+        gateway, [head] + [body[i : i + 1] for i in range(len(body))], 1.0, wait_s)))
+    trickle.start()
+    results["silent"] = _until_closed(gateway, [head + body[:1]], wait_s, wait_s)
+    trickle.join()
+    for name, (answer, answered, closed) in results.items():
+        error = _error(answer, 408, "request_read_timeout")
+        assert error["type"] == "invalid_request_error" and f"{READ_TIMEOUT_S} seconds" in error["message"]
+        assert b"\r\nconnection: close\r\n" in answer.partition(b"\r\n\r\n")[0].lower() + b"\r\n", name
+        assert READ_TIMEOUT_S - 0.5 <= answered <= READ_TIMEOUT_S + 3, name
+    assert results["trickle"][2] - results["trickle"][1] <= 2.5
+    assert results["silent"][2] - results["silent"][1] <= 2 * READ_TIMEOUT_S + 2.5
     assert http.post(CHAT, content=body).status_code == 200
 
 

@@ -32,6 +32,11 @@ def wrapper_before_echo(tmp_path: Path, front_door: str = local_cluster.LOOPBACK
     return wrapper
 
 
+def _without_rules(config: str) -> list[str]:
+    """The config's lines but the front door's own rules (``frontend.cfg``)."""
+    return [line for line in config.split("\n") if not line.lstrip().startswith(("http-request ", "http-response "))]
+
+
 def test_the_wrapper_moves_the_all_interface_listeners_to_loopback(tmp_path: Path) -> None:
     wrapper = wrapper_before_echo(tmp_path)
     config = tmp_path / "haproxy.cfg"
@@ -45,7 +50,7 @@ def test_the_wrapper_moves_the_all_interface_listeners_to_loopback(tmp_path: Pat
     )
     out = subprocess.run([str(wrapper), "-db", "-f", str(config)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["-db", "-f", str(config)]  # the real binary gets the same arguments
-    rewritten = [line for line in config.read_text().split("\n") if "http-request " not in line]
+    rewritten = _without_rules(config.read_text())
     assert "\n".join(rewritten) == (
         "frontend prometheus\n    bind 127.0.0.1:9101\n    mode http\nfrontend http_frontend\n    bind *:8000\n"
         "    mode http\n    # bind :1 (a comment stays)\nbackend b\n    bind 127.0.0.1:7000\n"
@@ -73,6 +78,10 @@ def test_the_wrapper_makes_the_front_doors_own_answers_openai_shaped(tmp_path: P
     text = config.read_text()
     assert "ray500" not in text and "timeout http-request 7500ms" in text
     assert text.index("timeout http-request") < text.index("frontend http_frontend")
+    # A client that neither sends nor reads: dropped after twice the read
+    # timeout (the ingress's 408 for a stalled body comes first), not Ray's hour.
+    assert [line.strip() for line in text.splitlines() if "timeout client" in line] == ["timeout client 15000ms"]
+    assert "http-response set-header connection close if { status 408 }" in text
     assert text.index("bad-header.json") > text.index("frontend http_frontend")
     assert text.index("tune.http.maxhdr") < text.index("defaults")
     for name, code in (("uri-too-long.json", "uri_too_long"), ("head-too-large.json", "headers_too_large")):
@@ -179,6 +188,82 @@ def local_cluster_binary(wrapper: Path) -> str:
     return line.split("'")[-2]  # the last quoted word: HAProxy's path
 
 
+async def _backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """As the ingress answers: slowly, as a stream with pauses, or 408 at once
+    (with `Connection: close`) to a body it gives up on."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if head.startswith(b"GET /slow "):
+        await asyncio.sleep(2.5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    elif head.startswith(b"GET /stream "):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(2):
+            await writer.drain()
+            await asyncio.sleep(1.5)
+            writer.write(b"2\r\nok\r\n")
+        writer.write(b"0\r\n\r\n")
+    else:
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _until_closed(port: int, request: bytes, wait_s: float = 10) -> tuple[bytes, float]:
+    """Sends ``request`` and reads until the connection closes: what came, and when."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        start = time.monotonic()
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer, time.monotonic() - start
+
+
+async def test_haproxy_drops_a_client_silent_past_twice_the_read_timeout_but_not_one_awaiting_its_answer(
+    tmp_path: Path,
+) -> None:
+    """The real HAProxy, through the wrapper, with a 0.5 s read timeout: a
+    client that stalled in its body after the server's 408 is dropped about a
+    second later (Ray's template: an hour), while a client waiting 2.5 s for its
+    answer, or 1.5 s between a stream's chunks, is not."""
+    server = await asyncio.start_server(_backend, "127.0.0.1", 0)
+    back = server.sockets[0].getsockname()[1]
+    front = local_cluster.free_port()
+    wrapper = local_cluster.haproxy_wrapper(tmp_path, read_timeout_s=0.5)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "global\n    maxconn 100\n"
+        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 3600s\n    timeout server 60s\n"
+        f"frontend http_frontend\n    bind 127.0.0.1:{front}\n    default_backend b\n"
+        f"backend b\n    server s 127.0.0.1:{back}\n"
+    )
+    haproxy = subprocess.Popen([str(wrapper), "-db", "-f", str(config)], stderr=subprocess.DEVNULL)
+    try:
+        async with server:
+            while not _listening(front):
+                assert haproxy.poll() is None
+                await asyncio.sleep(0.05)
+            slow, stream, stalled = await asyncio.gather(
+                asyncio.to_thread(_until_closed, front, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                asyncio.to_thread(_until_closed, front, b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                asyncio.to_thread(_until_closed, front, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 100\r\n\r\n{"),
+            )
+    finally:
+        haproxy.terminate()
+        haproxy.wait(timeout=10)
+    assert slow[0].startswith(b"HTTP/1.1 200 ") and slow[0].endswith(b"\r\n\r\nok") and slow[1] >= 2.5
+    assert stream[0].startswith(b"HTTP/1.1 200 ") and stream[0].count(b"\r\nok\r\n") == 2 and stream[1] >= 3
+    answer, took = stalled
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"\r\nconnection: close\r\n" in answer.lower()
+    assert took < 3
+
+
 def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS]:
         monkeypatch.delenv(name, raising=False)  # the test session's own
@@ -259,7 +344,7 @@ def test_the_wrapper_puts_the_front_door_on_the_address_asked_for(tmp_path: Path
         "listen stats\n  bind *:8404\n"
     )
     subprocess.run([str(wrapper), "-db", "-f", str(config)], capture_output=True, check=True)
-    rewritten = [line for line in config.read_text().split("\n") if "http-request " not in line]
+    rewritten = _without_rules(config.read_text())
     assert "\n".join(rewritten) == (
         f"frontend http_frontend\n    bind {bind}:8000\n    mode http\n"
         "backend b\n    server s 127.0.0.1:30000 check\n    server f 127.0.0.1:8500 check backup\n"
