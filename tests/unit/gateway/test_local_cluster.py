@@ -62,17 +62,24 @@ def test_the_wrapper_moves_the_all_interface_listeners_to_loopback(tmp_path: Pat
     assert config.read_text().count("# llm-gateway front door") == 1  # a reload does not add twice
 
 
+def _template(front: int, back: int, defaults: str = "") -> str:
+    """A config shaped like Ray Serve's template: the front door on ``front``, a server on ``back``."""
+    return (
+        "global\n    maxconn 100\n    tune.bufsize 65536\n"
+        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 3600s\n    timeout server 60s\n"
+        + defaults
+        + f"frontend http_frontend\n    bind 127.0.0.1:{front}\n    default_backend b\n"
+        f"backend b\n    server s 127.0.0.1:{back}\n"
+    )
+
+
 def test_the_wrapper_makes_the_front_doors_own_answers_openai_shaped(tmp_path: Path) -> None:
     """On a config shaped like Ray Serve's template, checked by the real HAProxy."""
     wrapper = local_cluster.haproxy_wrapper(tmp_path, read_timeout_s=7.5)
     config = tmp_path / "haproxy.cfg"
-    config.write_text(
-        "global\n    maxconn 100\n    tune.bufsize 65536\n"
-        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
-        f"    errorfile 502 {tmp_path}/ray500.http\n    errorfile 503 {tmp_path}/ray500.http\n"
-        "frontend http_frontend\n    bind 127.0.0.1:18000\n    default_backend b\n"
-        "backend b\n    server s 127.0.0.1:1\n"
-    )
+    config.write_text(_template(
+        18000, 1, f"    errorfile 502 {tmp_path}/ray500.http\n    errorfile 503 {tmp_path}/ray500.http\n"
+    ))
     out = subprocess.run([str(wrapper), "-c", "-f", str(config)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     text = config.read_text()
@@ -236,12 +243,7 @@ async def test_haproxy_drops_a_client_silent_past_twice_the_read_timeout_but_not
     front = local_cluster.free_port()
     wrapper = local_cluster.haproxy_wrapper(tmp_path, read_timeout_s=0.5)
     config = tmp_path / "haproxy.cfg"
-    config.write_text(
-        "global\n    maxconn 100\n"
-        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 3600s\n    timeout server 60s\n"
-        f"frontend http_frontend\n    bind 127.0.0.1:{front}\n    default_backend b\n"
-        f"backend b\n    server s 127.0.0.1:{back}\n"
-    )
+    config.write_text(_template(front, back))
     haproxy = subprocess.Popen([str(wrapper), "-db", "-f", str(config)], stderr=subprocess.DEVNULL)
     try:
         async with server:
