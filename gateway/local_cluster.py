@@ -126,9 +126,10 @@ _DIE_WITH_PARENT = (
 # (a slow-loris client is cut off with a 408); how long a client may neither
 # send nor take anything (`timeout client`: Ray's template gives an hour, which
 # kept a client that stalled in its body connected for an hour after the
-# ingress answered it 408; twice the read timeout, so that the ingress's 408
-# comes first; it does not count while a client waits for an answer or between
-# a stream's events); and OpenAI-shaped bodies for the
+# ingress answered it 408, and a stream its client stopped reading in the
+# engine; twice the read timeout, so that the ingress's 408 comes first; it
+# does not count while a client waits for an answer or between a stream's
+# events); and OpenAI-shaped bodies for the
 # answers HAProxy gives when no ingress replica can take a request (Ray's
 # template turns them into a plain-text 500). HAProxy 2.8 answers a head it
 # cannot parse or cannot hold (larger than its buffer, or with more headers
