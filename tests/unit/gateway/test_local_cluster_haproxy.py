@@ -1,0 +1,115 @@
+"""gateway/local_cluster.py: HAProxy's timeouts, as the wrapper sets them,
+against the real HAProxy: slow and silent clients are dropped, clients
+waiting for their answer are not."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from gateway import local_cluster
+from tests.unit.gateway.test_local_cluster import ray_like_config
+
+
+# How long the stream to a client that reads nothing lasted (``_backend``).
+_FLOODED: list[float] = []
+
+
+async def _backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """As the ingress answers: slowly, as a stream with pauses, as a stream
+    faster than its client reads (until it is cut off), or 408 at once (with
+    `Connection: close`) to a body it gives up on."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if head.startswith(b"GET /flood "):
+        start = time.monotonic()
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            while True:
+                writer.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+                await asyncio.wait_for(writer.drain(), 10)
+        except (OSError, TimeoutError):
+            _FLOODED.append(time.monotonic() - start)
+        writer.close()
+        return
+    if head.startswith(b"GET /slow "):
+        await asyncio.sleep(2.5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    elif head.startswith(b"GET /stream "):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(2):
+            await writer.drain()
+            await asyncio.sleep(1.5)
+            writer.write(b"2\r\nok\r\n")
+        writer.write(b"0\r\n\r\n")
+    else:
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+def _not_reading(port: int, wait_s: float = 4) -> None:
+    """Asks for a stream, reads none of it for ``wait_s``, then leaves."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(wait_s)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _until_closed(port: int, request: bytes, wait_s: float = 10) -> tuple[bytes, float]:
+    """Sends ``request`` and reads until the connection closes: what came, and when."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        start = time.monotonic()
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer, time.monotonic() - start
+
+
+async def test_haproxy_drops_a_client_silent_past_twice_the_read_timeout_but_not_one_awaiting_its_answer(
+    tmp_path: Path,
+) -> None:
+    """The real HAProxy, through the wrapper, with a 0.5 s read timeout: a
+    client that stalled in its body after the server's 408, and one that stopped
+    reading its stream, are dropped about a second later (Ray's template: an
+    hour), while a client waiting 2.5 s for its answer, or 1.5 s between a
+    stream's chunks, is not."""
+    _FLOODED.clear()
+    server = await asyncio.start_server(_backend, "127.0.0.1", 0)
+    back = server.sockets[0].getsockname()[1]
+    front = local_cluster.free_port()
+    wrapper = local_cluster.haproxy_wrapper(tmp_path, read_timeout_s=0.5)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(ray_like_config(front, back))
+    haproxy = subprocess.Popen([str(wrapper), "-db", "-f", str(config)], stderr=subprocess.DEVNULL)
+    try:
+        async with server:
+            while not _listening(front):
+                assert haproxy.poll() is None
+                await asyncio.sleep(0.05)
+            slow, stream, stalled, _ = await asyncio.gather(
+                asyncio.to_thread(_until_closed, front, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                asyncio.to_thread(_until_closed, front, b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                asyncio.to_thread(_until_closed, front, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 100\r\n\r\n{"),
+                asyncio.to_thread(_not_reading, front),
+            )
+    finally:
+        haproxy.terminate()
+        haproxy.wait(timeout=10)
+    assert slow[0].startswith(b"HTTP/1.1 200 ") and slow[0].endswith(b"\r\n\r\nok") and slow[1] >= 2.5
+    assert stream[0].startswith(b"HTTP/1.1 200 ") and stream[0].count(b"\r\nok\r\n") == 2 and stream[1] >= 3
+    answer, took = stalled
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"\r\nconnection: close\r\n" in answer.lower()
+    assert took < 3
+    # A client that stopped reading a stream is cut off (the ingress then
+    # aborts its engine request) about a second later, not after an hour.
+    assert len(_FLOODED) == 1 and _FLOODED[0] < 3
