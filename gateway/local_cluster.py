@@ -122,22 +122,23 @@ _DIE_WITH_PARENT = (
     "os.execv(sys.argv[2], sys.argv[2:])"
 )
 
-# Added to HAProxy's `defaults`: how long a request's head may take to arrive
-# (a slow-loris client is cut off with a 408); how long a client may neither
-# send nor take anything (`timeout client`: Ray's template gives an hour, which
-# kept a client that stalled in its body connected for an hour after the
-# ingress answered it 408, and a stream its client stopped reading in the
-# engine; twice the read timeout, so that the ingress's 408 comes first; it
-# does not count while a client waits for an answer or between a stream's
-# events); and OpenAI-shaped bodies for the
-# answers HAProxy gives when no ingress replica can take a request (Ray's
-# template turns them into a plain-text 500). HAProxy 2.8 answers a head it
-# cannot parse or cannot hold (larger than its buffer, or with more headers
-# than `tune.http.maxhdr`), and a head that came too slowly (408), with fixed
-# HTML of its own, before any rule or errorfile applies (HAProxy 3.3 uses the
-# errorfiles there too). So its buffer and header count are raised well past
-# the gateway's own limits on a head (HEAD_BYTES, HEAD_FIELDS), which rules
-# answer in OpenAI's shape.
+# Added to HAProxy's `defaults`:
+# - `timeout http-request`: how long a request's head may take to arrive (a
+#   slow-loris client is cut off with a 408);
+# - `timeout client`: how long a client may neither send nor take anything.
+#   Ray's template gives an hour: a client that stalled in its body stayed
+#   connected that long after the ingress's 408, and a stream its client
+#   stopped reading kept its engine request. Twice the read timeout, so that
+#   the ingress's 408 comes first; waiting for an answer and pauses between a
+#   stream's events do not count;
+# - OpenAI-shaped bodies for the answers HAProxy gives when no ingress replica
+#   can take a request (Ray's template turns them into a plain-text 500).
+# HAProxy 2.8 answers a head it cannot parse or cannot hold (larger than its
+# buffer, or with more headers than `tune.http.maxhdr`), and a head that came
+# too slowly (408), with fixed HTML of its own, before any rule or errorfile
+# applies (HAProxy 3.3 uses the errorfiles there too). So its buffer and
+# header count are raised well past the gateway's own limits on a head
+# (HEAD_BYTES, HEAD_FIELDS), which rules answer in OpenAI's shape.
 _DEFAULTS = """\
     timeout http-request {read_timeout}
     timeout client {client_timeout}
