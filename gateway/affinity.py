@@ -13,11 +13,19 @@ The processes no request waits on (Serve's controller, the metrics hub, Ray's
 agents and monitors) also get a lower priority (``runtime.background_niceness``):
 their periodic work then runs when the engine leaves a core free.
 
+vLLM's engine-core process (its scheduler) floats on every CPU. Where vLLM
+leaves a single CPU to everything but its workers, that CPU also runs the
+gateway's processes, and the engine core queues behind them while its workers
+wait for their next step. ``place_engine_core`` then moves it onto its
+workers' CPUs: without asynchronous scheduling (vLLM's CPU backend has none)
+workers and scheduler take turns, so it runs while they wait for it.
+
 Linux only (``/proc``, ``os.sched_setaffinity``); elsewhere nothing is pinned or lowered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -28,6 +36,9 @@ logger = logging.getLogger(__name__)
 # Processes that are the engine's or a model's, by their command line (Ray
 # names a replica's process after its deployment class; vLLM its own).
 ENGINE_MARKERS = ("VLLM::", "LLMServer", "ClassicalServer")
+ENGINE_CORE_TITLE = "VLLM::EngineCore"
+WORKER_TITLE = "VLLM::Worker"
+SPAWNED = b"multiprocessing.spawn import spawn_main"  # the command line of a process vLLM spawned
 PROC = Path("/proc")
 
 
@@ -47,6 +58,54 @@ def reserved_cpus(setting: str | Sequence[int]) -> set[int] | None:
         return None
     reserved = int(os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") or 1)
     return set(available[-min(reserved, len(available) - 1) :])
+
+
+def place_engine_core(root: int) -> set[int] | None:
+    """Pins every thread of each vLLM engine-core process of ``root`` (a model
+    replica) to the CPUs its workers are bound to, on a host without a GPU
+    where vLLM's binding leaves exactly one of ``root``'s CPUs to everything
+    else; returns those CPUs, or None when nothing was moved."""
+    if not PROC.is_dir() or _has_gpu():
+        return None
+    children = _children()
+    cores = [pid for pid in children.get(root, ()) if _is_vllm(pid, ENGINE_CORE_TITLE)]
+    computing: set[int] = set()
+    for core in cores:
+        for worker in children.get(core, ()):
+            if _is_vllm(worker, WORKER_TITLE):
+                computing.update(*(_cpus(tid) for tid in _threads(worker)))
+    if not computing or len(_cpus(root) - computing) != 1:
+        return None
+    for pid in cores:
+        for tid in _threads(pid):
+            with contextlib.suppress(OSError):  # the thread ended
+                os.sched_setaffinity(tid, computing)
+    return computing
+
+
+def _is_vllm(pid: int, title: str) -> bool:
+    """Whether ``pid`` is vLLM's process titled ``title``, or a process vLLM
+    spawned whose title did not take (seen on some hosts)."""
+    try:
+        argv = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return argv[0].decode(errors="replace").startswith(title) or SPAWNED in b" ".join(argv)
+
+
+def _threads(pid: int) -> list[int]:
+    """``pid``'s threads (none when it is gone)."""
+    try:
+        return [int(task.name) for task in (PROC / str(pid) / "task").iterdir()]
+    except OSError:
+        return []
+
+
+def _cpus(tid: int) -> set[int]:
+    try:
+        return os.sched_getaffinity(tid)
+    except OSError:
+        return set()
 
 
 def _has_gpu() -> bool:
@@ -122,11 +181,7 @@ def lower_background(root: int, niceness: int, proxy: bool = False) -> int:
         if pid != root and not is_background(pid, proxy):
             continue
         changed = False
-        try:
-            threads = [int(task.name) for task in (PROC / str(pid) / "task").iterdir()]
-        except OSError:
-            continue  # gone
-        for tid in threads:
+        for tid in _threads(pid):
             try:
                 if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
                     os.setpriority(os.PRIO_PROCESS, tid, niceness)
@@ -153,11 +208,17 @@ def _parents() -> dict[int, int]:
     return parents
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process descended from it."""
+def _children() -> dict[int, list[int]]:
+    """Every process's children."""
     children: dict[int, list[int]] = {}
     for pid, parent in _parents().items():
         children.setdefault(parent, []).append(pid)
+    return children
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it."""
+    children = _children()
     tree, stack = [], [root]
     while stack:
         pid = stack.pop()

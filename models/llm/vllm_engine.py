@@ -20,6 +20,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from gateway.affinity import place_engine_core
 from gateway.errors import ContextLengthExceededError, ModelNotSupportedError
 from gateway.protocol.extras import check_fields
 from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
@@ -85,6 +86,10 @@ class VLLMEngine:
             self.cli_args(), lambda generate, delta_kind: _tallied(generate, delta_kind, prepare)
         )
         vllm_compat.guard_renders(self._serving, self._check_rendered)
+        if self._config.engine_core_cpus == "auto":
+            cpus = place_engine_core(os.getpid())
+            if cpus:
+                logger.info("%s: vLLM's engine core runs on its workers' CPUs %s", self._config.name, sorted(cpus))
 
     def info(self) -> EngineInfo:
         serving = self._vllm

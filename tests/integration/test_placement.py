@@ -1,5 +1,6 @@
 """Placement on the session's (single-node, CPU-only) cluster: a multi-worker
-replica gets its STRICT_PACK placement group; one that fits no node fails fast."""
+replica gets its STRICT_PACK placement group; one that fits no node fails fast;
+vLLM's engine core runs beside its worker where vLLM left one CPU to the rest."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import copy
 import time
 
 import httpx
+import psutil
 import pytest
 
 from tests.integration.conftest import APP, TEST_CONFIG, Gateway
+from tests.integration.test_faults import serving_engine_core
 
 TP_ECHO = {
     "name": "echo-tp",
@@ -69,3 +72,18 @@ def test_a_replica_that_fits_no_node_fails_within_seconds(gateway: Gateway, http
     assert "the largest node has {CPU: 4}" in message
     # Nothing was submitted: the gateway serves as before.
     assert http.post("/v1/completions", json={"model": "echo", "prompt": "a", "max_tokens": 1}).status_code == 200
+
+
+async def test_the_engine_core_runs_on_its_workers_cpus_where_vllm_left_one_cpu(gateway: Gateway) -> None:
+    """The session's vLLM model (``engine_core_cpus`` left at ``auto``): on a
+    CPU host where vLLM's workers are bound to all of the replica's CPUs but
+    one, every thread of its engine core is on the workers' CPUs (else where
+    vLLM left it: on the replica's)."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        replica_pid, core = await serving_engine_core(session)
+    workers = core.children()
+    assert len(workers) == 1, workers  # one worker: the session's model is not tensor parallel
+    computing = set().union(*(set(psutil.Process(t.id).cpu_affinity()) for t in workers[0].threads()))
+    left = set(psutil.Process(replica_pid).cpu_affinity()) - computing
+    expected = computing if len(left) == 1 else set(psutil.Process(replica_pid).cpu_affinity())
+    assert {frozenset(psutil.Process(t.id).cpu_affinity()) for t in core.threads()} == {frozenset(expected)}

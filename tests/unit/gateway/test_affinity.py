@@ -139,3 +139,83 @@ def test_background_processes_are_lowered_and_the_request_path_is_not(tmp_path: 
     finally:
         os.killpg(tree.pid, 9)
         tree.wait()
+
+
+
+SPAWNED = "from multiprocessing.spawn import spawn_main"  # what an untitled vLLM process runs
+
+
+def engine_tree(worker_cpus: set[int], root_cpus: set[int], titled: bool = True) -> subprocess.Popen[bytes]:
+    """A replica's processes as vLLM's CPU backend leaves them, started on
+    ``root_cpus``: an engine core with two threads, its worker bound to
+    ``worker_cpus``, and a process of neither. Untitled: both run a spawn's
+    command line, as vLLM's processes on hosts where their titles do not take."""
+    core_title, worker_title = ("VLLM::EngineCore", "VLLM::Worker") if titled else ("python", "python")
+    prefix = "" if titled else f"{SPAWNED}; "
+    bind = f"{prefix}import os; os.sched_setaffinity(0, {sorted(worker_cpus)}); {SLEEPER}"
+    start_worker = (
+        f"{prefix}import subprocess, sys; "
+        f"subprocess.Popen(['bash', '-c', 'exec -a {worker_title} \"$PY\" -c \"$BIND\"']); {SLEEPER}"
+    )
+    script = f'(exec -a {core_title} "$PY" -c "$CORE") & (exec -a other "$PY" -c "$CODE") & wait'
+    return subprocess.Popen(
+        ["taskset", "-c", ",".join(map(str, sorted(root_cpus))), "bash", "-c", script],
+        env={**os.environ, "PY": sys.executable, "CODE": SLEEPER, "BIND": bind, "CORE": start_worker},
+        start_new_session=True,
+    )
+
+
+def started(tree: subprocess.Popen[bytes], worker_cpus: set[int]) -> dict[str, int]:
+    """The tree's processes (``core``, ``worker``, ``other``), once each runs two
+    threads and the worker is bound."""
+    deadline = time.monotonic() + 10
+    while True:
+        parents = affinity._parents()
+        pids = [p for p in affinity.process_tree(tree.pid) if p != tree.pid]
+        if len(pids) == 3 and all(len(affinity._threads(p)) == 2 for p in pids):
+            (worker,) = [p for p in pids if parents[p] != tree.pid]
+            if os.sched_getaffinity(worker) == worker_cpus:
+                (core,) = [p for p in pids if p == parents[worker]]
+                (other,) = set(pids) - {core, worker}
+                return {"core": core, "worker": worker, "other": other}
+        assert time.monotonic() < deadline, pids
+        time.sleep(0.05)
+
+
+def thread_cpus(pid: int) -> list[set[int]]:
+    return [os.sched_getaffinity(tid) for tid in affinity._threads(pid)]
+
+
+TWO = sorted(os.sched_getaffinity(0))[:2]  # the project's hosts have at least two CPUs
+
+
+@pytest.mark.parametrize(
+    ("worker_cpus", "gpu", "extra_cpu", "titled", "moved"),
+    [
+        ({TWO[0]}, False, False, True, True),  # one CPU left to everything else: the engine core joins its worker
+        ({TWO[0]}, False, False, False, True),  # the same where vLLM's titles did not take
+        (set(TWO), False, False, True, False),  # no CPU left (vLLM bound nothing): where it is
+        ({TWO[0]}, False, True, True, False),  # two CPUs left: vLLM's reservation holds the engine core too
+        ({TWO[0]}, True, False, True, False),  # a GPU host: the engine core drives the GPU, where vLLM put it
+    ],
+)
+def test_the_engine_core_joins_its_workers_only_where_vllm_left_one_cpu(
+    monkeypatch: pytest.MonkeyPatch, worker_cpus: set[int], gpu: bool, extra_cpu: bool, titled: bool, moved: bool
+) -> None:
+    monkeypatch.setattr(affinity, "_has_gpu", lambda: gpu)
+    tree = engine_tree(worker_cpus, set(TWO), titled)
+    try:
+        pids = started(tree, worker_cpus)
+        if extra_cpu:  # the replica as if it had one CPU more than this host gives the test
+            real = affinity._cpus
+            monkeypatch.setattr(affinity, "_cpus", lambda pid: real(pid) | ({-1} if pid == tree.pid else set()))
+        placed = affinity.place_engine_core(tree.pid)
+        monkeypatch.undo()
+        assert placed == (worker_cpus if moved else None)
+        expected = worker_cpus if moved else set(TWO)
+        assert thread_cpus(pids["core"]) == [expected, expected]
+        assert thread_cpus(pids["other"]) == [set(TWO), set(TWO)]
+        assert thread_cpus(pids["worker"]) == [worker_cpus, worker_cpus]
+    finally:
+        os.killpg(tree.pid, 9)
+        tree.wait()
