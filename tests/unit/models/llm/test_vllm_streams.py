@@ -79,3 +79,41 @@ async def test_stopping_early_closes_the_engine_stream() -> None:
     await anext(counted)
     await counted.aclose()
     assert closed == [True] and tally.completion_tokens == 1
+
+
+class Running:
+    """Stands in for the engine core's placement: what it is told."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+
+    def started(self) -> None:
+        self.running += 1
+        self.most = max(self.most, self.running)
+
+    def ended(self) -> None:
+        self.running -= 1
+
+
+async def test_the_placement_sees_each_request_begin_and_end_however_it_ends() -> None:
+    running = Running()
+
+    async def failing() -> AsyncIterator[Any]:
+        yield output([1])
+        raise RuntimeError("engine died")
+
+    finished = count(source([output([1])] * 3), GenerationTally(), True, running)  # type: ignore[arg-type]
+    left = count(source([output([1])] * 3), GenerationTally(), True, running)  # type: ignore[arg-type]
+    failed = count(failing(), GenerationTally(), True, running)  # type: ignore[arg-type]
+    never = count(source([output([1])]), GenerationTally(), True, running)  # type: ignore[arg-type]
+    await anext(finished)
+    await anext(left)
+    await anext(failed)
+    assert running.running == 3  # each request counts once it is read, not when it is made
+    await drain(finished)
+    await left.aclose()
+    with pytest.raises(RuntimeError):
+        await drain(failed)
+    await never.aclose()
+    assert (running.running, running.most) == (0, 3)
