@@ -16,10 +16,9 @@ their periodic work then runs when the engine leaves a core free.
 vLLM's engine-core process (its scheduler) floats on every CPU. Where vLLM
 leaves a single CPU to everything but its workers, that CPU also runs the
 gateway's processes, and the engine core queues behind them while its workers
-wait for their next step. ``EngineCorePlacement`` then moves it onto its
-workers' CPUs while the engine is busy: without asynchronous scheduling
-(vLLM's CPU backend has none) workers and scheduler take turns, so it runs
-while they wait for it.
+wait for their next step. ``place_engine_core`` then moves it onto its
+workers' CPUs: without asynchronous scheduling (vLLM's CPU backend has none)
+workers and scheduler take turns, so it runs while they wait for it.
 
 Linux only (``/proc``, ``os.sched_setaffinity``); elsewhere nothing is pinned or lowered.
 """
@@ -61,54 +60,11 @@ def reserved_cpus(setting: str | Sequence[int]) -> set[int] | None:
     return set(available[-min(reserved, len(available) - 1) :])
 
 
-# Requests running in an engine from which its engine core waits beside its
-# workers: one stream alone measured about 10 % more tokens/s with it floating.
-PIN_AT = 2
-
-
-class EngineCorePlacement:
-    """Where a replica's vLLM engine core runs: on its workers' CPUs while at
-    least ``PIN_AT`` requests run in the engine, where vLLM left it otherwise.
-    ``started`` and ``ended`` are called from the replica's event loop as each
-    request begins and ends; only a change of side moves its threads."""
-
-    def __init__(self, cores: list[int], computing: set[int], free: set[int]) -> None:
-        self._cores = cores
-        self._computing = computing
-        self._free = free
-        self.running = 0
-        self.pinned = False
-
-    def started(self) -> None:
-        self.running += 1
-        self._place()
-
-    def pin(self) -> None:
-        """Beside the workers whatever runs (a server that reports no requests: benchmarks)."""
-        self.running = max(self.running, PIN_AT)
-        self._place()
-
-    def ended(self) -> None:
-        self.running -= 1
-        self._place()
-
-    def _place(self) -> None:
-        pin = self.running >= PIN_AT
-        if pin == self.pinned:
-            return
-        self.pinned = pin
-        cpus = self._computing if pin else self._free
-        for pid in self._cores:
-            for tid in _threads(pid):  # threads started since included
-                with contextlib.suppress(OSError):  # the thread ended
-                    os.sched_setaffinity(tid, cpus)
-
-
-def engine_core_placement(root: int) -> EngineCorePlacement | None:
-    """The placement of the vLLM engine cores of ``root`` (a model replica):
-    on a host without a GPU where vLLM's binding of their workers leaves
-    exactly one of ``root``'s CPUs to everything else; None elsewhere (the
-    engine core stays where vLLM put it)."""
+def place_engine_core(root: int) -> set[int] | None:
+    """Pins every thread of each vLLM engine-core process of ``root`` (a model
+    replica) to the CPUs its workers are bound to, on a host without a GPU
+    where vLLM's binding leaves exactly one of ``root``'s CPUs to everything
+    else; returns those CPUs, or None when nothing was moved."""
     if not PROC.is_dir() or _has_gpu():
         return None
     children = _children()
@@ -120,7 +76,11 @@ def engine_core_placement(root: int) -> EngineCorePlacement | None:
                 computing.update(*(_cpus(tid) for tid in _threads(worker)))
     if not computing or len(_cpus(root) - computing) != 1:
         return None
-    return EngineCorePlacement(cores, computing, _cpus(cores[0]))
+    for pid in cores:
+        for tid in _threads(pid):
+            with contextlib.suppress(OSError):  # the thread ended
+                os.sched_setaffinity(tid, computing)
+    return computing
 
 
 def _is_vllm(pid: int, title: str) -> bool:

@@ -104,11 +104,10 @@ class VLLMModelConfig(LLMModelConfig):
         "auto",
         description="Where vLLM's engine-core process (its scheduler) runs on a host without "
         "a GPU. `auto` (default): where vLLM binds its workers to all CPUs but one, on the "
-        "workers' CPUs while two or more requests run, since the one CPU left over also runs "
-        "the gateway's own processes, behind which the scheduler would queue while its "
-        "workers wait for it (on 2 vCPUs: 1.5-1.8x the tokens/s at 32 streams); where vLLM "
-        "left it while one request runs (about 10 % faster alone). `vllm`: where vLLM leaves "
-        "it, free to run on every CPU.",
+        "workers' CPUs, since the one left over also runs the gateway's own processes, "
+        "behind which the scheduler would queue while its workers wait for it (on 2 vCPUs: "
+        "1.5-1.8x the tokens/s at 32 streams, about 10 % fewer at 1). `vllm`: where vLLM "
+        "leaves it, free to run on every CPU.",
     )
     engine_args: dict[str, str | int | float | bool] = Field(
         default_factory=dict,

@@ -20,7 +20,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.affinity import EngineCorePlacement, engine_core_placement
+from gateway.affinity import place_engine_core
 from gateway.errors import ContextLengthExceededError, ModelNotSupportedError
 from gateway.protocol.extras import check_fields
 from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
@@ -42,10 +42,6 @@ class VLLMEngine:
         self._config = config
         self._serving: vllm_compat.Serving | None = None
         self._tokenizer_spec: dict[str, Any] | None = None
-        self._placement: EngineCorePlacement | None = None  # engine_core_cpus: auto, where it applies
-
-    def _placed(self) -> EngineCorePlacement | None:
-        return self._placement
 
     @property
     def _vllm(self) -> vllm_compat.Serving:
@@ -87,11 +83,13 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_RESPONSES_API_STORE"] = "1" if self._config.kept_responses > 0 else "0"
         prepare = compact_json.compact_structural_tag if compact_json.is_compact(self._config) else None
         self._serving = await vllm_compat.build_serving(
-            self.cli_args(), lambda generate, delta_kind: _tallied(generate, delta_kind, prepare, self._placed)
+            self.cli_args(), lambda generate, delta_kind: _tallied(generate, delta_kind, prepare)
         )
         vllm_compat.guard_renders(self._serving, self._check_rendered)
         if self._config.engine_core_cpus == "auto":
-            self._placement = engine_core_placement(os.getpid())
+            cpus = place_engine_core(os.getpid())
+            if cpus:
+                logger.info("%s: vLLM's engine core runs on its workers' CPUs %s", self._config.name, sorted(cpus))
 
     def info(self) -> EngineInfo:
         serving = self._vllm
@@ -287,12 +285,10 @@ def _tallied(
     generate: Callable[..., AsyncIterator[Any]],
     delta_kind: Any,
     prepare: Callable[[Any], None] | None = None,
-    placement: Callable[[], EngineCorePlacement | None] = lambda: None,
 ) -> Callable[..., AsyncIterator[Any]]:
     """``AsyncLLM.generate``, counting into the tally of the request being served;
     ``delta_kind`` is vLLM's ``RequestOutputKind.DELTA``; ``prepare``, when given,
-    may adjust each request's sampling params before the engine sees them;
-    ``placement`` is told as each request begins and ends."""
+    may adjust each request's sampling params before the engine sees them."""
 
     def generate_and_count(prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
         if prepare is not None:
@@ -302,7 +298,7 @@ def _tallied(
         if tally is None:
             return outputs
         delta = getattr(sampling_params, "output_kind", None) == delta_kind
-        return vllm_streams.count(outputs, tally, delta, placement())
+        return vllm_streams.count(outputs, tally, delta)
 
     return generate_and_count
 

@@ -18,7 +18,6 @@ from models.llm import vllm_errors
 from models.llm.engine import ENGINE_DEAD
 
 if TYPE_CHECKING:
-    from gateway.affinity import EngineCorePlacement
     from models.llm.tally import GenerationTally
 
 # The tally of the request being handed to vLLM's serving layer: its calls to
@@ -28,11 +27,8 @@ TALLY: ContextVar[GenerationTally | None] = ContextVar("tally", default=None)
 _ERROR_PREFIX = b'data: {"error"'
 
 
-async def count(
-    outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool, placement: EngineCorePlacement | None = None
-) -> AsyncIterator[Any]:
-    """Passes vLLM's ``RequestOutput``s through, adding their tokens and timings to ``tally``
-    (and telling ``placement`` when the request begins and ends).
+async def count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool) -> AsyncIterator[Any]:
+    """Passes vLLM's ``RequestOutput``s through, adding their tokens and timings to ``tally``.
 
     Token times come from vLLM's request stats (engine-core timestamps) when
     it keeps them, else from arrival here. A final-only output spreads its
@@ -42,8 +38,6 @@ async def count(
     seen = 0
     last_ts: float | None = None
     first = True
-    if placement is not None:
-        placement.started()
     try:
         async for output in outputs:
             if first:
@@ -61,8 +55,6 @@ async def count(
             yield output
     finally:
         tally.completion_tokens += seen
-        if placement is not None:
-            placement.ended()
         if hasattr(outputs, "aclose"):
             await outputs.aclose()  # aborts the engine request if we stopped early
 

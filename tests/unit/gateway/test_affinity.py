@@ -190,17 +190,17 @@ TWO = sorted(os.sched_getaffinity(0))[:2]  # the project's hosts have at least t
 
 
 @pytest.mark.parametrize(
-    ("worker_cpus", "gpu", "extra_cpu", "titled", "applies"),
+    ("worker_cpus", "gpu", "extra_cpu", "titled", "moved"),
     [
-        ({TWO[0]}, False, False, True, True),  # one CPU left to everything else: the engine core may join its worker
+        ({TWO[0]}, False, False, True, True),  # one CPU left to everything else: the engine core joins its worker
         ({TWO[0]}, False, False, False, True),  # the same where vLLM's titles did not take
         (set(TWO), False, False, True, False),  # no CPU left (vLLM bound nothing): where it is
         ({TWO[0]}, False, True, True, False),  # two CPUs left: vLLM's reservation holds the engine core too
         ({TWO[0]}, True, False, True, False),  # a GPU host: the engine core drives the GPU, where vLLM put it
     ],
 )
-def test_the_engine_core_is_placed_only_where_vllm_left_one_cpu(
-    monkeypatch: pytest.MonkeyPatch, worker_cpus: set[int], gpu: bool, extra_cpu: bool, titled: bool, applies: bool
+def test_the_engine_core_joins_its_workers_only_where_vllm_left_one_cpu(
+    monkeypatch: pytest.MonkeyPatch, worker_cpus: set[int], gpu: bool, extra_cpu: bool, titled: bool, moved: bool
 ) -> None:
     monkeypatch.setattr(affinity, "_has_gpu", lambda: gpu)
     tree = engine_tree(worker_cpus, set(TWO), titled)
@@ -209,40 +209,13 @@ def test_the_engine_core_is_placed_only_where_vllm_left_one_cpu(
         if extra_cpu:  # the replica as if it had one CPU more than this host gives the test
             real = affinity._cpus
             monkeypatch.setattr(affinity, "_cpus", lambda pid: real(pid) | ({-1} if pid == tree.pid else set()))
-        placement = affinity.engine_core_placement(tree.pid)
+        placed = affinity.place_engine_core(tree.pid)
         monkeypatch.undo()
-        assert (placement is not None) == applies
-        assert thread_cpus(pids["core"]) == [set(TWO), set(TWO)]  # nothing moves before requests run
-    finally:
-        os.killpg(tree.pid, 9)
-        tree.wait()
-
-
-def test_the_engine_core_joins_its_workers_while_two_requests_run() -> None:
-    tree = engine_tree({TWO[0]}, set(TWO))
-    try:
-        pids = started(tree, {TWO[0]})
-        placement = affinity.engine_core_placement(tree.pid)
-        assert placement is not None
-        steps = []
-        for change in ("started", "started", "started", "ended", "ended", "started", "ended", "ended"):
-            getattr(placement, change)()
-            steps.append((placement.running, thread_cpus(pids["core"])[0], thread_cpus(pids["core"])[1]))
-        pinned, free = {TWO[0]}, set(TWO)
-        assert steps == [
-            (1, free, free),  # one stream alone: where vLLM left it
-            (2, pinned, pinned),
-            (3, pinned, pinned),
-            (2, pinned, pinned),
-            (1, free, free),
-            (2, pinned, pinned),
-            (1, free, free),
-            (0, free, free),
-        ]
-        assert thread_cpus(pids["other"]) == [free, free]
-        assert thread_cpus(pids["worker"]) == [pinned, pinned]
-        placement.pin()  # for good, whatever runs
-        assert thread_cpus(pids["core"]) == [pinned, pinned]
+        assert placed == (worker_cpus if moved else None)
+        expected = worker_cpus if moved else set(TWO)
+        assert thread_cpus(pids["core"]) == [expected, expected]
+        assert thread_cpus(pids["other"]) == [set(TWO), set(TWO)]
+        assert thread_cpus(pids["worker"]) == [worker_cpus, worker_cpus]
     finally:
         os.killpg(tree.pid, 9)
         tree.wait()
