@@ -23,6 +23,11 @@ and ITL as the gaps between content deltas as the client reads them. The
 gateway's own overhead is measured on its echo model: non-streaming chat
 latency at concurrency 1 and requests/s at concurrency 32.
 
+``--gateway-engine-core vllm`` runs the gateway's model with its engine core
+left where vLLM puts it (``engine_core_cpus``), and ``--direct-engine-core
+pinned`` moves the engine core of vLLM's own server beside its worker, as
+the gateway places its own.
+
     python -m benchmarks.streaming --model-dir .models/tiny-chat-v1
 """
 
@@ -46,6 +51,8 @@ from pathlib import Path
 import aiohttp
 import httpx
 import psutil
+
+from gateway.affinity import place_engine_core
 
 MODEL = "tiny-chat-v1"
 MAX_MODEL_LEN = 2048
@@ -257,11 +264,16 @@ def start_direct(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def start_gateway(model_dir: Path, port: int, log: Path, gateway_cpus: str = "off") -> subprocess.Popen:
+def start_gateway(
+    model_dir: Path, port: int, log: Path, gateway_cpus: str = "off", engine_core: str = "auto"
+) -> subprocess.Popen:
     config = {
         "app_name": "bench",
         "runtime": {"gateway_cpus": gateway_cpus},
-        "models": [model_entry(model_dir), {"name": "echo", "engine": "echo", "num_cpus": 0.1}],
+        "models": [
+            {**model_entry(model_dir), "engine_core_cpus": engine_core},
+            {"name": "echo", "engine": "echo", "num_cpus": 0.1},
+        ],
     }
     path = Path(tempfile.mkstemp(suffix=".yaml")[1])
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -295,6 +307,15 @@ def _echo(base_url: str) -> tuple[float, float]:
     return p50, rate
 
 
+def place_direct_engine_core(proc: subprocess.Popen, args: argparse.Namespace) -> None:
+    """vLLM's own server with its engine core beside its worker, as the
+    gateway places its own (``--direct-engine-core pinned``); left as vLLM
+    leaves it otherwise."""
+    if args.direct_engine_core == "pinned":
+        cpus = place_engine_core(proc.pid)
+        print(f"==> vLLM's server: engine core on CPUs {sorted(cpus) if cpus else 'as vLLM left it'}", flush=True)
+
+
 def measure(
     name: str, proc: subprocess.Popen, base_url: str, ready_path: str, args: argparse.Namespace
 ) -> list[Figures]:
@@ -302,6 +323,8 @@ def measure(
     try:
         print(f"==> {name}: waiting for the server", flush=True)
         wait_ready(base_url + ready_path, proc)
+        if name == "vllm-direct":
+            place_direct_engine_core(proc, args)
         results = []
         for concurrency, client, requests in _levels(args):
             results.append(_measure_once(base_url, concurrency, client, requests, args))
@@ -340,13 +363,15 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
     servers = {
         "direct": (start_direct(args.model_dir, 8101, args.log_dir / "bench-direct.log"),
                    "http://127.0.0.1:8101", "/health"),
-        "gateway": (start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus),
+        "gateway": (start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus,
+                                  args.gateway_engine_core),
                     "http://127.0.0.1:8102", "/ready"),
     }  # fmt: skip
     try:
         for name, (proc, base_url, ready_path) in servers.items():
             print(f"==> {name}: waiting for the server", flush=True)
             wait_ready(base_url + ready_path, proc)
+        place_direct_engine_core(servers["direct"][0], args)
         results = []
         for concurrency, client, requests in _levels(args):
             paired = Paired()
@@ -398,6 +423,10 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--gateway-cpus", default="off", help="the gateway's runtime.gateway_cpus")
+    parser.add_argument("--gateway-engine-core", choices=("auto", "vllm"), default="auto",
+                        help="the gateway model's engine_core_cpus")
+    parser.add_argument("--direct-engine-core", choices=("vllm", "pinned"), default="vllm",
+                        help="vLLM's own server: its engine core as vLLM leaves it, or beside its worker")
     parser.add_argument("--rounds", type=int, default=3,
                         help="both servers up, measured in turn this many times at each level")
     parser.add_argument("--one-at-a-time", action="store_true",
@@ -406,7 +435,8 @@ def main() -> None:
                         help="measure the gateway only (implies --one-at-a-time)")
     args = parser.parse_args()
     machine = (f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
-               f"{os.cpu_count()} CPUs ({cpu_model()})")
+               f"{os.cpu_count()} CPUs ({cpu_model()}); engine core: gateway {args.gateway_engine_core}, "
+               f"vLLM's server {args.direct_engine_core}")
 
     if not (args.one_at_a_time or args.skip_direct):
         results, (echo_p50, echo_rate) = side_by_side(args)
@@ -426,7 +456,8 @@ def main() -> None:
         )
         gateway = measure(
             "gateway",
-            start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus),
+            start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus,
+                          args.gateway_engine_core),
             "http://127.0.0.1:8102", "/ready", args,
         )
         tables.append((direct, gateway))
