@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.streaming import stop, wait_ready
+from benchmarks.servers import stop, wait_ready
 
 BATCHED = {"max_batch_size": 64, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 256}
 UNBATCHED = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 256}
@@ -115,7 +115,7 @@ def start_gateway(models_dir: Path, port: int, log: Path, threads: int | None, d
             "name": f"iris-{suffix}", "engine": "sklearn",
             "model": str((models_dir / "iris").resolve()), "num_cpus": 0.25, **settings,
         })
-    path = Path(tempfile.mkstemp(suffix=".yaml")[1])
+    path = log.with_suffix(".yaml")  # beside its log, rewritten by the next run
     path.write_text(json.dumps({"app_name": "bench-classical", "models": models}))  # JSON is YAML
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)

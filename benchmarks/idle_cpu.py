@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.streaming import stop, wait_ready
+from benchmarks.servers import stop, wait_ready
 from gateway.affinity import ENGINE_MARKERS, process_tree
 
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -35,7 +35,8 @@ from typing import Any
 
 
 from benchmarks.idle_cpu import cpu_seconds
-from benchmarks.streaming import cpu_model, echo_overhead, stop, wait_ready
+from benchmarks.servers import cpu_model, stop, wait_ready
+from benchmarks.stream_load import echo_overhead
 from gateway.affinity import process_tree
 from gateway.auth.keys import hash_secret, new_secret
 
@@ -93,15 +94,17 @@ def main() -> None:
                       f"{cpu_ms:.3f} CPU ms per request", flush=True)
     finally:
         stop(proc)
+        open_config.unlink(missing_ok=True)
+        keyed_config.unlink(missing_ok=True)
     print(f"\nllm-gateway keys benchmark, {cpu_model()}, echo model, non-streaming chat")
     print("  medians over the rounds; in brackets the median of each round's change against the")
     print("  open gateway of the same round (this host's speed drifts between rounds)")
-    base = results["no keys"]
+    open_runs = results["no keys"]
     for name, runs in results.items():
         p50, rate, cpu_ms = (statistics.median(r[i] for r in runs) for i in range(3))
-        added = statistics.median(r[0] - b[0] for r, b in zip(runs, base))
-        rate_change = statistics.median(r[1] / b[1] - 1 for r, b in zip(runs, base))
-        cpu_change = statistics.median(r[2] / b[2] - 1 for r, b in zip(runs, base))
+        added = statistics.median(r[0] - b[0] for r, b in zip(runs, open_runs))
+        rate_change = statistics.median(r[1] / b[1] - 1 for r, b in zip(runs, open_runs))
+        cpu_change = statistics.median(r[2] / b[2] - 1 for r, b in zip(runs, open_runs))
         print(f"  {name:<8} c=1 p50 {p50:6.3f} ms ({added:+.3f} ms)   "
               f"c=32 {rate:6.0f} req/s ({rate_change:+.1%}), "
               f"{cpu_ms:.3f} CPU ms per request ({cpu_change:+.1%})")

@@ -33,7 +33,8 @@ from pathlib import Path
 import aiohttp
 
 from benchmarks.keys import tree_cpu
-from benchmarks.streaming import _quantile, cpu_model, stop, wait_ready
+from benchmarks.servers import cpu_model, stop, wait_ready
+from benchmarks.stream_load import quantile
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-chat-v1"
@@ -42,10 +43,14 @@ CAPACITY = ONGOING + QUEUED
 BACKOFF_S = 0.1
 
 
-def config(haproxy_threads: str = "auto") -> dict[str, object]:
+def config(haproxy_threads: str = "auto", gateway_cpus: str = "off") -> dict[str, object]:
+    cpus: object = gateway_cpus if gateway_cpus in ("auto", "off") else [int(c) for c in gateway_cpus.split(",")]
     return {
         "app_name": "bench-overload",
-        "runtime": {"haproxy_threads": haproxy_threads if haproxy_threads == "auto" else int(haproxy_threads)},
+        "runtime": {
+            "haproxy_threads": haproxy_threads if haproxy_threads == "auto" else int(haproxy_threads),
+            "gateway_cpus": cpus,
+        },
         "models": [{
             "name": MODEL, "engine": "vllm", "model": str(ROOT / ".models" / MODEL),
             "max_model_len": 512, "kv_cache_space_gib": 1,
@@ -103,7 +108,7 @@ async def phase(base: str, clients: int, seconds: float, patient: bool = False) 
 
 
 def ms(values: list[float], q: float) -> str:
-    return f"{_quantile(values, q) * 1000:7.1f}" if values else "      -"
+    return f"{quantile(values, q) * 1000:7.1f}" if values else "      -"
 
 
 def main() -> None:
@@ -111,9 +116,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8124)
     parser.add_argument("--seconds", type=float, default=30.0, help="per phase")
     parser.add_argument("--haproxy-threads", default="auto", help="runtime.haproxy_threads (default: auto)")
+    parser.add_argument("--gateway-cpus", default="off", help="runtime.gateway_cpus: off (default), auto or 1,2,...")
     args = parser.parse_args()
     path = Path(tempfile.mkstemp(suffix=".yaml")[1])
-    path.write_text(json.dumps(config(args.haproxy_threads)))
+    path.write_text(json.dumps(config(args.haproxy_threads, args.gateway_cpus)))
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     base = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen(
@@ -136,9 +142,11 @@ def main() -> None:
             tally.client_cpu = (time.process_time() - client_before) / args.seconds
     finally:
         stop(proc)
+        path.unlink(missing_ok=True)
+    log.unlink()  # kept when the run failed, for its reason
     print(f"\nllm-gateway overload benchmark, {cpu_model()}, {MODEL} (vLLM), non-streaming chat, "
           f"32 tokens, max_ongoing {ONGOING} + max_queued {QUEUED}, {args.seconds:.0f} s per phase, "
-          f"HAProxy threads {args.haproxy_threads}")
+          f"HAProxy threads {args.haproxy_threads}, gateway CPUs {args.gateway_cpus}")
     print("  phase                      accepted/s  accepted p50    p99   refused p50    p99  "
           "gateway cores  client cores  statuses")
     for name, t in results.items():
@@ -150,7 +158,7 @@ def main() -> None:
     for name in ("4x capacity (64 clients)", "4x, honouring Retry-After"):
         over = results[name].accepted
         print(f"  {name}: accepted p50 / at capacity {statistics.median(over) / statistics.median(at_capacity):.2f}x, "
-              f"p99 {_quantile(over, 0.99) / _quantile(at_capacity, 0.99):.2f}x")
+              f"p99 {quantile(over, 0.99) / quantile(at_capacity, 0.99):.2f}x")
     unexplained = [u for t in results.values() for u in t.unexplained]
     print(f"  unexplained answers: {len(unexplained)}" + (f", e.g. {unexplained[:3]}" if unexplained else ""))
 

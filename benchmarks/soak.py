@@ -34,7 +34,7 @@ import aiohttp
 import httpx
 import psutil
 
-from benchmarks.streaming import cpu_model, stop, wait_ready
+from benchmarks.servers import cpu_model, stop, wait_ready
 from gateway.affinity import process_tree
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,253 +35,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
-import httpx
-import psutil
+from benchmarks.servers import (
+    cpu_model, place_direct_engine_core, signal_tree, start_direct, start_gateway, stop, wait_ready,
+)
+from benchmarks.stream_load import Figures, describe, echo_overhead, load, vllm_bench
 
-from gateway.affinity import place_engine_core
-
-MODEL = "tiny-chat-v1"
-MAX_MODEL_LEN = 2048
-KV_CACHE_GIB = 1
 CLIENTS = ("aiohttp", "vllm-bench")
 # After a server is thawed, before it is measured: its timers catch up.
 THAW_S = 2.0
-
-
-@dataclass
-class Sample:
-    ttft_s: float
-    gaps_s: list[float]
-    tokens: int
-
-
-@dataclass
-class Figures:
-    """One load generator's figures at one concurrency."""
-
-    client: str
-    concurrency: int
-    tokens_per_s: float
-    ttft_ms: tuple[float, float]  # p50, p99
-    itl_ms: tuple[float, float]
-
-
-@dataclass
-class Result:
-    concurrency: int
-    wall_s: float
-    samples: list[Sample] = field(default_factory=list)
-
-    def figures(self) -> Figures:
-        ttft = [s.ttft_s for s in self.samples]
-        gaps = [g for s in self.samples for g in s.gaps_s]
-        return Figures(
-            "aiohttp",
-            self.concurrency,
-            sum(s.tokens for s in self.samples) / self.wall_s,
-            (_quantile(ttft, 0.5) * 1000, _quantile(ttft, 0.99) * 1000),
-            (_quantile(gaps, 0.5) * 1000, _quantile(gaps, 0.99) * 1000),
-        )
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def one_stream(client: aiohttp.ClientSession, url: str, max_tokens: int, i: int) -> Sample:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": f"Tell story number {i} about the harbour."}],
-        "max_tokens": max_tokens,
-        "temperature": 0.8,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    started = time.perf_counter()
-    arrivals: list[float] = []
-    buffer = b""
-    async with client.post(url, json=body) as response:
-        response.raise_for_status()
-        async for raw in response.content.iter_any():
-            now = time.perf_counter()
-            buffer += raw
-            *frames, buffer = buffer.split(b"\n\n")
-            for frame in frames:
-                data = frame.removeprefix(b"data: ")
-                if data == b"[DONE]":
-                    continue
-                for choice in json.loads(data).get("choices", []):
-                    if choice.get("delta", {}).get("content"):
-                        arrivals.append(now)
-    if not arrivals:
-        raise RuntimeError("stream produced no tokens")
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return Sample(ttft_s=arrivals[0] - started, gaps_s=gaps, tokens=len(arrivals))
-
-
-def _session(concurrency: int, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
-    # aiohttp, not httpx: httpx's pool, not the server, limits load at high
-    # concurrency on this machine (see benchmarks/classical.py).
-    connector = aiohttp.TCPConnector(limit=concurrency + 4)
-    return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=120), connector=connector, headers=headers
-    )
-
-
-async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) -> Figures:
-    url = base_url + "/v1/chat/completions"
-    async with _session(concurrency) as client:
-        # Warm-up at the measured concurrency (not measured): the engine meets
-        # its batch shapes here, not in the timed part.
-        await asyncio.gather(*(one_stream(client, url, 16, i) for i in range(concurrency)))
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(requests):
-            queue.put_nowait(i)
-        result = Result(concurrency=concurrency, wall_s=0.0)
-
-        async def worker() -> None:
-            while not queue.empty():
-                result.samples.append(await one_stream(client, url, max_tokens, queue.get_nowait()))
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        result.wall_s = time.perf_counter() - started
-    return result.figures()
-
-
-def vllm_bench(base_url: str, concurrency: int, requests: int, args: argparse.Namespace) -> Figures:
-    """vLLM's own client (``vllm bench serve``) on its random dataset; its own
-    printout goes to the log directory."""
-    from vllm.benchmarks import serve as bench
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser()
-    bench.add_cli_args(parser)
-    options = parser.parse_args([
-        "--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
-        "--model", MODEL, "--tokenizer", str(args.model_dir), "--dataset-name", "random",
-        "--random-input-len", "16", "--random-output-len", str(args.max_tokens), "--ignore-eos",
-        "--num-prompts", str(requests), "--max-concurrency", str(concurrency),
-        "--num-warmups", str(concurrency), "--percentile-metrics", "ttft,itl",
-        "--metric-percentiles", "50,99", "--disable-tqdm", "--temperature", "0.8",
-    ])  # fmt: skip
-    with (args.log_dir / "bench-vllm-client.log").open("a") as log, contextlib.redirect_stdout(log):
-        result = bench.main(options)
-    return Figures(
-        "vllm-bench",
-        concurrency,
-        float(result["output_throughput"]),
-        (float(result["median_ttft_ms"]), float(result["p99_ttft_ms"])),
-        (float(result["median_itl_ms"]), float(result["p99_itl_ms"])),
-    )
-
-
-async def echo_overhead(
-    base_url: str, concurrency: int, requests: int, headers: dict[str, str] | None = None
-) -> tuple[float, float]:
-    """Non-streaming chat to the echo model: (p50 latency ms, requests/s)."""
-    url = base_url + "/v1/chat/completions"
-    body = {"model": "echo", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 3}
-    latencies: list[float] = []
-    async with _session(concurrency, headers) as client:
-
-        async def one() -> None:
-            started = time.perf_counter()
-            async with client.post(url, json=body) as response:
-                response.raise_for_status()
-                await response.read()
-            latencies.append(time.perf_counter() - started)
-
-        async def worker(count: int) -> None:
-            for _ in range(count):
-                await one()
-
-        await asyncio.gather(*(worker(5) for _ in range(concurrency)))  # warm-up
-        latencies.clear()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    return statistics.median(latencies) * 1000, len(latencies) / wall
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout_s}s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def model_entry(model_dir: Path) -> dict[str, object]:
-    return {
-        "name": MODEL, "engine": "vllm", "model": str(model_dir.resolve()),
-        "max_model_len": MAX_MODEL_LEN, "kv_cache_space_gib": KV_CACHE_GIB,
-    }
-
-
-def start_direct(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    from gateway.config import VLLMModelConfig
-    from models.llm.vllm_engine import VLLMEngine
-
-    engine_args = VLLMEngine(VLLMModelConfig.model_validate(model_entry(model_dir))).cli_args()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args,
-        "--host", "127.0.0.1", "--port", str(port),
-    ]
-    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def start_gateway(
-    model_dir: Path, port: int, log: Path, gateway_cpus: str = "off", engine_core: str = "auto"
-) -> subprocess.Popen:
-    config = {
-        "app_name": "bench",
-        "runtime": {"gateway_cpus": gateway_cpus},
-        "models": [
-            {**model_entry(model_dir), "engine_core_cpus": engine_core},
-            {"name": "echo", "engine": "echo", "num_cpus": 0.1},
-        ],
-    }
-    path = Path(tempfile.mkstemp(suffix=".yaml")[1])
-    path.write_text(json.dumps(config))  # JSON is YAML
-    cmd = [
-        sys.executable, "-m", "gateway.cli", "serve", "--config", str(path),
-        "--host", "127.0.0.1", "--port", str(port),
-    ]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def _levels(args: argparse.Namespace) -> list[tuple[int, str, int]]:
@@ -307,15 +77,6 @@ def _echo(base_url: str) -> tuple[float, float]:
     return p50, rate
 
 
-def place_direct_engine_core(proc: subprocess.Popen, args: argparse.Namespace) -> None:
-    """vLLM's own server with its engine core beside its worker, as the
-    gateway places its own (``--direct-engine-core pinned``); left as vLLM
-    leaves it otherwise."""
-    if args.direct_engine_core == "pinned":
-        cpus = place_engine_core(proc.pid)
-        print(f"==> vLLM's server: engine core on CPUs {sorted(cpus) if cpus else 'as vLLM left it'}", flush=True)
-
-
 def measure(
     name: str, proc: subprocess.Popen, base_url: str, ready_path: str, args: argparse.Namespace
 ) -> list[Figures]:
@@ -334,19 +95,6 @@ def measure(
         return results
     finally:
         stop(proc)
-
-
-def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
-    """A server's processes: under ``llm-gateway serve`` Ray's daemons,
-    replicas and engine processes too."""
-    root = psutil.Process(proc.pid)
-    return [root, *root.children(recursive=True)]
-
-
-def _signal_tree(proc: subprocess.Popen, signum: int) -> None:
-    for process in _tree(proc):
-        with contextlib.suppress(psutil.Error):
-            process.send_signal(signum)
 
 
 @dataclass
@@ -379,37 +127,22 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
                 order = ["direct", "gateway"] if round_ % 2 == 0 else ["gateway", "direct"]
                 for name in order:
                     other = servers["gateway" if name == "direct" else "direct"][0]
-                    _signal_tree(other, signal.SIGSTOP)
-                    _signal_tree(servers[name][0], signal.SIGCONT)
+                    signal_tree(other, signal.SIGSTOP)
+                    signal_tree(servers[name][0], signal.SIGCONT)
                     time.sleep(THAW_S)
                     figures = _measure_once(servers[name][1], concurrency, client, requests, args)
                     getattr(paired, name).append(figures)
                     print(f"    round {round_ + 1} {name:<8}{describe(figures)}", flush=True)
             results.append(paired)
-        _signal_tree(servers["direct"][0], signal.SIGSTOP)
-        _signal_tree(servers["gateway"][0], signal.SIGCONT)
+        signal_tree(servers["direct"][0], signal.SIGSTOP)
+        signal_tree(servers["gateway"][0], signal.SIGCONT)
         time.sleep(THAW_S)
         echo = _echo(servers["gateway"][1])
         return results, echo
     finally:
         for proc, _, _ in servers.values():
-            _signal_tree(proc, signal.SIGCONT)
+            signal_tree(proc, signal.SIGCONT)
             stop(proc)
-
-
-def describe(f: Figures) -> str:
-    return (
-        f"{f.client:<11} c={f.concurrency:<3}{f.tokens_per_s:7.0f} tok/s  TTFT p50 {f.ttft_ms[0]:6.1f} ms "
-        f"p99 {f.ttft_ms[1]:6.1f} ms  ITL p50 {f.itl_ms[0]:5.1f} ms p99 {f.itl_ms[1]:5.1f} ms"
-    )
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -1,0 +1,118 @@
+"""Starting, freezing and stopping the servers the benchmarks measure:
+``llm-gateway serve`` and vLLM's own OpenAI server on the same model
+directory and engine settings."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from benchmarks.stream_load import MODEL
+from gateway.affinity import place_engine_core
+
+MAX_MODEL_LEN = 2048
+KV_CACHE_GIB = 1
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def model_entry(model_dir: Path) -> dict[str, object]:
+    return {
+        "name": MODEL, "engine": "vllm", "model": str(model_dir.resolve()),
+        "max_model_len": MAX_MODEL_LEN, "kv_cache_space_gib": KV_CACHE_GIB,
+    }
+
+
+def start_direct(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    from gateway.config import VLLMModelConfig
+    from models.llm.vllm_engine import VLLMEngine
+
+    engine_args = VLLMEngine(VLLMModelConfig.model_validate(model_entry(model_dir))).cli_args()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args,
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def start_gateway(
+    model_dir: Path, port: int, log: Path, gateway_cpus: str = "off", engine_core: str = "auto"
+) -> subprocess.Popen:
+    config = {
+        "app_name": "bench",
+        "runtime": {"gateway_cpus": gateway_cpus},
+        "models": [
+            {**model_entry(model_dir), "engine_core_cpus": engine_core},
+            {"name": "echo", "engine": "echo", "num_cpus": 0.1},
+        ],
+    }
+    path = log.with_suffix(".yaml")  # beside its log, rewritten by the next run
+    path.write_text(json.dumps(config))  # JSON is YAML
+    cmd = [
+        sys.executable, "-m", "gateway.cli", "serve", "--config", str(path),
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def place_direct_engine_core(proc: subprocess.Popen, args: argparse.Namespace) -> None:
+    """vLLM's own server with its engine core beside its worker, as the
+    gateway places its own (``--direct-engine-core pinned``); left as vLLM
+    leaves it otherwise."""
+    if args.direct_engine_core == "pinned":
+        cpus = place_engine_core(proc.pid)
+        print(f"==> vLLM's server: engine core on CPUs {sorted(cpus) if cpus else 'as vLLM left it'}", flush=True)
+
+
+def tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """A server's processes: under ``llm-gateway serve`` Ray's daemons,
+    replicas and engine processes too."""
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def signal_tree(proc: subprocess.Popen, signum: int) -> None:
+    for process in tree(proc):
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signum)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
