@@ -36,7 +36,7 @@ class RuntimeConfig(StrictConfig):
         description="CPUs the gateway's own processes (Ray's daemons, Serve's controller "
         "and proxy, HAProxy, the ingress and metrics replicas) are pinned to, away from "
         "the cores vLLM's CPU engine computes on. `off` (default; on 2 vCPUs pinning "
-        "measured no gain: the one reserved core then also holds vLLM's scheduler and "
+        "measured no clear gain: the one reserved core also holds the model replica's "
         "serving layer); `auto`: on hosts without a GPU, the CPUs vLLM's CPU backend "
         "reserves for other processes (the last `VLLM_CPU_NUM_OF_RESERVED_CPU`, one by "
         "default); or a list of CPU ids.",
