@@ -2,17 +2,19 @@
 
 ``tiny-chat-v1`` (the real vLLM engine) with ``max_ongoing_requests: 8`` and
 ``max_queued_requests: 8``: it takes 16 requests at once. Closed-loop
-clients send non-streaming chat (32 tokens each), first 16 of them (at
-capacity, nothing refused) and then 64 (four times capacity) for the same
-time, twice: clients that wait 100 ms after a refusal (impatient ones; not
-backing off at all, a 2-core machine would measure the load generator's own
-spin), then clients that wait what ``Retry-After`` says, as the OpenAI SDK's
-retries do.
+clients send non-streaming chat (32 tokens each) in three phases of the same
+length: 16 of them (at capacity, nothing refused), 64 (four times capacity)
+that wait 100 ms after a refusal (impatient ones; not backing off at all, a
+2-core machine would measure the load generator's own spin), and 64 that
+wait what ``Retry-After`` says, as the OpenAI SDK's retries do. Each round
+runs the three, in an order rotated from round to round: this VM's speed
+drifts by tens of percent within minutes, so each overloaded phase is
+compared with the capacity phase of its own round.
 
-Reported: accepted requests' latency p50/p99 at capacity and at 4x (what
-overload costs the requests that are taken), the refusals' latency, and every
-status seen: refusals must be 503 ``overloaded`` with ``Retry-After``, and
-nothing else may be 5xx.
+Reported: accepted requests' throughput and latency p50/p99 at 4x against
+capacity (what overload costs the requests that are taken), the refusals'
+latency, and every status seen: refusals must be 503 ``overloaded`` with
+``Retry-After``, and nothing else may be 5xx.
 
     python -m benchmarks.overload
 """
@@ -107,14 +109,65 @@ async def phase(base: str, clients: int, seconds: float, patient: bool = False) 
     return tally
 
 
+PHASES = (
+    ("capacity (16 clients)", CAPACITY, False),
+    ("4x capacity (64 clients)", 4 * CAPACITY, False),
+    ("4x, honouring Retry-After", 4 * CAPACITY, True),
+)
+AT_CAPACITY = PHASES[0][0]
+
+
 def ms(values: list[float], q: float) -> str:
     return f"{quantile(values, q) * 1000:7.1f}" if values else "      -"
+
+
+def run_rounds(base: str, pid: int, rounds: int, seconds: float) -> list[dict[str, Tally]]:
+    """Each round runs every phase once, in an order rotated from round to
+    round, so that the VM's drift within a run falls on each phase alike and a
+    round's phases are compared with each other (a paired comparison)."""
+    results: list[dict[str, Tally]] = []
+    for r in range(rounds):
+        shift = r % len(PHASES)
+        results.append({})
+        for name, clients, patient in PHASES[shift:] + PHASES[:shift]:
+            gateway_before, client_before = tree_cpu(pid), time.process_time()
+            results[-1][name] = tally = asyncio.run(phase(base, clients, seconds, patient))
+            tally.gateway_cpu = (tree_cpu(pid) - gateway_before) / seconds
+            tally.client_cpu = (time.process_time() - client_before) / seconds
+    return results
+
+
+def ratio_line(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def report(results: list[dict[str, Tally]], seconds: float) -> None:
+    print("  round  phase                      accepted/s  accepted p50    p99   refused p50    p99  "
+          "gateway cores  client cores  statuses")
+    for r, round_ in enumerate(results, 1):
+        for name, _, _ in PHASES:
+            t = round_[name]
+            print(f"  {r:5}  {name:<26} {len(t.accepted) / seconds:9.1f}  {ms(t.accepted, 0.5)} "
+                  f"{ms(t.accepted, 0.99)}   {ms(t.refused, 0.5)} {ms(t.refused, 0.99)}  "
+                  f"{t.gateway_cpu:12.2f}  {t.client_cpu:12.2f}  {dict(t.statuses)}")
+    print("  against capacity in the same round, median (range) over the rounds:")
+    for name, _, _ in PHASES[1:]:
+        rate, p50, p99 = [], [], []
+        for round_ in results:
+            base, over = round_[AT_CAPACITY].accepted, round_[name].accepted
+            rate.append(len(over) / len(base))
+            p50.append(statistics.median(over) / statistics.median(base))
+            p99.append(quantile(over, 0.99) / quantile(base, 0.99))
+        print(f"  {name}: accepted/s {ratio_line(rate)}, p50 {ratio_line(p50)}, p99 {ratio_line(p99)}")
+    unexplained = [u for round_ in results for t in round_.values() for u in t.unexplained]
+    print(f"  unexplained answers: {len(unexplained)}" + (f", e.g. {unexplained[:3]}" if unexplained else ""))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8124)
-    parser.add_argument("--seconds", type=float, default=30.0, help="per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three phases (default 3)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per phase and round (default 20)")
     parser.add_argument("--haproxy-threads", default="auto", help="runtime.haproxy_threads (default: auto)")
     parser.add_argument("--gateway-cpus", default="off", help="runtime.gateway_cpus: off (default), auto or 1,2,...")
     args = parser.parse_args()
@@ -126,41 +179,18 @@ def main() -> None:
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--host", "127.0.0.1",
          "--port", str(args.port)], stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
-    results: dict[str, Tally] = {}
     try:
         wait_ready(base + "/ready", proc)
         asyncio.run(phase(base, CAPACITY, 5))  # warm-up: the engine meets its batch shapes
-        phases = (
-            ("capacity (16 clients)", CAPACITY, False),
-            ("4x capacity (64 clients)", 4 * CAPACITY, False),
-            ("4x, honouring Retry-After", 4 * CAPACITY, True),
-        )
-        for name, clients, patient in phases:
-            gateway_before, client_before = tree_cpu(proc.pid), time.process_time()
-            results[name] = tally = asyncio.run(phase(base, clients, args.seconds, patient))
-            tally.gateway_cpu = (tree_cpu(proc.pid) - gateway_before) / args.seconds
-            tally.client_cpu = (time.process_time() - client_before) / args.seconds
+        results = run_rounds(base, proc.pid, args.rounds, args.seconds)
     finally:
         stop(proc)
         path.unlink(missing_ok=True)
     log.unlink()  # kept when the run failed, for its reason
     print(f"\nllm-gateway overload benchmark, {cpu_model()}, {MODEL} (vLLM), non-streaming chat, "
-          f"32 tokens, max_ongoing {ONGOING} + max_queued {QUEUED}, {args.seconds:.0f} s per phase, "
-          f"HAProxy threads {args.haproxy_threads}, gateway CPUs {args.gateway_cpus}")
-    print("  phase                      accepted/s  accepted p50    p99   refused p50    p99  "
-          "gateway cores  client cores  statuses")
-    for name, t in results.items():
-        rate = len(t.accepted) / args.seconds
-        print(f"  {name:<26} {rate:9.1f}  {ms(t.accepted, 0.5)} {ms(t.accepted, 0.99)}   "
-              f"{ms(t.refused, 0.5)} {ms(t.refused, 0.99)}  {t.gateway_cpu:12.2f}  {t.client_cpu:12.2f}  "
-              f"{dict(t.statuses)}")
-    at_capacity = results["capacity (16 clients)"].accepted
-    for name in ("4x capacity (64 clients)", "4x, honouring Retry-After"):
-        over = results[name].accepted
-        print(f"  {name}: accepted p50 / at capacity {statistics.median(over) / statistics.median(at_capacity):.2f}x, "
-              f"p99 {quantile(over, 0.99) / quantile(at_capacity, 0.99):.2f}x")
-    unexplained = [u for t in results.values() for u in t.unexplained]
-    print(f"  unexplained answers: {len(unexplained)}" + (f", e.g. {unexplained[:3]}" if unexplained else ""))
+          f"32 tokens, max_ongoing {ONGOING} + max_queued {QUEUED}, {args.rounds} rounds of "
+          f"{args.seconds:.0f} s per phase, HAProxy threads {args.haproxy_threads}, gateway CPUs {args.gateway_cpus}")
+    report(results, args.seconds)
 
 
 if __name__ == "__main__":
