@@ -72,7 +72,9 @@ class IngressConfig(StrictConfig):
         32 * 1024 * 1024,
         ge=1024,
         description="Largest request body accepted; larger ones are answered 413 before "
-        "they are read whole.",
+        "they are read whole. The rest of such a body is then read and dropped, so that a "
+        "client still sending gets the answer, for at most `read_timeout_s`; then the "
+        "connection is closed (behind HAProxy).",
     )
     graceful_shutdown_s: float = Field(
         60,

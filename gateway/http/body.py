@@ -12,33 +12,42 @@ from typing import Any
 from fastapi import Request
 
 from gateway.errors import InvalidRequestError, RequestReadTimeoutError, RequestTooLargeError
+from gateway.http.client_connection import close_later
 
 
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
     """The request's body; raises RequestTooLargeError (413) past ``limit``
     bytes, before reading more than that (at once when content-length says
     so), and RequestReadTimeoutError (408) when it has not all arrived
-    within ``timeout_s`` (a slow or stalled client)."""
+    within ``timeout_s`` (a slow or stalled client). After a 413 the client's
+    connection is closed ``timeout_s`` later, unless another request has
+    started on it (``close_later``)."""
     too_large = RequestTooLargeError(
         f"The request body is larger than this gateway accepts ({limit} bytes)."
     )
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
     parts: list[bytes] = []
     size = 0
     try:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
                     raise too_large
                 parts.append(chunk)
+    except RequestTooLargeError:
+        # The connection is kept (the rest of the body is read and dropped, so
+        # that a client still sending reliably gets its answer), but for no
+        # longer than the body's own time limit.
+        if timeout_s is not None:
+            close_later(getattr(request, "_send", None), timeout_s)
+        raise
     except TimeoutError:
         # Answered with `Connection: close` (as RFC 9110 asks of a 408): the
         # connection ends with the answer, so a client still trickling its
-        # body cannot hold it. (A 413 keeps it: the rest of the body is read
-        # and dropped, so that a client still sending reliably gets its answer.)
+        # body cannot hold it.
         error = RequestReadTimeoutError(f"The request body did not arrive within {timeout_s:g} seconds.")
         error.extra_headers["connection"] = "close"
         raise error from None

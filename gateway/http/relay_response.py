@@ -12,6 +12,7 @@ from typing import Any
 from starlette.responses import Response
 
 from gateway import sse
+from gateway.http.client_connection import uvicorn_cycle
 from gateway.http.relay_stream import ClientSink
 
 logger = logging.getLogger(__name__)
@@ -134,27 +135,10 @@ class RelayResponse(Response):
 
 
 def _uvicorn_cycle(send: Any) -> Any:
-    """uvicorn's request-response cycle behind the ASGI ``send`` wrappers (Starlette's,
-    Serve's, ours), when it writes a chunked body; None otherwise."""
-    seen: set[int] = set()
-    stack = [send]
-    while stack:
-        fn = stack.pop()
-        if id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        owner = getattr(fn, "__self__", None)
-        if type(owner).__name__ == "RequestResponseCycle" and type(owner).__module__.startswith("uvicorn."):
-            chunked = getattr(owner, "chunked_encoding", None) is True
-            return owner if chunked and hasattr(owner, "flow") else None
-        for cell in getattr(fn, "__closure__", None) or ():
-            try:
-                content = cell.cell_contents
-            except ValueError:
-                continue
-            if callable(content):
-                stack.append(content)
-    return None
+    """uvicorn's request-response cycle behind ``send`` when it writes a chunked body; None otherwise."""
+    owner = uvicorn_cycle(send)
+    chunked = getattr(owner, "chunked_encoding", None) is True
+    return owner if chunked and hasattr(owner, "flow") else None
 
 
 async def _disconnected(receive: Any) -> None:

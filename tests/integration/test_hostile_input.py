@@ -3,16 +3,19 @@
 Invalid UTF-8 and unpaired surrogates in any field, request ids that are
 not UTF-8, and clients that send their body too slowly
 (``ingress.read_timeout_s``, 5 s in the test config) get the gateway's
-OpenAI-shaped 4xx; heads too large or too slow are refused by HAProxy
+OpenAI-shaped 4xx, and a client that goes on sending a body refused 413 is
+disconnected within that time; heads too large or too slow are refused by HAProxy
 itself, with a 400 or 408 of its own.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import httpx
@@ -185,7 +188,7 @@ def test_a_request_id_that_is_not_utf8_is_400_and_a_session_id_is_kept(gateway: 
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
-def _until_closed(gateway: Gateway, parts: list[bytes], pause_s: float, wait_s: float) -> tuple[bytes, float, float]:
+def _until_closed(gateway: Gateway, parts: Iterable[bytes], pause_s: float, wait_s: float) -> tuple[bytes, float, float]:
     """Sends ``parts`` on one keep-alive connection, pausing between them,
     and goes on sending after the answer; returns the answer, the seconds
     until it was complete and until the gateway closed the connection
@@ -248,6 +251,30 @@ def test_a_body_that_stalls_is_408_after_the_read_timeout_and_its_connection_clo
     assert results["trickle"][2] - results["trickle"][1] <= 2.5
     assert results["silent"][2] - results["silent"][1] <= 2 * READ_TIMEOUT_S + 2.5
     assert http.post(CHAT, content=body).status_code == 200
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_refused_body_that_keeps_coming_is_cut_off_after_the_read_timeout(
+    gateway: Gateway, http: httpx.Client, framing: str
+) -> None:
+    """A body past `ingress.max_body_bytes` is answered 413 at once and the
+    rest of it is read and dropped, so that a client still sending gets its
+    answer; a client that goes on sending (here about 25 MB/s, without end) is
+    disconnected the read timeout after the answer. It used to be read for as
+    long as it came (24 GB in 20 s, HAProxy and the ingress busy throughout)."""
+    block = b"x" * (512 * 1024)
+    if framing == "chunked":  # refused once 32 MiB have passed
+        head, piece = _head(b"Transfer-Encoding: chunked\r\n"), b"%x\r\n%b\r\n" % (len(block), block)
+    else:  # refused before any of it is read
+        head, piece = _head(length=1 << 40), block
+    head = head.replace(b"Connection: close\r\n", b"")
+    parts = itertools.chain([head], itertools.repeat(piece))
+    answer, answered, closed = _until_closed(gateway, parts, 0.02, 4 * READ_TIMEOUT_S)
+    error = _error(answer, 413, "request_too_large")
+    assert error["type"] == "invalid_request_error"
+    assert answered < READ_TIMEOUT_S
+    assert READ_TIMEOUT_S - 0.5 <= closed - answered <= READ_TIMEOUT_S + 2.5
+    assert http.post(CHAT, content=_chat("echo")).status_code == 200
 
 
 def test_a_head_that_stalls_is_408_after_the_read_timeout(gateway: Gateway, http: httpx.Client) -> None:

@@ -53,11 +53,16 @@ def delivering(stream: RelayedStream, piped: list[bool]) -> Callable[[ClientSink
 
 
 @asynccontextmanager
-async def uvicorn_serving(streams: ReplicaRelay, opened: list[RelayedStream], piped: list[bool]) -> AsyncIterator[str]:
+async def uvicorn_serving(
+    streams: ReplicaRelay, opened: list[RelayedStream], piped: list[bool], cors: bool = False
+) -> AsyncIterator[str]:
     """A real uvicorn whose route relays a stream of ``streams``, as the
-    gateway's ingress does behind Serve's HAProxy front door."""
+    gateway's ingress does behind Serve's HAProxy front door (with the CORS
+    middleware, which wraps ``send`` in a ``functools.partial``, when ``cors``)."""
     import uvicorn
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import Request
     from starlette.routing import Route
 
@@ -66,7 +71,8 @@ async def uvicorn_serving(streams: ReplicaRelay, opened: list[RelayedStream], pi
         opened.append(stream)
         return RelayResponse(delivering(stream, piped), {"x-gateway-variant": "m"}, closed=stream.close)
 
-    app = Starlette(routes=[Route("/s", endpoint)])
+    middleware = [Middleware(CORSMiddleware, allow_origins=["https://page.example"])] if cors else []
+    app = Starlette(routes=[Route("/s", endpoint)], middleware=middleware)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=closed_port(), log_level="error"))
     task = asyncio.ensure_future(server.serve())
     while not server.started:
@@ -82,13 +88,16 @@ def no_chunks(self: RelayedStream) -> Any:
     raise AssertionError("a read went through a task (chunks), not straight to the client's socket")
 
 
-async def test_under_uvicorn_each_read_goes_straight_to_the_clients_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cors", [False, True])
+async def test_under_uvicorn_each_read_goes_straight_to_the_clients_socket(
+    monkeypatch: pytest.MonkeyPatch, cors: bool
+) -> None:
     monkeypatch.setattr(RelayedStream, "chunks", no_chunks)
     frames = [sse.frame({"n": i}) for i in range(20)] + [sse.DONE]
     server = frames_server(frames, gap_s=0.001)
     opened: list[RelayedStream] = []
     piped: list[bool] = []
-    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, piped) as url:
+    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, piped, cors) as url:
         async with httpx.AsyncClient() as client:
             for _ in range(2):
                 response = await client.get(url)
