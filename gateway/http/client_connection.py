@@ -30,7 +30,7 @@ def uvicorn_cycle(send: Any) -> Any:
                 continue
             if callable(content):
                 stack.append(content)
-        if isinstance(fn, functools.partial):  # Starlette's CORS middleware wraps `send` so
+        if isinstance(fn, functools.partial):  # how Starlette's CORS middleware wraps `send`
             stack += [part for part in (*fn.args, *fn.keywords.values()) if callable(part)]
     return None
 
