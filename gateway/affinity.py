@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -113,19 +114,29 @@ def _has_gpu() -> bool:
 
 
 def pin_gateway_processes(root: int, cpus: set[int]) -> int:
-    """Pins ``root`` and its descendants that are not the engine's or a model's
-    to ``cpus``; returns how many processes were pinned anew."""
+    """Pins every thread of ``root`` and of its descendants that are not the
+    engine's or a model's to ``cpus``; returns how many processes were pinned
+    anew. Linux keeps an affinity per thread: a Ray worker's event loop, gRPC
+    and I/O threads run before it is first seen, and would stay on every CPU
+    if only its main thread were pinned."""
     pinned = 0
     for pid in process_tree(root):
-        if is_engine(pid):
-            continue
-        try:
-            if os.sched_getaffinity(pid) != cpus:
-                os.sched_setaffinity(pid, cpus)
-                pinned += 1
-        except OSError:
-            continue  # gone, or not ours
+        if not is_engine(pid):
+            pinned += _pin_threads(pid, cpus)
     return pinned
+
+
+def _pin_threads(pid: int, cpus: set[int]) -> bool:
+    """Pins each of ``pid``'s threads to ``cpus``; True when any moved."""
+    moved = False
+    for tid in _threads(pid):
+        try:
+            if os.sched_getaffinity(tid) != cpus:
+                os.sched_setaffinity(tid, cpus)
+                moved = True
+        except OSError:
+            continue  # the thread ended, or is not ours
+    return moved
 
 
 # What no request waits on, by process title (Ray names an actor's process
@@ -239,12 +250,18 @@ def is_engine(pid: int) -> bool:
 def unpin_self() -> None:
     """Lets this process (a model replica) run on every CPU again.
 
-    New Ray workers inherit the pinned mask of the daemon that starts them; a
-    model replica must not, or the engine it starts would find only the
-    reserved CPUs to compute on.
+    New Ray workers inherit the pinned mask of the daemon that starts them,
+    and an idle worker's threads are pinned like any gateway process's; a
+    model replica must not stay so, or the engine it starts would find only
+    the reserved CPUs to compute on. Every thread is widened: each keeps its
+    own mask.
     """
-    if hasattr(os, "sched_setaffinity"):
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    every = set(range(os.cpu_count() or 1))
+    for tid in _threads(os.getpid()) or [0]:
         try:
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            os.sched_setaffinity(tid, every)
         except OSError:
-            logger.warning("could not widen this replica's CPU affinity; keeping %s", os.sched_getaffinity(0))
+            if tid in (0, threading.get_native_id()):
+                logger.warning("could not widen this replica's CPU affinity; keeping %s", os.sched_getaffinity(0))

@@ -44,22 +44,30 @@ def test_nothing_is_reserved_on_a_gpu_host(monkeypatch: pytest.MonkeyPatch) -> N
     assert affinity.reserved_cpus("auto") is None
 
 
+SLEEPER = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+
+
+def threads(pid: int) -> list[int]:
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
 def wait_for_children(root: int) -> list[int]:
-    """The tree's processes, once its two children run (one named as vLLM's engine)."""
-    deadline = time.monotonic() + 5
+    """The tree's processes, once its two children run (one named as vLLM's
+    engine, the other with a second thread)."""
+    deadline = time.monotonic() + 10
     while True:
         pids = affinity.process_tree(root)
-        if len(pids) == 3 and any(affinity.is_engine(p) for p in pids):
+        if len(pids) == 3 and any(affinity.is_engine(p) for p in pids) and any(len(threads(p)) == 2 for p in pids):
             return pids
         assert time.monotonic() < deadline, "the children did not start"
         time.sleep(0.02)
 
 
-def test_gateway_processes_are_pinned_and_the_engines_are_not() -> None:
+def test_every_thread_of_the_gateway_processes_is_pinned_and_the_engines_are_not() -> None:
     target = {min(os.sched_getaffinity(0))}
     tree = subprocess.Popen(
-        ["bash", "-c", 'sleep 30 & (exec -a "$MARK" sleep 30) & wait'],
-        env={**os.environ, "MARK": "VLLM::EngineCore"},
+        ["bash", "-c", '"$PYTHON" -c "$SLEEPER" & (exec -a "$MARK" sleep 30) & wait'],
+        env={**os.environ, "MARK": "VLLM::EngineCore", "PYTHON": sys.executable, "SLEEPER": SLEEPER},
         start_new_session=True,
     )
     try:
@@ -67,24 +75,32 @@ def test_gateway_processes_are_pinned_and_the_engines_are_not() -> None:
         engine = [p for p in pids if affinity.is_engine(p)]
         assert len(engine) == 1
         assert affinity.pin_gateway_processes(tree.pid, target) == 2
-        assert {p: os.sched_getaffinity(p) == target for p in pids} == {p: p not in engine for p in pids}
+        pinned = {tid: os.sched_getaffinity(tid) == target for p in pids for tid in threads(p)}
+        assert pinned == {tid: p not in engine for p in pids for tid in threads(p)}
+        assert len(pinned) == 4  # bash, the engine, and both of the other process's threads
         assert affinity.pin_gateway_processes(tree.pid, target) == 0  # already pinned
     finally:
         os.killpg(tree.pid, 9)
         tree.wait()
 
 
-def test_a_model_replica_unpins_itself() -> None:
-    before = os.sched_getaffinity(0)
-    try:
-        os.sched_setaffinity(0, {min(before)})
-        affinity.unpin_self()
-        assert os.sched_getaffinity(0) == ALL
-    finally:
-        os.sched_setaffinity(0, before)
+WIDEN = """
+import os, threading, time
+from gateway import affinity
+threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+for tid in os.listdir("/proc/self/task"):
+    os.sched_setaffinity(int(tid), {min(os.sched_getaffinity(0))})
+affinity.unpin_self()
+print(sorted(len(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")))
+"""
 
 
-SLEEPER = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+def test_a_model_replica_unpins_every_thread_of_its_own() -> None:
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", WIDEN], capture_output=True, text=True, check=True, timeout=60, cwd=root)
+    assert out.stdout.split() == [f"[{len(ALL)},", f"{len(ALL)}]"]
+
+
 TITLES = {
     "controller": "ray::ServeController.listen_for_change",
     "hub": "ray::ServeReplica:app:MetricsHub",
