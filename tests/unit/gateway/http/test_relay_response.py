@@ -191,8 +191,10 @@ class Written:
         self.write(data)
 
 
-async def fake_replica(answer: bytes, then_close: bool = True) -> relay.RelayAddress:
-    """A replica port that answers every request with ``answer`` in one write (then closes)."""
+@asynccontextmanager
+async def fake_replica(answer: bytes, then_close: bool = True) -> AsyncIterator[relay.RelayAddress]:
+    """A replica port that answers every request with ``answer`` in one write
+    (then closes), listening until the block ends."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -201,28 +203,30 @@ async def fake_replica(answer: bytes, then_close: bool = True) -> relay.RelayAdd
         if then_close:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    return relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t")
+    async with await asyncio.start_server(serve, "127.0.0.1", 0) as server:
+        yield relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t")
 
 
 async def test_a_stream_read_whole_with_its_head_is_forwarded_with_its_outcome() -> None:
     body = sse.frame({"n": 0}) + sse.DONE
     answer = relay.response_head(200, sse.MEDIA_TYPE, keep=False) + body + relay.END + relay.encode_outcome(OUTCOME)
-    stream = await ReplicaRelay(Router(await fake_replica(answer))).open(CALL)
-    # All of it has arrived, held by the connection's reader before the stream is piped.
-    await until(lambda: relay.END in bytes(stream._reader._buffer))  # type: ignore[attr-defined]
-    sink = Written()
-    assert await stream.pipe(sink) is True
+    async with fake_replica(answer) as address:
+        stream = await ReplicaRelay(Router(address)).open(CALL)
+        # All of it has arrived, held by the connection's reader before the stream is piped.
+        await until(lambda: relay.END in bytes(stream._reader._buffer))  # type: ignore[attr-defined]
+        sink = Written()
+        assert await stream.pipe(sink) is True
     assert b"".join(sink.data) == body
     assert stream.outcome == OUTCOME
 
 
 async def test_a_forwarded_stream_that_breaks_off_is_reported_cut() -> None:
     answer = relay.response_head(200, sse.MEDIA_TYPE) + sse.frame({"n": 0})
-    stream = await ReplicaRelay(Router(await fake_replica(answer))).open(CALL)
-    sink = Written()
-    with pytest.raises(StreamCutError):
-        await stream.pipe(sink)
+    async with fake_replica(answer) as address:
+        stream = await ReplicaRelay(Router(address)).open(CALL)
+        sink = Written()
+        with pytest.raises(StreamCutError):
+            await stream.pipe(sink)
     assert b"".join(sink.data) == sse.frame({"n": 0})
     assert stream.outcome is None
 
