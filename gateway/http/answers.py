@@ -97,6 +97,7 @@ class Answers:
             stream.close()  # at once, even where the client's hang-up left this unfinished
         if error is not None:
             record.error, record.late_status = error.code, error.status_code
+            await stream.released()  # a replica handed the client's socket writes no more
             await sink.send(sse.stream_error(endpoint, error, sse.next_sequence_number(sink.last)))
             return
         if stream.outcome is not None:

@@ -8,7 +8,11 @@ least busy. The tokens then come straight from the replica's own port: one
 read, one write to the client, however many tokens a read holds; nothing is
 parsed per token, and where the client's socket can be written at once
 (``ClientSink.immediate``) each read is written from the connection's own
-callback, with no task woken and nothing awaited per read. The replica itself
+callback, with no task woken and nothing awaited per read. Where the
+replica runs on this host, a stream of chat, completions or messages is
+not relayed at all: its replica is handed the client's socket and writes
+the stream there itself (``gateway.http.handoff``); the ingress writes the
+head and the last chunk, and counts the outcome. The replica itself
 holds streams to its ``max_ongoing_requests`` and ``max_queued_requests``
 (``models.llm.relay``).
 """
@@ -24,13 +28,14 @@ from typing import Any
 
 from gateway.errors import GatewayError, OverloadedError, ResponseNotFoundError, ServiceUnavailableError
 from gateway.http.background import in_background
+from gateway.http import handoff
+from gateway.http.handoff import ENDPOINTS as HANDOFF_ENDPOINTS
 from gateway.http.replica_lookup import BoundedLookUp
+from gateway.http.relay_connection import ConnectionPool, connect
 from gateway.http.relay_stream import (
     BACKGROUND_OUTCOME_S,
-    ConnectionPool,
     RelayedStream,
     abandon,
-    connect,
     outcome_after,
     outcome_line,
     read_answer,
@@ -81,6 +86,7 @@ class ReplicaRelay:
         self._refresh: asyncio.Task[None] | None = None
         self._turn = 0
         self._pool = ConnectionPool(clock)
+        self._local: dict[relay.RelayAddress, bool] = {}  # replicas that take clients' sockets from here
 
     async def open(self, call: EngineRequest) -> RelayedStream:
         """Connects to a replica and waits for its answer to start.
@@ -154,8 +160,9 @@ class ReplicaRelay:
         for _ in range(ATTEMPTS):
             address = await self._pick(call)
             try:
-                reader, writer, length = await self._request(call, address, relay.COUNT)
+                reader, writer, answer = await self._request(call, address, relay.COUNT)
                 try:
+                    length = answer.length
                     data = await reader.read() if length is None else await reader.readexactly(length)
                 except BaseException:
                     writer.close()
@@ -257,6 +264,7 @@ class ReplicaRelay:
             raise ResponseNotFoundError(_REPLICA_GONE)
 
     def _forget(self, address: relay.RelayAddress) -> None:
+        self._local.pop(address, None)
         self._pool.drop(address)
         self._open.pop(address, None)
         self._misses.pop(address, None)
@@ -266,14 +274,27 @@ class ReplicaRelay:
             self._open[address] -= 1
 
     async def _start(self, call: EngineRequest, address: relay.RelayAddress) -> RelayedStream:
+        offer = call.endpoint in HANDOFF_ENDPOINTS and self._takes_sockets(address)
         try:
-            reader, writer, _ = await self._request(call, address)
+            reader, writer, answer = await self._request(call, address, offer=offer)
         except BaseException:
             self._done(address)
             raise
         return RelayedStream(
-            reader, writer, lambda: self._done(address), lambda r, w: self._pool.give(address, r, w)
+            reader,
+            writer,
+            lambda: self._done(address),
+            lambda r, w: self._pool.give(address, r, w),
+            answer.ticket,
+            address,
         )
+
+    def _takes_sockets(self, address: relay.RelayAddress) -> bool:
+        """Whether the replica at ``address`` may be handed clients' sockets (it runs on this host)."""
+        local = self._local.get(address)
+        if local is None:
+            local = self._local[address] = handoff.reachable(address)
+        return local
 
     async def _request(
         self,
@@ -281,12 +302,13 @@ class ReplicaRelay:
         address: relay.RelayAddress,
         op: str | None = None,
         abandoned: Callable[[Outcome | None], None] | None = None,
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int | None]:
+        offer: bool = False,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, relay.ResponseStatus]:
         """Sends ``call`` to the replica at ``address`` (on a kept connection
         if there is one) and reads the response head.
 
-        Returns the connection, the body still to read, and the body's length
-        if the head gave it, when the answer starts (200); raises the
+        Returns the connection, the body still to read, and the head's status,
+        body length and handoff ticket, when the answer starts (200); raises the
         replica's ``GatewayError`` otherwise, and OSError (or an incomplete
         read) when the replica cannot be reached. The connection is closed
         (or kept, after a whole error body) whenever this raises; when the
@@ -296,7 +318,7 @@ class ReplicaRelay:
         kept = self._pool.take(address)
         reader, writer = kept if kept is not None else await connect(address)
         try:
-            writer.write(relay.encode_request(call, address.token, op))
+            writer.write(relay.encode_request(call, address.token, op, offer))
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
             except (OSError, asyncio.IncompleteReadError) as exc:
@@ -307,11 +329,11 @@ class ReplicaRelay:
                 # more on a new one.
                 writer.close()
                 reader, writer = await connect(address)
-                writer.write(relay.encode_request(call, address.token, op))
+                writer.write(relay.encode_request(call, address.token, op, offer))
                 head = await reader.readuntil(b"\r\n\r\n")
-            status, length = relay.status_of(head)
-            if status != 200:
-                error = GatewayError.from_wire(json.loads(await reader.readexactly(length or 0)))
+            answer = relay.status_of(head)
+            if answer.status != 200:
+                error = GatewayError.from_wire(json.loads(await reader.readexactly(answer.length or 0)))
                 self._pool.give(address, reader, writer)
                 raise error
         except GatewayError:
@@ -325,4 +347,4 @@ class ReplicaRelay:
         except BaseException:
             writer.close()
             raise
-        return reader, writer, length
+        return reader, writer, answer

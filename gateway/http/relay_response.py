@@ -52,6 +52,13 @@ class SocketSink:
         if self.write(data) and self.congested():
             await self.drain()
 
+    def socket_fd(self) -> int | None:
+        transport = self._transport
+        if self._cycle.disconnected or transport.is_closing() or transport.get_write_buffer_size():
+            return None
+        sock = transport.get_extra_info("socket")
+        return sock.fileno() if sock is not None else None
+
 
 class AsgiSink:
     """The response body as ASGI messages, one per write (Serve's own proxy, tests)."""
@@ -74,6 +81,9 @@ class AsgiSink:
     async def send(self, data: bytes) -> None:
         self.last = data
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    def socket_fd(self) -> int | None:
+        return None
 
 
 class RelayResponse(Response):

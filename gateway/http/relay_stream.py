@@ -1,29 +1,21 @@
 """One relayed answer on a connection to an LLM replica: the stream's bytes
 written to the client as they arrive (from the connection's own callback
-where the client's socket can be written at once), its outcome read after
+where the client's socket can be written at once), or the client's socket
+handed to the replica, which writes them itself; its outcome read after
 them, and the connection kept for the next request (``ConnectionPool``)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 from gateway.http.background import in_background
+from gateway.http.handoff import hand_over
+from gateway.http.relay_connection import READ_BYTES, RelayProtocol, RelayReader, StreamCutError
 from gateway.protocol import relay
 from gateway.protocol.engine import Outcome
-
-READ_BYTES = 64 * 1024
-# Connections to a replica are kept for its next request once an answer has
-# been read to its end: at most KEEP_PER_REPLICA idle ones, none used again
-# after KEEP_IDLE_S idle (the replica closes its own later:
-# models.llm.relay.IDLE_S).
-KEEP_PER_REPLICA = 64
-KEEP_IDLE_S = 20.0
-
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
 
 class ClientSink(Protocol):
     """Where a relayed stream's bytes go: the client's response body."""
@@ -45,42 +37,9 @@ class ClientSink(Protocol):
     async def send(self, data: bytes) -> None:
         """Writes ``data`` to the client, waiting as its server has it wait."""
 
-
-class _RelayReader(asyncio.StreamReader):
-    def take_held(self) -> bytes:
-        """The bytes read from the socket and not yet from this reader, taken
-        from it without waiting (which StreamReader has no public way to do)."""
-        held = bytes(self._buffer)  # type: ignore[attr-defined]
-        self._buffer.clear()  # type: ignore[attr-defined]
-        self._maybe_resume_transport()  # type: ignore[attr-defined]
-        return held
-
-
-class _RelayProtocol(asyncio.StreamReaderProtocol):
-    """A relay connection's protocol: one kept idle that the replica closes is
-    closed here too; while ``forward`` is set, what arrives goes to it instead
-    of the reader."""
-
-    idle = False
-    forward: _Forward | None = None
-
-    def data_received(self, data: bytes) -> None:
-        forward = self.forward
-        if forward is None:
-            super().data_received(data)
-        else:
-            forward.feed(data)
-
-    def eof_received(self) -> bool:
-        if self.forward is not None:
-            self.forward.cut("the replica closed the stream before its end")
-        keep_open = super().eof_received()
-        return bool(keep_open) and not self.idle
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.forward is not None:
-            self.forward.cut(str(exc) if exc is not None else "the replica's connection was lost")
-        super().connection_lost(exc)
+    def socket_fd(self) -> int | None:
+        """The client's socket, when another process may write the rest of
+        the body to it now (all written so far is sent); else None."""
 
 
 _ENDED, _STALLED, _GONE = "ended", "stalled", "gone"
@@ -92,7 +51,7 @@ class _Forward:
     outcome, goes to the reader again). Wakes its waiter only when the stream
     ends, breaks off, the client falls behind (reading then pauses) or leaves."""
 
-    def __init__(self, sink: ClientSink, protocol: _RelayProtocol, transport: asyncio.BaseTransport) -> None:
+    def __init__(self, sink: ClientSink, protocol: RelayProtocol, transport: asyncio.BaseTransport) -> None:
         self._sink = sink
         self._protocol = protocol
         self._transport: Any = transport
@@ -141,69 +100,6 @@ class _Forward:
             self._protocol.forward = None  # anything further goes to the reader
         if not self._woken.done():
             self._woken.set_result(state)
-
-
-async def connect(address: relay.RelayAddress) -> Connection:
-    """A new connection to the replica at ``address`` (``asyncio.open_connection``'s, with ``_RelayProtocol``)."""
-    loop = asyncio.get_running_loop()
-    reader = _RelayReader(loop=loop)
-    protocol = _RelayProtocol(reader, loop=loop)
-    transport, _ = await loop.create_connection(lambda: protocol, address.host, address.port)
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
-
-# A kept connection: since when it is idle, its reader, writer and protocol
-# (its transport forgets the protocol once closed).
-_Kept = tuple[float, asyncio.StreamReader, asyncio.StreamWriter, _RelayProtocol]
-
-
-class ConnectionPool:
-    """Idle connections to one model's replicas, the most recently used first."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._idle: dict[relay.RelayAddress, list[_Kept]] = {}
-
-    def take(self, address: relay.RelayAddress) -> Connection | None:
-        """A kept connection to ``address`` still open, if there is one."""
-        kept = self._idle.get(address)
-        now = self._clock()
-        while kept:
-            since, reader, writer, protocol = kept.pop()
-            protocol.idle = False
-            if now - since < KEEP_IDLE_S and not writer.transport.is_closing() and not reader.at_eof():
-                return reader, writer
-            writer.close()
-        return None
-
-    def give(self, address: relay.RelayAddress, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Keeps a connection whose answer has been read to its end (or closes it)."""
-        kept = self._idle.setdefault(address, [])
-        protocol = writer.transport.get_protocol()
-        if (
-            not isinstance(protocol, _RelayProtocol)
-            or len(kept) >= KEEP_PER_REPLICA
-            or writer.transport.is_closing()
-            or reader.at_eof()
-        ):
-            writer.close()
-            return
-        protocol.idle = True
-        kept.append((self._clock(), reader, writer, protocol))
-
-    def idle(self, address: relay.RelayAddress) -> int:
-        """How many connections to ``address`` are kept (open or not yet seen closed)."""
-        return len(self._idle.get(address, ()))
-
-    def drop(self, address: relay.RelayAddress | None = None) -> None:
-        """Closes the kept connections to ``address`` (None: to every replica)."""
-        for key in [address] if address is not None else list(self._idle):
-            for _, _, writer, _ in self._idle.pop(key, ()):
-                writer.close()
-
-
-class StreamCutError(ConnectionError):
-    """The replica's stream ended without its end mark: the replica failed mid-stream."""
 
 
 # How long an abandoned request's replica gets to report what it generated;
@@ -285,7 +181,11 @@ class RelayedStream:
     ``ended`` (set with ``when_ended``) gets the stream's outcome once it is
     over: the outcome that followed its last byte, or, for a stream closed
     before its end (the client left), what the replica generated until it
-    stopped; None when that cannot be known (the replica broke off)."""
+    stopped; None when that cannot be known (the replica broke off).
+
+    With a ``ticket`` the replica (at ``address``) offers to write the stream
+    to the client's socket itself: ``pipe`` hands it over where the sink
+    allows; otherwise the stream is relayed (``RELAY_OWN``)."""
 
     def __init__(
         self,
@@ -293,8 +193,13 @@ class RelayedStream:
         writer: asyncio.StreamWriter,
         done: Callable[[], None],
         keep: Callable[[asyncio.StreamReader, asyncio.StreamWriter], None] | None = None,
+        ticket: bytes = b"",
+        address: relay.RelayAddress | None = None,
     ) -> None:
         self._reader, self._writer, self._done = reader, writer, done
+        self._ticket, self._address = ticket, address
+        self.handed_off = False  # the replica writes to the client's socket
+        self._released: asyncio.Future[None] | None = None
         self._keep = keep  # takes the connection back once the stream has ended cleanly
         self._reusable = False
         self.outcome: Outcome | None = None
@@ -312,6 +217,7 @@ class RelayedStream:
         when the replica's stream breaks off. Leaving early closes the
         connection, which aborts the engine request."""
         reader = self._reader
+        self._relay_own()
         try:
             while data := await reader.read(READ_BYTES):
                 end = data.find(relay.END)
@@ -338,8 +244,13 @@ class RelayedStream:
         way the stream is closed when this returns or raises (leaving early
         aborts the engine request)."""
         try:
+            if self._ticket and sink.immediate and self._address is not None:
+                fd = sink.socket_fd()
+                if fd is not None and await self._hand_over(fd):
+                    return await self._handed_over()
+            self._relay_own()
             protocol = self._writer.transport.get_protocol()
-            if sink.immediate and isinstance(protocol, _RelayProtocol) and isinstance(self._reader, _RelayReader):
+            if sink.immediate and isinstance(protocol, RelayProtocol) and isinstance(self._reader, RelayReader):
                 return await self._forward(sink, protocol, self._reader)
             async for chunk in self.chunks():
                 await sink.send(chunk)
@@ -347,34 +258,77 @@ class RelayedStream:
         finally:
             self.close()
 
-    async def _forward(self, sink: ClientSink, protocol: _RelayProtocol, reader: _RelayReader) -> bool:
+    async def _forward(self, sink: ClientSink, protocol: RelayProtocol, reader: RelayReader) -> bool:
         transport = self._writer.transport
         forward = _Forward(sink, protocol, transport)
         held = reader.take_held()
         protocol.forward = forward  # from here, reads go to the client as they arrive
         try:
-            if held:
-                forward.feed(held)
-            if protocol.forward is forward and (reader.exception() is not None or reader.at_eof()):
-                forward.cut("the replica closed the stream before its end")
-            while (state := await forward.woken()) == _STALLED:
-                await sink.drain()
-                forward.resume()
-            if state == _GONE:
-                return False
-            line, self._reusable = await outcome_line(reader, forward.rest)
-        except StreamCutError:
-            self._cut = True
-            raise
-        except OSError as exc:
-            self._cut = True
-            raise StreamCutError(str(exc)) from exc
+            with self._marking_cut():
+                if held:
+                    forward.feed(held)
+                if protocol.forward is forward and (reader.exception() is not None or reader.at_eof()):
+                    forward.cut("the replica closed the stream before its end")
+                while (state := await forward.woken()) == _STALLED:
+                    await sink.drain()
+                    forward.resume()
+                if state == _GONE:
+                    return False
+                line, self._reusable = await outcome_line(reader, forward.rest)
         finally:
             protocol.forward = None
             if forward.stalled:
                 transport.resume_reading()  # type: ignore[attr-defined]
         self.outcome = relay.decode_outcome(line)
         return True
+
+    def _relay_own(self) -> None:
+        """Tells a replica that offered a handoff to send the stream here."""
+        if self._ticket:
+            self._ticket = b""
+            self._writer.write(relay.RELAY_OWN)
+
+    async def _hand_over(self, fd: int) -> bool:
+        """Hands the client's socket to the replica; False when its port is gone."""
+        assert self._address is not None
+        ticket, self._ticket = self._ticket, b""
+        try:
+            await hand_over(self._address, ticket, fd)
+        except OSError:
+            self._ticket = ticket
+            return False
+        self.handed_off = True
+        return True
+
+    async def _handed_over(self) -> bool:
+        """Waits for the end of a stream the replica writes to the client;
+        False when the client left."""
+        with self._marking_cut():
+            data = await self._reader.read(READ_BYTES)
+            if not data.startswith(relay.END):  # b"": closed; else not a handed-over stream's answer
+                raise StreamCutError("the replica's stream ended without its end mark")
+            line, self._reusable = await outcome_line(self._reader, data[1:])
+        self.outcome = relay.decode_outcome(line)
+        return not self.outcome.client_left
+
+    @contextlib.contextmanager
+    def _marking_cut(self) -> Iterator[None]:
+        """A connection that breaks marks the stream cut short (StreamCutError)."""
+        try:
+            yield
+        except StreamCutError:
+            self._cut = True
+            raise
+        except OSError as exc:
+            self._cut = True
+            raise StreamCutError(str(exc)) from exc
+
+    async def released(self) -> None:
+        """Returns once the replica writes no more to the client's socket (a
+        stream handed over and left early: once it has said what it
+        generated, or given up waiting for that)."""
+        if self._released is not None:
+            await asyncio.shield(self._released)
 
     def close(self) -> None:
         """Closes the connection, which aborts the engine request if the stream
@@ -385,6 +339,17 @@ class RelayedStream:
         self._closed = True
         self._done()
         ended, self._ended = self._ended, None
+        if self.handed_off and self.outcome is None and not self._cut:
+            # The replica writes to the client until it has stopped the stream.
+            released = self._released = asyncio.get_running_loop().create_future()
+
+            def stopped(outcome: Outcome | None) -> None:
+                released.set_result(None)
+                if ended is not None:
+                    ended(outcome)
+
+            abandon(self._reader, self._writer, stopped, self.outcome_wait_s)
+            return
         if ended is not None and self.outcome is None and not self._cut:
             # Left early: half-close, so the replica still says what it generated.
             abandon(self._reader, self._writer, ended, self.outcome_wait_s)

@@ -59,6 +59,8 @@ class Outcome:
     of each batch, so that each batch is counted once. ``error`` and
     ``error_status`` name the error that ended a stream after its first
     byte (its code and HTTP status), None for one that ended well.
+    ``client_left``: a stream the replica wrote to the client's socket
+    itself (handed over) ended because the client was gone.
     """
 
     prompt_tokens: int = 0
@@ -69,6 +71,7 @@ class Outcome:
     batch_size: int | None = None
     error: str | None = None
     error_status: int | None = None
+    client_left: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ once an answer has ended (unless either side says ``connection: close``)::
     x-request-id: <request id>
     x-gateway-model: <concrete model>
     x-gateway-owner: <API key id>          (when the request came with a key)
+    x-gateway-handoff: offer               (the ingress may hand over its client's socket)
     content-length: <n>
 
     <the client's JSON body, `model` naming the concrete model>
@@ -26,6 +27,17 @@ Response:
   whose connection closes without ``END`` was cut short.
 - any other status: ``content-length`` and the error as JSON
   (``GatewayError.to_wire``), known before the first byte of the stream.
+
+Handing over the client's socket: a replica with a handoff port (an
+abstract Unix socket its address names, ``handoff``) answers a stream that
+was offered one with the head alone, ``x-relay-handoff: <ticket>`` among its
+headers, and waits. The ingress then either sends the ticket and its
+client's socket (``SCM_RIGHTS``) to that port, and the replica writes the
+stream to the client itself, each frame one HTTP chunk, closing its copy of
+the socket before ``END`` and the outcome, which still come over the relay
+connection; or it writes ``RELAY_OWN`` (one byte) on the relay connection,
+and the stream follows there as above. The tokens then cross one socket
+between the engine and HAProxy, as behind ``vllm serve``.
 
 Closing the connection (or only its sending side) while an answer runs
 aborts the engine request; after a half-close the replica still writes
@@ -62,6 +74,11 @@ MODEL_HEADER = "x-gateway-model"
 OP_HEADER = "x-gateway-op"
 COUNT = "count"
 OWNER_HEADER = "x-gateway-owner"
+HANDOFF_HEADER = "x-gateway-handoff"
+OFFER = "offer"
+TICKET_HEADER = "x-relay-handoff"
+TICKET_BYTES = 16
+RELAY_OWN = b"r"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_HEAD_BYTES = 16 * 1024
 ENDPOINTS: frozenset[str] = frozenset(
@@ -88,14 +105,16 @@ def response_replica(response_id: str) -> str | None:
 
 
 class RelayAddress(NamedTuple):
-    """Where a replica takes relayed streams, the token it asks for, and its
-    id (``REPLICA_CHARS`` hex digits; "" for replicas that store nothing).
+    """Where a replica takes relayed streams, the token it asks for, its id
+    (``REPLICA_CHARS`` hex digits; "" for replicas that store nothing) and
+    the abstract Unix socket that takes clients' sockets ("" for none).
     (Subclasses name other token-guarded ports under another ``metadata_key``.)"""
 
     host: str
     port: int
     token: str
     replica: str = ""
+    handoff: str = ""
 
     @classmethod
     def metadata_key(cls) -> str:
@@ -107,15 +126,22 @@ class RelayAddress(NamedTuple):
         entry = metadata.get(cls.metadata_key())
         if not isinstance(entry, dict):
             return None
-        return cls(str(entry["host"]), int(entry["port"]), str(entry["token"]), str(entry.get("replica", "")))
+        return cls(
+            str(entry["host"]),
+            int(entry["port"]),
+            str(entry["token"]),
+            str(entry.get("replica", "")),
+            str(entry.get("handoff", "")),
+        )
 
     def metadata(self) -> dict[str, Any]:
         return {self.metadata_key(): self._asdict()}
 
 
-def encode_request(call: EngineRequest, token: str, op: str | None = None) -> bytes:
+def encode_request(call: EngineRequest, token: str, op: str | None = None, offer: bool = False) -> bytes:
     """The HTTP request that asks a replica for ``call``'s stream (or, with
-    ``op=COUNT``, for its token count)."""
+    ``op=COUNT``, for its token count); ``offer``: the client's socket may be
+    handed over."""
     body = _encode(call.body).encode()
     head = (
         f"POST {PATH_PREFIX}{call.endpoint} HTTP/1.1\r\n"
@@ -125,6 +151,7 @@ def encode_request(call: EngineRequest, token: str, op: str | None = None) -> by
         f"{MODEL_HEADER}: {call.model}\r\n"
         + (f"{OWNER_HEADER}: {call.owner}\r\n" if call.owner else "")
         + (f"{OP_HEADER}: {op}\r\n" if op else "")
+        + (f"{HANDOFF_HEADER}: {OFFER}\r\n" if offer else "")
         + "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"
         f"connection: keep-alive\r\n\r\n"
@@ -144,6 +171,11 @@ class RequestHead(NamedTuple):
         if not self.path.startswith(PATH_PREFIX) or name not in ENDPOINTS:
             return None
         return name  # type: ignore[return-value]
+
+    @property
+    def offers_handoff(self) -> bool:
+        """Whether the ingress may hand over its client's socket for this stream."""
+        return self.headers.get(HANDOFF_HEADER, "") == OFFER
 
     @property
     def keep_alive(self) -> bool:
@@ -171,26 +203,40 @@ def parse_head(raw: bytes) -> RequestHead:
     return RequestHead(method, path, headers)
 
 
-def response_head(status: int, media_type: str, length: int | None = None, keep: bool = False) -> bytes:
+def response_head(
+    status: int, media_type: str, length: int | None = None, keep: bool = False, ticket: bytes = b""
+) -> bytes:
     """A response's status line and headers; without ``length`` the body ends at
-    ``END``. ``keep``: the connection stays open for another request."""
+    ``END``. ``keep``: the connection stays open for another request;
+    ``ticket``: the stream waits for the client's socket or ``RELAY_OWN``."""
     lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", f"content-type: {media_type}"]
     if length is not None:
         lines.append(f"content-length: {length}")
+    if ticket:
+        lines.append(f"{TICKET_HEADER}: {ticket.hex()}")
     lines.append("connection: keep-alive" if keep else "connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def status_of(head: bytes) -> tuple[int, int | None]:
-    """A response head's status and content-length (None when absent)."""
+class ResponseStatus(NamedTuple):
+    status: int
+    length: int | None  # None: the body ends at END
+    ticket: bytes = b""  # the stream waits for a handoff (``TICKET_HEADER``)
+
+
+def status_of(head: bytes) -> ResponseStatus:
+    """A response head's status, content-length and handoff ticket."""
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
-    length = None
+    length, ticket = None, b""
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
+        name = name.strip().lower()
+        if name == "content-length":
             length = int(value)
-    return status, length
+        elif name == TICKET_HEADER:
+            ticket = bytes.fromhex(value.strip())
+    return ResponseStatus(status, length, ticket)
 
 
 _OUTCOME_FIELDS = tuple(field.name for field in fields(Outcome))

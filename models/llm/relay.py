@@ -7,6 +7,9 @@ first frame is awaited before the response starts, so errors known before the
 first byte are plain HTTP errors (and a route's fallback can still try the
 next variant). The stream's outcome follows its last byte. A connection that
 closes early aborts the engine request at once, even between tokens.
+An ingress on this host may instead hand over its client's socket: the
+stream is then written there, each frame one HTTP chunk
+(``models.llm.handoff``), and only the outcome comes back on the connection.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gateway import sse
 from gateway.errors import GatewayError, InternalServerError, InvalidRequestError, OverloadedError
 from gateway.protocol import relay
-from gateway.protocol.engine import EngineRequest, Outcome, Reply
-from models.llm.tally import GenerationTally
+from gateway.protocol.engine import EngineRequest, Outcome
+from models.llm.handoff import ClientSocket, HandoffPort
+from models.llm.relay_answers import Answerer, Counter, answer_whole, count, stop_watching, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +38,14 @@ logger = logging.getLogger(__name__)
 # Raises GatewayError for errors known before the first frame.
 StreamOpener = Callable[[EngineRequest], Awaitable[tuple[AsyncIterator[bytes], Callable[[], Outcome]]]]
 
-# Answers a non-streaming request, counting into the tally it is given;
-# raises GatewayError as handle calls do.
-Answerer = Callable[[EngineRequest, GenerationTally], Coroutine[Any, Any, Reply]]
-
-# Counts a request's most tokens (``relay.COUNT``); raises GatewayError.
-Counter = Callable[[EngineRequest], Awaitable[int]]
+# Where a stream's bytes go: the relay connection, or the client's socket handed over.
+_Out = asyncio.StreamWriter | ClientSocket
 
 # Past this many unsent bytes (a slow client), the engine stream waits.
 HIGH_WATER = 256 * 1024
 HEAD_TIMEOUT_S = 10.0
 # A connection idle this long between requests is closed (an ingress stops
-# using its own sooner: gateway.http.relay_stream.KEEP_IDLE_S).
+# using its own sooner: gateway.http.relay_connection.KEEP_IDLE_S).
 IDLE_S = 60.0
 OVERLOADED = "The model is receiving too many requests; please retry shortly."
 
@@ -56,7 +57,9 @@ class StreamServer:
     (-1: any number) wait for a place, and any beyond are refused at once
     with 503 ``overloaded`` and ``Retry-After`` (as Serve refuses handle
     calls beyond a deployment's limits). A connection carries one request
-    after another; one idle for ``idle_s`` is closed.
+    after another; one idle for ``idle_s`` is closed. With ``handoff``, an
+    ingress on this host may hand over its client's socket for a stream
+    (``models.llm.handoff``).
     """
 
     def __init__(
@@ -69,8 +72,10 @@ class StreamServer:
         count: Counter | None = None,
         replica: str = "",
         idle_s: float = IDLE_S,
+        handoff: bool = True,
     ) -> None:
         self._open = open_stream
+        self._handoff = HandoffPort() if handoff else None
         self._replica = replica
         self._answer_body = answer
         self._count = count
@@ -90,7 +95,8 @@ class StreamServer:
         """Listens; returns the address and token the replica publishes."""
         self._server = await asyncio.start_server(self._connection, self._host, 0)
         port = self._server.sockets[0].getsockname()[1]
-        return relay.RelayAddress(self._host, int(port), self._token, self._replica)
+        handoff = self._handoff.start() if self._handoff is not None else ""
+        return relay.RelayAddress(self._host, int(port), self._token, self._replica, handoff)
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Takes no new connections nor requests (an ingress then tries another
@@ -108,6 +114,8 @@ class StreamServer:
             await asyncio.wait(list(self._connections), timeout=grace_s)
         for task in list(self._connections):
             task.cancel()
+        if self._handoff is not None:
+            self._handoff.stop()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -145,12 +153,12 @@ class StreamServer:
         read = await self._read_request(reader, writer, first)
         if read is None:
             return False
-        request, op, keep = read
+        request, op, keep, offered = read
         if op == relay.COUNT:
-            await _count(self._count, request, writer, keep)
+            await count(self._count, request, writer, keep)
             return keep
         if self._places.locked() and 0 <= self._max_queued <= self._queued:
-            await _error(writer, OverloadedError(OVERLOADED, retry_after_s=1), keep)
+            await write_error(writer, OverloadedError(OVERLOADED, retry_after_s=1), keep)
             return keep
         self._queued += 1
         try:
@@ -159,168 +167,145 @@ class StreamServer:
             self._queued -= 1
         try:
             if request.stream or self._answer_body is None:
-                return await self._answer(request, reader, writer, keep)
-            return await _answer_whole(self._answer_body, request, reader, writer, keep)
+                return await self._answer(request, reader, writer, keep, offered)
+            return await answer_whole(self._answer_body, request, reader, writer, keep)
         finally:
             self._places.release()
 
     async def _read_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes = b""
-    ) -> tuple[EngineRequest, str, bool] | None:
-        """The request, its op and whether the caller keeps the connection, or
-        None after answering a malformed or unauthorised one."""
+    ) -> tuple[EngineRequest, str, bool, bool] | None:
+        """The request, its op, whether the caller keeps the connection and
+        whether it offers a handoff, or None after answering a malformed or
+        unauthorised one."""
         try:
             raw = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
             head = relay.parse_head(raw)
             length = head.content_length()
         except (ValueError, asyncio.LimitOverrunError, asyncio.TimeoutError):
-            await _error(writer, InvalidRequestError("Malformed relay request."))
+            await write_error(writer, InvalidRequestError("Malformed relay request."))
             return None
         token = head.headers.get("authorization", "").removeprefix("Bearer ")
         if not hmac.compare_digest(token.encode(), self._token.encode()):
-            await _error(writer, InvalidRequestError("Invalid relay token.", status=401))
+            await write_error(writer, InvalidRequestError("Invalid relay token.", status=401))
             return None
         endpoint = head.endpoint
         if head.method != "POST" or endpoint is None:
-            await _error(writer, InvalidRequestError(f"No relay route {head.path}.", status=404))
+            await write_error(writer, InvalidRequestError(f"No relay route {head.path}.", status=404))
             return None
         body = json.loads(await reader.readexactly(length))
         request_id = head.headers.get(relay.REQUEST_ID_HEADER, "")
         model = head.headers.get(relay.MODEL_HEADER, "")
         owner = head.headers.get(relay.OWNER_HEADER, "")
         request = EngineRequest(endpoint, body, request_id, model, owner=owner)
-        return request, head.headers.get(relay.OP_HEADER, ""), head.keep_alive and not self._stopping
+        keep = head.keep_alive and not self._stopping
+        return request, head.headers.get(relay.OP_HEADER, ""), keep, head.offers_handoff
 
     async def _answer(
-        self, request: EngineRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, keep: bool
+        self,
+        request: EngineRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        keep: bool,
+        offered: bool = False,
     ) -> bool:
         try:
             frames, outcome = await self._open(request)
             first = await anext(frames, sse.DONE)
         except GatewayError as error:
-            await _error(writer, error, keep)
+            await write_error(writer, error, keep)
             return keep
         except Exception:
             logger.exception("request %s: stream failed before its first byte", request.request_id)
-            await _error(writer, InternalServerError("The model failed while serving the request."), keep)
+            await write_error(writer, InternalServerError("The model failed while serving the request."), keep)
             return keep
-        writer.write(relay.response_head(200, sse.MEDIA_TYPE, keep=keep) + first)
-        pump = asyncio.create_task(_pump(frames, writer, request))
+        out: _Out = writer
+        if offered and self._handoff is not None:
+            try:
+                taken = await self._hand_over(writer, reader, keep)
+            except BaseException:
+                await _close(frames)
+                raise
+            if taken is False:  # the ingress left before the stream started
+                await _close(frames)
+                writer.write(relay.END + relay.encode_outcome(outcome()))
+                await writer.drain()
+                return False
+            if taken is not True:
+                out = ClientSocket(taken)
+        else:
+            writer.write(relay.response_head(200, sse.MEDIA_TYPE, keep=keep) + first)
+            first = b""
+        return await self._relay(request, frames, outcome, first, out, reader, writer, keep)
+
+    async def _hand_over(
+        self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, keep: bool
+    ) -> socket.socket | bool:
+        """Offers the ingress a handoff and waits for its answer (``HandoffPort.decision``)."""
+        assert self._handoff is not None
+        ticket, waiter = self._handoff.ticket()
+        writer.write(relay.response_head(200, sse.MEDIA_TYPE, keep=keep, ticket=ticket))
+        return await self._handoff.decision(ticket, waiter, reader)
+
+    async def _relay(
+        self,
+        request: EngineRequest,
+        frames: AsyncIterator[bytes],
+        outcome: Callable[[], Outcome],
+        first: bytes,
+        out: _Out,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        keep: bool,
+    ) -> bool:
+        """Writes the stream to ``out`` (the relay connection, or the client's
+        socket handed over), then ``END`` and the outcome on the relay connection."""
+        handed = isinstance(out, ClientSocket)
+        pump = asyncio.create_task(_pump(frames, out, request, first))
         hang_up = asyncio.create_task(reader.read(1))  # b"" when the ingress closes
         try:
             await asyncio.wait({pump, hang_up}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            hung_up = await _stop_watching(hang_up)
+            hung_up = await stop_watching(hang_up)
             if not pump.done():
                 # The ingress left (its client hung up): stop the engine now.
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
+            if handed:
+                out.close()  # before END: the ingress may write to the client once it has it
         ended = None if pump.cancelled() else pump.result()
-        if ended is False:
+        if ended is False and not handed:
             return False  # the connection broke: nobody is left to tell
         # Also after a hang-up: an ingress that only half-closed its side still
         # reads what the aborted request generated (what its key is charged).
         final = outcome()
         if isinstance(ended, GatewayError) and final.error is None:  # raised, not sent by the engine
             final = dataclasses.replace(final, error=ended.code, error_status=ended.status_code)
+        if ended is False:  # the client's socket broke: the client left
+            final = dataclasses.replace(final, client_left=True)
         writer.write(relay.END + relay.encode_outcome(final))
         await writer.drain()
         return keep and not hung_up
 
 
-async def _answer_whole(
-    answer: Answerer,
-    request: EngineRequest,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    keep: bool = False,
-) -> bool:
-    """A non-streaming request: the body, then ``END`` and the outcome; a connection
-    that closes first cancels the work (and so aborts the engine request), and
-    gets ``END`` and what was generated until then, if it still reads.
-    Returns whether the connection may carry another request."""
-    tally = GenerationTally()
-    work = asyncio.create_task(answer(request, tally))
-    hang_up = asyncio.create_task(reader.read(1))
-    try:
-        await asyncio.wait({work, hang_up}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hung_up = await _stop_watching(hang_up)
-        if not work.done():
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-    if work.cancelled():
-        writer.write(relay.END + relay.encode_outcome(tally.outcome()))
-        await writer.drain()
-        return False
-    keep = keep and not hung_up
-    try:
-        reply = work.result()
-    except GatewayError as error:
-        await _error(writer, error, keep)
-        return keep
-    except Exception:
-        logger.exception("request %s: failed", request.request_id)
-        await _error(writer, InternalServerError("The model failed while serving the request."), keep)
-        return keep
-    if tally.continues is None:
-        head = relay.response_head(200, "application/json", keep=keep)
-        writer.write(head + reply.body + relay.END + relay.encode_outcome(reply.outcome))
-        await writer.drain()
-        return keep
-    # Answered, generating on (a background response): the outcome once done,
-    # then the connection closes.
-    writer.write(relay.response_head(200, "application/json") + reply.body + relay.END)
-    await writer.drain()
-    await asyncio.gather(asyncio.shield(tally.continues), return_exceptions=True)
-    writer.write(relay.encode_outcome(tally.outcome()))
-    await writer.drain()
-    return False
-
-
-async def _count(
-    count: Counter | None, request: EngineRequest, writer: asyncio.StreamWriter, keep: bool = False
-) -> None:
-    if count is None:
-        await _error(writer, InvalidRequestError("This replica does not count tokens.", status=404), keep)
-        return
-    try:
-        tokens = await count(request)
-    except GatewayError as error:
-        await _error(writer, error, keep)
-        return
-    except Exception:
-        logger.exception("request %s: counting its tokens failed", request.request_id)
-        await _error(writer, InternalServerError("The model failed while serving the request."), keep)
-        return
-    body = json.dumps({"tokens": tokens}).encode()
-    writer.write(relay.response_head(200, "application/json", len(body), keep) + body)
-    await writer.drain()
-
-
-async def _stop_watching(hang_up: asyncio.Task[bytes]) -> bool:
-    """Stops waiting for the caller to close its side while its request runs
-    (the connection's reader is free again once this returns); whether it had
-    (or sent bytes, which it never does mid-request)."""
-    hang_up.cancel()
-    await asyncio.wait({hang_up})
-    return not hang_up.cancelled()
-
-
 async def _pump(
-    frames: AsyncIterator[bytes], writer: asyncio.StreamWriter, request: EngineRequest
+    frames: AsyncIterator[bytes], out: _Out, request: EngineRequest, first: bytes
 ) -> GatewayError | bool:
-    """Writes the frames as they come; an error mid-stream ends the stream the
-    endpoint's way (``gateway.sse.stream_error``) and is returned. False when
-    the connection broke, True when the stream ended well."""
-    transport = writer.transport
+    """Writes ``first``, then the frames as they come; an error mid-stream ends
+    the stream the endpoint's way (``gateway.sse.stream_error``) and is
+    returned. False when ``out`` broke, True when the stream ended well and
+    every byte is written."""
     failed: GatewayError
+    buffered = out.transport.get_write_buffer_size if isinstance(out, asyncio.StreamWriter) else out.get_write_buffer_size
     try:
+        if first:
+            out.write(first)
         async for frame in frames:
-            writer.write(frame)
-            if transport.get_write_buffer_size() > HIGH_WATER:
-                await writer.drain()
+            out.write(frame)
+            if buffered() > HIGH_WATER:
+                await out.drain()
+        await out.drain()
         return True
     except GatewayError as error:
         failed = error
@@ -330,14 +315,16 @@ async def _pump(
         logger.exception("request %s: stream failed after its first byte", request.request_id)
         failed = InternalServerError("The model failed while serving the request.")
     finally:
-        aclose: Any = getattr(frames, "aclose", None)
-        if aclose is not None:
-            await aclose()  # aborts the engine request if it had not ended
-    writer.write(sse.stream_error(request.endpoint, failed))
+        await _close(frames)  # aborts the engine request if it had not ended
+    try:
+        out.write(sse.stream_error(request.endpoint, failed))
+        await out.drain()
+    except ConnectionError:
+        return False
     return failed
 
 
-async def _error(writer: asyncio.StreamWriter, error: GatewayError, keep: bool = False) -> None:
-    body = json.dumps(error.to_wire(), separators=(",", ":")).encode()
-    writer.write(relay.response_head(error.status_code, "application/json", len(body), keep) + body)
-    await writer.drain()
+async def _close(frames: AsyncIterator[bytes]) -> None:
+    aclose: Any = getattr(frames, "aclose", None)
+    if aclose is not None:
+        await aclose()

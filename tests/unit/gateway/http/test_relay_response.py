@@ -19,13 +19,17 @@ from gateway.http.relay_stream import ClientSink, RelayedStream, StreamCutError
 from gateway.http.relay_response import AsgiSink, RelayResponse, SocketSink
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
+from models.llm.handoff import ClientSocket
 from models.llm.relay import StreamServer
 from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, closed_port, until
 
 
-def frames_server(frames: list[bytes], gap_s: float = 0.0, aborted: asyncio.Event | None = None) -> StreamServer:
+def frames_server(
+    frames: list[bytes], gap_s: float = 0.0, aborted: asyncio.Event | None = None, handoff: bool = True
+) -> StreamServer:
     """A replica whose every stream is ``frames``, ``gap_s`` apart (an engine
-    between tokens); ``aborted`` is set when a stream is closed before its end."""
+    between tokens); ``aborted`` is set when a stream is closed before its end;
+    ``handoff``: it takes clients' sockets."""
 
     async def opener(request: EngineRequest) -> Any:
         async def stream() -> AsyncIterator[bytes]:
@@ -42,7 +46,7 @@ def frames_server(frames: list[bytes], gap_s: float = 0.0, aborted: asyncio.Even
 
         return stream(), lambda: OUTCOME
 
-    return StreamServer(opener, "127.0.0.1")
+    return StreamServer(opener, "127.0.0.1", handoff=handoff)
 
 
 def delivering(stream: RelayedStream, piped: list[bool]) -> Callable[[ClientSink], Awaitable[None]]:
@@ -89,12 +93,18 @@ def no_chunks(self: RelayedStream) -> Any:
 
 
 @pytest.mark.parametrize("cors", [False, True])
+@pytest.mark.parametrize("handoff", [False, True], ids=["relayed", "handed-over"])
 async def test_under_uvicorn_each_read_goes_straight_to_the_clients_socket(
-    monkeypatch: pytest.MonkeyPatch, cors: bool
+    monkeypatch: pytest.MonkeyPatch, cors: bool, handoff: bool
 ) -> None:
+    """Relayed: each read of the replica's connection is written from its
+    callback. Handed over: the replica writes each frame to the client's
+    socket itself, and the relay connection carries only the outcome."""
     monkeypatch.setattr(RelayedStream, "chunks", no_chunks)
+    if handoff:
+        monkeypatch.setattr(RelayedStream, "_forward", no_chunks)
     frames = [sse.frame({"n": i}) for i in range(20)] + [sse.DONE]
-    server = frames_server(frames, gap_s=0.001)
+    server = frames_server(frames, gap_s=0.001, handoff=handoff)
     opened: list[RelayedStream] = []
     piped: list[bool] = []
     async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, piped, cors) as url:
@@ -107,12 +117,14 @@ async def test_under_uvicorn_each_read_goes_straight_to_the_clients_socket(
                 assert response.headers["x-gateway-variant"] == "m"
     assert piped == [True, True]
     assert [stream.outcome for stream in opened] == [OUTCOME, OUTCOME]
+    assert [stream.handed_off for stream in opened] == [handoff, handoff]
     assert server.accepted == 1  # the relay connection was kept for the second stream
 
 
-async def test_under_uvicorn_a_hang_up_aborts_the_engine_stream_at_once() -> None:
+@pytest.mark.parametrize("handoff", [False, True], ids=["relayed", "handed-over"])
+async def test_under_uvicorn_a_hang_up_aborts_the_engine_stream_at_once(handoff: bool) -> None:
     aborted = asyncio.Event()
-    server = frames_server([sse.frame({"n": 0}), sse.DONE], gap_s=30, aborted=aborted)
+    server = frames_server([sse.frame({"n": 0}), sse.DONE], gap_s=30, aborted=aborted, handoff=handoff)
     opened: list[RelayedStream] = []
     async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, []) as url:
         async with httpx.AsyncClient() as client:
@@ -121,19 +133,26 @@ async def test_under_uvicorn_a_hang_up_aborts_the_engine_stream_at_once() -> Non
                     break  # first bytes arrived: leave
         await asyncio.wait_for(aborted.wait(), timeout=2)
     assert opened[0].outcome is None
+    assert opened[0].handed_off is handoff
 
 
-async def test_under_uvicorn_a_client_that_reads_slowly_gets_every_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("handoff", [False, True], ids=["relayed", "handed-over"])
+async def test_under_uvicorn_a_client_that_reads_slowly_gets_every_byte(
+    monkeypatch: pytest.MonkeyPatch, handoff: bool
+) -> None:
+    """Whoever writes to the client (the ingress, or the replica it handed
+    the socket to) waits for it, and the engine stream with them."""
     drained: list[int] = []
-    drain = SocketSink.drain
+    waiter: Any = ClientSocket if handoff else SocketSink
+    drain = waiter.drain
 
-    async def counted(self: SocketSink) -> None:
+    async def counted(self: Any) -> None:
         drained.append(1)
         await drain(self)
 
-    monkeypatch.setattr(SocketSink, "drain", counted)
+    monkeypatch.setattr(waiter, "drain", counted)
     frames = [sse.frame({"n": i, "pad": "x" * 60_000}) for i in range(200)] + [sse.DONE]  # about 12 MB
-    server = frames_server(frames)
+    server = frames_server(frames, handoff=handoff)
     opened: list[RelayedStream] = []
     async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, []) as url:
         port = int(url.split(":")[2].split("/")[0])
@@ -151,6 +170,7 @@ async def test_under_uvicorn_a_client_that_reads_slowly_gets_every_byte(monkeypa
     assert b"transfer-encoding: chunked" in head.lower()
     assert _unchunk(body) == b"".join(frames)
     assert opened[0].outcome == OUTCOME
+    assert opened[0].handed_off is handoff
 
 
 def _unchunk(body: bytes) -> bytes:
@@ -189,6 +209,9 @@ class Written:
 
     async def send(self, data: bytes) -> None:
         self.write(data)
+
+    def socket_fd(self) -> int | None:
+        return None
 
 
 @asynccontextmanager

@@ -1,0 +1,153 @@
+"""gateway/http/relay_stream.py with models/llm/relay.py: streams whose
+replica is handed the client's socket and writes to it itself, for real
+(a TCP connection stands for HAProxy's to the ingress)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from gateway import sse
+from gateway.http.relay import ReplicaRelay
+from gateway.http.relay_stream import StreamCutError
+from gateway.protocol.engine import EngineRequest
+from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, until
+from tests.unit.gateway.http.test_relay_response import Written, _unchunk, frames_server
+from tests.unit.models.llm.test_handoff import client_pair, readable_eof
+
+
+class ClientSocketSink(Written):
+    """The ingress's socket to its client, as uvicorn's would be: writable at
+    once, and its descriptor can be handed over."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def write(self, data: bytes) -> bool:
+        self.last = data
+        self._sock.sendall(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
+
+    def socket_fd(self) -> int | None:
+        return self._sock.fileno()
+
+
+async def received_until(sock: socket.socket, mark: bytes, timeout_s: float = 2.0) -> bytes:
+    sock.setblocking(False)
+    data = b""
+    async with asyncio.timeout(timeout_s):
+        while mark not in data:
+            data += await asyncio.get_running_loop().sock_recv(sock, 65536)
+    return data
+
+
+async def test_the_replica_writes_the_stream_to_the_clients_socket_and_the_relay_keeps_its_connection() -> None:
+    frames = [sse.frame({"n": i}) for i in range(30)] + [sse.DONE]
+    server = frames_server(frames, gap_s=0.001)
+    streams = ReplicaRelay(Router(await server.start()))
+    for _ in range(2):
+        stream = await streams.open(CALL)
+        with client_pair() as (ours, theirs):
+            assert await stream.pipe(ClientSocketSink(ours)) is True
+            assert stream.handed_off and stream.outcome == OUTCOME
+            ours.close()  # the ingress's copy: the replica closed its own before its outcome
+            body = await readable_eof(theirs)
+        assert _unchunk(body + b"0\r\n\r\n") == b"".join(frames)
+    assert server.accepted == 1
+
+
+async def test_a_replica_that_stops_mid_stream_is_reported_cut_after_whole_chunks() -> None:
+    server = frames_server([sse.frame({"n": i}) for i in range(1000)], gap_s=0.01)
+    stream = await ReplicaRelay(Router(await server.start())).open(CALL)
+    with client_pair() as (ours, theirs):
+        piping = asyncio.ensure_future(stream.pipe(ClientSocketSink(ours)))
+        first = await received_until(theirs, b"\n\n\r\n")
+        await server.stop()
+        with pytest.raises(StreamCutError):
+            await asyncio.wait_for(piping, 2)
+        await asyncio.wait_for(stream.released(), 0.1)  # its copy is closed: the ingress may write
+        ours.close()
+        rest = await readable_eof(theirs)
+    body = _unchunk(first + rest + b"0\r\n\r\n")
+    assert body.endswith(b"\n\n") and body.startswith(sse.frame({"n": 0}))
+
+
+async def test_a_client_gone_mid_stream_is_told_apart_and_aborts_the_engine_request() -> None:
+    aborted = asyncio.Event()
+    server = frames_server([sse.frame({"n": i}) for i in range(1000)], gap_s=0.01, aborted=aborted)
+    stream = await ReplicaRelay(Router(await server.start())).open(CALL)
+    with client_pair() as (ours, theirs):
+        piping = asyncio.ensure_future(stream.pipe(ClientSocketSink(ours)))
+        await received_until(theirs, b"\n\n\r\n")
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        theirs.close()  # a reset: the replica's next write fails
+        assert await asyncio.wait_for(piping, 2) is False
+    await asyncio.wait_for(aborted.wait(), 2)
+    assert stream.outcome is not None and stream.outcome.client_left
+
+
+async def test_a_stream_stopped_by_the_ingress_is_released_once_the_replica_writes_no_more() -> None:
+    aborted = asyncio.Event()
+    server = frames_server([sse.frame({"n": i}) for i in range(1000)], gap_s=0.005, aborted=aborted)
+    stream = await ReplicaRelay(Router(await server.start())).open(CALL)
+    reported: list[Any] = []
+    stream.when_ended(reported.append)
+    with client_pair() as (ours, theirs):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):  # as a model's request_timeout_s does
+                await stream.pipe(ClientSocketSink(ours))
+        assert stream.handed_off
+        await asyncio.wait_for(stream.released(), 2)
+        assert aborted.is_set() and reported and reported[0] is not None
+        ClientSocketSink(ours).write(b"data: the ingress's error frame\n\n")
+        ours.close()
+        body = _unchunk(await readable_eof(theirs) + b"0\r\n\r\n")
+    assert body.endswith(b"\n\ndata: the ingress's error frame\n\n")
+
+
+async def test_a_sink_that_cannot_give_its_socket_gets_the_stream_relayed() -> None:
+    frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
+    stream = await ReplicaRelay(Router(await frames_server(frames).start())).open(CALL)
+    with client_pair() as (ours, theirs):
+        sink = ClientSocketSink(ours)
+        sink.socket_fd = lambda: None  # type: ignore[method-assign]
+        assert await stream.pipe(sink) is True
+        ours.close()
+        body = _unchunk(await readable_eof(theirs) + b"0\r\n\r\n")
+    assert body == b"".join(frames) and not stream.handed_off
+
+
+async def test_a_port_that_takes_nothing_gets_the_stream_relayed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica whose handoff port stopped answering: told ``RELAY_OWN``, it relays as before."""
+    frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
+    server = frames_server(frames)
+    stream = await ReplicaRelay(Router(await server.start())).open(CALL)
+
+    async def refused(*_: Any) -> None:
+        raise ConnectionRefusedError("the port is gone")
+
+    monkeypatch.setattr("gateway.http.relay_stream.hand_over", refused)
+    with client_pair() as (ours, theirs):
+        assert await stream.pipe(ClientSocketSink(ours)) is True
+        ours.close()
+        body = _unchunk(await readable_eof(theirs) + b"0\r\n\r\n")
+    assert body == b"".join(frames) and not stream.handed_off
+    await until(lambda: stream.outcome == OUTCOME)
+
+
+async def test_a_responses_stream_is_relayed_its_error_event_numbered_after_what_was_sent() -> None:
+    frames = [sse.frame({"type": "response.created", "sequence_number": 0}), sse.DONE]
+    stream = await ReplicaRelay(Router(await frames_server(frames).start())).open(
+        EngineRequest("responses", {"model": "m", "stream": True, "input": "hi"}, "req-2", "m")
+    )
+    with client_pair() as (ours, theirs):
+        sink = ClientSocketSink(ours)
+        assert await stream.pipe(sink) is True
+        ours.close()
+        body = _unchunk(await readable_eof(theirs) + b"0\r\n\r\n")
+    assert body == b"".join(frames) and not stream.handed_off
+    assert sink.last  # what the ingress wrote: an error event after a cut is numbered from it
