@@ -280,6 +280,12 @@ class ReplicaRelay:
         except BaseException:
             self._done(address)
             raise
+        try:
+            first = await reader.readexactly(answer.first) if answer.first else b""
+        except BaseException:
+            writer.close()
+            self._done(address)
+            raise
         return RelayedStream(
             reader,
             writer,
@@ -287,6 +293,7 @@ class ReplicaRelay:
             lambda r, w: self._pool.give(address, r, w),
             answer.ticket,
             address,
+            first,
         )
 
     def _takes_sockets(self, address: relay.RelayAddress) -> bool:

@@ -184,7 +184,8 @@ class RelayedStream:
     stopped; None when that cannot be known (the replica broke off).
 
     With a ``ticket`` the replica (at ``address``) offers to write the stream
-    to the client's socket itself: ``pipe`` hands it over where the sink
+    to the client's socket itself, after its ``first`` bytes (sent with the
+    head): ``pipe`` writes those and hands the socket over where the sink
     allows; otherwise the stream is relayed (``RELAY_OWN``)."""
 
     def __init__(
@@ -195,9 +196,10 @@ class RelayedStream:
         keep: Callable[[asyncio.StreamReader, asyncio.StreamWriter], None] | None = None,
         ticket: bytes = b"",
         address: relay.RelayAddress | None = None,
+        first: bytes = b"",
     ) -> None:
         self._reader, self._writer, self._done = reader, writer, done
-        self._ticket, self._address = ticket, address
+        self._ticket, self._address, self._first = ticket, address, first
         self.handed_off = False  # the replica writes to the client's socket
         self._released: asyncio.Future[None] | None = None
         self._keep = keep  # takes the connection back once the stream has ended cleanly
@@ -218,7 +220,10 @@ class RelayedStream:
         connection, which aborts the engine request."""
         reader = self._reader
         self._relay_own()
+        first, self._first = self._first, b""
         try:
+            if first:
+                yield first
             while data := await reader.read(READ_BYTES):
                 end = data.find(relay.END)
                 if end < 0:
@@ -245,6 +250,9 @@ class RelayedStream:
         aborts the engine request)."""
         try:
             if self._ticket and sink.immediate and self._address is not None:
+                first, self._first = self._first, b""
+                if first and not sink.write(first):
+                    return False  # the client left
                 fd = sink.socket_fd()
                 if fd is not None and await self._hand_over(fd):
                     return await self._handed_over()
@@ -261,7 +269,8 @@ class RelayedStream:
     async def _forward(self, sink: ClientSink, protocol: RelayProtocol, reader: RelayReader) -> bool:
         transport = self._writer.transport
         forward = _Forward(sink, protocol, transport)
-        held = reader.take_held()
+        held = self._first + reader.take_held()
+        self._first = b""
         protocol.forward = forward  # from here, reads go to the client as they arrive
         try:
             with self._marking_cut():

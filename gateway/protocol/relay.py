@@ -30,8 +30,10 @@ Response:
 
 Handing over the client's socket: a replica with a handoff port (an
 abstract Unix socket its address names, ``handoff``) answers a stream that
-was offered one with the head alone, ``x-relay-handoff: <ticket>`` among its
-headers, and waits. The ingress then either sends the ticket and its
+was offered one with the head, ``x-relay-handoff: <ticket> <n>`` among its
+headers, and the first ``n`` bytes of the stream (the frames it had at
+once: the ingress writes them to the client itself), and waits. The
+ingress then either sends the ticket and its
 client's socket (``SCM_RIGHTS``) to that port, and the replica writes the
 stream to the client itself, each frame one HTTP chunk, closing its copy of
 the socket before ``END`` and the outcome, which still come over the relay
@@ -204,16 +206,22 @@ def parse_head(raw: bytes) -> RequestHead:
 
 
 def response_head(
-    status: int, media_type: str, length: int | None = None, keep: bool = False, ticket: bytes = b""
+    status: int,
+    media_type: str,
+    length: int | None = None,
+    keep: bool = False,
+    ticket: bytes = b"",
+    first: int = 0,
 ) -> bytes:
     """A response's status line and headers; without ``length`` the body ends at
     ``END``. ``keep``: the connection stays open for another request;
-    ``ticket``: the stream waits for the client's socket or ``RELAY_OWN``."""
+    ``ticket``: after its ``first`` bytes the stream waits for the client's
+    socket or ``RELAY_OWN``."""
     lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", f"content-type: {media_type}"]
     if length is not None:
         lines.append(f"content-length: {length}")
     if ticket:
-        lines.append(f"{TICKET_HEADER}: {ticket.hex()}")
+        lines.append(f"{TICKET_HEADER}: {ticket.hex()} {first}")
     lines.append("connection: keep-alive" if keep else "connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -222,21 +230,23 @@ class ResponseStatus(NamedTuple):
     status: int
     length: int | None  # None: the body ends at END
     ticket: bytes = b""  # the stream waits for a handoff (``TICKET_HEADER``)
+    first: int = 0  # after this many bytes
 
 
 def status_of(head: bytes) -> ResponseStatus:
     """A response head's status, content-length and handoff ticket."""
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
-    length, ticket = None, b""
+    length, ticket, first = None, b"", 0
     for line in lines[1:]:
         name, _, value = line.partition(":")
         name = name.strip().lower()
         if name == "content-length":
             length = int(value)
         elif name == TICKET_HEADER:
-            ticket = bytes.fromhex(value.strip())
-    return ResponseStatus(status, length, ticket)
+            hexed, _, count = value.strip().partition(" ")
+            ticket, first = bytes.fromhex(hexed), int(count or 0)
+    return ResponseStatus(status, length, ticket, first)
 
 
 _OUTCOME_FIELDS = tuple(field.name for field in fields(Outcome))

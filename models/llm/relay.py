@@ -23,7 +23,7 @@ import logging
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway import sse
 from gateway.errors import GatewayError, InternalServerError, InvalidRequestError, OverloadedError
@@ -37,6 +37,20 @@ logger = logging.getLogger(__name__)
 # Opens a stream: its SSE frames, and what it will report once they have ended.
 # Raises GatewayError for errors known before the first frame.
 StreamOpener = Callable[[EngineRequest], Awaitable[tuple[AsyncIterator[bytes], Callable[[], Outcome]]]]
+
+# The read of a stream's next frame, begun before the stream's decision (None: the frames ended).
+_Next = asyncio.Future[bytes | None]
+
+
+class _Frames(NamedTuple):
+    """A stream's frames still to write: the one being read, then the rest."""
+
+    rest: AsyncIterator[bytes]
+    pending: _Next | None = None
+
+
+# The frames a replica offering a handoff sends with the head, at most.
+READY_BYTES = 64 * 1024
 
 # Where a stream's bytes go: the relay connection, or the client's socket handed over.
 _Out = asyncio.StreamWriter | ClientSocket
@@ -220,14 +234,16 @@ class StreamServer:
             await write_error(writer, InternalServerError("The model failed while serving the request."), keep)
             return keep
         out: _Out = writer
+        pending: _Next | None = None
         if offered and self._handoff is not None:
             try:
-                taken = await self._hand_over(writer, reader, keep)
+                first, pending = await _ready(frames, first)
+                taken = await self._hand_over(writer, reader, keep, first)
             except BaseException:
-                await _close(frames)
+                await _close(frames, pending)
                 raise
             if taken is False:  # the ingress left before the stream started
-                await _close(frames)
+                await _close(frames, pending)
                 writer.write(relay.END + relay.encode_outcome(outcome()))
                 await writer.drain()
                 return False
@@ -235,24 +251,24 @@ class StreamServer:
                 out = ClientSocket(taken)
         else:
             writer.write(relay.response_head(200, sse.MEDIA_TYPE, keep=keep) + first)
-            first = b""
-        return await self._relay(request, frames, outcome, first, out, reader, writer, keep)
+        return await self._relay(request, _Frames(frames, pending), outcome, out, reader, writer, keep)
 
     async def _hand_over(
-        self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, keep: bool
+        self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, keep: bool, first: bytes
     ) -> socket.socket | bool:
-        """Offers the ingress a handoff and waits for its answer (``HandoffPort.decision``)."""
+        """Offers the ingress a handoff, after the ``first`` bytes of the
+        stream, and waits for its answer (``HandoffPort.decision``)."""
         assert self._handoff is not None
         ticket, waiter = self._handoff.ticket()
-        writer.write(relay.response_head(200, sse.MEDIA_TYPE, keep=keep, ticket=ticket))
+        head = relay.response_head(200, sse.MEDIA_TYPE, keep=keep, ticket=ticket, first=len(first))
+        writer.write(head + first)
         return await self._handoff.decision(ticket, waiter, reader)
 
     async def _relay(
         self,
         request: EngineRequest,
-        frames: AsyncIterator[bytes],
+        frames: _Frames,
         outcome: Callable[[], Outcome],
-        first: bytes,
         out: _Out,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
@@ -261,7 +277,7 @@ class StreamServer:
         """Writes the stream to ``out`` (the relay connection, or the client's
         socket handed over), then ``END`` and the outcome on the relay connection."""
         handed = isinstance(out, ClientSocket)
-        pump = asyncio.create_task(_pump(frames, out, request, first))
+        pump = asyncio.create_task(_pump(frames, out, request))
         hang_up = asyncio.create_task(reader.read(1))  # b"" when the ingress closes
         try:
             await asyncio.wait({pump, hang_up}, return_when=asyncio.FIRST_COMPLETED)
@@ -289,19 +305,17 @@ class StreamServer:
         return keep and not hung_up
 
 
-async def _pump(
-    frames: AsyncIterator[bytes], out: _Out, request: EngineRequest, first: bytes
-) -> GatewayError | bool:
-    """Writes ``first``, then the frames as they come; an error mid-stream ends
-    the stream the endpoint's way (``gateway.sse.stream_error``) and is
-    returned. False when ``out`` broke, True when the stream ended well and
-    every byte is written."""
+async def _pump(frames: _Frames, out: _Out, request: EngineRequest) -> GatewayError | bool:
+    """Writes the frames as they come; an error mid-stream ends the stream
+    the endpoint's way (``gateway.sse.stream_error``) and is returned. False
+    when ``out`` broke, True when the stream ended well and every byte is
+    written."""
     failed: GatewayError
     buffered = out.transport.get_write_buffer_size if isinstance(out, asyncio.StreamWriter) else out.get_write_buffer_size
     try:
-        if first:
-            out.write(first)
-        async for frame in frames:
+        if frames.pending is not None and (frame := await frames.pending) is not None:
+            out.write(frame)
+        async for frame in frames.rest:
             out.write(frame)
             if buffered() > HIGH_WATER:
                 await out.drain()
@@ -315,7 +329,7 @@ async def _pump(
         logger.exception("request %s: stream failed after its first byte", request.request_id)
         failed = InternalServerError("The model failed while serving the request.")
     finally:
-        await _close(frames)  # aborts the engine request if it had not ended
+        await _close(frames.rest, frames.pending)  # aborts the engine request if it had not ended
     try:
         out.write(sse.stream_error(request.endpoint, failed))
         await out.drain()
@@ -324,7 +338,38 @@ async def _pump(
     return failed
 
 
-async def _close(frames: AsyncIterator[bytes]) -> None:
+async def _next(frames: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(frames, None)
+
+
+async def _ready(frames: AsyncIterator[bytes], first: bytes) -> tuple[bytes, _Next | None]:
+    """``first`` and the frames that follow it at once (a chat stream's role
+    and first token come from one engine step), up to ``READY_BYTES``, and
+    the read of the next frame, still waiting (None: none started, or the
+    frames ended)."""
+    ready = [first]
+    size = len(first)
+    while size < READY_BYTES:
+        upcoming = asyncio.ensure_future(_next(frames))
+        try:
+            await asyncio.sleep(0)  # one turn of the loop: enough for a frame that is there
+        except BaseException:
+            await _close(frames, upcoming)
+            raise
+        if not upcoming.done() or upcoming.cancelled() or upcoming.exception() is not None:
+            return b"".join(ready), upcoming
+        frame = upcoming.result()
+        if frame is None:
+            break
+        ready.append(frame)
+        size += len(frame)
+    return b"".join(ready), None
+
+
+async def _close(frames: AsyncIterator[bytes], pending: _Next | None = None) -> None:
+    if pending is not None and not pending.done():
+        pending.cancel()
+        await asyncio.wait({pending})
     aclose: Any = getattr(frames, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -35,7 +35,6 @@ async def count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool
     tokens evenly between the first and the last token's times.
     """
     cumulative: dict[int, int] = {}  # per sequence, for outputs that repeat earlier tokens
-    seen = 0
     last_ts: float | None = None
     first = True
     try:
@@ -50,11 +49,12 @@ async def count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool
                     n, cumulative[seq.index] = n - cumulative.get(seq.index, 0), n
                 new += n
             if new > 0:
-                seen += new
+                # Counted as they pass, not when this generator ends: one left
+                # at a ``yield`` (its reader stopped) ends only once collected.
+                tally.completion_tokens += new
                 last_ts = _time_tokens(tally, output.metrics, new, last_ts)
             yield output
     finally:
-        tally.completion_tokens += seen
         if hasattr(outputs, "aclose"):
             await outputs.aclose()  # aborts the engine request if we stopped early
 

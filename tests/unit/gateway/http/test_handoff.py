@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,7 +14,9 @@ import pytest
 from gateway import sse
 from gateway.http.relay import ReplicaRelay
 from gateway.http.relay_stream import StreamCutError
+from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest
+from models.llm.relay import StreamServer
 from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, until
 from tests.unit.gateway.http.test_relay_response import Written, _unchunk, frames_server
 from tests.unit.models.llm.test_handoff import client_pair, readable_eof
@@ -151,3 +154,66 @@ async def test_a_responses_stream_is_relayed_its_error_event_numbered_after_what
         body = _unchunk(await readable_eof(theirs) + b"0\r\n\r\n")
     assert body == b"".join(frames) and not stream.handed_off
     assert sink.last  # what the ingress wrote: an error event after a cut is numbered from it
+
+
+def paired_server(frames: list[bytes], aborted: asyncio.Event | None = None) -> StreamServer:
+    """A replica whose streams start as a chat stream does: the first two
+    frames from one engine step (no wait between them), then one every 10 ms."""
+
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                for i, frame in enumerate(frames):
+                    if i >= 2:
+                        await asyncio.sleep(0.01)
+                    yield frame
+            finally:
+                if aborted is not None:
+                    aborted.set()
+
+        return stream(), lambda: OUTCOME
+
+    return StreamServer(opener, "127.0.0.1")
+
+
+async def offered(address: relay.RelayAddress) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A relay request offering a handoff, sent by hand; the connection and the answer's head."""
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(relay.encode_request(CALL, address.token, offer=True))
+    return reader, writer, await reader.readuntil(b"\r\n\r\n")
+
+
+async def test_the_frames_a_replica_has_at_once_come_with_its_head_and_the_rest_waits_for_the_ingress() -> None:
+    frames = [sse.frame({"n": i}) for i in range(6)] + [sse.DONE]
+    reader, writer, head = await offered(await paired_server(frames).start())
+    answer = relay.status_of(head)
+    assert answer.status == 200 and len(answer.ticket) == relay.TICKET_BYTES
+    assert answer.first == len(frames[0] + frames[1])
+    assert await reader.readexactly(answer.first) == frames[0] + frames[1]
+    await asyncio.sleep(0.05)  # the engine makes more meanwhile: held until the ingress says
+    assert not reader._buffer  # type: ignore[attr-defined]
+    writer.write(relay.RELAY_OWN)
+    rest = await reader.readuntil(relay.END)
+    assert rest[:-1] == b"".join(frames[2:])
+    writer.close()
+
+
+async def test_an_ingress_that_leaves_before_it_says_aborts_the_engine_request() -> None:
+    aborted = asyncio.Event()
+    frames = [sse.frame({"n": i}) for i in range(100)]
+    reader, writer, _ = await offered(await paired_server(frames, aborted).start())
+    writer.write_eof()
+    await asyncio.wait_for(aborted.wait(), 2)
+    data = await asyncio.wait_for(reader.read(), 2)
+    assert data.endswith(b"\n") and relay.END in data  # what was generated, for the key's limits
+    writer.close()
+
+
+async def test_a_handed_over_stream_reaches_the_client_in_order_after_the_frames_sent_with_its_head() -> None:
+    frames = [sse.frame({"n": i}) for i in range(8)] + [sse.DONE]
+    stream = await ReplicaRelay(Router(await paired_server(frames).start())).open(CALL)
+    with client_pair() as (ours, theirs):
+        assert await stream.pipe(ClientSocketSink(ours)) is True
+        ours.close()
+        body = _unchunk(await readable_eof(theirs) + b"0\r\n\r\n")
+    assert body == b"".join(frames) and stream.handed_off

@@ -79,3 +79,21 @@ async def test_stopping_early_closes_the_engine_stream() -> None:
     await anext(counted)
     await counted.aclose()
     assert closed == [True] and tally.completion_tokens == 1
+
+
+async def test_tokens_are_counted_as_they_pass_not_when_the_stream_is_closed() -> None:
+    """A reader that stops at a ``yield`` (the replica found the client gone)
+    leaves the generator to be closed later, when collected; what it let
+    through is counted already, for the outcome reported at once."""
+
+    async def engine() -> AsyncIterator[Any]:
+        for _ in range(10):
+            yield output([2])
+
+    tally = GenerationTally()
+    counted = count(engine(), tally, delta=True)
+    await anext(counted)
+    await anext(counted)
+    assert (tally.prompt_tokens, tally.completion_tokens) == (7, 4)
+    await counted.aclose()
+    assert tally.completion_tokens == 4
