@@ -69,11 +69,19 @@ def start_direct(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
 
 
 def start_gateway(
-    model_dir: Path, port: int, log: Path, gateway_cpus: str = "off", engine_core: str = "auto"
+    model_dir: Path,
+    port: int,
+    log: Path,
+    gateway_cpus: str = "off",
+    engine_core: str = "auto",
+    handoff: bool = True,
 ) -> subprocess.Popen:
+    """``llm-gateway serve`` on ``model_dir`` plus an echo model; ``handoff``:
+    its ``ingress.stream_handoff``."""
     config = {
         "app_name": "bench",
         "runtime": {"gateway_cpus": gateway_cpus},
+        "ingress": {"stream_handoff": handoff},
         "models": [
             {**model_entry(model_dir), "engine_core_cpus": engine_core},
             {"name": "echo", "engine": "echo", "num_cpus": 0.1},

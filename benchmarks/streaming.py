@@ -23,6 +23,10 @@ and ITL as the gaps between content deltas as the client reads them. The
 gateway's own overhead is measured on its echo model: non-streaming chat
 latency at concurrency 1 and requests/s at concurrency 32.
 
+``--compare-relay`` adds a third server to the rounds: a second gateway with
+``ingress.stream_handoff: false`` (every stream relayed by its ingress), so
+that the handoff is measured against the relay in the same rounds.
+
 ``--gateway-engine-core vllm`` runs the gateway's model with its engine core
 left where vLLM puts it (``engine_core_cpus``), and ``--direct-engine-core
 pinned`` moves the engine core of vLLM's own server beside its worker, as
@@ -99,22 +103,28 @@ def measure(
 
 @dataclass
 class Paired:
-    """One level and client, measured ``rounds`` times on both servers."""
+    """One level and client, measured ``rounds`` times on each server
+    (``direct``, ``gateway`` and, with ``--compare-relay``, ``relayed``)."""
 
-    direct: list[Figures] = field(default_factory=list)
-    gateway: list[Figures] = field(default_factory=list)
+    runs: dict[str, list[Figures]] = field(default_factory=dict)
 
 
 def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, float]]:
-    """Both servers up at once, measured in turn at each level, the other one
+    """The servers up at once, measured in turn at each level, the others
     frozen meanwhile (see the module's doc)."""
+
+    def gateway(port: int, handoff: bool) -> subprocess.Popen:
+        log = args.log_dir / f"bench-{'gateway' if handoff else 'relayed'}.log"
+        return start_gateway(args.model_dir, port, log, args.gateway_cpus, args.gateway_engine_core, handoff)
+
     servers = {
         "direct": (start_direct(args.model_dir, 8101, args.log_dir / "bench-direct.log"),
                    "http://127.0.0.1:8101", "/health"),
-        "gateway": (start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus,
-                                  args.gateway_engine_core),
-                    "http://127.0.0.1:8102", "/ready"),
+        "gateway": (gateway(8102, True), "http://127.0.0.1:8102", "/ready"),
     }  # fmt: skip
+    if args.compare_relay:
+        servers["relayed"] = (gateway(8103, False), "http://127.0.0.1:8103", "/ready")
+    names = list(servers)
     try:
         for name, (proc, base_url, ready_path) in servers.items():
             print(f"==> {name}: waiting for the server", flush=True)
@@ -124,25 +134,29 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
         for concurrency, client, requests in _levels(args):
             paired = Paired()
             for round_ in range(args.rounds):
-                order = ["direct", "gateway"] if round_ % 2 == 0 else ["gateway", "direct"]
-                for name in order:
-                    other = servers["gateway" if name == "direct" else "direct"][0]
-                    signal_tree(other, signal.SIGSTOP)
-                    signal_tree(servers[name][0], signal.SIGCONT)
-                    time.sleep(THAW_S)
+                turn = round_ % len(names)  # each server first in turn
+                for name in names[turn:] + names[:turn]:
+                    _thaw_only(name, servers)
                     figures = _measure_once(servers[name][1], concurrency, client, requests, args)
-                    getattr(paired, name).append(figures)
+                    paired.runs.setdefault(name, []).append(figures)
                     print(f"    round {round_ + 1} {name:<8}{describe(figures)}", flush=True)
             results.append(paired)
-        signal_tree(servers["direct"][0], signal.SIGSTOP)
-        signal_tree(servers["gateway"][0], signal.SIGCONT)
-        time.sleep(THAW_S)
+        _thaw_only("gateway", servers)
         echo = _echo(servers["gateway"][1])
         return results, echo
     finally:
         for proc, _, _ in servers.values():
             signal_tree(proc, signal.SIGCONT)
             stop(proc)
+
+
+def _thaw_only(name: str, servers: dict[str, tuple[subprocess.Popen, str, str]]) -> None:
+    """Freezes every server but ``name``, which is thawed and given THAW_S."""
+    for other, (proc, _, _) in servers.items():
+        if other != name:
+            signal_tree(proc, signal.SIGSTOP)
+    signal_tree(servers[name][0], signal.SIGCONT)
+    time.sleep(THAW_S)
 
 
 def main() -> None:
@@ -162,6 +176,8 @@ def main() -> None:
                         help="vLLM's own server: its engine core as vLLM leaves it, or beside its worker")
     parser.add_argument("--rounds", type=int, default=3,
                         help="both servers up, measured in turn this many times at each level")
+    parser.add_argument("--compare-relay", action="store_true",
+                        help="also a gateway with ingress.stream_handoff off, in the same rounds")
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="vLLM's server alone, then the gateway alone, --rounds times")
     parser.add_argument("--skip-direct", action="store_true",
@@ -174,7 +190,8 @@ def main() -> None:
     if not (args.one_at_a_time or args.skip_direct):
         results, (echo_p50, echo_rate) = side_by_side(args)
         print()
-        print(f"{machine}; both servers up, {args.rounds} rounds in turn at each level")
+        servers = "all three servers" if args.compare_relay else "both servers"
+        print(f"{machine}; {servers} up, {args.rounds} rounds in turn at each level")
         print_paired(results)
         print(f"gateway echo route: c=1 p50 {echo_p50:.2f} ms, c=32 {echo_rate:.0f} req/s")
         return
@@ -226,23 +243,29 @@ def _median_figures(runs: list[Figures]) -> Figures:
 
 def print_paired(results: list[Paired]) -> None:
     """Medians over the rounds; ratios are the median (and range) of each
-    round's gateway/direct ratio."""
+    round's gateway/direct ratio (and relayed/direct, handoff/relayed)."""
     print(f"{'medians':25}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}")
     for paired in results:
-        for name in ("direct", "gateway"):
-            f = _median_figures(getattr(paired, name))
+        for name, runs in paired.runs.items():
+            f = _median_figures(runs)
             print(f"{f.client:<11}c={f.concurrency:<3}{name:<9}{f.tokens_per_s:8.0f}{f.ttft_ms[0]:10.1f}"
                   f"{f.ttft_ms[1]:10.1f}{f.itl_ms[0]:9.1f}{f.itl_ms[1]:9.1f}")
-        pairs = list(zip(paired.direct, paired.gateway))
+        comparisons = [("ratio", "gateway", "direct"), ("relayed", "relayed", "direct"),
+                       ("handoff", "gateway", "relayed")]  # fmt: skip
+        for label, ours, theirs in comparisons:
+            if ours in paired.runs and theirs in paired.runs:
+                _print_ratios(label, list(zip(paired.runs[theirs], paired.runs[ours])))
 
-        def spread(values: list[float], form: str) -> str:
-            return f"{form.format(statistics.median(values))} ({form.format(min(values))}..{form.format(max(values))})"
 
-        f = paired.direct[0]
-        print(f"{f.client:<11}c={f.concurrency:<3}{'ratio':<9}"
-              f"tok/s {spread([g.tokens_per_s / d.tokens_per_s for d, g in pairs], '{:.2f}x')}, "
-              f"TTFT p50 added {spread([g.ttft_ms[0] - d.ttft_ms[0] for d, g in pairs], '{:+.1f} ms')}, "
-              f"ITL p99 {spread([g.itl_ms[1] / d.itl_ms[1] for d, g in pairs], '{:.2f}x')}")
+def _print_ratios(label: str, pairs: list[tuple[Figures, Figures]]) -> None:
+    def spread(values: list[float], form: str) -> str:
+        return f"{form.format(statistics.median(values))} ({form.format(min(values))}..{form.format(max(values))})"
+
+    f = pairs[0][0]
+    print(f"{f.client:<11}c={f.concurrency:<3}{label:<9}"
+          f"tok/s {spread([g.tokens_per_s / d.tokens_per_s for d, g in pairs], '{:.2f}x')}, "
+          f"TTFT p50 added {spread([g.ttft_ms[0] - d.ttft_ms[0] for d, g in pairs], '{:+.1f} ms')}, "
+          f"ITL p99 {spread([g.itl_ms[1] / d.itl_ms[1] for d, g in pairs], '{:.2f}x')}")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,14 @@ class IngressConfig(StrictConfig):
         "the body; behind HAProxy a client that neither sends nor reads anything for twice "
         "this long is disconnected too (waiting for an answer does not count).",
     )
+    stream_handoff: bool = Field(
+        True,
+        description="Whether a model replica on the ingress's host is handed the client's "
+        "connection to write a stream of chat, completions or messages itself (the ingress "
+        "then does no work per token); `false`: every stream's bytes are relayed by the "
+        "ingress. Replicas on other hosts, Responses API streams and Serve's own proxy "
+        "as the front door are always relayed.",
+    )
     access_log: str = Field(
         "stderr",
         min_length=1,

@@ -69,9 +69,14 @@ class ReplicaRelay:
     answers), balanced by this ingress's own counts."""
 
     def __init__(
-        self, handle: Any, clock: Callable[[], float] = time.monotonic, wait_s: float = 5.0
+        self,
+        handle: Any,
+        clock: Callable[[], float] = time.monotonic,
+        wait_s: float = 5.0,
+        handoff: bool = True,
     ) -> None:
         self._handle = handle
+        self._handoff = handoff  # streams may be offered to replicas on this host
         self._clock = clock
         # A request waits at most ``wait_s`` for the model to have a running replica.
         self._look_up = BoundedLookUp(lambda: self._discover(samples=1), wait_s, clock)
@@ -298,6 +303,8 @@ class ReplicaRelay:
 
     def _takes_sockets(self, address: relay.RelayAddress) -> bool:
         """Whether the replica at ``address`` may be handed clients' sockets (it runs on this host)."""
+        if not self._handoff:
+            return False
         local = self._local.get(address)
         if local is None:
             local = self._local[address] = handoff.reachable(address)

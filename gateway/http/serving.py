@@ -66,9 +66,9 @@ class LLMClient:
 
     kind: ModelKind = "llm"
 
-    def __init__(self, handle: Any, replica_wait_s: float = 5.0) -> None:
+    def __init__(self, handle: Any, replica_wait_s: float = 5.0, handoff: bool = True) -> None:
         self.source = handle
-        self.relay = ReplicaRelay(handle, wait_s=replica_wait_s)
+        self.relay = ReplicaRelay(handle, wait_s=replica_wait_s, handoff=handoff)
         self.counter: PromptCounter | None = None
         self.window: int | None = None
         self._learning: asyncio.Task[None] | None = None
@@ -203,10 +203,13 @@ class ServingTable:
         return [self.models[n] for n in names if n in self.models and self.models[n].kind == "llm"]
 
 
-def client_for(model: ModelConfig, handle: Any, replica_wait_s: float) -> LLMClient | ClassicalClient:
-    """A new client of ``model``'s deployment through ``handle``."""
+def client_for(
+    model: ModelConfig, handle: Any, replica_wait_s: float, handoff: bool = True
+) -> LLMClient | ClassicalClient:
+    """A new client of ``model``'s deployment through ``handle``; ``handoff``:
+    whether an LLM's streams may be handed to its replicas (``ReplicaRelay``)."""
     if model.kind == "llm":
-        return LLMClient(handle, replica_wait_s)
+        return LLMClient(handle, replica_wait_s, handoff)
     return ClassicalClient(handle, model.kind, replica_wait_s)
 
 
@@ -216,6 +219,7 @@ def build_table(
     handles: Mapping[str, Any],
     previous: ServingTable | None,
     replica_wait_s: float,
+    handoff: bool = True,
 ) -> ServingTable:
     """The table for ``config``: each model reached through ``handles[name]``;
     the clients of ``previous`` are kept where the handle and kind are the
@@ -227,7 +231,7 @@ def build_table(
         handle = handles[model.name]
         old = known.get(model.name)
         same = old is not None and old.client.source is handle and old.kind == model.kind
-        client = old.client if same and old is not None else client_for(model, handle, replica_wait_s)
+        client = old.client if same and old is not None else client_for(model, handle, replica_wait_s, handoff)
         if isinstance(client, ClassicalClient):
             client.gather_by(Gathering.for_model(model))
         else:

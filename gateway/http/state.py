@@ -110,8 +110,9 @@ class GatewayState:
             # Same name and kind: same deployment, so the handle (and its client) stays.
             keep = old is not None and old.kind == model.kind
             handles[model.name] = old.client.source if keep and old is not None else self._handle_for(model)
+        ingress = self.front_door.ingress
         table = build_table(
-            config, _route_table(config), handles, self.dispatcher.table, self.front_door.ingress.replica_wait_s
+            config, _route_table(config), handles, self.dispatcher.table, ingress.replica_wait_s, ingress.stream_handoff
         )
         self.config = config
         self.keys = KeyTable(config.keys)

@@ -124,6 +124,27 @@ async def test_a_sink_that_cannot_give_its_socket_gets_the_stream_relayed() -> N
     assert body == b"".join(frames) and not stream.handed_off
 
 
+async def test_an_ingress_with_the_handoff_off_offers_none_and_relays_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ingress.stream_handoff: false``: the replica is not offered the socket
+    (it sends no ticket, so nothing is handed over) and the ingress relays."""
+    frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
+    stream = await ReplicaRelay(Router(await frames_server(frames).start()), handoff=False).open(CALL)
+    handed: list[Any] = []
+
+    async def record(*args: Any) -> None:
+        handed.append(args)
+
+    monkeypatch.setattr("gateway.http.relay_stream.hand_over", record)
+    with client_pair() as (ours, theirs):
+        assert await stream.pipe(ClientSocketSink(ours)) is True
+        ours.close()
+        body = _unchunk(await readable_eof(theirs) + b"0\r\n\r\n")
+    assert body == b"".join(frames) and not stream.handed_off and handed == []
+    await until(lambda: stream.outcome == OUTCOME)
+
+
 async def test_a_port_that_takes_nothing_gets_the_stream_relayed(monkeypatch: pytest.MonkeyPatch) -> None:
     """A replica whose handoff port stopped answering: told ``RELAY_OWN``, it relays as before."""
     frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]

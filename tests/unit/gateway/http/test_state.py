@@ -9,6 +9,7 @@ import pytest
 from gateway.config import ConfigError, FrontDoorConfig, ModelConfig
 
 from gateway.http.state import GatewayState
+from gateway.protocol.relay import RelayAddress
 
 MODELS = [
     {"name": "a", "engine": "echo"},
@@ -142,3 +143,16 @@ async def test_learning_context_windows_makes_one_info_handle_per_model() -> Non
     await state.refresh_model_info()
     assert sorted(m for m in made if m.endswith(".info")) == ["a.info", "b.info"]
     assert {card.id: card.max_model_len for card in state.model_cards()}["a"] == 128
+
+
+@pytest.mark.parametrize("handoff", [True, False])
+def test_ingress_stream_handoff_decides_whether_local_replicas_are_offered_streams(
+    handoff: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.http.handoff.reachable", lambda address: True)  # a replica on this host
+    front_door = FrontDoorConfig.model_validate({"ingress": {"stream_handoff": handoff}})
+    state = GatewayState(front_door, NoHandle, lambda m: "x")
+    state.apply(MODELS, ROUTING)
+    relay = state.dispatcher.table.models["a"].client.relay  # type: ignore[union-attr]
+    local = RelayAddress("127.0.0.1", 1, "t", "r", "llmgw-handoff-x")
+    assert relay._takes_sockets(local) is handoff
