@@ -106,16 +106,19 @@ class EchoEngine:
 
     async def _stream(self, plan: render.EchoPlan, tally: GenerationTally) -> AsyncIterator[bytes]:
         self._in_flight += 1
+        sent = 0
         try:
             for chunk in render.chunks(plan):
                 if self._token_delay_s:
                     await asyncio.sleep(self._token_delay_s)
+                sent += _carries_token(chunk)  # handed out: generated, whether or not the client stays
                 yield sse.frame(chunk)
                 tally.first_token()
             _streamed(tally, plan.completion_tokens)
             yield sse.DONE
         finally:
             self._in_flight -= 1
+            _left_after(tally, sent)
 
     async def most_tokens(self, request: EngineRequest) -> int:
         if request.endpoint == "messages":
@@ -186,17 +189,20 @@ class EchoEngine:
     ) -> AsyncIterator[bytes]:
         """Sends ``events``, one token's delay before each that starts with ``token_event``."""
         self._in_flight += 1
+        sent = 0
         try:
             for event in events:
                 token = event.startswith(token_event)
                 if token and self._token_delay_s:
                     await asyncio.sleep(self._token_delay_s)
+                sent += token
                 yield event
                 if token:
                     tally.first_token()
             _streamed(tally, tokens)
         finally:
             self._in_flight -= 1
+            _left_after(tally, sent)
 
     def _kept(self, request: EngineRequest) -> bytes:
         """A stored response (``responses_retrieve``), or its cancellation, which
@@ -303,6 +309,18 @@ def _streamed(tally: GenerationTally, tokens: int) -> None:
     if tokens > 1 and tally.first_token_s is not None:
         spread = time.time() - tally.started - tally.first_token_s
         tally.gaps(spread / (tokens - 1), tokens - 1)
+
+
+def _carries_token(chunk: dict[str, Any]) -> int:
+    """1 for a chunk that carries one of the answer's tokens (each does, at most one)."""
+    return int(any(choice.get("text") or (choice.get("delta") or {}).get("content") for choice in chunk["choices"]))
+
+
+def _left_after(tally: GenerationTally, sent: int) -> None:
+    """A stream closed before its end (the client left) counts the tokens it sent,
+    as vLLM counts what it generated before it was stopped."""
+    if tally.completion_tokens < sent:
+        _streamed(tally, sent)
 
 
 def _words(turns: list[responses.Turn]) -> int:

@@ -373,3 +373,17 @@ async def test_tally_equals_the_usage_the_answer_reports(engine: EchoEngine, kin
     assert outcome.first_token_s is not None and outcome.first_token_s >= 0
     # One inter-token observation for every token after the first.
     assert sum(outcome.inter_token_counts) == usage["completion_tokens"] - 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_left_early_counts_the_tokens_it_sent(engine: EchoEngine, kind: str) -> None:
+    """A client that leaves is charged what it was sent, not nothing (the key's token limit)."""
+    tally = GenerationTally()
+    frames = await engine.stream(_request(kind, stream=True), tally)
+    received = []
+    while sum(bool(_delta_text(kind, choice)) for chunk in received for choice in chunk["choices"]) < 2:
+        received += sse.parse(await anext(frames))
+    await frames.aclose()  # type: ignore[attr-defined]
+    outcome = tally.outcome()
+    assert outcome.completion_tokens == 2 < len(WORDS)
+    assert outcome.first_token_s is not None and sum(outcome.inter_token_counts) == 1

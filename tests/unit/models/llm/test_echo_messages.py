@@ -73,3 +73,13 @@ async def test_tokens_are_counted_and_mistakes_refused(engine: EchoEngine) -> No
     assert caught.value.param == "max_tokens"
     with pytest.raises(ContextLengthExceededError):
         await engine.complete(ask(max_tokens=60), GenerationTally())
+
+
+async def test_a_message_stream_left_early_counts_the_tokens_it_sent(engine: EchoEngine) -> None:
+    tally = GenerationTally()
+    stream = await engine.stream(ask(stream=True), tally)
+    deltas = 0
+    while deltas < 3:
+        deltas += (await anext(stream)).startswith(b"event: content_block_delta\n")
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert tally.outcome().completion_tokens == 3
