@@ -17,6 +17,7 @@ from gateway.config import FrontDoorConfig, ModelConfig
 from gateway.deploy import deployment_name, model_app_name
 from gateway.http.api import build_api
 from gateway.http.state import GatewayState
+from gateway.heap_freeze import freeze_in_replica
 from gateway.metrics.hub import MetricsReporter, replica_source
 
 
@@ -65,6 +66,7 @@ class GatewayIngress:
         """
         self._state.apply(user_config["models"], user_config["routing"], user_config.get("keys", []))
         self._reporter.start()
+        freeze_in_replica()  # once, see gateway.heap_freeze: its app is built by now
 
     async def stop(self) -> None:
         """A graceful stop (Serve's ``__del__``): lines still buffered go out."""

@@ -8,6 +8,7 @@ is retried alone, so a failure still reaches only the request that caused it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 
 from gateway.affinity import unpin_self
+from gateway.heap_freeze import freeze_in_replica
 from gateway.errors import GatewayError, InternalServerError
 from gateway.protocol.engine import Outcome, Reply
 from models.classical.endpoints import Job, parse
@@ -60,6 +62,7 @@ class ClassicalServer:
         )(self._batch)
         # Embedding models report the dtype their weights run in (``auto`` resolved).
         self._dtype: str | None = getattr(self._predictor, "dtype", None)
+        freeze_in_replica()  # see gateway.heap_freeze: no full collection walks the model's objects
         logger.info("%s ready (%s, %s)", config.name, self._predictor.kind, self._dtype or "-")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -115,13 +118,15 @@ class ClassicalServer:
 
     def stats(self) -> dict[str, Any]:
         """How many batches of each size this replica has run, the calls it received
-        and the requests they carried, its batch settings and, for embedding
+        and the requests they carried, its batch settings, the start-up objects
+        no full collection walks (``gateway.heap_freeze``) and, for embedding
         models, the dtype its weights run in."""
         requests = sum(size * count for size, count in self._batch_sizes.items())
         stats = {
             "batch_sizes": dict(self._batch_sizes),
             "calls": self._calls,
             "requests": requests,
+            "frozen_objects": gc.get_freeze_count(),
             **self._batching,
         }
         if self._dtype is not None:

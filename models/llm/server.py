@@ -4,6 +4,7 @@ streams over its own HTTP port (``models.llm.relay``)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import unpin_self
+from gateway.heap_freeze import freeze_in_replica
 from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.metrics.hub import HUB_NAME, MetricsReporter, replica_source
 from gateway.protocol import relay
@@ -99,6 +101,7 @@ class LLMServer:
         self._relay_address = await self._relay.start()
         self._reporter = _engine_metrics_reporter(self._engine, hub_app)
         self._watch = asyncio.get_running_loop().create_task(self._watch_engine(exit_process))
+        freeze_in_replica()  # see gateway.heap_freeze: no full collection walks the start-up objects
         logger.info("%s ready (streams on %s:%d)", config.name, *self._relay_address[:2])
 
     async def _watch_engine(self, exit_process: Callable[[], None] | None) -> None:
@@ -169,11 +172,13 @@ class LLMServer:
         return self._engine.info()
 
     def stats(self) -> dict[str, int]:
-        """Requests this replica has received, streams open now, and stored responses kept."""
+        """Requests this replica has received, streams open now, stored responses
+        kept, and the start-up objects no full collection walks (``gateway.heap_freeze``)."""
         return {
             "requests": self._requests,
             "active_streams": self._active_streams,
             "stored_responses": len(self._stored),
+            "frozen_objects": gc.get_freeze_count(),
         }
 
     def num_unfinished_requests(self) -> int:

@@ -203,3 +203,10 @@ async def test_non_streaming_hang_ups_abort_engine_requests(gateway: Gateway) ->
     generated = await settled_generated_tokens(gateway) - before
     # Each client waited 0.5 s for its answer, then left; without aborts: 8 x LONG = 3,840 tokens.
     assert generated < 0.75 * HANG_UPS // 2 * LONG, f"{generated:.0f} tokens generated for clients that left"
+
+
+@pytest.mark.parametrize("model", [VLLM_MODEL, "minilm"])
+def test_a_replica_keeps_its_start_up_objects_out_of_full_collections(gateway: Gateway, model: str) -> None:
+    """Frozen once the replica is up (``gateway.heap_freeze``): a full collection
+    walked them all, stopping every stream on an LLM replica for half a second."""
+    assert gateway.call(model, "stats")["frozen_objects"] > 50_000

@@ -27,9 +27,9 @@ async def test_stream_counts_itself_while_open_and_releases_on_close() -> None:
     frames, _ = await server.open_stream(EngineRequest("chat", body, "r1"))
     first = await anext(frames)
     assert sse.parse(first)[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert server.stats() == {"requests": 1, "active_streams": 1, "stored_responses": 0}
+    assert server.stats() == {"requests": 1, "active_streams": 1, "stored_responses": 0, "frozen_objects": 0}
     await frames.aclose()  # type: ignore[attr-defined]
-    assert server.stats() == {"requests": 1, "active_streams": 0, "stored_responses": 0}
+    assert server.stats() == {"requests": 1, "active_streams": 0, "stored_responses": 0, "frozen_objects": 0}
 
 
 async def test_a_streams_outcome_is_the_usage_it_reported() -> None:
