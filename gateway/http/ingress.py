@@ -15,9 +15,9 @@ from ray import serve
 
 from gateway.config import FrontDoorConfig, ModelConfig
 from gateway.deploy import deployment_name, model_app_name
+from gateway.heap_freeze import freeze_in_replica
 from gateway.http.api import build_api
 from gateway.http.state import GatewayState
-from gateway.heap_freeze import freeze_in_replica
 from gateway.metrics.hub import MetricsReporter, replica_source
 
 

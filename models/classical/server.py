@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 
 from gateway.affinity import unpin_self
-from gateway.heap_freeze import freeze_in_replica
 from gateway.errors import GatewayError, InternalServerError
+from gateway.heap_freeze import freeze_in_replica
 from gateway.protocol.engine import Outcome, Reply
 from models.classical.endpoints import Job, parse
 from models.classical.heap import HeapTrimmer

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import unpin_self
-from gateway.heap_freeze import freeze_in_replica
 from gateway.errors import GatewayError, ServiceUnavailableError
+from gateway.heap_freeze import freeze_in_replica
 from gateway.metrics.hub import HUB_NAME, MetricsReporter, replica_source
 from gateway.protocol import relay
 from gateway.protocol.engine import Outcome, Reply
