@@ -47,11 +47,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import stat
 import sys
 import tempfile
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,12 @@ HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT
 # Serve's fallback proxy behind HAProxy (on loopback): 8500 and 9500 for every
 # cluster, so a second gateway's could not bind. Free ones too, unless set.
 FALLBACK_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+# Where those free ports are picked: above the worker ports of `ray start`
+# (10002-19999), below Serve's direct-ingress ports (30000-31000) and the
+# kernel's ephemeral range (32768 and up by default).
+PORT_CANDIDATES = range(20000, 30000)
+PORT_TRIES = 50
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # Ray Serve's default syslog target for HAProxy's per-request log (see above).
 _DROP_SYSLOG = """
       -e '/^[[:space:]]*log[[:space:]]+127[.]0[.]0[.]1:514[[:space:]]/d' \\"""
@@ -257,8 +265,10 @@ def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0, front_door
         env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s, front_door))
         for name, file in HAPROXY_PATHS.items():
             env[name] = os.environ.get(name) or str(directory / file)
+        picked: list[int] = []  # none bound until HAProxy starts: each its own
         for name in (*HAPROXY_PORTS, *FALLBACK_PORTS):
-            env[name] = os.environ.get(name) or str(free_port())
+            env[name] = os.environ.get(name) or str(free_port(exclude=picked))
+            picked += [int(env[name])] if env[name].isdigit() else []
         # Room for heads past the gateway's limits, answered by its rules (see _DEFAULTS).
         env[HAPROXY_BUFSIZE] = os.environ.get(HAPROXY_BUFSIZE, str(HAPROXY_BUFFER_BYTES))
     return env
@@ -280,11 +290,41 @@ def _bind_address(host: str) -> str:
     return "*" if host in ("0.0.0.0", "::") else host
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on at ``host`` now (the system's pick)."""
+def free_port(
+    host: str = "127.0.0.1", candidates: Sequence[int] | None = None, exclude: Collection[int] = ()
+) -> int:
+    """A TCP port nothing listens on at ``host`` now, picked at random among
+    ``candidates`` (``PORT_CANDIDATES`` below the kernel's ephemeral range by
+    default) and not in ``exclude`` (picked already, not bound yet); the
+    system's pick where none of those is free.
+
+    Not one the kernel hands out itself: a port picked there now could be
+    taken before HAProxy binds it, since every ``bind(0)`` and outgoing
+    connection of the cluster's processes draws from that range (a gateway
+    failed to start so, HAProxy's stats port taken by then).
+    """
+    pool = candidates if candidates is not None else _below_ephemeral(PORT_CANDIDATES)
+    for port in random.sample(pool, min(PORT_TRIES, len(pool))):
+        if port in exclude:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _below_ephemeral(ports: range) -> range:
+    """``ports`` short of the range the kernel picks local ports from."""
+    try:
+        first = int(EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return ports
+    return range(ports.start, max(ports.start, min(ports.stop, first)))
 
 
 def front_door_taken(host: str, port: int) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -148,9 +147,11 @@ class Gateway:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port outside the kernel's ephemeral range, as the gateway picks
+    HAProxy's (a picked ephemeral port can be taken by the time it is bound)."""
+    from gateway.local_cluster import free_port
+
+    return free_port()
 
 
 @pytest.fixture(scope="session")

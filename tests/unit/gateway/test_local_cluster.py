@@ -244,8 +244,11 @@ def test_each_local_cluster_gets_haproxys_side_ports_of_its_own(monkeypatch: pyt
     for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS, *side]:
         monkeypatch.delenv(name, raising=False)
     first = local_cluster.environment(RuntimeConfig())
+    listening = [socket.create_server(("127.0.0.1", int(first[name]))) for name in side]  # its HAProxy, up
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # one set: kept
     second = local_cluster.environment(RuntimeConfig())
+    for sock in listening:
+        sock.close()
     try:
         ports = [int(env[name]) for env in (first, second) for name in side]
         assert ports[len(side)] == 18404 and len(set(ports)) == 2 * len(side)
@@ -419,3 +422,26 @@ def test_a_running_local_clusters_raylet_says_where_its_gcs_is(tmp_path: Path) -
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(args))
     assert local_cluster._raylet_gcs_addresses(tmp_path) == ["127.0.0.1:43547"]
+
+
+def test_side_ports_are_picked_where_the_kernel_hands_out_none_itself() -> None:
+    """A port of the kernel's ephemeral range, free when picked, can be taken by
+    any ``bind(0)`` or outgoing connection before HAProxy binds it (a gateway
+    failed to start so); picked below that range, only an explicit bind can."""
+    first, last = map(int, local_cluster.EPHEMERAL_PORTS.read_text().split())
+    ports = [local_cluster.free_port() for _ in range(20)]
+    assert all(port in local_cluster.PORT_CANDIDATES and not first <= port <= last for port in ports)
+    for port in ports:
+        assert local_cluster.front_door_taken("127.0.0.1", port) is None
+
+
+def test_a_port_taken_or_picked_already_is_not_picked_again() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken, socket.create_server(("127.0.0.1", 0)) as picked:
+        busy, excluded = taken.getsockname()[1], picked.getsockname()[1]
+        picked.close()  # free again, but another pick of the same start-up has it
+        with socket.create_server(("127.0.0.1", 0)) as spare:
+            free = spare.getsockname()[1]
+        ports = {local_cluster.free_port(candidates=[busy, excluded, free], exclude=[excluded]) for _ in range(10)}
+        assert ports == {free}
+        # None free among them: the system's pick.
+        assert local_cluster.free_port(candidates=[busy]) != busy
