@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import os
@@ -224,7 +225,7 @@ def serve_forever(
         if (prepared := _local_environment(config, host, port)) is None:
             return 1
         local = prepared
-        if (status := _serve_in_own_session(local)) is not None:
+        if (status := _serve_in_own_group(local)) is not None:
             return status
     import ray
     from ray import serve
@@ -269,23 +270,35 @@ def serve_forever(
     return 0
 
 
-def _serve_in_own_session(local: dict[str, str]) -> int | None:
-    """Forks: the child returns None and goes on to serve, in a session of its
-    own, so that a stop signal sent to this process's group (``timeout(1)``,
-    a shell's ``kill %1``, ``kill -TERM -PGID``) reaches ``llm-gateway
-    serve`` alone and not the Ray daemons it starts, which the drain needs.
+def _serve_in_own_group(local: dict[str, str]) -> int | None:
+    """Forks: the child returns None and goes on to serve, in a process group
+    of its own, so that a stop signal sent to this process's group
+    (``timeout(1)``, a shell's ``kill %1``, ``kill -TERM -PGID``) reaches
+    ``llm-gateway serve`` alone and not the Ray daemons it starts, which the
+    drain needs. The child stays in this process's session: Linux's autogroup
+    scheduling (on by default) shares a busy CPU between sessions first, so a
+    gateway in a session of its own was one share against every other
+    session's processes, and its frontends and vLLM's scheduler waited behind
+    each other inside it (whole answers held back on 2 vCPUs; README,
+    "Sessions and the scheduler"). Its standard input is /dev/null: a process
+    of a background group that read the terminal would be stopped.
     This process forwards SIGINT and SIGTERM to the child and returns its
     exit status once it has stopped (128 + the signal that ended it), having
     removed the local cluster's files where a child cut short left them."""
     parent = os.getpid()
     child = os.fork()
     if child == 0:
-        os.setsid()
+        os.setpgid(0, 0)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
         # Stops (and drains) when this process's parent goes, even by SIGKILL.
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGTERM)
         return None
+    with contextlib.suppress(OSError):  # as the child does, before any signal could reach it in this group
+        os.setpgid(child, child)
 
     def forward(signum: int, _: FrameType | None) -> None:
         os.kill(child, signum)

@@ -171,9 +171,28 @@ def test_background_processes_yield_and_the_request_path_does_not(base_url: str)
         assert thread_niceness(process) == base, process.cmdline()[0]
 
 
+def test_the_gateway_stays_in_its_callers_session_in_a_group_of_its_own(base_url: str) -> None:
+    """Linux schedules each session as one group (autogroup): the gateway's
+    processes share the CPU with what else runs in the session it was started
+    from, as `vllm serve`'s do (README, "Sessions and the scheduler"), while a
+    signal to the command's process group still reaches the command alone."""
+    command = _PROCESS["gateway"].pid
+    serving = serving_process()
+    assert os.getpgid(serving.pid) == serving.pid != os.getpgid(command)
+    processes = gateway_processes()
+    on_path = ["raylet", "gcs_server", f"ray::ServeReplica:{APP}:GatewayIngress"]
+    assert all(title in processes for title in on_path), sorted(processes)
+    replicas = echo_replicas()
+    assert replicas
+    for process in [serving, *replicas, *(p for title in on_path for p in processes[title])]:
+        assert os.getsid(process.pid) == os.getsid(command), process.cmdline()[0]
+    # A background group that read the terminal would be stopped: nothing is read from it.
+    assert os.readlink(f"/proc/{serving.pid}/fd/0") == os.devnull
+
+
 def serving_process() -> psutil.Process:
     """The process that serves: ``llm-gateway serve`` runs the gateway in a
-    child of its own session (and only waits for it)."""
+    child in a process group of its own (and only waits for it)."""
     (child,) = psutil.Process(_PROCESS["gateway"].pid).children()
     return child
 
