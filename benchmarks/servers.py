@@ -26,12 +26,15 @@ KV_CACHE_GIB = 1
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    """Returns once ``url`` answers 200, every process of the server then in
+    this process's session (see ``in_this_session``)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
+                in_this_session(proc)
                 return
         except httpx.HTTPError:
             pass
@@ -110,6 +113,19 @@ def tree(proc: subprocess.Popen) -> list[psutil.Process]:
     replicas and engine processes too."""
     root = psutil.Process(proc.pid)
     return [root, *root.children(recursive=True)]
+
+
+def in_this_session(proc: subprocess.Popen) -> None:
+    """Raises unless every process of the server shares this process's
+    session, as the load generators do. Linux schedules each session as one
+    group (autogroup): a server in a session of its own shares a busy CPU
+    with the load generators as one, and on 2 vCPUs vLLM's own server then
+    held whole answers back (README, "Sessions and the scheduler")."""
+    ours = os.getsid(0)
+    for process in tree(proc):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if (theirs := os.getsid(process.pid)) != ours:
+                raise RuntimeError(f"{process.cmdline()[:1]} runs in session {theirs}, not this one ({ours})")
 
 
 def signal_tree(proc: subprocess.Popen, signum: int) -> None:

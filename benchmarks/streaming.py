@@ -32,6 +32,11 @@ left where vLLM puts it (``engine_core_cpus``), and ``--direct-engine-core
 pinned`` moves the engine core of vLLM's own server beside its worker, as
 the gateway places its own.
 
+Both servers and the load generators run in this process's session (checked
+once each server is ready): Linux schedules each session as one group, and
+a server in a session of its own shares a busy CPU with the load generators
+as one (README, "Sessions and the scheduler").
+
     python -m benchmarks.streaming --model-dir .models/tiny-chat-v1
 """
 

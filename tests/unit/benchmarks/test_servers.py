@@ -1,0 +1,55 @@
+"""The benchmarks' check that a server shares the load generators' session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from benchmarks.servers import in_this_session
+
+
+def server(child_in_own_session: bool) -> list[str]:
+    """A process that starts a child (as ``llm-gateway serve`` starts the
+    process that serves, and Ray's daemons under it) and waits."""
+    child = "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=%s)"
+    code = f"import subprocess, sys, time; {child % child_in_own_session}; time.sleep(60)"
+    return [sys.executable, "-c", code]
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.wait()
+
+
+def with_child(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    deadline = time.monotonic() + 30
+    while not psutil.Process(proc.pid).children():
+        assert time.monotonic() < deadline, "the child was not started"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_server_in_this_session_passes(started: list[subprocess.Popen[bytes]]) -> None:
+    started.append(with_child(subprocess.Popen(server(child_in_own_session=False))))
+    in_this_session(started[-1])
+
+
+@pytest.mark.parametrize("root_in_own_session", [True, False])
+def test_a_server_with_a_process_in_a_session_of_its_own_is_refused(
+    started: list[subprocess.Popen[bytes]], root_in_own_session: bool
+) -> None:
+    command = server(child_in_own_session=not root_in_own_session)
+    started.append(with_child(subprocess.Popen(command, start_new_session=root_in_own_session)))
+    with pytest.raises(RuntimeError, match="not this one"):
+        in_this_session(started[-1])
