@@ -280,8 +280,9 @@ def _serve_in_own_group(local: dict[str, str]) -> int | None:
     gateway in a session of its own was one share against every other
     session's processes, and its frontends and vLLM's scheduler waited behind
     each other inside it (whole answers held back on 2 vCPUs; README,
-    "Sessions and the scheduler"). Its standard input is /dev/null: a process
-    of a background group that read the terminal would be stopped.
+    "Sessions and the scheduler"). Its standard input is /dev/null and it
+    ignores SIGTTOU: a process of a background group that read the terminal,
+    or wrote to one set to ``tostop``, would be stopped.
     This process forwards SIGINT and SIGTERM to the child and returns its
     exit status once it has stopped (128 + the signal that ended it), having
     removed the local cluster's files where a child cut short left them."""
@@ -292,6 +293,8 @@ def _serve_in_own_group(local: dict[str, str]) -> int | None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
+        # Writes to a terminal set to `tostop` would stop a background group; Ray's processes inherit this.
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         # Stops (and drains) when this process's parent goes, even by SIGKILL.
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:

@@ -1,11 +1,18 @@
-"""gateway/cli.py: `llm-gateway serve` on a front-door port that is taken."""
+"""gateway/cli.py: `llm-gateway serve` on a front-door port that is taken, and run from a terminal."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import pty
+import select
 import socket
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -29,3 +36,46 @@ def test_the_front_door_check_finds_a_free_port_free() -> None:
     from gateway.local_cluster import free_port, front_door_taken
 
     assert front_door_taken("127.0.0.1", free_port()) is None
+
+
+# `llm-gateway serve`'s fork, in a terminal set to `tostop`: the child writes
+# where the command's output goes and exits; the parent reports its status.
+IN_A_TERMINAL = """
+import os, sys, termios
+attrs = termios.tcgetattr(0)
+attrs[3] |= termios.TOSTOP
+termios.tcsetattr(0, termios.TCSANOW, attrs)
+from gateway import cli
+status = cli._serve_in_own_group({})
+if status is None:
+    print("serving:", os.getpgrp() == os.getpid(), os.getsid(0) == os.getsid(os.getppid()), os.readlink("/proc/self/fd/0"))
+    sys.exit(0)
+print("exit status:", status)
+"""
+
+
+def test_the_serving_process_keeps_the_terminals_session_and_writes_to_it() -> None:
+    """Run from a terminal (that stops background writers, `stty tostop`),
+    the process that serves is in a group of its own in the terminal's
+    session, reads nothing from the terminal, and writes to it unstopped."""
+    controller, terminal = pty.openpty()
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.close, controller)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", IN_A_TERMINAL], cwd=ROOT, stdin=terminal, stdout=terminal, stderr=terminal,
+            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(terminal)
+        stack.callback(proc.kill)
+        output = b""
+        deadline = time.monotonic() + 60
+        while b"exit status:" not in output:
+            assert time.monotonic() < deadline, f"the serving process was stopped: {output!r}"
+            if select.select([controller], [], [], 0.5)[0]:
+                try:
+                    output += os.read(controller, 4096)
+                except OSError:  # the terminal closed: every process has exited
+                    break
+        assert proc.wait(timeout=30) == 0
+    assert b"serving: True True /dev/null" in output, output
+    assert b"exit status: 0" in output, output
