@@ -27,10 +27,10 @@ latency at concurrency 1 and requests/s at concurrency 32.
 ``ingress.stream_handoff: false`` (every stream relayed by its ingress), so
 that the handoff is measured against the relay in the same rounds.
 
-``--gateway-engine-core vllm`` runs the gateway's model with its engine core
-left where vLLM puts it (``engine_core_cpus``), and ``--direct-engine-core
-pinned`` moves the engine core of vLLM's own server beside its worker, as
-the gateway places its own.
+``--gateway-engine-core`` sets the gateway model's ``engine_core_cpus``
+(``auto``: beside its worker while two or more requests generate; ``workers``:
+always; ``vllm``: where vLLM puts it), and ``--direct-engine-core pinned``
+moves the engine core of vLLM's own server beside its worker for good.
 
 Both servers and the load generators run in this process's session (checked
 once each server is ready): Linux schedules each session as one group, and
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--gateway-cpus", default="off", help="the gateway's runtime.gateway_cpus")
-    parser.add_argument("--gateway-engine-core", choices=("auto", "vllm"), default="auto",
+    parser.add_argument("--gateway-engine-core", choices=("auto", "workers", "vllm"), default="auto",
                         help="the gateway model's engine_core_cpus")
     parser.add_argument("--direct-engine-core", choices=("vllm", "pinned"), default="vllm",
                         help="vLLM's own server: its engine core as vLLM leaves it, or beside its worker")

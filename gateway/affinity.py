@@ -15,10 +15,14 @@ their periodic work then runs when the engine leaves a core free.
 
 vLLM's engine-core process (its scheduler) floats on every CPU. Where vLLM
 leaves a single CPU to everything but its workers, that CPU also runs the
-gateway's processes, and the engine core queues behind them while its workers
-wait for their next step. ``place_engine_core`` then moves it onto its
-workers' CPUs: without asynchronous scheduling (vLLM's CPU backend has none)
-workers and scheduler take turns, so it runs while they wait for it.
+gateway's processes, and under load the engine core queues behind them while
+its workers wait for their next step. ``engine_core_placement`` finds where it
+can go instead: onto its workers' CPUs, where, without asynchronous scheduling
+(vLLM's CPU backend has none), workers and scheduler take turns. With few
+requests the CPU left over is mostly idle, and the engine core's I/O threads
+(each step's outputs serialized and sent) run there beside the workers' next
+step rather than taking turns with it: the model replica moves the engine core
+by how many requests are generating (``models.llm.core_placement``).
 
 Linux only (``/proc``, ``os.sched_setaffinity``); elsewhere nothing is pinned or lowered.
 """
@@ -30,6 +34,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -61,11 +66,10 @@ def reserved_cpus(setting: str | Sequence[int]) -> set[int] | None:
     return set(available[-min(reserved, len(available) - 1) :])
 
 
-def place_engine_core(root: int) -> set[int] | None:
-    """Pins every thread of each vLLM engine-core process of ``root`` (a model
-    replica) to the CPUs its workers are bound to, on a host without a GPU
-    where vLLM's binding leaves exactly one of ``root``'s CPUs to everything
-    else; returns those CPUs, or None when nothing was moved."""
+def engine_core_placement(root: int) -> EngineCorePlacement | None:
+    """Where each vLLM engine-core process of ``root`` (a model replica) can
+    run, on a host without a GPU where vLLM's binding leaves exactly one of
+    ``root``'s CPUs to everything else; None elsewhere (nothing to move)."""
     if not PROC.is_dir() or _has_gpu():
         return None
     children = _children()
@@ -77,11 +81,42 @@ def place_engine_core(root: int) -> set[int] | None:
                 computing.update(*(_cpus(tid) for tid in _threads(worker)))
     if not computing or len(_cpus(root) - computing) != 1:
         return None
-    for pid in cores:
-        for tid in _threads(pid):
-            with contextlib.suppress(OSError):  # the thread ended
-                os.sched_setaffinity(tid, computing)
-    return computing
+    return EngineCorePlacement({pid: _cpus(pid) for pid in cores}, computing)
+
+
+@dataclass(frozen=True)
+class EngineCorePlacement:
+    """vLLM's engine-core processes (each with the CPUs vLLM left it on) and
+    the CPUs their workers compute on; moves every thread of each core, as
+    Linux keeps an affinity per thread."""
+
+    cores: dict[int, set[int]]
+    workers: set[int]
+
+    def beside_workers(self) -> None:
+        for pid in self.cores:
+            _move_threads(pid, self.workers)
+
+    def where_vllm_left(self) -> None:
+        for pid, cpus in self.cores.items():
+            _move_threads(pid, cpus)
+
+
+def place_engine_core(root: int) -> set[int] | None:
+    """Pins every thread of each vLLM engine-core process of ``root`` to the
+    CPUs its workers are bound to, where ``engine_core_placement`` finds them;
+    returns those CPUs, or None when nothing was moved."""
+    placement = engine_core_placement(root)
+    if placement is None:
+        return None
+    placement.beside_workers()
+    return placement.workers
+
+
+def _move_threads(pid: int, cpus: set[int]) -> None:
+    for tid in _threads(pid):
+        with contextlib.suppress(OSError):  # the thread ended
+            os.sched_setaffinity(tid, cpus)
 
 
 def _is_vllm(pid: int, title: str) -> bool:

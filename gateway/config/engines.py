@@ -100,14 +100,16 @@ class VLLMModelConfig(LLMModelConfig):
         "whitespace the grammar allows, which small models can emit until `max_tokens`. "
         "Unset: `compact`, unless `engine_args` holds a `structured-outputs-config`.",
     )
-    engine_core_cpus: Literal["auto", "vllm"] = Field(
+    engine_core_cpus: Literal["auto", "workers", "vllm"] = Field(
         "auto",
         description="Where vLLM's engine-core process (its scheduler) runs on a host without "
-        "a GPU. `auto` (default): where vLLM binds its workers to all CPUs but one, on the "
-        "workers' CPUs, since the one left over also runs the gateway's own processes, "
-        "behind which the scheduler would queue while its workers wait for it (on 2 vCPUs: "
-        "1.5-1.8x the tokens/s at 32 streams, about 10 % fewer at 1). `vllm`: where vLLM "
-        "leaves it, free to run on every CPU.",
+        "a GPU, where vLLM binds its workers to all CPUs but one. `workers`: on the workers' "
+        "CPUs, since the one left over also runs the gateway's own processes, behind which "
+        "the scheduler would queue while its workers wait for it (on 2 vCPUs: 1.5-1.8x the "
+        "tokens/s at 32 streams). `vllm`: where vLLM leaves it, free to run on every CPU "
+        "(faster for a single request: about 1.2x its tokens/s). `auto` (default): on the "
+        "workers' CPUs while two or more requests generate, else where vLLM leaves it. On "
+        "other hosts it stays where vLLM leaves it.",
     )
     engine_args: dict[str, str | int | float | bool] = Field(
         default_factory=dict,

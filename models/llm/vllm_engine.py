@@ -20,10 +20,11 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.affinity import place_engine_core
+from gateway.affinity import engine_core_placement
 from gateway.errors import ContextLengthExceededError, ModelNotSupportedError
 from gateway.protocol.extras import check_fields
 from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
+from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class VLLMEngine:
         self._config = config
         self._serving: vllm_compat.Serving | None = None
         self._tokenizer_spec: dict[str, Any] | None = None
+        self._placer: CorePlacer | None = None
 
     @property
     def _vllm(self) -> vllm_compat.Serving:
@@ -83,13 +85,17 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_RESPONSES_API_STORE"] = "1" if self._config.kept_responses > 0 else "0"
         prepare = compact_json.compact_structural_tag if compact_json.is_compact(self._config) else None
         self._serving = await vllm_compat.build_serving(
-            self.cli_args(), lambda generate, delta_kind: _tallied(generate, delta_kind, prepare)
+            self.cli_args(),
+            lambda generate, delta_kind: _tallied(generate, delta_kind, prepare, lambda: self._placer),
         )
         vllm_compat.guard_renders(self._serving, self._check_rendered)
-        if self._config.engine_core_cpus == "auto":
-            cpus = place_engine_core(os.getpid())
-            if cpus:
-                logger.info("%s: vLLM's engine core runs on its workers' CPUs %s", self._config.name, sorted(cpus))
+        mode = self._config.engine_core_cpus
+        if mode != "vllm" and (placement := engine_core_placement(os.getpid())) is not None:
+            self._placer = CorePlacer(placement, mode)
+            logger.info(
+                "%s: vLLM's engine core runs on its workers' CPUs %s %s", self._config.name,
+                sorted(placement.workers), "always" if mode == "workers" else "while several requests generate",
+            )
 
     def info(self) -> EngineInfo:
         serving = self._vllm
@@ -285,10 +291,12 @@ def _tallied(
     generate: Callable[..., AsyncIterator[Any]],
     delta_kind: Any,
     prepare: Callable[[Any], None] | None = None,
+    placer: Callable[[], CorePlacer | None] = lambda: None,
 ) -> Callable[..., AsyncIterator[Any]]:
     """``AsyncLLM.generate``, counting into the tally of the request being served;
     ``delta_kind`` is vLLM's ``RequestOutputKind.DELTA``; ``prepare``, when given,
-    may adjust each request's sampling params before the engine sees them."""
+    may adjust each request's sampling params before the engine sees them;
+    ``placer``'s result, when one, learns when each request generates."""
 
     def generate_and_count(prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
         if prepare is not None:
@@ -298,7 +306,7 @@ def _tallied(
         if tally is None:
             return outputs
         delta = getattr(sampling_params, "output_kind", None) == delta_kind
-        return vllm_streams.count(outputs, tally, delta)
+        return vllm_streams.count(outputs, tally, delta, placer())
 
     return generate_and_count
 

@@ -18,6 +18,7 @@ from models.llm import vllm_errors
 from models.llm.engine import ENGINE_DEAD
 
 if TYPE_CHECKING:
+    from models.llm.core_placement import CorePlacer
     from models.llm.tally import GenerationTally
 
 # The tally of the request being handed to vLLM's serving layer: its calls to
@@ -27,16 +28,22 @@ TALLY: ContextVar[GenerationTally | None] = ContextVar("tally", default=None)
 _ERROR_PREFIX = b'data: {"error"'
 
 
-async def count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool) -> AsyncIterator[Any]:
+async def count(
+    outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool, placer: CorePlacer | None = None
+) -> AsyncIterator[Any]:
     """Passes vLLM's ``RequestOutput``s through, adding their tokens and timings to ``tally``.
 
     Token times come from vLLM's request stats (engine-core timestamps) when
     it keeps them, else from arrival here. A final-only output spreads its
-    tokens evenly between the first and the last token's times.
+    tokens evenly between the first and the last token's times. ``placer``,
+    when given, counts the request as generating from the first read on
+    until the outputs end or are closed.
     """
     cumulative: dict[int, int] = {}  # per sequence, for outputs that repeat earlier tokens
     last_ts: float | None = None
     first = True
+    if placer is not None:
+        placer.started()
     try:
         async for output in outputs:
             if first:
@@ -55,6 +62,8 @@ async def count(outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool
                 last_ts = _time_tokens(tally, output.metrics, new, last_ts)
             yield output
     finally:
+        if placer is not None:
+            placer.ended()
         if hasattr(outputs, "aclose"):
             await outputs.aclose()  # aborts the engine request if we stopped early
 

@@ -1,9 +1,12 @@
 """Placement on the session's (single-node, CPU-only) cluster: a multi-worker
 replica gets its STRICT_PACK placement group; one that fits no node fails fast;
-vLLM's engine core runs beside its worker where vLLM left one CPU to the rest."""
+vLLM's engine core runs beside its worker under load where vLLM left one CPU
+to the rest."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import time
 
@@ -11,8 +14,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.conftest import APP, TEST_CONFIG, Gateway
-from tests.integration.test_faults import serving_engine_core
+from models.llm.core_placement import BESIDE_WORKERS_AT
+from tests.integration.conftest import APP, TEST_CONFIG, VLLM_MODEL, Gateway
+from tests.integration.test_faults import CHAT, HELLO, serving_engine_core
 
 TP_ECHO = {
     "name": "echo-tp",
@@ -74,16 +78,37 @@ def test_a_replica_that_fits_no_node_fails_within_seconds(gateway: Gateway, http
     assert http.post("/v1/completions", json={"model": "echo", "prompt": "a", "max_tokens": 1}).status_code == 200
 
 
-async def test_the_engine_core_runs_on_its_workers_cpus_where_vllm_left_one_cpu(gateway: Gateway) -> None:
+async def test_the_engine_core_runs_beside_its_workers_while_several_requests_generate(gateway: Gateway) -> None:
     """The session's vLLM model (``engine_core_cpus`` left at ``auto``): on a
     CPU host where vLLM's workers are bound to all of the replica's CPUs but
-    one, every thread of its engine core is on the workers' CPUs (else where
-    vLLM left it: on the replica's)."""
+    one, every thread of its engine core runs on the workers' CPUs while three
+    streams generate, and where vLLM left it (the replica's CPUs) before and
+    after; elsewhere always there."""
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
         replica_pid, core = await serving_engine_core(session)
-    workers = core.children()
-    assert len(workers) == 1, workers  # one worker: the session's model is not tensor parallel
-    computing = set().union(*(set(psutil.Process(t.id).cpu_affinity()) for t in workers[0].threads()))
-    left = set(psutil.Process(replica_pid).cpu_affinity()) - computing
-    expected = computing if len(left) == 1 else set(psutil.Process(replica_pid).cpu_affinity())
-    assert {frozenset(psutil.Process(t.id).cpu_affinity()) for t in core.threads()} == {frozenset(expected)}
+        workers = core.children()
+        assert len(workers) == 1, workers  # one worker: the session's model is not tensor parallel
+        computing = set().union(*(set(psutil.Process(t.id).cpu_affinity()) for t in workers[0].threads()))
+        replicas = set(psutil.Process(replica_pid).cpu_affinity())
+        busy = computing if len(replicas - computing) == 1 else replicas
+
+        def placed() -> set[frozenset[int]]:
+            return {frozenset(psutil.Process(t.id).cpu_affinity()) for t in core.threads()}
+
+        assert placed() == {frozenset(replicas)}  # its one request has ended
+        body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 300, "stream": True, "ignore_eos": True}
+        async with contextlib.AsyncExitStack() as streams:
+            reading = []  # each stream's lines, held: a reader dropped closes its stream
+            for _ in range(BESIDE_WORKERS_AT):
+                stream = await streams.enter_async_context(session.stream("POST", CHAT, json=body))
+                assert stream.status_code == 200
+                reading.append(stream.aiter_lines())
+                assert (await anext(reading[-1])).startswith("data: ")  # its first event: it generates
+            assert placed() == {frozenset(busy)}
+        # Closed early: the engine's requests end as the replica sees the clients gone.
+        deadline = time.monotonic() + 30
+        while placed() != {frozenset(replicas)}:
+            assert time.monotonic() < deadline, placed()
+            await asyncio.sleep(0.1)
+        answer = await session.post(CHAT, json={"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 2})
+        assert answer.status_code == 200 and placed() == {frozenset(replicas)}

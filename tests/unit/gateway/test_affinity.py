@@ -235,3 +235,30 @@ def test_the_engine_core_joins_its_workers_only_where_vllm_left_one_cpu(
     finally:
         os.killpg(tree.pid, 9)
         tree.wait()
+
+
+def test_the_engine_core_moves_beside_its_workers_and_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model replica moves its engine core by load: beside its workers and
+    back where vLLM left it, every thread each time, nothing else touched."""
+    monkeypatch.setattr(affinity, "_has_gpu", lambda: False)
+    worker_cpus = {TWO[0]}
+    tree = engine_tree(worker_cpus, set(TWO))
+    try:
+        pids = started(tree, worker_cpus)
+        placement = affinity.engine_core_placement(tree.pid)
+        assert placement is not None
+        assert placement.workers == worker_cpus
+        assert thread_cpus(pids["core"]) == [set(TWO), set(TWO)]  # finding it moves nothing
+        for _ in range(2):
+            placement.beside_workers()
+            assert thread_cpus(pids["core"]) == [worker_cpus, worker_cpus]
+            placement.where_vllm_left()
+            assert thread_cpus(pids["core"]) == [set(TWO), set(TWO)]
+        assert thread_cpus(pids["other"]) == [set(TWO), set(TWO)]
+        assert thread_cpus(pids["worker"]) == [worker_cpus, worker_cpus]
+        os.kill(pids["core"], 9)  # an engine core that exited is skipped
+        placement.beside_workers()
+        placement.where_vllm_left()
+    finally:
+        os.killpg(tree.pid, 9)
+        tree.wait()

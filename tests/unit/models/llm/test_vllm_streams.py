@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from gateway.metrics.families import ITL_BUCKETS
+from models.llm.core_placement import BESIDE_WORKERS_AT, CorePlacer
 from models.llm.tally import GenerationTally
 from models.llm.vllm_streams import count
+from tests.unit.models.llm.test_core_placement import Recorded
 
 
 def output(token_counts: list[int], stats: Any = None, prompt: int = 7) -> Any:
@@ -79,6 +81,27 @@ async def test_stopping_early_closes_the_engine_stream() -> None:
     await anext(counted)
     await counted.aclose()
     assert closed == [True] and tally.completion_tokens == 1
+
+
+async def test_a_request_generates_from_its_first_read_until_its_end_or_close() -> None:
+    """The engine core's placement counts a request as generating while its
+    outputs are read: from the first read on, until they end or are closed
+    early (a client gone); outputs never read count for nothing."""
+    placement = Recorded()
+    placer = CorePlacer(placement, "auto")
+    unread = count(source([output([1])]), GenerationTally(), True, placer)
+    ended = count(source([output([1]), output([1])]), GenerationTally(), True, placer)
+    closed = count(source([output([1]), output([1])]), GenerationTally(), True, placer)
+    await anext(ended)
+    await anext(closed)
+    assert placer.generating == 2
+    await drain(ended)
+    assert placer.generating == 1
+    await closed.aclose()
+    assert placer.generating == 0
+    await unread.aclose()
+    assert placer.generating == 0
+    assert placement.moves == (["beside", "left"] if BESIDE_WORKERS_AT <= 2 else [])
 
 
 async def test_tokens_are_counted_as_they_pass_not_when_the_stream_is_closed() -> None:
