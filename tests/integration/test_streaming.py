@@ -198,7 +198,9 @@ async def test_non_streaming_hang_ups_abort_engine_requests(gateway: Gateway) ->
             await session.post(CHAT, json=body)
 
     before = await settled_generated_tokens(gateway)
-    async with httpx.AsyncClient(base_url=ingress_replica_url(), timeout=0.5) as session:
+    # The client waits half a second for its answer; connecting may take longer on a busy host.
+    waits = httpx.Timeout(10, read=0.5)
+    async with httpx.AsyncClient(base_url=ingress_replica_url(), timeout=waits) as session:
         await asyncio.gather(*(hang_up(session) for _ in range(HANG_UPS // 2)))
     generated = await settled_generated_tokens(gateway) - before
     # Each client waited 0.5 s for its answer, then left; without aborts: 8 x LONG = 3,840 tokens.
