@@ -38,6 +38,7 @@ REPORT_S = 0.5
 HEARTBEAT_S = 2.0
 STALE_S = 10.0
 HUB_NAME = "MetricsHub"
+_NOTHING = object()  # no collection made yet
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -131,6 +132,8 @@ class MetricsReporter:
     async def _run(self) -> None:
         last: object = None
         sent_at = 0.0
+        collected: Any = None
+        collected_at: object = _NOTHING
         while True:
             await asyncio.sleep(self._interval_s)
             if self._after_each is not None:
@@ -139,8 +142,12 @@ class MetricsReporter:
             now = time.monotonic()
             if version == last and now - sent_at < HEARTBEAT_S:
                 continue
+            # A heartbeat sends what was collected for this version again:
+            # collecting (vLLM renders its whole registry) is the costly part.
+            if version != collected_at:
+                collected, collected_at = self._collect(), version
             try:
-                await self._send(self._collect())
+                await self._send(collected)
             except Exception as exc:  # noqa: BLE001 - the hub may be starting or moving
                 logger.debug("metrics report failed: %s", exc)
                 continue

@@ -99,7 +99,7 @@ class LLMServer:
             replica=replica,
         )
         self._relay_address = await self._relay.start()
-        self._reporter = _engine_metrics_reporter(self._engine, hub_app)
+        self._reporter = _engine_metrics_reporter(self._engine, hub_app, self._metrics_version)
         self._watch = asyncio.get_running_loop().create_task(self._watch_engine(exit_process))
         freeze_in_replica()  # see gateway.heap_freeze: no full collection walks the start-up objects
         logger.info("%s ready (streams on %s:%d)", config.name, *self._relay_address[:2])
@@ -185,6 +185,13 @@ class LLMServer:
         """Requests the engine is still working on (running or waiting)."""
         return self._engine.num_unfinished_requests()
 
+    def _metrics_version(self) -> object:
+        """Changes whenever the engine's metrics may have: with each request
+        received, and at every look while the engine works on any. An idle
+        engine's metrics are then not rendered again, only re-sent."""
+        working = self._engine.num_unfinished_requests() > 0
+        return (self._requests, time.monotonic() if working else None)
+
     async def check_health(self) -> None:
         """Called by Serve's health checks; raising marks the replica unhealthy."""
         self._alive()
@@ -216,9 +223,12 @@ def _node_address() -> str:
     return str(ray.util.get_node_ip_address())
 
 
-def _engine_metrics_reporter(engine: LLMEngine, hub_app: str | None) -> MetricsReporter | None:
-    """Sends the engine's own metrics (vLLM's ``vllm:*``) to the gateway's hub each second,
-    so ``/metrics`` shows them per replica. None for engines that keep none."""
+def _engine_metrics_reporter(
+    engine: LLMEngine, hub_app: str | None, version: Callable[[], object]
+) -> MetricsReporter | None:
+    """Sends the engine's own metrics (vLLM's ``vllm:*``) to the gateway's hub each second
+    they changed (``version``), so ``/metrics`` shows them per replica. None for engines
+    that keep none."""
     if engine.metrics_text() is None:
         return None
     from ray import serve
@@ -231,6 +241,6 @@ def _engine_metrics_reporter(engine: LLMEngine, hub_app: str | None) -> MetricsR
     async def send(text: str | None) -> None:
         await hub.report_engine.remote(source, text or "")
 
-    reporter = MetricsReporter(send, engine.metrics_text, time.monotonic, interval_s=1.0)
+    reporter = MetricsReporter(send, engine.metrics_text, version, interval_s=1.0)
     reporter.start()
     return reporter

@@ -95,3 +95,29 @@ async def test_a_failed_send_is_retried_next_cycle() -> None:
     await asyncio.sleep(0.08)
     await reporter.stop()
     assert calls[:2] == [7, 7]
+
+
+async def test_a_heartbeat_sends_the_last_collection_again_without_collecting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # vLLM renders its whole registry when collected: an idle replica must not pay that each beat.
+    monkeypatch.setattr(hub_module, "HEARTBEAT_S", 0.05)
+    sent: list[Any] = []
+    collected = [0]
+    version = [0]
+
+    async def send(text: Any) -> None:
+        sent.append(text)
+
+    def collect() -> str:
+        collected[0] += 1
+        return f"page {collected[0]}"
+
+    reporter = MetricsReporter(send, collect, lambda: version[0], interval_s=0.01)
+    reporter.start()
+    await asyncio.sleep(0.2)
+    assert collected[0] == 1 and len(sent) >= 3 and set(sent) == {"page 1"}
+    version[0] = 1
+    await asyncio.sleep(0.05)
+    await reporter.stop()
+    assert collected[0] == 2 and sent[-1] == "page 2"

@@ -95,3 +95,20 @@ async def test_a_dead_engine_is_answered_503_then_the_replica_exits(monkeypatch:
     assert not exited.is_set()  # requests in flight get their errors first
     await asyncio.wait_for(exited.wait(), 5.0)
     await server.stop()
+
+
+async def test_the_engine_metrics_version_moves_only_with_requests_or_while_one_runs() -> None:
+    server = await make_server(echo_token_delay_ms=5)
+    idle = server._metrics_version()
+    assert server._metrics_version() == idle  # idle: the engine's metrics are not rendered again
+    body = {"model": "echo", "messages": [{"role": "user", "content": "a b c d e f"}], "stream": True}
+    frames, _ = await server.open_stream(EngineRequest("chat", body, "r1"))
+    await anext(frames)
+    running = server._metrics_version()
+    assert running != idle
+    await asyncio.sleep(0.01)
+    assert server._metrics_version() != running  # each look while it runs is news
+    _ = [frame async for frame in frames]
+    done = server._metrics_version()
+    assert done not in (idle, running) and server._metrics_version() == done
+    await server.stop()
