@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 # frames) before it exits so that Serve starts a new one.
 WATCH_S = 0.2
 DEAD_GRACE_S = 0.5
+# How long after its last request an engine's metrics are still rendered
+# each second: vLLM records a step's stats after it finished the requests.
+METRICS_SETTLE_S = 3.0
 # Of a model's ``graceful_shutdown_s``: Serve's own drain loop (2 s) before
 # ``__del__``, and time for the engine to shut down before the controller kills.
 STOP_MARGIN_S = 5.0
@@ -83,6 +86,8 @@ class LLMServer:
         self._watch: asyncio.Task[None] | None = None
         self._active_streams = 0
         self._requests = 0
+        self._requests_seen = 0  # by ``_metrics_version``
+        self._busy_until = 0.0
         self._engine = engine if engine is not None else make_engine(config)
         # The replica's id, in the id of every response it stores (``gateway.protocol.relay``).
         replica = secrets.token_hex(relay.REPLICA_CHARS // 2)
@@ -186,11 +191,15 @@ class LLMServer:
         return self._engine.num_unfinished_requests()
 
     def _metrics_version(self) -> object:
-        """Changes whenever the engine's metrics may have: with each request
-        received, and at every look while the engine works on any. An idle
-        engine's metrics are then not rendered again, only re-sent."""
-        working = self._engine.num_unfinished_requests() > 0
-        return (self._requests, time.monotonic() if working else None)
+        """Changes whenever the engine's metrics may have: at every look while
+        the engine works, after a request came, and for ``METRICS_SETTLE_S``
+        after that. An idle engine's metrics are then not rendered again, only
+        re-sent."""
+        now = time.monotonic()
+        if self._requests != self._requests_seen or self._engine.num_unfinished_requests() > 0:
+            self._requests_seen = self._requests
+            self._busy_until = now + METRICS_SETTLE_S
+        return now if now < self._busy_until else self._busy_until
 
     async def check_health(self) -> None:
         """Called by Serve's health checks; raising marks the replica unhealthy."""

@@ -97,7 +97,12 @@ async def test_a_dead_engine_is_answered_503_then_the_replica_exits(monkeypatch:
     await server.stop()
 
 
-async def test_the_engine_metrics_version_moves_only_with_requests_or_while_one_runs() -> None:
+async def test_the_engine_metrics_version_moves_while_requests_run_and_settles_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from models.llm import server as server_module
+
+    monkeypatch.setattr(server_module, "METRICS_SETTLE_S", 0.1)
     server = await make_server(echo_token_delay_ms=5)
     idle = server._metrics_version()
     assert server._metrics_version() == idle  # idle: the engine's metrics are not rendered again
@@ -109,6 +114,14 @@ async def test_the_engine_metrics_version_moves_only_with_requests_or_while_one_
     await asyncio.sleep(0.01)
     assert server._metrics_version() != running  # each look while it runs is news
     _ = [frame async for frame in frames]
-    done = server._metrics_version()
-    assert done not in (idle, running) and server._metrics_version() == done
+    assert server.num_unfinished_requests() == 0
+    after = server._metrics_version()
+    await asyncio.sleep(0.01)
+    assert server._metrics_version() != after  # stats recorded late still get rendered
+    await asyncio.sleep(0.15)
+    settled = server._metrics_version()
+    assert settled not in (idle, running, after) and server._metrics_version() == settled
+    # A request answered whole between two looks is news too.
+    await server.generate(EngineRequest("chat", {**body, "stream": False}, "r2"))
+    assert server._metrics_version() != settled
     await server.stop()
