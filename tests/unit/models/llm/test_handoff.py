@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import pytest
 
@@ -165,3 +166,43 @@ async def test_writing_to_a_client_that_is_gone_raises_connection_error() -> Non
                 client.write(b"data: 1\n\n")
                 await asyncio.sleep(0.01)
         client.close()
+
+
+class CountedSocket(socket.socket):
+    """A socket that counts its sends."""
+
+    sends = 0
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self.sends += 1
+        return super().send(data, flags)
+
+
+async def test_chunks_written_in_one_turn_of_the_loop_leave_in_one_send() -> None:
+    with client_pair() as (ours, theirs):
+        counted = CountedSocket(fileno=os.dup(ours.fileno()))
+        client = ClientSocket(counted)
+        for i in range(3):
+            client.write(b"data: %d\n\n" % i)
+        assert counted.sends == 0  # nothing leaves before the loop turns
+        await asyncio.sleep(0)
+        assert counted.sends == 1
+        await client.drain()
+        client.write(b"data: 3\n\n")
+        await client.drain()
+        assert counted.sends == 2
+        client.close()
+        ours.close()
+        body = await readable_eof(theirs)
+    assert body == b"".join(b"%x\r\ndata: %d\n\n\r\n" % (len(b"data: 0\n\n"), i) for i in range(4))
+
+
+async def test_closing_sends_what_was_written_and_keeps_the_connection() -> None:
+    with client_pair() as (ours, theirs):
+        client = ClientSocket(socket.socket(fileno=os.dup(ours.fileno())))
+        client.write(b"data: last\n\n")
+        client.close()  # before the loop turned: still sent, whole
+        ours.send(b"0\r\n\r\n")  # the ingress's copy still works: it ends the body itself
+        ours.close()
+        body = await readable_eof(theirs)
+    assert body == b"c\r\ndata: last\n\n\r\n0\r\n\r\n"
