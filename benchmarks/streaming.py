@@ -31,6 +31,9 @@ that the handoff is measured against the relay in the same rounds.
 (``auto``: beside its worker while two or more requests generate; ``workers``:
 always; ``vllm``: where vLLM puts it), and ``--direct-engine-core pinned``
 moves the engine core of vLLM's own server beside its worker for good.
+``--compare-engine-core MODE`` adds a gateway whose model has
+``engine_core_cpus: MODE`` to the rounds (``core-MODE``), so that a placement
+is measured against the gateway's in the same rounds.
 
 Both servers and the load generators run in this process's session (checked
 once each server is ready): Linux schedules each session as one group, and
@@ -109,7 +112,8 @@ def measure(
 @dataclass
 class Paired:
     """One level and client, measured ``rounds`` times on each server
-    (``direct``, ``gateway`` and, with ``--compare-relay``, ``relayed``)."""
+    (``direct``, ``gateway`` and, with ``--compare-relay``, ``relayed``;
+    with ``--compare-engine-core``, ``core-<mode>``)."""
 
     runs: dict[str, list[Figures]] = field(default_factory=dict)
 
@@ -118,17 +122,20 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
     """The servers up at once, measured in turn at each level, the others
     frozen meanwhile (see the module's doc)."""
 
-    def gateway(port: int, handoff: bool) -> subprocess.Popen:
-        log = args.log_dir / f"bench-{'gateway' if handoff else 'relayed'}.log"
-        return start_gateway(args.model_dir, port, log, args.gateway_cpus, args.gateway_engine_core, handoff)
+    def gateway(name: str, port: int, engine_core: str, handoff: bool = True) -> tuple[subprocess.Popen, str, str]:
+        log = args.log_dir / f"bench-{name}.log"
+        proc = start_gateway(args.model_dir, port, log, args.gateway_cpus, engine_core, handoff)
+        return proc, f"http://127.0.0.1:{port}", "/ready"
 
     servers = {
         "direct": (start_direct(args.model_dir, 8101, args.log_dir / "bench-direct.log"),
                    "http://127.0.0.1:8101", "/health"),
-        "gateway": (gateway(8102, True), "http://127.0.0.1:8102", "/ready"),
+        "gateway": gateway("gateway", 8102, args.gateway_engine_core),
     }  # fmt: skip
     if args.compare_relay:
-        servers["relayed"] = (gateway(8103, False), "http://127.0.0.1:8103", "/ready")
+        servers["relayed"] = gateway("relayed", 8103, args.gateway_engine_core, handoff=False)
+    if args.compare_engine_core:
+        servers[core_name(args)] = gateway(core_name(args), 8104, args.compare_engine_core)
     names = list(servers)
     try:
         for name, (proc, base_url, ready_path) in servers.items():
@@ -144,7 +151,7 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
                     _thaw_only(name, servers)
                     figures = _measure_once(servers[name][1], concurrency, client, requests, args)
                     paired.runs.setdefault(name, []).append(figures)
-                    print(f"    round {round_ + 1} {name:<8}{describe(figures)}", flush=True)
+                    print(f"    round {round_ + 1} {name:<9} {describe(figures)}", flush=True)
             results.append(paired)
         _thaw_only("gateway", servers)
         echo = _echo(servers["gateway"][1])
@@ -153,6 +160,11 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
         for proc, _, _ in servers.values():
             signal_tree(proc, signal.SIGCONT)
             stop(proc)
+
+
+def core_name(args: argparse.Namespace) -> str:
+    """The name of the gateway ``--compare-engine-core`` adds."""
+    return f"core-{args.compare_engine_core}"
 
 
 def _thaw_only(name: str, servers: dict[str, tuple[subprocess.Popen, str, str]]) -> None:
@@ -183,11 +195,15 @@ def main() -> None:
                         help="both servers up, measured in turn this many times at each level")
     parser.add_argument("--compare-relay", action="store_true",
                         help="also a gateway with ingress.stream_handoff off, in the same rounds")
+    parser.add_argument("--compare-engine-core", choices=("auto", "workers", "vllm"),
+                        help="also a gateway with this engine_core_cpus, in the same rounds")
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="vLLM's server alone, then the gateway alone, --rounds times")
     parser.add_argument("--skip-direct", action="store_true",
                         help="measure the gateway only (implies --one-at-a-time)")
     args = parser.parse_args()
+    if args.compare_engine_core == args.gateway_engine_core:
+        parser.error("--compare-engine-core must differ from --gateway-engine-core")
     machine = (f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
                f"{os.cpu_count()} CPUs ({cpu_model()}); engine core: gateway {args.gateway_engine_core}, "
                f"vLLM's server {args.direct_engine_core}")
@@ -195,9 +211,10 @@ def main() -> None:
     if not (args.one_at_a_time or args.skip_direct):
         results, (echo_p50, echo_rate) = side_by_side(args)
         print()
-        servers = "all three servers" if args.compare_relay else "both servers"
+        count = 2 + bool(args.compare_relay) + bool(args.compare_engine_core)
+        servers = {2: "both servers", 3: "all three servers"}.get(count, f"all {count} servers")
         print(f"{machine}; {servers} up, {args.rounds} rounds in turn at each level")
-        print_paired(results)
+        print_paired(results, comparisons(args))
         print(f"gateway echo route: c=1 p50 {echo_p50:.2f} ms, c=32 {echo_rate:.0f} req/s")
         return
 
@@ -246,18 +263,26 @@ def _median_figures(runs: list[Figures]) -> Figures:
     )
 
 
-def print_paired(results: list[Paired]) -> None:
+def comparisons(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(label, server, against): the ratios ``print_paired`` prints."""
+    pairs = [("ratio", "gateway", "direct"), ("relayed", "relayed", "direct"), ("handoff", "gateway", "relayed")]
+    if args.compare_engine_core:
+        core = core_name(args)
+        pairs += [(core, core, "direct"), (f"{args.gateway_engine_core}/{args.compare_engine_core}", "gateway", core)]
+    return pairs
+
+
+def print_paired(results: list[Paired], pairs: list[tuple[str, str, str]]) -> None:
     """Medians over the rounds; ratios are the median (and range) of each
-    round's gateway/direct ratio (and relayed/direct, handoff/relayed)."""
+    round's ratio of the two servers ``pairs`` names (gateway/direct,
+    relayed/direct, handoff/relayed, ...)."""
     print(f"{'medians':25}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}")
     for paired in results:
         for name, runs in paired.runs.items():
             f = _median_figures(runs)
             print(f"{f.client:<11}c={f.concurrency:<3}{name:<9}{f.tokens_per_s:8.0f}{f.ttft_ms[0]:10.1f}"
                   f"{f.ttft_ms[1]:10.1f}{f.itl_ms[0]:9.1f}{f.itl_ms[1]:9.1f}")
-        comparisons = [("ratio", "gateway", "direct"), ("relayed", "relayed", "direct"),
-                       ("handoff", "gateway", "relayed")]  # fmt: skip
-        for label, ours, theirs in comparisons:
+        for label, ours, theirs in pairs:
             if ours in paired.runs and theirs in paired.runs:
                 _print_ratios(label, list(zip(paired.runs[theirs], paired.runs[ours])))
 
@@ -267,7 +292,7 @@ def _print_ratios(label: str, pairs: list[tuple[Figures, Figures]]) -> None:
         return f"{form.format(statistics.median(values))} ({form.format(min(values))}..{form.format(max(values))})"
 
     f = pairs[0][0]
-    print(f"{f.client:<11}c={f.concurrency:<3}{label:<9}"
+    print(f"{f.client:<11}c={f.concurrency:<3}{label:<9} "
           f"tok/s {spread([g.tokens_per_s / d.tokens_per_s for d, g in pairs], '{:.2f}x')}, "
           f"TTFT p50 added {spread([g.ttft_ms[0] - d.ttft_ms[0] for d, g in pairs], '{:+.1f} ms')}, "
           f"ITL p99 {spread([g.itl_ms[1] / d.itl_ms[1] for d, g in pairs], '{:.2f}x')}")

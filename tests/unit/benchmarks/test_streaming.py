@@ -1,0 +1,58 @@
+"""What the streaming benchmark compares when a second gateway placement runs
+in the same rounds (``--compare-engine-core``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+
+from benchmarks import streaming
+from benchmarks.stream_load import Figures
+
+
+def args(**given: object) -> argparse.Namespace:
+    return argparse.Namespace(**{"gateway_engine_core": "auto", "compare_engine_core": None, **given})
+
+
+def figures(tokens_per_s: float, ttft_p50: float = 10.0, itl_p99: float = 5.0) -> Figures:
+    return Figures("aiohttp", 8, tokens_per_s, (ttft_p50, 20.0), (2.0, itl_p99))
+
+
+def test_a_compared_placement_is_set_against_vllms_server_and_the_gateway() -> None:
+    pairs = streaming.comparisons(args(compare_engine_core="vllm"))
+
+    assert ("core-vllm", "core-vllm", "direct") in pairs
+    assert ("auto/vllm", "gateway", "core-vllm") in pairs
+    assert not any("core-vllm" in pair for pair in streaming.comparisons(args()))
+
+
+def test_each_rounds_ratio_is_taken_between_the_named_servers(capsys: pytest.CaptureFixture[str]) -> None:
+    paired = streaming.Paired({
+        "direct": [figures(100), figures(100), figures(100)],
+        "gateway": [figures(90, ttft_p50=12.0), figures(95, ttft_p50=13.0), figures(80, ttft_p50=11.0)],
+        "core-vllm": [figures(60, itl_p99=10.0), figures(50, itl_p99=10.0), figures(70, itl_p99=10.0)],
+    })  # fmt: skip
+
+    streaming.print_paired([paired], streaming.comparisons(args(compare_engine_core="vllm")))
+
+    out = capsys.readouterr().out.splitlines()
+    lines = {line.split()[2]: line for line in out if line.startswith("aiohttp") and "tok/s" in line}
+    # Per round, gateway/direct: 0.90, 0.95, 0.80; core-vllm/direct: 0.60,
+    # 0.50, 0.70; gateway/core-vllm: 1.50, 1.90, 1.14.
+    assert "tok/s 0.90x (0.80x..0.95x)" in lines["ratio"]
+    assert "TTFT p50 added +2.0 ms (+1.0 ms..+3.0 ms)" in lines["ratio"]
+    assert "tok/s 0.60x (0.50x..0.70x)" in lines["core-vllm"]
+    assert "tok/s 1.50x (1.14x..1.90x)" in lines["auto/vllm"]
+    assert "ITL p99 0.50x" in lines["auto/vllm"]
+    assert "relayed" not in lines and "handoff" not in lines  # no relayed gateway ran
+
+
+def test_comparing_the_gateways_own_placement_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["streaming", "--compare-engine-core", "auto"])
+
+    with pytest.raises(SystemExit) as refused:
+        streaming.main()  # refused before any server starts
+
+    assert refused.value.code == 2
