@@ -204,6 +204,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.compare_engine_core == args.gateway_engine_core:
         parser.error("--compare-engine-core must differ from --gateway-engine-core")
+    if (args.compare_relay or args.compare_engine_core) and (args.one_at_a_time or args.skip_direct):
+        parser.error("--compare-relay and --compare-engine-core measure in shared rounds: "
+                     "not with --one-at-a-time or --skip-direct")
     machine = (f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
                f"{os.cpu_count()} CPUs ({cpu_model()}); engine core: gateway {args.gateway_engine_core}, "
                f"vLLM's server {args.direct_engine_core}")
@@ -212,7 +215,7 @@ def main() -> None:
         results, (echo_p50, echo_rate) = side_by_side(args)
         print()
         count = 2 + bool(args.compare_relay) + bool(args.compare_engine_core)
-        servers = {2: "both servers", 3: "all three servers"}.get(count, f"all {count} servers")
+        servers = "both servers" if count == 2 else f"all {count} servers"
         print(f"{machine}; {servers} up, {args.rounds} rounds in turn at each level")
         print_paired(results, comparisons(args))
         print(f"gateway echo route: c=1 p50 {echo_p50:.2f} ms, c=32 {echo_rate:.0f} req/s")

@@ -49,10 +49,23 @@ def test_each_rounds_ratio_is_taken_between_the_named_servers(capsys: pytest.Cap
     assert "relayed" not in lines and "handoff" not in lines  # no relayed gateway ran
 
 
-def test_comparing_the_gateways_own_placement_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["streaming", "--compare-engine-core", "auto"])
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--compare-engine-core", "auto"],  # the gateway's own placement
+        ["--compare-engine-core", "vllm", "--one-at-a-time"],  # no shared rounds to compare in
+        ["--compare-relay", "--skip-direct"],
+    ],
+)
+def test_a_comparison_that_cannot_be_made_is_refused(given: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def started(*_: object) -> None:
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr(sys, "argv", ["streaming", *given])
+    monkeypatch.setattr(streaming, "start_direct", started)
+    monkeypatch.setattr(streaming, "start_gateway", started)
 
     with pytest.raises(SystemExit) as refused:
-        streaming.main()  # refused before any server starts
+        streaming.main()
 
     assert refused.value.code == 2
