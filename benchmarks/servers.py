@@ -78,12 +78,14 @@ def start_gateway(
     gateway_cpus: str = "off",
     engine_core: str = "auto",
     handoff: bool = True,
+    http_proxy: str | None = None,
 ) -> subprocess.Popen:
     """``llm-gateway serve`` on ``model_dir`` plus an echo model; ``handoff``:
-    its ``ingress.stream_handoff``."""
+    its ``ingress.stream_handoff``; ``http_proxy``: its front door (the
+    default one when None)."""
     config = {
         "app_name": "bench",
-        "runtime": {"gateway_cpus": gateway_cpus},
+        "runtime": {"gateway_cpus": gateway_cpus, **({"http_proxy": http_proxy} if http_proxy else {})},
         "ingress": {"stream_handoff": handoff},
         "models": [
             {**model_entry(model_dir), "engine_core_cpus": engine_core},

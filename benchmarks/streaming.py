@@ -34,6 +34,9 @@ moves the engine core of vLLM's own server beside its worker for good.
 ``--compare-engine-core MODE`` adds a gateway whose model has
 ``engine_core_cpus: MODE`` to the rounds (``core-MODE``), so that a placement
 is measured against the gateway's in the same rounds.
+``--compare-front-door DOOR`` adds a gateway whose ``runtime.http_proxy`` is
+DOOR (``door-DOOR``: ``haproxy`` or ``serve``) against the default front door
+(the ingress replicas themselves), likewise.
 
 Both servers and the load generators run in this process's session (checked
 once each server is ready): Linux schedules each session as one group, and
@@ -122,9 +125,11 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
     """The servers up at once, measured in turn at each level, the others
     frozen meanwhile (see the module's doc)."""
 
-    def gateway(name: str, port: int, engine_core: str, handoff: bool = True) -> tuple[subprocess.Popen, str, str]:
+    def gateway(
+        name: str, port: int, engine_core: str, handoff: bool = True, door: str | None = None
+    ) -> tuple[subprocess.Popen, str, str]:
         log = args.log_dir / f"bench-{name}.log"
-        proc = start_gateway(args.model_dir, port, log, args.gateway_cpus, engine_core, handoff)
+        proc = start_gateway(args.model_dir, port, log, args.gateway_cpus, engine_core, handoff, door)
         return proc, f"http://127.0.0.1:{port}", "/ready"
 
     servers = {
@@ -136,6 +141,8 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
         servers["relayed"] = gateway("relayed", 8103, args.gateway_engine_core, handoff=False)
     if args.compare_engine_core:
         servers[core_name(args)] = gateway(core_name(args), 8104, args.compare_engine_core)
+    if args.compare_front_door:
+        servers[door_name(args)] = gateway(door_name(args), 8105, args.gateway_engine_core, door=args.compare_front_door)
     names = list(servers)
     try:
         for name, (proc, base_url, ready_path) in servers.items():
@@ -165,6 +172,11 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
 def core_name(args: argparse.Namespace) -> str:
     """The name of the gateway ``--compare-engine-core`` adds."""
     return f"core-{args.compare_engine_core}"
+
+
+def door_name(args: argparse.Namespace) -> str:
+    """The name of the gateway ``--compare-front-door`` adds."""
+    return f"door-{args.compare_front_door}"
 
 
 def _thaw_only(name: str, servers: dict[str, tuple[subprocess.Popen, str, str]]) -> None:
@@ -197,6 +209,8 @@ def main() -> None:
                         help="also a gateway with ingress.stream_handoff off, in the same rounds")
     parser.add_argument("--compare-engine-core", choices=("auto", "workers", "vllm"),
                         help="also a gateway with this engine_core_cpus, in the same rounds")
+    parser.add_argument("--compare-front-door", choices=("haproxy", "serve"),
+                        help="also a gateway with this runtime.http_proxy, in the same rounds")
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="vLLM's server alone, then the gateway alone, --rounds times")
     parser.add_argument("--skip-direct", action="store_true",
@@ -204,9 +218,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.compare_engine_core == args.gateway_engine_core:
         parser.error("--compare-engine-core must differ from --gateway-engine-core")
-    if (args.compare_relay or args.compare_engine_core) and (args.one_at_a_time or args.skip_direct):
-        parser.error("--compare-relay and --compare-engine-core measure in shared rounds: "
-                     "not with --one-at-a-time or --skip-direct")
+    if (args.compare_relay or args.compare_engine_core or args.compare_front_door) and (
+        args.one_at_a_time or args.skip_direct
+    ):
+        parser.error("--compare-relay, --compare-engine-core and --compare-front-door measure in shared "
+                     "rounds: not with --one-at-a-time or --skip-direct")
     machine = (f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
                f"{os.cpu_count()} CPUs ({cpu_model()}); engine core: gateway {args.gateway_engine_core}, "
                f"vLLM's server {args.direct_engine_core}")
@@ -214,7 +230,7 @@ def main() -> None:
     if not (args.one_at_a_time or args.skip_direct):
         results, (echo_p50, echo_rate) = side_by_side(args)
         print()
-        count = 2 + bool(args.compare_relay) + bool(args.compare_engine_core)
+        count = 2 + bool(args.compare_relay) + bool(args.compare_engine_core) + bool(args.compare_front_door)
         servers = "both servers" if count == 2 else f"all {count} servers"
         print(f"{machine}; {servers} up, {args.rounds} rounds in turn at each level")
         print_paired(results, comparisons(args))
@@ -272,6 +288,9 @@ def comparisons(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     if args.compare_engine_core:
         core = core_name(args)
         pairs += [(core, core, "direct"), (f"{args.gateway_engine_core}/{args.compare_engine_core}", "gateway", core)]
+    if args.compare_front_door:
+        door = door_name(args)
+        pairs += [(door, door, "direct"), (f"own/{args.compare_front_door}", "gateway", door)]
     return pairs
 
 

@@ -231,7 +231,7 @@ def serve_forever(
     from ray import serve
 
     from gateway.deploy import deploy
-    from gateway.local_cluster import serve_host
+    from gateway.local_cluster import serve_options
 
     print(f"==> {access_note(config, host)}", flush=True)
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -242,7 +242,10 @@ def serve_forever(
         # After ray.init: Ray's core installs its own SIGTERM handler there.
         signal.signal(signal.SIGTERM, _raise_stop)
         signal.signal(signal.SIGINT, _raise_stop)
-        serve.start(http_options={"host": serve_host(local, host), "port": port})
+        if local:
+            serve.start(**serve_options(config.runtime, local, host, port))
+        else:
+            serve.start(http_options={"host": host, "port": port})
         names = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
         print(f"==> deploying {config.app_name}: {names}; first start compiles the engines", flush=True)
         started = time.monotonic()

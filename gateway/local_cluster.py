@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import RuntimeConfig
+from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
 
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 LOOPBACK = "127.0.0.1"
@@ -163,9 +164,6 @@ _VALID_UTF8 = (
     "|\\xF0[\\x90-\\xBF][\\x80-\\xBF]{{2}}|[\\xF1-\\xF3][\\x80-\\xBF]{{3}}"
     "|\\xF4[\\x80-\\x8F][\\x80-\\xBF]{{2}})*$'"
 )
-# A request's head: its URL and headers together at most HEAD_BYTES, at most
-# HEAD_FIELDS headers (as with HAProxy's defaults: a 16 KiB buffer, 101 headers).
-HEAD_BYTES, HEAD_FIELDS = 16384, 100
 HAPROXY_BUFFER_BYTES = 65536
 _GLOBAL = "    tune.http.maxhdr 1000\n"
 # The last rule: after a 408 (a body too slow) the ingress closes its
@@ -185,10 +183,6 @@ _FRONTEND = (
     "    http-request return status 431 content-type application/json file {directory}/head-too-large.json "
     "if {{ req.hdr_cnt gt {head_fields} }}\n"
     "    http-response set-header connection close if {{ status 408 }}\n"
-)
-_HEAD_LIMITS = (
-    f"a request's URL and headers may take at most {HEAD_BYTES // 1024} KiB together, "
-    f"in at most {HEAD_FIELDS} headers."
 )
 
 
@@ -214,10 +208,10 @@ def _front_door_files(directory: Path, read_timeout_s: float) -> None:
             "message": "The x-request-id header is not valid UTF-8.",
             "type": "invalid_request_error", "param": "x-request-id", "code": None}}),
         "uri-too-long.json": json.dumps({"error": {
-            "message": f"The request's URL is too long: {_HEAD_LIMITS}",
+            "message": f"The request's URL is too long: {HEAD_LIMITS}",
             "type": "invalid_request_error", "param": None, "code": "uri_too_long"}}),
         "head-too-large.json": json.dumps({"error": {
-            "message": f"The request's headers are too large: {_HEAD_LIMITS}",
+            "message": f"The request's headers are too large: {HEAD_LIMITS}",
             "type": "invalid_request_error", "param": None, "code": "headers_too_large"}}),
         "global.cfg": _GLOBAL,
         "defaults.cfg": _DEFAULTS.format(
@@ -280,6 +274,17 @@ def serve_host(env: dict[str, str], host: str) -> str:
     front door to ``host`` (Serve binds its fallback proxy there), else
     ``host`` (Serve's own proxy is the front door)."""
     return LOOPBACK if HAPROXY_BINARY in env else host
+
+
+def serve_options(runtime: RuntimeConfig, env: dict[str, str], host: str, port: int) -> dict[str, Any]:
+    """``serve.start``'s arguments for a cluster started with ``env``
+    (``environment``) to take clients at ``host:port``: with
+    ``http_proxy: gateway`` Serve runs no proxy and the ingress replicas
+    listen there themselves (``gateway.http.front_door``)."""
+    return {
+        "proxy_location": "Disabled" if runtime.http_proxy == "gateway" else None,
+        "http_options": {"host": serve_host(env, host), "port": port},
+    }
 
 
 def _bind_address(host: str) -> str:

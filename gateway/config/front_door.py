@@ -12,6 +12,15 @@ from gateway.config.base import StrictConfig
 # An origin as browsers send it: scheme, host and an optional port; no path.
 _ORIGIN = re.compile(r"^https?://[^/\s?#]+/?$", re.IGNORECASE)
 
+# A request's head: its URL and headers together at most HEAD_BYTES, at most
+# HEAD_FIELDS headers (as with HAProxy's defaults: a 16 KiB buffer, 101
+# headers), whichever front door reads it.
+HEAD_BYTES, HEAD_FIELDS = 16384, 100
+HEAD_LIMITS = (
+    f"a request's URL and headers may take at most {HEAD_BYTES // 1024} KiB together, "
+    f"in at most {HEAD_FIELDS} headers."
+)
+
 
 class CorsConfig(StrictConfig):
     """Cross-origin access for chat apps that call the gateway from a browser

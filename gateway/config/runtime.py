@@ -13,10 +13,12 @@ from gateway.config.base import StrictConfig
 class RuntimeConfig(StrictConfig):
     """How `llm-gateway serve` starts a local Ray cluster (no effect on an existing one)."""
 
-    http_proxy: Literal["haproxy", "serve"] = Field(
-        "haproxy",
-        description="`haproxy`: Ray's HAProxy ingress forwards HTTP straight to the "
-        "ingress replicas; `serve`: Ray Serve's Python proxy actor.",
+    http_proxy: Literal["gateway", "haproxy", "serve"] = Field(
+        "gateway",
+        description="`gateway` (default): no proxy, the ingress replicas accept clients "
+        "themselves, all on the front door's port (a handed-over stream goes from the "
+        "engine's process straight to the client); `haproxy`: Ray's HAProxy ingress "
+        "forwards HTTP to the ingress replicas; `serve`: Ray Serve's Python proxy actor.",
     )
     throughput_optimized: bool = Field(
         True,
@@ -91,6 +93,10 @@ class RuntimeConfig(StrictConfig):
             "RAY_process_group_cleanup_enabled": "1",
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
             "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.http_proxy == "haproxy" else "0",
+            # Serve's controller runs a proxy on the head node whenever its
+            # replicas serve HTTP themselves ("direct ingress"); the gateway's
+            # own front door is its ingress replicas' listeners instead.
+            **({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"} if self.http_proxy == "gateway" else {}),
             # Serve's HTTP metrics from HAProxy cost a log line per request that
             # HAProxy writes and Serve's HAProxy manager parses; the gateway
             # counts every request itself (gateway_requests_total and the rest).

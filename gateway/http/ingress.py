@@ -17,6 +17,7 @@ from gateway.config import FrontDoorConfig, ModelConfig
 from gateway.deploy import deployment_name, model_app_name
 from gateway.heap_freeze import freeze_in_replica
 from gateway.http.api import build_api
+from gateway.http.front_door import FrontDoor, own_front_door
 from gateway.http.state import GatewayState
 from gateway.metrics.hub import MetricsReporter, replica_source
 
@@ -31,6 +32,8 @@ class GatewayIngress:
         # class only, so it never makes a coroutine that no one awaits.
         self.__del__ = self.stop
         self._bound = dict(handles) if handles is not None else None
+        self._front_door: FrontDoor | None = None
+        self._front_door_checked = False
         self._app = front_door.app_name
         source = replica_source()
         state = self._state = GatewayState(
@@ -66,10 +69,20 @@ class GatewayIngress:
         """
         self._state.apply(user_config["models"], user_config["routing"], user_config.get("keys", []))
         self._reporter.start()
+        if not self._front_door_checked:
+            self._front_door_checked = True
+            if (address := await own_front_door(serve.get_replica_context().app_name)) is not None:
+                ingress = self._state.front_door.ingress
+                self._front_door = FrontDoor(build_api(self._state), *address, read_timeout_s=ingress.read_timeout_s)
+                await self._front_door.start()
         freeze_in_replica()  # once, see gateway.heap_freeze: its app is built by now
 
     async def stop(self) -> None:
-        """A graceful stop (Serve's ``__del__``): lines still buffered go out."""
+        """A graceful stop (Serve's ``__del__``): with its own front door it
+        takes no more connections and lets requests in flight finish (Serve
+        does not see them), then lines still buffered go out."""
+        if self._front_door is not None:
+            await self._front_door.stop(self._state.front_door.ingress.graceful_shutdown_s)
         await self._reporter.stop()
         self._state.access_log.flush()
 

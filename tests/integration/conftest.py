@@ -93,7 +93,7 @@ TEST_CONFIG: dict[str, Any] = {
     },
 }
 
-# The Ray runtime `llm-gateway serve` starts (HAProxy ingress, throughput
+# The Ray runtime `llm-gateway serve` starts (its own front door, throughput
 # mode, a single-machine cluster on loopback). Ray reads these when it is
 # imported, in this process too, and test modules import Ray as they are
 # collected: so they are set here, when pytest loads this file, first.
@@ -163,7 +163,7 @@ def gateway() -> Iterator[Gateway]:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(**local_cluster.serve_options(_parsed.runtime, _LOCAL, "127.0.0.1", port))
     gateway = Gateway(f"http://127.0.0.1:{port}", TEST_CONFIG)
     gateway.redeploy(TEST_CONFIG)
     _wait_ready(gateway.base_url)

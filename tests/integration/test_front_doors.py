@@ -1,8 +1,12 @@
-"""Streams through Serve's Python proxy and over a model with two replicas, one of which dies.
+"""The other front doors: Serve's Python proxy and Ray's HAProxy. Streams
+through each, over a model with two replicas, one of which dies; the front
+door's own processes; the single-application form at a route prefix; a stop
+with streams in flight.
 
-A second, small gateway (`llm-gateway serve`, its own Ray cluster) with
-`runtime.http_proxy: serve`: the session's gateway uses the HAProxy front door,
-and the front door is chosen when a cluster starts.
+A second, small gateway (`llm-gateway serve`, its own Ray cluster) per front
+door, `runtime.http_proxy: serve` then `haproxy`: the session's gateway uses
+the default (the ingress replicas listen themselves), and the front door is
+chosen when a cluster starts.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,12 +28,15 @@ import psutil
 import pytest
 
 from gateway import sse
-from tests.integration.conftest import ROOT, _free_port, _wait_ready
+from gateway.config import RuntimeConfig
+from gateway.local_cluster import joining
+from tests.integration.conftest import MODELS, ROOT, _free_port, _wait_ready
+from tests.integration.test_listening import _loopback
 
 APP = "front-door-test"
+DOORS = ["serve", "haproxy"]
 CONFIG = {
     "app_name": APP,
-    "runtime": {"http_proxy": "serve"},
     "ingress": {"num_cpus": 0.1},
     "models": [{"name": "echo", "engine": "echo", "num_cpus": 0.1, "num_replicas": 2, "echo_token_delay_ms": 40}],
 }
@@ -38,11 +46,11 @@ LONG = " ".join(f"w{i}" for i in range(40))  # 40 tokens, 40 ms apart
 _PROCESS: dict[str, subprocess.Popen[bytes]] = {}
 
 
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
+@pytest.fixture(scope="module", params=DOORS)
+def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     port = _free_port()
     config = Path(tempfile.mkstemp(suffix=".yaml")[1])
-    config.write_text(json.dumps(CONFIG))
+    config.write_text(json.dumps({**CONFIG, "runtime": {"http_proxy": request.param}}))
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with log.open("w") as out:  # the child keeps its own copy of the descriptor
@@ -87,7 +95,13 @@ def echo_replicas() -> list[psutil.Process]:
     ]
 
 
-async def test_streams_through_serves_own_proxy(base_url: str) -> None:
+@pytest.fixture
+def door(base_url: str, request: pytest.FixtureRequest) -> str:
+    """The front door of the module's gateway now: `serve` or `haproxy`."""
+    return str(request.node.callspec.params["base_url"])
+
+
+async def test_streams_through_the_front_door(base_url: str) -> None:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as session:
         async with session.stream("POST", "/v1/chat/completions", json=stream_body("one two three")) as response:
             assert response.status_code == 200
@@ -147,7 +161,7 @@ def thread_niceness(process: psutil.Process) -> set[int]:
     return niceness
 
 
-def test_background_processes_yield_and_the_request_path_does_not(base_url: str) -> None:
+def test_background_processes_yield_and_the_request_path_does_not(base_url: str, door: str) -> None:
     """After the replica killed above was replaced: the new one, like the
     rest of the request path, keeps the workers' niceness (0)."""
     base = {os.getpriority(os.PRIO_PROCESS, 0)}  # what the gateway's workers inherit
@@ -161,8 +175,9 @@ def test_background_processes_yield_and_the_request_path_does_not(base_url: str)
             break
         assert time.monotonic() < deadline, f"not lowered: {lowered}"
         time.sleep(0.2)
-    # With `http_proxy: serve` Serve's proxy carries every request.
-    on_path = ["ray::ProxyActor", f"ray::ServeReplica:{APP}:GatewayIngress", "raylet", "gcs_server"]
+    # With `http_proxy: serve` Serve's proxy carries every request, with `haproxy` HAProxy.
+    proxy = {"serve": "ray::ProxyActor", "haproxy": "haproxy"}[door]
+    on_path = [proxy, f"ray::ServeReplica:{APP}:GatewayIngress", "raylet", "gcs_server"]
     assert all(title in processes for title in on_path), sorted(processes)
     while len(replicas := echo_replicas()) != 2:
         assert time.monotonic() < deadline + 60, "the killed replica was not replaced"
@@ -188,6 +203,84 @@ def test_the_gateway_stays_in_its_callers_session_in_a_group_of_its_own(base_url
         assert os.getsid(process.pid) == os.getsid(command), process.cmdline()[0]
     # A background group that read the terminal would be stopped: nothing is read from it.
     assert os.readlink(f"/proc/{serving.pid}/fd/0") == os.devnull
+
+
+def listening(processes: dict[str, list[psutil.Process]]) -> list[tuple[str, str, int]]:
+    """(process title, address, port) of every listening socket of ``processes``."""
+    found = []
+    for title, group in processes.items():
+        for process in group:
+            try:
+                connections = process.net_connections(kind="inet")
+            except psutil.Error:
+                continue
+            found += [(title, c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def test_the_front_doors_own_processes_listen_on_loopback_only(base_url: str, door: str) -> None:
+    processes = gateway_processes()
+    sockets = listening(processes)
+    port = int(base_url.rsplit(":", 1)[1])
+    front = {title for title, _, bound in sockets if bound == port}
+    exposed = [entry for entry in sockets if not _loopback(entry[1])]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    if door == "serve":
+        assert front == {"ray::ProxyActor"} and "haproxy" not in processes, (front, sorted(processes))
+        return
+    assert front == {"haproxy"}, front
+    # More HAProxy threads than the host can spare compete with the engine's threads.
+    assert {p.num_threads() for p in processes["haproxy"]} == {RuntimeConfig().haproxy_thread_count()}
+    # Ray Serve's admin socket takes any command (mode 666, level admin): whoever
+    # may reach it could take the ingress out of the front door or redirect it.
+    for process in processes["haproxy"]:
+        command = process.cmdline()
+        config = Path(command[command.index("-f") + 1])
+        private = next(p for p in config.parents if p.name.startswith("llmgw-"))
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700, private
+        admin = [line.split()[2] for line in config.read_text().splitlines() if line.strip().startswith("stats socket")]
+        assert admin and all(private in Path(path).parents and Path(path).is_socket() for path in admin), admin
+
+
+SINGLE = {
+    "app_name": "single",
+    "ingress": {"num_cpus": 0.05},
+    "models": [
+        {"name": "s-echo", "engine": "echo", "num_cpus": 0.05},
+        {"name": "s-iris", "engine": "sklearn", "model": str(MODELS / "iris"), "num_cpus": 0.05},
+    ],
+    "routing": {"routes": [{"name": "s-chat", "variants": {"s-echo": 1}}]},
+}
+DEPLOY_SINGLE = f"""
+import ray
+from ray import serve
+from gateway.app import app_builder
+ray.init(address="auto")
+serve.run(app_builder({{"config": {SINGLE!r}}}), name="single", route_prefix="/single")
+"""
+
+
+def test_the_single_application_form_is_reached_at_its_route_prefix(base_url: str) -> None:
+    """`serve run gateway.app:app_builder`: the ingress bound to its model
+    deployments, beside the per-model form, at a route prefix of its own
+    (which needs a proxy: the default front door serves one application)."""
+    raylet = gateway_processes()["raylet"][0]
+    gcs = [arg.split("=", 1)[1] for arg in raylet.cmdline() if arg.startswith("--gcs-address=")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_ADDRESS": gcs[0], **joining(gcs[0])}
+    # Ray turns token authentication on for a cluster it starts locally; the token is in ~/.ray.
+    env |= {k: v for k, v in raylet.environ().items() if k == "RAY_AUTH_MODE"}
+    deployed = subprocess.run([sys.executable, "-c", DEPLOY_SINGLE], cwd=ROOT, env=env, timeout=240, capture_output=True)
+    assert deployed.returncode == 0, deployed.stderr.decode()[-3000:]
+    with httpx.Client(base_url=base_url + "/single", timeout=60) as single:
+        chat = {"model": "s-chat", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 2}
+        answer = single.post("/v1/chat/completions", json=chat)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == "s-echo"
+        predicted = single.post("/v1/models/s-iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+        assert predicted.json()["predictions"][0]["label"] == "setosa"
+        ready = single.get("/ready")
+    assert ready.status_code == 200
+    assert set(ready.json()["deployments"]) == {"GatewayIngress", "MetricsHub", "LLMServer:s-echo", "ClassicalServer:s-iris"}
 
 
 def serving_process() -> psutil.Process:

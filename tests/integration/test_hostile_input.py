@@ -4,8 +4,9 @@ Invalid UTF-8 and unpaired surrogates in any field, request ids that are
 not UTF-8, and clients that send their body too slowly
 (``ingress.read_timeout_s``, 5 s in the test config) get the gateway's
 OpenAI-shaped 4xx, and a client that goes on sending a body refused 413 is
-disconnected within that time; heads too large or too slow are refused by HAProxy
-itself, with a 400 or 408 of its own.
+disconnected within that time; heads that cannot be parsed, or are too large
+or too slow, are refused by the front door (the ingress replicas' own
+listeners) in OpenAI's shape too, before the app sees them.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _head(extra: bytes = b"", length: int | None = None) -> bytes:
 def test_a_head_past_the_limits_is_refused_in_openai_shape_and_costs_others_nothing(
     gateway: Gateway, http: httpx.Client, extra: bytes, path: bytes, status: int, code: str
 ) -> None:
-    """URL and headers at most 16 KiB together, at most 100 headers: HAProxy's rules answer beyond."""
+    """URL and headers at most 16 KiB together, at most 100 headers: the front door answers beyond."""
     body = _chat("echo")
     head = _head(extra, len(body)).replace(b"/v1/chat/completions", path, 1)
     answer, _ = _raw(gateway, [head + body])
@@ -167,13 +168,15 @@ def test_a_head_just_within_the_limits_is_served(gateway: Gateway) -> None:
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
-def test_a_head_larger_than_haproxys_buffer_is_400_and_costs_others_nothing(
-    gateway: Gateway, http: httpx.Client
-) -> None:
-    """Past HAProxy's 64 KiB buffer it refuses the head itself (its own short HTML: HAProxy 2.8)."""
+def test_a_head_of_any_size_or_shape_is_answered_in_openai_shape(gateway: Gateway, http: httpx.Client) -> None:
+    """Behind HAProxy 2.8 a head past its 64 KiB buffer, or one it could not
+    parse, got its own short HTML; the gateway's own front door answers both
+    in JSON (and stops reading a head once it is over the limit)."""
     body = _chat("echo")
     answer, _ = _raw(gateway, [_head(b"X-Big: " + b"a" * 70_000 + b"\r\n", len(body)) + body])
-    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert "16 KiB" in _error(answer, 431, "headers_too_large")["message"]
+    answer, _ = _raw(gateway, [b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nno colon here\r\n\r\n"])
+    assert _error(answer, 400, "invalid_http_request")["type"] == "invalid_request_error"
     assert http.post(CHAT, content=body).status_code == 200
 
 
@@ -278,9 +281,9 @@ def test_a_refused_body_that_keeps_coming_is_cut_off_after_the_read_timeout(
 
 
 def test_a_head_that_stalls_is_408_after_the_read_timeout(gateway: Gateway, http: httpx.Client) -> None:
-    """Answered by HAProxy (``timeout http-request``), in its own short HTML."""
+    """Answered by the front door (HAProxy's ``timeout http-request`` gave its own short HTML)."""
     parts = [b"POST /v1/chat/completions HTTP/1.1\r\n", b"Host: gw\r\n"] + [b"X-Slow: 1\r\n"] * 30
     answer, took = _raw(gateway, parts, pause_s=0.5)
-    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert _error(answer, 408, "request_read_timeout")["type"] == "invalid_request_error"
     assert READ_TIMEOUT_S - 0.5 <= took <= READ_TIMEOUT_S + 3
     assert http.post(CHAT, content=_chat("echo")).status_code == 200

@@ -51,7 +51,7 @@ def test_sse_framing_matches_openai(http: httpx.Client, model: str, n: int) -> N
 
 
 def test_a_browser_page_of_a_named_origin_streams_and_reads_the_answer(http: httpx.Client) -> None:
-    # The OpenAI JS SDK in a page: a preflight, then the stream, both through HAProxy and the relay.
+    # The OpenAI JS SDK in a page: a preflight, then the stream, both through the front door and the relay.
     asked = {"origin": BROWSER_PAGE, "access-control-request-method": "POST",
              "access-control-request-headers": "authorization,content-type,x-stainless-os"}
     preflight = http.options(CHAT, headers=asked)
@@ -173,7 +173,7 @@ async def test_hang_ups_abort_engine_requests(gateway: Gateway, client: openai.O
 
 
 def ingress_replica_url() -> str:
-    """The ingress replica's own HTTP address, behind the HAProxy front door."""
+    """An ingress replica's own HTTP address (with the default front door, the gateway's port)."""
     import psutil
 
     for proc in psutil.process_iter(["cmdline"]):
@@ -188,8 +188,9 @@ def ingress_replica_url() -> str:
 async def test_non_streaming_hang_ups_abort_engine_requests(gateway: Gateway) -> None:
     """A client that leaves before its answer stops the engine work for it.
 
-    Sent to the ingress replica itself: Ray's HAProxy front door does not pass a
-    client's hang-up on before the response starts (README: HTTP front door).
+    Sent to the ingress replica itself: Ray's HAProxy front door, where it is
+    used, does not pass a client's hang-up on before the response starts
+    (README: "The front door").
     """
     body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": LONG, "ignore_eos": True}
 

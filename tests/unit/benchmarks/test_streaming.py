@@ -1,5 +1,6 @@
-"""What the streaming benchmark compares when a second gateway placement runs
-in the same rounds (``--compare-engine-core``)."""
+"""What the streaming benchmark compares when a gateway with another placement
+or front door runs in the same rounds (``--compare-engine-core``,
+``--compare-front-door``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from benchmarks.stream_load import Figures
 
 
 def args(**given: object) -> argparse.Namespace:
-    return argparse.Namespace(**{"gateway_engine_core": "auto", "compare_engine_core": None, **given})
+    return argparse.Namespace(
+        **{"gateway_engine_core": "auto", "compare_engine_core": None, "compare_front_door": None, **given}
+    )
 
 
 def figures(tokens_per_s: float, ttft_p50: float = 10.0, itl_p99: float = 5.0) -> Figures:
@@ -26,6 +29,14 @@ def test_a_compared_placement_is_set_against_vllms_server_and_the_gateway() -> N
     assert ("core-vllm", "core-vllm", "direct") in pairs
     assert ("auto/vllm", "gateway", "core-vllm") in pairs
     assert not any("core-vllm" in pair for pair in streaming.comparisons(args()))
+
+
+def test_a_compared_front_door_is_set_against_vllms_server_and_the_default_one() -> None:
+    pairs = streaming.comparisons(args(compare_front_door="haproxy"))
+
+    assert ("door-haproxy", "door-haproxy", "direct") in pairs
+    assert ("own/haproxy", "gateway", "door-haproxy") in pairs
+    assert not any("door-haproxy" in pair for pair in streaming.comparisons(args()))
 
 
 def test_each_rounds_ratio_is_taken_between_the_named_servers(capsys: pytest.CaptureFixture[str]) -> None:
@@ -55,6 +66,8 @@ def test_each_rounds_ratio_is_taken_between_the_named_servers(capsys: pytest.Cap
         ["--compare-engine-core", "auto"],  # the gateway's own placement
         ["--compare-engine-core", "vllm", "--one-at-a-time"],  # no shared rounds to compare in
         ["--compare-relay", "--skip-direct"],
+        ["--compare-front-door", "haproxy", "--one-at-a-time"],
+        ["--compare-front-door", "gateway"],  # the default front door itself
     ],
 )
 def test_a_comparison_that_cannot_be_made_is_refused(given: list[str], monkeypatch: pytest.MonkeyPatch) -> None:

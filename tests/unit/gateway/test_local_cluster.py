@@ -227,10 +227,13 @@ def local_cluster_binary(wrapper: Path) -> str:
     return line.split("'")[-2]  # the last quoted word: HAProxy's path
 
 
+HAPROXY = RuntimeConfig(http_proxy="haproxy")
+
+
 def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS]:
         monkeypatch.delenv(name, raising=False)  # the test session's own
-    env = local_cluster.environment(RuntimeConfig())
+    env = local_cluster.environment(HAPROXY)
     try:
         assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
         assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).is_file()
@@ -242,13 +245,31 @@ def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.Monk
     assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in local_cluster.environment(RuntimeConfig(http_proxy="serve"))
 
 
+def test_the_default_front_door_is_the_ingress_replicas_with_no_proxy() -> None:
+    """`http_proxy: gateway`: no HAProxy, Serve's proxies off (its replicas'
+    own HTTP servers too), and the ingress replicas given the address asked for."""
+    runtime = RuntimeConfig()
+    assert runtime.http_proxy == "gateway"
+    env = local_cluster.environment(runtime, front_door="0.0.0.0")
+    assert local_cluster.HAPROXY_BINARY not in env
+    assert (env["RAY_SERVE_ENABLE_HA_PROXY"], env["RAY_SERVE_ENABLE_DIRECT_INGRESS"]) == ("0", "0")
+    assert local_cluster.serve_options(runtime, env, "0.0.0.0", 8123) == {
+        "proxy_location": "Disabled",
+        "http_options": {"host": "0.0.0.0", "port": 8123},
+    }
+    for door in ("haproxy", "serve"):
+        other = RuntimeConfig(http_proxy=door)
+        assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in other.environment()
+        assert local_cluster.serve_options(other, {}, "127.0.0.1", 8123)["proxy_location"] is None
+
+
 def test_haproxys_files_and_admin_socket_go_into_a_private_directory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS]:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(tmp_path / "state"))  # one set: kept
-    env = local_cluster.environment(RuntimeConfig())
+    env = local_cluster.environment(HAPROXY)
     try:
         private = Path(env[local_cluster.HAPROXY_BINARY]).parent
         assert private.stat().st_mode & 0o777 == 0o700
@@ -275,10 +296,10 @@ def test_each_local_cluster_gets_haproxys_side_ports_of_its_own(monkeypatch: pyt
     side = [*local_cluster.HAPROXY_PORTS, *local_cluster.FALLBACK_PORTS]
     for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS, *side]:
         monkeypatch.delenv(name, raising=False)
-    first = local_cluster.environment(RuntimeConfig())
+    first = local_cluster.environment(HAPROXY)
     listening = [socket.create_server(("127.0.0.1", int(first[name]))) for name in side]  # its HAProxy, up
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # one set: kept
-    second = local_cluster.environment(RuntimeConfig())
+    second = local_cluster.environment(HAPROXY)
     for sock in listening:
         sock.close()
     try:
@@ -329,7 +350,7 @@ def test_a_front_door_address_that_is_not_one_is_refused_before_the_wrapper_is_w
 
 def test_serve_is_given_loopback_where_the_wrapper_moves_the_front_door(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(local_cluster.HAPROXY_BINARY, raising=False)
-    env = local_cluster.environment(RuntimeConfig(), front_door="0.0.0.0")
+    env = local_cluster.environment(HAPROXY, front_door="0.0.0.0")
     try:
         assert local_cluster.serve_host(env, "0.0.0.0") == "127.0.0.1"
         assert "bind[[:space:]]+)127[.]0[.]0[.]1" in Path(env[local_cluster.HAPROXY_BINARY]).read_text()

@@ -1,0 +1,272 @@
+"""The gateway's own front door (``runtime.http_proxy: gateway``): each
+ingress replica accepts clients itself on the address ``llm-gateway serve``
+was given, every replica on one port (``SO_REUSEPORT``: the kernel spreads
+new connections over them), with no proxy process between the client and
+the ingress. A stream handed to a model replica then crosses one socket,
+from the engine's process to the client, as behind ``vllm serve``.
+
+What a proxy in front did is done here, in uvicorn's own protocol, and
+answered in OpenAI's error shape instead of a proxy's HTML:
+
+- a head (request line and headers) must arrive within ``read_timeout_s``
+  of its first byte, or of the connection's opening: 408;
+- a head over ``HEAD_BYTES`` (414 when most of it is the URL) or with more
+  than ``HEAD_FIELDS`` headers: 431;
+- an ``x-request-id`` that is not UTF-8, or a head that is not HTTP/1.x: 400;
+- a connection idle between requests, or a client that takes nothing of an
+  answer, for twice ``read_timeout_s``: closed.
+
+Each refusal is answered with ``Connection: close``; none reaches the app, so none
+is counted in the gateway's metrics or access log. The body's own read
+timeout and size limit are the app's (``gateway.http.body``), as behind the
+other front doors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
+from gateway.errors import GatewayError, InvalidRequestError, RequestReadTimeoutError
+
+BACKLOG = 2048
+logger = logging.getLogger(__name__)
+
+
+def refusal(error: GatewayError) -> bytes:
+    """The whole answer to a head refused before the app: status, JSON body,
+    ``Connection: close``."""
+    body = json.dumps(error.to_dict(), separators=(",", ":")).encode()
+    return b"".join(
+        (
+            f"HTTP/1.1 {error.status_code} {HTTPStatus(error.status_code).phrase}\r\n".encode(),
+            b"date: " + formatdate(usegmt=True).encode() + b"\r\n",
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+class _Refused(Exception):
+    pass
+
+
+class FrontDoorProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a bounded head (time, bytes, fields),
+    a bounded wait on a client that stops reading, and refusals in OpenAI's
+    shape."""
+
+    head_timeout_s = 30.0
+    client_timeout_s = 60.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._url_bytes = self._head_bytes = self._fields = 0
+        self._refused: GatewayError | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Whoever writes to this socket (the ingress, or a model replica
+            # it was handed to) gives up on a client that has taken nothing
+            # for this long, a full window unread included: the kernel aborts
+            # the connection and the writer's next send fails.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.client_timeout_s * 1000))
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._url_bytes = self._head_bytes = self._fields = 0
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._url_bytes += len(url)
+        self._count(len(url), 0)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4, 1)
+        if name.lower() == b"x-request-id":
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                self._refuse_head(
+                    InvalidRequestError("The x-request-id header is not valid UTF-8.", param="x-request-id")
+                )
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a head the parser refused (any parser error,
+        # this class's bounds included), in plain text; ours in OpenAI's shape.
+        self._refuse(
+            self._refused
+            or InvalidRequestError("The request could not be parsed as HTTP/1.1.", code="invalid_http_request")
+        )
+
+    def _count(self, size: int, fields: int) -> None:
+        self._head_bytes += size
+        self._fields += fields
+        if self._head_bytes > HEAD_BYTES and self._url_bytes > HEAD_BYTES // 2:
+            self._refuse_head(
+                InvalidRequestError(f"The request's URL is too long: {HEAD_LIMITS}", code="uri_too_long", status=414)
+            )
+        if self._head_bytes > HEAD_BYTES or self._fields > HEAD_FIELDS:
+            self._refuse_head(
+                InvalidRequestError(
+                    f"The request's headers are too large: {HEAD_LIMITS}", code="headers_too_large", status=431
+                )
+            )
+
+    def _refuse_head(self, error: GatewayError) -> None:
+        self._refused = error
+        raise _Refused  # ends the parse: uvicorn then calls send_400_response
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being answered; the next head's timer starts with it
+        if self.timeout_keep_alive_task is not None:
+            return  # idle between requests: uvicorn's keep-alive bound applies
+        self._refuse(
+            RequestReadTimeoutError(f"The request's headers did not arrive within {self.head_timeout_s:g} s.")
+        )
+
+    def _refuse(self, error: GatewayError) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(refusal(error))
+            self.transport.close()
+
+
+class FrontDoor:
+    """One ingress replica's listener on the shared front-door port."""
+
+    def __init__(self, app: Any, host: str, port: int, *, read_timeout_s: float) -> None:
+        protocol = type(
+            "GatewayFrontDoorProtocol",
+            (FrontDoorProtocol,),
+            {"head_timeout_s": read_timeout_s, "client_timeout_s": 2 * read_timeout_s},
+        )
+        self._config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            http=protocol,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            # An idle connection between requests, as HAProxy's `timeout client`.
+            timeout_keep_alive=int(max(1, 2 * read_timeout_s)),
+            backlog=BACKLOG,
+        )
+        self._server = uvicorn.Server(self._config)
+        self._host, self._port = host, port
+        self._socket: socket.socket | None = None
+        self._tick: asyncio.TimerHandle | None = None
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one the kernel picked, for port 0)."""
+        assert self._socket is not None, "not started"
+        return int(self._socket.getsockname()[1])
+
+    async def start(self) -> None:
+        """Binds and listens; OSError when the port is taken by another program."""
+        self._socket = listening_socket(self._host, self._port)
+        self._config.load()
+        self._server.lifespan = self._config.lifespan_class(self._config)
+        await self._server.startup(sockets=[self._socket])
+        self._refresh_date()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops accepting; requests in flight (streams included) may run on
+        for ``grace_s``, then are cancelled."""
+        if self._tick is not None:
+            self._tick.cancel()
+        self._config.timeout_graceful_shutdown = int(max(1, grace_s))
+        await self._server.shutdown()
+
+    def _refresh_date(self) -> None:
+        # uvicorn's main loop does this (ten wake-ups a second); once a second is enough.
+        self._server.server_state.default_headers = [
+            (b"date", formatdate(usegmt=True).encode()),
+            *self._config.encoded_headers,
+        ]
+        self._tick = asyncio.get_running_loop().call_later(1.0, self._refresh_date)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` that other ingress replicas of this
+    user may bind too (``SO_REUSEPORT``; Linux lets only the same user join)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def own_front_door(app_name: str) -> tuple[str, int] | None:
+    """The address this ingress replica is to listen on: Serve's HTTP host and
+    port where Serve runs no proxies (``proxy_location: Disabled``, as
+    ``llm-gateway serve`` starts it with ``http_proxy: gateway``) and its
+    application ``app_name`` is at route prefix ``/``; None where Serve's
+    proxies (or HAProxy) are the front door, or for an application at another
+    prefix (with no proxy to route by prefix, it is not reachable over HTTP:
+    it must not take a share of the port's connections)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from ray.serve.config import ProxyLocation
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    location: Any
+    http: Any
+    endpoints: dict[Any, dict[str, Any]]
+    location, http, endpoints = await asyncio.gather(
+        controller.get_proxy_location.remote(),
+        controller.get_http_config.remote(),
+        controller.get_all_endpoints.remote(),
+    )
+    if location != ProxyLocation.Disabled:
+        return None
+    routes = [info.get("route") for endpoint, info in endpoints.items() if endpoint.app_name == app_name]
+    if routes != ["/"]:
+        logger.warning(
+            "application %s is at route prefix %s: with no HTTP proxy only an application at / "
+            "takes clients, so it does not listen", app_name, routes,
+        )
+        return None
+    return http.host, http.port
