@@ -1,12 +1,12 @@
-"""The other front doors: Serve's Python proxy and Ray's HAProxy. Streams
-through each, over a model with two replicas, one of which dies; the front
-door's own processes; the single-application form at a route prefix; a stop
-with streams in flight.
+"""Each front door under `llm-gateway serve` itself: the default (the
+ingress replicas listen themselves), Serve's Python proxy and Ray's HAProxy.
+Streams through each, over a model with two replicas, one of which dies; the
+front door's own processes; the single-application form at a route prefix;
+a stop with streams in flight.
 
-A second, small gateway (`llm-gateway serve`, its own Ray cluster) per front
-door, `runtime.http_proxy: serve` then `haproxy`: the session's gateway uses
-the default (the ingress replicas listen themselves), and the front door is
-chosen when a cluster starts.
+A second, small gateway (`llm-gateway serve`, its own Ray cluster, two
+ingress replicas) per front door, `runtime.http_proxy: gateway`, `serve`,
+then `haproxy`: the front door is chosen when a cluster starts.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from tests.integration.conftest import MODELS, ROOT, _free_port, _wait_ready
 from tests.integration.test_listening import _loopback
 
 APP = "front-door-test"
-DOORS = ["serve", "haproxy"]
+DOORS = ["gateway", "serve", "haproxy"]
 CONFIG = {
     "app_name": APP,
-    "ingress": {"num_cpus": 0.1},
+    "ingress": {"num_cpus": 0.1, "num_replicas": 2},
     "models": [{"name": "echo", "engine": "echo", "num_cpus": 0.1, "num_replicas": 2, "echo_token_delay_ms": 40}],
 }
 LONG = " ".join(f"w{i}" for i in range(40))  # 40 tokens, 40 ms apart
@@ -97,7 +97,7 @@ def echo_replicas() -> list[psutil.Process]:
 
 @pytest.fixture
 def door(base_url: str, request: pytest.FixtureRequest) -> str:
-    """The front door of the module's gateway now: `serve` or `haproxy`."""
+    """The front door of the module's gateway now: `gateway`, `serve` or `haproxy`."""
     return str(request.node.callspec.params["base_url"])
 
 
@@ -176,8 +176,8 @@ def test_background_processes_yield_and_the_request_path_does_not(base_url: str,
         assert time.monotonic() < deadline, f"not lowered: {lowered}"
         time.sleep(0.2)
     # With `http_proxy: serve` Serve's proxy carries every request, with `haproxy` HAProxy.
-    proxy = {"serve": "ray::ProxyActor", "haproxy": "haproxy"}[door]
-    on_path = [proxy, f"ray::ServeReplica:{APP}:GatewayIngress", "raylet", "gcs_server"]
+    proxy = {"serve": ["ray::ProxyActor"], "haproxy": ["haproxy"], "gateway": []}[door]
+    on_path = [*proxy, f"ray::ServeReplica:{APP}:GatewayIngress", "raylet", "gcs_server"]
     assert all(title in processes for title in on_path), sorted(processes)
     while len(replicas := echo_replicas()) != 2:
         assert time.monotonic() < deadline + 60, "the killed replica was not replaced"
@@ -225,8 +225,12 @@ def test_the_front_doors_own_processes_listen_on_loopback_only(base_url: str, do
     front = {title for title, _, bound in sockets if bound == port}
     exposed = [entry for entry in sockets if not _loopback(entry[1])]
     assert exposed == [], f"listening beyond loopback: {exposed}"
-    if door == "serve":
-        assert front == {"ray::ProxyActor"} and "haproxy" not in processes, (front, sorted(processes))
+    if door != "haproxy":
+        listener = {"serve": "ray::ProxyActor", "gateway": f"ray::ServeReplica:{APP}:GatewayIngress"}[door]
+        assert front == {listener} and "haproxy" not in processes, (front, sorted(processes))
+        if door == "gateway":  # both ingress replicas, and no proxy at all
+            assert [t for t, _, bound in sockets if bound == port] == [listener] * 2
+            assert "ray::ProxyActor" not in processes and "ray::HAProxyManager" not in processes
         return
     assert front == {"haproxy"}, front
     # More HAProxy threads than the host can spare compete with the engine's threads.
@@ -260,10 +264,11 @@ serve.run(app_builder({{"config": {SINGLE!r}}}), name="single", route_prefix="/s
 """
 
 
-def test_the_single_application_form_is_reached_at_its_route_prefix(base_url: str) -> None:
+def test_the_single_application_form_is_reached_at_its_route_prefix(base_url: str, door: str) -> None:
     """`serve run gateway.app:app_builder`: the ingress bound to its model
-    deployments, beside the per-model form, at a route prefix of its own
-    (which needs a proxy: the default front door serves one application)."""
+    deployments, beside the per-model form, at a route prefix of its own.
+    That needs a proxy: with the gateway's own front door only the
+    application at `/` listens, and the other takes no share of the port."""
     raylet = gateway_processes()["raylet"][0]
     gcs = [arg.split("=", 1)[1] for arg in raylet.cmdline() if arg.startswith("--gcs-address=")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_ADDRESS": gcs[0], **joining(gcs[0])}
@@ -271,6 +276,12 @@ def test_the_single_application_form_is_reached_at_its_route_prefix(base_url: st
     env |= {k: v for k, v in raylet.environ().items() if k == "RAY_AUTH_MODE"}
     deployed = subprocess.run([sys.executable, "-c", DEPLOY_SINGLE], cwd=ROOT, env=env, timeout=240, capture_output=True)
     assert deployed.returncode == 0, deployed.stderr.decode()[-3000:]
+    if door == "gateway":
+        for _ in range(20):  # each on a new connection: the kernel picks a listener for each
+            models = httpx.get(base_url + "/v1/models", timeout=30).json()["data"]
+            assert [m["id"] for m in models] == ["echo"], models
+        assert httpx.post(base_url + "/single/v1/chat/completions", json={}, timeout=30).status_code == 404
+        return
     with httpx.Client(base_url=base_url + "/single", timeout=60) as single:
         chat = {"model": "s-chat", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 2}
         answer = single.post("/v1/chat/completions", json=chat)
