@@ -83,7 +83,7 @@ class IngressConfig(StrictConfig):
         description="Largest request body accepted; larger ones are answered 413 before "
         "they are read whole. The rest of such a body is then read and dropped, so that a "
         "client still sending gets the answer, for at most `read_timeout_s`; then the "
-        "connection is closed (behind HAProxy).",
+        "connection is closed (not behind Serve's own proxy).",
     )
     graceful_shutdown_s: float = Field(
         60,
@@ -107,9 +107,10 @@ class IngressConfig(StrictConfig):
         le=3600,
         description="A request's headers, and then its body, must each arrive within this "
         "many seconds; slower ones (a stalled or slow-loris client) are answered 408 and "
-        "disconnected. HAProxy bounds the headers (`runtime.http_proxy: haproxy`), the ingress "
-        "the body; behind HAProxy a client that neither sends nor reads anything for twice "
-        "this long is disconnected too (waiting for an answer does not count).",
+        "disconnected. The front door bounds the headers (the ingress replicas' own listeners, "
+        "or HAProxy), the ingress the body; a client that neither sends nor reads anything for "
+        "twice this long is disconnected too (waiting for an answer does not count; not behind "
+        "Serve's own proxy).",
     )
     stream_handoff: bool = Field(
         True,

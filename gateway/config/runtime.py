@@ -45,7 +45,7 @@ class RuntimeConfig(StrictConfig):
     )
     haproxy_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
         "auto",
-        description="Threads of HAProxy, the front door. `auto` (default): half this "
+        description="Threads of HAProxy, the front door with `http_proxy: haproxy`. `auto`: half this "
         "machine's CPUs, at least 1 and at most 4 (Ray's own default), and no more than "
         "`gateway_cpus` lists; or a count. Threads beyond the cores the host can spare "
         "compete with the engine's: on 2 vCPUs one thread streamed 1.05-1.40x the tokens/s "
