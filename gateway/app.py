@@ -62,11 +62,18 @@ def model_deployment(model: ModelConfig, gateway_app: str | None = None) -> Appl
     return deployment.bind(model)
 
 
+HUB_CALLS = 10_000
+
+
 def _hub() -> Application:
-    # One small replica: it only sums snapshots and writes the page.
+    # One small replica: it only sums snapshots and writes the page. Each LLM
+    # replica holds a call open there (gateway.metrics.engine_pages), beside
+    # the ingress replicas' reports and scrapes: Serve's default of 5 calls at
+    # once would queue them behind each other.
     hub = _deployment(MetricsHub).options(
         name=HUB_NAME,
         num_replicas=1,
+        max_ongoing_requests=HUB_CALLS,
         ray_actor_options={"num_cpus": 0},
         logging_config={"enable_access_log": False},
     )

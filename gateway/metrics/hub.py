@@ -3,10 +3,11 @@
 ``MetricsHub`` is a one-replica Serve deployment in the ingress's
 application. Each ingress replica sends the cumulative snapshot of its
 families (``MetricsReporter``) at most every ``REPORT_S`` while it records,
-and at least every ``HEARTBEAT_S``; an LLM replica sends vLLM's own
-``vllm:*`` exposition the same way. A scrape of ``/metrics`` lands on one
+and at least every ``HEARTBEAT_S``. A scrape of ``/metrics`` lands on one
 ingress replica, which sends its own snapshot with the request, so its
 counts are current to the request and the others' to their last report.
+vLLM's own ``vllm:*`` pages are asked of the LLM replicas for each scrape
+(``gateway.metrics.engine_pages``).
 
 A process silent for ``STALE_S`` has gone: its counters and histograms stay
 (counters must never go back), its gauges leave the sum, and its vLLM
@@ -28,6 +29,7 @@ from typing import Any
 
 from gateway.auth.limiter import LimiterAddress
 from gateway.auth.limiter_server import LimiterServer
+from gateway.metrics.engine_pages import EnginePages
 from gateway.metrics.engine_text import relabel
 from gateway.metrics.families import FAMILIES
 from gateway.metrics.registry import Snapshot, merge, render, without_gauges
@@ -55,7 +57,7 @@ class MetricsHub:
     def __init__(self) -> None:
         self._live: dict[str, tuple[Snapshot, float]] = {}
         self._gone: dict[str, Snapshot] = {}
-        self._engines: dict[str, tuple[str, float]] = {}
+        self._engines = EnginePages(STALE_S)
         self._limiter: LimiterServer | None = None
         self._limiter_address: LimiterAddress | None = None
 
@@ -72,17 +74,25 @@ class MetricsHub:
         self._live[source] = (snapshot, time.monotonic())
         self._gone.pop(source, None)
 
-    def report_engine(self, source: str, text: str) -> None:
-        """``text``: one LLM replica's ``vllm:*`` families, Prometheus text format."""
-        self._engines[source] = (text, time.monotonic())
+    async def engine_asked(self, source: str, answered: int) -> int:
+        """Held for an LLM replica until a scrape wants its page (``EnginePages.asked``)."""
+        return await self._engines.asked(source, answered)
 
-    def render(self, source: str, snapshot: Snapshot) -> str:
+    def report_engine(self, source: str, text: str, answers: int) -> None:
+        """``text``: one LLM replica's ``vllm:*`` families, Prometheus text format,
+        rendered for scrape ``answers``."""
+        self._engines.put(source, text, answers)
+
+    def engine_gone(self, source: str) -> None:
+        self._engines.forget(source)
+
+    async def render(self, source: str, snapshot: Snapshot) -> str:
         """The page for a scrape that arrived at ``source`` (whose snapshot is current)."""
         self.report(source, snapshot)
         self._expire()
         merged = merge([*(s for s, _ in self._live.values()), *self._gone.values()])
         page = render(FAMILIES, merged)
-        return page + relabel({source: text for source, (text, _) in self._engines.items()})
+        return page + relabel(await self._engines.fresh())
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -90,9 +100,6 @@ class MetricsHub:
             if now - seen > STALE_S:
                 del self._live[source]
                 self._gone[source] = without_gauges(snapshot, FAMILIES)
-        for source, (_, seen) in list(self._engines.items()):
-            if now - seen > STALE_S:
-                del self._engines[source]
 
 
 class MetricsReporter:

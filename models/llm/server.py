@@ -4,18 +4,19 @@ streams over its own HTTP port (``models.llm.relay``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import unpin_self
 from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.heap_freeze import freeze_in_replica
-from gateway.metrics.hub import HUB_NAME, MetricsReporter, replica_source
+from gateway.metrics.engine_pages import answer_scrapes
+from gateway.metrics.hub import HUB_NAME, replica_source
 from gateway.protocol import relay
 from gateway.protocol.engine import Outcome, Reply
 from models.llm.engine import ENGINE_DEAD, EngineInfo, LLMEngine, make_engine
@@ -34,12 +35,11 @@ logger = logging.getLogger(__name__)
 # frames) before it exits so that Serve starts a new one.
 WATCH_S = 0.2
 DEAD_GRACE_S = 0.5
-# How long after its last request an engine's metrics are still rendered
-# each second: vLLM records a step's stats after it finished the requests.
-METRICS_SETTLE_S = 3.0
 # Of a model's ``graceful_shutdown_s``: Serve's own drain loop (2 s) before
 # ``__del__``, and time for the engine to shut down before the controller kills.
 STOP_MARGIN_S = 5.0
+# How long a stopping replica tries to tell the metrics hub it goes.
+GONE_WAIT_S = 1.0
 
 
 class ClientErrorFilter(logging.Filter):
@@ -86,8 +86,6 @@ class LLMServer:
         self._watch: asyncio.Task[None] | None = None
         self._active_streams = 0
         self._requests = 0
-        self._requests_seen = 0  # by ``_metrics_version``
-        self._busy_until = 0.0
         self._engine = engine if engine is not None else make_engine(config)
         # The replica's id, in the id of every response it stores (``gateway.protocol.relay``).
         replica = secrets.token_hex(relay.REPLICA_CHARS // 2)
@@ -104,7 +102,7 @@ class LLMServer:
             replica=replica,
         )
         self._relay_address = await self._relay.start()
-        self._reporter = _engine_metrics_reporter(self._engine, hub_app, self._metrics_version)
+        self._scrapes = _EngineScrapes.start(self._engine, hub_app)
         self._watch = asyncio.get_running_loop().create_task(self._watch_engine(exit_process))
         freeze_in_replica()  # see gateway.heap_freeze: no full collection walks the start-up objects
         logger.info("%s ready (streams on %s:%d)", config.name, *self._relay_address[:2])
@@ -190,17 +188,6 @@ class LLMServer:
         """Requests the engine is still working on (running or waiting)."""
         return self._engine.num_unfinished_requests()
 
-    def _metrics_version(self) -> object:
-        """Changes whenever the engine's metrics may have: at every look while
-        the engine works, after a request came, and for ``METRICS_SETTLE_S``
-        after that. An idle engine's metrics are then not rendered again, only
-        re-sent."""
-        now = time.monotonic()
-        if self._requests != self._requests_seen or self._engine.num_unfinished_requests() > 0:
-            self._requests_seen = self._requests
-            self._busy_until = now + METRICS_SETTLE_S
-        return now if now < self._busy_until else self._busy_until
-
     async def check_health(self) -> None:
         """Called by Serve's health checks; raising marks the replica unhealthy."""
         self._alive()
@@ -214,8 +201,8 @@ class LLMServer:
         if self._watch is not None:
             self._watch.cancel()
         await self._relay.stop(max(0.0, self._config.graceful_shutdown_s - STOP_MARGIN_S))
-        if self._reporter is not None:
-            await self._reporter.stop()
+        if self._scrapes is not None:
+            await self._scrapes.stop()
         await self._engine.shutdown()
 
 
@@ -232,24 +219,35 @@ def _node_address() -> str:
     return str(ray.util.get_node_ip_address())
 
 
-def _engine_metrics_reporter(
-    engine: LLMEngine, hub_app: str | None, version: Callable[[], object]
-) -> MetricsReporter | None:
-    """Sends the engine's own metrics (vLLM's ``vllm:*``) to the gateway's hub each second
-    they changed (``version``), so ``/metrics`` shows them per replica. None for engines
-    that keep none."""
-    if engine.metrics_text() is None:
-        return None
-    from ray import serve
+class _EngineScrapes:
+    """Answers the gateway's scrapes with the engine's own metrics (vLLM's
+    ``vllm:*``), rendered when a scrape asks (``gateway.metrics.engine_pages``),
+    so ``/metrics`` shows them per replica."""
 
-    source = replica_source()
-    hub = serve.get_deployment_handle(
-        HUB_NAME, hub_app or serve.get_replica_context().app_name, _check_exists=False
-    )
+    def __init__(self, hub: Any, source: str, render: Callable[[], str]) -> None:
+        self._hub = hub
+        self._source = source
+        self._task = asyncio.get_running_loop().create_task(answer_scrapes(hub, source, render))
 
-    async def send(text: str | None) -> None:
-        await hub.report_engine.remote(source, text or "")
+    @classmethod
+    def start(cls, engine: LLMEngine, hub_app: str | None) -> _EngineScrapes | None:
+        """None for engines that keep no metrics."""
+        if engine.metrics_text() is None:
+            return None
+        from ray import serve
 
-    reporter = MetricsReporter(send, engine.metrics_text, version, interval_s=1.0)
-    reporter.start()
-    return reporter
+        hub = serve.get_deployment_handle(
+            HUB_NAME, hub_app or serve.get_replica_context().app_name, _check_exists=False
+        )
+        return cls(hub, replica_source(), lambda: engine.metrics_text() or "")
+
+    async def stop(self) -> None:
+        """No scrape waits for this replica any more."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(Exception):  # the hub may be stopping too
+            await asyncio.wait_for(self._gone(), GONE_WAIT_S)
+
+    async def _gone(self) -> None:
+        await self._hub.engine_gone.remote(self._source)

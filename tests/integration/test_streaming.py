@@ -138,8 +138,9 @@ async def tokens_after_leaving(gateway: Gateway, path: str, body: dict[str, obje
 
 
 async def settled_generated_tokens(gateway: Gateway) -> float:
-    """The counter once the engine is idle and its replica has reported since
-    (it reports each second): two readings 1.5 s apart that agree."""
+    """The counter once the engine is idle and has recorded everything (vLLM
+    records a step's stats after its outputs): two readings 1.5 s apart that
+    agree."""
     await wait_idle(gateway, IDLE_WAIT_S)
     before = await asyncio.to_thread(generated_tokens, gateway)
     while True:
