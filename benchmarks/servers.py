@@ -23,6 +23,7 @@ from gateway.affinity import place_engine_core
 
 MAX_MODEL_LEN = 2048
 KV_CACHE_GIB = 1
+ECHO_MODEL = {"name": "echo", "engine": "echo", "num_cpus": 0.1}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -79,17 +80,19 @@ def start_gateway(
     engine_core: str = "auto",
     handoff: bool = True,
     http_proxy: str | None = None,
+    echo: bool = True,
 ) -> subprocess.Popen:
-    """``llm-gateway serve`` on ``model_dir`` plus an echo model; ``handoff``:
-    its ``ingress.stream_handoff``; ``http_proxy``: its front door (the
-    default one when None)."""
+    """``llm-gateway serve`` on ``model_dir``, plus an echo model with
+    ``echo`` (else ``add_echo`` deploys it later); ``handoff``: its
+    ``ingress.stream_handoff``; ``http_proxy``: its front door (the default
+    one when None)."""
     config = {
         "app_name": "bench",
         "runtime": {"gateway_cpus": gateway_cpus, **({"http_proxy": http_proxy} if http_proxy else {})},
         "ingress": {"stream_handoff": handoff},
         "models": [
             {**model_entry(model_dir), "engine_core_cpus": engine_core},
-            {"name": "echo", "engine": "echo", "num_cpus": 0.1},
+            *([ECHO_MODEL] if echo else []),
         ],
     }
     path = log.with_suffix(".yaml")  # beside its log, rewritten by the next run
@@ -99,6 +102,32 @@ def start_gateway(
         "--host", "127.0.0.1", "--port", str(port),
     ]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def add_echo(proc: subprocess.Popen, log: Path) -> None:
+    """Adds the echo model to a gateway started without one (``log``: the
+    log it was started with), live: its config, beside the log, gains the
+    echo model and ``llm-gateway deploy`` applies it on the gateway's own
+    cluster (there may be several on the machine)."""
+    path = log.with_suffix(".yaml")
+    config = json.loads(path.read_text())
+    config["models"].append(ECHO_MODEL)
+    path.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "gateway.cli", "deploy", "--config", str(path), "--address", gcs_address(proc)]
+    with log.open("a") as out:
+        subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=600)
+
+
+def gcs_address(proc: subprocess.Popen) -> str:
+    """The address of the Ray cluster a gateway started (its raylet's ``--gcs-address``)."""
+    for process in tree(proc):
+        with contextlib.suppress(psutil.Error):
+            args = process.cmdline()
+            if args and args[0].endswith("/raylet"):
+                for arg in args:
+                    if arg.startswith("--gcs-address="):
+                        return arg.split("=", 1)[1]
+    raise RuntimeError(f"no raylet under process {proc.pid}")
 
 
 def place_direct_engine_core(proc: subprocess.Popen, args: argparse.Namespace) -> None:

@@ -2,8 +2,7 @@
 
 Starts ``python -m vllm.entrypoints.openai.api_server`` on the model directory
 with the engine arguments the gateway's replica uses (``VLLMEngine.cli_args``)
-and ``llm-gateway serve`` on the same directory and settings (plus an echo
-model), both at once, and measures them in turn: at each concurrency level and
+and ``llm-gateway serve`` on the same directory and settings, both at once, and measures them in turn: at each concurrency level and
 with each load generator, vLLM's server then the gateway, the other way round
 in the next round, ``--rounds`` times. A VM's speed drifts by tens of percent
 within minutes; measured seconds apart, the two see the same machine, and each
@@ -20,8 +19,10 @@ own benchmark client (``vllm bench serve``, run as a library on its random
 dataset). Both report output tokens/s, time to first token and inter-token
 latency, p50 and p99; ours takes TTFT at the first non-empty content delta
 and ITL as the gaps between content deltas as the client reads them. The
-gateway's own overhead is measured on its echo model: non-streaming chat
-latency at concurrency 1 and requests/s at concurrency 32.
+gateway's own overhead is measured last, on an echo model deployed into the
+running gateway then (``llm-gateway deploy``; an idle model replica costs the
+engines CPU, and vLLM's server has none): non-streaming chat latency at
+concurrency 1 and requests/s at concurrency 32.
 
 ``--compare-relay`` adds a third server to the rounds: a second gateway with
 ``ingress.stream_handoff: false`` (every stream relayed by its ingress), so
@@ -60,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.servers import (
-    cpu_model, place_direct_engine_core, signal_tree, start_direct, start_gateway, stop, wait_ready,
+    add_echo, cpu_model, place_direct_engine_core, signal_tree, start_direct, start_gateway, stop, wait_ready,
 )
 from benchmarks.stream_load import Figures, describe, echo_overhead, load, vllm_bench
 
@@ -85,7 +86,12 @@ def _measure_once(base_url: str, concurrency: int, client: str, requests: int, a
     return vllm_bench(base_url, concurrency, requests, args)
 
 
-def _echo(base_url: str) -> tuple[float, float]:
+def _echo(base_url: str, proc: subprocess.Popen, log: Path) -> tuple[float, float]:
+    """The echo route, on an echo model deployed into the gateway now: the
+    streaming rounds compare a gateway serving the one model vLLM's server
+    serves."""
+    add_echo(proc, log)
+    wait_ready(base_url + "/v1/models/echo", proc)
     p50, _ = asyncio.run(echo_overhead(base_url, 1, 400))
     _, rate = asyncio.run(echo_overhead(base_url, 32, 3200))
     print(f"    gateway echo route: c=1 p50 {p50:.2f} ms, c=32 {rate:.0f} req/s", flush=True)
@@ -93,9 +99,11 @@ def _echo(base_url: str) -> tuple[float, float]:
 
 
 def measure(
-    name: str, proc: subprocess.Popen, base_url: str, ready_path: str, args: argparse.Namespace
+    name: str, proc: subprocess.Popen, base_url: str, ready_path: str, args: argparse.Namespace,
+    log: Path | None = None,
 ) -> list[Figures]:
-    """One server alone: started, measured at every level, stopped."""
+    """One server alone: started, measured at every level, stopped (``log``:
+    the gateway's, for its echo model)."""
     try:
         print(f"==> {name}: waiting for the server", flush=True)
         wait_ready(base_url + ready_path, proc)
@@ -105,8 +113,8 @@ def measure(
         for concurrency, client, requests in _levels(args):
             results.append(_measure_once(base_url, concurrency, client, requests, args))
             print(f"    {name} {describe(results[-1])}", flush=True)
-        if name == "gateway":
-            _echo(base_url)
+        if log is not None:
+            _echo(base_url, proc, log)
         return results
     finally:
         stop(proc)
@@ -129,7 +137,7 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
         name: str, port: int, engine_core: str, handoff: bool = True, door: str | None = None
     ) -> tuple[subprocess.Popen, str, str]:
         log = args.log_dir / f"bench-{name}.log"
-        proc = start_gateway(args.model_dir, port, log, args.gateway_cpus, engine_core, handoff, door)
+        proc = start_gateway(args.model_dir, port, log, args.gateway_cpus, engine_core, handoff, door, echo=False)
         return proc, f"http://127.0.0.1:{port}", "/ready"
 
     servers = {
@@ -161,7 +169,7 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
                     print(f"    round {round_ + 1} {name:<9} {describe(figures)}", flush=True)
             results.append(paired)
         _thaw_only("gateway", servers)
-        echo = _echo(servers["gateway"][1])
+        echo = _echo(servers["gateway"][1], servers["gateway"][0], args.log_dir / "bench-gateway.log")
         return results, echo
     finally:
         for proc, _, _ in servers.values():
@@ -245,11 +253,11 @@ def main() -> None:
             "vllm-direct", start_direct(args.model_dir, 8101, args.log_dir / "bench-direct.log"),
             "http://127.0.0.1:8101", "/health", args,
         )
+        log = args.log_dir / "bench-gateway.log"
         gateway = measure(
             "gateway",
-            start_gateway(args.model_dir, 8102, args.log_dir / "bench-gateway.log", args.gateway_cpus,
-                          args.gateway_engine_core),
-            "http://127.0.0.1:8102", "/ready", args,
+            start_gateway(args.model_dir, 8102, log, args.gateway_cpus, args.gateway_engine_core, echo=False),
+            "http://127.0.0.1:8102", "/ready", args, log,
         )
         tables.append((direct, gateway))
     for round_, (direct, gateway) in enumerate(tables, 1):

@@ -1,16 +1,20 @@
-"""The benchmarks' check that a server shares the load generators' session."""
+"""benchmarks/servers.py: the check that a server shares the load generators' session; the
+echo model added to a running gateway."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 
-from benchmarks.servers import in_this_session
+from benchmarks import servers
+from benchmarks.servers import ECHO_MODEL, add_echo, in_this_session
 
 
 def server(child_in_own_session: bool) -> list[str]:
@@ -53,3 +57,21 @@ def test_a_server_with_a_process_in_a_session_of_its_own_is_refused(
     started.append(with_child(subprocess.Popen(command, start_new_session=root_in_own_session)))
     with pytest.raises(RuntimeError, match="not this one"):
         in_this_session(started[-1])
+
+
+def test_the_echo_model_is_deployed_later_on_the_gateways_own_cluster(
+    started: list[subprocess.Popen[bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A gateway's tree: a raylet under it names its cluster.
+    raylet = f"(exec -a /opt/ray/raylet {sys.executable} -c 'import time; time.sleep(60)' --gcs-address=127.0.0.1:47123) & wait"
+    started.append(with_child(subprocess.Popen(["bash", "-c", raylet])))
+    monkeypatch.setattr(servers.subprocess, "Popen", lambda cmd, stdout, **_: stdout.close())  # not started here
+    log = tmp_path / "bench-gateway.log"
+    servers.start_gateway(Path("model"), 8102, log, echo=False)
+    assert [m["name"] for m in json.loads(log.with_suffix(".yaml").read_text())["models"]] == ["tiny-chat-v1"]
+    ran: list[list[str]] = []
+    monkeypatch.setattr(servers.subprocess, "run", lambda cmd, **_: ran.append(cmd))
+    add_echo(started[-1], log)  # type: ignore[arg-type]
+    assert json.loads(log.with_suffix(".yaml").read_text())["models"][1] == ECHO_MODEL
+    assert ran == [[sys.executable, "-m", "gateway.cli", "deploy", "--config", str(log.with_suffix(".yaml")),
+                    "--address", "127.0.0.1:47123"]]
