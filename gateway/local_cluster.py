@@ -61,6 +61,7 @@ from gateway.config import RuntimeConfig
 from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
 
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+AUTH_MODE = "RAY_AUTH_MODE"
 LOOPBACK = "127.0.0.1"
 HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
 HAPROXY_LOG_TARGET = "RAY_SERVE_HAPROXY_LOG_TARGET"
@@ -377,8 +378,23 @@ def joining(address: str) -> dict[str, str]:
         else:  # as Ray finds it: the GCS address its raylets here were started with
             hosts = _raylet_gcs_addresses()
     names = {h.removeprefix("ray://").rsplit(":", 1)[0].strip("[]") for h in hosts}
-    loopback = bool(names) and names <= {"127.0.0.1", "localhost"}
-    return dict(SINGLE_MACHINE) if loopback else {}
+    if not names or not names <= {"127.0.0.1", "localhost"}:
+        return {}
+    # Ray turns token authentication on for a cluster it starts on this
+    # machine (the token in ~/.ray), and joins one it finds itself (``auto``)
+    # with the token, but not one given by address: `--address 127.0.0.1:PORT`
+    # was refused. Such a cluster is joined as Ray joins one it finds.
+    if AUTH_MODE not in os.environ and _token_available():
+        return {**SINGLE_MACHINE, AUTH_MODE: "token"}
+    return dict(SINGLE_MACHINE)
+
+
+def _token_available() -> bool:
+    """Whether Ray finds a token to authenticate with (where Ray looks)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).is_file() if path else Path.home().joinpath(".ray", "auth_token").is_file()
 
 
 def _raylet_gcs_addresses(proc: Path = Path("/proc")) -> list[str]:

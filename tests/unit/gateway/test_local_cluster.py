@@ -464,10 +464,38 @@ def test_commands_join_a_loopback_cluster_as_one(
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.setattr(local_cluster, "_raylet_gcs_addresses", lambda: [])  # none running here
+    monkeypatch.setattr(local_cluster, "_token_available", lambda: False)
     if current is not None:
         (tmp_path / "ray").mkdir()
         (tmp_path / "ray" / "ray_current_cluster").write_text(current)
     assert (local_cluster.joining(address) == local_cluster.SINGLE_MACHINE) is single
+
+
+@pytest.mark.parametrize(
+    ("address", "token", "mode", "joined"),
+    [
+        ("127.0.0.1:6379", "file", None, "token"),  # as Ray joins a local cluster it finds itself
+        ("127.0.0.1:6379", "env", None, "token"),
+        ("127.0.0.1:6379", None, None, None),  # no token: nothing to authenticate with
+        ("127.0.0.1:6379", "file", "disabled", None),  # the user's own choice stands
+        ("10.1.2.3:6379", "file", None, None),  # a remote cluster: as Ray joins it
+    ],
+)
+def test_a_local_cluster_given_by_address_is_joined_with_the_token_ray_keeps_here(
+    address: str, token: str | None, mode: str | None, joined: str | None,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(local_cluster.Path, "home", lambda: tmp_path)
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    if token == "file":
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text("t" * 32)
+    elif token == "env":
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
+    if mode is not None:
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    assert local_cluster.joining(address).get("RAY_AUTH_MODE") == joined
 
 
 def test_a_running_local_clusters_raylet_says_where_its_gcs_is(tmp_path: Path) -> None:
