@@ -246,8 +246,10 @@ class _EngineScrapes:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        with contextlib.suppress(Exception):  # the hub may be stopping too
+        try:
             await asyncio.wait_for(self._gone(), GONE_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - the hub may be stopping too; it drops silent replicas itself
+            logger.debug("metrics hub not told of the stop: %s", exc)
 
     async def _gone(self) -> None:
         await self._hub.engine_gone.remote(self._source)
