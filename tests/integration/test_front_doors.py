@@ -264,7 +264,9 @@ serve.run(app_builder({{"config": {SINGLE!r}}}), name="single", route_prefix="/s
 """
 
 
-def test_the_single_application_form_is_reached_at_its_route_prefix(base_url: str, door: str) -> None:
+def test_the_single_application_form_is_reached_at_its_route_prefix(
+    base_url: str, door: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`serve run gateway.app:app_builder`: the ingress bound to its model
     deployments, beside the per-model form, at a route prefix of its own.
     That needs a proxy: with the gateway's own front door only the
@@ -272,7 +274,10 @@ def test_the_single_application_form_is_reached_at_its_route_prefix(base_url: st
     raylet = gateway_processes()["raylet"][0]
     gcs = [arg.split("=", 1)[1] for arg in raylet.cmdline() if arg.startswith("--gcs-address=")]
     # The cluster by its address, as `llm-gateway deploy --address` joins it
-    # (with the token Ray keeps in ~/.ray for a cluster it started here).
+    # from a shell: with the token Ray keeps in ~/.ray for a cluster it
+    # started here, and no RAY_AUTH_MODE of its own (this process has one
+    # once the session's cluster started in it).
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_ADDRESS": gcs[0], **joining(gcs[0])}
     deployed = subprocess.run([sys.executable, "-c", DEPLOY_SINGLE], cwd=ROOT, env=env, timeout=240, capture_output=True)
     assert deployed.returncode == 0, deployed.stderr.decode()[-3000:]
