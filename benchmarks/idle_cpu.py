@@ -68,6 +68,7 @@ RAY_DEFAULTS = {
     "RAY_task_events_report_interval_ms": "1000",
     "RAY_enable_metrics_collection": "1",
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "1000",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100",
 }
 RAY_CONTROL_LOOP_S = 0.1
 

@@ -140,18 +140,23 @@ def test_serves_http_metrics_from_haproxy_are_off_unless_asked(monkeypatch: pyte
 
 def test_rays_idle_work_is_turned_down_unless_the_operator_asks(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RAY_task_events_report_interval_ms", "RAY_enable_metrics_collection",
-                 "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"):
+                 "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"):
         monkeypatch.delenv(name, raising=False)
     env = RuntimeConfig().environment()
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
     assert env["RAY_task_events_report_interval_ms"] == "0"
     assert env["RAY_enable_metrics_collection"] == "0"
     assert env["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "0"
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
     monkeypatch.setenv("RAY_task_events_report_interval_ms", "1000")
     monkeypatch.setenv("RAY_enable_metrics_collection", "1")
     env = RuntimeConfig.model_validate({"control_loop_s": 0.1}).environment()
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
     assert (env["RAY_task_events_report_interval_ms"], env["RAY_enable_metrics_collection"]) == ("1000", "1")
+    # Ray's metrics back on: Serve exports its own as often as Ray would.
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "100"
+    monkeypatch.setenv("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "250")
+    assert RuntimeConfig().environment()["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "250"
     with pytest.raises(ValidationError):
         RuntimeConfig.model_validate({"control_loop_s": 0})
 
@@ -163,6 +168,7 @@ def test_ray_still_reads_the_settings_the_runtime_turns_down() -> None:
     from ray.serve._private import constants
 
     assert '"RAY_SERVE_CONTROL_LOOP_INTERVAL_S"' in inspect.getsource(constants)
+    assert '"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"' in inspect.getsource(constants)
     assert '"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"' in inspect.getsource(log_monitor)
     # Read by Ray's C++ core in every process (RayConfig, `RAY_<name>`).
     core = (Path(ray.__file__).parent / "_raylet.so").read_bytes()
