@@ -6,7 +6,10 @@ and ``llm-gateway serve`` on the same directory and settings, both at once, and 
 with each load generator, vLLM's server then the gateway, the other way round
 in the next round, ``--rounds`` times. A VM's speed drifts by tens of percent
 within minutes; measured seconds apart, the two see the same machine, and each
-round's gateway/direct ratio is a paired comparison. The server not being
+round's gateway/direct ratio is a paired comparison (printed as the median
+and range of the rounds' ratios and, from four rounds on, their mean and its
+standard error). A lone stream is measured in more, shorter rounds
+(``--lone-rounds``, ``--lone-requests``). The server not being
 measured is frozen meanwhile (SIGSTOP to its whole process tree: Ray's
 daemons, replicas and engines under the gateway), so it takes no CPU from the
 other; it is thawed (SIGCONT) two seconds before its own turn, and each
@@ -70,14 +73,26 @@ CLIENTS = ("aiohttp", "vllm-bench")
 THAW_S = 2.0
 
 
-def _levels(args: argparse.Namespace) -> list[tuple[int, str, int]]:
-    """(concurrency, client, requests) in the order they are measured."""
+def _levels(args: argparse.Namespace) -> list[tuple[int, str, int, int]]:
+    """(concurrency, client, requests, rounds) in the order they are measured.
+
+    A lone stream (concurrency 1) is measured in ``--lone-rounds`` short
+    rounds of ``--lone-requests``: its rounds' ratios spread most (a VM's
+    speed drifts within seconds, and one stream keeps both CPUs busy), and
+    a ratio's standard error falls with the number of rounds, not their length."""
     return [
-        (concurrency, client, max(args.requests_per_stream * concurrency, args.min_requests))
+        (concurrency, client, *_size(concurrency, args))
         for concurrency in args.concurrency
         for client in CLIENTS
         if client in args.clients
     ]
+
+
+def _size(concurrency: int, args: argparse.Namespace) -> tuple[int, int]:
+    """(requests, rounds) at ``concurrency``."""
+    if concurrency == 1 and args.lone_rounds:
+        return args.lone_requests, args.lone_rounds
+    return max(args.requests_per_stream * concurrency, args.min_requests), args.rounds
 
 
 def _measure_once(base_url: str, concurrency: int, client: str, requests: int, args: argparse.Namespace) -> Figures:
@@ -110,7 +125,7 @@ def measure(
         if name == "vllm-direct":
             place_direct_engine_core(proc, args)
         results = []
-        for concurrency, client, requests in _levels(args):
+        for concurrency, client, requests, _ in _levels(args):
             results.append(_measure_once(base_url, concurrency, client, requests, args))
             print(f"    {name} {describe(results[-1])}", flush=True)
         if log is not None:
@@ -158,9 +173,9 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
             wait_ready(base_url + ready_path, proc)
         place_direct_engine_core(servers["direct"][0], args)
         results = []
-        for concurrency, client, requests in _levels(args):
+        for concurrency, client, requests, rounds in _levels(args):
             paired = Paired()
-            for round_ in range(args.rounds):
+            for round_ in range(rounds):
                 turn = round_ % len(names)  # each server first in turn
                 for name in names[turn:] + names[:turn]:
                     _thaw_only(name, servers)
@@ -213,6 +228,10 @@ def main() -> None:
                         help="vLLM's own server: its engine core as vLLM leaves it, or beside its worker")
     parser.add_argument("--rounds", type=int, default=3,
                         help="both servers up, measured in turn this many times at each level")
+    parser.add_argument("--lone-rounds", type=int, default=12,
+                        help="rounds at concurrency 1, side by side (0: --rounds, of the usual size)")
+    parser.add_argument("--lone-requests", type=int, default=12,
+                        help="requests per round at concurrency 1, with --lone-rounds")
     parser.add_argument("--compare-relay", action="store_true",
                         help="also a gateway with ingress.stream_handoff off, in the same rounds")
     parser.add_argument("--compare-engine-core", choices=("auto", "workers", "vllm"),
@@ -231,6 +250,8 @@ def main() -> None:
     ):
         parser.error("--compare-relay, --compare-engine-core and --compare-front-door measure in shared "
                      "rounds: not with --one-at-a-time or --skip-direct")
+    if args.one_at_a_time or args.skip_direct:
+        args.lone_rounds = 0  # rounds of whole runs: each level at its usual size
     machine = (f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
                f"{os.cpu_count()} CPUs ({cpu_model()}); engine core: gateway {args.gateway_engine_core}, "
                f"vLLM's server {args.direct_engine_core}")
@@ -240,7 +261,8 @@ def main() -> None:
         print()
         count = 2 + bool(args.compare_relay) + bool(args.compare_engine_core) + bool(args.compare_front_door)
         servers = "both servers" if count == 2 else f"all {count} servers"
-        print(f"{machine}; {servers} up, {args.rounds} rounds in turn at each level")
+        lone = f" ({args.lone_rounds} of {args.lone_requests} requests at c=1)" if args.lone_rounds else ""
+        print(f"{machine}; {servers} up, {args.rounds} rounds in turn at each level{lone}")
         print_paired(results, comparisons(args))
         print(f"gateway echo route: c=1 p50 {echo_p50:.2f} ms, c=32 {echo_rate:.0f} req/s")
         return
@@ -322,10 +344,20 @@ def _print_ratios(label: str, pairs: list[tuple[Figures, Figures]]) -> None:
         return f"{form.format(statistics.median(values))} ({form.format(min(values))}..{form.format(max(values))})"
 
     f = pairs[0][0]
+    ratios = [g.tokens_per_s / d.tokens_per_s for d, g in pairs]
     print(f"{f.client:<11}c={f.concurrency:<3}{label:<9} "
-          f"tok/s {spread([g.tokens_per_s / d.tokens_per_s for d, g in pairs], '{:.2f}x')}, "
+          f"tok/s {spread(ratios, '{:.2f}x')}{_mean_and_error(ratios)}, "
           f"TTFT p50 added {spread([g.ttft_ms[0] - d.ttft_ms[0] for d, g in pairs], '{:+.1f} ms')}, "
           f"ITL p99 {spread([g.itl_ms[1] / d.itl_ms[1] for d, g in pairs], '{:.2f}x')}")
+
+
+def _mean_and_error(ratios: list[float]) -> str:
+    """The rounds' mean ratio and its standard error, from four rounds on
+    (fewer say too little about their spread)."""
+    if len(ratios) < 4:
+        return ""
+    error = statistics.stdev(ratios) / len(ratios) ** 0.5
+    return f", mean {statistics.mean(ratios):.3f}x +- {error:.3f}"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""What the streaming benchmark compares when a gateway with another placement
-or front door runs in the same rounds (``--compare-engine-core``,
-``--compare-front-door``)."""
+"""How the streaming benchmark sizes its rounds, and what it compares when a
+gateway with another placement or front door runs in the same rounds
+(``--compare-engine-core``, ``--compare-front-door``)."""
 
 from __future__ import annotations
 
@@ -82,3 +82,25 @@ def test_a_comparison_that_cannot_be_made_is_refused(given: list[str], monkeypat
         streaming.main()
 
     assert refused.value.code == 2
+
+
+def test_a_lone_stream_is_measured_in_more_shorter_rounds() -> None:
+    given = args(concurrency=[1, 8], clients=["aiohttp"], requests_per_stream=8, min_requests=40, rounds=3,
+                 lone_rounds=12, lone_requests=10)
+
+    assert streaming._levels(given) == [(1, "aiohttp", 10, 12), (8, "aiohttp", 64, 3)]
+    given.lone_rounds = 0
+    assert streaming._levels(given)[0] == (1, "aiohttp", 40, 3)
+
+
+def test_four_rounds_or_more_also_give_the_mean_ratio_and_its_error(capsys: pytest.CaptureFixture[str]) -> None:
+    paired = streaming.Paired({
+        "direct": [figures(100)] * 4,
+        "gateway": [figures(90), figures(100), figures(80), figures(110)],
+    })  # fmt: skip
+
+    streaming.print_paired([paired], streaming.comparisons(args()))
+
+    line = next(line for line in capsys.readouterr().out.splitlines() if " ratio " in line)
+    # Ratios 0.9, 1.0, 0.8, 1.1: mean 0.95, sample sd 0.129, its error 0.129 / 2.
+    assert "tok/s 0.95x (0.80x..1.10x), mean 0.950x +- 0.065" in line
