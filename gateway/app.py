@@ -43,8 +43,9 @@ def _deployment(cls: type) -> Deployment:
 def model_deployment(model: ModelConfig, gateway_app: str | None = None) -> Application:
     """The deployment serving ``model``, bound to its config.
 
-    ``gateway_app`` names the application holding the metrics hub (None: the
-    model's own application, as in the single-application form).
+    ``gateway_app`` names the application holding the ingress, where an LLM
+    replica's engine metrics go (None: the model's own application, as in the
+    single-application form).
     """
     deployment = _deployment(LLMServer if model.kind == "llm" else ClassicalServer).options(
         name=deployment_name(model),
@@ -58,18 +59,23 @@ def model_deployment(model: ModelConfig, gateway_app: str | None = None) -> Appl
         logging_config={"enable_access_log": False},
     )
     if model.kind == "llm":
-        return deployment.bind(model, hub_app=gateway_app)
+        return deployment.bind(model, gateway_app=gateway_app)
     return deployment.bind(model)
 
 
 HUB_CALLS = 10_000
 
 
-def _hub() -> Application:
+def _hub(front_door: FrontDoorConfig) -> Application | None:
+    """The metrics hub the ingress replicas share (with the keys' ledger); None
+    for one ingress replica, which keeps both itself: one Ray worker fewer
+    awake beside the engines (``gateway.metrics.hub``)."""
+    if front_door.ingress.num_replicas == 1:
+        return None
     # One small replica: it only sums snapshots and writes the page. Each LLM
-    # replica holds a call open there (gateway.metrics.engine_pages), beside
-    # the ingress replicas' reports and scrapes: Serve's default of 5 calls at
-    # once would queue them behind each other.
+    # replica holds a call open there through an ingress replica
+    # (gateway.metrics.engine_pages), beside the ingress replicas' reports and
+    # scrapes: Serve's default of 5 calls at once would queue them behind each other.
     hub = _deployment(MetricsHub).options(
         name=HUB_NAME,
         num_replicas=1,
@@ -105,7 +111,7 @@ def build_app(config: GatewayConfig) -> Application:
     handles = {model.name: model_deployment(model) for model in config.models}
     front_door = config.front_door()
     ingress = _ingress(front_door, user_config=ingress_user_config(config))
-    return ingress.bind(front_door, handles, _hub())
+    return ingress.bind(front_door, handles, _hub(front_door))
 
 
 def model_app_builder(args: dict[str, Any]) -> Application:
@@ -122,7 +128,7 @@ def ingress_app_builder(args: dict[str, Any]) -> Application:
     arrive as the ingress's ``user_config`` (``gateway.deploy``).
     """
     front_door = FrontDoorConfig.model_validate(args["gateway"])
-    return _ingress(front_door).bind(front_door, None, _hub())
+    return _ingress(front_door).bind(front_door, None, _hub(front_door))
 
 
 def app_builder(args: dict[str, Any]) -> Application:

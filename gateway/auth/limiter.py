@@ -7,7 +7,9 @@ connection to it (``LimiterClient``): a reservation is one JSON line each
 way, a settlement one line out, so admission costs a loopback round trip,
 not a Serve call. A busy key costs less: its replica is leased blocks of the
 key's limits and admits from them alone (see ``LimiterClient``), and the
-ledger calls unused blocks back before it refuses anyone.
+ledger calls unused blocks back before it refuses anyone. A lone ingress
+replica (no hub is deployed then) keeps the ledger in its own process
+(``LocalLimiter``).
 
 Reservations belong to the connection that made them: when an ingress
 replica goes away unsettled reservations end there, keeping the tokens they
@@ -71,7 +73,7 @@ def decode_decision(data: dict[str, Any]) -> Decision:
 
 class LocalLimiter:
     """A ledger in this process, behind ``LimiterClient``'s methods: for a
-    gateway of one process (tests, tools)."""
+    gateway of one ingress replica (and tests, tools)."""
 
     def __init__(self, ledger: Ledger | None = None) -> None:
         self.ledger = ledger if ledger is not None else Ledger()

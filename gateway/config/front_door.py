@@ -69,7 +69,12 @@ class CorsConfig(StrictConfig):
 class IngressConfig(StrictConfig):
     """The HTTP front door (FastAPI under @serve.ingress)."""
 
-    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_replicas: int = Field(
+        1,
+        ge=1,
+        description="Ingress replicas. With more than one, a `MetricsHub` replica holds the "
+        "metrics and the keys' ledger they share; a lone one keeps both itself.",
+    )
     num_cpus: float = Field(0.25, gt=0, description="CPUs reserved for each ingress replica.")
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Requests one ingress replica handles at once."

@@ -40,7 +40,7 @@ class GatewayIngress:
             front_door, self._handle_for, self._app_for, hub=hub, source=source
         )
         self._reporter = MetricsReporter(
-            send=lambda snapshot: hub.report.remote(source, snapshot),
+            send=(lambda snapshot: hub.report.remote(source, snapshot)) if hub is not None else None,
             collect=state.metrics.snapshot,
             changed=lambda: state.metrics.version,
             after_each=state.access_log.flush,
@@ -76,6 +76,17 @@ class GatewayIngress:
                 self._front_door = FrontDoor(build_api(self._state), *address, read_timeout_s=ingress.read_timeout_s)
                 await self._front_door.start()
         freeze_in_replica()  # once, see gateway.heap_freeze: its app is built by now
+
+    # The LLM replicas' calls for their engine pages (``gateway.metrics.engine_pages``).
+
+    async def engine_asked(self, source: str, answered: int) -> int:
+        return await self._state.engine_asked(source, answered)
+
+    async def report_engine(self, source: str, text: str, answers: int) -> None:
+        await self._state.report_engine(source, text, answers)
+
+    async def engine_gone(self, source: str) -> None:
+        await self._state.engine_gone(source)
 
     async def stop(self) -> None:
         """A graceful stop (Serve's ``__del__``): with its own front door it

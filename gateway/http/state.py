@@ -16,9 +16,8 @@ from gateway.http.access_log import AccessLog
 from gateway.http.dispatch import ModelDispatcher
 from gateway.http.readiness import ServeStatuses
 from gateway.http.serving import build_table
-from gateway.metrics.families import FAMILIES
+from gateway.metrics.hub import MetricsHub
 from gateway.metrics.recorder import GatewayMetrics
-from gateway.metrics.registry import render
 from gateway.protocol.models import AliasVariant, ModelCard
 from gateway.routing.table import Alias, RouteTable
 from gateway.routing.weighted import Variant
@@ -47,10 +46,11 @@ class GatewayState:
 
     ``handle_for`` gives the DeploymentHandle of a model; ``app_for`` names
     the Serve application that holds it (for readiness); ``hub`` is the
-    ``MetricsHub`` handle (None: this replica's metrics alone), to which this
-    replica reports as ``source`` and whose ledger holds the API keys' counts
-    (None: a ledger in this process). Until ``apply`` is first called the
-    gateway serves no model.
+    handle of the ``MetricsHub`` the ingress replicas share, to which this
+    replica reports as ``source`` and whose ledger holds the API keys' counts.
+    None: the only ingress replica, which keeps both itself (``own_hub`` and
+    a ledger in this process). Until ``apply`` is first called the gateway
+    serves no model.
     """
 
     def __init__(
@@ -65,6 +65,7 @@ class GatewayState:
         self._handle_for = handle_for
         self._app_for = app_for
         self._hub = hub
+        self.own_hub = MetricsHub() if hub is None else None
         self.source = source
         self.metrics = GatewayMetrics()
         self.access_log = AccessLog(front_door.ingress.access_log, replica=source)
@@ -127,11 +128,32 @@ class GatewayState:
         )
 
     async def metrics_page(self) -> str:
-        """The whole gateway's metrics (this replica's alone when there is no hub)."""
-        if self._hub is None:
-            return render(FAMILIES, self.metrics.snapshot())
+        """The whole gateway's metrics, the LLM replicas' engine pages included."""
+        if self.own_hub is not None:
+            return await self.own_hub.render(self.source, self.metrics.snapshot())
         page: str = await self._hub.render.remote(self.source, self.metrics.snapshot())
         return page
+
+    # An LLM replica's calls for its engine page (``gateway.metrics.engine_pages``),
+    # kept here or passed to the shared hub.
+
+    async def engine_asked(self, source: str, answered: int) -> int:
+        if self.own_hub is not None:
+            return await self.own_hub.engine_asked(source, answered)
+        asked: int = await self._hub.engine_asked.remote(source, answered)
+        return asked
+
+    async def report_engine(self, source: str, text: str, answers: int) -> None:
+        if self.own_hub is not None:
+            self.own_hub.report_engine(source, text, answers)
+        else:
+            await self._hub.report_engine.remote(source, text, answers)
+
+    async def engine_gone(self, source: str) -> None:
+        if self.own_hub is not None:
+            self.own_hub.engine_gone(source)
+        else:
+            await self._hub.engine_gone.remote(source)
 
     @property
     def routes(self) -> RouteTable:

@@ -6,7 +6,8 @@ also writes every token of every stream the replica serves: rendered each
 second, that is a 7-10 ms gap in every stream each second. ``vllm serve``
 renders it only when ``/metrics`` is asked for, and so does the gateway:
 
-- each LLM replica holds one call open at the hub (``EnginePages.asked``);
+- each LLM replica holds one call open at the hub, through the ingress
+  (``EnginePages.asked``);
 - a scrape answers those calls; each replica renders its page once and
   sends it (``EnginePages.put``);
 - the scrape waits for the pages of the replicas it asked, at most
@@ -95,7 +96,8 @@ class EnginePages:
 
 async def answer_scrapes(hub: Any, source: str, render: Callable[[], str]) -> None:
     """Runs in an LLM replica while it lives: each time a scrape asks
-    (``hub``: a handle to the metrics hub), renders the page and sends it."""
+    (``hub``: a handle to the ingress, which keeps the pages or passes the
+    calls to the metrics hub), renders the page and sends it."""
     answered = 0
     while True:
         try:

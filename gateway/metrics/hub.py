@@ -1,19 +1,22 @@
 """Where the gateway's processes send their metrics, so one scrape sees them all.
 
-``MetricsHub`` is a one-replica Serve deployment in the ingress's
-application. Each ingress replica sends the cumulative snapshot of its
-families (``MetricsReporter``) at most every ``REPORT_S`` while it records,
-and at least every ``HEARTBEAT_S``. A scrape of ``/metrics`` lands on one
-ingress replica, which sends its own snapshot with the request, so its
-counts are current to the request and the others' to their last report.
-vLLM's own ``vllm:*`` pages are asked of the LLM replicas for each scrape
-(``gateway.metrics.engine_pages``).
+With several ingress replicas, ``MetricsHub`` is a one-replica Serve
+deployment in the ingress's application. Each ingress replica sends the
+cumulative snapshot of its families (``MetricsReporter``) at most every
+``REPORT_S`` while it records, and at least every ``HEARTBEAT_S``. A scrape
+of ``/metrics`` lands on one ingress replica, which sends its own snapshot
+with the request, so its counts are current to the request and the others'
+to their last report. vLLM's own ``vllm:*`` pages are asked of the LLM
+replicas for each scrape (``gateway.metrics.engine_pages``); they call the
+ingress, which passes their calls on. A lone ingress replica keeps a
+``MetricsHub`` object of its own instead, and the keys' ledger in its own
+process: no hub replica, one Ray worker fewer awake beside the engines.
 
 A process silent for ``STALE_S`` has gone: its counters and histograms stay
 (counters must never go back), its gauges leave the sum, and its vLLM
 series leave the page.
 
-Being the gateway's one shared replica, the hub also holds the API keys'
+Being the gateway's one shared replica, a deployed hub also holds the API keys'
 ledger (``gateway.auth.limiter``): it serves it on a port of its own, which
 it publishes as replica metadata when Serve asks for it.
 """
@@ -107,12 +110,13 @@ class MetricsReporter:
 
     ``changed`` returns a value that differs whenever there is news; unchanged
     collections are sent only as heartbeats. ``after_each`` runs every cycle
-    (the ingress flushes its access log there).
+    (the ingress flushes its access log there), also with no ``send`` (no
+    hub: nothing is collected).
     """
 
     def __init__(
         self,
-        send: Callable[[Any], Any],
+        send: Callable[[Any], Any] | None,
         collect: Callable[[], Any],
         changed: Callable[[], object],
         after_each: Callable[[], None] | None = None,
@@ -145,6 +149,8 @@ class MetricsReporter:
             await asyncio.sleep(self._interval_s)
             if self._after_each is not None:
                 self._after_each()
+            if self._send is None:
+                continue
             version = self._changed()
             now = time.monotonic()
             if version == last and now - sent_at < HEARTBEAT_S:

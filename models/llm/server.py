@@ -16,7 +16,8 @@ from gateway.affinity import unpin_self
 from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.heap_freeze import freeze_in_replica
 from gateway.metrics.engine_pages import answer_scrapes
-from gateway.metrics.hub import HUB_NAME, replica_source
+from gateway.deploy import INGRESS_NAME
+from gateway.metrics.hub import replica_source
 from gateway.protocol import relay
 from gateway.protocol.engine import Outcome, Reply
 from models.llm.engine import ENGINE_DEAD, EngineInfo, LLMEngine, make_engine
@@ -38,7 +39,7 @@ DEAD_GRACE_S = 0.5
 # Of a model's ``graceful_shutdown_s``: Serve's own drain loop (2 s) before
 # ``__del__``, and time for the engine to shut down before the controller kills.
 STOP_MARGIN_S = 5.0
-# How long a stopping replica tries to tell the metrics hub it goes.
+# How long a stopping replica tries to tell the gateway's metrics it goes.
 GONE_WAIT_S = 1.0
 
 
@@ -71,7 +72,7 @@ class LLMServer:
         self,
         config: LLMModelConfig,
         engine: LLMEngine | None = None,
-        hub_app: str | None = None,
+        gateway_app: str | None = None,
         relay_host: str | None = None,
         exit_process: Callable[[], None] | None = None,
     ) -> None:
@@ -102,7 +103,7 @@ class LLMServer:
             replica=replica,
         )
         self._relay_address = await self._relay.start()
-        self._scrapes = _EngineScrapes.start(self._engine, hub_app)
+        self._scrapes = _EngineScrapes.start(self._engine, gateway_app)
         self._watch = asyncio.get_running_loop().create_task(self._watch_engine(exit_process))
         freeze_in_replica()  # see gateway.heap_freeze: no full collection walks the start-up objects
         logger.info("%s ready (streams on %s:%d)", config.name, *self._relay_address[:2])
@@ -224,22 +225,24 @@ class _EngineScrapes:
     ``vllm:*``), rendered when a scrape asks (``gateway.metrics.engine_pages``),
     so ``/metrics`` shows them per replica."""
 
-    def __init__(self, hub: Any, source: str, render: Callable[[], str]) -> None:
-        self._hub = hub
+    def __init__(self, ingress: Any, source: str, render: Callable[[], str]) -> None:
+        self._ingress = ingress
         self._source = source
-        self._task = asyncio.get_running_loop().create_task(answer_scrapes(hub, source, render))
+        self._task = asyncio.get_running_loop().create_task(answer_scrapes(ingress, source, render))
 
     @classmethod
-    def start(cls, engine: LLMEngine, hub_app: str | None) -> _EngineScrapes | None:
-        """None for engines that keep no metrics."""
+    def start(cls, engine: LLMEngine, gateway_app: str | None) -> _EngineScrapes | None:
+        """None for engines that keep no metrics. The calls go to the ingress
+        (in ``gateway_app``, else this replica's application), which keeps the
+        pages or passes them to the metrics hub its replicas share."""
         if engine.metrics_text() is None:
             return None
         from ray import serve
 
-        hub = serve.get_deployment_handle(
-            HUB_NAME, hub_app or serve.get_replica_context().app_name, _check_exists=False
+        ingress = serve.get_deployment_handle(
+            INGRESS_NAME, gateway_app or serve.get_replica_context().app_name, _check_exists=False
         )
-        return cls(hub, replica_source(), lambda: engine.metrics_text() or "")
+        return cls(ingress, replica_source(), lambda: engine.metrics_text() or "")
 
     async def stop(self) -> None:
         """No scrape waits for this replica any more."""
@@ -248,8 +251,8 @@ class _EngineScrapes:
             await self._task
         try:
             await asyncio.wait_for(self._gone(), GONE_WAIT_S)
-        except Exception as exc:  # noqa: BLE001 - the hub may be stopping too; it drops silent replicas itself
-            logger.debug("metrics hub not told of the stop: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - the ingress may be stopping too; silent replicas are dropped anyway
+            logger.debug("gateway's metrics not told of the stop: %s", exc)
 
     async def _gone(self) -> None:
-        await self._hub.engine_gone.remote(self._source)
+        await self._ingress.engine_gone.remote(self._source)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from gateway.app import ingress_app_builder, model_deployment
-from gateway.config import parse_config
+from gateway.config import FrontDoorConfig, parse_config
 
 
 def test_serve_writes_no_access_log_line_of_its_own(tmp_path: Path) -> None:
@@ -21,3 +22,15 @@ def test_serve_writes_no_access_log_line_of_its_own(tmp_path: Path) -> None:
     ]
     for app in apps:
         assert app._bound_deployment.logging_config["enable_access_log"] is False
+
+
+def test_a_lone_ingress_replica_keeps_the_metrics_hub_itself_and_several_share_one() -> None:
+    # One Ray worker fewer awake beside the engines in the default
+    # deployment; several ingress replicas need the one hub (and its ledger).
+    def hub_of(replicas: int) -> Any:
+        front_door = FrontDoorConfig.model_validate({"ingress": {"num_replicas": replicas}})
+        return ingress_app_builder({"gateway": front_door.model_dump(mode="json")})._bound_deployment.init_args[2]
+
+    assert hub_of(1) is None
+    hub = hub_of(2)._bound_deployment
+    assert (hub.name, hub.num_replicas) == ("MetricsHub", 1)

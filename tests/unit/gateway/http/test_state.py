@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from gateway.auth.limiter import LimiterClient, LocalLimiter
 from gateway.config import ConfigError, FrontDoorConfig, ModelConfig
-
 from gateway.http.state import GatewayState
+from gateway.metrics import engine_pages
+from gateway.metrics.engine_pages import answer_scrapes
+from gateway.metrics.hub import MetricsHub
 from gateway.protocol.relay import RelayAddress
 
 MODELS = [
@@ -156,3 +162,73 @@ def test_ingress_stream_handoff_decides_whether_local_replicas_are_offered_strea
     relay = state.dispatcher.table.models["a"].client.relay  # type: ignore[union-attr]
     local = RelayAddress("127.0.0.1", 1, "t", "r", "llmgw-handoff-x")
     assert relay._takes_sockets(local) is handoff
+
+
+class _Remote:
+    """A deployment handle of ``target``, its calls made in this loop."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._target, name)
+
+        async def call(*args: Any) -> Any:
+            result = method(*args)
+            return await result if inspect.isawaitable(result) else result
+
+        return SimpleNamespace(remote=call)
+
+
+class _EngineReplica:
+    """An LLM replica answering scrapes through the ingress (``answer_scrapes``)."""
+
+    def __init__(self, ingress: GatewayState, name: str) -> None:
+        self.renders = 0
+        self.task = asyncio.create_task(answer_scrapes(_Remote(ingress), name, self.render))
+
+    def render(self) -> str:
+        self.renders += 1
+        return f"# TYPE vllm:renders counter\nvllm:renders_total {self.renders}\n"
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+@pytest.fixture
+def short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_pages, "HOLD_S", 0.05)
+    monkeypatch.setattr(engine_pages, "FRESH_WAIT_S", 0.3)
+
+
+async def test_a_lone_ingress_replica_keeps_the_engine_pages_and_the_ledger_itself(short_waits: None) -> None:
+    state = GatewayState(FrontDoorConfig(), NoHandle, lambda m: "x")
+    assert isinstance(state.limiter, LocalLimiter)
+    state.metrics.assigned("chat", "a")
+    replica = _EngineReplica(state, "r")
+    try:
+        await asyncio.sleep(0.1)  # its call is held, unanswered
+        page = await state.metrics_page()
+        assert replica.renders == 1
+        assert 'vllm:renders_total{replica="r"} 1' in page
+        assert 'llm_gateway_ab_assignments_total{route="chat",variant="a"} 1' in page
+    finally:
+        await replica.stop()
+    await state.engine_gone("r")  # as a stopping replica says
+    assert "vllm:" not in await asyncio.wait_for(state.metrics_page(), 0.1)
+
+
+async def test_with_a_shared_hub_the_engine_pages_reach_it_through_any_ingress_replica(short_waits: None) -> None:
+    hub = MetricsHub()
+    one, two = (GatewayState(FrontDoorConfig(), NoHandle, lambda m: "x", hub=_Remote(hub), source=s) for s in "ab")
+    assert isinstance(one.limiter, LimiterClient)
+    replica = _EngineReplica(one, "r")  # its calls land on replica a
+    try:
+        await asyncio.sleep(0.1)
+        page = await two.metrics_page()  # a scrape lands on replica b
+        assert 'vllm:renders_total{replica="r"} 1' in page
+    finally:
+        await replica.stop()
+    await one.engine_gone("r")
+    assert "vllm:" not in await asyncio.wait_for(hub.render("b", two.metrics.snapshot()), 0.1)

@@ -121,3 +121,18 @@ async def test_a_heartbeat_sends_the_last_collection_again_without_collecting(
     await asyncio.sleep(0.05)
     await reporter.stop()
     assert collected[0] == 2 and sent[-1] == "page 2"
+
+
+async def test_with_no_hub_the_reporter_only_flushes_and_collects_nothing() -> None:
+    # A lone ingress replica keeps its own hub: its access log is still
+    # flushed each cycle, and no snapshot is taken for nobody.
+    collected, flushes = [0], [0]
+
+    def collect() -> None:
+        collected[0] += 1
+
+    reporter = MetricsReporter(None, collect, lambda: 1, lambda: flushes.__setitem__(0, flushes[0] + 1), interval_s=0.01)
+    reporter.start()
+    await asyncio.sleep(0.1)
+    await reporter.stop()
+    assert collected[0] == 0 and flushes[0] >= 5
