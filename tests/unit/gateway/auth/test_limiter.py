@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.auth import ledger, limiter
 from gateway.auth.ledger import Ledger, Limits, Usage
 from gateway.auth.limiter import LimiterAddress, LimiterClient
 from gateway.auth.limiter_server import LimiterServer
@@ -20,18 +22,50 @@ def _frozen() -> Ledger:
     return Ledger(clock=lambda: 5000.01)
 
 
-async def _started() -> tuple[LimiterServer, LimiterAddress]:
-    server = LimiterServer("127.0.0.1", _frozen())
+Part = LimiterServer | LimiterClient
+
+
+@pytest.fixture
+async def parts() -> AsyncIterator[list[Part]]:
+    """What a test starts, stopped when it ends however it ends: a client
+    left open would be collected, unclosed, in whichever test runs next."""
+    started: list[Part] = []
+    yield started
+    for part in reversed(started):
+        await (part.close() if isinstance(part, LimiterClient) else part.stop())
+
+
+@pytest.fixture
+def one_second_slots(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Slots (and so leases) of a second: counting round trips must not
+    depend on the host never pausing this test for a quarter slot, which
+    would let a lease run out between two waves of requests."""
+    for module in (ledger, limiter):
+        monkeypatch.setattr(module, "SLOT_S", 1.0)
+    return 1.0
+
+
+async def _started(
+    parts: list[Part], server: LimiterServer | None = None
+) -> tuple[LimiterServer, LimiterAddress]:
+    server = server if server is not None else LimiterServer("127.0.0.1", _frozen())
+    parts.append(server)
     return server, await server.start()
+
+
+def _client(parts: list[Part], address: LimiterAddress | None) -> LimiterClient:
+    client = LimiterClient(lambda: _found(address))
+    parts.append(client)
+    return client
 
 
 async def _found(address: LimiterAddress | None) -> LimiterAddress | None:
     return address
 
 
-async def test_two_clients_share_one_ledger_without_overshoot() -> None:
-    server, address = await _started()
-    clients = [LimiterClient(lambda: _found(address)) for _ in range(2)]
+async def test_two_clients_share_one_ledger_without_overshoot(parts: list[Part]) -> None:
+    _, address = await _started(parts)
+    clients = [_client(parts, address) for _ in range(2)]
     limits = Limits(rpm=20, tpm=1000)
     rng = random.Random(3)
     wants = [rng.randint(1, 200) for _ in range(64)]
@@ -50,17 +84,13 @@ async def test_two_clients_share_one_ledger_without_overshoot() -> None:
         used += want // 2
     usage, in_flight = await _settled(clients[0], "k", limits)
     assert usage.remaining_tokens == 1000 - used and in_flight == 0
-    for client in clients:
-        await client.close()
-    await server.stop()
 
 
 async def _settled(client: LimiterClient, key: str, limits: Limits) -> tuple[Usage, int]:
     """The key's counts once every lease has come back (each lasts one slot at most)."""
     usage, in_flight = await client.usage(key, limits)
-    for _ in range(100):
-        if in_flight == 0:
-            break
+    deadline = asyncio.get_running_loop().time() + 4 * ledger.SLOT_S
+    while in_flight and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
         usage, in_flight = await client.usage(key, limits)
     return usage, in_flight
@@ -78,42 +108,44 @@ class CountingServer(LimiterServer):
         return super()._serve(message, peer)
 
 
-async def test_a_busy_key_is_admitted_from_leases_without_a_round_trip_each() -> None:
+async def test_a_busy_key_is_admitted_from_leases_without_a_round_trip_each(
+    parts: list[Part], one_second_slots: float
+) -> None:
     server = CountingServer()
-    address = await server.start()
-    client = LimiterClient(lambda: _found(address))
+    _, address = await _started(parts, server)
+    client = _client(parts, address)
     limits = Limits(rpm=100_000, tpm=10_000_000, max_concurrent=1000)
     for _ in range(10):  # ten waves of 32 concurrent requests, each ending before the next
         decisions = await asyncio.gather(*(client.reserve("k", limits, 50) for _ in range(32)))
         assert all(d.reservation is not None for d in decisions)
         for decision in decisions:
             client.settle(decision.reservation, 20)  # type: ignore[arg-type]
-    assert server.reserves < 320 / 3  # the first two waves, and one when a lease runs out of time
+    # About 90: the first wave, the one that finds the first lease spent before its successor
+    # arrives, a few more; a pause of the host past a lease's end costs one wave more.
+    assert server.reserves < 320 / 2
     usage, in_flight = await _settled(client, "k", limits)
     # What went unused in the leases came back; tokens are what was used.
     assert in_flight == 0
     assert usage.remaining_requests == 100_000 - 320
     assert usage.remaining_tokens == 10_000_000 - 320 * 20
-    await client.close()
-    await server.stop()
 
 
-async def test_a_key_without_a_token_limit_keeps_its_lease_whatever_its_requests_used() -> None:
+async def test_a_key_without_a_token_limit_keeps_its_lease_whatever_its_requests_used(
+    parts: list[Part], one_second_slots: float
+) -> None:
     server = CountingServer()
-    address = await server.start()
-    client = LimiterClient(lambda: _found(address))
+    _, address = await _started(parts, server)
+    client = _client(parts, address)
     limits = Limits(rpm=100_000, max_concurrent=10)
     for _ in range(200):  # one at a time, each reporting the tokens it used
         decision = await client.reserve("k", limits, 0)
         client.settle(decision.reservation, 9)  # type: ignore[arg-type]
     assert server.reserves < 20  # the first, while leases grow to what the key asks
-    await client.close()
-    await server.stop()
 
 
-async def test_leases_never_let_two_replicas_pass_a_limit_or_refuse_under_it() -> None:
-    server, address = await _started()
-    clients = [LimiterClient(lambda: _found(address)) for _ in range(2)]
+async def test_leases_never_let_two_replicas_pass_a_limit_or_refuse_under_it(parts: list[Part]) -> None:
+    _, address = await _started(parts)
+    clients = [_client(parts, address) for _ in range(2)]
     limits = Limits(rpm=300, tpm=30_000, max_concurrent=40)
     rng = random.Random(5)
     admitted, held = 0, []
@@ -138,14 +170,13 @@ async def test_leases_never_let_two_replicas_pass_a_limit_or_refuse_under_it() -
         client.settle(ticket, want)
     usage, in_flight = await _settled(clients[0], "k", limits)
     assert in_flight == 0 and usage.remaining_requests == 300 - admitted
-    for client in clients:
-        await client.close()
-    await server.stop()
 
 
-async def test_a_request_waiting_on_anothers_lease_is_admitted_once_it_comes_back() -> None:
-    server, address = await _started()
-    busy, other = LimiterClient(lambda: _found(address)), LimiterClient(lambda: _found(address))
+async def test_a_request_waiting_on_anothers_lease_is_admitted_once_it_comes_back(
+    parts: list[Part], one_second_slots: float
+) -> None:
+    _, address = await _started(parts)
+    busy, other = _client(parts, address), _client(parts, address)
     limits = Limits(rpm=20)
     first = await asyncio.gather(*(busy.reserve("k", limits, 0) for _ in range(4)))
     assert all(d.reservation is not None for d in first)
@@ -155,14 +186,11 @@ async def test_a_request_waiting_on_anothers_lease_is_admitted_once_it_comes_bac
     # The lease was called back: every request up to the limit was admitted.
     assert all(d.reservation is not None for d in more)
     assert (await other.reserve("k", limits, 0)).refusal is not None
-    for client in (busy, other):
-        await client.close()
-    await server.stop()
 
 
-async def test_a_client_that_goes_away_releases_its_places_and_keeps_its_tokens() -> None:
-    server, address = await _started()
-    leaving, staying = LimiterClient(lambda: _found(address)), LimiterClient(lambda: _found(address))
+async def test_a_client_that_goes_away_releases_its_places_and_keeps_its_tokens(parts: list[Part]) -> None:
+    _, address = await _started(parts)
+    leaving, staying = _client(parts, address), _client(parts, address)
     limits = Limits(tpm=100, max_concurrent=1)
     assert (await leaving.reserve("k", limits, 40)).reservation is not None
     assert (await staying.reserve("k", limits, 10)).refusal is not None  # the one place is taken
@@ -174,24 +202,20 @@ async def test_a_client_that_goes_away_releases_its_places_and_keeps_its_tokens(
         await asyncio.sleep(0.01)
     assert in_flight == 0 and usage.remaining_tokens == 60
     assert (await staying.reserve("k", limits, 10)).reservation is not None
-    await staying.close()
-    await server.stop()
 
 
-async def test_an_unreachable_limiter_answers_503() -> None:
-    client = LimiterClient(lambda: _found(None))
+async def test_an_unreachable_limiter_answers_503(parts: list[Part]) -> None:
+    client = _client(parts, None)
     with pytest.raises(ServiceUnavailableError):
         await client.reserve("k", Limits(rpm=1), 0)
 
 
-async def test_a_wrong_token_gets_nothing() -> None:
-    server, address = await _started()
+async def test_a_wrong_token_gets_nothing(parts: list[Part]) -> None:
+    _, address = await _started(parts)
     reader, writer = await asyncio.open_connection(address.host, address.port)
     writer.write(b'{"token": "guess"}\n{"op": "usage", "id": 1, "key": "k", "limits": [1, null, null]}\n')
     assert await asyncio.wait_for(reader.read(), 2) == b""
     writer.close()
-    ok = LimiterClient(lambda: _found(address))
+    ok = _client(parts, address)
     assert (await ok.usage("k", Limits(rpm=1)))[0].remaining_requests == 1
-    await ok.close()
-    await server.stop()
     json.dumps(address._asdict())  # the address travels as replica metadata
