@@ -87,7 +87,8 @@ async def test_a_scrape_waits_only_so_long_for_a_replica_that_does_not_answer() 
     assert engine_pages.FRESH_WAIT_S <= time.monotonic() - started < 2
 
 
-async def test_a_stopped_or_silent_replica_leaves_and_is_not_waited_for() -> None:
+async def test_a_stopped_or_silent_replica_leaves_and_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_pages, "FRESH_WAIT_S", 5.0)  # a wait, were there one, stands out of any host's pause
     pages = EnginePages(stale_s=0.1)
     pages.put("stopped", "page", 0)
     pages.put("silent", "page", 0)
@@ -95,7 +96,7 @@ async def test_a_stopped_or_silent_replica_leaves_and_is_not_waited_for() -> Non
     await asyncio.sleep(0.15)
     started = time.monotonic()
     assert await pages.fresh() == {}
-    assert time.monotonic() - started < 0.05
+    assert time.monotonic() - started < 1
 
 
 async def test_a_replica_that_answered_a_later_scrape_than_the_hub_knows_is_asked_at_once() -> None:
