@@ -23,11 +23,11 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway.auth.ledger import SLOT_S, Decision, Ledger, Limits, Refusal, Usage
+from gateway.auth.lease import Demand, Lease
+from gateway.auth.ledger import Decision, Ledger, Limits, Refusal, Usage
 from gateway.errors import ServiceUnavailableError
 from gateway.protocol.relay import RelayAddress
 
@@ -38,8 +38,6 @@ CONNECT_TIMEOUT_S = 2.0
 READ_BYTES = 256 * 1024
 REPLY_TIMEOUT_S = 2.0
 RECALL_WAIT_S = 0.5  # longest a request waits for other replicas' leases to come back
-LEASE_AFTER = 2  # a key admitted this often in one slot on a replica gets leases there
-MAX_LEASE = 1024  # requests in one lease, at most
 UNAVAILABLE = "Rate limits cannot be checked right now; please retry shortly."
 
 
@@ -91,74 +89,17 @@ class LocalLimiter:
         pass
 
 
-@dataclass
-class _Lease:
-    """A block of the ledger this replica admits from on its own until ``deadline``."""
-
-    reservation: int
-    deadline: float  # loop time
-    requests: int
-    tokens: int
-    places: int
-    usage: Usage  # the key's counts when it was granted, the block counted as used
-    metered: bool = True  # whether the key has a token limit (else tokens are not counted here)
-    in_flight: int = 0
-    open: bool = True
-    timer: asyncio.TimerHandle | None = None
-    granted: int = 0
-
-    def fits(self, tokens: int, now: float) -> bool:
-        return self.open and now < self.deadline and self.requests >= 1 and self.places >= 1 and self.tokens >= tokens
-
-    def running_low(self, tokens: int, now: float) -> bool:
-        """A quarter or less left of its requests, tokens or time, or no place left."""
-        low = self.granted // 4
-        return (self.requests <= low or self.places < 1 or self.tokens < tokens * max(1, low)
-                or now > self.deadline - SLOT_S / 4)
-
-    def remaining(self) -> Usage:
-        """The key's counts as this replica knows them: what was left when
-        the block was granted, plus what is left of the block."""
-        usage = self.usage
-        return Usage(
-            usage.limit_requests, usage.remaining_requests + self.requests, usage.reset_requests_s,
-            usage.limit_tokens, usage.remaining_tokens + max(0, self.tokens), usage.reset_tokens_s,
-        )
-
-
-@dataclass
-class _Demand:
-    """How much one key asks of this replica: admissions in this slot and the last."""
-
-    lease: _Lease | None = None
-    asking: dict[str, Any] | None = None  # the reservation that asks for a lease
-    slot: int = -1
-    count: int = 0
-    last: int = 0
-    tokens: int = 0  # the most tokens one request reserved, this slot
-
-    def note(self, now: float, tokens: int) -> None:
-        slot = int(now / SLOT_S)
-        if slot != self.slot:
-            self.last = self.count if slot == self.slot + 1 else 0
-            self.slot, self.count, self.tokens = slot, 0, 0
-        self.count += 1
-        self.tokens = max(self.tokens, tokens)
-
-    def want(self) -> int:
-        """Requests to ask a lease for: twice the recent rate (none when low)."""
-        recent = max(self.count, self.last)
-        return min(MAX_LEASE, 2 * recent) if recent >= LEASE_AFTER else 0
-
-
 class LimiterClient:
     """One ingress replica's connection to the shared ledger.
 
     A key that this replica admits often gets leases (blocks of requests,
     tokens and places booked in the ledger for one slot), and admits from
     them without a round trip; the rest of the block goes back when the
-    slot ends or the ledger recalls it. Otherwise each request is one
-    reservation (what one event-loop turn asks leaves in one write).
+    slot ends or the ledger recalls it. While a lease is being asked for,
+    the key's further requests wait for it (one round trip, as their own
+    would be) and go to the ledger only if it does not fit them. Otherwise
+    each request is one reservation (what one event-loop turn asks leaves
+    in one write).
 
     ``find`` returns the server's address (Serve replica metadata). Calls
     raise ``ServiceUnavailableError`` (503) when the ledger cannot be
@@ -173,9 +114,9 @@ class LimiterClient:
         self._ids = itertools.count(1)
         self._connecting = asyncio.Lock()
         self._outbox: list[dict[str, Any]] = []
-        self._demand: dict[str, _Demand] = {}
+        self._demand: dict[str, Demand] = {}
         # Admitted requests: the ledger's reservation, or the lease and the tokens taken from it.
-        self._tickets: dict[int, int | tuple[_Lease, int]] = {}
+        self._tickets: dict[int, int | tuple[Lease, int]] = {}
         self._tickets_ids = itertools.count(1)
         self._renewing: set[asyncio.Task[None]] = set()
         self._releases: dict[int, dict[str, Any]] = {}  # per lease, the release not yet sent
@@ -183,37 +124,30 @@ class LimiterClient:
     async def reserve(self, key: str, limits: Limits, tokens: int) -> Decision:
         demand = self._demand.get(key)
         if demand is None:
-            demand = self._demand[key] = _Demand()
+            demand = self._demand[key] = Demand()
         now = asyncio.get_running_loop().time()
         demand.note(now, tokens)
-        lease = demand.lease
-        if lease is not None:
-            if lease.fits(tokens, now):
-                lease.requests -= 1
-                lease.places -= 1
-                lease.tokens -= tokens
-                lease.in_flight += 1
-                if demand.asking is None and lease.running_low(tokens, now):
-                    self._renew(key, limits, demand, now)
-                return Decision(self._ticket((lease, tokens)), lease.remaining())
-            self._close(key, lease)  # what is left of it goes back before this request is decided
+        admitted = self._from_lease(key, limits, demand, tokens, now)
+        if admitted is not None:
+            return admitted
+        want = demand.want()
+        asking, answered = demand.asking, demand.answered
+        if asking is not None and answered is not None:
+            # A lease is on its way: this request waits for it rather than
+            # making a round trip of its own (a busy key whose lease ran out
+            # while its successor was asked for would send a whole wave).
+            if self._unsent(asking):
+                asking["lease"] = [want, want * demand.tokens]  # not sent yet: ask for this one's share too
+            await asyncio.wait({answered}, timeout=CONNECT_TIMEOUT_S + REPLY_TIMEOUT_S)
+            now = asyncio.get_running_loop().time()
+            admitted = self._from_lease(key, limits, demand, tokens, now)
+            if admitted is not None:
+                return admitted
         message: dict[str, Any] = {"op": "reserve", "key": key, "limits": list(limits.__dict__.values()),
                                    "tokens": tokens}
-        want = demand.want()
-        asking = demand.asking
-        if asking is not None and any(m is asking for m in self._outbox):
-            asking["lease"] = [want, want * demand.tokens]  # not sent yet: ask for this one's share too
-        elif want and asking is None:
+        if want and demand.asking is None:
             message["lease"] = [want, want * demand.tokens]
-            demand.asking = message
-        try:
-            reply = await self._ask(message)
-        finally:
-            if demand.asking is message:
-                demand.asking = None
-        granted = reply.get("lease")
-        if granted is not None:
-            self._open(key, demand, granted, now, reply["_via"])
+        reply = await self._ask_for_lease(key, demand, message, now)
         decision = decode_decision(reply)
         if decision.reservation is None:
             return decision
@@ -243,7 +177,7 @@ class LimiterClient:
         else:
             self._release(lease, 0, back, 1, closed=False)
 
-    def _renew(self, key: str, limits: Limits, demand: _Demand, now: float) -> None:
+    def _renew(self, key: str, limits: Limits, demand: Demand, now: float) -> None:
         """Asks for the next lease while the current one still admits, so a
         busy key does not fall back to a round trip per request meanwhile."""
         want = demand.want()
@@ -251,29 +185,69 @@ class LimiterClient:
             return
         message: dict[str, Any] = {"op": "lease", "key": key, "limits": list(limits.__dict__.values()),
                                    "lease": [want, want * demand.tokens]}
-        demand.asking = message
+        asked = self._ask_for_lease(key, demand, message, now)  # from now on the key's requests wait for it
 
         async def renew() -> None:
-            try:
-                reply = await self._ask(message)
-            except ServiceUnavailableError:
-                return
-            finally:
-                if demand.asking is message:
-                    demand.asking = None
-            if reply.get("lease") is not None:
-                self._open(key, demand, reply["lease"], now, reply["_via"])
+            with contextlib.suppress(ServiceUnavailableError):
+                await asked
 
         task = asyncio.get_running_loop().create_task(renew())
         self._renewing.add(task)
         task.add_done_callback(self._renewing.discard)
 
-    def _ticket(self, held: int | tuple[_Lease, int]) -> int:
+    def _from_lease(self, key: str, limits: Limits, demand: Demand, tokens: int, now: float) -> Decision | None:
+        """Admits the request from the key's lease when it fits (asking for
+        the next one when this one runs low); else gives back what is left
+        of the lease, before the request is decided elsewhere, and says None."""
+        lease = demand.lease
+        if lease is None:
+            return None
+        if not lease.fits(tokens, now):
+            self._close(key, lease)
+            return None
+        lease.requests -= 1
+        lease.places -= 1
+        lease.tokens -= tokens
+        lease.in_flight += 1
+        if demand.asking is None and lease.running_low(tokens, now):
+            self._renew(key, limits, demand, now)
+        return Decision(self._ticket((lease, tokens)), lease.remaining())
+
+    def _ask_for_lease(
+        self, key: str, demand: Demand, message: dict[str, Any], sent: float
+    ) -> Awaitable[dict[str, Any]]:
+        """Sends ``message``; when it asks for a lease, the key's requests
+        wait for its reply from now on (``Demand.answered``), which opens the
+        lease granted."""
+        if "lease" not in message:
+            return self._ask(message)
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        demand.asking, demand.answered = message, answered
+        return self._leased(key, demand, message, sent, answered)
+
+    async def _leased(
+        self, key: str, demand: Demand, message: dict[str, Any], sent: float, answered: asyncio.Future[None]
+    ) -> dict[str, Any]:
+        try:
+            reply = await self._ask(message)
+            if reply.get("lease") is not None:
+                self._open(key, demand, reply["lease"], sent, reply["_via"])
+            return reply
+        finally:
+            if demand.asking is message:
+                demand.asking = demand.answered = None
+            answered.set_result(None)
+
+    def _unsent(self, message: dict[str, Any]) -> bool:
+        """Whether ``message`` has yet to leave (it gets its id once connected, then waits in the outbox)."""
+        return "id" not in message or any(m is message for m in self._outbox)
+
+    def _ticket(self, held: int | tuple[Lease, int]) -> int:
         ticket = next(self._tickets_ids)
         self._tickets[ticket] = held
         return ticket
 
-    def _open(self, key: str, demand: _Demand, granted: list[Any], sent: float, via: Any) -> None:
+    def _open(self, key: str, demand: Demand, granted: list[Any], sent: float, via: Any) -> None:
         """Starts admitting from a granted lease: until its slot ends, as
         measured from when it was asked for (never later than the ledger's)."""
         reservation, requests, tokens, places, valid_s, usage = granted
@@ -283,12 +257,12 @@ class LimiterClient:
         if demand.lease is not None:
             self._close(key, demand.lease)
         granted_usage = Usage(*usage)
-        lease = _Lease(reservation, sent + valid_s, requests, tokens, places, granted_usage,
+        lease = Lease(reservation, sent + valid_s, requests, tokens, places, granted_usage,
                        metered=granted_usage.limit_tokens is not None, granted=requests)
         demand.lease = lease
         lease.timer = asyncio.get_running_loop().call_at(lease.deadline, self._close, key, lease)
 
-    def _close(self, key: str, lease: _Lease, send: bool = True) -> None:
+    def _close(self, key: str, lease: Lease, send: bool = True) -> None:
         """Stops admitting from ``lease`` and gives back what it did not use."""
         if not lease.open:
             return
@@ -302,7 +276,7 @@ class LimiterClient:
             self._release(lease, lease.requests, lease.tokens, lease.places, closed=True)
         lease.requests = lease.tokens = lease.places = 0
 
-    def _release(self, lease: _Lease, requests: int, tokens: int, places: int, closed: bool) -> None:
+    def _release(self, lease: Lease, requests: int, tokens: int, places: int, closed: bool) -> None:
         """Gives back part of ``lease``; what one turn of the event loop gives
         back of one lease leaves as one message."""
         message = self._releases.get(lease.reservation)

@@ -40,8 +40,7 @@ def one_second_slots(monkeypatch: pytest.MonkeyPatch) -> float:
     """Slots (and so leases) of a second: counting round trips must not
     depend on the host never pausing this test for a quarter slot, which
     would let a lease run out between two waves of requests."""
-    for module in (ledger, limiter):
-        monkeypatch.setattr(module, "SLOT_S", 1.0)
+    monkeypatch.setattr(ledger, "SLOT_S", 1.0)  # leases read it there too
     return 1.0
 
 
@@ -115,19 +114,48 @@ async def test_a_busy_key_is_admitted_from_leases_without_a_round_trip_each(
     _, address = await _started(parts, server)
     client = _client(parts, address)
     limits = Limits(rpm=100_000, tpm=10_000_000, max_concurrent=1000)
-    for _ in range(10):  # ten waves of 32 concurrent requests, each ending before the next
+    for wave in range(10):  # ten waves of 32 concurrent requests, each ending before the next
         decisions = await asyncio.gather(*(client.reserve("k", limits, 50) for _ in range(32)))
         assert all(d.reservation is not None for d in decisions)
+        if wave == 0:  # the first request alone, the second with a lease asked for, which the rest wait for
+            assert server.reserves == 2
         for decision in decisions:
             client.settle(decision.reservation, 20)  # type: ignore[arg-type]
-    # About 90: the first wave, the one that finds the first lease spent before its successor
-    # arrives, a few more; a pause of the host past a lease's end costs one wave more.
-    assert server.reserves < 320 / 2
+    # Then each lease is asked for while the last still admits, and requests that find it spent
+    # wait for the next. A pause of the host past a lease's end costs one reservation more.
+    assert server.reserves <= 10
     usage, in_flight = await _settled(client, "k", limits)
     # What went unused in the leases came back; tokens are what was used.
     assert in_flight == 0
     assert usage.remaining_requests == 100_000 - 320
     assert usage.remaining_tokens == 10_000_000 - 320 * 20
+
+
+class WithholdingServer(LimiterServer):
+    """Answers nothing that asks for a lease, and says when something did."""
+
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1", _frozen())
+        self.asked = asyncio.Event()
+
+    def _serve(self, message, peer):  # type: ignore[no-untyped-def]
+        if "lease" in message:
+            self.asked.set()
+            return None
+        return super()._serve(message, peer)
+
+
+async def test_requests_waiting_for_a_lease_get_503_at_once_when_the_ledger_goes_away(parts: list[Part]) -> None:
+    server = WithholdingServer()
+    _, address = await _started(parts, server)
+    client = _client(parts, address)
+    wave = asyncio.gather(*(client.reserve("k", Limits(rpm=1000), 0) for _ in range(8)), return_exceptions=True)
+    await asyncio.wait_for(server.asked.wait(), 2)
+    await server.stop()
+    # Well before the reply timeout: the waiting requests learn the ledger is gone with the one that asked.
+    outcomes = await asyncio.wait_for(wave, limiter.REPLY_TIMEOUT_S / 2)
+    assert outcomes[0].reservation is not None  # type: ignore[union-attr]  # decided before the ledger went
+    assert all(isinstance(outcome, ServiceUnavailableError) for outcome in outcomes[1:])
 
 
 async def test_a_key_without_a_token_limit_keeps_its_lease_whatever_its_requests_used(
