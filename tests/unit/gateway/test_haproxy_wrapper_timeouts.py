@@ -1,4 +1,4 @@
-"""gateway/local_cluster.py: HAProxy's timeouts, as the wrapper sets them,
+"""gateway/haproxy_wrapper.py: HAProxy's timeouts, as the wrapper sets them,
 against the real HAProxy: slow and silent clients are dropped, clients
 waiting for their answer are not."""
 
@@ -10,8 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from gateway import haproxy_wrapper as wrapping
 from gateway import local_cluster
-from tests.unit.gateway.test_local_cluster import ray_like_config
+from tests.unit.gateway.test_haproxy_wrapper import ray_like_config
 
 
 # How long the stream to a client that reads nothing lasted (``_backend``).
@@ -86,7 +87,7 @@ async def test_haproxy_drops_a_client_silent_past_twice_the_read_timeout_but_not
     server = await asyncio.start_server(_backend, "127.0.0.1", 0)
     back = server.sockets[0].getsockname()[1]
     front = local_cluster.free_port()
-    wrapper = local_cluster.haproxy_wrapper(tmp_path, read_timeout_s=0.5)
+    wrapper = wrapping.haproxy_wrapper(tmp_path, read_timeout_s=0.5)
     config = tmp_path / "haproxy.cfg"
     config.write_text(ray_like_config(front, back))
     haproxy = subprocess.Popen([str(wrapper), "-db", "-f", str(config)], stderr=subprocess.DEVNULL)
