@@ -17,7 +17,8 @@ from gateway.http.relay_stream import StreamCutError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest
 from models.llm.relay import StreamServer
-from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, until
+from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router
+from tests.unit.gateway.http.test_relay_connection import until
 from tests.unit.gateway.http.test_relay_response import Written, _unchunk, frames_server
 from tests.unit.models.llm.test_handoff import client_pair, readable_eof
 

@@ -21,7 +21,8 @@ from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from models.llm.handoff import ClientSocket
 from models.llm.relay import StreamServer
-from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, closed_port, until
+from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, closed_port
+from tests.unit.gateway.http.test_relay_connection import until
 
 
 def frames_server(
