@@ -193,15 +193,23 @@ async def held_stream(release: asyncio.Event, served: list[int], tag: int) -> An
 
 
 async def test_streams_go_to_the_replica_with_fewest_open() -> None:
-    release, served = asyncio.Event(), []
-    first = await serve(await held_stream(release, served, 1))
-    second = await serve(await held_stream(release, served, 2))
+    releases, served = (asyncio.Event(), asyncio.Event()), []
+    first = await serve(await held_stream(releases[0], served, 1))
+    second = await serve(await held_stream(releases[1], served, 2))
     streams = ReplicaRelay(Router(first, second))
-    opened = [await streams.open(CALL) for _ in range(6)]
-    assert sorted(served) == [1, 1, 1, 2, 2, 2]
-    release.set()
-    for stream in opened:
+    opened = [await streams.open(CALL) for _ in range(4)]
+    assert sorted(served) == [1, 1, 2, 2]
+    releases[0].set()  # the first replica's streams end; the second's stay open
+    ended = [stream for stream, tag in zip(opened, served) if tag == 1]
+    for stream in ended:
         assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+    # Uneven load: both new streams go to the idle replica (turn by turn would send one to each).
+    opened += [await streams.open(CALL) for _ in range(2)]
+    assert served[4:] == [1, 1]
+    releases[1].set()
+    for stream in opened:
+        if stream not in ended:
+            assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
 
 
 async def test_a_replica_holds_streams_to_its_limits_and_refuses_beyond_its_queue() -> None:
