@@ -105,6 +105,12 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
             "`stream_max_hold_ms` was removed: streams no longer cross Serve handles",
             id="removed-stream-hold",
         ),
+        pytest.param(
+            _config(stream_messages_per_s=20),
+            "models.0",
+            "`stream_messages_per_s` was removed: streams no longer cross Serve handles",
+            id="removed-stream-pacing",
+        ),
         # Each engine takes its own settings: another engine's is refused, not ignored.
         pytest.param(
             _config(max_batch_size=8),

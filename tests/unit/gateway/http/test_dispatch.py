@@ -467,9 +467,10 @@ async def test_shadow_gets_a_copy_and_the_client_gets_the_primary_answer() -> No
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(stream: bool) -> None:
-    gaps = (1,) + (0,) * len(ITL_BUCKETS)  # one token 2 ms after the one before
-    outcome = Outcome(prompt_tokens=3, completion_tokens=2, first_token_s=0.01,
-                      inter_token_counts=gaps, inter_token_sum_s=0.002)
+    # Three gaps between four tokens, bucketed by the replica: two in the third bucket, one past the last.
+    gaps = (0, 0, 2) + (0,) * (len(ITL_BUCKETS) - 3) + (1,)
+    outcome = Outcome(prompt_tokens=3, completion_tokens=4, first_token_s=0.01,
+                      inter_token_counts=gaps, inter_token_sum_s=90.08)  # 2 x 40 ms + 90 s
     handle = FakeHandle(unary=Reply(b"{}", outcome), stream=[b"data: {}\n\n", sse.DONE, outcome])
     app = make_app(handles={"a": handle}, alias=Alias([Variant("a", 1)]))
     response = await post(app, {"model": "r", "messages": [], "stream": stream})
@@ -478,9 +479,9 @@ async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(
         assert response.content == b"data: {}\n\n" + sse.DONE
     snapshot = app.state.metrics.snapshot()
     assert snapshot["llm_gateway_ab_assignments_total"] == {("r", "a"): 1}
-    assert snapshot["llm_gateway_tokens_total"] == {("r", "a", "prompt", ""): 3, ("r", "a", "completion", ""): 2}
+    assert snapshot["llm_gateway_tokens_total"] == {("r", "a", "prompt", ""): 3, ("r", "a", "completion", ""): 4}
     assert snapshot["llm_gateway_time_to_first_token_seconds"][("r", "a")][1] == pytest.approx(0.01)
-    assert sum(snapshot["llm_gateway_inter_token_latency_seconds"][("r", "a")][0]) == 1
+    assert snapshot["llm_gateway_inter_token_latency_seconds"][("r", "a")] == (list(gaps), pytest.approx(90.08))
     assert snapshot["llm_gateway_requests_total"] == {("/chat", "r", "a", "200", ""): 1}
 
 
