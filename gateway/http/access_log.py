@@ -59,6 +59,8 @@ class AccessLog:
             "duration_ms": round(duration_s * 1000, 3),
             "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3),
         }
+        if record.stream:  # written by the model replica itself (handed the client's socket), or relayed
+            line["handoff"] = record.handed_over
         if record.outcome is not None and (
             record.outcome.prompt_tokens or record.outcome.completion_tokens
         ):  # classifiers count no tokens

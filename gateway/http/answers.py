@@ -95,6 +95,7 @@ class Answers:
             error = timed_out(timeout)
         finally:
             stream.close()  # at once, even where the client's hang-up left this unfinished
+            record.handed_over = stream.handed_off
         if error is not None:
             record.error, record.late_status = error.code, error.status_code
             await stream.released()  # a replica handed the client's socket writes no more

@@ -36,6 +36,7 @@ class RequestRecord:
     variant: str = ""
     model_wait_s: float = 0.0
     stream: bool = False
+    handed_over: bool = False  # a stream the model replica wrote to the client's socket itself
     outcome: Outcome | None = None
     error: str | None = None
     key: str = ""  # the API key's id

@@ -241,6 +241,8 @@ def test_request_ids_are_kept_or_made_and_logged(gateway: Gateway, http: httpx.C
     for line in lines:
         assert (line["route"], line["model"], line["variant"], line["status"]) == (CHAT, "echo", "echo", 200)
         assert line["stream"] is stream and line["completion_tokens"] == 2 and line["duration_ms"] > 0
+        # The default front door on one host hands each chat stream's socket to the model replica.
+        assert line.get("handoff") is (True if stream else None)
     assert SECRET not in ACCESS_LOG.read_text()
 
 

@@ -75,6 +75,7 @@ def test_sdk_stream_helper_and_the_access_log_count_the_tokens(client: openai.Op
         time.sleep(0.25)  # each ingress replica writes its line once the stream has ended
     assert line is not None, "the request has an access-log line"
     assert (line["status"], line["model"], line["stream"]) == (200, VLLM_MODEL, True)
+    assert line["handoff"] is False  # Responses API streams are relayed by the ingress
     assert (line["prompt_tokens"], line["completion_tokens"]) == (final.usage.input_tokens, final.usage.output_tokens)
 
 
