@@ -53,6 +53,15 @@ def test_chat_answers_and_counts_usage(client: openai.OpenAI, model: str, stream
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_a_stream_carries_usage_only_when_asked(client: openai.OpenAI, model: str) -> None:
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=5, stream=True))
+    assert chunks
+    # No usage anywhere, and no usage-only chunk (empty choices) a client did not ask for.
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
+    assert {chunk.model for chunk in chunks} == {model}
+
+
 @pytest.mark.parametrize("budget", ["max_tokens", "max_completion_tokens"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_output_budget_is_honoured_exactly(client: openai.OpenAI, stream: bool, budget: str) -> None:
