@@ -1,0 +1,120 @@
+"""gateway/http/dispatch.py: aliases (fallback, shadow, counting under alias and variant) and live tables."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from httpx import ASGITransport, AsyncClient
+
+from gateway import sse
+from gateway.errors import InternalServerError, InvalidRequestError, OverloadedError
+from gateway.http.dispatch import ModelDispatcher
+from gateway.http.serving import LLMClient, ServedModel, ServingTable
+from gateway.metrics.families import ITL_BUCKETS
+from gateway.protocol.engine import Outcome, Reply
+from gateway.routing.table import Alias
+from gateway.routing.weighted import Variant
+from tests.unit.gateway.http.test_dispatch import FakeHandle, make_app, post
+
+
+def make_routed_app(handles: dict[str, FakeHandle], alias: Any) -> FastAPI:
+    return make_app(handles=handles, alias=alias)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_fallback_serves_from_the_next_variant_when_the_first_is_down(stream: bool) -> None:
+    down = OverloadedError("full")
+    first = FakeHandle(unary=down, stream=[down])
+    second = FakeHandle(unary=b'{"served":"b"}', stream=[sse.frame({"served": "b"}) + sse.DONE])
+    alias = Alias([Variant("a", 100), Variant("b", 1)], fallback=True)
+    app = make_routed_app({"a": first, "b": second}, alias)
+    response = await post(app, {"model": "r", "stream": stream})
+    assert response.status_code == 200
+    assert response.headers["x-gateway-variant"] == "b"
+    assert second.calls[0].body["model"] == "b"
+
+
+async def test_fallback_ends_once_the_first_byte_is_out() -> None:
+    # The client already has the first variant's text: a second answer would be spliced onto it.
+    first = FakeHandle(stream=[sse.frame({"served": "a"}), InternalServerError("engine died")])
+    second = FakeHandle(stream=[sse.frame({"served": "b"}) + sse.DONE])
+    app = make_routed_app({"a": first, "b": second}, Alias([Variant("a", 100), Variant("b", 1)], fallback=True))
+    response = await post(app, {"model": "r", "stream": True})
+    assert response.status_code == 200 and response.headers["x-gateway-variant"] == "a"
+    payloads = sse.parse(response.content)
+    assert payloads[0] == {"served": "a"} and payloads[1]["error"]["code"] == "internal_error" and payloads[2] is None
+    assert second.calls == []
+
+
+async def test_fallback_never_retries_a_client_mistake() -> None:
+    first = FakeHandle(unary=InvalidRequestError("bad field", param="x"))
+    second = FakeHandle()
+    app = make_routed_app({"a": first, "b": second}, Alias([Variant("a", 100), Variant("b", 1)], fallback=True))
+    response = await post(app, {"model": "r"})
+    assert response.status_code == 400
+    assert response.headers["x-gateway-variant"] == "a"
+    assert second.calls == []
+
+
+async def test_without_fallback_the_failure_reaches_the_client() -> None:
+    first = FakeHandle(unary=OverloadedError("full"))
+    second = FakeHandle()
+    app = make_routed_app({"a": first, "b": second}, Alias([Variant("a", 100), Variant("b", 1)]))
+    response = await post(app, {"model": "r"})
+    assert response.status_code == 503
+    assert second.calls == []
+
+
+async def test_shadow_gets_a_copy_and_the_client_gets_the_primary_answer() -> None:
+    primary = FakeHandle(unary=b'{"from":"primary"}')
+    shadow = FakeHandle(unary=b'{"from":"shadow"}', delay=2.0)
+    alias = Alias([Variant("a", 1)], shadow="s", shadow_percent=100)
+    app = make_routed_app({"a": primary, "s": shadow}, alias)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await post(app, {"model": "r", "messages": []})
+    # Not held up by the shadow: answered well before the shadow's 2 s are over.
+    assert loop.time() - started < 1.0
+    assert response.json() == {"from": "primary"}
+    assert shadow.calls[0].body == {"model": "s", "messages": []}
+    assert shadow.calls[0].request_id.endswith("-shadow")
+    await asyncio.sleep(max(0.0, started + 2.2 - loop.time()))  # the shadow call ends within the test
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(stream: bool) -> None:
+    # Three gaps between four tokens, bucketed by the replica: two in the third bucket, one past the last.
+    gaps = (0, 0, 2) + (0,) * (len(ITL_BUCKETS) - 3) + (1,)
+    outcome = Outcome(prompt_tokens=3, completion_tokens=4, first_token_s=0.01,
+                      inter_token_counts=gaps, inter_token_sum_s=90.08)  # 2 x 40 ms + 90 s
+    handle = FakeHandle(unary=Reply(b"{}", outcome), stream=[b"data: {}\n\n", sse.DONE, outcome])
+    app = make_app(handles={"a": handle}, alias=Alias([Variant("a", 1)]))
+    response = await post(app, {"model": "r", "messages": [], "stream": stream})
+    assert response.status_code == 200
+    if stream:
+        assert response.content == b"data: {}\n\n" + sse.DONE
+    snapshot = app.state.metrics.snapshot()
+    assert snapshot["llm_gateway_ab_assignments_total"] == {("r", "a"): 1}
+    assert snapshot["llm_gateway_tokens_total"] == {("r", "a", "prompt", ""): 3, ("r", "a", "completion", ""): 4}
+    assert snapshot["llm_gateway_time_to_first_token_seconds"][("r", "a")][1] == pytest.approx(0.01)
+    assert snapshot["llm_gateway_inter_token_latency_seconds"][("r", "a")] == (list(gaps), pytest.approx(90.08))
+    assert snapshot["llm_gateway_requests_total"] == {("/chat", "r", "a", "200", ""): 1}
+
+
+async def test_a_request_is_served_by_the_table_it_arrived_under() -> None:
+    old, new = FakeHandle(unary=b'{"from": "old"}', delay=0.2), FakeHandle(unary=b'{"from": "new"}')
+    app = make_app(old)
+    dispatcher: ModelDispatcher = app.state.dispatcher
+    swapped = ServingTable(dispatcher.routes, "x-session-id", {"m": ServedModel("m", "llm", LLMClient(new))})
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        first = asyncio.create_task(client.post("/chat", json={"model": "m"}))
+        while not old.calls:
+            await asyncio.sleep(0.01)
+        dispatcher.serve(swapped)  # a reconfiguration while the first is in flight
+        second = await client.post("/chat", json={"model": "m"})
+        assert (await first).json() == {"from": "old"}
+    assert second.json() == {"from": "new"} and dispatcher.table is swapped
