@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway import local_cluster
+from gateway import affinity, local_cluster
 from gateway.config import RuntimeConfig
 from gateway.config.front_door import HEAD_BYTES
 
@@ -76,7 +76,11 @@ def test_haproxy_threads_follow_the_machine_by_default(
 
 def test_haproxy_threads_are_capped_by_the_cpus_it_is_pinned_to(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(affinity, "_has_gpu", lambda: False)
     assert RuntimeConfig(gateway_cpus=[14, 15]).haproxy_thread_count() == 2
+    assert RuntimeConfig(gateway_cpus="auto").haproxy_thread_count() == 1  # the one CPU vLLM reserves
+    assert RuntimeConfig(gateway_cpus="off").haproxy_thread_count() == 4
+    monkeypatch.setattr(affinity, "_has_gpu", lambda: True)  # nothing pinned on a GPU host
     assert RuntimeConfig(gateway_cpus="auto").haproxy_thread_count() == 4
     assert RuntimeConfig(haproxy_threads=8, gateway_cpus=[15]).haproxy_thread_count() == 8  # as asked
 
