@@ -12,6 +12,7 @@ then `haproxy`: the front door is chosen when a cluster starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ import psutil
 import pytest
 
 from gateway import sse
+from gateway.affinity import reserved_cpus
 from gateway.config import RuntimeConfig
 from gateway.local_cluster import joining
 from tests.integration.conftest import MODELS, ROOT, _free_port, _wait_ready
@@ -50,7 +52,8 @@ _PROCESS: dict[str, subprocess.Popen[bytes]] = {}
 def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     port = _free_port()
     config = Path(tempfile.mkstemp(suffix=".yaml")[1])
-    config.write_text(json.dumps({**CONFIG, "runtime": {"http_proxy": request.param}}))
+    # Pinned (not the default): the shared test gateway runs unpinned.
+    config.write_text(json.dumps({**CONFIG, "runtime": {"http_proxy": request.param, "gateway_cpus": "auto"}}))
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with log.open("w") as out:  # the child keeps its own copy of the descriptor
@@ -186,6 +189,43 @@ def test_background_processes_yield_and_the_request_path_does_not(base_url: str,
         assert thread_niceness(process) == base, process.cmdline()[0]
 
 
+def thread_cpus(process: psutil.Process) -> set[frozenset[int]]:
+    """The CPUs each of the process's threads may run on (ones that end meanwhile left out)."""
+    cpus = set()
+    for thread in process.threads():
+        try:
+            cpus.add(frozenset(os.sched_getaffinity(thread.id)))
+        except OSError:
+            continue
+    return cpus
+
+
+def test_the_gateways_processes_keep_to_the_reserved_cpus_and_model_replicas_do_not(base_url: str, door: str) -> None:
+    """`runtime.gateway_cpus: auto`: on a host without a GPU, the gateway's
+    processes run on the CPU vLLM reserves for everything but its workers; the
+    model replicas on every CPU, the one started to replace the replica killed
+    above too (it starts from a pinned Ray daemon)."""
+    everything = frozenset(os.sched_getaffinity(0))  # what the gateway's processes inherit
+    cpus = reserved_cpus("auto")
+    expected = {frozenset(cpus)} if cpus else {everything}  # a host with one CPU: nothing pinned
+    proxy = {"serve": ["ray::ProxyActor"], "haproxy": ["haproxy"], "gateway": []}[door]
+    on_path = [*proxy, f"ray::ServeReplica:{APP}:GatewayIngress", "raylet", "gcs_server", "ray::ServeController"]
+    deadline = time.monotonic() + 90  # pinned once the app is ready, then every 10 s; a replica replaced
+    while True:
+        processes = gateway_processes()
+        placed = {title: [thread_cpus(p) for p in processes.get(title, [])] for title in on_path}
+        replicas = {}
+        for replica in echo_replicas():
+            with contextlib.suppress(psutil.Error):
+                if replica.status() != psutil.STATUS_ZOMBIE:  # the one killed above, until reaped
+                    replicas[replica.pid] = thread_cpus(replica)
+        gateway_pinned = all(found and all(c == expected for c in found) for found in placed.values())
+        if gateway_pinned and len(replicas) == 2 and all(c == {everything} for c in replicas.values()):
+            break
+        assert time.monotonic() < deadline, f"expected {sorted(cpus or everything)}: {placed}, replicas {replicas}"
+        time.sleep(0.2)
+
+
 def test_the_gateway_stays_in_its_callers_session_in_a_group_of_its_own(base_url: str) -> None:
     """Linux schedules each session as one group (autogroup): the gateway's
     processes share the CPU with what else runs in the session it was started
@@ -234,7 +274,7 @@ def test_the_front_doors_own_processes_listen_on_loopback_only(base_url: str, do
         return
     assert front == {"haproxy"}, front
     # More HAProxy threads than the host can spare compete with the engine's threads.
-    assert {p.num_threads() for p in processes["haproxy"]} == {RuntimeConfig().haproxy_thread_count()}
+    assert {p.num_threads() for p in processes["haproxy"]} == {RuntimeConfig(gateway_cpus="auto").haproxy_thread_count()}
     # Ray Serve's admin socket takes any command (mode 666, level admin): whoever
     # may reach it could take the ingress out of the front door or redirect it.
     for process in processes["haproxy"]:
