@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import sse
 from tests.integration.conftest import BROWSER_PAGE, VLLM_MODEL, Gateway
+from tests.integration.test_observability import wait_for_log
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello there, tell me about the harbour"}]
@@ -154,18 +155,24 @@ async def settled_generated_tokens(gateway: Gateway) -> float:
 async def test_hang_ups_abort_engine_requests(gateway: Gateway, client: openai.OpenAI) -> None:
     body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": LONG, "stream": True, "ignore_eos": True}
 
-    async def hang_up(session: httpx.AsyncClient) -> None:
-        async with session.stream("POST", CHAT, json=body) as response:
+    async def hang_up(session: httpx.AsyncClient, request_id: str) -> None:
+        async with session.stream("POST", CHAT, json=body, headers={"x-request-id": request_id}) as response:
             assert response.status_code == 200
             async for _ in response.aiter_raw():
                 break  # first bytes arrived: leave mid-stream
 
     before = await settled_generated_tokens(gateway)
+    ids = {f"hang-up-{i}" for i in range(HANG_UPS)}
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as session:
-        await asyncio.gather(*(hang_up(session) for _ in range(HANG_UPS)))
+        await asyncio.gather(*(hang_up(session, request_id) for request_id in ids))
     generated = await settled_generated_tokens(gateway) - before
     # Without aborts: HANG_UPS x LONG = 7,680 tokens.
     assert generated <= HANG_UPS * AFTER_HANG_UP, f"{generated:.0f} tokens generated for clients that left"
+    # Each logged as a client that closed its request (nginx's 499), its stream handed to the replica.
+    lines = wait_for_log(ids)
+    assert sorted((line["request_id"], line["status"], line["handoff"]) for line in lines) == [
+        (request_id, 499, True) for request_id in sorted(ids)
+    ]
 
     started = time.monotonic()
     answer = client.chat.completions.create(model=VLLM_MODEL, messages=HELLO, max_tokens=8)
