@@ -212,6 +212,18 @@ def _thaw_only(name: str, servers: dict[str, tuple[subprocess.Popen, str, str]])
 
 
 def main() -> None:
+    args = parse_args()
+    machine = (f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
+               f"{os.cpu_count()} CPUs ({cpu_model()}); engine core: gateway {args.gateway_engine_core}, "
+               f"vLLM's server {args.direct_engine_core}")
+    if args.one_at_a_time or args.skip_direct:
+        one_at_a_time(args, machine)
+    else:
+        report_side_by_side(args, machine)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, its combinations checked."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path(".models/tiny-chat-v1"))
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -242,7 +254,7 @@ def main() -> None:
                         help="vLLM's server alone, then the gateway alone, --rounds times")
     parser.add_argument("--skip-direct", action="store_true",
                         help="measure the gateway only (implies --one-at-a-time)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.compare_engine_core == args.gateway_engine_core:
         parser.error("--compare-engine-core must differ from --gateway-engine-core")
     if (args.compare_relay or args.compare_engine_core or args.compare_front_door) and (
@@ -252,21 +264,23 @@ def main() -> None:
                      "rounds: not with --one-at-a-time or --skip-direct")
     if args.one_at_a_time or args.skip_direct:
         args.lone_rounds = 0  # rounds of whole runs: each level at its usual size
-    machine = (f"model {args.model_dir}, {args.max_tokens} output tokens per request, "
-               f"{os.cpu_count()} CPUs ({cpu_model()}); engine core: gateway {args.gateway_engine_core}, "
-               f"vLLM's server {args.direct_engine_core}")
+    return args
 
-    if not (args.one_at_a_time or args.skip_direct):
-        results, (echo_p50, echo_rate) = side_by_side(args)
-        print()
-        count = 2 + bool(args.compare_relay) + bool(args.compare_engine_core) + bool(args.compare_front_door)
-        servers = "both servers" if count == 2 else f"all {count} servers"
-        lone = f" ({args.lone_rounds} of {args.lone_requests} requests at c=1)" if args.lone_rounds else ""
-        print(f"{machine}; {servers} up, {args.rounds} rounds in turn at each level{lone}")
-        print_paired(results, comparisons(args))
-        print(f"gateway echo route: c=1 p50 {echo_p50:.2f} ms, c=32 {echo_rate:.0f} req/s")
-        return
 
+def report_side_by_side(args: argparse.Namespace, machine: str) -> None:
+    """Every server up, measured in turn round by round; medians and paired ratios."""
+    results, (echo_p50, echo_rate) = side_by_side(args)
+    print()
+    count = 2 + bool(args.compare_relay) + bool(args.compare_engine_core) + bool(args.compare_front_door)
+    servers = "both servers" if count == 2 else f"all {count} servers"
+    lone = f" ({args.lone_rounds} of {args.lone_requests} requests at c=1)" if args.lone_rounds else ""
+    print(f"{machine}; {servers} up, {args.rounds} rounds in turn at each level{lone}")
+    print_paired(results, comparisons(args))
+    print(f"gateway echo route: c=1 p50 {echo_p50:.2f} ms, c=32 {echo_rate:.0f} req/s")
+
+
+def one_at_a_time(args: argparse.Namespace, machine: str) -> None:
+    """vLLM's server alone, then the gateway alone, ``--rounds`` times; a table per round."""
     tables = []
     for round_ in range(1, args.rounds + 1):
         if args.rounds > 1:
@@ -298,6 +312,7 @@ def print_table(direct: list[Figures], gateway: list[Figures]) -> None:
         print(f"{d.client:<11}c={d.concurrency:<3}{'ratio':<9}{g.tokens_per_s / d.tokens_per_s:7.2f}x"
               f"  TTFT p50 {g.ttft_ms[0] - d.ttft_ms[0]:+.1f} ms, ITL p99 "
               f"{g.itl_ms[1] / d.itl_ms[1]:.2f}x vs direct")
+
 
 def _median_figures(runs: list[Figures]) -> Figures:
     def med(values: list[float]) -> float:

@@ -104,3 +104,9 @@ def test_four_rounds_or_more_also_give_the_mean_ratio_and_its_error(capsys: pyte
     line = next(line for line in capsys.readouterr().out.splitlines() if " ratio " in line)
     # Ratios 0.9, 1.0, 0.8, 1.1: mean 0.95, sample sd 0.129, its error 0.129 / 2.
     assert "tok/s 0.95x (0.80x..1.10x), mean 0.950x +- 0.065" in line
+
+
+@pytest.mark.parametrize("given", [["--one-at-a-time"], ["--skip-direct"]])
+def test_whole_runs_measure_a_lone_stream_at_the_usual_size(given: list[str]) -> None:
+    assert streaming.parse_args(given).lone_rounds == 0
+    assert streaming.parse_args([]).lone_rounds == 12  # side by side: more, shorter rounds
