@@ -13,13 +13,16 @@
   ``x-gateway-overhead-ms``: time in the gateway before the response
   started, apart from waiting on the model.
 - **Status.** A response that never finished (the client hung up) counts as
-  499, as nginx logs it, even when a stream had already started with 200.
+  499, as nginx logs it, even when a stream had already started with 200. So
+  does a request whose task was cancelled before it answered: Serve's proxy
+  (``http_proxy: serve``) cancels a request's task when its client leaves.
 
 Pure ASGI, so the per-request cost stays in microseconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -155,6 +158,10 @@ class ObservabilityMiddleware:
 
         try:
             await self._app(scope, receive, observed_send)
+        except asyncio.CancelledError:
+            if overhead_s is None:  # unanswered: its caller gave up on it
+                status = CLIENT_CLOSED
+            raise
         finally:
             if overhead_s is not None and not complete:
                 status = CLIENT_CLOSED

@@ -44,6 +44,12 @@ def make_app(tmp_path: Path, echoed: bool = False) -> tuple[FastAPI, GatewayMetr
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
+    @app.get("/held")
+    async def held(request: Request) -> JSONResponse:
+        request.app.state.holding.set()
+        await asyncio.Event().wait()  # never answered: its caller gives up on it
+        raise AssertionError("unreachable")
+
     @app.get("/metrics")
     async def scrape() -> JSONResponse:
         return JSONResponse({})
@@ -57,6 +63,7 @@ def make_app(tmp_path: Path, echoed: bool = False) -> tuple[FastAPI, GatewayMetr
         server_echoes_id=echoed,
     )
     app.state.flush = access_log.flush
+    app.state.holding = asyncio.Event()
     return app, metrics, log
 
 
@@ -144,6 +151,33 @@ async def test_a_stream_the_client_left_is_a_499(tmp_path: Path) -> None:
     snapshot = metrics.snapshot()
     assert snapshot["llm_gateway_requests_total"] == {("/stream", "", "", "499", ""): 1}
     assert snapshot["llm_gateway_in_flight_requests"] == {("/stream",): 0}
+
+
+async def test_a_request_cancelled_before_it_answered_is_a_499(tmp_path: Path) -> None:
+    """Serve's proxy cancels a request's task when its client leaves: that is
+    the client's doing, not a server error."""
+    app, metrics, log = make_app(tmp_path)
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: object) -> None:
+        raise AssertionError(f"nothing is sent for a request its caller gave up on: {message}")
+
+    scope = {"type": "http", "method": "GET", "path": "/held", "headers": [(b"x-request-id", b"left-1")],
+             "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("t", 80), "root_path": "",
+             "app": app}
+    task = asyncio.ensure_future(app(scope, receive, send))
+    await asyncio.wait_for(app.state.holding.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    snapshot = metrics.snapshot()
+    assert snapshot["llm_gateway_requests_total"] == {("/held", "", "", "499", ""): 1}
+    assert snapshot["llm_gateway_in_flight_requests"] == {("/held",): 0}
+    app.state.flush()
+    (line,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (line["request_id"], line["status"], line["overhead_ms"]) == ("left-1", 499, None)
 
 
 async def test_the_access_log_has_one_json_line_per_request_and_no_content(tmp_path: Path) -> None:
