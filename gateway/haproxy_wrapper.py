@@ -27,7 +27,8 @@ _WRAPPER = """#!/bin/sh
 # (stats, Prometheus) moved to loopback, the front doors (http_frontend,
 # grpc_frontend; Serve was given loopback) moved to the address asked for,
 # every interface included, and the front door's own answers made
-# OpenAI-shaped; see gateway/haproxy_wrapper.py.
+# OpenAI-shaped, and request bodies not spliced (a client that leaves before its
+# answer then has its request aborted); see gateway/haproxy_wrapper.py.
 prev=""
 for arg in "$@"; do
   if [ "$prev" = "-f" ] && [ -f "$arg" ] && ! grep -q '^# llm-gateway front door' "$arg"; then
@@ -36,6 +37,7 @@ for arg in "$@"; do
       -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/s/^([[:space:]]*bind[[:space:]]+)127[.]0[.]0[.]1:([0-9]+)([[:space:]]|$)/\\1{front_door}:\\2\\3/' \\{drop_syslog}
       -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
       -e '/^[[:space:]]*timeout[[:space:]]+client[[:space:]]/d' \\
+      -e '/^[[:space:]]*option[[:space:]]+splice-request([[:space:]]|$)/d' \\
       -e '/^global([[:space:]]|$)/r {directory}/global.cfg' \\
       -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
       -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
@@ -58,6 +60,13 @@ _DIE_WITH_PARENT = (
     "os.execv(sys.argv[2], sys.argv[2:])"
 )
 
+# Taken out of Ray's template: `option splice-request`. With it, HAProxy 2.8
+# misses a client that closes its connection while waiting for its answer
+# whenever the request's body arrived after its head (as most clients send
+# it, in two writes): `option abortonclose` (in Ray's template) then aborts
+# nothing, and the model makes the whole answer for no one. Request bodies
+# here are small JSON, which splicing does not speed up.
+#
 # Added to HAProxy's `defaults`:
 # - `timeout http-request`: how long a request's head may take to arrive (a
 #   slow-loris client is cut off with a 408);

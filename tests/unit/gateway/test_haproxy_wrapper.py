@@ -5,8 +5,10 @@ front door's own answers OpenAI-shaped, and dies with its parent."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +97,64 @@ def test_the_wrapper_makes_the_front_doors_own_answers_openai_shaped(tmp_path: P
         error = json.loads(body)["error"]
         assert set(error) == {"message", "type", "param", "code"}
     assert "Retry-After: 1" in (tmp_path / "503.http").read_text()
+
+
+def test_a_client_that_leaves_before_its_answer_has_its_request_aborted(tmp_path: Path) -> None:
+    """Ray's template (`option abortonclose`, `option splice-request`) run
+    through the wrapper by the real HAProxy: a client sends its request's
+    head, then its body (two writes, as httpx and the OpenAI SDK do), then
+    leaves while the server works on it. The server's connection must close
+    then, for the ingress to abort the engine request, not 3 s later when
+    the answer is ready."""
+    from gateway.local_cluster import free_port
+
+    server = socket.create_server(("127.0.0.1", 0))
+    front = free_port()
+    seen: list[str] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while not data.endswith(b"{}"):
+                data += conn.recv(65536)
+            conn.settimeout(3)  # the "model" takes 3 s to answer
+            try:
+                seen.append("closed" if conn.recv(1) == b"" else "more data")
+            except ConnectionResetError:
+                seen.append("closed")
+            except TimeoutError:
+                seen.append("kept open")
+
+    worker = threading.Thread(target=serve, daemon=True)
+    worker.start()
+    wrapper = wrapping.haproxy_wrapper(tmp_path)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(ray_like_config(
+        front, server.getsockname()[1], "    option abortonclose\n    option splice-request\n    option splice-response\n"
+    ))
+    haproxy = subprocess.Popen([str(wrapper), "-db", "-f", str(config)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = socket.create_connection(("127.0.0.1", front))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and haproxy.poll() is None, "HAProxy did not start"
+                time.sleep(0.05)
+        with client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n")
+            time.sleep(0.05)  # the body as a write of its own
+            client.sendall(b"{}")
+            time.sleep(0.2)  # the request has reached the server
+        worker.join(timeout=5)
+    finally:
+        haproxy.kill()
+        haproxy.wait()
+        server.close()
+    assert seen == ["closed"]
+    assert "splice-request" not in config.read_text()
 
 
 @pytest.mark.parametrize("target", [None, "127.0.0.1:514", "/dev/log"])
