@@ -1,8 +1,9 @@
 """Each front door under `llm-gateway serve` itself: the default (the
 ingress replicas listen themselves), Serve's Python proxy and Ray's HAProxy.
-Streams through each, over a model with two replicas, one of which dies; the
-front door's own processes; the single-application form at a route prefix;
-a stop with streams in flight.
+Streams through each, over a model with two replicas, one of which dies;
+clients that leave mid-stream or before their answer; the front door's own
+processes; the single-application form at a route prefix; a stop with
+streams in flight.
 
 A second, small gateway (`llm-gateway serve`, its own Ray cluster, two
 ingress replicas) per front door, `runtime.http_proxy: gateway`, `serve`,
@@ -46,6 +47,7 @@ LONG = " ".join(f"w{i}" for i in range(40))  # 40 tokens, 40 ms apart
 
 
 _PROCESS: dict[str, subprocess.Popen[bytes]] = {}
+_ACCESS_LOG: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="module", params=DOORS)
@@ -53,7 +55,11 @@ def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     port = _free_port()
     config = Path(tempfile.mkstemp(suffix=".yaml")[1])
     # Pinned (not the default): the shared test gateway runs unpinned.
-    config.write_text(json.dumps({**CONFIG, "runtime": {"http_proxy": request.param, "gateway_cpus": "auto"}}))
+    access_log = Path(tempfile.mkstemp(suffix=".access.log")[1])
+    _ACCESS_LOG["gateway"] = access_log
+    ingress = {**CONFIG["ingress"], "access_log": str(access_log)}  # both replicas append to it
+    runtime = {"http_proxy": request.param, "gateway_cpus": "auto"}
+    config.write_text(json.dumps({**CONFIG, "ingress": ingress, "runtime": runtime}))
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with log.open("w") as out:  # the child keeps its own copy of the descriptor
@@ -72,6 +78,8 @@ def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        config.unlink()
+        access_log.unlink()
 
 
 def stream_body(content: str) -> dict[str, object]:
@@ -116,6 +124,50 @@ async def test_streams_through_the_front_door(base_url: str) -> None:
     text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads[:-1] if p["choices"])
     assert text == "one two three"
     assert {p["model"] for p in payloads[:-1]} == {"echo"}
+
+
+def access_lines(request_ids: set[str]) -> list[dict[str, object]]:
+    """The access-log lines of ``request_ids`` once each has one (the replicas flush often)."""
+    deadline = time.monotonic() + 15
+    while True:
+        lines = [json.loads(line) for line in _ACCESS_LOG["gateway"].read_text().splitlines()]
+        lines = [line for line in lines if line["log"] == "access" and line["request_id"] in request_ids]
+        if {line["request_id"] for line in lines} >= request_ids or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.2)
+
+
+async def test_a_client_that_leaves_ends_its_request_behind_the_front_door(base_url: str, door: str) -> None:
+    """A stream left after its first bytes, and an answer left before it is
+    ready, are ended at once on the model replica and logged as the client's
+    (499), whichever process holds the client's socket. Either would take
+    40 x 40 ms to finish."""
+    ids = {f"{door}-stream-left-{i}" for i in range(4)} | {f"{door}-answer-left-{i}" for i in range(4)}
+
+    async def leave(session: httpx.AsyncClient, request_id: str) -> None:
+        body = stream_body(LONG)
+        headers = {"x-request-id": request_id}
+        if "answer" in request_id:
+            with contextlib.suppress(httpx.ReadTimeout):  # the client gives up waiting
+                await session.post("/v1/chat/completions", json={**body, "stream": False}, headers=headers)
+            return
+        async with session.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+            assert response.status_code == 200
+            async for _ in response.aiter_raw():
+                break  # first bytes arrived: leave mid-stream
+
+    timeout = httpx.Timeout(30, read=0.3)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as session:
+        await asyncio.gather(*(leave(session, request_id) for request_id in sorted(ids)))
+    lines = access_lines(ids)
+    assert sorted((line["request_id"], line["status"]) for line in lines) == [(i, 499) for i in sorted(ids)]
+    # Ended when the client left, not when the model would have finished.
+    slow = [(line["request_id"], line["duration_ms"]) for line in lines if float(line["duration_ms"]) > 1000]
+    assert slow == [], slow
+    # The front door still serves: no connection or replica was left behind.
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as session:
+        status, raw = await read_stream(session, "a b c")
+    assert status == 200 and raw.endswith(sse.DONE) and b'"error"' not in raw
 
 
 async def test_streams_route_around_a_replica_that_dies(base_url: str) -> None:
