@@ -25,6 +25,7 @@ from gateway.errors import (
 from gateway.http.answers import Answers, timed_out
 from gateway.http.auth import api_key
 from gateway.http.body import parse_json_object, read_body
+from gateway.http.client_connection import ClientLeft, disconnected, unless_client_leaves
 from gateway.http.endpoints import ENDPOINTS
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
@@ -188,7 +189,7 @@ class ModelDispatcher:
             try:
                 if not stream:
                     return await self._unary(model, call, request, headers, record, admission, model.timeout_s)
-                return await self._stream(model, call, headers, record, admission, model.timeout_s)
+                return await self._stream(model, call, request, headers, record, admission, model.timeout_s)
             except GatewayError as error:
                 error.extra_headers.update(headers)
                 # Fallback only for failures of ours, before any byte was sent, with time left.
@@ -238,7 +239,7 @@ class ModelDispatcher:
         headers = {VARIANT_HEADER: target, **(admission.headers if admission is not None else {})}
         try:  # not bounded by the model's request_timeout_s: retrieving is not generating
             if stream:
-                response = await self._stream(model, call, headers, record, admission, None)
+                response = await self._stream(model, call, request, headers, record, admission, None)
             else:
                 response = await self._unary(model, call, request, headers, record, admission, None)
         except BaseException:
@@ -289,7 +290,7 @@ class ModelDispatcher:
         abandoned = admission.settle if admission is not None else None
         later = self._answers.later(record, admission) if _background(call.endpoint, call.body) else None
         answer = client.unary(call, abandoned, later)
-        hang_up = asyncio.ensure_future(_disconnected(request))
+        hang_up = asyncio.ensure_future(disconnected(request.receive))
         # Serve's router holds a call while the model has no running replica:
         # a classical call is given up when that lasts (the relay bounds LLMs').
         stalled = client.stalled()
@@ -333,6 +334,7 @@ class ModelDispatcher:
         self,
         model: ServedModel,
         call: EngineRequest,
+        request: Request,
         headers: dict[str, str],
         record: RequestRecord,
         admission: Admission | None = None,
@@ -345,7 +347,11 @@ class ModelDispatcher:
         deadline = asyncio.get_running_loop().time() + timeout if timeout is not None else None
         try:
             async with asyncio.timeout_at(deadline):
-                stream = await client.stream(call)
+                stream = await unless_client_leaves(request.receive, client.stream(call))
+        except ClientLeft:  # before its first byte: the engine request is aborted
+            if admission is not None:
+                admission.settle(None)
+            return Response(status_code=499)
         except TimeoutError:
             raise timed_out(timeout) from None
         except Exception as exc:
@@ -374,11 +380,6 @@ def _routed(body: dict[str, Any], name: str, target: str, in_body: bool) -> dict
     """The body a variant gets: an OpenAI body names the concrete model."""
     return {**body, "model": target} if in_body and target != name else body
 
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client hangs up (the body has already been read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _check_request_id(envelope: ModelEnvelope | None, request_id: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from starlette.responses import Response
 
 from gateway import sse
-from gateway.http.client_connection import uvicorn_cycle
+from gateway.http.client_connection import disconnected, uvicorn_cycle
 from gateway.http.relay_stream import ClientSink
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class RelayResponse(Response):
         cycle = _uvicorn_cycle(send)
         sink: ClientSink = SocketSink(cycle) if cycle is not None else AsgiSink(send)
         relay_task = asyncio.ensure_future(self._deliver(sink))
-        hang_up = asyncio.ensure_future(_disconnected(receive))
+        hang_up = asyncio.ensure_future(disconnected(receive))
         try:
             await asyncio.wait({relay_task, hang_up}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -150,7 +150,3 @@ def _uvicorn_cycle(send: Any) -> Any:
     chunked = getattr(owner, "chunked_encoding", None) is True
     return owner if chunked and hasattr(owner, "flow") else None
 
-
-async def _disconnected(receive: Any) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
