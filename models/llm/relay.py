@@ -30,7 +30,16 @@ from gateway.errors import GatewayError, InternalServerError, InvalidRequestErro
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from models.llm.handoff import ClientSocket, HandoffPort
-from models.llm.relay_answers import Answerer, Counter, answer_whole, count, stop_watching, write_error
+from models.llm.relay_answers import (
+    Answerer,
+    CallerLeft,
+    Counter,
+    answer_whole,
+    count,
+    stop_watching,
+    unless_caller_leaves,
+    write_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,11 +183,16 @@ class StreamServer:
         if self._places.locked() and 0 <= self._max_queued <= self._queued:
             await write_error(writer, OverloadedError(OVERLOADED, retry_after_s=1), keep)
             return keep
-        self._queued += 1
-        try:
-            await self._places.acquire()
-        finally:
-            self._queued -= 1
+        if self._places.locked():  # queued: until a place frees, or the ingress leaves
+            self._queued += 1
+            try:
+                await unless_caller_leaves(reader, self._places.acquire())
+            except CallerLeft:
+                return False
+            finally:
+                self._queued -= 1
+        else:
+            await self._places.acquire()  # at once
         try:
             if request.stream or self._answer_body is None:
                 return await self._answer(request, reader, writer, keep, offered)
@@ -224,8 +238,11 @@ class StreamServer:
         offered: bool = False,
     ) -> bool:
         try:
-            frames, outcome = await self._open(request)
-            first = await anext(frames, sse.DONE)
+            # Up to the first frame (the first token, after any queue and the
+            # prompt's prefill): an ingress whose client left stops it there.
+            frames, outcome, first = await unless_caller_leaves(reader, self._opened(request))
+        except CallerLeft:
+            return False
         except GatewayError as error:
             await write_error(writer, error, keep)
             return keep
@@ -252,6 +269,16 @@ class StreamServer:
         else:
             writer.write(relay.response_head(200, sse.MEDIA_TYPE, keep=keep) + first)
         return await self._relay(request, _Frames(frames, pending), outcome, out, reader, writer, keep)
+
+    async def _opened(self, request: EngineRequest) -> tuple[AsyncIterator[bytes], Callable[[], Outcome], bytes]:
+        """The stream, its outcome and its first frame."""
+        frames, outcome = await self._open(request)
+        try:
+            first = await anext(frames, sse.DONE)
+        except BaseException:
+            await _close(frames)  # cancelled (the ingress left) or failed: the engine request ends
+            raise
+        return frames, outcome, first
 
     async def _hand_over(
         self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, keep: bool, first: bytes
