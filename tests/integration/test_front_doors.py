@@ -41,7 +41,11 @@ DOORS = ["gateway", "serve", "haproxy"]
 CONFIG = {
     "app_name": APP,
     "ingress": {"num_cpus": 0.1, "num_replicas": 2},
-    "models": [{"name": "echo", "engine": "echo", "num_cpus": 0.1, "num_replicas": 2, "echo_token_delay_ms": 40}],
+    "models": [
+        {"name": "echo", "engine": "echo", "num_cpus": 0.1, "num_replicas": 2, "echo_token_delay_ms": 40},
+        # Its first token 2 s after the request: a busy engine, or a long prompt.
+        {"name": "slow", "engine": "echo", "num_cpus": 0.1, "echo_token_delay_ms": 2000},
+    ],
 }
 LONG = " ".join(f"w{i}" for i in range(40))  # 40 tokens, 40 ms apart
 
@@ -138,18 +142,24 @@ def access_lines(request_ids: set[str]) -> list[dict[str, object]]:
 
 
 async def test_a_client_that_leaves_ends_its_request_behind_the_front_door(base_url: str, door: str) -> None:
-    """A stream left after its first bytes, and an answer left before it is
-    ready, are ended at once on the model replica and logged as the client's
-    (499), whichever process holds the client's socket. Either would take
-    40 x 40 ms to finish."""
-    ids = {f"{door}-stream-left-{i}" for i in range(4)} | {f"{door}-answer-left-{i}" for i in range(4)}
+    """A stream left after its first bytes, a stream left before them and an
+    answer left before it is ready are ended at once on the model replica and
+    logged as the client's (499), whichever process holds the client's socket.
+    Each would take 1.6 s or more to finish."""
+    kinds = {"stream-left": 4, "answer-left": 4, "stream-left-before-its-first-token": 2}
+    ids = {f"{door}-{kind}-{i}" for kind, count in kinds.items() for i in range(count)}
 
     async def leave(session: httpx.AsyncClient, request_id: str) -> None:
         body = stream_body(LONG)
         headers = {"x-request-id": request_id}
-        if "answer" in request_id:
+        if "answer" in request_id or "before" in request_id:
+            if "answer" in request_id:
+                body["stream"] = False
+            else:
+                body["model"] = "slow"
             with contextlib.suppress(httpx.ReadTimeout):  # the client gives up waiting
-                await session.post("/v1/chat/completions", json={**body, "stream": False}, headers=headers)
+                async with session.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+                    raise AssertionError(f"answered {response.status_code} before the client left")
             return
         async with session.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
             assert response.status_code == 200
@@ -376,7 +386,7 @@ def test_the_single_application_form_is_reached_at_its_route_prefix(
     if door == "gateway":
         for _ in range(20):  # each on a new connection: the kernel picks a listener for each
             models = httpx.get(base_url + "/v1/models", timeout=30).json()["data"]
-            assert [m["id"] for m in models] == ["echo"], models
+            assert [m["id"] for m in models] == ["echo", "slow"], models
         assert httpx.post(base_url + "/single/v1/chat/completions", json={}, timeout=30).status_code == 404
         return
     with httpx.Client(base_url=base_url + "/single", timeout=60) as single:
