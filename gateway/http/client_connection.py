@@ -8,39 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable
-from typing import Any, TypeVar
-
-T = TypeVar("T")
-
-
-class ClientLeft(Exception):
-    """The client hung up before its answer started."""
+from typing import Any
 
 
 async def disconnected(receive: Any) -> None:
     """Returns when the client hangs up (the request's body already read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def unless_client_leaves(receive: Any, work: Awaitable[T]) -> T:
-    """``work``'s result, or its error; ClientLeft, with ``work`` cancelled
-    (which aborts an engine request it opens), when the client hangs up
-    first. Serve's proxies cancel a request whose client left; the gateway's
-    own front door only says so through ``receive``."""
-    task = asyncio.ensure_future(work)
-    hang_up = asyncio.ensure_future(disconnected(receive))
-    try:
-        await asyncio.wait({task, hang_up}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hang_up.cancel()
-        if not task.done():  # the client left, or this call was cancelled (a timeout)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientLeft
-    return task.result()
 
 
 def uvicorn_cycle(send: Any) -> Any:

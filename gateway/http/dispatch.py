@@ -25,7 +25,7 @@ from gateway.errors import (
 from gateway.http.answers import Answers, timed_out
 from gateway.http.auth import api_key
 from gateway.http.body import parse_json_object, read_body
-from gateway.http.client_connection import ClientLeft, disconnected, unless_client_leaves
+from gateway.http.client_connection import disconnected
 from gateway.http.endpoints import ENDPOINTS
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
@@ -33,6 +33,7 @@ from gateway.http.plan import plan
 from gateway.http.relay_stream import BACKGROUND_OUTCOME_S
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.http.stored import holding, retrieve_query
+from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
 from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
@@ -347,8 +348,9 @@ class ModelDispatcher:
         deadline = asyncio.get_running_loop().time() + timeout if timeout is not None else None
         try:
             async with asyncio.timeout_at(deadline):
-                stream = await unless_client_leaves(request.receive, client.stream(call))
-        except ClientLeft:  # before its first byte: the engine request is aborted
+                # The gateway's own front door tells a hang-up only through `receive`.
+                stream = await unless_caller_leaves(client.stream(call), disconnected(request.receive))
+        except CallerLeft:  # before its first byte: the engine request is aborted
             if admission is not None:
                 admission.settle(None)
             return Response(status_code=499)

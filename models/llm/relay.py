@@ -27,19 +27,11 @@ from typing import Any, NamedTuple
 
 from gateway import sse
 from gateway.errors import GatewayError, InternalServerError, InvalidRequestError, OverloadedError
+from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from models.llm.handoff import ClientSocket, HandoffPort
-from models.llm.relay_answers import (
-    Answerer,
-    CallerLeft,
-    Counter,
-    answer_whole,
-    count,
-    stop_watching,
-    unless_caller_leaves,
-    write_error,
-)
+from models.llm.relay_answers import Answerer, Counter, answer_whole, count, stop_watching, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +178,7 @@ class StreamServer:
         if self._places.locked():  # queued: until a place frees, or the ingress leaves
             self._queued += 1
             try:
-                await unless_caller_leaves(reader, self._places.acquire())
+                await unless_caller_leaves(self._places.acquire(), reader.read(1))
             except CallerLeft:
                 return False
             finally:
@@ -240,7 +232,7 @@ class StreamServer:
         try:
             # Up to the first frame (the first token, after any queue and the
             # prompt's prefill): an ingress whose client left stops it there.
-            frames, outcome, first = await unless_caller_leaves(reader, self._opened(request))
+            frames, outcome, first = await unless_caller_leaves(self._opened(request), reader.read(1))
         except CallerLeft:
             return False
         except GatewayError as error:

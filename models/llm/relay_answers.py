@@ -1,6 +1,6 @@
 """The replica's relay port beside its streams (``models.llm.relay``):
-whole answers of non-streaming requests, token counts, errors before the
-first byte, and an ingress that leaves while a request waits."""
+whole answers of non-streaming requests, token counts, and errors before
+the first byte."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from gateway.errors import GatewayError, InternalServerError, InvalidRequestError
 from gateway.protocol import relay
@@ -16,7 +16,6 @@ from gateway.protocol.engine import EngineRequest, Reply
 from models.llm.tally import GenerationTally
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Answers a non-streaming request, counting into the tally it is given;
 # raises GatewayError as handle calls do.
@@ -93,28 +92,6 @@ async def count(
     body = json.dumps({"tokens": tokens}).encode()
     writer.write(relay.response_head(200, "application/json", len(body), keep) + body)
     await writer.drain()
-
-
-class CallerLeft(Exception):
-    """The ingress closed the relay connection before the answer started."""
-
-
-async def unless_caller_leaves(reader: asyncio.StreamReader, work: Awaitable[T]) -> T:
-    """``work``'s result (or its error); CallerLeft, with ``work`` cancelled
-    (which aborts an engine request it waits on), when the ingress closes the
-    connection first (its client left). The reader is free again on return."""
-    task = asyncio.ensure_future(work)
-    hang_up = asyncio.ensure_future(reader.read(1))
-    try:
-        await asyncio.wait({task, hang_up}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await stop_watching(hang_up)
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise CallerLeft
-    return task.result()
 
 
 async def stop_watching(hang_up: asyncio.Task[bytes]) -> bool:
