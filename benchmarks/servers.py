@@ -81,11 +81,14 @@ def start_gateway(
     handoff: bool = True,
     http_proxy: str | None = None,
     echo: bool = True,
+    source: Path | None = None,
 ) -> subprocess.Popen:
     """``llm-gateway serve`` on ``model_dir``, plus an echo model with
     ``echo`` (else ``add_echo`` deploys it later); ``handoff``: its
     ``ingress.stream_handoff``; ``http_proxy``: its front door (the default
-    one when None)."""
+    one when None); ``source``: the source tree it runs from (another
+    checkout, ahead of this one's installed copy on every process's path),
+    this one when None."""
     config = {
         "app_name": "bench",
         "runtime": {"gateway_cpus": gateway_cpus, **({"http_proxy": http_proxy} if http_proxy else {})},
@@ -101,7 +104,11 @@ def start_gateway(
         sys.executable, "-m", "gateway.cli", "serve", "--config", str(path),
         "--host", "127.0.0.1", "--port", str(port),
     ]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = None
+    if source is not None:  # Ray's processes inherit it from the command
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))}
+    with log.open("w") as out:  # the child keeps its own copy
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=source, env=env)
 
 
 def add_echo(proc: subprocess.Popen, log: Path) -> None:

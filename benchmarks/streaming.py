@@ -40,7 +40,9 @@ moves the engine core of vLLM's own server beside its worker for good.
 is measured against the gateway's in the same rounds.
 ``--compare-front-door DOOR`` adds a gateway whose ``runtime.http_proxy`` is
 DOOR (``door-DOOR``: ``haproxy`` or ``serve``) against the default front door
-(the ingress replicas themselves), likewise.
+(the ingress replicas themselves), likewise. ``--compare-checkout PATH`` adds
+a gateway run from another source tree (``checkout``; e.g. ``git worktree
+add PATH <commit>``): a change measured against the code before it.
 
 Both servers and the load generators run in this process's session (checked
 once each server is ready): Linux schedules each session as one group, and
@@ -149,10 +151,13 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
     frozen meanwhile (see the module's doc)."""
 
     def gateway(
-        name: str, port: int, engine_core: str, handoff: bool = True, door: str | None = None
+        name: str, port: int, engine_core: str, handoff: bool = True, door: str | None = None,
+        source: Path | None = None,
     ) -> tuple[subprocess.Popen, str, str]:
         log = args.log_dir / f"bench-{name}.log"
-        proc = start_gateway(args.model_dir, port, log, args.gateway_cpus, engine_core, handoff, door, echo=False)
+        proc = start_gateway(
+            args.model_dir, port, log, args.gateway_cpus, engine_core, handoff, door, echo=False, source=source
+        )
         return proc, f"http://127.0.0.1:{port}", "/ready"
 
     servers = {
@@ -166,6 +171,8 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
         servers[core_name(args)] = gateway(core_name(args), 8104, args.compare_engine_core)
     if args.compare_front_door:
         servers[door_name(args)] = gateway(door_name(args), 8105, args.gateway_engine_core, door=args.compare_front_door)
+    if args.compare_checkout:
+        servers["checkout"] = gateway("checkout", 8106, args.gateway_engine_core, source=args.compare_checkout)
     names = list(servers)
     try:
         for name, (proc, base_url, ready_path) in servers.items():
@@ -250,6 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also a gateway with this engine_core_cpus, in the same rounds")
     parser.add_argument("--compare-front-door", choices=("haproxy", "serve"),
                         help="also a gateway with this runtime.http_proxy, in the same rounds")
+    parser.add_argument("--compare-checkout", type=Path,
+                        help="also a gateway run from this source tree (e.g. `git worktree add` of an earlier "
+                        "commit), in the same rounds")
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="vLLM's server alone, then the gateway alone, --rounds times")
     parser.add_argument("--skip-direct", action="store_true",
@@ -257,10 +267,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compare_engine_core == args.gateway_engine_core:
         parser.error("--compare-engine-core must differ from --gateway-engine-core")
-    if (args.compare_relay or args.compare_engine_core or args.compare_front_door) and (
+    if (args.compare_relay or args.compare_engine_core or args.compare_front_door or args.compare_checkout) and (
         args.one_at_a_time or args.skip_direct
     ):
-        parser.error("--compare-relay, --compare-engine-core and --compare-front-door measure in shared "
+        parser.error("--compare-relay, --compare-engine-core, --compare-front-door and --compare-checkout measure in shared "
                      "rounds: not with --one-at-a-time or --skip-direct")
     if args.one_at_a_time or args.skip_direct:
         args.lone_rounds = 0  # rounds of whole runs: each level at its usual size
@@ -271,7 +281,7 @@ def report_side_by_side(args: argparse.Namespace, machine: str) -> None:
     """Every server up, measured in turn round by round; medians and paired ratios."""
     results, (echo_p50, echo_rate) = side_by_side(args)
     print()
-    count = 2 + bool(args.compare_relay) + bool(args.compare_engine_core) + bool(args.compare_front_door)
+    count = 2 + sum(map(bool, (args.compare_relay, args.compare_engine_core, args.compare_front_door, args.compare_checkout)))
     servers = "both servers" if count == 2 else f"all {count} servers"
     lone = f" ({args.lone_rounds} of {args.lone_requests} requests at c=1)" if args.lone_rounds else ""
     print(f"{machine}; {servers} up, {args.rounds} rounds in turn at each level{lone}")
@@ -336,6 +346,8 @@ def comparisons(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     if args.compare_front_door:
         door = door_name(args)
         pairs += [(door, door, "direct"), (f"own/{args.compare_front_door}", "gateway", door)]
+    if args.compare_checkout:
+        pairs += [("checkout", "checkout", "direct"), ("this/checkout", "gateway", "checkout")]
     return pairs
 
 

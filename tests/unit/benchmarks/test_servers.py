@@ -75,3 +75,23 @@ def test_the_echo_model_is_deployed_later_on_the_gateways_own_cluster(
     assert json.loads(log.with_suffix(".yaml").read_text())["models"][1] == ECHO_MODEL
     assert ran == [[sys.executable, "-m", "gateway.cli", "deploy", "--config", str(log.with_suffix(".yaml")),
                     "--address", "127.0.0.1:47123"]]
+
+
+def test_a_gateway_from_another_checkout_runs_that_code_in_its_processes_and_theirs(tmp_path: Path) -> None:
+    """``--compare-checkout``: the command, and the processes it starts (as
+    Ray's daemons and workers are), import the other tree's packages, not
+    this checkout's installed copy."""
+    source = tmp_path / "checkout"
+    (source / "gateway").mkdir(parents=True)
+    (source / "gateway" / "__init__.py").write_text("")
+    seen = tmp_path / "seen.json"
+    (source / "gateway" / "cli.py").write_text(
+        "import json, subprocess, sys, gateway\n"
+        "child = subprocess.run([sys.executable, '-c', 'import gateway; print(gateway.__file__)'],\n"
+        "                       cwd='/', capture_output=True, text=True).stdout.strip()\n"
+        f"open({str(seen)!r}, 'w').write(json.dumps([gateway.__file__, child]))\n"
+    )
+    proc = servers.start_gateway(Path("model"), 8102, tmp_path / "bench-checkout.log", echo=False, source=source)
+    assert proc.wait(timeout=60) == 0, (tmp_path / "bench-checkout.log").read_text()
+    expected = str(source / "gateway" / "__init__.py")
+    assert json.loads(seen.read_text()) == [expected, expected]

@@ -1,6 +1,6 @@
 """How the streaming benchmark sizes its rounds, and what it compares when a
 gateway with another placement or front door runs in the same rounds
-(``--compare-engine-core``, ``--compare-front-door``)."""
+(``--compare-engine-core``, ``--compare-front-door``, ``--compare-checkout``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from benchmarks.stream_load import Figures
 
 def args(**given: object) -> argparse.Namespace:
     return argparse.Namespace(
-        **{"gateway_engine_core": "auto", "compare_engine_core": None, "compare_front_door": None, **given}
+        **{"gateway_engine_core": "auto", "compare_engine_core": None, "compare_front_door": None,
+           "compare_checkout": None, **given}
     )
 
 
@@ -37,6 +38,14 @@ def test_a_compared_front_door_is_set_against_vllms_server_and_the_default_one()
     assert ("door-haproxy", "door-haproxy", "direct") in pairs
     assert ("own/haproxy", "gateway", "door-haproxy") in pairs
     assert not any("door-haproxy" in pair for pair in streaming.comparisons(args()))
+
+
+def test_a_compared_checkout_is_set_against_vllms_server_and_this_one() -> None:
+    pairs = streaming.comparisons(args(compare_checkout="/tmp/before"))
+
+    assert ("checkout", "checkout", "direct") in pairs
+    assert ("this/checkout", "gateway", "checkout") in pairs
+    assert not any("checkout" in pair for pair in streaming.comparisons(args()))
 
 
 def test_each_rounds_ratio_is_taken_between_the_named_servers(capsys: pytest.CaptureFixture[str]) -> None:
