@@ -6,6 +6,7 @@
     ├── InvalidRequestError           400 invalid_request_error
     │   ├── ContextLengthExceededError    400 code=context_length_exceeded
     │   ├── RequestTooLargeError          413 code=request_too_large
+    │   ├── UnsupportedEncodingError      415 code=unsupported_content_encoding
     │   └── RequestReadTimeoutError       408 code=request_read_timeout
     ├── AuthenticationError           401 invalid_request_error  code=invalid_api_key
     ├── NotFoundError                 404 invalid_request_error  code=not_found
@@ -166,6 +167,14 @@ class RequestTooLargeError(InvalidRequestError):
 
     status = 413
     default_code = "request_too_large"
+
+
+class UnsupportedEncodingError(InvalidRequestError):
+    """The request body is in a content coding the gateway cannot decode
+    (415); ``Accept-Encoding`` names the ones it can, as RFC 9110 asks."""
+
+    status = 415
+    default_code = "unsupported_content_encoding"
 
 
 class RequestReadTimeoutError(InvalidRequestError):

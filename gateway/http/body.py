@@ -1,17 +1,25 @@
 """A request's body, read within the gateway's limits and parsed as one JSON
 object: nothing of a body too large is read past the limit, a slow one is cut
-off, and any string that is not valid Unicode is named."""
+off, a compressed one (``Content-Encoding: gzip`` or ``deflate``) is decoded
+as it arrives and never past the limit either, and any string that is not
+valid Unicode is named."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import zlib
 from typing import Any
 
 from fastapi import Request
 
-from gateway.errors import InvalidRequestError, RequestReadTimeoutError, RequestTooLargeError
+from gateway.errors import (
+    InvalidRequestError,
+    RequestReadTimeoutError,
+    RequestTooLargeError,
+    UnsupportedEncodingError,
+)
 from gateway.http.client_connection import close_later
 
 
@@ -19,15 +27,18 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     """The request's body; raises RequestTooLargeError (413) past ``limit``
     bytes, before reading more than that (at once when content-length says
     so), and RequestReadTimeoutError (408) when it has not all arrived
-    within ``timeout_s`` (a slow or stalled client). After a 413 the client's
-    connection is closed ``timeout_s`` later, unless another request has
-    started on it (``close_later``)."""
+    within ``timeout_s`` (a slow or stalled client). A body in a content
+    coding is returned decoded (``BodyDecoder``, within ``limit`` too).
+    After an error while the body may still be coming (413, 415, data not in
+    its coding) the client's connection is closed ``timeout_s`` later,
+    unless another request has started on it (``close_later``)."""
     too_large = RequestTooLargeError(
         f"The request body is larger than this gateway accepts ({limit} bytes)."
     )
     parts: list[bytes] = []
     size = 0
     try:
+        decoder = BodyDecoder.for_header(request.headers.get("content-encoding"), limit)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -36,8 +47,8 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
                 size += len(chunk)
                 if size > limit:
                     raise too_large
-                parts.append(chunk)
-    except RequestTooLargeError:
+                parts.append(chunk if decoder is None else decoder.feed(chunk))
+    except InvalidRequestError:
         # The connection is kept (the rest of the body is read and dropped, so
         # that a client still sending reliably gets its answer), but for no
         # longer than the body's own time limit.
@@ -51,7 +62,74 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
         error = RequestReadTimeoutError(f"The request body did not arrive within {timeout_s:g} seconds.")
         error.extra_headers["connection"] = "close"
         raise error from None
+    if decoder is not None:
+        decoder.finish()
     return b"".join(parts)
+
+
+GZIP_BITS = 16 + zlib.MAX_WBITS  # a gzip member (RFC 1952)
+DECODED_CODINGS: dict[str, int] = {"gzip": GZIP_BITS, "x-gzip": GZIP_BITS, "deflate": zlib.MAX_WBITS}  # zlib: RFC 1950
+ACCEPT_ENCODING = "gzip, deflate"
+
+
+class BodyDecoder:
+    """Decodes a body sent in one content coding as it arrives; raises
+    RequestTooLargeError as soon as it would make more than ``limit`` bytes
+    (a small body that inflates to gigabytes costs no more than the limit),
+    InvalidRequestError for data that is not in that coding."""
+
+    def __init__(self, coding: str, limit: int) -> None:
+        self._coding = coding
+        self._bits = DECODED_CODINGS[coding]
+        self._left = limit
+        self._limit = limit
+        self._zlib = zlib.decompressobj(self._bits)
+
+    @classmethod
+    def for_header(cls, header: str | None, limit: int) -> BodyDecoder | None:
+        """The decoder ``Content-Encoding: header`` asks for; None for none
+        (or ``identity``); UnsupportedEncodingError (415) for any other."""
+        codings = [part.strip().lower() for part in (header or "").split(",")]
+        codings = [coding for coding in codings if coding and coding != "identity"]
+        if not codings:
+            return None
+        if len(codings) == 1 and codings[0] in DECODED_CODINGS:
+            return cls(codings[0], limit)
+        error = UnsupportedEncodingError(
+            f"The request body's content coding ({header}) is not one this gateway decodes: "
+            f"send it uncompressed, or in one of {ACCEPT_ENCODING}."
+        )
+        error.extra_headers["accept-encoding"] = ACCEPT_ENCODING
+        raise error
+
+    def feed(self, data: bytes) -> bytes:
+        """What ``data``, the body's next bytes, decodes to."""
+        out = bytearray()
+        while data:
+            if self._zlib.eof:  # a gzip body may hold several members, one after another
+                if self._bits != GZIP_BITS:
+                    raise self._invalid("holds more after the end of its compressed data")
+                self._zlib = zlib.decompressobj(self._bits)
+            try:
+                piece = self._zlib.decompress(data, self._left + 1)
+            except zlib.error:
+                raise self._invalid("is not valid compressed data") from None
+            self._left -= len(piece)
+            if self._left < 0:
+                raise RequestTooLargeError(
+                    f"The request body, decoded, is larger than this gateway accepts ({self._limit} bytes)."
+                )
+            out += piece
+            data = self._zlib.unused_data if self._zlib.eof else b""
+        return bytes(out)
+
+    def finish(self) -> None:
+        """Raises InvalidRequestError when the body ended inside its compressed data."""
+        if not self._zlib.eof:
+            raise self._invalid("ends before its compressed data does")
+
+    def _invalid(self, what: str) -> InvalidRequestError:
+        return InvalidRequestError(f"The request body (Content-Encoding: {self._coding}) {what}.")
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import Iterator
 
@@ -50,6 +51,24 @@ def test_a_body_past_the_limit_is_413_before_it_is_read(http: httpx.Client) -> N
 
     assert_error(http.post(CHAT, content=chunks()), 413, "request_too_large")
     assert http.post(CHAT, json={"model": "echo", "messages": HELLO, "max_tokens": 2}).status_code == 200
+
+
+def test_a_compressed_body_is_served_and_one_it_cannot_decode_is_415(http: httpx.Client) -> None:
+    body = json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0}).encode()
+    plain = http.post(CHAT, content=body, headers={"content-type": "application/json"})
+    zipped = http.post(CHAT, content=gzip.compress(body), headers={"content-encoding": "gzip"})
+    assert plain.status_code == zipped.status_code == 200, zipped.text
+    assert zipped.json()["choices"] == plain.json()["choices"]
+
+    refused = http.post(CHAT, content=body, headers={"content-encoding": "br"})
+    error = assert_error(refused, 415, "unsupported_content_encoding")
+    assert error["type"] == "invalid_request_error" and "br" in error["message"]
+    assert refused.headers["accept-encoding"] == "gzip, deflate"
+    # Sent plain but labelled gzip: said so, not taken as it came.
+    error = assert_error(http.post(CHAT, content=body, headers={"content-encoding": "gzip"}), 400, None)
+    assert "Content-Encoding: gzip" in error["message"]
+    bomb = gzip.compress(b" " * (64 * 1024 * 1024))  # 64 KiB that inflate past the 32 MiB limit
+    assert_error(http.post(CHAT, content=bomb, headers={"content-encoding": "gzip"}), 413, "request_too_large")
 
 
 @pytest.mark.parametrize("depth", [1_000, 100_000])
