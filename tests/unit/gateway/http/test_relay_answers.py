@@ -1,0 +1,119 @@
+"""gateway/http/relay.py with models/llm/relay.py, for real: whole (non-streaming) answers over a
+replica's own port, their errors and outcomes, a caller that leaves, and background responses."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequestError
+from gateway.http.relay import ReplicaRelay
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
+from models.llm.relay import StreamServer
+from models.llm.tally import GenerationTally
+from tests.unit.gateway.http.test_relay import OUTCOME, Router
+
+
+async def whole(reply: Reply | BaseException, started: asyncio.Event, cancelled: asyncio.Event) -> Any:
+    async def answer(request: EngineRequest, tally: Any = None) -> Reply:
+        started.set()
+        try:
+            await asyncio.sleep(0.01 if not isinstance(reply, BaseException) else 0)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        if isinstance(reply, BaseException):
+            raise reply
+        if reply.body == b"slow":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return reply
+
+    async def no_streams(request: EngineRequest) -> Any:
+        raise AssertionError("a whole answer was asked for")
+
+    return await StreamServer(no_streams, "127.0.0.1", answer=answer).start()
+
+
+async def test_a_whole_answer_arrives_with_its_outcome() -> None:
+    body = b'{"choices":[{"text":"hi"}]}'
+    address = await whole(Reply(body, OUTCOME), asyncio.Event(), asyncio.Event())
+    reply = await ReplicaRelay(Router(address)).call(EngineRequest("chat", {"model": "m"}, "r", "m"))
+    assert reply == Reply(body, OUTCOME)
+
+
+async def test_a_whole_answers_error_arrives_as_raised() -> None:
+    error = InvalidRequestError("bad", param="max_tokens")
+    address = await whole(error, asyncio.Event(), asyncio.Event())
+    with pytest.raises(InvalidRequestError) as caught:
+        await ReplicaRelay(Router(address)).call(EngineRequest("chat", {"model": "m"}, "r", "m"))
+    assert caught.value.to_dict() == error.to_dict()
+
+
+async def test_cancelling_a_whole_answer_stops_the_replicas_work() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+    address = await whole(Reply(b"slow", OUTCOME), started, cancelled)
+    call = asyncio.ensure_future(ReplicaRelay(Router(address)).call(EngineRequest("chat", {}, "r", "m")))
+    await asyncio.wait_for(started.wait(), timeout=2)
+    await asyncio.sleep(0.05)
+    call.cancel()
+    await asyncio.wait_for(cancelled.wait(), timeout=2)
+
+
+async def test_an_abandoned_whole_answer_reports_what_was_generated() -> None:
+    started = asyncio.Event()
+
+    async def answer(request: EngineRequest, tally: Any) -> Reply:
+        tally.prompt_tokens, tally.completion_tokens = 5, 7  # generated before the client left
+        started.set()
+        await asyncio.sleep(30)
+        raise AssertionError("not cancelled")
+
+    async def no_streams(request: EngineRequest) -> Any:
+        raise AssertionError("a whole answer was asked for")
+
+    address = await StreamServer(no_streams, "127.0.0.1", answer=answer).start()
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(
+        ReplicaRelay(Router(address)).call(EngineRequest("chat", {}, "r", "m"), reported.set_result)
+    )
+    await asyncio.wait_for(started.wait(), timeout=2)
+    call.cancel()
+    outcome = await asyncio.wait_for(reported, timeout=3)
+    assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (5, 7)
+
+
+async def test_a_background_answer_comes_at_once_and_its_outcome_once_generated() -> None:
+    """A background response: the body before the generation ends, the outcome after."""
+    generating = asyncio.Event()
+
+    async def answer(request: EngineRequest, tally: GenerationTally) -> Reply:
+        async def generate() -> None:
+            await generating.wait()
+            tally.prompt_tokens, tally.completion_tokens = 4, 9
+
+        tally.continues = asyncio.ensure_future(generate())
+        return Reply(b'{"status":"queued"}', tally.outcome())
+
+    async def no_streams(request: EngineRequest) -> Any:
+        raise AssertionError("a whole answer was asked for")
+
+    address = await StreamServer(no_streams, "127.0.0.1", answer=answer).start()
+    outcomes: list[Outcome | None] = []
+    ended = asyncio.Event()
+
+    def later(outcome: Outcome | None) -> None:
+        outcomes.append(outcome)
+        ended.set()
+
+    call = EngineRequest("responses", {"model": "m", "background": True}, "r", "m")
+    reply = await asyncio.wait_for(ReplicaRelay(Router(address)).call(call, later=later), timeout=2)
+    assert reply == Reply(b'{"status":"queued"}', Outcome()) and outcomes == []
+    generating.set()
+    await asyncio.wait_for(ended.wait(), timeout=2)
+    assert outcomes == [Outcome(prompt_tokens=4, completion_tokens=9)]

@@ -1,0 +1,209 @@
+"""gateway/http/relay.py with models/llm/relay.py, for real: which replica a call reaches (the fewest open
+streams, a named one), a replica's and the ingress's limits, and a model with no replica running."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from gateway import sse
+from gateway.errors import OverloadedError, ResponseNotFoundError, ServiceUnavailableError
+from gateway.http.relay import ReplicaRelay
+from gateway.protocol import relay
+from gateway.protocol.engine import EngineRequest, Outcome
+from models.llm.relay import StreamServer
+from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, closed_port, serve
+
+
+async def held_stream(release: asyncio.Event, served: list[int], tag: int) -> Any:
+    async def opener(request: EngineRequest) -> Any:
+        served.append(tag)
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.frame({"replica": tag})
+            await release.wait()
+            yield sse.DONE
+
+        return stream(), Outcome
+
+    return opener
+
+
+async def test_streams_go_to_the_replica_with_fewest_open() -> None:
+    releases, served = (asyncio.Event(), asyncio.Event()), []
+    first = await serve(await held_stream(releases[0], served, 1))
+    second = await serve(await held_stream(releases[1], served, 2))
+    streams = ReplicaRelay(Router(first, second))
+    opened = [await streams.open(CALL) for _ in range(4)]
+    assert sorted(served) == [1, 1, 2, 2]
+    releases[0].set()  # the first replica's streams end; the second's stay open
+    ended = [stream for stream, tag in zip(opened, served) if tag == 1]
+    for stream in ended:
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+    # Uneven load: both new streams go to the idle replica (turn by turn would send one to each).
+    opened += [await streams.open(CALL) for _ in range(2)]
+    assert served[4:] == [1, 1]
+    releases[1].set()
+    for stream in opened:
+        if stream not in ended:
+            assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+
+
+async def test_a_replica_holds_streams_to_its_limits_and_refuses_beyond_its_queue() -> None:
+    release, served = asyncio.Event(), []
+    address = await serve(await held_stream(release, served, 1), max_ongoing=1, max_queued=1)
+    streams = ReplicaRelay(Router(address))
+    running = await streams.open(CALL)
+    queued = asyncio.ensure_future(streams.open(CALL))
+    await asyncio.sleep(0.05)
+    assert not queued.done() and served == [1]
+    with pytest.raises(OverloadedError) as caught:
+        await streams.open(CALL)
+    assert caught.value.status_code == 503 and caught.value.headers()["retry-after"] == "1"
+    release.set()
+    assert b"".join([chunk async for chunk in running.chunks()]).endswith(sse.DONE)
+    second = await asyncio.wait_for(queued, timeout=2)
+    assert b"".join([chunk async for chunk in second.chunks()]).endswith(sse.DONE)
+    assert served == [1, 1]
+
+
+async def test_first_requests_share_one_look_up_of_the_replicas() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+
+        return stream(), Outcome
+
+    router = Router(await serve(opener))
+    relay_ = ReplicaRelay(router)
+    streams = await asyncio.gather(*(relay_.open(CALL) for _ in range(8)))
+    # One sample to start (shared by all eight), then one background refresh.
+    assert router.samples <= 1 + 12
+    for stream in streams:
+        assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+
+
+class Starting(Router):
+    """Serve's router for a model with no running replica: it waits until one is up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = asyncio.Event()
+
+    @asynccontextmanager
+    async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+        await self.up.wait()
+        async with super().choose_replica(_reserve) as selection:
+            yield selection
+
+
+async def test_with_no_running_replica_a_request_waits_at_most_wait_s_and_later_ones_not_at_all() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+
+        return stream(), lambda: OUTCOME
+
+    router = Starting()
+    replicas = ReplicaRelay(router, wait_s=1.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = [asyncio.ensure_future(replicas.open(CALL)) for _ in range(3)]  # one look-up, shared
+    for outcome in await asyncio.gather(*first, return_exceptions=True):
+        assert isinstance(outcome, ServiceUnavailableError) and outcome.retry_after_s
+    assert 0.95 <= loop.time() - started <= 3.0
+    started = loop.time()
+    with pytest.raises(ServiceUnavailableError, match="No replica of the model is running"):
+        await replicas.open(CALL)  # the model is still down: answered at once
+    assert loop.time() - started < 0.5
+
+    router.addresses.append(await serve(opener))  # the replica comes up
+    router.up.set()
+    await asyncio.sleep(0)
+    stream = await replicas.open(CALL)
+    assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+
+
+async def test_past_a_replicas_capacity_the_ingress_refuses_without_calling_it() -> None:
+    opened: list[str] = []
+    release = asyncio.Event()
+
+    async def opener(request: EngineRequest) -> Any:
+        opened.append(request.request_id)
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.frame({"n": 0})
+            await release.wait()
+            yield sse.DONE
+
+        return stream(), lambda: OUTCOME
+
+    replicas = ReplicaRelay(Router(await serve(opener)))
+    replicas.capacity = 2
+    held = [await replicas.open(EngineRequest("chat", CALL.body, f"r{i}", "m")) for i in range(2)]
+    with pytest.raises(OverloadedError) as refused:
+        await replicas.open(EngineRequest("chat", CALL.body, "r3", "m"))
+    assert refused.value.status_code == 503 and refused.value.retry_after_s == 1
+    assert opened == ["r0", "r1"]  # the third never reached the replica
+    release.set()
+    for stream in held:
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+    stream = await replicas.open(EngineRequest("chat", CALL.body, "r4", "m"))  # room again
+    assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+
+
+async def test_a_call_naming_a_replica_reaches_that_one_and_no_other() -> None:
+    """A follow-up of a stored response goes where the response is kept, however busy."""
+    answered: dict[str, list[str]] = {"aaaaaaaaaaaa": [], "bbbbbbbbbbbb": []}
+
+    def opener_of(replica: str) -> Any:
+        async def opener(request: EngineRequest) -> Any:
+            answered[replica].append(request.request_id)
+
+            async def stream() -> AsyncIterator[bytes]:
+                yield sse.DONE
+
+            return stream(), Outcome
+
+        return opener
+
+    addresses = [await StreamServer(opener_of(r), "127.0.0.1", replica=r).start() for r in answered]
+    assert [a.replica for a in addresses] == list(answered)
+    streams = ReplicaRelay(Router(*addresses))
+    for n in range(4):
+        call = EngineRequest("chat", CALL.body, f"req-{n}", "m", replica="bbbbbbbbbbbb")
+        stream = await streams.open(call)
+        assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+    assert answered == {"aaaaaaaaaaaa": [], "bbbbbbbbbbbb": ["req-0", "req-1", "req-2", "req-3"]}
+    assert await streams.holds("aaaaaaaaaaaa") and not await streams.holds("cccccccccccc")
+
+
+async def test_a_call_naming_a_replica_that_is_gone_is_a_404() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        raise AssertionError("another replica must not answer")
+
+    running = await StreamServer(opener, "127.0.0.1", replica="aaaaaaaaaaaa").start()
+    gone = relay.RelayAddress("127.0.0.1", closed_port(), "t", "bbbbbbbbbbbb")
+    for replica in ("bbbbbbbbbbbb", "cccccccccccc"):  # gone, and never seen
+        with pytest.raises(ResponseNotFoundError):
+            await ReplicaRelay(Router(running, gone)).open(EngineRequest("chat", CALL.body, "r", "m", replica=replica))
+
+
+async def test_the_owner_travels_to_the_replica() -> None:
+    seen: list[EngineRequest] = []
+
+    async def opener(request: EngineRequest) -> Any:
+        seen.append(request)
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+
+        return stream(), Outcome
+
+    stream = await ReplicaRelay(Router(await serve(opener))).open(EngineRequest("chat", CALL.body, "r", "m", owner="team-a"))
+    [_ async for _ in stream.chunks()]
+    assert [(request.owner, request.replica) for request in seen] == [("team-a", None)]
