@@ -162,8 +162,7 @@ class VLLMEngine:
             if parsed.stream and vllm_compat.has_events(self._vllm, parsed.request_id):
                 result = vllm_compat.background_events(self._vllm, parsed.request_id)
         if hasattr(result, "model_dump_json"):
-            # Anthropic's shapes leave out what is unset, as vLLM's own server sends them.
-            return result.model_dump_json(exclude_none=request.endpoint.startswith("messages")).encode()
+            return body_json(result, request.endpoint)
         if request.endpoint == "responses":
             # A background response's id comes at once: the client may cancel it.
             return vllm_streams.events(result, tally, hold=not parsed.background)
@@ -193,7 +192,7 @@ class VLLMEngine:
         if isinstance(result, self._vllm.error_response):
             raise vllm_errors.map_error(result.model_dump(), "response_id")
         if hasattr(result, "model_dump_json"):
-            return result.model_dump_json().encode()
+            return body_json(result, request.endpoint)
         if vllm_compat.has_events(self._vllm, response_id):  # vLLM's own reader would wait past the task's end
             result = vllm_compat.background_events(self._vllm, response_id, body.get("starting_after"))
         return vllm_streams.events(result, tally)
@@ -256,6 +255,17 @@ class VLLMEngine:
         param = {"completion": "prompt", "responses": "input"}.get(endpoint, "messages")
         for engine_input in inputs:
             _check_window(vllm_compat.prompt_len(self._vllm, engine_input), budget, self._vllm.max_model_len, param)
+
+
+def body_json(result: Any, endpoint: str) -> bytes:
+    """A whole answer's body as vLLM's own server writes it for ``endpoint``:
+    the Responses API's by its fields' aliases (a tool's ``async``, not
+    ``async_``), Anthropic's shapes without what is unset."""
+    if endpoint.startswith("responses"):
+        text: str = result.model_dump_json(by_alias=True)
+    else:
+        text = result.model_dump_json(exclude_none=endpoint.startswith("messages"))
+    return text.encode()
 
 
 def _budget(endpoint: str, request: Any) -> int | None:

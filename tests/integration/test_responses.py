@@ -243,6 +243,23 @@ def test_a_forced_tool_call_comes_back_as_a_function_call_item(client: openai.Op
     assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
 
 
+def test_a_response_names_its_fields_as_openai_does_made_kept_or_streamed(http: httpx.Client) -> None:
+    """OpenAI's own names on the wire, not the SDK's Python ones (a tool's
+    `async`, not `async_`): a client's field comes back as it sent it."""
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    body = {"model": VLLM_MODEL, "input": "Hi", "tools": [tool], "max_output_tokens": 2}
+    made = http.post("/v1/responses", json=body)
+    assert made.status_code == 200, made.text
+    kept = http.get(f"/v1/responses/{made.json()['id']}")
+    assert kept.status_code == 200, kept.text
+    streamed = http.post("/v1/responses", json={**body, "stream": True})
+    created = next(json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: "))
+    for answer in (made.json(), kept.json(), created["response"]):
+        [echoed] = answer["tools"]
+        assert "async" in echoed and "async_" not in echoed, echoed
+        assert {key: echoed[key] for key in tool} == tool
+
+
 def finished(client: openai.OpenAI, response_id: str, within_s: float = 60) -> openai.types.responses.Response:
     deadline = time.monotonic() + within_s
     while (kept := client.responses.retrieve(response_id)).status in ("queued", "in_progress"):
