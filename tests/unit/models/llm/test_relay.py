@@ -14,7 +14,8 @@ from gateway import sse
 from gateway.errors import OverloadedError
 from gateway.http.relay import ReplicaRelay
 from gateway.protocol.engine import EngineRequest, Outcome
-from tests.unit.gateway.http.test_relay import CALL, Router, held_stream, serve
+from tests.unit.gateway.http.test_relay import CALL, Router, serve
+from tests.unit.gateway.http.test_relay_routing import held_stream
 
 
 async def test_an_ingress_that_leaves_before_the_first_frame_ends_the_engine_request() -> None:
