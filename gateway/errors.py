@@ -137,15 +137,12 @@ class InvalidRequestError(GatewayError):
 
     @classmethod
     def from_validation(cls, exc: ValidationError) -> InvalidRequestError:
-        """The first problem pydantic found, naming the offending field."""
-        error = exc.errors()[0]
-        param = ".".join(str(part) for part in error["loc"]) or None
-        message = str(error["msg"]).removeprefix("Value error, ")
-        if error["type"] == "missing":
-            return cls(f"Missing required parameter: '{param}'.", param=param)
-        if error["type"] == "extra_forbidden":
-            return cls(f"Unrecognized request argument supplied: {param}", param=param)
-        return cls(f"Invalid value for '{param}': {message}" if param else message, param=param)
+        """The problem pydantic found, as OpenAI words it: the offending
+        field's path in ``param`` (``gateway.validation``)."""
+        from gateway.validation import describe
+
+        message, param = describe(exc.errors())
+        return cls(message, param=param)
 
 
 class ContextLengthExceededError(InvalidRequestError):

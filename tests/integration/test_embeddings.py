@@ -112,7 +112,7 @@ async def test_concurrent_requests_share_batches(gateway: Gateway) -> None:
         ),
         (
             {"input": "hi", "encoding_format": "int8"},
-            "Invalid value for 'encoding_format': Input should be 'float' or 'base64'",
+            "Invalid value for 'encoding_format': 'int8'. Supported values are: 'float', 'base64'.",
             "encoding_format",
             None,
         ),

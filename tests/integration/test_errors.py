@@ -53,6 +53,31 @@ def test_a_body_past_the_limit_is_413_before_it_is_read(http: httpx.Client) -> N
     assert http.post(CHAT, json={"model": "echo", "messages": HELLO, "max_tokens": 2}).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param", "message"),
+    [
+        (CHAT, {"model": VLLM_MODEL, "messages": [{"role": "user", "content": 5}]}, "messages[0].content",
+         "Invalid type for 'messages[0].content': expected one of a string or an array, but got an integer instead."),
+        (CHAT, {"model": "echo", "messages": [{"role": "user", "content": 5}]}, "messages[0].content",
+         "Invalid type for 'messages[0].content': expected "),
+        (CHAT, {"model": VLLM_MODEL, "messages": [{"content": "hi"}]}, "messages[0].role",
+         "Missing required parameter: 'messages[0].role'."),
+        ("/v1/responses", {"model": VLLM_MODEL, "input": [{"role": "user"}]}, "input[0].content",
+         "Missing required parameter: 'input[0].content'."),
+        (COMPLETIONS, {"model": VLLM_MODEL, "prompt": {"a": 1}}, "prompt",
+         "Invalid type for 'prompt': expected one of "),
+    ],
+    ids=["chat-content", "echo-content", "chat-role", "responses-content", "completions-prompt"],
+)
+def test_a_field_of_the_wrong_shape_is_named_by_its_path_in_the_json(
+    http: httpx.Client, path: str, body: dict[str, object], param: str, message: str
+) -> None:
+    """As OpenAI names it (`messages[0].content`), never by the names of the
+    shapes the field may take (`messages.0.ChatCompletionDeveloperMessageParam`)."""
+    error = assert_error(http.post(path, json=body), 400, None, param)
+    assert error["message"].startswith(message), error["message"]
+
+
 def test_a_compressed_body_is_served_and_one_it_cannot_decode_is_415(http: httpx.Client) -> None:
     body = json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0}).encode()
     plain = http.post(CHAT, content=body, headers={"content-type": "application/json"})

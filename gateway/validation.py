@@ -1,0 +1,140 @@
+"""Pydantic's validation errors worded as OpenAI words its own: the field the
+client got wrong as a path into the JSON it sent (``messages[0].content``,
+never pydantic's names for the shapes a field may take), and what is wrong
+with it.
+
+A field that may take several shapes (a string or an array, one of seven
+message types) fails once per shape. The one reported is the client's
+closest miss: shapes whose ``role`` or ``type`` names another, then shapes
+of another JSON type than the value sent, are set aside; of the rest the
+shape with the fewest problems wins, and of its problems the deepest. A field of the wrong JSON type says which types it takes, from
+every shape at that place."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+# Pydantic's names for a union's members in an error's location: a type
+# (``str``, ``list[int]``, ``function-after[...]``) or a class
+# (``ChatCompletionUserMessageParam``); OpenAI's fields are snake_case.
+_SHAPE = re.compile(r"[A-Z][A-Za-z0-9_]*|str|int|float|bool|bytes|none|list|dict|.*[-\[\](),].*")
+_QUOTED = re.compile(r"'([^']*)'")  # the values in a literal error's ``expected``
+_WANTED = {
+    "string_type": "a string",
+    "list_type": "an array",
+    "tuple_type": "an array",
+    "iterable_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "a boolean",
+    "bool_parsing": "a boolean",
+    "none_required": "null",
+}
+
+
+def path_of(loc: Sequence[int | str]) -> str:
+    """``loc`` as a path into the client's JSON: ``messages[0].content``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _SHAPE.fullmatch(part):
+            path += f".{part}" if path else part
+    return path
+
+
+class _Problem(NamedTuple):
+    """One of pydantic's errors, with where it is in the client's JSON."""
+
+    error: Any
+    path: str
+    depth: int  # the path's steps
+    shape: tuple[int | str, ...]  # ``loc`` up to its last shape name: which union member it is of
+
+
+def _problem(error: Any) -> _Problem:
+    loc = error["loc"]
+    steps = [part for part in loc if isinstance(part, int) or not _SHAPE.fullmatch(part)]
+    last_shape = max((at for at, part in enumerate(loc) if isinstance(part, str) and _SHAPE.fullmatch(part)), default=-1)
+    return _Problem(error, path_of(loc), len(steps), tuple(loc[: last_shape + 1]))
+
+
+def describe(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """The message and ``param`` for pydantic's ``errors`` (``exc.errors()``)."""
+    field = tuple(errors[0]["loc"][:1])  # the first field pydantic found wrong
+    problems = [_problem(e) for e in errors if tuple(e["loc"][:1]) == field]
+    error = closest(problems).error
+    param = path_of(error["loc"]) or None
+    if error["type"] == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    if error["type"] == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    here = [p.error for p in problems if p.path == param]
+    if error["type"] in _WANTED and param is not None:
+        kinds = list(dict.fromkeys(_WANTED[e["type"]] for e in here if e["type"] in _WANTED))
+        expected = kinds[0] if len(kinds) == 1 else "one of " + ", ".join(kinds[:-1]) + " or " + kinds[-1]
+        return f"Invalid type for '{param}': expected {expected}, but got {_json_type(error.get('input'))} instead.", param
+    if error["type"] == "literal_error" and param is not None:
+        allowed = (str(e.get("ctx", {}).get("expected", "")) for e in here if e["type"] == "literal_error")
+        values = ", ".join(f"'{value}'" for value in dict.fromkeys(v for text in allowed for v in _QUOTED.findall(text)))
+        if values:
+            return f"Invalid value for '{param}': {error.get('input')!r}. Supported values are: {values}.", param
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return (f"Invalid value for '{param}': {message}" if param else message), param
+
+
+def closest(problems: Sequence[_Problem]) -> _Problem:
+    """The problem of the shape the client most nearly sent (see above)."""
+    wrong = {p.shape for p in problems if _names_another_shape(p.error)}
+    kept = [p for p in problems if not any(p.shape[: len(shape)] == shape for shape in wrong)] or list(problems)
+    # A shape's JSON type that another shape got past: some shape took the value's type.
+    passed = {p.path[:at] for p in kept for at, char in enumerate(p.path) if char in "[."}
+    kept = [p for p in kept if not (_not_this_type(p.error) and p.path in passed)] or kept
+    per_shape = Counter(p.shape for p in kept)
+    fewest = min(per_shape.values())
+    kept = [p for p in kept if per_shape[p.shape] == fewest]
+    deepest = max(p.depth for p in kept)
+    kept = [p for p in kept if p.depth == deepest]
+    paths = Counter(p.path for p in kept)
+    return max(kept, key=lambda p: paths[p.path])  # the first of the most frequent
+
+
+def _names_another_shape(error: Any) -> bool:
+    """A ``role`` or ``type`` that is not this shape's: the client meant another."""
+    loc = error["loc"]
+    return (
+        error["type"] == "literal_error" and len(loc) >= 2 and loc[-1] in ("role", "type")
+        and isinstance(loc[-2], str) and _SHAPE.fullmatch(loc[-2]) is not None
+    )
+
+
+def _not_this_type(error: Any) -> bool:
+    """A value of another JSON type than a whole shape's (a string where the
+    shape is an array)."""
+    loc = error["loc"]
+    return error["type"] in _WANTED and bool(loc) and isinstance(loc[-1], str) and _SHAPE.fullmatch(loc[-1]) is not None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    return "an object"

@@ -1,0 +1,119 @@
+"""A request pydantic refuses is answered as OpenAI answers it: the field's
+path in the client's JSON, and the client's closest miss among the shapes a
+field may take, on vLLM's own request schemas."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+from pydantic import BaseModel, ValidationError
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+from gateway.errors import InvalidRequestError
+from gateway.validation import path_of
+
+
+def refused(schema: type[BaseModel], body: dict[str, Any]) -> InvalidRequestError:
+    with pytest.raises(ValidationError) as caught:
+        schema.model_validate(body)
+    return InvalidRequestError.from_validation(caught.value)
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("schema", "body", "param", "message"),
+    [
+        (ChatCompletionRequest, {"model": "m", "messages": [{"content": "x"}]},
+         "messages[0].role", "Missing required parameter: 'messages[0].role'."),
+        (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": 5}]},
+         "messages[0].content",
+         "Invalid type for 'messages[0].content': expected one of a string or an array, but got an integer instead."),
+        (ChatCompletionRequest, {"model": "m", "messages": "hi"},
+         "messages", "Invalid type for 'messages': expected an array, but got a string instead."),
+        (ChatCompletionRequest, {"model": "m", "messages": USER, "stop": 5},
+         "stop", "Invalid type for 'stop': expected one of a string or an array, but got an integer instead."),
+        (ChatCompletionRequest, {"model": "m", "messages": USER, "tools": [{"type": "function"}]},
+         "tools[0].function", "Missing required parameter: 'tools[0].function'."),
+        (ChatCompletionRequest, {"model": "m", "messages": USER, "reasoning_effort": "huge"},
+         "reasoning_effort", "Invalid value for 'reasoning_effort': 'huge'. Supported values are: "),
+        (CompletionRequest, {"model": "m", "prompt": {"a": 1}},
+         "prompt", "Invalid type for 'prompt': expected one of "),
+        (ResponsesRequest, {"model": "m", "input": [{"role": "user"}]},
+         "input[0].content", "Missing required parameter: 'input[0].content'."),
+        (ResponsesRequest, {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+         "input[0].content[0].text", "Missing required parameter: 'input[0].content[0].text'."),
+        (ResponsesRequest, {"model": "m", "input": [{"type": "function_call_output", "call_id": "c"}]},
+         "input[0].output", "Missing required parameter: 'input[0].output'."),
+        (ResponsesRequest, {"model": "m", "input": 5},
+         "input", "Invalid type for 'input': expected one of a string or an array, but got an integer instead."),
+        (ResponsesRequest, {"model": "m", "input": "x", "tools": [{"type": "function"}]},
+         "tools[0].name", "Missing required parameter: 'tools[0].name'."),
+        (ResponsesRequest, {"model": "m", "input": "x", "tools": [{"type": "nope"}]},
+         "tools[0].type", "Invalid value for 'tools[0].type': 'nope'. Supported values are: 'function', "),
+    ],
+    ids=[
+        "chat-role-missing", "chat-content-type", "chat-messages-type", "chat-stop-type", "chat-tool-function",
+        "chat-literal", "completion-prompt-type", "responses-content-missing", "responses-part-text",
+        "responses-item-output", "responses-input-type", "responses-tool-name", "responses-tool-type",
+    ],
+)
+def test_the_closest_miss_is_named_by_its_path(
+    schema: type[BaseModel], body: dict[str, Any], param: str, message: str
+) -> None:
+    error = refused(schema, body)
+    assert error.param == param
+    assert error.message.startswith(message), error.message
+    assert "Param" not in error.message and "str]" not in error.message  # no pydantic shape names
+
+
+class Text(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Image(BaseModel):
+    type: Literal["image"]
+    url: str
+    detail: str
+
+
+class Body(BaseModel):
+    model: str
+    parts: list[Text | Image] | str
+    n: int = 1
+
+
+def test_a_part_naming_its_type_is_judged_as_that_type_only() -> None:
+    error = refused(Body, {"model": "m", "parts": [{"type": "image"}]})
+    assert (error.param, error.message) == ("parts[0].url", "Missing required parameter: 'parts[0].url'.")
+    error = refused(Body, {"model": "m", "parts": [{"type": "text", "text": 1}]})
+    assert error.param == "parts[0].text" and error.message.startswith("Invalid type for 'parts[0].text': expected a string")
+
+
+def test_the_first_field_pydantic_found_wrong_is_the_one_reported() -> None:
+    error = refused(Body, {"parts": [{"type": "image"}], "n": "x"})
+    assert error.message == "Missing required parameter: 'model'."
+
+
+def test_a_body_that_is_not_an_object_has_no_param() -> None:
+    error = refused(Body, [1, 2])  # type: ignore[arg-type]
+    assert error.param is None and "valid dictionary" in error.message
+
+
+@pytest.mark.parametrize(
+    ("loc", "path"),
+    [
+        (("messages", 0, "ChatCompletionUserMessageParam", "content", "list[union[...]]", 1, "text"),
+         "messages[0].content[1].text"),
+        (("prompt", "list[constrained-int]", 1), "prompt[1]"),
+        (("logit_bias", "50256"), "logit_bias.50256"),
+        ((0, "ChatCompletionContentPartTextParam", "text"), "[0].text"),
+    ],
+)
+def test_a_location_is_written_as_a_path_into_the_json(loc: tuple[int | str, ...], path: str) -> None:
+    assert path_of(loc) == path
