@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import engine_core_placement
-from gateway.errors import ContextLengthExceededError, ModelNotSupportedError
+from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
 from gateway.protocol.extras import check_fields
 from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
 from models.llm.core_placement import BESIDE_WORKERS_AT, CorePlacer
@@ -215,6 +215,7 @@ class VLLMEngine:
         try:
             parsed = schema.model_validate(_with_request_id(request))
             if request.endpoint in _GENERATING:
+                _check_budget(request.endpoint, parsed)
                 _check_window(None, _budget(request.endpoint, parsed), serving.max_model_len, prompt_param)
             result = await call(parsed, create)
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
@@ -270,9 +271,27 @@ def body_json(result: Any, endpoint: str) -> bytes:
 
 def _budget(endpoint: str, request: Any) -> int | None:
     """The most tokens a (vLLM-parsed) request may generate per choice; None: the window's rest."""
+    return _budget_field(endpoint, request)[1]
+
+
+def _budget_field(endpoint: str, request: Any) -> tuple[str, int | None]:
+    """The field that sets a request's output budget, as the client named it, and its value."""
     if endpoint == "responses":
-        return request.max_output_tokens  # type: ignore[no-any-return]
-    return getattr(request, "max_completion_tokens", None) or request.max_tokens  # type: ignore[no-any-return]
+        return "max_output_tokens", request.max_output_tokens
+    if getattr(request, "max_completion_tokens", None) is not None:
+        return "max_completion_tokens", request.max_completion_tokens
+    return "max_tokens", request.max_tokens
+
+
+def _check_budget(endpoint: str, request: Any) -> None:
+    """Refuses an output budget under one token, naming the field the client
+    set (vLLM names its own ``max_tokens`` whichever it was)."""
+    field, budget = _budget_field(endpoint, request)
+    if budget is not None and budget < 1:
+        raise InvalidRequestError(
+            f"Invalid '{field}': integer below minimum value. Expected a value >= 1, but got {budget} instead.",
+            param=field,
+        )
 
 
 # The endpoints whose requests name an output budget.

@@ -78,6 +78,27 @@ def test_a_field_of_the_wrong_shape_is_named_by_its_path_in_the_json(
     assert error["message"].startswith(message), error["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "budget", "field"),
+    [
+        (CHAT, {"max_tokens": 0}, "max_tokens"),
+        (CHAT, {"max_completion_tokens": 0, "stream": True}, "max_completion_tokens"),
+        (COMPLETIONS, {"max_tokens": -1}, "max_tokens"),
+        ("/v1/responses", {"max_output_tokens": 0}, "max_output_tokens"),
+    ],
+    ids=["chat", "chat-max-completion-stream", "completions", "responses"],
+)
+def test_an_output_budget_under_one_token_names_the_field_sent(
+    http: httpx.Client, path: str, budget: dict[str, object], field: str
+) -> None:
+    prompt = {"input": "Hi"} if path == "/v1/responses" else {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HELLO}
+    error = assert_error(http.post(path, json={"model": VLLM_MODEL, **prompt, **budget}), 400, None, field)
+    value = budget[field]
+    assert error["message"] == (
+        f"Invalid '{field}': integer below minimum value. Expected a value >= 1, but got {value} instead."
+    )
+
+
 def test_a_compressed_body_is_served_and_one_it_cannot_decode_is_415(http: httpx.Client) -> None:
     body = json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0}).encode()
     plain = http.post(CHAT, content=body, headers={"content-type": "application/json"})
