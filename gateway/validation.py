@@ -30,6 +30,7 @@ _WANTED = {
     "dict_type": "an object",
     "model_type": "an object",
     "model_attributes_type": "an object",
+    "dataclass_type": "an object",
     "int_type": "an integer",
     "int_parsing": "an integer",
     "int_from_float": "an integer",

@@ -213,7 +213,7 @@ class VLLMEngine:
         # vLLM's schemas take fields they do not know and drop them.
         check_fields(request.endpoint, request.body, _known_fields(schema))
         try:
-            parsed = schema.model_validate(_with_request_id(request))
+            parsed = vllm_errors.validated(schema, _with_request_id(request))
             if request.endpoint in _GENERATING:
                 _check_budget(request.endpoint, parsed)
                 _check_window(None, _budget(request.endpoint, parsed), serving.max_model_len, prompt_param)

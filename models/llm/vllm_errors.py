@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gateway import errors
+from gateway.validation import describe
 from models.llm.engine import ENGINE_DEAD
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,36 @@ def map_exception(exc: BaseException, prompt_param: str | None = None) -> errors
     if response.error.code >= 500:
         logger.error("engine failure", exc_info=exc)
     return map_error(response.model_dump(), prompt_param)
+
+
+def validated(schema: Any, body: dict[str, Any]) -> Any:
+    """``schema.model_validate(body)``; where one of vLLM's own validators,
+    run before the fields', fails on a field of the wrong JSON type
+    (``messages: null`` raises TypeError in vLLM's chat schema), the field is
+    named as pydantic would have named it."""
+    try:
+        return schema.model_validate(body)
+    except (TypeError, AttributeError) as exc:
+        raise _wrong_field(schema, body) or exc from None
+
+
+def _wrong_field(schema: Any, body: dict[str, Any]) -> errors.InvalidRequestError | None:
+    """The first of ``body``'s fields that its own type refuses, as a 400."""
+    from pydantic import TypeAdapter
+
+    for name, field in schema.model_fields.items():
+        key = field.alias or name
+        if key not in body:
+            continue
+        try:
+            TypeAdapter(field.annotation).validate_python(body[key])
+        except ValidationError as exc:
+            found = [{**error, "loc": (key, *error["loc"])} for error in exc.errors()]
+            message, param = describe(found)
+            return errors.InvalidRequestError(message, param=param)
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check alone tells nothing
+            continue
+    return None
 
 
 def response_error(error: errors.GatewayError) -> dict[str, str]:

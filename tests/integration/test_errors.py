@@ -66,8 +66,10 @@ def test_a_body_past_the_limit_is_413_before_it_is_read(http: httpx.Client) -> N
          "Missing required parameter: 'input[0].content'."),
         (COMPLETIONS, {"model": VLLM_MODEL, "prompt": {"a": 1}}, "prompt",
          "Invalid type for 'prompt': expected one of "),
+        (CHAT, {"model": VLLM_MODEL, "messages": None}, "messages",  # vLLM's own validator trips over it
+         "Invalid type for 'messages': expected an array, but got null instead."),
     ],
-    ids=["chat-content", "echo-content", "chat-role", "responses-content", "completions-prompt"],
+    ids=["chat-content", "echo-content", "chat-role", "responses-content", "completions-prompt", "chat-null"],
 )
 def test_a_field_of_the_wrong_shape_is_named_by_its_path_in_the_json(
     http: httpx.Client, path: str, body: dict[str, object], param: str, message: str

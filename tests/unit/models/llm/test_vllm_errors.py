@@ -87,3 +87,24 @@ def test_the_gateways_own_errors_pass_through() -> None:
 )
 def test_a_failed_response_says_why_in_openais_shape(error: errors.GatewayError, code: str) -> None:
     assert vllm_errors.response_error(error) == {"code": code, "message": error.message}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"messages": None}, "messages", "Invalid type for 'messages': expected an array, but got null instead."),
+        ({"messages": 5}, "messages", "Invalid type for 'messages': expected an array, but got an integer instead."),
+        ({"structured_outputs": 5}, "structured_outputs",
+         "Invalid type for 'structured_outputs': expected an object, but got an integer instead."),
+    ],
+)
+def test_a_field_vllms_own_validators_trip_over_is_named_as_pydantic_would(
+    fields: dict[str, object], param: str, message: str
+) -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        vllm_errors.validated(ChatCompletionRequest, body)
+    assert (caught.value.param, caught.value.message) == (param, message)
+    assert vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": []}).messages == []
