@@ -6,9 +6,11 @@ with it.
 A field that may take several shapes (a string or an array, one of seven
 message types) fails once per shape. The one reported is the client's
 closest miss: shapes whose ``role`` or ``type`` names another, then shapes
-of another JSON type than the value sent, are set aside; of the rest the
-shape with the fewest problems wins, and of its problems the deepest. A field of the wrong JSON type says which types it takes, from
-every shape at that place."""
+of another JSON type than the value sent (where another shape took that
+type), are set aside; of the rest the shape with the fewest problems wins,
+and of its problems the deepest. A value of the wrong JSON type is told
+which types the field takes, from every shape at that place; a value none
+of the field's literals allows, which values are."""
 
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ class _Problem(NamedTuple):
 def _problem(error: Any) -> _Problem:
     loc = error["loc"]
     steps = [part for part in loc if isinstance(part, int) or not _SHAPE.fullmatch(part)]
-    last_shape = max((at for at, part in enumerate(loc) if isinstance(part, str) and _SHAPE.fullmatch(part)), default=-1)
+    shapes = [at for at, part in enumerate(loc) if isinstance(part, str) and _SHAPE.fullmatch(part)]
+    last_shape = shapes[-1] if shapes else -1
     return _Problem(error, path_of(loc), len(steps), tuple(loc[: last_shape + 1]))
 
 
@@ -83,10 +86,12 @@ def describe(errors: Sequence[Any]) -> tuple[str, str | None]:
     if error["type"] in _WANTED and param is not None:
         kinds = list(dict.fromkeys(_WANTED[e["type"]] for e in here if e["type"] in _WANTED))
         expected = kinds[0] if len(kinds) == 1 else "one of " + ", ".join(kinds[:-1]) + " or " + kinds[-1]
-        return f"Invalid type for '{param}': expected {expected}, but got {_json_type(error.get('input'))} instead.", param
+        got = _json_type(error.get("input"))
+        return f"Invalid type for '{param}': expected {expected}, but got {got} instead.", param
     if error["type"] == "literal_error" and param is not None:
         allowed = (str(e.get("ctx", {}).get("expected", "")) for e in here if e["type"] == "literal_error")
-        values = ", ".join(f"'{value}'" for value in dict.fromkeys(v for text in allowed for v in _QUOTED.findall(text)))
+        found = dict.fromkeys(value for text in allowed for value in _QUOTED.findall(text))
+        values = ", ".join(f"'{value}'" for value in found)
         if values:
             return f"Invalid value for '{param}': {error.get('input')!r}. Supported values are: {values}.", param
     message = str(error["msg"]).removeprefix("Value error, ")

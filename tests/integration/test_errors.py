@@ -93,7 +93,8 @@ def test_a_field_of_the_wrong_shape_is_named_by_its_path_in_the_json(
 def test_an_output_budget_under_one_token_names_the_field_sent(
     http: httpx.Client, path: str, budget: dict[str, object], field: str
 ) -> None:
-    prompt = {"input": "Hi"} if path == "/v1/responses" else {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HELLO}
+    prompts = {"/v1/responses": {"input": "Hi"}, COMPLETIONS: {"prompt": "Hi"}}
+    prompt = prompts.get(path, {"messages": HELLO})
     error = assert_error(http.post(path, json={"model": VLLM_MODEL, **prompt, **budget}), 400, None, field)
     value = budget[field]
     assert error["message"] == (

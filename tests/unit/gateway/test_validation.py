@@ -92,7 +92,8 @@ def test_a_part_naming_its_type_is_judged_as_that_type_only() -> None:
     error = refused(Body, {"model": "m", "parts": [{"type": "image"}]})
     assert (error.param, error.message) == ("parts[0].url", "Missing required parameter: 'parts[0].url'.")
     error = refused(Body, {"model": "m", "parts": [{"type": "text", "text": 1}]})
-    assert error.param == "parts[0].text" and error.message.startswith("Invalid type for 'parts[0].text': expected a string")
+    assert error.param == "parts[0].text"
+    assert error.message.startswith("Invalid type for 'parts[0].text': expected a string")
 
 
 def test_the_first_field_pydantic_found_wrong_is_the_one_reported() -> None:

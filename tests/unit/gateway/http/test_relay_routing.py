@@ -204,6 +204,7 @@ async def test_the_owner_travels_to_the_replica() -> None:
 
         return stream(), Outcome
 
-    stream = await ReplicaRelay(Router(await serve(opener))).open(EngineRequest("chat", CALL.body, "r", "m", owner="team-a"))
+    call = EngineRequest("chat", CALL.body, "r", "m", owner="team-a")
+    stream = await ReplicaRelay(Router(await serve(opener))).open(call)
     [_ async for _ in stream.chunks()]
     assert [(request.owner, request.replica) for request in seen] == [("team-a", None)]
