@@ -98,9 +98,29 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
     (``messages: null`` raises TypeError in vLLM's chat schema), the field is
     named as pydantic would have named it."""
     try:
-        return schema.model_validate(body)
+        parsed = schema.model_validate(body)
     except (TypeError, AttributeError) as exc:
         raise _wrong_field(schema, body) or exc from None
+    _read_content_parts(parsed)
+    return parsed
+
+
+def _read_content_parts(parsed: Any) -> None:
+    """Checks every chat message's content parts now. vLLM's chat schema
+    leaves some (an assistant's, a system message's) to be checked as they
+    are read, rendering the prompt, where a bad part is named by its place
+    in its own list only (``[0].text``); read here, it is named by its path
+    (``messages[1].content[0].text``), and vLLM reads the list."""
+    for index, message in enumerate(getattr(parsed, "messages", None) or ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        if content is None or isinstance(content, (str, list)):
+            continue
+        try:
+            message["content"] = list(content)
+        except ValidationError as exc:
+            found = [{**error, "loc": ("messages", index, "content", *error["loc"])} for error in exc.errors()]
+            message_text, param = describe(found)
+            raise errors.InvalidRequestError(message_text, param=param) from None
 
 
 def _wrong_field(schema: Any, body: dict[str, Any]) -> errors.InvalidRequestError | None:

@@ -108,3 +108,21 @@ def test_a_field_vllms_own_validators_trip_over_is_named_as_pydantic_would(
         vllm_errors.validated(ChatCompletionRequest, body)
     assert (caught.value.param, caught.value.message) == (param, message)
     assert vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": []}).messages == []
+
+
+@pytest.mark.parametrize("role", ["user", "assistant", "system"])
+def test_a_bad_content_part_is_named_by_its_path_before_vllm_renders_the_prompt(role: str) -> None:
+    """vLLM's schema leaves such a part to be checked while the prompt is
+    rendered, where it was named `[0].text`."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    fine = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    bad = {"role": role, "content": [{"type": "text", "txt": "typo"}]}
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": [fine, bad]})
+    assert caught.value.param == "messages[1].content[0].text"
+    assert caught.value.message == "Missing required parameter: 'messages[1].content[0].text'."
+    # Parts checked here are kept for vLLM to read.
+    good = {"role": role, "content": [{"type": "text", "text": "ok"}]}
+    parsed = vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": [fine, good]})
+    assert [message["content"] for message in parsed.messages] == [fine["content"], good["content"]]
