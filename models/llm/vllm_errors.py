@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from gateway import errors
 from gateway.validation import describe
@@ -107,26 +108,42 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
 
 def _read_content_parts(parsed: Any) -> None:
     """Checks every chat message's content parts now. vLLM's chat schema
-    leaves some (an assistant's, a system message's) to be checked as they
-    are read, rendering the prompt, where a bad part is named by its place
-    in its own list only (``[0].text``); read here, it is named by its path
-    (``messages[1].content[0].text``), and vLLM reads the list."""
+    leaves some (a lone part) to be checked as they are read, rendering the
+    prompt, where a bad part is named by its place in its own list only
+    (``[0].text``), and drops a text part without its text; here each is
+    named by its path (``messages[1].content[0].text``)."""
     for index, message in enumerate(getattr(parsed, "messages", None) or ()):
-        content = message.get("content") if isinstance(message, dict) else None
-        if content is None or isinstance(content, (str, list)):
+        content: Any = message.get("content") if isinstance(message, dict) else None
+        if content is None or isinstance(content, str):
             continue
-        try:
-            message["content"] = list(content)
-        except ValidationError as exc:
-            found = [{**error, "loc": ("messages", index, "content", *error["loc"])} for error in exc.errors()]
-            message_text, param = describe(found)
-            raise errors.InvalidRequestError(message_text, param=param) from None
+        where: tuple[int | str, ...] = ("messages", index, "content")
+        if not isinstance(content, list):  # read once, here; vLLM reads the list
+            content = message["content"] = _checked(where, lambda: list(content))
+        for at, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "text":
+                _checked((*where, at), lambda: _TEXT_PART.validate_python(part))
+
+
+class _TextPart(TypedDict):
+    type: Literal["text"]
+    text: str
+
+
+_TEXT_PART = TypeAdapter(_TextPart)
+
+
+def _checked(where: tuple[int | str, ...], check: Callable[[], Any]) -> Any:
+    """``check()``, its ValidationError as a 400 naming the field by its path below ``where``."""
+    try:
+        return check()
+    except ValidationError as exc:
+        found = [{**error, "loc": (*where, *error["loc"])} for error in exc.errors()]
+        message, param = describe(found)
+        raise errors.InvalidRequestError(message, param=param) from None
 
 
 def _wrong_field(schema: Any, body: dict[str, Any]) -> errors.InvalidRequestError | None:
     """The first of ``body``'s fields that its own type refuses, as a 400."""
-    from pydantic import TypeAdapter
-
     for name, field in schema.model_fields.items():
         key = field.alias or name
         if key not in body:

@@ -16,6 +16,7 @@ from tests.integration.conftest import ECHO_CONTEXT, VLLM_CONTEXT, VLLM_MODEL, G
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HELLO = [{"role": "user", "content": "Hello"}]
+TEXT = {"type": "text", "text": "Hello"}
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None, param: str | None = None):
@@ -68,8 +69,16 @@ def test_a_body_past_the_limit_is_413_before_it_is_read(http: httpx.Client) -> N
          "Invalid type for 'prompt': expected one of "),
         (CHAT, {"model": VLLM_MODEL, "messages": None}, "messages",  # vLLM's own validator trips over it
          "Invalid type for 'messages': expected an array, but got null instead."),
+        # vLLM's own server drops such a part and answers from the rest.
+        (CHAT, {"model": VLLM_MODEL, "messages": [{"role": "user", "content": [TEXT, {"type": "text", "txt": "x"}]}]},
+         "messages[0].content[1].text", "Missing required parameter: 'messages[0].content[1].text'."),
+        (CHAT, {"model": VLLM_MODEL, "messages": [{"role": "assistant", "content": [{"type": "text"}]}]},
+         "messages[0].content[0].text", "Missing required parameter: 'messages[0].content[0].text'."),
     ],
-    ids=["chat-content", "echo-content", "chat-role", "responses-content", "completions-prompt", "chat-null"],
+    ids=[
+        "chat-content", "echo-content", "chat-role", "responses-content", "completions-prompt", "chat-null",
+        "text-part-dropped", "lone-part",
+    ],
 )
 def test_a_field_of_the_wrong_shape_is_named_by_its_path_in_the_json(
     http: httpx.Client, path: str, body: dict[str, object], param: str, message: str

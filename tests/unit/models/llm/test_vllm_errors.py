@@ -126,3 +126,20 @@ def test_a_bad_content_part_is_named_by_its_path_before_vllm_renders_the_prompt(
     good = {"role": role, "content": [{"type": "text", "text": "ok"}]}
     parsed = vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": [fine, good]})
     assert [message["content"] for message in parsed.messages] == [fine["content"], good["content"]]
+
+
+@pytest.mark.parametrize(
+    ("part", "message"),
+    [
+        ({"type": "text", "txt": "typo"}, "Missing required parameter: 'messages[0].content[1].text'."),
+        ({"type": "text", "text": 5},
+         "Invalid type for 'messages[0].content[1].text': expected a string, but got an integer instead."),
+    ],
+)
+def test_a_text_part_without_its_text_is_refused_not_dropped(part: dict[str, object], message: str) -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    content = [{"type": "text", "text": "ok"}, part]
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": content}]})
+    assert (caught.value.param, caught.value.message) == ("messages[0].content[1].text", message)
