@@ -112,8 +112,12 @@ def _read_content_parts(parsed: Any) -> None:
     prompt, where a bad part is named by its place in its own list only
     (``[0].text``), and drops a text part without its text; here each is
     named by its path (``messages[1].content[0].text``)."""
+    _check_text_blocks("system", getattr(parsed, "system", None))
     for index, message in enumerate(getattr(parsed, "messages", None) or ()):
-        content: Any = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict):  # Anthropic's: blocks, checked whole
+            _check_text_blocks(f"messages[{index}].content", getattr(message, "content", None))
+            continue
+        content: Any = message.get("content")
         if content is None or isinstance(content, str):
             continue
         where: tuple[int | str, ...] = ("messages", index, "content")
@@ -122,6 +126,17 @@ def _read_content_parts(parsed: Any) -> None:
         for at, part in enumerate(content):
             if isinstance(part, dict) and part.get("type") == "text":
                 _checked((*where, at), lambda: _TEXT_PART.validate_python(part))
+
+
+def _check_text_blocks(path: str, blocks: Any) -> None:
+    """Refuses an Anthropic ``text`` block without its text (vLLM's schema
+    lets it through, then drops it)."""
+    if not isinstance(blocks, list):
+        return
+    for at, block in enumerate(blocks):
+        if getattr(block, "type", None) == "text" and not isinstance(getattr(block, "text", None), str):
+            param = f"{path}[{at}].text"
+            raise errors.InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
 
 
 class _TextPart(TypedDict):

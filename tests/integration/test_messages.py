@@ -93,6 +93,16 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
     assert dropped.value.body == {
         "type": "error", "error": {"type": "invalid_request_error", "message": "Unrecognized request argument supplied: max_token"}
     }
+    # A text block without its text, which vLLM's schema would let through and drop.
+    with pytest.raises(anthropic.BadRequestError) as blank:
+        claude.messages.create(
+            model=VLLM_MODEL, max_tokens=4,
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text"}]}],  # type: ignore[typeddict-item]
+        )
+    assert blank.value.body == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "Missing required parameter: 'messages[0].content[1].text'."},
+    }
     unknown = http.post("/v1/messages/batches", json={})
     assert (unknown.status_code, unknown.json()["error"]["type"]) == (404, "not_found_error")
 

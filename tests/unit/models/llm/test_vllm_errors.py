@@ -143,3 +143,23 @@ def test_a_text_part_without_its_text_is_refused_not_dropped(part: dict[str, obj
     with pytest.raises(errors.InvalidRequestError) as caught:
         vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": content}]})
     assert (caught.value.param, caught.value.message) == ("messages[0].content[1].text", message)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}]},
+         "messages[0].content[1].text"),
+        ({"system": [{"type": "text"}]}, "system[0].text"),
+    ],
+)
+def test_an_anthropic_text_block_without_its_text_is_refused_not_dropped(fields: dict[str, object], param: str) -> None:
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **fields}
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        vllm_errors.validated(AnthropicMessagesRequest, body)
+    assert (caught.value.param, caught.value.message) == (param, f"Missing required parameter: '{param}'.")
+    text = {"type": "text", "text": "fine"}
+    fine = {**body, "system": [text], "messages": [{"role": "user", "content": [text]}]}
+    assert vllm_errors.validated(AnthropicMessagesRequest, fine).system[0].text == "fine"
