@@ -164,11 +164,9 @@ def _wrong_field(schema: Any, body: dict[str, Any]) -> errors.InvalidRequestErro
         if key not in body:
             continue
         try:
-            TypeAdapter(field.annotation).validate_python(body[key])
-        except ValidationError as exc:
-            found = [{**error, "loc": (key, *error["loc"])} for error in exc.errors()]
-            message, param = describe(found)
-            return errors.InvalidRequestError(message, param=param)
+            _checked((key,), lambda: TypeAdapter(field.annotation).validate_python(body[key]))
+        except errors.InvalidRequestError as error:
+            return error
         except Exception:  # noqa: BLE001 - a type pydantic cannot check alone tells nothing
             continue
     return None
