@@ -83,6 +83,13 @@ TICKET_BYTES = 16
 RELAY_OWN = b"r"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_HEAD_BYTES = 16 * 1024
+# Connections a replica's relay and handoff ports queue before it accepts
+# them (the kernel caps it at net.core.somaxconn): an ingress opens one per
+# stream, and a replica's loop, busy with the engine's output, accepts them
+# in turns. Past the queue a connection's SYN is dropped and retried a
+# second or more later; asyncio's default of 100 cost a burst of 1,500
+# streams seconds of first-token time.
+BACKLOG = 4096
 ENDPOINTS: frozenset[str] = frozenset(
     {"chat", "completion", "responses", "responses_retrieve", "responses_cancel", "messages", "messages_count"}
 )

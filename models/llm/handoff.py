@@ -37,7 +37,7 @@ class HandoffPort:
         """Listens; returns the port's name (``RelayAddress.handoff``)."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listener.bind("\0" + self.name)
-        listener.listen(256)
+        listener.listen(relay.BACKLOG)
         listener.setblocking(False)
         asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
         self._listener = listener

@@ -108,7 +108,7 @@ class StreamServer:
 
     async def start(self) -> relay.RelayAddress:
         """Listens; returns the address and token the replica publishes."""
-        self._server = await asyncio.start_server(self._connection, self._host, 0)
+        self._server = await asyncio.start_server(self._connection, self._host, 0, backlog=relay.BACKLOG)
         port = self._server.sockets[0].getsockname()[1]
         handoff = self._handoff.start() if self._handoff is not None else ""
         return relay.RelayAddress(self._host, int(port), self._token, self._replica, handoff)

@@ -4,6 +4,7 @@ replica's port with a ticket, and the replica's chunked writes to them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +16,7 @@ import pytest
 from gateway.http.handoff import hand_over, reachable
 from gateway.protocol import relay
 from models.llm.handoff import ClientSocket, HandoffPort
+from tests.unit.models.llm.test_relay import BURST, listen_queue_limit
 
 
 @asynccontextmanager
@@ -67,6 +69,34 @@ async def test_a_socket_handed_over_with_its_ticket_reaches_the_stream_waiting_f
             with handed:
                 handed.send(b"from the replica")
             assert theirs.recv(100) == b"from the replica"
+
+
+async def test_a_burst_of_handovers_waits_for_a_busy_replica_in_the_kernel() -> None:
+    # Past the port's queue an ingress finds it full and relays the stream
+    # itself: every byte of it then crosses the ingress.
+    async with started_port() as (_, address):
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(BURST):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                socks.append(sock)
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):  # the queue is full
+                    sock.connect("\0" + address.handoff)
+            # The event loop has not run since: the port has accepted none of them.
+            connected = sum(1 for sock in socks if peer_of(sock))
+            assert connected == min(BURST, listen_queue_limit() + 1)
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def peer_of(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 async def test_a_socket_with_a_ticket_nobody_gave_out_is_closed_unused() -> None:

@@ -1,10 +1,14 @@
 """models/llm/relay.py: an ingress that leaves before a stream's first frame
 (its client hung up while the request was queued on the replica, or while
-the engine prefilled its prompt) ends the request there, on the real relay."""
+the engine prefilled its prompt) ends the request there, on the real relay;
+a burst of new connections waits for the replica in the kernel's queue."""
 
 from __future__ import annotations
 
 import asyncio
+import selectors
+import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +18,7 @@ from gateway import sse
 from gateway.errors import OverloadedError
 from gateway.http.relay import ReplicaRelay
 from gateway.protocol.engine import EngineRequest, Outcome
+from models.llm.relay import StreamServer
 from tests.unit.gateway.http.test_relay import CALL, Router, serve
 from tests.unit.gateway.http.test_relay_routing import held_stream
 
@@ -64,3 +69,46 @@ async def test_a_queued_request_whose_ingress_leaves_gives_its_place_up_and_neve
     third = await asyncio.wait_for(later, timeout=2)
     assert b"".join([chunk async for chunk in third.chunks()]).endswith(sse.DONE)
     assert served == [1, 1]  # the request that left was never started
+
+
+# New relay connections an ingress opens at once on one replica (one per
+# stream: a burst of clients), well within the replica's default limits.
+BURST = 300
+
+
+def listen_queue_limit() -> int:
+    """The kernel's cap on any socket's queue of connections not yet accepted."""
+    with open("/proc/sys/net/core/somaxconn") as limit:
+        return int(limit.read())
+
+
+def connected_within(addresses: list[socket.socket], timeout_s: float) -> int:
+    """How many of the connecting sockets complete their connection within ``timeout_s``."""
+    pending = set(addresses)
+    with selectors.DefaultSelector() as selector:
+        for sock in pending:
+            selector.register(sock, selectors.EVENT_WRITE)
+        deadline = time.monotonic() + timeout_s
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                selector.unregister(key.fileobj)
+                pending.discard(key.fileobj)  # type: ignore[arg-type]
+    return len(addresses) - len(pending)
+
+
+async def test_a_burst_of_new_connections_waits_for_a_busy_replica_in_the_kernel() -> None:
+    # The replica accepts connections on its event loop, which the engine's
+    # output keeps busy: a connection beyond its port's queue has its SYN
+    # dropped and retried a second or more later (asyncio's default queue of
+    # 100 cost a burst of 1,500 streams seconds of first-token time).
+    address = await StreamServer(await held_stream(asyncio.Event(), [], 0), "127.0.0.1").start()
+    socks = [socket.socket() for _ in range(BURST)]
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+            sock.connect_ex((address.host, address.port))
+        # The event loop has not run since: the replica has accepted none of them.
+        assert connected_within(socks, 0.5) == min(BURST, listen_queue_limit() + 1)
+    finally:
+        for sock in socks:
+            sock.close()
