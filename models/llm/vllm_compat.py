@@ -61,6 +61,7 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (_RESPONSES, "OpenAIServingResponses.cancel_responses", ("response_id",)),
     (_ANTHROPIC, "AnthropicServingMessages.create_messages", ("request",)),
     (_ANTHROPIC, "AnthropicServingMessages.count_tokens", ("request",)),
+    (_ANTHROPIC, "AnthropicServingMessages.messages_full_converter", ("generator",)),
     (
         _ANTHROPIC,
         "AnthropicServingMessages.to_chat_completion_request",
@@ -253,6 +254,9 @@ def _register_endpoints(serving: Serving) -> None:
         serving.endpoints["responses"] = (ResponsesRequest, serving.responses.create_responses, "input")
     if serving.messages is not None:
         messages = serving.messages
+        messages.messages_full_converter = vllm_errors.tool_inputs_checked(  # type: ignore[method-assign]
+            messages.messages_full_converter
+        )
         serving.endpoints["messages"] = (AnthropicMessagesRequest, messages.create_messages, "messages")
         serving.endpoints["messages_count"] = (AnthropicCountTokensRequest, messages.count_tokens, "messages")
 

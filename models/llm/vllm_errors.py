@@ -3,6 +3,7 @@ and parameter), never by a message's words; and a failed response's ``error``.""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,6 +171,31 @@ def _wrong_field(schema: Any, body: dict[str, Any]) -> errors.InvalidRequestErro
         except Exception:  # noqa: BLE001 - a type pydantic cannot check alone tells nothing
             continue
     return None
+
+
+def tool_inputs_checked(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """vLLM's conversion of a whole chat answer into a Messages API answer,
+    refusing first, as the model's failure (500 naming the tool), an answer
+    with a tool call whose arguments are not a JSON object: a ``tool_use``
+    block's ``input`` must be one, and vLLM's own conversion fails there with
+    pydantic's error about ``input`` (or JSON's), which reads as the client's 400."""
+
+    def converted(answer: Any) -> Any:
+        for choice in answer.choices:
+            for call in choice.message.tool_calls or ():
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    logger.error("tool call arguments not a JSON object: %r", call.function.arguments[:200])
+                    raise errors.InternalServerError(
+                        f"The model called tool '{call.function.name}' with arguments that are not a JSON "
+                        "object, which a tool_use block's input must be."
+                    )
+        return convert(answer)
+
+    return converted
 
 
 def response_error(error: errors.GatewayError) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -163,3 +165,40 @@ def test_an_anthropic_text_block_without_its_text_is_refused_not_dropped(fields:
     text = {"type": "text", "text": "fine"}
     fine = {**body, "system": [text], "messages": [{"role": "user", "content": [text]}]}
     assert vllm_errors.validated(AnthropicMessagesRequest, fine).system[0].text == "fine"
+
+
+def chat_answer(*arguments: str) -> Any:
+    """vLLM's whole chat answer with a call of tool ``f`` for each of ``arguments``."""
+    from vllm.entrypoints.openai.chat_completion.protocol import (
+        ChatCompletionResponse,
+        ChatCompletionResponseChoice,
+        ChatMessage,
+    )
+    from vllm.entrypoints.generate.base.protocol import FunctionCall, ToolCall
+    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+    calls = [ToolCall(function=FunctionCall(name="f", arguments=text)) for text in arguments]
+    message = ChatMessage(role="assistant", content="", tool_calls=calls)
+    choice = ChatCompletionResponseChoice(index=0, message=message, finish_reason="tool_calls")
+    return ChatCompletionResponse(model="m", choices=[choice], usage=UsageInfo(prompt_tokens=1, completion_tokens=2))
+
+
+def test_a_messages_answer_gives_each_tool_call_its_arguments_as_input() -> None:
+    def convert(answer: Any) -> list[str]:
+        return [call.function.arguments for call in answer.choices[0].message.tool_calls]
+
+    checked = vllm_errors.tool_inputs_checked(convert)
+    assert checked(chat_answer('{"a": "x"}', "{}")) == ['{"a": "x"}', "{}"]
+
+
+@pytest.mark.parametrize("arguments", ["false", "[1]", '"text"', '{"a": "x"', ""])
+def test_tool_arguments_that_are_not_a_json_object_are_the_models_failure_not_the_clients(arguments: str) -> None:
+    # A tool_use block's input must be an object; vLLM's own conversion raises
+    # pydantic's error about `input` (or JSON's), read as the client's 400.
+    def convert(answer: Any) -> Any:
+        raise AssertionError("converted an answer it cannot represent")
+
+    with pytest.raises(errors.InternalServerError) as raised:
+        vllm_errors.tool_inputs_checked(convert)(chat_answer("{}", arguments))
+    assert raised.value.status_code == 500
+    assert "tool 'f'" in raised.value.message and "not a JSON object" in raised.value.message
