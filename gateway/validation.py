@@ -5,10 +5,11 @@ with it.
 
 A field that may take several shapes (a string or an array, one of seven
 message types) fails once per shape. The one reported is the client's
-closest miss: shapes whose ``role`` or ``type`` names another, then shapes
-of another JSON type than the value sent (where another shape took that
-type), are set aside; of the rest the shape with the fewest problems wins,
-and of its problems the deepest. A value of the wrong JSON type is told
+closest miss: shapes of another JSON type than the value sent (where another
+shape took that type), then shapes whose ``type``, then ``role``, names
+another, are set aside (unless every shape left refuses that value: then it
+is the miss); of the rest the shape with the fewest problems wins, and of its
+problems the deepest. A value of the wrong JSON type is told
 which types the field takes, from every shape at that place; a value none
 of the field's literals allows, which values are."""
 
@@ -100,11 +101,12 @@ def describe(errors: Sequence[Any]) -> tuple[str, str | None]:
 
 def closest(problems: Sequence[_Problem]) -> _Problem:
     """The problem of the shape the client most nearly sent (see above)."""
-    wrong = {p.shape for p in problems if _names_another_shape(p.error)}
-    kept = [p for p in problems if not any(p.shape[: len(shape)] == shape for shape in wrong)] or list(problems)
     # A shape's JSON type that another shape got past: some shape took the value's type.
-    passed = {p.path[:at] for p in kept for at, char in enumerate(p.path) if char in "[."}
-    kept = [p for p in kept if not (_not_this_type(p.error) and p.path in passed)] or kept
+    passed = {p.path[:at] for p in problems for at, char in enumerate(p.path) if char in "[."}
+    kept = [p for p in problems if not (_not_this_type(p.error) and p.path in passed)] or list(problems)
+    for name in ("type", "role"):
+        wrong = _meant_elsewhere({p.shape for p in kept if _names_another_shape(p.error, name)}, kept)
+        kept = [p for p in kept if not any(p.shape[: len(shape)] == shape for shape in wrong)] or kept
     per_shape = Counter(p.shape for p in kept)
     fewest = min(per_shape.values())
     kept = [p for p in kept if per_shape[p.shape] == fewest]
@@ -114,11 +116,28 @@ def closest(problems: Sequence[_Problem]) -> _Problem:
     return max(kept, key=lambda p: paths[p.path])  # the first of the most frequent
 
 
-def _names_another_shape(error: Any) -> bool:
-    """A ``role`` or ``type`` that is not this shape's: the client meant another."""
+def _meant_elsewhere(wrong: set[tuple[int | str, ...]], problems: Sequence[_Problem]) -> set[tuple[int | str, ...]]:
+    """The shapes of ``wrong`` with a problem at the same place that is not
+    of a shape in ``wrong`` (another shape took the value): where every shape
+    at a place refuses the value sent, the client meant none of them, and
+    that value is the miss."""
+
+    def refused(problem: _Problem) -> bool:
+        return any(problem.shape[: len(shape)] == shape for shape in wrong)
+
+    meant = set()
+    for shape in wrong:
+        place = shape[:-1]
+        if any(p.shape[: len(place)] == place and len(p.shape) > len(place) and not refused(p) for p in problems):
+            meant.add(shape)
+    return meant
+
+
+def _names_another_shape(error: Any, name: str) -> bool:
+    """A ``role`` or ``type`` (``name``) that is not this shape's: the client meant another."""
     loc = error["loc"]
     return (
-        error["type"] == "literal_error" and len(loc) >= 2 and loc[-1] in ("role", "type")
+        error["type"] == "literal_error" and len(loc) >= 2 and loc[-1] == name
         and isinstance(loc[-2], str) and _SHAPE.fullmatch(loc[-2]) is not None
     )
 

@@ -55,11 +55,15 @@ USER = [{"role": "user", "content": "hi"}]
          "tools[0].name", "Missing required parameter: 'tools[0].name'."),
         (ResponsesRequest, {"model": "m", "input": "x", "tools": [{"type": "nope"}]},
          "tools[0].type", "Invalid value for 'tools[0].type': 'nope'. Supported values are: 'function', "),
+        # A message item of a role no message has: its role, not the string `input` might have been.
+        (ResponsesRequest, {"model": "m", "input": [{"type": "message", "role": "wizard", "content": "x"}]},
+         "input[0].role", "Invalid value for 'input[0].role': 'wizard'. Supported values are: "),
     ],
     ids=[
         "chat-role-missing", "chat-content-type", "chat-messages-type", "chat-stop-type", "chat-tool-function",
         "chat-literal", "completion-prompt-type", "responses-content-missing", "responses-part-text",
         "responses-item-output", "responses-input-type", "responses-tool-name", "responses-tool-type",
+        "responses-item-role",
     ],
 )
 def test_the_closest_miss_is_named_by_its_path(
@@ -94,6 +98,31 @@ def test_a_part_naming_its_type_is_judged_as_that_type_only() -> None:
     error = refused(Body, {"model": "m", "parts": [{"type": "text", "text": 1}]})
     assert error.param == "parts[0].text"
     assert error.message.startswith("Invalid type for 'parts[0].text': expected a string")
+
+
+class Said(BaseModel):
+    role: Literal["user"]
+    text: str
+
+
+class Heard(BaseModel):
+    role: Literal["assistant"]
+    text: str
+    heard: bool
+
+
+class Turns(BaseModel):
+    turns: list[Said | Heard] | str
+
+
+def test_a_role_no_shape_takes_is_named_where_every_shape_of_its_type_refuses_it() -> None:
+    error = refused(Turns, {"turns": [{"role": "wizard", "text": "x"}]})
+    assert (error.param, error.message) == (
+        "turns[0].role", "Invalid value for 'turns[0].role': 'wizard'. Supported values are: 'user', 'assistant'."
+    )
+    # A role some shape takes still picks that shape.
+    error = refused(Turns, {"turns": [{"role": "assistant", "text": "x"}]})
+    assert (error.param, error.message) == ("turns[0].heard", "Missing required parameter: 'turns[0].heard'.")
 
 
 def test_the_first_field_pydantic_found_wrong_is_the_one_reported() -> None:
