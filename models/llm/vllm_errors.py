@@ -98,13 +98,37 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
     """``schema.model_validate(body)``; where one of vLLM's own validators,
     run before the fields', fails on a field of the wrong JSON type
     (``messages: null`` raises TypeError in vLLM's chat schema), the field is
-    named as pydantic would have named it."""
+    named as pydantic would have named it, and a bad tool call of an
+    assistant message by its path (``messages[0].tool_calls[1].function``)."""
     try:
         parsed = schema.model_validate(body)
     except (TypeError, AttributeError) as exc:
         raise _wrong_field(schema, body) or exc from None
+    except ValidationError as exc:
+        found = exc.errors()
+        if found and found[0]["loc"] and isinstance(found[0]["loc"][0], int):
+            # From a list one of vLLM's own validators read (an assistant
+            # message's tool_calls, read whole after the fields): where it was is lost.
+            raise _bad_tool_calls(body) or exc from None
+        raise
     _read_content_parts(parsed)
     return parsed
+
+
+def _bad_tool_calls(body: dict[str, Any]) -> errors.InvalidRequestError | None:
+    """The first assistant message's ``tool_calls`` that OpenAI's tool call
+    types refuse, as a 400 naming the call's field by its path."""
+    from openai.types.chat import ChatCompletionMessageToolCallUnionParam
+
+    calls_type = TypeAdapter(list[ChatCompletionMessageToolCallUnionParam])
+    for index, message in enumerate(body.get("messages") or ()):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list) and message.get("role") == "assistant":
+            try:
+                _checked(("messages", index, "tool_calls"), lambda: calls_type.validate_python(calls))
+            except errors.InvalidRequestError as error:
+                return error
+    return None
 
 
 def _read_content_parts(parsed: Any) -> None:

@@ -74,10 +74,16 @@ def test_a_body_past_the_limit_is_413_before_it_is_read(http: httpx.Client) -> N
          "messages[0].content[1].text", "Missing required parameter: 'messages[0].content[1].text'."),
         (CHAT, {"model": VLLM_MODEL, "messages": [{"role": "assistant", "content": [{"type": "text"}]}]},
          "messages[0].content[0].text", "Missing required parameter: 'messages[0].content[0].text'."),
+        # vLLM's own validator reads the calls whole, and loses where they were.
+        (CHAT, {"model": VLLM_MODEL, "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "x"}]}]},
+         "messages[0].tool_calls[0].type", "Invalid value for 'messages[0].tool_calls[0].type': 'x'. Supported "),
+        # Every message item refuses the role: the role is named, not the string `input` might have been.
+        ("/v1/responses", {"model": VLLM_MODEL, "input": [{"type": "message", "role": "wizard", "content": "x"}]},
+         "input[0].role", "Invalid value for 'input[0].role': 'wizard'. Supported values are: 'user', "),
     ],
     ids=[
         "chat-content", "echo-content", "chat-role", "responses-content", "completions-prompt", "chat-null",
-        "text-part-dropped", "lone-part",
+        "text-part-dropped", "lone-part", "tool-call", "responses-role",
     ],
 )
 def test_a_field_of_the_wrong_shape_is_named_by_its_path_in_the_json(

@@ -131,6 +131,36 @@ def test_a_bad_content_part_is_named_by_its_path_before_vllm_renders_the_prompt(
 
 
 @pytest.mark.parametrize(
+    ("call", "param", "message"),
+    [
+        ({"id": "c1", "type": "function"}, "messages[0].tool_calls[1].function",
+         "Missing required parameter: 'messages[0].tool_calls[1].function'."),
+        ({"id": "c1", "type": "function", "function": {"name": "f"}}, "messages[0].tool_calls[1].function.arguments",
+         "Missing required parameter: 'messages[0].tool_calls[1].function.arguments'."),
+        ({"id": "c1", "type": "funktion", "function": {"name": "f", "arguments": "{}"}},
+         "messages[0].tool_calls[1].type", "Invalid value for 'messages[0].tool_calls[1].type': 'funktion'. "),
+    ],
+)
+def test_a_bad_tool_call_of_an_assistant_message_is_named_by_its_path(
+    call: dict[str, Any], param: str, message: str
+) -> None:
+    """vLLM's schema leaves an assistant message's tool calls to be checked
+    while the prompt is rendered, where one was named `[0].function`."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    fine = {"id": "c0", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [{"role": "assistant", "tool_calls": [fine, call]}, {"role": "user", "content": "hi"}]
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": turns})
+    assert caught.value.param == param
+    assert caught.value.message.startswith(message), caught.value.message
+    # Calls checked here are kept for vLLM to read.
+    turns[0]["tool_calls"] = [fine, fine]
+    parsed = vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": turns})
+    assert list(parsed.messages[0]["tool_calls"]) == [fine, fine]
+
+
+@pytest.mark.parametrize(
     ("part", "message"),
     [
         ({"type": "text", "txt": "typo"}, "Missing required parameter: 'messages[0].content[1].text'."),
