@@ -64,13 +64,23 @@ def map_error(envelope: dict[str, Any], prompt_param: str | None = None) -> erro
     ``ERROR_TABLE``; anything else is a 500 whose details stay in the log."""
     error = envelope.get("error", envelope)
     status = int(error.get("code") or 500)
-    message = str(error.get("message") or "")
+    message = _without_debugging_suffix(str(error.get("message") or ""), error.get("param"))
     param = error.get("param")
     for row in ERROR_TABLE:
         if status in row.statuses and (row.params is ANY or param in row.params):
             return row.make(message, (prompt_param or param) if row.names_prompt else param, status)
     logger.error("engine error (%d): %s", status, message)
     return errors.InternalServerError("The model failed while serving the request.")
+
+
+def _without_debugging_suffix(message: str, param: str | None) -> str:
+    """``message`` without the " (parameter=..., value=...)" that str() of
+    vLLM's ``VLLMValidationError`` appends, when it names the error's own
+    ``param``: the value (however large) is the client's own."""
+    suffix = f" (parameter={param}"
+    if param is not None and message.endswith(")") and suffix in message:
+        return message[: message.rindex(suffix)]
+    return message
 
 
 def map_exception(exc: BaseException, prompt_param: str | None = None) -> errors.GatewayError:

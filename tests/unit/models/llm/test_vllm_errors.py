@@ -73,6 +73,20 @@ def test_vllm_exceptions_map_by_type(exc: Exception, cls: type[errors.GatewayErr
         assert translated.param == "prompt"  # OpenAI's name for the prompt, not vLLM's
 
 
+def test_a_vllm_validation_error_says_what_is_wrong_without_its_debugging_suffix() -> None:
+    # str() of vLLM's error appends "(parameter=logprobs, value=x)": the
+    # parameter is the error's `param`, and the value (however large) is the client's own.
+    exc = VLLMValidationError("`logprobs` must be an integer.", parameter="logprobs", value="x" * 10_000)
+    translated = vllm_errors.map_exception(exc)
+    assert (translated.message, translated.param) == ("`logprobs` must be an integer.", "logprobs")
+    # The same error as vLLM's serving code answers it, already an error object.
+    answered = vllm_errors.map_error({"error": {"code": 400, "message": str(exc), "param": "logprobs"}})
+    assert (answered.message, answered.param) == ("`logprobs` must be an integer.", "logprobs")
+    # A message that merely ends in parentheses keeps them.
+    kept = vllm_errors.map_error({"error": {"code": 400, "message": "bad (see docs)", "param": "logprobs"}})
+    assert kept.message == "bad (see docs)"
+
+
 def test_the_gateways_own_errors_pass_through() -> None:
     own = errors.ContextLengthExceededError("too long", param="input")
     assert vllm_errors.map_exception(own) is own
