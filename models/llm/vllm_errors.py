@@ -110,19 +110,41 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
     (``messages: null`` raises TypeError in vLLM's chat schema), the field is
     named as pydantic would have named it, and a bad tool call of an
     assistant message by its path (``messages[0].tool_calls[1].function``)."""
+    not_an_array = _calls_not_an_array(body)  # before vLLM's validator makes a list of them
     try:
         parsed = schema.model_validate(body)
     except (TypeError, AttributeError) as exc:
         raise _wrong_field(schema, body) or exc from None
     except ValidationError as exc:
-        found = exc.errors()
-        if found and found[0]["loc"] and isinstance(found[0]["loc"][0], int):
-            # From a list one of vLLM's own validators read (an assistant
-            # message's tool_calls, read whole after the fields): where it was is lost.
-            raise _bad_tool_calls(body) or exc from None
+        # An assistant message's tool_calls: vLLM's own validator reads them
+        # whole after the fields, and its error has lost where they were; and
+        # a string or an object there is read as the array of its characters or keys.
+        if any(_of_tool_calls(error["loc"]) for error in exc.errors()):
+            raise not_an_array or _bad_tool_calls(body) or exc from None
         raise
     _read_content_parts(parsed)
     return parsed
+
+
+def _of_tool_calls(loc: tuple[int | str, ...]) -> bool:
+    """Whether an error's location is in tool calls, or starts at a place in
+    a list rather than at a field (the list's own place lost)."""
+    return "tool_calls" in loc or (bool(loc) and isinstance(loc[0], int))
+
+
+def _calls_not_an_array(body: dict[str, Any]) -> errors.InvalidRequestError | None:
+    """The first assistant message's ``tool_calls`` that is neither an array
+    nor null, as a 400 saying so."""
+    messages = body.get("messages")
+    for index, message in enumerate(messages if isinstance(messages, list) else ()):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, (str, dict)) and message.get("role") == "assistant":
+            param = f"messages[{index}].tool_calls"
+            got = "a string" if isinstance(calls, str) else "an object"
+            return errors.InvalidRequestError(
+                f"Invalid type for '{param}': expected an array, but got {got} instead.", param=param
+            )
+    return None
 
 
 def _bad_tool_calls(body: dict[str, Any]) -> errors.InvalidRequestError | None:
@@ -131,7 +153,8 @@ def _bad_tool_calls(body: dict[str, Any]) -> errors.InvalidRequestError | None:
     from openai.types.chat import ChatCompletionMessageToolCallUnionParam
 
     calls_type = TypeAdapter(list[ChatCompletionMessageToolCallUnionParam])
-    for index, message in enumerate(body.get("messages") or ()):
+    messages = body.get("messages")
+    for index, message in enumerate(messages if isinstance(messages, list) else ()):
         calls = message.get("tool_calls") if isinstance(message, dict) else None
         if isinstance(calls, list) and message.get("role") == "assistant":
             try:
