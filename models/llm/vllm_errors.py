@@ -244,8 +244,8 @@ def tool_inputs_checked(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
                     arguments = json.loads(call.function.arguments)
                 except ValueError:
                     arguments = None
-                if not isinstance(arguments, dict):
-                    logger.error("tool call arguments not a JSON object: %r", call.function.arguments[:200])
+                if not isinstance(arguments, dict):  # what the model wrote stays out of the log
+                    logger.error("the model called tool %r with arguments not a JSON object", call.function.name)
                     raise errors.InternalServerError(
                         f"The model called tool '{call.function.name}' with arguments that are not a JSON "
                         "object, which a tool_use block's input must be."
