@@ -135,8 +135,9 @@ class BodyDecoder:
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object; raises InvalidRequestError otherwise."""
     try:
-        # Strict UTF-8 (json.loads of bytes would let encoded surrogates through).
-        body = json.loads(raw.decode("utf-8"))
+        # Strict UTF-8 (json.loads of bytes would let encoded surrogates through),
+        # after a byte order mark, which JSON parsers may ignore and vLLM's server does.
+        body = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequestError(
             "We could not parse the JSON body of your request. The body must be valid JSON."

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from gateway.protocol.envelope import StreamOptions
+from gateway.protocol.envelope import LogitBias, StreamOptions
 
 
 class CompletionRequest(BaseModel):
@@ -18,6 +18,7 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: StrictBool | None = False
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: LogitBias | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
     max_tokens: int | None = Field(16, ge=1)
     n: int = Field(1, ge=1, le=128)

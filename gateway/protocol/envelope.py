@@ -6,7 +6,7 @@ validated there by the engine's own schema.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from pydantic import (
     BaseModel,
@@ -18,6 +18,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+
+# OpenAI's logit_bias: token id to a bias from -100 to 100. vLLM clamps a
+# bias outside that range (and NaN) to it; here it is refused, never altered.
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]]
 
 
 class StreamOptions(BaseModel):

@@ -13,6 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from gateway import errors
+from gateway.protocol.envelope import LogitBias
 from gateway.validation import describe
 from models.llm.engine import ENGINE_DEAD
 
@@ -109,7 +110,8 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
     run before the fields', fails on a field of the wrong JSON type
     (``messages: null`` raises TypeError in vLLM's chat schema), the field is
     named as pydantic would have named it, and a bad tool call of an
-    assistant message by its path (``messages[0].tool_calls[1].function``)."""
+    assistant message by its path (``messages[0].tool_calls[1].function``);
+    a ``logit_bias`` outside OpenAI's range is refused, not clamped."""
     not_an_array = _calls_not_an_array(body)  # before vLLM's validator makes a list of them
     try:
         parsed = schema.model_validate(body)
@@ -123,7 +125,12 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
             raise not_an_array or _bad_tool_calls(body) or exc from None
         raise
     _read_content_parts(parsed)
+    if getattr(parsed, "logit_bias", None):  # vLLM would clamp a bias outside OpenAI's range
+        _checked(("logit_bias",), lambda: _LOGIT_BIAS.validate_python(parsed.logit_bias))
     return parsed
+
+
+_LOGIT_BIAS = TypeAdapter(LogitBias)
 
 
 def _of_tool_calls(loc: tuple[int | str, ...]) -> bool:

@@ -41,6 +41,14 @@ def test_body_that_is_not_a_json_object_is_400(http: httpx.Client, path: str, ra
     assert error["type"] == "invalid_request_error"
 
 
+def test_a_body_after_a_byte_order_mark_is_served(http: httpx.Client) -> None:
+    """As by vLLM's own server: an editor on Windows may save a body's file with one."""
+    body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 2}
+    response = http.post(CHAT, content=b"\xef\xbb\xbf" + json.dumps(body).encode())
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "chat.completion" and response.json()["model"] == VLLM_MODEL
+
+
 def test_a_body_past_the_limit_is_413_before_it_is_read(http: httpx.Client) -> None:
     huge = b'{"model": "echo", "messages": [{"role": "user", "content": "' + b"x" * (40 * 1024 * 1024) + b'"}]}'
     error = assert_error(http.post(CHAT, content=huge), 413, "request_too_large")
@@ -151,6 +159,7 @@ def test_json_nested_too_deeply_is_400(http: httpx.Client, depth: int) -> None:
         ({"model": "{model}", "messages": HELLO, "stream": "yes"}, "stream"),
         ({"model": "{model}", "messages": "hi"}, "messages"),
         ({"model": "{model}", "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": "{model}", "messages": HELLO, "logit_bias": {"5": 500}}, "logit_bias.5"),
     ],
 )
 def test_invalid_fields_are_400_naming_the_field(

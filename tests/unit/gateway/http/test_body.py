@@ -11,7 +11,7 @@ import pytest
 from fastapi import Request
 
 from gateway.errors import InvalidRequestError, RequestTooLargeError, UnsupportedEncodingError
-from gateway.http.body import BodyDecoder, read_body
+from gateway.http.body import BodyDecoder, parse_json_object, read_body
 
 BODY = b'{"model": "echo", "messages": [{"role": "user", "content": "hello"}]}' * 50
 
@@ -111,3 +111,14 @@ async def test_the_limit_is_on_the_decoded_body_and_on_the_bytes_sent() -> None:
     sent, _ = request_of([gzip.compress(noise)], content_encoding="gzip")
     with pytest.raises(RequestTooLargeError):
         await read_body(sent, limit=len(noise))
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "m"}', b'\xef\xbb\xbf{"model": "m"}', b' \n{"model": "m"}\n'])
+def test_a_json_object_is_read_after_a_byte_order_mark_or_whitespace(raw: bytes) -> None:
+    assert parse_json_object(raw) == {"model": "m"}
+
+
+@pytest.mark.parametrize("raw", [b'\xef\xbb\xbf\xef\xbb\xbf{"model": "m"}', b'{"model": "m"}\xef\xbb\xbf', b"\xef\xbb\xbf"])
+def test_a_byte_order_mark_anywhere_but_first_is_not_json(raw: bytes) -> None:
+    with pytest.raises(InvalidRequestError, match="could not parse the JSON body"):
+        parse_json_object(raw)

@@ -295,6 +295,8 @@ async def test_prompt_longer_than_context_without_max_tokens_raises(engine: Echo
         ("chat", {"temperature": 5}, "temperature", "less than or equal to 2"),
         ("completion", {"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ("completion", {"logprobs": 9}, "logprobs", "less than or equal to 5"),
+        ("chat", {"logit_bias": {"5": 101}}, "logit_bias.5", "less than or equal to 100"),
+        ("completion", {"logit_bias": {"5": float("nan")}}, "logit_bias.5", "a finite number"),
     ],
 )
 async def test_invalid_fields_name_the_param(

@@ -259,3 +259,35 @@ def test_tool_arguments_that_are_not_a_json_object_are_the_models_failure_not_th
         vllm_errors.tool_inputs_checked(convert)(chat_answer("{}", arguments))
     assert raised.value.status_code == 500
     assert "tool 'f'" in raised.value.message and "not a JSON object" in raised.value.message
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+@pytest.mark.parametrize(
+    ("bias", "says"),
+    [
+        (500.0, "Input should be less than or equal to 100"),
+        (-100.5, "Input should be greater than or equal to -100"),
+        (float("nan"), "Input should be a finite number"),
+        (float("-inf"), "Input should be a finite number"),
+    ],
+)
+def test_a_logit_bias_outside_openais_range_is_refused_not_clamped(endpoint: str, bias: float, says: str) -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    schema, prompt = (
+        (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]})
+        if endpoint == "chat" else (CompletionRequest, {"prompt": "hi"})
+    )
+    body = {"model": "m", **prompt, "logit_bias": {"5": 1.0, "7": bias}}
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        vllm_errors.validated(schema, body)
+    assert (caught.value.param, caught.value.message) == ("logit_bias.7", f"Invalid value for 'logit_bias.7': {says}")
+
+
+@pytest.mark.parametrize("bias", [-100, 0, 2.5, 100])
+def test_a_logit_bias_within_openais_range_is_the_engines_as_sent(bias: float) -> None:
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    parsed = vllm_errors.validated(CompletionRequest, {"model": "m", "prompt": "hi", "logit_bias": {"5": bias}})
+    assert parsed.logit_bias == {"5": bias}
