@@ -285,11 +285,14 @@ def _budget_field(endpoint: str, request: Any) -> tuple[str, int | None]:
 
 def _check_budget(endpoint: str, request: Any) -> None:
     """Refuses an output budget under one token, naming the field the client
-    set (vLLM names its own ``max_tokens`` whichever it was)."""
+    set (vLLM names its own ``max_tokens`` whichever it was); a completion
+    that echoes its prompt may generate none (the prompt's logprobs alone, a
+    scoring request, as OpenAI's completions API and vLLM's own server allow)."""
     field, budget = _budget_field(endpoint, request)
-    if budget is not None and budget < 1:
+    least = 0 if endpoint == "completion" and getattr(request, "echo", False) else 1
+    if budget is not None and budget < least:
         raise InvalidRequestError(
-            f"Invalid '{field}': integer below minimum value. Expected a value >= 1, but got {budget} instead.",
+            f"Invalid '{field}': integer below minimum value. Expected a value >= {least}, but got {budget} instead.",
             param=field,
         )
 

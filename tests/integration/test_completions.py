@@ -54,6 +54,27 @@ def test_logprobs_and_echo(client: openai.OpenAI) -> None:
     assert all(len(top) >= 2 for top in choice.logprobs.top_logprobs[-3:])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_echoed_prompt_is_scored_without_generating(client: openai.OpenAI, stream: bool) -> None:
+    """echo with max_tokens 0: the prompt's own logprobs, nothing generated
+    (how evaluation harnesses score a text), as vLLM's own server answers."""
+    kwargs = dict(model=VLLM_MODEL, prompt="The gateway scores", max_tokens=0, echo=True, logprobs=1)
+    if stream:
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        scored = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+        usage = chunks[-1].usage
+    else:
+        response = client.completions.create(**kwargs)
+        text, usage = response.choices[0].text, response.usage
+        assert response.choices[0].logprobs is not None
+        scored = response.choices[0].logprobs.token_logprobs
+    assert text == "The gateway scores"
+    # (usage counts the one token vLLM's engine makes and drops, as vLLM's own server does)
+    assert usage is not None and usage.prompt_tokens == len(scored)
+    assert scored[0] is None and all(isinstance(lp, float) and lp <= 0 for lp in scored[1:])
+
+
 def test_stream_include_usage(client: openai.OpenAI) -> None:
     chunks = list(
         client.completions.create(
