@@ -6,12 +6,14 @@ with it.
 A field that may take several shapes (a string or an array, one of seven
 message types) fails once per shape. The one reported is the client's
 closest miss: shapes of another JSON type than the value sent (where another
-shape took that type), then shapes whose ``type``, then ``role``, names
+shape took that type: got past it, or refused the value for its length, range
+or literal), then shapes whose ``type``, then ``role``, names
 another, are set aside (unless every shape left refuses that value: then it
 is the miss); of the rest the shape with the fewest problems wins, and of its
 problems the deepest. A value of the wrong JSON type is told
 which types the field takes, from every shape at that place; a value none
-of the field's literals allows, which values are."""
+of the field's literals allows, which values are; an array or string of a
+length out of bounds, both lengths."""
 
 from __future__ import annotations
 
@@ -95,14 +97,41 @@ def describe(errors: Sequence[Any]) -> tuple[str, str | None]:
         values = ", ".join(f"'{value}'" for value in found)
         if values:
             return f"Invalid value for '{param}': {error.get('input')!r}. Supported values are: {values}.", param
+    if param is not None and (length := _length_words(error)) is not None:
+        return f"Invalid '{param}': {length}", param
     message = str(error["msg"]).removeprefix("Value error, ")
     return (f"Invalid value for '{param}': {message}" if param else message), param
 
 
+def _length_words(error: Any) -> str | None:
+    """An array's or string's length out of bounds, in OpenAI's words
+    ("array too long. Expected an array with maximum length 4, but got an
+    array with length 5 instead."); None for any other problem."""
+    ctx = error.get("ctx") or {}
+    kind = {"too_short": "array", "too_long": "array", "string_too_short": "string", "string_too_long": "string"}
+    what = kind.get(error["type"])
+    if what is None:
+        return None
+    value = error.get("input")
+    got = len(value) if isinstance(value, (str, list, tuple, dict)) else ctx.get("actual_length")
+    if error["type"].endswith("too_long"):
+        bound, most = "maximum", ctx.get("max_length")
+        said = f"{what} too long"
+    else:
+        bound, most = "minimum", ctx.get("min_length")
+        said = f"empty {what}" if got == 0 else f"{what} too short"
+    if most is None or got is None:
+        return None
+    sent = f"an empty {what}" if got == 0 else f"a{'n' if what == 'array' else ''} {what} with length {got}"
+    return f"{said}. Expected a{'n' if what == 'array' else ''} {what} with {bound} length {most}, but got {sent} instead."
+
+
 def closest(problems: Sequence[_Problem]) -> _Problem:
     """The problem of the shape the client most nearly sent (see above)."""
-    # A shape's JSON type that another shape got past: some shape took the value's type.
+    # A shape's JSON type where another shape took the value's type: got past
+    # it (a problem deeper in), or refused the value for another reason there.
     passed = {p.path[:at] for p in problems for at, char in enumerate(p.path) if char in "[."}
+    passed |= {p.path for p in problems if _took_its_type(p.error)}
     kept = [p for p in problems if not (_not_this_type(p.error) and p.path in passed)] or list(problems)
     for name in ("type", "role"):
         wrong = _meant_elsewhere({p.shape for p in kept if _names_another_shape(p.error, name)}, kept)
@@ -140,6 +169,14 @@ def _names_another_shape(error: Any, name: str) -> bool:
         error["type"] == "literal_error" and len(loc) >= 2 and loc[-1] == name
         and isinstance(loc[-2], str) and _SHAPE.fullmatch(loc[-2]) is not None
     )
+
+
+def _took_its_type(error: Any) -> bool:
+    """A problem with a value of the type its shape takes (too long, out of
+    range, not one of its string literals): that shape took the value's type."""
+    if error["type"] == "literal_error":
+        return isinstance(error.get("input"), str)
+    return error["type"] not in _WANTED and error["type"] not in ("missing", "extra_forbidden")
 
 
 def _not_this_type(error: Any) -> bool:

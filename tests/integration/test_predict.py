@@ -99,7 +99,7 @@ async def test_a_poisoned_request_fails_alone_inside_its_batch(gateway: Gateway)
         ({"instances": [[1, 2, True, 4]]}, "instances[0]: feature 2 is not a number (a boolean)", "instances"),
         ({"instances": [{"a": 1}]}, "instances[0]: expected a list of 4 numbers, got an object", "instances"),
         ({"instances": [[1, 2, 3, None]]}, "instances[0]: feature 3 is not a number (null)", "instances"),
-        ({"instances": []}, "Invalid value for 'instances': List should have at least 1 item after validation, not 0", "instances"),
+        ({"instances": []}, "Invalid 'instances': empty array. Expected an array with minimum length 1, but got an empty array instead.", "instances"),
         ({"instances": [[1, 2, 3, 4]] * 201}, "'instances' holds 201 entries; this model accepts at most 200 per request.", "instances"),
         ({}, "Missing required parameter: 'instances'.", "instances"),
         ({"instances": [[1, 2, 3, 4]], "signature_name": "x"}, "Unrecognized request argument supplied: signature_name", "signature_name"),

@@ -4,10 +4,10 @@ field may take, on vLLM's own request schemas."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
@@ -123,6 +123,42 @@ def test_a_role_no_shape_takes_is_named_where_every_shape_of_its_type_refuses_it
     # A role some shape takes still picks that shape.
     error = refused(Turns, {"turns": [{"role": "assistant", "text": "x"}]})
     assert (error.param, error.message) == ("turns[0].heard", "Missing required parameter: 'turns[0].heard'.")
+
+
+class Limited(BaseModel):
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    tags: Annotated[list[str], Field(min_length=2)] = ["a", "b"]
+    name: Annotated[str, Field(max_length=8)] = ""
+    choice: Literal["auto", "none"] | dict[str, str] = "auto"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        # The array shape took the array and refused its length: that, not "expected a string".
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop",
+         "Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length 5 "
+         "instead."),
+        ({"stop": 5}, "stop", "Invalid type for 'stop': expected one of a string or an array, but got an integer instead."),
+        ({"tags": []}, "tags",
+         "Invalid 'tags': empty array. Expected an array with minimum length 2, but got an empty array instead."),
+        ({"tags": ["a"]}, "tags",
+         "Invalid 'tags': array too short. Expected an array with minimum length 2, but got an array with length 1 "
+         "instead."),
+        ({"name": "x" * 9}, "name",
+         "Invalid 'name': string too long. Expected a string with maximum length 8, but got a string with length 9 "
+         "instead."),
+        # A string no literal takes is that value, not "expected an object".
+        ({"choice": "sometimes"}, "choice", "Invalid value for 'choice': 'sometimes'. Supported values are: 'auto', 'none'."),
+    ],
+    ids=["array-too-long-in-a-union", "no-shape-of-its-type", "empty-array", "array-too-short", "string-too-long",
+         "literal-in-a-union"],
+)
+def test_a_value_a_shape_of_its_type_refuses_is_named_as_openai_names_it(
+    body: dict[str, Any], param: str, message: str
+) -> None:
+    error = refused(Limited, body)
+    assert (error.param, error.message) == (param, message)
 
 
 def test_the_first_field_pydantic_found_wrong_is_the_one_reported() -> None:
