@@ -122,8 +122,9 @@ def _length_words(error: Any) -> str | None:
         said = f"empty {what}" if got == 0 else f"{what} too short"
     if most is None or got is None:
         return None
-    sent = f"an empty {what}" if got == 0 else f"a{'n' if what == 'array' else ''} {what} with length {got}"
-    return f"{said}. Expected a{'n' if what == 'array' else ''} {what} with {bound} length {most}, but got {sent} instead."
+    article = "an" if what == "array" else "a"
+    sent = f"an empty {what}" if got == 0 else f"{article} {what} with length {got}"
+    return f"{said}. Expected {article} {what} with {bound} length {most}, but got {sent} instead."
 
 
 def closest(problems: Sequence[_Problem]) -> _Problem:

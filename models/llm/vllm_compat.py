@@ -27,7 +27,7 @@ from typing import Any
 
 
 from gateway import errors
-from models.llm import vllm_errors
+from models.llm import vllm_errors, vllm_streams
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,9 @@ def _register_endpoints(serving: Serving) -> None:
         messages = serving.messages
         messages.messages_full_converter = vllm_errors.tool_inputs_checked(  # type: ignore[method-assign]
             messages.messages_full_converter
+        )
+        messages.message_stream_converter = vllm_streams.messages_converter(  # type: ignore[method-assign]
+            messages.message_stream_converter, lambda: bool(serving.engine.errored)
         )
         serving.endpoints["messages"] = (AnthropicMessagesRequest, messages.create_messages, "messages")
         serving.endpoints["messages_count"] = (AnthropicCountTokensRequest, messages.count_tokens, "messages")

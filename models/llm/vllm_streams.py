@@ -127,14 +127,72 @@ async def events(stream: AsyncIterator[Any], tally: GenerationTally, hold: bool 
         yield b"".join(held)
 
 
-async def named_events(stream: AsyncIterator[str], tally: GenerationTally) -> AsyncIterator[bytes]:
+async def named_events(stream: AsyncIterator[str | GatewayError], tally: GenerationTally) -> AsyncIterator[bytes]:
     """vLLM's Anthropic Messages events (``event:`` and ``data:`` lines, ready
-    made, its own ``error`` event included, which ``tally`` records), as bytes."""
-    async for text in stream:
-        if text.startswith("event: error\n"):
-            kind = str(json.loads(text.split("data: ", 1)[1]).get("error", {}).get("type", "api_error"))
-            tally.failed(kind, 400 if kind == "invalid_request_error" else 500)
-        yield text.encode()
+    made, its own ``error`` event included, which ``tally`` records), as bytes.
+
+    A GatewayError among them (``messages_converter``) is the stream's
+    failure: Anthropic's ``error`` event, or, before any event, raised (the
+    client gets it as an HTTP error, as from Anthropic)."""
+    sent = False
+    try:
+        async for item in stream:
+            if isinstance(item, GatewayError):
+                if not sent:
+                    raise item
+                tally.failed(item.code, item.status_code)
+                yield sse.event("error", item.to_anthropic())
+                continue
+            if item.startswith("event: error\n"):
+                kind = str(json.loads(item.split("data: ", 1)[1]).get("error", {}).get("type", "api_error"))
+                tally.failed(kind, 400 if kind == "invalid_request_error" else 500)
+            sent = True
+            yield item.encode()
+    finally:
+        if hasattr(stream, "aclose"):
+            await stream.aclose()  # vLLM's conversion, when left early
+
+
+Converter = Callable[[AsyncGenerator[str, None]], AsyncGenerator[str, None]]
+
+
+def messages_converter(convert: Converter, dead: Callable[[], bool]) -> Callable[..., AsyncIterator[Any]]:
+    """vLLM's conversion of a chat stream into Messages events, keeping a
+    failure's own error. vLLM's converter reads the chat stream's error frame
+    as a chunk, fails on it and sends pydantic's text about its own types as
+    an ``internal_error`` (not a type Anthropic has). Here the chat stream
+    ends at its error frame; after the events converted until then comes the
+    error itself, as GatewayError (one that comes as the engine dies says
+    so: 503, retry shortly), for ``named_events`` to send."""
+
+    def converted(generator: AsyncGenerator[str, None]) -> AsyncIterator[Any]:
+        failure: list[GatewayError] = []
+
+        async def until_error() -> AsyncGenerator[str, None]:
+            try:
+                async for text in generator:
+                    if text.startswith(_ERROR_PREFIX.decode()):
+                        failure.append(_frame_error(text, dead))
+                        return
+                    yield text
+            finally:
+                await generator.aclose()
+
+        async def events() -> AsyncIterator[Any]:
+            chunks = until_error()
+            stream = convert(chunks)
+            try:
+                async for event in stream:
+                    yield event
+            finally:
+                await stream.aclose()
+                await chunks.aclose()
+            if failure:
+                yield failure[0]
+
+        return events()
+
+    return converted
 
 
 async def frames(
@@ -154,8 +212,7 @@ async def frames(
         async for text in stream:
             frame = text.encode()
             if frame.startswith(_ERROR_PREFIX):
-                envelope = json.loads(frame[len(b"data: ") :])
-                error = ServiceUnavailableError(ENGINE_DEAD) if dead() else vllm_errors.map_error(envelope)
+                error = _frame_error(text, dead)
                 if first:
                     raise error
                 if tally is not None:
@@ -166,3 +223,10 @@ async def frames(
             yield frame
     finally:
         await stream.aclose()  # vLLM's generator, when left early
+
+
+def _frame_error(text: str, dead: Callable[[], bool]) -> GatewayError:
+    """The error of vLLM's error frame ``text`` (``data: {"error": ...}``);
+    one that comes as the engine dies (``dead``) says so: 503, retry shortly."""
+    envelope = json.loads(text[len("data: ") :])
+    return ServiceUnavailableError(ENGINE_DEAD) if dead() else vllm_errors.map_error(envelope)

@@ -62,7 +62,8 @@ def test_an_echoed_prompt_is_scored_without_generating(client: openai.OpenAI, st
     if stream:
         chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
         text = "".join(c.choices[0].text for c in chunks if c.choices)
-        scored = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+        parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+        scored = [lp for part in parts for lp in part.token_logprobs]
         usage = chunks[-1].usage
     else:
         response = client.completions.create(**kwargs)

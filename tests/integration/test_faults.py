@@ -1,7 +1,8 @@
 """A vLLM engine (or a classical replica) that dies: fast honest answers, fallback, and a new replica.
 
 The engine-core process of the real vLLM replica is killed mid-stream. The
-stream ends with an error frame; from then until a new replica serves, each
+streams end with an error frame (a Messages API stream with Anthropic's
+``error`` event); from then until a new replica serves, each
 request to the model is answered 503 ``service_unavailable`` with
 ``Retry-After`` (at most ``ingress.replica_wait_s``, 2 s in the test config,
 and mostly at once), never 500 and never a hang; a route with ``fallback``
@@ -89,21 +90,33 @@ async def test_a_dead_engine_is_answered_503_at_once_falls_back_and_is_replaced(
         assert before.status_code == 200 and before.headers["x-gateway-variant"] == VLLM_MODEL
 
         body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 400, "stream": True, "ignore_eos": True}
-        async with session.stream("POST", CHAT, json=body) as stream:
-            assert stream.status_code == 200
-            request_id = stream.headers["x-request-id"]
-            lines = stream.aiter_lines()
+        # A Messages API stream beside it (greedy, the tiny model writes to max_tokens).
+        anthropic = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 400, "stream": True, "temperature": 0}
+        async with session.stream("POST", CHAT, json=body) as stream, \
+                session.stream("POST", "/v1/messages", json=anthropic) as messages:
+            assert stream.status_code == 200 and messages.status_code == 200
+            request_id, messages_id = stream.headers["x-request-id"], messages.headers["x-request-id"]
+            lines, events = stream.aiter_lines(), messages.aiter_lines()
             while not (await anext(lines)).startswith("data: {"):
+                pass
+            while (await anext(events)) != "event: content_block_delta":
                 pass
             os.kill(core.pid, signal.SIGKILL)
             killed_at = time.monotonic()
             rest = [line async for line in lines if line.startswith("data: ")]
+            events_left = [line async for line in events if line]
         assert rest[-1] == "data: [DONE]"
         frame = json.loads(rest[-2].removeprefix("data: "))["error"]
         assert (frame["type"], frame["code"]) == ("service_unavailable", "service_unavailable")  # retry shortly
-        # The access log (and the request counters) say how the stream ended, not 200.
-        line = await asyncio.to_thread(access_line, request_id)
-        assert (line["status"], line["error"]) == (503, "service_unavailable")
+        # Anthropic's error event, its type for "retry shortly" (not vLLM's words about its own types).
+        assert events_left[-2] == "event: error" and "event: message_stop" not in events_left
+        error = json.loads(events_left[-1].removeprefix("data: "))
+        assert (error["type"], error["error"]["type"]) == ("error", "overloaded_error")
+        assert "retry" in error["error"]["message"]
+        # The access log (and the request counters) say how the streams ended, not 200.
+        for stream_id in (request_id, messages_id):
+            line = await asyncio.to_thread(access_line, stream_id)
+            assert (line["status"], line["error"]) == (503, "service_unavailable")
 
         waits: list[float] = []
         fallback_variants: set[str] = set()

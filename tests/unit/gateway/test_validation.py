@@ -139,7 +139,8 @@ class Limited(BaseModel):
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop",
          "Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length 5 "
          "instead."),
-        ({"stop": 5}, "stop", "Invalid type for 'stop': expected one of a string or an array, but got an integer instead."),
+        ({"stop": 5}, "stop",
+         "Invalid type for 'stop': expected one of a string or an array, but got an integer instead."),
         ({"tags": []}, "tags",
          "Invalid 'tags': empty array. Expected an array with minimum length 2, but got an empty array instead."),
         ({"tags": ["a"]}, "tags",
@@ -149,7 +150,8 @@ class Limited(BaseModel):
          "Invalid 'name': string too long. Expected a string with maximum length 8, but got a string with length 9 "
          "instead."),
         # A string no literal takes is that value, not "expected an object".
-        ({"choice": "sometimes"}, "choice", "Invalid value for 'choice': 'sometimes'. Supported values are: 'auto', 'none'."),
+        ({"choice": "sometimes"}, "choice",
+         "Invalid value for 'choice': 'sometimes'. Supported values are: 'auto', 'none'."),
     ],
     ids=["array-too-long-in-a-union", "no-shape-of-its-type", "empty-array", "array-too-short", "string-too-long",
          "literal-in-a-union"],

@@ -118,7 +118,9 @@ def test_a_json_object_is_read_after_a_byte_order_mark_or_whitespace(raw: bytes)
     assert parse_json_object(raw) == {"model": "m"}
 
 
-@pytest.mark.parametrize("raw", [b'\xef\xbb\xbf\xef\xbb\xbf{"model": "m"}', b'{"model": "m"}\xef\xbb\xbf', b"\xef\xbb\xbf"])
+@pytest.mark.parametrize(
+    "raw", [b'\xef\xbb\xbf\xef\xbb\xbf{"model": "m"}', b'{"model": "m"}\xef\xbb\xbf', b"\xef\xbb\xbf"]
+)
 def test_a_byte_order_mark_anywhere_but_first_is_not_json(raw: bytes) -> None:
     with pytest.raises(InvalidRequestError, match="could not parse the JSON body"):
         parse_json_object(raw)

@@ -288,7 +288,8 @@ async def test_prompt_longer_than_context_without_max_tokens_raises(engine: Echo
     [
         ("chat", {"n": 0}, "n", "Invalid value for 'n'"),
         ("chat", {"messages": None}, "messages", "Invalid type for 'messages': expected an array, but got null"),
-        ("chat", {"messages": []}, "messages", "empty array. Expected an array with minimum length 1, but got an empty array"),
+        ("chat", {"messages": []}, "messages",
+         "empty array. Expected an array with minimum length 1, but got an empty array"),
         ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role",
          "Invalid value for 'messages[0].role': 'robot'. Supported values are: "),
         ("chat", {"stream": "true"}, "stream", "Invalid type for 'stream': expected a boolean, but got a string"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +13,8 @@ import pytest
 from gateway.metrics.families import ITL_BUCKETS
 from models.llm.core_placement import BESIDE_WORKERS_AT, CorePlacer
 from models.llm.tally import GenerationTally
-from models.llm.vllm_streams import count
+from gateway.errors import GatewayError
+from models.llm.vllm_streams import count, messages_converter, named_events
 from tests.unit.models.llm.test_core_placement import Recorded
 
 
@@ -120,3 +123,85 @@ async def test_tokens_are_counted_as_they_pass_not_when_the_stream_is_closed() -
     assert (tally.prompt_tokens, tally.completion_tokens) == (7, 4)
     await counted.aclose()
     assert tally.completion_tokens == 4
+
+
+def _chunk(**delta: Any) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": None}
+    return "data: " + json.dumps({"id": "c", "model": "m", "created": 1, "choices": [choice]}) + "\n\n"
+
+
+ENGINE_ERROR = 'data: {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", ' \
+    '"param": null, "code": 500}}\n\n'
+REFUSED = 'data: {"error": {"message": "The grammar is invalid.", "type": "BadRequestError", ' \
+    '"param": null, "code": 400}}\n\n'
+
+
+class ChatStream:
+    """A chat stream as vLLM's chat serving yields it, which records being closed."""
+
+    def __init__(self, frames: list[str]) -> None:
+        self.frames, self.closed = frames, False
+
+    async def __call__(self) -> AsyncIterator[str]:
+        try:
+            for frame in frames_with_done(self.frames):
+                yield frame
+        finally:
+            self.closed = True
+
+
+def frames_with_done(frames: list[str]) -> list[str]:
+    return [*frames, "data: [DONE]\n\n"]
+
+
+def converted(chat: ChatStream, dead: bool = False) -> AsyncIterator[Any]:
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+
+    # vLLM's own converter (it keeps no state on the serving object).
+    convert = functools.partial(AnthropicServingMessages.message_stream_converter, None)
+    return messages_converter(convert, lambda: dead)(chat())
+
+
+async def sent(events: AsyncIterator[bytes]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    async for frame in events:
+        head, data = frame.decode().split("\n", 1)
+        out.append((head.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("dead", "kind", "code", "status"),
+    [(True, "overloaded_error", "service_unavailable", 503), (False, "api_error", "internal_error", 500)],
+)
+async def test_a_messages_stream_that_fails_midway_ends_with_anthropics_error_event(
+    dead: bool, kind: str, code: str, status: int
+) -> None:
+    chat = ChatStream([_chunk(role="assistant", content=""), _chunk(content="Hel"), ENGINE_ERROR])
+    tally = GenerationTally(started=0.0)
+    events = await sent(named_events(converted(chat, dead), tally))
+    names = [name for name, _ in events]
+    assert "content_block_delta" in names and "message_stop" not in names
+    name, error = events[-1]
+    assert name == "error" and error["type"] == "error" and error["error"]["type"] == kind
+    assert "validation" not in error["error"]["message"]  # vLLM's converter's own words about its types
+    assert chat.closed and tally.outcome().error_status == status and tally.outcome().error == code
+
+
+async def test_a_messages_stream_refused_before_its_first_event_is_an_http_error() -> None:
+    chat = ChatStream([REFUSED])
+    with pytest.raises(GatewayError) as caught:
+        await sent(named_events(converted(chat), GenerationTally(started=0.0)))
+    assert caught.value.status_code == 400 and caught.value.message == "The grammar is invalid."
+    assert chat.closed
+
+
+async def test_a_messages_stream_without_failure_is_vllms_conversion_and_closing_it_closes_the_chat_stream() -> None:
+    chat = ChatStream([_chunk(role="assistant", content=""), _chunk(content="Hi")])
+    events = await sent(named_events(converted(chat), GenerationTally(started=0.0)))
+    assert [name for name, _ in events][-1] == "message_stop" and chat.closed
+    chat = ChatStream([_chunk(role="assistant", content=""), *[_chunk(content="x")] * 20])
+    stream = named_events(converted(chat), GenerationTally(started=0.0))
+    await anext(stream)
+    await stream.aclose()  # the client hung up
+    assert chat.closed
