@@ -216,6 +216,7 @@ class VLLMEngine:
             parsed = vllm_errors.validated(schema, _with_request_id(request))
             if request.endpoint in _GENERATING:
                 _check_budget(request.endpoint, parsed)
+                _check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
                 _check_window(None, _budget(request.endpoint, parsed), serving.max_model_len, prompt_param)
             result = await call(parsed, create)
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
@@ -293,6 +294,28 @@ def _check_budget(endpoint: str, request: Any) -> None:
     if budget is not None and budget < least:
         raise InvalidRequestError(
             f"Invalid '{field}': integer below minimum value. Expected a value >= {least}, but got {budget} instead.",
+            param=field,
+        )
+
+
+def _check_logprobs(endpoint: str, request: Any, most: int) -> None:
+    """Refuses more logprobs per token than the engine returns (``most``; -1:
+    no limit), naming the client's own field and value: vLLM names its
+    internal ``logprobs`` and, for -1 (its "every token"), the vocabulary's size."""
+    field = "logprobs" if endpoint == "completion" else "top_logprobs"
+    asked = getattr(request, field, None)
+    if endpoint == "chat" and not request.logprobs:
+        return  # vLLM's schema has refused top_logprobs without logprobs
+    if not isinstance(asked, int) or isinstance(asked, bool) or most < 0:
+        return
+    if asked == -1:
+        raise InvalidRequestError(
+            f"Invalid '{field}': -1 asks for every token's logprob; this model returns at most {most} per token.",
+            param=field,
+        )
+    if asked > most:
+        raise InvalidRequestError(
+            f"Invalid '{field}': integer above maximum value. Expected a value <= {most}, but got {asked} instead.",
             param=field,
         )
 

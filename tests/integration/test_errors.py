@@ -126,6 +126,29 @@ def test_an_output_budget_under_one_token_names_the_field_sent(
     )
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field", "message"),
+    [
+        (CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+         "integer above maximum value. Expected a value <= 20, but got 21 instead."),
+        (CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": -1}, "top_logprobs",
+         "-1 asks for every token's logprob; this model returns at most 20 per token."),
+        (COMPLETIONS, {"prompt": "Hi", "logprobs": -1, "stream": True}, "logprobs",
+         "-1 asks for every token's logprob; this model returns at most 20 per token."),
+        ("/v1/responses", {"input": "Hi", "top_logprobs": 25, "include": ["message.output_text.logprobs"]},
+         "top_logprobs", "integer above maximum value. Expected a value <= 20, but got 25 instead."),
+    ],
+    ids=["chat", "chat-every-token", "completions-every-token-stream", "responses"],
+)
+def test_more_logprobs_than_the_engine_returns_names_the_field_and_value_sent(
+    http: httpx.Client, path: str, body: dict[str, object], field: str, message: str
+) -> None:
+    """vLLM's own server names its internal `logprobs` and, for -1, the vocabulary's size (512)."""
+    budget = {"max_output_tokens" if path == "/v1/responses" else "max_tokens": 2}
+    error = assert_error(http.post(path, json={"model": VLLM_MODEL, **budget, **body}), 400, None, field)
+    assert error["message"] == f"Invalid '{field}': {message}"
+
+
 def test_a_compressed_body_is_served_and_one_it_cannot_decode_is_415(http: httpx.Client) -> None:
     body = json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0}).encode()
     plain = http.post(CHAT, content=body, headers={"content-type": "application/json"})
@@ -234,7 +257,7 @@ def test_a_field_vllm_would_drop_is_400_naming_it(client: openai.OpenAI, stream:
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        (CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": 50}, "logprobs"),
+        (CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
         (COMPLETIONS, {"prompt": "Hello", "logprobs": 50}, "logprobs"),
         (CHAT, {"messages": HELLO, "structured_outputs": {"regex": "[a-"}}, None),
         (CHAT, {"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {

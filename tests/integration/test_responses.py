@@ -104,12 +104,17 @@ def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:
     assert (status, body["param"]) == (400, "stream")
     status, body = error({"model": VLLM_MODEL})
     assert status == 400 and "input" in str(body["message"])
-    # Refused by the engine itself, before generating: vLLM's own server has
-    # already sent response.created and response.in_progress by then.
+    # More logprobs than the engine returns: the field sent, named before vLLM sees it.
     refused = {"model": VLLM_MODEL, "input": PROMPT, "top_logprobs": 50, "include": ["message.output_text.logprobs"]}
     for stream in (False, True):
         status, body = error({**refused, "stream": stream, "max_output_tokens": 4})
-        assert (status, body["type"], body["param"]) == (400, "invalid_request_error", "logprobs")
+        assert (status, body["type"], body["param"]) == (400, "invalid_request_error", "top_logprobs")
+    # Refused by the engine itself, before generating (a schema that makes no
+    # grammar): vLLM's own server has already sent response.created and
+    # response.in_progress by then.
+    for stream in (False, True):
+        status, body = error({"model": VLLM_MODEL, "input": PROMPT, **REFUSED, "stream": stream})
+        assert (status, body["type"]) == (400, "invalid_request_error"), body
 
 
 async def test_leaving_a_streamed_response_aborts_its_engine_request(gateway: Gateway) -> None:
@@ -315,7 +320,8 @@ def test_a_background_stream_left_early_generates_to_its_end_and_can_be_read_aga
     assert "".join(first_delta + rest) == done.output_text
 
 
-REFUSED = {"top_logprobs": 50, "include": ["message.output_text.logprobs"]}  # past the engine's most
+# A schema that makes no grammar: the engine refuses it before generating.
+REFUSED = {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "no-such-type"}}}}
 
 
 def test_a_background_response_the_engine_refuses_ends_failed_not_queued_for_ever(
@@ -326,14 +332,14 @@ def test_a_background_response_the_engine_refuses_ends_failed_not_queued_for_eve
     assert failed.status == "failed"
     # It says why, as OpenAI's failed responses do.
     assert failed.error is not None and failed.error.code == "invalid_prompt", failed.error
-    assert "logprobs" in failed.error.message
+    assert "no-such-type" in failed.error.message, failed.error
     # Streamed: the refusal comes as an error event, and the stream ends.
     with http.stream("POST", "/v1/responses", json={
         "model": VLLM_MODEL, "input": PROMPT, "background": True, "stream": True, "max_output_tokens": 4, **REFUSED,
     }, timeout=30) as answer:
         events = [json.loads(line[len("data: "):]) for line in answer.iter_lines() if line.startswith("data: ")]
     assert [event["type"] for event in events] == ["response.created", "response.in_progress", "error"]
-    assert events[-1]["param"] == "logprobs" and events[-1]["sequence_number"] == 2
+    assert "no-such-type" in events[-1]["message"] and events[-1]["sequence_number"] == 2
     response_id = events[0]["response"]["id"]
     assert finished(client, response_id, within_s=30).status == "failed"
     again = http.get(f"/v1/responses/{response_id}", params={"stream": "true"}, timeout=30)
