@@ -181,6 +181,14 @@ class RequestReadTimeoutError(InvalidRequestError):
     default_code = "request_read_timeout"
 
 
+class PermissionDeniedError(GatewayError):
+    """A request the gateway does not take from where it came (403)."""
+
+    status = 403
+    type = "invalid_request_error"
+    default_code = "origin_not_allowed"
+
+
 class NotFoundError(GatewayError):
     """No such route or resource (404)."""
 

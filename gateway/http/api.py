@@ -9,6 +9,7 @@ from gateway.http.auth import KeyGuard
 from gateway.http.handlers import install_handlers
 from gateway.http.model_routes import ModelRoutes
 from gateway.http.observe import ObservabilityMiddleware, route_matcher
+from gateway.http.origin import OriginGuard
 from gateway.http.openapi import describe
 from gateway.http.routes import (
     chat,
@@ -53,6 +54,8 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
     # Innermost: model requests skip FastAPI's router once keys are checked.
     app.add_middleware(ModelRoutes, handlers=dict(app.exception_handlers))
     app.add_middleware(KeyGuard, keys=lambda: state.keys)  # inside: 401s are measured and logged
+    cors = state.front_door.ingress.cors
+    app.add_middleware(OriginGuard, origins=cors.allow_origins if cors is not None else [])
     app.add_middleware(
         ObservabilityMiddleware,
         metrics=state.metrics,
@@ -60,7 +63,6 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
         route_of=route_matcher(app.router.routes, UNMEASURED),
         server_echoes_id=server_echoes_id,
     )
-    cors = state.front_door.ingress.cors
     if cors is not None:
         # Outermost: a preflight (no API key) is answered before the key check, and
         # every answer, 401 and 429 included, carries the headers a page needs to read it.

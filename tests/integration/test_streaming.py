@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 
@@ -68,6 +69,12 @@ def test_a_browser_page_of_a_named_origin_streams_and_reads_the_answer(http: htt
     assert raw.endswith(b"\n\n" + sse.DONE)
     elsewhere = http.options(CHAT, headers={**asked, "origin": "https://other.example.net"})
     assert elsewhere.status_code == 400 and "access-control-allow-origin" not in elsewhere.headers
+    # Nor may that page have the model generate without asking (a "simple" request: text/plain, no preflight).
+    simple = json.dumps({**body, "stream": False}).encode()
+    page = {"origin": "https://other.example.net", "content-type": "text/plain"}
+    unasked = http.post(CHAT, content=simple, headers=page)
+    assert unasked.status_code == 403 and unasked.json()["error"]["code"] == "origin_not_allowed"
+    assert "usage" not in unasked.json()
 
 
 def test_curl_no_buffer_stream(gateway: Gateway) -> None:

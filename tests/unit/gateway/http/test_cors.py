@@ -27,10 +27,10 @@ async def answer(endpoint: str, request: Request, model: str | None = None) -> R
     return JSONResponse({"ok": True}, headers={"x-gateway-variant": "v1"})
 
 
-async def client_for(cors: dict[str, Any] | None) -> httpx.AsyncClient:
+async def client_for(cors: dict[str, Any] | None, keys: bool = True) -> httpx.AsyncClient:
     front_door = FrontDoorConfig.model_validate({"ingress": {"cors": cors} if cors else {}})
     state = GatewayState(front_door, lambda model: None, lambda model: "")
-    state.keys = KeyTable([KeyConfig.model_validate({"id": "team-a", "hash": hash_secret(SECRET)})])
+    state.keys = KeyTable([KeyConfig.model_validate({"id": "team-a", "hash": hash_secret(SECRET)})] if keys else [])
     app = build_api(state)
     state.dispatcher.dispatch = answer  # type: ignore[method-assign]
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
@@ -85,11 +85,12 @@ async def test_without_cors_no_page_of_another_origin_is_let_in() -> None:
     async with await client_for(None) as client:
         response = await client.options(CHAT, headers=preflight(PAGE))
         assert "access-control-allow-origin" not in response.headers
-        assert response.status_code == 401  # an OPTIONS like any other request: no key, no entry
+        assert response.status_code == 403
         sent = await client.post(
             CHAT, json={"model": "m", "messages": []}, headers={"origin": PAGE, "authorization": f"Bearer {SECRET}"}
         )
-        assert sent.status_code == 200 and "access-control-allow-origin" not in sent.headers
+        assert sent.status_code == 403 and "access-control-allow-origin" not in sent.headers
+        assert sent.json()["error"]["code"] == "origin_not_allowed"
 
 
 async def test_any_origin_when_asked() -> None:
