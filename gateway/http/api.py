@@ -55,7 +55,10 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
     app.add_middleware(ModelRoutes, handlers=dict(app.exception_handlers))
     app.add_middleware(KeyGuard, keys=lambda: state.keys)  # inside: 401s are measured and logged
     cors = state.front_door.ingress.cors
-    app.add_middleware(OriginGuard, origins=cors.allow_origins if cors is not None else [])
+    app.add_middleware(
+        OriginGuard, origins=cors.allow_origins if cors is not None else [],
+        local_only=lambda: state.loopback and not state.keys,
+    )
     app.add_middleware(
         ObservabilityMiddleware,
         metrics=state.metrics,

@@ -239,6 +239,15 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def serve_http_host() -> str:
+    """The host Serve's HTTP address is on (``llm-gateway serve --host``), whichever the front door."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return str((await controller.get_http_config.remote()).host)
+
+
 async def own_front_door(app_name: str) -> tuple[str, int] | None:
     """The address this ingress replica is to listen on: Serve's HTTP host and
     port where Serve runs no proxies (``proxy_location: Disabled``, as

@@ -17,7 +17,8 @@ from gateway.config import FrontDoorConfig, ModelConfig
 from gateway.deploy import deployment_name, model_app_name
 from gateway.heap_freeze import freeze_in_replica
 from gateway.http.api import build_api
-from gateway.http.front_door import FrontDoor, own_front_door
+from gateway.http.front_door import FrontDoor, own_front_door, serve_http_host
+from gateway.http.origin import is_loopback
 from gateway.http.state import GatewayState
 from gateway.metrics.hub import MetricsReporter, replica_source
 
@@ -71,6 +72,7 @@ class GatewayIngress:
         self._reporter.start()
         if not self._front_door_checked:
             self._front_door_checked = True
+            self._state.loopback = is_loopback(await serve_http_host())
             if (address := await own_front_door(serve.get_replica_context().app_name)) is not None:
                 ingress = self._state.front_door.ingress
                 self._front_door = FrontDoor(build_api(self._state), *address, read_timeout_s=ingress.read_timeout_s)

@@ -1,4 +1,4 @@
-"""Browser pages of other origins are kept away from the models.
+"""Browser pages of other sites are kept away from the models.
 
 A browser sends some cross-origin requests without asking first (a "simple"
 request: a POST whose body is labelled ``text/plain``), so the absence of
@@ -6,11 +6,20 @@ CORS headers only keeps a page from reading the answer, not from having the
 model generate it. A request to ``/v1`` or ``/v2`` that carries an ``Origin``
 header (browsers send one; SDKs and curl do not) is answered 403 unless that
 origin is the gateway's own host or one ``ingress.cors`` names.
+
+A site may also point its own name at 127.0.0.1 once its page is loaded
+(DNS rebinding): the browser then takes the gateway for that site, sends its
+name as ``Host`` and lets the page read every answer. A gateway on a
+loopback address without API keys (``make serve``) therefore serves ``/v1``
+and ``/v2`` only to requests naming a loopback host (``localhost``,
+``127.0.0.1``, ``[::1]``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,43 +30,66 @@ from gateway.http.auth import PROTECTED
 from gateway.http.handlers import envelope
 
 
-class OriginGuard:
-    """``origins`` are those ``ingress.cors`` names (``*``: any), as browsers send them."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+
+class OriginGuard:
+    """``origins`` are those ``ingress.cors`` names (``*``: any), as browsers
+    send them; ``local_only()`` says whether only loopback hosts are served."""
+
+    def __init__(self, app: ASGIApp, origins: list[str], local_only: Callable[[], bool] = lambda: False) -> None:
         self._app = app
         self._any = "*" in origins
         self._origins = frozenset(origins)
+        self._local_only = local_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._any:
+        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) if scope["type"] == "http" else ""
+        if not path.startswith(PROTECTED):
             await self._app(scope, receive, send)
             return
+        host = _hostname("//" + (_header(scope, b"host") or ""))
         origin = _header(scope, b"origin")
-        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
-        if origin is None or not path.startswith(PROTECTED) or self._allowed(origin, scope):
+        if self._local_only() and not (host is not None and is_loopback(host)):
+            error = PermissionDeniedError(
+                f"This gateway listens on a loopback address without API keys: it serves requests to "
+                f"localhost, 127.0.0.1 or [::1], not to {host or 'a missing host'}.",
+                code="host_not_allowed",
+            )
+        elif origin is not None and not self._any and not self._allowed(origin, host):
+            error = PermissionDeniedError(
+                f"Requests from pages of {origin} are not allowed: this gateway serves browser pages of "
+                "its own host, and of other origins only as `ingress.cors` names them."
+            )
+        else:
             await self._app(scope, receive, send)
             return
-        error = PermissionDeniedError(
-            f"Requests from pages of {origin} are not allowed: this gateway serves browser pages of "
-            "its own host, and of other origins only as `ingress.cors` names them."
-        )
         body = json.dumps(envelope(error, path)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _allowed(self, origin: str, scope: Scope) -> bool:
+    def _allowed(self, origin: str, host: str | None) -> bool:
         """A named origin, or a page of the host the request was sent to."""
         if origin.rstrip("/").lower() in self._origins:
             return True
-        host = _header(scope, b"host")
-        try:
-            page = urlsplit(origin).hostname
-            own = urlsplit("//" + host).hostname if host else None
-        except ValueError:
-            return False
-        return page is not None and page == own
+        page = _hostname(origin)
+        return page is not None and page == host
+
+
+def _hostname(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 def _header(scope: Any, name: bytes) -> str | None:

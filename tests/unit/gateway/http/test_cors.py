@@ -27,9 +27,10 @@ async def answer(endpoint: str, request: Request, model: str | None = None) -> R
     return JSONResponse({"ok": True}, headers={"x-gateway-variant": "v1"})
 
 
-async def client_for(cors: dict[str, Any] | None, keys: bool = True) -> httpx.AsyncClient:
+async def client_for(cors: dict[str, Any] | None, keys: bool = True, loopback: bool = False) -> httpx.AsyncClient:
     front_door = FrontDoorConfig.model_validate({"ingress": {"cors": cors} if cors else {}})
     state = GatewayState(front_door, lambda model: None, lambda model: "")
+    state.loopback = loopback
     state.keys = KeyTable([KeyConfig.model_validate({"id": "team-a", "hash": hash_secret(SECRET)})] if keys else [])
     app = build_api(state)
     state.dispatcher.dispatch = answer  # type: ignore[method-assign]

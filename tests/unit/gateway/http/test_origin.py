@@ -1,11 +1,13 @@
 """gateway/http/origin.py: a browser page of another origin cannot have a
 model generate, asked or not; the gateway's own pages and clients that send
-no origin are served."""
+no origin are served; a gateway on a loopback address without keys serves
+only requests to a loopback host (DNS rebinding)."""
 
 from __future__ import annotations
 
 import pytest
 
+from gateway.http.origin import is_loopback
 from tests.unit.gateway.http.test_cors import CHAT, SECRET, client_for
 
 
@@ -38,3 +40,42 @@ async def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(o
         assert sdk.status_code == 200
         health = await client.get("/health", headers={"origin": "https://evil.example.net"})
         assert health.status_code == 200  # not a model route
+
+
+REBOUND = {"host": "evil.example.net:8000", "origin": "http://evil.example.net:8000"}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "app.localhost", "127.0.0.2"])
+async def test_a_keyless_gateway_on_loopback_serves_requests_to_a_loopback_host(host: str) -> None:
+    async with await client_for(None, keys=False, loopback=True) as client:
+        served = await client.post(CHAT, json={"model": "m"}, headers={"host": host})
+        assert served.status_code == 200
+
+
+@pytest.mark.parametrize("headers", [REBOUND, {"host": "evil.example.net"}, {"host": "192.0.2.7:8000"}])
+async def test_a_keyless_gateway_on_loopback_refuses_a_site_that_points_its_name_here(headers: dict[str, str]) -> None:
+    """DNS rebinding: the page's own site name now resolves to 127.0.0.1, so
+    to the browser the gateway is that site, and the page could read every answer."""
+    async with await client_for(None, keys=False, loopback=True) as client:
+        refused = await client.post(CHAT, json={"model": "m"}, headers=headers)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "host_not_allowed"
+        assert (await client.get("/health", headers=headers)).status_code == 200  # not a model route
+
+
+@pytest.mark.parametrize(("keys", "loopback"), [(True, True), (False, False)])
+async def test_any_host_is_served_with_keys_or_off_loopback(keys: bool, loopback: bool) -> None:
+    """With keys a page has none to send; off loopback the gateway answers to
+    whatever names it has (a load balancer's, a DNS name)."""
+    async with await client_for(None, keys=keys, loopback=loopback) as client:
+        auth = {"authorization": f"Bearer {SECRET}"} if keys else {}
+        served = await client.post(CHAT, json={"model": "m"}, headers={**auth, "host": "gpu-box.internal:8000"})
+        assert served.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("localhost", True), ("127.0.0.1", True), ("::1", True), ("[::1]", True), ("127.8.9.1", True),
+     ("Foo.LOCALHOST.", True), ("0.0.0.0", False), ("192.0.2.1", False), ("localhost.evil.net", False), ("", False)],
+)
+def test_loopback_hosts_are_this_machines_own(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
