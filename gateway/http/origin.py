@@ -56,12 +56,13 @@ class OriginGuard:
         if not path.startswith(PROTECTED):
             await self._app(scope, receive, send)
             return
-        host = _hostname("//" + (_header(scope, b"host") or ""))
+        named = _header(scope, b"host")  # browsers always name one; an HTTP/1.0 client may not
+        host = _hostname("//" + named) if named is not None else None
         origin = _header(scope, b"origin")
-        if self._local_only() and not (host is not None and is_loopback(host)):
+        if named is not None and self._local_only() and not (host is not None and is_loopback(host)):
             error = PermissionDeniedError(
                 f"This gateway listens on a loopback address without API keys: it serves requests to "
-                f"localhost, 127.0.0.1 or [::1], not to {host or 'a missing host'}.",
+                f"localhost, 127.0.0.1 or [::1], not to {host or named}.",
                 code="host_not_allowed",
             )
         elif origin is not None and not self._any and not self._allowed(origin, host):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.http.origin import is_loopback
+from gateway.http.origin import OriginGuard, is_loopback
 from tests.unit.gateway.http.test_cors import CHAT, SECRET, client_for
 
 
@@ -79,3 +79,21 @@ async def test_any_host_is_served_with_keys_or_off_loopback(keys: bool, loopback
 )
 def test_loopback_hosts_are_this_machines_own(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+async def test_a_request_naming_no_host_is_served_as_no_browser_sends_one() -> None:
+    """An HTTP/1.0 client may send no Host; a browser (the page of DNS rebinding) always does."""
+    sent: list[dict[str, object]] = []
+
+    async def served(scope: object, receive: object, send: object) -> None:
+        sent.append({"type": "http.response.start", "status": 200})
+
+    async def record(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    guard = OriginGuard(served, origins=[], local_only=lambda: True)
+    for headers, status in (([], 200), ([(b"host", b"evil.example.net")], 403)):
+        sent.clear()
+        scope = {"type": "http", "path": CHAT, "root_path": "", "headers": headers}
+        await guard(scope, None, record)  # type: ignore[arg-type]
+        assert sent[0]["status"] == status
