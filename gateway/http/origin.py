@@ -11,8 +11,9 @@ A site may also point its own name at 127.0.0.1 once its page is loaded
 (DNS rebinding): the browser then takes the gateway for that site, sends its
 name as ``Host`` and lets the page read every answer. A gateway on a
 loopback address without API keys (``make serve``) therefore serves ``/v1``
-and ``/v2`` only to requests naming a loopback host (``localhost``,
-``127.0.0.1``, ``[::1]``).
+and ``/v2`` to browser pages (requests with an ``Origin``) only where they
+name a loopback host (``localhost``, ``127.0.0.1``, ``[::1]``); requests
+without one (SDKs, curl, a local proxy naming its own site) are served.
 """
 
 from __future__ import annotations
@@ -56,16 +57,19 @@ class OriginGuard:
         if not path.startswith(PROTECTED):
             await self._app(scope, receive, send)
             return
-        named = _header(scope, b"host")  # browsers always name one; an HTTP/1.0 client may not
-        host = _hostname("//" + named) if named is not None else None
         origin = _header(scope, b"origin")
-        if named is not None and self._local_only() and not (host is not None and is_loopback(host)):
+        if origin is None:  # not a browser's request (SDKs, curl, proxies): nothing to tell here
+            await self._app(scope, receive, send)
+            return
+        named = _header(scope, b"host") or ""
+        host = _hostname("//" + named)
+        if self._local_only() and not (host is not None and is_loopback(host)):
             error = PermissionDeniedError(
-                f"This gateway listens on a loopback address without API keys: it serves requests to "
-                f"localhost, 127.0.0.1 or [::1], not to {host or named}.",
+                f"This gateway listens on a loopback address without API keys: it serves browser pages "
+                f"of localhost, 127.0.0.1 or [::1], not of {host or named or 'a page naming no host'}.",
                 code="host_not_allowed",
             )
-        elif origin is not None and not self._any and not self._allowed(origin, host):
+        elif not self._any and not self._allowed(origin, host):
             error = PermissionDeniedError(
                 f"Requests from pages of {origin} are not allowed: this gateway serves browser pages of "
                 "its own host, and of other origins only as `ingress.cors` names them."

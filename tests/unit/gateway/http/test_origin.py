@@ -42,24 +42,29 @@ async def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(o
         assert health.status_code == 200  # not a model route
 
 
-REBOUND = {"host": "evil.example.net:8000", "origin": "http://evil.example.net:8000"}
-
 
 @pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "app.localhost", "127.0.0.2"])
-async def test_a_keyless_gateway_on_loopback_serves_requests_to_a_loopback_host(host: str) -> None:
+async def test_a_keyless_gateway_on_loopback_serves_its_own_pages_on_a_loopback_host(host: str) -> None:
     async with await client_for(None, keys=False, loopback=True) as client:
-        served = await client.post(CHAT, json={"model": "m"}, headers={"host": host})
+        page = {"host": host, "origin": f"http://{host}"}
+        served = await client.post(CHAT, json={"model": "m"}, headers=page)
         assert served.status_code == 200
 
 
-@pytest.mark.parametrize("headers", [REBOUND, {"host": "evil.example.net"}, {"host": "192.0.2.7:8000"}])
-async def test_a_keyless_gateway_on_loopback_refuses_a_site_that_points_its_name_here(headers: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "host", ["evil.example.net:8000", "evil.example.net", "192.0.2.7:8000"],
+)
+async def test_a_keyless_gateway_on_loopback_refuses_a_site_that_points_its_name_here(host: str) -> None:
     """DNS rebinding: the page's own site name now resolves to 127.0.0.1, so
     to the browser the gateway is that site, and the page could read every answer."""
     async with await client_for(None, keys=False, loopback=True) as client:
-        refused = await client.post(CHAT, json={"model": "m"}, headers=headers)
+        page = {"host": host, "origin": f"http://{host}"}
+        refused = await client.post(CHAT, json={"model": "m"}, headers=page)
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "host_not_allowed"
-        assert (await client.get("/health", headers=headers)).status_code == 200  # not a model route
+        assert (await client.get("/health", headers=page)).status_code == 200  # not a model route
+        # Not a browser (no Origin): an SDK, curl, a local proxy naming its own site.
+        client_of_its_own = await client.post(CHAT, json={"model": "m"}, headers={"host": host})
+        assert client_of_its_own.status_code == 200
 
 
 @pytest.mark.parametrize(("keys", "loopback"), [(True, True), (False, False)])
@@ -68,7 +73,8 @@ async def test_any_host_is_served_with_keys_or_off_loopback(keys: bool, loopback
     whatever names it has (a load balancer's, a DNS name)."""
     async with await client_for(None, keys=keys, loopback=loopback) as client:
         auth = {"authorization": f"Bearer {SECRET}"} if keys else {}
-        served = await client.post(CHAT, json={"model": "m"}, headers={**auth, "host": "gpu-box.internal:8000"})
+        page = {"host": "gpu-box.internal:8000", "origin": "http://gpu-box.internal:8000"}
+        served = await client.post(CHAT, json={"model": "m"}, headers={**auth, **page})
         assert served.status_code == 200
 
 
@@ -81,8 +87,8 @@ def test_loopback_hosts_are_this_machines_own(host: str, loopback: bool) -> None
     assert is_loopback(host) is loopback
 
 
-async def test_a_request_naming_no_host_is_served_as_no_browser_sends_one() -> None:
-    """An HTTP/1.0 client may send no Host; a browser (the page of DNS rebinding) always does."""
+async def test_a_request_without_an_origin_is_no_browsers_and_is_served_whatever_host_it_names() -> None:
+    """An HTTP/1.0 client may name no host; a proxy, any: neither is a page."""
     sent: list[dict[str, object]] = []
 
     async def served(scope: object, receive: object, send: object) -> None:
@@ -92,8 +98,9 @@ async def test_a_request_naming_no_host_is_served_as_no_browser_sends_one() -> N
         sent.append(message)
 
     guard = OriginGuard(served, origins=[], local_only=lambda: True)
-    for headers, status in (([], 200), ([(b"host", b"evil.example.net")], 403)):
+    page = [(b"host", b"evil.example.net"), (b"origin", b"http://evil.example.net")]
+    for headers, status in (([], 200), ([(b"host", b"evil.example.net")], 200), (page, 403), (page[1:], 403)):
         sent.clear()
         scope = {"type": "http", "path": CHAT, "root_path": "", "headers": headers}
         await guard(scope, None, record)  # type: ignore[arg-type]
-        assert sent[0]["status"] == status
+        assert sent[0]["status"] == status, headers
