@@ -61,6 +61,9 @@ class Demand:
     count: int = 0
     last: int = 0
     tokens: int = 0  # the most tokens one request reserved, this slot
+    # The last request decided in the ledger was refused for the key's concurrency limit: no lease
+    # would have a place, and the key's requests each wait for a place there rather than behind one.
+    at_limit: bool = False
 
     def note(self, now: float, tokens: int) -> None:
         slot = int(now / ledger.SLOT_S)

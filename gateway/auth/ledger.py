@@ -16,6 +16,12 @@ next slot, and counted in that slot (so what it admits never leaves the
 window early); what it did not use it gives back with ``release``. A lease takes at most half of what is free,
 and none while a key is close to its limits, where every request is decided
 here one by one.
+
+A request whose client has left (``leave``) stops taking one of the key's
+places at once, though it stays counted in flight until it settles: the
+engine stops it within milliseconds, and the client that cancelled a stream
+to ask again at once (a chat page's "stop", then "regenerate") is not told
+its key is at its concurrency limit by its own request it no longer waits for.
 """
 
 from __future__ import annotations
@@ -98,6 +104,12 @@ class _Key:
     requests: int = 0
     tokens: int = 0
     in_flight: int = 0
+    leaving: int = 0  # of those in flight, places whose clients left (``Ledger.leave``)
+
+    @property
+    def taken(self) -> int:
+        """Places that count against the key's concurrency limit."""
+        return self.in_flight - self.leaving
 
 
 @dataclass
@@ -107,6 +119,7 @@ class _Reservation:
     requests: int
     tokens: int
     places: int
+    left: int = 0  # of its places, those whose clients left
 
 
 class Ledger:
@@ -144,7 +157,7 @@ class Ledger:
             requests = min(requests, (limits.rpm - state.requests) // 2)
         places = requests
         if limits.max_concurrent is not None:
-            places = min(places, (limits.max_concurrent - state.in_flight) // 2)
+            places = min(places, (limits.max_concurrent - state.taken) // 2)
         if limits.tpm is not None:
             tokens = max(0, min(tokens, (limits.tpm - state.tokens) // 2))
         if requests < 1 or places < 1:
@@ -163,13 +176,29 @@ class Ledger:
         back = 0 if used_tokens is None else held.tokens - used_tokens
         return self.release(reservation, tokens=back, end=True)
 
+    def leave(self, reservation: int) -> str | None:
+        """One place of a reservation is no longer waited for by its client:
+        it stops counting against the concurrency limit, and stays in flight
+        until the reservation settles. Returns its key (None: unknown, or no
+        place of it left to free)."""
+        held = self._reservations.get(reservation)
+        if held is None or held.left >= held.places:
+            return None
+        held.left += 1
+        state = self._keys.get(held.key)
+        if state is not None:
+            state.leaving += 1
+        return held.key
+
     def release(
-        self, reservation: int, requests: int = 0, tokens: int = 0, places: int = 0, end: bool = False
+        self, reservation: int, requests: int = 0, tokens: int = 0, places: int = 0, end: bool = False,
+        left: int = 0,
     ) -> str | None:
         """Gives back part of a reservation: ``requests`` never admitted,
-        ``tokens`` not used (negative: used beyond it) and ``places`` freed;
-        ``end`` ends it, freeing every place it still holds. Returns its key
-        (None: unknown, ignored)."""
+        ``tokens`` not used (negative: used beyond it) and ``places`` freed,
+        ``left`` of them places whose clients had left (``leave``); ``end``
+        ends it, freeing every place it still holds. Returns its key (None:
+        unknown, ignored)."""
         held = self._reservations.get(reservation)
         if held is None:
             return None
@@ -179,11 +208,14 @@ class Ledger:
         if state is None:
             return held.key
         requests = min(requests, held.requests)
-        places = held.places if end else min(places, held.places)
+        left = held.left if end else min(left, held.left, places)
+        places = held.places if end else min(places, held.places - held.left + left)
         held.requests -= requests
         held.tokens -= tokens
         held.places -= places
+        held.left -= left
         state.in_flight -= places
+        state.leaving -= left
         for slot in reversed(state.slots):
             if slot.index == held.slot:
                 slot.requests -= requests
@@ -236,8 +268,8 @@ class Ledger:
         return state
 
     def _check(self, state: _Key, limits: Limits, tokens: int, now: float) -> Refusal | None:
-        if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
-            return Refusal("concurrent", limits.max_concurrent, state.in_flight, 1, None)
+        if limits.max_concurrent is not None and state.taken >= limits.max_concurrent:
+            return Refusal("concurrent", limits.max_concurrent, state.taken, 1, None)
         if limits.rpm is not None and state.requests + 1 > limits.rpm:
             wait = self._wait(state, "requests", state.requests + 1 - limits.rpm, now)
             return Refusal("requests", limits.rpm, state.requests, 1, wait)

@@ -9,7 +9,7 @@ not a Serve call. A busy key costs less: its replica is leased blocks of the
 key's limits and admits from them alone (see ``LimiterClient``), and the
 ledger calls unused blocks back before it refuses anyone. A lone ingress
 replica (no hub is deployed then) keeps the ledger in its own process
-(``LocalLimiter``).
+(``gateway.auth.local.LocalLimiter``).
 
 Reservations belong to the connection that made them: when an ingress
 replica goes away unsettled reservations end there, keeping the tokens they
@@ -27,7 +27,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.auth.lease import Demand, Lease
-from gateway.auth.ledger import Decision, Ledger, Limits, Refusal, Usage
+from gateway.auth.ledger import Decision, Limits, Refusal, Usage
+from gateway.auth.places import waits_for_place
 from gateway.errors import ServiceUnavailableError
 from gateway.protocol.relay import RelayAddress
 
@@ -39,6 +40,11 @@ READ_BYTES = 256 * 1024
 REPLY_TIMEOUT_S = 2.0
 RECALL_WAIT_S = 0.5  # longest a request waits for other replicas' leases to come back
 UNAVAILABLE = "Rate limits cannot be checked right now; please retry shortly."
+
+
+# Where the place of a request whose client left went (``LimiterClient.leave``).
+_BACK_TO_LEASE = "lease"  # into its open lease, to admit the key's next request from
+_IN_LEDGER = "ledger"  # the ledger counts it no more against the limit; freed when the request settles
 
 
 class LimiterAddress(RelayAddress):
@@ -67,26 +73,6 @@ def decode_decision(data: dict[str, Any]) -> Decision:
     return Decision(
         data.get("r"), Usage(*data["usage"]), Refusal(*refusal) if refusal is not None else None
     )
-
-
-class LocalLimiter:
-    """A ledger in this process, behind ``LimiterClient``'s methods: for a
-    gateway of one ingress replica (and tests, tools)."""
-
-    def __init__(self, ledger: Ledger | None = None) -> None:
-        self.ledger = ledger if ledger is not None else Ledger()
-
-    async def reserve(self, key: str, limits: Limits, tokens: int) -> Decision:
-        return self.ledger.reserve(key, limits, tokens)
-
-    async def usage(self, key: str, limits: Limits) -> tuple[Usage, int]:
-        return self.ledger.usage(key, limits), self.ledger.in_flight(key)
-
-    def settle(self, reservation: int, used_tokens: int) -> None:
-        self.ledger.settle(reservation, used_tokens)
-
-    async def close(self) -> None:
-        pass
 
 
 class LimiterClient:
@@ -118,6 +104,7 @@ class LimiterClient:
         # Admitted requests: the ledger's reservation, or the lease and the tokens taken from it.
         self._tickets: dict[int, int | tuple[Lease, int]] = {}
         self._tickets_ids = itertools.count(1)
+        self._left: dict[int, str] = {}  # tickets whose place was freed before they settled (``leave``)
         self._renewing: set[asyncio.Task[None]] = set()
         self._releases: dict[int, dict[str, Any]] = {}  # per lease, the release not yet sent
 
@@ -130,9 +117,9 @@ class LimiterClient:
         admitted = self._from_lease(key, limits, demand, tokens, now)
         if admitted is not None:
             return admitted
-        want = demand.want()
+        want = 0 if demand.at_limit else demand.want()
         asking, answered = demand.asking, demand.answered
-        if asking is not None and answered is not None:
+        if asking is not None and answered is not None and not demand.at_limit:
             # A lease is on its way: this request waits for it rather than
             # making a round trip of its own (a busy key whose lease ran out
             # while its successor was asked for would send a whole wave).
@@ -149,6 +136,7 @@ class LimiterClient:
             message["lease"] = [want, want * demand.tokens]
         reply = await self._ask_for_lease(key, demand, message, now)
         decision = decode_decision(reply)
+        demand.at_limit = waits_for_place(decision)
         if decision.reservation is None:
             return decision
         return Decision(self._ticket(decision.reservation), decision.usage)
@@ -165,17 +153,38 @@ class LimiterClient:
         held = self._tickets.pop(ticket, None)
         if held is None:
             return
+        left = self._left.pop(ticket, None)
         if isinstance(held, int):
             self._send({"op": "settle", "r": held, "used": used_tokens})
             return
         lease, reserved = held
         lease.in_flight -= 1
         back = 0 if used_tokens is None or not lease.metered else reserved - used_tokens
+        place = 0 if left == _BACK_TO_LEASE else 1  # a place its lease took back is not freed again
         if lease.open:
-            lease.places += 1
+            lease.places += place
             lease.tokens += back
         else:
-            self._release(lease, 0, back, 1, closed=False)
+            self._release(lease, 0, back, place, closed=False, left=int(left == _IN_LEDGER))
+
+    def leave(self, ticket: int) -> None:
+        """The client of an admitted request left: its place is free for the
+        key's next request now, before the request settles (what it generated
+        is known only once the replica has stopped it)."""
+        held = self._tickets.get(ticket)
+        if held is None or ticket in self._left:
+            return
+        if isinstance(held, int):
+            self._left[ticket] = _IN_LEDGER
+            self._send({"op": "leave", "r": held})
+            return
+        lease = held[0]
+        if lease.open:
+            self._left[ticket] = _BACK_TO_LEASE
+            lease.places += 1
+        else:
+            self._left[ticket] = _IN_LEDGER
+            self._send({"op": "leave", "r": lease.reservation})
 
     def _renew(self, key: str, limits: Limits, demand: Demand, now: float) -> None:
         """Asks for the next lease while the current one still admits, so a
@@ -276,17 +285,21 @@ class LimiterClient:
             self._release(lease, lease.requests, lease.tokens, lease.places, closed=True)
         lease.requests = lease.tokens = lease.places = 0
 
-    def _release(self, lease: Lease, requests: int, tokens: int, places: int, closed: bool) -> None:
-        """Gives back part of ``lease``; what one turn of the event loop gives
-        back of one lease leaves as one message."""
+    def _release(
+        self, lease: Lease, requests: int, tokens: int, places: int, closed: bool, left: int = 0
+    ) -> None:
+        """Gives back part of ``lease`` (``left``: of its ``places``, those the
+        ledger was told their clients left); what one turn of the event loop
+        gives back of one lease leaves as one message."""
         message = self._releases.get(lease.reservation)
         if message is None or not any(m is message for m in self._outbox):
-            message = {"op": "release", "r": lease.reservation, "requests": 0, "tokens": 0, "places": 0}
+            message = {"op": "release", "r": lease.reservation, "requests": 0, "tokens": 0, "places": 0, "left": 0}
             self._releases[lease.reservation] = message
             self._send(message)
         message["requests"] += requests
         message["tokens"] += tokens
         message["places"] += places
+        message["left"] += left
         message["end"] = lease.in_flight == 0
         if closed:
             message["closed"] = True

@@ -13,6 +13,7 @@ import secrets
 from typing import Any
 
 from gateway.auth.ledger import Ledger, Limits
+from gateway.auth.places import PlaceWaits
 from gateway.auth.limiter import (
     CONNECT_TIMEOUT_S,
     READ_BYTES,
@@ -44,7 +45,9 @@ class LimiterServer:
     A request the ledger would refuse while other replicas hold leases of
     its key waits (at most ``RECALL_WAIT_S``): the holders are asked to give
     back what they have not used, and it is decided again on each return, so
-    a request that fits the key's real use is never refused.
+    a request that fits the key's real use is never refused. One refused for
+    the key's concurrency limit alone waits a moment for a place
+    (``gateway.auth.places``).
     """
 
     def __init__(self, host: str, ledger: Ledger | None = None) -> None:
@@ -56,6 +59,8 @@ class LimiterServer:
         self._parked: dict[str, list[tuple[_Peer, dict[str, Any]]]] = {}
         self._recalls: dict[str, asyncio.TimerHandle] = {}
         self._peers: set[_Peer] = set()
+        self._waits = PlaceWaits()
+        self._waiting: set[asyncio.Task[None]] = set()
 
     async def start(self) -> LimiterAddress:
         self._server = await asyncio.start_server(self._connection, self._host, 0)
@@ -67,6 +72,8 @@ class LimiterServer:
             self._server.close()
         for peer in list(self._peers):
             peer.writer.close()
+        for task in list(self._waiting):
+            task.cancel()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _Peer(writer)
@@ -95,7 +102,7 @@ class LimiterServer:
         """The caller is gone: its reservations and leases end, keeping what
         they counted, and requests waiting on its leases are decided."""
         for reservation in peer.owned:
-            self.ledger.settle(reservation, None)
+            self._waits.freed(self.ledger.settle(reservation, None))
         for reservation, key in peer.leases.items():
             self._leases.get(key, {}).pop(reservation, None)
         for parked in self._parked.values():
@@ -110,11 +117,14 @@ class LimiterServer:
             used = message["used"]
             self._returned(self.ledger.settle(message["r"], None if used is None else int(used)))
             return None
+        if op == "leave":
+            self._returned(self.ledger.leave(message["r"]))
+            return None
         if op == "release":
             reservation = message["r"]
             key = self.ledger.release(
                 reservation, int(message["requests"]), int(message["tokens"]),
-                int(message["places"]), bool(message["end"]),
+                int(message["places"]), bool(message["end"]), int(message.get("left", 0)),
             )
             if message["end"]:
                 peer.owned.discard(reservation)
@@ -128,6 +138,9 @@ class LimiterServer:
             key = str(message["key"])
             if not self._parked.get(key):
                 reply = self._decide(peer, message, final=not self._leases.get(key), lease=True)
+                if reply is not None and _for_place(reply) and self._waits.may_wait(key, limits_of(message["limits"])):
+                    self._wait_for_place(peer, key, message)
+                    return None
                 if reply is not None:
                     return reply
             self._park(key, peer, message)
@@ -181,7 +194,36 @@ class LimiterServer:
             loop = asyncio.get_running_loop()
             self._recalls[key] = loop.call_later(RECALL_WAIT_S, self._retry, key, True)
 
+    def _wait_for_place(self, peer: _Peer, key: str, message: dict[str, Any]) -> None:
+        """``message``, refused for the key's concurrency limit alone, is
+        decided again each time one of its places comes free, for a moment
+        (``gateway.auth.places``); the last refusal stands, or waits for
+        other replicas' leases when they hold some of the key's places."""
+        reply: dict[str, Any] | None = None
+
+        def decided() -> bool:
+            nonlocal reply
+            if peer not in self._peers:
+                return True
+            reply = self._decide(peer, message, final=True, lease=False)
+            return not _for_place(reply)
+
+        async def waiting() -> None:
+            nonlocal reply
+            if not await self._waits.until(key, decided):
+                if self._leases.get(key):
+                    self._park(key, peer, message)
+                    return
+                reply = self._decide(peer, message, final=True, lease=False)
+            if peer in self._peers and reply is not None:
+                peer.send(reply)
+
+        task = asyncio.get_running_loop().create_task(waiting())
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+
     def _returned(self, key: str | None) -> None:
+        self._waits.freed(key)
         if key is not None and self._parked.get(key):
             self._retry(key)
 
@@ -203,3 +245,9 @@ class LimiterServer:
         timer = self._recalls.pop(key, None)
         if timer is not None:
             timer.cancel()
+
+
+def _for_place(reply: dict[str, Any] | None) -> bool:
+    """Whether ``reply`` refuses its request for the key's concurrency limit alone."""
+    refusal = reply.get("refusal") if reply is not None else None
+    return refusal is not None and refusal[0] == "concurrent"

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from gateway.auth.limiter import LocalLimiter
+from gateway.auth.local import LocalLimiter
 from gateway.auth.prompt_count import most_tokens
 from gateway.errors import (
     GatewayError,
@@ -314,6 +314,8 @@ class ModelDispatcher:
             if not answer.done():
                 left = not expired and not gone
                 answer.cancel()
+                if left and admission is not None and later is None:
+                    admission.leave()  # its place is free at once; the replica settles what it generated
         if gone:
             assert stalled is not None  # it only ever ends with the 503
             raise stalled.exception()  # type: ignore[misc]
@@ -362,9 +364,12 @@ class ModelDispatcher:
         finally:
             record.model_wait_s += time.perf_counter() - waited
 
+        background = _background(call.endpoint, call.body)
         if admission is not None:
-            stream.when_ended(admission.settle)  # also a stream the client left
-        if _background(call.endpoint, call.body):  # left early, it still generates to its end
+            # Also a stream the client left; its place is free at once (a background response's is not:
+            # it still generates, to its end).
+            stream.when_ended(admission.settle, None if background else admission.leave)
+        if background:
             stream.outcome_wait_s = BACKGROUND_OUTCOME_S
         return self._answers.streamed(stream, call.endpoint, record, headers, deadline, timeout)
 

@@ -98,6 +98,12 @@ class Admission:
         used = None if outcome is None else outcome.prompt_tokens + outcome.completion_tokens
         self._limiter.settle(reservation, used)
 
+    def leave(self) -> None:
+        """The client left before the end: the key's place is free at once,
+        and the request settles when the model says what it generated."""
+        if self._reservation is not None:
+            self._limiter.leave(self._reservation)
+
 
 async def admit(limiter: Any, key: ApiKey, tokens: int, model: str) -> Admission:
     """Reserves one request of ``key`` using at most ``tokens``; raises

@@ -208,11 +208,15 @@ class RelayedStream:
         self._closed = False
         self._cut = False
         self._ended: Callable[[Outcome | None], None] | None = None
+        self._left: Callable[[], None] | None = None
         # How long the outcome of a stream left early is waited for.
         self.outcome_wait_s = ABANDONED_OUTCOME_S
 
-    def when_ended(self, ended: Callable[[Outcome | None], None]) -> None:
-        self._ended = ended
+    def when_ended(self, ended: Callable[[Outcome | None], None], left: Callable[[], None] | None = None) -> None:
+        """``ended`` gets the outcome once the stream is over; ``left`` is
+        called at once when it is closed before its end (its client left),
+        while the replica is still being told to stop."""
+        self._ended, self._left = ended, left
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Yields the stream's bytes as they arrive; raises ``StreamCutError``
@@ -348,6 +352,9 @@ class RelayedStream:
         self._closed = True
         self._done()
         ended, self._ended = self._ended, None
+        left, self._left = self._left, None
+        if left is not None and self.outcome is None and not self._cut:
+            left()
         if self.handed_off and self.outcome is None and not self._cut:
             # The replica writes to the client until it has stopped the stream.
             released = self._released = asyncio.get_running_loop().create_future()

@@ -26,7 +26,7 @@ from tests.integration.conftest import ACCESS_LOG, TEST_CONFIG, VLLM_MODEL, Gate
 CHAT = "/v1/chat/completions"
 WORDS = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens on the echo engine
 T = TypeVar("T")
-KEYS = ("full", "scoped", "rpm", "tpm", "quota", "cancel", "vllm", "vllm-left", "revoked")
+KEYS = ("full", "scoped", "rpm", "tpm", "quota", "cancel", "vllm", "vllm-left", "one-place", "revoked")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def secrets(gateway: Gateway) -> Iterator[dict[str, str]]:
         "cancel": {"tpm": 100_000, "max_concurrent": 64},
         "vllm": {"tpm": 2_000},
         "vllm-left": {"tpm": 10_000},
+        "one-place": {"max_concurrent": 1},
         "revoked": {},
     }
     keyed = copy.deepcopy(TEST_CONFIG)
@@ -337,6 +338,35 @@ async def test_a_stream_left_early_is_charged_what_was_generated(
     generated = spent - usage["total_tokens"] - prompt  # the stream's charge, less its prompt
     # Charged what the engine generated before it was stopped: not the 450 reserved.
     assert 3 <= generated < 450
+
+
+def test_a_client_that_stops_an_answer_and_asks_again_at_once_is_served(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    # A chat page's "stop" then "regenerate" with a key of one place: the SDK closes the stream (or gives up
+    # on a whole answer) and sends the next request on another kept connection at once, before the gateway
+    # has seen the first one go. It is admitted; a request beside one still running is refused.
+    messages = [{"role": "user", "content": "Tell me a long story about the sea"}]
+    long: dict[str, Any] = {"model": VLLM_MODEL, "messages": messages, "max_tokens": 400,
+                            "extra_body": {"ignore_eos": True}}
+    with openai.OpenAI(base_url=gateway.v1, api_key=secrets["one-place"], max_retries=0) as sdk:
+        for attempt in range(6):
+            if attempt % 3 == 2:
+                with pytest.raises(openai.APITimeoutError):
+                    sdk.with_options(timeout=0.2).chat.completions.create(**long)
+            else:
+                stream = sdk.chat.completions.create(**long, stream=True)
+                next(iter(stream))
+                stream.close()
+            again = sdk.chat.completions.create(model=VLLM_MODEL, messages=messages, max_tokens=2)
+            assert again.choices[0].finish_reason == "length"
+        with sdk.chat.completions.create(**long, stream=True) as running:
+            next(iter(running))
+            with pytest.raises(openai.RateLimitError) as refused:
+                sdk.chat.completions.create(model=VLLM_MODEL, messages=messages, max_tokens=2)
+            assert "concurrent requests: Limit 1, Used 1" in refused.value.message
+            assert refused.value.response.headers["retry-after-ms"] == "1000"
+            assert sum(1 for _ in running) > 300  # the running answer goes on to its end
 
 
 async def test_a_key_reads_its_own_limits_and_what_is_left_without_spending_any(

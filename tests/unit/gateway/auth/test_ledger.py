@@ -56,6 +56,26 @@ def test_concurrency_is_held_until_settled() -> None:
     assert ledger.reserve("k", limits, 0).reservation is not None
 
 
+def test_a_request_whose_client_left_frees_its_place_and_stays_in_flight_until_settled() -> None:
+    ledger = Ledger(Clock())
+    limits = Limits(tpm=1000, max_concurrent=1)
+    held = ledger.reserve("k", limits, 300).reservation
+    assert held is not None
+    assert ledger.reserve("k", limits, 10).refusal.limit == "concurrent"  # type: ignore[union-attr]
+    assert ledger.leave(held) == "k"
+    assert ledger.leave(held) is None  # its one place is already free
+    assert ledger.lease("k", limits, 4, 40) is None  # half of the one free place is none
+    again = ledger.reserve("k", limits, 10).reservation
+    assert again is not None
+    assert ledger.in_flight("k") == 2  # the first still counts until the engine says what it generated
+    assert ledger.release(held, places=1) == "k" and ledger.in_flight("k") == 2  # a left place goes at its end
+    ledger.settle(held, 120)
+    assert ledger.in_flight("k") == 1 and ledger.usage("k", limits).remaining_tokens == 1000 - 120 - 10
+    assert ledger.reserve("k", limits, 10).refusal.limit == "concurrent"  # type: ignore[union-attr]
+    ledger.settle(again, 10)  # type: ignore[arg-type]
+    assert ledger.in_flight("k") == 0 and ledger.reserve("k", limits, 10).reservation is not None
+
+
 def test_keys_count_apart() -> None:
     ledger = Ledger(Clock())
     assert ledger.reserve("a", Limits(rpm=1), 0).reservation

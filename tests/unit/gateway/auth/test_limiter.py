@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.auth import ledger, limiter
+from gateway.auth import ledger, limiter, places
 from gateway.auth.ledger import Ledger, Limits, Usage
 from gateway.auth.limiter import LimiterAddress, LimiterClient
+from gateway.auth.local import LocalLimiter
 from gateway.auth.limiter_server import LimiterServer
 from gateway.errors import ServiceUnavailableError
 
@@ -230,6 +231,94 @@ async def test_a_client_that_goes_away_releases_its_places_and_keeps_its_tokens(
         await asyncio.sleep(0.01)
     assert in_flight == 0 and usage.remaining_tokens == 60
     assert (await staying.reserve("k", limits, 10)).reservation is not None
+
+
+@pytest.fixture
+def long_place_wait(monkeypatch: pytest.MonkeyPatch) -> float:
+    """A request waits seconds for a place: whether it is still waiting must
+    not depend on the host never pausing this test for a quarter second."""
+    monkeypatch.setattr(places, "PLACE_WAIT_S", 30.0)
+    return 30.0
+
+
+async def _still_waiting(reserving: asyncio.Future[ledger.Decision]) -> bool:
+    """A refused request would have been answered within a round trip."""
+    await asyncio.wait({reserving}, timeout=0.1)
+    return not reserving.done()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "local"])
+async def test_a_request_at_the_concurrency_limit_takes_the_place_its_key_frees(
+    parts: list[Part], long_place_wait: float, shared: bool
+) -> None:
+    # A client cancels its stream and asks again at once: the second request
+    # arrives before the first is seen to go, and is admitted when it does.
+    one = _client(parts, (await _started(parts))[1]) if shared else LocalLimiter(_frozen())
+    limits = Limits(tpm=1000, max_concurrent=1)
+    first = (await one.reserve("k", limits, 300)).reservation
+    assert first is not None
+    regenerate = asyncio.ensure_future(one.reserve("k", limits, 300))
+    assert await _still_waiting(regenerate)
+    one.leave(first)  # its client left: the place is free before the engine has stopped
+    assert (await asyncio.wait_for(regenerate, 5)).reservation is not None
+    _, in_flight = await one.usage("k", limits)
+    assert in_flight == 2  # the first is in flight until it settles
+    third = asyncio.ensure_future(one.reserve("k", limits, 300))
+    assert await _still_waiting(third)
+    one.settle(first, 100)  # settling a request that left frees no second place
+    assert await _still_waiting(third)
+    third.cancel()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "local"])
+async def test_a_key_at_its_concurrency_limit_is_refused_after_a_moment_and_no_more_wait_than_it_has_places(
+    parts: list[Part], shared: bool
+) -> None:
+    one = _client(parts, (await _started(parts))[1]) if shared else LocalLimiter(_frozen())
+    limits = Limits(max_concurrent=2)
+    assert all([(await one.reserve("k", limits, 0)).reservation for _ in range(2)])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    refused = await asyncio.gather(*(one.reserve("k", limits, 0) for _ in range(3)))
+    assert all(d.refusal is not None and d.refusal.limit == "concurrent" for d in refused)
+    assert loop.time() - started >= places.PLACE_WAIT_S  # two of them waited for a place
+    started = loop.time()
+    waiting = [asyncio.ensure_future(one.reserve("k", limits, 0)) for _ in range(2)]
+    assert await _still_waiting(waiting[0]) and not waiting[1].done()
+    beyond = await one.reserve("k", limits, 0)  # two wait already: refused at once
+    assert beyond.refusal is not None and loop.time() - started < places.PLACE_WAIT_S
+    for task in waiting:
+        task.cancel()
+
+
+async def test_places_freed_by_clients_that_left_never_let_a_key_pass_its_limit_or_refuse_under_it(
+    parts: list[Part], one_second_slots: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(places, "PLACE_WAIT_S", 0.01)  # nothing frees while one client waits on itself
+    client = _client(parts, (await _started(parts))[1])
+    limits = Limits(max_concurrent=16)  # room for leases of several places
+    rng = random.Random(7)
+    taking: set[int] = set()  # admitted, neither left nor settled
+    left: set[int] = set()  # left, not yet settled
+    for _ in range(300):
+        if rng.random() < 0.3 or not taking | left:
+            # Bursts, so that the key is leased blocks of places and admits from them too.
+            for decision in await asyncio.gather(*(client.reserve("k", limits, 0) for _ in range(rng.randint(1, 4)))):
+                if decision.reservation is None:
+                    assert len(taking) == 16, "refused under the limit"
+                else:
+                    taking.add(decision.reservation)
+                    assert len(taking) <= 16, "admitted past the limit"
+            continue
+        ticket = rng.choice(sorted(taking | left))
+        if ticket in taking and rng.random() < 0.5:
+            taking.discard(ticket)
+            left.add(ticket)
+            client.leave(ticket)
+        else:
+            taking.discard(ticket)
+            left.discard(ticket)
+            client.settle(ticket, 0)
 
 
 async def test_an_unreachable_limiter_answers_503(parts: list[Part]) -> None:

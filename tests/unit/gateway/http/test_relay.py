@@ -62,11 +62,16 @@ async def test_bytes_arrive_unchanged_then_the_outcome_and_the_slot_goes_back() 
         return stream(), lambda: OUTCOME
 
     stream = await ReplicaRelay(Router(await serve(opener))).open(CALL)
+    ended: list[Outcome | None] = []
+    left: list[None] = []
+    stream.when_ended(ended.append, lambda: left.append(None))
     received = [chunk async for chunk in stream.chunks()]
+    stream.close()
     assert b"".join(received) == b"".join(frames)
     assert len(received) <= len(frames)  # one chunk per socket read, never more
     assert stream.outcome == OUTCOME
     assert seen == [CALL]
+    assert ended == [OUTCOME] and left == []  # a stream read to its end was not left
 
 
 async def test_leaving_early_aborts_the_engine_stream_and_frees_the_slot() -> None:
@@ -200,8 +205,12 @@ async def test_an_abandoned_stream_reports_what_was_generated() -> None:
     await anext(chunks)
     await asyncio.sleep(0.05)
     reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
-    stream.when_ended(reported.set_result)
+    left: list[bool] = []
+    stream.when_ended(reported.set_result, lambda: left.append(reported.done()))
     await chunks.aclose()  # the client leaves
+    stream.close()
+    # Told at once, while the replica is still stopping the engine (its key's place is free).
+    assert left == [False]
     outcome = await asyncio.wait_for(reported, timeout=3)
     await asyncio.wait_for(aborted.wait(), timeout=2)  # the engine's stream was closed
     assert outcome is not None and outcome.prompt_tokens == 4 and 1 <= outcome.completion_tokens < 999

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway.auth.limiter import LimiterClient, LocalLimiter
+from gateway.auth.limiter import LimiterClient
+from gateway.auth.local import LocalLimiter
 from gateway.config import ConfigError, FrontDoorConfig, ModelConfig
 from gateway.http.state import GatewayState
 from gateway.metrics import engine_pages
