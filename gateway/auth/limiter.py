@@ -30,6 +30,7 @@ from gateway.auth.lease import Demand, Lease
 from gateway.auth.ledger import Decision, Limits, Refusal, Usage
 from gateway.auth.places import waits_for_place
 from gateway.errors import ServiceUnavailableError
+from gateway.http.replica_lookup import BoundedLookUp
 from gateway.protocol.relay import RelayAddress
 
 logger = logging.getLogger(__name__)
@@ -87,13 +88,17 @@ class LimiterClient:
     each request is one reservation (what one event-loop turn asks leaves
     in one write).
 
-    ``find`` returns the server's address (Serve replica metadata). Calls
-    raise ``ServiceUnavailableError`` (503) when the ledger cannot be
-    reached: a limited key is never let through unchecked.
+    ``find`` returns the server's address (Serve replica metadata); while
+    the hub's replica is being restarted it waits, and a request waits for it
+    at most ``wait_s`` (then, while it stays down, not at all; see
+    ``BoundedLookUp``). Calls raise ``ServiceUnavailableError`` (503) when
+    the ledger cannot be reached: a limited key is never let through unchecked.
     """
 
-    def __init__(self, find: Callable[[], Any]) -> None:
+    def __init__(self, find: Callable[[], Awaitable[LimiterAddress | None]], wait_s: float = 5.0) -> None:
         self._find = find
+        self._found: LimiterAddress | None = None
+        self._look_up = BoundedLookUp(self._look, wait_s, message=UNAVAILABLE)
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -350,7 +355,8 @@ class LimiterClient:
             if self._writer is not None and not self._writer.is_closing():
                 return self._writer
             try:
-                address = await self._find()
+                await self._look_up.wait()
+                address = self._found
                 if address is None:
                     raise ConnectionError("no limiter address")
                 reader, writer = await asyncio.wait_for(
@@ -363,6 +369,9 @@ class LimiterClient:
             self._writer = writer
             self._reading = asyncio.get_running_loop().create_task(self._read(reader, writer))
             return writer
+
+    async def _look(self) -> None:
+        self._found = await self._find()
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -35,11 +35,16 @@ class BoundedLookUp:
     """
 
     def __init__(
-        self, look: Callable[[], Awaitable[None]], wait_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        look: Callable[[], Awaitable[None]],
+        wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        message: str = _NOT_RUNNING,
     ) -> None:
         self._look = look
         self.wait_s = wait_s
         self._clock = clock
+        self._message = message
         self._since = 0.0
         self._task: asyncio.Future[None] | None = None
 
@@ -57,7 +62,7 @@ class BoundedLookUp:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), max(left, 0.0))
         except TimeoutError:
-            raise ServiceUnavailableError(_NOT_RUNNING) from None
+            raise ServiceUnavailableError(self._message) from None
 
 
 class RunningReplica:

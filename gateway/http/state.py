@@ -76,7 +76,8 @@ class GatewayState:
         # ingress once Serve says): its pages are then only those of this host.
         self.loopback = False
         self.limiter: LimiterClient | LocalLimiter = (
-            LimiterClient(self._find_limiter) if hub is not None else LocalLimiter()
+            LimiterClient(self._find_limiter, front_door.ingress.replica_wait_s) if hub is not None
+            else LocalLimiter()
         )
         self.dispatcher = ModelDispatcher(
             front_door.ingress.retry_after_s, metrics=self.metrics,

@@ -336,3 +336,26 @@ async def test_a_wrong_token_gets_nothing(parts: list[Part]) -> None:
     ok = _client(parts, address)
     assert (await ok.usage("k", Limits(rpm=1)))[0].remaining_requests == 1
     json.dumps(address._asdict())  # the address travels as replica metadata
+
+
+async def test_a_ledger_being_restarted_is_waited_for_a_bounded_time_then_503_at_once_until_it_is_back(
+    parts: list[Part],
+) -> None:
+    # Serve restarts the hub's replica within seconds; until then its address cannot be found.
+    _, address = await _started(parts)
+    back = asyncio.Event()
+
+    async def find() -> LimiterAddress:
+        await back.wait()
+        return address
+
+    client = LimiterClient(find, wait_s=1.0)
+    parts.append(client)
+    with pytest.raises(ServiceUnavailableError) as first:
+        await asyncio.wait_for(client.reserve("k", Limits(rpm=5), 0), 3)  # the bound, not forever
+    assert first.value.message == limiter.UNAVAILABLE and first.value.retry_after_s
+    with pytest.raises(ServiceUnavailableError):
+        await asyncio.wait_for(client.reserve("k", Limits(rpm=5), 0), 0.5)  # still down: at once
+    back.set()
+    decision = await asyncio.wait_for(client.reserve("k", Limits(rpm=5), 0), 2)
+    assert decision.reservation is not None
