@@ -26,6 +26,7 @@ from gateway.protocol.extras import check_fields
 from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
 from models.llm.core_placement import BESIDE_WORKERS_AT, CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of
+from models.log_handlers import handlers_kept
 
 if TYPE_CHECKING:
     from gateway.config import VLLMModelConfig
@@ -84,10 +85,11 @@ class VLLMEngine:
         # the replica bounds how many (``models.llm.stored``).
         os.environ["VLLM_ENABLE_RESPONSES_API_STORE"] = "1" if self._config.kept_responses > 0 else "0"
         prepare = compact_json.compact_structural_tag if compact_json.is_compact(self._config) else None
-        self._serving = await vllm_compat.build_serving(
-            self.cli_args(),
-            lambda generate, delta_kind: _tallied(generate, delta_kind, prepare, lambda: self._placer),
-        )
+        with handlers_kept():  # vLLM's logging set-up would close Serve's (see models.log_handlers)
+            self._serving = await vllm_compat.build_serving(
+                self.cli_args(),
+                lambda generate, delta_kind: _tallied(generate, delta_kind, prepare, lambda: self._placer),
+            )
         vllm_compat.guard_renders(self._serving, self._check_rendered)
         mode = self._config.engine_core_cpus
         if mode != "vllm" and (placement := engine_core_placement(os.getpid())) is not None:

@@ -1,0 +1,103 @@
+"""Serve's controller restarting (Ray restarts it after a crash) costs the
+gateway's users nothing: every replica and engine is kept, and the models
+answer throughout.
+
+The restarted controller recovers the replicas it finds and asks each where
+it logs; a vLLM replica whose engine start had closed Serve's log handlers
+failed that, was stopped, and its model answered 503 until a new engine was
+up (``models.log_handlers``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.integration.conftest import VLLM_MODEL, Gateway
+from tests.integration.test_routing import replica_processes
+
+RECOVERY_LIMIT_S = 120
+MODELS = (VLLM_MODEL, "echo", "minilm", "iris")
+
+
+def _controller_pids() -> set[int]:
+    return {
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if "ray::ServeController" in " ".join(p.info["cmdline"] or [])
+    }
+
+
+def _all_running() -> bool:
+    """Whether the controller answers and every replica of every deployment is
+    RUNNING (recovered ones included; one it stopped would be starting)."""
+    from ray import serve
+
+    try:
+        applications = serve.status().applications
+    except Exception:  # noqa: BLE001 - the controller is not back yet
+        return False
+    states = [
+        state
+        for app in applications.values()
+        for deployment in app.deployments.values()
+        for state, count in deployment.replica_states.items()
+        if count
+    ]
+    return bool(states) and all(str(state).endswith("RUNNING") for state in states)
+
+
+async def _requests_until(stop: asyncio.Event, http: httpx.AsyncClient, answers: list[tuple[str, int]]) -> None:
+    """Streams from the vLLM model and embeddings from MiniLM, one after another, until ``stop``."""
+    while not stop.is_set():
+        async with http.stream("POST", "/v1/chat/completions", json={
+            "model": VLLM_MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "stream": True,
+        }) as response:
+            text = (await response.aread()).decode()
+            answers.append(("chat", response.status_code if "data: [DONE]" in text else -1))
+        response = await http.post("/v1/embeddings", json={"model": "minilm", "input": "hello"})
+        answers.append(("embeddings", response.status_code))
+
+
+async def _answered(answers: list[tuple[str, int]], count: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(answers) < count:
+        assert time.monotonic() < deadline, f"no answers: {answers}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_restarted_serve_controller_keeps_every_replica_and_the_models_answer_throughout(
+    gateway: Gateway,
+) -> None:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    before = {model: replica_processes(model) for model in MODELS}
+    old = _controller_pids()
+    assert old, "no Serve controller process"
+    stop = asyncio.Event()
+    answers: list[tuple[str, int]] = []
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
+        load = asyncio.create_task(_requests_until(stop, http, answers))
+        await _answered(answers, 2)
+        ray.kill(ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE), no_restart=False)
+        deadline = time.monotonic() + RECOVERY_LIMIT_S
+        while not (_controller_pids() - old and _all_running()):
+            assert time.monotonic() < deadline, f"Serve's controller did not recover: {_controller_pids()}"
+            await asyncio.sleep(0.5)
+        await _answered(answers, len(answers) + 4)  # and served after recovery
+        stop.set()
+        await load
+
+    after = {model: replica_processes(model) for model in MODELS}
+    assert after == before, "a replica was restarted"
+    failed: dict[Any, int] = {}
+    for answer in answers:
+        if answer[1] != 200:
+            failed[answer] = failed.get(answer, 0) + 1
+    assert not failed, f"answers other than 200 while the controller restarted: {failed}"
+    assert {kind for kind, _ in answers} == {"chat", "embeddings"}
