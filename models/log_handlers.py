@@ -3,7 +3,8 @@
 vLLM sets up its loggers when its engine starts, with
 ``logging.config.dictConfig``, which first closes every handler in the
 process, Serve's own among them. Serve's buffer for the replica's log
-file then has no file: the file gets nothing more, and the next time Serve
+file then has no file: the file gets nothing more, what Serve logs (a line
+per call through a handle) stays in the buffer for good, and the next time Serve
 asks the replica where it logs (``is_allocated``, which a restarted Serve
 controller calls as it recovers its replicas) the replica fails, and the
 controller stops it. Every vLLM engine was restarted after any restart of

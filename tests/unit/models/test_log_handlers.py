@@ -27,6 +27,9 @@ with handlers_kept() if sys.argv[1] == "kept" else contextlib.nullcontext():
     configure_logging(LoggingConfig())
 serve.info("a line after the engine started")
 buffered.flush()
+for call in range(250):
+    serve.info("a call through a handle")
+print("held", len(buffered.buffer))
 print("vllm handlers", len(logging.getLogger("vllm").handlers))
 print("target", buffered.target is not None)
 """
@@ -48,9 +51,11 @@ def test_serves_log_file_gets_lines_after_vllm_sets_up_its_logging_only_when_kep
     if mode == "kept":
         assert "target True" in out
         assert "a line after the engine started" in log.read_text()
+        assert int(out.split("held ")[1].split()[0]) < 100  # written out each 100 lines
     else:  # what the guard is for: the installed vLLM closes Serve's handlers
         assert "target False" in out
         assert log.read_text() == ""
+        assert "held 251" in out  # and every line stays in memory
 
 
 def test_the_guard_nests_and_puts_dictconfig_back() -> None:
