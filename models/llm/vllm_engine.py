@@ -26,6 +26,7 @@ from gateway.protocol.extras import check_fields
 from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
 from models.llm.core_placement import BESIDE_WORKERS_AT, CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of
+from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.log_handlers import handlers_kept
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class VLLMEngine:
     def __init__(self, config: VLLMModelConfig) -> None:
         self._config = config
         self._serving: vllm_compat.Serving | None = None
+        self._reaper: EngineReaper | None = None
         self._tokenizer_spec: dict[str, Any] | None = None
         self._placer: CorePlacer | None = None
 
@@ -90,6 +92,8 @@ class VLLMEngine:
                 self.cli_args(),
                 lambda generate, delta_kind: _tallied(generate, delta_kind, prepare, lambda: self._placer),
             )
+        # vLLM's processes end with this replica even where Ray's raylet cannot end them (models.llm.engine_reaper).
+        self._reaper = reaper_for_children()
         vllm_compat.guard_renders(self._serving, self._check_rendered)
         mode = self._config.engine_core_cpus
         if mode != "vllm" and (placement := engine_core_placement(os.getpid())) is not None:
@@ -131,6 +135,8 @@ class VLLMEngine:
     async def shutdown(self) -> None:
         if self._serving is not None:
             self._serving.engine.shutdown()
+        if self._reaper is not None:
+            self._reaper.close()  # what the engine's shutdown left
 
     def forget_response(self, response_id: str) -> None:
         vllm_compat.forget_response(self._vllm, response_id)

@@ -1,0 +1,90 @@
+"""An engine's processes end with their replica, however the replica ends.
+
+vLLM runs its engine core (and, for tensor parallelism, its workers) in
+processes of their own, children of the model replica. When the replica
+stops, vLLM stops them; when the replica is killed, Ray's raylet kills its
+children. When the raylet goes too (Ray's GCS died, or its node's daemons
+were killed), nothing does: the engine processes went on busy-waiting for a
+frontend that was gone, holding their CPU time and, on GPUs, their memory, so
+a gateway started again could not load its models.
+
+``EngineReaper`` starts a small watcher process holding the read end of a
+pipe whose write end only the replica holds. The pipe closes when the
+replica's process ends, by whatever means; the watcher then kills the
+processes it was given, each only if it is still the process it was (its
+start time in ``/proc/<pid>/stat`` unchanged), and exits. It waits in a
+blocking read: no CPU until then.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+
+_START_FIELD = 19  # starttime (field 22 of /proc/<pid>/stat), counted after the command name
+
+# Run as ``python -S -c``: nothing imported beyond ``os`` and ``sys``.
+WATCHER = """
+import os, sys
+targets = [tuple(int(n) for n in t.split(":")) for t in sys.argv[1:]]
+try:
+    while os.read(0, 4096):
+        pass
+except OSError:
+    pass
+for pid, start in targets:
+    try:
+        with open("/proc/" + str(pid) + "/stat") as f:
+            stat = f.read()
+        if int(stat[stat.rindex(")") + 2:].split()[START_FIELD]) == start:
+            os.kill(pid, 9)
+    except (OSError, ValueError):
+        pass
+""".replace("START_FIELD", str(_START_FIELD))
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[_START_FIELD])
+
+
+class EngineReaper:
+    """Kills ``pids`` once this process has ended (or ``close`` is called)."""
+
+    def __init__(self, pids: Iterable[int]) -> None:
+        targets = [f"{pid}:{start}" for pid in pids if (start := start_time(pid)) is not None]
+        self._watcher = subprocess.Popen(
+            [sys.executable, "-S", "-c", WATCHER, *targets],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self._watcher.pid
+
+    def close(self) -> None:
+        """Ends the watch now: the processes still there are killed."""
+        if self._watcher.stdin is not None:
+            self._watcher.stdin.close()
+        self._watcher.wait()
+
+
+def descendants(root: int) -> list[int]:
+    """Every process descended from ``root`` now (not ``root`` itself)."""
+    from gateway.affinity import process_tree
+
+    return [pid for pid in process_tree(root) if pid != root]
+
+
+def reaper_for_children() -> EngineReaper | None:
+    """A reaper for every process this one has started so far (None when there
+    are none: an engine without processes of its own)."""
+    pids = descendants(os.getpid())
+    return EngineReaper(pids) if pids else None

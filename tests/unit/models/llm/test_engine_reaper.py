@@ -1,0 +1,91 @@
+"""models/llm/engine_reaper.py: an engine's processes end with their replica, even one killed with no one to
+end its children (Ray's raylet gone)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from models.llm.engine_reaper import EngineReaper, start_time
+
+ROOT = Path(__file__).resolve().parents[4]
+
+# A stand-in replica: starts an "engine" process of its own, then (when asked) a reaper for it, says
+# both pids and waits to be killed.
+_REPLICA = """
+import subprocess, sys, time
+from models.llm.engine_reaper import reaper_for_children
+engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+reaper = reaper_for_children() if sys.argv[1] == "reaped" else None
+print(engine.pid, reaper.pid if reaper else 0, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if start_time(pid) is None or _zombie(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+@pytest.mark.parametrize("mode", ["reaped", "bare"])
+def test_an_engine_process_ends_when_its_replica_is_killed(mode: str) -> None:
+    replica = subprocess.Popen(
+        [sys.executable, "-c", _REPLICA, mode], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert replica.stdout is not None
+        engine, _ = (int(n) for n in replica.stdout.readline().split())
+        os.kill(replica.pid, signal.SIGKILL)  # no stop, no atexit: as when Ray's daemons are gone
+        replica.wait()
+        if mode == "reaped":
+            assert _gone(engine, 10), "the engine process outlived its replica"
+        else:  # what the reaper is for: the orphan lives on
+            assert not _gone(engine, 1)
+    finally:
+        replica.kill()
+        replica.wait()
+        if replica.stdout is not None:
+            replica.stdout.close()
+        if "engine" in locals() and start_time(engine) is not None:
+            os.kill(engine, signal.SIGKILL)
+
+
+def test_a_process_whose_pid_was_reused_is_left_alone() -> None:
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        from models.llm import engine_reaper
+
+        # As if the pid had been the engine's once: the watcher knows it by another start time.
+        started = start_time(bystander.pid)
+        assert started is not None
+        watcher = subprocess.Popen(
+            [sys.executable, "-S", "-c", engine_reaper.WATCHER, f"{bystander.pid}:{started + 1}"],
+            stdin=subprocess.PIPE,
+        )
+        assert watcher.stdin is not None
+        watcher.stdin.close()
+        assert watcher.wait(10) == 0
+        assert bystander.poll() is None
+        EngineReaper([bystander.pid]).close()  # the same pid and start time: killed
+        assert bystander.wait(10) == -signal.SIGKILL
+    finally:
+        bystander.kill()
+        bystander.wait()
