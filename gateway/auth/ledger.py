@@ -142,6 +142,16 @@ class Ledger:
         reservation = self._book(key, state, int(now / SLOT_S), 1, tokens, 1)
         return Decision(reservation, self._usage(state, limits, now))
 
+    def hold(self, key: str, tokens: int, left: bool = False) -> int:
+        """Books a request of ``key`` admitted elsewhere and still running (by
+        a ledger this one replaced), whatever the key's limits: it takes a
+        place (none when its client ``left``) and ``tokens`` until it settles."""
+        now = self._clock()
+        reservation = self._book(key, self._state(key, now), int(now / SLOT_S), 1, tokens, 1)
+        if left:
+            self.leave(reservation)
+        return reservation
+
     def lease(self, key: str, limits: Limits, requests: int, tokens: int) -> Lease | None:
         """Books up to ``requests`` requests and ``tokens`` tokens of ``key``
         for one ingress replica, at most half of what ``limits`` leave free;

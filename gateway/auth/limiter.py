@@ -14,6 +14,8 @@ replica (no hub is deployed then) keeps the ledger in its own process
 Reservations belong to the connection that made them: when an ingress
 replica goes away unsettled reservations end there, keeping the tokens they
 reserved (the conservative count), so nothing is left in flight forever.
+When the ledger goes away instead, each replica books what it still has in
+flight with the next one it reaches (``gateway.auth.tickets``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 from gateway.auth.lease import Demand, Lease
 from gateway.auth.ledger import Decision, Limits, Refusal, Usage
 from gateway.auth.places import waits_for_place
+from gateway.auth.tickets import Ticket, Tickets
 from gateway.errors import ServiceUnavailableError
 from gateway.http.replica_lookup import BoundedLookUp
 from gateway.protocol.relay import RelayAddress
@@ -40,6 +43,7 @@ CONNECT_TIMEOUT_S = 2.0
 READ_BYTES = 256 * 1024
 REPLY_TIMEOUT_S = 2.0
 RECALL_WAIT_S = 0.5  # longest a request waits for other replicas' leases to come back
+RESTORE_RETRY_S = 0.5  # between tries to reach a new ledger, while requests it must learn are running
 UNAVAILABLE = "Rate limits cannot be checked right now; please retry shortly."
 
 
@@ -106,10 +110,11 @@ class LimiterClient:
         self._connecting = asyncio.Lock()
         self._outbox: list[dict[str, Any]] = []
         self._demand: dict[str, Demand] = {}
-        # Admitted requests: the ledger's reservation, or the lease and the tokens taken from it.
-        self._tickets: dict[int, int | tuple[Lease, int]] = {}
-        self._tickets_ids = itertools.count(1)
-        self._left: dict[int, str] = {}  # tickets whose place was freed before they settled (``leave``)
+        self._tickets = Tickets()
+        self._connections = itertools.count(1)
+        self._live: int | None = None  # the connection open now
+        self._restoring: asyncio.Task[None] | None = None
+        self._closed = False
         self._renewing: set[asyncio.Task[None]] = set()
         self._releases: dict[int, dict[str, Any]] = {}  # per lease, the release not yet sent
 
@@ -144,7 +149,11 @@ class LimiterClient:
         demand.at_limit = waits_for_place(decision)
         if decision.reservation is None:
             return decision
-        return Decision(self._ticket(decision.reservation), decision.usage)
+        held = Ticket(key, tokens, reply["_on"], reservation=decision.reservation)
+        if held.connection != self._live:  # its connection ended since: so did the reservation
+            held.connection = held.reservation = None
+            self._restore_soon()
+        return Decision(self._tickets.add(held), decision.usage)
 
     async def usage(self, key: str, limits: Limits) -> tuple[Usage, int]:
         """The key's counts in the ledger now (leases counted as used), and
@@ -155,16 +164,17 @@ class LimiterClient:
     def settle(self, ticket: int, used_tokens: int | None) -> None:
         """Never waits; on a broken connection the server has already ended
         the reservation (keeping its tokens)."""
-        held = self._tickets.pop(ticket, None)
+        held = self._tickets.pop(ticket)
         if held is None:
             return
-        left = self._left.pop(ticket, None)
-        if isinstance(held, int):
-            self._send({"op": "settle", "r": held, "used": used_tokens})
+        left = self._tickets.left.pop(ticket, None)
+        lease = held.lease
+        if lease is None:
+            if held.connection is not None:  # (else no ledger knows it now: nothing to settle)
+                self._send({"op": "settle", **held.address(ticket), "used": used_tokens})
             return
-        lease, reserved = held
         lease.in_flight -= 1
-        back = 0 if used_tokens is None or not lease.metered else reserved - used_tokens
+        back = 0 if used_tokens is None or not lease.metered else held.tokens - used_tokens
         place = 0 if left == _BACK_TO_LEASE else 1  # a place its lease took back is not freed again
         if lease.open:
             lease.places += place
@@ -177,18 +187,20 @@ class LimiterClient:
         key's next request now, before the request settles (what it generated
         is known only once the replica has stopped it)."""
         held = self._tickets.get(ticket)
-        if held is None or ticket in self._left:
+        left = self._tickets.left
+        if held is None or ticket in left:
             return
-        if isinstance(held, int):
-            self._left[ticket] = _IN_LEDGER
-            self._send({"op": "leave", "r": held})
+        lease = held.lease
+        if lease is None:
+            left[ticket] = _IN_LEDGER
+            if held.connection is not None:  # (else the ledger that learns it is told it left: ``Tickets.restore``)
+                self._send({"op": "leave", **held.address(ticket)})
             return
-        lease = held[0]
         if lease.open:
-            self._left[ticket] = _BACK_TO_LEASE
+            left[ticket] = _BACK_TO_LEASE
             lease.places += 1
         else:
-            self._left[ticket] = _IN_LEDGER
+            left[ticket] = _IN_LEDGER
             self._send({"op": "leave", "r": lease.reservation})
 
     def _renew(self, key: str, limits: Limits, demand: Demand, now: float) -> None:
@@ -225,7 +237,7 @@ class LimiterClient:
         lease.in_flight += 1
         if demand.asking is None and lease.running_low(tokens, now):
             self._renew(key, limits, demand, now)
-        return Decision(self._ticket((lease, tokens)), lease.remaining())
+        return Decision(self._tickets.add(Ticket(key, tokens, self._live, lease=lease)), lease.remaining())
 
     def _ask_for_lease(
         self, key: str, demand: Demand, message: dict[str, Any], sent: float
@@ -255,11 +267,6 @@ class LimiterClient:
     def _unsent(self, message: dict[str, Any]) -> bool:
         """Whether ``message`` has yet to leave (it gets its id once connected, then waits in the outbox)."""
         return "id" not in message or any(m is message for m in self._outbox)
-
-    def _ticket(self, held: int | tuple[Lease, int]) -> int:
-        ticket = next(self._tickets_ids)
-        self._tickets[ticket] = held
-        return ticket
 
     def _open(self, key: str, demand: Demand, granted: list[Any], sent: float, via: Any) -> None:
         """Starts admitting from a granted lease: until its slot ends, as
@@ -327,7 +334,32 @@ class LimiterClient:
         if writer is not None and not writer.is_closing():
             writer.write(b"".join(json.dumps(m, separators=(",", ":")).encode() + b"\n" for m in messages))
 
+    def _restore_soon(self) -> None:
+        """Books what this replica has in flight with the ledger, once one is
+        reached again (its requests are running whether one is or not)."""
+        if self._restoring is None and not self._closed:
+            self._restoring = asyncio.get_running_loop().create_task(self._restore())
+
+    async def _restore(self) -> None:
+        try:
+            while not self._closed:
+                try:
+                    await self._connection()  # a new connection books them first
+                except ServiceUnavailableError:
+                    await asyncio.sleep(RESTORE_RETRY_S)
+                    continue
+                if self._live is not None:
+                    message = self._tickets.restore(self._live)  # (lost after it was made)
+                    if message is not None:
+                        self._send(message)
+                    return
+        finally:
+            self._restoring = None
+
     async def close(self) -> None:
+        self._closed = True
+        if self._restoring is not None:
+            self._restoring.cancel()
         if self._writer is not None:
             self._writer.close()
         if self._reading is not None:
@@ -366,14 +398,18 @@ class LimiterClient:
                 logger.warning("cannot reach the rate limiter: %s", exc)
                 raise ServiceUnavailableError(UNAVAILABLE) from None
             writer.write(json.dumps({"token": address.token}).encode() + b"\n")
-            self._writer = writer
-            self._reading = asyncio.get_running_loop().create_task(self._read(reader, writer))
+            connection = next(self._connections)
+            restore = self._tickets.restore(connection)
+            if restore is not None:  # a ledger that restarted learns first what this replica has in flight
+                writer.write(json.dumps(restore, separators=(",", ":")).encode() + b"\n")
+            self._writer, self._live = writer, connection
+            self._reading = asyncio.get_running_loop().create_task(self._read(reader, writer, connection))
             return writer
 
     async def _look(self) -> None:
         self._found = await self._find()
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: int) -> None:
         try:
             pending = b""
             while data := await reader.read(READ_BYTES):
@@ -388,13 +424,18 @@ class LimiterClient:
                     waiting = self._pending.get(reply.get("id"))
                     if waiting is not None and not waiting.done():
                         reply["_via"] = writer  # a lease is good only while this connection lasts
+                        reply["_on"] = connection
                         waiting.set_result(reply)
         except (ConnectionError, ValueError):
             pass
         finally:
             writer.close()
             if self._writer is writer:
-                self._writer = None
+                self._writer = self._live = None
+                self._outbox.clear()  # (nothing of it may reach the next ledger)
+                self._releases.clear()
+            if self._tickets.lost(connection):
+                self._restore_soon()
             # The ledger ended this connection's leases: none may be admitted from.
             for key, demand in self._demand.items():
                 if demand.lease is not None:

@@ -33,6 +33,16 @@ class _Peer:
         self.writer = writer
         self.owned: set[int] = set()  # reservations and leases not yet ended
         self.leases: dict[int, str] = {}  # leases it may still admit from, and their keys
+        self.restored: dict[int, int] = {}  # its tickets booked by ``restore``, and their reservations
+
+    def own(self, message: dict[str, Any], end: bool = False) -> int | None:
+        """The reservation ``message`` names, when it is this replica's (None:
+        one of a ledger before this one, or of someone else: ignored)."""
+        if "t" in message:
+            ticket = int(message["t"])
+            return self.restored.pop(ticket, None) if end else self.restored.get(ticket)
+        reservation = message.get("r")
+        return reservation if reservation in self.owned else None
 
     def send(self, message: dict[str, Any]) -> None:
         if not self.writer.is_closing():
@@ -113,15 +123,27 @@ class LimiterServer:
     def _serve(self, message: dict[str, Any], peer: _Peer) -> dict[str, Any] | None:
         op = message.get("op")
         if op == "settle":
-            peer.owned.discard(message["r"])
-            used = message["used"]
-            self._returned(self.ledger.settle(message["r"], None if used is None else int(used)))
+            reservation = peer.own(message, end=True)
+            if reservation is not None:
+                peer.owned.discard(reservation)
+                used = message["used"]
+                self._returned(self.ledger.settle(reservation, None if used is None else int(used)))
             return None
         if op == "leave":
-            self._returned(self.ledger.leave(message["r"]))
+            reservation = peer.own(message)
+            if reservation is not None:
+                self._returned(self.ledger.leave(reservation))
+            return None
+        if op == "restore":
+            for ticket, key, tokens, left in message["held"]:
+                reservation = self.ledger.hold(str(key), int(tokens), bool(left))
+                peer.owned.add(reservation)
+                peer.restored[int(ticket)] = reservation
             return None
         if op == "release":
-            reservation = message["r"]
+            reservation = peer.own(message)
+            if reservation is None:
+                return None
             key = self.ledger.release(
                 reservation, int(message["requests"]), int(message["tokens"]),
                 int(message["places"]), bool(message["end"]), int(message.get("left", 0)),

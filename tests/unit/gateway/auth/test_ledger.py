@@ -76,6 +76,19 @@ def test_a_request_whose_client_left_frees_its_place_and_stays_in_flight_until_s
     assert ledger.in_flight("k") == 0 and ledger.reserve("k", limits, 10).reservation is not None
 
 
+def test_a_request_held_from_a_replaced_ledger_counts_whatever_the_limits_and_settles_like_any() -> None:
+    ledger = Ledger(Clock())
+    limits = Limits(tpm=1000, max_concurrent=1)
+    held = ledger.hold("k", 1200)  # admitted by the ledger before this one, under its counts then
+    assert ledger.in_flight("k") == 1 and ledger.usage("k", limits).remaining_tokens == 0
+    assert ledger.reserve("k", limits, 1).refusal is not None
+    ledger.settle(held, 100)
+    assert ledger.reserve("k", limits, 1).reservation is not None
+    gone = ledger.hold("g", 50, left=True)  # its client had left: in flight, taking no place
+    assert ledger.in_flight("g") == 1 and ledger.reserve("g", Limits(max_concurrent=1), 0).reservation is not None
+    ledger.settle(gone, 0)
+
+
 def test_keys_count_apart() -> None:
     ledger = Ledger(Clock())
     assert ledger.reserve("a", Limits(rpm=1), 0).reservation

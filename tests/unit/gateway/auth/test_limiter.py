@@ -359,3 +359,69 @@ async def test_a_ledger_being_restarted_is_waited_for_a_bounded_time_then_503_at
     back.set()
     decision = await asyncio.wait_for(client.reserve("k", Limits(rpm=5), 0), 2)
     assert decision.reservation is not None
+
+
+async def _restarted(parts: list[Part], where: list[LimiterAddress], old: LimiterServer) -> LimiterServer:
+    """Serve replaces the hub's replica: a new, empty ledger at a new address, the old one gone."""
+    new, where[0] = await _started(parts)
+    await old.stop()
+    return new
+
+
+async def test_a_restarted_ledger_is_told_what_is_still_in_flight_and_never_confused_with_the_old_one(
+    parts: list[Part], one_second_slots: float
+) -> None:
+    old, address = await _started(parts)
+    where = [address]
+    client = LimiterClient(lambda: _found(where[0]))
+    parts.append(client)
+    one = Limits(tpm=1000, max_concurrent=1)
+    first = (await client.reserve("k", one, 300)).reservation
+    busy = Limits(rpm=1000, tpm=100_000)  # a busy key: admitted from leases too
+    burst = [d.reservation for d in await asyncio.gather(*(client.reserve("b", busy, 10) for _ in range(8)))]
+    assert first is not None and None not in burst
+    client.leave(burst[0])  # its client left: its place stays free in the new ledger
+    new = await _restarted(parts, where, old)
+    other = _client(parts, where[0])  # another ingress replica: the new ledger's first reservations are its
+    assert (await other.reserve("x", Limits(max_concurrent=1), 0)).reservation is not None
+    # What was admitted and has not ended is counted in the new ledger, as in the old one: the client
+    # tells it once it reaches it, unasked (no request of its own may come to this replica meanwhile).
+    await _counted(new, "k", 1)
+    usage, in_flight = await other.usage("k", one)
+    assert in_flight == 1 and usage.remaining_tokens == 700
+    refused = await other.reserve("k", one, 10)
+    assert refused.refusal is not None and refused.refusal.limit == "concurrent"
+    assert new.ledger.in_flight("b") == 8 and new.ledger.usage("b", busy).remaining_tokens == 100_000 - 80
+    client.settle(first, 120)
+    for ticket in burst:
+        client.settle(ticket, 5)  # type: ignore[arg-type]
+    await _counted(new, "b", 0)
+    # Each settled what it used, in the new ledger, and nothing of the other replica's was touched.
+    assert new.ledger.in_flight("k") == 0 and new.ledger.usage("k", one).remaining_tokens == 880
+    assert new.ledger.usage("b", busy).remaining_tokens == 100_000 - 40
+    assert new.ledger.in_flight("x") == 1
+
+
+async def _counted(server: LimiterServer, key: str, in_flight: int) -> None:
+    for _ in range(300):
+        if server.ledger.in_flight(key) == in_flight:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{key}: {server.ledger.in_flight(key)} in flight, not {in_flight}")
+
+
+async def test_requests_running_while_no_ledger_can_be_reached_are_booked_once_one_can(parts: list[Part]) -> None:
+    old, address = await _started(parts)
+    where: list[LimiterAddress | None] = [address]
+    client = LimiterClient(lambda: _found(where[0]))
+    parts.append(client)
+    one = Limits(max_concurrent=1)
+    running = (await client.reserve("k", one, 0)).reservation
+    where[0] = None  # the hub's replica is being restarted: no address yet
+    await old.stop()
+    with pytest.raises(ServiceUnavailableError):
+        await client.reserve("k", one, 0)
+    new, where[0] = await _started(parts)
+    await _counted(new, "k", 1)  # retried by itself, not waiting for a request to come
+    client.leave(running)
+    assert (await client.reserve("k", one, 0)).reservation is not None
