@@ -82,6 +82,9 @@ def _hub(front_door: FrontDoorConfig) -> Application | None:
         max_ongoing_requests=HUB_CALLS,
         ray_actor_options={"num_cpus": 0},
         logging_config={"enable_access_log": False},
+        # Limited keys are answered 503 until a hub that died is replaced,
+        # and Serve notices only on a health check: they come often.
+        health_check_period_s=2,
     )
     return hub.bind()
 

@@ -43,7 +43,8 @@ CONNECT_TIMEOUT_S = 2.0
 READ_BYTES = 256 * 1024
 REPLY_TIMEOUT_S = 2.0
 RECALL_WAIT_S = 0.5  # longest a request waits for other replicas' leases to come back
-RESTORE_RETRY_S = 0.5  # between tries to reach a new ledger, while requests it must learn are running
+RESTORE_RETRY_S = 0.2  # between tries to reach a new ledger, while requests it must learn are running
+RESTORE_GRACE_S = 1.0  # how long a new ledger waits for every replica to tell it what is in flight
 UNAVAILABLE = "Rate limits cannot be checked right now; please retry shortly."
 
 
@@ -346,7 +347,7 @@ class LimiterClient:
                 try:
                     await self._connection()  # a new connection books them first
                 except ServiceUnavailableError:
-                    await asyncio.sleep(RESTORE_RETRY_S)
+                    await self._look_up.ended(RESTORE_RETRY_S)  # (at once when the new ledger is found)
                     continue
                 if self._live is not None:
                     message = self._tickets.restore(self._live)  # (lost after it was made)
@@ -397,8 +398,9 @@ class LimiterClient:
             except (OSError, asyncio.TimeoutError) as exc:
                 logger.warning("cannot reach the rate limiter: %s", exc)
                 raise ServiceUnavailableError(UNAVAILABLE) from None
-            writer.write(json.dumps({"token": address.token}).encode() + b"\n")
             connection = next(self._connections)
+            # A ledger that hears of an earlier connection may be replacing one (``LimiterServer``).
+            writer.write(json.dumps({"token": address.token, "again": connection > 1}).encode() + b"\n")
             restore = self._tickets.restore(connection)
             if restore is not None:  # a ledger that restarted learns first what this replica has in flight
                 writer.write(json.dumps(restore, separators=(",", ":")).encode() + b"\n")

@@ -18,6 +18,7 @@ from gateway.auth.limiter import (
     CONNECT_TIMEOUT_S,
     READ_BYTES,
     RECALL_WAIT_S,
+    RESTORE_GRACE_S,
     LimiterAddress,
     encode_decision,
     limits_of,
@@ -58,6 +59,12 @@ class LimiterServer:
     a request that fits the key's real use is never refused. One refused for
     the key's concurrency limit alone waits a moment for a place
     (``gateway.auth.places``).
+
+    A ledger that replaces one (a replica says it was connected before)
+    decides nothing for ``RESTORE_GRACE_S`` from then: the other replicas
+    reach it meanwhile and book what they have in flight
+    (``gateway.auth.tickets``), before the requests that waited for it are
+    weighed against their keys' limits.
     """
 
     def __init__(self, host: str, ledger: Ledger | None = None) -> None:
@@ -71,6 +78,8 @@ class LimiterServer:
         self._peers: set[_Peer] = set()
         self._waits = PlaceWaits()
         self._waiting: set[asyncio.Task[None]] = set()
+        self._grace: list[tuple[_Peer, dict[str, Any]]] | None = None  # held back while replicas restore
+        self._graced = False
 
     async def start(self) -> LimiterAddress:
         self._server = await asyncio.start_server(self._connection, self._host, 0)
@@ -89,10 +98,11 @@ class LimiterServer:
         peer = _Peer(writer)
         self._peers.add(peer)
         try:
-            hello = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT_S)
-            token = str(json.loads(hello or b"{}").get("token", ""))
-            if not hmac.compare_digest(token.encode(), self._token.encode()):
+            hello = json.loads(await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT_S) or b"{}")
+            if not hmac.compare_digest(str(hello.get("token", "")).encode(), self._token.encode()):
                 return
+            if hello.get("again"):
+                self._hold_back()
             pending = b""
             while data := await reader.read(READ_BYTES):
                 # Whatever arrived together is answered together: one write.
@@ -120,8 +130,27 @@ class LimiterServer:
         for key in set(peer.leases.values()):
             self._retry(key)
 
+    def _hold_back(self) -> None:
+        """Starts the grace in which what is in flight is restored (once)."""
+        if self._graced:
+            return
+        self._graced = True
+        self._grace = []
+        asyncio.get_running_loop().call_later(RESTORE_GRACE_S, self._end_grace)
+
+    def _end_grace(self) -> None:
+        held, self._grace = self._grace or [], None
+        for peer, message in held:
+            if peer in self._peers:
+                reply = self._serve(message, peer)
+                if reply is not None:
+                    peer.send(reply)
+
     def _serve(self, message: dict[str, Any], peer: _Peer) -> dict[str, Any] | None:
         op = message.get("op")
+        if self._grace is not None and op in ("reserve", "lease"):
+            self._grace.append((peer, message))
+            return None
         if op == "settle":
             reservation = peer.own(message, end=True)
             if reservation is not None:

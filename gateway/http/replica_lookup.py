@@ -64,6 +64,14 @@ class BoundedLookUp:
         except TimeoutError:
             raise ServiceUnavailableError(self._message) from None
 
+    async def ended(self, timeout: float) -> None:
+        """Waits ``timeout`` seconds, or less when the look-up under way ends sooner."""
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=timeout)
+        else:
+            await asyncio.sleep(timeout)
+
 
 class RunningReplica:
     """Bounds the wait for a running replica of a model called through

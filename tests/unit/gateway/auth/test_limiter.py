@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections.abc import AsyncIterator
@@ -425,3 +426,50 @@ async def test_requests_running_while_no_ledger_can_be_reached_are_booked_once_o
     await _counted(new, "k", 1)  # retried by itself, not waiting for a request to come
     client.leave(running)
     assert (await client.reserve("k", one, 0)).reservation is not None
+
+
+class ReserveSeenServer(LimiterServer):
+    """Says when a reservation has arrived."""
+
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1", _frozen())
+        self.reserving = asyncio.Event()
+
+    def _serve(self, message, peer):  # type: ignore[no-untyped-def]
+        if message.get("op") == "reserve":
+            self.reserving.set()
+        return super()._serve(message, peer)
+
+
+async def test_a_new_ledger_decides_nothing_until_the_other_replicas_could_tell_it_what_runs(
+    parts: list[Part],
+) -> None:
+    old, address = await _started(parts)
+    found_by: dict[str, LimiterAddress | None] = {"first": address, "second": address}
+    first = LimiterClient(lambda: _found(found_by["first"]))
+    second = LimiterClient(lambda: _found(found_by["second"]))
+    parts.extend([first, second])
+    one = Limits(max_concurrent=1)
+    assert (await first.reserve("k", one, 0)).reservation is not None  # running on the first replica
+    assert (await second.reserve("z", Limits(), 0)).reservation is not None
+    new, address = await _started(parts, ReserveSeenServer())
+    found_by["second"] = address  # the second replica finds the new ledger first
+    found_by["first"] = None
+    await old.stop()
+    loop = asyncio.get_running_loop()
+    asking = loop.create_task(_reserved(second, "k", one))
+    await asyncio.wait_for(new.reserving.wait(), 5)
+    started = loop.time()
+    found_by["first"] = address  # now the first: it books its running request
+    decision = await asyncio.wait_for(asking, 10)
+    assert decision.refusal is not None and decision.refusal.limit == "concurrent"
+    assert loop.time() - started < limiter.REPLY_TIMEOUT_S + places.PLACE_WAIT_S
+
+
+async def _reserved(client: LimiterClient, key: str, limits: Limits) -> ledger.Decision:
+    """Reserves once the client has seen its old connection end (503 until then)."""
+    for _ in range(100):
+        with contextlib.suppress(ServiceUnavailableError):
+            return await client.reserve(key, limits, 0)
+        await asyncio.sleep(0.01)
+    raise AssertionError("no ledger reached")
