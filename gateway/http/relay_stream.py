@@ -142,6 +142,7 @@ def abandon(
     engine request is aborted, unless it runs in the background) and hands
     ``then`` what it generated."""
     try:
+        writer.write(relay.LEFT)  # (a connection that only ends means the ingress died: ``relay.LEFT``)
         writer.write_eof()
     except OSError:
         writer.close()

@@ -43,7 +43,11 @@ between the engine and HAProxy, as behind ``vllm serve``.
 
 Closing the connection (or only its sending side) while an answer runs
 aborts the engine request; after a half-close the replica still writes
-``END`` and the outcome (what was generated until then), then closes. A
+``END`` and the outcome (what was generated until then), then closes. An
+ingress that stops an answer writes ``LEFT`` (one byte) before it closes: a
+stream handed over whose connection ends without it lost its ingress (the
+process died), not its client, and goes on to its end, the replica ending
+the chunked body itself. A
 connection is never used for another request after such an abort, nor after
 a background response (its outcome follows when it has finished generating,
 and the replica closes after it).
@@ -81,6 +85,7 @@ OFFER = "offer"
 TICKET_HEADER = "x-relay-handoff"
 TICKET_BYTES = 16
 RELAY_OWN = b"r"
+LEFT = b"x"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_HEAD_BYTES = 16 * 1024
 # Connections a replica's relay and handoff ports queue before it accepts

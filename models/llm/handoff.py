@@ -182,6 +182,16 @@ class ClientSocket:
                 self._loop.remove_writer(self._sock.fileno())
             self._wake()
 
+    async def end(self) -> None:
+        """Ends the chunked body (the ingress's part, when it is gone) once
+        every chunk is sent; a client that left is let be."""
+        if self._broken is None:
+            if not self._backlog:
+                self._loop.call_soon(self._send)
+            self._backlog += b"0\r\n\r\n"
+        with contextlib.suppress(ConnectionError):
+            await self.drain()
+
     def get_write_buffer_size(self) -> int:
         return len(self._backlog)
 

@@ -297,9 +297,14 @@ class StreamServer:
         socket handed over), then ``END`` and the outcome on the relay connection."""
         handed = isinstance(out, ClientSocket)
         pump = asyncio.create_task(_pump(frames, out, request))
-        hang_up = asyncio.create_task(reader.read(1))  # b"" when the ingress closes
+        hang_up = asyncio.create_task(reader.read(1))  # relay.LEFT, or b"" when the ingress closes
+        orphaned = False
         try:
             await asyncio.wait({pump, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+            if handed and not pump.done() and _ingress_gone(hang_up):
+                # Its client is still there: the stream goes on to the socket only this process holds now.
+                orphaned = True
+                await asyncio.wait({pump})
         finally:
             hung_up = await stop_watching(hang_up)
             if not pump.done():
@@ -308,7 +313,11 @@ class StreamServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
             if handed:
+                if orphaned and isinstance(out, ClientSocket) and not pump.cancelled() and pump.exception() is None:
+                    await out.end()  # the last chunk, which the ingress would have written
                 out.close()  # before END: the ingress may write to the client once it has it
+        if orphaned:
+            return False  # nobody is left to tell
         ended = None if pump.cancelled() else pump.result()
         if ended is False and not handed:
             return False  # the connection broke: nobody is left to tell
@@ -322,6 +331,13 @@ class StreamServer:
         writer.write(relay.END + relay.encode_outcome(final))
         await writer.drain()
         return keep and not hung_up
+
+
+def _ingress_gone(hang_up: asyncio.Task[bytes]) -> bool:
+    """Whether the relay connection ended without the ingress saying its client left."""
+    if not hang_up.done() or hang_up.cancelled():
+        return False
+    return hang_up.exception() is not None or hang_up.result() != relay.LEFT
 
 
 async def _pump(frames: _Frames, out: _Out, request: EngineRequest) -> GatewayError | bool:

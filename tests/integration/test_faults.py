@@ -12,6 +12,7 @@ answers from its next variant; ``/ready`` says the gateway is not ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -180,3 +181,39 @@ async def test_a_classical_replica_that_dies_is_answered_503_or_served_never_500
     refused = [took for status, took in answers if status == 503]
     print(f"classical model answered again {recovered_s:.1f} s after its replica died; "
           f"{len(refused)} answers 503 (max {max(refused, default=0) * 1000:.0f} ms)")
+
+
+def _ingress_holding(client_port: int) -> int:
+    """The ingress replica whose socket is the client's connection from ``client_port``."""
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if "ServeReplica:" not in " ".join(process.info["cmdline"] or []) or "GatewayIngress" not in " ".join(
+            process.info["cmdline"] or []
+        ):
+            continue
+        with contextlib.suppress(psutil.Error):
+            if any(c.raddr and c.raddr.port == client_port for c in process.net_connections("tcp")):
+                return int(process.info["pid"])
+    raise AssertionError(f"no ingress replica holds the connection from port {client_port}")
+
+
+async def test_a_stream_outlives_the_ingress_replica_that_handed_it_to_its_model(gateway: Gateway) -> None:
+    # The model's replica writes a stream to the client's socket itself once the ingress hands it over;
+    # the ingress's process dying (a crash, the OOM killer) ends only what the ingress itself would have
+    # written: the body's last chunk, which the replica then writes.
+    body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        async with session.stream("POST", CHAT, json=body) as response:
+            events = response.aiter_lines()
+            first = await anext(events)
+            assert response.status_code == 200 and first.startswith("data: {")
+            client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+            os.kill(_ingress_holding(client_port), signal.SIGKILL)
+            rest = [line async for line in events if line]  # raises if the body breaks off
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
+    assert sum(len(c["choices"]) for c in chunks) >= 400 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    deadline = time.monotonic() + RECOVERY_LIMIT_S
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as session:
+        while (await session.get("/ready")).status_code != 200:  # Serve replaces the ingress replica
+            assert time.monotonic() < deadline, "the ingress replica was not replaced"
+            await asyncio.sleep(0.5)

@@ -113,6 +113,25 @@ async def test_a_stream_stopped_by_the_ingress_is_released_once_the_replica_writ
     assert body.endswith(b"\n\ndata: the ingress's error frame\n\n")
 
 
+async def test_a_stream_whose_ingress_dies_goes_on_to_its_end_and_the_replica_ends_the_body() -> None:
+    aborted = asyncio.Event()
+    frames = [sse.frame({"n": i}) for i in range(100)] + [sse.DONE]
+    server = frames_server(frames, gap_s=0.005, aborted=aborted)
+    stream = await ReplicaRelay(Router(await server.start())).open(CALL)
+    with client_pair() as (ours, theirs):
+        piping = asyncio.ensure_future(stream.pipe(ClientSocketSink(ours)))
+        first = await received_until(theirs, b"\n\n\r\n")
+        assert stream.handed_off
+        # The ingress's process dies: the kernel closes its sockets, and it says nothing.
+        stream._writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        ours.close()
+        rest = await readable_eof(theirs, timeout_s=5)
+        piping.cancel()
+    assert rest.endswith(b"\r\n0\r\n\r\n")  # the body ended as the ingress would have ended it
+    assert _unchunk(first + rest) == b"".join(frames)
+    assert not aborted.is_set()
+
+
 async def test_a_sink_that_cannot_give_its_socket_gets_the_stream_relayed() -> None:
     frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
     stream = await ReplicaRelay(Router(await frames_server(frames).start())).open(CALL)
