@@ -346,7 +346,9 @@ class LimiterClient:
             while not self._closed:
                 try:
                     await self._connection()  # a new connection books them first
-                except ServiceUnavailableError:
+                except Exception as exc:  # noqa: BLE001 - the hub may be starting or moving: tried again
+                    if not isinstance(exc, ServiceUnavailableError):
+                        logger.warning("cannot reach the rate limiter: %s", exc)
                     await self._look_up.ended(RESTORE_RETRY_S)  # (at once when the new ledger is found)
                     continue
                 if self._live is not None:
