@@ -18,6 +18,7 @@ import os
 import signal
 import statistics
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import psutil
@@ -196,22 +197,35 @@ def _ingress_holding(client_port: int) -> int:
     raise AssertionError(f"no ingress replica holds the connection from port {client_port}")
 
 
+async def _first_events(lines: AsyncIterator[str], count: int) -> AsyncIterator[str]:
+    """The first ``count`` events of an SSE body's ``lines``."""
+    async for line in lines:
+        if line:
+            yield line
+            count -= 1
+            if not count:
+                return
+
+
 async def test_a_stream_outlives_the_ingress_replica_that_handed_it_to_its_model(gateway: Gateway) -> None:
     # The model's replica writes a stream to the client's socket itself once the ingress hands it over;
     # the ingress's process dying (a crash, the OOM killer) ends only what the ingress itself would have
     # written: the body's last chunk, which the replica then writes.
-    body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
         async with session.stream("POST", CHAT, json=body) as response:
             events = response.aiter_lines()
-            first = await anext(events)
-            assert response.status_code == 200 and first.startswith("data: {")
+            # The frames the replica has at once come before it is handed the socket; the rest after.
+            seen = [line async for line in _first_events(events, 6)]
+            assert response.status_code == 200 and seen[0].startswith("data: {")
             client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
             os.kill(_ingress_holding(client_port), signal.SIGKILL)
             rest = [line async for line in events if line]  # raises if the body breaks off
     assert rest[-1] == "data: [DONE]"
-    chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
-    assert sum(len(c["choices"]) for c in chunks) >= 400 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    chunks = [json.loads(line[6:]) for line in [*seen, *rest[:-1]]]
+    assert chunks[-1]["usage"]["completion_tokens"] == 400  # every token generated and sent
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     deadline = time.monotonic() + RECOVERY_LIMIT_S
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as session:
         while (await session.get("/ready")).status_code != 200:  # Serve replaces the ingress replica
