@@ -152,6 +152,14 @@ class Ledger:
             self.leave(reservation)
         return reservation
 
+    def recount(self, key: str, age_s: float, requests: int, tokens: int) -> None:
+        """Counts ``requests`` and ``tokens`` of ``key`` that ended within the
+        window (by a ledger this one replaced), as admitted ``age_s`` ago:
+        they leave the window when they would have there, never earlier."""
+        now = self._clock()
+        if age_s < WINDOW_S:
+            self._count(self._state(key, now), int((now - max(0.0, age_s)) / SLOT_S), requests, tokens)
+
     def lease(self, key: str, limits: Limits, requests: int, tokens: int) -> Lease | None:
         """Books up to ``requests`` requests and ``tokens`` tokens of ``key``
         for one ingress replica, at most half of what ``limits`` leave free;
@@ -240,6 +248,14 @@ class Ledger:
     def _book(self, key: str, state: _Key, index: int, requests: int, tokens: int, places: int) -> int:
         """Counts ``requests`` requests and ``tokens`` in slot ``index`` (the
         current one, or the next for a lease), and takes ``places``."""
+        self._count(state, index, requests, tokens)
+        state.in_flight += places
+        reservation = next(self._ids)
+        self._reservations[reservation] = _Reservation(key, index, requests, tokens, places)
+        return reservation
+
+    @staticmethod
+    def _count(state: _Key, index: int, requests: int, tokens: int) -> None:
         slots = state.slots
         at = len(slots)
         while at and slots[at - 1].index > index:
@@ -253,10 +269,6 @@ class Ledger:
         slot.tokens += tokens
         state.requests += requests
         state.tokens += tokens
-        state.in_flight += places
-        reservation = next(self._ids)
-        self._reservations[reservation] = _Reservation(key, index, requests, tokens, places)
-        return reservation
 
     def usage(self, key: str, limits: Limits) -> Usage:
         now = self._clock()

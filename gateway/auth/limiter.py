@@ -15,7 +15,8 @@ Reservations belong to the connection that made them: when an ingress
 replica goes away unsettled reservations end there, keeping the tokens they
 reserved (the conservative count), so nothing is left in flight forever.
 When the ledger goes away instead, each replica books what it still has in
-flight with the next one it reaches (``gateway.auth.tickets``).
+flight, and what ended within the minute, with the next one it reaches
+(``gateway.auth.tickets``).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class LimiterClient:
         self._live: int | None = None  # the connection open now
         self._restoring: asyncio.Task[None] | None = None
         self._closed = False
+        self._ledger: str | None = None  # the token of the ledger last reached: another is a new one
         self._renewing: set[asyncio.Task[None]] = set()
         self._releases: dict[int, dict[str, Any]] = {}  # per lease, the release not yet sent
 
@@ -150,7 +152,7 @@ class LimiterClient:
         demand.at_limit = waits_for_place(decision)
         if decision.reservation is None:
             return decision
-        held = Ticket(key, tokens, reply["_on"], reservation=decision.reservation)
+        held = Ticket(key, tokens, reply["_on"], now, reservation=decision.reservation)
         if held.connection != self._live:  # its connection ended since: so did the reservation
             held.connection = held.reservation = None
             self._restore_soon()
@@ -168,6 +170,7 @@ class LimiterClient:
         held = self._tickets.pop(ticket)
         if held is None:
             return
+        self._tickets.ended(held, used_tokens)
         left = self._tickets.left.pop(ticket, None)
         lease = held.lease
         if lease is None:
@@ -238,7 +241,7 @@ class LimiterClient:
         lease.in_flight += 1
         if demand.asking is None and lease.running_low(tokens, now):
             self._renew(key, limits, demand, now)
-        return Decision(self._tickets.add(Ticket(key, tokens, self._live, lease=lease)), lease.remaining())
+        return Decision(self._tickets.add(Ticket(key, tokens, self._live, now, lease=lease)), lease.remaining())
 
     def _ask_for_lease(
         self, key: str, demand: Demand, message: dict[str, Any], sent: float
@@ -403,7 +406,9 @@ class LimiterClient:
             connection = next(self._connections)
             # A ledger that hears of an earlier connection may be replacing one (``LimiterServer``).
             writer.write(json.dumps({"token": address.token, "again": connection > 1}).encode() + b"\n")
-            restore = self._tickets.restore(connection)
+            new = self._ledger is not None and address.token != self._ledger
+            self._ledger = address.token
+            restore = self._tickets.restore(connection, asyncio.get_running_loop().time() if new else None)
             if restore is not None:  # a ledger that restarted learns first what this replica has in flight
                 writer.write(json.dumps(restore, separators=(",", ":")).encode() + b"\n")
             self._writer, self._live = writer, connection

@@ -168,6 +168,8 @@ class LimiterServer:
                 reservation = self.ledger.hold(str(key), int(tokens), bool(left))
                 peer.owned.add(reservation)
                 peer.restored[int(ticket)] = reservation
+            for key, age_s, requests, tokens in message.get("window", ()):
+                self.ledger.recount(str(key), float(age_s), int(requests), int(tokens))
             return None
         if op == "release":
             reservation = peer.own(message)

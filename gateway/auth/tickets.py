@@ -7,7 +7,8 @@ replicas admitted are still running. Each ingress replica, when it connects
 to the new ledger, first tells it what it has in flight (``restore``): each
 is booked there again, under the ticket the replica knows it by, so a key at
 its concurrency limit stays there and what they use is settled where it is
-counted. A reservation of the old ledger is never named to the new one: its
+counted; and what ended within the window is counted there again, so the
+minute's request and token limits hold too. A reservation of the old ledger is never named to the new one: its
 numbers start again from one and belong to other requests there.
 """
 
@@ -17,6 +18,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.auth import ledger
 from gateway.auth.lease import Lease
 
 
@@ -30,6 +32,7 @@ class Ticket:
     key: str
     tokens: int
     connection: int | None
+    admitted: float = 0.0  # loop time
     reservation: int | None = None
     lease: Lease | None = None
 
@@ -45,6 +48,8 @@ class Tickets:
         self._held: dict[int, Ticket] = {}
         self._ids = itertools.count(1)
         self.left: dict[int, str] = {}  # tickets whose place was freed before they settled (``leave``)
+        # Per key, per slot of admission: the requests that ended there and the tokens they used.
+        self._ended: dict[str, dict[int, list[int]]] = {}
 
     def add(self, held: Ticket) -> int:
         ticket = next(self._ids)
@@ -56,6 +61,22 @@ class Tickets:
 
     def pop(self, ticket: int) -> Ticket | None:
         return self._held.pop(ticket, None)
+
+    def ended(self, held: Ticket, used: int | None) -> None:
+        """Counts a request that ended, with the tokens it used (None: those
+        reserved), for as long as a new ledger would still count it."""
+        slots = self._ended.get(held.key)
+        if slots is None:
+            slots = self._ended[held.key] = {}
+        slot = int(held.admitted / ledger.SLOT_S)
+        counts = slots.get(slot)
+        if counts is None:
+            oldest = slot - int(ledger.WINDOW_S / ledger.SLOT_S) - 1
+            for gone in [s for s in slots if s < oldest]:
+                del slots[gone]
+            counts = slots[slot] = [0, 0]
+        counts[0] += 1
+        counts[1] += held.tokens if used is None else used
 
     def lost(self, connection: int) -> bool:
         """``connection`` ended: the ledger behind it has ended what it knew
@@ -69,12 +90,21 @@ class Tickets:
                 some = True
         return some
 
-    def restore(self, connection: int) -> dict[str, Any] | None:
+    def restore(self, connection: int, now: float | None = None) -> dict[str, Any] | None:
         """The message that books, on new ``connection``, every request known
-        to no ledger (before anything else is sent on it); None: there is none."""
+        to no ledger (before anything else is sent on it), and with ``now``
+        (loop time; for a ledger that replaces one) what ended within the
+        window; None: there is none."""
         known: list[list[Any]] = []
         for ticket, held in self._held.items():
             if held.connection is None:
                 held.connection = connection
                 known.append([ticket, held.key, held.tokens, ticket in self.left])
-        return {"op": "restore", "held": known} if known else None
+        window: list[list[Any]] = []
+        if now is not None:
+            for key, slots in self._ended.items():
+                for slot, (requests, tokens) in slots.items():
+                    age = now - (slot + 1) * ledger.SLOT_S  # from the slot's end: never counted out early
+                    if age < ledger.WINDOW_S:
+                        window.append([key, round(age, 3), requests, tokens])
+        return {"op": "restore", "held": known, "window": window} if known or window else None

@@ -89,6 +89,19 @@ def test_a_request_held_from_a_replaced_ledger_counts_whatever_the_limits_and_se
     ledger.settle(gone, 0)
 
 
+def test_counts_of_a_replaced_ledger_leave_the_window_when_they_would_have_there() -> None:
+    clock = Clock()
+    ledger = Ledger(clock)
+    limits = Limits(rpm=3)
+    ledger.recount("k", 50.0, 2, 0)  # ended, admitted 50 s ago
+    ledger.recount("k", WINDOW_S + 1, 5, 0)  # out of the window already: not counted
+    assert ledger.usage("k", limits).remaining_requests == 1
+    clock.now += 10 - SLOT_S  # not before they are a minute old
+    assert ledger.usage("k", limits).remaining_requests == 1
+    clock.now += 2 * SLOT_S
+    assert ledger.usage("k", limits).remaining_requests == 3
+
+
 def test_keys_count_apart() -> None:
     ledger = Ledger(Clock())
     assert ledger.reserve("a", Limits(rpm=1), 0).reservation

@@ -369,7 +369,7 @@ async def _restarted(parts: list[Part], where: list[LimiterAddress], old: Limite
     return new
 
 
-async def test_a_restarted_ledger_is_told_what_is_still_in_flight_and_never_confused_with_the_old_one(
+async def test_a_restarted_ledger_is_told_what_runs_and_what_ended_within_the_minute_and_never_confused(
     parts: list[Part], one_second_slots: float
 ) -> None:
     old, address = await _started(parts)
@@ -382,6 +382,9 @@ async def test_a_restarted_ledger_is_told_what_is_still_in_flight_and_never_conf
     burst = [d.reservation for d in await asyncio.gather(*(client.reserve("b", busy, 10) for _ in range(8)))]
     assert first is not None and None not in burst
     client.leave(burst[0])  # its client left: its place stays free in the new ledger
+    minute = Limits(rpm=5, tpm=1000)
+    for _ in range(3):  # ended within the minute: the new ledger counts them too
+        client.settle((await client.reserve("m", minute, 50)).reservation, 7)  # type: ignore[arg-type]
     new = await _restarted(parts, where, old)
     other = _client(parts, where[0])  # another ingress replica: the new ledger's first reservations are its
     assert (await other.reserve("x", Limits(max_concurrent=1), 0)).reservation is not None
@@ -390,6 +393,8 @@ async def test_a_restarted_ledger_is_told_what_is_still_in_flight_and_never_conf
     await _counted(new, "k", 1)
     usage, in_flight = await other.usage("k", one)
     assert in_flight == 1 and usage.remaining_tokens == 700
+    usage, _ = await other.usage("m", minute)
+    assert (usage.remaining_requests, usage.remaining_tokens) == (2, 1000 - 3 * 7)
     refused = await other.reserve("k", one, 10)
     assert refused.refusal is not None and refused.refusal.limit == "concurrent"
     assert new.ledger.in_flight("b") == 8 and new.ledger.usage("b", busy).remaining_tokens == 100_000 - 80
