@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.http.front_door_socket import SocketKeeper
 
 DEFAULT_CONFIG = "configs/default.yaml"
 # How often processes started since (new Ray workers) are pinned too.
@@ -233,6 +234,11 @@ def serve_forever(
     from gateway.deploy import deploy
     from gateway.local_cluster import serve_options
 
+    try:
+        keeper = _front_door_keeper(config, host, port) if local else None
+    except OSError as exc:
+        print(f"==> cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+        return 1
     print(f"==> {access_note(config, host)}", flush=True)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
@@ -261,6 +267,8 @@ def serve_forever(
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if keeper is not None:
+            keeper.close()  # the socket closes with the last ingress replica: new clients are refused
         if ray.is_initialized():
             _drain(config)
             serve.shutdown()
@@ -271,6 +279,15 @@ def serve_forever(
             remove_local_files(local)
         print("==> stopped", flush=True)
     return 0
+
+
+def _front_door_keeper(config: GatewayConfig, host: str, port: int) -> SocketKeeper | None:
+    """With the gateway's own front door, the listening socket every ingress
+    replica of the local cluster accepts from, kept by this process while Ray
+    runs (``gateway.http.front_door_socket``); OSError when the port is taken."""
+    if config.runtime.http_proxy != "gateway":
+        return None
+    return SocketKeeper(host, port)
 
 
 def _serve_in_own_group(local: dict[str, str]) -> int | None:

@@ -2,8 +2,11 @@
 ingress replica accepts clients itself on the address ``llm-gateway serve``
 was given, every replica on one port (``SO_REUSEPORT``: the kernel spreads
 new connections over them), with no proxy process between the client and
-the ingress. A stream handed to a model replica then crosses one socket,
-from the engine's process to the client, as behind ``vllm serve``.
+the ingress; where the process that started the cluster keeps a socket on
+the port, each replica accepts from that one too, and the port takes
+connections while no replica is up (``gateway.http.front_door_socket``).
+A stream handed to a model replica then crosses one socket, from the
+engine's process to the client, as behind ``vllm serve``.
 
 What a proxy in front did is done here, in uvicorn's own protocol, and
 answered in OpenAI's error shape instead of a proxy's HTML:
@@ -37,8 +40,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
 from gateway.errors import GatewayError, InvalidRequestError, RequestReadTimeoutError
+from gateway.http.front_door_socket import BACKLOG, kept_socket
 
-BACKLOG = 2048
 logger = logging.getLogger(__name__)
 
 
@@ -190,21 +193,29 @@ class FrontDoor:
         )
         self._server = uvicorn.Server(self._config)
         self._host, self._port = host, port
-        self._socket: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
         self._tick: asyncio.TimerHandle | None = None
 
     @property
     def port(self) -> int:
         """The port it listens on (the one the kernel picked, for port 0)."""
-        assert self._socket is not None, "not started"
-        return int(self._socket.getsockname()[1])
+        assert self._sockets, "not started"
+        return int(self._sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Binds and listens; OSError when the port is taken by another program."""
-        self._socket = listening_socket(self._host, self._port)
+        """Binds and listens, and accepts from the socket this machine's keeper
+        holds on the port too, where one does (``gateway.http.front_door_socket``);
+        OSError when the port is taken by another program."""
+        self._sockets = [listening_socket(self._host, self._port)]
+        try:
+            kept = await asyncio.to_thread(kept_socket, self._host, self.port)
+        except OSError as exc:
+            logger.warning("listening without the front door's kept socket: %s", exc)
+            kept = None
+        self._sockets += [kept] if kept is not None else []
         self._config.load()
         self._server.lifespan = self._config.lifespan_class(self._config)
-        await self._server.startup(sockets=[self._socket])
+        await self._server.startup(sockets=self._sockets)
         self._refresh_date()
 
     async def stop(self, grace_s: float) -> None:

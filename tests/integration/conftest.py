@@ -23,6 +23,7 @@ import pytest
 
 from gateway import local_cluster
 from gateway.config import parse_config
+from gateway.http.front_door_socket import SocketKeeper
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / ".models"
@@ -162,14 +163,16 @@ def gateway() -> Iterator[Gateway]:
     from ray import serve
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(**local_cluster.serve_options(_parsed.runtime, _LOCAL, "127.0.0.1", port))
-    gateway = Gateway(f"http://127.0.0.1:{port}", TEST_CONFIG)
+    # As `llm-gateway serve` does: one socket, kept here, for both ingress replicas.
+    keeper = SocketKeeper("127.0.0.1", _free_port())
+    serve.start(**local_cluster.serve_options(_parsed.runtime, _LOCAL, "127.0.0.1", keeper.port))
+    gateway = Gateway(f"http://127.0.0.1:{keeper.port}", TEST_CONFIG)
     gateway.redeploy(TEST_CONFIG)
     _wait_ready(gateway.base_url)
     try:
         yield gateway
     finally:
+        keeper.close()
         serve.shutdown()
         ray.shutdown()
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 import httpx
 import psutil
 
-from tests.integration.conftest import VLLM_MODEL, Gateway
+from tests.integration.conftest import APP, INGRESS_REPLICAS, VLLM_MODEL, Gateway
 from tests.integration.test_messages import access_line
 from tests.integration.test_routing import replica_process
 
@@ -226,8 +226,47 @@ async def test_a_stream_outlives_the_ingress_replica_that_handed_it_to_its_model
     chunks = [json.loads(line[6:]) for line in [*seen, *rest[:-1]]]
     assert chunks[-1]["usage"]["completion_tokens"] == 400  # every token generated and sent
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    await _every_ingress_replica_listening(gateway)  # Serve replaces the ingress replica
+
+
+def _ingress_replicas(port: int) -> list[psutil.Process]:
+    """The test gateway's ingress replicas that listen on the front door's ``port``."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if f"ServeReplica:{APP}:GatewayIngress" in " ".join(process.info["cmdline"] or []) and any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in process.net_connections("tcp")
+            ):
+                found.append(process)
+    return found
+
+
+async def _every_ingress_replica_listening(gateway: Gateway) -> list[psutil.Process]:
+    """Waits for Serve to have replaced any ingress replica a test killed (the gateway's /ready
+    is answered by the others meanwhile)."""
+    port = int(gateway.base_url.rsplit(":", 1)[1])
     deadline = time.monotonic() + RECOVERY_LIMIT_S
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as session:
-        while (await session.get("/ready")).status_code != 200:  # Serve replaces the ingress replica
-            assert time.monotonic() < deadline, "the ingress replica was not replaced"
-            await asyncio.sleep(0.5)
+    while len(replicas := _ingress_replicas(port)) != INGRESS_REPLICAS:
+        assert time.monotonic() < deadline, f"{len(replicas)} ingress replicas listen, not {INGRESS_REPLICAS}"
+        await asyncio.sleep(0.5)
+    return replicas
+
+
+async def test_a_client_who_connects_while_no_ingress_replica_is_up_is_answered_by_the_next(
+    gateway: Gateway,
+) -> None:
+    # The port stays open while Serve replaces the ingress replicas (the socket the session keeps,
+    # as `llm-gateway serve` does): a new connection waits for the next replica instead of being refused.
+    replicas = await _every_ingress_replica_listening(gateway)
+    for process in replicas:
+        process.kill()
+    psutil.wait_procs(replicas, timeout=10)
+    assert not any(p.is_running() for p in replicas)
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=RECOVERY_LIMIT_S) as session:
+        response = await session.post(CHAT, json={"model": "echo", "messages": HELLO, "max_tokens": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+    print(f"answered {time.monotonic() - started:.1f} s after both ingress replicas died")
+    again = await _every_ingress_replica_listening(gateway)
+    assert {p.pid for p in again}.isdisjoint(p.pid for p in replicas)

@@ -1,0 +1,126 @@
+"""A listening socket on the front door's address that outlives the
+ingress replicas of a local gateway (``runtime.http_proxy: gateway``).
+
+Each ingress replica listens on a socket of its own on the port
+(``SO_REUSEPORT``: the kernel spreads new connections evenly over the
+sockets bound there). With those alone, the port was closed whenever no
+replica was up: when the single ingress replica died (a crash, the OOM
+killer) clients were refused until its successor bound the port (216 refused
+connections in the 5 s that took here).
+
+So the process that starts a local cluster (``llm-gateway serve``, the test
+session) binds one more socket into the port's group before Ray starts and
+keeps it until the cluster stops (``SocketKeeper``); each ingress replica on
+the machine asks it for that socket (``kept_socket``) and accepts from it
+besides its own, as the workers of uvicorn or gunicorn accept from their
+parent's. The kept socket takes its share of new connections, which
+whichever replica is first to wake accepts; when no replica is up it is the
+only socket on the port and takes them all, and they wait in its queue for
+the next replica instead of being refused. (One queue shared by every
+replica, without sockets of their own, spread them badly: 29 of 32
+connections opened at once went to one of two replicas.)
+
+The socket travels over an abstract Unix socket named after the address and
+the user (``keeper_address``: no file; gone with the keeper's process), each
+end checking the other's user with ``SO_PEERCRED``: a process of another user
+gets nothing, and nothing is taken from one (Linux lets only the same user
+join a port's ``SO_REUSEPORT`` group anyway). Where no keeper answers (a
+cluster started otherwise: ``--address``, KubeRay), replicas listen on their
+own sockets alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+import threading
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 2048
+ASK_TIMEOUT_S = 5.0
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def keeper_address(host: str, port: int) -> str:
+    """The abstract Unix socket the keeper of ``host:port`` answers on."""
+    return f"\0llmgw-front-door-{os.getuid()}-{host}-{port}"
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The user of the process at the other end of a Unix socket."""
+    _, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return int(uid)
+
+
+class SocketKeeper:
+    """Binds ``host:port`` and listens (OSError when the port is taken), and
+    hands the socket to each ingress replica of this user that asks, until
+    ``close``."""
+
+    def __init__(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # the replicas' sockets join it
+            self.socket.bind((host, port))
+            self.socket.listen(BACKLOG)
+            self._server.bind(keeper_address(host, port))
+            self._server.listen(64)
+        except OSError:
+            self.close()
+            raise
+        self._thread = threading.Thread(target=self._serve, name="front-door-keeper", daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.socket.getsockname()[1])
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            with conn, contextlib.suppress(OSError):
+                if peer_uid(conn) == os.getuid():
+                    socket.send_fds(conn, [b"L"], [self.socket.fileno()])
+
+    def close(self) -> None:
+        """Stops handing the socket out and closes this process's copy (the
+        replicas' copies stay open until they stop)."""
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept above
+        self._server.close()
+        self.socket.close()
+
+
+def kept_socket(host: str, port: int) -> socket.socket | None:
+    """The listening socket this machine's keeper of ``host:port`` holds, for
+    this process to accept from; None where no keeper of this user answers.
+    OSError when one answered but what it sent is not that socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(ASK_TIMEOUT_S)
+        try:
+            conn.connect(keeper_address(host, port))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        if (uid := peer_uid(conn)) != os.getuid():
+            logger.warning("the front door's keeper at %s:%s runs as user %s, not this one: ignored", host, port, uid)
+            return None
+        _, fds, _, _ = socket.recv_fds(conn, 1, 1)
+    if len(fds) != 1:
+        raise OSError(f"the front door's keeper at {host}:{port} sent no socket")
+    sock = socket.socket(fileno=fds[0])
+    sock.set_inheritable(False)  # as every socket Python makes (recv_fds leaves it inheritable)
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.type != socket.SOCK_STREAM or not listening or sock.getsockname()[1] != port:
+        sock.close()
+        raise OSError(f"the front door's keeper at {host}:{port} sent another socket")
+    return sock
