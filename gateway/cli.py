@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.http.front_door_socket import SocketKeeper
+from gateway.http.front_door_socket import KEEPER_VARIABLE, SocketKeeper
 
 DEFAULT_CONFIG = "configs/default.yaml"
 # How often processes started since (new Ray workers) are pinned too.
@@ -235,7 +235,7 @@ def serve_forever(
     from gateway.local_cluster import serve_options
 
     try:
-        keeper = _front_door_keeper(config, host, port) if local else None
+        keeper = _front_door_keeper(config, host, port, local)
     except OSError as exc:
         print(f"==> cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr, flush=True)
         return 1
@@ -281,13 +281,14 @@ def serve_forever(
     return 0
 
 
-def _front_door_keeper(config: GatewayConfig, host: str, port: int) -> SocketKeeper | None:
-    """With the gateway's own front door, the listening socket every ingress
-    replica of the local cluster accepts from, kept by this process while Ray
-    runs (``gateway.http.front_door_socket``); OSError when the port is taken."""
-    if config.runtime.http_proxy != "gateway":
+def _front_door_keeper(config: GatewayConfig, host: str, port: int, local: dict[str, str]) -> SocketKeeper | None:
+    """With the gateway's own front door, a socket on its port that every
+    ingress replica of the local cluster (``local``: its environment) accepts
+    from too, kept by this process while Ray runs
+    (``gateway.http.front_door_socket``); OSError when the port is taken."""
+    if KEEPER_VARIABLE not in local:
         return None
-    return SocketKeeper(host, port)
+    return SocketKeeper(host, port, local[KEEPER_VARIABLE])
 
 
 def _serve_in_own_group(local: dict[str, str]) -> int | None:

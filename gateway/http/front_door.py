@@ -208,7 +208,7 @@ class FrontDoor:
         OSError when the port is taken by another program."""
         self._sockets = [listening_socket(self._host, self._port)]
         try:
-            kept = await asyncio.to_thread(kept_socket, self._host, self.port)
+            kept = await asyncio.to_thread(kept_socket, self.port)
         except OSError as exc:
             logger.warning("listening without the front door's kept socket: %s", exc)
             kept = None

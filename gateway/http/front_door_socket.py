@@ -20,12 +20,14 @@ the next replica instead of being refused. (One queue shared by every
 replica, without sockets of their own, spread them badly: 29 of 32
 connections opened at once went to one of two replicas.)
 
-The socket travels over an abstract Unix socket named after the address and
-the user (``keeper_address``: no file; gone with the keeper's process), each
+The socket travels over an abstract Unix socket (no file; gone with the
+keeper's process) with a random name, which the cluster's processes find in
+their environment (``KEEPER_VARIABLE``, set with the local cluster's other
+variables before Ray starts: another user cannot take the name first), each
 end checking the other's user with ``SO_PEERCRED``: a process of another user
 gets nothing, and nothing is taken from one (Linux lets only the same user
-join a port's ``SO_REUSEPORT`` group anyway). Where no keeper answers (a
-cluster started otherwise: ``--address``, KubeRay), replicas listen on their
+join a port's ``SO_REUSEPORT`` group anyway). In a cluster started otherwise
+(``--address``, KubeRay) the variable is not set and replicas listen on their
 own sockets alone.
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import struct
 import threading
@@ -45,9 +48,12 @@ ASK_TIMEOUT_S = 5.0
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def keeper_address(host: str, port: int) -> str:
-    """The abstract Unix socket the keeper of ``host:port`` answers on."""
-    return f"\0llmgw-front-door-{os.getuid()}-{host}-{port}"
+KEEPER_VARIABLE = "LLMGW_FRONT_DOOR_KEEPER"
+
+
+def keeper_name() -> str:
+    """A new keeper's name: its abstract Unix socket is ``@`` and this."""
+    return f"llmgw-front-door-{secrets.token_hex(8)}"
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -58,10 +64,10 @@ def peer_uid(conn: socket.socket) -> int:
 
 class SocketKeeper:
     """Binds ``host:port`` and listens (OSError when the port is taken), and
-    hands the socket to each ingress replica of this user that asks, until
-    ``close``."""
+    hands the socket to each ingress replica of this user that asks the
+    keeper ``name``, until ``close``."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, name: str) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -70,7 +76,7 @@ class SocketKeeper:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # the replicas' sockets join it
             self.socket.bind((host, port))
             self.socket.listen(BACKLOG)
-            self._server.bind(keeper_address(host, port))
+            self._server.bind("\0" + name)
             self._server.listen(64)
         except OSError:
             self.close()
@@ -101,26 +107,30 @@ class SocketKeeper:
         self.socket.close()
 
 
-def kept_socket(host: str, port: int) -> socket.socket | None:
-    """The listening socket this machine's keeper of ``host:port`` holds, for
-    this process to accept from; None where no keeper of this user answers.
-    OSError when one answered but what it sent is not that socket."""
+def kept_socket(port: int) -> socket.socket | None:
+    """The listening socket on ``port`` that the keeper this process's
+    environment names holds, for this process to accept from; None where
+    none is named or it does not answer as this user. OSError when it
+    answered but what it sent is not such a socket."""
+    if not (name := os.environ.get(KEEPER_VARIABLE)):
+        return None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(ASK_TIMEOUT_S)
         try:
-            conn.connect(keeper_address(host, port))
-        except (ConnectionRefusedError, FileNotFoundError):
+            conn.connect("\0" + name)
+        except ConnectionRefusedError:
+            logger.warning("the front door's keeper %s does not answer: listening on a socket of its own", name)
             return None
         if (uid := peer_uid(conn)) != os.getuid():
-            logger.warning("the front door's keeper at %s:%s runs as user %s, not this one: ignored", host, port, uid)
+            logger.warning("the front door's keeper %s runs as user %s, not this one: ignored", name, uid)
             return None
         _, fds, _, _ = socket.recv_fds(conn, 1, 1)
     if len(fds) != 1:
-        raise OSError(f"the front door's keeper at {host}:{port} sent no socket")
+        raise OSError(f"the front door's keeper {name} sent no socket")
     sock = socket.socket(fileno=fds[0])
     sock.set_inheritable(False)  # as every socket Python makes (recv_fds leaves it inheritable)
     listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     if sock.type != socket.SOCK_STREAM or not listening or sock.getsockname()[1] != port:
         sock.close()
-        raise OSError(f"the front door's keeper at {host}:{port} sent another socket")
+        raise OSError(f"the front door's keeper {name} sent another socket than one listening on {port}")
     return sock

@@ -23,7 +23,7 @@ import pytest
 
 from gateway import local_cluster
 from gateway.config import parse_config
-from gateway.http.front_door_socket import SocketKeeper
+from gateway.http.front_door_socket import KEEPER_VARIABLE, SocketKeeper
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / ".models"
@@ -164,7 +164,7 @@ def gateway() -> Iterator[Gateway]:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     # As `llm-gateway serve` does: one socket, kept here, for both ingress replicas.
-    keeper = SocketKeeper("127.0.0.1", _free_port())
+    keeper = SocketKeeper("127.0.0.1", _free_port(), _LOCAL[KEEPER_VARIABLE])
     serve.start(**local_cluster.serve_options(_parsed.runtime, _LOCAL, "127.0.0.1", keeper.port))
     gateway = Gateway(f"http://127.0.0.1:{keeper.port}", TEST_CONFIG)
     gateway.redeploy(TEST_CONFIG)

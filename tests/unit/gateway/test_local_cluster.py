@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from gateway import affinity, local_cluster
 from gateway.config import RuntimeConfig
 from gateway.config.front_door import HEAD_BYTES
+from gateway.http.front_door_socket import KEEPER_VARIABLE
 
 
 def test_serves_http_metrics_from_haproxy_are_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,6 +123,9 @@ def test_the_default_front_door_is_the_ingress_replicas_with_no_proxy() -> None:
         "proxy_location": "Disabled",
         "http_options": {"host": "0.0.0.0", "port": 8123},
     }
+    # The name of the socket keeper the ingress replicas ask for the port's kept socket: a new one each cluster.
+    assert env[KEEPER_VARIABLE] != local_cluster.environment(runtime)[KEEPER_VARIABLE]
+    assert KEEPER_VARIABLE not in local_cluster.environment(RuntimeConfig(http_proxy="serve"))
     for door in ("haproxy", "serve"):
         other = RuntimeConfig(http_proxy=door)
         assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in other.environment()

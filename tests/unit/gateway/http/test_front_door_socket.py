@@ -16,7 +16,7 @@ import pytest
 
 from gateway.http import front_door_socket
 from gateway.http.front_door import FrontDoor
-from gateway.http.front_door_socket import SocketKeeper, keeper_address, kept_socket
+from gateway.http.front_door_socket import KEEPER_VARIABLE, SocketKeeper, keeper_name, kept_socket
 from gateway.local_cluster import free_port
 
 REQUEST = b"GET /hello HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
@@ -45,8 +45,11 @@ async def answer_to(sock: socket.socket) -> bytes:
 
 
 @pytest.fixture
-def keeper() -> Any:
-    keeper = SocketKeeper("127.0.0.1", free_port())
+def keeper(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A keeper, named in this process's environment as in a local cluster's processes."""
+    name = keeper_name()
+    monkeypatch.setenv(KEEPER_VARIABLE, name)
+    keeper = SocketKeeper("127.0.0.1", free_port(), name)
     yield keeper
     keeper.close()
 
@@ -86,23 +89,32 @@ async def test_a_client_who_connects_between_replicas_waits_for_the_next(keeper:
     assert answer.endswith(b"\r\n\r\nhello")
 
 
-def test_no_keeper_no_socket() -> None:
-    assert kept_socket("127.0.0.1", free_port()) is None
+def test_no_keeper_no_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEEPER_VARIABLE, raising=False)
+    assert kept_socket(free_port()) is None  # a cluster started otherwise
+    monkeypatch.setenv(KEEPER_VARIABLE, keeper_name())
+    assert kept_socket(free_port()) is None  # its keeper gone
+
+
+def test_each_keeper_has_a_name_of_its_own() -> None:
+    assert len({keeper_name() for _ in range(100)}) == 100
 
 
 def test_the_keeper_gives_nothing_to_another_user(keeper: SocketKeeper, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(front_door_socket, "peer_uid", lambda conn: os.getuid() + 1)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(10)
-        conn.connect(keeper_address("127.0.0.1", keeper.port))
+        conn.connect("\0" + os.environ[KEEPER_VARIABLE])
         data, fds, _, _ = socket.recv_fds(conn, 1, 1)
     assert (data, fds) == (b"", [])
     # And a keeper of another user is not taken at its word.
-    assert kept_socket("127.0.0.1", keeper.port) is None
+    assert kept_socket(keeper.port) is None
 
 
 def test_what_the_keeper_hands_over_is_its_socket(keeper: SocketKeeper) -> None:
-    sock = kept_socket("127.0.0.1", keeper.port)
+    with pytest.raises(OSError, match="another socket"):  # asked for another port's
+        kept_socket(free_port())
+    sock = kept_socket(keeper.port)
     assert sock is not None
     with sock:
         assert inode(sock) == inode(keeper.socket)
@@ -112,6 +124,6 @@ def test_what_the_keeper_hands_over_is_its_socket(keeper: SocketKeeper) -> None:
 def test_a_closed_keeper_is_gone(keeper: SocketKeeper) -> None:
     port = keeper.port
     keeper.close()
-    assert kept_socket("127.0.0.1", port) is None
+    assert kept_socket(port) is None
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
