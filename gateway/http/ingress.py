@@ -22,6 +22,9 @@ from gateway.http.origin import is_loopback
 from gateway.http.state import GatewayState
 from gateway.metrics.hub import MetricsReporter, replica_source
 
+# The longest a new ingress replica waits for its models' replicas to be known before it takes clients.
+WARM_UP_S = 10.0
+
 
 @serve.ingress()
 class GatewayIngress:
@@ -72,6 +75,8 @@ class GatewayIngress:
         self._reporter.start()
         if not self._front_door_checked:
             self._front_door_checked = True
+            # Clients (from its own front door or Serve's) once its models' replicas are known.
+            await self._state.warm_up(min(self._state.front_door.ingress.replica_wait_s, WARM_UP_S))
             self._state.loopback = is_loopback(await serve_http_host())
             if (address := await own_front_door(serve.get_replica_context().app_name)) is not None:
                 ingress = self._state.front_door.ingress

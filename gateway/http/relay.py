@@ -109,6 +109,14 @@ class ReplicaRelay:
                 self._gone(call, address)
         raise ServiceUnavailableError(_UNAVAILABLE)
 
+    async def warm(self) -> None:
+        """Finds a running replica now, as a first request would (the first
+        contact of Serve's router with its controller included), so that
+        none has to; raises as ``open`` does when the model has none within
+        the look-up's bound."""
+        if not self._open:
+            await self._look_up.wait()
+
     async def call(
         self,
         call: EngineRequest,

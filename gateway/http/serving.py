@@ -41,6 +41,7 @@ class ModelClient(Protocol):
     the future aborts the engine request (for an LLM, ``abandoned`` then
     gets what was generated). ``ready`` returns when a call may be sent,
     after a bounded wait for a running replica where the client needs one;
+    ``warm`` finds a running replica before any request needs one;
     ``stalled`` (None: never) fails with 503 once an unanswered call's model
     has no running replica. ``answered`` and ``lost`` tell the client how a
     call ended (answered; or refused because its replica was gone)."""
@@ -51,6 +52,8 @@ class ModelClient(Protocol):
     def unary(self, call: EngineRequest, abandoned: Settle | None = None, later: Settle | None = None) -> asyncio.Future[Reply]: ...
 
     async def ready(self) -> None: ...
+
+    async def warm(self) -> None: ...
 
     def stalled(self) -> asyncio.Future[None] | None: ...
 
@@ -82,6 +85,9 @@ class LLMClient:
 
     async def ready(self) -> None:
         return None  # the relay bounds its own wait for a replica
+
+    async def warm(self) -> None:
+        await self.relay.warm()
 
     def stalled(self) -> asyncio.Future[None] | None:
         return None  # the relay's call ends when its replica does
@@ -160,6 +166,9 @@ class ClassicalClient:
     async def ready(self) -> None:
         if not self.running.fresh():
             await self.running.ready()
+
+    async def warm(self) -> None:
+        await self.running.ready()
 
     def stalled(self) -> asyncio.Future[None] | None:
         return self.running.stalled()

@@ -208,3 +208,20 @@ async def test_the_owner_travels_to_the_replica() -> None:
     stream = await ReplicaRelay(Router(await serve(opener))).open(call)
     [_ async for _ in stream.chunks()]
     assert [(request.owner, request.replica) for request in seen] == [("team-a", None)]
+
+
+async def test_a_warmed_relay_opens_its_first_stream_without_asking_the_router() -> None:
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+        return stream(), lambda: OUTCOME
+
+    router = Starting()
+    router.addresses.append(await serve(opener))
+    router.up.set()
+    replicas = ReplicaRelay(router, wait_s=5.0)
+    await replicas.warm()  # as a new ingress replica does before it takes clients
+    assert router.samples == 1
+    router.up.clear()  # the router is slow now (its controller busy): the first request does not wait on it
+    stream = await asyncio.wait_for(replicas.open(CALL), 1)
+    assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE

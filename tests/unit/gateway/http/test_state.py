@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -233,3 +235,31 @@ async def test_with_a_shared_hub_the_engine_pages_reach_it_through_any_ingress_r
         await replica.stop()
     await one.engine_gone("r")
     assert "vllm:" not in await asyncio.wait_for(hub.render("b", two.metrics.snapshot()), 0.1)
+
+
+class Router(NoHandle):
+    """Serve's router for one model: names its replica once ``up`` is set (never, for a model that is down)."""
+
+    def __init__(self, name: str, up: bool) -> None:
+        super().__init__(name)
+        self.up = asyncio.Event()
+        if up:
+            self.up.set()
+
+    @asynccontextmanager
+    async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+        await self.up.wait()
+        yield SimpleNamespace(replica_metadata=RelayAddress("127.0.0.1", 1, "t", replica=self.name).metadata())
+
+
+async def test_warm_up_finds_each_models_replica_and_gives_up_on_a_model_that_is_down_in_time() -> None:
+    routers = {"a": Router("a", up=True), "b": Router("b", up=False), "iris": Router("iris", up=True)}
+    state = GatewayState(FrontDoorConfig(), lambda m: routers[m.name], lambda m: f"app:{m.name}")
+    state.apply(MODELS, ROUTING)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await state.warm_up(0.3)
+    assert 0.25 <= loop.time() - started < 2
+    assert state.dispatcher.table.models["a"].client.relay.knows("a")  # type: ignore[union-attr]
+    assert not state.dispatcher.table.models["b"].client.relay.knows("b")  # type: ignore[union-attr]
+    assert state.dispatcher.table.models["iris"].client.running.fresh()  # type: ignore[union-attr]
