@@ -17,7 +17,7 @@ parent's. The kept socket takes its share of new connections, which
 whichever replica is first to wake accepts; when no replica is up it is the
 only socket on the port and takes them all, and they wait in its queue for
 the next replica instead of being refused. (One queue shared by every
-replica, without sockets of their own, spread them badly: 29 of 32
+replica, without sockets of their own, spread them badly: 29 to 32 of 32
 connections opened at once went to one of two replicas.)
 
 The socket travels over an abstract Unix socket (no file; gone with the
@@ -45,10 +45,8 @@ logger = logging.getLogger(__name__)
 
 BACKLOG = 2048
 ASK_TIMEOUT_S = 5.0
+KEEPER_VARIABLE = "LLMGW_FRONT_DOOR_KEEPER"  # the keeper's name, in the local cluster's environment
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-KEEPER_VARIABLE = "LLMGW_FRONT_DOOR_KEEPER"
 
 
 def keeper_name() -> str:
