@@ -197,6 +197,15 @@ def _ingress_holding(client_port: int) -> int:
     raise AssertionError(f"no ingress replica holds the connection from port {client_port}")
 
 
+async def _handed_over(client_port: int) -> None:
+    """Waits for the model's replica to hold the client's connection from ``client_port`` (the ingress
+    hands it over once the stream runs, sooner or later on a loaded host)."""
+    (pid, _), deadline = replica_process(VLLM_MODEL), time.monotonic() + 30
+    while not any(c.raddr and c.raddr.port == client_port for c in psutil.Process(pid).net_connections("tcp")):
+        assert time.monotonic() < deadline, "the stream was not handed to the model's replica"
+        await asyncio.sleep(0.05)
+
+
 async def _first_events(lines: AsyncIterator[str], count: int) -> AsyncIterator[str]:
     """The first ``count`` events of an SSE body's ``lines``."""
     async for line in lines:
@@ -220,6 +229,7 @@ async def test_a_stream_outlives_the_ingress_replica_that_handed_it_to_its_model
             seen = [line async for line in _first_events(events, 6)]
             assert response.status_code == 200 and seen[0].startswith("data: {")
             client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+            await _handed_over(client_port)
             os.kill(_ingress_holding(client_port), signal.SIGKILL)
             rest = [line async for line in events if line]  # raises if the body breaks off
     assert rest[-1] == "data: [DONE]"
