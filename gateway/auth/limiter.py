@@ -362,6 +362,11 @@ class LimiterClient:
         finally:
             self._restoring = None
 
+    async def warm(self) -> None:
+        """Reaches the ledger now, as a limited key's first request would (the
+        hub's look-up included); ServiceUnavailableError as that request's."""
+        await self._connection()
+
     async def close(self) -> None:
         self._closed = True
         if self._restoring is not None:

@@ -140,11 +140,14 @@ class GatewayState:
         controller for the first time) took 0.4-0.9 s here with the CPU busy,
         and over the test gateway's 2 s ``replica_wait_s`` once in the test
         suite, where the requests that waited for it were answered 503 ("no
-        replica running") beside a running model. A model that is down is
-        looked for on in the background, as a request would."""
-        clients = [served.client for served in self.dispatcher.table.models.values()]
-        if clients:
-            await asyncio.wait([asyncio.ensure_future(_warm(c)) for c in clients], timeout=timeout_s)
+        replica running") beside a running model. The keys' ledger is reached
+        too, where the replicas share one. A model that is down is looked for
+        on in the background, as a request would."""
+        parts: list[ModelClient | LimiterClient] = [served.client for served in self.dispatcher.table.models.values()]
+        if isinstance(self.limiter, LimiterClient) and self.config is not None and self.config.keys:
+            parts.append(self.limiter)  # the keys' ledger, in the hub shared by the ingress replicas
+        if parts:
+            await asyncio.wait([asyncio.ensure_future(_warm(part)) for part in parts], timeout=timeout_s)
 
     async def metrics_page(self) -> str:
         """The whole gateway's metrics, the LLM replicas' engine pages included."""
@@ -233,6 +236,6 @@ class GatewayState:
         return await self._serve_statuses.of(sorted(apps))
 
 
-async def _warm(client: ModelClient) -> None:
-    with contextlib.suppress(Exception):  # a model that is down: its requests find out
-        await client.warm()
+async def _warm(part: ModelClient | LimiterClient) -> None:
+    with contextlib.suppress(Exception):  # a model (or the ledger) that is down: its requests find out
+        await part.warm()

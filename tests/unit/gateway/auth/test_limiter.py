@@ -322,6 +322,24 @@ async def test_places_freed_by_clients_that_left_never_let_a_key_pass_its_limit_
             client.settle(ticket, 0)
 
 
+async def test_a_warmed_client_reaches_the_ledger_before_its_first_request(parts: list[Part]) -> None:
+    _, address = await _started(parts)
+    looked_up: list[None] = []
+
+    async def find() -> LimiterAddress | None:
+        looked_up.append(None)
+        return address
+
+    client = LimiterClient(find)
+    parts.append(client)
+    await client.warm()  # as a new ingress replica does before it takes clients
+    assert len(looked_up) == 1
+    decision = await client.reserve("k", Limits(rpm=5), 0)
+    assert decision.reservation is not None and len(looked_up) == 1  # over the connection made: no look-up more
+    with pytest.raises(ServiceUnavailableError):  # a ledger that cannot be found: as a request would be
+        await _client(parts, None).warm()
+
+
 async def test_an_unreachable_limiter_answers_503(parts: list[Part]) -> None:
     client = _client(parts, None)
     with pytest.raises(ServiceUnavailableError):
