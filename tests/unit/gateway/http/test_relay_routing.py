@@ -87,6 +87,15 @@ async def test_first_requests_share_one_look_up_of_the_replicas() -> None:
         assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
 
 
+async def done_at_once(request: EngineRequest) -> Any:
+    """A replica's stream that ends at once."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield sse.DONE
+
+    return stream(), lambda: OUTCOME
+
+
 class Starting(Router):
     """Serve's router for a model with no running replica: it waits until one is up."""
 
@@ -102,12 +111,6 @@ class Starting(Router):
 
 
 async def test_with_no_running_replica_a_request_waits_at_most_wait_s_and_later_ones_not_at_all() -> None:
-    async def opener(request: EngineRequest) -> Any:
-        async def stream() -> AsyncIterator[bytes]:
-            yield sse.DONE
-
-        return stream(), lambda: OUTCOME
-
     router = Starting()
     replicas = ReplicaRelay(router, wait_s=1.0)
     loop = asyncio.get_running_loop()
@@ -121,7 +124,7 @@ async def test_with_no_running_replica_a_request_waits_at_most_wait_s_and_later_
         await replicas.open(CALL)  # the model is still down: answered at once
     assert loop.time() - started < 0.5
 
-    router.addresses.append(await serve(opener))  # the replica comes up
+    router.addresses.append(await serve(done_at_once))  # the replica comes up
     router.up.set()
     await asyncio.sleep(0)
     stream = await replicas.open(CALL)
@@ -211,13 +214,8 @@ async def test_the_owner_travels_to_the_replica() -> None:
 
 
 async def test_a_warmed_relay_opens_its_first_stream_without_asking_the_router() -> None:
-    async def opener(request: EngineRequest) -> Any:
-        async def stream() -> AsyncIterator[bytes]:
-            yield sse.DONE
-        return stream(), lambda: OUTCOME
-
     router = Starting()
-    router.addresses.append(await serve(opener))
+    router.addresses.append(await serve(done_at_once))
     router.up.set()
     replicas = ReplicaRelay(router, wait_s=5.0)
     await replicas.warm()  # as a new ingress replica does before it takes clients
