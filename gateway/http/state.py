@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -14,6 +13,7 @@ from gateway.auth.keys import ApiKey, KeyTable
 from gateway.auth.limiter import LimiterAddress, LimiterClient
 from gateway.auth.local import LocalLimiter
 from gateway.config import FrontDoorConfig, GatewayConfig, LLMModelConfig, ModelConfig
+from gateway.errors import GatewayError
 from gateway.http.access_log import AccessLog
 from gateway.http.dispatch import ModelDispatcher
 from gateway.http.readiness import ServeStatuses
@@ -237,5 +237,9 @@ class GatewayState:
 
 
 async def _warm(part: ModelClient | LimiterClient) -> None:
-    with contextlib.suppress(Exception):  # a model (or the ledger) that is down: its requests find out
+    try:
         await part.warm()
+    except GatewayError:
+        pass  # a model (or the ledger) that is down: its requests find out, as this one did
+    except Exception as exc:  # noqa: BLE001 - Serve's router failing: the requests find out too
+        logger.info("could not look up a model's replicas (or the keys' ledger) before taking clients: %s", exc)
