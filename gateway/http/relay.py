@@ -116,6 +116,7 @@ class ReplicaRelay:
         the look-up's bound."""
         if not self._open:
             await self._look_up.wait()
+            self._refreshed_at = -REFRESH_S  # as for a first request: the others are found with the next one
 
     async def call(
         self,
