@@ -99,6 +99,8 @@ def describe(errors: Sequence[Any]) -> tuple[str, str | None]:
             return f"Invalid value for '{param}': {error.get('input')!r}. Supported values are: {values}.", param
     if param is not None and (length := _length_words(error)) is not None:
         return f"Invalid '{param}': {length}", param
+    if param is not None and (bound := bound_words(error)) is not None:
+        return f"Invalid '{param}': {bound}", param
     message = str(error["msg"]).removeprefix("Value error, ")
     return (f"Invalid value for '{param}': {message}" if param else message), param
 
@@ -125,6 +127,42 @@ def _length_words(error: Any) -> str | None:
     article = "an" if what == "array" else "a"
     sent = f"an empty {what}" if got == 0 else f"{article} {what} with length {got}"
     return f"{said}. Expected {article} {what} with {bound} length {most}, but got {sent} instead."
+
+
+# A number out of its bounds, as pydantic names the bound: its side and OpenAI's sign.
+_BOUNDS = {
+    "greater_than_equal": ("ge", "below minimum", ">="),
+    "greater_than": ("gt", "below minimum", ">"),
+    "less_than_equal": ("le", "above maximum", "<="),
+    "less_than": ("lt", "above maximum", "<"),
+}
+
+
+def bound_words(error: Any) -> str | None:
+    """A number out of bounds, in OpenAI's words ("integer below minimum
+    value. Expected a value >= 1, but got 0 instead."); None for any other problem."""
+    bound = _BOUNDS.get(error["type"])
+    if bound is None:
+        return None
+    key, side, sign = bound
+    limit = (error.get("ctx") or {}).get(key)
+    value = error.get("input")
+    if limit is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return out_of_bounds(value, side, sign, limit)
+
+
+def out_of_bounds(value: float, side: str, sign: str, limit: float) -> str:
+    """OpenAI's words for ``value`` on the wrong ``side`` of ``limit``
+    ("below minimum" or "above maximum"; ``sign`` as ">="): an integer
+    field's bound is an int, a number field's a float."""
+    kind = "integer" if isinstance(value, int) and isinstance(limit, int) else "decimal"
+    return f"{kind} {side} value. Expected a value {sign} {_number(limit)}, but got {_number(value)} instead."
+
+
+def _number(value: float) -> str:
+    """A number as the client's JSON would write it (2, not 2.0)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def closest(problems: Sequence[_Problem]) -> _Problem:

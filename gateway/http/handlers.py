@@ -19,6 +19,7 @@ from gateway.errors import (
     ServiceUnavailableError,
 )
 from gateway.http.observe import current_request_id, route_path
+from gateway.validation import describe
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +109,13 @@ def install_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first["loc"][1:]) or None
-        error = InvalidRequestError(f"Invalid request: {first['msg']}", param=param)
-        return error_response(error, request)
+        # FastAPI's locations start with where the field was (``body``); the client's path follows.
+        found = [{**error, "loc": tuple(error["loc"][1:])} for error in exc.errors()]
+        if not found or found[0]["type"] == "json_invalid" or not found[0]["loc"]:
+            message, param = "We could not parse the JSON body of your request. The body must be valid JSON.", None
+        else:
+            message, param = describe(found)
+        return error_response(InvalidRequestError(message, param=param), request)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)

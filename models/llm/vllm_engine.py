@@ -27,6 +27,7 @@ from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
 from models.llm.core_placement import BESIDE_WORKERS_AT, CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
+from models.llm.sampling_checks import check_sampling
 from models.log_handlers import handlers_kept
 
 if TYPE_CHECKING:
@@ -225,6 +226,7 @@ class VLLMEngine:
             if request.endpoint in _GENERATING:
                 _check_budget(request.endpoint, parsed)
                 _check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
+                check_sampling(parsed, _budget(request.endpoint, parsed))
                 _check_window(None, _budget(request.endpoint, parsed), serving.max_model_len, prompt_param)
             result = await call(parsed, create)
         except Exception as exc:  # vLLM signals client mistakes with exceptions too

@@ -149,6 +149,31 @@ def test_more_logprobs_than_the_engine_returns_names_the_field_and_value_sent(
     assert error["message"] == f"Invalid '{field}': {message}"
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "value", "message"),
+    [
+        (CHAT, "presence_penalty", -3, "decimal below minimum value. Expected a value >= -2, but got -3 instead."),
+        (CHAT, "frequency_penalty", 2.5, "decimal above maximum value. Expected a value <= 2, but got 2.5 instead."),
+        (CHAT, "temperature", 3, "decimal above maximum value. Expected a value <= 2, but got 3 instead."),
+        (COMPLETIONS, "top_p", 0, "decimal below minimum value. Expected a value > 0, but got 0 instead."),
+        (COMPLETIONS, "min_p", 1.5, "decimal above maximum value. Expected a value <= 1, but got 1.5 instead."),
+        (CHAT, "repetition_penalty", 0, "decimal below minimum value. Expected a value > 0, but got 0 instead."),
+        (CHAT, "top_k", -2, "integer below minimum value. Expected a value >= -1, but got -2 instead."),
+        (COMPLETIONS, "min_tokens", 3, "integer above maximum value. Expected a value <= 2, but got 3 instead. "
+         "It may not exceed the request's output budget."),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_sampling_field_out_of_range_is_named_in_openais_words(
+    http: httpx.Client, path: str, field: str, value: float, message: str, stream: bool
+) -> None:
+    """vLLM's own server names no field for a penalty, min_p, top_k or min_tokens out of range."""
+    prompt = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HELLO}
+    body = {"model": VLLM_MODEL, **prompt, "max_tokens": 2, field: value, "stream": stream}
+    error = assert_error(http.post(path, json=body), 400, None, field)
+    assert error["message"] == f"Invalid '{field}': {message}"
+
+
 def test_a_compressed_body_is_served_and_one_it_cannot_decode_is_415(http: httpx.Client) -> None:
     body = json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0}).encode()
     plain = http.post(CHAT, content=body, headers={"content-type": "application/json"})

@@ -134,8 +134,7 @@ def test_from_validation_bad_value_names_field_and_reason() -> None:
     error = InvalidRequestError.from_validation(_validation_error({"model": "m", "n": 0}))
 
     assert error.param == "n"
-    assert error.message.startswith("Invalid value for 'n': ")
-    assert "greater than or equal to 1" in error.message
+    assert error.message == "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead."
 
 
 def test_from_validation_top_level_error_has_no_param() -> None:

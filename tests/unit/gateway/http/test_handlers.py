@@ -111,7 +111,7 @@ async def test_validation_error_is_400_envelope(client: httpx.AsyncClient) -> No
     error = _error(response)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == "n"
-    assert "greater than or equal to 1" in error["message"]
+    assert error["message"] == "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead."
     assert "detail" not in response.json()
 
 
@@ -124,8 +124,14 @@ async def test_bad_bodies_are_400_never_422(client: httpx.AsyncClient, kwargs: d
     response = await client.post("/typed", **kwargs)
 
     assert response.status_code == 400
-    assert _error(response)["type"] == "invalid_request_error"
+    error = _error(response)
+    assert error["type"] == "invalid_request_error"
     assert "detail" not in response.json()
+    if "json" in kwargs:
+        assert (error["param"], error["message"]) == ("model", "Missing required parameter: 'model'.")
+    else:
+        assert (error["param"], error["message"]) == (None, "We could not parse the JSON body of your request. "
+                                                      "The body must be valid JSON.")
 
 
 async def test_good_body_passes(client: httpx.AsyncClient) -> None:

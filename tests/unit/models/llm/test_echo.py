@@ -286,17 +286,17 @@ async def test_prompt_longer_than_context_without_max_tokens_raises(engine: Echo
 @pytest.mark.parametrize(
     ("kind", "fields", "param", "message"),
     [
-        ("chat", {"n": 0}, "n", "Invalid value for 'n'"),
+        ("chat", {"n": 0}, "n", "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead."),
         ("chat", {"messages": None}, "messages", "Invalid type for 'messages': expected an array, but got null"),
         ("chat", {"messages": []}, "messages",
          "empty array. Expected an array with minimum length 1, but got an empty array"),
         ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role",
          "Invalid value for 'messages[0].role': 'robot'. Supported values are: "),
         ("chat", {"stream": "true"}, "stream", "Invalid type for 'stream': expected a boolean, but got a string"),
-        ("chat", {"temperature": 5}, "temperature", "less than or equal to 2"),
-        ("completion", {"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-        ("completion", {"logprobs": 9}, "logprobs", "less than or equal to 5"),
-        ("chat", {"logit_bias": {"5": 101}}, "logit_bias.5", "less than or equal to 100"),
+        ("chat", {"temperature": 5}, "temperature", "decimal above maximum value. Expected a value <= 2, but got 5 instead."),
+        ("completion", {"max_tokens": 0}, "max_tokens", "integer below minimum value. Expected a value >= 1, but got 0"),
+        ("completion", {"logprobs": 9}, "logprobs", "integer above maximum value. Expected a value <= 5, but got 9"),
+        ("chat", {"logit_bias": {"5": 101}}, "logit_bias.5", "decimal above maximum value. Expected a value <= 100"),
         ("completion", {"logit_bias": {"5": float("nan")}}, "logit_bias.5", "a finite number"),
     ],
 )

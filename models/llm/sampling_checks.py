@@ -1,0 +1,70 @@
+"""Sampling fields out of their range, refused in OpenAI's words and naming
+the field before vLLM sees them.
+
+vLLM checks these ranges too (``SamplingParams._verify_args``), but names
+the field for only some of them: a ``presence_penalty`` of -3 came back
+"presence_penalty must be in [-2, 2], got -3.0." with ``param`` null. Here
+every one is refused as OpenAI refuses a number out of range ("Invalid
+'presence_penalty': decimal below minimum value. Expected a value >= -2, but
+got -3 instead.", ``param`` the field), with the bounds vLLM applies.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from gateway.errors import InvalidRequestError
+from gateway.validation import out_of_bounds
+
+
+class Bounds(NamedTuple):
+    """A field's range: ``low``/``high`` None for no bound; ``open_low`` when
+    ``low`` itself is refused. An int bound marks an integer field."""
+
+    low: float | None
+    high: float | None
+    open_low: bool = False
+
+
+# vLLM's ranges (top_k: -1 or 0 turn it off).
+RANGES: dict[str, Bounds] = {
+    "temperature": Bounds(0.0, 2.0),
+    "top_p": Bounds(0.0, 1.0, open_low=True),
+    "presence_penalty": Bounds(-2.0, 2.0),
+    "frequency_penalty": Bounds(-2.0, 2.0),
+    "repetition_penalty": Bounds(0.0, None, open_low=True),
+    "min_p": Bounds(0.0, 1.0),
+    "top_k": Bounds(-1, None),
+    "min_tokens": Bounds(0, None),
+}
+
+
+def check_sampling(request: Any, budget: int | None) -> None:
+    """Refuses the first sampling field of ``request`` (vLLM-parsed, any
+    endpoint) that is out of its range, or a ``min_tokens`` above the output
+    ``budget``; fields the request lacks or left unset pass."""
+    for field, bounds in RANGES.items():
+        value = getattr(request, field, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check(field, value, bounds)
+    least = getattr(request, "min_tokens", None)
+    if isinstance(least, int) and budget is not None and least > budget:
+        raise InvalidRequestError(
+            f"Invalid 'min_tokens': {out_of_bounds(least, 'above maximum', '<=', budget)} "
+            "It may not exceed the request's output budget.",
+            param="min_tokens",
+        )
+
+
+def _check(field: str, value: float, bounds: Bounds) -> None:
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"Invalid '{field}': expected a finite number, but got {value} instead.", param=field)
+    low, high = bounds.low, bounds.high
+    if low is not None and (value < low or (bounds.open_low and value == low)):
+        words = out_of_bounds(value, "below minimum", ">" if bounds.open_low else ">=", low)
+    elif high is not None and value > high:
+        words = out_of_bounds(value, "above maximum", "<=", high)
+    else:
+        return
+    raise InvalidRequestError(f"Invalid '{field}': {words}", param=field)

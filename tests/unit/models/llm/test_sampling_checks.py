@@ -1,0 +1,73 @@
+"""Sampling fields out of vLLM's ranges, refused in OpenAI's words, on vLLM's own parsed requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequestError
+from models.llm.sampling_checks import check_sampling
+
+
+def _chat(**fields: Any) -> Any:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def _completion(**fields: Any) -> Any:
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return CompletionRequest.model_validate({"model": "m", "prompt": "hi", **fields})
+
+
+@pytest.mark.parametrize("parse", [_chat, _completion])
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("presence_penalty", -3, "decimal below minimum value. Expected a value >= -2, but got -3 instead."),
+        ("frequency_penalty", 2.25, "decimal above maximum value. Expected a value <= 2, but got 2.25 instead."),
+        ("temperature", -0.5, "decimal below minimum value. Expected a value >= 0, but got -0.5 instead."),
+        ("top_p", 0, "decimal below minimum value. Expected a value > 0, but got 0 instead."),
+        ("top_p", 1.01, "decimal above maximum value. Expected a value <= 1, but got 1.01 instead."),
+        ("min_p", -0.1, "decimal below minimum value. Expected a value >= 0, but got -0.1 instead."),
+        ("repetition_penalty", -1, "decimal below minimum value. Expected a value > 0, but got -1 instead."),
+        ("top_k", -5, "integer below minimum value. Expected a value >= -1, but got -5 instead."),
+        ("min_tokens", -1, "integer below minimum value. Expected a value >= 0, but got -1 instead."),
+    ],
+)
+def test_a_field_out_of_range_is_refused_naming_it(parse: Any, field: str, value: float, words: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_sampling(parse(**{field: value}), budget=16)
+    assert (caught.value.param, caught.value.message) == (field, f"Invalid '{field}': {words}")
+    assert caught.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"presence_penalty": -2, "frequency_penalty": 2, "temperature": 0, "top_p": 1, "min_p": 0},
+        {"temperature": 2.0, "top_k": -1, "repetition_penalty": 1.3, "min_tokens": 16},
+        {"top_k": 0, "min_p": 1, "min_tokens": 0},
+    ],
+)
+def test_values_at_or_inside_the_bounds_pass(fields: dict[str, Any]) -> None:
+    check_sampling(_chat(**fields), budget=16)
+
+
+def test_min_tokens_above_the_output_budget_is_refused() -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_sampling(_completion(min_tokens=9, max_tokens=8), budget=8)
+    assert caught.value.param == "min_tokens"
+    assert "Expected a value <= 8, but got 9 instead" in caught.value.message
+    check_sampling(_completion(min_tokens=9), budget=None)  # the window's rest: vLLM bounds it
+
+
+def test_a_number_that_is_not_finite_is_refused() -> None:
+    request = _chat()
+    request.presence_penalty = float("nan")
+    with pytest.raises(InvalidRequestError) as caught:
+        check_sampling(request, budget=None)
+    assert caught.value.param == "presence_penalty" and "finite" in caught.value.message
