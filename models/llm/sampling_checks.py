@@ -6,7 +6,9 @@ the field for only some of them: a ``presence_penalty`` of -3 came back
 "presence_penalty must be in [-2, 2], got -3.0." with ``param`` null. Here
 every one is refused as OpenAI refuses a number out of range ("Invalid
 'presence_penalty': decimal below minimum value. Expected a value >= -2, but
-got -3 instead.", ``param`` the field), with the bounds vLLM applies.
+got -3 instead.", ``param`` the field), with the bounds vLLM applies; an
+empty ``stop`` or ``bad_words`` string likewise ("stop cannot contain an
+empty string.", ``param`` null, from vLLM).
 """
 
 from __future__ import annotations
@@ -40,14 +42,21 @@ RANGES: dict[str, Bounds] = {
 }
 
 
+# String lists vLLM refuses an empty string in, naming no field.
+NON_EMPTY = ("stop", "bad_words")
+
+
 def check_sampling(request: Any, budget: int | None) -> None:
     """Refuses the first sampling field of ``request`` (vLLM-parsed, any
-    endpoint) that is out of its range, or a ``min_tokens`` above the output
-    ``budget``; fields the request lacks or left unset pass."""
+    endpoint) that is out of its range, an empty string in ``stop`` or
+    ``bad_words``, or a ``min_tokens`` above the output ``budget``; fields
+    the request lacks or left unset pass."""
     for field, bounds in RANGES.items():
         value = getattr(request, field, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             _check(field, value, bounds)
+    for field in NON_EMPTY:
+        _check_non_empty(field, getattr(request, field, None))
     least = getattr(request, "min_tokens", None)
     if isinstance(least, int) and budget is not None and least > budget:
         raise InvalidRequestError(
@@ -55,6 +64,20 @@ def check_sampling(request: Any, budget: int | None) -> None:
             "It may not exceed the request's output budget.",
             param="min_tokens",
         )
+
+
+def _check_non_empty(field: str, strings: object) -> None:
+    listed = [strings] if isinstance(strings, str) else strings
+    if not isinstance(listed, list):
+        return
+    for index, string in enumerate(listed):
+        if string == "":
+            where = field if isinstance(strings, str) else f"{field}[{index}]"
+            raise InvalidRequestError(
+                f"Invalid '{where}': string too short. Expected a string with minimum length 1, "
+                "but got an empty string instead.",
+                param=field,
+            )
 
 
 def _check(field: str, value: float, bounds: Bounds) -> None:

@@ -174,6 +174,27 @@ def test_a_sampling_field_out_of_range_is_named_in_openais_words(
     assert error["message"] == f"Invalid '{field}': {message}"
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "value", "where"),
+    [
+        (CHAT, "stop", "", "stop"),
+        (COMPLETIONS, "stop", ["\n", ""], "stop[1]"),
+        (CHAT, "bad_words", [""], "bad_words[0]"),
+    ],
+)
+def test_an_empty_stop_string_is_refused_naming_the_field(
+    http: httpx.Client, path: str, field: str, value: object, where: str
+) -> None:
+    """vLLM's own server says "stop cannot contain an empty string." with no `param`."""
+    prompt = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HELLO}
+    body = {"model": VLLM_MODEL, **prompt, "max_tokens": 2, field: value}
+    error = assert_error(http.post(path, json=body), 400, None, field)
+    assert error["message"] == (
+        f"Invalid '{where}': string too short. Expected a string with minimum length 1, "
+        "but got an empty string instead."
+    )
+
+
 def test_a_compressed_body_is_served_and_one_it_cannot_decode_is_415(http: httpx.Client) -> None:
     body = json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0}).encode()
     plain = http.post(CHAT, content=body, headers={"content-type": "application/json"})

@@ -71,3 +71,23 @@ def test_a_number_that_is_not_finite_is_refused() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         check_sampling(request, budget=None)
     assert caught.value.param == "presence_penalty" and "finite" in caught.value.message
+
+
+@pytest.mark.parametrize("parse", [_chat, _completion])
+@pytest.mark.parametrize(
+    ("field", "value", "where"),
+    [("stop", "", "stop"), ("stop", ["end", ""], "stop[1]"), ("bad_words", [""], "bad_words[0]")],
+)
+def test_an_empty_stop_or_bad_word_is_refused_naming_it(parse: Any, field: str, value: Any, where: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_sampling(parse(**{field: value}), budget=16)
+    expected = (
+        f"Invalid '{where}': string too short. Expected a string with minimum length 1, "
+        "but got an empty string instead."
+    )
+    assert (caught.value.param, caught.value.message) == (field, expected)
+
+
+@pytest.mark.parametrize("fields", [{"stop": "end"}, {"stop": ["a", "b"], "bad_words": ["x"]}, {"stop": None}])
+def test_stop_strings_and_bad_words_with_text_pass(fields: dict[str, Any]) -> None:
+    check_sampling(_completion(**fields), budget=16)
