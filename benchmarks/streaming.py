@@ -32,8 +32,9 @@ concurrency 1 and requests/s at concurrency 32.
 that the handoff is measured against the relay in the same rounds.
 
 ``--gateway-engine-core`` sets the gateway model's ``engine_core_cpus``
-(``auto``: beside its worker while two or more requests generate; ``workers``:
-always; ``vllm``: where vLLM puts it), and ``--direct-engine-core pinned``
+(``auto``: beside its worker or where vLLM puts it, whichever it measures
+faster at the load it runs; ``workers``: always beside; ``vllm``: where vLLM
+puts it), and ``--direct-engine-core pinned``
 moves the engine core of vLLM's own server beside its worker for good.
 ``--compare-engine-core MODE`` adds a gateway whose model has
 ``engine_core_cpus: MODE`` to the rounds (``core-MODE``), so that a placement

@@ -22,7 +22,8 @@ can go instead: onto its workers' CPUs, where, without asynchronous scheduling
 requests the CPU left over is mostly idle, and the engine core's I/O threads
 (each step's outputs serialized and sent) run there beside the workers' next
 step rather than taking turns with it: the model replica moves the engine core
-by how many requests are generating (``models.llm.core_placement``).
+to whichever place it measures making tokens faster at the load it runs
+(``models.llm.core_placement``).
 
 Linux only (``/proc``, ``os.sched_setaffinity``); elsewhere nothing is pinned or lowered.
 """

@@ -107,9 +107,11 @@ class VLLMModelConfig(LLMModelConfig):
         "CPUs, since the one left over also runs the gateway's own processes, behind which "
         "the scheduler would queue while its workers wait for it (on 2 vCPUs: 1.5-1.8x the "
         "tokens/s at 32 streams). `vllm`: where vLLM leaves it, free to run on every CPU "
-        "(faster for a single request: about 1.2x its tokens/s). `auto` (default): on the "
-        "workers' CPUs while two or more requests generate, else where vLLM leaves it. On "
-        "other hosts it stays where vLLM leaves it.",
+        "(faster for a single request: about 1.2x its tokens/s). `auto` (default): where vLLM "
+        "leaves it while one request generates; with more, in whichever of the two places "
+        "made tokens faster at that load, measured in half-second windows and re-checked "
+        "one window in eight (which wins from how many streams on differs between hosts). "
+        "On other hosts it stays where vLLM leaves it.",
     )
     engine_args: dict[str, str | int | float | bool] = Field(
         default_factory=dict,

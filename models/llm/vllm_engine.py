@@ -24,7 +24,7 @@ from gateway.affinity import engine_core_placement
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
 from gateway.protocol.extras import check_fields
 from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
-from models.llm.core_placement import BESIDE_WORKERS_AT, CorePlacer
+from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.sampling_checks import check_sampling
@@ -99,7 +99,7 @@ class VLLMEngine:
         mode = self._config.engine_core_cpus
         if mode != "vllm" and (placement := engine_core_placement(os.getpid())) is not None:
             self._placer = CorePlacer(placement, mode)
-            when = "always" if mode == "workers" else f"while {BESIDE_WORKERS_AT} or more requests generate"
+            when = "always" if mode == "workers" else "while that measures faster at the load it runs"
             logger.info(
                 "%s: vLLM's engine core runs on its workers' CPUs %s %s",
                 self._config.name, sorted(placement.workers), when,

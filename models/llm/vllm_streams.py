@@ -37,7 +37,7 @@ async def count(
     it keeps them, else from arrival here. A final-only output spreads its
     tokens evenly between the first and the last token's times. ``placer``,
     when given, counts the request as generating from the first read on
-    until the outputs end or are closed.
+    until the outputs end or are closed, and learns its tokens as they pass.
     """
     cumulative: dict[int, int] = {}  # per sequence, for outputs that repeat earlier tokens
     last_ts: float | None = None
@@ -60,6 +60,8 @@ async def count(
                 # at a ``yield`` (its reader stopped) ends only once collected.
                 tally.completion_tokens += new
                 last_ts = _time_tokens(tally, output.metrics, new, last_ts)
+                if placer is not None:
+                    placer.produced(new)
             yield output
     finally:
         if placer is not None:

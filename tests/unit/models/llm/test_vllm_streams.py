@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gateway.metrics.families import ITL_BUCKETS
-from models.llm.core_placement import BESIDE_WORKERS_AT, CorePlacer
+from models.llm.core_placement import CorePlacer
 from models.llm.tally import GenerationTally
 from gateway.errors import GatewayError
 from models.llm.vllm_streams import count, messages_converter, named_events
@@ -104,7 +104,15 @@ async def test_a_request_generates_from_its_first_read_until_its_end_or_close() 
     assert placer.generating == 0
     await unread.aclose()
     assert placer.generating == 0
-    assert placement.moves == (["beside", "left"] if BESIDE_WORKERS_AT <= 2 else [])
+
+
+async def test_the_placer_learns_each_requests_tokens_as_they_pass() -> None:
+    learned: list[int] = []
+    placer = CorePlacer(Recorded(), "auto")
+    placer.produced = learned.append  # type: ignore[method-assign]
+    tally = GenerationTally()
+    await drain(count(source([output([1, 2]), output([]), output([3])]), tally, True, placer))
+    assert learned == [3, 3] and tally.completion_tokens == 6  # two sequences' tokens, then none, then one's
 
 
 async def test_tokens_are_counted_as_they_pass_not_when_the_stream_is_closed() -> None:
