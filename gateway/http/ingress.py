@@ -21,6 +21,7 @@ from gateway.http.front_door import FrontDoor, own_front_door, serve_http_host
 from gateway.http.origin import is_loopback
 from gateway.http.state import GatewayState
 from gateway.metrics.hub import MetricsReporter, replica_source
+from gateway.replica_logs import to_stderr
 
 # The longest a new ingress replica waits for its models' replicas to be known before it takes clients.
 WARM_UP_S = 10.0
@@ -35,6 +36,7 @@ class GatewayIngress:
         # set on the instance: the garbage collector looks for ``__del__`` on the
         # class only, so it never makes a coroutine that no one awaits.
         self.__del__ = self.stop
+        to_stderr()
         self._bound = dict(handles) if handles is not None else None
         self._front_door: FrontDoor | None = None
         self._front_door_checked = False

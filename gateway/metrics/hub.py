@@ -36,6 +36,7 @@ from gateway.metrics.engine_pages import EnginePages
 from gateway.metrics.engine_text import relabel
 from gateway.metrics.families import FAMILIES
 from gateway.metrics.registry import Snapshot, merge, render, without_gauges
+from gateway.replica_logs import to_stderr
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class MetricsHub:
     """A Serve deployment class (made a deployment in ``gateway.app``)."""
 
     def __init__(self) -> None:
+        to_stderr()
         self._live: dict[str, tuple[Snapshot, float]] = {}
         self._gone: dict[str, Snapshot] = {}
         self._engines = EnginePages(STALE_S)

@@ -19,6 +19,7 @@ from gateway.affinity import unpin_self
 from gateway.errors import GatewayError, InternalServerError
 from gateway.heap_freeze import freeze_in_replica
 from gateway.protocol.engine import Outcome, Reply
+from gateway.replica_logs import to_stderr
 from models.classical.endpoints import Job, parse
 from models.classical.heap import HeapTrimmer
 from models.classical.predictor import Predictor, load_predictor
@@ -43,6 +44,7 @@ class ClassicalServer:
     async def __init__(  # type: ignore[misc]
         self, config: ClassicalModelConfig, predictor: Predictor | None = None
     ) -> None:
+        to_stderr()
         logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
         unpin_self()  # see gateway.affinity: models compute on every CPU
         self._config = config

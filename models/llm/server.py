@@ -20,6 +20,7 @@ from gateway.deploy import INGRESS_NAME
 from gateway.metrics.hub import replica_source
 from gateway.protocol import relay
 from gateway.protocol.engine import Outcome, Reply
+from gateway.replica_logs import to_stderr
 from models.llm.engine import ENGINE_DEAD, EngineInfo, LLMEngine, make_engine
 from models.llm.relay import StreamServer
 from models.llm.stored import StoredResponses
@@ -80,6 +81,7 @@ class LLMServer:
         # instance so that the garbage collector, which looks on the class,
         # never makes a coroutine no one awaits.
         self.__del__ = self.stop
+        to_stderr()
         logging.getLogger("ray.serve").addFilter(ClientErrorFilter())
         unpin_self()  # see gateway.affinity: the engine decides where it computes
         self._config = config

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -274,3 +276,25 @@ async def test_server_errors_are_logged_under_the_id_the_client_got(gateway: Gat
     assert {(line["status"], line["error"]) for line in errors} == {(503, "overloaded")}
     logged = {line["request_id"]: line for line in wait_for_log(failed)}
     assert {line["status"] for line in logged.values()} == {503}
+
+
+def test_the_replicas_own_log_lines_reach_their_stderr(gateway: Gateway) -> None:
+    """A line the gateway's code logs at INFO inside a replica (the vLLM
+    model ready, with the port its streams use; the ingress's routing table)
+    is in the replica's stderr, which Ray keeps in the worker's ``.err`` file
+    and ``llm-gateway serve`` prints; before, such lines went nowhere."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path(), "logs")  # type: ignore[attr-defined]
+    wanted = {
+        "model": re.compile(rf"^INFO .* models\.llm\.server: {re.escape(VLLM_MODEL)} ready \(streams on [\d.]+:\d+\)$"),
+        "ingress": re.compile(r"^INFO .* gateway\.http\.state: serving \d+ models, \d+ routes, \d+ API keys$"),
+    }
+    found = {
+        name
+        for err in logs.glob("worker-*.err")
+        for line in err.read_text(errors="replace").splitlines()
+        for name, pattern in wanted.items()
+        if pattern.match(line)
+    }
+    assert found == set(wanted)
