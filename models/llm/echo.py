@@ -32,6 +32,7 @@ from models.llm import echo_messages as anthropic
 from models.llm import echo_render as render
 from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of
+from models.llm.sampling_checks import check_budget_fits
 
 if TYPE_CHECKING:
     from gateway.config import EchoModelConfig
@@ -140,7 +141,7 @@ class EchoEngine:
         req = _validated(responses.EchoResponsesRequest, request.body)
         turns = responses.conversation(req, responses.previous_of(req, self._stored))
         asked = [text for role, text in responses.turns_of(req.input) if role == "user"]
-        budget = self._budget(_words(turns), req.max_output_tokens, "input")
+        budget = self._budget(_words(turns), req.max_output_tokens, "input", "max_output_tokens")
         return req, turns, render.answer(asked[-1] if asked else "", budget, None)
 
     async def _respond(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
@@ -239,7 +240,8 @@ class EchoEngine:
         prompt = sum(len(t.split()) for t in texts)
         user_texts = [render.text_of(m.content) for m in req.messages if m.role == "user"]
         reply = user_texts[-1] if user_texts else ""
-        budget = self._budget(prompt, req.output_budget, "messages")
+        field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+        budget = self._budget(prompt, req.output_budget, "messages", field)
         answer = render.answer(reply, budget, req.stop)
         return render.EchoPlan(
             kind="chat",
@@ -272,7 +274,10 @@ class EchoEngine:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
 
-    def _budget(self, prompt_tokens: int, requested: int | None, param: str) -> int:
+    def _budget(self, prompt_tokens: int, requested: int | None, param: str, field: str = "max_tokens") -> int:
+        """The answer's most tokens: ``requested`` (sent as ``field``) if the
+        window holds it after the ``param``'s ``prompt_tokens``, else refused."""
+        check_budget_fits(field, requested, self._max_model_len)
         if requested is None:
             if prompt_tokens >= self._max_model_len:
                 raise ContextLengthExceededError(

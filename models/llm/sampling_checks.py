@@ -8,7 +8,11 @@ every one is refused as OpenAI refuses a number out of range ("Invalid
 'presence_penalty': decimal below minimum value. Expected a value >= -2, but
 got -3 instead.", ``param`` the field), with the bounds vLLM applies; an
 empty ``stop`` or ``bad_words`` string likewise ("stop cannot contain an
-empty string.", ``param`` null, from vLLM).
+empty string.", ``param`` null, from vLLM); and an output budget larger
+than the model's context window, as OpenAI refuses one above a model's
+most ("max_tokens is too large: 5000. This model supports at most 2048
+completion tokens, whereas you provided 5000.", ``param`` the field sent),
+where vLLM said it of its own ``max_tokens`` whichever field was sent.
 """
 
 from __future__ import annotations
@@ -91,3 +95,18 @@ def _check(field: str, value: float, bounds: Bounds) -> None:
     else:
         return
     raise InvalidRequestError(f"Invalid '{field}': {words}", param=field)
+
+
+def check_budget_fits(field: str, budget: int | None, most: int) -> None:
+    """Refuses an output ``budget`` (sent as ``field``: ``max_tokens``,
+    ``max_completion_tokens``, ``max_output_tokens``) above ``most``, the
+    model's context window, whatever the prompt: no shorter prompt makes it fit."""
+    if budget is None or budget <= most:
+        return
+    output = "output" if field == "max_output_tokens" else "completion"
+    raise InvalidRequestError(
+        f"{field} is too large: {budget}. This model supports at most {most} {output} tokens, "
+        f"whereas you provided {budget}.",
+        param=field,
+        code="invalid_value",
+    )

@@ -27,7 +27,7 @@ from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
-from models.llm.sampling_checks import check_sampling
+from models.llm.sampling_checks import check_budget_fits, check_sampling
 from models.log_handlers import handlers_kept
 
 if TYPE_CHECKING:
@@ -226,8 +226,8 @@ class VLLMEngine:
             if request.endpoint in _GENERATING:
                 _check_budget(request.endpoint, parsed)
                 _check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
+                check_budget_fits(*_budget_field(request.endpoint, parsed), serving.max_model_len)
                 check_sampling(parsed, _budget(request.endpoint, parsed))
-                _check_window(None, _budget(request.endpoint, parsed), serving.max_model_len, prompt_param)
             result = await call(parsed, create)
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
             raise vllm_errors.map_exception(exc, prompt_param) from None
@@ -334,21 +334,16 @@ def _check_logprobs(endpoint: str, request: Any, most: int) -> None:
 _GENERATING = frozenset({"chat", "completion", "responses", "messages"})
 
 
-def _check_window(prompt: int | None, budget: int | None, limit: int, param: str) -> None:
-    """Refuses prompt + output budget beyond the context window (``prompt``
-    None: the budget alone, checked before the prompt is rendered; vLLM
-    refuses that too, but names only its own parameter)."""
-    if budget is None or (prompt or 0) + budget <= limit:
+def _check_window(prompt: int, budget: int | None, limit: int, param: str) -> None:
+    """Refuses prompt + output budget beyond the context window (a budget
+    beyond it alone was refused before the prompt was rendered)."""
+    if budget is None or prompt + budget <= limit:
         return
     output = "output" if param == "input" else "completion"
-    if prompt is None:
-        asked, reduce = f"{budget} tokens in the {output} alone", output
-    else:
-        asked = f"{prompt + budget} tokens ({prompt} in the {param}, {budget} in the {output})"
-        reduce = f"{param} or {output}"
     raise ContextLengthExceededError(
         f"This model's maximum context length is {limit} tokens. However, you requested "
-        f"{asked}. Please reduce the length of the {reduce}.",
+        f"{prompt + budget} tokens ({prompt} in the {param}, {budget} in the {output}). "
+        f"Please reduce the length of the {param} or {output}.",
         param=param,
     )
 

@@ -264,18 +264,39 @@ def test_completion_over_context_is_400(http: httpx.Client, stream: bool) -> Non
     assert_error(http.post(COMPLETIONS, json=body), 400, "context_length_exceeded", "prompt")
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"messages": [{"role": "user", "content": "word " * 2000}], "max_tokens": 1},
-        {"messages": HELLO, "max_tokens": VLLM_CONTEXT + 10},
-    ],
-    ids=["prompt-alone-too-long", "max-tokens-over-context"],
-)
-def test_vllm_context_refusals_are_context_length_exceeded(http: httpx.Client, body: dict) -> None:
+def test_a_prompt_alone_too_long_is_context_length_exceeded(http: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": "word " * 2000}], "max_tokens": 1}
     for stream in (False, True):
         response = http.post(CHAT, json={"model": VLLM_MODEL, "stream": stream, **body})
-        assert_error(response, 400, "context_length_exceeded")
+        assert_error(response, 400, "context_length_exceeded", "messages")
+
+
+@pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [(CHAT, "max_tokens"), (CHAT, "max_completion_tokens"), (COMPLETIONS, "max_tokens")],
+)
+def test_an_output_budget_beyond_the_window_is_too_large_naming_the_field(
+    http: httpx.Client, client: openai.OpenAI, model: str, path: str, field: str
+) -> None:
+    """As OpenAI answers a budget above a model's most: no shorter prompt
+    would make it fit, so not `context_length_exceeded` (a client that
+    trims its history on that code would trim in vain), and the field the
+    client sent, where vLLM's own server names its `max_tokens` for
+    `max_completion_tokens` and the gateway named the prompt."""
+    context = VLLM_CONTEXT if model == VLLM_MODEL else ECHO_CONTEXT
+    prompt = {"messages": HELLO} if path == CHAT else {"prompt": "Hello"}
+    for stream in (False, True):
+        body = {"model": model, "stream": stream, field: context + 10, **prompt}
+        error = assert_error(http.post(path, json=body), 400, "invalid_value", field)
+        assert error["message"] == (
+            f"{field} is too large: {context + 10}. This model supports at most {context} completion tokens, "
+            f"whereas you provided {context + 10}."
+        )
+    if path == CHAT:
+        with pytest.raises(openai.BadRequestError) as caught:  # at the call, also for a stream
+            client.chat.completions.create(model=model, messages=HELLO, stream=True, **{field: context + 10})
+        assert (caught.value.code, caught.value.param) == ("invalid_value", field)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -333,10 +354,10 @@ def test_a_stream_the_engine_refuses_before_generating_is_an_http_400(
 
 def test_sdk_raises_bad_request_without_retrying(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT * 2)
+        client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT)
     assert caught.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT * 2, stream=True)
+        client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT, stream=True)
     assert caught.value.code == "context_length_exceeded"
 
 

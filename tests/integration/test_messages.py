@@ -81,6 +81,11 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
         claude.messages.create(model=VLLM_MODEL, messages=ASK, max_tokens=VLLM_CONTEXT - 2, stream=True)
     assert too_long.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     assert "maximum context length" in too_long.value.body["error"]["message"]  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError) as too_large:  # no shorter prompt would make it fit
+        claude.messages.create(model=VLLM_MODEL, messages=ASK, max_tokens=VLLM_CONTEXT + 1)
+    assert too_large.value.body["error"]["message"].startswith(  # type: ignore[index]
+        f"max_tokens is too large: {VLLM_CONTEXT + 1}. This model supports at most {VLLM_CONTEXT} completion tokens"
+    )
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(model="minilm", messages=ASK, max_tokens=4)
     for body in ({"model": VLLM_MODEL, "messages": ASK}, {"model": VLLM_MODEL, "max_tokens": 4, "stream": "yes"}, [1]):

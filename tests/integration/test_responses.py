@@ -90,10 +90,14 @@ def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:
         answer = http.post("/v1/responses", json=body)
         return answer.status_code, answer.json()["error"]
 
-    status, body = error({"model": VLLM_MODEL, "input": PROMPT, "max_output_tokens": VLLM_CONTEXT * 2})
+    status, body = error({"model": VLLM_MODEL, "input": PROMPT, "max_output_tokens": VLLM_CONTEXT})
     assert (status, body["code"], body["param"]) == (400, "context_length_exceeded", "input")
-    status, body = error({"model": VLLM_MODEL, "input": PROMPT, "max_output_tokens": VLLM_CONTEXT * 2, "stream": True})
+    status, body = error({"model": VLLM_MODEL, "input": PROMPT, "max_output_tokens": VLLM_CONTEXT, "stream": True})
     assert (status, body["code"]) == (400, "context_length_exceeded")  # before the stream starts
+    for stream in (False, True):  # no input is short enough for it
+        ask = {"model": VLLM_MODEL, "input": PROMPT, "max_output_tokens": VLLM_CONTEXT * 2, "stream": stream}
+        status, body = error(ask)
+        assert (status, body["code"], body["param"]) == (400, "invalid_value", "max_output_tokens")
     status, body = error({"model": "iris", "input": PROMPT})
     assert (status, body["code"], body["param"]) == (404, "model_not_supported", "model")
     status, body = error({"model": "minilm", "input": PROMPT})

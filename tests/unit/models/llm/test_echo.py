@@ -266,6 +266,20 @@ async def test_context_overflow_raises_before_any_stream(engine: EchoEngine, kin
     assert engine.num_unfinished_requests() == 0
 
 
+@pytest.mark.parametrize(
+    ("kind", "field"), [("chat", "max_tokens"), ("chat", "max_completion_tokens"), ("completion", "max_tokens")]
+)
+async def test_a_budget_beyond_the_window_alone_is_refused_naming_its_field(
+    engine: EchoEngine, kind: str, field: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        await engine.complete(_request(kind, **{field: CONTEXT + 1}), GenerationTally())
+
+    error = info.value
+    assert (error.param, error.code, error.status_code) == (field, "invalid_value", 400)
+    assert error.message.startswith(f"{field} is too large: {CONTEXT + 1}. This model supports at most {CONTEXT}")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_prompt_plus_max_tokens_exactly_at_context_fits(engine: EchoEngine, kind: str) -> None:
     body = await _json(engine, _request(kind, max_tokens=CONTEXT - len(WORDS)))

@@ -92,4 +92,8 @@ async def test_an_unstored_response_is_not_kept_and_bad_requests_are_refused(eng
     assert caught.value.param == "max_output_tokens"
     with pytest.raises(ContextLengthExceededError):
         await engine.complete(create(input="word " * 70), GenerationTally())
+    with pytest.raises(InvalidRequestError) as caught:  # no input is short enough for it
+        await engine.complete(create(max_output_tokens=65), GenerationTally())
+    assert (caught.value.param, caught.value.code) == ("max_output_tokens", "invalid_value")
+    assert "at most 64 output tokens" in caught.value.message
     assert await engine.most_tokens(create(max_output_tokens=3)) == 4 + 3

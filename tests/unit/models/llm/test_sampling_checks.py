@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import InvalidRequestError
-from models.llm.sampling_checks import check_sampling
+from models.llm.sampling_checks import check_budget_fits, check_sampling
 
 
 def _chat(**fields: Any) -> Any:
@@ -63,6 +63,24 @@ def test_min_tokens_above_the_output_budget_is_refused() -> None:
     assert caught.value.param == "min_tokens"
     assert "Expected a value <= 8, but got 9 instead" in caught.value.message
     check_sampling(_completion(min_tokens=9), budget=None)  # the window's rest: vLLM bounds it
+
+
+@pytest.mark.parametrize(
+    ("field", "output"),
+    [("max_tokens", "completion"), ("max_completion_tokens", "completion"), ("max_output_tokens", "output")],
+)
+def test_an_output_budget_beyond_the_window_is_refused_naming_the_field_sent(field: str, output: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_budget_fits(field, 5000, most=2048)
+    assert (caught.value.param, caught.value.code, caught.value.status_code) == (field, "invalid_value", 400)
+    assert caught.value.message == (
+        f"{field} is too large: 5000. This model supports at most 2048 {output} tokens, whereas you provided 5000."
+    )
+
+
+def test_an_output_budget_within_the_window_or_unset_passes() -> None:
+    check_budget_fits("max_tokens", 2048, most=2048)  # the prompt's share is checked once it is rendered
+    check_budget_fits("max_tokens", None, most=2048)
 
 
 def test_a_number_that_is_not_finite_is_refused() -> None:
