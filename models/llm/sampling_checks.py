@@ -8,7 +8,9 @@ every one is refused as OpenAI refuses a number out of range ("Invalid
 'presence_penalty': decimal below minimum value. Expected a value >= -2, but
 got -3 instead.", ``param`` the field), with the bounds vLLM applies; an
 empty ``stop`` or ``bad_words`` string likewise ("stop cannot contain an
-empty string.", ``param`` null, from vLLM); and an output budget larger
+empty string.", ``param`` null, from vLLM); several choices at a greedy
+temperature, naming ``n`` ("n must be 1 when using greedy sampling, got
+2.", ``param`` null, from vLLM); and an output budget larger
 than the model's context window, as OpenAI refuses one above a model's
 most ("max_tokens is too large: 5000. This model supports at most 2048
 completion tokens, whereas you provided 5000.", ``param`` the field sent),
@@ -61,12 +63,31 @@ def check_sampling(request: Any, budget: int | None) -> None:
             _check(field, value, bounds)
     for field in NON_EMPTY:
         _check_non_empty(field, getattr(request, field, None))
+    _check_choices(request)
     least = getattr(request, "min_tokens", None)
     if isinstance(least, int) and budget is not None and least > budget:
         raise InvalidRequestError(
             f"Invalid 'min_tokens': {out_of_bounds(least, 'above maximum', '<=', budget)} "
             "It may not exceed the request's output budget.",
             param="min_tokens",
+        )
+
+
+# vLLM's greedy sampling: a temperature below this picks the likeliest token.
+GREEDY_BELOW = 1e-5
+
+
+def _check_choices(request: Any) -> None:
+    """Refuses several choices at a greedy temperature, naming ``n``: vLLM
+    makes one greedy answer (beam search aside) and refused with no field."""
+    n, temperature = getattr(request, "n", None), getattr(request, "temperature", None)
+    if not isinstance(n, int) or n <= 1 or getattr(request, "use_beam_search", False):
+        return
+    if isinstance(temperature, (int, float)) and temperature < GREEDY_BELOW:
+        raise InvalidRequestError(
+            f"Invalid 'n': {n} choices were asked for at temperature {temperature:g}, where the engine samples "
+            "greedily and makes one. Ask for one choice, or set a temperature above 0.",
+            param="n",
         )
 
 

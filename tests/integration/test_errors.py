@@ -195,6 +195,19 @@ def test_an_empty_stop_string_is_refused_naming_the_field(
     )
 
 
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+@pytest.mark.parametrize("stream", [False, True])
+def test_several_choices_at_temperature_zero_are_refused_naming_n(http: httpx.Client, path: str, stream: bool) -> None:
+    """vLLM samples greedily at temperature 0 and makes one choice; its own
+    server says "n must be 1 when using greedy sampling, got 2." with no `param`."""
+    prompt = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HELLO}
+    body = {"model": VLLM_MODEL, **prompt, "max_tokens": 2, "n": 2, "temperature": 0, "stream": stream}
+    error = assert_error(http.post(path, json=body), 400, None, "n")
+    assert error["message"].startswith("Invalid 'n': 2 choices were asked for at temperature 0,")
+    answer = http.post(path, json={**body, "stream": False, "temperature": 0.5}).json()
+    assert [choice["index"] for choice in answer["choices"]] == [0, 1]
+
+
 def test_a_compressed_body_is_served_and_one_it_cannot_decode_is_415(http: httpx.Client) -> None:
     body = json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0}).encode()
     plain = http.post(CHAT, content=body, headers={"content-type": "application/json"})

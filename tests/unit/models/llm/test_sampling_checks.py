@@ -65,6 +65,18 @@ def test_min_tokens_above_the_output_budget_is_refused() -> None:
     check_sampling(_completion(min_tokens=9), budget=None)  # the window's rest: vLLM bounds it
 
 
+@pytest.mark.parametrize("parse", [_chat, _completion])
+def test_several_choices_at_a_greedy_temperature_are_refused_naming_n(parse: Any) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_sampling(parse(n=3, temperature=0), budget=None)
+    assert caught.value.param == "n"
+    assert caught.value.message.startswith("Invalid 'n': 3 choices were asked for at temperature 0,")
+    check_sampling(parse(n=3, temperature=0.7), budget=None)
+    check_sampling(parse(n=1, temperature=0), budget=None)
+    check_sampling(parse(n=3), budget=None)  # the model's default temperature: vLLM's to judge
+    check_sampling(parse(n=3, temperature=0, use_beam_search=True), budget=None)  # beam search makes n
+
+
 @pytest.mark.parametrize(
     ("field", "output"),
     [("max_tokens", "completion"), ("max_completion_tokens", "completion"), ("max_output_tokens", "output")],
