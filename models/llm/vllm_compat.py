@@ -83,6 +83,8 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest", ()),
     ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest", ()),
     ("vllm.entrypoints.anthropic.protocol", "AnthropicCountTokensRequest", ()),
+    ("vllm.utils.mistral", "is_mistral_tokenizer", ("obj",)),
+    ("vllm.parser.abstract_parser", "Parser.tool_parser_cls", ()),
 )
 
 # Request fields the gateway sets or reads, per vLLM request schema.
@@ -106,6 +108,8 @@ SCHEMA_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 INSTANCE_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (_RESPONSES, "OpenAIServingResponses", ("response_store", "msg_store", "event_store", "background_tasks")),
     (_ANTHROPIC, "AnthropicServingMessages", ("_merge_inline_system",)),
+    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat", ("online_renderer",)),
+    ("vllm.renderers.online_renderer", "OnlineRenderer", ("renderer", "parser", "use_harmony")),
 )
 
 # Where ``init_app_state`` leaves each serving object, by the gateway's endpoint.
@@ -399,6 +403,18 @@ def forget_response(serving: Serving, response_id: str) -> None:
     if responses is not None:
         for store in (responses.response_store, responses.msg_store, responses.event_store):
             store.pop(response_id, None)
+
+
+def calls_tools(serving: Serving) -> bool:
+    """Whether the model makes tool calls, as vLLM's renderer decides it: with
+    a tool-call parser, a Mistral tokenizer, or as a gpt-oss (harmony) model."""
+    from vllm.utils.mistral import is_mistral_tokenizer
+
+    renderer = serving.chat.online_renderer
+    parser = renderer.parser
+    if parser is not None and parser.tool_parser_cls is not None:
+        return True
+    return bool(renderer.use_harmony) or is_mistral_tokenizer(renderer.renderer.tokenizer)
 
 
 def tokenizer_spec(serving: Serving) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.sampling_checks import check_budget_fits, check_sampling
+from models.llm.tool_checks import check_tool_calls
 from models.log_handlers import handlers_kept
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class VLLMEngine:
         self._reaper: EngineReaper | None = None
         self._tokenizer_spec: dict[str, Any] | None = None
         self._placer: CorePlacer | None = None
+        self._calls_tools = True  # as vLLM's renderer finds once started (vllm_compat.calls_tools)
 
     @property
     def _vllm(self) -> vllm_compat.Serving:
@@ -96,6 +98,7 @@ class VLLMEngine:
         # vLLM's processes end with this replica even where Ray's raylet cannot end them (models.llm.engine_reaper).
         self._reaper = reaper_for_children()
         vllm_compat.guard_renders(self._serving, self._check_rendered)
+        self._calls_tools = self._serving.chat is None or vllm_compat.calls_tools(self._serving)
         mode = self._config.engine_core_cpus
         if mode != "vllm" and (placement := engine_core_placement(os.getpid())) is not None:
             self._placer = CorePlacer(placement, mode)
@@ -228,6 +231,7 @@ class VLLMEngine:
                 _check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
                 check_budget_fits(*_budget_field(request.endpoint, parsed), serving.max_model_len)
                 check_sampling(parsed, _budget(request.endpoint, parsed))
+                check_tool_calls(request.endpoint, request.body, parsed, self._config.name, self._calls_tools)
             result = await call(parsed, create)
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
             raise vllm_errors.map_exception(exc, prompt_param) from None

@@ -1,0 +1,50 @@
+"""Tool calls asked of a model that cannot make them: refused naming the field,
+in the words of the gateway's configuration.
+
+vLLM makes tool calls with a tool-call parser (a model's ``tool_call_parser``
+in the gateway's configuration), or without one for a Mistral tokenizer or a
+gpt-oss (harmony) model. Without it, vLLM refuses a ``tool_choice`` that asks
+for calls ("auto", the default with ``tools``; "required"; a named tool) in
+its command line's words, naming no field: '"auto" tool choice requires
+--enable-auto-tool-choice and --tool-call-parser to be set', flags a client
+never sees and a gateway's operator does not set. Here such a request is
+refused before vLLM sees it, naming ``tool_choice`` (``tools`` when the
+client left the choice to the default) and the setting that would serve it.
+A ``tool_choice`` of "none" is served as vLLM serves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.errors import InvalidRequestError
+
+
+def asks_for_calls(endpoint: str, request: Any) -> bool:
+    """Whether ``request`` (vLLM-parsed) asks the model to call tools: chat's
+    ``tool_choice`` other than "none" (vLLM's schema makes it "auto" when
+    ``tools`` come without one); the Messages API's ``tools`` with a choice
+    that is not ``{"type": "none"}``."""
+    if endpoint == "chat":
+        return getattr(request, "tool_choice", None) not in (None, "none")
+    if endpoint == "messages":
+        choice = getattr(request, "tool_choice", None)
+        return bool(getattr(request, "tools", None)) and getattr(choice, "type", None) != "none"
+    return False
+
+
+def check_tool_calls(endpoint: str, body: Mapping[str, Any], request: Any, model: str, calls_tools: bool) -> None:
+    """Refuses (400, ``unsupported_parameter``) a request that asks for tool
+    calls of a model that cannot make them (``calls_tools`` False)."""
+    if calls_tools or not asks_for_calls(endpoint, request):
+        return
+    field = "tool_choice" if body.get("tool_choice") is not None else "tools"
+    none = '{"type": "none"}' if endpoint == "messages" else '"none"'
+    raise InvalidRequestError(
+        f"Unsupported parameter: '{field}': the model `{model}` is not set up to call tools (its "
+        f"`tool_call_parser` is not set in the gateway's configuration). Send `tool_choice` {none} "
+        "to give it the tools without calls.",
+        param=field,
+        code="unsupported_parameter",
+    )

@@ -1,0 +1,80 @@
+"""Tool calls asked of a model that cannot make them, on vLLM's own parsed requests."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequestError
+from models.llm import vllm_compat
+from models.llm.tool_checks import check_tool_calls
+
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+CLAUDE_TOOL = {"name": "weather", "input_schema": {"type": "object", "properties": {}}}
+
+
+def _chat(**fields: Any) -> tuple[dict[str, Any], Any]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return body, ChatCompletionRequest.model_validate(dict(body))  # vLLM fills in its copy, as in the engine
+
+
+def _messages(**fields: Any) -> tuple[dict[str, Any], Any]:
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+
+    body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], **fields}
+    return body, AnthropicMessagesRequest.model_validate(dict(body))
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields", "param"),
+    [
+        ("chat", {"tools": [TOOL]}, "tools"),  # "auto" by default
+        ("chat", {"tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
+        ("chat", {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+        ("chat", {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "weather"}}},
+         "tool_choice"),
+        ("messages", {"tools": [CLAUDE_TOOL]}, "tools"),
+        ("messages", {"tools": [CLAUDE_TOOL], "tool_choice": {"type": "any"}}, "tool_choice"),
+        ("messages", {"tools": [CLAUDE_TOOL], "tool_choice": {"type": "tool", "name": "weather"}}, "tool_choice"),
+    ],
+)
+def test_tool_calls_asked_of_a_model_without_a_parser_are_refused_naming_the_field(
+    endpoint: str, fields: dict[str, Any], param: str
+) -> None:
+    body, parsed = (_chat if endpoint == "chat" else _messages)(**fields)
+    with pytest.raises(InvalidRequestError) as caught:
+        check_tool_calls(endpoint, body, parsed, "tiny", calls_tools=False)
+    assert (caught.value.param, caught.value.code, caught.value.status_code) == (param, "unsupported_parameter", 400)
+    assert caught.value.message.startswith(f"Unsupported parameter: '{param}': the model `tiny` is not set up to call")
+    assert "`tool_call_parser`" in caught.value.message and "--" not in caught.value.message
+    check_tool_calls(endpoint, body, parsed, "tiny", calls_tools=True)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields"),
+    [
+        ("chat", {}),
+        ("chat", {"tools": [TOOL], "tool_choice": "none"}),
+        ("messages", {}),
+        ("messages", {"tools": [CLAUDE_TOOL], "tool_choice": {"type": "none"}}),
+    ],
+)
+def test_requests_that_ask_for_no_calls_pass_without_a_parser(endpoint: str, fields: dict[str, Any]) -> None:
+    body, parsed = (_chat if endpoint == "chat" else _messages)(**fields)
+    check_tool_calls(endpoint, body, parsed, "tiny", calls_tools=False)
+
+
+def _serving(parser: Any, harmony: bool = False, tokenizer: Any = None) -> Any:
+    renderer = SimpleNamespace(parser=parser, use_harmony=harmony, renderer=SimpleNamespace(tokenizer=tokenizer))
+    return SimpleNamespace(chat=SimpleNamespace(online_renderer=renderer))
+
+
+def test_a_model_calls_tools_with_a_tool_parser_or_as_a_harmony_model() -> None:
+    assert vllm_compat.calls_tools(_serving(SimpleNamespace(tool_parser_cls=object)))
+    assert vllm_compat.calls_tools(_serving(None, harmony=True))
+    assert not vllm_compat.calls_tools(_serving(None))
+    assert not vllm_compat.calls_tools(_serving(SimpleNamespace(tool_parser_cls=None)))  # a reasoning parser alone
