@@ -18,9 +18,13 @@ length out of bounds, both lengths."""
 from __future__ import annotations
 
 import re
+import types
+import typing
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
+
+from pydantic import BaseModel
 
 # Pydantic's names for a union's members in an error's location: a type
 # (``str``, ``list[int]``, ``function-after[...]``) or a class
@@ -239,3 +243,49 @@ def _json_type(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "an array"
     return "an object"
+
+
+# A schema's top-level fields that take one JSON scalar type (and null), by
+# the name a client sends: what pydantic's lax mode would convert from
+# another type (``"max_tokens": true`` to 1, ``"temperature": "0.5"`` to 0.5,
+# ``"logprobs": "yes"`` to true), which OpenAI refuses.
+_SCALARS = {int: "an integer", float: "a number", bool: "a boolean"}
+_TAKES: dict[str, tuple[type, ...]] = {"an integer": (int, float), "a number": (int, float), "a boolean": (bool,)}
+_scalar_fields: dict[type[BaseModel], dict[str, str]] = {}
+
+
+def scalar_fields(schema: type[BaseModel]) -> dict[str, str]:
+    """``schema``'s fields of one JSON scalar type, by name, and the type's
+    words (a field of int or float: "a number"); read once per schema."""
+    fields = _scalar_fields.get(schema)
+    if fields is None:
+        fields = {}
+        for name, field in schema.model_fields.items():
+            kinds = _kinds(field.annotation) - {type(None)}
+            if kinds and kinds <= _SCALARS.keys():
+                kind = bool if kinds == {bool} else float if float in kinds else int
+                fields[field.alias or name] = _SCALARS[kind]
+        _scalar_fields[schema] = fields
+    return fields
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    return {typing.get_args(m)[0] if typing.get_origin(m) is typing.Annotated else m for m in members}
+
+
+def check_scalars(schema: type[BaseModel], body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The refusal (message, ``param``), in OpenAI's words, of the first top-level field of
+    ``body`` whose value is not of the JSON type ``schema`` takes there (a
+    boolean for a number, a string for a boolean...); None when every one
+    is. An integral field's fractional number is left to pydantic, whose
+    words for it are already OpenAI's."""
+    wanted = scalar_fields(schema)
+    for name, value in body.items():
+        kind = wanted.get(name)
+        if kind is None or value is None:
+            continue
+        if isinstance(value, bool) != (kind == "a boolean") or not isinstance(value, _TAKES[kind]):
+            return f"Invalid type for '{name}': expected {kind}, but got {_json_type(value)} instead.", name
+    return None

@@ -28,6 +28,7 @@ from gateway.errors import (
 )
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
+from gateway.validation import check_scalars
 from models.llm import echo_messages as anthropic
 from models.llm import echo_render as render
 from models.llm import echo_responses as responses
@@ -226,14 +227,9 @@ class EchoEngine:
             raise ModelNotSupportedError(
                 f"The model `{self._name}` (an echo engine) does not serve /v1/{request.endpoint}.", param="model"
             )
-        try:
-            if request.endpoint == "chat":
-                chat = ChatCompletionRequest.model_validate(request.body)
-                return self._plan_chat(chat, request.request_id)
-            completion = CompletionRequest.model_validate(request.body)
-            return self._plan_completion(completion, request.request_id)
-        except ValidationError as exc:
-            raise InvalidRequestError.from_validation(exc) from None
+        if request.endpoint == "chat":
+            return self._plan_chat(_validated(ChatCompletionRequest, request.body), request.request_id)
+        return self._plan_completion(_validated(CompletionRequest, request.body), request.request_id)
 
     def _plan_chat(self, req: ChatCompletionRequest, request_id: str) -> render.EchoPlan:
         texts = [render.text_of(m.content) for m in req.messages]
@@ -302,6 +298,8 @@ _Schema = TypeVar("_Schema", bound=BaseModel)
 
 
 def _validated(schema: type[_Schema], body: dict[str, Any]) -> _Schema:
+    if (wrong := check_scalars(schema, body)) is not None:  # pydantic's lax mode would convert it
+        raise InvalidRequestError(wrong[0], param=wrong[1])
     try:
         return schema.model_validate(body)
     except ValidationError as exc:

@@ -14,7 +14,7 @@ from typing_extensions import TypedDict
 
 from gateway import errors
 from gateway.protocol.envelope import LogitBias
-from gateway.validation import describe
+from gateway.validation import check_scalars, describe
 from models.llm.engine import ENGINE_DEAD
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
     named as pydantic would have named it, and a bad tool call of an
     assistant message by its path (``messages[0].tool_calls[1].function``);
     a ``logit_bias`` outside OpenAI's range is refused, not clamped."""
+    if (wrong := check_scalars(schema, body)) is not None:  # pydantic's lax mode would convert it
+        raise errors.InvalidRequestError(wrong[0], param=wrong[1])
     not_an_array = _calls_not_an_array(body)  # before vLLM's validator makes a list of them
     try:
         parsed = schema.model_validate(body)

@@ -195,6 +195,27 @@ def test_an_empty_stop_string_is_refused_naming_the_field(
     )
 
 
+@pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
+@pytest.mark.parametrize(
+    ("path", "field", "value", "words"),
+    [
+        (CHAT, "max_tokens", True, "expected an integer, but got a boolean"),
+        (CHAT, "temperature", "0.5", "expected a number, but got a string"),
+        (CHAT, "logprobs", 1, "expected a boolean, but got an integer"),
+        (COMPLETIONS, "n", "2", "expected an integer, but got a string"),
+    ],
+)
+def test_a_scalar_of_another_json_type_is_refused_not_converted(
+    http: httpx.Client, model: str, path: str, field: str, value: object, words: str
+) -> None:
+    """vLLM's own server converts these (`max_tokens: true` generates one token)."""
+    prompt = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HELLO}
+    for stream in (False, True):
+        body = {"model": model, **prompt, "max_tokens": 2, field: value, "stream": stream}
+        error = assert_error(http.post(path, json=body), 400, None, field)
+        assert error["message"] == f"Invalid type for '{field}': {words} instead."
+
+
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
 @pytest.mark.parametrize("stream", [False, True])
 def test_several_choices_at_temperature_zero_are_refused_naming_n(http: httpx.Client, path: str, stream: bool) -> None:

@@ -13,7 +13,7 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
 from gateway.errors import InvalidRequestError
-from gateway.validation import path_of
+from gateway.validation import check_scalars, path_of, scalar_fields
 
 
 def refused(schema: type[BaseModel], body: dict[str, Any]) -> InvalidRequestError:
@@ -185,3 +185,51 @@ def test_a_body_that_is_not_an_object_has_no_param() -> None:
 )
 def test_a_location_is_written_as_a_path_into_the_json(loc: tuple[int | str, ...], path: str) -> None:
     assert path_of(loc) == path
+
+
+@pytest.mark.parametrize(
+    ("schema", "field", "value", "words"),
+    [
+        (ChatCompletionRequest, "max_tokens", True, "expected an integer, but got a boolean"),  # lax mode: 1
+        (ChatCompletionRequest, "n", "2", "expected an integer, but got a string"),
+        (ChatCompletionRequest, "temperature", "0.5", "expected a number, but got a string"),
+        (ChatCompletionRequest, "top_p", False, "expected a number, but got a boolean"),
+        (ChatCompletionRequest, "logprobs", "yes", "expected a boolean, but got a string"),
+        (ChatCompletionRequest, "logprobs", 1, "expected a boolean, but got an integer"),
+        (CompletionRequest, "logprobs", True, "expected an integer, but got a boolean"),
+        (CompletionRequest, "echo", "true", "expected a boolean, but got a string"),
+        (ResponsesRequest, "max_output_tokens", True, "expected an integer, but got a boolean"),
+    ],
+)
+def test_a_scalar_pydantic_would_convert_is_refused_naming_it(
+    schema: type[BaseModel], field: str, value: Any, words: str
+) -> None:
+    prompt = {ChatCompletionRequest: {"messages": USER}, CompletionRequest: {"prompt": "hi"}}.get(schema, {"input": "hi"})
+    assert schema.model_validate({"model": "m", **prompt, field: value})  # pydantic alone takes it
+    assert check_scalars(schema, {"model": "m", field: value}) == (f"Invalid type for '{field}': {words} instead.", field)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", 3), ("max_tokens", 3.0), ("temperature", 1), ("temperature", 0.5), ("logprobs", False),
+     ("n", None), ("seed", 2**70), ("messages", "a string: not a scalar field"), ("unknown", True)],
+)
+def test_scalars_of_the_type_their_field_takes_pass(field: str, value: Any) -> None:
+    assert check_scalars(ChatCompletionRequest, {field: value}) is None
+
+
+def test_a_schemas_scalar_fields_are_read_once_by_the_name_a_client_sends() -> None:
+    class Schema(BaseModel):
+        count: int | None = None
+        ratio: Annotated[float, Field(ge=0)] = 0.0
+        flag: bool = False
+        both: int | float = 0
+        words: str | None = None
+        either: int | str = 0
+        aliased: int = Field(0, alias="sent_as")
+
+    fields = scalar_fields(Schema)
+    assert fields == {
+        "count": "an integer", "ratio": "a number", "flag": "a boolean", "both": "a number", "sent_as": "an integer",
+    }
+    assert scalar_fields(Schema) is fields
