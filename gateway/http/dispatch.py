@@ -215,8 +215,9 @@ class ModelDispatcher:
         return table.routes.pinned(name, model.name), replica
 
     async def stored(self, endpoint: Endpoint, request: Request, response_id: str) -> Response:
-        """``GET /v1/responses/{id}`` (``responses_retrieve``) or
-        ``POST /v1/responses/{id}/cancel`` (``responses_cancel``): answered by
+        """``GET /v1/responses/{id}`` (``responses_retrieve``),
+        ``POST /v1/responses/{id}/cancel`` (``responses_cancel``) or
+        ``DELETE /v1/responses/{id}`` (``responses_delete``): answered by
         the replica that stores the response, for the key that made it."""
         body: dict[str, Any] = {"response_id": response_id}
         if endpoint == "responses_retrieve":

@@ -31,7 +31,12 @@ from gateway.protocol.messages_api import (
 from gateway.protocol.models import ModelCard, ModelList
 from gateway.protocol.predict import InferRequest, InferResponse, PredictRequest, PredictResponse
 from gateway.protocol.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
-from gateway.protocol.responses_api import ResponseCreateRequest, ResponseObject, ResponseStreamEvent
+from gateway.protocol.responses_api import (
+    ResponseCreateRequest,
+    ResponseDeleted,
+    ResponseObject,
+    ResponseStreamEvent,
+)
 
 SSE = "text/event-stream"
 JSON = "application/json"
@@ -55,6 +60,7 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
         None, {JSON: ResponseObject, SSE: ResponseStreamEvent}, (400, 401, 404, 429, 503),
     ),
     ("/v1/responses/{response_id}/cancel", "post"): (None, {JSON: ResponseObject}, (400, 401, 404, 429, 503)),
+    ("/v1/responses/{response_id}", "delete"): (None, {JSON: ResponseDeleted}, (401, 404, 429, 503)),
     ("/v1/messages", "post"): (
         MessageCreateRequest, {JSON: Message, SSE: MessageStreamEvent}, (400, 401, 404, 408, 413, 429, 503, 504),
     ),

@@ -96,7 +96,16 @@ MAX_HEAD_BYTES = 16 * 1024
 # streams seconds of first-token time.
 BACKLOG = 4096
 ENDPOINTS: frozenset[str] = frozenset(
-    {"chat", "completion", "responses", "responses_retrieve", "responses_cancel", "messages", "messages_count"}
+    {
+        "chat",
+        "completion",
+        "responses",
+        "responses_retrieve",
+        "responses_cancel",
+        "responses_delete",
+        "messages",
+        "messages_count",
+    }
 )
 RESPONSE_PREFIX = "resp_"
 REPLICA_CHARS = 12

@@ -27,7 +27,9 @@ class ResponseCreateRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     text: dict[str, Any] | None = Field(None, description='`{"format": {"type": "json_schema", ...}}` and the like.')
     store: bool | None = Field(
-        None, description="Keep the response (the default) for `GET /v1/responses/{id}` and `previous_response_id`."
+        None,
+        description="Keep the response (the default) for `GET /v1/responses/{id}` and `previous_response_id`, "
+        "until `DELETE /v1/responses/{id}`.",
     )
     previous_response_id: str | None = Field(
         None,
@@ -37,7 +39,8 @@ class ResponseCreateRequest(BaseModel):
     background: bool | None = Field(
         None,
         description="Answer at once (`queued`) and generate on: `GET /v1/responses/{id}` retrieves it "
-        "(with `stream=true`, its events), `POST /v1/responses/{id}/cancel` stops it.",
+        "(with `stream=true`, its events), `POST /v1/responses/{id}/cancel` stops it, "
+        "`DELETE /v1/responses/{id}` stops and deletes it.",
     )
     user: str | None = Field(None, description="Also the cohort key of sticky A/B routing.")
     metadata: dict[str, str] | None = None
@@ -61,6 +64,15 @@ class ResponseObject(BaseModel):
     status: str
     output: list[dict[str, Any]]
     usage: ResponseUsage | None = None
+
+
+class ResponseDeleted(BaseModel):
+    """``DELETE /v1/responses/{id}``: the response, its conversation and its
+    events are gone; the id is unknown from then on."""
+
+    id: str
+    object: Literal["response"] = "response"
+    deleted: Literal[True] = True
 
 
 class ResponseStreamEvent(BaseModel):

@@ -34,6 +34,7 @@ from models.llm import echo_render as render
 from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of
 from models.llm.sampling_checks import check_budget_fits
+from models.llm.stored import STORED, deleted_body
 
 if TYPE_CHECKING:
     from gateway.config import EchoModelConfig
@@ -86,7 +87,7 @@ class EchoEngine:
 
     async def _answer(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """The body, or (``stream``) the events, that answer ``request``."""
-        if request.endpoint in ("responses_retrieve", "responses_cancel"):
+        if request.endpoint in STORED:
             return self._kept(request)
         if request.endpoint == "responses":
             return await self._respond(request, tally)
@@ -207,12 +208,15 @@ class EchoEngine:
             _left_after(tally, sent)
 
     def _kept(self, request: EngineRequest) -> bytes:
-        """A stored response (``responses_retrieve``), or its cancellation, which
-        only background responses allow: the echo runs none."""
+        """A stored response (``responses_retrieve``), its deletion, or its
+        cancellation, which only background responses allow: the echo runs none."""
         response_id = str(request.body.get("response_id"))
         kept = self._stored.get(response_id)
         if kept is None:
             raise ResponseNotFoundError.for_id(response_id, "response_id")
+        if request.endpoint == "responses_delete":
+            del self._stored[response_id]
+            return deleted_body(response_id)
         if request.endpoint == "responses_cancel":
             raise InvalidRequestError("Cannot cancel a synchronous response.", param="response_id")
         if request.body.get("stream"):

@@ -132,7 +132,9 @@ class LLMServer:
         self._requests += 1
         request = self._stored.admit(request)
         tally = tally if tally is not None else GenerationTally()
-        return Reply(await self._engine.complete(request, tally), tally.outcome())
+        body = await self._engine.complete(request, tally)
+        self._stored.deleted(request)
+        return Reply(body, tally.outcome())
 
     async def open_stream(
         self, request: EngineRequest

@@ -5,13 +5,14 @@ The engine keeps the responses themselves (vLLM's serving layer, in its own
 memory); this keeps, per response, the API key that made it, oldest first,
 and tells the engine to drop a response once more than ``size`` are kept. A
 request that names a stored response (``previous_response_id``, retrieve,
-cancel) reaches the engine only when it comes with the key that made it:
+cancel, delete) reaches the engine only when it comes with the key that made it:
 for any other key the response does not exist (404, as for an unknown id).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ from gateway.errors import ResponseNotFoundError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest
 
-STORED = ("responses_retrieve", "responses_cancel")
+STORED = ("responses_retrieve", "responses_cancel", "responses_delete")
 
 
 class StoredResponses:
@@ -58,6 +59,14 @@ class StoredResponses:
             self._keep(relay.response_id(self.replica, request.request_id), request.owner)
         return dataclasses.replace(request, request_id=self.replica + request.request_id)
 
+    def deleted(self, request: EngineRequest) -> None:
+        """Forgets the response a ``responses_delete`` request named, once
+        the engine has deleted it: its id is unknown from now on."""
+        if request.endpoint == "responses_delete":
+            response_id = request.body.get("response_id")
+            if isinstance(response_id, str) and self._owners.pop(response_id, None) is not None:
+                self._forget(response_id)
+
     def _owned(self, response_id: str, owner: str, param: str) -> None:
         if self._owners.get(response_id) != owner:
             raise ResponseNotFoundError.for_id(response_id, param)
@@ -68,3 +77,8 @@ class StoredResponses:
         while len(self._owners) > self.size:
             oldest, _ = self._owners.popitem(last=False)
             self._forget(oldest)
+
+
+def deleted_body(response_id: str) -> bytes:
+    """What ``DELETE /v1/responses/{id}`` answers, as OpenAI does."""
+    return json.dumps({"id": response_id, "object": "response", "deleted": True}, separators=(",", ":")).encode()

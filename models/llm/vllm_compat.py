@@ -18,6 +18,7 @@ objects (``ERROR_TABLE``), never by the words of their messages.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -396,6 +397,22 @@ async def background_events(serving: Serving, response_id: str, starting_after: 
                 raise task.exception()
             return
         await new_event.wait()
+
+
+async def delete_response(serving: Serving, response_id: str) -> None:
+    """Deletes a stored response: its generation first, when it is a
+    background one still running (vLLM's task would store it again, and
+    assumes it is kept when it fails), then everything kept of it. Raises
+    ResponseNotFoundError (404) when the engine keeps none: one still being
+    answered at once is stored only when done, as retrieving finds it."""
+    responses = serving.responses
+    if responses.response_store.get(response_id) is None:
+        raise errors.ResponseNotFoundError.for_id(response_id, "response_id")
+    task = responses.background_tasks.get(response_id)
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    forget_response(serving, response_id)
 
 
 def forget_response(serving: Serving, response_id: str) -> None:

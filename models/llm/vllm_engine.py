@@ -28,6 +28,7 @@ from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.sampling_checks import check_budget_fits, check_sampling
+from models.llm.stored import STORED, deleted_body
 from models.llm.tool_checks import check_tool_calls
 from models.log_handlers import handlers_kept
 
@@ -153,7 +154,7 @@ class VLLMEngine:
 
     async def _answer(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """What vLLM answers ``request`` with: a body, or (``stream``) events."""
-        if request.endpoint in ("responses_retrieve", "responses_cancel"):
+        if request.endpoint in STORED:
             return await self._stored(request, tally)
         token = vllm_streams.TALLY.set(tally)
         try:
@@ -184,7 +185,8 @@ class VLLMEngine:
 
     async def _stored(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """A stored response (``GET /v1/responses/{id}``; with ``stream``, a
-        background response's events from ``starting_after`` on), or one cancelled."""
+        background response's events from ``starting_after`` on), or one
+        cancelled, or deleted."""
         serving = self._vllm.responses
         if serving is None:
             raise ModelNotSupportedError(
@@ -192,6 +194,9 @@ class VLLMEngine:
             )
         body = request.body
         response_id = str(body["response_id"])
+        if request.endpoint == "responses_delete":
+            await vllm_compat.delete_response(self._vllm, response_id)
+            return deleted_body(response_id)
         try:
             if request.endpoint == "responses_cancel":
                 result = await serving.cancel_responses(response_id)

@@ -287,6 +287,12 @@ def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
         with pytest.raises(openai.NotFoundError):
             theirs.responses.create(model="chat", input="four", previous_response_id=made.id)
         assert mine.responses.create(model="chat", input="four", previous_response_id=made.id).output_text == "four"
+        with pytest.raises(openai.NotFoundError):
+            theirs.responses.delete(made.id)  # nor may they delete it
+        assert mine.responses.retrieve(made.id).output_text == "one two three"
+        mine.responses.delete(made.id)
+        with pytest.raises(openai.NotFoundError):
+            mine.responses.retrieve(made.id)
 
 
 async def test_a_message_reserves_the_models_own_prompt_count_and_settles_its_usage(

@@ -302,6 +302,44 @@ async def test_cancelling_a_background_response_stops_its_engine_request(client:
     assert await settled_generated_tokens(gateway) - before < 480 // 2
 
 
+def test_a_deleted_response_is_gone_for_good(client: openai.OpenAI, http: httpx.Client) -> None:
+    """As OpenAI deletes a stored response: its id is unknown from then on, to
+    retrieving, to a follow-up and to a second deletion; the rest of the
+    conversation stays."""
+    first = client.responses.create(model=VLLM_MODEL, input="Name a harbour.", max_output_tokens=4)
+    second = client.responses.create(model=VLLM_MODEL, input="Why?", previous_response_id=first.id, max_output_tokens=4)
+    deleted = http.delete(f"/v1/responses/{first.id}")
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json() == {"id": first.id, "object": "response", "deleted": True}
+    assert deleted.headers["x-gateway-variant"] == VLLM_MODEL
+    for gone in (lambda: client.responses.retrieve(first.id), lambda: client.responses.delete(first.id)):
+        with pytest.raises(openai.NotFoundError) as caught:
+            gone()
+        assert (caught.value.body["code"], caught.value.body["param"]) == ("response_not_found", "response_id")  # type: ignore[index]
+    follow_up = http.post("/v1/responses", json={"model": VLLM_MODEL, "input": "and?", "previous_response_id": first.id})
+    assert (follow_up.status_code, follow_up.json()["error"]["param"]) == (404, "previous_response_id")
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    client.responses.delete(second.id)  # the SDK's own call
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+    unstored = client.responses.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(unstored.id)
+
+
+async def test_deleting_a_background_response_stops_its_engine_request(client: openai.OpenAI, gateway: Gateway) -> None:
+    before = await settled_generated_tokens(gateway)
+    queued = await asyncio.to_thread(
+        client.responses.create, model=VLLM_MODEL, input=PROMPT, background=True, max_output_tokens=480,
+        extra_body={"ignore_eos": True},
+    )
+    await asyncio.to_thread(client.responses.delete, queued.id)
+    assert await wait_idle(gateway, 30) == 0
+    with pytest.raises(openai.NotFoundError):
+        await asyncio.to_thread(client.responses.retrieve, queued.id)
+    assert await settled_generated_tokens(gateway) - before < 480 // 2
+
+
 def test_a_background_stream_left_early_generates_to_its_end_and_can_be_read_again(client: openai.OpenAI) -> None:
     stream = client.responses.create(
         model=VLLM_MODEL, input=PROMPT, background=True, stream=True, max_output_tokens=40,

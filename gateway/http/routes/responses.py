@@ -1,6 +1,7 @@
 """OpenAI's Responses API, served by the model's own vLLM serving layer:
 ``POST /v1/responses``, and the stored responses' ``GET /v1/responses/{id}``
-and ``POST /v1/responses/{id}/cancel``, answered by the replica that keeps them."""
+``POST /v1/responses/{id}/cancel`` and ``DELETE /v1/responses/{id}``, answered
+by the replica that keeps them."""
 
 from __future__ import annotations
 
@@ -30,3 +31,10 @@ async def cancel_response(
     response_id: str, request: Request, state: GatewayState = Depends(gateway_state)
 ) -> Response:
     return await state.dispatcher.stored("responses_cancel", request, response_id)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(
+    response_id: str, request: Request, state: GatewayState = Depends(gateway_state)
+) -> Response:
+    return await state.dispatcher.stored("responses_delete", request, response_id)

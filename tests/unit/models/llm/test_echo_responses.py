@@ -83,6 +83,19 @@ async def test_a_follow_up_is_prompted_with_the_earlier_turns_and_can_be_retriev
     assert caught.value.param == "previous_response_id"
 
 
+async def test_a_deleted_response_is_gone(engine: EchoEngine) -> None:
+    response = await answer(engine, create("r1"))
+    delete = EngineRequest("responses_delete", {"response_id": response.id}, "r2", "echo")
+    body = await engine.complete(delete, GenerationTally())
+    assert json.loads(body) == {"id": response.id, "object": "response", "deleted": True}
+    for endpoint in ("responses_retrieve", "responses_delete"):
+        with pytest.raises(ResponseNotFoundError) as caught:
+            await engine.complete(EngineRequest(endpoint, {"response_id": response.id}, "r3", "echo"), GenerationTally())
+        assert (caught.value.status_code, caught.value.param) == (404, "response_id")
+    with pytest.raises(ResponseNotFoundError):
+        await answer(engine, create("r4", previous_response_id=response.id))
+
+
 async def test_an_unstored_response_is_not_kept_and_bad_requests_are_refused(engine: EchoEngine) -> None:
     response = await answer(engine, create(store=False))
     with pytest.raises(ResponseNotFoundError):

@@ -60,3 +60,27 @@ def test_other_endpoints_pass_unchanged() -> None:
     stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
     chat = EngineRequest("chat", {"model": "m", "messages": []}, "req1", "m")
     assert stored.admit(chat) is chat
+
+
+def test_a_deleted_response_is_forgotten_and_then_unknown_to_its_key() -> None:
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 10, forget=dropped.append)
+    stored.admit(create("req1", owner="team-a"))
+    stored.admit(create("req2", owner="team-a"))
+    response_id = f"resp_{REPLICA}req1"
+    with pytest.raises(ResponseNotFoundError):  # another key may not delete it
+        stored.check(named("responses_delete", response_id, owner="team-b"))
+    stored.deleted(named("responses_retrieve", response_id, owner="team-a"))  # not a deletion: kept
+    assert (len(stored), dropped) == (2, [])
+    delete = named("responses_delete", response_id, owner="team-a")
+    stored.check(delete)
+    stored.deleted(delete)
+    assert (len(stored), dropped) == (1, [response_id])
+    for endpoint in ("responses_retrieve", "responses_delete"):
+        with pytest.raises(ResponseNotFoundError):
+            stored.check(named(endpoint, response_id, owner="team-a"))
+    with pytest.raises(ResponseNotFoundError) as caught:
+        stored.admit(create("req3", owner="team-a", previous_response_id=response_id))
+    assert caught.value.param == "previous_response_id"
+    stored.deleted(delete)  # deleted twice: forgotten once
+    assert dropped == [response_id]
