@@ -32,7 +32,7 @@ from gateway.http.limits import Admission, admit, embedding_tokens
 from gateway.http.plan import plan
 from gateway.http.relay_stream import BACKGROUND_OUTCOME_S
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
-from gateway.http.stored import holding, retrieve_query
+from gateway.http.stored import holding, input_items_query, retrieve_query
 from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
@@ -216,12 +216,15 @@ class ModelDispatcher:
 
     async def stored(self, endpoint: Endpoint, request: Request, response_id: str) -> Response:
         """``GET /v1/responses/{id}`` (``responses_retrieve``),
+        ``GET /v1/responses/{id}/input_items`` (``responses_input_items``),
         ``POST /v1/responses/{id}/cancel`` (``responses_cancel``) or
         ``DELETE /v1/responses/{id}`` (``responses_delete``): answered by
         the replica that stores the response, for the key that made it."""
         body: dict[str, Any] = {"response_id": response_id}
         if endpoint == "responses_retrieve":
             body.update(retrieve_query(request))
+        elif endpoint == "responses_input_items":
+            body.update(input_items_query(request))
         else:
             await read_body(request, self._max_body_bytes, self._read_timeout_s)  # none is expected
         table = self._table

@@ -61,6 +61,7 @@ ENDPOINTS: Mapping[Endpoint, EndpointSpec] = _specs(
     EndpointSpec("responses_retrieve", "/v1/responses/{response_id}", LLM, None),
     EndpointSpec("responses_cancel", "/v1/responses/{response_id}/cancel", LLM, None),
     EndpointSpec("responses_delete", "/v1/responses/{response_id}", LLM, None),
+    EndpointSpec("responses_input_items", "/v1/responses/{response_id}/input_items", LLM, None),
     EndpointSpec("messages", "/v1/messages", LLM, MessagesEnvelope, streams=True),
     EndpointSpec("messages_count", "/v1/messages/count_tokens", LLM),
     EndpointSpec("embedding", "/v1/embeddings", frozenset({"embedding"})),

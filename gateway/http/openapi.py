@@ -32,6 +32,7 @@ from gateway.protocol.models import ModelCard, ModelList
 from gateway.protocol.predict import InferRequest, InferResponse, PredictRequest, PredictResponse
 from gateway.protocol.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
 from gateway.protocol.responses_api import (
+    InputItemList,
     ResponseCreateRequest,
     ResponseDeleted,
     ResponseObject,
@@ -61,6 +62,7 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
     ),
     ("/v1/responses/{response_id}/cancel", "post"): (None, {JSON: ResponseObject}, (400, 401, 404, 429, 503)),
     ("/v1/responses/{response_id}", "delete"): (None, {JSON: ResponseDeleted}, (401, 404, 429, 503)),
+    ("/v1/responses/{response_id}/input_items", "get"): (None, {JSON: InputItemList}, (400, 401, 404, 429, 503)),
     ("/v1/messages", "post"): (
         MessageCreateRequest, {JSON: Message, SSE: MessageStreamEvent}, (400, 401, 404, 408, 413, 429, 503, 504),
     ),

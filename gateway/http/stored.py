@@ -1,5 +1,5 @@
 """Stored responses (Responses API): which model's replica holds one, and
-the query of a ``GET /v1/responses/{id}``."""
+the queries of ``GET /v1/responses/{id}`` and its ``/input_items``."""
 
 from __future__ import annotations
 
@@ -40,4 +40,52 @@ def retrieve_query(request: Request) -> dict[str, Any]:
         if not after.isdigit():
             raise InvalidRequestError("`starting_after` must be a whole number.", param="starting_after")
         query["starting_after"] = int(after)
+    return query
+
+
+# What `include` may ask of input items (OpenAI's values). The items come as
+# they were sent, image URLs included, so none changes the answer.
+INCLUDABLE = frozenset(
+    {
+        "file_search_call.results",
+        "web_search_call.results",
+        "web_search_call.action.sources",
+        "message.input_image.image_url",
+        "computer_call_output.output.image_url",
+        "code_interpreter_call.outputs",
+        "reasoning.encrypted_content",
+        "message.output_text.logprobs",
+    }
+)
+MAX_ITEMS = 100
+
+
+def input_items_query(request: Request) -> dict[str, Any]:
+    """``after``, ``limit`` (1 to 100, 20 when left out) and ``order`` (``asc``
+    or ``desc``, the default) of a ``GET /v1/responses/{id}/input_items``,
+    checked; ``include`` values must be OpenAI's. Nothing else is taken."""
+    params = request.query_params
+    unknown = sorted(set(params) - {"after", "limit", "order", "include", "include[]"})
+    if unknown:
+        raise InvalidRequestError(f"Unrecognized query parameter: `{unknown[0]}`.", param=unknown[0])
+    query: dict[str, Any] = {"limit": 20, "order": "desc"}
+    limit = params.get("limit")
+    if limit is not None:
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_ITEMS:
+            raise InvalidRequestError(
+                f"Invalid 'limit': expected a whole number from 1 to {MAX_ITEMS}, got '{limit}'.", param="limit"
+            )
+        query["limit"] = int(limit)
+    order = params.get("order")
+    if order is not None:
+        if order not in ("asc", "desc"):
+            raise InvalidRequestError(f"Invalid 'order': expected 'asc' or 'desc', got '{order}'.", param="order")
+        query["order"] = order
+    if "after" in params:
+        query["after"] = params["after"]
+    for value in [*params.getlist("include"), *params.getlist("include[]")]:
+        if value not in INCLUDABLE:
+            raise InvalidRequestError(
+                f"Invalid 'include': '{value}' is not one of {', '.join(sorted(INCLUDABLE))}.", param="include"
+            )
     return query

@@ -12,6 +12,7 @@ Endpoint = Literal[
     "responses_retrieve",  # GET /v1/responses/{id}: body {"response_id", "stream", "starting_after"}
     "responses_cancel",  # POST /v1/responses/{id}/cancel: body {"response_id"}
     "responses_delete",  # DELETE /v1/responses/{id}: body {"response_id"}
+    "responses_input_items",  # GET /v1/responses/{id}/input_items: body {"response_id", "after", "limit", "order"}
     "messages",  # Anthropic's POST /v1/messages
     "messages_count",  # Anthropic's POST /v1/messages/count_tokens
     "embedding",

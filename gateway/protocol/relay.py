@@ -103,6 +103,7 @@ ENDPOINTS: frozenset[str] = frozenset(
         "responses_retrieve",
         "responses_cancel",
         "responses_delete",
+        "responses_input_items",
         "messages",
         "messages_count",
     }

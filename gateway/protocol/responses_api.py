@@ -75,6 +75,21 @@ class ResponseDeleted(BaseModel):
     deleted: Literal[True] = True
 
 
+class InputItemList(BaseModel):
+    """``GET /v1/responses/{id}/input_items``: the request's ``input`` as sent,
+    as OpenAI's items (each with an ``id`` and ``status``), ``order`` ``desc``
+    (last first) unless asked ``asc``, ``limit`` (1 to 100, default 20) at a
+    time, those after the item ``after`` when given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class ResponseStreamEvent(BaseModel):
     """One streamed event; its SSE ``event:`` line repeats ``type``
     (``response.created``, ``response.output_text.delta``, ...,

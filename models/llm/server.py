@@ -19,7 +19,7 @@ from gateway.metrics.engine_pages import answer_scrapes
 from gateway.deploy import INGRESS_NAME
 from gateway.metrics.hub import replica_source
 from gateway.protocol import relay
-from gateway.protocol.engine import Outcome, Reply
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from gateway.replica_logs import to_stderr
 from models.llm.engine import ENGINE_DEAD, EngineInfo, LLMEngine, make_engine
 from models.llm.relay import StreamServer
@@ -28,7 +28,6 @@ from models.llm.tally import GenerationTally
 
 if TYPE_CHECKING:
     from gateway.config import LLMModelConfig
-    from gateway.protocol.engine import EngineRequest
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +131,18 @@ class LLMServer:
         self._requests += 1
         request = self._stored.admit(request)
         tally = tally if tally is not None else GenerationTally()
+        if request.endpoint == "responses_input_items":
+            return Reply(await self._input_items(request), tally.outcome())
         body = await self._engine.complete(request, tally)
         self._stored.deleted(request)
         return Reply(body, tally.outcome())
+
+    async def _input_items(self, request: EngineRequest) -> bytes:
+        """A stored response's input items, once the engine has shown that it
+        keeps the response (one still being answered at once is not stored yet)."""
+        retrieve = EngineRequest("responses_retrieve", {"response_id": request.body["response_id"]}, "", request.model)
+        await self._engine.complete(retrieve, GenerationTally())
+        return self._stored.input_items(request)
 
     async def open_stream(
         self, request: EngineRequest

@@ -2,11 +2,12 @@
 each is, and how many are kept.
 
 The engine keeps the responses themselves (vLLM's serving layer, in its own
-memory); this keeps, per response, the API key that made it, oldest first,
-and tells the engine to drop a response once more than ``size`` are kept. A
-request that names a stored response (``previous_response_id``, retrieve,
-cancel, delete) reaches the engine only when it comes with the key that made it:
-for any other key the response does not exist (404, as for an unknown id).
+memory); this keeps, per response, the API key that made it and its
+request's ``input`` (for its input items), oldest first, and tells the
+engine to drop a response once more than ``size`` are kept. A request that
+names a stored response (``previous_response_id``, retrieve, cancel,
+delete, input items) is answered only when it comes with the key that made
+it: for any other key the response does not exist (404, as for an unknown id).
 """
 
 from __future__ import annotations
@@ -15,12 +16,21 @@ import dataclasses
 import json
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from gateway.errors import ResponseNotFoundError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest
+from models.llm import input_items
 
+# What an engine answers about a stored response; the replica answers its input items itself.
 STORED = ("responses_retrieve", "responses_cancel", "responses_delete")
+_NAMING = (*STORED, "responses_input_items")
+
+
+class _Kept(NamedTuple):
+    owner: str  # the API key that made it
+    input: Any  # its request's ``input``, as sent
 
 
 class StoredResponses:
@@ -31,10 +41,10 @@ class StoredResponses:
         self.replica = replica
         self.size = size
         self._forget = forget
-        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._owners)
+        return len(self._kept)
 
     def check(self, request: EngineRequest) -> None:
         """Raises ResponseNotFoundError (404) when ``request`` names a stored
@@ -43,7 +53,7 @@ class StoredResponses:
             previous = request.body.get("previous_response_id")
             if isinstance(previous, str):
                 self._owned(previous, request.owner, "previous_response_id")
-        elif request.endpoint in STORED:
+        elif request.endpoint in _NAMING:
             response_id = request.body.get("response_id")
             self._owned(response_id if isinstance(response_id, str) else "", request.owner, "response_id")
 
@@ -56,7 +66,7 @@ class StoredResponses:
         if request.endpoint != "responses":
             return request
         if self.size > 0 and request.body.get("store", True) is not False:
-            self._keep(relay.response_id(self.replica, request.request_id), request.owner)
+            self._keep(relay.response_id(self.replica, request.request_id), _Kept(request.owner, request.body.get("input")))
         return dataclasses.replace(request, request_id=self.replica + request.request_id)
 
     def deleted(self, request: EngineRequest) -> None:
@@ -64,18 +74,28 @@ class StoredResponses:
         the engine has deleted it: its id is unknown from now on."""
         if request.endpoint == "responses_delete":
             response_id = request.body.get("response_id")
-            if isinstance(response_id, str) and self._owners.pop(response_id, None) is not None:
+            if isinstance(response_id, str) and self._kept.pop(response_id, None) is not None:
                 self._forget(response_id)
 
+    def input_items(self, request: EngineRequest) -> bytes:
+        """The page of input items a ``responses_input_items`` request asks
+        for (``after``, ``limit``, ``order``, checked by the ingress)."""
+        self.check(request)
+        body = request.body
+        response_id = str(body["response_id"])
+        items = input_items.items_of(response_id, self._kept[response_id].input)
+        return input_items.page(items, body.get("after"), int(body.get("limit", 20)), str(body.get("order", "desc")))
+
     def _owned(self, response_id: str, owner: str, param: str) -> None:
-        if self._owners.get(response_id) != owner:
+        kept = self._kept.get(response_id)
+        if kept is None or kept.owner != owner:
             raise ResponseNotFoundError.for_id(response_id, param)
 
-    def _keep(self, response_id: str, owner: str) -> None:
-        self._owners[response_id] = owner
-        self._owners.move_to_end(response_id)
-        while len(self._owners) > self.size:
-            oldest, _ = self._owners.popitem(last=False)
+    def _keep(self, response_id: str, kept: _Kept) -> None:
+        self._kept[response_id] = kept
+        self._kept.move_to_end(response_id)
+        while len(self._kept) > self.size:
+            oldest, _ = self._kept.popitem(last=False)
             self._forget(oldest)
 
 

@@ -288,6 +288,9 @@ def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
             theirs.responses.create(model="chat", input="four", previous_response_id=made.id)
         assert mine.responses.create(model="chat", input="four", previous_response_id=made.id).output_text == "four"
         with pytest.raises(openai.NotFoundError):
+            theirs.responses.input_items.list(made.id)  # nor list its input
+        assert [getattr(item, "content")[0].text for item in mine.responses.input_items.list(made.id)] == ["one two three"]
+        with pytest.raises(openai.NotFoundError):
             theirs.responses.delete(made.id)  # nor may they delete it
         assert mine.responses.retrieve(made.id).output_text == "one two three"
         mine.responses.delete(made.id)

@@ -327,6 +327,36 @@ def test_a_deleted_response_is_gone_for_good(client: openai.OpenAI, http: httpx.
         client.responses.delete(unstored.id)
 
 
+def test_a_responses_input_items_are_listed_as_openai_lists_them(client: openai.OpenAI, http: httpx.Client) -> None:
+    given = [
+        {"role": "developer", "content": "Answer as a sailor would."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Name a harbour."}]},
+        {"role": "assistant", "content": "Portsmouth."},
+        {"role": "user", "content": "Why?"},
+    ]
+    first = client.responses.create(model=VLLM_MODEL, input=given, max_output_tokens=4)  # type: ignore[arg-type]
+    newest_first = list(client.responses.input_items.list(first.id))
+    assert [(item.type, getattr(item, "role")) for item in newest_first] == [
+        ("message", "user"), ("message", "assistant"), ("message", "user"), ("message", "developer")
+    ]
+    texts = [getattr(item, "content")[0].text for item in newest_first]
+    assert texts == ["Why?", "Portsmouth.", "Name a harbour.", "Answer as a sailor would."]
+    assert len({item.id for item in newest_first}) == 4
+    # One item a page: the SDK follows `after` through all of them, in order.
+    paged = list(client.responses.input_items.list(first.id, limit=1, order="asc"))
+    assert [item.id for item in paged] == [item.id for item in reversed(newest_first)]
+    # A follow-up's items are its own input; the earlier ones stay the first response's.
+    second = client.responses.create(model=VLLM_MODEL, input="And then?", previous_response_id=first.id, max_output_tokens=2)
+    [item] = client.responses.input_items.list(second.id)
+    assert getattr(item, "content")[0].text == "And then?"
+    for query, param in (({"limit": 0}, "limit"), ({"order": "up"}, "order"), ({"after": "msg_nope"}, "after")):
+        refused = http.get(f"/v1/responses/{first.id}/input_items", params=query)
+        assert (refused.status_code, refused.json()["error"]["param"]) == (400, param), refused.text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(first.id)
+
+
 async def test_deleting_a_background_response_stops_its_engine_request(client: openai.OpenAI, gateway: Gateway) -> None:
     before = await settled_generated_tokens(gateway)
     queued = await asyncio.to_thread(

@@ -1,7 +1,7 @@
 """OpenAI's Responses API, served by the model's own vLLM serving layer:
 ``POST /v1/responses``, and the stored responses' ``GET /v1/responses/{id}``
-``POST /v1/responses/{id}/cancel`` and ``DELETE /v1/responses/{id}``, answered
-by the replica that keeps them."""
+``GET /v1/responses/{id}/input_items``, ``POST /v1/responses/{id}/cancel`` and
+``DELETE /v1/responses/{id}``, answered by the replica that keeps them."""
 
 from __future__ import annotations
 
@@ -38,3 +38,10 @@ async def delete_response(
     response_id: str, request: Request, state: GatewayState = Depends(gateway_state)
 ) -> Response:
     return await state.dispatcher.stored("responses_delete", request, response_id)
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str, request: Request, state: GatewayState = Depends(gateway_state)
+) -> Response:
+    return await state.dispatcher.stored("responses_input_items", request, response_id)

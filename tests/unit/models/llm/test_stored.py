@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from gateway.errors import ResponseNotFoundError
@@ -84,3 +87,18 @@ def test_a_deleted_response_is_forgotten_and_then_unknown_to_its_key() -> None:
     assert caught.value.param == "previous_response_id"
     stored.deleted(delete)  # deleted twice: forgotten once
     assert dropped == [response_id]
+
+
+def test_input_items_are_the_requests_own_input_for_its_key_only() -> None:
+    stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
+    stored.admit(create("req1", owner="team-a", input=[{"role": "user", "content": "one"}, {"role": "user", "content": "two"}]))
+    response_id = f"resp_{REPLICA}req1"
+    ask = EngineRequest(
+        "responses_input_items", {"response_id": response_id, "limit": 1, "order": "asc"}, "r", "m", owner="team-a"
+    )
+    answer = json.loads(stored.input_items(ask))
+    assert [item["content"][0]["text"] for item in answer["data"]] == ["one"] and answer["has_more"]
+    with pytest.raises(ResponseNotFoundError):
+        stored.admit(dataclasses.replace(ask, owner="team-b"))
+    with pytest.raises(ResponseNotFoundError):
+        stored.input_items(dataclasses.replace(ask, owner="team-b"))

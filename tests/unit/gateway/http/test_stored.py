@@ -1,0 +1,38 @@
+"""gateway/http/stored.py: the queries of a stored response's routes, checked at the ingress."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import Request
+
+from gateway.errors import InvalidRequestError
+from gateway.http.stored import input_items_query
+
+
+def request(query: str) -> Request:
+    return Request({"type": "http", "method": "GET", "path": "/", "query_string": query.encode(), "headers": []})
+
+
+def test_input_items_query_defaults_as_openai_does() -> None:
+    assert input_items_query(request("")) == {"limit": 20, "order": "desc"}
+    assert input_items_query(request("after=msg_1&limit=100&order=asc&include[]=message.input_image.image_url")) == {
+        "limit": 100, "order": "asc", "after": "msg_1"
+    }
+
+
+@pytest.mark.parametrize(
+    "query, param",
+    [
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("limit=ten", "limit"),
+        ("order=newest", "order"),
+        ("include[]=everything", "include"),
+        ("include=everything", "include"),
+        ("before=msg_1", "before"),  # not silently ignored: the page would be another one
+    ],
+)
+def test_a_bad_input_items_query_is_refused_naming_the_parameter(query: str, param: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        input_items_query(request(query))
+    assert (caught.value.status_code, caught.value.param) == (400, param)
