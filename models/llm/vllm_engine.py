@@ -29,6 +29,7 @@ from models.llm.engine import EngineInfo, body_of, frames_of
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.sampling_checks import check_budget_fits, check_sampling
 from models.llm.stored import STORED, deleted_body
+from models.llm.template_checks import check_request_template
 from models.llm.tool_checks import check_tool_calls
 from models.log_handlers import handlers_kept
 
@@ -229,6 +230,7 @@ class VLLMEngine:
         schema, create, prompt_param = endpoint
         # vLLM's schemas take fields they do not know and drop them.
         check_fields(request.endpoint, request.body, _known_fields(schema))
+        check_request_template(request.body)
         try:
             parsed = vllm_errors.validated(schema, _with_request_id(request))
             if request.endpoint in _GENERATING:

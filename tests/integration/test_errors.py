@@ -338,7 +338,10 @@ def test_a_field_vllm_would_drop_is_400_naming_it(client: openai.OpenAI, stream:
     # vLLM itself answers these 200 and ignores the field: 2,000 tokens for a misspelt `max_token`.
     ask = {"model": VLLM_MODEL, "messages": HELLO, "stream": stream}
     for extra, code in (({"max_token": 2}, None), ({"guided_json": {"type": "object"}}, "unsupported_parameter"),
-                        ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter")):
+                        ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter"),
+                        # A template is code the server would run: not taken from a request.
+                        ({"chat_template": "{{ 'x' }}"}, "unsupported_parameter"),
+                        ({"chat_template_kwargs": {"chat_template": "{{ 'x' }}"}}, "unsupported_parameter")):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(**ask, max_tokens=2, extra_body=extra)  # type: ignore[call-overload]
         assert (caught.value.param, caught.value.code) == (next(iter(extra)), code)
