@@ -22,6 +22,7 @@ from gateway.http.routes import (
     models,
     predict,
     responses,
+    tokenize,
 )
 from gateway.http.state import GatewayState
 
@@ -47,7 +48,7 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
         redoc_url=None,
     )
     app.state.gateway = state
-    for module in (chat, completions, responses, messages, embeddings, predict, models, key, health, metrics):
+    for module in (chat, completions, responses, messages, tokenize, embeddings, predict, models, key, health, metrics):
         app.include_router(module.router)
     install_handlers(app)
     describe(app)

@@ -1,4 +1,5 @@
-"""The key check in front of every ``/v1`` and ``/v2`` route, and of the operations routes.
+"""The key check in front of every ``/v1`` and ``/v2`` route, vLLM's tokenizer
+routes, and the operations routes.
 
 With API keys configured, a request to those routes must name one in
 ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as Anthropic's
@@ -23,7 +24,7 @@ from gateway.auth.keys import ApiKey, KeyTable
 from gateway.errors import AuthenticationError
 from gateway.http.handlers import envelope
 
-PROTECTED = ("/v1/", "/v2/")
+PROTECTED = ("/v1/", "/v2/", "/tokenize", "/detokenize")
 OPERATIONS = frozenset({"/health", "/ready", "/metrics"})
 
 

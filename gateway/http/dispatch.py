@@ -141,7 +141,7 @@ class ModelDispatcher:
     async def _most_tokens(self, model: ServedModel, call: EngineRequest) -> int:
         """What a token limit reserves for ``call``: the model's own count for
         LLMs, a bound from the input for embeddings, none for predictions."""
-        if call.endpoint == "messages_count":
+        if call.endpoint in ("messages_count", "tokenize", "detokenize"):
             return 0  # counts tokens, generates none
         client = model.client
         if isinstance(client, LLMClient):

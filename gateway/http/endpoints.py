@@ -64,6 +64,8 @@ ENDPOINTS: Mapping[Endpoint, EndpointSpec] = _specs(
     EndpointSpec("responses_input_items", "/v1/responses/{response_id}/input_items", LLM, None),
     EndpointSpec("messages", "/v1/messages", LLM, MessagesEnvelope, streams=True),
     EndpointSpec("messages_count", "/v1/messages/count_tokens", LLM),
+    EndpointSpec("tokenize", "/tokenize", LLM),
+    EndpointSpec("detokenize", "/detokenize", LLM),
     EndpointSpec("embedding", "/v1/embeddings", frozenset({"embedding"})),
     EndpointSpec("predict", "/v1/models/{model}:predict", CLASSICAL, None),
     EndpointSpec("infer", "/v2/models/{model}/infer", CLASSICAL, None),

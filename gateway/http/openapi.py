@@ -30,6 +30,7 @@ from gateway.protocol.messages_api import (
 )
 from gateway.protocol.models import ModelCard, ModelList
 from gateway.protocol.predict import InferRequest, InferResponse, PredictRequest, PredictResponse
+from gateway.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from gateway.protocol.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
 from gateway.protocol.responses_api import (
     InputItemList,
@@ -67,6 +68,8 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
         MessageCreateRequest, {JSON: Message, SSE: MessageStreamEvent}, (400, 401, 404, 408, 413, 429, 503, 504),
     ),
     ("/v1/messages/count_tokens", "post"): (CountTokensRequest, {JSON: TokenCount}, (400, 401, 404, 408, 413, 429, 503)),
+    ("/tokenize", "post"): (TokenizeRequest, {JSON: TokenizeResponse}, (400, 401, 404, 408, 413, 429, 503)),
+    ("/detokenize", "post"): (DetokenizeRequest, {JSON: DetokenizeResponse}, (400, 401, 404, 408, 413, 429, 503)),
     ("/v1/embeddings", "post"): (EmbeddingRequest, {JSON: EmbeddingResponse}, (400, 401, 404, 408, 413, 429, 503)),
     ("/v1/models/{model}:predict", "post"): (PredictRequest, {JSON: PredictResponse}, (400, 401, 404, 408, 413, 429, 503)),
     ("/v2/models/{model}/infer", "post"): (InferRequest, {JSON: InferResponse}, (400, 401, 404, 408, 413, 429, 503)),

@@ -15,6 +15,8 @@ Endpoint = Literal[
     "responses_input_items",  # GET /v1/responses/{id}/input_items: body {"response_id", "after", "limit", "order"}
     "messages",  # Anthropic's POST /v1/messages
     "messages_count",  # Anthropic's POST /v1/messages/count_tokens
+    "tokenize",  # vLLM's POST /tokenize
+    "detokenize",  # vLLM's POST /detokenize
     "embedding",
     "predict",
     "infer",

@@ -106,6 +106,8 @@ ENDPOINTS: frozenset[str] = frozenset(
         "responses_input_items",
         "messages",
         "messages_count",
+        "tokenize",
+        "detokenize",
     }
 )
 RESPONSE_PREFIX = "resp_"

@@ -229,7 +229,7 @@ class EchoEngine:
     def _plan(self, request: EngineRequest) -> render.EchoPlan:
         if request.endpoint not in ("chat", "completion"):
             raise ModelNotSupportedError(
-                f"The model `{self._name}` (an echo engine) does not serve /v1/{request.endpoint}.", param="model"
+                f"The model `{self._name}` (an echo engine) does not serve {_path(request.endpoint)}.", param="model"
             )
         if request.endpoint == "chat":
             return self._plan_chat(_validated(ChatCompletionRequest, request.body), request.request_id)
@@ -340,3 +340,8 @@ def _all_tokens_now(tally: GenerationTally, tokens: int) -> None:
     if tokens:
         tally.first_token()
         tally.gaps(0.0, tokens - 1)
+
+
+def _path(endpoint: str) -> str:
+    """Where a client sent a request for ``endpoint`` (one the echo engine does not serve)."""
+    return f"/{endpoint}" if endpoint in ("tokenize", "detokenize") else f"/v1/{endpoint}"

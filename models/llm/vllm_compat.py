@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 _RESPONSES = "vllm.entrypoints.openai.responses.serving"
 _ANTHROPIC = "vllm.entrypoints.anthropic.serving"
+_TOKENIZE = "vllm.entrypoints.serve.tokenize.serving"
 
 # (module, attribute path, parameters the gateway passes by name or relies on).
 CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -62,6 +63,8 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (_RESPONSES, "OpenAIServingResponses.cancel_responses", ("response_id",)),
     (_ANTHROPIC, "AnthropicServingMessages.create_messages", ("request",)),
     (_ANTHROPIC, "AnthropicServingMessages.count_tokens", ("request",)),
+    (_TOKENIZE, "ServingTokenization.create_tokenize", ("request", "raw_request")),
+    (_TOKENIZE, "ServingTokenization.create_detokenize", ("request", "raw_request")),
     (_ANTHROPIC, "AnthropicServingMessages.messages_full_converter", ("generator",)),
     (
         _ANTHROPIC,
@@ -115,12 +118,16 @@ INSTANCE_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 # Where ``init_app_state`` leaves each serving object, by the gateway's endpoint.
 STATE_MODULE = "vllm.entrypoints.generate.api_router"  # sets them
+# ``/tokenize`` of chat messages: its own schema (vLLM's server picks it the same way, by the body).
+TOKENIZE_CHAT = "tokenize_chat"
 STATE_NAMES = {
     "chat": "openai_serving_chat",
     "completion": "openai_serving_completion",
     "responses": "openai_serving_responses",
     "messages": "anthropic_serving_messages",
 }
+# And the tokenizer routes' (``init_app_state`` sets it itself).
+TOKENIZATION_STATE = "serving_tokenization"
 
 
 def check_contract() -> list[str]:
@@ -188,6 +195,7 @@ class Serving:
     completion: Any = None
     responses: Any = None
     messages: Any = None
+    tokenization: Any = None
     endpoints: dict[str, tuple[Any, Callable[..., Awaitable[Any]], str]] = field(default_factory=dict)
     error_response: Any = type(None)  # vLLM's ErrorResponse, once started
     delta_kind: Any = None
@@ -241,6 +249,7 @@ async def build_serving(
     )
     for endpoint, name in STATE_NAMES.items():
         setattr(serving, endpoint, getattr(state, name, None))
+    serving.tokenization = getattr(state, TOKENIZATION_STATE, None)
     _register_endpoints(serving)
     return serving
 
@@ -250,6 +259,11 @@ def _register_endpoints(serving: Serving) -> None:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.serve.tokenize.protocol import (
+        DetokenizeRequest,
+        TokenizeChatRequest,
+        TokenizeCompletionRequest,
+    )
 
     if serving.chat is not None:
         serving.endpoints["chat"] = (ChatCompletionRequest, serving.chat.create_chat_completion, "messages")
@@ -267,6 +281,11 @@ def _register_endpoints(serving: Serving) -> None:
         )
         serving.endpoints["messages"] = (AnthropicMessagesRequest, messages.create_messages, "messages")
         serving.endpoints["messages_count"] = (AnthropicCountTokensRequest, messages.count_tokens, "messages")
+    if serving.tokenization is not None:
+        tokenization = serving.tokenization
+        serving.endpoints["tokenize"] = (TokenizeCompletionRequest, tokenization.create_tokenize, "prompt")
+        serving.endpoints[TOKENIZE_CHAT] = (TokenizeChatRequest, tokenization.create_tokenize, "messages")
+        serving.endpoints["detokenize"] = (DetokenizeRequest, tokenization.create_detokenize, "tokens")
 
 
 def prompt_len(serving: Serving, engine_input: Any) -> int:

@@ -222,7 +222,7 @@ class VLLMEngine:
         create)``; vLLM's errors come back as GatewayError. Returns the parsed
         request and the result."""
         serving = self._vllm
-        endpoint = serving.endpoints.get(request.endpoint)
+        endpoint = serving.endpoints.get(_schema_key(request))
         if endpoint is None:
             raise ModelNotSupportedError(
                 f"The model `{self._config.name}` does not serve this endpoint.", param="model"
@@ -251,7 +251,7 @@ class VLLMEngine:
         generating: each prompt's tokens plus ``n`` times its output budget
         (``max_completion_tokens`` / ``max_tokens``; Responses:
         ``max_output_tokens``), else the rest of the window)."""
-        if request.endpoint == "messages_count":
+        if request.endpoint in _TOKENIZER:
             return 0
         serving = self._vllm
 
@@ -343,6 +343,8 @@ def _check_logprobs(endpoint: str, request: Any, most: int) -> None:
 
 # The endpoints whose requests name an output budget.
 _GENERATING = frozenset({"chat", "completion", "responses", "messages"})
+# The endpoints that only count or read tokens.
+_TOKENIZER = frozenset({"messages_count", "tokenize", "detokenize"})
 
 
 def _check_window(prompt: int, budget: int | None, limit: int, param: str) -> None:
@@ -397,6 +399,14 @@ def _known_fields(schema: type) -> frozenset[str]:
     return known
 
 
+def _schema_key(request: EngineRequest) -> str:
+    """Which of ``Serving.endpoints`` validates and answers ``request``: the
+    endpoint, but ``/tokenize`` of chat messages has a schema of its own."""
+    if request.endpoint == "tokenize" and "messages" in request.body:
+        return vllm_compat.TOKENIZE_CHAT
+    return request.endpoint
+
+
 def _with_request_id(request: EngineRequest) -> dict[str, Any]:
     """The body with vLLM's ``request_id`` (its engine request's id, and the
     base of chunk, completion and response ids): always the gateway's request
@@ -405,4 +415,6 @@ def _with_request_id(request: EngineRequest) -> dict[str, Any]:
     response's ``id``, so it gets OpenAI's ``resp_`` prefix."""
     if request.endpoint == "responses":
         return {**request.body, "request_id": f"resp_{request.request_id}"}
+    if request.endpoint in ("tokenize", "detokenize"):
+        return request.body  # no engine request, and vLLM's schemas would log the unknown field
     return {**request.body, "request_id": request.request_id}

@@ -95,6 +95,12 @@ def test_requests_without_a_valid_key_are_refused_and_probes_want_the_operations
         assert http.get("/v1/models").status_code == 401
         assert http.post("/v1/models/iris:predict", json={"instances": [[1, 2, 3, 4]]}).status_code == 401
         assert http.get("/v1/models", headers=bearer(secrets["ops"])).status_code == 401
+        # vLLM's tokenizer routes are outside /v1, and behind the same check.
+        tokens = {"model": VLLM_MODEL, "tokens": [1, 2]}
+        assert http.post("/tokenize", json={"model": VLLM_MODEL, "prompt": "Hello"}).status_code == 401
+        assert http.post("/detokenize", json=tokens).status_code == 401
+        assert http.post("/detokenize", json=tokens, headers=bearer(secrets["scoped"])).status_code == 404  # not its model
+        assert http.post("/detokenize", json=tokens, headers=bearer(secrets["full"])).status_code == 200
         # Health, readiness and metrics want the operations key, and only that.
         for path in ("/health", "/ready", "/metrics"):
             for headers in ({}, bearer(secrets["full"])):

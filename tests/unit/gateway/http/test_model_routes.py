@@ -58,6 +58,8 @@ def test_every_model_endpoint_whose_path_names_no_model_is_served_ahead_of_the_r
         "/v1/responses": "responses",
         "/v1/messages": "messages",
         "/v1/messages/count_tokens": "messages_count",
+        "/tokenize": "tokenize",
+        "/detokenize": "detokenize",
         "/v1/embeddings": "embedding",
     }
 

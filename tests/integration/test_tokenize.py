@@ -1,0 +1,75 @@
+"""vLLM's tokenizer routes (``POST /tokenize``, ``POST /detokenize``) through the
+gateway, on the real vLLM engine: the counts a client makes before it sends
+are the ones the engine then bills."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import VLLM_CONTEXT, VLLM_MODEL
+
+PROMPT = "Tell me about the harbour at dawn"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+
+
+def test_a_prompt_is_counted_as_a_completion_bills_it(http: httpx.Client, client: openai.OpenAI) -> None:
+    answer = http.post("/tokenize", json={"model": VLLM_MODEL, "prompt": PROMPT, "return_token_strs": True})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-variant"] == VLLM_MODEL and answer.headers["x-request-id"]
+    counted = answer.json()
+    assert counted["count"] == len(counted["tokens"]) == len(counted["token_strs"]) > 0
+    assert counted["max_model_len"] == VLLM_CONTEXT
+    completion = client.completions.create(model=VLLM_MODEL, prompt=PROMPT, max_tokens=1)
+    assert completion.usage is not None and completion.usage.prompt_tokens == counted["count"]
+    text = http.post("/detokenize", json={"model": VLLM_MODEL, "tokens": counted["tokens"]})
+    assert text.status_code == 200, text.text
+    assert text.json()["prompt"].strip() == PROMPT
+
+
+def test_messages_are_counted_through_the_chat_template_as_chat_bills_them(
+    http: httpx.Client, client: openai.OpenAI
+) -> None:
+    answer = http.post("/tokenize", json={"model": "vllm-alias", "messages": MESSAGES})  # an alias routes it
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-variant"] == VLLM_MODEL
+    chat = client.chat.completions.create(model=VLLM_MODEL, messages=MESSAGES, max_tokens=1)  # type: ignore[arg-type]
+    assert chat.usage is not None and chat.usage.prompt_tokens == answer.json()["count"]
+    plain = http.post("/tokenize", json={"model": VLLM_MODEL, "prompt": PROMPT}).json()
+    assert answer.json()["count"] > plain["count"]  # the template's own tokens
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/tokenize", {"model": VLLM_MODEL, "prompt": PROMPT, "messages": MESSAGES}, 400, "prompt"),
+        ("/tokenize", {"model": VLLM_MODEL, "prompt": PROMPT, "max_tokens": 3}, 400, "max_tokens"),
+        ("/tokenize", {"model": VLLM_MODEL, "prompt": 3}, 400, "prompt"),
+        ("/tokenize", {"model": VLLM_MODEL, "messages": MESSAGES, "chat_template": "{{ 1 }}"}, 400, "chat_template"),
+        (
+            "/tokenize",
+            {"model": VLLM_MODEL, "messages": MESSAGES, "chat_template_kwargs": {"chat_template": "{{ 1 }}"}},
+            400,
+            "chat_template_kwargs",
+        ),
+        ("/tokenize", {"prompt": PROMPT}, 400, "model"),
+        ("/tokenize", {"model": "nope", "prompt": PROMPT}, 404, "model"),
+        ("/tokenize", {"model": "echo", "prompt": PROMPT}, 404, "model"),
+        ("/tokenize", {"model": "minilm", "prompt": PROMPT}, 404, "model"),
+        ("/detokenize", {"model": VLLM_MODEL, "tokens": [-1]}, 400, "tokens[0]"),
+        ("/detokenize", {"model": VLLM_MODEL, "tokens": "abc"}, 400, "tokens"),
+    ],
+    ids=[
+        "both", "unknown-field", "prompt-type", "request-template", "template-in-kwargs", "no-model", "unknown-model",
+        "echo", "embedding",
+        "negative-token", "tokens-type",
+    ],
+)
+def test_bad_tokenizer_requests_are_refused_naming_the_field(
+    http: httpx.Client, path: str, body: dict[str, object], status: int, param: str
+) -> None:
+    answer = http.post(path, json=body)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param, error
