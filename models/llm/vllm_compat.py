@@ -114,6 +114,7 @@ INSTANCE_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (_ANTHROPIC, "AnthropicServingMessages", ("_merge_inline_system",)),
     ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat", ("online_renderer",)),
     ("vllm.renderers.online_renderer", "OnlineRenderer", ("renderer", "parser", "use_harmony")),
+    (_TOKENIZE, "ServingTokenization", ("renderer",)),
 )
 
 # Where ``init_app_state`` leaves each serving object, by the gateway's endpoint.
@@ -439,6 +440,16 @@ def forget_response(serving: Serving, response_id: str) -> None:
     if responses is not None:
         for store in (responses.response_store, responses.msg_store, responses.event_store):
             store.pop(response_id, None)
+
+
+def largest_token_id(serving: Serving) -> int | None:
+    """The largest token id the model knows, as vLLM's renderer bounds a
+    prompt's (the tokenizer's or the model's vocabulary, whichever is
+    larger); None without a tokenizer."""
+    tokenizer = serving.tokenization.renderer.tokenizer if serving.tokenization is not None else None
+    if tokenizer is None:
+        return None
+    return max(int(tokenizer.max_token_id), int(serving.model_config.get_vocab_size()) - 1)
 
 
 def calls_tools(serving: Serving) -> bool:

@@ -30,6 +30,7 @@ from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.sampling_checks import check_budget_fits, check_sampling
 from models.llm.stored import STORED, deleted_body
 from models.llm.template_checks import check_request_template
+from models.llm.token_checks import check_token_ids
 from models.llm.tool_checks import check_tool_calls
 from models.log_handlers import handlers_kept
 
@@ -52,6 +53,7 @@ class VLLMEngine:
         self._tokenizer_spec: dict[str, Any] | None = None
         self._placer: CorePlacer | None = None
         self._calls_tools = True  # as vLLM's renderer finds once started (vllm_compat.calls_tools)
+        self._largest_token: int | None = None  # the largest token id the model knows, once started
 
     @property
     def _vllm(self) -> vllm_compat.Serving:
@@ -101,6 +103,7 @@ class VLLMEngine:
         self._reaper = reaper_for_children()
         vllm_compat.guard_renders(self._serving, self._check_rendered)
         self._calls_tools = self._serving.chat is None or vllm_compat.calls_tools(self._serving)
+        self._largest_token = vllm_compat.largest_token_id(self._serving)
         mode = self._config.engine_core_cpus
         if mode != "vllm" and (placement := engine_core_placement(os.getpid())) is not None:
             self._placer = CorePlacer(placement, mode)
@@ -239,6 +242,8 @@ class VLLMEngine:
                 check_budget_fits(*_budget_field(request.endpoint, parsed), serving.max_model_len)
                 check_sampling(parsed, _budget(request.endpoint, parsed))
                 check_tool_calls(request.endpoint, request.body, parsed, self._config.name, self._calls_tools)
+            elif request.endpoint == "detokenize":
+                check_token_ids(parsed.tokens, self._largest_token)
             result = await call(parsed, create)
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
             raise vllm_errors.map_exception(exc, prompt_param) from None

@@ -58,12 +58,15 @@ def test_messages_are_counted_through_the_chat_template_as_chat_bills_them(
         ("/tokenize", {"model": "echo", "prompt": PROMPT}, 404, "model"),
         ("/tokenize", {"model": "minilm", "prompt": PROMPT}, 404, "model"),
         ("/detokenize", {"model": VLLM_MODEL, "tokens": [-1]}, 400, "tokens[0]"),
+        # vLLM's own server decodes an id past the vocabulary as nothing: an empty text.
+        ("/detokenize", {"model": VLLM_MODEL, "tokens": [10, 999_999]}, 400, "tokens[1]"),
+        ("/detokenize", {"model": VLLM_MODEL, "tokens": [2**62]}, 400, "tokens[0]"),
         ("/detokenize", {"model": VLLM_MODEL, "tokens": "abc"}, 400, "tokens"),
     ],
     ids=[
         "both", "unknown-field", "prompt-type", "request-template", "template-in-kwargs", "no-model", "unknown-model",
         "echo", "embedding",
-        "negative-token", "tokens-type",
+        "negative-token", "past-the-vocabulary", "past-64-bits", "tokens-type",
     ],
 )
 def test_bad_tokenizer_requests_are_refused_naming_the_field(
