@@ -33,6 +33,7 @@ from models.llm import echo_messages as anthropic
 from models.llm import echo_render as render
 from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of
+from models.llm.prompt_checks import check_not_empty
 from models.llm.sampling_checks import check_budget_fits
 from models.llm.stored import STORED, deleted_body
 
@@ -233,6 +234,7 @@ class EchoEngine:
             )
         if request.endpoint == "chat":
             return self._plan_chat(_validated(ChatCompletionRequest, request.body), request.request_id)
+        check_not_empty(request.body, "prompt")  # as the vLLM engine refuses it
         return self._plan_completion(_validated(CompletionRequest, request.body), request.request_id)
 
     def _plan_chat(self, req: ChatCompletionRequest, request_id: str) -> render.EchoPlan:

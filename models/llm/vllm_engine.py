@@ -30,7 +30,7 @@ from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.sampling_checks import check_budget_fits, check_sampling
 from models.llm.stored import STORED, deleted_body
 from models.llm.template_checks import check_request_template
-from models.llm.token_checks import check_token_ids
+from models.llm.prompt_checks import check_not_empty, check_prompt_ids, check_token_ids
 from models.llm.tool_checks import check_tool_calls
 from models.log_handlers import handlers_kept
 
@@ -234,6 +234,8 @@ class VLLMEngine:
         # vLLM's schemas take fields they do not know and drop them.
         check_fields(request.endpoint, request.body, _known_fields(schema))
         check_request_template(request.body)
+        if prompt_param == "messages" or request.endpoint == "completion":
+            check_not_empty(request.body, prompt_param)  # the Responses API's `input` may continue a conversation
         try:
             parsed = vllm_errors.validated(schema, _with_request_id(request))
             if request.endpoint in _GENERATING:
@@ -242,6 +244,8 @@ class VLLMEngine:
                 check_budget_fits(*_budget_field(request.endpoint, parsed), serving.max_model_len)
                 check_sampling(parsed, _budget(request.endpoint, parsed))
                 check_tool_calls(request.endpoint, request.body, parsed, self._config.name, self._calls_tools)
+                if request.endpoint == "completion":
+                    check_prompt_ids(parsed.prompt, self._largest_token)
             elif request.endpoint == "detokenize":
                 check_token_ids(parsed.tokens, self._largest_token)
             result = await call(parsed, create)

@@ -447,3 +447,24 @@ async def test_bad_requests_do_not_disturb_streams_in_flight(
         results = await asyncio.gather(*[good() for _ in range(4)], *[bad(session, i) for i in range(12)])
     assert results[:4] == [40] * 4
     assert set(results[4:]) == {400}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code", "param"),
+    [
+        (CHAT, {"messages": []}, "empty_array", "messages"),
+        (CHAT, {"messages": [], "stream": True}, "empty_array", "messages"),
+        (COMPLETIONS, {"prompt": []}, "empty_array", "prompt"),
+        (COMPLETIONS, {"prompt": [[1, 2], [999_999]]}, None, "prompt[1][0]"),
+        (COMPLETIONS, {"prompt": [5, -1], "stream": True}, None, "prompt[1]"),
+        ("/tokenize", {"messages": []}, "empty_array", "messages"),
+    ],
+    ids=["chat", "chat-stream", "completion", "batch-past-the-vocabulary", "negative-id-stream", "tokenize"],
+)
+def test_a_prompt_vllm_refuses_naming_no_field_is_refused_naming_it(
+    http: httpx.Client, path: str, body: dict[str, object], code: str | None, param: str
+) -> None:
+    """vLLM named no field for these ("Cannot apply chat template to an empty
+    conversation", "Token id 999999 is out of vocabulary")."""
+    budget = {"max_tokens": 2} if path != "/tokenize" else {}
+    assert_error(http.post(path, json={"model": VLLM_MODEL, **budget, **body}), 400, code, param)

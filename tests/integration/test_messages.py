@@ -108,6 +108,9 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
         "type": "error",
         "error": {"type": "invalid_request_error", "message": "Missing required parameter: 'messages[0].content[1].text'."},
     }
+    with pytest.raises(anthropic.BadRequestError) as empty:  # vLLM's own words named no field
+        claude.messages.create(model=VLLM_MODEL, max_tokens=4, messages=[])
+    assert empty.value.body["error"]["message"].startswith("Invalid 'messages': empty array.")  # type: ignore[index]
     unknown = http.post("/v1/messages/batches", json={})
     assert (unknown.status_code, unknown.json()["error"]["type"]) == (404, "not_found_error")
 

@@ -1,0 +1,61 @@
+"""What a request's prompt must be before vLLM reads it, refused naming the
+field where vLLM names none.
+
+- An empty array where the prompt goes (chat's and the Messages API's
+  ``messages``, the Responses API's ``input``, a completion's ``prompt``):
+  vLLM refused it naming no field ("Cannot apply chat template to an empty
+  conversation", "You must pass at least one prompt"); refused here as
+  OpenAI refuses one, ``Invalid 'messages': empty array...``, code
+  ``empty_array``.
+- Token ids outside the model's vocabulary: in a completion's ``prompt``
+  vLLM refused them naming no field; ``/detokenize`` decoded them as
+  nothing (``[999999]`` came back as an empty text) or, past 64 bits, failed
+  with a Rust error. Refused here naming the id's place (``prompt[1][0]``,
+  ``tokens[2]``), with the bound vLLM's renderer puts on a prompt's ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gateway.errors import InvalidRequestError
+
+
+def check_not_empty(body: Mapping[str, Any], field: str) -> None:
+    """Refuses (400, ``empty_array``) a ``field`` of ``body`` that is an empty array."""
+    if body.get(field) == []:
+        raise InvalidRequestError(
+            f"Invalid '{field}': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            param=field,
+            code="empty_array",
+        )
+
+
+def check_prompt_ids(prompt: Any, largest: int | None) -> None:
+    """Refuses token ids outside the vocabulary in a (vLLM-parsed) completion
+    ``prompt``: one prompt of ids, or a batch whose prompts may be ids."""
+    if not isinstance(prompt, list) or not prompt:
+        return
+    if _ids(prompt):
+        check_token_ids(prompt, largest, "prompt")
+        return
+    for index, one in enumerate(prompt):
+        if isinstance(one, list) and _ids(one):
+            check_token_ids(one, largest, f"prompt[{index}]")
+
+
+def _ids(values: list[Any]) -> bool:
+    return all(isinstance(value, int) for value in values)
+
+
+def check_token_ids(tokens: Sequence[int], largest: int | None, field: str = "tokens") -> None:
+    """Refuses (400) the first id of ``tokens`` outside 0 to ``largest`` (None: no bound known)."""
+    if largest is None:
+        return
+    for index, token in enumerate(tokens):
+        if not 0 <= token <= largest:
+            raise InvalidRequestError(
+                f"Invalid '{field}[{index}]': token id {token} is not in the model's vocabulary (0 to {largest}).",
+                param=f"{field}[{index}]",
+            )

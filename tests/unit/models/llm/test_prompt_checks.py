@@ -1,0 +1,48 @@
+"""models/llm/prompt_checks.py: empty prompt arrays and ids outside the vocabulary, refused naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import InvalidRequestError
+from models.llm.prompt_checks import check_not_empty, check_prompt_ids, check_token_ids
+
+
+@pytest.mark.parametrize("tokens, param", [([5, 1024], "tokens[1]"), ([-1], "tokens[0]"), ([3, 2**62, -1], "tokens[1]")])
+def test_an_id_past_the_vocabulary_is_refused_naming_its_place(tokens: list[int], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_token_ids(tokens, 1023)
+    assert (caught.value.status_code, caught.value.param) == (400, param)
+    assert "(0 to 1023)" in caught.value.message
+
+
+def test_ids_in_the_vocabulary_pass_and_no_bound_checks_nothing() -> None:
+    check_token_ids([0, 1023], 1023)
+    check_token_ids([], 1023)
+    check_token_ids([10**9], None)
+
+
+@pytest.mark.parametrize("field", ["messages", "prompt"])
+def test_an_empty_array_where_the_prompt_goes_is_refused_as_openai_refuses_it(field: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_not_empty({field: []}, field)
+    assert (caught.value.param, caught.value.code) == (field, "empty_array")
+    assert caught.value.message == (
+        f"Invalid '{field}': empty array. Expected an array with minimum length 1, but got an empty array instead."
+    )
+    for body in ({field: ["x"]}, {field: ""}, {}):  # an empty string is the schema's to judge
+        check_not_empty(body, field)
+
+
+@pytest.mark.parametrize(
+    "prompt, param", [([5, 1024], "prompt[1]"), ([[1, 2], [3, 1024]], "prompt[1][1]"), (["a", [-1]], "prompt[1][0]")]
+)
+def test_a_prompts_ids_past_the_vocabulary_are_refused_naming_their_place(prompt: list[object], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_prompt_ids(prompt, 1023)
+    assert caught.value.param == param
+
+
+def test_text_prompts_and_ids_in_the_vocabulary_pass() -> None:
+    for prompt in ("text", ["a", "b"], [1, 1023], [[0], [1023]], [], None):
+        check_prompt_ids(prompt, 1023)
