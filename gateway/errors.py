@@ -141,8 +141,8 @@ class InvalidRequestError(GatewayError):
         field's path in ``param`` (``gateway.validation``)."""
         from gateway.validation import describe
 
-        message, param = describe(exc.errors())
-        return cls(message, param=param)
+        message, param, code = describe(exc.errors())
+        return cls(message, param=param, code=code)
 
 
 class ContextLengthExceededError(InvalidRequestError):

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 # (``str``, ``list[int]``, ``function-after[...]``) or a class
 # (``ChatCompletionUserMessageParam``); OpenAI's fields are snake_case.
 _SHAPE = re.compile(r"[A-Z][A-Za-z0-9_]*|str|int|float|bool|bytes|none|list|dict|.*[-\[\](),].*")
+INVALID_TYPE = "invalid_type"
 _QUOTED = re.compile(r"'([^']*)'")  # the values in a literal error's ``expected``
 _WANTED = {
     "string_type": "a string",
@@ -79,40 +80,50 @@ def _problem(error: Any) -> _Problem:
     return _Problem(error, path_of(loc), len(steps), tuple(loc[: last_shape + 1]))
 
 
-def describe(errors: Sequence[Any]) -> tuple[str, str | None]:
-    """The message and ``param`` for pydantic's ``errors`` (``exc.errors()``)."""
+class Refusal(NamedTuple):
+    """A 400's message, ``param`` and ``code``, as OpenAI's validation words them."""
+
+    message: str
+    param: str | None
+    code: str | None = None
+
+
+def describe(errors: Sequence[Any]) -> Refusal:
+    """The refusal of pydantic's ``errors`` (``exc.errors()``)."""
     field = tuple(errors[0]["loc"][:1])  # the first field pydantic found wrong
     problems = [_problem(e) for e in errors if tuple(e["loc"][:1]) == field]
     error = closest(problems).error
     param = path_of(error["loc"]) or None
     if error["type"] == "missing":
-        return f"Missing required parameter: '{param}'.", param
+        return Refusal(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
     if error["type"] == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}", param
+        return Refusal(f"Unrecognized request argument supplied: {param}", param)
     here = [p.error for p in problems if p.path == param]
     if error["type"] in _WANTED and param is not None:
         kinds = list(dict.fromkeys(_WANTED[e["type"]] for e in here if e["type"] in _WANTED))
         expected = kinds[0] if len(kinds) == 1 else "one of " + ", ".join(kinds[:-1]) + " or " + kinds[-1]
         got = _json_type(error.get("input"))
-        return f"Invalid type for '{param}': expected {expected}, but got {got} instead.", param
+        return Refusal(f"Invalid type for '{param}': expected {expected}, but got {got} instead.", param, INVALID_TYPE)
     if error["type"] == "literal_error" and param is not None:
         allowed = (str(e.get("ctx", {}).get("expected", "")) for e in here if e["type"] == "literal_error")
         found = dict.fromkeys(value for text in allowed for value in _QUOTED.findall(text))
         values = ", ".join(f"'{value}'" for value in found)
         if values:
-            return f"Invalid value for '{param}': {error.get('input')!r}. Supported values are: {values}.", param
+            message = f"Invalid value for '{param}': {error.get('input')!r}. Supported values are: {values}."
+            return Refusal(message, param, "invalid_value")
     if param is not None and (length := _length_words(error)) is not None:
-        return f"Invalid '{param}': {length}", param
+        return Refusal(f"Invalid '{param}': {length[0]}", param, length[1])
     if param is not None and (bound := bound_words(error)) is not None:
-        return f"Invalid '{param}': {bound}", param
+        return Refusal(f"Invalid '{param}': {bound[0]}", param, bound[1])
     message = str(error["msg"]).removeprefix("Value error, ")
-    return (f"Invalid value for '{param}': {message}" if param else message), param
+    return Refusal((f"Invalid value for '{param}': {message}" if param else message), param)
 
 
-def _length_words(error: Any) -> str | None:
+def _length_words(error: Any) -> tuple[str, str | None] | None:
     """An array's or string's length out of bounds, in OpenAI's words
     ("array too long. Expected an array with maximum length 4, but got an
-    array with length 5 instead."); None for any other problem."""
+    array with length 5 instead.") and code (``array_above_max_length``,
+    ``string_above_max_length``, ``empty_array``); None for any other problem."""
     ctx = error.get("ctx") or {}
     kind = {"too_short": "array", "too_long": "array", "string_too_short": "string", "string_too_long": "string"}
     what = kind.get(error["type"])
@@ -120,17 +131,19 @@ def _length_words(error: Any) -> str | None:
         return None
     value = error.get("input")
     got = len(value) if isinstance(value, (str, list, tuple, dict)) else ctx.get("actual_length")
+    code: str | None
     if error["type"].endswith("too_long"):
         bound, most = "maximum", ctx.get("max_length")
-        said = f"{what} too long"
+        said, code = f"{what} too long", f"{what}_above_max_length"
     else:
         bound, most = "minimum", ctx.get("min_length")
         said = f"empty {what}" if got == 0 else f"{what} too short"
+        code = "empty_array" if got == 0 and what == "array" else None  # the codes OpenAI is known to send
     if most is None or got is None:
         return None
     article = "an" if what == "array" else "a"
     sent = f"an empty {what}" if got == 0 else f"{article} {what} with length {got}"
-    return f"{said}. Expected {article} {what} with {bound} length {most}, but got {sent} instead."
+    return f"{said}. Expected {article} {what} with {bound} length {most}, but got {sent} instead.", code
 
 
 # A number out of its bounds, as pydantic names the bound: its side and OpenAI's sign.
@@ -142,9 +155,10 @@ _BOUNDS = {
 }
 
 
-def bound_words(error: Any) -> str | None:
+def bound_words(error: Any) -> tuple[str, str] | None:
     """A number out of bounds, in OpenAI's words ("integer below minimum
-    value. Expected a value >= 1, but got 0 instead."); None for any other problem."""
+    value. Expected a value >= 1, but got 0 instead.") and code
+    (``integer_below_min_value``); None for any other problem."""
     bound = _BOUNDS.get(error["type"])
     if bound is None:
         return None
@@ -153,7 +167,14 @@ def bound_words(error: Any) -> str | None:
     value = error.get("input")
     if limit is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return out_of_bounds(value, side, sign, limit)
+    return out_of_bounds(value, side, sign, limit), bound_code(value, side, limit)
+
+
+def bound_code(value: float, side: str, limit: float) -> str:
+    """OpenAI's code for ``value`` on the wrong ``side`` of ``limit``: ``integer_below_min_value``,
+    ``decimal_above_max_value``..."""
+    kind = "integer" if isinstance(value, int) and isinstance(limit, int) else "decimal"
+    return f"{kind}_{'below_min' if side.startswith('below') else 'above_max'}_value"
 
 
 def out_of_bounds(value: float, side: str, sign: str, limit: float) -> str:
@@ -275,8 +296,8 @@ def _kinds(annotation: Any) -> set[Any]:
     return {typing.get_args(m)[0] if typing.get_origin(m) is typing.Annotated else m for m in members}
 
 
-def check_scalars(schema: type[BaseModel], body: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The refusal (message, ``param``), in OpenAI's words, of the first top-level field of
+def check_scalars(schema: type[BaseModel], body: Mapping[str, Any]) -> Refusal | None:
+    """The refusal, in OpenAI's words (code ``invalid_type``), of the first top-level field of
     ``body`` whose value is not of the JSON type ``schema`` takes there (a
     boolean for a number, a string for a boolean...); None when every one
     is. An integral field's fractional number is left to pydantic, whose
@@ -287,5 +308,6 @@ def check_scalars(schema: type[BaseModel], body: Mapping[str, Any]) -> tuple[str
         if kind is None or value is None:
             continue
         if isinstance(value, bool) != (kind == "a boolean") or not isinstance(value, _TAKES[kind]):
-            return f"Invalid type for '{name}': expected {kind}, but got {_json_type(value)} instead.", name
+            message = f"Invalid type for '{name}': expected {kind}, but got {_json_type(value)} instead."
+            return Refusal(message, name, INVALID_TYPE)
     return None

@@ -19,7 +19,7 @@ from gateway.errors import (
     ServiceUnavailableError,
 )
 from gateway.http.observe import current_request_id, route_path
-from gateway.validation import describe
+from gateway.validation import Refusal, describe
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +112,10 @@ def install_handlers(app: FastAPI) -> None:
         # FastAPI's locations start with where the field was (``body``); the client's path follows.
         found = [{**error, "loc": tuple(error["loc"][1:])} for error in exc.errors()]
         if not found or found[0]["type"] == "json_invalid" or not found[0]["loc"]:
-            message, param = "We could not parse the JSON body of your request. The body must be valid JSON.", None
+            refusal = Refusal("We could not parse the JSON body of your request. The body must be valid JSON.", None)
         else:
-            message, param = describe(found)
-        return error_response(InvalidRequestError(message, param=param), request)
+            refusal = describe(found)
+        return error_response(InvalidRequestError(refusal.message, param=refusal.param, code=refusal.code), request)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)

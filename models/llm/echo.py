@@ -305,7 +305,7 @@ _Schema = TypeVar("_Schema", bound=BaseModel)
 
 def _validated(schema: type[_Schema], body: dict[str, Any]) -> _Schema:
     if (wrong := check_scalars(schema, body)) is not None:  # pydantic's lax mode would convert it
-        raise InvalidRequestError(wrong[0], param=wrong[1])
+        raise InvalidRequestError(wrong.message, param=wrong.param, code=wrong.code)
     try:
         return schema.model_validate(body)
     except ValidationError as exc:

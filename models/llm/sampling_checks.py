@@ -23,7 +23,7 @@ import math
 from typing import Any, NamedTuple
 
 from gateway.errors import InvalidRequestError
-from gateway.validation import out_of_bounds
+from gateway.validation import bound_code, out_of_bounds
 
 
 class Bounds(NamedTuple):
@@ -70,6 +70,7 @@ def check_sampling(request: Any, budget: int | None) -> None:
             f"Invalid 'min_tokens': {out_of_bounds(least, 'above maximum', '<=', budget)} "
             "It may not exceed the request's output budget.",
             param="min_tokens",
+            code=bound_code(least, "above maximum", budget),
         )
 
 
@@ -110,12 +111,13 @@ def _check(field: str, value: float, bounds: Bounds) -> None:
         raise InvalidRequestError(f"Invalid '{field}': expected a finite number, but got {value} instead.", param=field)
     low, high = bounds.low, bounds.high
     if low is not None and (value < low or (bounds.open_low and value == low)):
-        words = out_of_bounds(value, "below minimum", ">" if bounds.open_low else ">=", low)
+        side, sign, limit = "below minimum", ">" if bounds.open_low else ">=", low
     elif high is not None and value > high:
-        words = out_of_bounds(value, "above maximum", "<=", high)
+        side, sign, limit = "above maximum", "<=", high
     else:
         return
-    raise InvalidRequestError(f"Invalid '{field}': {words}", param=field)
+    words = out_of_bounds(value, side, sign, limit)
+    raise InvalidRequestError(f"Invalid '{field}': {words}", param=field, code=bound_code(value, side, limit))
 
 
 def check_budget_fits(field: str, budget: int | None, most: int) -> None:

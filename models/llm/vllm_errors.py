@@ -113,7 +113,7 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
     assistant message by its path (``messages[0].tool_calls[1].function``);
     a ``logit_bias`` outside OpenAI's range is refused, not clamped."""
     if (wrong := check_scalars(schema, body)) is not None:  # pydantic's lax mode would convert it
-        raise errors.InvalidRequestError(wrong[0], param=wrong[1])
+        raise errors.InvalidRequestError(wrong.message, param=wrong.param, code=wrong.code)
     not_an_array = _calls_not_an_array(body)  # before vLLM's validator makes a list of them
     try:
         parsed = schema.model_validate(body)
@@ -220,8 +220,8 @@ def _checked(where: tuple[int | str, ...], check: Callable[[], Any]) -> Any:
         return check()
     except ValidationError as exc:
         found = [{**error, "loc": (*where, *error["loc"])} for error in exc.errors()]
-        message, param = describe(found)
-        raise errors.InvalidRequestError(message, param=param) from None
+        message, param, code = describe(found)
+        raise errors.InvalidRequestError(message, param=param, code=code) from None
 
 
 def _wrong_field(schema: Any, body: dict[str, Any]) -> errors.InvalidRequestError | None:

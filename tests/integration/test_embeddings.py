@@ -114,10 +114,10 @@ async def test_concurrent_requests_share_batches(gateway: Gateway) -> None:
             {"input": "hi", "encoding_format": "int8"},
             "Invalid value for 'encoding_format': 'int8'. Supported values are: 'float', 'base64'.",
             "encoding_format",
-            None,
+            "invalid_value",
         ),
         ({"input": "hi", "stream": True}, "Unrecognized request argument supplied: stream", "stream", None),
-        ({}, "Missing required parameter: 'input'.", "input", None),
+        ({}, "Missing required parameter: 'input'.", "input", "missing_required_parameter"),
     ],
     ids=[
         "empty-string", "empty-in-list", "empty-list", "token-ids", "non-string",

@@ -98,8 +98,11 @@ def test_a_field_of_the_wrong_shape_is_named_by_its_path_in_the_json(
     http: httpx.Client, path: str, body: dict[str, object], param: str, message: str
 ) -> None:
     """As OpenAI names it (`messages[0].content`), never by the names of the
-    shapes the field may take (`messages.0.ChatCompletionDeveloperMessageParam`)."""
-    error = assert_error(http.post(path, json=body), 400, None, param)
+    shapes the field may take (`messages.0.ChatCompletionDeveloperMessageParam`),
+    with OpenAI's code for what is wrong."""
+    kinds = {"Invalid type": "invalid_type", "Missing": "missing_required_parameter", "Invalid value": "invalid_value"}
+    code = next(value for prefix, value in kinds.items() if message.startswith(prefix))
+    error = assert_error(http.post(path, json=body), 400, code, param)
     assert error["message"].startswith(message), error["message"]
 
 
@@ -170,7 +173,9 @@ def test_a_sampling_field_out_of_range_is_named_in_openais_words(
     """vLLM's own server names no field for a penalty, min_p, top_k or min_tokens out of range."""
     prompt = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HELLO}
     body = {"model": VLLM_MODEL, **prompt, "max_tokens": 2, field: value, "stream": stream}
-    error = assert_error(http.post(path, json=body), 400, None, field)
+    # OpenAI's code for its words: "decimal below minimum value" is decimal_below_min_value.
+    code = message.split(".")[0].replace("minimum", "min").replace("maximum", "max").replace(" ", "_")
+    error = assert_error(http.post(path, json=body), 400, code, field)
     assert error["message"] == f"Invalid '{field}': {message}"
 
 
@@ -212,7 +217,7 @@ def test_a_scalar_of_another_json_type_is_refused_not_converted(
     prompt = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HELLO}
     for stream in (False, True):
         body = {"model": model, **prompt, "max_tokens": 2, field: value, "stream": stream}
-        error = assert_error(http.post(path, json=body), 400, None, field)
+        error = assert_error(http.post(path, json=body), 400, "invalid_type", field)
         assert error["message"] == f"Invalid type for '{field}': {words} instead."
 
 
@@ -255,22 +260,22 @@ def test_json_nested_too_deeply_is_400(http: httpx.Client, depth: int) -> None:
 
 @pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
 @pytest.mark.parametrize(
-    ("body", "param"),
+    ("body", "param", "code"),
     [
-        ({"messages": HELLO}, "model"),
-        ({"model": "{model}", "messages": HELLO, "temperature": "hot"}, "temperature"),
-        ({"model": "{model}", "messages": HELLO, "n": 0}, "n"),
-        ({"model": "{model}", "messages": HELLO, "stream": "yes"}, "stream"),
-        ({"model": "{model}", "messages": "hi"}, "messages"),
-        ({"model": "{model}", "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
-        ({"model": "{model}", "messages": HELLO, "logit_bias": {"5": 500}}, "logit_bias.5"),
+        ({"messages": HELLO}, "model", "missing_required_parameter"),
+        ({"model": "{model}", "messages": HELLO, "temperature": "hot"}, "temperature", "invalid_type"),
+        ({"model": "{model}", "messages": HELLO, "n": 0}, "n", "integer_below_min_value"),
+        ({"model": "{model}", "messages": HELLO, "stream": "yes"}, "stream", "invalid_type"),
+        ({"model": "{model}", "messages": "hi"}, "messages", "invalid_type"),
+        ({"model": "{model}", "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options", None),
+        ({"model": "{model}", "messages": HELLO, "logit_bias": {"5": 500}}, "logit_bias.5", "decimal_above_max_value"),
     ],
 )
 def test_invalid_fields_are_400_naming_the_field(
-    http: httpx.Client, model: str, body: dict, param: str
+    http: httpx.Client, model: str, body: dict, param: str, code: str | None
 ) -> None:
     body = {k: (model if v == "{model}" else v) for k, v in body.items()}
-    error = assert_error(http.post(CHAT, json=body), 400, None)
+    error = assert_error(http.post(CHAT, json=body), 400, code)
     assert param in (error["param"] or "")
 
 
@@ -456,7 +461,7 @@ async def test_bad_requests_do_not_disturb_streams_in_flight(
         (CHAT, {"messages": [], "stream": True}, "empty_array", "messages"),
         (COMPLETIONS, {"prompt": []}, "empty_array", "prompt"),
         (COMPLETIONS, {"prompt": [[1, 2], [999_999]]}, None, "prompt[1][0]"),
-        (COMPLETIONS, {"prompt": [5, -1], "stream": True}, None, "prompt[1]"),
+        (COMPLETIONS, {"prompt": [5, -1], "stream": True}, "integer_below_min_value", "prompt[1]"),  # by its schema
         ("/tokenize", {"messages": []}, "empty_array", "messages"),
     ],
     ids=["chat", "chat-stream", "completion", "batch-past-the-vocabulary", "negative-id-stream", "tokenize"],

@@ -163,6 +163,31 @@ def test_a_value_a_shape_of_its_type_refuses_is_named_as_openai_names_it(
     assert (error.param, error.message) == (param, message)
 
 
+class Bounded(BaseModel):
+    n: Annotated[int, Field(ge=1)] = 1
+    temperature: Annotated[float, Field(le=2)] = 1.0
+
+
+@pytest.mark.parametrize(
+    ("schema", "body", "code"),
+    [
+        (ChatCompletionRequest, {"model": "m", "messages": [{"content": "x"}]}, "missing_required_parameter"),
+        (ChatCompletionRequest, {"model": "m", "messages": "hi"}, "invalid_type"),
+        (ChatCompletionRequest, {"model": "m", "messages": USER, "reasoning_effort": "huge"}, "invalid_value"),
+        (Limited, {"tags": []}, "empty_array"),
+        (Limited, {"stop": ["a"] * 5}, "array_above_max_length"),
+        (Limited, {"name": "x" * 9}, "string_above_max_length"),
+        (Limited, {"tags": ["a"]}, None),  # no code OpenAI is known to send for it
+        (Bounded, {"n": 0}, "integer_below_min_value"),
+        (Bounded, {"temperature": 3}, "decimal_above_max_value"),
+    ],
+    ids=["missing", "type", "literal", "empty-array", "array-too-long", "string-too-long", "array-too-short",
+         "integer-below", "decimal-above"],
+)
+def test_a_refusal_carries_openais_code_for_its_kind(schema: type[BaseModel], body: dict[str, Any], code: str | None) -> None:
+    assert refused(schema, body).code == code
+
+
 def test_the_first_field_pydantic_found_wrong_is_the_one_reported() -> None:
     error = refused(Body, {"parts": [{"type": "image"}], "n": "x"})
     assert error.message == "Missing required parameter: 'model'."
@@ -206,7 +231,8 @@ def test_a_scalar_pydantic_would_convert_is_refused_naming_it(
 ) -> None:
     prompt = {ChatCompletionRequest: {"messages": USER}, CompletionRequest: {"prompt": "hi"}}.get(schema, {"input": "hi"})
     assert schema.model_validate({"model": "m", **prompt, field: value})  # pydantic alone takes it
-    assert check_scalars(schema, {"model": "m", field: value}) == (f"Invalid type for '{field}': {words} instead.", field)
+    refusal = check_scalars(schema, {"model": "m", field: value})
+    assert refusal == (f"Invalid type for '{field}': {words} instead.", field, "invalid_type")
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,9 @@ def test_a_field_out_of_range_is_refused_naming_it(parse: Any, field: str, value
         check_sampling(parse(**{field: value}), budget=16)
     assert (caught.value.param, caught.value.message) == (field, f"Invalid '{field}': {words}")
     assert caught.value.status_code == 400
+    # OpenAI's code for its words: "integer below minimum value" is integer_below_min_value.
+    kind = words.split(".")[0].replace("minimum", "min").replace("maximum", "max")
+    assert caught.value.code == kind.replace(" ", "_")
 
 
 @pytest.mark.parametrize(
