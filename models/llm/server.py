@@ -133,7 +133,8 @@ class LLMServer:
         tally = tally if tally is not None else GenerationTally()
         if request.endpoint == "responses_input_items":
             return Reply(await self._input_items(request), tally.outcome())
-        body = await self._engine.complete(request, tally)
+        with self._stored.unless_refused(request):
+            body = await self._engine.complete(request, tally)
         self._stored.deleted(request)
         return Reply(body, tally.outcome())
 
@@ -156,7 +157,8 @@ class LLMServer:
         self._requests += 1
         request = self._stored.admit(request)
         tally = GenerationTally()
-        frames = await self._engine.stream(request, tally)
+        with self._stored.unless_refused(request):
+            frames = await self._engine.stream(request, tally)
         return self._counted(frames, tally), tally.outcome
 
     async def _counted(self, frames: AsyncIterator[bytes], tally: GenerationTally) -> AsyncIterator[bytes]:

@@ -12,10 +12,11 @@ it: for any other key the response does not exist (404, as for an unknown id).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from gateway.errors import ResponseNotFoundError
@@ -68,6 +69,21 @@ class StoredResponses:
         if self.size > 0 and request.body.get("store", True) is not False:
             self._keep(relay.response_id(self.replica, request.request_id), _Kept(request.owner, request.body.get("input")))
         return dataclasses.replace(request, request_id=self.replica + request.request_id)
+
+    @contextlib.contextmanager
+    def unless_refused(self, request: EngineRequest) -> Iterator[None]:
+        """Around the engine's call for an admitted ``request``: a new response
+        the engine refuses (or that is left before its answer) is not kept,
+        nor its input, which may be far larger than any window (a prompt
+        refused as too long)."""
+        try:
+            yield
+        except BaseException:
+            if request.endpoint == "responses":
+                response_id = relay.RESPONSE_PREFIX + request.request_id  # admitted: the replica's id leads it
+                if self._kept.pop(response_id, None) is not None:
+                    self._forget(response_id)
+            raise
 
     def deleted(self, request: EngineRequest) -> None:
         """Forgets the response a ``responses_delete`` request named, once

@@ -357,6 +357,18 @@ def test_a_responses_input_items_are_listed_as_openai_lists_them(client: openai.
         client.responses.input_items.list(first.id)
 
 
+def test_a_response_the_engine_refuses_is_not_kept(client: openai.OpenAI, gateway: Gateway) -> None:
+    """Nor its input: a prompt refused as too long may be far larger than the window."""
+    before = gateway.call(VLLM_MODEL, "stats")["stored_responses"]
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model=VLLM_MODEL, input="harbour " * 4 * VLLM_CONTEXT, max_output_tokens=2)
+    assert gateway.call(VLLM_MODEL, "stats")["stored_responses"] == before
+    kept = client.responses.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=2)
+    assert gateway.call(VLLM_MODEL, "stats")["stored_responses"] == before + 1
+    client.responses.delete(kept.id)
+
+
 async def test_deleting_a_background_response_stops_its_engine_request(client: openai.OpenAI, gateway: Gateway) -> None:
     before = await settled_generated_tokens(gateway)
     queued = await asyncio.to_thread(

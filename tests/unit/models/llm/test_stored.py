@@ -102,3 +102,22 @@ def test_input_items_are_the_requests_own_input_for_its_key_only() -> None:
         stored.admit(dataclasses.replace(ask, owner="team-b"))
     with pytest.raises(ResponseNotFoundError):
         stored.input_items(dataclasses.replace(ask, owner="team-b"))
+
+
+def test_a_response_the_engine_refuses_is_not_kept_nor_its_input() -> None:
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 10, forget=dropped.append)
+    refused = stored.admit(create("req1", input="word " * 100_000))  # refused as too long, say
+    with pytest.raises(ValueError), stored.unless_refused(refused):
+        raise ValueError("too long")
+    assert (len(stored), dropped) == (0, [f"resp_{REPLICA}req1"])
+    with pytest.raises(ResponseNotFoundError):
+        stored.check(named("responses_retrieve", f"resp_{REPLICA}req1"))
+    answered = stored.admit(create("req2"))
+    with stored.unless_refused(answered):
+        pass
+    assert len(stored) == 1
+    retrieve = stored.admit(named("responses_retrieve", f"resp_{REPLICA}req2"))
+    with pytest.raises(ResponseNotFoundError), stored.unless_refused(retrieve):  # not a new response: kept
+        raise ResponseNotFoundError("gone from the engine")
+    assert len(stored) == 1
