@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class EmbeddingRequest(BaseModel):
@@ -12,18 +12,11 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: str | list[Any] = Field(description="Text, or a list of texts, to embed.")
+    input: str | Annotated[list[Any], Field(min_length=1)] = Field(description="Text, or a list of texts, to embed.")
     model: str = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _refuse_empty(cls, value: object) -> object:
-        if isinstance(value, list) and not value:
-            raise ValueError("'input' must not be an empty list")
-        return value
 
     def texts(self) -> list[str]:
         """The inputs as a list of texts.

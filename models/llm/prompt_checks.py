@@ -6,7 +6,8 @@ field where vLLM names none.
   vLLM refused it naming no field ("Cannot apply chat template to an empty
   conversation", "You must pass at least one prompt"); refused here as
   OpenAI refuses one, ``Invalid 'messages': empty array...``, code
-  ``empty_array``.
+  ``empty_array``. The Responses API's ``input`` only where nothing else
+  makes a conversation (no ``instructions``, no ``previous_response_id``).
 - Token ids outside the model's vocabulary: in a completion's ``prompt``
   vLLM refused them naming no field; ``/detokenize`` decoded them as
   nothing (``[999999]`` came back as an empty text) or, past 64 bits, failed
@@ -30,6 +31,14 @@ def check_not_empty(body: Mapping[str, Any], field: str) -> None:
             param=field,
             code="empty_array",
         )
+
+
+def check_input(body: Mapping[str, Any]) -> None:
+    """A Responses API request's ``input``: an empty array only continues a
+    conversation (``previous_response_id``) or follows ``instructions``;
+    with neither there is nothing to answer."""
+    if not body.get("previous_response_id") and not body.get("instructions"):
+        check_not_empty(body, "input")
 
 
 def check_prompt_ids(prompt: Any, largest: int | None) -> None:

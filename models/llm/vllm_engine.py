@@ -30,7 +30,7 @@ from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.sampling_checks import check_budget_fits, check_sampling
 from models.llm.stored import STORED, deleted_body
 from models.llm.template_checks import check_request_template
-from models.llm.prompt_checks import check_not_empty, check_prompt_ids, check_token_ids
+from models.llm.prompt_checks import check_input, check_not_empty, check_prompt_ids, check_token_ids
 from models.llm.tool_checks import check_tool_calls
 from models.log_handlers import handlers_kept
 
@@ -235,7 +235,9 @@ class VLLMEngine:
         check_fields(request.endpoint, request.body, _known_fields(schema))
         check_request_template(request.body)
         if prompt_param == "messages" or request.endpoint == "completion":
-            check_not_empty(request.body, prompt_param)  # the Responses API's `input` may continue a conversation
+            check_not_empty(request.body, prompt_param)
+        elif request.endpoint == "responses":
+            check_input(request.body)
         try:
             parsed = vllm_errors.validated(schema, _with_request_id(request))
             if request.endpoint in _GENERATING:

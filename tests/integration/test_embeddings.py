@@ -94,7 +94,12 @@ async def test_concurrent_requests_share_batches(gateway: Gateway) -> None:
     [
         ({"input": ""}, "'input' is an empty string", "input", None),
         ({"input": ["ok", ""]}, "'input[1]' is an empty string", "input", None),
-        ({"input": []}, "Invalid value for 'input': 'input' must not be an empty list", "input", None),
+        (
+            {"input": []},
+            "Invalid 'input': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            "input",
+            "empty_array",
+        ),
         ({"input": [[101, 2023]]}, "'input[0]': token-id input is not supported; send text", "input", None),
         ({"input": ["ok", 3.5]}, "'input[1]' must be a string, not float", "input", None),
         ({"input": ["x"] * 65}, "'input' holds 65 entries; this model accepts at most 64 per request.", "input", None),

@@ -463,13 +463,14 @@ async def test_bad_requests_do_not_disturb_streams_in_flight(
         (COMPLETIONS, {"prompt": [[1, 2], [999_999]]}, None, "prompt[1][0]"),
         (COMPLETIONS, {"prompt": [5, -1], "stream": True}, "integer_below_min_value", "prompt[1]"),  # by its schema
         ("/tokenize", {"messages": []}, "empty_array", "messages"),
+        ("/v1/responses", {"input": []}, "empty_array", "input"),
     ],
-    ids=["chat", "chat-stream", "completion", "batch-past-the-vocabulary", "negative-id-stream", "tokenize"],
+    ids=["chat", "chat-stream", "completion", "batch-past-the-vocabulary", "negative-id-stream", "tokenize", "responses"],
 )
 def test_a_prompt_vllm_refuses_naming_no_field_is_refused_naming_it(
     http: httpx.Client, path: str, body: dict[str, object], code: str | None, param: str
 ) -> None:
     """vLLM named no field for these ("Cannot apply chat template to an empty
     conversation", "Token id 999999 is out of vocabulary")."""
-    budget = {"max_tokens": 2} if path != "/tokenize" else {}
+    budget = {"/tokenize": {}, "/v1/responses": {"max_output_tokens": 2}}.get(path, {"max_tokens": 2})
     assert_error(http.post(path, json={"model": VLLM_MODEL, **budget, **body}), 400, code, param)

@@ -357,6 +357,17 @@ def test_a_responses_input_items_are_listed_as_openai_lists_them(client: openai.
         client.responses.input_items.list(first.id)
 
 
+def test_an_empty_input_is_answered_only_after_instructions_or_a_previous_response(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=VLLM_MODEL, input=[], max_output_tokens=2)
+    assert (caught.value.param, caught.value.code) == ("input", "empty_array")
+    instructed = client.responses.create(model=VLLM_MODEL, input=[], instructions="Name a harbour.", max_output_tokens=2)
+    continued = client.responses.create(model=VLLM_MODEL, input=[], previous_response_id=instructed.id, max_output_tokens=2)
+    # Served: prompted with the earlier answer (instructions are not carried over, as with OpenAI).
+    assert continued.previous_response_id == instructed.id
+    assert continued.usage is not None and continued.usage.input_tokens > 0 and continued.usage.output_tokens > 0
+
+
 def test_a_response_the_engine_refuses_is_not_kept(client: openai.OpenAI, gateway: Gateway) -> None:
     """Nor its input: a prompt refused as too long may be far larger than the window."""
     before = gateway.call(VLLM_MODEL, "stats")["stored_responses"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequestError
-from models.llm.prompt_checks import check_not_empty, check_prompt_ids, check_token_ids
+from models.llm.prompt_checks import check_input, check_not_empty, check_prompt_ids, check_token_ids
 
 
 @pytest.mark.parametrize("tokens, param", [([5, 1024], "tokens[1]"), ([-1], "tokens[0]"), ([3, 2**62, -1], "tokens[1]")])
@@ -46,3 +46,12 @@ def test_a_prompts_ids_past_the_vocabulary_are_refused_naming_their_place(prompt
 def test_text_prompts_and_ids_in_the_vocabulary_pass() -> None:
     for prompt in ("text", ["a", "b"], [1, 1023], [[0], [1023]], [], None):
         check_prompt_ids(prompt, 1023)
+
+
+def test_an_empty_responses_input_is_refused_only_where_nothing_else_makes_a_conversation() -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_input({"input": []})
+    assert (caught.value.param, caught.value.code) == ("input", "empty_array")
+    check_input({"input": [], "previous_response_id": "resp_1"})
+    check_input({"input": [], "instructions": "Be brief."})
+    check_input({"input": "hi"})
