@@ -36,7 +36,7 @@ from gateway.http.stored import holding, input_items_query, retrieve_query
 from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
-from gateway.protocol.engine import Endpoint, EngineRequest, Outcome, Reply
+from gateway.protocol.engine import COUNTING, Endpoint, EngineRequest, Outcome, Reply
 from gateway.protocol.envelope import ModelEnvelope, ResponsesEnvelope
 from gateway.routing.table import Route, RouteTable
 
@@ -141,7 +141,7 @@ class ModelDispatcher:
     async def _most_tokens(self, model: ServedModel, call: EngineRequest) -> int:
         """What a token limit reserves for ``call``: the model's own count for
         LLMs, a bound from the input for embeddings, none for predictions."""
-        if call.endpoint in ("messages_count", "tokenize", "detokenize"):
+        if call.endpoint in COUNTING:
             return 0  # counts tokens, generates none
         client = model.client
         if isinstance(client, LLMClient):

@@ -58,6 +58,7 @@ ENDPOINTS: Mapping[Endpoint, EndpointSpec] = _specs(
     EndpointSpec("chat", "/v1/chat/completions", LLM, RequestEnvelope, streams=True),
     EndpointSpec("completion", "/v1/completions", LLM, RequestEnvelope, streams=True),
     EndpointSpec("responses", "/v1/responses", LLM, ResponsesEnvelope, streams=True),
+    EndpointSpec("responses_input_tokens", "/v1/responses/input_tokens", LLM, ResponsesEnvelope),
     EndpointSpec("responses_retrieve", "/v1/responses/{response_id}", LLM, None),
     EndpointSpec("responses_cancel", "/v1/responses/{response_id}/cancel", LLM, None),
     EndpointSpec("responses_delete", "/v1/responses/{response_id}", LLM, None),

@@ -34,6 +34,8 @@ from gateway.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, Tok
 from gateway.protocol.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
 from gateway.protocol.responses_api import (
     InputItemList,
+    InputTokenCount,
+    InputTokensRequest,
     ResponseCreateRequest,
     ResponseDeleted,
     ResponseObject,
@@ -57,6 +59,9 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
     ("/v1/responses", "post"): (
         ResponseCreateRequest, {JSON: ResponseObject, SSE: ResponseStreamEvent},
         (400, 401, 404, 408, 413, 429, 503, 504),
+    ),
+    ("/v1/responses/input_tokens", "post"): (
+        InputTokensRequest, {JSON: InputTokenCount}, (400, 401, 404, 408, 413, 429, 503),
     ),
     ("/v1/responses/{response_id}", "get"): (
         None, {JSON: ResponseObject, SSE: ResponseStreamEvent}, (400, 401, 404, 429, 503),

@@ -13,6 +13,7 @@ Endpoint = Literal[
     "responses_cancel",  # POST /v1/responses/{id}/cancel: body {"response_id"}
     "responses_delete",  # DELETE /v1/responses/{id}: body {"response_id"}
     "responses_input_items",  # GET /v1/responses/{id}/input_items: body {"response_id", "after", "limit", "order"}
+    "responses_input_tokens",  # POST /v1/responses/input_tokens
     "messages",  # Anthropic's POST /v1/messages
     "messages_count",  # Anthropic's POST /v1/messages/count_tokens
     "tokenize",  # vLLM's POST /tokenize
@@ -21,6 +22,9 @@ Endpoint = Literal[
     "predict",
     "infer",
 ]
+
+# Endpoints that count a prompt's tokens and generate none.
+COUNTING: frozenset[str] = frozenset({"responses_input_tokens", "messages_count", "tokenize", "detokenize"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,27 @@ UNSUPPORTED: Mapping[str, Mapping[str, str]] = {
         "moderation": "moderation",
     },
     "messages": {"container": "containers"},
+    "responses_input_tokens": {
+        "conversation": "conversations; use `previous_response_id`",
+        "personality": "personality presets",
+    },
 }
+
+# The only fields of a Responses request that ``POST /v1/responses/input_tokens``
+# takes (OpenAI's; vLLM's ``chat_template_kwargs`` change the rendering, so
+# they count too): what would only shape the answer is not counted, so it is
+# refused rather than silently ignored.
+INPUT_TOKENS_FIELDS = frozenset(
+    {
+        "model", "input", "instructions", "previous_response_id", "tools", "tool_choice",
+        "parallel_tool_calls", "reasoning", "text", "truncation", "chat_template_kwargs",
+    }
+)
+
+
+def counted_fields(endpoint: str, known: frozenset[str]) -> frozenset[str]:
+    """The fields of an engine's schema (``known``) a request of ``endpoint`` may send."""
+    return known & INPUT_TOKENS_FIELDS if endpoint == "responses_input_tokens" else known
 
 # Fields vLLM once had and now ignores.
 REMOVED: Mapping[str, str] = {

@@ -104,6 +104,7 @@ ENDPOINTS: frozenset[str] = frozenset(
         "responses_cancel",
         "responses_delete",
         "responses_input_items",
+        "responses_input_tokens",
         "messages",
         "messages_count",
         "tokenize",

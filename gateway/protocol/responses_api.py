@@ -75,6 +75,33 @@ class ResponseDeleted(BaseModel):
     deleted: Literal[True] = True
 
 
+class InputTokensRequest(BaseModel):
+    """``POST /v1/responses/input_tokens``: the prompt tokens a ``POST
+    /v1/responses`` with these fields would be billed (its ``usage.input_tokens``);
+    fields that only shape the answer are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="Model or alias whose tokenizer and chat template count.")
+    input: str | list[dict[str, Any]] = Field(description="Text, or a list of input items.")
+    instructions: str | None = None
+    previous_response_id: str | None = Field(
+        None, description="Count the stored response's conversation too: answered by the replica that keeps it."
+    )
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM's: they change the rendering.")
+
+
+class InputTokenCount(BaseModel):
+    object: Literal["response.input_tokens"] = "response.input_tokens"
+    input_tokens: int
+
+
 class InputItemList(BaseModel):
     """``GET /v1/responses/{id}/input_items``: the request's ``input`` as sent,
     as OpenAI's items (each with an ``id`` and ``status``), ``order`` ``desc``

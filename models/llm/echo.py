@@ -28,12 +28,14 @@ from gateway.errors import (
 )
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
+from gateway.protocol.engine import COUNTING
+from gateway.protocol.extras import INPUT_TOKENS_FIELDS, check_fields
 from gateway.validation import check_scalars
 from models.llm import echo_messages as anthropic
 from models.llm import echo_render as render
 from models.llm import echo_responses as responses
-from models.llm.engine import EngineInfo, body_of, frames_of
-from models.llm.prompt_checks import check_not_empty
+from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
+from models.llm.prompt_checks import check_input, check_not_empty
 from models.llm.sampling_checks import check_budget_fits
 from models.llm.stored import STORED, deleted_body
 
@@ -92,6 +94,11 @@ class EchoEngine:
             return self._kept(request)
         if request.endpoint == "responses":
             return await self._respond(request, tally)
+        if request.endpoint == "responses_input_tokens":
+            check_fields(request.endpoint, request.body, INPUT_TOKENS_FIELDS)
+            check_input(request.body)  # as the vLLM engine refuses it
+            req = _validated(responses.EchoResponsesRequest, request.body)
+            return input_tokens_body(_words(responses.conversation(req, responses.previous_of(req, self._stored))))
         if request.endpoint in ("messages", "messages_count"):
             return self._message(request, tally)
         plan = self._plan(request)
@@ -130,7 +137,7 @@ class EchoEngine:
             prompt = anthropic.prompt_words(req)
             budget = self._budget(prompt, req.max_tokens, "messages")
             return prompt + len(render.answer(anthropic.last_user_text(req), budget, req.stop_sequences).tokens)
-        if request.endpoint == "messages_count":
+        if request.endpoint in COUNTING:
             return 0
         if request.endpoint == "responses":
             _, turns, answer = self._response_plan(request)
@@ -141,6 +148,7 @@ class EchoEngine:
     def _response_plan(
         self, request: EngineRequest
     ) -> tuple[responses.EchoResponsesRequest, list[responses.Turn], render.Answer]:
+        check_input(request.body)
         req = _validated(responses.EchoResponsesRequest, request.body)
         turns = responses.conversation(req, responses.previous_of(req, self._stored))
         asked = [text for role, text in responses.turns_of(req.input) if role == "user"]

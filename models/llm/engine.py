@@ -99,3 +99,8 @@ def frames_of(answer: bytes | AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     if isinstance(answer, bytes):
         raise TypeError("the engine made a whole body for a request to be streamed")
     return answer
+
+
+def input_tokens_body(count: int) -> bytes:
+    """What ``POST /v1/responses/input_tokens`` answers, as OpenAI does."""
+    return b'{"object":"response.input_tokens","input_tokens":%d}' % count

@@ -5,9 +5,10 @@ The engine keeps the responses themselves (vLLM's serving layer, in its own
 memory); this keeps, per response, the API key that made it and its
 request's ``input`` (for its input items), oldest first, and tells the
 engine to drop a response once more than ``size`` are kept. A request that
-names a stored response (``previous_response_id``, retrieve, cancel,
-delete, input items) is answered only when it comes with the key that made
-it: for any other key the response does not exist (404, as for an unknown id).
+names a stored response (``previous_response_id``, also when counting input
+tokens; retrieve, cancel, delete, input items) is answered only when it
+comes with the key that made it: for any other key the response does not
+exist (404, as for an unknown id).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class StoredResponses:
     def check(self, request: EngineRequest) -> None:
         """Raises ResponseNotFoundError (404) when ``request`` names a stored
         response that is not kept here for its key."""
-        if request.endpoint == "responses":
+        if request.endpoint in ("responses", "responses_input_tokens"):
             previous = request.body.get("previous_response_id")
             if isinstance(previous, str):
                 self._owned(previous, request.owner, "previous_response_id")

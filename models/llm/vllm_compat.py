@@ -272,6 +272,8 @@ def _register_endpoints(serving: Serving) -> None:
         serving.endpoints["completion"] = (CompletionRequest, serving.completion.create_completion, "prompt")
     if serving.responses is not None:
         serving.endpoints["responses"] = (ResponsesRequest, serving.responses.create_responses, "input")
+        # Counted by rendering it (``render_response``), never created.
+        serving.endpoints["responses_input_tokens"] = (ResponsesRequest, serving.responses.create_responses, "input")
     if serving.messages is not None:
         messages = serving.messages
         messages.messages_full_converter = vllm_errors.tool_inputs_checked(  # type: ignore[method-assign]

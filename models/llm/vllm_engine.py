@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import engine_core_placement
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
-from gateway.protocol.extras import check_fields
+from gateway.protocol.engine import COUNTING
+from gateway.protocol.extras import check_fields, counted_fields
 from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
 from models.llm.core_placement import CorePlacer
-from models.llm.engine import EngineInfo, body_of, frames_of
+from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.sampling_checks import check_budget_fits, check_sampling
 from models.llm.stored import STORED, deleted_body
@@ -160,6 +161,8 @@ class VLLMEngine:
         """What vLLM answers ``request`` with: a body, or (``stream``) events."""
         if request.endpoint in STORED:
             return await self._stored(request, tally)
+        if request.endpoint == "responses_input_tokens":
+            return input_tokens_body(await self._input_tokens(request))
         token = vllm_streams.TALLY.set(tally)
         try:
             parsed, result = await self._served(request, lambda parsed, create: create(parsed, None))
@@ -232,11 +235,11 @@ class VLLMEngine:
             )
         schema, create, prompt_param = endpoint
         # vLLM's schemas take fields they do not know and drop them.
-        check_fields(request.endpoint, request.body, _known_fields(schema))
+        check_fields(request.endpoint, request.body, counted_fields(request.endpoint, _known_fields(schema)))
         check_request_template(request.body)
         if prompt_param == "messages" or request.endpoint == "completion":
             check_not_empty(request.body, prompt_param)
-        elif request.endpoint == "responses":
+        elif prompt_param == "input":
             check_input(request.body)
         try:
             parsed = vllm_errors.validated(schema, _with_request_id(request))
@@ -257,12 +260,22 @@ class VLLMEngine:
             raise vllm_errors.map_error(result.model_dump(), prompt_param)
         return parsed, result
 
+    async def _input_tokens(self, request: EngineRequest) -> int:
+        """The tokens of a Responses request's prompt, with its previous
+        response's conversation, as vLLM renders it to generate."""
+        serving = self._vllm
+
+        async def counted(parsed: Any, create: Any) -> int:
+            return vllm_compat.prompt_len(serving, await vllm_compat.render_response(serving, parsed))
+
+        return (await self._served(request, counted))[1]
+
     async def most_tokens(self, request: EngineRequest) -> int:
         """Renders the request as vLLM will (chat template, tokenizer) without
         generating: each prompt's tokens plus ``n`` times its output budget
         (``max_completion_tokens`` / ``max_tokens``; Responses:
         ``max_output_tokens``), else the rest of the window)."""
-        if request.endpoint in _TOKENIZER:
+        if request.endpoint in COUNTING:
             return 0
         serving = self._vllm
 
@@ -354,8 +367,6 @@ def _check_logprobs(endpoint: str, request: Any, most: int) -> None:
 
 # The endpoints whose requests name an output budget.
 _GENERATING = frozenset({"chat", "completion", "responses", "messages"})
-# The endpoints that only count or read tokens.
-_TOKENIZER = frozenset({"messages_count", "tokenize", "detokenize"})
 
 
 def _check_window(prompt: int, budget: int | None, limit: int, param: str) -> None:

@@ -30,6 +30,7 @@ MODELS = {
     "/v1/chat/completions": LLMS,
     "/v1/completions": LLMS,
     "/v1/responses": LLMS,
+    "/v1/responses/input_tokens": LLMS,
     "/v1/messages": LLMS,
     "/v1/messages/count_tokens": LLMS,
     "/v1/embeddings": ["minilm", "embed", "echo", "no-such-model"],

@@ -292,7 +292,12 @@ def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
             theirs.responses.retrieve(made.id)  # `chat` is theirs too, the response is not
         with pytest.raises(openai.NotFoundError):
             theirs.responses.create(model="chat", input="four", previous_response_id=made.id)
-        assert mine.responses.create(model="chat", input="four", previous_response_id=made.id).output_text == "four"
+        follow_up = mine.responses.create(model="chat", input="four", previous_response_id=made.id)
+        assert follow_up.output_text == "four" and follow_up.usage is not None
+        with pytest.raises(openai.NotFoundError):  # nor count with it
+            theirs.responses.input_tokens.count(model="chat", input="four", previous_response_id=made.id)
+        counted = mine.responses.input_tokens.count(model="chat", input="four", previous_response_id=made.id)
+        assert counted.input_tokens == follow_up.usage.input_tokens
         with pytest.raises(openai.NotFoundError):
             theirs.responses.input_items.list(made.id)  # nor list its input
         assert [getattr(item, "content")[0].text for item in mine.responses.input_items.list(made.id)] == ["one two three"]

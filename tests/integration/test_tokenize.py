@@ -1,6 +1,7 @@
-"""vLLM's tokenizer routes (``POST /tokenize``, ``POST /detokenize``) through the
-gateway, on the real vLLM engine: the counts a client makes before it sends
-are the ones the engine then bills."""
+"""vLLM's tokenizer routes (``POST /tokenize``, ``POST /detokenize``) and OpenAI's
+``POST /v1/responses/input_tokens`` through the gateway, on the real vLLM
+engine: the counts a client makes before it sends are the ones the engine
+then bills."""
 
 from __future__ import annotations
 
@@ -40,6 +41,25 @@ def test_messages_are_counted_through_the_chat_template_as_chat_bills_them(
     assert answer.json()["count"] > plain["count"]  # the template's own tokens
 
 
+def test_a_responses_input_is_counted_as_the_response_bills_it(client: openai.OpenAI) -> None:
+    raw = client.responses.input_tokens.with_raw_response.count(model="vllm-alias", input=PROMPT, instructions="Be brief.")
+    assert raw.headers["x-gateway-variant"] == VLLM_MODEL
+    counted = raw.parse()
+    assert counted.object == "response.input_tokens"
+    first = client.responses.create(model=VLLM_MODEL, input=PROMPT, instructions="Be brief.", max_output_tokens=3)
+    assert first.usage is not None and first.usage.input_tokens == counted.input_tokens
+    # A follow-up is counted with the conversation it continues, by the replica that keeps it.
+    more = client.responses.input_tokens.count(model=VLLM_MODEL, input="And at dusk?", previous_response_id=first.id)
+    follow_up = client.responses.create(
+        model=VLLM_MODEL, input="And at dusk?", previous_response_id=first.id, max_output_tokens=3
+    )
+    assert follow_up.usage is not None and follow_up.usage.input_tokens == more.input_tokens
+    assert more.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+
+
+COUNT = "/v1/responses/input_tokens"
+
+
 @pytest.mark.parametrize(
     "path, body, status, param",
     [
@@ -62,11 +82,20 @@ def test_messages_are_counted_through_the_chat_template_as_chat_bills_them(
         ("/detokenize", {"model": VLLM_MODEL, "tokens": [10, 999_999]}, 400, "tokens[1]"),
         ("/detokenize", {"model": VLLM_MODEL, "tokens": [2**62]}, 400, "tokens[0]"),
         ("/detokenize", {"model": VLLM_MODEL, "tokens": "abc"}, 400, "tokens"),
+        (COUNT, {"model": VLLM_MODEL, "input": PROMPT, "max_output_tokens": 3}, 400, "max_output_tokens"),
+        (COUNT, {"model": VLLM_MODEL, "input": PROMPT, "stream": True}, 400, "stream"),
+        (COUNT, {"model": VLLM_MODEL, "input": PROMPT, "conversation": "conv_1"}, 400, "conversation"),
+        (COUNT, {"model": VLLM_MODEL, "input": []}, 400, "input"),
+        (COUNT, {"input": PROMPT}, 400, "model"),
+        (COUNT, {"model": VLLM_MODEL, "input": PROMPT, "previous_response_id": "resp_nonsense"}, 404, "previous_response_id"),
+        (COUNT, {"model": "minilm", "input": PROMPT}, 404, "model"),
     ],
     ids=[
         "both", "unknown-field", "prompt-type", "request-template", "template-in-kwargs", "no-model", "unknown-model",
         "echo", "embedding",
         "negative-token", "past-the-vocabulary", "past-64-bits", "tokens-type",
+        "count-answer-field", "count-stream", "count-conversation", "count-empty", "count-no-model",
+        "count-unknown-previous", "count-embedding",
     ],
 )
 def test_bad_tokenizer_requests_are_refused_naming_the_field(

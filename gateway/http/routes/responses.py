@@ -1,5 +1,6 @@
 """OpenAI's Responses API, served by the model's own vLLM serving layer:
-``POST /v1/responses``, and the stored responses' ``GET /v1/responses/{id}``
+``POST /v1/responses``, ``POST /v1/responses/input_tokens`` (what a request's
+input counts), and the stored responses' ``GET /v1/responses/{id}``
 ``GET /v1/responses/{id}/input_items``, ``POST /v1/responses/{id}/cancel`` and
 ``DELETE /v1/responses/{id}``, answered by the replica that keeps them."""
 
@@ -17,6 +18,11 @@ router = APIRouter()
 @router.post("/v1/responses")
 async def create_response(request: Request, state: GatewayState = Depends(gateway_state)) -> Response:
     return await state.dispatcher.dispatch("responses", request)
+
+
+@router.post("/v1/responses/input_tokens")
+async def count_input_tokens(request: Request, state: GatewayState = Depends(gateway_state)) -> Response:
+    return await state.dispatcher.dispatch("responses_input_tokens", request)
 
 
 @router.get("/v1/responses/{response_id}")

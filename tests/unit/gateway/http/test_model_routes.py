@@ -56,6 +56,7 @@ def test_every_model_endpoint_whose_path_names_no_model_is_served_ahead_of_the_r
         "/v1/chat/completions": "chat",
         "/v1/completions": "completion",
         "/v1/responses": "responses",
+        "/v1/responses/input_tokens": "responses_input_tokens",
         "/v1/messages": "messages",
         "/v1/messages/count_tokens": "messages_count",
         "/tokenize": "tokenize",

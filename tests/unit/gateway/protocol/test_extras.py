@@ -10,10 +10,10 @@ import pytest
 from anthropic.types import message_count_tokens_params, message_create_params
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
-from openai.types.responses import response_create_params
+from openai.types.responses import input_token_count_params, response_create_params
 
 from gateway.errors import InvalidRequestError
-from gateway.protocol.extras import HINTS, REMOVED, UNSUPPORTED, check_fields
+from gateway.protocol.extras import HINTS, REMOVED, UNSUPPORTED, check_fields, counted_fields
 from models.llm.vllm_engine import _known_fields
 
 
@@ -26,6 +26,7 @@ def vllm_schemas() -> dict[str, type]:
     return {
         "chat": ChatCompletionRequest, "completion": CompletionRequest, "responses": ResponsesRequest,
         "messages": AnthropicMessagesRequest, "messages_count": AnthropicCountTokensRequest,
+        "responses_input_tokens": ResponsesRequest,
     }
 
 
@@ -35,13 +36,14 @@ SDK_PARAMS: dict[str, set[str]] = {
     "responses": set(response_create_params.ResponseCreateParamsBase.__annotations__),
     "messages": set(message_create_params.MessageCreateParamsBase.__annotations__),
     "messages_count": set(message_count_tokens_params.MessageCountTokensParams.__annotations__),
+    "responses_input_tokens": set(input_token_count_params.InputTokenCountParams.__annotations__),
 }
 
 
 @pytest.mark.parametrize("endpoint", sorted(SDK_PARAMS))
 def test_every_sdk_parameter_is_served_hinted_or_refused_by_name(endpoint: str) -> None:
-    known = _known_fields(vllm_schemas()[endpoint])
-    decided = set(HINTS[endpoint]) | set(UNSUPPORTED.get(endpoint, {}))
+    known = counted_fields(endpoint, _known_fields(vllm_schemas()[endpoint]))
+    decided = set(HINTS.get(endpoint, {})) | set(UNSUPPORTED.get(endpoint, {}))
     assert SDK_PARAMS[endpoint] - known - decided == set()  # a new one: decide what it means here
     assert decided & known == set()  # vLLM learnt one: its schema serves it now
     assert decided <= SDK_PARAMS[endpoint]
@@ -104,3 +106,14 @@ def test_hints_that_cannot_change_the_answer_are_taken(endpoint: str, fields: di
 def test_the_schemas_own_fields_and_aliases_pass() -> None:
     check_fields("chat", {**HELLO, "max_tokens": 3, "top_k": 5}, CHAT_KNOWN)
     assert "max_tokens" in _known_fields(vllm_schemas()["messages"])
+
+
+def test_counting_input_tokens_takes_only_what_changes_the_prompt() -> None:
+    known = counted_fields("responses_input_tokens", _known_fields(vllm_schemas()["responses"]))
+    assert {"input", "instructions", "previous_response_id", "tools", "chat_template_kwargs"} <= known
+    for field in ("max_output_tokens", "temperature", "stream", "store", "background"):  # shape only the answer
+        assert field not in known
+        with pytest.raises(InvalidRequestError) as refused:
+            check_fields("responses_input_tokens", {"model": "m", "input": "hi", field: 1}, known)
+        assert refused.value.param == field
+    assert counted_fields("responses", frozenset({"stream"})) == {"stream"}

@@ -110,3 +110,31 @@ async def test_an_unstored_response_is_not_kept_and_bad_requests_are_refused(eng
     assert (caught.value.param, caught.value.code) == ("max_output_tokens", "invalid_value")
     assert "at most 64 output tokens" in caught.value.message
     assert await engine.most_tokens(create(max_output_tokens=3)) == 4 + 3
+
+
+async def test_input_tokens_are_what_the_response_would_be_billed(engine: EchoEngine) -> None:
+    from openai.types.responses import InputTokenCountResponse
+
+    async def count(**body: Any) -> int:
+        request = EngineRequest("responses_input_tokens", {"model": "echo", **body}, "c", "echo")
+        counted = InputTokenCountResponse.model_validate_json(await engine.complete(request, GenerationTally()))
+        assert counted.object == "response.input_tokens"
+        assert await engine.most_tokens(request) == 0  # counts, reserves nothing
+        return counted.input_tokens
+
+    first = await answer(engine, create("r1", instructions="be brief"))
+    assert first.usage is not None
+    assert await count(input="the harbour at dawn", instructions="be brief") == first.usage.input_tokens
+    follow_up = await answer(engine, create("r2", input="and at dusk", previous_response_id="resp_r1"))
+    assert follow_up.usage is not None
+    assert await count(input="and at dusk", previous_response_id="resp_r1") == follow_up.usage.input_tokens
+    with pytest.raises(ResponseNotFoundError):
+        await count(input="hi", previous_response_id="resp_gone")
+    with pytest.raises(InvalidRequestError) as refused:
+        await count(input="hi", max_output_tokens=5)  # shapes only the answer: not counted, refused
+    assert refused.value.param == "max_output_tokens"
+    assert await count(input=[], instructions="be brief") == 2
+    for endpoint in ("responses", "responses_input_tokens"):  # nothing to answer, as the vLLM engine says it
+        with pytest.raises(InvalidRequestError) as refused:
+            await engine.complete(EngineRequest(endpoint, {"model": "echo", "input": []}, "e", "echo"), GenerationTally())
+        assert (refused.value.param, refused.value.code) == ("input", "empty_array")

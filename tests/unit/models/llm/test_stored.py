@@ -121,3 +121,15 @@ def test_a_response_the_engine_refuses_is_not_kept_nor_its_input() -> None:
     with pytest.raises(ResponseNotFoundError), stored.unless_refused(retrieve):  # not a new response: kept
         raise ResponseNotFoundError("gone from the engine")
     assert len(stored) == 1
+
+
+def test_counting_input_tokens_after_a_response_needs_its_key_and_keeps_nothing() -> None:
+    stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
+    stored.admit(create("req1", owner="team-a"))
+    previous = {"model": "m", "input": "and?", "previous_response_id": f"resp_{REPLICA}req1"}
+    count = EngineRequest("responses_input_tokens", previous, "c1", "m", owner="team-a")
+    assert stored.admit(count) == count  # counted as sent
+    with pytest.raises(ResponseNotFoundError) as caught:
+        stored.admit(dataclasses.replace(count, owner="team-b"))
+    assert caught.value.param == "previous_response_id"
+    assert len(stored) == 1
