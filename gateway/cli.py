@@ -127,10 +127,11 @@ def new_key(args: argparse.Namespace) -> int:
 
 def build_model(out: Path, *, force: bool) -> int:
     from models.classical import build as classical
-    from models.llm import tiny
+    from models.llm import tiny, tiny_lora
 
     started = time.monotonic()
-    for path in tiny.build_all(out, force=force) + classical.build_all(out, force=force):
+    built = tiny.build_all(out, force=force) + tiny_lora.build_all(out, force=force)
+    for path in built + classical.build_all(out, force=force):
         print(f"==> local model ready: {path}")
     print(f"==> models ready in {time.monotonic() - started:.0f}s")
     return 0

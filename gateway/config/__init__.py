@@ -118,11 +118,25 @@ class GatewayConfig(StrictConfig):
             if model.name in seen:
                 raise ValueError(f"duplicate model name {model.name!r}")
             seen.add(model.name)
+        for model in models:
+            for adapter in getattr(model, "lora_adapters", {}):
+                if adapter in seen:
+                    raise ValueError(f"the LoRA adapter {adapter!r} of {model.name!r} has the name of another model")
+                seen.add(adapter)
         return models
+
+    def adapters(self) -> dict[str, ModelConfig]:
+        """Each LoRA adapter's name and the model whose replicas serve it."""
+        return {adapter: m for m in self.models for adapter in getattr(m, "lora_adapters", {})}
+
+    def served(self) -> dict[str, ModelConfig]:
+        """Every name a request may send that is not an alias: the models,
+        and their LoRA adapters (each with the model that serves it)."""
+        return {**{m.name: m for m in self.models}, **self.adapters()}
 
     @model_validator(mode="after")
     def _routes_name_served_models(self) -> GatewayConfig:
-        models = {m.name: m for m in self.models}
+        models = self.served()
         seen: set[str] = set()
         for index, route in enumerate(self.routing.routes):
             where = f"routing.routes[{index}] ({route.name!r})"

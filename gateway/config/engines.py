@@ -3,10 +3,12 @@ and a config file's model entry read as the config of the engine it names."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
+from gateway.config.base import ConfigError, ModelName
 from gateway.config.models import (
     DEFAULT_STORED_RESPONSES,
     ENGINE_KINDS,
@@ -15,6 +17,10 @@ from gateway.config.models import (
     ModelConfig,
     PlacementStrategy,
 )
+
+# vLLM's arguments that ``lora_adapters`` sets.
+LORA_ARGS = frozenset({"enable-lora", "lora-modules"})
+
 
 class LLMModelConfig(ModelConfig):
     """What LLM engines (vllm, echo) share: the context window, parallel
@@ -118,6 +124,14 @@ class VLLMModelConfig(LLMModelConfig):
         description="Further vLLM engine arguments by their CLI name without `--` "
         "(e.g. `enable-prefix-caching: true`); checked by vLLM's parser at start-up.",
     )
+    lora_adapters: dict[ModelName, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters of this model, served by its replicas as models of their own: "
+        "the name clients send as `model` (routable, A/B-able and key-scoped like any model) and "
+        "the adapter's directory (PEFT's `adapter_config.json` and weights). vLLM loads them at "
+        "start-up, with a rank limit from the adapters' own `r` and all of them batched together, "
+        "unless `engine_args` sets `max-lora-rank` / `max-loras`.",
+    )
 
     @model_validator(mode="after")
     def _one_whitespace_setting(self) -> VLLMModelConfig:
@@ -125,7 +139,29 @@ class VLLMModelConfig(LLMModelConfig):
             raise ValueError(
                 f"set either `json_whitespace` or `engine_args.{STRUCTURED_OUTPUTS_ARG}`, not both"
             )
+        if self.name in self.lora_adapters:
+            raise ValueError(f"the LoRA adapter {self.name!r} has the name of its own model")
+        if self.lora_adapters and LORA_ARGS & self.engine_args.keys():
+            raise ValueError(
+                "`lora_adapters` sets vLLM's `enable-lora` and `lora-modules`; leave them out of `engine_args`"
+            )
         return self
+
+    def resolved(self, base_dir: Path) -> VLLMModelConfig:
+        """Also the adapters' local directories made absolute (hub ids stay as given)."""
+        model = super().resolved(base_dir)
+        adapters: dict[str, str] = {}
+        for name, source in self.lora_adapters.items():
+            path = base_dir / Path(source).expanduser()
+            if (path / "adapter_config.json").is_file():
+                adapters[name] = str(path.resolve())
+            elif path.exists() or source.startswith((".", "/", "~")):
+                raise ConfigError(
+                    f"models[{self.name}].lora_adapters.{name}: no adapter_config.json in {str(path)!r}"
+                )
+            else:
+                adapters[name] = source
+        return model.model_copy(update={"lora_adapters": adapters})  # type: ignore[return-value]
 
 
 class EchoModelConfig(LLMModelConfig):

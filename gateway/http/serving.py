@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -246,6 +246,8 @@ def build_table(
         else:
             client.relay.capacity = _capacity(model)
         models[model.name] = ServedModel(model.name, model.kind, client, model.request_timeout_s)
+    for adapter, base in config.adapters().items():  # served by the base model's replicas
+        models[adapter] = replace(models[base.name], name=adapter)
     return ServingTable(routes, config.routing.cohort_header, MappingProxyType(models))
 
 

@@ -40,7 +40,7 @@ def _route_table(config: GatewayConfig) -> RouteTable:
         for route in config.routing.routes
     }
     seed = config.routing.seed
-    return RouteTable((m.name for m in config.models), aliases, random.Random(seed) if seed is not None else None)
+    return RouteTable(config.served(), aliases, random.Random(seed) if seed is not None else None)
 
 
 class GatewayState:
@@ -143,7 +143,9 @@ class GatewayState:
         replica running") beside a running model. The keys' ledger is reached
         too, where the replicas share one. A model that is down is looked for
         on in the background, as a request would."""
-        parts: list[ModelClient | LimiterClient] = [served.client for served in self.dispatcher.table.models.values()]
+        # Once per client: a model's LoRA adapters share it.
+        clients = dict.fromkeys(served.client for served in self.dispatcher.table.models.values())
+        parts: list[ModelClient | LimiterClient] = list(clients)
         if isinstance(self.limiter, LimiterClient) and self.config is not None and self.config.keys:
             parts.append(self.limiter)  # the keys' ledger, in the hub shared by the ingress replicas
         if parts:
@@ -201,7 +203,18 @@ class GatewayState:
             )
             for m in self.config.models
         ]
-        kinds = {m.name: m.kind for m in self.config.models}
+        adapters = [
+            ModelCard(
+                id=name,
+                created=self._created,
+                root=getattr(base, "lora_adapters", {})[name],
+                parent=base.name,
+                max_model_len=self._context.get(base.name),
+                kind=base.kind,
+            )
+            for name, base in self.config.adapters().items()
+        ]
+        kinds = {name: m.kind for name, m in self.config.served().items()}
         aliases = [
             ModelCard(
                 id=name,
@@ -211,7 +224,7 @@ class GatewayState:
             )
             for name, variants in self.routes.aliases().items()
         ]
-        return models + aliases
+        return models + adapters + aliases
 
     async def refresh_model_info(self) -> None:
         """Learns context windows the config left to the model (best effort)."""

@@ -17,9 +17,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llm-gateway"
-    # Extensions: vLLM's `root` and `max_model_len`; what the model serves
-    # (`llm`, `classifier`, `embedding`); for an alias, its variants.
+    # Extensions: vLLM's `root`, `parent` (a LoRA adapter's model) and
+    # `max_model_len`; what the model serves (`llm`, `classifier`,
+    # `embedding`); for an alias, its variants.
     root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
     kind: str | None = None
     variants: list[AliasVariant] | None = None

@@ -24,7 +24,7 @@ from gateway.affinity import engine_core_placement
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, counted_fields
-from models.llm import compact_json, vllm_compat, vllm_errors, vllm_streams
+from models.llm import compact_json, lora, vllm_compat, vllm_errors, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
@@ -80,6 +80,7 @@ class VLLMEngine:
             args += ["--enable-auto-tool-choice", "--tool-call-parser", c.tool_call_parser]
         if compact_json.is_compact(c):
             args += compact_json.engine_args()
+        args += lora.engine_args(c.lora_adapters, c.engine_args)
         for key, value in c.engine_args.items():
             if value is True:
                 args.append(f"--{key}")

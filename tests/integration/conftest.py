@@ -31,6 +31,7 @@ MODEL_DIR = MODELS / "tiny-chat-v1"
 APP = "llm-gateway-test"
 VLLM_MODEL = "tiny-chat-v1"
 VLLM_CONTEXT = 512
+LORA = "tiny-lora"  # a LoRA adapter of VLLM_MODEL, served by its replicas
 ECHO_CONTEXT = 256
 # Every ingress replica appends its JSON access and error lines here.
 ACCESS_LOG = Path(tempfile.mkdtemp(prefix="llm-gateway-test-")) / "access.log"
@@ -59,6 +60,7 @@ TEST_CONFIG: dict[str, Any] = {
             "kv_cache_space_gib": 1,
             "tool_call_parser": "hermes",
             "num_cpus": 0.1,
+            "lora_adapters": {LORA: str(MODELS / "tiny-chat-v1-lora")},
         },
         # The `chat` alias's variants run two replicas each: a stored response's
         # follow-ups must find the one replica that keeps it (test_responses).
@@ -89,6 +91,7 @@ TEST_CONFIG: dict[str, Any] = {
             {"name": "mirrored", "variants": {"echo": 1}, "shadow": {"variant": "echo-copy", "percent": 100}},
             {"name": "iris-ab", "variants": {"iris": 50, "iris-tree": 50}},
             {"name": "embed", "variants": {"minilm": 1}},
+            {"name": "lora-ab", "variants": {VLLM_MODEL: 1, LORA: 1}},
             {"name": "vllm-fb", "variants": {VLLM_MODEL: 1000, "echo": 1}, "fallback": True},  # test_faults
         ]
     },

@@ -6,14 +6,14 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import VLLM_CONTEXT, VLLM_MODEL
+from tests.integration.conftest import LORA, VLLM_CONTEXT, VLLM_MODEL
 
 
 def test_list_models_names_every_served_model(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
     assert set(models) == {
-        VLLM_MODEL, "echo", "echo-b", "echo-copy", "echo-narrow", "iris", "iris-tree", "minilm",
-        "chat", "vllm-alias", "fb", "mirrored", "iris-ab", "embed", "vllm-fb",
+        VLLM_MODEL, "echo", "echo-b", "echo-copy", "echo-narrow", "iris", "iris-tree", "minilm", LORA,
+        "chat", "vllm-alias", "fb", "mirrored", "iris-ab", "embed", "lora-ab", "vllm-fb",
     }
     assert models[VLLM_MODEL].model_extra["max_model_len"] == VLLM_CONTEXT
     kinds = {name: m.model_extra["kind"] for name, m in models.items()}

@@ -194,7 +194,8 @@ def test_scrape_has_every_family_and_bounded_labels(gateway: Gateway) -> None:
     labels = {key for _, ls in samples for key, _ in ls}
     assert not labels & {"user", "session", "path", "prompt", "request_id"}
     routes = {v for _, ls in samples for k, v in ls if k == "route"}
-    assert all(route.startswith("/") or route in {"unmatched", "chat", "vllm-alias", "fb", "mirrored", "iris-ab", "embed", "vllm-fb"} for route in routes)
+    aliases = {"chat", "vllm-alias", "fb", "mirrored", "iris-ab", "embed", "lora-ab", "vllm-fb"}
+    assert all(route.startswith("/") or route in {"unmatched", *aliases} for route in routes)
     assert not any("iris:predict" in route for route in routes), "raw paths leaked into labels"
 
 

@@ -101,3 +101,13 @@ def test_every_endpoint_names_its_path_and_kinds() -> None:
     assert {name for name, spec in ENDPOINTS.items() if spec.streams} == {"chat", "completion", "responses", "messages"}
     # Every model endpoint is behind the key check.
     assert all(spec.path.startswith(PROTECTED) and spec.kinds for spec in ENDPOINTS.values())
+
+
+def test_an_adapter_is_reached_through_its_models_client() -> None:
+    base = {"name": "base", "engine": "vllm", "model": "org/m", "request_timeout_s": 9, "lora_adapters": {"ada": "org/a"}}
+    config = parse_config({"models": [base]})
+    table = build_table(config, RouteTable(config.served()), {"base": Handle("base")}, None, replica_wait_s=1.0)
+    base, ada = table.model("base"), table.model("ada")
+    assert ada.client is base.client and (ada.name, ada.kind, ada.timeout_s) == ("ada", "llm", 9)
+    route = table.routes.resolve("ada")
+    assert route is not None and (route.target, route.alias) == ("ada", False)

@@ -263,3 +263,15 @@ async def test_warm_up_finds_each_models_replica_and_gives_up_on_a_model_that_is
     assert state.dispatcher.table.models["a"].client.relay.knows("a")  # type: ignore[union-attr]
     assert not state.dispatcher.table.models["b"].client.relay.knows("b")  # type: ignore[union-attr]
     assert state.dispatcher.table.models["iris"].client.running.fresh()  # type: ignore[union-attr]
+
+
+def test_an_adapter_is_listed_after_the_models_with_its_parent_and_window() -> None:
+    state = GatewayState(FrontDoorConfig(), NoHandle, lambda m: f"app:{m.name}")
+    base = {"name": "base", "engine": "vllm", "model": "/m/base", "max_model_len": 64}
+    base["lora_adapters"] = {"ada": "org/ada"}
+    state.apply([base, MODELS[0]], {"routes": [{"name": "ab", "variants": {"base": 1, "ada": 1}}]})
+    cards = state.model_cards()
+    assert [card.id for card in cards] == ["base", "a", "ada", "ab"]
+    assert (cards[2].parent, cards[2].root, cards[2].max_model_len, cards[2].kind) == ("base", "org/ada", 64, "llm")
+    assert cards[0].parent is None and cards[3].kind == "llm"
+    assert targets(state, "ab") == {"base", "ada"}
