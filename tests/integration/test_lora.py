@@ -4,11 +4,13 @@ model's replicas, on the real vLLM engine with the official SDK."""
 from __future__ import annotations
 
 import collections
+from typing import Any
 
+import anthropic
 import httpx
 import openai
 
-from tests.integration.conftest import LORA, MODELS, VLLM_CONTEXT, VLLM_MODEL
+from tests.integration.conftest import LORA, MODELS, VLLM_CONTEXT, VLLM_MODEL, Gateway
 
 PROMPT = "Tell me about the harbour"
 
@@ -35,12 +37,11 @@ def test_the_adapter_changes_what_the_model_says(client: openai.OpenAI) -> None:
 
 
 def test_the_adapter_streams_chat_and_answers_the_responses_api(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": PROMPT}]
-    chunks = list(
-        client.chat.completions.create(
-            model=LORA, messages=messages, max_tokens=8, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
-        )
+    messages: list[Any] = [{"role": "user", "content": PROMPT}]
+    stream = client.chat.completions.create(
+        model=LORA, messages=messages, max_tokens=8, stream=True, stream_options={"include_usage": True}
     )
+    chunks = list(stream)
     assert {chunk.model for chunk in chunks} == {LORA}
     usage = chunks[-1].usage
     assert usage is not None and 0 < usage.completion_tokens <= 8
@@ -56,3 +57,13 @@ def test_an_alias_splits_between_the_model_and_its_adapter(client: openai.OpenAI
         completion = client.completions.create(model="lora-ab", prompt=PROMPT, max_tokens=1, user=f"user-{user}")
         seen[completion.model] += 1
     assert set(seen) == {VLLM_MODEL, LORA}, seen
+
+
+def test_the_adapter_answers_the_messages_api_and_counts_as_its_model(gateway: Gateway, http: httpx.Client) -> None:
+    with anthropic.Anthropic(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=60) as claude:
+        message = claude.messages.create(model=LORA, max_tokens=4, messages=[{"role": "user", "content": PROMPT}])
+    assert message.model == LORA and message.usage.output_tokens > 0
+    counts = {}
+    for model in (VLLM_MODEL, LORA):
+        counts[model] = http.post("/tokenize", json={"model": model, "prompt": PROMPT}).json()["count"]
+    assert counts[LORA] == counts[VLLM_MODEL] > 0  # the model's tokenizer
