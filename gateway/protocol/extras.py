@@ -112,6 +112,7 @@ def counted_fields(endpoint: str, known: frozenset[str]) -> frozenset[str]:
     """The fields of an engine's schema (``known``) a request of ``endpoint`` may send."""
     return known & INPUT_TOKENS_FIELDS if endpoint == "responses_input_tokens" else known
 
+
 # Fields vLLM once had and now ignores.
 REMOVED: Mapping[str, str] = {
     "guided_json": "`response_format` with a `json_schema`, or `structured_outputs.json`",
