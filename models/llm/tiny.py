@@ -16,10 +16,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_Spec = TypeVar("_Spec", bound=_Named)
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 
@@ -102,12 +112,26 @@ def build_tiny_chat(spec: TinyModelSpec, out_dir: Path) -> Path:
 
 def build_all(root: Path, *, force: bool = False) -> list[Path]:
     """Builds every missing tiny chat model under ``root``; returns their paths."""
+    return build_missing(root, TINY_CHAT_MODELS, "model", is_built, build_tiny_chat, force=force)
+
+
+def build_missing(
+    root: Path,
+    specs: Sequence[_Spec],
+    what: str,
+    built: Callable[[Path], bool],
+    build: Callable[[_Spec, Path], Path],
+    *,
+    force: bool = False,
+) -> list[Path]:
+    """Builds each of ``specs`` (named ``spec.name``) under ``root`` that is
+    not ``built`` there yet; returns their paths."""
     paths = []
-    for spec in TINY_CHAT_MODELS:
+    for spec in specs:
         path = root / spec.name
-        if force or not is_built(path):
-            print(f"building local model {spec.name} in {path} ...", flush=True)
-            build_tiny_chat(spec, path)
+        if force or not built(path):
+            print(f"building local {what} {spec.name} in {path} ...", flush=True)
+            build(spec, path)
         paths.append(path)
     return paths
 

@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.llm.tiny import build_missing
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -75,11 +77,8 @@ def build_adapter(spec: TinyAdapterSpec, base_dir: Path, out_dir: Path) -> Path:
 
 def build_all(root: Path, *, force: bool = False) -> list[Path]:
     """Builds every missing adapter under ``root``, beside its base model."""
-    paths = []
-    for spec in TINY_ADAPTERS:
-        path = root / spec.name
-        if force or not is_built(path):
-            print(f"building local LoRA adapter {spec.name} in {path} ...", flush=True)
-            build_adapter(spec, root / spec.base, path)
-        paths.append(path)
-    return paths
+
+    def build(spec: TinyAdapterSpec, path: Path) -> Path:
+        return build_adapter(spec, root / spec.base, path)
+
+    return build_missing(root, TINY_ADAPTERS, "LoRA adapter", is_built, build, force=force)
