@@ -23,6 +23,7 @@ from gateway.config import (
     FrontDoorConfig,
     GatewayConfig,
     ModelConfig,
+    VLLMModelConfig,
     load_config,
     parse_config,
     parse_model,
@@ -58,6 +59,9 @@ def model_deployment(model: ModelConfig, gateway_app: str | None = None) -> Appl
         # call costs CPU on the hot path and says nothing new.
         logging_config={"enable_access_log": False},
     )
+    if isinstance(model, VLLMModelConfig):
+        # Its adapters reach the replicas live, as their ``user_config``.
+        return deployment.bind(parse_model(model.deployment_args()), gateway_app=gateway_app)
     if model.kind == "llm":
         return deployment.bind(model, gateway_app=gateway_app)
     return deployment.bind(model)

@@ -6,14 +6,16 @@ config. So the gateway deploys:
 
 - one application per model (``<app>:<model>``), whose arguments are just the
   fields that shape its replicas: adding or removing a model touches no other
-  model, and live fields (replica count, batching) travel as overrides;
+  model, and live fields (replica count, batching, a vLLM model's LoRA
+  adapters) travel as overrides;
 - the ingress application (``<app>``), whose arguments are the front door's
   own settings; the model list, the routing table and the API keys travel as
   its ``user_config``, so changing them reconfigures the running ingress.
 
 ``deploy`` applies a new config in three steps so no request fails: new or
-changed models first, then the ingress's new table, then the removal of models
-no longer listed (Serve lets their requests in flight finish). When the new
+changed models first (and adapters new to running replicas), then the
+ingress's new table, then the removal of models and adapters no longer listed
+(Serve lets their requests in flight finish). When the new
 models need resources that only the leaving ones free, it applies everything
 in one step instead: Serve drains the old replicas and starts the new ones as
 room frees up, and requests for a new model wait for its first replica.
@@ -124,8 +126,9 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     # skipped: step 3 alone drains the old replicas while Serve starts the new
     # ones as room frees up (requests for a new model wait for its first replica).
     if not leaving or _fits_now(starting):
-        # 1. New and changed models start beside the running ones.
-        step = {**current, **{name: target[name] for name in models}}
+        # 1. New and changed models start beside the running ones; running
+        # replicas load new adapters but keep the ones leaving until step 3.
+        step = {**current, **{name: _adding_first(target[name], current.get(name)) for name in models}}
         if config.app_name not in current:
             step[config.app_name] = target[config.app_name]
         _apply(client, step, models, timeout_s)
@@ -135,6 +138,28 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     # 3. Models no longer listed go (their requests in flight finish first).
     _apply(client, {**others, **target}, list(target), timeout_s)
     _wait_until_gone(client, leaving, timeout_s)
+
+
+def _adding_first(app: dict[str, Any], running: dict[str, Any] | None) -> dict[str, Any]:
+    """``app`` (a model's application) as step 1 applies it: where its replicas
+    keep running (same arguments), with the LoRA adapters they serve now as
+    well as its own, so that an adapter the ingress still routes to is there
+    until the ingress routes with the new table."""
+    if running is None or running.get("args") != app.get("args"):
+        return app
+    now, wanted = _adapters(running), _adapters(app)
+    if now is None or wanted is None or now.keys() <= wanted.keys():
+        return app
+    [deployment] = app["deployments"]
+    user_config = {**deployment["user_config"], "lora_adapters": {**now, **wanted}}
+    return {**app, "deployments": [{**deployment, "user_config": user_config}]}
+
+
+def _adapters(app: dict[str, Any]) -> dict[str, str] | None:
+    """The LoRA adapters an application's model deployment is configured with (None: not a vLLM model)."""
+    deployments = app.get("deployments") or [{}]
+    adapters = (deployments[0].get("user_config") or {}).get("lora_adapters")
+    return adapters if isinstance(adapters, dict) else None
 
 
 def undeploy(config: GatewayConfig, timeout_s: float) -> None:

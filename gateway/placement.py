@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gateway.config import ClassicalModelConfig, ConfigError, LLMModelConfig, ModelConfig
+from gateway.config import ClassicalModelConfig, ConfigError, LLMModelConfig, ModelConfig, VLLMModelConfig
 
 Bundle = dict[str, float]
 
@@ -55,13 +55,16 @@ def autoscaling_config(model: ModelConfig) -> dict[str, Any] | None:
 
 def live_options(model: ModelConfig) -> dict[str, Any]:
     """The options a redeploy applies without a restart: ``num_replicas`` or
-    ``autoscaling_config``, and a classical model's batching as ``user_config``."""
+    ``autoscaling_config``, and as ``user_config`` a classical model's batching
+    or a vLLM model's LoRA adapters."""
     scaling = autoscaling_config(model)
     options: dict[str, Any] = (
         {"autoscaling_config": scaling} if scaling else {"num_replicas": model.num_replicas}
     )
     if isinstance(model, ClassicalModelConfig):
         options["user_config"] = model.batching()
+    elif isinstance(model, VLLMModelConfig):
+        options["user_config"] = model.replica_user_config()
     return options
 
 

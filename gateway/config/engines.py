@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
+from gateway.config import lora
 from gateway.config.base import ConfigError, ModelName
 from gateway.config.models import (
     DEFAULT_STORED_RESPONSES,
@@ -128,9 +129,11 @@ class VLLMModelConfig(LLMModelConfig):
         default_factory=dict,
         description="LoRA adapters of this model, served by its replicas as models of their own: "
         "the name clients send as `model` (routable, A/B-able and key-scoped like any model) and "
-        "the adapter's directory (PEFT's `adapter_config.json` and weights). vLLM loads them at "
-        "start-up, with a rank limit from the adapters' own `r` and all of them batched together, "
-        "unless `engine_args` sets `max-lora-rank` / `max-loras`.",
+        "the adapter's directory (PEFT's `adapter_config.json` and weights) or hub id. The engine "
+        "starts with a rank limit from the adapters' own `r` and a batch's adapter slots for all of "
+        "them (their number rounded up to a power of two), unless `engine_args` sets `max-lora-rank` "
+        "/ `max-loras`; a change that keeps both is live (running replicas load and unload adapters), "
+        "any other restarts the replicas.",
     )
 
     @model_validator(mode="after")
@@ -146,6 +149,19 @@ class VLLMModelConfig(LLMModelConfig):
                 "`lora_adapters` sets vLLM's `enable-lora` and `lora-modules`; leave them out of `engine_args`"
             )
         return self
+
+    def deployment_args(self) -> dict[str, object]:
+        """Without the adapters, which reach running replicas live (``replica_user_config``):
+        in their place, the engine settings they need, so that only a change to those
+        restarts the replicas."""
+        args = super().deployment_args()
+        del args["lora_adapters"]
+        args["engine_args"] = {**lora.engine_settings(self.lora_adapters, self.engine_args), **self.engine_args}
+        return args
+
+    def replica_user_config(self) -> dict[str, object]:
+        """What a running replica reconfigures itself from: the adapters it serves."""
+        return {"lora_adapters": dict(self.lora_adapters)}
 
     def resolved(self, base_dir: Path) -> VLLMModelConfig:
         """Also the adapters' local directories made absolute (hub ids stay as given)."""

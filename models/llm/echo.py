@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -59,6 +59,9 @@ class EchoEngine:
 
     async def start(self) -> None:
         return None
+
+    async def set_adapters(self, adapters: Mapping[str, str]) -> dict[str, str]:
+        return {name: "the echo engine serves no LoRA adapters" for name in adapters}
 
     def info(self) -> EngineInfo:
         # The echo counts whitespace-separated words (see _plan_chat).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,6 +49,11 @@ class LLMEngine(Protocol):
         """The prompt's tokens plus the most the request may generate (every
         choice of every prompt), counted as ``complete`` would count them;
         raises GatewayError as ``complete`` does for a request it refuses."""
+        ...
+
+    async def set_adapters(self, adapters: Mapping[str, str]) -> dict[str, str]:
+        """Serves exactly the LoRA adapters ``adapters`` (name: source) from now
+        on, as far as it can; returns, by name, why one could not be loaded."""
         ...
 
     def info(self) -> EngineInfo: ...

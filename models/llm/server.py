@@ -88,6 +88,8 @@ class LLMServer:
         self._watch: asyncio.Task[None] | None = None
         self._active_streams = 0
         self._requests = 0
+        self._configured = False  # whether Serve has given it its ``user_config`` yet
+        self._unloadable: dict[str, str] = {}  # adapters of its config that did not load: why
         self._engine = engine if engine is not None else make_engine(config)
         # The replica's id, in the id of every response it stores (``gateway.protocol.relay``).
         replica = secrets.token_hex(relay.REPLICA_CHARS // 2)
@@ -109,6 +111,24 @@ class LLMServer:
         freeze_in_replica()  # see gateway.heap_freeze: no full collection walks the start-up objects
         logger.info("%s ready (streams on %s:%d)", config.name, *self._relay_address[:2])
 
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A vLLM model's live settings (``VLLMModelConfig.replica_user_config``):
+        the LoRA adapters it serves, loaded and unloaded in the running engine.
+
+        Serve calls it once the replica has started, where an adapter that
+        cannot load fails the start as it fails ``vllm serve``'s, and on each
+        change, where it leaves the replica serving everything else (raising
+        would make Serve replace the replica with one that cannot start
+        either): requests for that adapter are answered 503 with vLLM's reason.
+        """
+        failed = await self._engine.set_adapters(user_config.get("lora_adapters", {}))
+        if failed and not self._configured:
+            raise RuntimeError("; ".join(failed.values()))
+        for reason in failed.values():
+            logger.error("%s: %s; requests for it are answered 503 until it loads", self._config.name, reason)
+        self._configured = True
+        self._unloadable = failed
+
     async def _watch_engine(self, exit_process: Callable[[], None] | None) -> None:
         """Notices at once an engine that died (vLLM's engine-core process gone):
         new requests are answered 503 from then on, and after ``DEAD_GRACE_S``
@@ -125,9 +145,16 @@ class LLMServer:
         if self._dead:
             raise ServiceUnavailableError(ENGINE_DEAD)
 
+    def _admit(self, request: EngineRequest) -> None:
+        """Raises for a request this replica cannot answer: its engine is gone, or its adapter could not load."""
+        self._alive()
+        reason = self._unloadable.get(request.model) if self._unloadable else None
+        if reason is not None:
+            raise ServiceUnavailableError(reason)
+
     async def generate(self, request: EngineRequest, tally: GenerationTally | None = None) -> Reply:
         """A whole answer; counts into ``tally`` when given (what a cancelled one generated)."""
-        self._alive()
+        self._admit(request)
         self._requests += 1
         request = self._stored.admit(request)
         tally = tally if tally is not None else GenerationTally()
@@ -153,7 +180,7 @@ class LLMServer:
         Raises ``GatewayError`` for errors known before the first frame.
         Closing the frames early aborts the engine request.
         """
-        self._alive()
+        self._admit(request)
         self._requests += 1
         request = self._stored.admit(request)
         tally = GenerationTally()
@@ -178,6 +205,7 @@ class LLMServer:
 
     async def most_tokens(self, request: EngineRequest) -> int:
         """The prompt's tokens plus the most ``request`` may generate (``relay.COUNT``)."""
+        self._admit(request)
         self._stored.check(request)
         return await self._engine.most_tokens(request)
 

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 _RESPONSES = "vllm.entrypoints.openai.responses.serving"
 _ANTHROPIC = "vllm.entrypoints.anthropic.serving"
 _TOKENIZE = "vllm.entrypoints.serve.tokenize.serving"
+_MODELS = "vllm.entrypoints.openai.models.serving"
 
 # (module, attribute path, parameters the gateway passes by name or relies on).
 CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -72,6 +73,8 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("anthropic_request", "merge_inline_system"),
     ),
     ("vllm.renderers.inputs.preprocess", "extract_prompt_len", ("model_config", "prompt")),
+    (_MODELS, "OpenAIServingModels.load_lora_adapter", ("request",)),
+    (_MODELS, "OpenAIServingModels.unload_lora_adapter", ("request",)),
     ("vllm.renderers.hf", "resolve_chat_template", ("tokenizer", "chat_template", "tools", "model_config")),
     (
         "vllm.renderers.hf",
@@ -105,6 +108,8 @@ SCHEMA_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("request_id", "background", "stream", "previous_response_id", "max_output_tokens"),
     ),
     ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest", ("max_tokens",)),
+    ("vllm.entrypoints.serve.lora.protocol", "LoadLoRAAdapterRequest", ("lora_name", "lora_path", "load_inplace")),
+    ("vllm.entrypoints.serve.lora.protocol", "UnloadLoRAAdapterRequest", ("lora_name",)),
     ("vllm.v1.metrics.stats", "RequestStateStats", ("arrival_time", "first_token_ts", "last_token_ts", "first_token_latency")),
 )
 
@@ -127,8 +132,9 @@ STATE_NAMES = {
     "responses": "openai_serving_responses",
     "messages": "anthropic_serving_messages",
 }
-# And the tokenizer routes' (``init_app_state`` sets it itself).
+# And the tokenizer routes' and the served models' (``init_app_state`` sets them itself).
 TOKENIZATION_STATE = "serving_tokenization"
+MODELS_STATE = "openai_serving_models"
 
 
 def check_contract() -> list[str]:
@@ -197,6 +203,7 @@ class Serving:
     responses: Any = None
     messages: Any = None
     tokenization: Any = None
+    models: Any = None  # the served names: the model's and its LoRA adapters' (``models.llm.vllm_lora``)
     endpoints: dict[str, tuple[Any, Callable[..., Awaitable[Any]], str]] = field(default_factory=dict)
     error_response: Any = type(None)  # vLLM's ErrorResponse, once started
     delta_kind: Any = None
@@ -251,6 +258,7 @@ async def build_serving(
     for endpoint, name in STATE_NAMES.items():
         setattr(serving, endpoint, getattr(state, name, None))
     serving.tokenization = getattr(state, TOKENIZATION_STATE, None)
+    serving.models = getattr(state, MODELS_STATE, None)
     _register_endpoints(serving)
     return serving
 

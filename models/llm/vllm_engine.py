@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import engine_core_placement
+from gateway.config import lora
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, counted_fields
-from models.llm import compact_json, lora, vllm_compat, vllm_errors, vllm_streams
+from models.llm import compact_json, vllm_compat, vllm_errors, vllm_lora, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
@@ -55,6 +56,7 @@ class VLLMEngine:
         self._placer: CorePlacer | None = None
         self._calls_tools = True  # as vLLM's renderer finds once started (vllm_compat.calls_tools)
         self._largest_token: int | None = None  # the largest token id the model knows, once started
+        self._adapters: dict[str, str] = {}  # the LoRA adapters served: name -> source
 
     @property
     def _vllm(self) -> vllm_compat.Serving:
@@ -80,7 +82,6 @@ class VLLMEngine:
             args += ["--enable-auto-tool-choice", "--tool-call-parser", c.tool_call_parser]
         if compact_json.is_compact(c):
             args += compact_json.engine_args()
-        args += lora.engine_args(c.lora_adapters, c.engine_args)
         for key, value in c.engine_args.items():
             if value is True:
                 args.append(f"--{key}")
@@ -114,6 +115,26 @@ class VLLMEngine:
                 "%s: vLLM's engine core runs on its workers' CPUs %s %s",
                 self._config.name, sorted(placement.workers), when,
             )
+
+    async def set_adapters(self, adapters: Mapping[str, str]) -> dict[str, str]:
+        """Serves exactly ``adapters`` (name: directory or hub id) from now on: new
+        ones and changed sources load, names no longer given are unloaded (see
+        ``models.llm.vllm_lora``). Returns, by name, why vLLM could not load one."""
+        load, unload = lora.changes(self._adapters, adapters)
+        failed: dict[str, str] = {}
+        for name, source in load.items():
+            reason = await vllm_lora.load(self._vllm, name, source, replace=name in self._adapters)
+            if reason is None:
+                self._adapters[name] = source
+            else:
+                failed[name] = reason
+        for name in unload:
+            await vllm_lora.unload(self._vllm, name)
+            del self._adapters[name]
+        if load or unload:
+            loaded = sorted(load.keys() - failed.keys())
+            logger.info("%s: LoRA adapters loaded %s, unloaded %s", self._config.name, loaded, sorted(unload))
+        return failed
 
     def info(self) -> EngineInfo:
         serving = self._vllm

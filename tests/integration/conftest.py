@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import tempfile
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from gateway import local_cluster
@@ -148,6 +150,16 @@ class Gateway:
 
     async def unfinished_requests(self, model: str) -> int:
         return int(await asyncio.to_thread(self.call, model, "num_unfinished_requests"))
+
+
+def replica_pids(model: str) -> set[int]:
+    """The processes of ``model``'s replicas (their Ray worker's title names the deployment)."""
+    title = re.compile(rf"Server:{re.escape(model)}(\.\w+)?(\s|$)")
+    return {
+        proc.info["pid"]
+        for proc in psutil.process_iter(["pid", "cmdline"])
+        if title.search(" ".join(proc.info["cmdline"] or []))
+    }
 
 
 def _free_port() -> int:

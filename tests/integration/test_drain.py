@@ -11,26 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import re
 
 import httpx
-import psutil
 
-from tests.integration.conftest import TEST_CONFIG, Gateway
+from tests.integration.conftest import TEST_CONFIG, Gateway, replica_pids
 
 MODEL = "echo-drain"
 DRAIN = {"name": MODEL, "engine": "echo", "num_cpus": 0.1, "num_replicas": 2, "echo_token_delay_ms": 25}
 WORDS = 60  # one token per word: streams of about 1.5 s
 PROMPT = " ".join(f"w{i}" for i in range(WORDS))
-
-
-def replica_pids(model: str) -> set[int]:
-    title = re.compile(rf"Server:{re.escape(model)}(\.\w+)?(\s|$)")
-    return {
-        proc.info["pid"]
-        for proc in psutil.process_iter(["pid", "cmdline"])
-        if title.search(" ".join(proc.info["cmdline"] or []))
-    }
 
 
 async def until(condition, timeout_s: float = 60) -> None:  # noqa: ANN001

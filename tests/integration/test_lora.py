@@ -3,14 +3,18 @@ model's replicas, on the real vLLM engine with the official SDK."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import copy
+import shutil
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import openai
 
-from tests.integration.conftest import LORA, MODELS, VLLM_CONTEXT, VLLM_MODEL, Gateway
+from tests.integration.conftest import LORA, MODELS, TEST_CONFIG, VLLM_CONTEXT, VLLM_MODEL, Gateway, replica_pids
 
 PROMPT = "Tell me about the harbour"
 
@@ -67,3 +71,78 @@ def test_the_adapter_answers_the_messages_api_and_counts_as_its_model(gateway: G
     for model in (VLLM_MODEL, LORA):
         counts[model] = http.post("/tokenize", json={"model": model, "prompt": PROMPT}).json()["count"]
     assert counts[LORA] == counts[VLLM_MODEL] > 0  # the model's tokenizer
+
+
+RENAMED = "tiny-lora-renamed"
+
+
+def renamed_config() -> dict[str, Any]:
+    """The test config with its adapter served under another name: the same
+    rank limit and adapter slots, so a live change."""
+    config = copy.deepcopy(TEST_CONFIG)
+    model = next(m for m in config["models"] if m["name"] == VLLM_MODEL)
+    model["lora_adapters"] = {RENAMED: model["lora_adapters"][LORA]}
+    next(r for r in config["routing"]["routes"] if r["name"] == "lora-ab")["variants"] = {VLLM_MODEL: 1, RENAMED: 1}
+    return config
+
+
+async def test_adapters_change_on_the_running_replicas_and_no_request_fails(gateway: Gateway) -> None:
+    replicas = replica_pids(VLLM_MODEL)
+    stop = asyncio.Event()
+    answers: list[tuple[str, int, str]] = []  # model asked, status, error code
+
+    async def ask(session: httpx.AsyncClient, model: str) -> httpx.Response:
+        body = {"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+        return await session.post("/v1/completions", json=body)
+
+    async def traffic(session: httpx.AsyncClient, model: str) -> None:
+        while not stop.is_set():
+            response = await ask(session, model)
+            answers.append((model, response.status_code, response.json().get("error", {}).get("code", "")))
+
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        said = (await ask(session, LORA)).json()["choices"][0]["text"]
+        clients = [asyncio.ensure_future(traffic(session, model)) for model in (VLLM_MODEL, LORA, VLLM_MODEL)]
+        try:
+            await asyncio.to_thread(gateway.redeploy, renamed_config())
+            renamed, gone = await ask(session, RENAMED), await ask(session, LORA)
+            card = (await session.get(f"/v1/models/{RENAMED}")).json()
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+            await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
+        back = await ask(session, LORA)
+    assert replica_pids(VLLM_MODEL) == replicas  # loaded and unloaded in the running engine, twice
+    assert renamed.json()["model"] == RENAMED and renamed.json()["choices"][0]["text"] == said  # the same weights
+    assert card["parent"] == VLLM_MODEL
+    assert (gone.status_code, gone.json()["error"]["code"]) == (404, "model_not_found")
+    assert back.json()["choices"][0]["text"] == said
+    base = collections.Counter(status for model, status, _ in answers if model == VLLM_MODEL)
+    leaving = collections.Counter((status, code) for model, status, code in answers if model == LORA)
+    assert set(base) == {200} and base[200] >= 4, base  # the model's own requests never noticed
+    assert set(leaving) <= {(200, ""), (404, "model_not_found")} and leaving[(200, "")] > 0, leaving
+
+
+async def test_an_adapter_vllm_cannot_load_is_answered_503_and_the_rest_keep_serving(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    shutil.copy(MODELS / "tiny-chat-v1-lora" / "adapter_config.json", broken)  # a config, but no weights
+    config = renamed_config()
+    next(m for m in config["models"] if m["name"] == VLLM_MODEL)["lora_adapters"] = {RENAMED: str(broken)}
+    replicas = replica_pids(VLLM_MODEL)
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        try:
+            await asyncio.to_thread(gateway.redeploy, config)
+            body = {"prompt": PROMPT, "max_tokens": 2}
+            refused = await session.post("/v1/completions", json={"model": RENAMED, **body})
+            served = await session.post("/v1/completions", json={"model": VLLM_MODEL, **body})
+        finally:
+            await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
+        back = await session.post("/v1/completions", json={"model": LORA, **body})
+    assert replica_pids(VLLM_MODEL) == replicas
+    error = refused.json()["error"]
+    assert (refused.status_code, error["type"]) == (503, "service_unavailable"), refused.text
+    assert f"could not load the LoRA adapter '{RENAMED}' from '{broken}'" in error["message"]
+    assert served.status_code == back.status_code == 200

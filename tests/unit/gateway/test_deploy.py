@@ -59,6 +59,7 @@ class FakeClient:
     def __init__(self, deployed: dict[str, dict[str, Any]]) -> None:
         self.deployed = deployed
         self.steps: list[tuple[list[str], str]] = []
+        self.applied: list[dict[str, dict[str, Any]]] = []  # every step's applications
 
     def get_serve_details(self) -> dict[str, Any]:
         return {"applications": {n: {"deployed_app_config": a} for n, a in self.deployed.items()}}
@@ -66,6 +67,7 @@ class FakeClient:
     def deploy_apps(self, schema: Any) -> None:
         applications = schema.model_dump(exclude_unset=True)["applications"]
         self.deployed = {app["name"]: app for app in applications}
+        self.applied.append(self.deployed)
         ingress = self.deployed.get("gw", {}).get("deployments", [{}])[0].get("user_config", {})
         self.steps.append((sorted(self.deployed), ",".join(m["name"] for m in ingress.get("models", []))))
 
@@ -113,3 +115,39 @@ def test_deploy_swaps_in_one_step_when_the_new_models_need_the_room_of_the_old(
     deploy(parse_config(swapped))
     # b (0.5 CPU) cannot start beside e: e goes as b comes, in a single step.
     assert client.steps == [(["gw", "gw:a", "gw:b"], "a,b")]
+
+
+def test_an_adapter_leaves_running_replicas_only_once_the_ingress_no_longer_routes_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def with_adapters(**adapters: str) -> dict[str, Any]:
+        model = {"name": "v", "engine": "vllm", "model": "org/model", "lora_adapters": adapters}
+        return {"app_name": "gw", "models": [model], "routing": {}}
+
+    def adapters_of(step: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
+        replicas = step["gw:v"]["deployments"][0]["user_config"]["lora_adapters"]
+        routed = step["gw"]["deployments"][0]["user_config"]["models"][0]["lora_adapters"]
+        return sorted(replicas), sorted(routed)
+
+    client = FakeClient(apps(with_adapters(old="org/old", kept="org/kept")))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    deploy(parse_config(with_adapters(kept="org/kept-v2", new="org/new")))
+    assert [adapters_of(step) for step in client.applied] == [
+        (["kept", "new", "old"], ["kept", "old"]),  # the replicas load new, keep old: the ingress routes to it
+        (["kept", "new", "old"], ["kept", "new"]),  # the ingress routes with the new table
+        (["kept", "new"], ["kept", "new"]),  # only then is old unloaded
+    ]
+    assert client.applied[0]["gw:v"]["deployments"][0]["user_config"]["lora_adapters"]["kept"] == "org/kept-v2"
+    assert len({str(step["gw:v"]["args"]) for step in client.applied}) == 1  # no replica restarted
+
+
+def test_replicas_that_restart_start_with_only_the_new_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = {"name": "v", "engine": "vllm", "model": "org/model", "lora_adapters": {"old": "org/old"}}
+    client = FakeClient(apps({"app_name": "gw", "models": [model], "routing": {}}))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    restarted = {**model, "lora_adapters": {"new": "org/new"}, "engine_args": {"max-lora-rank": 64}}
+    deploy(parse_config({"app_name": "gw", "models": [restarted], "routing": {}}))
+    # A new replica's rank limit need not fit the adapter leaving: it never loads it.
+    assert {tuple(step["gw:v"]["deployments"][0]["user_config"]["lora_adapters"]) for step in client.applied} == {("new",)}

@@ -9,6 +9,7 @@ import pytest
 
 from gateway import sse
 from gateway.config import EchoModelConfig
+from gateway.errors import ServiceUnavailableError
 from gateway.protocol.engine import EngineRequest
 from gateway.protocol.relay import RelayAddress
 from models.llm.server import LLMServer
@@ -94,4 +95,21 @@ async def test_a_dead_engine_is_answered_503_then_the_replica_exits(monkeypatch:
         assert caught.value.status_code == 503 and caught.value.retry_after_s
     assert not exited.is_set()  # requests in flight get their errors first
     await asyncio.wait_for(exited.wait(), 5.0)
+    await server.stop()
+
+
+async def test_an_adapter_that_cannot_load_fails_the_start_but_not_a_running_replica() -> None:
+    server = await make_server()  # the echo engine loads no adapter: it stands for one vLLM refuses
+    with pytest.raises(RuntimeError, match="serves no LoRA adapters"):
+        await server.reconfigure({"lora_adapters": {"tuned": "/adapters/tuned"}})  # Serve's first call: no start
+    await server.reconfigure({"lora_adapters": {}})
+    await server.reconfigure({"lora_adapters": {"tuned": "/adapters/tuned"}})  # a live change: the replica stays
+    tuned = {"model": "tuned", "messages": [{"role": "user", "content": "a"}]}
+    for call in (server.generate, server.open_stream, server.most_tokens):
+        with pytest.raises(ServiceUnavailableError, match="serves no LoRA adapters"):
+            await call(EngineRequest("chat", tuned, "r", "tuned"))
+    reply = await server.generate(EngineRequest("chat", {**tuned, "model": "echo"}, "r", "echo"))
+    assert json.loads(reply.body)["choices"]
+    await server.reconfigure({"lora_adapters": {}})  # no longer configured: the engine answers for its name
+    assert (await server.generate(EngineRequest("chat", tuned, "r", "tuned"))).body
     await server.stop()
