@@ -19,9 +19,6 @@ from gateway.config.models import (
     PlacementStrategy,
 )
 
-# vLLM's arguments that ``lora_adapters`` sets.
-LORA_ARGS = frozenset({"enable-lora", "lora-modules"})
-
 
 class LLMModelConfig(ModelConfig):
     """What LLM engines (vllm, echo) share: the context window, parallel
@@ -133,7 +130,8 @@ class VLLMModelConfig(LLMModelConfig):
         "starts with a rank limit from the adapters' own `r` and a batch's adapter slots for all of "
         "them (their number rounded up to a power of two), unless `engine_args` sets `max-lora-rank` "
         "/ `max-loras`; a change that keeps both is live (running replicas load and unload adapters), "
-        "any other restarts the replicas.",
+        "any other restarts the replicas (with `enable-lora` and both set there, even the first "
+        "adapter and the last are live).",
     )
 
     @model_validator(mode="after")
@@ -144,10 +142,10 @@ class VLLMModelConfig(LLMModelConfig):
             )
         if self.name in self.lora_adapters:
             raise ValueError(f"the LoRA adapter {self.name!r} has the name of its own model")
-        if self.lora_adapters and LORA_ARGS & self.engine_args.keys():
-            raise ValueError(
-                "`lora_adapters` sets vLLM's `enable-lora` and `lora-modules`; leave them out of `engine_args`"
-            )
+        if self.lora_adapters and "lora-modules" in self.engine_args:
+            raise ValueError("`lora_adapters` sets vLLM's `lora-modules`; leave it out of `engine_args`")
+        if self.lora_adapters and self.engine_args.get("enable-lora", True) is not True:
+            raise ValueError("`lora_adapters` needs vLLM's `enable-lora`; leave it out of `engine_args` or set it true")
         return self
 
     def deployment_args(self) -> dict[str, object]:

@@ -47,11 +47,12 @@ def test_an_adapter_is_served_by_its_model_and_routable(tmp_path: Path, monkeypa
             {"models": [vllm(lora_adapters={"x": "org/x"})], "routing": {"routes": [{"name": "x", "variants": {"base": 1}}]}},
             "the alias collides with a model",
         ),
-        ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"enable-lora": True})]}, "leave them out"),
+        ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"lora-modules": "x=org/x"})]}, "leave it out"),
+        ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"enable-lora": False})]}, "or set it true"),
         ({"models": [vllm(lora_adapters={"bad name": "org/x"})]}, "lora_adapters"),
         ({"models": [vllm(lora_adapters={"x": "./missing"})]}, r"models\[base\]\.lora_adapters\.x: no adapter_config\.json"),
     ],
-    ids=["another-model", "two-models", "own-model", "alias", "engine-args", "name-pattern", "missing-directory"],
+    ids=["another-model", "two-models", "own-model", "alias", "lora-modules", "lora-off", "name-pattern", "missing-directory"],
 )
 def test_a_clashing_or_missing_adapter_is_refused_naming_it(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

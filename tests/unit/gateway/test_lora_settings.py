@@ -54,6 +54,16 @@ def test_an_adapter_change_restarts_replicas_only_past_the_rank_limit_or_the_slo
     assert args() != args(a=r8)  # the engine starts without LoRA, which costs every batch
 
 
+def test_a_model_started_ready_for_adapters_takes_its_first_and_last_live(tmp_path: Path) -> None:
+    ready = {"enable-lora": True, "max-lora-rank": 16, "max-loras": 4}
+
+    def args(**adapters: str) -> dict[str, object]:
+        return VLLMModelConfig(name="base", model="org/m", lora_adapters=adapters, engine_args=ready).deployment_args()
+
+    assert args() == args(a=adapter(tmp_path, "a", 8)) == args(a=str(tmp_path / "a"), b="org/hub-lora")
+    assert args()["engine_args"] == ready
+
+
 def test_the_models_own_engine_args_win_and_no_adapters_add_nothing(tmp_path: Path) -> None:
     adapters = {"sql": adapter(tmp_path, "sql", 24)}
     assert lora.engine_settings(adapters, {"max-lora-rank": 64, "max-loras": 1}) == {"enable-lora": True}
@@ -74,7 +84,9 @@ def test_a_change_loads_what_is_new_or_moved_and_unloads_what_is_gone() -> None:
     assert lora.changes({"a": "/a"}, {"a": "/a"}) == ({}, [])
 
 
-@pytest.mark.parametrize(("ranks", "limit"), [([1], 1), ([2, 8], 8), ([9], 16), ([320], 320), ([600], 512), ([None], None)])
+@pytest.mark.parametrize(
+    ("ranks", "limit"), [([1], 1), ([2, 8], 8), ([9], 16), ([320], 320), ([600], 512), ([None], None)]
+)
 def test_the_rank_limit_is_the_smallest_vllm_takes(ranks: list[int | None], limit: int | None) -> None:
     assert lora.rank_limit(ranks) == limit
 
