@@ -158,9 +158,10 @@ def redeploy(config: GatewayConfig, address: str) -> int:
 
     Weight and route changes reconfigure the ingress in place; a model added
     or removed starts or stops only that model; a model whose settings changed
-    restarts alone (replica counts and batching apply without a restart). No
-    request in flight fails. Run it from the directory the gateway was started in (relative model
-    paths resolve against it).
+    restarts alone (replica counts, batching and LoRA adapters within the
+    engine's limits apply without a restart). No request in flight fails.
+    Prints what happened to each model changed. Run it from the directory the
+    gateway was started in (relative model paths resolve against it).
     """
     from gateway.local_cluster import joining
 
@@ -171,7 +172,9 @@ def redeploy(config: GatewayConfig, address: str) -> int:
 
     ray.init(address=address, logging_level=logging.WARNING)
     started = time.monotonic()
-    deploy(config)
+    changed = deploy(config)
+    for name, what in changed.items():
+        print(f"==> {name}: {what}")
     print(f"==> {config.app_name} updated in {time.monotonic() - started:.1f}s")
     return 0
 

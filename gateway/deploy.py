@@ -32,6 +32,11 @@ from gateway.config import GatewayConfig, ModelConfig
 from gateway.placement import check_fits, fits_free, live_options
 
 INGRESS_NAME = "GatewayIngress"
+# What a deploy did to a model (``deploy``'s answer).
+ADDED = "added"
+REPLACED = "replicas replaced (rolling)"
+LIVE = "changed live (its replicas kept)"
+REMOVED = "removed"
 INGRESS_IMPORT_PATH = "gateway.app:ingress_app_builder"
 MODEL_IMPORT_PATH = "gateway.app:model_app_builder"
 
@@ -99,10 +104,12 @@ def check_cluster_fits(models: Sequence[ModelConfig]) -> None:
         check_fits(model, nodes)
 
 
-def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
+def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:
     """Applies ``config`` to the Serve instance of the connected Ray cluster.
 
-    Returns when every application is running; raises ConfigError at once
+    Returns when every application is running, with what happened to each
+    model it changed (``ADDED``, ``REPLACED``, ``LIVE``, ``REMOVED``, by
+    name); raises ConfigError at once
     when a model's replica fits no node, RuntimeError when an application
     fails to deploy and TimeoutError after ``timeout_s``. Applications of the
     cluster that are not this gateway's are kept.
@@ -138,6 +145,22 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> None:
     # 3. Models no longer listed go (their requests in flight finish first).
     _apply(client, {**others, **target}, list(target), timeout_s)
     _wait_until_gone(client, leaving, timeout_s)
+    return _changed(config, current, starting, leaving)
+
+
+def _changed(
+    config: GatewayConfig, current: dict[str, dict[str, Any]], starting: Sequence[ModelConfig], leaving: set[str]
+) -> dict[str, str]:
+    """What a deploy from the applications ``current`` did to each model it changed."""
+    ingress = current.get(config.app_name, {}).get("deployments") or [{}]
+    before = {m.get("name"): m for m in (ingress[0].get("user_config") or {}).get("models", [])}
+    changed = {m.name: ADDED if m.name not in before else REPLACED for m in starting}
+    for model in config.models:
+        if model.name not in changed and before.get(model.name) != model.model_dump(mode="json"):
+            changed[model.name] = LIVE
+    for app in sorted(leaving):
+        changed[current[app].get("args", {}).get("model", {}).get("name", app)] = REMOVED
+    return changed
 
 
 def _adding_first(app: dict[str, Any], running: dict[str, Any] | None) -> dict[str, Any]:

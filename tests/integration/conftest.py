@@ -118,13 +118,14 @@ class Gateway:
     base_url: str  # http://127.0.0.1:PORT
     config: dict[str, Any]
 
-    def redeploy(self, config: dict[str, Any]) -> None:
-        """Applies a changed config, as `llm-gateway deploy` does."""
+    def redeploy(self, config: dict[str, Any]) -> dict[str, str]:
+        """Applies a changed config, as `llm-gateway deploy` does; what it did to each model changed."""
         from gateway.config import parse_config
         from gateway.deploy import deploy
 
-        deploy(parse_config(config, base_dir=ROOT))
+        changed = deploy(parse_config(config, base_dir=ROOT))
         self.config = config
+        return changed
 
     @property
     def v1(self) -> str:

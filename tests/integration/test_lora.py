@@ -14,6 +14,7 @@ import anthropic
 import httpx
 import openai
 
+from gateway.deploy import LIVE
 from tests.integration.conftest import LORA, MODELS, TEST_CONFIG, VLLM_CONTEXT, VLLM_MODEL, Gateway, replica_pids
 
 PROMPT = "Tell me about the harbour"
@@ -104,14 +105,15 @@ async def test_adapters_change_on_the_running_replicas_and_no_request_fails(gate
         said = (await ask(session, LORA)).json()["choices"][0]["text"]
         clients = [asyncio.ensure_future(traffic(session, model)) for model in (VLLM_MODEL, LORA, VLLM_MODEL)]
         try:
-            await asyncio.to_thread(gateway.redeploy, renamed_config())
+            assert await asyncio.to_thread(gateway.redeploy, renamed_config()) == {VLLM_MODEL: LIVE}
             renamed, gone = await ask(session, RENAMED), await ask(session, LORA)
             card = (await session.get(f"/v1/models/{RENAMED}")).json()
         finally:
             stop.set()
             await asyncio.gather(*clients)
-            await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
+            restored = await asyncio.to_thread(gateway.redeploy, TEST_CONFIG)
         back = await ask(session, LORA)
+    assert restored == {VLLM_MODEL: LIVE}  # and no other model said changed
     assert replica_pids(VLLM_MODEL) == replicas  # loaded and unloaded in the running engine, twice
     assert renamed.json()["model"] == RENAMED and renamed.json()["choices"][0]["text"] == said  # the same weights
     assert card["parent"] == VLLM_MODEL

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError, parse_config
-from gateway.deploy import deploy, serve_config
+from gateway.deploy import ADDED, LIVE, REMOVED, REPLACED, deploy, serve_config
 
 BASE = {
     "app_name": "gw",
@@ -84,7 +84,7 @@ def test_deploy_starts_new_models_before_routing_to_them_and_removes_old_ones_la
     monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 1.0}})
     swapped = {**BASE, "models": [BASE["models"][0], {"name": "b", "engine": "echo"}], "routing": {}}
-    deploy(parse_config(swapped))
+    assert deploy(parse_config(swapped)) == {"b": ADDED, "e": REMOVED}
     assert client.steps == [
         (["gw", "gw:a", "gw:b", "gw:e", "someone-else"], "a,e"),  # b starts; ingress unchanged
         (["gw", "gw:a", "gw:b", "gw:e", "someone-else"], "a,b"),  # ingress routes to b, not e
@@ -132,7 +132,7 @@ def test_an_adapter_leaves_running_replicas_only_once_the_ingress_no_longer_rout
     client = FakeClient(apps(with_adapters(old="org/old", kept="org/kept")))
     monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
     monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
-    deploy(parse_config(with_adapters(kept="org/kept-v2", new="org/new")))
+    assert deploy(parse_config(with_adapters(kept="org/kept-v2", new="org/new"))) == {"v": LIVE}
     assert [adapters_of(step) for step in client.applied] == [
         (["kept", "new", "old"], ["kept", "old"]),  # the replicas load new, keep old: the ingress routes to it
         (["kept", "new", "old"], ["kept", "new"]),  # the ingress routes with the new table
@@ -148,6 +148,16 @@ def test_replicas_that_restart_start_with_only_the_new_adapters(monkeypatch: pyt
     monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
     monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     restarted = {**model, "lora_adapters": {"new": "org/new"}, "engine_args": {"max-lora-rank": 64}}
-    deploy(parse_config({"app_name": "gw", "models": [restarted], "routing": {}}))
+    assert deploy(parse_config({"app_name": "gw", "models": [restarted], "routing": {}})) == {"v": REPLACED}
     # A new replica's rank limit need not fit the adapter leaving: it never loads it.
-    assert {tuple(step["gw:v"]["deployments"][0]["user_config"]["lora_adapters"]) for step in client.applied} == {("new",)}
+    started_with = {tuple(step["gw:v"]["deployments"][0]["user_config"]["lora_adapters"]) for step in client.applied}
+    assert started_with == {("new",)}
+
+
+def test_a_deploy_that_changes_nothing_says_nothing_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = FakeClient(apps(BASE))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    assert deploy(parse_config(BASE)) == {}
+    scaled = {**BASE, "models": [{**BASE["models"][0], "num_replicas": 2}, BASE["models"][1]]}
+    assert deploy(parse_config(scaled)) == {"a": LIVE}
