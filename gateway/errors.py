@@ -174,6 +174,15 @@ class UnsupportedEncodingError(InvalidRequestError):
     default_code = "unsupported_content_encoding"
 
 
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The request body is labelled as something other than JSON (415), as
+    vLLM's own server and OpenAI's API refuse it: a body sent as a form or
+    as text was not meant as this JSON, whatever it happens to parse as."""
+
+    status = 415
+    default_code = "unsupported_media_type"
+
+
 class RequestReadTimeoutError(InvalidRequestError):
     """The request body did not arrive within the gateway's read timeout (408)."""
 

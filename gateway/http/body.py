@@ -19,12 +19,17 @@ from gateway.errors import (
     RequestReadTimeoutError,
     RequestTooLargeError,
     UnsupportedEncodingError,
+    UnsupportedMediaTypeError,
 )
 from gateway.http.client_connection import close_later
 
 
-async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
-    """The request's body; raises RequestTooLargeError (413) past ``limit``
+async def read_body(
+    request: Request, limit: int, timeout_s: float | None = None, expect_json: bool = False
+) -> bytes:
+    """The request's body; raises UnsupportedMediaTypeError (415) before
+    reading any when ``expect_json`` and it is not labelled JSON
+    (``check_json_label``), RequestTooLargeError (413) past ``limit``
     bytes, before reading more than that (at once when content-length says
     so), and RequestReadTimeoutError (408) when it has not all arrived
     within ``timeout_s`` (a slow or stalled client). A body in a content
@@ -38,6 +43,8 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     parts: list[bytes] = []
     size = 0
     try:
+        if expect_json:
+            check_json_label(request.headers.get("content-type"))
         decoder = BodyDecoder.for_header(request.headers.get("content-encoding"), limit)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -65,6 +72,19 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     if decoder is not None:
         decoder.finish()
     return b"".join(parts)
+
+
+def check_json_label(header: str | None) -> None:
+    """Raises UnsupportedMediaTypeError unless ``header`` (the body's
+    ``Content-Type``) is ``application/json`` or a ``+json`` type (RFC 6839),
+    parameters such as ``charset`` aside."""
+    media_type = (header or "").partition(";")[0].strip().lower()
+    if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
+        return
+    sent = f"`Content-Type: {header.strip()}`" if header and header.strip() else "no `Content-Type`"
+    raise UnsupportedMediaTypeError(
+        f"The request body must be JSON, labelled `Content-Type: application/json`; this request has {sent}."
+    )
 
 
 GZIP_BITS = 16 + zlib.MAX_WBITS  # a gzip member (RFC 1952)

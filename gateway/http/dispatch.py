@@ -94,7 +94,8 @@ class ModelDispatcher:
         for endpoints that carry it there (predict, infer) instead of in the body."""
         table = self._table  # this request's, to its end
         spec = ENDPOINTS[endpoint]
-        body = parse_json_object(await read_body(request, self._max_body_bytes, self._read_timeout_s))
+        raw = await read_body(request, self._max_body_bytes, self._read_timeout_s, expect_json=True)
+        body = parse_json_object(raw)
         api = api_key(request)
         planned = plan(table, spec, body, request.headers, api, model)
         name, route, stream, envelope = planned.name, planned.route, planned.stream, planned.envelope

@@ -51,17 +51,17 @@ _REF = "#/components/schemas/{model}"
 ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[BaseModel]], tuple[int, ...]]] = {
     ("/v1/chat/completions", "post"): (
         ChatCompletionRequest, {JSON: ChatCompletion, SSE: ChatCompletionChunk},
-        (400, 401, 404, 408, 413, 429, 503, 504),
+        (400, 401, 404, 408, 413, 415, 429, 503, 504),
     ),
     ("/v1/completions", "post"): (
-        CompletionRequest, {JSON: Completion, SSE: Completion}, (400, 401, 404, 408, 413, 429, 503, 504),
+        CompletionRequest, {JSON: Completion, SSE: Completion}, (400, 401, 404, 408, 413, 415, 429, 503, 504),
     ),
     ("/v1/responses", "post"): (
         ResponseCreateRequest, {JSON: ResponseObject, SSE: ResponseStreamEvent},
-        (400, 401, 404, 408, 413, 429, 503, 504),
+        (400, 401, 404, 408, 413, 415, 429, 503, 504),
     ),
     ("/v1/responses/input_tokens", "post"): (
-        InputTokensRequest, {JSON: InputTokenCount}, (400, 401, 404, 408, 413, 429, 503),
+        InputTokensRequest, {JSON: InputTokenCount}, (400, 401, 404, 408, 413, 415, 429, 503),
     ),
     ("/v1/responses/{response_id}", "get"): (
         None, {JSON: ResponseObject, SSE: ResponseStreamEvent}, (400, 401, 404, 429, 503),
@@ -70,14 +70,20 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
     ("/v1/responses/{response_id}", "delete"): (None, {JSON: ResponseDeleted}, (401, 404, 429, 503)),
     ("/v1/responses/{response_id}/input_items", "get"): (None, {JSON: InputItemList}, (400, 401, 404, 429, 503)),
     ("/v1/messages", "post"): (
-        MessageCreateRequest, {JSON: Message, SSE: MessageStreamEvent}, (400, 401, 404, 408, 413, 429, 503, 504),
+        MessageCreateRequest, {JSON: Message, SSE: MessageStreamEvent}, (400, 401, 404, 408, 413, 415, 429, 503, 504),
     ),
-    ("/v1/messages/count_tokens", "post"): (CountTokensRequest, {JSON: TokenCount}, (400, 401, 404, 408, 413, 429, 503)),
-    ("/tokenize", "post"): (TokenizeRequest, {JSON: TokenizeResponse}, (400, 401, 404, 408, 413, 429, 503)),
-    ("/detokenize", "post"): (DetokenizeRequest, {JSON: DetokenizeResponse}, (400, 401, 404, 408, 413, 429, 503)),
-    ("/v1/embeddings", "post"): (EmbeddingRequest, {JSON: EmbeddingResponse}, (400, 401, 404, 408, 413, 429, 503)),
-    ("/v1/models/{model}:predict", "post"): (PredictRequest, {JSON: PredictResponse}, (400, 401, 404, 408, 413, 429, 503)),
-    ("/v2/models/{model}/infer", "post"): (InferRequest, {JSON: InferResponse}, (400, 401, 404, 408, 413, 429, 503)),
+    ("/v1/messages/count_tokens", "post"): (
+        CountTokensRequest, {JSON: TokenCount}, (400, 401, 404, 408, 413, 415, 429, 503),
+    ),
+    ("/tokenize", "post"): (TokenizeRequest, {JSON: TokenizeResponse}, (400, 401, 404, 408, 413, 415, 429, 503)),
+    ("/detokenize", "post"): (DetokenizeRequest, {JSON: DetokenizeResponse}, (400, 401, 404, 408, 413, 415, 429, 503)),
+    ("/v1/embeddings", "post"): (EmbeddingRequest, {JSON: EmbeddingResponse}, (400, 401, 404, 408, 413, 415, 429, 503)),
+    ("/v1/models/{model}:predict", "post"): (
+        PredictRequest, {JSON: PredictResponse}, (400, 401, 404, 408, 413, 415, 429, 503),
+    ),
+    ("/v2/models/{model}/infer", "post"): (
+        InferRequest, {JSON: InferResponse}, (400, 401, 404, 408, 413, 415, 429, 503),
+    ),
     ("/v1/models", "get"): (None, {JSON: ModelList}, (401,)),
     ("/v1/models/{model_id}", "get"): (None, {JSON: ModelCard}, (401, 404)),
     ("/v1/key", "get"): (None, {JSON: KeyInfo}, (401, 404, 503)),
@@ -90,6 +96,8 @@ _ERRORS = {
     "or no longer kept)",
     408: "The body did not arrive within `ingress.read_timeout_s`",
     413: "The body is over `ingress.max_body_bytes`",
+    415: "The body is not labelled `Content-Type: application/json`, or is in a `Content-Encoding` the gateway "
+    "does not decode (it decodes `gzip` and `deflate`)",
     429: "The API key is over a limit, or the model's queue is full where it answers 429",
     503: "The model is overloaded, starting or restarting, or the key ledger cannot be reached; see `Retry-After`",
     504: "The model took longer than its `request_timeout_s`",

@@ -16,6 +16,7 @@ from tests.integration.conftest import ECHO_CONTEXT, VLLM_CONTEXT, VLLM_MODEL, G
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HELLO = [{"role": "user", "content": "Hello"}]
+JSON = {"content-type": "application/json"}  # what a body sent as raw bytes is labelled
 TEXT = {"type": "text", "text": "Hello"}
 
 
@@ -37,28 +38,28 @@ def assert_error(response: httpx.Response, status: int, code: str | None, param:
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"', b"null"])
 def test_body_that_is_not_a_json_object_is_400(http: httpx.Client, path: str, raw: bytes) -> None:
-    error = assert_error(http.post(path, content=raw), 400, None)
+    error = assert_error(http.post(path, content=raw, headers=JSON), 400, None)
     assert error["type"] == "invalid_request_error"
 
 
 def test_a_body_after_a_byte_order_mark_is_served(http: httpx.Client) -> None:
     """As by vLLM's own server: an editor on Windows may save a body's file with one."""
     body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 2}
-    response = http.post(CHAT, content=b"\xef\xbb\xbf" + json.dumps(body).encode())
+    response = http.post(CHAT, content=b"\xef\xbb\xbf" + json.dumps(body).encode(), headers=JSON)
     assert response.status_code == 200, response.text
     assert response.json()["object"] == "chat.completion" and response.json()["model"] == VLLM_MODEL
 
 
 def test_a_body_past_the_limit_is_413_before_it_is_read(http: httpx.Client) -> None:
     huge = b'{"model": "echo", "messages": [{"role": "user", "content": "' + b"x" * (40 * 1024 * 1024) + b'"}]}'
-    error = assert_error(http.post(CHAT, content=huge), 413, "request_too_large")
+    error = assert_error(http.post(CHAT, content=huge, headers=JSON), 413, "request_too_large")
     assert error["type"] == "invalid_request_error" and "bytes" in error["message"]
 
     def chunks() -> Iterator[bytes]:  # no content-length: refused as the bytes pass the limit
         for _ in range(40):
             yield b"x" * (1024 * 1024)
 
-    assert_error(http.post(CHAT, content=chunks()), 413, "request_too_large")
+    assert_error(http.post(CHAT, content=chunks(), headers=JSON), 413, "request_too_large")
     assert http.post(CHAT, json={"model": "echo", "messages": HELLO, "max_tokens": 2}).status_code == 200
 
 
@@ -236,25 +237,37 @@ def test_several_choices_at_temperature_zero_are_refused_naming_n(http: httpx.Cl
 
 def test_a_compressed_body_is_served_and_one_it_cannot_decode_is_415(http: httpx.Client) -> None:
     body = json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0}).encode()
-    plain = http.post(CHAT, content=body, headers={"content-type": "application/json"})
-    zipped = http.post(CHAT, content=gzip.compress(body), headers={"content-encoding": "gzip"})
+    plain = http.post(CHAT, content=body, headers=JSON)
+    zipped = http.post(CHAT, content=gzip.compress(body), headers={**JSON, "content-encoding": "gzip"})
     assert plain.status_code == zipped.status_code == 200, zipped.text
     assert zipped.json()["choices"] == plain.json()["choices"]
 
-    refused = http.post(CHAT, content=body, headers={"content-encoding": "br"})
+    refused = http.post(CHAT, content=body, headers={**JSON, "content-encoding": "br"})
     error = assert_error(refused, 415, "unsupported_content_encoding")
     assert error["type"] == "invalid_request_error" and "br" in error["message"]
     assert refused.headers["accept-encoding"] == "gzip, deflate"
     # Sent plain but labelled gzip: said so, not taken as it came.
-    error = assert_error(http.post(CHAT, content=body, headers={"content-encoding": "gzip"}), 400, None)
+    error = assert_error(http.post(CHAT, content=body, headers={**JSON, "content-encoding": "gzip"}), 400, None)
     assert "Content-Encoding: gzip" in error["message"]
     bomb = gzip.compress(b" " * (64 * 1024 * 1024))  # 64 KiB that inflate past the 32 MiB limit
-    assert_error(http.post(CHAT, content=bomb, headers={"content-encoding": "gzip"}), 413, "request_too_large")
+    assert_error(http.post(CHAT, content=bomb, headers={**JSON, "content-encoding": "gzip"}), 413, "request_too_large")
+
+
+@pytest.mark.parametrize("label", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_not_labelled_json_is_415_as_vllm_refuses_it(http: httpx.Client, label: str | None) -> None:
+    """``requests.post(url, data=json.dumps(body))`` sends no label, curl's ``-d`` a form's: vLLM's own
+    server refuses both, OpenAI's API does not read them as JSON; the gateway says which label to send."""
+    body = json.dumps({"model": "echo", "messages": HELLO, "max_tokens": 2}).encode()
+    headers = {} if label is None else {"content-type": label}
+    error = assert_error(http.post(CHAT, content=body, headers=headers), 415, "unsupported_media_type")
+    assert error["type"] == "invalid_request_error" and "application/json" in error["message"]
+    assert (label or "no `Content-Type`") in error["message"]
+    assert http.post(CHAT, content=body, headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
 
 
 @pytest.mark.parametrize("depth", [1_000, 100_000])
 def test_json_nested_too_deeply_is_400(http: httpx.Client, depth: int) -> None:
-    error = assert_error(http.post(CHAT, content=b"[" * depth + b"]" * depth), 400, None)
+    error = assert_error(http.post(CHAT, content=b"[" * depth + b"]" * depth, headers=JSON), 400, None)
     assert error["type"] == "invalid_request_error"
 
 
@@ -445,7 +458,7 @@ async def test_bad_requests_do_not_disturb_streams_in_flight(
     async def bad(session: httpx.AsyncClient, i: int) -> int:
         bodies = [b"{oops", json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": -1}).encode(),
                   json.dumps({"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 10_000, "stream": True}).encode()]
-        response = await session.post(CHAT, content=bodies[i % len(bodies)])
+        response = await session.post(CHAT, content=bodies[i % len(bodies)], headers=JSON)
         return response.status_code
 
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import VLLM_MODEL, Gateway
-from tests.integration.test_errors import assert_error
+from tests.integration.test_errors import JSON, assert_error
 
 CHAT = "/v1/chat/completions"
 HELLO = '[{"role": "user", "content": "Hello"}]'
@@ -58,7 +58,7 @@ SURROGATES = [
 def test_an_unpaired_surrogate_in_any_field_is_400_naming_it(
     http: httpx.Client, path: str, raw: bytes, param: str
 ) -> None:
-    error = assert_error(http.post(path, content=raw), 400, None, param)
+    error = assert_error(http.post(path, content=raw, headers=JSON), 400, None, param)
     assert "unpaired surrogate" in error["message"] and error["type"] == "invalid_request_error"
 
 
@@ -75,14 +75,14 @@ def test_an_unpaired_surrogate_in_any_field_is_400_naming_it(
 def test_invalid_utf8_in_any_field_is_400(http: httpx.Client, path: str, raw: bytes) -> None:
     with pytest.raises(UnicodeDecodeError):
         raw.decode()
-    error = assert_error(http.post(path, content=raw), 400, None)
+    error = assert_error(http.post(path, content=raw, headers=JSON), 400, None)
     assert "valid JSON" in error["message"]
 
 
 def test_escaped_surrogate_pairs_are_ordinary_text(http: httpx.Client) -> None:
     """JSON writers that escape all non-ASCII send emoji as a pair of escapes."""
     raw = _chat("echo", messages='[{"role": "user", "content": "smile \\ud83d\\ude00"}]')
-    response = http.post(CHAT, content=raw)
+    response = http.post(CHAT, content=raw, headers=JSON)
     assert response.status_code == 200, response.text
     assert "\N{GRINNING FACE}" in response.json()["choices"][0]["message"]["content"]
 
@@ -158,7 +158,7 @@ def test_a_head_past_the_limits_is_refused_in_openai_shape_and_costs_others_noth
     head = _head(extra, len(body)).replace(b"/v1/chat/completions", path, 1)
     answer, _ = _raw(gateway, [head + body])
     assert "16 KiB" in _error(answer, status, code)["message"]
-    assert http.post(CHAT, content=body).status_code == 200
+    assert http.post(CHAT, content=body, headers=JSON).status_code == 200
 
 
 def test_a_head_just_within_the_limits_is_served(gateway: Gateway) -> None:
@@ -177,7 +177,7 @@ def test_a_head_of_any_size_or_shape_is_answered_in_openai_shape(gateway: Gatewa
     assert "16 KiB" in _error(answer, 431, "headers_too_large")["message"]
     answer, _ = _raw(gateway, [b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nno colon here\r\n\r\n"])
     assert _error(answer, 400, "invalid_http_request")["type"] == "invalid_request_error"
-    assert http.post(CHAT, content=body).status_code == 200
+    assert http.post(CHAT, content=body, headers=JSON).status_code == 200
 
 
 def test_a_request_id_that_is_not_utf8_is_400_and_a_session_id_is_kept(gateway: Gateway) -> None:
@@ -253,7 +253,7 @@ def test_a_body_that_stalls_is_408_after_the_read_timeout_and_its_connection_clo
         assert READ_TIMEOUT_S - 0.5 <= answered <= READ_TIMEOUT_S + 3, name
     assert results["trickle"][2] - results["trickle"][1] <= 2.5
     assert results["silent"][2] - results["silent"][1] <= 2 * READ_TIMEOUT_S + 2.5
-    assert http.post(CHAT, content=body).status_code == 200
+    assert http.post(CHAT, content=body, headers=JSON).status_code == 200
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
@@ -277,7 +277,7 @@ def test_a_refused_body_that_keeps_coming_is_cut_off_after_the_read_timeout(
     assert error["type"] == "invalid_request_error"
     assert answered < READ_TIMEOUT_S
     assert READ_TIMEOUT_S - 0.5 <= closed - answered <= READ_TIMEOUT_S + 2.5
-    assert http.post(CHAT, content=_chat("echo")).status_code == 200
+    assert http.post(CHAT, content=_chat("echo"), headers=JSON).status_code == 200
 
 
 def test_a_head_that_stalls_is_408_after_the_read_timeout(gateway: Gateway, http: httpx.Client) -> None:
@@ -286,4 +286,4 @@ def test_a_head_that_stalls_is_408_after_the_read_timeout(gateway: Gateway, http
     answer, took = _raw(gateway, parts, pause_s=0.5)
     assert _error(answer, 408, "request_read_timeout")["type"] == "invalid_request_error"
     assert READ_TIMEOUT_S - 0.5 <= took <= READ_TIMEOUT_S + 3
-    assert http.post(CHAT, content=_chat("echo")).status_code == 200
+    assert http.post(CHAT, content=_chat("echo"), headers=JSON).status_code == 200

@@ -10,7 +10,12 @@ import zlib
 import pytest
 from fastapi import Request
 
-from gateway.errors import InvalidRequestError, RequestTooLargeError, UnsupportedEncodingError
+from gateway.errors import (
+    InvalidRequestError,
+    RequestTooLargeError,
+    UnsupportedEncodingError,
+    UnsupportedMediaTypeError,
+)
 from gateway.http.body import BodyDecoder, parse_json_object, read_body
 
 BODY = b'{"model": "echo", "messages": [{"role": "user", "content": "hello"}]}' * 50
@@ -124,3 +129,37 @@ def test_a_json_object_is_read_after_a_byte_order_mark_or_whitespace(raw: bytes)
 def test_a_byte_order_mark_anywhere_but_first_is_not_json(raw: bytes) -> None:
     with pytest.raises(InvalidRequestError, match="could not parse the JSON body"):
         parse_json_object(raw)
+
+
+@pytest.mark.parametrize(
+    "label", ["application/json", "Application/JSON; charset=utf-8", "application/vnd.api+json", " application/json "]
+)
+async def test_a_body_labelled_json_is_read(label: str) -> None:
+    request, _ = request_of([BODY], content_type=label)
+    assert await read_body(request, limit=len(BODY), expect_json=True) == BODY
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ({"content_type": "text/plain"}, "`Content-Type: text/plain`"),
+        ({"content_type": "application/x-www-form-urlencoded"}, "`Content-Type: application/x-www-form-urlencoded`"),
+        ({"content_type": "application/jsonp"}, "`Content-Type: application/jsonp`"),
+        ({"content_type": ""}, "no `Content-Type`"),
+        ({}, "no `Content-Type`"),
+    ],
+)
+async def test_a_body_not_labelled_json_is_415_before_any_is_read(headers: dict[str, str], named: str) -> None:
+    # vLLM's own server refuses it too (400), and OpenAI's API does not read such a body as JSON.
+    request, read = request_of([BODY], **headers)
+    with pytest.raises(UnsupportedMediaTypeError) as raised:
+        await read_body(request, limit=len(BODY), expect_json=True)
+    error = raised.value
+    assert (error.status_code, error.code, error.type) == (415, "unsupported_media_type", "invalid_request_error")
+    assert named in error.message and "application/json" in error.message
+    assert read == []
+
+
+async def test_a_body_no_json_is_expected_of_may_carry_any_label() -> None:
+    request, _ = request_of([b"x"], content_type="text/plain")
+    assert await read_body(request, limit=10) == b"x"
