@@ -32,7 +32,7 @@ from gateway.http.limits import Admission, admit, embedding_tokens
 from gateway.http.plan import plan
 from gateway.http.relay_stream import BACKGROUND_OUTCOME_S
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
-from gateway.http.stored import holding, input_items_query, retrieve_query
+from gateway.http.stored import allowed_llms, holder, holding, input_items_query, retrieve_query
 from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
@@ -106,7 +106,8 @@ class ModelDispatcher:
         replica = None
         if isinstance(envelope, ResponsesEnvelope) and envelope.previous_response_id is not None:
             # Only the replica that stores the earlier response can continue it.
-            route, replica = await self._holder(table, name, envelope.previous_response_id, "previous_response_id")
+            previous = envelope.previous_response_id
+            route, replica = await holder(table, name, previous, "previous_response_id", api, record.request_id)
         if route.alias:
             self._metrics.assigned(name, route.target)
         request_id = record.request_id
@@ -205,16 +206,6 @@ class ModelDispatcher:
                 )
         raise AssertionError("unreachable: the last candidate raises or returns")
 
-    async def _holder(self, table: ServingTable, name: str, response_id: str, param: str) -> tuple[Route, str]:
-        """The route to the variant of ``name`` whose replica stores
-        ``response_id``, and that replica's id; 404 when none does (the id
-        was not made here, or its replica has stopped)."""
-        replica = relay.response_replica(response_id)
-        model = await holding(table.llms(table.routes.members(name)), replica) if replica is not None else None
-        if model is None or replica is None:
-            raise ResponseNotFoundError.for_id(response_id, param)
-        return table.routes.pinned(name, model.name), replica
-
     async def stored(self, endpoint: Endpoint, request: Request, response_id: str) -> Response:
         """``GET /v1/responses/{id}`` (``responses_retrieve``),
         ``GET /v1/responses/{id}/input_items`` (``responses_input_items``),
@@ -231,8 +222,7 @@ class ModelDispatcher:
         table = self._table
         api = api_key(request)
         replica = relay.response_replica(response_id)
-        allowed = table.llms(name for name in table.models if api is None or api.allows(name))
-        model = await holding(allowed, replica) if replica is not None else None
+        model = await holding(allowed_llms(table, api), replica) if replica is not None else None
         if model is None:
             raise ResponseNotFoundError.for_id(response_id, "response_id")
         target = model.name

@@ -7,8 +7,12 @@ from typing import Any
 
 from fastapi import Request
 
-from gateway.errors import InvalidRequestError, ServiceUnavailableError
-from gateway.http.serving import LLMClient, ServedModel
+from gateway.auth.keys import ApiKey
+from gateway.errors import InvalidRequestError, ResponseNotFoundError, ServiceUnavailableError
+from gateway.http.serving import LLMClient, ServedModel, ServingTable
+from gateway.protocol import relay
+from gateway.protocol.engine import EngineRequest
+from gateway.routing.table import Route
 
 
 async def holding(models: list[ServedModel], replica: str) -> ServedModel | None:
@@ -27,8 +31,48 @@ async def holding(models: list[ServedModel], replica: str) -> ServedModel | None
     return None
 
 
+async def holder(
+    table: ServingTable, name: str, response_id: str, param: str, api: ApiKey | None, request_id: str
+) -> tuple[Route, str]:
+    """The route to the variant of ``name`` whose replica stores
+    ``response_id``, and that replica's id; 404 when none does (the id was
+    not made here, or its replica has stopped); 400 naming ``model`` when
+    another model's replica keeps it for the caller's key: a conversation
+    is continued by the replica that keeps it."""
+    replica = relay.response_replica(response_id)
+    if replica is None:
+        raise ResponseNotFoundError.for_id(response_id, param)
+    model = await holding(table.llms(table.routes.members(name)), replica)
+    if model is not None:
+        return table.routes.pinned(name, model.name), replica
+    elsewhere = await holding(allowed_llms(table, api), replica)
+    if elsewhere is None:
+        raise ResponseNotFoundError.for_id(response_id, param)
+    # Said only to the key that made it: to any other the id does not exist.
+    owner = api.id if api is not None else ""
+    asked = EngineRequest("responses_retrieve", {"response_id": response_id}, request_id, elsewhere.name, replica, owner)
+    try:
+        await elsewhere.client.unary(asked)
+    except ResponseNotFoundError:
+        raise ResponseNotFoundError.for_id(response_id, param) from None
+    raise InvalidRequestError(
+        f"The response '{response_id}' was made by the model `{elsewhere.name}`, whose replica keeps its "
+        f"conversation and answers its follow-ups: send `model` `{elsewhere.name}` (or an alias routing "
+        f"to it), or the earlier turns in `input` without `{param}`.",
+        param="model",
+    )
+
+
+def allowed_llms(table: ServingTable, api: ApiKey | None) -> list[ServedModel]:
+    """The LLMs ``api`` may use (all of them on an open gateway)."""
+    return table.llms(name for name in table.models if api is None or api.allows(name))
+
+
 def retrieve_query(request: Request) -> dict[str, Any]:
-    """``stream`` and ``starting_after`` of a ``GET /v1/responses/{id}``, checked."""
+    """``stream`` and ``starting_after`` of a ``GET /v1/responses/{id}``,
+    checked; ``include`` values must be OpenAI's. Nothing else is taken."""
+    _check_known(request, {"stream", "starting_after", "include", "include[]"})
+    _check_include(request)
     query: dict[str, Any] = {}
     stream = request.query_params.get("stream")
     if stream is not None:
@@ -65,9 +109,8 @@ def input_items_query(request: Request) -> dict[str, Any]:
     or ``desc``, the default) of a ``GET /v1/responses/{id}/input_items``,
     checked; ``include`` values must be OpenAI's. Nothing else is taken."""
     params = request.query_params
-    unknown = sorted(set(params) - {"after", "limit", "order", "include", "include[]"})
-    if unknown:
-        raise InvalidRequestError(f"Unrecognized query parameter: `{unknown[0]}`.", param=unknown[0])
+    _check_known(request, {"after", "limit", "order", "include", "include[]"})
+    _check_include(request)
     query: dict[str, Any] = {"limit": 20, "order": "desc"}
     limit = params.get("limit")
     if limit is not None:
@@ -83,9 +126,21 @@ def input_items_query(request: Request) -> dict[str, Any]:
         query["order"] = order
     if "after" in params:
         query["after"] = params["after"]
+    return query
+
+
+def _check_known(request: Request, known: set[str]) -> None:
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidRequestError(f"Unrecognized query parameter: `{unknown[0]}`.", param=unknown[0])
+
+
+def _check_include(request: Request) -> None:
+    """The stored items and responses come as they were made, so no
+    ``include`` value changes the answer; one OpenAI does not know is refused."""
+    params = request.query_params
     for value in [*params.getlist("include"), *params.getlist("include[]")]:
         if value not in INCLUDABLE:
             raise InvalidRequestError(
                 f"Invalid 'include': '{value}' is not one of {', '.join(sorted(INCLUDABLE))}.", param="include"
             )
-    return query

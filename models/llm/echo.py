@@ -37,7 +37,7 @@ from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.prompt_checks import check_input, check_not_empty
 from models.llm.sampling_checks import check_budget_fits
-from models.llm.stored import STORED, deleted_body
+from models.llm.stored import STORED, deleted_body, not_cancellable, not_streamable
 
 if TYPE_CHECKING:
     from gateway.config import EchoModelConfig
@@ -230,12 +230,9 @@ class EchoEngine:
             del self._stored[response_id]
             return deleted_body(response_id)
         if request.endpoint == "responses_cancel":
-            raise InvalidRequestError("Cannot cancel a synchronous response.", param="response_id")
+            raise not_cancellable(str(kept.body.get("status")), background=False)
         if request.body.get("stream"):
-            raise InvalidRequestError(
-                "Only a background response can be streamed again; this one was answered at once.",
-                param="stream",
-            )
+            raise not_streamable()
         return json.dumps(kept.body, separators=(",", ":")).encode()
 
     def _plan(self, request: EngineRequest) -> render.EchoPlan:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from gateway.errors import ResponseNotFoundError
+from gateway.errors import InvalidRequestError, ResponseNotFoundError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest
 from models.llm import input_items
@@ -119,3 +119,23 @@ class StoredResponses:
 def deleted_body(response_id: str) -> bytes:
     """What ``DELETE /v1/responses/{id}`` answers, as OpenAI does."""
     return json.dumps({"id": response_id, "object": "response", "deleted": True}, separators=(",", ":")).encode()
+
+
+def not_streamable() -> InvalidRequestError:
+    """A stored response asked for as a stream (``GET /v1/responses/{id}?stream=true``)
+    that has no events kept: only a background one streamed when made has."""
+    return InvalidRequestError(
+        "Only a response created with `background` and `stream` both true can be streamed again; "
+        "retrieve this one without `stream`.",
+        param="stream",
+    )
+
+
+def not_cancellable(status: str, background: bool) -> InvalidRequestError:
+    """A stored response that cannot be cancelled: one answered at once, or a
+    background one that has already ended (``status``)."""
+    if background:
+        message = f"Only a background response still queued or in progress can be cancelled; this one is {status}."
+    else:
+        message = "Only a background response can be cancelled; this one was answered at once."
+    return InvalidRequestError(message, param="response_id")

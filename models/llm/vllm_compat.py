@@ -18,7 +18,6 @@ objects (``ERROR_TABLE``), never by the words of their messages.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import logging
@@ -373,83 +372,15 @@ def _checked(
     return render_and_check
 
 
-def background_task(serving: Serving, request_id: str) -> Any:
-    """The task vLLM generates a background response in (None if it runs none)."""
-    return serving.responses.background_tasks.get(request_id)
-
-
-def has_events(serving: Serving, request_id: str) -> bool:
-    """Whether a background response's events can be read yet."""
-    return request_id in serving.responses.event_store
-
-
-# A background response that is still being generated (vLLM's statuses).
-_UNFINISHED = ("queued", "in_progress")
-
-
-def mark_failure(serving: Serving, response_id: str, task: Any) -> None:
-    """Has the stored response say ``failed`` once ``task`` (its background
-    generation) ends in an exception: vLLM marks only an error it returns,
-    and a response refused by the engine (raised) stayed ``queued`` for good,
-    polled for ever by a client waiting for it to finish. Its ``error`` says
-    why, as OpenAI's does (vLLM's response object has no such field)."""
-
-    def ended(done: Any) -> None:
-        if done.cancelled() or done.exception() is None:
-            return
-        stored = serving.responses.response_store.get(response_id)
-        if stored is not None and stored.status in _UNFINISHED:
-            stored.status = "failed"
-            stored.error = vllm_errors.response_error(vllm_errors.map_exception(done.exception()))
-
-    task.add_done_callback(ended)
-
-
-async def background_events(serving: Serving, response_id: str, starting_after: int | None = None) -> AsyncIterator[Any]:
-    """A background response's events after ``starting_after``, as vLLM's own
-    reader yields them, but ending when its task has ended: vLLM's waits for
-    a ``response.completed`` that a failed or cancelled task never sends.
-    Raises the task's exception after its last event when it failed."""
-    responses = serving.responses
-    events, new_event = responses.event_store[response_id]
-    task = responses.background_tasks.get(response_id)  # None: it has ended
-    index = 0 if starting_after is None else starting_after + 1
-    while True:
-        new_event.clear()
-        while index < len(events):
-            event = events[index]
-            index += 1
-            yield event
-            if event.type == "response.completed":
-                return
-        if task is None or task.done():
-            if task is not None and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
-            return
-        await new_event.wait()
-
-
-async def delete_response(serving: Serving, response_id: str) -> None:
-    """Deletes a stored response: its generation first, when it is a
-    background one still running (vLLM's task would store it again, and
-    assumes it is kept when it fails), then everything kept of it. Raises
-    ResponseNotFoundError (404) when the engine keeps none: one still being
-    answered at once is stored only when done, as retrieving finds it."""
-    responses = serving.responses
-    if responses.response_store.get(response_id) is None:
-        raise errors.ResponseNotFoundError.for_id(response_id, "response_id")
-    task = responses.background_tasks.get(response_id)
-    if task is not None and not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    forget_response(serving, response_id)
-
-
-def forget_response(serving: Serving, response_id: str) -> None:
-    responses = serving.responses
-    if responses is not None:
-        for store in (responses.response_store, responses.msg_store, responses.event_store):
-            store.pop(response_id, None)
+def body_json(result: Any, endpoint: str) -> bytes:
+    """A whole answer's body as vLLM's own server writes it for ``endpoint``:
+    the Responses API's by its fields' aliases (a tool's ``async``, not
+    ``async_``), Anthropic's shapes without what is unset."""
+    if endpoint.startswith("responses"):
+        text: str = result.model_dump_json(by_alias=True)
+    else:
+        text = result.model_dump_json(exclude_none=endpoint.startswith("messages"))
+    return text.encode()
 
 
 def largest_token_id(serving: Serving) -> int | None:

@@ -25,12 +25,12 @@ from gateway.config import lora
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, counted_fields
-from models.llm import compact_json, vllm_compat, vllm_errors, vllm_lora, vllm_streams
+from models.llm import compact_json, vllm_compat, vllm_errors, vllm_lora, vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.sampling_checks import check_budget_fits, check_sampling
-from models.llm.stored import STORED, deleted_body
+from models.llm.stored import STORED
 from models.llm.template_checks import check_request_template
 from models.llm.prompt_checks import check_input, check_not_empty, check_prompt_ids, check_token_ids
 from models.llm.tool_checks import check_tool_calls
@@ -171,7 +171,7 @@ class VLLMEngine:
             self._reaper.close()  # what the engine's shutdown left
 
     def forget_response(self, response_id: str) -> None:
-        vllm_compat.forget_response(self._vllm, response_id)
+        vllm_stored.forget_response(self._vllm, response_id)
 
     async def complete(self, request: EngineRequest, tally: GenerationTally) -> bytes:
         return body_of(await self._answer(request, tally))
@@ -182,7 +182,7 @@ class VLLMEngine:
     async def _answer(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """What vLLM answers ``request`` with: a body, or (``stream``) events."""
         if request.endpoint in STORED:
-            return await self._stored(request, tally)
+            return await vllm_stored.answer(self._vllm, self._config.name, request, tally)
         if request.endpoint == "responses_input_tokens":
             return input_tokens_body(await self._input_tokens(request))
         token = vllm_streams.TALLY.set(tally)
@@ -193,55 +193,24 @@ class VLLMEngine:
         if request.endpoint == "responses" and parsed.background:
             # vLLM generates in a task of its own, begun with this tally set:
             # the tally is complete once that task is done.
-            task = tally.continues = vllm_compat.background_task(self._vllm, parsed.request_id)
+            task = tally.continues = vllm_stored.background_task(self._vllm, parsed.request_id)
             if task is not None:
-                vllm_compat.mark_failure(self._vllm, parsed.request_id, task)
+                vllm_stored.mark_failure(self._vllm, parsed.request_id, task)
             # Its events are read from where that task puts them, once it has begun.
             while parsed.stream and task is not None and not task.done():
-                if vllm_compat.has_events(self._vllm, parsed.request_id):
+                if vllm_stored.has_events(self._vllm, parsed.request_id):
                     break
                 await asyncio.sleep(0)
-            if parsed.stream and vllm_compat.has_events(self._vllm, parsed.request_id):
-                result = vllm_compat.background_events(self._vllm, parsed.request_id)
+            if parsed.stream and vllm_stored.has_events(self._vllm, parsed.request_id):
+                result = vllm_stored.background_events(self._vllm, parsed.request_id)
         if hasattr(result, "model_dump_json"):
-            return body_json(result, request.endpoint)
+            return vllm_compat.body_json(result, request.endpoint)
         if request.endpoint == "responses":
             # A background response's id comes at once: the client may cancel it.
             return vllm_streams.events(result, tally, hold=not parsed.background)
         if request.endpoint == "messages":
             return vllm_streams.named_events(result, tally)
         return vllm_streams.frames(result, self.dead, tally)
-
-    async def _stored(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
-        """A stored response (``GET /v1/responses/{id}``; with ``stream``, a
-        background response's events from ``starting_after`` on), or one
-        cancelled, or deleted."""
-        serving = self._vllm.responses
-        if serving is None:
-            raise ModelNotSupportedError(
-                f"The model `{self._config.name}` does not serve the Responses API.", param="model"
-            )
-        body = request.body
-        response_id = str(body["response_id"])
-        if request.endpoint == "responses_delete":
-            await vllm_compat.delete_response(self._vllm, response_id)
-            return deleted_body(response_id)
-        try:
-            if request.endpoint == "responses_cancel":
-                result = await serving.cancel_responses(response_id)
-            else:
-                result = await serving.retrieve_responses(
-                    response_id, body.get("starting_after"), bool(body.get("stream"))
-                )
-        except Exception as exc:  # noqa: BLE001 - vLLM's refusals, as it reports them
-            raise vllm_errors.map_exception(exc, "response_id") from None
-        if isinstance(result, self._vllm.error_response):
-            raise vllm_errors.map_error(result.model_dump(), "response_id")
-        if hasattr(result, "model_dump_json"):
-            return body_json(result, request.endpoint)
-        if vllm_compat.has_events(self._vllm, response_id):  # vLLM's own reader would wait past the task's end
-            result = vllm_compat.background_events(self._vllm, response_id, body.get("starting_after"))
-        return vllm_streams.events(result, tally)
 
     async def _served(
         self, request: EngineRequest, call: Callable[[Any, Any], Awaitable[Any]]
@@ -324,17 +293,6 @@ class VLLMEngine:
         param = {"completion": "prompt", "responses": "input"}.get(endpoint, "messages")
         for engine_input in inputs:
             _check_window(vllm_compat.prompt_len(self._vllm, engine_input), budget, self._vllm.max_model_len, param)
-
-
-def body_json(result: Any, endpoint: str) -> bytes:
-    """A whole answer's body as vLLM's own server writes it for ``endpoint``:
-    the Responses API's by its fields' aliases (a tool's ``async``, not
-    ``async_``), Anthropic's shapes without what is unset."""
-    if endpoint.startswith("responses"):
-        text: str = result.model_dump_json(by_alias=True)
-    else:
-        text = result.model_dump_json(exclude_none=endpoint.startswith("messages"))
-    return text.encode()
 
 
 def _budget(endpoint: str, request: Any) -> int | None:

@@ -294,6 +294,14 @@ def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
             theirs.responses.create(model="chat", input="four", previous_response_id=made.id)
         follow_up = mine.responses.create(model="chat", input="four", previous_response_id=made.id)
         assert follow_up.output_text == "four" and follow_up.usage is not None
+        # Another model does not keep the conversation: its key is told which does, any other key nothing.
+        with pytest.raises(openai.BadRequestError) as elsewhere:
+            mine.responses.create(model=VLLM_MODEL, input="four", previous_response_id=made.id)
+        assert elsewhere.value.body["param"] == "model"  # type: ignore[index]
+        assert f"`{made.model}`" in elsewhere.value.message
+        with openai.OpenAI(base_url=gateway.v1, api_key=secrets["one-place"], max_retries=0) as another:
+            with pytest.raises(openai.NotFoundError):
+                another.responses.create(model=VLLM_MODEL, input="four", previous_response_id=made.id)
         with pytest.raises(openai.NotFoundError):  # nor count with it
             theirs.responses.input_tokens.count(model="chat", input="four", previous_response_id=made.id)
         counted = mine.responses.input_tokens.count(model="chat", input="four", previous_response_id=made.id)

@@ -160,9 +160,18 @@ def test_unknown_or_unstored_responses_are_a_clear_404(client: openai.OpenAI, ht
         assert (answer.status_code, error["code"], error["param"]) == (404, "response_not_found", "previous_response_id")
     # Only background responses can be cancelled, and only until they finish.
     kept = client.responses.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=2)
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError, match="answered at once"):
         client.responses.cancel(kept.id)
+    background = client.responses.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=2, background=True)
+    ended = finished(client, background.id)
+    with pytest.raises(openai.BadRequestError, match=f"still queued or in progress .* this one is {ended.status}"):
+        client.responses.cancel(ended.id)
     assert http.get(f"/v1/responses/{kept.id}", params={"stream": "maybe"}).status_code == 400
+    # Only one streamed in the background keeps events to stream again: a plain 400, not 200 and an error event.
+    for response_id in (kept.id, ended.id):
+        again = http.get(f"/v1/responses/{response_id}", params={"stream": "true"})
+        error = again.json()["error"]
+        assert (again.status_code, error["param"]) == (400, "stream") and "without `stream`" in error["message"]
 
 
 async def test_three_turn_conversations_through_an_alias_stay_on_their_variant_and_replica(

@@ -6,7 +6,7 @@ import pytest
 from fastapi import Request
 
 from gateway.errors import InvalidRequestError
-from gateway.http.stored import input_items_query
+from gateway.http.stored import input_items_query, retrieve_query
 
 
 def request(query: str) -> Request:
@@ -35,4 +35,26 @@ def test_input_items_query_defaults_as_openai_does() -> None:
 def test_a_bad_input_items_query_is_refused_naming_the_parameter(query: str, param: str) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         input_items_query(request(query))
+    assert (caught.value.status_code, caught.value.param) == (400, param)
+
+
+def test_retrieve_query_takes_stream_and_where_to_start() -> None:
+    assert retrieve_query(request("")) == {}
+    query = "stream=true&starting_after=3&include[]=message.output_text.logprobs"
+    assert retrieve_query(request(query)) == {"stream": True, "starting_after": 3}
+
+
+@pytest.mark.parametrize(
+    "query, param",
+    [
+        ("stream=maybe", "stream"),
+        ("starting_after=-1", "starting_after"),
+        ("include[]=bogus", "include"),  # refused by input items, not silently ignored here either
+        ("include=bogus", "include"),
+        ("after=3", "after"),
+    ],
+)
+def test_a_bad_retrieve_query_is_refused_naming_the_parameter(query: str, param: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        retrieve_query(request(query))
     assert (caught.value.status_code, caught.value.param) == (400, param)

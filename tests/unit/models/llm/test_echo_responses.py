@@ -75,7 +75,7 @@ async def test_a_follow_up_is_prompted_with_the_earlier_turns_and_can_be_retriev
     assert second.usage is not None and second.usage.input_tokens == 4 + 4 + 3  # input, answer, new input
     kept = await engine.complete(EngineRequest("responses_retrieve", {"response_id": second.id}, "r3", "echo"), GenerationTally())
     assert isinstance(kept, bytes) and Response.model_validate(json.loads(kept)) == second
-    with pytest.raises(InvalidRequestError, match="synchronous"):
+    with pytest.raises(InvalidRequestError, match="answered at once"):
         await engine.complete(EngineRequest("responses_cancel", {"response_id": second.id}, "r4", "echo"), GenerationTally())
     engine.forget_response(first.id)
     with pytest.raises(ResponseNotFoundError) as caught:

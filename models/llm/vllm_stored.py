@@ -1,0 +1,147 @@
+"""Stored responses (OpenAI's Responses API) as vLLM's serving layer keeps
+them: retrieving, streaming again, cancelling and deleting one, and the
+background tasks that generate them, where vLLM's own handling falls short
+(a failed task's response left ``queued``, a reader waiting past its task's
+end, a cancel refused as "a synchronous response" whatever the response)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from gateway import errors
+from gateway.errors import ModelNotSupportedError
+from models.llm import vllm_compat, vllm_errors, vllm_streams
+from models.llm.stored import deleted_body, not_cancellable, not_streamable
+
+if TYPE_CHECKING:
+    from gateway.protocol.engine import EngineRequest
+    from models.llm.tally import GenerationTally
+
+
+async def answer(
+    serving: vllm_compat.Serving, name: str, request: EngineRequest, tally: GenerationTally
+) -> bytes | AsyncIterator[bytes]:
+    """A stored response (``GET /v1/responses/{id}``; with ``stream``, a
+    background response's events from ``starting_after`` on), or one
+    cancelled, or deleted."""
+    responses = serving.responses
+    if responses is None:
+        raise ModelNotSupportedError(f"The model `{name}` does not serve the Responses API.", param="model")
+    body = request.body
+    response_id = str(body["response_id"])
+    if request.endpoint == "responses_delete":
+        await delete_response(serving, response_id)
+        return deleted_body(response_id)
+    if request.endpoint == "responses_cancel":
+        check_cancellable(serving, response_id)
+    try:
+        if request.endpoint == "responses_cancel":
+            result = await responses.cancel_responses(response_id)
+        else:
+            result = await responses.retrieve_responses(
+                response_id, body.get("starting_after"), bool(body.get("stream"))
+            )
+    except Exception as exc:  # noqa: BLE001 - vLLM's refusals, as it reports them
+        raise vllm_errors.map_exception(exc, "response_id") from None
+    if isinstance(result, serving.error_response):
+        raise vllm_errors.map_error(result.model_dump(), "response_id")
+    if hasattr(result, "model_dump_json"):
+        return vllm_compat.body_json(result, request.endpoint)
+    # vLLM's own reader would answer 200 and an error event for a response
+    # with no events kept, and wait past the task's end for one with them.
+    if not has_events(serving, response_id):
+        raise not_streamable()
+    events = background_events(serving, response_id, body.get("starting_after"))
+    return vllm_streams.events(events, tally)
+
+
+def background_task(serving: vllm_compat.Serving, request_id: str) -> Any:
+    """The task vLLM generates a background response in (None if it runs none)."""
+    return serving.responses.background_tasks.get(request_id)
+
+
+def has_events(serving: vllm_compat.Serving, request_id: str) -> bool:
+    """Whether a background response's events can be read yet."""
+    return request_id in serving.responses.event_store
+
+
+# A background response that is still being generated (vLLM's statuses).
+_UNFINISHED = ("queued", "in_progress")
+
+
+def mark_failure(serving: vllm_compat.Serving, response_id: str, task: Any) -> None:
+    """Has the stored response say ``failed`` once ``task`` (its background
+    generation) ends in an exception: vLLM marks only an error it returns,
+    and a response refused by the engine (raised) stayed ``queued`` for good,
+    polled for ever by a client waiting for it to finish. Its ``error`` says
+    why, as OpenAI's does (vLLM's response object has no such field)."""
+
+    def ended(done: Any) -> None:
+        if done.cancelled() or done.exception() is None:
+            return
+        stored = serving.responses.response_store.get(response_id)
+        if stored is not None and stored.status in _UNFINISHED:
+            stored.status = "failed"
+            stored.error = vllm_errors.response_error(vllm_errors.map_exception(done.exception()))
+
+    task.add_done_callback(ended)
+
+
+def check_cancellable(serving: vllm_compat.Serving, response_id: str) -> None:
+    """Raises InvalidRequestError for a stored response that has ended or
+    was answered at once, saying which: vLLM calls every such one "a
+    synchronous response". An unknown one is left to vLLM's 404."""
+    stored = serving.responses.response_store.get(response_id)
+    if stored is not None and stored.status not in _UNFINISHED:
+        raise not_cancellable(str(stored.status), bool(stored.background))
+
+
+async def background_events(
+    serving: vllm_compat.Serving, response_id: str, starting_after: int | None = None
+) -> AsyncIterator[Any]:
+    """A background response's events after ``starting_after``, as vLLM's own
+    reader yields them, but ending when its task has ended: vLLM's waits for
+    a ``response.completed`` that a failed or cancelled task never sends.
+    Raises the task's exception after its last event when it failed."""
+    responses = serving.responses
+    events, new_event = responses.event_store[response_id]
+    task = responses.background_tasks.get(response_id)  # None: it has ended
+    index = 0 if starting_after is None else starting_after + 1
+    while True:
+        new_event.clear()
+        while index < len(events):
+            event = events[index]
+            index += 1
+            yield event
+            if event.type == "response.completed":
+                return
+        if task is None or task.done():
+            if task is not None and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+            return
+        await new_event.wait()
+
+
+async def delete_response(serving: vllm_compat.Serving, response_id: str) -> None:
+    """Deletes a stored response: its generation first, when it is a
+    background one still running (vLLM's task would store it again, and
+    assumes it is kept when it fails), then everything kept of it. Raises
+    ResponseNotFoundError (404) when the engine keeps none: one still being
+    answered at once is stored only when done, as retrieving finds it."""
+    responses = serving.responses
+    if responses.response_store.get(response_id) is None:
+        raise errors.ResponseNotFoundError.for_id(response_id, "response_id")
+    task = responses.background_tasks.get(response_id)
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    forget_response(serving, response_id)
+
+
+def forget_response(serving: vllm_compat.Serving, response_id: str) -> None:
+    responses = serving.responses
+    if responses is not None:
+        for store in (responses.response_store, responses.msg_store, responses.event_store):
+            store.pop(response_id, None)

@@ -1,0 +1,37 @@
+"""models/llm/vllm_stored.py: stored responses under vLLM, where its own handling falls short."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequestError
+from models.llm import vllm_stored
+
+
+def serving_keeping(**responses: SimpleNamespace) -> Any:
+    return SimpleNamespace(responses=SimpleNamespace(response_store=responses))
+
+
+@pytest.mark.parametrize(
+    ("kept", "said"),
+    [
+        (SimpleNamespace(status="completed", background=False), "can be cancelled; this one was answered at once"),
+        (SimpleNamespace(status="completed", background=True), "still queued or in progress .*; this one is completed"),
+        (SimpleNamespace(status="failed", background=True), "this one is failed"),
+    ],
+)
+def test_a_response_that_cannot_be_cancelled_says_why(kept: SimpleNamespace, said: str) -> None:
+    """vLLM calls every such response "a synchronous response", background ones that ended included."""
+    with pytest.raises(InvalidRequestError, match=said) as raised:
+        vllm_stored.check_cancellable(serving_keeping(resp_a=kept), "resp_a")
+    assert raised.value.param == "response_id"
+
+
+@pytest.mark.parametrize("status", ["queued", "in_progress"])
+def test_a_running_background_response_or_an_unknown_one_is_left_to_vllm(status: str) -> None:
+    serving = serving_keeping(resp_a=SimpleNamespace(status=status, background=True))
+    vllm_stored.check_cancellable(serving, "resp_a")
+    vllm_stored.check_cancellable(serving, "resp_unknown")  # vLLM answers its 404
