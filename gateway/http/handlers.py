@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from gateway.errors import (
     GatewayError,
@@ -101,6 +102,19 @@ def as_gateway_error(exc: BaseException, *, retry_after_s: int = 1) -> GatewayEr
     return InternalServerError("The server had an error while processing your request.")
 
 
+def allowed_methods(request: Request) -> str:
+    """``Allow`` for a 405: the methods of every route at the request's path.
+    Starlette names only the first route's, and a path served by several
+    (``GET`` and ``DELETE /v1/responses/{id}``; ``GET`` and ``HEAD /health``)
+    would be said to take one of them."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def install_handlers(app: FastAPI) -> None:
     """Registers the handlers; FastAPI's 422 ``detail`` bodies never reach a client."""
 
@@ -124,11 +138,12 @@ def install_handlers(app: FastAPI) -> None:
             error = NotFoundError(f"Unknown route: {request.method} {request.url.path}")
         elif exc.status_code == 405:
             error = MethodNotAllowedError(f"Method {request.method} is not allowed here.")
+            error.extra_headers["allow"] = allowed_methods(request)
         elif exc.status_code < 500:
             error = InvalidRequestError(str(exc.detail), status=exc.status_code)
         else:
             error = InternalServerError("The server had an error while processing your request.")
-        error.extra_headers.update(exc.headers or {})  # e.g. 405's `Allow`
+        error.extra_headers.update({k: v for k, v in (exc.headers or {}).items() if k.lower() != "allow"})
         return error_response(error, request)
 
     app.add_exception_handler(GatewayError, on_gateway_error)

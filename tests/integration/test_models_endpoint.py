@@ -43,6 +43,24 @@ def test_retrieve_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert caught.value.body["code"] == "model_not_found"
 
 
+@pytest.mark.parametrize(
+    ("path", "to"), [("/v1/models/", "/v1/models"), (f"/v1/models/{VLLM_MODEL}/", f"/v1/models/{VLLM_MODEL}")]
+)
+def test_a_trailing_slash_is_redirected_as_on_every_route(http: httpx.Client, path: str, to: str) -> None:
+    """`/v1/models/` was answered 404 for a model named "" (the id may hold slashes: Hugging Face ids)."""
+    moved = http.get(path, params={"after": "x"})
+    assert moved.status_code == 307 and httpx.URL(moved.headers["location"]).path == to
+    assert "after=x" in moved.headers["location"]
+    assert http.get(path, follow_redirects=True).status_code == 200
+
+
+def test_a_wrong_method_names_every_method_the_path_takes(http: httpx.Client) -> None:
+    for path, allowed in (("/health", {"GET", "HEAD"}), ("/v1/responses/resp_x", {"GET", "DELETE"})):
+        refused = http.patch(path)
+        assert refused.status_code == 405
+        assert set(refused.headers["allow"].split(", ")) == allowed, path
+
+
 def test_health_and_ready(http: httpx.Client) -> None:
     assert http.get("/health").json() == {"status": "ok"}
     ready = http.get("/ready")

@@ -51,6 +51,14 @@ def _app(raised: dict[str, BaseException]) -> FastAPI:
     async def typed(body: _Body) -> dict[str, Any]:
         return body.model_dump()
 
+    @app.get("/items/{item}")
+    async def get_item(item: str) -> str:
+        return item
+
+    @app.delete("/items/{item}")
+    async def delete_item(item: str) -> str:
+        return item
+
     return app
 
 
@@ -158,6 +166,14 @@ async def test_wrong_method_is_405_envelope(client: httpx.AsyncClient) -> None:
     error = _error(response)
     assert error["code"] == "method_not_allowed"
     assert "DELETE" in error["message"]
+    assert response.headers["allow"] == "POST"
+
+
+async def test_a_405_allows_every_method_the_path_is_served_by(client: httpx.AsyncClient) -> None:
+    """Starlette's `Allow` names only the first route's methods: `GET` where DELETE works too."""
+    response = await client.patch("/items/a")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET"
 
 
 async def test_unexpected_exception_is_500_without_details(

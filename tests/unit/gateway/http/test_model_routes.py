@@ -123,6 +123,7 @@ async def test_under_a_route_prefix_the_path_below_it_counts(dispatcher: Dispatc
 async def test_other_methods_and_paths_take_fastapis_routes(client: httpx.AsyncClient, dispatcher: Dispatcher) -> None:
     wrong_method = await client.get("/v1/chat/completions")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "POST"
     assert dispatcher.calls == []
     predicted = await client.post("/v1/models/iris:predict", json={"instances": [[1, 2]]})
     assert predicted.status_code == 200
