@@ -7,6 +7,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class InputError(ValueError):
+    """A bad entry of an embeddings request's ``input``; ``param`` is its
+    path as the message names it (``input[1]``, or ``input`` for a lone string)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class EmbeddingRequest(BaseModel):
     """OpenAI's embeddings request; unknown fields are refused, not dropped."""
 
@@ -21,21 +30,22 @@ class EmbeddingRequest(BaseModel):
     def texts(self) -> list[str]:
         """The inputs as a list of texts.
 
-        Raises ValueError naming the first bad entry: an empty text, token-id
-        input (this gateway's embedding models take text), or a non-string.
+        Raises InputError naming the first bad entry by its path: an empty
+        text, token-id input (this gateway's embedding models take text), or
+        a non-string.
         """
         items = [self.input] if isinstance(self.input, str) else self.input
         for index, item in enumerate(items):
-            where = "'input'" if isinstance(self.input, str) else f"'input[{index}]'"
+            path = "input" if isinstance(self.input, str) else f"input[{index}]"
             if isinstance(item, str):
                 if not item:
-                    raise ValueError(f"{where} is an empty string")
+                    raise InputError(f"'{path}' is an empty string", path)
             elif isinstance(item, int) or (
                 isinstance(item, list) and all(isinstance(t, int) for t in item)
             ):
-                raise ValueError(f"{where}: token-id input is not supported; send text")
+                raise InputError(f"'{path}': token-id input is not supported; send text", path)
             else:
-                raise ValueError(f"{where} must be a string, not {type(item).__name__}")
+                raise InputError(f"'{path}' must be a string, not {type(item).__name__}", path)
         return list(items)
 
 

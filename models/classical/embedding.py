@@ -82,21 +82,26 @@ class EmbeddingPredictor:
         pad_batches(model)
         return cls(model, name)
 
-    def inputs(self, instances: Sequence[Any], param: str) -> tuple[list[str], list[int]]:
-        """The texts and each one's token count (special tokens included)."""
+    def inputs(self, instances: Sequence[Any], param: str, *, lone: bool = False) -> tuple[list[str], list[int]]:
+        """The texts and each one's token count (special tokens included);
+        errors name the text by its path (``param[index]``, ``param`` where ``lone``)."""
+
+        def path(index: int) -> str:
+            return param if lone else f"{param}[{index}]"
+
         for index, text in enumerate(instances):
             if not isinstance(text, str):
-                raise InvalidRequestError(f"{param}[{index}] must be a string", param=param)
+                raise InvalidRequestError(f"{path(index)} must be a string", param=path(index))
             if not text:
-                raise InvalidRequestError(f"{param}[{index}] is an empty string", param=param)
+                raise InvalidRequestError(f"{path(index)} is an empty string", param=path(index))
         texts = list(instances)
         counts = [len(ids) for ids in self._tokenizer(texts)["input_ids"]]
         for index, count in enumerate(counts):
             if count > self.max_tokens:
                 raise ContextLengthExceededError(
-                    f"{param}[{index}] has {count} tokens; this model's maximum context "
+                    f"{path(index)} has {count} tokens; this model's maximum context "
                     f"length is {self.max_tokens} tokens. Please shorten the input.",
-                    param=param,
+                    param=path(index),
                 )
         return texts, counts
 

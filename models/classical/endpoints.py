@@ -22,6 +22,7 @@ from gateway.protocol.embeddings import (
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
+    InputError,
 )
 from gateway.protocol.engine import EngineRequest
 from gateway.protocol.predict import InferRequest, InferResponse, InferTensor, PredictRequest
@@ -90,8 +91,8 @@ def _parse_embedding(request: EngineRequest, predictor: Predictor, cap: int) -> 
     embedding = _validate(EmbeddingRequest, request.body)
     try:
         texts = embedding.texts()
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc), param="input") from None
+    except InputError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None
     _check_cap(len(texts), cap, "input")
     dimensions = getattr(predictor, "dimensions", None)
     if embedding.dimensions is not None and embedding.dimensions != dimensions:
@@ -100,7 +101,7 @@ def _parse_embedding(request: EngineRequest, predictor: Predictor, cap: int) -> 
             f"them: leave out 'dimensions' or set it to {dimensions}.",
             param="dimensions",
         )
-    inputs = predictor.inputs(texts, "input")
+    inputs = predictor.inputs(texts, "input", lone=isinstance(embedding.input, str))
     return Job(
         request,
         inputs,

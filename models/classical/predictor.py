@@ -19,11 +19,12 @@ class Predictor(Protocol):
 
     kind: str  # "classifier" or "embedding", as in gateway.config.ENGINE_KINDS
 
-    def inputs(self, instances: Sequence[Any], param: str) -> Any:
+    def inputs(self, instances: Sequence[Any], param: str, *, lone: bool = False) -> Any:
         """One request's instances, checked and converted for ``predict``.
 
         Raises ``gateway.errors.InvalidRequestError`` naming the first bad
-        instance by index, with ``param`` as the error's parameter.
+        instance by its path, ``param[index]``, or ``param`` alone where
+        ``lone`` (the client sent one instance as is, not in a list).
         """
         ...
 

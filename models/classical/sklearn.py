@@ -59,11 +59,12 @@ class SklearnPredictor:
             mlflow.set_registry_uri(tracking_uri)
         return cls(mlflow.sklearn.load_model(uri))
 
-    def inputs(self, instances: Sequence[Any], param: str) -> np.ndarray:
+    def inputs(self, instances: Sequence[Any], param: str, *, lone: bool = False) -> np.ndarray:
         for index, row in enumerate(instances):
             problem = self._problem(row)
             if problem:
-                raise InvalidRequestError(f"{param}[{index}]: {problem}", param=param)
+                where = param if lone else f"{param}[{index}]"
+                raise InvalidRequestError(f"{where}: {problem}", param=param)
         return np.asarray(instances, dtype=np.float64).reshape(len(instances), self.n_features)
 
     def _problem(self, row: Any) -> str | None:

@@ -93,20 +93,20 @@ async def test_concurrent_requests_share_batches(gateway: Gateway) -> None:
     ("body", "message", "param", "code"),
     [
         ({"input": ""}, "'input' is an empty string", "input", None),
-        ({"input": ["ok", ""]}, "'input[1]' is an empty string", "input", None),
+        ({"input": ["ok", ""]}, "'input[1]' is an empty string", "input[1]", None),
         (
             {"input": []},
             "Invalid 'input': empty array. Expected an array with minimum length 1, but got an empty array instead.",
             "input",
             "empty_array",
         ),
-        ({"input": [[101, 2023]]}, "'input[0]': token-id input is not supported; send text", "input", None),
-        ({"input": ["ok", 3.5]}, "'input[1]' must be a string, not float", "input", None),
+        ({"input": [[101, 2023]]}, "'input[0]': token-id input is not supported; send text", "input[0]", None),
+        ({"input": ["ok", 3.5]}, "'input[1]' must be a string, not float", "input[1]", None),
         ({"input": ["x"] * 65}, "'input' holds 65 entries; this model accepts at most 64 per request.", "input", None),
         (
             {"input": ["short", "word " * 300]},
             "input[1] has 302 tokens; this model's maximum context length is 256 tokens. Please shorten the input.",
-            "input",
+            "input[1]",
             "context_length_exceeded",
         ),
         (

