@@ -43,7 +43,6 @@ from gateway.routing.table import Route, RouteTable
 logger = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-gateway-variant"
-ANTHROPIC_REQUEST_ID = "request-id"
 
 
 class ModelDispatcher:
@@ -183,8 +182,6 @@ class ModelDispatcher:
         for target in candidates:
             call = EngineRequest(endpoint, _routed(body, name, target, in_body), request_id, target, *pin)
             headers = {VARIANT_HEADER: target}
-            if endpoint in ("messages", "messages_count"):
-                headers[ANTHROPIC_REQUEST_ID] = request_id  # where Anthropic's clients read it
             if admission is not None:
                 headers.update(admission.headers)
             record.variant = target

@@ -19,19 +19,10 @@ from gateway.errors import (
     OverloadedError,
     ServiceUnavailableError,
 )
-from gateway.http.observe import current_request_id, route_path
+from gateway.http.observe import anthropic_path, current_request_id, route_path
 from gateway.validation import Refusal, describe
 
 logger = logging.getLogger(__name__)
-
-
-ANTHROPIC_PATH = "/v1/messages"
-
-
-def anthropic_path(path: str) -> bool:
-    """Whether ``path`` is one of Anthropic's Messages API routes, whose errors
-    take Anthropic's envelope."""
-    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
 
 
 def envelope(error: GatewayError, path: str) -> dict[str, object]:

@@ -7,6 +7,9 @@
   Serve itself echoes the id the request arrived with (HAProxy makes one when
   the client sent none), so the header is added here only when ours differs:
   a client's insane id comes back beside the one the gateway used.
+  Anthropic's Messages routes also carry it as ``request-id``, where
+  Anthropic's clients read it, on every answer: the gateway's own errors
+  (unknown model, 405, a body it cannot read) as well as the model's.
 - **Metrics.** In-flight, requests, durations and the gateway's overhead,
   labelled with the route template and what the dispatcher recorded.
 - **Overhead header.** Responses that are not streams carry
@@ -37,6 +40,8 @@ from gateway.http.access_log import AccessLog
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 
 REQUEST_ID = b"x-request-id"
+ANTHROPIC_REQUEST_ID = b"request-id"
+ANTHROPIC_PATH = "/v1/messages"
 OVERHEAD = b"x-gateway-overhead-ms"
 UNMATCHED = "unmatched"
 CLIENT_CLOSED = 499
@@ -59,6 +64,12 @@ def route_path(scope: Scope) -> str:
     if root and path.startswith(root + "/"):
         return path[len(root) :]
     return path
+
+
+def anthropic_path(path: str) -> bool:
+    """Whether ``path`` is one of Anthropic's Messages API routes, whose
+    answers take Anthropic's envelope and ``request-id`` header."""
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
 
 
 def route_matcher(routes: list[BaseRoute], skip: frozenset[str]) -> Callable[[Scope], str | None]:
@@ -111,7 +122,9 @@ class ObservabilityMiddleware:
         given = next((value for key, value in scope["headers"] if key == REQUEST_ID), None)
         sane = given is not None and _SANE.match(given) is not None
         request_id = given.decode() if sane and given is not None else new_request_id()
-        id_header = None if sane and self._echoed else (REQUEST_ID, request_id.encode())
+        id_headers = [] if sane and self._echoed else [(REQUEST_ID, request_id.encode())]
+        if anthropic_path(route_path(scope)):
+            id_headers.append((ANTHROPIC_REQUEST_ID, request_id.encode()))
         route = self._route_of(scope)
         record = RequestRecord(request_id, route or "", time.perf_counter())
         state: dict[str, Any] = scope.setdefault("state", {})
@@ -120,9 +133,9 @@ class ObservabilityMiddleware:
         token = current_request_id.set(request_id)
         try:
             if route is None:
-                await self._app(scope, receive, _with_header(send, id_header))
+                await self._app(scope, receive, _with_headers(send, id_headers))
             else:
-                await self._measured(scope, receive, send, record, id_header)
+                await self._measured(scope, receive, send, record, id_headers)
         finally:
             current_request_id.reset(token)
 
@@ -132,7 +145,7 @@ class ObservabilityMiddleware:
         receive: Receive,
         send: Send,
         record: RequestRecord,
-        id_header: tuple[bytes, bytes] | None,
+        id_headers: list[tuple[bytes, bytes]],
     ) -> None:
         metrics = self._metrics
         metrics.request_started(record.route)
@@ -146,9 +159,7 @@ class ObservabilityMiddleware:
                 status = message["status"]
                 overhead_s = time.perf_counter() - record.started - record.model_wait_s
                 metrics.response_started(record.route, overhead_s)
-                headers = list(message.get("headers", ()))
-                if id_header is not None:
-                    headers.append(id_header)
+                headers = [*message.get("headers", ()), *id_headers]
                 if not _is_stream(headers):
                     headers.append((OVERHEAD, f"{overhead_s * 1000:.3f}".encode()))
                 message["headers"] = headers
@@ -176,13 +187,13 @@ def _is_stream(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
 
 
-def _with_header(send: Send, header: tuple[bytes, bytes] | None) -> Send:
-    if header is None:
+def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    if not headers:
         return send
 
-    async def send_with_header(message: Message) -> None:
+    async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), header]
+            message["headers"] = [*message.get("headers", ()), *headers]
         await send(message)
 
-    return send_with_header
+    return send_with_headers

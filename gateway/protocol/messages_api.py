@@ -48,7 +48,7 @@ class MessageUsage(_Open):
 class Message(_Open):
     """A whole answer (`stream` false)."""
 
-    id: str
+    id: str = Field(description="`msg_<request id>`: the request's `x-request-id`, also sent as `request-id`.")
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     content: list[dict[str, Any]] = Field(description="`text` and `tool_use` blocks.")

@@ -7,19 +7,24 @@ the field for only some of them: a ``presence_penalty`` of -3 came back
 every one is refused as OpenAI refuses a number out of range ("Invalid
 'presence_penalty': decimal below minimum value. Expected a value >= -2, but
 got -3 instead.", ``param`` the field), with the bounds vLLM applies; an
-empty ``stop`` or ``bad_words`` string likewise ("stop cannot contain an
-empty string.", ``param`` null, from vLLM); several choices at a greedy
-temperature, naming ``n`` ("n must be 1 when using greedy sampling, got
+empty ``stop`` or ``bad_words`` string likewise, ``param`` its path
+(``stop[1]``) as the message names it ("stop cannot contain an empty
+string.", ``param`` null, from vLLM); several choices at temperature 0,
+naming ``n`` ("n must be 1 when using greedy sampling, got
 2.", ``param`` null, from vLLM); and an output budget larger
 than the model's context window, as OpenAI refuses one above a model's
 most ("max_tokens is too large: 5000. This model supports at most 2048
 completion tokens, whereas you provided 5000.", ``param`` the field sent),
 where vLLM said it of its own ``max_tokens`` whichever field was sent.
+The Messages API's ``temperature`` is bounded as Anthropic bounds it, 0 to
+1 (vLLM took up to 2), and an empty ``stop_sequences`` string is named by
+its own path, where vLLM named the ``stop`` it makes of them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from gateway.errors import InvalidRequestError
@@ -47,23 +52,36 @@ RANGES: dict[str, Bounds] = {
     "min_tokens": Bounds(0, None),
 }
 
+# Anthropic's Messages API takes a temperature of 0 to 1 (vLLM's schema for
+# it takes any, and its sampling up to 2), and its other fields within vLLM's.
+ANTHROPIC_RANGES: dict[str, Bounds] = {**RANGES, "temperature": Bounds(0.0, 1.0)}
 
-# String lists vLLM refuses an empty string in, naming no field.
-NON_EMPTY = ("stop", "bad_words")
+
+# String lists vLLM refuses an empty string in, naming no field (the Messages
+# API's ``stop_sequences`` as the ``stop`` it becomes, a field not sent).
+NON_EMPTY = ("stop", "bad_words", "stop_sequences")
 
 
-def check_sampling(request: Any, budget: int | None) -> None:
+def check_sampling(request: Any, budget: int | None, ranges: Mapping[str, Bounds] = RANGES) -> None:
     """Refuses the first sampling field of ``request`` (vLLM-parsed, any
-    endpoint) that is out of its range, an empty string in ``stop`` or
-    ``bad_words``, or a ``min_tokens`` above the output ``budget``; fields
-    the request lacks or left unset pass."""
-    for field, bounds in RANGES.items():
+    endpoint) that is out of its range in ``ranges`` (``ANTHROPIC_RANGES``
+    for the Messages API), an empty string in ``stop``, ``bad_words`` or
+    ``stop_sequences``, or a ``min_tokens`` above the output ``budget``;
+    fields the request lacks or left unset pass."""
+    for field, bounds in ranges.items():
         value = getattr(request, field, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             _check(field, value, bounds)
     for field in NON_EMPTY:
         _check_non_empty(field, getattr(request, field, None))
     _check_choices(request)
+    check_least_tokens(request, budget)
+
+
+def check_least_tokens(request: Any, budget: int | None) -> None:
+    """Refuses a ``min_tokens`` of ``request`` above the output ``budget``
+    (the field sent, or the window's rest after the prompt where none was),
+    naming it: vLLM named no field for it. None or an unset field passes."""
     least = getattr(request, "min_tokens", None)
     if isinstance(least, int) and budget is not None and least > budget:
         raise InvalidRequestError(
@@ -74,17 +92,15 @@ def check_sampling(request: Any, budget: int | None) -> None:
         )
 
 
-# vLLM's greedy sampling: a temperature below this picks the likeliest token.
-GREEDY_BELOW = 1e-5
-
-
 def _check_choices(request: Any) -> None:
-    """Refuses several choices at a greedy temperature, naming ``n``: vLLM
-    makes one greedy answer (beam search aside) and refused with no field."""
+    """Refuses several choices at temperature 0, naming ``n``: vLLM makes one
+    greedy answer (beam search aside) and refused with no field. vLLM raises
+    any temperature in (0, 0.01) to 0.01 (``_MAX_TEMP``) before it looks for
+    a greedy one (below 1e-5), so only 0 itself is greedy there."""
     n, temperature = getattr(request, "n", None), getattr(request, "temperature", None)
     if not isinstance(n, int) or n <= 1 or getattr(request, "use_beam_search", False):
         return
-    if isinstance(temperature, (int, float)) and temperature < GREEDY_BELOW:
+    if isinstance(temperature, (int, float)) and temperature == 0:
         raise InvalidRequestError(
             f"Invalid 'n': {n} choices were asked for at temperature {temperature:g}, where the engine samples "
             "greedily and makes one. Ask for one choice, or set a temperature above 0.",
@@ -102,7 +118,7 @@ def _check_non_empty(field: str, strings: object) -> None:
             raise InvalidRequestError(
                 f"Invalid '{where}': string too short. Expected a string with minimum length 1, "
                 "but got an empty string instead.",
-                param=field,
+                param=where,
             )
 
 

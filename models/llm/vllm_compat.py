@@ -27,7 +27,7 @@ from typing import Any
 
 
 from gateway import errors
-from models.llm import vllm_errors, vllm_streams
+from models.llm import vllm_errors, vllm_messages, vllm_streams
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("anthropic_request", "merge_inline_system"),
     ),
     ("vllm.renderers.inputs.preprocess", "extract_prompt_len", ("model_config", "prompt")),
+    ("vllm.renderers.chat_utils", "MM_PARSER_MAP", ()),  # the chat content part types vLLM reads
     (_MODELS, "OpenAIServingModels.load_lora_adapter", ("request",)),
     (_MODELS, "OpenAIServingModels.unload_lora_adapter", ("request",)),
     ("vllm.renderers.hf", "resolve_chat_template", ("tokenizer", "chat_template", "tools", "model_config")),
@@ -283,11 +284,13 @@ def _register_endpoints(serving: Serving) -> None:
         serving.endpoints["responses_input_tokens"] = (ResponsesRequest, serving.responses.create_responses, "input")
     if serving.messages is not None:
         messages = serving.messages
+        # A message's id is made from the request's, as a chat completion's is (``vllm_messages``).
+        messages.to_chat_completion_request = vllm_messages.identified(messages.to_chat_completion_request)
         messages.messages_full_converter = vllm_errors.tool_inputs_checked(  # type: ignore[method-assign]
-            messages.messages_full_converter
+            vllm_messages.whole_identified(messages.messages_full_converter)
         )
         messages.message_stream_converter = vllm_streams.messages_converter(  # type: ignore[method-assign]
-            messages.message_stream_converter, lambda: bool(serving.engine.errored)
+            messages.message_stream_converter, lambda: bool(serving.engine.errored), vllm_messages.start_identified
         )
         serving.endpoints["messages"] = (AnthropicMessagesRequest, messages.create_messages, "messages")
         serving.endpoints["messages_count"] = (AnthropicCountTokensRequest, messages.count_tokens, "messages")

@@ -25,14 +25,26 @@ from gateway.config import lora
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, counted_fields
-from models.llm import compact_json, vllm_compat, vllm_errors, vllm_lora, vllm_stored, vllm_streams
+from models.llm import compact_json, vllm_compat, vllm_errors, vllm_lora, vllm_messages, vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
-from models.llm.sampling_checks import check_budget_fits, check_sampling
+from models.llm.sampling_checks import (
+    ANTHROPIC_RANGES,
+    RANGES,
+    check_budget_fits,
+    check_least_tokens,
+    check_sampling,
+)
 from models.llm.stored import STORED
 from models.llm.template_checks import check_request_template
-from models.llm.prompt_checks import check_input, check_not_empty, check_prompt_ids, check_token_ids
+from models.llm.prompt_checks import (
+    check_input,
+    check_message_roles,
+    check_not_empty,
+    check_prompt_ids,
+    check_token_ids,
+)
 from models.llm.tool_checks import check_tool_calls
 from models.log_handlers import handlers_kept
 
@@ -185,10 +197,11 @@ class VLLMEngine:
             return await vllm_stored.answer(self._vllm, self._config.name, request, tally)
         if request.endpoint == "responses_input_tokens":
             return input_tokens_body(await self._input_tokens(request))
-        token = vllm_streams.TALLY.set(tally)
+        token, named = vllm_streams.TALLY.set(tally), vllm_messages.REQUEST_ID.set(request.request_id)
         try:
             parsed, result = await self._served(request, lambda parsed, create: create(parsed, None))
         finally:
+            vllm_messages.REQUEST_ID.reset(named)
             vllm_streams.TALLY.reset(token)
         if request.endpoint == "responses" and parsed.background:
             # vLLM generates in a task of its own, begun with this tally set:
@@ -230,6 +243,8 @@ class VLLMEngine:
         check_request_template(request.body)
         if prompt_param == "messages" or request.endpoint == "completion":
             check_not_empty(request.body, prompt_param)
+        if request.endpoint in ("messages", "messages_count"):
+            check_message_roles(request.body)
         elif prompt_param == "input":
             check_input(request.body)
         try:
@@ -238,7 +253,8 @@ class VLLMEngine:
                 _check_budget(request.endpoint, parsed)
                 _check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
                 check_budget_fits(*_budget_field(request.endpoint, parsed), serving.max_model_len)
-                check_sampling(parsed, _budget(request.endpoint, parsed))
+                ranges = ANTHROPIC_RANGES if request.endpoint == "messages" else RANGES
+                check_sampling(parsed, _budget(request.endpoint, parsed), ranges)
                 check_tool_calls(request.endpoint, request.body, parsed, self._config.name, self._calls_tools)
                 if request.endpoint == "completion":
                     check_prompt_ids(parsed.prompt, self._largest_token)
@@ -285,14 +301,17 @@ class VLLMEngine:
         return total
 
     def _check_rendered(self, endpoint: str, request: Any, inputs: list[Any]) -> None:
-        """Refuses prompt + budget beyond the context window, as vLLM renders
-        each request to generate (so streams fail before their first byte)."""
-        budget = _budget(endpoint, request)
-        if budget is None:
-            return  # vLLM fills the rest of the window
+        """Refuses prompt + budget beyond the context window, and where no
+        budget was sent a ``min_tokens`` beyond the window's rest, as vLLM
+        renders each request to generate (so streams fail before their first byte)."""
+        budget, limit = _budget(endpoint, request), self._vllm.max_model_len
         param = {"completion": "prompt", "responses": "input"}.get(endpoint, "messages")
         for engine_input in inputs:
-            _check_window(vllm_compat.prompt_len(self._vllm, engine_input), budget, self._vllm.max_model_len, param)
+            prompt = vllm_compat.prompt_len(self._vllm, engine_input)
+            if budget is None and prompt < limit:
+                # vLLM fills the window's rest and refused a min_tokens above it naming no field.
+                check_least_tokens(request, limit - prompt)
+            _check_window(prompt, budget, limit, param)
 
 
 def _budget(endpoint: str, request: Any) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -189,7 +190,7 @@ def _read_content_parts(parsed: Any) -> None:
             continue
         where: tuple[int | str, ...] = ("messages", index, "content")
         if not isinstance(content, list):  # read once, here; vLLM reads the list
-            content = message["content"] = _checked(where, lambda: list(content))
+            content = message["content"] = _checked(where, lambda: list(content), _read_part_types)
         for at, part in enumerate(content):
             if isinstance(part, dict) and part.get("type") == "text":
                 _checked((*where, at), lambda: _TEXT_PART.validate_python(part))
@@ -214,14 +215,43 @@ class _TextPart(TypedDict):
 _TEXT_PART = TypeAdapter(_TextPart)
 
 
-def _checked(where: tuple[int | str, ...], check: Callable[[], Any]) -> Any:
-    """``check()``, its ValidationError as a 400 naming the field by its path below ``where``."""
+def _checked(
+    where: tuple[int | str, ...],
+    check: Callable[[], Any],
+    kept: Callable[[list[Any]], list[Any]] = lambda found: found,
+) -> Any:
+    """``check()``, its ValidationError (its errors as ``kept`` leaves them)
+    as a 400 naming the field by its path below ``where``."""
     try:
         return check()
     except ValidationError as exc:
-        found = [{**error, "loc": (*where, *error["loc"])} for error in exc.errors()]
+        found = [{**error, "loc": (*where, *error["loc"])} for error in kept(exc.errors())]
         message, param, code = describe(found)
         raise errors.InvalidRequestError(message, param=param, code=code) from None
+
+
+def _read_part_types(found: list[Any]) -> list[Any]:
+    """pydantic's errors for a chat message's content parts (each at
+    ``(index, branch, ...)``), less those of the union's branches for a part
+    type vLLM's chat parser refuses once the schema let it through (OpenAI's
+    ``file``: "Unsupported chat content part type"), so that no such type is
+    offered as a supported value; a branch with no error on ``type`` is of the
+    part's own type."""
+    from vllm.renderers.chat_utils import MM_PARSER_MAP
+
+    literals: dict[tuple[Any, ...], set[str]] = {}
+    given: set[str] = set()
+    for error in found:
+        literals.setdefault(tuple(error["loc"][:2]), set())
+        if error["type"] == "literal_error" and tuple(error["loc"][2:]) == ("type",):
+            literals[tuple(error["loc"][:2])] |= set(_QUOTED.findall(str(error.get("ctx", {}).get("expected", ""))))
+            given.add(str(error.get("input")))
+    unread = {branch for branch, types in literals.items() if not (types or given) & MM_PARSER_MAP.keys()}
+    kept = [error for error in found if tuple(error["loc"][:2]) not in unread]
+    return kept or found
+
+
+_QUOTED = re.compile(r"'([^']*)'")  # the values in a literal error's ``expected``
 
 
 def _wrong_field(schema: Any, body: dict[str, Any]) -> errors.InvalidRequestError | None:

@@ -158,14 +158,17 @@ async def named_events(stream: AsyncIterator[str | GatewayError], tally: Generat
 Converter = Callable[[AsyncGenerator[str, None]], AsyncGenerator[str, None]]
 
 
-def messages_converter(convert: Converter, dead: Callable[[], bool]) -> Callable[..., AsyncIterator[Any]]:
+def messages_converter(
+    convert: Converter, dead: Callable[[], bool], first: Callable[[str], str] | None = None
+) -> Callable[..., AsyncIterator[Any]]:
     """vLLM's conversion of a chat stream into Messages events, keeping a
     failure's own error. vLLM's converter reads the chat stream's error frame
     as a chunk, fails on it and sends pydantic's text about its own types as
     an ``internal_error`` (not a type Anthropic has). Here the chat stream
     ends at its error frame; after the events converted until then comes the
     error itself, as GatewayError (one that comes as the engine dies says
-    so: 503, retry shortly), for ``named_events`` to send."""
+    so: 503, retry shortly), for ``named_events`` to send. ``first``, when
+    given, rewrites the first event (``message_start``) and no other."""
 
     def converted(generator: AsyncGenerator[str, None]) -> AsyncIterator[Any]:
         failure: list[GatewayError] = []
@@ -183,8 +186,11 @@ def messages_converter(convert: Converter, dead: Callable[[], bool]) -> Callable
         async def events() -> AsyncIterator[Any]:
             chunks = until_error()
             stream = convert(chunks)
+            rewrite = first
             try:
                 async for event in stream:
+                    if rewrite is not None:
+                        event, rewrite = rewrite(event), None
                     yield event
             finally:
                 await stream.aclose()

@@ -194,7 +194,7 @@ def test_an_empty_stop_string_is_refused_naming_the_field(
     """vLLM's own server says "stop cannot contain an empty string." with no `param`."""
     prompt = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HELLO}
     body = {"model": VLLM_MODEL, **prompt, "max_tokens": 2, field: value}
-    error = assert_error(http.post(path, json=body), 400, None, field)
+    error = assert_error(http.post(path, json=body), 400, None, where)
     assert error["message"] == (
         f"Invalid '{where}': string too short. Expected a string with minimum length 1, "
         "but got an empty string instead."

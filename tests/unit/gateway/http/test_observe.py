@@ -13,12 +13,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from httpx import ASGITransport, AsyncClient
 
+from gateway.config import FrontDoorConfig
 from gateway.http.access_log import AccessLog
+from gateway.http.api import build_api
 from gateway.http.handlers import install_handlers
 from gateway.http.observe import ObservabilityMiddleware, route_matcher
+from gateway.http.state import GatewayState
 from gateway.metrics.recorder import GatewayMetrics
 
 GENERATED = re.compile(r"^[0-9a-f]{32}$")
+MESSAGE = b'{"model": "nope", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}'
 
 
 def make_app(tmp_path: Path, echoed: bool = False) -> tuple[FastAPI, GatewayMetrics, Path]:
@@ -193,3 +197,41 @@ async def test_the_access_log_has_one_json_line_per_request_and_no_content(tmp_p
     assert line["duration_ms"] >= line["overhead_ms"] > 0
     text = log.read_text()
     assert "hunter2" not in text and "sk-123" not in text and "[1, 2]" not in text
+
+
+def whole_gateway() -> FastAPI:
+    """The ingress's own app, serving no models: every model request is the gateway's own error."""
+    state = GatewayState(FrontDoorConfig.model_validate({}), lambda model: None, lambda model: "")
+    return build_api(state)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content", "headers", "status"),
+    [
+        pytest.param("POST", "/v1/messages", MESSAGE, {}, 404, id="unknown-model"),
+        pytest.param("POST", "/v1/messages/count_tokens", MESSAGE, {}, 404, id="count-unknown-model"),
+        pytest.param("GET", "/v1/messages", b"", {}, 405, id="method"),
+        pytest.param("POST", "/v1/messages", b"{not json", {}, 400, id="not-json"),
+        pytest.param("POST", "/v1/messages", b"\x1f\x8bnot gzip", {"content-encoding": "gzip"}, 400, id="bad-gzip"),
+        pytest.param("POST", "/v1/messages", MESSAGE, {"content-encoding": "br"}, 415, id="brotli"),
+    ],
+)
+async def test_the_gateways_own_errors_on_anthropics_routes_carry_its_request_id(
+    method: str, path: str, content: bytes, headers: dict[str, str], status: int
+) -> None:
+    async with client(whole_gateway()) as c:
+        sent = await c.request(method, path, content=content, headers={"content-type": "application/json", **headers})
+        named = await c.request(method, path, content=content, headers={"x-request-id": "mine-1", **headers})
+    assert (sent.status_code, sent.json()["type"]) == (status, "error")
+    assert sent.headers.get_list("request-id") == sent.headers.get_list("x-request-id")
+    assert len(sent.headers.get_list("request-id")) == 1
+    assert named.headers.get_list("request-id") == ["mine-1"]
+
+
+async def test_request_id_is_only_on_anthropics_routes_and_also_where_serve_echoes_the_id(tmp_path: Path) -> None:
+    app, _, _ = make_app(tmp_path, echoed=True)
+    async with client(app) as c:
+        openai = await c.post("/v1/models/iris:predict", headers={"x-request-id": "abc"})
+        anthropic = await c.post("/v1/messages", headers={"x-request-id": "abc"})
+    assert "request-id" not in openai.headers
+    assert anthropic.status_code == 404 and anthropic.headers.get_list("request-id") == ["abc"]

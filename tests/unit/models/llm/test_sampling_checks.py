@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import InvalidRequestError
-from models.llm.sampling_checks import check_budget_fits, check_sampling
+from models.llm.sampling_checks import ANTHROPIC_RANGES, check_budget_fits, check_least_tokens, check_sampling
 
 
 def _chat(**fields: Any) -> Any:
@@ -65,7 +65,18 @@ def test_min_tokens_above_the_output_budget_is_refused() -> None:
         check_sampling(_completion(min_tokens=9, max_tokens=8), budget=8)
     assert caught.value.param == "min_tokens"
     assert "Expected a value <= 8, but got 9 instead" in caught.value.message
-    check_sampling(_completion(min_tokens=9), budget=None)  # the window's rest: vLLM bounds it
+    check_sampling(_completion(min_tokens=9), budget=None)  # the window's rest: checked once rendered
+
+
+def test_min_tokens_above_the_window_rest_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_least_tokens(_chat(min_tokens=2040), budget=2034)
+    assert (caught.value.param, caught.value.code) == ("min_tokens", "integer_above_max_value")
+    assert caught.value.message.startswith(
+        "Invalid 'min_tokens': integer above maximum value. Expected a value <= 2034, but got 2040 instead."
+    )
+    check_least_tokens(_chat(min_tokens=2034), budget=2034)
+    check_least_tokens(_chat(), budget=0)
 
 
 @pytest.mark.parametrize("parse", [_chat, _completion])
@@ -76,6 +87,9 @@ def test_several_choices_at_a_greedy_temperature_are_refused_naming_n(parse: Any
     assert caught.value.message.startswith("Invalid 'n': 3 choices were asked for at temperature 0,")
     check_sampling(parse(n=3, temperature=0.7), budget=None)
     check_sampling(parse(n=1, temperature=0), budget=None)
+    # vLLM raises a temperature in (0, 0.01) to 0.01 and samples: only 0 is greedy there.
+    check_sampling(parse(n=2, temperature=0.000001), budget=None)
+    check_sampling(parse(n=2, temperature=0.009), budget=None)
     check_sampling(parse(n=3), budget=None)  # the model's default temperature: vLLM's to judge
     check_sampling(parse(n=3, temperature=0, use_beam_search=True), budget=None)  # beam search makes n
 
@@ -111,16 +125,45 @@ def test_a_number_that_is_not_finite_is_refused() -> None:
     ("field", "value", "where"),
     [("stop", "", "stop"), ("stop", ["end", ""], "stop[1]"), ("bad_words", [""], "bad_words[0]")],
 )
-def test_an_empty_stop_or_bad_word_is_refused_naming_it(parse: Any, field: str, value: Any, where: str) -> None:
+def test_an_empty_stop_or_bad_word_is_refused_naming_its_path(parse: Any, field: str, value: Any, where: str) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         check_sampling(parse(**{field: value}), budget=16)
     expected = (
         f"Invalid '{where}': string too short. Expected a string with minimum length 1, "
         "but got an empty string instead."
     )
-    assert (caught.value.param, caught.value.message) == (field, expected)
+    assert (caught.value.param, caught.value.message) == (where, expected)
 
 
 @pytest.mark.parametrize("fields", [{"stop": "end"}, {"stop": ["a", "b"], "bad_words": ["x"]}, {"stop": None}])
 def test_stop_strings_and_bad_words_with_text_pass(fields: dict[str, Any]) -> None:
     check_sampling(_completion(**fields), budget=16)
+
+
+def _message(**fields: Any) -> Any:
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+
+    return AnthropicMessagesRequest.model_validate(
+        {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], **fields}
+    )
+
+
+def test_a_messages_temperature_is_bounded_as_anthropic_bounds_it() -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_sampling(_message(temperature=3), budget=4, ranges=ANTHROPIC_RANGES)
+    assert caught.value.param == "temperature"
+    assert caught.value.message == (
+        "Invalid 'temperature': decimal above maximum value. Expected a value <= 1, but got 3 instead."
+    )
+    with pytest.raises(InvalidRequestError):
+        check_sampling(_message(temperature=1.5), budget=4, ranges=ANTHROPIC_RANGES)
+    check_sampling(_message(temperature=1), budget=4, ranges=ANTHROPIC_RANGES)
+    check_sampling(_chat(temperature=1.5), budget=4)  # OpenAI's range is vLLM's, up to 2
+
+
+def test_an_empty_stop_sequence_is_named_by_its_own_path() -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_sampling(_message(stop_sequences=["end", ""]), budget=4, ranges=ANTHROPIC_RANGES)
+    assert caught.value.param == "stop_sequences[1]"
+    assert caught.value.message.startswith("Invalid 'stop_sequences[1]': string too short.")
+    check_sampling(_message(stop_sequences=["end"]), budget=4, ranges=ANTHROPIC_RANGES)

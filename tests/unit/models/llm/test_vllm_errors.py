@@ -205,6 +205,29 @@ def test_a_text_part_without_its_text_is_refused_not_dropped(part: dict[str, obj
 
 
 @pytest.mark.parametrize(
+    ("role", "part", "supported"),
+    [
+        ("user", {"type": "zzz"}, "'text', 'image_url', 'input_audio'"),
+        ("user", {"type": "file"}, "'text', 'image_url', 'input_audio'"),
+        ("assistant", {"type": "zzz"}, "'text', 'refusal'"),
+    ],
+)
+def test_an_unknown_content_part_type_is_offered_only_the_types_vllm_reads(
+    role: str, part: dict[str, object], supported: str
+) -> None:
+    # vLLM's chat parser refuses a 'file' part ("Unsupported chat content part type"), so none is offered.
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": role, "content": [part]}]}
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        vllm_errors.validated(ChatCompletionRequest, body)
+    assert caught.value.param == "messages[0].content[0].type"
+    assert caught.value.message == (
+        f"Invalid value for 'messages[0].content[0].type': {part['type']!r}. Supported values are: {supported}."
+    )
+
+
+@pytest.mark.parametrize(
     ("fields", "param"),
     [
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}]},

@@ -1,0 +1,73 @@
+"""A Messages API answer's ``id`` under vLLM: ``msg_<request id>``, as the
+echo engine makes it, where the chat completions answer to the same
+request is ``chatcmpl-<request id>``.
+
+vLLM's Anthropic layer converts a Messages request into a chat request and
+answers with that chat completion's id. The chat request it makes has a
+random ``request_id``, and no raw HTTP request is passed to it for vLLM to
+read ``x-request-id`` from, so the id was ``chatcmpl-<random>``: unrelated
+to the request's id, and not Anthropic's ``msg_`` form. Here the chat
+request takes the gateway's request id (``REQUEST_ID``, set while vLLM's
+serving layer handles the request: its engine request is then named as a
+chat request's is), and the answer, whole or streamed (``message_start``),
+names the message ``msg_<request id>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+# The gateway's id of the request being handed to vLLM's serving layer
+# (``models.llm.vllm_engine``); None outside one.
+REQUEST_ID: ContextVar[str | None] = ContextVar("messages_request_id", default=None)
+
+CHAT_PREFIX = "chatcmpl-"
+MESSAGE_PREFIX = "msg_"
+_START = "event: message_start\n"
+
+
+def message_id(chat_id: str) -> str:
+    """The Messages id of the message vLLM answered as chat completion ``chat_id``."""
+    return MESSAGE_PREFIX + chat_id.removeprefix(CHAT_PREFIX)
+
+
+def identified(convert: Callable[..., Any]) -> Callable[..., Any]:
+    """vLLM's ``to_chat_completion_request``, the chat request it returns
+    taking ``REQUEST_ID`` (when set) as its ``request_id``."""
+
+    def converted(anthropic_request: Any, *args: Any, **kwargs: Any) -> Any:
+        chat = convert(anthropic_request, *args, **kwargs)
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            chat.request_id = request_id
+        return chat
+
+    return converted
+
+
+def whole_identified(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """vLLM's conversion of a whole chat answer into a message, the message's
+    ``id`` made from the chat completion's (``message_id``)."""
+
+    def converted(answer: Any) -> Any:
+        message = convert(answer)
+        message.id = message_id(message.id)
+        return message
+
+    return converted
+
+
+def start_identified(event: str) -> str:
+    """A stream's first event: ``message_start``, its message's id made from
+    the chat completion's (``message_id``) where it stands, every other byte
+    as vLLM wrote it; any other event as it is."""
+    if not event.startswith(_START):
+        return event
+    data = json.loads(event.split("data: ", 1)[1])
+    chat_id = data.get("message", {}).get("id")
+    if not isinstance(chat_id, str):
+        return event
+    return event.replace(f'"id":{json.dumps(chat_id)}', f'"id":{json.dumps(message_id(chat_id))}', 1)

@@ -1,0 +1,57 @@
+"""models/llm/vllm_engine.py: the checks run on each rendered prompt, against
+vLLM's own parsed requests (no model is started here)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway.config import VLLMModelConfig
+from gateway.errors import ContextLengthExceededError, InvalidRequestError
+from models.llm.vllm_compat import Serving
+from models.llm.vllm_engine import VLLMEngine
+
+# The engine reads a chat request's max_tokens, which vLLM's schema marks deprecated as it is read.
+pytestmark = pytest.mark.filterwarnings("ignore:max_tokens is deprecated:DeprecationWarning")
+
+
+def _engine(max_model_len: int) -> VLLMEngine:
+    engine = VLLMEngine(VLLMModelConfig(name="m", model="org/m"))
+    model_config = SimpleNamespace(is_encoder_decoder=False)
+    engine._serving = Serving(engine=None, model_config=model_config, max_model_len=max_model_len)
+    return engine
+
+
+def _prompt(tokens: int) -> dict[str, Any]:
+    return {"type": "token", "prompt_token_ids": list(range(tokens))}
+
+
+def _chat(**fields: Any) -> Any:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return ChatCompletionRequest.model_validate(body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_beyond_the_window_rest_is_refused_naming_it_without_max_tokens(stream: bool) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        _engine(2048)._check_rendered("chat", _chat(min_tokens=2040, stream=stream), [_prompt(14)])
+    assert (caught.value.param, caught.value.status_code) == ("min_tokens", 400)
+    assert caught.value.message.startswith(
+        "Invalid 'min_tokens': integer above maximum value. Expected a value <= 2034, but got 2040 instead."
+    )
+
+
+def test_min_tokens_within_the_window_rest_passes() -> None:
+    engine = _engine(2048)
+    engine._check_rendered("chat", _chat(min_tokens=2034), [_prompt(14)])
+    engine._check_rendered("chat", _chat(), [_prompt(2048)])  # a full window: vLLM's to refuse
+
+
+def test_a_budget_beyond_the_window_rest_is_refused_naming_the_prompt() -> None:
+    with pytest.raises(ContextLengthExceededError) as caught:
+        _engine(2048)._check_rendered("chat", _chat(max_tokens=2040), [_prompt(14)])
+    assert caught.value.param == "messages"

@@ -1,0 +1,110 @@
+"""models/llm/vllm_messages.py: a Messages answer under vLLM is ``msg_<request id>``, whole or streamed."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+from models.llm import vllm_compat, vllm_messages
+from models.llm.tally import GenerationTally
+from models.llm.vllm_streams import named_events
+
+ASK = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def vllms_layer() -> Any:
+    """vLLM's Anthropic layer as the gateway registers it (its conversions
+    keep no state on the serving object, so they run unbound)."""
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages as Messages
+
+    messages = SimpleNamespace(
+        to_chat_completion_request=Messages.to_chat_completion_request,
+        messages_full_converter=functools.partial(Messages.messages_full_converter, None),
+        message_stream_converter=functools.partial(Messages.message_stream_converter, None),
+        create_messages=None,
+        count_tokens=None,
+    )
+    serving = vllm_compat.Serving(engine=SimpleNamespace(errored=False), model_config=None, max_model_len=64)
+    serving.messages = messages
+    vllm_compat._register_endpoints(serving)
+    return messages
+
+
+def chat_request_for(messages: Any, request_id: str | None) -> Any:
+    """The chat request vLLM's Anthropic layer makes of ``ASK`` while the
+    gateway hands it request ``request_id`` (None: outside a request)."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+
+    token = vllm_messages.REQUEST_ID.set(request_id)
+    try:
+        return messages.to_chat_completion_request(AnthropicMessagesRequest.model_validate(ASK))
+    finally:
+        vllm_messages.REQUEST_ID.reset(token)
+
+
+def chat_id_of(chat_request: Any) -> str:
+    """The id vLLM's chat serving gives its answer to ``chat_request`` (no raw HTTP request)."""
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+
+    return f"chatcmpl-{OpenAIServingChat._base_request_id(None, chat_request.request_id)}"
+
+
+def test_the_chat_request_vllm_makes_takes_the_requests_id() -> None:
+    messages = vllms_layer()
+    assert chat_id_of(chat_request_for(messages, "req-1")) == "chatcmpl-req-1"  # as a chat request's
+    # Outside a request (rendering a prompt to count it) vLLM's own random id stays.
+    assert chat_request_for(messages, None).request_id != chat_request_for(messages, None).request_id
+
+
+def test_a_whole_message_is_named_msg_and_the_request_id() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
+
+    messages = vllms_layer()
+    answer = ChatCompletionResponse.model_validate({
+        "id": chat_id_of(chat_request_for(messages, "req-1")),
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    })
+    message = messages.messages_full_converter(answer)
+    assert (message.id, message.content[0].text) == ("msg_req-1", "Hello")
+
+
+def chat_frames(chat_id: str) -> list[str]:
+    def chunk(**delta: Any) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": None}
+        return "data: " + json.dumps({"id": chat_id, "model": "m", "created": 1, "choices": [choice]}) + "\n\n"
+
+    return [chunk(role="assistant", content=""), chunk(content="Hi"), "data: [DONE]\n\n"]
+
+
+async def test_a_streamed_message_is_named_msg_and_the_request_id_and_closing_it_closes_vllms() -> None:
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+
+    messages = vllms_layer()
+    chat_id = chat_id_of(chat_request_for(messages, "req-1"))
+    closed = []
+
+    async def chat() -> AsyncIterator[str]:
+        try:
+            for frame in chat_frames(chat_id):
+                yield frame
+        finally:
+            closed.append(True)
+
+    events = [frame.decode() async for frame in named_events(messages.message_stream_converter(chat()),
+                                                             GenerationTally(started=0.0))]
+    vllms = functools.partial(AnthropicServingMessages.message_stream_converter, None)
+    plain = [event async for event in vllms(_replay(chat_frames(chat_id)))]
+    start = json.loads(events[0].split("data: ", 1)[1])
+    assert start["type"] == "message_start" and start["message"]["id"] == "msg_req-1"
+    assert events[0] == plain[0].replace(f'"id":"{chat_id}"', '"id":"msg_req-1"')  # every other byte vLLM's
+    assert events[1:] == plain[1:] and closed == [True]
+
+
+async def _replay(frames: list[str]) -> AsyncIterator[str]:
+    for frame in frames:
+        yield frame
