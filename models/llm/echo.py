@@ -35,8 +35,8 @@ from models.llm import echo_messages as anthropic
 from models.llm import echo_render as render
 from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
-from models.llm.prompt_checks import check_input, check_not_empty
-from models.llm.sampling_checks import check_budget_fits
+from models.llm.prompt_checks import check_input, check_message_roles, check_not_empty
+from models.llm.sampling_checks import ANTHROPIC_RANGES, check_budget_fits, check_sampling
 from models.llm.stored import STORED, deleted_body, not_cancellable, not_streamable
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class EchoEngine:
 
     async def most_tokens(self, request: EngineRequest) -> int:
         if request.endpoint == "messages":
-            req = _validated(anthropic.EchoMessagesRequest, request.body)
+            req = _message_request(request.body)
             prompt = anthropic.prompt_words(req)
             budget = self._budget(prompt, req.max_tokens, "messages")
             return prompt + len(render.answer(anthropic.last_user_text(req), budget, req.stop_sequences).tokens)
@@ -187,9 +187,10 @@ class EchoEngine:
     def _message(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """Anthropic's ``POST /v1/messages`` (the message, or its events) and its ``count_tokens``."""
         if request.endpoint == "messages_count":
+            check_message_roles(request.body)
             count = anthropic.prompt_words(_validated(anthropic.EchoCountRequest, request.body))
             return json.dumps({"input_tokens": count}).encode()
-        req = _validated(anthropic.EchoMessagesRequest, request.body)
+        req = _message_request(request.body)
         prompt = tally.prompt_tokens = anthropic.prompt_words(req)
         answer = render.answer(anthropic.last_user_text(req), self._budget(prompt, req.max_tokens, "messages"), req.stop_sequences)
         stop = "max_tokens" if answer.finish_reason == "length" else "end_turn"
@@ -309,6 +310,15 @@ class EchoEngine:
 
 
 _Schema = TypeVar("_Schema", bound=BaseModel)
+
+
+def _message_request(body: dict[str, Any]) -> anthropic.EchoMessagesRequest:
+    """A Messages API body, checked as the vLLM engine checks it: Anthropic's
+    roles in ``messages``, its ``temperature`` range, no empty stop sequence."""
+    check_message_roles(body)
+    req = _validated(anthropic.EchoMessagesRequest, body)
+    check_sampling(req, req.max_tokens, ANTHROPIC_RANGES)
+    return req
 
 
 def _validated(schema: type[_Schema], body: dict[str, Any]) -> _Schema:

@@ -42,6 +42,7 @@ def test_a_message_is_answered_in_anthropics_shape_with_usage(claude: anthropic.
     assert 1 <= message.usage.output_tokens <= 8 and message.usage.input_tokens > 5
     assert message.content[0].type == "text" and message.content[0].text
     assert message._request_id == raw.headers["x-request-id"]  # Anthropic's `request-id` header
+    assert message.id == "msg_" + raw.headers["x-request-id"]
     line = access_line(raw.headers["x-request-id"])
     assert (line["status"], line["model"], line["completion_tokens"]) == (200, VLLM_MODEL, message.usage.output_tokens)
     # A system prompt is part of the prompt.
@@ -113,6 +114,15 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
     assert empty.value.body["error"]["message"].startswith("Invalid 'messages': empty array.")  # type: ignore[index]
     unknown = http.post("/v1/messages/batches", json={})
     assert (unknown.status_code, unknown.json()["error"]["type"]) == (404, "not_found_error")
+    # The gateway's own errors carry Anthropic's request-id too, where its SDK reads it.
+    assert missing.value.request_id is not None and unknown.headers["request-id"] == unknown.headers["x-request-id"]
+    # Anthropic's bounds, not OpenAI's: vLLM's own server takes a temperature up to 2 and a system turn.
+    with pytest.raises(anthropic.BadRequestError, match="Expected a value <= 1"):
+        claude.messages.create(model=VLLM_MODEL, messages=ASK, max_tokens=4, extra_body={"temperature": 1.5})
+    with pytest.raises(anthropic.BadRequestError, match="top-level `system`"):
+        claude.messages.create(
+            model=VLLM_MODEL, max_tokens=4, messages=[{"role": "system", "content": "Be brief."}, *ASK]  # type: ignore[list-item]
+        )
 
 
 def test_an_alias_routes_by_metadata_user_id_and_sticks(claude: anthropic.Anthropic) -> None:

@@ -83,3 +83,21 @@ async def test_a_message_stream_left_early_counts_the_tokens_it_sent(engine: Ech
         deltas += (await anext(stream)).startswith(b"event: content_block_delta\n")
     await stream.aclose()  # type: ignore[attr-defined]
     assert tally.outcome().completion_tokens == 3
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "param"),
+    [
+        ("messages", {"temperature": 1.5}, "temperature"),  # Anthropic's range is 0 to 1
+        ("messages", {"stop_sequences": ["the", ""]}, "stop_sequences[1]"),
+        ("messages", {"messages": [{"role": "system", "content": "be brief"}, *CONVERSATION]}, "messages[0].role"),
+        ("messages_count", {"messages": [*CONVERSATION, {"role": "tool", "content": "x"}]}, "messages[3].role"),
+    ],
+)
+async def test_a_request_is_checked_as_the_vllm_engine_checks_it(
+    engine: EchoEngine, endpoint: str, body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        await engine.complete(ask(endpoint, **body), GenerationTally())
+    assert refused.value.param == param
+    assert await engine.most_tokens(ask(temperature=1.0)) > 0
