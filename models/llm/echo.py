@@ -35,7 +35,7 @@ from models.llm import echo_messages as anthropic
 from models.llm import echo_render as render
 from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
-from models.llm.prompt_checks import check_input, check_message_roles, check_not_empty
+from models.llm.prompt_checks import check_input, check_not_empty
 from models.llm.sampling_checks import ANTHROPIC_RANGES, check_budget_fits, check_sampling
 from models.llm.stored import STORED, deleted_body, not_cancellable, not_streamable
 
@@ -187,7 +187,6 @@ class EchoEngine:
     def _message(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """Anthropic's ``POST /v1/messages`` (the message, or its events) and its ``count_tokens``."""
         if request.endpoint == "messages_count":
-            check_message_roles(request.body)
             count = anthropic.prompt_words(_validated(anthropic.EchoCountRequest, request.body))
             return json.dumps({"input_tokens": count}).encode()
         req = _message_request(request.body)
@@ -314,8 +313,7 @@ _Schema = TypeVar("_Schema", bound=BaseModel)
 
 def _message_request(body: dict[str, Any]) -> anthropic.EchoMessagesRequest:
     """A Messages API body, checked as the vLLM engine checks it: Anthropic's
-    roles in ``messages``, its ``temperature`` range, no empty stop sequence."""
-    check_message_roles(body)
+    ``temperature`` range, no empty stop sequence."""
     req = _validated(anthropic.EchoMessagesRequest, body)
     check_sampling(req, req.max_tokens, ANTHROPIC_RANGES)
     return req

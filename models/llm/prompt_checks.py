@@ -13,10 +13,6 @@ field where vLLM names none.
   nothing (``[999999]`` came back as an empty text) or, past 64 bits, failed
   with a Rust error. Refused here naming the id's place (``prompt[1][0]``,
   ``tokens[2]``), with the bound vLLM's renderer puts on a prompt's ids.
-- A Messages API turn whose ``role`` is not ``user`` or ``assistant``:
-  vLLM's schema also takes ``system`` there (and listed it among the
-  supported roles), where Anthropic takes a system prompt only as the
-  top-level ``system``; refused naming ``messages[i].role``.
 """
 
 from __future__ import annotations
@@ -43,31 +39,6 @@ def check_input(body: Mapping[str, Any]) -> None:
     with neither there is nothing to answer."""
     if not body.get("previous_response_id") and not body.get("instructions"):
         check_not_empty(body, "input")
-
-
-# The roles Anthropic's Messages API takes in ``messages``.
-MESSAGE_ROLES = ("user", "assistant")
-
-
-def check_message_roles(body: Mapping[str, Any]) -> None:
-    """Refuses (400, ``invalid_value``) the first turn of a Messages API
-    ``body`` whose ``role`` is a string other than ``user`` or ``assistant``,
-    saying where a system prompt goes; other shapes are left to the schema."""
-    messages = body.get("messages")
-    for index, message in enumerate(messages if isinstance(messages, list) else ()):
-        role = message.get("role") if isinstance(message, Mapping) else None
-        if not isinstance(role, str) or role in MESSAGE_ROLES:
-            continue
-        param = f"messages[{index}].role"
-        supported = ", ".join(f"'{name}'" for name in MESSAGE_ROLES)
-        hint = " A system prompt goes in the top-level `system` parameter, not in `messages`."
-        if role != "system":
-            hint = ""
-        raise InvalidRequestError(
-            f"Invalid value for '{param}': {role!r}. Supported values are: {supported}.{hint}",
-            param=param,
-            code="invalid_value",
-        )
 
 
 def check_prompt_ids(prompt: Any, largest: int | None) -> None:

@@ -40,7 +40,6 @@ from models.llm.stored import STORED
 from models.llm.template_checks import check_request_template
 from models.llm.prompt_checks import (
     check_input,
-    check_message_roles,
     check_not_empty,
     check_prompt_ids,
     check_token_ids,
@@ -243,8 +242,6 @@ class VLLMEngine:
         check_request_template(request.body)
         if prompt_param == "messages" or request.endpoint == "completion":
             check_not_empty(request.body, prompt_param)
-        if request.endpoint in ("messages", "messages_count"):
-            check_message_roles(request.body)
         elif prompt_param == "input":
             check_input(request.body)
         try:

@@ -116,13 +116,13 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
     assert (unknown.status_code, unknown.json()["error"]["type"]) == (404, "not_found_error")
     # The gateway's own errors carry Anthropic's request-id too, where its SDK reads it.
     assert missing.value.request_id is not None and unknown.headers["request-id"] == unknown.headers["x-request-id"]
-    # Anthropic's bounds, not OpenAI's: vLLM's own server takes a temperature up to 2 and a system turn.
+    # Anthropic's bound, not OpenAI's: vLLM's own server takes a temperature up to 2.
     with pytest.raises(anthropic.BadRequestError, match="Expected a value <= 1"):
         claude.messages.create(model=VLLM_MODEL, messages=ASK, max_tokens=4, extra_body={"temperature": 1.5})
-    with pytest.raises(anthropic.BadRequestError, match="top-level `system`"):
-        claude.messages.create(
-            model=VLLM_MODEL, max_tokens=4, messages=[{"role": "system", "content": "Be brief."}, *ASK]  # type: ignore[list-item]
-        )
+    # A system turn in `messages` is Anthropic's too (the SDK's SystemMessageParam), and is served.
+    turns = [{"role": "system", "content": "Be brief."}, *ASK]
+    told = claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=turns)  # type: ignore[arg-type]
+    assert told.usage.input_tokens > claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK).input_tokens
 
 
 def test_an_alias_routes_by_metadata_user_id_and_sticks(claude: anthropic.Anthropic) -> None:

@@ -7,7 +7,6 @@ import pytest
 from gateway.errors import InvalidRequestError
 from models.llm.prompt_checks import (
     check_input,
-    check_message_roles,
     check_not_empty,
     check_prompt_ids,
     check_token_ids,
@@ -61,34 +60,3 @@ def test_an_empty_responses_input_is_refused_only_where_nothing_else_makes_a_con
     check_input({"input": [], "previous_response_id": "resp_1"})
     check_input({"input": [], "instructions": "Be brief."})
     check_input({"input": "hi"})
-
-
-def _turns(*roles: object) -> dict[str, object]:
-    return {"model": "m", "max_tokens": 4, "messages": [{"role": role, "content": "Hi"} for role in roles]}
-
-
-def test_a_system_turn_in_messages_is_refused_pointing_at_the_top_level_system() -> None:
-    with pytest.raises(InvalidRequestError) as caught:
-        check_message_roles(_turns("user", "system"))
-    error = caught.value
-    assert (error.status_code, error.param, error.code) == (400, "messages[1].role", "invalid_value")
-    assert caught.value.message == (
-        "Invalid value for 'messages[1].role': 'system'. Supported values are: 'user', 'assistant'. "
-        "A system prompt goes in the top-level `system` parameter, not in `messages`."
-    )
-    assert caught.value.to_anthropic()["error"]["type"] == "invalid_request_error"
-
-
-def test_a_role_anthropic_lacks_lists_only_its_roles() -> None:
-    with pytest.raises(InvalidRequestError) as caught:
-        check_message_roles(_turns("wizard"))
-    assert caught.value.message == (
-        "Invalid value for 'messages[0].role': 'wizard'. Supported values are: 'user', 'assistant'."
-    )
-
-
-@pytest.mark.parametrize(
-    "body", [_turns("user", "assistant", "user"), _turns(3), {"messages": "Hi"}, {"messages": ["Hi"]}, {}]
-)
-def test_anthropics_roles_pass_and_other_shapes_are_left_to_the_schema(body: dict[str, object]) -> None:
-    check_message_roles(body)
