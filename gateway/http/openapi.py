@@ -96,7 +96,7 @@ _ERRORS = {
     "or no longer kept)",
     408: "The body did not arrive within `ingress.read_timeout_s`",
     413: "The body is over `ingress.max_body_bytes`",
-    415: "The body is not labelled `Content-Type: application/json`, or is in a `Content-Encoding` the gateway "
+    415: "The body is labelled as something other than JSON, or is in a `Content-Encoding` the gateway "
     "does not decode (it decodes `gzip` and `deflate`)",
     429: "The API key is over a limit, or the model's queue is full where it answers 429",
     503: "The model is overloaded, starting or restarting, or the key ledger cannot be reached; see `Retry-After`",
