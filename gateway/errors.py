@@ -83,6 +83,11 @@ class GatewayError(Exception):
         types by status, the same message."""
         return {"type": "error", "error": {"type": self.anthropic_type(), "message": self.message}}
 
+    def to_inference(self) -> dict[str, Any]:
+        """The Open Inference Protocol's error (``/v2`` routes): ``{"error":
+        <message>}``, the shape tritonclient and KServe's clients read."""
+        return {"error": self.message}
+
     def anthropic_type(self) -> str:
         if self.code == "overloaded":
             return "overloaded_error"

@@ -23,6 +23,7 @@ from gateway.http.routes import (
     predict,
     responses,
     tokenize,
+    v2,
 )
 from gateway.http.state import GatewayState
 
@@ -48,7 +49,9 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
         redoc_url=None,
     )
     app.state.gateway = state
-    for module in (chat, completions, responses, messages, tokenize, embeddings, predict, models, key, health, metrics):
+    for module in (
+        chat, completions, responses, messages, tokenize, embeddings, predict, v2, models, key, health, metrics
+    ):
         app.include_router(module.router)
     install_handlers(app)
     describe(app)

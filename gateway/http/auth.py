@@ -5,9 +5,10 @@ With API keys configured, a request to those routes must name one in
 ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as Anthropic's
 clients send it); otherwise it is answered 401
 (``invalid_api_key``) before any route sees it. Health, readiness and
-metrics stay open unless operations keys are configured; then they want one
-of those (and API keys do not open them, nor do operations keys open the
-API). The API docs stay open. The key found is kept in the request's state
+metrics (the Open Inference Protocol's ``/v2/health/live`` and
+``/v2/health/ready`` too) stay open unless operations keys are configured;
+then they want one of those (and API keys do not open them, nor do
+operations keys open the API). The API docs stay open. The key found is kept in the request's state
 (``api_key(request)``) and its id in the request's record, so metrics and the
 access log name it (never the secret).
 """
@@ -25,7 +26,10 @@ from gateway.errors import AuthenticationError
 from gateway.http.handlers import envelope
 
 PROTECTED = ("/v1/", "/v2/", "/tokenize", "/detokenize")
-OPERATIONS = frozenset({"/health", "/ready", "/metrics"})
+# Server metadata: the Open Inference Protocol's root, behind the keys as the rest of ``/v2``.
+PROTECTED_EXACT = frozenset({"/v2"})
+# Probes and scrapes; checked before PROTECTED, which holds the ``/v2`` probes' prefix.
+OPERATIONS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def api_key(request: Request) -> ApiKey | None:
@@ -47,11 +51,13 @@ class KeyGuard:
             await self._app(scope, receive, send)
             return
         path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
-        if path.startswith(PROTECTED) and table:
+        if path in OPERATIONS:
+            check = table.authenticate_ops if table.guards_ops else None
+        elif table and (path.startswith(PROTECTED) or path in PROTECTED_EXACT):
             check = table.authenticate
-        elif path in OPERATIONS and table.guards_ops:
-            check = table.authenticate_ops
         else:
+            check = None
+        if check is None:
             await self._app(scope, receive, send)
             return
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)

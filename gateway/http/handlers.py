@@ -25,9 +25,19 @@ from gateway.validation import Refusal, describe
 logger = logging.getLogger(__name__)
 
 
+# The Open Inference Protocol's routes (``/v2`` and below), whose errors are its own shape.
+INFERENCE_ROOT = "/v2"
+
+
 def envelope(error: GatewayError, path: str) -> dict[str, object]:
-    """``error`` in the envelope the route at ``path`` answers with."""
-    return error.to_anthropic() if anthropic_path(path) else error.to_dict()
+    """``error`` in the envelope the route at ``path`` answers with:
+    Anthropic's on its routes, the Open Inference Protocol's under ``/v2``,
+    OpenAI's everywhere else."""
+    if anthropic_path(path):
+        return error.to_anthropic()
+    if path == INFERENCE_ROOT or path.startswith(INFERENCE_ROOT + "/"):
+        return error.to_inference()
+    return error.to_dict()
 
 
 def error_response(error: GatewayError, request: Request | None = None) -> JSONResponse:

@@ -29,7 +29,8 @@ from gateway.protocol.messages_api import (
     TokenCount,
 )
 from gateway.protocol.models import ModelCard, ModelList
-from gateway.protocol.predict import InferRequest, InferResponse, PredictRequest, PredictResponse
+from gateway.protocol.open_inference import ModelMetadata, ModelReady, ServerMetadata
+from gateway.protocol.predict import InferErrorResponse, InferRequest, InferResponse, PredictRequest, PredictResponse
 from gateway.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from gateway.protocol.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
 from gateway.protocol.responses_api import (
@@ -84,6 +85,9 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
     ("/v2/models/{model}/infer", "post"): (
         InferRequest, {JSON: InferResponse}, (400, 401, 404, 408, 413, 415, 429, 503),
     ),
+    ("/v2", "get"): (None, {JSON: ServerMetadata}, (401,)),
+    ("/v2/models/{model}", "get"): (None, {JSON: ModelMetadata}, (401, 404)),
+    ("/v2/models/{model}/ready", "get"): (None, {JSON: ModelReady}, (401, 404)),
     ("/v1/models", "get"): (None, {JSON: ModelList}, (401,)),
     ("/v1/models/{model_id}", "get"): (None, {JSON: ModelCard}, (401, 404)),
     ("/v1/key", "get"): (None, {JSON: KeyInfo}, (401, 404, 503)),
@@ -106,6 +110,9 @@ _ERRORS = {
 _ERROR_MODELS: dict[str, type[BaseModel]] = {
     "/v1/messages": AnthropicErrorResponse,
     "/v1/messages/count_tokens": AnthropicErrorResponse,
+    "/v2/models/{model}/infer": InferErrorResponse,
+    "/v2/models/{model}": InferErrorResponse,
+    "/v2/models/{model}/ready": InferErrorResponse,
 }
 _ANSWER = {
     JSON: "The answer",
@@ -138,7 +145,7 @@ def document(app: FastAPI) -> dict[str, Any]:
     requests: list[type[BaseModel]] = [model for model, _, _ in ENDPOINTS.values() if model is not None]
     answers: list[type[BaseModel]] = [m for _, media, _ in ENDPOINTS.values() for m in media.values()]
     modes: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in requests]
-    answers += [ErrorResponse, AnthropicErrorResponse]
+    answers += [ErrorResponse, AnthropicErrorResponse, InferErrorResponse]
     modes += [(m, "serialization") for m in answers]
     _, defs = models_json_schema(modes, ref_template=_REF)
     components = schema.setdefault("components", {}).setdefault("schemas", {})

@@ -21,13 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 Ask = Callable[[list[str]], Awaitable[list[bytes]]]
 
 WAIT_S = 0.25
 LAST_KNOWN_S = 10.0
+HEALTHY = "HEALTHY"
+
+
+def all_healthy(statuses: Iterable[str]) -> bool:
+    """Whether every status is Serve's ``HEALTHY``: a deployment updating,
+    unhealthy or not yet started (``DEPLOYING``, ``NOT_STARTED``...) is not
+    ready for requests."""
+    return all(status == HEALTHY for status in statuses)
 
 
 class ServeStatuses:

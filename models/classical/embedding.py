@@ -56,6 +56,7 @@ def pad_batches(model: Any, multiple: int = PAD_TO_MULTIPLE_OF) -> None:
 
 class EmbeddingPredictor:
     kind = "embedding"
+    outputs: tuple[str, ...] = ("embedding",)
 
     def __init__(self, model: Any, dtype: str = "float32") -> None:
         self._model = model

@@ -45,9 +45,9 @@ class Job:
 def parse(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
     """Checks ``request`` against its endpoint's schema and the model's inputs."""
     if request.endpoint == "predict":
-        predict = _validate(PredictRequest, request.body)
-        _check_cap(len(predict.instances), cap, "instances")
-        return Job(request, predictor.inputs(predict.instances, "instances"), _render_predict)
+        field, instances = _validate(PredictRequest, request.body).sent()
+        _check_cap(len(instances), cap, field)
+        return Job(request, predictor.inputs(instances, field), _render_predict)
     if request.endpoint == "embedding":
         return _parse_embedding(request, predictor, cap)
     if request.endpoint == "infer":
@@ -141,7 +141,14 @@ def _parse_infer(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
         size *= dim
     data = tensor.data
     if data and all(isinstance(row, list) for row in data):
-        data = [value for row in data for value in row]  # nested rows are accepted too
+        # Nested rows are accepted too, each as long as the shape's row.
+        width = size // tensor.shape[0] if tensor.shape[0] > 0 else 0
+        if len(data) != tensor.shape[0] or any(len(row) != width for row in data):
+            raise InvalidRequestError(
+                f"{param}: nested 'data' must be {tensor.shape[0]} rows of {width} values for shape {tensor.shape}",
+                param=param,
+            )
+        data = [value for row in data for value in row]
     if any(dim < 0 for dim in tensor.shape) or size != len(data):
         raise InvalidRequestError(
             f"{param}: shape {tensor.shape} holds {size} values but 'data' has {len(data)}",
@@ -166,7 +173,24 @@ def _parse_infer(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
         raise InvalidRequestError(f"{param}: the tensor holds no instances", param=param)
     _check_cap(len(instances), cap, param)
     inputs = predictor.inputs(instances, param)
-    return Job(request, inputs, _render_infer, {"id": infer.id, "kind": predictor.kind})
+    wanted = _wanted_outputs(infer, predictor)
+    return Job(request, inputs, _render_infer, {"id": infer.id, "kind": predictor.kind, "outputs": wanted})
+
+
+def _wanted_outputs(infer: InferRequest, predictor: Predictor) -> list[str] | None:
+    """The output tensors ``infer`` asks for by name, in its order (None: all);
+    a name the model does not answer with is refused, naming it."""
+    if infer.outputs is None:
+        return None
+    names = [output.name for output in infer.outputs]
+    for index, name in enumerate(names):
+        if name not in predictor.outputs:
+            offered = ", ".join(f"'{known}'" for known in predictor.outputs)
+            raise InvalidRequestError(
+                f"outputs[{index}].name: this model has no output '{name}'; it answers with {offered}",
+                param=f"outputs[{index}].name",
+            )
+    return names
 
 
 def _render_infer(job: Job, predictions: list[Any]) -> bytes:
@@ -183,6 +207,10 @@ def _render_infer(job: Job, predictions: list[Any]) -> bytes:
         ]
     else:
         outputs = [InferTensor(name="predict", shape=[rows], datatype=_datatype(predictions), data=predictions)]
+    wanted = job.options.get("outputs")
+    if wanted is not None:
+        by_name = {output.name: output for output in outputs}
+        outputs = [by_name[name] for name in wanted]
     return _json(InferResponse(model_name=job.request.model, id=job.options["id"], outputs=outputs))
 
 

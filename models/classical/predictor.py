@@ -18,6 +18,7 @@ class Predictor(Protocol):
     """A loaded classical model."""
 
     kind: str  # "classifier" or "embedding", as in gateway.config.ENGINE_KINDS
+    outputs: tuple[str, ...]  # the Open Inference Protocol output tensors it answers with
 
     def inputs(self, instances: Sequence[Any], param: str, *, lone: bool = False) -> Any:
         """One request's instances, checked and converted for ``predict``.

@@ -32,6 +32,7 @@ class SklearnPredictor:
         self.n_features = int(estimator.n_features_in_)
         self._proba = hasattr(estimator, "predict_proba") and hasattr(estimator, "classes_")
         self.classes = [_plain(c) for c in estimator.classes_] if self._proba else []
+        self.outputs: tuple[str, ...] = ("label", "probabilities") if self._proba else ("predict",)
 
     @classmethod
     def load(cls, path: str) -> SklearnPredictor:

@@ -417,7 +417,8 @@ def test_sdk_raises_bad_request_without_retrying(client: openai.OpenAI) -> None:
 
 
 def test_unknown_route_and_wrong_method(http: httpx.Client) -> None:
-    assert_error(http.get("/v2/nothing"), 404, "not_found")
+    nothing = http.get("/v2/nothing")  # the Open Inference Protocol's error shape under /v2
+    assert nothing.status_code == 404 and nothing.json() == {"error": "Unknown route: GET /v2/nothing"}
     assert_error(http.get(CHAT), 405, "method_not_allowed")
     # An open gateway has no key to describe.
     assert_error(http.get("/v1/key"), 404, "keys_not_configured")

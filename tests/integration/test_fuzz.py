@@ -79,6 +79,8 @@ def test_fuzzed_requests_are_never_answered_5xx(gateway: Gateway, schema: Any, p
         if response.status_code >= 400 and path.startswith("/v1/messages"):
             assert response.json()["type"] == "error", sent  # Anthropic's envelope
             assert set(response.json()["error"]) == {"type", "message"}, sent
+        elif response.status_code >= 400 and path.startswith("/v2/"):
+            assert isinstance(response.json()["error"], str), sent  # the Open Inference Protocol's
         elif response.status_code >= 400:
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}, sent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections import Counter
 from typing import Any
 
@@ -148,7 +149,34 @@ def test_v2_infer_refuses_a_shape_that_does_not_match_the_data(http: httpx.Clien
     body = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     response = http.post("/v2/models/iris/infer", json=body)
     assert response.status_code == 400
-    assert response.json()["error"]["message"] == "inputs[0]: shape [2, 4] holds 8 values but 'data' has 4"
+    # The Open Inference Protocol's error: its message alone, where tritonclient and KServe's clients read it.
+    assert response.json() == {"error": "inputs[0]: shape [2, 4] holds 8 values but 'data' has 4"}
+
+
+def test_v2_infer_answers_the_outputs_asked_for_and_tritonclients_unlabelled_body(http: httpx.Client) -> None:
+    """tritonclient names its outputs and sends its JSON body with no Content-Type."""
+    tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
+    body = json.dumps({"inputs": [tensor], "outputs": [{"name": "probabilities"}]}).encode()
+    response = http.post("/v2/models/iris/infer", content=body)
+    assert response.status_code == 200, response.text
+    assert [output["name"] for output in response.json()["outputs"]] == ["probabilities"]
+    unknown = http.post("/v2/models/iris/infer", json={"inputs": [tensor], "outputs": [{"name": "output0"}]})
+    assert unknown.status_code == 400 and "no output 'output0'" in unknown.json()["error"]
+
+
+def test_v2_binary_tensors_are_refused_as_such(http: httpx.Client) -> None:
+    tensor = {"name": "x", "shape": [1, 4], "datatype": "FP64", "parameters": {"binary_data_size": 32}}
+    header = json.dumps({"inputs": [tensor]})
+    marked = {"inference-header-content-length": str(len(header))}
+    refused = http.post("/v2/models/iris/infer", content=header.encode() + bytes(32), headers=marked)
+    assert refused.status_code == 400 and "binary_data=False" in refused.json()["error"]
+
+
+def test_v1_predict_takes_kserves_inputs_too(http: httpx.Client) -> None:
+    rows = [[5.1, 3.5, 1.4, 0.2]]
+    by_inputs = http.post("/v1/models/iris:predict", json={"inputs": rows})
+    assert by_inputs.status_code == 200, by_inputs.text
+    assert by_inputs.json() == http.post("/v1/models/iris:predict", json={"instances": rows}).json()
 
 
 async def test_classifier_versions_split_by_weight_and_stick_per_session(gateway: Gateway) -> None:

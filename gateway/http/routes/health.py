@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from gateway.http.readiness import all_healthy
 from gateway.http.routes.deps import gateway_state
 from gateway.http.state import GatewayState
 
@@ -22,7 +23,7 @@ async def health() -> dict[str, str]:
 @router.head("/ready", include_in_schema=False)
 async def ready(state: GatewayState = Depends(gateway_state)) -> JSONResponse:
     deployments = await state.deployment_statuses()
-    healthy = all(status == "HEALTHY" for status in deployments.values())
+    healthy = all_healthy(deployments.values())
     return JSONResponse(
         {"status": "ready" if healthy else "not_ready", "deployments": deployments},
         status_code=200 if healthy else 503,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from gateway.errors import InvalidRequestError
 from gateway.http.routes.deps import gateway_state
 from gateway.http.state import GatewayState
 
@@ -18,8 +19,19 @@ async def predict(
     return await state.dispatcher.dispatch("predict", request, model=model)
 
 
+# The Open Inference Protocol's binary tensor extension marks its bodies so.
+BINARY_HEADER = "inference-header-content-length"
+
+
 @router.post("/v2/models/{model:path}/infer")
 async def infer(
     model: str, request: Request, state: GatewayState = Depends(gateway_state)
 ) -> Response:
+    if BINARY_HEADER in request.headers:
+        # Said as such, where the body would be refused as JSON that does not parse.
+        raise InvalidRequestError(
+            "Binary tensor data (the binary tensor extension, `Inference-Header-Content-Length`) is not "
+            "supported: send the tensors as JSON (tritonclient: `binary_data=False`).",
+            param="inputs",
+        )
     return await state.dispatcher.dispatch("infer", request, model=model)

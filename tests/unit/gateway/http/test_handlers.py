@@ -47,6 +47,10 @@ def _app(raised: dict[str, BaseException]) -> FastAPI:
     async def raise_anthropic() -> None:
         raise raised["error"]
 
+    @app.get("/v2/models/m/raise")
+    async def raise_inference() -> None:
+        raise raised["error"]
+
     @app.post("/typed")
     async def typed(body: _Body) -> dict[str, Any]:
         return body.model_dump()
@@ -259,6 +263,17 @@ async def test_errors_on_anthropics_routes_take_its_envelope(
     assert response.status_code == error.status_code
     assert response.json() == {"type": "error", "error": {"type": anthropic_type, "message": error.message}}
     assert response.headers.get("retry-after") == error.headers().get("retry-after")
+
+
+async def test_errors_under_v2_take_the_open_inference_protocols_shape(
+    client: httpx.AsyncClient, raised: dict[str, BaseException]
+) -> None:
+    """``{"error": <message>}``, where tritonclient and KServe's clients read it (they showed the whole envelope)."""
+    raised["error"] = InvalidRequestError("inputs[0]: shape [2] holds 2 values but 'data' has 1", param="inputs")
+    response = await client.get("/v2/models/m/raise")
+    assert (response.status_code, response.json()) == (400, {"error": raised["error"].message})
+    unknown = await client.get("/v2/models/m/versions/1/nothing")
+    assert (unknown.status_code, unknown.json()) == (404, {"error": "Unknown route: GET /v2/models/m/versions/1/nothing"})
 
 
 async def test_under_a_route_prefix_anthropics_routes_still_take_its_envelope(

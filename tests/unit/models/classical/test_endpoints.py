@@ -68,6 +68,53 @@ def test_infer_accepts_nested_rows_and_checks_the_datatype(iris: SklearnPredicto
         parse(EngineRequest("infer", {"inputs": [{**tensor, "datatype": "BYTES"}]}, "r", "iris"), iris, 10)
 
 
+def test_predict_takes_kserves_inputs_as_instances(iris: SklearnPredictor) -> None:
+    job = parse(EngineRequest("predict", {"inputs": [[5, 3, 1, 0]]}, "r", "iris"), iris, 10)
+    assert answer(job, iris)["predictions"][0]["label"] == "setosa"
+    with pytest.raises(InvalidRequestError, match="as 'instances' or as 'inputs', not both"):
+        parse(EngineRequest("predict", {"inputs": [[5, 3, 1, 0]], "instances": [[5, 3, 1, 0]]}, "r", "iris"), iris, 10)
+    with pytest.raises(InvalidRequestError, match="Missing required parameter: 'instances'") as missing:
+        parse(EngineRequest("predict", {}, "r", "iris"), iris, 10)
+    assert (missing.value.param, missing.value.code) == ("instances", "missing_required_parameter")
+    with pytest.raises(InvalidRequestError, match=r"^inputs\[0\]: expected 4 features, got 3"):  # named as sent
+        parse(EngineRequest("predict", {"inputs": [[5, 3, 1]]}, "r", "iris"), iris, 10)
+
+
+TENSOR = {"name": "x", "shape": [2, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3]}
+
+
+@pytest.mark.parametrize("asked", [["probabilities"], ["probabilities", "label"], None])
+def test_infer_answers_the_outputs_asked_for_in_their_order(iris: SklearnPredictor, asked: list[str] | None) -> None:
+    body: dict[str, Any] = {"inputs": [TENSOR]}
+    if asked is not None:
+        body["outputs"] = [{"name": name} for name in asked]
+    outputs = answer(parse(EngineRequest("infer", body, "r", "iris"), iris, 10), iris)["outputs"]
+    assert [output["name"] for output in outputs] == (asked or ["label", "probabilities"])
+
+
+def test_infer_refuses_an_output_the_model_does_not_have_naming_it(iris: SklearnPredictor) -> None:
+    body = {"inputs": [TENSOR], "outputs": [{"name": "label"}, {"name": "output0"}]}
+    said = "no output 'output0'; it answers with 'label', 'probabilities'"
+    with pytest.raises(InvalidRequestError, match=said) as caught:
+        parse(EngineRequest("infer", body, "r", "iris"), iris, 10)
+    assert caught.value.param == "outputs[1].name"
+
+
+@pytest.mark.parametrize(
+    ("tensor", "words"),
+    [
+        ({**TENSOR, "shape": ["2", "4"]}, r"'inputs\[0\].shape\[0\]': expected an integer"),  # as the protocol says
+        ({**TENSOR, "shape": [2.0, True]}, r"'inputs\[0\].shape\[0\]': expected an integer"),
+        ({**TENSOR, "data": [[5.1, 3.5], [1.4, 0.2, 6.7, 3.0, 5.2, 2.3]]}, "nested 'data' must be 2 rows of 4 values"),
+    ],
+)
+def test_infer_refuses_a_shape_that_is_not_integers_or_rows_that_do_not_fit_it(
+    iris: SklearnPredictor, tensor: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=words):
+        parse(EngineRequest("infer", {"inputs": [tensor]}, "r", "iris"), iris, 10)
+
+
 def test_embedding_request_renders_floats_base64_and_usage() -> None:
     predictor = EmbeddingPredictor(FakeSentenceModel())
     body = {"model": "m", "input": ["a b", "c"]}
