@@ -164,6 +164,19 @@ def test_v2_infer_answers_the_outputs_asked_for_and_tritonclients_unlabelled_bod
     assert unknown.status_code == 400 and "no output 'output0'" in unknown.json()["error"]
 
 
+def test_v2_health_and_metadata_answer_as_the_protocol_requires(http: httpx.Client) -> None:
+    """What tritonclient's is_server_live / is_model_ready / get_model_metadata and Kubernetes probes call."""
+    assert http.get("/v2/health/live").json() == {"live": True}
+    assert http.get("/v2/health/ready").json() == {"ready": True}
+    assert http.get("/v2").json()["name"] == "llm-gateway"
+    assert http.get("/v2/models/iris/ready").json() == {"name": "iris", "ready": True}
+    metadata = http.get("/v2/models/iris").json()
+    assert metadata["name"] == "iris" and [o["name"] for o in metadata["outputs"]] == ["label", "probabilities"]
+    assert http.get("/v2/models/minilm").json()["inputs"][0]["datatype"] == "BYTES"
+    missing = http.get("/v2/models/no-such-model/ready")
+    assert missing.status_code == 404 and isinstance(missing.json()["error"], str)
+
+
 def test_v2_binary_tensors_are_refused_as_such(http: httpx.Client) -> None:
     tensor = {"name": "x", "shape": [1, 4], "datatype": "FP64", "parameters": {"binary_data_size": 32}}
     header = json.dumps({"inputs": [tensor]})
