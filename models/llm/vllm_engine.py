@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import engine_core_placement
 from gateway.config import lora
-from gateway.errors import ContextLengthExceededError, InvalidRequestError, ModelNotSupportedError
+from gateway.errors import ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, counted_fields
-from models.llm import compact_json, vllm_compat, vllm_errors, vllm_lora, vllm_messages, vllm_stored, vllm_streams
+from models.llm import budget_checks, compact_json, vllm_compat, vllm_errors, vllm_lora, vllm_messages
+from models.llm import vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
@@ -246,12 +247,12 @@ class VLLMEngine:
             check_input(request.body)
         try:
             parsed = vllm_errors.validated(schema, _with_request_id(request))
-            if request.endpoint in _GENERATING:
-                _check_budget(request.endpoint, parsed)
-                _check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
-                check_budget_fits(*_budget_field(request.endpoint, parsed), serving.max_model_len)
+            if request.endpoint in budget_checks.GENERATING:
+                budget_checks.check_budget(request.endpoint, parsed)
+                budget_checks.check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
+                check_budget_fits(*budget_checks.budget_field(request.endpoint, parsed), serving.max_model_len)
                 ranges = ANTHROPIC_RANGES if request.endpoint == "messages" else RANGES
-                check_sampling(parsed, _budget(request.endpoint, parsed), ranges)
+                check_sampling(parsed, budget_checks.budget(request.endpoint, parsed), ranges)
                 check_tool_calls(request.endpoint, request.body, parsed, self._config.name, self._calls_tools)
                 if request.endpoint == "completion":
                     check_prompt_ids(parsed.prompt, self._largest_token)
@@ -289,7 +290,7 @@ class VLLMEngine:
             return await vllm_compat.render(serving, request.endpoint, parsed)
 
         parsed, inputs = await self._served(request, rendered)
-        budget = _budget(request.endpoint, parsed)
+        budget = budget_checks.budget(request.endpoint, parsed)
         choices = getattr(parsed, "n", None) or 1
         total = 0
         for engine_input in inputs:
@@ -301,82 +302,14 @@ class VLLMEngine:
         """Refuses prompt + budget beyond the context window, and where no
         budget was sent a ``min_tokens`` beyond the window's rest, as vLLM
         renders each request to generate (so streams fail before their first byte)."""
-        budget, limit = _budget(endpoint, request), self._vllm.max_model_len
+        budget, limit = budget_checks.budget(endpoint, request), self._vllm.max_model_len
         param = {"completion": "prompt", "responses": "input"}.get(endpoint, "messages")
         for engine_input in inputs:
             prompt = vllm_compat.prompt_len(self._vllm, engine_input)
             if budget is None and prompt < limit:
                 # vLLM fills the window's rest and refused a min_tokens above it naming no field.
                 check_least_tokens(request, limit - prompt)
-            _check_window(prompt, budget, limit, param)
-
-
-def _budget(endpoint: str, request: Any) -> int | None:
-    """The most tokens a (vLLM-parsed) request may generate per choice; None: the window's rest."""
-    return _budget_field(endpoint, request)[1]
-
-
-def _budget_field(endpoint: str, request: Any) -> tuple[str, int | None]:
-    """The field that sets a request's output budget, as the client named it, and its value."""
-    if endpoint == "responses":
-        return "max_output_tokens", request.max_output_tokens
-    if getattr(request, "max_completion_tokens", None) is not None:
-        return "max_completion_tokens", request.max_completion_tokens
-    return "max_tokens", request.max_tokens
-
-
-def _check_budget(endpoint: str, request: Any) -> None:
-    """Refuses an output budget under one token, naming the field the client
-    set (vLLM names its own ``max_tokens`` whichever it was); a completion
-    that echoes its prompt may generate none (the prompt's logprobs alone, a
-    scoring request, as OpenAI's completions API and vLLM's own server allow)."""
-    field, budget = _budget_field(endpoint, request)
-    least = 0 if endpoint == "completion" and getattr(request, "echo", False) else 1
-    if budget is not None and budget < least:
-        raise InvalidRequestError(
-            f"Invalid '{field}': integer below minimum value. Expected a value >= {least}, but got {budget} instead.",
-            param=field,
-        )
-
-
-def _check_logprobs(endpoint: str, request: Any, most: int) -> None:
-    """Refuses more logprobs per token than the engine returns (``most``; -1:
-    no limit), naming the client's own field and value: vLLM names its
-    internal ``logprobs`` and, for -1 (its "every token"), the vocabulary's size."""
-    field = "logprobs" if endpoint == "completion" else "top_logprobs"
-    asked = getattr(request, field, None)
-    if endpoint == "chat" and not request.logprobs:
-        return  # vLLM's schema has refused top_logprobs without logprobs
-    if not isinstance(asked, int) or isinstance(asked, bool) or most < 0:
-        return
-    if asked == -1:
-        raise InvalidRequestError(
-            f"Invalid '{field}': -1 asks for every token's logprob; this model returns at most {most} per token.",
-            param=field,
-        )
-    if asked > most:
-        raise InvalidRequestError(
-            f"Invalid '{field}': integer above maximum value. Expected a value <= {most}, but got {asked} instead.",
-            param=field,
-        )
-
-
-# The endpoints whose requests name an output budget.
-_GENERATING = frozenset({"chat", "completion", "responses", "messages"})
-
-
-def _check_window(prompt: int, budget: int | None, limit: int, param: str) -> None:
-    """Refuses prompt + output budget beyond the context window (a budget
-    beyond it alone was refused before the prompt was rendered)."""
-    if budget is None or prompt + budget <= limit:
-        return
-    output = "output" if param == "input" else "completion"
-    raise ContextLengthExceededError(
-        f"This model's maximum context length is {limit} tokens. However, you requested "
-        f"{prompt + budget} tokens ({prompt} in the {param}, {budget} in the {output}). "
-        f"Please reduce the length of the {param} or {output}.",
-        param=param,
-    )
+            budget_checks.check_window(prompt, budget, limit, param)
 
 
 def _tallied(

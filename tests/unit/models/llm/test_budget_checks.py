@@ -1,0 +1,59 @@
+"""models/llm/budget_checks.py: each refusal names the field the client sent."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.errors import ContextLengthExceededError, InvalidRequestError
+from models.llm import budget_checks
+
+
+def _chat(**fields: object) -> SimpleNamespace:
+    return SimpleNamespace(**{"max_tokens": None, "max_completion_tokens": None, "logprobs": False, **fields})
+
+
+def test_the_budget_field_is_the_one_the_client_named() -> None:
+    assert budget_checks.budget_field("chat", _chat(max_tokens=5, max_completion_tokens=7)) == (
+        "max_completion_tokens", 7,
+    )
+    assert budget_checks.budget_field("chat", _chat(max_tokens=5)) == ("max_tokens", 5)
+    assert budget_checks.budget("responses", SimpleNamespace(max_output_tokens=9)) == 9
+    assert budget_checks.budget("chat", _chat()) is None
+
+
+def test_a_budget_under_one_token_is_refused_naming_its_field() -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        budget_checks.check_budget("chat", _chat(max_completion_tokens=0))
+    assert caught.value.param == "max_completion_tokens"
+    assert "got 0" in caught.value.message
+
+
+def test_an_echoed_completion_may_generate_no_token() -> None:
+    budget_checks.check_budget("completion", _chat(max_tokens=0, echo=True))
+    with pytest.raises(InvalidRequestError):
+        budget_checks.check_budget("completion", _chat(max_tokens=0, echo=False))
+
+
+@pytest.mark.parametrize("asked, refused", [(-1, True), (20, True), (5, False)])
+def test_logprobs_beyond_what_the_engine_returns_are_refused(asked: int, refused: bool) -> None:
+    request = _chat(logprobs=True, top_logprobs=asked)
+    if not refused:
+        budget_checks.check_logprobs("chat", request, 5)
+        return
+    with pytest.raises(InvalidRequestError) as caught:
+        budget_checks.check_logprobs("chat", request, 5)
+    assert caught.value.param == "top_logprobs"
+
+
+def test_logprobs_are_not_bounded_where_the_engine_returns_any_number() -> None:
+    budget_checks.check_logprobs("completion", SimpleNamespace(logprobs=1000), -1)
+
+
+def test_prompt_and_budget_beyond_the_window_name_the_prompt_field() -> None:
+    budget_checks.check_window(10, 6, 16, "input")
+    with pytest.raises(ContextLengthExceededError) as caught:
+        budget_checks.check_window(10, 7, 16, "input")
+    assert caught.value.param == "input"
+    assert "17 tokens (10 in the input, 7 in the output)" in caught.value.message
