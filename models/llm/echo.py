@@ -35,7 +35,7 @@ from models.llm import echo_messages as anthropic
 from models.llm import echo_render as render
 from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
-from models.llm.prompt_checks import check_input, check_not_empty
+from models.llm.prompt_checks import check_input, check_not_empty, check_prefill
 from models.llm.sampling_checks import ANTHROPIC_RANGES, check_budget_fits, check_sampling
 from models.llm.stored import STORED, deleted_body, not_cancellable, not_streamable
 
@@ -313,8 +313,9 @@ _Schema = TypeVar("_Schema", bound=BaseModel)
 
 def _message_request(body: dict[str, Any]) -> anthropic.EchoMessagesRequest:
     """A Messages API body, checked as the vLLM engine checks it: Anthropic's
-    ``temperature`` range, no empty stop sequence."""
+    ``temperature`` range, no empty stop sequence, no prefill ending in whitespace."""
     req = _validated(anthropic.EchoMessagesRequest, body)
+    check_prefill(body)
     check_sampling(req, req.max_tokens, ANTHROPIC_RANGES)
     return req
 

@@ -13,6 +13,8 @@ field where vLLM names none.
   nothing (``[999999]`` came back as an empty text) or, past 64 bits, failed
   with a Rust error. Refused here naming the id's place (``prompt[1][0]``,
   ``tokens[2]``), with the bound vLLM's renderer puts on a prompt's ids.
+- A Messages API prefill (a last ``assistant`` message, whose text the
+  answer continues) ending in whitespace: refused as Anthropic refuses it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ def check_input(body: Mapping[str, Any]) -> None:
     with neither there is nothing to answer."""
     if not body.get("previous_response_id") and not body.get("instructions"):
         check_not_empty(body, "input")
+
+
+def check_prefill(body: Mapping[str, Any]) -> None:
+    """Refuses a Messages API request whose last message, an ``assistant``
+    prefill, ends in whitespace, as Anthropic's API does: the answer
+    continues that text, and a model seldom continues well after a space."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return
+    last = messages[-1]
+    content = last.get("content")
+    if isinstance(content, list):
+        blocks = [b for b in content if isinstance(b, dict)]
+        content = blocks[-1].get("text") if blocks and blocks[-1].get("type") == "text" else None
+    if last.get("role") == "assistant" and isinstance(content, str) and content and content != content.rstrip():
+        raise InvalidRequestError(
+            "messages: final assistant content cannot end with trailing whitespace",
+            param=f"messages[{len(messages) - 1}].content",
+        )
 
 
 def check_prompt_ids(prompt: Any, largest: int | None) -> None:

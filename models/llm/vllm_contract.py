@@ -80,7 +80,7 @@ SCHEMA_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "vllm.entrypoints.openai.chat_completion.protocol",
         "ChatCompletionRequest",
-        ("request_id", "max_tokens", "max_completion_tokens", "n"),
+        ("request_id", "max_tokens", "max_completion_tokens", "n", "add_generation_prompt", "continue_final_message"),
     ),
     ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest", ("request_id", "max_tokens", "n")),
     (

@@ -42,6 +42,7 @@ from models.llm.template_checks import check_request_template
 from models.llm.prompt_checks import (
     check_input,
     check_not_empty,
+    check_prefill,
     check_prompt_ids,
     check_token_ids,
 )
@@ -243,6 +244,8 @@ class VLLMEngine:
         check_request_template(request.body)
         if prompt_param == "messages" or request.endpoint == "completion":
             check_not_empty(request.body, prompt_param)
+        if request.endpoint == "messages":
+            check_prefill(request.body)
         elif prompt_param == "input":
             check_input(request.body)
         try:

@@ -11,6 +11,12 @@ request takes the gateway's request id (``REQUEST_ID``, set while vLLM's
 serving layer handles the request: its engine request is then named as a
 chat request's is), and the answer, whole or streamed (``message_start``),
 names the message ``msg_<request id>``.
+
+A last ``assistant`` message is a prefill, as in Anthropic's API: the answer
+continues its text. vLLM's conversion closed that turn and opened a new one
+(its chat request asks for the generation prompt), so a prefilled ``{`` did
+not make the answer go on as JSON; the converted request continues the final
+message instead (``continue_final_message``), as a chat request may ask.
 """
 
 from __future__ import annotations
@@ -36,16 +42,27 @@ def message_id(chat_id: str) -> str:
 
 def identified(convert: Callable[..., Any]) -> Callable[..., Any]:
     """vLLM's ``to_chat_completion_request``, the chat request it returns
-    taking ``REQUEST_ID`` (when set) as its ``request_id``."""
+    taking ``REQUEST_ID`` (when set) as its ``request_id``, and continuing a
+    prefill (see the module docstring)."""
 
     def converted(anthropic_request: Any, *args: Any, **kwargs: Any) -> Any:
         chat = convert(anthropic_request, *args, **kwargs)
         request_id = REQUEST_ID.get()
         if request_id is not None:
             chat.request_id = request_id
+        if prefilled(chat.messages):
+            chat.add_generation_prompt, chat.continue_final_message = False, True
         return chat
 
     return converted
+
+
+def prefilled(messages: list[Any]) -> bool:
+    """Whether converted chat ``messages`` end with an assistant's text (not its tool calls) to continue."""
+    last = messages[-1] if messages else None
+    return isinstance(last, dict) and last.get("role") == "assistant" and bool(last.get("content")) and not (
+        last.get("tool_calls")
+    )
 
 
 def whole_identified(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:

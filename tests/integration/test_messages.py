@@ -9,12 +9,14 @@ from collections.abc import Iterator
 
 import anthropic
 import httpx
+import openai
 import pytest
 
 from tests.integration.conftest import ACCESS_LOG, VLLM_CONTEXT, VLLM_MODEL, Gateway
 from tests.integration.test_streaming import tokens_after_leaving
 
 ASK = [{"role": "user", "content": "Tell me about the harbour"}]
+GREEDY = {"temperature": 0}  # the SDK types no `temperature` argument
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,27 @@ def test_a_message_is_answered_in_anthropics_shape_with_usage(claude: anthropic.
     # A system prompt is part of the prompt.
     instructed = claude.messages.create(model=VLLM_MODEL, system="Answer as a sailor would.", messages=ASK, max_tokens=2)
     assert instructed.usage.input_tokens > message.usage.input_tokens
+
+
+def test_a_prefill_is_continued_as_anthropic_continues_it(claude: anthropic.Anthropic, client: openai.OpenAI) -> None:
+    # The answer goes on from the assistant's text (a prefilled "{" makes JSON), as a chat request
+    # continuing its final message does, not in a new assistant turn.
+    turns = [*ASK, {"role": "assistant", "content": "Sure, the"}]
+    message = claude.messages.create(model=VLLM_MODEL, messages=turns, max_tokens=6, extra_body=GREEDY)
+    continued = client.chat.completions.create(
+        model=VLLM_MODEL, messages=turns, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert message.content[0].type == "text"
+    assert message.content[0].text == continued.choices[0].message.content
+    assert continued.usage is not None and message.usage.input_tokens == continued.usage.prompt_tokens
+    counted = claude.messages.count_tokens(model=VLLM_MODEL, messages=turns)  # type: ignore[arg-type]
+    assert counted.input_tokens == message.usage.input_tokens
+    with claude.messages.stream(model=VLLM_MODEL, messages=turns, max_tokens=6, extra_body=GREEDY) as stream:
+        assert stream.get_final_text() == message.content[0].text
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(model=VLLM_MODEL, messages=[*ASK, {"role": "assistant", "content": "Sure, "}], max_tokens=2)
+    assert "trailing whitespace" in caught.value.message
 
 
 def test_a_streamed_message_sends_anthropics_events_and_the_text_adds_up(claude: anthropic.Anthropic) -> None:

@@ -8,6 +8,7 @@ from gateway.errors import InvalidRequestError
 from models.llm.prompt_checks import (
     check_input,
     check_not_empty,
+    check_prefill,
     check_prompt_ids,
     check_token_ids,
 )
@@ -60,3 +61,17 @@ def test_an_empty_responses_input_is_refused_only_where_nothing_else_makes_a_con
     check_input({"input": [], "previous_response_id": "resp_1"})
     check_input({"input": [], "instructions": "Be brief."})
     check_input({"input": "hi"})
+
+
+@pytest.mark.parametrize("content", ["Sure, ", "{\n", [{"type": "text", "text": "a"}, {"type": "text", "text": "b "}]])
+def test_a_prefill_ending_in_whitespace_is_refused_as_anthropic_refuses_it(content: object) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]}
+    with pytest.raises(InvalidRequestError) as caught:
+        check_prefill(body)
+    assert caught.value.param == "messages[1].content"
+    assert "trailing whitespace" in caught.value.message
+
+
+def test_a_prefill_without_trailing_whitespace_and_a_user_turn_last_pass() -> None:
+    check_prefill({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure,"}]})
+    check_prefill({"messages": [{"role": "user", "content": "Hi "}]})

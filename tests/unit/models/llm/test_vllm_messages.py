@@ -33,14 +33,14 @@ def vllms_layer() -> Any:
     return messages
 
 
-def chat_request_for(messages: Any, request_id: str | None) -> Any:
-    """The chat request vLLM's Anthropic layer makes of ``ASK`` while the
+def chat_request_for(messages: Any, request_id: str | None, ask: dict[str, Any] = ASK) -> Any:
+    """The chat request vLLM's Anthropic layer makes of ``ask`` while the
     gateway hands it request ``request_id`` (None: outside a request)."""
     from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 
     token = vllm_messages.REQUEST_ID.set(request_id)
     try:
-        return messages.to_chat_completion_request(AnthropicMessagesRequest.model_validate(ASK))
+        return messages.to_chat_completion_request(AnthropicMessagesRequest.model_validate(ask))
     finally:
         vllm_messages.REQUEST_ID.reset(token)
 
@@ -57,6 +57,22 @@ def test_the_chat_request_vllm_makes_takes_the_requests_id() -> None:
     assert chat_id_of(chat_request_for(messages, "req-1")) == "chatcmpl-req-1"  # as a chat request's
     # Outside a request (rendering a prompt to count it) vLLM's own random id stays.
     assert chat_request_for(messages, None).request_id != chat_request_for(messages, None).request_id
+
+
+def test_a_prefill_is_continued_not_answered_in_a_new_turn() -> None:
+    messages = vllms_layer()
+    asked = chat_request_for(messages, "req-1")
+    assert (asked.add_generation_prompt, asked.continue_final_message) == (True, False)
+    for prefill in ("{", [{"type": "text", "text": "Sure"}, {"type": "text", "text": ", {"}]):
+        turns = [*ASK["messages"], {"role": "assistant", "content": prefill}]
+        chat = chat_request_for(messages, "req-1", {**ASK, "messages": turns})
+        assert (chat.add_generation_prompt, chat.continue_final_message) == (False, True)
+
+
+def test_an_assistants_tool_call_last_is_not_a_prefill() -> None:
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}
+    chat = chat_request_for(vllms_layer(), "req-1", {**ASK, "messages": [*ASK["messages"], call]})
+    assert chat.continue_final_message is False
 
 
 def test_a_whole_message_is_named_msg_and_the_request_id() -> None:
