@@ -147,4 +147,6 @@ def check_fields(endpoint: str, body: Mapping[str, Any], known: Collection[str])
                 param=name,
                 code="unsupported_parameter",
             )
+        if endpoint.startswith("responses"):  # OpenAI's Responses API words it so, with a code
+            raise InvalidRequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
         raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name)

@@ -39,6 +39,7 @@ def check_budget(endpoint: str, request: Any) -> None:
         raise InvalidRequestError(
             f"Invalid '{field}': integer below minimum value. Expected a value >= {least}, but got {budget} instead.",
             param=field,
+            code="integer_below_min_value",
         )
 
 
@@ -61,6 +62,7 @@ def check_logprobs(endpoint: str, request: Any, most: int) -> None:
         raise InvalidRequestError(
             f"Invalid '{field}': integer above maximum value. Expected a value <= {most}, but got {asked} instead.",
             param=field,
+            code="integer_above_max_value",
         )
 
 

@@ -123,7 +123,8 @@ def test_an_output_budget_under_one_token_names_the_field_sent(
 ) -> None:
     prompts = {"/v1/responses": {"input": "Hi"}, COMPLETIONS: {"prompt": "Hi"}}
     prompt = prompts.get(path, {"messages": HELLO})
-    error = assert_error(http.post(path, json={"model": VLLM_MODEL, **prompt, **budget}), 400, None, field)
+    sent = http.post(path, json={"model": VLLM_MODEL, **prompt, **budget})
+    error = assert_error(sent, 400, "integer_below_min_value", field)
     value, least = budget[field], 0 if budget.get("echo") else 1  # an echoed prompt may be scored alone
     assert error["message"] == (
         f"Invalid '{field}': integer below minimum value. Expected a value >= {least}, but got {value} instead."
@@ -149,7 +150,8 @@ def test_more_logprobs_than_the_engine_returns_names_the_field_and_value_sent(
 ) -> None:
     """vLLM's own server names its internal `logprobs` and, for -1, the vocabulary's size (512)."""
     budget = {"max_output_tokens" if path == "/v1/responses" else "max_tokens": 2}
-    error = assert_error(http.post(path, json={"model": VLLM_MODEL, **budget, **body}), 400, None, field)
+    code = None if message.startswith("-1") else "integer_above_max_value"
+    error = assert_error(http.post(path, json={"model": VLLM_MODEL, **budget, **body}), 400, code, field)
     assert error["message"] == f"Invalid '{field}': {message}"
 
 
@@ -394,7 +396,8 @@ def test_a_stream_the_engine_refuses_before_generating_is_an_http_400(
     """vLLM's own server answers these 200 with an error frame; OpenAI, and
     the gateway, with a 400 before the stream starts."""
     request = {"model": VLLM_MODEL, "max_tokens": 3, "stream": True, **body}
-    error = assert_error(http.post(path, json=request), 400, None, param)
+    code = "integer_above_max_value" if param is not None else None  # more logprobs than the engine returns
+    error = assert_error(http.post(path, json=request), 400, code, param)
     assert error["type"] == "invalid_request_error"
     if path == CHAT:
         with pytest.raises(openai.BadRequestError):  # at the call, not while iterating

@@ -63,6 +63,15 @@ def test_a_misspelt_field_is_refused_by_name(typo: str) -> None:
     assert error.message == f"Unrecognized request argument supplied: {typo}"
 
 
+@pytest.mark.parametrize("endpoint", ["responses", "responses_input_tokens"])
+def test_an_unknown_responses_field_is_refused_in_the_responses_apis_words(endpoint: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_fields(endpoint, {"model": "m", "input": "hi", "foo": 1}, {"model", "input"})
+    error = refused.value
+    assert (error.status_code, error.param, error.code) == (400, "foo", "unknown_parameter")
+    assert error.message == "Unknown parameter: 'foo'."
+
+
 def test_a_removed_vllm_field_says_what_replaces_it() -> None:
     with pytest.raises(InvalidRequestError) as refused:
         check_fields("chat", {**HELLO, "guided_json": {"type": "object"}}, CHAT_KNOWN)

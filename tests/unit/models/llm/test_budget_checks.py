@@ -26,7 +26,7 @@ def test_the_budget_field_is_the_one_the_client_named() -> None:
 def test_a_budget_under_one_token_is_refused_naming_its_field() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         budget_checks.check_budget("chat", _chat(max_completion_tokens=0))
-    assert caught.value.param == "max_completion_tokens"
+    assert (caught.value.param, caught.value.code) == ("max_completion_tokens", "integer_below_min_value")
     assert "got 0" in caught.value.message
 
 
@@ -45,6 +45,7 @@ def test_logprobs_beyond_what_the_engine_returns_are_refused(asked: int, refused
     with pytest.raises(InvalidRequestError) as caught:
         budget_checks.check_logprobs("chat", request, 5)
     assert caught.value.param == "top_logprobs"
+    assert caught.value.code == (None if asked == -1 else "integer_above_max_value")
 
 
 def test_logprobs_are_not_bounded_where_the_engine_returns_any_number() -> None:
