@@ -40,6 +40,11 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion.create_completion", ("request",)),
     (_RESPONSES, "OpenAIServingResponses.create_responses", ("request",)),
     (_RESPONSES, "OpenAIServingResponses._render_resolved_response_inputs", ("request", "prev_response")),
+    (
+        "vllm.renderers.online_renderer",
+        "OnlineRenderer.render_responses",
+        ("request", "previous_messages", "previous_response_outputs", "tool_server"),
+    ),
     (_RESPONSES, "OpenAIServingResponses.retrieve_responses", ("response_id", "starting_after", "stream")),
     (_RESPONSES, "OpenAIServingResponses.cancel_responses", ("response_id",)),
     (_ANTHROPIC, "AnthropicServingMessages.create_messages", ("request",)),
@@ -96,7 +101,10 @@ SCHEMA_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 # Attributes set in a constructor (module, class, names), read from its source.
 INSTANCE_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    (_RESPONSES, "OpenAIServingResponses", ("response_store", "msg_store", "event_store", "background_tasks")),
+    (_RESPONSES, "OpenAIServingResponses", (
+        "response_store", "msg_store", "event_store", "background_tasks", "tool_server", "online_renderer",
+        "use_harmony",
+    )),
     (_ANTHROPIC, "AnthropicServingMessages", ("_merge_inline_system",)),
     ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat", ("online_renderer",)),
     ("vllm.renderers.online_renderer", "OnlineRenderer", ("renderer", "parser", "use_harmony")),

@@ -46,7 +46,7 @@ from models.llm.prompt_checks import (
     check_prompt_ids,
     check_token_ids,
 )
-from models.llm.tool_checks import check_tool_calls
+from models.llm.tool_checks import check_builtin_tools, check_tool_calls
 from models.log_handlers import handlers_kept
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class VLLMEngine:
             )
         # vLLM's processes end with this replica even where Ray's raylet cannot end them (models.llm.engine_reaper).
         self._reaper = reaper_for_children()
-        vllm_compat.guard_renders(self._serving, self._check_rendered)
+        vllm_compat.guard_renders(self._serving, self._check_rendered, self._fits)
         self._calls_tools = self._serving.chat is None or vllm_compat.calls_tools(self._serving)
         self._largest_token = vllm_compat.largest_token_id(self._serving)
         mode = self._config.engine_core_cpus
@@ -242,6 +242,10 @@ class VLLMEngine:
         # vLLM's schemas take fields they do not know and drop them.
         check_fields(request.endpoint, request.body, counted_fields(request.endpoint, _known_fields(schema)))
         check_request_template(request.body)
+        if request.endpoint in ("responses", "responses_input_tokens") and serving.responses is not None:
+            vllm_stored.check_previous(serving, request.body.get("previous_response_id"))
+            if serving.responses.tool_server is None:
+                check_builtin_tools(request.body, self._config.name)
         if prompt_param == "messages" or request.endpoint == "completion":
             check_not_empty(request.body, prompt_param)
         if request.endpoint == "messages":
@@ -300,6 +304,12 @@ class VLLMEngine:
             prompt = vllm_compat.prompt_len(serving, engine_input)
             total += prompt + choices * (budget if budget is not None else serving.max_model_len - prompt)
         return total
+
+    def _fits(self, request: Any, engine_input: Any) -> bool:
+        """Whether a (vLLM-parsed) Responses request's rendered prompt leaves its
+        output budget in the context window (at least one token without one)."""
+        budget = budget_checks.budget("responses", request)
+        return vllm_compat.prompt_len(self._vllm, engine_input) + (budget or 1) <= self._vllm.max_model_len
 
     def _check_rendered(self, endpoint: str, request: Any, inputs: list[Any]) -> None:
         """Refuses prompt + budget beyond the context window, and where no

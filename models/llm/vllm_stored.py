@@ -2,7 +2,8 @@
 them: retrieving, streaming again, cancelling and deleting one, and the
 background tasks that generate them, where vLLM's own handling falls short
 (a failed task's response left ``queued``, a reader waiting past its task's
-end, a cancel refused as "a synchronous response" whatever the response)."""
+end, a cancel refused as "a synchronous response" whatever the response, a
+follow-up on a response still generating prompted without its answer)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from gateway import errors
-from gateway.errors import ModelNotSupportedError
+from gateway.errors import InvalidRequestError, ModelNotSupportedError
 from models.llm import vllm_compat, vllm_errors, vllm_streams
 from models.llm.stored import deleted_body, not_cancellable, not_streamable
 
@@ -34,8 +35,8 @@ async def answer(
     if request.endpoint == "responses_delete":
         await delete_response(serving, response_id)
         return deleted_body(response_id)
-    if request.endpoint == "responses_cancel":
-        check_cancellable(serving, response_id)
+    if request.endpoint == "responses_cancel" and (cancelled := check_cancellable(serving, response_id)) is not None:
+        return vllm_compat.body_json(cancelled, request.endpoint)
     try:
         if request.endpoint == "responses_cancel":
             result = await responses.cancel_responses(response_id)
@@ -89,13 +90,31 @@ def mark_failure(serving: vllm_compat.Serving, response_id: str, task: Any) -> N
     task.add_done_callback(ended)
 
 
-def check_cancellable(serving: vllm_compat.Serving, response_id: str) -> None:
-    """Raises InvalidRequestError for a stored response that has ended or
-    was answered at once, saying which: vLLM calls every such one "a
-    synchronous response". An unknown one is left to vLLM's 404."""
+def check_cancellable(serving: vllm_compat.Serving, response_id: str) -> Any:
+    """A background response cancelled already (cancelling is idempotent, as
+    OpenAI's is: the response is answered again), else None for one that
+    may be cancelled; raises InvalidRequestError for a stored response that
+    has ended otherwise or was answered at once, saying which: vLLM calls
+    every such one "a synchronous response". An unknown one is left to vLLM's 404."""
     stored = serving.responses.response_store.get(response_id)
-    if stored is not None and stored.status not in _UNFINISHED:
-        raise not_cancellable(str(stored.status), bool(stored.background))
+    if stored is None or stored.status in _UNFINISHED:
+        return None
+    if stored.background and stored.status == "cancelled":
+        return stored
+    raise not_cancellable(str(stored.status), bool(stored.background))
+
+
+def check_previous(serving: vllm_compat.Serving, previous_id: Any) -> None:
+    """Refuses a follow-up (``previous_response_id``) on a background response
+    still being generated: vLLM keeps that response's conversation from its
+    start, without the answer, and prompted the follow-up without it."""
+    stored = serving.responses.response_store.get(previous_id) if isinstance(previous_id, str) else None
+    if stored is not None and stored.status in _UNFINISHED:
+        raise InvalidRequestError(
+            f"Previous response with id '{previous_id}' is still {stored.status}: "
+            "it can be continued once it has completed.",
+            param="previous_response_id",
+        )
 
 
 async def background_events(

@@ -85,6 +85,39 @@ def test_an_alias_routes_a_response_to_its_variant(client: openai.OpenAI) -> Non
     assert raw.parse().model == VLLM_MODEL
 
 
+def test_truncation_auto_drops_the_oldest_items_until_the_conversation_fits(client: openai.OpenAI) -> None:
+    """As OpenAI's: whole items from the conversation's beginning, not the
+    prompt's oldest tokens (vLLM's own server cut into the first message and
+    lowered the output budget)."""
+
+    def count(items: list[dict[str, str]]) -> int:
+        return client.responses.input_tokens.count(model=VLLM_MODEL, input=items).input_tokens  # type: ignore[arg-type]
+
+    words = 4
+    while count([{"role": "user", "content": "harbour " * words}]) < VLLM_CONTEXT * 2 // 5:
+        words += 4
+    long = {"role": "user", "content": "harbour " * words}
+    items = [long, {"role": "assistant", "content": "Aye."}, long, {"role": "user", "content": "And?"}]
+    budget = VLLM_CONTEXT - count(items) + 8  # eight tokens too many for the whole conversation
+    assert budget > 8 and count(items[1:]) + budget <= VLLM_CONTEXT
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.responses.create(model=VLLM_MODEL, input=items, max_output_tokens=budget)  # type: ignore[arg-type]
+    answer = client.responses.create(
+        model=VLLM_MODEL, input=items, max_output_tokens=budget, truncation="auto"  # type: ignore[arg-type]
+    )
+    assert answer.usage is not None and answer.usage.input_tokens == count(items[1:])
+    assert answer.truncation == "auto" and answer.max_output_tokens == budget
+    # A follow-up drops the stored conversation first, then its answer.
+    first = client.responses.create(model=VLLM_MODEL, input=[long], max_output_tokens=4)  # type: ignore[arg-type]
+    said = {"role": "assistant", "content": first.output_text}
+    budget = VLLM_CONTEXT - count([long, said, long]) + 8
+    follow_up = client.responses.create(
+        model=VLLM_MODEL, input=[long], previous_response_id=first.id, max_output_tokens=budget,  # type: ignore[arg-type]
+        truncation="auto",
+    )
+    assert follow_up.usage is not None and follow_up.usage.input_tokens == count([said, long])
+
+
 def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:
     def error(body: dict[str, object]) -> tuple[int, dict[str, object]]:
         answer = http.post("/v1/responses", json=body)
@@ -119,6 +152,13 @@ def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:
     for stream in (False, True):
         status, body = error({"model": VLLM_MODEL, "input": PROMPT, **REFUSED, "stream": stream})
         assert (status, body["type"]) == (400, "invalid_request_error"), body
+    # An unknown field in the Responses API's words; a built-in tool the engine does not run, not ignored.
+    status, body = error({"model": VLLM_MODEL, "input": PROMPT, "temprature": 0})
+    assert (status, body["code"], body["param"], body["message"]) == (
+        400, "unknown_parameter", "temprature", "Unknown parameter: 'temprature'."
+    )
+    status, body = error({"model": VLLM_MODEL, "input": PROMPT, "tools": [{"type": "web_search"}]})
+    assert (status, body["code"], body["param"]) == (400, "unsupported_parameter", "tools[0].type")
 
 
 async def test_leaving_a_streamed_response_aborts_its_engine_request(gateway: Gateway) -> None:
@@ -304,11 +344,21 @@ async def test_cancelling_a_background_response_stops_its_engine_request(client:
         client.responses.create, model=VLLM_MODEL, input=PROMPT, background=True, max_output_tokens=480,
         extra_body={"ignore_eos": True},
     )
+    # A follow-up while it generates is refused: vLLM would prompt it without the answer to come.
+    with pytest.raises(openai.BadRequestError) as refused:
+        await asyncio.to_thread(
+            client.responses.create, model=VLLM_MODEL, input="And?", previous_response_id=queued.id, max_output_tokens=2
+        )
+    assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert f"'{queued.id}' is still" in refused.value.message
     cancelled = await asyncio.to_thread(client.responses.cancel, queued.id)
     assert cancelled.status == "cancelled"
     assert await wait_idle(gateway, 30) == 0
     assert (await asyncio.to_thread(client.responses.retrieve, queued.id)).status == "cancelled"
     assert await settled_generated_tokens(gateway) - before < 480 // 2
+    # Cancelling again answers the cancelled response, as OpenAI's does.
+    again = await asyncio.to_thread(client.responses.cancel, queued.id)
+    assert (again.id, again.status) == (queued.id, "cancelled")
 
 
 def test_a_deleted_response_is_gone_for_good(client: openai.OpenAI, http: httpx.Client) -> None:

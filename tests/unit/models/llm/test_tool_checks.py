@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import InvalidRequestError
 from models.llm import vllm_compat
-from models.llm.tool_checks import check_tool_calls
+from models.llm.tool_checks import check_builtin_tools, check_tool_calls
 
 TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
 CLAUDE_TOOL = {"name": "weather", "input_schema": {"type": "object", "properties": {}}}
@@ -78,3 +78,17 @@ def test_a_model_calls_tools_with_a_tool_parser_or_as_a_harmony_model() -> None:
     assert vllm_compat.calls_tools(_serving(None, harmony=True))
     assert not vllm_compat.calls_tools(_serving(None))
     assert not vllm_compat.calls_tools(_serving(SimpleNamespace(tool_parser_cls=None)))  # a reasoning parser alone
+
+
+@pytest.mark.parametrize("kind", ["web_search", "web_search_preview", "file_search", "code_interpreter", "mcp"])
+def test_a_built_in_responses_tool_is_refused_where_no_tool_server_runs(kind: str) -> None:
+    function = {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(InvalidRequestError) as refused:
+        check_builtin_tools({"tools": [function, {"type": kind}]}, "m")
+    assert (refused.value.param, refused.value.code) == ("tools[1].type", "unsupported_parameter")
+    assert f"'{kind}'" in refused.value.message
+
+
+def test_function_tools_and_no_tools_pass() -> None:
+    check_builtin_tools({"tools": [{"type": "function", "name": "f"}]}, "m")
+    check_builtin_tools({}, "m")

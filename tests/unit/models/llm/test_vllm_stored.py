@@ -33,5 +33,26 @@ def test_a_response_that_cannot_be_cancelled_says_why(kept: SimpleNamespace, sai
 @pytest.mark.parametrize("status", ["queued", "in_progress"])
 def test_a_running_background_response_or_an_unknown_one_is_left_to_vllm(status: str) -> None:
     serving = serving_keeping(resp_a=SimpleNamespace(status=status, background=True))
-    vllm_stored.check_cancellable(serving, "resp_a")
-    vllm_stored.check_cancellable(serving, "resp_unknown")  # vLLM answers its 404
+    assert vllm_stored.check_cancellable(serving, "resp_a") is None
+    assert vllm_stored.check_cancellable(serving, "resp_unknown") is None  # vLLM answers its 404
+
+
+def test_cancelling_a_cancelled_background_response_answers_it_again() -> None:
+    cancelled = SimpleNamespace(status="cancelled", background=True)
+    assert vllm_stored.check_cancellable(serving_keeping(resp_a=cancelled), "resp_a") is cancelled
+
+
+@pytest.mark.parametrize("status", ["queued", "in_progress"])
+def test_a_follow_up_on_a_response_still_generating_is_refused(status: str) -> None:
+    serving = serving_keeping(resp_a=SimpleNamespace(status=status, background=True))
+    with pytest.raises(InvalidRequestError, match=f"'resp_a' is still {status}") as raised:
+        vllm_stored.check_previous(serving, "resp_a")
+    assert raised.value.param == "previous_response_id"
+
+
+@pytest.mark.parametrize("status", ["completed", "incomplete", "failed", "cancelled"])
+def test_a_follow_up_on_an_ended_or_unknown_response_is_left_to_the_engine(status: str) -> None:
+    serving = serving_keeping(resp_a=SimpleNamespace(status=status, background=True))
+    vllm_stored.check_previous(serving, "resp_a")
+    vllm_stored.check_previous(serving, "resp_unknown")  # the replica's store answers its 404
+    vllm_stored.check_previous(serving, None)
