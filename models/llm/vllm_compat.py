@@ -239,9 +239,12 @@ def _checked(
 def body_json(result: Any, endpoint: str) -> bytes:
     """A whole answer's body as vLLM's own server writes it for ``endpoint``:
     the Responses API's by its fields' aliases (a tool's ``async``, not
-    ``async_``), Anthropic's shapes without what is unset."""
+    ``async_``), Anthropic's shapes without what is unset (but a message's
+    ``stop_sequence``, null, which Anthropic's always has)."""
     if endpoint.startswith("responses"):
         text: str = result.model_dump_json(by_alias=True)
+    elif endpoint == "messages":
+        return vllm_messages.whole_body(result.model_dump(mode="json", exclude_none=True))
     else:
         text = result.model_dump_json(exclude_none=endpoint.startswith("messages"))
     return text.encode()

@@ -77,6 +77,20 @@ def whole_identified(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return converted
 
 
+def whole_body(message: dict[str, Any]) -> bytes:
+    """A whole message's JSON body, with ``stop_sequence`` after ``stop_reason``
+    (null where no stop sequence ended it): Anthropic's message always has
+    the key, and vLLM's leaves it out with every other unset field."""
+    if "stop_sequence" not in message:
+        ordered: dict[str, Any] = {}
+        for key, value in message.items():
+            ordered[key] = value
+            if key == "stop_reason":
+                ordered["stop_sequence"] = None
+        message = {**ordered, "stop_sequence": None} if "stop_sequence" not in ordered else ordered
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def start_identified(event: str) -> str:
     """A stream's first event: ``message_start``, its message's id made from
     the chat completion's (``message_id``) where it stands, every other byte

@@ -45,6 +45,7 @@ def test_a_message_is_answered_in_anthropics_shape_with_usage(claude: anthropic.
     assert message.content[0].type == "text" and message.content[0].text
     assert message._request_id == raw.headers["x-request-id"]  # Anthropic's `request-id` header
     assert message.id == "msg_" + raw.headers["x-request-id"]
+    assert raw.http_response.json()["stop_sequence"] is None  # always there, as in Anthropic's answers
     line = access_line(raw.headers["x-request-id"])
     assert (line["status"], line["model"], line["completion_tokens"]) == (200, VLLM_MODEL, message.usage.output_tokens)
     # A system prompt is part of the prompt.

@@ -124,3 +124,17 @@ async def test_a_streamed_message_is_named_msg_and_the_request_id_and_closing_it
 async def _replay(frames: list[str]) -> AsyncIterator[str]:
     for frame in frames:
         yield frame
+
+
+def test_a_whole_message_always_has_its_stop_sequence() -> None:
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesResponse
+
+    answer = AnthropicMessagesResponse.model_validate({
+        "id": "msg_1", "content": [{"type": "text", "text": "Ahoy é"}], "model": "m", "stop_reason": "end_turn",
+        "usage": {"input_tokens": 3, "output_tokens": 2},
+    })
+    body = vllm_compat.body_json(answer, "messages")
+    assert list(json.loads(body)) == ["id", "type", "role", "content", "model", "stop_reason", "stop_sequence", "usage"]
+    assert json.loads(body)["stop_sequence"] is None and "Ahoy é".encode() in body
+    stopped = answer.model_copy(update={"stop_reason": "stop_sequence", "stop_sequence": "END"})
+    assert json.loads(vllm_compat.body_json(stopped, "messages"))["stop_sequence"] == "END"
