@@ -311,3 +311,43 @@ def check_scalars(schema: type[BaseModel], body: Mapping[str, Any]) -> Refusal |
             message = f"Invalid type for '{name}': expected {kind}, but got {_json_type(value)} instead."
             return Refusal(message, name, INVALID_TYPE)
     return None
+
+
+# OpenAI's bounds on ``metadata`` (chat completions and the Responses API).
+METADATA_KEYS, METADATA_KEY_LENGTH, METADATA_VALUE_LENGTH = 16, 64, 512
+
+
+def check_metadata(body: Mapping[str, Any]) -> Refusal | None:
+    """The refusal, in OpenAI's words, of a ``metadata`` that is not what
+    OpenAI takes: an object of at most 16 string values, keys up to 64
+    characters, values up to 512; None when it is (or is absent, or null)."""
+    metadata = body.get("metadata")
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        got = _json_type(metadata)
+        return Refusal(f"Invalid type for 'metadata': expected an object, but got {got} instead.", "metadata",
+                       "invalid_type")
+    if len(metadata) > METADATA_KEYS:
+        return Refusal(
+            f"Invalid 'metadata': too many properties. Expected an object with at most {METADATA_KEYS} "
+            f"properties, but got an object with {len(metadata)} properties instead.",
+            "metadata", "object_above_max_properties",
+        )
+    for key, value in metadata.items():
+        param = f"metadata.{key}"
+        if len(key) > METADATA_KEY_LENGTH:
+            return Refusal(
+                f"Invalid 'metadata': string too long. Expected a key with maximum length {METADATA_KEY_LENGTH}, "
+                f"but got a key with length {len(key)} instead.", "metadata", "string_above_max_length",
+            )
+        if not isinstance(value, str):
+            return Refusal(f"Invalid type for '{param}': expected a string, but got {_json_type(value)} instead.",
+                           param, "invalid_type")
+        if len(value) > METADATA_VALUE_LENGTH:
+            return Refusal(
+                f"Invalid '{param}': string too long. Expected a string with maximum length "
+                f"{METADATA_VALUE_LENGTH}, but got a string with length {len(value)} instead.",
+                param, "string_above_max_length",
+            )
+    return None

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from gateway.errors import InvalidRequestError
+from gateway.validation import check_metadata
 
 # A hint, and the values of it that ask for nothing more than the answer
 # (None: any value).
@@ -150,3 +151,15 @@ def check_fields(endpoint: str, body: Mapping[str, Any], known: Collection[str])
         if endpoint.startswith("responses"):  # OpenAI's Responses API words it so, with a code
             raise InvalidRequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
         raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name)
+
+
+# The endpoints whose ``metadata`` is OpenAI's (Anthropic's is ``{"user_id": ...}``).
+_METADATA = ("chat", "responses")
+
+
+def check_openai_metadata(endpoint: str, body: Mapping[str, Any]) -> None:
+    """Refuses (400, in OpenAI's words) a chat or Responses ``metadata`` beyond
+    OpenAI's bounds (16 string values, keys up to 64 characters, values up to
+    512), which vLLM takes or drops whatever it is."""
+    if endpoint in _METADATA and (wrong := check_metadata(body)) is not None:
+        raise InvalidRequestError(wrong.message, param=wrong.param, code=wrong.code)

@@ -29,7 +29,7 @@ from gateway.errors import (
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
 from gateway.protocol.engine import COUNTING
-from gateway.protocol.extras import INPUT_TOKENS_FIELDS, check_fields
+from gateway.protocol.extras import INPUT_TOKENS_FIELDS, check_fields, check_openai_metadata
 from gateway.validation import check_scalars
 from models.llm import echo_messages as anthropic
 from models.llm import echo_render as render
@@ -152,6 +152,7 @@ class EchoEngine:
         self, request: EngineRequest
     ) -> tuple[responses.EchoResponsesRequest, list[responses.Turn], render.Answer]:
         check_input(request.body)
+        check_openai_metadata(request.endpoint, request.body)  # as the vLLM engine bounds it
         req = _validated(responses.EchoResponsesRequest, request.body)
         turns = responses.conversation(req, responses.previous_of(req, self._stored))
         asked = [text for role, text in responses.turns_of(req.input) if role == "user"]
@@ -241,6 +242,7 @@ class EchoEngine:
                 f"The model `{self._name}` (an echo engine) does not serve {_path(request.endpoint)}.", param="model"
             )
         if request.endpoint == "chat":
+            check_openai_metadata(request.endpoint, request.body)
             return self._plan_chat(_validated(ChatCompletionRequest, request.body), request.request_id)
         check_not_empty(request.body, "prompt")  # as the vLLM engine refuses it
         return self._plan_completion(_validated(CompletionRequest, request.body), request.request_id)

@@ -24,7 +24,7 @@ from gateway.affinity import engine_core_placement
 from gateway.config import lora
 from gateway.errors import ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
-from gateway.protocol.extras import check_fields, counted_fields
+from gateway.protocol.extras import check_fields, check_openai_metadata, counted_fields
 from models.llm import budget_checks, compact_json, vllm_compat, vllm_errors, vllm_lora, vllm_messages
 from models.llm import vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
@@ -241,6 +241,7 @@ class VLLMEngine:
         schema, create, prompt_param = endpoint
         # vLLM's schemas take fields they do not know and drop them.
         check_fields(request.endpoint, request.body, counted_fields(request.endpoint, _known_fields(schema)))
+        check_openai_metadata(request.endpoint, request.body)
         check_request_template(request.body)
         if request.endpoint in ("responses", "responses_input_tokens") and serving.responses is not None:
             vllm_stored.check_previous(serving, request.body.get("previous_response_id"))

@@ -491,3 +491,17 @@ def test_a_prompt_vllm_refuses_naming_no_field_is_refused_naming_it(
     conversation", "Token id 999999 is out of vocabulary")."""
     budget = {"/tokenize": {}, "/v1/responses": {"max_output_tokens": 2}}.get(path, {"max_tokens": 2})
     assert_error(http.post(path, json={"model": VLLM_MODEL, **budget, **body}), 400, code, param)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", [CHAT, "/v1/responses"])
+def test_metadata_beyond_openais_bounds_is_refused_not_passed_on(http: httpx.Client, path: str, stream: bool) -> None:
+    """vLLM's own server takes any metadata (its schema's types aside); OpenAI's bounds it."""
+    prompt = {"input": "Hi", "max_output_tokens": 2} if path != CHAT else {"messages": HELLO, "max_tokens": 2}
+    ask = {"model": VLLM_MODEL, **prompt, "stream": stream}
+    many = {f"tag{i}": "v" for i in range(17)}
+    assert_error(http.post(path, json={**ask, "metadata": many}), 400, "object_above_max_properties", "metadata")
+    long = {"team": "v" * 513}
+    assert_error(http.post(path, json={**ask, "metadata": long}), 400, "string_above_max_length", "metadata.team")
+    served = http.post(path, json={**ask, "metadata": {"team": "a" * 512}})
+    assert served.status_code == 200, served.text

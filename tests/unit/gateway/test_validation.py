@@ -13,7 +13,7 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
 from gateway.errors import InvalidRequestError
-from gateway.validation import check_scalars, path_of, scalar_fields
+from gateway.validation import check_metadata, check_scalars, path_of, scalar_fields
 
 
 def refused(schema: type[BaseModel], body: dict[str, Any]) -> InvalidRequestError:
@@ -259,3 +259,27 @@ def test_a_schemas_scalar_fields_are_read_once_by_the_name_a_client_sends() -> N
         "count": "an integer", "ratio": "a number", "flag": "a boolean", "both": "a number", "sent_as": "an integer",
     }
     assert scalar_fields(Schema) is fields
+
+
+@pytest.mark.parametrize(
+    ("metadata", "param", "code", "words"),
+    [
+        ("team-a", "metadata", "invalid_type", "expected an object, but got a string"),
+        ({f"k{i}": "v" for i in range(17)}, "metadata", "object_above_max_properties", "at most 16 properties"),
+        ({"k" * 65: "v"}, "metadata", "string_above_max_length", "a key with length 65"),
+        ({"team": 5}, "metadata.team", "invalid_type", "expected a string, but got an integer"),
+        ({"team": "v" * 513}, "metadata.team", "string_above_max_length", "maximum length 512"),
+    ],
+)
+def test_metadata_beyond_openais_bounds_is_refused_in_its_words(
+    metadata: object, param: str, code: str, words: str
+) -> None:
+    refusal = check_metadata({"metadata": metadata})
+    assert refusal is not None and (refusal.param, refusal.code) == (param, code)
+    assert words in refusal.message
+
+
+def test_metadata_within_openais_bounds_passes() -> None:
+    assert check_metadata({"metadata": {f"k{i}": "v" * 512 for i in range(16)}}) is None
+    assert check_metadata({"metadata": {"k" * 64: ""}}) is None
+    assert check_metadata({"metadata": None}) is None and check_metadata({}) is None

@@ -13,7 +13,7 @@ from openai.types.chat import completion_create_params as chat_create_params
 from openai.types.responses import input_token_count_params, response_create_params
 
 from gateway.errors import InvalidRequestError
-from gateway.protocol.extras import HINTS, REMOVED, UNSUPPORTED, check_fields, counted_fields
+from gateway.protocol.extras import HINTS, REMOVED, UNSUPPORTED, check_fields, check_openai_metadata, counted_fields
 from models.llm.vllm_engine import _known_fields
 
 
@@ -126,3 +126,12 @@ def test_counting_input_tokens_takes_only_what_changes_the_prompt() -> None:
             check_fields("responses_input_tokens", {"model": "m", "input": "hi", field: 1}, known)
         assert refused.value.param == field
     assert counted_fields("responses", frozenset({"stream"})) == {"stream"}
+
+
+def test_openai_metadata_is_bounded_on_chat_and_responses_but_not_anthropics() -> None:
+    many = {"metadata": {f"k{i}": "v" for i in range(17)}}
+    for endpoint in ("chat", "responses"):
+        with pytest.raises(InvalidRequestError) as refused:
+            check_openai_metadata(endpoint, many)
+        assert (refused.value.param, refused.value.code) == ("metadata", "object_above_max_properties")
+    check_openai_metadata("messages", {"metadata": {"user_id": "u" * 600}})  # Anthropic's own field
