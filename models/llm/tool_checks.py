@@ -50,19 +50,24 @@ def check_tool_calls(endpoint: str, body: Mapping[str, Any], request: Any, model
     )
 
 
+# The Responses API tool types vLLM renders without a tool server.
+_RENDERED = ("function", "custom", "namespace")
+
+
 def check_builtin_tools(body: Mapping[str, Any], model: str) -> None:
     """Refuses (400, ``unsupported_parameter``, naming ``tools[i].type``) a
-    Responses API tool other than a ``function`` on a model whose engine runs
-    no tool server (vLLM's ``--tool-server``, for gpt-oss models): vLLM
-    renders only function tools then, and answered as if a ``web_search``
-    or ``file_search`` tool had not been sent."""
+    Responses API tool vLLM does not render on a model whose engine runs no
+    tool server (vLLM's ``--tool-server``, for gpt-oss models): it renders
+    only ``function`` tools then (``custom`` ones as a function of one
+    string, a ``namespace``'s functions by their flattened names), and
+    answered as if a ``web_search`` or ``file_search`` tool had not been sent."""
     tools = body.get("tools")
     for at, tool in enumerate(tools if isinstance(tools, list) else ()):
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if isinstance(kind, str) and kind != "function":
+        if isinstance(kind, str) and kind not in _RENDERED:
             raise InvalidRequestError(
                 f"Unsupported parameter: 'tools[{at}].type': the model `{model}` runs no built-in tools "
-                f"('{kind}'); only 'function' tools are served.",
+                f"('{kind}'); only 'function', 'custom' and 'namespace' tools are served.",
                 param=f"tools[{at}].type",
                 code="unsupported_parameter",
             )

@@ -89,6 +89,18 @@ def test_a_built_in_responses_tool_is_refused_where_no_tool_server_runs(kind: st
     assert f"'{kind}'" in refused.value.message
 
 
-def test_function_tools_and_no_tools_pass() -> None:
-    check_builtin_tools({"tools": [{"type": "function", "name": "f"}]}, "m")
+def test_tools_vllm_renders_and_no_tools_pass() -> None:
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.tool_parsers.utils import get_function_tools
+
+    tools = [
+        {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}},
+        {"type": "custom", "name": "apply_patch"},
+        {"type": "namespace", "name": "ns", "description": "d", "tools": [
+            {"type": "function", "name": "g", "parameters": {"type": "object", "properties": {}}}]},
+    ]
+    check_builtin_tools({"tools": tools}, "m")
     check_builtin_tools({}, "m")
+    # vLLM renders each of them as a function (so none is dropped unsaid).
+    parsed = ResponsesRequest.model_validate({"model": "m", "input": "hi", "tools": tools})
+    assert len(get_function_tools(parsed.tools)) == len(tools)
