@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import errors
-from models.llm import vllm_errors, vllm_messages, vllm_streams, vllm_truncation
+from models.llm import vllm_conversation, vllm_errors, vllm_messages, vllm_streams
 from models.llm.vllm_contract import STATE_NAMES, check_contract
 
 logger = logging.getLogger(__name__)
@@ -195,9 +195,9 @@ def guard_renders(
     """Has vLLM call ``check(endpoint, request, engine_inputs)`` each time it
     renders a request to generate from, before anything is generated; what
     ``check`` raises is what vLLM's serving call raises. A Responses request
-    with ``truncation: "auto"`` whose render does not ``fits(request,
-    engine_input)`` is rendered again with its oldest items dropped
-    (``models.llm.vllm_truncation``)."""
+    continuing a response that called tools, or with ``truncation: "auto"``
+    (kept to what ``fits(request, engine_input)``), is rendered by
+    ``models.llm.vllm_conversation``."""
     for endpoint in ("chat", "messages", "completion"):
         target = getattr(serving, endpoint)
         if target is None:
@@ -209,16 +209,14 @@ def guard_renders(
         render_inputs = responses._render_resolved_response_inputs
 
         async def render_and_check(request: Any, previous: Any, **kwargs: Any) -> Any:
-            result = await render_inputs(request, previous, **kwargs)
-            if not hasattr(result, "engine_input"):  # an ErrorResponse: vLLM reports it
-                return result
-            if request.truncation == "auto" and not responses.use_harmony and not fits(request, result.engine_input):
-                result = await vllm_truncation.fitting(
+            if responses.use_harmony or not vllm_conversation.takes_over(request, previous):
+                result = await render_inputs(request, previous, **kwargs)
+            else:
+                result = await vllm_conversation.render(
                     responses, request, previous, lambda tried: fits(request, tried.engine_input), **kwargs
                 )
-                if not hasattr(result, "engine_input"):
-                    return result
-            check("responses", request, [result.engine_input])
+            if hasattr(result, "engine_input"):  # else an ErrorResponse: vLLM reports it
+                check("responses", request, [result.engine_input])
             return result
 
         responses._render_resolved_response_inputs = render_and_check

@@ -40,6 +40,7 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion.create_completion", ("request",)),
     (_RESPONSES, "OpenAIServingResponses.create_responses", ("request",)),
     (_RESPONSES, "OpenAIServingResponses._render_resolved_response_inputs", ("request", "prev_response")),
+    ("vllm.entrypoints.openai.responses.utils", "construct_chat_messages_with_tool_call", ("input_messages",)),
     (
         "vllm.renderers.online_renderer",
         "OnlineRenderer.render_responses",

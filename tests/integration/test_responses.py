@@ -105,9 +105,10 @@ def test_truncation_auto_drops_the_oldest_items_until_the_conversation_fits(clie
     answer = client.responses.create(
         model=VLLM_MODEL, input=items, max_output_tokens=budget, truncation="auto"  # type: ignore[arg-type]
     )
-    assert answer.usage is not None and answer.usage.input_tokens == count(items[1:])
+    # Cut where a user turn begins what is left (not at the assistant's "Aye.").
+    assert answer.usage is not None and answer.usage.input_tokens == count(items[2:])
     assert answer.truncation == "auto" and answer.max_output_tokens == budget
-    # A follow-up drops the stored conversation first, then its answer.
+    # A follow-up drops the stored conversation first, and its answer with it.
     first = client.responses.create(model=VLLM_MODEL, input=[long], max_output_tokens=4)  # type: ignore[arg-type]
     said = {"role": "assistant", "content": first.output_text}
     budget = VLLM_CONTEXT - count([long, said, long]) + 8
@@ -115,7 +116,39 @@ def test_truncation_auto_drops_the_oldest_items_until_the_conversation_fits(clie
         model=VLLM_MODEL, input=[long], previous_response_id=first.id, max_output_tokens=budget,  # type: ignore[arg-type]
         truncation="auto",
     )
-    assert follow_up.usage is not None and follow_up.usage.input_tokens == count([said, long])
+    assert follow_up.usage is not None and follow_up.usage.input_tokens == count([long])
+    # Beyond the window by itself, with a budget of one token: measured whole,
+    # not as the prompt vLLM's own truncation would have cut to the window.
+    beyond = [long, long, long, {"role": "user", "content": "And?"}]
+    one = client.responses.create(model=VLLM_MODEL, input=beyond, max_output_tokens=1, truncation="auto")  # type: ignore[arg-type]
+    assert one.usage is not None and one.usage.input_tokens == count(beyond[1:])
+
+
+def test_a_follow_up_on_a_tool_call_carries_the_call(client: openai.OpenAI) -> None:
+    """OpenAI's function calling loop: the call's output follows the response
+    that made the call (vLLM carried only its messages: the model saw an
+    output with no call before it)."""
+    schema = {"type": "object", "properties": {"u": {"type": "string", "enum": ["c", "f"]}}, "required": ["u"],
+              "additionalProperties": False}
+    tool = {"type": "function", "name": "weather", "strict": True, "parameters": schema}
+    asked = "What's the weather in Paris?"
+    first = client.responses.create(
+        model=VLLM_MODEL, input=asked, tools=[tool], tool_choice="required", max_output_tokens=200,  # type: ignore[list-item]
+        temperature=0,
+    )
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert calls, first.output
+    call = calls[0]
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "22C"}
+    follow_up = client.responses.create(
+        model=VLLM_MODEL, input=[result], previous_response_id=first.id, tools=[tool],  # type: ignore[list-item]
+        max_output_tokens=2,
+    )
+    explicit = [{"role": "user", "content": asked},
+                {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+                result]
+    counted = client.responses.input_tokens.count(model=VLLM_MODEL, input=explicit, tools=[tool])  # type: ignore[arg-type,list-item]
+    assert follow_up.usage is not None and follow_up.usage.input_tokens == counted.input_tokens
 
 
 def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:
