@@ -27,8 +27,10 @@ form: those keep vLLM's own rendering and truncation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from gateway.errors import InvalidRequestError
 
 # Output items that are tool calls, which vLLM does not carry into a follow-up.
 _CALLS = ("function_call", "custom_tool_call")
@@ -141,3 +143,34 @@ def _role(entry: Any) -> Any:
     if isinstance(entry, str):
         return "user"
     return entry.get("role") if isinstance(entry, dict) else getattr(entry, "role", None)
+
+
+# Input items that answer a tool call, and the calls they answer.
+_OUTPUTS = ("function_call_output", "custom_tool_call_output")
+
+
+def check_call_outputs(responses: Any, body: Mapping[str, Any]) -> None:
+    """Refuses (400, as OpenAI does) a tool call's output in ``input`` whose
+    ``call_id`` no call before it has: in ``input``, or in the conversation of
+    ``previous_response_id`` (its output, its stored messages). vLLM rendered
+    it as a tool's answer to nothing."""
+    items = body.get("input")
+    if not isinstance(items, list) or not any(isinstance(i, dict) and i.get("type") in _OUTPUTS for i in items):
+        return
+    known: set[Any] = set()
+    previous = body.get("previous_response_id")
+    if isinstance(previous, str):
+        stored = responses.response_store.get(previous)
+        known.update(getattr(item, "call_id", None) for item in (stored.output if stored is not None else ()))
+        for message in responses.msg_store.get(previous) or ():
+            if isinstance(message, dict):
+                known.update(call.get("id") for call in message.get("tool_calls") or () if isinstance(call, dict))
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") in _CALLS:
+            known.add(item.get("call_id"))
+        elif item.get("type") in _OUTPUTS and item.get("call_id") not in known:
+            raise InvalidRequestError(
+                f"No tool call found for function call output with call_id {item.get('call_id')}.", param="input"
+            )

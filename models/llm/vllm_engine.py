@@ -25,8 +25,8 @@ from gateway.config import lora
 from gateway.errors import ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, check_openai_metadata, counted_fields
-from models.llm import budget_checks, compact_json, vllm_compat, vllm_errors, vllm_lora, vllm_messages
-from models.llm import vllm_stored, vllm_streams
+from models.llm import budget_checks, compact_json, vllm_compat, vllm_conversation, vllm_errors, vllm_lora
+from models.llm import vllm_messages, vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
@@ -245,6 +245,7 @@ class VLLMEngine:
         check_request_template(request.body)
         if request.endpoint in ("responses", "responses_input_tokens") and serving.responses is not None:
             vllm_stored.check_previous(serving, request.body.get("previous_response_id"))
+            vllm_conversation.check_call_outputs(serving.responses, request.body)
             if serving.responses.tool_server is None:
                 check_builtin_tools(request.body, self._config.name)
         if prompt_param == "messages" or request.endpoint == "completion":

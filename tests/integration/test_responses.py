@@ -149,6 +149,11 @@ def test_a_follow_up_on_a_tool_call_carries_the_call(client: openai.OpenAI) -> N
                 result]
     counted = client.responses.input_tokens.count(model=VLLM_MODEL, input=explicit, tools=[tool])  # type: ignore[arg-type,list-item]
     assert follow_up.usage is not None and follow_up.usage.input_tokens == counted.input_tokens
+    # An output no call before it asked for is refused, as OpenAI refuses it (vLLM rendered it).
+    stray = {**result, "call_id": "call_nobody_made"}
+    with pytest.raises(openai.BadRequestError, match="call_nobody_made") as refused:
+        client.responses.create(model=VLLM_MODEL, input=[stray], previous_response_id=first.id, max_output_tokens=2)  # type: ignore[list-item]
+    assert refused.value.body["param"] == "input"  # type: ignore[index]
 
 
 def test_mistakes_are_openai_shaped_4xx(http: httpx.Client) -> None:

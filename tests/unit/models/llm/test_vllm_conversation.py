@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from openai.types.responses import ResponseFunctionToolCall
 
+from gateway.errors import InvalidRequestError
 from models.llm import vllm_conversation
 
 
@@ -152,3 +153,30 @@ async def test_a_follow_up_keeps_the_previous_responses_tool_calls() -> None:
     called = options["previous_messages"][1]
     assert called["role"] == "assistant" and called["tool_calls"][0]["id"] == "call_1"
     assert called["tool_calls"][0]["function"] == {"name": "weather", "arguments": '{"c": "Oslo"}'}
+
+
+def _keeping(output: list[Any], messages: list[Any]) -> Any:
+    return SimpleNamespace(
+        response_store={"resp_1": SimpleNamespace(output=output)}, msg_store={"resp_1": messages}
+    )
+
+
+def test_a_call_output_needs_a_call_before_it() -> None:
+    answered = {"type": "function_call_output", "call_id": "call_9", "output": "22C"}
+    with pytest.raises(InvalidRequestError, match="call_id call_9") as refused:
+        vllm_conversation.check_call_outputs(_keeping([], []), {"input": [user(2), answered]})
+    assert refused.value.param == "input"
+    call = {"type": "function_call", "call_id": "call_9", "name": "f", "arguments": "{}"}
+    vllm_conversation.check_call_outputs(_keeping([], []), {"input": [call, answered]})
+    with pytest.raises(InvalidRequestError):  # a call after its output answers nothing before it
+        vllm_conversation.check_call_outputs(_keeping([], []), {"input": [answered, call]})
+
+
+def test_a_call_in_the_previous_conversation_answers_for_an_output() -> None:
+    answered = {"type": "function_call_output", "call_id": "call_9", "output": "22C"}
+    body = {"input": [answered], "previous_response_id": "resp_1"}
+    vllm_conversation.check_call_outputs(_keeping([SimpleNamespace(call_id="call_9")], []), body)
+    earlier = [{"role": "assistant", "tool_calls": [{"id": "call_9", "type": "function"}]}]
+    vllm_conversation.check_call_outputs(_keeping([], earlier), body)
+    with pytest.raises(InvalidRequestError):
+        vllm_conversation.check_call_outputs(_keeping([SimpleNamespace(call_id="call_1")], []), body)
