@@ -71,3 +71,40 @@ def check_builtin_tools(body: Mapping[str, Any], model: str) -> None:
                 param=f"tools[{at}].type",
                 code="unsupported_parameter",
             )
+
+
+def check_anthropic_tools(body: Mapping[str, Any]) -> None:
+    """Refuses (400, in Anthropic's words) what Anthropic's API refuses and
+    vLLM's Messages layer served: two tools of one name (vLLM kept both, and a
+    call could mean either), a ``tool_choice`` that asks for a call with no
+    ``tools`` (answered as plain text), and a ``tool_result`` block whose
+    ``tool_use_id`` no ``tool_use`` of the assistant message before it has
+    (rendered as an answer to nothing)."""
+    tools = body.get("tools")
+    names = [tool.get("name") for tool in tools if isinstance(tool, dict)] if isinstance(tools, list) else []
+    if len(set(names)) < len(names):
+        raise InvalidRequestError("tools: Tool names must be unique.", param="tools")
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") in ("any", "tool") and not tools:
+        raise InvalidRequestError(
+            f"tool_choice: `{choice.get('type')}` asks for a tool call, but no `tools` were given.",
+            param="tool_choice",
+        )
+    messages = body.get("messages")
+    asked: set[Any] = set()  # the tool_use ids of the assistant message before
+    for at, message in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(message, dict):
+            continue  # vLLM's schema refuses it
+        content = message.get("content")
+        blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+        if message.get("role") == "user":
+            for place, block in enumerate(blocks):
+                if block.get("type") == "tool_result" and block.get("tool_use_id") not in asked:
+                    raise InvalidRequestError(
+                        f"messages.{at}.content.{place}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{block.get('tool_use_id')}. Each `tool_result` block must have a corresponding "
+                        "`tool_use` block in the previous message.",
+                        param=f"messages[{at}].content[{place}].tool_use_id",
+                    )
+        is_assistant = message.get("role") == "assistant"
+        asked = {b.get("id") for b in blocks if b.get("type") == "tool_use"} if is_assistant else set()

@@ -46,7 +46,7 @@ from models.llm.prompt_checks import (
     check_prompt_ids,
     check_token_ids,
 )
-from models.llm.tool_checks import check_builtin_tools, check_tool_calls
+from models.llm.tool_checks import check_anthropic_tools, check_builtin_tools, check_tool_calls
 from models.log_handlers import handlers_kept
 
 if TYPE_CHECKING:
@@ -250,6 +250,8 @@ class VLLMEngine:
                 check_builtin_tools(request.body, self._config.name)
         if prompt_param == "messages" or request.endpoint == "completion":
             check_not_empty(request.body, prompt_param)
+        if request.endpoint in ("messages", "messages_count"):
+            check_anthropic_tools(request.body)
         if request.endpoint == "messages":
             check_prefill(request.body)
         elif prompt_param == "input":

@@ -147,6 +147,15 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
     turns = [{"role": "system", "content": "Be brief."}, *ASK]
     told = claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=turns)  # type: ignore[arg-type]
     assert told.usage.input_tokens > claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK).input_tokens
+    # Tools as Anthropic checks them: a result answering no tool_use of the message before, twin names.
+    weather = {"name": "weather", "input_schema": {"type": "object", "properties": {}}}
+    stray = [*ASK, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "22C"}]}]
+    with pytest.raises(anthropic.BadRequestError, match="unexpected `tool_use_id`"):
+        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=stray, tools=[weather])  # type: ignore[arg-type,list-item]
+    with pytest.raises(anthropic.BadRequestError, match="Tool names must be unique"):
+        claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK, tools=[weather, weather])  # type: ignore[list-item]
+    with pytest.raises(anthropic.BadRequestError, match="no `tools`"):
+        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=ASK, tool_choice={"type": "any"})
 
 
 def test_an_alias_routes_by_metadata_user_id_and_sticks(claude: anthropic.Anthropic) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import InvalidRequestError
 from models.llm import vllm_compat
-from models.llm.tool_checks import check_builtin_tools, check_tool_calls
+from models.llm.tool_checks import check_anthropic_tools, check_builtin_tools, check_tool_calls
 
 TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
 CLAUDE_TOOL = {"name": "weather", "input_schema": {"type": "object", "properties": {}}}
@@ -104,3 +104,30 @@ def test_tools_vllm_renders_and_no_tools_pass() -> None:
     # vLLM renders each of them as a function (so none is dropped unsaid).
     parsed = ResponsesRequest.model_validate({"model": "m", "input": "hi", "tools": tools})
     assert len(get_function_tools(parsed.tools)) == len(tools)
+
+
+ASKED = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}]}
+ANSWERED = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "22C"}]}
+
+
+def test_a_tool_result_answering_the_tool_use_before_it_passes() -> None:
+    check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [{"role": "user", "content": "Hi"}, ASKED, ANSWERED]})
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"tools": [CLAUDE_TOOL, CLAUDE_TOOL]}, "tools", "Tool names must be unique"),
+        ({"tool_choice": {"type": "any"}}, "tool_choice", "no `tools`"),
+        ({"tool_choice": {"type": "tool", "name": "weather"}, "tools": []}, "tool_choice", "no `tools`"),
+        ({"messages": [{"role": "user", "content": "Hi"}, ANSWERED]}, "messages[1].content[0].tool_use_id",
+         "unexpected `tool_use_id`"),
+        ({"messages": [ASKED, {"role": "user", "content": "Hi"}, ANSWERED]}, "messages[2].content[0].tool_use_id",
+         "in the previous message"),
+    ],
+    ids=["duplicate-names", "any-without-tools", "tool-without-tools", "no-tool-use", "not-the-previous-message"],
+)
+def test_what_anthropic_refuses_of_tools_is_refused_in_its_words(body: dict[str, Any], param: str, words: str) -> None:
+    with pytest.raises(InvalidRequestError, match=words) as refused:
+        check_anthropic_tools(body)
+    assert refused.value.param == param
