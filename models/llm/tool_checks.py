@@ -15,6 +15,7 @@ A ``tool_choice`` of "none" is served as vLLM serves it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -108,3 +109,57 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
                     )
         is_assistant = message.get("role") == "assistant"
         asked = {b.get("id") for b in blocks if b.get("type") == "tool_use"} if is_assistant else set()
+
+
+def check_tool_schemas(endpoint: str, body: Mapping[str, Any]) -> None:
+    """Refuses (400, naming the schema's place) a function tool whose
+    parameters are not a JSON Schema of an object, as OpenAI and Anthropic
+    refuse them (OpenAI's code ``invalid_function_parameters``): vLLM took
+    any, and a grammar it could not make of one failed at generation."""
+    tools = body.get("tools")
+    for at, tool in enumerate(tools if isinstance(tools, list) else ()):
+        place = _schema_place(endpoint, tool, at)
+        if place is None:
+            continue
+        name, schema, param = place
+        problem = _schema_problem(schema)
+        if problem is None:
+            continue
+        if endpoint.startswith("messages"):
+            raise InvalidRequestError(f"tools.{at}.input_schema: {problem}", param=param)
+        raise InvalidRequestError(
+            f"Invalid schema for function '{name}': {problem}", param=param, code="invalid_function_parameters"
+        )
+
+
+def _schema_place(endpoint: str, tool: Any, at: int) -> tuple[Any, Any, str] | None:
+    """A tool's name, parameters schema and its place in the body; None where it has none to check."""
+    if not isinstance(tool, dict):
+        return None
+    if endpoint == "chat":
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("parameters"), dict):
+            return None
+        return function.get("name"), function["parameters"], f"tools[{at}].function.parameters"
+    if endpoint.startswith("responses") and tool.get("type") == "function" and isinstance(tool.get("parameters"), dict):
+        return tool.get("name"), tool["parameters"], f"tools[{at}].parameters"
+    if endpoint.startswith("messages") and isinstance(tool.get("input_schema"), dict):
+        return tool.get("name"), tool["input_schema"], f"tools[{at}].input_schema"
+    return None
+
+
+def _schema_problem(schema: dict[str, Any]) -> str | None:
+    """What makes ``schema`` no JSON Schema of an object; None when it is one
+    (or says no ``type``: a function of no parameters may send ``{}``)."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    kind = schema.get("type")
+    if kind is not None and kind != "object":
+        return f"schema must be a JSON Schema of 'type: \"object\"', got 'type: {json.dumps(kind)}'."
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        where = "/".join(str(part) for part in error.path)
+        return f"{error.message}{f' (at {where})' if where else ''}."
+    return None

@@ -46,7 +46,7 @@ from models.llm.prompt_checks import (
     check_prompt_ids,
     check_token_ids,
 )
-from models.llm.tool_checks import check_anthropic_tools, check_builtin_tools, check_tool_calls
+from models.llm.tool_checks import check_anthropic_tools, check_builtin_tools, check_tool_calls, check_tool_schemas
 from models.log_handlers import handlers_kept
 
 if TYPE_CHECKING:
@@ -241,21 +241,7 @@ class VLLMEngine:
         schema, create, prompt_param = endpoint
         # vLLM's schemas take fields they do not know and drop them.
         check_fields(request.endpoint, request.body, counted_fields(request.endpoint, _known_fields(schema)))
-        check_openai_metadata(request.endpoint, request.body)
-        check_request_template(request.body)
-        if request.endpoint in ("responses", "responses_input_tokens") and serving.responses is not None:
-            vllm_stored.check_previous(serving, request.body.get("previous_response_id"))
-            vllm_conversation.check_call_outputs(serving.responses, request.body)
-            if serving.responses.tool_server is None:
-                check_builtin_tools(request.body, self._config.name)
-        if prompt_param == "messages" or request.endpoint == "completion":
-            check_not_empty(request.body, prompt_param)
-        if request.endpoint in ("messages", "messages_count"):
-            check_anthropic_tools(request.body)
-        if request.endpoint == "messages":
-            check_prefill(request.body)
-        elif prompt_param == "input":
-            check_input(request.body)
+        self._check_body(request, prompt_param)
         try:
             parsed = vllm_errors.validated(schema, _with_request_id(request))
             if request.endpoint in budget_checks.GENERATING:
@@ -275,6 +261,27 @@ class VLLMEngine:
         if isinstance(result, serving.error_response):
             raise vllm_errors.map_error(result.model_dump(), prompt_param)
         return parsed, result
+
+    def _check_body(self, request: EngineRequest, prompt_param: str) -> None:
+        """Refuses, naming the field, what vLLM's schema would take and OpenAI's
+        or Anthropic's API refuses (see each check's module)."""
+        body, endpoint, serving = request.body, request.endpoint, self._vllm
+        check_openai_metadata(endpoint, body)
+        check_request_template(body)
+        check_tool_schemas(endpoint, body)
+        if prompt_param == "messages" or endpoint == "completion":
+            check_not_empty(body, prompt_param)
+        elif prompt_param == "input":
+            check_input(body)
+        if endpoint in ("responses", "responses_input_tokens") and serving.responses is not None:
+            vllm_stored.check_previous(serving, body.get("previous_response_id"))
+            vllm_conversation.check_call_outputs(serving.responses, body)
+            if serving.responses.tool_server is None:
+                check_builtin_tools(body, self._config.name)
+        if endpoint in ("messages", "messages_count"):
+            check_anthropic_tools(body)
+        if endpoint == "messages":
+            check_prefill(body)
 
     async def _input_tokens(self, request: EngineRequest) -> int:
         """The tokens of a Responses request's prompt, with its previous

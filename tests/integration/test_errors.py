@@ -505,3 +505,23 @@ def test_metadata_beyond_openais_bounds_is_refused_not_passed_on(http: httpx.Cli
     assert_error(http.post(path, json={**ask, "metadata": long}), 400, "string_above_max_length", "metadata.team")
     served = http.post(path, json={**ask, "metadata": {"team": "a" * 512}})
     assert served.status_code == 200, served.text
+
+
+@pytest.mark.parametrize(
+    ("path", "tools", "param"),
+    [
+        (CHAT, [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+         "tools[0].function.parameters"),
+        ("/v1/responses", [{"type": "function", "name": "f", "parameters": {"type": "objekt"}}], "tools[0].parameters"),
+    ],
+    ids=["chat-array", "responses-no-such-type"],
+)
+def test_tool_parameters_that_are_no_object_schema_are_refused_before_the_engine(
+    http: httpx.Client, path: str, tools: list[dict[str, object]], param: str
+) -> None:
+    """vLLM's own server takes them (and fails making a grammar of one when a call is forced)."""
+    prompt = {"input": "Hi", "max_output_tokens": 2} if path != CHAT else {"messages": HELLO, "max_tokens": 2}
+    error = assert_error(
+        http.post(path, json={"model": VLLM_MODEL, **prompt, "tools": tools}), 400, "invalid_function_parameters", param
+    )
+    assert error["message"].startswith("Invalid schema for function 'f': ")

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import InvalidRequestError
 from models.llm import vllm_compat
-from models.llm.tool_checks import check_anthropic_tools, check_builtin_tools, check_tool_calls
+from models.llm.tool_checks import check_anthropic_tools, check_builtin_tools, check_tool_calls, check_tool_schemas
 
 TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
 CLAUDE_TOOL = {"name": "weather", "input_schema": {"type": "object", "properties": {}}}
@@ -131,3 +131,35 @@ def test_what_anthropic_refuses_of_tools_is_refused_in_its_words(body: dict[str,
     with pytest.raises(InvalidRequestError, match=words) as refused:
         check_anthropic_tools(body)
     assert refused.value.param == param
+
+
+def _chat_tool(parameters: object) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "weather", "parameters": parameters}}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "tool", "param"),
+    [
+        ("chat", _chat_tool({"type": "array", "items": {}}), "tools[0].function.parameters"),
+        ("chat", _chat_tool({"type": "objekt"}), "tools[0].function.parameters"),
+        ("responses", {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": 5}},
+         "tools[0].parameters"),
+        ("messages", {"name": "weather", "input_schema": {"type": "string"}}, "tools[0].input_schema"),
+    ],
+    ids=["chat-array", "chat-no-such-type", "responses-bad-properties", "messages-string"],
+)
+def test_tool_parameters_that_are_no_object_schema_are_refused(endpoint: str, tool: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_tool_schemas(endpoint, {"tools": [tool]})
+    assert refused.value.param == param
+    if endpoint == "messages":
+        assert refused.value.message.startswith("tools.0.input_schema: schema must be a JSON Schema")
+    else:
+        assert refused.value.code == "invalid_function_parameters"
+        assert refused.value.message.startswith("Invalid schema for function 'weather': ")
+
+
+def test_object_schemas_and_tools_without_parameters_pass() -> None:
+    check_tool_schemas("chat", {"tools": [TOOL, _chat_tool({}), {"type": "function", "function": {"name": "f"}}]})
+    check_tool_schemas("responses", {"tools": [{"type": "custom", "name": "apply_patch"}]})
+    check_tool_schemas("messages", {"tools": [CLAUDE_TOOL]})
