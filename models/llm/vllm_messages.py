@@ -60,9 +60,9 @@ def identified(convert: Callable[..., Any]) -> Callable[..., Any]:
 def prefilled(messages: list[Any]) -> bool:
     """Whether converted chat ``messages`` end with an assistant's text (not its tool calls) to continue."""
     last = messages[-1] if messages else None
-    return isinstance(last, dict) and last.get("role") == "assistant" and bool(last.get("content")) and not (
-        last.get("tool_calls")
-    )
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return False
+    return bool(last.get("content")) and not last.get("tool_calls")
 
 
 def whole_identified(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -81,14 +81,13 @@ def whole_body(message: dict[str, Any]) -> bytes:
     """A whole message's JSON body, with ``stop_sequence`` after ``stop_reason``
     (null where no stop sequence ended it): Anthropic's message always has
     the key, and vLLM's leaves it out with every other unset field."""
-    if "stop_sequence" not in message:
-        ordered: dict[str, Any] = {}
-        for key, value in message.items():
-            ordered[key] = value
-            if key == "stop_reason":
-                ordered["stop_sequence"] = None
-        message = {**ordered, "stop_sequence": None} if "stop_sequence" not in ordered else ordered
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    ordered: dict[str, Any] = {}
+    for key, value in message.items():
+        ordered[key] = value
+        if key == "stop_reason":
+            ordered.setdefault("stop_sequence", None)
+    ordered.setdefault("stop_sequence", None)
+    return json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def start_identified(event: str) -> str:
