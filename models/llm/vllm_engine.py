@@ -30,6 +30,7 @@ from models.llm import vllm_messages, vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
+from models.llm.format_checks import check_output_schema
 from models.llm.sampling_checks import (
     ANTHROPIC_RANGES,
     RANGES,
@@ -269,6 +270,7 @@ class VLLMEngine:
         check_openai_metadata(endpoint, body)
         check_request_template(body)
         check_tool_schemas(endpoint, body)
+        check_output_schema(endpoint, body)
         if prompt_param == "messages" or endpoint == "completion":
             check_not_empty(body, prompt_param)
         elif prompt_param == "input":

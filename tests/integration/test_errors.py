@@ -525,3 +525,11 @@ def test_tool_parameters_that_are_no_object_schema_are_refused_before_the_engine
         http.post(path, json={"model": VLLM_MODEL, **prompt, "tools": tools}), 400, "invalid_function_parameters", param
     )
     assert error["message"].startswith("Invalid schema for function 'f': ")
+
+
+def test_a_json_schema_format_without_its_schema_names_the_field(http: httpx.Client) -> None:
+    """vLLM's own server refused the chat one in its internals' words ('_backend': None ...)."""
+    body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}
+    error = assert_error(http.post(CHAT, json=body), 400, "missing_required_parameter", "response_format.json_schema.schema")
+    assert "_backend" not in error["message"]

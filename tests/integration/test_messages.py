@@ -156,6 +156,10 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
         claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK, tools=[weather, weather])  # type: ignore[list-item]
     with pytest.raises(anthropic.BadRequestError, match="no `tools`"):
         claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=ASK, tool_choice={"type": "any"})
+    # A JSON schema format without its schema: vLLM's own server answered unconstrained text.
+    unformed = {"output_config": {"format": {"type": "json_schema"}}}
+    with pytest.raises(anthropic.BadRequestError, match="output_config.format.schema"):
+        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=ASK, extra_body=unformed)
 
 
 def test_an_alias_routes_by_metadata_user_id_and_sticks(claude: anthropic.Anthropic) -> None:

@@ -1,0 +1,41 @@
+"""A structured output format that names a JSON schema and gives none:
+refused naming the missing field, before vLLM reads the request.
+
+- chat's ``response_format: {"type": "json_schema", "json_schema": {"name":
+  ...}}`` without ``schema``: vLLM refused it in the words of its own
+  internals ("You must use one kind of structured outputs constraint but none
+  are specified: {'json': None, ... '_backend': None ...}", no field named).
+- the Messages API's ``output_config.format`` of ``type: "json_schema"``
+  without ``schema``: vLLM answered unconstrained text, the format dropped
+  unsaid; Anthropic's API requires the schema.
+
+The Responses API's ``text.format`` is refused by vLLM's own schema, naming
+``text.format.schema`` already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.errors import InvalidRequestError
+
+
+def check_output_schema(endpoint: str, body: Mapping[str, Any]) -> None:
+    """Raises InvalidRequestError (400) for a JSON-schema output format without its schema."""
+    if endpoint == "chat":
+        fmt = body.get("response_format")
+        spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
+        if isinstance(spec, dict) and spec.get("schema") is None:
+            raise InvalidRequestError(
+                "Missing required parameter: 'response_format.json_schema.schema'.",
+                param="response_format.json_schema.schema",
+                code="missing_required_parameter",
+            )
+    elif endpoint.startswith("messages"):
+        config = body.get("output_config")
+        fmt = config.get("format") if isinstance(config, dict) else None
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and fmt.get("schema") is None:
+            raise InvalidRequestError(
+                "output_config.format.schema: Field required", param="output_config.format.schema"
+            )

@@ -1,0 +1,33 @@
+"""models/llm/format_checks.py: a JSON-schema output format without its schema, refused naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import InvalidRequestError
+from models.llm.format_checks import check_output_schema
+
+SCHEMA = {"type": "object", "properties": {}}
+
+
+def test_a_chat_json_schema_without_schema_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_output_schema("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
+    assert refused.value.param == "response_format.json_schema.schema"
+    assert refused.value.code == "missing_required_parameter"
+
+
+@pytest.mark.parametrize("endpoint", ["messages", "messages_count"])
+def test_a_messages_json_schema_format_without_schema_is_refused(endpoint: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_output_schema(endpoint, {"output_config": {"format": {"type": "json_schema"}}})
+    assert refused.value.param == "output_config.format.schema"
+
+
+def test_formats_with_their_schema_and_others_pass() -> None:
+    named = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    check_output_schema("chat", {"response_format": named})
+    check_output_schema("chat", {"response_format": {"type": "json_object"}})
+    check_output_schema("chat", {})
+    check_output_schema("messages", {"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}})
+    check_output_schema("messages", {"output_config": {"effort": "low"}})
