@@ -531,5 +531,6 @@ def test_a_json_schema_format_without_its_schema_names_the_field(http: httpx.Cli
     """vLLM's own server refused the chat one in its internals' words ('_backend': None ...)."""
     body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 2,
             "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}
-    error = assert_error(http.post(CHAT, json=body), 400, "missing_required_parameter", "response_format.json_schema.schema")
+    param = "response_format.json_schema.schema"
+    error = assert_error(http.post(CHAT, json=body), 400, "missing_required_parameter", param)
     assert "_backend" not in error["message"]
