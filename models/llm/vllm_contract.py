@@ -97,7 +97,11 @@ SCHEMA_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest", ("max_tokens",)),
     ("vllm.entrypoints.serve.lora.protocol", "LoadLoRAAdapterRequest", ("lora_name", "lora_path", "load_inplace")),
     ("vllm.entrypoints.serve.lora.protocol", "UnloadLoRAAdapterRequest", ("lora_name",)),
-    ("vllm.v1.metrics.stats", "RequestStateStats", ("arrival_time", "first_token_ts", "last_token_ts", "first_token_latency")),
+    (
+        "vllm.v1.metrics.stats",
+        "RequestStateStats",
+        ("arrival_time", "first_token_ts", "last_token_ts", "first_token_latency"),
+    ),
 )
 
 # Attributes set in a constructor (module, class, names), read from its source.

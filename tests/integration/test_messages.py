@@ -70,7 +70,8 @@ def test_a_prefill_is_continued_as_anthropic_continues_it(claude: anthropic.Anth
     with claude.messages.stream(model=VLLM_MODEL, messages=turns, max_tokens=6, extra_body=GREEDY) as stream:
         assert stream.get_final_text() == message.content[0].text
     with pytest.raises(anthropic.BadRequestError) as caught:
-        claude.messages.create(model=VLLM_MODEL, messages=[*ASK, {"role": "assistant", "content": "Sure, "}], max_tokens=2)
+        spaced = [*ASK, {"role": "assistant", "content": "Sure, "}]
+        claude.messages.create(model=VLLM_MODEL, messages=spaced, max_tokens=2)  # type: ignore[arg-type]
     assert "trailing whitespace" in caught.value.message
 
 
@@ -151,9 +152,12 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
     weather = {"name": "weather", "input_schema": {"type": "object", "properties": {}}}
     stray = [*ASK, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "22C"}]}]
     with pytest.raises(anthropic.BadRequestError, match="unexpected `tool_use_id`"):
-        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=stray, tools=[weather])  # type: ignore[arg-type,list-item]
+        claude.messages.create(
+            model=VLLM_MODEL, max_tokens=2, messages=stray, tools=[weather]  # type: ignore[arg-type,list-item]
+        )
     with pytest.raises(anthropic.BadRequestError, match="Tool names must be unique"):
-        claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK, tools=[weather, weather])  # type: ignore[list-item]
+        twins = [weather, weather]
+        claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK, tools=twins)  # type: ignore[arg-type]
     with pytest.raises(anthropic.BadRequestError, match="no `tools`"):
         claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=ASK, tool_choice={"type": "any"})
     # A JSON schema format without its schema: vLLM's own server answered unconstrained text.

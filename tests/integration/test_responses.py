@@ -113,14 +113,16 @@ def test_truncation_auto_drops_the_oldest_items_until_the_conversation_fits(clie
     said = {"role": "assistant", "content": first.output_text}
     budget = VLLM_CONTEXT - count([long, said, long]) + 8
     follow_up = client.responses.create(
-        model=VLLM_MODEL, input=[long], previous_response_id=first.id, max_output_tokens=budget,  # type: ignore[arg-type]
-        truncation="auto",
+        model=VLLM_MODEL, input=[long], previous_response_id=first.id,  # type: ignore[arg-type]
+        max_output_tokens=budget, truncation="auto",
     )
     assert follow_up.usage is not None and follow_up.usage.input_tokens == count([long])
     # Beyond the window by itself, with a budget of one token: measured whole,
     # not as the prompt vLLM's own truncation would have cut to the window.
     beyond = [long, long, long, {"role": "user", "content": "And?"}]
-    one = client.responses.create(model=VLLM_MODEL, input=beyond, max_output_tokens=1, truncation="auto")  # type: ignore[arg-type]
+    one = client.responses.create(
+        model=VLLM_MODEL, input=beyond, max_output_tokens=1, truncation="auto"  # type: ignore[arg-type]
+    )
     assert one.usage is not None and one.usage.input_tokens == count(beyond[1:])
 
 
@@ -133,8 +135,8 @@ def test_a_follow_up_on_a_tool_call_carries_the_call(client: openai.OpenAI) -> N
     tool = {"type": "function", "name": "weather", "strict": True, "parameters": schema}
     asked = "What's the weather in Paris?"
     first = client.responses.create(
-        model=VLLM_MODEL, input=asked, tools=[tool], tool_choice="required", max_output_tokens=200,  # type: ignore[list-item]
-        temperature=0,
+        model=VLLM_MODEL, input=asked, tools=[tool], tool_choice="required",  # type: ignore[list-item]
+        max_output_tokens=200, temperature=0,
     )
     calls = [item for item in first.output if item.type == "function_call"]
     assert calls, first.output
@@ -147,12 +149,17 @@ def test_a_follow_up_on_a_tool_call_carries_the_call(client: openai.OpenAI) -> N
     explicit = [{"role": "user", "content": asked},
                 {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
                 result]
-    counted = client.responses.input_tokens.count(model=VLLM_MODEL, input=explicit, tools=[tool])  # type: ignore[arg-type,list-item]
+    counted = client.responses.input_tokens.count(
+        model=VLLM_MODEL, input=explicit, tools=[tool]  # type: ignore[arg-type,list-item]
+    )
     assert follow_up.usage is not None and follow_up.usage.input_tokens == counted.input_tokens
     # An output no call before it asked for is refused, as OpenAI refuses it (vLLM rendered it).
     stray = {**result, "call_id": "call_nobody_made"}
     with pytest.raises(openai.BadRequestError, match="call_nobody_made") as refused:
-        client.responses.create(model=VLLM_MODEL, input=[stray], previous_response_id=first.id, max_output_tokens=2)  # type: ignore[list-item]
+        client.responses.create(
+            model=VLLM_MODEL, input=[stray], previous_response_id=first.id,  # type: ignore[list-item]
+            max_output_tokens=2,
+        )
     assert refused.value.body["param"] == "input"  # type: ignore[index]
 
 
