@@ -163,3 +163,31 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
         where = "/".join(str(part) for part in error.path)
         return f"{error.message}{f' (at {where})' if where else ''}."
     return None
+
+
+def check_named_choice(body: Mapping[str, Any]) -> None:
+    """Refuses (400, naming ``tool_choice.name``) a Responses API
+    ``tool_choice`` naming a tool that ``tools`` does not have: vLLM's words
+    for it name the type, "Tool choice 'function' not found", whatever the
+    name. A namespace's function may be named by its own name or its
+    flattened one (vLLM resolves which)."""
+    choice = body.get("tool_choice")
+    if not isinstance(choice, dict) or choice.get("type") not in ("function", "custom"):
+        return
+    name = choice.get("name")
+    if not isinstance(name, str) or not name:
+        return  # vLLM's schema refuses it
+    from vllm.tool_parsers.utils import flat_namespace_tool_name
+
+    tools = body.get("tools")
+    names: set[Any] = set()
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict):
+            continue
+        names.add(tool.get("name"))
+        inners = (tool.get("tools") or ()) if tool.get("type") == "namespace" else ()
+        for inner in inners:
+            if isinstance(inner, dict) and isinstance(inner.get("name"), str) and isinstance(tool.get("name"), str):
+                names.update((inner["name"], flat_namespace_tool_name(tool["name"], inner["name"])))
+    if name not in names:
+        raise InvalidRequestError(f"Tool choice '{name}' not found in 'tools' parameter.", param="tool_choice.name")

@@ -41,6 +41,7 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (_RESPONSES, "OpenAIServingResponses.create_responses", ("request",)),
     (_RESPONSES, "OpenAIServingResponses._render_resolved_response_inputs", ("request", "prev_response")),
     ("vllm.entrypoints.openai.responses.utils", "construct_chat_messages_with_tool_call", ("input_messages",)),
+    ("vllm.tool_parsers.utils", "flat_namespace_tool_name", ("namespace", "name")),
     (
         "vllm.renderers.online_renderer",
         "OnlineRenderer.render_responses",

@@ -25,8 +25,8 @@ from gateway.config import lora
 from gateway.errors import ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, check_openai_metadata, counted_fields
-from models.llm import budget_checks, compact_json, vllm_compat, vllm_conversation, vllm_errors, vllm_lora
-from models.llm import vllm_messages, vllm_stored, vllm_streams
+from models.llm import budget_checks, compact_json, tool_checks, vllm_compat, vllm_conversation, vllm_errors
+from models.llm import vllm_lora, vllm_messages, vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
@@ -47,7 +47,6 @@ from models.llm.prompt_checks import (
     check_prompt_ids,
     check_token_ids,
 )
-from models.llm.tool_checks import check_anthropic_tools, check_builtin_tools, check_tool_calls, check_tool_schemas
 from models.log_handlers import handlers_kept
 
 if TYPE_CHECKING:
@@ -251,7 +250,9 @@ class VLLMEngine:
                 check_budget_fits(*budget_checks.budget_field(request.endpoint, parsed), serving.max_model_len)
                 ranges = ANTHROPIC_RANGES if request.endpoint == "messages" else RANGES
                 check_sampling(parsed, budget_checks.budget(request.endpoint, parsed), ranges)
-                check_tool_calls(request.endpoint, request.body, parsed, self._config.name, self._calls_tools)
+                tool_checks.check_tool_calls(
+                    request.endpoint, request.body, parsed, self._config.name, self._calls_tools
+                )
                 if request.endpoint == "completion":
                     check_prompt_ids(parsed.prompt, self._largest_token)
             elif request.endpoint == "detokenize":
@@ -269,7 +270,7 @@ class VLLMEngine:
         body, endpoint, serving = request.body, request.endpoint, self._vllm
         check_openai_metadata(endpoint, body)
         check_request_template(body)
-        check_tool_schemas(endpoint, body)
+        tool_checks.check_tool_schemas(endpoint, body)
         check_output_schema(endpoint, body)
         if prompt_param == "messages" or endpoint == "completion":
             check_not_empty(body, prompt_param)
@@ -279,9 +280,10 @@ class VLLMEngine:
             vllm_stored.check_previous(serving, body.get("previous_response_id"))
             vllm_conversation.check_call_outputs(serving.responses, body)
             if serving.responses.tool_server is None:
-                check_builtin_tools(body, self._config.name)
+                tool_checks.check_builtin_tools(body, self._config.name)
+            tool_checks.check_named_choice(body)
         if endpoint in ("messages", "messages_count"):
-            check_anthropic_tools(body)
+            tool_checks.check_anthropic_tools(body)
         if endpoint == "messages":
             check_prefill(body)
 

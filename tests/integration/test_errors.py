@@ -534,3 +534,12 @@ def test_a_json_schema_format_without_its_schema_names_the_field(http: httpx.Cli
     param = "response_format.json_schema.schema"
     error = assert_error(http.post(CHAT, json=body), 400, "missing_required_parameter", param)
     assert "_backend" not in error["message"]
+
+
+def test_a_named_tool_choice_without_that_tool_names_it(http: httpx.Client) -> None:
+    """vLLM's own words name the type: "Tool choice 'function' not found in 'tools' parameter."."""
+    body = {"model": VLLM_MODEL, "input": "Hi", "max_output_tokens": 2,
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}],
+            "tool_choice": {"type": "function", "name": "weather"}}
+    error = assert_error(http.post("/v1/responses", json=body), 400, None, "tool_choice.name")
+    assert error["message"] == "Tool choice 'weather' not found in 'tools' parameter."

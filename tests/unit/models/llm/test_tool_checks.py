@@ -9,7 +9,13 @@ import pytest
 
 from gateway.errors import InvalidRequestError
 from models.llm import vllm_compat
-from models.llm.tool_checks import check_anthropic_tools, check_builtin_tools, check_tool_calls, check_tool_schemas
+from models.llm.tool_checks import (
+    check_anthropic_tools,
+    check_builtin_tools,
+    check_named_choice,
+    check_tool_calls,
+    check_tool_schemas,
+)
 
 TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
 CLAUDE_TOOL = {"name": "weather", "input_schema": {"type": "object", "properties": {}}}
@@ -163,3 +169,20 @@ def test_object_schemas_and_tools_without_parameters_pass() -> None:
     check_tool_schemas("chat", {"tools": [TOOL, _chat_tool({}), {"type": "function", "function": {"name": "f"}}]})
     check_tool_schemas("responses", {"tools": [{"type": "custom", "name": "apply_patch"}]})
     check_tool_schemas("messages", {"tools": [CLAUDE_TOOL]})
+
+
+NAMESPACE = {"type": "namespace", "name": "ns", "description": "d", "tools": [{"type": "function", "name": "g"}]}
+
+
+@pytest.mark.parametrize("tools", [None, [], [{"type": "function", "name": "f"}], [NAMESPACE]])
+def test_a_named_tool_choice_without_that_tool_is_refused_naming_it(tools: object) -> None:
+    with pytest.raises(InvalidRequestError, match="Tool choice 'weather' not found") as refused:
+        check_named_choice({"tools": tools, "tool_choice": {"type": "function", "name": "weather"}})
+    assert refused.value.param == "tool_choice.name"
+
+
+@pytest.mark.parametrize("name", ["f", "apply_patch", "g", "ns__g"])
+def test_a_named_tool_choice_of_a_given_tool_passes(name: str) -> None:
+    tools = [{"type": "function", "name": "f"}, {"type": "custom", "name": "apply_patch"}, NAMESPACE]
+    check_named_choice({"tools": tools, "tool_choice": {"type": "function", "name": name}})
+    check_named_choice({"tools": tools, "tool_choice": "required"})
