@@ -75,40 +75,55 @@ class HandoffPort:
     ) -> socket.socket | bool:
         """What the ingress makes of the ticket it was given: the client's
         socket; True when it relays the stream itself (``RELAY_OWN``); False
-        when it left (or sent anything else)."""
+        when it left (or sent anything else).
+
+        A relay connection that ends without ``LEFT`` lost its ingress, not
+        its client: a socket the ingress sent before it died is the stream's
+        even when the end is seen first, or in the same turn of the loop."""
         said = asyncio.ensure_future(reader.read(1))
         either: set[asyncio.Future[Any]] = {waiter, said}
         try:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if not said.done() and (waiter.cancelled() or waiter.exception() is not None):
                 await said  # the port closed: the ingress's send failed, it says so here
+            if not waiter.done() and _ended(said):
+                self._take_queued()  # the socket it sent last may be in the port's queue still
         finally:
             self.forget(ticket)
             said.cancel()
             await asyncio.wait({said})
-        left = said.done() and not said.cancelled() and (said.exception() is not None or said.result() != relay.RELAY_OWN)
+        answer = None if not said.done() or said.cancelled() or said.exception() is not None else said.result()
         if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-            if left:
+            if answer not in (None, b"", relay.RELAY_OWN):  # its client left
                 waiter.result().close()
                 return False
             return waiter.result()
-        return not left and not said.cancelled()
+        return answer == relay.RELAY_OWN
+
+    def _take_queued(self) -> None:
+        """Takes every socket already sent to the port, as the loop would at its next turns."""
+        if self._listener is not None:
+            self._accept()
+        for peer in list(self._peers):
+            self._receive(peer)
 
     def _accept(self) -> None:
+        """Accepts every connection waiting: one per socket to be handed over."""
         assert self._listener is not None
-        try:
-            peer, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        _pid, uid, _gid = _CREDENTIALS.unpack(
-            peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
-        )
-        if uid != os.getuid():
-            peer.close()
-            return
-        peer.setblocking(False)
-        self._peers.add(peer)
-        asyncio.get_running_loop().add_reader(peer.fileno(), self._receive, peer)
+        while True:
+            try:
+                peer, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            _pid, uid, _gid = _CREDENTIALS.unpack(
+                peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+            )
+            if uid != os.getuid():
+                peer.close()
+                continue
+            peer.setblocking(False)
+            self._peers.add(peer)
+            asyncio.get_running_loop().add_reader(peer.fileno(), self._receive, peer)
 
     def _receive(self, peer: socket.socket) -> None:
         try:
@@ -128,6 +143,11 @@ class HandoffPort:
                 os.close(fd)
             return
         waiter.set_result(socket.socket(fileno=fds[0]))
+
+
+def _ended(said: asyncio.Future[bytes]) -> bool:
+    """Whether the relay connection ended (or broke) without a word from the ingress."""
+    return said.done() and not said.cancelled() and (said.exception() is not None or not said.result())
 
 
 class ClientSocket:

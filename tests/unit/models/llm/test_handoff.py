@@ -143,6 +143,40 @@ async def test_the_ingress_hands_over_its_socket_as_the_decision() -> None:
             handed.close()
 
 
+@pytest.mark.parametrize("taken", [True, False], ids=["socket taken", "socket still queued"])
+async def test_a_socket_sent_by_an_ingress_that_died_at_once_carries_the_stream_on(taken: bool) -> None:
+    # Its relay connection ends without LEFT (the process died, not the client) in the same
+    # turn of the replica's loop as its socket is taken, or before the port has taken it.
+    async with started_port() as (port, address):
+        ticket, waiter = port.ticket()
+        reader = asyncio.StreamReader()
+        with client_pair() as (ours, theirs):
+            await hand_over(address, ticket, ours.fileno())
+            if taken:
+                await asyncio.wait({waiter}, timeout=2)
+                assert waiter.done()
+            reader.feed_eof()
+            handed = await asyncio.wait_for(port.decision(ticket, waiter, reader), 2)
+            assert isinstance(handed, socket.socket)
+            ours.close()  # the dead ingress's copy
+            with handed:
+                handed.send(b"from the replica")
+            assert await readable_eof(theirs) == b"from the replica"
+
+
+async def test_a_socket_whose_client_left_before_the_decision_is_closed() -> None:
+    async with started_port() as (port, address):
+        ticket, waiter = port.ticket()
+        reader = asyncio.StreamReader()
+        with client_pair() as (ours, theirs):
+            await hand_over(address, ticket, ours.fileno())
+            await asyncio.wait({waiter}, timeout=2)
+            reader.feed_data(relay.LEFT)
+            assert await port.decision(ticket, waiter, reader) is False
+            ours.close()  # the ingress's copy: only the replica's could keep the connection open
+            assert await readable_eof(theirs) == b""
+
+
 async def test_a_stopping_port_tells_the_streams_still_waiting() -> None:
     port = HandoffPort()
     port.start()
