@@ -93,15 +93,39 @@ class Answers:
             error = ServiceUnavailableError("The model stopped while serving the request.")
         except TimeoutError:
             error = timed_out(timeout)
+        except asyncio.CancelledError:  # the client left (RelayResponse)
+            if not await _whole_all_the_same(stream):
+                raise
         finally:
             stream.close()  # at once, even where the client's hang-up left this unfinished
             record.handed_over = stream.handed_off
         if error is not None:
-            record.error, record.late_status = error.code, error.status_code
             await stream.released()  # a replica handed the client's socket writes no more
-            await sink.send(sse.stream_error(endpoint, error, sse.next_sequence_number(sink.last)))
-            return
+            if not stream.body_ended:
+                record.error, record.late_status = error.code, error.status_code
+                await sink.send(sse.stream_error(endpoint, error, sse.next_sequence_number(sink.last)))
+                return
+        if stream.body_ended:  # it ended the stream as the deadline came or the client left: the answer is whole
+            sink.ended_elsewhere()
         if stream.outcome is not None:
             if stream.outcome.error is not None:  # the model ended the stream with an error frame
                 record.error, record.late_status = stream.outcome.error, stream.outcome.error_status
             self.answered(record, stream.outcome)
+
+
+async def _whole_all_the_same(stream: RelayedStream) -> bool:
+    """Whether a stream whose client left had been answered whole: a replica
+    handed the client's socket ends the body itself, and a client that reads
+    it to the end may hang up before the ingress has heard of that end. Then
+    the stream is counted as answered (not as a hang-up), and its delivery
+    is no longer cancelled."""
+    if not stream.handed_off:
+        return False
+    stream.close()  # the replica, told, says how the stream ended
+    await stream.released()
+    if not stream.body_ended:
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True

@@ -11,8 +11,8 @@ parsed per token, and where the client's socket can be written at once
 callback, with no task woken and nothing awaited per read. Where the
 replica runs on this host, a stream of chat, completions or messages is
 not relayed at all: its replica is handed the client's socket and writes
-the stream there itself (``gateway.http.handoff``); the ingress writes the
-head and the last chunk, and counts the outcome. The replica itself
+the stream there itself, to the body's last chunk (``gateway.http.handoff``);
+the ingress writes the head and counts the outcome. The replica itself
 holds streams to its ``max_ongoing_requests`` and ``max_queued_requests``
 (``models.llm.relay``).
 """

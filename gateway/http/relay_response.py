@@ -34,6 +34,7 @@ class SocketSink:
         self._cycle = cycle
         self._transport = cycle.transport
         self.last = b""
+        self.whole = False
 
     def write(self, data: bytes) -> bool:
         if self._cycle.disconnected or self._transport.is_closing():
@@ -59,6 +60,15 @@ class SocketSink:
         sock = transport.get_extra_info("socket")
         return sock.fileno() if sock is not None else None
 
+    def ended_elsewhere(self) -> None:
+        # uvicorn then completes the response writing nothing: its body is
+        # unchunked with no length left (its next request may already be in).
+        self._cycle.chunked_encoding = False
+        self.whole = True
+
+    def last_on_connection(self) -> None:
+        self._cycle.keep_alive = False  # uvicorn closes the connection once the response is complete
+
 
 class AsgiSink:
     """The response body as ASGI messages, one per write (Serve's own proxy, tests)."""
@@ -68,6 +78,7 @@ class AsgiSink:
     def __init__(self, send: Any) -> None:
         self._send = send
         self.last = b""
+        self.whole = False
 
     def write(self, data: bytes) -> bool:
         raise RuntimeError("an ASGI body is sent, not written")
@@ -83,6 +94,12 @@ class AsgiSink:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     def socket_fd(self) -> int | None:
+        return None
+
+    def ended_elsewhere(self) -> None:
+        return None  # (never: an ASGI body has no socket to hand over)
+
+    def last_on_connection(self) -> None:
         return None
 
 
@@ -139,8 +156,10 @@ class RelayResponse(Response):
             # A bug: the client gets a cut-off stream (no final chunk), the log the cause.
             logger.error("relaying a stream failed", exc_info=relay_task.exception())
             return
-        if relay_task.cancelled() or hang_up.done():
+        if relay_task.cancelled() or (hang_up.done() and not sink.whole):
             return
+        # The end, written here unless the replica wrote it (``sink.whole``: the
+        # response completes all the same, even where its client has left since).
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -24,6 +24,8 @@ class ClientSink(Protocol):
     immediate: bool
     # The latest bytes written (a Responses error event is numbered after them).
     last: bytes
+    # The body was ended by the process the socket was handed to (``ended_elsewhere``).
+    whole: bool
 
     def write(self, data: bytes) -> bool:
         """Writes ``data`` to the client at once; False when the client is gone."""
@@ -40,6 +42,14 @@ class ClientSink(Protocol):
     def socket_fd(self) -> int | None:
         """The client's socket, when another process may write the rest of
         the body to it now (all written so far is sent); else None."""
+
+    def ended_elsewhere(self) -> None:
+        """The process the socket was handed to ended the body: the response
+        ends without another last chunk."""
+
+    def last_on_connection(self) -> None:
+        """The connection closes after this response (the process the socket
+        was handed to stopped without saying how far it wrote)."""
 
 
 _ENDED, _STALLED, _GONE = "ended", "stalled", "gone"
@@ -202,6 +212,7 @@ class RelayedStream:
         self._reader, self._writer, self._done = reader, writer, done
         self._ticket, self._address, self._first = ticket, address, first
         self.handed_off = False  # the replica writes to the client's socket
+        self.body_ended = False  # ... and it ended the body there (Outcome.body_ended)
         self._released: asyncio.Future[None] | None = None
         self._keep = keep  # takes the connection back once the stream has ended cleanly
         self._reusable = False
@@ -260,7 +271,7 @@ class RelayedStream:
                     return False  # the client left
                 fd = sink.socket_fd()
                 if fd is not None and await self._hand_over(fd):
-                    return await self._handed_over()
+                    return await self._handed_over(sink)
             self._relay_own()
             protocol = self._writer.transport.get_protocol()
             if sink.immediate and isinstance(protocol, RelayProtocol) and isinstance(self._reader, RelayReader):
@@ -314,13 +325,19 @@ class RelayedStream:
         self.handed_off = True
         return True
 
-    async def _handed_over(self) -> bool:
+    async def _handed_over(self, sink: ClientSink) -> bool:
         """Waits for the end of a stream the replica writes to the client;
         False when the client left."""
         with self._marking_cut():
             data = await self._reader.read(READ_BYTES)
             if not data.startswith(relay.END):  # b"": closed; else not a handed-over stream's answer
+                sink.last_on_connection()  # it may have ended the body before it stopped
                 raise StreamCutError("the replica's stream ended without its end mark")
+            # Nothing told it to stop: it ended the body (the outcome's
+            # body_ended), unless the client was gone. Either way nothing
+            # more is written to the client, whatever comes now.
+            self.body_ended = True
+            sink.ended_elsewhere()
             line, self._reusable = await outcome_line(self._reader, data[1:])
         self.outcome = relay.decode_outcome(line)
         return not self.outcome.client_left
@@ -361,6 +378,9 @@ class RelayedStream:
             released = self._released = asyncio.get_running_loop().create_future()
 
             def stopped(outcome: Outcome | None) -> None:
+                if outcome is not None and outcome.body_ended:
+                    # It ended as it was stopped: the client has the whole answer.
+                    self.outcome, self.body_ended = outcome, True
                 released.set_result(None)
                 if ended is not None:
                     ended(outcome)

@@ -68,7 +68,9 @@ class Outcome:
     ``error_status`` name the error that ended a stream after its first
     byte (its code and HTTP status), None for one that ended well.
     ``client_left``: a stream the replica wrote to the client's socket
-    itself (handed over) ended because the client was gone.
+    itself (handed over) ended because the client was gone. ``body_ended``:
+    such a stream ended and the replica wrote the body's last chunk too, so
+    the client has the whole answer before the ingress reads this.
     """
 
     prompt_tokens: int = 0
@@ -80,6 +82,7 @@ class Outcome:
     error: str | None = None
     error_status: int | None = None
     client_left: bool = False
+    body_ended: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,19 +35,21 @@ headers, and the first ``n`` bytes of the stream (the frames it had at
 once: the ingress writes them to the client itself), and waits. The
 ingress then either sends the ticket and its
 client's socket (``SCM_RIGHTS``) to that port, and the replica writes the
-stream to the client itself, each frame one HTTP chunk, closing its copy of
-the socket before ``END`` and the outcome, which still come over the relay
-connection; or it writes ``RELAY_OWN`` (one byte) on the relay connection,
-and the stream follows there as above. The tokens then cross one socket
-between the engine and HAProxy, as behind ``vllm serve``.
+stream to the client itself, each frame one HTTP chunk; a stream that ends
+(an error frame of its own included) ends the chunked body there too, with
+its last frame, as ``vllm serve`` does (the outcome's ``body_ended``). The
+replica closes its copy of the socket before ``END`` and the outcome, which
+still come over the relay connection; or the ingress writes ``RELAY_OWN``
+(one byte) on the relay connection, and the stream follows there as above.
+The tokens then cross one socket between the engine and the client, as
+behind ``vllm serve``.
 
 Closing the connection (or only its sending side) while an answer runs
 aborts the engine request; after a half-close the replica still writes
 ``END`` and the outcome (what was generated until then), then closes. An
 ingress that stops an answer writes ``LEFT`` (one byte) before it closes: a
 stream handed over whose connection ends without it lost its ingress (the
-process died), not its client, and goes on to its end, the replica ending
-the chunked body itself. A
+process died), not its client, and goes on to its end. A
 connection is never used for another request after such an abort, nor after
 a background response (its outcome follows when it has finished generating,
 and the replica closes after it).

@@ -152,9 +152,10 @@ def _ended(said: asyncio.Future[bytes]) -> bool:
 
 class ClientSocket:
     """The client's socket as a replica writes a stream to it: each write one
-    HTTP chunk of a chunked body (the ingress wrote the head and writes the
-    last chunk). Never reads, and never shuts the socket down unless bytes
-    were left unsent: the ingress still owns the connection."""
+    HTTP chunk of a chunked body (the ingress wrote the head), then the last
+    chunk once the stream has ended (``end``). Never reads, and never shuts
+    the socket down unless bytes were left unsent: the ingress still owns
+    the connection."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock  # non-blocking: the ingress's own socket, shared
@@ -202,15 +203,15 @@ class ClientSocket:
                 self._loop.remove_writer(self._sock.fileno())
             self._wake()
 
-    async def end(self) -> None:
-        """Ends the chunked body (the ingress's part, when it is gone) once
-        every chunk is sent; a client that left is let be."""
+    def end(self) -> None:
+        """Ends the chunked body after every chunk written, in the same send
+        as the last of them where it has not left yet: the client has the
+        whole answer as the stream's last frame reaches it, without waiting
+        for the ingress. ``drain`` waits for it to be sent."""
         if self._broken is None:
             if not self._backlog:
                 self._loop.call_soon(self._send)
             self._backlog += b"0\r\n\r\n"
-        with contextlib.suppress(ConnectionError):
-            await self.drain()
 
     def get_write_buffer_size(self) -> int:
         return len(self._backlog)

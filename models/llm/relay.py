@@ -313,8 +313,6 @@ class StreamServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
             if handed:
-                if orphaned and isinstance(out, ClientSocket) and not pump.cancelled() and pump.exception() is None:
-                    await out.end()  # the last chunk, which the ingress would have written
                 out.close()  # before END: the ingress may write to the client once it has it
         if orphaned:
             return False  # nobody is left to tell
@@ -328,6 +326,8 @@ class StreamServer:
             final = dataclasses.replace(final, error=ended.code, error_status=ended.status_code)
         if ended is False:  # the client's socket broke: the client left
             final = dataclasses.replace(final, client_left=True)
+        elif handed and ended is not None:  # _pump ended the body on the client's socket
+            final = dataclasses.replace(final, body_ended=True)
         writer.write(relay.END + relay.encode_outcome(final))
         await writer.drain()
         return keep and not hung_up
@@ -344,7 +344,8 @@ async def _pump(frames: _Frames, out: _Out, request: EngineRequest) -> GatewayEr
     """Writes the frames as they come; an error mid-stream ends the stream
     the endpoint's way (``gateway.sse.stream_error``) and is returned. False
     when ``out`` broke, True when the stream ended well and every byte is
-    written."""
+    written. On the client's socket (handed over) either end also ends the
+    chunked body, with the last frame."""
     failed: GatewayError
     buffered = out.transport.get_write_buffer_size if isinstance(out, asyncio.StreamWriter) else out.get_write_buffer_size
     try:
@@ -354,6 +355,8 @@ async def _pump(frames: _Frames, out: _Out, request: EngineRequest) -> GatewayEr
             out.write(frame)
             if buffered() > HIGH_WATER:
                 await out.drain()
+        if isinstance(out, ClientSocket):
+            out.end()
         await out.drain()
         return True
     except GatewayError as error:
@@ -367,6 +370,8 @@ async def _pump(frames: _Frames, out: _Out, request: EngineRequest) -> GatewayEr
         await _close(frames.rest, frames.pending)  # aborts the engine request if it had not ended
     try:
         out.write(sse.stream_error(request.endpoint, failed))
+        if isinstance(out, ClientSocket):
+            out.end()
         await out.drain()
     except ConnectionError:
         return False

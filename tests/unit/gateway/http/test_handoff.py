@@ -5,6 +5,7 @@ replica is handed the client's socket and writes to it itself, for real
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -56,11 +57,15 @@ async def test_the_replica_writes_the_stream_to_the_clients_socket_and_the_relay
     for _ in range(2):
         stream = await streams.open(CALL)
         with client_pair() as (ours, theirs):
-            assert await stream.pipe(ClientSocketSink(ours)) is True
-            assert stream.handed_off and stream.outcome == OUTCOME
+            sink = ClientSocketSink(ours)
+            assert await stream.pipe(sink) is True
+            assert stream.handed_off and stream.outcome == dataclasses.replace(OUTCOME, body_ended=True)
             ours.close()  # the ingress's copy: the replica closed its own before its outcome
             body = await readable_eof(theirs)
-        assert _unchunk(body + b"0\r\n\r\n") == b"".join(frames)
+        # The replica ended the body with the last frame: the ingress writes nothing more.
+        assert body.endswith(sse.DONE + b"\r\n0\r\n\r\n") and body.count(b"\r\n0\r\n\r\n") == 1
+        assert _unchunk(body) == b"".join(frames)
+        assert stream.body_ended and sink.whole and not sink.closes
     assert server.accepted == 1
 
 
@@ -68,7 +73,8 @@ async def test_a_replica_that_stops_mid_stream_is_reported_cut_after_whole_chunk
     server = frames_server([sse.frame({"n": i}) for i in range(1000)], gap_s=0.01)
     stream = await ReplicaRelay(Router(await server.start())).open(CALL)
     with client_pair() as (ours, theirs):
-        piping = asyncio.ensure_future(stream.pipe(ClientSocketSink(ours)))
+        sink = ClientSocketSink(ours)
+        piping = asyncio.ensure_future(stream.pipe(sink))
         first = await received_until(theirs, b"\n\n\r\n")
         await server.stop()
         with pytest.raises(StreamCutError):
@@ -76,8 +82,11 @@ async def test_a_replica_that_stops_mid_stream_is_reported_cut_after_whole_chunk
         await asyncio.wait_for(stream.released(), 0.1)  # its copy is closed: the ingress may write
         ours.close()
         rest = await readable_eof(theirs)
+    assert not (first + rest).endswith(b"0\r\n\r\n")  # a stopped stream's body is not ended
     body = _unchunk(first + rest + b"0\r\n\r\n")
     assert body.endswith(b"\n\n") and body.startswith(sse.frame({"n": 0}))
+    # The ingress cannot tell how far a replica that stopped got: the connection ends after its error frame.
+    assert sink.closes and not sink.whole and not stream.body_ended
 
 
 async def test_a_client_gone_mid_stream_is_told_apart_and_aborts_the_engine_request() -> None:
@@ -107,6 +116,7 @@ async def test_a_stream_stopped_by_the_ingress_is_released_once_the_replica_writ
         assert stream.handed_off
         await asyncio.wait_for(stream.released(), 2)
         assert aborted.is_set() and reported and reported[0] is not None
+        assert not reported[0].body_ended and not stream.body_ended  # stopped before its end: the ingress ends it
         ClientSocketSink(ours).write(b"data: the ingress's error frame\n\n")
         ours.close()
         body = _unchunk(await readable_eof(theirs) + b"0\r\n\r\n")
@@ -256,5 +266,5 @@ async def test_a_handed_over_stream_reaches_the_client_in_order_after_the_frames
     with client_pair() as (ours, theirs):
         assert await stream.pipe(ClientSocketSink(ours)) is True
         ours.close()
-        body = _unchunk(await readable_eof(theirs) + b"0\r\n\r\n")
-    assert body == b"".join(frames) and stream.handed_off
+        body = _unchunk(await readable_eof(theirs))
+    assert body == b"".join(frames) and stream.handed_off and stream.body_ended

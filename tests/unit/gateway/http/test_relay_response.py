@@ -5,8 +5,9 @@ replica port (models/llm/relay.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,9 +15,11 @@ import httpx
 import pytest
 
 from gateway import sse
+from gateway.http.answers import Answers
 from gateway.http.relay import ReplicaRelay
-from gateway.http.relay_stream import ClientSink, RelayedStream, StreamCutError
+from gateway.http.relay_stream import RelayedStream, StreamCutError
 from gateway.http.relay_response import AsgiSink, RelayResponse, SocketSink
+from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from models.llm.handoff import ClientSocket
@@ -50,20 +53,18 @@ def frames_server(
     return StreamServer(opener, "127.0.0.1", handoff=handoff)
 
 
-def delivering(stream: RelayedStream, piped: list[bool]) -> Callable[[ClientSink], Awaitable[None]]:
-    async def deliver(sink: ClientSink) -> None:
-        piped.append(await stream.pipe(sink))
-
-    return deliver
-
-
 @asynccontextmanager
 async def uvicorn_serving(
-    streams: ReplicaRelay, opened: list[RelayedStream], piped: list[bool], cors: bool = False
+    streams: ReplicaRelay,
+    opened: list[RelayedStream],
+    records: list[RequestRecord],
+    cors: bool = False,
+    timeout_s: float | None = None,
 ) -> AsyncIterator[str]:
-    """A real uvicorn whose route relays a stream of ``streams``, as the
-    gateway's ingress does behind Serve's HAProxy front door (with the CORS
-    middleware, which wraps ``send`` in a ``functools.partial``, when ``cors``)."""
+    """A real uvicorn whose route relays a stream of ``streams`` as the
+    gateway's ingress answers it (``Answers.streamed``, each request's
+    record in ``records``, its deadline ``timeout_s`` away), with the CORS
+    middleware, which wraps ``send`` in a ``functools.partial``, when ``cors``."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -74,7 +75,10 @@ async def uvicorn_serving(
     async def endpoint(request: Request) -> RelayResponse:
         stream = await streams.open(CALL)
         opened.append(stream)
-        return RelayResponse(delivering(stream, piped), {"x-gateway-variant": "m"}, closed=stream.close)
+        records.append(RequestRecord(CALL.request_id, "/s", 0.0))
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        headers = {"x-gateway-variant": "m"}
+        return Answers(GatewayMetrics()).streamed(stream, "chat", records[-1], headers, deadline, timeout_s)
 
     middleware = [Middleware(CORSMiddleware, allow_origins=["https://page.example"])] if cors else []
     app = Starlette(routes=[Route("/s", endpoint)], middleware=middleware)
@@ -107,8 +111,8 @@ async def test_under_uvicorn_each_read_goes_straight_to_the_clients_socket(
     frames = [sse.frame({"n": i}) for i in range(20)] + [sse.DONE]
     server = frames_server(frames, gap_s=0.001, handoff=handoff)
     opened: list[RelayedStream] = []
-    piped: list[bool] = []
-    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, piped, cors) as url:
+    records: list[RequestRecord] = []
+    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, records, cors) as url:
         async with httpx.AsyncClient() as client:
             for _ in range(2):
                 response = await client.get(url)
@@ -116,8 +120,12 @@ async def test_under_uvicorn_each_read_goes_straight_to_the_clients_socket(
                 assert response.headers["transfer-encoding"] == "chunked"
                 assert response.headers["content-type"] == sse.MEDIA_TYPE
                 assert response.headers["x-gateway-variant"] == "m"
-    assert piped == [True, True]
-    assert [stream.outcome for stream in opened] == [OUTCOME, OUTCOME]
+        # Handed over, the client has the whole body before the ingress has read the stream's
+        # outcome, and here leaves at once: each is counted as answered all the same.
+        await until(lambda: all(record.outcome is not None for record in records))
+    outcome = dataclasses.replace(OUTCOME, body_ended=handoff)  # the replica ended the body it wrote
+    assert [stream.outcome for stream in opened] == [outcome, outcome]
+    assert [(record.outcome, record.error) for record in records] == [(outcome, None), (outcome, None)]
     assert [stream.handed_off for stream in opened] == [handoff, handoff]
     assert server.accepted == 1  # the relay connection was kept for the second stream
 
@@ -135,6 +143,73 @@ async def test_under_uvicorn_a_hang_up_aborts_the_engine_stream_at_once(handoff:
         await asyncio.wait_for(aborted.wait(), timeout=2)
     assert opened[0].outcome is None
     assert opened[0].handed_off is handoff
+
+
+async def read_to_the_end(url: str) -> bytes:
+    """A stream read to its last chunk, on a connection kept for more, then closed at once."""
+    port = int(url.split(":")[2].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 5)
+    writer.close()
+    return answer
+
+
+def outcome_late(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
+    """The replica says how a handed-over stream ended ``delay_s`` after it
+    ended the client's body (a busy replica's loop, or a slow relay)."""
+    from models.llm import relay as replica_relay
+
+    stop_watching = replica_relay.stop_watching
+
+    async def late(hang_up: asyncio.Task[bytes]) -> bool:
+        await asyncio.sleep(delay_s)
+        return await stop_watching(hang_up)
+
+    monkeypatch.setattr(replica_relay, "stop_watching", late)
+
+
+async def test_a_client_that_leaves_once_the_replica_has_ended_its_body_was_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client has the whole answer before the ingress hears how it
+    ended: it hanging up then is no hang-up. Counted as answered."""
+    outcome_late(monkeypatch, 0.3)
+    frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
+    aborted = asyncio.Event()
+    opened: list[RelayedStream] = []
+    records: list[RequestRecord] = []
+    server = frames_server(frames, aborted=aborted)
+    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, records) as url:
+        answer = await read_to_the_end(url)
+        assert not opened[0].body_ended  # the client left before the ingress heard of the end
+        await until(lambda: records[0].outcome is not None)
+    assert _unchunk(answer.partition(b"\r\n\r\n")[2]) == b"".join(frames)
+    assert records[0].outcome == dataclasses.replace(OUTCOME, body_ended=True) and records[0].error is None
+    assert opened[0].handed_off and not aborted.is_set()
+
+
+async def test_a_deadline_that_comes_once_the_replica_has_ended_the_body_writes_no_error_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    outcome_late(monkeypatch, 0.3)
+    frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
+    opened: list[RelayedStream] = []
+    records: list[RequestRecord] = []
+    async with uvicorn_serving(
+        ReplicaRelay(Router(await frames_server(frames).start())), opened, records, timeout_s=0.15
+    ) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):  # the connection stays good for the next request
+            writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 5)
+            assert _unchunk(answer.partition(b"\r\n\r\n")[2]) == b"".join(frames)
+            await until(lambda: records[-1].outcome is not None)
+        await asyncio.sleep(0.05)
+        assert not reader._buffer  # type: ignore[attr-defined]  # nothing written after either body's end
+        writer.close()
+    assert [(record.error, record.late_status) for record in records] == [(None, None), (None, None)]
 
 
 @pytest.mark.parametrize("handoff", [False, True], ids=["relayed", "handed-over"])
@@ -170,7 +245,8 @@ async def test_under_uvicorn_a_client_that_reads_slowly_gets_every_byte(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower()
     assert _unchunk(body) == b"".join(frames)
-    assert opened[0].outcome == OUTCOME
+    assert body.endswith(b"\r\n0\r\n\r\n") and body.count(b"\r\n0\r\n\r\n") == 1  # ended once, by either
+    assert opened[0].outcome == dataclasses.replace(OUTCOME, body_ended=handoff)
     assert opened[0].handed_off is handoff
 
 
@@ -194,6 +270,7 @@ class Written:
         self.data: list[bytes] = []
         self.last = b""
         self._room = room
+        self.whole = self.closes = False  # the body ended by the replica; the connection's last response
 
     def write(self, data: bytes) -> bool:
         if len(self.data) >= self._room:
@@ -213,6 +290,12 @@ class Written:
 
     def socket_fd(self) -> int | None:
         return None
+
+    def ended_elsewhere(self) -> None:
+        self.whole = True
+
+    def last_on_connection(self) -> None:
+        self.closes = True
 
 
 @asynccontextmanager

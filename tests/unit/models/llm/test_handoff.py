@@ -270,3 +270,19 @@ async def test_closing_sends_what_was_written_and_keeps_the_connection() -> None
         ours.close()
         body = await readable_eof(theirs)
     assert body == b"c\r\ndata: last\n\n\r\n0\r\n\r\n"
+
+
+async def test_the_body_ends_in_the_same_send_as_the_last_chunk() -> None:
+    """The client has the whole answer as its last frame arrives, as from
+    ``vllm serve``: no wait for the ingress to end the body."""
+    with client_pair() as (ours, theirs):
+        counted = CountedSocket(fileno=os.dup(ours.fileno()))
+        client = ClientSocket(counted)
+        client.write(b"data: [DONE]\n\n")
+        client.end()
+        await client.drain()
+        assert counted.sends == 1
+        client.close()
+        ours.close()
+        body = await readable_eof(theirs)
+    assert body == b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
