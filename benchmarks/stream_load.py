@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ class Sample:
     ttft_s: float
     gaps_s: list[float]
     tokens: int
+    end_s: float  # from the last frame's arrival to the body's end (when the client is done)
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Figures:
     tokens_per_s: float
     ttft_ms: tuple[float, float]  # p50, p99
     itl_ms: tuple[float, float]
+    end_ms: float = float("nan")  # p50 of Sample.end_s (this repository's client only)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Result:
             sum(s.tokens for s in self.samples) / self.wall_s,
             (quantile(ttft, 0.5) * 1000, quantile(ttft, 0.99) * 1000),
             (quantile(gaps, 0.5) * 1000, quantile(gaps, 0.99) * 1000),
+            quantile([s.end_s for s in self.samples], 0.5) * 1000,
         )
 
 
@@ -73,6 +77,7 @@ async def one_stream(client: aiohttp.ClientSession, url: str, max_tokens: int, i
     started = time.perf_counter()
     arrivals: list[float] = []
     buffer = b""
+    done = started
     async with client.post(url, json=body) as response:
         response.raise_for_status()
         async for raw in response.content.iter_any():
@@ -82,14 +87,16 @@ async def one_stream(client: aiohttp.ClientSession, url: str, max_tokens: int, i
             for frame in frames:
                 data = frame.removeprefix(b"data: ")
                 if data == b"[DONE]":
+                    done = now
                     continue
                 for choice in json.loads(data).get("choices", []):
                     if choice.get("delta", {}).get("content"):
                         arrivals.append(now)
+        ended = time.perf_counter()  # the body's end: the stream is over for its client
     if not arrivals:
         raise RuntimeError("stream produced no tokens")
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return Sample(ttft_s=arrivals[0] - started, gaps_s=gaps, tokens=len(arrivals))
+    return Sample(ttft_s=arrivals[0] - started, gaps_s=gaps, tokens=len(arrivals), end_s=ended - done)
 
 
 def _session(concurrency: int, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
@@ -181,4 +188,5 @@ def describe(f: Figures) -> str:
     return (
         f"{f.client:<11} c={f.concurrency:<3}{f.tokens_per_s:7.0f} tok/s  TTFT p50 {f.ttft_ms[0]:6.1f} ms "
         f"p99 {f.ttft_ms[1]:6.1f} ms  ITL p50 {f.itl_ms[0]:5.1f} ms p99 {f.itl_ms[1]:5.1f} ms"
+        + ("" if math.isnan(f.end_ms) else f"  [DONE] to end p50 {f.end_ms:.3f} ms")
     )

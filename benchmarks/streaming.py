@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import statistics
@@ -335,6 +336,7 @@ def _median_figures(runs: list[Figures]) -> Figures:
         med([f.tokens_per_s for f in runs]),
         (med([f.ttft_ms[0] for f in runs]), med([f.ttft_ms[1] for f in runs])),
         (med([f.itl_ms[0] for f in runs]), med([f.itl_ms[1] for f in runs])),
+        med([f.end_ms for f in runs]),
     )
 
 
@@ -376,7 +378,9 @@ def _print_ratios(label: str, pairs: list[tuple[Figures, Figures]]) -> None:
     print(f"{f.client:<11}c={f.concurrency:<3}{label:<9} "
           f"tok/s {spread(ratios, '{:.2f}x')}{_mean_and_error(ratios)}, "
           f"TTFT p50 added {spread([g.ttft_ms[0] - d.ttft_ms[0] for d, g in pairs], '{:+.1f} ms')}, "
-          f"ITL p99 {spread([g.itl_ms[1] / d.itl_ms[1] for d, g in pairs], '{:.2f}x')}")
+          f"ITL p99 {spread([g.itl_ms[1] / d.itl_ms[1] for d, g in pairs], '{:.2f}x')}"
+          + ("" if math.isnan(f.end_ms) else
+             f", [DONE] to end added {spread([g.end_ms - d.end_ms for d, g in pairs], '{:+.2f} ms')}"))
 
 
 def _mean_and_error(ratios: list[float]) -> str:
