@@ -101,7 +101,7 @@ class Answers:
             record.handed_over = stream.handed_off
         if error is not None:
             await stream.released()  # a replica handed the client's socket writes no more
-            if not stream.body_ended:
+            if not stream.delivered:  # (a deadline that came after the stream's last byte is no error)
                 record.error, record.late_status = error.code, error.status_code
                 await sink.send(sse.stream_error(endpoint, error, sse.next_sequence_number(sink.last)))
                 return

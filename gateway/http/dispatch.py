@@ -30,7 +30,7 @@ from gateway.http.endpoints import ENDPOINTS
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
 from gateway.http.plan import plan
-from gateway.http.relay_stream import BACKGROUND_OUTCOME_S
+from gateway.http.relay_outcome import BACKGROUND_OUTCOME_S
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.http.stored import allowed_llms, holder, holding, input_items_query, retrieve_query
 from gateway.leaving import CallerLeft, unless_caller_leaves

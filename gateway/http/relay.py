@@ -32,14 +32,8 @@ from gateway.http import handoff
 from gateway.http.handoff import ENDPOINTS as HANDOFF_ENDPOINTS
 from gateway.http.replica_lookup import BoundedLookUp
 from gateway.http.relay_connection import ConnectionPool, connect
-from gateway.http.relay_stream import (
-    BACKGROUND_OUTCOME_S,
-    RelayedStream,
-    abandon,
-    outcome_after,
-    outcome_line,
-    read_answer,
-)
+from gateway.http.relay_outcome import BACKGROUND_OUTCOME_S, OutcomeLine, abandon, outcome_after, read_answer
+from gateway.http.relay_stream import RelayedStream
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 
@@ -138,6 +132,7 @@ class ReplicaRelay:
             try:
                 reader, writer, _ = await self._request(call, address, abandoned=abandoned)
                 handed_off = False
+                past_end: OutcomeLine | None = None
                 try:
                     body, rest = await read_answer(reader)
                     if rest is not None and later is not None:
@@ -145,13 +140,15 @@ class ReplicaRelay:
                         handed_off = True
                         return Reply(body, Outcome())
                     if rest is not None:
-                        rest, reusable = await outcome_line(reader, rest)
+                        past_end = OutcomeLine(rest)
+                        rest, reusable = await past_end.line(reader)
                         if reusable:
                             self._pool.give(address, reader, writer)
                             handed_off = True
                 except asyncio.CancelledError:
                     if abandoned is not None:
-                        abandon(reader, writer, abandoned)  # it closes the connection
+                        # It closes the connection; an outcome half read is read on.
+                        abandon(reader, writer, abandoned, read=None if past_end is None else past_end.read)
                         handed_off = True
                     raise
                 finally:

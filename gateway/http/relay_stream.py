@@ -11,9 +11,9 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
-from gateway.http.background import in_background
 from gateway.http.handoff import hand_over
 from gateway.http.relay_connection import READ_BYTES, RelayProtocol, RelayReader, StreamCutError
+from gateway.http.relay_outcome import ABANDONED_OUTCOME_S, OutcomeLine, abandon
 from gateway.protocol import relay
 from gateway.protocol.engine import Outcome
 
@@ -66,7 +66,7 @@ class _Forward:
         self._protocol = protocol
         self._transport: Any = transport
         self._woken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.rest = b""  # what followed END in its read
+        self.past_end: OutcomeLine | None = None  # once END is read: what followed it in its read
         self.stalled = False
         self._cut: str | None = None
 
@@ -83,7 +83,7 @@ class _Forward:
         if end and not self._sink.write(data[:end]):
             self._wake(_GONE)
             return
-        self.rest = data[end + 1 :]
+        self.past_end = OutcomeLine(data[end + 1 :])
         self._wake(_ENDED)
 
     def cut(self, why: str) -> None:
@@ -110,80 +110,6 @@ class _Forward:
             self._protocol.forward = None  # anything further goes to the reader
         if not self._woken.done():
             self._woken.set_result(state)
-
-
-# How long an abandoned request's replica gets to report what it generated;
-# a background response's, what it generates until it ends.
-ABANDONED_OUTCOME_S = 5.0
-BACKGROUND_OUTCOME_S = 3600.0
-
-
-async def outcome_after(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    then: Callable[[Outcome | None], None],
-    wait_s: float = ABANDONED_OUTCOME_S,
-    read: bytes | None = None,
-) -> None:
-    """Reads what is left of an answer, up to its outcome (after ``read``, the
-    bytes past its ``END`` already read, if it was); ``then`` gets it (None:
-    the replica did not say within ``wait_s``)."""
-    outcome = None
-    try:
-        data = await asyncio.wait_for(reader.read(), wait_s)
-        if read is not None:
-            outcome = relay.decode_outcome(read + data)
-        elif (end := data.find(relay.END)) >= 0:
-            outcome = relay.decode_outcome(data[end + 1 :])
-    except (OSError, asyncio.TimeoutError, ValueError):
-        pass
-    finally:
-        writer.close()
-        then(outcome)
-
-
-def abandon(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    then: Callable[[Outcome | None], None],
-    wait_s: float = ABANDONED_OUTCOME_S,
-) -> None:
-    """Tells the replica the caller left (half-closing the connection: the
-    engine request is aborted, unless it runs in the background) and hands
-    ``then`` what it generated."""
-    try:
-        writer.write(relay.LEFT)  # (a connection that only ends means the ingress died: ``relay.LEFT``)
-        writer.write_eof()
-    except OSError:
-        writer.close()
-        then(None)
-        return
-    in_background(outcome_after(reader, writer, then, wait_s))
-
-
-async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes | None]:
-    """A whole answer's body, and what followed its ``END`` so far (None:
-    the connection closed before ``END``)."""
-    parts: list[bytes] = []
-    while data := await reader.read(READ_BYTES):
-        end = data.find(relay.END)
-        if end >= 0:
-            parts.append(data[:end])
-            return b"".join(parts), data[end + 1 :]
-        parts.append(data)
-    return b"".join(parts), None
-
-
-async def outcome_line(reader: asyncio.StreamReader, read: bytes) -> tuple[bytes, bool]:
-    """The outcome that follows ``END`` (``read``: its bytes read so far), and
-    whether the connection may carry another request: the outcome's line
-    ended with its newline and nothing followed."""
-    while (newline := read.find(b"\n")) < 0:
-        data = await reader.read(READ_BYTES)
-        if not data:
-            return read, False  # the replica closed after it
-        read += data
-    return read[:newline], newline == len(read) - 1
 
 
 class RelayedStream:
@@ -216,6 +142,7 @@ class RelayedStream:
         self._released: asyncio.Future[None] | None = None
         self._keep = keep  # takes the connection back once the stream has ended cleanly
         self._reusable = False
+        self._past_end: OutcomeLine | None = None  # once the stream's END is read
         self.outcome: Outcome | None = None
         self._closed = False
         self._cut = False
@@ -247,7 +174,7 @@ class RelayedStream:
                     continue
                 if end:
                     yield data[:end]
-                line, self._reusable = await outcome_line(reader, data[end + 1 :])
+                line, self._reusable = await self._outcome_line(reader, data[end + 1 :])
                 self.outcome = relay.decode_outcome(line)
                 return
             self._cut = True
@@ -299,13 +226,19 @@ class RelayedStream:
                     forward.resume()
                 if state == _GONE:
                     return False
-                line, self._reusable = await outcome_line(reader, forward.rest)
+                assert forward.past_end is not None
+                line, self._reusable = await forward.past_end.line(reader)
         finally:
+            self._past_end = forward.past_end  # also when END was read and then the wait cut short
             protocol.forward = None
             if forward.stalled:
                 transport.resume_reading()  # type: ignore[attr-defined]
         self.outcome = relay.decode_outcome(line)
         return True
+
+    async def _outcome_line(self, reader: asyncio.StreamReader, read: bytes) -> tuple[bytes, bool]:
+        self._past_end = OutcomeLine(read)
+        return await self._past_end.line(reader)
 
     def _relay_own(self) -> None:
         """Tells a replica that offered a handoff to send the stream here."""
@@ -338,7 +271,7 @@ class RelayedStream:
             # more is written to the client, whatever comes now.
             self.body_ended = True
             sink.ended_elsewhere()
-            line, self._reusable = await outcome_line(self._reader, data[1:])
+            line, self._reusable = await self._outcome_line(self._reader, data[1:])
         self.outcome = relay.decode_outcome(line)
         return not self.outcome.client_left
 
@@ -354,12 +287,24 @@ class RelayedStream:
             self._cut = True
             raise StreamCutError(str(exc)) from exc
 
+    @property
+    def delivered(self) -> bool:
+        """Whether the client has been given the whole stream: the replica
+        ended its body (handed over), or every byte of it up to its ``END``
+        has been passed on here (an outcome still on its way may be awaited
+        with ``released``)."""
+        return self.body_ended or (not self.handed_off and self._past_end is not None)
+
     async def released(self) -> None:
         """Returns once the replica writes no more to the client's socket (a
-        stream handed over and left early: once it has said what it
-        generated, or given up waiting for that)."""
+        stream handed over and left early) and the outcome of a stream left
+        after its ``END`` is in: once the replica has said what it generated,
+        or given up waiting for that."""
         if self._released is not None:
             await asyncio.shield(self._released)
+
+    def _read_past_end(self) -> bytes | None:
+        return None if self._past_end is None else self._past_end.read
 
     def close(self) -> None:
         """Closes the connection, which aborts the engine request if the stream
@@ -373,23 +318,24 @@ class RelayedStream:
         left, self._left = self._left, None
         if left is not None and self.outcome is None and not self._cut:
             left()
-        if self.handed_off and self.outcome is None and not self._cut:
-            # The replica writes to the client until it has stopped the stream.
+        if self.outcome is None and not self._cut and (self.handed_off or self._past_end is not None):
+            # The replica writes to the client until it has stopped the stream
+            # (handed over), or had sent all of it and its outcome is on its way.
             released = self._released = asyncio.get_running_loop().create_future()
 
             def stopped(outcome: Outcome | None) -> None:
-                if outcome is not None and outcome.body_ended:
-                    # It ended as it was stopped: the client has the whole answer.
-                    self.outcome, self.body_ended = outcome, True
+                if outcome is not None and (outcome.body_ended or not self.handed_off):
+                    # It ended as it was stopped, or before: the client has the whole answer.
+                    self.outcome, self.body_ended = outcome, self.body_ended or outcome.body_ended
                 released.set_result(None)
                 if ended is not None:
                     ended(outcome)
 
-            abandon(self._reader, self._writer, stopped, self.outcome_wait_s)
+            abandon(self._reader, self._writer, stopped, self.outcome_wait_s, self._read_past_end())
             return
         if ended is not None and self.outcome is None and not self._cut:
             # Left early: half-close, so the replica still says what it generated.
-            abandon(self._reader, self._writer, ended, self.outcome_wait_s)
+            abandon(self._reader, self._writer, ended, self.outcome_wait_s, self._read_past_end())
             return
         if self._reusable and self._keep is not None:
             self._keep(self._reader, self._writer)

@@ -1,0 +1,96 @@
+"""The end of an answer on a connection to an LLM replica: its outcome, the
+line that follows its ``END``, read whole even when its caller stops
+waiting for it (the client left, or its deadline passed)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from gateway.http.background import in_background
+from gateway.http.relay_connection import READ_BYTES
+from gateway.protocol import relay
+from gateway.protocol.engine import Outcome
+
+# How long an abandoned request's replica gets to report what it generated;
+# a background response's, what it generates until it ends.
+ABANDONED_OUTCOME_S = 5.0
+BACKGROUND_OUTCOME_S = 3600.0
+
+
+async def outcome_after(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    then: Callable[[Outcome | None], None],
+    wait_s: float = ABANDONED_OUTCOME_S,
+    read: bytes | None = None,
+) -> None:
+    """Reads what is left of an answer, up to its outcome (after ``read``, the
+    bytes past its ``END`` already read, if it was); ``then`` gets it (None:
+    the replica did not say within ``wait_s``)."""
+    outcome = None
+    try:
+        data = await asyncio.wait_for(reader.read(), wait_s)
+        if read is None and (end := data.find(relay.END)) >= 0:
+            read, data = data[end + 1 :], b""
+        if read is not None:
+            outcome = relay.decode_outcome((read + data).partition(b"\n")[0])
+    except (OSError, asyncio.TimeoutError, ValueError):
+        pass
+    finally:
+        writer.close()
+        then(outcome)
+
+
+def abandon(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    then: Callable[[Outcome | None], None],
+    wait_s: float = ABANDONED_OUTCOME_S,
+    read: bytes | None = None,
+) -> None:
+    """Tells the replica the caller left (half-closing the connection: the
+    engine request is aborted, unless it runs in the background) and hands
+    ``then`` what it generated (``read``: the bytes past its ``END``, when the
+    caller had read that far)."""
+    try:
+        writer.write(relay.LEFT)  # (a connection that only ends means the ingress died: ``relay.LEFT``)
+        writer.write_eof()
+    except OSError:
+        writer.close()
+        then(None)
+        return
+    in_background(outcome_after(reader, writer, then, wait_s, read))
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes | None]:
+    """A whole answer's body, and what followed its ``END`` so far (None:
+    the connection closed before ``END``)."""
+    parts: list[bytes] = []
+    while data := await reader.read(READ_BYTES):
+        end = data.find(relay.END)
+        if end >= 0:
+            parts.append(data[:end])
+            return b"".join(parts), data[end + 1 :]
+        parts.append(data)
+    return b"".join(parts), None
+
+
+class OutcomeLine:
+    """The outcome that follows an answer's ``END``, read up to its newline.
+    ``read`` holds what has been read of it so far: a caller that stops
+    waiting for the rest (its client left, its deadline passed) hands it on
+    (``abandon``), and the outcome is still known."""
+
+    def __init__(self, read: bytes) -> None:
+        self.read = read
+
+    async def line(self, reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+        """The outcome's line, and whether the connection may carry another
+        request: the line ended with its newline and nothing followed."""
+        while (newline := self.read.find(b"\n")) < 0:
+            data = await reader.read(READ_BYTES)
+            if not data:
+                return self.read, False  # the replica closed after it
+            self.read += data
+        return self.read[:newline], newline == len(self.read) - 1

@@ -1,0 +1,155 @@
+"""gateway/http/relay_outcome.py: an answer's outcome is known even when
+its caller stops waiting halfway through the outcome's line (a deadline, a
+client that leaves), over a real connection to a replica that sends the
+line in two parts."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+
+from gateway import sse
+from gateway.http.relay import ReplicaRelay
+from gateway.http.relay_stream import RelayedStream
+from gateway.metrics.recorder import RequestRecord
+from gateway.protocol import relay
+from gateway.protocol.engine import EngineRequest, Outcome
+from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router
+from tests.unit.gateway.http.test_handoff import ClientSocketSink
+from tests.unit.gateway.http.test_relay_connection import until
+from tests.unit.gateway.http.test_relay_response import Written, _unchunk, frames_server, uvicorn_serving
+from tests.unit.models.llm.test_handoff import client_pair, readable_eof
+
+
+async def split_outcome_replica(answer: bytes, rest_sent: asyncio.Event) -> tuple[relay.RelayAddress, Any]:
+    """A replica that writes ``answer`` (its head and body), ``END`` and the
+    first half of its outcome's line, then the other half once ``rest_sent``
+    is set, and closes when its caller does."""
+    line = relay.encode_outcome(OUTCOME)
+    half = len(line) // 2
+
+    async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(relay.parse_head(head).content_length())
+        writer.write(answer + relay.END + line[:half])
+        await writer.drain()
+        await rest_sent.wait()
+        writer.write(line[half:])
+        await writer.drain()
+        await reader.read()  # the caller's relay.LEFT, then its end
+        writer.close()
+
+    server = await asyncio.start_server(replica, "127.0.0.1", 0)
+    return relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t"), server
+
+
+async def holding_proxy(target: relay.RelayAddress, rest_sent: asyncio.Event) -> tuple[relay.RelayAddress, Any]:
+    """``target`` behind a TCP proxy that passes on what follows the replica's
+    ``END`` only up to half its outcome's line until ``rest_sent`` is set."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: bool) -> None:
+        held = b""
+        while data := await reader.read(65536):
+            if hold and (held or relay.END in data):
+                held += data
+                end = held.find(relay.END)
+                if (newline := held.find(b"\n", end)) < 0:
+                    continue
+                cut = end + 1 + (newline - end) // 2
+                writer.write(held[:cut])
+                await rest_sent.wait()
+                data, hold = held[cut:], False
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+
+    async def proxied(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        their_reader, their_writer = await asyncio.open_connection(target.host, target.port)
+        await asyncio.gather(pipe(reader, their_writer, False), pipe(their_reader, writer, True))
+        writer.close()
+        their_writer.close()
+
+    server = await asyncio.start_server(proxied, "127.0.0.1", 0)
+    return target._replace(port=server.sockets[0].getsockname()[1]), server
+
+
+@pytest.mark.parametrize("immediate", [True, False], ids=["forwarded", "sent"])
+async def test_a_stream_stopped_inside_its_outcome_line_still_reports_its_outcome(immediate: bool) -> None:
+    rest_sent = asyncio.Event()
+    frame = sse.frame({"n": 0}) + sse.DONE
+    address, server = await split_outcome_replica(relay.response_head(200, sse.MEDIA_TYPE) + frame, rest_sent)
+    stream = await ReplicaRelay(Router(address)).open(CALL)
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    stream.when_ended(reported.set_result)
+    sink = Written()
+    sink.immediate = immediate
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):  # as a model's request_timeout_s does, after the last frame
+            await stream.pipe(sink)
+    assert b"".join(sink.data) == frame and not reported.done()
+    assert stream.delivered  # every byte up to END passed on: the deadline cut short no answer
+    rest_sent.set()
+    assert await asyncio.wait_for(reported, 2) == OUTCOME
+    await asyncio.wait_for(stream.released(), 2)
+    assert stream.outcome == OUTCOME
+    server.close()
+
+
+async def test_a_whole_answer_abandoned_inside_its_outcome_line_still_reports_its_outcome() -> None:
+    rest_sent = asyncio.Event()
+    body = b'{"choices":[]}'
+    address, server = await split_outcome_replica(relay.response_head(200, "application/json") + body, rest_sent)
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(
+        ReplicaRelay(Router(address)).call(EngineRequest("chat", {"model": "m"}, "r", "m"), reported.set_result)
+    )
+    done, _ = await asyncio.wait({call}, timeout=0.2)  # waiting for the rest of the outcome's line
+    assert not done
+    call.cancel()
+    rest_sent.set()
+    assert await asyncio.wait_for(reported, 2) == OUTCOME
+    server.close()
+
+
+async def test_a_handed_over_stream_stopped_inside_its_outcome_line_still_reports_its_whole_answer() -> None:
+    rest_sent = asyncio.Event()
+    frames = [sse.frame({"n": i}) for i in range(3)] + [sse.DONE]
+    address, proxy = await holding_proxy(await frames_server(frames).start(), rest_sent)
+    stream = await ReplicaRelay(Router(address)).open(CALL)
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    stream.when_ended(reported.set_result)
+    with client_pair() as (ours, theirs):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):  # the deadline passes after the replica ended the body
+                await stream.pipe(ClientSocketSink(ours))
+        assert stream.handed_off and not reported.done()
+        rest_sent.set()
+        assert await asyncio.wait_for(reported, 2) == dataclasses.replace(OUTCOME, body_ended=True)
+        await asyncio.wait_for(stream.released(), 2)
+        assert stream.body_ended
+        ours.close()
+        assert (await readable_eof(theirs)).endswith(sse.DONE + b"\r\n0\r\n\r\n")
+    proxy.close()
+
+
+async def test_a_deadline_inside_a_relayed_streams_outcome_line_writes_no_error_after_its_last_frame() -> None:
+    rest_sent = asyncio.Event()
+    frames = [sse.frame({"n": i}) for i in range(3)] + [sse.DONE]
+    address, proxy = await holding_proxy(await frames_server(frames, handoff=False).start(), rest_sent)
+    opened: list[RelayedStream] = []
+    records: list[RequestRecord] = []
+    async with uvicorn_serving(ReplicaRelay(Router(address)), opened, records, timeout_s=0.15) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
+        asyncio.get_running_loop().call_later(0.3, rest_sent.set)  # a replica slow to say how it ended
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 5)
+        await until(lambda: records[0].outcome is not None)
+        writer.close()
+    assert _unchunk(answer.partition(b"\r\n\r\n")[2]) == b"".join(frames)  # no error frame after [DONE]
+    assert not opened[0].handed_off and records[0].outcome == OUTCOME
+    assert (records[0].error, records[0].late_status) == (None, None)
+    proxy.close()
