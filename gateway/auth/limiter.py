@@ -30,56 +30,28 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.auth.lease import Demand, Lease
-from gateway.auth.ledger import Decision, Limits, Refusal, Usage
+from gateway.auth.ledger import Decision, Limits, Usage
+from gateway.auth.limiter_wire import (
+    CONNECT_TIMEOUT_S,
+    READ_BYTES,
+    REPLY_TIMEOUT_S,
+    LimiterAddress,
+    decode_decision,
+)
 from gateway.auth.places import waits_for_place
 from gateway.auth.tickets import Ticket, Tickets
 from gateway.errors import ServiceUnavailableError
 from gateway.http.replica_lookup import BoundedLookUp
-from gateway.protocol.relay import RelayAddress
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "limiter"
-CONNECT_TIMEOUT_S = 2.0
-READ_BYTES = 256 * 1024
-REPLY_TIMEOUT_S = 2.0
-RECALL_WAIT_S = 0.5  # longest a request waits for other replicas' leases to come back
 RESTORE_RETRY_S = 0.2  # between tries to reach a new ledger, while requests it must learn are running
-RESTORE_GRACE_S = 1.0  # how long a new ledger waits for every replica to tell it what is in flight
 UNAVAILABLE = "Rate limits cannot be checked right now; please retry shortly."
 
 
 # Where the place of a request whose client left went (``LimiterClient.leave``).
 _BACK_TO_LEASE = "lease"  # into its open lease, to admit the key's next request from
 _IN_LEDGER = "ledger"  # the ledger counts it no more against the limit; freed when the request settles
-
-
-class LimiterAddress(RelayAddress):
-    """Where the ledger listens, and the token it asks for."""
-
-    @classmethod
-    def metadata_key(cls) -> str:
-        return METADATA_KEY
-
-
-def limits_of(data: list[int | None]) -> Limits:
-    return Limits(*data)
-
-
-def encode_decision(decision: Decision) -> dict[str, Any]:
-    refusal = decision.refusal
-    return {
-        "r": decision.reservation,
-        "usage": list(decision.usage.__dict__.values()),
-        "refusal": list(refusal.__dict__.values()) if refusal is not None else None,
-    }
-
-
-def decode_decision(data: dict[str, Any]) -> Decision:
-    refusal = data.get("refusal")
-    return Decision(
-        data.get("r"), Usage(*data["usage"]), Refusal(*refusal) if refusal is not None else None
-    )
 
 
 class LimiterClient:

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.auth.ledger import Ledger, Limits
 from gateway.auth.places import PlaceWaits
-from gateway.auth.limiter import (
+from gateway.auth.limiter_wire import (
     CONNECT_TIMEOUT_S,
     READ_BYTES,
     RECALL_WAIT_S,

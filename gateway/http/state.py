@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.auth.keys import ApiKey, KeyTable
-from gateway.auth.limiter import LimiterAddress, LimiterClient
+from gateway.auth.limiter import LimiterClient
+from gateway.auth.limiter_wire import LimiterAddress
 from gateway.auth.local import LocalLimiter
 from gateway.config import FrontDoorConfig, GatewayConfig, LLMModelConfig, ModelConfig
 from gateway.errors import GatewayError

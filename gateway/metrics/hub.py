@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.auth.limiter import LimiterAddress
+from gateway.auth.limiter_wire import LimiterAddress
 from gateway.auth.limiter_server import LimiterServer
 from gateway.metrics.engine_pages import EnginePages
 from gateway.metrics.engine_text import relabel

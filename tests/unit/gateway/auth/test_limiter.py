@@ -12,7 +12,8 @@ import pytest
 
 from gateway.auth import ledger, limiter, places
 from gateway.auth.ledger import Ledger, Limits, Usage
-from gateway.auth.limiter import LimiterAddress, LimiterClient
+from gateway.auth.limiter import LimiterClient
+from gateway.auth.limiter_wire import LimiterAddress
 from gateway.auth.local import LocalLimiter
 from gateway.auth.limiter_server import LimiterServer
 from gateway.errors import ServiceUnavailableError
