@@ -20,6 +20,7 @@ from gateway.protocol.engine import EngineRequest, Outcome
 from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router
 from tests.unit.gateway.http.test_handoff import ClientSocketSink
 from tests.unit.gateway.http.test_relay_connection import until
+from tests.unit.gateway.http.test_relay_segments import Passing, Proxy
 from tests.unit.gateway.http.test_relay_response import Written, _unchunk, frames_server, uvicorn_serving
 from tests.unit.models.llm.test_handoff import client_pair, readable_eof
 
@@ -46,12 +47,12 @@ async def split_outcome_replica(answer: bytes, rest_sent: asyncio.Event) -> tupl
     return relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t"), server
 
 
-async def holding_proxy(target: relay.RelayAddress, rest_sent: asyncio.Event) -> tuple[relay.RelayAddress, Any]:
-    """``target`` behind a TCP proxy that passes on what follows the replica's
-    ``END`` only up to half its outcome's line until ``rest_sent`` is set."""
+def holding(rest_sent: asyncio.Event) -> Passing:
+    """Passes bytes on, but of what follows the replica's ``END`` only up
+    to half its outcome's line until ``rest_sent`` is set."""
 
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: bool) -> None:
-        held = b""
+    async def passing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held, hold = b"", True
         while data := await reader.read(65536):
             if hold and (held or relay.END in data):
                 held += data
@@ -66,14 +67,7 @@ async def holding_proxy(target: relay.RelayAddress, rest_sent: asyncio.Event) ->
             await writer.drain()
         writer.write_eof()
 
-    async def proxied(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        their_reader, their_writer = await asyncio.open_connection(target.host, target.port)
-        await asyncio.gather(pipe(reader, their_writer, False), pipe(their_reader, writer, True))
-        writer.close()
-        their_writer.close()
-
-    server = await asyncio.start_server(proxied, "127.0.0.1", 0)
-    return target._replace(port=server.sockets[0].getsockname()[1]), server
+    return passing
 
 
 @pytest.mark.parametrize("immediate", [True, False], ids=["forwarded", "sent"])
@@ -117,7 +111,8 @@ async def test_a_whole_answer_abandoned_inside_its_outcome_line_still_reports_it
 async def test_a_handed_over_stream_stopped_inside_its_outcome_line_still_reports_its_whole_answer() -> None:
     rest_sent = asyncio.Event()
     frames = [sse.frame({"n": i}) for i in range(3)] + [sse.DONE]
-    address, proxy = await holding_proxy(await frames_server(frames).start(), rest_sent)
+    proxy = Proxy(await frames_server(frames).start(), holding(rest_sent))
+    address = await proxy.start()
     stream = await ReplicaRelay(Router(address)).open(CALL)
     reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
     stream.when_ended(reported.set_result)
@@ -138,7 +133,8 @@ async def test_a_handed_over_stream_stopped_inside_its_outcome_line_still_report
 async def test_a_deadline_inside_a_relayed_streams_outcome_line_writes_no_error_after_its_last_frame() -> None:
     rest_sent = asyncio.Event()
     frames = [sse.frame({"n": i}) for i in range(3)] + [sse.DONE]
-    address, proxy = await holding_proxy(await frames_server(frames, handoff=False).start(), rest_sent)
+    proxy = Proxy(await frames_server(frames, handoff=False).start(), holding(rest_sent))
+    address = await proxy.start()
     opened: list[RelayedStream] = []
     records: list[RequestRecord] = []
     async with uvicorn_serving(ReplicaRelay(Router(address)), opened, records, timeout_s=0.15) as url:
