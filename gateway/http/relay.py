@@ -32,7 +32,14 @@ from gateway.http import handoff
 from gateway.http.handoff import ENDPOINTS as HANDOFF_ENDPOINTS
 from gateway.http.replica_lookup import BoundedLookUp
 from gateway.http.relay_connection import ConnectionPool, connect
-from gateway.http.relay_outcome import BACKGROUND_OUTCOME_S, OutcomeLine, abandon, outcome_after, read_answer
+from gateway.http.relay_outcome import (
+    BACKGROUND_OUTCOME_S,
+    OutcomeLine,
+    abandon,
+    outcome_after,
+    read_answer,
+    readable_outcome,
+)
 from gateway.http.relay_stream import RelayedStream
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
@@ -159,9 +166,10 @@ class ReplicaRelay:
                 continue
             finally:
                 self._done(address)
-            if rest is None:
+            outcome = None if rest is None else readable_outcome(rest)
+            if outcome is None:  # it closed before END, or inside the outcome's line
                 raise ServiceUnavailableError("The model stopped while serving the request.")
-            return Reply(body, relay.decode_outcome(rest))
+            return Reply(body, outcome)
         raise ServiceUnavailableError(_UNAVAILABLE)
 
     async def most_tokens(self, call: EngineRequest) -> int:

@@ -34,8 +34,8 @@ async def outcome_after(
         if read is None and (end := data.find(relay.END)) >= 0:
             read, data = data[end + 1 :], b""
         if read is not None:
-            outcome = relay.decode_outcome((read + data).partition(b"\n")[0])
-    except (OSError, asyncio.TimeoutError, ValueError):
+            outcome = readable_outcome((read + data).partition(b"\n")[0])
+    except (OSError, asyncio.TimeoutError):
         pass
     finally:
         writer.close()
@@ -94,3 +94,12 @@ class OutcomeLine:
                 return self.read, False  # the replica closed after it
             self.read += data
         return self.read[:newline], newline == len(self.read) - 1
+
+
+def readable_outcome(line: bytes) -> Outcome | None:
+    """The outcome on ``line``; None when it cannot be read (the replica
+    stopped inside it)."""
+    try:
+        return relay.decode_outcome(line)
+    except (ValueError, TypeError):
+        return None

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from gateway.http.handoff import hand_over
 from gateway.http.relay_connection import READ_BYTES, RelayProtocol, RelayReader, StreamCutError
-from gateway.http.relay_outcome import ABANDONED_OUTCOME_S, OutcomeLine, abandon
+from gateway.http.relay_outcome import ABANDONED_OUTCOME_S, OutcomeLine, abandon, readable_outcome
 from gateway.protocol import relay
 from gateway.protocol.engine import Outcome
 
@@ -175,7 +175,7 @@ class RelayedStream:
                 if end:
                     yield data[:end]
                 line, self._reusable = await self._outcome_line(reader, data[end + 1 :])
-                self.outcome = relay.decode_outcome(line)
+                self.outcome = self._decoded(line)
                 return
             self._cut = True
             raise StreamCutError("the replica closed the stream before its end")
@@ -233,8 +233,18 @@ class RelayedStream:
             protocol.forward = None
             if forward.stalled:
                 transport.resume_reading()  # type: ignore[attr-defined]
-        self.outcome = relay.decode_outcome(line)
+        self.outcome = self._decoded(line)
         return True
+
+    def _decoded(self, line: bytes) -> Outcome:
+        """The outcome on ``line``; a line cut short (the replica stopped
+        after the stream's last byte) or unreadable cuts the stream short
+        after its end: the client has it whole, how it ended is not known."""
+        outcome = readable_outcome(line)
+        if outcome is None:
+            self._cut = True
+            raise StreamCutError("the replica's outcome cannot be read")
+        return outcome
 
     async def _outcome_line(self, reader: asyncio.StreamReader, read: bytes) -> tuple[bytes, bool]:
         self._past_end = OutcomeLine(read)
@@ -272,7 +282,7 @@ class RelayedStream:
             self.body_ended = True
             sink.ended_elsewhere()
             line, self._reusable = await self._outcome_line(self._reader, data[1:])
-        self.outcome = relay.decode_outcome(line)
+        self.outcome = self._decoded(line)
         return not self.outcome.client_left
 
     @contextlib.contextmanager

@@ -286,6 +286,13 @@ def encode_outcome(outcome: Outcome) -> bytes:
 
 
 def decode_outcome(raw: bytes) -> Outcome:
+    """The outcome on a line ``encode_outcome`` wrote. Fields it does not know
+    (a replica of a newer version, while a model rolls over to it) are passed
+    over, and those the line lacks take their defaults; ValueError for a line
+    that is no outcome."""
     fields = json.loads(raw)
-    fields["inter_token_counts"] = tuple(fields.get("inter_token_counts") or ())
-    return Outcome(**fields)
+    if not isinstance(fields, dict):
+        raise ValueError("an outcome is a JSON object")
+    known = {name: fields[name] for name in _OUTCOME_FIELDS if name in fields}
+    known["inter_token_counts"] = tuple(known.get("inter_token_counts") or ())
+    return Outcome(**known)

@@ -9,9 +9,11 @@ import asyncio
 import dataclasses
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway import sse
+from gateway.errors import ServiceUnavailableError
 from gateway.http.relay import ReplicaRelay
 from gateway.http.relay_stream import RelayedStream
 from gateway.metrics.recorder import RequestRecord
@@ -41,6 +43,22 @@ async def split_outcome_replica(answer: bytes, rest_sent: asyncio.Event) -> tupl
         writer.write(line[half:])
         await writer.drain()
         await reader.read()  # the caller's relay.LEFT, then its end
+        writer.close()
+
+    server = await asyncio.start_server(replica, "127.0.0.1", 0)
+    return relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t"), server
+
+
+async def cut_outcome_replica(answer: bytes) -> tuple[relay.RelayAddress, Any]:
+    """A replica that writes ``answer`` (its head and body), ``END`` and half
+    its outcome's line, and then stops."""
+    line = relay.encode_outcome(OUTCOME)
+
+    async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(relay.parse_head(head).content_length())
+        writer.write(answer + relay.END + line[: len(line) // 2])
+        await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(replica, "127.0.0.1", 0)
@@ -149,3 +167,25 @@ async def test_a_deadline_inside_a_relayed_streams_outcome_line_writes_no_error_
     assert not opened[0].handed_off and records[0].outcome == OUTCOME
     assert (records[0].error, records[0].late_status) == (None, None)
     proxy.close()
+
+
+async def test_a_stream_whose_replica_stops_inside_its_outcome_line_ends_whole_for_its_client() -> None:
+    """Its last frame was sent: the client gets the body's end, not an error
+    frame after ``[DONE]``; how it ended is not known, so it is not counted."""
+    frames = [sse.frame({"n": i}) for i in range(3)] + [sse.DONE]
+    address, server = await cut_outcome_replica(relay.response_head(200, sse.MEDIA_TYPE) + b"".join(frames))
+    opened: list[RelayedStream] = []
+    records: list[RequestRecord] = []
+    async with uvicorn_serving(ReplicaRelay(Router(address)), opened, records) as url:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(url)
+    assert response.content == b"".join(frames) and opened[0].delivered
+    assert records[0].outcome is None and (records[0].error, records[0].late_status) == (None, None)
+    server.close()
+
+
+async def test_a_whole_answer_whose_replica_stops_inside_its_outcome_line_is_a_503() -> None:
+    address, server = await cut_outcome_replica(relay.response_head(200, "application/json") + b'{"choices":[]}')
+    with pytest.raises(ServiceUnavailableError):
+        await ReplicaRelay(Router(address)).call(EngineRequest("chat", {"model": "m"}, "r", "m"))
+    server.close()
