@@ -227,9 +227,10 @@ class RelayedStream:
                 if state == _GONE:
                     return False
                 assert forward.past_end is not None
+                self._past_end = forward.past_end
                 line, self._reusable = await forward.past_end.line(reader)
         finally:
-            self._past_end = forward.past_end  # also when END was read and then the wait cut short
+            self._past_end = forward.past_end  # also when END was read, and the wait cut short before this turn
             protocol.forward = None
             if forward.stalled:
                 transport.resume_reading()  # type: ignore[attr-defined]

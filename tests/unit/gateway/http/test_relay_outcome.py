@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,15 +23,15 @@ from gateway.protocol.engine import EngineRequest, Outcome
 from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router
 from tests.unit.gateway.http.test_handoff import ClientSocketSink
 from tests.unit.gateway.http.test_relay_connection import until
-from tests.unit.gateway.http.test_relay_segments import Passing, Proxy
+from tests.unit.gateway.http.test_relay_segments import Passing, Proxy, passed_as_is
 from tests.unit.gateway.http.test_relay_response import Written, _unchunk, frames_server, uvicorn_serving
 from tests.unit.models.llm.test_handoff import client_pair, readable_eof
 
 
-async def split_outcome_replica(answer: bytes, rest_sent: asyncio.Event) -> tuple[relay.RelayAddress, Any]:
+async def split_outcome_replica(answer: bytes) -> tuple[relay.RelayAddress, Any]:
     """A replica that writes ``answer`` (its head and body), ``END`` and the
-    first half of its outcome's line, then the other half once ``rest_sent``
-    is set, and closes when its caller does."""
+    first half of its outcome's line, and the other half only once its
+    caller has stopped waiting (``relay.LEFT``); then it closes."""
     line = relay.encode_outcome(OUTCOME)
     half = len(line) // 2
 
@@ -39,10 +40,10 @@ async def split_outcome_replica(answer: bytes, rest_sent: asyncio.Event) -> tupl
         await reader.readexactly(relay.parse_head(head).content_length())
         writer.write(answer + relay.END + line[:half])
         await writer.drain()
-        await rest_sent.wait()
+        assert await reader.read(1) == relay.LEFT
         writer.write(line[half:])
         await writer.drain()
-        await reader.read()  # the caller's relay.LEFT, then its end
+        await reader.read()  # the caller's end
         writer.close()
 
     server = await asyncio.start_server(replica, "127.0.0.1", 0)
@@ -65,9 +66,18 @@ async def cut_outcome_replica(answer: bytes) -> tuple[relay.RelayAddress, Any]:
     return relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t"), server
 
 
-def holding(rest_sent: asyncio.Event) -> Passing:
-    """Passes bytes on, but of what follows the replica's ``END`` only up
-    to half its outcome's line until ``rest_sent`` is set."""
+def holding() -> tuple[Passing, Passing]:
+    """The two ways of a proxy in front of a real replica: of what follows the
+    replica's ``END`` it passes on half the outcome's line, and the rest
+    only once the ingress has stopped waiting (``relay.LEFT`` and the end of
+    its side)."""
+    stopped = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await passed_as_is(reader, writer)
+        finally:
+            stopped.set()  # it half-closed its side (``abandon``), or went
 
     async def passing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held, hold = b"", True
@@ -79,41 +89,45 @@ def holding(rest_sent: asyncio.Event) -> Passing:
                     continue
                 cut = end + 1 + (newline - end) // 2
                 writer.write(held[:cut])
-                await rest_sent.wait()
+                await stopped.wait()
                 data, hold = held[cut:], False
             writer.write(data)
             await writer.drain()
         writer.write_eof()
 
-    return passing
+    return passing, upstream
+
+
+async def stopped_at(condition: Callable[[], bool], piping: asyncio.Future[bool]) -> None:
+    """Cancels ``piping`` (as a model's ``request_timeout_s`` does) once ``condition`` holds."""
+    await until(condition)
+    assert not piping.done()
+    piping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await piping
 
 
 @pytest.mark.parametrize("immediate", [True, False], ids=["forwarded", "sent"])
 async def test_a_stream_stopped_inside_its_outcome_line_still_reports_its_outcome(immediate: bool) -> None:
-    rest_sent = asyncio.Event()
     frame = sse.frame({"n": 0}) + sse.DONE
-    address, server = await split_outcome_replica(relay.response_head(200, sse.MEDIA_TYPE) + frame, rest_sent)
+    address, server = await split_outcome_replica(relay.response_head(200, sse.MEDIA_TYPE) + frame)
     stream = await ReplicaRelay(Router(address)).open(CALL)
     reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
     stream.when_ended(reported.set_result)
     sink = Written()
     sink.immediate = immediate
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.2):  # as a model's request_timeout_s does, after the last frame
-            await stream.pipe(sink)
-    assert b"".join(sink.data) == frame and not reported.done()
-    assert stream.delivered  # every byte up to END passed on: the deadline cut short no answer
-    rest_sent.set()
+    # Stopped once every byte up to END has been passed on, and half the outcome's line read.
+    await stopped_at(lambda: stream.delivered, asyncio.ensure_future(stream.pipe(sink)))
+    assert b"".join(sink.data) == frame
     assert await asyncio.wait_for(reported, 2) == OUTCOME
     await asyncio.wait_for(stream.released(), 2)
-    assert stream.outcome == OUTCOME
+    assert stream.outcome == OUTCOME and stream.delivered
     server.close()
 
 
 async def test_a_whole_answer_abandoned_inside_its_outcome_line_still_reports_its_outcome() -> None:
-    rest_sent = asyncio.Event()
     body = b'{"choices":[]}'
-    address, server = await split_outcome_replica(relay.response_head(200, "application/json") + body, rest_sent)
+    address, server = await split_outcome_replica(relay.response_head(200, "application/json") + body)
     reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
     call = asyncio.ensure_future(
         ReplicaRelay(Router(address)).call(EngineRequest("chat", {"model": "m"}, "r", "m"), reported.set_result)
@@ -121,45 +135,40 @@ async def test_a_whole_answer_abandoned_inside_its_outcome_line_still_reports_it
     done, _ = await asyncio.wait({call}, timeout=0.2)  # waiting for the rest of the outcome's line
     assert not done
     call.cancel()
-    rest_sent.set()
     assert await asyncio.wait_for(reported, 2) == OUTCOME
     server.close()
 
 
 async def test_a_handed_over_stream_stopped_inside_its_outcome_line_still_reports_its_whole_answer() -> None:
-    rest_sent = asyncio.Event()
     frames = [sse.frame({"n": i}) for i in range(3)] + [sse.DONE]
-    proxy = Proxy(await frames_server(frames).start(), holding(rest_sent))
+    proxy = Proxy(await frames_server(frames).start(), *holding())
     address = await proxy.start()
     stream = await ReplicaRelay(Router(address)).open(CALL)
     reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
     stream.when_ended(reported.set_result)
     with client_pair() as (ours, theirs):
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):  # the deadline passes after the replica ended the body
-                await stream.pipe(ClientSocketSink(ours))
-        assert stream.handed_off and not reported.done()
-        rest_sent.set()
+        # Stopped once the replica has ended the body, its outcome's line half read.
+        await stopped_at(lambda: stream.body_ended, asyncio.ensure_future(stream.pipe(ClientSocketSink(ours))))
+        assert stream.handed_off
         assert await asyncio.wait_for(reported, 2) == dataclasses.replace(OUTCOME, body_ended=True)
         await asyncio.wait_for(stream.released(), 2)
-        assert stream.body_ended
+        assert stream.outcome == dataclasses.replace(OUTCOME, body_ended=True)
         ours.close()
         assert (await readable_eof(theirs)).endswith(sse.DONE + b"\r\n0\r\n\r\n")
     proxy.close()
 
 
 async def test_a_deadline_inside_a_relayed_streams_outcome_line_writes_no_error_after_its_last_frame() -> None:
-    rest_sent = asyncio.Event()
     frames = [sse.frame({"n": i}) for i in range(3)] + [sse.DONE]
-    proxy = Proxy(await frames_server(frames, handoff=False).start(), holding(rest_sent))
+    proxy = Proxy(await frames_server(frames, handoff=False).start(), *holding())
     address = await proxy.start()
     opened: list[RelayedStream] = []
     records: list[RequestRecord] = []
-    async with uvicorn_serving(ReplicaRelay(Router(address)), opened, records, timeout_s=0.15) as url:
+    # The deadline comes after the last frame (within milliseconds), inside the outcome's line (held back).
+    async with uvicorn_serving(ReplicaRelay(Router(address)), opened, records, timeout_s=0.5) as url:
         port = int(url.split(":")[2].split("/")[0])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
-        asyncio.get_running_loop().call_later(0.3, rest_sent.set)  # a replica slow to say how it ended
         answer = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 5)
         await until(lambda: records[0].outcome is not None)
         writer.close()

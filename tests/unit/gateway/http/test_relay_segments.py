@@ -29,12 +29,13 @@ Passing = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 class Proxy:
-    """A TCP proxy in front of a replica's port: what the ingress sends goes
-    through as it comes; the replica's bytes go through ``passing`` (until
-    their end, which it passes on). ``close`` ends every connection."""
+    """A TCP proxy in front of a replica's port: the replica's bytes go
+    through ``passing``, the ingress's through ``upstream`` (each until their
+    end, which it passes on; ``passed_as_is``: as they come). ``close`` ends
+    every connection."""
 
-    def __init__(self, target: relay.RelayAddress, passing: Passing) -> None:
-        self._target, self._passing = target, passing
+    def __init__(self, target: relay.RelayAddress, passing: Passing, upstream: Passing | None = None) -> None:
+        self._target, self._passing, self._upstream = target, passing, upstream or passed_as_is
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
 
@@ -52,7 +53,7 @@ class Proxy:
         their_reader, their_writer = await asyncio.open_connection(self._target.host, self._target.port)
         self._writers += [writer, their_writer]
         with contextlib.suppress(ConnectionError):
-            await asyncio.gather(passed_as_is(reader, their_writer), self._passing(their_reader, writer))
+            await asyncio.gather(self._upstream(reader, their_writer), self._passing(their_reader, writer))
         writer.close()
         their_writer.close()
 
