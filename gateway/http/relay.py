@@ -289,7 +289,9 @@ class ReplicaRelay:
         self._misses.pop(address, None)
 
     def _done(self, address: relay.RelayAddress) -> None:
-        if address in self._open:
+        # (Never below 0: a replica forgotten while it served, then found
+        # again, is counted anew, without what it was serving before.)
+        if self._open.get(address, 0) > 0:
             self._open[address] -= 1
 
     async def _start(self, call: EngineRequest, address: relay.RelayAddress) -> RelayedStream:

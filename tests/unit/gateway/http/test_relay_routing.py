@@ -223,3 +223,22 @@ async def test_a_warmed_relay_opens_its_first_stream_without_asking_the_router()
     router.up.clear()  # the router is slow now (its controller busy): the first request does not wait on it
     stream = await asyncio.wait_for(replicas.open(CALL), 1)
     assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+
+
+async def test_a_replica_forgotten_while_it_served_and_found_again_is_never_counted_below_zero() -> None:
+    release, served = asyncio.Event(), []
+    address = await serve(await held_stream(release, served, 1))
+    replicas = ReplicaRelay(Router(address))
+    replicas.capacity = 1
+    first = await replicas.open(EngineRequest("chat", CALL.body, "r1", "m"))
+    replicas._forget(address)  # as when a connection to it failed once (an ingress out of sockets)
+    second = await replicas.open(EngineRequest("chat", CALL.body, "r2", "m"))  # found again, counted anew
+    release.set()
+    for stream in (first, second):
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+    release.clear()
+    held = await replicas.open(EngineRequest("chat", CALL.body, "r3", "m"))
+    with pytest.raises(OverloadedError):  # its capacity still holds: one open from here
+        await replicas.open(EngineRequest("chat", CALL.body, "r4", "m"))
+    release.set()
+    assert b"".join([chunk async for chunk in held.chunks()]).endswith(sse.DONE)
