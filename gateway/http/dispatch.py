@@ -130,8 +130,10 @@ class ModelDispatcher:
                 admission.settle(None)
             raise
         except BaseException:
+            # Refused, or failed before its first byte: nothing generated
+            # was delivered, and no tokens are counted (as OpenAI bills them).
             if admission is not None:
-                admission.settle(None if stream else Outcome())
+                admission.settle(Outcome())
             raise
         if admission is not None and not stream and record.outcome is not None and not _background(endpoint, body):
             admission.settle(record.outcome)
@@ -275,20 +277,31 @@ class ModelDispatcher:
         waited = time.perf_counter()
         try:
             await client.ready()
+        except asyncio.CancelledError:
+            if admission is not None:
+                admission.settle(Outcome())  # it was sent nowhere
+            raise
         finally:
             record.model_wait_s += time.perf_counter() - waited
         waited = time.perf_counter()
         # Who settles the key's reservation if the client leaves: the model's
-        # client (an LLM's once its replica says what was generated).
-        abandoned = admission.settle if admission is not None else None
+        # client (an LLM's once its replica says what was generated). A call
+        # given up because the model has no running replica ran nowhere: its
+        # reservation goes on to the next variant, if the route has one.
+        gone = False
+
+        def abandoned(outcome: Outcome | None) -> None:
+            if admission is not None and not gone:
+                admission.settle(outcome)
+
         later = self._answers.later(record, admission) if _background(call.endpoint, call.body) else None
-        answer = client.unary(call, abandoned, later)
+        answer = client.unary(call, abandoned if admission is not None else None, later)
         hang_up = asyncio.ensure_future(disconnected(request.receive))
         # Serve's router holds a call while the model has no running replica:
         # a classical call is given up when that lasts (the relay bounds LLMs').
         stalled = client.stalled()
         waiting: set[asyncio.Future[Any]] = {answer, hang_up} if stalled is None else {answer, hang_up, stalled}
-        left = expired = gone = False
+        left = expired = False
         try:
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             expired = not done

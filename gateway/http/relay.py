@@ -23,8 +23,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from gateway.errors import GatewayError, OverloadedError, ResponseNotFoundError, ServiceUnavailableError
 from gateway.http.background import in_background
@@ -58,6 +58,7 @@ MAX_MISSES = 3
 # A replica not known here is looked for at most this often (a stored
 # response's id names it; ids of replicas long gone must not cost a look-up each).
 HOLDER_REFRESH_S = 0.5
+_T = TypeVar("_T")
 _UNAVAILABLE = "The model is temporarily unavailable; please retry shortly."
 _OVERLOADED = "The model is receiving too many requests; please retry shortly."
 _REPLICA_GONE = (
@@ -134,7 +135,7 @@ class ReplicaRelay:
         ``later`` gets the outcome once the replica has finished.
         """
         for _ in range(ATTEMPTS):
-            address = self._admit(await self._pick(call))
+            address = self._admit(await _unsent(self._pick(call), abandoned))
             self._open[address] = self._open.get(address, 0) + 1
             try:
                 reader, writer, _ = await self._request(call, address, abandoned=abandoned)
@@ -346,7 +347,7 @@ class ReplicaRelay:
         gets what it generated.
         """
         kept = self._pool.take(address)
-        reader, writer = kept if kept is not None else await connect(address)
+        reader, writer = kept if kept is not None else await _unsent(connect(address), abandoned)
         try:
             writer.write(relay.encode_request(call, address.token, op, offer))
             try:
@@ -378,3 +379,15 @@ class ReplicaRelay:
             writer.close()
             raise
         return reader, writer, answer
+
+
+async def _unsent(step: Awaitable[_T], abandoned: Callable[[Outcome | None], None] | None) -> _T:
+    """``step`` of a call before its request reaches a replica: cancelled
+    there, the call generated nothing, which ``abandoned`` is told (a key's
+    reservation then settles at once, with no tokens used)."""
+    try:
+        return await step
+    except asyncio.CancelledError:
+        if abandoned is not None:
+            abandoned(Outcome())
+        raise

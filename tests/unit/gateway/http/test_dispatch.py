@@ -32,6 +32,9 @@ from gateway.routing.table import RouteTable
 from models.llm.relay import StreamServer
 
 
+COUNTED_TOKENS = 100
+
+
 class FakeResponse:
     """Stands in for a DeploymentResponse: awaitable, cancellable."""
 
@@ -59,8 +62,12 @@ class FakeReplica:
 
     def __init__(self, handle: FakeHandle) -> None:
         self._handle = handle
-        self.server = StreamServer(self.open_stream, "127.0.0.1", answer=self.answer)
+        self.server = StreamServer(self.open_stream, "127.0.0.1", answer=self.answer, count=self.count)
         self.address: RelayAddress | None = None
+
+    async def count(self, request: EngineRequest) -> int:
+        """The most tokens a request may use, as the model counts them (a limited key's reservation)."""
+        return COUNTED_TOKENS
 
     async def answer(self, request: EngineRequest, tally: Any = None) -> Reply:
         """A whole answer, as ``unary`` scripts it (bytes, a Reply or an error) after ``delay``;
@@ -162,7 +169,7 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
         client = LLMClient(h, wait_s) if kind == "llm" else ClassicalClient(h, kind, wait_s)
         if "gathering" in routing and isinstance(client, ClassicalClient):
             client.gather_by(Gathering(*routing["gathering"][name]))
-        models[name] = ServedModel(name, kind, client)
+        models[name] = ServedModel(name, kind, client, routing.get("timeouts", {}).get(name))
     # Seeded: a request without a cohort goes to the same variant on every run.
     table = ServingTable(RouteTable(list(handles), aliases, random.Random(7)), "x-session-id", models)
     dispatcher = ModelDispatcher(retry_after_s=1, metrics=metrics, table=table)

@@ -1,0 +1,114 @@
+"""gateway/http/dispatch.py with a limited key: a request's reservation in the
+key's ledger ends, once, however the request ends (answered, refused before its
+first byte, given up before any replica was found, or served by a fallback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import FastAPI
+
+from gateway.auth.keys import ApiKey
+from gateway.auth.local import LocalLimiter
+from gateway.errors import InvalidRequestError
+from gateway.http.limits import limits_of
+from gateway.routing.table import Alias
+from gateway.routing.weighted import Variant
+from tests.unit.gateway.http.test_dispatch import COUNTED_TOKENS, PREDICT, FakeHandle, Restarting, make_app
+from tests.unit.gateway.http.test_dispatch_hang_ups import SCOPE
+from tests.unit.gateway.http.test_relay_connection import until
+
+KEY = ApiKey("team", ("*",), tpm=10_000, max_concurrent=1)
+# (Without a token limit: a request is reserved before any replica counts its tokens.)
+ONE_PLACE = ApiKey("team", ("*",), max_concurrent=1)
+
+
+def ledger_of(app: FastAPI) -> Any:
+    limiter: LocalLimiter = app.state.dispatcher.limiter
+    return limiter.ledger
+
+
+async def request(
+    app: FastAPI, path: str, body: dict[str, Any], leave_after_s: float | None = None, key: ApiKey = KEY
+) -> int:
+    """``body`` sent to ``path`` with ``key`` (its client leaving after
+    ``leave_after_s``, if given); the response's status."""
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        if leave_after_s is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(leave_after_s)  # (the client hangs up this long after sending)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {**SCOPE, "path": path, "raw_path": path.encode(), "state": {"api_key": key}}
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    return int(sent[0]["status"])
+
+
+def no_replica() -> Restarting:
+    """An LLM whose replica is down: Serve's router finds none."""
+    handle = Restarting()
+    handle.up.clear()
+    return handle
+
+
+async def test_a_whole_answer_whose_client_leaves_before_a_replica_is_found_ends_its_reservation() -> None:
+    app = make_app(no_replica())
+    assert await request(app, "/chat", {"model": "m"}, leave_after_s=0.05, key=ONE_PLACE) == 499
+    await until(lambda: ledger_of(app).in_flight(ONE_PLACE.id) == 0)
+
+
+async def test_a_whole_answer_out_of_time_before_a_replica_is_found_frees_its_keys_place() -> None:
+    app = make_app(no_replica(), timeouts={"m": 0.1})
+    assert await request(app, "/chat", {"model": "m"}, key=ONE_PLACE) == 504
+    await until(lambda: ledger_of(app).in_flight(ONE_PLACE.id) == 0)  # else the key is shut out for good
+
+
+async def test_a_stream_refused_before_its_first_byte_counts_no_tokens() -> None:
+    app = make_app(FakeHandle(stream=[InvalidRequestError("bad field", param="x")]))
+    assert await request(app, "/chat", {"model": "m", "stream": True}) == 400
+    assert ledger_of(app).in_flight(KEY.id) == 0
+    assert ledger_of(app).usage(KEY.id, limits_of(KEY)).remaining_tokens == KEY.tpm  # not the COUNTED_TOKENS reserved
+
+
+async def test_an_answered_request_counts_what_it_used() -> None:
+    app = make_app(FakeHandle())
+    assert await request(app, "/chat", {"model": "m"}) == 200
+    assert ledger_of(app).in_flight(KEY.id) == 0
+    used = KEY.tpm - ledger_of(app).usage(KEY.id, limits_of(KEY)).remaining_tokens
+    assert 0 <= used < COUNTED_TOKENS  # settled to what the model reported, not the reservation
+
+
+async def test_a_classical_fallback_runs_under_the_requests_reservation() -> None:
+    down, second = Restarting(), FakeHandle(unary=b'{"predictions": [2]}', delay=0.5)
+    alias = Alias([Variant("a", 100), Variant("b", 1)], fallback=True)
+    kinds = {"a": "classifier", "b": "classifier"}
+    app = make_app(handles={"a": down, "b": second}, alias=alias, kinds=kinds, replica_wait_s=0.3)
+    assert await request(app, "/predict/a", PREDICT) == 200  # running: known to the ingress
+    down.up.clear()  # its replica dies; Serve's router holds the next call for a new one
+    down.delay = 30
+    answered = asyncio.ensure_future(request(app, "/predict/r", PREDICT))
+    await until(lambda: bool(second.calls))
+    assert ledger_of(app).in_flight(KEY.id) == 1  # the key's one place is the fallback's
+    assert await answered == 200
+    assert ledger_of(app).in_flight(KEY.id) == 0
+
+
+
+async def test_a_classical_request_cancelled_while_its_model_has_no_replica_ends_its_reservation() -> None:
+    # Serve's proxy cancels the request's task when its client hangs up.
+    app = make_app(no_replica(), kinds={"m": "classifier"}, replica_wait_s=30)
+    serving = asyncio.ensure_future(request(app, "/predict/m", PREDICT, key=ONE_PLACE))
+    await until(lambda: ledger_of(app).in_flight(ONE_PLACE.id) == 1)  # admitted; waiting for a replica
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    assert ledger_of(app).in_flight(ONE_PLACE.id) == 0
