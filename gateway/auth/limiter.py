@@ -37,6 +37,7 @@ from gateway.auth.limiter_wire import (
     REPLY_TIMEOUT_S,
     LimiterAddress,
     decode_decision,
+    given_back,
 )
 from gateway.auth.places import waits_for_place
 from gateway.auth.tickets import Ticket, Tickets
@@ -80,6 +81,7 @@ class LimiterClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._unwaited: dict[int, dict[str, Any]] = {}  # asked, then no longer waited for: given back when answered
         self._ids = itertools.count(1)
         self._connecting = asyncio.Lock()
         self._outbox: list[dict[str, Any]] = []
@@ -362,6 +364,8 @@ class LimiterClient:
             raise ServiceUnavailableError(UNAVAILABLE) from None
         finally:
             self._pending.pop(ident, None)
+            if reply.cancelled() and message["op"] in ("reserve", "lease"):
+                self._unwaited[ident] = message
 
     async def _connection(self) -> asyncio.StreamWriter:
         if self._writer is not None and not self._writer.is_closing():
@@ -407,6 +411,10 @@ class LimiterClient:
                         if demand is not None and demand.lease is not None:
                             self._close(reply["key"], demand.lease)
                         continue
+                    unwaited = self._unwaited.pop(reply.get("id"), None)
+                    if unwaited is not None and writer is self._writer:
+                        for message in given_back(unwaited, reply):
+                            self._send(message)
                     waiting = self._pending.get(reply.get("id"))
                     if waiting is not None and not waiting.done():
                         reply["_via"] = writer  # a lease is good only while this connection lasts
@@ -419,6 +427,7 @@ class LimiterClient:
             if self._writer is writer:
                 self._writer = self._live = None
                 self._outbox.clear()  # (nothing of it may reach the next ledger)
+                self._unwaited.clear()  # (the ledger ends what this connection had booked)
                 self._releases.clear()
             if self._tickets.lost(connection):
                 self._restore_soon()

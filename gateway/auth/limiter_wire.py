@@ -44,3 +44,20 @@ def decode_decision(data: dict[str, Any]) -> Decision:
     return Decision(
         data.get("r"), Usage(*data["usage"]), Refusal(*refusal) if refusal is not None else None
     )
+
+
+def given_back(asked: dict[str, Any], reply: dict[str, Any]) -> list[dict[str, Any]]:
+    """What gives back all that ``reply`` booked for ``asked`` (a ``reserve``
+    or ``lease`` message) when no one waits for it any more (its request was
+    cancelled, or stopped waiting): a reservation never used, a lease never
+    opened. Each ends with nothing counted."""
+    back = []
+    if reply.get("r") is not None:
+        back.append({"op": "release", "r": reply["r"], "requests": 1, "tokens": int(asked.get("tokens", 0)),
+                     "places": 1, "left": 0, "end": True})
+    lease = reply.get("lease")
+    if lease is not None:
+        reservation, requests, tokens, places = lease[:4]
+        back.append({"op": "release", "r": reservation, "requests": requests, "tokens": tokens,
+                     "places": places, "left": 0, "end": True, "closed": True})
+    return back

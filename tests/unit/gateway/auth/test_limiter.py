@@ -273,6 +273,26 @@ async def test_a_request_at_the_concurrency_limit_takes_the_place_its_key_frees(
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "local"])
+async def test_a_request_cancelled_while_it_waits_for_a_place_books_nothing_when_one_frees(
+    parts: list[Part], long_place_wait: float, shared: bool
+) -> None:
+    # Its client hung up while the ledger still kept it waiting: the place the
+    # ledger gives it later goes back at once, with its tokens.
+    one = _client(parts, (await _started(parts))[1]) if shared else LocalLimiter(_frozen())
+    limits = Limits(tpm=1000, max_concurrent=1)
+    first = (await one.reserve("k", limits, 300)).reservation
+    assert first is not None
+    gave_up = asyncio.ensure_future(one.reserve("k", limits, 300))
+    assert await _still_waiting(gave_up)
+    gave_up.cancel()
+    one.settle(first, 100)  # the place frees: the ledger admits the request no one waits for
+    third = await asyncio.wait_for(one.reserve("k", limits, 300), 5)
+    assert third.reservation is not None
+    usage, in_flight = await one.usage("k", limits)
+    assert (in_flight, usage.remaining_tokens) == (1, 1000 - 100 - 300)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "local"])
 async def test_a_key_at_its_concurrency_limit_is_refused_after_a_moment_and_no_more_wait_than_it_has_places(
     parts: list[Part], shared: bool
 ) -> None:
