@@ -177,7 +177,9 @@ class Ledger:
         if limits.max_concurrent is not None:
             places = min(places, (limits.max_concurrent - state.taken) // 2)
         if limits.tpm is not None:
-            tokens = max(0, min(tokens, (limits.tpm - state.tokens) // 2))
+            wanted, tokens = tokens, max(0, min(tokens, (limits.tpm - state.tokens) // 2))
+            if wanted > 0 and tokens < 1:
+                return None
         if requests < 1 or places < 1:
             return None
         reservation = self._book(key, state, index, requests, tokens, places)

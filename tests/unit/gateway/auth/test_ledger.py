@@ -202,6 +202,16 @@ def test_no_lease_near_a_limit() -> None:
     assert ledger.lease("k", limits, 10, 0) is None  # half of one is none
 
 
+def test_no_lease_of_requests_without_the_tokens_they_need() -> None:
+    ledger = Ledger(Clock())
+    limits = Limits(rpm=100, tpm=1000)
+    assert ledger.reserve("k", limits, 999).reservation is not None  # one token left: half of it is none
+    assert ledger.lease("k", limits, 10, 100) is None
+    assert ledger.usage("k", limits).remaining_requests == 99  # nothing booked for it
+    lease = ledger.lease("k", limits, 10, 0)  # requests that need no tokens still get a lease
+    assert lease is not None and (lease.requests, lease.tokens) == (10, 0)
+
+
 def test_a_lease_is_counted_in_the_slot_it_ends_in() -> None:
     clock = Clock()
     clock.now = 1000.0 + SLOT_S * 0.7  # less than half of this slot left
