@@ -5,6 +5,7 @@ waiting for it (the client left, or its deadline passed)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from gateway.http.background import in_background
@@ -28,18 +29,18 @@ async def outcome_after(
     """Reads what is left of an answer, up to its outcome (after ``read``, the
     bytes past its ``END`` already read, if it was); ``then`` gets it (None:
     the replica did not say within ``wait_s``)."""
-    outcome = None
     try:
-        data = await asyncio.wait_for(reader.read(), wait_s)
-        if read is None and (end := data.find(relay.END)) >= 0:
-            read, data = data[end + 1 :], b""
-        if read is not None:
-            outcome = readable_outcome((read + data).partition(b"\n")[0])
+        if read is None or b"\n" not in read:  # (else the outcome's whole line is in already)
+            data = await asyncio.wait_for(reader.read(), wait_s)
+            if read is None and (end := data.find(relay.END)) >= 0:
+                read, data = data[end + 1 :], b""
+            if read is not None:
+                read += data
     except (OSError, asyncio.TimeoutError):
         pass
     finally:
         writer.close()
-        then(outcome)
+        then(None if read is None else readable_outcome(read.partition(b"\n")[0]))
 
 
 def abandon(
@@ -53,13 +54,11 @@ def abandon(
     engine request is aborted, unless it runs in the background) and hands
     ``then`` what it generated (``read``: the bytes past its ``END``, when the
     caller had read that far)."""
-    try:
-        writer.write(relay.LEFT)  # (a connection that only ends means the ingress died: ``relay.LEFT``)
+    # (A connection that only ends means the ingress died: ``relay.LEFT``. A
+    # replica that closed it already has sent all it will: that is read.)
+    with contextlib.suppress(OSError):
+        writer.write(relay.LEFT)
         writer.write_eof()
-    except OSError:
-        writer.close()
-        then(None)
-        return
     in_background(outcome_after(reader, writer, then, wait_s, read))
 
 

@@ -67,6 +67,7 @@ class _Forward:
         self._transport: Any = transport
         self._woken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.past_end: OutcomeLine | None = None  # once END is read: what followed it in its read
+        self.after_end: bytes | None = None  # ... also when the client had left by then
         self.stalled = False
         self._cut: str | None = None
 
@@ -80,10 +81,11 @@ class _Forward:
                 self.stalled = True
                 self._wake(_STALLED)
             return
+        self.after_end = data[end + 1 :]
         if end and not self._sink.write(data[:end]):
             self._wake(_GONE)
             return
-        self.past_end = OutcomeLine(data[end + 1 :])
+        self.past_end = OutcomeLine(self.after_end)
         self._wake(_ENDED)
 
     def cut(self, why: str) -> None:
@@ -142,7 +144,8 @@ class RelayedStream:
         self._released: asyncio.Future[None] | None = None
         self._keep = keep  # takes the connection back once the stream has ended cleanly
         self._reusable = False
-        self._past_end: OutcomeLine | None = None  # once the stream's END is read
+        self._past_end: OutcomeLine | None = None  # once the stream's END is read and passed on
+        self._after_end: bytes | None = None  # what followed END, read as the client left
         self.outcome: Outcome | None = None
         self._closed = False
         self._cut = False
@@ -173,6 +176,7 @@ class RelayedStream:
                     yield data
                     continue
                 if end:
+                    self._after_end = data[end + 1 :]  # (the caller may stop at this yield)
                     yield data[:end]
                 line, self._reusable = await self._outcome_line(reader, data[end + 1 :])
                 self.outcome = self._decoded(line)
@@ -231,6 +235,7 @@ class RelayedStream:
                 line, self._reusable = await forward.past_end.line(reader)
         finally:
             self._past_end = forward.past_end  # also when END was read, and the wait cut short before this turn
+            self._after_end = forward.after_end
             protocol.forward = None
             if forward.stalled:
                 transport.resume_reading()  # type: ignore[attr-defined]
@@ -315,7 +320,8 @@ class RelayedStream:
             await asyncio.shield(self._released)
 
     def _read_past_end(self) -> bytes | None:
-        return None if self._past_end is None else self._past_end.read
+        """The bytes after the stream's ``END`` read so far (None: ``END`` was not read)."""
+        return self._after_end if self._past_end is None else self._past_end.read
 
     def close(self) -> None:
         """Closes the connection, which aborts the engine request if the stream

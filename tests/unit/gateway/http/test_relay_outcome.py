@@ -24,7 +24,13 @@ from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router
 from tests.unit.gateway.http.test_handoff import ClientSocketSink
 from tests.unit.gateway.http.test_relay_connection import until
 from tests.unit.gateway.http.test_relay_segments import Passing, Proxy, passed_as_is
-from tests.unit.gateway.http.test_relay_response import Written, _unchunk, frames_server, uvicorn_serving
+from tests.unit.gateway.http.test_relay_response import (
+    Written,
+    _unchunk,
+    fake_replica,
+    frames_server,
+    uvicorn_serving,
+)
 from tests.unit.models.llm.test_handoff import client_pair, readable_eof
 
 
@@ -198,3 +204,23 @@ async def test_a_whole_answer_whose_replica_stops_inside_its_outcome_line_is_a_5
     with pytest.raises(ServiceUnavailableError):
         await ReplicaRelay(Router(address)).call(EngineRequest("chat", {"model": "m"}, "r", "m"))
     server.close()
+
+
+@pytest.mark.parametrize("immediate", [True, False], ids=["forwarded", "iterated"])
+async def test_a_client_gone_as_the_last_frame_arrives_with_the_outcome_still_gets_it_counted(immediate: bool) -> None:
+    # The stream's last frame, END and the outcome in one read, and no client to write the frame to.
+    body = sse.frame({"n": 0}) + sse.DONE
+    answer = relay.response_head(200, sse.MEDIA_TYPE, keep=False) + body + relay.END + relay.encode_outcome(OUTCOME)
+    async with fake_replica(answer) as address:
+        stream = await ReplicaRelay(Router(address)).open(CALL)
+        await until(lambda: relay.END in bytes(stream._reader._buffer))  # type: ignore[attr-defined]
+        reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+        stream.when_ended(reported.set_result)
+        if immediate:
+            assert await stream.pipe(Written(room=0)) is False  # the client had left
+        else:
+            chunks = stream.chunks()
+            assert await anext(chunks) == body
+            await chunks.aclose()  # the client leaves as it is handed the last frame
+        assert await asyncio.wait_for(reported, 2) == OUTCOME  # its key is charged what it used
+    assert not stream.delivered
