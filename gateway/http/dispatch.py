@@ -31,6 +31,7 @@ from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
 from gateway.http.plan import plan
 from gateway.http.relay_outcome import BACKGROUND_OUTCOME_S
+from gateway.http.relay_stream import RelayedStream
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.http.stored import allowed_llms, holder, holding, input_items_query, retrieve_query
 from gateway.leaving import CallerLeft, unless_caller_leaves
@@ -356,7 +357,9 @@ class ModelDispatcher:
         try:
             async with asyncio.timeout_at(deadline):
                 # The gateway's own front door tells a hang-up only through `receive`.
-                stream = await unless_caller_leaves(client.stream(call), disconnected(request.receive))
+                stream = await unless_caller_leaves(
+                    client.stream(call), disconnected(request.receive), RelayedStream.close
+                )
         except CallerLeft:  # before its first byte: the engine request is aborted
             if admission is not None:
                 admission.settle(None)

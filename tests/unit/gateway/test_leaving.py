@@ -65,3 +65,25 @@ async def test_cancelled_itself_it_cancels_the_work_and_stops_watching() -> None
         async with asyncio.timeout(0.05):
             await unless_caller_leaves(work.run(), watch())
     assert work.cancelled and watch_ended.is_set()
+
+
+async def test_a_result_it_cannot_return_is_discarded() -> None:
+    """Cancelled (a timeout) in the turn the work finished: what the work
+    made (an open stream) is handed to ``discard`` rather than lost open."""
+    work, discarded = Work("stream"), []
+    waiting = asyncio.ensure_future(unless_caller_leaves(work.run(), asyncio.Event().wait(), discarded.append))
+    await asyncio.sleep(0)  # (one turn: it waits on the work)
+    work.go.set()
+    waiting.cancel()  # before it has run again: the work is done, its result not returned
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0)  # (the work's done callbacks run)
+    assert discarded == ["stream"] and not work.cancelled
+
+
+async def test_a_returned_result_is_not_discarded() -> None:
+    work, discarded = Work("stream"), []
+    work.go.set()
+    assert await unless_caller_leaves(work.run(), asyncio.Event().wait(), discarded.append) == "stream"
+    await asyncio.sleep(0)
+    assert discarded == []
