@@ -62,6 +62,15 @@ def stream_error(endpoint: str, error: Error, sequence_number: int | None = None
     return error_frames(error.to_dict())
 
 
+def stream_error_after(endpoint: str, error: Error, sent: bytes) -> bytes:
+    """What ends a stream of ``endpoint`` whose latest bytes were ``sent``
+    with ``error``: its error frame, numbered after them, and first a blank
+    line where they stop inside a frame (its replica broke off mid-frame),
+    so that the error is an event of its own, not the end of that one."""
+    frame = stream_error(endpoint, error, next_sequence_number(sent))
+    return frame if not sent or sent.endswith(b"\n\n") else b"\n\n" + frame
+
+
 _SEQUENCE = b'"sequence_number":'
 
 

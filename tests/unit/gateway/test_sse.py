@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gateway import sse
-from gateway.errors import OverloadedError
+from gateway.errors import OverloadedError, ServiceUnavailableError
 
 
 def test_frame_is_compact_json_data_line() -> None:
@@ -79,3 +81,17 @@ def test_an_ingress_error_event_is_numbered_after_the_last_event_sent() -> None:
     assert sse.next_sequence_number(b'{"sequence_number": 7}') == 8
     assert sse.next_sequence_number(b"partial bytes") is None
     assert sse.next_sequence_number(b'"sequence_number":') is None
+
+
+def test_an_error_after_a_frame_cut_short_is_an_event_of_its_own() -> None:
+    error = ServiceUnavailableError("The model stopped while serving the request.")
+    whole, cut = sse.frame({"n": 1}), sse.frame({"n": 2})[:9]  # the replica stopped inside the second frame
+    assert sse.stream_error_after("chat", error, whole) == sse.error_frames(error.to_dict())
+    assert sse.stream_error_after("chat", error, b"") == sse.error_frames(error.to_dict())
+    after_cut = sse.stream_error_after("chat", error, whole + cut)
+    # A client's SSE parser reads the cut frame as one (undecodable) event, then the error and [DONE].
+    events = (whole + cut + after_cut).split(b"\n\n")
+    assert events[1] == cut and json.loads(events[2].removeprefix(b"data: "))["error"]["code"] == "service_unavailable"
+    assert events[3] == b"data: [DONE]"
+    sent = b'event: response.output_text.delta\ndata: {"sequence_number":41,"delta":"a'
+    assert b'"sequence_number":42' in sse.stream_error_after("responses", error, sent)
