@@ -28,19 +28,30 @@ async def outcome_after(
 ) -> None:
     """Reads what is left of an answer, up to its outcome (after ``read``, the
     bytes past its ``END`` already read, if it was); ``then`` gets it (None:
-    the replica did not say within ``wait_s``)."""
+    the replica did not say within ``wait_s``). The connection is closed
+    once the outcome's line is in, whether or not the replica would keep it."""
     try:
-        if read is None or b"\n" not in read:  # (else the outcome's whole line is in already)
-            data = await asyncio.wait_for(reader.read(), wait_s)
-            if read is None and (end := data.find(relay.END)) >= 0:
-                read, data = data[end + 1 :], b""
-            if read is not None:
-                read += data
+        read = await asyncio.wait_for(_through_outcome(reader, read), wait_s)
     except (OSError, asyncio.TimeoutError):
         pass
     finally:
         writer.close()
         then(None if read is None else readable_outcome(read.partition(b"\n")[0]))
+
+
+async def _through_outcome(reader: asyncio.StreamReader, read: bytes | None) -> bytes | None:
+    """What follows an answer's ``END`` (``read``: what was read of it
+    already), up to the end of the outcome's line or of the connection;
+    None when the connection ends before ``END``."""
+    while read is None or b"\n" not in read:
+        data = await reader.read(READ_BYTES)
+        if not data:
+            break
+        if read is not None:
+            read += data
+        elif (end := data.find(relay.END)) >= 0:
+            read = data[end + 1 :]
+    return read
 
 
 def abandon(

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,9 @@ from gateway import sse
 from gateway.errors import InvalidRequestError
 from gateway.http.relay import ReplicaRelay
 from gateway.protocol import relay
-from gateway.protocol.engine import EngineRequest, Reply
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
+from models.llm.relay import StreamServer
+from models.llm.tally import GenerationTally
 from tests.unit.gateway.http.test_handoff import ClientSocketSink
 from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router
 from tests.unit.gateway.http.test_relay_answers import whole
@@ -141,4 +144,27 @@ async def test_whole_answers_and_errors_split_anywhere_arrive_as_sent(seed: int)
         with pytest.raises(InvalidRequestError) as caught:
             await asyncio.wait_for(streams.call(call), 5)
         assert caught.value.to_dict() == error.to_dict()
+    proxy.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_a_background_answer_done_at_once_reports_its_outcome_when_its_line_is_in(seed: int) -> None:
+    """Nothing left to generate: the replica keeps the connection for another
+    request, and the outcome (split from its END) is not held until the
+    replica closes that connection for idleness."""
+
+    async def answer(request: EngineRequest, tally: GenerationTally) -> Reply:
+        tally.prompt_tokens, tally.completion_tokens = 4, 1
+        return Reply(b'{"status":"completed"}', tally.outcome())
+
+    async def no_streams(request: EngineRequest) -> Any:
+        raise AssertionError("a whole answer was asked for")
+
+    proxy = Proxy(await StreamServer(no_streams, "127.0.0.1", answer=answer).start(), trickled(seed))
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    call = EngineRequest("responses", {"model": "m", "background": True}, "r", "m")
+    relayed = ReplicaRelay(Router(await proxy.start()))
+    assert (await asyncio.wait_for(relayed.call(call, later=reported.set_result), 5)).body == b'{"status":"completed"}'
+    outcome = await asyncio.wait_for(reported, 5)
+    assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (4, 1)
     proxy.close()
