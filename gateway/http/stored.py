@@ -64,8 +64,15 @@ async def holder(
 
 
 def allowed_llms(table: ServingTable, api: ApiKey | None) -> list[ServedModel]:
-    """The LLMs ``api`` may use (all of them on an open gateway)."""
-    return table.llms(name for name in table.models if api is None or api.allows(name))
+    """The LLMs ``api`` may use, by name or through an alias it may use (all
+    of them on an open gateway): the models whose stored responses it may reach."""
+    if api is None:
+        return table.llms(table.models)
+    names = [name for name in table.models if api.allows(name)]
+    for alias in table.routes.aliases():
+        if api.allows(alias):
+            names += table.routes.members(alias)
+    return table.llms(dict.fromkeys(names))
 
 
 def retrieve_query(request: Request) -> dict[str, Any]:

@@ -1,12 +1,20 @@
-"""gateway/http/stored.py: the queries of a stored response's routes, checked at the ingress."""
+"""gateway/http/stored.py: the queries of a stored response's routes, checked at the ingress,
+and the models whose stored responses a key may reach."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 from fastapi import Request
 
+from gateway.auth.keys import ApiKey
 from gateway.errors import InvalidRequestError
-from gateway.http.stored import input_items_query, retrieve_query
+from gateway.http.serving import LLMClient, ServedModel, ServingTable
+from gateway.http.stored import allowed_llms, input_items_query, retrieve_query
+from gateway.routing.table import Alias, RouteTable
+from gateway.routing.weighted import Variant
+from tests.unit.gateway.http.test_dispatch import FakeHandle
 
 
 def request(query: str) -> Request:
@@ -58,3 +66,21 @@ def test_a_bad_retrieve_query_is_refused_naming_the_parameter(query: str, param:
     with pytest.raises(InvalidRequestError) as caught:
         retrieve_query(request(query))
     assert (caught.value.status_code, caught.value.param) == (400, param)
+
+
+async def test_a_key_reaches_the_stored_responses_of_the_models_its_aliases_route_to() -> None:
+    names = ["chat-a", "chat-b", "other", "embedder"]
+    models = {
+        name: ServedModel(name, "llm" if name != "embedder" else "embedding", LLMClient(FakeHandle(), 1.0))
+        for name in names
+    }
+    aliases = {"chat": Alias([Variant("chat-a", 100), Variant("chat-b", 0)])}
+    table = ServingTable(RouteTable(names, aliases, random.Random(1)), "x-session-id", models)
+
+    def reached(api: ApiKey | None) -> list[str]:
+        return [model.name for model in allowed_llms(table, api)]
+
+    assert reached(ApiKey("k", ("chat",))) == ["chat-a", "chat-b"]  # a weight of 0 now may have made some
+    assert reached(ApiKey("k", ("other",))) == ["other"]
+    assert reached(ApiKey("k", ("chat*", "chat"))) == ["chat-a", "chat-b"]  # each once
+    assert reached(None) == ["chat-a", "chat-b", "other"]
