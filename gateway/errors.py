@@ -229,18 +229,21 @@ class ModelNotSupportedError(NotFoundError):
 
 class ResponseNotFoundError(NotFoundError):
     """A stored response (Responses API) that does not exist, is not the
-    caller's, or is no longer kept (404)."""
+    caller's, or is no longer kept (404; named as ``previous_response_id``,
+    400 ``previous_response_not_found``, as OpenAI answers it)."""
 
     default_code = "response_not_found"
 
     @classmethod
     def for_id(cls, response_id: str, param: str | None = None) -> ResponseNotFoundError:
-        previous = "Previous response" if param == "previous_response_id" else "Response"
+        previous = param == "previous_response_id"
         return cls(
-            f"{previous} with id '{response_id}' not found. Responses are kept by the model "
-            "replica that made them, for as long as it runs and up to its model's "
-            "`stored_responses` most recent ones.",
+            f"{'Previous response' if previous else 'Response'} with id '{response_id}' not found. "
+            "Responses are kept by the model replica that made them, for as long as it runs and "
+            "up to its model's `stored_responses` most recent ones.",
             param=param,
+            code="previous_response_not_found" if previous else None,
+            status=400 if previous else None,
         )
 
 

@@ -242,7 +242,9 @@ def test_unknown_or_unstored_responses_are_a_clear_404(client: openai.OpenAI, ht
         follow_up = {"model": VLLM_MODEL, "input": "and?", "previous_response_id": response_id}
         answer = http.post("/v1/responses", json=follow_up)
         error = answer.json()["error"]
-        assert (answer.status_code, error["code"], error["param"]) == (404, "response_not_found", "previous_response_id")
+        assert (answer.status_code, error["code"], error["param"]) == (
+            400, "previous_response_not_found", "previous_response_id"
+        )  # as OpenAI answers it
     # Only background responses can be cancelled, and only until they finish.
     kept = client.responses.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=2)
     with pytest.raises(openai.BadRequestError, match="answered at once"):
@@ -421,7 +423,7 @@ def test_a_deleted_response_is_gone_for_good(client: openai.OpenAI, http: httpx.
             gone()
         assert (caught.value.body["code"], caught.value.body["param"]) == ("response_not_found", "response_id")  # type: ignore[index]
     follow_up = http.post("/v1/responses", json={"model": VLLM_MODEL, "input": "and?", "previous_response_id": first.id})
-    assert (follow_up.status_code, follow_up.json()["error"]["param"]) == (404, "previous_response_id")
+    assert (follow_up.status_code, follow_up.json()["error"]["param"]) == (400, "previous_response_id")
     assert client.responses.retrieve(second.id).output_text == second.output_text
     client.responses.delete(second.id)  # the SDK's own call
     with pytest.raises(openai.NotFoundError):

@@ -87,7 +87,7 @@ COUNT = "/v1/responses/input_tokens"
         (COUNT, {"model": VLLM_MODEL, "input": PROMPT, "conversation": "conv_1"}, 400, "conversation"),
         (COUNT, {"model": VLLM_MODEL, "input": []}, 400, "input"),
         (COUNT, {"input": PROMPT}, 400, "model"),
-        (COUNT, {"model": VLLM_MODEL, "input": PROMPT, "previous_response_id": "resp_nonsense"}, 404, "previous_response_id"),
+        (COUNT, {"model": VLLM_MODEL, "input": PROMPT, "previous_response_id": "resp_nonsense"}, 400, "previous_response_id"),
         (COUNT, {"model": "minilm", "input": PROMPT}, 404, "model"),
     ],
     ids=[

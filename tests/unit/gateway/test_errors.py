@@ -17,6 +17,7 @@ from gateway.errors import (
     NotFoundError,
     NotImplementedFeatureError,
     OverloadedError,
+    ResponseNotFoundError,
     ServiceUnavailableError,
 )
 
@@ -73,6 +74,19 @@ def test_model_not_found_names_the_model() -> None:
             "code": "model_not_found",
         }
     }
+
+
+def test_a_missing_response_is_404_by_its_path_and_400_as_a_follow_ups_previous_response() -> None:
+    gone = ResponseNotFoundError.for_id("resp_x", "response_id")
+    assert (gone.status_code, gone.code, gone.param) == (404, "response_not_found", "response_id")
+    # As OpenAI answers it: clients that then resend the whole conversation look for this code.
+    previous = ResponseNotFoundError.for_id("resp_x", "previous_response_id")
+    assert previous.to_dict()["error"]["type"] == "invalid_request_error"
+    assert (previous.status_code, previous.code, previous.param) == (400, "previous_response_not_found", "previous_response_id")
+    assert previous.message.startswith("Previous response with id 'resp_x' not found.")
+    rebuilt = GatewayError.from_wire(previous.to_wire())  # (as a replica's error reaches the ingress)
+    assert isinstance(rebuilt, ResponseNotFoundError) and rebuilt.to_dict() == previous.to_dict()
+    assert rebuilt.status_code == 400
 
 
 @pytest.mark.parametrize("cls", [ServiceUnavailableError, OverloadedError])
