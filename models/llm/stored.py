@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -67,9 +68,14 @@ class StoredResponses:
         self.check(request)
         if request.endpoint != "responses":
             return request
+        named = request.request_id
+        if relay.response_id(self.replica, named) in self._kept:
+            # Its request id was sent before (a client's own ``x-request-id``,
+            # reused or retried): a response id of its own, never another's.
+            named += "-" + secrets.token_hex(4)
         if self.size > 0 and request.body.get("store", True) is not False:
-            self._keep(relay.response_id(self.replica, request.request_id), _Kept(request.owner, request.body.get("input")))
-        return dataclasses.replace(request, request_id=self.replica + request.request_id)
+            self._keep(relay.response_id(self.replica, named), _Kept(request.owner, request.body.get("input")))
+        return dataclasses.replace(request, request_id=self.replica + named)
 
     @contextlib.contextmanager
     def unless_refused(self, request: EngineRequest) -> Iterator[None]:

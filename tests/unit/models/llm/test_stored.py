@@ -123,6 +123,20 @@ def test_a_response_the_engine_refuses_is_not_kept_nor_its_input() -> None:
     assert len(stored) == 1
 
 
+@pytest.mark.parametrize("again", [{}, {"store": False}], ids=["stored", "not-stored"])
+def test_a_request_id_sent_again_never_takes_over_or_drops_anothers_response(again: dict[str, object]) -> None:
+    # Two keys' clients both name their requests "1" (their own x-request-id).
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 10, forget=dropped.append)
+    first = stored.admit(create("1", owner="team-a"))
+    second = stored.admit(create("1", owner="team-b", **again))
+    assert second.request_id != first.request_id and second.request_id.startswith(REPLICA + "1")
+    with pytest.raises(ValueError), stored.unless_refused(second):  # the second is refused, say
+        raise ValueError("too long")
+    stored.check(named("responses_retrieve", f"resp_{first.request_id}", owner="team-a"))  # still team-a's
+    assert f"resp_{first.request_id}" not in dropped
+
+
 def test_counting_input_tokens_after_a_response_needs_its_key_and_keeps_nothing() -> None:
     stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
     stored.admit(create("req1", owner="team-a"))
