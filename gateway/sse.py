@@ -55,7 +55,7 @@ def event(kind: str, payload: dict[str, Any]) -> bytes:
 def stream_error(endpoint: str, error: Error, sequence_number: int | None = None) -> bytes:
     """What ends a stream of ``endpoint`` with ``error`` (a Responses API
     stream's ``error`` event numbered ``sequence_number``, where known)."""
-    if endpoint == "responses":
+    if endpoint in ("responses", "responses_retrieve"):  # (a stored response's stream, replayed)
         return responses_error_event(error.to_dict(), sequence_number)
     if endpoint == "messages":
         return event("error", error.to_anthropic())

@@ -95,3 +95,9 @@ def test_an_error_after_a_frame_cut_short_is_an_event_of_its_own() -> None:
     assert events[3] == b"data: [DONE]"
     sent = b'event: response.output_text.delta\ndata: {"sequence_number":41,"delta":"a'
     assert b'"sequence_number":42' in sse.stream_error_after("responses", error, sent)
+
+
+def test_a_stored_responses_replayed_stream_ends_with_the_responses_error_event() -> None:
+    error = OverloadedError("busy")
+    assert sse.stream_error("responses_retrieve", error, 7) == sse.stream_error("responses", error, 7)
+    assert sse.stream_error("responses_retrieve", error, 7).startswith(b"event: error\n")
