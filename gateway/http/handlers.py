@@ -43,7 +43,7 @@ def envelope(error: GatewayError, path: str) -> dict[str, object]:
 def error_response(error: GatewayError, request: Request | None = None) -> JSONResponse:
     """The error's envelope (Anthropic's on its routes); with ``request``, also
     noted in its access-log line and, for 5xx, written to the error log under
-    the request's id."""
+    the request's id, and a 503's ``Retry-After`` is the ingress's ``retry_after_s``."""
     if request is None:
         return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
     _note(request, error)
@@ -52,12 +52,16 @@ def error_response(error: GatewayError, request: Request | None = None) -> JSONR
 
 
 def _note(request: Request, error: GatewayError) -> None:
+    state = getattr(request.app.state, "gateway", None)
+    if state is not None and isinstance(error, ServiceUnavailableError) and error.retry_after_s is not None:
+        # A model busy or down, wherever that was found (the relay, a replica,
+        # Serve): the client retries after the configured time.
+        error.retry_after_s = state.front_door.ingress.retry_after_s
     record = getattr(request.state, "record", None)
     if record is None:
         return
     record.error = error.code or error.type
     if error.status_code >= 500:
-        state = getattr(request.app.state, "gateway", None)
         if state is not None:
             state.access_log.error(record.request_id, error.status_code, record.error, error.message)
 

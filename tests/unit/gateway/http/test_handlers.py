@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from gateway.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
+from gateway.http.access_log import AccessLog
 from gateway.http.handlers import as_gateway_error, install_handlers
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
@@ -288,3 +290,27 @@ async def test_under_a_route_prefix_anthropics_routes_still_take_its_envelope(
     assert messages.status_code == chat.status_code == 503
     assert messages.json() == {"type": "error", "error": {"type": "overloaded_error", "message": "down"}}
     assert _error(chat)["code"] == "service_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("error", "retry_after"),
+    [
+        (OverloadedError("busy", retry_after_s=1), "7"),  # as the relay and the replicas say it
+        (ServiceUnavailableError("down"), "7"),
+        (OverloadedError("busy", status=429, retry_after_s=1), "7"),  # (Serve's 429 for a full queue)
+        (RateLimitError("over the key's limit", retry_after_ms=2500), "3"),  # when the key's limit frees: its own
+        (InternalServerError("oops"), None),
+    ],
+    ids=["overloaded", "unavailable", "overloaded-429", "rate-limited", "internal"],
+)
+async def test_a_busy_or_down_model_is_retried_after_the_configured_time(
+    raised: dict[str, BaseException], error: GatewayError, retry_after: str | None
+) -> None:
+    app = _app(raised)
+    ingress = SimpleNamespace(retry_after_s=7)  # ingress.retry_after_s
+    app.state.gateway = SimpleNamespace(front_door=SimpleNamespace(ingress=ingress), access_log=AccessLog("off"))
+    raised["error"] = error
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/raise")
+    assert response.headers.get("retry-after") == retry_after
