@@ -33,6 +33,7 @@ from gateway.http.plan import plan
 from gateway.http.relay_outcome import BACKGROUND_OUTCOME_S
 from gateway.http.relay_stream import RelayedStream
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
+from gateway.http.shadows import Shadows
 from gateway.http.stored import allowed_llms, holder, holding, input_items_query, retrieve_query
 from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
@@ -71,7 +72,7 @@ class ModelDispatcher:
         self.limiter = limiter if limiter is not None else LocalLimiter()
         self._metrics = metrics if metrics is not None else GatewayMetrics()
         self._answers = Answers(self._metrics)
-        self._shadow_calls: set[asyncio.Task[None]] = set()
+        self._shadows = Shadows()
         self._table = table if table is not None else ServingTable(RouteTable([]))
 
     @property
@@ -180,7 +181,7 @@ class ModelDispatcher:
         request_id = record.request_id
         if route.shadow is not None:
             shadow_body = {**body, "model": route.shadow} if in_body else body
-            self._mirror(table.model(route.shadow), EngineRequest(endpoint, shadow_body, request_id + "-shadow", route.shadow))
+            self._shadows.send(table.model(route.shadow), EngineRequest(endpoint, shadow_body, request_id + "-shadow", route.shadow))
         candidates = (route.target, *route.fallbacks)
         for target in candidates:
             call = EngineRequest(endpoint, _routed(body, name, target, in_body), request_id, target, *pin)
@@ -245,24 +246,6 @@ class ModelDispatcher:
         if admission is not None and not stream:
             admission.settle(record.outcome)
         return response
-
-    def _mirror(self, model: ServedModel, call: EngineRequest) -> None:
-        """Sends a copy in the background and discards the answer."""
-        task = asyncio.create_task(self._shadow_call(model, call))
-        self._shadow_calls.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._shadow_calls.discard)
-
-    async def _shadow_call(self, model: ServedModel, call: EngineRequest) -> None:
-        client = model.client
-        try:
-            if call.stream and isinstance(client, LLMClient):
-                stream = await client.relay.open(call)
-                async for _ in stream.chunks():
-                    pass
-            else:
-                await client.unary(call)
-        except Exception as exc:  # noqa: BLE001 - a shadow's failure is only worth a log line
-            logger.info("shadow request to %s failed: %s", call.model, exc)
 
     async def _unary(
         self,

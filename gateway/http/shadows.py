@@ -1,0 +1,56 @@
+"""Shadow copies of a route's requests (an alias's ``shadow``): sent in the
+background to the shadow model, their answers discarded, the client's own
+answer neither delayed nor changed. A copy is bounded by its model's
+``request_timeout_s``, and none is sent while ``MAX_OUT`` are still out:
+copies to a slow or stopped shadow model never pile up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.http.serving import LLMClient, ServedModel
+from gateway.protocol.engine import EngineRequest
+
+logger = logging.getLogger(__name__)
+
+# Copies one ingress replica has out at most.
+MAX_OUT = 64
+
+
+class Shadows:
+    """The shadow copies one ingress replica has out."""
+
+    def __init__(self, max_out: int = MAX_OUT) -> None:
+        self._out: set[asyncio.Task[None]] = set()
+        self._max_out = max_out
+        self._full = False
+
+    def __len__(self) -> int:
+        return len(self._out)
+
+    def send(self, model: ServedModel, call: EngineRequest) -> None:
+        """Sends ``call`` to ``model`` in the background (unless too many are out)."""
+        if len(self._out) >= self._max_out:
+            if not self._full:  # (said once each time it fills)
+                logger.warning("shadow copies to %s not sent: %d still out", call.model, self._max_out)
+            self._full = True
+            return
+        self._full = False
+        task = asyncio.create_task(_copy(model, call))
+        self._out.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._out.discard)
+
+
+async def _copy(model: ServedModel, call: EngineRequest) -> None:
+    client = model.client
+    try:
+        async with asyncio.timeout(model.timeout_s):
+            if call.stream and isinstance(client, LLMClient):
+                stream = await client.relay.open(call)
+                async for _ in stream.chunks():
+                    pass
+            else:
+                await client.unary(call)
+    except Exception as exc:  # noqa: BLE001 - a shadow's failure is only worth a log line
+        logger.info("shadow request to %s failed: %s", call.model, exc)

@@ -1,0 +1,29 @@
+"""gateway/http/shadows.py: shadow copies never pile up on a slow or stopped shadow model."""
+
+from __future__ import annotations
+
+from gateway.http.serving import LLMClient, ServedModel
+from gateway.http.shadows import Shadows
+from gateway.protocol.engine import EngineRequest
+from tests.unit.gateway.http.test_dispatch import FakeHandle
+from tests.unit.gateway.http.test_relay_connection import until
+
+
+def copy(n: int) -> EngineRequest:
+    return EngineRequest("chat", {"model": "s", "messages": []}, f"r{n}-shadow", "s")
+
+
+async def test_copies_past_the_bound_are_not_sent_until_some_are_done() -> None:
+    slow = FakeHandle(unary=b"{}", delay=30)  # a shadow model far slower than its primary
+    model = ServedModel("s", "llm", LLMClient(slow, 1.0), timeout_s=0.5)
+    shadows = Shadows(max_out=2)
+    for n in range(4):
+        shadows.send(model, copy(n))
+    await until(lambda: len(slow.calls) == 2)
+    assert len(shadows) == 2  # the other two were never sent
+    # Each copy is bounded by its model's request_timeout_s: the engine's work is stopped.
+    await until(lambda: len(shadows) == 0 and all(r.cancelled for r in slow.responses), timeout_s=5)
+    slow.delay = 0
+    shadows.send(model, copy(5))
+    await until(lambda: len(slow.calls) == 3 and len(shadows) == 0)
+    assert [c.request_id for c in slow.calls] == ["r0-shadow", "r1-shadow", "r5-shadow"]
