@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field, field_validator
 
 from gateway.config.base import ModelName, StrictConfig
@@ -39,6 +41,8 @@ class RouteConfig(StrictConfig):
                 raise ValueError(f"variant {name!r} has a negative weight ({weight:g})")
         if not any(weight > 0 for weight in variants.values()):
             raise ValueError("every variant has weight 0: the route could serve nothing")
+        if not math.isfinite(sum(variants.values())):  # (.inf, or weights whose sum is)
+            raise ValueError("the weights must be finite numbers, and so must be their sum")
         return variants
 
 

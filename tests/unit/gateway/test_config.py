@@ -273,6 +273,8 @@ ROUTED_MODELS = [
         ([{"name": "a", "variants": {"b": 1}}], r"routes\[0\] \('a'\): the alias collides with a model"),
         ([{"name": "c", "variants": {"a": -1, "b": 2}}], r"routes\.0\.variants: variant 'a' has a negative weight"),
         ([{"name": "c", "variants": {"a": 0, "b": 0}}], r"routes\.0\.variants: every variant has weight 0"),
+        ([{"name": "c", "variants": {"a": float("inf"), "b": 1}}], r"routes\.0\.variants: the weights must be finite"),
+        ([{"name": "c", "variants": {"a": 1e308, "b": 1e308}}], r"routes\.0\.variants: the weights must be finite"),
         ([{"name": "c", "variants": {}}], r"routes\.0\.variants"),
         (
             [{"name": "c", "variants": {"a": 1}}, {"name": "c", "variants": {"b": 1}}],
@@ -292,6 +294,8 @@ ROUTED_MODELS = [
         "collides-with-model",
         "negative",
         "all-zero",
+        "infinite",
+        "infinite-sum",
         "empty",
         "duplicate",
         "mixed-kinds",
