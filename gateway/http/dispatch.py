@@ -265,6 +265,8 @@ class ModelDispatcher:
             if admission is not None:
                 admission.settle(Outcome())  # it was sent nowhere
             raise
+        except Exception as exc:  # (Serve's, for a deployment that is gone: 503, and a route's fallback)
+            raise self._error(exc) from None
         finally:
             record.model_wait_s += time.perf_counter() - waited
         waited = time.perf_counter()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from httpx import ASGITransport, AsyncClient
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from gateway import sse
 from gateway.errors import InternalServerError, InvalidRequestError, OverloadedError
@@ -22,6 +26,10 @@ from tests.unit.gateway.http.test_dispatch import FakeHandle, make_app, post
 
 def make_routed_app(handles: dict[str, FakeHandle], alias: Any) -> FastAPI:
     return make_app(handles=handles, alias=alias)
+
+
+def make_routed_app_of_kind(handles: dict[str, FakeHandle], alias: Any, kind: str) -> FastAPI:
+    return make_app(handles=handles, alias=alias, kinds=dict.fromkeys(handles, kind))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -118,3 +126,23 @@ async def test_a_request_is_served_by_the_table_it_arrived_under() -> None:
         second = await client.post("/chat", json={"model": "m"})
         assert (await first).json() == {"from": "old"}
     assert second.json() == {"from": "new"} and dispatcher.table is swapped
+
+
+class FailedToDeploy(FakeHandle):
+    """A classical model's handle whose deployment failed: Serve's router says so when asked for a replica."""
+
+    @asynccontextmanager
+    async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+        raise DeploymentUnavailableError(DeploymentID(name="a", app_name="llm-gateway"))
+        yield  # (a generator, as Serve's)
+
+
+async def test_fallback_serves_a_classical_route_whose_first_variant_failed_to_deploy() -> None:
+    second = FakeHandle(unary=b'{"predictions": [2]}')
+    alias = Alias([Variant("a", 100), Variant("b", 1)], fallback=True)
+    app = make_routed_app_of_kind({"a": FailedToDeploy(), "b": second}, alias, "classifier")
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/predict/r", json={"instances": [[1]]})
+    assert response.status_code == 200 and response.headers["x-gateway-variant"] == "b"
+    assert response.json() == {"predictions": [2]}
