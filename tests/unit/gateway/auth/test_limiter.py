@@ -249,18 +249,27 @@ async def _still_waiting(reserving: asyncio.Future[ledger.Decision]) -> bool:
     return not reserving.done()
 
 
+async def _one_place_taken_and_one_waiting(
+    parts: list[Part], shared: bool
+) -> tuple[LimiterClient | LocalLimiter, Limits, int, asyncio.Future[ledger.Decision]]:
+    """A key of one place (and 1,000 tokens a minute) on the shared ledger or
+    the local one: a request of 300 tokens admitted, another waiting for its place."""
+    one = _client(parts, (await _started(parts))[1]) if shared else LocalLimiter(_frozen())
+    limits = Limits(tpm=1000, max_concurrent=1)
+    first = (await one.reserve("k", limits, 300)).reservation
+    assert first is not None
+    waiting = asyncio.ensure_future(one.reserve("k", limits, 300))
+    assert await _still_waiting(waiting)
+    return one, limits, first, waiting
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "local"])
 async def test_a_request_at_the_concurrency_limit_takes_the_place_its_key_frees(
     parts: list[Part], long_place_wait: float, shared: bool
 ) -> None:
     # A client cancels its stream and asks again at once: the second request
     # arrives before the first is seen to go, and is admitted when it does.
-    one = _client(parts, (await _started(parts))[1]) if shared else LocalLimiter(_frozen())
-    limits = Limits(tpm=1000, max_concurrent=1)
-    first = (await one.reserve("k", limits, 300)).reservation
-    assert first is not None
-    regenerate = asyncio.ensure_future(one.reserve("k", limits, 300))
-    assert await _still_waiting(regenerate)
+    one, limits, first, regenerate = await _one_place_taken_and_one_waiting(parts, shared)
     one.leave(first)  # its client left: the place is free before the engine has stopped
     assert (await asyncio.wait_for(regenerate, 5)).reservation is not None
     _, in_flight = await one.usage("k", limits)
@@ -278,12 +287,7 @@ async def test_a_request_cancelled_while_it_waits_for_a_place_books_nothing_when
 ) -> None:
     # Its client hung up while the ledger still kept it waiting: the place the
     # ledger gives it later goes back at once, with its tokens.
-    one = _client(parts, (await _started(parts))[1]) if shared else LocalLimiter(_frozen())
-    limits = Limits(tpm=1000, max_concurrent=1)
-    first = (await one.reserve("k", limits, 300)).reservation
-    assert first is not None
-    gave_up = asyncio.ensure_future(one.reserve("k", limits, 300))
-    assert await _still_waiting(gave_up)
+    one, limits, first, gave_up = await _one_place_taken_and_one_waiting(parts, shared)
     gave_up.cancel()
     one.settle(first, 100)  # the place frees: the ledger admits the request no one waits for
     third = await asyncio.wait_for(one.reserve("k", limits, 300), 5)
