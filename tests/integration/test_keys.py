@@ -290,8 +290,9 @@ def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
         assert mine.responses.retrieve(made.id).output_text == "one two three"
         with pytest.raises(openai.NotFoundError):
             theirs.responses.retrieve(made.id)  # `chat` is theirs too, the response is not
-        with pytest.raises(openai.NotFoundError):
+        with pytest.raises(openai.BadRequestError) as unknown:  # as for an id that never existed
             theirs.responses.create(model="chat", input="four", previous_response_id=made.id)
+        assert unknown.value.code == "previous_response_not_found"
         follow_up = mine.responses.create(model="chat", input="four", previous_response_id=made.id)
         assert follow_up.output_text == "four" and follow_up.usage is not None
         # Another model does not keep the conversation: its key is told which does, any other key nothing.
@@ -300,10 +301,12 @@ def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
         assert elsewhere.value.body["param"] == "model"  # type: ignore[index]
         assert f"`{made.model}`" in elsewhere.value.message
         with openai.OpenAI(base_url=gateway.v1, api_key=secrets["one-place"], max_retries=0) as another:
-            with pytest.raises(openai.NotFoundError):
+            with pytest.raises(openai.BadRequestError) as unknown:
                 another.responses.create(model=VLLM_MODEL, input="four", previous_response_id=made.id)
-        with pytest.raises(openai.NotFoundError):  # nor count with it
+            assert unknown.value.code == "previous_response_not_found"
+        with pytest.raises(openai.BadRequestError) as unknown:  # nor count with it
             theirs.responses.input_tokens.count(model="chat", input="four", previous_response_id=made.id)
+        assert unknown.value.code == "previous_response_not_found"
         counted = mine.responses.input_tokens.count(model="chat", input="four", previous_response_id=made.id)
         assert counted.input_tokens == follow_up.usage.input_tokens
         with pytest.raises(openai.NotFoundError):
@@ -315,6 +318,10 @@ def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
         mine.responses.delete(made.id)
         with pytest.raises(openai.NotFoundError):
             mine.responses.retrieve(made.id)
+        # A key allowed the alias alone reaches what it made through it.
+        own = theirs.responses.create(model="chat", input="five six")
+        assert theirs.responses.retrieve(own.id).output_text == "five six"
+        theirs.responses.delete(own.id)
 
 
 async def test_a_message_reserves_the_models_own_prompt_count_and_settles_its_usage(
