@@ -163,6 +163,11 @@ class LLMServer:
         with self._stored.unless_refused(request):
             body = await self._engine.complete(request, tally)
         self._stored.deleted(request)
+        if tally.continues is None:
+            self._stored.ended(request)
+        else:  # a background response: it generates on
+            admitted = request
+            tally.continues.add_done_callback(lambda _: self._stored.ended(admitted))
         return Reply(body, tally.outcome())
 
     async def _input_items(self, request: EngineRequest) -> bytes:
@@ -186,9 +191,11 @@ class LLMServer:
         tally = GenerationTally()
         with self._stored.unless_refused(request):
             frames = await self._engine.stream(request, tally)
-        return self._counted(frames, tally), tally.outcome
+        return self._counted(frames, tally, request), tally.outcome
 
-    async def _counted(self, frames: AsyncIterator[bytes], tally: GenerationTally) -> AsyncIterator[bytes]:
+    async def _counted(
+        self, frames: AsyncIterator[bytes], tally: GenerationTally, request: EngineRequest
+    ) -> AsyncIterator[bytes]:
         """The frames; once they end, or are left, also whatever generation goes
         on after them (a background response's), so that the outcome is whole."""
         self._active_streams += 1
@@ -202,6 +209,7 @@ class LLMServer:
                 await aclose()
             if tally.continues is not None:
                 await asyncio.gather(asyncio.shield(tally.continues), return_exceptions=True)
+            self._stored.ended(request)
 
     async def most_tokens(self, request: EngineRequest) -> int:
         """The prompt's tokens plus the most ``request`` may generate (``relay.COUNT``)."""

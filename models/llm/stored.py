@@ -92,6 +92,15 @@ class StoredResponses:
                     self._forget(response_id)
             raise
 
+    def ended(self, request: EngineRequest) -> None:
+        """The generation of an admitted ``request`` is over (a background
+        response's too): a new response dropped meanwhile, past the bound, is
+        dropped from the engine again, which stores a response as it ends."""
+        if request.endpoint == "responses":
+            response_id = relay.RESPONSE_PREFIX + request.request_id  # admitted: the replica's id leads it
+            if response_id not in self._kept:
+                self._forget(response_id)
+
     def deleted(self, request: EngineRequest) -> None:
         """Forgets the response a ``responses_delete`` request named, once
         the engine has deleted it: its id is unknown from now on."""

@@ -160,7 +160,12 @@ async def delete_response(serving: vllm_compat.Serving, response_id: str) -> Non
 
 
 def forget_response(serving: vllm_compat.Serving, response_id: str) -> None:
+    """Drops everything kept of a response; a background one still
+    generating (dropped past the bound: no one can reach it) is stopped."""
     responses = serving.responses
     if responses is not None:
+        task = responses.background_tasks.get(response_id)
+        if task is not None and not task.done():
+            task.cancel()
         for store in (responses.response_store, responses.msg_store, responses.event_store):
             store.pop(response_id, None)

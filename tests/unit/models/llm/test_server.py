@@ -113,3 +113,18 @@ async def test_an_adapter_that_cannot_load_fails_the_start_but_not_a_running_rep
     await server.reconfigure({"lora_adapters": {}})  # no longer configured: the engine answers for its name
     assert (await server.generate(EngineRequest("chat", tuned, "r", "tuned"))).body
     await server.stop()
+
+
+async def test_a_response_dropped_while_it_streams_is_not_kept_by_the_engine_once_it_ends() -> None:
+    """The engine stores a streamed response at its end: one dropped past the
+    bound before then is dropped again, or it would stay, unreachable, for good."""
+    server = await make_server(stored_responses=1, echo_token_delay_ms=1)
+    streamed = {"model": "echo", "input": "a b c d e f g h", "stream": True}
+    frames, _ = await server.open_stream(EngineRequest("responses", streamed, "first"))
+    await anext(frames)
+    await server.generate(EngineRequest("responses", {"model": "echo", "input": "x"}, "second"))  # drops "first"
+    async for _ in frames:
+        pass
+    kept = server._engine._stored  # type: ignore[attr-defined]  # (the echo engine's own store)
+    assert [key.endswith("second") for key in kept] == [True]
+    await server.stop()

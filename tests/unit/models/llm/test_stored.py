@@ -147,3 +147,17 @@ def test_counting_input_tokens_after_a_response_needs_its_key_and_keeps_nothing(
         stored.admit(dataclasses.replace(count, owner="team-b"))
     assert caught.value.param == "previous_response_id"
     assert len(stored) == 1
+
+
+def test_a_response_dropped_while_it_generates_is_dropped_again_once_it_ends() -> None:
+    # The engine stores a response as its generation ends: one dropped before then would stay for good.
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 1, forget=dropped.append)
+    long = stored.admit(create("long"))
+    short = stored.admit(create("short"))  # past the bound: "long" is dropped while it still generates
+    assert dropped == [f"resp_{REPLICA}long"]
+    stored.ended(short)  # kept: nothing to drop
+    assert dropped == [f"resp_{REPLICA}long"]
+    stored.ended(long)
+    assert dropped == [f"resp_{REPLICA}long"] * 2
+    stored.check(named("responses_retrieve", f"resp_{REPLICA}short"))

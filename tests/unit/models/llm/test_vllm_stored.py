@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -56,3 +57,21 @@ def test_a_follow_up_on_an_ended_or_unknown_response_is_left_to_the_engine(statu
     vllm_stored.check_previous(serving, "resp_a")
     vllm_stored.check_previous(serving, "resp_unknown")  # the replica's store answers its 404
     vllm_stored.check_previous(serving, None)
+
+
+async def test_a_response_dropped_while_it_generates_in_the_background_is_stopped() -> None:
+    generating = asyncio.ensure_future(asyncio.Event().wait())
+    done = asyncio.ensure_future(asyncio.sleep(0))
+    await done
+    kept = SimpleNamespace(status="in_progress", background=True)
+    responses = SimpleNamespace(
+        response_store={"resp_a": kept, "resp_b": kept}, msg_store={"resp_a": [], "resp_b": []},
+        event_store={"resp_a": None}, background_tasks={"resp_a": generating, "resp_b": done},
+    )
+    vllm_stored.forget_response(SimpleNamespace(responses=responses), "resp_a")
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(generating, 2)  # no one can reach it any more: its generation stops
+    assert "resp_a" not in responses.response_store and "resp_a" not in responses.msg_store
+    assert "resp_a" not in responses.event_store
+    vllm_stored.forget_response(SimpleNamespace(responses=responses), "resp_b")  # one that ended: only dropped
+    assert responses.response_store == {} and not done.cancelled()
