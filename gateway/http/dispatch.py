@@ -145,7 +145,8 @@ class ModelDispatcher:
 
     async def _most_tokens(self, model: ServedModel, call: EngineRequest) -> int:
         """What a token limit reserves for ``call``: the model's own count for
-        LLMs, a bound from the input for embeddings, none for predictions."""
+        LLMs, a bound from the input for embedding models (by any endpoint),
+        none for other predictions."""
         if call.endpoint in COUNTING:
             return 0  # counts tokens, generates none
         client = model.client
@@ -161,7 +162,7 @@ class ModelDispatcher:
                 return await client.relay.most_tokens(call)
             except Exception as exc:
                 raise self._error(exc) from None
-        return embedding_tokens(call.body) if call.endpoint == "embedding" else 0
+        return embedding_tokens(call.endpoint, call.body) if model.kind == "embedding" else 0
 
     async def _forward(
         self,

@@ -116,18 +116,28 @@ async def admit(limiter: Any, key: ApiKey, tokens: int, model: str) -> Admission
     return Admission(limiter, decision.reservation, decision.usage)
 
 
-def embedding_tokens(body: dict[str, Any]) -> int:
-    """At most the tokens an embedding request's ``input`` holds: a WordPiece or
-    byte-level tokenizer makes no more tokens than characters (bytes), plus
-    two markers per input; token-id inputs are counted as they are."""
-    value = body.get("input")
-    items = value if isinstance(value, list) else [value]
-    if items and all(isinstance(i, int) for i in items):
-        return len(items)
-    total = 0
-    for item in items:
-        if isinstance(item, str):
-            total += len(item.encode()) + 2
-        elif isinstance(item, list):
-            total += len(item)
-    return total
+def embedding_tokens(endpoint: str, body: dict[str, Any]) -> int:
+    """At most the tokens an embedding model's request holds, whichever
+    endpoint it came by (``input``; a prediction's ``instances`` or
+    ``inputs``; a V2 tensor's ``data``): a WordPiece or byte-level tokenizer
+    makes no more tokens than characters (bytes), plus two markers per text;
+    token ids are counted as they are."""
+    if endpoint == "embedding":
+        value = body.get("input")
+    elif endpoint == "predict":
+        value = body.get("instances") if body.get("instances") is not None else body.get("inputs")
+    else:
+        tensors = body.get("inputs")
+        first = tensors[0] if isinstance(tensors, list) and tensors else None
+        value = first.get("data") if isinstance(first, dict) else None
+    return _most_in(value, depth=2)
+
+
+def _most_in(value: Any, depth: int) -> int:
+    if isinstance(value, str):
+        return len(value.encode()) + 2
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, list) and depth > 0:
+        return sum(_most_in(item, depth - 1) for item in value)
+    return 0

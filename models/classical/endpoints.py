@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,8 @@ def parse(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
     if request.endpoint == "predict":
         field, instances = _validate(PredictRequest, request.body).sent()
         _check_cap(len(instances), cap, field)
-        return Job(request, predictor.inputs(instances, field), _render_predict)
+        inputs = predictor.inputs(instances, field)
+        return Job(request, inputs, _render_predict, prompt_tokens=_tokens(predictor, inputs))
     if request.endpoint == "embedding":
         return _parse_embedding(request, predictor, cap)
     if request.endpoint == "infer":
@@ -70,10 +72,18 @@ def _check_cap(count: int, cap: int, param: str) -> None:
         )
 
 
+class UnrepresentableAnswer(ValueError):
+    """A prediction JSON cannot carry (NaN or an infinity): the request's
+    answer fails, not silently turned into ``null`` or a non-JSON token."""
+
+
 def _json(payload: BaseModel | dict[str, Any]) -> bytes:
     if isinstance(payload, BaseModel):
         return payload.model_dump_json(exclude_none=True).encode()
-    return json.dumps(payload, separators=(",", ":")).encode()
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        raise UnrepresentableAnswer("the model answered a number JSON cannot carry") from None
 
 
 def _plain(prediction: Any) -> Any:
@@ -136,45 +146,61 @@ def _parse_infer(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
     infer = _validate(InferRequest, request.body)
     tensor = infer.inputs[0]
     param = "inputs[0]"
-    size = 1
-    for dim in tensor.shape:
-        size *= dim
+    _check_kind(tensor, predictor.kind, param)
+    # The shape is checked before anything is built from it: a client's
+    # [2**63, 0] with no data must not make the replica build its rows.
+    if any(dim < 0 for dim in tensor.shape):
+        raise InvalidRequestError(f"{param}: shape {tensor.shape} has a negative dimension", param=param)
+    if tensor.shape[0] == 0:
+        raise InvalidRequestError(f"{param}: the tensor holds no instances", param=param)
+    _check_cap(tensor.shape[0], cap, param)
+    data = _flat(tensor, param)
+    if predictor.kind == "embedding":
+        instances: list[Any] = data
+    else:
+        width = tensor.shape[1]
+        instances = [data[i * width : (i + 1) * width] for i in range(tensor.shape[0])]
+    inputs = predictor.inputs(instances, param)
+    wanted = _wanted_outputs(infer, predictor)
+    options = {"id": infer.id, "kind": predictor.kind, "outputs": wanted}
+    return Job(request, inputs, _render_infer, options, prompt_tokens=_tokens(predictor, inputs))
+
+
+def _check_kind(tensor: InferTensor, kind: str, param: str) -> None:
+    """The datatype and rank ``kind``'s models take: texts [N], numbers [N, features]."""
+    if kind == "embedding":
+        if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
+            raise InvalidRequestError(f"{param}: this model takes texts: datatype BYTES with shape [N]", param=param)
+    elif tensor.datatype not in NUMERIC or len(tensor.shape) != 2:
+        raise InvalidRequestError(
+            f"{param}: this model takes numbers: a numeric datatype with shape [N, features]", param=param
+        )
+
+
+def _flat(tensor: InferTensor, param: str) -> list[Any]:
+    """The tensor's data, row-major and flat, as many values as its shape holds."""
+    size = tensor.shape[0] * (tensor.shape[1] if len(tensor.shape) > 1 else 1)
     data = tensor.data
     if data and all(isinstance(row, list) for row in data):
         # Nested rows are accepted too, each as long as the shape's row.
-        width = size // tensor.shape[0] if tensor.shape[0] > 0 else 0
+        width = size // tensor.shape[0]
         if len(data) != tensor.shape[0] or any(len(row) != width for row in data):
             raise InvalidRequestError(
                 f"{param}: nested 'data' must be {tensor.shape[0]} rows of {width} values for shape {tensor.shape}",
                 param=param,
             )
         data = [value for row in data for value in row]
-    if any(dim < 0 for dim in tensor.shape) or size != len(data):
+    if size != len(data):
         raise InvalidRequestError(
-            f"{param}: shape {tensor.shape} holds {size} values but 'data' has {len(data)}",
-            param=param,
+            f"{param}: shape {tensor.shape} holds {size} values but 'data' has {len(data)}", param=param
         )
-    if predictor.kind == "embedding":
-        if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
-            raise InvalidRequestError(
-                f"{param}: this model takes texts: datatype BYTES with shape [N]", param=param
-            )
-        instances: list[Any] = list(data)
-    else:
-        if tensor.datatype not in NUMERIC or len(tensor.shape) != 2:
-            raise InvalidRequestError(
-                f"{param}: this model takes numbers: a numeric datatype with shape "
-                "[N, features]",
-                param=param,
-            )
-        width = tensor.shape[1]
-        instances = [data[i * width : (i + 1) * width] for i in range(tensor.shape[0])]
-    if not instances:
-        raise InvalidRequestError(f"{param}: the tensor holds no instances", param=param)
-    _check_cap(len(instances), cap, param)
-    inputs = predictor.inputs(instances, param)
-    wanted = _wanted_outputs(infer, predictor)
-    return Job(request, inputs, _render_infer, {"id": infer.id, "kind": predictor.kind, "outputs": wanted})
+    return data
+
+
+def _tokens(predictor: Predictor, inputs: Any) -> int:
+    """The tokens an embedding model's inputs hold (counted as /v1/embeddings
+    counts them, whichever endpoint they came by); none for other models."""
+    return sum(inputs[1]) if predictor.kind == "embedding" else 0
 
 
 def _wanted_outputs(infer: InferRequest, predictor: Predictor) -> list[str] | None:
@@ -205,8 +231,15 @@ def _render_infer(job: Job, predictions: list[Any]) -> bytes:
             InferTensor(name="label", shape=[rows], datatype=_datatype(labels), data=labels),
             _tensor("probabilities", "FP64", probabilities),
         ]
+    elif predictions and np.ndim(predictions[0]) > 0:  # several values per instance
+        matrix = np.asarray(predictions)
+        values = matrix.reshape(-1).tolist()
+        outputs = [InferTensor(name="predict", shape=list(matrix.shape), datatype=_datatype(values), data=values)]
     else:
         outputs = [InferTensor(name="predict", shape=[rows], datatype=_datatype(predictions), data=predictions)]
+    for output in outputs if job.options["kind"] != "embedding" else ():  # an embedding is finite
+        if output.datatype.startswith("FP") and not all(math.isfinite(v) for v in output.data):
+            raise UnrepresentableAnswer("the model answered a number JSON cannot carry")
     wanted = job.options.get("outputs")
     if wanted is not None:
         by_name = {output.name: output for output in outputs}

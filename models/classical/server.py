@@ -20,7 +20,7 @@ from gateway.errors import GatewayError, InternalServerError
 from gateway.heap_freeze import freeze_in_replica
 from gateway.protocol.engine import Outcome, Reply
 from gateway.replica_logs import to_stderr
-from models.classical.endpoints import Job, parse
+from models.classical.endpoints import Job, UnrepresentableAnswer, parse
 from models.classical.heap import HeapTrimmer
 from models.classical.predictor import Predictor, load_predictor
 from models.llm.server import ClientErrorFilter
@@ -98,6 +98,9 @@ class ClassicalServer:
                 jobs.append(parse(request, self._predictor, self._config.max_instances_per_request))
             except GatewayError as error:
                 jobs.append(error)
+            except Exception:  # noqa: BLE001 - a check that broke fails its own request alone
+                logger.exception("%s failed to check a request", self._config.name)
+                jobs.append(InternalServerError("The model failed to answer this request."))
         valid = [job for job in jobs if isinstance(job, Job)]
         # The model runs on the event loop, as Serve's batching expects: what
         # arrives meanwhile waits and joins the next batch whole. Measured here,
@@ -116,7 +119,18 @@ class ClassicalServer:
                 logger.exception("%s failed to predict", self._config.name)
                 return [InternalServerError("The model failed to answer this request.")]
             return [answer for job in jobs for answer in self._answer([job])]
-        return [job.render(job, p) for job, p in zip(jobs, predictions)]
+        return [self._render(job, p) for job, p in zip(jobs, predictions)]
+
+    def _render(self, job: Job, predictions: list[Any]) -> bytes | GatewayError:
+        """The job's answer, or its own error: a prediction JSON cannot carry
+        fails its request, not its batch-mates."""
+        try:
+            return job.render(job, predictions)
+        except UnrepresentableAnswer:
+            return InternalServerError("The model's answer holds a number JSON cannot carry (NaN or infinity).")
+        except Exception:  # noqa: BLE001
+            logger.exception("%s failed to render an answer", self._config.name)
+            return InternalServerError("The model failed to answer this request.")
 
     def stats(self) -> dict[str, Any]:
         """How many batches of each size this replica has run, the calls it received

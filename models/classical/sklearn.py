@@ -76,7 +76,7 @@ class SklearnPredictor:
         for position, value in enumerate(row):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return f"feature {position} is not a number ({_json_type(value)})"
-            if not math.isfinite(value):
+            if not _finite(value):
                 return f"feature {position} is not a finite number"
         return None
 
@@ -99,6 +99,14 @@ class SklearnPredictor:
             out.append(answers[start : start + len(inputs)])
             start += len(inputs)
         return out
+
+
+def _finite(value: int | float) -> bool:
+    """Whether ``value`` is a finite float64 (JSON's integers may be far larger)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _plain(value: Any) -> Any:

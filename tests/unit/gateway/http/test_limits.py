@@ -49,7 +49,18 @@ def test_a_request_that_can_never_fit_says_so_without_a_retry_time() -> None:
 
 
 def test_embedding_bounds_count_every_input() -> None:
-    assert embedding_tokens({"input": "héllo"}) == 8  # 6 bytes + 2 markers
-    assert embedding_tokens({"input": ["a", "bb"]}) == 7
-    assert embedding_tokens({"input": [1, 2, 3]}) == 3
-    assert embedding_tokens({"input": [[1, 2], [3]]}) == 3
+    assert embedding_tokens("embedding", {"input": "héllo"}) == 8  # 6 bytes + 2 markers
+    assert embedding_tokens("embedding", {"input": ["a", "bb"]}) == 7
+    assert embedding_tokens("embedding", {"input": [1, 2, 3]}) == 3
+    assert embedding_tokens("embedding", {"input": [[1, 2], [3]]}) == 3
+
+
+def test_embedding_bounds_count_the_texts_of_predictions_and_tensors_too() -> None:
+    # An embedding model reached by :predict or V2 infer is held to the key's
+    # tokens as /v1/embeddings is.
+    assert embedding_tokens("predict", {"instances": ["a", "bb"]}) == 7
+    assert embedding_tokens("predict", {"inputs": ["héllo"]}) == 8
+    tensor = {"name": "t", "shape": [2], "datatype": "BYTES", "data": ["a", "bb"]}
+    assert embedding_tokens("infer", {"inputs": [tensor]}) == 7
+    assert embedding_tokens("infer", {"inputs": [{**tensor, "data": [["a"], ["bb"]]}]}) == 7
+    assert embedding_tokens("infer", {"inputs": "nonsense"}) == 0  # refused later, by the replica

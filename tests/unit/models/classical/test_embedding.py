@@ -95,3 +95,23 @@ def test_reduced_precision_stays_within_cosine_0_999_and_leaves_as_float32(
     # One sentence alone gets the vector it gets inside a batch.
     alone = predictor.embed(SENTENCES[2:3])[0]
     assert float(alone @ got[2] / np.linalg.norm(alone) / np.linalg.norm(got[2])) >= 0.9999
+
+
+def test_a_large_batch_runs_in_passes_of_at_most_64_texts_in_its_own_order(
+    reference: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One pass over a whole batch (up to 8,192 texts, all padded to the
+    # longest) needs tens of GB; passes of 64 texts keep it near 0.5 GB.
+    predictor = EmbeddingPredictor.load(str(MINILM), dtype="float32")
+    passes: list[int] = []
+    forward = predictor._model.forward
+
+    def counted(features: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        passes.append(int(features["input_ids"].shape[0]))
+        return forward(features, *args, **kwargs)
+
+    monkeypatch.setattr(predictor._model, "forward", counted)
+    texts = [SENTENCES[i % 4] * (1 + i % 7) for i in range(150)]
+    got = predictor.embed(texts)
+    assert passes == [64, 64, 22]
+    np.testing.assert_allclose(got, reference.encode(texts, batch_size=1), rtol=0, atol=1e-5)

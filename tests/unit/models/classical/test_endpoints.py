@@ -179,3 +179,72 @@ def test_embedding_model_on_the_real_minilm_weights() -> None:
     vectors = predictor.embed(["a cat", "a kitten", "tax law"])
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
     assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        ([2**63 - 1, 0], "'inputs[0]' holds 9223372036854775807 entries; this model accepts at most 10"),
+        ([3, -4], "shape [3, -4] has a negative dimension"),
+        ([2**62] * 250, "this model takes numbers: a numeric datatype with shape [N, features]"),
+    ],
+)
+def test_infer_refuses_a_shape_before_building_anything_from_it(
+    iris: SklearnPredictor, shape: list[int], words: str
+) -> None:
+    # A huge first dimension with no data, or hundreds of huge dimensions,
+    # once made the replica build rows (or multiply) until it ran out.
+    with pytest.raises(InvalidRequestError) as caught:
+        parse(EngineRequest("infer", {"inputs": [{**TENSOR, "shape": shape, "data": []}]}, "r", "iris"), iris, 10)
+    assert words in caught.value.message
+
+
+def test_an_integer_feature_too_large_for_a_float_is_a_400(iris: SklearnPredictor) -> None:
+    with pytest.raises(InvalidRequestError, match=r"instances\[0\]: feature 0 is not a finite number"):
+        parse(EngineRequest("predict", {"instances": [[10**400, 1, 1, 1]]}, "r", "iris"), iris, 10)
+
+
+@pytest.fixture(scope="module")
+def two_outputs() -> SklearnPredictor:
+    from sklearn.linear_model import LinearRegression
+
+    features = np.array([[0.0], [1.0], [2.0]])
+    return SklearnPredictor(LinearRegression().fit(features, np.hstack([features * 2, features + 1])))
+
+
+def test_infer_answers_an_estimator_with_several_outputs_as_a_matrix(two_outputs: SklearnPredictor) -> None:
+    tensor = {"name": "x", "shape": [2, 1], "datatype": "FP64", "data": [3.0, 4.0]}
+    outputs = answer(parse(EngineRequest("infer", {"inputs": [tensor]}, "r", "lr"), two_outputs, 10), two_outputs)
+    assert outputs["outputs"] == [
+        {"name": "predict", "shape": [2, 2], "datatype": "FP64", "data": pytest.approx([6.0, 4.0, 8.0, 5.0])}
+    ]
+    predictions = answer(parse(EngineRequest("predict", {"instances": [[3.0]]}, "r", "lr"), two_outputs, 10), two_outputs)
+    assert predictions == {"predictions": [pytest.approx([6.0, 4.0])]}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("endpoint", ["predict", "infer"])
+def test_a_prediction_json_cannot_carry_fails_its_answer(two_outputs: SklearnPredictor, endpoint: str) -> None:
+    from models.classical.endpoints import UnrepresentableAnswer
+
+    body: dict[str, Any] = (
+        {"instances": [[1e308]]}
+        if endpoint == "predict"
+        else {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP64", "data": [1e308]}]}
+    )
+    job = parse(EngineRequest(endpoint, body, "r", "lr"), two_outputs, 10)
+    with pytest.raises(UnrepresentableAnswer):  # 2 × 1e308 is infinite: never Infinity or null on the wire
+        answer(job, two_outputs)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"instances": ["a b", "c"]},
+        {"inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["a b", "c"]}]},
+    ],
+)
+def test_an_embedding_model_counts_its_tokens_by_any_endpoint(body: dict[str, Any]) -> None:
+    predictor = EmbeddingPredictor(FakeSentenceModel())
+    endpoint = "predict" if "instances" in body else "infer"
+    assert parse(EngineRequest(endpoint, body, "r", "m"), predictor, 10).prompt_tokens == 7

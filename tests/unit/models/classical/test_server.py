@@ -161,3 +161,29 @@ async def test_groups_and_single_calls_share_batches(iris_dir: Path) -> None:
     assert len(group) == 4 and all(isinstance(r, Reply) for r in [*group, *singles])
     assert predictor.calls == [6]
     assert (server.stats()["calls"], server.stats()["requests"]) == (3, 6)
+
+
+async def test_a_check_or_answer_that_breaks_fails_its_own_request_alone(
+    iris_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a client error the checks know: it once left the batch and failed
+    # every request in it with a 500.
+    server, predictor = await make_server(iris_dir, max_batch_size=4, batch_wait_timeout_s=0.5)
+    checked, predicted = predictor.inputs, predictor.predict
+
+    def breaking_inputs(instances: Any, param: str, **kwargs: Any) -> Any:
+        if instances[0][0] == 7.5:
+            raise KeyError("a check that broke")
+        return checked(instances, param, **kwargs)
+
+    def unrenderable_predict(batch: Sequence[Any]) -> list[list[Any]]:
+        answers = predicted(batch)
+        return [[object()] if rows[0][0] == 8.5 else a for rows, a in zip(batch, answers)]
+
+    monkeypatch.setattr(predictor, "inputs", breaking_inputs)
+    monkeypatch.setattr(predictor, "predict", unrenderable_predict)
+    rows = [[5.1, 3.5, 1.4, 0.2], [7.5, 3.5, 1.4, 0.2], [8.5, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+    results = await asyncio.gather(*(server.generate(predict([row])) for row in rows), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["Reply", "InternalServerError", "InternalServerError", "Reply"]
+    assert [json.loads(r.body)["predictions"][0]["label"] for r in (results[0], results[3])] == ["setosa", "virginica"]  # type: ignore[union-attr]
+    assert predictor.calls == [3]  # the three requests checked shared one model call
