@@ -21,8 +21,9 @@ from pydantic import (
 
 
 # OpenAI's logit_bias: token id to a bias from -100 to 100. vLLM clamps a
-# bias outside that range (and NaN) to it; here it is refused, never altered.
-LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]]
+# bias outside that range (and NaN) to it, and reads true or "3" as a
+# number; here each is refused, never altered.
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False, strict=True)]]
 
 
 class StreamOptions(BaseModel):

@@ -68,8 +68,17 @@ def check_logprobs(endpoint: str, request: Any, most: int) -> None:
 
 def check_window(prompt: int, budget: int | None, limit: int, param: str) -> None:
     """Refuses prompt + output budget beyond the context window (a budget
-    beyond it alone was refused before the prompt was rendered)."""
-    if budget is None or prompt + budget <= limit:
+    beyond it alone was refused before the prompt was rendered); without a
+    budget, a prompt that leaves the window no room for one token."""
+    if budget is None:
+        if prompt >= limit:  # vLLM's own words named max_tokens, a field not sent
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {limit} tokens. However, your {param} "
+                f"has {prompt} tokens, leaving none to generate. Please reduce the length of the {param}.",
+                param=param,
+            )
+        return
+    if prompt + budget <= limit:
         return
     output = "output" if param == "input" else "completion"
     raise ContextLengthExceededError(

@@ -23,7 +23,7 @@ from gateway.errors import InvalidRequestError
 
 def check_output_schema(endpoint: str, body: Mapping[str, Any]) -> None:
     """Raises InvalidRequestError (400) for a JSON-schema output format without its schema."""
-    if endpoint == "chat":
+    if endpoint in ("chat", "completion"):
         fmt = body.get("response_format")
         spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
         if isinstance(spec, dict) and spec.get("schema") is None:

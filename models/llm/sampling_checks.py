@@ -53,8 +53,9 @@ RANGES: dict[str, Bounds] = {
 }
 
 # Anthropic's Messages API takes a temperature of 0 to 1 (vLLM's schema for
-# it takes any, and its sampling up to 2), and its other fields within vLLM's.
-ANTHROPIC_RANGES: dict[str, Bounds] = {**RANGES, "temperature": Bounds(0.0, 1.0)}
+# it takes any, and its sampling up to 2) and a top_k of at least 0 (vLLM's
+# -1, "off", is no value of Anthropic's), its other fields within vLLM's.
+ANTHROPIC_RANGES: dict[str, Bounds] = {**RANGES, "temperature": Bounds(0.0, 1.0), "top_k": Bounds(0, None)}
 
 
 # String lists vLLM refuses an empty string in, naming no field (the Messages

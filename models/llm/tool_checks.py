@@ -79,7 +79,7 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
     vLLM's Messages layer served: two tools of one name (vLLM kept both, and a
     call could mean either), a ``tool_choice`` that asks for a call with no
     ``tools`` (answered as plain text), and a ``tool_result`` block whose
-    ``tool_use_id`` no ``tool_use`` of the assistant message before it has
+    ``tool_use_id`` no ``tool_use`` of the assistant turn before it has
     (rendered as an answer to nothing)."""
     tools = body.get("tools")
     names = [tool.get("name") for tool in tools if isinstance(tool, dict)] if isinstance(tools, list) else []
@@ -92,13 +92,23 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
             param="tool_choice",
         )
     messages = body.get("messages")
-    asked: set[Any] = set()  # the tool_use ids of the assistant message before
+    # The tool_use ids of the assistant turn before: consecutive messages of
+    # one role are one turn, as Anthropic combines them (a client may send
+    # parallel calls' results as several user messages).
+    asked: set[Any] = set()
+    role = None
     for at, message in enumerate(messages if isinstance(messages, list) else ()):
         if not isinstance(message, dict):
             continue  # vLLM's schema refuses it
         content = message.get("content")
         blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
-        if message.get("role") == "user":
+        same_turn, role = message.get("role") == role, message.get("role")
+        if role == "assistant":
+            calls = {b.get("id") for b in blocks if b.get("type") == "tool_use"}
+            asked = asked | calls if same_turn else calls
+        elif role != "user":
+            asked = set()
+        else:
             for place, block in enumerate(blocks):
                 if block.get("type") == "tool_result" and block.get("tool_use_id") not in asked:
                     raise InvalidRequestError(
@@ -107,8 +117,8 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
                         "`tool_use` block in the previous message.",
                         param=f"messages[{at}].content[{place}].tool_use_id",
                     )
-        is_assistant = message.get("role") == "assistant"
-        asked = {b.get("id") for b in blocks if b.get("type") == "tool_use"} if is_assistant else set()
+            if not blocks or any(b.get("type") != "tool_result" for b in blocks):
+                asked = set()  # results come first in a turn: none may follow other content
 
 
 def check_tool_schemas(endpoint: str, body: Mapping[str, Any]) -> None:
@@ -162,6 +172,8 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
     except SchemaError as error:
         where = "/".join(str(part) for part in error.path)
         return f"{error.message}{f' (at {where})' if where else ''}."
+    except RecursionError:  # the check recurses several frames a level
+        return "schema is nested too deeply to check."
     return None
 
 

@@ -109,7 +109,8 @@ def map_exception(exc: BaseException, prompt_param: str | None = None) -> errors
 def validated(schema: Any, body: dict[str, Any]) -> Any:
     """``schema.model_validate(body)``; where one of vLLM's own validators,
     run before the fields', fails on a field of the wrong JSON type
-    (``messages: null`` raises TypeError in vLLM's chat schema), the field is
+    (``messages: null`` raises TypeError in vLLM's chat schema, a tool
+    without ``function`` a KeyError beside a named ``tool_choice``), the field is
     named as pydantic would have named it, and a bad tool call of an
     assistant message by its path (``messages[0].tool_calls[1].function``);
     a ``logit_bias`` outside OpenAI's range is refused, not clamped."""
@@ -118,7 +119,8 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
     not_an_array = _calls_not_an_array(body)  # before vLLM's validator makes a list of them
     try:
         parsed = schema.model_validate(body)
-    except (TypeError, AttributeError) as exc:
+    except (TypeError, AttributeError, KeyError, IndexError) as exc:
+        # (a tool without its function, read by vLLM's tool_choice validator)
         raise _wrong_field(schema, body) or exc from None
     except ValidationError as exc:
         # An assistant message's tool_calls: vLLM's own validator reads them
@@ -128,12 +130,33 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
             raise not_an_array or _bad_tool_calls(body) or exc from None
         raise
     _read_content_parts(parsed)
-    if getattr(parsed, "logit_bias", None):  # vLLM would clamp a bias outside OpenAI's range
-        _checked(("logit_bias",), lambda: _LOGIT_BIAS.validate_python(parsed.logit_bias))
+    bias = body.get("logit_bias")
+    if getattr(parsed, "logit_bias", None) and isinstance(bias, dict):  # as sent: vLLM converts and clamps
+        _checked(("logit_bias",), lambda: _LOGIT_BIAS.validate_python(bias))
+    _check_no_boolean_ids(body)
     return parsed
 
 
 _LOGIT_BIAS = TypeAdapter(LogitBias)
+
+
+def _check_no_boolean_ids(body: dict[str, Any]) -> None:
+    """Refuses a boolean where token ids go (a completion's ``prompt``,
+    ``/detokenize``'s ``tokens``): vLLM's lax schema reads true as id 1."""
+    for field in ("prompt", "tokens"):
+        value = body.get(field)
+        rows = value if isinstance(value, list) else ()
+        for index, row in enumerate(rows):
+            places = [(f"{field}[{index}]", row)]
+            if isinstance(row, list):
+                places = [(f"{field}[{index}][{at}]", one) for at, one in enumerate(row)]
+            for param, one in places:
+                if isinstance(one, bool):
+                    raise errors.InvalidRequestError(
+                        f"Invalid type for '{param}': expected an integer, but got a boolean instead.",
+                        param=param,
+                        code="invalid_type",
+                    )
 
 
 def _of_tool_calls(loc: tuple[int | str, ...]) -> bool:

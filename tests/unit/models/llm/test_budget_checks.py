@@ -58,3 +58,12 @@ def test_prompt_and_budget_beyond_the_window_name_the_prompt_field() -> None:
         budget_checks.check_window(10, 7, 16, "input")
     assert caught.value.param == "input"
     assert "17 tokens (10 in the input, 7 in the output)" in caught.value.message
+
+
+def test_a_prompt_filling_the_window_with_no_budget_sent_is_context_length_exceeded() -> None:
+    # vLLM's own words named max_tokens, a field the client never sent.
+    budget_checks.check_window(15, None, 16, "messages")
+    with pytest.raises(ContextLengthExceededError) as caught:
+        budget_checks.check_window(16, None, 16, "messages")
+    assert caught.value.param == "messages"
+    assert "your messages has 16 tokens, leaving none to generate" in caught.value.message

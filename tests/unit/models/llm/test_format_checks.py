@@ -10,9 +10,10 @@ from models.llm.format_checks import check_output_schema
 SCHEMA = {"type": "object", "properties": {}}
 
 
-def test_a_chat_json_schema_without_schema_is_refused_naming_it() -> None:
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])  # completions take response_format too
+def test_a_json_schema_without_schema_is_refused_naming_it(endpoint: str) -> None:
     with pytest.raises(InvalidRequestError) as refused:
-        check_output_schema("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
+        check_output_schema(endpoint, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
     assert refused.value.param == "response_format.json_schema.schema"
     assert refused.value.code == "missing_required_parameter"
 

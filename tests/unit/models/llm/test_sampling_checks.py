@@ -161,6 +161,14 @@ def test_a_messages_temperature_is_bounded_as_anthropic_bounds_it() -> None:
     check_sampling(_chat(temperature=1.5), budget=4)  # OpenAI's range is vLLM's, up to 2
 
 
+def test_a_messages_top_k_is_at_least_0_as_anthropic_bounds_it() -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_sampling(_message(top_k=-1), budget=4, ranges=ANTHROPIC_RANGES)
+    assert caught.value.param == "top_k"
+    check_sampling(_message(top_k=0), budget=4, ranges=ANTHROPIC_RANGES)
+    check_sampling(_chat(top_k=-1), budget=4)  # vLLM's "off", an OpenAI-side extra
+
+
 def test_an_empty_stop_sequence_is_named_by_its_own_path() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         check_sampling(_message(stop_sequences=["end", ""]), budget=4, ranges=ANTHROPIC_RANGES)

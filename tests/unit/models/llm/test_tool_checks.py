@@ -120,6 +120,19 @@ def test_a_tool_result_answering_the_tool_use_before_it_passes() -> None:
     check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [{"role": "user", "content": "Hi"}, ASKED, ANSWERED]})
 
 
+def test_parallel_calls_and_their_results_may_come_as_several_messages_of_one_turn() -> None:
+    # Anthropic combines consecutive messages of one role into one turn.
+    second = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_2", "name": "weather", "input": {}}]}
+    answered_second = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "content": "9C"}]}
+    hi = {"role": "user", "content": "Hi"}
+    check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, ASKED, second, ANSWERED, answered_second]})
+    both = {"role": "assistant", "content": [*ASKED["content"], *second["content"]]}
+    check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, both, answered_second, ANSWERED]})
+    with pytest.raises(InvalidRequestError) as refused:  # a result answers only the turn just before
+        check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, ASKED, ANSWERED, second, ANSWERED]})
+    assert refused.value.param == "messages[4].content[0].tool_use_id"
+
+
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
@@ -186,3 +199,13 @@ def test_a_named_tool_choice_of_a_given_tool_passes(name: str) -> None:
     tools = [{"type": "function", "name": "f"}, {"type": "custom", "name": "apply_patch"}, NAMESPACE]
     check_named_choice({"tools": tools, "tool_choice": {"type": "function", "name": name}})
     check_named_choice({"tools": tools, "tool_choice": "required"})
+
+
+def test_a_schema_nested_too_deeply_to_check_is_a_400_not_a_500() -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(400):
+        schema = {"type": "array", "items": schema}
+    parameters = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(InvalidRequestError, match="nested too deeply") as refused:
+        check_tool_schemas("chat", {"tools": [_chat_tool(parameters)]})
+    assert (refused.value.param, refused.value.code) == ("tools[0].function.parameters", "invalid_function_parameters")

@@ -48,7 +48,14 @@ def test_min_tokens_beyond_the_window_rest_is_refused_naming_it_without_max_toke
 def test_min_tokens_within_the_window_rest_passes() -> None:
     engine = _engine(2048)
     engine._check_rendered("chat", _chat(min_tokens=2034), [_prompt(14)])
-    engine._check_rendered("chat", _chat(), [_prompt(2048)])  # a full window: vLLM's to refuse
+    engine._check_rendered("chat", _chat(), [_prompt(2047)])
+
+
+def test_a_prompt_filling_the_window_without_a_budget_is_context_length_exceeded() -> None:
+    # vLLM refused it as "max_tokens must be at least 1, got 0.", naming a field not sent.
+    with pytest.raises(ContextLengthExceededError) as caught:
+        _engine(2048)._check_rendered("chat", _chat(), [_prompt(2048)])
+    assert (caught.value.param, caught.value.code) == ("messages", "context_length_exceeded")
 
 
 def test_a_budget_beyond_the_window_rest_is_refused_naming_the_prompt() -> None:

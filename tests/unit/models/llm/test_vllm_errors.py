@@ -112,6 +112,11 @@ def test_a_failed_response_says_why_in_openais_shape(error: errors.GatewayError,
         ({"messages": 5}, "messages", "Invalid type for 'messages': expected an array, but got an integer instead."),
         ({"structured_outputs": 5}, "structured_outputs",
          "Invalid type for 'structured_outputs': expected an object, but got an integer instead."),
+        # vLLM's tool_choice validator reads each tool's function name first (a KeyError, once a 500).
+        ({"tools": [{"type": "function"}], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+         "tools[0].function", "Missing required parameter: 'tools[0].function'."),
+        ({"tools": [{"type": "function", "function": {}}], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+         "tools[0].function.name", "Missing required parameter: 'tools[0].function.name'."),
     ],
 )
 def test_a_field_vllms_own_validators_trip_over_is_named_as_pydantic_would(
@@ -292,6 +297,9 @@ def test_tool_arguments_that_are_not_a_json_object_are_the_models_failure_not_th
         (-100.5, "Invalid 'logit_bias.7': decimal below minimum value. Expected a value >= -100, but got -100.5 instead."),
         (float("nan"), "Invalid value for 'logit_bias.7': Input should be a finite number"),
         (float("-inf"), "Invalid value for 'logit_bias.7': Input should be a finite number"),
+        # vLLM's lax schema read these as 1.0 and 3.0.
+        (True, "Invalid type for 'logit_bias.7': expected a number, but got a boolean instead."),
+        ("3", "Invalid type for 'logit_bias.7': expected a number, but got a string instead."),
     ],
 )
 def test_a_logit_bias_outside_openais_range_is_refused_not_clamped(endpoint: str, bias: float, says: str) -> None:
@@ -314,3 +322,16 @@ def test_a_logit_bias_within_openais_range_is_the_engines_as_sent(bias: float) -
 
     parsed = vllm_errors.validated(CompletionRequest, {"model": "m", "prompt": "hi", "logit_bias": {"5": bias}})
     assert parsed.logit_bias == {"5": bias}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "param"), [([True, 2], "prompt[0]"), ([[3, 4], [5, False]], "prompt[1][1]")]
+)
+def test_a_boolean_among_token_ids_is_refused_not_read_as_an_id(prompt: list[Any], param: str) -> None:
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        vllm_errors.validated(CompletionRequest, {"model": "m", "prompt": prompt})
+    assert (caught.value.param, caught.value.code) == (param, "invalid_type")
+    assert caught.value.message == f"Invalid type for '{param}': expected an integer, but got a boolean instead."
+    assert vllm_errors.validated(CompletionRequest, {"model": "m", "prompt": [[3, 4], [5, 6]]}).prompt == [[3, 4], [5, 6]]
