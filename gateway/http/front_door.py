@@ -61,8 +61,17 @@ def refusal(error: GatewayError) -> bytes:
     )
 
 
+# What a head's raw bytes hold beyond what its bounds count (the request
+# line's method and version, line ends, a pipelined body's tail).
+_HEAD_FRAMING = 1024
+
+
 class _Refused(Exception):
     pass
+
+
+def _headers_too_large() -> GatewayError:
+    return InvalidRequestError(f"The request's headers are too large: {HEAD_LIMITS}", code="headers_too_large", status=431)
 
 
 class FrontDoorProtocol(HttpToolsProtocol):
@@ -78,6 +87,12 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._url_bytes = self._head_bytes = self._fields = 0
         self._refused: GatewayError | None = None
+        # Bytes fed to the parser since the last head ended (or the
+        # connection opened), while the next has not: a header line is handed
+        # to on_header only once it ends, so a line that never ends is bounded here.
+        self._head_fed = 0
+        self._reading_head = True
+        self._head_begun = False  # its first byte in, its end not yet
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -94,11 +109,23 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._reading_head:
+            self._head_fed += len(data)
+        super().data_received(data)
+        if self._reading_head and self._head_fed > HEAD_BYTES + _HEAD_FRAMING:
+            self._refuse(self._too_large())  # a head still unended past its bound
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._url_bytes = self._head_bytes = self._fields = 0
+        self._head_begun = True
         if self._head_timer is None:
             self._arm_head_timer()
+
+    def on_message_complete(self) -> None:
+        self._reading_head, self._head_fed = True, 0
+        super().on_message_complete()
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -118,6 +145,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
+        self._reading_head = self._head_begun = False
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
@@ -131,16 +159,16 @@ class FrontDoorProtocol(HttpToolsProtocol):
     def _count(self, size: int, fields: int) -> None:
         self._head_bytes += size
         self._fields += fields
-        if self._head_bytes > HEAD_BYTES and self._url_bytes > HEAD_BYTES // 2:
-            self._refuse_head(
-                InvalidRequestError(f"The request's URL is too long: {HEAD_LIMITS}", code="uri_too_long", status=414)
-            )
-        if self._head_bytes > HEAD_BYTES or self._fields > HEAD_FIELDS:
-            self._refuse_head(
-                InvalidRequestError(
-                    f"The request's headers are too large: {HEAD_LIMITS}", code="headers_too_large", status=431
-                )
-            )
+        if self._head_bytes > HEAD_BYTES:
+            self._refuse_head(self._too_large())
+        if self._fields > HEAD_FIELDS:
+            self._refuse_head(_headers_too_large())
+
+    def _too_large(self) -> GatewayError:
+        """A head over ``HEAD_BYTES``: 414 when most of it is the URL."""
+        if self._url_bytes > HEAD_BYTES // 2:
+            return InvalidRequestError(f"The request's URL is too long: {HEAD_LIMITS}", code="uri_too_long", status=414)
+        return _headers_too_large()
 
     def _refuse_head(self, error: GatewayError) -> None:
         self._refused = error
@@ -157,8 +185,11 @@ class FrontDoorProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.cycle is not None and not self.cycle.response_complete:
-            return  # a request is being answered; the next head's timer starts with it
-        if self.timeout_keep_alive_task is not None:
+            # A request is being answered; a next head begun meanwhile is
+            # bounded still (no byte of it starts a timer again).
+            self._arm_head_timer()
+            return
+        if self.timeout_keep_alive_task is not None and not self._head_begun:
             return  # idle between requests: uvicorn's keep-alive bound applies
         self._refuse(
             RequestReadTimeoutError(f"The request's headers did not arrive within {self.head_timeout_s:g} s.")

@@ -5,8 +5,10 @@ the replica's handoff port, one short connection per stream."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
+from gateway.http.front_door_socket import peer_uid
 from gateway.protocol import relay
 
 # Streams of these endpoints may be handed over: their error frame after a
@@ -16,10 +18,15 @@ ENDPOINTS = frozenset({"chat", "completion", "messages"})
 
 
 def _connect(address: relay.RelayAddress) -> socket.socket:
+    """A connection to the replica's handoff port; OSError unless a process
+    of this user listens there (a name left by a replica that stopped may
+    be bound by anyone: no client's socket goes to another user)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.setblocking(False)
         sock.connect("\0" + address.handoff)  # a full backlog raises BlockingIOError
+        if peer_uid(sock) != os.getuid():
+            raise PermissionError(f"the handoff port {address.handoff} is another user's")
     except BaseException:
         sock.close()
         raise

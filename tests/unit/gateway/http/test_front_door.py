@@ -131,6 +131,18 @@ async def test_heads_it_cannot_take_are_refused_in_openai_shape(
     assert app.seen == 1  # only the good request reached the app
 
 
+async def test_a_header_line_that_never_ends_is_refused_once_past_the_bound() -> None:
+    # The parser hands a header to the protocol only once its line ends: one
+    # that never ends was held (and copied at each read) without a bound.
+    app = App()
+    async with front_door(app) as door:
+        started = time.monotonic()
+        error = error_of(await exchange(door.port, b"GET / HTTP/1.1\r\nx-big: " + b"y" * 20000), 431)
+    assert error["code"] == "headers_too_large"
+    assert time.monotonic() - started < TIMEOUT_S  # at once, not at the head's timeout
+    assert app.seen == 0
+
+
 async def test_a_head_at_the_limits_is_taken() -> None:
     app = App()
     async with front_door(app) as door:
@@ -162,6 +174,26 @@ async def test_the_head_timer_starts_again_for_each_request_on_a_connection() ->
         assert await asyncio.wait_for(reader.read(), 10) == b""
         assert time.monotonic() - started >= 0.9
         writer.close()
+
+
+async def test_a_head_begun_while_an_answer_runs_is_bounded_too() -> None:
+    app = App()
+    async with front_door(app) as door:
+        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        writer.write(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nx-slow: ")
+        while not app.seen:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(TIMEOUT_S * 1.5)  # the head timer fires while /held is answered
+        app.release.set()
+        assert (await asyncio.wait_for(reader.readuntil(b"ok /held"), 5)).startswith(b"HTTP/1.1 200")
+        started, rest = time.monotonic(), asyncio.ensure_future(reader.read())
+        while not rest.done() and time.monotonic() - started < 8 * TIMEOUT_S:
+            writer.write(b"y")  # a byte at a time, each under the keep-alive bound
+            await asyncio.sleep(TIMEOUT_S / 5)
+        writer.close()
+    assert error_of(await rest, 408)["code"] == "request_read_timeout"
+    assert time.monotonic() - started < 4 * TIMEOUT_S
+    assert app.seen == 1
 
 
 async def test_replicas_share_the_port_and_a_stopping_one_finishes_its_requests() -> None:

@@ -268,3 +268,23 @@ async def test_a_handed_over_stream_reaches_the_client_in_order_after_the_frames
         ours.close()
         body = _unchunk(await readable_eof(theirs))
     assert body == b"".join(frames) and stream.handed_off and stream.body_ended
+
+
+async def test_no_clients_socket_goes_to_a_port_another_user_listens_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handoff name left by a replica that stopped may be bound by any
+    local user: the ingress hands a socket only to a process of its own user."""
+    import os
+
+    from gateway.http import handoff
+    from models.llm.handoff import HandoffPort
+
+    port = HandoffPort()
+    address = relay.RelayAddress("127.0.0.1", 1, "t", handoff=port.start())
+    try:
+        assert handoff.reachable(address)
+        monkeypatch.setattr(handoff, "peer_uid", lambda _sock: os.getuid() + 1)
+        assert not handoff.reachable(address)
+        with client_pair() as (ours, _), pytest.raises(PermissionError, match="another user's"):
+            await handoff.hand_over(address, b"x" * relay.TICKET_BYTES, ours.fileno())
+    finally:
+        port.stop()
