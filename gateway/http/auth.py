@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth.keys import ApiKey, KeyTable
 from gateway.errors import AuthenticationError
-from gateway.http.handlers import envelope
+from gateway.http.handlers import envelope, note_refusal
 
 PROTECTED = ("/v1/", "/v2/", "/tokenize", "/detokenize")
 # Server metadata: the Open Inference Protocol's root, behind the keys as the rest of ``/v2``.
@@ -67,7 +67,7 @@ class KeyGuard:
         try:
             key = check(header.decode("latin-1") if header is not None else None)
         except AuthenticationError as error:
-            await _refuse(send, error, path)
+            await _refuse(scope, send, error, path)
             return
         state: dict[str, Any] = scope.setdefault("state", {})
         state["api_key"] = key
@@ -77,7 +77,8 @@ class KeyGuard:
         await self._app(scope, receive, send)
 
 
-async def _refuse(send: Send, error: AuthenticationError, path: str) -> None:
+async def _refuse(scope: Scope, send: Send, error: AuthenticationError, path: str) -> None:
+    note_refusal(scope, error)
     body = json.dumps(envelope(error, path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +29,14 @@ logger = logging.getLogger(__name__)
 
 # The Open Inference Protocol's routes (``/v2`` and below), whose errors are its own shape.
 INFERENCE_ROOT = "/v2"
+
+
+def note_refusal(scope: MutableMapping[str, Any], error: GatewayError) -> None:
+    """Names a guard's refusal (401, 403) on the request's access-log line,
+    as an error the app answers is named."""
+    record = scope.get("state", {}).get("record")
+    if record is not None:
+        record.error = error.code or error.type
 
 
 def envelope(error: GatewayError, path: str) -> dict[str, object]:

@@ -178,6 +178,10 @@ class ObservabilityMiddleware:
                 status = CLIENT_CLOSED
             elif record.late_status is not None:
                 status = record.late_status
+                if status >= 500:  # a stream cut by a failure: logged as a failure before its first byte is
+                    self._log.error(
+                        record.request_id, status, record.error, "The stream ended with an error after it started."
+                    )
             duration_s = time.perf_counter() - record.started
             metrics.request_finished(record, status, duration_s)
             self._log.request(record, scope["method"], status, duration_s, overhead_s)

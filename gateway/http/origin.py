@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import PermissionDeniedError
 from gateway.http.auth import PROTECTED
-from gateway.http.handlers import envelope
+from gateway.http.handlers import envelope, note_refusal
 
 
 def is_loopback(host: str) -> bool:
@@ -77,6 +77,7 @@ class OriginGuard:
         else:
             await self._app(scope, receive, send)
             return
+        note_refusal(scope, error)
         body = json.dumps(envelope(error, path)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})

@@ -170,13 +170,13 @@ class GatewayState:
 
     async def report_engine(self, source: str, text: str, answers: int) -> None:
         if self.own_hub is not None:
-            self.own_hub.report_engine(source, text, answers)
+            await self.own_hub.report_engine(source, text, answers)
         else:
             await self._hub.report_engine.remote(source, text, answers)
 
     async def engine_gone(self, source: str) -> None:
         if self.own_hub is not None:
-            self.own_hub.engine_gone(source)
+            await self.own_hub.engine_gone(source)
         else:
             await self._hub.engine_gone.remote(source)
 

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 REPORT_S = 0.5
 HEARTBEAT_S = 2.0
 STALE_S = 10.0
+LAST_REPORT_S = 2.0  # the most a stopping replica waits to send its last counts
 HUB_NAME = "MetricsHub"
 _NOTHING = object()  # no collection made yet
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -75,7 +76,14 @@ class MetricsHub:
             self._limiter_address = await self._limiter.start()
         return self._limiter_address.metadata()
 
-    def report(self, source: str, snapshot: Snapshot) -> None:
+    # The calls ingress and LLM replicas make are coroutines: Serve runs a
+    # plain method on a thread pool, where it would change what a scrape on
+    # the loop is reading (and set the loop's events from another thread).
+
+    async def report(self, source: str, snapshot: Snapshot) -> None:
+        self._report(source, snapshot)
+
+    def _report(self, source: str, snapshot: Snapshot) -> None:
         self._live[source] = (snapshot, time.monotonic())
         self._gone.pop(source, None)
 
@@ -83,17 +91,17 @@ class MetricsHub:
         """Held for an LLM replica until a scrape wants its page (``EnginePages.asked``)."""
         return await self._engines.asked(source, answered)
 
-    def report_engine(self, source: str, text: str, answers: int) -> None:
+    async def report_engine(self, source: str, text: str, answers: int) -> None:
         """``text``: one LLM replica's ``vllm:*`` families, Prometheus text format,
         rendered for scrape ``answers``."""
         self._engines.put(source, text, answers)
 
-    def engine_gone(self, source: str) -> None:
+    async def engine_gone(self, source: str) -> None:
         self._engines.forget(source)
 
     async def render(self, source: str, snapshot: Snapshot) -> str:
         """The page for a scrape that arrived at ``source`` (whose snapshot is current)."""
-        self.report(source, snapshot)
+        self._report(source, snapshot)
         self._expire()
         merged = merge([*(s for s, _ in self._live.values()), *self._gone.values()])
         page = render(FAMILIES, merged)
@@ -130,6 +138,7 @@ class MetricsReporter:
         self._after_each = after_each
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._last: object = _NOTHING  # the version last sent
 
     def start(self) -> None:
         """Starts the loop on the running event loop (once)."""
@@ -137,13 +146,20 @@ class MetricsReporter:
             self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Stops the loop, then sends the last counts if they changed since
+        the last report: what the replica served since (its last requests,
+        drained on the way out) would otherwise never reach the hub."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            if self._send is not None and self._changed() != self._last:
+                try:
+                    await asyncio.wait_for(self._send(self._collect()), LAST_REPORT_S)
+                except Exception as exc:  # noqa: BLE001 - the hub may be gone too
+                    logger.debug("last metrics report failed: %s", exc)
 
     async def _run(self) -> None:
-        last: object = None
         sent_at = 0.0
         collected: Any = None
         collected_at: object = _NOTHING
@@ -155,7 +171,7 @@ class MetricsReporter:
                 continue
             version = self._changed()
             now = time.monotonic()
-            if version == last and now - sent_at < HEARTBEAT_S:
+            if version == self._last and now - sent_at < HEARTBEAT_S:
                 continue
             # A heartbeat sends what was collected for this version again:
             # collecting (vLLM renders its whole registry) is the costly part.
@@ -166,4 +182,4 @@ class MetricsReporter:
             except Exception as exc:  # noqa: BLE001 - the hub may be starting or moving
                 logger.debug("metrics report failed: %s", exc)
                 continue
-            last, sent_at = version, now
+            self._last, sent_at = version, now

@@ -235,3 +235,45 @@ async def test_request_id_is_only_on_anthropics_routes_and_also_where_serve_echo
         anthropic = await c.post("/v1/messages", headers={"x-request-id": "abc"})
     assert "request-id" not in openai.headers
     assert anthropic.status_code == 404 and anthropic.headers.get_list("request-id") == ["abc"]
+
+
+async def test_a_guards_refusal_names_its_error_in_the_access_log(tmp_path: Path) -> None:
+    from gateway.auth.keys import KeyTable, hash_secret, new_secret
+    from gateway.config import KeyConfig
+
+    log = tmp_path / "access.log"
+    front_door = FrontDoorConfig.model_validate({"ingress": {"access_log": str(log)}})
+    keyed, local = (GatewayState(front_door, lambda model: None, lambda model: "") for _ in range(2))
+    keyed.keys = KeyTable([KeyConfig.model_validate({"id": "team-a", "hash": hash_secret(new_secret())})])
+    local.loopback = True  # no keys: pages of other sites are refused
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+    async with client(build_api(keyed)) as c:
+        assert (await c.post("/v1/chat/completions", json=chat, headers={"authorization": "Bearer nope"})).status_code == 401
+    async with client(build_api(local)) as c:
+        sent = await c.post("/v1/chat/completions", json=chat, headers={"origin": "https://evil.example"})
+        assert sent.status_code == 403
+    keyed.access_log.flush()
+    local.access_log.flush()
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert [(line["status"], line.get("error")) for line in lines] == [(401, "invalid_api_key"), (403, sent.json()["error"]["code"])]
+
+
+async def test_a_stream_cut_by_a_failure_gets_its_error_line_too(tmp_path: Path) -> None:
+    app, metrics, log = make_app(tmp_path)
+
+    @app.get("/cut")
+    async def cut(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: 1\n\n"
+            request.state.record.error, request.state.record.late_status = "service_unavailable", 503
+            yield b'data: {"error": {}}\n\n'
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async with client(app) as c:
+        assert (await c.get("/cut", headers={"x-request-id": "cut-1"})).status_code == 200
+    app.state.flush()
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert [(line["log"], line["request_id"], line["status"], line.get("error")) for line in lines] == [
+        ("error", "cut-1", 503, "service_unavailable"), ("access", "cut-1", 503, "service_unavailable")
+    ]

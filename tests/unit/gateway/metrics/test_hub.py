@@ -33,7 +33,7 @@ async def test_the_page_sums_every_replica_and_the_scraped_one_is_current() -> N
     hub, one, two = MetricsHub(), GatewayMetrics(), GatewayMetrics()
     served(one, 200, in_flight=1)
     served(two, 200)
-    hub.report("two", two.snapshot())
+    await hub.report("two", two.snapshot())
     served(two, 500)  # not reported yet: the next report will carry it
     page = await hub.render("one", one.snapshot())
     requests = values(page, "llm_gateway_requests_total")
@@ -47,8 +47,8 @@ async def test_a_silent_replica_keeps_its_counts_and_drops_its_gauges(monkeypatc
     monkeypatch.setattr(hub_module.time, "monotonic", lambda: clock[0])
     hub, gone, live = MetricsHub(), GatewayMetrics(), GatewayMetrics()
     served(gone, 200, in_flight=2)
-    hub.report("gone", gone.snapshot())
-    hub.report_engine("gone", "# HELP vllm:x X.\n# TYPE vllm:x gauge\nvllm:x 1.0\n", 0)
+    await hub.report("gone", gone.snapshot())
+    await hub.report_engine("gone", "# HELP vllm:x X.\n# TYPE vllm:x gauge\nvllm:x 1.0\n", 0)
     clock[0] += hub_module.STALE_S + 1
     page = await hub.render("live", live.snapshot())
     assert sum(values(page, "llm_gateway_requests_total").values()) == 1
@@ -80,6 +80,21 @@ async def test_the_reporter_sends_news_at_once_and_otherwise_only_heartbeats(
     await reporter.stop()
     assert sent[:2] == [0, 1] and len(sent) in (3, 4)  # heartbeats only
     assert flushes[0] >= 10
+
+
+async def test_a_stopping_replica_sends_what_it_served_since_its_last_report() -> None:
+    # Its last requests (drained on the way out) were never counted.
+    sent: list[Any] = []
+
+    async def send(snapshot: Any) -> None:
+        sent.append(snapshot)
+
+    served = [3]
+    reporter = MetricsReporter(send, lambda: served[0], lambda: served[0], interval_s=60)
+    reporter.start()
+    served[0] = 5
+    await reporter.stop()
+    assert sent == [5]
 
 
 async def test_a_failed_send_is_retried_next_cycle() -> None:
@@ -136,3 +151,13 @@ async def test_with_no_hub_the_reporter_only_flushes_and_collects_nothing() -> N
     await asyncio.sleep(0.1)
     await reporter.stop()
     assert collected[0] == 0 and flushes[0] >= 5
+
+
+def test_what_replicas_call_runs_on_the_hubs_loop_beside_its_scrapes() -> None:
+    # Serve runs a plain method on a thread pool: a report arriving during a
+    # scrape changed the dict the scrape was merging ("dictionary changed
+    # size during iteration", a 500 to Prometheus).
+    import inspect
+
+    for name in ("report", "report_engine", "engine_gone", "engine_asked", "render"):
+        assert inspect.iscoroutinefunction(getattr(MetricsHub, name)), name
