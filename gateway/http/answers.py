@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from gateway import sse
 from gateway.errors import GatewayError, RequestTimeoutError, ServiceUnavailableError
 from gateway.http.limits import Admission
+from gateway.http.observe import CLIENT_CLOSED
 from gateway.http.relay_stream import ClientSink, RelayedStream, StreamCutError
 from gateway.http.relay_response import RelayResponse
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
@@ -88,7 +89,10 @@ class Answers:
         try:
             async with asyncio.timeout_at(deadline):
                 if not await stream.pipe(sink):
-                    return  # the client left
+                    # The client left: a 499, also where the replica writing to
+                    # its socket saw that before this loop did.
+                    record.late_status = CLIENT_CLOSED
+                    return
         except StreamCutError:
             error = ServiceUnavailableError("The model stopped while serving the request.")
         except TimeoutError:

@@ -289,6 +289,8 @@ class RelayedStream:
             sink.ended_elsewhere()
             line, self._reusable = await self._outcome_line(self._reader, data[1:])
         self.outcome = self._decoded(line)
+        if self.outcome.client_left:
+            sink.last_on_connection()  # a broken connection, not one to keep
         return not self.outcome.client_left
 
     @contextlib.contextmanager

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from gateway import sse
+from gateway.http.answers import Answers
 from gateway.http.relay import ReplicaRelay
 from gateway.http.relay_stream import StreamCutError
+from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest
 from models.llm.relay import StreamServer
@@ -93,14 +95,20 @@ async def test_a_client_gone_mid_stream_is_told_apart_and_aborts_the_engine_requ
     aborted = asyncio.Event()
     server = frames_server([sse.frame({"n": i}) for i in range(1000)], gap_s=0.01, aborted=aborted)
     stream = await ReplicaRelay(Router(await server.start())).open(CALL)
+    record = RequestRecord(CALL.request_id, "/v1/chat/completions", 0.0)
     with client_pair() as (ours, theirs):
-        piping = asyncio.ensure_future(stream.pipe(ClientSocketSink(ours)))
+        sink = ClientSocketSink(ours)
+        piping = asyncio.ensure_future(Answers(GatewayMetrics())._deliver(stream, sink, "chat", record))
         await received_until(theirs, b"\n\n\r\n")
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         theirs.close()  # a reset: the replica's next write fails
-        assert await asyncio.wait_for(piping, 2) is False
+        await asyncio.wait_for(piping, 2)
     await asyncio.wait_for(aborted.wait(), 2)
     assert stream.outcome is not None and stream.outcome.client_left
+    # Seen by the replica first, the hang-up is still the request's outcome
+    # (it was logged and counted 200), and the connection is not kept.
+    assert (record.late_status, record.outcome) == (499, None)
+    assert sink.closes
 
 
 async def test_a_stream_stopped_by_the_ingress_is_released_once_the_replica_writes_no_more() -> None:
