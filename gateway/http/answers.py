@@ -67,10 +67,26 @@ class Answers:
 
         return finished
 
+    def generated_on(self, record: RequestRecord, admission: Admission | None) -> Callable[[Outcome | None], None]:
+        """What counts a background stream's outcome once it has generated to
+        its end, whether its client read it all or left: once, as ``answered``
+        counts it where the client has it whole first."""
+
+        def finished(outcome: Outcome | None) -> None:
+            if outcome is not None and not record.counted:
+                record.counted = True
+                self._metrics.answered(record.model, record.variant, outcome, record.key)
+            if admission is not None:
+                admission.settle(outcome)
+
+        return finished
+
     def answered(self, record: RequestRecord, outcome: Outcome) -> None:
         """Counts an answer the client is given (and keeps its outcome on ``record``)."""
         record.outcome = outcome
-        self._metrics.answered(record.model, record.variant, outcome, record.key)
+        if not record.counted:
+            record.counted = True
+            self._metrics.answered(record.model, record.variant, outcome, record.key)
 
     async def _deliver(
         self,

@@ -358,13 +358,14 @@ class ModelDispatcher:
         finally:
             record.model_wait_s += time.perf_counter() - waited
 
-        background = _background(call.endpoint, call.body)
-        if admission is not None:
-            # Also a stream the client left; its place is free at once (a background response's is not:
-            # it still generates, to its end).
-            stream.when_ended(admission.settle, None if background else admission.leave)
-        if background:
+        if _background(call.endpoint, call.body):
+            # It generates to its end, its client there or not: its outcome
+            # is counted and settled then, and its key's place held until then.
+            stream.when_ended(self._answers.generated_on(record, admission))
             stream.outcome_wait_s = BACKGROUND_OUTCOME_S
+        elif admission is not None:
+            # Also a stream the client left; its place is free at once.
+            stream.when_ended(admission.settle, admission.leave)
         return self._answers.streamed(stream, call.endpoint, record, headers, deadline, timeout)
 
     def _error(self, exc: BaseException) -> GatewayError:

@@ -43,6 +43,7 @@ class RequestRecord:
     # What an error after the response started (a stream's error frame) stands
     # for: the status that went out was 200, the request's outcome is this.
     late_status: int | None = None
+    counted: bool = False  # its outcome is in the metrics (a background stream's may come after it ended)
 
 
 class GatewayMetrics:

@@ -107,6 +107,8 @@ class FakeReplica:
                     raise item
                 if isinstance(item, bytes):
                     yield item
+                if isinstance(item, float):  # the engine between tokens
+                    await asyncio.sleep(item)
 
         return frames(), lambda: outcome
 
@@ -180,6 +182,10 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
     @app.post("/chat")
     async def chat(request: Request) -> Response:
         return await dispatcher.dispatch("chat", request)
+
+    @app.post("/responses")
+    async def responses(request: Request) -> Response:
+        return await dispatcher.dispatch("responses", request)
 
     @app.post("/predict/{model}")
     async def predict(model: str, request: Request) -> Response:

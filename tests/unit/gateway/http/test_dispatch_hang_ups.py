@@ -78,3 +78,46 @@ async def test_server_cancelling_a_left_request_cancels_the_model_call(stream: b
     await asyncio.gather(serving, return_exceptions=True)
     await model_work_stops(handle)
     assert app.state.metrics.snapshot()["llm_gateway_requests_total"] == {("/chat", "m", "m", "499", ""): 1}
+
+
+@pytest.mark.parametrize("leaves", [False, True], ids=["read-whole", "client-left"])
+async def test_a_background_streams_tokens_are_counted_once_whether_or_not_its_client_stays(leaves: bool) -> None:
+    """A background response generates to its end either way; its tokens
+    were missing from the metrics when its client left mid-stream."""
+    from gateway.protocol.engine import Outcome
+
+    outcome = Outcome(prompt_tokens=3, completion_tokens=5)
+    handle = FakeHandle(stream=[sse.frame({"n": 0}), 0.3 if leaves else 0.0, sse.frame({"n": 1}), sse.DONE, outcome])
+    app = make_app(handle)
+    body = json.dumps({"model": "m", "input": "Hi", "stream": True, "background": True}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        if not leaves:
+            await asyncio.Event().wait()
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {**SCOPE, "path": "/responses", "raw_path": b"/responses"}
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    assert sent[0]["status"] == 200, sent
+    metrics = app.state.metrics
+
+    def tokens() -> dict[Any, float]:
+        return dict(metrics.snapshot().get("llm_gateway_tokens_total", {}))
+
+    deadline = asyncio.get_running_loop().time() + 3
+    while sum(tokens().values()) < 8:
+        assert asyncio.get_running_loop().time() < deadline, metrics.snapshot()
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # (nothing counts it again)
+    assert sorted(tokens().values()) == [3, 5]
+    status = "499" if leaves else "200"
+    assert metrics.snapshot()["llm_gateway_requests_total"] == {("/responses", "m", "m", status, ""): 1}
