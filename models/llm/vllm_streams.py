@@ -34,13 +34,16 @@ async def count(
     """Passes vLLM's ``RequestOutput``s through, adding their tokens and timings to ``tally``.
 
     Token times come from vLLM's request stats (engine-core timestamps) when
-    it keeps them, else from arrival here. A final-only output spreads its
-    tokens evenly between the first and the last token's times. ``placer``,
+    it keeps them, else from arrival here, each sequence (choice) timed on
+    its own. A final-only output spreads each sequence's tokens evenly
+    between the first and the last token's times. ``placer``,
     when given, counts the request as generating from the first read on
     until the outputs end or are closed, and learns its tokens as they pass.
     """
     cumulative: dict[int, int] = {}  # per sequence, for outputs that repeat earlier tokens
-    last_ts: float | None = None
+    # Per sequence: each of n choices is a request of its own in the engine,
+    # its tokens timed apart from its siblings' (as vLLM's own ITL times them).
+    last_ts: dict[int, float] = {}
     first = True
     if placer is not None:
         placer.started()
@@ -54,12 +57,13 @@ async def count(
                 n = len(seq.token_ids)
                 if not delta:
                     n, cumulative[seq.index] = n - cumulative.get(seq.index, 0), n
+                if n > 0:
+                    last_ts[seq.index] = _time_tokens(tally, output.metrics, n, last_ts.get(seq.index))
                 new += n
             if new > 0:
                 # Counted as they pass, not when this generator ends: one left
                 # at a ``yield`` (its reader stopped) ends only once collected.
                 tally.completion_tokens += new
-                last_ts = _time_tokens(tally, output.metrics, new, last_ts)
                 if placer is not None:
                     placer.produced(new)
             yield output
@@ -73,7 +77,9 @@ async def count(
 def _time_tokens(
     tally: GenerationTally, stats: Any, new: int, last_ts: float | None
 ) -> float:
-    """Records the timings of ``new`` tokens; returns the latest token's (monotonic) time."""
+    """Records the timings of one sequence's ``new`` tokens (its first ones
+    where ``last_ts`` is None: the request's first token, if no sibling's came
+    first); returns the latest token's (monotonic) time."""
     now = time.monotonic()
     latest = float(stats.last_token_ts if stats is not None and stats.last_token_ts else now)
     if last_ts is not None:

@@ -51,15 +51,35 @@ async def test_a_delta_stream_counts_each_step() -> None:
     assert outcome.inter_token_sum_s == pytest.approx(0.06)
 
 
-async def test_a_final_only_answer_spreads_its_tokens_between_first_and_last() -> None:
+async def test_a_final_only_answer_spreads_each_choices_tokens_between_first_and_last() -> None:
     tally = GenerationTally(started=999.9)
-    await drain(count(source([output([5, 3], stats(10.0, 10.4))]), tally, delta=False))
+    await drain(count(source([output([5, 3], stats(10.0, 10.5))]), tally, delta=False))
     outcome = tally.outcome()
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 8)
     assert outcome.first_token_s == pytest.approx(0.35)
-    # Seven gaps of 0.4 s / 7 = 57 ms: all in the (0.05, 0.075] bucket.
-    assert outcome.inter_token_counts[ITL_BUCKETS.index(0.075)] == 7 == sum(outcome.inter_token_counts)
-    assert outcome.inter_token_sum_s == pytest.approx(0.4)
+    # Each choice over the same 0.5 s: four gaps of 125 ms, two of 250 ms
+    # (all 8 tokens spread as one sequence made each gap about a choice's half).
+    assert outcome.inter_token_counts[ITL_BUCKETS.index(0.15)] == 4
+    assert outcome.inter_token_counts[ITL_BUCKETS.index(0.3)] == 2 == sum(outcome.inter_token_counts) - 4
+    assert outcome.inter_token_sum_s == pytest.approx(1.0)
+
+
+async def test_several_choices_streamed_are_each_timed_on_their_own() -> None:
+    # vLLM streams each choice's step as an output of its own, one step's
+    # outputs with one timestamp: timed together, every sibling's gap was 0.
+    tally = GenerationTally(started=1000.0)
+
+    def step(index: int, last: float) -> Any:
+        out = output([1], stats(50.0, last))
+        out.outputs[0].index = index
+        return out
+
+    steps = [step(0, 50.0), step(1, 50.0), step(0, 50.02), step(1, 50.02), step(0, 50.04), step(1, 50.04)]
+    await drain(count(source(steps), tally, delta=True))
+    outcome = tally.outcome()
+    assert outcome.completion_tokens == 6
+    assert outcome.inter_token_counts == (0, 4) + (0,) * (len(ITL_BUCKETS) - 1)  # four gaps of 20 ms
+    assert outcome.inter_token_sum_s == pytest.approx(0.08)
 
 
 async def test_two_prompts_of_one_request_add_up() -> None:
