@@ -34,7 +34,7 @@ for arg in "$@"; do
   if [ "$prev" = "-f" ] && [ -f "$arg" ] && ! grep -q '^# llm-gateway front door' "$arg"; then
     sed -i -E \\
       -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/!s/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\
-      -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/s/^([[:space:]]*bind[[:space:]]+)127[.]0[.]0[.]1:([0-9]+)([[:space:]]|$)/\\1{front_door}:\\2\\3/' \\{drop_syslog}
+      -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/s/^([[:space:]]*bind[[:space:]]+)127[.]0[.]0[.]1:([0-9]+)([[:space:]]|$)/\\1{front_door}:\\2{bind_options}\\3/' \\{drop_syslog}
       -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
       -e '/^[[:space:]]*timeout[[:space:]]+client[[:space:]]/d' \\
       -e '/^[[:space:]]*option[[:space:]]+splice-request([[:space:]]|$)/d' \\
@@ -171,21 +171,25 @@ def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0, front_door: s
     binary = get_haproxy_binary()
     if any("'" in path for path in (binary, str(directory), sys.executable)):
         raise ValueError(f"unexpected path {binary!r}, {directory!r} or {sys.executable!r}")
-    bind = _bind_address(front_door)
+    bind, options = _bind_address(front_door)
     _front_door_files(directory, read_timeout_s)
     path = directory / "haproxy"
     drop_syslog = "" if os.environ.get(HAPROXY_LOG_TARGET) else _DROP_SYSLOG
     path.write_text(_WRAPPER.format(
         binary=binary, directory=directory, drop_syslog=drop_syslog, python=sys.executable,
-        die_with_parent=_DIE_WITH_PARENT, front_door=bind,
+        die_with_parent=_DIE_WITH_PARENT, front_door=bind, bind_options=options,
     ))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
 
-def _bind_address(host: str) -> str:
-    """``host`` as Ray Serve's HAProxy template writes it in a ``bind`` line
-    (``*`` for every interface), checked to be safe in the wrapper's script."""
+def _bind_address(host: str) -> tuple[str, str]:
+    """``host`` as a ``bind`` line takes it (``*`` for every IPv4 interface,
+    as Ray Serve's HAProxy template writes it) and the options it needs
+    (``::``, every interface, takes IPv4 too, as the gateway's own front door
+    does), checked to be safe in the wrapper's script."""
     if not host or any(not (c.isascii() and c.isalnum() or c in ".:-_") for c in host):
         raise ValueError(f"unexpected front door address {host!r}")
-    return "*" if host in ("0.0.0.0", "::") else host
+    if host == "::":
+        return "::", " v4v6"
+    return ("*" if host == "0.0.0.0" else host), ""

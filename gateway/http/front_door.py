@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 from email.utils import formatdate
 from http import HTTPStatus
@@ -40,7 +41,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
 from gateway.errors import GatewayError, InvalidRequestError, RequestReadTimeoutError
-from gateway.http.front_door_socket import BACKLOG, kept_socket
+from gateway.http.front_door_socket import BACKLOG, HOST_VARIABLE, kept_socket
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve_http_host() -> str:
-    """The host Serve's HTTP address is on (``llm-gateway serve --host``), whichever the front door."""
+    """The host clients reach the gateway on (``llm-gateway serve --host``),
+    whichever the front door: behind HAProxy Serve itself is on loopback."""
+    if host := os.environ.get(HOST_VARIABLE):
+        return host
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 

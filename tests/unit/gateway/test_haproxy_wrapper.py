@@ -218,11 +218,15 @@ def haproxy_binary(wrapper: Path) -> str:
     return line.split("'")[-2]  # the last quoted word: HAProxy's path
 
 
-@pytest.mark.parametrize(("host", "bind"), [("0.0.0.0", "*"), ("::", "*"), ("192.0.2.2", "192.0.2.2"), ("127.0.0.1", "127.0.0.1")])
+@pytest.mark.parametrize(
+    ("host", "bind"),
+    [("0.0.0.0", "*:{}"), ("::", ":::{} v4v6"), ("192.0.2.2", "192.0.2.2:{}"), ("127.0.0.1", "127.0.0.1:{}")],
+)
 def test_the_wrapper_puts_the_front_door_on_the_address_asked_for(tmp_path: Path, host: str, bind: str) -> None:
     """Serve is given loopback, where it binds its fallback proxy: the front
     doors Ray's template then writes on 127.0.0.1 move to ``--host``, as Ray
-    writes an address there (``*`` for every interface); the rest stays.
+    writes an address there (``*`` for every IPv4 interface; ``::`` takes
+    both families, as the gateway's own front door does); the rest stays.
     Sections in the order of Ray's template."""
     wrapper = wrapper_before_echo(tmp_path, front_door=host)
     config = tmp_path / "haproxy.cfg"
@@ -235,9 +239,9 @@ def test_the_wrapper_puts_the_front_door_on_the_address_asked_for(tmp_path: Path
     subprocess.run([str(wrapper), "-db", "-f", str(config)], capture_output=True, check=True)
     rewritten = _without_rules(config.read_text())
     assert "\n".join(rewritten) == (
-        f"frontend http_frontend\n    bind {bind}:8000\n    mode http\n"
+        f"frontend http_frontend\n    bind {bind.format(8000)}\n    mode http\n"
         "backend b\n    server s 127.0.0.1:30000 check\n    server f 127.0.0.1:8500 check backup\n"
-        f"frontend grpc_frontend\n    bind {bind}:9000 proto h2\n"
+        f"frontend grpc_frontend\n    bind {bind.format(9000)} proto h2\n"
         "listen stats\n  bind 127.0.0.1:8404\n"
         "\n# llm-gateway front door\n"
     )

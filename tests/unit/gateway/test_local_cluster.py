@@ -111,6 +111,25 @@ def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.Monk
     assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in local_cluster.environment(RuntimeConfig(http_proxy="serve"))
 
 
+async def test_behind_haproxy_the_ingress_knows_the_address_clients_reach_not_serves_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It told pages of a LAN address "this gateway listens on loopback" (403)
+    # when started with --host 0.0.0.0 and no keys.
+    from gateway.http.front_door import serve_http_host
+    from gateway.http.front_door_socket import HOST_VARIABLE
+
+    for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS]:
+        monkeypatch.delenv(name, raising=False)
+    env = local_cluster.environment(HAPROXY, front_door="0.0.0.0")
+    try:
+        assert local_cluster.serve_options(HAPROXY, env, "0.0.0.0", 8123)["http_options"]["host"] == "127.0.0.1"
+        monkeypatch.setenv(HOST_VARIABLE, env[HOST_VARIABLE])  # as the cluster's workers inherit it
+        assert await serve_http_host() == "0.0.0.0"
+    finally:
+        local_cluster.remove_local_files(env)
+
+
 def test_the_default_front_door_is_the_ingress_replicas_with_no_proxy() -> None:
     """`http_proxy: gateway`: no HAProxy, Serve's proxies off (its replicas'
     own HTTP servers too), and the ingress replicas given the address asked for."""
