@@ -102,7 +102,7 @@ def describe(errors: Sequence[Any]) -> Refusal:
     if error["type"] in _WANTED and param is not None:
         kinds = list(dict.fromkeys(_WANTED[e["type"]] for e in here if e["type"] in _WANTED))
         expected = kinds[0] if len(kinds) == 1 else "one of " + ", ".join(kinds[:-1]) + " or " + kinds[-1]
-        got = _json_type(error.get("input"))
+        got = json_type(error.get("input"))
         return Refusal(f"Invalid type for '{param}': expected {expected}, but got {got} instead.", param, INVALID_TYPE)
     if error["type"] == "literal_error" and param is not None:
         allowed = (str(e.get("ctx", {}).get("expected", "")) for e in here if e["type"] == "literal_error")
@@ -250,7 +250,8 @@ def _not_this_type(error: Any) -> bool:
     return error["type"] in _WANTED and bool(loc) and isinstance(loc[-1], str) and _SHAPE.fullmatch(loc[-1]) is not None
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON type of ``value`` in OpenAI's words ("an integer", "a string", "null")."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -308,7 +309,7 @@ def check_scalars(schema: type[BaseModel], body: Mapping[str, Any]) -> Refusal |
         if kind is None or value is None:
             continue
         if isinstance(value, bool) != (kind == "a boolean") or not isinstance(value, _TAKES[kind]):
-            message = f"Invalid type for '{name}': expected {kind}, but got {_json_type(value)} instead."
+            message = f"Invalid type for '{name}': expected {kind}, but got {json_type(value)} instead."
             return Refusal(message, name, INVALID_TYPE)
     return None
 
@@ -325,7 +326,7 @@ def check_metadata(body: Mapping[str, Any]) -> Refusal | None:
     if metadata is None:
         return None
     if not isinstance(metadata, dict):
-        got = _json_type(metadata)
+        got = json_type(metadata)
         return Refusal(f"Invalid type for 'metadata': expected an object, but got {got} instead.", "metadata",
                        "invalid_type")
     if len(metadata) > METADATA_KEYS:
@@ -342,7 +343,7 @@ def check_metadata(body: Mapping[str, Any]) -> Refusal | None:
                 f"but got a key with length {len(key)} instead.", "metadata", "string_above_max_length",
             )
         if not isinstance(value, str):
-            return Refusal(f"Invalid type for '{param}': expected a string, but got {_json_type(value)} instead.",
+            return Refusal(f"Invalid type for '{param}': expected a string, but got {json_type(value)} instead.",
                            param, "invalid_type")
         if len(value) > METADATA_VALUE_LENGTH:
             return Refusal(

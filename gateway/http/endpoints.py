@@ -14,6 +14,7 @@ from gateway.config import ModelKind
 from gateway.errors import InvalidRequestError, ModelNotSupportedError
 from gateway.protocol.engine import Endpoint
 from gateway.protocol.envelope import MessagesEnvelope, ModelEnvelope, RequestEnvelope, ResponsesEnvelope
+from gateway.validation import check_scalars
 
 LLM: frozenset[ModelKind] = frozenset({"llm"})
 CLASSICAL: frozenset[ModelKind] = frozenset({"classifier", "embedding"})
@@ -36,6 +37,8 @@ class EndpointSpec:
         raises InvalidRequestError naming a bad one."""
         if self.envelope is None:
             return None
+        if (wrong := check_scalars(self.envelope, body)) is not None:  # before pydantic's lax reading
+            raise InvalidRequestError(wrong.message, param=wrong.param, code=wrong.code)
         try:
             return self.envelope.of(body)
         except ValidationError as exc:

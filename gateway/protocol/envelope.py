@@ -27,10 +27,16 @@ LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=Fals
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """A stream's options: vLLM's, and OpenAI's ``include_obfuscation`` (random
+    padding of each event against length side channels), taken as a hint.
+    Any other is refused: vLLM drops what it does not know, so a misspelt
+    ``include_usgae`` would leave the usage out unsaid."""
+
+    model_config = ConfigDict(extra="forbid")
 
     include_usage: StrictBool | None = None
     continuous_usage_stats: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None
 
 
 class ModelEnvelope(BaseModel):

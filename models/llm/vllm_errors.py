@@ -15,7 +15,7 @@ from typing_extensions import TypedDict
 
 from gateway import errors
 from gateway.protocol.envelope import LogitBias
-from gateway.validation import check_scalars, describe
+from gateway.validation import check_scalars, describe, json_type
 from models.llm.engine import ENGINE_DEAD
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
     a ``logit_bias`` outside OpenAI's range is refused, not clamped."""
     if (wrong := check_scalars(schema, body)) is not None:  # pydantic's lax mode would convert it
         raise errors.InvalidRequestError(wrong.message, param=wrong.param, code=wrong.code)
-    not_an_array = _calls_not_an_array(body)  # before vLLM's validator makes a list of them
+    if (not_an_array := _calls_not_an_array(body)) is not None:  # before vLLM's validator makes a list of them
+        raise not_an_array
     try:
         parsed = schema.model_validate(body)
     except (TypeError, AttributeError, KeyError, IndexError) as exc:
@@ -127,7 +128,7 @@ def validated(schema: Any, body: dict[str, Any]) -> Any:
         # whole after the fields, and its error has lost where they were; and
         # a string or an object there is read as the array of its characters or keys.
         if any(_of_tool_calls(error["loc"]) for error in exc.errors()):
-            raise not_an_array or _bad_tool_calls(body) or exc from None
+            raise _bad_tool_calls(body) or exc from None
         raise
     _read_content_parts(parsed)
     bias = body.get("logit_bias")
@@ -166,16 +167,18 @@ def _of_tool_calls(loc: tuple[int | str, ...]) -> bool:
 
 
 def _calls_not_an_array(body: dict[str, Any]) -> errors.InvalidRequestError | None:
-    """The first assistant message's ``tool_calls`` that is neither an array
-    nor null, as a 400 saying so."""
+    """The first message's ``tool_calls`` that is neither an array nor null,
+    as a 400 saying so: vLLM reads any message's as a list (a string as its
+    characters, an object as its keys; a number fails in Python's words)."""
     messages = body.get("messages")
     for index, message in enumerate(messages if isinstance(messages, list) else ()):
         calls = message.get("tool_calls") if isinstance(message, dict) else None
-        if isinstance(calls, (str, dict)) and message.get("role") == "assistant":
+        if calls is not None and not isinstance(calls, list):
             param = f"messages[{index}].tool_calls"
-            got = "a string" if isinstance(calls, str) else "an object"
             return errors.InvalidRequestError(
-                f"Invalid type for '{param}': expected an array, but got {got} instead.", param=param
+                f"Invalid type for '{param}': expected an array, but got {json_type(calls)} instead.",
+                param=param,
+                code="invalid_type",
             )
     return None
 

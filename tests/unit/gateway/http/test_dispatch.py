@@ -352,3 +352,31 @@ async def test_bad_routing_fields_never_reach_a_model(body: dict[str, Any]) -> N
     response = await post(make_app(handle), body)
     assert response.status_code in {400, 404}
     assert handle.calls == []
+
+
+@pytest.mark.parametrize(
+    ("n", "got"), [(False, "a boolean"), ("0", "a string"), ("500", "a string")]
+)
+async def test_a_routing_field_of_the_wrong_type_is_named_so_not_read_as_a_number(n: Any, got: str) -> None:
+    # pydantic's lax reading made false and "0" a 0, "500" a 500: refused
+    # for their value ("greater than or equal to 1"), not their type.
+    handle = FakeHandle()
+    response = await post(make_app(handle), {"model": "m", "n": n})
+    error = response.json()["error"]
+    assert (response.status_code, error["param"], error["code"]) == (400, "n", "invalid_type")
+    assert error["message"] == f"Invalid type for 'n': expected an integer, but got {got} instead."
+    assert handle.calls == []
+    assert (await post(make_app(handle), {"model": "m", "n": 2.0})).status_code == 200  # as vLLM takes it
+
+
+async def test_a_stream_option_vllm_would_drop_is_refused_naming_it() -> None:
+    # A misspelt include_usage left the usage chunk out without a word.
+    handle = FakeHandle(stream=[sse.DONE])
+    sent = {"model": "m", "stream": True, "stream_options": {"include_usgae": True}}
+    response = await post(make_app(handle), sent)
+    error = response.json()["error"]
+    assert (response.status_code, error["param"]) == (400, "stream_options.include_usgae")
+    assert error["message"] == "Unrecognized request argument supplied: stream_options.include_usgae"
+    assert handle.calls == []
+    hinted = {"model": "m", "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
+    assert (await post(make_app(handle), hinted)).status_code == 200  # OpenAI's padding: a hint

@@ -179,15 +179,17 @@ def test_a_bad_tool_call_of_an_assistant_message_is_named_by_its_path(
     assert list(parsed.messages[0]["tool_calls"]) == [fine, fine]
 
 
-@pytest.mark.parametrize(("calls", "got"), [("x", "a string"), ({"id": "c1"}, "an object")])
-def test_tool_calls_that_are_not_an_array_are_named_so(calls: object, got: str) -> None:
-    # Read as the array of their characters (or keys), they were "tool_calls[0]: expected an object".
+@pytest.mark.parametrize("role", ["assistant", "user"])
+@pytest.mark.parametrize(("calls", "got"), [("x", "a string"), ({"id": "c1"}, "an object"), (5, "an integer")])
+def test_tool_calls_that_are_not_an_array_are_named_so(role: str, calls: object, got: str) -> None:
+    # Read as the array of their characters (or keys), they were "tool_calls[0]: expected an object"
+    # (a user message's dropped unsaid); a number failed in Python's words ("'int' object is not iterable").
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-    turns = [{"role": "assistant", "content": "a", "tool_calls": calls}, {"role": "user", "content": "hi"}]
+    turns = [{"role": role, "content": "a", "tool_calls": calls}, {"role": "user", "content": "hi"}]
     with pytest.raises(errors.InvalidRequestError) as caught:
         vllm_errors.validated(ChatCompletionRequest, {"model": "m", "messages": turns})
-    assert caught.value.param == "messages[0].tool_calls"
+    assert (caught.value.param, caught.value.code) == ("messages[0].tool_calls", "invalid_type")
     expected = f"Invalid type for 'messages[0].tool_calls': expected an array, but got {got} instead."
     assert caught.value.message == expected
 
