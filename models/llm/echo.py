@@ -193,8 +193,10 @@ class EchoEngine:
         req = _message_request(request.body)
         prompt = tally.prompt_tokens = anthropic.prompt_words(req)
         answer = render.answer(anthropic.last_user_text(req), self._budget(prompt, req.max_tokens, "messages"), req.stop_sequences)
-        stop = "max_tokens" if answer.finish_reason == "length" else "end_turn"
-        final = anthropic.message(f"msg_{request.request_id}", self._name, "".join(answer.tokens), stop, prompt, len(answer.tokens))
+        stop = "max_tokens" if answer.finish_reason == "length" else "stop_sequence" if answer.stop else "end_turn"
+        final = anthropic.message(
+            f"msg_{request.request_id}", self._name, "".join(answer.tokens), stop, prompt, len(answer.tokens), answer.stop
+        )
         if not req.stream:
             _all_tokens_now(tally, len(answer.tokens))
             return json.dumps(final, separators=(",", ":")).encode()

@@ -63,9 +63,15 @@ def last_user_text(req: EchoMessagesRequest) -> str:
 
 
 def message(
-    message_id: str, model: str, text: str, stop_reason: str, input_tokens: int, output_tokens: int
+    message_id: str,
+    model: str,
+    text: str,
+    stop_reason: str,
+    input_tokens: int,
+    output_tokens: int,
+    stop_sequence: str | None = None,
 ) -> dict[str, Any]:
-    """A whole answer as Anthropic sends it."""
+    """A whole answer as Anthropic sends it (``stop_sequence``: the one that ended it)."""
     return {
         "id": message_id,
         "type": "message",
@@ -73,7 +79,7 @@ def message(
         "content": [{"type": "text", "text": text}],
         "model": model,
         "stop_reason": stop_reason,
-        "stop_sequence": None,
+        "stop_sequence": stop_sequence,
         "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
     }
 
@@ -81,7 +87,7 @@ def message(
 def events(final: dict[str, Any], tokens: list[str]) -> Iterator[bytes]:
     """A stream's events for the whole answer ``final``, its text token by token."""
     usage = final["usage"]
-    started = {**final, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 0}}
+    started = {**final, "content": [], "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 0}}
     yield sse.event("message_start", {"type": "message_start", "message": started})
     yield sse.event(
         "content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
@@ -90,6 +96,6 @@ def events(final: dict[str, Any], tokens: list[str]) -> Iterator[bytes]:
         delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token}}
         yield sse.event("content_block_delta", delta)
     yield sse.event("content_block_stop", {"type": "content_block_stop", "index": 0})
-    ending = {"stop_reason": final["stop_reason"], "stop_sequence": None}
+    ending = {"stop_reason": final["stop_reason"], "stop_sequence": final["stop_sequence"]}
     yield sse.event("message_delta", {"type": "message_delta", "delta": ending, "usage": {"output_tokens": usage["output_tokens"]}})
     yield sse.event("message_stop", {"type": "message_stop"})

@@ -14,6 +14,7 @@ class Answer:
 
     tokens: list[str]
     finish_reason: str
+    stop: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass(slots=True)
@@ -58,8 +59,9 @@ def answer(text: str, budget: int, stop: str | list[str] | None) -> Answer:
         if len(tokens) == budget:
             return Answer(tokens, "length")
         token = word if i == 0 else " " + word
-        if any(s and s in "".join(tokens) + token for s in stops):
-            return Answer(tokens, "stop")
+        matched = next((s for s in stops if s and s in "".join(tokens) + token), None)
+        if matched is not None:
+            return Answer(tokens, "stop", matched)
         tokens.append(token)
     return Answer(tokens, "stop")
 

@@ -47,6 +47,20 @@ async def test_a_message_answers_the_last_user_turn_with_usage(engine: EchoEngin
     assert (short.stop_reason, short.usage.output_tokens) == ("max_tokens", 2)
 
 
+async def test_a_stop_sequence_that_ends_the_answer_is_named_as_anthropic_names_it(engine: EchoEngine) -> None:
+    # It was end_turn with stop_sequence null, where vLLM's models say stop_sequence and which.
+    stopped = json.loads(await engine.complete(ask(stop_sequences=["zzz", "boats"]), GenerationTally()))  # type: ignore[arg-type]
+    message = Message.model_validate(stopped)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "boats")
+    assert [block.text for block in message.content if block.type == "text"] == ["and the"]
+    stream = await engine.stream(ask(stream=True, stop_sequences=["boats"]), GenerationTally())
+    assert isinstance(stream, AsyncIterator)
+    blocks = b"".join([event async for event in stream]).decode().strip().split("\n\n")
+    events = [EVENTS.validate_python(json.loads(block.split("\n")[1].removeprefix("data: "))) for block in blocks]
+    assert events[0].message.stop_sequence is None  # (not yet known as the message starts)
+    assert (events[-2].delta.stop_reason, events[-2].delta.stop_sequence) == ("stop_sequence", "boats")
+
+
 async def test_a_stream_sends_anthropics_events_in_order(engine: EchoEngine) -> None:
     stream = await engine.stream(ask(stream=True), GenerationTally())
     assert isinstance(stream, AsyncIterator)
