@@ -9,7 +9,8 @@ A stream handed to a model replica then crosses one socket, from the
 engine's process to the client, as behind ``vllm serve``.
 
 What a proxy in front did is done here, in uvicorn's own protocol, and
-answered in OpenAI's error shape instead of a proxy's HTML:
+answered in the route's error shape (OpenAI's; Anthropic's on its routes)
+instead of a proxy's HTML:
 
 - a head (request line and headers) must arrive within ``read_timeout_s``
   of its first byte, or of the connection's opening: 408;
@@ -42,14 +43,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
 from gateway.errors import GatewayError, InvalidRequestError, RequestReadTimeoutError
 from gateway.http.front_door_socket import BACKLOG, HOST_VARIABLE, kept_socket
+from gateway.http.handlers import envelope
 
 logger = logging.getLogger(__name__)
 
 
-def refusal(error: GatewayError) -> bytes:
-    """The whole answer to a head refused before the app: status, JSON body,
-    ``Connection: close``."""
-    body = json.dumps(error.to_dict(), separators=(",", ":")).encode()
+def refusal(error: GatewayError, path: str = "") -> bytes:
+    """The whole answer to a head refused before the app: status, JSON body
+    in the envelope of the route at ``path`` (as far as it arrived), ``Connection: close``."""
+    body = json.dumps(envelope(error, path), separators=(",", ":")).encode()
     return b"".join(
         (
             f"HTTP/1.1 {error.status_code} {HTTPStatus(error.status_code).phrase}\r\n".encode(),
@@ -129,9 +131,9 @@ class FrontDoorProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_url(self, url: bytes) -> None:
+        super().on_url(url)  # (kept first: a refusal answers in its route's shape)
         self._url_bytes += len(url)
         self._count(len(url), 0)
-        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4, 1)
@@ -198,7 +200,8 @@ class FrontDoorProtocol(HttpToolsProtocol):
 
     def _refuse(self, error: GatewayError) -> None:
         if not self.transport.is_closing():
-            self.transport.write(refusal(error))
+            url = getattr(self, "url", b"")  # uvicorn's, as far as the head arrived
+            self.transport.write(refusal(error, url.partition(b"?")[0].decode("latin-1")))
             self.transport.close()
 
 

@@ -143,6 +143,22 @@ async def test_a_header_line_that_never_ends_is_refused_once_past_the_bound() ->
     assert app.seen == 0
 
 
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"POST /v1/messages HTTP/1.1\r\nx-request-id: \xff\r\n\r\n", 400),
+        (b"POST /v1/messages?beta=true HTTP/1.1\r\nx-big: " + b"y" * 17000 + b"\r\n\r\n", 431),
+        (b"POST /v1/messages/" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n", 414),
+    ],
+    ids=["request-id-not-utf8", "headers-too-large", "url-too-long"],
+)
+async def test_a_refusal_on_anthropics_routes_is_in_anthropics_envelope(head: bytes, status: int) -> None:
+    async with front_door(App()) as door:
+        got, _, body = split(await exchange(door.port, head))
+    answer = json.loads(body)
+    assert (got, answer["type"], answer["error"]["type"]) == (status, "error", "invalid_request_error")
+
+
 async def test_a_head_at_the_limits_is_taken() -> None:
     app = App()
     async with front_door(app) as door:
