@@ -9,6 +9,9 @@ refused naming the missing field, before vLLM reads the request.
   without ``schema``: vLLM answered unconstrained text, the format dropped
   unsaid; Anthropic's API requires the schema.
 
+A key of chat's or a completion's ``response_format`` that vLLM would drop
+(``{"type": "json_object", "schema": ...}``) is refused naming it too.
+
 The Responses API's ``text.format`` is refused by vLLM's own schema, naming
 ``text.format.schema`` already.
 """
@@ -25,6 +28,7 @@ def check_output_schema(endpoint: str, body: Mapping[str, Any]) -> None:
     """Raises InvalidRequestError (400) for a JSON-schema output format without its schema."""
     if endpoint in ("chat", "completion"):
         fmt = body.get("response_format")
+        _check_format_keys(fmt)
         spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
         if isinstance(spec, dict) and spec.get("schema") is None:
             raise InvalidRequestError(
@@ -39,3 +43,23 @@ def check_output_schema(endpoint: str, body: Mapping[str, Any]) -> None:
             raise InvalidRequestError(
                 "output_config.format.schema: Field required", param="output_config.format.schema"
             )
+
+
+# The keys of OpenAI's response formats (vLLM reads these and drops any other:
+# a ``json_object`` given a ``schema``, as some providers take it, would be
+# answered with any JSON object).
+_FORMAT_KEYS = frozenset({"type", "json_schema"})
+_SCHEMA_KEYS = frozenset({"name", "description", "schema", "strict"})
+
+
+def _check_format_keys(fmt: Any) -> None:
+    """Refuses (400, naming it by its path) a key of a ``text``,
+    ``json_object`` or ``json_schema`` response format that vLLM would drop."""
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        return  # (vLLM's schema refuses the rest, or reads its structural tags whole)
+    spec = fmt.get("json_schema")
+    unknown = [f"response_format.{key}" for key in sorted(fmt.keys() - _FORMAT_KEYS)]
+    if isinstance(spec, dict):
+        unknown += [f"response_format.json_schema.{key}" for key in sorted(spec.keys() - _SCHEMA_KEYS)]
+    if unknown:
+        raise InvalidRequestError(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])

@@ -32,3 +32,21 @@ def test_formats_with_their_schema_and_others_pass() -> None:
     check_output_schema("chat", {})
     check_output_schema("messages", {"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}})
     check_output_schema("messages", {"output_config": {"effort": "low"}})
+
+
+@pytest.mark.parametrize(
+    ("fmt", "param"),
+    [
+        ({"type": "json_object", "schema": SCHEMA}, "response_format.schema"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strcit": True}},
+         "response_format.json_schema.strcit"),
+    ],
+)
+def test_a_format_key_vllm_would_drop_is_refused_naming_it(fmt: dict[str, object], param: str) -> None:
+    # vLLM dropped it: a json_object given a schema was answered with any JSON object.
+    with pytest.raises(InvalidRequestError) as refused:
+        check_output_schema("chat", {"response_format": fmt})
+    assert (refused.value.param, refused.value.message) == (param, f"Unrecognized request argument supplied: {param}")
+    check_output_schema("completion", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "description": "d", "schema": SCHEMA, "strict": True}}})
+    check_output_schema("chat", {"response_format": {"type": "structural_tag", "format": {}}})
