@@ -52,6 +52,7 @@ class RoutingConfig(StrictConfig):
     cohort_header: str = Field(
         "x-session-id",
         min_length=1,
+        pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",  # an HTTP header name (RFC 9110's token)
         description="Request header whose value keeps a client on one variant "
         "(OpenAI's `user` field does the same and wins when both are sent).",
     )

@@ -5,6 +5,7 @@ fallback, shadow, timeout, key limits and hang-ups around the call;
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -93,10 +94,12 @@ class ModelDispatcher:
     ) -> Response:
         """Answers ``request`` at ``endpoint``; ``model`` is the path's model name
         for endpoints that carry it there (predict, infer) instead of in the body."""
-        table = self._table  # this request's, to its end
         spec = ENDPOINTS[endpoint]
         raw = await read_body(request, self._max_body_bytes, self._read_timeout_s, expect_json=True)
         body = parse_json_object(raw)
+        # This request's table, to its end: taken once its body is in (a slow
+        # upload must not be routed by a table a live change has since replaced).
+        table = self._table
         api = api_key(request)
         planned = plan(table, spec, body, request.headers, api, model)
         name, route, stream, envelope = planned.name, planned.route, planned.stream, planned.envelope
@@ -115,10 +118,10 @@ class ModelDispatcher:
         in_body = envelope is not None  # OpenAI bodies name their model
         admission = None
         if api is not None and api.limited:
-            first = EngineRequest(
-                endpoint, _routed(body, name, route.target, in_body), request_id, route.target, replica, owner
-            )
-            tokens = await self._most_tokens(table.model(route.target), first) if api.tpm is not None else 0
+            tokens = 0
+            if api.tpm is not None:
+                call = EngineRequest(endpoint, body, request_id, route.target, replica, owner)
+                tokens = await self._reserved_tokens(table, route, call, name, in_body)
             admission = await admit(self.limiter, api, tokens, name)
         try:
             response = await self._forward(
@@ -142,6 +145,22 @@ class ModelDispatcher:
         # Otherwise the stream's end, an abandoned call's replica, or a
         # background response's end settles it.
         return response
+
+    async def _reserved_tokens(
+        self, table: ServingTable, route: Route, call: EngineRequest, name: str, in_body: bool
+    ) -> int:
+        """What a token limit reserves for ``call`` (its body as sent), counted
+        by the first of the route's variants that can: one whose model has no
+        running replica is its fallback's to serve, and to count."""
+        candidates = (route.target, *route.fallbacks)
+        for target in candidates:
+            routed = dataclasses.replace(call, body=_routed(call.body, name, target, in_body), model=target)
+            try:
+                return await self._most_tokens(table.model(target), routed)
+            except ServiceUnavailableError:
+                if target == candidates[-1]:
+                    raise
+        raise AssertionError("unreachable: the last candidate returns or raises")
 
     async def _most_tokens(self, model: ServedModel, call: EngineRequest) -> int:
         """What a token limit reserves for ``call``: the model's own count for

@@ -43,7 +43,8 @@ def plan(
     ``model_not_supported``."""
     envelope = spec.routing_fields(body) if path_model is None else None
     name = envelope.model if envelope is not None else str(path_model)
-    cohort = (envelope.user if envelope is not None else None) or headers.get(table.cohort_header)
+    # An empty value is none (a template's unset variable): no cohort all such requests share.
+    cohort = (envelope.user if envelope is not None else None) or headers.get(table.cohort_header) or None
     route = table.routes.resolve(name, cohort) if key is None or key.allows(name) else None
     if route is None:
         raise ModelNotFoundError.for_model(name)

@@ -112,11 +112,13 @@ class GatewayState:
                 "no API keys configured: whoever reaches the gateway may use every model"
             )
         served = self.dispatcher.table.models
+        was_model = {m.name for m in self.config.models} if self.config is not None else set()
         handles: dict[str, Any] = {}
         for model in config.models:
             old = served.get(model.name)
-            # Same name and kind: same deployment, so the handle (and its client) stays.
-            keep = old is not None and old.kind == model.kind
+            # Same model name and kind: same deployment, so the handle (and its client) stays.
+            # (A name that was an adapter's reached its base model's deployment.)
+            keep = old is not None and model.name in was_model and old.kind == model.kind
             handles[model.name] = old.client.source if keep and old is not None else self._handle_for(model)
         ingress = self.front_door.ingress
         table = build_table(

@@ -318,6 +318,14 @@ def test_valid_route_and_cohort_header() -> None:
     assert config.routing.routes[0].variants == {"a": 4.0, "b": 1.0}
 
 
+@pytest.mark.parametrize("header", ["x-сессия", "x session", "x-user:"])
+def test_a_cohort_header_that_is_no_header_name_is_refused_at_load(header: str) -> None:
+    # One not Latin-1 failed every request without a `user` (500); one with
+    # a space or colon matched nothing, stickiness off unsaid.
+    with pytest.raises(ConfigError, match="cohort_header"):
+        parse_config({"models": ROUTED_MODELS, "routing": {"cohort_header": header}})
+
+
 def test_engines_name_their_kind() -> None:
     config = parse_config({"models": ROUTED_MODELS})
     assert [m.kind for m in config.models] == ["llm", "llm", "embedding"]

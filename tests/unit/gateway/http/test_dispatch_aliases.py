@@ -128,6 +128,31 @@ async def test_a_request_is_served_by_the_table_it_arrived_under() -> None:
     assert second.json() == {"from": "new"} and dispatcher.table is swapped
 
 
+async def test_a_request_still_uploading_its_body_is_served_by_the_table_in_place_once_it_is_in() -> None:
+    # Routed by the table of its first byte, a slow upload reached a model a
+    # live change had since removed (stopping by then).
+    old, new = FakeHandle(unary=b'{"from": "old"}'), FakeHandle(unary=b'{"from": "new"}')
+    app = make_app(old)
+    dispatcher: ModelDispatcher = app.state.dispatcher
+    swapped = ServingTable(dispatcher.routes, "x-session-id", {"m": ServedModel("m", "llm", LLMClient(new))})
+    arrived = asyncio.Event()
+    parts = [b'{"model": ', b'"m"}']
+
+    async def body() -> AsyncIterator[bytes]:
+        yield parts[0]
+        arrived.set()
+        await asyncio.sleep(0.1)  # (the rest of the body is on its way)
+        yield parts[1]
+
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        sending = asyncio.create_task(client.post("/chat", content=body(), headers={"content-type": "application/json"}))
+        await arrived.wait()
+        dispatcher.serve(swapped)
+        assert (await sending).json() == {"from": "new"}
+    assert old.calls == []
+
+
 class FailedToDeploy(FakeHandle):
     """A classical model's handle whose deployment failed: Serve's router says so when asked for a replica."""
 

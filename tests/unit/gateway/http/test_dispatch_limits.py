@@ -112,3 +112,13 @@ async def test_a_classical_request_cancelled_while_its_model_has_no_replica_ends
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
     assert ledger_of(app).in_flight(ONE_PLACE.id) == 0
+
+
+async def test_a_variant_down_when_its_tokens_are_counted_falls_back_to_the_next() -> None:
+    # Its tokenizer not learnt, the model's replica counts a limited key's
+    # reservation: with none running, the request was a 503 before its
+    # route's fallback could serve it.
+    alias = Alias([Variant("a", 100), Variant("b", 1)], fallback=True)
+    app = make_app(handles={"a": no_replica(), "b": FakeHandle()}, alias=alias, replica_wait_s=0.2)
+    assert await request(app, "/chat", {"model": "r"}) == 200
+    assert ledger_of(app).in_flight(KEY.id) == 0

@@ -73,6 +73,9 @@ def test_the_plan_routes_from_body_and_headers_alone() -> None:
     assert {plan(table, chat, body, {}, None).route.target for _ in range(20)} == {first.route.target}  # sticky
     by_header = {plan(table, chat, {"model": "chat"}, {"x-session-id": "s1"}, None).route.target for _ in range(20)}
     assert len(by_header) == 1
+    # An empty header is no cohort (a template's unset variable): not one that all such requests share.
+    unset = {plan(table, chat, {"model": "chat"}, {"x-session-id": ""}, None).route.target for _ in range(40)}
+    assert unset == {"a", "b"}
     # Only endpoints that stream do; a predict's model is in its path.
     assert plan(table, ENDPOINTS["messages_count"], {"model": "a", "stream": True}, {}, None).stream is False
     predict = plan(table, ENDPOINTS["predict"], {"instances": [[1]]}, {}, None, path_model="iris")

@@ -275,3 +275,23 @@ def test_an_adapter_is_listed_after_the_models_with_its_parent_and_window() -> N
     assert (cards[2].parent, cards[2].root, cards[2].max_model_len, cards[2].kind) == ("base", "org/ada", 64, "llm")
     assert cards[0].parent is None and cards[3].kind == "llm"
     assert targets(state, "ab") == {"base", "ada"}
+
+
+def test_a_model_taking_an_adapters_name_gets_its_own_deployment() -> None:
+    # Promoting an adapter to a merged model kept the base model's handle:
+    # its requests went to the base replicas, and failed once they unloaded it.
+    looked_up: list[str] = []
+
+    def handle_for(model: ModelConfig) -> NoHandle:
+        looked_up.append(model.name)
+        return NoHandle(model.name)
+
+    state = GatewayState(FrontDoorConfig(), handle_for, lambda m: f"app:{m.name}")
+    base = {"name": "base", "engine": "vllm", "model": "/m/base", "lora_adapters": {"tuned": "org/ada"}}
+    state.apply([base], {})
+    merged = {"name": "tuned", "engine": "vllm", "model": "/m/merged"}
+    state.apply([{**base, "lora_adapters": {}}, merged], {})
+    assert looked_up == ["base", "tuned"]
+    models = state.dispatcher.table.models
+    assert models["tuned"].client.source.name == "tuned"  # type: ignore[union-attr]
+    assert models["tuned"].client is not models["base"].client
