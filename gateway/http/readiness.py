@@ -29,13 +29,17 @@ Ask = Callable[[list[str]], Awaitable[list[bytes]]]
 WAIT_S = 0.25
 LAST_KNOWN_S = 10.0
 HEALTHY = "HEALTHY"
+# A deployment changing its number of replicas (autoscaling, a new
+# num_replicas) serves all the while: a gateway under a load spike is not
+# taken out of rotation while a model scales up for it.
+SERVING = frozenset({HEALTHY, "UPSCALING", "DOWNSCALING"})
 
 
 def all_healthy(statuses: Iterable[str]) -> bool:
-    """Whether every status is Serve's ``HEALTHY``: a deployment updating,
-    unhealthy or not yet started (``DEPLOYING``, ``NOT_STARTED``...) is not
-    ready for requests."""
-    return all(status == HEALTHY for status in statuses)
+    """Whether every status is one of a deployment that serves (``HEALTHY``,
+    or scaling): a deployment updating, unhealthy or not yet started
+    (``UPDATING``, ``UNHEALTHY``, ``NOT_STARTED``...) is not ready for requests."""
+    return all(status in SERVING for status in statuses)
 
 
 class ServeStatuses:

@@ -24,6 +24,14 @@ async def load(serving: Serving, name: str, source: str, replace: bool) -> str |
     answer = await serving.models.load_lora_adapter(request)
     if isinstance(answer, serving.error_response):
         return f"vLLM could not load the LoRA adapter {name!r} from {source!r}: {answer.error.message}"
+    if replace:
+        # vLLM keeps the request it loaded with for the name's later requests:
+        # with load_inplace set, each engine step would read the weights from
+        # disk again and swap them in, for as long as the adapter is used.
+        # They were swapped in once, just now.
+        kept = serving.models.lora_requests.get(name)
+        if kept is not None:
+            kept.load_inplace = False
     return None
 
 

@@ -138,3 +138,19 @@ async def test_a_failed_question_reaches_its_probes_and_the_next_probe_asks_agai
     controller.fail = None
     assert await statuses.of(["gw"]) == {"GatewayIngress": "HEALTHY"}
     assert len(controller.asked) == 2
+
+
+@pytest.mark.parametrize(
+    ("statuses", "ready"),
+    [
+        (["HEALTHY", "UPSCALING"], True),  # a model autoscaling up under load serves all the while
+        (["DOWNSCALING"], True),
+        (["HEALTHY", "UPDATING"], False),
+        (["UNHEALTHY"], False),
+        (["DEPLOY_FAILED"], False),
+    ],
+)
+def test_a_deployment_that_scales_is_ready_one_that_updates_or_fails_is_not(statuses: list[str], ready: bool) -> None:
+    from gateway.http.readiness import all_healthy
+
+    assert all_healthy(statuses) is ready

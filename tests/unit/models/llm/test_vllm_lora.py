@@ -25,12 +25,18 @@ class Registry:
         self.calls: list[tuple[Any, ...]] = []
         self.served: dict[str, str] = {}
         self.broken: set[str] = set()
+        self.lora_requests: dict[str, Any] = {}  # what vLLM's later requests for the name carry
 
     async def load_lora_adapter(self, request: Any) -> Refusal | str:
+        from vllm.lora.request import LoRARequest
+
         self.calls.append(("load", request.lora_name, request.lora_path, request.load_inplace))
         if request.lora_path in self.broken:
             return Refusal(f"Loading lora {request.lora_name} failed: No adapter found for {request.lora_path}")
         self.served[request.lora_name] = request.lora_path
+        self.lora_requests[request.lora_name] = LoRARequest(
+            request.lora_name, len(self.lora_requests) + 1, request.lora_path, load_inplace=request.load_inplace
+        )
         return "Success"
 
     async def unload_lora_adapter(self, request: Any) -> Refusal | str:
@@ -61,6 +67,19 @@ async def test_new_adapters_load_moved_ones_reload_in_place_and_gone_ones_unload
         ("unload", "b"),
     ]
     assert registry.served == {"c": "/c"}
+
+
+async def test_an_adapter_reloaded_in_place_is_not_reloaded_at_every_step_after() -> None:
+    # vLLM's later requests for the name carry the request it loaded with:
+    # with load_inplace still set, its worker read the weights from disk
+    # again at each engine step.
+    registry = Registry()
+    engine = engine_with(registry)
+    await engine.set_adapters({"a": "/a"})
+    await engine.set_adapters({"a": "/a2"})
+    assert registry.calls[-1] == ("load", "a", "/a2", True)
+    kept = registry.lora_requests["a"]
+    assert (kept.lora_path, kept.load_inplace) == ("/a2", False)
 
 
 async def test_an_adapter_vllm_cannot_load_is_named_and_tried_again_next_time() -> None:
