@@ -36,7 +36,7 @@ class LLMModelConfig(ModelConfig):
         ge=0,
         le=1,
         description="Replicas with more than one worker: GPUs of each worker's bundle "
-        "(vLLM takes at most one per worker; 0 on CPU-only clusters).",
+        "(vLLM's workers take exactly one; the echo engine's may take 0 on CPU-only clusters).",
     )
     cpus_per_worker: float = Field(
         1.0, ge=0, description="Replicas with more than one worker: CPUs of each worker's bundle."
@@ -146,6 +146,15 @@ class VLLMModelConfig(LLMModelConfig):
             raise ValueError("`lora_adapters` sets vLLM's `lora-modules`; leave it out of `engine_args`")
         if self.lora_adapters and self.engine_args.get("enable-lora", True) is not True:
             raise ValueError("`lora_adapters` needs vLLM's `enable-lora`; leave it out of `engine_args` or set it true")
+        if self.workers > 1 and self.gpus_per_worker != 1:
+            # vLLM's Ray workers each take a whole GPU (VLLM_RAY_PER_WORKER_GPUS), which a
+            # smaller bundle never holds; its CPU backend runs no Ray workers at all.
+            raise ValueError(
+                f"a vLLM replica with {self.workers} workers needs `gpus_per_worker: 1` (got "
+                f"{self.gpus_per_worker:g}): each of vLLM's workers takes one whole GPU, and vLLM "
+                "runs several workers only on GPUs; on CPU serve tensor_parallel_size 1 and "
+                "pipeline_parallel_size 1 with more replicas"
+            )
         return self
 
     def deployment_args(self) -> dict[str, object]:

@@ -148,3 +148,15 @@ def test_fits_free_places_every_starting_replica_together() -> None:
     assert fits_free([model(tensor_parallel_size=4, num_replicas=2)], [GPU_NODE, GPU_NODE])
     scaled = model(tensor_parallel_size=4, autoscaling={"min_replicas": 1, "max_replicas": 3})
     assert fits_free([scaled], one_node_free)  # starts with min_replicas
+
+
+@pytest.mark.parametrize("gpus", [0, 0.5])
+def test_a_vllm_replica_of_several_workers_takes_a_whole_gpu_each(gpus: float) -> None:
+    # 0 (CPU): vLLM's CPU backend runs no Ray workers, and the replica never
+    # started; 0.5: each of vLLM's workers asks for a whole GPU, which the
+    # bundle never holds, and the replica waited for the deploy's timeout.
+    vllm = {"name": "m", "engine": "vllm", "model": "org/model", "tensor_parallel_size": 2, "gpus_per_worker": gpus}
+    with pytest.raises(ConfigError, match="needs `gpus_per_worker: 1`"):
+        parse_config({"models": [vllm]})
+    assert parse_config({"models": [{**vllm, "gpus_per_worker": 1}]}).models[0].workers == 2
+    assert model(tensor_parallel_size=2, gpus_per_worker=gpus).workers == 2  # the echo engine's workers take what they are given
