@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -229,17 +229,19 @@ def build_table(
     previous: ServingTable | None,
     replica_wait_s: float,
     handoff: bool = True,
+    relearn: Collection[str] = (),
 ) -> ServingTable:
     """The table for ``config``: each model reached through ``handles[name]``;
     the clients of ``previous`` are kept where the handle and kind are the
-    same. Limits (capacity, gathering) are set on the clients here, before
-    the table is swapped in."""
+    same, except for the models in ``relearn`` (what a client learnt of its
+    replicas, such as their tokenizer, is theirs). Limits (capacity,
+    gathering) are set on the clients here, before the table is swapped in."""
     known = previous.models if previous is not None else {}
     models: dict[str, ServedModel] = {}
     for model in config.models:
         handle = handles[model.name]
         old = known.get(model.name)
-        same = old is not None and old.client.source is handle and old.kind == model.kind
+        same = old is not None and old.client.source is handle and old.kind == model.kind and model.name not in relearn
         client = old.client if same and old is not None else client_for(model, handle, replica_wait_s, handoff)
         if isinstance(client, ClassicalClient):
             client.gather_by(Gathering.for_model(model))

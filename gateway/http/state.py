@@ -112,22 +112,29 @@ class GatewayState:
                 "no API keys configured: whoever reaches the gateway may use every model"
             )
         served = self.dispatcher.table.models
-        was_model = {m.name for m in self.config.models} if self.config is not None else set()
+        before = {m.name: m for m in self.config.models} if self.config is not None else {}
         handles: dict[str, Any] = {}
         for model in config.models:
             old = served.get(model.name)
             # Same model name and kind: same deployment, so the handle (and its client) stays.
             # (A name that was an adapter's reached its base model's deployment.)
-            keep = old is not None and model.name in was_model and old.kind == model.kind
+            keep = old is not None and model.name in before and old.kind == model.kind
             handles[model.name] = old.client.source if keep and old is not None else self._handle_for(model)
+        # A model whose replicas change shape (other weights, another window) is
+        # learnt again: its tokenizer, window and context are those of the old ones.
+        reshaped = {
+            m.name for m in config.models if m.name in before and before[m.name].deployment_args() != m.deployment_args()
+        }
         ingress = self.front_door.ingress
         table = build_table(
-            config, _route_table(config), handles, self.dispatcher.table, ingress.replica_wait_s, ingress.stream_handoff
+            config, _route_table(config), handles, self.dispatcher.table, ingress.replica_wait_s,
+            ingress.stream_handoff, relearn=reshaped,
         )
         self.config = config
         self.keys = KeyTable(config.keys)
         self._context = {
-            m.name: (m.max_model_len if isinstance(m, LLMModelConfig) else None) or self._context.get(m.name)
+            m.name: (m.max_model_len if isinstance(m, LLMModelConfig) else None)
+            or (None if m.name in reshaped else self._context.get(m.name))
             for m in config.models
         }
         self.dispatcher.serve(table)

@@ -295,3 +295,17 @@ def test_a_model_taking_an_adapters_name_gets_its_own_deployment() -> None:
     models = state.dispatcher.table.models
     assert models["tuned"].client.source.name == "tuned"  # type: ignore[union-attr]
     assert models["tuned"].client is not models["base"].client
+
+
+def test_a_model_that_changes_shape_under_its_name_is_learnt_again() -> None:
+    # New weights or another window under the same name: its clients kept the
+    # old tokenizer and window, and /v1/models the old context, until a restart.
+    state = GatewayState(FrontDoorConfig(), NoHandle, lambda m: f"app:{m.name}")
+    base = {"name": "a", "engine": "echo", "max_model_len": 64}
+    state.apply([base, MODELS[1]], {})
+    a, b = (state.dispatcher.table.models[name].client for name in ("a", "b"))
+    state.apply([{**base, "max_model_len": None}, MODELS[1]], {})
+    models = state.dispatcher.table.models
+    assert models["a"].client is not a and models["b"].client is b  # (b is as it was)
+    assert models["a"].client.source is a.source  # the same deployment, replicas replaced in place
+    assert next(card for card in state.model_cards() if card.id == "a").max_model_len is None  # not the old 64
