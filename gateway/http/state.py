@@ -237,20 +237,25 @@ class GatewayState:
         return models + adapters + aliases
 
     async def refresh_model_info(self) -> None:
-        """Learns context windows the config left to the model (best effort)."""
+        """Learns context windows the config left to the model (best effort),
+        asking every such model at once: a model with no running replica
+        holds a listing for one wait, not one wait each."""
         models = self.dispatcher.table.models
-        for name, value in list(self._context.items()):
-            if value is not None or name not in models or models[name].kind != "llm":
-                continue
-            handle = models[name].client.source
-            ask = self._info_calls.get(name)
-            if ask is None or ask[0] is not handle:  # ``options`` makes a new handle: once per model
-                ask = self._info_calls[name] = (handle, handle.options(method_name="info"))
-            try:
-                info = await asyncio.wait_for(ask[1].remote(), INFO_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - metadata only: the config's value stays
-                continue
-            self._context[name] = info.max_model_len
+        unknown = [
+            name for name, value in self._context.items()
+            if value is None and name in models and models[name].kind == "llm"
+        ]
+        await asyncio.gather(*(self._learn_info(name, models[name].client.source) for name in unknown))
+
+    async def _learn_info(self, name: str, handle: Any) -> None:
+        ask = self._info_calls.get(name)
+        if ask is None or ask[0] is not handle:  # ``options`` makes a new handle: once per model
+            ask = self._info_calls[name] = (handle, handle.options(method_name="info"))
+        try:
+            info = await asyncio.wait_for(ask[1].remote(), INFO_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - metadata only: the config's value stays
+            return
+        self._context[name] = info.max_model_len
 
     async def deployment_statuses(self) -> dict[str, str]:
         """Serve's status of the ingress and every model deployment, by deployment name."""

@@ -309,3 +309,24 @@ def test_a_model_that_changes_shape_under_its_name_is_learnt_again() -> None:
     assert models["a"].client is not a and models["b"].client is b  # (b is as it was)
     assert models["a"].client.source is a.source  # the same deployment, replicas replaced in place
     assert next(card for card in state.model_cards() if card.id == "a").max_model_len is None  # not the old 64
+
+
+async def test_models_without_a_running_replica_hold_a_listing_for_one_wait_not_one_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway.http import state as state_module
+
+    monkeypatch.setattr(state_module, "INFO_TIMEOUT_S", 0.3)
+
+    class Down:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def options(self, method_name: str) -> Any:
+            return SimpleNamespace(remote=lambda: asyncio.Event().wait())  # no replica answers
+
+    state = GatewayState(FrontDoorConfig(), lambda m: Down(m.name), lambda m: m.name)
+    state.apply([{"name": n, "engine": "echo"} for n in "abcd"], {})
+    started = asyncio.get_running_loop().time()
+    await state.refresh_model_info()
+    assert asyncio.get_running_loop().time() - started < 0.3 * 2  # (asked one after another: 1.2 s)
