@@ -42,6 +42,7 @@ from gateway.auth.limiter_wire import (
 from gateway.auth.places import waits_for_place
 from gateway.auth.tickets import Ticket, Tickets
 from gateway.errors import ServiceUnavailableError
+from gateway.protocol import port_proof
 from gateway.http.replica_lookup import BoundedLookUp
 
 logger = logging.getLogger(__name__)
@@ -381,6 +382,11 @@ class LimiterClient:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(address.host, address.port), CONNECT_TIMEOUT_S
                 )
+                try:  # nothing is sent to a port that cannot prove it is the ledger's
+                    await port_proof.check(reader, writer, address.token, CONNECT_TIMEOUT_S)
+                except BaseException:
+                    writer.close()
+                    raise
             except (OSError, asyncio.TimeoutError) as exc:
                 logger.warning("cannot reach the rate limiter: %s", exc)
                 raise ServiceUnavailableError(UNAVAILABLE) from None

@@ -23,6 +23,7 @@ from gateway.auth.limiter_wire import (
     encode_decision,
     limits_of,
 )
+from gateway.protocol import port_proof
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class LimiterServer:
         peer = _Peer(writer)
         self._peers.add(peer)
         try:
+            if not await port_proof.prove(reader, writer, self._token, CONNECT_TIMEOUT_S):
+                return
             hello = json.loads(await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT_S) or b"{}")
             if not hmac.compare_digest(str(hello.get("token", "")).encode(), self._token.encode()):
                 return

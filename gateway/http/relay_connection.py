@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from gateway.protocol import relay
+from gateway.protocol import port_proof, relay
 
 READ_BYTES = 64 * 1024
 # Connections to a replica are kept for its next request once an answer has
@@ -18,6 +18,8 @@ READ_BYTES = 64 * 1024
 # models.llm.relay.IDLE_S).
 KEEP_PER_REPLICA = 64
 KEEP_IDLE_S = 20.0
+# A new connection's port answers its challenge in this long, or is not the replica.
+PROOF_TIMEOUT_S = 10.0
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -68,12 +70,20 @@ class RelayProtocol(asyncio.StreamReaderProtocol):
 
 
 async def connect(address: relay.RelayAddress) -> Connection:
-    """A new connection to the replica at ``address`` (``asyncio.open_connection``'s, with ``RelayProtocol``)."""
+    """A new connection to the replica at ``address`` (``asyncio.open_connection``'s, with ``RelayProtocol``),
+    once its port has proved it holds the replica's token (``port_proof``:
+    else ``PortImpostorError``, and nothing is sent there)."""
     loop = asyncio.get_running_loop()
     reader = RelayReader(loop=loop)
     protocol = RelayProtocol(reader, loop=loop)
     transport, _ = await loop.create_connection(lambda: protocol, address.host, address.port)
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    try:
+        await port_proof.check(reader, writer, address.token, PROOF_TIMEOUT_S)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
 
 
 # A kept connection: since when it is idle, its reader, writer and protocol

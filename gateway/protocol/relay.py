@@ -6,7 +6,9 @@ its slot (``choose_replica``); the replica publishes where it listens in its
 Serve replica metadata (``relay``: host, port, token, and ``replica``, its
 opaque id).
 
-Requests, one at a time per connection, which stays open for the next
+A new connection first proves the port holds the token (``port_proof``:
+the ingress's challenge line, the port's answer); then requests, one at a
+time per connection, which stays open for the next
 once an answer has ended (unless either side says ``connection: close``)::
 
     POST /relay/<endpoint> HTTP/1.1

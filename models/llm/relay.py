@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from gateway import sse
 from gateway.errors import GatewayError, InternalServerError, InvalidRequestError, OverloadedError
 from gateway.leaving import CallerLeft, unless_caller_leaves
-from gateway.protocol import relay
+from gateway.protocol import port_proof, relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from models.llm.handoff import ClientSocket, HandoffPort
 from models.llm.relay_answers import Answerer, Counter, answer_whole, count, stop_watching, write_error
@@ -138,6 +138,8 @@ class StreamServer:
         self._connections.add(task)
         self.accepted += 1
         try:
+            if not await port_proof.prove(reader, writer, self._token, HEAD_TIMEOUT_S):
+                return
             kept = False
             while not self._stopping:
                 first = b""

@@ -17,6 +17,7 @@ from gateway.auth.limiter_wire import LimiterAddress
 from gateway.auth.local import LocalLimiter
 from gateway.auth.limiter_server import LimiterServer
 from gateway.errors import ServiceUnavailableError
+from gateway.protocol import port_proof
 
 
 def _frozen() -> Ledger:
@@ -374,12 +375,35 @@ async def test_an_unreachable_limiter_answers_503(parts: list[Part]) -> None:
 async def test_a_wrong_token_gets_nothing(parts: list[Part]) -> None:
     _, address = await _started(parts)
     reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(port_proof.challenge()[1])  # (the ledger proves itself to anyone: it is the caller that must)
+    await reader.readuntil(b"\r\n")
     writer.write(b'{"token": "guess"}\n{"op": "usage", "id": 1, "key": "k", "limits": [1, null, null]}\n')
     assert await asyncio.wait_for(reader.read(), 2) == b""
     writer.close()
     ok = _client(parts, address)
     assert (await ok.usage("k", Limits(rpm=1)))[0].remaining_requests == 1
     json.dumps(address._asdict())  # the address travels as replica metadata
+
+
+async def test_a_port_that_cannot_prove_it_is_the_ledger_is_sent_nothing(parts: list[Part]) -> None:
+    # Another process took the address of a ledger that stopped before the ingress looked again.
+    heard: list[bytes] = []
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.readline())
+        writer.write(port_proof.answer("guess", port_proof.nonce_of(heard[0])))
+        heard.append(await reader.read())
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    taken = LimiterAddress("127.0.0.1", server.sockets[0].getsockname()[1], "the ledger's token")
+    with pytest.raises(ServiceUnavailableError):
+        await _client(parts, taken).reserve("k", Limits(rpm=1), 0)
+    for _ in range(100):
+        if len(heard) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert port_proof.nonce_of(heard[0]) and heard[1:] == [b""]  # its challenge, then the close: no token, no key
+    server.close()
 
 
 async def test_a_ledger_being_restarted_is_waited_for_a_bounded_time_then_503_at_once_until_it_is_back(

@@ -15,6 +15,7 @@ import pytest
 from gateway import sse
 from gateway.http.answers import Answers
 from gateway.http.relay import ReplicaRelay
+from gateway.http.relay_connection import connect
 from gateway.http.relay_stream import StreamCutError
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
@@ -237,7 +238,7 @@ def paired_server(frames: list[bytes], aborted: asyncio.Event | None = None) -> 
 
 async def offered(address: relay.RelayAddress) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
     """A relay request offering a handoff, sent by hand; the connection and the answer's head."""
-    reader, writer = await asyncio.open_connection(address.host, address.port)
+    reader, writer = await connect(address)
     writer.write(relay.encode_request(CALL, address.token, offer=True))
     return reader, writer, await reader.readuntil(b"\r\n\r\n")
 

@@ -20,7 +20,7 @@ from gateway.errors import (
 )
 from gateway.http.relay import ReplicaRelay
 from gateway.http.relay_stream import StreamCutError
-from gateway.protocol import relay
+from gateway.protocol import port_proof, relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from models.llm.relay import StreamServer
 
@@ -156,6 +156,7 @@ async def test_no_reachable_replica_is_a_503() -> None:
 
 async def test_a_stream_that_breaks_off_is_reported_cut() -> None:
     async def fake_replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await port_proof.prove(reader, writer, "t", 5)
         await reader.readuntil(b"\r\n\r\n")
         writer.write(relay.response_head(200, sse.MEDIA_TYPE) + sse.frame({"n": 0}))
         await writer.drain()
@@ -176,9 +177,39 @@ async def test_a_caller_without_the_token_is_refused() -> None:
         raise AssertionError("reached the engine without the token")
 
     address = await serve(opener)
-    with pytest.raises(InvalidRequestError) as caught:
-        await ReplicaRelay(Router(address._replace(token="guess"))).open(CALL)
-    assert caught.value.status_code == 401
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(port_proof.challenge()[1])  # (the port proves itself to anyone: it is the caller that must)
+    await reader.readuntil(b"\r\n")
+    writer.write(relay.encode_request(CALL, "guess"))
+    assert relay.status_of(await reader.readuntil(b"\r\n\r\n")).status == 401
+    writer.close()
+
+
+async def test_a_port_that_cannot_prove_it_is_the_replica_is_sent_nothing_and_skipped() -> None:
+    # Another process took the address of a replica that stopped before the ingress forgot it.
+    heard: list[bytes] = []
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.readline())
+        writer.write(port_proof.answer("guess", port_proof.nonce_of(heard[0])))
+        heard.append(await reader.read())
+
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+
+        return stream(), Outcome
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    taken = relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "the replica's token")
+    stream = await ReplicaRelay(Router(taken, await serve(opener))).open(CALL)
+    assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+    for _ in range(100):
+        if len(heard) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert port_proof.nonce_of(heard[0]) and heard[1:] == [b""]  # its challenge, then the close
+    server.close()
 
 
 async def test_an_abandoned_stream_reports_what_was_generated() -> None:

@@ -13,6 +13,7 @@ import pytest
 from gateway import sse
 from gateway.errors import InvalidRequestError
 from gateway.http.relay import ReplicaRelay
+from gateway.http.relay_connection import connect
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Reply
 from models.llm.relay import StreamServer
@@ -162,7 +163,7 @@ async def test_stopping_closes_idle_connections_at_once_and_lets_running_request
 async def test_a_caller_that_asks_to_close_gets_its_answer_then_the_close() -> None:
     server = echo_server()
     address = await server.start()
-    reader, writer = await asyncio.open_connection(address.host, address.port)
+    reader, writer = await connect(address)
     request = relay.encode_request(EngineRequest("chat", {"n": 1}, "r", "m"), address.token)
     writer.write(request.replace(b"connection: keep-alive", b"connection: close"))
     answer = await asyncio.wait_for(reader.read(), timeout=2)  # to the close

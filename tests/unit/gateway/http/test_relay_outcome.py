@@ -18,7 +18,7 @@ from gateway.errors import ServiceUnavailableError
 from gateway.http.relay import ReplicaRelay
 from gateway.http.relay_stream import RelayedStream
 from gateway.metrics.recorder import RequestRecord
-from gateway.protocol import relay
+from gateway.protocol import port_proof, relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router
 from tests.unit.gateway.http.test_handoff import ClientSocketSink
@@ -42,6 +42,7 @@ async def split_outcome_replica(answer: bytes) -> tuple[relay.RelayAddress, Any]
     half = len(line) // 2
 
     async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await port_proof.prove(reader, writer, "t", 5)
         head = await reader.readuntil(b"\r\n\r\n")
         await reader.readexactly(relay.parse_head(head).content_length())
         writer.write(answer + relay.END + line[:half])
@@ -62,6 +63,7 @@ async def cut_outcome_replica(answer: bytes) -> tuple[relay.RelayAddress, Any]:
     line = relay.encode_outcome(OUTCOME)
 
     async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await port_proof.prove(reader, writer, "t", 5)
         head = await reader.readuntil(b"\r\n\r\n")
         await reader.readexactly(relay.parse_head(head).content_length())
         writer.write(answer + relay.END + line[: len(line) // 2])

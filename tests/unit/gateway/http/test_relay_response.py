@@ -20,7 +20,7 @@ from gateway.http.relay import ReplicaRelay
 from gateway.http.relay_stream import RelayedStream, StreamCutError
 from gateway.http.relay_response import AsgiSink, RelayResponse, SocketSink
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
-from gateway.protocol import relay
+from gateway.protocol import port_proof, relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from models.llm.handoff import ClientSocket
 from models.llm.relay import StreamServer
@@ -304,6 +304,7 @@ async def fake_replica(answer: bytes, then_close: bool = True) -> AsyncIterator[
     (then closes), listening until the block ends."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await port_proof.prove(reader, writer, "t", 5)
         await reader.readuntil(b"\r\n\r\n")
         writer.write(answer)
         await writer.drain()
