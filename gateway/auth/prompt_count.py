@@ -48,17 +48,28 @@ def counter_for(spec: dict[str, Any] | None) -> PromptCounter | None:
 
 def most_tokens(counts: list[int], body: dict[str, Any], window: int | None) -> int | None:
     """The prompts' tokens plus ``n`` times each one's output budget
-    (``max_completion_tokens`` / ``max_tokens``, else the rest of ``window``)."""
+    (``max_completion_tokens`` / ``max_tokens``, else the rest of ``window``).
+
+    None (the replica then counts, refusing what it would refuse to
+    generate) for anything but a budget the window holds: a budget below 1
+    or not an integer, a prompt and budget beyond the window, or no window
+    known. A budget that could not be sent is never reserved, nor a negative
+    one (which would give the key tokens back)."""
     budget = body.get("max_completion_tokens") or body.get("max_tokens")
     choices = body.get("n") or 1
-    if not isinstance(choices, int) or (budget is not None and not isinstance(budget, int)):
-        return None
-    if budget is None and window is None:
+    if not _whole(choices) or (budget is not None and not _whole(budget)) or window is None:
         return None
     total = 0
     for prompt in counts:
-        total += prompt + choices * (budget if budget is not None else max(0, window - prompt))  # type: ignore[operator]
+        if prompt + (budget or 1) > window:
+            return None
+        total += prompt + choices * (budget if budget is not None else window - prompt)
     return total
+
+
+def _whole(value: Any) -> bool:
+    """A count of at least 1 (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _text_parts(content: Any) -> list[str] | None:

@@ -41,6 +41,29 @@ def test_budgets_are_per_choice_and_per_prompt() -> None:
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        {"max_tokens": -1_000_000_000},  # would give the key tokens back
+        {"max_tokens": -(10**4299)},  # would give back more than any header can say
+        {"max_completion_tokens": -5, "max_tokens": 5},
+        {"max_tokens": True},
+        {"max_tokens": 5, "n": -3},
+        {"max_tokens": 91},  # beyond the window with the prompt: the engine refuses it 400, not a limit 429
+        {"max_tokens": 10**4299},
+    ],
+)
+def test_a_budget_the_engine_would_refuse_is_left_to_the_replica_to_refuse(body: dict[str, object]) -> None:
+    assert most_tokens([10], body, 100) is None
+
+
+def test_a_prompt_that_fills_the_window_is_left_to_the_replica_to_refuse() -> None:
+    assert most_tokens([99], {}, 100) == 100
+    assert most_tokens([100], {}, 100) is None  # no room for one token
+    assert most_tokens([10, 100], {}, 100) is None
+    assert most_tokens([10], {"max_tokens": 5}, None) is None  # no window to check the budget against
+
+
+@pytest.mark.parametrize(
     "tool",
     [
         {"type": "function", "function": {"name": "f"}},
