@@ -77,21 +77,30 @@ def allowed_llms(table: ServingTable, api: ApiKey | None) -> list[ServedModel]:
 
 def retrieve_query(request: Request) -> dict[str, Any]:
     """``stream`` and ``starting_after`` of a ``GET /v1/responses/{id}``,
-    checked; ``include`` values must be OpenAI's. Nothing else is taken."""
-    _check_known(request, {"stream", "starting_after", "include", "include[]"})
+    checked; ``include`` values must be OpenAI's. ``include_obfuscation``
+    (the SDK's own) is checked and has nothing to turn off: events carry no
+    obfuscation padding here. Nothing else is taken."""
+    _check_known(request, {"stream", "starting_after", "include", "include[]", "include_obfuscation"})
     _check_include(request)
     query: dict[str, Any] = {}
+    for name in ("stream", "include_obfuscation"):
+        flag = request.query_params.get(name)
+        if flag is not None and flag.lower() not in ("true", "false"):
+            raise InvalidRequestError(f"`{name}` must be `true` or `false`.", param=name)
     stream = request.query_params.get("stream")
     if stream is not None:
-        if stream.lower() not in ("true", "false"):
-            raise InvalidRequestError("`stream` must be `true` or `false`.", param="stream")
         query["stream"] = stream.lower() == "true"
     after = request.query_params.get("starting_after")
     if after is not None:
-        if not after.isdigit():
+        if not _whole_number(after):
             raise InvalidRequestError("`starting_after` must be a whole number.", param="starting_after")
         query["starting_after"] = int(after)
     return query
+
+
+def _whole_number(text: str) -> bool:
+    """Decimal digits that ``int`` reads (not ``²`` nor other Unicode digits), at most 18 of them."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
 
 
 # What `include` may ask of input items (OpenAI's values). The items come as
@@ -121,7 +130,7 @@ def input_items_query(request: Request) -> dict[str, Any]:
     query: dict[str, Any] = {"limit": 20, "order": "desc"}
     limit = params.get("limit")
     if limit is not None:
-        if not limit.isdigit() or not 1 <= int(limit) <= MAX_ITEMS:
+        if not _whole_number(limit) or not 1 <= int(limit) <= MAX_ITEMS:
             raise InvalidRequestError(
                 f"Invalid 'limit': expected a whole number from 1 to {MAX_ITEMS}, got '{limit}'.", param="limit"
             )

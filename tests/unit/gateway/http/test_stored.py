@@ -34,6 +34,7 @@ def test_input_items_query_defaults_as_openai_does() -> None:
         ("limit=0", "limit"),
         ("limit=101", "limit"),
         ("limit=ten", "limit"),
+        ("limit=%C2%B2", "limit"),  # a Unicode digit int() cannot read: not a 500
         ("order=newest", "order"),
         ("include[]=everything", "include"),
         ("include=everything", "include"),
@@ -50,6 +51,8 @@ def test_retrieve_query_takes_stream_and_where_to_start() -> None:
     assert retrieve_query(request("")) == {}
     query = "stream=true&starting_after=3&include[]=message.output_text.logprobs"
     assert retrieve_query(request(query)) == {"stream": True, "starting_after": 3}
+    # The SDK's own retrieve(..., stream=True, include_obfuscation=False): nothing to turn off here.
+    assert retrieve_query(request("stream=true&include_obfuscation=false")) == {"stream": True}
 
 
 @pytest.mark.parametrize(
@@ -57,6 +60,9 @@ def test_retrieve_query_takes_stream_and_where_to_start() -> None:
     [
         ("stream=maybe", "stream"),
         ("starting_after=-1", "starting_after"),
+        ("starting_after=%C2%B2", "starting_after"),  # a Unicode digit int() cannot read: not a 500
+        ("starting_after=" + "9" * 5000, "starting_after"),
+        ("include_obfuscation=perhaps", "include_obfuscation"),
         ("include[]=bogus", "include"),  # refused by input items, not silently ignored here either
         ("include=bogus", "include"),
         ("after=3", "after"),
