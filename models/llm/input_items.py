@@ -55,7 +55,9 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int, order: str)
         ids = [item["id"] for item in ordered]
         if after not in ids:
             raise InvalidRequestError(f"Invalid 'after': this response has no input item '{after}'.", param="after")
-        start = ids.index(after) + 1
+        # Its last place: a client may have given two items one id, and a page
+        # ending at the first must not lead back to it (the SDK would page for ever).
+        start = len(ids) - ids[::-1].index(after)
     data = ordered[start : start + limit]
     answer = {
         "object": "list",

@@ -77,3 +77,16 @@ def test_an_unknown_after_is_refused_naming_it() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         page(items_of(RESPONSE, "hi"), "msg_other", 20, "desc")
     assert (caught.value.status_code, caught.value.param) == (400, "after")
+
+
+def test_paging_through_items_that_share_an_id_ends() -> None:
+    sent = [{"role": "user", "content": str(n), **({"id": "msg_x"} if n % 2 == 0 else {})} for n in range(4)]
+    items = items_of(RESPONSE, sent)
+    seen, after = [], None
+    for _ in range(10):  # the SDK's auto-paging: on while has_more
+        listing = listed(items, after=after, limit=1, order="asc")
+        seen += [item.id for item in listing.data]
+        if not listing.has_more:
+            break
+        after = listing.last_id
+    assert not listing.has_more and len(seen) <= len(items)
