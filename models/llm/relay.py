@@ -182,6 +182,11 @@ class StreamServer:
             try:
                 await unless_caller_leaves(self._places.acquire(), reader.read(1))
             except CallerLeft:
+                # Nothing was generated: said, so a key's reservation settles at
+                # nothing (a caller that only half-closed is still reading).
+                with contextlib.suppress(OSError):
+                    writer.write(relay.END + relay.encode_outcome(Outcome()))
+                    await writer.drain()
                 return False
             finally:
                 self._queued -= 1

@@ -88,6 +88,33 @@ async def test_an_abandoned_whole_answer_reports_what_was_generated() -> None:
     assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (5, 7)
 
 
+async def test_a_whole_answer_abandoned_in_the_replicas_queue_reports_nothing_generated() -> None:
+    started, answered = asyncio.Event(), []
+
+    async def answer(request: EngineRequest, tally: Any) -> Reply:
+        answered.append(request.request_id)
+        started.set()
+        await asyncio.sleep(30)  # holds the replica's one place
+        raise AssertionError("not cancelled")
+
+    async def no_streams(request: EngineRequest) -> Any:
+        raise AssertionError("a whole answer was asked for")
+
+    address = await StreamServer(no_streams, "127.0.0.1", max_ongoing=1, answer=answer).start()
+    relay_ = ReplicaRelay(Router(address))
+    running = asyncio.ensure_future(relay_.call(EngineRequest("chat", {}, "first", "m")))
+    await asyncio.wait_for(started.wait(), timeout=2)
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    queued = asyncio.ensure_future(relay_.call(EngineRequest("chat", {}, "queued", "m"), reported.set_result))
+    await asyncio.sleep(0.05)  # reached the replica's queue
+    queued.cancel()  # its client left while it waited
+    # Not None ("unknown", which keeps a key's whole reservation): nothing was generated.
+    assert await asyncio.wait_for(reported, timeout=3) == Outcome()
+    assert answered == ["first"]
+    running.cancel()
+    await asyncio.gather(running, queued, return_exceptions=True)
+
+
 async def test_a_background_answer_comes_at_once_and_its_outcome_once_generated() -> None:
     """A background response: the body before the generation ends, the outcome after."""
     generating = asyncio.Event()
