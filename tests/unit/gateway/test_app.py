@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gateway.app import ingress_app_builder, model_deployment
+import ray
+
+from gateway.app import app_builder, ingress_app_builder, model_deployment
 from gateway.config import FrontDoorConfig, parse_config
 
 
@@ -34,3 +36,11 @@ def test_a_lone_ingress_replica_keeps_the_metrics_hub_itself_and_several_share_o
     assert hub_of(1) is None
     hub = hub_of(2)._bound_deployment
     assert (hub.name, hub.num_replicas) == ("MetricsHub", 1)
+
+
+def test_the_single_application_is_built_before_ray_is_started() -> None:
+    # `serve run gateway.app:app_builder config=...` calls the builder first,
+    # and only then starts or joins a cluster.
+    assert not ray.is_initialized()
+    app = app_builder({"config": {"models": [{"name": "echo", "engine": "echo"}]}})
+    assert app._bound_deployment.name == "GatewayIngress"
