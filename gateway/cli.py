@@ -273,10 +273,7 @@ def serve_forever(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if keeper is not None:
             keeper.close()  # the socket closes with the last ingress replica: new clients are refused
-        if ray.is_initialized():
-            _drain(config)
-            serve.shutdown()
-            ray.shutdown()
+        _stop_serving(config, own_cluster=bool(local))
         if local:
             from gateway.local_cluster import remove_local_files
 
@@ -382,6 +379,21 @@ def _tend_processes(config: GatewayConfig, address: str | None) -> None:
             pin_gateway_processes(os.getpid(), cpus)
         if niceness:
             lower_background(os.getpid(), niceness, proxy)
+
+
+def _stop_serving(config: GatewayConfig, own_cluster: bool) -> None:
+    """Drains the gateway's applications and leaves Ray. Serve itself is shut
+    down only on a cluster this process started: on one it joined
+    (``--address``), Serve's other applications are not the gateway's to end."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    _drain(config)
+    if own_cluster:
+        serve.shutdown()
+    ray.shutdown()
 
 
 def _drain(config: GatewayConfig) -> None:

@@ -15,6 +15,8 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -82,3 +84,23 @@ def test_the_serving_process_keeps_the_terminals_session_and_writes_to_it() -> N
         assert proc.wait(timeout=30) == 0
     assert b"serving: True True /dev/null" in output, output
     assert b"exit status: 0" in output, output
+
+
+def test_stopping_on_a_joined_cluster_leaves_serves_other_applications(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    from ray import serve
+
+    from gateway import cli
+    from gateway.config import parse_config
+
+    done: list[str] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: done.append("left ray"))
+    monkeypatch.setattr(serve, "shutdown", lambda: done.append("serve shut down"))
+    monkeypatch.setattr(cli, "_drain", lambda config: done.append("drained"))
+    config = parse_config({"models": [{"name": "echo", "engine": "echo"}]})
+    cli._stop_serving(config, own_cluster=False)  # `--address`: another team's applications may run there
+    assert done == ["drained", "left ray"]
+    done.clear()
+    cli._stop_serving(config, own_cluster=True)  # the cluster this process started ends with it
+    assert done == ["drained", "serve shut down", "left ray"]
