@@ -76,6 +76,22 @@ class LLMModelConfig(ModelConfig):
         return DEFAULT_STORED_RESPONSES if self.stored_responses is None else self.stored_responses
 
 
+# vLLM engine arguments the gateway sets from a model's own fields (``VLLMEngine.cli_args``), by the field.
+GATEWAY_ENGINE_ARGS = {
+    "model": "model",
+    "served-model-name": "name",
+    "dtype": "dtype",
+    "seed": "seed",
+    "tensor-parallel-size": "tensor_parallel_size",
+    "pipeline-parallel-size": "pipeline_parallel_size",
+    "distributed-executor-backend": "tensor_parallel_size",
+    "max-model-len": "max_model_len",
+    "gpu-memory-utilization": "gpu_memory_utilization",
+    "tool-call-parser": "tool_call_parser",
+    "enable-auto-tool-choice": "tool_call_parser",
+}
+
+
 class VLLMModelConfig(LLMModelConfig):
     """A model served by a real vLLM engine."""
 
@@ -120,7 +136,9 @@ class VLLMModelConfig(LLMModelConfig):
     engine_args: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
         description="Further vLLM engine arguments by their CLI name without `--` "
-        "(e.g. `enable-prefix-caching: true`); checked by vLLM's parser at start-up.",
+        "(e.g. `enable-prefix-caching: true`; `false` passes vLLM's `--no-` form where it has one); "
+        "checked by vLLM's parser at start-up. Those the gateway sets from the model's own "
+        "fields (`model`, `dtype`, `max-model-len`, ...) are refused here.",
     )
     lora_adapters: dict[ModelName, str] = Field(
         default_factory=dict,
@@ -136,6 +154,12 @@ class VLLMModelConfig(LLMModelConfig):
 
     @model_validator(mode="after")
     def _one_whitespace_setting(self) -> VLLMModelConfig:
+        for key in self.engine_args:
+            field = GATEWAY_ENGINE_ARGS.get(key.replace("_", "-"))
+            if field is not None:
+                # vLLM takes the last of a flag given twice: the engine would
+                # run otherwise than the gateway routes, places and describes it.
+                raise ValueError(f"`engine_args.{key}` is the gateway's to set: use the model's `{field}`")
         if self.json_whitespace is not None and STRUCTURED_OUTPUTS_ARG in self.engine_args:
             raise ValueError(
                 f"set either `json_whitespace` or `engine_args.{STRUCTURED_OUTPUTS_ARG}`, not both"

@@ -92,7 +92,7 @@ async def build_serving(
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cli_args)
+    args = parse_cli_args(make_arg_parser(FlexibleArgumentParser()), cli_args)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
     client: Any = _EngineClient(engine, wrap_generate(engine.generate, RequestOutputKind.DELTA))
     state = State()
@@ -110,6 +110,14 @@ async def build_serving(
     serving.models = getattr(state, MODELS_STATE, None)
     _register_endpoints(serving)
     return serving
+
+
+def parse_cli_args(parser: Any, cli_args: list[str]) -> Any:
+    """``cli_args`` parsed by vLLM's ``parser``. An ``engine_args`` setting of
+    false comes as ``--no-<flag>`` (``VLLMEngine.cli_args``): vLLM's own where
+    it has one; a flag without one only turns something on, so false leaves it out."""
+    known = parser._option_string_actions
+    return parser.parse_args([arg for arg in cli_args if not arg.startswith("--no-") or arg.replace("_", "-") in known])
 
 
 def _register_endpoints(serving: Serving) -> None:

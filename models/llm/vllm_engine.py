@@ -96,9 +96,9 @@ class VLLMEngine:
         if compact_json.is_compact(c):
             args += compact_json.engine_args()
         for key, value in c.engine_args.items():
-            if value is True:
-                args.append(f"--{key}")
-            elif value is not False:
+            if isinstance(value, bool):  # false: vLLM's --no-<flag> (``vllm_compat.parse_cli_args``)
+                args.append(f"--{key}" if value else f"--no-{key}")
+            else:
                 args += [f"--{key}", str(value)]
         return args
 

@@ -372,3 +372,13 @@ def test_gathering_is_for_batched_classical_models_and_grows_with_replicas() -> 
     assert gathering(batch_wait_timeout_s=10) == (32, 2, 0.005)
     assert gathering(max_batch_size=1) is None  # batching off
     assert Gathering.for_model(EchoModelConfig(name="e")) is None  # LLMs stream and batch in the engine
+
+
+@pytest.mark.parametrize(
+    ("key", "field"),
+    [("max-model-len", "max_model_len"), ("served_model_name", "name"), ("tensor-parallel-size", "tensor_parallel_size")],
+)
+def test_engine_args_the_gateway_sets_itself_are_refused_naming_the_field(key: str, field: str) -> None:
+    # vLLM takes the last of a flag given twice: /v1/models, routing and placement would be wrong.
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        parse_config({"models": [{"name": "m", "engine": "vllm", "model": "org/m", "engine_args": {key: 2}}]})

@@ -105,3 +105,16 @@ def test_xgrammar_compiles_the_bounded_tag() -> None:
     prefix = '<tool_call>\n{"name": "get_weather", "arguments": '
     assert matcher.accept_string(prefix + '{ "city": "Paris"}')
     assert not xgrammar.GrammarMatcher(grammar).accept_string(prefix + '{  "city"')
+
+
+def test_an_engine_setting_of_false_turns_the_engine_default_off() -> None:
+    # Prefix caching is on by default in vLLM: `false` must reach it as --no-enable-prefix-caching.
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from models.llm.vllm_compat import parse_cli_args
+
+    config = vllm_model(engine_args={"enable-prefix-caching": False, "disable-log-stats": False, "enforce-eager": True})
+    args = parse_cli_args(make_arg_parser(FlexibleArgumentParser()), VLLMEngine(config).cli_args())
+    assert args.enable_prefix_caching is False  # (None, its default, means on)
+    assert args.disable_log_stats is False and args.enforce_eager is True  # a flag with no --no- form: left out
