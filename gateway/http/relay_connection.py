@@ -5,6 +5,7 @@ and kept between requests (``ConnectionPool``)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -20,6 +21,18 @@ KEEP_PER_REPLICA = 64
 KEEP_IDLE_S = 20.0
 # A new connection's port answers its challenge in this long, or is not the replica.
 PROOF_TIMEOUT_S = 10.0
+# A replica's host that takes this long to accept a connection is taken for gone.
+CONNECT_TIMEOUT_S = 10.0
+# A replica's host that vanishes without a reset (power lost, partitioned) is
+# found out by TCP keepalive: probes after KEEP_ALIVE_IDLE_S of silence (a
+# long prefill says nothing; a live host's kernel answers them), every
+# KEEP_ALIVE_INTERVAL_S, KEEP_ALIVE_PROBES unanswered: the connection fails,
+# and its client gets the error instead of waiting for ever. Data unacknowledged
+# for DEAD_PEER_S fails it too.
+KEEP_ALIVE_IDLE_S = 10
+KEEP_ALIVE_INTERVAL_S = 5
+KEEP_ALIVE_PROBES = 3
+DEAD_PEER_S = 30
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -76,7 +89,12 @@ async def connect(address: relay.RelayAddress) -> Connection:
     loop = asyncio.get_running_loop()
     reader = RelayReader(loop=loop)
     protocol = RelayProtocol(reader, loop=loop)
-    transport, _ = await loop.create_connection(lambda: protocol, address.host, address.port)
+    transport, _ = await asyncio.wait_for(
+        loop.create_connection(lambda: protocol, address.host, address.port), CONNECT_TIMEOUT_S
+    )
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        watch_peer(sock)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     try:
         await port_proof.check(reader, writer, address.token, PROOF_TIMEOUT_S)
@@ -84,6 +102,15 @@ async def connect(address: relay.RelayAddress) -> Connection:
         writer.close()
         raise
     return reader, writer
+
+
+def watch_peer(sock: socket.socket) -> None:
+    """Has the kernel find out a peer that is gone without a word (see KEEP_ALIVE_IDLE_S)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEP_ALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEP_ALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEP_ALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000)
 
 
 # A kept connection: since when it is idle, its reader, writer and protocol

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from gateway import sse
 from gateway.errors import InvalidRequestError
 from gateway.http.relay import ReplicaRelay
+from gateway.http import relay_connection
 from gateway.http.relay_connection import connect
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Reply
@@ -172,3 +174,30 @@ async def test_a_caller_that_asks_to_close_gets_its_answer_then_the_close() -> N
     assert b"connection: close" in head
     body, end, outcome = rest.partition(relay.END)
     assert (body, end, relay.decode_outcome(outcome)) == (b'{"n": 1}', relay.END, OUTCOME)
+
+
+async def test_a_replica_host_that_vanishes_without_a_word_is_found_out_by_the_kernel() -> None:
+    # No FIN nor reset ever comes from a host that lost power: keepalive probes
+    # and a bound on unacknowledged data fail the connection, and its client
+    # gets an error rather than waiting for ever.
+    address = await echo_server().start()
+    reader, writer = await relay_connection.connect(address)
+    sock = writer.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == relay_connection.KEEP_ALIVE_IDLE_S
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == relay_connection.KEEP_ALIVE_PROBES
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == relay_connection.DEAD_PEER_S * 1000
+    writer.close()
+
+
+async def test_a_replica_host_that_does_not_accept_in_time_is_taken_for_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (A host that is gone answers no SYN: the kernel would retry for about two minutes.)
+    loop = asyncio.get_running_loop()
+
+    async def unanswered(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(relay_connection, "CONNECT_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(loop, "create_connection", unanswered)
+    with pytest.raises(OSError):  # as a replica that refused it: the relay routes around it
+        await relay_connection.connect(relay.RelayAddress("10.0.0.9", 4100, "t"))
