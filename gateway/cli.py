@@ -37,7 +37,7 @@ def command_line() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the gateway in the foreground")
     serve_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="gateway YAML config")
     serve_cmd.add_argument("--host", default="127.0.0.1")
-    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--port", type=port_number, default=8000)
     serve_cmd.add_argument(
         "--address", default=None, help="join this Ray cluster instead of starting a local one"
     )
@@ -77,6 +77,14 @@ def command_line() -> argparse.ArgumentParser:
     )
 
     return parser
+
+
+def port_number(text: str) -> int:
+    """A TCP port number, as argparse takes it (else its usage error, not a traceback)."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +234,11 @@ def serve_forever(
     local cluster (every replica and engine process) is shut down.
     """
     local: dict[str, str] = {}
+    if address is None and config.runtime.http_proxy == "gateway" and config.route_prefix != "/":
+        raise ConfigError(
+            f"route_prefix {config.route_prefix!r}: the gateway's own front door serves only `/`; "
+            "set `runtime.http_proxy: serve` (or `haproxy`) for a route prefix of its own"
+        )
     if address is None:
         if (prepared := _local_environment(config, host, port)) is None:
             return 1

@@ -24,7 +24,13 @@ from gateway.config.engines import (
     engines_with,
     parse_model,
 )
-from gateway.config.front_door import CorsConfig, FrontDoorConfig, IngressConfig
+from gateway.config.front_door import (
+    ROUTE_PREFIX,
+    ROUTE_PREFIX_DESCRIPTION,
+    CorsConfig,
+    FrontDoorConfig,
+    IngressConfig,
+)
 from gateway.config.keys import KEY_HASH_PATTERN, KeyConfig
 from gateway.config.models import (
     DEFAULT_STORED_RESPONSES,
@@ -78,7 +84,7 @@ class GatewayConfig(StrictConfig):
     """The whole gateway: the models it serves and its front door."""
 
     app_name: str = Field("llm-gateway", min_length=1, description="Ray Serve application name.")
-    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the app.")
+    route_prefix: str = Field("/", pattern=ROUTE_PREFIX, description=ROUTE_PREFIX_DESCRIPTION)
     runtime: RuntimeConfig = Field(
         default_factory=RuntimeConfig,
         description="How `llm-gateway serve` starts a local Ray cluster.",

@@ -138,11 +138,20 @@ class IngressConfig(StrictConfig):
     )
 
 
+# A Serve route prefix: "/", or a path that does not end with "/" and holds no
+# braces (Serve refuses those only once the application is deployed).
+ROUTE_PREFIX = r"^/([^{}]*[^/{}])?$"
+ROUTE_PREFIX_DESCRIPTION = (
+    "HTTP path prefix of the app: `/`, or a path without a trailing `/` (the gateway's own front door, "
+    "`runtime.http_proxy: gateway`, serves only `/`)."
+)
+
+
 class FrontDoorConfig(StrictConfig):
     """The ingress application's own settings (what its replicas are built from)."""
 
     app_name: str = Field("llm-gateway", min_length=1, description="Ray Serve application name.")
-    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the app.")
+    route_prefix: str = Field("/", pattern=ROUTE_PREFIX, description=ROUTE_PREFIX_DESCRIPTION)
     ingress: IngressConfig = Field(
         default_factory=IngressConfig, description="The HTTP front door."
     )

@@ -104,3 +104,23 @@ def test_stopping_on_a_joined_cluster_leaves_serves_other_applications(monkeypat
     done.clear()
     cli._stop_serving(config, own_cluster=True)  # the cluster this process started ends with it
     assert done == ["drained", "serve shut down", "left ray"]
+
+
+def test_a_route_prefix_the_default_front_door_cannot_serve_is_refused_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to start, say "ready" and leave every client hanging on the port.
+    from gateway import cli
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text("route_prefix: /api\nmodels: [{name: echo, engine: echo}]\n")
+    assert cli.main(["serve", "--config", str(config)]) == 2
+    assert "serves only `/`" in capsys.readouterr().err
+
+
+def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["serve", "--port", "70000"])
+    assert stopped.value.code == 2 and "70000" in capsys.readouterr().err

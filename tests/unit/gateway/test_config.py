@@ -382,3 +382,10 @@ def test_engine_args_the_gateway_sets_itself_are_refused_naming_the_field(key: s
     # vLLM takes the last of a flag given twice: /v1/models, routing and placement would be wrong.
     with pytest.raises(ConfigError, match=f"`{field}`"):
         parse_config({"models": [{"name": "m", "engine": "vllm", "model": "org/m", "engine_args": {key: 2}}]})
+
+
+@pytest.mark.parametrize("prefix", ["/api/", "/a/{b}", "api", "//"])
+def test_a_route_prefix_serve_would_refuse_once_deployed_is_refused_at_load(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="route_prefix"):
+        parse_config({"route_prefix": prefix, "models": [{"name": "echo", "engine": "echo"}]})
+    assert parse_config({"route_prefix": "/v", "models": [{"name": "echo", "engine": "echo"}]}).route_prefix == "/v"
