@@ -199,9 +199,11 @@ class LLMServer:
         """The frames; once they end, or are left, also whatever generation goes
         on after them (a background response's), so that the outcome is whole."""
         self._active_streams += 1
+        ended = False
         try:
             async for frame in frames:
                 yield frame
+            ended = True
         finally:
             self._active_streams -= 1
             aclose: Any = getattr(frames, "aclose", None)
@@ -209,7 +211,9 @@ class LLMServer:
                 await aclose()
             if tally.continues is not None:
                 await asyncio.gather(asyncio.shield(tally.continues), return_exceptions=True)
-            self._stored.ended(request)
+            # Stored by the engine once it ends: not when refused at its first
+            # frame, nor left before its end (unless it runs in the background).
+            self._stored.ended(request, stored=ended or tally.continues is not None)
 
     async def most_tokens(self, request: EngineRequest) -> int:
         """The prompt's tokens plus the most ``request`` may generate (``relay.COUNT``)."""

@@ -4,7 +4,10 @@ each is, and how many are kept.
 The engine keeps the responses themselves (vLLM's serving layer, in its own
 memory); this keeps, per response, the API key that made it and its
 request's ``input`` (for its input items), oldest first, and tells the
-engine to drop a response once more than ``size`` are kept. A request that
+engine to drop the oldest once more than ``size`` have been stored. A
+response counts once its generation has ended and the engine stored it: a
+request the engine refuses, or one left before it was stored, never drops
+another's response (nor takes a place). A request that
 names a stored response (``previous_response_id``, also when counting input
 tokens; retrieve, cancel, delete, input items) is answered only when it
 comes with the key that made it: for any other key the response does not
@@ -45,6 +48,7 @@ class StoredResponses:
         self.size = size
         self._forget = forget
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
+        self._generating: set[str] = set()  # kept, and not yet stored by the engine
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -73,8 +77,11 @@ class StoredResponses:
             # Its request id was sent before (a client's own ``x-request-id``,
             # reused or retried): a response id of its own, never another's.
             named += "-" + secrets.token_hex(4)
-        if self.size > 0 and request.body.get("store", True) is not False:
-            self._keep(relay.response_id(self.replica, named), _Kept(request.owner, request.body.get("input")))
+        # (``store: null`` is vLLM's false: it stores only what it is asked to.)
+        if self.size > 0 and request.body.get("store", True) is True:
+            response_id = relay.response_id(self.replica, named)
+            self._kept[response_id] = _Kept(request.owner, request.body.get("input"))
+            self._generating.add(response_id)
         return dataclasses.replace(request, request_id=self.replica + named)
 
     @contextlib.contextmanager
@@ -86,20 +93,28 @@ class StoredResponses:
         try:
             yield
         except BaseException:
-            if request.endpoint == "responses":
-                response_id = relay.RESPONSE_PREFIX + request.request_id  # admitted: the replica's id leads it
-                if self._kept.pop(response_id, None) is not None:
-                    self._forget(response_id)
+            self.ended(request, stored=False)
             raise
 
-    def ended(self, request: EngineRequest) -> None:
+    def ended(self, request: EngineRequest, stored: bool = True) -> None:
         """The generation of an admitted ``request`` is over (a background
-        response's too): a new response dropped meanwhile, past the bound, is
-        dropped from the engine again, which stores a response as it ends."""
-        if request.endpoint == "responses":
-            response_id = relay.RESPONSE_PREFIX + request.request_id  # admitted: the replica's id leads it
-            if response_id not in self._kept:
-                self._forget(response_id)
+        response's too); ``stored``: it ended as the engine stores a response
+        (not refused, nor left before its end). A new response deleted
+        meanwhile, or not stored, is dropped from the engine (again), which
+        stores a response as it ends; one stored may drop the oldest."""
+        if request.endpoint != "responses":
+            return
+        response_id = relay.RESPONSE_PREFIX + request.request_id  # admitted: the replica's id leads it
+        self._generating.discard(response_id)
+        if not stored or response_id not in self._kept:
+            self._kept.pop(response_id, None)
+            self._forget(response_id)
+            return
+        self._kept.move_to_end(response_id)  # oldest first: in the order the engine stored them
+        while len(self._kept) - len(self._generating) > self.size:
+            oldest = next(kept for kept in self._kept if kept not in self._generating)
+            del self._kept[oldest]
+            self._forget(oldest)
 
     def deleted(self, request: EngineRequest) -> None:
         """Forgets the response a ``responses_delete`` request named, once
@@ -107,6 +122,7 @@ class StoredResponses:
         if request.endpoint == "responses_delete":
             response_id = request.body.get("response_id")
             if isinstance(response_id, str) and self._kept.pop(response_id, None) is not None:
+                self._generating.discard(response_id)  # (its end drops it from the engine again)
                 self._forget(response_id)
 
     def input_items(self, request: EngineRequest) -> bytes:
@@ -123,12 +139,6 @@ class StoredResponses:
         if kept is None or kept.owner != owner:
             raise ResponseNotFoundError.for_id(response_id, param)
 
-    def _keep(self, response_id: str, kept: _Kept) -> None:
-        self._kept[response_id] = kept
-        self._kept.move_to_end(response_id)
-        while len(self._kept) > self.size:
-            oldest, _ = self._kept.popitem(last=False)
-            self._forget(oldest)
 
 
 def deleted_body(response_id: str) -> bytes:

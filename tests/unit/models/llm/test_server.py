@@ -115,16 +115,29 @@ async def test_an_adapter_that_cannot_load_fails_the_start_but_not_a_running_rep
     await server.stop()
 
 
-async def test_a_response_dropped_while_it_streams_is_not_kept_by_the_engine_once_it_ends() -> None:
-    """The engine stores a streamed response at its end: one dropped past the
-    bound before then is dropped again, or it would stay, unreachable, for good."""
+async def test_a_response_stream_left_before_its_end_keeps_no_place() -> None:
+    # Not in the background, the engine does not store it: kept here, it would take a place for nothing.
+    server = await make_server(stored_responses=5, echo_token_delay_ms=1)
+    streamed = {"model": "echo", "input": "a b c d e f g h", "stream": True}
+    frames, _ = await server.open_stream(EngineRequest("responses", streamed, "left"))
+    await anext(frames)
+    await frames.aclose()  # type: ignore[attr-defined]  # its client left
+    assert len(server._stored) == 0
+    await server.stop()
+
+
+async def test_past_the_bound_the_engine_keeps_the_responses_stored_last() -> None:
+    """The engine stores a streamed response at its end: a response still
+    streaming is never the one dropped, and once it ends the oldest stored
+    goes, from the engine's store too."""
     server = await make_server(stored_responses=1, echo_token_delay_ms=1)
     streamed = {"model": "echo", "input": "a b c d e f g h", "stream": True}
     frames, _ = await server.open_stream(EngineRequest("responses", streamed, "first"))
     await anext(frames)
-    await server.generate(EngineRequest("responses", {"model": "echo", "input": "x"}, "second"))  # drops "first"
+    await server.generate(EngineRequest("responses", {"model": "echo", "input": "x"}, "second"))
+    kept = server._engine._stored  # type: ignore[attr-defined]  # (the echo engine's own store)
+    assert [key.endswith("second") for key in kept] == [True]  # "first" still streams: nothing dropped
     async for _ in frames:
         pass
-    kept = server._engine._stored  # type: ignore[attr-defined]  # (the echo engine's own store)
-    assert [key.endswith("second") for key in kept] == [True]
+    assert [key.endswith("first") for key in kept] == [True]
     await server.stop()

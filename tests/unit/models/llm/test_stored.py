@@ -42,7 +42,7 @@ def test_the_oldest_response_is_dropped_past_the_bound_and_then_unknown() -> Non
     dropped: list[str] = []
     stored = StoredResponses(REPLICA, 2, forget=dropped.append)
     for n in range(4):
-        stored.admit(create(f"req{n}"))
+        stored.ended(stored.admit(create(f"req{n}")))
     assert dropped == [f"resp_{REPLICA}req0", f"resp_{REPLICA}req1"]
     assert len(stored) == 2
     with pytest.raises(ResponseNotFoundError):
@@ -50,7 +50,27 @@ def test_the_oldest_response_is_dropped_past_the_bound_and_then_unknown() -> Non
     stored.check(named("responses_retrieve", f"resp_{REPLICA}req3"))
 
 
-@pytest.mark.parametrize("size, body", [(10, {"store": False}), (0, {})], ids=["store-false", "keeps-none"])
+def test_requests_the_engine_refuses_never_drop_anothers_response() -> None:
+    # A full store, then a flood of requests refused at once or at their first frame (no tokens spent).
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 2, forget=dropped.append)
+    for n in range(2):
+        stored.ended(stored.admit(create(f"kept{n}", owner="team-a")))
+    for n in range(5):
+        refused = stored.admit(create(f"bad{n}", owner="team-b"))
+        with pytest.raises(ValueError), stored.unless_refused(refused):
+            raise ValueError("refused")
+        stored.ended(stored.admit(create(f"cut{n}", owner="team-b")), stored=False)  # refused at its first frame
+    for n in range(2):
+        stored.check(named("responses_retrieve", f"resp_{REPLICA}kept{n}", owner="team-a"))
+    assert len(stored) == 2 and not any("kept" in response for response in dropped)
+    with pytest.raises(ResponseNotFoundError):  # nor left behind, taking a place
+        stored.check(named("responses_retrieve", f"resp_{REPLICA}cut0", owner="team-b"))
+
+
+@pytest.mark.parametrize(
+    "size, body", [(10, {"store": False}), (10, {"store": None}), (0, {})], ids=["store-false", "store-null", "keeps-none"]
+)
 def test_a_response_not_stored_is_not_kept(size: int, body: dict[str, object]) -> None:
     stored = StoredResponses(REPLICA, size, forget=lambda _: None)
     assert stored.admit(create("req1", **body)).request_id == REPLICA + "req1"
@@ -149,15 +169,18 @@ def test_counting_input_tokens_after_a_response_needs_its_key_and_keeps_nothing(
     assert len(stored) == 1
 
 
-def test_a_response_dropped_while_it_generates_is_dropped_again_once_it_ends() -> None:
+def test_responses_still_generating_are_not_dropped_and_one_deleted_meanwhile_is_dropped_again() -> None:
     # The engine stores a response as its generation ends: one dropped before then would stay for good.
     dropped: list[str] = []
     stored = StoredResponses(REPLICA, 1, forget=dropped.append)
     long = stored.admit(create("long"))
-    short = stored.admit(create("short"))  # past the bound: "long" is dropped while it still generates
-    assert dropped == [f"resp_{REPLICA}long"]
-    stored.ended(short)  # kept: nothing to drop
-    assert dropped == [f"resp_{REPLICA}long"]
-    stored.ended(long)
-    assert dropped == [f"resp_{REPLICA}long"] * 2
-    stored.check(named("responses_retrieve", f"resp_{REPLICA}short"))
+    short = stored.admit(create("short"))
+    stored.ended(short)  # "long" still generates: not the one dropped
+    assert dropped == []
+    stored.ended(long)  # now the oldest stored goes
+    assert dropped == [f"resp_{REPLICA}short"]
+    stored.check(named("responses_retrieve", f"resp_{REPLICA}long"))
+    gone = stored.admit(create("gone"))
+    stored.deleted(named("responses_delete", f"resp_{REPLICA}gone"))
+    stored.ended(gone)
+    assert dropped[-2:] == [f"resp_{REPLICA}gone"] * 2  # and again once the engine has stored it
