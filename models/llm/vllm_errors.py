@@ -94,6 +94,8 @@ def map_exception(exc: BaseException, prompt_param: str | None = None) -> errors
     if isinstance(exc, errors.GatewayError):
         return exc
     if isinstance(exc, ValidationError):
+        if (failure := _failure_as_event(exc)) is not None:
+            return map_error(failure, prompt_param)
         return errors.InvalidRequestError.from_validation(exc)
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
     from vllm.v1.engine.exceptions import EngineDeadError
@@ -104,6 +106,18 @@ def map_exception(exc: BaseException, prompt_param: str | None = None) -> errors
     if response.error.code >= 500:
         logger.error("engine failure", exc_info=exc)
     return map_error(response.model_dump(), prompt_param)
+
+
+def _failure_as_event(exc: ValidationError) -> dict[str, Any] | None:
+    """vLLM's own error body, where its Responses stream failed to read it as
+    a stream event: on an engine failure mid-generation it validates
+    ``{"error": ...}`` as one, which no event is. The failure is the
+    engine's (a 500), not a field the client left out."""
+    for error in exc.errors():
+        found = error.get("input")
+        if isinstance(found, dict) and set(found) == {"error"} and isinstance(found["error"], dict):
+            return found
+    return None
 
 
 def validated(schema: Any, body: dict[str, Any]) -> Any:

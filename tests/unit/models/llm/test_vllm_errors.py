@@ -337,3 +337,20 @@ def test_a_boolean_among_token_ids_is_refused_not_read_as_an_id(prompt: list[Any
     assert (caught.value.param, caught.value.code) == (param, "invalid_type")
     assert caught.value.message == f"Invalid type for '{param}': expected an integer, but got a boolean instead."
     assert vllm_errors.validated(CompletionRequest, {"model": "m", "prompt": [[3, 4], [5, 6]]}).prompt == [[3, 4], [5, 6]]
+
+
+def test_an_engine_failure_vllm_cannot_turn_into_a_responses_event_is_the_engines_500() -> None:
+    # vLLM's Responses stream, on a generation error mid-stream, validates
+    # {"error": ...} as a stream event: that ValidationError is not the client's.
+    from pydantic import TypeAdapter
+    from vllm.entrypoints.openai.responses.protocol import StreamingResponsesResponse
+    from vllm.exceptions import GenerationError
+
+    try:
+        try:
+            raise GenerationError("Internal server error")
+        except GenerationError:
+            TypeAdapter(StreamingResponsesResponse).validate_json('{"error": {"message": "x", "code": 500}}')
+    except Exception as exc:  # noqa: BLE001 - as vllm_streams.events catches it
+        translated = vllm_errors.map_exception(exc, "input")
+    assert translated.status_code == 500 and translated.param != "response"
