@@ -102,7 +102,9 @@ class LimiterServer:
             if not await port_proof.prove(reader, writer, self._token, CONNECT_TIMEOUT_S):
                 return
             hello = json.loads(await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT_S) or b"{}")
-            if not hmac.compare_digest(str(hello.get("token", "")).encode(), self._token.encode()):
+            if not isinstance(hello, dict) or not hmac.compare_digest(
+                str(hello.get("token", "")).encode(), self._token.encode()
+            ):
                 return
             if hello.get("again"):
                 self._hold_back()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 from collections.abc import AsyncIterator
 
@@ -372,14 +373,16 @@ async def test_an_unreachable_limiter_answers_503(parts: list[Part]) -> None:
         await client.reserve("k", Limits(rpm=1), 0)
 
 
-async def test_a_wrong_token_gets_nothing(parts: list[Part]) -> None:
+@pytest.mark.parametrize("hello", [b'{"token": "guess"}', b"[]", b"null", b'"token"'])
+async def test_a_wrong_token_gets_nothing(parts: list[Part], hello: bytes, caplog: pytest.LogCaptureFixture) -> None:
     _, address = await _started(parts)
     reader, writer = await asyncio.open_connection(address.host, address.port)
     writer.write(port_proof.challenge()[1])  # (the ledger proves itself to anyone: it is the caller that must)
     await reader.readuntil(b"\r\n")
-    writer.write(b'{"token": "guess"}\n{"op": "usage", "id": 1, "key": "k", "limits": [1, null, null]}\n')
+    writer.write(hello + b'\n{"op": "usage", "id": 1, "key": "k", "limits": [1, null, null]}\n')
     assert await asyncio.wait_for(reader.read(), 2) == b""
     writer.close()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]  # no failure of its own
     ok = _client(parts, address)
     assert (await ok.usage("k", Limits(rpm=1)))[0].remaining_requests == 1
     json.dumps(address._asdict())  # the address travels as replica metadata
