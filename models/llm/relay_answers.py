@@ -43,6 +43,7 @@ async def answer_whole(
     finally:
         hung_up = await stop_watching(hang_up)
         if not work.done():
+            tally.count_unseen()  # (the engine reports a whole answer's tokens only at its end)
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
     if work.cancelled():

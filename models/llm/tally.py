@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
 from gateway.metrics.families import ITL_BUCKETS
@@ -19,7 +20,8 @@ class GenerationTally:
     """
 
     __slots__ = (
-        "started", "prompt_tokens", "completion_tokens", "first_token_s", "continues", "error", "_gaps", "_gap_sum"
+        "started", "prompt_tokens", "completion_tokens", "first_token_s", "continues", "error", "_gaps", "_gap_sum",
+        "unseen",
     )
 
     def __init__(self, started: float | None = None) -> None:
@@ -32,6 +34,9 @@ class GenerationTally:
         self.continues: asyncio.Future[Any] | None = None
         # The error that ended the answer after its first byte: its code and status.
         self.error: tuple[str, int] | None = None
+        # Engine requests whose outputs come only once they end (non-streaming):
+        # each asks the engine what it has used so far (prompt, generated tokens).
+        self.unseen: set[Callable[[], tuple[int, int] | None]] = set()
         self._gaps: list[int] | None = None  # tokens per inter-token bucket, once one came
         self._gap_sum = 0.0
 
@@ -50,6 +55,17 @@ class GenerationTally:
             self._gaps = [0] * (len(ITL_BUCKETS) + 1)
         self._gaps[bisect_left(ITL_BUCKETS, seconds)] += tokens
         self._gap_sum += seconds * tokens
+
+    def count_unseen(self) -> None:
+        """Counts what the engine requests that have shown no output yet have
+        used so far: called before they are stopped (a whole answer whose
+        caller left), as the engine forgets a request once stopped."""
+        for unseen in list(self.unseen):
+            used = unseen()
+            if used is not None:
+                self.prompt_tokens += used[0]
+                self.completion_tokens += used[1]
+        self.unseen.clear()
 
     def outcome(self) -> Outcome:
         return Outcome(

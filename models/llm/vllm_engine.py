@@ -359,9 +359,27 @@ def _tallied(
         if tally is None:
             return outputs
         delta = getattr(sampling_params, "output_kind", None) == delta_kind
-        return vllm_streams.count(outputs, tally, delta, placer())
+        request_id = kwargs.get("request_id", args[0] if args else None)
+        engine = getattr(generate, "__self__", None)
+        used = (lambda: _used(engine, request_id)) if engine is not None and request_id is not None else None
+        return vllm_streams.count(outputs, tally, delta, placer(), used)
 
     return generate_and_count
+
+
+def _used(engine: Any, request_id: str) -> tuple[int, int] | None:
+    """The prompt and the tokens generated so far of the engine's request
+    ``request_id`` (its ``n`` choices' together), None once it is unknown there."""
+    try:
+        processor = engine.output_processor
+        states = [processor.request_states.get(internal) for internal in processor.external_req_ids.get(request_id, ())]
+        states = [state for state in states if state is not None]
+        if not states:
+            return None
+        generated = sum(state.detokenizer.num_output_tokens() for state in states if state.detokenizer is not None)
+        return max(int(state.prompt_len or 0) for state in states), generated
+    except (AttributeError, TypeError):  # (another vLLM's internals: counted as before, from outputs)
+        return None
 
 
 _KNOWN_FIELDS: dict[type, frozenset[str]] = {}

@@ -29,7 +29,11 @@ _ERROR_PREFIX = b'data: {"error"'
 
 
 async def count(
-    outputs: AsyncIterator[Any], tally: GenerationTally, delta: bool, placer: CorePlacer | None = None
+    outputs: AsyncIterator[Any],
+    tally: GenerationTally,
+    delta: bool,
+    placer: CorePlacer | None = None,
+    used: Callable[[], tuple[int, int] | None] | None = None,
 ) -> AsyncIterator[Any]:
     """Passes vLLM's ``RequestOutput``s through, adding their tokens and timings to ``tally``.
 
@@ -39,6 +43,9 @@ async def count(
     between the first and the last token's times. ``placer``,
     when given, counts the request as generating from the first read on
     until the outputs end or are closed, and learns its tokens as they pass.
+    ``used``, for outputs that are not deltas, tells what the engine has used
+    for the request so far, until its first output: the tally asks it when
+    the request is stopped before then (``GenerationTally.count_unseen``).
     """
     cumulative: dict[int, int] = {}  # per sequence, for outputs that repeat earlier tokens
     # Per sequence: each of n choices is a request of its own in the engine,
@@ -47,9 +54,12 @@ async def count(
     first = True
     if placer is not None:
         placer.started()
+    if used is not None and not delta:
+        tally.unseen.add(used)
     try:
         async for output in outputs:
             if first:
+                tally.unseen.discard(used)  # type: ignore[arg-type]
                 tally.prompt_tokens += len(output.prompt_token_ids or ())
                 first = False
             new = 0
@@ -68,6 +78,7 @@ async def count(
                     placer.produced(new)
             yield output
     finally:
+        tally.unseen.discard(used)  # type: ignore[arg-type]
         if placer is not None:
             placer.ended()
         if hasattr(outputs, "aclose"):

@@ -8,6 +8,7 @@ gateway they expect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import random
@@ -373,6 +374,27 @@ async def test_a_stream_left_early_is_charged_what_was_generated(
     generated = spent - usage["total_tokens"] - prompt  # the stream's charge, less its prompt
     # Charged what the engine generated before it was stopped: not the 450 reserved.
     assert 3 <= generated < 450
+
+
+async def test_a_whole_answer_left_early_is_charged_what_the_engine_used(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    # vLLM shows a non-streaming request's tokens only at its end: the replica
+    # asks the engine what it had used before it stops the request.
+    messages = [{"role": "user", "content": "Tell me a long story about the sea"}]
+    probe = {"model": VLLM_MODEL, "messages": messages, "max_tokens": 1}
+    long = {**probe, "max_tokens": 480, "ignore_eos": True}  # (about 0.8 s of this engine on 2 vCPUs)
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=bearer(secrets["vllm-left"])) as http:
+        first = await http.post(CHAT, json=probe)
+        usage = first.json()["usage"]
+        with contextlib.suppress(httpx.ReadTimeout):  # the client gives up on its answer
+            await http.post(CHAT, json=long, timeout=httpx.Timeout(60, read=0.25))
+        await settled(http)  # the replica has reported what the engine used until it stopped
+        last = await http.post(CHAT, json=probe)
+    spent = int(first.headers["x-ratelimit-remaining-tokens"]) - int(last.headers["x-ratelimit-remaining-tokens"])
+    charged = spent - usage["total_tokens"]  # the whole answer's charge
+    # Its prompt and what was generated until it stopped: not nothing.
+    assert usage["prompt_tokens"] <= charged <= usage["prompt_tokens"] + 480
 
 
 def test_a_client_that_stops_an_answer_and_asks_again_at_once_is_served(

@@ -88,6 +88,30 @@ async def test_an_abandoned_whole_answer_reports_what_was_generated() -> None:
     assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (5, 7)
 
 
+async def test_a_whole_answer_abandoned_before_the_engines_output_reports_what_the_engine_used() -> None:
+    # vLLM shows a non-streaming request's tokens only at its end: asked before it is stopped.
+    started = asyncio.Event()
+
+    async def answer(request: EngineRequest, tally: Any) -> Reply:
+        tally.unseen.add(lambda: (9, 31))  # the engine's request, still generating
+        started.set()
+        await asyncio.sleep(30)
+        raise AssertionError("not cancelled")
+
+    async def no_streams(request: EngineRequest) -> Any:
+        raise AssertionError("a whole answer was asked for")
+
+    address = await StreamServer(no_streams, "127.0.0.1", answer=answer).start()
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(
+        ReplicaRelay(Router(address)).call(EngineRequest("chat", {}, "r", "m"), reported.set_result)
+    )
+    await asyncio.wait_for(started.wait(), timeout=2)
+    call.cancel()  # its client left (or its deadline passed)
+    outcome = await asyncio.wait_for(reported, timeout=3)
+    assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (9, 31)
+
+
 async def test_a_whole_answer_abandoned_in_the_replicas_queue_reports_nothing_generated() -> None:
     started, answered = asyncio.Event(), []
 

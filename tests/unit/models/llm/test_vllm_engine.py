@@ -62,3 +62,19 @@ def test_a_budget_beyond_the_window_rest_is_refused_naming_the_prompt() -> None:
     with pytest.raises(ContextLengthExceededError) as caught:
         _engine(2048)._check_rendered("chat", _chat(max_tokens=2040), [_prompt(14)])
     assert caught.value.param == "messages"
+
+
+def test_what_the_engine_used_for_a_request_sums_its_choices() -> None:
+    # vLLM keeps a request's state per choice (n), under internal ids of its external one.
+    from models.llm.vllm_engine import _used
+
+    def state(generated: int) -> Any:
+        return SimpleNamespace(prompt_len=10, detokenizer=SimpleNamespace(num_output_tokens=lambda: generated))
+
+    processor = SimpleNamespace(
+        external_req_ids={"req": ["req-a", "req-b"]}, request_states={"req-a": state(3), "req-b": state(4)}
+    )
+    engine = SimpleNamespace(output_processor=processor)
+    assert _used(engine, "req") == (10, 7)
+    assert _used(engine, "other") is None  # ended, or never added: known from its outputs
+    assert _used(SimpleNamespace(), "req") is None  # another vLLM's internals

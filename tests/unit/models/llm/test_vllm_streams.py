@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator
@@ -104,6 +105,41 @@ async def test_stopping_early_closes_the_engine_stream() -> None:
     await anext(counted)
     await counted.aclose()
     assert closed == [True] and tally.completion_tokens == 1
+
+
+async def test_a_whole_answer_stopped_before_its_output_counts_what_the_engine_used() -> None:
+    # vLLM gives a non-streaming request's output only at its end: stopped
+    # before then (its caller left), the engine is asked what it had used.
+    asked: list[str] = []
+
+    def used() -> tuple[int, int]:
+        asked.append("asked")
+        return 12, 40
+
+    async def engine() -> AsyncIterator[Any]:
+        await asyncio.sleep(30)  # generating, final output only
+        yield output([64])
+
+    tally = GenerationTally()
+    counted = asyncio.ensure_future(drain(count(engine(), tally, delta=False, used=used)))
+    await asyncio.sleep(0.01)
+    tally.count_unseen()  # as the replica does before it stops the work
+    counted.cancel()
+    await asyncio.gather(counted, return_exceptions=True)
+    assert (tally.prompt_tokens, tally.completion_tokens, asked) == (12, 40, ["asked"])
+    tally.count_unseen()  # nothing is counted twice
+    assert (tally.prompt_tokens, tally.completion_tokens) == (12, 40)
+
+
+async def test_outputs_seen_are_counted_from_themselves_not_asked_again() -> None:
+    tally = GenerationTally()
+    await drain(count(source([output([5])]), tally, delta=False, used=lambda: (1000, 1000)))
+    tally.count_unseen()
+    assert (tally.prompt_tokens, tally.completion_tokens) == (7, 5)
+    streamed = GenerationTally()
+    await drain(count(source([output([5])]), streamed, delta=True, used=lambda: (1000, 1000)))
+    streamed.count_unseen()  # deltas are counted as they come: never asked
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (7, 5)
 
 
 async def test_a_request_generates_from_its_first_read_until_its_end_or_close() -> None:
