@@ -362,8 +362,10 @@ class ModelDispatcher:
         try:
             async with asyncio.timeout_at(deadline):
                 # The gateway's own front door tells a hang-up only through `receive`.
+                # Given up before a replica was found: nothing generated, nothing charged.
+                unsent = admission.settle if admission is not None else None
                 stream = await unless_caller_leaves(
-                    client.stream(call), disconnected(request.receive), RelayedStream.close
+                    client.stream(call, unsent), disconnected(request.receive), RelayedStream.close
                 )
         except CallerLeft:  # before its first byte: the engine request is aborted
             if admission is not None:

@@ -95,15 +95,17 @@ class ReplicaRelay:
         self._pool = ConnectionPool(clock)
         self._local: dict[relay.RelayAddress, bool] = {}  # replicas that take clients' sockets from here
 
-    async def open(self, call: EngineRequest) -> RelayedStream:
+    async def open(self, call: EngineRequest, unsent: Callable[[Outcome | None], None] | None = None) -> RelayedStream:
         """Connects to a replica and waits for its answer to start.
 
         Raises ``GatewayError`` for errors known before the first byte (the
         replica's own, or 503 when no replica could be reached) and Serve's
         errors when the model has no running replica (DeploymentUnavailableError).
+        Cancelled before a replica was found, ``unsent`` (if given) is told
+        that nothing was generated.
         """
         for _ in range(ATTEMPTS):
-            address = self._admit(await self._pick(call))
+            address = self._admit(await _unsent(self._pick(call), unsent))
             self._open[address] = self._open.get(address, 0) + 1  # before awaiting: others see it
             try:
                 return await self._start(call, address)

@@ -79,9 +79,9 @@ class LLMClient:
     def unary(self, call: EngineRequest, abandoned: Settle | None = None, later: Settle | None = None) -> asyncio.Future[Reply]:
         return asyncio.ensure_future(self.relay.call(call, abandoned, later))
 
-    async def stream(self, call: EngineRequest) -> RelayedStream:
+    async def stream(self, call: EngineRequest, unsent: Settle | None = None) -> RelayedStream:
         """Opens ``call``'s stream on a replica (``ReplicaRelay.open``)."""
-        return await self.relay.open(call)
+        return await self.relay.open(call, unsent)
 
     async def ready(self) -> None:
         return None  # the relay bounds its own wait for a replica

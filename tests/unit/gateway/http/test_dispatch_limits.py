@@ -8,10 +8,12 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 
 from gateway.auth.keys import ApiKey
 from gateway.auth.local import LocalLimiter
+from gateway.auth.prompt_count import WordCounter
 from gateway.errors import InvalidRequestError
 from gateway.http.limits import limits_of
 from gateway.routing.table import Alias
@@ -71,6 +73,21 @@ async def test_a_whole_answer_out_of_time_before_a_replica_is_found_frees_its_ke
     app = make_app(no_replica(), timeouts={"m": 0.1})
     assert await request(app, "/chat", {"model": "m"}, key=ONE_PLACE) == 504
     await until(lambda: ledger_of(app).in_flight(ONE_PLACE.id) == 0)  # else the key is shut out for good
+
+
+@pytest.mark.parametrize("ends", ["timeout", "client-left"])
+async def test_a_stream_given_up_before_a_replica_is_found_counts_no_tokens(ends: str) -> None:
+    # The model's tokenizer was learnt from an earlier replica: the ingress counts the prompt itself.
+    app = make_app(no_replica(), timeouts={"m": 0.2})
+    client = app.state.dispatcher._table.model("m").client
+    client.counter, client.window = WordCounter(), 1_000
+    leave = 0.05 if ends == "client-left" else None
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "a b"}], "max_tokens": 5}
+    assert await request(app, "/chat", body, leave_after_s=leave) == (
+        499 if leave else 504
+    )
+    await until(lambda: ledger_of(app).in_flight(KEY.id) == 0)
+    assert ledger_of(app).usage(KEY.id, limits_of(KEY)).remaining_tokens == KEY.tpm  # nothing reached a replica
 
 
 async def test_a_stream_refused_before_its_first_byte_counts_no_tokens() -> None:
