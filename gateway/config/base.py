@@ -12,8 +12,10 @@ ModelName = Annotated[
     Field(
         min_length=1,
         max_length=128,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
-        description="Name clients use in the request's `model` field.",
+        # Slashes only between segments: GET /v1/models/{name} must find it
+        # (a trailing or doubled one is redirected or merged by HTTP routing).
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9._:-]+)*$",
+        description="Name clients use in the request's `model` field (`/` only between segments).",
     ),
 ]
 

@@ -389,3 +389,11 @@ def test_a_route_prefix_serve_would_refuse_once_deployed_is_refused_at_load(pref
     with pytest.raises(ConfigError, match="route_prefix"):
         parse_config({"route_prefix": prefix, "models": [{"name": "echo", "engine": "echo"}]})
     assert parse_config({"route_prefix": "/v", "models": [{"name": "echo", "engine": "echo"}]}).route_prefix == "/v"
+
+
+@pytest.mark.parametrize("name", ["org/model/", "org//model"])
+def test_a_model_name_its_own_models_page_could_not_find_is_refused(name: str) -> None:
+    # GET /v1/models/org/model/ is redirected to /v1/models/org/model: a 404.
+    with pytest.raises(ConfigError, match="name"):
+        parse_config({"models": [{"name": name, "engine": "echo"}]})
+    assert parse_config({"models": [{"name": "org/sub/model-1.5", "engine": "echo"}]}).models[0].name
