@@ -1,9 +1,11 @@
-# GPU image: vLLM 0.32 (CUDA build) and llm-gateway, serving a config mounted
-# at /app/configs/gateway.yaml (defaults to the example GPU config).
+# GPU image: vLLM 0.32 (CUDA build) and llm-gateway, serving the example GPU
+# config, or one mounted under /app/configs and named after the image:
 #
 #   docker build -t llm-gateway .
-#   docker run --gpus all -p 8000:8000 -v $PWD/configs:/app/configs llm-gateway
+#   docker run --init --stop-timeout 90 --gpus all -p 8000:8000 \
+#     -v $PWD/configs:/app/configs llm-gateway --config configs/gateway.yaml
 #
+# (--init and --stop-timeout: README, "Docker".)
 # The versions below must match pyproject.toml (a test checks it).
 FROM nvidia/cuda:12.8.1-runtime-ubuntu22.04
 
@@ -24,7 +26,10 @@ COPY configs ./configs
 RUN pip install ".[gpu,mlflow]"
 
 EXPOSE 8000
+# Alive: /health answers, 200 or, with operations keys configured (`ops: true`), 401 to a
+# probe that has none (no key is put in the image or its environment for it).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
-    CMD curl -fsS http://127.0.0.1:8000/health || exit 1
+    CMD code=$(curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/health) \
+        && { [ "$code" = 200 ] || [ "$code" = 401 ]; } || exit 1
 ENTRYPOINT ["llm-gateway", "serve", "--host", "0.0.0.0", "--port", "8000"]
 CMD ["--config", "configs/examples/gpu.yaml"]
