@@ -79,6 +79,17 @@ def command_line() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_access_log(sink: str) -> None:
+    """Raises ConfigError where the access log's file could not be opened by
+    the ingress replicas this process starts (each would fail its start)."""
+    if sink in ("stderr", "off"):
+        return
+    path = Path(sink).expanduser()
+    where = path if path.exists() else path.parent
+    if not os.access(where, os.W_OK) or (path.exists() and not path.is_file()):
+        raise ConfigError(f"ingress.access_log: cannot write {sink!r} ({where} is missing or not writable)")
+
+
 def port_number(text: str) -> int:
     """A TCP port number, as argparse takes it (else its usage error, not a traceback)."""
     port = int(text)
@@ -234,6 +245,8 @@ def serve_forever(
     local cluster (every replica and engine process) is shut down.
     """
     local: dict[str, str] = {}
+    if address is None:
+        _check_access_log(config.ingress.access_log)
     if address is None and config.runtime.http_proxy == "gateway" and config.route_prefix != "/":
         raise ConfigError(
             f"route_prefix {config.route_prefix!r}: the gateway's own front door serves only `/`; "

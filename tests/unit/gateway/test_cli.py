@@ -124,3 +124,16 @@ def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(capsys: pytest.Cap
     with pytest.raises(SystemExit) as stopped:
         cli.main(["serve", "--port", "70000"])
     assert stopped.value.code == 2 and "70000" in capsys.readouterr().err
+
+
+def test_an_access_log_that_cannot_be_written_is_refused_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Else every ingress replica fails its start, and Serve retries until the deploy times out.
+    from gateway import cli
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"ingress: {{access_log: {tmp_path}/missing/access.log}}\nmodels: [{{name: echo, engine: echo}}]\n")
+    assert cli.main(["serve", "--config", str(config)]) == 2
+    assert "ingress.access_log" in capsys.readouterr().err
+    cli._check_access_log(str(tmp_path / "access.log"))  # a file it may create: taken
