@@ -16,9 +16,14 @@ def collect(app_name: str) -> dict[str, Any]:
     (placement fields are None for replicas without a placement group).
     """
     import ray
-    from ray.serve._private.api import serve_start
+    from ray.serve.context import _get_global_client
 
-    details = serve_start().get_serve_details()
+    # (Looking must not start Serve on a cluster that runs none: Serve would
+    # take its defaults there, and a later `serve --host` be ignored.)
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return {"applications": {}}
+    details = client.get_serve_details()
     groups = list(ray.util.placement_group_table().values())
     out: dict[str, Any] = {}
     for name, app in sorted((details.get("applications") or {}).items()):
