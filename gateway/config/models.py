@@ -129,7 +129,7 @@ class ModelConfig(StrictConfig):
         description="Longest a request to this model may take, from when the ingress sends it "
         "to its last byte, streams included: past it the engine request is aborted and the "
         "client gets 504 `request_timeout` (a stream that has started: an error frame, then "
-        "[DONE]). None: no limit.",
+        "[DONE]). A background response (Responses API) is bounded only until it starts. None: no limit.",
     )
     graceful_shutdown_s: float = Field(
         60,

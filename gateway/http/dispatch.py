@@ -382,8 +382,11 @@ class ModelDispatcher:
         if _background(call.endpoint, call.body):
             # It generates to its end, its client there or not: its outcome
             # is counted and settled then, and its key's place held until then.
+            # request_timeout_s bounded its start only: it would stop the
+            # client's reading, not the response (README).
             stream.when_ended(self._answers.generated_on(record, admission))
             stream.outcome_wait_s = BACKGROUND_OUTCOME_S
+            deadline = timeout = None
         elif admission is not None:
             # Also a stream the client left; its place is free at once.
             stream.when_ended(admission.settle, admission.leave)

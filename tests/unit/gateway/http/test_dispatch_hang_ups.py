@@ -121,3 +121,29 @@ async def test_a_background_streams_tokens_are_counted_once_whether_or_not_its_c
     assert sorted(tokens().values()) == [3, 5]
     status = "499" if leaves else "200"
     assert metrics.snapshot()["llm_gateway_requests_total"] == {("/responses", "m", "m", status, ""): 1}
+
+
+async def test_a_background_stream_is_read_to_its_end_past_the_models_request_timeout() -> None:
+    # request_timeout_s does not bound a background response: its stream was
+    # cut with a request_timeout error saying it was stopped, while it generated on.
+    handle = FakeHandle(stream=[sse.frame({"n": 0}), 0.3, sse.frame({"n": 1}), sse.DONE])
+    app = make_app(handle, timeouts={"m": 0.1})
+    body = json.dumps({"model": "m", "input": "Hi", "stream": True, "background": True}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {**SCOPE, "path": "/responses", "raw_path": b"/responses"}
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    received = b"".join(message.get("body", b"") for message in sent[1:])
+    assert sent[0]["status"] == 200 and b"request_timeout" not in received
+    assert sse.frame({"n": 1}) in received
