@@ -26,6 +26,7 @@ def test_a_new_response_is_named_after_the_replica_and_kept_for_its_key() -> Non
     stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
     admitted = stored.admit(create("req1", owner="team-a"))
     assert admitted.request_id == REPLICA + "req1"  # the engine's response id: resp_<replica><request>
+    stored.ended(admitted)  # the engine stored it
     for endpoint in ("responses_retrieve", "responses_cancel"):
         stored.check(named(endpoint, f"resp_{REPLICA}req1", owner="team-a"))
         with pytest.raises(ResponseNotFoundError) as caught:  # another key: as if it did not exist
@@ -159,7 +160,7 @@ def test_a_request_id_sent_again_never_takes_over_or_drops_anothers_response(aga
 
 def test_counting_input_tokens_after_a_response_needs_its_key_and_keeps_nothing() -> None:
     stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
-    stored.admit(create("req1", owner="team-a"))
+    stored.ended(stored.admit(create("req1", owner="team-a")))
     previous = {"model": "m", "input": "and?", "previous_response_id": f"resp_{REPLICA}req1"}
     count = EngineRequest("responses_input_tokens", previous, "c1", "m", owner="team-a")
     assert stored.admit(count) == count  # counted as sent
@@ -184,3 +185,15 @@ def test_responses_still_generating_are_not_dropped_and_one_deleted_meanwhile_is
     stored.deleted(named("responses_delete", f"resp_{REPLICA}gone"))
     stored.ended(gone)
     assert dropped[-2:] == [f"resp_{REPLICA}gone"] * 2  # and again once the engine has stored it
+
+
+def test_a_follow_up_on_a_response_still_generating_is_previous_response_not_found() -> None:
+    # vLLM stores a response only once it ends; it answered such a follow-up 404 naming `response_id`.
+    stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
+    first = stored.admit(create("req1", owner="team-a"))
+    follow_up = create("req2", owner="team-a", previous_response_id=f"resp_{REPLICA}req1")
+    with pytest.raises(ResponseNotFoundError) as caught:
+        stored.admit(follow_up)
+    assert (caught.value.status_code, caught.value.code) == (400, "previous_response_not_found")
+    stored.ended(first)
+    stored.admit(follow_up)  # once stored, it continues
