@@ -72,19 +72,26 @@ def stream_error_after(endpoint: str, error: Error, sent: bytes) -> bytes:
 
 
 _SEQUENCE = b'"sequence_number":'
+# How much of the bytes written before the latest a stream keeps, to number an
+# error event after them where the latest read ends inside an event's number.
+TAIL_BYTES = 256
 
 
 def next_sequence_number(sent: bytes) -> int | None:
-    """The number after the last ``sequence_number`` in ``sent`` (the latest
-    bytes of a Responses API stream); None when they hold none."""
-    at = sent.rfind(_SEQUENCE)
-    if at < 0:
-        return None
-    digits = sent[at + len(_SEQUENCE) :].lstrip()
-    end = 0
-    while end < len(digits) and digits[end : end + 1].isdigit():
-        end += 1
-    return int(digits[:end]) + 1 if end else None
+    """The number after the last whole ``sequence_number`` in ``sent`` (the
+    latest bytes of a Responses API stream: one whose digits run to their end
+    may have been cut there, and the one before it is taken); None when they
+    hold none."""
+    end_at = len(sent)
+    while (at := sent.rfind(_SEQUENCE, 0, end_at)) >= 0:
+        digits = sent[at + len(_SEQUENCE) :].lstrip()
+        end = 0
+        while end < len(digits) and digits[end : end + 1].isdigit():
+            end += 1
+        if 0 < end < len(digits):
+            return int(digits[:end]) + 1
+        end_at = at
+    return None
 
 
 def parse(stream: bytes) -> list[Any]:

@@ -123,7 +123,7 @@ class Answers:
             await stream.released()  # a replica handed the client's socket writes no more
             if not stream.delivered:  # (a deadline that came after the stream's last byte is no error)
                 record.error, record.late_status = error.code, error.status_code
-                await sink.send(sse.stream_error_after(endpoint, error, sink.last))
+                await sink.send(sse.stream_error_after(endpoint, error, sink.before + sink.last))
                 return
         if stream.body_ended:  # it ended the stream as the deadline came or the client left: the answer is whole
             sink.ended_elsewhere()

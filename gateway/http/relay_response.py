@@ -33,13 +33,13 @@ class SocketSink:
     def __init__(self, cycle: Any) -> None:
         self._cycle = cycle
         self._transport = cycle.transport
-        self.last = b""
+        self.last = self.before = b""
         self.whole = False
 
     def write(self, data: bytes) -> bool:
         if self._cycle.disconnected or self._transport.is_closing():
             return False
-        self.last = data
+        self.before, self.last = self.last[-sse.TAIL_BYTES :], data
         self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         return True
 
@@ -77,7 +77,7 @@ class AsgiSink:
 
     def __init__(self, send: Any) -> None:
         self._send = send
-        self.last = b""
+        self.last = self.before = b""
         self.whole = False
 
     def write(self, data: bytes) -> bool:
@@ -90,7 +90,7 @@ class AsgiSink:
         return None
 
     async def send(self, data: bytes) -> None:
-        self.last = data
+        self.before, self.last = self.last[-sse.TAIL_BYTES :], data
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     def socket_fd(self) -> int | None:

@@ -22,8 +22,10 @@ class ClientSink(Protocol):
 
     # Whether ``write`` may be called for each read (no wait); else ``send``.
     immediate: bool
-    # The latest bytes written (a Responses error event is numbered after them).
+    # The latest bytes written, and the end of those written before them (at
+    # most ``sse.TAIL_BYTES``): a Responses error event is numbered after them.
     last: bytes
+    before: bytes
     # The body was ended by the process the socket was handed to (``ended_elsewhere``).
     whole: bool
 

@@ -83,6 +83,19 @@ def test_an_ingress_error_event_is_numbered_after_the_last_event_sent() -> None:
     assert sse.next_sequence_number(b'"sequence_number":') is None
 
 
+
+def test_an_error_event_is_numbered_after_the_last_whole_number_where_a_read_cut_one() -> None:
+    # A read may end anywhere: inside the digits of the latest event's number, or just before them.
+    first = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":122}\n\n'
+    second = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":123}\n\n'
+    sent = first + second
+    cut_inside = sent[: len(first) + second.index(b"123") + 2]  # ..."sequence_number":12
+    cut_before = sent[: len(first) + second.index(b"123")]  # ..."sequence_number":
+    assert sse.next_sequence_number(cut_inside) == 123  # not 13
+    assert sse.next_sequence_number(cut_before) == 123
+    assert sse.next_sequence_number(sent) == 124
+
+
 def test_an_error_after_a_frame_cut_short_is_an_event_of_its_own() -> None:
     error = ServiceUnavailableError("The model stopped while serving the request.")
     whole, cut = sse.frame({"n": 1}), sse.frame({"n": 2})[:9]  # the replica stopped inside the second frame

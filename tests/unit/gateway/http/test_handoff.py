@@ -36,7 +36,7 @@ class ClientSocketSink(Written):
         self._sock = sock
 
     def write(self, data: bytes) -> bool:
-        self.last = data
+        self.before, self.last = self.last[-256:], data
         self._sock.sendall(b"%x\r\n%b\r\n" % (len(data), data))
         return True
 

@@ -268,7 +268,7 @@ class Written:
 
     def __init__(self, room: int = 10**9) -> None:
         self.data: list[bytes] = []
-        self.last = b""
+        self.last = self.before = b""
         self._room = room
         self.whole = self.closes = False  # the body ended by the replica; the connection's last response
 
@@ -276,7 +276,7 @@ class Written:
         if len(self.data) >= self._room:
             return False
         self.data.append(data)
-        self.last = data
+        self.before, self.last = self.last[-256:], data
         return True
 
     def congested(self) -> bool:
