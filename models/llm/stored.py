@@ -60,8 +60,12 @@ class StoredResponses:
             previous = request.body.get("previous_response_id")
             if isinstance(previous, str):
                 self._owned(previous, request.owner, "previous_response_id")
-                if previous in self._generating:  # the engine stores it only once it ends
-                    raise ResponseNotFoundError.for_id(previous, "previous_response_id")
+                if previous in self._generating:  # the engine keeps its answer only once it ends
+                    raise InvalidRequestError(
+                        f"Previous response with id '{previous}' is still in progress: "
+                        "it can be continued once it has completed.",
+                        param="previous_response_id",
+                    )
         elif request.endpoint in _NAMING:
             response_id = request.body.get("response_id")
             self._owned(response_id if isinstance(response_id, str) else "", request.owner, "response_id")

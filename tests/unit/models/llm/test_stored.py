@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gateway.errors import ResponseNotFoundError
+from gateway.errors import InvalidRequestError, ResponseNotFoundError
 from gateway.protocol.engine import EngineRequest
 from models.llm.stored import StoredResponses
 
@@ -187,13 +187,14 @@ def test_responses_still_generating_are_not_dropped_and_one_deleted_meanwhile_is
     assert dropped[-2:] == [f"resp_{REPLICA}gone"] * 2  # and again once the engine has stored it
 
 
-def test_a_follow_up_on_a_response_still_generating_is_previous_response_not_found() -> None:
+def test_a_follow_up_on_a_response_still_generating_is_refused_saying_so() -> None:
     # vLLM stores a response only once it ends; it answered such a follow-up 404 naming `response_id`.
     stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
     first = stored.admit(create("req1", owner="team-a"))
     follow_up = create("req2", owner="team-a", previous_response_id=f"resp_{REPLICA}req1")
-    with pytest.raises(ResponseNotFoundError) as caught:
+    with pytest.raises(InvalidRequestError) as caught:
         stored.admit(follow_up)
-    assert (caught.value.status_code, caught.value.code) == (400, "previous_response_not_found")
+    assert (caught.value.status_code, caught.value.param) == (400, "previous_response_id")
+    assert "is still in progress" in caught.value.message
     stored.ended(first)
     stored.admit(follow_up)  # once stored, it continues
