@@ -201,6 +201,10 @@ class ModelDispatcher:
         request_id = record.request_id
         if route.shadow is not None:
             shadow_body = {**body, "model": route.shadow} if in_body else body
+            if endpoint == "responses":
+                # Its answer is dropped: kept, it would take a stored response's place
+                # from the shadow model's own users; in the background, outlive its bound.
+                shadow_body = {**shadow_body, "store": False, "background": False}
             self._shadows.send(table.model(route.shadow), EngineRequest(endpoint, shadow_body, request_id + "-shadow", route.shadow))
         candidates = (route.target, *route.fallbacks)
         for target in candidates:

@@ -22,6 +22,7 @@ from gateway.protocol.engine import Outcome, Reply
 from gateway.routing.table import Alias
 from gateway.routing.weighted import Variant
 from tests.unit.gateway.http.test_dispatch import FakeHandle, make_app, post
+from tests.unit.gateway.http.test_relay_connection import until
 
 
 def make_routed_app(handles: dict[str, FakeHandle], alias: Any) -> FastAPI:
@@ -90,6 +91,20 @@ async def test_shadow_gets_a_copy_and_the_client_gets_the_primary_answer() -> No
     assert shadow.calls[0].body == {"model": "s", "messages": []}
     assert shadow.calls[0].request_id.endswith("-shadow")
     await asyncio.sleep(max(0.0, started + 2.2 - loop.time()))  # the shadow call ends within the test
+
+
+async def test_a_responses_shadow_copy_is_neither_stored_nor_in_the_background() -> None:
+    # Its answer is dropped: stored, it took a place from the shadow model's own users'
+    # responses; in the background, it outlived its request_timeout_s.
+    primary, shadow = FakeHandle(unary=b'{"id":"resp_1"}'), FakeHandle(unary=b"{}")
+    app = make_routed_app({"a": primary, "s": shadow}, Alias([Variant("a", 1)], shadow="s", shadow_percent=100))
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/responses", json={"model": "r", "input": "Hi", "background": True})
+    assert response.status_code == 200
+    await until(lambda: bool(shadow.calls))
+    assert (shadow.calls[0].body["store"], shadow.calls[0].body["background"]) == (False, False)
+    assert primary.calls[0].body["background"] is True  # the client's own request as sent
 
 
 @pytest.mark.parametrize("stream", [False, True])
