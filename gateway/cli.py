@@ -293,7 +293,7 @@ def serve_forever(
         )
         _tend_processes(config, address)
     except _Stop as stop:
-        print(f"==> {stop}: shutting down", flush=True)
+        _say(f"==> {stop}: shutting down")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -304,7 +304,7 @@ def serve_forever(
             from gateway.local_cluster import remove_local_files
 
             remove_local_files(local)
-        print("==> stopped", flush=True)
+        _say("==> stopped")
     return 0
 
 
@@ -354,8 +354,14 @@ def _serve_in_own_group(local: dict[str, str]) -> int | None:
     def forward(signum: int, _: FrameType | None) -> None:
         os.kill(child, signum)
 
+    def hung_up(_signum: int, _: FrameType | None) -> None:
+        os.kill(child, signal.SIGTERM)  # the terminal is gone: stop (and drain) as for a stop signal
+
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    # A hang-up would end this process at once, before the child has drained
+    # and this process removed the local cluster's files.
+    signal.signal(signal.SIGHUP, hung_up)
     _, status = os.waitpid(child, 0)
     from gateway.local_cluster import remove_local_files
 
@@ -422,16 +428,22 @@ def _stop_serving(config: GatewayConfig, own_cluster: bool) -> None:
     ray.shutdown()
 
 
+def _say(line: str) -> None:
+    """Prints a line of the stop's progress; a terminal gone (hung up: EIO) stops nothing."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
+
+
 def _drain(config: GatewayConfig) -> None:
     """Removes the gateway's applications, letting requests in flight finish."""
     from gateway.deploy import undeploy
 
     grace = max([config.ingress.graceful_shutdown_s, *(m.graceful_shutdown_s for m in config.models)])
-    print(f"==> letting requests in flight finish (at most {grace:.0f}s)", flush=True)
+    _say(f"==> letting requests in flight finish (at most {grace:.0f}s)")
     try:
         undeploy(config, timeout_s=grace + 30)
     except Exception as exc:  # noqa: BLE001 - stopping goes on: Serve's shutdown cuts the rest
-        print(f"==> requests in flight could not all finish: {exc}", flush=True)
+        _say(f"==> requests in flight could not all finish: {exc}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -137,3 +138,30 @@ def test_an_access_log_that_cannot_be_written_is_refused_before_starting(
     assert cli.main(["serve", "--config", str(config)]) == 2
     assert "ingress.access_log" in capsys.readouterr().err
     cli._check_access_log(str(tmp_path / "access.log"))  # a file it may create: taken
+
+
+HUNG_UP = """
+import signal, sys, time
+from gateway import cli
+status = cli._serve_in_own_group({})
+if status is None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # (the drain, then the exit)
+    print("serving", flush=True)
+    time.sleep(30)
+    sys.exit(3)
+print("exit status:", status, flush=True)
+"""
+
+
+def test_a_terminal_hang_up_stops_the_gateway_as_a_stop_signal_does() -> None:
+    # `make serve` over ssh, and the connection drops: the terminal's process
+    # got SIGHUP and died at once, before the serving process had drained
+    # and the local cluster's files were removed.
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_UP], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"serving\n"
+        proc.send_signal(signal.SIGHUP)
+        output = proc.communicate(timeout=20)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and b"exit status: 0" in output, output
