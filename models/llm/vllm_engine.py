@@ -218,6 +218,11 @@ class VLLMEngine:
             if parsed.stream and vllm_stored.has_events(self._vllm, parsed.request_id):
                 result = vllm_stored.background_events(self._vllm, parsed.request_id)
         if hasattr(result, "model_dump_json"):
+            if getattr(parsed, "use_beam_search", False) and getattr(result, "usage", None) is not None:
+                # vLLM searches beams by one engine request per beam and step, each
+                # with its prompt so far: counted as the answer's usage, not their sum.
+                tally.prompt_tokens = int(result.usage.prompt_tokens)
+                tally.completion_tokens = int(result.usage.completion_tokens or 0)
             return vllm_compat.body_json(result, request.endpoint)
         if request.endpoint == "responses":
             # A background response's id comes at once: the client may cancel it.

@@ -217,6 +217,22 @@ async def test_vllm_token_limit_reserves_the_models_own_prompt_count(
     assert settled == answer.usage.total_tokens
 
 
+async def test_a_beam_search_is_charged_its_answers_usage(gateway: Gateway, secrets: dict[str, str]) -> None:
+    # vLLM runs one engine request per beam and step, each with its prompt so far:
+    # their sum was charged (thousands of prompt tokens for a short prompt).
+    messages = [{"role": "user", "content": "Tell me something about the sea"}]
+    async with openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0) as sdk:
+
+        async def ask() -> tuple[Any, Any]:
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=VLLM_MODEL, messages=messages, max_tokens=8, n=2, extra_body={"use_beam_search": True}
+            )
+            return raw.parse(), raw.headers
+
+        _, spent, answer = await charged(gateway, secrets["vllm"], ask)
+    assert spent == answer.usage.total_tokens
+
+
 async def charged(gateway: Gateway, secret: str, ask: Callable[[], Awaitable[tuple[T, Any]]]) -> tuple[int, int, T]:
     """Sends a request with the key ``secret`` once none of its requests is in
     flight (``ask``: the answer and its headers); returns the tokens reserved
