@@ -28,7 +28,7 @@ from gateway.config import (
     parse_config,
     parse_model,
 )
-from gateway.deploy import INGRESS_NAME, check_cluster_fits, deployment_name, ingress_user_config
+from gateway.deploy import INGRESS_NAME, deployment_name, ingress_user_config
 from gateway.http.ingress import GatewayIngress
 from gateway.metrics.hub import HUB_NAME, MetricsHub
 from gateway.placement import deployment_options
@@ -112,9 +112,11 @@ def _ingress(front_door: FrontDoorConfig, **options: Any) -> Deployment:
 def build_app(config: GatewayConfig) -> Application:
     """The whole gateway as one application: the ingress bound to every model.
 
-    Raises ConfigError when a model's replica fits no node of the cluster.
+    Nodes are not checked here: Serve builds it as it starts (KubeRay's
+    RayService, ``serve run``), often before the nodes that will hold the
+    replicas have joined; Serve then waits for them. ``llm-gateway serve`` and
+    ``deploy`` check the live nodes first (``gateway.deploy.deploy``).
     """
-    check_cluster_fits(config.models)
     handles = {model.name: model_deployment(model) for model in config.models}
     front_door = config.front_door()
     ingress = _ingress(front_door, user_config=ingress_user_config(config))
@@ -124,7 +126,6 @@ def build_app(config: GatewayConfig) -> Application:
 def model_app_builder(args: dict[str, Any]) -> Application:
     """One model's application; ``args["model"]`` is its config (``gateway.deploy``)."""
     model = parse_model(args["model"])
-    check_cluster_fits([model])
     return model_deployment(model, gateway_app=args.get("gateway"))
 
 

@@ -96,13 +96,9 @@ def serve_config(config: GatewayConfig) -> dict[str, Any]:
 
 def check_cluster_fits(models: Sequence[ModelConfig]) -> None:
     """Raises ConfigError when a replica of one of ``models`` fits no node of the
-    connected Ray cluster (it would wait for resources forever). Not yet
-    connected, there is nothing to check: ``serve run`` builds the
-    application before it starts or joins a cluster."""
+    connected Ray cluster (it would wait for resources forever)."""
     import ray
 
-    if not ray.is_initialized():
-        return
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     for model in models:
         check_fits(model, nodes)
