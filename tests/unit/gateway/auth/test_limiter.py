@@ -396,6 +396,7 @@ async def test_a_port_that_cannot_prove_it_is_the_ledger_is_sent_nothing(parts: 
         heard.append(await reader.readline())
         writer.write(port_proof.answer("guess", port_proof.nonce_of(heard[0])))
         heard.append(await reader.read())
+        writer.close()
 
     server = await asyncio.start_server(impostor, "127.0.0.1", 0)
     taken = LimiterAddress("127.0.0.1", server.sockets[0].getsockname()[1], "the ledger's token")

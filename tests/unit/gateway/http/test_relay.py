@@ -193,6 +193,7 @@ async def test_a_port_that_cannot_prove_it_is_the_replica_is_sent_nothing_and_sk
         heard.append(await reader.readline())
         writer.write(port_proof.answer("guess", port_proof.nonce_of(heard[0])))
         heard.append(await reader.read())
+        writer.close()
 
     async def opener(request: EngineRequest) -> Any:
         async def stream() -> AsyncIterator[bytes]:

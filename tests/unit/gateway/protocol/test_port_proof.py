@@ -31,6 +31,7 @@ async def test_the_token_holder_answers_and_the_caller_goes_on() -> None:
     async def port(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if await port_proof.prove(reader, writer, "secret", 1):
             after.append(await reader.readline())
+        writer.close()
 
     async with listening(port) as (reader, writer):
         await port_proof.check(reader, writer, "secret", 1)
@@ -53,10 +54,14 @@ async def test_each_challenge_is_new_and_its_answer_differs() -> None:
 
 async def wrong_token(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await port_proof.prove(reader, writer, "a guess", 1)
+    await reader.read()
+    writer.close()
 
 
 async def echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(await reader.readline())  # answers with the challenge itself
+    await reader.read()
+    writer.close()
 
 
 async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -66,6 +71,7 @@ async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.read()
+    writer.close()
 
 
 @pytest.mark.parametrize("impostor", [wrong_token, echoes, closes, silent])
