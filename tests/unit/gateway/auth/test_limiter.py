@@ -19,6 +19,7 @@ from gateway.auth.local import LocalLimiter
 from gateway.auth.limiter_server import LimiterServer
 from gateway.errors import ServiceUnavailableError
 from gateway.protocol import port_proof
+from tests.unit.gateway.protocol.test_port_proof import Impostor
 
 
 def _frozen() -> Ledger:
@@ -390,24 +391,12 @@ async def test_a_wrong_token_gets_nothing(parts: list[Part], hello: bytes, caplo
 
 async def test_a_port_that_cannot_prove_it_is_the_ledger_is_sent_nothing(parts: list[Part]) -> None:
     # Another process took the address of a ledger that stopped before the ingress looked again.
-    heard: list[bytes] = []
-
-    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        heard.append(await reader.readline())
-        writer.write(port_proof.answer("guess", port_proof.nonce_of(heard[0])))
-        heard.append(await reader.read())
-        writer.close()
-
-    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
-    taken = LimiterAddress("127.0.0.1", server.sockets[0].getsockname()[1], "the ledger's token")
+    impostor = Impostor()
+    taken = LimiterAddress("127.0.0.1", await impostor.start(), "the ledger's token")
     with pytest.raises(ServiceUnavailableError):
         await _client(parts, taken).reserve("k", Limits(rpm=1), 0)
-    for _ in range(100):
-        if len(heard) == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert port_proof.nonce_of(heard[0]) and heard[1:] == [b""]  # its challenge, then the close: no token, no key
-    server.close()
+    assert await impostor.heard_only_a_challenge()  # no token, no key
+    impostor.close()
 
 
 async def test_a_ledger_being_restarted_is_waited_for_a_bounded_time_then_503_at_once_until_it_is_back(

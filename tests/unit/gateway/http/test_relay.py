@@ -23,6 +23,7 @@ from gateway.http.relay_stream import StreamCutError
 from gateway.protocol import port_proof, relay
 from gateway.protocol.engine import EngineRequest, Outcome
 from models.llm.relay import StreamServer
+from tests.unit.gateway.protocol.test_port_proof import Impostor
 
 CALL = EngineRequest("chat", {"model": "m", "stream": True, "messages": []}, "req-1", "m")
 OUTCOME = Outcome(prompt_tokens=4, completion_tokens=3, first_token_s=0.02,
@@ -187,30 +188,18 @@ async def test_a_caller_without_the_token_is_refused() -> None:
 
 async def test_a_port_that_cannot_prove_it_is_the_replica_is_sent_nothing_and_skipped() -> None:
     # Another process took the address of a replica that stopped before the ingress forgot it.
-    heard: list[bytes] = []
-
-    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        heard.append(await reader.readline())
-        writer.write(port_proof.answer("guess", port_proof.nonce_of(heard[0])))
-        heard.append(await reader.read())
-        writer.close()
-
     async def opener(request: EngineRequest) -> Any:
         async def stream() -> AsyncIterator[bytes]:
             yield sse.DONE
 
         return stream(), Outcome
 
-    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
-    taken = relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "the replica's token")
+    impostor = Impostor()
+    taken = relay.RelayAddress("127.0.0.1", await impostor.start(), "the replica's token")
     stream = await ReplicaRelay(Router(taken, await serve(opener))).open(CALL)
     assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
-    for _ in range(100):
-        if len(heard) == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert port_proof.nonce_of(heard[0]) and heard[1:] == [b""]  # its challenge, then the close
-    server.close()
+    assert await impostor.heard_only_a_challenge()
+    impostor.close()
 
 
 async def test_an_abandoned_stream_reports_what_was_generated() -> None:

@@ -4,6 +4,7 @@ replica's own port, their errors and outcomes, a caller that leaves, and backgro
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -65,35 +66,13 @@ async def test_cancelling_a_whole_answer_stops_the_replicas_work() -> None:
     await asyncio.wait_for(cancelled.wait(), timeout=2)
 
 
-async def test_an_abandoned_whole_answer_reports_what_was_generated() -> None:
+async def abandoned_outcome(generating: Callable[[Any], None]) -> Outcome | None:
+    """What an ingress whose caller left hears from a replica whose answer
+    (``generating`` its tally) was still under way."""
     started = asyncio.Event()
 
     async def answer(request: EngineRequest, tally: Any) -> Reply:
-        tally.prompt_tokens, tally.completion_tokens = 5, 7  # generated before the client left
-        started.set()
-        await asyncio.sleep(30)
-        raise AssertionError("not cancelled")
-
-    async def no_streams(request: EngineRequest) -> Any:
-        raise AssertionError("a whole answer was asked for")
-
-    address = await StreamServer(no_streams, "127.0.0.1", answer=answer).start()
-    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
-    call = asyncio.ensure_future(
-        ReplicaRelay(Router(address)).call(EngineRequest("chat", {}, "r", "m"), reported.set_result)
-    )
-    await asyncio.wait_for(started.wait(), timeout=2)
-    call.cancel()
-    outcome = await asyncio.wait_for(reported, timeout=3)
-    assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (5, 7)
-
-
-async def test_a_whole_answer_abandoned_before_the_engines_output_reports_what_the_engine_used() -> None:
-    # vLLM shows a non-streaming request's tokens only at its end: asked before it is stopped.
-    started = asyncio.Event()
-
-    async def answer(request: EngineRequest, tally: Any) -> Reply:
-        tally.unseen.add(lambda: (9, 31))  # the engine's request, still generating
+        generating(tally)
         started.set()
         await asyncio.sleep(30)
         raise AssertionError("not cancelled")
@@ -108,7 +87,20 @@ async def test_a_whole_answer_abandoned_before_the_engines_output_reports_what_t
     )
     await asyncio.wait_for(started.wait(), timeout=2)
     call.cancel()  # its client left (or its deadline passed)
-    outcome = await asyncio.wait_for(reported, timeout=3)
+    return await asyncio.wait_for(reported, timeout=3)
+
+
+async def test_an_abandoned_whole_answer_reports_what_was_generated() -> None:
+    def generated(tally: Any) -> None:
+        tally.prompt_tokens, tally.completion_tokens = 5, 7  # before the client left
+
+    outcome = await abandoned_outcome(generated)
+    assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (5, 7)
+
+
+async def test_a_whole_answer_abandoned_before_the_engines_output_reports_what_the_engine_used() -> None:
+    # vLLM shows a non-streaming request's tokens only at its end: asked before it is stopped.
+    outcome = await abandoned_outcome(lambda tally: tally.unseen.add(lambda: (9, 31)))
     assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (9, 31)
 
 

@@ -25,6 +25,38 @@ async def listening(handler: Handler) -> AsyncIterator[tuple[asyncio.StreamReade
         server.close()
 
 
+class Impostor:
+    """A port another process took at an address callers still know: it
+    answers their challenge without the token, and keeps what it hears."""
+
+    def __init__(self) -> None:
+        self.heard: list[bytes] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        """Listens; returns its port."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.heard.append(await reader.readline())
+        writer.write(port_proof.answer("guess", port_proof.nonce_of(self.heard[0])))
+        self.heard.append(await reader.read())
+        writer.close()
+
+    async def heard_only_a_challenge(self) -> bool:
+        """Whether the caller sent its challenge, then closed: no token, nothing else."""
+        for _ in range(100):
+            if len(self.heard) == 2:
+                break
+            await asyncio.sleep(0.01)
+        return bool(port_proof.nonce_of(self.heard[0])) and self.heard[1:] == [b""]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
 async def test_the_token_holder_answers_and_the_caller_goes_on() -> None:
     after: list[bytes] = []
 
