@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import ray
 
 from gateway.app import app_builder, ingress_app_builder, model_deployment
@@ -38,9 +39,13 @@ def test_a_lone_ingress_replica_keeps_the_metrics_hub_itself_and_several_share_o
     assert (hub.name, hub.num_replicas) == ("MetricsHub", 1)
 
 
-def test_the_single_application_is_built_before_ray_is_started() -> None:
-    # `serve run gateway.app:app_builder config=...` calls the builder first,
-    # and only then starts or joins a cluster.
-    assert not ray.is_initialized()
+def test_the_single_application_is_built_without_asking_for_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `serve run gateway.app:app_builder config=...` calls the builder before it
+    # starts or joins a cluster, and KubeRay builds it before its workers join:
+    # Serve waits for the nodes (`llm-gateway serve` and `deploy` check them first).
+    def no_cluster() -> None:
+        raise RuntimeError("Ray has not been started yet")
+
+    monkeypatch.setattr(ray, "nodes", no_cluster)
     app = app_builder({"config": {"models": [{"name": "echo", "engine": "echo"}]}})
     assert app._bound_deployment.name == "GatewayIngress"
