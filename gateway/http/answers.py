@@ -134,16 +134,15 @@ class Answers:
 
 
 async def _whole_all_the_same(stream: RelayedStream) -> bool:
-    """Whether a stream whose client left had been answered whole: a replica
-    handed the client's socket ends the body itself, and a client that reads
-    it to the end may hang up before the ingress has heard of that end. Then
-    the stream is counted as answered (not as a hang-up), and its delivery
-    is no longer cancelled."""
-    if not stream.handed_off:
-        return False
+    """Whether a stream whose client left had been answered whole: a client
+    that reads it to its last frame may hang up before the ingress has heard
+    of its end (a replica handed the client's socket ends the body itself;
+    one relayed sends its end mark a moment after its last frame). Then the
+    stream is counted as answered (not as a hang-up), and its delivery is
+    no longer cancelled."""
     stream.close()  # the replica, told, says how the stream ended
     await stream.released()
-    if not stream.body_ended:
+    if not stream.delivered:
         return False
     task = asyncio.current_task()
     if task is not None:

@@ -31,7 +31,6 @@ from gateway.http.endpoints import ENDPOINTS
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens
 from gateway.http.plan import plan
-from gateway.http.relay_outcome import BACKGROUND_OUTCOME_S
 from gateway.http.relay_stream import RelayedStream
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.http.shadows import Shadows
@@ -389,7 +388,7 @@ class ModelDispatcher:
             # request_timeout_s bounded its start only: it would stop the
             # client's reading, not the response (README).
             stream.when_ended(self._answers.generated_on(record, admission))
-            stream.outcome_wait_s = BACKGROUND_OUTCOME_S
+            stream.generates_on()
             deadline = timeout = None
         elif admission is not None:
             # Also a stream the client left; its place is free at once.

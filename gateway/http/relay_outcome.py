@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 
 from gateway.http.background import in_background
@@ -28,28 +29,38 @@ async def outcome_after(
 ) -> None:
     """Reads what is left of an answer, up to its outcome (after ``read``, the
     bytes past its ``END`` already read, if it was); ``then`` gets it (None:
-    the replica did not say within ``wait_s``). The connection is closed
+    the replica did not say within ``wait_s``), ``stopped`` where bytes of
+    the answer were left unread before its ``END``. The connection is closed
     once the outcome's line is in, whether or not the replica would keep it."""
+    skipped = [False]
     try:
-        read = await asyncio.wait_for(_through_outcome(reader, read), wait_s)
+        read = await asyncio.wait_for(_through_outcome(reader, read, skipped), wait_s)
     except (OSError, asyncio.TimeoutError):
         pass
     finally:
         writer.close()
-        then(None if read is None else readable_outcome(read.partition(b"\n")[0]))
+        outcome = None if read is None else readable_outcome(read.partition(b"\n")[0])
+        if outcome is not None and skipped[0]:
+            outcome = dataclasses.replace(outcome, stopped=True)  # bytes its caller never had
+        then(outcome)
 
 
-async def _through_outcome(reader: asyncio.StreamReader, read: bytes | None) -> bytes | None:
+async def _through_outcome(reader: asyncio.StreamReader, read: bytes | None, skipped: list[bool]) -> bytes | None:
     """What follows an answer's ``END`` (``read``: what was read of it
     already), up to the end of the outcome's line or of the connection;
-    None when the connection ends before ``END``."""
+    None when the connection ends before ``END``. ``skipped`` is set when
+    bytes of the answer came before its ``END``."""
     while read is None or b"\n" not in read:
         data = await reader.read(READ_BYTES)
         if not data:
             break
         if read is not None:
             read += data
-        elif (end := data.find(relay.END)) >= 0:
+            continue
+        end = data.find(relay.END)
+        if end:  # (-1: none there)
+            skipped[0] = True
+        if end >= 0:
             read = data[end + 1 :]
     return read
 

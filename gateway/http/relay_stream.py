@@ -13,7 +13,13 @@ from typing import Any, Protocol
 
 from gateway.http.handoff import hand_over
 from gateway.http.relay_connection import READ_BYTES, RelayProtocol, RelayReader, StreamCutError
-from gateway.http.relay_outcome import ABANDONED_OUTCOME_S, OutcomeLine, abandon, readable_outcome
+from gateway.http.relay_outcome import (
+    ABANDONED_OUTCOME_S,
+    BACKGROUND_OUTCOME_S,
+    OutcomeLine,
+    abandon,
+    readable_outcome,
+)
 from gateway.protocol import relay
 from gateway.protocol.engine import Outcome
 
@@ -71,12 +77,14 @@ class _Forward:
         self.past_end: OutcomeLine | None = None  # once END is read: what followed it in its read
         self.after_end: bytes | None = None  # ... also when the client had left by then
         self.stalled = False
+        self.lost = False  # a read could not be written: the client was gone
         self._cut: str | None = None
 
     def feed(self, data: bytes) -> None:
         end = data.find(relay.END)
         if end < 0:
             if not self._sink.write(data):
+                self.lost = True
                 self._wake(_GONE)
             elif self._sink.congested():
                 self._transport.pause_reading()
@@ -85,6 +93,7 @@ class _Forward:
             return
         self.after_end = data[end + 1 :]
         if end and not self._sink.write(data[:end]):
+            self.lost = True
             self._wake(_GONE)
             return
         self.past_end = OutcomeLine(self.after_end)
@@ -148,6 +157,9 @@ class RelayedStream:
         self._reusable = False
         self._past_end: OutcomeLine | None = None  # once the stream's END is read and passed on
         self._after_end: bytes | None = None  # what followed END, read as the client left
+        self._lost = False  # bytes read from the replica were not passed on (the client left)
+        self._whole_before_end = False  # the client left after every byte, before END was read
+        self._generates_on = False  # its client leaving does not stop it (``generates_on``)
         self.outcome: Outcome | None = None
         self._closed = False
         self._cut = False
@@ -155,6 +167,12 @@ class RelayedStream:
         self._left: Callable[[], None] | None = None
         # How long the outcome of a stream left early is waited for.
         self.outcome_wait_s = ABANDONED_OUTCOME_S
+
+    def generates_on(self) -> None:
+        """Its replica generates on when its client leaves (a background
+        response): nothing waits for how it ends, which may be an hour away."""
+        self._generates_on = True
+        self.outcome_wait_s = BACKGROUND_OUTCOME_S
 
     def when_ended(self, ended: Callable[[Outcome | None], None], left: Callable[[], None] | None = None) -> None:
         """``ended`` gets the outcome once the stream is over; ``left`` is
@@ -169,17 +187,24 @@ class RelayedStream:
         reader = self._reader
         self._relay_own()
         first, self._first = self._first, b""
+        # Each chunk counts as passed on once the caller asks for the next.
         try:
             if first:
+                self._lost = True
                 yield first
+                self._lost = False
             while data := await reader.read(READ_BYTES):
                 end = data.find(relay.END)
                 if end < 0:
+                    self._lost = True
                     yield data
+                    self._lost = False
                     continue
                 if end:
                     self._after_end = data[end + 1 :]  # (the caller may stop at this yield)
+                    self._lost = True
                     yield data[:end]
+                    self._lost = False
                 line, self._reusable = await self._outcome_line(reader, data[end + 1 :])
                 self.outcome = self._decoded(line)
                 return
@@ -201,6 +226,7 @@ class RelayedStream:
             if self._ticket and sink.immediate and self._address is not None:
                 first, self._first = self._first, b""
                 if first and not sink.write(first):
+                    self._lost = True
                     return False  # the client left
                 fd = sink.socket_fd()
                 if fd is not None and await self._hand_over(fd):
@@ -238,6 +264,7 @@ class RelayedStream:
         finally:
             self._past_end = forward.past_end  # also when END was read, and the wait cut short before this turn
             self._after_end = forward.after_end
+            self._lost = self._lost or forward.lost
             protocol.forward = None
             if forward.stalled:
                 transport.resume_reading()  # type: ignore[attr-defined]
@@ -312,8 +339,11 @@ class RelayedStream:
         """Whether the client has been given the whole stream: the replica
         ended its body (handed over), or every byte of it up to its ``END``
         has been passed on here (an outcome still on its way may be awaited
-        with ``released``)."""
-        return self.body_ended or (not self.handed_off and self._past_end is not None)
+        with ``released``; so may the word that a stream closed before its
+        ``END`` had been whole)."""
+        if self.handed_off:
+            return self.body_ended
+        return self._past_end is not None or self._whole_before_end
 
     async def released(self) -> None:
         """Returns once the replica writes no more to the client's socket (a
@@ -322,6 +352,13 @@ class RelayedStream:
         or given up waiting for that."""
         if self._released is not None:
             await asyncio.shield(self._released)
+
+    def _was_whole(self, outcome: Outcome) -> bool:
+        """Whether a stream closed before its outcome was read had been
+        given whole to its client, by ``outcome``."""
+        if self.handed_off:
+            return outcome.body_ended
+        return self._past_end is not None or not (outcome.stopped or self._lost)
 
     def _read_past_end(self) -> bytes | None:
         """The bytes after the stream's ``END`` read so far (None: ``END`` was not read)."""
@@ -339,15 +376,18 @@ class RelayedStream:
         left, self._left = self._left, None
         if left is not None and self.outcome is None and not self._cut:
             left()
-        if self.outcome is None and not self._cut and (self.handed_off or self._past_end is not None):
+        waits = self.handed_off or self._past_end is not None or not self._generates_on
+        if self.outcome is None and not self._cut and waits:
             # The replica writes to the client until it has stopped the stream
-            # (handed over), or had sent all of it and its outcome is on its way.
+            # (handed over), or had sent all of it and its outcome is on its
+            # way, or says whether it had, where every byte read was passed on.
             released = self._released = asyncio.get_running_loop().create_future()
 
             def stopped(outcome: Outcome | None) -> None:
-                if outcome is not None and (outcome.body_ended or not self.handed_off):
+                if outcome is not None and self._was_whole(outcome):
                     # It ended as it was stopped, or before: the client has the whole answer.
                     self.outcome, self.body_ended = outcome, self.body_ended or outcome.body_ended
+                    self._whole_before_end = not self.handed_off and self._past_end is None
                 released.set_result(None)
                 if ended is not None:
                     ended(outcome)

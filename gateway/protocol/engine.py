@@ -71,6 +71,9 @@ class Outcome:
     itself (handed over) ended because the client was gone. ``body_ended``:
     such a stream ended and the replica wrote the body's last chunk too, so
     the client has the whole answer before the ingress reads this.
+    ``stopped``: the replica stopped the stream before its last byte, as its
+    ingress had left; without it, every byte came before the outcome, and a
+    client that left after the ingress passed them all on had it whole.
     """
 
     prompt_tokens: int = 0
@@ -83,6 +86,7 @@ class Outcome:
     error_status: int | None = None
     client_left: bool = False
     body_ended: bool = False
+    stopped: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -260,7 +260,7 @@ class StreamServer:
                 raise
             if taken is False:  # the ingress left before the stream started
                 await _close(frames, pending)
-                writer.write(relay.END + relay.encode_outcome(outcome()))
+                writer.write(relay.END + relay.encode_outcome(dataclasses.replace(outcome(), stopped=True)))
                 await writer.drain()
                 return False
             if taken is not True:
@@ -331,9 +331,11 @@ class StreamServer:
         final = outcome()
         if isinstance(ended, GatewayError) and final.error is None:  # raised, not sent by the engine
             final = dataclasses.replace(final, error=ended.code, error_status=ended.status_code)
-        if ended is False:  # the client's socket broke: the client left
+        if ended is None:  # stopped as its ingress left, before the stream's last byte
+            final = dataclasses.replace(final, stopped=True)
+        elif ended is False:  # the client's socket broke: the client left
             final = dataclasses.replace(final, client_left=True)
-        elif handed and ended is not None:  # _pump ended the body on the client's socket
+        elif handed:  # _pump ended the body on the client's socket
             final = dataclasses.replace(final, body_ended=True)
         writer.write(relay.END + relay.encode_outcome(final))
         await writer.drain()

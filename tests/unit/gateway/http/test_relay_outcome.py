@@ -29,6 +29,7 @@ from tests.unit.gateway.http.test_relay_response import (
     _unchunk,
     fake_replica,
     frames_server,
+    outcome_late,
     uvicorn_serving,
 )
 from tests.unit.models.llm.test_handoff import client_pair, readable_eof
@@ -226,3 +227,93 @@ async def test_a_client_gone_as_the_last_frame_arrives_with_the_outcome_still_ge
             await chunks.aclose()  # the client leaves as it is handed the last frame
         assert await asyncio.wait_for(reported, 2) == OUTCOME  # its key is charged what it used
     assert not stream.delivered
+
+
+async def test_a_client_that_leaves_after_the_last_frame_of_a_relayed_stream_was_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The replica sends its end mark a moment after the stream's last frame;
+    a client that reads that frame and leaves at once had the whole answer:
+    counted as answered, not as a hang-up."""
+    outcome_late(monkeypatch, 0.3)
+    frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
+    opened: list[RelayedStream] = []
+    records: list[RequestRecord] = []
+    server = frames_server(frames, handoff=False)
+    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, records) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(sse.DONE + b"\r\n"), 5)
+        writer.close()
+        await until(lambda: records[0].outcome is not None)
+    assert _unchunk(answer.partition(b"\r\n\r\n")[2] + b"0\r\n\r\n") == b"".join(frames)
+    assert not opened[0].handed_off and opened[0].delivered
+    assert (records[0].outcome, records[0].error, records[0].late_status) == (OUTCOME, None, None)
+
+
+async def test_a_client_that_leaves_before_the_last_frame_of_a_relayed_stream_left() -> None:
+    frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
+    aborted = asyncio.Event()
+    opened: list[RelayedStream] = []
+    records: list[RequestRecord] = []
+    server = frames_server(frames, gap_s=0.2, aborted=aborted, handoff=False)
+    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, records) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(frames[-2] + b"\r\n"), 5)  # all but [DONE]
+        writer.close()
+        await asyncio.wait_for(aborted.wait(), 2)
+        await asyncio.wait_for(opened[0].released(), 2)
+    assert not opened[0].delivered and opened[0].outcome is None and records[0].outcome is None
+
+
+def holding_the_rest(first: bytes) -> tuple[Passing, Passing]:
+    """The two ways of a proxy in front of a replica: it passes on the
+    replica's bytes up to the end of ``first``, and the rest (the stream's
+    last frames, its end mark and outcome, all written already) only once
+    the ingress has stopped waiting."""
+    stopped = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await passed_as_is(reader, writer)
+        finally:
+            stopped.set()
+
+    async def passing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while first not in (held := await reader.read(65536)):  # the port's proof, before the stream
+            assert held
+            writer.write(held)
+        cut = held.index(first) + len(first)
+        writer.write(held[:cut])
+        while relay.END not in held or not held.endswith(b"\n"):
+            assert (data := await reader.read(65536))
+            held += data
+        await stopped.wait()
+        writer.write(held[cut:])
+        await writer.drain()
+        await passed_as_is(reader, writer)
+
+    return passing, upstream
+
+
+@pytest.mark.parametrize("immediate", [True, False], ids=["forwarded", "sent"])
+async def test_a_stream_left_with_its_last_frames_unread_was_not_answered_whole(immediate: bool) -> None:
+    """The replica had written every frame, but the client left before the
+    last of them reached the ingress: it did not have the whole answer."""
+    frames = [sse.frame({"n": i}) for i in range(3)] + [sse.DONE]
+    proxy = Proxy(await frames_server(frames, handoff=False).start(), *holding_the_rest(frames[0]))
+    address = await proxy.start()
+    stream = await ReplicaRelay(Router(address)).open(CALL)
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    stream.when_ended(reported.set_result)
+    sink = Written()
+    sink.immediate = immediate
+    await stopped_at(lambda: b"".join(sink.data) == frames[0], asyncio.ensure_future(stream.pipe(sink)))
+    # Charged what it generated, all of it; not answered.
+    assert await asyncio.wait_for(reported, 2) == dataclasses.replace(OUTCOME, stopped=True)
+    await asyncio.wait_for(stream.released(), 2)
+    assert stream.outcome is None and not stream.delivered
+    proxy.close()
