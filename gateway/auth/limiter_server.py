@@ -245,6 +245,8 @@ class LimiterServer:
     def _park(self, key: str, peer: _Peer, message: dict[str, Any]) -> None:
         """``message`` waits for the key's leases to come back: their holders
         are asked for them, and it is decided at the latest after ``RECALL_WAIT_S``."""
+        if peer not in self._peers:
+            return  # its replica is gone: nothing may be booked for it
         self._parked.setdefault(key, []).append((peer, message))
         if key not in self._recalls:
             for holder in set(self._leases.get(key, {}).values()):
@@ -269,6 +271,8 @@ class LimiterServer:
         async def waiting() -> None:
             nonlocal reply
             if not await self._waits.until(key, decided):
+                if peer not in self._peers:
+                    return  # its replica went meanwhile: nothing is booked for it
                 if self._leases.get(key):
                     self._park(key, peer, message)
                     return

@@ -538,3 +538,61 @@ async def _reserved(client: LimiterClient, key: str, limits: Limits) -> ledger.D
             return await client.reserve(key, limits, 0)
         await asyncio.sleep(0.01)
     raise AssertionError("no ledger reached")
+
+
+class _Written:
+    """A replica's connection to the ledger, as the ledger writes to it."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, object]] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.lines += [json.loads(line) for line in data.splitlines()]
+
+    def close(self) -> None:
+        return None
+
+
+async def test_a_request_whose_replica_goes_while_it_waits_for_a_place_is_booked_to_no_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its replica left while the ledger kept it waiting for a place, and
+    another replica's lease of the key was out when the wait ended: the
+    place that lease gives back is not booked for a request no one holds."""
+    from gateway.auth.limiter_server import _Peer
+
+    monkeypatch.setattr(places, "PLACE_WAIT_S", 0.05)
+    server = LimiterServer("127.0.0.1", _frozen())
+    holder, leaving = _Peer(_Written()), _Peer(_Written())  # type: ignore[arg-type]
+    server._peers |= {holder, leaving}
+    limits = list(Limits(max_concurrent=4).__dict__.values())
+
+    def reserve(peer: _Peer, number: int, lease: bool = False) -> None:
+        message = {"op": "reserve", "id": number, "key": "k", "limits": limits, "tokens": 0}
+        reply = server._serve({**message, "lease": [4, 0]} if lease else message, peer)
+        if reply is not None:
+            peer.send(reply)
+
+    for number in range(4):
+        reserve(holder, number)
+    taken = [line["r"] for line in holder.writer.lines]  # type: ignore[attr-defined]
+    reserve(leaving, 0)  # waits for a place
+    for reservation in taken[:3]:  # in one read: three settle, one comes with a lease, one more
+        server._serve({"op": "settle", "r": reservation, "used": None}, holder)
+    reserve(holder, 4, lease=True)
+    reserve(holder, 5)
+    await asyncio.sleep(0)
+    server._peers.discard(leaving)  # its replica goes
+    server._gone(leaving)
+    await asyncio.sleep(places.PLACE_WAIT_S * 4)  # its wait ends, behind the lease
+    lease = next(line["lease"][0] for line in holder.writer.lines if line.get("lease"))  # type: ignore[attr-defined]
+    server._serve({"op": "release", "r": lease, "requests": 0, "tokens": 0, "places": 0, "end": True}, holder)
+    for line in holder.writer.lines[4:]:  # type: ignore[attr-defined]
+        if line.get("r") is not None:
+            server._serve({"op": "settle", "r": line["r"], "used": None}, holder)
+    server._serve({"op": "settle", "r": taken[3], "used": None}, holder)
+    assert server.ledger.in_flight("k") == 0 and not leaving.owned
+    await server.stop()
