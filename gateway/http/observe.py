@@ -33,6 +33,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -173,6 +174,10 @@ class ObservabilityMiddleware:
             if overhead_s is None:  # unanswered: its caller gave up on it
                 status = CLIENT_CLOSED
             raise
+        except ClientDisconnect:
+            # It hung up while its body was being read: nobody to answer,
+            # and nothing failed (not the server error it would be logged as).
+            status = CLIENT_CLOSED
         finally:
             if overhead_s is not None and not complete:
                 status = CLIENT_CLOSED

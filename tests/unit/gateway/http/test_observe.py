@@ -16,6 +16,7 @@ from httpx import ASGITransport, AsyncClient
 from gateway.config import FrontDoorConfig
 from gateway.http.access_log import AccessLog
 from gateway.http.api import build_api
+from gateway.http.body import read_body
 from gateway.http.handlers import install_handlers
 from gateway.http.observe import ObservabilityMiddleware, route_matcher
 from gateway.http.state import GatewayState
@@ -53,6 +54,10 @@ def make_app(tmp_path: Path, echoed: bool = False) -> tuple[FastAPI, GatewayMetr
         request.app.state.holding.set()
         await asyncio.Event().wait()  # never answered: its caller gives up on it
         raise AssertionError("unreachable")
+
+    @app.post("/upload")
+    async def upload(request: Request) -> JSONResponse:
+        return JSONResponse({"read": len(await read_body(request, 1 << 20, 5.0))})
 
     @app.get("/metrics")
     async def scrape() -> JSONResponse:
@@ -182,6 +187,30 @@ async def test_a_request_cancelled_before_it_answered_is_a_499(tmp_path: Path) -
     app.state.flush()
     (line,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert (line["request_id"], line["status"], line["overhead_ms"]) == ("left-1", 499, None)
+
+
+async def test_a_client_that_hangs_up_while_its_body_is_read_is_a_499_not_a_server_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, metrics, log = make_app(tmp_path)
+    parts = iter([{"type": "http.request", "body": b'{"a":', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> object:
+        return next(parts)
+
+    async def send(message: object) -> None:
+        raise AssertionError(f"nothing is sent to a client gone: {message}")
+
+    scope = {"type": "http", "method": "POST", "path": "/upload", "headers": [(b"x-request-id", b"up-1")],
+             "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("t", 80), "root_path": "",
+             "app": app}
+    with caplog.at_level("WARNING"):
+        await asyncio.wait_for(app(scope, receive, send), 2)
+    assert not caplog.records
+    assert metrics.snapshot()["llm_gateway_requests_total"] == {("/upload", "", "", "499", ""): 1}
+    app.state.flush()
+    (line,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (line["request_id"], line["status"], line.get("error")) == ("up-1", 499, None)
 
 
 async def test_the_access_log_has_one_json_line_per_request_and_no_content(tmp_path: Path) -> None:
