@@ -17,8 +17,9 @@ instead of a proxy's HTML:
 - a head over ``HEAD_BYTES`` (414 when most of it is the URL) or with more
   than ``HEAD_FIELDS`` headers: 431;
 - an ``x-request-id`` that is not UTF-8, or a head that is not HTTP/1.x: 400;
-- a connection idle between requests, or a client that takes nothing of an
-  answer, for twice ``read_timeout_s``: closed.
+- a connection idle between requests, a client that takes nothing of an
+  answer, or one still sending a body after its answer (a 401 before the
+  body was read), for twice ``read_timeout_s``: closed.
 
 Each refusal is answered with ``Connection: close``; none reaches the app, so none
 is counted in the gateway's metrics or access log. The body's own read
@@ -96,6 +97,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._head_fed = 0
         self._reading_head = True
         self._head_begun = False  # its first byte in, its end not yet
+        self._drain_timer: asyncio.TimerHandle | None = None  # a body still coming after its answer
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -110,6 +112,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        self._disarm_drain_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -118,8 +121,13 @@ class FrontDoorProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._reading_head and self._head_fed > HEAD_BYTES + _HEAD_FRAMING:
             self._refuse(self._too_large())  # a head still unended past its bound
+        elif not self._reading_head and self._drain_timer is None and self._answered():
+            # Answered before its body was all in (a 401, a 404): the rest is
+            # read and dropped, for as long as a client that takes nothing has.
+            self._drain_timer = self.loop.call_later(self.client_timeout_s, self._drain_timed_out)
 
     def on_message_begin(self) -> None:
+        self._unset_keepalive_if_required()  # (armed below for a request parsed in the same read)
         super().on_message_begin()
         self._url_bytes = self._head_bytes = self._fields = 0
         self._head_begun = True
@@ -128,7 +136,14 @@ class FrontDoorProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._reading_head, self._head_fed = True, 0
+        self._disarm_drain_timer()
         super().on_message_complete()
+        if self._answered() and self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            # Its body ended after its answer: idle from here, bounded as
+            # after any answer (uvicorn arms that bound only as an answer ends).
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)  # (kept first: a refusal answers in its route's shape)
@@ -184,6 +199,18 @@ class FrontDoorProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def _answered(self) -> bool:
+        return self.cycle is not None and self.cycle.response_complete
+
+    def _disarm_drain_timer(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+
+    def _drain_timed_out(self) -> None:
+        self._drain_timer = None
+        self.transport.close()  # its answer is sent: nothing more to say
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -240,3 +240,22 @@ async def test_a_client_that_takes_nothing_is_cut_off() -> None:
         # Never read: the window fills, and the writer gives up twice the read timeout later.
         await asyncio.wait_for(app.flood_ended.wait(), 20)
         sock.close()
+
+
+@pytest.mark.parametrize("rest", [b"", b"}"], ids=["never-sent", "sent-later"])
+async def test_a_connection_answered_before_its_body_arrived_is_still_bounded(rest: bytes) -> None:
+    """The app answers without reading the body (a 401, a 404): a body that
+    then stops coming, or ends and leaves the connection idle, is closed
+    within the bounds of an idle client."""
+    async with front_door(App()) as door:
+        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"ok /"), 5)).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        writer.write(b"{")
+        if rest:
+            await asyncio.sleep(TIMEOUT_S / 5)
+            writer.write(rest)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, with nothing more said
+        assert 0.9 <= time.monotonic() - started < 4 * TIMEOUT_S
+        writer.close()
