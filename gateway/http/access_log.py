@@ -4,17 +4,21 @@ Lines hold what an operator needs (method, route, model, variant, status,
 timings, token counts, request id) and never a prompt, a completion, a
 header or a query string. They are buffered and written whole with one
 ``write`` each flush, so several ingress replicas appending to one file never
-interleave within a line.
+interleave within a line. A write that fails (a full disk) drops its lines
+with one warning, and serving goes on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
 
 from gateway.metrics.recorder import RequestRecord
+
+logger = logging.getLogger(__name__)
 
 FLUSH_LINES = 64
 
@@ -28,6 +32,8 @@ class AccessLog:
     def __init__(self, sink: str, replica: str = "") -> None:
         self._replica = replica
         self._pending: list[str] = []
+        self._failing = False  # the last write failed (said once)
+        self._cut = False  # ... and left a line half-written
         self._fd: int | None
         if sink == "off":
             self._fd = None
@@ -95,10 +101,22 @@ class AccessLog:
         """Writes the buffered lines in one ``write``; called often by the replica."""
         if not self._pending or self._fd is None:
             return
-        data = "".join(self._pending).encode()
+        data = ("\n" if self._cut else "").encode() + "".join(self._pending).encode()
+        lines, sent = len(self._pending), 0
         self._pending.clear()
-        while data:  # a pipe may take less than all of it
-            data = data[os.write(self._fd, data) :]
+        try:
+            while sent < len(data):  # a pipe may take less than all of it
+                sent += os.write(self._fd, data[sent:])
+        except OSError as exc:
+            self._cut = self._cut or (0 < sent and data[sent - 1] != ord("\n"))
+            if not self._failing:
+                logger.warning("access log: a write failed (%s); its lines, %d, and those after are dropped "
+                               "until writing works again", exc, lines)
+            self._failing = True
+            return
+        if self._failing:
+            logger.warning("access log: writing works again")
+        self._failing = self._cut = False
 
 
 def _now() -> str:
