@@ -86,6 +86,15 @@ def _json(payload: BaseModel | dict[str, Any]) -> bytes:
         raise UnrepresentableAnswer("the model answered a number JSON cannot carry") from None
 
 
+def _finite(matrix: np.ndarray) -> np.ndarray:
+    """``matrix``, whose every value is a number (an embedding in half
+    precision may overflow): pydantic would write NaN as ``null``, and
+    base64 would carry it to the client as a vector."""
+    if not np.isfinite(matrix).all():
+        raise UnrepresentableAnswer("the model answered a number JSON cannot carry")
+    return matrix
+
+
 def _plain(prediction: Any) -> Any:
     return prediction.tolist() if isinstance(prediction, np.ndarray) else prediction
 
@@ -123,16 +132,10 @@ def _parse_embedding(request: EngineRequest, predictor: Predictor, cap: int) -> 
 
 def _render_embedding(job: Job, vectors: list[Any]) -> bytes:
     base64_out = job.options["format"] == "base64"
+    rows = [_finite(np.asarray(v, dtype="<f4")) for v in vectors]
     data = [
-        Embedding(
-            index=index,
-            embedding=(
-                base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
-                if base64_out
-                else np.asarray(v, dtype=np.float32).tolist()
-            ),
-        )
-        for index, v in enumerate(vectors)
+        Embedding(index=index, embedding=base64.b64encode(row.tobytes()).decode() if base64_out else row.tolist())
+        for index, row in enumerate(rows)
     ]
     tokens = job.prompt_tokens
     usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
@@ -222,7 +225,7 @@ def _wanted_outputs(infer: InferRequest, predictor: Predictor) -> list[str] | No
 def _render_infer(job: Job, predictions: list[Any]) -> bytes:
     rows = len(predictions)
     if job.options["kind"] == "embedding":
-        matrix = np.asarray(predictions, dtype=np.float32)
+        matrix = _finite(np.asarray(predictions, dtype=np.float32))
         outputs = [_tensor("embedding", "FP32", matrix)]
     elif predictions and isinstance(predictions[0], dict):
         labels = [p["label"] for p in predictions]
@@ -237,7 +240,7 @@ def _render_infer(job: Job, predictions: list[Any]) -> bytes:
         outputs = [InferTensor(name="predict", shape=list(matrix.shape), datatype=_datatype(values), data=values)]
     else:
         outputs = [InferTensor(name="predict", shape=[rows], datatype=_datatype(predictions), data=predictions)]
-    for output in outputs if job.options["kind"] != "embedding" else ():  # an embedding is finite
+    for output in outputs if job.options["kind"] != "embedding" else ():  # (an embedding is checked above)
         if output.datatype.startswith("FP") and not all(math.isfinite(v) for v in output.data):
             raise UnrepresentableAnswer("the model answered a number JSON cannot carry")
     wanted = job.options.get("outputs")

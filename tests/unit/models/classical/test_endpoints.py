@@ -248,3 +248,30 @@ def test_an_embedding_model_counts_its_tokens_by_any_endpoint(body: dict[str, An
     predictor = EmbeddingPredictor(FakeSentenceModel())
     endpoint = "predict" if "instances" in body else "infer"
     assert parse(EngineRequest(endpoint, body, "r", "m"), predictor, 10).prompt_tokens == 7
+
+
+class OverflowingSentenceModel(FakeSentenceModel):
+    """A model in half precision whose activations overflow on one text."""
+
+    def encode(self, texts: list[str], **kwargs: Any) -> np.ndarray:
+        vectors = super().encode(texts, **kwargs)
+        vectors[-1, 1:3] = [np.nan, np.inf]
+        return vectors
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body"),
+    [
+        ("embedding", {"model": "m", "input": ["a b", "c"]}),
+        ("embedding", {"model": "m", "input": ["a b", "c"], "encoding_format": "base64"}),
+        ("infer", {"inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["a b", "c"]}]}),
+        ("predict", {"instances": ["a b", "c"]}),
+    ],
+)
+def test_an_embedding_that_is_not_all_numbers_fails_its_answer(endpoint: str, body: dict[str, Any]) -> None:
+    from models.classical.endpoints import UnrepresentableAnswer
+
+    predictor = EmbeddingPredictor(OverflowingSentenceModel())
+    job = parse(EngineRequest(endpoint, body, "r", "m"), predictor, 10)
+    with pytest.raises(UnrepresentableAnswer):  # never null, nor NaN packed in base64
+        answer(job, predictor)
