@@ -65,7 +65,7 @@ class SklearnPredictor:
             problem = self._problem(row)
             if problem:
                 where = param if lone else f"{param}[{index}]"
-                raise InvalidRequestError(f"{where}: {problem}", param=param)
+                raise InvalidRequestError(f"{where}: {problem}", param=where)
         return np.asarray(instances, dtype=np.float64).reshape(len(instances), self.n_features)
 
     def _problem(self, row: Any) -> str | None:

@@ -95,11 +95,11 @@ async def test_a_poisoned_request_fails_alone_inside_its_batch(gateway: Gateway)
 @pytest.mark.parametrize(
     ("body", "message", "param"),
     [
-        ({"instances": [[1, 2, 3, 4], [1, 2, 3]]}, "instances[1]: expected 4 features, got 3", "instances"),
-        ({"instances": [[1, 2, "x", 4]]}, "instances[0]: feature 2 is not a number (a string)", "instances"),
-        ({"instances": [[1, 2, True, 4]]}, "instances[0]: feature 2 is not a number (a boolean)", "instances"),
-        ({"instances": [{"a": 1}]}, "instances[0]: expected a list of 4 numbers, got an object", "instances"),
-        ({"instances": [[1, 2, 3, None]]}, "instances[0]: feature 3 is not a number (null)", "instances"),
+        ({"instances": [[1, 2, 3, 4], [1, 2, 3]]}, "instances[1]: expected 4 features, got 3", "instances[1]"),
+        ({"instances": [[1, 2, "x", 4]]}, "instances[0]: feature 2 is not a number (a string)", "instances[0]"),
+        ({"instances": [[1, 2, True, 4]]}, "instances[0]: feature 2 is not a number (a boolean)", "instances[0]"),
+        ({"instances": [{"a": 1}]}, "instances[0]: expected a list of 4 numbers, got an object", "instances[0]"),
+        ({"instances": [[1, 2, 3, None]]}, "instances[0]: feature 3 is not a number (null)", "instances[0]"),
         ({"instances": []}, "Invalid 'instances': empty array. Expected an array with minimum length 1, but got an empty array instead.", "instances"),
         ({"instances": [[1, 2, 3, 4]] * 201}, "'instances' holds 201 entries; this model accepts at most 200 per request.", "instances"),
         ({}, "Missing required parameter: 'instances'.", "instances"),

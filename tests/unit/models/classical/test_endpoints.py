@@ -76,8 +76,9 @@ def test_predict_takes_kserves_inputs_as_instances(iris: SklearnPredictor) -> No
     with pytest.raises(InvalidRequestError, match="Missing required parameter: 'instances'") as missing:
         parse(EngineRequest("predict", {}, "r", "iris"), iris, 10)
     assert (missing.value.param, missing.value.code) == ("instances", "missing_required_parameter")
-    with pytest.raises(InvalidRequestError, match=r"^inputs\[0\]: expected 4 features, got 3"):  # named as sent
+    with pytest.raises(InvalidRequestError, match=r"^inputs\[0\]: expected 4 features, got 3") as short:  # named as sent
         parse(EngineRequest("predict", {"inputs": [[5, 3, 1]]}, "r", "iris"), iris, 10)
+    assert short.value.param == "inputs[0]"  # the instance, as the embedding models name theirs
 
 
 TENSOR = {"name": "x", "shape": [2, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3]}
