@@ -14,7 +14,10 @@ process: no hub replica, one Ray worker fewer awake beside the engines.
 
 A process silent for ``STALE_S`` has gone: its counters and histograms stay
 (counters must never go back), its gauges leave the sum, and its vLLM
-series leave the page.
+series leave the page. One silent for ``RETIRED_S`` (long past Serve's
+health checks, which replace a replica that stops answering) is folded into
+one sum with the others retired, so that replicas replaced for weeks cost
+a scrape no more than one does.
 
 Being the gateway's one shared replica, a deployed hub also holds the API keys'
 ledger (``gateway.auth.limiter``): it serves it on a port of its own, which
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 REPORT_S = 0.5
 HEARTBEAT_S = 2.0
 STALE_S = 10.0
+RETIRED_S = 300.0
 LAST_REPORT_S = 2.0  # the most a stopping replica waits to send its last counts
 HUB_NAME = "MetricsHub"
 _NOTHING = object()  # no collection made yet
@@ -62,7 +66,8 @@ class MetricsHub:
     def __init__(self) -> None:
         to_stderr()
         self._live: dict[str, tuple[Snapshot, float]] = {}
-        self._gone: dict[str, Snapshot] = {}
+        self._gone: dict[str, tuple[Snapshot, float]] = {}  # silent, and since when
+        self._retired: Snapshot = {}  # the sum of those silent for RETIRED_S
         self._engines = EnginePages(STALE_S)
         self._limiter: LimiterServer | None = None
         self._limiter_address: LimiterAddress | None = None
@@ -103,7 +108,7 @@ class MetricsHub:
         """The page for a scrape that arrived at ``source`` (whose snapshot is current)."""
         self._report(source, snapshot)
         self._expire()
-        merged = merge([*(s for s, _ in self._live.values()), *self._gone.values()])
+        merged = merge([*(s for s, _ in self._live.values()), *(s for s, _ in self._gone.values()), self._retired])
         page = render(FAMILIES, merged)
         return page + relabel(await self._engines.fresh())
 
@@ -112,7 +117,11 @@ class MetricsHub:
         for source, (snapshot, seen) in list(self._live.items()):
             if now - seen > STALE_S:
                 del self._live[source]
-                self._gone[source] = without_gauges(snapshot, FAMILIES)
+                self._gone[source] = (without_gauges(snapshot, FAMILIES), seen)
+        for source, (snapshot, seen) in list(self._gone.items()):
+            if now - seen > RETIRED_S:
+                del self._gone[source]
+                self._retired = merge([self._retired, snapshot])
 
 
 class MetricsReporter:

@@ -56,6 +56,25 @@ async def test_a_silent_replica_keeps_its_counts_and_drops_its_gauges(monkeypatc
     assert "vllm:x" not in page
 
 
+async def test_replicas_long_gone_are_kept_as_one_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas replaced one after another: their counts stay on the page,
+    but the hub keeps one snapshot for all those long gone, not one each."""
+    clock = [100.0]
+    monkeypatch.setattr(hub_module.time, "monotonic", lambda: clock[0])
+    hub = MetricsHub()
+    for number in range(50):
+        replica = GatewayMetrics()
+        served(replica, 200, in_flight=1)
+        await hub.report(f"replica-{number}", replica.snapshot())
+        clock[0] += hub_module.STALE_S + 1
+        await hub.render("scraped", GatewayMetrics().snapshot())
+    clock[0] += hub_module.RETIRED_S
+    page = await hub.render("scraped", GatewayMetrics().snapshot())
+    assert sum(values(page, "llm_gateway_requests_total").values()) == 50
+    assert sum(values(page, "llm_gateway_in_flight_requests").values()) == 0
+    assert len(hub._gone) == 0 and len(hub._live) == 1
+
+
 async def test_the_reporter_sends_news_at_once_and_otherwise_only_heartbeats(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
