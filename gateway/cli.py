@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config.base import user_path
 from gateway.http.front_door_socket import KEEPER_VARIABLE, SocketKeeper
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -84,7 +85,7 @@ def _check_access_log(sink: str) -> None:
     the ingress replicas this process starts (each would fail its start)."""
     if sink in ("stderr", "off"):
         return
-    path = Path(sink).expanduser()
+    path = user_path(sink, "ingress.access_log")
     where = path if path.exists() else path.parent
     if not os.access(where, os.W_OK) or (path.exists() and not path.is_file()):
         raise ConfigError(f"ingress.access_log: cannot write {sink!r} ({where} is missing or not writable)")

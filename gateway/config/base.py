@@ -3,6 +3,7 @@ with, the strict model every section is, and the name of a model."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,3 +29,12 @@ class StrictConfig(BaseModel):
     """A config section: unknown fields are refused, and it never changes once validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def user_path(text: str, field: str) -> Path:
+    """``text`` as a path, ``~`` and ``~user`` expanded; ConfigError naming
+    ``field`` for a user with no home directory here."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise ConfigError(f"{field}: {text!r} names a user with no home directory on this machine") from None

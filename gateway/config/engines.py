@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
 from gateway.config import lora
-from gateway.config.base import ConfigError, ModelName
+from gateway.config.base import ConfigError, ModelName, user_path
 from gateway.config.models import (
     DEFAULT_STORED_RESPONSES,
     ENGINE_KINDS,
@@ -199,7 +199,7 @@ class VLLMModelConfig(LLMModelConfig):
         model = super().resolved(base_dir)
         adapters: dict[str, str] = {}
         for name, source in self.lora_adapters.items():
-            path = base_dir / Path(source).expanduser()
+            path = base_dir / user_path(source, f"models[{self.name}].lora_adapters.{name}")
             if (path / "adapter_config.json").is_file():
                 adapters[name] = str(path.resolve())
             elif path.exists() or source.startswith((".", "/", "~")):

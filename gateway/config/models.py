@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from gateway.config.base import ConfigError, ModelName, StrictConfig
+from gateway.config.base import ConfigError, ModelName, StrictConfig, user_path
 
 Engine = Literal["vllm", "echo", "sklearn", "sentence-transformers"]
 MLFLOW_SCHEMES = ("models:/", "runs:/")
@@ -190,7 +190,7 @@ class ModelConfig(StrictConfig):
         ``base_dir`` (hub ids stay as given)."""
         if self.model is None or self.mlflow_uri:
             return self
-        path = base_dir / Path(self.model).expanduser()
+        path = base_dir / user_path(self.model, f"models[{self.name}].model")
         if path.exists():
             return self.model_copy(update={"model": str(path.resolve())})
         if self.engine == "sklearn" or self.model.startswith((".", "/", "~")):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import ConfigError
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -138,6 +140,8 @@ def test_an_access_log_that_cannot_be_written_is_refused_before_starting(
     assert cli.main(["serve", "--config", str(config)]) == 2
     assert "ingress.access_log" in capsys.readouterr().err
     cli._check_access_log(str(tmp_path / "access.log"))  # a file it may create: taken
+    with pytest.raises(ConfigError, match="ingress.access_log"):
+        cli._check_access_log("~no-such-user-here/access.log")
 
 
 HUNG_UP = """

@@ -331,6 +331,19 @@ def test_engines_name_their_kind() -> None:
     assert [m.kind for m in config.models] == ["llm", "llm", "embedding"]
 
 
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [
+        ({"name": "llm", "model": "~no-such-user-here/m"}, "models[llm].model"),
+        ({"name": "llm", "model": "org/m", "lora_adapters": {"a": "~no-such-user-here/a"}}, "models[llm].lora_adapters.a"),
+    ],
+)
+def test_a_path_under_a_user_with_no_home_here_is_a_config_error(model: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:  # not a traceback from pathlib
+        parse_config({"models": [model]})
+    assert field in str(info.value) and "no home directory" in str(info.value)
+
+
 def test_sklearn_model_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"models\[iris\]\.model: 'iris.joblib' does not exist"):
         parse_config({"models": [{"name": "iris", "engine": "sklearn", "model": "iris.joblib"}]}, base_dir=tmp_path)
