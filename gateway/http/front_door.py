@@ -151,6 +151,12 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._count(len(url), 0)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._reading_head:
+            # A trailer of a chunked body: after the head, and perhaps after
+            # the answer, so neither counted against the head nor refused (a
+            # second response); not merged into the head's headers, which the
+            # app has read already (RFC 9110, 6.5.1).
+            return
         self._count(len(name) + len(value) + 4, 1)
         if name.lower() == b"x-request-id":
             try:

@@ -259,3 +259,20 @@ async def test_a_connection_answered_before_its_body_arrived_is_still_bounded(re
         assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, with nothing more said
         assert 0.9 <= time.monotonic() - started < 4 * TIMEOUT_S
         writer.close()
+
+
+async def test_a_chunked_bodys_trailers_are_neither_refused_nor_taken_for_headers() -> None:
+    """Trailers come after the head (here after the answer too): one that
+    would break the head's rules gets no second response, and the
+    connection serves the next request."""
+    app = App()
+    async with front_door(app) as door:
+        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        trailers = b"".join(b"x-t%d: v\r\n" % i for i in range(120)) + b"x-request-id: \xff\r\n"
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n" + trailers + b"\r\n")
+        writer.write(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b"ok /"), 5)
+        second = await asyncio.wait_for(reader.readuntil(b"ok /next"), 5)
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200") and second.count(b"HTTP/1.1 ") == 1
+    assert second.startswith(b"HTTP/1.1 200") and app.seen == 2
