@@ -87,7 +87,10 @@ class ResponsesEnvelope(IdentifiedEnvelope):
 
 
 class MessagesMetadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Anthropic's ``metadata`` holds ``user_id`` alone: a misspelt one
+    (``userId``) would leave the request without its cohort, unsaid."""
+
+    model_config = ConfigDict(extra="forbid")
 
     user_id: StrictStr | None = None
 

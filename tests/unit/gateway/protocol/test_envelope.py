@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway.protocol.envelope import RequestEnvelope
+from gateway.protocol.envelope import MessagesEnvelope, RequestEnvelope
 
 
 def _locs(info: pytest.ExceptionInfo[ValidationError]) -> list[tuple[Any, ...]]:
@@ -73,3 +73,11 @@ def test_other_fields_are_ignored() -> None:
     assert envelope.user == "u1"
     assert "messages" not in envelope.model_dump()
     assert "temperature" not in envelope.model_dump()
+
+
+def test_anthropics_metadata_holds_its_user_id_and_nothing_else() -> None:
+    body = {"model": "m", "max_tokens": 4, "messages": []}
+    assert MessagesEnvelope.model_validate({**body, "metadata": {"user_id": "u-42"}}).user == "u-42"
+    with pytest.raises(ValidationError) as info:  # a misspelt user_id: not a request without its cohort
+        MessagesEnvelope.model_validate({**body, "metadata": {"userId": "u-42"}})
+    assert _locs(info) == [("metadata", "userId")]
