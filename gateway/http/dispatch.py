@@ -34,7 +34,7 @@ from gateway.http.plan import plan
 from gateway.http.relay_stream import RelayedStream
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.http.shadows import Shadows
-from gateway.http.stored import allowed_llms, holder, holding, input_items_query, retrieve_query
+from gateway.http.stored import allowed_llms, holder, holding, input_items_query, made_by, retrieve_query
 from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol import relay
@@ -246,16 +246,19 @@ class ModelDispatcher:
         table = self._table
         api = api_key(request)
         replica = relay.response_replica(response_id)
-        model = await holding(allowed_llms(table, api), replica) if replica is not None else None
-        if model is None:
+        allowed = allowed_llms(table, api)
+        model = await holding(allowed, replica) if replica is not None else None
+        if model is None or replica is None:
             raise ResponseNotFoundError.for_id(response_id, "response_id")
+        owner = api.id if api else ""
+        model = await made_by(allowed, model, response_id, replica, request.state.record.request_id, owner)
         target = model.name
         stream = bool(body.get("stream"))
         record: RequestRecord = request.state.record
         record.model = record.variant = target
         record.stream = stream
         admission = await admit(self.limiter, api, 0, target) if api is not None and api.limited else None
-        call = EngineRequest(endpoint, body, record.request_id, target, replica, api.id if api else "")
+        call = EngineRequest(endpoint, body, record.request_id, target, replica, owner)
         headers = {VARIANT_HEADER: target, **(admission.headers if admission is not None else {})}
         try:  # not bounded by the model's request_timeout_s: retrieving is not generating
             if stream:

@@ -3,12 +3,13 @@ the queries of ``GET /v1/responses/{id}`` and its ``/input_items``."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import Request
 
 from gateway.auth.keys import ApiKey
-from gateway.errors import InvalidRequestError, ResponseNotFoundError, ServiceUnavailableError
+from gateway.errors import GatewayError, InvalidRequestError, ResponseNotFoundError, ServiceUnavailableError
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest
@@ -31,6 +32,25 @@ async def holding(models: list[ServedModel], replica: str) -> ServedModel | None
     return None
 
 
+async def made_by(
+    models: list[ServedModel], model: ServedModel, response_id: str, replica: str, request_id: str, owner: str
+) -> ServedModel:
+    """Which of ``models`` made the response ``response_id``, which
+    ``model``'s replica ``replica`` stores: ``model``, unless others of them
+    are served by the same replicas (a base model and its LoRA adapters),
+    when the replica says which one it was (else ``model``: the request
+    then gets the replica's own answer)."""
+    sharing = {other.name: other for other in models if other.client is model.client}
+    if len(sharing) < 2:
+        return model
+    asked = EngineRequest("responses_retrieve", {"response_id": response_id}, request_id, model.name, replica, owner)
+    try:
+        made = json.loads((await model.client.unary(asked)).body).get("model")
+    except (GatewayError, ValueError, AttributeError):
+        return model
+    return sharing.get(made, model) if isinstance(made, str) else model
+
+
 async def holder(
     table: ServingTable, name: str, response_id: str, param: str, api: ApiKey | None, request_id: str
 ) -> tuple[Route, str]:
@@ -42,14 +62,18 @@ async def holder(
     replica = relay.response_replica(response_id)
     if replica is None:
         raise ResponseNotFoundError.for_id(response_id, param)
-    model = await holding(table.llms(table.routes.members(name)), replica)
+    members = table.llms(table.routes.members(name))
+    model = await holding(members, replica)
+    # Said only to the key that made it: to any other the id does not exist.
+    owner = api.id if api is not None else ""
     if model is not None:
+        # The conversation stays on the variant that made it, also where its
+        # replica serves others of the alias (LoRA adapters of one base).
+        model = await made_by(members, model, response_id, replica, request_id, owner)
         return table.routes.pinned(name, model.name), replica
     elsewhere = await holding(allowed_llms(table, api), replica)
     if elsewhere is None:
         raise ResponseNotFoundError.for_id(response_id, param)
-    # Said only to the key that made it: to any other the id does not exist.
-    owner = api.id if api is not None else ""
     asked = EngineRequest("responses_retrieve", {"response_id": response_id}, request_id, elsewhere.name, replica, owner)
     try:
         await elsewhere.client.unary(asked)

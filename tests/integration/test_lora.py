@@ -64,6 +64,26 @@ def test_an_alias_splits_between_the_model_and_its_adapter(client: openai.OpenAI
     assert set(seen) == {VLLM_MODEL, LORA}, seen
 
 
+def test_a_conversation_through_an_alias_stays_on_the_adapter_that_began_it(client: openai.OpenAI) -> None:
+    """The model and its adapter share replicas: a follow-up pinned to the
+    replica that keeps the conversation goes on with the adapter's weights,
+    whatever variant the follow-up's own user would get."""
+    begun = {}
+    for user in range(24):
+        response = client.responses.create(model="lora-ab", input=PROMPT, max_output_tokens=2, user=f"user-{user}")
+        begun.setdefault(response.model, (response, f"user-{user}"))
+        if len(begun) == 2:
+            break
+    first, _ = begun[LORA]
+    _, base_user = begun[VLLM_MODEL]
+    follow_up = client.responses.create(
+        model="lora-ab", input="And?", previous_response_id=first.id, max_output_tokens=2, user=base_user
+    )
+    assert follow_up.model == LORA
+    retrieved = client.responses.with_raw_response.retrieve(first.id)
+    assert retrieved.headers["x-gateway-variant"] == LORA and retrieved.parse().model == LORA
+
+
 def test_the_adapter_answers_the_messages_api_and_counts_as_its_model(gateway: Gateway, http: httpx.Client) -> None:
     with anthropic.Anthropic(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=60) as claude:
         message = claude.messages.create(model=LORA, max_tokens=4, messages=[{"role": "user", "content": PROMPT}])

@@ -3,15 +3,18 @@ and the models whose stored responses a key may reach."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 
 import pytest
 from fastapi import Request
 
 from gateway.auth.keys import ApiKey
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, ResponseNotFoundError
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
-from gateway.http.stored import allowed_llms, input_items_query, retrieve_query
+from gateway.http.stored import allowed_llms, input_items_query, made_by, retrieve_query
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from gateway.routing.table import Alias, RouteTable
 from gateway.routing.weighted import Variant
 from tests.unit.gateway.http.test_dispatch import FakeHandle
@@ -90,3 +93,35 @@ async def test_a_key_reaches_the_stored_responses_of_the_models_its_aliases_rout
     assert reached(ApiKey("k", ("other",))) == ["other"]
     assert reached(ApiKey("k", ("chat*", "chat"))) == ["chat-a", "chat-b"]  # each once
     assert reached(None) == ["chat-a", "chat-b", "other"]
+
+
+class StoringReplica:
+    """The replicas of a base model and its adapters: a stored response says which made it."""
+
+    def __init__(self, made: dict[str, str]) -> None:
+        self.made = made
+        self.asked: list[EngineRequest] = []
+
+    def unary(self, call: EngineRequest, *_: object) -> asyncio.Future[Reply]:
+        self.asked.append(call)
+        answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        if call.body["response_id"] in self.made:
+            body = {"id": call.body["response_id"], "model": self.made[call.body["response_id"]]}
+            answer.set_result(Reply(json.dumps(body).encode(), Outcome()))
+        else:
+            answer.set_exception(ResponseNotFoundError.for_id(call.body["response_id"], "response_id"))
+        return answer
+
+
+async def test_a_stored_response_is_given_to_the_variant_that_made_it_where_several_share_its_replica() -> None:
+    replica = StoringReplica({"resp_a": "base-ft", "resp_b": "base"})
+    base = ServedModel("base", "llm", replica, None)  # type: ignore[arg-type]
+    adapter = ServedModel("base-ft", "llm", replica, None)  # type: ignore[arg-type]
+    other = ServedModel("other", "llm", StoringReplica({}), None)  # type: ignore[arg-type]
+    models = [base, adapter, other]
+    assert await made_by(models, base, "resp_a", "r1", "req", "key") is adapter
+    assert await made_by(models, base, "resp_b", "r1", "req", "key") is base
+    assert replica.asked[0].replica == "r1" and replica.asked[0].owner == "key"
+    assert await made_by(models, base, "resp_gone", "r1", "req", "key") is base  # its own 404 follows
+    assert await made_by(models, other, "resp_a", "r2", "req", "key") is other  # alone on its replicas: not asked
+    assert len(replica.asked) == 3
