@@ -78,9 +78,10 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
     """Refuses (400, in Anthropic's words) what Anthropic's API refuses and
     vLLM's Messages layer served: two tools of one name (vLLM kept both, and a
     call could mean either), a ``tool_choice`` that asks for a call with no
-    ``tools`` (answered as plain text), and a ``tool_result`` block whose
+    ``tools`` (answered as plain text), a ``tool_result`` block whose
     ``tool_use_id`` no ``tool_use`` of the assistant turn before it has
-    (rendered as an answer to nothing)."""
+    (rendered as an answer to nothing), and one holding blocks vLLM drops
+    (``document``, ``search_result``: the model saw an empty result)."""
     tools = body.get("tools")
     names = [tool.get("name") for tool in tools if isinstance(tool, dict)] if isinstance(tools, list) else []
     if len(set(names)) < len(names):
@@ -110,6 +111,8 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
             asked = set()
         else:
             for place, block in enumerate(blocks):
+                if block.get("type") == "tool_result":
+                    _check_result_blocks(block.get("content"), f"messages[{at}].content[{place}].content")
                 if block.get("type") == "tool_result" and block.get("tool_use_id") not in asked:
                     raise InvalidRequestError(
                         f"messages.{at}.content.{place}: unexpected `tool_use_id` found in `tool_result` blocks: "
@@ -119,6 +122,22 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
                     )
             if not blocks or any(b.get("type") != "tool_result" for b in blocks):
                 asked = set()  # results come first in a turn: none may follow other content
+
+
+# What vLLM renders of a tool_result's blocks; it drops any other.
+_RESULT_BLOCKS = ("text", "image", "tool_reference")
+
+
+def _check_result_blocks(content: Any, where: str) -> None:
+    for at, item in enumerate(content if isinstance(content, list) else ()):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind not in _RESULT_BLOCKS:
+            raise InvalidRequestError(
+                f"{where}.{at}: a `tool_result` here holds `text`, `image` and `tool_reference` blocks; "
+                f"this model's server does not read {f'`{kind}`' if isinstance(kind, str) else 'this'} blocks "
+                "in one (send the document's text as a `text` block).",
+                param=f"{where}[{at}].type",
+            )
 
 
 def check_tool_schemas(endpoint: str, body: Mapping[str, Any]) -> None:

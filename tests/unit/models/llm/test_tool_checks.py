@@ -209,3 +209,22 @@ def test_a_schema_nested_too_deeply_to_check_is_a_400_not_a_500() -> None:
     with pytest.raises(InvalidRequestError, match="nested too deeply") as refused:
         check_tool_schemas("chat", {"tools": [_chat_tool(parameters)]})
     assert (refused.value.param, refused.value.code) == ("tools[0].function.parameters", "invalid_function_parameters")
+
+
+def test_a_tool_result_holding_blocks_vllm_would_drop_is_refused_naming_the_block() -> None:
+    """vLLM renders a tool_result's text, images and tool references and
+    drops the rest: the model would have seen an empty result."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The answer is 42"}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "see:"}, document]}
+    body = {"model": "m", "max_tokens": 4, "tools": [CLAUDE_TOOL],
+            "messages": [{"role": "user", "content": "Hi"}, ASKED, {"role": "user", "content": [result]}]}
+    rendered = AnthropicServingMessages.to_chat_completion_request(AnthropicMessagesRequest(**body))
+    assert "42" not in str(rendered.messages)  # what vLLM would have served
+    with pytest.raises(InvalidRequestError) as refused:
+        check_anthropic_tools(body)
+    assert refused.value.param == "messages[2].content[0].content[1].type" and "`document`" in refused.value.message
+    result["content"] = [{"type": "text", "text": "The answer is 42"}, {"type": "image", "source": {}}]
+    check_anthropic_tools(body)
