@@ -117,11 +117,15 @@ class ModelDispatcher:
         in_body = envelope is not None  # OpenAI bodies name their model
         admission = None
         if api is not None and api.limited:
-            tokens = 0
-            if api.tpm is not None:
-                call = EngineRequest(endpoint, body, request_id, route.target, replica, owner)
-                tokens = await self._reserved_tokens(table, route, call, name, in_body)
-            admission = await admit(self.limiter, api, tokens, name)
+            try:
+                tokens = 0
+                if api.tpm is not None:
+                    call = EngineRequest(endpoint, body, request_id, route.target, replica, owner)
+                    tokens = await self._reserved_tokens(table, route, call, name, in_body)
+                admission = await admit(self.limiter, api, tokens, name)
+            except GatewayError as error:  # (refused after routing: the variant is said, as on any such error)
+                error.extra_headers.setdefault(VARIANT_HEADER, route.target)
+                raise
         try:
             response = await self._forward(
                 table, endpoint, body, name, in_body, route, request, record, stream, admission, (replica, owner)

@@ -139,3 +139,24 @@ async def test_a_variant_down_when_its_tokens_are_counted_falls_back_to_the_next
     app = make_app(handles={"a": no_replica(), "b": FakeHandle()}, alias=alias, replica_wait_s=0.2)
     assert await request(app, "/chat", {"model": "r"}) == 200
     assert ledger_of(app).in_flight(KEY.id) == 0
+
+
+async def test_a_request_refused_by_its_keys_limit_after_routing_names_its_variant() -> None:
+    app = make_app(handles={"a": FakeHandle(unary=b"{}"), "b": FakeHandle(unary=b"{}")},
+                   alias=Alias([Variant("a", 0), Variant("b", 1)]))
+    key = ApiKey("team", ("*",), rpm=1)
+    answers = []
+    for _ in range(2):
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": json.dumps({"model": "r"}).encode(), "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0) if messages else await asyncio.Future()  # type: ignore[no-any-return]
+
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+            sent.append(message)
+
+        scope = {**SCOPE, "path": "/chat", "raw_path": b"/chat", "state": {"api_key": key}}
+        await asyncio.wait_for(app(scope, receive, send), timeout=5)
+        answers.append((sent[0]["status"], dict(sent[0]["headers"]).get(b"x-gateway-variant")))
+    assert answers == [(200, b"b"), (429, b"b")]
