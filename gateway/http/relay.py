@@ -139,6 +139,7 @@ class ReplicaRelay:
         for _ in range(ATTEMPTS):
             address = self._admit(await _unsent(self._pick(call), abandoned))
             self._open[address] = self._open.get(address, 0) + 1
+            address_held = False  # (by a background answer, until its replica has finished it)
             try:
                 reader, writer, _ = await self._request(call, address, abandoned=abandoned)
                 handed_off = False
@@ -146,8 +147,11 @@ class ReplicaRelay:
                 try:
                     body, rest = await read_answer(reader)
                     if rest is not None and later is not None:
-                        in_background(outcome_after(reader, writer, later, BACKGROUND_OUTCOME_S, rest))
-                        handed_off = True
+                        # Its replica generates on: counted on it until then.
+                        in_background(
+                            outcome_after(reader, writer, self._done_then(address, later), BACKGROUND_OUTCOME_S, rest)
+                        )
+                        handed_off = address_held = True
                         return Reply(body, Outcome())
                     if rest is not None:
                         past_end = OutcomeLine(rest)
@@ -168,12 +172,24 @@ class ReplicaRelay:
                 self._gone(call, address)  # another may answer
                 continue
             finally:
-                self._done(address)
+                if not address_held:
+                    self._done(address)
             outcome = None if rest is None else readable_outcome(rest)
             if outcome is None:  # it closed before END, or inside the outcome's line
                 raise ServiceUnavailableError("The model stopped while serving the request.")
             return Reply(body, outcome)
         raise ServiceUnavailableError(_UNAVAILABLE)
+
+    def _done_then(
+        self, address: relay.RelayAddress, then: Callable[[Outcome | None], None]
+    ) -> Callable[[Outcome | None], None]:
+        """``then``, once ``address`` counts the request no more."""
+
+        def finished(outcome: Outcome | None) -> None:
+            self._done(address)
+            then(outcome)
+
+        return finished
 
     async def most_tokens(self, call: EngineRequest) -> int:
         """The most tokens ``call`` may use (its prompt's, as the model counts

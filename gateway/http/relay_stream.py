@@ -353,6 +353,14 @@ class RelayedStream:
         if self._released is not None:
             await asyncio.shield(self._released)
 
+    def _done_then(self, ended: Callable[[Outcome | None], None] | None) -> Callable[[Outcome | None], None]:
+        def finished(outcome: Outcome | None) -> None:
+            self._done()
+            if ended is not None:
+                ended(outcome)
+
+        return finished
+
     def _was_whole(self, outcome: Outcome) -> bool:
         """Whether a stream closed before its outcome was read had been
         given whole to its client, by ``outcome``."""
@@ -371,9 +379,12 @@ class RelayedStream:
         if self._closed:
             return
         self._closed = True
-        self._done()
         ended, self._ended = self._ended, None
         left, self._left = self._left, None
+        if self._generates_on and self.outcome is None and not self._cut:
+            ended = self._done_then(ended)  # its replica generates on: counted on it until then
+        else:
+            self._done()
         if left is not None and self.outcome is None and not self._cut:
             left()
         waits = self.handed_off or self._past_end is not None or not self._generates_on

@@ -109,6 +109,9 @@ async def test_a_background_streams_tokens_are_counted_once_whether_or_not_its_c
     await asyncio.wait_for(app(scope, receive, send), timeout=5)
     assert sent[0]["status"] == 200, sent
     metrics = app.state.metrics
+    replicas = app.state.dispatcher._table.model("m").client.relay
+    if leaves:
+        assert sum(replicas._open.values()) == 1  # its replica generates on: the relay balances by it
 
     def tokens() -> dict[Any, float]:
         return dict(metrics.snapshot().get("llm_gateway_tokens_total", {}))
@@ -119,6 +122,7 @@ async def test_a_background_streams_tokens_are_counted_once_whether_or_not_its_c
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)  # (nothing counts it again)
     assert sorted(tokens().values()) == [3, 5]
+    assert sum(replicas._open.values()) == 0
     status = "499" if leaves else "200"
     assert metrics.snapshot()["llm_gateway_requests_total"] == {("/responses", "m", "m", status, ""): 1}
 

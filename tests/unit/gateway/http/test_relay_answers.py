@@ -155,8 +155,11 @@ async def test_a_background_answer_comes_at_once_and_its_outcome_once_generated(
         ended.set()
 
     call = EngineRequest("responses", {"model": "m", "background": True}, "r", "m")
-    reply = await asyncio.wait_for(ReplicaRelay(Router(address)).call(call, later=later), timeout=2)
+    replicas = ReplicaRelay(Router(address))
+    reply = await asyncio.wait_for(replicas.call(call, later=later), timeout=2)
     assert reply == Reply(b'{"status":"queued"}', Outcome()) and outcomes == []
+    assert replicas._open == {address: 1}  # still generating there: the relay balances by it
     generating.set()
     await asyncio.wait_for(ended.wait(), timeout=2)
     assert outcomes == [Outcome(prompt_tokens=4, completion_tokens=9)]
+    assert replicas._open == {address: 0}
