@@ -55,6 +55,11 @@ ATTEMPTS = 3
 SAMPLES_PER_REPLICA, SAMPLES_EXTRA = 4, 8
 REFRESH_S = 2.0
 MAX_MISSES = 3
+# A replica that could not be reached, listed again by Serve's routers (which
+# learn of it only from the controller), is picked last for this long, or
+# until it answers: a host gone silent costs each request sent to it the
+# whole connect timeout.
+FAILED_S = 60.0
 # A replica not known here is looked for at most this often (a stored
 # response's id names it; ids of replicas long gone must not cost a look-up each).
 HOLDER_REFRESH_S = 0.5
@@ -89,6 +94,7 @@ class ReplicaRelay:
         self.capacity: int | None = None
         self._open: dict[relay.RelayAddress, int] = {}  # known replicas: streams open from here
         self._misses: dict[relay.RelayAddress, int] = {}
+        self._failed: dict[relay.RelayAddress, float] = {}  # could not be reached, and when
         self._refreshed_at = -REFRESH_S
         self._refresh: asyncio.Task[None] | None = None
         self._turn = 0
@@ -258,6 +264,10 @@ class ReplicaRelay:
         known = list(self._open)
         self._turn = (self._turn + 1) % len(known)  # rotate, so ties spread
         ordered = known[self._turn :] + known[: self._turn]
+        if self._failed:
+            now = self._clock()
+            self._failed = {address: at for address, at in self._failed.items() if now - at < FAILED_S}
+            return min(ordered, key=lambda address: (address in self._failed, self._open[address]))
         return min(ordered, key=self._open.__getitem__)
 
     def _admit(self, address: relay.RelayAddress) -> relay.RelayAddress:
@@ -298,6 +308,7 @@ class ReplicaRelay:
         """``address`` could not be reached: that replica is gone. A call only
         it could answer (``call.replica``) is answered 404."""
         self._forget(address)
+        self._failed[address] = self._clock()
         if call.replica is not None:
             raise ResponseNotFoundError(_REPLICA_GONE)
 
@@ -381,6 +392,8 @@ class ReplicaRelay:
                 writer.write(relay.encode_request(call, address.token, op, offer))
                 head = await reader.readuntil(b"\r\n\r\n")
             answer = relay.status_of(head)
+            if self._failed:
+                self._failed.pop(address, None)  # it answers again
             if answer.status != 200:
                 error = GatewayError.from_wire(json.loads(await reader.readexactly(answer.length or 0)))
                 self._pool.give(address, reader, writer)

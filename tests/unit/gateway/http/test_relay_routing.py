@@ -242,3 +242,27 @@ async def test_a_replica_forgotten_while_it_served_and_found_again_is_never_coun
         await replicas.open(EngineRequest("chat", CALL.body, "r4", "m"))
     release.set()
     assert b"".join([chunk async for chunk in held.chunks()]).endswith(sse.DONE)
+
+
+async def test_a_replica_that_could_not_be_reached_is_picked_last_while_serves_router_still_names_it() -> None:
+    """Serve's router names a replica until the controller has removed it:
+    found again by the next look-up, it is tried after the ones that answer."""
+    release, served = asyncio.Event(), []
+    release.set()
+    gone = relay.RelayAddress("127.0.0.1", closed_port(), "t")
+    replicas = ReplicaRelay(Router(gone, await serve(await held_stream(release, served, 1))))
+    tried: list[relay.RelayAddress] = []
+    forget = replicas._gone
+
+    def gone_again(call: EngineRequest, address: relay.RelayAddress) -> None:
+        tried.append(address)
+        forget(call, address)
+
+    replicas._gone = gone_again  # type: ignore[method-assign]
+    for number in range(8):
+        if number:
+            await replicas._discover()  # the router names it again
+            assert gone in replicas._open
+        stream = await replicas.open(EngineRequest("chat", CALL.body, f"r{number}", "m"))
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+    assert tried == [gone] * tried.count(gone) and len(tried) <= 1 and len(served) == 8
