@@ -116,6 +116,7 @@ class Answers:
         except asyncio.CancelledError:  # the client left (RelayResponse)
             if not await _whole_all_the_same(stream):
                 raise
+            sink.whole = True  # it had the whole answer: the response completes all the same
         finally:
             stream.close()  # at once, even where the client's hang-up left this unfinished
             record.handed_over = stream.handed_off

@@ -159,7 +159,8 @@ class RelayResponse(Response):
         if relay_task.cancelled() or (hang_up.done() and not sink.whole):
             return
         # The end, written here unless the replica wrote it (``sink.whole``: the
-        # response completes all the same, even where its client has left since).
+        # response completes all the same, even where its client has left since,
+        # having had every byte).
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

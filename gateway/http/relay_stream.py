@@ -32,7 +32,9 @@ class ClientSink(Protocol):
     # most ``sse.TAIL_BYTES``): a Responses error event is numbered after them.
     last: bytes
     before: bytes
-    # The body was ended by the process the socket was handed to (``ended_elsewhere``).
+    # The client has the whole body, and may have left since: the response
+    # completes all the same (its end written here, unless the process the
+    # socket was handed to wrote it: ``ended_elsewhere``).
     whole: bool
 
     def write(self, data: bytes) -> bool:

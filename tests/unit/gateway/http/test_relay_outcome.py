@@ -239,17 +239,21 @@ async def test_a_client_that_leaves_after_the_last_frame_of_a_relayed_stream_was
     frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
     opened: list[RelayedStream] = []
     records: list[RequestRecord] = []
+    completed: list[bool] = []
     server = frames_server(frames, handoff=False)
-    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, records) as url:
+    async with uvicorn_serving(
+        ReplicaRelay(Router(await server.start())), opened, records, completed=completed
+    ) as url:
         port = int(url.split(":")[2].split("/")[0])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
         answer = await asyncio.wait_for(reader.readuntil(sse.DONE + b"\r\n"), 5)
         writer.close()
-        await until(lambda: records[0].outcome is not None)
+        await until(lambda: bool(completed))
     assert _unchunk(answer.partition(b"\r\n\r\n")[2] + b"0\r\n\r\n") == b"".join(frames)
     assert not opened[0].handed_off and opened[0].delivered
     assert (records[0].outcome, records[0].error, records[0].late_status) == (OUTCOME, None, None)
+    assert completed == [True]  # logged and counted as answered (200), not as a hang-up (499)
 
 
 async def test_a_client_that_leaves_before_the_last_frame_of_a_relayed_stream_left() -> None:
@@ -257,8 +261,11 @@ async def test_a_client_that_leaves_before_the_last_frame_of_a_relayed_stream_le
     aborted = asyncio.Event()
     opened: list[RelayedStream] = []
     records: list[RequestRecord] = []
+    completed: list[bool] = []
     server = frames_server(frames, gap_s=0.2, aborted=aborted, handoff=False)
-    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, records) as url:
+    async with uvicorn_serving(
+        ReplicaRelay(Router(await server.start())), opened, records, completed=completed
+    ) as url:
         port = int(url.split(":")[2].split("/")[0])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
@@ -266,7 +273,9 @@ async def test_a_client_that_leaves_before_the_last_frame_of_a_relayed_stream_le
         writer.close()
         await asyncio.wait_for(aborted.wait(), 2)
         await asyncio.wait_for(opened[0].released(), 2)
+        await until(lambda: bool(completed))
     assert not opened[0].delivered and opened[0].outcome is None and records[0].outcome is None
+    assert completed == [False]  # a hang-up (499)
 
 
 def holding_the_rest(first: bytes) -> tuple[Passing, Passing]:

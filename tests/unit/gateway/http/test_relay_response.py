@@ -60,11 +60,14 @@ async def uvicorn_serving(
     records: list[RequestRecord],
     cors: bool = False,
     timeout_s: float | None = None,
+    completed: list[bool] | None = None,
 ) -> AsyncIterator[str]:
     """A real uvicorn whose route relays a stream of ``streams`` as the
     gateway's ingress answers it (``Answers.streamed``, each request's
     record in ``records``, its deadline ``timeout_s`` away), with the CORS
-    middleware, which wraps ``send`` in a ``functools.partial``, when ``cors``."""
+    middleware, which wraps ``send`` in a ``functools.partial``, when ``cors``;
+    ``completed`` gets, per request, whether its response was completed (its
+    last body message sent, as the access log's middleware sees it)."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -82,7 +85,21 @@ async def uvicorn_serving(
 
     middleware = [Middleware(CORSMiddleware, allow_origins=["https://page.example"])] if cors else []
     app = Starlette(routes=[Route("/s", endpoint)], middleware=middleware)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=closed_port(), log_level="error"))
+
+    async def watched(scope: Any, receive: Any, send: Any) -> None:
+        ended = [False]
+
+        async def watching(message: Any) -> None:
+            ended[0] = ended[0] or (message["type"] == "http.response.body" and not message.get("more_body"))
+            await send(message)
+
+        try:
+            await app(scope, receive, watching)
+        finally:
+            if completed is not None and scope["type"] == "http":
+                completed.append(ended[0])
+
+    server = uvicorn.Server(uvicorn.Config(watched, host="127.0.0.1", port=closed_port(), log_level="error"))
     task = asyncio.ensure_future(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
