@@ -229,6 +229,26 @@ async def test_a_client_gone_as_the_last_frame_arrives_with_the_outcome_still_ge
     assert not stream.delivered
 
 
+async def leaving_at(
+    server: Any, last: bytes
+) -> tuple[bytes, list[RelayedStream], list[RequestRecord], list[bool]]:
+    """A client of a real uvicorn relaying ``server``'s stream that reads up to
+    the chunk ending in ``last`` and hangs up: what it read, the stream, its
+    record and whether its response was completed."""
+    opened: list[RelayedStream] = []
+    records: list[RequestRecord] = []
+    completed: list[bool] = []
+    async with uvicorn_serving(ReplicaRelay(Router(await server.start())), opened, records, completed=completed) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(last + b"\r\n"), 5)
+        writer.close()
+        await until(lambda: bool(completed))
+        await asyncio.wait_for(opened[0].released(), 2)
+    return answer, opened, records, completed
+
+
 async def test_a_client_that_leaves_after_the_last_frame_of_a_relayed_stream_was_answered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -237,19 +257,7 @@ async def test_a_client_that_leaves_after_the_last_frame_of_a_relayed_stream_was
     counted as answered, not as a hang-up."""
     outcome_late(monkeypatch, 0.3)
     frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
-    opened: list[RelayedStream] = []
-    records: list[RequestRecord] = []
-    completed: list[bool] = []
-    server = frames_server(frames, handoff=False)
-    async with uvicorn_serving(
-        ReplicaRelay(Router(await server.start())), opened, records, completed=completed
-    ) as url:
-        port = int(url.split(":")[2].split("/")[0])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
-        answer = await asyncio.wait_for(reader.readuntil(sse.DONE + b"\r\n"), 5)
-        writer.close()
-        await until(lambda: bool(completed))
+    answer, opened, records, completed = await leaving_at(frames_server(frames, handoff=False), sse.DONE)
     assert _unchunk(answer.partition(b"\r\n\r\n")[2] + b"0\r\n\r\n") == b"".join(frames)
     assert not opened[0].handed_off and opened[0].delivered
     assert (records[0].outcome, records[0].error, records[0].late_status) == (OUTCOME, None, None)
@@ -259,21 +267,9 @@ async def test_a_client_that_leaves_after_the_last_frame_of_a_relayed_stream_was
 async def test_a_client_that_leaves_before_the_last_frame_of_a_relayed_stream_left() -> None:
     frames = [sse.frame({"n": i}) for i in range(5)] + [sse.DONE]
     aborted = asyncio.Event()
-    opened: list[RelayedStream] = []
-    records: list[RequestRecord] = []
-    completed: list[bool] = []
     server = frames_server(frames, gap_s=0.2, aborted=aborted, handoff=False)
-    async with uvicorn_serving(
-        ReplicaRelay(Router(await server.start())), opened, records, completed=completed
-    ) as url:
-        port = int(url.split(":")[2].split("/")[0])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /s HTTP/1.1\r\nhost: t\r\n\r\n")
-        await asyncio.wait_for(reader.readuntil(frames[-2] + b"\r\n"), 5)  # all but [DONE]
-        writer.close()
-        await asyncio.wait_for(aborted.wait(), 2)
-        await asyncio.wait_for(opened[0].released(), 2)
-        await until(lambda: bool(completed))
+    _, opened, records, completed = await leaving_at(server, frames[-2])  # all but [DONE]
+    assert aborted.is_set()
     assert not opened[0].delivered and opened[0].outcome is None and records[0].outcome is None
     assert completed == [False]  # a hang-up (499)
 
