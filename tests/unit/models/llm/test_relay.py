@@ -17,7 +17,7 @@ import pytest
 from gateway import sse
 from gateway.errors import OverloadedError
 from gateway.http.relay import ReplicaRelay
-from gateway.protocol.engine import EngineRequest, Outcome
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from models.llm.relay import StreamServer
 from tests.unit.gateway.http.test_relay import CALL, Router, serve
 from tests.unit.gateway.http.test_relay_routing import held_stream
@@ -112,3 +112,28 @@ async def test_a_burst_of_new_connections_waits_for_a_busy_replica_in_the_kernel
     finally:
         for sock in socks:
             sock.close()
+
+
+async def test_reading_a_stored_response_is_answered_at_once_by_a_replica_busy_generating() -> None:
+    """Retrieving (cancelling, deleting, listing the input of) a stored
+    response generates nothing: it never waits behind the replica's streams."""
+    release, served = asyncio.Event(), []
+
+    async def answer(request: EngineRequest, tally: Any = None) -> Reply:
+        return Reply(b'{"id":"resp_1","model":"m"}', Outcome())
+
+    opener = await held_stream(release, served, 1)
+    server = StreamServer(opener, "127.0.0.1", max_ongoing=1, max_queued=1, answer=answer)
+    replicas = ReplicaRelay(Router(await server.start()))
+    running = await replicas.open(CALL)
+    queued = asyncio.ensure_future(replicas.open(CALL))
+    await asyncio.sleep(0.05)  # the one place taken, the queue full
+    for endpoint in ("responses_retrieve", "responses_input_items", "responses_cancel", "responses_delete"):
+        call = EngineRequest(endpoint, {"response_id": "resp_1"}, "r", "m")
+        reply = await asyncio.wait_for(replicas.call(call), timeout=2)
+        assert reply.body == b'{"id":"resp_1","model":"m"}'
+    with pytest.raises(OverloadedError):  # a generation is refused, as before
+        await replicas.call(EngineRequest("chat", CALL.body, "r2", "m"))
+    release.set()
+    assert b"".join([chunk async for chunk in running.chunks()]).endswith(sse.DONE)
+    assert b"".join([chunk async for chunk in (await queued).chunks()]).endswith(sse.DONE)
