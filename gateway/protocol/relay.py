@@ -297,4 +297,7 @@ def decode_outcome(raw: bytes) -> Outcome:
         raise ValueError("an outcome is a JSON object")
     known = {name: fields[name] for name in _OUTCOME_FIELDS if name in fields}
     known["inter_token_counts"] = tuple(known.get("inter_token_counts") or ())
+    # A replica of a version before ``stopped`` does not say whether it wrote
+    # every byte: not known to be whole (every field is on a newer one's line).
+    known.setdefault("stopped", True)
     return Outcome(**known)
