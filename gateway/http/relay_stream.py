@@ -64,6 +64,11 @@ class ClientSink(Protocol):
 
 _ENDED, _STALLED, _GONE = "ended", "stalled", "gone"
 
+# How long a relayed stream whose client left (or whose deadline passed)
+# waits for its replica to say whether it had written every byte: a
+# replica too busy to say leaves it taken for a hang-up, or its error sent.
+RELAYED_WORD_S = 1.0
+
 
 class _Forward:
     """Writes each read of a relay connection to the client from the
@@ -266,7 +271,8 @@ class RelayedStream:
         finally:
             self._past_end = forward.past_end  # also when END was read, and the wait cut short before this turn
             self._after_end = forward.after_end
-            self._lost = self._lost or forward.lost
+            # (Left while the client was behind: what it had not taken is lost.)
+            self._lost = self._lost or forward.lost or forward.stalled
             protocol.forward = None
             if forward.stalled:
                 transport.resume_reading()  # type: ignore[attr-defined]
@@ -349,11 +355,16 @@ class RelayedStream:
 
     async def released(self) -> None:
         """Returns once the replica writes no more to the client's socket (a
-        stream handed over and left early) and the outcome of a stream left
-        after its ``END`` is in: once the replica has said what it generated,
-        or given up waiting for that."""
-        if self._released is not None:
+        stream handed over and left early) and the outcome of a stream
+        relayed and left is in: once the replica has said what it generated,
+        or given up waiting for that; for a relayed stream (whose replica
+        writes nothing to the client) at most ``RELAYED_WORD_S``."""
+        if self._released is None:
+            return
+        if self.handed_off:
             await asyncio.shield(self._released)
+        else:
+            await asyncio.wait({self._released}, timeout=RELAYED_WORD_S)
 
     def _done_then(self, ended: Callable[[Outcome | None], None] | None) -> Callable[[Outcome | None], None]:
         def finished(outcome: Outcome | None) -> None:

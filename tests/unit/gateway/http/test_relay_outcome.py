@@ -322,3 +322,58 @@ async def test_a_stream_left_with_its_last_frames_unread_was_not_answered_whole(
     await asyncio.wait_for(stream.released(), 2)
     assert stream.outcome is None and not stream.delivered
     proxy.close()
+
+
+@pytest.mark.parametrize("immediate", [True, False], ids=["forwarded", "sent"])
+async def test_a_relayed_stream_left_mid_way_waits_only_a_moment_for_a_replica_that_says_nothing(
+    immediate: bool,
+) -> None:
+    """A wedged replica (often why a deadline passes) never says how the
+    stream ended: the ingress takes it for a hang-up, or sends its error
+    frame, within ``RELAYED_WORD_S``, not the outcome's whole wait."""
+    from gateway.http import relay_stream
+
+    done = asyncio.Event()
+
+    async def wedged(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await port_proof.prove(reader, writer, "t", 5)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(relay.response_head(200, sse.MEDIA_TYPE) + sse.frame({"n": 0}))
+        await done.wait()  # it reads and says nothing more
+        writer.close()
+
+    server = await asyncio.start_server(wedged, "127.0.0.1", 0)
+    address = relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], "t")
+    stream = await ReplicaRelay(Router(address)).open(CALL)
+    sink = Written()
+    sink.immediate = immediate
+    await stopped_at(lambda: bool(sink.data), asyncio.ensure_future(stream.pipe(sink)))
+    started = asyncio.get_running_loop().time()
+    await stream.released()
+    waited = asyncio.get_running_loop().time() - started
+    done.set()
+    server.close()
+    assert relay_stream.RELAYED_WORD_S * 0.9 <= waited < relay_stream.RELAYED_WORD_S * 2
+    assert not stream.delivered and stream.outcome is None
+
+
+async def test_a_relayed_stream_left_while_its_client_was_behind_was_not_answered_whole() -> None:
+    """Reading paused while the client took what was written: what it had
+    not taken when it left is lost, though the ingress wrote it."""
+    frames = [sse.frame({"n": i}) for i in range(3)] + [sse.DONE]
+    proxy = Proxy(await frames_server(frames, handoff=False).start(), *holding_the_rest(frames[-1]))
+    stream = await ReplicaRelay(Router(await proxy.start())).open(CALL)
+    reported: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+    stream.when_ended(reported.set_result)
+    sink = Written()
+    sink.congested = lambda: True  # type: ignore[method-assign]  # every write fills the client's window
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    sink.drain = never  # type: ignore[method-assign]  # and it takes nothing more
+    await stopped_at(lambda: b"".join(sink.data).endswith(sse.DONE), asyncio.ensure_future(stream.pipe(sink)))
+    assert await asyncio.wait_for(reported, 2) == OUTCOME  # the replica wrote it all
+    await asyncio.wait_for(stream.released(), 2)
+    assert not stream.delivered and stream.outcome is None
+    proxy.close()
