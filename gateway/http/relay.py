@@ -56,10 +56,10 @@ SAMPLES_PER_REPLICA, SAMPLES_EXTRA = 4, 8
 REFRESH_S = 2.0
 MAX_MISSES = 3
 # A replica that could not be reached, listed again by Serve's routers (which
-# learn of it only from the controller), is picked last for this long, or
-# until it answers: a host gone silent costs each request sent to it the
-# whole connect timeout.
-FAILED_S = 60.0
+# learn of it only from the controller), is picked after those with room for
+# this long, or until it answers: a host gone silent costs each request sent
+# to it the whole connect timeout.
+FAILED_S = 30.0
 # A replica not known here is looked for at most this often (a stored
 # response's id names it; ids of replicas long gone must not cost a look-up each).
 HOLDER_REFRESH_S = 0.5
@@ -264,11 +264,14 @@ class ReplicaRelay:
         known = list(self._open)
         self._turn = (self._turn + 1) % len(known)  # rotate, so ties spread
         ordered = known[self._turn :] + known[: self._turn]
-        if self._failed:
+        best = min(ordered, key=self._open.__getitem__)
+        if self._failed and best in self._failed:
             now = self._clock()
             self._failed = {address: at for address, at in self._failed.items() if now - at < FAILED_S}
-            return min(ordered, key=lambda address: (address in self._failed, self._open[address]))
-        return min(ordered, key=self._open.__getitem__)
+            cap = self.capacity
+            room = [a for a in ordered if a not in self._failed and (cap is None or self._open[a] < cap)]
+            best = min(room, key=self._open.__getitem__) if room else best
+        return best
 
     def _admit(self, address: relay.RelayAddress) -> relay.RelayAddress:
         """``address`` (the least busy replica), unless this ingress already has

@@ -266,3 +266,19 @@ async def test_a_replica_that_could_not_be_reached_is_picked_last_while_serves_r
         stream = await replicas.open(EngineRequest("chat", CALL.body, f"r{number}", "m"))
         assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
     assert tried == [gone] * tried.count(gone) and len(tried) <= 1 and len(served) == 8
+
+
+async def test_a_replica_that_failed_once_still_takes_what_the_others_have_no_room_for() -> None:
+    release, served = asyncio.Event(), []
+    first = await serve(await held_stream(release, served, 1))
+    second = await serve(await held_stream(release, served, 2))
+    replicas = ReplicaRelay(Router(first, second))
+    replicas.capacity = 1
+    await replicas._discover()
+    replicas._failed[second] = replicas._clock()  # as after one connection to it failed
+    opened = [await replicas.open(EngineRequest("chat", CALL.body, f"r{n}", "m")) for n in range(2)]
+    assert served == [1, 2]  # the first full: the second, not a 503
+    assert second not in replicas._failed  # it answered
+    release.set()
+    for stream in opened:
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
