@@ -108,7 +108,7 @@ class AccessLog:
             while sent < len(data):  # a pipe may take less than all of it
                 sent += os.write(self._fd, data[sent:])
         except OSError as exc:
-            self._cut = self._cut or (0 < sent and data[sent - 1] != ord("\n"))
+            self._cut = data[sent - 1] != ord("\n") if sent else self._cut
             if not self._failing:
                 logger.warning("access log: a write failed (%s); its lines, %d, and those after are dropped "
                                "until writing works again", exc, lines)

@@ -17,7 +17,8 @@ A process silent for ``STALE_S`` has gone: its counters and histograms stay
 series leave the page. One silent for ``RETIRED_S`` (long past Serve's
 health checks, which replace a replica that stops answering) is folded into
 one sum with the others retired, so that replicas replaced for weeks cost
-a scrape no more than one does.
+a scrape no more than one does. (One that reports again after that, cut off
+from the hub for an hour while it served, is counted twice from then.)
 
 Being the gateway's one shared replica, a deployed hub also holds the API keys'
 ledger (``gateway.auth.limiter``): it serves it on a port of its own, which
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 REPORT_S = 0.5
 HEARTBEAT_S = 2.0
 STALE_S = 10.0
-RETIRED_S = 300.0
+RETIRED_S = 3600.0
 LAST_REPORT_S = 2.0  # the most a stopping replica waits to send its last counts
 HUB_NAME = "MetricsHub"
 _NOTHING = object()  # no collection made yet
