@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.servers import KV_CACHE_GIB, cpu_model, model_entry, signal_tree, start_direct, stop, tree, wait_ready
-from benchmarks.stream_load import Figures, describe, load
+from benchmarks.stream_load import Figures, describe, load, mean_ratio
 
 HOSTED = ("inproc", "child")
 
@@ -117,11 +117,11 @@ def summarise(results: dict[str, list[Figures]]) -> None:
     for mode in HOSTED:
         pairs = list(zip(results[mode], results["direct"]))
         ratios = [h.tokens_per_s / d.tokens_per_s for h, d in pairs]
-        error = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+        mean, error = mean_ratio(ratios)
         ttft = [h.ttft_ms[0] - d.ttft_ms[0] for h, d in pairs]
         print(
             f"{mode}/direct c=1 tok/s: median {statistics.median(ratios):.3f}, "
-            f"mean {statistics.mean(ratios):.3f} ± {error:.3f} (rounds {min(ratios):.2f}–{max(ratios):.2f}); "
+            f"geometric mean {mean:.3f} ± {error:.3f} (rounds {min(ratios):.2f}–{max(ratios):.2f}); "
             f"TTFT p50 added: median {statistics.median(ttft):+.1f} ms ({min(ttft):+.1f} to {max(ttft):+.1f})"
         )
 

@@ -59,10 +59,27 @@ class Result:
 
 
 def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile, interpolated between the two nearest values (as
+    numpy's default, which vLLM's client uses): p99 of a few dozen samples is
+    not their maximum."""
     ordered = sorted(values)
     if not ordered:
         return float("nan")
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    at = q * (len(ordered) - 1)
+    low = math.floor(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def mean_ratio(ratios: list[float]) -> tuple[float, float]:
+    """The rounds' mean ratio and its standard error, on the log scale
+    (geometric mean): the plain mean of ratios leans above one when two
+    servers are alike (r and 1/r average to more than 1), by about half the
+    rounds' variance."""
+    logs = [math.log(r) for r in ratios]
+    mean = math.exp(statistics.mean(logs))
+    error = mean * statistics.stdev(logs) / len(logs) ** 0.5 if len(logs) > 1 else float("nan")
+    return mean, error
 
 
 async def one_stream(client: aiohttp.ClientSession, url: str, max_tokens: int, i: int) -> Sample:
@@ -72,12 +89,14 @@ async def one_stream(client: aiohttp.ClientSession, url: str, max_tokens: int, i
         "max_tokens": max_tokens,
         "temperature": 0.8,
         "stream": True,
+        "stream_options": {"include_usage": True},
         "ignore_eos": True,
     }
     started = time.perf_counter()
     arrivals: list[float] = []
     buffer = b""
-    done = started
+    done: float | None = None
+    tokens = 0
     async with client.post(url, json=body) as response:
         response.raise_for_status()
         async for raw in response.content.iter_any():
@@ -89,14 +108,26 @@ async def one_stream(client: aiohttp.ClientSession, url: str, max_tokens: int, i
                 if data == b"[DONE]":
                     done = now
                     continue
-                for choice in json.loads(data).get("choices", []):
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(f"stream failed: {chunk['error']}")
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+                for choice in chunk.get("choices", []):
                     if choice.get("delta", {}).get("content"):
                         arrivals.append(now)
         ended = time.perf_counter()  # the body's end: the stream is over for its client
-    if not arrivals:
-        raise RuntimeError("stream produced no tokens")
+    return _sample(started, arrivals, tokens, done, ended, max_tokens)
+
+
+def _sample(started: float, arrivals: list[float], tokens: int, done: float | None, ended: float,
+            max_tokens: int) -> Sample:
+    """A whole stream's sample; a stream cut short, or without its ``[DONE]``,
+    fails the run rather than being timed as one. Tokens are the answer's
+    usage: a message may carry several when the server reads its engine late."""
+    if done is None or not arrivals or tokens != max_tokens:
+        raise RuntimeError(f"stream incomplete: {tokens} of {max_tokens} tokens, [DONE] {done is not None}")
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return Sample(ttft_s=arrivals[0] - started, gaps_s=gaps, tokens=len(arrivals), end_s=ended - done)
+    return Sample(ttft_s=arrivals[0] - started, gaps_s=gaps, tokens=tokens, end_s=ended - done)
 
 
 def _session(concurrency: int, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
@@ -147,6 +178,10 @@ def vllm_bench(base_url: str, concurrency: int, requests: int, args: argparse.Na
     ])  # fmt: skip
     with (args.log_dir / "bench-vllm-client.log").open("a") as log, contextlib.redirect_stdout(log):
         result = bench.main(options)
+    whole = (result["completed"], result["failed"], result["total_output_tokens"])
+    if whole != (requests, 0, requests * args.max_tokens):
+        raise RuntimeError(f"vLLM's client: completed, failed, output tokens {whole}, not ({requests}, 0, "
+                           f"{requests * args.max_tokens})")
     return Figures(
         "vllm-bench",
         concurrency,

@@ -70,7 +70,7 @@ from pathlib import Path
 from benchmarks.servers import (
     add_echo, cpu_model, place_direct_engine_core, signal_tree, start_direct, start_gateway, stop, wait_ready,
 )
-from benchmarks.stream_load import Figures, describe, echo_overhead, load, vllm_bench
+from benchmarks.stream_load import Figures, describe, echo_overhead, load, mean_ratio, vllm_bench
 
 CLIENTS = ("aiohttp", "vllm-bench")
 # After a server is thawed, before it is measured: its timers catch up.
@@ -247,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the gateway model's engine_core_cpus")
     parser.add_argument("--direct-engine-core", choices=("vllm", "pinned"), default="vllm",
                         help="vLLM's own server: its engine core as vLLM leaves it, or beside its worker")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=4,
                         help="both servers up, measured in turn this many times at each level")
     parser.add_argument("--lone-rounds", type=int, default=12,
                         help="rounds at concurrency 1, side by side (0: --rounds, of the usual size)")
@@ -384,12 +384,13 @@ def _print_ratios(label: str, pairs: list[tuple[Figures, Figures]]) -> None:
 
 
 def _mean_and_error(ratios: list[float]) -> str:
-    """The rounds' mean ratio and its standard error, from four rounds on
-    (fewer say too little about their spread)."""
+    """The rounds' geometric mean ratio and its standard error
+    (``mean_ratio``), from four rounds on (fewer say too little about their
+    spread)."""
     if len(ratios) < 4:
         return ""
-    error = statistics.stdev(ratios) / len(ratios) ** 0.5
-    return f", mean {statistics.mean(ratios):.3f}x +- {error:.3f}"
+    mean, error = mean_ratio(ratios)
+    return f", mean {mean:.3f}x +- {error:.3f}"
 
 
 if __name__ == "__main__":

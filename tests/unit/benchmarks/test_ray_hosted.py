@@ -39,7 +39,7 @@ def test_ratios_are_paired_by_round(capsys: pytest.CaptureFixture[str]) -> None:
         "child": [figures(200, 10.0), figures(200, 12.0), figures(300, 11.0)],
     })
     inproc, child = capsys.readouterr().out.splitlines()
-    assert inproc.startswith("inproc/direct c=1 tok/s: median 1.000, mean 1.017 ± ")
+    assert inproc.startswith("inproc/direct c=1 tok/s: median 1.000, geometric mean 1.015 ± ")
     assert "(rounds 0.95–1.10)" in inproc and "median +0.5 ms (-1.0 to +2.0)" in inproc
-    assert child.startswith("child/direct c=1 tok/s: median 1.000, mean 0.833 ± ")
+    assert child.startswith("child/direct c=1 tok/s: median 1.000, geometric mean 0.794 ± ")
     assert "(rounds 0.50–1.00)" in child and "median +0.0 ms (+0.0 to +0.0)" in child
