@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.config import GatewayConfig, ModelConfig
+from gateway.config import ConfigError, GatewayConfig, ModelConfig
 from gateway.placement import check_fits, fits_free, live_options
 
 INGRESS_NAME = "GatewayIngress"
@@ -118,7 +118,9 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:
 
     check_cluster_fits(config.models)
     client = serve_start()  # the running Serve instance (started if absent)
-    current = _deployed_apps(client)
+    details = client.get_serve_details()
+    check_reachable(config, details.get("proxy_location"))
+    current = _deployed_apps(details)
     target = {app["name"]: app for app in serve_config(config)["applications"]}
     app_of = {m.name: model_app_name(config.app_name, m.name) for m in config.models}
     models = list(app_of.values())
@@ -192,7 +194,7 @@ def undeploy(config: GatewayConfig, timeout_s: float) -> None:
     from ray.serve._private.api import serve_start
 
     client = serve_start()
-    current = _deployed_apps(client)
+    current = _deployed_apps(client.get_serve_details())
     ours = _ours(current, config.app_name)
     if not ours:
         return
@@ -217,8 +219,19 @@ def _fits_now(models: Sequence[ModelConfig]) -> bool:
     return fits_free(models, list(available_resources_per_node().values()))
 
 
-def _deployed_apps(client: Any) -> dict[str, dict[str, Any]]:
-    details = client.get_serve_details()
+def check_reachable(config: GatewayConfig, proxy_location: str | None) -> None:
+    """Raises ConfigError for a route prefix other than ``/`` where Serve runs
+    no proxies (the gateway's own front door, ``http_proxy: gateway``): the
+    ingress replicas that replace the running ones would take no clients, and
+    the gateway would go dark."""
+    if proxy_location == "Disabled" and config.route_prefix != "/":
+        raise ConfigError(
+            f"route_prefix {config.route_prefix!r}: this gateway's own front door serves only `/` "
+            "(it was started with `runtime.http_proxy: gateway`); nothing was changed"
+        )
+
+
+def _deployed_apps(details: dict[str, Any]) -> dict[str, dict[str, Any]]:
     apps: dict[str, dict[str, Any]] = {}
     for name, app in (details.get("applications") or {}).items():
         deployed = app.get("deployed_app_config")

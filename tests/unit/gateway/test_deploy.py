@@ -56,13 +56,17 @@ def test_adding_a_model_changes_no_other_application() -> None:
 class FakeClient:
     """Records what each deploy step asked Serve for."""
 
-    def __init__(self, deployed: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, deployed: dict[str, dict[str, Any]], proxy_location: str = "EveryNode") -> None:
         self.deployed = deployed
+        self.proxy_location = proxy_location
         self.steps: list[tuple[list[str], str]] = []
         self.applied: list[dict[str, dict[str, Any]]] = []  # every step's applications
 
     def get_serve_details(self) -> dict[str, Any]:
-        return {"applications": {n: {"deployed_app_config": a} for n, a in self.deployed.items()}}
+        return {
+            "proxy_location": self.proxy_location,
+            "applications": {n: {"deployed_app_config": a} for n, a in self.deployed.items()},
+        }
 
     def deploy_apps(self, schema: Any) -> None:
         applications = schema.model_dump(exclude_unset=True)["applications"]
@@ -102,6 +106,27 @@ def test_deploy_fails_before_submitting_anything_when_a_replica_fits_no_node(
     with pytest.raises(ConfigError, match=r"models\[a\]: a replica needs bundles"):
         deploy(parse_config({**big, "routing": {}}))
     assert client.steps == []
+
+
+def test_a_route_prefix_the_gateways_own_front_door_cannot_serve_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = FakeClient(apps(BASE), proxy_location="Disabled")
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    with pytest.raises(ConfigError, match=r"route_prefix '/api': this gateway's own front door serves only `/`"):
+        deploy(parse_config({**BASE, "route_prefix": "/api"}))
+    assert client.steps == []
+
+
+def test_behind_serves_proxies_an_application_may_move_to_a_prefix_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = FakeClient(apps(BASE))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    deploy(parse_config({**BASE, "route_prefix": "/api"}))
+    assert client.deployed["gw"]["route_prefix"] == "/api"
 
 
 def test_deploy_swaps_in_one_step_when_the_new_models_need_the_room_of_the_old(
