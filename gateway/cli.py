@@ -185,6 +185,7 @@ def redeploy(config: GatewayConfig, address: str) -> int:
     """
     from gateway.local_cluster import joining
 
+    _check_access_log(config.ingress.access_log)
     os.environ.update(joining(address))  # before Ray is imported
     import ray
 

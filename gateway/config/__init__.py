@@ -6,12 +6,13 @@ Every field has a description; an invalid file fails start-up with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from gateway.config.base import ConfigError, ModelName, StrictConfig
+from gateway.config.base import ConfigError, ModelName, StrictConfig, user_path
 from gateway.config.engines import (
     ENGINE_CONFIGS,
     AnyModelConfig,
@@ -193,15 +194,21 @@ def parse_config(
 ) -> GatewayConfig:
     """Validates a decoded config; raises ConfigError naming field and reason.
 
-    Relative model directories resolve against ``base_dir`` (default: the
-    working directory).
+    Relative model directories and access log files resolve against
+    ``base_dir`` (default: the working directory); ``~`` is expanded in both.
     """
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
     base = base_dir if base_dir is not None else Path.cwd()
-    return config.model_copy(update={"models": [m.resolved(base) for m in config.models]})
+    update: dict[str, object] = {"models": [m.resolved(base) for m in config.models]}
+    if config.ingress.access_log not in ("stderr", "off"):
+        # The ingress replicas open it from their own working directory, and
+        # ``~`` means nothing to ``open``.
+        log = os.path.abspath(base / user_path(config.ingress.access_log, "ingress.access_log"))
+        update["ingress"] = config.ingress.model_copy(update={"access_log": log})
+    return config.model_copy(update=update)
 
 
 def load_config(path: str | Path, *, base_dir: Path | None = None) -> GatewayConfig:

@@ -140,8 +140,20 @@ def test_an_access_log_that_cannot_be_written_is_refused_before_starting(
     assert cli.main(["serve", "--config", str(config)]) == 2
     assert "ingress.access_log" in capsys.readouterr().err
     cli._check_access_log(str(tmp_path / "access.log"))  # a file it may create: taken
-    with pytest.raises(ConfigError, match="ingress.access_log"):
-        cli._check_access_log("~no-such-user-here/access.log")
+
+
+def test_deploy_refuses_an_access_log_that_cannot_be_written_before_reaching_the_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Else the running ingress replicas are replaced by ones that fail their start.
+    from gateway import cli
+
+    monkeypatch.setattr(cli, "joining", lambda address: pytest.fail("reached for the cluster"), raising=False)
+    monkeypatch.setattr("gateway.local_cluster.joining", lambda address: pytest.fail("reached for the cluster"))
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"ingress: {{access_log: {tmp_path}/missing/access.log}}\nmodels: [{{name: echo, engine: echo}}]\n")
+    assert cli.main(["deploy", "--config", str(config)]) == 2
+    assert "ingress.access_log" in capsys.readouterr().err
 
 
 HUNG_UP = """
