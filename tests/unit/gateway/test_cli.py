@@ -148,10 +148,11 @@ def test_deploy_refuses_an_access_log_that_cannot_be_written_before_reaching_the
     # Else the running ingress replicas are replaced by ones that fail their start.
     from gateway import cli
 
-    monkeypatch.setattr(cli, "joining", lambda address: pytest.fail("reached for the cluster"), raising=False)
     monkeypatch.setattr("gateway.local_cluster.joining", lambda address: pytest.fail("reached for the cluster"))
     config = tmp_path / "gateway.yaml"
-    config.write_text(f"ingress: {{access_log: {tmp_path}/missing/access.log}}\nmodels: [{{name: echo, engine: echo}}]\n")
+    config.write_text(
+        f"ingress: {{access_log: {tmp_path}/missing/access.log}}\nmodels: [{{name: echo, engine: echo}}]\n"
+    )
     assert cli.main(["deploy", "--config", str(config)]) == 2
     assert "ingress.access_log" in capsys.readouterr().err
 

@@ -412,6 +412,9 @@ def test_a_model_name_its_own_models_page_could_not_find_is_refused(name: str) -
     assert parse_config({"models": [{"name": "org/sub/model-1.5", "engine": "echo"}]}).models[0].name
 
 
+ECHO = [{"name": "e", "engine": "echo"}]
+
+
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
@@ -425,10 +428,10 @@ def test_a_model_name_its_own_models_page_could_not_find_is_refused(name: str) -
 def test_an_access_log_file_is_opened_where_the_config_says_from_any_working_directory(
     tmp_path: Path, given: str, expected: str
 ) -> None:
-    config = parse_config({"ingress": {"access_log": given}, "models": [{"name": "e", "engine": "echo"}]}, base_dir=tmp_path)
+    config = parse_config({"ingress": {"access_log": given}, "models": ECHO}, base_dir=tmp_path)
     assert config.ingress.access_log == expected.format(base=tmp_path, home=Path.home())
 
 
 def test_an_access_log_under_an_unknown_users_home_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"ingress.access_log: '~no-such-user-here/a.log' names a user"):
-        parse_config({"ingress": {"access_log": "~no-such-user-here/a.log"}, "models": [{"name": "e", "engine": "echo"}]})
+        parse_config({"ingress": {"access_log": "~no-such-user-here/a.log"}, "models": ECHO})
