@@ -35,6 +35,7 @@ from models.llm import echo_messages as anthropic
 from models.llm import echo_render as render
 from models.llm import echo_responses as responses
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
+from models.llm.message_checks import check_chat_messages
 from models.llm.prompt_checks import check_input, check_not_empty, check_prefill
 from models.llm.sampling_checks import ANTHROPIC_RANGES, check_budget_fits, check_sampling
 from models.llm.stored import STORED, deleted_body, not_cancellable, not_streamable
@@ -245,6 +246,7 @@ class EchoEngine:
             )
         if request.endpoint == "chat":
             check_openai_metadata(request.endpoint, request.body)
+            check_chat_messages(request.body)  # as the vLLM engine refuses them
             return self._plan_chat(_validated(ChatCompletionRequest, request.body), request.request_id)
         check_not_empty(request.body, "prompt")  # as the vLLM engine refuses it
         return self._plan_completion(_validated(CompletionRequest, request.body), request.request_id)

@@ -31,6 +31,7 @@ from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.format_checks import check_output_schema
+from models.llm.message_checks import check_chat_messages
 from models.llm.sampling_checks import (
     ANTHROPIC_RANGES,
     RANGES,
@@ -279,6 +280,8 @@ class VLLMEngine:
         check_output_schema(endpoint, body)
         if prompt_param == "messages" or endpoint == "completion":
             check_not_empty(body, prompt_param)
+        if endpoint in ("chat", "tokenize"):
+            check_chat_messages(body)
         elif prompt_param == "input":
             check_input(body)
         if endpoint in ("responses", "responses_input_tokens") and serving.responses is not None:

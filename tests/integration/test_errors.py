@@ -378,6 +378,25 @@ def test_a_field_vllm_would_drop_is_400_naming_it(client: openai.OpenAI, stream:
         assert answer.usage is not None and 1 <= answer.usage.completion_tokens <= 2
 
 
+@pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
+def test_a_message_key_no_message_has_or_a_user_turn_without_content_is_400_naming_it(
+    http: httpx.Client, client: openai.OpenAI, model: str
+) -> None:
+    # vLLM's catch-all message shape took both: the prompt's text vanished and the answer was 200.
+    for messages, param, code in (
+        ([{"role": "user", "contnet": "Hello"}], "messages[0].contnet", None),
+        ([*HELLO, {"role": "assistant", "content": "Hi"}, {"role": "user"}], "messages[2].content",
+         "missing_required_parameter"),
+    ):
+        error = assert_error(http.post(CHAT, json={"model": model, "messages": messages, "max_tokens": 2}), 400, code)
+        assert error["param"] == param
+    # An answer's message, as the SDK gives it back, continues the conversation.
+    answer = client.chat.completions.create(model=model, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+    turn = answer.choices[0].message.model_dump()
+    again = http.post(CHAT, json={"model": model, "messages": [*HELLO, turn, *HELLO], "max_tokens": 2})
+    assert again.status_code == 200, again.text
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [

@@ -1,0 +1,50 @@
+"""models/llm/message_checks.py: chat messages vLLM's catch-all shape would take."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequestError
+from models.llm.message_checks import check_chat_messages
+
+HELLO = {"role": "user", "content": "Hello"}
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "code"),
+    [
+        ([{"role": "user", "contnet": "Hello"}], "messages[0].contnet", None),
+        ([HELLO, {"role": "assistant", "content": "Hi", "tool_cals": []}], "messages[1].tool_cals", None),
+        ([{"role": "user"}], "messages[0].content", "missing_required_parameter"),
+        ([{"role": "system", "content": None}, HELLO], "messages[0].content", "missing_required_parameter"),
+        ([HELLO, {"role": "tool", "tool_call_id": "c1"}], "messages[1].content", "missing_required_parameter"),
+    ],
+)
+def test_a_key_no_message_has_or_a_turn_without_its_content_is_refused_naming_its_place(
+    messages: list[dict[str, Any]], param: str, code: str | None
+) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_chat_messages({"messages": messages})
+    assert (refused.value.param, refused.value.code) == (param, code)
+    assert param in refused.value.message
+
+
+def test_answers_sent_back_tool_calls_and_a_templates_own_roles_pass() -> None:
+    check_chat_messages({"messages": [
+        HELLO,
+        {"role": "assistant", "content": None, "refusal": None, "annotations": None, "audio": None,
+         "function_call": None, "reasoning": "thought", "tool_calls": [
+             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "ipython", "content": "out"},  # vLLM keeps roles a template knows
+        {"role": "developer", "content": "Be brief.", "tools": []},
+        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Hi"}]},
+    ]})  # fmt: skip
+
+
+def test_what_is_no_list_of_messages_is_left_to_vllms_schema() -> None:
+    check_chat_messages({"messages": "Hello"})
+    check_chat_messages({"messages": ["Hello", 3]})
+    check_chat_messages({"prompt": "Hello"})
