@@ -19,17 +19,23 @@ from typing import Any
 from gateway.errors import InvalidRequestError
 from gateway.validation import check_metadata
 
-# A hint, and the values of it that ask for nothing more than the answer
-# (None: any value).
-Hint = Callable[[Any], bool] | None
+# A hint, and the values of it (in the request ``body``) that ask for nothing
+# more than the answer (None: any value).
+Hint = Callable[[Any, Mapping[str, Any]], bool] | None
 
 
-def _false(value: Any) -> bool:
+def _false(value: Any, body: Mapping[str, Any]) -> bool:
     return value is False or value is None
 
 
-def _text_only(value: Any) -> bool:
+def _text_only(value: Any, body: Mapping[str, Any]) -> bool:
     return value is None or value == ["text"]
+
+
+def _best_of_n(value: Any, body: Mapping[str, Any]) -> bool:
+    """A completion's ``best_of`` that picks from no more than the ``n`` answers returned."""
+    n = body.get("n")
+    return value is None or (type(value) is int and value == (1 if n is None else n))
 
 
 # OpenAI's and Anthropic's fields that do not change the answer, by endpoint.
@@ -45,7 +51,7 @@ HINTS: Mapping[str, Mapping[str, Hint]] = {
         "store": _false,  # storing completions for later retrieval is not served
         "modalities": _text_only,
     },
-    "completion": {},
+    "completion": {"best_of": _best_of_n},  # beyond ``n``: unsupported, below
     "responses": {
         "prompt_cache_retention": None,
         "prompt_cache_options": None,
@@ -81,7 +87,7 @@ UNSUPPORTED: Mapping[str, Mapping[str, str]] = {
         "verbosity": "verbosity",
         "store": "stored chat completions",
     },
-    "completion": {"best_of": "`best_of`; use `n`"},
+    "completion": {"best_of": "`best_of` above `n`; use `n`"},
     "responses": {
         "conversation": "conversations; use `previous_response_id`",
         "context_management": "context management",
@@ -132,8 +138,10 @@ def check_fields(endpoint: str, body: Mapping[str, Any], known: Collection[str])
     for name in sorted(body.keys() - known):
         if name in hints:
             accepts = hints[name]
-            if accepts is None or accepts(body[name]):
+            if accepts is None or accepts(body[name], body):
                 continue
+        if body[name] is None and (name in REMOVED or name in UNSUPPORTED.get(endpoint, {})):
+            continue  # null: not asked for, as OpenAI takes it
         if name in REMOVED:
             raise InvalidRequestError(
                 f"'{name}' is no longer supported and would be ignored, leaving the output "

@@ -101,6 +101,39 @@ def test_what_the_engine_does_not_do_is_refused_not_dropped(endpoint: str, field
 @pytest.mark.parametrize(
     ("endpoint", "fields"),
     [
+        ("chat", {"audio": None, "functions": None, "function_call": None, "web_search_options": None,
+                  "verbosity": None, "guided_json": None}),
+        ("completion", {"best_of": None, "guided_regex": None}),
+        ("completion", {"best_of": 1}),
+        ("completion", {"best_of": 3, "n": 3}),
+        ("responses", {"conversation": None}),
+    ],
+)
+def test_null_for_what_the_engine_does_not_do_asks_for_nothing_and_passes(
+    endpoint: str, fields: dict[str, Any]
+) -> None:
+    # As OpenAI takes it: clients that send every field send the unset ones as null.
+    check_fields(endpoint, {**HELLO, **fields}, CHAT_KNOWN | {"n"})
+
+
+@pytest.mark.parametrize(
+    "fields", [{"best_of": 2}, {"best_of": 3, "n": 2}, {"best_of": True}, {"best_of": 2, "n": None}]
+)
+def test_best_of_picking_among_more_answers_than_it_returns_is_refused(fields: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_fields("completion", {**HELLO, **fields}, CHAT_KNOWN | {"n"})
+    assert (refused.value.param, refused.value.code) == ("best_of", "unsupported_parameter")
+
+
+def test_null_for_a_field_no_api_has_is_still_refused() -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_fields("chat", {**HELLO, "max_token": None}, CHAT_KNOWN)
+    assert refused.value.param == "max_token"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields"),
+    [
         ("chat", {"metadata": {"team": "a"}, "prompt_cache_key": "k", "service_tier": "auto",
                   "safety_identifier": "u1", "store": False, "modalities": ["text"],
                   "prediction": {"type": "content", "content": "x"}}),
