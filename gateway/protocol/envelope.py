@@ -6,9 +6,11 @@ validated there by the engine's own schema.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,10 +22,24 @@ from pydantic import (
 )
 
 
+def _token_id_key(key: str) -> str:
+    """A logit_bias key as OpenAI writes a token id. vLLM reads each with
+    ``int()``, so "050", " 50", "+50", "5_0" and "٥٠" were all id 50, and
+    two of them in one request left one bias, the other silently dropped."""
+    if not _TOKEN_ID.fullmatch(key):
+        raise ValueError("a token id is written as a decimal integer, without sign, spaces or leading zeros")
+    return key
+
+
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,18}", re.ASCII)
+
 # OpenAI's logit_bias: token id to a bias from -100 to 100. vLLM clamps a
 # bias outside that range (and NaN) to it, and reads true or "3" as a
 # number; here each is refused, never altered.
-LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False, strict=True)]]
+LogitBias = dict[
+    Annotated[str, AfterValidator(_token_id_key)],
+    Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False, strict=True)],
+]
 
 
 class StreamOptions(BaseModel):

@@ -318,12 +318,24 @@ def test_a_logit_bias_outside_openais_range_is_refused_not_clamped(endpoint: str
     assert (caught.value.param, caught.value.message) == ("logit_bias.7", says)
 
 
+@pytest.mark.parametrize("key", ["050", " 50", "+50", "5_0", "\u0665\u0660", "x", "1" * 20])
+def test_a_logit_bias_key_that_is_no_token_id_as_openai_writes_one_is_refused_not_read_as_one(key: str) -> None:
+    # vLLM's int() read each of the first five as id 50: beside "50", one of the two biases was dropped.
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50": 100, key: -100}}
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        vllm_errors.validated(ChatCompletionRequest, body)
+    assert caught.value.param == f"logit_bias.{key}"
+    assert "decimal integer, without sign, spaces or leading zeros" in caught.value.message
+
+
 @pytest.mark.parametrize("bias", [-100, 0, 2.5, 100])
 def test_a_logit_bias_within_openais_range_is_the_engines_as_sent(bias: float) -> None:
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    parsed = vllm_errors.validated(CompletionRequest, {"model": "m", "prompt": "hi", "logit_bias": {"5": bias}})
-    assert parsed.logit_bias == {"5": bias}
+    parsed = vllm_errors.validated(CompletionRequest, {"model": "m", "prompt": "hi", "logit_bias": {"5": bias, "0": 1}})
+    assert parsed.logit_bias == {"5": bias, "0": 1}
 
 
 @pytest.mark.parametrize(
