@@ -128,8 +128,10 @@ def new_key(args: argparse.Namespace) -> int:
 
     secret = new_secret()
     entry: dict[str, object] = {"id": args.id, "hash": hash_secret(secret)}
-    if args.models:
+    if args.models is not None:  # given empty (an unset shell variable), it must not mean "all"
         entry["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not entry["models"]:
+            raise ConfigError("--models: no model named (leave --models out for a key to every model)")
     for field in ("rpm", "tpm", "max_concurrent", "expires"):
         if getattr(args, field) is not None:
             entry[field] = getattr(args, field)

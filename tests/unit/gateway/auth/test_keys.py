@@ -162,3 +162,15 @@ def test_keys_new_refuses_limits_on_an_operations_key() -> None:
     made = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "new", "--id", "p", "--ops", "--rpm", "5"],
                           capture_output=True, text=True)
     assert made.returncode != 0 and "API keys only" in made.stderr and not made.stdout
+
+
+@pytest.mark.parametrize("models", ["", " , "])
+def test_keys_new_refuses_a_models_list_that_names_none_rather_than_making_a_key_to_every_model(
+    models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--models "$MODELS"` with the variable unset.
+    from gateway import cli
+
+    assert cli.main(["keys", "new", "--id", "team-a", "--models", models]) == 2
+    out = capsys.readouterr()
+    assert "--models: no model named" in out.err and not out.out
