@@ -152,10 +152,24 @@ class VLLMModelConfig(LLMModelConfig):
         "adapter and the last are live).",
     )
 
+    @field_validator("engine_args")
+    @classmethod
+    def _dashed(cls, engine_args: dict[str, str | int | float | bool]) -> dict[str, str | int | float | bool]:
+        """The arguments under vLLM's dashed names, as vLLM's parser reads
+        ``max_loras`` too: the gateway's own checks and settings then see
+        the argument whichever way it was written."""
+        dashed: dict[str, str | int | float | bool] = {}
+        for key, value in engine_args.items():
+            name = key.replace("_", "-")
+            if name in dashed:
+                raise ValueError(f"`engine_args` sets {name!r} twice (as {key!r} too)")
+            dashed[name] = value
+        return dashed
+
     @model_validator(mode="after")
     def _one_whitespace_setting(self) -> VLLMModelConfig:
         for key in self.engine_args:
-            field = GATEWAY_ENGINE_ARGS.get(key.replace("_", "-"))
+            field = GATEWAY_ENGINE_ARGS.get(key)
             if field is not None:
                 # vLLM takes the last of a flag given twice: the engine would
                 # run otherwise than the gateway routes, places and describes it.

@@ -49,11 +49,24 @@ def test_an_adapter_is_served_by_its_model_and_routable(tmp_path: Path, monkeypa
         ),
         ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"lora-modules": "x=org/x"})]}, "leave it out"),
         ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"enable-lora": False})]}, "or set it true"),
+        # vLLM's parser reads underscores as dashes: so do the gateway's checks.
+        ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"lora_modules": "x=org/x"})]}, "leave it out"),
+        ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"enable_lora": False})]}, "or set it true"),
+        ({"models": [vllm(engine_args={"max_loras": 2, "max-loras": 4})]}, "sets 'max-loras' twice"),
         ({"models": [vllm(lora_adapters={"bad name": "org/x"})]}, "lora_adapters"),
         ({"models": [vllm(lora_adapters={"x": "./missing"})]}, r"models\[base\]\.lora_adapters\.x: no adapter_config\.json"),
     ],
-    ids=["another-model", "two-models", "own-model", "alias", "lora-modules", "lora-off", "name-pattern", "missing-directory"],
+    ids=["another-model", "two-models", "own-model", "alias", "lora-modules", "lora-off", "lora_modules", "lora_off",
+         "twice", "name-pattern", "missing-directory"],
 )
 def test_a_clashing_or_missing_adapter_is_refused_naming_it(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def test_adapter_settings_written_with_underscores_are_the_engines_not_set_twice() -> None:
+    # The engine took the last of --max-loras 1 and --max_loras 4 while the gateway planned for 1.
+    base = parse_config({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"max_loras": 4})]}).model("base")
+    assert isinstance(base, VLLMModelConfig)
+    assert base.engine_args == {"max-loras": 4}
+    assert base.deployment_args()["engine_args"] == {"enable-lora": True, "max-loras": 4}
