@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -108,14 +109,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             return new_key(args)
         if args.command == "status":
-            return show_status(args.app, args.address, as_json=args.json)
+            return _said(lambda: show_status(args.app, args.address, as_json=args.json), "status")
         config = load_config(Path(args.config))
         if args.command == "deploy":
-            return redeploy(config, args.address)
+            return _said(lambda: redeploy(config, args.address), "deploy")
         return serve_forever(config, args.host, args.port, args.address)
     except ConfigError as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
+
+
+def _said(command: Callable[[], int], name: str) -> int:
+    """``command()``; a cluster that is not there, a replica that failed its
+    start or a deploy that timed out said in one line (exit status 1), not as
+    a traceback."""
+    try:
+        return command()
+    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+        print(f"llm-gateway {name}: {exc}", file=sys.stderr)
+        return 1
 
 
 def new_key(args: argparse.Namespace) -> int:

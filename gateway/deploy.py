@@ -126,6 +126,7 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:
     models = list(app_of.values())
     ours = _ours(current, config.app_name)
     others = {name: app for name, app in current.items() if name not in ours}
+    _check_prefix_free(config, others)
     starting = [  # models whose replicas this deploy starts (new, or new arguments)
         m for m in config.models
         if current.get(app_of[m.name], {}).get("args") != target[app_of[m.name]]["args"]
@@ -229,6 +230,17 @@ def check_reachable(config: GatewayConfig, proxy_location: str | None) -> None:
             f"route_prefix {config.route_prefix!r}: this gateway's own front door serves only `/` "
             "(it was started with `runtime.http_proxy: gateway`); nothing was changed"
         )
+
+
+def _check_prefix_free(config: GatewayConfig, others: dict[str, dict[str, Any]]) -> None:
+    """Raises ConfigError where another application (another gateway's, or
+    this one's under its former ``app_name``) has the route prefix."""
+    for name, app in others.items():
+        if app.get("route_prefix") == config.route_prefix:
+            raise ConfigError(
+                f"route_prefix {config.route_prefix!r} is application {name!r}'s: a changed `app_name` "
+                "starts a second gateway beside the first; keep the app_name, or stop the running gateway first"
+            )
 
 
 def _deployed_apps(details: dict[str, Any]) -> dict[str, dict[str, Any]]:

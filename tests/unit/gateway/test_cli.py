@@ -182,3 +182,27 @@ def test_a_terminal_hang_up_stops_the_gateway_as_a_stop_signal_does() -> None:
     finally:
         proc.kill()
     assert proc.returncode == 0 and b"exit status: 0" in output, output
+
+
+@pytest.mark.parametrize("command", [["status"], ["deploy", "--config", "{tmp}/gateway.yaml"]])
+@pytest.mark.parametrize(
+    "failure",
+    [ConnectionError("Could not find any running Ray instance."), TimeoutError("applications ['gw'] not running in 900s")],
+)
+def test_a_cluster_that_is_not_there_or_a_deploy_that_timed_out_is_said_in_one_line(
+    command: list[str], failure: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gateway import cli
+
+    (tmp_path / "gateway.yaml").write_text("models: [{name: echo, engine: echo}]\n")
+    command = [part.format(tmp=tmp_path) for part in command]
+
+    def fails(**_: object) -> None:
+        raise failure
+
+    monkeypatch.setattr("gateway.local_cluster.joining", lambda address: {})
+    monkeypatch.setattr("ray.init", fails)
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert err == f"llm-gateway {command[0]}: {failure}\n"

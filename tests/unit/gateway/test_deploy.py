@@ -119,6 +119,15 @@ def test_a_route_prefix_the_gateways_own_front_door_cannot_serve_changes_nothing
     assert client.steps == []
 
 
+def test_a_changed_app_name_on_the_running_gateways_prefix_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = FakeClient(apps(BASE))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    with pytest.raises(ConfigError, match=r"route_prefix '/' is application 'gw''s: a changed `app_name`"):
+        deploy(parse_config({**BASE, "app_name": "gw2"}))
+    assert client.steps == []
+
+
 def test_behind_serves_proxies_an_application_may_move_to_a_prefix_of_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
