@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.config.base import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Processes that are the engine's or a model's, by their command line (Ray
@@ -59,7 +61,13 @@ def reserved_cpus(setting: str | Sequence[int]) -> set[int] | None:
     if setting == "off":
         return None
     if not isinstance(setting, str):
-        return set(setting)
+        listed, here = set(setting), os.sched_getaffinity(0)
+        if not listed or not listed <= here:  # else nothing is pinned, and nothing says so
+            raise ConfigError(
+                f"runtime.gateway_cpus: {sorted(listed)} are not all among the CPUs this process may use, "
+                f"{sorted(here)}"
+            )
+        return listed
     available = sorted(os.sched_getaffinity(0))
     if len(available) < 2 or _has_gpu():
         return None

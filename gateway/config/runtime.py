@@ -34,7 +34,7 @@ class RuntimeConfig(StrictConfig):
         "the CPU to anything else on the machine; the gateway's workers are the server.",
     )
 
-    gateway_cpus: Literal["auto", "off"] | list[Annotated[int, Field(ge=0)]] = Field(
+    gateway_cpus: Literal["auto", "off"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
         "off",
         description="CPUs the gateway's own processes (Ray's daemons, Serve's controller "
         "and proxy, HAProxy, the ingress and metrics replicas) are pinned to, away from "

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway import affinity
+from gateway.config import ConfigError, parse_config
 
 ALL = set(range(os.cpu_count() or 1))
 
@@ -36,6 +37,21 @@ def test_reserved_cpus_follow_vllms_reservation(
     else:
         monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", env)
     assert affinity.reserved_cpus(setting) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("setting", [[7, 9], [1, 4]])
+def test_listed_cpus_the_process_may_not_use_are_a_config_error_not_a_silent_no_op(
+    monkeypatch: pytest.MonkeyPatch, setting: list[int]
+) -> None:
+    # Pinning to them failed quietly, while start-up said the processes were pinned.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    with pytest.raises(ConfigError, match=r"runtime.gateway_cpus: .* not all among the CPUs .* \[0, 1, 2, 3\]"):
+        affinity.reserved_cpus(setting)
+
+
+def test_an_empty_list_of_gateway_cpus_is_refused_at_load() -> None:
+    with pytest.raises(ConfigError, match="gateway_cpus"):
+        parse_config({"runtime": {"gateway_cpus": []}, "models": [{"name": "e", "engine": "echo"}]})
 
 
 def test_nothing_is_reserved_on_a_gpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
