@@ -38,8 +38,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config.base import ConfigError
-
 logger = logging.getLogger(__name__)
 
 # Processes that are the engine's or a model's, by their command line (Ray
@@ -49,6 +47,8 @@ ENGINE_CORE_TITLE = "VLLM::EngineCore"
 WORKER_TITLE = "VLLM::Worker"
 SPAWNED = b"multiprocessing.spawn import spawn_main"  # the command line of a process vLLM spawned
 PROC = Path("/proc")
+# The CPUs ``llm-gateway serve`` was started on, for the processes of its local cluster.
+STARTED_CPUS = "LLM_GATEWAY_STARTED_CPUS"
 
 
 def reserved_cpus(setting: str | Sequence[int]) -> set[int] | None:
@@ -61,6 +61,8 @@ def reserved_cpus(setting: str | Sequence[int]) -> set[int] | None:
     if setting == "off":
         return None
     if not isinstance(setting, str):
+        from gateway.config.base import ConfigError  # (gateway.config reads this module)
+
         listed, here = set(setting), os.sched_getaffinity(0)
         if not listed or not listed <= here:  # else nothing is pinned, and nothing says so
             raise ConfigError(
@@ -291,18 +293,30 @@ def is_engine(pid: int) -> bool:
     return any(marker in cmdline for marker in ENGINE_MARKERS)
 
 
+def started_cpus() -> dict[str, str]:
+    """The variable that tells a local cluster's processes which CPUs
+    ``llm-gateway serve`` itself was started on (``unpin_self``)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return {}
+    return {STARTED_CPUS: ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))}
+
+
 def unpin_self() -> None:
-    """Lets this process (a model replica) run on every CPU again.
+    """Lets this process (a model replica) run on every CPU the gateway was
+    started on again (``STARTED_CPUS``; not past an operator's ``taskset`` or
+    systemd ``CPUAffinity``).
 
     New Ray workers inherit the pinned mask of the daemon that starts them,
     and an idle worker's threads are pinned like any gateway process's; a
     model replica must not stay so, or the engine it starts would find only
     the reserved CPUs to compute on. Every thread is widened: each keeps its
-    own mask.
+    own mask. In a cluster the gateway did not start, nothing was pinned and
+    nothing is widened.
     """
-    if not hasattr(os, "sched_setaffinity"):
+    started = os.environ.get(STARTED_CPUS)
+    if not started or not hasattr(os, "sched_setaffinity"):
         return
-    every = set(range(os.cpu_count() or 1))
+    every = {int(cpu) for cpu in started.split(",")}
     for tid in _threads(os.getpid()) or [0]:
         try:
             os.sched_setaffinity(tid, every)

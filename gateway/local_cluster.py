@@ -56,6 +56,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.affinity import started_cpus
 from gateway.config import RuntimeConfig
 from gateway.haproxy_wrapper import LOOPBACK, haproxy_wrapper
 from gateway.http.front_door_socket import HOST_VARIABLE, KEEPER_VARIABLE, keeper_name
@@ -98,7 +99,7 @@ def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0, front_door
     listens on loopback only besides the front door's own address
     (``front_door``, ``--host``); ``read_timeout_s`` bounds how long HAProxy
     waits for a request's head."""
-    env = {**runtime.environment(), **SINGLE_MACHINE, HOST_VARIABLE: front_door}
+    env = {**runtime.environment(), **SINGLE_MACHINE, HOST_VARIABLE: front_door, **started_cpus()}
     if runtime.http_proxy == "gateway":  # the ingress replicas' own front door: see front_door_socket
         env[KEEPER_VARIABLE] = keeper_name()
     if runtime.http_proxy == "haproxy" and not os.environ.get(HAPROXY_BINARY):

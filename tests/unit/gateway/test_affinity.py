@@ -111,10 +111,34 @@ print(sorted(len(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/se
 """
 
 
-def test_a_model_replica_unpins_every_thread_of_its_own() -> None:
+def widened(started: set[int] | None) -> list[int]:
+    """The CPUs each thread of a pinned replica may run on after ``unpin_self``,
+    in a cluster ``llm-gateway serve`` started on ``started`` (None: one it did not start)."""
     root = Path(__file__).resolve().parents[3]
-    out = subprocess.run([sys.executable, "-c", WIDEN], capture_output=True, text=True, check=True, timeout=60, cwd=root)
-    assert out.stdout.split() == [f"[{len(ALL)},", f"{len(ALL)}]"]
+    env = {k: v for k, v in os.environ.items() if k != affinity.STARTED_CPUS}
+    if started is not None:
+        env[affinity.STARTED_CPUS] = ",".join(map(str, sorted(started)))
+    out = subprocess.run([sys.executable, "-c", WIDEN], capture_output=True, text=True, check=True, timeout=60,
+                         cwd=root, env=env)
+    return [int(n.strip("[],")) for n in out.stdout.split()]
+
+
+def test_a_model_replica_unpins_every_thread_of_its_own() -> None:
+    assert widened(ALL) == [len(ALL), len(ALL)]
+
+
+@pytest.mark.skipif(len(ALL) < 2, reason="needs two CPUs to leave one out")
+def test_a_replica_widens_only_to_the_cpus_the_gateway_was_started_on() -> None:
+    # Under `taskset` or systemd's CPUAffinity, not onto CPUs the operator kept for other work.
+    assert widened(ALL - {max(ALL)}) == [len(ALL) - 1, len(ALL) - 1]
+
+
+def test_in_a_cluster_the_gateway_did_not_start_nothing_is_widened() -> None:
+    assert widened(None) == [1, 1]
+
+
+def test_the_local_cluster_tells_its_processes_the_cpus_serve_started_on() -> None:
+    assert affinity.started_cpus() == {affinity.STARTED_CPUS: ",".join(map(str, sorted(os.sched_getaffinity(0))))}
 
 
 TITLES = {
