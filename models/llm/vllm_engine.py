@@ -32,6 +32,7 @@ from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.format_checks import check_output_schema
 from models.llm.message_checks import check_chat_messages
+from models.llm.nested_checks import check_nested_keys, check_structured_outputs
 from models.llm.sampling_checks import (
     ANTHROPIC_RANGES,
     RANGES,
@@ -250,6 +251,8 @@ class VLLMEngine:
         self._check_body(request, prompt_param)
         try:
             parsed = vllm_errors.validated(schema, _with_request_id(request))
+            if request.endpoint in ("chat", "completion"):
+                check_nested_keys(request.body, parsed)
             if request.endpoint in budget_checks.GENERATING:
                 budget_checks.check_budget(request.endpoint, parsed)
                 budget_checks.check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
@@ -282,6 +285,8 @@ class VLLMEngine:
             check_not_empty(body, prompt_param)
         if endpoint in ("chat", "tokenize"):
             check_chat_messages(body)
+        if endpoint in ("chat", "completion"):
+            check_structured_outputs(body)
         elif prompt_param == "input":
             check_input(body)
         if endpoint in ("responses", "responses_input_tokens") and serving.responses is not None:

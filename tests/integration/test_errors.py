@@ -400,6 +400,26 @@ def test_a_message_key_no_message_has_or_a_user_turn_without_content_is_400_nami
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
+        (CHAT, {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f", "paramters": {}}}]},
+         "tools[0].function.paramters"),
+        (CHAT, {"messages": HELLO, "structured_outputs": {"json": {"type": "object"}, "regex": "a+"}},
+         "structured_outputs"),
+        (CHAT, {"messages": HELLO, "structured_outputs": {"choice": ["a"], "disable_any_whitespac": True}},
+         "structured_outputs.disable_any_whitespac"),
+    ],
+    ids=["misspelt-tool-parameters", "two-constraints", "misspelt-setting"],
+)
+def test_a_key_vllm_would_drop_inside_an_object_is_400_naming_its_path(
+    http: httpx.Client, path: str, body: dict, param: str
+) -> None:
+    # vLLM answered the first 200 with a tool of no parameters, the last ignoring the setting.
+    error = assert_error(http.post(path, json={"model": VLLM_MODEL, "max_tokens": 2, **body}), 400, None, param)
+    assert "_backend" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
         (CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
         (COMPLETIONS, {"prompt": "Hello", "logprobs": 50}, "logprobs"),
         (CHAT, {"messages": HELLO, "structured_outputs": {"regex": "[a-"}}, None),

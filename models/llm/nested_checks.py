@@ -1,0 +1,82 @@
+"""Keys inside a request's objects that vLLM's schema would drop.
+
+``gateway.protocol.extras`` refuses a top-level field vLLM does not know.
+Inside the objects it parses, vLLM drops unknown keys just as silently: a
+tool's misspelt ``paramters`` reached the model as a tool without
+parameters, and ``structured_outputs.disable_any_whitespac`` left the
+whitespace as it was, both answered 200. Such a key is refused here as
+OpenAI refuses one, named by its path (``tools[0].function.paramters``).
+
+``structured_outputs`` with no constraint, or two, was refused by vLLM in
+words that printed its internal state (``'_backend': None``) and named no
+field; it is refused here naming the field and the constraints it takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel
+
+from gateway.errors import InvalidRequestError
+
+
+# The constraints of ``structured_outputs``, of which vLLM takes exactly one.
+CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def check_structured_outputs(body: Mapping[str, Any]) -> None:
+    """Refuses (400, before vLLM reads it) a ``structured_outputs`` object
+    with a key vLLM's would drop, or not exactly one constraint."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    given = body.get("structured_outputs")
+    if not isinstance(given, dict):
+        return  # vLLM's schema names it
+    unknown = sorted(given.keys() - {f.name for f in dataclasses.fields(StructuredOutputsParams) if f.init})
+    if unknown:
+        place = f"structured_outputs.{unknown[0]}"
+        raise InvalidRequestError(f"Unrecognized request argument supplied: {place}", param=place)
+    constraints = [name for name in CONSTRAINTS if given.get(name) is not None]
+    if len(constraints) != 1:
+        said = ", ".join(f"'{name}'" for name in constraints) or "none"
+        raise InvalidRequestError(
+            f"Invalid 'structured_outputs': exactly one constraint is taken, one of "
+            f"{', '.join(repr(name) for name in CONSTRAINTS)}; got {said}.",
+            param="structured_outputs",
+        )
+
+
+def check_nested_keys(body: Mapping[str, Any], parsed: BaseModel) -> None:
+    """Refuses (400) the first key, below ``body``'s top level, that vLLM's
+    parse of it (``parsed``) did not take."""
+    for name, field in type(parsed).model_fields.items():
+        key = field.alias or name
+        if key in body and (place := _dropped(body[key], getattr(parsed, name), key)) is not None:
+            raise InvalidRequestError(f"Unrecognized request argument supplied: {place}", param=place)
+
+
+def _dropped(raw: Any, parsed: Any, path: str) -> str | None:
+    """The path of a key of ``raw`` that its parse ``parsed`` lacks; None when it has them all."""
+    if isinstance(raw, list) and isinstance(parsed, list) and len(raw) == len(parsed):
+        for index, (item, read) in enumerate(zip(raw, parsed)):
+            if (place := _dropped(item, read, f"{path}[{index}]")) is not None:
+                return place
+        return None
+    if not isinstance(raw, dict):
+        return None
+    if isinstance(parsed, BaseModel):
+        if parsed.model_extra:
+            return f"{path}.{sorted(parsed.model_extra)[0]}"
+        for name, field in type(parsed).model_fields.items():
+            key = field.alias or name
+            if key in raw and (place := _dropped(raw[key], getattr(parsed, name), f"{path}.{key}")) is not None:
+                return place
+        return None
+    if dataclasses.is_dataclass(parsed) and not isinstance(parsed, type):
+        taken = {f.name for f in dataclasses.fields(parsed) if f.init}
+        unknown = sorted(raw.keys() - taken)
+        return f"{path}.{unknown[0]}" if unknown else None
+    return None

@@ -1,0 +1,78 @@
+"""models/llm/nested_checks.py: keys inside a request's objects vLLM would drop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequestError
+from models.llm import vllm_errors
+from models.llm.nested_checks import check_nested_keys, check_structured_outputs
+
+HELLO = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def chat(**fields: Any) -> tuple[dict[str, Any], Any]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    body = {"model": "m", "messages": HELLO, **fields}
+    return body, vllm_errors.validated(ChatCompletionRequest, body)
+
+
+@pytest.mark.parametrize(
+    ("fields", "place"),
+    [
+        # The tool reached the model with no parameters at all.
+        ({"tools": [{"type": "function", "function": {"name": "f", "paramters": {"type": "object"}}}]},
+         "tools[0].function.paramters"),
+        ({"tools": [TOOL, {**TOOL, "functoin": {}}]}, "tools[1].functoin"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f", "argz": 1}}},
+         "tool_choice.function.argz"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strictt": True}}},
+         "response_format.json_schema.strictt"),
+    ],
+)
+def test_a_key_vllms_parse_dropped_is_refused_naming_its_path(fields: dict[str, Any], place: str) -> None:
+    body, parsed = chat(**fields)
+    with pytest.raises(InvalidRequestError) as refused:
+        check_nested_keys(body, parsed)
+    assert (refused.value.param, refused.value.message) == (place, f"Unrecognized request argument supplied: {place}")
+
+
+def test_objects_whose_every_key_vllm_took_pass() -> None:
+    body, parsed = chat(
+        tools=[{"type": "function", "function": {"name": "f", "description": "d", "strict": True,
+                                                 "parameters": {"type": "object", "x-anything": 1}}}],
+        tool_choice={"type": "function", "function": {"name": "f"}},
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        stream=True, stream_options={"include_usage": True},
+        structured_outputs=None,
+    )  # fmt: skip
+    check_nested_keys(body, parsed)
+
+
+@pytest.mark.parametrize(
+    ("given", "param", "says"),
+    [
+        ({"json": {"type": "object"}, "disable_any_whitespac": True}, "structured_outputs.disable_any_whitespac",
+         "Unrecognized request argument supplied"),
+        ({"regx": "a+"}, "structured_outputs.regx", "Unrecognized request argument supplied"),
+        ({"disable_any_whitespace": True}, "structured_outputs", "got none."),
+        ({"json": {"type": "object"}, "regex": "a+"}, "structured_outputs", "got 'json', 'regex'."),
+    ],
+)
+def test_structured_outputs_are_refused_naming_the_field_not_printing_vllms_state(
+    given: dict[str, Any], param: str, says: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_structured_outputs({"structured_outputs": given})
+    assert refused.value.param == param and says in refused.value.message
+    assert "_backend" not in refused.value.message
+
+
+def test_one_structured_outputs_constraint_with_its_settings_passes() -> None:
+    check_structured_outputs({"structured_outputs": {"json": {"type": "object"}, "disable_any_whitespace": True}})
+    check_structured_outputs({"structured_outputs": {"choice": ["a", "b"]}})
+    check_structured_outputs({"prompt": "hi"})
