@@ -26,13 +26,24 @@ from gateway.errors import InvalidRequestError
 
 
 def check_not_empty(body: Mapping[str, Any], field: str) -> None:
-    """Refuses (400, ``empty_array``) a ``field`` of ``body`` that is an empty array."""
-    if body.get(field) == []:
-        raise InvalidRequestError(
-            f"Invalid '{field}': empty array. Expected an array with minimum length 1, but got an empty array instead.",
-            param=field,
-            code="empty_array",
-        )
+    """Refuses (400, ``empty_array``) a ``field`` of ``body`` that is an empty
+    array, or a completion's batch ``prompt`` holding one (``[[]]``: vLLM's
+    engine refused it naming no field, "The decoder prompt cannot be empty")."""
+    value = body.get(field)
+    if value == []:
+        _empty(field)
+    if field == "prompt" and isinstance(value, list):
+        for index, one in enumerate(value):
+            if one == []:
+                _empty(f"{field}[{index}]")
+
+
+def _empty(place: str) -> None:
+    raise InvalidRequestError(
+        f"Invalid '{place}': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+        param=place,
+        code="empty_array",
+    )
 
 
 def check_input(body: Mapping[str, Any]) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -41,6 +41,17 @@ def test_an_empty_array_where_the_prompt_goes_is_refused_as_openai_refuses_it(fi
 
 
 @pytest.mark.parametrize(
+    ("prompt", "param"), [([[]], "prompt[0]"), ([[1, 2], []], "prompt[1]"), (["a", []], "prompt[1]")]
+)
+def test_an_empty_prompt_in_a_batch_is_refused_naming_its_place(prompt: list[object], param: str) -> None:
+    # vLLM's engine refused it naming no field: "The decoder prompt cannot be empty".
+    with pytest.raises(InvalidRequestError) as caught:
+        check_not_empty({"prompt": prompt}, "prompt")
+    assert (caught.value.param, caught.value.code) == (param, "empty_array")
+    check_not_empty({"messages": [[]]}, "messages")  # a message is vLLM's schema's to judge
+
+
+@pytest.mark.parametrize(
     "prompt, param", [([5, 1024], "prompt[1]"), ([[1, 2], [3, 1024]], "prompt[1][1]"), (["a", [-1]], "prompt[1][0]")]
 )
 def test_a_prompts_ids_past_the_vocabulary_are_refused_naming_their_place(prompt: list[object], param: str) -> None:
