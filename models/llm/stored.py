@@ -49,6 +49,7 @@ class StoredResponses:
         self._forget = forget
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
         self._generating: set[str] = set()  # kept, and not yet stored by the engine
+        self._running: set[str] = set()  # every admitted response not yet ended, kept or not
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -79,10 +80,13 @@ class StoredResponses:
         if request.endpoint != "responses":
             return request
         named = request.request_id
-        if relay.response_id(self.replica, named) in self._kept:
+        if (taken := relay.response_id(self.replica, named)) in self._kept or taken in self._running:
             # Its request id was sent before (a client's own ``x-request-id``,
-            # reused or retried): a response id of its own, never another's.
+            # reused or retried, by this key or another, and maybe not to be
+            # stored): a response id of its own, never another's, whose end
+            # would otherwise drop this one.
             named += "-" + secrets.token_hex(4)
+        self._running.add(relay.response_id(self.replica, named))
         # (``store: null`` is vLLM's false: it stores only what it is asked to.)
         if self.size > 0 and request.body.get("store", True) is True:
             response_id = relay.response_id(self.replica, named)
@@ -112,6 +116,7 @@ class StoredResponses:
             return
         response_id = relay.RESPONSE_PREFIX + request.request_id  # admitted: the replica's id leads it
         self._generating.discard(response_id)
+        self._running.discard(response_id)
         if not stored or response_id not in self._kept:
             self._kept.pop(response_id, None)
             self._forget(response_id)

@@ -158,6 +158,22 @@ def test_a_request_id_sent_again_never_takes_over_or_drops_anothers_response(aga
     assert f"resp_{first.request_id}" not in dropped
 
 
+def test_a_request_id_in_flight_unstored_is_not_given_to_another_keys_response_its_end_would_drop() -> None:
+    # team-b's request, not to be stored, is running under id "1" when team-a's, to be stored, comes with "1".
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 10, forget=dropped.append)
+    unstored = stored.admit(create("1", owner="team-b", store=False))
+    kept = stored.admit(create("1", owner="team-a", background=True))
+    assert kept.request_id != unstored.request_id  # else one engine request id for two requests
+    with pytest.raises(ConnectionError), stored.unless_refused(unstored):  # team-b's client leaves
+        raise ConnectionError("client left")
+    stored.check(named("responses_retrieve", f"resp_{kept.request_id}", owner="team-a"))  # still there
+    assert f"resp_{kept.request_id}" not in dropped
+    stored.ended(kept)
+    again = stored.admit(create("1", owner="team-b", store=False))  # both over: the id is free again
+    assert again.request_id == unstored.request_id
+
+
 def test_counting_input_tokens_after_a_response_needs_its_key_and_keeps_nothing() -> None:
     stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
     stored.ended(stored.admit(create("req1", owner="team-a")))
