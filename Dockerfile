@@ -27,7 +27,9 @@ RUN pip install ".[gpu,mlflow]"
 
 EXPOSE 8000
 # Alive: /health answers, 200 or, with operations keys configured (`ops: true`), 401 to a
-# probe that has none (no key is put in the image or its environment for it).
+# probe that has none (no key is put in the image or its environment for it). It probes
+# port 8000, the entrypoint's: a `--port` given as the command must come with a
+# `--health-cmd` of its own (docker run) or the container reads as unhealthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
     CMD code=$(curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/health) \
         && { [ "$code" = 200 ] || [ "$code" = 401 ]; } || exit 1
