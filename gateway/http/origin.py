@@ -62,14 +62,14 @@ class OriginGuard:
             await self._app(scope, receive, send)
             return
         named = _header(scope, b"host") or ""
-        host = _hostname("//" + named)
+        host, port = _host_and_port("//" + named)
         if self._local_only() and not (host is not None and is_loopback(host)):
             error = PermissionDeniedError(
                 f"This gateway listens on a loopback address without API keys: it serves browser pages "
                 f"of localhost, 127.0.0.1 or [::1], not of {host or named or 'a page naming no host'}.",
                 code="host_not_allowed",
             )
-        elif not self._any and not self._allowed(origin, host):
+        elif not self._any and not self._allowed(origin, host, port):
             error = PermissionDeniedError(
                 f"Requests from pages of {origin} are not allowed: this gateway serves browser pages of "
                 "its own host, and of other origins only as `ingress.cors` names them."
@@ -83,19 +83,31 @@ class OriginGuard:
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _allowed(self, origin: str, host: str | None) -> bool:
-        """A named origin, or a page of the host the request was sent to."""
+    def _allowed(self, origin: str, host: str | None, port: int | None) -> bool:
+        """A named origin, or a page of the host and port the request was sent
+        to (a page of another port of the same host is another origin: another
+        site's). A host named without its port (the default, as behind a TLS
+        proxy) takes a page on its scheme's default port."""
         if origin.rstrip("/").lower() in self._origins:
             return True
-        page = _hostname(origin)
-        return page is not None and page == host
+        page, page_port = _host_and_port(origin)
+        if page is None or page != host:
+            return False
+        if port is None:
+            return page_port is None
+        return (page_port or _DEFAULT_PORTS.get(urlsplit(origin).scheme)) == port
 
 
-def _hostname(url: str) -> str | None:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _host_and_port(url: str) -> tuple[str | None, int | None]:
+    """A URL's host and its port as written (None: none written, or no URL)."""
     try:
-        return urlsplit(url).hostname
+        parts = urlsplit(url)
+        return parts.hostname, parts.port
     except ValueError:
-        return None
+        return None, None
 
 
 def _header(scope: Any, name: bytes) -> str | None:

@@ -43,6 +43,27 @@ async def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(o
 
 
 
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [("http://192.168.1.5:3000", "192.168.1.5:8000"), ("http://gateway:8000", "gateway"),
+     ("https://gateway:8443", "gateway:443")],
+)
+async def test_a_page_of_another_port_of_the_gateways_host_is_another_origin(origin: str, host: str) -> None:
+    # Another site on the same machine: with no keys, any of its visitors' browsers would have the model generate.
+    async with await client_for(None, keys=False, loopback=False) as client:
+        sent = await client.post(CHAT, json={"model": "m"}, headers={"origin": origin, "host": host})
+        assert sent.status_code == 403, sent.text
+
+
+@pytest.mark.parametrize(("origin", "host"), [("https://gateway", "gateway:443"), ("http://gateway", "gateway:80")])
+async def test_a_page_on_its_schemes_default_port_is_the_gateways_own_whether_the_host_names_it_or_not(
+    origin: str, host: str
+) -> None:
+    async with await client_for(None, keys=False, loopback=False) as client:
+        sent = await client.post(CHAT, json={"model": "m"}, headers={"origin": origin, "host": host})
+        assert sent.status_code == 200, sent.text
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "app.localhost", "127.0.0.2"])
 async def test_a_keyless_gateway_on_loopback_serves_its_own_pages_on_a_loopback_host(host: str) -> None:
     async with await client_for(None, keys=False, loopback=True) as client:
