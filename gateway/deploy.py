@@ -23,6 +23,7 @@ room frees up, and requests for a new model wait for its first replica.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from typing import Any
 
 from gateway.config import ConfigError, GatewayConfig, ModelConfig
 from gateway.placement import check_fits, fits_free, live_options
+
+logger = logging.getLogger(__name__)
 
 INGRESS_NAME = "GatewayIngress"
 # What a deploy did to a model (``deploy``'s answer).
@@ -132,6 +135,15 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:
         if current.get(app_of[m.name], {}).get("args") != target[app_of[m.name]]["args"]
     ]
     leaving = set(current) & ours - set(target)
+    added = [m for m in starting if app_of[m.name] not in current]
+    if added and not leaving and not _fits_now(added):
+        # Serve waits for room (an autoscaler may add a node); without one it
+        # would wait until ``timeout_s``, saying nothing.
+        logger.warning(
+            "no room free now for the replicas of %s: Serve starts them as room frees up or nodes join "
+            "(waiting up to %.0f s); remove or shrink a model to make room",
+            ", ".join(m.name for m in added), timeout_s,
+        )
     # When the new models need room the leaving ones hold, steps 1 and 2 are
     # skipped: step 3 alone drains the old replicas while Serve starts the new
     # ones as room frees up (requests for a new model wait for its first replica).

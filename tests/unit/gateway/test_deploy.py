@@ -128,6 +128,25 @@ def test_a_changed_app_name_on_the_running_gateways_prefix_changes_nothing(monke
     assert client.steps == []
 
 
+def test_adding_a_model_with_no_room_free_says_so_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Else deploy waits up to its timeout (15 minutes) in silence.
+    client = FakeClient(apps(BASE))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 0.1}})
+    added = {**BASE, "models": [*BASE["models"], {"name": "b", "engine": "echo"}]}
+    with caplog.at_level("WARNING", logger="gateway.deploy"):
+        assert deploy(parse_config(added)) == {"b": ADDED}
+    assert "no room free now for the replicas of b" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 1.0}})
+    with caplog.at_level("WARNING", logger="gateway.deploy"):
+        deploy(parse_config({**added, "models": [*added["models"], {"name": "c", "engine": "echo"}]}))
+    assert "no room" not in caplog.text
+
+
 def test_behind_serves_proxies_an_application_may_move_to_a_prefix_of_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
