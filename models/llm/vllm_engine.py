@@ -25,7 +25,7 @@ from gateway.config import lora
 from gateway.errors import ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, check_openai_metadata, counted_fields
-from models.llm import budget_checks, compact_json, tool_checks, vllm_compat, vllm_conversation, vllm_errors
+from models.llm import budget_checks, cache_salt, compact_json, tool_checks, vllm_compat, vllm_conversation, vllm_errors
 from models.llm import vllm_lora, vllm_messages, vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
@@ -254,6 +254,7 @@ class VLLMEngine:
             if request.endpoint in ("chat", "completion"):
                 check_nested_keys(request.body, parsed)
             if request.endpoint in budget_checks.GENERATING:
+                cache_salt.salt(parsed, request.owner)
                 budget_checks.check_budget(request.endpoint, parsed)
                 budget_checks.check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
                 check_budget_fits(*budget_checks.budget_field(request.endpoint, parsed), serving.max_model_len)

@@ -504,3 +504,30 @@ def test_a_revoked_key_is_refused_on_every_replica_within_two_seconds(
             if statuses == {401}:
                 break
             assert time.monotonic() < deadline, f"still served: {statuses}"
+
+
+def prefix_cache_hits(http: httpx.Client, ops: str) -> float:
+    """The tokens vLLM's engine found cached, from its own metrics page."""
+    page = http.get("/metrics", headers=bearer(ops)).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+        if line.startswith("vllm:prefix_cache_hits_total{") and f'model_name="{VLLM_MODEL}"' in line
+    )  # fmt: skip
+
+
+def test_no_key_shares_the_engines_cached_prefixes_with_another(gateway: Gateway, secrets: dict[str, str]) -> None:
+    # Else a key could time its own requests to learn how another key's prompts begin.
+    prompt = [random.randrange(100, 500) for _ in range(300)]  # new to the cache: whole blocks of it
+    ask = {"model": VLLM_MODEL, "prompt": prompt, "max_tokens": 1}
+    with httpx.Client(base_url=gateway.base_url, timeout=60) as http:
+        def sent(key: str) -> float:
+            assert http.post("/v1/completions", json=ask, headers=bearer(secrets[key])).status_code == 200
+            return prefix_cache_hits(http, secrets["ops"])
+
+        before = prefix_cache_hits(http, secrets["ops"])
+        first = sent("full")
+        again = sent("full")
+        other = sent("cancel")
+    assert first == before  # a prompt new to the cache
+    assert again - first >= 128  # the same key's prompt again: its prefix came from the cache
+    assert other == again  # another key's: none of it did
