@@ -93,7 +93,11 @@ _DEFAULTS = """\
 """
 # Ray Serve's replica decodes these headers as strict UTF-8 before the
 # gateway's code sees the request (a 500 otherwise); the front door refuses
-# them instead. Printable ASCII and valid UTF-8 pass.
+# them instead. Printable ASCII and valid UTF-8 pass. Both the first and the
+# last of several are checked: in a rule HAProxy passes a field if any of
+# its occurrences matches, and Serve reads the last. Fields are counted as
+# lines (``fhdr_cnt``): ``hdr_cnt`` counts each comma-separated value, so one
+# long ``baggage`` or ``accept`` line read as a hundred fields.
 _VALID_UTF8 = (
     "'^([\\x00-\\x7F]|[\\xC2-\\xDF][\\x80-\\xBF]|\\xE0[\\xA0-\\xBF][\\x80-\\xBF]"
     "|[\\xE1-\\xEC\\xEE\\xEF][\\x80-\\xBF]{{2}}|\\xED[\\x80-\\x9F][\\x80-\\xBF]"
@@ -108,7 +112,8 @@ _GLOBAL = "    tune.http.maxhdr 1000\n"
 _FRONTEND = (
     "    http-request return status 400 content-type application/json file "
     "{directory}/bad-header.json if {{ req.fhdr_cnt(x-request-id) gt 0 }} "
-    "!{{ req.fhdr(x-request-id) -m reg " + _VALID_UTF8 + " }}\n"
+    "!{{ req.fhdr(x-request-id,1) -m reg " + _VALID_UTF8 + " }} or {{ req.fhdr_cnt(x-request-id) gt 0 }} "
+    "!{{ req.fhdr(x-request-id,-1) -m reg " + _VALID_UTF8 + " }}\n"
     "    http-request set-var(txn.llm_gateway_head) url,length\n"
     "    http-request set-var(txn.llm_gateway_head) req.hdrs,length,add(txn.llm_gateway_head)\n"
     "    http-request return status 414 content-type application/json file {directory}/uri-too-long.json "
@@ -116,7 +121,7 @@ _FRONTEND = (
     "    http-request return status 431 content-type application/json file {directory}/head-too-large.json "
     "if {{ var(txn.llm_gateway_head) -m int gt {head_bytes} }}\n"
     "    http-request return status 431 content-type application/json file {directory}/head-too-large.json "
-    "if {{ req.hdr_cnt gt {head_fields} }}\n"
+    "if {{ req.fhdr_cnt gt {head_fields} }}\n"
     "    http-response set-header connection close if {{ status 408 }}\n"
 )
 

@@ -114,3 +114,42 @@ async def test_haproxy_drops_a_client_silent_past_twice_the_read_timeout_but_not
     # A client that stopped reading a stream is cut off (the ingress then
     # aborts its engine request) about a second later, not after an hour.
     assert len(_FLOODED) == 1 and _FLOODED[0] < 3
+
+
+async def _ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    await writer.drain()
+    writer.close()
+
+
+async def test_the_front_doors_head_rules_count_lines_and_check_every_request_id(tmp_path: Path) -> None:
+    """The real HAProxy through the wrapper: a long comma-separated field is
+    one field, not a hundred; a request id not UTF-8 is refused wherever it
+    stands among several (Serve decodes the last)."""
+    server = await asyncio.start_server(_ok, "127.0.0.1", 0)
+    front = local_cluster.free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(ray_like_config(front, server.sockets[0].getsockname()[1]))
+    haproxy = subprocess.Popen([str(wrapping.haproxy_wrapper(tmp_path)), "-db", "-f", str(config)],
+                               stderr=subprocess.DEVNULL)
+
+    def status(fields: bytes) -> bytes:
+        head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + fields + b"\r\n"
+        return _until_closed(front, head)[0].split(b"\r\n", 1)[0]
+
+    try:
+        async with server:
+            while not _listening(front):
+                assert haproxy.poll() is None
+                await asyncio.sleep(0.05)
+            baggage = b"baggage: " + b",".join(b"k%d=v" % i for i in range(120)) + b"\r\n"
+            many = b"".join(b"x-f%d: v\r\n" % i for i in range(120))
+            answers = await asyncio.gather(*(asyncio.to_thread(status, fields) for fields in (
+                baggage, many, b"x-request-id: ok\r\nx-request-id: \xff\xfe\r\n",
+                b"x-request-id: \xff\xfe\r\nx-request-id: ok\r\n", b"x-request-id: ok\r\nx-request-id: ok-2\r\n",
+            )))  # fmt: skip
+    finally:
+        haproxy.terminate()
+        haproxy.wait(timeout=10)
+    assert [a.split(b" ")[1] for a in answers] == [b"200", b"431", b"400", b"400", b"200"]
