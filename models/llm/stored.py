@@ -56,7 +56,16 @@ class StoredResponses:
 
     def check(self, request: EngineRequest) -> None:
         """Raises ResponseNotFoundError (404) when ``request`` names a stored
-        response that is not kept here for its key."""
+        response that is not kept here for its key; InvalidRequestError for a
+        background response not to be stored (its id could never be polled,
+        nor the generation cancelled: each would be 404)."""
+        if request.endpoint == "responses" and request.body.get("background") is True:
+            if request.body.get("store", True) is not True:
+                raise InvalidRequestError(
+                    "A background response is polled and cancelled by its id, which only a stored "
+                    "response keeps: set 'store' to true, or leave it out.",
+                    param="store",
+                )
         if request.endpoint in ("responses", "responses_input_tokens"):
             previous = request.body.get("previous_response_id")
             if isinstance(previous, str):

@@ -174,6 +174,19 @@ def test_a_request_id_in_flight_unstored_is_not_given_to_another_keys_response_i
     assert again.request_id == unstored.request_id
 
 
+@pytest.mark.parametrize("store", [False, None])
+def test_a_background_response_not_to_be_stored_is_refused_rather_than_never_found(store: object) -> None:
+    # Its first poll, and any cancel, would be 404 while it generated on.
+    stored = StoredResponses(REPLICA, 10, forget=lambda response_id: None)
+    with pytest.raises(InvalidRequestError) as refused:
+        stored.admit(create("1", background=True, store=store))
+    assert refused.value.param == "store" and "background" in refused.value.message
+    assert len(stored) == 0
+    stored.admit(create("2", background=True))  # stored by default
+    stored.admit(create("3", background=False, store=False))
+    assert len(stored) == 1
+
+
 def test_counting_input_tokens_after_a_response_needs_its_key_and_keeps_nothing() -> None:
     stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
     stored.ended(stored.admit(create("req1", owner="team-a")))
