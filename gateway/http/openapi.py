@@ -126,6 +126,18 @@ _EVENTS = (
 )
 
 
+# API keys (README "API keys and rate limits"): OpenAI's bearer token, or
+# Anthropic's `x-api-key`; none where the gateway has no keys configured.
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "An API key, `sk-gw-...`"},
+    "apiKey": {
+        "type": "apiKey", "in": "header", "name": "x-api-key", "description": "An API key, as Anthropic's clients send it",
+    },
+}
+_KEYED = ("/v1", "/v2", "/tokenize", "/detokenize")
+_KEY_OR_NONE: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}, {}]
+
+
 def describe(app: FastAPI) -> None:
     """Makes ``app.openapi()`` (``/openapi.json``, ``/docs``) describe the bodies."""
 
@@ -152,8 +164,11 @@ def document(app: FastAPI) -> dict[str, Any]:
     components.update(defs.get("$defs", {}))
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)  # FastAPI's 422: the gateway answers 400 instead
+    schema["components"]["securitySchemes"] = SECURITY_SCHEMES
     for (path, method), (request, media, errors) in ENDPOINTS.items():
         operation = schema["paths"][path][method]
+        if path.startswith(_KEYED):
+            operation["security"] = _KEY_OR_NONE
         if request is not None:
             operation["requestBody"] = {
                 "required": True,

@@ -49,3 +49,16 @@ def test_the_document_is_built_once() -> None:
     state = GatewayState(FrontDoorConfig.model_validate({}), lambda model: None, lambda model: "")
     app = build_api(state)
     assert app.openapi() is app.openapi()
+
+
+def test_model_routes_say_how_a_key_is_sent_and_that_an_open_gateway_wants_none() -> None:
+    # Else SDK generators make clients with no way to send a key.
+    doc = document()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+    assert (schemes["apiKey"]["in"], schemes["apiKey"]["name"]) == ("header", "x-api-key")
+    for (path, method) in ENDPOINTS:
+        security = doc["paths"][path][method].get("security")
+        if path.startswith(("/v1/", "/v2/")):
+            assert security == [{"bearer": []}, {"apiKey": []}, {}], path
+    assert "security" not in doc["paths"]["/health"]["get"]
