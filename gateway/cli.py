@@ -199,8 +199,10 @@ def redeploy(config: GatewayConfig, address: str) -> int:
     """
     from gateway.local_cluster import joining
 
-    _check_access_log(config.ingress.access_log)
-    os.environ.update(joining(address))  # before Ray is imported
+    joined = joining(address)
+    if joined:  # a cluster on this machine's loopback: its replicas open the log here
+        _check_access_log(config.ingress.access_log)
+    os.environ.update(joined)  # before Ray is imported
     import ray
 
     from gateway.deploy import deploy

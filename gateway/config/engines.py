@@ -157,10 +157,13 @@ class VLLMModelConfig(LLMModelConfig):
     def _dashed(cls, engine_args: dict[str, str | int | float | bool]) -> dict[str, str | int | float | bool]:
         """The arguments under vLLM's dashed names, as vLLM's parser reads
         ``max_loras`` too: the gateway's own checks and settings then see
-        the argument whichever way it was written."""
+        the argument whichever way it was written. As in vLLM's parser, only
+        the name before a dot is dashed: ``speculative_config.num_speculative_tokens``
+        names a field of a config, which keeps its own spelling."""
         dashed: dict[str, str | int | float | bool] = {}
         for key, value in engine_args.items():
-            name = key.replace("_", "-")
+            flag, dot, field = key.partition(".")
+            name = flag.replace("_", "-") + dot + field
             if name in dashed:
                 raise ValueError(f"`engine_args` sets {name!r} twice (as {key!r} too)")
             dashed[name] = value

@@ -86,16 +86,15 @@ class OriginGuard:
     def _allowed(self, origin: str, host: str | None, port: int | None) -> bool:
         """A named origin, or a page of the host and port the request was sent
         to (a page of another port of the same host is another origin: another
-        site's). A host named without its port (the default, as behind a TLS
-        proxy) takes a page on its scheme's default port."""
+        site's). A host named without its port is compared by name alone: a
+        browser names any port but its scheme's default, and a proxy may drop
+        it (nginx's ``proxy_set_header Host $host``)."""
         if origin.rstrip("/").lower() in self._origins:
             return True
         page, page_port = _host_and_port(origin)
         if page is None or page != host:
             return False
-        if port is None:
-            return page_port is None
-        return (page_port or _DEFAULT_PORTS.get(urlsplit(origin).scheme)) == port
+        return port is None or (page_port or _DEFAULT_PORTS.get(urlsplit(origin).scheme)) == port
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

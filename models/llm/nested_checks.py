@@ -23,6 +23,11 @@ from pydantic import BaseModel
 from gateway.errors import InvalidRequestError
 
 
+# Keys vLLM's objects do not know that ask for nothing the answer lacks,
+# taken as hints (``gateway.protocol.envelope.StreamOptions``): OpenAI's
+# padding of stream events.
+HINTS = {"stream_options": frozenset({"include_obfuscation"})}
+
 # The constraints of ``structured_outputs``, of which vLLM takes exactly one.
 CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
@@ -68,8 +73,9 @@ def _dropped(raw: Any, parsed: Any, path: str) -> str | None:
     if not isinstance(raw, dict):
         return None
     if isinstance(parsed, BaseModel):
-        if parsed.model_extra:
-            return f"{path}.{sorted(parsed.model_extra)[0]}"
+        extra = sorted((parsed.model_extra or {}).keys() - HINTS.get(path, frozenset()))
+        if extra:
+            return f"{path}.{extra[0]}"
         for name, field in type(parsed).model_fields.items():
             key = field.alias or name
             if key in raw and (place := _dropped(raw[key], getattr(parsed, name), f"{path}.{key}")) is not None:

@@ -369,8 +369,10 @@ def test_a_field_vllm_would_drop_is_400_naming_it(client: openai.OpenAI, stream:
         client.completions.create(model=VLLM_MODEL, prompt="Hello", max_tokens=2, extra_body={"best_of": 2})
     assert caught.value.param == "best_of"
     # OpenAI's hints that cannot change the answer are taken.
+    hinted: dict = {"stream_options": {"include_usage": True, "include_obfuscation": False}} if stream else {}
     answer = client.chat.completions.create(
         **ask, max_tokens=2, metadata={"team": "a"}, prompt_cache_key="k", store=False,  # type: ignore[call-overload]
+        **hinted,
     )
     if stream:
         assert [c.choices[0].finish_reason for c in answer if c.choices][-1] in ("length", "stop")

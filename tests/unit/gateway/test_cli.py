@@ -141,19 +141,27 @@ def test_an_access_log_that_cannot_be_written_is_refused_before_starting(
     cli._check_access_log(str(tmp_path / "access.log"))  # a file it may create: taken
 
 
-def test_deploy_refuses_an_access_log_that_cannot_be_written_before_reaching_the_cluster(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("local", [True, False])
+def test_deploy_to_this_machines_cluster_refuses_an_access_log_that_cannot_be_written_before_reaching_it(
+    local: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Else the running ingress replicas are replaced by ones that fail their start.
+    # Else the running ingress replicas are replaced by ones that fail their start. A
+    # remote cluster's nodes may have the folder this machine lacks: not checked here.
     from gateway import cli
 
-    monkeypatch.setattr("gateway.local_cluster.joining", lambda address: pytest.fail("reached for the cluster"))
+    def init(**_: object) -> None:
+        raise ConnectionError("reached for the cluster")
+
+    monkeypatch.setattr("gateway.local_cluster.joining", lambda address: {"RAY_x": "1"} if local else {})
+    monkeypatch.setattr("ray.init", init)
+    monkeypatch.setenv("RAY_x", "0")  # (put back as it was afterwards)
     config = tmp_path / "gateway.yaml"
     config.write_text(
         f"ingress: {{access_log: {tmp_path}/missing/access.log}}\nmodels: [{{name: echo, engine: echo}}]\n"
     )
-    assert cli.main(["deploy", "--config", str(config)]) == 2
-    assert "ingress.access_log" in capsys.readouterr().err
+    assert cli.main(["deploy", "--config", str(config)]) == (2 if local else 1)
+    err = capsys.readouterr().err
+    assert ("ingress.access_log" in err) is local and ("reached for the cluster" in err) is not local
 
 
 HUNG_UP = """

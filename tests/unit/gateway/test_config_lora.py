@@ -70,3 +70,13 @@ def test_adapter_settings_written_with_underscores_are_the_engines_not_set_twice
     assert isinstance(base, VLLMModelConfig)
     assert base.engine_args == {"max-loras": 4}
     assert base.deployment_args()["engine_args"] == {"enable-lora": True, "max-loras": 4}
+
+
+def test_a_dotted_engine_arg_keeps_its_fields_spelling_as_vllms_parser_does() -> None:
+    # `--speculative-config.num_speculative_tokens`: the part after the dot is a config field.
+    base = parse_config({"models": [vllm(engine_args={
+        "speculative_config.num_speculative_tokens": 3, "compilation-config.cudagraph_capture_sizes": "[1,2]",
+    })]}).model("base")  # fmt: skip
+    assert base.engine_args == {
+        "speculative-config.num_speculative_tokens": 3, "compilation-config.cudagraph_capture_sizes": "[1,2]",
+    }

@@ -45,8 +45,8 @@ async def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(o
 
 @pytest.mark.parametrize(
     ("origin", "host"),
-    [("http://192.168.1.5:3000", "192.168.1.5:8000"), ("http://gateway:8000", "gateway"),
-     ("https://gateway:8443", "gateway:443")],
+    [("http://192.168.1.5:3000", "192.168.1.5:8000"), ("https://gateway:8443", "gateway:443"),
+     ("https://gateway", "gateway:8000")],
 )
 async def test_a_page_of_another_port_of_the_gateways_host_is_another_origin(origin: str, host: str) -> None:
     # Another site on the same machine: with no keys, any of its visitors' browsers would have the model generate.
@@ -55,8 +55,12 @@ async def test_a_page_of_another_port_of_the_gateways_host_is_another_origin(ori
         assert sent.status_code == 403, sent.text
 
 
-@pytest.mark.parametrize(("origin", "host"), [("https://gateway", "gateway:443"), ("http://gateway", "gateway:80")])
-async def test_a_page_on_its_schemes_default_port_is_the_gateways_own_whether_the_host_names_it_or_not(
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [("https://gateway", "gateway:443"), ("http://gateway", "gateway:80"),
+     ("https://gateway:8443", "gateway")],  # behind a proxy that drops the port from Host
+)
+async def test_a_page_on_the_port_the_host_names_or_of_a_host_named_without_one_is_the_gateways_own(
     origin: str, host: str
 ) -> None:
     async with await client_for(None, keys=False, loopback=False) as client:
