@@ -114,6 +114,13 @@ class RuntimeConfig(StrictConfig):
             # connections too. Without this every scale-down or replacement
             # takes 30 s more than its requests need.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+            # Serve reloads HAProxy whenever its ingress replicas change (one
+            # added, replaced or stopped), and the old HAProxy process cut the
+            # streams it still carried 120 s later: a long generation died
+            # mid-stream, with no error event. Ten minutes; not longer, since
+            # Serve keeps each port an old process may still use out of its
+            # pool (1,000 a node) as long, plus 30 s.
+            "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": os.environ.get("RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S", "600"),
             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(self.control_loop_s),
             # Ray's task events (the dashboard's task list, `ray list tasks`)
             # and its own metrics (`ray_*`, `ray_serve_*`, exported through the

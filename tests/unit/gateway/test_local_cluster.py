@@ -111,6 +111,14 @@ def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.Monk
     assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in local_cluster.environment(RuntimeConfig(http_proxy="serve"))
 
 
+def test_a_reloaded_haproxy_lets_its_streams_run_ten_minutes_not_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Serve reloads HAProxy as ingress replicas come and go; the old process cut its streams at 120 s.
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S", raising=False)
+    assert HAPROXY.environment()["RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S"] == "600"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S", "1800")  # the operator's own
+    assert HAPROXY.environment()["RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S"] == "1800"
+
+
 async def test_behind_haproxy_the_ingress_knows_the_address_clients_reach_not_serves_loopback(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
