@@ -131,7 +131,8 @@ _EVENTS = (
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "An API key, `sk-gw-...`"},
     "apiKey": {
-        "type": "apiKey", "in": "header", "name": "x-api-key", "description": "An API key, as Anthropic's clients send it",
+        "type": "apiKey", "in": "header", "name": "x-api-key",
+        "description": "An API key, as Anthropic's clients send it",
     },
 }
 _KEYED = ("/v1", "/v2", "/tokenize", "/detokenize")

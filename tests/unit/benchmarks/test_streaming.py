@@ -102,7 +102,9 @@ def test_a_lone_stream_is_measured_in_more_shorter_rounds() -> None:
     assert streaming._levels(given)[0] == (1, "aiohttp", 40, 3)
 
 
-def test_four_rounds_or_more_also_give_the_geometric_mean_ratio_and_its_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_four_rounds_or_more_also_give_the_geometric_mean_ratio_and_its_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     paired = streaming.Paired({
         "direct": [figures(100)] * 4,
         "gateway": [figures(90), figures(100), figures(80), figures(110)],

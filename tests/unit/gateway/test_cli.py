@@ -194,7 +194,8 @@ def test_a_terminal_hang_up_stops_the_gateway_as_a_stop_signal_does() -> None:
 @pytest.mark.parametrize("command", [["status"], ["deploy", "--config", "{tmp}/gateway.yaml"]])
 @pytest.mark.parametrize(
     "failure",
-    [ConnectionError("Could not find any running Ray instance."), TimeoutError("applications ['gw'] not running in 900s")],
+    [ConnectionError("Could not find any running Ray instance."),
+     TimeoutError("applications ['gw'] not running in 900s")],
 )
 def test_a_cluster_that_is_not_there_or_a_deploy_that_timed_out_is_said_in_one_line(
     command: list[str], failure: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
