@@ -166,6 +166,20 @@ def _front_door_files(directory: Path, read_timeout_s: float) -> None:
         (directory / name).write_text(text)
 
 
+_MARK = "# llm-gateway: HAProxy with the listeners"
+
+
+def is_wrapper(path: str | None) -> bool:
+    """Whether ``path`` is a wrapper ``haproxy_wrapper`` wrote (not HAProxy itself)."""
+    if not path:
+        return False
+    try:
+        with open(path, "rb") as script:
+            return _MARK.encode() in script.read(256)
+    except OSError:
+        return False
+
+
 def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0, front_door: str = LOOPBACK) -> Path:
     """Writes the HAProxy wrapper and what it adds into ``directory``; returns
     its path. The wrapper binds the front door on ``front_door`` (the

@@ -58,7 +58,7 @@ from typing import Any
 
 from gateway.affinity import started_cpus
 from gateway.config import RuntimeConfig
-from gateway.haproxy_wrapper import LOOPBACK, haproxy_wrapper
+from gateway.haproxy_wrapper import LOOPBACK, haproxy_wrapper, is_wrapper
 from gateway.http.front_door_socket import HOST_VARIABLE, KEEPER_VARIABLE, keeper_name
 
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -102,7 +102,10 @@ def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0, front_door
     env = {**runtime.environment(), **SINGLE_MACHINE, HOST_VARIABLE: front_door, **started_cpus()}
     if runtime.http_proxy == "gateway":  # the ingress replicas' own front door: see front_door_socket
         env[KEEPER_VARIABLE] = keeper_name()
-    if runtime.http_proxy == "haproxy" and not os.environ.get(HAPROXY_BINARY):
+    # An operator's own HAProxy (its path in RAY_SERVE_HAPROXY_BINARY_PATH) is
+    # wrapped as the bundled one is; a wrapper already made (a gateway this
+    # process's environment started) is used as it is.
+    if runtime.http_proxy == "haproxy" and not is_wrapper(os.environ.get(HAPROXY_BINARY)):
         directory = _private_directory()
         env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s, front_door))
         for name, file in HAPROXY_PATHS.items():

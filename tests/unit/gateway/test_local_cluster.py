@@ -111,6 +111,28 @@ def test_the_environment_makes_a_single_machine_cluster(monkeypatch: pytest.Monk
     assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in local_cluster.environment(RuntimeConfig(http_proxy="serve"))
 
 
+def test_an_operators_own_haproxy_is_wrapped_as_the_bundled_one_is(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Else its stats and Prometheus listeners stayed on every interface, and its errors plain text.
+    for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS]:
+        monkeypatch.delenv(name, raising=False)
+    own = tmp_path / "haproxy-3.3"
+    own.write_text("#!/bin/sh\nexit 0\n")
+    own.chmod(0o755)
+    monkeypatch.setenv(local_cluster.HAPROXY_BINARY, str(own))
+    env = local_cluster.environment(HAPROXY, front_door="0.0.0.0")
+    try:
+        wrapper = Path(env[local_cluster.HAPROXY_BINARY])
+        assert wrapper != own and f"'{own}'" in wrapper.read_text()
+        assert local_cluster.serve_host(env, "0.0.0.0") == "127.0.0.1"  # Serve's fallback proxy on loopback
+        monkeypatch.setenv(local_cluster.HAPROXY_BINARY, str(wrapper))  # a gateway this one starts
+        assert local_cluster.HAPROXY_BINARY not in local_cluster.environment(HAPROXY)  # its wrapper, as it is
+    finally:
+        local_cluster.remove_local_files(env)
+    assert own.exists()
+
+
 def test_a_reloaded_haproxy_lets_its_streams_run_ten_minutes_not_two(monkeypatch: pytest.MonkeyPatch) -> None:
     # Serve reloads HAProxy as ingress replicas come and go; the old process cut its streams at 120 s.
     monkeypatch.delenv("RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S", raising=False)
