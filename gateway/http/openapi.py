@@ -110,6 +110,7 @@ _ERRORS = {
 _ERROR_MODELS: dict[str, type[BaseModel]] = {
     "/v1/messages": AnthropicErrorResponse,
     "/v1/messages/count_tokens": AnthropicErrorResponse,
+    "/v2": InferErrorResponse,
     "/v2/models/{model}/infer": InferErrorResponse,
     "/v2/models/{model}": InferErrorResponse,
     "/v2/models/{model}/ready": InferErrorResponse,

@@ -62,3 +62,10 @@ def test_model_routes_say_how_a_key_is_sent_and_that_an_open_gateway_wants_none(
         if path.startswith(("/v1/", "/v2/")):
             assert security == [{"bearer": []}, {"apiKey": []}, {}], path
     assert "security" not in doc["paths"]["/health"]["get"]
+
+
+def test_the_open_inference_protocols_routes_document_its_error_the_message_alone() -> None:
+    doc = document()
+    for path in ("/v2", "/v2/models/{model}"):
+        error = doc["paths"][path]["get"]["responses"]["401"]["content"]["application/json"]["schema"]
+        assert resolve(doc, error)["properties"]["error"]["type"] == "string", path
