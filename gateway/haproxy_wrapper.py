@@ -108,6 +108,10 @@ _VALID_UTF8 = (
     "|\\xF4[\\x80-\\x8F][\\x80-\\xBF]{{2}})*$'"
 )
 _GLOBAL = "    tune.http.maxhdr 1000\n"
+# Serve's own control headers are dropped: the gateway uses none of them, a
+# client's would change Serve's timeout or its watch for the client leaving
+# (``x-request-disconnect-disabled: ?1``: an engine request generating on
+# for no one), and Serve decodes each as strict UTF-8 (a 500 otherwise).
 # The last rule: after a 408 (a body too slow) the ingress closes its
 # connection with `Connection: close`, which HAProxy takes as hop-by-hop and
 # drops; the client is told again so that it does not send its next request on
@@ -125,6 +129,9 @@ _FRONTEND = (
     "if {{ var(txn.llm_gateway_head) -m int gt {head_bytes} }}\n"
     "    http-request return status 431 content-type application/json file {directory}/head-too-large.json "
     "if {{ req.fhdr_cnt gt {head_fields} }}\n"
+    "    http-request del-header x-request-timeout-seconds\n"
+    "    http-request del-header x-request-disconnect-disabled\n"
+    "    http-request del-header serve_multiplexed_model_id\n"
     "    http-response set-header connection close if {{ status 408 }}\n"
 )
 

@@ -182,3 +182,36 @@ def test_a_path_no_application_serves_is_an_openai_shaped_404(tmp_path: Path) ->
     head, body = answer.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 404 ") and b"content-type: application/json" in head.lower()
     assert json.loads(body)["error"]["code"] == "not_found"
+
+
+async def _echo_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(head) + head)
+    await writer.drain()
+    writer.close()
+
+
+async def test_serves_own_control_headers_never_reach_it_from_a_client(tmp_path: Path) -> None:
+    # One would let a client turn off Serve's watch for its leaving, or its timeout; one not
+    # UTF-8 drew a plain-text 500.
+    server = await asyncio.start_server(_echo_head, "127.0.0.1", 0)
+    front = local_cluster.free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(ray_like_config(front, server.sockets[0].getsockname()[1]))
+    haproxy = subprocess.Popen([str(wrapping.haproxy_wrapper(tmp_path)), "-db", "-f", str(config)],
+                               stderr=subprocess.DEVNULL)
+    head = (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-request-disconnect-disabled: ?1\r\n"
+            b"x-request-timeout-seconds: \xff\r\nserve_multiplexed_model_id: m\r\nx-kept: yes\r\n\r\n")
+    try:
+        async with server:
+            while not _listening(front):
+                assert haproxy.poll() is None
+                await asyncio.sleep(0.05)
+            answer, _ = await asyncio.to_thread(_until_closed, front, head)
+    finally:
+        haproxy.terminate()
+        haproxy.wait(timeout=10)
+    seen = answer.split(b"\r\n\r\n", 1)[1].lower()
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"x-kept: yes" in seen
+    for name in (b"x-request-disconnect-disabled", b"x-request-timeout-seconds", b"serve_multiplexed_model_id"):
+        assert name not in seen
