@@ -4,7 +4,9 @@ each is, and how many are kept.
 The engine keeps the responses themselves (vLLM's serving layer, in its own
 memory); this keeps, per response, the API key that made it and its
 request's ``input`` (for its input items), oldest first, and tells the
-engine to drop the oldest once more than ``size`` have been stored. A
+engine to drop one once more than ``size`` have been stored: the oldest
+of the key that keeps the most (so one key's flood cannot push out the
+others' conversations; on an open gateway, the oldest). A
 response counts once its generation has ended and the engine stored it: a
 request the engine refuses, or one left before it was stored, never drops
 another's response (nor takes a place). A request that
@@ -20,7 +22,7 @@ import contextlib
 import dataclasses
 import json
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -120,7 +122,7 @@ class StoredResponses:
         response's too); ``stored``: it ended as the engine stores a response
         (not refused, nor left before its end). A new response deleted
         meanwhile, or not stored, is dropped from the engine (again), which
-        stores a response as it ends; one stored may drop the oldest."""
+        stores a response as it ends; one stored may drop another (``_to_drop``)."""
         if request.endpoint != "responses":
             return
         response_id = relay.RESPONSE_PREFIX + request.request_id  # admitted: the replica's id leads it
@@ -132,9 +134,18 @@ class StoredResponses:
             return
         self._kept.move_to_end(response_id)  # oldest first: in the order the engine stored them
         while len(self._kept) - len(self._generating) > self.size:
-            oldest = next(kept for kept in self._kept if kept not in self._generating)
+            oldest = self._to_drop()
             del self._kept[oldest]
             self._forget(oldest)
+
+    def _to_drop(self) -> str:
+        """The stored response to drop for room: the oldest of the key that
+        keeps the most here, so that one key's many cheap responses cannot
+        push out another key's few (on an open gateway, simply the oldest)."""
+        stored = [kept for kept in self._kept if kept not in self._generating]
+        counts = Counter(self._kept[kept].owner for kept in stored)
+        most = max(counts.values())
+        return next(kept for kept in stored if counts[self._kept[kept].owner] == most)
 
     def deleted(self, request: EngineRequest) -> None:
         """Forgets the response a ``responses_delete`` request named, once

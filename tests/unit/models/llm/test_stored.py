@@ -51,6 +51,19 @@ def test_the_oldest_response_is_dropped_past_the_bound_and_then_unknown() -> Non
     stored.check(named("responses_retrieve", f"resp_{REPLICA}req3"))
 
 
+def test_past_the_bound_the_key_that_keeps_the_most_loses_its_oldest_not_another_keys() -> None:
+    # One key's flood of cheap responses used to push out every other key's conversations.
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 4, forget=dropped.append)
+    stored.ended(stored.admit(create("b0", owner="team-b")))  # the oldest of all
+    for n in range(5):
+        stored.ended(stored.admit(create(f"a{n}", owner="team-a")))
+    assert dropped == [f"resp_{REPLICA}a0", f"resp_{REPLICA}a1"]
+    stored.check(named("responses_retrieve", f"resp_{REPLICA}b0", owner="team-b"))  # still there
+    stored.ended(stored.admit(create("b1", owner="team-b")))  # team-a still keeps the most: 3 to 2
+    assert dropped[2:] == [f"resp_{REPLICA}a2"]
+
+
 def test_requests_the_engine_refuses_never_drop_anothers_response() -> None:
     # A full store, then a flood of requests refused at once or at their first frame (no tokens spent).
     dropped: list[str] = []
