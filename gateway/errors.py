@@ -240,7 +240,7 @@ class ResponseNotFoundError(NotFoundError):
         return cls(
             f"{'Previous response' if previous else 'Response'} with id '{response_id}' not found. "
             "Responses are kept by the model replica that made them, for as long as it runs and "
-            "up to its model's `stored_responses` most recent ones.",
+            "within its model's `stored_responses` (past it the oldest go first).",
             param=param,
             code="previous_response_not_found" if previous else None,
             status=400 if previous else None,

@@ -52,7 +52,8 @@ class LLMModelConfig(ModelConfig):
         ge=0,
         description="LLMs: Responses API responses each replica keeps (those made with "
         "`store`, OpenAI's default), for `GET /v1/responses/{id}` and `previous_response_id`; "
-        "past it the oldest stored is dropped (one still generating is never). They live in the replica's memory: gone when it "
+        "past it the oldest stored is dropped, or a key's own oldest where it keeps more than half "
+        "(one still generating is never). They live in the replica's memory: gone when it "
         f"stops. 0 keeps none. Unset: {DEFAULT_STORED_RESPONSES}.",
     )
 

@@ -4,9 +4,10 @@ each is, and how many are kept.
 The engine keeps the responses themselves (vLLM's serving layer, in its own
 memory); this keeps, per response, the API key that made it and its
 request's ``input`` (for its input items), oldest first, and tells the
-engine to drop one once more than ``size`` have been stored: the oldest
-of the key that keeps the most (so one key's flood cannot push out the
-others' conversations; on an open gateway, the oldest). A
+engine to drop one once more than ``size`` have been stored: the oldest,
+unless a key keeps more than half the room, then that key's own oldest (so
+one key's flood cannot push out the others' conversations, and a key gone
+quiet does not keep its responses for ever). A
 response counts once its generation has ended and the engine stored it: a
 request the engine refuses, or one left before it was stored, never drops
 another's response (nor takes a place). A request that
@@ -22,7 +23,7 @@ import contextlib
 import dataclasses
 import json
 import secrets
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -52,6 +53,7 @@ class StoredResponses:
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
         self._generating: set[str] = set()  # kept, and not yet stored by the engine
         self._running: set[str] = set()  # every admitted response not yet ended, kept or not
+        self._stored_of: dict[str, OrderedDict[str, None]] = {}  # each key's stored ones, oldest first
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -133,28 +135,43 @@ class StoredResponses:
             self._forget(response_id)
             return
         self._kept.move_to_end(response_id)  # oldest first: in the order the engine stored them
+        self._stored_of.setdefault(self._kept[response_id].owner, OrderedDict())[response_id] = None
         while len(self._kept) - len(self._generating) > self.size:
-            oldest = self._to_drop()
-            del self._kept[oldest]
-            self._forget(oldest)
+            self._drop(self._to_drop())
 
     def _to_drop(self) -> str:
-        """The stored response to drop for room: the oldest of the key that
-        keeps the most here, so that one key's many cheap responses cannot
-        push out another key's few (on an open gateway, simply the oldest)."""
-        stored = [kept for kept in self._kept if kept not in self._generating]
-        counts = Counter(self._kept[kept].owner for kept in stored)
-        most = max(counts.values())
-        return next(kept for kept in stored if counts[self._kept[kept].owner] == most)
+        """The stored response to drop for room: the oldest of all, unless a
+        key keeps more than half the room (one at most); then its own oldest.
+        So one key's flood of responses cannot push out the others', and a
+        key gone quiet does not keep its responses for ever."""
+        half = max(1, self.size // 2)
+        big = next((own for own in self._stored_of.values() if len(own) > half), None)
+        if big is not None:
+            return next(iter(big))
+        return next(kept for kept in self._kept if kept not in self._generating)
+
+    def _drop(self, response_id: str) -> None:
+        """Forgets the stored ``response_id`` here and in the engine."""
+        self._unstore(response_id, self._kept.pop(response_id))
+        self._forget(response_id)
+
+    def _unstore(self, response_id: str, kept: _Kept) -> None:
+        own = self._stored_of.get(kept.owner)
+        if own is not None:
+            own.pop(response_id, None)
+            if not own:
+                del self._stored_of[kept.owner]
 
     def deleted(self, request: EngineRequest) -> None:
         """Forgets the response a ``responses_delete`` request named, once
         the engine has deleted it: its id is unknown from now on."""
         if request.endpoint == "responses_delete":
             response_id = request.body.get("response_id")
-            if isinstance(response_id, str) and self._kept.pop(response_id, None) is not None:
-                self._generating.discard(response_id)  # (its end drops it from the engine again)
-                self._forget(response_id)
+            kept = self._kept.pop(response_id, None) if isinstance(response_id, str) else None
+            if kept is not None:
+                self._unstore(str(response_id), kept)
+                self._generating.discard(str(response_id))  # (its end drops it from the engine again)
+                self._forget(str(response_id))
 
     def input_items(self, request: EngineRequest) -> bytes:
         """The page of input items a ``responses_input_items`` request asks

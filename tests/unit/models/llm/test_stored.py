@@ -64,6 +64,34 @@ def test_past_the_bound_the_key_that_keeps_the_most_loses_its_oldest_not_another
     assert dropped[2:] == [f"resp_{REPLICA}a2"]
 
 
+def test_keys_gone_quiet_lose_their_old_responses_to_an_active_keys_conversations() -> None:
+    # Many keys that each stored a response long ago, then one key talking on:
+    # its chained turns must find their previous responses.
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 10, forget=dropped.append)
+    for n in range(10):
+        stored.ended(stored.admit(create(f"old{n}", owner=f"key-{n}")))
+    for n in range(20):
+        stored.ended(stored.admit(create(f"turn{n}", owner="talker")))
+    assert dropped[:5] == [f"resp_{REPLICA}old{n}" for n in range(5)]  # the oldest of all, until...
+    assert len(stored) == 10
+    for n in range(15, 20):  # ... the talker keeps half: past it, its own oldest go
+        stored.check(named("responses_retrieve", f"resp_{REPLICA}turn{n}", owner="talker"))
+    stored.check(named("responses_retrieve", f"resp_{REPLICA}old9", owner="key-9"))
+    assert f"resp_{REPLICA}turn14" in dropped
+
+
+def test_a_deleted_response_leaves_its_keys_count() -> None:
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 2, forget=dropped.append)
+    for n in range(2):
+        stored.ended(stored.admit(create(f"a{n}", owner="team-a")))
+    stored.deleted(named("responses_delete", f"resp_{REPLICA}a0", owner="team-a"))
+    stored.ended(stored.admit(create("b0", owner="team-b")))
+    stored.ended(stored.admit(create("b1", owner="team-b")))  # 3 > 2: team-b keeps two, more than half
+    assert dropped == [f"resp_{REPLICA}a0", f"resp_{REPLICA}b0"]
+
+
 def test_requests_the_engine_refuses_never_drop_anothers_response() -> None:
     # A full store, then a flood of requests refused at once or at their first frame (no tokens spent).
     dropped: list[str] = []
