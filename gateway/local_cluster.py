@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.affinity import started_cpus
-from gateway.config import RuntimeConfig
+from gateway.config import ConfigError, RuntimeConfig
 from gateway.haproxy_wrapper import LOOPBACK, haproxy_wrapper, is_wrapper
 from gateway.http.front_door_socket import HOST_VARIABLE, KEEPER_VARIABLE, keeper_name
 
@@ -107,7 +107,11 @@ def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0, front_door
     # process's environment started) is used as it is.
     if runtime.http_proxy == "haproxy" and not is_wrapper(os.environ.get(HAPROXY_BINARY)):
         directory = _private_directory()
-        env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s, front_door))
+        try:
+            env[HAPROXY_BINARY] = str(haproxy_wrapper(directory, read_timeout_s, front_door))
+        except (OSError, ValueError) as exc:  # no HAProxy found, or an operator's path that is none
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ConfigError(f"runtime.http_proxy haproxy: {exc}") from None
         for name, file in HAPROXY_PATHS.items():
             env[name] = os.environ.get(name) or str(directory / file)
         picked: list[int] = []  # none bound until HAProxy starts: each its own

@@ -159,6 +159,8 @@ async def test_the_front_doors_head_rules_count_lines_and_check_every_request_id
 def test_a_path_no_application_serves_is_an_openai_shaped_404(tmp_path: Path) -> None:
     """Ray's template answers it in plain text (a route prefix elsewhere, or
     none while the gateway stops); the OpenAI SDK then raised with no message."""
+    tmp_path = tmp_path / "a&b"  # a temporary directory's name is not the wrapper's to choose
+    tmp_path.mkdir()
     front = local_cluster.free_port()
     config = tmp_path / "haproxy.cfg"
     config.write_text(
@@ -201,7 +203,8 @@ async def test_serves_own_control_headers_never_reach_it_from_a_client(tmp_path:
     haproxy = subprocess.Popen([str(wrapping.haproxy_wrapper(tmp_path)), "-db", "-f", str(config)],
                                stderr=subprocess.DEVNULL)
     head = (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-request-disconnect-disabled: ?1\r\n"
-            b"x-request-timeout-seconds: \xff\r\nserve_multiplexed_model_id: m\r\nx-kept: yes\r\n\r\n")
+            b"x-request-timeout-seconds: \xff\r\nserve_multiplexed_model_id: m\r\nServe-Multiplexed-Model-Id: m\xff\r\n"
+            b"x_llm_gateway_serve_session: \xff\r\nx-kept: yes\r\n\r\n")
     try:
         async with server:
             while not _listening(front):
@@ -213,5 +216,6 @@ async def test_serves_own_control_headers_never_reach_it_from_a_client(tmp_path:
         haproxy.wait(timeout=10)
     seen = answer.split(b"\r\n\r\n", 1)[1].lower()
     assert answer.startswith(b"HTTP/1.1 200 ") and b"x-kept: yes" in seen
-    for name in (b"x-request-disconnect-disabled", b"x-request-timeout-seconds", b"serve_multiplexed_model_id"):
+    for name in (b"x-request-disconnect-disabled", b"x-request-timeout-seconds", b"serve_multiplexed_model_id",
+                 b"serve-multiplexed-model-id", b"x_llm_gateway_serve_session"):
         assert name not in seen

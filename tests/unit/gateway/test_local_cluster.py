@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import shlex
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway import affinity, local_cluster
-from gateway.config import RuntimeConfig
+from gateway.config import ConfigError, RuntimeConfig
 from gateway.config.front_door import HEAD_BYTES
 from gateway.http.front_door_socket import KEEPER_VARIABLE
 
@@ -117,20 +119,32 @@ def test_an_operators_own_haproxy_is_wrapped_as_the_bundled_one_is(
     # Else its stats and Prometheus listeners stayed on every interface, and its errors plain text.
     for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS]:
         monkeypatch.delenv(name, raising=False)
-    own = tmp_path / "haproxy-3.3"
+    own = tmp_path / "operator's haproxy 3.3"
     own.write_text("#!/bin/sh\nexit 0\n")
     own.chmod(0o755)
     monkeypatch.setenv(local_cluster.HAPROXY_BINARY, str(own))
     env = local_cluster.environment(HAPROXY, front_door="0.0.0.0")
     try:
         wrapper = Path(env[local_cluster.HAPROXY_BINARY])
-        assert wrapper != own and f"'{own}'" in wrapper.read_text()
+        assert wrapper != own and shlex.quote(str(own)) in wrapper.read_text()
         assert local_cluster.serve_host(env, "0.0.0.0") == "127.0.0.1"  # Serve's fallback proxy on loopback
         monkeypatch.setenv(local_cluster.HAPROXY_BINARY, str(wrapper))  # a gateway this one starts
         assert local_cluster.HAPROXY_BINARY not in local_cluster.environment(HAPROXY)  # its wrapper, as it is
     finally:
         local_cluster.remove_local_files(env)
     assert own.exists()
+
+
+def test_an_haproxy_path_that_names_none_is_a_config_error_leaving_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in [local_cluster.HAPROXY_BINARY, *local_cluster.HAPROXY_PATHS]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(local_cluster.HAPROXY_BINARY, str(tmp_path / "gone" / "haproxy"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(ConfigError, match="runtime.http_proxy haproxy: .*does not point to an executable"):
+        local_cluster.environment(HAPROXY)
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_a_reloaded_haproxy_lets_its_streams_run_ten_minutes_not_two(monkeypatch: pytest.MonkeyPatch) -> None:
