@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from gateway.http.stored import INCLUDABLE, MAX_ITEMS
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
 from gateway.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
@@ -127,6 +128,30 @@ _EVENTS = (
 )
 
 
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+_INCLUDE = _query(
+    "include", {"type": "array", "items": {"type": "string", "enum": sorted(INCLUDABLE)}},
+    "OpenAI's values; stored items come as they were sent, so none changes the answer",
+)
+# The query parameters the stored-response routes read (gateway/http/stored.py); any other is a 400.
+QUERY: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("/v1/responses/{response_id}", "get"): [
+        _query("stream", {"type": "boolean"}, "Replay the response's events as server-sent events"),
+        _query("starting_after", {"type": "integer", "minimum": 0}, "With `stream`: replay after this sequence number"),
+        _query("include_obfuscation", {"type": "boolean"}, "Accepted; events carry no obfuscation padding"),
+        _INCLUDE,
+    ],
+    ("/v1/responses/{response_id}/input_items", "get"): [
+        _query("after", {"type": "string"}, "List the items after this item id"),
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_ITEMS, "default": 20}, "How many items"),
+        _query("order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"}, "Oldest or newest first"),
+        _INCLUDE,
+    ],
+}
+
 # API keys (README "API keys and rate limits"): OpenAI's bearer token, or
 # Anthropic's `x-api-key`; none where the gateway has no keys configured.
 SECURITY_SCHEMES = {
@@ -171,6 +196,8 @@ def document(app: FastAPI) -> dict[str, Any]:
         operation = schema["paths"][path][method]
         if path.startswith(_KEYED):
             operation["security"] = _KEY_OR_NONE
+        if (path, method) in QUERY:
+            operation["parameters"] = [*operation.get("parameters", []), *QUERY[path, method]]
         if request is not None:
             operation["requestBody"] = {
                 "required": True,

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from starlette.requests import Request
 
 from gateway.config import FrontDoorConfig
 from gateway.http.api import build_api
+from gateway.errors import InvalidRequestError
 from gateway.http.openapi import ENDPOINTS
+from gateway.http.stored import input_items_query, retrieve_query
 from gateway.http.state import GatewayState
 
 
@@ -69,3 +75,39 @@ def test_the_open_inference_protocols_routes_document_its_error_the_message_alon
     for path in ("/v2", "/v2/models/{model}"):
         error = doc["paths"][path]["get"]["responses"]["401"]["content"]["application/json"]["schema"]
         assert resolve(doc, error)["properties"]["error"]["type"] == "string", path
+
+
+def sample(schema: dict[str, Any]) -> list[str]:
+    if schema["type"] == "array":
+        return [schema["items"]["enum"][0]]
+    if schema["type"] == "boolean":
+        return ["true"]
+    if schema["type"] == "integer":
+        return [str(schema.get("maximum", 3))]
+    return [schema.get("enum", ["msg_1"])[0]]
+
+
+def request_with(query: list[tuple[str, str]]) -> Request:
+    return Request({"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": urlencode(query)})
+
+
+def test_stored_response_routes_document_the_query_parameters_they_take() -> None:
+    # Generated SDKs send only what the document lists: each listed parameter
+    # is taken as documented, and one that is not listed is refused.
+    doc = document()
+    readers = {
+        "/v1/responses/{response_id}": retrieve_query,
+        "/v1/responses/{response_id}/input_items": input_items_query,
+    }
+    for path, read in readers.items():
+        listed = [p for p in doc["paths"][path]["get"]["parameters"] if p["in"] == "query"]
+        query = [(p["name"], value) for p in listed for value in sample(p["schema"])]
+        assert len(listed) >= 4
+        read(request_with(query))
+        with pytest.raises(InvalidRequestError):
+            read(request_with([*query, ("unlisted", "1")]))
+    input_items = doc["paths"]["/v1/responses/{response_id}/input_items"]["get"]["parameters"]
+    limit = next(p for p in input_items if p["name"] == "limit")["schema"]
+    assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, 100, 20)
+    with pytest.raises(InvalidRequestError):
+        input_items_query(request_with([("limit", str(limit["maximum"] + 1))]))
