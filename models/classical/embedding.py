@@ -54,7 +54,12 @@ FORWARD_TEXTS = 64
 
 def pad_batches(model: Any, multiple: int = PAD_TO_MULTIPLE_OF) -> None:
     """Makes ``model``'s tokenizing modules pad each batch to a multiple of
-    ``multiple`` tokens (padding is masked: the embeddings do not change)."""
+    ``multiple`` tokens (padding is masked: the embeddings do not change).
+    Not where the model's window is no such multiple: the tokenizer refuses
+    to truncate to a length that padding would then overstep."""
+    window = getattr(model, "max_seq_length", None)
+    if not isinstance(window, int) or window % multiple:
+        return
     for module in model:
         kwargs = getattr(module, "processing_kwargs", None)
         if isinstance(kwargs, dict):
@@ -71,6 +76,12 @@ class EmbeddingPredictor:
         self._tokenizer = model.tokenizer
         self.dimensions = int(model.get_embedding_dimension())
         self.max_tokens = int(model.max_seq_length)
+        # vLLM's bound before tokenizing: no token covers more characters than
+        # the vocabulary's longest, so a longer text is over the window and is
+        # refused without building its tokens (a 32 MiB text takes ~10 GB and
+        # ~40 s of the replica's loop to tokenize).
+        longest = max((len(token) for token in self._tokenizer.get_vocab()), default=1)
+        self.max_chars = self.max_tokens * longest
 
     @classmethod
     def load(
@@ -102,6 +113,13 @@ class EmbeddingPredictor:
                 raise InvalidRequestError(f"{path(index)} must be a string", param=path(index))
             if not text:
                 raise InvalidRequestError(f"{path(index)} is an empty string", param=path(index))
+            if len(text) > self.max_chars:
+                raise ContextLengthExceededError(
+                    f"{path(index)} has {len(text)} characters, more than the {self.max_chars} that "
+                    f"{self.max_tokens} tokens can hold; this model's maximum context length is "
+                    f"{self.max_tokens} tokens. Please shorten the input.",
+                    param=path(index),
+                )
         texts = list(instances)
         counts = [len(ids) for ids in self._tokenizer(texts)["input_ids"]]
         for index, count in enumerate(counts):

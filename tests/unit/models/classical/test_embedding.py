@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from models.classical import embedding
+from gateway.errors import ContextLengthExceededError
 from models.classical.embedding import EmbeddingPredictor, cpu_computes_bf16, resolve_dtype
 
 MINILM = Path(__file__).resolve().parents[4] / ".models" / "all-minilm-l6-v2"
@@ -115,3 +116,36 @@ def test_a_large_batch_runs_in_passes_of_at_most_64_texts_in_its_own_order(
     got = predictor.embed(texts)
     assert passes == [64, 64, 22]
     np.testing.assert_allclose(got, reference.encode(texts, batch_size=1), rtol=0, atol=1e-5)
+
+
+def test_a_text_longer_than_the_window_can_hold_is_refused_before_it_is_tokenized() -> None:
+    # Tokenizing a body-sized text costs GB and seconds of the replica's loop.
+    predictor = EmbeddingPredictor.load(str(MINILM), dtype="float32")
+    assert predictor.max_chars == 256 * 18  # MiniLM's window × its longest vocabulary entry
+    calls: list[int] = []
+    tokenizer = predictor._tokenizer
+    predictor._tokenizer = lambda texts: calls.append(len(texts)) or tokenizer(texts)
+    with pytest.raises(ContextLengthExceededError) as refused:
+        predictor.inputs(["fine", "x" * (predictor.max_chars + 1)], "input")
+    assert refused.value.param == "input[1]" and "4609 characters" in str(refused.value)
+    assert calls == []
+    # At the bound the tokens decide: 4,608 characters of words are over 256 tokens.
+    with pytest.raises(ContextLengthExceededError, match="tokens"):
+        predictor.inputs(["ab " * (predictor.max_chars // 3)], "input", lone=True)
+    assert calls == [1]
+
+
+def test_a_window_that_is_no_multiple_of_8_is_not_padded_past_it() -> None:
+    # The tokenizer refuses to truncate to 250 and pad to a multiple of 8:
+    # every request would fail.
+    predictor = EmbeddingPredictor.load(str(MINILM), dtype="float32")
+    model = predictor._model
+    model.max_seq_length = 250
+    model[0].processing_kwargs = {}
+    embedding.pad_batches(model)
+    assert "pad_to_multiple_of" not in model[0].processing_kwargs.get("text", {})
+    features = model.preprocess(["word " * 400])
+    assert features["input_ids"].shape[1] == 250
+    model.max_seq_length = 256
+    embedding.pad_batches(model)
+    assert model[0].processing_kwargs["text"]["pad_to_multiple_of"] == 8

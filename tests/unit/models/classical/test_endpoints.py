@@ -27,6 +27,9 @@ class FakeTokenizer:
     def __call__(self, texts: list[str]) -> dict[str, list[list[int]]]:
         return {"input_ids": [[101, *range(len(t.split())), 102] for t in texts]}
 
+    def get_vocab(self) -> dict[str, int]:
+        return {"[CLS]": 101, "[SEP]": 102, "x" * 40: 7}  # no token covers more than 40 characters
+
 
 class FakeSentenceModel:
     """Stands in for a SentenceTransformer: words + 2 special tokens, 4 dimensions."""
