@@ -120,6 +120,8 @@ class VLLMEngine:
         # vLLM's processes end with this replica even where Ray's raylet cannot end them (models.llm.engine_reaper).
         self._reaper = reaper_for_children()
         vllm_compat.guard_renders(self._serving, self._check_rendered, self._fits)
+        for searching in (self._serving.chat, self._serving.completion):
+            vllm_streams.count_beams(searching)
         self._calls_tools = self._serving.chat is None or vllm_compat.calls_tools(self._serving)
         self._largest_token = vllm_compat.largest_token_id(self._serving)
         mode = self._config.engine_core_cpus

@@ -220,6 +220,37 @@ def messages_converter(
     return converted
 
 
+def count_beams(serving: Any) -> None:
+    """Makes ``serving``'s beam search count its answer into the tally of the
+    request being served. vLLM makes the search's generator while the request
+    is served but runs it as it is read: a stream is read once the tally is no
+    longer the context's, so its beams' engine requests went uncounted (and a
+    key's token limit uncharged). The finished output counts instead, as the
+    answer's usage does: its prompt once and each beam's tokens."""
+    search = getattr(serving, "beam_search", None)
+    if search is None:
+        return
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        tally = TALLY.get()
+        searched = search(*args, **kwargs)
+        return searched if tally is None else _beams_counted(searched, tally)
+
+    serving.beam_search = counted
+
+
+async def _beams_counted(searched: AsyncGenerator[Any, None], tally: GenerationTally) -> AsyncIterator[Any]:
+    try:
+        async for output in searched:
+            if output.finished:
+                tally.first_token()
+                tally.prompt_tokens = len(output.prompt_token_ids or ())
+                tally.completion_tokens = sum(len(seq.token_ids) for seq in output.outputs)
+            yield output
+    finally:
+        await searched.aclose()
+
+
 async def frames(
     stream: AsyncGenerator[str, None], dead: Callable[[], bool] = lambda: False, tally: GenerationTally | None = None
 ) -> AsyncIterator[bytes]:

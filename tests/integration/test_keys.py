@@ -233,6 +233,24 @@ async def test_a_beam_search_is_charged_its_answers_usage(gateway: Gateway, secr
     assert spent == answer.usage.total_tokens
 
 
+async def test_a_streamed_beam_search_is_charged_its_answers_usage(gateway: Gateway, secrets: dict[str, str]) -> None:
+    # vLLM runs a streamed search as the stream is read: its tokens went
+    # uncounted, and the whole reservation was given back to the key.
+    messages = [{"role": "user", "content": "Tell me something about the sea"}]
+    async with openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["vllm"], max_retries=0) as sdk:
+
+        async def ask() -> tuple[Any, Any]:
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=VLLM_MODEL, messages=messages, max_tokens=8, n=2, stream=True,
+                stream_options={"include_usage": True}, extra_body={"use_beam_search": True},
+            )
+            chunks = [chunk async for chunk in raw.parse()]
+            return chunks[-1].usage, raw.headers
+
+        _, spent, usage = await charged(gateway, secrets["vllm"], ask)
+    assert usage.completion_tokens > 0 and spent == usage.total_tokens
+
+
 async def charged(gateway: Gateway, secret: str, ask: Callable[[], Awaitable[tuple[T, Any]]]) -> tuple[int, int, T]:
     """Sends a request with the key ``secret`` once none of its requests is in
     flight (``ask``: the answer and its headers); returns the tokens reserved

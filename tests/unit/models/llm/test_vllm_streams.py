@@ -15,6 +15,7 @@ from gateway.metrics.families import ITL_BUCKETS
 from models.llm.core_placement import CorePlacer
 from models.llm.tally import GenerationTally
 from gateway.errors import GatewayError
+from models.llm import vllm_streams
 from models.llm.vllm_streams import count, messages_converter, named_events
 from tests.unit.models.llm.test_core_placement import Recorded
 
@@ -269,3 +270,32 @@ async def test_a_messages_stream_without_failure_is_vllms_conversion_and_closing
     await anext(stream)
     await stream.aclose()  # the client hung up
     assert chat.closed
+
+
+class Searching:
+    """Stands in for a vLLM serving object: its beam search runs only as it is read."""
+
+    async def beam_search(self, prompt: Any, request_id: str, params: Any) -> AsyncIterator[Any]:
+        for _ in range(3):  # the search's steps make no output of their own
+            await asyncio.sleep(0)
+        yield SimpleNamespace(finished=True, **vars(output([5, 4], prompt=11)))
+
+
+def test_a_streamed_beam_search_counts_its_answer_once_it_is_read_outside_the_request() -> None:
+    # vLLM makes the search's generator while the request is served and runs
+    # it as the stream is read, once the tally is no longer the context's.
+    serving, tally = Searching(), GenerationTally()
+    vllm_streams.count_beams(serving)
+    token = vllm_streams.TALLY.set(tally)
+    try:
+        searched = serving.beam_search({"prompt_token_ids": [1]}, "r", None)
+    finally:
+        vllm_streams.TALLY.reset(token)
+    assert (tally.prompt_tokens, tally.completion_tokens) == (0, 0)
+    assert searched.ag_code.co_name == "_beams_counted"
+    asyncio.run(drain(searched))
+    assert (tally.prompt_tokens, tally.completion_tokens) == (11, 9)  # the prompt once, each beam's tokens
+    assert tally.first_token_s is not None
+    # Outside a request (no tally), the search is vLLM's own generator.
+    assert serving.beam_search({}, "r", None).ag_code.co_name == "beam_search"
+    vllm_streams.count_beams(None)  # a model without that endpoint
