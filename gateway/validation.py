@@ -21,7 +21,7 @@ import re
 import types
 import typing
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel
@@ -91,7 +91,7 @@ class Refusal(NamedTuple):
 def describe(errors: Sequence[Any]) -> Refusal:
     """The refusal of pydantic's ``errors`` (``exc.errors()``)."""
     field = tuple(errors[0]["loc"][:1])  # the first field pydantic found wrong
-    problems = [_problem(e) for e in errors if tuple(e["loc"][:1]) == field]
+    problems = [_problem(e) for e in _first_item(e for e in errors if tuple(e["loc"][:1]) == field)]
     error = closest(problems).error
     param = path_of(error["loc"]) or None
     if error["type"] == "missing":
@@ -199,7 +199,7 @@ def closest(problems: Sequence[_Problem]) -> _Problem:
     kept = [p for p in problems if not (_not_this_type(p.error) and p.path in passed)] or list(problems)
     for name in ("type", "role"):
         wrong = _meant_elsewhere({p.shape for p in kept if _names_another_shape(p.error, name)}, kept)
-        kept = [p for p in kept if not any(p.shape[: len(shape)] == shape for shape in wrong)] or kept
+        kept = [p for p in kept if not _within(p.shape, wrong)] or kept
     per_shape = Counter(p.shape for p in kept)
     fewest = min(per_shape.values())
     kept = [p for p in kept if per_shape[p.shape] == fewest]
@@ -215,15 +215,31 @@ def _meant_elsewhere(wrong: set[tuple[int | str, ...]], problems: Sequence[_Prob
     at a place refuses the value sent, the client meant none of them, and
     that value is the miss."""
 
-    def refused(problem: _Problem) -> bool:
-        return any(problem.shape[: len(shape)] == shape for shape in wrong)
+    # Every place (a shape's proper prefix) where a shape not in ``wrong`` has a problem.
+    taken = {p.shape[:at] for p in problems if not _within(p.shape, wrong) for at in range(len(p.shape))}
+    return {shape for shape in wrong if shape[:-1] in taken}
 
-    meant = set()
-    for shape in wrong:
-        place = shape[:-1]
-        if any(p.shape[: len(place)] == place and len(p.shape) > len(place) and not refused(p) for p in problems):
-            meant.add(shape)
-    return meant
+
+def _within(shape: tuple[int | str, ...], shapes: set[tuple[int | str, ...]]) -> bool:
+    """Whether ``shape`` is one of ``shapes`` or inside one."""
+    return any(shape[:at] in shapes for at in range(len(shape) + 1))
+
+
+def _first_item(errors: Iterable[Any]) -> list[Any]:
+    """The errors of the first wrong item where a field's list has several
+    (and those not in an item): the client is told of the first anyway, and
+    weighing every item's shapes against every other's grows with the cube
+    of their number (a 34 KB body of wrong messages took minutes)."""
+    errors = list(errors)
+    items = [_item(e["loc"]) for e in errors]
+    first = min((item for item in items if item is not None), default=None)
+    return [e for e, item in zip(errors, items) if item is None or item == first]
+
+
+def _item(loc: Sequence[int | str]) -> int | None:
+    """The index of the field's list item ``loc`` is in (past the union
+    members' names pydantic puts before it), None where it is in none."""
+    return next((part for part in loc[1:] if isinstance(part, int)), None)
 
 
 def _names_another_shape(error: Any, name: str) -> bool:

@@ -193,6 +193,23 @@ def test_the_first_field_pydantic_found_wrong_is_the_one_reported() -> None:
     assert error.message == "Missing required parameter: 'model'."
 
 
+@pytest.mark.parametrize(
+    ("schema", "field", "item", "many"),
+    [
+        (ChatCompletionRequest, "messages", {"role": "wizard", "content": 1}, 1_000),
+        (ResponsesRequest, "input", {"type": "nope", "role": "wizard", "content": 1}, 200),
+    ],
+)
+def test_many_wrong_items_are_answered_as_their_first_alone(
+    schema: type[BaseModel], field: str, item: dict[str, Any], many: int
+) -> None:
+    # Every item's shapes were weighed against every other's: a 34 KB body of
+    # wrong messages held the replica's event loop for minutes.
+    alone = refused(schema, {"model": "m", field: [item]})
+    crowded = refused(schema, {"model": "m", field: [{"role": "user", "content": "hi"}] + [item] * many})
+    assert (crowded.param, str(crowded)) == (alone.param.replace("[0]", "[1]"), str(alone).replace("[0]", "[1]"))
+
+
 def test_a_body_that_is_not_an_object_has_no_param() -> None:
     error = refused(Body, [1, 2])  # type: ignore[arg-type]
     assert error.param is None and "valid dictionary" in error.message
