@@ -111,7 +111,7 @@ class ReplicaRelay:
         that nothing was generated.
         """
         for _ in range(ATTEMPTS):
-            address = self._admit(await _unsent(self._pick(call), unsent))
+            address = self._admit(await _unsent(self._pick(call), unsent), call)
             self._open[address] = self._open.get(address, 0) + 1  # before awaiting: others see it
             try:
                 return await self._start(call, address)
@@ -143,7 +143,7 @@ class ReplicaRelay:
         ``later`` gets the outcome once the replica has finished.
         """
         for _ in range(ATTEMPTS):
-            address = self._admit(await _unsent(self._pick(call), abandoned))
+            address = self._admit(await _unsent(self._pick(call), abandoned), call)
             self._open[address] = self._open.get(address, 0) + 1
             address_held = False  # (by a background answer, until its replica has finished it)
             try:
@@ -232,7 +232,10 @@ class ReplicaRelay:
             if self._refresh is None:  # one look-up at a time, shared
                 self._refresh = asyncio.get_running_loop().create_task(self._discover())
                 self._refresh.add_done_callback(self._refreshed)
-            await asyncio.shield(self._refresh)
+            try:  # Serve's router waits as long as no replica runs: bounded as a first look-up is
+                await asyncio.wait_for(asyncio.shield(self._refresh), self._look_up.wait_s)
+            except TimeoutError:
+                raise ServiceUnavailableError(_UNAVAILABLE) from None
         return self._holder(replica) is not None
 
     def knows(self, replica: str) -> bool:
@@ -273,9 +276,13 @@ class ReplicaRelay:
             best = min(room, key=self._open.__getitem__) if room else best
         return best
 
-    def _admit(self, address: relay.RelayAddress) -> relay.RelayAddress:
+    def _admit(self, address: relay.RelayAddress, call: EngineRequest) -> relay.RelayAddress:
         """``address`` (the least busy replica), unless this ingress already has
-        a full replica's worth of requests open on it: then 503 ``overloaded``."""
+        a full replica's worth of requests open on it: then 503 ``overloaded``.
+        A call on a stored response generates nothing, and its replica takes it
+        past its limits: cancelling works however busy the replica is."""
+        if call.endpoint in relay.STORED_ONLY:
+            return address
         if self.capacity is not None and self._open.get(address, 0) >= self.capacity:
             raise OverloadedError(_OVERLOADED, retry_after_s=1)
         return address

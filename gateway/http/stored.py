@@ -39,14 +39,19 @@ async def made_by(
     ``model``'s replica ``replica`` stores: ``model``, unless others of them
     are served by the same replicas (a base model and its LoRA adapters),
     when the replica says which one it was (else ``model``: the request
-    then gets the replica's own answer)."""
+    then gets the replica's own answer). The replica's 5xx is raised: a
+    follow-up must not go on as a model that did not make the response."""
     sharing = {other.name: other for other in models if other.client is model.client}
     if len(sharing) < 2:
         return model
     asked = EngineRequest("responses_retrieve", {"response_id": response_id}, request_id, model.name, replica, owner)
     try:
         made = json.loads((await model.client.unary(asked)).body).get("model")
-    except (GatewayError, ValueError, AttributeError):
+    except GatewayError as error:
+        if error.status_code >= 500:
+            raise
+        return model
+    except (ValueError, AttributeError):
         return model
     return sharing.get(made, model) if isinstance(made, str) else model
 

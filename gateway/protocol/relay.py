@@ -87,6 +87,10 @@ OWNER_HEADER = "x-gateway-owner"
 HANDOFF_HEADER = "x-gateway-handoff"
 OFFER = "offer"
 TICKET_HEADER = "x-relay-handoff"
+# What reads or changes a stored response (Responses API) and generates
+# nothing: answered at once, never queued behind the replica's generations
+# nor refused for the ingress's count of them.
+STORED_ONLY = frozenset({"responses_retrieve", "responses_cancel", "responses_delete", "responses_input_items"})
 TICKET_BYTES = 16
 RELAY_OWN = b"r"
 LEFT = b"x"

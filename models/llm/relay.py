@@ -63,9 +63,6 @@ HEAD_TIMEOUT_S = 10.0
 # using its own sooner: gateway.http.relay_connection.KEEP_IDLE_S).
 IDLE_S = 60.0
 OVERLOADED = "The model is receiving too many requests; please retry shortly."
-# What reads or changes a stored response (Responses API) and generates
-# nothing: answered at once, never queued behind the replica's generations.
-STORED_ONLY = frozenset({"responses_retrieve", "responses_cancel", "responses_delete", "responses_input_items"})
 
 
 class StreamServer:
@@ -177,7 +174,7 @@ class StreamServer:
         if op == relay.COUNT:
             await count(self._count, request, writer, keep)
             return keep
-        if request.endpoint in STORED_ONLY:  # nothing to generate: no place, no queue
+        if request.endpoint in relay.STORED_ONLY:  # nothing to generate: no place, no queue
             return await self._answered(request, reader, writer, keep, offered)
         if self._places.locked() and 0 <= self._max_queued <= self._queued:
             await write_error(writer, OverloadedError(OVERLOADED, retry_after_s=1), keep)

@@ -14,7 +14,7 @@ from gateway import sse
 from gateway.errors import OverloadedError, ResponseNotFoundError, ServiceUnavailableError
 from gateway.http.relay import ReplicaRelay
 from gateway.protocol import relay
-from gateway.protocol.engine import EngineRequest, Outcome
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from models.llm.relay import StreamServer
 from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router, closed_port, serve
 
@@ -183,6 +183,51 @@ async def test_a_call_naming_a_replica_reaches_that_one_and_no_other() -> None:
         assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
     assert answered == {"aaaaaaaaaaaa": [], "bbbbbbbbbbbb": ["req-0", "req-1", "req-2", "req-3"]}
     assert await streams.holds("aaaaaaaaaaaa") and not await streams.holds("cccccccccccc")
+
+
+async def test_asking_whether_a_replica_is_the_models_is_bounded_while_none_runs() -> None:
+    # Serve's router waits for a running replica however long it takes: a
+    # stored response's look-up walked into that wait with no end.
+    now = [0.0]
+    router = Starting()
+    router.up.set()
+    router.addresses = [await StreamServer(done_at_once, "127.0.0.1", replica="aaaaaaaaaaaa").start()]
+    streams = ReplicaRelay(router, clock=lambda: now[0], wait_s=0.2)
+    assert await streams.holds("aaaaaaaaaaaa")
+    router.up.clear()  # its replica stopped; Serve starts another
+    now[0] += 1_000
+    with pytest.raises(ServiceUnavailableError):
+        await asyncio.wait_for(streams.holds("cccccccccccc"), timeout=5)
+
+
+async def test_a_call_on_a_stored_response_is_not_refused_for_the_replicas_generations() -> None:
+    # Cancelling a background response must work when its replica is busiest.
+    release, served = asyncio.Event(), []
+    cancelled: list[str] = []
+
+    async def answer(request: EngineRequest, tally: Any) -> Reply:
+        cancelled.append(request.endpoint)
+        return Reply(b'{"status":"cancelled"}', Outcome())
+
+    address = await StreamServer(
+        await held_stream(release, served, 1), "127.0.0.1", max_ongoing=1, max_queued=1, answer=answer,
+        replica="aaaaaaaaaaaa",
+    ).start()
+    streams = ReplicaRelay(Router(address))
+    streams.capacity = 2  # as the serving table sets it: running and queued
+    running = await streams.open(CALL)
+    queued = asyncio.ensure_future(streams.open(CALL))
+    await asyncio.sleep(0.05)
+    with pytest.raises(OverloadedError):
+        await streams.open(CALL)
+    cancel = EngineRequest("responses_cancel", {"response_id": "resp_1"}, "c", "m", replica="aaaaaaaaaaaa")
+    reply = await asyncio.wait_for(streams.call(cancel), timeout=5)
+    # The ingress let it through, and the replica answered it past its limits.
+    assert (reply.body, cancelled, served) == (b'{"status":"cancelled"}', ["responses_cancel"], [1])
+    release.set()
+    assert b"".join([chunk async for chunk in running.chunks()]).endswith(sse.DONE)
+    second = await asyncio.wait_for(queued, timeout=2)
+    assert b"".join([chunk async for chunk in second.chunks()]).endswith(sse.DONE)
 
 
 async def test_a_call_naming_a_replica_that_is_gone_is_a_404() -> None:

@@ -11,7 +11,7 @@ import pytest
 from fastapi import Request
 
 from gateway.auth.keys import ApiKey
-from gateway.errors import InvalidRequestError, ResponseNotFoundError
+from gateway.errors import InvalidRequestError, ResponseNotFoundError, ServiceUnavailableError
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
 from gateway.http.stored import allowed_llms, input_items_query, made_by, retrieve_query
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
@@ -108,6 +108,8 @@ class StoringReplica:
         if call.body["response_id"] in self.made:
             body = {"id": call.body["response_id"], "model": self.made[call.body["response_id"]]}
             answer.set_result(Reply(json.dumps(body).encode(), Outcome()))
+        elif call.body["response_id"] == "resp_busy":
+            answer.set_exception(ServiceUnavailableError("The model is restarting."))
         else:
             answer.set_exception(ResponseNotFoundError.for_id(call.body["response_id"], "response_id"))
         return answer
@@ -125,3 +127,7 @@ async def test_a_stored_response_is_given_to_the_variant_that_made_it_where_seve
     assert await made_by(models, base, "resp_gone", "r1", "req", "key") is base  # its own 404 follows
     assert await made_by(models, other, "resp_a", "r2", "req", "key") is other  # alone on its replicas: not asked
     assert len(replica.asked) == 3
+    # Unanswered, it is not taken for the base model's: an adapter's
+    # conversation must not go on without its adapter.
+    with pytest.raises(ServiceUnavailableError):
+        await made_by(models, base, "resp_busy", "r1", "req", "key")
