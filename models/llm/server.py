@@ -212,8 +212,10 @@ class LLMServer:
             if tally.continues is not None:
                 await asyncio.gather(asyncio.shield(tally.continues), return_exceptions=True)
             # Stored by the engine once it ends: not when refused at its first
-            # frame, nor left before its end (unless it runs in the background).
-            self._stored.ended(request, stored=ended or tally.continues is not None)
+            # frame, nor left before its end, nor failed after it (vLLM ends with
+            # its error event and keeps nothing), unless it runs in the background.
+            whole = ended and tally.error is None
+            self._stored.ended(request, stored=whole or tally.continues is not None)
 
     async def most_tokens(self, request: EngineRequest) -> int:
         """The prompt's tokens plus the most ``request`` may generate (``relay.COUNT``)."""

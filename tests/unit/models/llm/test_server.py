@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,6 +14,7 @@ from gateway.errors import ServiceUnavailableError
 from gateway.protocol.engine import EngineRequest
 from gateway.protocol.relay import RelayAddress
 from models.llm.server import LLMServer
+from models.llm.tally import GenerationTally
 
 
 async def make_server(**config: object) -> LLMServer:
@@ -123,6 +125,30 @@ async def test_a_response_stream_left_before_its_end_keeps_no_place() -> None:
     await anext(frames)
     await frames.aclose()  # type: ignore[attr-defined]  # its client left
     assert len(server._stored) == 0
+    await server.stop()
+
+
+async def test_a_response_stream_that_fails_after_its_first_event_keeps_no_place() -> None:
+    # vLLM ends such a stream with its error event and stores nothing: kept
+    # here, the id took a place, and a follow-up got 404 instead of OpenAI's 400.
+    server = await make_server(stored_responses=5, echo_token_delay_ms=1)
+    streamed = {"model": "echo", "input": "a b", "stream": True}
+    frames, _ = await server.open_stream(EngineRequest("responses", streamed, "whole"))
+    assert b"response.completed" in b"".join([frame async for frame in frames])
+    assert len(server._stored) == 1
+
+    async def failing(request: EngineRequest, tally: GenerationTally) -> AsyncIterator[bytes]:
+        async def frames() -> AsyncIterator[bytes]:
+            yield b"event: response.created\ndata: {}\n\n"
+            tally.failed("internal_error", 500)
+            yield b"event: error\ndata: {}\n\n"
+
+        return frames()
+
+    server._engine.stream = failing  # type: ignore[method-assign]
+    frames, _ = await server.open_stream(EngineRequest("responses", streamed, "failed"))
+    assert b"event: error" in b"".join([frame async for frame in frames])
+    assert len(server._stored) == 1
     await server.stop()
 
 
