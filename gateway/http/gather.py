@@ -11,6 +11,10 @@ that finds a free slot leaves at once, so light traffic pays no extra wait.
 A replica whose batches wait for company (``batch_wait_timeout_s`` > 0) must
 not wait for requests held here: with ``max_hold_s`` set, requests held that
 long leave regardless of the calls out.
+
+Serve counts calls, not the requests they carry, so its queue bound
+(``max_queued_requests``) cannot see them: ``capacity`` bounds the requests
+held here and out, beyond which a request is refused 503 ``overloaded``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+
+from gateway.errors import OverloadedError
 
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
@@ -29,6 +35,7 @@ Call = TypeVar("Call")
 MAX_HOLD_S = 0.005
 # Calls kept in flight per replica the ingress may reach.
 CALLS_PER_REPLICA = 2
+OVERLOADED = "The model is receiving too many requests; please retry shortly."
 
 
 class Gathering(NamedTuple):
@@ -37,6 +44,7 @@ class Gathering(NamedTuple):
     max_group: int  # the most requests one call carries
     max_in_flight: int  # calls kept out before requests wait to leave together
     max_hold_s: float | None  # the longest a request waits; None: until a call returns
+    capacity: int | None = None  # the most requests held and out; None: no bound
 
     @classmethod
     def for_model(cls, model: ModelConfig) -> Gathering | None:
@@ -45,15 +53,20 @@ class Gathering(NamedTuple):
         replica it may reach, and requests held until a call returns when
         its batches do not wait, else half its batch wait (at most
         ``MAX_HOLD_S``), so a waiting batch is never kept waiting by the
-        ingress. None (call by call): LLMs, which batch in the engine, and
-        models with batching off."""
+        ingress. A model with a queue bound takes at most its replicas'
+        places and queues' worth of requests (``max_ongoing_requests`` +
+        ``max_queued_requests`` each) from one ingress replica. None (call
+        by call): LLMs, which batch in the engine, and models with batching off."""
         from gateway.config import ClassicalModelConfig
 
         if not isinstance(model, ClassicalModelConfig) or model.max_batch_size == 1:
             return None
         wait = model.batch_wait_timeout_s
         hold = min(wait / 2, MAX_HOLD_S) if wait > 0 else None
-        return cls(model.max_batch_size, CALLS_PER_REPLICA * model.max_replicas, hold)
+        capacity = None
+        if model.max_queued_requests >= 0:
+            capacity = model.max_replicas * (model.max_ongoing_requests + model.max_queued_requests)
+        return cls(model.max_batch_size, CALLS_PER_REPLICA * model.max_replicas, hold, capacity)
 
 Send = Callable[[list[Call]], Awaitable[list[Any]]]
 
@@ -72,26 +85,39 @@ class Gatherer(Generic[Call]):
         max_group: int,
         max_in_flight: int,
         max_hold_s: float | None = None,
+        capacity: int | None = None,
     ) -> None:
         self._send = send
         self.max_group = max_group
         self.max_in_flight = max_in_flight
         self.max_hold_s = max_hold_s
+        self.capacity = capacity
+        self._held = 0  # requests submitted and not yet answered (nor given up)
         self._pending: deque[tuple[Call, asyncio.Future[Any]]] = deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
 
     def submit(self, call: Call) -> asyncio.Future[Any]:
-        """The answer to ``call``; cancel the future to give it up."""
+        """The answer to ``call``; cancel the future to give it up. When
+        ``capacity`` requests are held and out, the answer is OverloadedError
+        (503), as any call's error (a route's fallback sees it)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if self.capacity is not None and self._held >= self.capacity:
+            future.set_exception(OverloadedError(OVERLOADED, retry_after_s=1))
+            return future
+        self._held += 1
+        future.add_done_callback(self._answered)
         self._pending.append((call, future))
         if self._in_flight < self.max_in_flight:
             self._next_group()
         elif self.max_hold_s is not None and self._timer is None:
             self._timer = loop.call_later(self.max_hold_s, self._release_held)
         return future
+
+    def _answered(self, _: asyncio.Future[Any]) -> None:
+        self._held -= 1
 
     def _release_held(self) -> None:
         """Sends every held request now, past the cap on calls out."""

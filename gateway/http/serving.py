@@ -142,7 +142,7 @@ class ClassicalClient:
             many = self._many
             self.gather = Gatherer(lambda calls: many.remote(calls), *group)
         else:
-            self.gather.max_group, self.gather.max_in_flight, self.gather.max_hold_s = group
+            self.gather.max_group, self.gather.max_in_flight, self.gather.max_hold_s, self.gather.capacity = group
 
     def unary(self, call: EngineRequest, abandoned: Settle | None = None, later: Settle | None = None) -> asyncio.Future[Reply]:
         response: Any = None

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from gateway.http.gather import Gatherer
+from gateway.config import ClassicalModelConfig
+from gateway.errors import OverloadedError
+from gateway.http.gather import Gatherer, Gathering
 
 
 class Replica:
@@ -151,3 +153,30 @@ async def test_group_settings_change_live() -> None:
     replica.release.set()
     await asyncio.gather(*futures)
     assert replica.groups[3:] == [["d", "e"]]
+
+
+async def test_past_its_capacity_a_request_is_refused_503_until_answers_free_room() -> None:
+    # Serve's queue bound counts calls, each carrying many requests: the
+    # requests held here and out are bounded here instead.
+    replica = Replica()
+    gatherer = Gatherer(replica.send, max_group=2, max_in_flight=1, capacity=3)
+    futures = [gatherer.submit(c) for c in "abc"]
+    with pytest.raises(OverloadedError) as refused:
+        await gatherer.submit("d")
+    assert refused.value.status_code == 503 and refused.value.headers()["retry-after"] == "1"
+    futures[2].cancel()  # a client that leaves gives its room back
+    await settle()
+    futures.append(gatherer.submit("e"))
+    replica.release.set()
+    assert await asyncio.gather(*futures[:2], futures[3]) == ["answer to a", "answer to b", "answer to e"]
+    assert await gatherer.submit("f") == "answer to f"
+
+
+@pytest.mark.parametrize(("queued", "capacity"), [(-1, None), (6, 2 * (4 + 6))])
+def test_a_models_queue_bound_makes_its_gathering_capacity(queued: int, capacity: int | None) -> None:
+    model = ClassicalModelConfig.model_validate({
+        "name": "iris", "engine": "sklearn", "model": "m",
+        "num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": queued,
+    })
+    gathering = Gathering.for_model(model)
+    assert gathering is not None and gathering.capacity == capacity
