@@ -187,3 +187,27 @@ async def test_a_check_or_answer_that_breaks_fails_its_own_request_alone(
     assert [type(r).__name__ for r in results] == ["Reply", "InternalServerError", "InternalServerError", "Reply"]
     assert [json.loads(r.body)["predictions"][0]["label"] for r in (results[0], results[3])] == ["setosa", "virginica"]  # type: ignore[union-attr]
     assert predictor.calls == [3]  # the three requests checked shared one model call
+
+
+async def test_a_large_batch_runs_in_parts_and_the_loop_runs_between_them(iris_dir: Path) -> None:
+    # The model runs on the replica's loop: a batch of thousands of texts
+    # held it for minutes, and Serve's health checks failed meanwhile.
+    server, predictor = await make_server(iris_dir, max_batch_size=8, batch_wait_timeout_s=0.0)
+    rows = [[5.1, 3.5, 1.4, 0.2]] * 40
+    ticks = 0
+
+    async def ticking() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.ensure_future(ticking())
+    await asyncio.sleep(0)
+    before = ticks
+    results = await server.generate_many([predict(rows)] * 5)
+    ticker.cancel()
+    # 200 instances, in parts of whole requests of at least 64: 80, 80, 40.
+    assert predictor.calls == [2, 2, 1] and all(isinstance(r, Reply) for r in results)
+    assert ticks - before >= 2
+    assert [len(json.loads(r.body)["predictions"]) for r in results] == [40] * 5  # type: ignore[union-attr]
