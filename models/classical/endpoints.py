@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,14 @@ from gateway.protocol.predict import InferRequest, InferResponse, InferTensor, P
 from models.classical.predictor import Predictor
 
 NUMERIC = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
+# The values each numeric datatype holds: (least, most, whole numbers only).
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    **{f"INT{bits}": (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1, True) for bits in (8, 16, 32, 64)},
+    **{f"UINT{bits}": (0, 2**bits - 1, True) for bits in (8, 16, 32, 64)},
+    "FP16": (-65504.0, 65504.0, False),
+    "FP32": (-3.4028234663852886e38, 3.4028234663852886e38, False),
+    "FP64": (-sys.float_info.max, sys.float_info.max, False),
+}
 
 
 @dataclass
@@ -158,6 +167,7 @@ def _parse_infer(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
         raise InvalidRequestError(f"{param}: the tensor holds no instances", param=param)
     _check_cap(tensor.shape[0], cap, param)
     data = _flat(tensor, param)
+    _check_values(tensor.datatype, data, param)
     if predictor.kind == "embedding":
         instances: list[Any] = data
     else:
@@ -178,6 +188,25 @@ def _check_kind(tensor: InferTensor, kind: str, param: str) -> None:
         raise InvalidRequestError(
             f"{param}: this model takes numbers: a numeric datatype with shape [N, features]", param=param
         )
+
+
+def _check_values(datatype: str, data: list[Any], param: str) -> None:
+    """Each number is one its datatype holds (a client's dtype mistake is
+    refused, not read as float64): whole numbers in range for INT and UINT,
+    within FP16's or FP32's range. Other values are checked as instances."""
+    bounds = _RANGES.get(datatype)
+    if bounds is None:
+        return
+    least, most, whole = bounds
+    for at, value in enumerate(data):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (whole and isinstance(value, float) and not value.is_integer()) or not least <= value <= most:
+            kind = "whole numbers" if whole else "numbers"
+            raise InvalidRequestError(
+                f"{param}: data[{at}] is {value}, which {datatype} cannot hold ({kind} from {least:g} to {most:g})",
+                param=param,
+            )
 
 
 def _flat(tensor: InferTensor, param: str) -> list[Any]:

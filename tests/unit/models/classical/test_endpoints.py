@@ -71,6 +71,33 @@ def test_infer_accepts_nested_rows_and_checks_the_datatype(iris: SklearnPredicto
         parse(EngineRequest("infer", {"inputs": [{**tensor, "datatype": "BYTES"}]}, "r", "iris"), iris, 10)
 
 
+@pytest.mark.parametrize(
+    ("datatype", "data", "refused"),
+    [
+        ("UINT8", [1, 300, 1, 2], "data[1] is 300, which UINT8 cannot hold (whole numbers from 0 to 255)"),
+        ("UINT8", [-1, 3, 1, 2], "data[0] is -1"),
+        ("INT8", [5.1, 3, 1, 2], "data[0] is 5.1, which INT8 cannot hold (whole numbers"),
+        ("INT64", [2**70, 3, 1, 2], "INT64 cannot hold"),
+        ("FP16", [1e300, 3, 1, 2], "data[0] is 1e+300, which FP16 cannot hold (numbers from -65504 to 65504)"),
+        ("FP32", [5, 3, -1e39, 2], "data[2] is -1e+39, which FP32 cannot hold"),
+        ("INT32", [5, 3, 1, 0], None),
+        ("UINT8", [5.0, 3, 1, 255], None),
+        ("FP16", [5.1, 3.5, 1.4, 0.2], None),
+    ],
+)
+def test_infer_takes_only_numbers_its_datatype_holds(
+    iris: SklearnPredictor, datatype: str, data: list[Any], refused: str | None
+) -> None:
+    # A client's dtype mistake was read as float64 and answered 200.
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": datatype, "data": data}]}
+    if refused is None:
+        assert answer(parse(EngineRequest("infer", body, "r", "iris"), iris, 10), iris)["outputs"][0]["data"]
+        return
+    with pytest.raises(InvalidRequestError) as caught:
+        parse(EngineRequest("infer", body, "r", "iris"), iris, 10)
+    assert refused in caught.value.message and caught.value.param == "inputs[0]"
+
+
 def test_predict_takes_kserves_inputs_as_instances(iris: SklearnPredictor) -> None:
     job = parse(EngineRequest("predict", {"inputs": [[5, 3, 1, 0]]}, "r", "iris"), iris, 10)
     assert answer(job, iris)["predictions"][0]["label"] == "setosa"
