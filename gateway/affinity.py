@@ -161,14 +161,22 @@ def _has_gpu() -> bool:
 
 def pin_gateway_processes(root: int, cpus: set[int]) -> int:
     """Pins every thread of ``root`` and of its descendants that are not the
-    engine's or a model's to ``cpus``; returns how many processes were pinned
-    anew. Linux keeps an affinity per thread: a Ray worker's event loop, gRPC
-    and I/O threads run before it is first seen, and would stay on every CPU
-    if only its main thread were pinned."""
+    engine's or a model's, nor started by one, to ``cpus``; returns how many
+    processes were pinned anew. Linux keeps an affinity per thread: a Ray
+    worker's event loop, gRPC and I/O threads run before it is first seen,
+    and would stay on every CPU if only its main thread were pinned. What a
+    model started is its own however it is titled (a spawned process not yet
+    titled, a TP worker, a custom ``VLLM_PROCESS_NAME_PREFIX``): pinned, the
+    engine's compute threads would run on the gateway's CPUs."""
     pinned = 0
-    for pid in process_tree(root):
-        if not is_engine(pid):
-            pinned += _pin_threads(pid, cpus)
+    children = _children()
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        if is_engine(pid):
+            continue  # nor anything below it
+        pinned += _pin_threads(pid, cpus)
+        stack.extend(children.get(pid, ()))
     return pinned
 
 

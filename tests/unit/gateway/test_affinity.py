@@ -100,6 +100,30 @@ def test_every_thread_of_the_gateway_processes_is_pinned_and_the_engines_are_not
         tree.wait()
 
 
+def test_what_a_model_started_is_left_alone_however_it_is_titled() -> None:
+    # A process vLLM spawned is untitled at first, and a custom prefix titles
+    # it otherwise: pinned, the engine's compute threads ran on the gateway's CPUs.
+    target = {min(os.sched_getaffinity(0))}
+    tree = subprocess.Popen(
+        ["bash", "-c", '(exec -a "$MARK" bash -c "sleep 30 & wait") & wait'],
+        env={**os.environ, "MARK": "ClassicalServer"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while len(pids := affinity.process_tree(tree.pid)) < 3:
+            assert time.monotonic() < deadline, "the children did not start"
+            time.sleep(0.02)
+        model, started = pids[1], pids[2]
+        assert affinity.is_engine(model) and not affinity.is_engine(started)
+        before = os.sched_getaffinity(started)
+        assert affinity.pin_gateway_processes(tree.pid, target) == 1  # bash alone
+        assert os.sched_getaffinity(started) == before
+    finally:
+        os.killpg(tree.pid, 9)
+        tree.wait()
+
+
 WIDEN = """
 import os, threading, time
 from gateway import affinity
