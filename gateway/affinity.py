@@ -53,9 +53,11 @@ STARTED_CPUS = "LLM_GATEWAY_STARTED_CPUS"
 
 def reserved_cpus(setting: str | Sequence[int]) -> set[int] | None:
     """The CPUs ``runtime.gateway_cpus`` names: ``auto`` picks the ones vLLM's
-    CPU backend reserves (the last ``VLLM_CPU_NUM_OF_RESERVED_CPU`` of this
-    process's CPUs, one by default), and nothing on hosts with an NVIDIA GPU or
-    with fewer than two CPUs; ``off`` is None."""
+    CPU backend reserves (the last ``VLLM_CPU_NUM_OF_RESERVED_CPU`` of the
+    CPUs it would compute on, one by default; see ``vllm_compute_cpus``), else
+    the CPUs it leaves unused (SMT siblings, other NUMA nodes), and nothing
+    where it uses them all, on hosts with an NVIDIA GPU or with fewer than
+    two CPUs; ``off`` is None."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     if setting == "off":
@@ -74,7 +76,47 @@ def reserved_cpus(setting: str | Sequence[int]) -> set[int] | None:
     if len(available) < 2 or _has_gpu():
         return None
     reserved = int(os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") or 1)
-    return set(available[-min(reserved, len(available) - 1) :])
+    computing = vllm_compute_cpus(available)
+    if len(computing) > reserved:
+        return set(computing[-reserved:])
+    return set(available) - set(computing) or None  # vLLM reserves none of so few
+
+
+# Architectures where vLLM's automatic binding takes one logical CPU (the
+# last) of each physical core; elsewhere (Arm, RISC-V) it takes them all.
+ONE_PER_CORE = ("x86_64", "amd64", "i386", "i686", "s390x")
+
+
+def vllm_compute_cpus(available: Sequence[int]) -> list[int]:
+    """The CPUs of ``available`` vLLM's automatic binding puts one engine's
+    OpenMP threads on, reserved ones included, as it picks them: those of
+    the first NUMA node, on x86 the last logical CPU of each physical core."""
+    import platform
+
+    topology = {cpu: _topology(cpu) for cpu in available}
+    first = min(node for node, _ in topology.values())
+    cores: dict[tuple[int, int], list[int]] = {}
+    for cpu in sorted(available):
+        node, core = topology[cpu]
+        if node == first:
+            cores.setdefault(core, []).append(cpu)
+    one = platform.machine().lower() in ONE_PER_CORE
+    return sorted(cpu for cpus in cores.values() for cpu in (cpus[-1:] if one else cpus))
+
+
+SYS_CPU = Path("/sys/devices/system/cpu")
+
+
+def _topology(cpu: int) -> tuple[int, tuple[int, int]]:
+    """``cpu``'s NUMA node and physical core (package, core id); where Linux
+    does not say, node 0 and a core of its own."""
+    here = SYS_CPU / f"cpu{cpu}"
+    try:
+        core = (int((here / "topology/physical_package_id").read_text()), int((here / "topology/core_id").read_text()))
+    except (OSError, ValueError):
+        core = (-1, cpu)
+    nodes = [int(entry.name[4:]) for entry in here.glob("node*") if entry.name[4:].isdigit()]
+    return (min(nodes) if nodes else 0), core
 
 
 def engine_core_placement(root: int) -> EngineCorePlacement | None:

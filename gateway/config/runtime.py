@@ -41,8 +41,8 @@ class RuntimeConfig(StrictConfig):
         "the cores vLLM's CPU engine computes on. `off` (default; on 2 vCPUs pinning "
         "measured no clear gain: the one reserved core also holds the model replica's "
         "serving layer); `auto`: on hosts without a GPU, the CPUs vLLM's CPU backend "
-        "reserves for other processes (the last `VLLM_CPU_NUM_OF_RESERVED_CPU`, one by "
-        "default); or a list of CPU ids.",
+        "reserves for other processes (the last `VLLM_CPU_NUM_OF_RESERVED_CPU` of those it "
+        "computes on, one by default), else those it leaves unused; or a list of CPU ids.",
     )
     haproxy_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
         "auto",

@@ -23,7 +23,7 @@ ALL = set(range(os.cpu_count() or 1))
         ([1], {0, 1, 2, 3}, None, {1}),
         ("auto", {0, 1, 2, 3}, None, {3}),
         ("auto", {0, 1, 2, 3}, "2", {2, 3}),
-        ("auto", {0, 1}, "4", {1}),  # never every CPU
+        ("auto", {0, 1}, "4", None),  # vLLM reserves none of so few: its threads use them all
         ("auto", {5}, None, None),  # one CPU: nothing to keep apart
     ],
 )
@@ -32,11 +32,52 @@ def test_reserved_cpus_follow_vllms_reservation(
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
     monkeypatch.setattr(affinity, "_has_gpu", lambda: False)
+    monkeypatch.setattr(affinity, "_topology", lambda cpu: (0, (0, cpu)))  # one node, no SMT
     if env is None:
         monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     else:
         monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", env)
     assert affinity.reserved_cpus(setting) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("machine", "topology", "computing", "expected"),
+    [
+        # 2 vCPUs, one core's two threads: vLLM computes on CPU 1 alone and
+        # reserves nothing; the last CPU was that very one.
+        ("x86_64", {0: (0, (0, 0)), 1: (0, (0, 0))}, [1], {0}),
+        # Two cores of two threads (siblings 0/2 and 1/3): one thread per core, the last reserved.
+        ("x86_64", {c: (0, (0, c % 2)) for c in range(4)}, [2, 3], {3}),
+        # Four cores of two threads: three compute, the last of them is reserved.
+        ("x86_64", {c: (0, (0, c % 4)) for c in range(8)}, [4, 5, 6, 7], {7}),
+        # Two NUMA nodes (0,1 and 2,3): one engine computes on the first.
+        ("x86_64", {0: (0, (0, 0)), 1: (0, (0, 1)), 2: (1, (1, 0)), 3: (1, (1, 1))}, [0, 1], {1}),
+        # Arm: every logical CPU.
+        ("aarch64", {c: (0, (0, c % 2)) for c in range(4)}, [0, 1, 2, 3], {3}),
+    ],
+)
+def test_auto_picks_what_vllms_own_binding_leaves_to_others(
+    monkeypatch: pytest.MonkeyPatch,
+    machine: str,
+    topology: dict[int, tuple[int, tuple[int, int]]],
+    computing: list[int],
+    expected: set[int],
+) -> None:
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(affinity, "_topology", topology.__getitem__)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(topology))
+    monkeypatch.setattr(affinity, "_has_gpu", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    assert affinity.vllm_compute_cpus(sorted(topology)) == computing
+    assert affinity.reserved_cpus("auto") == expected
+
+
+def test_this_hosts_topology_is_read_for_each_cpu() -> None:
+    for cpu in os.sched_getaffinity(0):
+        node, (package, core) = affinity._topology(cpu)
+        assert node >= 0 and (package, core) != (-1, cpu), cpu  # Linux says, for every CPU
 
 
 @pytest.mark.parametrize("setting", [[7, 9], [1, 4]])

@@ -377,12 +377,12 @@ def test_gathering_is_for_batched_classical_models_and_grows_with_replicas() -> 
     def gathering(**fields: Any) -> Gathering | None:
         return Gathering.for_model(SklearnModelConfig(name="c", model="models:/iris/1", **fields))
 
-    assert gathering(max_batch_size=32, batch_wait_timeout_s=0) == (32, 2, None)
-    assert gathering(num_replicas=3, batch_wait_timeout_s=0) == (32, 6, None)
-    assert gathering(autoscaling={"min_replicas": 1, "max_replicas": 4}, batch_wait_timeout_s=0) == (32, 8, None)
+    assert gathering(max_batch_size=32, batch_wait_timeout_s=0) == (32, 2, None, None)
+    assert gathering(num_replicas=3, batch_wait_timeout_s=0) == (32, 6, None, None)
+    assert gathering(autoscaling={"min_replicas": 1, "max_replicas": 4}, batch_wait_timeout_s=0) == (32, 8, None, None)
     # Batches that wait for company never wait on requests the ingress holds.
-    assert gathering(batch_wait_timeout_s=0.004) == (32, 2, 0.002)
-    assert gathering(batch_wait_timeout_s=10) == (32, 2, 0.005)
+    assert gathering(batch_wait_timeout_s=0.004) == (32, 2, 0.002, None)
+    assert gathering(batch_wait_timeout_s=10) == (32, 2, 0.005, None)
     assert gathering(max_batch_size=1) is None  # batching off
     assert Gathering.for_model(EchoModelConfig(name="e")) is None  # LLMs stream and batch in the engine
 
