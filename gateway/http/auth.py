@@ -29,7 +29,7 @@ PROTECTED = ("/v1/", "/v2/", "/tokenize", "/detokenize")
 # Server metadata: the Open Inference Protocol's root, behind the keys as the rest of ``/v2``.
 PROTECTED_EXACT = frozenset({"/v2"})
 # Probes and scrapes; checked before PROTECTED, which holds the ``/v2`` probes' prefix.
-OPERATIONS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
+OPERATIONS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready", "/ping", "/version"})
 
 
 def api_key(request: Request) -> ApiKey | None:
