@@ -86,3 +86,36 @@ def _dropped(raw: Any, parsed: Any, path: str) -> str | None:
         unknown = sorted(raw.keys() - taken)
         return f"{path}.{unknown[0]}" if unknown else None
     return None
+
+
+# Responses settings vLLM takes and never reads, by the values that ask for
+# something: refused, as a top-level field the engine does not serve is
+# (``gateway.protocol.extras``). Each one's default, and ``auto`` (what is
+# available), is what the answer gives, so clients that send them pass.
+UNSERVED_SETTINGS = {
+    ("text", "verbosity"): (frozenset({"low", "high"}), "verbosity other than the model's own"),
+    ("reasoning", "summary"): (frozenset({"concise", "detailed"}), "reasoning summaries"),
+    ("reasoning", "generate_summary"): (frozenset({"concise", "detailed"}), "reasoning summaries"),
+}
+
+
+def check_responses_settings(body: Mapping[str, Any], tool_server: bool) -> None:
+    """Refuses (400, naming it) a Responses setting vLLM would take and ignore:
+    ``text.verbosity`` other than ``medium``, a ``concise`` or ``detailed``
+    reasoning summary, and ``max_tool_calls`` where built-in tools run (it
+    bounds only those, and vLLM only echoes it)."""
+    for (field, key), (asking, what) in UNSERVED_SETTINGS.items():
+        outer = body.get(field)
+        if isinstance(outer, dict) and outer.get(key) in asking:
+            place = f"{field}.{key}"
+            raise InvalidRequestError(
+                f"Unsupported parameter: '{place}': this model does not serve {what}.",
+                param=place,
+                code="unsupported_parameter",
+            )
+    if tool_server and body.get("max_tool_calls") is not None:
+        raise InvalidRequestError(
+            "Unsupported parameter: 'max_tool_calls': this model does not bound its built-in tool calls.",
+            param="max_tool_calls",
+            code="unsupported_parameter",
+        )

@@ -32,7 +32,7 @@ from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
 from models.llm.format_checks import check_output_schema
 from models.llm.message_checks import check_chat_messages
-from models.llm.nested_checks import check_nested_keys, check_structured_outputs
+from models.llm.nested_checks import check_nested_keys, check_responses_settings, check_structured_outputs
 from models.llm.sampling_checks import (
     ANTHROPIC_RANGES,
     RANGES,
@@ -297,6 +297,7 @@ class VLLMEngine:
             vllm_conversation.check_call_outputs(serving.responses, body)
             if serving.responses.tool_server is None:
                 tool_checks.check_builtin_tools(body, self._config.name)
+            check_responses_settings(body, serving.responses.tool_server is not None)
             tool_checks.check_named_choice(body)
         if endpoint in ("messages", "messages_count"):
             tool_checks.check_anthropic_tools(body)

@@ -564,3 +564,12 @@ def test_cancelling_a_background_stream_ends_the_stream_being_read(client: opena
     assert "cancelled" in events and len(deltas) < 480  # and the stream ended: the loop is left
     assert not any(event != "cancelled" and event["type"] == "response.completed" for event in events)
     assert client.responses.retrieve(events[0]["response"]["id"]).status == "cancelled"
+
+
+def test_a_setting_the_engine_would_ignore_is_refused_and_its_default_served(client: openai.OpenAI) -> None:
+    # vLLM takes `text.verbosity` and `reasoning.summary` and never reads them.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=VLLM_MODEL, input="Hi", max_output_tokens=2, text={"verbosity": "low"})
+    assert refused.value.body["param"] == "text.verbosity"  # type: ignore[index]
+    served = client.responses.create(model=VLLM_MODEL, input="Hi", max_output_tokens=2, text={"verbosity": "medium"})
+    assert served.status in ("completed", "incomplete")

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.errors import InvalidRequestError
 from models.llm import vllm_errors
-from models.llm.nested_checks import check_nested_keys, check_structured_outputs
+from models.llm.nested_checks import check_nested_keys, check_responses_settings, check_structured_outputs
 
 HELLO = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
@@ -76,3 +76,40 @@ def test_one_structured_outputs_constraint_with_its_settings_passes() -> None:
     check_structured_outputs({"structured_outputs": {"json": {"type": "object"}, "disable_any_whitespace": True}})
     check_structured_outputs({"structured_outputs": {"choice": ["a", "b"]}})
     check_structured_outputs({"prompt": "hi"})
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"text": {"verbosity": "low"}}, "text.verbosity"),
+        ({"text": {"format": {"type": "text"}, "verbosity": "high"}}, "text.verbosity"),
+        ({"reasoning": {"effort": "low", "summary": "detailed"}}, "reasoning.summary"),
+        ({"reasoning": {"generate_summary": "concise"}}, "reasoning.generate_summary"),
+    ],
+)
+def test_responses_settings_vllm_would_ignore_are_refused_naming_them(body: dict[str, Any], param: str) -> None:
+    # vLLM validates them and never reads them: answered 200 without what was asked.
+    with pytest.raises(InvalidRequestError) as refused:
+        check_responses_settings({"input": "hi", **body}, tool_server=False)
+    assert (refused.value.param, refused.value.code) == (param, "unsupported_parameter")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"text": {"verbosity": "medium"}},  # the default: what the answer gives
+        {"text": {"verbosity": None, "format": {"type": "text"}}},
+        {"reasoning": {"effort": "high", "summary": "auto"}},  # what is available: none
+        {"reasoning": {"summary": None}},
+        {"max_tool_calls": 3},  # without built-in tools it bounds nothing
+    ],
+)
+def test_responses_settings_the_answer_honours_pass(body: dict[str, Any]) -> None:
+    check_responses_settings({"input": "hi", **body}, tool_server=False)
+
+
+def test_max_tool_calls_is_refused_where_built_in_tools_run() -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_responses_settings({"input": "hi", "max_tool_calls": 1}, tool_server=True)
+    assert refused.value.param == "max_tool_calls"
+    check_responses_settings({"input": "hi", "max_tool_calls": None}, tool_server=True)
