@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse
 
-from gateway.errors import ModelNotFoundError
+from gateway.errors import MethodNotAllowedError, ModelNotFoundError
 from gateway.http.auth import api_key
 from gateway.http.routes.deps import gateway_state
 from gateway.http.state import GatewayState
@@ -34,4 +34,9 @@ async def retrieve_model(model_id: str, request: Request, state: GatewayState = 
     for card in state.model_cards(api_key(request)):
         if card.id == model_id:
             return card
+    if model_id.endswith(":predict"):
+        # A GET to the predict route: 405, as a wrong method is answered anywhere else.
+        error = MethodNotAllowedError("Method GET is not allowed here.")
+        error.extra_headers["allow"] = "POST"
+        raise error
     raise ModelNotFoundError.for_model(model_id)

@@ -125,6 +125,10 @@ async def test_other_methods_and_paths_take_fastapis_routes(client: httpx.AsyncC
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
     assert wrong_method.headers["allow"] == "POST"
     assert dispatcher.calls == []
+    # A GET to the predict route is a wrong method too, not an unknown model `iris:predict`.
+    wrong_method = await client.get("/v1/models/iris:predict")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
     predicted = await client.post("/v1/models/iris:predict", json={"instances": [[1, 2]]})
     assert predicted.status_code == 200
     ((endpoint, request, model),) = dispatcher.calls
