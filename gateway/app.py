@@ -93,6 +93,9 @@ def _hub(front_door: FrontDoorConfig) -> Application | None:
     return hub.bind()
 
 
+INGRESS_ENV = {"RAY_SERVE_PROXY_PREFER_LOCAL_AZ_ROUTING": "0"}
+
+
 def _ingress(front_door: FrontDoorConfig, **options: Any) -> Deployment:
     return _deployment(GatewayIngress).options(
         name=INGRESS_NAME,
@@ -101,7 +104,10 @@ def _ingress(front_door: FrontDoorConfig, **options: Any) -> Deployment:
         # A stopping ingress replica takes no new requests and lets its own
         # (streams included) finish for this long.
         graceful_shutdown_timeout_s=front_door.ingress.graceful_shutdown_s,
-        ray_actor_options={"num_cpus": front_door.ingress.num_cpus},
+        # The relay learns a model's replicas by sampling Serve's router, which
+        # offers only those in the ingress's own availability zone where any
+        # are: replicas in other zones would never get its traffic.
+        ray_actor_options={"num_cpus": front_door.ingress.num_cpus, "runtime_env": {"env_vars": INGRESS_ENV}},
         # The gateway writes its own access log (``gateway.http.access_log``);
         # Serve's would be a second line per request, written on the hot path.
         logging_config={"enable_access_log": False},

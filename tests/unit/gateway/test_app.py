@@ -49,3 +49,13 @@ def test_the_single_application_is_built_without_asking_for_nodes(monkeypatch: p
     monkeypatch.setattr(ray, "nodes", no_cluster)
     app = app_builder({"config": {"models": [{"name": "echo", "engine": "echo"}]}})
     assert app._bound_deployment.name == "GatewayIngress"
+
+
+def test_the_ingress_learns_replicas_in_every_availability_zone() -> None:
+    # Serve's router offers only same-zone replicas where any exist; the relay
+    # samples it to learn a model's replicas, and never saw the other zones'.
+    front_door = FrontDoorConfig.model_validate({})
+    ingress = ingress_app_builder({"gateway": front_door.model_dump(mode="json")})._bound_deployment
+    env = ingress.ray_actor_options["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_PROXY_PREFER_LOCAL_AZ_ROUTING"] == "0"
+    assert ingress.ray_actor_options["num_cpus"] == front_door.ingress.num_cpus
