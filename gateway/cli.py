@@ -305,7 +305,7 @@ def serve_forever(
         started = time.monotonic()
         deploy(config)
         print(
-            f"==> ready in {time.monotonic() - started:.0f}s: http://{host}:{port}/v1 "
+            f"==> ready in {time.monotonic() - started:.0f}s: http://{_url_host(host)}:{port}/v1 "
             "(Ctrl-C stops it)",
             flush=True,
         )
@@ -404,6 +404,11 @@ def _local_environment(config: GatewayConfig, host: str, port: int) -> dict[str,
     local = environment(config.runtime, config.ingress.read_timeout_s, host)
     os.environ.update(local)
     return local
+
+
+def _url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _tend_processes(config: GatewayConfig, address: str | None) -> None:

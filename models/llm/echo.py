@@ -169,7 +169,9 @@ class EchoEngine:
         usage = responses.usage(tally.prompt_tokens, len(answer.tokens))
         response_id = f"resp_{request.request_id}"
         final = responses.response_body(req, response_id, self._name, responses.now(), status, text, usage)
-        kept = responses.Stored(final, [*turns, ("assistant", text)]) if req.store else None
+        # A follow-up's own instructions stand in for these, as OpenAI and vLLM take them.
+        said = turns[1:] if req.instructions else turns
+        kept = responses.Stored(final, [*said, ("assistant", text)]) if req.store else None
         if not req.stream:
             _all_tokens_now(tally, len(answer.tokens))
             if kept is not None:

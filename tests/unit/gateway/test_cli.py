@@ -214,3 +214,13 @@ def test_a_cluster_that_is_not_there_or_a_deploy_that_timed_out_is_said_in_one_l
     assert cli.main(command) == 1
     err = capsys.readouterr().err
     assert err == f"llm-gateway {command[0]}: {failure}\n"
+
+
+@pytest.mark.parametrize(
+    ("host", "written"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("::", "[::]"), ("gw.local", "gw.local")]
+)
+def test_the_address_serve_prints_is_one_a_client_can_paste(host: str, written: str) -> None:
+    # `http://::1:8000/v1` is no URL: an IPv6 address goes in brackets.
+    from gateway import cli
+
+    assert cli._url_host(host) == written

@@ -127,6 +127,10 @@ async def test_input_tokens_are_what_the_response_would_be_billed(engine: EchoEn
     assert await count(input="the harbour at dawn", instructions="be brief") == first.usage.input_tokens
     follow_up = await answer(engine, create("r2", input="and at dusk", previous_response_id="resp_r1"))
     assert follow_up.usage is not None
+    # The earlier instructions are not carried on (as OpenAI and vLLM drop them): its
+    # input and answer are, then the new input's three words.
+    carried = first.usage.input_tokens - len("be brief".split()) + first.usage.output_tokens
+    assert follow_up.usage.input_tokens == carried + 3
     assert await count(input="and at dusk", previous_response_id="resp_r1") == follow_up.usage.input_tokens
     with pytest.raises(ResponseNotFoundError):
         await count(input="hi", previous_response_id="resp_gone")
