@@ -51,8 +51,8 @@ class GatewayIngress:
             front_door, self._handle_for, self._app_for, hub=hub, source=source
         )
         self._reporter = MetricsReporter(
-            send=(lambda snapshot: hub.report.remote(source, snapshot)) if hub is not None else None,
-            collect=state.metrics.snapshot,
+            send=(lambda taken: hub.report.remote(source, taken[1], taken[0])) if hub is not None else None,
+            collect=lambda: (state.metrics.version, state.metrics.snapshot()),
             changed=lambda: state.metrics.version,
             after_each=state.access_log.flush,
         )

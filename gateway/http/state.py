@@ -163,9 +163,10 @@ class GatewayState:
 
     async def metrics_page(self) -> str:
         """The whole gateway's metrics, the LLM replicas' engine pages included."""
+        version = self.metrics.version
         if self.own_hub is not None:
-            return await self.own_hub.render(self.source, self.metrics.snapshot())
-        page: str = await self._hub.render.remote(self.source, self.metrics.snapshot())
+            return await self.own_hub.render(self.source, self.metrics.snapshot(), version)
+        page: str = await self._hub.render.remote(self.source, self.metrics.snapshot(), version)
         return page
 
     # An LLM replica's calls for its engine page (``gateway.metrics.engine_pages``),

@@ -69,6 +69,7 @@ class MetricsHub:
         self._live: dict[str, tuple[Snapshot, float]] = {}
         self._gone: dict[str, tuple[Snapshot, float]] = {}  # silent, and since when
         self._retired: Snapshot = {}  # the sum of those silent for RETIRED_S
+        self._versions: dict[str, int] = {}  # each source's latest snapshot taken in
         self._engines = EnginePages(STALE_S)
         self._limiter: LimiterServer | None = None
         self._limiter_address: LimiterAddress | None = None
@@ -86,10 +87,18 @@ class MetricsHub:
     # plain method on a thread pool, where it would change what a scrape on
     # the loop is reading (and set the loop's events from another thread).
 
-    async def report(self, source: str, snapshot: Snapshot) -> None:
-        self._report(source, snapshot)
+    async def report(self, source: str, snapshot: Snapshot, version: int | None = None) -> None:
+        self._report(source, snapshot, version)
 
-    def _report(self, source: str, snapshot: Snapshot) -> None:
+    def _report(self, source: str, snapshot: Snapshot, version: int | None = None) -> None:
+        """Keeps ``source``'s ``snapshot``, unless one of a later ``version``
+        came first: a replica's report and a scrape's snapshot are separate
+        calls whose order Serve does not keep, and an older one taken in
+        would show its counters going back (a reset, to Prometheus)."""
+        if version is not None:
+            if version < self._versions.get(source, version):
+                return
+            self._versions[source] = version
         self._live[source] = (snapshot, time.monotonic())
         self._gone.pop(source, None)
 
@@ -105,9 +114,9 @@ class MetricsHub:
     async def engine_gone(self, source: str) -> None:
         self._engines.forget(source)
 
-    async def render(self, source: str, snapshot: Snapshot) -> str:
+    async def render(self, source: str, snapshot: Snapshot, version: int | None = None) -> str:
         """The page for a scrape that arrived at ``source`` (whose snapshot is current)."""
-        self._report(source, snapshot)
+        self._report(source, snapshot, version)
         self._expire()
         merged = merge([*(s for s, _ in self._live.values()), *(s for s, _ in self._gone.values()), self._retired])
         page = render(FAMILIES, merged)
@@ -122,6 +131,7 @@ class MetricsHub:
         for source, (snapshot, seen) in list(self._gone.items()):
             if now - seen > RETIRED_S:
                 del self._gone[source]
+                self._versions.pop(source, None)
                 self._retired = merge([self._retired, snapshot])
 
 

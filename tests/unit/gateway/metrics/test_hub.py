@@ -42,6 +42,24 @@ async def test_the_page_sums_every_replica_and_the_scraped_one_is_current() -> N
     assert values(page, "llm_gateway_in_flight_requests") == {frozenset({("route", "/v1/chat/completions")}): 1}
 
 
+async def test_a_replicas_older_snapshot_arriving_late_is_not_taken_in() -> None:
+    # A report and a scrape's snapshot are separate calls Serve may reorder:
+    # the older one taken in last showed the counters going back (a reset).
+    hub, one, two = MetricsHub(), GatewayMetrics(), GatewayMetrics()
+    served(one, 200)
+    early = (one.version, one.snapshot())
+    served(one, 200)
+    page = await hub.render("one", one.snapshot(), one.version)
+    await hub.report("one", early[1], early[0])  # the reporter's, sent before and arriving after
+    later = await hub.render("two", two.snapshot(), two.version)
+    counted = {k: v for k, v in values(later, "llm_gateway_requests_total").items() if ("status", "200") in k}
+    assert list(counted.values()) == [2] == list(values(page, "llm_gateway_requests_total").values())
+    served(one, 200)
+    await hub.report("one", one.snapshot(), one.version)  # a newer one is
+    page = await hub.render("two", two.snapshot(), two.version)
+    assert list(values(page, "llm_gateway_requests_total").values()) == [3]
+
+
 async def test_a_silent_replica_keeps_its_counts_and_drops_its_gauges(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [100.0]
     monkeypatch.setattr(hub_module.time, "monotonic", lambda: clock[0])
