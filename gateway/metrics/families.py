@@ -61,7 +61,8 @@ TOKENS = Family(
     "llm_gateway_tokens_total",
     "counter",
     "Tokens in the usage of answered requests: kind `prompt` or `completion`, by API "
-    "key id (empty: no key).",
+    "key id (empty: no key); kind `cached`: of the prompt tokens, those found in the "
+    "engine's prefix cache.",
     ("model", "variant", "kind", "key"),
 )
 IN_FLIGHT = Family(

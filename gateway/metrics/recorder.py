@@ -92,6 +92,8 @@ class GatewayMetrics:
             self._tokens.inc((model, variant, "prompt", key), outcome.prompt_tokens)
         if outcome.completion_tokens:
             self._tokens.inc((model, variant, "completion", key), outcome.completion_tokens)
+        if outcome.cached_tokens:
+            self._tokens.inc((model, variant, "cached", key), outcome.cached_tokens)
         if outcome.first_token_s is not None:
             self._ttft.observe(labels, outcome.first_token_s)
         if outcome.inter_token_counts:

@@ -74,6 +74,8 @@ class Outcome:
     ``stopped``: the replica stopped the stream before its last byte, as its
     ingress had left; without it, every byte came before the outcome, and a
     client that left after the ingress passed them all on had it whole.
+    ``cached_tokens``: of the prompt's, those the engine found in its prefix
+    cache (vLLM's count; none for engines without one).
     """
 
     prompt_tokens: int = 0
@@ -87,6 +89,7 @@ class Outcome:
     client_left: bool = False
     body_ended: bool = False
     stopped: bool = False
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

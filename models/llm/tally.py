@@ -21,13 +21,14 @@ class GenerationTally:
 
     __slots__ = (
         "started", "prompt_tokens", "completion_tokens", "first_token_s", "continues", "error", "_gaps", "_gap_sum",
-        "unseen",
+        "unseen", "cached_tokens",
     )
 
     def __init__(self, started: float | None = None) -> None:
         self.started = time.time() if started is None else started
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0  # of the prompt's, found in the engine's prefix cache
         self.first_token_s: float | None = None
         # Set by an engine whose generation goes on after it has answered (a
         # background response): done when the tally is complete.
@@ -71,6 +72,7 @@ class GenerationTally:
         return Outcome(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
             first_token_s=self.first_token_s,
             inter_token_counts=tuple(self._gaps or ()),
             inter_token_sum_s=self._gap_sum,

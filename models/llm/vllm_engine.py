@@ -227,6 +227,7 @@ class VLLMEngine:
                 # with its prompt so far: counted as the answer's usage, not their sum.
                 tally.prompt_tokens = int(result.usage.prompt_tokens)
                 tally.completion_tokens = int(result.usage.completion_tokens or 0)
+                tally.cached_tokens = 0
             return vllm_compat.body_json(result, request.endpoint)
         if request.endpoint == "responses":
             # A background response's id comes at once: the client may cancel it.

@@ -61,6 +61,7 @@ async def count(
             if first:
                 tally.unseen.discard(used)  # type: ignore[arg-type]
                 tally.prompt_tokens += len(output.prompt_token_ids or ())
+                tally.cached_tokens += int(getattr(output, "num_cached_tokens", None) or 0)
                 first = False
             new = 0
             for seq in output.outputs:
@@ -246,6 +247,7 @@ async def _beams_counted(searched: AsyncGenerator[Any, None], tally: GenerationT
                 tally.first_token()
                 tally.prompt_tokens = len(output.prompt_token_ids or ())
                 tally.completion_tokens = sum(len(seq.token_ids) for seq in output.outputs)
+                tally.cached_tokens = 0  # (the search's steps hit the cache, not the answer's prompt)
             yield output
     finally:
         await searched.aclose()

@@ -543,9 +543,29 @@ def test_no_key_shares_the_engines_cached_prefixes_with_another(gateway: Gateway
             return prefix_cache_hits(http, secrets["ops"])
 
         before = prefix_cache_hits(http, secrets["ops"])
+        cached_before = gateway_cached(http, secrets["ops"])
         first = sent("full")
         again = sent("full")
         other = sent("cancel")
     assert first == before  # a prompt new to the cache
     assert again - first >= 128  # the same key's prompt again: its prefix came from the cache
     assert other == again  # another key's: none of it did
+    # The gateway's own count of cached prompt tokens, per key, is vLLM's.
+    with httpx.Client(base_url=gateway.base_url, timeout=60) as http:
+        deadline = time.monotonic() + 15
+        while (counted := gateway_cached(http, secrets["ops"])).get("full", 0) - cached_before.get("full", 0) < 128:
+            assert time.monotonic() < deadline, counted
+            time.sleep(0.2)
+    assert counted["full"] - cached_before.get("full", 0) == again - first
+    assert counted.get("cancel", 0) == cached_before.get("cancel", 0)
+
+
+def gateway_cached(http: httpx.Client, ops: str) -> dict[str, float]:
+    """``llm_gateway_tokens_total{kind="cached"}`` of the vLLM model, by key id."""
+    page = http.get("/metrics", headers=bearer(ops)).text
+    counted: dict[str, float] = {}
+    for line in page.splitlines():
+        if line.startswith("llm_gateway_tokens_total{") and 'kind="cached"' in line and f'model="{VLLM_MODEL}"' in line:
+            key = line.split('key="', 1)[1].split('"', 1)[0]
+            counted[key] = counted.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return counted

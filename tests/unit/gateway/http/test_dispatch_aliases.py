@@ -111,7 +111,7 @@ async def test_a_responses_shadow_copy_is_neither_stored_nor_in_the_background()
 async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(stream: bool) -> None:
     # Three gaps between four tokens, bucketed by the replica: two in the third bucket, one past the last.
     gaps = (0, 0, 2) + (0,) * (len(ITL_BUCKETS) - 3) + (1,)
-    outcome = Outcome(prompt_tokens=3, completion_tokens=4, first_token_s=0.01,
+    outcome = Outcome(prompt_tokens=3, completion_tokens=4, first_token_s=0.01, cached_tokens=2,
                       inter_token_counts=gaps, inter_token_sum_s=90.08)  # 2 x 40 ms + 90 s
     handle = FakeHandle(unary=Reply(b"{}", outcome), stream=[b"data: {}\n\n", sse.DONE, outcome])
     app = make_app(handles={"a": handle}, alias=Alias([Variant("a", 1)]))
@@ -121,7 +121,9 @@ async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(
         assert response.content == b"data: {}\n\n" + sse.DONE
     snapshot = app.state.metrics.snapshot()
     assert snapshot["llm_gateway_ab_assignments_total"] == {("r", "a"): 1}
-    assert snapshot["llm_gateway_tokens_total"] == {("r", "a", "prompt", ""): 3, ("r", "a", "completion", ""): 4}
+    assert snapshot["llm_gateway_tokens_total"] == {
+        ("r", "a", "prompt", ""): 3, ("r", "a", "completion", ""): 4, ("r", "a", "cached", ""): 2,
+    }
     assert snapshot["llm_gateway_time_to_first_token_seconds"][("r", "a")][1] == pytest.approx(0.01)
     assert snapshot["llm_gateway_inter_token_latency_seconds"][("r", "a")] == (list(gaps), pytest.approx(90.08))
     assert snapshot["llm_gateway_requests_total"] == {("/chat", "r", "a", "200", ""): 1}

@@ -32,9 +32,9 @@ def test_a_replica_publishes_its_id_with_its_address() -> None:
 def test_an_outcome_from_a_replica_of_another_version_is_read_for_what_both_know() -> None:
     """While a model rolls over, an ingress may hear from replicas of the
     next version (fields it does not know) or the last (fields missing)."""
-    outcome = Outcome(prompt_tokens=4, completion_tokens=3, inter_token_counts=(2, 1), body_ended=True)
+    outcome = Outcome(prompt_tokens=4, completion_tokens=3, inter_token_counts=(2, 1), body_ended=True, cached_tokens=1)
     assert relay.decode_outcome(relay.encode_outcome(outcome)) == outcome
-    newer = b'{"prompt_tokens":4,"completion_tokens":3,"inter_token_counts":[2,1],"stopped":false,"cached_tokens":2}'
+    newer = b'{"prompt_tokens":4,"completion_tokens":3,"inter_token_counts":[2,1],"stopped":false,"spec_decode_tokens":2}'
     assert relay.decode_outcome(newer) == Outcome(prompt_tokens=4, completion_tokens=3, inter_token_counts=(2, 1))
     # One that does not say whether it wrote every byte (``stopped``) is not taken to have.
     assert relay.decode_outcome(b'{"prompt_tokens":4}') == Outcome(prompt_tokens=4, stopped=True)

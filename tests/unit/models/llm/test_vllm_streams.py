@@ -91,6 +91,17 @@ async def test_two_prompts_of_one_request_add_up() -> None:
     assert (tally.prompt_tokens, tally.completion_tokens) == (11, 5)
 
 
+async def test_the_prompts_cached_tokens_are_counted_once_per_engine_request() -> None:
+    # vLLM says on each output how many prompt tokens its prefix cache held.
+    tally = GenerationTally()
+    first, later = output([1], prompt=40), output([1], prompt=40)
+    first.num_cached_tokens, later.num_cached_tokens = 32, 32
+    await drain(count(source([first, later]), tally, delta=True))
+    await drain(count(source([output([1], prompt=8)]), tally, delta=True))  # an engine that says nothing
+    assert (tally.prompt_tokens, tally.cached_tokens) == (48, 32)
+    assert tally.outcome().cached_tokens == 32
+
+
 async def test_stopping_early_closes_the_engine_stream() -> None:
     closed = []
 
