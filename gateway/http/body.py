@@ -80,17 +80,8 @@ def check_json_label(header: str | None) -> None:
     ``+json`` type (RFC 6839), parameters such as ``charset`` aside. A body
     with no label is read as JSON: nothing says it is anything else, and
     clients send none (tritonclient's inference calls, hand-written scripts),
-    where a form or text label says the body was not meant as JSON. A
-    ``charset`` other than UTF-8 (or its subset US-ASCII) is refused too:
-    JSON is UTF-8 (RFC 8259), and the body would be read otherwise than sent."""
-    media_type, _, parameters = (header or "").partition(";")
-    media_type = media_type.strip().lower()
-    charset = _charset(parameters)
-    if charset not in (None, "utf-8", "utf8", "us-ascii"):
-        raise UnsupportedMediaTypeError(
-            f"The request body must be JSON in UTF-8 (`Content-Type: application/json`); "
-            f"this request's is labelled `charset={charset}`."
-        )
+    where a form or text label says the body was not meant as JSON."""
+    media_type = (header or "").partition(";")[0].strip().lower()
     if not media_type or media_type == "application/json":
         return
     if media_type.startswith("application/") and media_type.endswith("+json"):
@@ -99,15 +90,6 @@ def check_json_label(header: str | None) -> None:
         f"The request body must be JSON, labelled `Content-Type: application/json`; "
         f"this request's is `{header.strip() if header else ''}`."
     )
-
-
-def _charset(parameters: str) -> str | None:
-    """The ``charset`` among a Content-Type's ``parameters`` (lowercase, unquoted), if any."""
-    for parameter in parameters.split(";"):
-        name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset":
-            return value.strip().strip('"').lower()
-    return None
 
 
 GZIP_BITS = 16 + zlib.MAX_WBITS  # a gzip member (RFC 1952)

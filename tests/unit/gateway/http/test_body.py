@@ -133,10 +133,7 @@ def test_a_byte_order_mark_anywhere_but_first_is_not_json(raw: bytes) -> None:
 
 @pytest.mark.parametrize(
     "label",
-    [
-        "application/json", "Application/JSON; charset=utf-8", "application/vnd.api+json", " application/json ", "",
-        'application/json; charset="UTF-8"', "application/json; charset=us-ascii",
-    ],
+    ["application/json", "Application/JSON; charset=utf-8", "application/vnd.api+json", " application/json ", ""],
 )
 async def test_a_body_labelled_json_is_read(label: str) -> None:
     request, _ = request_of([BODY], content_type=label)
@@ -156,9 +153,6 @@ async def test_a_body_with_no_label_is_read_as_json() -> None:
         ({"content_type": "application/x-www-form-urlencoded"}, "`application/x-www-form-urlencoded`"),
         ({"content_type": "application/jsonp"}, "`application/jsonp`"),
         ({"content_type": "multipart/form-data; boundary=x"}, "`multipart/form-data; boundary=x`"),
-        # JSON is UTF-8: Latin-1 bytes were refused as "not valid JSON" or read as other text.
-        ({"content_type": "application/json; charset=latin-1"}, "`charset=latin-1`"),
-        ({"content_type": "application/json;charset=UTF-16"}, "`charset=utf-16`"),
     ],
 )
 async def test_a_body_not_labelled_json_is_415_before_any_is_read(headers: dict[str, str], named: str) -> None:
