@@ -91,7 +91,8 @@ class Refusal(NamedTuple):
 def describe(errors: Sequence[Any]) -> Refusal:
     """The refusal of pydantic's ``errors`` (``exc.errors()``)."""
     field = tuple(errors[0]["loc"][:1])  # the first field pydantic found wrong
-    problems = [_problem(e) for e in _first_item(e for e in errors if tuple(e["loc"][:1]) == field)]
+    errors = [e for e in errors if tuple(e["loc"][:1]) == field]
+    problems = [_problem(e) for e in (_first_item(errors) if len(errors) > MANY_ERRORS else errors)]
     error = closest(problems).error
     param = path_of(error["loc"]) or None
     if error["type"] == "missing":
@@ -225,21 +226,31 @@ def _within(shape: tuple[int | str, ...], shapes: set[tuple[int | str, ...]]) ->
     return any(shape[:at] in shapes for at in range(len(shape) + 1))
 
 
+# Past this many errors in one field, only each list shape's first wrong item
+# is weighed (``_first_item``): a 34 KB body of wrong messages makes 23,000.
+MANY_ERRORS = 1_000
+
+
 def _first_item(errors: Iterable[Any]) -> list[Any]:
-    """The errors of the first wrong item where a field's list has several
-    (and those not in an item): the client is told of the first anyway, and
-    weighing every item's shapes against every other's grows with the cube
-    of their number (a 34 KB body of wrong messages took minutes)."""
+    """Of each list shape a field may take (a union's members: ``prompt`` as
+    strings, or as token ids), the errors of its first wrong item alone (and
+    those not in an item): the client is told of one item anyway, and each
+    error weighed costs the replica's loop (it was cubic in their number
+    before ``_meant_elsewhere`` looked shapes up in sets: minutes)."""
     errors = list(errors)
     items = [_item(e["loc"]) for e in errors]
-    first = min((item for item in items if item is not None), default=None)
-    return [e for e, item in zip(errors, items) if item is None or item == first]
+    first: dict[tuple[int | str, ...], int] = {}
+    for item in items:
+        if item is not None:
+            first[item[0]] = min(item[1], first.get(item[0], item[1]))
+    return [e for e, item in zip(errors, items) if item is None or item[1] == first[item[0]]]
 
 
-def _item(loc: Sequence[int | str]) -> int | None:
-    """The index of the field's list item ``loc`` is in (past the union
-    members' names pydantic puts before it), None where it is in none."""
-    return next((part for part in loc[1:] if isinstance(part, int)), None)
+def _item(loc: Sequence[int | str]) -> tuple[tuple[int | str, ...], int] | None:
+    """Where ``loc`` is in an item of a list: the list's place (its field and
+    union member) and the item's index; None where it is in none."""
+    at = next((at for at in range(1, len(loc)) if isinstance(loc[at], int)), None)
+    return None if at is None else (tuple(loc[:at]), int(loc[at]))
 
 
 def _names_another_shape(error: Any, name: str) -> bool:

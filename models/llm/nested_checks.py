@@ -106,7 +106,7 @@ def check_responses_settings(body: Mapping[str, Any], tool_server: bool) -> None
     bounds only those, and vLLM only echoes it)."""
     for (field, key), (asking, what) in UNSERVED_SETTINGS.items():
         outer = body.get(field)
-        if isinstance(outer, dict) and outer.get(key) in asking:
+        if isinstance(outer, dict) and isinstance(outer.get(key), str) and outer[key] in asking:
             place = f"{field}.{key}"
             raise InvalidRequestError(
                 f"Unsupported parameter: '{place}': this model does not serve {what}.",

@@ -300,3 +300,4 @@ def test_metadata_within_openais_bounds_passes() -> None:
     assert check_metadata({"metadata": {f"k{i}": "v" * 512 for i in range(16)}}) is None
     assert check_metadata({"metadata": {"k" * 64: ""}}) is None
     assert check_metadata({"metadata": None}) is None and check_metadata({}) is None
+

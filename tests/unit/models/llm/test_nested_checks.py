@@ -113,3 +113,8 @@ def test_max_tool_calls_is_refused_where_built_in_tools_run() -> None:
         check_responses_settings({"input": "hi", "max_tool_calls": 1}, tool_server=True)
     assert refused.value.param == "max_tool_calls"
     check_responses_settings({"input": "hi", "max_tool_calls": None}, tool_server=True)
+
+
+@pytest.mark.parametrize("body", [{"text": {"verbosity": ["low"]}}, {"reasoning": {"summary": {}}}])
+def test_a_setting_of_the_wrong_type_is_left_to_the_schema_not_a_500(body: dict[str, Any]) -> None:
+    check_responses_settings({"input": "hi", **body}, tool_server=False)  # vLLM's schema names it next
