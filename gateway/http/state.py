@@ -166,7 +166,10 @@ class GatewayState:
         version = self.metrics.version
         if self.own_hub is not None:
             return await self.own_hub.render(self.source, self.metrics.snapshot(), version)
-        page: str = await self._hub.render.remote(self.source, self.metrics.snapshot(), version)
+        try:
+            page: str = await self._hub.render.remote(self.source, self.metrics.snapshot(), version)
+        except TypeError:  # a hub of a version before ``version``, until it rolls over too
+            page = await self._hub.render.remote(self.source, self.metrics.snapshot())
         return page
 
     # An LLM replica's calls for its engine page (``gateway.metrics.engine_pages``),

@@ -92,8 +92,9 @@ class GatewayMetrics:
             self._tokens.inc((model, variant, "prompt", key), outcome.prompt_tokens)
         if outcome.completion_tokens:
             self._tokens.inc((model, variant, "completion", key), outcome.completion_tokens)
-        if outcome.cached_tokens:
-            self._tokens.inc((model, variant, "cached", key), outcome.cached_tokens)
+        # (An Outcome from a replica of a version before it has no such slot.)
+        if cached := getattr(outcome, "cached_tokens", 0):
+            self._tokens.inc((model, variant, "cached", key), cached)
         if outcome.first_token_s is not None:
             self._ttft.observe(labels, outcome.first_token_s)
         if outcome.inter_token_counts:

@@ -245,6 +245,9 @@ async def _beams_counted(searched: AsyncGenerator[Any, None], tally: GenerationT
         async for output in searched:
             if output.finished:
                 tally.first_token()
+                # Set, not added: a stream searches one prompt (vLLM refuses
+                # streamed searches of completions, the only several-prompt
+                # kind), and a whole answer's count is its usage, set after.
                 tally.prompt_tokens = len(output.prompt_token_ids or ())
                 tally.completion_tokens = sum(len(seq.token_ids) for seq in output.outputs)
                 tally.cached_tokens = 0  # (the search's steps hit the cache, not the answer's prompt)
