@@ -77,7 +77,7 @@ def reserved_cpus(setting: str | Sequence[int]) -> set[int] | None:
         return None
     reserved = int(os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") or 1)
     computing = vllm_compute_cpus(available)
-    if len(computing) > reserved:
+    if 0 < reserved < len(computing):
         return set(computing[-reserved:])
     return set(available) - set(computing) or None  # vLLM reserves none of so few
 

@@ -53,9 +53,9 @@ class Gathering(NamedTuple):
         replica it may reach, and requests held until a call returns when
         its batches do not wait, else half its batch wait (at most
         ``MAX_HOLD_S``), so a waiting batch is never kept waiting by the
-        ingress. A model with a queue bound takes at most its replicas'
-        places and queues' worth of requests (``max_ongoing_requests`` +
-        ``max_queued_requests`` each) from one ingress replica. None (call
+        ingress. A model with a queue bound takes at most what Serve would
+        from one caller: its replicas' places (``max_ongoing_requests``
+        each) and the caller's queue (``max_queued_requests``). None (call
         by call): LLMs, which batch in the engine, and models with batching off."""
         from gateway.config import ClassicalModelConfig
 
@@ -65,7 +65,7 @@ class Gathering(NamedTuple):
         hold = min(wait / 2, MAX_HOLD_S) if wait > 0 else None
         capacity = None
         if model.max_queued_requests >= 0:
-            capacity = model.max_replicas * (model.max_ongoing_requests + model.max_queued_requests)
+            capacity = model.max_replicas * model.max_ongoing_requests + model.max_queued_requests
         return cls(model.max_batch_size, CALLS_PER_REPLICA * model.max_replicas, hold, capacity)
 
 Send = Callable[[list[Call]], Awaitable[list[Any]]]

@@ -50,6 +50,8 @@ PAD_TO_MULTIPLE_OF = 8
 # sentence-transformers does when a call holds several), memory stays near
 # 0.5 GB and shorter texts carry less padding.
 FORWARD_TEXTS = 64
+# The most characters WordPiece reads as one token (its ``max_input_chars_per_word``).
+WORD_CHARS = 100
 
 
 def pad_batches(model: Any, multiple: int = PAD_TO_MULTIPLE_OF) -> None:
@@ -76,12 +78,14 @@ class EmbeddingPredictor:
         self._tokenizer = model.tokenizer
         self.dimensions = int(model.get_embedding_dimension())
         self.max_tokens = int(model.max_seq_length)
-        # vLLM's bound before tokenizing: no token covers more characters than
-        # the vocabulary's longest, so a longer text is over the window and is
-        # refused without building its tokens (a 32 MiB text takes ~10 GB and
-        # ~40 s of the replica's loop to tokenize).
+        # A bound before tokenizing, as vLLM's: a text longer than its window's
+        # tokens can hold is refused without building its tokens (a 32 MiB
+        # text takes ~10 GB and ~40 s of the replica's loop to tokenize).
+        # Generous past vLLM's (window × longest vocabulary entry): WordPiece
+        # drops whitespace and reads a word of up to 100 characters as one
+        # token, so indented or padded text under the window is not refused.
         longest = max((len(token) for token in self._tokenizer.get_vocab()), default=1)
-        self.max_chars = self.max_tokens * longest
+        self.max_chars = self.max_tokens * max(longest, WORD_CHARS)
 
     @classmethod
     def load(
@@ -115,9 +119,9 @@ class EmbeddingPredictor:
                 raise InvalidRequestError(f"{path(index)} is an empty string", param=path(index))
             if len(text) > self.max_chars:
                 raise ContextLengthExceededError(
-                    f"{path(index)} has {len(text)} characters, more than the {self.max_chars} that "
-                    f"{self.max_tokens} tokens can hold; this model's maximum context length is "
-                    f"{self.max_tokens} tokens. Please shorten the input.",
+                    f"{path(index)} has {len(text)} characters, more than the {self.max_chars} read "
+                    f"for this model's maximum context length of {self.max_tokens} tokens. "
+                    "Please shorten the input.",
                     param=path(index),
                 )
         texts = list(instances)

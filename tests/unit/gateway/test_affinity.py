@@ -24,6 +24,7 @@ ALL = set(range(os.cpu_count() or 1))
         ("auto", {0, 1, 2, 3}, None, {3}),
         ("auto", {0, 1, 2, 3}, "2", {2, 3}),
         ("auto", {0, 1}, "4", None),  # vLLM reserves none of so few: its threads use them all
+        ("auto", {0, 1, 2, 3}, "0", None),  # none reserved: nothing is left to the gateway
         ("auto", {5}, None, None),  # one CPU: nothing to keep apart
     ],
 )
@@ -75,9 +76,16 @@ def test_auto_picks_what_vllms_own_binding_leaves_to_others(
 
 
 def test_this_hosts_topology_is_read_for_each_cpu() -> None:
+    # Where Linux says (sysfs), its package and core; elsewhere a core of the CPU's own.
     for cpu in os.sched_getaffinity(0):
-        node, (package, core) = affinity._topology(cpu)
-        assert node >= 0 and (package, core) != (-1, cpu), cpu  # Linux says, for every CPU
+        node, core = affinity._topology(cpu)
+        topology = affinity.SYS_CPU / f"cpu{cpu}" / "topology"
+        if (topology / "core_id").exists() and (topology / "physical_package_id").exists():
+            said = (int((topology / "physical_package_id").read_text()), int((topology / "core_id").read_text()))
+            assert core == said, cpu
+        else:
+            assert core == (-1, cpu), cpu
+        assert node >= 0
 
 
 @pytest.mark.parametrize("setting", [[7, 9], [1, 4]])

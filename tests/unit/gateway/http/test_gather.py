@@ -172,7 +172,7 @@ async def test_past_its_capacity_a_request_is_refused_503_until_answers_free_roo
     assert await gatherer.submit("f") == "answer to f"
 
 
-@pytest.mark.parametrize(("queued", "capacity"), [(-1, None), (6, 2 * (4 + 6))])
+@pytest.mark.parametrize(("queued", "capacity"), [(-1, None), (6, 2 * 4 + 6)])
 def test_a_models_queue_bound_makes_its_gathering_capacity(queued: int, capacity: int | None) -> None:
     model = ClassicalModelConfig.model_validate({
         "name": "iris", "engine": "sklearn", "model": "m",

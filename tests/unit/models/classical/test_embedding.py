@@ -121,18 +121,21 @@ def test_a_large_batch_runs_in_passes_of_at_most_64_texts_in_its_own_order(
 def test_a_text_longer_than_the_window_can_hold_is_refused_before_it_is_tokenized() -> None:
     # Tokenizing a body-sized text costs GB and seconds of the replica's loop.
     predictor = EmbeddingPredictor.load(str(MINILM), dtype="float32")
-    assert predictor.max_chars == 256 * 18  # MiniLM's window × its longest vocabulary entry
+    assert predictor.max_chars == 256 * 100  # MiniLM's window × the most WordPiece reads as one token
     calls: list[int] = []
     tokenizer = predictor._tokenizer
     predictor._tokenizer = lambda texts: calls.append(len(texts)) or tokenizer(texts)
     with pytest.raises(ContextLengthExceededError) as refused:
         predictor.inputs(["fine", "x" * (predictor.max_chars + 1)], "input")
-    assert refused.value.param == "input[1]" and "4609 characters" in str(refused.value)
+    assert refused.value.param == "input[1]" and "25601 characters" in str(refused.value)
     assert calls == []
-    # At the bound the tokens decide: 4,608 characters of words are over 256 tokens.
+    # Within the bound the tokens decide: 25,600 characters of words are over 256 tokens,
+    # and a text padded with whitespace under the window is read.
     with pytest.raises(ContextLengthExceededError, match="tokens"):
         predictor.inputs(["ab " * (predictor.max_chars // 3)], "input", lone=True)
     assert calls == [1]
+    texts, counts = predictor.inputs([(" " * 30 + "word\n") * 200], "input", lone=True)
+    assert len(texts[0]) > 256 * 18 and counts == [202]  # past vLLM's bound, well within the window
 
 
 def test_a_window_that_is_no_multiple_of_8_is_not_padded_past_it() -> None:

@@ -193,8 +193,8 @@ async def test_a_large_batch_runs_in_parts_and_the_loop_runs_between_them(iris_d
     # The model runs on the replica's loop: a batch of thousands of texts
     # held it for minutes, and Serve's health checks failed meanwhile.
     server, predictor = await make_server(iris_dir, max_batch_size=8, batch_wait_timeout_s=0.0)
-    rows = [[5.1, 3.5, 1.4, 0.2]] * 40
-    ticks = 0
+    setosa, virginica = [5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]
+    ticks, seen = 0, []
 
     async def ticking() -> None:
         nonlocal ticks
@@ -202,12 +202,19 @@ async def test_a_large_batch_runs_in_parts_and_the_loop_runs_between_them(iris_d
             ticks += 1
             await asyncio.sleep(0)
 
+    predict_part = predictor.predict
+
+    def recorded(batch: Sequence[Any]) -> list[list[Any]]:
+        seen.append(ticks)  # how often the loop had run when each part began
+        return predict_part(batch)
+
+    predictor.predict = recorded  # type: ignore[method-assign]
     ticker = asyncio.ensure_future(ticking())
-    await asyncio.sleep(0)
-    before = ticks
-    results = await server.generate_many([predict(rows)] * 5)
+    requests = [predict([setosa if n % 2 else virginica] * 40) for n in range(5)]
+    results = await server.generate_many(requests)
     ticker.cancel()
     # 200 instances, in parts of whole requests of at least 64: 80, 80, 40.
     assert predictor.calls == [2, 2, 1] and all(isinstance(r, Reply) for r in results)
-    assert ticks - before >= 2
-    assert [len(json.loads(r.body)["predictions"]) for r in results] == [40] * 5  # type: ignore[union-attr]
+    assert seen[0] < seen[1] < seen[2]  # the loop ran between the parts
+    labels = [{p["label"] for p in json.loads(r.body)["predictions"]} for r in results]  # type: ignore[union-attr]
+    assert labels == [{"virginica"}, {"setosa"}] * 2 + [{"virginica"}]  # each its own, in order
