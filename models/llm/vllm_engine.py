@@ -26,7 +26,7 @@ from gateway.errors import ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, check_openai_metadata, counted_fields
 from models.llm import budget_checks, cache_salt, compact_json, tool_checks, vllm_compat, vllm_conversation, vllm_errors
-from models.llm import vllm_lora, vllm_messages, vllm_stored, vllm_streams
+from models.llm import long_lists, vllm_lora, vllm_messages, vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
@@ -253,7 +253,9 @@ class VLLMEngine:
         check_fields(request.endpoint, request.body, counted_fields(request.endpoint, _known_fields(schema)))
         self._check_body(request, prompt_param)
         try:
-            parsed = vllm_errors.validated(schema, _with_request_id(request))
+            body = _with_request_id(request)
+            await long_lists.screen(lambda part: vllm_errors.validated(schema, part), body)
+            parsed = vllm_errors.validated(schema, body)
             if request.endpoint in ("chat", "completion"):
                 check_nested_keys(request.body, parsed)
             if request.endpoint in budget_checks.GENERATING:

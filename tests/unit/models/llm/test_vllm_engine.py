@@ -78,3 +78,44 @@ def test_what_the_engine_used_for_a_request_sums_its_choices() -> None:
     assert _used(engine, "req") == (10, 7)
     assert _used(engine, "other") is None  # ended, or never added: known from its outputs
     assert _used(SimpleNamespace(), "req") is None  # another vLLM's internals
+
+
+def test_a_long_wrong_body_is_validated_with_the_replica_loop_running() -> None:
+    # Validated whole, 1,000 messages with a wrong one hold the loop (and every stream on it) throughout.
+    import asyncio
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from gateway.protocol.engine import EngineRequest
+
+    async def never_called(parsed: Any, create: Any) -> Any:
+        raise AssertionError("a wrong body reached vLLM")
+
+    engine = _engine(2048)
+    engine._vllm.endpoints["chat"] = (ChatCompletionRequest, never_called, "messages")
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "hi"}] * 1000
+    messages[900] = {"role": "user", "content": 5}
+    request = EngineRequest(endpoint="chat", body={"model": "m", "messages": messages}, request_id="r", model="m")
+
+    async def served_with_a_ticker() -> tuple[int, InvalidRequestError]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        try:
+            await engine._served(request, never_called)
+        except InvalidRequestError as exc:
+            return ticks, exc
+        finally:
+            ticker.cancel()
+        raise AssertionError("the body was taken")
+
+    ticks, refusal = asyncio.run(served_with_a_ticker())
+    assert refusal.param == "messages[900].content"
+    assert ticks >= 1  # the loop ran while the parts before the wrong one were validated
