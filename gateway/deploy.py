@@ -59,10 +59,16 @@ def ingress_user_config(config: GatewayConfig) -> dict[str, Any]:
     """What the ingress reconfigures itself from: every model, the routes and
     the API keys (their hashes)."""
     return {
-        "models": [m.model_dump(mode="json") for m in config.models],
+        "models": [_dumped(model) for model in config.models],
         "routing": config.routing.model_dump(mode="json"),
         "keys": [k.model_dump(mode="json", exclude_none=True) for k in config.keys],
     }
+
+
+def _dumped(model: ModelConfig) -> dict[str, Any]:
+    """``model`` as JSON, read back as the same config: a dump writes every
+    default, and ``num_replicas`` beside ``autoscaling`` reads as set (refused)."""
+    return model.model_dump(mode="json", exclude={"num_replicas"} if model.autoscaling else None)
 
 
 def model_deployment_overrides(model: ModelConfig) -> dict[str, Any]:

@@ -50,14 +50,23 @@ def changes(loaded: Mapping[str, str], wanted: Mapping[str, str]) -> tuple[dict[
 
 
 def adapter_rank(directory: Path) -> int | None:
-    """The rank (PEFT's ``r``) of the adapter in ``directory``; None when it
-    is not a local adapter (a hub id) or does not say."""
+    """The rank of the adapter in ``directory`` as vLLM weighs it against its
+    limit: the largest of PEFT's ``r`` and the ranks of its ``rank_pattern``
+    (layers of a rank of their own); None when it is not a local adapter (a
+    hub id) or does not say."""
     try:
         config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    rank = config.get("r") if isinstance(config, dict) else None
-    return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+    if not isinstance(config, dict) or not _is_rank(rank := config.get("r")):
+        return None
+    pattern = config.get("rank_pattern")
+    layers = [r for r in pattern.values() if _is_rank(r)] if isinstance(pattern, dict) else []
+    return max([rank, *layers])
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def rank_limit(ranks: Iterable[int | None]) -> int | None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, parse_config
-from gateway.deploy import ADDED, LIVE, REMOVED, REPLACED, deploy, serve_config
+from gateway.config import ConfigError, GatewayConfig, load_config, parse_config
+from gateway.deploy import ADDED, LIVE, REMOVED, REPLACED, deploy, ingress_user_config, serve_config
 
 BASE = {
     "app_name": "gw",
@@ -214,3 +215,23 @@ def test_a_deploy_that_changes_nothing_says_nothing_changed(monkeypatch: pytest.
     assert deploy(parse_config(BASE)) == {}
     scaled = {**BASE, "models": [{**BASE["models"][0], "num_replicas": 2}, BASE["models"][1]]}
     assert deploy(parse_config(scaled)) == {"a": LIVE}
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[3].glob("configs/**/*.yaml")), ids=lambda p: p.name)
+def test_the_ingress_reads_back_every_shipped_configs_models_and_routes(path: Path) -> None:
+    # The ingress validates its user_config again; a model with autoscaling failed there, so it never started.
+    config = load_config(path)
+    user_config = ingress_user_config(config)
+    models, routing, keys = user_config["models"], user_config["routing"], user_config["keys"]
+    again = GatewayConfig.assemble(config.front_door(), models, routing, keys)
+    assert again.models == config.models
+    assert again.routing == config.routing
+
+
+def test_a_model_scaled_by_load_reaches_the_ingress_with_its_autoscaling() -> None:
+    model = {"name": "a", "engine": "echo", "autoscaling": {"min_replicas": 1, "max_replicas": 3}}
+    config = parse_config({"models": [model]})
+    user_config = ingress_user_config(config)
+    again = GatewayConfig.assemble(config.front_door(), user_config["models"], user_config["routing"])
+    assert again.models[0].autoscaling == config.models[0].autoscaling
+    assert again.models[0].max_replicas == 3

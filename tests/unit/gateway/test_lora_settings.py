@@ -96,3 +96,11 @@ def test_a_rank_is_read_only_from_a_local_adapter_that_states_it(tmp_path: Path)
     assert lora.adapter_rank(Path(adapter(tmp_path, "b", '"16"'))) is None
     assert lora.adapter_rank(Path(adapter(tmp_path, "c", "true"))) is None
     assert lora.adapter_rank(tmp_path / "missing") is None
+
+
+def test_an_adapters_rank_is_its_largest_layers_as_vllm_weighs_it(tmp_path: Path) -> None:
+    # vLLM refuses an adapter whose rank_pattern goes past max_lora_rank, whatever its r.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text('{"r": 8, "rank_pattern": {"q_proj": 32, "v_proj": 4}}')
+    assert lora.adapter_rank(tmp_path / "a") == 32
+    assert lora.rank_limit([lora.adapter_rank(tmp_path / "a")]) == 32
