@@ -24,6 +24,7 @@ the counts equal to vLLM's own ``prompt_tokens`` over many requests.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime
 from typing import Any, Protocol
@@ -44,6 +45,19 @@ def counter_for(spec: dict[str, Any] | None) -> PromptCounter | None:
     if spec.get("kind") == "hf":
         return TemplateCounter(spec)
     return None
+
+
+# A body over this many bytes is counted in a thread: rendering and tokenizing
+# 1 MB of prompt on the ingress's loop held every other request for a second.
+INLINE_BYTES = 32 * 1024
+
+
+async def count(counter: PromptCounter, endpoint: str, body: dict[str, Any], size: int) -> list[int] | None:
+    """``counter.prompt_tokens(endpoint, body)``, in a thread for a body of
+    more than ``INLINE_BYTES`` (``size``): below, a thread costs more than counting."""
+    if size <= INLINE_BYTES:
+        return counter.prompt_tokens(endpoint, body)
+    return await asyncio.to_thread(counter.prompt_tokens, endpoint, body)
 
 
 def most_tokens(counts: list[int], body: dict[str, Any], window: int | None) -> int | None:
@@ -182,10 +196,15 @@ class TemplateCounter:
         if prompts is None:
             return None
         special = body.get("add_special_tokens", True)
-        return [
-            len(p) if isinstance(p, list) else len(self._tokenizer.encode(p, add_special_tokens=special).ids)
-            for p in prompts
-        ]
+        texts = [p for p in prompts if isinstance(p, str)]
+        counts = iter(self._lengths(texts, special))
+        return [len(p) if isinstance(p, list) else next(counts) for p in prompts]
+
+    def _lengths(self, texts: list[str], special: bool) -> list[int]:
+        """The tokens of each of ``texts``: ``encode_batch``, which lets go of
+        Python's lock while it runs (``encode`` holds it), so that a long
+        prompt counted in a thread (``count``) leaves the ingress's loop free."""
+        return [len(encoding.ids) for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=special)]
 
     def _chat(self, body: dict[str, Any]) -> list[int] | None:
         if any(body.get(k) for k in _UNMIRRORED):
@@ -211,8 +230,7 @@ class TemplateCounter:
             documents=None,
             add_generation_prompt=body.get("add_generation_prompt", True),
         )
-        special = bool(body.get("add_special_tokens", False))
-        return [len(self._tokenizer.encode(rendered, add_special_tokens=special).ids)]
+        return self._lengths([rendered], bool(body.get("add_special_tokens", False)))
 
 
 def _conversation(messages: Any, fmt: str) -> list[dict[str, Any]] | None:

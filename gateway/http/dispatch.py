@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from gateway.auth.local import LocalLimiter
+from gateway.auth import prompt_count
 from gateway.auth.prompt_count import most_tokens
 from gateway.errors import (
     GatewayError,
@@ -121,7 +122,7 @@ class ModelDispatcher:
                 tokens = 0
                 if api.tpm is not None:
                     call = EngineRequest(endpoint, body, request_id, route.target, replica, owner)
-                    tokens = await self._reserved_tokens(table, route, call, name, in_body)
+                    tokens = await self._reserved_tokens(table, route, call, name, in_body, len(raw))
                 admission = await admit(self.limiter, api, tokens, name)
             except GatewayError as error:  # (refused after routing: the variant is said, as on any such error)
                 error.extra_headers.setdefault(VARIANT_HEADER, route.target)
@@ -150,22 +151,23 @@ class ModelDispatcher:
         return response
 
     async def _reserved_tokens(
-        self, table: ServingTable, route: Route, call: EngineRequest, name: str, in_body: bool
+        self, table: ServingTable, route: Route, call: EngineRequest, name: str, in_body: bool, size: int
     ) -> int:
-        """What a token limit reserves for ``call`` (its body as sent), counted
-        by the first of the route's variants that can: one whose model has no
-        running replica is its fallback's to serve, and to count."""
+        """What a token limit reserves for ``call`` (its body as sent, of
+        ``size`` bytes), counted by the first of the route's variants that
+        can: one whose model has no running replica is its fallback's to
+        serve, and to count."""
         candidates = (route.target, *route.fallbacks)
         for target in candidates:
             routed = dataclasses.replace(call, body=_routed(call.body, name, target, in_body), model=target)
             try:
-                return await self._most_tokens(table.model(target), routed)
+                return await self._most_tokens(table.model(target), routed, size)
             except ServiceUnavailableError:
                 if target == candidates[-1]:
                     raise
         raise AssertionError("unreachable: the last candidate returns or raises")
 
-    async def _most_tokens(self, model: ServedModel, call: EngineRequest) -> int:
+    async def _most_tokens(self, model: ServedModel, call: EngineRequest, size: int) -> int:
         """What a token limit reserves for ``call``: the model's own count for
         LLMs, a bound from the input for embedding models (by any endpoint),
         none for other predictions."""
@@ -176,7 +178,7 @@ class ModelDispatcher:
             if client.counter is None:
                 client.learn_counter()
             else:
-                counts = client.counter.prompt_tokens(call.endpoint, call.body)
+                counts = await prompt_count.count(client.counter, call.endpoint, call.body, size)
                 total = most_tokens(counts, call.body, client.window) if counts is not None else None
                 if total is not None:
                     return total

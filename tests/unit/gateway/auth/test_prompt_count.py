@@ -81,3 +81,40 @@ def test_tools_reach_the_template_as_vllm_dumps_them(tool: dict[str, Any]) -> No
 def test_deferred_tools_are_left_to_the_replica() -> None:
     with pytest.raises(ValueError):
         _tool({"type": "function", "function": {"name": "f"}, "defer_loading": True})
+
+
+def _template_counter() -> Any:
+    from pathlib import Path
+
+    tokenizer = Path(__file__).parents[4] / ".models" / "tiny-chat-v1" / "tokenizer.json"
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    spec = {"kind": "hf", "tokenizer": tokenizer.read_text(), "chat_templates": {"plain": template},
+            "content_formats": {"plain": "string"}}
+    return counter_for(spec)
+
+
+async def test_a_long_prompt_is_counted_with_the_ingress_loop_running() -> None:
+    # Counted on the loop, 1 MB of prompt held every other request on the ingress for a second.
+    import asyncio
+
+    from gateway.auth import prompt_count
+
+    counter = _template_counter()
+    body = {"messages": [{"role": "user", "content": "some words, and more of them. " * 40_000}]}
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    counted = await prompt_count.count(counter, "chat", body, size=1_200_000)
+    ticker.cancel()
+    assert counted == counter.prompt_tokens("chat", body)
+    assert counted is not None and counted[0] > 200_000
+    assert ticks > 100  # the loop ran throughout, not once at the end
+    small = {"messages": [{"role": "user", "content": "two words"}]}
+    assert await prompt_count.count(counter, "chat", small, size=60) == counter.prompt_tokens("chat", small)
