@@ -43,6 +43,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
 from gateway.errors import GatewayError, InvalidRequestError, RequestReadTimeoutError
+from gateway.http.auth import OPERATIONS
 from gateway.http.front_door_socket import BACKLOG, HOST_VARIABLE, kept_socket
 from gateway.http.handlers import envelope
 
@@ -238,17 +239,38 @@ class FrontDoorProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+class Places:
+    """At most ``limit`` requests in ``app`` at once (``ingress.max_ongoing_requests``),
+    as Serve holds those that come to an ingress replica through its proxy;
+    the rest wait their turn, as Serve queues them. Operations routes
+    (``/health``, ``/metrics``...) pass: they answer at once, and a probe
+    must not wait behind the streams."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self._app = app
+        self._places = asyncio.Semaphore(limit)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPERATIONS:
+            await self._app(scope, receive, send)
+            return
+        async with self._places:
+            await self._app(scope, receive, send)
+
+
 class FrontDoor:
     """One ingress replica's listener on the shared front-door port."""
 
-    def __init__(self, app: Any, host: str, port: int, *, read_timeout_s: float) -> None:
+    def __init__(
+        self, app: Any, host: str, port: int, *, read_timeout_s: float, max_ongoing_requests: int | None = None
+    ) -> None:
         protocol = type(
             "GatewayFrontDoorProtocol",
             (FrontDoorProtocol,),
             {"head_timeout_s": read_timeout_s, "client_timeout_s": 2 * read_timeout_s},
         )
         self._config = uvicorn.Config(
-            app,
+            app if max_ongoing_requests is None else Places(app, max_ongoing_requests),
             host=host,
             port=port,
             http=protocol,

@@ -87,7 +87,12 @@ class GatewayIngress:
             self._state.loopback = is_loopback(await serve_http_host())
             if (address := await own_front_door(serve.get_replica_context().app_name)) is not None:
                 ingress = self._state.front_door.ingress
-                self._front_door = FrontDoor(build_api(self._state), *address, read_timeout_s=ingress.read_timeout_s)
+                self._front_door = FrontDoor(
+                    build_api(self._state),
+                    *address,
+                    read_timeout_s=ingress.read_timeout_s,
+                    max_ongoing_requests=ingress.max_ongoing_requests,
+                )
                 await self._front_door.start()
         freeze_in_replica()  # once, see gateway.heap_freeze: its app is built by now
 

@@ -65,7 +65,7 @@ async def front_door(app: App, port: int = 0) -> AsyncIterator[FrontDoor]:
         await door.stop(1)
 
 
-async def exchange(port: int, data: bytes, *, wait_close: bool = True) -> bytes:
+async def exchange(port: int, data: bytes, wait_close: bool = True) -> bytes:
     """Sends ``data`` and reads until the server closes (or a first answer, when not ``wait_close``)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
@@ -276,3 +276,25 @@ async def test_a_chunked_bodys_trailers_are_neither_refused_nor_taken_for_header
         writer.close()
     assert first.startswith(b"HTTP/1.1 200") and second.count(b"HTTP/1.1 ") == 1
     assert second.startswith(b"HTTP/1.1 200") and app.seen == 2
+
+
+async def test_requests_past_max_ongoing_requests_wait_their_turn_but_probes_do_not() -> None:
+    # Serve holds an ingress replica's requests to max_ongoing_requests; its own front door ignored the setting.
+    app = App()
+    door = FrontDoor(app, "127.0.0.1", 0, read_timeout_s=5, max_ongoing_requests=2)
+    await door.start()
+    try:
+        held = []
+        for _ in range(3):
+            held.append(asyncio.ensure_future(exchange(door.port, b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n", False)))
+            while app.seen < min(len(held), 2):
+                await asyncio.sleep(0.01)
+        probe = await exchange(door.port, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n", wait_close=False)
+        assert split(probe)[2] == b"ok /health"
+        assert app.seen == 3  # two held, and the probe; the third waits for a place
+        app.release.set()
+        answers = await asyncio.gather(*held)
+        assert [split(answer)[2] for answer in answers] == [b"ok /held"] * 3
+        assert app.seen == 4
+    finally:
+        await door.stop(1)
