@@ -64,6 +64,13 @@ class LLMModelConfig(ModelConfig):
                 "`num_gpus` is for single-worker replicas; a replica with "
                 f"{self.workers} workers takes `gpus_per_worker` in each worker's bundle"
             )
+        if self.autoscaling is not None and self.autoscaling.max_replicas > self.autoscaling.min_replicas:
+            # Serve scales by the requests it routes; an LLM's go by its replicas' own relay port.
+            raise ValueError(
+                "`autoscaling` between replica counts is not supported for LLM models: Serve's "
+                "autoscaler does not see the requests relayed to their replicas, so it would never "
+                "add one. Set `num_replicas` (or `min_replicas` equal to `max_replicas`)"
+            )
         return self
 
     @property

@@ -136,6 +136,12 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
             "only vllm and echo models have it",
             id="stored-responses-on-embeddings",
         ),
+        pytest.param(
+            _config(autoscaling={"min_replicas": 1, "max_replicas": 4}),
+            "models.0",
+            "Serve's autoscaler does not see the requests relayed to their replicas",
+            id="autoscaling-an-llm",
+        ),
     ],
 )
 def test_invalid_config_names_field_and_reason(data: dict[str, Any], field: str, reason: str) -> None:
@@ -435,3 +441,8 @@ def test_an_access_log_file_is_opened_where_the_config_says_from_any_working_dir
 def test_an_access_log_under_an_unknown_users_home_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"ingress.access_log: '~no-such-user-here/a.log' names a user"):
         parse_config({"ingress": {"access_log": "~no-such-user-here/a.log"}, "models": ECHO})
+
+
+def test_an_llm_may_state_its_replicas_as_autoscaling_bounds_that_agree() -> None:
+    config = parse_config(_config(autoscaling={"min_replicas": 2, "max_replicas": 2}))
+    assert config.models[0].max_replicas == 2

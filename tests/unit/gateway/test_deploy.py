@@ -229,7 +229,8 @@ def test_the_ingress_reads_back_every_shipped_configs_models_and_routes(path: Pa
 
 
 def test_a_model_scaled_by_load_reaches_the_ingress_with_its_autoscaling() -> None:
-    model = {"name": "a", "engine": "echo", "autoscaling": {"min_replicas": 1, "max_replicas": 3}}
+    model = {"name": "e", "engine": "sentence-transformers", "model": "org/e",
+             "autoscaling": {"min_replicas": 1, "max_replicas": 3}}
     config = parse_config({"models": [model]})
     user_config = ingress_user_config(config)
     again = GatewayConfig.assemble(config.front_door(), user_config["models"], user_config["routing"])

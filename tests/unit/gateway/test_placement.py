@@ -49,9 +49,9 @@ def test_pipeline_stages_multiply_workers_and_strategy_is_honoured() -> None:
 
 
 def test_autoscaling_replaces_the_replica_count() -> None:
-    options = deployment_options(
-        model(autoscaling={"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8, "upscale_delay_s": 5})
-    )
+    scaling = {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8, "upscale_delay_s": 5}
+    embedder = {"name": "e", "engine": "sentence-transformers", "model": "org/e", "autoscaling": scaling}
+    options = deployment_options(parse_config({"models": [embedder]}).models[0])
     assert "num_replicas" not in options
     assert options["autoscaling_config"] == {
         "min_replicas": 0,
@@ -86,7 +86,8 @@ def test_invalid_placement_fields_are_refused(fields: dict[str, Any], message: s
         {"max_ongoing_requests": 1, "max_queued_requests": 1},
         {"max_queued_requests": -1, "graceful_shutdown_s": 0},
         {"num_cpus": 0.001, "num_gpus": 0.5},
-        {"autoscaling": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0}},
+        {"engine": "sentence-transformers", "model": "org/e",
+         "autoscaling": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0}},
         {"autoscaling": {"target_ongoing_requests": 0.01, "upscale_delay_s": 0, "downscale_delay_s": 0}},
         {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "placement_strategy": "SPREAD"},
         {"engine": "sklearn", "model": "models:/iris/1", "max_batch_size": 1, "batch_wait_timeout_s": 0},
@@ -146,7 +147,8 @@ def test_fits_free_places_every_starting_replica_together() -> None:
     assert not fits_free([model(tensor_parallel_size=4, num_replicas=2)], one_node_free)
     assert not fits_free([model(tensor_parallel_size=2), model(tensor_parallel_size=4)], one_node_free)
     assert fits_free([model(tensor_parallel_size=4, num_replicas=2)], [GPU_NODE, GPU_NODE])
-    scaled = model(tensor_parallel_size=4, autoscaling={"min_replicas": 1, "max_replicas": 3})
+    scaling = {"min_replicas": 1, "max_replicas": 3}
+    scaled = model(engine="sentence-transformers", model="org/e", num_gpus=4, autoscaling=scaling)
     assert fits_free([scaled], one_node_free)  # starts with min_replicas
 
 
