@@ -3,6 +3,7 @@ and a config file's model entry read as the config of the engine it names."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -83,6 +84,9 @@ class LLMModelConfig(ModelConfig):
         """Stored responses each replica keeps (``stored_responses``, or its default)."""
         return DEFAULT_STORED_RESPONSES if self.stored_responses is None else self.stored_responses
 
+
+# A vLLM flag's name, or a name and a field of its config (``speculative_config.method``).
+FLAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*(\.[A-Za-z0-9_.-]+)?")
 
 # vLLM engine arguments the gateway sets from a model's own fields (``VLLMEngine.cli_args``), by the field.
 GATEWAY_ENGINE_ARGS = {
@@ -170,6 +174,9 @@ class VLLMModelConfig(LLMModelConfig):
         names a field of a config, which keeps its own spelling."""
         dashed: dict[str, str | int | float | bool] = {}
         for key, value in engine_args.items():
+            if not FLAG_NAME.fullmatch(key):
+                # ``max-model-len=77`` is read by vLLM's parser as that flag, past the checks below.
+                raise ValueError(f"`engine_args` key {key!r} is no vLLM flag name")
             flag, dot, field = key.partition(".")
             name = flag.replace("_", "-") + dot + field
             if name in dashed:

@@ -113,11 +113,20 @@ async def build_serving(
 
 
 def parse_cli_args(parser: Any, cli_args: list[str]) -> Any:
-    """``cli_args`` parsed by vLLM's ``parser``. An ``engine_args`` setting of
-    false comes as ``--no-<flag>`` (``VLLMEngine.cli_args``): vLLM's own where
-    it has one; a flag without one only turns something on, so false leaves it out."""
+    """``cli_args`` parsed by vLLM's ``parser``, whole flag names only: an
+    abbreviation (``max-model``) would set what the gateway sets itself
+    (``max-model-len``), past the config's check. An ``engine_args`` setting
+    of false comes as ``--no-<flag>`` (``VLLMEngine.cli_args``): vLLM's own
+    where it has one; a flag without one only turns something on, so false
+    leaves it out; a flag vLLM does not have at all is refused either way."""
+    parser.allow_abbrev = False
     known = parser._option_string_actions
-    return parser.parse_args([arg for arg in cli_args if not arg.startswith("--no-") or arg.replace("_", "-") in known])
+    return parser.parse_args([arg for arg in cli_args if not _turns_nothing_off(arg, known)])
+
+
+def _turns_nothing_off(arg: str, known: Any) -> bool:
+    """``--no-<flag>`` of a vLLM flag that has no such form."""
+    return arg.startswith("--no-") and arg not in known and "--" + arg.removeprefix("--no-") in known
 
 
 def _register_endpoints(serving: Serving) -> None:

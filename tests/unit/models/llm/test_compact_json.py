@@ -118,3 +118,21 @@ def test_an_engine_setting_of_false_turns_the_engine_default_off() -> None:
     args = parse_cli_args(make_arg_parser(FlexibleArgumentParser()), VLLMEngine(config).cli_args())
     assert args.enable_prefix_caching is False  # (None, its default, means on)
     assert args.disable_log_stats is False and args.enforce_eager is True  # a flag with no --no- form: left out
+
+
+@pytest.mark.parametrize(
+    "engine_args",
+    [{"max-model": 99}, {"served-model": "other"}, {"enable-prefix-cachin": False}, {"enforce-eagre": True}],
+    ids=["abbreviates-max-model-len", "abbreviates-served-model-name", "misspelt-false", "misspelt-true"],
+)
+def test_an_engine_setting_vllm_has_no_flag_of_is_refused(engine_args: dict[str, Any]) -> None:
+    # vLLM's parser took abbreviations (max-model set max_model_len past the gateway's own), and a
+    # misspelt flag set false was dropped unseen.
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from models.llm.vllm_compat import parse_cli_args
+
+    args = VLLMEngine(vllm_model(engine_args=engine_args)).cli_args()
+    with pytest.raises(SystemExit):
+        parse_cli_args(make_arg_parser(FlexibleArgumentParser()), args)
