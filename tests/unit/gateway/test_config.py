@@ -446,3 +446,16 @@ def test_an_access_log_under_an_unknown_users_home_is_a_config_error() -> None:
 def test_an_llm_may_state_its_replicas_as_autoscaling_bounds_that_agree() -> None:
     config = parse_config(_config(autoscaling={"min_replicas": 2, "max_replicas": 2}))
     assert config.models[0].max_replicas == 2
+
+
+def test_a_key_given_twice_in_a_yaml_mapping_is_refused_naming_it(tmp_path: Path) -> None:
+    # YAML's loader kept the last: a live weight edit of `a: 80` beside an old `a: 20` weighed 20.
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "models:\n  - {name: a, engine: echo}\n  - {name: b, engine: echo}\n"
+        "routing:\n  routes:\n    - name: r\n      variants:\n        a: 80\n        b: 20\n        a: 20\n"
+    )
+    with pytest.raises(ConfigError, match=r"(?s)not valid YAML: .*the key 'a' is given twice.*line 10"):
+        load_config(path)
+    path.write_text("models:\n  - {name: a, engine: echo}\nrouting: {routes: [{name: r, variants: {a: 1}}]}\n")
+    assert load_config(path).routing.routes[0].variants == {"a": 1}
