@@ -56,14 +56,29 @@ class CorsConfig(StrictConfig):
                     f"`{origin}` is not an origin: `*`, or scheme and host with an optional port "
                     "and no path (`https://chat.example.com:8443`)"
                 )
-        # As browsers send it: lower case, no trailing slash.
-        return [origin.rstrip("/").lower() for origin in origins]
+        # As browsers send it: lower case, no trailing slash, no default port.
+        return [_without_default_port(origin.rstrip("/").lower()) for origin in origins]
+
+    @field_validator("allow_methods")
+    @classmethod
+    def _methods(cls, methods: list[str]) -> list[str]:
+        # Browsers ask a preflight for `POST`, whatever case the page wrote it in.
+        return [method.upper() for method in methods]
 
     @model_validator(mode="after")
     def _credentials(self) -> CorsConfig:
         if self.allow_credentials and "*" in self.allow_origins:
             raise ValueError("`allow_credentials` needs the origins named: not with `*`")
         return self
+
+
+def _without_default_port(origin: str) -> str:
+    """``origin`` as a browser's ``Origin`` header writes it: without the
+    scheme's default port (``https://chat.example.com:443``)."""
+    for scheme, port in (("https://", ":443"), ("http://", ":80")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin.removesuffix(port)
+    return origin
 
 
 class IngressConfig(StrictConfig):

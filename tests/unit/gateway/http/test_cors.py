@@ -111,3 +111,17 @@ def test_origins_are_checked_and_written_as_browsers_send_them() -> None:
             parse_config({**base, "ingress": {"cors": {"allow_origins": origins}}})
     with pytest.raises(ConfigError, match="allow_credentials"):
         parse_config({**base, "ingress": {"cors": {"allow_origins": ["*"], "allow_credentials": True}}})
+
+
+async def test_a_default_port_and_a_lower_case_method_still_let_the_page_in() -> None:
+    # Browsers send `https://chat.example.com` and ask for `POST`: the page was refused every time.
+    async with await client_for({"allow_origins": [PAGE + ":443"], "allow_methods": ["post"]}) as client:
+        response = await client.options(CHAT, headers=preflight(PAGE))
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == PAGE
+        assert "POST" in response.headers["access-control-allow-methods"]
+        answer = await client.post(CHAT, json={}, headers={"origin": PAGE, "authorization": f"Bearer {SECRET}"})
+        assert answer.status_code == 200
+    async with await client_for({"allow_origins": ["http://chat.example.com:80", "http://chat.example.com:8080"]}) as c:
+        assert (await c.options(CHAT, headers=preflight("http://chat.example.com"))).status_code == 200
+        assert (await c.options(CHAT, headers=preflight("http://chat.example.com:8080"))).status_code == 200
