@@ -65,6 +65,8 @@ class LLMModelConfig(ModelConfig):
                 "`num_gpus` is for single-worker replicas; a replica with "
                 f"{self.workers} workers takes `gpus_per_worker` in each worker's bundle"
             )
+        if self.workers > 1 and self.gpus_per_worker == 0 and self.cpus_per_worker == 0:
+            raise ValueError("each worker's bundle needs some resource: `cpus_per_worker` or `gpus_per_worker` above 0")
         if self.autoscaling is not None and self.autoscaling.max_replicas > self.autoscaling.min_replicas:
             # Serve scales by the requests it routes; an LLM's go by its replicas' own relay port.
             raise ValueError(

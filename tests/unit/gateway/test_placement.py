@@ -72,8 +72,13 @@ def test_autoscaling_replaces_the_replica_count() -> None:
         ({"tensor_parallel_size": 2, "num_gpus": 1}, "takes `gpus_per_worker`"),
         ({"gpus_per_worker": 2}, "less than or equal to 1"),
         ({"placement_strategy": "ANYWHERE"}, "STRICT_PACK"),
+        # Ray refuses a bundle of nothing, once the model is deployed.
+        ({"tensor_parallel_size": 2, "gpus_per_worker": 0, "cpus_per_worker": 0}, "needs some resource"),
     ],
-    ids=["both-counts", "min-over-max", "initial-outside", "num-gpus-with-workers", "two-gpus-per-worker", "strategy"],
+    ids=[
+        "both-counts", "min-over-max", "initial-outside", "num-gpus-with-workers", "two-gpus-per-worker", "strategy",
+        "empty-bundles",
+    ],
 )
 def test_invalid_placement_fields_are_refused(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
