@@ -169,3 +169,19 @@ async def test_a_body_not_labelled_json_is_415_before_any_is_read(headers: dict[
 async def test_a_body_no_json_is_expected_of_may_carry_any_label() -> None:
     request, _ = request_of([b"x"], content_type="text/plain")
     assert await read_body(request, limit=10) == b"x"
+
+
+@pytest.mark.parametrize("headers", [{"content_length": "5000"}, {"content_type": "text/plain"}], ids=["413", "415"])
+async def test_a_body_refused_before_its_100_continue_ends_the_connection_with_the_answer(
+    headers: dict[str, str]
+) -> None:
+    # The client may never send the body: its next request would have been read as that body.
+    request, read = request_of([BODY], expect="100-continue", **headers)
+    with pytest.raises(InvalidRequestError) as raised:
+        await read_body(request, limit=1024, expect_json=True)
+    assert raised.value.extra_headers["connection"] == "close"
+    assert read == []
+    request, _ = request_of([BODY], **headers)  # without Expect the connection is kept, as before
+    with pytest.raises(InvalidRequestError) as raised:
+        await read_body(request, limit=1024, expect_json=True)
+    assert "connection" not in raised.value.extra_headers
