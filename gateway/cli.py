@@ -459,9 +459,12 @@ def _say(line: str) -> None:
 
 def _drain(config: GatewayConfig) -> None:
     """Removes the gateway's applications, letting requests in flight finish."""
-    from gateway.deploy import undeploy
+    from gateway.deploy import grace_s, undeploy
 
-    grace = max([config.ingress.graceful_shutdown_s, *(m.graceful_shutdown_s for m in config.models)])
+    try:
+        grace = grace_s(config)  # a `deploy` since the start may have lengthened it
+    except Exception:  # noqa: BLE001 - Serve unreachable: the config's own
+        grace = max([config.ingress.graceful_shutdown_s, *(m.graceful_shutdown_s for m in config.models)])
     _say(f"==> letting requests in flight finish (at most {grace:.0f}s)")
     try:
         undeploy(config, timeout_s=grace + 30)

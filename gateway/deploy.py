@@ -221,6 +221,22 @@ def undeploy(config: GatewayConfig, timeout_s: float) -> None:
     _wait_until_gone(client, ours, timeout_s)
 
 
+def grace_s(config: GatewayConfig) -> float:
+    """The longest ``graceful_shutdown_s`` of the gateway ``config`` names,
+    as it runs now: its ingress and models, those a ``deploy`` changed since
+    ``config`` was read included."""
+    from ray.serve._private.api import serve_start
+
+    details = serve_start().get_serve_details()
+    applications = details.get("applications") or {}
+    deployed = [
+        float(deployment.get("deployment_config", {}).get("graceful_shutdown_timeout_s") or 0)
+        for name in _ours(_deployed_apps(details), config.app_name)
+        for deployment in (applications[name].get("deployments") or {}).values()
+    ]
+    return max([config.ingress.graceful_shutdown_s, *(m.graceful_shutdown_s for m in config.models), *deployed])
+
+
 def _ours(apps: dict[str, dict[str, Any]], app_name: str) -> set[str]:
     """The applications of the gateway ``app_name``: its ingress and its models."""
     return {

@@ -224,3 +224,15 @@ def test_the_address_serve_prints_is_one_a_client_can_paste(host: str, written: 
     from gateway import cli
 
     assert cli._url_host(host) == written
+
+
+def test_the_drain_waits_for_the_longest_grace_running_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import cli
+    from gateway.config import parse_config
+
+    config = parse_config({"models": [{"name": "a", "engine": "echo"}]})
+    waited: list[float] = []
+    monkeypatch.setattr("gateway.deploy.grace_s", lambda config: 600.0)
+    monkeypatch.setattr("gateway.deploy.undeploy", lambda config, timeout_s: waited.append(timeout_s))
+    cli._drain(config)
+    assert waited == [630.0]

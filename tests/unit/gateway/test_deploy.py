@@ -236,3 +236,20 @@ def test_a_model_scaled_by_load_reaches_the_ingress_with_its_autoscaling() -> No
     again = GatewayConfig.assemble(config.front_door(), user_config["models"], user_config["routing"])
     assert again.models[0].autoscaling == config.models[0].autoscaling
     assert again.models[0].max_replicas == 3
+
+
+def test_the_stops_grace_is_the_longest_running_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A `deploy` after the start lengthened a model's grace: the stop gave up (and cut its streams) at the old one.
+    from gateway.deploy import grace_s
+
+    config = parse_config(BASE)
+    client = FakeClient(apps(BASE))
+    details = client.get_serve_details()
+    running = {"deployments": {"LLMServer:a": {"deployment_config": {"graceful_shutdown_timeout_s": 600.0}}}}
+    details["applications"]["gw:a"].update(running)
+    details["applications"]["other"] = {"deployed_app_config": {"name": "other"}, **running}
+    client.get_serve_details = lambda: details  # type: ignore[method-assign]
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    assert grace_s(config) == 600
+    del details["applications"]["gw:a"]["deployments"]
+    assert grace_s(config) == max(config.ingress.graceful_shutdown_s, *(m.graceful_shutdown_s for m in config.models))
