@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gateway import autoscaling
 from gateway.config import ClassicalModelConfig, ConfigError, LLMModelConfig, ModelConfig, VLLMModelConfig
 
 Bundle = dict[str, float]
@@ -39,11 +40,12 @@ def placement_strategy(model: ModelConfig) -> str | None:
 
 
 def autoscaling_config(model: ModelConfig) -> dict[str, Any] | None:
-    """Ray Serve's ``autoscaling_config`` for the model, or None for a fixed count."""
+    """Ray Serve's ``autoscaling_config`` for the model, or None for a fixed
+    count; an LLM's counts its relayed requests (``gateway.autoscaling``)."""
     scaling = model.autoscaling
     if scaling is None:
         return None
-    return {
+    config: dict[str, Any] = {
         "min_replicas": scaling.min_replicas,
         "max_replicas": scaling.max_replicas,
         "initial_replicas": scaling.initial_replicas,
@@ -51,6 +53,9 @@ def autoscaling_config(model: ModelConfig) -> dict[str, Any] | None:
         "upscale_delay_s": scaling.upscale_delay_s,
         "downscale_delay_s": scaling.downscale_delay_s,
     }
+    if model.kind == "llm":
+        config["policy"] = {"policy_function": autoscaling.POLICY}
+    return config
 
 
 def live_options(model: ModelConfig) -> dict[str, Any]:

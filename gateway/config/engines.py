@@ -67,13 +67,9 @@ class LLMModelConfig(ModelConfig):
             )
         if self.workers > 1 and self.gpus_per_worker == 0 and self.cpus_per_worker == 0:
             raise ValueError("each worker's bundle needs some resource: `cpus_per_worker` or `gpus_per_worker` above 0")
-        if self.autoscaling is not None and self.autoscaling.max_replicas > self.autoscaling.min_replicas:
-            # Serve scales by the requests it routes; an LLM's go by its replicas' own relay port.
-            raise ValueError(
-                "`autoscaling` between replica counts is not supported for LLM models: Serve's "
-                "autoscaler does not see the requests relayed to their replicas, so it would never "
-                "add one. Set `num_replicas` (or `min_replicas` equal to `max_replicas`)"
-            )
+        if self.autoscaling is not None and self.autoscaling.min_replicas == 0:
+            # Its requests go by a running replica's relay port: none would ever ask Serve for one.
+            raise ValueError("an LLM model does not scale to zero: `autoscaling.min_replicas` must be at least 1")
         return self
 
     @property

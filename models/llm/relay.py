@@ -104,7 +104,13 @@ class StreamServer:
         self._places = asyncio.Semaphore(max_ongoing)
         self._max_queued = max_queued
         self._queued = 0
+        self._running = 0
         self.accepted = 0  # connections taken so far
+
+    @property
+    def ongoing(self) -> int:
+        """Requests relayed to this replica now: running, and waiting for a place."""
+        return self._running + self._queued
 
     async def start(self) -> relay.RelayAddress:
         """Listens; returns the address and token the replica publishes."""
@@ -194,9 +200,11 @@ class StreamServer:
                 self._queued -= 1
         else:
             await self._places.acquire()  # at once
+        self._running += 1
         try:
             return await self._answered(request, reader, writer, keep, offered)
         finally:
+            self._running -= 1
             self._places.release()
 
     async def _answered(

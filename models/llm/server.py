@@ -12,6 +12,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from gateway import autoscaling
 from gateway.affinity import unpin_self
 from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.heap_freeze import freeze_in_replica
@@ -240,6 +241,12 @@ class LLMServer:
             "stored_responses": len(self._stored),
             "frozen_objects": gc.get_freeze_count(),
         }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler counts the requests routed through Serve; an
+        LLM's come by its own relay port. Their number goes to the
+        deployment's policy (``models.llm.autoscaling``) as ``RELAYED``."""
+        return {autoscaling.RELAYED: float(self._relay.ongoing)}
 
     def num_unfinished_requests(self) -> int:
         """Requests the engine is still working on (running or waiting)."""

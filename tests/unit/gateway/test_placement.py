@@ -94,10 +94,14 @@ def test_invalid_placement_fields_are_refused(fields: dict[str, Any], message: s
         {"engine": "sentence-transformers", "model": "org/e",
          "autoscaling": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0}},
         {"autoscaling": {"target_ongoing_requests": 0.01, "upscale_delay_s": 0, "downscale_delay_s": 0}},
+        {"autoscaling": {"min_replicas": 1, "max_replicas": 3}},  # an LLM's: with its policy
         {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "placement_strategy": "SPREAD"},
         {"engine": "sklearn", "model": "models:/iris/1", "max_batch_size": 1, "batch_wait_timeout_s": 0},
     ],
-    ids=["smallest-queue", "no-bound-no-grace", "small-resources", "scale-to-zero", "eager-scaling", "workers", "batching"],
+    ids=[
+        "smallest-queue", "no-bound-no-grace", "small-resources", "scale-to-zero", "eager-scaling", "llm-scaling",
+        "workers", "batching",
+    ],
 )
 def test_serve_takes_the_options_of_every_config_the_schema_accepts(fields: dict[str, Any]) -> None:
     # Serve validates deployment options only when the model is deployed,

@@ -137,3 +137,25 @@ async def test_reading_a_stored_response_is_answered_at_once_by_a_replica_busy_g
     release.set()
     assert b"".join([chunk async for chunk in running.chunks()]).endswith(sse.DONE)
     assert b"".join([chunk async for chunk in (await queued).chunks()]).endswith(sse.DONE)
+
+
+async def test_the_replica_counts_its_relayed_requests_running_and_waiting_for_serves_autoscaler() -> None:
+    # Serve's own count misses them: an LLM with autoscaling never grew past its first replica.
+    release, served = asyncio.Event(), []
+    server = StreamServer(await held_stream(release, served, 1), "127.0.0.1", max_ongoing=1, max_queued=2)
+    streams = ReplicaRelay(Router(await server.start()))
+    assert server.ongoing == 0
+    running = await streams.open(CALL)
+    queued = asyncio.ensure_future(streams.open(CALL))
+    deadline = asyncio.get_running_loop().time() + 2
+    while server.ongoing < 2:
+        assert asyncio.get_running_loop().time() < deadline, f"ongoing {server.ongoing}"
+        await asyncio.sleep(0.01)
+    release.set()
+    assert b"".join([chunk async for chunk in running.chunks()]).endswith(sse.DONE)
+    second = await asyncio.wait_for(queued, timeout=2)
+    assert b"".join([chunk async for chunk in second.chunks()]).endswith(sse.DONE)
+    while server.ongoing:
+        assert asyncio.get_running_loop().time() < deadline + 2, f"ongoing {server.ongoing}"
+        await asyncio.sleep(0.01)
+    await server.stop()
