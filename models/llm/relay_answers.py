@@ -42,11 +42,14 @@ async def answer_whole(
         await asyncio.wait({work, hang_up}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hung_up = await stop_watching(hang_up)
-        if not work.done():
+        stopped = not work.done()
+        if stopped:
             tally.count_unseen()  # (the engine reports a whole answer's tokens only at its end)
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
-    if work.cancelled():
+    if stopped:
+        # However the work ended: vLLM's servers answer the cancel with an
+        # error response of their own, which is not what the caller gets.
         writer.write(relay.END + relay.encode_outcome(tally.outcome()))
         await writer.drain()
         return False

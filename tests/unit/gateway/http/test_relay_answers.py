@@ -66,15 +66,21 @@ async def test_cancelling_a_whole_answer_stops_the_replicas_work() -> None:
     await asyncio.wait_for(cancelled.wait(), timeout=2)
 
 
-async def abandoned_outcome(generating: Callable[[Any], None]) -> Outcome | None:
+async def abandoned_outcome(generating: Callable[[Any], None], stopped_as: Exception | None = None) -> Outcome | None:
     """What an ingress whose caller left hears from a replica whose answer
-    (``generating`` its tally) was still under way."""
+    (``generating`` its tally) was still under way; ``stopped_as``: what
+    the answer raises once cancelled, instead of the cancellation."""
     started = asyncio.Event()
 
     async def answer(request: EngineRequest, tally: Any) -> Reply:
         generating(tally)
         started.set()
-        await asyncio.sleep(30)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if stopped_as is not None:
+                raise stopped_as from None
+            raise
         raise AssertionError("not cancelled")
 
     async def no_streams(request: EngineRequest) -> Any:
@@ -95,6 +101,16 @@ async def test_an_abandoned_whole_answer_reports_what_was_generated() -> None:
         tally.prompt_tokens, tally.completion_tokens = 5, 7  # before the client left
 
     outcome = await abandoned_outcome(generated)
+    assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (5, 7)
+
+
+async def test_an_abandoned_whole_answer_whose_engine_answers_the_cancel_with_an_error_reports_what_was_generated() -> None:
+    # vLLM's chat, completions and Responses servers catch the cancel and return an error
+    # response: the replica answered it as a 400, and the key was charged its whole reservation.
+    def generated(tally: Any) -> None:
+        tally.prompt_tokens, tally.completion_tokens = 5, 7
+
+    outcome = await abandoned_outcome(generated, InvalidRequestError("Client disconnected"))
     assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (5, 7)
 
 
