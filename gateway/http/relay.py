@@ -110,6 +110,7 @@ class ReplicaRelay:
         Cancelled before a replica was found, ``unsent`` (if given) is told
         that nothing was generated.
         """
+        refused: ServiceUnavailableError | None = None
         for _ in range(ATTEMPTS):
             address = self._admit(await _unsent(self._pick(call), unsent), call)
             self._open[address] = self._open.get(address, 0) + 1  # before awaiting: others see it
@@ -117,7 +118,9 @@ class ReplicaRelay:
                 return await self._start(call, address)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._gone(call, address)
-        raise ServiceUnavailableError(_UNAVAILABLE)
+            except ServiceUnavailableError as error:
+                refused = self._refused(call, address, error)
+        raise refused or ServiceUnavailableError(_UNAVAILABLE)
 
     async def warm(self) -> None:
         """Finds a running replica now, as a first request would (the first
@@ -142,6 +145,7 @@ class ReplicaRelay:
         the body comes back as soon as it is there, with an empty outcome, and
         ``later`` gets the outcome once the replica has finished.
         """
+        refused: ServiceUnavailableError | None = None
         for _ in range(ATTEMPTS):
             address = self._admit(await _unsent(self._pick(call), abandoned), call)
             self._open[address] = self._open.get(address, 0) + 1
@@ -177,6 +181,9 @@ class ReplicaRelay:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._gone(call, address)  # another may answer
                 continue
+            except ServiceUnavailableError as error:
+                refused = self._refused(call, address, error)
+                continue
             finally:
                 if not address_held:
                     self._done(address)
@@ -184,7 +191,7 @@ class ReplicaRelay:
             if outcome is None:  # it closed before END, or inside the outcome's line
                 raise ServiceUnavailableError("The model stopped while serving the request.")
             return Reply(body, outcome)
-        raise ServiceUnavailableError(_UNAVAILABLE)
+        raise refused or ServiceUnavailableError(_UNAVAILABLE)
 
     def _done_then(
         self, address: relay.RelayAddress, then: Callable[[Outcome | None], None]
@@ -313,6 +320,20 @@ class ReplicaRelay:
         self._refresh = None
         if not task.cancelled() and task.exception() is not None:
             logger.warning("could not refresh a model's replicas: %s", task.exception())
+
+    def _refused(
+        self, call: EngineRequest, address: relay.RelayAddress, error: ServiceUnavailableError
+    ) -> ServiceUnavailableError:
+        """The replica at ``address`` answered 503 before generating (its engine
+        died, an adapter did not load there, its queue is full): it is passed
+        over for a while, and ``error`` is returned for another replica to try;
+        raised where no other could answer (one named, or none other known).
+        Answering at once, it would otherwise be the least busy, and take
+        every request."""
+        self._failed[address] = self._clock()
+        if call.replica is not None or len(self._open) < 2:
+            raise error
+        return error
 
     def _gone(self, call: EngineRequest, address: relay.RelayAddress) -> None:
         """``address`` could not be reached: that replica is gone. A call only

@@ -327,3 +327,36 @@ async def test_a_replica_that_failed_once_still_takes_what_the_others_have_no_ro
     release.set()
     for stream in opened:
         assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+
+
+async def test_a_replica_that_refuses_before_generating_is_passed_over_for_another() -> None:
+    # Its engine dead (or an adapter not loaded there): answering 503 at once, it was always the
+    # least busy, took nearly every request, and its 503 went to the client while another could answer.
+    refused: list[str] = []
+
+    async def dead_stream(request: EngineRequest) -> Any:
+        refused.append("stream")
+        raise ServiceUnavailableError("The model's engine has stopped; the replica is being replaced.")
+
+    async def dead_answer(request: EngineRequest, tally: Any) -> Reply:
+        refused.append("answer")
+        raise ServiceUnavailableError("The model's engine has stopped; the replica is being replaced.")
+
+    async def answer(request: EngineRequest, tally: Any) -> Reply:
+        return Reply(b"{}", Outcome(completion_tokens=1))
+
+    release, served = asyncio.Event(), []
+    release.set()
+    dead = await StreamServer(dead_stream, "127.0.0.1", answer=dead_answer).start()
+    alive = await StreamServer(await held_stream(release, served, 2), "127.0.0.1", answer=answer).start()
+    streams = ReplicaRelay(Router(dead, alive))
+    await streams._discover()  # both known, as once the model's replicas have been looked up
+    for _ in range(4):
+        stream = await streams.open(CALL)
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+        assert (await streams.call(EngineRequest("chat", {"model": "m"}, "r", "m"))).body == b"{}"
+    assert served == [2] * 4
+    assert len(refused) <= 2  # tried once at most by each kind of call, then passed over
+    lone = ReplicaRelay(Router(dead))
+    with pytest.raises(ServiceUnavailableError, match="engine has stopped"):  # no other: its own 503
+        await lone.open(CALL)
