@@ -104,13 +104,18 @@ async def connect(address: relay.RelayAddress) -> Connection:
     return reader, writer
 
 
-def watch_peer(sock: socket.socket) -> None:
-    """Has the kernel find out a peer that is gone without a word (see KEEP_ALIVE_IDLE_S)."""
+def watch_peer(sock: socket.socket, unacknowledged: bool = True) -> None:
+    """Has the kernel find out a peer that is gone without a word (see
+    KEEP_ALIVE_IDLE_S); with ``unacknowledged``, also one that stops
+    acknowledging what is sent to it (``TCP_USER_TIMEOUT``): not for a
+    replica's side, whose writes may wait on an ingress that reads no faster
+    than its client."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEP_ALIVE_IDLE_S)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEP_ALIVE_INTERVAL_S)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEP_ALIVE_PROBES)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000)
+    if unacknowledged:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000)
 
 
 # A kept connection: since when it is idle, its reader, writer and protocol

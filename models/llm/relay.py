@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 from gateway import sse
 from gateway.errors import GatewayError, InternalServerError, InvalidRequestError, OverloadedError
+from gateway.http.relay_connection import watch_peer
 from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.protocol import port_proof, relay
 from gateway.protocol.engine import EngineRequest, Outcome
@@ -143,6 +144,11 @@ class StreamServer:
         assert task is not None
         self._connections.add(task)
         self.accepted += 1
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # An ingress whose host vanished (no FIN, no RST): a request queued
+            # here would wait for it forever, and then generate in full.
+            watch_peer(sock, unacknowledged=False)
         try:
             if not await port_proof.prove(reader, writer, self._token, HEAD_TIMEOUT_S):
                 return

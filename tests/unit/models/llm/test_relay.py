@@ -159,3 +159,25 @@ async def test_the_replica_counts_its_relayed_requests_running_and_waiting_for_s
         assert asyncio.get_running_loop().time() < deadline + 2, f"ongoing {server.ongoing}"
         await asyncio.sleep(0.01)
     await server.stop()
+
+
+async def test_the_replica_watches_each_ingress_connection_for_a_host_gone_without_a_word(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A queued request of an ingress whose host vanished waited forever, then generated in full.
+    watched: list[tuple[int, int, bool]] = []
+
+    def watch(sock: Any, unacknowledged: bool = True) -> None:
+        keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        from gateway.http.relay_connection import watch_peer
+
+        watch_peer(sock, unacknowledged)
+        watched.append((keepalive, sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), unacknowledged))
+
+    monkeypatch.setattr("models.llm.relay.watch_peer", watch)
+    release, served = asyncio.Event(), []
+    release.set()
+    streams = ReplicaRelay(Router(await serve(await held_stream(release, served, 1))))
+    stream = await streams.open(CALL)
+    assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
+    assert watched == [(0, 1, False)]  # keepalive on; no user timeout where writes wait on a slow reader
