@@ -193,6 +193,8 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
         return f"{error.message}{f' (at {where})' if where else ''}."
     except RecursionError:  # the check recurses several frames a level
         return "schema is nested too deeply to check."
+    except (OverflowError, ValueError) as error:  # a `pattern` Python's regex engine cannot build
+        return f"schema could not be checked: {error}."
     return None
 
 

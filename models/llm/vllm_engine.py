@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import engine_core_placement
 from gateway.config import lora
-from gateway.errors import ModelNotSupportedError
+from gateway.errors import GatewayError, ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, check_openai_metadata, counted_fields
 from models.llm import budget_checks, cache_salt, compact_json, tool_checks, vllm_compat, vllm_conversation, vllm_errors
@@ -251,7 +251,14 @@ class VLLMEngine:
         schema, create, prompt_param = endpoint
         # vLLM's schemas take fields they do not know and drop them.
         check_fields(request.endpoint, request.body, counted_fields(request.endpoint, _known_fields(schema)))
-        self._check_body(request, prompt_param)
+        try:
+            self._check_body(request, prompt_param)
+        except GatewayError:
+            raise
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
+            # A field of the wrong JSON type (an unhashable tool name, a list
+            # for an id): vLLM's schema names it, in the validation below.
+            logger.debug("request %s: body checks skipped: %r", request.request_id, exc)
         try:
             body = _with_request_id(request)
             await long_lists.screen(lambda part: vllm_errors.validated(schema, part), body)

@@ -164,8 +164,11 @@ def _chat_tool(parameters: object) -> dict[str, Any]:
         ("responses", {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": 5}},
          "tools[0].parameters"),
         ("messages", {"name": "weather", "input_schema": {"type": "string"}}, "tools[0].input_schema"),
+        # A pattern Python's regex engine cannot build: its check raised OverflowError, a 500.
+        ("chat", _chat_tool({"type": "object", "properties": {"x": {"type": "string", "pattern": "a{99999999999}"}}}),
+         "tools[0].function.parameters"),
     ],
-    ids=["chat-array", "chat-no-such-type", "responses-bad-properties", "messages-string"],
+    ids=["chat-array", "chat-no-such-type", "responses-bad-properties", "messages-string", "chat-huge-repeat"],
 )
 def test_tool_parameters_that_are_no_object_schema_are_refused(endpoint: str, tool: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequestError) as refused:

@@ -119,3 +119,34 @@ def test_a_long_wrong_body_is_validated_with_the_replica_loop_running() -> None:
     ticks, refusal = asyncio.run(served_with_a_ticker())
     assert refusal.param == "messages[900].content"
     assert ticks >= 1  # the loop ran while the parts before the wrong one were validated
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [{"name": ["a"], "input_schema": {}}]}, "tools[0].name"),
+        (
+            {"messages": [{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": [{"type": "tool_use", "id": {"x": 1}, "name": "f", "input": {}}]}]},
+            "messages[1].content[0].id",
+        ),
+    ],
+    ids=["tool-name-list", "tool-use-id-object"],
+)
+def test_a_wrong_json_type_the_body_checks_trip_on_is_named_by_vllms_schema(body: dict[str, Any], param: str) -> None:
+    # The gateway's own checks, which run before vLLM's schema, failed on it with a 500.
+    import asyncio
+
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+
+    from gateway.protocol.engine import EngineRequest
+
+    async def never_called(parsed: Any, create: Any) -> Any:
+        raise AssertionError("a wrong body reached vLLM")
+
+    engine = _engine(2048)
+    engine._vllm.endpoints["messages"] = (AnthropicMessagesRequest, never_called, "messages")
+    sent = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **body}
+    with pytest.raises(InvalidRequestError) as caught:
+        asyncio.run(engine._served(EngineRequest(endpoint="messages", body=sent, request_id="r", model="m"), never_called))
+    assert caught.value.param == param and caught.value.status_code == 400
