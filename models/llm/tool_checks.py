@@ -26,12 +26,18 @@ def asks_for_calls(endpoint: str, request: Any) -> bool:
     """Whether ``request`` (vLLM-parsed) asks the model to call tools: chat's
     ``tool_choice`` other than "none" (vLLM's schema makes it "auto" when
     ``tools`` come without one); the Messages API's ``tools`` with a choice
-    that is not ``{"type": "none"}``."""
+    that is not ``{"type": "none"}``; the Responses API's function tools
+    (``_RENDERED``) with a choice other than "none" (vLLM answered those as
+    plain text, a ``required`` or named choice ignored)."""
     if endpoint == "chat":
         return getattr(request, "tool_choice", None) not in (None, "none")
     if endpoint == "messages":
         choice = getattr(request, "tool_choice", None)
         return bool(getattr(request, "tools", None)) and getattr(choice, "type", None) != "none"
+    if endpoint == "responses":
+        tools = getattr(request, "tools", None) or ()
+        rendered = any(getattr(tool, "type", None) in _RENDERED for tool in tools)
+        return rendered and getattr(request, "tool_choice", None) != "none"
     return False
 
 

@@ -28,6 +28,17 @@ def _chat(**fields: Any) -> tuple[dict[str, Any], Any]:
     return body, ChatCompletionRequest.model_validate(dict(body))  # vLLM fills in its copy, as in the engine
 
 
+def _responses(**fields: Any) -> tuple[dict[str, Any], Any]:
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    body = {"model": "m", "input": "hi", **fields}
+    return body, ResponsesRequest.model_validate(dict(body))
+
+
+RESPONSES_TOOL = {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}
+PARSE = {"chat": _chat, "responses": _responses}
+
+
 def _messages(**fields: Any) -> tuple[dict[str, Any], Any]:
     from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 
@@ -46,12 +57,17 @@ def _messages(**fields: Any) -> tuple[dict[str, Any], Any]:
         ("messages", {"tools": [CLAUDE_TOOL]}, "tools"),
         ("messages", {"tools": [CLAUDE_TOOL], "tool_choice": {"type": "any"}}, "tool_choice"),
         ("messages", {"tools": [CLAUDE_TOOL], "tool_choice": {"type": "tool", "name": "weather"}}, "tool_choice"),
+        # vLLM's Responses API answered these as plain text, the choice ignored.
+        ("responses", {"tools": [RESPONSES_TOOL]}, "tools"),
+        ("responses", {"tools": [RESPONSES_TOOL], "tool_choice": "required"}, "tool_choice"),
+        ("responses", {"tools": [RESPONSES_TOOL], "tool_choice": {"type": "function", "name": "weather"}},
+         "tool_choice"),
     ],
 )
 def test_tool_calls_asked_of_a_model_without_a_parser_are_refused_naming_the_field(
     endpoint: str, fields: dict[str, Any], param: str
 ) -> None:
-    body, parsed = (_chat if endpoint == "chat" else _messages)(**fields)
+    body, parsed = PARSE.get(endpoint, _messages)(**fields)
     with pytest.raises(InvalidRequestError) as caught:
         check_tool_calls(endpoint, body, parsed, "tiny", calls_tools=False)
     assert (caught.value.param, caught.value.code, caught.value.status_code) == (param, "unsupported_parameter", 400)
@@ -67,10 +83,12 @@ def test_tool_calls_asked_of_a_model_without_a_parser_are_refused_naming_the_fie
         ("chat", {"tools": [TOOL], "tool_choice": "none"}),
         ("messages", {}),
         ("messages", {"tools": [CLAUDE_TOOL], "tool_choice": {"type": "none"}}),
+        ("responses", {}),
+        ("responses", {"tools": [RESPONSES_TOOL], "tool_choice": "none"}),
     ],
 )
 def test_requests_that_ask_for_no_calls_pass_without_a_parser(endpoint: str, fields: dict[str, Any]) -> None:
-    body, parsed = (_chat if endpoint == "chat" else _messages)(**fields)
+    body, parsed = PARSE.get(endpoint, _messages)(**fields)
     check_tool_calls(endpoint, body, parsed, "tiny", calls_tools=False)
 
 
