@@ -188,19 +188,22 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
     (or says no ``type``: a function of no parameters may send ``{}``)."""
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import validator_for
 
     kind = schema.get("type")
     if kind is not None and kind != "object":
         return f"schema must be a JSON Schema of 'type: \"object\"', got 'type: {json.dumps(kind)}'."
     try:
-        Draft202012Validator.check_schema(schema)
+        # The draft the schema names (2020-12 where it names none); formats
+        # unchecked: a `pattern` is ECMA-262's (`\p{L}`, named groups), not Python's.
+        named = isinstance(schema.get("$schema", ""), str)  # (one that is no string: the metaschema says so)
+        draft = validator_for(schema, default=Draft202012Validator) if named else Draft202012Validator
+        draft.check_schema(schema, format_checker=None)
     except SchemaError as error:
         where = "/".join(str(part) for part in error.path)
         return f"{error.message}{f' (at {where})' if where else ''}."
     except RecursionError:  # the check recurses several frames a level
         return "schema is nested too deeply to check."
-    except (OverflowError, ValueError) as error:  # a `pattern` Python's regex engine cannot build
-        return f"schema could not be checked: {error}."
     return None
 
 
