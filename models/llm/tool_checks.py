@@ -110,6 +110,7 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
         content = message.get("content")
         blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
         same_turn, role = message.get("role") == role, message.get("role")
+        _check_ids(blocks, at)
         if role == "assistant":
             calls = {b.get("id") for b in blocks if b.get("type") == "tool_use"}
             asked = asked | calls if same_turn else calls
@@ -181,6 +182,20 @@ def _schema_place(endpoint: str, tool: Any, at: int) -> tuple[Any, Any, str] | N
     if endpoint.startswith("messages") and isinstance(tool.get("input_schema"), dict):
         return tool.get("name"), tool["input_schema"], f"tools[{at}].input_schema"
     return None
+
+
+def _check_ids(blocks: list[dict[str, Any]], at: int) -> None:
+    """Refuses, as Anthropic's API does, a ``tool_use`` block without its
+    ``id`` or a ``tool_result`` without its ``tool_use_id``: vLLM made up a
+    call id for the one and rendered the other as an answer to nothing, so
+    the two paired on the missing value."""
+    for place, block in enumerate(blocks):
+        field = {"tool_use": "id", "tool_result": "tool_use_id"}.get(block.get("type"))
+        if field is not None and block.get(field) is None:
+            raise InvalidRequestError(
+                f"messages.{at}.content.{place}.{block.get('type')}.{field}: Field required",
+                param=f"messages[{at}].content[{place}].{field}",
+            )
 
 
 def _schema_problem(schema: dict[str, Any]) -> str | None:

@@ -263,3 +263,17 @@ def test_a_tool_result_holding_blocks_vllm_would_drop_is_refused_naming_the_bloc
     assert refused.value.param == "messages[2].content[0].content[1].type" and "`document`" in refused.value.message
     result["content"] = [{"type": "text", "text": "The answer is 42"}, {"type": "image", "source": {}}]
     check_anthropic_tools(body)
+
+
+def test_a_tool_use_without_its_id_and_a_result_without_its_tool_use_id_are_refused() -> None:
+    # The two paired on the missing value: vLLM then rendered a result answering nothing.
+    hi = {"role": "user", "content": "Hi"}
+    no_id = {"role": "assistant", "content": [{"type": "tool_use", "name": "weather", "input": {}}]}
+    no_ref = {"role": "user", "content": [{"type": "tool_result", "content": "22C"}]}
+    with pytest.raises(InvalidRequestError) as refused:
+        check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, no_id, no_ref]})
+    assert refused.value.param == "messages[1].content[0].id"
+    assert refused.value.message == "messages.1.content.0.tool_use.id: Field required"
+    with pytest.raises(InvalidRequestError) as refused:
+        check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, ASKED, no_ref]})
+    assert refused.value.param == "messages[2].content[0].tool_use_id"
