@@ -184,13 +184,16 @@ def _schema_place(endpoint: str, tool: Any, at: int) -> tuple[Any, Any, str] | N
     return None
 
 
+_ID_FIELDS = {"tool_use": "id", "tool_result": "tool_use_id"}
+
+
 def _check_ids(blocks: list[dict[str, Any]], at: int) -> None:
     """Refuses, as Anthropic's API does, a ``tool_use`` block without its
     ``id`` or a ``tool_result`` without its ``tool_use_id``: vLLM made up a
     call id for the one and rendered the other as an answer to nothing, so
     the two paired on the missing value."""
     for place, block in enumerate(blocks):
-        field = {"tool_use": "id", "tool_result": "tool_use_id"}.get(block.get("type"))
+        field = _ID_FIELDS.get(str(block.get("type")))
         if field is not None and block.get(field) is None:
             raise InvalidRequestError(
                 f"messages.{at}.content.{place}.{block.get('type')}.{field}: Field required",
