@@ -55,12 +55,12 @@ async def read_body(
                 if size > limit:
                     raise too_large
                 parts.append(chunk if decoder is None else decoder.feed(chunk))
-    except InvalidRequestError as error:
+    except InvalidRequestError as refusal:
         if not size and request.headers.get("expect", "").lower() == "100-continue":
             # Refused before the client was told to send its body: whether it
             # sends it now or not, what comes next on the connection cannot be
             # told apart from it, so the connection ends with the answer (RFC 9110 10.1.1).
-            error.extra_headers["connection"] = "close"
+            refusal.extra_headers["connection"] = "close"
             raise
         # The connection is kept (the rest of the body is read and dropped, so
         # that a client still sending reliably gets its answer), but for no
