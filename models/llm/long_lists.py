@@ -33,6 +33,9 @@ async def screen(validate: Validate, body: dict[str, Any]) -> None:
     of a whole body, gives the first wrong part of a long list of ``body``;
     parts that fail elsewhere (a field outside the list) are left to the
     whole body's validation."""
+    # Each part's body holds the other long lists cut to a part too (each
+    # is screened on its own turn): whole, two of them made the cost their product.
+    short = _cut(body)
     for key, items in body.items():
         if not isinstance(items, list):
             continue
@@ -40,22 +43,28 @@ async def screen(validate: Validate, body: dict[str, Any]) -> None:
             part = items[start : start + PART]
             for offset, item in enumerate(part):
                 if isinstance(item, dict):
-                    await _screen_inner(validate, body, key, start + offset, item)
+                    await _screen_inner(validate, short, key, start + offset, item)
             if len(items) > PART:
-                _check(validate, {**body, key: part}, f"{key}[", f"{key}[", start)
+                _check(validate, {**short, key: part}, f"{key}[", f"{key}[", start)
                 await asyncio.sleep(0)
 
 
-async def _screen_inner(validate: Validate, body: dict[str, Any], key: str, at: int, item: dict[str, Any]) -> None:
+async def _screen_inner(validate: Validate, short: dict[str, Any], key: str, at: int, item: dict[str, Any]) -> None:
     """``screen`` of the long lists in ``body[key][at]`` (``item``), as
-    bodies whose ``key`` holds that item alone."""
+    bodies (``short``: the body, its long lists cut) whose ``key`` holds that item alone."""
+    cut = _cut(item)
     for inner, values in item.items():
         if not isinstance(values, list) or len(values) <= PART:
             continue
         for start in range(0, len(values), PART):
-            one = {**item, inner: values[start : start + PART]}
-            _check(validate, {**body, key: [one]}, f"{key}[0].{inner}[", f"{key}[{at}].{inner}[", start)
+            one = {**cut, inner: values[start : start + PART]}
+            _check(validate, {**short, key: [one]}, f"{key}[0].{inner}[", f"{key}[{at}].{inner}[", start)
             await asyncio.sleep(0)
+
+
+def _cut(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` with each list longer than ``PART`` cut to its first part."""
+    return {k: v[:PART] if isinstance(v, list) and len(v) > PART else v for k, v in value.items()}
 
 
 def _check(validate: Validate, part_body: dict[str, Any], part_place: str, place: str, start: int) -> None:
