@@ -288,6 +288,10 @@ class NotImplementedFeatureError(GatewayError):
     default_code = "not_implemented"
 
 
+# What a replica whose engine died answers (503) until it is replaced.
+ENGINE_DEAD = "The model's engine stopped; a new replica is starting. Please retry shortly."
+
+
 class ServiceUnavailableError(GatewayError):
     """A model deployment cannot take the request now; retry later (503)."""
 

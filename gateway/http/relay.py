@@ -23,10 +23,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any, TypeVar
 
-from gateway.errors import GatewayError, OverloadedError, ResponseNotFoundError, ServiceUnavailableError
+from gateway.errors import ENGINE_DEAD, GatewayError, OverloadedError, ResponseNotFoundError, ServiceUnavailableError
 from gateway.http.background import in_background
 from gateway.http import handoff
 from gateway.http.handoff import ENDPOINTS as HANDOFF_ENDPOINTS
@@ -110,17 +111,17 @@ class ReplicaRelay:
         Cancelled before a replica was found, ``unsent`` (if given) is told
         that nothing was generated.
         """
-        refused: ServiceUnavailableError | None = None
+        refused: dict[relay.RelayAddress, ServiceUnavailableError] = {}
         for _ in range(ATTEMPTS):
-            address = self._admit(await _unsent(self._pick(call), unsent), call)
+            address = self._admit(await _unsent(self._pick(call, refused), unsent), call)
             self._open[address] = self._open.get(address, 0) + 1  # before awaiting: others see it
             try:
                 return await self._start(call, address)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._gone(call, address)
             except ServiceUnavailableError as error:
-                refused = self._refused(call, address, error)
-        raise refused or ServiceUnavailableError(_UNAVAILABLE)
+                refused[address] = self._refused(call, address, error)
+        raise _last(refused)
 
     async def warm(self) -> None:
         """Finds a running replica now, as a first request would (the first
@@ -145,9 +146,9 @@ class ReplicaRelay:
         the body comes back as soon as it is there, with an empty outcome, and
         ``later`` gets the outcome once the replica has finished.
         """
-        refused: ServiceUnavailableError | None = None
+        refused: dict[relay.RelayAddress, ServiceUnavailableError] = {}
         for _ in range(ATTEMPTS):
-            address = self._admit(await _unsent(self._pick(call), abandoned), call)
+            address = self._admit(await _unsent(self._pick(call, refused), abandoned), call)
             self._open[address] = self._open.get(address, 0) + 1
             address_held = False  # (by a background answer, until its replica has finished it)
             try:
@@ -182,7 +183,7 @@ class ReplicaRelay:
                 self._gone(call, address)  # another may answer
                 continue
             except ServiceUnavailableError as error:
-                refused = self._refused(call, address, error)
+                refused[address] = self._refused(call, address, error)
                 continue
             finally:
                 if not address_held:
@@ -191,7 +192,7 @@ class ReplicaRelay:
             if outcome is None:  # it closed before END, or inside the outcome's line
                 raise ServiceUnavailableError("The model stopped while serving the request.")
             return Reply(body, outcome)
-        raise refused or ServiceUnavailableError(_UNAVAILABLE)
+        raise _last(refused)
 
     def _done_then(
         self, address: relay.RelayAddress, then: Callable[[Outcome | None], None]
@@ -208,8 +209,9 @@ class ReplicaRelay:
         """The most tokens ``call`` may use (its prompt's, as the model counts
         them, plus its output budget), from one of the model's replicas.
         Raises as ``call`` does (the request's own error when it is invalid)."""
+        refused: dict[relay.RelayAddress, ServiceUnavailableError] = {}
         for _ in range(ATTEMPTS):
-            address = await self._pick(call)
+            address = await self._pick(call, refused)
             try:
                 reader, writer, answer = await self._request(call, address, relay.COUNT)
                 try:
@@ -222,8 +224,11 @@ class ReplicaRelay:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._gone(call, address)
                 continue
+            except ServiceUnavailableError as error:
+                refused[address] = self._refused(call, address, error)
+                continue
             return int(json.loads(data)["tokens"])
-        raise ServiceUnavailableError(_UNAVAILABLE)
+        raise _last(refused)
 
     async def holds(self, replica: str) -> bool:
         """Whether ``replica`` (a replica's id) is one of this model's
@@ -252,8 +257,11 @@ class ReplicaRelay:
     def _holder(self, replica: str) -> relay.RelayAddress | None:
         return next((address for address in self._open if address.replica == replica), None)
 
-    async def _pick(self, call: EngineRequest) -> relay.RelayAddress:
-        """The replica for ``call``: the one it names (``call.replica``), else the least busy."""
+    async def _pick(
+        self, call: EngineRequest, refused: Mapping[relay.RelayAddress, object] = MappingProxyType({})
+    ) -> relay.RelayAddress:
+        """The replica for ``call``: the one it names (``call.replica``), else
+        the least busy, of those that have not ``refused`` it where another is known."""
         if call.replica is not None:
             address = self._holder(call.replica)
             if address is None and await self.holds(call.replica):
@@ -281,6 +289,9 @@ class ReplicaRelay:
             cap = self.capacity
             room = [a for a in ordered if a not in self._failed and (cap is None or self._open[a] < cap)]
             best = min(room, key=self._open.__getitem__) if room else best
+        if best in refused:
+            others = [address for address in ordered if address not in refused]
+            best = min(others, key=self._open.__getitem__) if others else best
         return best
 
     def _admit(self, address: relay.RelayAddress, call: EngineRequest) -> relay.RelayAddress:
@@ -325,12 +336,14 @@ class ReplicaRelay:
         self, call: EngineRequest, address: relay.RelayAddress, error: ServiceUnavailableError
     ) -> ServiceUnavailableError:
         """The replica at ``address`` answered 503 before generating (its engine
-        died, an adapter did not load there, its queue is full): it is passed
-        over for a while, and ``error`` is returned for another replica to try;
-        raised where no other could answer (one named, or none other known).
-        Answering at once, it would otherwise be the least busy, and take
-        every request."""
-        self._failed[address] = self._clock()
+        died, an adapter did not load there, its queue is full): ``error`` is
+        returned for another replica to try the call; raised where no other
+        could answer (one named, or none other known). One whose engine died
+        is passed over for a while too: answering at once, it would otherwise
+        be the least busy, and take every request (an adapter's or a full
+        queue's 503 says nothing of the replica's other requests)."""
+        if error.message == ENGINE_DEAD:
+            self._failed[address] = self._clock()
         if call.replica is not None or len(self._open) < 2:
             raise error
         return error
@@ -441,6 +454,11 @@ class ReplicaRelay:
             writer.close()
             raise
         return reader, writer, answer
+
+
+def _last(refused: Mapping[relay.RelayAddress, ServiceUnavailableError]) -> ServiceUnavailableError:
+    """The last replica's own 503, where one refused; else no replica could be reached."""
+    return list(refused.values())[-1] if refused else ServiceUnavailableError(_UNAVAILABLE)
 
 
 async def _unsent(step: Awaitable[_T], abandoned: Callable[[Outcome | None], None] | None) -> _T:

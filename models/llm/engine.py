@@ -11,9 +11,6 @@ if TYPE_CHECKING:
     from gateway.protocol.engine import EngineRequest
     from models.llm.tally import GenerationTally
 
-# What a replica whose engine died answers (503) until it is replaced.
-ENGINE_DEAD = "The model's engine stopped; a new replica is starting. Please retry shortly."
-
 
 @dataclass(frozen=True, slots=True)
 class EngineInfo:

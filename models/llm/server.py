@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import autoscaling
 from gateway.affinity import unpin_self
-from gateway.errors import GatewayError, ServiceUnavailableError
+from gateway.errors import ENGINE_DEAD, GatewayError, ServiceUnavailableError
 from gateway.heap_freeze import freeze_in_replica
 from gateway.metrics.engine_pages import answer_scrapes
 from gateway.deploy import INGRESS_NAME
@@ -22,7 +22,7 @@ from gateway.metrics.hub import replica_source
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from gateway.replica_logs import to_stderr
-from models.llm.engine import ENGINE_DEAD, EngineInfo, LLMEngine, make_engine
+from models.llm.engine import EngineInfo, LLMEngine, make_engine
 from models.llm.relay import StreamServer
 from models.llm.stored import StoredResponses
 from models.llm.tally import GenerationTally

@@ -16,7 +16,6 @@ from typing_extensions import TypedDict
 from gateway import errors
 from gateway.protocol.envelope import LogitBias
 from gateway.validation import check_scalars, describe, json_type
-from models.llm.engine import ENGINE_DEAD
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def map_exception(exc: BaseException, prompt_param: str | None = None) -> errors
     from vllm.v1.engine.exceptions import EngineDeadError
 
     if isinstance(exc, EngineDeadError):
-        return errors.ServiceUnavailableError(ENGINE_DEAD)
+        return errors.ServiceUnavailableError(errors.ENGINE_DEAD)
     response = create_error_response(exc if isinstance(exc, Exception) else Exception(str(exc)))
     if response.error.code >= 500:
         logger.error("engine failure", exc_info=exc)

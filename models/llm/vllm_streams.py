@@ -13,9 +13,8 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from gateway import sse
-from gateway.errors import GatewayError, ServiceUnavailableError
+from gateway.errors import ENGINE_DEAD, GatewayError, ServiceUnavailableError
 from models.llm import vllm_errors
-from models.llm.engine import ENGINE_DEAD
 
 if TYPE_CHECKING:
     from models.llm.core_placement import CorePlacer

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gateway import sse
-from gateway.errors import OverloadedError, ResponseNotFoundError, ServiceUnavailableError
+from gateway.errors import ENGINE_DEAD, OverloadedError, ResponseNotFoundError, ServiceUnavailableError
 from gateway.http.relay import ReplicaRelay
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
@@ -329,34 +329,59 @@ async def test_a_replica_that_failed_once_still_takes_what_the_others_have_no_ro
         assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
 
 
-async def test_a_replica_that_refuses_before_generating_is_passed_over_for_another() -> None:
-    # Its engine dead (or an adapter not loaded there): answering 503 at once, it was always the
-    # least busy, took nearly every request, and its 503 went to the client while another could answer.
-    refused: list[str] = []
+def _refusing(message: str, refused: list[str]) -> tuple[Any, Any, Any]:
+    """A replica's stream opener, answerer and counter that each refuse 503 with ``message``."""
 
-    async def dead_stream(request: EngineRequest) -> Any:
+    async def stream(request: EngineRequest) -> Any:
         refused.append("stream")
-        raise ServiceUnavailableError("The model's engine has stopped; the replica is being replaced.")
-
-    async def dead_answer(request: EngineRequest, tally: Any) -> Reply:
-        refused.append("answer")
-        raise ServiceUnavailableError("The model's engine has stopped; the replica is being replaced.")
+        raise ServiceUnavailableError(message)
 
     async def answer(request: EngineRequest, tally: Any) -> Reply:
+        refused.append("answer")
+        raise ServiceUnavailableError(message)
+
+    async def count(request: EngineRequest) -> int:
+        refused.append("count")
+        raise ServiceUnavailableError(message)
+
+    return stream, answer, count
+
+
+@pytest.mark.parametrize("dead", [True, False], ids=["engine-dead", "adapter-not-loaded"])
+async def test_a_replica_that_refuses_before_generating_leaves_the_request_to_another(dead: bool) -> None:
+    # Answering 503 at once, it was always the least busy: it took nearly every request, and its
+    # 503 went to the client while another replica could answer.
+    refused: list[str] = []
+    message = ENGINE_DEAD if dead else "The LoRA adapter `x` could not be loaded on this replica."
+    stream, answer, count = _refusing(message, refused)
+
+    async def answer_well(request: EngineRequest, tally: Any) -> Reply:
         return Reply(b"{}", Outcome(completion_tokens=1))
+
+    async def count_well(request: EngineRequest) -> int:
+        return 42
 
     release, served = asyncio.Event(), []
     release.set()
-    dead = await StreamServer(dead_stream, "127.0.0.1", answer=dead_answer).start()
-    alive = await StreamServer(await held_stream(release, served, 2), "127.0.0.1", answer=answer).start()
-    streams = ReplicaRelay(Router(dead, alive))
+    failing = await StreamServer(stream, "127.0.0.1", answer=answer, count=count).start()
+    alive = await StreamServer(
+        await held_stream(release, served, 2), "127.0.0.1", answer=answer_well, count=count_well
+    ).start()
+    streams = ReplicaRelay(Router(failing, alive))
     await streams._discover()  # both known, as once the model's replicas have been looked up
+    whole = EngineRequest("chat", {"model": "m"}, "r", "m")
     for _ in range(4):
-        stream = await streams.open(CALL)
-        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
-        assert (await streams.call(EngineRequest("chat", {"model": "m"}, "r", "m"))).body == b"{}"
+        stream_ = await streams.open(CALL)
+        assert b"".join([chunk async for chunk in stream_.chunks()]).endswith(sse.DONE)
+        assert (await streams.call(whole)).body == b"{}"
+        assert await streams.most_tokens(whole) == 42
     assert served == [2] * 4
-    assert len(refused) <= 2  # tried once at most by each kind of call, then passed over
-    lone = ReplicaRelay(Router(dead))
-    with pytest.raises(ServiceUnavailableError, match="engine has stopped"):  # no other: its own 503
+    if dead:
+        assert len(refused) <= 3  # tried once at most by each kind of call, then passed over for a while
+    else:
+        # Its other requests (the base model's, other adapters') are not its failure's: only the call moves on.
+        assert refused and not streams._failed
+    lone = ReplicaRelay(Router(failing))
+    with pytest.raises(ServiceUnavailableError) as caught:  # no other: its own 503
         await lone.open(CALL)
+    assert caught.value.message == message
