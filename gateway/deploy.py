@@ -177,7 +177,7 @@ def _changed(
     before = {m.get("name"): m for m in (ingress[0].get("user_config") or {}).get("models", [])}
     changed = {m.name: ADDED if m.name not in before else REPLACED for m in starting}
     for model in config.models:
-        if model.name not in changed and before.get(model.name) != model.model_dump(mode="json"):
+        if model.name not in changed and before.get(model.name) != _dumped(model):
             changed[model.name] = LIVE
     for app in sorted(leaving):
         changed[current[app].get("args", {}).get("model", {}).get("name", app)] = REMOVED

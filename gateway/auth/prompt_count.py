@@ -157,6 +157,7 @@ class TemplateCounter:
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_str(spec["tokenizer"])
+        self._tokenizer.no_padding()  # (a batch would pad each prompt to the longest)
         self._special = dict(spec.get("special_tokens") or {})
         self._formats = dict(spec.get("content_formats") or {})
 

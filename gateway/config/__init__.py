@@ -7,6 +7,7 @@ Every field has a description; an invalid file fails start-up with
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from pathlib import Path
 
 import yaml
@@ -233,14 +234,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     ``models:`` replaces the first list)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+        own = [key_node for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge"]
         seen: set[object] = set()
-        for key_node, _ in node.value:
+        for key_node in own:  # (keys a merge (`<<: *base`) brings may be set again: that is what it is for)
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            if isinstance(key, Hashable) and key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
                 )
-            seen.add(key)
+            if isinstance(key, Hashable):
+                seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -459,3 +459,17 @@ def test_a_key_given_twice_in_a_yaml_mapping_is_refused_naming_it(tmp_path: Path
         load_config(path)
     path.write_text("models:\n  - {name: a, engine: echo}\nrouting: {routes: [{name: r, variants: {a: 1}}]}\n")
     assert load_config(path).routing.routes[0].variants == {"a": 1}
+
+
+def test_yaml_merge_keys_still_work_and_an_odd_key_is_a_config_error(tmp_path: Path) -> None:
+    # The unique-key loader refused `<<: *base` (no constructor for the merge tag), which safe_load takes.
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "models:\n  - &a {engine: echo, echo_token_delay_ms: 5, name: a}\n"
+        "  - <<: *a\n    name: b\n    echo_token_delay_ms: 7\n"
+    )
+    models = load_config(path).models
+    assert [(m.name, getattr(m, "echo_token_delay_ms")) for m in models] == [("a", 5), ("b", 7)]
+    path.write_text("? [a, b]\n: 1\n")  # a key no mapping can hold: refused as YAML, not a traceback
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

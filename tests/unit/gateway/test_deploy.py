@@ -215,6 +215,10 @@ def test_a_deploy_that_changes_nothing_says_nothing_changed(monkeypatch: pytest.
     assert deploy(parse_config(BASE)) == {}
     scaled = {**BASE, "models": [{**BASE["models"][0], "num_replicas": 2}, BASE["models"][1]]}
     assert deploy(parse_config(scaled)) == {"a": LIVE}
+    autoscaled = {**BASE, "models": [{**BASE["models"][0], "autoscaling": {"min_replicas": 1, "max_replicas": 2}},
+                                     BASE["models"][1]]}
+    assert deploy(parse_config(autoscaled)) == {"a": LIVE}
+    assert deploy(parse_config(autoscaled)) == {}  # (its ingress copy lacks num_replicas: still the same)
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[3].glob("configs/**/*.yaml")), ids=lambda p: p.name)

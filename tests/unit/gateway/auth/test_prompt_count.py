@@ -118,3 +118,17 @@ async def test_a_long_prompt_is_counted_with_the_ingress_loop_running() -> None:
     assert ticks > 100  # the loop ran throughout, not once at the end
     small = {"messages": [{"role": "user", "content": "two words"}]}
     assert await prompt_count.count(counter, "chat", small, size=60) == counter.prompt_tokens("chat", small)
+
+
+def test_prompts_of_one_completion_are_counted_each_as_its_own_length() -> None:
+    # A tokenizer saved with padding on padded each prompt of a batch to the longest: over-reserved.
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(__file__).parents[4] / ".models" / "tiny-chat-v1" / "tokenizer.json"))
+    tokenizer.enable_padding()
+    counter = counter_for({"kind": "hf", "tokenizer": tokenizer.to_str()})
+    assert counter is not None
+    short, long = counter.prompt_tokens("completion", {"prompt": ["hi", "many more words than the first one has"]})
+    assert short < long
