@@ -95,27 +95,16 @@ def _template_counter() -> Any:
 
 async def test_a_long_prompt_is_counted_with_the_ingress_loop_running() -> None:
     # Counted on the loop, 1 MB of prompt held every other request on the ingress for a second.
-    import asyncio
-
     from gateway.auth import prompt_count
+    from tests.unit.loop_ticks import ticking
 
     counter = _template_counter()
     body = {"messages": [{"role": "user", "content": "some words, and more of them. " * 40_000}]}
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
-    await asyncio.sleep(0)
-    counted = await prompt_count.count(counter, "chat", body, size=1_200_000)
-    ticker.cancel()
+    async with ticking() as ticks:
+        counted = await prompt_count.count(counter, "chat", body, size=1_200_000)
     assert counted == counter.prompt_tokens("chat", body)
     assert counted is not None and counted[0] > 200_000
-    assert ticks > 100  # the loop ran throughout, not once at the end
+    assert ticks.count > 100  # the loop ran throughout, not once at the end
     small = {"messages": [{"role": "user", "content": "two words"}]}
     assert await prompt_count.count(counter, "chat", small, size=60) == counter.prompt_tokens("chat", small)
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from gateway.errors import InvalidRequestError
 from models.llm import long_lists, vllm_errors
+from tests.unit.loop_ticks import ticking
 
 pytestmark = pytest.mark.filterwarnings("ignore:max_tokens is deprecated:DeprecationWarning")
 
@@ -94,21 +95,10 @@ def test_a_body_of_wrong_messages_is_refused_from_its_first_part_alone() -> None
 
 def test_other_coroutines_run_between_the_parts() -> None:
     async def screened_with_a_ticker() -> int:
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
-        await asyncio.sleep(0)
-        before = ticks
-        with pytest.raises(InvalidRequestError):
-            await long_lists.screen(_validate, {"model": "m", "messages": _messages(1000, wrong_at=999)})
-        ticker.cancel()
-        return ticks - before
+        async with ticking() as ticks:
+            with pytest.raises(InvalidRequestError):
+                await long_lists.screen(_validate, {"model": "m", "messages": _messages(1000, wrong_at=999)})
+        return ticks.count
 
     assert asyncio.run(screened_with_a_ticker()) >= 1000 // long_lists.PART
 

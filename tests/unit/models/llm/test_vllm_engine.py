@@ -87,6 +87,7 @@ def test_a_long_wrong_body_is_validated_with_the_replica_loop_running() -> None:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
     from gateway.protocol.engine import EngineRequest
+    from tests.unit.loop_ticks import ticking
 
     async def never_called(parsed: Any, create: Any) -> Any:
         raise AssertionError("a wrong body reached vLLM")
@@ -98,23 +99,10 @@ def test_a_long_wrong_body_is_validated_with_the_replica_loop_running() -> None:
     request = EngineRequest(endpoint="chat", body={"model": "m", "messages": messages}, request_id="r", model="m")
 
     async def served_with_a_ticker() -> tuple[int, InvalidRequestError]:
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
-        await asyncio.sleep(0)
-        try:
-            await engine._served(request, never_called)
-        except InvalidRequestError as exc:
-            return ticks, exc
-        finally:
-            ticker.cancel()
-        raise AssertionError("the body was taken")
+        async with ticking() as ticks:
+            with pytest.raises(InvalidRequestError) as caught:
+                await engine._served(request, never_called)
+        return ticks.count, caught.value
 
     ticks, refusal = asyncio.run(served_with_a_ticker())
     assert refusal.param == "messages[900].content"
