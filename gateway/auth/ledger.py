@@ -142,6 +142,15 @@ class Ledger:
         reservation = self._book(key, state, int(now / SLOT_S), 1, tokens, 1)
         return Decision(reservation, self._usage(state, limits, now))
 
+    def check(self, key: str, limits: Limits) -> Decision | None:
+        """The refusal of ``key``'s next request by its request limit, which
+        refuses it whatever it asks until a slot leaves the window (None:
+        not refused by it): such a request is not counted first."""
+        now = self._clock()
+        state = self._state(key, now)
+        refusal = self._over_requests(state, limits, now)
+        return None if refusal is None else Decision(None, self._usage(state, limits, now), refusal)
+
     def hold(self, key: str, tokens: int, left: bool = False) -> int:
         """Books a request of ``key`` admitted elsewhere and still running (by
         a ledger this one replaced), whatever the key's limits: it takes a
@@ -294,14 +303,20 @@ class Ledger:
     def _check(self, state: _Key, limits: Limits, tokens: int, now: float) -> Refusal | None:
         if limits.max_concurrent is not None and state.taken >= limits.max_concurrent:
             return Refusal("concurrent", limits.max_concurrent, state.taken, 1, None)
-        if limits.rpm is not None and state.requests + 1 > limits.rpm:
-            wait = self._wait(state, "requests", state.requests + 1 - limits.rpm, now)
-            return Refusal("requests", limits.rpm, state.requests, 1, wait)
+        refusal = self._over_requests(state, limits, now)
+        if refusal is not None:
+            return refusal
         if limits.tpm is not None and state.tokens + tokens > limits.tpm:
             wait = None
             if tokens <= limits.tpm:
                 wait = self._wait(state, "tokens", state.tokens + tokens - limits.tpm, now)
             return Refusal("tokens", limits.tpm, state.tokens, tokens, wait)
+        return None
+
+    def _over_requests(self, state: _Key, limits: Limits, now: float) -> Refusal | None:
+        if limits.rpm is not None and state.requests + 1 > limits.rpm:
+            wait = self._wait(state, "requests", state.requests + 1 - limits.rpm, now)
+            return Refusal("requests", limits.rpm, state.requests, 1, wait)
         return None
 
     @staticmethod

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.auth.lease import Demand, Lease
-from gateway.auth.ledger import Decision, Limits, Usage
+from gateway.auth.ledger import WINDOW_S, Decision, Limits, Usage
 from gateway.auth.limiter_wire import (
     CONNECT_TIMEOUT_S,
     READ_BYTES,
@@ -95,6 +95,7 @@ class LimiterClient:
         self._ledger: str | None = None  # the token of the ledger last reached: another is a new one
         self._renewing: set[asyncio.Task[None]] = set()
         self._releases: dict[int, dict[str, Any]] = {}  # per lease, the release not yet sent
+        self._over: dict[str, float] = {}  # per key refused by its request limit, until when that stood
 
     async def reserve(self, key: str, limits: Limits, tokens: int) -> Decision:
         demand = self._demand.get(key)
@@ -126,12 +127,38 @@ class LimiterClient:
         decision = decode_decision(reply)
         demand.at_limit = waits_for_place(decision)
         if decision.reservation is None:
+            self._note_over(key, decision, now)
             return decision
         held = Ticket(key, tokens, reply["_on"], now, reservation=decision.reservation)
         if held.connection != self._live:  # its connection ended since: so did the reservation
             held.connection = held.reservation = None
             self._restore_soon()
         return Decision(self._tickets.add(held), decision.usage)
+
+    async def check(self, key: str, limits: Limits) -> Decision | None:
+        """The refusal of ``key``'s next request by its request limit, while
+        its last one may still stand (None: not refused by it, or not
+        known): a key over its limit is refused before its request's tokens
+        are counted. Asks the ledger only while that refusal may stand."""
+        until = self._over.get(key)
+        if until is None:
+            return None
+        now = asyncio.get_running_loop().time()
+        if now >= until:
+            del self._over[key]
+            return None
+        reply = await self._ask({"op": "check", "key": key, "limits": list(limits.__dict__.values())})
+        if reply.get("refusal") is None:
+            self._over.pop(key, None)
+            return None
+        decision = decode_decision(reply)
+        self._note_over(key, decision, now)
+        return decision
+
+    def _note_over(self, key: str, decision: Decision, now: float) -> None:
+        refusal = decision.refusal
+        if refusal is not None and refusal.limit == "requests":
+            self._over[key] = now + (refusal.retry_after_s if refusal.retry_after_s is not None else WINDOW_S)
 
     async def usage(self, key: str, limits: Limits) -> tuple[Usage, int]:
         """The key's counts in the ledger now (leases counted as used), and

@@ -209,6 +209,13 @@ class LimiterServer:
             if not self._parked.get(key):
                 reply["lease"] = self._grant(peer, key, limits_of(message["limits"]), message["lease"])
             return reply
+        if op == "check":
+            # Only a refusal that stands: none while the key's leases or parked requests may still change it.
+            key = str(message["key"])
+            decision = None
+            if self._grace is None and not self._leases.get(key) and not self._parked.get(key):
+                decision = self.ledger.check(key, limits_of(message["limits"]))
+            return {"id": message["id"], **(encode_decision(decision) if decision is not None else {})}
         if op == "usage":
             usage = self.ledger.usage(str(message["key"]), limits_of(message["limits"]))
             return {"id": message["id"], "usage": list(usage.__dict__.values()),

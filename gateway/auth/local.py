@@ -27,6 +27,9 @@ class LocalLimiter:
             await self._waits.until(key, decided)
         return decision
 
+    async def check(self, key: str, limits: Limits) -> Decision | None:
+        return self.ledger.check(key, limits)
+
     async def usage(self, key: str, limits: Limits) -> tuple[Usage, int]:
         return self.ledger.usage(key, limits), self.ledger.in_flight(key)
 

@@ -30,7 +30,7 @@ from gateway.http.body import parse_json_object, read_body
 from gateway.http.client_connection import disconnected
 from gateway.http.endpoints import ENDPOINTS
 from gateway.http.handlers import as_gateway_error
-from gateway.http.limits import Admission, admit, embedding_tokens
+from gateway.http.limits import Admission, admit, embedding_tokens, refuse_early
 from gateway.http.plan import plan
 from gateway.http.relay_stream import RelayedStream
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
@@ -121,6 +121,7 @@ class ModelDispatcher:
             try:
                 tokens = 0
                 if api.tpm is not None:
+                    await refuse_early(self.limiter, api, name)
                     call = EngineRequest(endpoint, body, request_id, route.target, replica, owner)
                     tokens = await self._reserved_tokens(table, route, call, name, in_body, len(raw))
                 admission = await admit(self.limiter, api, tokens, name)

@@ -116,6 +116,17 @@ async def admit(limiter: Any, key: ApiKey, tokens: int, model: str) -> Admission
     return Admission(limiter, decision.reservation, decision.usage)
 
 
+async def refuse_early(limiter: Any, key: ApiKey, model: str) -> None:
+    """Raises the RateLimitError (429) of a request its key's request limit
+    refuses whatever it asks, before its tokens are counted (a count may be
+    a render on the model's replica): a key over that limit costs no count."""
+    if key.rpm is None or key.tpm is None:
+        return  # (without a token limit, nothing is counted before admission)
+    decision = await limiter.check(key.id, limits_of(key))
+    if decision is not None and decision.refusal is not None:
+        raise refused(decision.refusal, decision.usage, key, model)
+
+
 def embedding_tokens(endpoint: str, body: dict[str, Any]) -> int:
     """At most the tokens an embedding model's request holds, whichever
     endpoint it came by (``input``; a prediction's ``instances`` or

@@ -225,3 +225,23 @@ def test_a_lease_is_counted_in_the_slot_it_ends_in() -> None:
     assert ledger.usage("k", limits).remaining_requests == 10 - 2
     clock.now += SLOT_S
     assert ledger.usage("k", limits).remaining_requests == 10
+
+
+def test_a_key_over_its_rpm_is_refused_by_a_check_that_counts_nothing() -> None:
+    clock = Clock()
+    ledger = Ledger(clock)
+    limits = Limits(rpm=2, tpm=1000, max_concurrent=1)
+    assert ledger.check("k", limits) is None  # under its request limit
+    first = ledger.reserve("k", limits, 300)
+    assert first.reservation is not None
+    assert ledger.check("k", limits) is None  # at its concurrency limit only: a place may come free
+    ledger.settle(first.reservation, 300)
+    second = ledger.reserve("k", limits, 0)
+    assert second.reservation is not None
+    ledger.settle(second.reservation, 0)
+    checked, reserved = ledger.check("k", limits), ledger.reserve("k", limits, 0)
+    assert checked is not None and checked == reserved  # the refusal the request would get, and its headers
+    assert checked.refusal is not None and checked.refusal.limit == "requests"
+    assert ledger.in_flight("k") == 0 and ledger.usage("k", limits).remaining_tokens == 700  # nothing counted
+    clock.now += checked.refusal.retry_after_s or 0
+    assert ledger.check("k", limits) is None

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -19,6 +18,7 @@ from gateway.auth.local import LocalLimiter
 from gateway.auth.limiter_server import LimiterServer
 from gateway.errors import ServiceUnavailableError
 from gateway.protocol import port_proof
+from tests.unit.gateway.auth.conftest import Part
 from tests.unit.gateway.protocol.test_port_proof import Impostor
 
 
@@ -28,17 +28,6 @@ def _frozen() -> Ledger:
     return Ledger(clock=lambda: 5000.01)
 
 
-Part = LimiterServer | LimiterClient
-
-
-@pytest.fixture
-async def parts() -> AsyncIterator[list[Part]]:
-    """What a test starts, stopped when it ends however it ends: a client
-    left open would be collected, unclosed, in whichever test runs next."""
-    started: list[Part] = []
-    yield started
-    for part in reversed(started):
-        await (part.close() if isinstance(part, LimiterClient) else part.stop())
 
 
 @pytest.fixture

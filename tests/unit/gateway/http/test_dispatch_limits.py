@@ -18,7 +18,14 @@ from gateway.errors import InvalidRequestError
 from gateway.http.limits import limits_of
 from gateway.routing.table import Alias
 from gateway.routing.weighted import Variant
-from tests.unit.gateway.http.test_dispatch import COUNTED_TOKENS, PREDICT, FakeHandle, Restarting, make_app
+from tests.unit.gateway.http.test_dispatch import (
+    COUNTED_TOKENS,
+    PREDICT,
+    FakeHandle,
+    FakeReplica,
+    Restarting,
+    make_app,
+)
 from tests.unit.gateway.http.test_dispatch_hang_ups import SCOPE
 from tests.unit.gateway.http.test_relay_connection import until
 
@@ -160,3 +167,22 @@ async def test_a_request_refused_by_its_keys_limit_after_routing_names_its_varia
         await asyncio.wait_for(app(scope, receive, send), timeout=5)
         answers.append((sent[0]["status"], dict(sent[0]["headers"]).get(b"x-gateway-variant")))
     assert answers == [(200, b"b"), (429, b"b")]
+
+
+async def test_a_key_over_its_request_limit_is_refused_before_its_tokens_are_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    counted: list[Any] = []
+    count = FakeReplica.count
+
+    async def counting(replica: FakeReplica, call: Any) -> int:
+        counted.append(call)
+        return await count(replica, call)
+
+    monkeypatch.setattr(FakeReplica, "count", counting)
+    app = make_app(FakeHandle())
+    key = ApiKey("team", ("*",), rpm=1, tpm=10_000)
+    assert [await request(app, "/chat", {"model": "m"}, key=key) for _ in range(3)] == [200, 429, 429]
+    # Only the first was counted (by the model's replica): the others, refused whatever
+    # they asked, cost no count (this gateway's ledger is in its ingress: asked each time).
+    assert len(counted) == 1
