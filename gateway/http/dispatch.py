@@ -30,7 +30,7 @@ from gateway.http.body import parse_json_object, read_body
 from gateway.http.client_connection import disconnected
 from gateway.http.endpoints import ENDPOINTS
 from gateway.http.handlers import as_gateway_error
-from gateway.http.limits import Admission, admit, embedding_tokens, refuse_early
+from gateway.http.limits import Admission, admit, embedding_tokens, refuse_early, usage_headers
 from gateway.http.plan import plan
 from gateway.http.relay_stream import RelayedStream
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
@@ -264,21 +264,16 @@ class ModelDispatcher:
         record: RequestRecord = request.state.record
         record.model = record.variant = target
         record.stream = stream
-        admission = await admit(self.limiter, api, 0, target) if api is not None and api.limited else None
+        headers = {VARIANT_HEADER: target}
+        if api is not None and api.limited:
+            # Counted against none of the key's limits: it generates nothing, and a key
+            # whose background response holds its last place must still reach it to cancel it.
+            headers.update(await usage_headers(self.limiter, api))
         call = EngineRequest(endpoint, body, record.request_id, target, replica, owner)
-        headers = {VARIANT_HEADER: target, **(admission.headers if admission is not None else {})}
-        try:  # not bounded by the model's request_timeout_s: retrieving is not generating
-            if stream:
-                response = await self._stream(model, call, request, headers, record, admission, None)
-            else:
-                response = await self._unary(model, call, request, headers, record, admission, None)
-        except BaseException:
-            if admission is not None:
-                admission.settle(Outcome())
-            raise
-        if admission is not None and not stream:
-            admission.settle(record.outcome)
-        return response
+        # Not bounded by the model's request_timeout_s: retrieving is not generating.
+        if stream:
+            return await self._stream(model, call, request, headers, record, None, None)
+        return await self._unary(model, call, request, headers, record, None, None)
 
     async def _unary(
         self,

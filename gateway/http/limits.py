@@ -116,6 +116,12 @@ async def admit(limiter: Any, key: ApiKey, tokens: int, model: str) -> Admission
     return Admission(limiter, decision.reservation, decision.usage)
 
 
+async def usage_headers(limiter: Any, key: ApiKey) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers of ``key`` as it stands, spending nothing."""
+    usage, _ = await limiter.usage(key.id, limits_of(key))
+    return rate_headers(usage)
+
+
 async def refuse_early(limiter: Any, key: ApiKey, model: str) -> None:
     """Raises the RateLimitError (429) of a request its key's request limit
     refuses whatever it asks, before its tokens are counted (a count may be

@@ -214,6 +214,7 @@ class VLLMEngine:
             task = tally.continues = vllm_stored.background_task(self._vllm, parsed.request_id)
             if task is not None:
                 vllm_stored.mark_failure(self._vllm, parsed.request_id, task)
+                vllm_stored.counted(task, tally)
             # Its events are read from where that task puts them, once it has begun.
             while parsed.stream and task is not None and not task.done():
                 if vllm_stored.has_events(self._vllm, parsed.request_id):

@@ -8,6 +8,7 @@ follow-up on a response still generating prompted without its answer)."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,9 @@ from models.llm.stored import deleted_body, not_cancellable, not_streamable
 if TYPE_CHECKING:
     from gateway.protocol.engine import EngineRequest
     from models.llm.tally import GenerationTally
+
+# The tally of each background generation still running (``counted``).
+_TALLIES: weakref.WeakKeyDictionary[Any, GenerationTally] = weakref.WeakKeyDictionary()
 
 
 async def answer(
@@ -39,6 +43,7 @@ async def answer(
         return vllm_compat.body_json(cancelled, request.endpoint)
     try:
         if request.endpoint == "responses_cancel":
+            stop(background_task(serving, response_id))
             result = await responses.cancel_responses(response_id)
         else:
             result = await responses.retrieve_responses(
@@ -61,6 +66,26 @@ async def answer(
 def background_task(serving: vllm_compat.Serving, request_id: str) -> Any:
     """The task vLLM generates a background response in (None if it runs none)."""
     return serving.responses.background_tasks.get(request_id)
+
+
+def counted(task: Any, tally: GenerationTally) -> None:
+    """``task``, a background generation, counts its tokens in ``tally``:
+    when it is stopped (``stop``) before its end, what its engine request
+    has used so far is counted first."""
+    _TALLIES[task] = tally
+
+
+def stop(task: Any) -> None:
+    """Cancels a background generation still running. A whole answer's
+    engine request reports its tokens only at its end, and the engine
+    forgets it once stopped: what it used so far is counted first, in the
+    same turn as the cancel, so no output can be counted twice."""
+    if task is None or task.done():
+        return
+    tally = _TALLIES.pop(task, None)
+    if tally is not None:
+        tally.count_unseen()
+    task.cancel()
 
 
 def has_events(serving: vllm_compat.Serving, request_id: str) -> bool:
@@ -154,7 +179,7 @@ async def delete_response(serving: vllm_compat.Serving, response_id: str) -> Non
         raise errors.ResponseNotFoundError.for_id(response_id, "response_id")
     task = responses.background_tasks.get(response_id)
     if task is not None and not task.done():
-        task.cancel()
+        stop(task)
         await asyncio.gather(task, return_exceptions=True)
     forget_response(serving, response_id)
 
@@ -164,8 +189,6 @@ def forget_response(serving: vllm_compat.Serving, response_id: str) -> None:
     generating (dropped past the bound: no one can reach it) is stopped."""
     responses = serving.responses
     if responses is not None:
-        task = responses.background_tasks.get(response_id)
-        if task is not None and not task.done():
-            task.cancel()
+        stop(responses.background_tasks.get(response_id))
         for store in (responses.response_store, responses.msg_store, responses.event_store):
             store.pop(response_id, None)

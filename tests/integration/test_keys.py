@@ -359,6 +359,21 @@ def test_a_stored_response_is_reached_only_with_the_key_that_made_it(
         theirs.responses.delete(own.id)
 
 
+def test_a_key_whose_background_response_holds_its_only_place_still_reads_and_cancels_it(
+    gateway: Gateway, secrets: dict[str, str]
+) -> None:
+    with openai.OpenAI(base_url=gateway.v1, api_key=secrets["one-place"], max_retries=0) as sdk:
+        queued = sdk.responses.create(
+            model=VLLM_MODEL, input="Hello there", background=True, max_output_tokens=480,
+            extra_body={"ignore_eos": True},
+        )
+        # It generates on, in the key's one place: reading, listing and cancelling it take none.
+        assert sdk.responses.retrieve(queued.id).status in ("queued", "in_progress")
+        assert [item.type for item in sdk.responses.input_items.list(queued.id)] == ["message"]
+        assert sdk.responses.cancel(queued.id).status == "cancelled"
+        sdk.responses.delete(queued.id)
+
+
 async def test_a_message_reserves_the_models_own_prompt_count_and_settles_its_usage(
     gateway: Gateway, secrets: dict[str, str]
 ) -> None:

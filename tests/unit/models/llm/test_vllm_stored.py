@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from gateway.errors import InvalidRequestError
+from gateway.protocol.engine import EngineRequest
 from models.llm import vllm_stored
+from models.llm.tally import GenerationTally
 
 
 def serving_keeping(**responses: SimpleNamespace) -> Any:
@@ -75,3 +77,46 @@ async def test_a_response_dropped_while_it_generates_in_the_background_is_stoppe
     assert "resp_a" not in responses.event_store
     vllm_stored.forget_response(SimpleNamespace(responses=responses), "resp_b")  # one that ended: only dropped
     assert responses.response_store == {} and not done.cancelled()
+
+
+class Kept(SimpleNamespace):
+    def model_dump_json(self, by_alias: bool = False) -> str:
+        return f'{{"status": "{self.status}"}}'
+
+
+class Responses(SimpleNamespace):
+    """vLLM's Responses serving layer, as far as cancelling goes: its cancel stops the task."""
+
+    async def cancel_responses(self, response_id: str) -> Any:
+        kept = self.response_store[response_id]
+        kept.status = "cancelled"
+        self.background_tasks[response_id].cancel()
+        return kept
+
+
+@pytest.mark.parametrize("how", ["cancel", "delete", "drop"])
+async def test_a_background_response_stopped_before_its_end_counts_what_its_engine_request_used(how: str) -> None:
+    # A whole answer's engine request shows no output before its end; the
+    # tally knows how to ask the engine what it used so far (its prompt, 5
+    # tokens generated), which the engine forgets once the request is stopped.
+    tally = GenerationTally()
+    asked: list[bool] = []
+    tally.unseen.add(lambda: (asked.append(True), (7, 5))[1])  # type: ignore[func-returns-value]
+    generating = asyncio.ensure_future(asyncio.Event().wait())
+    vllm_stored.counted(generating, tally)
+    responses = Responses(
+        response_store={"resp_a": Kept(status="in_progress", background=True)},
+        msg_store={}, event_store={}, background_tasks={"resp_a": generating},
+    )
+    serving = SimpleNamespace(responses=responses, error_response=type(None))
+    if how == "cancel":
+        call = EngineRequest("responses_cancel", {"response_id": "resp_a"}, "req", "m")
+        body = await vllm_stored.answer(serving, "m", call, GenerationTally())  # type: ignore[arg-type]
+        assert body == b'{"status": "cancelled"}'
+    elif how == "delete":
+        await vllm_stored.delete_response(serving, "resp_a")  # type: ignore[arg-type]
+    else:
+        vllm_stored.forget_response(serving, "resp_a")  # type: ignore[arg-type]
+    await asyncio.gather(generating, return_exceptions=True)
+    assert generating.cancelled() and asked == [True]  # asked before it was stopped
+    assert (tally.prompt_tokens, tally.completion_tokens) == (7, 5)  # what the key is charged
