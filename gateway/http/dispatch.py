@@ -112,8 +112,6 @@ class ModelDispatcher:
             # Only the replica that stores the earlier response can continue it.
             previous = envelope.previous_response_id
             route, replica = await holder(table, name, previous, "previous_response_id", api, record.request_id)
-        if route.alias:
-            self._metrics.assigned(name, route.target)
         request_id = record.request_id
         in_body = envelope is not None  # OpenAI bodies name their model
         admission = None
@@ -128,6 +126,8 @@ class ModelDispatcher:
             except GatewayError as error:  # (refused after routing: the variant is said, as on any such error)
                 error.extra_headers.setdefault(VARIANT_HEADER, route.target)
                 raise
+        if route.alias and replica is None:  # (drawn by the A/B chooser, admitted; not pinned by a conversation)
+            self._metrics.assigned(name, route.target)
         try:
             response = await self._forward(
                 table, endpoint, body, name, in_body, route, request, record, stream, admission, (replica, owner)

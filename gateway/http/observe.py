@@ -46,7 +46,7 @@ ANTHROPIC_PATH = "/v1/messages"
 OVERHEAD = b"x-gateway-overhead-ms"
 UNMATCHED = "unmatched"
 CLIENT_CLOSED = 499
-_SANE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+_SANE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _CONVERTER = re.compile(r"\{(\w+):\w+\}")
 
 # The id of the request being served, for log lines written deep in a call.
@@ -121,7 +121,7 @@ class ObservabilityMiddleware:
             await self._app(scope, receive, send)
             return
         given = next((value for key, value in scope["headers"] if key == REQUEST_ID), None)
-        sane = given is not None and _SANE.match(given) is not None
+        sane = given is not None and _SANE.fullmatch(given) is not None
         request_id = given.decode() if sane and given is not None else new_request_id()
         id_headers = [] if sane and self._echoed else [(REQUEST_ID, request_id.encode())]
         if anthropic_path(route_path(scope)):

@@ -53,4 +53,6 @@ async def _copy(model: ServedModel, call: EngineRequest) -> None:
             else:
                 await client.unary(call)
     except Exception as exc:  # noqa: BLE001 - a shadow's failure is only worth a log line
-        logger.info("shadow request to %s failed: %s", call.model, exc)
+        # Quoted: a replica's message may repeat what the client sent (an unknown key's name), newlines included.
+        kind = getattr(exc, "code", None) or type(exc).__name__
+        logger.info("shadow request to %s failed: %s %r", call.model, kind, str(exc))

@@ -167,6 +167,8 @@ async def test_a_request_refused_by_its_keys_limit_after_routing_names_its_varia
         await asyncio.wait_for(app(scope, receive, send), timeout=5)
         answers.append((sent[0]["status"], dict(sent[0]["headers"]).get(b"x-gateway-variant")))
     assert answers == [(200, b"b"), (429, b"b")]
+    # The A/B split counts the request it served, not the one refused.
+    assert app.state.metrics.snapshot()["llm_gateway_ab_assignments_total"] == {("r", "b"): 1}
 
 
 async def test_a_key_over_its_request_limit_is_refused_before_its_tokens_are_counted(

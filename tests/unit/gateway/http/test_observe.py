@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI, Request
@@ -306,3 +307,22 @@ async def test_a_stream_cut_by_a_failure_gets_its_error_line_too(tmp_path: Path)
     assert [(line["log"], line["request_id"], line["status"], line.get("error")) for line in lines] == [
         ("error", "cut-1", 503, "service_unavailable"), ("access", "cut-1", 503, "service_unavailable")
     ]
+
+
+async def test_a_client_id_ending_in_a_newline_is_replaced(tmp_path: Path) -> None:
+    # (Servers in front refuse such a header today; the id names logs, chunks and headers.)
+    app, _, _ = make_app(tmp_path)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/iris:predict", "query_string": b"",
+             "headers": [(b"x-request-id", b"abc\n")], "http_version": "1.1", "scheme": "http",
+             "server": ("t", 80), "root_path": "", "app": app}
+    await asyncio.wait_for(app(scope, receive, send), 2)
+    used = json.loads(b"".join(m.get("body", b"") for m in sent))["request_id"]
+    assert GENERATED.match(used) and dict(sent[0]["headers"])[b"x-request-id"] == used.encode()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
+from gateway.errors import InvalidRequestError
 from gateway.http.serving import LLMClient, ServedModel
 from gateway.http.shadows import Shadows
 from gateway.protocol.engine import EngineRequest
@@ -27,3 +32,18 @@ async def test_copies_past_the_bound_are_not_sent_until_some_are_done() -> None:
     shadows.send(model, copy(5))
     await until(lambda: len(slow.calls) == 3 and len(shadows) == 0)
     assert [c.request_id for c in slow.calls] == ["r0-shadow", "r1-shadow", "r5-shadow"]
+
+
+async def test_a_shadows_failure_is_logged_on_one_line_whatever_its_client_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The shadow model's refusal repeats a key the client named, which holds a newline.
+    said = "Unrecognized request argument supplied: x\nERROR forged"
+    refused = FakeHandle(unary=InvalidRequestError(said, param="x"))
+    model = ServedModel("s", "llm", LLMClient(refused, 1.0), timeout_s=5)
+    shadows = Shadows(max_out=2)
+    with caplog.at_level(logging.INFO, logger="gateway.http.shadows"):
+        shadows.send(model, copy(1))
+        await until(lambda: len(shadows) == 0 and bool(caplog.records))
+    line = caplog.records[0].getMessage()
+    assert "\n" not in line and "InvalidRequestError" in line and "ERROR forged" in line
