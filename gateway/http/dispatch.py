@@ -187,7 +187,12 @@ class ModelDispatcher:
                 return await client.relay.most_tokens(call)
             except Exception as exc:
                 raise self._error(exc) from None
-        return embedding_tokens(call.endpoint, call.body) if model.kind == "embedding" else 0
+        if model.kind != "embedding":
+            return 0
+        if size <= prompt_count.INLINE_BYTES:
+            return embedding_tokens(call.endpoint, call.body)
+        # (Millions of inputs take a second to walk: not on the loop every request shares.)
+        return await asyncio.to_thread(embedding_tokens, call.endpoint, call.body)
 
     async def _forward(
         self,

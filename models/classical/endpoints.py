@@ -117,11 +117,11 @@ def _render_predict(job: Job, predictions: list[Any]) -> bytes:
 
 def _parse_embedding(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
     embedding = _validate(EmbeddingRequest, request.body)
+    _check_cap(1 if isinstance(embedding.input, str) else len(embedding.input), cap, "input")  # before any walk
     try:
         texts = embedding.texts()
     except InputError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from None
-    _check_cap(len(texts), cap, "input")
     dimensions = getattr(predictor, "dimensions", None)
     if embedding.dimensions is not None and embedding.dimensions != dimensions:
         raise InvalidRequestError(
@@ -166,6 +166,13 @@ def _parse_infer(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
     if tensor.shape[0] == 0:
         raise InvalidRequestError(f"{param}: the tensor holds no instances", param=param)
     _check_cap(tensor.shape[0], cap, param)
+    features = getattr(predictor, "n_features", None)
+    if features is not None and tensor.shape[1] != features:  # (known before its data is read)
+        raise InvalidRequestError(
+            f"{param}: shape {tensor.shape} has {tensor.shape[1]} features per instance; "
+            f"this model takes {features}",
+            param=param,
+        )
     data = _flat(tensor, param)
     _check_values(tensor.datatype, data, param)
     if predictor.kind == "embedding":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from gateway.auth.keys import ApiKey
 from gateway.auth.local import LocalLimiter
 from gateway.auth.prompt_count import WordCounter
 from gateway.errors import InvalidRequestError
+from gateway.http import dispatch, limits
 from gateway.http.limits import limits_of
 from gateway.routing.table import Alias
 from gateway.routing.weighted import Variant
@@ -188,3 +190,21 @@ async def test_a_key_over_its_request_limit_is_refused_before_its_tokens_are_cou
     # Only the first was counted (by the model's replica): the others, refused whatever
     # they asked, cost no count (this gateway's ledger is in its ingress: asked each time).
     assert len(counted) == 1
+
+
+@pytest.mark.parametrize(("inputs", "off_loop"), [(3, False), (20_000, True)])
+async def test_a_long_embedding_input_is_bounded_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch, inputs: int, off_loop: bool
+) -> None:
+    # Walking millions of inputs takes a second: every request of the ingress would wait for it.
+    walked_in: list[bool] = []
+
+    def bound(endpoint: str, body: dict[str, Any]) -> int:
+        walked_in.append(threading.current_thread() is not threading.main_thread())
+        return limits.embedding_tokens(endpoint, body)
+
+    monkeypatch.setattr(dispatch, "embedding_tokens", bound)
+    app = make_app(FakeHandle(unary=b'{"predictions": []}'), kinds={"m": "embedding"})
+    body = {"instances": ["some words"] * inputs}
+    assert await request(app, "/predict/m", body, key=ApiKey("team", ("*",), tpm=10_000_000)) == 200
+    assert walked_in == [off_loop]

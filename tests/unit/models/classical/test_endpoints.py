@@ -230,6 +230,23 @@ def test_infer_refuses_a_shape_before_building_anything_from_it(
     assert words in caught.value.message
 
 
+def test_infer_refuses_a_row_width_the_model_does_not_take_before_reading_its_data(iris: SklearnPredictor) -> None:
+    # Millions of values in one row were read and checked, on the replica's loop, before the 400.
+    tensor = {**TENSOR, "shape": [1, 5], "data": [1, 2, 3, 4, "not read"]}
+    with pytest.raises(InvalidRequestError) as caught:
+        parse(EngineRequest("infer", {"inputs": [tensor]}, "r", "iris"), iris, 10)
+    assert caught.value.message == "inputs[0]: shape [1, 5] has 5 features per instance; this model takes 4"
+    assert caught.value.param == "inputs[0]"
+
+
+def test_too_many_embedding_inputs_are_refused_before_any_is_read() -> None:
+    # Millions of inputs were walked (and named) before the count was compared.
+    predictor = EmbeddingPredictor(FakeSentenceModel())
+    with pytest.raises(InvalidRequestError) as caught:
+        parse(EngineRequest("embedding", {"model": "m", "input": [""] * 11}, "r", "m"), predictor, 10)
+    assert caught.value.message == "'input' holds 11 entries; this model accepts at most 10 per request."
+
+
 def test_an_integer_feature_too_large_for_a_float_is_a_400(iris: SklearnPredictor) -> None:
     with pytest.raises(InvalidRequestError, match=r"instances\[0\]: feature 0 is not a finite number"):
         parse(EngineRequest("predict", {"instances": [[10**400, 1, 1, 1]]}, "r", "iris"), iris, 10)
