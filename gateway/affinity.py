@@ -197,8 +197,17 @@ def _cpus(tid: int) -> set[int]:
         return set()
 
 
-def _has_gpu() -> bool:
-    return Path("/dev/nvidia0").exists()
+def _has_gpu(dev: Path = Path("/dev")) -> bool:
+    """Whether an NVIDIA GPU is visible here: any ``/dev/nvidiaN`` (a container
+    given only its fourth GPU has ``/dev/nvidia3`` alone)."""
+    return any(name.removeprefix("nvidia").isdigit() for name in _names(dev) if name.startswith("nvidia"))
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return [entry.name for entry in folder.iterdir()]
+    except OSError:
+        return []
 
 
 def pin_gateway_processes(root: int, cpus: set[int]) -> int:

@@ -107,6 +107,7 @@ def check_fits(model: ModelConfig, nodes: Sequence[Mapping[str, float]]) -> None
     strategy = placement_strategy(model) or "STRICT_PACK"
     if not nodes:
         raise ConfigError(f"models[{model.name}]: the cluster has no alive node")
+    _check_gpu_taken(model, nodes)
     if strategy == "STRICT_PACK":
         fits = any(_covers(node, _total(bundles)) for node in nodes)
     elif strategy == "STRICT_SPREAD":
@@ -121,6 +122,20 @@ def check_fits(model: ModelConfig, nodes: Sequence[Mapping[str, float]]) -> None
             f"models[{model.name}]: a replica needs bundles {_show(bundles)} placed "
             f"{strategy} ({_show([_total(bundles)])} in all), but no node can hold them; "
             f"the largest node has {_show([_useful(largest)])}"
+        )
+
+
+def _check_gpu_taken(model: ModelConfig, nodes: Sequence[Mapping[str, float]]) -> None:
+    """A vLLM replica of one worker on a cluster with GPUs reserves one: given
+    none, Ray hides no GPU from it, and vLLM takes the node's first, which
+    another replica may hold. ``num_gpus: 0`` written out runs it without one."""
+    if not isinstance(model, VLLMModelConfig) or model.workers > 1 or "num_gpus" in model.model_fields_set:
+        return
+    if any(node.get("GPU", 0) > 0 for node in nodes):
+        raise ConfigError(
+            f"models[{model.name}]: the cluster has GPUs, and this vLLM model reserves none: set "
+            "`num_gpus: 1` (vLLM would otherwise take a GPU of its node that Ray may give another "
+            "replica), or `num_gpus: 0` to run it without one"
         )
 
 

@@ -101,6 +101,21 @@ GATEWAY_ENGINE_ARGS = {
     "enable-auto-tool-choice": "tool_call_parser",
 }
 
+# vLLM's share of a GPU's memory where `gpu_memory_utilization` is unset.
+VLLM_GPU_MEMORY_UTILIZATION = 0.92
+
+# vLLM engine arguments that change how many workers an engine starts, or on
+# which nodes: the gateway reserves a replica's workers (tensor x pipeline
+# parallel size, one node) before vLLM starts them.
+PLACEMENT_ENGINE_ARGS = frozenset(
+    {"prefill-context-parallel-size", "nnodes", "node-rank", "master-addr", "master-port"}
+)
+
+
+def places_workers(key: str) -> bool:
+    """Whether the ``engine_args`` key ``key`` changes an engine's workers or their nodes."""
+    return key in PLACEMENT_ENGINE_ARGS or key.removeprefix("no-").startswith("data-parallel")
+
 
 class VLLMModelConfig(LLMModelConfig):
     """A model served by a real vLLM engine."""
@@ -183,6 +198,22 @@ class VLLMModelConfig(LLMModelConfig):
         return dashed
 
     @model_validator(mode="after")
+    def _one_gpu_a_worker(self) -> VLLMModelConfig:
+        if self.workers == 1 and self.num_gpus > 1:
+            raise ValueError(
+                f"`num_gpus: {self.num_gpus:g}`: a vLLM replica of one worker uses one GPU; for "
+                "more, set `tensor_parallel_size` (each worker then takes `gpus_per_worker`)"
+            )
+        share = VLLM_GPU_MEMORY_UTILIZATION if self.gpu_memory_utilization is None else self.gpu_memory_utilization
+        if 0 < self.num_gpus < 1 and share > self.num_gpus:
+            # Ray would place another replica on the same GPU, whose engine then finds too little memory.
+            raise ValueError(
+                f"`num_gpus: {self.num_gpus:g}` shares a GPU, but vLLM takes {share:g} of its memory: "
+                f"set `gpu_memory_utilization` to at most {self.num_gpus:g}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _one_whitespace_setting(self) -> VLLMModelConfig:
         for key in self.engine_args:
             field = GATEWAY_ENGINE_ARGS.get(key)
@@ -190,6 +221,14 @@ class VLLMModelConfig(LLMModelConfig):
                 # vLLM takes the last of a flag given twice: the engine would
                 # run otherwise than the gateway routes, places and describes it.
                 raise ValueError(f"`engine_args.{key}` is the gateway's to set: use the model's `{field}`")
+            if places_workers(key):
+                # Reserved as tensor x pipeline parallel workers on one node, they
+                # would start more (or elsewhere), past what Ray reserved for them.
+                raise ValueError(
+                    f"`engine_args.{key}` changes how many workers vLLM starts, or where; the gateway "
+                    "places a replica's workers by `tensor_parallel_size` and `pipeline_parallel_size` "
+                    "on one node: for data parallelism, run more replicas (`num_replicas`)"
+                )
         if self.json_whitespace is not None and STRUCTURED_OUTPUTS_ARG in self.engine_args:
             raise ValueError(
                 f"set either `json_whitespace` or `engine_args.{STRUCTURED_OUTPUTS_ARG}`, not both"

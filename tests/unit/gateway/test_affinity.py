@@ -375,3 +375,13 @@ def test_the_engine_core_moves_beside_its_workers_and_back(monkeypatch: pytest.M
     finally:
         os.killpg(tree.pid, 9)
         tree.wait()
+
+
+def test_a_gpu_is_seen_by_any_of_its_device_files(tmp_path: Path) -> None:
+    assert not affinity._has_gpu(tmp_path)
+    (tmp_path / "nvidiactl").touch()
+    (tmp_path / "nvidia-uvm").touch()
+    assert not affinity._has_gpu(tmp_path)  # the driver's files alone: no GPU given to this host
+    (tmp_path / "nvidia3").touch()  # a container given the node's fourth GPU only
+    assert affinity._has_gpu(tmp_path)
+    assert not affinity._has_gpu(tmp_path / "missing")

@@ -403,6 +403,18 @@ def test_engine_args_the_gateway_sets_itself_are_refused_naming_the_field(key: s
         parse_config({"models": [{"name": "m", "engine": "vllm", "model": "org/m", "engine_args": {key: 2}}]})
 
 
+@pytest.mark.parametrize(
+    "key", ["data-parallel-size", "data_parallel_backend", "no-data-parallel-hybrid-lb", "prefill-context-parallel-size",
+            "nnodes"],
+)
+def test_engine_args_that_change_an_engines_workers_are_refused(key: str) -> None:
+    # Ray reserves tensor x pipeline parallel workers on one node: vLLM would start more, or elsewhere.
+    with pytest.raises(ConfigError, match=r"changes how many workers vLLM starts.*`num_replicas`"):
+        parse_config({"models": [{"name": "m", "engine": "vllm", "model": "org/m", "engine_args": {key: 2}}]})
+    allowed = {"decode-context-parallel-size": 2}  # (within the tensor-parallel workers)
+    parse_config({"models": [{"name": "m", "engine": "vllm", "model": "org/m", "engine_args": allowed}]})
+
+
 @pytest.mark.parametrize("prefix", ["/api/", "/a/{b}", "api", "//"])
 def test_a_route_prefix_serve_would_refuse_once_deployed_is_refused_at_load(prefix: str) -> None:
     with pytest.raises(ConfigError, match="route_prefix"):

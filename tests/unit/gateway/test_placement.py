@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -171,3 +172,31 @@ def test_a_vllm_replica_of_several_workers_takes_a_whole_gpu_each(gpus: float) -
         parse_config({"models": [vllm]})
     assert parse_config({"models": [{**vllm, "gpus_per_worker": 1}]}).models[0].workers == 2
     assert model(tensor_parallel_size=2, gpus_per_worker=gpus).workers == 2  # the echo engine's workers take what they are given
+
+
+def vllm_model(**fields: Any) -> ModelConfig:
+    return parse_config({"models": [{"name": "v", "engine": "vllm", "model": "org/v", **fields}]}).models[0]
+
+
+def test_a_one_worker_vllm_model_on_a_cluster_with_gpus_must_say_whether_it_takes_one() -> None:
+    # Given none, Ray hides no GPU from it: vLLM takes the node's first, which another replica may hold.
+    with pytest.raises(ConfigError, match=r"models\[v\]: the cluster has GPUs.*set `num_gpus: 1`"):
+        check_fits(vllm_model(), [GPU_NODE])
+    check_fits(vllm_model(num_gpus=1), [GPU_NODE])
+    check_fits(vllm_model(num_gpus=0), [GPU_NODE])  # written out: run without one
+    check_fits(vllm_model(), [{"CPU": 16.0}])  # no GPU anywhere: the CPU engine
+    check_fits(vllm_model(tensor_parallel_size=2), [GPU_NODE])  # (its workers' bundles take theirs)
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"num_gpus": 2}, "a vLLM replica of one worker uses one GPU; for more, set `tensor_parallel_size`"),
+        ({"num_gpus": 0.5}, "`num_gpus: 0.5` shares a GPU, but vLLM takes 0.92 of its memory"),
+        ({"num_gpus": 0.5, "gpu_memory_utilization": 0.6}, "set `gpu_memory_utilization` to at most 0.5"),
+    ],
+)
+def test_a_vllm_replicas_gpu_share_is_one_its_engine_can_use(fields: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        vllm_model(**fields)
+    vllm_model(num_gpus=0.5, gpu_memory_utilization=0.45)  # two such replicas share one GPU
