@@ -392,7 +392,7 @@ def _local_environment(config: GatewayConfig, host: str, port: int) -> dict[str,
     """Sets what Ray and Ray Serve read at import and cluster start for a
     local cluster, and returns it; None (said on stderr) when the front
     door's port is taken, before anything starts."""
-    from gateway.local_cluster import environment, front_door_taken
+    from gateway.local_cluster import environment, front_door_taken, private_token
 
     if (taken := front_door_taken(host, port)) is not None:
         print(
@@ -403,6 +403,7 @@ def _local_environment(config: GatewayConfig, host: str, port: int) -> dict[str,
         return None
     local = environment(config.runtime, config.ingress.read_timeout_s, host)
     os.environ.update(local)
+    private_token()
     return local
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 import socket
 import sys
@@ -233,6 +234,35 @@ def joining(address: str) -> dict[str, str]:
     if AUTH_MODE not in os.environ and _token_available():
         return {**SINGLE_MACHINE, AUTH_MODE: "token"}
     return dict(SINGLE_MACHINE)
+
+
+def private_token(home: Path | None = None) -> None:
+    """Makes the token Ray authenticates this machine's cluster with readable
+    by this user alone. Ray writes ``~/.ray/auth_token`` as the umask leaves
+    it (0644): on a host whose home directories others may enter, any local
+    user could read it, reach the loopback GCS and run code as the gateway,
+    or call its models past every key check. A token Ray would make is made
+    here instead (its format: 256 random bits in hex), mode 600; one already
+    there, ours, is set to 600."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get(AUTH_MODE, "token").lower() != "token":
+        return
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named) if named else (home or Path.home()) / ".ray" / "auth_token"
+    if not path.exists() and not named:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # (another process made it meanwhile: tightened below)
+            pass
+        else:
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_hex(32))
+    try:
+        found = path.stat()
+    except OSError:
+        return
+    if found.st_uid == os.getuid() and found.st_mode & 0o077:
+        path.chmod(0o600)
 
 
 def _token_available() -> bool:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import shlex
 import socket
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -426,3 +428,18 @@ def test_a_port_taken_or_picked_already_is_not_picked_again() -> None:
         assert ports == {free}
         # None free among them: the system's pick.
         assert local_cluster.free_port(candidates=[busy]) != busy
+
+
+def test_the_clusters_token_is_readable_by_its_user_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    local_cluster.private_token(tmp_path)  # none yet: made as Ray would, but private
+    made = tmp_path / ".ray" / "auth_token"
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600 and stat.S_IMODE(made.parent.stat().st_mode) == 0o700
+    assert re.fullmatch("[0-9a-f]{64}", made.read_text())
+    made.chmod(0o644)  # as Ray writes its own
+    local_cluster.private_token(tmp_path)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600  # the same token, no longer readable by others
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    local_cluster.private_token(tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
