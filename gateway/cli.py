@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(Path(args.config))
         if args.command == "deploy":
             return _said(lambda: redeploy(config, args.address), "deploy")
-        return serve_forever(config, args.host, args.port, args.address)
+        return _said(lambda: serve_forever(config, args.host, args.port, args.address), "serve")
     except ConfigError as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
@@ -125,7 +125,12 @@ def _said(command: Callable[[], int], name: str) -> int:
     a traceback."""
     try:
         return command()
-    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+    except Exception as exc:
+        ray_errors = sys.modules.get("ray.exceptions")  # (Ray's own, e.g. a cluster's token not found)
+        if not isinstance(exc, (ConnectionError, TimeoutError, RuntimeError)) and not (
+            ray_errors is not None and isinstance(exc, ray_errors.RayError)
+        ):
+            raise
         print(f"llm-gateway {name}: {exc}", file=sys.stderr)
         return 1
 
@@ -207,7 +212,14 @@ def redeploy(config: GatewayConfig, address: str) -> int:
 
     from gateway.deploy import deploy
 
+    from ray.serve.context import _get_global_client
+
     ray.init(address=address, logging_level=logging.WARNING)
+    # (Serve started here would take its defaults, and a later `serve --host` be ignored.)
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        print("llm-gateway deploy: no gateway runs on this cluster; start one with `llm-gateway serve`",
+              file=sys.stderr)
+        return 1
     started = time.monotonic()
     changed = deploy(config)
     for name, what in changed.items():

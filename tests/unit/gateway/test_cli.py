@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray.exceptions import AuthenticationError
 
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -195,7 +196,8 @@ def test_a_terminal_hang_up_stops_the_gateway_as_a_stop_signal_does() -> None:
 @pytest.mark.parametrize(
     "failure",
     [ConnectionError("Could not find any running Ray instance."),
-     TimeoutError("applications ['gw'] not running in 900s")],
+     TimeoutError("applications ['gw'] not running in 900s"),
+     AuthenticationError("no token found")],
 )
 def test_a_cluster_that_is_not_there_or_a_deploy_that_timed_out_is_said_in_one_line(
     command: list[str], failure: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -214,6 +216,37 @@ def test_a_cluster_that_is_not_there_or_a_deploy_that_timed_out_is_said_in_one_l
     assert cli.main(command) == 1
     err = capsys.readouterr().err
     assert err == f"llm-gateway {command[0]}: {failure}\n"
+
+
+def test_a_deploy_to_a_cluster_without_a_gateway_starts_no_serve_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Serve started by a deploy takes its defaults: a later `serve --host` would be ignored.
+    from gateway import cli
+
+    (tmp_path / "gateway.yaml").write_text("models: [{name: echo, engine: echo}]\n")
+    monkeypatch.setattr("gateway.local_cluster.joining", lambda address: {})
+    monkeypatch.setattr("ray.init", lambda **_: None)
+    monkeypatch.setattr("ray.serve.context._get_global_client", lambda **_: None)
+    monkeypatch.setattr("gateway.deploy.deploy", lambda config: pytest.fail("deployed"))
+    assert cli.main(["deploy", "--config", str(tmp_path / "gateway.yaml")]) == 1
+    assert "no gateway runs on this cluster; start one with `llm-gateway serve`" in capsys.readouterr().err
+
+
+def test_a_gateway_that_fails_to_start_says_why_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway import cli
+
+    (tmp_path / "gateway.yaml").write_text("models: [{name: echo, engine: echo}]\n")
+
+    def fails(*_: object) -> int:
+        raise RuntimeError("Deploying app 'llm-gateway' failed: a replica failed to start")
+
+    monkeypatch.setattr(cli, "serve_forever", fails)
+    assert cli.main(["serve", "--config", str(tmp_path / "gateway.yaml")]) == 1
+    said = "llm-gateway serve: Deploying app 'llm-gateway' failed: a replica failed to start\n"
+    assert capsys.readouterr().err == said
 
 
 @pytest.mark.parametrize(
