@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.config import ConfigError, GatewayConfig, ModelConfig
-from gateway.placement import check_fits, fits_free, live_options
+from gateway.placement import check_fits, check_together, fits_free, live_options
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def check_cluster_fits(models: Sequence[ModelConfig]) -> None:
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     for model in models:
         check_fits(model, nodes)
+    check_together(models, nodes)
 
 
 def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:

@@ -209,3 +209,27 @@ def _starting_replicas(model: ModelConfig) -> int:
     if scaling is None:
         return model.num_replicas
     return scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
+
+
+def check_together(models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, float]]) -> None:
+    """Raises ConfigError when the starting replicas of ``models`` together
+    need more GPUs or CPUs than ``nodes`` (the cluster's totals) have in all:
+    each fitting a node alone, Serve would wait for room that never comes."""
+    need: Bundle = {}
+    parts = []
+    for model in models:
+        replicas = _starting_replicas(model)
+        each = _total(replica_bundles(model) or [_actor_bundle(model)])
+        for key in ("CPU", "GPU"):
+            need[key] = need.get(key, 0) + replicas * each.get(key, 0)
+        if each.get("GPU", 0) > 0:
+            parts.append(f"{model.name}: {replicas} x {_format_bundle(_useful(each))}")
+    have = _useful(_total(nodes))
+    short = [key for key, value in need.items() if value > have.get(key, 0) + 1e-9]
+    if short:
+        raise ConfigError(
+            f"the models' starting replicas need {_format_bundle({k: need[k] for k in short})} in all, "
+            f"more than the cluster has ({_format_bundle(have)})"
+            + (f"; GPUs by model: {', '.join(parts)}" if "GPU" in short and parts else "")
+        )
+

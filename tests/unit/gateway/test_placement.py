@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError, ModelConfig, parse_config
-from gateway.placement import check_fits, deployment_options, fits_free
+from gateway.placement import check_fits, check_together, deployment_options, fits_free
 
 GPU_NODE = {"CPU": 16.0, "GPU": 4.0, "memory": 1e11}
 
@@ -200,3 +200,23 @@ def test_a_vllm_replicas_gpu_share_is_one_its_engine_can_use(fields: dict[str, A
     with pytest.raises(ConfigError, match=re.escape(words)):
         vllm_model(**fields)
     vllm_model(num_gpus=0.5, gpu_memory_utilization=0.45)  # two such replicas share one GPU
+
+
+def test_replicas_that_each_fit_a_node_but_not_the_cluster_together_are_refused() -> None:
+    # Each fits a 4-GPU node alone: two replicas, or one beside another model, need more than one node has.
+    def models(replicas: int) -> list[ModelConfig]:
+        return parse_config({"models": [
+            {"name": "big", "engine": "echo", "tensor_parallel_size": 4, "num_replicas": replicas, "num_cpus": 1},
+            {"name": "small", "engine": "echo", "num_gpus": 0.5, "num_cpus": 0.5},
+        ]}).models
+
+    check_together(models(1), [GPU_NODE, GPU_NODE])
+    check_together(models(2)[:1], [GPU_NODE, GPU_NODE])  # a node each
+    with pytest.raises(ConfigError) as caught:
+        check_together(models(2), [GPU_NODE, GPU_NODE])
+    assert str(caught.value) == (
+        "the models' starting replicas need {GPU: 8.5} in all, more than the cluster has ({CPU: 32, GPU: 8})"
+        "; GPUs by model: big: 2 x {CPU: 5, GPU: 4}, small: 1 x {CPU: 0.5, GPU: 0.5}"
+    )
+    scaled = model(tensor_parallel_size=4, autoscaling={"min_replicas": 1, "max_replicas": 8})
+    check_together([scaled], [GPU_NODE])  # (its starting replicas: those it needs)
