@@ -113,23 +113,29 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(Path(args.config))
         if args.command == "deploy":
             return _said(lambda: redeploy(config, args.address), "deploy")
-        return _said(lambda: serve_forever(config, args.host, args.port, args.address), "serve")
+        from gateway.deploy import DeployFailed  # (imports no Ray)
+
+        # A cluster not there, a deploy that failed or timed out: any other error of its own, a bug,
+        # keeps its traceback.
+        said = (ConnectionError, TimeoutError, DeployFailed)
+        return _said(lambda: serve_forever(config, args.host, args.port, args.address), "serve", said)
     except ConfigError as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
 
 
-def _said(command: Callable[[], int], name: str) -> int:
+_CLUSTER_ERRORS: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, RuntimeError)
+
+
+def _said(command: Callable[[], int], name: str, said: tuple[type[Exception], ...] = _CLUSTER_ERRORS) -> int:
     """``command()``; a cluster that is not there, a replica that failed its
     start or a deploy that timed out said in one line (exit status 1), not as
-    a traceback."""
+    a traceback: errors of the kinds ``said``, and Ray's own."""
     try:
         return command()
     except Exception as exc:
         ray_errors = sys.modules.get("ray.exceptions")  # (Ray's own, e.g. a cluster's token not found)
-        if not isinstance(exc, (ConnectionError, TimeoutError, RuntimeError)) and not (
-            ray_errors is not None and isinstance(exc, ray_errors.RayError)
-        ):
+        if not isinstance(exc, said) and not (ray_errors is not None and isinstance(exc, ray_errors.RayError)):
             raise
         print(f"llm-gateway {name}: {exc}", file=sys.stderr)
         return 1

@@ -103,6 +103,11 @@ def serve_config(config: GatewayConfig) -> dict[str, Any]:
     return {"applications": apps}
 
 
+class DeployFailed(RuntimeError):
+    """An application did not start (Serve's message says why: a replica
+    failed its start, say); said in one line, not as a traceback."""
+
+
 def check_cluster_fits(models: Sequence[ModelConfig]) -> None:
     """Raises ConfigError when a replica of one of ``models`` fits no node of the
     connected Ray cluster (it would wait for resources forever)."""
@@ -120,7 +125,7 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:
     Returns when every application is running, with what happened to each
     model it changed (``ADDED``, ``REPLACED``, ``LIVE``, ``REMOVED``, by
     name); raises ConfigError at once
-    when a model's replica fits no node, RuntimeError when an application
+    when a model's replica fits no node, DeployFailed when an application
     fails to deploy and TimeoutError after ``timeout_s``. Applications of the
     cluster that are not this gateway's are kept.
     """
@@ -300,4 +305,7 @@ def _apply(client: Any, apps: dict[str, dict[str, Any]], wait_for: list[str], ti
 
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
     for name in wait_for:
-        client._wait_for_application_running(name, timeout_s=int(timeout_s))
+        try:
+            client._wait_for_application_running(name, timeout_s=int(timeout_s))
+        except RuntimeError as exc:  # (Serve's: the application failed, or went)
+            raise DeployFailed(str(exc)) from None

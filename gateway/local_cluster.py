@@ -46,6 +46,7 @@ can run code. So the local cluster is started as a single-machine one:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import secrets
@@ -237,32 +238,32 @@ def joining(address: str) -> dict[str, str]:
 
 
 def private_token(home: Path | None = None) -> None:
-    """Makes the token Ray authenticates this machine's cluster with readable
-    by this user alone. Ray writes ``~/.ray/auth_token`` as the umask leaves
-    it (0644): on a host whose home directories others may enter, any local
-    user could read it, reach the loopback GCS and run code as the gateway,
-    or call its models past every key check. A token Ray would make is made
-    here instead (its format: 256 random bits in hex), mode 600; one already
-    there, ours, is set to 600."""
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get(AUTH_MODE, "token").lower() != "token":
+    """Makes the token Ray authenticates this machine's cluster with, where
+    Ray keeps it by default, readable by this user alone. Ray writes
+    ``~/.ray/auth_token`` as the umask leaves it (0644): on a host whose home
+    directories others may enter, any local user could read it, reach the
+    loopback GCS and run code as the gateway, or call its models past every
+    key check. A token Ray would make is made here instead (its format: 256
+    random bits in hex), mode 600; one already there, ours, is set to 600.
+    A token given otherwise (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``) is
+    the operator's, left as it is."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return
-    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    path = Path(named) if named else (home or Path.home()) / ".ray" / "auth_token"
-    if not path.exists() and not named:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # (another process made it meanwhile: tightened below)
-            pass
-        else:
-            with os.fdopen(fd, "w") as file:
-                file.write(secrets.token_hex(32))
+    if os.environ.get(AUTH_MODE, "token").lower() != "token":
+        return
+    path = (home or Path.home()) / ".ray" / "auth_token"
     try:
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # (made meanwhile: tightened below)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as file:
+                    file.write(secrets.token_hex(32))
         found = path.stat()
-    except OSError:
-        return
-    if found.st_uid == os.getuid() and found.st_mode & 0o077:
-        path.chmod(0o600)
+        if found.st_uid == os.getuid() and found.st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError as exc:  # (a read-only home: Ray reads the token as it is)
+        print(f"==> cannot make Ray's token {path} private: {exc.strerror or exc}", file=sys.stderr, flush=True)
 
 
 def _token_available() -> bool:

@@ -126,16 +126,16 @@ def check_fits(model: ModelConfig, nodes: Sequence[Mapping[str, float]]) -> None
 
 
 def _check_gpu_taken(model: ModelConfig, nodes: Sequence[Mapping[str, float]]) -> None:
-    """A vLLM replica of one worker on a cluster with GPUs reserves one: given
-    none, Ray hides no GPU from it, and vLLM takes the node's first, which
-    another replica may hold. ``num_gpus: 0`` written out runs it without one."""
+    """A vLLM replica of one worker on a cluster with GPUs says whether it
+    takes one: left unset, a user on a GPU cluster most likely forgot it.
+    ``num_gpus: 0`` written out runs it without one (its replica hides every
+    GPU from vLLM: for vLLM's CPU build)."""
     if not isinstance(model, VLLMModelConfig) or model.workers > 1 or "num_gpus" in model.model_fields_set:
         return
     if any(node.get("GPU", 0) > 0 for node in nodes):
         raise ConfigError(
             f"models[{model.name}]: the cluster has GPUs, and this vLLM model reserves none: set "
-            "`num_gpus: 1` (vLLM would otherwise take a GPU of its node that Ray may give another "
-            "replica), or `num_gpus: 0` to run it without one"
+            "`num_gpus: 1`, or `num_gpus: 0` to run it without a GPU (vLLM's CPU build)"
         )
 
 

@@ -103,6 +103,8 @@ GATEWAY_ENGINE_ARGS = {
 
 # vLLM's share of a GPU's memory where `gpu_memory_utilization` is unset.
 VLLM_GPU_MEMORY_UTILIZATION = 0.92
+# Of a shared GPU's memory, what a replica leaves out of its vLLM share for its CUDA context.
+GPU_CONTEXT_SHARE = 0.05
 
 # vLLM engine arguments that change how many workers an engine starts, or on
 # which nodes: the gateway reserves a replica's workers (tensor x pipeline
@@ -205,11 +207,14 @@ class VLLMModelConfig(LLMModelConfig):
                 "more, set `tensor_parallel_size` (each worker then takes `gpus_per_worker`)"
             )
         share = VLLM_GPU_MEMORY_UTILIZATION if self.gpu_memory_utilization is None else self.gpu_memory_utilization
-        if 0 < self.num_gpus < 1 and share > self.num_gpus:
-            # Ray would place another replica on the same GPU, whose engine then finds too little memory.
+        most = round(self.num_gpus - GPU_CONTEXT_SHARE, 4)
+        if 0 < self.num_gpus < 1 and share > most:
+            # Ray would place another replica on the same GPU, whose engine then finds too little memory
+            # free (vLLM wants its whole share free at start, beside the other's share and CUDA context).
             raise ValueError(
                 f"`num_gpus: {self.num_gpus:g}` shares a GPU, but vLLM takes {share:g} of its memory: "
-                f"set `gpu_memory_utilization` to at most {self.num_gpus:g}"
+                f"set `gpu_memory_utilization` to at most {most:g} (its share, less room for each "
+                "process's CUDA context)"
             )
         return self
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.auth.keys import ApiKey
 from gateway.auth.ledger import Limits, Refusal, Usage
-from gateway.errors import RateLimitError, TokenRateLimitError
+from gateway.errors import RateLimitError, ServiceUnavailableError, TokenRateLimitError
 from gateway.protocol.engine import Outcome
 
 _NAMES = {
@@ -117,8 +117,12 @@ async def admit(limiter: Any, key: ApiKey, tokens: int, model: str) -> Admission
 
 
 async def usage_headers(limiter: Any, key: ApiKey) -> dict[str, str]:
-    """The ``x-ratelimit-*`` headers of ``key`` as it stands, spending nothing."""
-    usage, _ = await limiter.usage(key.id, limits_of(key))
+    """The ``x-ratelimit-*`` headers of ``key`` as it stands, spending nothing;
+    none while the ledger cannot be reached (what asks for them spends nothing)."""
+    try:
+        usage, _ = await limiter.usage(key.id, limits_of(key))
+    except ServiceUnavailableError:
+        return {}
     return rate_headers(usage)
 
 

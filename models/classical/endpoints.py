@@ -117,7 +117,8 @@ def _render_predict(job: Job, predictions: list[Any]) -> bytes:
 
 def _parse_embedding(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
     embedding = _validate(EmbeddingRequest, request.body)
-    _check_cap(1 if isinstance(embedding.input, str) else len(embedding.input), cap, "input")  # before any walk
+    given = embedding.input  # counted before any is read: a string, or one list of token ids, is one input
+    _check_cap(1 if isinstance(given, str) or isinstance(given[0], int) else len(given), cap, "input")
     try:
         texts = embedding.texts()
     except InputError as exc:

@@ -111,6 +111,8 @@ class VLLMEngine:
         # vLLM's Responses API keeps responses (``store``) only when asked here;
         # the replica bounds how many (``models.llm.stored``).
         os.environ["VLLM_ENABLE_RESPONSES_API_STORE"] = "1" if self._config.kept_responses > 0 else "0"
+        if hides_gpus(self._config):
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
         prepare = compact_json.compact_structural_tag if compact_json.is_compact(self._config) else None
         with handlers_kept():  # vLLM's logging set-up would close Serve's (see models.log_handlers)
             self._serving = await vllm_compat.build_serving(
@@ -393,6 +395,13 @@ def _tallied(
         return vllm_streams.count(outputs, tally, delta, placer(), used)
 
     return generate_and_count
+
+
+def hides_gpus(config: VLLMModelConfig) -> bool:
+    """Whether ``config``'s replica hides every GPU from vLLM: one worker given
+    none (Ray 2.60 hides none from an actor given none, and vLLM would take
+    the node's first, which Ray may have given another replica)."""
+    return config.workers == 1 and config.num_gpus == 0
 
 
 def _used(engine: Any, request_id: str) -> tuple[int, int] | None:

@@ -8,7 +8,6 @@ follow-up on a response still generating prompted without its answer)."""
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     from models.llm.tally import GenerationTally
 
 # The tally of each background generation still running (``counted``).
-_TALLIES: weakref.WeakKeyDictionary[Any, GenerationTally] = weakref.WeakKeyDictionary()
+_TALLIES: dict[Any, GenerationTally] = {}
 
 
 async def answer(
@@ -73,6 +72,7 @@ def counted(task: Any, tally: GenerationTally) -> None:
     when it is stopped (``stop``) before its end, what its engine request
     has used so far is counted first."""
     _TALLIES[task] = tally
+    task.add_done_callback(lambda done: _TALLIES.pop(done, None))  # (the tally holds its task: no weak map)
 
 
 def stop(task: Any) -> None:

@@ -237,16 +237,24 @@ def test_a_gateway_that_fails_to_start_says_why_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from gateway import cli
+    from gateway.deploy import DeployFailed
 
     (tmp_path / "gateway.yaml").write_text("models: [{name: echo, engine: echo}]\n")
 
     def fails(*_: object) -> int:
-        raise RuntimeError("Deploying app 'llm-gateway' failed: a replica failed to start")
+        raise DeployFailed("Deploying app 'llm-gateway' failed: a replica failed to start")
 
     monkeypatch.setattr(cli, "serve_forever", fails)
     assert cli.main(["serve", "--config", str(tmp_path / "gateway.yaml")]) == 1
     said = "llm-gateway serve: Deploying app 'llm-gateway' failed: a replica failed to start\n"
     assert capsys.readouterr().err == said
+
+    def breaks(*_: object) -> int:
+        raise RuntimeError("dictionary changed size during iteration")  # a bug of ours: its traceback is kept
+
+    monkeypatch.setattr(cli, "serve_forever", breaks)
+    with pytest.raises(RuntimeError):
+        cli.main(["serve", "--config", str(tmp_path / "gateway.yaml")])
 
 
 @pytest.mark.parametrize(

@@ -443,3 +443,10 @@ def test_the_clusters_token_is_readable_by_its_user_alone(tmp_path: Path, monkey
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     local_cluster.private_token(tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    shared = tmp_path / "team-token"
+    shared.write_text("t")
+    shared.chmod(0o640)  # the operator's own token, read by their group on purpose
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(shared))
+    local_cluster.private_token(tmp_path / "elsewhere")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o640 and not (tmp_path / "elsewhere").exists()

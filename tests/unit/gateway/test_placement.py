@@ -193,13 +193,23 @@ def test_a_one_worker_vllm_model_on_a_cluster_with_gpus_must_say_whether_it_take
     [
         ({"num_gpus": 2}, "a vLLM replica of one worker uses one GPU; for more, set `tensor_parallel_size`"),
         ({"num_gpus": 0.5}, "`num_gpus: 0.5` shares a GPU, but vLLM takes 0.92 of its memory"),
-        ({"num_gpus": 0.5, "gpu_memory_utilization": 0.6}, "set `gpu_memory_utilization` to at most 0.5"),
+        # vLLM wants its whole share free at start: beside the other's share and each CUDA context.
+        ({"num_gpus": 0.5, "gpu_memory_utilization": 0.5}, "set `gpu_memory_utilization` to at most 0.45"),
     ],
 )
 def test_a_vllm_replicas_gpu_share_is_one_its_engine_can_use(fields: dict[str, Any], words: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(words)):
         vllm_model(**fields)
     vllm_model(num_gpus=0.5, gpu_memory_utilization=0.45)  # two such replicas share one GPU
+
+
+def test_a_one_worker_vllm_replica_given_no_gpu_hides_every_gpu_from_vllm() -> None:
+    from models.llm.vllm_engine import hides_gpus
+
+    assert hides_gpus(vllm_model()) and hides_gpus(vllm_model(num_gpus=0))
+    assert not hides_gpus(vllm_model(num_gpus=1))
+    assert not hides_gpus(vllm_model(num_gpus=0.5, gpu_memory_utilization=0.4))
+    assert not hides_gpus(vllm_model(tensor_parallel_size=2))  # (its workers are given theirs)
 
 
 def test_replicas_that_each_fit_a_node_but_not_the_cluster_together_are_refused() -> None:

@@ -64,3 +64,18 @@ def test_embedding_bounds_count_the_texts_of_predictions_and_tensors_too() -> No
     assert embedding_tokens("infer", {"inputs": [tensor]}) == 7
     assert embedding_tokens("infer", {"inputs": [{**tensor, "data": [["a"], ["bb"]]}]}) == 7
     assert embedding_tokens("infer", {"inputs": "nonsense"}) == 0  # refused later, by the replica
+
+
+async def test_what_spends_nothing_carries_the_keys_headers_and_no_503_when_the_ledger_is_away() -> None:
+    from gateway.auth.local import LocalLimiter
+    from gateway.errors import ServiceUnavailableError
+    from gateway.http.limits import usage_headers
+
+    key = ApiKey("team", ("*",), rpm=10)
+    assert (await usage_headers(LocalLimiter(), key))["x-ratelimit-remaining-requests"] == "10"
+
+    class Away:
+        async def usage(self, *_: object) -> None:
+            raise ServiceUnavailableError("Rate limits cannot be checked right now; please retry shortly.")
+
+    assert await usage_headers(Away(), key) == {}  # (a cancel must still reach its response)

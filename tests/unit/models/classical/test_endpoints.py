@@ -245,6 +245,8 @@ def test_too_many_embedding_inputs_are_refused_before_any_is_read() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         parse(EngineRequest("embedding", {"model": "m", "input": [""] * 11}, "r", "m"), predictor, 10)
     assert caught.value.message == "'input' holds 11 entries; this model accepts at most 10 per request."
+    with pytest.raises(InvalidRequestError, match="token-id input is not supported"):  # one input, of 11 ids
+        parse(EngineRequest("embedding", {"model": "m", "input": list(range(11))}, "r", "m"), predictor, 10)
 
 
 def test_an_integer_feature_too_large_for_a_float_is_a_400(iris: SklearnPredictor) -> None:

@@ -120,3 +120,13 @@ async def test_a_background_response_stopped_before_its_end_counts_what_its_engi
     await asyncio.gather(generating, return_exceptions=True)
     assert generating.cancelled() and asked == [True]  # asked before it was stopped
     assert (tally.prompt_tokens, tally.completion_tokens) == (7, 5)  # what the key is charged
+
+
+async def test_a_background_generation_that_ends_leaves_nothing_behind() -> None:
+    finishing = asyncio.ensure_future(asyncio.sleep(0))
+    tally = GenerationTally()
+    tally.continues = finishing  # (the tally holds its task)
+    vllm_stored.counted(finishing, tally)
+    await finishing
+    await asyncio.sleep(0)  # (its done callbacks run)
+    assert finishing not in vllm_stored._TALLIES
