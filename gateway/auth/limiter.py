@@ -43,6 +43,7 @@ from gateway.auth.places import waits_for_place
 from gateway.auth.tickets import Ticket, Tickets
 from gateway.errors import ServiceUnavailableError
 from gateway.protocol import port_proof
+from gateway.protocol.peer import PeerWriter
 from gateway.http.replica_lookup import BoundedLookUp
 
 logger = logging.getLogger(__name__)
@@ -409,17 +410,18 @@ class LimiterClient:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(address.host, address.port), CONNECT_TIMEOUT_S
                 )
+                writer = PeerWriter.over(reader, writer)
                 try:  # nothing is sent to a port that cannot prove it is the ledger's
                     await port_proof.check(reader, writer, address.token, CONNECT_TIMEOUT_S)
+                    connection = next(self._connections)
+                    # A ledger that hears of an earlier connection may be replacing one (``LimiterServer``).
+                    writer.write(json.dumps({"token": address.token, "again": connection > 1}).encode() + b"\n")
                 except BaseException:
                     writer.close()
                     raise
             except (OSError, asyncio.TimeoutError) as exc:
                 logger.warning("cannot reach the rate limiter: %s", exc)
                 raise ServiceUnavailableError(UNAVAILABLE) from None
-            connection = next(self._connections)
-            # A ledger that hears of an earlier connection may be replacing one (``LimiterServer``).
-            writer.write(json.dumps({"token": address.token, "again": connection > 1}).encode() + b"\n")
             new = self._ledger is not None and address.token != self._ledger
             self._ledger = address.token
             restore = self._tickets.restore(connection, asyncio.get_running_loop().time() if new else None)

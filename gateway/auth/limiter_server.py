@@ -24,6 +24,7 @@ from gateway.auth.limiter_wire import (
     limits_of,
 )
 from gateway.protocol import port_proof
+from gateway.protocol.peer import PeerWriter
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class LimiterServer:
             task.cancel()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer = PeerWriter.over(reader, writer)
         peer = _Peer(writer)
         self._peers.add(peer)
         try:

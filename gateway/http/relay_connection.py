@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gateway.protocol import port_proof, relay
+from gateway.protocol.peer import PeerWriter
 
 READ_BYTES = 64 * 1024
 # Connections to a replica are kept for its next request once an answer has
@@ -95,7 +96,7 @@ async def connect(address: relay.RelayAddress) -> Connection:
     sock = transport.get_extra_info("socket")
     if sock is not None:
         watch_peer(sock)
-    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    writer = PeerWriter(transport, protocol, reader, loop)
     try:
         await port_proof.check(reader, writer, address.token, PROOF_TIMEOUT_S)
     except BaseException:

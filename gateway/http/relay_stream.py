@@ -297,7 +297,8 @@ class RelayedStream:
         """Tells a replica that offered a handoff to send the stream here."""
         if self._ticket:
             self._ticket = b""
-            self._writer.write(relay.RELAY_OWN)
+            with contextlib.suppress(ConnectionError):  # lost: the read that follows finds the stream cut
+                self._writer.write(relay.RELAY_OWN)
 
     async def _hand_over(self, fd: int) -> bool:
         """Hands the client's socket to the replica; False when its port is gone."""

@@ -31,6 +31,7 @@ from gateway.http.relay_connection import watch_peer
 from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.protocol import port_proof, relay
 from gateway.protocol.engine import EngineRequest, Outcome
+from gateway.protocol.peer import PeerWriter
 from models.llm.handoff import ClientSocket, HandoffPort
 from models.llm.relay_answers import Answerer, Counter, answer_whole, count, stop_watching, write_error
 
@@ -140,6 +141,7 @@ class StreamServer:
             self._handoff.stop()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer = PeerWriter.over(reader, writer)
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)

@@ -223,6 +223,7 @@ async def test_a_stream_outlives_the_ingress_replica_that_handed_it_to_its_model
     body = {"model": VLLM_MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as session:
+        await serving_engine_core(session)  # (a test before may have left it restarting)
         async with session.stream("POST", CHAT, json=body) as response:
             events = response.aiter_lines()
             # The frames the replica has at once come before it is handed the socket; the rest after.

@@ -19,6 +19,7 @@ from gateway.auth.limiter_server import LimiterServer
 from gateway.errors import ServiceUnavailableError
 from gateway.protocol import port_proof
 from tests.unit.gateway.auth.conftest import Part
+from tests.unit.gateway.protocol.test_peer import LOOPS, reset, run_on
 from tests.unit.gateway.protocol.test_port_proof import Impostor
 
 
@@ -585,3 +586,28 @@ async def test_a_request_whose_replica_goes_while_it_waits_for_a_place_is_booked
     server._serve({"op": "settle", "r": taken[3], "used": None}, holder)
     assert server.ledger.in_flight("k") == 0 and not leaving.owned
     await server.stop()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_ledger_that_resets_the_connection_once_proven_is_unavailable_not_a_failure(loop: str) -> None:
+    # A ledger's process killed as a replica connects: on uvloop the hello's write raised
+    # RuntimeError, which reached the limited key's client as a 500 rather than a 503.
+    async def scenario() -> None:
+        token = "ledger-token"
+
+        async def proves_then_resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await port_proof.prove(reader, writer, token, 2)
+            reset(writer)
+
+        server = await asyncio.start_server(proves_then_resets, "127.0.0.1", 0)
+        client = LimiterClient(lambda: _found(LimiterAddress("127.0.0.1", server.sockets[0].getsockname()[1], token)))
+        try:
+            with pytest.raises(ServiceUnavailableError):
+                await client.warm()
+        finally:
+            await client.close()
+            server.close()
+            await server.wait_closed()
+
+    run_on(loop, scenario)
+

@@ -16,11 +16,12 @@ from gateway.errors import InvalidRequestError
 from gateway.http.relay import ReplicaRelay
 from gateway.http import relay_connection
 from gateway.http.relay_connection import connect
-from gateway.protocol import relay
+from gateway.protocol import port_proof, relay
 from gateway.protocol.engine import EngineRequest, Reply
 from models.llm.relay import StreamServer
 from models.llm.tally import GenerationTally
 from tests.unit.gateway.http.test_relay import OUTCOME, Router
+from tests.unit.gateway.protocol.test_peer import LOOPS, reset, run_on
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
@@ -201,3 +202,34 @@ async def test_a_replica_host_that_does_not_accept_in_time_is_taken_for_gone(mon
     monkeypatch.setattr(loop, "create_connection", unanswered)
     with pytest.raises(OSError):  # as a replica that refused it: the relay routes around it
         await relay_connection.connect(relay.RelayAddress("10.0.0.9", 4100, "t"))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_write_to_a_replica_that_reset_the_connection_is_a_connection_error(loop: str) -> None:
+    # A replica killed as the ingress connects to it (its engine died): the relay tries another
+    # replica, or answers 503, on a ConnectionError. On uvloop the write raised RuntimeError,
+    # which reached the client as a 500.
+    async def scenario() -> None:
+        token = "replica-token"
+
+        async def proves_then_resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await port_proof.prove(reader, writer, token, 2)
+            reset(writer)
+
+        server = await asyncio.start_server(proves_then_resets, "127.0.0.1", 0)
+        address = relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], token, "r1")
+        try:
+            reader, writer = await connect(address)
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+            await until(writer.transport.is_closing)
+            for _ in range(3):  # uvloop releases the handle a turn later
+                await asyncio.sleep(0)
+            with pytest.raises(ConnectionResetError):
+                writer.write(relay.encode_request(EngineRequest("chat", {}, "r", "m"), token))
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run_on(loop, scenario)

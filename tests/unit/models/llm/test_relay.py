@@ -6,6 +6,7 @@ a burst of new connections waits for the replica in the kernel's queue."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import selectors
 import socket
 import time
@@ -17,10 +18,14 @@ import pytest
 from gateway import sse
 from gateway.errors import OverloadedError
 from gateway.http.relay import ReplicaRelay
+from gateway.http.relay_connection import connect
+from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from models.llm.relay import StreamServer
 from tests.unit.gateway.http.test_relay import CALL, Router, serve
+from tests.unit.gateway.http.test_relay_connection import until
 from tests.unit.gateway.http.test_relay_routing import held_stream
+from tests.unit.gateway.protocol.test_peer import LOOPS, reset, run_on
 
 
 async def test_an_ingress_that_leaves_before_the_first_frame_ends_the_engine_request() -> None:
@@ -181,3 +186,42 @@ async def test_the_replica_watches_each_ingress_connection_for_a_host_gone_witho
     stream = await streams.open(CALL)
     assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
     assert watched == [(0, 1, False)]  # keepalive on; no user timeout where writes wait on a slow reader
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_ingress_that_resets_its_connection_mid_stream_ends_the_engine_request_without_an_error(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An ingress closing a connection with frames unread (its client hung up), or dying, resets it.
+    # On uvloop a write after that raised RuntimeError: logged as the model failing, the handler's
+    # task ending in an unhandled exception.
+    async def scenario() -> None:
+        ended = asyncio.Event()
+
+        async def opener(request: EngineRequest) -> Any:
+            async def stream() -> AsyncIterator[bytes]:
+                try:
+                    for n in range(100_000):
+                        yield sse.frame({"n": n})
+                        await asyncio.sleep(0)
+                finally:
+                    ended.set()
+
+            return stream(), Outcome
+
+        server = StreamServer(opener, "127.0.0.1", handoff=False)
+        address = await server.start()
+        try:
+            reader, writer = await connect(address)
+            writer.write(relay.encode_request(CALL, address.token))
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.read(100)
+            reset(writer)
+            await asyncio.wait_for(ended.wait(), timeout=2)
+            await until(lambda: server.ongoing == 0 and not server._connections)
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.ERROR):
+        run_on(loop, scenario)
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
