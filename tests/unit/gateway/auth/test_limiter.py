@@ -19,7 +19,7 @@ from gateway.auth.limiter_server import LimiterServer
 from gateway.errors import ServiceUnavailableError
 from gateway.protocol import port_proof
 from tests.unit.gateway.auth.conftest import Part
-from tests.unit.gateway.protocol.test_peer import LOOPS, reset, run_on
+from tests.unit.gateway.protocol.test_peer import LOOPS, proving_then_resetting, run_on
 from tests.unit.gateway.protocol.test_port_proof import Impostor
 
 
@@ -593,14 +593,8 @@ def test_a_ledger_that_resets_the_connection_once_proven_is_unavailable_not_a_fa
     # A ledger's process killed as a replica connects: on uvloop the hello's write raised
     # RuntimeError, which reached the limited key's client as a 500 rather than a 503.
     async def scenario() -> None:
-        token = "ledger-token"
-
-        async def proves_then_resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await port_proof.prove(reader, writer, token, 2)
-            reset(writer)
-
-        server = await asyncio.start_server(proves_then_resets, "127.0.0.1", 0)
-        client = LimiterClient(lambda: _found(LimiterAddress("127.0.0.1", server.sockets[0].getsockname()[1], token)))
+        server, port = await proving_then_resetting("ledger-token")
+        client = LimiterClient(lambda: _found(LimiterAddress("127.0.0.1", port, "ledger-token")))
         try:
             with pytest.raises(ServiceUnavailableError):
                 await client.warm()

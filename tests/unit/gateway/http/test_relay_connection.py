@@ -16,12 +16,12 @@ from gateway.errors import InvalidRequestError
 from gateway.http.relay import ReplicaRelay
 from gateway.http import relay_connection
 from gateway.http.relay_connection import connect
-from gateway.protocol import port_proof, relay
+from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Reply
 from models.llm.relay import StreamServer
 from models.llm.tally import GenerationTally
 from tests.unit.gateway.http.test_relay import OUTCOME, Router
-from tests.unit.gateway.protocol.test_peer import LOOPS, reset, run_on
+from tests.unit.gateway.protocol.test_peer import LOOPS, proving_then_resetting, run_on
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
@@ -211,13 +211,8 @@ def test_a_write_to_a_replica_that_reset_the_connection_is_a_connection_error(lo
     # which reached the client as a 500.
     async def scenario() -> None:
         token = "replica-token"
-
-        async def proves_then_resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await port_proof.prove(reader, writer, token, 2)
-            reset(writer)
-
-        server = await asyncio.start_server(proves_then_resets, "127.0.0.1", 0)
-        address = relay.RelayAddress("127.0.0.1", server.sockets[0].getsockname()[1], token, "r1")
+        server, port = await proving_then_resetting(token)
+        address = relay.RelayAddress("127.0.0.1", port, token, "r1")
         try:
             reader, writer = await connect(address)
             with pytest.raises(ConnectionResetError):

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from gateway.protocol import port_proof
 from gateway.protocol.peer import PeerWriter
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -32,6 +33,18 @@ def reset(writer: asyncio.StreamWriter) -> None:
     """Closes ``writer``'s connection with a reset (RST), as a process killed mid-connection does."""
     writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+async def proving_then_resetting(token: str) -> tuple[asyncio.Server, int]:
+    """A port that proves it holds ``token`` to each new connection, then
+    resets it (its process killed as a caller connects); and its number."""
+
+    async def proves_then_resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await port_proof.prove(reader, writer, token, 2)
+        reset(writer)
+
+    server = await asyncio.start_server(proves_then_resets, "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
 
 
 async def lost_connection() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Server]:
