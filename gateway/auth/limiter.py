@@ -414,22 +414,31 @@ class LimiterClient:
                 try:  # nothing is sent to a port that cannot prove it is the ledger's
                     await port_proof.check(reader, writer, address.token, CONNECT_TIMEOUT_S)
                     connection = next(self._connections)
-                    # A ledger that hears of an earlier connection may be replacing one (``LimiterServer``).
-                    writer.write(json.dumps({"token": address.token, "again": connection > 1}).encode() + b"\n")
+                    self._hello(writer, address.token, connection)
                 except BaseException:
                     writer.close()
                     raise
             except (OSError, asyncio.TimeoutError) as exc:
                 logger.warning("cannot reach the rate limiter: %s", exc)
                 raise ServiceUnavailableError(UNAVAILABLE) from None
-            new = self._ledger is not None and address.token != self._ledger
             self._ledger = address.token
-            restore = self._tickets.restore(connection, asyncio.get_running_loop().time() if new else None)
-            if restore is not None:  # a ledger that restarted learns first what this replica has in flight
-                writer.write(json.dumps(restore, separators=(",", ":")).encode() + b"\n")
             self._writer, self._live = writer, connection
             self._reading = asyncio.get_running_loop().create_task(self._read(reader, writer, connection))
             return writer
+
+    def _hello(self, writer: asyncio.StreamWriter, token: str, connection: int) -> None:
+        """Opens ``connection`` to the ledger holding ``token``: a ledger that
+        hears of an earlier connection may be replacing one (``LimiterServer``),
+        and one that restarted learns first what this replica has in flight.
+        A connection lost before that is sent leaves those requests to the next."""
+        new = self._ledger is not None and token != self._ledger
+        restore = self._tickets.restore(connection, asyncio.get_running_loop().time() if new else None)
+        lines = [{"token": token, "again": connection > 1}, *([restore] if restore is not None else [])]
+        try:
+            writer.write(b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines))
+        except ConnectionError:
+            self._tickets.lost(connection)
+            raise
 
     async def _look(self) -> None:
         self._found = await self._find()

@@ -294,7 +294,11 @@ class StreamServer:
             if taken is not True:
                 out = ClientSocket(taken)
         else:
-            writer.write(relay.response_head(200, sse.MEDIA_TYPE, keep=keep) + first)
+            try:
+                writer.write(relay.response_head(200, sse.MEDIA_TYPE, keep=keep) + first)
+            except ConnectionError:  # the ingress left as the first frame came
+                await _close(frames)
+                raise
         return await self._relay(request, _Frames(frames, pending), outcome, out, reader, writer, keep)
 
     async def _opened(self, request: EngineRequest) -> tuple[AsyncIterator[bytes], Callable[[], Outcome], bytes]:

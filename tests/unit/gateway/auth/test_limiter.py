@@ -19,7 +19,7 @@ from gateway.auth.limiter_server import LimiterServer
 from gateway.errors import ServiceUnavailableError
 from gateway.protocol import port_proof
 from tests.unit.gateway.auth.conftest import Part
-from tests.unit.gateway.protocol.test_peer import LOOPS, proving_then_resetting, run_on
+from tests.unit.gateway.protocol.test_peer import LOOPS, proving_then_resetting, reset, run_on
 from tests.unit.gateway.protocol.test_port_proof import Impostor
 
 
@@ -588,12 +588,29 @@ async def test_a_request_whose_replica_goes_while_it_waits_for_a_place_is_booked
     await server.stop()
 
 
+def _reset_seen_before_the_hello(monkeypatch: pytest.MonkeyPatch, ports: set[int]) -> None:
+    """Has the client see the reset of a connection to one of ``ports`` as soon
+    as the port has proved itself, before it writes its hello (as it may)."""
+    check = port_proof.check
+
+    async def checked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str, timeout_s: float) -> None:
+        await check(reader, writer, token, timeout_s)
+        if writer.get_extra_info("peername")[1] in ports:
+            while not writer.transport.is_closing():
+                await asyncio.sleep(0.001)
+
+    monkeypatch.setattr(port_proof, "check", checked)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
-def test_a_ledger_that_resets_the_connection_once_proven_is_unavailable_not_a_failure(loop: str) -> None:
+def test_a_ledger_that_resets_the_connection_once_proven_is_unavailable_not_a_failure(
+    loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A ledger's process killed as a replica connects: on uvloop the hello's write raised
     # RuntimeError, which reached the limited key's client as a 500 rather than a 503.
     async def scenario() -> None:
         server, port = await proving_then_resetting("ledger-token")
+        _reset_seen_before_the_hello(monkeypatch, {port})
         client = LimiterClient(lambda: _found(LimiterAddress("127.0.0.1", port, "ledger-token")))
         try:
             with pytest.raises(ServiceUnavailableError):
@@ -605,3 +622,50 @@ def test_a_ledger_that_resets_the_connection_once_proven_is_unavailable_not_a_fa
 
     run_on(loop, scenario)
 
+
+
+
+async def test_requests_in_flight_are_booked_by_the_next_ledger_when_one_is_lost_as_it_is_told_of_them(
+    parts: list[Part], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, address = await _started(parts)
+    where = [address]
+    client = LimiterClient(lambda: _found(where[0]))
+    parts.append(client)
+    one = Limits(max_concurrent=1)
+    assert (await client.reserve("k", one, 0)).reservation is not None
+    # The hub's replica is replaced, and the first new one dies just as this replica tells it what runs:
+    # its reset reaches the client between the port's proof and the hello.
+    told, reset_sent = asyncio.Event(), asyncio.Event()
+
+    async def dies_once_proven(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await port_proof.prove(reader, writer, address.token, 2)
+        await told.wait()
+        reset(writer)
+        reset_sent.set()
+
+    dying = await asyncio.start_server(dies_once_proven, "127.0.0.1", 0)
+    port = dying.sockets[0].getsockname()[1]
+    check = port_proof.check
+
+    async def checked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str, timeout_s: float) -> None:
+        await check(reader, writer, token, timeout_s)
+        if writer.get_extra_info("peername")[1] == port:
+            writer.transport.pause_reading()  # (the reset stays unseen until a write meets it)
+            told.set()
+            await reset_sent.wait()
+            await asyncio.sleep(0.05)
+            writer.transport.resume_reading()
+
+    monkeypatch.setattr(port_proof, "check", checked)
+    where[0] = LimiterAddress("127.0.0.1", port, address.token)
+    try:
+        await old.stop()
+        await asyncio.wait_for(reset_sent.wait(), 5)
+        await asyncio.sleep(0.1)
+        new, where[0] = await _started(parts)
+        # The request still running is counted there: the key's one place is taken.
+        await _counted(new, "k", 1)
+    finally:
+        dying.close()
+        await dying.wait_closed()
