@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from benchmarks.cpu_roles import CpuMeter
+
 MODEL = "tiny-chat-v1"
 
 
@@ -37,6 +39,7 @@ class Figures:
     ttft_ms: tuple[float, float]  # p50, p99
     itl_ms: tuple[float, float]
     end_ms: float = float("nan")  # p50 of Sample.end_s (this repository's client only)
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per output token by role (cpu_roles), where metered
 
 
 @dataclass
@@ -139,7 +142,11 @@ def _session(concurrency: int, headers: dict[str, str] | None = None) -> aiohttp
     )
 
 
-async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) -> Figures:
+async def load(
+    base_url: str, concurrency: int, requests: int, max_tokens: int, meter: CpuMeter | None = None
+) -> Figures:
+    """Closed-loop streams at ``concurrency``, after a warm-up round;
+    ``meter`` times the servers' and this process's CPU over the timed part."""
     url = base_url + "/v1/chat/completions"
     async with _session(concurrency) as client:
         # Warm-up at the measured concurrency (not measured): the engine meets
@@ -154,10 +161,17 @@ async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) 
             while not queue.empty():
                 result.samples.append(await one_stream(client, url, max_tokens, queue.get_nowait()))
 
+        if meter is not None:
+            meter.start()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         result.wall_s = time.perf_counter() - started
-    return result.figures()
+        if meter is not None:
+            meter.stop()
+    figures = result.figures()
+    if meter is not None:
+        figures.cpu_ms = meter.per_token_ms(sum(s.tokens for s in result.samples))
+    return figures
 
 
 def vllm_bench(base_url: str, concurrency: int, requests: int, args: argparse.Namespace) -> Figures:

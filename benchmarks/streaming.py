@@ -21,7 +21,10 @@ generators, each after a warm-up round: this module's own (aiohttp), and vLLM's
 own benchmark client (``vllm bench serve``, run as a library on its random
 dataset). Both report output tokens/s, time to first token and inter-token
 latency, p50 and p99; ours takes TTFT at the first non-empty content delta
-and ITL as the gaps between content deltas as the client reads them. The
+and ITL as the gaps between content deltas as the client reads them, and
+also meters each server's CPU per output token by the role of each of its
+processes, and this process's (``benchmarks/cpu_roles.py``): a line under
+each of its rounds and medians. The
 gateway's own overhead is measured last, on an echo model deployed into the
 running gateway then (``llm-gateway deploy``; an idle model replica costs the
 engines CPU, and vLLM's server has none): non-streaming chat latency at
@@ -70,6 +73,8 @@ from pathlib import Path
 from benchmarks.servers import (
     add_echo, cpu_model, place_direct_engine_core, signal_tree, start_direct, start_gateway, stop, wait_ready,
 )
+from benchmarks.cpu_roles import CpuMeter
+from benchmarks.cpu_roles import describe as describe_cpu
 from benchmarks.stream_load import Figures, describe, echo_overhead, load, mean_ratio, vllm_bench
 
 CLIENTS = ("aiohttp", "vllm-bench")
@@ -99,10 +104,21 @@ def _size(concurrency: int, args: argparse.Namespace) -> tuple[int, int]:
     return max(args.requests_per_stream * concurrency, args.min_requests), args.rounds
 
 
-def _measure_once(base_url: str, concurrency: int, client: str, requests: int, args: argparse.Namespace) -> Figures:
+def _measure_once(
+    base_url: str, concurrency: int, client: str, requests: int, args: argparse.Namespace,
+    proc: subprocess.Popen, direct: bool,
+) -> Figures:
+    """One level with one client; ours also meters the CPU of ``proc``'s tree
+    by role (``direct``: vLLM's own server)."""
     if client == "aiohttp":
-        return asyncio.run(load(base_url, concurrency, requests, args.max_tokens))
+        return asyncio.run(load(base_url, concurrency, requests, args.max_tokens, CpuMeter(proc, direct)))
     return vllm_bench(base_url, concurrency, requests, args)
+
+
+def _print_round(label: str, figures: Figures) -> None:
+    print(f"    {label} {describe(figures)}", flush=True)
+    if figures.cpu_ms:
+        print(f"    {'':{len(label)}} {describe_cpu(figures.cpu_ms)}", flush=True)
 
 
 def _echo(base_url: str, proc: subprocess.Popen, log: Path) -> tuple[float, float]:
@@ -130,8 +146,8 @@ def measure(
             place_direct_engine_core(proc, args)
         results = []
         for concurrency, client, requests, _ in _levels(args):
-            results.append(_measure_once(base_url, concurrency, client, requests, args))
-            print(f"    {name} {describe(results[-1])}", flush=True)
+            results.append(_measure_once(base_url, concurrency, client, requests, args, proc, name == "vllm-direct"))
+            _print_round(name, results[-1])
         if log is not None:
             _echo(base_url, proc, log)
         return results
@@ -188,9 +204,10 @@ def side_by_side(args: argparse.Namespace) -> tuple[list[Paired], tuple[float, f
                 turn = round_ % len(names)  # each server first in turn
                 for name in names[turn:] + names[:turn]:
                     _thaw_only(name, servers)
-                    figures = _measure_once(servers[name][1], concurrency, client, requests, args)
+                    proc, base_url, _ = servers[name]
+                    figures = _measure_once(base_url, concurrency, client, requests, args, proc, name == "direct")
                     paired.runs.setdefault(name, []).append(figures)
-                    print(f"    round {round_ + 1} {name:<9} {describe(figures)}", flush=True)
+                    _print_round(f"round {round_ + 1} {name:<9}", figures)
             results.append(paired)
         _thaw_only("gateway", servers)
         echo = _echo(servers["gateway"][1], servers["gateway"][0], args.log_dir / "bench-gateway.log")
@@ -337,6 +354,7 @@ def _median_figures(runs: list[Figures]) -> Figures:
         (med([f.ttft_ms[0] for f in runs]), med([f.ttft_ms[1] for f in runs])),
         (med([f.itl_ms[0] for f in runs]), med([f.itl_ms[1] for f in runs])),
         med([f.end_ms for f in runs]),
+        {name: med([f.cpu_ms.get(name, 0.0) for f in runs]) for name in runs[0].cpu_ms},
     )
 
 
@@ -364,6 +382,8 @@ def print_paired(results: list[Paired], pairs: list[tuple[str, str, str]]) -> No
             f = _median_figures(runs)
             print(f"{f.client:<11}c={f.concurrency:<3}{name:<9}{f.tokens_per_s:8.0f}{f.ttft_ms[0]:10.1f}"
                   f"{f.ttft_ms[1]:10.1f}{f.itl_ms[0]:9.1f}{f.itl_ms[1]:9.1f}")
+            if f.cpu_ms:
+                print(f"{'':25}{describe_cpu(f.cpu_ms)}")
         for label, ours, theirs in pairs:
             if ours in paired.runs and theirs in paired.runs:
                 _print_ratios(label, list(zip(paired.runs[theirs], paired.runs[ours])))
