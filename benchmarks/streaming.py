@@ -70,11 +70,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.cpu_roles import CpuMeter
+from benchmarks.cpu_roles import describe as describe_cpu
 from benchmarks.servers import (
     add_echo, cpu_model, place_direct_engine_core, signal_tree, start_direct, start_gateway, stop, wait_ready,
 )
-from benchmarks.cpu_roles import CpuMeter
-from benchmarks.cpu_roles import describe as describe_cpu
 from benchmarks.stream_load import Figures, describe, echo_overhead, load, mean_ratio, vllm_bench
 
 CLIENTS = ("aiohttp", "vllm-bench")

@@ -51,9 +51,10 @@ def outputs(count: int) -> list[Any]:
 
 
 async def engine(made: list[Any]) -> AsyncIterator[Any]:
+    """Stands for vLLM's engine client: the outputs, each in a turn of the loop of its own."""
     for output in made:
         yield output
-        await asyncio.sleep(0)  # each output a turn of the loop
+        await asyncio.sleep(0)
 
 
 async def sse(stream: AsyncIterator[Any]) -> AsyncGenerator[str, None]:
@@ -63,11 +64,13 @@ async def sse(stream: AsyncIterator[Any]) -> AsyncGenerator[str, None]:
 
 
 async def _passed(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    async for frame in frames:  # the replica's own pass-through (LLMServer._counted)
+    """The replica's own pass-through of a stream's frames (``LLMServer._counted``)."""
+    async for frame in frames:
         yield frame
 
 
 async def _read_all(sock: socket.socket) -> int:
+    """Reads ``sock`` to its end, as fast as bytes come; how many came."""
     loop, read = asyncio.get_running_loop(), 0
     while data := await loop.sock_recv(sock, 1 << 16):
         read += len(data)

@@ -48,6 +48,20 @@ def test_each_process_is_named_by_its_role(title: str, direct: bool, expected: s
     assert cpu_roles.role(Seen(7, title), root_pid=1, direct=direct) == expected  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("front_door", ["ray::ProxyActor", "haproxy -f /tmp/gw/haproxy.cfg"])
+def test_a_front_door_that_relays_every_chunk_is_counted_with_the_ingress(front_door: str) -> None:
+    assert cpu_roles.role(Seen(7, front_door), root_pid=1, direct=False) == "ingress"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("parent", "expected"), [("server", "core"), ("core", "worker"), ("background", "background"), (None, "background")]
+)
+def test_a_process_vllm_spawned_whose_title_did_not_take_is_named_by_its_parent(parent: str | None, expected: str) -> None:
+    spawned = Seen(7, "python -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5, pipe_handle=7)")
+
+    assert cpu_roles.role(spawned, root_pid=1, direct=True, parent=parent) == expected  # type: ignore[arg-type]
+
+
 def test_vllms_own_server_is_its_root_process_and_a_gateways_root_is_background() -> None:
     title = "python -m vllm.entrypoints.openai.api_server --model m"
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from benchmarks import stream_load, streaming
+from benchmarks.cpu_roles import CpuMeter
 from benchmarks.stream_load import Figures
 
 
@@ -133,3 +134,27 @@ def test_the_default_rounds_put_each_server_first_equally_often() -> None:
 def test_whole_runs_measure_a_lone_stream_at_the_usual_size(given: list[str]) -> None:
     assert streaming.parse_args(given).lone_rounds == 0
     assert streaming.parse_args([]).lone_rounds == 12  # side by side: more, shorter rounds
+
+
+def test_each_server_is_metered_with_vllms_api_server_as_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Side by side, only vLLM's server's root process is its API server (``direct``): the gateway's is background."""
+    procs = {"direct": object(), "gateway": object()}
+    metered: dict[object, bool] = {}
+
+    async def measured(base_url: str, concurrency: int, requests: int, max_tokens: int, meter: CpuMeter) -> Figures:
+        metered[meter._proc] = meter._direct
+        return figures(100)
+
+    monkeypatch.setattr(streaming, "start_direct", lambda *_: procs["direct"])
+    monkeypatch.setattr(streaming, "start_gateway", lambda *_, **__: procs["gateway"])
+    for name in ("wait_ready", "place_direct_engine_core", "signal_tree", "stop"):
+        monkeypatch.setattr(streaming, name, lambda *_, **__: None)
+    monkeypatch.setattr(streaming, "_echo", lambda *_: (1.0, 1000.0))
+    monkeypatch.setattr(streaming, "THAW_S", 0.0)
+    monkeypatch.setattr(streaming, "load", measured)
+
+    given = streaming.parse_args(["--concurrency", "1", "--clients", "aiohttp", "--lone-rounds", "2"])
+    results, _ = streaming.side_by_side(given)
+
+    assert metered == {procs["direct"]: True, procs["gateway"]: False}
+    assert set(results[0].runs) == {"direct", "gateway"}
