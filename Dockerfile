@@ -2,7 +2,7 @@
 # config, or one mounted under /app/configs and named after the image:
 #
 #   docker build -t llm-gateway .
-#   docker run --init --stop-timeout 90 --gpus all -p 8000:8000 \
+#   docker run --init --stop-timeout 90 --gpus all -p 127.0.0.1:8000:8000 \
 #     -v $PWD/configs:/app/configs llm-gateway --config configs/gateway.yaml
 #
 # (--init and --stop-timeout: README, "Docker".)
@@ -24,6 +24,13 @@ COPY gateway ./gateway
 COPY models ./models
 COPY configs ./configs
 RUN pip install ".[gpu,mlflow]"
+
+# The gateway runs unprivileged: a process that a request could subvert (an
+# engine's tokenizer, a model's own code, Ray's workers) gets no root in the
+# container. It writes only to its home (the Hugging Face cache, vLLM's and
+# Triton's compile caches) and /tmp (Ray's session); /app stays root's.
+RUN useradd --create-home --uid 1000 --user-group gateway
+USER gateway
 
 EXPOSE 8000
 # Alive: /health answers, 200 or, with operations keys configured (`ops: true`), 401 to a

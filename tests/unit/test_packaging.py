@@ -149,3 +149,29 @@ def test_the_systemd_unit_lets_the_gateway_drain_on_stop() -> None:
     args = command_line().parse_args(argv)
     assert args.command == "serve" and args.address is None
     assert args.host == "127.0.0.1"  # nothing listens beyond loopback unless asked
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions, continuation lines joined: ``[("RUN", "pip install ..."), ...]``."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_the_image_runs_the_gateway_as_an_unprivileged_user_with_a_home() -> None:
+    instructions = dockerfile_instructions()
+    users = [(i, arg) for i, (op, arg) in enumerate(instructions) if op == "USER"]
+    assert users, "the image runs as root"
+    last, user = users[-1]
+    assert user.split(":")[0] not in ("root", "0")
+    assert [op for op, _ in instructions[last:]].count("RUN") == 0, "a RUN after USER would run as that user"
+    created = [arg for op, arg in instructions if op == "RUN" and "useradd" in arg]
+    assert created and "--create-home" in created[0] and shlex.split(created[0])[-1] == user
+
+
+def test_deployments_mount_the_model_cache_in_the_images_users_home() -> None:
+    home = "/home/" + [arg for op, arg in dockerfile_instructions() if op == "USER"][-1]
+    manifest = (ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text()
+    mounts = re.findall(r"mountPath: (\S+?)[,}]", manifest)
+    assert mounts and all(path == home + "/.cache/huggingface" for path in mounts)
+    assert "/root/" not in (ROOT / "configs" / "examples" / "gpu.yaml").read_text()
