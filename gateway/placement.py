@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway import autoscaling
 from gateway.config import ClassicalModelConfig, ConfigError, LLMModelConfig, ModelConfig, VLLMModelConfig
+from models.llm import one_node
 
 Bundle = dict[str, float]
 
@@ -93,6 +94,10 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     if bundles is not None:
         options["placement_group_bundles"] = bundles
         options["placement_group_strategy"] = placement_strategy(model)
+    if isinstance(model, VLLMModelConfig) and placement_strategy(model) == "STRICT_PACK":
+        # vLLM's workers pass it on: their rendezvous and collectives stay on
+        # the node's loopback (models.llm.one_node).
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": one_node.environment()}
     return options
 
 

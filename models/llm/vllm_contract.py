@@ -70,6 +70,10 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("chat_template", "tools", "given_format", "tokenizer", "model_config"),
     ),
     ("vllm.sampling_params", "RequestOutputKind.DELTA", ()),
+    # models.llm.one_node: a one-node engine's workers meet through a file.
+    ("vllm.v1.executor.ray_executor_v2", "RayWorkerProc.create_dist_init_method", ()),
+    ("vllm.utils.network_utils", "get_file_store_init_method", ()),
+    ("vllm.plugins", "DEFAULT_PLUGINS_GROUP", ()),
     ("vllm.v1.engine.exceptions", "EngineDeadError", ()),
     ("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response", ("message",)),
     ("vllm.entrypoints.serve.engine.protocol", "ErrorResponse", ()),

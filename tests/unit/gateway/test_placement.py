@@ -49,6 +49,35 @@ def test_pipeline_stages_multiply_workers_and_strategy_is_honoured() -> None:
     assert options["placement_group_strategy"] == "SPREAD"
 
 
+def test_a_one_node_vllm_replica_keeps_its_workers_network_on_loopback() -> None:
+    options = deployment_options(vllm_model(tensor_parallel_size=2))
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"]["runtime_env"] == {
+        "env_vars": {
+            "LLM_GATEWAY_ENGINE_ON_ONE_NODE": "1",  # models.llm.one_node's plugin: a file rendezvous
+            "GLOO_SOCKET_IFNAME": "lo",
+            "NCCL_SOCKET_IFNAME": "lo",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tensor_parallel_size": 2, "placement_strategy": "PACK"},
+        {"pipeline_parallel_size": 2, "placement_strategy": "SPREAD"},
+    ],
+    ids=["pack", "spread"],
+)
+def test_a_vllm_replica_that_may_span_nodes_keeps_vllms_network(fields: dict[str, Any]) -> None:
+    assert "runtime_env" not in deployment_options(vllm_model(**fields))["ray_actor_options"]
+
+
+def test_one_worker_and_other_engines_get_no_runtime_environment() -> None:
+    assert "runtime_env" not in deployment_options(vllm_model(num_gpus=1))["ray_actor_options"]
+    assert "runtime_env" not in deployment_options(model(tensor_parallel_size=2))["ray_actor_options"]
+
+
 def test_autoscaling_replaces_the_replica_count() -> None:
     scaling = {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8, "upscale_delay_s": 5}
     embedder = {"name": "e", "engine": "sentence-transformers", "model": "org/e", "autoscaling": scaling}
