@@ -16,11 +16,12 @@ node none of them needs the network, so for such a replica:
   executor starts) then swaps the executor's worker class for
   ``models.llm.one_node_worker.OneNodeWorkerProc``, whose rendezvous is a
   file (``torch.distributed.FileStore``, as vLLM's own multiprocessing
-  executor uses on one node) instead of a port.
+  executor uses on one node) instead of a port; vLLM's older Ray executor
+  (``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``), which picks the rendezvous in
+  the engine-core process, is given a file for its loopback one too.
 
 Replicas placed PACK, SPREAD or STRICT_SPREAD may span nodes and keep vLLM's
-defaults, as do engines started with vLLM's older Ray executor
-(``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``, whose driver picks the rendezvous).
+defaults.
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ def register() -> None:
     Elsewhere (any process without ``ONE_NODE``) it does nothing."""
     if os.environ.get(ONE_NODE) != "1":
         return
-    from vllm.v1.executor import ray_executor_v2
+    from vllm.v1.executor import ray_executor, ray_executor_v2
 
-    from models.llm.one_node_worker import OneNodeWorkerProc
+    from models.llm.one_node_worker import OneNodeWorkerProc, loopback_by_file
 
     if ray_executor_v2.RayWorkerProc is not OneNodeWorkerProc:
         ray_executor_v2.RayWorkerProc = OneNodeWorkerProc  # type: ignore[misc]
+        # vLLM's older Ray executor picks the rendezvous itself, 127.0.0.1 on one node.
+        ray_executor.get_distributed_init_method = loopback_by_file(  # type: ignore[assignment]
+            ray_executor.get_distributed_init_method
+        )
         logger.info("vLLM's workers meet through a file: they share one node")

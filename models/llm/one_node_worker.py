@@ -5,6 +5,9 @@ each worker, which loads the class from here."""
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable
+
 from vllm.utils.network_utils import get_file_store_init_method
 from vllm.v1.executor.ray_executor_v2 import RayWorkerProc
 
@@ -14,3 +17,16 @@ class OneNodeWorkerProc(RayWorkerProc):
         # vLLM's own opens a TCPStore, which PyTorch binds on every interface;
         # a ``file://`` method makes every worker open a FileStore there instead.
         return get_file_store_init_method()
+
+
+def loopback_by_file(init_method: Callable[[str, int], str]) -> Callable[[str, int], str]:
+    """``init_method`` (vLLM's ``get_distributed_init_method``), except that a
+    loopback rendezvous, which only one node's workers can share, is a file."""
+
+    def one_node(ip: str, port: int) -> str:
+        if ipaddress.ip_address(ip).is_loopback:
+            return get_file_store_init_method()
+        return init_method(ip, port)
+
+    one_node.__wrapped__ = init_method  # type: ignore[attr-defined]
+    return one_node

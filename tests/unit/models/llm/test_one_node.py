@@ -17,12 +17,13 @@ from models.llm import one_node
 
 
 def test_the_plugin_swaps_the_worker_class_only_for_a_one_node_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vllm.v1.executor import ray_executor_v2
+    from vllm.v1.executor import ray_executor, ray_executor_v2
 
     from models.llm.one_node_worker import OneNodeWorkerProc
 
     original = ray_executor_v2.RayWorkerProc
     monkeypatch.setattr(ray_executor_v2, "RayWorkerProc", original)  # put back after the test
+    monkeypatch.setattr(ray_executor, "get_distributed_init_method", ray_executor.get_distributed_init_method)
     monkeypatch.delenv(one_node.ONE_NODE, raising=False)
     one_node.register()
     assert ray_executor_v2.RayWorkerProc is original  # any other vLLM in this environment is left alone
@@ -32,6 +33,11 @@ def test_the_plugin_swaps_the_worker_class_only_for_a_one_node_engine(monkeypatc
     assert ray_executor_v2.RayWorkerProc is OneNodeWorkerProc
     assert issubclass(OneNodeWorkerProc, original)
     assert OneNodeWorkerProc.create_dist_init_method(None).startswith("file://")  # type: ignore[arg-type]
+    # vLLM's older executor: its one-node rendezvous (on loopback) is a file, a cluster's stays TCP.
+    rendezvous = ray_executor.get_distributed_init_method
+    assert rendezvous("127.0.0.1", 1234).startswith("file://") and rendezvous("::1", 1234).startswith("file://")
+    assert rendezvous("192.0.2.9", 1234) == "tcp://192.0.2.9:1234"
+    assert rendezvous.__wrapped__.__module__ == "vllm.utils.network_utils"  # wrapped once, however often loaded
 
 
 def _rank(rank: int, uris: Any, results: Any) -> None:
