@@ -28,8 +28,12 @@ RUN pip install ".[gpu,mlflow]"
 # The gateway runs unprivileged: a process that a request could subvert (an
 # engine's tokenizer, a model's own code, Ray's workers) gets no root in the
 # container. It writes only to its home (the Hugging Face cache, vLLM's and
-# Triton's compile caches) and /tmp (Ray's session); /app stays root's.
-RUN useradd --create-home --uid 1000 --user-group gateway
+# Triton's compile caches) and /tmp (Ray's session); /app stays root's. The
+# cache directory exists here, owned by the user: a volume mounted on it
+# would otherwise have Docker create ~/.cache as root, and vLLM could not
+# make its compile cache beside it.
+RUN useradd --create-home --uid 1000 --user-group gateway \
+    && install -d -o gateway -g gateway /home/gateway/.cache /home/gateway/.cache/huggingface
 USER gateway
 
 EXPOSE 8000

@@ -49,7 +49,9 @@ def environment() -> dict[str, str]:
 def register() -> None:
     """vLLM's general-plugin hook: in an engine whose workers share one node,
     its Ray executor starts workers whose rendezvous listens on no port.
-    Elsewhere (any process without ``ONE_NODE``) it does nothing."""
+    Elsewhere (any process without ``ONE_NODE``) it does nothing. (An
+    environment variable, since vLLM's engine-core process is reached by
+    nothing else of the replica's before its executor starts.)"""
     if os.environ.get(ONE_NODE) != "1":
         return
     from vllm.v1.executor import ray_executor, ray_executor_v2
@@ -63,3 +65,25 @@ def register() -> None:
             ray_executor.get_distributed_init_method
         )
         logger.info("vLLM's workers meet through a file: they share one node")
+
+
+def unguarded() -> str | None:
+    """In a replica whose engine's workers share one node: why their
+    rendezvous would listen on a port, if it would (vLLM's plugins loaded
+    here, as its engine-core process loads them); else None."""
+    if os.environ.get(ONE_NODE) != "1":
+        return None
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.executor import ray_executor_v2
+
+    load_general_plugins()
+
+    from models.llm.one_node_worker import OneNodeWorkerProc
+
+    if ray_executor_v2.RayWorkerProc is OneNodeWorkerProc:
+        return None
+    return (
+        "vLLM did not run the gateway's plugin `llm_gateway_one_node`, so its workers' rendezvous "
+        "(a PyTorch TCPStore) listens on every interface: reinstall the gateway's package "
+        "(its entry point registers the plugin), and name the plugin in VLLM_PLUGINS if that is set"
+    )

@@ -8,14 +8,20 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
-from vllm.utils.network_utils import get_file_store_init_method
+from vllm.utils.network_utils import aiter_requires_tcp_store, get_file_store_init_method
 from vllm.v1.executor.ray_executor_v2 import RayWorkerProc
 
 
 class OneNodeWorkerProc(RayWorkerProc):
+    """vLLM's Ray worker whose rendezvous, made by the first worker, is a file."""
+
     def create_dist_init_method(self) -> str:
         # vLLM's own opens a TCPStore, which PyTorch binds on every interface;
-        # a ``file://`` method makes every worker open a FileStore there instead.
+        # a ``file://`` method makes every worker open a FileStore there instead
+        # (except where ROCm's AITER all-reduce needs a TCPStore, as vLLM's
+        # multiprocessing executor keeps one there).
+        if aiter_requires_tcp_store():
+            return super().create_dist_init_method()
         return get_file_store_init_method()
 
 
@@ -24,7 +30,7 @@ def loopback_by_file(init_method: Callable[[str, int], str]) -> Callable[[str, i
     loopback rendezvous, which only one node's workers can share, is a file."""
 
     def one_node(ip: str, port: int) -> str:
-        if ipaddress.ip_address(ip).is_loopback:
+        if ipaddress.ip_address(ip).is_loopback and not aiter_requires_tcp_store():
             return get_file_store_init_method()
         return init_method(ip, port)
 

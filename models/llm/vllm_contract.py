@@ -73,6 +73,7 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # models.llm.one_node: a one-node engine's workers meet through a file.
     ("vllm.v1.executor.ray_executor_v2", "RayWorkerProc.create_dist_init_method", ()),
     ("vllm.utils.network_utils", "get_file_store_init_method", ()),
+    ("vllm.utils.network_utils", "aiter_requires_tcp_store", ()),
     ("vllm.v1.executor.ray_executor", "get_distributed_init_method", ("ip", "port")),
     ("vllm.plugins", "DEFAULT_PLUGINS_GROUP", ()),
     ("vllm.v1.engine.exceptions", "EngineDeadError", ()),

@@ -26,7 +26,7 @@ from gateway.errors import GatewayError, ModelNotSupportedError
 from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, check_openai_metadata, counted_fields
 from models.llm import budget_checks, cache_salt, compact_json, tool_checks, vllm_compat, vllm_conversation, vllm_errors
-from models.llm import long_lists, vllm_lora, vllm_messages, vllm_stored, vllm_streams
+from models.llm import long_lists, one_node, vllm_lora, vllm_messages, vllm_stored, vllm_streams
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
@@ -113,6 +113,8 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_RESPONSES_API_STORE"] = "1" if self._config.kept_responses > 0 else "0"
         if hides_gpus(self._config):
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+        if (unguarded := one_node.unguarded()) is not None:
+            logger.warning("%s: %s", self._config.name, unguarded)
         prepare = compact_json.compact_structural_tag if compact_json.is_compact(self._config) else None
         with handlers_kept():  # vLLM's logging set-up would close Serve's (see models.log_handlers)
             self._serving = await vllm_compat.build_serving(

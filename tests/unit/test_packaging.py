@@ -166,7 +166,13 @@ def test_the_image_runs_the_gateway_as_an_unprivileged_user_with_a_home() -> Non
     assert user.split(":")[0] not in ("root", "0")
     assert [op for op, _ in instructions[last:]].count("RUN") == 0, "a RUN after USER would run as that user"
     created = [arg for op, arg in instructions if op == "RUN" and "useradd" in arg]
-    assert created and "--create-home" in created[0] and shlex.split(created[0])[-1] == user
+    assert created and "--create-home" in created[0]
+    words = shlex.split(created[0])
+    assert words[words.index("&&") - 1] == user
+    # The model cache a deployment mounts exists, the user's: Docker would make a missing ~/.cache root's.
+    made = words[words.index("install") :]
+    assert made[:6] == ["install", "-d", "-o", user, "-g", user]
+    assert f"/home/{user}/.cache" in made and f"/home/{user}/.cache/huggingface" in made
 
 
 def test_deployments_mount_the_model_cache_in_the_images_users_home() -> None:

@@ -40,6 +40,45 @@ def test_the_plugin_swaps_the_worker_class_only_for_a_one_node_engine(monkeypatc
     assert rendezvous.__wrapped__.__module__ == "vllm.utils.network_utils"  # wrapped once, however often loaded
 
 
+def test_the_entry_point_is_where_vllm_looks_for_general_plugins() -> None:
+    import tomllib
+
+    from vllm.plugins import DEFAULT_PLUGINS_GROUP
+
+    project = tomllib.loads((Path(__file__).resolve().parents[4] / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"][DEFAULT_PLUGINS_GROUP] == {"llm_gateway_one_node": "models.llm.one_node:register"}
+
+
+def test_a_replica_says_when_its_engines_rendezvous_would_listen_on_a_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.executor import ray_executor, ray_executor_v2
+
+    monkeypatch.setattr(ray_executor_v2, "RayWorkerProc", ray_executor_v2.RayWorkerProc)
+    monkeypatch.setattr(ray_executor, "get_distributed_init_method", ray_executor.get_distributed_init_method)
+    monkeypatch.delenv(one_node.ONE_NODE, raising=False)
+    assert one_node.unguarded() is None  # not a one-node engine: nothing to say
+    monkeypatch.setenv(one_node.ONE_NODE, "1")
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")  # an operator's list without the gateway's
+    monkeypatch.setattr("vllm.plugins.plugins_loaded", False)
+    reason = one_node.unguarded()
+    assert reason is not None and "llm_gateway_one_node" in reason and "VLLM_PLUGINS" in reason
+    monkeypatch.delenv("VLLM_PLUGINS")
+    monkeypatch.setattr("vllm.plugins.plugins_loaded", False)
+    assert one_node.unguarded() is None  # vLLM ran the plugin
+
+
+def test_rocm_aiters_all_reduce_keeps_the_tcp_rendezvous_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.executor.ray_executor_v2 import RayWorkerProc
+
+    from models.llm import one_node_worker
+
+    monkeypatch.setattr(one_node_worker, "aiter_requires_tcp_store", lambda: True)
+    monkeypatch.setattr(RayWorkerProc, "create_dist_init_method", lambda self: "tcp://127.0.0.1:1")
+    worker = object.__new__(one_node_worker.OneNodeWorkerProc)  # (a worker's own set-up needs an engine)
+    assert worker.create_dist_init_method() == "tcp://127.0.0.1:1"
+    rendezvous = one_node_worker.loopback_by_file(lambda ip, port: f"tcp://{ip}:{port}")
+    assert rendezvous("127.0.0.1", 2) == "tcp://127.0.0.1:2"
+
+
 def _rank(rank: int, uris: Any, results: Any) -> None:
     """One engine worker: the plugin loaded as vLLM loads it, the rendezvous
     its executor's worker class makes (rank 0 makes it, as vLLM's first
