@@ -14,6 +14,11 @@ replica's process ends, by whatever means; the watcher then kills the
 processes it was given, each only if it is still the process it was (its
 start time in ``/proc/<pid>/stat`` unchanged), and exits. It waits in a
 blocking read: no CPU until then.
+
+Python's resource tracker, which the replica starts for vLLM's shared-memory
+queues (``/dev/shm/psm_*``), is left to end by itself: it unlinks what the
+killed processes had not once every process holding its pipe is gone. Killed
+with them, it left each crash's queues in ``/dev/shm`` for good.
 """
 
 from __future__ import annotations
@@ -83,8 +88,18 @@ def descendants(root: int) -> list[int]:
     return [pid for pid in process_tree(root) if pid != root]
 
 
+def is_resource_tracker(pid: int) -> bool:
+    """Whether ``pid`` runs Python's multiprocessing resource tracker."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"multiprocessing.resource_tracker" in f.read()
+    except OSError:
+        return False
+
+
 def reaper_for_children() -> EngineReaper | None:
-    """A reaper for every process this one has started so far (None when there
-    are none: an engine without processes of its own)."""
-    pids = descendants(os.getpid())
+    """A reaper for every process this one has started so far but Python's
+    resource tracker (None when there are none: an engine without processes
+    of its own)."""
+    pids = [pid for pid in descendants(os.getpid()) if not is_resource_tracker(pid)]
     return EngineReaper(pids) if pids else None

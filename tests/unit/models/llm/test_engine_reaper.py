@@ -68,6 +68,61 @@ def test_an_engine_process_ends_when_its_replica_is_killed(mode: str) -> None:
             os.kill(engine, signal.SIGKILL)
 
 
+# A stand-in replica whose "engine" (a spawned process, as vLLM's engine core is) holds a shared-memory
+# segment, as vLLM's queues do; Python's resource tracker is then the replica's child too.
+_SHM_REPLICA = """
+import multiprocessing as mp, os, time
+from multiprocessing import shared_memory
+
+def engine(conn):
+    segment = shared_memory.SharedMemory(create=True, size=4096)
+    conn.send(segment.name)
+    time.sleep(600)
+
+if __name__ == "__main__":
+    from models.llm.engine_reaper import is_resource_tracker, descendants, reaper_for_children
+    context = mp.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=engine, args=(theirs,))
+    process.start()
+    name = ours.recv()
+    reaper = reaper_for_children()
+    tracker = next(pid for pid in descendants(os.getpid()) if is_resource_tracker(pid))
+    print(process.pid, name, tracker, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path) -> None:
+    script = tmp_path / "replica.py"
+    script.write_text(_SHM_REPLICA)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    replica = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    engine = 0
+    try:
+        assert replica.stdout is not None
+        fields = replica.stdout.readline().split()
+        engine, segment, tracker = int(fields[0]), Path("/dev/shm") / fields[1].lstrip("/"), int(fields[2])
+        assert segment.exists()
+        os.kill(replica.pid, signal.SIGKILL)
+        replica.wait()
+        assert _gone(engine, 10), "the engine process outlived its replica"
+        assert _gone(tracker, 10), "the resource tracker outlived the processes it tracks"
+        deadline = time.monotonic() + 10
+        while segment.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not segment.exists(), f"{segment} was left behind"
+    finally:
+        replica.kill()
+        replica.wait()
+        if replica.stdout is not None:
+            replica.stdout.close()
+        if engine and start_time(engine) is not None:
+            os.kill(engine, signal.SIGKILL)
+
+
 def test_a_process_whose_pid_was_reused_is_left_alone() -> None:
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
