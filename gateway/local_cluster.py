@@ -61,7 +61,7 @@ from typing import Any
 from gateway.affinity import started_cpus
 from gateway.config import ConfigError, RuntimeConfig
 from gateway.haproxy_wrapper import LOOPBACK, haproxy_wrapper, is_wrapper
-from gateway.http.front_door_socket import HOST_VARIABLE, KEEPER_VARIABLE, keeper_name
+from gateway.http.front_door_socket import KEEPER_VARIABLE, keeper_name
 
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 AUTH_MODE = "RAY_AUTH_MODE"
@@ -101,7 +101,7 @@ def environment(runtime: RuntimeConfig, read_timeout_s: float = 30.0, front_door
     listens on loopback only besides the front door's own address
     (``front_door``, ``--host``); ``read_timeout_s`` bounds how long HAProxy
     waits for a request's head."""
-    env = {**runtime.environment(), **SINGLE_MACHINE, HOST_VARIABLE: front_door, **started_cpus()}
+    env = {**runtime.environment(), **SINGLE_MACHINE, **started_cpus()}
     if runtime.http_proxy == "gateway":  # the ingress replicas' own front door: see front_door_socket
         env[KEEPER_VARIABLE] = keeper_name()
     # An operator's own HAProxy (its path in RAY_SERVE_HAPROXY_BINARY_PATH) is

@@ -11,6 +11,9 @@ from gateway.config.base import StrictConfig
 
 # An origin as browsers send it: scheme, host and an optional port; no path.
 _ORIGIN = re.compile(r"^https?://[^/\s?#]+/?$", re.IGNORECASE)
+# A DNS name, or ``*.`` and one (any name below it), as ``ingress.allowed_hosts`` takes them.
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+_HOST = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*\.?$", re.IGNORECASE)
 
 # A request's head: its URL and headers together at most HEAD_BYTES, at most
 # HEAD_FIELDS headers (as with HAProxy's defaults: a 16 KiB buffer, 101
@@ -151,6 +154,27 @@ class IngressConfig(StrictConfig):
         description="Cross-origin access from browser pages (CORS); none by default: only "
         "pages served by the gateway's own origin may call it from a browser.",
     )
+    allowed_hosts: list[str] = Field(
+        [],
+        description="On a gateway without API keys, the host names browser pages may reach it "
+        "by, beyond IP addresses and `localhost`: `gateway.example.com`, `*.example.com` (any "
+        "name below it) or `*` (any). A page's request naming another `Host` is refused 403 "
+        "`host_not_allowed`: a site may point its own name at the gateway's address once its "
+        "page is loaded (DNS rebinding), and the browser would then take the gateway for that "
+        "site. Clients that are no browser page (SDKs, curl) are served whatever host they name.",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if host != "*" and not _HOST.match(host):
+                raise ValueError(
+                    f"`{host}` is not a host name: a name (`gateway.example.com`), `*.` and a name "
+                    "(`*.example.com`) or `*`; no scheme, port or path"
+                )
+        # As a Host header is compared: lower case, no trailing dot.
+        return [host.lower().rstrip(".") for host in hosts]
 
 
 # A Serve route prefix: "/", or a path that does not end with "/" and holds no

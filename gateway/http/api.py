@@ -61,7 +61,7 @@ def build_api(state: GatewayState, server_echoes_id: bool = False) -> FastAPI:
     cors = state.front_door.ingress.cors
     app.add_middleware(
         OriginGuard, origins=cors.allow_origins if cors is not None else [],
-        local_only=lambda: state.loopback and not state.keys,
+        hosts=state.front_door.ingress.allowed_hosts, keyless=lambda: not state.keys,
     )
     app.add_middleware(
         ObservabilityMiddleware,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 from email.utils import formatdate
 from http import HTTPStatus
@@ -44,7 +43,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
 from gateway.errors import GatewayError, InvalidRequestError, RequestReadTimeoutError
 from gateway.http.auth import OPERATIONS
-from gateway.http.front_door_socket import BACKLOG, HOST_VARIABLE, kept_socket
+from gateway.http.front_door_socket import BACKLOG, kept_socket
 from gateway.http.handlers import envelope
 
 logger = logging.getLogger(__name__)
@@ -338,18 +337,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-async def serve_http_host() -> str:
-    """The host clients reach the gateway on (``llm-gateway serve --host``),
-    whichever the front door: behind HAProxy Serve itself is on loopback."""
-    if host := os.environ.get(HOST_VARIABLE):
-        return host
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    return str((await controller.get_http_config.remote()).host)
 
 
 async def own_front_door(app_name: str) -> tuple[str, int] | None:

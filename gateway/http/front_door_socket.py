@@ -46,9 +46,6 @@ logger = logging.getLogger(__name__)
 BACKLOG = 2048
 ASK_TIMEOUT_S = 5.0
 KEEPER_VARIABLE = "LLMGW_FRONT_DOOR_KEEPER"  # the keeper's name, in the local cluster's environment
-# The address clients reach the gateway on (``--host``), in the local
-# cluster's environment: behind HAProxy, Serve itself is given loopback.
-HOST_VARIABLE = "LLMGW_FRONT_DOOR_HOST"
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 

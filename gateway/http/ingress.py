@@ -17,8 +17,7 @@ from gateway.config import FrontDoorConfig, ModelConfig
 from gateway.deploy import deployment_name, model_app_name
 from gateway.heap_freeze import freeze_in_replica
 from gateway.http.api import build_api
-from gateway.http.front_door import FrontDoor, own_front_door, serve_http_host
-from gateway.http.origin import is_loopback
+from gateway.http.front_door import FrontDoor, own_front_door
 from gateway.http.state import GatewayState
 from gateway.metrics.hub import MetricsReporter, replica_source
 from gateway.replica_logs import to_stderr
@@ -84,7 +83,6 @@ class GatewayIngress:
             self._front_door_checked = True
             # Clients (from its own front door or Serve's) once its models' replicas are known.
             await self._state.warm_up(min(self._state.front_door.ingress.replica_wait_s, WARM_UP_S))
-            self._state.loopback = is_loopback(await serve_http_host())
             if (address := await own_front_door(serve.get_replica_context().app_name)) is not None:
                 ingress = self._state.front_door.ingress
                 self._front_door = FrontDoor(

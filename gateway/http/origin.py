@@ -7,20 +7,22 @@ model generate it. A request to ``/v1`` or ``/v2`` that carries an ``Origin``
 header (browsers send one; SDKs and curl do not) is answered 403 unless that
 origin is the gateway's own host or one ``ingress.cors`` names.
 
-A site may also point its own name at 127.0.0.1 once its page is loaded
-(DNS rebinding): the browser then takes the gateway for that site, sends its
-name as ``Host`` and lets the page read every answer. A gateway on a
-loopback address without API keys (``make serve``) therefore serves ``/v1``
-and ``/v2`` to browser pages (requests with an ``Origin``) only where they
-name a loopback host (``localhost``, ``127.0.0.1``, ``[::1]``); requests
-without one (SDKs, curl, a local proxy naming its own site) are served.
+A site may also point its own name at the gateway's address once its page
+is loaded (DNS rebinding): the browser then takes the gateway for that site,
+sends its name as ``Host`` and lets the page read every answer. A gateway
+without API keys therefore serves ``/v1`` and ``/v2`` to browser pages
+(requests with an ``Origin``) only where they name an IP address, a loopback
+name (``localhost``) or a host ``ingress.allowed_hosts`` lists, wherever it
+listens (a port published on 127.0.0.1 by Docker or an SSH tunnel reaches a
+gateway listening on any address); requests without one (SDKs, curl, a local
+proxy naming its own site) are served. With keys a page has none to send.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,15 +44,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def rebinding_safe(host: str, allowed: Collection[str]) -> bool:
+    """Whether a browser naming ``host`` cannot be a page of another site
+    pointing its name here: an IP address (a page's own, no name to point),
+    a loopback name, or one ``allowed`` lists (``ingress.allowed_hosts``)."""
+    host = host.strip("[]").lower().rstrip(".")
+    if not host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if is_loopback(host) or "*" in allowed or host in allowed:
+        return True
+    return any(name.startswith("*.") and host.endswith(name[1:]) for name in allowed)
+
+
 class OriginGuard:
     """``origins`` are those ``ingress.cors`` names (``*``: any), as browsers
-    send them; ``local_only()`` says whether only loopback hosts are served."""
+    send them; ``hosts`` those ``ingress.allowed_hosts`` names; ``keyless()``
+    says whether the gateway has no API keys (pages are then served only on
+    hosts that are ``rebinding_safe``)."""
 
-    def __init__(self, app: ASGIApp, origins: list[str], local_only: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self, app: ASGIApp, origins: list[str], hosts: list[str], keyless: Callable[[], bool] = lambda: False
+    ) -> None:
         self._app = app
         self._any = "*" in origins
         self._origins = frozenset(origins)
-        self._local_only = local_only
+        self._hosts = frozenset(hosts)
+        self._keyless = keyless
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) if scope["type"] == "http" else ""
@@ -63,10 +87,11 @@ class OriginGuard:
             return
         named = _header(scope, b"host") or ""
         host, port = _host_and_port("//" + named)
-        if self._local_only() and not (host is not None and is_loopback(host)):
+        if self._keyless() and not rebinding_safe(host or "", self._hosts):
             error = PermissionDeniedError(
-                f"This gateway listens on a loopback address without API keys: it serves browser pages "
-                f"of localhost, 127.0.0.1 or [::1], not of {host or named or 'a page naming no host'}.",
+                f"This gateway has no API keys: it serves browser pages of IP addresses, localhost and the "
+                f"hosts `ingress.allowed_hosts` names, not of {host or named or 'a page naming no host'} "
+                "(a site may point its own name at this gateway: DNS rebinding).",
                 code="host_not_allowed",
             )
         elif not self._any and not self._allowed(origin, host, port):

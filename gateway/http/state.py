@@ -74,9 +74,6 @@ class GatewayState:
         self.access_log = AccessLog(front_door.ingress.access_log, replica=source)
         self.config: GatewayConfig | None = None
         self.keys = KeyTable()
-        # Whether the gateway's HTTP address is a loopback one (set by the
-        # ingress once Serve says): its pages are then only those of this host.
-        self.loopback = False
         self.limiter: LimiterClient | LocalLimiter = (
             LimiterClient(self._find_limiter, front_door.ingress.replica_wait_s) if hub is not None
             else LocalLimiter()

@@ -27,10 +27,14 @@ async def answer(endpoint: str, request: Request, model: str | None = None) -> R
     return JSONResponse({"ok": True}, headers={"x-gateway-variant": "v1"})
 
 
-async def client_for(cors: dict[str, Any] | None, keys: bool = True, loopback: bool = False) -> httpx.AsyncClient:
-    front_door = FrontDoorConfig.model_validate({"ingress": {"cors": cors} if cors else {}})
+async def client_for(
+    cors: dict[str, Any] | None, keys: bool = True, allowed_hosts: list[str] | None = None
+) -> httpx.AsyncClient:
+    ingress: dict[str, Any] = {"cors": cors} if cors else {}
+    if allowed_hosts is not None:
+        ingress["allowed_hosts"] = allowed_hosts
+    front_door = FrontDoorConfig.model_validate({"ingress": ingress})
     state = GatewayState(front_door, lambda model: None, lambda model: "")
-    state.loopback = loopback
     state.keys = KeyTable([KeyConfig.model_validate({"id": "team-a", "hash": hash_secret(SECRET)})] if keys else [])
     app = build_api(state)
     state.dispatcher.dispatch = answer  # type: ignore[method-assign]

@@ -275,7 +275,6 @@ async def test_a_guards_refusal_names_its_error_in_the_access_log(tmp_path: Path
     front_door = FrontDoorConfig.model_validate({"ingress": {"access_log": str(log)}})
     keyed, local = (GatewayState(front_door, lambda model: None, lambda model: "") for _ in range(2))
     keyed.keys = KeyTable([KeyConfig.model_validate({"id": "team-a", "hash": hash_secret(new_secret())})])
-    local.loopback = True  # no keys: pages of other sites are refused
     chat = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
     async with client(build_api(keyed)) as c:
         assert (await c.post("/v1/chat/completions", json=chat, headers={"authorization": "Bearer nope"})).status_code == 401

@@ -1,12 +1,13 @@
 """gateway/http/origin.py: a browser page of another origin cannot have a
 model generate, asked or not; the gateway's own pages and clients that send
-no origin are served; a gateway on a loopback address without keys serves
-only requests to a loopback host (DNS rebinding)."""
+no origin are served; a gateway without keys serves pages only on an IP
+address, localhost or a host ingress.allowed_hosts names (DNS rebinding)."""
 
 from __future__ import annotations
 
 import pytest
 
+from gateway.config import ConfigError, parse_config
 from gateway.http.origin import OriginGuard, is_loopback
 from tests.unit.gateway.http.test_cors import CHAT, SECRET, client_for
 
@@ -16,7 +17,7 @@ async def test_a_page_of_another_origin_cannot_have_a_model_generate_without_ask
     """A "simple" request (text/plain, no preflight) from a page of another
     origin: its answer would be withheld from the page, but the model would
     have generated it. With no keys configured, any page a user opens could."""
-    async with await client_for(None, keys=key) as client:
+    async with await client_for(None, keys=key, allowed_hosts=["gateway"]) as client:
         body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
         headers = {"origin": "https://evil.example.net", "content-type": "text/plain"}
         if key:
@@ -50,9 +51,9 @@ async def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(o
 )
 async def test_a_page_of_another_port_of_the_gateways_host_is_another_origin(origin: str, host: str) -> None:
     # Another site on the same machine: with no keys, any of its visitors' browsers would have the model generate.
-    async with await client_for(None, keys=False, loopback=False) as client:
+    async with await client_for(None, keys=False, allowed_hosts=["gateway"]) as client:
         sent = await client.post(CHAT, json={"model": "m"}, headers={"origin": origin, "host": host})
-        assert sent.status_code == 403, sent.text
+        assert sent.status_code == 403 and sent.json()["error"]["code"] == "origin_not_allowed", sent.text
 
 
 @pytest.mark.parametrize(
@@ -63,44 +64,72 @@ async def test_a_page_of_another_port_of_the_gateways_host_is_another_origin(ori
 async def test_a_page_on_the_port_the_host_names_or_of_a_host_named_without_one_is_the_gateways_own(
     origin: str, host: str
 ) -> None:
-    async with await client_for(None, keys=False, loopback=False) as client:
+    async with await client_for(None, keys=False, allowed_hosts=["gateway"]) as client:
         sent = await client.post(CHAT, json={"model": "m"}, headers={"origin": origin, "host": host})
         assert sent.status_code == 200, sent.text
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "app.localhost", "127.0.0.2"])
-async def test_a_keyless_gateway_on_loopback_serves_its_own_pages_on_a_loopback_host(host: str) -> None:
-    async with await client_for(None, keys=False, loopback=True) as client:
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "app.localhost", "127.0.0.2", "192.0.2.7:8000",
+     "[2001:db8::7]:8000", "LOCALHOST."],
+)
+async def test_a_keyless_gateway_serves_its_own_pages_on_an_address_or_localhost(host: str) -> None:
+    """A page of an IP address is that address's own: no site's name points there."""
+    async with await client_for(None, keys=False) as client:
         page = {"host": host, "origin": f"http://{host}"}
         served = await client.post(CHAT, json={"model": "m"}, headers=page)
-        assert served.status_code == 200
+        assert served.status_code == 200, served.text
 
 
-@pytest.mark.parametrize(
-    "host", ["evil.example.net:8000", "evil.example.net", "192.0.2.7:8000"],
-)
-async def test_a_keyless_gateway_on_loopback_refuses_a_site_that_points_its_name_here(host: str) -> None:
-    """DNS rebinding: the page's own site name now resolves to 127.0.0.1, so
-    to the browser the gateway is that site, and the page could read every answer."""
-    async with await client_for(None, keys=False, loopback=True) as client:
+@pytest.mark.parametrize("host", ["evil.example.net:8000", "evil.example.net", "gpu-box.internal:8000", "127.0.0.1.nip.io"])
+async def test_a_keyless_gateway_refuses_a_site_that_points_its_name_here(host: str) -> None:
+    """DNS rebinding: the page's own site name now resolves to the gateway's
+    address (127.0.0.1, where Docker or a tunnel publishes it, or a LAN
+    address), so to the browser the gateway is that site, and the page could
+    read every answer. Wherever the gateway listens."""
+    async with await client_for(None, keys=False) as client:
         page = {"host": host, "origin": f"http://{host}"}
         refused = await client.post(CHAT, json={"model": "m"}, headers=page)
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "host_not_allowed"
+        assert "ingress.allowed_hosts" in refused.json()["error"]["message"]
         assert (await client.get("/health", headers=page)).status_code == 200  # not a model route
         # Not a browser (no Origin): an SDK, curl, a local proxy naming its own site.
         client_of_its_own = await client.post(CHAT, json={"model": "m"}, headers={"host": host})
         assert client_of_its_own.status_code == 200
 
 
-@pytest.mark.parametrize(("keys", "loopback"), [(True, True), (False, False)])
-async def test_any_host_is_served_with_keys_or_off_loopback(keys: bool, loopback: bool) -> None:
-    """With keys a page has none to send; off loopback the gateway answers to
-    whatever names it has (a load balancer's, a DNS name)."""
-    async with await client_for(None, keys=keys, loopback=loopback) as client:
-        auth = {"authorization": f"Bearer {SECRET}"} if keys else {}
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [("gateway.example.com:8000", True), ("Gateway.Example.COM.", True), ("llm.corp.example", True),
+     ("a.b.corp.example:443", True), ("corp.example", False), ("evilcorp.example", False),
+     ("gateway.example.com.evil.net", False), ("example.com", False)],
+)
+async def test_a_keyless_gateway_serves_pages_of_the_hosts_it_is_told_are_its_own(host: str, served: bool) -> None:
+    async with await client_for(None, keys=False, allowed_hosts=["GATEWAY.example.com", "*.corp.example."]) as client:
+        sent = await client.post(CHAT, json={"model": "m"}, headers={"host": host, "origin": f"https://{host}"})
+        assert (sent.status_code == 200) is served, sent.text
+    async with await client_for(None, keys=False, allowed_hosts=["*"]) as client:
+        sent = await client.post(CHAT, json={"model": "m"}, headers={"host": host, "origin": f"https://{host}"})
+        assert sent.status_code == 200, sent.text
+
+
+async def test_any_host_is_served_with_keys() -> None:
+    """With keys a page has none to send: a site pointing its name here gains nothing."""
+    async with await client_for(None, keys=True) as client:
+        auth = {"authorization": f"Bearer {SECRET}"}
         page = {"host": "gpu-box.internal:8000", "origin": "http://gpu-box.internal:8000"}
         served = await client.post(CHAT, json={"model": "m"}, headers={**auth, **page})
         assert served.status_code == 200
+
+
+def test_allowed_hosts_are_host_names() -> None:
+    base = {"models": [{"name": "e", "engine": "echo"}]}
+    for hosts in (["https://gateway.example.com"], ["gateway:8000"], ["gateway/v1"], [""], ["*.*.example"], ["a b"]):
+        with pytest.raises(ConfigError, match="allowed_hosts"):
+            parse_config({**base, "ingress": {"allowed_hosts": hosts}})
+    config = parse_config({**base, "ingress": {"allowed_hosts": ["Gateway.Example.com.", "*.corp.example", "*"]}})
+    assert config.ingress.allowed_hosts == ["gateway.example.com", "*.corp.example", "*"]
 
 
 @pytest.mark.parametrize(
@@ -122,7 +151,7 @@ async def test_a_request_without_an_origin_is_no_browsers_and_is_served_whatever
     async def record(message: dict[str, object]) -> None:
         sent.append(message)
 
-    guard = OriginGuard(served, origins=[], local_only=lambda: True)
+    guard = OriginGuard(served, origins=[], hosts=[], keyless=lambda: True)
     page = [(b"host", b"evil.example.net"), (b"origin", b"http://evil.example.net")]
     for headers, status in (([], 200), ([(b"host", b"evil.example.net")], 200), (page, 403), (page[1:], 403)):
         sent.clear()
