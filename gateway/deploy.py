@@ -308,4 +308,35 @@ def _apply(client: Any, apps: dict[str, dict[str, Any]], wait_for: list[str], ti
         try:
             client._wait_for_application_running(name, timeout_s=int(timeout_s))
         except RuntimeError as exc:  # (Serve's: the application failed, or went)
-            raise DeployFailed(str(exc)) from None
+            causes = "".join(f"\n  {cause}" for cause in failure_causes(client, name))
+            raise DeployFailed(f"{exc}{causes}") from None
+
+
+# An exception's line in a traceback: its (dotted) class name, a colon, its message.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt): \S")
+
+
+def failure_causes(client: Any, name: str) -> list[str]:
+    """Why application ``name``'s deployments failed, a line each: Serve says only
+    "Failed to update the deployments" of the application, and keeps each
+    replica's traceback in its deployment's message."""
+    try:
+        app = (client.get_serve_details().get("applications") or {}).get(name) or {}
+    except Exception:  # noqa: BLE001 - the cluster went: Serve's own words stand alone
+        return []
+    return [
+        f"{deployment}: {root_cause(details['message'])}"
+        for deployment, details in (app.get("deployments") or {}).items()
+        if details.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") and details.get("message")
+    ]
+
+
+def root_cause(message: str) -> str:
+    """The exception a traceback in ``message`` ends with (the one raised: a
+    chain prints the exceptions it was raised from before it), else the
+    message's last line."""
+    lines = [line.rstrip() for line in message.splitlines() if line.strip()]
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line) and not line.endswith("(most recent call last):")]
+    if raised:
+        return raised[-1]
+    return lines[-1].strip() if lines else message

@@ -264,9 +264,11 @@ class LLMServer:
         margin for the rest of the stop), then the engine shuts down."""
         if self._watch is not None:
             self._watch.cancel()
-        await self._relay.stop(max(0.0, self._config.graceful_shutdown_s - STOP_MARGIN_S))
-        if self._scrapes is not None:
-            await self._scrapes.stop()
+        # (A replica whose start failed has neither: Serve stops it all the same.)
+        if (streams := getattr(self, "_relay", None)) is not None:
+            await streams.stop(max(0.0, self._config.graceful_shutdown_s - STOP_MARGIN_S))
+        if (scrapes := getattr(self, "_scrapes", None)) is not None:
+            await scrapes.stop()
         await self._engine.shutdown()
 
 

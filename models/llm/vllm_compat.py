@@ -96,7 +96,11 @@ async def build_serving(
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
     client: Any = _EngineClient(engine, wrap_generate(engine.generate, RequestOutputKind.DELTA))
     state = State()
-    await init_app_state(client, state, args, await engine.get_supported_tasks())
+    try:
+        await init_app_state(client, state, args, await engine.get_supported_tasks())
+    except BaseException:  # (a tool parser the tokenizer cannot serve, say): its processes end now
+        engine.shutdown()
+        raise
     serving = Serving(
         engine=engine,
         model_config=engine.model_config,

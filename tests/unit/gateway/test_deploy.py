@@ -257,3 +257,67 @@ def test_the_stops_grace_is_the_longest_running_now(monkeypatch: pytest.MonkeyPa
     assert grace_s(config) == 600
     del details["applications"]["gw:a"]["deployments"]
     assert grace_s(config) == max(config.ingress.graceful_shutdown_s, *(m.graceful_shutdown_s for m in config.models))
+
+
+# What Serve keeps as a deployment's message when its replicas fail to start (Ray 2.60), cut short: the
+# replica's traceback, whose last exception is vLLM's own words.
+SERVE_FAILURE = """The deployment failed to start 3 times in a row. This may be due to a problem with its constructor \
+or initial health check failing. See controller logs for details. Error:
+ray::ServeReplica:gw:b:EchoServer:b.initialize_and_get_metadata() (pid=22541, ip=127.0.0.1)
+  File "/app/.venv/lib/python3.11/site-packages/ray/serve/_private/replica.py", line 1928, in initialize
+    raise RuntimeError(traceback.format_exc()) from None
+RuntimeError: Traceback (most recent call last):
+  File "/app/.venv/lib/python3.11/site-packages/vllm/parser/parser_manager.py", line 87, in validate_parser_tokenizer
+    parser_cls(tokenizer)
+RuntimeError: Llama3JsonToolParser could not locate the bot token '<|python_tag|>' in the tokenizer.
+
+The above exception was the direct cause of the following exception:
+
+Traceback (most recent call last):
+  File "/app/.venv/lib/python3.11/site-packages/vllm/parser/parser_manager.py", line 94, in validate_parser_tokenizer
+    raise TypeError(
+TypeError: --tool-call-parser llama3_json cannot be used with the tokenizer of 'm': Llama3JsonToolParser could not \
+locate the bot token '<|python_tag|>' in the tokenizer.
+"""
+
+
+class FailingClient(FakeClient):
+    """Serve, where a new model's replicas fail to start."""
+
+    def _wait_for_application_running(self, name: str, timeout_s: int) -> None:
+        if name == "gw:b":
+            raise RuntimeError(f"Deploying application {name} failed: Failed to update the deployments ['EchoServer:b'].")
+
+    def get_serve_details(self) -> dict[str, Any]:
+        details = super().get_serve_details()
+        if "gw:b" in details["applications"]:
+            details["applications"]["gw:b"]["deployments"] = {
+                "EchoServer:b": {"status": "DEPLOY_FAILED", "message": SERVE_FAILURE},
+            }
+            details["applications"]["gw:a"]["deployments"] = {"EchoServer:a": {"status": "HEALTHY", "message": ""}}
+        return details
+
+
+def test_a_model_that_fails_to_start_is_reported_with_its_replicas_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Serve's own words were all `llm-gateway serve` said: "Failed to update the deployments ['LLMServer:llama']".
+    from gateway.deploy import DeployFailed
+
+    client = FailingClient(apps(BASE))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 1.0}})
+    added = {**BASE, "models": [*BASE["models"], {"name": "b", "engine": "echo"}]}
+    with pytest.raises(DeployFailed) as failed:
+        deploy(parse_config(added))
+    assert str(failed.value).splitlines() == [
+        "Deploying application gw:b failed: Failed to update the deployments ['EchoServer:b'].",
+        "  EchoServer:b: TypeError: --tool-call-parser llama3_json cannot be used with the tokenizer of 'm': "
+        "Llama3JsonToolParser could not locate the bot token '<|python_tag|>' in the tokenizer.",
+    ]
+
+
+def test_a_failure_without_a_traceback_is_said_by_its_last_line() -> None:
+    from gateway.deploy import root_cause
+
+    assert root_cause("Replica scheduling failed.\nNo node fits {'GPU': 2}.\n") == "No node fits {'GPU': 2}."
+    assert root_cause("KeyError: 'x'") == "KeyError: 'x'"

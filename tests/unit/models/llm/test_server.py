@@ -167,3 +167,28 @@ async def test_past_the_bound_the_engine_keeps_the_responses_stored_last() -> No
         pass
     assert [key.endswith("first") for key in kept] == [True]
     await server.stop()
+
+
+async def test_a_replica_whose_engine_failed_to_start_still_stops_it() -> None:
+    """Serve stops a replica whose constructor raised: the stop raised in turn
+    (no relay yet), logged as an error beside the real one, and never shut the
+    engine down."""
+
+    class FailsToStart:
+        shut = False
+
+        def forget_response(self, response_id: str) -> None:
+            pass
+
+        async def start(self) -> None:
+            raise TypeError("--tool-call-parser llama3_json cannot be used with the tokenizer of 'm'")
+
+        async def shutdown(self) -> None:
+            self.shut = True
+
+    engine = FailsToStart()
+    server = LLMServer.__new__(LLMServer)
+    with pytest.raises(TypeError, match="tool-call-parser"):
+        await server.__init__(EchoModelConfig(name="echo"), engine=engine, relay_host="127.0.0.1")  # type: ignore[misc, arg-type]
+    await server.__del__()  # as Serve stops it
+    assert engine.shut
