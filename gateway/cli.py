@@ -266,7 +266,8 @@ def access_note(config: GatewayConfig, host: str) -> str:
         return f"no API keys configured: the gateway is open to this machine's users{pages}{guarded}"
     return (
         f"WARNING: no API keys configured and listening on {host}: anyone who reaches "
-        f"it may use every model (add `keys:`, see README){guarded}"
+        f"it may use every model (add `keys:`, see README); browser pages, only by an IP "
+        f"address, localhost or a name `ingress.allowed_hosts` lists{pages}{guarded}"
     )
 
 

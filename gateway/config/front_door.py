@@ -168,7 +168,7 @@ class IngressConfig(StrictConfig):
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:
         for host in hosts:
-            if host != "*" and not _HOST.match(host):
+            if host != "*" and not _HOST.fullmatch(host):
                 raise ValueError(
                     f"`{host}` is not a host name: a name (`gateway.example.com`), `*.` and a name "
                     "(`*.example.com`) or `*`; no scheme, port or path"

@@ -3,19 +3,24 @@
 A browser sends some cross-origin requests without asking first (a "simple"
 request: a POST whose body is labelled ``text/plain``), so the absence of
 CORS headers only keeps a page from reading the answer, not from having the
-model generate it. A request to ``/v1`` or ``/v2`` that carries an ``Origin``
-header (browsers send one; SDKs and curl do not) is answered 403 unless that
-origin is the gateway's own host or one ``ingress.cors`` names.
+model generate it. A request to a model route (``/v1``, ``/v2``, ``/tokenize``,
+``/detokenize``) that carries an ``Origin`` header (browsers send one; SDKs
+and curl do not) is answered 403 unless that origin is the gateway's own
+host or one ``ingress.cors`` names.
 
 A site may also point its own name at the gateway's address once its page
 is loaded (DNS rebinding): the browser then takes the gateway for that site,
 sends its name as ``Host`` and lets the page read every answer. A gateway
-without API keys therefore serves ``/v1`` and ``/v2`` to browser pages
+without API keys therefore serves those routes to browser pages
 (requests with an ``Origin``) only where they name an IP address, a loopback
 name (``localhost``) or a host ``ingress.allowed_hosts`` lists, wherever it
 listens (a port published on 127.0.0.1 by Docker or an SSH tunnel reaches a
-gateway listening on any address); requests without one (SDKs, curl, a local
-proxy naming its own site) are served. With keys a page has none to send.
+gateway listening on any address), or where they come from an origin
+``ingress.cors`` names; requests without one (SDKs, curl, a local proxy
+naming its own site) are served. With keys a page has none to send. (A
+page's GETs of its own origin carry no ``Origin``: after rebinding, such a
+page can still read ``/v1/models`` of a keyless gateway, but not have a
+model generate: every POST carries one.)
 """
 
 from __future__ import annotations
@@ -87,7 +92,9 @@ class OriginGuard:
             return
         named = _header(scope, b"host") or ""
         host, port = _host_and_port("//" + named)
-        if self._keyless() and not rebinding_safe(host or "", self._hosts):
+        # (An origin ``ingress.cors`` names is trusted by name: a rebinding page sends its own site's.)
+        listed = origin.rstrip("/").lower() in self._origins
+        if self._keyless() and not listed and not rebinding_safe(host or "", self._hosts):
             error = PermissionDeniedError(
                 f"This gateway has no API keys: it serves browser pages of IP addresses, localhost and the "
                 f"hosts `ingress.allowed_hosts` names, not of {host or named or 'a page naming no host'} "

@@ -114,6 +114,16 @@ async def test_a_keyless_gateway_serves_pages_of_the_hosts_it_is_told_are_its_ow
         assert sent.status_code == 200, sent.text
 
 
+async def test_a_keyless_gateway_serves_a_page_of_an_origin_cors_names_by_any_host() -> None:
+    """A rebinding page sends its own site's origin: one the operator named is trusted by name."""
+    async with await client_for({"allow_origins": ["https://chat.example.com"]}, keys=False) as client:
+        page = {"host": "gpu-box.internal:8000", "origin": "https://chat.example.com"}
+        assert (await client.post(CHAT, json={"model": "m"}, headers=page)).status_code == 200
+        rebinding = {"host": "evil.example.net:8000", "origin": "http://evil.example.net:8000"}
+        refused = await client.post(CHAT, json={"model": "m"}, headers=rebinding)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "host_not_allowed"
+
+
 async def test_any_host_is_served_with_keys() -> None:
     """With keys a page has none to send: a site pointing its name here gains nothing."""
     async with await client_for(None, keys=True) as client:
@@ -125,7 +135,8 @@ async def test_any_host_is_served_with_keys() -> None:
 
 def test_allowed_hosts_are_host_names() -> None:
     base = {"models": [{"name": "e", "engine": "echo"}]}
-    for hosts in (["https://gateway.example.com"], ["gateway:8000"], ["gateway/v1"], [""], ["*.*.example"], ["a b"]):
+    for hosts in (["https://gateway.example.com"], ["gateway:8000"], ["gateway/v1"], [""], ["*.*.example"], ["a b"],
+                  ["gateway.example.com\n"]):
         with pytest.raises(ConfigError, match="allowed_hosts"):
             parse_config({**base, "ingress": {"allowed_hosts": hosts}})
     config = parse_config({**base, "ingress": {"allowed_hosts": ["Gateway.Example.com.", "*.corp.example", "*"]}})
