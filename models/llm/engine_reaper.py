@@ -15,10 +15,14 @@ processes it was given, each only if it is still the process it was (its
 start time in ``/proc/<pid>/stat`` unchanged), and exits. It waits in a
 blocking read: no CPU until then.
 
-Python's resource tracker, which the replica starts for vLLM's shared-memory
-queues (``/dev/shm/psm_*``), is left to end by itself: it unlinks what the
-killed processes had not once every process holding its pipe is gone. Killed
-with them, it left each crash's queues in ``/dev/shm`` for good.
+vLLM's shared-memory queues (``/dev/shm/psm_*``) are unlinked by whoever
+made them when the engine stops, and else by Python's resource tracker once
+every process holding its pipe is gone; a replica killed by Ray takes the
+tracker with it (Ray kills a worker's whole process group), and each crash
+left its queues in ``/dev/shm`` for good. So the watcher also unlinks the
+files under ``/dev/shm`` its processes had mapped when it started, after
+killing them, and runs in a session of its own, out of reach of that group
+kill; the tracker is left out of its targets, to end by itself.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ _START_FIELD = 19  # starttime (field 22 of /proc/<pid>/stat), counted after the
 # Run as ``python -S -c``: nothing imported beyond ``os`` and ``sys``.
 WATCHER = """
 import os, sys
-targets = [tuple(int(n) for n in t.split(":")) for t in sys.argv[1:]]
+targets = [tuple(int(n) for n in t.split(":")) for t in sys.argv[1:] if not t.startswith("/")]
+files = [t for t in sys.argv[1:] if t.startswith("/dev/shm/")]
 try:
     while os.read(0, 4096):
         pass
@@ -46,6 +51,11 @@ for pid, start in targets:
         if int(stat[stat.rindex(")") + 2:].split()[START_FIELD]) == start:
             os.kill(pid, 9)
     except (OSError, ValueError):
+        pass
+for path in files:
+    try:
+        os.unlink(path)
+    except OSError:
         pass
 """.replace("START_FIELD", str(_START_FIELD))
 
@@ -64,10 +74,12 @@ class EngineReaper:
     """Kills ``pids`` once this process has ended (or ``close`` is called)."""
 
     def __init__(self, pids: Iterable[int]) -> None:
+        pids = list(pids)
         targets = [f"{pid}:{start}" for pid in pids if (start := start_time(pid)) is not None]
         self._watcher = subprocess.Popen(
-            [sys.executable, "-S", "-c", WATCHER, *targets],
+            [sys.executable, "-S", "-c", WATCHER, *targets, *shared_memory_of(pids)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+            start_new_session=True,  # not killed with the replica's process group: see above
         )
 
     @property
@@ -79,6 +91,22 @@ class EngineReaper:
         if self._watcher.stdin is not None:
             self._watcher.stdin.close()
         self._watcher.wait()
+
+
+def shared_memory_of(pids: Iterable[int]) -> list[str]:
+    """The files under ``/dev/shm`` that ``pids`` map now (vLLM's queues)."""
+    files: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/") and not fields[5].endswith(" (deleted)"):
+                files.add(fields[5])
+    return sorted(files)
 
 
 def descendants(root: int) -> list[int]:

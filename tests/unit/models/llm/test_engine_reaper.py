@@ -93,20 +93,28 @@ if __name__ == "__main__":
 """
 
 
-def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("killed", ["replica", "group"])
+def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path, killed: str) -> None:
+    """``replica``: the replica's process alone (Python's resource tracker
+    lives on, and unlinks); ``group``: its whole process group, the tracker
+    with it, as Ray's raylet kills a worker's."""
     script = tmp_path / "replica.py"
     script.write_text(_SHM_REPLICA)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     replica = subprocess.Popen(
-        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,
     )
-    engine = 0
+    engine, segment = 0, None
     try:
         assert replica.stdout is not None
         fields = replica.stdout.readline().split()
         engine, segment, tracker = int(fields[0]), Path("/dev/shm") / fields[1].lstrip("/"), int(fields[2])
         assert segment.exists()
-        os.kill(replica.pid, signal.SIGKILL)
+        if killed == "group":
+            os.killpg(replica.pid, signal.SIGKILL)
+        else:
+            os.kill(replica.pid, signal.SIGKILL)
         replica.wait()
         assert _gone(engine, 10), "the engine process outlived its replica"
         assert _gone(tracker, 10), "the resource tracker outlived the processes it tracks"
@@ -121,6 +129,8 @@ def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path) -> None:
             replica.stdout.close()
         if engine and start_time(engine) is not None:
             os.kill(engine, signal.SIGKILL)
+        if segment is not None:
+            segment.unlink(missing_ok=True)
 
 
 def test_a_process_whose_pid_was_reused_is_left_alone() -> None:
