@@ -308,18 +308,26 @@ def _apply(client: Any, apps: dict[str, dict[str, Any]], wait_for: list[str], ti
         try:
             client._wait_for_application_running(name, timeout_s=int(timeout_s))
         except RuntimeError as exc:  # (Serve's: the application failed, or went)
-            causes = "".join(f"\n  {cause}" for cause in failure_causes(client, name))
-            raise DeployFailed(f"{exc}{causes}") from None
+            raise DeployFailed(f"{exc}{_said(failure_causes(client, name))}") from None
+        except TimeoutError as exc:  # (a replica still failing, or waiting for room)
+            raise TimeoutError(f"{exc}{_said(failure_causes(client, name, _NOT_RUNNING))}") from None
+
+
+def _said(causes: list[str]) -> str:
+    return "".join(f"\n  {cause}" for cause in causes)
 
 
 # An exception's line in a traceback: its (dotted) class name, a colon, its message.
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt): \S")
+_FAILED = ("DEPLOY_FAILED", "UNHEALTHY")
+_NOT_RUNNING = (*_FAILED, "UPDATING")  # (Serve's message then says what it waits for)
+_MORE_LINES = 3  # of an exception's message, after its first (pydantic's reasons, say)
 
 
-def failure_causes(client: Any, name: str) -> list[str]:
-    """Why application ``name``'s deployments failed, a line each: Serve says only
-    "Failed to update the deployments" of the application, and keeps each
-    replica's traceback in its deployment's message."""
+def failure_causes(client: Any, name: str, statuses: tuple[str, ...] = _FAILED) -> list[str]:
+    """Why application ``name``'s deployments failed (or are not running yet),
+    one each: Serve says only "Failed to update the deployments" of the
+    application, and keeps each replica's traceback in its deployment's message."""
     try:
         app = (client.get_serve_details().get("applications") or {}).get(name) or {}
     except Exception:  # noqa: BLE001 - the cluster went: Serve's own words stand alone
@@ -327,16 +335,26 @@ def failure_causes(client: Any, name: str) -> list[str]:
     return [
         f"{deployment}: {root_cause(details['message'])}"
         for deployment, details in (app.get("deployments") or {}).items()
-        if details.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") and details.get("message")
+        if details.get("status") in statuses and details.get("message")
     ]
 
 
 def root_cause(message: str) -> str:
     """The exception a traceback in ``message`` ends with (the one raised: a
-    chain prints the exceptions it was raised from before it), else the
-    message's last line."""
-    lines = [line.rstrip() for line in message.splitlines() if line.strip()]
-    raised = [line for line in lines if _EXCEPTION_LINE.match(line) and not line.endswith("(most recent call last):")]
-    if raised:
-        return raised[-1]
-    return lines[-1].strip() if lines else message
+    chain prints the exceptions it was raised from before it), with the next
+    lines of its message, else the message's last line."""
+    lines = [line.rstrip() for line in message.splitlines()]
+    raised = [
+        i for i, line in enumerate(lines)
+        if _EXCEPTION_LINE.match(line) and not line.endswith("(most recent call last):")
+    ]
+    if not raised:
+        said = [line.strip() for line in lines if line.strip()]
+        return said[-1] if said else message
+    first = raised[-1]
+    said = [lines[first]]
+    for line in lines[first + 1 : first + 1 + _MORE_LINES]:
+        if not line.strip() or line.lstrip().startswith(("File ", "Traceback ")):
+            break
+        said.append(line.strip())
+    return "\n    ".join(said)

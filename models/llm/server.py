@@ -269,7 +269,8 @@ class LLMServer:
             await streams.stop(max(0.0, self._config.graceful_shutdown_s - STOP_MARGIN_S))
         if (scrapes := getattr(self, "_scrapes", None)) is not None:
             await scrapes.stop()
-        await self._engine.shutdown()
+        if (engine := getattr(self, "_engine", None)) is not None:
+            await engine.shutdown()
 
 
 def _exit_now() -> None:

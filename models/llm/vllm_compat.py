@@ -94,25 +94,28 @@ async def build_serving(
 
     args = parse_cli_args(make_arg_parser(FlexibleArgumentParser()), cli_args)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
-    client: Any = _EngineClient(engine, wrap_generate(engine.generate, RequestOutputKind.DELTA))
-    state = State()
     try:
+        client: Any = _EngineClient(engine, wrap_generate(engine.generate, RequestOutputKind.DELTA))
+        state = State()
         await init_app_state(client, state, args, await engine.get_supported_tasks())
+        serving = Serving(
+            engine=engine,
+            model_config=engine.model_config,
+            max_model_len=int(engine.model_config.max_model_len),
+            error_response=ErrorResponse,
+            delta_kind=RequestOutputKind.DELTA,
+        )
+        for endpoint, name in STATE_NAMES.items():
+            setattr(serving, endpoint, getattr(state, name, None))
+        serving.tokenization = getattr(state, TOKENIZATION_STATE, None)
+        serving.models = getattr(state, MODELS_STATE, None)
+        _register_endpoints(serving)
     except BaseException:  # (a tool parser the tokenizer cannot serve, say): its processes end now
-        engine.shutdown()
+        try:
+            engine.shutdown()
+        except Exception:  # noqa: BLE001 - the start's own error is the one to tell
+            logger.exception("the engine did not shut down after its failed start")
         raise
-    serving = Serving(
-        engine=engine,
-        model_config=engine.model_config,
-        max_model_len=int(engine.model_config.max_model_len),
-        error_response=ErrorResponse,
-        delta_kind=RequestOutputKind.DELTA,
-    )
-    for endpoint, name in STATE_NAMES.items():
-        setattr(serving, endpoint, getattr(state, name, None))
-    serving.tokenization = getattr(state, TOKENIZATION_STATE, None)
-    serving.models = getattr(state, MODELS_STATE, None)
-    _register_endpoints(serving)
     return serving
 
 

@@ -321,3 +321,47 @@ def test_a_failure_without_a_traceback_is_said_by_its_last_line() -> None:
 
     assert root_cause("Replica scheduling failed.\nNo node fits {'GPU': 2}.\n") == "No node fits {'GPU': 2}."
     assert root_cause("KeyError: 'x'") == "KeyError: 'x'"
+
+
+def test_an_exceptions_message_of_several_lines_is_said_whole_and_what_follows_it_is_not() -> None:
+    # vLLM's config errors are pydantic's: the reason is on the lines after the exception's own.
+    from gateway.deploy import root_cause
+
+    message = SERVE_FAILURE.replace(
+        "TypeError: --tool-call-parser llama3_json cannot be used with the tokenizer of 'm': Llama3JsonToolParser could "
+        "not locate the bot token '<|python_tag|>' in the tokenizer.",
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for VllmConfig\n"
+        "  Value error, User-specified max_model_len (99999) is greater than the derived max_model_len (2048).\n"
+        "    For further information visit https://errors.pydantic.dev/2.11/v/value_error\n\n"
+        "(the replica's own log line)",
+    )
+    assert root_cause(message) == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for VllmConfig\n"
+        "    Value error, User-specified max_model_len (99999) is greater than the derived max_model_len (2048).\n"
+        "    For further information visit https://errors.pydantic.dev/2.11/v/value_error"
+    )
+
+
+def test_a_model_still_not_running_at_the_deadline_says_what_serve_waits_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    class WaitingClient(FailingClient):
+        def _wait_for_application_running(self, name: str, timeout_s: int) -> None:
+            if name == "gw:b":
+                raise TimeoutError(f"Application {name} did not become RUNNING after {timeout_s}s.")
+
+        def get_serve_details(self) -> dict[str, Any]:
+            details = super().get_serve_details()
+            if "gw:b" in details["applications"]:
+                waiting = "Deployment 'EchoServer:b' in application 'gw:b' has 1 replicas that have taken more than 30s"
+                details["applications"]["gw:b"]["deployments"]["EchoServer:b"] = {"status": "UPDATING", "message": waiting}
+            return details
+
+    client = WaitingClient(apps(BASE))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 1.0}})
+    added = {**BASE, "models": [*BASE["models"], {"name": "b", "engine": "echo"}]}
+    with pytest.raises(TimeoutError) as waited:
+        deploy(parse_config(added), timeout_s=5)
+    assert str(waited.value).splitlines()[1] == (
+        "  EchoServer:b: Deployment 'EchoServer:b' in application 'gw:b' has 1 replicas that have taken more than 30s"
+    )
