@@ -50,6 +50,7 @@ class Job:
     render: Callable[[Job, list[Any]], bytes]
     options: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: int = 0
+    param: str = "inputs"  # the field the inputs came in (``instances``, ``inputs``, ``input``)
 
 
 def parse(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
@@ -58,7 +59,7 @@ def parse(request: EngineRequest, predictor: Predictor, cap: int) -> Job:
         field, instances = _validate(PredictRequest, request.body).sent()
         _check_cap(len(instances), cap, field)
         inputs = predictor.inputs(instances, field)
-        return Job(request, inputs, _render_predict, prompt_tokens=_tokens(predictor, inputs))
+        return Job(request, inputs, _render_predict, prompt_tokens=_tokens(predictor, inputs), param=field)
     if request.endpoint == "embedding":
         return _parse_embedding(request, predictor, cap)
     if request.endpoint == "infer":
@@ -137,6 +138,7 @@ def _parse_embedding(request: EngineRequest, predictor: Predictor, cap: int) -> 
         _render_embedding,
         {"format": embedding.encoding_format},
         prompt_tokens=sum(inputs[1]),
+        param="input",
     )
 
 

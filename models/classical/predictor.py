@@ -7,6 +7,7 @@ fails only its request) and predicts for many requests' instances at once
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,6 +37,19 @@ class Predictor(Protocol):
     def predict(self, batch: Sequence[Any]) -> list[list[Any]]:
         """Predictions for each request's inputs, in order, from one model call."""
         ...
+
+
+# scikit-learn's own check of what reaches an estimator (``_assert_all_finite``):
+# a value its dtype cannot hold (1e308 where a tree computes in float32, or
+# where a scaler's step overflows), or NaN.
+_REFUSED = re.compile(r"^Input( \w+)? contains (NaN|infinity)")
+
+
+def refused_input(exc: BaseException) -> str | None:
+    """What the model library said of a request's inputs it cannot compute
+    with, where ``exc`` is that (a client's error); else None (the model's)."""
+    said = str(exc)
+    return said if isinstance(exc, ValueError) and _REFUSED.match(said) else None
 
 
 def load_predictor(config: ModelConfig) -> Predictor:

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 
 from gateway.affinity import unpin_self
-from gateway.errors import GatewayError, InternalServerError
+from gateway.errors import GatewayError, InternalServerError, InvalidRequestError
 from gateway.heap_freeze import freeze_in_replica
 from gateway.protocol.engine import Outcome, Reply
 from gateway.replica_logs import to_stderr
 from models.classical.endpoints import Job, UnrepresentableAnswer, parse
 from models.classical.heap import HeapTrimmer
-from models.classical.predictor import Predictor, load_predictor
+from models.classical.predictor import Predictor, load_predictor, refused_input
 from models.llm.server import ClientErrorFilter
 
 if TYPE_CHECKING:
@@ -135,8 +135,11 @@ class ClassicalServer:
     def _answer(self, jobs: list[Job]) -> list[bytes | GatewayError]:
         try:
             predictions = self._predictor.predict([job.inputs for job in jobs])
-        except Exception:  # noqa: BLE001 - retried one by one below
+        except Exception as exc:  # noqa: BLE001 - retried one by one below
             if len(jobs) == 1:
+                if (said := refused_input(exc)) is not None:  # the client's values, not the model
+                    message = f"The model cannot compute with these inputs: {said}"
+                    return [InvalidRequestError(message, param=jobs[0].param)]
                 logger.exception("%s failed to predict", self._config.name)
                 return [InternalServerError("The model failed to answer this request.")]
             return [answer for job in jobs for answer in self._answer([job])]

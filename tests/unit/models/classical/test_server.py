@@ -218,3 +218,26 @@ async def test_a_large_batch_runs_in_parts_and_the_loop_runs_between_them(iris_d
     assert seen[0] < seen[1] < seen[2]  # the loop ran between the parts
     labels = [{p["label"] for p in json.loads(r.body)["predictions"]} for r in results]  # type: ignore[union-attr]
     assert labels == [{"virginica"}, {"setosa"}] * 2 + [{"virginica"}]  # each its own, in order
+
+
+@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, as the replica runs it
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+async def test_values_the_model_cannot_compute_with_are_the_clients_error(tmp_path: Path, tree: bool) -> None:
+    """1e308 is a float, but a tree computes in float32 and a scaler's step
+    overflows: scikit-learn refuses the input. It was a 500, logged as the
+    model failing; its batch-mates are answered."""
+    directory = build_iris("iris-tree" if tree else "iris", tmp_path)
+    server, _ = await make_server(directory, max_batch_size=3, batch_wait_timeout_s=0.5)
+    huge = [-1e308, 1e308, 1.4, 0.2]
+    results = await asyncio.gather(
+        server.generate(predict([[5.1, 3.5, 1.4, 0.2]])),
+        server.generate(predict([huge])),
+        server.generate(EngineRequest("predict", {"inputs": [huge]}, "r", "iris")),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], Reply)
+    for refused, param in zip(results[1:], ("instances", "inputs")):
+        assert isinstance(refused, InvalidRequestError) and refused.status_code == 400, refused
+        assert refused.param == param
+        assert refused.message.startswith("The model cannot compute with these inputs: Input X contains infinity")
