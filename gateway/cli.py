@@ -264,10 +264,11 @@ def access_note(config: GatewayConfig, host: str) -> str:
     pages = f", and to pages of {', '.join(cors.allow_origins)} in their browsers" if cors is not None else ""
     if loopback:
         return f"no API keys configured: the gateway is open to this machine's users{pages}{guarded}"
+    named = f", and pages of {', '.join(cors.allow_origins)}" if cors is not None else ""
     return (
         f"WARNING: no API keys configured and listening on {host}: anyone who reaches "
-        f"it may use every model (add `keys:`, see README); browser pages, only by an IP "
-        f"address, localhost or a name `ingress.allowed_hosts` lists{pages}{guarded}"
+        f"it may use every model (add `keys:`, see README); browser pages may reach it only by an IP "
+        f"address, localhost or a name `ingress.allowed_hosts` lists{named}{guarded}"
     )
 
 
