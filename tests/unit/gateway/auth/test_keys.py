@@ -101,6 +101,7 @@ def test_bad_key_entries_fail_start_up_naming_the_field(keys: list[dict[str, obj
         ("0.0.0.0", [], "WARNING"),
         ("10.0.0.5", [], "WARNING"),
         ("0.0.0.0", [], "browser pages may reach it only by an IP address, localhost or a name"),
+        ("0.0.0.0", [], "localhost or a name `ingress.allowed_hosts` lists"),
         ("0.0.0.0", [{"id": "a", "hash": hash_secret("x")}], "1 API keys configured"),
         ("0.0.0.0", [{"id": "a", "hash": hash_secret("x"), "ops": True}], "WARNING"),
         ("127.0.0.1", [{"id": "a", "hash": hash_secret("x"), "ops": True}], "1 operations keys"),
