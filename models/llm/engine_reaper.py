@@ -20,9 +20,9 @@ made them when the engine stops, and else by Python's resource tracker once
 every process holding its pipe is gone; a replica killed by Ray takes the
 tracker with it (Ray kills a worker's whole process group), and each crash
 left its queues in ``/dev/shm`` for good. So the watcher also unlinks the
-files under ``/dev/shm`` its processes had mapped when it started, after
-killing them, and runs in a session of its own, out of reach of that group
-kill; the tracker is left out of its targets, to end by itself.
+segments (``psm_*``) its processes had mapped when it started, after
+killing them, and runs in a process group of its own, out of reach of that
+group kill; the tracker is left out of its targets, to end by itself.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 _START_FIELD = 19  # starttime (field 22 of /proc/<pid>/stat), counted after the command name
 
@@ -38,7 +39,7 @@ _START_FIELD = 19  # starttime (field 22 of /proc/<pid>/stat), counted after the
 WATCHER = """
 import os, sys
 targets = [tuple(int(n) for n in t.split(":")) for t in sys.argv[1:] if not t.startswith("/")]
-files = [t for t in sys.argv[1:] if t.startswith("/dev/shm/")]
+files = [t for t in sys.argv[1:] if t.startswith("/dev/shm/psm_")]
 try:
     while os.read(0, 4096):
         pass
@@ -70,6 +71,11 @@ def start_time(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2 :].split()[_START_FIELD])
 
 
+# A process group of its own, in the replica's session: Linux schedules a
+# session as one group (autogroup), and the watcher keeps the replica's.
+_OWN_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+
+
 class EngineReaper:
     """Kills ``pids`` once this process has ended (or ``close`` is called)."""
 
@@ -79,7 +85,7 @@ class EngineReaper:
         self._watcher = subprocess.Popen(
             [sys.executable, "-S", "-c", WATCHER, *targets, *shared_memory_of(pids)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-            start_new_session=True,  # not killed with the replica's process group: see above
+            **_OWN_GROUP,  # not killed with the replica's process group: see above
         )
 
     @property
@@ -93,8 +99,13 @@ class EngineReaper:
         self._watcher.wait()
 
 
+# Python's ``multiprocessing.shared_memory`` segments (vLLM's queues), by the
+# name it gives them; not other files under /dev/shm a process may map.
+SHARED_MEMORY = "/dev/shm/psm_"
+
+
 def shared_memory_of(pids: Iterable[int]) -> list[str]:
-    """The files under ``/dev/shm`` that ``pids`` map now (vLLM's queues)."""
+    """The shared-memory segments ``pids`` map now (``SHARED_MEMORY``)."""
     files: set[str] = set()
     for pid in pids:
         try:
@@ -104,7 +115,7 @@ def shared_memory_of(pids: Iterable[int]) -> list[str]:
             continue
         for line in maps.splitlines():
             fields = line.split(None, 5)
-            if len(fields) == 6 and fields[5].startswith("/dev/shm/") and not fields[5].endswith(" (deleted)"):
+            if len(fields) == 6 and fields[5].startswith(SHARED_MEMORY) and not fields[5].endswith(" (deleted)"):
                 files.add(fields[5])
     return sorted(files)
 

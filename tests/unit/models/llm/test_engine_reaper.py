@@ -88,7 +88,7 @@ if __name__ == "__main__":
     name = ours.recv()
     reaper = reaper_for_children()
     tracker = next(pid for pid in descendants(os.getpid()) if is_resource_tracker(pid))
-    print(process.pid, name, tracker, flush=True)
+    print(process.pid, name, tracker, reaper.pid, flush=True)
     time.sleep(600)
 """
 
@@ -110,7 +110,10 @@ def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path, killed: str)
         assert replica.stdout is not None
         fields = replica.stdout.readline().split()
         engine, segment, tracker = int(fields[0]), Path("/dev/shm") / fields[1].lstrip("/"), int(fields[2])
+        watcher = int(fields[3])
         assert segment.exists()
+        # Out of the replica's process group, in its session (scheduled with it: autogroup).
+        assert os.getpgid(watcher) != os.getpgid(replica.pid) and os.getsid(watcher) == os.getsid(replica.pid)
         if killed == "group":
             os.killpg(replica.pid, signal.SIGKILL)
         else:
@@ -154,3 +157,27 @@ def test_a_process_whose_pid_was_reused_is_left_alone() -> None:
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_only_pythons_shared_memory_segments_are_the_reapers_to_unlink() -> None:
+    """Not another file a process maps from /dev/shm (Ray's object store, say: it
+    unlinks its own, but another library's may be shared beyond the engine)."""
+    import mmap
+    import uuid
+    from multiprocessing import shared_memory
+
+    from models.llm.engine_reaper import shared_memory_of
+
+    segment = shared_memory.SharedMemory(create=True, size=4096)
+    other = Path("/dev/shm") / f"llmgw-test-{uuid.uuid4().hex}"
+    other.write_bytes(b"\0" * 4096)
+    try:
+        with other.open("r+b") as f, mmap.mmap(f.fileno(), 4096) as mapped:
+            found = shared_memory_of([os.getpid()])
+            assert f"/dev/shm/{segment.name.lstrip('/')}" in found
+            assert str(other) not in found
+            mapped[0] = 1
+    finally:
+        other.unlink(missing_ok=True)
+        segment.close()
+        segment.unlink()
