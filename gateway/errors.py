@@ -309,6 +309,15 @@ class OverloadedError(ServiceUnavailableError):
     default_code = "overloaded"
 
 
+class ShuttingDownError(ServiceUnavailableError):
+    """The ingress replica is stopping and the request outran the time its
+    requests in flight had to finish (503): it was stopped and is answered
+    here rather than cut off. Not retried on another variant: the time is
+    spent; the client's retry reaches a replica that is not stopping."""
+
+    default_code = "shutting_down"
+
+
 class RequestTimeoutError(GatewayError):
     """The model took longer than its ``request_timeout_s``; its engine request
     was aborted (504). Not retried on another variant: the time is spent."""

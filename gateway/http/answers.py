@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from fastapi.responses import Response
 
 from gateway import sse
-from gateway.errors import GatewayError, RequestTimeoutError, ServiceUnavailableError
+from gateway.errors import GatewayError, ServiceUnavailableError
+from gateway.http.deadlines import Stopping
 from gateway.http.limits import Admission
 from gateway.http.observe import CLIENT_CLOSED
 from gateway.http.relay_stream import ClientSink, RelayedStream, StreamCutError
@@ -21,18 +22,13 @@ from gateway.metrics.recorder import GatewayMetrics, RequestRecord
 from gateway.protocol.engine import Endpoint, Outcome, Reply
 
 
-def timed_out(timeout: float | None) -> RequestTimeoutError:
-    """The error of a request that ran past its model's ``request_timeout_s``."""
-    return RequestTimeoutError(
-        f"The model did not finish within this gateway's limit of {timeout:g} s; the request was stopped."
-    )
-
-
 class Answers:
-    """Shapes and counts answers into ``metrics``."""
+    """Shapes and counts answers into ``metrics``; streams end at the
+    replica's ``stopping`` too."""
 
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    def __init__(self, metrics: GatewayMetrics, stopping: Stopping | None = None) -> None:
         self._metrics = metrics
+        self._stopping = stopping if stopping is not None else Stopping()
 
     def whole(self, record: RequestRecord, reply: Reply, headers: Mapping[str, str]) -> Response:
         """A whole answer's JSON response, counted."""
@@ -100,10 +96,11 @@ class Answers:
         """Sends the stream's bytes to ``sink`` as they arrive; its outcome is
         counted once the last of them has been handed to the client. A client
         that leaves closes the relay, which aborts the engine request; so does
-        the ``deadline`` (loop time), and the client then gets an error frame."""
+        the ``deadline`` (loop time) or the replica's stop, and the client
+        then gets an error frame."""
         error: GatewayError | None = None
         try:
-            async with asyncio.timeout_at(deadline):
+            async with self._stopping.bounded(deadline):
                 if not await stream.pipe(sink):
                     # The client left: a 499, also where the replica writing to
                     # its socket saw that before this loop did.
@@ -112,7 +109,7 @@ class Answers:
         except StreamCutError:
             error = ServiceUnavailableError("The model stopped while serving the request.")
         except TimeoutError:
-            error = timed_out(timeout)
+            error = self._stopping.error(timeout)
         except asyncio.CancelledError:  # the client left (RelayResponse)
             if not await _whole_all_the_same(stream):
                 raise

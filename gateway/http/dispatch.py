@@ -23,11 +23,13 @@ from gateway.errors import (
     RequestTimeoutError,
     ResponseNotFoundError,
     ServiceUnavailableError,
+    ShuttingDownError,
 )
-from gateway.http.answers import Answers, timed_out
+from gateway.http.answers import Answers
 from gateway.http.auth import api_key
 from gateway.http.body import parse_json_object, read_body
 from gateway.http.client_connection import disconnected
+from gateway.http.deadlines import Stopping
 from gateway.http.endpoints import ENDPOINTS
 from gateway.http.handlers import as_gateway_error
 from gateway.http.limits import Admission, admit, embedding_tokens, refuse_early, usage_headers
@@ -72,7 +74,9 @@ class ModelDispatcher:
         # Where limited API keys reserve (``gateway.auth.limiter``).
         self.limiter = limiter if limiter is not None else LocalLimiter()
         self._metrics = metrics if metrics is not None else GatewayMetrics()
-        self._answers = Answers(self._metrics)
+        # This ingress replica's stop, which ends the requests it still runs in time (README).
+        self.stopping = Stopping()
+        self._answers = Answers(self._metrics, self.stopping)
         self._shadows = Shadows()
         self._table = table if table is not None else ServingTable(RouteTable([]))
 
@@ -132,8 +136,8 @@ class ModelDispatcher:
             response = await self._forward(
                 table, endpoint, body, name, in_body, route, request, record, stream, admission, (replica, owner)
             )
-        except (asyncio.CancelledError, RequestTimeoutError):
-            # The client left or the time ran out: a whole answer's call
+        except (asyncio.CancelledError, RequestTimeoutError, ShuttingDownError):
+            # The client left or the time ran out (the model's or the replica's stop): a whole answer's call
             # settles on its own (with what the replica generated); a stream
             # not yet started keeps its reservation.
             if admission is not None and stream:
@@ -232,7 +236,7 @@ class ModelDispatcher:
             except GatewayError as error:
                 error.extra_headers.update(headers)
                 # Fallback only for failures of ours, before any byte was sent, with time left.
-                if error.status_code < 500 or target == candidates[-1] or isinstance(error, RequestTimeoutError):
+                if error.status_code < 500 or target == candidates[-1] or isinstance(error, (RequestTimeoutError, ShuttingDownError)):
                     raise
                 logger.warning(
                     "request %s: %s failed before its first byte (%s): trying the next variant",
@@ -321,9 +325,13 @@ class ModelDispatcher:
         stalled = client.stalled()
         waiting: set[asyncio.Future[Any]] = {answer, hang_up} if stalled is None else {answer, hang_up, stalled}
         left = expired = False
+        deadline = asyncio.get_running_loop().time() + timeout if timeout is not None else None
         try:
-            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            expired = not done
+            try:
+                async with self.stopping.bounded(deadline):
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError:
+                expired = True
             gone = stalled is not None and stalled.done() and not answer.done()
         finally:
             # Reached unanswered when the client left (seen here, or by the
@@ -344,7 +352,7 @@ class ModelDispatcher:
             assert stalled is not None  # it only ever ends with the 503
             raise stalled.exception()  # type: ignore[misc]
         if expired:
-            raise timed_out(timeout)
+            raise self.stopping.error(timeout)
         if left:
             return Response(status_code=499)
         try:
@@ -373,7 +381,7 @@ class ModelDispatcher:
         waited = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + timeout if timeout is not None else None
         try:
-            async with asyncio.timeout_at(deadline):
+            async with self.stopping.bounded(deadline):
                 # The gateway's own front door tells a hang-up only through `receive`.
                 # Given up before a replica was found: nothing generated, nothing charged.
                 unsent = admission.settle if admission is not None else None
@@ -385,7 +393,7 @@ class ModelDispatcher:
                 admission.settle(None)
             return Response(status_code=499)
         except TimeoutError:
-            raise timed_out(timeout) from None
+            raise self.stopping.error(timeout) from None
         except Exception as exc:
             # Known before any byte left: a plain HTTP error, not a 200 stream.
             raise self._error(exc) from None

@@ -312,7 +312,8 @@ class FrontDoor:
         for ``grace_s``, then are cancelled."""
         if self._tick is not None:
             self._tick.cancel()
-        self._config.timeout_graceful_shutdown = int(max(1, grace_s))
+        # A float, not whole seconds: the replica's requests end just before it (ingress.py).
+        self._config.timeout_graceful_shutdown = max(1.0, grace_s)  # type: ignore[assignment]
         await self._server.shutdown()
 
     def _refresh_date(self) -> None:

@@ -108,9 +108,13 @@ class GatewayIngress:
     async def stop(self) -> None:
         """A graceful stop (Serve's ``__del__``): with its own front door it
         takes no more connections and lets requests in flight finish (Serve
-        does not see them), then lines still buffered go out."""
+        does not see them), then lines still buffered go out. Those still
+        running shortly before its grace is over are stopped with an error
+        (``gateway.http.deadlines``), not cut off."""
         if self._front_door is not None:
-            await self._front_door.stop(max(1.0, self._state.front_door.ingress.graceful_shutdown_s - STOP_MARGIN_S))
+            grace = max(1.0, self._state.front_door.ingress.graceful_shutdown_s - STOP_MARGIN_S)
+            self._state.dispatcher.stopping.begin(grace)
+            await self._front_door.stop(grace)
         await self._reporter.stop()
         self._state.access_log.flush()
 
