@@ -236,7 +236,8 @@ class ModelDispatcher:
             except GatewayError as error:
                 error.extra_headers.update(headers)
                 # Fallback only for failures of ours, before any byte was sent, with time left.
-                if error.status_code < 500 or target == candidates[-1] or isinstance(error, (RequestTimeoutError, ShuttingDownError)):
+                spent = isinstance(error, (RequestTimeoutError, ShuttingDownError))
+                if error.status_code < 500 or target == candidates[-1] or spent:
                     raise
                 logger.warning(
                     "request %s: %s failed before its first byte (%s): trying the next variant",

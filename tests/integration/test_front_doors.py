@@ -40,7 +40,8 @@ APP = "front-door-test"
 DOORS = ["gateway", "serve", "haproxy"]
 CONFIG = {
     "app_name": APP,
-    "ingress": {"num_cpus": 0.1, "num_replicas": 2},
+    # A stop lets requests in flight run 8 - 3 s, stopping those still running 1 s before that.
+    "ingress": {"num_cpus": 0.1, "num_replicas": 2, "graceful_shutdown_s": 8},
     "models": [
         {"name": "echo", "engine": "echo", "num_cpus": 0.1, "num_replicas": 2, "echo_token_delay_ms": 40},
         # Its first token 2 s after the request: a busy engine, or a long prompt.
@@ -86,15 +87,15 @@ def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
         access_log.unlink()
 
 
-def stream_body(content: str) -> dict[str, object]:
-    return {"model": "echo", "stream": True, "messages": [{"role": "user", "content": content}]}
+def stream_body(content: str, model: str = "echo") -> dict[str, object]:
+    return {"model": model, "stream": True, "messages": [{"role": "user", "content": content}]}
 
 
 async def read_stream(
-    session: httpx.AsyncClient, content: str, started: asyncio.Semaphore | None = None
+    session: httpx.AsyncClient, content: str, started: asyncio.Semaphore | None = None, model: str = "echo"
 ) -> tuple[int, bytes]:
     """The stream's status and bytes; ``started`` is released at its first bytes."""
-    async with session.stream("POST", "/v1/chat/completions", json=stream_body(content)) as response:
+    async with session.stream("POST", "/v1/chat/completions", json=stream_body(content, model)) as response:
         chunks = []
         async for chunk in response.aiter_raw():
             if not chunks and started is not None:
@@ -412,18 +413,29 @@ def serving_process() -> psutil.Process:
     return child
 
 
-async def test_stopping_the_gateway_lets_streams_in_flight_finish(base_url: str) -> None:
+async def test_stopping_the_gateway_lets_streams_in_flight_finish(base_url: str, door: str) -> None:
     """Last in this module: it stops the gateway with SIGTERM to its whole
     process group, as ``timeout(1)`` or a shell's ``kill %1`` do. Ray's
-    daemons it started must not get it too: they are needed for the drain."""
+    daemons it started must not get it too: they are needed for the drain.
+    Through the gateway's own front door, a stream that would outlast the
+    ingress's grace (20 s of the slow model's tokens) is stopped with an
+    error frame and its end. (Behind Serve's proxy or HAProxy, Serve drains
+    the ingress replica, not the gateway: a stream its model replica writes
+    to the client's socket itself goes on to its end there.)"""
     proc = _PROCESS["gateway"]
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as session:
         started = asyncio.Semaphore(0)
         in_flight = [asyncio.ensure_future(read_stream(session, LONG, started)) for _ in range(4)]
+        if door == "gateway":
+            in_flight.append(asyncio.ensure_future(read_stream(session, "a b c d e f g h i j", started, "slow")))
         for _ in in_flight:
             await asyncio.wait_for(started.acquire(), 30)
         os.killpg(proc.pid, signal.SIGTERM)
         results = await asyncio.gather(*in_flight)
+    if door == "gateway":
+        status, raw = results.pop()
+        events = sse.parse(raw)
+        assert status == 200 and raw.endswith(sse.DONE) and events[-2]["error"]["code"] == "shutting_down", raw[-300:]
     for status, raw in results:
         assert status == 200 and raw.endswith(sse.DONE) and b'"error"' not in raw, raw[-300:]
         text = "".join(p["choices"][0]["delta"].get("content", "") for p in sse.parse(raw)[:-1] if p["choices"])
