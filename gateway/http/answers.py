@@ -109,7 +109,7 @@ class Answers:
         except StreamCutError:
             error = ServiceUnavailableError("The model stopped while serving the request.")
         except TimeoutError:
-            error = self._stopping.error(timeout)
+            error = self._stopping.error(deadline, timeout, stream.generating_on)
         except asyncio.CancelledError:  # the client left (RelayResponse)
             if not await _whole_all_the_same(stream):
                 raise

@@ -28,8 +28,10 @@ def timed_out(timeout: float | None) -> RequestTimeoutError:
 
 def closing_window_s(grace_s: float) -> float:
     """How long before its front door's cut a stopping replica stops its
-    requests: time for each to abort its engine request and write its error."""
-    return min(1.0, grace_s / 2)
+    requests: time for each to abort its engine request, hear from a replica
+    writing to its client that it has stopped (``RELAYED_WORD_S``, 1 s, at
+    most where it is slow to say) and write its error."""
+    return min(2.0, grace_s / 2)
 
 
 class Stopping:
@@ -60,12 +62,18 @@ class Stopping:
             finally:
                 self._bounds.discard(bound)
 
-    def error(self, timeout: float | None) -> GatewayError:
-        """The error of a bound that ran out: the stop's, once it has come;
-        else the model's ``timeout`` (its ``request_timeout_s``)."""
-        if self._at is not None and asyncio.get_running_loop().time() >= self._at:
+    def error(self, deadline: float | None, timeout: float | None, background: bool = False) -> GatewayError:
+        """The error of a bound from ``deadline`` that ran out: the stop's,
+        where that came first; else the model's ``timeout`` (its
+        ``request_timeout_s``). ``background``: a background response's
+        stream, which its replica generates on whether or not it is read."""
+        if deadline is None or (self._at is not None and self._at <= deadline):
+            what = (
+                "stopped relaying this stream. The response is still being generated in the background; "
+                "retrieve it by its id." if background else "stopped the request. Please retry."
+            )
             return ShuttingDownError(
                 "This gateway replica is shutting down, and the request did not finish in the time it "
-                "gives requests in flight (its `ingress.graceful_shutdown_s`); it was stopped. Please retry.",
+                f"gives requests in flight (its `ingress.graceful_shutdown_s`): it {what}",
             )
         return timed_out(timeout)

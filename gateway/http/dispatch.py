@@ -332,7 +332,7 @@ class ModelDispatcher:
                 async with self.stopping.bounded(deadline):
                     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             except TimeoutError:
-                expired = True
+                expired = not answer.done()  # (an answer just in is taken)
             gone = stalled is not None and stalled.done() and not answer.done()
         finally:
             # Reached unanswered when the client left (seen here, or by the
@@ -353,7 +353,7 @@ class ModelDispatcher:
             assert stalled is not None  # it only ever ends with the 503
             raise stalled.exception()  # type: ignore[misc]
         if expired:
-            raise self.stopping.error(timeout)
+            raise self.stopping.error(deadline, timeout)
         if left:
             return Response(status_code=499)
         try:
@@ -394,7 +394,7 @@ class ModelDispatcher:
                 admission.settle(None)
             return Response(status_code=499)
         except TimeoutError:
-            raise self.stopping.error(timeout) from None
+            raise self.stopping.error(deadline, timeout) from None
         except Exception as exc:
             # Known before any byte left: a plain HTTP error, not a 200 stream.
             raise self._error(exc) from None

@@ -175,6 +175,11 @@ class RelayedStream:
         # How long the outcome of a stream left early is waited for.
         self.outcome_wait_s = ABANDONED_OUTCOME_S
 
+    @property
+    def generating_on(self) -> bool:
+        """Whether its replica generates it to its end, read or not (``generates_on``)."""
+        return self._generates_on
+
     def generates_on(self) -> None:
         """Its replica generates on when its client leaves (a background
         response): nothing waits for how it ends, which may be an hour away."""
