@@ -187,8 +187,14 @@ class ModelDispatcher:
                 total = most_tokens(counts, call.body, client.window) if counts is not None else None
                 if total is not None:
                     return total
-            try:  # the model's replica counts what the ingress cannot
-                return await client.relay.most_tokens(call)
+            # The model's replica counts what the ingress cannot, within the
+            # model's request_timeout_s (a count is part of the request) and the stop.
+            deadline = asyncio.get_running_loop().time() + model.timeout_s if model.timeout_s is not None else None
+            try:
+                async with self.stopping.bounded(deadline):
+                    return await client.relay.most_tokens(call)
+            except TimeoutError:
+                raise self.stopping.error(deadline, model.timeout_s) from None
             except Exception as exc:
                 raise self._error(exc) from None
         if model.kind != "embedding":

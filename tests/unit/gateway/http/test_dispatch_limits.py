@@ -208,3 +208,18 @@ async def test_a_long_embedding_input_is_bounded_off_the_loop(
     body = {"instances": ["some words"] * inputs}
     assert await request(app, "/predict/m", body, key=ApiKey("team", ("*",), tpm=10_000_000)) == 200
     assert walked_in == [off_loop]
+
+
+async def test_a_count_the_replica_does_not_answer_is_bounded_by_the_models_request_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A count is part of the request: a replica that never answers it held the
+    # request (and the client) for ever, past the model's request_timeout_s.
+    async def never(replica: FakeReplica, call: Any) -> int:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    monkeypatch.setattr(FakeReplica, "count", never)
+    app = make_app(FakeHandle(), timeouts={"m": 0.2})
+    assert await request(app, "/chat", {"model": "m"}) == 504
+    assert ledger_of(app).in_flight(KEY.id) == 0  # nothing was reserved
