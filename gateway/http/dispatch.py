@@ -167,8 +167,8 @@ class ModelDispatcher:
             routed = dataclasses.replace(call, body=_routed(call.body, name, target, in_body), model=target)
             try:
                 return await self._most_tokens(table.model(target), routed, size)
-            except ServiceUnavailableError:
-                if target == candidates[-1]:
+            except ServiceUnavailableError as error:
+                if target == candidates[-1] or isinstance(error, ShuttingDownError):
                     raise
         raise AssertionError("unreachable: the last candidate returns or raises")
 

@@ -223,3 +223,26 @@ async def test_a_count_the_replica_does_not_answer_is_bounded_by_the_models_requ
     app = make_app(FakeHandle(), timeouts={"m": 0.2})
     assert await request(app, "/chat", {"model": "m"}) == 504
     assert ledger_of(app).in_flight(KEY.id) == 0  # nothing was reserved
+
+
+async def test_a_count_stopped_with_its_ingress_replica_is_not_tried_on_the_next_variant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def never(replica: FakeReplica, call: Any) -> int:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    counted: list[str] = []
+    most_tokens = dispatch.ModelDispatcher._most_tokens
+
+    async def counting(self: Any, model: Any, call: Any, size: int) -> int:
+        counted.append(model.name)
+        return await most_tokens(self, model, call, size)
+
+    monkeypatch.setattr(FakeReplica, "count", never)
+    monkeypatch.setattr(dispatch.ModelDispatcher, "_most_tokens", counting)
+    alias = Alias([Variant("a", 100), Variant("b", 1)], fallback=True)
+    app = make_app(handles={"a": FakeHandle(), "b": FakeHandle()}, alias=alias)
+    app.state.dispatcher.stopping.begin(0.4)
+    assert await request(app, "/chat", {"model": "r"}) == 503
+    assert counted == ["a"]  # the time is spent: the next variant's count would be stopped at once too
