@@ -28,9 +28,11 @@ def timed_out(timeout: float | None) -> RequestTimeoutError:
 
 def closing_window_s(grace_s: float) -> float:
     """How long before its front door's cut a stopping replica stops its
-    requests: time for each to abort its engine request, hear from a replica
-    writing to its client that it has stopped (``RELAYED_WORD_S``, 1 s, at
-    most where it is slow to say) and write its error."""
+    requests: time for each to abort its engine request, hear from its model
+    replica that it has stopped the stream (at once, as a rule: a relayed
+    stream waits at most 1 s for that word, one whose replica writes to the
+    client's socket up to the 5 s it waits for an outcome, and a replica that
+    slow has its stream cut by the server after all) and write its error."""
     return min(2.0, grace_s / 2)
 
 

@@ -167,8 +167,11 @@ class ModelDispatcher:
             routed = dataclasses.replace(call, body=_routed(call.body, name, target, in_body), model=target)
             try:
                 return await self._most_tokens(table.model(target), routed, size)
-            except ServiceUnavailableError as error:
-                if target == candidates[-1] or isinstance(error, ShuttingDownError):
+            except GatewayError as error:
+                error.extra_headers.setdefault(VARIANT_HEADER, target)  # the variant whose count it was
+                if not isinstance(error, ServiceUnavailableError) or isinstance(error, ShuttingDownError):
+                    raise
+                if target == candidates[-1]:
                     raise
         raise AssertionError("unreachable: the last candidate returns or raises")
 

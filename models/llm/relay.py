@@ -186,8 +186,7 @@ class StreamServer:
             return False
         request, op, keep, offered = read
         if op == relay.COUNT:
-            await count(self._count, request, writer, keep)
-            return keep
+            return await count(self._count, request, reader, writer, keep)
         if request.endpoint in relay.STORED_ONLY:  # nothing to generate: no place, no queue
             return await self._answered(request, reader, writer, keep, offered)
         if self._places.locked() and 0 <= self._max_queued <= self._queued:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from gateway.errors import GatewayError, InternalServerError, InvalidRequestError
+from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Reply
 from models.llm.tally import GenerationTally
@@ -79,23 +80,33 @@ async def answer_whole(
 
 
 async def count(
-    count: Counter | None, request: EngineRequest, writer: asyncio.StreamWriter, keep: bool = False
-) -> None:
+    count: Counter | None,
+    request: EngineRequest,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    keep: bool = False,
+) -> bool:
+    """Answers a count; whether the connection may carry another request
+    (not where the ingress left first, its time up: the count is stopped)."""
     if count is None:
         await write_error(writer, InvalidRequestError("This replica does not count tokens.", status=404), keep)
-        return
+        return keep
     try:
-        tokens = await count(request)
+        # (The watch ends before the answer is written: the ingress's next request is never read here.)
+        tokens = await unless_caller_leaves(count(request), reader.read(1))
+    except CallerLeft:
+        return False
     except GatewayError as error:
         await write_error(writer, error, keep)
-        return
+        return keep
     except Exception:
         logger.exception("request %s: counting its tokens failed", request.request_id)
         await write_error(writer, InternalServerError("The model failed while serving the request."), keep)
-        return
+        return keep
     body = json.dumps({"tokens": tokens}).encode()
     writer.write(relay.response_head(200, "application/json", len(body), keep) + body)
     await writer.drain()
+    return keep
 
 
 async def stop_watching(hang_up: asyncio.Task[bytes]) -> bool:

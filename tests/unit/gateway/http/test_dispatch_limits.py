@@ -246,3 +246,30 @@ async def test_a_count_stopped_with_its_ingress_replica_is_not_tried_on_the_next
     app.state.dispatcher.stopping.begin(0.4)
     assert await request(app, "/chat", {"model": "r"}) == 503
     assert counted == ["a"]  # the time is spent: the next variant's count would be stopped at once too
+
+
+async def test_a_count_that_fails_on_the_fallback_variant_names_that_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first variant has no replica: the fallback's replica counts, and its limit runs out.
+    async def never(replica: FakeReplica, call: Any) -> int:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    monkeypatch.setattr(FakeReplica, "count", never)
+    alias = Alias([Variant("a", 100), Variant("b", 1)], fallback=True)
+    app = make_app(handles={"a": no_replica(), "b": FakeHandle()}, alias=alias, replica_wait_s=0.1, timeouts={"b": 0.2})
+    messages = [{"type": "http.request", "body": json.dumps({"model": "r"}).encode(), "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {**SCOPE, "path": "/chat", "raw_path": b"/chat", "state": {"api_key": KEY}}
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    assert sent[0]["status"] == 504
+    assert dict(sent[0]["headers"])[b"x-gateway-variant"] == b"b"

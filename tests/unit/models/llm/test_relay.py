@@ -225,3 +225,38 @@ def test_an_ingress_that_resets_its_connection_mid_stream_ends_the_engine_reques
     with caplog.at_level(logging.ERROR):
         run_on(loop, scenario)
     assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_a_count_whose_ingress_leaves_is_stopped_on_the_replica() -> None:
+    # The ingress gives a count up at the model's request_timeout_s: the
+    # replica's count (a render, on a stuck replica) was left running.
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def count(request: EngineRequest) -> int:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            stopped.set()
+        raise AssertionError
+
+    server = StreamServer(lambda request: None, "127.0.0.1", count=count)  # type: ignore[arg-type,return-value]
+    counting = asyncio.ensure_future(ReplicaRelay(Router(await server.start())).most_tokens(CALL))
+    await asyncio.wait_for(started.wait(), timeout=2)
+    counting.cancel()  # the ingress's bound ran out: it closes the relay connection
+    await asyncio.wait_for(stopped.wait(), timeout=2)
+
+
+async def test_a_count_is_answered_and_its_connection_kept_for_the_next_request() -> None:
+    counted: list[str] = []
+
+    async def count(request: EngineRequest) -> int:
+        counted.append(request.request_id)
+        return 7
+
+    server = StreamServer(lambda request: None, "127.0.0.1", count=count)  # type: ignore[arg-type,return-value]
+    relay_ = ReplicaRelay(Router(await server.start()))
+    for n in range(3):
+        assert await relay_.most_tokens(EngineRequest("chat", {}, f"c{n}", "m")) == 7
+    assert counted == ["c0", "c1", "c2"]
+    assert len(server._connections) == 1  # one connection carried them all
