@@ -307,10 +307,13 @@ class ModelDispatcher:
         client = model.client
         waited = time.perf_counter()
         try:
-            await client.ready()
-        except asyncio.CancelledError:
+            async with self.stopping.bounded(None):  # (a classical model's wait for a replica)
+                await client.ready()
+        except (asyncio.CancelledError, TimeoutError) as exc:
             if admission is not None:
                 admission.settle(Outcome())  # it was sent nowhere
+            if isinstance(exc, TimeoutError):
+                raise self.stopping.error(None, None) from None
             raise
         except Exception as exc:  # (Serve's, for a deployment that is gone: 503, and a route's fallback)
             raise self._error(exc) from None

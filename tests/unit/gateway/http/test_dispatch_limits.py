@@ -273,3 +273,14 @@ async def test_a_count_that_fails_on_the_fallback_variant_names_that_variant(mon
     await asyncio.wait_for(app(scope, receive, send), timeout=5)
     assert sent[0]["status"] == 504
     assert dict(sent[0]["headers"])[b"x-gateway-variant"] == b"b"
+
+
+async def test_a_classical_request_waiting_for_a_replica_is_stopped_with_its_ingress_replica() -> None:
+    # A classical model's wait for a replica (up to replica_wait_s) was outside
+    # the stop's bound: the server's cut answered it a plain-text 500.
+    app = make_app(no_replica(), kinds={"m": "classifier"}, replica_wait_s=30)
+    app.state.dispatcher.stopping.begin(0.4)
+    started = asyncio.get_running_loop().time()
+    assert await request(app, "/predict/m", PREDICT, key=ONE_PLACE) == 503
+    assert asyncio.get_running_loop().time() - started < 2  # at the stop, not after the replica wait
+    assert ledger_of(app).in_flight(ONE_PLACE.id) == 0  # its key's place is free
