@@ -65,6 +65,12 @@ async def request(
     return int(sent[0]["status"])
 
 
+async def never_counts(replica: FakeReplica, call: Any) -> int:
+    """A model replica's count that never answers (a stuck replica)."""
+    await asyncio.Event().wait()
+    raise AssertionError
+
+
 def no_replica() -> Restarting:
     """An LLM whose replica is down: Serve's router finds none."""
     handle = Restarting()
@@ -215,11 +221,7 @@ async def test_a_count_the_replica_does_not_answer_is_bounded_by_the_models_requ
 ) -> None:
     # A count is part of the request: a replica that never answers it held the
     # request (and the client) for ever, past the model's request_timeout_s.
-    async def never(replica: FakeReplica, call: Any) -> int:
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    monkeypatch.setattr(FakeReplica, "count", never)
+    monkeypatch.setattr(FakeReplica, "count", never_counts)
     app = make_app(FakeHandle(), timeouts={"m": 0.2})
     assert await request(app, "/chat", {"model": "m"}) == 504
     assert ledger_of(app).in_flight(KEY.id) == 0  # nothing was reserved
@@ -228,10 +230,6 @@ async def test_a_count_the_replica_does_not_answer_is_bounded_by_the_models_requ
 async def test_a_count_stopped_with_its_ingress_replica_is_not_tried_on_the_next_variant(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async def never(replica: FakeReplica, call: Any) -> int:
-        await asyncio.Event().wait()
-        raise AssertionError
-
     counted: list[str] = []
     most_tokens = dispatch.ModelDispatcher._most_tokens
 
@@ -239,7 +237,7 @@ async def test_a_count_stopped_with_its_ingress_replica_is_not_tried_on_the_next
         counted.append(model.name)
         return await most_tokens(self, model, call, size)
 
-    monkeypatch.setattr(FakeReplica, "count", never)
+    monkeypatch.setattr(FakeReplica, "count", never_counts)
     monkeypatch.setattr(dispatch.ModelDispatcher, "_most_tokens", counting)
     alias = Alias([Variant("a", 100), Variant("b", 1)], fallback=True)
     app = make_app(handles={"a": FakeHandle(), "b": FakeHandle()}, alias=alias)
@@ -250,11 +248,7 @@ async def test_a_count_stopped_with_its_ingress_replica_is_not_tried_on_the_next
 
 async def test_a_count_that_fails_on_the_fallback_variant_names_that_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     # The first variant has no replica: the fallback's replica counts, and its limit runs out.
-    async def never(replica: FakeReplica, call: Any) -> int:
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    monkeypatch.setattr(FakeReplica, "count", never)
+    monkeypatch.setattr(FakeReplica, "count", never_counts)
     alias = Alias([Variant("a", 100), Variant("b", 1)], fallback=True)
     app = make_app(handles={"a": no_replica(), "b": FakeHandle()}, alias=alias, replica_wait_s=0.1, timeouts={"b": 0.2})
     messages = [{"type": "http.request", "body": json.dumps({"model": "r"}).encode(), "more_body": False}]
