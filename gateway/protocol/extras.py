@@ -158,6 +158,8 @@ def check_fields(endpoint: str, body: Mapping[str, Any], known: Collection[str])
             )
         if endpoint.startswith("responses"):  # OpenAI's Responses API words it so, with a code
             raise InvalidRequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+        if endpoint.startswith("messages"):  # as Anthropic's API words it
+            raise InvalidRequestError(f"{name}: Extra inputs are not permitted", param=name)
         raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name)
 
 

@@ -27,6 +27,7 @@ from gateway.protocol.engine import COUNTING
 from gateway.protocol.extras import check_fields, check_openai_metadata, counted_fields
 from models.llm import budget_checks, cache_salt, compact_json, tool_checks, vllm_compat, vllm_conversation, vllm_errors
 from models.llm import long_lists, one_node, vllm_lora, vllm_messages, vllm_stored, vllm_streams
+from models.llm.anthropic_keys import check_keys
 from models.llm.core_placement import CorePlacer
 from models.llm.engine import EngineInfo, body_of, frames_of, input_tokens_body
 from models.llm.engine_reaper import EngineReaper, reaper_for_children
@@ -316,6 +317,7 @@ class VLLMEngine:
             tool_checks.check_named_choice(body)
         if endpoint in ("messages", "messages_count"):
             tool_checks.check_anthropic_tools(body)
+            check_keys(body)
         if endpoint == "messages":
             check_prefill(body)
 

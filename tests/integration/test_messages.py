@@ -97,6 +97,34 @@ def test_count_tokens_is_the_prompt_a_message_is_charged(claude: anthropic.Anthr
     assert claude.messages.count_tokens(model="echo", messages=ASK).input_tokens == 5  # the echo counts words
 
 
+def test_keys_vllm_would_drop_inside_a_request_are_refused_and_caching_hints_pass(claude: anthropic.Anthropic) -> None:
+    # A message's `name` (some agent frameworks send one) reached the model as if never sent.
+    named_turn = {**ASK[0], "name": "Init"}
+    with pytest.raises(anthropic.BadRequestError) as named:
+        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=[named_turn])  # type: ignore[list-item]
+    assert named.value.body == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "messages.0.name: Extra inputs are not permitted"},
+    }
+    tool = {"name": "f", "input_schema": {"type": "object"}, "input_examples": [{}]}
+    with pytest.raises(anthropic.BadRequestError) as examples:  # counting tokens too
+        claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK, tools=[tool])  # type: ignore[list-item]
+    assert examples.value.body["error"]["message"] == (  # type: ignore[index]
+        "tools.0.custom.input_examples: this model does not serve tool input examples"
+    )
+    # Prompt caching's breakpoints ask for nothing vLLM does not do by itself: the prompt is the same.
+    hint = {"cache_control": {"type": "ephemeral"}}
+    cached = [{"role": "user", "content": [{"type": "text", "text": ASK[0]["content"], **hint}]}]
+    system = [{"type": "text", "text": "Be brief.", **hint}]
+    plain = claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK, system="Be brief.")
+    hinted = claude.messages.count_tokens(model=VLLM_MODEL, messages=cached, system=system)  # type: ignore[arg-type]
+    assert hinted.input_tokens == plain.input_tokens
+    message = claude.messages.create(
+        model=VLLM_MODEL, messages=cached, system=system, max_tokens=2  # type: ignore[arg-type]
+    )
+    assert message.usage.input_tokens == plain.input_tokens and message.usage.output_tokens >= 1
+
+
 def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: httpx.Client) -> None:
     with pytest.raises(anthropic.NotFoundError) as missing:
         claude.messages.create(model="no-such-model", messages=ASK, max_tokens=4)
@@ -122,7 +150,7 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
     with pytest.raises(anthropic.BadRequestError) as dropped:
         claude.messages.create(model=VLLM_MODEL, messages=ASK, max_tokens=4, extra_body={"max_token": 2})
     assert dropped.value.body == {
-        "type": "error", "error": {"type": "invalid_request_error", "message": "Unrecognized request argument supplied: max_token"}
+        "type": "error", "error": {"type": "invalid_request_error", "message": "max_token: Extra inputs are not permitted"}
     }
     # A text block without its text, which vLLM's schema would let through and drop.
     with pytest.raises(anthropic.BadRequestError) as blank:

@@ -72,6 +72,15 @@ def test_an_unknown_responses_field_is_refused_in_the_responses_apis_words(endpo
     assert error.message == "Unknown parameter: 'foo'."
 
 
+@pytest.mark.parametrize("endpoint", ["messages", "messages_count"])
+def test_an_unknown_messages_field_is_refused_in_anthropics_words(endpoint: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_fields(endpoint, {**HELLO, "max_token": 4}, CHAT_KNOWN)
+    error = refused.value
+    assert (error.status_code, error.param, error.code) == (400, "max_token", None)
+    assert error.message == "max_token: Extra inputs are not permitted"
+
+
 def test_a_removed_vllm_field_says_what_replaces_it() -> None:
     with pytest.raises(InvalidRequestError) as refused:
         check_fields("chat", {**HELLO, "guided_json": {"type": "object"}}, CHAT_KNOWN)
