@@ -43,6 +43,31 @@ def check_budget(endpoint: str, request: Any) -> None:
         )
 
 
+def check_thinking(endpoint: str, request: Any, model: str, budgets_thinking: bool) -> None:
+    """Refuses (400, ``unsupported_parameter``) a thinking budget asked of a
+    model whose engine cannot keep one (``budgets_thinking`` False: no
+    reasoning parser): a Messages ``thinking`` of type ``enabled``, chat's or
+    a completion's ``thinking_token_budget``. vLLM refused it as it generated,
+    in its command line's words (``Please set --reasoning-parser``), naming
+    ``thinking_token_budget`` to a Messages client that never sent it."""
+    if budgets_thinking:
+        return
+    if endpoint == "messages":
+        if getattr(getattr(request, "thinking", None), "type", None) != "enabled":
+            return
+        field = "thinking"
+    elif getattr(request, "thinking_token_budget", None) is not None:
+        field = "thinking_token_budget"
+    else:
+        return
+    raise InvalidRequestError(
+        f"Unsupported parameter: '{field}': the model `{model}` is not set up to keep a thinking budget "
+        "(no `reasoning-parser` in its `engine_args` in the gateway's configuration).",
+        param=field,
+        code="unsupported_parameter",
+    )
+
+
 def check_logprobs(endpoint: str, request: Any, most: int) -> None:
     """Refuses more logprobs per token than the engine returns (``most``; -1:
     no limit), naming the client's own field and value: vLLM names its

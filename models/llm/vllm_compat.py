@@ -294,6 +294,13 @@ def calls_tools(serving: Serving) -> bool:
     return bool(renderer.use_harmony) or is_mistral_tokenizer(renderer.renderer.tokenizer)
 
 
+def budgets_thinking(serving: Serving) -> bool:
+    """Whether the engine keeps a request's thinking budget (vLLM's
+    ``thinking_token_budget``): a reasoning parser set up its reasoning config."""
+    config = getattr(getattr(serving.engine, "vllm_config", None), "reasoning_config", None)
+    return config is not None and bool(config.enabled)
+
+
 def tokenizer_spec(serving: Serving) -> dict[str, Any] | None:
     """How the ingress counts prompts as this engine does (``gateway.auth.prompt_count``):
     the tokenizer's ``tokenizer.json``, the chat templates vLLM resolves for

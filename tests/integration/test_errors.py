@@ -451,6 +451,21 @@ def test_a_stream_the_engine_refuses_before_generating_is_an_http_400(
     assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n"), response.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_a_thinking_budget_asked_of_a_model_without_a_reasoning_parser_names_the_field_not_a_flag(
+    http: httpx.Client, path: str, stream: bool
+) -> None:
+    """vLLM refused it in its command line's words (``Please set --reasoning-parser``)."""
+    prompt = {"messages": HELLO} if path == CHAT else {"prompt": "Hello"}
+    request = {"model": VLLM_MODEL, **prompt, "max_tokens": 3, "stream": stream, "thinking_token_budget": 2}
+    error = assert_error(http.post(path, json=request), 400, "unsupported_parameter", "thinking_token_budget")
+    assert error["message"] == (
+        f"Unsupported parameter: 'thinking_token_budget': the model `{VLLM_MODEL}` is not set up to keep a "
+        "thinking budget (no `reasoning-parser` in its `engine_args` in the gateway's configuration)."
+    )
+
+
 def test_sdk_raises_bad_request_without_retrying(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT)

@@ -125,6 +125,23 @@ def test_keys_vllm_would_drop_inside_a_request_are_refused_and_caching_hints_pas
     assert message.usage.input_tokens == plain.input_tokens and message.usage.output_tokens >= 1
 
 
+def test_thinking_with_a_budget_asked_of_a_model_without_a_reasoning_parser_names_thinking(
+    claude: anthropic.Anthropic,
+) -> None:
+    # vLLM refused it naming its own `thinking_token_budget`, in its command line's words.
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        thinking = {"type": "enabled", "budget_tokens": 1024}  # the least, and under max_tokens
+        claude.messages.create(model=VLLM_MODEL, messages=ASK, max_tokens=1025, thinking=thinking)  # type: ignore[arg-type]
+    message = refused.value.body["error"]["message"]  # type: ignore[index]
+    assert message.startswith(f"Unsupported parameter: 'thinking': the model `{VLLM_MODEL}` is not set up to keep")
+    # Thinking the model chooses, or none, asks for no budget.
+    for chosen in ({"type": "adaptive"}, {"type": "disabled"}):
+        answer = claude.messages.create(
+            model=VLLM_MODEL, messages=ASK, max_tokens=2, thinking=chosen  # type: ignore[arg-type]
+        )
+        assert answer.usage.output_tokens >= 1
+
+
 def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: httpx.Client) -> None:
     with pytest.raises(anthropic.NotFoundError) as missing:
         claude.messages.create(model="no-such-model", messages=ASK, max_tokens=4)

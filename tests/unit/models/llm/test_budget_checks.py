@@ -67,3 +67,48 @@ def test_a_prompt_filling_the_window_with_no_budget_sent_is_context_length_excee
         budget_checks.check_window(16, None, 16, "messages")
     assert caught.value.param == "messages"
     assert "your messages has 16 tokens, leaving none to generate" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "request_", "field"),
+    [
+        ("messages", SimpleNamespace(thinking=SimpleNamespace(type="enabled", budget_tokens=1024)), "thinking"),
+        ("chat", _chat(thinking_token_budget=8), "thinking_token_budget"),
+        ("completion", SimpleNamespace(thinking_token_budget=0), "thinking_token_budget"),
+    ],
+)
+def test_a_thinking_budget_asked_of_a_model_without_a_reasoning_parser_is_refused_naming_its_field(
+    endpoint: str, request_: SimpleNamespace, field: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        budget_checks.check_thinking(endpoint, request_, "tiny", budgets_thinking=False)
+    assert (caught.value.param, caught.value.code) == (field, "unsupported_parameter")
+    assert "`tiny` is not set up to keep a thinking budget" in caught.value.message
+    assert "reasoning-parser" in caught.value.message and "--" not in caught.value.message  # no command line
+    budget_checks.check_thinking(endpoint, request_, "tiny", budgets_thinking=True)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "request_"),
+    [
+        ("messages", SimpleNamespace(thinking=None)),
+        ("messages", SimpleNamespace(thinking=SimpleNamespace(type="adaptive"))),
+        ("messages", SimpleNamespace(thinking=SimpleNamespace(type="disabled"))),
+        ("chat", _chat(thinking_token_budget=None)),
+        ("responses", SimpleNamespace(max_output_tokens=4)),
+    ],
+)
+def test_no_budget_asked_passes_without_a_reasoning_parser(endpoint: str, request_: SimpleNamespace) -> None:
+    budget_checks.check_thinking(endpoint, request_, "tiny", budgets_thinking=False)
+
+
+def test_an_engine_keeps_a_thinking_budget_once_a_reasoning_parser_set_up_its_reasoning_config() -> None:
+    from models.llm import vllm_compat
+
+    def serving(reasoning_config: object) -> vllm_compat.Serving:
+        engine = SimpleNamespace(vllm_config=SimpleNamespace(reasoning_config=reasoning_config))
+        return vllm_compat.Serving(engine=engine, model_config=None, max_model_len=64)
+
+    assert vllm_compat.budgets_thinking(serving(SimpleNamespace(enabled=True)))
+    assert not vllm_compat.budgets_thinking(serving(SimpleNamespace(enabled=False)))  # no think tokens found
+    assert not vllm_compat.budgets_thinking(serving(None))
