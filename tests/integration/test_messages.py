@@ -131,7 +131,9 @@ def test_thinking_with_a_budget_asked_of_a_model_without_a_reasoning_parser_name
     # vLLM refused it naming its own `thinking_token_budget`, in its command line's words.
     with pytest.raises(anthropic.BadRequestError) as refused:
         thinking = {"type": "enabled", "budget_tokens": 1024}  # the least, and under max_tokens
-        claude.messages.create(model=VLLM_MODEL, messages=ASK, max_tokens=1025, thinking=thinking)  # type: ignore[arg-type]
+        claude.messages.create(
+            model=VLLM_MODEL, messages=ASK, max_tokens=1025, thinking=thinking  # type: ignore[arg-type]
+        )
     message = refused.value.body["error"]["message"]  # type: ignore[index]
     assert message.startswith(f"Unsupported parameter: 'thinking': the model `{VLLM_MODEL}` is not set up to keep")
     # Thinking the model chooses, or none, asks for no budget.
