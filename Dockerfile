@@ -10,20 +10,28 @@
 FROM nvidia/cuda:12.8.1-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# gcc and Python's headers: Triton compiles its CUDA launcher (a C extension)
+# the first time an engine runs a kernel, on the CUDA runtime base image too.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv curl \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc curl \
     && rm -rf /var/lib/apt/lists/*
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
-# Dependencies first: they change far less often than the code.
+# Dependencies first: they change far less often than the code. The project's
+# own dependencies install from pyproject.toml alone (empty packages and
+# README stand in), so a change to the code, README or configs reinstalls
+# only the project itself.
 RUN pip install "vllm==0.32.0" "ray[serve]==2.60.0"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+RUN mkdir gateway models && touch README.md gateway/__init__.py models/__init__.py \
+    && pip install ".[gpu,mlflow]" && rm -rf build *.egg-info gateway models README.md
+COPY README.md ./
 COPY gateway ./gateway
 COPY models ./models
 COPY configs ./configs
-RUN pip install ".[gpu,mlflow]"
+RUN pip install --no-deps --force-reinstall .
 
 # The gateway runs unprivileged: a process that a request could subvert (an
 # engine's tokenizer, a model's own code, Ray's workers) gets no root in the

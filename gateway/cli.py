@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -56,6 +58,13 @@ def command_line() -> argparse.ArgumentParser:
     status_cmd.add_argument("--app", default="llm-gateway", help="the gateway's app_name")
     status_cmd.add_argument("--address", default="auto", help="Ray cluster address")
     status_cmd.add_argument("--json", action="store_true", help="print JSON")
+
+    env_cmd = commands.add_parser(
+        "env",
+        help="print the Ray environment (KEY=value lines) that a cluster the gateway joins must start with, "
+        "as `llm-gateway serve` starts its own: `env $(llm-gateway env --config C) ray start --head`",
+    )
+    env_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="gateway YAML config")
 
     build_cmd = commands.add_parser("build-model", help="build the local models (tiny chat, iris, MiniLM)")
     build_cmd.add_argument("--out", default=".models", help="directory to build into")
@@ -105,12 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "build-model":
-            return build_model(Path(args.out), force=args.force)
+            return _said(lambda: build_model(Path(args.out), force=args.force), "build-model", (OSError,))
         if args.command == "keys":
             return new_key(args)
         if args.command == "status":
             return _said(lambda: show_status(args.app, args.address, as_json=args.json), "status")
         config = load_config(Path(args.config))
+        if args.command == "env":
+            return print_environment(config)
         if args.command == "deploy":
             return _said(lambda: redeploy(config, args.address), "deploy")
         from gateway.deploy import DeployFailed  # (imports no Ray)
@@ -163,10 +174,22 @@ def new_key(args: argparse.Namespace) -> int:
     try:
         KeyConfig.model_validate(entry)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            ": ".join(filter(None, (".".join(map(str, e["loc"])), str(e["msg"]).removeprefix("Value error, "))))
+            for e in exc.errors()
+        )
         raise ConfigError(f"invalid key: {problems}") from None
     print(secret)
     print(yaml.safe_dump([entry], sort_keys=False), end="")
+    return 0
+
+
+def print_environment(config: GatewayConfig) -> int:
+    """Prints the variables Ray and Serve must read on every node of a cluster
+    the gateway is deployed on (``runtime``'s, and an operator's overrides of
+    them in this environment), one ``KEY=value`` a line, quoted for a shell."""
+    for name, value in sorted(config.runtime.environment().items()):
+        print(f"{name}={shlex.quote(value)}")
     return 0
 
 
@@ -415,11 +438,14 @@ def _local_environment(config: GatewayConfig, host: str, port: int) -> dict[str,
     from gateway.local_cluster import environment, front_door_taken, private_token
 
     if (taken := front_door_taken(host, port)) is not None:
-        print(
-            f"==> cannot listen on {host}:{port}: {taken} (another gateway, or one "
-            "that did not stop cleanly? `ss -ltnp` names the process)",
-            file=sys.stderr, flush=True,
+        hint = (
+            "another gateway, or one that did not stop cleanly? `ss -ltnp` names the process"
+            if taken.errno == errno.EADDRINUSE
+            else "--host takes an address of this machine: an IP address (IPv6 without brackets, `::1`) "
+            "or a name that resolves to one"
         )
+        said = os.strerror(taken.errno) if isinstance(taken.errno, int) and taken.errno > 0 else taken.strerror
+        print(f"==> cannot listen on {host}:{port}: {said or taken} ({hint})", file=sys.stderr, flush=True)
         return None
     local = environment(config.runtime, config.ingress.read_timeout_s, host)
     os.environ.update(local)

@@ -181,16 +181,17 @@ def _below_ephemeral(ports: range) -> range:
     return range(ports.start, max(ports.start, min(ports.stop, first)))
 
 
-def front_door_taken(host: str, port: int) -> str | None:
+def front_door_taken(host: str, port: int) -> OSError | None:
     """Why the front door cannot listen on ``host``:``port`` (something
-    already does), or None. Checked before a local cluster starts, which
-    otherwise fails seconds later with HAProxy's own account deep in a trace."""
+    already does, or ``host`` is no address of this machine), or None.
+    Checked before a local cluster starts, which otherwise fails seconds
+    later with HAProxy's own account deep in a trace."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         with socket.create_server((host, port), family=family):  # SO_REUSEADDR, as HAProxy binds
             return None
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return exc
 
 
 def _private_directory() -> Path:

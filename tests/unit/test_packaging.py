@@ -181,3 +181,45 @@ def test_deployments_mount_the_model_cache_in_the_images_users_home() -> None:
     mounts = re.findall(r"mountPath: (\S+?)[,}]", manifest)
     assert mounts and all(path == home + "/.cache/huggingface" for path in mounts)
     assert "/root/" not in (ROOT / "configs" / "examples" / "gpu.yaml").read_text()
+
+
+def test_the_gpu_image_has_what_triton_compiles_its_launcher_with() -> None:
+    # Triton builds a C extension the first time an engine runs a kernel; the CUDA runtime image has no compiler.
+    installs = [arg for op, arg in dockerfile_instructions() if op == "RUN" and "apt-get install" in arg]
+    assert installs and {"gcc", "python3.11-dev"} <= set(installs[0].split())
+
+
+def test_the_image_installs_the_projects_dependencies_before_it_copies_the_code() -> None:
+    instructions = dockerfile_instructions()
+    first_code = instructions.index(("COPY", "gateway ./gateway"))
+    dependencies = [
+        i for i, (op, arg) in enumerate(instructions) if op == "RUN" and 'pip install ".[gpu,mlflow]"' in arg
+    ]
+    assert dependencies and dependencies[0] < first_code
+    # After the code, the project alone: nothing is downloaded again.
+    after = [arg for op, arg in instructions[first_code:] if op == "RUN" and "pip install" in arg]
+    assert after and all("--no-deps" in arg for arg in after)
+
+
+def test_the_kuberay_clusters_ray_environment_is_the_one_llm_gateway_serve_sets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import yaml
+
+    from gateway.config.runtime import RuntimeConfig
+
+    for name in RuntimeConfig().environment():  # the defaults, not an override in this environment
+        monkeypatch.delenv(name, raising=False)
+
+    manifest = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    containers = [
+        *cluster["headGroupSpec"]["template"]["spec"]["containers"],
+        *(c for group in cluster["workerGroupSpecs"] for c in group["template"]["spec"]["containers"]),
+    ]
+    wanted = RuntimeConfig(http_proxy="haproxy").environment()
+    wanted.pop("RAY_SERVE_HAPROXY_NBTHREAD")  # this machine's CPUs; Ray's own default on the nodes
+    for container in containers:
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert {name: env.get(name) for name in wanted} == wanted
+        assert "HF_TOKEN" in env and "RAY_AUTH_TOKEN" in env

@@ -34,7 +34,22 @@ def test_serve_on_a_taken_port_says_so_before_starting_ray(tmp_path: Path) -> No
         )
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "another gateway" in done.stderr
     assert "starting Ray" not in done.stdout
+
+
+@pytest.mark.parametrize("host", ["[::1]", "no-such-host.invalid"])
+def test_serve_on_a_host_that_is_no_address_of_this_machine_says_what_host_takes(
+    host: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway import cli
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(json.dumps({"models": [{"name": "echo", "engine": "echo"}]}))
+    assert cli._local_environment(cli.load_config(config), host, 8077) is None
+    said = capsys.readouterr().err
+    assert f"cannot listen on {host}:8077" in said and "--host takes an address of this machine" in said
+    assert "another gateway" not in said  # nothing else listens there
 
 
 def test_the_front_door_check_finds_a_free_port_free() -> None:
@@ -277,3 +292,40 @@ def test_the_drain_waits_for_the_longest_grace_running_now(monkeypatch: pytest.M
     monkeypatch.setattr("gateway.deploy.undeploy", lambda config, timeout_s: waited.append(timeout_s))
     cli._drain(config)
     assert waited == [630.0]
+
+
+def test_env_prints_the_ray_environment_a_joined_cluster_must_start_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import cli
+    from gateway.config import load_config
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text("models: [{name: echo, engine: echo}]\nruntime: {http_proxy: haproxy, control_loop_s: 1}\n")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S", "900")  # an operator's own, carried
+    assert cli.main(["env", "--config", str(config)]) == 0
+    printed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert printed == load_config(config).runtime.environment()
+    assert printed["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and printed["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "1.0"
+    assert printed["RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S"] == "900"
+    assert printed["RAY_SERVE_SESSION_ID_HEADER_KEY"] == "x-llm-gateway-serve-session"
+
+
+def test_keys_new_says_what_is_wrong_with_a_key_in_one_plain_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway import cli
+
+    assert cli.main(["keys", "new", "--id", "t", "--ops", "--rpm", "5"]) == 2
+    assert capsys.readouterr().err == "llm-gateway: invalid key: ops key 't': rpm applies to API keys only\n"
+    assert cli.main(["keys", "new", "--id", "t", "--rpm", "0"]) == 2
+    assert capsys.readouterr().err == "llm-gateway: invalid key: rpm: Input should be greater than or equal to 1\n"
+
+
+def test_build_model_into_a_directory_it_cannot_make_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway import cli
+
+    (tmp_path / "file").write_text("")
+    assert cli.main(["build-model", "--out", str(tmp_path / "file" / "models")]) == 1
+    said = capsys.readouterr().err
+    assert said.startswith("llm-gateway build-model: ") and "Traceback" not in said and said.count("\n") == 1
