@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.auth.keys import ApiKey, KeyTable
 from gateway.errors import AuthenticationError
 from gateway.http.handlers import envelope, note_refusal
+from gateway.http.observe import route_path
 
 PROTECTED = ("/v1/", "/v2/", "/tokenize", "/detokenize")
 # Server metadata: the Open Inference Protocol's root, behind the keys as the rest of ``/v2``.
@@ -50,7 +51,7 @@ class KeyGuard:
         if scope["type"] != "http" or not (table or table.guards_ops):
             await self._app(scope, receive, send)
             return
-        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
+        path = route_path(scope)  # the path the routes match: a prefix `/v` is no prefix of `/v1/...`
         if path in OPERATIONS:
             check = table.authenticate_ops if table.guards_ops else None
         elif table and (path.startswith(PROTECTED) or path in PROTECTED_EXACT):

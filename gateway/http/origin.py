@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.errors import PermissionDeniedError
 from gateway.http.auth import PROTECTED
 from gateway.http.handlers import envelope, note_refusal
+from gateway.http.observe import route_path
 
 
 def is_loopback(host: str) -> bool:
@@ -82,7 +83,7 @@ class OriginGuard:
         self._keyless = keyless
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) if scope["type"] == "http" else ""
+        path = route_path(scope) if scope["type"] == "http" else ""  # the path the routes match
         if not path.startswith(PROTECTED):
             await self._app(scope, receive, send)
             return

@@ -120,6 +120,29 @@ async def test_under_a_route_prefix_the_path_below_it_counts(dispatcher: Dispatc
     assert "route" not in request.scope
 
 
+@pytest.mark.parametrize(
+    ("prefix", "path"), [("/v", "/v1/chat/completions"), ("/t", "/tokenize"), ("/api", "/api/v1/models")]
+)
+async def test_a_route_prefix_that_merely_begins_a_model_path_does_not_take_it_past_the_key_check(
+    dispatcher: Dispatcher, prefix: str, path: str
+) -> None:
+    # Serve's replica port hands the app any path beginning with its prefix, `/v1/...` under `/v`;
+    # the routes match it whole (no `/` after the prefix), and so must the key check.
+    from gateway.auth.keys import KeyTable, hash_secret, new_secret
+    from gateway.config import KeyConfig
+
+    app = gateway_app(dispatcher)
+    secret = new_secret()
+    app.state.gateway.keys = KeyTable([KeyConfig.model_validate({"id": "team-a", "hash": hash_secret(secret)})])
+    transport = httpx.ASGITransport(app=app, root_path=prefix)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        method, body = ("GET", None) if path.endswith("/models") else ("POST", {"model": "m", "prompt": "hi"})
+        refused = await client.request(method, path, json=body)
+        assert refused.status_code == 401, refused.text
+        let_in = await client.request(method, path, json=body, headers={"authorization": f"Bearer {secret}"})
+        assert let_in.status_code != 401
+
+
 async def test_other_methods_and_paths_take_fastapis_routes(client: httpx.AsyncClient, dispatcher: Dispatcher) -> None:
     wrong_method = await client.get("/v1/chat/completions")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"

@@ -169,3 +169,23 @@ async def test_a_request_without_an_origin_is_no_browsers_and_is_served_whatever
         scope = {"type": "http", "path": CHAT, "root_path": "", "headers": headers}
         await guard(scope, None, record)  # type: ignore[arg-type]
         assert sent[0]["status"] == status, headers
+
+
+@pytest.mark.parametrize(("root", "status"), [("/v", 403), ("/api", 403), ("/v1", 200)])
+async def test_a_route_prefix_that_merely_begins_a_model_path_does_not_take_it_past_the_origin_check(
+    root: str, status: int
+) -> None:
+    # Under `/v` the routes match `/v1/chat/completions` whole; under `/v1` it is `/chat/completions`, no model route.
+    sent: list[dict[str, object]] = []
+
+    async def served(scope: object, receive: object, send: object) -> None:
+        sent.append({"type": "http.response.start", "status": 200})
+
+    async def record(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    guard = OriginGuard(served, origins=[], hosts=[], keyless=lambda: True)
+    page = [(b"host", b"evil.example.net"), (b"origin", b"http://evil.example.net")]
+    path = ("/api" if root == "/api" else "") + CHAT
+    await guard({"type": "http", "path": path, "root_path": root, "headers": page}, None, record)  # type: ignore[arg-type]
+    assert sent[0]["status"] == status
