@@ -187,5 +187,6 @@ async def test_a_route_prefix_that_merely_begins_a_model_path_does_not_take_it_p
     guard = OriginGuard(served, origins=[], hosts=[], keyless=lambda: True)
     page = [(b"host", b"evil.example.net"), (b"origin", b"http://evil.example.net")]
     path = ("/api" if root == "/api" else "") + CHAT
-    await guard({"type": "http", "path": path, "root_path": root, "headers": page}, None, record)  # type: ignore[arg-type]
+    scope = {"type": "http", "path": path, "root_path": root, "headers": page}
+    await guard(scope, None, record)  # type: ignore[arg-type]
     assert sent[0]["status"] == status
