@@ -73,6 +73,37 @@ def check_prefill(body: Mapping[str, Any]) -> None:
         )
 
 
+def check_message_content(body: Mapping[str, Any]) -> None:
+    """Refuses, in Anthropic's words, a Messages API turn with nothing in it
+    (``""``, ``[]``) other than a final assistant turn, and an empty text
+    block: vLLM drops those, and a user turn left empty vanished, so the
+    assistant's turn before it was continued as a prefill, the user's
+    question unanswered."""
+    messages = body.get("messages")
+    messages = messages if isinstance(messages, list) else []
+    for at, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue  # vLLM's schema refuses it
+        content = message.get("content")
+        final_assistant = at == len(messages) - 1 and message.get("role") == "assistant"
+        if content in ("", []) and not final_assistant:
+            raise InvalidRequestError(
+                f"messages.{at}: all messages must have non-empty content except for the optional final "
+                "assistant message",
+                param=f"messages[{at}].content",
+            )
+        _check_text_blocks(content, f"messages.{at}.content", f"messages[{at}].content")
+    _check_text_blocks(body.get("system"), "system", "system")
+
+
+def _check_text_blocks(blocks: Any, words: str, param: str) -> None:
+    for at, block in enumerate(blocks if isinstance(blocks, list) else ()):
+        if isinstance(block, dict) and block.get("type") == "text" and block.get("text") == "":
+            raise InvalidRequestError(
+                f"{words}.{at}: text content blocks must be non-empty", param=f"{param}[{at}].text"
+            )
+
+
 def check_prompt_ids(prompt: Any, largest: int | None) -> None:
     """Refuses token ids outside the vocabulary in a (vLLM-parsed) completion
     ``prompt``: one prompt of ids, or a batch whose prompts may be ids."""

@@ -45,6 +45,7 @@ from models.llm.stored import STORED
 from models.llm.template_checks import check_request_template
 from models.llm.prompt_checks import (
     check_input,
+    check_message_content,
     check_not_empty,
     check_prefill,
     check_prompt_ids,
@@ -321,6 +322,7 @@ class VLLMEngine:
         if endpoint in ("messages", "messages_count"):
             tool_checks.check_anthropic_tools(body)
             check_keys(body)
+            check_message_content(body)
         if endpoint == "messages":
             check_prefill(body)
 

@@ -125,6 +125,22 @@ def test_keys_vllm_would_drop_inside_a_request_are_refused_and_caching_hints_pas
     assert message.usage.input_tokens == plain.input_tokens and message.usage.output_tokens >= 1
 
 
+def test_an_empty_last_user_turn_is_refused_not_taken_for_a_prefill_of_the_answer_before(
+    claude: anthropic.Anthropic,
+) -> None:
+    # vLLM dropped the empty turn, and the assistant's turn before it, last then, was continued.
+    turns = [*ASK, {"role": "assistant", "content": "The harbour is"}]
+    for empty in ("", [], [{"type": "text", "text": ""}]):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            last = {"role": "user", "content": empty}
+            claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=[*turns, last])  # type: ignore[list-item]
+        assert refused.value.body["error"]["message"].startswith("messages.2")  # type: ignore[index]
+    # A final assistant turn may be empty: there is nothing to continue.
+    nothing = {"role": "assistant", "content": ""}
+    answer = claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=[*ASK, nothing])  # type: ignore[list-item]
+    assert answer.usage.output_tokens >= 1
+
+
 def test_thinking_with_a_budget_asked_of_a_model_without_a_reasoning_parser_names_thinking(
     claude: anthropic.Anthropic,
 ) -> None:

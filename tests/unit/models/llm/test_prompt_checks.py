@@ -6,6 +6,7 @@ import pytest
 
 from gateway.errors import InvalidRequestError
 from models.llm.prompt_checks import (
+    check_message_content,
     check_input,
     check_not_empty,
     check_prefill,
@@ -86,3 +87,40 @@ def test_a_prefill_ending_in_whitespace_is_refused_as_anthropic_refuses_it(conte
 def test_a_prefill_without_trailing_whitespace_and_a_user_turn_last_pass() -> None:
     check_prefill({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure,"}]})
     check_prefill({"messages": [{"role": "user", "content": "Hi "}]})
+
+
+ASKED = {"role": "user", "content": "Write a haiku about rain."}
+ANSWERED = {"role": "assistant", "content": "Soft rain on the roof"}
+
+
+@pytest.mark.parametrize("empty", ["", [], [{"type": "text", "text": ""}]])
+def test_an_empty_user_turn_is_refused_not_dropped_into_a_prefill_of_the_answer_before(empty: object) -> None:
+    # vLLM drops the empty turn; the assistant's answer before it, last then, was continued.
+    with pytest.raises(InvalidRequestError) as refused:
+        check_message_content({"messages": [ASKED, ANSWERED, {"role": "user", "content": empty}]})
+    if empty == [{"type": "text", "text": ""}]:
+        assert refused.value.message == "messages.2.content.0: text content blocks must be non-empty"
+        assert refused.value.param == "messages[2].content[0].text"
+    else:
+        assert refused.value.message == (
+            "messages.2: all messages must have non-empty content except for the optional final assistant message"
+        )
+        assert refused.value.param == "messages[2].content"
+
+
+def test_an_empty_text_block_beside_others_and_in_the_system_prompt_is_refused() -> None:
+    blocks = [{"type": "text", "text": "Hi"}, {"type": "text", "text": ""}]
+    with pytest.raises(InvalidRequestError) as refused:
+        check_message_content({"messages": [{"role": "user", "content": blocks}]})
+    assert refused.value.param == "messages[0].content[1].text"
+    with pytest.raises(InvalidRequestError) as refused:
+        check_message_content({"messages": [ASKED], "system": [{"type": "text", "text": ""}]})
+    assert refused.value.message == "system.0: text content blocks must be non-empty"
+    assert refused.value.param == "system[0].text"
+
+
+def test_a_final_empty_assistant_turn_and_shapes_for_vllms_schema_pass() -> None:
+    check_message_content({"messages": [ASKED, {"role": "assistant", "content": ""}]})
+    check_message_content({"messages": [ASKED, ANSWERED, {"role": "user", "content": " "}], "system": "Be brief"})
+    check_message_content({"messages": "hi", "system": [1]})
+    check_message_content({"messages": [1, {"content": [1, {"type": "image"}]}]})
