@@ -88,6 +88,13 @@ class GatewayError(Exception):
         <message>}``, the shape tritonclient and KServe's clients read."""
         return {"error": self.message}
 
+    def anthropic_status(self) -> int:
+        """The HTTP status on Anthropic's routes: 529 for ``overloaded_error``,
+        as Anthropic's API answers it (a full queue, a model down or
+        starting, a replica stopping; the SDK raises ``OverloadedError`` and
+        retries), where OpenAI's routes answer 503 (or 429); else the same."""
+        return 529 if self.anthropic_type() == "overloaded_error" else self.status_code
+
     def anthropic_type(self) -> str:
         if self.code == "overloaded":
             return "overloaded_error"

@@ -57,8 +57,9 @@ def error_response(error: GatewayError, request: Request | None = None) -> JSONR
     if request is None:
         return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
     _note(request, error)
-    body = envelope(error, route_path(request.scope))
-    return JSONResponse(body, status_code=error.status_code, headers=error.headers())
+    path = route_path(request.scope)
+    status = error.anthropic_status() if anthropic_path(path) else error.status_code
+    return JSONResponse(envelope(error, path), status_code=status, headers=error.headers())
 
 
 def _note(request: Request, error: GatewayError) -> None:
