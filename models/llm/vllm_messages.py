@@ -17,14 +17,6 @@ continues its text. vLLM's conversion closed that turn and opened a new one
 (its chat request asks for the generation prompt), so a prefilled ``{`` did
 not make the answer go on as JSON; the converted request continues the final
 message instead (``continue_final_message``), as a chat request may ask.
-
-Thinking is returned when asked for (``thinking`` of type ``enabled`` or
-``adaptive``), as on Anthropic's API. vLLM returned a reasoning model's
-thinking blocks whatever the request said, so a client that left
-``thinking`` out, or disabled it on a model that cannot stop thinking,
-found a ``thinking`` block where its text was expected (``content[0]``);
-the converted request leaves the reasoning out of the answer then
-(``include_reasoning``, the chat API's own setting).
 """
 
 from __future__ import annotations
@@ -60,15 +52,9 @@ def identified(convert: Callable[..., Any]) -> Callable[..., Any]:
             chat.request_id = request_id
         if prefilled(chat.messages):
             chat.add_generation_prompt, chat.continue_final_message = False, True
-        chat.include_reasoning = asks_for_thinking(anthropic_request)
         return chat
 
     return converted
-
-
-def asks_for_thinking(anthropic_request: Any) -> bool:
-    """Whether a (vLLM-parsed) Messages request asks for thinking in its answer."""
-    return getattr(getattr(anthropic_request, "thinking", None), "type", None) in ("enabled", "adaptive")
 
 
 def prefilled(messages: list[Any]) -> bool:

@@ -69,17 +69,6 @@ def test_a_prefill_is_continued_not_answered_in_a_new_turn() -> None:
         assert (chat.add_generation_prompt, chat.continue_final_message) == (False, True)
 
 
-def test_thinking_comes_back_only_when_asked_for_as_on_anthropics_api() -> None:
-    # vLLM's chat serving leaves a reasoning model's thinking out of the answer where the request says so.
-    messages = vllms_layer()
-    # "disabled": a model that cannot stop thinking still thinks (vLLM asks it for little).
-    asked = {None: False, "disabled": False, "adaptive": True, "enabled": True}
-    for kind, included in asked.items():
-        thinking = {"type": kind, **({"budget_tokens": 1024} if kind == "enabled" else {})}
-        ask = {**ASK, "max_tokens": 2048, **({"thinking": thinking} if kind else {})}
-        assert chat_request_for(messages, "req-1", ask).include_reasoning is included, kind
-
-
 def test_an_assistants_tool_call_last_is_not_a_prefill() -> None:
     call = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}
     chat = chat_request_for(vllms_layer(), "req-1", {**ASK, "messages": [*ASK["messages"], call]})
