@@ -74,19 +74,19 @@ def check_prefill(body: Mapping[str, Any]) -> None:
 
 
 def check_message_content(body: Mapping[str, Any]) -> None:
-    """Refuses, in Anthropic's words, a Messages API turn with nothing in it
-    (``""``, ``[]``) other than a final assistant turn, and an empty text
-    block: vLLM drops those, and a user turn left empty vanished, so the
+    """Refuses, in Anthropic's words, a Messages API user (or system) turn
+    with nothing in it (``""``, ``[]``) and an empty text block in one:
+    vLLM drops those, and a user turn left empty vanished, so the
     assistant's turn before it was continued as a prefill, the user's
-    question unanswered."""
+    question unanswered. An assistant's turn passes as it is: vLLM's own
+    answer to a request that generated no text is an empty text block (or,
+    streamed, no block), which a client sends back as the conversation goes on."""
     messages = body.get("messages")
-    messages = messages if isinstance(messages, list) else []
-    for at, message in enumerate(messages):
-        if not isinstance(message, dict):
-            continue  # vLLM's schema refuses it
+    for at, message in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(message, dict) or message.get("role") == "assistant":
+            continue  # (what is not an object: vLLM's schema refuses it)
         content = message.get("content")
-        final_assistant = at == len(messages) - 1 and message.get("role") == "assistant"
-        if content in ("", []) and not final_assistant:
+        if content in ("", []):
             raise InvalidRequestError(
                 f"messages.{at}: all messages must have non-empty content except for the optional final "
                 "assistant message",

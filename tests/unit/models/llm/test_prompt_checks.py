@@ -119,8 +119,11 @@ def test_an_empty_text_block_beside_others_and_in_the_system_prompt_is_refused()
     assert refused.value.param == "system[0].text"
 
 
-def test_a_final_empty_assistant_turn_and_shapes_for_vllms_schema_pass() -> None:
+def test_assistant_turns_however_empty_and_shapes_for_vllms_schema_pass() -> None:
     check_message_content({"messages": [ASKED, {"role": "assistant", "content": ""}]})
+    # vLLM's answer that generated no text, sent back (streamed, it has no block at all).
+    for answered in ([{"type": "text", "text": ""}], []):
+        check_message_content({"messages": [ASKED, {"role": "assistant", "content": answered}, ASKED]})
     check_message_content({"messages": [ASKED, ANSWERED, {"role": "user", "content": " "}], "system": "Be brief"})
     check_message_content({"messages": "hi", "system": [1]})
     check_message_content({"messages": [1, {"content": [1, {"type": "image"}]}]})
