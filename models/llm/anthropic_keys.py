@@ -13,7 +13,9 @@ Keys Anthropic's API defines are taken where they do not change the answer
 (``cache_control``: vLLM caches prefixes by itself) and refused, naming what
 the model does not serve, where they ask for something (``citations``, a
 tool's ``input_examples``, a server tool, an image from the Files API).
-As at the top level, a null asks for nothing and passes.
+As at the top level, a null asks for nothing and passes; so does an empty
+list or object, and a ``caller`` that says the model called the tool itself
+(``direct``: what vLLM's calls are), as clients send back Anthropic's answers.
 """
 
 from __future__ import annotations
@@ -74,14 +76,18 @@ TOOL = _shape(
     input_examples="tool input examples", allowed_callers=_TOOL_CALLERS,
 )
 TOOL_CHOICE = _shape("type", "name", "disable_parallel_tool_use")
+_BINDING = "thinking block binding"
 THINKING: Mapping[str, Shape] = {
-    "enabled": _shape("type", "budget_tokens", "display"),
-    "adaptive": _shape("type", "display"),
+    "enabled": _shape("type", "budget_tokens", "display", block_binding=_BINDING),
+    "adaptive": _shape("type", "display", block_binding=_BINDING),
     "disabled": _shape("type"),
 }
-MESSAGE = _shape("role", "content")
+# A ``system`` turn's (beta): how long it is shown, and its own output settings.
+MESSAGE = _shape(
+    "role", "content", clear_at="system turns shown for one user turn", output_config="per-turn output settings"
+)
 METADATA = _shape("user_id")
-OUTPUT_CONFIG = _shape("effort", "format")
+OUTPUT_CONFIG = _shape("effort", "format", task_budget="task budgets")
 FORMAT = _shape("type", "schema")
 TOOL_CHANGES: Mapping[str, Shape] = {
     "tool_reference": _shape("type", "name"),
@@ -145,13 +151,18 @@ def _check(value: Any, shape: Shape, place: Place) -> bool:
     if not isinstance(value, dict):
         return False
     for key in value:
-        if key in shape.read or key in shape.hints or value[key] is None and key in shape.unserved:
+        if key in shape.read or key in shape.hints or key in shape.unserved and _asks_nothing(key, value[key]):
             continue
         where = place.key(key)
         if key in shape.unserved:
             _refuse(where, f"this model does not serve {shape.unserved[key]}", "unsupported_parameter")
         _refuse(where, "Extra inputs are not permitted")
     return True
+
+
+def _asks_nothing(key: str, value: Any) -> bool:
+    """Whether an unserved key's ``value`` asks for nothing the model does not do."""
+    return value in (None, [], {}) or (key, value) in (("caller", {"type": "direct"}), ("clear_at", "never"))
 
 
 def _check_union(value: Any, shapes: Mapping[str, Shape], place: Place) -> bool:

@@ -7,6 +7,7 @@ import typing
 from typing import Any
 
 import anthropic.types as sdk
+import anthropic.types.beta as beta
 import pytest
 
 from gateway.errors import InvalidRequestError
@@ -76,7 +77,8 @@ def test_a_key_vllm_would_drop_is_refused_naming_its_place(body: dict[str, Any],
         (said([{"type": "tool_result", "tool_use_id": "a",
                 "content": [{"type": "image", "source": {"file_id": "f"}}]}]),
          "messages[0].content[0].content[0].source.type", "this source"),
-        (said([{"type": "tool_use", "id": "a", "name": "f", "input": {}, "caller": {"type": "direct"}}]),
+        (said([{"type": "tool_use", "id": "a", "name": "f", "input": {},
+                "caller": {"type": "code_execution_20250825"}}]),
          "messages[0].content[0].caller", "programmatic tool calls"),
         ({"tools": [{"name": "f", "input_schema": {}, "input_examples": [{"x": 1}]}]},
          "tools[0].input_examples", "examples"),
@@ -94,6 +96,7 @@ def test_a_key_asking_for_what_the_model_does_not_serve_is_refused_naming_it(
 def test_anthropics_hints_and_nulls_pass() -> None:
     blocks = [
         {"type": "text", "text": "Hi", **CACHED, "citations": None},
+        {"type": "text", "text": "Hi", "citations": []},
         {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}, **CACHED},
         {"type": "tool_reference", "tool_name": "f", **CACHED},
     ]
@@ -103,13 +106,15 @@ def test_anthropics_hints_and_nulls_pass() -> None:
         "tools": [{"type": "custom", "name": "f", "input_schema": {"type": "object"}, "strict": True,
                    "eager_input_streaming": True, "input_examples": None, **CACHED}],
         "tool_choice": {"type": "tool", "name": "f", "disable_parallel_tool_use": True},
-        "thinking": {"type": "adaptive", "display": "summarized"},
+        "thinking": {"type": "adaptive", "display": "summarized", "block_binding": {}},
         "metadata": {"user_id": "u"},
-        "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": {"type": "object"}}},
+        "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": {"type": "object"}},
+                          "task_budget": None},
     })
     turns = [
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
-                                          {"type": "tool_use", "id": "a", "name": "f", "input": {}, **CACHED}]},
+                                          {"type": "tool_use", "id": "a", "name": "f", "input": {}, **CACHED,
+                                           "caller": {"type": "direct"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "is_error": False, **CACHED,
                                       "content": [{"type": "text", "text": "4"}]}]},
     ]
@@ -148,6 +153,12 @@ SDK_SHAPES: list[tuple[Any, Shape]] = [
     (sdk.OutputConfigParam, anthropic_keys.OUTPUT_CONFIG),
     (sdk.JSONOutputFormatParam, anthropic_keys.FORMAT),
     *((role, anthropic_keys.MESSAGE) for role in (sdk.MessageParam.__args__)),  # type: ignore[attr-defined]
+]
+# The beta API's shapes of the same objects (clients such as Claude Code send those).
+SDK_SHAPES += [
+    (getattr(beta, "Beta" + param.__name__), shape)
+    for param, shape in SDK_SHAPES
+    if hasattr(beta, "Beta" + param.__name__)
 ]
 
 
