@@ -17,6 +17,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -431,6 +432,18 @@ def _serve_in_own_group(local: dict[str, str]) -> int | None:
     return 128 - code if code < 0 else code
 
 
+def _listen_hint(error: OSError) -> str:
+    """What to check when the front door cannot listen, by why."""
+    if error.errno == errno.EADDRINUSE:
+        return " (another gateway, or one that did not stop cleanly? `ss -ltnp` names the process)"
+    if error.errno == errno.EACCES:
+        return " (ports below 1024 need privileges this user lacks: use one above, e.g. --port 8000)"
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        return (" (--host takes an address of this machine: an IP address (IPv6 without brackets, `::1`) "
+                "or a name that resolves to one)")
+    return ""
+
+
 def _local_environment(config: GatewayConfig, host: str, port: int) -> dict[str, str] | None:
     """Sets what Ray and Ray Serve read at import and cluster start for a
     local cluster, and returns it; None (said on stderr) when the front
@@ -438,14 +451,8 @@ def _local_environment(config: GatewayConfig, host: str, port: int) -> dict[str,
     from gateway.local_cluster import environment, front_door_taken, private_token
 
     if (taken := front_door_taken(host, port)) is not None:
-        hint = (
-            "another gateway, or one that did not stop cleanly? `ss -ltnp` names the process"
-            if taken.errno == errno.EADDRINUSE
-            else "--host takes an address of this machine: an IP address (IPv6 without brackets, `::1`) "
-            "or a name that resolves to one"
-        )
         said = os.strerror(taken.errno) if isinstance(taken.errno, int) and taken.errno > 0 else taken.strerror
-        print(f"==> cannot listen on {host}:{port}: {said or taken} ({hint})", file=sys.stderr, flush=True)
+        print(f"==> cannot listen on {host}:{port}: {said or taken}{_listen_hint(taken)}", file=sys.stderr, flush=True)
         return None
     local = environment(config.runtime, config.ingress.read_timeout_s, host)
     os.environ.update(local)

@@ -93,7 +93,7 @@ class GatewayError(Exception):
         as Anthropic's API answers it (a full queue, a model down or
         starting, a replica stopping; the SDK raises ``OverloadedError`` and
         retries), where OpenAI's routes answer 503 (or 429); else the same."""
-        return 529 if self.anthropic_type() == "overloaded_error" else self.status_code
+        return anthropic_status(self.status_code, self.code)
 
     def anthropic_type(self) -> str:
         if self.code == "overloaded":
@@ -353,6 +353,12 @@ _ANTHROPIC_TYPES = {
     503: "overloaded_error",
     504: "timeout_error",
 }
+
+
+def anthropic_status(status: int, code: str | None) -> int:
+    """The status an error of ``status`` and ``code`` has on Anthropic's
+    routes: 529 where its type is ``overloaded_error``, else the same."""
+    return 529 if code == "overloaded" or _ANTHROPIC_TYPES.get(status) == "overloaded_error" else status
 
 
 def _subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from fastapi.responses import Response
 
 from gateway import sse
-from gateway.errors import GatewayError, ServiceUnavailableError
+from gateway.errors import GatewayError, ServiceUnavailableError, anthropic_status
 from gateway.http.deadlines import Stopping
 from gateway.http.limits import Admission
 from gateway.http.observe import CLIENT_CLOSED
@@ -120,15 +120,23 @@ class Answers:
         if error is not None:
             await stream.released()  # a replica handed the client's socket writes no more
             if not stream.delivered:  # (a deadline that came after the stream's last byte is no error)
-                record.error, record.late_status = error.code, error.status_code
+                record.error, record.late_status = error.code, _late_status(endpoint, error.status_code, error.code)
                 await sink.send(sse.stream_error_after(endpoint, error, sink.before + sink.last))
                 return
         if stream.body_ended:  # it ended the stream as the deadline came or the client left: the answer is whole
             sink.ended_elsewhere()
         if stream.outcome is not None:
             if stream.outcome.error is not None:  # the model ended the stream with an error frame
-                record.error, record.late_status = stream.outcome.error, stream.outcome.error_status
+                error_code, status = stream.outcome.error, stream.outcome.error_status
+                record.error, record.late_status = error_code, _late_status(endpoint, status, error_code)
             self.answered(record, stream.outcome)
+
+
+def _late_status(endpoint: Endpoint, status: int | None, code: str | None) -> int | None:
+    """The status a stream's error frame is logged and counted with: as its
+    API would have answered it before the stream began (Anthropic's 529 for
+    ``overloaded_error``)."""
+    return anthropic_status(status, code) if endpoint == "messages" and status is not None else status
 
 
 async def _whole_all_the_same(stream: RelayedStream) -> bool:

@@ -56,13 +56,13 @@ def error_response(error: GatewayError, request: Request | None = None) -> JSONR
     the request's id, and a 503's ``Retry-After`` is the ingress's ``retry_after_s``."""
     if request is None:
         return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
-    _note(request, error)
     path = route_path(request.scope)
     status = error.anthropic_status() if anthropic_path(path) else error.status_code
+    _note(request, error, status)
     return JSONResponse(envelope(error, path), status_code=status, headers=error.headers())
 
 
-def _note(request: Request, error: GatewayError) -> None:
+def _note(request: Request, error: GatewayError, status: int) -> None:
     state = getattr(request.app.state, "gateway", None)
     if state is not None and isinstance(error, ServiceUnavailableError) and error.retry_after_s is not None:
         # A model busy or down, wherever that was found (the relay, a replica,
@@ -72,9 +72,9 @@ def _note(request: Request, error: GatewayError) -> None:
     if record is None:
         return
     record.error = error.code or error.type
-    if error.status_code >= 500:
+    if status >= 500:
         if state is not None:
-            state.access_log.error(record.request_id, error.status_code, record.error, error.message)
+            state.access_log.error(record.request_id, status, record.error, error.message)
 
 
 def as_gateway_error(exc: BaseException, *, retry_after_s: int = 1) -> GatewayError:

@@ -72,10 +72,10 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, type[Ba
     ("/v1/responses/{response_id}", "delete"): (None, {JSON: ResponseDeleted}, (401, 404, 429, 503)),
     ("/v1/responses/{response_id}/input_items", "get"): (None, {JSON: InputItemList}, (400, 401, 404, 429, 503)),
     ("/v1/messages", "post"): (
-        MessageCreateRequest, {JSON: Message, SSE: MessageStreamEvent}, (400, 401, 404, 408, 413, 415, 429, 503, 504),
+        MessageCreateRequest, {JSON: Message, SSE: MessageStreamEvent}, (400, 401, 404, 408, 413, 415, 429, 504, 529),
     ),
     ("/v1/messages/count_tokens", "post"): (
-        CountTokensRequest, {JSON: TokenCount}, (400, 401, 404, 408, 413, 415, 429, 503),
+        CountTokensRequest, {JSON: TokenCount}, (400, 401, 404, 408, 413, 415, 429, 529),
     ),
     ("/tokenize", "post"): (TokenizeRequest, {JSON: TokenizeResponse}, (400, 401, 404, 408, 413, 415, 429, 503)),
     ("/detokenize", "post"): (DetokenizeRequest, {JSON: DetokenizeResponse}, (400, 401, 404, 408, 413, 415, 429, 503)),
@@ -106,6 +106,8 @@ _ERRORS = {
     429: "The API key is over a limit, or the model's queue is full where it answers 429",
     503: "The model is overloaded, starting or restarting, or the key ledger cannot be reached; see `Retry-After`",
     504: "The model took longer than its `request_timeout_s`",
+    529: "Anthropic's `overloaded_error`: the model is overloaded, starting or restarting, the key ledger "
+    "cannot be reached, or the replica is stopping; see `Retry-After`",
 }
 # Routes whose errors take another envelope than OpenAI's.
 _ERROR_MODELS: dict[str, type[BaseModel]] = {

@@ -329,3 +329,18 @@ def test_build_model_into_a_directory_it_cannot_make_says_so_in_one_line(
     assert cli.main(["build-model", "--out", str(tmp_path / "file" / "models")]) == 1
     said = capsys.readouterr().err
     assert said.startswith("llm-gateway build-model: ") and "Traceback" not in said and said.count("\n") == 1
+
+
+def test_a_port_this_user_may_not_listen_on_says_so_not_that_host_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import cli, local_cluster
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(json.dumps({"models": [{"name": "echo", "engine": "echo"}]}))
+    denied = PermissionError(13, "Permission denied")
+    monkeypatch.setattr(local_cluster, "front_door_taken", lambda host, port: denied)
+    assert cli._local_environment(cli.load_config(config), "0.0.0.0", 80) is None
+    said = capsys.readouterr().err
+    assert "cannot listen on 0.0.0.0:80: Permission denied (ports below 1024 need privileges" in said
+    assert "--host" not in said

@@ -315,3 +315,25 @@ async def test_a_busy_or_down_model_is_retried_after_the_configured_time(
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.get("/raise")
     assert response.headers.get("retry-after") == retry_after
+
+
+async def test_an_overloaded_error_on_anthropics_routes_is_logged_with_the_529_it_was_answered(
+    raised: dict[str, BaseException],
+) -> None:
+    app = _app(raised)
+    logged: list[tuple[object, ...]] = []
+    log = SimpleNamespace(error=lambda *line: logged.append(line))
+    ingress = SimpleNamespace(retry_after_s=7)
+    app.state.gateway = SimpleNamespace(front_door=SimpleNamespace(ingress=ingress), access_log=log)
+
+    @app.middleware("http")
+    async def recorded(request: Any, call_next: Any) -> Any:  # as the observability middleware keeps its record
+        request.state.record = SimpleNamespace(request_id="r1", error=None)
+        return await call_next(request)
+
+    raised["error"] = OverloadedError("busy", status=429, retry_after_s=1)  # Serve's 429 for a full queue
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/v1/messages/raise")).status_code == 529
+        assert (await client.get("/raise")).status_code == 429  # OpenAI's routes: a 4xx, not in the error log
+    assert logged == [("r1", 529, "overloaded", "busy")]
