@@ -152,8 +152,11 @@ def test_loopback_hosts_are_this_machines_own(host: str, loopback: bool) -> None
     assert is_loopback(host) is loopback
 
 
-async def test_a_request_without_an_origin_is_no_browsers_and_is_served_whatever_host_it_names() -> None:
-    """An HTTP/1.0 client may name no host; a proxy, any: neither is a page."""
+PAGE = [(b"host", b"evil.example.net"), (b"origin", b"http://evil.example.net")]
+
+
+async def keyless_status(path: str, headers: list[tuple[bytes, bytes]], root: str = "") -> object:
+    """The status a keyless gateway's origin check gives a request (200: let through to the app)."""
     sent: list[dict[str, object]] = []
 
     async def served(scope: object, receive: object, send: object) -> None:
@@ -163,12 +166,15 @@ async def test_a_request_without_an_origin_is_no_browsers_and_is_served_whatever
         sent.append(message)
 
     guard = OriginGuard(served, origins=[], hosts=[], keyless=lambda: True)
-    page = [(b"host", b"evil.example.net"), (b"origin", b"http://evil.example.net")]
-    for headers, status in (([], 200), ([(b"host", b"evil.example.net")], 200), (page, 403), (page[1:], 403)):
-        sent.clear()
-        scope = {"type": "http", "path": CHAT, "root_path": "", "headers": headers}
-        await guard(scope, None, record)  # type: ignore[arg-type]
-        assert sent[0]["status"] == status, headers
+    scope = {"type": "http", "path": path, "root_path": root, "headers": headers}
+    await guard(scope, None, record)  # type: ignore[arg-type]
+    return sent[0]["status"]
+
+
+async def test_a_request_without_an_origin_is_no_browsers_and_is_served_whatever_host_it_names() -> None:
+    """An HTTP/1.0 client may name no host; a proxy, any: neither is a page."""
+    for headers, status in (([], 200), ([(b"host", b"evil.example.net")], 200), (PAGE, 403), (PAGE[1:], 403)):
+        assert await keyless_status(CHAT, headers) == status, headers
 
 
 @pytest.mark.parametrize(("root", "status"), [("/v", 403), ("/api", 403), ("/v1", 200)])
@@ -176,17 +182,5 @@ async def test_a_route_prefix_that_merely_begins_a_model_path_does_not_take_it_p
     root: str, status: int
 ) -> None:
     # Under `/v` the routes match `/v1/chat/completions` whole; under `/v1` it is `/chat/completions`, no model route.
-    sent: list[dict[str, object]] = []
-
-    async def served(scope: object, receive: object, send: object) -> None:
-        sent.append({"type": "http.response.start", "status": 200})
-
-    async def record(message: dict[str, object]) -> None:
-        sent.append(message)
-
-    guard = OriginGuard(served, origins=[], hosts=[], keyless=lambda: True)
-    page = [(b"host", b"evil.example.net"), (b"origin", b"http://evil.example.net")]
     path = ("/api" if root == "/api" else "") + CHAT
-    scope = {"type": "http", "path": path, "root_path": root, "headers": page}
-    await guard(scope, None, record)  # type: ignore[arg-type]
-    assert sent[0]["status"] == status
+    assert await keyless_status(path, PAGE, root) == status
