@@ -108,3 +108,47 @@ def parse(stream: bytes) -> list[Any]:
         data = block[len(b"data: ") :]
         payloads.append(None if data == b"[DONE]" else json.loads(data))
     return payloads
+
+
+_BOUNDARY = b"\n\n"
+
+
+class WholeEvents:
+    """Passes on a relayed stream's bytes up to the end of its latest whole
+    event, holding back the start of one that a read cut short until the
+    rest of it is read. A replica that breaks off mid-event then leaves its
+    client with whole events only, and the error event that follows them is
+    read as one of its own (a half event completed by it would reach an SDK
+    as unreadable JSON). A read that ends an event, as a replica's reads
+    almost always do, costs one comparison."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: list[bytes] = []
+
+    def take(self, data: bytes) -> bytes:
+        """What of the bytes held and ``data`` ends at an event's end."""
+        held = self._held
+        if not held:
+            if data.endswith(_BOUNDARY) or not data:
+                return data
+            at = data.rfind(_BOUNDARY)
+            held.append(data[at + 2 :] if at >= 0 else data)
+            return data[: at + 2] if at >= 0 else b""
+        at = data.rfind(_BOUNDARY)
+        if at >= 0:
+            end = at + 2
+        elif data.startswith(b"\n") and held[-1].endswith(b"\n"):
+            end = 1  # the boundary spans the two reads
+        else:
+            held.append(data)
+            return b""
+        whole = b"".join([*held, data[:end]])
+        self._held = [data[end:]] if end < len(data) else []
+        return whole
+
+    def rest(self) -> bytes:
+        """The bytes held, taken: the stream ended (its end mark read) without ending its last event."""
+        held, self._held = self._held, []
+        return b"".join(held)

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
+from gateway import sse
 from gateway.http.handoff import hand_over
 from gateway.http.relay_connection import READ_BYTES, RelayProtocol, RelayReader, StreamCutError
 from gateway.http.relay_outcome import (
@@ -76,8 +77,11 @@ class _Forward:
     outcome, goes to the reader again). Wakes its waiter only when the stream
     ends, breaks off, the client falls behind (reading then pauses) or leaves."""
 
-    def __init__(self, sink: ClientSink, protocol: RelayProtocol, transport: asyncio.BaseTransport) -> None:
+    def __init__(
+        self, sink: ClientSink, protocol: RelayProtocol, transport: asyncio.BaseTransport, events: sse.WholeEvents
+    ) -> None:
         self._sink = sink
+        self._events = events
         self._protocol = protocol
         self._transport: Any = transport
         self._woken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -90,7 +94,9 @@ class _Forward:
     def feed(self, data: bytes) -> None:
         end = data.find(relay.END)
         if end < 0:
-            if not self._sink.write(data):
+            if not (whole := self._events.take(data)):
+                return  # (the start of an event: held until its end is read)
+            if not self._sink.write(whole):
                 self.lost = True
                 self._wake(_GONE)
             elif self._sink.congested():
@@ -99,7 +105,8 @@ class _Forward:
                 self._wake(_STALLED)
             return
         self.after_end = data[end + 1 :]
-        if end and not self._sink.write(data[:end]):
+        last = self._events.rest() + data[:end]
+        if last and not self._sink.write(last):
             self.lost = True
             self._wake(_GONE)
             return
@@ -165,6 +172,7 @@ class RelayedStream:
         self._past_end: OutcomeLine | None = None  # once the stream's END is read and passed on
         self._after_end: bytes | None = None  # what followed END, read as the client left
         self._lost = False  # bytes read from the replica were not passed on (the client left)
+        self._events = sse.WholeEvents()  # holds back the start of an event not yet read whole
         self._whole_before_end = False  # the client left after every byte, before END was read
         self._generates_on = False  # its client leaving does not stop it (``generates_on``)
         self.outcome: Outcome | None = None
@@ -200,22 +208,24 @@ class RelayedStream:
         self._relay_own()
         first, self._first = self._first, b""
         # Each chunk counts as passed on once the caller asks for the next.
+        events = self._events
         try:
-            if first:
+            if whole := events.take(first):
                 self._lost = True
-                yield first
+                yield whole
                 self._lost = False
             while data := await reader.read(READ_BYTES):
                 end = data.find(relay.END)
                 if end < 0:
-                    self._lost = True
-                    yield data
-                    self._lost = False
+                    if whole := events.take(data):
+                        self._lost = True
+                        yield whole
+                        self._lost = False
                     continue
-                if end:
+                if last := events.rest() + data[:end]:
                     self._after_end = data[end + 1 :]  # (the caller may stop at this yield)
                     self._lost = True
-                    yield data[:end]
+                    yield last
                     self._lost = False
                 line, self._reusable = await self._outcome_line(reader, data[end + 1 :])
                 self.outcome = self._decoded(line)
@@ -255,7 +265,7 @@ class RelayedStream:
 
     async def _forward(self, sink: ClientSink, protocol: RelayProtocol, reader: RelayReader) -> bool:
         transport = self._writer.transport
-        forward = _Forward(sink, protocol, transport)
+        forward = _Forward(sink, protocol, transport, self._events)
         held = self._first + reader.take_held()
         self._first = b""
         protocol.forward = forward  # from here, reads go to the client as they arrive

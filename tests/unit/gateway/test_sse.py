@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -114,3 +115,41 @@ def test_a_stored_responses_replayed_stream_ends_with_the_responses_error_event(
     error = OverloadedError("busy")
     assert sse.stream_error("responses_retrieve", error, 7) == sse.stream_error("responses", error, 7)
     assert sse.stream_error("responses_retrieve", error, 7).startswith(b"event: error\n")
+
+
+EVENTS = (
+    sse.frame({"n": 1, "text": "a"})
+    + sse.event("content_block_delta", {"index": 0, "delta": {"text": "bc"}})
+    + b": comment\n\n"
+    + sse.frame({"n": 2, "text": "x" * 40})
+    + sse.DONE
+)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_whole_events_pass_on_each_event_whole_wherever_reads_cut_them(seed: int) -> None:
+    pieces = random.Random(seed)
+    events, passed, at = sse.WholeEvents(), [], 0
+    while at < len(EVENTS):
+        size = pieces.randint(1, 9)
+        if whole := events.take(EVENTS[at : at + size]):
+            passed.append(whole)
+        at += size
+        assert b"".join(passed) + b"".join(events._held) == EVENTS[:at]  # nothing lost, nothing repeated
+    assert all(whole.endswith(b"\n\n") for whole in passed)
+    assert b"".join(passed) == EVENTS and events.rest() == b""
+
+
+def test_whole_events_join_a_boundary_split_between_two_reads() -> None:
+    events = sse.WholeEvents()
+    assert events.take(b'data: {"n":1}\n') == b""
+    assert events.take(b'\ndata: {"n"') == b'data: {"n":1}\n\n'
+    assert events.take(b":2}") == b""
+    assert events.rest() == b'data: {"n":2}' and events.rest() == b""
+
+
+def test_whole_events_pass_reads_that_end_an_event_as_they_are() -> None:
+    events = sse.WholeEvents()
+    read = sse.frame({"n": 1}) + sse.frame({"n": 2})
+    assert events.take(read) is read
+    assert events.take(b"") == b"" and events.rest() == b""

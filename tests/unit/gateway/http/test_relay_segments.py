@@ -12,11 +12,13 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway import sse
 from gateway.errors import InvalidRequestError
 from gateway.http.relay import ReplicaRelay
+from gateway.http.relay_stream import StreamCutError
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from models.llm.relay import StreamServer
@@ -24,7 +26,7 @@ from models.llm.tally import GenerationTally
 from tests.unit.gateway.http.test_handoff import ClientSocketSink
 from tests.unit.gateway.http.test_relay import CALL, OUTCOME, Router
 from tests.unit.gateway.http.test_relay_answers import whole
-from tests.unit.gateway.http.test_relay_response import Written, _unchunk, frames_server
+from tests.unit.gateway.http.test_relay_response import Written, _unchunk, frames_server, uvicorn_serving
 from tests.unit.models.llm.test_handoff import client_pair, readable_eof
 
 
@@ -103,6 +105,7 @@ async def test_a_relayed_stream_split_anywhere_arrives_whole_with_its_outcome(im
         sink.immediate = immediate
         assert await asyncio.wait_for(stream.pipe(sink), 5) is True
         assert b"".join(sink.data) == b"".join(FRAMES) and stream.outcome == OUTCOME
+        assert all(data.endswith(b"\n\n") for data in sink.data)  # each write whole events
     assert replica.accepted == 1  # one connection carried all three
     proxy.close()
 
@@ -168,3 +171,52 @@ async def test_a_background_answer_done_at_once_reports_its_outcome_when_its_lin
     outcome = await asyncio.wait_for(reported, 5)
     assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (4, 1)
     proxy.close()
+
+
+def cut_inside(frame: bytes) -> Passing:
+    """Passes the replica's bytes on up to the middle of ``frame``, at once,
+    then closes the connection: a replica that died as it wrote it."""
+
+    async def passing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        read, sent = b"", 0
+        while data := await reader.read(65536):
+            read += data
+            if (at := read.find(frame)) >= 0:
+                writer.write(read[sent : at + len(frame) // 2])
+                await writer.drain()
+                writer.close()
+                return
+            # (Past the stream's head, a read may end with the start of ``frame``.)
+            keep = len(frame) - 1 if sse.MEDIA_TYPE.encode() in read else 0
+            writer.write(read[sent : max(sent, len(read) - keep)])
+            sent = max(sent, len(read) - keep)
+            await writer.drain()
+        raise AssertionError("the replica never wrote the frame")
+
+    return passing
+
+
+@pytest.mark.parametrize("immediate", [True, False], ids=["forwarded", "sent"])
+async def test_a_stream_cut_inside_an_event_passes_on_only_the_whole_events_before_it(immediate: bool) -> None:
+    proxy = Proxy(await frames_server(FRAMES, handoff=False).start(), cut_inside(FRAMES[5]))
+    stream = await ReplicaRelay(Router(await proxy.start())).open(CALL)
+    sink = Written()
+    sink.immediate = immediate
+    with pytest.raises(StreamCutError):
+        await asyncio.wait_for(stream.pipe(sink), 5)
+    assert b"".join(sink.data) == b"".join(FRAMES[:5])
+    proxy.close()
+
+
+async def test_a_clients_stream_cut_inside_an_event_ends_with_whole_events_then_the_error() -> None:
+    """What an SDK reads: every event decodes, the error is one of its own."""
+    proxy = Proxy(await frames_server(FRAMES, handoff=False).start(), cut_inside(FRAMES[5]))
+    streams = ReplicaRelay(Router(await proxy.start()))
+    async with uvicorn_serving(streams, [], []) as url:
+        async with httpx.AsyncClient() as client:
+            body = (await client.get(url)).content
+    payloads = sse.parse(body)
+    assert payloads[:5] == [{"n": i, "text": "x" * i} for i in range(5)]
+    assert payloads[5]["error"]["code"] == "service_unavailable" and payloads[6:] == [None]
+    proxy.close()
+
