@@ -258,8 +258,9 @@ def redeploy(config: GatewayConfig, address: str) -> int:
     return 0
 
 
-class _Stop(Exception):
-    """Raised from a signal handler to leave the serving loop cleanly."""
+class _Stop(BaseException):
+    """Raised from a signal handler to leave the serving loop, or a drain,
+    cleanly (a BaseException: no ``except Exception`` on the way takes it)."""
 
 
 def _raise_stop(signum: int, _: FrameType | None) -> None:
@@ -357,7 +358,7 @@ def serve_forever(
     except _Stop as stop:
         _say(f"==> {stop}: shutting down")
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (until the drain, which a second one cuts short)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if keeper is not None:
             keeper.close()  # the socket closes with the last ingress replica: new clients are refused
@@ -497,9 +498,20 @@ def _stop_serving(config: GatewayConfig, own_cluster: bool) -> None:
     import ray
     from ray import serve
 
+    # A second stop signal cuts the drain short (the first one's wait may be
+    # minutes long); one during the shutdown that follows is ignored.
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        if ray.is_initialized():
+            _drain(config)
+    except _Stop as stop:
+        _say(f"==> {stop} again: stopping now; requests still in flight are cut off")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not ray.is_initialized():
         return
-    _drain(config)
     if own_cluster:
         serve.shutdown()
     ray.shutdown()
@@ -519,7 +531,7 @@ def _drain(config: GatewayConfig) -> None:
         grace = grace_s(config)  # a `deploy` since the start may have lengthened it
     except Exception:  # noqa: BLE001 - Serve unreachable: the config's own
         grace = max([config.ingress.graceful_shutdown_s, *(m.graceful_shutdown_s for m in config.models)])
-    _say(f"==> letting requests in flight finish (at most {grace:.0f}s)")
+    _say(f"==> letting requests in flight finish (at most {grace:.0f}s; Ctrl-C again stops now)")
     try:
         undeploy(config, timeout_s=grace + 30)
     except Exception as exc:  # noqa: BLE001 - stopping goes on: Serve's shutdown cuts the rest

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,16 @@ def test_the_serving_process_keeps_the_terminals_session_and_writes_to_it() -> N
     assert b"exit status: 0" in output, output
 
 
+@pytest.fixture
+def signals_kept() -> Iterator[None]:
+    """Restores this process's stop-signal handlers, which stopping sets."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGINT, before[0])
+    signal.signal(signal.SIGTERM, before[1])
+
+
+@pytest.mark.usefixtures("signals_kept")
 def test_stopping_on_a_joined_cluster_leaves_serves_other_applications(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
     from ray import serve
@@ -344,3 +355,31 @@ def test_a_port_this_user_may_not_listen_on_says_so_not_that_host_is_wrong(
     said = capsys.readouterr().err
     assert "cannot listen on 0.0.0.0:80: Permission denied (ports below 1024 need privileges" in said
     assert "--host" not in said
+
+
+@pytest.mark.usefixtures("signals_kept")
+def test_a_second_stop_signal_cuts_the_drain_short_and_the_cluster_still_shuts_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+    from ray import serve
+
+    from gateway import cli
+    from gateway.config import parse_config
+
+    done: list[str] = []
+
+    def draining(config: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again, while requests still stream
+        time.sleep(30)
+        done.append("drained whole")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: done.append("left ray"))
+    monkeypatch.setattr(serve, "shutdown", lambda: done.append("serve shut down"))
+    monkeypatch.setattr(cli, "_drain", draining)
+    started = time.monotonic()
+    cli._stop_serving(parse_config({"models": [{"name": "echo", "engine": "echo"}]}), own_cluster=True)
+    assert time.monotonic() - started < 10
+    assert done == ["serve shut down", "left ray"]
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a third during the shutdown ends nothing
