@@ -102,8 +102,9 @@ UNSERVED_SETTINGS = {
 def check_responses_settings(body: Mapping[str, Any], tool_server: bool) -> None:
     """Refuses (400, naming it) a Responses setting vLLM would take and ignore:
     ``text.verbosity`` other than ``medium``, a ``concise`` or ``detailed``
-    reasoning summary, and ``max_tool_calls`` where built-in tools run (it
-    bounds only those, and vLLM only echoes it)."""
+    reasoning summary, a stored prompt template (``prompt``: vLLM only
+    echoes it), and ``max_tool_calls`` where built-in tools run (it bounds
+    only those, and vLLM only echoes it)."""
     for (field, key), (asking, what) in UNSERVED_SETTINGS.items():
         outer = body.get(field)
         if isinstance(outer, dict) and isinstance(outer.get(key), str) and outer[key] in asking:
@@ -113,6 +114,13 @@ def check_responses_settings(body: Mapping[str, Any], tool_server: bool) -> None
                 param=place,
                 code="unsupported_parameter",
             )
+    if body.get("prompt") is not None:  # vLLM's schema takes it, and only echoes it in the answer
+        raise InvalidRequestError(
+            "Unsupported parameter: 'prompt': this model does not serve stored prompt templates; "
+            "send the prompt's text as `instructions` or `input`.",
+            param="prompt",
+            code="unsupported_parameter",
+        )
     if tool_server and body.get("max_tool_calls") is not None:
         raise InvalidRequestError(
             "Unsupported parameter: 'max_tool_calls': this model does not bound its built-in tool calls.",

@@ -85,6 +85,7 @@ def test_one_structured_outputs_constraint_with_its_settings_passes() -> None:
         ({"text": {"format": {"type": "text"}, "verbosity": "high"}}, "text.verbosity"),
         ({"reasoning": {"effort": "low", "summary": "detailed"}}, "reasoning.summary"),
         ({"reasoning": {"generate_summary": "concise"}}, "reasoning.generate_summary"),
+        ({"prompt": {"id": "pmpt_1", "variables": {"name": "Ann"}}}, "prompt"),  # answered without it, echoed back
     ],
 )
 def test_responses_settings_vllm_would_ignore_are_refused_naming_them(body: dict[str, Any], param: str) -> None:
@@ -102,6 +103,7 @@ def test_responses_settings_vllm_would_ignore_are_refused_naming_them(body: dict
         {"reasoning": {"effort": "high", "summary": "auto"}},  # what is available: none
         {"reasoning": {"summary": None}},
         {"max_tool_calls": 3},  # without built-in tools it bounds nothing
+        {"prompt": None},  # not asked for
     ],
 )
 def test_responses_settings_the_answer_honours_pass(body: dict[str, Any]) -> None:
