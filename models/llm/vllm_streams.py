@@ -109,9 +109,15 @@ def _time_tokens(
 _PREAMBLE = frozenset({"response.created", "response.in_progress"})
 
 
+_INCOMPLETE = "response.incomplete"
+# (Inside a JSON string a quote is escaped: these bytes are the event's own ``type``.)
+_COMPLETED_TYPE, _INCOMPLETE_TYPE = b'"type":"response.completed"', b'"type":"response.incomplete"'
+
+
 async def events(stream: AsyncIterator[Any], tally: GenerationTally, hold: bool = False) -> AsyncIterator[bytes]:
     """vLLM's Responses API events as OpenAI sends them (``event:`` and
-    ``data:`` lines, no ``[DONE]``). A failure after the first event ends the
+    ``data:`` lines, no ``[DONE]``; a response cut short ends with
+    ``response.incomplete``, where vLLM sends ``response.completed``). A failure after the first event ends the
     stream with an ``error`` event numbered after the last one. With ``hold``
     the first events (``_PREAMBLE``) wait for the next, and a failure before
     it is raised (GatewayError): the engine refused the request before
@@ -129,7 +135,11 @@ async def events(stream: AsyncIterator[Any], tally: GenerationTally, hold: bool 
             if event.type == "error":  # vLLM's own error event
                 tally.failed(getattr(event, "code", None), 500)
             data = event.model_dump_json(indent=None, by_alias=True).encode()
-            frame = b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n"
+            kind = event.type
+            if kind == "response.completed" and getattr(event.response, "status", None) == "incomplete":
+                # vLLM ends every stream so; OpenAI ends a cut-short one (``max_output_tokens``) so.
+                kind, data = _INCOMPLETE, data.replace(_COMPLETED_TYPE, _INCOMPLETE_TYPE, 1)
+            frame = b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
             if held is not None:
                 if event.type in _PREAMBLE:
                     held.append(frame)

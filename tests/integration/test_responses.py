@@ -49,10 +49,11 @@ def test_a_response_is_answered_in_openais_shape_with_usage(client: openai.OpenA
 def test_a_streamed_response_sends_openais_events_and_the_text_adds_up(client: openai.OpenAI) -> None:
     events = list(client.responses.create(model=VLLM_MODEL, input=PROMPT, max_output_tokens=12, stream=True))
     kinds = [event.type for event in events]
-    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
-    assert "response.output_text.delta" in kinds
+    assert kinds[0] == "response.created" and "response.output_text.delta" in kinds
     assert [event.sequence_number for event in events] == list(range(len(events)))
     final = events[-1].response
+    # As OpenAI ends a stream cut short by its budget (vLLM's server says response.completed).
+    assert kinds[-1] == ("response.incomplete" if final.status == "incomplete" else "response.completed")
     assert final.model == VLLM_MODEL
     assert_finished(final, 12)
     text = "".join(event.delta for event in events if event.type == "response.output_text.delta")

@@ -310,3 +310,29 @@ def test_a_streamed_beam_search_counts_its_answer_once_it_is_read_outside_the_re
     # Outside a request (no tally), the search is vLLM's own generator.
     assert serving.beam_search({}, "r", None).ag_code.co_name == "beam_search"
     vllm_streams.count_beams(None)  # a model without that endpoint
+
+
+def responses_event(kind: str, status: str | None = None, text: str = "") -> Any:
+    """One of vLLM's Responses events, as ``events`` reads it."""
+    payload: dict[str, Any] = {"sequence_number": 3, "type": kind}
+    if status is not None:
+        payload["response"] = {"status": status, "output_text": text}
+
+    def dumped(indent: None, by_alias: bool) -> str:
+        return json.dumps(payload, separators=(",", ":"))
+
+    response = SimpleNamespace(status=status)
+    return SimpleNamespace(type=kind, sequence_number=3, response=response, model_dump_json=dumped)
+
+
+@pytest.mark.parametrize("status", ["incomplete", "completed"])
+async def test_a_responses_stream_cut_short_ends_with_response_incomplete_as_openais_does(status: str) -> None:
+    # vLLM ends every stream with response.completed, whatever the response's status.
+    text = 'as "type":"response.completed" says'  # (quoted in the text: escaped, left as it is)
+    final = responses_event("response.completed", status, text)
+    frames = [frame async for frame in vllm_streams.events(source([final]), GenerationTally())]
+    kind, data = frames[0].decode().removesuffix("\n\n").split("\n")
+    payload = json.loads(data.removeprefix("data: "))
+    expected = "response.incomplete" if status == "incomplete" else "response.completed"
+    assert (kind, payload["type"]) == (f"event: {expected}", expected)
+    assert payload["response"] == {"status": status, "output_text": text}
