@@ -91,6 +91,7 @@ class LLMServer:
         self._requests = 0
         self._configured = False  # whether Serve has given it its ``user_config`` yet
         self._unloadable: dict[str, str] = {}  # adapters of its config that did not load: why
+        self._names = frozenset({config.name})  # the models it answers for: its own, its adapters
         self._engine = engine if engine is not None else make_engine(config)
         # The replica's id, in the id of every response it stores (``gateway.protocol.relay``).
         replica = secrets.token_hex(relay.REPLICA_CHARS // 2)
@@ -129,6 +130,7 @@ class LLMServer:
             logger.error("%s: %s; requests for it are answered 503 until it loads", self._config.name, reason)
         self._configured = True
         self._unloadable = failed
+        self._names = frozenset({self._config.name, *user_config.get("lora_adapters", {})})
 
     async def _watch_engine(self, exit_process: Callable[[], None] | None) -> None:
         """Notices at once an engine that died (vLLM's engine-core process gone):
@@ -147,11 +149,25 @@ class LLMServer:
             raise ServiceUnavailableError(ENGINE_DEAD)
 
     def _admit(self, request: EngineRequest) -> None:
-        """Raises for a request this replica cannot answer: its engine is gone, or its adapter could not load."""
+        """Raises for a request this replica cannot answer: its engine is gone,
+        its adapter could not load, or is not (or no longer) one it serves.
+
+        The ingress sends an adapter's requests only while its table lists
+        the adapter; a replica without it is one that a deploy started before,
+        or kept after, the ingress's table changed (a model restarted without
+        an adapter leaving it, or one added there that it has not loaded
+        yet). 503, not vLLM's 404: the ingress tries another replica (one
+        that serves it still), then the route's ``fallback``, and clients
+        retry as they do a model restarting."""
         self._alive()
         reason = self._unloadable.get(request.model) if self._unloadable else None
         if reason is not None:
             raise ServiceUnavailableError(reason)
+        if request.model and request.model not in self._names:
+            raise ServiceUnavailableError(
+                f"This replica of {self._config.name} does not serve {request.model!r} now: its LoRA adapters "
+                "are changing. Retry shortly."
+            )
 
     async def generate(self, request: EngineRequest, tally: GenerationTally | None = None) -> Reply:
         """A whole answer; counts into ``tally`` when given (what a cancelled one generated)."""

@@ -112,8 +112,22 @@ async def test_an_adapter_that_cannot_load_fails_the_start_but_not_a_running_rep
             await call(EngineRequest("chat", tuned, "r", "tuned"))
     reply = await server.generate(EngineRequest("chat", {**tuned, "model": "echo"}, "r", "echo"))
     assert json.loads(reply.body)["choices"]
-    await server.reconfigure({"lora_adapters": {}})  # no longer configured: the engine answers for its name
-    assert (await server.generate(EngineRequest("chat", tuned, "r", "tuned"))).body
+    await server.stop()
+
+
+async def test_an_adapter_the_replica_does_not_serve_is_answered_503_for_another_replica_to_answer() -> None:
+    """A deploy restarts a model without an adapter the ingress still routes
+    to (or adds one not loaded here yet): not vLLM's 404, which no client or
+    fallback retries."""
+    server = await make_server()
+    tuned = {"model": "tuned", "messages": [{"role": "user", "content": "a"}]}
+    for call in (server.generate, server.open_stream, server.most_tokens):
+        with pytest.raises(ServiceUnavailableError, match="does not serve 'tuned' now"):
+            await call(EngineRequest("chat", tuned, "r", "tuned"))
+    await server.reconfigure({"lora_adapters": {}})
+    with pytest.raises(ServiceUnavailableError, match="does not serve 'tuned' now"):
+        await server.generate(EngineRequest("chat", tuned, "r", "tuned"))
+    assert (await server.generate(EngineRequest("chat", {**tuned, "model": "echo"}, "r", "echo"))).body
     await server.stop()
 
 
