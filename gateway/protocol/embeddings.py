@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class InputError(ValueError):
@@ -23,8 +23,9 @@ class EmbeddingRequest(BaseModel):
 
     input: str | Annotated[list[Any], Field(min_length=1)] = Field(description="Text, or a list of texts, to embed.")
     model: str = Field(min_length=1)
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    # null, as clients that send every field send the unset ones: float.
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: StrictInt | None = Field(None, ge=1)  # not a boolean or "384", which lax parsing would read
     user: str | None = None
 
     def texts(self) -> list[str]:

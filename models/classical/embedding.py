@@ -124,6 +124,15 @@ class EmbeddingPredictor:
                     "Please shorten the input.",
                     param=path(index),
                 )
+            if (words := len(text.split())) > self.max_tokens:
+                # Each whitespace-separated word is a token at least: prose
+                # under the character bound (25,600 for MiniLM, ~4,700 tokens)
+                # is refused without seconds of tokenizing on the replica's loop.
+                raise ContextLengthExceededError(
+                    f"{path(index)} has {words} words, each at least one token; this model's maximum context "
+                    f"length is {self.max_tokens} tokens. Please shorten the input.",
+                    param=path(index),
+                )
         texts = list(instances)
         counts = [len(ids) for ids in self._tokenizer(texts)["input_ids"]]
         for index, count in enumerate(counts):

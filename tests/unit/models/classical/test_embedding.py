@@ -129,10 +129,14 @@ def test_a_text_longer_than_the_window_can_hold_is_refused_before_it_is_tokenize
         predictor.inputs(["fine", "x" * (predictor.max_chars + 1)], "input")
     assert refused.value.param == "input[1]" and "25601 characters" in str(refused.value)
     assert calls == []
-    # Within the bound the tokens decide: 25,600 characters of words are over 256 tokens,
-    # and a text padded with whitespace under the window is read.
-    with pytest.raises(ContextLengthExceededError, match="tokens"):
+    # Within it, more words than the window has tokens are refused untokenized too
+    # (256 texts of 25,600 characters of prose took seconds to tokenize) ...
+    with pytest.raises(ContextLengthExceededError, match="8533 words"):
         predictor.inputs(["ab " * (predictor.max_chars // 3)], "input", lone=True)
+    assert calls == []
+    # ... and below that the tokens decide, and a text padded with whitespace under the window is read.
+    with pytest.raises(ContextLengthExceededError, match="tokens"):
+        predictor.inputs(["ab, " * 200], "input", lone=True)  # 200 words, 402 tokens
     assert calls == [1]
     texts, counts = predictor.inputs([(" " * 30 + "word\n") * 200], "input", lone=True)
     assert len(texts[0]) > 256 * 18 and counts == [202]  # past vLLM's bound, well within the window

@@ -160,6 +160,16 @@ def test_embedding_request_renders_floats_base64_and_usage() -> None:
     assert decoded.tolist() == [1.0, 1.5, -2.0, 0.25]
 
 
+def test_embedding_options_sent_as_null_are_the_defaults_and_of_a_wrong_type_are_refused() -> None:
+    predictor = EmbeddingPredictor(FakeSentenceModel())
+    body = {"model": "m", "input": "a b", "encoding_format": None, "dimensions": None}
+    assert answer(parse(EngineRequest("embedding", body, "r", "m"), predictor, 10), predictor)["data"][0]["embedding"]
+    for wrong, kind in ((True, "a boolean"), ("4", "a string")):  # lax parsing read them as 1 and 4
+        with pytest.raises(InvalidRequestError) as refused:
+            parse(EngineRequest("embedding", {**body, "dimensions": wrong}, "r", "m"), predictor, 10)
+        assert refused.value.code == "invalid_type" and f"but got {kind} instead" in refused.value.message
+
+
 def test_embedding_input_over_the_window_is_refused_not_truncated() -> None:
     predictor = EmbeddingPredictor(FakeSentenceModel())
     body = {"model": "m", "input": ["fine", "one two three four five six seven"]}
