@@ -223,6 +223,7 @@ class VLLMEngine:
             if task is not None:
                 vllm_stored.mark_failure(self._vllm, parsed.request_id, task)
                 vllm_stored.counted(task, tally)
+                vllm_stored.in_progress_soon(self._vllm, parsed.request_id, task)  # (once this answer is made)
             # Its events are read from where that task puts them, once it has begun.
             while parsed.stream and task is not None and not task.done():
                 if vllm_stored.has_events(self._vllm, parsed.request_id):

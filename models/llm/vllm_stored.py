@@ -59,7 +59,7 @@ async def answer(
     if not has_events(serving, response_id):
         raise not_streamable()
     events = background_events(serving, response_id, body.get("starting_after"))
-    return vllm_streams.events(events, tally)
+    return vllm_streams.events(events, tally, after=body.get("starting_after"))
 
 
 def background_task(serving: vllm_compat.Serving, request_id: str) -> Any:
@@ -115,6 +115,20 @@ def mark_failure(serving: vllm_compat.Serving, response_id: str, task: Any) -> N
     task.add_done_callback(ended)
 
 
+def in_progress_soon(serving: vllm_compat.Serving, response_id: str, task: Any) -> None:
+    """Has a background response's stored copy say ``in_progress`` from the
+    next turn of the loop on, its first answer (``queued``, as OpenAI's
+    says) written by then: vLLM's said ``queued`` until its end, where
+    OpenAI's says ``in_progress`` while it generates."""
+
+    def begun() -> None:
+        stored = serving.responses.response_store.get(response_id)
+        if stored is not None and stored.status == "queued" and not task.done():
+            stored.status = "in_progress"
+
+    asyncio.get_running_loop().call_soon(begun)
+
+
 def check_cancellable(serving: vllm_compat.Serving, response_id: str) -> Any:
     """A background response cancelled already (cancelling is idempotent, as
     OpenAI's is: the response is answered again), else None for one that
@@ -148,7 +162,8 @@ async def background_events(
     """A background response's events after ``starting_after``, as vLLM's own
     reader yields them, but ending when its task has ended: vLLM's waits for
     a ``response.completed`` that a failed or cancelled task never sends.
-    Raises the task's exception after its last event when it failed."""
+    Raises the task's exception after its last event when it failed (its
+    stored error, when it had failed before this read began)."""
     responses = serving.responses
     events, new_event = responses.event_store[response_id]
     task = responses.background_tasks.get(response_id)  # None: it has ended
@@ -164,8 +179,27 @@ async def background_events(
         if task is None or task.done():
             if task is not None and not task.cancelled() and task.exception() is not None:
                 raise task.exception()
+            if (failure := stored_failure(serving, response_id)) is not None:
+                raise failure  # (its task, ended before this read began, is gone)
             return
         await new_event.wait()
+
+
+def stored_failure(serving: vllm_compat.Serving, response_id: str) -> errors.GatewayError | None:
+    """The error a failed response's events end with when read again, as
+    they did live: the ``error`` kept on it (``mark_failure``); None when it
+    did not fail."""
+    stored = serving.responses.response_store.get(response_id)
+    if stored is None or stored.status != "failed":
+        return None
+    error = getattr(stored, "error", None)
+    said = error if isinstance(error, dict) else {"code": getattr(error, "code", None),
+                                                  "message": getattr(error, "message", None)}
+    code = said.get("code") or "server_error"
+    message = said.get("message") or "The response failed."
+    if code == "server_error":
+        return errors.InternalServerError(message, code=code)
+    return InvalidRequestError(message, code=code)
 
 
 async def delete_response(serving: vllm_compat.Serving, response_id: str) -> None:

@@ -110,15 +110,20 @@ _PREAMBLE = frozenset({"response.created", "response.in_progress"})
 
 
 _INCOMPLETE = "response.incomplete"
-# (Inside a JSON string a quote is escaped: these bytes are the event's own ``type``.)
+# The event's ``type`` in its JSON, after the response (which may hold the
+# same bytes: a client's ``metadata`` or schema).
 _COMPLETED_TYPE, _INCOMPLETE_TYPE = b'"type":"response.completed"', b'"type":"response.incomplete"'
 
 
-async def events(stream: AsyncIterator[Any], tally: GenerationTally, hold: bool = False) -> AsyncIterator[bytes]:
+async def events(
+    stream: AsyncIterator[Any], tally: GenerationTally, hold: bool = False, after: int | None = None
+) -> AsyncIterator[bytes]:
     """vLLM's Responses API events as OpenAI sends them (``event:`` and
     ``data:`` lines, no ``[DONE]``; a response cut short ends with
-    ``response.incomplete``, where vLLM sends ``response.completed``). A failure after the first event ends the
-    stream with an ``error`` event numbered after the last one. With ``hold``
+    ``response.incomplete``, where vLLM sends ``response.completed``). A
+    failure after the first event ends the stream with an ``error`` event
+    numbered after the last one (or after ``after``, where the stream is a
+    stored response's events past that number, and none came). With ``hold``
     the first events (``_PREAMBLE``) wait for the next, and a failure before
     it is raised (GatewayError): the engine refused the request before
     generating, which the client gets as an HTTP error, as from OpenAI.
@@ -127,7 +132,7 @@ async def events(stream: AsyncIterator[Any], tally: GenerationTally, hold: bool 
     is set here, in the context of the task that reads it (its own, per
     stream), not only while the stream was being made."""
     TALLY.set(tally)
-    sequence = -1
+    sequence = -1 if after is None else after  # (a stored response's events read again past ``after``)
     held: list[bytes] | None = [] if hold else None
     try:
         async for event in stream:
@@ -138,7 +143,8 @@ async def events(stream: AsyncIterator[Any], tally: GenerationTally, hold: bool 
             kind = event.type
             if kind == "response.completed" and getattr(event.response, "status", None) == "incomplete":
                 # vLLM ends every stream so; OpenAI ends a cut-short one (``max_output_tokens``) so.
-                kind, data = _INCOMPLETE, data.replace(_COMPLETED_TYPE, _INCOMPLETE_TYPE, 1)
+                at = data.rfind(_COMPLETED_TYPE)  # the event's own ``type``, its last field
+                kind, data = _INCOMPLETE, data[:at] + _INCOMPLETE_TYPE + data[at + len(_COMPLETED_TYPE) :]
             frame = b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
             if held is not None:
                 if event.type in _PREAMBLE:

@@ -63,8 +63,12 @@ def test_a_streamed_response_sends_openais_events_and_the_text_adds_up(client: o
 
 def test_sdk_stream_helper_and_the_access_log_count_the_tokens(client: openai.OpenAI) -> None:
     with client.responses.stream(model=VLLM_MODEL, input=PROMPT, max_output_tokens=6) as stream:
-        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
-        final = stream.get_final_response()
+        events = list(stream)
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    # Cut short by its budget, it ends with response.incomplete, as OpenAI's does (for which the
+    # helper's get_final_response() raises, wanting response.completed): the last event has it.
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    final = events[-1].response
     assert "".join(deltas) == final.output_text
     request_id = final.id.removeprefix("resp_")[12:]
     assert final.usage is not None
@@ -392,6 +396,9 @@ async def test_cancelling_a_background_response_stops_its_engine_request(client:
         client.responses.create, model=VLLM_MODEL, input=PROMPT, background=True, max_output_tokens=480,
         extra_body={"ignore_eos": True},
     )
+    # Answered queued, as OpenAI's; polled while it generates, in_progress (vLLM's said queued till its end).
+    assert queued.status == "queued"
+    assert (await asyncio.to_thread(client.responses.retrieve, queued.id)).status == "in_progress"
     # A follow-up while it generates is refused: vLLM would prompt it without the answer to come.
     with pytest.raises(openai.BadRequestError) as refused:
         await asyncio.to_thread(
@@ -544,8 +551,11 @@ def test_a_background_response_the_engine_refuses_ends_failed_not_queued_for_eve
     assert "no-such-type" in events[-1]["message"] and events[-1]["sequence_number"] == 2
     response_id = events[0]["response"]["id"]
     assert finished(client, response_id, within_s=30).status == "failed"
+    # Read again once it has failed: what was generated, then the same error event (its end).
     again = http.get(f"/v1/responses/{response_id}", params={"stream": "true"}, timeout=30)
-    assert again.status_code == 200 and again.text.count("event: ") == 2  # what was generated, then its end
+    replayed = [json.loads(line[len("data: "):]) for line in again.text.splitlines() if line.startswith("data: ")]
+    assert again.status_code == 200 and [event["type"] for event in replayed] == [event["type"] for event in events]
+    assert replayed[-1]["sequence_number"] == 2 and "no-such-type" in replayed[-1]["message"]
 
 
 def test_cancelling_a_background_stream_ends_the_stream_being_read(client: openai.OpenAI, http: httpx.Client) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from gateway.errors import InvalidRequestError
 from gateway.protocol.engine import EngineRequest
-from models.llm import vllm_stored
+from models.llm import vllm_stored, vllm_streams
 from models.llm.tally import GenerationTally
 
 
@@ -130,3 +131,40 @@ async def test_a_background_generation_that_ends_leaves_nothing_behind() -> None
     await finishing
     await asyncio.sleep(0)  # (its done callbacks run)
     assert finishing not in vllm_stored._TALLIES
+
+
+@pytest.mark.parametrize("error", [{"code": "invalid_prompt", "message": "bad"}, {"code": "server_error", "message": "x"}])
+async def test_a_failed_background_response_read_again_ends_with_its_error_as_it_did_live(error: dict[str, str]) -> None:
+    """Its task ended (and vLLM dropped it) before the read began: the
+    events kept end with no terminal one, so the stream would just stop."""
+    created = SimpleNamespace(type="response.created", sequence_number=0)
+    kept = [created, SimpleNamespace(type="response.in_progress", sequence_number=1)]
+    for event in kept:
+        event.model_dump_json = lambda indent, by_alias, event=event: (
+            f'{{"type":"{event.type}","sequence_number":{event.sequence_number}}}'
+        )
+    stored = SimpleNamespace(status="failed", background=True, error=error)
+    responses = SimpleNamespace(
+        response_store={"resp_1": stored}, event_store={"resp_1": (kept, asyncio.Event())}, background_tasks={}
+    )
+    serving = SimpleNamespace(responses=responses)
+    for after, seen in ((None, 2), (1, 0), (5, 0)):
+        events = vllm_stored.background_events(serving, "resp_1", after)
+        frames = [frame async for frame in vllm_streams.events(events, GenerationTally(), after=after)]
+        assert len(frames) == seen + 1
+        last = json.loads(frames[-1].split(b"data: ", 1)[1])
+        assert (last["type"], last["code"], last["message"]) == ("error", error["code"], error["message"])
+        assert last["sequence_number"] == (1 if after is None else after) + 1  # after the last one sent
+
+
+async def test_a_background_response_says_in_progress_once_its_queued_answer_is_made() -> None:
+    stored = {"resp_1": SimpleNamespace(status="queued"), "resp_2": SimpleNamespace(status="queued")}
+    serving = SimpleNamespace(responses=SimpleNamespace(response_store=stored))
+    running, ended = asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
+    ended.set_result(None)
+    vllm_stored.in_progress_soon(serving, "resp_1", running)
+    vllm_stored.in_progress_soon(serving, "resp_2", ended)
+    assert stored["resp_1"].status == "queued"  # the answer being made now says queued, as OpenAI's
+    await asyncio.sleep(0)
+    assert (stored["resp_1"].status, stored["resp_2"].status) == ("in_progress", "queued")
+    running.cancel()

@@ -314,9 +314,10 @@ def test_a_streamed_beam_search_counts_its_answer_once_it_is_read_outside_the_re
 
 def responses_event(kind: str, status: str | None = None, text: str = "") -> Any:
     """One of vLLM's Responses events, as ``events`` reads it."""
-    payload: dict[str, Any] = {"sequence_number": 3, "type": kind}
-    if status is not None:
-        payload["response"] = {"status": status, "output_text": text}
+    payload: dict[str, Any] = {}
+    if status is not None:  # (vLLM's fields in its order: the response first, the event's type last)
+        payload["response"] = {"status": status, "output_text": text, "metadata": {"type": "response.completed"}}
+    payload.update(sequence_number=3, type=kind)
 
     def dumped(indent: None, by_alias: bool) -> str:
         return json.dumps(payload, separators=(",", ":"))
@@ -328,11 +329,11 @@ def responses_event(kind: str, status: str | None = None, text: str = "") -> Any
 @pytest.mark.parametrize("status", ["incomplete", "completed"])
 async def test_a_responses_stream_cut_short_ends_with_response_incomplete_as_openais_does(status: str) -> None:
     # vLLM ends every stream with response.completed, whatever the response's status.
-    text = 'as "type":"response.completed" says'  # (quoted in the text: escaped, left as it is)
+    text = 'as "type":"response.completed" says'  # (quoted in the text, or as the client's metadata: left as is)
     final = responses_event("response.completed", status, text)
     frames = [frame async for frame in vllm_streams.events(source([final]), GenerationTally())]
     kind, data = frames[0].decode().removesuffix("\n\n").split("\n")
     payload = json.loads(data.removeprefix("data: "))
     expected = "response.incomplete" if status == "incomplete" else "response.completed"
     assert (kind, payload["type"]) == (f"event: {expected}", expected)
-    assert payload["response"] == {"status": status, "output_text": text}
+    assert payload["response"] == {"status": status, "output_text": text, "metadata": {"type": "response.completed"}}
