@@ -258,6 +258,10 @@ def redeploy(config: GatewayConfig, address: str) -> int:
     return 0
 
 
+# How long after a stop's drain began a second Ctrl-C is taken for a person's.
+AGAIN_AFTER_S = 1.0
+
+
 class _Stop(BaseException):
     """Raised from a signal handler to leave the serving loop, or a drain,
     cleanly (a BaseException: no ``except Exception`` on the way takes it)."""
@@ -494,24 +498,33 @@ def _tend_processes(config: GatewayConfig, address: str | None) -> None:
 def _stop_serving(config: GatewayConfig, own_cluster: bool) -> None:
     """Drains the gateway's applications and leaves Ray. Serve itself is shut
     down only on a cluster this process started: on one it joined
-    (``--address``), Serve's other applications are not the gateway's to end."""
+    (``--address``), Serve's other applications are not the gateway's to end.
+
+    On a cluster this process started, a Ctrl-C (SIGINT) during the drain
+    cuts it short: the shutdown that follows ends every replica. One within
+    ``AGAIN_AFTER_S`` of the drain's start is taken for a copy of the first
+    stop (``pkill`` matches this process and the parent that forwards it),
+    and a stop signal after it, or a SIGTERM at any time, is ignored. On a
+    joined cluster the drain always runs whole: its removal must reach Serve."""
     import ray
     from ray import serve
 
-    # A second stop signal cuts the drain short (the first one's wait may be
-    # minutes long); one during the shutdown that follows is ignored.
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    try:
-        if ray.is_initialized():
-            _drain(config)
-    except _Stop as stop:
-        _say(f"==> {stop} again: stopping now; requests still in flight are cut off")
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not ray.is_initialized():
         return
+    began = time.monotonic()
+
+    def again(signum: int, _: FrameType | None) -> None:
+        if time.monotonic() - began >= AGAIN_AFTER_S:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # (once)
+            raise _Stop(signal.Signals(signum).name)
+
+    try:
+        signal.signal(signal.SIGINT, again if own_cluster else signal.SIG_IGN)
+        _drain(config, cut_short=own_cluster)
+    except _Stop as stop:
+        _say(f"==> {stop} again: shutting down without waiting; requests still in flight are cut off")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if own_cluster:
         serve.shutdown()
     ray.shutdown()
@@ -523,7 +536,7 @@ def _say(line: str) -> None:
         print(line, flush=True)
 
 
-def _drain(config: GatewayConfig) -> None:
+def _drain(config: GatewayConfig, cut_short: bool = False) -> None:
     """Removes the gateway's applications, letting requests in flight finish."""
     from gateway.deploy import grace_s, undeploy
 
@@ -531,7 +544,8 @@ def _drain(config: GatewayConfig) -> None:
         grace = grace_s(config)  # a `deploy` since the start may have lengthened it
     except Exception:  # noqa: BLE001 - Serve unreachable: the config's own
         grace = max([config.ingress.graceful_shutdown_s, *(m.graceful_shutdown_s for m in config.models)])
-    _say(f"==> letting requests in flight finish (at most {grace:.0f}s; Ctrl-C again stops now)")
+    again = "; Ctrl-C again stops without waiting" if cut_short else ""
+    _say(f"==> letting requests in flight finish (at most {grace:.0f}s{again})")
     try:
         undeploy(config, timeout_s=grace + 30)
     except Exception as exc:  # noqa: BLE001 - stopping goes on: Serve's shutdown cuts the rest
