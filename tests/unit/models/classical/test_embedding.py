@@ -140,6 +140,10 @@ def test_a_text_longer_than_the_window_can_hold_is_refused_before_it_is_tokenize
     assert calls == [1]
     texts, counts = predictor.inputs([(" " * 30 + "word\n") * 200], "input", lone=True)
     assert len(texts[0]) > 256 * 18 and counts == [202]  # past vLLM's bound, well within the window
+    # Words a normalizer joins or drops are not counted as tokens: these fit the window.
+    joined, dropped = "a\x1f" * 300 + "b", "x" + " \u200b" * 300
+    texts, counts = predictor.inputs([joined, dropped], "input")
+    assert counts[0] < 10 and counts[1] < 10
 
 
 def test_a_window_that_is_no_multiple_of_8_is_not_padded_past_it() -> None:
