@@ -109,7 +109,11 @@ class ModelDispatcher:
         name, route, stream, envelope = planned.name, planned.route, planned.stream, planned.envelope
         record: RequestRecord = request.state.record  # made by the observability middleware
         record.model, record.stream = name, stream
-        _check_request_id(envelope, record.request_id)
+        try:
+            _check_request_id(envelope, record.request_id)
+        except GatewayError as error:  # (refused after routing: the variant is said, as on any such error)
+            error.extra_headers.setdefault(VARIANT_HEADER, route.target)
+            raise
         owner = api.id if api is not None else ""
         replica = None
         if isinstance(envelope, ResponsesEnvelope) and envelope.previous_response_id is not None:

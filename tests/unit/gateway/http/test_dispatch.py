@@ -346,6 +346,17 @@ async def test_a_classical_call_held_while_no_replica_runs_is_given_up_but_a_slo
     assert slow.status_code == 200
 
 
+async def test_a_body_request_id_other_than_the_requests_own_is_refused_naming_the_variant() -> None:
+    handle = FakeHandle()
+    transport = ASGITransport(app=make_app(handle), raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        body = {"model": "m", "messages": [], "request_id": "theirs"}
+        response = await client.post("/chat", json=body, headers={"x-request-id": "ours"})
+    assert (response.status_code, response.json()["error"]["param"]) == (400, "request_id")
+    assert response.headers["x-gateway-variant"] == "m"  # as every error raised once a variant is chosen
+    assert handle.calls == []
+
+
 @pytest.mark.parametrize("body", [{"model": "other"}, {"model": "m", "n": 0}])
 async def test_bad_routing_fields_never_reach_a_model(body: dict[str, Any]) -> None:
     handle = FakeHandle()
