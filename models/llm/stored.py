@@ -40,6 +40,7 @@ _NAMING = (*STORED, "responses_input_items")
 class _Kept(NamedTuple):
     owner: str  # the API key that made it
     input: Any  # its request's ``input``, as sent
+    background: bool = False
 
 
 class StoredResponses:
@@ -83,6 +84,9 @@ class StoredResponses:
         elif request.endpoint in _NAMING:
             response_id = request.body.get("response_id")
             self._owned(response_id if isinstance(response_id, str) else "", request.owner, "response_id")
+            if request.endpoint == "responses_cancel" and response_id in self._generating:
+                if not self._kept[response_id].background:  # (the engine stores it only at its end: 404)
+                    raise not_cancellable("in_progress", False)
 
     def admit(self, request: EngineRequest) -> EngineRequest:
         """``request`` as the engine gets it, once checked: a new response's
@@ -103,7 +107,9 @@ class StoredResponses:
         # (``store: null`` is vLLM's false: it stores only what it is asked to.)
         if self.size > 0 and request.body.get("store", True) is True:
             response_id = relay.response_id(self.replica, named)
-            self._kept[response_id] = _Kept(request.owner, request.body.get("input"))
+            self._kept[response_id] = _Kept(
+                request.owner, request.body.get("input"), request.body.get("background") is True
+            )
             self._generating.add(response_id)
         return dataclasses.replace(request, request_id=self.replica + named)
 

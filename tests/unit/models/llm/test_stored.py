@@ -268,3 +268,19 @@ def test_a_follow_up_on_a_response_still_generating_is_refused_saying_so() -> No
     assert "is still in progress" in caught.value.message
     stored.ended(first)
     stored.admit(follow_up)  # once stored, it continues
+
+
+def test_cancelling_a_response_answered_at_once_while_it_generates_says_only_background_ones_can_be() -> None:
+    # vLLM stores it only at its end, so it answered 404 (not found) until then.
+    stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
+    at_once = stored.admit(create("req1", owner="team-a"))
+    background = stored.admit(create("req2", owner="team-a", background=True))
+    with pytest.raises(InvalidRequestError, match="Only a background response can be cancelled") as caught:
+        stored.check(named("responses_cancel", f"resp_{REPLICA}req1", owner="team-a"))
+    assert (caught.value.status_code, caught.value.param) == (400, "response_id")
+    stored.check(named("responses_cancel", f"resp_{REPLICA}req2", owner="team-a"))  # the engine cancels it
+    with pytest.raises(ResponseNotFoundError):  # another key's: as if it did not exist
+        stored.check(named("responses_cancel", f"resp_{REPLICA}req1", owner="team-b"))
+    stored.ended(at_once)
+    stored.ended(background)
+    stored.check(named("responses_cancel", f"resp_{REPLICA}req1", owner="team-a"))  # ended: the engine says why
