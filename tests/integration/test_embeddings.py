@@ -104,8 +104,15 @@ async def test_concurrent_requests_share_batches(gateway: Gateway) -> None:
         ({"input": ["ok", 3.5]}, "'input[1]' must be a string, not float", "input[1]", None),
         ({"input": ["x"] * 65}, "'input' holds 65 entries; this model accepts at most 64 per request.", "input", None),
         (
+            {"input": ["short", "word, " * 200]},
+            "input[1] has 402 tokens; this model's maximum context length is 256 tokens. Please shorten the input.",
+            "input[1]",
+            "context_length_exceeded",
+        ),
+        (  # refused before it is tokenized
             {"input": ["short", "word " * 300]},
-            "input[1] has 302 tokens; this model's maximum context length is 256 tokens. Please shorten the input.",
+            "input[1] has 300 words, each at least one token; this model's maximum context length is 256 tokens. "
+            "Please shorten the input.",
             "input[1]",
             "context_length_exceeded",
         ),
@@ -126,7 +133,7 @@ async def test_concurrent_requests_share_batches(gateway: Gateway) -> None:
     ],
     ids=[
         "empty-string", "empty-in-list", "empty-list", "token-ids", "non-string",
-        "over-cap", "too-long", "dimensions", "encoding-format", "unknown-field", "missing-input",
+        "over-cap", "too-long", "too-many-words", "dimensions", "encoding-format", "unknown-field", "missing-input",
     ],
 )
 def test_bad_embedding_input_is_an_openai_shaped_400(
