@@ -60,9 +60,14 @@ async def count(counter: PromptCounter, endpoint: str, body: dict[str, Any], siz
     return await asyncio.to_thread(counter.prompt_tokens, endpoint, body)
 
 
-def most_tokens(counts: list[int], body: dict[str, Any], window: int | None) -> int | None:
+# A completion's output budget when it sets none, or null: OpenAI's and vLLM's.
+COMPLETION_BUDGET = 16
+
+
+def most_tokens(counts: list[int], body: dict[str, Any], window: int | None, endpoint: str) -> int | None:
     """The prompts' tokens plus ``n`` times each one's output budget
-    (``max_completion_tokens`` / ``max_tokens``, else the rest of ``window``).
+    (``max_completion_tokens`` / ``max_tokens``, else the rest of ``window``;
+    a completion's, else ``COMPLETION_BUDGET``).
 
     None (the replica then counts, refusing what it would refuse to
     generate) for anything but a budget the window holds: a budget below 1
@@ -70,6 +75,8 @@ def most_tokens(counts: list[int], body: dict[str, Any], window: int | None) -> 
     known. A budget that could not be sent is never reserved, nor a negative
     one (which would give the key tokens back)."""
     budget = body.get("max_completion_tokens") or body.get("max_tokens")
+    if budget is None and endpoint == "completion":
+        budget = COMPLETION_BUDGET
     choices = body.get("n") or 1
     if not _whole(choices) or (budget is not None and not _whole(budget)) or window is None:
         return None

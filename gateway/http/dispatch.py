@@ -191,7 +191,7 @@ class ModelDispatcher:
                 client.learn_counter()
             else:
                 counts = await prompt_count.count(client.counter, call.endpoint, call.body, size)
-                total = most_tokens(counts, call.body, client.window) if counts is not None else None
+                total = most_tokens(counts, call.body, client.window, call.endpoint) if counts is not None else None
                 if total is not None:
                     return total
             # The model's replica counts what the ingress cannot, within the

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from gateway import sse
+from gateway.auth.prompt_count import COMPLETION_BUDGET
 from gateway.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -279,7 +280,8 @@ class EchoEngine:
         for text in prompts:
             prompt = len(text.split())
             prompt_tokens += prompt
-            answer = render.answer(text, self._budget(prompt, req.max_tokens, "prompt"), req.stop)
+            budget = req.max_tokens if req.max_tokens is not None else COMPLETION_BUDGET  # (null: as vLLM takes it)
+            answer = render.answer(text, self._budget(prompt, budget, "prompt"), req.stop)
             answers.extend([answer] * req.n)
         return render.EchoPlan(
             kind="completion",

@@ -32,12 +32,20 @@ async def test_the_word_counter_counts_as_the_echo_engine(endpoint: str, body: d
 
 
 def test_budgets_are_per_choice_and_per_prompt() -> None:
-    assert most_tokens([10], {"max_tokens": 5}, 100) == 15
-    assert most_tokens([10], {"max_tokens": 5, "n": 3}, 100) == 25
-    assert most_tokens([10, 20], {"max_completion_tokens": 4, "max_tokens": 9}, 100) == 38
-    assert most_tokens([10], {}, 100) == 100  # the rest of the window
-    assert most_tokens([10], {}, None) is None
-    assert most_tokens([10], {"n": "2"}, 100) is None
+    assert most_tokens([10], {"max_tokens": 5}, 100, "chat") == 15
+    assert most_tokens([10], {"max_tokens": 5, "n": 3}, 100, "chat") == 25
+    assert most_tokens([10, 20], {"max_completion_tokens": 4, "max_tokens": 9}, 100, "chat") == 38
+    assert most_tokens([10], {}, 100, "chat") == 100  # the rest of the window
+    assert most_tokens([10], {}, None, "chat") is None
+    assert most_tokens([10], {"n": "2"}, 100, "chat") is None
+
+
+def test_a_completion_without_a_budget_reserves_the_16_tokens_it_may_generate_not_the_window() -> None:
+    # As OpenAI and vLLM default it, also when sent as null; chat's default is the window's rest.
+    assert most_tokens([10], {}, 2048, "completion") == 26
+    assert most_tokens([10], {"max_tokens": None, "n": 4}, 2048, "completion") == 10 + 4 * 16
+    assert most_tokens([10, 20], {"max_tokens": 100}, 2048, "completion") == 230
+    assert most_tokens([10], {}, 2048, "chat") == 2048
 
 
 @pytest.mark.parametrize(
@@ -53,14 +61,14 @@ def test_budgets_are_per_choice_and_per_prompt() -> None:
     ],
 )
 def test_a_budget_the_engine_would_refuse_is_left_to_the_replica_to_refuse(body: dict[str, object]) -> None:
-    assert most_tokens([10], body, 100) is None
+    assert most_tokens([10], body, 100, "chat") is None
 
 
 def test_a_prompt_that_fills_the_window_is_left_to_the_replica_to_refuse() -> None:
-    assert most_tokens([99], {}, 100) == 100
-    assert most_tokens([100], {}, 100) is None  # no room for one token
-    assert most_tokens([10, 100], {}, 100) is None
-    assert most_tokens([10], {"max_tokens": 5}, None) is None  # no window to check the budget against
+    assert most_tokens([99], {}, 100, "chat") == 100
+    assert most_tokens([100], {}, 100, "chat") is None  # no room for one token
+    assert most_tokens([10, 100], {}, 100, "chat") is None
+    assert most_tokens([10], {"max_tokens": 5}, None, "chat") is None  # no window to check the budget against
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,14 @@ async def test_completion_prompt_list_gives_one_choice_per_prompt(engine: EchoEn
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
 
 
+@pytest.mark.parametrize("budget", [{}, {"max_tokens": None}])
+async def test_a_completion_without_a_budget_generates_16_tokens_as_vllms_does(
+    engine: EchoEngine, budget: dict[str, None]
+) -> None:
+    body = await _json(engine, _request("completion", prompt=" ".join(["w"] * 40), **budget))
+    assert body["usage"]["completion_tokens"] == 16 and body["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize(
     ("kind", "limit"),
     [("chat", "max_tokens"), ("chat", "max_completion_tokens"), ("completion", "max_tokens")],
