@@ -32,7 +32,7 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=128)
+    n: int | None = Field(1, ge=1, le=128)  # (null: not set, one choice)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     response_format: dict[str, Any] | None = None
     seed: int | None = None

@@ -21,7 +21,7 @@ class CompletionRequest(BaseModel):
     logit_bias: LogitBias | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
     max_tokens: int | None = Field(16, ge=1)
-    n: int = Field(1, ge=1, le=128)
+    n: int | None = Field(1, ge=1, le=128)  # (null: not set, one choice)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
     stop: str | list[str] | None = None

@@ -268,7 +268,7 @@ class EchoEngine:
             created=int(time.time()),
             model=self._name,
             prompt_tokens=prompt,
-            answers=[answer] * req.n,
+            answers=[answer] * (req.n or 1),
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
@@ -282,7 +282,7 @@ class EchoEngine:
             prompt_tokens += prompt
             budget = req.max_tokens if req.max_tokens is not None else COMPLETION_BUDGET  # (null: as vLLM takes it)
             answer = render.answer(text, self._budget(prompt, budget, "prompt"), req.stop)
-            answers.extend([answer] * req.n)
+            answers.extend([answer] * (req.n or 1))
         return render.EchoPlan(
             kind="completion",
             id=f"cmpl-{request_id}",

@@ -456,9 +456,13 @@ def _with_request_id(request: EngineRequest) -> dict[str, Any]:
     base of chunk, completion and response ids): always the gateway's request
     id, which the ingress took from the body's own ``request_id`` when the
     client sent no ``x-request-id``. For the Responses API it is also the
-    response's ``id``, so it gets OpenAI's ``resp_`` prefix."""
+    response's ``id``, so it gets OpenAI's ``resp_`` prefix. A completion's
+    ``n: null`` is left out."""
     if request.endpoint == "responses":
         return {**request.body, "request_id": f"resp_{request.request_id}"}
     if request.endpoint in ("tokenize", "detokenize"):
         return request.body  # no engine request, and vLLM's schemas would log the unknown field
-    return {**request.body, "request_id": request.request_id}
+    body = {**request.body, "request_id": request.request_id}
+    if request.endpoint == "completion" and "n" in body and body["n"] is None:
+        del body["n"]  # not set, as OpenAI takes null; vLLM's completion schema refused it
+    return body

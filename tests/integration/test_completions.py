@@ -85,3 +85,13 @@ def test_stream_include_usage(client: openai.OpenAI) -> None:
     )
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize("model", [VLLM_MODEL, "echo"])
+def test_fields_sent_as_null_are_not_set(client: openai.OpenAI, model: str) -> None:
+    """As clients that send every field send the unset ones: one choice of 16 tokens at most."""
+    response = client.completions.create(model=model, prompt="Once upon a time", n=None, max_tokens=None)
+    assert len(response.choices) == 1
+    assert response.usage is not None and 1 <= response.usage.completion_tokens <= 16
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], n=None, max_tokens=2)
+    assert len(chat.choices) == 1
