@@ -38,6 +38,12 @@ def _best_of_n(value: Any, body: Mapping[str, Any]) -> bool:
     return value is None or (type(value) is int and value == (1 if n is None else n))
 
 
+def _fewer_than_n(best_of: Any, n: Any) -> bool:
+    """Whether a completion's ``best_of`` would pick from fewer answers than the ``n`` it returns."""
+    whole = [type(value) is int for value in (best_of, 1 if n is None else n)]
+    return all(whole) and best_of < (1 if n is None else n)
+
+
 # OpenAI's and Anthropic's fields that do not change the answer, by endpoint.
 HINTS: Mapping[str, Mapping[str, Hint]] = {
     "chat": {
@@ -148,6 +154,13 @@ def check_fields(endpoint: str, body: Mapping[str, Any], known: Collection[str])
                 f"unconstrained; use {REMOVED[name]} instead.",
                 param=name,
                 code="unsupported_parameter",
+            )
+        if name == "best_of" and endpoint == "completion" and _fewer_than_n(body[name], body.get("n")):
+            raise InvalidRequestError(
+                f"Invalid 'best_of': {body[name]} is fewer than 'n' ({body.get('n')}); "
+                "best_of must be greater than or equal to n.",
+                param="best_of",
+                code="invalid_value",
             )
         unsupported = UNSUPPORTED.get(endpoint, {}).get(name)
         if unsupported is not None:

@@ -134,6 +134,14 @@ def test_best_of_picking_among_more_answers_than_it_returns_is_refused(fields: d
     assert (refused.value.param, refused.value.code) == ("best_of", "unsupported_parameter")
 
 
+@pytest.mark.parametrize("fields", [{"best_of": 1, "n": 2}, {"best_of": 2, "n": 5}])
+def test_best_of_below_n_is_refused_as_openai_words_it(fields: dict[str, Any]) -> None:
+    # It was refused as if it asked for more answers than returned (the opposite).
+    with pytest.raises(InvalidRequestError, match="best_of must be greater than or equal to n") as refused:
+        check_fields("completion", {**HELLO, **fields}, CHAT_KNOWN | {"n"})
+    assert (refused.value.param, refused.value.code) == ("best_of", "invalid_value")
+
+
 def test_null_for_a_field_no_api_has_is_still_refused() -> None:
     with pytest.raises(InvalidRequestError) as refused:
         check_fields("chat", {**HELLO, "max_token": None}, CHAT_KNOWN)
