@@ -58,6 +58,10 @@ HINTS: Mapping[str, Mapping[str, Hint]] = {
         "modalities": _text_only,
     },
     "completion": {"best_of": _best_of_n},  # beyond ``n``: unsupported, below
+    # The A/B cohort the ingress routed by, as chat's and completions' ``user``:
+    # the counts come from the variant the user's generations do.
+    "tokenize": {"user": None},
+    "detokenize": {"user": None},
     "responses": {
         "prompt_cache_retention": None,
         "prompt_cache_options": None,

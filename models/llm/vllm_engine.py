@@ -461,7 +461,8 @@ def _with_request_id(request: EngineRequest) -> dict[str, Any]:
     if request.endpoint == "responses":
         return {**request.body, "request_id": f"resp_{request.request_id}"}
     if request.endpoint in ("tokenize", "detokenize"):
-        return request.body  # no engine request, and vLLM's schemas would log the unknown field
+        # No engine request, and vLLM's schemas would log an unknown field (``user``: routed by).
+        return {key: value for key, value in request.body.items() if key != "user"}
     body = {**request.body, "request_id": request.request_id}
     if request.endpoint == "completion" and "n" in body and body["n"] is None:
         del body["n"]  # not set, as OpenAI takes null; vLLM's completion schema refused it

@@ -29,6 +29,19 @@ def test_a_prompt_is_counted_as_a_completion_bills_it(http: httpx.Client, client
     assert text.json()["prompt"].strip() == PROMPT
 
 
+def test_counting_for_a_user_of_an_alias_counts_with_the_variant_that_user_gets(http: httpx.Client) -> None:
+    # `user` picks the variant, as for chat: it was refused as a field vLLM's tokenizer routes lack.
+    for user in ("u1", "u2", "u3", "u4"):
+        chat = http.post("/v1/chat/completions", json={
+            "model": "lora-ab", "messages": MESSAGES, "max_tokens": 1, "user": user,
+        })
+        counted = http.post("/tokenize", json={"model": "lora-ab", "messages": MESSAGES, "user": user})
+        assert counted.status_code == 200, counted.text
+        assert counted.headers["x-gateway-variant"] == chat.headers["x-gateway-variant"]
+        text = http.post("/detokenize", json={"model": "lora-ab", "tokens": counted.json()["tokens"], "user": user})
+        assert text.status_code == 200 and text.headers["x-gateway-variant"] == chat.headers["x-gateway-variant"]
+
+
 def test_messages_are_counted_through_the_chat_template_as_chat_bills_them(
     http: httpx.Client, client: openai.OpenAI
 ) -> None:
