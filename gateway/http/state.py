@@ -26,6 +26,8 @@ from gateway.routing.table import Alias, RouteTable
 from gateway.routing.weighted import Variant
 
 logger = logging.getLogger(__name__)
+# What the deployment statuses say while Serve's controller does not answer.
+UNAVAILABLE_KEY = "ServeController"
 
 INFO_TIMEOUT_S = 2.0
 
@@ -259,10 +261,17 @@ class GatewayState:
         self._context[name] = info.max_model_len
 
     async def deployment_statuses(self) -> dict[str, str]:
-        """Serve's status of the ingress and every model deployment, by deployment name."""
+        """Serve's status of the ingress and every model deployment, by
+        deployment name; ``{"ServeController": "UNAVAILABLE"}`` while Serve's
+        controller does not answer (restarting): not ready, said so, where
+        the probe was answered 500 as a failure of the gateway's own."""
         models = self.config.models if self.config is not None else []
         apps = {self.front_door.app_name} | {self._app_for(m) for m in models}
-        return await self._serve_statuses.of(sorted(apps))
+        try:
+            return await self._serve_statuses.of(sorted(apps))
+        except Exception as exc:  # noqa: BLE001 - Ray's errors reaching the controller
+            logger.debug("deployment statuses unavailable: %r", exc)
+            return {UNAVAILABLE_KEY: "UNAVAILABLE"}
 
 
 async def _warm(part: ModelClient | LimiterClient) -> None:

@@ -26,3 +26,20 @@ async def test_with_an_operations_key_the_probes_want_one() -> None:
             assert (await client.get(path)).status_code == 401, path
             assert (await client.get(path, headers=_bearer(API))).status_code == 401, path
             assert (await client.get(path, headers=_bearer(OPS))).status_code == 200, path
+
+
+async def test_ready_while_serves_controller_does_not_answer_is_not_ready_not_a_500() -> None:
+    from gateway.http.state import GatewayState
+
+    async def unreachable(self: object, apps: object) -> dict[str, str]:
+        raise ConnectionError("the controller is restarting")  # as Ray's errors reaching it
+
+    app = gateway_app(Statuses())
+    state: GatewayState = app.state.gateway
+    del state.deployment_statuses  # (the stand-in: Serve's own question is asked here)
+    state._serve_statuses.of = unreachable.__get__(state._serve_statuses)  # type: ignore[method-assign]
+    async with _client(app) as client:
+        for path in ("/ready", "/v2/health/ready"):
+            answer = await client.get(path)
+            assert answer.status_code == 503, (path, answer.text)
+        assert (await client.get("/ready")).json()["deployments"] == {"ServeController": "UNAVAILABLE"}
