@@ -54,21 +54,26 @@ FORWARD_TEXTS = 64
 WORD_CHARS = 100
 
 
-# ASCII control characters a tokenizer's normalizer deletes (BERT's keeps only
-# tab, newline and carriage return), joining the words on either side.
-_DELETED = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])
+# Characters a tokenizer's normalizer deletes (BERT's: control and format
+# characters, combining marks once accents are stripped), or keeps inside a
+# word (line and paragraph separators), joining the words on either side.
+_JOINING = [
+    *range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0), 0xAD, 0x180E,
+    *range(0x0300, 0x0370), *range(0x1AB0, 0x1B00), *range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100),
+    *range(0x200B, 0x2010), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2060, 0x2070),
+    *range(0xFE20, 0xFE30), 0xFEFF, *range(0xFFF9, 0xFFFC),
+]
+_DELETED = dict.fromkeys(_JOINING)
 
 
 def least_words(text: str) -> int:
     """How many words ``text`` holds that each make a token at least: those
-    between spaces, tabs and line ends of an ASCII text (a tokenizer splits
-    there, and further at punctuation), a control character that the
-    tokenizer deletes joining its neighbours; 0 for other text, which
-    normalizers may shrink (zero-width spaces, lone combining marks). Prose
-    under the character bound (25,600 for MiniLM, ~4,700 tokens) is thus
-    refused without tokenizing: 256 such texts held the replica's loop for
-    seconds before they were refused."""
-    return len(text.translate(_DELETED).split()) if text.isascii() else 0
+    between whitespace, once the characters a tokenizer's normalizer deletes
+    or joins words with are taken out (a tokenizer splits at whitespace, and
+    further at punctuation). Prose under the character bound (25,600 for
+    MiniLM, ~4,700 tokens) is thus refused without tokenizing: 256 such
+    texts held the replica's loop for seconds before they were refused."""
+    return len(text.translate(_DELETED).split())
 
 
 def pad_batches(model: Any, multiple: int = PAD_TO_MULTIPLE_OF) -> None:

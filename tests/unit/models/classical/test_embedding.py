@@ -140,10 +140,15 @@ def test_a_text_longer_than_the_window_can_hold_is_refused_before_it_is_tokenize
     assert calls == [1]
     texts, counts = predictor.inputs([(" " * 30 + "word\n") * 200], "input", lone=True)
     assert len(texts[0]) > 256 * 18 and counts == [202]  # past vLLM's bound, well within the window
-    # Words a normalizer joins or drops are not counted as tokens: these fit the window.
-    joined, dropped = "a\x1f" * 300 + "b", "x" + " \u200b" * 300
-    texts, counts = predictor.inputs([joined, dropped], "input")
-    assert counts[0] < 10 and counts[1] < 10
+    # Words a normalizer joins or drops are not counted as tokens: these fit the window ...
+    joined, dropped, marks = "a\x1f" * 300 + "b", "x" + " \u200b" * 300, "x" + " \u0301\u00ad" * 300
+    texts, counts = predictor.inputs([joined, dropped, marks], "input")
+    assert max(counts) < 10
+    # ... and prose of any script over the window is refused untokenized too.
+    calls.clear()
+    with pytest.raises(ContextLengthExceededError, match="2001 words"):
+        predictor.inputs(["café " + "thé, " * 2000], "input", lone=True)
+    assert calls == []
 
 
 def test_a_window_that_is_no_multiple_of_8_is_not_padded_past_it() -> None:
