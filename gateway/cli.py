@@ -268,6 +268,10 @@ class _Stop(BaseException):
 
 
 def _raise_stop(signum: int, _: FrameType | None) -> None:
+    # Once: a copy of the same stop (``pkill`` hits this process and the parent
+    # that forwards it) must not raise again while the first one is handled.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Stop(signal.Signals(signum).name)
 
 

@@ -388,3 +388,16 @@ def test_a_second_ctrl_c_cuts_the_drain_short_on_a_cluster_of_its_own(
     else:  # a joined cluster's drain always runs whole: its removal must reach Serve
         assert done == ["drained whole", "left ray"]
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a third during the shutdown ends nothing
+
+
+@pytest.mark.usefixtures("signals_kept")
+def test_a_stop_signal_is_taken_once_a_copy_of_it_raises_nothing_more() -> None:
+    from gateway import cli
+
+    signal.signal(signal.SIGINT, cli._raise_stop)
+    signal.signal(signal.SIGTERM, cli._raise_stop)
+    with pytest.raises(cli._Stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    os.kill(os.getpid(), signal.SIGINT)  # the parent's forwarded copy, while the first is handled
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
