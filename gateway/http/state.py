@@ -26,8 +26,10 @@ from gateway.routing.table import Alias, RouteTable
 from gateway.routing.weighted import Variant
 
 logger = logging.getLogger(__name__)
-# What the deployment statuses say while Serve's controller does not answer.
+# What the deployment statuses say while Serve's controller does not answer,
+# said in the log at most once in this long.
 UNAVAILABLE_KEY = "ServeController"
+UNAVAILABLE_SAID_S = 60.0
 
 INFO_TIMEOUT_S = 2.0
 
@@ -87,6 +89,7 @@ class GatewayState:
         )
         self._info_calls: dict[str, tuple[Any, Any]] = {}  # per model: its handle, and for `info`
         self._serve_statuses = ServeStatuses()
+        self._unavailable_said = -UNAVAILABLE_SAID_S  # (when it was last said that Serve did not answer)
         self._created = int(time.time())
         self._context: dict[str, int | None] = {}
 
@@ -270,7 +273,10 @@ class GatewayState:
         try:
             return await self._serve_statuses.of(sorted(apps))
         except Exception as exc:  # noqa: BLE001 - Ray's errors reaching the controller
-            logger.debug("deployment statuses unavailable: %r", exc)
+            now = time.monotonic()
+            if now - self._unavailable_said > UNAVAILABLE_SAID_S:
+                self._unavailable_said = now
+                logger.warning("Serve's deployment statuses could not be read (not ready until they are): %r", exc)
             return {UNAVAILABLE_KEY: "UNAVAILABLE"}
 
 

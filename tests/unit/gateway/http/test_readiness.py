@@ -140,6 +140,18 @@ async def test_a_failed_question_reaches_its_probes_and_the_next_probe_asks_agai
     assert len(controller.asked) == 2
 
 
+async def test_a_controller_that_fails_a_moment_is_answered_for_by_a_recent_answer() -> None:
+    clock = Clock()
+    controller = Controller(HEALTHY)
+    statuses = ServeStatuses(controller, wait_s=0.05, last_known_s=10.0, clock=clock)
+    assert await statuses.of(["gw"]) == {"GatewayIngress": "HEALTHY"}
+    controller.fail, clock.now = RuntimeError("controller restarting"), clock.now + 3
+    assert await statuses.of(["gw"]) == {"GatewayIngress": "HEALTHY"}  # 3 s old: it stands
+    clock.now += 8  # too old to stand for the gateway's state now
+    with pytest.raises(RuntimeError, match="controller restarting"):
+        await statuses.of(["gw"])
+
+
 @pytest.mark.parametrize(
     ("statuses", "ready"),
     [
