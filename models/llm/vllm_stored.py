@@ -99,18 +99,24 @@ _UNFINISHED = ("queued", "in_progress")
 
 def mark_failure(serving: vllm_compat.Serving, response_id: str, task: Any) -> None:
     """Has the stored response say ``failed`` once ``task`` (its background
-    generation) ends in an exception: vLLM marks only an error it returns,
+    generation) ends in an exception, or ends without having stored its
+    answer (a stream vLLM ended with its own error event): vLLM marks only an error it returns,
     and a response refused by the engine (raised) stayed ``queued`` for good,
     polled for ever by a client waiting for it to finish. Its ``error`` says
     why, as OpenAI's does (vLLM's response object has no such field)."""
 
     def ended(done: Any) -> None:
-        if done.cancelled() or done.exception() is None:
+        if done.cancelled():
             return
         stored = serving.responses.response_store.get(response_id)
-        if stored is not None and stored.status in _UNFINISHED:
-            stored.status = "failed"
-            stored.error = vllm_errors.response_error(vllm_errors.map_exception(done.exception()))
+        if stored is None or stored.status not in _UNFINISHED:
+            return
+        if done.exception() is not None:
+            failure = vllm_errors.map_exception(done.exception())
+        else:  # ended without storing its answer: its stream ended on vLLM's own error event
+            failure = _last_error(serving, response_id)
+        stored.status = "failed"
+        stored.error = vllm_errors.response_error(failure)
 
     task.add_done_callback(ended)
 
@@ -127,6 +133,15 @@ def in_progress_soon(serving: vllm_compat.Serving, response_id: str, task: Any) 
             stored.status = "in_progress"
 
     asyncio.get_running_loop().call_soon(begun)
+
+
+def _last_error(serving: vllm_compat.Serving, response_id: str) -> errors.GatewayError:
+    """Why a background stream ended without its answer: its last event, an
+    ``error`` one (vLLM's, for a generation that failed), says so."""
+    kept = serving.responses.event_store.get(response_id)
+    last = kept[0][-1] if kept and kept[0] else None
+    message = getattr(last, "message", None) if getattr(last, "type", None) == "error" else None
+    return errors.InternalServerError(message or "The model failed while generating the response.")
 
 
 def check_cancellable(serving: vllm_compat.Serving, response_id: str) -> Any:

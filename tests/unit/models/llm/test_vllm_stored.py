@@ -168,3 +168,25 @@ async def test_a_background_response_says_in_progress_once_its_queued_answer_is_
     await asyncio.sleep(0)
     assert (stored["resp_1"].status, stored["resp_2"].status) == ("in_progress", "queued")
     running.cancel()
+
+
+async def test_a_background_stream_vllm_ended_on_its_own_error_event_is_failed_not_in_progress_for_ever() -> None:
+    """vLLM's stream of a generation that fails writes an error event and ends
+    its task without an exception, leaving the stored response unfinished."""
+    kept = SimpleNamespace(status="in_progress", background=True)
+    events = [SimpleNamespace(type="response.created"), SimpleNamespace(type="error", message="the engine failed")]
+    responses = SimpleNamespace(response_store={"resp_1": kept}, event_store={"resp_1": (events, asyncio.Event())})
+    serving = SimpleNamespace(responses=responses)
+    task = asyncio.get_running_loop().create_future()
+    vllm_stored.mark_failure(serving, "resp_1", task)
+    task.set_result(None)
+    await asyncio.sleep(0)
+    assert kept.status == "failed" and kept.error == {"code": "server_error", "message": "the engine failed"}
+    # One that completed (vLLM stored its answer) stays as it is.
+    done = SimpleNamespace(status="completed", background=True)
+    responses.response_store["resp_2"] = done
+    finished = asyncio.get_running_loop().create_future()
+    vllm_stored.mark_failure(serving, "resp_2", finished)
+    finished.set_result(None)
+    await asyncio.sleep(0)
+    assert done.status == "completed"
