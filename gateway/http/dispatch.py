@@ -206,10 +206,11 @@ class ModelDispatcher:
                 raise self._error(exc) from None
         if model.kind != "embedding":
             return 0
+        window = await client.window()  # (no input holds more: a longer one is refused)
         if size <= prompt_count.INLINE_BYTES:
-            return embedding_tokens(call.endpoint, call.body)
+            return embedding_tokens(call.endpoint, call.body, window)
         # (Millions of inputs take a second to walk: not on the loop every request shares.)
-        return await asyncio.to_thread(embedding_tokens, call.endpoint, call.body)
+        return await asyncio.to_thread(embedding_tokens, call.endpoint, call.body, window)
 
     async def _forward(
         self,

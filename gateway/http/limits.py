@@ -137,12 +137,13 @@ async def refuse_early(limiter: Any, key: ApiKey, model: str) -> None:
         raise refused(decision.refusal, decision.usage, key, model)
 
 
-def embedding_tokens(endpoint: str, body: dict[str, Any]) -> int:
+def embedding_tokens(endpoint: str, body: dict[str, Any], window: int | None = None) -> int:
     """At most the tokens an embedding model's request holds, whichever
     endpoint it came by (``input``; a prediction's ``instances`` or
     ``inputs``; a V2 tensor's ``data``): a WordPiece or byte-level tokenizer
     makes no more tokens than characters (bytes), plus two markers per text;
-    token ids are counted as they are."""
+    token ids are counted as they are. No input counts more than ``window``
+    (the model's; None: unbounded), since the model refuses a longer one."""
     if endpoint == "embedding":
         value = body.get("input")
     elif endpoint == "predict":
@@ -151,14 +152,23 @@ def embedding_tokens(endpoint: str, body: dict[str, Any]) -> int:
         tensors = body.get("inputs")
         first = tensors[0] if isinstance(tensors, list) and tensors else None
         value = first.get("data") if isinstance(first, dict) else None
-    return _most_in(value, depth=2)
+    if isinstance(value, list) and not all(isinstance(item, int) for item in value):
+        return sum(_most_in(item, window) for item in value)  # each item one input
+    return _most_in(value, window)  # one input (a text, or a list of token ids)
 
 
-def _most_in(value: Any, depth: int) -> int:
+def _most_in(value: Any, window: int | None) -> int:
+    """At most the tokens of one input: a text, a token id, or a list of
+    texts (a tensor's row, each text its own input) or of token ids (one input)."""
     if isinstance(value, str):
-        return len(value.encode()) + 2
+        return _capped(len(value.encode()) + 2, window)
     if isinstance(value, int):
         return 1
-    if isinstance(value, list) and depth > 0:
-        return sum(_most_in(item, depth - 1) for item in value)
-    return 0
+    if not isinstance(value, list):
+        return 0
+    ids = sum(1 for item in value if isinstance(item, int))
+    return _capped(ids, window) + sum(_most_in(item, window) for item in value if isinstance(item, str))
+
+
+def _capped(tokens: int, window: int | None) -> int:
+    return tokens if window is None else min(tokens, window)

@@ -22,10 +22,11 @@ from typing import Any, Protocol
 
 from gateway.auth.prompt_count import PromptCounter, counter_for
 from gateway.config import GatewayConfig, ModelConfig, ModelKind
+from gateway.errors import ServiceUnavailableError
 from gateway.http.gather import Gatherer, Gathering
 from gateway.http.relay import ReplicaRelay
 from gateway.http.relay_stream import RelayedStream
-from gateway.http.replica_lookup import RunningReplica
+from gateway.http.replica_lookup import BoundedLookUp, RunningReplica
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from gateway.routing.table import RouteTable
 
@@ -131,6 +132,30 @@ class ClassicalClient:
         self._many = handle.options(method_name="generate_many")
         self.running = RunningReplica(handle, wait_s=replica_wait_s)
         self.gather: Gatherer[EngineRequest] | None = None
+        self._info: Any = None  # (made once it is needed: only embedding models are asked)
+        self._window: int | None = None
+        self._learnt = False
+        self._learning = BoundedLookUp(self._learn_window, replica_wait_s)
+
+    async def window(self) -> int | None:
+        """The most tokens one input of this model holds (an embedding
+        model's window; None: no such bound, or no replica said it within
+        the wait ``ready`` bounds), asked of a replica once."""
+        if not self._learnt:
+            try:
+                await self._learning.wait()
+            except ServiceUnavailableError:
+                pass  # (down or busy: the request finds out, or is reserved without it)
+        return self._window
+
+    async def _learn_window(self) -> None:
+        if self._info is None:
+            self._info = self.source.options(method_name="info")
+        try:
+            info = await self._info.remote()
+            self._window, self._learnt = info.max_model_len, True
+        except Exception as exc:  # noqa: BLE001 - the bound without it; asked again by the next request
+            logger.info("could not learn a classical model's window: %s", exc)
 
     def gather_by(self, group: Gathering | None) -> None:
         """Sends calls in groups as ``group`` says (None: one by one). A
@@ -168,7 +193,10 @@ class ClassicalClient:
             await self.running.ready()
 
     async def warm(self) -> None:
-        await self.running.ready()
+        if self.kind == "embedding":  # (learnt before requests need it)
+            await asyncio.gather(self.running.ready(), self.window())
+        else:
+            await self.running.ready()
 
     def stalled(self) -> asyncio.Future[None] | None:
         return self.running.stalled()

@@ -23,6 +23,7 @@ from gateway.replica_logs import to_stderr
 from models.classical.endpoints import Job, UnrepresentableAnswer, parse
 from models.classical.heap import HeapTrimmer
 from models.classical.predictor import Predictor, load_predictor, refused_input
+from models.llm.engine import EngineInfo
 from models.llm.server import ClientErrorFilter
 
 if TYPE_CHECKING:
@@ -172,6 +173,12 @@ class ClassicalServer:
         if self._dtype is not None:
             stats["dtype"] = self._dtype
         return stats
+
+    def info(self) -> EngineInfo:
+        """What the ingress learns of this model once: the most tokens one
+        input holds (an embedding model's window; None: no such bound), which
+        caps what a key's token limit reserves for each input."""
+        return EngineInfo(root=None, max_model_len=getattr(self._predictor, "max_tokens", None))
 
     async def check_health(self) -> None:
         """Called by Serve's health checks: the model is loaded in-process."""

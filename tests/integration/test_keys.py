@@ -27,7 +27,7 @@ from tests.integration.conftest import ACCESS_LOG, TEST_CONFIG, VLLM_MODEL, Gate
 CHAT = "/v1/chat/completions"
 WORDS = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens on the echo engine
 T = TypeVar("T")
-KEYS = ("full", "scoped", "rpm", "tpm", "quota", "cancel", "vllm", "vllm-left", "one-place", "revoked")
+KEYS = ("full", "scoped", "rpm", "tpm", "quota", "cancel", "vllm", "vllm-left", "embed", "one-place", "revoked")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def secrets(gateway: Gateway) -> Iterator[dict[str, str]]:
         "cancel": {"tpm": 100_000, "max_concurrent": 64},
         "vllm": {"tpm": 2_000},
         "vllm-left": {"tpm": 10_000},
+        "embed": {"tpm": 1_000},
         "one-place": {"max_concurrent": 1},
         "revoked": {},
     }
@@ -215,6 +216,16 @@ async def test_vllm_token_limit_reserves_the_models_own_prompt_count(
         after = await sdk.chat.completions.with_raw_response.create(model=VLLM_MODEL, messages=messages, max_tokens=5)
     settled = 2_000 - int(after.headers["x-ratelimit-remaining-tokens"]) - reserved
     assert settled == answer.usage.total_tokens
+
+
+async def test_an_embedding_text_reserves_at_most_the_models_window(gateway: Gateway, secrets: dict[str, str]) -> None:
+    # 3,020 bytes, 22 of MiniLM's tokens (WordPiece reads a word past 100 characters as one):
+    # reserved as bytes, the key's 1,000 tokens a minute refused it for good.
+    text = " ".join(["x" * 150] * 20)
+    async with openai.AsyncOpenAI(base_url=gateway.v1, api_key=secrets["embed"], max_retries=0) as sdk:
+        raw = await sdk.embeddings.with_raw_response.create(model="minilm", input=text)
+    assert 1_000 - int(raw.headers["x-ratelimit-remaining-tokens"]) == 256  # MiniLM's window
+    assert raw.parse().usage.prompt_tokens == 22
 
 
 async def test_a_beam_search_is_charged_its_answers_usage(gateway: Gateway, secrets: dict[str, str]) -> None:

@@ -121,6 +121,7 @@ class FakeHandle:
         self.calls: list[Any] = []
         self.responses: list[Any] = []
         self.replica = FakeReplica(self)
+        self.info: Any = None  # what ``info`` answers (None: as any other method)
 
     def options(self, **kwargs: Any) -> FakeMethod:
         return FakeMethod(self, kwargs.get("stream", False), kwargs.get("method_name", ""))
@@ -137,9 +138,11 @@ class FakeMethod:
     def __init__(self, handle: FakeHandle, stream: bool, name: str) -> None:
         self._handle, self._stream, self._name = handle, stream, name
 
-    def remote(self, call: Any) -> Any:
-        self._handle.calls.append(call)
+    def remote(self, call: Any = None) -> Any:
         h = self._handle
+        if self._name == "info" and h.info is not None:
+            return FakeResponse(h.info, 0)
+        h.calls.append(call)
         if self._name == "generate_many" and isinstance(h.unary, BaseException):  # the whole call fails
             h.responses.append(FakeResponse(h.unary, h.delay))
             return h.responses[-1]

@@ -19,7 +19,9 @@ from gateway.errors import InvalidRequestError
 from gateway.http import dispatch, limits
 from gateway.http.limits import limits_of
 from gateway.routing.table import Alias
+from gateway.protocol.engine import Outcome, Reply
 from gateway.routing.weighted import Variant
+from models.llm.engine import EngineInfo
 from tests.unit.gateway.http.test_dispatch import (
     COUNTED_TOKENS,
     PREDICT,
@@ -205,15 +207,44 @@ async def test_a_long_embedding_input_is_bounded_off_the_loop(
     # Walking millions of inputs takes a second: every request of the ingress would wait for it.
     walked_in: list[bool] = []
 
-    def bound(endpoint: str, body: dict[str, Any]) -> int:
+    def bound(endpoint: str, body: dict[str, Any], window: int | None) -> int:
         walked_in.append(threading.current_thread() is not threading.main_thread())
-        return limits.embedding_tokens(endpoint, body)
+        return limits.embedding_tokens(endpoint, body, window)
 
     monkeypatch.setattr(dispatch, "embedding_tokens", bound)
     app = make_app(FakeHandle(unary=b'{"predictions": []}'), kinds={"m": "embedding"})
     body = {"instances": ["some words"] * inputs}
     assert await request(app, "/predict/m", body, key=ApiKey("team", ("*",), tpm=10_000_000)) == 200
     assert walked_in == [off_loop]
+
+
+@pytest.mark.parametrize("learnt", [True, False])
+async def test_an_embedding_input_is_reserved_no_more_than_the_models_window(learnt: bool) -> None:
+    # 3,000 bytes of text reserved 3,002 tokens: a key allowed 1,000 a minute was
+    # refused "request too large" for good, although the model takes at most 256.
+    handle = FakeHandle(unary=Reply(b'{"data": []}', Outcome(prompt_tokens=200)))
+    handle.info = EngineInfo(root=None, max_model_len=256)
+    app = make_app(handle, kinds={"m": "embedding"})
+    if learnt:  # (as an ingress replica does before it takes clients)
+        await app.state.dispatcher.table.models["m"].client.warm()
+        handle.info = None  # (no longer answered: what counts is what warm learnt)
+    key = ApiKey("team", ("*",), tpm=1_000)
+    assert await request(app, "/predict/m", {"instances": ["x" * 3_000]}, key=key) == 200
+    assert await request(app, "/predict/m", {"instances": ["x" * 3_000] * 3}, key=key) == 200
+    assert len(handle.calls) == 2
+    # Beyond the window a key's limit still refuses what it can never hold.
+    assert await request(app, "/predict/m", {"instances": ["x" * 3_000] * 5}, key=key) == 429
+
+
+async def test_an_embedding_model_that_cannot_say_its_window_is_reserved_its_inputs_bytes() -> None:
+    handle = FakeHandle(unary=Reply(b'{"data": []}', Outcome(prompt_tokens=200)))
+    handle.info = RuntimeError("replica gone")  # (the window stays unknown; asked again next time)
+    app = make_app(handle, kinds={"m": "embedding"})
+    key = ApiKey("team", ("*",), tpm=1_000)
+    assert await request(app, "/predict/m", {"instances": ["x" * 900]}, key=key) == 200
+    assert await request(app, "/predict/m", {"instances": ["x" * 3_000]}, key=key) == 429
+    handle.info = EngineInfo(root=None, max_model_len=256)
+    assert await request(app, "/predict/m", {"instances": ["x" * 3_000]}, key=key) == 200
 
 
 async def test_a_count_the_replica_does_not_answer_is_bounded_by_the_models_request_timeout(

@@ -66,6 +66,20 @@ def test_embedding_bounds_count_the_texts_of_predictions_and_tensors_too() -> No
     assert embedding_tokens("infer", {"inputs": "nonsense"}) == 0  # refused later, by the replica
 
 
+def test_no_embedding_input_counts_more_than_the_models_window() -> None:
+    # A longer input is refused by the model: reserving its bytes refused a key
+    # with a small token limit "request too large" for a text the model takes.
+    long = "word " * 2_000
+    assert embedding_tokens("embedding", {"input": long}, window=256) == 256
+    assert embedding_tokens("embedding", {"input": [long, "a"]}, window=256) == 256 + 3
+    assert embedding_tokens("embedding", {"input": list(range(1_000))}, window=256) == 256  # one input
+    assert embedding_tokens("embedding", {"input": [list(range(1_000)), [1, 2]]}, window=256) == 256 + 2
+    tensor = {"name": "t", "shape": [2, 1], "datatype": "BYTES", "data": [[long], ["bb"]]}
+    assert embedding_tokens("infer", {"inputs": [tensor]}, window=256) == 256 + 4
+    assert embedding_tokens("predict", {"instances": [long, long]}, window=256) == 512
+    assert embedding_tokens("embedding", {"input": long}) == 10_002  # window unknown: the bytes
+
+
 async def test_what_spends_nothing_carries_the_keys_headers_and_no_503_when_the_ledger_is_away() -> None:
     from gateway.auth.local import LocalLimiter
     from gateway.errors import ServiceUnavailableError

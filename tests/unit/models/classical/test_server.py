@@ -83,6 +83,12 @@ async def test_concurrent_requests_share_one_model_call(iris_dir: Path) -> None:
     assert [a.outcome.batch_size for a in answers] == [8] + [None] * 7
 
 
+async def test_a_model_whose_inputs_have_no_token_window_says_so(iris_dir: Path) -> None:
+    # (The ingress caps a key's reservation per input at the window an embedding model says.)
+    server, _ = await make_server(iris_dir)
+    assert server.info().max_model_len is None
+
+
 async def test_a_bad_request_fails_alone_and_its_batch_mates_are_answered(iris_dir: Path) -> None:
     server, predictor = await make_server(iris_dir, max_batch_size=3, batch_wait_timeout_s=0.5)
     results = await asyncio.gather(
