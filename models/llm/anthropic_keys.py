@@ -121,7 +121,10 @@ def check_keys(body: Mapping[str, Any]) -> None:
     for at, message in _items(body.get("messages")):
         place = TOP.key("messages").key(at)
         if _check(message, MESSAGE, place):
+            if message.get("role") == "system":  # (a system turn holds text, as ``system`` does)
+                _check_text_only(message.get("content"), place.key("content"))
             _check_blocks(message.get("content"), place.key("content"), tagged=True)
+    _check_text_only(body.get("system"), TOP.key("system"))
     _check_blocks(body.get("system"), TOP.key("system"), tagged=False)
     for at, tool in _items(body.get("tools")):
         _check_tool(tool, TOP.key("tools").key(at))
@@ -193,6 +196,18 @@ def _check_blocks(blocks: Any, place: Place, *, tagged: bool) -> None:
                 _check_result_block(item, words.key("content").key(item_at))
         elif kind in ("tool_addition", "tool_removal"):
             _check_tool_change(block.get("tool"), words.key("tool"))
+
+
+def _check_text_only(blocks: Any, place: Place) -> None:
+    """A system prompt's blocks: text only, as Anthropic's API takes them
+    (vLLM kept the text blocks and dropped any other, an image unseen)."""
+    for at, block in _items(blocks):
+        kind = _kind(block)
+        if kind is not None and kind != "text":
+            _refuse(
+                place.key(at).key("type"),
+                f"Input tag '{kind}' found using 'type' does not match any of the expected tags: 'text'",
+            )
 
 
 def _check_result_block(item: Any, place: Place) -> None:

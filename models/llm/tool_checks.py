@@ -31,7 +31,7 @@ def asks_for_calls(endpoint: str, request: Any) -> bool:
     plain text, a ``required`` or named choice ignored)."""
     if endpoint == "chat":
         return getattr(request, "tool_choice", None) not in (None, "none")
-    if endpoint == "messages":
+    if endpoint in ("messages", "messages_count"):  # (a count renders as its request would)
         choice = getattr(request, "tool_choice", None)
         return bool(getattr(request, "tools", None)) and getattr(choice, "type", None) != "none"
     if endpoint == "responses":
@@ -47,7 +47,7 @@ def check_tool_calls(endpoint: str, body: Mapping[str, Any], request: Any, model
     if calls_tools or not asks_for_calls(endpoint, request):
         return
     field = "tool_choice" if body.get("tool_choice") is not None else "tools"
-    none = '{"type": "none"}' if endpoint == "messages" else '"none"'
+    none = '{"type": "none"}' if endpoint.startswith("messages") else '"none"'
     raise InvalidRequestError(
         f"Unsupported parameter: '{field}': the model `{model}` is not set up to call tools (its "
         f"`tool_call_parser` is not set in the gateway's configuration). Send `tool_choice` {none} "
@@ -86,8 +86,10 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
     call could mean either), a ``tool_choice`` that asks for a call with no
     ``tools`` (answered as plain text), a ``tool_result`` block whose
     ``tool_use_id`` no ``tool_use`` of the assistant turn before it has
-    (rendered as an answer to nothing), and one holding blocks vLLM drops
-    (``document``, ``search_result``: the model saw an empty result)."""
+    (rendered as an answer to nothing), one after other content in its turn
+    or a call the turn after leaves unanswered (``_check_results``), and one
+    holding blocks vLLM drops (``document``, ``search_result``: the model
+    saw an empty result)."""
     tools = body.get("tools")
     names = [tool.get("name") for tool in tools if isinstance(tool, dict)] if isinstance(tools, list) else []
     if len(set(names)) < len(names):
@@ -98,37 +100,74 @@ def check_anthropic_tools(body: Mapping[str, Any]) -> None:
             f"tool_choice: `{choice.get('type')}` asks for a tool call, but no `tools` were given.",
             param="tool_choice",
         )
-    messages = body.get("messages")
-    # The tool_use ids of the assistant turn before: consecutive messages of
-    # one role are one turn, as Anthropic combines them (a client may send
-    # parallel calls' results as several user messages).
-    asked: set[Any] = set()
-    role = None
+    _check_results(body.get("messages"))
+
+
+def _check_results(messages: Any) -> None:
+    """Each ``tool_result`` answers a ``tool_use`` of the assistant turn
+    before it and comes first in its user turn, and that user turn answers
+    each of those calls (vLLM rendered an answer to nothing, moved a result
+    before the text sent ahead of it, and let a call go unanswered). A
+    conversation may end on calls. Consecutive messages of one role are one
+    turn, as Anthropic combines them (a client may send parallel calls'
+    results as several user messages)."""
+    asked: dict[Any, int] = {}  # the tool_use ids of the assistant turn before, and the message of each
+    for role, turn in _turns(messages):
+        if role == "assistant":
+            asked = {b.get("id"): at for at, blocks in turn for b in blocks or () if b.get("type") == "tool_use"}
+            continue
+        if role == "user":
+            _check_user_turn(turn, asked)
+        asked = {}
+
+
+def _turns(messages: Any) -> list[tuple[Any, list[tuple[int, list[Any] | None]]]]:
+    """Messages as turns: each turn's role and its messages' blocks (None: text content) by index."""
+    turns: list[tuple[Any, list[tuple[int, list[Any] | None]]]] = []
     for at, message in enumerate(messages if isinstance(messages, list) else ()):
         if not isinstance(message, dict):
             continue  # vLLM's schema refuses it
         content = message.get("content")
-        blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
-        same_turn, role = message.get("role") == role, message.get("role")
-        _check_ids(blocks, at)
-        if role == "assistant":
-            calls = {b.get("id") for b in blocks if b.get("type") == "tool_use"}
-            asked = asked | calls if same_turn else calls
-        elif role != "user":
-            asked = set()
+        blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else None
+        _check_ids(blocks or [], at)
+        if turns and turns[-1][0] == message.get("role"):
+            turns[-1][1].append((at, blocks))
         else:
-            for place, block in enumerate(blocks):
-                if block.get("type") == "tool_result":
-                    _check_result_blocks(block.get("content"), f"messages[{at}].content[{place}].content")
-                if block.get("type") == "tool_result" and block.get("tool_use_id") not in asked:
-                    raise InvalidRequestError(
-                        f"messages.{at}.content.{place}: unexpected `tool_use_id` found in `tool_result` blocks: "
-                        f"{block.get('tool_use_id')}. Each `tool_result` block must have a corresponding "
-                        "`tool_use` block in the previous message.",
-                        param=f"messages[{at}].content[{place}].tool_use_id",
-                    )
-            if not blocks or any(b.get("type") != "tool_result" for b in blocks):
-                asked = set()  # results come first in a turn: none may follow other content
+            turns.append((message.get("role"), [(at, blocks)]))
+    return turns
+
+
+def _check_user_turn(turn: list[tuple[int, list[Any] | None]], asked: dict[Any, int]) -> None:
+    first, answered = True, set()
+    for at, blocks in turn:
+        for place, block in enumerate(blocks if blocks is not None else [None]):
+            if block is None or block.get("type") != "tool_result":
+                first = False
+                continue
+            where = f"messages.{at}.content.{place}"
+            _check_result_blocks(block.get("content"), f"messages[{at}].content[{place}].content")
+            if block.get("tool_use_id") not in asked:
+                raise InvalidRequestError(
+                    f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                    f"{block.get('tool_use_id')}. Each `tool_result` block must have a corresponding "
+                    "`tool_use` block in the previous message.",
+                    param=f"messages[{at}].content[{place}].tool_use_id",
+                )
+            if not first:
+                raise InvalidRequestError(
+                    f"{where}: `tool_result` blocks must come first in a user turn, before any other content.",
+                    param=f"messages[{at}].content[{place}]",
+                )
+            answered.add(block.get("tool_use_id"))
+    missing = [call for call in asked if call not in answered]
+    if missing:
+        at = asked[missing[0]]
+        raise InvalidRequestError(
+            f"messages.{at}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+            f"{', '.join(str(call) for call in missing)}. Each `tool_use` block must have a corresponding "
+            "`tool_result` block in the next message.",
+            param=f"messages[{at}]",
+        )
 
 
 # What vLLM renders of a tool_result's blocks; it drops any other.

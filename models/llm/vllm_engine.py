@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from gateway.affinity import engine_core_placement
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
     from models.llm.tally import GenerationTally
 
 logger = logging.getLogger(__name__)
+# Set while vLLM renders a Messages count (``count_tokens``): no generation follows.
+_ONLY_COUNTED: ContextVar[bool] = ContextVar("only_counted", default=False)
 
 
 class VLLMEngine:
@@ -238,12 +241,15 @@ class VLLMEngine:
                 tally.prompt_tokens = int(result.usage.prompt_tokens)
                 tally.completion_tokens = int(result.usage.completion_tokens or 0)
                 tally.cached_tokens = 0
+            if request.endpoint == "messages" and vllm_messages.thinking_omitted(request.body):
+                vllm_messages.omit_thinking(result)
             return vllm_compat.body_json(result, request.endpoint)
         if request.endpoint == "responses":
             # A background response's id comes at once: the client may cancel it.
             return vllm_streams.events(result, tally, hold=not parsed.background)
         if request.endpoint == "messages":
-            return vllm_streams.named_events(result, tally)
+            omitted = vllm_messages.thinking_omitted(request.body)
+            return vllm_streams.named_events(result, tally, vllm_messages.thinking_text if omitted else None)
         return vllm_streams.frames(result, self.dead, tally)
 
     async def _served(
@@ -288,9 +294,17 @@ class VLLMEngine:
                 )
                 if request.endpoint == "completion":
                     check_prompt_ids(parsed.prompt, self._largest_token)
+            elif request.endpoint == "messages_count":
+                tool_checks.check_tool_calls(
+                    request.endpoint, request.body, parsed, self._config.name, self._calls_tools
+                )
             elif request.endpoint == "detokenize":
                 check_token_ids(parsed.tokens, self._largest_token)
-            result = await call(parsed, create)
+            counting = _ONLY_COUNTED.set(request.endpoint == "messages_count")
+            try:
+                result = await call(parsed, create)
+            finally:
+                _ONLY_COUNTED.reset(counting)
         except Exception as exc:  # vLLM signals client mistakes with exceptions too
             raise vllm_errors.map_exception(exc, prompt_param) from None
         if isinstance(result, serving.error_response):
@@ -369,7 +383,11 @@ class VLLMEngine:
     def _check_rendered(self, endpoint: str, request: Any, inputs: list[Any]) -> None:
         """Refuses prompt + budget beyond the context window, and where no
         budget was sent a ``min_tokens`` beyond the window's rest, as vLLM
-        renders each request to generate (so streams fail before their first byte)."""
+        renders each request to generate (so streams fail before their first byte).
+        A prompt only counted (``count_tokens``) is counted up to the window
+        itself, as vLLM counts it: the client asks whether it fits."""
+        if _ONLY_COUNTED.get():
+            return
         budget, limit = budget_checks.budget(endpoint, request), self._vllm.max_model_len
         param = {"completion": "prompt", "responses": "input"}.get(endpoint, "messages")
         for engine_input in inputs:

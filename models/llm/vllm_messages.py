@@ -17,6 +17,10 @@ continues its text. vLLM's conversion closed that turn and opened a new one
 (its chat request asks for the generation prompt), so a prefilled ``{`` did
 not make the answer go on as JSON; the converted request continues the final
 message instead (``continue_final_message``), as a chat request may ask.
+
+``thinking.display: "omitted"`` is honoured as Anthropic's API honours it:
+thinking blocks come with their signature and no text (vLLM ignores the
+field and sent the reasoning whole).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def identified(convert: Callable[..., Any]) -> Callable[..., Any]:
             chat.request_id = request_id
         if prefilled(chat.messages):
             chat.add_generation_prompt, chat.continue_final_message = False, True
+        if chat.tool_choice == "auto" and not chat.tools:
+            chat.tool_choice = None  # (no tools: no call to make, on a model without a tool parser too)
         return chat
 
     return converted
@@ -88,6 +94,25 @@ def whole_body(message: dict[str, Any]) -> bytes:
             ordered.setdefault("stop_sequence", None)
     ordered.setdefault("stop_sequence", None)
     return json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def thinking_omitted(body: dict[str, Any]) -> bool:
+    """Whether a Messages request asks for its thinking blocks without their text."""
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("display") == "omitted"
+
+
+def omit_thinking(message: Any) -> None:
+    """Empties a whole message's thinking blocks (vLLM's parsed answer); their signatures stay."""
+    for block in getattr(message, "content", None) or ():
+        if getattr(block, "type", None) == "thinking":
+            block.thinking = ""
+
+
+def thinking_text(event: str) -> bool:
+    """Whether a stream's event carries thinking text (a ``thinking_delta``;
+    the JSON of any text it holds escapes its quotes, so none matches)."""
+    return event.startswith("event: content_block_delta\n") and '"type":"thinking_delta"' in event
 
 
 def start_identified(event: str) -> str:

@@ -162,9 +162,12 @@ async def events(
         yield b"".join(held)
 
 
-async def named_events(stream: AsyncIterator[str | GatewayError], tally: GenerationTally) -> AsyncIterator[bytes]:
+async def named_events(
+    stream: AsyncIterator[str | GatewayError], tally: GenerationTally, dropped: Callable[[str], bool] | None = None
+) -> AsyncIterator[bytes]:
     """vLLM's Anthropic Messages events (``event:`` and ``data:`` lines, ready
-    made, its own ``error`` event included, which ``tally`` records), as bytes.
+    made, its own ``error`` event included, which ``tally`` records), as bytes,
+    less those ``dropped`` says (when given).
 
     A GatewayError among them (``messages_converter``) is the stream's
     failure: Anthropic's ``error`` event, or, before any event, raised (the
@@ -181,6 +184,8 @@ async def named_events(stream: AsyncIterator[str | GatewayError], tally: Generat
             if item.startswith("event: error\n"):
                 kind = str(json.loads(item.split("data: ", 1)[1]).get("error", {}).get("type", "api_error"))
                 tally.failed(kind, 400 if kind == "invalid_request_error" else 500)
+            if dropped is not None and dropped(item):
+                continue
             sent = True
             yield item.encode()
     finally:

@@ -97,6 +97,15 @@ def test_count_tokens_is_the_prompt_a_message_is_charged(claude: anthropic.Anthr
     assert claude.messages.count_tokens(model="echo", messages=ASK).input_tokens == 5  # the echo counts words
 
 
+def test_count_tokens_counts_a_prompt_that_fills_the_whole_window(claude: anthropic.Anthropic) -> None:
+    # Whether a prompt fits is what a count asks: one filling the window was refused as leaving none to generate.
+    one = claude.messages.count_tokens(model=VLLM_MODEL, messages=[{"role": "user", "content": "a"}]).input_tokens
+    full = [{"role": "user", "content": "a" + " a" * (VLLM_CONTEXT - one)}]  # (" a": one token each)
+    assert claude.messages.count_tokens(model=VLLM_MODEL, messages=full).input_tokens == VLLM_CONTEXT  # type: ignore[arg-type]
+    with pytest.raises(anthropic.BadRequestError, match="maximum context length"):  # (generating, it leaves none)
+        claude.messages.create(model=VLLM_MODEL, max_tokens=1, messages=full)  # type: ignore[arg-type]
+
+
 def test_keys_vllm_would_drop_inside_a_request_are_refused_and_caching_hints_pass(claude: anthropic.Anthropic) -> None:
     # A message's `name` (some agent frameworks send one) reached the model as if never sent.
     named_turn = {**ASK[0], "name": "Init"}
@@ -223,6 +232,20 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
         claude.messages.count_tokens(model=VLLM_MODEL, messages=ASK, tools=twins)  # type: ignore[arg-type]
     with pytest.raises(anthropic.BadRequestError, match="no `tools`"):
         claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=ASK, tool_choice={"type": "any"})
+    # Results come first in their turn, and the turn after calls answers each: vLLM moved the
+    # result before the text sent ahead of it, and let a call go unanswered.
+    asked = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}]}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "22C"}
+    late = [*ASK, asked, {"role": "user", "content": [{"type": "text", "text": "Here"}, result]}]
+    with pytest.raises(anthropic.BadRequestError, match="must come first in a user turn"):
+        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=late, tools=[weather])  # type: ignore[arg-type,list-item]
+    unanswered = [*ASK, asked, {"role": "user", "content": "Thanks"}]
+    with pytest.raises(anthropic.BadRequestError, match="immediately after: toolu_1"):
+        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=unanswered, tools=[weather])  # type: ignore[arg-type,list-item]
+    # A system prompt holds text only: vLLM dropped an image from it unseen.
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    with pytest.raises(anthropic.BadRequestError, match="expected tags: 'text'"):
+        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=ASK, system=[image])  # type: ignore[list-item]
     # A JSON schema format without its schema: vLLM's own server answered unconstrained text.
     unformed = {"output_config": {"format": {"type": "json_schema"}}}
     with pytest.raises(anthropic.BadRequestError, match="output_config.format.schema"):

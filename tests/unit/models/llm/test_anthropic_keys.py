@@ -53,9 +53,10 @@ def refused(body: dict[str, Any]) -> InvalidRequestError:
         ({"output_config": {"efort": "low"}}, "output_config.efort", "output_config.efort"),
         ({"output_config": {"format": {"type": "json_schema", "schema": {}, "strict": True}}},
          "output_config.format.json_schema.strict", "output_config.format.strict"),
-        ({"system": [{"type": "tool_addition", "tool": {"type": "tool_definition", "definition": {
-            "name": "f", "input_schema": {}, "x": 1}}}]},
-         "system.0.tool.tool_definition.definition.custom.x", "system[0].tool.definition.x"),
+        (said([{"type": "tool_addition", "tool": {"type": "tool_definition", "definition": {
+            "name": "f", "input_schema": {}, "x": 1}}}]),
+         "messages.0.content.0.tool_addition.tool.tool_definition.definition.custom.x",
+         "messages[0].content[0].tool.definition.x"),
         # A null is refused too where no API has the key.
         (said("Hi", nmae=None), "messages.0.nmae", "messages[0].nmae"),
     ],
@@ -119,6 +120,22 @@ def test_anthropics_hints_and_nulls_pass() -> None:
                                       "content": [{"type": "text", "text": "4"}]}]},
     ]
     check_keys({"messages": turns})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {**said("Hi"), "system": [{"type": "text", "text": "Be brief"},
+                                  {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]},
+        {"messages": [{"role": "system", "content": [{"type": "tool_reference", "tool_name": "f"}]}]},
+    ],
+    ids=["system", "system-turn"],
+)
+def test_a_system_prompt_holds_text_only(body: dict[str, Any]) -> None:
+    # vLLM kept a system prompt's text blocks and dropped the rest: the image went unseen.
+    error = refused(body)
+    assert "does not match any of the expected tags: 'text'" in error.message
+    assert error.param in ("system[1].type", "messages[0].content[0].type")
 
 
 def test_parts_of_the_wrong_json_type_are_left_to_vllms_schema() -> None:

@@ -92,6 +92,19 @@ def test_requests_that_ask_for_no_calls_pass_without_a_parser(endpoint: str, fie
     check_tool_calls(endpoint, body, parsed, "tiny", calls_tools=False)
 
 
+def test_counting_a_messages_tools_on_a_model_without_a_parser_is_refused_naming_tools() -> None:
+    # vLLM's count renders the tools with chat's "auto" choice: refused in its command line's words.
+    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [CLAUDE_TOOL]}
+    parsed = AnthropicCountTokensRequest.model_validate(dict(body))
+    with pytest.raises(InvalidRequestError) as caught:
+        check_tool_calls("messages_count", body, parsed, "tiny", calls_tools=False)
+    assert caught.value.param == "tools" and '`tool_choice` {"type": "none"}' in caught.value.message
+    none = {**body, "tool_choice": {"type": "none"}}
+    check_tool_calls("messages_count", none, AnthropicCountTokensRequest.model_validate(dict(none)), "tiny", False)
+
+
 def _serving(parser: Any, harmony: bool = False, tokenizer: Any = None) -> Any:
     renderer = SimpleNamespace(parser=parser, use_harmony=harmony, renderer=SimpleNamespace(tokenizer=tokenizer))
     return SimpleNamespace(chat=SimpleNamespace(online_renderer=renderer))
@@ -138,6 +151,12 @@ def test_a_tool_result_answering_the_tool_use_before_it_passes() -> None:
     check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [{"role": "user", "content": "Hi"}, ASKED, ANSWERED]})
 
 
+def test_a_conversation_may_end_on_calls_and_text_may_follow_the_results() -> None:
+    after = {"role": "user", "content": [*ANSWERED["content"], {"type": "text", "text": "And tomorrow?"}]}
+    check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [{"role": "user", "content": "Hi"}, ASKED, after]})
+    check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [{"role": "user", "content": "Hi"}, ASKED]})
+
+
 def test_parallel_calls_and_their_results_may_come_as_several_messages_of_one_turn() -> None:
     # Anthropic combines consecutive messages of one role into one turn.
     second = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_2", "name": "weather", "input": {}}]}
@@ -159,10 +178,21 @@ def test_parallel_calls_and_their_results_may_come_as_several_messages_of_one_tu
         ({"tool_choice": {"type": "tool", "name": "weather"}, "tools": []}, "tool_choice", "no `tools`"),
         ({"messages": [{"role": "user", "content": "Hi"}, ANSWERED]}, "messages[1].content[0].tool_use_id",
          "unexpected `tool_use_id`"),
-        ({"messages": [ASKED, {"role": "user", "content": "Hi"}, ANSWERED]}, "messages[2].content[0].tool_use_id",
-         "in the previous message"),
+        ({"messages": [ASKED, ANSWERED, {"role": "assistant", "content": "Sunny"}, ANSWERED]},
+         "messages[3].content[0].tool_use_id", "in the previous message"),
+        # Results come first in their turn: vLLM rendered the result before the text sent ahead of it.
+        ({"messages": [ASKED, {"role": "user", "content": [{"type": "text", "text": "Here"}, *ANSWERED["content"]]}]},
+         "messages[1].content[1]", "must come first"),
+        ({"messages": [ASKED, {"role": "user", "content": "Hi"}, ANSWERED]}, "messages[2].content[0]",
+         "must come first"),
+        # A call the next turn leaves unanswered: the model read its question as never answered.
+        ({"messages": [ASKED, {"role": "user", "content": "Thanks"}]}, "messages[0]",
+         "ids were found without `tool_result` blocks immediately after: toolu_1"),
+        ({"messages": [{**ASKED, "content": [*ASKED["content"], {**ASKED["content"][0], "id": "toolu_2"}]}, ANSWERED]},
+         "messages[0]", "immediately after: toolu_2."),
     ],
-    ids=["duplicate-names", "any-without-tools", "tool-without-tools", "no-tool-use", "not-the-previous-message"],
+    ids=["duplicate-names", "any-without-tools", "tool-without-tools", "no-tool-use", "not-the-previous-message",
+         "text-before-result", "text-turn-before-result", "unanswered", "one-of-two-unanswered"],
 )
 def test_what_anthropic_refuses_of_tools_is_refused_in_its_words(body: dict[str, Any], param: str, words: str) -> None:
     with pytest.raises(InvalidRequestError, match=words) as refused:

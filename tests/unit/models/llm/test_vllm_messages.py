@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -75,6 +76,17 @@ def test_an_assistants_tool_call_last_is_not_a_prefill() -> None:
     assert chat.continue_final_message is False
 
 
+def test_an_auto_tool_choice_without_tools_asks_for_no_calls() -> None:
+    # vLLM made it chat's "auto" with no tools: refused on a model without a tool
+    # parser in its command line's words ("--enable-auto-tool-choice").
+    messages = vllms_layer()
+    chat = chat_request_for(messages, "req-1", {**ASK, "tool_choice": {"type": "auto"}})
+    assert (chat.tool_choice, chat.tools) == (None, None)
+    tool = {"name": "f", "input_schema": {"type": "object"}}
+    chat = chat_request_for(messages, "req-1", {**ASK, "tool_choice": {"type": "auto"}, "tools": [tool]})
+    assert chat.tool_choice == "auto" and len(chat.tools) == 1
+
+
 def test_a_whole_message_is_named_msg_and_the_request_id() -> None:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
 
@@ -119,6 +131,46 @@ async def test_a_streamed_message_is_named_msg_and_the_request_id_and_closing_it
     assert start["type"] == "message_start" and start["message"]["id"] == "msg_req-1"
     assert events[0] == plain[0].replace(f'"id":"{chat_id}"', '"id":"msg_req-1"')  # every other byte vLLM's
     assert events[1:] == plain[1:] and closed == [True]
+
+
+def test_omitted_thinking_keeps_its_block_and_signature_without_its_text() -> None:
+    # thinking.display "omitted": vLLM ignores it and sent the reasoning whole.
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
+
+    answer = ChatCompletionResponse.model_validate({
+        "id": "chatcmpl-req-1", "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "reasoning": "Let me see", "content": "Hello"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+    })
+    message = vllms_layer().messages_full_converter(answer)
+    assert vllm_messages.thinking_omitted({"thinking": {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}})
+    assert not vllm_messages.thinking_omitted({"thinking": {"type": "enabled", "budget_tokens": 1024}})
+    vllm_messages.omit_thinking(message)
+    body = json.loads(vllm_compat.body_json(message, "messages"))
+    thinking, text = body["content"]
+    assert thinking["type"] == "thinking" and thinking["thinking"] == "" and thinking["signature"]
+    assert text == {"type": "text", "text": "Hello"}
+
+
+async def test_an_omitted_thinking_stream_sends_the_block_and_its_signature_but_no_text() -> None:
+    messages = vllms_layer()
+
+    def chunk(**delta: Any) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": None}
+        return "data: " + json.dumps({"id": "chatcmpl-1", "model": "m", "created": 1, "choices": [choice]}) + "\n\n"
+
+    frames = [chunk(role="assistant", content=""), chunk(reasoning="Let me see"), chunk(reasoning=' "type":"x"'),
+              chunk(content="Hi"), "data: [DONE]\n\n"]
+    whole = [e.decode() async for e in named_events(messages.message_stream_converter(_replay(frames)),
+                                                     GenerationTally(started=0.0))]
+    omitted = [e.decode() async for e in named_events(messages.message_stream_converter(_replay(frames)),
+                                                       GenerationTally(started=0.0), vllm_messages.thinking_text)]
+    assert sum('"thinking_delta"' in e for e in whole) == 2
+    unsigned = [re.sub(r'"signature":"\w+"', "", e) for e in omitted]  # (a random one each stream)
+    assert unsigned == [re.sub(r'"signature":"\w+"', "", e) for e in whole if '"thinking_delta"' not in e]
+    assert any('"signature_delta"' in e for e in omitted) and any('"text":"Hi"' in e for e in omitted)
+    assert any('"content_block":{"type":"thinking","thinking":""' in e for e in omitted)
 
 
 async def _replay(frames: list[str]) -> AsyncIterator[str]:
