@@ -98,6 +98,8 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._reading_head = True
         self._head_begun = False  # its first byte in, its end not yet
         self._drain_timer: asyncio.TimerHandle | None = None  # a body still coming after its answer
+        self._heads = 0  # heads begun on this connection
+        self._held: bytes | None = None  # a refusal that waits for the answers before it
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -118,6 +120,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._reading_head:
             self._head_fed += len(data)
+        heads = self._heads
         super().data_received(data)
         if self._reading_head and self._head_fed > HEAD_BYTES + _HEAD_FRAMING:
             self._refuse(self._too_large())  # a head still unended past its bound
@@ -125,10 +128,28 @@ class FrontDoorProtocol(HttpToolsProtocol):
             # Answered before its body was all in (a 401, a 404): the rest is
             # read and dropped, for as long as a client that takes nothing has.
             self._drain_timer = self.loop.call_later(self.client_timeout_s, self._drain_timed_out)
+        elif self._heads == heads and self._idle_unbounded():
+            # Line ends between requests (RFC 9112, 2.2: tolerated) begin no
+            # head, and uvicorn's read stopped its idle bound: bounded again.
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def _idle_unbounded(self) -> bool:
+        """Whether the connection waits for a next head with no bound running."""
+        return (
+            self._reading_head and not self._head_begun and self._head_timer is None
+            and self.timeout_keep_alive_task is None and not self._answering() and not self.transport.is_closing()
+        )
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._held is not None and not self._answering() and not self.transport.is_closing():
+            self.transport.write(self._held)  # (the answers before it are all sent)
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         self._unset_keepalive_if_required()  # (armed below for a request parsed in the same read)
         super().on_message_begin()
+        self._heads += 1
         self._url_bytes = self._head_bytes = self._fields = 0
         self._head_begun = True
         if self._head_timer is None:
@@ -231,11 +252,24 @@ class FrontDoorProtocol(HttpToolsProtocol):
             RequestReadTimeoutError(f"The request's headers did not arrive within {self.head_timeout_s:g} s.")
         )
 
+    def _answering(self) -> bool:
+        """Whether an answer is on its way, or a pipelined request waits for one."""
+        return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
+
     def _refuse(self, error: GatewayError) -> None:
-        if not self.transport.is_closing():
-            url = getattr(self, "url", b"")  # uvicorn's, as far as the head arrived
-            self.transport.write(refusal(error, url.partition(b"?")[0].decode("latin-1")))
-            self.transport.close()
+        if self.transport.is_closing() or self._held is not None:
+            return
+        url = getattr(self, "url", b"")  # uvicorn's, as far as the head arrived
+        answer = refusal(error, url.partition(b"?")[0].decode("latin-1"))
+        if self._answering():
+            # A pipelined head refused while earlier requests are answered: its
+            # refusal follows their answers (written now, it would land inside
+            # one), and nothing more is read.
+            self._held = answer
+            self.flow.pause_reading()
+            return
+        self.transport.write(answer)
+        self.transport.close()
 
 
 class Places:

@@ -192,6 +192,38 @@ async def test_the_head_timer_starts_again_for_each_request_on_a_connection() ->
         writer.close()
 
 
+async def test_line_ends_between_requests_leave_the_idle_connection_bounded() -> None:
+    # A read stops uvicorn's idle bound, and line ends (tolerated between
+    # requests) begin no head: the connection stayed open with no timer at all.
+    async with front_door(App()) as door:
+        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"ok /"), 5)).startswith(b"HTTP/1.1 200")
+        writer.write(b"\r\n")
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, with no answer
+        assert time.monotonic() - started < 4 * TIMEOUT_S
+        writer.close()
+
+
+async def test_a_pipelined_head_refused_while_an_answer_runs_is_answered_after_it() -> None:
+    # Written at once, the refusal landed inside the answer before it (a stream cut mid-body).
+    app = App()
+    async with front_door(app) as door:
+        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        writer.write(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nx-big: " + b"y" * 40_000 + b"\r\n\r\n")
+        while not app.seen:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # (the refused head is read meanwhile)
+        app.release.set()
+        answers = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    first, _, refused = answers.partition(b"ok /held")
+    assert first.startswith(b"HTTP/1.1 200")
+    assert error_of(refused, 431)["code"] == "headers_too_large"
+    assert app.seen == 1
+
+
 async def test_a_head_begun_while_an_answer_runs_is_bounded_too() -> None:
     app = App()
     async with front_door(app) as door:
