@@ -386,15 +386,28 @@ class LimiterClient:
         message["id"] = ident = next(self._ids)
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[ident] = reply
+        taken = False
         try:
             self._send(message)
-            return await asyncio.wait_for(reply, REPLY_TIMEOUT_S)
+            answer = await asyncio.wait_for(reply, REPLY_TIMEOUT_S)
+            taken = True
+            return answer
         except (ConnectionError, asyncio.TimeoutError):
             raise ServiceUnavailableError(UNAVAILABLE) from None
         finally:
             self._pending.pop(ident, None)
-            if reply.cancelled() and message["op"] in ("reserve", "lease"):
-                self._unwaited[ident] = message
+            if not taken and message["op"] in ("reserve", "lease"):
+                self._give_back(ident, message, reply)
+
+    def _give_back(self, ident: int, message: dict[str, Any], reply: asyncio.Future[dict[str, Any]]) -> None:
+        """What the ledger grants a request no longer waited for goes back:
+        when its reply comes, or at once where it came as the request was
+        cancelled (Python 3.12's ``wait_for`` then drops the reply it holds)."""
+        if reply.cancelled():
+            self._unwaited[ident] = message
+        elif reply.done() and reply.exception() is None and reply.result().get("_via") is self._writer:
+            for back in given_back(message, reply.result()):
+                self._send(back)
 
     async def _connection(self) -> asyncio.StreamWriter:
         if self._writer is not None and not self._writer.is_closing():

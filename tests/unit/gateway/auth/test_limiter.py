@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import random
+from typing import Any
 
 import pytest
 
@@ -254,6 +255,29 @@ async def _one_place_taken_and_one_waiting(
     waiting = asyncio.ensure_future(one.reserve("k", limits, 300))
     assert await _still_waiting(waiting)
     return one, limits, first, waiting
+
+
+async def test_a_grant_that_arrives_as_its_request_is_cancelled_goes_back(
+    parts: list[Part], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python 3.12's wait_for raises the caller's cancellation even where the
+    # reply it awaited has come: the place and tokens granted were booked for ever.
+    _, address = await _started(parts)
+    client = _client(parts, address)
+    limits = Limits(None, 1000, 1)
+    wait_for = asyncio.wait_for
+
+    async def cancelled_on_arrival(awaitable: Any, timeout: float | None) -> Any:
+        await wait_for(awaitable, timeout)
+        raise asyncio.CancelledError
+
+    await client.usage("k", limits)  # (connected: the reply is the only thing waited for)
+    monkeypatch.setattr(limiter.asyncio, "wait_for", cancelled_on_arrival)
+    with pytest.raises(asyncio.CancelledError):
+        await client.reserve("k", limits, 300)
+    monkeypatch.setattr(limiter.asyncio, "wait_for", wait_for)
+    usage, in_flight = await _settled(client, "k", limits)
+    assert (in_flight, usage.remaining_tokens) == (0, 1000)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "local"])
