@@ -56,15 +56,35 @@ def rate_headers(usage: Usage) -> dict[str, str]:
     return headers
 
 
-def refused(refusal: Refusal, usage: Usage, key: ApiKey, model: str) -> RateLimitError:
-    """The 429 for ``refusal``, in OpenAI's words."""
+# The field that bounds a request's output, by endpoint, where leaving it
+# out reserves the rest of the model's context window.
+_BUDGET_FIELDS = {"chat": "max_completion_tokens", "responses": "max_output_tokens"}
+
+
+def unbudgeted(endpoint: str, body: dict[str, Any]) -> str | None:
+    """The output bound ``body`` leaves out, so that it reserves the rest of
+    the context window (None: it sets one, or its endpoint needs none)."""
+    field = _BUDGET_FIELDS.get(endpoint)
+    if field is None or body.get(field) is not None or endpoint == "chat" and body.get("max_tokens") is not None:
+        return None
+    return field
+
+
+def refused(refusal: Refusal, usage: Usage, key: ApiKey, model: str, unbounded: str | None = None) -> RateLimitError:
+    """The 429 for ``refusal``, in OpenAI's words; ``unbounded``: the output
+    bound the request left out (see ``unbudgeted``), named where it is why
+    the request can never fit."""
     name = _NAMES[refusal.limit]
     cls = TokenRateLimitError if refusal.limit == "tokens" else RateLimitError
     if refusal.limit == "tokens" and refusal.retry_after_s is None:
+        why = (
+            f" Without `{unbounded}` the request reserves the rest of the model's context window:"
+            f" set `{unbounded}` to fit the limit." if unbounded is not None else ""
+        )
         error = cls(
             f"Request too large for {model} on API key {key.id} on {name}: Limit "
             f"{refusal.value}, Requested {refusal.requested}. The input or output tokens "
-            "must be reduced in order to run successfully."
+            f"must be reduced in order to run successfully.{why}"
         )
     else:
         if refusal.retry_after_s is None:
@@ -105,14 +125,14 @@ class Admission:
             self._limiter.leave(self._reservation)
 
 
-async def admit(limiter: Any, key: ApiKey, tokens: int, model: str) -> Admission:
+async def admit(limiter: Any, key: ApiKey, tokens: int, model: str, unbounded: str | None = None) -> Admission:
     """Reserves one request of ``key`` using at most ``tokens``; raises
-    RateLimitError (429) over a limit, ServiceUnavailableError (503) when
-    the ledger cannot be reached."""
+    RateLimitError (429) over a limit (see ``refused`` for ``unbounded``),
+    ServiceUnavailableError (503) when the ledger cannot be reached."""
     decision = await limiter.reserve(key.id, limits_of(key), tokens)
     if decision.refusal is not None or decision.reservation is None:
         assert decision.refusal is not None
-        raise refused(decision.refusal, decision.usage, key, model)
+        raise refused(decision.refusal, decision.usage, key, model, unbounded)
     return Admission(limiter, decision.reservation, decision.usage)
 
 

@@ -44,12 +44,14 @@ def ledger_of(app: FastAPI) -> Any:
 
 
 async def request(
-    app: FastAPI, path: str, body: dict[str, Any], leave_after_s: float | None = None, key: ApiKey = KEY
+    app: FastAPI, path: str, body: dict[str, Any], leave_after_s: float | None = None, key: ApiKey = KEY,
+    sent: list[dict[str, Any]] | None = None,
 ) -> int:
     """``body`` sent to ``path`` with ``key`` (its client leaving after
-    ``leave_after_s``, if given); the response's status."""
+    ``leave_after_s``, if given); the response's status (its ASGI messages
+    go to ``sent``, when given)."""
     messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-    sent: list[dict[str, Any]] = []
+    sent = sent if sent is not None else []
 
     async def receive() -> dict[str, Any]:
         if messages:
@@ -105,6 +107,24 @@ async def test_a_stream_given_up_before_a_replica_is_found_counts_no_tokens(ends
     )
     await until(lambda: ledger_of(app).in_flight(KEY.id) == 0)
     assert ledger_of(app).usage(KEY.id, limits_of(KEY)).remaining_tokens == KEY.tpm  # nothing reached a replica
+
+
+@pytest.mark.parametrize("bound", [None, "max_tokens", "max_completion_tokens"])
+async def test_a_chat_too_large_for_good_says_when_its_missing_bound_is_why(bound: str | None) -> None:
+    # Without an output bound a chat reserves the rest of the window: a key
+    # whose tpm is under it was refused for good, the message not saying why.
+    app = make_app(FakeHandle())
+    client = app.state.dispatcher._table.model("m").client
+    client.counter, client.window = WordCounter(), 1_000
+    key = ApiKey("team", ("*",), tpm=500)
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "a b"}]}
+    if bound is not None:
+        body[bound] = 600
+    sent: list[dict[str, Any]] = []
+    assert await request(app, "/chat", body, key=key, sent=sent) == 429
+    message = json.loads(sent[1]["body"])["error"]["message"]
+    assert message.startswith("Request too large for m on API key team on tokens per min (TPM): Limit 500")
+    assert ("set `max_completion_tokens` to fit the limit" in message) == (bound is None)
 
 
 async def test_a_stream_refused_before_its_first_byte_counts_no_tokens() -> None:

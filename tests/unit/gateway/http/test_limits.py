@@ -6,7 +6,7 @@ import pytest
 
 from gateway.auth.keys import ApiKey
 from gateway.auth.ledger import Refusal, Usage
-from gateway.http.limits import duration, embedding_tokens, rate_headers, refused
+from gateway.http.limits import duration, embedding_tokens, rate_headers, refused, unbudgeted
 
 KEY = ApiKey(id="team-a", models=("*",), rpm=10, tpm=1000)
 USAGE = Usage(10, 0, 59.95, 1000, 120, 360.0)
@@ -46,6 +46,14 @@ def test_a_refusal_says_which_limit_and_when_to_retry() -> None:
 def test_a_request_that_can_never_fit_says_so_without_a_retry_time() -> None:
     error = refused(Refusal("tokens", 1000, 0, 5000, None), USAGE, KEY, "chat")
     assert "Request too large for chat" in error.message and "retry-after" not in error.headers()
+
+
+def test_the_output_bound_a_request_leaves_out_is_the_one_its_endpoint_reads() -> None:
+    assert unbudgeted("chat", {}) == "max_completion_tokens"
+    assert unbudgeted("chat", {"max_tokens": 5}) is unbudgeted("chat", {"max_completion_tokens": 5}) is None
+    assert unbudgeted("responses", {}) == "max_output_tokens"
+    assert unbudgeted("responses", {"max_output_tokens": 5}) is None
+    assert unbudgeted("completion", {}) is unbudgeted("messages", {}) is None  # (16 by default; required)
 
 
 def test_embedding_bounds_count_every_input() -> None:
