@@ -43,7 +43,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.config.front_door import HEAD_BYTES, HEAD_FIELDS, HEAD_LIMITS
 from gateway.errors import GatewayError, InvalidRequestError, RequestReadTimeoutError
 from gateway.http.auth import OPERATIONS
-from gateway.http.front_door_socket import BACKLOG, kept_socket
+from gateway.http.front_door_socket import BACKLOG, kept_socket, tcp_socket
 from gateway.http.handlers import envelope
 
 logger = logging.getLogger(__name__)
@@ -362,8 +362,7 @@ class FrontDoor:
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` that other ingress replicas of this
     user may bind too (``SO_REUSEPORT``; Linux lets only the same user join)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = tcp_socket(host)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -60,14 +60,23 @@ def peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
+def tcp_socket(host: str) -> socket.socket:
+    """An unbound TCP socket for ``host``: IPv6 for an IPv6 address, and for
+    ``::`` IPv4 too, whatever the system's default (``net.ipv6.bindv6only``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if family == socket.AF_INET6 and host.strip("[]") == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    return sock
+
+
 class SocketKeeper:
     """Binds ``host:port`` and listens (OSError when the port is taken), and
     hands the socket to each ingress replica of this user that asks the
     keeper ``name``, until ``close``."""
 
     def __init__(self, host: str, port: int, name: str) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket = tcp_socket(host)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

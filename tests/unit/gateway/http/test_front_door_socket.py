@@ -127,3 +127,23 @@ def test_a_closed_keeper_is_gone(keeper: SocketKeeper) -> None:
     assert kept_socket(port) is None
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_the_any_ipv6_address_takes_ipv4_too_whatever_the_systems_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where net.ipv6.bindv6only is 1, a socket on `::` took IPv6 clients only.
+    from gateway.http import front_door_socket
+    from gateway.http.front_door_socket import tcp_socket
+
+    class V6OnlyByDefault(socket.socket):  # (that system's default)
+        def __init__(self, family: int = -1, kind: int = -1) -> None:
+            super().__init__(family, kind)
+            if family == socket.AF_INET6:
+                self.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+    monkeypatch.setattr(front_door_socket.socket, "socket", V6OnlyByDefault)
+    with tcp_socket("::") as any_address, tcp_socket("[::]") as bracketed, tcp_socket("::1") as loopback:
+        assert any_address.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        assert bracketed.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        assert loopback.family == socket.AF_INET6
+    with tcp_socket("127.0.0.1") as v4:
+        assert v4.family == socket.AF_INET
