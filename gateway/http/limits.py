@@ -79,7 +79,7 @@ def refused(refusal: Refusal, usage: Usage, key: ApiKey, model: str, unbounded: 
     if refusal.limit == "tokens" and refusal.retry_after_s is None:
         why = (
             f" Without `{unbounded}` the request reserves the rest of the model's context window:"
-            f" set `{unbounded}` to fit the limit." if unbounded is not None else ""
+            f" set `{unbounded}` to bound its output." if unbounded is not None else ""
         )
         error = cls(
             f"Request too large for {model} on API key {key.id} on {name}: Limit "

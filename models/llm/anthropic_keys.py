@@ -121,8 +121,8 @@ def check_keys(body: Mapping[str, Any]) -> None:
     for at, message in _items(body.get("messages")):
         place = TOP.key("messages").key(at)
         if _check(message, MESSAGE, place):
-            if message.get("role") == "system":  # (a system turn holds text, as ``system`` does)
-                _check_text_only(message.get("content"), place.key("content"))
+            if message.get("role") == "system":  # (a system turn holds text, and changes to the tools)
+                _check_text_only(message.get("content"), place.key("content"), TOOL_CHANGE_TAGS)
             _check_blocks(message.get("content"), place.key("content"), tagged=True)
     _check_text_only(body.get("system"), TOP.key("system"))
     _check_blocks(body.get("system"), TOP.key("system"), tagged=False)
@@ -198,15 +198,21 @@ def _check_blocks(blocks: Any, place: Place, *, tagged: bool) -> None:
             _check_tool_change(block.get("tool"), words.key("tool"))
 
 
-def _check_text_only(blocks: Any, place: Place) -> None:
+# What a system turn holds besides text: vLLM applies these to the tools.
+TOOL_CHANGE_TAGS = ("tool_addition", "tool_removal")
+
+
+def _check_text_only(blocks: Any, place: Place, also: tuple[str, ...] = ()) -> None:
     """A system prompt's blocks: text only, as Anthropic's API takes them
-    (vLLM kept the text blocks and dropped any other, an image unseen)."""
+    (vLLM kept the text blocks and dropped any other, an image unseen), and
+    the block types ``also`` names."""
     for at, block in _items(blocks):
         kind = _kind(block)
-        if kind is not None and kind != "text":
+        if kind is not None and kind != "text" and kind not in also:
+            tags = ", ".join(f"'{tag}'" for tag in ("text", *also))
             _refuse(
                 place.key(at).key("type"),
-                f"Input tag '{kind}' found using 'type' does not match any of the expected tags: 'text'",
+                f"Input tag '{kind}' found using 'type' does not match any of the expected tags: {tags}",
             )
 
 

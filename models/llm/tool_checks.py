@@ -116,6 +116,8 @@ def _check_results(messages: Any) -> None:
         if role == "assistant":
             asked = {b.get("id"): at for at, blocks in turn for b in blocks or () if b.get("type") == "tool_use"}
             continue
+        if role == "system":
+            continue  # (vLLM may move it before the conversation: the calls are answered by the user turn after)
         if role == "user":
             _check_user_turn(turn, asked)
         asked = {}

@@ -124,7 +124,7 @@ async def test_a_chat_too_large_for_good_says_when_its_missing_bound_is_why(boun
     assert await request(app, "/chat", body, key=key, sent=sent) == 429
     message = json.loads(sent[1]["body"])["error"]["message"]
     assert message.startswith("Request too large for m on API key team on tokens per min (TPM): Limit 500")
-    assert ("set `max_completion_tokens` to fit the limit" in message) == (bound is None)
+    assert ("set `max_completion_tokens` to bound its output" in message) == (bound is None)
 
 
 async def test_a_stream_refused_before_its_first_byte_counts_no_tokens() -> None:

@@ -138,6 +138,13 @@ def test_a_system_prompt_holds_text_only(body: dict[str, Any]) -> None:
     assert error.param in ("system[1].type", "messages[0].content[0].type")
 
 
+def test_a_system_turn_changes_the_tools_but_the_system_prompt_does_not() -> None:
+    # vLLM applies tool changes from the messages (only a system turn may hold them), not from `system`.
+    change = {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "f"}}
+    check_keys({**said("Hi"), "messages": [{"role": "system", "content": [change]}, *said("Hi")["messages"]]})
+    assert refused({**said("Hi"), "system": [change]}).param == "system[0].type"
+
+
 def test_parts_of_the_wrong_json_type_are_left_to_vllms_schema() -> None:
     check_keys({"messages": ["Hi", {"role": "user", "content": [1, {"type": "txt", "x": 1}]}], "tools": {"a": 1},
                 "system": "Be brief", "thinking": {"type": "on", "x": 1}, "metadata": "u", "tool_choice": "auto"})

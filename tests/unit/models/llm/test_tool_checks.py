@@ -157,6 +157,14 @@ def test_a_conversation_may_end_on_calls_and_text_may_follow_the_results() -> No
     check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [{"role": "user", "content": "Hi"}, ASKED]})
 
 
+def test_a_system_turn_between_calls_and_their_results_leaves_them_paired() -> None:
+    # vLLM may move a system turn before the conversation: the user turn after it answers the calls.
+    hi, system = {"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."}
+    check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, ASKED, system, ANSWERED]})
+    with pytest.raises(InvalidRequestError, match="immediately after: toolu_1"):
+        check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, ASKED, system, {"role": "user", "content": "More"}]})
+
+
 def test_parallel_calls_and_their_results_may_come_as_several_messages_of_one_turn() -> None:
     # Anthropic combines consecutive messages of one role into one turn.
     second = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_2", "name": "weather", "input": {}}]}
