@@ -32,6 +32,11 @@ def _text_only(value: Any, body: Mapping[str, Any]) -> bool:
     return value is None or value == ["text"]
 
 
+def _medium(value: Any, body: Mapping[str, Any]) -> bool:
+    """A ``verbosity`` that asks for OpenAI's default."""
+    return value is None or value == "medium"
+
+
 def _best_of_n(value: Any, body: Mapping[str, Any]) -> bool:
     """A completion's ``best_of`` that picks from no more than the ``n`` answers returned."""
     n = body.get("n")
@@ -56,6 +61,7 @@ HINTS: Mapping[str, Mapping[str, Hint]] = {
         "prediction": None,  # predicted output: a latency hint, the answer is the same
         "store": _false,  # storing completions for later retrieval is not served
         "modalities": _text_only,
+        "verbosity": _medium,  # OpenAI's default; another is unsupported, below
     },
     "completion": {"best_of": _best_of_n},  # beyond ``n``: unsupported, below
     # The A/B cohort the ingress routed by, as chat's and completions' ``user``:

@@ -50,3 +50,24 @@ def check_chat_messages(body: Mapping[str, Any]) -> None:
                 param=f"messages[{index}].content",
                 code="missing_required_parameter",
             )
+        if message.get("function_call") is not None:
+            # vLLM renders only ``tool_calls``: the call vanished, its result answered nothing.
+            _unsupported(f"messages[{index}].function_call", "the deprecated function calling; use `tool_calls`")
+        _check_image_detail(message.get("content"), index)
+
+
+def _check_image_detail(content: Any, index: int) -> None:
+    """Refuses an image part's ``detail`` other than ``auto``: vLLM reads
+    every image at its full resolution and ignores it."""
+    for at, part in enumerate(content if isinstance(content, list) else ()):
+        image = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+        if isinstance(image, dict) and image.get("detail") not in (None, "auto"):
+            _unsupported(f"messages[{index}].content[{at}].image_url.detail", "image detail levels; send `auto`")
+
+
+def _unsupported(param: str, what: str) -> None:
+    raise InvalidRequestError(
+        f"Unsupported parameter: '{param}': this model does not serve {what}.",
+        param=param,
+        code="unsupported_parameter",
+    )

@@ -76,6 +76,7 @@ class VLLMEngine:
         self._placer: CorePlacer | None = None
         self._calls_tools = True  # as vLLM's renderer finds once started (vllm_compat.calls_tools)
         self._budgets_thinking = True  # as the engine's reasoning config says once started
+        self._reasons = True  # a reasoning parser, or gpt-oss's harmony format, once started
         self._largest_token: int | None = None  # the largest token id the model knows, once started
         self._adapters: dict[str, str] = {}  # the LoRA adapters served: name -> source
 
@@ -134,6 +135,7 @@ class VLLMEngine:
             vllm_streams.count_beams(searching)
         self._calls_tools = self._serving.chat is None or vllm_compat.calls_tools(self._serving)
         self._budgets_thinking = vllm_compat.budgets_thinking(self._serving)
+        self._reasons = self._budgets_thinking or vllm_compat.harmony(self._serving)
         self._largest_token = vllm_compat.largest_token_id(self._serving)
         mode = self._config.engine_core_cpus
         if mode != "vllm" and (placement := engine_core_placement(os.getpid())) is not None:
@@ -284,6 +286,7 @@ class VLLMEngine:
             if request.endpoint in budget_checks.GENERATING:
                 cache_salt.salt(parsed, request.owner)
                 budget_checks.check_thinking(request.endpoint, parsed, self._config.name, self._budgets_thinking)
+                budget_checks.check_effort(request.endpoint, parsed, self._config.name, self._reasons)
                 budget_checks.check_budget(request.endpoint, parsed)
                 budget_checks.check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
                 check_budget_fits(*budget_checks.budget_field(request.endpoint, parsed), serving.max_model_len)
@@ -475,7 +478,7 @@ def _with_request_id(request: EngineRequest) -> dict[str, Any]:
     id, which the ingress took from the body's own ``request_id`` when the
     client sent no ``x-request-id``. For the Responses API it is also the
     response's ``id``, so it gets OpenAI's ``resp_`` prefix. A completion's
-    ``n: null`` is left out."""
+    ``n: null`` and a chat's ``tool_choice: null`` are left out."""
     if request.endpoint == "responses":
         return {**request.body, "request_id": f"resp_{request.request_id}"}
     if request.endpoint in ("tokenize", "detokenize"):
@@ -484,4 +487,8 @@ def _with_request_id(request: EngineRequest) -> dict[str, Any]:
     body = {**request.body, "request_id": request.request_id}
     if request.endpoint == "completion" and "n" in body and body["n"] is None:
         del body["n"]  # not set, as OpenAI takes null; vLLM's completion schema refused it
+    if request.endpoint == "chat" and "tool_choice" in body and body["tool_choice"] is None:
+        # Not set, as OpenAI takes null ("auto" with tools): vLLM parsed the
+        # calls out of a whole answer as for "auto", then answered without them.
+        del body["tool_choice"]
     return body

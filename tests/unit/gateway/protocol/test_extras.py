@@ -95,6 +95,7 @@ def test_a_removed_vllm_field_says_what_replaces_it() -> None:
         ("chat", "functions", [{"name": "f", "parameters": {}}]),
         ("chat", "modalities", ["text", "audio"]),
         ("chat", "store", True),
+        ("chat", "verbosity", "low"),
         ("completion", "best_of", 2),
         ("responses", "conversation", "conv_1"),
         ("messages", "container", "c_1"),
@@ -153,7 +154,7 @@ def test_null_for_a_field_no_api_has_is_still_refused() -> None:
     [
         ("chat", {"metadata": {"team": "a"}, "prompt_cache_key": "k", "service_tier": "auto",
                   "safety_identifier": "u1", "store": False, "modalities": ["text"],
-                  "prediction": {"type": "content", "content": "x"}}),
+                  "prediction": {"type": "content", "content": "x"}, "verbosity": "medium"}),
         ("responses", {"safety_identifier": "u1", "stream_options": {"include_obfuscation": False}}),
         ("messages", {"cache_control": {"type": "ephemeral"}, "service_tier": "auto"}),
     ],

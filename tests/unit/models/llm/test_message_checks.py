@@ -31,6 +31,28 @@ def test_a_key_no_message_has_or_a_turn_without_its_content_is_refused_naming_it
     assert param in refused.value.message
 
 
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        # vLLM renders only tool_calls: the call vanished, its result answered nothing.
+        ({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+         "messages[1].function_call"),
+        # vLLM reads every image whole: a low-detail image was billed and seen at full size.
+        ({"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                      {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "low"}}]},
+         "messages[1].content[1].image_url.detail"),
+    ],
+    ids=["function_call", "image-detail"],
+)
+def test_what_vllm_would_ignore_in_a_message_is_refused_naming_its_place(message: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_chat_messages({"messages": [HELLO, message]})
+    assert (refused.value.param, refused.value.code) == (param, "unsupported_parameter")
+    assert refused.value.message.startswith(f"Unsupported parameter: '{param}'")
+    image = {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "auto"}}
+    check_chat_messages({"messages": [HELLO, {"role": "user", "content": [image]}]})
+
+
 def test_answers_sent_back_tool_calls_and_a_templates_own_roles_pass() -> None:
     check_chat_messages({"messages": [
         HELLO,

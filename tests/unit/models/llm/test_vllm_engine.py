@@ -138,3 +138,17 @@ def test_a_wrong_json_type_the_body_checks_trip_on_is_named_by_vllms_schema(body
     with pytest.raises(InvalidRequestError) as caught:
         asyncio.run(engine._served(EngineRequest(endpoint="messages", body=sent, request_id="r", model="m"), never_called))
     assert caught.value.param == param and caught.value.status_code == 400
+
+
+def test_a_chats_null_tool_choice_reaches_vllm_as_not_set() -> None:
+    # vLLM parsed a whole answer's calls out as for "auto", then answered with neither text nor calls.
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from gateway.protocol.engine import EngineRequest
+    from models.llm.vllm_engine import _with_request_id
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "tools": tools, "tool_choice": None}
+    sent = _with_request_id(EngineRequest("chat", body, "req-1", "m"))
+    assert "tool_choice" not in sent and body["tool_choice"] is None  # (the client's body as it came)
+    assert ChatCompletionRequest.model_validate(sent).tool_choice == "auto"  # OpenAI's default with tools
