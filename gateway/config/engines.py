@@ -114,6 +114,25 @@ PLACEMENT_ENGINE_ARGS = frozenset(
 )
 
 
+# Other names vLLM's parser takes for a flag the gateway checks.
+VLLM_ALIASES = {"device-memory-utilization": "gpu-memory-utilization"}
+
+
+def _flag_of(key: str, value: object) -> str:
+    """The vLLM flag an ``engine_args`` key sets, whichever of its names it
+    was given by (``no-enable-lora: true`` sets ``enable-lora``)."""
+    flag = key.removeprefix("no-") if isinstance(value, bool) else key
+    return VLLM_ALIASES.get(flag, flag)
+
+
+def _set_to(engine_args: dict[str, str | int | float | bool], flag: str) -> object:
+    """What ``engine_args`` set ``flag`` to (None: left unset), by any of its names."""
+    for key, value in engine_args.items():
+        if _flag_of(key, value) == flag:
+            return (not value) if key.startswith("no-") and isinstance(value, bool) else value
+    return None
+
+
 def places_workers(key: str) -> bool:
     """Whether the ``engine_args`` key ``key`` changes an engine's workers or their nodes."""
     return key in PLACEMENT_ENGINE_ARGS or key.removeprefix("no-").startswith("data-parallel")
@@ -188,6 +207,7 @@ class VLLMModelConfig(LLMModelConfig):
         the name before a dot is dashed: ``speculative_config.num_speculative_tokens``
         names a field of a config, which keeps its own spelling."""
         dashed: dict[str, str | int | float | bool] = {}
+        given: dict[str, str] = {}  # each dashed name's key as written
         for key, value in engine_args.items():
             if not FLAG_NAME.fullmatch(key):
                 # ``max-model-len=77`` is read by vLLM's parser as that flag, past the checks below.
@@ -195,8 +215,8 @@ class VLLMModelConfig(LLMModelConfig):
             flag, dot, field = key.partition(".")
             name = flag.replace("_", "-") + dot + field
             if name in dashed:
-                raise ValueError(f"`engine_args` sets {name!r} twice (as {key!r} too)")
-            dashed[name] = value
+                raise ValueError(f"`engine_args` sets {name!r} twice (as {given[name]!r} and {key!r})")
+            dashed[name], given[name] = value, key
         return dashed
 
     @model_validator(mode="after")
@@ -208,6 +228,11 @@ class VLLMModelConfig(LLMModelConfig):
             )
         share = VLLM_GPU_MEMORY_UTILIZATION if self.gpu_memory_utilization is None else self.gpu_memory_utilization
         most = round(self.num_gpus - GPU_CONTEXT_SHARE, 4)
+        if 0 < self.num_gpus < 1 and most <= 0:
+            raise ValueError(
+                f"`num_gpus: {self.num_gpus:g}` leaves vLLM no memory beside its CUDA context: "
+                f"share a GPU in parts above {GPU_CONTEXT_SHARE:g}"
+            )
         if 0 < self.num_gpus < 1 and share > most:
             # Ray would place another replica on the same GPU, whose engine then finds too little memory
             # free (vLLM wants its whole share free at start, beside the other's share and CUDA context).
@@ -220,8 +245,8 @@ class VLLMModelConfig(LLMModelConfig):
 
     @model_validator(mode="after")
     def _one_whitespace_setting(self) -> VLLMModelConfig:
-        for key in self.engine_args:
-            field = GATEWAY_ENGINE_ARGS.get(key)
+        for key, value in self.engine_args.items():
+            field = GATEWAY_ENGINE_ARGS.get(_flag_of(key, value))
             if field is not None:
                 # vLLM takes the last of a flag given twice: the engine would
                 # run otherwise than the gateway routes, places and describes it.
@@ -234,7 +259,7 @@ class VLLMModelConfig(LLMModelConfig):
                     "places a replica's workers by `tensor_parallel_size` and `pipeline_parallel_size` "
                     "on one node: for data parallelism, run more replicas (`num_replicas`)"
                 )
-        if self.json_whitespace is not None and STRUCTURED_OUTPUTS_ARG in self.engine_args:
+        if self.json_whitespace is not None and self.brings_structured_outputs:
             raise ValueError(
                 f"set either `json_whitespace` or `engine_args.{STRUCTURED_OUTPUTS_ARG}`, not both"
             )
@@ -242,7 +267,7 @@ class VLLMModelConfig(LLMModelConfig):
             raise ValueError(f"the LoRA adapter {self.name!r} has the name of its own model")
         if self.lora_adapters and "lora-modules" in self.engine_args:
             raise ValueError("`lora_adapters` sets vLLM's `lora-modules`; leave it out of `engine_args`")
-        if self.lora_adapters and self.engine_args.get("enable-lora", True) is not True:
+        if self.lora_adapters and _set_to(self.engine_args, "enable-lora") is False:
             raise ValueError("`lora_adapters` needs vLLM's `enable-lora`; leave it out of `engine_args` or set it true")
         if self.workers > 1 and self.gpus_per_worker != 1:
             # vLLM's Ray workers each take a whole GPU (VLLM_RAY_PER_WORKER_GPUS), which a
@@ -254,6 +279,12 @@ class VLLMModelConfig(LLMModelConfig):
                 "pipeline_parallel_size 1 with more replicas"
             )
         return self
+
+    @property
+    def brings_structured_outputs(self) -> bool:
+        """Whether ``engine_args`` set vLLM's structured-output settings, whole or a field of them."""
+        prefix = STRUCTURED_OUTPUTS_ARG + "."
+        return any(key == STRUCTURED_OUTPUTS_ARG or key.startswith(prefix) for key in self.engine_args)
 
     def deployment_args(self) -> dict[str, object]:
         """Without the adapters, which reach running replicas live (``replica_user_config``):

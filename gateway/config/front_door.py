@@ -164,6 +164,11 @@ class IngressConfig(StrictConfig):
         "site. Clients that are no browser page (SDKs, curl) are served whatever host they name.",
     )
 
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        return "off" if value is False else value  # (YAML reads a bare `off` as false)
+
     @field_validator("allowed_hosts")
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gateway.affinity import reserved_cpus
 from gateway.config.base import StrictConfig
@@ -74,6 +74,11 @@ class RuntimeConfig(StrictConfig):
         "or fails is acted on up to 0.4 s later. Requests do not wait on it: the gateway "
         "routes streams and bodies itself and moves off a replica that is gone.",
     )
+
+    @field_validator("gateway_cpus", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        return "off" if value is False else value  # (YAML reads a bare `off` as false)
 
     def haproxy_thread_count(self) -> int:
         """``haproxy_threads`` resolved on this machine."""

@@ -131,7 +131,9 @@ class FrontDoorProtocol(HttpToolsProtocol):
         elif self._heads == heads and self._idle_unbounded():
             # Line ends between requests (RFC 9112, 2.2: tolerated) begin no
             # head, and uvicorn's read stopped its idle bound: bounded again.
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def _idle_unbounded(self) -> bool:
         """Whether the connection waits for a next head with no bound running."""

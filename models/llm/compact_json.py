@@ -28,7 +28,7 @@ def is_compact(config: VLLMModelConfig) -> bool:
     model's ``engine_args`` bring their own structured-output settings)."""
     if config.json_whitespace is not None:
         return config.json_whitespace == "compact"
-    return STRUCTURED_OUTPUTS_ARG not in config.engine_args
+    return not config.brings_structured_outputs
 
 
 def engine_args() -> list[str]:

@@ -105,8 +105,10 @@ class VLLMEngine:
         if compact_json.is_compact(c):
             args += compact_json.engine_args()
         for key, value in c.engine_args.items():
-            if isinstance(value, bool):  # false: vLLM's --no-<flag> (``vllm_compat.parse_cli_args``)
+            if isinstance(value, bool) and "." not in key:  # false: vLLM's --no-<flag> (``vllm_compat.parse_cli_args``)
                 args.append(f"--{key}" if value else f"--no-{key}")
+            elif isinstance(value, bool):  # a field of a config (``x.y``) takes JSON's true or false
+                args += [f"--{key}", "true" if value else "false"]
             else:
                 args += [f"--{key}", str(value)]
         return args

@@ -101,7 +101,8 @@ def test_count_tokens_counts_a_prompt_that_fills_the_whole_window(claude: anthro
     # Whether a prompt fits is what a count asks: one filling the window was refused as leaving none to generate.
     one = claude.messages.count_tokens(model=VLLM_MODEL, messages=[{"role": "user", "content": "a"}]).input_tokens
     full = [{"role": "user", "content": "a" + " a" * (VLLM_CONTEXT - one)}]  # (" a": one token each)
-    assert claude.messages.count_tokens(model=VLLM_MODEL, messages=full).input_tokens == VLLM_CONTEXT  # type: ignore[arg-type]
+    counted = claude.messages.count_tokens(model=VLLM_MODEL, messages=full)  # type: ignore[arg-type]
+    assert counted.input_tokens == VLLM_CONTEXT
     with pytest.raises(anthropic.BadRequestError, match="maximum context length"):  # (generating, it leaves none)
         claude.messages.create(model=VLLM_MODEL, max_tokens=1, messages=full)  # type: ignore[arg-type]
 
@@ -238,10 +239,14 @@ def test_mistakes_are_anthropic_shaped_4xx(claude: anthropic.Anthropic, http: ht
     result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "22C"}
     late = [*ASK, asked, {"role": "user", "content": [{"type": "text", "text": "Here"}, result]}]
     with pytest.raises(anthropic.BadRequestError, match="must come first in a user turn"):
-        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=late, tools=[weather])  # type: ignore[arg-type,list-item]
+        claude.messages.create(
+            model=VLLM_MODEL, max_tokens=2, messages=late, tools=[weather]  # type: ignore[arg-type,list-item]
+        )
     unanswered = [*ASK, asked, {"role": "user", "content": "Thanks"}]
     with pytest.raises(anthropic.BadRequestError, match="immediately after: toolu_1"):
-        claude.messages.create(model=VLLM_MODEL, max_tokens=2, messages=unanswered, tools=[weather])  # type: ignore[arg-type,list-item]
+        claude.messages.create(
+            model=VLLM_MODEL, max_tokens=2, messages=unanswered, tools=[weather]  # type: ignore[arg-type,list-item]
+        )
     # A system prompt holds text only: vLLM dropped an image from it unseen.
     image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
     with pytest.raises(anthropic.BadRequestError, match="expected tags: 'text'"):

@@ -88,6 +88,26 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
             id="json-whitespace-twice",
         ),
         pytest.param(
+            {"models": [{"name": "m", "model": "org/m", "json_whitespace": "compact",
+                         "engine_args": {"structured_outputs_config.backend": "guidance"}}]},
+            "models.0",
+            "set either `json_whitespace` or `engine_args.structured-outputs-config`, not both",
+            id="json-whitespace-and-a-field",
+        ),
+        # Other names vLLM's parser takes for what the gateway sets: the engine ran otherwise.
+        pytest.param(
+            {"models": [{"name": "m", "model": "org/m", "engine_args": {"device-memory-utilization": 0.9}}]},
+            "models.0",
+            "`engine_args.device-memory-utilization` is the gateway's to set: use the model's `gpu_memory_utilization`",
+            id="gpu-memory-alias",
+        ),
+        pytest.param(
+            {"models": [{"name": "m", "model": "org/m", "engine_args": {"no-enable-auto-tool-choice": True}}]},
+            "models.0",
+            "`engine_args.no-enable-auto-tool-choice` is the gateway's to set: use the model's `tool_call_parser`",
+            id="auto-tool-choice-off",
+        ),
+        pytest.param(
             {"models": [{"name": "m", "model": "org/m", "json_whitespace": "tabs"}]},
             "models.0.json_whitespace",
             "'compact' or 'any'",
@@ -448,6 +468,14 @@ def test_an_access_log_file_is_opened_where_the_config_says_from_any_working_dir
 ) -> None:
     config = parse_config({"ingress": {"access_log": given}, "models": ECHO}, base_dir=tmp_path)
     assert config.ingress.access_log == expected.format(base=tmp_path, home=Path.home())
+
+
+def test_off_written_bare_in_yaml_is_off(tmp_path: Path) -> None:
+    # YAML reads a bare `off` as false: README's own `access_log: off` was refused as no string.
+    path = tmp_path / "gateway.yaml"
+    path.write_text("ingress:\n  access_log: off\nruntime:\n  gateway_cpus: off\nmodels:\n  - {name: e, engine: echo}\n")
+    config = load_config(path)
+    assert (config.ingress.access_log, config.runtime.gateway_cpus) == ("off", "off")
 
 
 def test_an_access_log_under_an_unknown_users_home_is_a_config_error() -> None:

@@ -52,13 +52,17 @@ def test_an_adapter_is_served_by_its_model_and_routable(tmp_path: Path, monkeypa
         # vLLM's parser reads underscores as dashes: so do the gateway's checks.
         ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"lora_modules": "x=org/x"})]}, "leave it out"),
         ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"enable_lora": False})]}, "or set it true"),
-        ({"models": [vllm(engine_args={"max_loras": 2, "max-loras": 4})]}, "sets 'max-loras' twice"),
+        # vLLM's other name for the same setting.
+        ({"models": [vllm(lora_adapters={"x": "org/x"}, engine_args={"no-enable-lora": True})]}, "or set it true"),
+        ({"models": [vllm(engine_args={"max_loras": 2, "max-loras": 4})]},
+         "sets 'max-loras' twice \\(as 'max_loras' and 'max-loras'\\)"),
         # vLLM's parser reads it as --max-model-len 77, the gateway's to set.
         ({"models": [vllm(engine_args={"max-model-len=77": True})]}, "'max-model-len=77' is no vLLM flag name"),
         ({"models": [vllm(lora_adapters={"bad name": "org/x"})]}, "lora_adapters"),
         ({"models": [vllm(lora_adapters={"x": "./missing"})]}, r"models\[base\]\.lora_adapters\.x: no adapter_config\.json"),
     ],
     ids=["another-model", "two-models", "own-model", "alias", "lora-modules", "lora-off", "lora_modules", "lora_off",
+         "no-enable-lora",
          "twice", "flag-with-value", "name-pattern", "missing-directory"],
 )
 def test_a_clashing_or_missing_adapter_is_refused_naming_it(data: dict[str, Any], message: str) -> None:

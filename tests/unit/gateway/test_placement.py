@@ -224,6 +224,8 @@ def test_a_one_worker_vllm_model_on_a_cluster_with_gpus_must_say_whether_it_take
         ({"num_gpus": 0.5}, "`num_gpus: 0.5` shares a GPU, but vLLM takes 0.92 of its memory"),
         # vLLM wants its whole share free at start: beside the other's share and each CUDA context.
         ({"num_gpus": 0.5, "gpu_memory_utilization": 0.5}, "set `gpu_memory_utilization` to at most 0.45"),
+        # A share too small for any: the message asked for "at most -0.02".
+        ({"num_gpus": 0.03, "gpu_memory_utilization": 0.01}, "leaves vLLM no memory beside its CUDA context"),
     ],
 )
 def test_a_vllm_replicas_gpu_share_is_one_its_engine_can_use(fields: dict[str, Any], words: str) -> None:

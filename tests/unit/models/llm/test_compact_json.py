@@ -28,14 +28,18 @@ def vllm_model(**fields: Any) -> VLLMModelConfig:
         ({"json_whitespace": "compact"}, True),
         ({"json_whitespace": "any"}, False),
         ({"engine_args": {"structured-outputs-config": '{"backend": "guidance"}'}}, False),
+        # A field of the setting: vLLM's parser takes it for the whole, the gateway's compact one gone.
+        ({"engine_args": {"structured_outputs_config.backend": "guidance"}}, False),
     ],
-    ids=["default", "compact", "any", "own-engine-args"],
+    ids=["default", "compact", "any", "own-engine-args", "own-engine-field"],
 )
 def test_compact_unless_asked_otherwise(fields: dict[str, Any], compact: bool) -> None:
     config = vllm_model(**fields)
     args = VLLMEngine(config).cli_args()
     assert compact_json.is_compact(config) is compact
-    assert ("--structured-outputs-config" in args) is (compact or "engine_args" in fields)
+    whole = "structured-outputs-config" in fields.get("engine_args", {})
+    assert ("--structured-outputs-config" in args) is (compact or whole)
+    assert any(arg.startswith("--structured-outputs-config") for arg in args) is (compact or "engine_args" in fields)
 
 
 def test_vllm_parses_the_engine_settings() -> None:
@@ -118,6 +122,22 @@ def test_an_engine_setting_of_false_turns_the_engine_default_off() -> None:
     args = parse_cli_args(make_arg_parser(FlexibleArgumentParser()), VLLMEngine(config).cli_args())
     assert args.enable_prefix_caching is False  # (None, its default, means on)
     assert args.disable_log_stats is False and args.enforce_eager is True  # a flag with no --no- form: left out
+
+
+def test_a_config_fields_true_or_false_reaches_vllm_as_json() -> None:
+    # As --no-structured-outputs-config.disable_any_whitespace, vLLM's parser failed with an IndexError.
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from models.llm.vllm_compat import parse_cli_args
+
+    fields = {"structured_outputs_config.backend": "guidance",
+              "structured_outputs_config.disable_any_whitespace": False}
+    cli_args = VLLMEngine(vllm_model(engine_args=fields)).cli_args()
+    args = parse_cli_args(make_arg_parser(FlexibleArgumentParser()), cli_args)
+    assert (args.structured_outputs_config.backend, args.structured_outputs_config.disable_any_whitespace) == (
+        "guidance", False
+    )
 
 
 @pytest.mark.parametrize(

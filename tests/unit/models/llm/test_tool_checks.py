@@ -162,7 +162,8 @@ def test_a_system_turn_between_calls_and_their_results_leaves_them_paired() -> N
     hi, system = {"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."}
     check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, ASKED, system, ANSWERED]})
     with pytest.raises(InvalidRequestError, match="immediately after: toolu_1"):
-        check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, ASKED, system, {"role": "user", "content": "More"}]})
+        more = {"role": "user", "content": "More"}
+        check_anthropic_tools({"tools": [CLAUDE_TOOL], "messages": [hi, ASKED, system, more]})
 
 
 def test_parallel_calls_and_their_results_may_come_as_several_messages_of_one_turn() -> None:

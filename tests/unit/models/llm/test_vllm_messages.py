@@ -144,7 +144,8 @@ def test_omitted_thinking_keeps_its_block_and_signature_without_its_text() -> No
         "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
     })
     message = vllms_layer().messages_full_converter(answer)
-    assert vllm_messages.thinking_omitted({"thinking": {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}})
+    omitted = {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}
+    assert vllm_messages.thinking_omitted({"thinking": omitted})
     assert not vllm_messages.thinking_omitted({"thinking": {"type": "enabled", "budget_tokens": 1024}})
     vllm_messages.omit_thinking(message)
     body = json.loads(vllm_compat.body_json(message, "messages"))
