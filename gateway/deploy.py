@@ -108,15 +108,17 @@ class DeployFailed(RuntimeError):
     failed its start, say); said in one line, not as a traceback."""
 
 
-def check_cluster_fits(models: Sequence[ModelConfig]) -> None:
+def check_cluster_fits(models: Sequence[ModelConfig], ingress_cpus: float = 0.0) -> None:
     """Raises ConfigError when a replica of one of ``models`` fits no node of the
-    connected Ray cluster (it would wait for resources forever)."""
+    connected Ray cluster, or all of them beside the ingress replicas'
+    ``ingress_cpus`` (in all) do not fit the cluster (they would wait for
+    resources forever)."""
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     for model in models:
         check_fits(model, nodes)
-    check_together(models, nodes)
+    check_together(models, nodes, {"CPU": ingress_cpus})
 
 
 def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:
@@ -131,7 +133,7 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:
     """
     from ray.serve._private.api import serve_start
 
-    check_cluster_fits(config.models)
+    check_cluster_fits(config.models, config.ingress.num_replicas * config.ingress.num_cpus)
     client = serve_start()  # the running Serve instance (started if absent)
     details = client.get_serve_details()
     check_reachable(config, details.get("proxy_location"))

@@ -216,11 +216,14 @@ def _starting_replicas(model: ModelConfig) -> int:
     return scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
 
 
-def check_together(models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, float]]) -> None:
-    """Raises ConfigError when the starting replicas of ``models`` together
-    need more GPUs or CPUs than ``nodes`` (the cluster's totals) have in all:
-    each fitting a node alone, Serve would wait for room that never comes."""
-    need: Bundle = {}
+def check_together(
+    models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, float]], ingress: Bundle | None = None
+) -> None:
+    """Raises ConfigError when the starting replicas of ``models`` together,
+    beside the ingress replicas' ``ingress`` (all of them), need more GPUs or
+    CPUs than ``nodes`` (the cluster's totals) have in all: each fitting a
+    node alone, Serve would wait for room that never comes."""
+    need: Bundle = dict(ingress or {})
     parts = []
     for model in models:
         replicas = _starting_replicas(model)
@@ -233,7 +236,8 @@ def check_together(models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, f
     short = [key for key, value in need.items() if value > have.get(key, 0) + 1e-9]
     if short:
         raise ConfigError(
-            f"the models' starting replicas need {_format_bundle({k: need[k] for k in short})} in all, "
+            f"the models' starting replicas{' and the ingress' if any((ingress or {}).values()) else ''} need "
+            f"{_format_bundle({k: need[k] for k in short})} in all, "
             f"more than the cluster has ({_format_bundle(have)})"
             + (f"; GPUs by model: {', '.join(parts)}" if "GPU" in short and parts else "")
         )

@@ -135,7 +135,7 @@ def test_adding_a_model_with_no_room_free_says_so_at_once(
     # Else deploy waits up to its timeout (15 minutes) in silence.
     client = FakeClient(apps(BASE))
     monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
-    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])  # (room in all)
     monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 0.1}})
     added = {**BASE, "models": [*BASE["models"], {"name": "b", "engine": "echo"}]}
     with caplog.at_level("WARNING", logger="gateway.deploy"):
@@ -163,7 +163,7 @@ def test_deploy_swaps_in_one_step_when_the_new_models_need_the_room_of_the_old(
 ) -> None:
     client = FakeClient(apps(BASE))
     monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
-    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])  # (room in all)
     monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 0.1}})
     swapped = {**BASE, "models": [BASE["models"][0], {"name": "b", "engine": "echo"}], "routing": {}}
     deploy(parse_config(swapped))

@@ -261,3 +261,13 @@ def test_replicas_that_each_fit_a_node_but_not_the_cluster_together_are_refused(
     )
     scaled = model(tensor_parallel_size=4, autoscaling={"min_replicas": 1, "max_replicas": 8})
     check_together([scaled], [GPU_NODE])  # (its starting replicas: those it needs)
+
+
+def test_models_that_fill_the_cluster_leave_room_for_the_ingress_or_are_refused() -> None:
+    # Two 1-CPU models on a 2-CPU node: the ingress found no room, and a deploy waited 900 s for it.
+    models = parse_config({"models": [
+        {"name": "a", "engine": "echo", "num_cpus": 1}, {"name": "b", "engine": "echo", "num_cpus": 1},
+    ]}).models
+    check_together(models, [{"CPU": 2.0}])
+    with pytest.raises(ConfigError, match=r"starting replicas and the ingress need \{CPU: 2.25\} in all"):
+        check_together(models, [{"CPU": 2.0}], {"CPU": 0.25})
