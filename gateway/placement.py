@@ -235,8 +235,9 @@ def check_together(
     have = _useful(_total(nodes))
     short = [key for key, value in need.items() if value > have.get(key, 0) + 1e-9]
     if short:
+        beside = " and the ingress" if (ingress or {}).get("CPU") and "CPU" in short else ""
         raise ConfigError(
-            f"the models' starting replicas{' and the ingress' if any((ingress or {}).values()) else ''} need "
+            f"the models' starting replicas{beside} need "
             f"{_format_bundle({k: need[k] for k in short})} in all, "
             f"more than the cluster has ({_format_bundle(have)})"
             + (f"; GPUs by model: {', '.join(parts)}" if "GPU" in short and parts else "")

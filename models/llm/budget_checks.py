@@ -68,22 +68,6 @@ def check_thinking(endpoint: str, request: Any, model: str, budgets_thinking: bo
     )
 
 
-def check_effort(endpoint: str, request: Any, model: str, reasons: bool) -> None:
-    """Refuses (400, ``unsupported_parameter``) chat's ``reasoning_effort``
-    asked of a model that does not reason (``reasons`` False: no reasoning
-    parser, no gpt-oss harmony format), as OpenAI refuses it: vLLM handed it
-    to the chat template only, which drops what it does not read, and
-    answered as if it had never been sent."""
-    if reasons or endpoint != "chat" or getattr(request, "reasoning_effort", None) is None:
-        return
-    raise InvalidRequestError(
-        f"Unsupported parameter: 'reasoning_effort': the model `{model}` is not set up to reason "
-        "(no `reasoning-parser` in its `engine_args` in the gateway's configuration).",
-        param="reasoning_effort",
-        code="unsupported_parameter",
-    )
-
-
 def check_logprobs(endpoint: str, request: Any, most: int) -> None:
     """Refuses more logprobs per token than the engine returns (``most``; -1:
     no limit), naming the client's own field and value: vLLM names its

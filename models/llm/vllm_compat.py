@@ -294,11 +294,6 @@ def calls_tools(serving: Serving) -> bool:
     return bool(renderer.use_harmony) or is_mistral_tokenizer(renderer.renderer.tokenizer)
 
 
-def harmony(serving: Serving) -> bool:
-    """Whether the model speaks gpt-oss's harmony format (which reads a request's reasoning effort)."""
-    return serving.chat is not None and bool(serving.chat.online_renderer.use_harmony)
-
-
 def budgets_thinking(serving: Serving) -> bool:
     """Whether the engine keeps a request's thinking budget (vLLM's
     ``thinking_token_budget``): a reasoning parser set up its reasoning config."""

@@ -76,7 +76,6 @@ class VLLMEngine:
         self._placer: CorePlacer | None = None
         self._calls_tools = True  # as vLLM's renderer finds once started (vllm_compat.calls_tools)
         self._budgets_thinking = True  # as the engine's reasoning config says once started
-        self._reasons = True  # a reasoning parser, or gpt-oss's harmony format, once started
         self._largest_token: int | None = None  # the largest token id the model knows, once started
         self._adapters: dict[str, str] = {}  # the LoRA adapters served: name -> source
 
@@ -137,7 +136,6 @@ class VLLMEngine:
             vllm_streams.count_beams(searching)
         self._calls_tools = self._serving.chat is None or vllm_compat.calls_tools(self._serving)
         self._budgets_thinking = vllm_compat.budgets_thinking(self._serving)
-        self._reasons = self._budgets_thinking or vllm_compat.harmony(self._serving)
         self._largest_token = vllm_compat.largest_token_id(self._serving)
         mode = self._config.engine_core_cpus
         if mode != "vllm" and (placement := engine_core_placement(os.getpid())) is not None:
@@ -288,7 +286,6 @@ class VLLMEngine:
             if request.endpoint in budget_checks.GENERATING:
                 cache_salt.salt(parsed, request.owner)
                 budget_checks.check_thinking(request.endpoint, parsed, self._config.name, self._budgets_thinking)
-                budget_checks.check_effort(request.endpoint, parsed, self._config.name, self._reasons)
                 budget_checks.check_budget(request.endpoint, parsed)
                 budget_checks.check_logprobs(request.endpoint, parsed, int(serving.model_config.max_logprobs))
                 check_budget_fits(*budget_checks.budget_field(request.endpoint, parsed), serving.max_model_len)

@@ -466,13 +466,6 @@ def test_a_thinking_budget_asked_of_a_model_without_a_reasoning_parser_names_the
     )
 
 
-def test_a_reasoning_effort_asked_of_a_model_that_does_not_reason_is_refused(client: openai.OpenAI) -> None:
-    # vLLM handed it to a chat template that does not read it, and answered as if it had not been sent.
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=VLLM_MODEL, messages=HELLO, max_tokens=2, reasoning_effort="high")
-    assert (caught.value.code, caught.value.param) == ("unsupported_parameter", "reasoning_effort")
-
-
 def test_sdk_raises_bad_request_without_retrying(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="echo", messages=HELLO, max_tokens=ECHO_CONTEXT)

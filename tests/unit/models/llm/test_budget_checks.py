@@ -113,22 +113,3 @@ def test_an_engine_keeps_a_thinking_budget_once_a_reasoning_parser_set_up_its_re
     assert not vllm_compat.budgets_thinking(serving(SimpleNamespace(enabled=False)))  # no think tokens found
     assert not vllm_compat.budgets_thinking(serving(None))
 
-
-def test_a_reasoning_effort_asked_of_a_model_that_does_not_reason_is_refused_naming_it() -> None:
-    # vLLM passed it to the chat template only, which dropped it: answered as if never sent.
-    with pytest.raises(InvalidRequestError) as refused:
-        budget_checks.check_effort("chat", _chat(reasoning_effort="high"), "tiny", reasons=False)
-    assert (refused.value.param, refused.value.code) == ("reasoning_effort", "unsupported_parameter")
-    budget_checks.check_effort("chat", _chat(reasoning_effort="high"), "tiny", reasons=True)
-    budget_checks.check_effort("chat", _chat(reasoning_effort=None), "tiny", reasons=False)
-
-
-def test_a_gpt_oss_model_reasons_by_its_harmony_format() -> None:
-    from models.llm import vllm_compat
-
-    def serving(harmony: bool) -> vllm_compat.Serving:
-        made = vllm_compat.Serving(engine=None, model_config=None, max_model_len=64)
-        made.chat = SimpleNamespace(online_renderer=SimpleNamespace(use_harmony=harmony))
-        return made
-
-    assert vllm_compat.harmony(serving(True)) and not vllm_compat.harmony(serving(False))
