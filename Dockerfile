@@ -12,8 +12,9 @@ FROM nvidia/cuda:12.8.1-runtime-ubuntu22.04
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 # gcc and Python's headers: Triton compiles its CUDA launcher (a C extension)
 # the first time an engine runs a kernel, on the CUDA runtime base image too.
+# curl: the HEALTHCHECK below; wget: KubeRay's probes of the Ray containers.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc curl \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc curl wget \
     && rm -rf /var/lib/apt/lists/*
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

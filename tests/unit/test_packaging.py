@@ -189,6 +189,12 @@ def test_the_gpu_image_has_what_triton_compiles_its_launcher_with() -> None:
     assert installs and {"gcc", "python3.11-dev"} <= set(installs[0].split())
 
 
+def test_the_image_has_what_kuberays_probes_run() -> None:
+    # KubeRay's liveness and readiness probes exec `wget` in the Ray containers; the CUDA base has none.
+    installs = [arg for op, arg in dockerfile_instructions() if op == "RUN" and "apt-get install" in arg]
+    assert installs and "wget" in installs[0].split()
+
+
 def test_the_image_installs_the_projects_dependencies_before_it_copies_the_code() -> None:
     instructions = dockerfile_instructions()
     first_code = instructions.index(("COPY", "gateway ./gateway"))
@@ -222,4 +228,10 @@ def test_the_kuberay_clusters_ray_environment_is_the_one_llm_gateway_serve_sets(
     for container in containers:
         env = {item["name"]: item.get("value") for item in container["env"]}
         assert {name: env.get(name) for name in wanted} == wanted
-        assert "HF_TOKEN" in env and "RAY_AUTH_TOKEN" in env
+        assert "HF_TOKEN" in env
+        # The operator sets Ray's token and sends it on its own calls to the dashboard: one set here
+        # by hand would lock it out of deploying serveConfigV2.
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(env)
+        # An image built or loaded on the nodes, not pulled from Docker Hub as `:latest` would be.
+        assert container["imagePullPolicy"] == "IfNotPresent"
+    assert cluster["authOptions"] == {"mode": "token"}
