@@ -62,10 +62,12 @@ def command_line() -> argparse.ArgumentParser:
 
     env_cmd = commands.add_parser(
         "env",
-        help="print the Ray environment (KEY=value lines) that a cluster the gateway joins must start with, "
-        "as `llm-gateway serve` starts its own: `env $(llm-gateway env --config C) ray start --head`",
+        help="the Ray environment that a cluster the gateway joins must start with, as `llm-gateway serve` "
+        "starts its own: runs COMMAND with it (`llm-gateway env --config C -- ray start --head`), "
+        "or prints it (KEY=value lines, quoted for a shell)",
     )
     env_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="gateway YAML config")
+    env_cmd.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="a command to run with it")
 
     build_cmd = commands.add_parser("build-model", help="build the local models (tiny chat, iris, MiniLM)")
     build_cmd.add_argument("--out", default=".models", help="directory to build into")
@@ -120,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return new_key(args)
         if args.command == "status":
             return _said(lambda: show_status(args.app, args.address, as_json=args.json), "status")
-        config = load_config(Path(args.config))
         if args.command == "env":
-            return print_environment(config)
+            # Only ``runtime`` is read: a node without the models' directories gets its environment too.
+            return run_with_environment(load_config(Path(args.config), paths=False), args.run)
+        config = load_config(Path(args.config))
         if args.command == "deploy":
             return _said(lambda: redeploy(config, args.address), "deploy")
         from gateway.deploy import DeployFailed  # (imports no Ray)
@@ -185,13 +188,26 @@ def new_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_environment(config: GatewayConfig) -> int:
-    """Prints the variables Ray and Serve must read on every node of a cluster
-    the gateway is deployed on (``runtime``'s, and an operator's overrides of
-    them in this environment), one ``KEY=value`` a line, quoted for a shell."""
-    for name, value in sorted(config.runtime.environment().items()):
-        print(f"{name}={shlex.quote(value)}")
-    return 0
+def run_with_environment(config: GatewayConfig, command: list[str]) -> int:
+    """Runs ``command`` (replacing this process) with the variables Ray and
+    Serve must read on every node of a cluster the gateway is deployed on
+    (``runtime``'s, and an operator's overrides of them in this environment)
+    added to this one's; without a command, prints them, one ``KEY=value`` a
+    line, quoted for a shell. A config that fails to load runs nothing, where
+    ``env $(llm-gateway env ...) ray start`` would start Ray without them."""
+    variables = config.runtime.environment()
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        for name, value in sorted(variables.items()):
+            print(f"{name}={shlex.quote(value)}")
+        return 0
+    try:
+        os.execvpe(command[0], command, {**os.environ, **variables})
+    except OSError as exc:
+        print(f"llm-gateway env: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    return 0  # (not reached: execvpe returns only by raising)
 
 
 def build_model(out: Path, *, force: bool) -> int:

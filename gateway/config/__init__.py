@@ -191,17 +191,21 @@ class GatewayConfig(StrictConfig):
 
 
 def parse_config(
-    data: object, *, source: str = "config", base_dir: Path | None = None
+    data: object, *, source: str = "config", base_dir: Path | None = None, paths: bool = True
 ) -> GatewayConfig:
     """Validates a decoded config; raises ConfigError naming field and reason.
 
     Relative model directories and access log files resolve against
     ``base_dir`` (default: the working directory); ``~`` is expanded in both.
+    ``paths=False`` leaves them as written, unchecked: for a reader of other
+    sections on a machine that may not hold the models.
     """
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+    if not paths:
+        return config
     base = base_dir if base_dir is not None else Path.cwd()
     update: dict[str, object] = {"models": [m.resolved(base) for m in config.models]}
     if config.ingress.access_log not in ("stderr", "off"):
@@ -212,8 +216,8 @@ def parse_config(
     return config.model_copy(update=update)
 
 
-def load_config(path: str | Path, *, base_dir: Path | None = None) -> GatewayConfig:
-    """Reads and validates a YAML config file (``base_dir`` as for parse_config)."""
+def load_config(path: str | Path, *, base_dir: Path | None = None, paths: bool = True) -> GatewayConfig:
+    """Reads and validates a YAML config file (``base_dir`` and ``paths`` as for parse_config)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -225,7 +229,7 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> GatewayCon
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, source=str(path), base_dir=base_dir)
+    return parse_config(data, source=str(path), base_dir=base_dir, paths=paths)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

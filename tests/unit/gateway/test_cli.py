@@ -401,3 +401,37 @@ def test_a_stop_signal_is_taken_once_a_copy_of_it_raises_nothing_more() -> None:
         time.sleep(5)
     os.kill(os.getpid(), signal.SIGINT)  # the parent's forwarded copy, while the first is handled
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    code = "from gateway.cli import main; raise SystemExit(main())"
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("dashes", [["--"], []])
+def test_env_runs_a_command_with_the_ray_environment(tmp_path: Path, dashes: list[str]) -> None:
+    config = tmp_path / "gateway.yaml"
+    # A local model directory this node lacks: the environment is still the config's.
+    config.write_text(
+        "models: [{name: chat, engine: vllm, model: ./not-here}]\nruntime: {http_proxy: haproxy, control_loop_s: 2}\n"
+    )
+    shown = "import os; print(os.environ['RAY_SERVE_CONTROL_LOOP_INTERVAL_S'], os.environ['RAY_SERVE_ENABLE_HA_PROXY'])"
+    ran = _cli("env", "--config", str(config), *dashes, sys.executable, "-c", shown, cwd=tmp_path)
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, "2.0 1\n", "")
+
+
+def test_env_runs_nothing_when_the_config_does_not_load(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("models: [{name: chat, engine: nope}]\n")
+    marker = tmp_path / "ran"
+    ran = _cli("env", "--config", str(config), "--", "touch", str(marker), cwd=tmp_path)
+    assert ran.returncode == 2 and ran.stderr.startswith("llm-gateway: ") and not marker.exists()
+    missing = _cli("env", "--config", "/nonexistent.yaml", "--", "touch", str(marker), cwd=tmp_path)
+    assert missing.returncode == 2 and not marker.exists()
+    nothing = _cli("env", "--config", str(tmp_path / "x.yaml"), "--", "no-such-command-here", cwd=tmp_path)
+    assert nothing.returncode == 2
+    config.write_text("models: [{name: echo, engine: echo}]\n")
+    unknown = _cli("env", "--config", str(config), "--", "no-such-command-here", cwd=tmp_path)
+    assert unknown.returncode == 127 and "cannot run 'no-such-command-here'" in unknown.stderr
