@@ -55,6 +55,13 @@ class StreamOptions(BaseModel):
     include_obfuscation: StrictBool | None = None
 
 
+def _only_with_stream(value: BaseModel | None, info: ValidationInfo) -> BaseModel | None:
+    """A ``stream_options`` validator: set only with ``stream: true``."""
+    if value is not None and not info.data.get("stream"):
+        raise ValueError("`stream_options` can only be set when `stream` is true")
+    return value
+
+
 class ModelEnvelope(BaseModel):
     """Routing fields every OpenAI request has (embeddings have no more)."""
 
@@ -84,22 +91,33 @@ class RequestEnvelope(IdentifiedEnvelope):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=128, description="Choices to generate.")
 
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options_need_stream(
-        cls, value: StreamOptions | None, info: ValidationInfo
-    ) -> StreamOptions | None:
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("`stream_options` can only be set when `stream` is true")
-        return value
+    _stream_options_need_stream = field_validator("stream_options")(_only_with_stream)
+
+
+class ResponsesStreamOptions(BaseModel):
+    """A Responses stream's options: OpenAI's ``include_obfuscation`` alone,
+    taken as a hint (chat's ``include_usage`` has no place here: every
+    Responses stream ends with its usage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_obfuscation: StrictBool | None = None
 
 
 class ResponsesEnvelope(IdentifiedEnvelope):
     """Routing fields of a Responses API request: a follow-up goes to the
-    replica that stores the response it continues."""
+    replica that stores the response it continues. ``background`` and
+    ``store`` decide how the gateway answers and keeps it, so they are true
+    or false: vLLM would read ``1`` or ``"yes"`` as true where the gateway
+    did not."""
 
     stream: StrictBool | None = False
+    stream_options: ResponsesStreamOptions | None = None
     previous_response_id: StrictStr | None = None
+    background: StrictBool | None = None
+    store: StrictBool | None = None
+
+    _stream_options_need_stream = field_validator("stream_options")(_only_with_stream)
 
 
 class MessagesMetadata(BaseModel):

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway.protocol.envelope import MessagesEnvelope, RequestEnvelope
+from gateway.protocol.envelope import MessagesEnvelope, RequestEnvelope, ResponsesEnvelope
 
 
 def _locs(info: pytest.ExceptionInfo[ValidationError]) -> list[tuple[Any, ...]]:
@@ -81,3 +81,27 @@ def test_anthropics_metadata_holds_its_user_id_and_nothing_else() -> None:
     with pytest.raises(ValidationError) as info:  # a misspelt user_id: not a request without its cohort
         MessagesEnvelope.model_validate({**body, "metadata": {"userId": "u-42"}})
     assert _locs(info) == [("metadata", "userId")]
+
+
+@pytest.mark.parametrize("field", ["background", "store"])
+@pytest.mark.parametrize("value", [1, "true", "yes", 0])
+def test_a_responses_background_or_store_is_true_or_false(field: str, value: object) -> None:
+    # vLLM reads 1 or "yes" as true: the gateway, which decides by them how it answers and what it keeps, did not.
+    with pytest.raises(ValidationError) as info:
+        ResponsesEnvelope.of({"model": "m", field: value})
+    assert _locs(info) == [(field,)]
+    for kept in (True, False, None):
+        assert getattr(ResponsesEnvelope.of({"model": "m", field: kept}), field) is kept
+
+
+def test_a_responses_stream_takes_openais_stream_options_only() -> None:
+    hinted = ResponsesEnvelope.of({"model": "m", "stream": True, "stream_options": {"include_obfuscation": False}})
+    assert hinted.stream_options is not None and hinted.stream_options.include_obfuscation is False
+    with pytest.raises(ValidationError) as info:  # chat's: every Responses stream ends with its usage
+        ResponsesEnvelope.of({"model": "m", "stream": True, "stream_options": {"include_usage": True}})
+    assert _locs(info) == [("stream_options", "include_usage")]
+    with pytest.raises(ValidationError, match="`stream_options` can only be set when `stream` is true"):
+        ResponsesEnvelope.of({"model": "m", "stream_options": {"include_obfuscation": True}})
+    with pytest.raises(ValidationError) as info:
+        ResponsesEnvelope.of({"model": "m", "stream": True, "stream_options": 5})
+    assert _locs(info) == [("stream_options",)]
