@@ -303,8 +303,11 @@ class StreamServer:
     async def _opened(self, request: EngineRequest) -> tuple[AsyncIterator[bytes], Callable[[], Outcome], bytes]:
         """The stream, its outcome and its first frame."""
         frames, outcome = await self._open(request)
+        # A stream with no frame at all: chat's `[DONE]`; a Responses stream read again past its
+        # last event has nothing to send (its events never end with `[DONE]`).
+        empty = b"" if request.endpoint.startswith("responses") else sse.DONE
         try:
-            first = await anext(frames, sse.DONE)
+            first = await anext(frames, empty)
         except BaseException:
             await _close(frames)  # cancelled (the ingress left) or failed: the engine request ends
             raise

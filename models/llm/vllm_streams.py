@@ -158,6 +158,9 @@ async def events(
             raise error from None  # refused before generating: an HTTP error, before the stream
         tally.failed(error.code, error.status_code)
         yield sse.responses_error_event(error.to_dict(), sequence + 1)
+    finally:
+        if hasattr(stream, "aclose"):
+            await stream.aclose()  # vLLM's generator, when left early: its engine request ends now
     if held:
         yield b"".join(held)
 

@@ -507,7 +507,9 @@ async def test_deleting_a_background_response_stops_its_engine_request(client: o
     assert await settled_generated_tokens(gateway) - before < 480 // 2
 
 
-def test_a_background_stream_left_early_generates_to_its_end_and_can_be_read_again(client: openai.OpenAI) -> None:
+def test_a_background_stream_left_early_generates_to_its_end_and_can_be_read_again(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
     stream = client.responses.create(
         model=VLLM_MODEL, input=PROMPT, background=True, stream=True, max_output_tokens=40,
         extra_body={"ignore_eos": True},
@@ -527,6 +529,12 @@ def test_a_background_stream_left_early_generates_to_its_end_and_can_be_read_aga
     first_delta = [event.delta for event in seen if event.type == "response.output_text.delta"]
     rest = [event.delta for event in again if event.type == "response.output_text.delta"]
     assert "".join(first_delta + rest) == done.output_text
+    # Past its last event there is nothing to send: no chat-style `[DONE]`, which a Responses stream never has.
+    after = {"stream": "true", "starting_after": again[-1].sequence_number}
+    past = http.get(f"/v1/responses/{response_id}", params=after)
+    assert (past.status_code, past.headers["content-type"].split(";")[0], past.content) == (
+        200, "text/event-stream", b""
+    )
 
 
 # A schema that makes no grammar: the engine refuses it before generating.

@@ -337,3 +337,20 @@ async def test_a_responses_stream_cut_short_ends_with_response_incomplete_as_ope
     expected = "response.incomplete" if status == "incomplete" else "response.completed"
     assert (kind, payload["type"]) == (f"event: {expected}", expected)
     assert payload["response"] == {"status": status, "output_text": text, "metadata": {"type": "response.completed"}}
+
+
+async def test_a_responses_stream_left_early_closes_vllms_at_once() -> None:
+    # Not when the dropped generators are collected, layer by layer: the engine request ends with the read.
+    closed = []
+
+    async def engine() -> AsyncIterator[Any]:
+        try:
+            for _ in range(10):
+                yield responses_event("response.output_text.delta")
+        finally:
+            closed.append(True)
+
+    framed = vllm_streams.events(engine(), GenerationTally())
+    await anext(framed)
+    await framed.aclose()  # type: ignore[attr-defined]
+    assert closed == [True]
