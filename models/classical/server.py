@@ -152,6 +152,11 @@ class ClassicalServer:
         try:
             return job.render(job, predictions)
         except UnrepresentableAnswer:
+            if self._predictor.kind != "embedding":
+                # Finite inputs that overflow a model's own arithmetic (1.7e308 through a logistic
+                # regression): scikit-learn checks what enters an estimator, not what leaves it.
+                message = "The model cannot compute with these inputs: its answer is not a finite number"
+                return InvalidRequestError(message, param=job.param)
             return InternalServerError("The model's answer holds a number JSON cannot carry (NaN or infinity).")
         except Exception:  # noqa: BLE001
             logger.exception("%s failed to render an answer", self._config.name)

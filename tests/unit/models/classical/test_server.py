@@ -236,14 +236,19 @@ async def test_values_the_model_cannot_compute_with_are_the_clients_error(tmp_pa
     directory = build_iris("iris-tree" if tree else "iris", tmp_path)
     server, _ = await make_server(directory, max_batch_size=3, batch_wait_timeout_s=0.5)
     huge = [-1e308, 1e308, 1.4, 0.2]
+    overflowing = [0, 0, 1.7e308, 0]  # finite after scaling: the logistic regression's product overflows
     results = await asyncio.gather(
         server.generate(predict([[5.1, 3.5, 1.4, 0.2]])),
         server.generate(predict([huge])),
         server.generate(EngineRequest("predict", {"inputs": [huge]}, "r", "iris")),
+        server.generate(predict([overflowing])),
         return_exceptions=True,
     )
     assert isinstance(results[0], Reply)
-    for refused, param in zip(results[1:], ("instances", "inputs")):
+    for refused, param in zip(results[1:3], ("instances", "inputs")):
         assert isinstance(refused, InvalidRequestError) and refused.status_code == 400, refused
         assert refused.param == param
         assert refused.message.startswith("The model cannot compute with these inputs: Input X contains infinity")
+    # Without the tree's float32 check it was a 500, logged as the model failing, and fallback asked another variant.
+    assert isinstance(results[3], InvalidRequestError) and results[3].param == "instances", results[3]
+    assert tree or results[3].message.endswith("its answer is not a finite number")
