@@ -144,10 +144,15 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:
     ours = _ours(current, config.app_name)
     others = {name: app for name, app in current.items() if name not in ours}
     _check_prefix_free(config, others)
-    starting = [  # models whose replicas this deploy starts (new, or new arguments)
+    before = _ingress_models(current, config.app_name)
+    starting = [  # models whose replicas this deploy starts (new, new arguments, or scaled another way)
         m for m in config.models
         if current.get(app_of[m.name], {}).get("args") != target[app_of[m.name]]["args"]
+        or _rescaled(before.get(m.name), m)
     ]
+    for name in models:
+        if name in current:
+            _keep_replica_count(target[name])
     leaving = set(current) & ours - set(target)
     added = [m for m in starting if app_of[m.name] not in current]
     if added and not leaving and not _fits_now(added):
@@ -174,15 +179,44 @@ def deploy(config: GatewayConfig, timeout_s: float = 900) -> dict[str, str]:
     # 3. Models no longer listed go (their requests in flight finish first).
     _apply(client, {**others, **target}, list(target), timeout_s)
     _wait_until_gone(client, leaving, timeout_s)
-    return _changed(config, current, starting, leaving)
+    return _changed(config, current, before, starting, leaving)
+
+
+def _ingress_models(current: dict[str, dict[str, Any]], app_name: str) -> dict[str, dict[str, Any]]:
+    """The models the running ingress was configured with, by name (as ``_dumped``)."""
+    ingress = current.get(app_name, {}).get("deployments") or [{}]
+    return {m.get("name"): m for m in (ingress[0].get("user_config") or {}).get("models", [])}
+
+
+def _rescaled(before: dict[str, Any] | None, model: ModelConfig) -> bool:
+    """Whether ``model`` switches between a fixed count and autoscaling. Serve
+    counts an autoscaling policy in the application's code version (an LLM's
+    ``gateway.autoscaling``, a classical model's Serve's own), so the switch
+    replaces every replica; an LLM's replicas, had they been kept, would never
+    report the load its policy scales by."""
+    return before is not None and (before.get("autoscaling") is None) != (model.autoscaling is None)
+
+
+def _keep_replica_count(app: dict[str, Any]) -> None:
+    """Leaves out ``initial_replicas`` of a running model's autoscaling: Serve
+    sets the replica count to it again at any change of the deployment's
+    config (a batch size, an adapter, ``max_replicas``), so a model scaled
+    up under load would drop to it at once."""
+    for deployment in app.get("deployments") or []:
+        scaling = deployment.get("autoscaling_config")
+        if scaling is not None and scaling.get("initial_replicas") is not None:
+            deployment["autoscaling_config"] = {**scaling, "initial_replicas": None}
 
 
 def _changed(
-    config: GatewayConfig, current: dict[str, dict[str, Any]], starting: Sequence[ModelConfig], leaving: set[str]
+    config: GatewayConfig,
+    current: dict[str, dict[str, Any]],
+    before: dict[str, dict[str, Any]],
+    starting: Sequence[ModelConfig],
+    leaving: set[str],
 ) -> dict[str, str]:
-    """What a deploy from the applications ``current`` did to each model it changed."""
-    ingress = current.get(config.app_name, {}).get("deployments") or [{}]
-    before = {m.get("name"): m for m in (ingress[0].get("user_config") or {}).get("models", [])}
+    """What a deploy from the applications ``current`` (whose ingress served
+    the models ``before``) did to each model it changed."""
     changed = {m.name: ADDED if m.name not in before else REPLACED for m in starting}
     for model in config.models:
         if model.name not in changed and before.get(model.name) != _dumped(model):

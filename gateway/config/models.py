@@ -37,7 +37,8 @@ REMOVED_MODEL_FIELDS = {
 
 # Fields a redeploy applies to running replicas (replica count, batching):
 # they stay out of a model's deployment arguments, so changing them restarts
-# nothing.
+# nothing (but a switch between `num_replicas` and `autoscaling`, which Serve
+# counts in the code version: ``gateway.deploy``).
 LIVE_MODEL_FIELDS = frozenset(
     {"num_replicas", "autoscaling", "max_batch_size", "batch_wait_timeout_s"}
 )

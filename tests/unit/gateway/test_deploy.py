@@ -217,8 +217,34 @@ def test_a_deploy_that_changes_nothing_says_nothing_changed(monkeypatch: pytest.
     assert deploy(parse_config(scaled)) == {"a": LIVE}
     autoscaled = {**BASE, "models": [{**BASE["models"][0], "autoscaling": {"min_replicas": 1, "max_replicas": 2}},
                                      BASE["models"][1]]}
-    assert deploy(parse_config(autoscaled)) == {"a": LIVE}
+    # Serve counts the autoscaling policy in the code version: the switch replaces the replicas.
+    assert deploy(parse_config(autoscaled)) == {"a": REPLACED}
     assert deploy(parse_config(autoscaled)) == {}  # (its ingress copy lacks num_replicas: still the same)
+    wider = {**BASE, "models": [{**BASE["models"][0], "autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+                                BASE["models"][1]]}
+    assert deploy(parse_config(wider)) == {"a": LIVE}
+    assert deploy(parse_config(scaled)) == {"a": REPLACED}
+
+
+def test_a_running_model_is_not_set_back_to_its_initial_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Serve sets the count to initial_replicas again at any change of the deployment's config:
+    # a model scaled up under load dropped to it when its batch size changed.
+    scaling = {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2}
+    first = {**BASE, "models": [BASE["models"][0], {**BASE["models"][1], "autoscaling": scaling}]}
+    client = FakeClient(apps({**BASE, "models": [BASE["models"][0]]}))
+    monkeypatch.setattr("ray.serve._private.api.serve_start", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])
+    monkeypatch.setattr("ray._private.state.available_resources_per_node", lambda: {"n": {"CPU": 4.0}})
+    assert deploy(parse_config(first)) == {"e": ADDED}
+
+    def initial() -> set[int | None]:
+        return {step["gw:e"]["deployments"][0]["autoscaling_config"]["initial_replicas"] for step in client.applied}
+
+    assert initial() == {2}  # a new model starts with them
+    client.applied.clear()
+    batched = {**first, "models": [BASE["models"][0], {**first["models"][1], "max_batch_size": 4}]}
+    assert deploy(parse_config(batched)) == {"e": LIVE}
+    assert initial() == {None}
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[3].glob("configs/**/*.yaml")), ids=lambda p: p.name)
