@@ -90,6 +90,10 @@ class RunningReplica:
         self._clock = clock
         self._seen_at = -self.FRESH_S
         self._look_up = BoundedLookUp(self._look, wait_s, clock)
+        # A model that scales to zero: each look-up also sends it one call (``wake``), which Serve
+        # queues and counts, where a look-up alone is not counted: at zero replicas nothing asked
+        # for one, and every request was answered 503 for ever.
+        self.wake: Callable[[], Any] | None = None
 
     @property
     def wait_s(self) -> float:
@@ -145,6 +149,11 @@ class RunningReplica:
         self._seen_at = -self.FRESH_S
 
     async def _look(self) -> None:
-        async with self._handle.choose_replica(_reserve=False):
-            pass
+        waking = self.wake() if self.wake is not None else None
+        try:
+            async with self._handle.choose_replica(_reserve=False):
+                pass
+        finally:
+            if waking is not None:
+                waking.cancel()  # (answered by now where a replica runs; else no longer needed)
         self._seen_at = self._clock()

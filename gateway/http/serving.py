@@ -148,6 +148,16 @@ class ClassicalClient:
                 pass  # (down or busy: the request finds out, or is reserved without it)
         return self._window
 
+    def wakes(self, at_zero: bool) -> None:
+        """Whether the model may be at zero replicas (autoscaling from 0): its
+        look-ups then send it a call of ``info``, which wakes it."""
+        self.running.wake = self._ask_info if at_zero else None
+
+    def _ask_info(self) -> Any:
+        if self._info is None:
+            self._info = self.source.options(method_name="info")
+        return self._info.remote()
+
     async def _learn_window(self) -> None:
         if self._info is None:
             self._info = self.source.options(method_name="info")
@@ -273,6 +283,7 @@ def build_table(
         client = old.client if same and old is not None else client_for(model, handle, replica_wait_s, handoff)
         if isinstance(client, ClassicalClient):
             client.gather_by(Gathering.for_model(model))
+            client.wakes(model.autoscaling is not None and model.autoscaling.min_replicas == 0)
         else:
             client.relay.capacity = _capacity(model)
         models[model.name] = ServedModel(model.name, model.kind, client, model.request_timeout_s)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -114,3 +118,44 @@ def test_an_adapter_is_reached_through_its_models_client() -> None:
     assert ada.client is base.client and (ada.name, ada.kind, ada.timeout_s) == ("ada", "llm", 9)
     route = table.routes.resolve("ada")
     assert route is not None and (route.target, route.alias) == ("ada", False)
+
+
+class WakingHandle:
+    """A deployment at zero replicas until it is sent a call (Serve queues and counts it; a
+    look-up for a replica it does not count)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.cancelled = 0
+        self.up = asyncio.Event()
+
+    def options(self, method_name: str = "", **_: Any) -> Any:
+        handle = self
+
+        class Method:
+            def remote(self, *args: Any) -> Any:
+                handle.sent.append(method_name)
+                handle.up.set()
+                return SimpleNamespace(cancel=lambda: setattr(handle, "cancelled", handle.cancelled + 1))
+
+        return Method()
+
+    @contextlib.asynccontextmanager
+    async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+        await self.up.wait()
+        yield None
+
+
+async def test_a_classical_model_at_zero_replicas_is_woken_by_its_look_up() -> None:
+    at_zero = {**MODELS[2], "autoscaling": {"min_replicas": 0, "max_replicas": 2}}
+    handle = WakingHandle()
+    client = table_for([MODELS[0], MODELS[1], at_zero], iris=handle).model("iris").client  # type: ignore[arg-type]
+    assert isinstance(client, ClassicalClient)
+    await asyncio.wait_for(client.ready(), 1)  # it was a 503 for ever: nothing asked Serve for a replica
+    assert handle.sent == ["info"] and handle.cancelled == 1
+    # A model that keeps a replica is only looked for.
+    kept = WakingHandle()
+    kept.up.set()
+    client = table_for(MODELS, iris=kept).model("iris").client  # type: ignore[arg-type]
+    await client.ready()
+    assert kept.sent == []
