@@ -50,6 +50,8 @@ PAD_TO_MULTIPLE_OF = 8
 # sentence-transformers does when a call holds several), memory stays near
 # 0.5 GB and shorter texts carry less padding.
 FORWARD_TEXTS = 64
+# Texts tokenized at once when a request's are checked (see ``EmbeddingPredictor.inputs``).
+TOKENIZED_TEXTS = 16
 # The most characters WordPiece reads as one token (its ``max_input_chars_per_word``).
 WORD_CHARS = 100
 
@@ -153,14 +155,19 @@ class EmbeddingPredictor:
                     param=path(index),
                 )
         texts = list(instances)
-        counts = [len(ids) for ids in self._tokenizer(texts)["input_ids"]]
-        for index, count in enumerate(counts):
-            if count > self.max_tokens:
-                raise ContextLengthExceededError(
-                    f"{path(index)} has {count} tokens; this model's maximum context "
-                    f"length is {self.max_tokens} tokens. Please shorten the input.",
-                    param=path(index),
-                )
+        counts: list[int] = []
+        # In parts, each checked before the next is tokenized: a text over the window is refused
+        # without tokenizing the rest (words of 100 letters pass the bounds above, yet make
+        # tens of tokens each, and WordPiece's time grows with each word's length squared).
+        for start in range(0, len(texts), TOKENIZED_TEXTS):
+            counts += [len(ids) for ids in self._tokenizer(texts[start : start + TOKENIZED_TEXTS])["input_ids"]]
+            for index, count in enumerate(counts[start:], start):
+                if count > self.max_tokens:
+                    raise ContextLengthExceededError(
+                        f"{path(index)} has {count} tokens; this model's maximum context "
+                        f"length is {self.max_tokens} tokens. Please shorten the input.",
+                        param=path(index),
+                    )
         return texts, counts
 
     def size(self, inputs: tuple[list[str], list[int]]) -> int:

@@ -99,15 +99,13 @@ class ClassicalServer:
 
     async def _batch(self, requests: list[EngineRequest]) -> list[Reply | GatewayError]:
         self._batch_sizes[len(requests)] += 1
-        jobs: list[Job | GatewayError] = []
-        for request in requests:
-            try:
-                jobs.append(parse(request, self._predictor, self._config.max_instances_per_request))
-            except GatewayError as error:
-                jobs.append(error)
-            except Exception:  # noqa: BLE001 - a check that broke fails its own request alone
-                logger.exception("%s failed to check a request", self._config.name)
-                jobs.append(InternalServerError("The model failed to answer this request."))
+        if self._predictor.kind == "embedding":
+            # Tokenizing is checking: 256 texts of long words take seconds, which the tokenizer
+            # spends without the GIL. In a thread the loop runs meanwhile (Serve's health checks,
+            # requests joining the next batch); the model itself runs on the loop, below.
+            jobs = await asyncio.to_thread(self._checked, requests)
+        else:
+            jobs = self._checked(requests)
         valid = [job for job in jobs if isinstance(job, Job)]
         # The model runs on the event loop, as Serve's batching expects: what
         # arrives meanwhile waits and joins the next batch whole. Measured here,
@@ -117,6 +115,19 @@ class ClassicalServer:
         results = [job if isinstance(job, GatewayError) else next(answers) for job in jobs]
         self._heap.after_batch()
         return _replies(jobs, results)
+
+    def _checked(self, requests: list[EngineRequest]) -> list[Job | GatewayError]:
+        """Each request's job, or its own error."""
+        jobs: list[Job | GatewayError] = []
+        for request in requests:
+            try:
+                jobs.append(parse(request, self._predictor, self._config.max_instances_per_request))
+            except GatewayError as error:
+                jobs.append(error)
+            except Exception:  # noqa: BLE001 - a check that broke fails its own request alone
+                logger.exception("%s failed to check a request", self._config.name)
+                jobs.append(InternalServerError("The model failed to answer this request."))
+        return jobs
 
     async def _answer_in_parts(self, jobs: list[Job]) -> list[bytes | GatewayError]:
         """The jobs' answers, from model calls of about ``PART_INSTANCES``

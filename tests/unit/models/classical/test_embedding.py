@@ -151,6 +151,23 @@ def test_a_text_longer_than_the_window_can_hold_is_refused_before_it_is_tokenize
     assert calls == []
 
 
+def test_a_requests_texts_are_tokenized_in_parts_and_the_first_over_the_window_ends_it() -> None:
+    # Words of 100 letters pass the bounds above and make ~60 tokens each, quadratically slowly:
+    # 256 such texts held the replica for seconds before the first was found too long.
+    predictor = EmbeddingPredictor.load(str(MINILM), dtype="float32")
+    calls: list[int] = []
+    tokenizer = predictor._tokenizer
+    predictor._tokenizer = lambda texts: calls.append(len(texts)) or tokenizer(texts)
+    long_words = " ".join(["abcdefghij" * 10] * 50)
+    texts = ["fine"] * 20 + [long_words] + ["fine"] * 200
+    with pytest.raises(ContextLengthExceededError, match="tokens") as refused:
+        predictor.inputs(texts, "input")
+    assert refused.value.param == "input[20]" and calls == [16, 16]
+    calls.clear()
+    kept, counts = predictor.inputs(["fine"] * 40, "input")
+    assert len(kept) == len(counts) == 40 and set(counts) == {3} and calls == [16, 16, 8]
+
+
 def test_a_window_that_is_no_multiple_of_8_is_not_padded_past_it() -> None:
     # The tokenizer refuses to truncate to 250 and pad to a multiple of 8:
     # every request would fail.
