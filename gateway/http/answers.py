@@ -114,6 +114,11 @@ class Answers:
             if not await _whole_all_the_same(stream):
                 raise
             sink.whole = True  # it had the whole answer: the response completes all the same
+        except Exception:
+            # A bug (RelayResponse logs it; the client gets a cut-off stream): counted as the
+            # server's failure, not as the hang-up that a stream without its end looks like.
+            record.error, record.late_status = "internal_error", 500
+            raise
         finally:
             stream.close()  # at once, even where the client's hang-up left this unfinished
             record.handed_over = stream.handed_off

@@ -178,8 +178,13 @@ class ObservabilityMiddleware:
             # It hung up while its body was being read: nobody to answer,
             # and nothing failed (not the server error it would be logged as).
             status = CLIENT_CLOSED
+        except Exception as exc:
+            if overhead_s is not None:
+                raise  # (its response started: Starlette's last handler can only log it)
+            await _answer_failure(exc, scope, receive, observed_send)
         finally:
-            if overhead_s is not None and not complete:
+            failed = record.late_status is not None and record.late_status >= 500
+            if overhead_s is not None and not complete and not failed:
                 status = CLIENT_CLOSED
             elif record.late_status is not None:
                 status = record.late_status
@@ -190,6 +195,18 @@ class ObservabilityMiddleware:
             duration_s = time.perf_counter() - record.started
             metrics.request_finished(record, status, duration_s)
             self._log.request(record, scope["method"], status, duration_s, overhead_s)
+
+
+async def _answer_failure(exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+    """A bug's 500, answered here, where the request's id is still known: it
+    goes out with its ``x-request-id``, and the traceback and access-log lines
+    carry both the id and the error. Starlette's last handler answers outside
+    this middleware, with neither."""
+    from starlette.requests import Request
+
+    from gateway.http.handlers import as_gateway_error, error_response  # (they import this module)
+
+    await error_response(as_gateway_error(exc), Request(scope))(scope, receive, send)
 
 
 def _is_stream(headers: list[tuple[bytes, bytes]]) -> bool:

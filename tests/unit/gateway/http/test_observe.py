@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -325,3 +326,51 @@ async def test_a_client_id_ending_in_a_newline_is_replaced(tmp_path: Path) -> No
     await asyncio.wait_for(app(scope, receive, send), 2)
     used = json.loads(b"".join(m.get("body", b"") for m in sent))["request_id"]
     assert GENERATED.match(used) and dict(sent[0]["headers"])[b"x-request-id"] == used.encode()
+
+
+async def test_a_stream_that_breaks_off_on_a_failure_is_a_500_not_a_hang_up(tmp_path: Path) -> None:
+    # No end reached the client, as when it leaves: but the server failed (``Answers``), and says so.
+    app, metrics, log = make_app(tmp_path)
+
+    @app.get("/broken")
+    async def broken(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: 1\n\n"
+            request.state.record.error, request.state.record.late_status = "internal_error", 500
+            raise RuntimeError("a bug in the relay")
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async with client(app) as c:
+        with contextlib.suppress(Exception):
+            await c.get("/broken", headers={"x-request-id": "broken-1"})
+    app.state.flush()
+    assert [labels[3] for labels in metrics.snapshot()["llm_gateway_requests_total"]] == ["500"]
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert [(line["log"], line["status"], line["error"]) for line in lines] == [
+        ("error", 500, "internal_error"), ("access", 500, "internal_error")
+    ]
+
+
+async def test_a_bug_is_answered_with_the_requests_id_and_logged_under_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Answered by Starlette's last handler, outside this middleware, it had no id, and its
+    # traceback was logged as "request None".
+    app, metrics, log = make_app(tmp_path)
+
+    @app.post("/v1/models/{model:path}:explain")
+    async def explain(model: str) -> JSONResponse:
+        raise KeyError("a bug")
+
+    app.middleware_stack = None  # (the route above, added after the middleware was)
+    async with client(app) as c:
+        answer = await c.post("/v1/models/iris:explain", headers={"x-request-id": "bug-1"})
+    assert answer.status_code == 500 and answer.headers["x-request-id"] == "bug-1"
+    assert answer.json()["error"]["type"] == "server_error" and "KeyError" not in answer.text
+    assert "request bug-1: unexpected error while serving it" in caplog.text
+    app.state.flush()
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert [(line["log"], line["request_id"], line["status"], line["error"]) for line in lines] == [
+        ("access", "bug-1", 500, "internal_error")
+    ]
