@@ -105,9 +105,14 @@ class ModelDispatcher:
         # upload must not be routed by a table a live change has since replaced).
         table = self._table
         api = api_key(request)
-        planned = plan(table, spec, body, request.headers, api, model)
-        name, route, stream, envelope = planned.name, planned.route, planned.stream, planned.envelope
         record: RequestRecord = request.state.record  # made by the observability middleware
+        try:
+            planned = plan(table, spec, body, request.headers, api, model)
+        except ModelNotSupportedError:
+            # A model served here, asked at the wrong endpoint: counted and logged under its name.
+            record.model = model if model is not None else str(body.get("model"))
+            raise
+        name, route, stream, envelope = planned.name, planned.route, planned.stream, planned.envelope
         record.model, record.stream = name, stream
         try:
             _check_request_id(envelope, record.request_id)

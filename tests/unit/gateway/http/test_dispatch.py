@@ -394,3 +394,10 @@ async def test_a_stream_option_vllm_would_drop_is_refused_naming_it() -> None:
     assert handle.calls == []
     hinted = {"model": "m", "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
     assert (await post(make_app(handle), hinted)).status_code == 200  # OpenAI's padding: a hint
+
+
+async def test_a_served_model_asked_at_the_wrong_endpoint_is_counted_under_its_name() -> None:
+    app = make_app(FakeHandle(), kinds={"m": "classifier"})
+    response = await post(app, {"model": "m", "messages": []})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_supported"
+    assert [labels[1:4] for labels in app.state.metrics.snapshot()["llm_gateway_requests_total"]] == [("m", "", "404")]
