@@ -17,7 +17,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-_SCALE = float(1 << 64)
+_SCALE = float(1 << 52)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,5 +56,7 @@ def _score(key: str, variant: Variant) -> float:
     digest = hashlib.blake2b(
         f"{key}\x00{variant.name}".encode(), digest_size=8
     ).digest()
-    uniform = (int.from_bytes(digest, "big") + 0.5) / _SCALE  # in (0, 1)
+    # In (0, 1): the top 52 bits, which a float holds exactly with the half. All 64 rounded the highest
+    # values to 1.0, whose log is 0: a ZeroDivisionError, a 500 for ever for that user.
+    uniform = ((int.from_bytes(digest, "big") >> 12) + 0.5) / _SCALE
     return -variant.weight / math.log(uniform)

@@ -84,3 +84,27 @@ def test_ranked_puts_the_choice_first_then_the_rest_by_weight() -> None:
     rest = order[1:]
     assert [v.weight for v in rest] == sorted((v.weight for v in rest), reverse=True)
     assert {v.name for v in order} == {"a", "b", "c"}
+
+
+def test_a_key_whose_hash_is_the_highest_is_routed_not_a_division_by_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 64 bits over 2**64 rounded to 1.0 near the top, and log(1.0) is 0: that user's every request failed.
+    import hashlib
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(hashlib, "blake2b", lambda data, digest_size: SimpleNamespace(digest=lambda: b"\xff" * 8))
+    assert choose(SPLIT, "unlucky", random.Random(0)) in SPLIT
+
+
+def test_users_keep_the_variants_they_had_before_the_scores_took_52_bits() -> None:
+    import hashlib
+    import math
+
+    def before(key: str) -> str:  # the earlier score: all 64 bits
+        def score(v: Variant) -> float:
+            digest = hashlib.blake2b(f"{key}\x00{v.name}".encode(), digest_size=8).digest()
+            return -v.weight / math.log((int.from_bytes(digest, "big") + 0.5) / float(1 << 64))
+
+        return max(THREE, key=score).name
+
+    keys = [f"user-{n}" for n in range(N)]
+    assert [choose(THREE, k, random.Random(0)).name for k in keys] == [before(k) for k in keys]
