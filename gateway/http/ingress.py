@@ -77,12 +77,17 @@ class GatewayIngress:
         makes will route. Changes apply to requests that arrive afterwards; requests in flight
         keep the variant they were given. The replica is not restarted.
         """
-        self._state.apply(user_config["models"], user_config["routing"], user_config.get("keys", []))
+        models, routing, keys = user_config["models"], user_config["routing"], user_config.get("keys", [])
+        wait_s = min(self._state.front_door.ingress.replica_wait_s, WARM_UP_S)
+        if self._front_door_checked:  # (a redeploy: models it adds are looked up before they are routed to)
+            await self._state.apply_warmed(models, routing, keys, wait_s)
+        else:
+            self._state.apply(models, routing, keys)
         self._reporter.start()
         if not self._front_door_checked:
             self._front_door_checked = True
             # Clients (from its own front door or Serve's) once its models' replicas are known.
-            await self._state.warm_up(min(self._state.front_door.ingress.replica_wait_s, WARM_UP_S))
+            await self._state.warm_up(wait_s)
             if (address := await own_front_door(serve.get_replica_context().app_name)) is not None:
                 ingress = self._state.front_door.ingress
                 self._front_door = FrontDoor(

@@ -265,6 +265,28 @@ async def test_warm_up_finds_each_models_replica_and_gives_up_on_a_model_that_is
     assert state.dispatcher.table.models["iris"].client.running.fresh()  # type: ignore[union-attr]
 
 
+async def test_a_model_added_live_is_looked_up_before_it_is_routed_to() -> None:
+    # Its first requests waited on Serve's router learning of it: once past replica_wait_s, a 503.
+    routers = {"a": Router("a", up=True), "b": Router("b", up=True), "iris": Router("iris", up=True),
+               "c": Router("c", up=False)}
+    state = GatewayState(FrontDoorConfig(), lambda m: routers[m.name], lambda m: f"app:{m.name}")
+    state.apply(MODELS, ROUTING)
+    models = [*MODELS, {"name": "c", "engine": "echo"}]
+    routing = {"routes": [{"name": "chat", "variants": {"a": 1, "c": 1}}]}
+    applying = asyncio.ensure_future(state.apply_warmed(models, routing, [], timeout_s=5))
+    await asyncio.sleep(0.05)
+    assert not applying.done() and targets(state, "chat") == {"a"}  # the old table, meanwhile
+    routers["c"].up.set()
+    await asyncio.wait_for(applying, 1)
+    assert targets(state, "chat") == {"a", "c"}
+    assert state.dispatcher.table.models["c"].client.relay.knows("c")  # type: ignore[union-attr]
+    # A model that stays down is routed to after the wait, as at start.
+    routers["d"] = Router("d", up=False)
+    started = asyncio.get_running_loop().time()
+    await state.apply_warmed([*models, {"name": "d", "engine": "echo"}], routing, [], timeout_s=0.2)
+    assert asyncio.get_running_loop().time() - started < 1 and "d" in state.dispatcher.table.models
+
+
 def test_an_adapter_is_listed_after_the_models_with_its_parent_and_window() -> None:
     state = GatewayState(FrontDoorConfig(), NoHandle, lambda m: f"app:{m.name}")
     base = {"name": "base", "engine": "vllm", "model": "/m/base", "max_model_len": 64}
