@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from gateway.errors import InvalidRequestError
 
@@ -49,6 +49,28 @@ Datatype = Literal[
 ]
 
 
+# Parameters of Triton's extensions that change what is sent or answered
+# (tritonclient sets them): served as plain JSON tensors, they would be
+# dropped unseen, so they are refused, naming the extension.
+_BINARY = "the binary tensor extension"
+_AS_JSON = "send and ask for tensors as JSON (tritonclient: `binary_data=False`)"
+_EXTENSIONS = {
+    "binary_data": (_BINARY, _AS_JSON),
+    "binary_data_size": (_BINARY, _AS_JSON),
+    "binary_data_output": (_BINARY, _AS_JSON),
+    "classification": ("the classification extension (top-k classes)", "ask for 'probabilities' and rank them"),
+}
+
+
+def _no_extensions(parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Refuses the parameters of an extension this server does not serve;
+    ``binary_data: false`` asks for what it serves, and passes."""
+    for name, (extension, instead) in _EXTENSIONS.items():
+        if parameters is not None and name in parameters and parameters[name] is not False:
+            raise ValueError(f"'{name}' asks for {extension}, which is not supported: {instead}")
+    return parameters
+
+
 class InferTensor(BaseModel):
     """One named tensor: row-major flat ``data`` with its ``shape``."""
 
@@ -60,6 +82,8 @@ class InferTensor(BaseModel):
     data: list[Any]
     parameters: dict[str, Any] | None = None
 
+    _parameters = field_validator("parameters")(_no_extensions)
+
 
 class InferRequestedOutput(BaseModel):
     """An output tensor the client asks for by name (``outputs``)."""
@@ -69,17 +93,31 @@ class InferRequestedOutput(BaseModel):
     name: str
     parameters: dict[str, Any] | None = None
 
+    _parameters = field_validator("parameters")(_no_extensions)
+
 
 class InferRequest(BaseModel):
     """Open Inference Protocol V2 request: one input tensor, rows are instances;
-    ``outputs`` names the output tensors to answer with (all when left out)."""
+    ``outputs`` names the output tensors to answer with (all when left out),
+    each once."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = None
     inputs: list[InferTensor] = Field(min_length=1, max_length=1)
-    outputs: list[InferRequestedOutput] | None = None
+    outputs: list[InferRequestedOutput] | None = Field(None, min_length=1)
     parameters: dict[str, Any] | None = None
+
+    _parameters = field_validator("parameters")(_no_extensions)
+
+    @field_validator("outputs")
+    @classmethod
+    def _each_once(cls, outputs: list[InferRequestedOutput] | None) -> list[InferRequestedOutput] | None:
+        names = [output.name for output in outputs or ()]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ValueError(f"outputs[{index}]: '{name}' is asked for twice")
+        return outputs
 
 
 class InferErrorResponse(BaseModel):

@@ -223,8 +223,9 @@ def _flat(tensor: InferTensor, param: str) -> list[Any]:
     """The tensor's data, row-major and flat, as many values as its shape holds."""
     size = tensor.shape[0] * (tensor.shape[1] if len(tensor.shape) > 1 else 1)
     data = tensor.data
-    if data and all(isinstance(row, list) for row in data):
-        # Nested rows are accepted too, each as long as the shape's row.
+    if len(tensor.shape) > 1 and data and all(isinstance(row, list) for row in data):
+        # Nested rows are accepted too, each as long as the shape's row (a tensor of rank 1
+        # has none: `[["a"], ["b"]]` is of shape [2, 1], which the rank check refuses).
         width = size // tensor.shape[0]
         if len(data) != tensor.shape[0] or any(len(row) != width for row in data):
             raise InvalidRequestError(

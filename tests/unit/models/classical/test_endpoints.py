@@ -132,6 +132,27 @@ def test_infer_refuses_an_output_the_model_does_not_have_naming_it(iris: Sklearn
 
 
 @pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"outputs": []}, "Invalid 'outputs': empty array"),  # (Triton reads it as all: said, not guessed)
+        ({"outputs": [{"name": "label"}, {"name": "label"}]}, r"outputs\[1\]: 'label' is asked for twice"),
+        ({"outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]},
+         "the classification extension .* not supported"),
+        ({"parameters": {"binary_data_output": True}}, "the binary tensor extension, which is not supported"),
+        ({"inputs": [{**TENSOR, "parameters": {"binary_data_size": 64}}]}, "the binary tensor extension"),
+    ],
+)
+def test_infer_refuses_what_it_would_otherwise_drop_unseen(
+    iris: SklearnPredictor, extra: dict[str, Any], words: str
+) -> None:
+    # tritonclient sets these: the answer would have been plain JSON tensors, or duplicated ones.
+    with pytest.raises(InvalidRequestError, match=words):
+        parse(EngineRequest("infer", {"inputs": [TENSOR], **extra}, "r", "iris"), iris, 10)
+    asked = {"outputs": [{"name": "label", "parameters": {"binary_data": False}}]}  # what it serves: passes
+    assert answer(parse(EngineRequest("infer", {"inputs": [TENSOR], **asked}, "r", "iris"), iris, 10), iris)
+
+
+@pytest.mark.parametrize(
     ("tensor", "words"),
     [
         ({**TENSOR, "shape": ["2", "4"]}, r"'inputs\[0\].shape\[0\]': expected an integer"),  # as the protocol says
@@ -295,6 +316,14 @@ def test_a_prediction_json_cannot_carry_fails_its_answer(two_outputs: SklearnPre
     job = parse(EngineRequest(endpoint, body, "r", "lr"), two_outputs, 10)
     with pytest.raises(UnrepresentableAnswer):  # 2 × 1e308 is infinite: never Infinity or null on the wire
         answer(job, two_outputs)
+
+
+def test_a_rank_1_tensor_has_no_nested_rows() -> None:
+    # [["a b"], ["c"]] is a [2, 1] tensor, sent as shape [2]: refused, not read as rows of one.
+    predictor = EmbeddingPredictor(FakeSentenceModel())
+    tensor = {"name": "t", "shape": [2], "datatype": "BYTES", "data": [["a b"], ["c"]]}
+    with pytest.raises(InvalidRequestError):
+        parse(EngineRequest("infer", {"inputs": [tensor]}, "r", "m"), predictor, 10)
 
 
 @pytest.mark.parametrize(
