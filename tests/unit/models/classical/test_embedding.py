@@ -144,6 +144,10 @@ def test_a_text_longer_than_the_window_can_hold_is_refused_before_it_is_tokenize
     joined, dropped, marks = "a\x1f" * 300 + "b", "x" + " \u200b" * 300, "x" + " \u0301\u00ad" * 300
     texts, counts = predictor.inputs([joined, dropped, marks], "input")
     assert max(counts) < 10
+    # (and those it deletes by their category: mojibake's U+FFFD, private use, tags, any script's marks)
+    deleted = ["\ufffd", "\ue000", "\U000e0001", "\u05b0", "\u064b", "\u094d", "\U00100000"]
+    texts, counts = predictor.inputs(["word " * 200 + " ".join(deleted * 15)], "input")
+    assert counts == [202]
     # ... and prose of any script over the window is refused untokenized too.
     calls.clear()
     with pytest.raises(ContextLengthExceededError, match="2001 words"):
