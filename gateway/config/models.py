@@ -160,6 +160,15 @@ class ModelConfig(StrictConfig):
         if self.max_queued_requests == 0:
             # Serve refuses it only when the model is deployed, after the gateway started.
             raise ValueError("`max_queued_requests` must be -1 (no bound) or at least 1")
+        capacity = self.max_ongoing_requests + self.max_queued_requests
+        target = self.autoscaling.target_ongoing_requests if self.autoscaling is not None else 0
+        if self.max_queued_requests > 0 and target >= capacity:
+            # Requests past a replica's capacity are refused, never counted: its load stays at the target at most.
+            raise ValueError(
+                f"`autoscaling.target_ongoing_requests` ({target:g}) must be below "
+                f"what one replica takes (`max_ongoing_requests` + `max_queued_requests` = {capacity}): "
+                "the load could never ask for another replica"
+            )
         return self
 
     @property

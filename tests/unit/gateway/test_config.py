@@ -119,6 +119,15 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
             "`max_queued_requests` must be -1 (no bound) or at least 1",
             id="no-queue",
         ),
+        # Requests past a replica's capacity are refused, never counted: it would never scale up.
+        pytest.param(
+            _config(max_ongoing_requests=8, max_queued_requests=8,
+                    autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}),
+            "models.0",
+            "`autoscaling.target_ongoing_requests` (16) must be below what one replica takes "
+            "(`max_ongoing_requests` + `max_queued_requests` = 16)",
+            id="target-beyond-capacity",
+        ),
         pytest.param(
             _config(stream_max_hold_ms=0),
             "models.0",
