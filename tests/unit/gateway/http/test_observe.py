@@ -288,17 +288,25 @@ async def test_a_guards_refusal_names_its_error_in_the_access_log(tmp_path: Path
     assert [(line["status"], line.get("error")) for line in lines] == [(401, "invalid_api_key"), (403, sent.json()["error"]["code"])]
 
 
-async def test_a_stream_cut_by_a_failure_gets_its_error_line_too(tmp_path: Path) -> None:
-    app, metrics, log = make_app(tmp_path)
+def failing_stream(app: FastAPI, path: str, error: str, status: int, ends: bool) -> None:
+    """A stream at ``path`` whose failure after its first frame ``error`` and
+    ``status`` stand for; it ``ends`` with an error frame, else breaks off."""
 
-    @app.get("/cut")
-    async def cut(request: Request) -> StreamingResponse:
+    @app.get(path)
+    async def failing(request: Request) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
             yield b"data: 1\n\n"
-            request.state.record.error, request.state.record.late_status = "service_unavailable", 503
+            request.state.record.error, request.state.record.late_status = error, status
+            if not ends:
+                raise RuntimeError("a bug in the relay")
             yield b'data: {"error": {}}\n\n'
 
         return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def test_a_stream_cut_by_a_failure_gets_its_error_line_too(tmp_path: Path) -> None:
+    app, metrics, log = make_app(tmp_path)
+    failing_stream(app, "/cut", "service_unavailable", 503, ends=True)
 
     async with client(app) as c:
         assert (await c.get("/cut", headers={"x-request-id": "cut-1"})).status_code == 200
@@ -331,15 +339,7 @@ async def test_a_client_id_ending_in_a_newline_is_replaced(tmp_path: Path) -> No
 async def test_a_stream_that_breaks_off_on_a_failure_is_a_500_not_a_hang_up(tmp_path: Path) -> None:
     # No end reached the client, as when it leaves: but the server failed (``Answers``), and says so.
     app, metrics, log = make_app(tmp_path)
-
-    @app.get("/broken")
-    async def broken(request: Request) -> StreamingResponse:
-        async def body() -> AsyncIterator[bytes]:
-            yield b"data: 1\n\n"
-            request.state.record.error, request.state.record.late_status = "internal_error", 500
-            raise RuntimeError("a bug in the relay")
-
-        return StreamingResponse(body(), media_type="text/event-stream")
+    failing_stream(app, "/broken", "internal_error", 500, ends=False)
 
     async with client(app) as c:
         with contextlib.suppress(Exception):
