@@ -89,7 +89,6 @@ class LLMServer:
         self._watch: asyncio.Task[None] | None = None
         self._active_streams = 0
         self._requests = 0
-        self._configured = False  # whether Serve has given it its ``user_config`` yet
         self._unloadable: dict[str, str] = {}  # adapters of its config that did not load: why
         self._names = frozenset({config.name})  # the models it answers for: its own, its adapters
         self._engine = engine if engine is not None else make_engine(config)
@@ -117,18 +116,18 @@ class LLMServer:
         """A vLLM model's live settings (``VLLMModelConfig.replica_user_config``):
         the LoRA adapters it serves, loaded and unloaded in the running engine.
 
-        Serve calls it once the replica has started, where an adapter that
-        cannot load fails the start as it fails ``vllm serve``'s, and on each
-        change, where it leaves the replica serving everything else (raising
-        would make Serve replace the replica with one that cannot start
-        either): requests for that adapter are answered 503 with vLLM's reason.
+        Serve calls it once the replica has started and on each change. An
+        adapter that cannot load leaves the replica serving the model and its
+        other adapters, at start as in a change: requests for that adapter are
+        answered 503 with vLLM's reason. Raising would fail the replica: in a
+        change, Serve would replace it with one that cannot start either; at
+        start, every replica started later (a scale-up, one replacing a dead
+        engine) would fail while the adapter stays in the config, and the model
+        would lose them all.
         """
         failed = await self._engine.set_adapters(user_config.get("lora_adapters", {}))
-        if failed and not self._configured:
-            raise RuntimeError("; ".join(failed.values()))
         for reason in failed.values():
             logger.error("%s: %s; requests for it are answered 503 until it loads", self._config.name, reason)
-        self._configured = True
         self._unloadable = failed
         self._names = frozenset({self._config.name, *user_config.get("lora_adapters", {})})
 
