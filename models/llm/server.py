@@ -125,11 +125,15 @@ class LLMServer:
         engine) would fail while the adapter stays in the config, and the model
         would lose them all.
         """
-        failed = await self._engine.set_adapters(user_config.get("lora_adapters", {}))
+        adapters = user_config.get("lora_adapters", {})
+        # Adapters leaving are refused (503, retried elsewhere) before vLLM unloads them: admitted
+        # meanwhile, a request would get vLLM's 404, which no client or fallback retries.
+        self._names = self._names & {self._config.name, *adapters}
+        failed = await self._engine.set_adapters(adapters)
         for reason in failed.values():
             logger.error("%s: %s; requests for it are answered 503 until it loads", self._config.name, reason)
         self._unloadable = failed
-        self._names = frozenset({self._config.name, *user_config.get("lora_adapters", {})})
+        self._names = frozenset({self._config.name, *adapters})
 
     async def _watch_engine(self, exit_process: Callable[[], None] | None) -> None:
         """Notices at once an engine that died (vLLM's engine-core process gone):

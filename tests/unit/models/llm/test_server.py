@@ -208,3 +208,27 @@ async def test_a_replica_whose_engine_failed_to_start_still_stops_it() -> None:
         await server.__init__(EchoModelConfig(name="echo"), engine=engine, relay_host="127.0.0.1")  # type: ignore[misc, arg-type]
     await server.__del__()  # as Serve stops it
     assert engine.shut
+
+
+async def test_an_adapter_leaving_is_refused_with_a_503_while_vllm_unloads_it() -> None:
+    # Admitted meanwhile, its request got vLLM's 404 `model_not_found`, which nothing retries.
+    server = await make_server()
+    unloading, unloaded = asyncio.Event(), asyncio.Event()
+
+    async def set_adapters(adapters: dict[str, str]) -> dict[str, str]:
+        if not adapters:
+            unloading.set()
+            await unloaded.wait()
+        return {}
+
+    server._engine.set_adapters = set_adapters  # type: ignore[method-assign]  # (the echo engine loads none)
+    await server.reconfigure({"lora_adapters": {"tuned": "/adapters/tuned"}})
+    tuned = {"model": "tuned", "messages": [{"role": "user", "content": "a"}]}
+    assert (await server.generate(EngineRequest("chat", tuned, "r", "tuned"))).body  # served
+    change = asyncio.ensure_future(server.reconfigure({"lora_adapters": {}}))
+    await unloading.wait()
+    with pytest.raises(ServiceUnavailableError, match="does not serve 'tuned' now"):
+        await server.generate(EngineRequest("chat", tuned, "r", "tuned"))
+    unloaded.set()
+    await change
+    await server.stop()
