@@ -49,24 +49,23 @@ Datatype = Literal[
 ]
 
 
-# Parameters of Triton's extensions that change what is sent or answered
-# (tritonclient sets them): served as plain JSON tensors, they would be
-# dropped unseen, so they are refused, naming the extension.
-_BINARY = "the binary tensor extension"
-_AS_JSON = "send and ask for tensors as JSON (tritonclient: `binary_data=False`)"
+# Parameters of Triton's extensions whose requests plain JSON tensors cannot
+# answer: an input sent as binary (``binary_data_size``: its data follows the
+# JSON, which the route refuses by its header), top-k classes asked for
+# (``classification``). Refused, naming the extension, not dropped unseen.
+# ``binary_data`` and ``binary_data_output`` only ask for binary outputs, a
+# preference (tritonclient sends them by default, and reads JSON ``data`` where
+# an output has no ``binary_data_size``): answered as JSON, as before.
 _EXTENSIONS = {
-    "binary_data": (_BINARY, _AS_JSON),
-    "binary_data_size": (_BINARY, _AS_JSON),
-    "binary_data_output": (_BINARY, _AS_JSON),
+    "binary_data_size": ("the binary tensor extension", "send tensors as JSON (tritonclient: `binary_data=False`)"),
     "classification": ("the classification extension (top-k classes)", "ask for 'probabilities' and rank them"),
 }
 
 
 def _no_extensions(parameters: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Refuses the parameters of an extension this server does not serve;
-    ``binary_data: false`` asks for what it serves, and passes."""
+    """Refuses the parameters of an extension this server does not serve."""
     for name, (extension, instead) in _EXTENSIONS.items():
-        if parameters is not None and name in parameters and parameters[name] is not False:
+        if parameters is not None and name in parameters:
             raise ValueError(f"'{name}' asks for {extension}, which is not supported: {instead}")
     return parameters
 

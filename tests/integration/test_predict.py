@@ -154,9 +154,11 @@ def test_v2_infer_refuses_a_shape_that_does_not_match_the_data(http: httpx.Clien
 
 
 def test_v2_infer_answers_the_outputs_asked_for_and_tritonclients_unlabelled_body(http: httpx.Client) -> None:
-    """tritonclient names its outputs and sends its JSON body with no Content-Type."""
+    """tritonclient names its outputs, asks for them binary by default (a preference: it reads
+    JSON `data` too), and sends its JSON body with no Content-Type."""
     tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
-    body = json.dumps({"inputs": [tensor], "outputs": [{"name": "probabilities"}]}).encode()
+    asked = [{"name": "probabilities", "parameters": {"binary_data": True}}]
+    body = json.dumps({"inputs": [tensor], "outputs": asked}).encode()
     response = http.post("/v2/models/iris/infer", content=body)
     assert response.status_code == 200, response.text
     assert [output["name"] for output in response.json()["outputs"]] == ["probabilities"]

@@ -138,18 +138,28 @@ def test_infer_refuses_an_output_the_model_does_not_have_naming_it(iris: Sklearn
         ({"outputs": [{"name": "label"}, {"name": "label"}]}, r"outputs\[1\]: 'label' is asked for twice"),
         ({"outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]},
          "the classification extension .* not supported"),
-        ({"parameters": {"binary_data_output": True}}, "the binary tensor extension, which is not supported"),
         ({"inputs": [{**TENSOR, "parameters": {"binary_data_size": 64}}]}, "the binary tensor extension"),
     ],
 )
 def test_infer_refuses_what_it_would_otherwise_drop_unseen(
     iris: SklearnPredictor, extra: dict[str, Any], words: str
 ) -> None:
-    # tritonclient sets these: the answer would have been plain JSON tensors, or duplicated ones.
+    # The answer would have been plain JSON tensors, or duplicated ones.
     with pytest.raises(InvalidRequestError, match=words):
         parse(EngineRequest("infer", {"inputs": [TENSOR], **extra}, "r", "iris"), iris, 10)
-    asked = {"outputs": [{"name": "label", "parameters": {"binary_data": False}}]}  # what it serves: passes
-    assert answer(parse(EngineRequest("infer", {"inputs": [TENSOR], **asked}, "r", "iris"), iris, 10), iris)
+
+
+@pytest.mark.parametrize(
+    "preference",
+    [
+        {"parameters": {"binary_data_output": True}},  # tritonclient's default without `outputs`
+        {"outputs": [{"name": "label", "parameters": {"binary_data": True}}]},  # ... and with them
+        {"outputs": [{"name": "label", "parameters": {"binary_data": False}}]},
+    ],
+)
+def test_infer_answers_a_request_for_binary_outputs_as_json(iris: SklearnPredictor, preference: dict[str, Any]) -> None:
+    # A preference: tritonclient reads JSON `data` where an output has no `binary_data_size`.
+    assert answer(parse(EngineRequest("infer", {"inputs": [TENSOR], **preference}, "r", "iris"), iris, 10), iris)
 
 
 @pytest.mark.parametrize(
