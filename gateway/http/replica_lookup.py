@@ -4,6 +4,7 @@ at most a few seconds, and while the model stays down later ones at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -153,7 +154,9 @@ class RunningReplica:
         try:
             async with self._handle.choose_replica(_reserve=False):
                 pass
-        finally:
+        except BaseException:
             if waking is not None:
-                waking.cancel()  # (answered by now where a replica runs; else no longer needed)
+                with contextlib.suppress(Exception):  # (Serve's cancel raises what the call failed with)
+                    waking.cancel()  # no longer needed; one that reached a replica runs to its (cheap) end
+            raise
         self._seen_at = self._clock()

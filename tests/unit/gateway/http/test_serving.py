@@ -152,10 +152,32 @@ async def test_a_classical_model_at_zero_replicas_is_woken_by_its_look_up() -> N
     client = table_for([MODELS[0], MODELS[1], at_zero], iris=handle).model("iris").client  # type: ignore[arg-type]
     assert isinstance(client, ClassicalClient)
     await asyncio.wait_for(client.ready(), 1)  # it was a 503 for ever: nothing asked Serve for a replica
-    assert handle.sent == ["info"] and handle.cancelled == 1
+    assert handle.sent == ["info"] and handle.cancelled == 0  # (it runs to its end on the replica woken)
     # A model that keeps a replica is only looked for.
     kept = WakingHandle()
     kept.up.set()
     client = table_for(MODELS, iris=kept).model("iris").client  # type: ignore[arg-type]
     await client.ready()
     assert kept.sent == []
+
+
+async def test_a_failed_look_up_gives_up_its_wake_call_and_says_its_own_failure() -> None:
+    from gateway.http.replica_lookup import RunningReplica
+
+    cancelled: list[bool] = []
+
+    def refused_cancel() -> None:  # Serve's cancel raises what the call failed with (a full queue, say)
+        cancelled.append(True)
+        raise RuntimeError("the wake call was refused")
+
+    class Failing:
+        @contextlib.asynccontextmanager
+        async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+            raise ConnectionError("the router failed")
+            yield None
+
+    running = RunningReplica(Failing())
+    running.wake = lambda: SimpleNamespace(cancel=refused_cancel)
+    with pytest.raises(ConnectionError, match="the router failed"):
+        await running._look()
+    assert cancelled == [True] and not running.fresh()
