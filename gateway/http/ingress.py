@@ -79,7 +79,10 @@ class GatewayIngress:
         """
         models, routing, keys = user_config["models"], user_config["routing"], user_config.get("keys", [])
         wait_s = min(self._state.front_door.ingress.replica_wait_s, WARM_UP_S)
-        if self._front_door_checked:  # (a redeploy: models it adds are looked up before they are routed to)
+        if self._front_door is not None:
+            # A redeploy: models it adds are looked up before they are routed to. Only where this
+            # replica takes its clients itself: behind HAProxy or Serve's proxy, Serve routes
+            # nothing to a replica until its reconfigure returns, and the wait would refuse them all.
             await self._state.apply_warmed(models, routing, keys, wait_s)
         else:
             self._state.apply(models, routing, keys)
