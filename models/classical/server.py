@@ -13,6 +13,8 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ray import serve
 
 from gateway.affinity import unpin_self
@@ -163,11 +165,13 @@ class ClassicalServer:
         try:
             return job.render(job, predictions)
         except UnrepresentableAnswer:
-            if self._predictor.kind != "embedding":
+            if _extreme(job.inputs):
                 # Finite inputs that overflow a model's own arithmetic (1.7e308 through a logistic
                 # regression): scikit-learn checks what enters an estimator, not what leaves it.
                 message = "The model cannot compute with these inputs: its answer is not a finite number"
                 return InvalidRequestError(message, param=job.param)
+            # Ordinary inputs (or an embedding model's texts): the model's own fault, a broken artifact.
+            logger.error("%s answered a number JSON cannot carry (NaN or infinity)", self._config.name)
             return InternalServerError("The model's answer holds a number JSON cannot carry (NaN or infinity).")
         except Exception:  # noqa: BLE001
             logger.exception("%s failed to render an answer", self._config.name)
@@ -198,6 +202,19 @@ class ClassicalServer:
 
     async def check_health(self) -> None:
         """Called by Serve's health checks: the model is loaded in-process."""
+
+
+# Feature values this large overflow a model's arithmetic by themselves (a
+# product with a weight, a square): its NaN answer is then the inputs' doing.
+EXTREME = 1e150
+
+
+def _extreme(inputs: Any) -> bool:
+    """Whether a scikit-learn model's inputs (an array of numbers) hold a value
+    of magnitude ``EXTREME`` or more; never an embedding model's texts."""
+    return isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f" and bool(inputs.size) and (
+        float(np.abs(inputs).max()) >= EXTREME
+    )
 
 
 def _replies(

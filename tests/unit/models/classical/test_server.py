@@ -252,3 +252,17 @@ async def test_values_the_model_cannot_compute_with_are_the_clients_error(tmp_pa
     # Without the tree's float32 check it was a 500, logged as the model failing, and fallback asked another variant.
     assert isinstance(results[3], InvalidRequestError) and results[3].param == "instances", results[3]
     assert tree or results[3].message.endswith("its answer is not a finite number")
+
+
+async def test_a_nan_answer_to_ordinary_inputs_is_the_models_failure(iris_dir: Path) -> None:
+    # A broken artifact (NaN weights, say) fails every request: the server's error, not the client's.
+    server, predictor = await make_server(iris_dir, max_batch_size=1, batch_wait_timeout_s=0.0)
+    predicted = predictor.predict
+
+    def broken(batch: Sequence[Any]) -> list[list[Any]]:
+        answers = predicted(batch)
+        return [[{**p, "probabilities": dict.fromkeys(p["probabilities"], float("nan"))} for p in a] for a in answers]
+
+    predictor.predict = broken  # type: ignore[method-assign]
+    failed = await server.generate_many([predict([[5.1, 3.5, 1.4, 0.2]])])
+    assert isinstance(failed[0], InternalServerError), failed
