@@ -202,6 +202,8 @@ def run_with_environment(config: GatewayConfig, command: list[str]) -> int:
         for name, value in sorted(variables.items()):
             print(f"{name}={shlex.quote(value)}")
         return 0
+    for ignored in (signal.SIGPIPE, signal.SIGXFSZ):  # (Python ignores them; an exec'd command would too)
+        signal.signal(ignored, signal.SIG_DFL)
     try:
         os.execvpe(command[0], command, {**os.environ, **variables})
     except OSError as exc:

@@ -420,6 +420,10 @@ def test_env_runs_a_command_with_the_ray_environment(tmp_path: Path, dashes: lis
     shown = "import os; print(os.environ['RAY_SERVE_CONTROL_LOOP_INTERVAL_S'], os.environ['RAY_SERVE_ENABLE_HA_PROXY'])"
     ran = _cli("env", "--config", str(config), *dashes, sys.executable, "-c", shown, cwd=tmp_path)
     assert (ran.returncode, ran.stdout, ran.stderr) == (0, "2.0 1\n", "")
+    # It gets the signals as a shell's child would: not Python's own SIGPIPE and SIGXFSZ ignored.
+    ignored = _cli("env", "--config", str(config), *dashes, "grep", "SigIgn", "/proc/self/status", cwd=tmp_path)
+    plain = subprocess.run(["grep", "SigIgn", "/proc/self/status"], capture_output=True, text=True)  # (restored)
+    assert ignored.stdout == plain.stdout
 
 
 def test_env_runs_nothing_when_the_config_does_not_load(tmp_path: Path) -> None:
