@@ -162,8 +162,9 @@ class ModelConfig(StrictConfig):
             raise ValueError("`max_queued_requests` must be -1 (no bound) or at least 1")
         capacity = self.max_ongoing_requests + self.max_queued_requests
         target = self.autoscaling.target_ongoing_requests if self.autoscaling is not None else 0
-        if self.max_queued_requests > 0 and target >= capacity:
-            # Requests past a replica's capacity are refused, never counted: its load stays at the target at most.
+        if self.kind == "llm" and self.max_queued_requests > 0 and target >= capacity:
+            # An LLM replica refuses requests past its capacity, never counting them: its load stays at
+            # the target at most. (A classical model's queue bound is each ingress replica's, in Serve.)
             raise ValueError(
                 f"`autoscaling.target_ongoing_requests` ({target:g}) must be below "
                 f"what one replica takes (`max_ongoing_requests` + `max_queued_requests` = {capacity}): "
