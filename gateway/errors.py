@@ -297,6 +297,8 @@ class NotImplementedFeatureError(GatewayError):
 
 # What a replica whose engine died answers (503) until it is replaced.
 ENGINE_DEAD = "The model's engine stopped; a new replica is starting. Please retry shortly."
+# What a stopping replica answers a request still waiting in its queue (503).
+REPLICA_STOPPING = "This replica of the model is stopping; please retry shortly."
 
 
 class ServiceUnavailableError(GatewayError):

@@ -27,7 +27,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from gateway.errors import ENGINE_DEAD, GatewayError, OverloadedError, ResponseNotFoundError, ServiceUnavailableError
+from gateway.errors import (
+    ENGINE_DEAD,
+    REPLICA_STOPPING,
+    GatewayError,
+    OverloadedError,
+    ResponseNotFoundError,
+    ServiceUnavailableError,
+)
 from gateway.http.background import in_background
 from gateway.http import handoff
 from gateway.http.handoff import ENDPOINTS as HANDOFF_ENDPOINTS
@@ -342,7 +349,7 @@ class ReplicaRelay:
         is passed over for a while too: answering at once, it would otherwise
         be the least busy, and take every request (an adapter's or a full
         queue's 503 says nothing of the replica's other requests)."""
-        if error.message == ENGINE_DEAD:
+        if error.message in (ENGINE_DEAD, REPLICA_STOPPING):  # (a stopping one takes no more either)
             self._failed[address] = self._clock()
         if call.replica is not None or len(self._open) < 2:
             raise error

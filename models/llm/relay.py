@@ -26,7 +26,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 from gateway import sse
-from gateway.errors import GatewayError, InternalServerError, InvalidRequestError, OverloadedError
+from gateway.errors import (
+    REPLICA_STOPPING,
+    GatewayError,
+    InternalServerError,
+    InvalidRequestError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
 from gateway.http.relay_connection import watch_peer
 from gateway.leaving import CallerLeft, unless_caller_leaves
 from gateway.protocol import port_proof, relay
@@ -102,6 +109,7 @@ class StreamServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._idle: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}  # connections between requests
         self._stopping = False
+        self._stopped = asyncio.Event()  # set with ``_stopping``: queued requests are turned away
         self._idle_s = idle_s
         self._places = asyncio.Semaphore(max_ongoing)
         self._max_queued = max_queued
@@ -124,8 +132,10 @@ class StreamServer:
     async def stop(self, grace_s: float = 0.0) -> None:
         """Takes no new connections nor requests (an ingress then tries another
         replica); requests in flight may finish for up to ``grace_s``, then
-        are cut off."""
+        are cut off. Requests waiting for a place are answered 503 at once (the
+        ingress sends them to another replica), not left waiting out the grace."""
         self._stopping = True
+        self._stopped.set()
         if self._server is not None:
             self._server.close()
         idle = list(self._idle.items())
@@ -178,6 +188,30 @@ class StreamServer:
             self._idle.pop(writer, None)
             writer.close()
 
+    def _give_back_place(self, taken: bool) -> None:
+        """A place taken for a request whose ingress left in the same turn."""
+        if taken:
+            self._places.release()
+
+    async def _place_or_stop(self) -> bool:
+        """Waits for a place: True once taken, False when the replica began
+        stopping first (none taken)."""
+        acquire = asyncio.ensure_future(self._places.acquire())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # (the ingress left): a place taken meanwhile goes back
+            stopped.cancel()
+            if acquire.done() and not acquire.cancelled():
+                self._places.release()
+            acquire.cancel()
+            raise
+        stopped.cancel()
+        if acquire.done():
+            return True
+        acquire.cancel()  # (the semaphore hands a place woken for it on)
+        return False
+
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes) -> bool:
         """Answers one request (``first``: its first byte, when already read);
         returns whether the connection may carry another."""
@@ -192,10 +226,13 @@ class StreamServer:
         if self._places.locked() and 0 <= self._max_queued <= self._queued:
             await write_error(writer, OverloadedError(OVERLOADED, retry_after_s=1), keep)
             return keep
-        if self._places.locked():  # queued: until a place frees, or the ingress leaves
+        if self._places.locked():  # queued: until a place frees, the ingress leaves, or the replica stops
             self._queued += 1
             try:
-                await unless_caller_leaves(self._places.acquire(), reader.read(1))
+                placed = unless_caller_leaves(self._place_or_stop(), reader.read(1), self._give_back_place)
+                if not await placed:
+                    await write_error(writer, ServiceUnavailableError(REPLICA_STOPPING, retry_after_s=1), False)
+                    return False
             except CallerLeft:
                 # Nothing was generated: said, so a key's reservation settles at
                 # nothing (a caller that only half-closed is still reading).

@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from gateway import sse
-from gateway.errors import ENGINE_DEAD, OverloadedError, ResponseNotFoundError, ServiceUnavailableError
+from gateway.errors import (
+    ENGINE_DEAD,
+    REPLICA_STOPPING,
+    OverloadedError,
+    ResponseNotFoundError,
+    ServiceUnavailableError,
+)
 from gateway.http.relay import ReplicaRelay
 from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest, Outcome, Reply
@@ -347,12 +353,15 @@ def _refusing(message: str, refused: list[str]) -> tuple[Any, Any, Any]:
     return stream, answer, count
 
 
-@pytest.mark.parametrize("dead", [True, False], ids=["engine-dead", "adapter-not-loaded"])
-async def test_a_replica_that_refuses_before_generating_leaves_the_request_to_another(dead: bool) -> None:
+@pytest.mark.parametrize(
+    ("dead", "message"),
+    [(True, ENGINE_DEAD), (True, REPLICA_STOPPING), (False, "The LoRA adapter `x` could not be loaded on this replica.")],
+    ids=["engine-dead", "replica-stopping", "adapter-not-loaded"],
+)
+async def test_a_replica_that_refuses_before_generating_leaves_the_request_to_another(dead: bool, message: str) -> None:
     # Answering 503 at once, it was always the least busy: it took nearly every request, and its
     # 503 went to the client while another replica could answer.
     refused: list[str] = []
-    message = ENGINE_DEAD if dead else "The LoRA adapter `x` could not be loaded on this replica."
     stream, answer, count = _refusing(message, refused)
 
     async def answer_well(request: EngineRequest, tally: Any) -> Reply:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway import sse
-from gateway.errors import OverloadedError
+from gateway.errors import OverloadedError, ServiceUnavailableError
 from gateway.http.relay import ReplicaRelay
 from gateway.http.relay_connection import connect
 from gateway.protocol import relay
@@ -260,3 +260,22 @@ async def test_a_count_is_answered_and_its_connection_kept_for_the_next_request(
         assert await relay_.most_tokens(EngineRequest("chat", {}, f"c{n}", "m")) == 7
     assert counted == ["c0", "c1", "c2"]
     assert len(server._connections) == 1  # one connection carried them all
+
+
+async def test_a_request_queued_on_a_replica_that_stops_is_refused_there_at_once() -> None:
+    # It waited out the stop's grace (55 s by default), then was cut; a request_timeout_s below that
+    # answered it 504 without its ever starting. Refused before any byte, an ingress that knows
+    # another replica sends it there (``ReplicaRelay._refused``).
+    release, served = asyncio.Event(), []
+    server = StreamServer(await held_stream(release, served, 1), "127.0.0.1", max_ongoing=1)
+    streams = ReplicaRelay(Router(await server.start()))
+    running = await streams.open(CALL)
+    queued = asyncio.ensure_future(streams.open(CALL))
+    await until(lambda: server.ongoing == 2)
+    stop = asyncio.ensure_future(server.stop(grace_s=30))
+    with pytest.raises(ServiceUnavailableError, match="is stopping") as refused:
+        await asyncio.wait_for(queued, timeout=2)
+    assert refused.value.retry_after_s and served == [1]  # never started
+    release.set()
+    assert b"".join([chunk async for chunk in running.chunks()]).endswith(sse.DONE)  # in flight: it finishes
+    await asyncio.wait_for(stop, timeout=2)
