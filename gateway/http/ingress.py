@@ -123,6 +123,7 @@ class GatewayIngress:
             grace = max(1.0, self._state.front_door.ingress.graceful_shutdown_s - STOP_MARGIN_S)
             self._state.dispatcher.stopping.begin(grace)
             await self._front_door.stop(grace)
+        self._state.access_log.flush()  # (the last report may wait on a hub being removed too)
         await self._reporter.stop()
         self._state.access_log.flush()
 
