@@ -20,6 +20,7 @@ holds streams to its ``max_ongoing_requests`` and ``max_queued_requests``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -127,7 +128,7 @@ class ReplicaRelay:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._gone(call, address)
             except ServiceUnavailableError as error:
-                refused[address] = self._refused(call, address, error)
+                refused[address] = await self._refused(call, address, error)
         raise _last(refused)
 
     async def warm(self) -> None:
@@ -190,7 +191,7 @@ class ReplicaRelay:
                 self._gone(call, address)  # another may answer
                 continue
             except ServiceUnavailableError as error:
-                refused[address] = self._refused(call, address, error)
+                refused[address] = await self._refused(call, address, error)
                 continue
             finally:
                 if not address_held:
@@ -232,7 +233,7 @@ class ReplicaRelay:
                 self._gone(call, address)
                 continue
             except ServiceUnavailableError as error:
-                refused[address] = self._refused(call, address, error)
+                refused[address] = await self._refused(call, address, error)
                 continue
             return int(json.loads(data)["tokens"])
         raise _last(refused)
@@ -339,18 +340,26 @@ class ReplicaRelay:
         if not task.cancelled() and task.exception() is not None:
             logger.warning("could not refresh a model's replicas: %s", task.exception())
 
-    def _refused(
+    async def _refused(
         self, call: EngineRequest, address: relay.RelayAddress, error: ServiceUnavailableError
     ) -> ServiceUnavailableError:
         """The replica at ``address`` answered 503 before generating (its engine
-        died, an adapter did not load there, its queue is full): ``error`` is
-        returned for another replica to try the call; raised where no other
-        could answer (one named, or none other known). One whose engine died
-        is passed over for a while too: answering at once, it would otherwise
-        be the least busy, and take every request (an adapter's or a full
-        queue's 503 says nothing of the replica's other requests)."""
-        if error.message in (ENGINE_DEAD, REPLICA_STOPPING):  # (a stopping one takes no more either)
+        died, an adapter did not load there, its queue is full, it is
+        stopping): ``error`` is returned for another replica to try the call;
+        raised where no other could answer (one named, or none other known).
+        One whose engine died or that is stopping is passed over for a while
+        too: answering at once, it would otherwise be the least busy, and take
+        every request (an adapter's or a full queue's 503 says nothing of the
+        replica's other requests). A stopping replica known alone is likely
+        being replaced: its successor is looked for first (bounded)."""
+        if error.message in (ENGINE_DEAD, REPLICA_STOPPING):
             self._failed[address] = self._clock()
+        if call.replica is None and len(self._open) < 2 and error.message == REPLICA_STOPPING:
+            if self._refresh is None:  # one look-up at a time, shared
+                self._refresh = asyncio.get_running_loop().create_task(self._discover())
+                self._refresh.add_done_callback(self._refreshed)
+            with contextlib.suppress(Exception):  # (none found in time: its own 503 below)
+                await asyncio.wait_for(asyncio.shield(self._refresh), self._look_up.wait_s)
         if call.replica is not None or len(self._open) < 2:
             raise error
         return error

@@ -262,20 +262,29 @@ async def test_a_count_is_answered_and_its_connection_kept_for_the_next_request(
     assert len(server._connections) == 1  # one connection carried them all
 
 
-async def test_a_request_queued_on_a_replica_that_stops_is_refused_there_at_once() -> None:
+@pytest.mark.parametrize("replaced", [True, False], ids=["by-a-new-replica", "alone"])
+async def test_a_request_queued_on_a_replica_that_stops_is_moved_at_once(replaced: bool) -> None:
     # It waited out the stop's grace (55 s by default), then was cut; a request_timeout_s below that
-    # answered it 504 without its ever starting. Refused before any byte, an ingress that knows
-    # another replica sends it there (``ReplicaRelay._refused``).
+    # answered it 504 without its ever starting. Refused there before any byte, it goes to the
+    # replica replacing it, looked for then; with none, the stopping replica's 503 is the answer.
     release, served = asyncio.Event(), []
     server = StreamServer(await held_stream(release, served, 1), "127.0.0.1", max_ongoing=1)
-    streams = ReplicaRelay(Router(await server.start()))
+    router = Router(await server.start())
+    streams = ReplicaRelay(router)
     running = await streams.open(CALL)
     queued = asyncio.ensure_future(streams.open(CALL))
     await until(lambda: server.ongoing == 2)
+    if replaced:  # Serve starts the new replica before it stops the old one
+        router.addresses.append(await serve(await held_stream(release, served, 2)))
     stop = asyncio.ensure_future(server.stop(grace_s=30))
-    with pytest.raises(ServiceUnavailableError, match="is stopping") as refused:
-        await asyncio.wait_for(queued, timeout=2)
-    assert refused.value.retry_after_s and served == [1]  # never started
+    if replaced:
+        moved = await asyncio.wait_for(queued, timeout=2)
+        assert served == [1, 2]
+    else:
+        with pytest.raises(ServiceUnavailableError, match="is stopping") as refused:
+            await asyncio.wait_for(queued, timeout=2)
+        assert refused.value.retry_after_s and served == [1]  # never started
     release.set()
-    assert b"".join([chunk async for chunk in running.chunks()]).endswith(sse.DONE)  # in flight: it finishes
+    for stream in (running, moved) if replaced else (running,):  # in flight: it finishes
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
     await asyncio.wait_for(stop, timeout=2)
