@@ -165,6 +165,26 @@ class GatewayConfig(StrictConfig):
                 raise ValueError(f"{where}: variants mix model kinds ({found})")
         return self
 
+    @model_validator(mode="after")
+    def _reachable_targets(self) -> GatewayConfig:
+        """A classical model's autoscaling target one replica's load can pass:
+        Serve counts at most ``max_ongoing_requests`` on it and
+        ``max_queued_requests`` waiting at each ingress replica (its bound is
+        each caller's); requests past them are refused, never counted. (An
+        LLM's bound is its replicas' own: ``ModelConfig``.)"""
+        for index, model in enumerate(self.models):
+            if model.kind == "llm" or model.autoscaling is None or model.max_queued_requests < 1:
+                continue
+            most = model.max_ongoing_requests + self.ingress.num_replicas * model.max_queued_requests
+            if model.autoscaling.target_ongoing_requests >= most:
+                raise ValueError(
+                    f"models[{index}] ({model.name!r}): `autoscaling.target_ongoing_requests` "
+                    f"({model.autoscaling.target_ongoing_requests:g}) must be below what one replica's load can "
+                    f"reach (`max_ongoing_requests` + `ingress.num_replicas` × `max_queued_requests` = {most}): "
+                    "the load could never ask for another replica"
+                )
+        return self
+
     def front_door(self) -> FrontDoorConfig:
         """The ingress's own settings; models and routing reach it as user_config."""
         return FrontDoorConfig(

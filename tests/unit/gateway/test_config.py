@@ -128,6 +128,17 @@ def test_model_lookup_of_unknown_name_raises_key_error() -> None:
             "(`max_ongoing_requests` + `max_queued_requests` = 16)",
             id="target-beyond-capacity",
         ),
+        pytest.param(  # (a classical model's queue bound is each ingress replica's)
+            {"ingress": {"num_replicas": 2}, "models": [{
+                "name": "e", "engine": "sentence-transformers", "model": "org/e", "max_ongoing_requests": 4,
+                "max_queued_requests": 2,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+            }]},
+            "models[0] ('e')",
+            "`autoscaling.target_ongoing_requests` (8) must be below what one replica's load can "
+            "reach (`max_ongoing_requests` + `ingress.num_replicas` × `max_queued_requests` = 8)",
+            id="classical-target-beyond-capacity",
+        ),
         pytest.param(
             _config(stream_max_hold_ms=0),
             "models.0",
