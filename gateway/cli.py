@@ -368,9 +368,9 @@ def serve_forever(
         signal.signal(signal.SIGTERM, _raise_stop)
         signal.signal(signal.SIGINT, _raise_stop)
         if local:
-            serve.start(**serve_options(config.runtime, local, host, port))
+            _start_serve(lambda: serve.start(**serve_options(config.runtime, local, host, port)))
         else:
-            serve.start(http_options={"host": host, "port": port})
+            _start_serve(lambda: serve.start(http_options={"host": host, "port": port}))
         names = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
         print(f"==> deploying {config.app_name}: {names}; first start compiles the engines", flush=True)
         started = time.monotonic()
@@ -395,6 +395,28 @@ def serve_forever(
             remove_local_files(local)
         _say("==> stopped")
     return 0
+
+
+SERVE_START_TRIES = 3
+
+
+def _start_serve(start: Callable[[], object]) -> None:
+    """``start()`` (Serve's start, which waits for its proxies), again where a
+    proxy died meanwhile: on a busy machine Serve's controller gives a proxy
+    (HAProxy's manager) three ready checks of 5 s, then kills it and starts
+    another with longer ones, and the first start fails with the killed
+    actor's error. Started again, Serve keeps its controller (and the options
+    it was started with), and the new proxy comes up on its own."""
+    from ray.exceptions import RayActorError
+
+    for attempt in range(1, SERVE_START_TRIES + 1):
+        try:
+            start()
+            return
+        except RayActorError as exc:
+            if attempt == SERVE_START_TRIES:
+                raise
+            _say(f"==> Serve's proxy was restarted as it started ({str(exc).splitlines()[0]}); waiting for it again")
 
 
 def _front_door_keeper(config: GatewayConfig, host: str, port: int, local: dict[str, str]) -> SocketKeeper | None:

@@ -439,3 +439,27 @@ def test_env_runs_nothing_when_the_config_does_not_load(tmp_path: Path) -> None:
     config.write_text("models: [{name: echo, engine: echo}]\n")
     unknown = _cli("env", "--config", str(config), "--", "no-such-command-here", cwd=tmp_path)
     assert unknown.returncode == 127 and "cannot run 'no-such-command-here'" in unknown.stderr
+
+
+def test_serve_starts_again_where_its_proxy_was_killed_as_it_started(capsys: pytest.CaptureFixture[str]) -> None:
+    # On a busy machine Serve's controller killed HAProxy's manager after its ready checks, and the
+    # gateway failed to start with the killed actor's error (seen in CI).
+    from ray.exceptions import ActorDiedError
+
+    from gateway import cli
+
+    calls: list[int] = []
+
+    def start() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ActorDiedError()
+
+    cli._start_serve(start)
+    assert len(calls) == 2 and "Serve's proxy was restarted as it started" in capsys.readouterr().out
+
+    def never() -> None:
+        raise ActorDiedError()
+
+    with pytest.raises(ActorDiedError):  # not for ever
+        cli._start_serve(never)
