@@ -17,8 +17,9 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-# The ranks vLLM's ``--max-lora-rank`` takes.
+# The ranks vLLM's ``--max-lora-rank`` takes, and its default.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_RANK = 16
 
 
 def engine_settings(adapters: Mapping[str, str], given: Mapping[str, object]) -> dict[str, bool | int]:
@@ -72,8 +73,12 @@ def _is_rank(value: object) -> bool:
 def rank_limit(ranks: Iterable[int | None]) -> int | None:
     """The smallest of vLLM's rank limits that fits every known rank (None:
     none known, vLLM's default stays; past vLLM's largest, that one, which
-    vLLM then refuses naming the adapter)."""
+    vLLM then refuses naming the adapter). Beside an adapter of unknown rank
+    (a hub id), never below vLLM's default, which that one alone would get."""
+    ranks = list(ranks)
     known = [rank for rank in ranks if rank is not None]
     if not known:
         return None
+    if len(known) < len(ranks):
+        known.append(VLLM_DEFAULT_RANK)
     return next((limit for limit in VLLM_RANKS if limit >= max(known)), VLLM_RANKS[-1])

@@ -85,7 +85,12 @@ def test_a_change_loads_what_is_new_or_moved_and_unloads_what_is_gone() -> None:
 
 
 @pytest.mark.parametrize(
-    ("ranks", "limit"), [([1], 1), ([2, 8], 8), ([9], 16), ([320], 320), ([600], 512), ([None], None)]
+    ("ranks", "limit"),
+    [
+        ([1], 1), ([2, 8], 8), ([9], 16), ([320], 320), ([600], 512), ([None], None),
+        # Beside a hub adapter (its rank unknown): not below vLLM's 16, which it alone would get.
+        ([8, None], 16), ([32, None], 32),
+    ],
 )
 def test_the_rank_limit_is_the_smallest_vllm_takes(ranks: list[int | None], limit: int | None) -> None:
     assert lora.rank_limit(ranks) == limit
