@@ -128,7 +128,7 @@ class ReplicaRelay:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._gone(call, address)
             except ServiceUnavailableError as error:
-                refused[address] = await self._refused(call, address, error)
+                refused[address] = await _unsent(self._refused(call, address, error), unsent)
         raise _last(refused)
 
     async def warm(self) -> None:
@@ -191,7 +191,7 @@ class ReplicaRelay:
                 self._gone(call, address)  # another may answer
                 continue
             except ServiceUnavailableError as error:
-                refused[address] = await self._refused(call, address, error)
+                refused[address] = await _unsent(self._refused(call, address, error), abandoned)
                 continue
             finally:
                 if not address_held:

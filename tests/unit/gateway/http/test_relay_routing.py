@@ -394,3 +394,48 @@ async def test_a_replica_that_refuses_before_generating_leaves_the_request_to_an
     with pytest.raises(ServiceUnavailableError) as caught:  # no other: its own 503
         await lone.open(CALL)
     assert caught.value.message == message
+
+
+class _StallingRouter(Router):
+    """Serve's router, that stops answering (a replica replaced, its successor not yet up) once ``stall`` is set."""
+
+    def __init__(self, *addresses: relay.RelayAddress) -> None:
+        super().__init__(*addresses)
+        self.stall = False
+        self.stalled = asyncio.Event()
+
+    @asynccontextmanager
+    async def choose_replica(self, _reserve: bool = True) -> AsyncIterator[Any]:
+        if self.stall:
+            self.stalled.set()
+            await asyncio.Event().wait()
+        async with super().choose_replica(_reserve) as selection:
+            yield selection
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_call_given_up_while_its_stopping_replicas_successor_is_looked_for_is_told_nothing_was_generated(
+    stream: bool,
+) -> None:
+    # A key's place and reservation were held for ever by a whole answer cut by its timeout there.
+    _, answer, count = _refusing(REPLICA_STOPPING, [])
+
+    async def opener(request: EngineRequest) -> Any:
+        raise ServiceUnavailableError(REPLICA_STOPPING)
+
+    router = _StallingRouter(await StreamServer(opener, "127.0.0.1", answer=answer, count=count).start())
+    streams = ReplicaRelay(router)
+    await streams._discover()
+    router.stall = True
+    told: list[Outcome | None] = []
+    if stream:
+        call = asyncio.ensure_future(streams.open(CALL, told.append))
+    else:
+        call = asyncio.ensure_future(streams.call(EngineRequest("chat", {"model": "m"}, "r", "m"), told.append))
+    await router.stalled.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert told == [Outcome()]
+    assert streams._refresh is not None
+    streams._refresh.cancel()  # (the look-up, shared, stays with the relay)
