@@ -187,7 +187,12 @@ async def render(serving: Serving, endpoint: str, parsed: Any) -> list[Any]:
     ``errors.GatewayError`` where vLLM refuses it."""
     if endpoint == "messages":  # rendered as the chat request vLLM makes of it
         messages = serving.messages
-        parsed = messages.to_chat_completion_request(parsed, merge_inline_system=messages._merge_inline_system)
+        thinking = getattr(parsed, "thinking", None)
+        # Disabled thinking takes the effort vLLM probed this model's template for, as it generates.
+        effort = await messages._get_disabled_thinking_effort() if getattr(thinking, "type", None) == "disabled" else "none"
+        parsed = messages.to_chat_completion_request(
+            parsed, merge_inline_system=messages._merge_inline_system, disabled_thinking_effort=effort
+        )
         result = await messages.render_chat_request(parsed)
     elif endpoint == "chat":
         result = await serving.chat.render_chat_request(parsed)

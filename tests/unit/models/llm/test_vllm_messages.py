@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from models.llm import vllm_compat, vllm_messages
 from models.llm.tally import GenerationTally
 from models.llm.vllm_streams import named_events
@@ -191,3 +193,35 @@ def test_a_whole_message_always_has_its_stop_sequence() -> None:
     assert json.loads(body)["stop_sequence"] is None and "Ahoy é".encode() in body
     stopped = answer.model_copy(update={"stop_reason": "stop_sequence", "stop_sequence": "END"})
     assert json.loads(vllm_compat.body_json(stopped, "messages"))["stop_sequence"] == "END"
+
+
+@pytest.mark.parametrize(("thinking", "effort"), [(None, "none"), ({"type": "disabled"}, "low")])
+async def test_a_messages_prompt_counted_for_a_key_renders_disabled_thinking_as_vllm_generates_it(
+    thinking: dict[str, str] | None, effort: str
+) -> None:
+    # It was always rendered with effort "none": a template that refuses it (Harmony's) answered a
+    # key with a token limit 400 for a request that generates well.
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+
+    made: list[str] = []
+
+    async def probed() -> str:
+        return "low"  # what vLLM's probe finds for a template refusing or ignoring "none"
+
+    def to_chat(request: Any, merge_inline_system: bool, disabled_thinking_effort: str = "none") -> Any:
+        made.append(disabled_thinking_effort)
+        return request
+
+    async def render_chat_request(request: Any) -> Any:
+        return None, ["prompt"]
+
+    serving = vllm_compat.Serving(engine=SimpleNamespace(errored=False), model_config=None, max_model_len=64)
+    serving.messages = SimpleNamespace(
+        to_chat_completion_request=to_chat,
+        _merge_inline_system=False,
+        _get_disabled_thinking_effort=probed,
+        render_chat_request=render_chat_request,
+    )
+    ask = AnthropicMessagesRequest.model_validate({**ASK, **({"thinking": thinking} if thinking else {})})
+    assert await vllm_compat.render(serving, "messages", ask) == ["prompt"]
+    assert made == [effort]
