@@ -57,12 +57,12 @@ def check_chat_messages(body: Mapping[str, Any]) -> None:
 
 
 def _check_image_detail(content: Any, index: int) -> None:
-    """Refuses an image part's ``detail`` other than ``auto``: vLLM reads
-    every image at its full resolution and ignores it."""
+    """Refuses an image part's ``detail`` of ``low``: vLLM reads every image
+    at its full resolution and ignores it (``auto`` and ``high`` ask for no less)."""
     for at, part in enumerate(content if isinstance(content, list) else ()):
         image = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
-        if isinstance(image, dict) and image.get("detail") not in (None, "auto"):
-            _unsupported(f"messages[{index}].content[{at}].image_url.detail", "image detail levels; send `auto`")
+        if isinstance(image, dict) and image.get("detail") not in (None, "auto", "high"):
+            _unsupported(f"messages[{index}].content[{at}].image_url.detail", "low-detail images; send `auto`")
 
 
 def _unsupported(param: str, what: str) -> None:

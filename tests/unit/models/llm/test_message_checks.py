@@ -49,8 +49,9 @@ def test_what_vllm_would_ignore_in_a_message_is_refused_naming_its_place(message
         check_chat_messages({"messages": [HELLO, message]})
     assert (refused.value.param, refused.value.code) == (param, "unsupported_parameter")
     assert refused.value.message.startswith(f"Unsupported parameter: '{param}'")
-    image = {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "auto"}}
-    check_chat_messages({"messages": [HELLO, {"role": "user", "content": [image]}]})
+    for detail in ("auto", "high"):  # what vLLM does: the image whole
+        image = {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": detail}}
+        check_chat_messages({"messages": [HELLO, {"role": "user", "content": [image]}]})
 
 
 def test_answers_sent_back_tool_calls_and_a_templates_own_roles_pass() -> None:
