@@ -119,6 +119,16 @@ UNSUPPORTED: Mapping[str, Mapping[str, str]] = {
     },
 }
 
+# vLLM's fields for disaggregated serving (a prefill and a decode server
+# sharing the KV or encoder cache), which the gateway does not deploy: vLLM
+# takes the prompt from ``kv_transfer_params.prompt_token_ids`` instead of the
+# request's messages, and passes a Messages request with ``do_remote_decode``
+# over its budget checks.
+DISAGGREGATED: Mapping[str, str] = {
+    "kv_transfer_params": "disaggregated prefill and decode (KV cache transfer)",
+    "ec_transfer_params": "disaggregated encoding (encoder cache transfer)",
+}
+
 # The only fields of a Responses request that ``POST /v1/responses/input_tokens``
 # takes (OpenAI's; vLLM's ``chat_template_kwargs`` change the rendering, so
 # they count too): what would only shape the answer is not counted, so it is
@@ -151,12 +161,13 @@ def check_fields(endpoint: str, body: Mapping[str, Any], known: Collection[str])
     """Refuses (400, naming it) a field of ``body`` that is neither ``known`` to
     the engine's schema nor a hint the endpoint accepts."""
     hints = HINTS.get(endpoint, {})
-    for name in sorted(body.keys() - known):
+    unsupported_here = {**UNSUPPORTED.get(endpoint, {}), **DISAGGREGATED}
+    for name in sorted((body.keys() - known) | (body.keys() & DISAGGREGATED.keys())):
         if name in hints:
             accepts = hints[name]
             if accepts is None or accepts(body[name], body):
                 continue
-        if body[name] is None and (name in REMOVED or name in UNSUPPORTED.get(endpoint, {})):
+        if body[name] is None and (name in REMOVED or name in unsupported_here):
             continue  # null: not asked for, as OpenAI takes it
         if name in REMOVED:
             raise InvalidRequestError(
@@ -172,7 +183,7 @@ def check_fields(endpoint: str, body: Mapping[str, Any], known: Collection[str])
                 param="best_of",
                 code="invalid_value",
             )
-        unsupported = UNSUPPORTED.get(endpoint, {}).get(name)
+        unsupported = unsupported_here.get(name)
         if unsupported is not None:
             raise InvalidRequestError(
                 f"Unsupported parameter: '{name}': this model does not serve {unsupported}.",

@@ -143,6 +143,23 @@ def test_best_of_below_n_is_refused_as_openai_words_it(fields: dict[str, Any]) -
     assert (refused.value.param, refused.value.code) == ("best_of", "invalid_value")
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completion", "responses", "messages"])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("kv_transfer_params", {"prompt_token_ids": [1, 2, 3]}), ("ec_transfer_params", {"do_remote_decode": True})],
+)
+def test_vllms_disaggregated_serving_fields_are_refused_though_its_schemas_know_them(
+    endpoint: str, field: str, value: Any
+) -> None:
+    # With kv_transfer_params.prompt_token_ids vLLM generated from those ids and ignored the messages.
+    known = _known_fields(vllm_schemas()[endpoint])
+    assert field in known
+    with pytest.raises(InvalidRequestError) as refused:
+        check_fields(endpoint, {"model": "m", field: value}, known)
+    assert (refused.value.param, refused.value.code) == (field, "unsupported_parameter")
+    check_fields(endpoint, {"model": "m", field: None}, known)  # null: asks for nothing
+
+
 def test_null_for_a_field_no_api_has_is_still_refused() -> None:
     with pytest.raises(InvalidRequestError) as refused:
         check_fields("chat", {**HELLO, "max_token": None}, CHAT_KNOWN)
