@@ -12,6 +12,7 @@ otherwise: all workers of a replica on one node.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -94,11 +95,19 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     if bundles is not None:
         options["placement_group_bundles"] = bundles
         options["placement_group_strategy"] = placement_strategy(model)
-    if isinstance(model, VLLMModelConfig) and placement_strategy(model) == "STRICT_PACK":
+    one_node_only = placement_strategy(model) == "STRICT_PACK" or on_one_machine()
+    if isinstance(model, VLLMModelConfig) and bundles is not None and one_node_only:
         # vLLM's workers pass it on: their rendezvous and collectives stay on
         # the node's loopback (models.llm.one_node).
         options["ray_actor_options"]["runtime_env"] = {"env_vars": one_node.environment()}
     return options
+
+
+def on_one_machine() -> bool:
+    """Whether the cluster is this machine's alone (Ray's services on its
+    loopback, as ``llm-gateway serve`` starts it or joins it): every replica
+    then runs here, whatever its placement strategy."""
+    return os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
 
 
 def check_fits(model: ModelConfig, nodes: Sequence[Mapping[str, float]]) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.config import ConfigError, ModelConfig, parse_config
 from gateway.placement import check_fits, check_together, deployment_options, fits_free
+from models.llm import one_node
 
 GPU_NODE = {"CPU": 16.0, "GPU": 4.0, "memory": 1e11}
 
@@ -69,11 +70,20 @@ def test_a_one_node_vllm_replica_keeps_its_workers_network_on_loopback() -> None
     ],
     ids=["pack", "spread"],
 )
-def test_a_vllm_replica_that_may_span_nodes_keeps_vllms_network(fields: dict[str, Any]) -> None:
+def test_a_vllm_replica_that_may_span_nodes_keeps_vllms_network(
+    fields: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     assert "runtime_env" not in deployment_options(vllm_model(**fields))["ray_actor_options"]
+    # On a cluster of this machine alone it spans nothing: PyTorch's rendezvous store listened on every interface.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    assert deployment_options(vllm_model(**fields))["ray_actor_options"]["runtime_env"] == {
+        "env_vars": one_node.environment()
+    }
 
 
-def test_one_worker_and_other_engines_get_no_runtime_environment() -> None:
+def test_one_worker_and_other_engines_get_no_runtime_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     assert "runtime_env" not in deployment_options(vllm_model(num_gpus=1))["ray_actor_options"]
     assert "runtime_env" not in deployment_options(model(tensor_parallel_size=2))["ray_actor_options"]
 
