@@ -32,6 +32,10 @@ _WRAPPER = """#!/bin/sh
 prev=""
 for arg in "$@"; do
   if [ "$prev" = "-f" ] && [ -f "$arg" ] && ! grep -q '^# llm-gateway front door' "$arg"; then
+    # Failing closed: Ray's config unedited binds stats and Prometheus on every interface.
+    for part in global defaults frontend not-found; do
+      [ -f '{directory}'/$part.cfg ] || {{ echo "llm-gateway: '{directory}'/$part.cfg is missing" >&2; exit 1; }}
+    done
     sed -i -E \\
       -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/!s/^([[:space:]]*bind[[:space:]]+)[*]?:([0-9]+)([[:space:]]|$)/\\1127.0.0.1:\\2\\3/' \\
       -e '/^frontend[[:space:]]+(http|grpc)_frontend([[:space:]]|$)/,/^[^[:space:]#]/s/^([[:space:]]*bind[[:space:]]+)127[.]0[.]0[.]1:([0-9]+)([[:space:]]|$)/\\1{front_door}:\\2{bind_options}\\3/' \\{drop_syslog}
@@ -43,8 +47,8 @@ for arg in "$@"; do
       -e '/^global([[:space:]]|$)/r {directory}/global.cfg' \\
       -e '/^defaults([[:space:]]|$)/r {directory}/defaults.cfg' \\
       -e '/^frontend[[:space:]]+http_frontend([[:space:]]|$)/r {directory}/frontend.cfg' \\
-      "$arg"
-    printf '\n# llm-gateway front door\n' >> "$arg"
+      "$arg" || {{ echo "llm-gateway: could not edit HAProxy's config $arg" >&2; exit 1; }}
+    printf '\n# llm-gateway front door\n' >> "$arg" || exit 1
   fi
   prev="$arg"
 done

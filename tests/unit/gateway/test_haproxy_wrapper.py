@@ -5,6 +5,7 @@ front door's own answers OpenAI-shaped, and dies with its parent."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -252,3 +253,25 @@ def test_a_front_door_address_that_is_not_one_is_refused_before_the_wrapper_is_w
     with pytest.raises(ValueError, match="front door address"):
         wrapping.haproxy_wrapper(tmp_path, front_door=host)
     assert not (tmp_path / "haproxy").exists()
+
+
+@pytest.mark.parametrize("failure", ["sed-fails", "part-missing"])
+def test_a_config_the_wrapper_could_not_edit_starts_no_haproxy(tmp_path: Path, failure: str) -> None:
+    # It started HAProxy on Ray's config as written (stats and Prometheus on every interface), and marked
+    # the config edited, so that no reload edited it either.
+    wrapper = wrapper_before_echo(tmp_path)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("frontend prometheus\n    bind :9101\n")
+    env = dict(os.environ)
+    if failure == "sed-fails":  # a full disk, say: sed -i cannot write its copy
+        tools = tmp_path / "bin"
+        tools.mkdir()
+        (tools / "sed").write_text("#!/bin/sh\nexit 4\n")
+        (tools / "sed").chmod(0o755)
+        env["PATH"] = f"{tools}:{env['PATH']}"
+    else:
+        (tmp_path / "defaults.cfg").unlink()
+    out = subprocess.run([str(wrapper), "-f", str(config)], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and out.stdout == ""  # HAProxy (here its stand-in) never ran
+    assert "llm-gateway:" in out.stderr
+    assert config.read_text() == "frontend prometheus\n    bind :9101\n"
