@@ -347,6 +347,10 @@ def serve_forever(
         local = prepared
         if (status := _serve_in_own_group(local)) is not None:
             return status
+    else:
+        from gateway.local_cluster import joining
+
+        os.environ.update(joining(address))  # before Ray is imported, as deploy and status join it
     import ray
     from ray import serve
 
@@ -474,6 +478,8 @@ def _serve_in_own_group(local: dict[str, str]) -> int | None:
     # and this process removed the local cluster's files.
     signal.signal(signal.SIGHUP, hung_up)
     _, status = os.waitpid(child, 0)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # no child to pass them to: the files go first
+        signal.signal(signum, signal.SIG_IGN)
     from gateway.local_cluster import remove_local_files
 
     remove_local_files(local)  # gone already, unless the child was cut short

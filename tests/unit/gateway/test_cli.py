@@ -463,3 +463,43 @@ def test_serve_starts_again_where_its_proxy_was_killed_as_it_started(capsys: pyt
 
     with pytest.raises(ActorDiedError):  # not for ever
         cli._start_serve(never)
+
+
+@pytest.mark.usefixtures("signals_kept")
+def test_serving_on_this_machines_cluster_joins_it_as_deploy_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `serve --address 127.0.0.1:P` looked for the cluster's services on this machine's network
+    # address, and without the cluster's token.
+    from gateway import cli
+
+    joined: list[str | None] = []
+
+    def init(**_: object) -> None:
+        joined.append(os.environ.get("RAY_x"))
+        raise ConnectionError("reached for the cluster")
+
+    monkeypatch.setattr("gateway.local_cluster.joining", lambda address: {"RAY_x": "1"})
+    monkeypatch.setattr("ray.init", init)
+    monkeypatch.setattr(cli, "_stop_serving", lambda *_, **__: None)
+    monkeypatch.setenv("RAY_x", "0")  # (put back as it was afterwards)
+    (tmp_path / "gateway.yaml").write_text("models: [{name: echo, engine: echo}]\n")
+    assert cli.main(["serve", "--config", str(tmp_path / "gateway.yaml"), "--address", "127.0.0.1:6379"]) == 1
+    assert joined == ["1"]
+
+
+STOPPED_AFTER = """
+import os, signal
+from gateway import cli
+status = cli._serve_in_own_group({})
+if status is None:
+    os._exit(0)
+os.kill(os.getpid(), signal.SIGTERM)  # a stop signal while the local cluster's files are removed
+print("exit status:", status, flush=True)
+"""
+
+
+def test_a_stop_signal_once_the_serving_process_has_stopped_leaves_the_cleanup_alone() -> None:
+    # It was passed on to the child, gone: ProcessLookupError, a traceback, exit status 1 and the files left.
+    out = subprocess.run([sys.executable, "-c", STOPPED_AFTER], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "exit status: 0\n", "")
