@@ -43,6 +43,12 @@ def check_output_schema(endpoint: str, body: Mapping[str, Any]) -> None:
             raise InvalidRequestError(
                 "output_config.format.schema: Field required", param="output_config.format.schema"
             )
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and fmt.get("schema") == {}:
+            # vLLM takes an empty schema for no format: the answer would be free text.
+            raise InvalidRequestError(
+                "output_config.format.schema: the schema is empty; give the JSON schema the output must follow",
+                param="output_config.format.schema",
+            )
 
 
 # The keys of OpenAI's response formats (vLLM reads these and drops any other:
