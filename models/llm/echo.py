@@ -192,6 +192,7 @@ class EchoEngine:
     def _message(self, request: EngineRequest, tally: GenerationTally) -> bytes | AsyncIterator[bytes]:
         """Anthropic's ``POST /v1/messages`` (the message, or its events) and its ``count_tokens``."""
         if request.endpoint == "messages_count":
+            check_prefill(request.body)  # as the vLLM engine refuses it
             count = anthropic.prompt_words(_validated(anthropic.EchoCountRequest, request.body))
             return json.dumps({"input_tokens": count}).encode()
         req = _message_request(request.body)

@@ -340,8 +340,7 @@ class VLLMEngine:
             tool_checks.check_anthropic_tools(body)
             check_keys(body)
             check_message_content(body)
-        if endpoint == "messages":
-            check_prefill(body)
+            check_prefill(body)  # (counted as it would be generated: not at all)
 
     async def _input_tokens(self, request: EngineRequest) -> int:
         """The tokens of a Responses request's prompt, with its previous

@@ -73,6 +73,9 @@ def test_a_prefill_is_continued_as_anthropic_continues_it(claude: anthropic.Anth
         spaced = [*ASK, {"role": "assistant", "content": "Sure, "}]
         claude.messages.create(model=VLLM_MODEL, messages=spaced, max_tokens=2)  # type: ignore[arg-type]
     assert "trailing whitespace" in caught.value.message
+    with pytest.raises(anthropic.BadRequestError) as caught:  # counted as it would be generated: not at all
+        claude.messages.count_tokens(model=VLLM_MODEL, messages=spaced)  # type: ignore[arg-type]
+    assert "trailing whitespace" in caught.value.message
 
 
 def test_a_streamed_message_sends_anthropics_events_and_the_text_adds_up(claude: anthropic.Anthropic) -> None:

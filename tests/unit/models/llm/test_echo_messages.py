@@ -87,6 +87,10 @@ async def test_tokens_are_counted_and_mistakes_refused(engine: EchoEngine) -> No
     assert caught.value.param == "max_tokens"
     with pytest.raises(ContextLengthExceededError):
         await engine.complete(ask(max_tokens=60), GenerationTally())
+    spaced = [*CONVERSATION, {"role": "assistant", "content": "Sure, "}]
+    for endpoint in ("messages", "messages_count"):  # counted as it would be generated: not at all
+        with pytest.raises(InvalidRequestError, match="trailing whitespace"):
+            await engine.complete(ask(endpoint, messages=spaced), GenerationTally())
 
 
 async def test_a_message_stream_left_early_counts_the_tokens_it_sent(engine: EchoEngine) -> None:
