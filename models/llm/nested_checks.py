@@ -34,7 +34,8 @@ CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_
 
 def check_structured_outputs(body: Mapping[str, Any]) -> None:
     """Refuses (400, before vLLM reads it) a ``structured_outputs`` object
-    with a key vLLM's would drop, or not exactly one constraint."""
+    with a key vLLM's would drop, or not exactly one constraint (a
+    ``response_format`` other than text is one too)."""
     from vllm.sampling_params import StructuredOutputsParams
 
     given = body.get("structured_outputs")
@@ -51,6 +52,14 @@ def check_structured_outputs(body: Mapping[str, Any]) -> None:
             f"Invalid 'structured_outputs': exactly one constraint is taken, one of "
             f"{', '.join(repr(name) for name in CONSTRAINTS)}; got {said}.",
             param="structured_outputs",
+        )
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        # vLLM adds the format's constraint to these: two constraints, refused with its internal state.
+        raise InvalidRequestError(
+            f"Invalid 'response_format': a {fmt.get('type')!r} format is a constraint of its own; "
+            "send it or 'structured_outputs', not both.",
+            param="response_format",
         )
 
 

@@ -61,13 +61,17 @@ def test_objects_whose_every_key_vllm_took_pass() -> None:
         ({"regx": "a+"}, "structured_outputs.regx", "Unrecognized request argument supplied"),
         ({"disable_any_whitespace": True}, "structured_outputs", "got none."),
         ({"json": {"type": "object"}, "regex": "a+"}, "structured_outputs", "got 'json', 'regex'."),
+        ({"regex": "a+", "response_format": {"type": "json_object"}}, "response_format", "not both"),
+        ({"regex": "a+", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+         "response_format", "not both"),
     ],
 )
 def test_structured_outputs_are_refused_naming_the_field_not_printing_vllms_state(
     given: dict[str, Any], param: str, says: str
 ) -> None:
+    fmt = given.pop("response_format", None)
     with pytest.raises(InvalidRequestError) as refused:
-        check_structured_outputs({"structured_outputs": given})
+        check_structured_outputs({"structured_outputs": given, "response_format": fmt})
     assert refused.value.param == param and says in refused.value.message
     assert "_backend" not in refused.value.message
 
@@ -75,6 +79,7 @@ def test_structured_outputs_are_refused_naming_the_field_not_printing_vllms_stat
 def test_one_structured_outputs_constraint_with_its_settings_passes() -> None:
     check_structured_outputs({"structured_outputs": {"json": {"type": "object"}, "disable_any_whitespace": True}})
     check_structured_outputs({"structured_outputs": {"choice": ["a", "b"]}})
+    check_structured_outputs({"structured_outputs": {"choice": ["a", "b"]}, "response_format": {"type": "text"}})
     check_structured_outputs({"prompt": "hi"})
 
 
