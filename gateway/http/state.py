@@ -251,17 +251,24 @@ class GatewayState:
             )
             for name, base in self.config.adapters().items()
         ]
-        kinds = {name: m.kind for name, m in self.config.served().items()}
+        served = self.config.served()
         aliases = [
             ModelCard(
                 id=name,
                 created=self._created,
-                kind=kinds[variants[0].name],
+                max_model_len=self._shared_window([served[v.name].name for v in variants]),
+                kind=served[variants[0].name].kind,
                 variants=[AliasVariant(id=v.name, weight=v.weight) for v in variants],
             )
             for name, variants in self.routes.aliases().items()
         ]
         return models + adapters + aliases
+
+    def _shared_window(self, models: list[str]) -> int | None:
+        """The context window every one of ``models`` has (an alias's, whose
+        requests may reach any): the smallest, once all are known."""
+        windows = [self._context.get(name) for name in models]
+        return None if not windows or None in windows else min(w for w in windows if w is not None)
 
     async def refresh_model_info(self) -> None:
         """Learns context windows the config left to the model (best effort),

@@ -299,6 +299,19 @@ def test_an_adapter_is_listed_after_the_models_with_its_parent_and_window() -> N
     assert targets(state, "ab") == {"base", "ada"}
 
 
+def test_an_aliass_window_is_the_smallest_of_its_variants_once_all_are_known() -> None:
+    # It was null: clients calling the alias read the window from its card.
+    state = GatewayState(FrontDoorConfig(), NoHandle, lambda m: f"app:{m.name}")
+    base = {"name": "base", "engine": "vllm", "model": "/m/base", "max_model_len": 64, "lora_adapters": {"ada": "/m/ada"}}
+    wide, unknown = {"name": "wide", "engine": "echo", "max_model_len": 256}, {"name": "open", "engine": "echo"}
+    routing = {"routes": [{"name": "ab", "variants": {"ada": 1, "wide": 1}},
+                          {"name": "cd", "variants": {"wide": 1, "open": 1}},
+                          {"name": "ef", "variants": {"iris": 1}}]}  # fmt: skip
+    state.apply([base, wide, unknown, MODELS[2]], routing)
+    windows = {card.id: card.max_model_len for card in state.model_cards()}
+    assert (windows["ab"], windows["cd"], windows["ef"]) == (64, None, None)
+
+
 def test_a_model_taking_an_adapters_name_gets_its_own_deployment() -> None:
     # Promoting an adapter to a merged model kept the base model's handle:
     # its requests went to the base replicas, and failed once they unloaded it.
