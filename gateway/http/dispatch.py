@@ -32,7 +32,15 @@ from gateway.http.client_connection import disconnected
 from gateway.http.deadlines import Stopping
 from gateway.http.endpoints import ENDPOINTS
 from gateway.http.handlers import as_gateway_error
-from gateway.http.limits import Admission, admit, embedding_tokens, refuse_early, unbudgeted, usage_headers
+from gateway.http.limits import (
+    Admission,
+    CountSlots,
+    admit,
+    embedding_tokens,
+    refuse_early,
+    unbudgeted,
+    usage_headers,
+)
 from gateway.http.plan import plan
 from gateway.http.relay_stream import RelayedStream
 from gateway.http.serving import LLMClient, ServedModel, ServingTable
@@ -78,6 +86,7 @@ class ModelDispatcher:
         self.stopping = Stopping()
         self._answers = Answers(self._metrics, self.stopping)
         self._shadows = Shadows()
+        self._counts = CountSlots()
         self._table = table if table is not None else ServingTable(RouteTable([]))
 
     @property
@@ -134,7 +143,8 @@ class ModelDispatcher:
                 if api.tpm is not None:
                     await refuse_early(self.limiter, api, name)
                     call = EngineRequest(endpoint, body, request_id, route.target, replica, owner)
-                    tokens = await self._reserved_tokens(table, route, call, name, in_body, len(raw))
+                    async with self._counts.counting(api):
+                        tokens = await self._reserved_tokens(table, route, call, name, in_body, len(raw))
                 unbounded = unbudgeted(endpoint, body) if tokens else None
                 admission = await admit(self.limiter, api, tokens, name, unbounded)
             except GatewayError as error:  # (refused after routing: the variant is said, as on any such error)

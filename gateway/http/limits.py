@@ -11,7 +11,10 @@ before the model reported keeps what it reserved).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway.auth.keys import ApiKey
@@ -144,6 +147,30 @@ async def usage_headers(limiter: Any, key: ApiKey) -> dict[str, str]:
     except ServiceUnavailableError:
         return {}
     return rate_headers(usage)
+
+
+class CountSlots:
+    """At most ``max_concurrent`` requests of a key counted at once on this
+    ingress replica. A token limit counts a request before admission (which
+    checks the key's places), and a count may be a render on the model's
+    replica: a key with one place sending hundreds of requests at once kept
+    hundreds of renders running there, each then refused 429."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}  # by configured key id: bounded
+
+    @contextlib.asynccontextmanager
+    async def counting(self, key: ApiKey) -> AsyncIterator[None]:
+        """Holds one of ``key``'s counting slots (none to hold without a place limit)."""
+        places = key.max_concurrent
+        if places is None:
+            yield
+            return
+        held = self._slots.get(key.id)
+        if held is None or held[0] != places:  # (new, or its limit changed)
+            held = self._slots[key.id] = (places, asyncio.Semaphore(places))
+        async with held[1]:
+            yield
 
 
 async def refuse_early(limiter: Any, key: ApiKey, model: str) -> None:

@@ -329,3 +329,35 @@ async def test_a_classical_request_waiting_for_a_replica_is_stopped_with_its_ing
     assert await request(app, "/predict/m", PREDICT, key=ONE_PLACE) == 503
     assert asyncio.get_running_loop().time() - started < 2  # at the stop, not after the replica wait
     assert ledger_of(app).in_flight(ONE_PLACE.id) == 0  # its key's place is free
+
+
+async def test_a_key_counts_no_more_requests_at_once_than_its_places(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted before admission (which checks its places), a key with one place sending many requests
+    # at once kept as many renders running on the model's replica, each then refused 429.
+    counting, peak, release = [0], [0], asyncio.Event()
+    count = FakeReplica.count
+
+    async def held(replica: FakeReplica, call: Any) -> int:
+        counting[0] += 1
+        peak[0] = max(peak[0], counting[0])
+        await release.wait()
+        counting[0] -= 1
+        return await count(replica, call)
+
+    monkeypatch.setattr(FakeReplica, "count", held)
+    app = make_app(FakeHandle())
+    sent = [asyncio.ensure_future(request(app, "/chat", {"model": "m"})) for _ in range(6)]
+    await until(lambda: counting[0] == 1)
+    for _ in range(20):  # (the others had every chance to start counting)
+        await asyncio.sleep(0)
+    assert peak[0] == 1
+    release.set()
+    assert set(await asyncio.gather(*sent)) <= {200, 429}
+    assert peak[0] == 1
+    # A key without a place limit is not held back.
+    release.clear()
+    unplaced = ApiKey("open", ("*",), tpm=10_000)
+    sent = [asyncio.ensure_future(request(app, "/chat", {"model": "m"}, key=unplaced)) for _ in range(3)]
+    await until(lambda: counting[0] == 3)
+    release.set()
+    assert await asyncio.gather(*sent) == [200] * 3
