@@ -41,6 +41,10 @@ def plan(
     picks. A model the key may not use is answered as one that does not
     exist (404); one of a kind that cannot answer here, 404
     ``model_not_supported``."""
+    if path_model is None and spec.name in _MODEL_OPTIONAL and body.get("model") is None:
+        # As `vllm serve` takes it: the model served (here, the one LLM the key may use).
+        if (sole := _sole_llm(table, key)) is not None:
+            body = {**body, "model": sole}
     envelope = spec.routing_fields(body) if path_model is None else None
     name = envelope.model if envelope is not None else str(path_model)
     # An empty value is none (a template's unset variable): no cohort all such requests share.
@@ -51,3 +55,13 @@ def plan(
     spec.check_kind(name, table.model(route.target).kind)
     stream = spec.streams and bool(getattr(envelope, "stream", False))
     return Plan(name, route, stream, envelope)
+
+
+# Endpoints whose `model` vLLM's own server makes optional (it serves one).
+_MODEL_OPTIONAL = frozenset({"tokenize", "detokenize"})
+
+
+def _sole_llm(table: ServingTable, key: ApiKey | None) -> str | None:
+    """The one LLM ``key`` may use, if there is exactly one."""
+    names = [n for n, m in table.models.items() if m.kind == "llm" and (key is None or key.allows(n))]
+    return names[0] if len(names) == 1 else None

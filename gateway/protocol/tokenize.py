@@ -15,7 +15,9 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, description="Model or alias whose tokenizer counts.")
+    model: str | None = Field(
+        None, min_length=1, description="Model or alias whose tokenizer counts; unset: the one LLM served."
+    )
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = Field(None, description="Default: true for a prompt, false for messages.")
@@ -33,7 +35,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1, description="Unset: the one LLM served.")
     tokens: list[int]
 
 
