@@ -143,7 +143,7 @@ class ModelDispatcher:
                 if api.tpm is not None:
                     await refuse_early(self.limiter, api, name)
                     call = EngineRequest(endpoint, body, request_id, route.target, replica, owner)
-                    async with self._counts.counting(api):
+                    async with self._counts.counting(api, self.limiter, name):
                         tokens = await self._reserved_tokens(table, route, call, name, in_body, len(raw))
                 unbounded = unbudgeted(endpoint, body) if tokens else None
                 admission = await admit(self.limiter, api, tokens, name, unbounded)

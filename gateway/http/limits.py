@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.auth.keys import ApiKey
 from gateway.auth.ledger import Limits, Refusal, Usage
+from gateway.auth.places import PLACE_WAIT_S
 from gateway.errors import RateLimitError, ServiceUnavailableError, TokenRateLimitError
 from gateway.protocol.engine import Outcome
 
@@ -73,7 +74,9 @@ def unbudgeted(endpoint: str, body: dict[str, Any]) -> str | None:
     return field
 
 
-def refused(refusal: Refusal, usage: Usage, key: ApiKey, model: str, unbounded: str | None = None) -> RateLimitError:
+def refused(
+    refusal: Refusal, usage: Usage | None, key: ApiKey, model: str, unbounded: str | None = None
+) -> RateLimitError:
     """The 429 for ``refusal``, in OpenAI's words; ``unbounded``: the output
     bound the request left out (see ``unbudgeted``), named where it is why
     the request can never fit."""
@@ -101,7 +104,8 @@ def refused(refusal: Refusal, usage: Usage, key: ApiKey, model: str, unbounded: 
             f"Please try again {when}.",
             retry_after_ms=wait_ms,
         )
-    error.extra_headers.update(rate_headers(usage))
+    if usage is not None:
+        error.extra_headers.update(rate_headers(usage))
     return error
 
 
@@ -154,14 +158,20 @@ class CountSlots:
     ingress replica. A token limit counts a request before admission (which
     checks the key's places), and a count may be a render on the model's
     replica: a key with one place sending hundreds of requests at once kept
-    hundreds of renders running there, each then refused 429."""
+    hundreds of renders running there, each then refused 429. As for places
+    (``gateway.auth.places``), as many more wait up to ``PLACE_WAIT_S`` for
+    a count to end; the others are refused at once, as over
+    ``max_concurrent``."""
 
     def __init__(self) -> None:
-        self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}  # by configured key id: bounded
+        # By configured key id (bounded): its places when made, its counts, how many wait.
+        self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
+        self._waiting: dict[str, int] = {}
 
     @contextlib.asynccontextmanager
-    async def counting(self, key: ApiKey) -> AsyncIterator[None]:
-        """Holds one of ``key``'s counting slots (none to hold without a place limit)."""
+    async def counting(self, key: ApiKey, limiter: Any, model: str) -> AsyncIterator[None]:
+        """Holds one of ``key``'s counting slots (none to hold without a place
+        limit); raises RateLimitError (429) where none comes free in time."""
         places = key.max_concurrent
         if places is None:
             yield
@@ -169,8 +179,31 @@ class CountSlots:
         held = self._slots.get(key.id)
         if held is None or held[0] != places:  # (new, or its limit changed)
             held = self._slots[key.id] = (places, asyncio.Semaphore(places))
-        async with held[1]:
+        slots = held[1]
+        if slots.locked() and self._waiting.get(key.id, 0) >= places:
+            raise await _over_places(limiter, key, model)
+        self._waiting[key.id] = self._waiting.get(key.id, 0) + 1
+        try:
+            async with asyncio.timeout(PLACE_WAIT_S):
+                await slots.acquire()
+        except TimeoutError:
+            raise await _over_places(limiter, key, model) from None
+        finally:
+            self._waiting[key.id] -= 1
+            if not self._waiting[key.id]:
+                del self._waiting[key.id]
+        try:
             yield
+        finally:
+            slots.release()
+
+
+async def _over_places(limiter: Any, key: ApiKey, model: str) -> RateLimitError:
+    """The 429 of a request of ``key`` beyond its places, with its key's headers where the ledger says them."""
+    places = key.max_concurrent or 0
+    error = refused(Refusal("concurrent", places, places, 1, None), None, key, model)
+    error.extra_headers.update(await usage_headers(limiter, key))
+    return error
 
 
 async def refuse_early(limiter: Any, key: ApiKey, model: str) -> None:

@@ -346,14 +346,16 @@ async def test_a_key_counts_no_more_requests_at_once_than_its_places(monkeypatch
 
     monkeypatch.setattr(FakeReplica, "count", held)
     app = make_app(FakeHandle())
-    sent = [asyncio.ensure_future(request(app, "/chat", {"model": "m"})) for _ in range(6)]
-    await until(lambda: counting[0] == 1)
-    for _ in range(20):  # (the others had every chance to start counting)
-        await asyncio.sleep(0)
-    assert peak[0] == 1
+    answers: list[list[dict[str, Any]]] = [[] for _ in range(6)]
+    sent = [asyncio.ensure_future(request(app, "/chat", {"model": "m"}, sent=answers[i])) for i in range(6)]
+    # One counts, one waits for it (a moment, as for a place); the others are refused at once.
+    await until(lambda: sum(task.done() for task in sent) >= 4 and counting[0] == 1)
     release.set()
-    assert set(await asyncio.gather(*sent)) <= {200, 429}
+    statuses = await asyncio.gather(*sent)
     assert peak[0] == 1
+    assert statuses[0] == 200 and statuses.count(429) >= 4
+    refusal = json.loads(next(m["body"] for m in answers[-1] if m["type"] == "http.response.body"))
+    assert "on concurrent requests: Limit 1" in refusal["error"]["message"]
     # A key without a place limit is not held back.
     release.clear()
     unplaced = ApiKey("open", ("*",), tpm=10_000)
