@@ -32,10 +32,15 @@ HINTS = {"stream_options": frozenset({"include_obfuscation"})}
 CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
+# The response formats vLLM turns into a constraint of ``structured_outputs``.
+FORMAT_CONSTRAINTS = frozenset({"json_object", "json_schema", "structural_tag"})
+
+
 def check_structured_outputs(body: Mapping[str, Any]) -> None:
     """Refuses (400, before vLLM reads it) a ``structured_outputs`` object
-    with a key vLLM's would drop, or not exactly one constraint (a
-    ``response_format`` other than text is one too)."""
+    with a key vLLM's would drop, or not exactly one constraint (vLLM takes
+    no settings alone), or beside a ``response_format`` that is a constraint
+    too."""
     from vllm.sampling_params import StructuredOutputsParams
 
     given = body.get("structured_outputs")
@@ -54,10 +59,12 @@ def check_structured_outputs(body: Mapping[str, Any]) -> None:
             param="structured_outputs",
         )
     fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        # vLLM adds the format's constraint to these: two constraints, refused with its internal state.
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in FORMAT_CONSTRAINTS:
+        # vLLM puts the format's constraint beside this one (refused with its internal state), or
+        # over one of its kind (the client's own dropped unsaid).
         raise InvalidRequestError(
-            f"Invalid 'response_format': a {fmt.get('type')!r} format is a constraint of its own; "
+            f"Invalid 'response_format': a {kind!r} format is a constraint of its own; "
             "send it or 'structured_outputs', not both.",
             param="response_format",
         )

@@ -62,8 +62,13 @@ def test_objects_whose_every_key_vllm_took_pass() -> None:
         ({"disable_any_whitespace": True}, "structured_outputs", "got none."),
         ({"json": {"type": "object"}, "regex": "a+"}, "structured_outputs", "got 'json', 'regex'."),
         ({"regex": "a+", "response_format": {"type": "json_object"}}, "response_format", "not both"),
-        ({"regex": "a+", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        # Of one kind, the format's would replace the client's own schema unsaid.
+        ({"json": {"type": "object"}, "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                                                  "schema": {}}}},
          "response_format", "not both"),
+        # vLLM takes no settings alone, a format's constraint beside them or not.
+        ({"disable_any_whitespace": True, "response_format": {"type": "json_object"}}, "structured_outputs",
+         "got none."),
     ],
 )
 def test_structured_outputs_are_refused_naming_the_field_not_printing_vllms_state(
@@ -80,6 +85,8 @@ def test_one_structured_outputs_constraint_with_its_settings_passes() -> None:
     check_structured_outputs({"structured_outputs": {"json": {"type": "object"}, "disable_any_whitespace": True}})
     check_structured_outputs({"structured_outputs": {"choice": ["a", "b"]}})
     check_structured_outputs({"structured_outputs": {"choice": ["a", "b"]}, "response_format": {"type": "text"}})
+    # A format vLLM's schema does not know is left to it.
+    check_structured_outputs({"structured_outputs": {"regex": "a+"}, "response_format": {"type": "bogus"}})
     check_structured_outputs({"prompt": "hi"})
 
 
