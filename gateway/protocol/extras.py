@@ -161,8 +161,10 @@ def check_fields(endpoint: str, body: Mapping[str, Any], known: Collection[str])
     """Refuses (400, naming it) a field of ``body`` that is neither ``known`` to
     the engine's schema nor a hint the endpoint accepts."""
     hints = HINTS.get(endpoint, {})
-    unsupported_here = {**UNSUPPORTED.get(endpoint, {}), **DISAGGREGATED}
-    for name in sorted((body.keys() - known) | (body.keys() & DISAGGREGATED.keys())):
+    # (Where the schema does not know them, they are refused as any unknown field.)
+    disaggregated = {name: what for name, what in DISAGGREGATED.items() if name in body and name in known}
+    unsupported_here = {**UNSUPPORTED.get(endpoint, {}), **disaggregated}
+    for name in sorted((body.keys() - known) | disaggregated.keys()):
         if name in hints:
             accepts = hints[name]
             if accepts is None or accepts(body[name], body):

@@ -160,6 +160,12 @@ def test_vllms_disaggregated_serving_fields_are_refused_though_its_schemas_know_
     check_fields(endpoint, {"model": "m", field: None}, known)  # null: asks for nothing
 
 
+def test_disaggregated_serving_fields_where_the_schema_lacks_them_are_unknown_fields() -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_fields("messages_count", {"model": "m", "kv_transfer_params": None}, frozenset({"model"}))
+    assert refused.value.message == "kv_transfer_params: Extra inputs are not permitted"
+
+
 def test_null_for_a_field_no_api_has_is_still_refused() -> None:
     with pytest.raises(InvalidRequestError) as refused:
         check_fields("chat", {**HELLO, "max_token": None}, CHAT_KNOWN)
