@@ -467,10 +467,12 @@ def _serve_in_own_group(local: dict[str, str]) -> int | None:
         os.setpgid(child, child)
 
     def forward(signum: int, _: FrameType | None) -> None:
-        os.kill(child, signum)
+        with contextlib.suppress(ProcessLookupError):  # (reaped a moment ago)
+            os.kill(child, signum)
 
     def hung_up(_signum: int, _: FrameType | None) -> None:
-        os.kill(child, signal.SIGTERM)  # the terminal is gone: stop (and drain) as for a stop signal
+        with contextlib.suppress(ProcessLookupError):  # the terminal is gone: stop (and drain) as for a stop signal
+            os.kill(child, signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
