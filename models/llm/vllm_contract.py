@@ -57,8 +57,9 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         _ANTHROPIC,
         "AnthropicServingMessages.to_chat_completion_request",
-        ("anthropic_request", "merge_inline_system"),
+        ("anthropic_request", "merge_inline_system", "disabled_thinking_effort"),
     ),
+    (_ANTHROPIC, "AnthropicServingMessages._get_disabled_thinking_effort", ()),
     ("vllm.renderers.inputs.preprocess", "extract_prompt_len", ("model_config", "prompt")),
     ("vllm.renderers.chat_utils", "MM_PARSER_MAP", ()),  # the chat content part types vLLM reads
     (_MODELS, "OpenAIServingModels.load_lora_adapter", ("request",)),
