@@ -89,11 +89,17 @@ async def build_serving(
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
     from vllm.sampling_params import RequestOutputKind
+    from vllm.usage.usage_lib import UsageContext
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     from vllm.v1.engine.async_llm import AsyncLLM
 
     args = parse_cli_args(make_arg_parser(FlexibleArgumentParser()), cli_args)
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+    # As `vllm serve` starts it: vLLM picks its batch defaults (max-num-seqs,
+    # max-num-batched-tokens) by this context, on a GPU 1024 sequences where
+    # an engine of another context gets 128.
+    engine = AsyncLLM.from_engine_args(
+        AsyncEngineArgs.from_cli_args(args), usage_context=UsageContext.OPENAI_API_SERVER
+    )
     try:
         client: Any = _EngineClient(engine, wrap_generate(engine.generate, RequestOutputKind.DELTA))
         state = State()
