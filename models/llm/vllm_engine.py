@@ -120,7 +120,7 @@ class VLLMEngine:
         # the replica bounds how many (``models.llm.stored``).
         os.environ["VLLM_ENABLE_RESPONSES_API_STORE"] = "1" if self._config.kept_responses > 0 else "0"
         if hides_gpus(self._config):
-            os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # (one the gateway inherited names GPUs others hold)
         if (unguarded := one_node.unguarded()) is not None:
             logger.warning("%s: %s", self._config.name, unguarded)
         prepare = compact_json.compact_structural_tag if compact_json.is_compact(self._config) else None

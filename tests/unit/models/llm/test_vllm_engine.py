@@ -3,6 +3,7 @@ vLLM's own parsed requests (no model is started here)."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -152,3 +153,26 @@ def test_a_chats_null_tool_choice_reaches_vllm_as_not_set() -> None:
     sent = _with_request_id(EngineRequest("chat", body, "req-1", "m"))
     assert "tool_choice" not in sent and body["tool_choice"] is None  # (the client's body as it came)
     assert ChatCompletionRequest.model_validate(sent).tool_choice == "auto"  # OpenAI's default with tools
+
+
+class _Started(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("num_gpus", "visible"), [(0, ""), (1, "0,1")])
+async def test_a_replica_given_no_gpu_hides_every_gpu_even_one_named_where_the_gateway_started(
+    monkeypatch: pytest.MonkeyPatch, num_gpus: int, visible: str
+) -> None:
+    # `CUDA_VISIBLE_DEVICES=0,1 llm-gateway serve`: Ray leaves it alone for an actor given none, and
+    # vLLM took GPU 0, which Ray had given another replica.
+    from models.llm import vllm_compat
+
+    async def build_serving(*_: Any) -> Any:
+        raise _Started
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("VLLM_ENABLE_RESPONSES_API_STORE", raising=False)  # (put back as it was: start sets it)
+    monkeypatch.setattr(vllm_compat, "build_serving", build_serving)
+    with pytest.raises(_Started):
+        await VLLMEngine(VLLMModelConfig(name="m", model="org/m", num_gpus=num_gpus)).start()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == visible
