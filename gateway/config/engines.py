@@ -113,6 +113,18 @@ PLACEMENT_ENGINE_ARGS = frozenset(
     {"prefill-context-parallel-size", "nnodes", "node-rank", "master-addr", "master-port"}
 )
 
+# Settings of vLLM's own HTTP server (`vllm serve`), which the gateway does not
+# run: its parser takes them, and they would do nothing. `config` reads more
+# arguments from a file, past the checks here.
+SERVER_ENGINE_ARGS = frozenset({
+    "config", "headless", "api-server-count", "grpc", "grpc-port", "host", "port", "uds", "root-path",
+    "api-key", "allowed-origins", "allowed-methods", "allowed-headers", "allow-credentials", "ssl-keyfile",
+    "ssl-certfile", "ssl-ca-certs", "ssl-cert-reqs", "ssl-ciphers", "enable-ssl-refresh", "middleware",
+    "uvicorn-log-level", "disable-uvicorn-access-log", "disable-access-log-for-endpoints", "disable-fastapi-docs",
+    "enable-offline-docs", "enable-request-id-headers", "h11-max-header-count", "h11-max-incomplete-event-size",
+    "data-parallel-supervisor-port", "dp-supervisor-probe-failure-threshold", "dp-supervisor-probe-interval-s",
+    "dp-supervisor-probe-timeout-s",
+})  # fmt: skip
 
 # Other names vLLM's parser takes for a flag the gateway checks.
 VLLM_ALIASES = {"device-memory-utilization": "gpu-memory-utilization"}
@@ -184,7 +196,8 @@ class VLLMModelConfig(LLMModelConfig):
         description="Further vLLM engine arguments by their CLI name without `--` "
         "(e.g. `enable-prefix-caching: true`; `false` passes vLLM's `--no-` form where it has one); "
         "checked by vLLM's parser at start-up. Those the gateway sets from the model's own "
-        "fields (`model`, `dtype`, `max-model-len`, ...) are refused here.",
+        "fields (`model`, `dtype`, `max-model-len`, ...) and settings of vLLM's own HTTP server "
+        "(`api-key`, `port`, `config`, ...) are refused here.",
     )
     lora_adapters: dict[ModelName, str] = Field(
         default_factory=dict,
@@ -251,6 +264,15 @@ class VLLMModelConfig(LLMModelConfig):
                 # vLLM takes the last of a flag given twice: the engine would
                 # run otherwise than the gateway routes, places and describes it.
                 raise ValueError(f"`engine_args.{key}` is the gateway's to set: use the model's `{field}`")
+            if _flag_of(key, value) in SERVER_ENGINE_ARGS:
+                raise ValueError(
+                    f"`engine_args.{key}` is a setting of vLLM's own HTTP server (`vllm serve`), which the "
+                    "gateway does not run: clients reach the engine only through the gateway's front door, "
+                    "configured under `ingress` and `keys`"
+                )
+            if key == "kv-cache-memory-bytes" and self.kv_cache_space_gib is not None:
+                # On CPU vLLM takes VLLM_CPU_KVCACHE_SPACE over it, without a word.
+                raise ValueError("set either `kv_cache_space_gib` or `engine_args.kv-cache-memory-bytes`, not both")
             if places_workers(key):
                 # Reserved as tensor x pipeline parallel workers on one node, they
                 # would start more (or elsewhere), past what Ray reserved for them.

@@ -443,6 +443,32 @@ def test_engine_args_the_gateway_sets_itself_are_refused_naming_the_field(key: s
         parse_config({"models": [{"name": "m", "engine": "vllm", "model": "org/m", "engine_args": {key: 2}}]})
 
 
+@pytest.mark.parametrize("key", ["api-key", "api_key", "config", "allowed-origins", "port", "ssl-keyfile"])
+def test_engine_args_of_vllms_own_http_server_are_refused(key: str) -> None:
+    # Accepted, they did nothing: an operator setting `api-key` believed the engine protected, and `config`
+    # read further arguments (data parallelism, say) from a file past every check here.
+    with pytest.raises(ConfigError, match=r"vLLM's own HTTP server"):
+        parse_config({"models": [{"name": "m", "engine": "vllm", "model": "org/m", "engine_args": {key: "x"}}]})
+
+
+def test_the_refused_http_server_settings_are_vllms_own_flags() -> None:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from gateway.config.engines import SERVER_ENGINE_ARGS
+
+    flags = {option for action in make_arg_parser(FlexibleArgumentParser())._actions for option in action.option_strings}
+    assert {f"--{name}" for name in SERVER_ENGINE_ARGS} <= flags
+
+
+def test_a_kv_cache_size_set_twice_is_refused() -> None:
+    # On CPU vLLM took VLLM_CPU_KVCACHE_SPACE (kv_cache_space_gib) over kv-cache-memory-bytes, without a word.
+    model = {"name": "m", "engine": "vllm", "model": "org/m", "engine_args": {"kv-cache-memory-bytes": 2**33}}
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config({"models": [{**model, "kv_cache_space_gib": 1}]})
+    parse_config({"models": [model]})
+
+
 @pytest.mark.parametrize(
     "key", ["data-parallel-size", "data_parallel_backend", "no-data-parallel-hybrid-lb", "prefill-context-parallel-size",
             "nnodes"],
