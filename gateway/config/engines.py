@@ -159,10 +159,12 @@ class VLLMModelConfig(LLMModelConfig):
     kv_cache_space_gib: int | None = Field(
         None,
         ge=1,
-        description="KV-cache size in whole GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.",
+        description="KV-cache size in whole GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU. "
+        "Unset on CPU, vLLM reserves `gpu_memory_utilization` (0.92) of the memory, which must be free.",
     )
     gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only)."
+        None, gt=0, le=1, description="Share of GPU memory vLLM may take; on CPU, without "
+        "`kv_cache_space_gib`, the share of memory it reserves."
     )
     tool_call_parser: str | None = Field(
         None,
