@@ -106,14 +106,8 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
 def on_one_machine() -> bool:
     """Whether the cluster is this machine's alone (Ray's services on its
     loopback, as ``llm-gateway serve`` starts it or joins it): every replica
-    then runs here, whatever its placement strategy. Not through Ray's client
-    (``ray://``): a loopback address there may be a tunnel to a cluster of
-    many nodes (``kubectl port-forward``)."""
-    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
-        return False
-    from ray.util.client import ray as ray_client
-
-    return not ray_client.is_connected()
+    then runs here, whatever its placement strategy."""
+    return os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
 
 
 def check_fits(model: ModelConfig, nodes: Sequence[Mapping[str, float]]) -> None:
