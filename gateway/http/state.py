@@ -32,6 +32,9 @@ UNAVAILABLE_KEY = "ServeController"
 UNAVAILABLE_SAID_S = 60.0
 
 INFO_TIMEOUT_S = 2.0
+# A model that did not say its window in time (down, or starting) is not asked
+# again for this long: every listing of /v1/models waited for it meanwhile.
+INFO_RETRY_S = 10.0
 
 
 def _route_table(config: GatewayConfig) -> RouteTable:
@@ -88,6 +91,7 @@ class GatewayState:
             read_timeout_s=front_door.ingress.read_timeout_s,
         )
         self._info_calls: dict[str, tuple[Any, Any]] = {}  # per model: its handle, and for `info`
+        self._info_failed: dict[str, float] = {}  # per model: when it last did not answer `info`
         self._serve_statuses = ServeStatuses()
         self._unavailable_said = -UNAVAILABLE_SAID_S  # (when it was last said that Serve did not answer)
         self._created = int(time.time())
@@ -160,6 +164,8 @@ class GatewayState:
             or (None if m.name in reshaped else self._context.get(m.name))
             for m in config.models
         }
+        # A model restarted (or gone) is asked afresh.
+        self._info_failed = {n: t for n, t in self._info_failed.items() if n in self._context and n not in reshaped}
         self.dispatcher.serve(table)
         logger.info(
             "serving %d models, %d routes, %d API keys",
@@ -275,9 +281,11 @@ class GatewayState:
         asking every such model at once: a model with no running replica
         holds a listing for one wait, not one wait each."""
         models = self.dispatcher.table.models
+        now = time.monotonic()
         unknown = [
             name for name, value in self._context.items()
             if value is None and name in models and models[name].kind == "llm"
+            and now - self._info_failed.get(name, -INFO_RETRY_S) >= INFO_RETRY_S
         ]
         await asyncio.gather(*(self._learn_info(name, models[name].client.source) for name in unknown))
 
@@ -288,7 +296,9 @@ class GatewayState:
         try:
             info = await asyncio.wait_for(ask[1].remote(), INFO_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - metadata only: the config's value stays
+            self._info_failed[name] = time.monotonic()
             return
+        self._info_failed.pop(name, None)
         self._context[name] = info.max_model_len
 
     async def deployment_statuses(self) -> dict[str, str]:

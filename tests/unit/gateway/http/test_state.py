@@ -14,6 +14,7 @@ import pytest
 from gateway.auth.limiter import LimiterClient
 from gateway.auth.local import LocalLimiter
 from gateway.config import ConfigError, FrontDoorConfig, ModelConfig
+from gateway.http import state as state_module
 from gateway.http.state import GatewayState
 from gateway.metrics import engine_pages
 from gateway.metrics.engine_pages import answer_scrapes
@@ -152,6 +153,37 @@ async def test_learning_context_windows_makes_one_info_handle_per_model() -> Non
     await state.refresh_model_info()
     assert sorted(m for m in made if m.endswith(".info")) == ["a.info", "b.info"]
     assert {card.id: card.max_model_len for card in state.model_cards()}["a"] == 128
+
+
+async def test_a_model_that_does_not_say_its_window_in_time_is_not_asked_at_every_listing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # While a model was down or starting, every GET /v1/models waited INFO_TIMEOUT_S for it.
+    asked: list[str] = []
+
+    class Handle:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def options(self, method_name: str) -> Any:
+            name = self.name
+
+            class Call:
+                async def remote(self) -> Any:
+                    asked.append(name)
+                    await asyncio.Event().wait()  # (no replica answers)
+
+            return Call()
+
+    monkeypatch.setattr(state_module, "INFO_TIMEOUT_S", 0.01)
+    state = GatewayState(FrontDoorConfig(), lambda m: Handle(m.name), lambda m: m.name)
+    state.apply(MODELS[:1], {})
+    await state.refresh_model_info()
+    await state.refresh_model_info()
+    assert asked == ["a"]
+    monkeypatch.setattr(state_module, "INFO_RETRY_S", 0.0)  # (its time has passed)
+    await state.refresh_model_info()
+    assert asked == ["a", "a"]
 
 
 @pytest.mark.parametrize("handoff", [True, False])
