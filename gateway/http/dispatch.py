@@ -150,7 +150,9 @@ class ModelDispatcher:
             except GatewayError as error:  # (refused after routing: the variant is said, as on any such error)
                 error.extra_headers.setdefault(VARIANT_HEADER, route.target)
                 raise
-        if route.alias and replica is None:  # (drawn by the A/B chooser, admitted; not pinned by a conversation)
+        if route.alias and replica is None and endpoint not in COUNTING:
+            # (drawn by the A/B chooser, admitted; not pinned by a conversation; a request for an answer,
+            # not a count or a tokenizer's, which would skew the split the experiment reads)
             self._metrics.assigned(name, route.target)
         try:
             response = await self._forward(

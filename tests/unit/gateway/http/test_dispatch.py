@@ -190,6 +190,10 @@ def make_app(handle: FakeHandle | None = None, **routing: Any) -> FastAPI:
     async def responses(request: Request) -> Response:
         return await dispatcher.dispatch("responses", request)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await dispatcher.dispatch("tokenize", request)
+
     @app.post("/predict/{model}")
     async def predict(model: str, request: Request) -> Response:
         return await dispatcher.dispatch("predict", request, model)

@@ -107,6 +107,17 @@ async def test_a_responses_shadow_copy_is_neither_stored_nor_in_the_background()
     assert primary.calls[0].body["background"] is True  # the client's own request as sent
 
 
+async def test_a_tokenizer_request_through_an_alias_is_no_assignment_of_its_experiment() -> None:
+    # Counted, a client tokenizing before each request doubled its variant's share of the split.
+    handle = FakeHandle(unary=Reply(b'{"tokens": [1], "count": 1, "max_model_len": 8}', Outcome()))
+    app = make_app(handles={"a": handle}, alias=Alias([Variant("a", 1)]))
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/tokenize", json={"model": "r", "prompt": "hi"})
+    assert response.status_code == 200 and handle.calls
+    assert app.state.metrics.snapshot()["llm_gateway_ab_assignments_total"] == {}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_alias_assignment_and_outcome_are_counted_under_alias_and_variant(stream: bool) -> None:
     # Three gaps between four tokens, bucketed by the replica: two in the third bucket, one past the last.
