@@ -104,9 +104,10 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
 
 
 def on_one_machine() -> bool:
-    """Whether the cluster is this machine's alone (Ray's services on its
-    loopback, as ``llm-gateway serve`` starts it or joins it): every replica
-    then runs here, whatever its placement strategy."""
+    """Whether the cluster is one machine's alone (Ray's services on its
+    loopback, as ``llm-gateway serve`` starts it): every replica then runs
+    there, whatever its placement strategy. Read where Serve builds the
+    application, a task of the cluster's, whose environment is its raylet's."""
     return os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
 
 

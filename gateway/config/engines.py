@@ -272,7 +272,7 @@ class VLLMModelConfig(LLMModelConfig):
                     "gateway does not run: clients reach the engine only through the gateway's front door, "
                     "configured under `ingress` and `keys`"
                 )
-            if key == "kv-cache-memory-bytes" and self.kv_cache_space_gib is not None:
+            if key == "kv-cache-memory-bytes" and self.kv_cache_space_gib is not None and self.num_gpus == 0:
                 # On CPU vLLM takes VLLM_CPU_KVCACHE_SPACE over it, without a word.
                 raise ValueError("set either `kv_cache_space_gib` or `engine_args.kv-cache-memory-bytes`, not both")
             if places_workers(key):

@@ -186,12 +186,15 @@ class CountSlots:
         try:
             async with asyncio.timeout(PLACE_WAIT_S):
                 await slots.acquire()
+            acquired = True
         except TimeoutError:
-            raise await _over_places(limiter, key, model) from None
+            acquired = False
         finally:
             self._waiting[key.id] -= 1
             if not self._waiting[key.id]:
                 del self._waiting[key.id]
+        if not acquired:  # (no longer waiting while its refusal is made)
+            raise await _over_places(limiter, key, model)
         try:
             yield
         finally:

@@ -467,6 +467,7 @@ def test_a_kv_cache_size_set_twice_is_refused() -> None:
     with pytest.raises(ConfigError, match="not both"):
         parse_config({"models": [{**model, "kv_cache_space_gib": 1}]})
     parse_config({"models": [model]})
+    parse_config({"models": [{**model, "kv_cache_space_gib": 1, "num_gpus": 1}]})  # on a GPU the former is unread
 
 
 @pytest.mark.parametrize(
