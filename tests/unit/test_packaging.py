@@ -7,6 +7,7 @@ import re
 import shlex
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,11 +132,15 @@ def test_the_prometheus_example_scrapes_the_gateway_port() -> None:
     assert job["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
 
 
-def test_the_systemd_unit_lets_the_gateway_drain_on_stop() -> None:
+def systemd_service() -> configparser.SectionProxy:
     unit = configparser.ConfigParser(interpolation=None, strict=True)
     unit.optionxform = str  # type: ignore[assignment,method-assign]  # systemd's keys are case-sensitive
     unit.read(ROOT / "deploy" / "systemd" / "llm-gateway.service")
-    service = unit["Service"]
+    return unit["Service"]
+
+
+def test_the_systemd_unit_lets_the_gateway_drain_on_stop() -> None:
+    service = systemd_service()
     # SIGTERM to llm-gateway alone: with systemd's default every Ray process
     # gets it too, and the drain has nothing left to drain through.
     assert service["KillMode"] == "mixed"
@@ -151,6 +156,26 @@ def test_the_systemd_unit_lets_the_gateway_drain_on_stop() -> None:
     assert args.host == "127.0.0.1"  # nothing listens beyond loopback unless asked
 
 
+def test_the_systemd_unit_is_hardened_where_ray_and_vllm_allow() -> None:
+    service = systemd_service()
+    assert {key: service.get(key) for key in (
+        "NoNewPrivileges", "ProtectSystem", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+        "RestrictSUIDSGID", "LockPersonality", "RestrictRealtime", "CapabilityBoundingSet",
+    )} == {
+        "NoNewPrivileges": "yes", "ProtectSystem": "full", "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes", "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes", "RestrictRealtime": "yes", "CapabilityBoundingSet": "",
+    }
+    assert set(service["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+    # Each would break the gateway: `deploy`/`status` reach Ray's sockets in /tmp, the token and caches live
+    # in the home, the GPUs are devices, torch and Triton JIT-compile; ProtectClock closes the device list
+    # on older systemd.
+    unset = {"PrivateTmp", "ProtectHome", "PrivateDevices", "MemoryDenyWriteExecute", "ProtectClock"}
+    assert not unset & set(service)
+    # Secrets such as HF_TOKEN come from an optional file, not the unit.
+    assert service["EnvironmentFile"] == "-/etc/llm-gateway/env"
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """The Dockerfile's instructions, continuation lines joined: ``[("RUN", "pip install ..."), ...]``."""
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
@@ -158,29 +183,93 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
 
+def image_user() -> tuple[str, str, str]:
+    """``(name, uid, gid)`` of the user the image's last USER runs as, from the
+    RUN that makes it (``groupadd --gid G name && useradd ... --uid U --gid G name``)."""
+    instructions = dockerfile_instructions()
+    uid, _, gid = [arg for op, arg in instructions if op == "USER"][-1].partition(":")
+    (created,) = [arg for op, arg in instructions if op == "RUN" and "useradd" in arg]
+    commands = [shlex.split(command) for command in created.split("&&")]
+    (useradd,) = [words for words in commands if words[0] == "useradd"]
+    (groupadd,) = [words for words in commands if words[0] == "groupadd"]
+    name = useradd[-1]
+    assert "--create-home" in useradd
+    assert useradd[useradd.index("--uid") + 1] == uid
+    assert useradd[useradd.index("--gid") + 1] == gid
+    assert groupadd[-1] == name and groupadd[groupadd.index("--gid") + 1] == gid
+    return name, uid, gid
+
+
 def test_the_image_runs_the_gateway_as_an_unprivileged_user_with_a_home() -> None:
     instructions = dockerfile_instructions()
     users = [(i, arg) for i, (op, arg) in enumerate(instructions) if op == "USER"]
     assert users, "the image runs as root"
-    last, user = users[-1]
-    assert user.split(":")[0] not in ("root", "0")
+    last, _ = users[-1]
     assert [op for op, _ in instructions[last:]].count("RUN") == 0, "a RUN after USER would run as that user"
-    created = [arg for op, arg in instructions if op == "RUN" and "useradd" in arg]
-    assert created and "--create-home" in created[0]
-    words = shlex.split(created[0])
-    assert words[words.index("&&") - 1] == user
+    name, uid, gid = image_user()
+    # Numeric: Kubernetes checks `runAsNonRoot` against the image's uid; a name it cannot check, and refuses.
+    assert uid.isdigit() and int(uid) != 0 and gid.isdigit()
+    (created,) = [arg for op, arg in instructions if op == "RUN" and "useradd" in arg]
+    words = shlex.split(created)
     # The model cache a deployment mounts exists, the user's: Docker would make a missing ~/.cache root's.
     made = words[words.index("install") :]
-    assert made[:6] == ["install", "-d", "-o", user, "-g", user]
-    assert f"/home/{user}/.cache" in made and f"/home/{user}/.cache/huggingface" in made
+    assert made[:6] == ["install", "-d", "-o", name, "-g", name]
+    assert f"/home/{name}/.cache" in made and f"/home/{name}/.cache/huggingface" in made
+
+
+def kuberay_manifest() -> dict[str, Any]:
+    import yaml
+
+    manifest: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    return manifest
+
+
+def kuberay_pods() -> list[dict[str, Any]]:
+    """The pod specs of the manifest's Ray cluster: the head's, then each worker group's."""
+    cluster = kuberay_manifest()["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [
+        group["template"]["spec"] for group in cluster["workerGroupSpecs"]
+    ]
 
 
 def test_deployments_mount_the_model_cache_in_the_images_users_home() -> None:
-    home = "/home/" + [arg for op, arg in dockerfile_instructions() if op == "USER"][-1]
-    manifest = (ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text()
-    mounts = re.findall(r"mountPath: (\S+?)[,}]", manifest)
-    assert mounts and all(path == home + "/.cache/huggingface" for path in mounts)
+    name, _, _ = image_user()
+    cache = f"/home/{name}/.cache/huggingface"
+    mounts = [m["mountPath"] for pod in kuberay_pods() for c in pod["containers"] for m in c.get("volumeMounts", [])]
+    assert cache in mounts
+    assert set(mounts) <= {cache, "/dev/shm"}
     assert "/root/" not in (ROOT / "configs" / "examples" / "gpu.yaml").read_text()
+
+
+def test_kuberay_workers_of_parallel_engines_get_a_memory_backed_dev_shm() -> None:
+    import yaml
+
+    from gateway.config import parse_config
+
+    manifest = kuberay_manifest()
+    (app,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    # NCCL and vLLM's shared-memory queues between a replica's workers (tensor x pipeline parallel) go
+    # through /dev/shm, 64 MiB in a pod; any worker group may hold such a replica.
+    if not any(model.workers > 1 for model in parse_config(app["args"]["config"]).models):
+        return
+    for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            (shm,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+            assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_every_kuberay_container_runs_as_the_images_user_without_privileges() -> None:
+    _, uid, gid = image_user()
+    for pod in kuberay_pods():
+        for container in pod["containers"]:
+            security = pod.get("securityContext", {}) | container.get("securityContext", {})
+            assert security["runAsNonRoot"] is True
+            assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid))
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"]["drop"] == ["ALL"]
+            assert security["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
 def test_the_gpu_image_has_what_triton_compiles_its_launcher_with() -> None:
