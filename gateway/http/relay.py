@@ -80,6 +80,18 @@ _REPLICA_GONE = (
 )
 
 
+def _replica_gone(call: EngineRequest) -> ResponseNotFoundError:
+    """The error for ``call``, which names a stored response whose replica has
+    stopped: the one a look-up that no longer lists that replica gives (400
+    ``previous_response_not_found`` for a follow-up, a clue to send the turns
+    again; 404 naming ``response_id`` for a retrieval)."""
+    for param in ("previous_response_id", "response_id"):
+        named = call.body.get(param)
+        if isinstance(named, str):
+            return ResponseNotFoundError.for_id(named, param)
+    return ResponseNotFoundError(_REPLICA_GONE)
+
+
 class ReplicaRelay:
     """Opens streams of one LLM model on its replicas (and asks them for whole
     answers), balanced by this ingress's own counts."""
@@ -275,7 +287,7 @@ class ReplicaRelay:
             if address is None and await self.holds(call.replica):
                 address = self._holder(call.replica)
             if address is None:  # it stopped, and with it what it stored
-                raise ResponseNotFoundError(_REPLICA_GONE)
+                raise _replica_gone(call)
             return address
         if not self._open:
             # One replica is enough to start; concurrent requests share the
@@ -370,7 +382,7 @@ class ReplicaRelay:
         self._forget(address)
         self._failed[address] = self._clock()
         if call.replica is not None:
-            raise ResponseNotFoundError(_REPLICA_GONE)
+            raise _replica_gone(call)
 
     def _forget(self, address: relay.RelayAddress) -> None:
         self._local.pop(address, None)
@@ -423,9 +435,10 @@ class ReplicaRelay:
         op: str | None = None,
         abandoned: Callable[[Outcome | None], None] | None = None,
         offer: bool = False,
+        pooled: bool = True,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, relay.ResponseStatus]:
         """Sends ``call`` to the replica at ``address`` (on a kept connection
-        if there is one) and reads the response head.
+        if there is one and ``pooled``) and reads the response head.
 
         Returns the connection, the body still to read, and the head's status,
         body length and handoff ticket, when the answer starts (200); raises the
@@ -435,7 +448,7 @@ class ReplicaRelay:
         caller is cancelled while the replica works, ``abandoned`` (if given)
         gets what it generated.
         """
-        kept = self._pool.take(address)
+        kept = self._pool.take(address) if pooled else None
         reader, writer = kept if kept is not None else await _unsent(connect(address), abandoned)
         try:
             writer.write(relay.encode_request(call, address.token, op, offer))
@@ -444,20 +457,15 @@ class ReplicaRelay:
             except (OSError, asyncio.IncompleteReadError) as exc:
                 if kept is None or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
                     raise
-                # The replica closed the kept connection before reading the
-                # request (it had been idle too long, or it is stopping): once
-                # more on a new one.
-                writer.close()
-                reader, writer = await connect(address)
-                writer.write(relay.encode_request(call, address.token, op, offer))
-                head = await reader.readuntil(b"\r\n\r\n")
-            answer = relay.status_of(head)
-            if self._failed:
-                self._failed.pop(address, None)  # it answers again
-            if answer.status != 200:
-                error = GatewayError.from_wire(json.loads(await reader.readexactly(answer.length or 0)))
-                self._pool.give(address, reader, writer)
-                raise error
+                head = b""  # the replica closed the kept connection before reading the request
+            if head:
+                answer = relay.status_of(head)
+                if self._failed:
+                    self._failed.pop(address, None)  # it answers again
+                if answer.status != 200:
+                    error = GatewayError.from_wire(json.loads(await reader.readexactly(answer.length or 0)))
+                    self._pool.give(address, reader, writer)
+                    raise error
         except GatewayError:
             raise
         except asyncio.CancelledError:
@@ -469,6 +477,11 @@ class ReplicaRelay:
         except BaseException:
             writer.close()
             raise
+        if not head:
+            # (It had been idle too long, or it is stopping.) Once more, on a new
+            # connection: out of the handling above, which would abandon this one.
+            writer.close()
+            return await self._request(call, address, op, abandoned, offer, pooled=False)
         return reader, writer, answer
 
 

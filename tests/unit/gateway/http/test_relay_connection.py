@@ -17,7 +17,7 @@ from gateway.http.relay import ReplicaRelay
 from gateway.http import relay_connection
 from gateway.http.relay_connection import connect
 from gateway.protocol import relay
-from gateway.protocol.engine import EngineRequest, Reply
+from gateway.protocol.engine import EngineRequest, Outcome, Reply
 from models.llm.relay import StreamServer
 from models.llm.tally import GenerationTally
 from tests.unit.gateway.http.test_relay import OUTCOME, Router
@@ -118,6 +118,27 @@ async def test_a_kept_connection_closed_under_a_request_is_retried_on_a_new_one_
         assert await relay_.call(EngineRequest("chat", {"n": n}, "r", "m")) == Reply(b'{"n": %d}' % n, OUTCOME)
     assert server.accepted == 4  # the first, then a new one for each request after it
     assert router.samples == samples  # the replica was not taken for gone and looked for again
+
+
+async def test_a_call_left_while_it_connects_again_settles_as_never_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its key's reservation is given back whole: the request never reached a replica.
+    server = ClosesKeptConnections(echo_server()._open, "127.0.0.1", answer=echo_server()._answer_body)
+    relay_ = ReplicaRelay(Router(await server.start()))
+    await relay_.call(EngineRequest("chat", {}, "r", "m"))  # a kept connection, which the replica will close
+    connecting = asyncio.Event()
+
+    async def stalled(address: relay.RelayAddress) -> Any:
+        connecting.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr("gateway.http.relay.connect", stalled)
+    settled: list[Any] = []
+    call = asyncio.ensure_future(relay_.call(EngineRequest("chat", {"n": 1}, "r", "m"), abandoned=settled.append))
+    await asyncio.wait_for(connecting.wait(), timeout=2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert settled == [Outcome()]
 
 
 async def test_an_idle_connection_the_replica_closes_is_closed_and_not_used_again() -> None:

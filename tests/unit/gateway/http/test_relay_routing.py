@@ -247,6 +247,28 @@ async def test_a_call_naming_a_replica_that_is_gone_is_a_404() -> None:
             await ReplicaRelay(Router(running, gone)).open(EngineRequest("chat", CALL.body, "r", "m", replica=replica))
 
 
+async def test_a_stored_response_whose_replica_is_gone_is_answered_as_not_kept() -> None:
+    # As once no look-up lists that replica: a follow-up gets OpenAI's 400 (clients resend the turns on it).
+    running = await StreamServer(_refusing, "127.0.0.1", replica="aaaaaaaaaaaa").start()
+    gone = relay.RelayAddress("127.0.0.1", closed_port(), "t", "bbbbbbbbbbbb")
+    previous = "resp_bbbbbbbbbbbb0123"
+    for replica in ("bbbbbbbbbbbb", "cccccccccccc"):  # listed but gone, and no longer listed
+        follow_up = EngineRequest("responses", {"input": "more", "previous_response_id": previous}, "r", "m", replica)
+        with pytest.raises(ResponseNotFoundError) as caught:
+            await ReplicaRelay(Router(running, gone)).open(follow_up)
+        assert (caught.value.status_code, caught.value.code, caught.value.param) == (
+            400, "previous_response_not_found", "previous_response_id"
+        )
+        retrieve = EngineRequest("responses_retrieve", {"response_id": previous}, "r", "m", replica)
+        with pytest.raises(ResponseNotFoundError) as caught:
+            await ReplicaRelay(Router(running, gone)).call(retrieve)
+        assert (caught.value.status_code, caught.value.param) == (404, "response_id")
+
+
+async def _refusing(request: EngineRequest) -> Any:
+    raise AssertionError("another replica must not answer")
+
+
 async def test_the_owner_travels_to_the_replica() -> None:
     seen: list[EngineRequest] = []
 
