@@ -284,7 +284,13 @@ class StreamServer:
         if head.method != "POST" or endpoint is None:
             await write_error(writer, InvalidRequestError(f"No relay route {head.path}.", status=404))
             return None
-        body = json.loads(await reader.readexactly(length))
+        try:
+            body = json.loads(await reader.readexactly(length))
+        except ValueError:  # (not the ingress's JSON: it sends an object, ASCII-escaped)
+            body = None
+        if not isinstance(body, dict):
+            await write_error(writer, InvalidRequestError("Malformed relay request body."))
+            return None
         request_id = head.headers.get(relay.REQUEST_ID_HEADER, "")
         model = head.headers.get(relay.MODEL_HEADER, "")
         owner = head.headers.get(relay.OWNER_HEADER, "")

@@ -186,6 +186,26 @@ async def test_a_caller_without_the_token_is_refused() -> None:
     writer.close()
 
 
+@pytest.mark.parametrize("body", [b"{not json", b"[1]", b"\xff\xfe"])
+async def test_a_body_that_is_not_a_json_object_is_refused_and_the_replica_serves_on(body: bytes) -> None:
+    async def opener(request: EngineRequest) -> Any:
+        async def stream() -> AsyncIterator[bytes]:
+            yield sse.DONE
+
+        return stream(), Outcome
+
+    address = await serve(opener)
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(port_proof.challenge()[1])
+    await reader.readuntil(b"\r\n")
+    head = relay.encode_request(EngineRequest("chat", {}, "r", "m"), address.token).split(b"\r\n\r\n")[0]
+    writer.write(head.replace(b"content-length: 2", b"content-length: %d" % len(body)) + b"\r\n\r\n" + body)
+    assert relay.status_of(await reader.readuntil(b"\r\n\r\n")).status == 400
+    writer.close()
+    stream = await ReplicaRelay(Router(address)).open(CALL)
+    assert b"".join([chunk async for chunk in stream.chunks()]) == sse.DONE
+
+
 async def test_a_port_that_cannot_prove_it_is_the_replica_is_sent_nothing_and_skipped() -> None:
     # Another process took the address of a replica that stopped before the ingress forgot it.
     async def opener(request: EngineRequest) -> Any:
