@@ -73,30 +73,41 @@ def anthropic_path(path: str) -> bool:
     return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
 
 
+# The methods whose labels are kept per fixed path (any other is looked up each
+# time: a method is the client's word, and the kept labels stay few).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def route_matcher(routes: list[BaseRoute], skip: frozenset[str]) -> Callable[[Scope], str | None]:
     """The route template a request will be matched to (``{model}`` for path
-    parameters), ``unmatched``, or None for paths in ``skip`` (not measured)."""
-    exact: dict[str, str] = {}
-    templated: list[tuple[BaseRoute, str]] = []
-    for route in routes:
-        path = getattr(route, "path", None)
-        if path is None:
-            continue
-        if "{" in path:
-            templated.append((route, _CONVERTER.sub(r"{\1}", path)))
-        else:
-            exact.setdefault(path, path)
+    parameters), ``unmatched``, or None for paths in ``skip`` (not measured).
+    As Starlette's router picks it: the first route that takes the path and
+    the method, else the first that takes the path (its answer a 405)."""
+    ordered = [(route, _CONVERTER.sub(r"{\1}", path)) for route in routes if (path := getattr(route, "path", None))]
+    fixed = {path for route, path in ordered if "{" not in path}
+    kept: dict[tuple[str, str], str] = {}
+
+    def matched(scope: Scope) -> str:
+        partial = None
+        for route, template in ordered:
+            match = route.matches(scope)[0]
+            if match is Match.FULL:
+                return template
+            if match is Match.PARTIAL and partial is None:
+                partial = template
+        return partial or UNMATCHED
 
     def route_of(scope: Scope) -> str | None:
         path = route_path(scope)
         if path in skip:
             return None
-        if path in exact:
-            return exact[path]
-        for route, template in templated:
-            if route.matches(scope)[0] is not Match.NONE:
-                return template
-        return UNMATCHED
+        method = scope.get("method", "")
+        if path not in fixed or method not in _METHODS:
+            return matched(scope)
+        label = kept.get((method, path))
+        if label is None:
+            label = kept[method, path] = matched(scope)
+        return label
 
     return route_of
 

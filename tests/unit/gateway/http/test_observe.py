@@ -237,6 +237,26 @@ def whole_gateway() -> FastAPI:
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "label"),
+    [
+        # A fixed path whose route takes another method: the templated route that takes this one serves it.
+        ("GET", "/v1/responses/input_tokens", "/v1/responses/{response_id}"),
+        ("POST", "/v1/responses/input_tokens", "/v1/responses/input_tokens"),
+        # A template that takes the path but not the method (predict): the models route serves it.
+        ("GET", "/v1/models/iris:predict", "/v1/models/{model_id}"),
+        ("POST", "/v1/models/iris:predict", "/v1/models/{model}:predict"),
+        ("PUT", "/v1/responses/input_tokens", "/v1/responses/input_tokens"),  # none takes it: the first, a 405
+    ],
+)
+async def test_a_request_is_labelled_with_the_route_that_serves_it(method: str, path: str, label: str) -> None:
+    state = GatewayState(FrontDoorConfig.model_validate({}), lambda model: None, lambda model: "")
+    async with client(build_api(state)) as c:
+        for _ in range(2):  # (the second from what the first looked up)
+            await c.request(method, path, json={})
+    assert {key[0] for key in state.metrics.snapshot()["llm_gateway_requests_total"]} == {label}
+
+
+@pytest.mark.parametrize(
     ("method", "path", "content", "headers", "status"),
     [
         pytest.param("POST", "/v1/messages", MESSAGE, {}, 404, id="unknown-model"),
