@@ -124,6 +124,10 @@ class EmbeddingPredictor:
         self._tokenizer = model.tokenizer
         self.dimensions = int(model.get_embedding_dimension())
         self.max_tokens = int(model.max_seq_length)
+        # The model's default prompt (a retrieval model's "query: ", say), which
+        # sentence-transformers puts before every text it embeds: counted with it.
+        named = getattr(model, "default_prompt_name", None)
+        self._prompt: str = (getattr(model, "prompts", None) or {}).get(named, "") if named else ""
         # A bound before tokenizing, as vLLM's: a text longer than its window's
         # tokens can hold is refused without building its tokens (a 32 MiB
         # text takes ~10 GB and ~40 s of the replica's loop to tokenize).
@@ -182,7 +186,8 @@ class EmbeddingPredictor:
         # without tokenizing the rest (words of 100 letters pass the bounds above, yet make
         # tens of tokens each, and WordPiece's time grows with each word's length squared).
         for start in range(0, len(texts), TOKENIZED_TEXTS):
-            counts += [len(ids) for ids in self._tokenizer(texts[start : start + TOKENIZED_TEXTS])["input_ids"]]
+            part = [self._prompt + text for text in texts[start : start + TOKENIZED_TEXTS]]
+            counts += [len(ids) for ids in self._tokenizer(part)["input_ids"]]
             for index, count in enumerate(counts[start:], start):
                 if count > self.max_tokens:
                     raise ContextLengthExceededError(

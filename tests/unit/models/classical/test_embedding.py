@@ -172,6 +172,22 @@ def test_a_requests_texts_are_tokenized_in_parts_and_the_first_over_the_window_e
     assert len(kept) == len(counts) == 40 and set(counts) == {3} and calls == [16, 16, 8]
 
 
+def test_a_models_default_prompt_is_counted_with_each_text_as_the_model_reads_it() -> None:
+    # A retrieval model's "query: " is put before every text: a text that fits only without it
+    # would lose its end to truncation, and the usage and a key's count would leave it out.
+    predictor = EmbeddingPredictor.load(str(MINILM), dtype="float32")
+    model = predictor._model
+    model.prompts, model.default_prompt_name = {"query": "query: "}, "query"
+    prompted = EmbeddingPredictor(model)
+    features = model.preprocess(["fine"], prompt="query: ")  # as encode() has it
+    assert prompted.inputs(["fine"], "input")[1] == [int(features["attention_mask"].sum())] == [5]
+    assert predictor.inputs(["fine"], "input")[1] == [3]
+    fits_alone = " ".join(["word"] * (predictor.max_tokens - 2))  # [CLS] and [SEP]
+    assert predictor.inputs([fits_alone], "input")[1] == [predictor.max_tokens]
+    with pytest.raises(ContextLengthExceededError):
+        prompted.inputs([fits_alone], "input")
+
+
 def test_a_window_that_is_no_multiple_of_8_is_not_padded_past_it() -> None:
     # The tokenizer refuses to truncate to 250 and pad to a multiple of 8:
     # every request would fail.
