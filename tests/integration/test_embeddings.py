@@ -36,6 +36,21 @@ def cosine(a: Any, b: Any) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def test_langchain_openai_embeddings_with_the_settings_readme_gives(gateway: Gateway, minilm: Any) -> None:
+    from langchain_openai import OpenAIEmbeddings
+
+    # Text, not tiktoken's ids (which mean nothing to MiniLM), in requests within max_instances_per_request.
+    embeddings = OpenAIEmbeddings(
+        model="minilm", base_url=gateway.v1, api_key="unused", check_embedding_ctx_length=False,
+        chunk_size=3, max_retries=0, timeout=60,
+    )
+    vectors = [*embeddings.embed_documents(SENTENCES), embeddings.embed_query(SENTENCES[0])]
+    expected = [*minilm.encode(SENTENCES), minilm.encode(SENTENCES[0])]
+    assert len(vectors) == len(expected)
+    for got, want in zip(vectors, expected):
+        assert cosine(got, want) >= 0.999
+
+
 @pytest.mark.parametrize("encoding_format", ["float", "base64"])
 def test_embeddings_equal_the_model_run_in_process(
     http: httpx.Client, minilm: Any, encoding_format: str
