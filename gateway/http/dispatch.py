@@ -159,11 +159,11 @@ class ModelDispatcher:
                 table, endpoint, body, name, in_body, route, request, record, stream, admission, (replica, owner)
             )
         except (asyncio.CancelledError, RequestTimeoutError, ShuttingDownError):
-            # The client left or the time ran out (the model's or the replica's stop): a whole answer's call
-            # settles on its own (with what the replica generated); a stream
-            # not yet started keeps its reservation.
+            # The client left or the time ran out (the model's or the replica's stop): a whole answer's
+            # call settles on its own, and so does a stream not yet started (with what the replica
+            # generated, where it says so in time).
             if admission is not None and stream:
-                admission.settle(None)
+                admission.left_unstarted()
             raise
         except BaseException:
             # Refused, or failed before its first byte: nothing generated
@@ -426,7 +426,7 @@ class ModelDispatcher:
                 )
         except CallerLeft:  # before its first byte: the engine request is aborted
             if admission is not None:
-                admission.settle(None)
+                admission.left_unstarted()
             return Response(status_code=499)
         except TimeoutError:
             raise self.stopping.error(deadline, timeout) from None

@@ -21,7 +21,12 @@ from gateway.auth.keys import ApiKey
 from gateway.auth.ledger import Limits, Refusal, Usage
 from gateway.auth.places import PLACE_WAIT_S
 from gateway.errors import RateLimitError, ServiceUnavailableError, TokenRateLimitError
+from gateway.http.relay_outcome import ABANDONED_OUTCOME_S
 from gateway.protocol.engine import Outcome
+
+# An abandoned stream's replica reports what it generated within
+# ``ABANDONED_OUTCOME_S``; past this its reservation settles whole.
+UNSAID_SETTLE_S = ABANDONED_OUTCOME_S + 1.0
 
 _NAMES = {
     "requests": "requests per min (RPM)",
@@ -130,6 +135,15 @@ class Admission:
         and the request settles when the model says what it generated."""
         if self._reservation is not None:
             self._limiter.leave(self._reservation)
+
+    def left_unstarted(self) -> None:
+        """A stream given up before its first byte: its place is free at once;
+        it settles with what the replica says it generated (a request left
+        in a replica's queue generated nothing), else whole once the replica
+        could not say in time (``ABANDONED_OUTCOME_S``)."""
+        if self._reservation is not None:
+            self.leave()
+            asyncio.get_running_loop().call_later(UNSAID_SETTLE_S, self.settle, None)
 
 
 async def admit(limiter: Any, key: ApiKey, tokens: int, model: str, unbounded: str | None = None) -> Admission:

@@ -128,15 +128,17 @@ class ReplicaRelay:
         Raises ``GatewayError`` for errors known before the first byte (the
         replica's own, or 503 when no replica could be reached) and Serve's
         errors when the model has no running replica (DeploymentUnavailableError).
-        Cancelled before a replica was found, ``unsent`` (if given) is told
-        that nothing was generated.
+        Cancelled before the stream starts, ``unsent`` (if given) is told
+        what was generated: nothing before a replica was found, else what
+        that replica says (None where it does not say in time; nothing is
+        told once the stream has started).
         """
         refused: dict[relay.RelayAddress, ServiceUnavailableError] = {}
         for _ in range(ATTEMPTS):
             address = self._admit(await _unsent(self._pick(call, refused), unsent), call)
             self._open[address] = self._open.get(address, 0) + 1  # before awaiting: others see it
             try:
-                return await self._start(call, address)
+                return await self._start(call, address, unsent)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 self._gone(call, address)
             except ServiceUnavailableError as error:
@@ -396,10 +398,14 @@ class ReplicaRelay:
         if self._open.get(address, 0) > 0:
             self._open[address] -= 1
 
-    async def _start(self, call: EngineRequest, address: relay.RelayAddress) -> RelayedStream:
+    async def _start(
+        self, call: EngineRequest, address: relay.RelayAddress, left: Callable[[Outcome | None], None] | None
+    ) -> RelayedStream:
+        """The stream of ``call`` from the replica at ``address``; cancelled
+        before it starts, ``left`` gets what the replica generated."""
         offer = call.endpoint in HANDOFF_ENDPOINTS and self._takes_sockets(address)
         try:
-            reader, writer, answer = await self._request(call, address, offer=offer)
+            reader, writer, answer = await self._request(call, address, abandoned=left, offer=offer)
         except BaseException:
             self._done(address)
             raise

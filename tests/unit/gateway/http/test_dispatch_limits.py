@@ -22,6 +22,7 @@ from gateway.routing.table import Alias
 from gateway.protocol.engine import Outcome, Reply
 from gateway.routing.weighted import Variant
 from models.llm.engine import EngineInfo
+from models.llm.relay import StreamServer
 from tests.unit.gateway.http.test_dispatch import (
     COUNTED_TOKENS,
     PREDICT,
@@ -363,3 +364,21 @@ async def test_a_key_counts_no_more_requests_at_once_than_its_places(monkeypatch
     await until(lambda: counting[0] == 3)
     release.set()
     assert await asyncio.gather(*sent) == [200] * 3
+
+
+async def test_a_stream_left_in_its_replicas_queue_counts_no_tokens() -> None:
+    # Clients that give up while the model is busy are not charged what they might have used.
+    handle = FakeHandle(delay=60)
+    replica = handle.replica
+    replica.server = StreamServer(
+        replica.open_stream, "127.0.0.1", max_ongoing=1, answer=replica.answer, count=replica.count
+    )
+    app = make_app(handle)
+    busy = asyncio.ensure_future(request(app, "/chat", {"model": "m"}, key=ApiKey("other", ("*",))))
+    await until(lambda: len(handle.calls) == 1)  # it holds the replica's one place
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "a b"}], "max_tokens": 5}
+    assert await request(app, "/chat", body, leave_after_s=0.3) == 499
+    await until(lambda: ledger_of(app).in_flight(KEY.id) == 0)
+    await until(lambda: ledger_of(app).usage(KEY.id, limits_of(KEY)).remaining_tokens == KEY.tpm)
+    assert [call.body.get("stream") for call in handle.calls if call is not None] == [None]  # it never ran
+    busy.cancel()
