@@ -246,7 +246,7 @@ class ModelDispatcher:
     ) -> Response:
         """``pin``: the replica that must answer (None: any) and the caller's key id."""
         request_id = record.request_id
-        if route.shadow is not None:
+        if route.shadow is not None and endpoint not in COUNTING:  # (a count is no request to mirror)
             shadow_body = {**body, "model": route.shadow} if in_body else body
             if endpoint == "responses":
                 # Its answer is dropped: kept, it would take a stored response's place

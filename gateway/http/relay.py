@@ -316,6 +316,13 @@ class ReplicaRelay:
             best = min(others, key=self._open.__getitem__) if others else best
         return best
 
+    def half_full(self) -> bool:
+        """Whether this ingress has half a replica's worth of requests (``capacity``)
+        or more open on every known replica of the model."""
+        if self.capacity is None or not self._open:
+            return False
+        return min(self._open.values()) >= max(1, self.capacity // 2)
+
     def _admit(self, address: relay.RelayAddress, call: EngineRequest) -> relay.RelayAddress:
         """``address`` (the least busy replica), unless this ingress already has
         a full replica's worth of requests open on it: then 503 ``overloaded``.

@@ -199,3 +199,17 @@ async def test_fallback_serves_a_classical_route_whose_first_variant_failed_to_d
         response = await client.post("/predict/r", json={"instances": [[1]]})
     assert response.status_code == 200 and response.headers["x-gateway-variant"] == "b"
     assert response.json() == {"predictions": [2]}
+
+
+async def test_a_tokenizer_request_through_an_alias_is_not_copied_to_its_shadow() -> None:
+    # A count mirrors no request the shadow model would serve (a detokenize's ids are the primary's vocabulary).
+    handle = FakeHandle(unary=Reply(b'{"tokens": [1], "count": 1, "max_model_len": 8}', Outcome()))
+    alias = Alias([Variant("a", 1)], shadow="s", shadow_percent=100)
+    app = make_app(handles={"a": handle, "s": FakeHandle()}, alias=alias)
+    copies: list[Any] = []
+    app.state.dispatcher._shadows.send = lambda model, call: copies.append(call)
+    transport = ASGITransport(app=app, raise_app_exceptions=False)
+    async with AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.post("/tokenize", json={"model": "r", "prompt": "hi"})).status_code == 200
+        assert (await client.post("/chat", json={"model": "r", "messages": []})).status_code == 200
+    assert [call.endpoint for call in copies] == ["chat"]

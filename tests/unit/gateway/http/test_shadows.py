@@ -6,11 +6,12 @@ import logging
 
 import pytest
 
+from gateway import sse
 from gateway.errors import InvalidRequestError
-from gateway.http.serving import LLMClient, ServedModel
+from gateway.http.serving import ClassicalClient, LLMClient, ServedModel
 from gateway.http.shadows import Shadows
 from gateway.protocol.engine import EngineRequest
-from tests.unit.gateway.http.test_dispatch import FakeHandle
+from tests.unit.gateway.http.test_dispatch import FakeHandle, Restarting
 from tests.unit.gateway.http.test_relay_connection import until
 
 
@@ -47,3 +48,36 @@ async def test_a_shadows_failure_is_logged_on_one_line_whatever_its_client_sent(
         await until(lambda: len(shadows) == 0 and bool(caplog.records))
     line = caplog.records[0].getMessage()
     assert "\n" not in line and "InvalidRequestError" in line and "ERROR forged" in line
+
+
+async def test_no_copy_goes_to_an_llm_this_ingress_keeps_half_busy() -> None:
+    # Its places are its own clients' (the shadow model also serves them by name, or in another alias).
+    handle = FakeHandle(stream=[sse.frame({"n": 0}), 30.0])
+    client = LLMClient(handle, 1.0)
+    model = ServedModel("s", "llm", client, timeout_s=5)
+    client.relay.capacity = 2
+    held = await client.relay.open(EngineRequest("chat", {"stream": True}, "client", "s"))
+    shadows = Shadows()
+    shadows.send(model, copy(1))
+    assert len(shadows) == 0
+    held.close()
+    shadows.send(model, copy(2))
+    assert len(shadows) == 1
+    await until(lambda: len(shadows) == 0)
+
+
+@pytest.mark.parametrize("down", ["before", "during"])
+async def test_a_copy_to_a_classical_model_without_a_running_replica_is_given_up(down: str) -> None:
+    # Serve's router would hold it until a replica runs again (no request_timeout_s: for ever),
+    # and MAX_OUT such copies would stop every route's shadowing on this ingress.
+    handle = Restarting()
+    handle.delay = 60
+    model = ServedModel("s", "classifier", ClassicalClient(handle, "classifier", 0.2))
+    if down == "before":
+        handle.up.clear()
+    shadows = Shadows()
+    shadows.send(model, EngineRequest("predict", {"instances": [[1]]}, "r-shadow", "s"))
+    if down == "during":
+        await until(lambda: len(handle.calls) == 1)  # with Serve's router, which waits for a replica
+        handle.up.clear()
+    await until(lambda: len(shadows) == 0, timeout_s=3)
