@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from gateway.errors import (
     ENGINE_DEAD,
+    ENGINE_DIED,
     REPLICA_STOPPING,
     GatewayError,
     OverloadedError,
@@ -372,9 +373,13 @@ class ReplicaRelay:
         too: answering at once, it would otherwise be the least busy, and take
         every request (an adapter's or a full queue's 503 says nothing of the
         replica's other requests). A stopping replica known alone is likely
-        being replaced: its successor is looked for first (bounded)."""
-        if error.message in (ENGINE_DEAD, REPLICA_STOPPING):
+        being replaced: its successor is looked for first (bounded). A call
+        whose engine stopped while it was served is tried nowhere else: it
+        may be what stopped it, and would stop the next one too."""
+        if error.message in (ENGINE_DEAD, ENGINE_DIED, REPLICA_STOPPING):
             self._failed[address] = self._clock()
+        if error.message == ENGINE_DIED:
+            raise error
         if call.replica is None and len(self._open) < 2 and error.message == REPLICA_STOPPING:
             if self._refresh is None:  # one look-up at a time, shared
                 self._refresh = asyncio.get_running_loop().create_task(self._discover())

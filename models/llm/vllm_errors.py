@@ -100,7 +100,7 @@ def map_exception(exc: BaseException, prompt_param: str | None = None) -> errors
     from vllm.v1.engine.exceptions import EngineDeadError
 
     if isinstance(exc, EngineDeadError):
-        return errors.ServiceUnavailableError(errors.ENGINE_DEAD)
+        return errors.ServiceUnavailableError(errors.ENGINE_DIED)
     response = create_error_response(exc if isinstance(exc, Exception) else Exception(str(exc)))
     if response.error.code >= 500:
         logger.error("engine failure", exc_info=exc)

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from gateway import sse
-from gateway.errors import ENGINE_DEAD, GatewayError, ServiceUnavailableError
+from gateway.errors import ENGINE_DIED, GatewayError, ServiceUnavailableError
 from models.llm import vllm_errors
 
 if TYPE_CHECKING:
@@ -313,4 +313,4 @@ def _frame_error(text: str, dead: Callable[[], bool]) -> GatewayError:
     """The error of vLLM's error frame ``text`` (``data: {"error": ...}``);
     one that comes as the engine dies (``dead``) says so: 503, retry shortly."""
     envelope = json.loads(text[len("data: ") :])
-    return ServiceUnavailableError(ENGINE_DEAD) if dead() else vllm_errors.map_error(envelope)
+    return ServiceUnavailableError(ENGINE_DIED) if dead() else vllm_errors.map_error(envelope)

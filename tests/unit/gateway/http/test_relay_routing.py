@@ -13,6 +13,7 @@ import pytest
 from gateway import sse
 from gateway.errors import (
     ENGINE_DEAD,
+    ENGINE_DIED,
     REPLICA_STOPPING,
     OverloadedError,
     ResponseNotFoundError,
@@ -461,3 +462,23 @@ async def test_a_call_given_up_while_its_stopping_replicas_successor_is_looked_f
     assert told == [Outcome()]
     assert streams._refresh is not None
     streams._refresh.cancel()  # (the look-up, shared, stays with the relay)
+
+
+async def test_a_call_whose_engine_stopped_while_serving_it_is_tried_nowhere_else() -> None:
+    # It may be what stopped the engine (a prompt that crashes it): tried on the next replica, it would
+    # stop that one too, and a route's every replica in turn. The replica is passed over meanwhile.
+    refused: list[str] = []
+    stream, answer, _ = _refusing(ENGINE_DIED, refused)
+    release, served = asyncio.Event(), []
+    release.set()
+    failing = await StreamServer(stream, "127.0.0.1", answer=answer).start()
+    alive = await StreamServer(await held_stream(release, served, 2), "127.0.0.1", answer=answer).start()
+    streams = ReplicaRelay(Router(failing, alive))
+    await streams._discover()
+    streams._open[alive] = 5  # the failing replica is the least busy: it is picked first
+    with pytest.raises(ServiceUnavailableError) as caught:
+        await streams.open(CALL)
+    assert caught.value.message == ENGINE_DIED and refused == ["stream"] and served == []
+    streams._open[alive] = 0
+    opened = await streams.open(CALL)  # the next call goes to the other
+    assert b"".join([chunk async for chunk in opened.chunks()]).endswith(sse.DONE) and served == [2]

@@ -366,3 +366,9 @@ def test_an_engine_failure_vllm_cannot_turn_into_a_responses_event_is_the_engine
     except Exception as exc:  # noqa: BLE001 - as vllm_streams.events catches it
         translated = vllm_errors.map_exception(exc, "input")
     assert translated.status_code == 500 and translated.param != "response"
+
+
+def test_an_engine_that_stops_under_a_request_says_so_and_not_that_it_was_dead_before() -> None:
+    # The ingress tries a replica's refusal (ENGINE_DEAD) on another, never this one (the request may be the cause).
+    translated = vllm_errors.map_exception(EngineDeadError(), "prompt")
+    assert translated.message == errors.ENGINE_DIED != errors.ENGINE_DEAD
