@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Endpoint = Literal[
@@ -39,6 +39,7 @@ class EngineRequest:
     response the request refers to; ``gateway.protocol.relay.response_replica``),
     None for any. ``owner`` is the id of the API key the request came with
     ("" on an open gateway): stored responses answer only their owner's requests.
+    ``arrived`` is set by the replica that receives it.
     """
 
     endpoint: Endpoint
@@ -47,6 +48,10 @@ class EngineRequest:
     model: str = ""
     replica: str | None = None
     owner: str = ""
+    # When the model replica received it (wall clock): the origin of its time
+    # to first token, its wait in the replica's queue included. None: when
+    # its engine call starts. (Not compared: the same request whenever it came.)
+    arrived: float | None = field(default=None, compare=False)
 
     @property
     def stream(self) -> bool:

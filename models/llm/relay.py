@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
@@ -269,6 +270,7 @@ class StreamServer:
         """The request, its op, whether the caller keeps the connection and
         whether it offers a handoff, or None after answering a malformed or
         unauthorised one."""
+        arrived = time.time()  # (its wait for a place here is part of its time to first token)
         try:
             raw = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
             head = relay.parse_head(raw)
@@ -294,7 +296,7 @@ class StreamServer:
         request_id = head.headers.get(relay.REQUEST_ID_HEADER, "")
         model = head.headers.get(relay.MODEL_HEADER, "")
         owner = head.headers.get(relay.OWNER_HEADER, "")
-        request = EngineRequest(endpoint, body, request_id, model, owner=owner)
+        request = EngineRequest(endpoint, body, request_id, model, owner=owner, arrived=arrived)
         keep = head.keep_alive and not self._stopping
         return request, head.headers.get(relay.OP_HEADER, ""), keep, head.offers_handoff
 

@@ -36,7 +36,7 @@ async def answer_whole(
     that closes first cancels the work (and so aborts the engine request), and
     gets ``END`` and what was generated until then, if it still reads.
     Returns whether the connection may carry another request."""
-    tally = GenerationTally()
+    tally = GenerationTally(request.arrived)
     work = asyncio.create_task(answer(request, tally))
     hang_up = asyncio.create_task(reader.read(1))
     try:

@@ -177,7 +177,7 @@ class LLMServer:
         self._admit(request)
         self._requests += 1
         request = self._stored.admit(request)
-        tally = tally if tally is not None else GenerationTally()
+        tally = tally if tally is not None else GenerationTally(request.arrived)
         if request.endpoint == "responses_input_items":
             return Reply(await self._input_items(request), tally.outcome())
         with self._stored.unless_refused(request):
@@ -208,7 +208,7 @@ class LLMServer:
         self._admit(request)
         self._requests += 1
         request = self._stored.admit(request)
-        tally = GenerationTally()
+        tally = GenerationTally(request.arrived)
         with self._stored.unless_refused(request):
             frames = await self._engine.stream(request, tally)
         return self._counted(frames, tally, request), tally.outcome

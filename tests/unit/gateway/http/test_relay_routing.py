@@ -4,6 +4,7 @@ streams, a named one), a replica's and the ingress's limits, and a model with no
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -482,3 +483,23 @@ async def test_a_call_whose_engine_stopped_while_serving_it_is_tried_nowhere_els
     streams._open[alive] = 0
     opened = await streams.open(CALL)  # the next call goes to the other
     assert b"".join([chunk async for chunk in opened.chunks()]).endswith(sse.DONE) and served == [2]
+
+
+async def test_a_request_arrives_at_its_replica_before_it_waits_for_a_place_there() -> None:
+    # (The origin of its time to first token.)
+    release, served, arrived = asyncio.Event(), [], {}
+
+    async def opener(request: EngineRequest) -> Any:
+        arrived[request.request_id] = (request.arrived, time.time())
+        return await (await held_stream(release, served, 1))(request)
+
+    streams = ReplicaRelay(Router(await serve(opener, max_ongoing=1)))
+    first = await streams.open(EngineRequest("chat", CALL.body, "first", "m"))
+    queued = asyncio.ensure_future(streams.open(EngineRequest("chat", CALL.body, "queued", "m")))
+    await asyncio.sleep(0.2)  # (it waits for the first's place)
+    release.set()
+    assert b"".join([chunk async for chunk in first.chunks()]).endswith(sse.DONE)
+    second = await asyncio.wait_for(queued, timeout=2)
+    assert b"".join([chunk async for chunk in second.chunks()]).endswith(sse.DONE)
+    came, opened = arrived["queued"]
+    assert came is not None and opened - came >= 0.2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -232,3 +233,15 @@ async def test_an_adapter_leaving_is_refused_with_a_503_while_vllm_unloads_it() 
     unloaded.set()
     await change
     await server.stop()
+
+
+async def test_the_time_to_first_token_counts_from_the_requests_arrival_at_the_replica() -> None:
+    # Its wait for a place in the replica's queue included, as the metric says.
+    server = await make_server()
+    body = {"model": "echo", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 2}
+    arrived = time.time() - 0.5
+    frames, outcome = await server.open_stream(EngineRequest("chat", {**body, "stream": True}, "r1", arrived=arrived))
+    [_ async for _ in frames]
+    reply = await server.generate(EngineRequest("chat", body, "r2", arrived=arrived))
+    for first_token_s in (outcome().first_token_s, reply.outcome.first_token_s):
+        assert first_token_s is not None and 0.5 <= first_token_s < 5
