@@ -37,7 +37,7 @@ def plan(
     path_model: str | None = None,
 ) -> Plan:
     """The route of a request (no I/O): the model its body (or path) names,
-    the variant its cohort (``user``, else the cohort header) or chance
+    the variant its cohort (``user`` or ``safety_identifier``, else the cohort header) or chance
     picks. A model the key may not use is answered as one that does not
     exist (404); one of a kind that cannot answer here, 404
     ``model_not_supported``."""
@@ -48,7 +48,7 @@ def plan(
     envelope = spec.routing_fields(body) if path_model is None else None
     name = envelope.model if envelope is not None else str(path_model)
     # An empty value is none (a template's unset variable): no cohort all such requests share.
-    cohort = (envelope.user if envelope is not None else None) or headers.get(table.cohort_header) or None
+    cohort = (envelope.cohort if envelope is not None else None) or headers.get(table.cohort_header) or None
     route = table.routes.resolve(name, cohort) if key is None or key.allows(name) else None
     if route is None:
         raise ModelNotFoundError.for_model(name)

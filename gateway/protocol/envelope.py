@@ -69,6 +69,14 @@ class ModelEnvelope(BaseModel):
 
     model: str = Field(min_length=1, description="Model or alias that should serve the request.")
     user: str | None = None
+    # The end user's id OpenAI's API now asks for in place of ``user`` (chat, Responses).
+    safety_identifier: StrictStr | None = None
+
+    @property
+    def cohort(self) -> str | None:
+        """The A/B cohort key the body gives: ``user``, else ``safety_identifier``
+        (an empty one is none: a template's unset variable)."""
+        return self.user or self.safety_identifier or None
 
     @classmethod
     def of(cls, body: dict[str, Any]) -> Self:

@@ -39,3 +39,25 @@ def test_other_endpoints_still_need_their_model() -> None:
     with pytest.raises(InvalidRequestError) as refused:
         plan(table(chat="llm"), ENDPOINTS["chat"], {"messages": []}, {}, None)
     assert refused.value.param == "model"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_safety_identifier_keeps_a_user_on_one_variant_where_user_is_not_sent(endpoint: str) -> None:
+    # OpenAI's API asks for it in place of the deprecated `user`: without it, each request drew anew.
+    from gateway.routing.table import Alias
+    from gateway.routing.weighted import Variant
+
+    models = {name: ServedModel(name, "llm", None) for name in ("a", "b")}  # type: ignore[arg-type]
+    routes = RouteTable(models, {"r": Alias([Variant("a", 1), Variant("b", 1)])})
+    served = ServingTable(routes, "x-session-id", models)
+    spec = ENDPOINTS[endpoint]  # type: ignore[index]
+    for user in (f"user-{n}" for n in range(20)):
+        by_user = plan(served, spec, {"model": "r", "user": user}, {}, None).route.target
+        by_id = {plan(served, spec, {"model": "r", "safety_identifier": user}, {}, None).route.target for _ in range(5)}
+        by_header = plan(served, spec, {"model": "r"}, {"x-session-id": user}, None).route.target
+        assert by_id == {by_user} == {by_header}
+    # `user` first where both are sent (as before).
+    target = {u: plan(served, spec, {"model": "r", "user": u}, {}, None).route.target for u in (f"u{n}" for n in range(20))}
+    first, other = next((u, v) for u in target for v in target if target[u] != target[v])
+    both = {"model": "r", "user": first, "safety_identifier": other}
+    assert plan(served, spec, both, {}, None).route.target == target[first]
