@@ -4,7 +4,8 @@ each is, and how many are kept.
 The engine keeps the responses themselves (vLLM's serving layer, in its own
 memory); this keeps, per response, the API key that made it and its
 request's ``input`` (for its input items), oldest first, and tells the
-engine to drop one once more than ``size`` have been stored: the oldest,
+engine to drop one once more than ``size`` have been stored, or their input
+holds more than ``INPUT_CHARS`` characters (images' data URLs): the oldest,
 unless a key keeps more than half the room, then that key's own oldest (so
 one key's flood cannot push out the others' conversations, and a key gone
 quiet does not keep its responses for ever). A
@@ -32,6 +33,11 @@ from gateway.protocol import relay
 from gateway.protocol.engine import EngineRequest
 from models.llm import input_items
 
+# The most characters of kept input (all its strings) one replica holds: an
+# image's data URL is tens of MB, few tokens, and stored twice (here and in
+# the engine). Past it the oldest are dropped as past ``size``.
+INPUT_CHARS = 1 << 30
+
 # What an engine answers about a stored response; the replica answers its input items itself.
 STORED = ("responses_retrieve", "responses_cancel", "responses_delete")
 _NAMING = (*STORED, "responses_input_items")
@@ -41,16 +47,32 @@ class _Kept(NamedTuple):
     owner: str  # the API key that made it
     input: Any  # its request's ``input``, as sent
     background: bool = False
+    chars: int = 0  # of its input's strings
+
+
+def _chars(value: Any) -> int:
+    """The characters of ``value``'s strings (JSON's objects and lists walked)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(key) + _chars(item) for key, item in value.items())
+    if isinstance(value, list):
+        return sum(_chars(item) for item in value)
+    return 0
 
 
 class StoredResponses:
     """See the module docstring. ``replica`` is the replica's id (in every
     response id it makes); ``forget`` drops a response from the engine."""
 
-    def __init__(self, replica: str, size: int, forget: Callable[[str], None]) -> None:
+    def __init__(
+        self, replica: str, size: int, forget: Callable[[str], None], input_chars: int = INPUT_CHARS
+    ) -> None:
         self.replica = replica
         self.size = size
         self._forget = forget
+        self._input_chars = input_chars
+        self._chars = 0  # of the kept responses' input
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
         self._generating: set[str] = set()  # kept, and not yet stored by the engine
         self._running: set[str] = set()  # every admitted response not yet ended, kept or not
@@ -107,9 +129,10 @@ class StoredResponses:
         # (``store: null`` is vLLM's false: it stores only what it is asked to.)
         if self.size > 0 and request.body.get("store", True) is True:
             response_id = relay.response_id(self.replica, named)
-            self._kept[response_id] = _Kept(
-                request.owner, request.body.get("input"), request.body.get("background") is True
-            )
+            given = request.body.get("input")
+            kept = _Kept(request.owner, given, request.body.get("background") is True, _chars(given))
+            self._kept[response_id] = kept
+            self._chars += kept.chars
             self._generating.add(response_id)
         return dataclasses.replace(request, request_id=self.replica + named)
 
@@ -137,12 +160,15 @@ class StoredResponses:
         self._generating.discard(response_id)
         self._running.discard(response_id)
         if not stored or response_id not in self._kept:
-            self._kept.pop(response_id, None)
+            if (kept := self._kept.pop(response_id, None)) is not None:
+                self._chars -= kept.chars
             self._forget(response_id)
             return
         self._kept.move_to_end(response_id)  # oldest first: in the order the engine stored them
         self._stored_of.setdefault(self._kept[response_id].owner, OrderedDict())[response_id] = None
-        while len(self._kept) - len(self._generating) > self.size:
+        while len(self._kept) - len(self._generating) > self.size or (
+            self._chars > self._input_chars and len(self._kept) > len(self._generating)
+        ):
             self._drop(self._to_drop())
 
     def _to_drop(self) -> str:
@@ -162,6 +188,7 @@ class StoredResponses:
         self._forget(response_id)
 
     def _unstore(self, response_id: str, kept: _Kept) -> None:
+        self._chars -= kept.chars
         own = self._stored_of.get(kept.owner)
         if own is not None:
             own.pop(response_id, None)

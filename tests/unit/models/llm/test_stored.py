@@ -284,3 +284,22 @@ def test_cancelling_a_response_answered_at_once_while_it_generates_says_only_bac
     stored.ended(at_once)
     stored.ended(background)
     stored.check(named("responses_cancel", f"resp_{REPLICA}req1", owner="team-a"))  # ended: the engine says why
+
+
+def test_past_the_bound_on_kept_input_the_oldest_go_however_few_are_kept() -> None:
+    # A multimodal model's images are tens of MB each: a thousand stored ones held tens of GB.
+    dropped: list[str] = []
+    stored = StoredResponses(REPLICA, 1000, forget=dropped.append, input_chars=200)
+    image = [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64," + "A" * 20}]}]
+    running = stored.admit(create("big"))  # still generating: never dropped
+    for n in range(4):
+        stored.ended(stored.admit(create(f"r{n}", input=image)))
+    assert dropped == [f"resp_{REPLICA}r0", f"resp_{REPLICA}r1"]  # 81 characters each: two fit
+    stored.check(named("responses_retrieve", f"resp_{REPLICA}r3"))
+    stored.ended(stored.admit(create("r4", input=image)))
+    assert dropped[2:] == [f"resp_{REPLICA}r2"]
+    stored.deleted(named("responses_delete", f"resp_{REPLICA}r4"))  # room given back
+    stored.ended(stored.admit(create("r5", input=image)))
+    assert dropped[3:] == [f"resp_{REPLICA}r4"]  # (the delete's own forget), none for room
+    stored.ended(running)
+    stored.check(named("responses_retrieve", f"resp_{REPLICA}big"))
