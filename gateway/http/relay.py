@@ -115,6 +115,8 @@ class ReplicaRelay:
         # is the engine's; below it, the replica's own count decides.
         self.capacity: int | None = None
         self._open: dict[relay.RelayAddress, int] = {}  # known replicas: streams open from here
+        # Replicas forgotten (unreachable once) with streams from here still open: counted again if found again.
+        self._unseen: dict[relay.RelayAddress, int] = {}
         self._misses: dict[relay.RelayAddress, int] = {}
         self._failed: dict[relay.RelayAddress, float] = {}  # could not be reached, and when
         self._refreshed_at = -REFRESH_S
@@ -350,7 +352,8 @@ class ReplicaRelay:
                 seen.add(address)
         self._refreshed_at = self._clock()
         for address in seen:
-            self._open.setdefault(address, 0)
+            if address not in self._open:
+                self._open[address] = self._unseen.pop(address, 0)
             self._misses[address] = 0
         for address in set(self._open) - seen:
             self._misses[address] = self._misses.get(address, 0) + 1
@@ -401,14 +404,17 @@ class ReplicaRelay:
     def _forget(self, address: relay.RelayAddress) -> None:
         self._local.pop(address, None)
         self._pool.drop(address)
-        self._open.pop(address, None)
+        if open_ := self._open.pop(address, 0):
+            self._unseen[address] = open_
         self._misses.pop(address, None)
 
     def _done(self, address: relay.RelayAddress) -> None:
-        # (Never below 0: a replica forgotten while it served, then found
-        # again, is counted anew, without what it was serving before.)
         if self._open.get(address, 0) > 0:
             self._open[address] -= 1
+        elif (unseen := self._unseen.get(address, 0)) > 1:
+            self._unseen[address] = unseen - 1
+        else:
+            self._unseen.pop(address, None)
 
     async def _start(
         self, call: EngineRequest, address: relay.RelayAddress, left: Callable[[Outcome | None], None] | None
