@@ -435,7 +435,9 @@ def hides_gpus(config: VLLMModelConfig) -> bool:
 
 def _used(engine: Any, request_id: str) -> tuple[int, int] | None:
     """The prompt and the tokens generated so far of the engine's request
-    ``request_id`` (its ``n`` choices' together), None once it is unknown there."""
+    ``request_id`` (its ``n`` choices' together), None once it is unknown there.
+    A choice that has ended is no longer among the request's states: its
+    output waits in its parent's aggregate (a non-streaming ``n`` > 1)."""
     try:
         processor = engine.output_processor
         states = [processor.request_states.get(internal) for internal in processor.external_req_ids.get(request_id, ())]
@@ -443,6 +445,9 @@ def _used(engine: Any, request_id: str) -> tuple[int, int] | None:
         if not states:
             return None
         generated = sum(state.detokenizer.num_output_tokens() for state in states if state.detokenizer is not None)
+        parents = {id(parent): parent for state in states if (parent := getattr(state, "parent_req", None)) is not None}
+        ended = [output for parent in parents.values() for output in parent.output_aggregator if output is not None]
+        generated += sum(len(output.token_ids) for output in ended)
         return max(int(state.prompt_len or 0) for state in states), generated
     except (AttributeError, TypeError):  # (another vLLM's internals: counted as before, from outputs)
         return None

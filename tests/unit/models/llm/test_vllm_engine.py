@@ -79,6 +79,11 @@ def test_what_the_engine_used_for_a_request_sums_its_choices() -> None:
     assert _used(engine, "req") == (10, 7)
     assert _used(engine, "other") is None  # ended, or never added: known from its outputs
     assert _used(SimpleNamespace(), "req") is None  # another vLLM's internals
+    # Non-streaming n > 1: a choice that ended has left the states; its output waits in its parent's aggregate.
+    parent = SimpleNamespace(output_aggregator=[SimpleNamespace(token_ids=[1] * 5), None, None])
+    for name in ("req-a", "req-b"):
+        processor.request_states[name].parent_req = parent
+    assert _used(engine, "req") == (10, 12)
 
 
 def test_a_long_wrong_body_is_validated_with_the_replica_loop_running() -> None:
