@@ -65,6 +65,11 @@ ATTEMPTS = 3
 SAMPLES_PER_REPLICA, SAMPLES_EXTRA = 4, 8
 REFRESH_S = 2.0
 MAX_MISSES = 3
+# A replica Serve's router has not named in this many refreshes in a row is
+# likely stopping (Serve stops routing to it at once; its relay port takes
+# requests until its drain starts): picked after those with room, as one
+# that could not be reached. (One missed refresh is chance, with many replicas.)
+UNLISTED_MISSES = 2
 # A replica that could not be reached, listed again by Serve's routers (which
 # learn of it only from the controller), is picked after those with room for
 # this long, or until it answers: a host gone silent costs each request sent
@@ -308,11 +313,14 @@ class ReplicaRelay:
         self._turn = (self._turn + 1) % len(known)  # rotate, so ties spread
         ordered = known[self._turn :] + known[: self._turn]
         best = min(ordered, key=self._open.__getitem__)
-        if self._failed and best in self._failed:
+        if (self._failed and best in self._failed) or self._misses.get(best, 0) >= UNLISTED_MISSES:
             now = self._clock()
             self._failed = {address: at for address, at in self._failed.items() if now - at < FAILED_S}
-            cap = self.capacity
-            room = [a for a in ordered if a not in self._failed and (cap is None or self._open[a] < cap)]
+            cap, misses = self.capacity, self._misses
+            room = [
+                a for a in ordered
+                if a not in self._failed and misses.get(a, 0) < UNLISTED_MISSES and (cap is None or self._open[a] < cap)
+            ]
             best = min(room, key=self._open.__getitem__) if room else best
         if best in refused:
             others = [address for address in ordered if address not in refused]

@@ -57,7 +57,8 @@ def test_safety_identifier_keeps_a_user_on_one_variant_where_user_is_not_sent(en
         by_header = plan(served, spec, {"model": "r"}, {"x-session-id": user}, None).route.target
         assert by_id == {by_user} == {by_header}
     # `user` first where both are sent (as before).
-    target = {u: plan(served, spec, {"model": "r", "user": u}, {}, None).route.target for u in (f"u{n}" for n in range(20))}
+    users = [f"u{n}" for n in range(20)]
+    target = {u: plan(served, spec, {"model": "r", "user": u}, {}, None).route.target for u in users}
     first, other = next((u, v) for u in target for v in target if target[u] != target[v])
     both = {"model": "r", "user": first, "safety_identifier": other}
     assert plan(served, spec, both, {}, None).route.target == target[first]

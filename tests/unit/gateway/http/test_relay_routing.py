@@ -505,3 +505,25 @@ async def test_a_request_arrives_at_its_replica_before_it_waits_for_a_place_ther
     came, opened = arrived["queued"]
     assert came is not None and opened - came >= 0.2
 
+
+
+async def test_a_replica_serves_router_no_longer_names_gets_no_new_requests_while_another_has_room() -> None:
+    # Stopping: Serve routes nothing more to it, but its relay port takes requests until its drain
+    # starts, and streams sent then are cut at its grace's end. Its open streams keep it known.
+    release, served = asyncio.Event(), []
+    stopping = await serve(await held_stream(release, served, 1))
+    staying = await serve(await held_stream(release, served, 2))
+    router = Router(stopping, staying)
+    streams = ReplicaRelay(router)
+    await streams._discover()
+    opened = [await streams.open(CALL) for _ in range(2)]
+    assert sorted(served) == [1, 2]
+    router.addresses.remove(stopping)
+    await streams._discover()  # once unnamed: chance, with many replicas
+    opened.append(await streams.open(CALL))
+    await streams._discover()
+    opened += [await streams.open(CALL) for _ in range(3)]
+    assert served[3:] == [2, 2, 2] and stopping in streams._open
+    release.set()
+    for stream in opened:
+        assert b"".join([chunk async for chunk in stream.chunks()]).endswith(sse.DONE)
