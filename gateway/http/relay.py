@@ -119,6 +119,7 @@ class ReplicaRelay:
         # it refuses at once, sparing the replica's CPU, which on a CPU host
         # is the engine's; below it, the replica's own count decides.
         self.capacity: int | None = None
+        self.places: int | None = None  # requests one replica runs at once (None: not said)
         self._open: dict[relay.RelayAddress, int] = {}  # known replicas: streams open from here
         # Replicas forgotten (unreachable once) with streams from here still open: counted again if found again.
         self._unseen: dict[relay.RelayAddress, int] = {}
@@ -328,11 +329,13 @@ class ReplicaRelay:
         return best
 
     def half_full(self) -> bool:
-        """Whether this ingress has half a replica's worth of requests (``capacity``)
-        or more open on every known replica of the model."""
-        if self.capacity is None or not self._open:
+        """Whether this ingress has half a replica's worth of requests or more
+        open on every known replica of the model: of its ``capacity``, or of
+        its ``places`` where its queue is unbounded."""
+        whole = self.capacity if self.capacity is not None else self.places
+        if whole is None or not self._open:
             return False
-        return min(self._open.values()) >= max(1, self.capacity // 2)
+        return min(self._open.values()) >= max(1, whole // 2)
 
     def _admit(self, address: relay.RelayAddress, call: EngineRequest) -> relay.RelayAddress:
         """``address`` (the least busy replica), unless this ingress already has

@@ -286,6 +286,7 @@ def build_table(
             client.wakes(model.autoscaling is not None and model.autoscaling.min_replicas == 0)
         else:
             client.relay.capacity = _capacity(model)
+            client.relay.places = model.max_ongoing_requests
         models[model.name] = ServedModel(model.name, model.kind, client, model.request_timeout_s)
     for adapter, base in config.adapters().items():  # served by the base model's replicas
         models[adapter] = replace(models[base.name], name=adapter)

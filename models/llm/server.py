@@ -148,7 +148,9 @@ class LLMServer:
         (exit_process or _exit_now)()
 
     def _alive(self) -> None:
-        if self._dead:
+        # (Its engine is asked too: the watch sees it gone up to WATCH_S late, and a request
+        # admitted meanwhile would fail as one the engine stopped under, tried nowhere else.)
+        if self._dead or self._engine.dead():
             raise ServiceUnavailableError(ENGINE_DEAD)
 
     def _admit(self, request: EngineRequest) -> None:

@@ -51,14 +51,19 @@ class _Kept(NamedTuple):
 
 
 def _chars(value: Any) -> int:
-    """The characters of ``value``'s strings (JSON's objects and lists walked)."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(len(key) + _chars(item) for key, item in value.items())
-    if isinstance(value, list):
-        return sum(_chars(item) for item in value)
-    return 0
+    """The characters of ``value``'s strings (JSON's objects and lists walked,
+    without recursion: a body may nest as deep as the JSON parser allows)."""
+    total, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += sum(len(key) for key in item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return total
 
 
 class StoredResponses:

@@ -237,27 +237,18 @@ def test_deployments_mount_the_model_cache_in_the_images_users_home() -> None:
     cache = f"/home/{name}/.cache/huggingface"
     mounts = [m["mountPath"] for pod in kuberay_pods() for c in pod["containers"] for m in c.get("volumeMounts", [])]
     assert cache in mounts
-    assert set(mounts) <= {cache, "/dev/shm"}
+    assert set(mounts) == {cache}
     assert "/root/" not in (ROOT / "configs" / "examples" / "gpu.yaml").read_text()
 
 
-def test_kuberay_workers_of_parallel_engines_get_a_memory_backed_dev_shm() -> None:
-    import yaml
-
-    from gateway.config import parse_config
-
-    manifest = kuberay_manifest()
-    (app,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
-    # NCCL and vLLM's shared-memory queues between a replica's workers (tensor x pipeline parallel) go
-    # through /dev/shm, 64 MiB in a pod; any worker group may hold such a replica.
-    if not any(model.workers > 1 for model in parse_config(app["args"]["config"]).models):
-        return
-    for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
-        pod = group["template"]["spec"]
-        volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+def test_kuberay_sizes_every_ray_containers_dev_shm_itself() -> None:
+    # NCCL and vLLM's shared-memory queues between a replica's workers, and Ray's object store, live in
+    # /dev/shm: KubeRay mounts one in memory, sized to the container's memory limit (Kubernetes alone
+    # gives 64 MiB), unless the manifest mounts its own, which a smaller size would make the limit.
+    for pod in kuberay_pods():
         for container in pod["containers"]:
-            (shm,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
-            assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+            assert "/dev/shm" not in [m["mountPath"] for m in container.get("volumeMounts", [])]
+            assert container["resources"]["limits"]["memory"]
 
 
 def test_every_kuberay_container_runs_as_the_images_user_without_privileges() -> None:

@@ -251,7 +251,7 @@ async def test_a_call_naming_a_replica_that_is_gone_is_a_404() -> None:
 
 async def test_a_stored_response_whose_replica_is_gone_is_answered_as_not_kept() -> None:
     # As once no look-up lists that replica: a follow-up gets OpenAI's 400 (clients resend the turns on it).
-    running = await StreamServer(_refusing, "127.0.0.1", replica="aaaaaaaaaaaa").start()
+    running = await StreamServer(_must_not_open, "127.0.0.1", replica="aaaaaaaaaaaa").start()
     gone = relay.RelayAddress("127.0.0.1", closed_port(), "t", "bbbbbbbbbbbb")
     previous = "resp_bbbbbbbbbbbb0123"
     for replica in ("bbbbbbbbbbbb", "cccccccccccc"):  # listed but gone, and no longer listed
@@ -267,7 +267,7 @@ async def test_a_stored_response_whose_replica_is_gone_is_answered_as_not_kept()
         assert (caught.value.status_code, caught.value.param) == (404, "response_id")
 
 
-async def _refusing(request: EngineRequest) -> Any:
+async def _must_not_open(request: EngineRequest) -> Any:
     raise AssertionError("another replica must not answer")
 
 
@@ -503,8 +503,7 @@ async def test_a_request_arrives_at_its_replica_before_it_waits_for_a_place_ther
     second = await asyncio.wait_for(queued, timeout=2)
     assert b"".join([chunk async for chunk in second.chunks()]).endswith(sse.DONE)
     came, opened = arrived["queued"]
-    assert came is not None and opened - came >= 0.2
-
+    assert came is not None and opened - came >= 0.15  # (the 0.2 s wait, less the clocks' grain)
 
 
 async def test_a_replica_serves_router_no_longer_names_gets_no_new_requests_while_another_has_room() -> None:

@@ -47,6 +47,7 @@ def test_a_table_holds_each_models_client_kind_and_limits() -> None:
     a, iris = table.model("a"), table.model("iris")
     assert isinstance(a.client, LLMClient) and a.kind == "llm" and a.timeout_s == 3
     assert a.client.relay.capacity == 4 + 8  # running and queued, refused at the ingress beyond
+    assert a.client.relay.places == 4  # (a shadow copy's bound where the queue has none)
     assert table.model("b").client.relay.capacity is None  # unbounded queue  # type: ignore[union-attr]
     assert isinstance(iris.client, ClassicalClient) and iris.kind == "classifier"
     assert iris.client.gather is not None and iris.client.gather.max_group == 16

@@ -50,12 +50,13 @@ async def test_a_shadows_failure_is_logged_on_one_line_whatever_its_client_sent(
     assert "\n" not in line and "InvalidRequestError" in line and "ERROR forged" in line
 
 
-async def test_no_copy_goes_to_an_llm_this_ingress_keeps_half_busy() -> None:
+@pytest.mark.parametrize("bound", ["capacity", "places"])
+async def test_no_copy_goes_to_an_llm_this_ingress_keeps_half_busy(bound: str) -> None:
     # Its places are its own clients' (the shadow model also serves them by name, or in another alias).
     handle = FakeHandle(stream=[sse.frame({"n": 0}), 30.0])
     client = LLMClient(handle, 1.0)
     model = ServedModel("s", "llm", client, timeout_s=5)
-    client.relay.capacity = 2
+    setattr(client.relay, bound, 2)  # (places alone: its queue unbounded, the default)
     held = await client.relay.open(EngineRequest("chat", {"stream": True}, "client", "s"))
     shadows = Shadows()
     shadows.send(model, copy(1))

@@ -245,3 +245,27 @@ async def test_the_time_to_first_token_counts_from_the_requests_arrival_at_the_r
     reply = await server.generate(EngineRequest("chat", body, "r2", arrived=arrived))
     for first_token_s in (outcome().first_token_s, reply.outcome.first_token_s):
         assert first_token_s is not None and 0.5 <= first_token_s < 5
+
+
+async def test_a_request_that_comes_as_the_engine_dies_is_refused_as_one_another_replica_may_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before the watch sees it (every 0.2 s): a request queued here takes a place the engine's
+    # failed ones freed; it must be told the engine was already gone (ENGINE_DEAD, tried elsewhere),
+    # not that the engine stopped under it (ENGINE_DIED, tried nowhere else).
+    from gateway.errors import ENGINE_DEAD
+    from models.llm import server as server_module
+    from models.llm.echo import EchoEngine
+
+    monkeypatch.setattr(server_module, "WATCH_S", 60.0)  # the watch has not looked yet
+    engine = EchoEngine(EchoModelConfig(name="echo"))
+    server = LLMServer.__new__(LLMServer)
+    await server.__init__(EchoModelConfig(name="echo"), engine=engine, relay_host="127.0.0.1")  # type: ignore[misc]
+    monkeypatch.setattr(engine, "dead", lambda: True)
+    body = {"model": "echo", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 2}
+    calls = (server.generate(EngineRequest("chat", body, "r1")), server.open_stream(EngineRequest("chat", body, "r2")))
+    for call in calls:
+        with pytest.raises(ServiceUnavailableError) as caught:
+            await call
+        assert caught.value.message == ENGINE_DEAD
+    await server.stop()

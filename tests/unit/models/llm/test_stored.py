@@ -303,3 +303,15 @@ def test_past_the_bound_on_kept_input_the_oldest_go_however_few_are_kept() -> No
     assert dropped[3:] == [f"resp_{REPLICA}r4"]  # (the delete's own forget), none for room
     stored.ended(running)
     stored.check(named("responses_retrieve", f"resp_{REPLICA}big"))
+
+
+def test_an_input_nested_as_deep_as_json_allows_is_measured_without_recursion() -> None:
+    # Python's parser takes bodies nested deeper than a recursive walk could measure (a 500, and the
+    # response left running for ever); the engine refuses such an input itself, with a 400.
+    nested: object = "x" * 10
+    for _ in range(5000):
+        nested = [{"content": nested}]
+    stored = StoredResponses(REPLICA, 10, forget=lambda _: None)
+    admitted = stored.admit(create("deep", input=nested))
+    stored.ended(admitted, stored=False)
+    assert len(stored) == 0 and stored._chars == 0 and not stored._running
