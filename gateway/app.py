@@ -29,7 +29,7 @@ from gateway.config import (
     parse_model,
 )
 from gateway.deploy import INGRESS_NAME, deployment_name, ingress_user_config
-from gateway.http.ingress import GatewayIngress
+from gateway.http.ingress import DRAIN_CHECK_S, GatewayIngress
 from gateway.metrics.hub import HUB_NAME, MetricsHub
 from gateway.placement import deployment_options
 from models.classical.server import ClassicalServer
@@ -104,6 +104,7 @@ def _ingress(front_door: FrontDoorConfig, **options: Any) -> Deployment:
         # A stopping ingress replica takes no new requests and lets its own
         # (streams included) finish for this long.
         graceful_shutdown_timeout_s=front_door.ingress.graceful_shutdown_s,
+        graceful_shutdown_wait_loop_s=DRAIN_CHECK_S,
         # The relay learns a model's replicas by sampling Serve's router, which
         # offers only those in the ingress's own availability zone where any
         # are: replicas in other zones would never get its traffic.

@@ -24,10 +24,16 @@ from gateway.replica_logs import to_stderr
 
 # The longest a new ingress replica waits for its models' replicas to be known before it takes clients.
 WARM_UP_S = 10.0
-# Of ``ingress.graceful_shutdown_s``: Serve's own drain loop (2 s) runs before
-# ``__del__``, and its controller kills the replica when the grace is over,
-# counted from before that loop. The front door's requests are cut this much
-# sooner, so that the stop ends (buffered access-log lines written) first.
+# Serve's drain loop runs before ``__del__``: it checks this often (Serve's
+# default, 2 s) until no handle call is open on the replica. Model replicas
+# keep one open on an ingress (their metrics pages' long poll, ``HOLD_S``):
+# one routed before their routers learnt of the stop held the stop back a
+# second loop, 4 s in all, past what the margin below allows.
+DRAIN_CHECK_S = 0.5
+# Of ``ingress.graceful_shutdown_s``: Serve's controller kills the replica
+# when the grace is over, counted from before that loop (at most ``HOLD_S``
+# and one check long). The front door's requests are cut this much sooner,
+# so that the stop ends (buffered access-log lines written) first.
 STOP_MARGIN_S = 3.0
 
 

@@ -59,3 +59,15 @@ def test_the_ingress_learns_replicas_in_every_availability_zone() -> None:
     env = ingress.ray_actor_options["runtime_env"]["env_vars"]
     assert env["RAY_SERVE_PROXY_PREFER_LOCAL_AZ_ROUTING"] == "0"
     assert ingress.ray_actor_options["num_cpus"] == front_door.ingress.num_cpus
+
+
+def test_serves_drain_before_an_ingress_replica_stops_fits_within_its_stop_margin() -> None:
+    # A model replica's metrics long poll held on the ingress kept Serve's 2 s drain loop going a second
+    # time: the stop began 4 s into the grace, and the front door's requests ran past Serve's kill.
+    from gateway.http.ingress import DRAIN_CHECK_S, STOP_MARGIN_S
+    from gateway.metrics.engine_pages import HOLD_S
+
+    front_door = FrontDoorConfig.model_validate({})
+    ingress = ingress_app_builder({"gateway": front_door.model_dump(mode="json")})._bound_deployment
+    assert ingress._deployment_config.graceful_shutdown_wait_loop_s == DRAIN_CHECK_S
+    assert HOLD_S + DRAIN_CHECK_S < STOP_MARGIN_S
