@@ -299,7 +299,9 @@ class NotImplementedFeatureError(GatewayError):
 ENGINE_DEAD = "The model's engine stopped; a new replica is starting. Please retry shortly."
 # What a request answers whose engine stopped while it was being served (503):
 # not tried on another replica, where the request, if it stopped the engine, would stop that one too.
-ENGINE_DIED = "The model's engine stopped while serving this request; a new replica is starting."
+ENGINE_DIED = (
+    "The model's engine stopped while serving this request; a new replica is starting. Please retry shortly."
+)
 # What a stopping replica answers a request still waiting in its queue (503).
 REPLICA_STOPPING = "This replica of the model is stopping; please retry shortly."
 
